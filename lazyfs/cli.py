@@ -1,0 +1,139 @@
+"""Command line: subcommands, argv and environment into configuration, and the
+one place where exceptions become exit codes.
+
+Exit codes: 0 success; 1 runtime failure (object store refused or unreachable,
+mount failed); 2 usage or configuration error.  Every error is one line on
+stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Any, NoReturn, Sequence
+
+from lazyfs import __version__
+from lazyfs.config import DEFAULT_CACHE_DIR, LOG_LEVELS, mount_config
+from lazyfs.errors import ConfigError, LazyfsError, UsageError
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("lazyfs")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lazyfs", description="Present S3 folders as local read-only files, "
+                     "fetched on first use and kept on disk.")
+    parser.add_argument("--version", action="version", version=f"lazyfs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    m = sub.add_parser("mount", help="mount S3 folders (runs in the foreground)",
+                       description="Mount the S3 folders named by model.json files or --prefix. "
+                       "Runs in the foreground; SIGTERM or SIGINT unmounts and exits 0.")
+    m.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",
+                   help=f"where to mount (default: the config's download_files_to, else {DEFAULT_CACHE_DIR})")
+    _add_source_args(m)
+    m.add_argument("--store", metavar="DIR", help="where fetched files persist (default: the "
+                   "mountpoint's own directory, used from underneath the mount)")
+    m.add_argument("--prebaked", metavar="DIR", action="append", default=[],
+                   help="read-only folder of files already on disk, same layout (repeatable)")
+    m.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    m.add_argument("--part-size", metavar="SIZE", help="bytes per ranged GET (default 8MiB)")
+    m.add_argument("--max-connections", metavar="N", type=int,
+                   help="ranged GETs in flight at once (default 16)")
+    _add_log_args(m)
+    m.set_defaults(func=_cmd_mount)
+
+    u = sub.add_parser("umount", help="unmount a lazyfs mount",
+                       description="Unmount a lazyfs mount (the daemon then exits 0).")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("--lazy", action="store_true", help="detach now even if files are open (umount -l)")
+    _add_log_args(u)
+    u.set_defaults(func=_cmd_umount)
+    return parser
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", action="append", default=[],
+                   help="a model.json naming download_files_from (repeatable)")
+    p.add_argument("--bucket", metavar="NAME", help="bucket for plain folders (default: $LAZYFS_BUCKET)")
+    p.add_argument("--prefix", metavar="PREFIX", action="append", default=[],
+                   help="an S3 folder to serve, plain or s3://bucket/folder (repeatable)")
+    p.add_argument("--endpoint-url", metavar="URL",
+                   help="S3 endpoint (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, or AWS)")
+    p.add_argument("--addressing-style", choices=("auto", "path", "virtual"),
+                   help="bucket addressing (default: path with --endpoint-url, else auto)")
+
+
+def _add_log_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS,
+                   help="log verbosity on stderr (default: info)")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # botocore's debug output carries request headers; keep it out of our logs.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_mount(args: argparse.Namespace) -> int:
+    from lazyfs import mount  # imports pyfuse3: only for the commands that mount
+
+    cfg = mount_config(mountpoint=args.mountpoint, config_files=args.config, prefixes=args.prefix,
+                       bucket=args.bucket, endpoint_url=args.endpoint_url, store=args.store,
+                       prebaked=args.prebaked, allow_other=args.allow_other, log_level=args.log_level,
+                       addressing_style=args.addressing_style, part_size=args.part_size,
+                       max_connections=args.max_connections, env=os.environ)
+    return mount.run(cfg)
+
+
+def _cmd_umount(args: argparse.Namespace) -> int:
+    from lazyfs.mount import MountError, find_mount, unmount
+
+    path = os.path.abspath(args.mountpoint)
+    entry = find_mount(path)
+    if entry is None:
+        raise MountError(f"{path} is not mounted")
+    if not entry.fstype.startswith("fuse"):
+        raise MountError(f"{path} is a {entry.fstype} mount, not lazyfs")
+    unmount(path, lazy=args.lazy)
+    print(f"lazyfs: unmounted {path}")
+    return EXIT_OK
+
+
+def _stop(signum: int, frame: Any) -> NoReturn:
+    # Before the mount is up there is nothing to clean up: a container stop
+    # during start-up is still a clean exit.
+    raise SystemExit(EXIT_OK)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        args = build_parser().parse_args(argv)
+        setup_logging(args.log_level)
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"lazyfs: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except LazyfsError as e:
+        print(f"lazyfs: error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as e:  # a bug: say so in one line, keep the traceback for debug logs
+        log.debug("internal error", exc_info=True)
+        print(f"lazyfs: internal error: {type(e).__name__}: {e} (rerun with --log-level debug "
+              "for details)", file=sys.stderr)
+        return EXIT_RUNTIME

@@ -1,0 +1,93 @@
+"""The exception hierarchy and the one table from exception to errno.
+
+Every module raises these types; only `fuse_ops` turns them into `FUSEError`
+and only `cli` turns them into exit codes.  Messages are one sentence a user can
+act on and never contain credentials.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class LazyfsError(Exception):
+    """Base class: something lazyfs itself understands and can explain."""
+
+    errno: int = errno.EIO
+
+
+class ConfigError(LazyfsError):
+    """Bad command line, model.json or environment (exit code 2)."""
+
+    errno = errno.EINVAL
+
+
+class UsageError(ConfigError):
+    """A problem with how lazyfs was invoked (exit code 2)."""
+
+
+class RemoteError(LazyfsError):
+    """The object store failed or refused; `key` names the object when known."""
+
+    errno = errno.EIO
+
+    def __init__(self, message: str, *, bucket: str = "", key: str = "") -> None:
+        super().__init__(message)
+        self.bucket = bucket
+        self.key = key
+
+
+class RemoteUnavailable(RemoteError):
+    """Endpoint unreachable, timed out, or kept failing after retries."""
+
+    errno = errno.EIO
+
+
+class BucketNotFound(RemoteError):
+    errno = errno.ENOENT
+
+
+class ObjectNotFound(RemoteError):
+    """The object is gone although it was listed (deleted since)."""
+
+    errno = errno.ENOENT
+
+
+class AccessDenied(RemoteError):
+    """Credentials missing, invalid, or not allowed to read this object."""
+
+    errno = errno.EACCES
+
+
+class ObjectChanged(RemoteError):
+    """The object's ETag no longer matches the one the download pinned."""
+
+    errno = errno.ESTALE
+
+
+class IntegrityError(LazyfsError):
+    """Downloaded bytes do not match what the object store vouches for."""
+
+    errno = errno.EIO
+
+
+class StoreError(LazyfsError):
+    """The local store could not be read or written (disk full, permissions)."""
+
+    def __init__(self, message: str, err: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class UnsafeKey(ValueError):
+    """An object key that cannot be mapped to a path safely (see namespace)."""
+
+
+def errno_of(exc: BaseException) -> int:
+    """The errno a reader should see for `exc`: the one table, in one place."""
+    if isinstance(exc, LazyfsError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        # Local I/O failures keep their meaning (ENOSPC stays ENOSPC).
+        return exc.errno
+    return errno.EIO

@@ -1,0 +1,263 @@
+"""The FUSE operations: translate kernel requests into catalog, handle and
+inode calls, and exceptions into errno.  No caching decisions live here.
+
+Every handler is wrapped by `_translated`: pyfuse3 catches only FUSEError, and
+any other exception would end the main loop and leave a dead mount.  Expected
+misses (lookup of a missing name) are not logged; every other failure logs one
+line with its cause, once.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import pyfuse3
+
+from lazyfs.catalog import Catalog
+from lazyfs.errors import LazyfsError
+from lazyfs.handles import Handles
+from lazyfs.inodes import InodeRef, InodeTable
+from lazyfs.namespace import DirNode, RemoteObject
+from lazyfs.store import Store
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+# Attributes and names are cached by the kernel this long.  A file inode is one
+# immutable object version, and a refresh that changes anything invalidates the
+# affected entries explicitly, so the timeout only bounds how long a missed
+# invalidation could live.
+ATTR_TIMEOUT = 300.0
+# Missing names ("does config.json exist?", as loaders probe) are cached
+# briefly; objects added by a refresh invalidate their names explicitly.
+NEGATIVE_TIMEOUT = 5.0
+# Reported block size: tools that size their reads by st_blksize (cat, cp)
+# then ask for 1 MiB at a time, the most one FUSE request carries.
+BLKSIZE = 1024 * 1024
+
+
+def _translated(fn: F) -> F:
+    @functools.wraps(fn)
+    async def wrapper(self: "Operations", *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except LazyfsError as e:
+            if not getattr(e, "logged", False):
+                log.error("%s: %s (errno %s)", fn.__name__, e, errno.errorcode.get(e.errno, e.errno))
+                e.logged = True  # type: ignore[attr-defined]
+            raise pyfuse3.FUSEError(e.errno) from None
+        except OSError as e:
+            log.error("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _erofs(name: str) -> Callable[..., Awaitable[None]]:
+    async def handler(self: "Operations", *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    handler.__name__ = name
+    return handler
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, catalog: Catalog, handles: Handles, store: Store) -> None:
+        super().__init__()
+        self.catalog = catalog
+        self.handles = handles
+        self.store = store
+        self.inodes = InodeTable()
+        self._dirs: dict[int, DirNode] = {}
+        self._next_dir = 1
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+
+    # -- attributes ------------------------------------------------------------
+
+    def _attrs(self, ino: int, ref: InodeRef | DirNode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.entry_timeout = ATTR_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_blksize = BLKSIZE
+        if isinstance(ref, RemoteObject):
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+            a.st_size = ref.size
+            a.st_blocks = -(-ref.size // 512)
+            mtime = ref.mtime_ns
+        else:
+            node = ref if isinstance(ref, DirNode) else None
+            a.st_mode = stat.S_IFDIR | 0o555
+            a.st_nlink = 2 + (node.nsubdirs if node else 0)
+            a.st_size = 0
+            a.st_blocks = 0
+            mtime = node.mtime_ns if node else 0
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
+        return a
+
+    async def _dir(self, ino: int) -> DirNode:
+        ref = self.inodes.get(ino)
+        if ref is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if not isinstance(ref, str):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        node = (await self.catalog.current()).find(ref)
+        if not isinstance(node, DirNode):
+            raise pyfuse3.FUSEError(errno.ENOENT)  # removed by a refresh
+        return node
+
+    @staticmethod
+    def _ref(node: DirNode | RemoteObject) -> InodeRef:
+        return node if isinstance(node, RemoteObject) else node.path
+
+    # -- names -------------------------------------------------------------------
+
+    @_translated
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = await self._dir(parent_inode)
+        child = parent.children.get(os.fsdecode(name))
+        if child is None:
+            miss = pyfuse3.EntryAttributes()
+            miss.st_ino = 0  # a negative entry the kernel may cache
+            miss.entry_timeout = NEGATIVE_TIMEOUT
+            return miss
+        ino = self.inodes.lookup(self._ref(child))
+        return self._attrs(ino, child)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            self.inodes.forget(ino, n)
+
+    @_translated
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        ref = self.inodes.get(inode)
+        if ref is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if isinstance(ref, str):
+            node = (await self.catalog.current()).find(ref)
+            return self._attrs(inode, node if isinstance(node, DirNode) else ref)
+        return self._attrs(inode, ref)
+
+    # -- directories ----------------------------------------------------------------
+
+    @_translated
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = await self._dir(inode)
+        fh = self._next_dir
+        self._next_dir += 1
+        self._dirs[fh] = node  # pinned: offsets stay valid across a refresh
+        return fh
+
+    @_translated
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        node = self._dirs.get(fh)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        names = node.names
+        for i in range(start_id, len(names)):
+            child = node.children[names[i]]
+            ref = self._ref(child)
+            ino = self.inodes.ino(ref)
+            if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), self._attrs(ino, child), i + 1):
+                break
+            self.inodes.lookup(ref)
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- files -------------------------------------------------------------------------
+
+    @_translated
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        ref = self.inodes.get(inode)
+        if ref is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if not isinstance(ref, RemoteObject):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        fh = await self.handles.open(ref)
+        # keep_cache: this inode is one immutable version, so pages the kernel
+        # cached for it stay right across opens (a new version is a new inode).
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    @_translated
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.handles.read(fh, off, size)
+
+    async def release(self, fh: int) -> None:
+        try:
+            self.handles.release(fh)
+        except OSError as e:
+            log.warning("closing handle %d: %s", fh, e)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        return None
+
+    # -- the rest ---------------------------------------------------------------------------
+
+    @_translated
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = self.store.fsinfo()  # fstatvfs on a held descriptor: does not block
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = st.f_bsize
+        out.f_frsize = st.f_frsize
+        out.f_blocks = st.f_blocks
+        out.f_bfree = st.f_bfree
+        out.f_bavail = st.f_bavail
+        out.f_files = self.catalog.tree.objects
+        out.f_ffree = 0
+        out.f_favail = 0
+        out.f_namemax = 255
+        return out
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return []
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        raise pyfuse3.FUSEError(errno.EINVAL)
+
+    # Read-only: every mutation fails with EROFS (the mount is also "ro", so
+    # the kernel refuses most of them before they get here).
+    setattr = _erofs("setattr")
+    mknod = _erofs("mknod")
+    mkdir = _erofs("mkdir")
+    unlink = _erofs("unlink")
+    rmdir = _erofs("rmdir")
+    symlink = _erofs("symlink")
+    rename = _erofs("rename")
+    link = _erofs("link")
+    write = _erofs("write")
+    create = _erofs("create")
+    setxattr = _erofs("setxattr")
+    removexattr = _erofs("removexattr")
+

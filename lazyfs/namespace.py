@@ -1,0 +1,237 @@
+"""Object keys to paths, and immutable snapshots of the resulting tree.
+
+Pure logic: no I/O, no trio, no other lazyfs module.  An object with key K
+appears at MOUNTPOINT/K, so a file's path *is* its key.  Keys that could not be
+a safe relative path are rejected here, once, before anything touches a disk.
+
+A `Tree` is built from one complete listing and never changes afterwards;
+a refresh builds a new one and swaps it in with one assignment, so a reader
+never sees half of one listing and half of the next.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Union
+
+from lazyfs.errors import UnsafeKey
+
+NAME_MAX = 255
+RESERVED_NAME = ".lazyfs"
+# Legal in Linux names, but they break terminals, logs and shell scripts.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteObject:
+    """One object version as listed: the unit of identity in lazyfs.
+
+    Two objects with the same (etag, size) hold the same bytes as far as S3
+    can tell; `mtime_ns` is the object's Last-Modified.
+    """
+
+    bucket: str
+    key: str
+    size: int
+    etag: str
+    mtime_ns: int
+    # The additional checksum's algorithm when the object has one (e.g. "CRC32").
+    checksum_algorithm: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    @property
+    def multipart(self) -> bool:
+        """A multipart ETag ("<md5>-<parts>") is not the MD5 of the content."""
+        return "-" in self.etag
+
+    def same_version(self, other: "RemoteObject") -> bool:
+        return (self.bucket, self.etag, self.size) == (other.bucket, other.etag, other.size)
+
+
+def key_parts(key: str) -> tuple[str, ...]:
+    """Split a file key into path components, or raise UnsafeKey saying why."""
+    if not key:
+        raise UnsafeKey("empty key")
+    if key.startswith("/"):
+        raise UnsafeKey("leading '/'")
+    parts = tuple(key.split("/"))
+    for part in parts:
+        check_name(part)
+    if parts[0] == RESERVED_NAME:
+        raise UnsafeKey(f"'{RESERVED_NAME}' is reserved by lazyfs")
+    return parts
+
+
+def check_name(part: str) -> None:
+    if part == "":
+        raise UnsafeKey("empty path component ('//' or trailing '/')")
+    if part in (".", ".."):
+        raise UnsafeKey(f"'{part}' path component")
+    try:
+        raw = part.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsafeKey("name is not valid UTF-8") from None
+    if len(raw) > NAME_MAX:
+        raise UnsafeKey(f"path component longer than {NAME_MAX} bytes")
+    if _CONTROL.search(part):
+        raise UnsafeKey("control character in name")
+
+
+class DirNode:
+    """A directory of one snapshot: its children by name, and sorted names for
+    readdir (so offsets stay stable for the life of the snapshot)."""
+
+    __slots__ = ("path", "children", "names", "mtime_ns", "nsubdirs")
+
+    def __init__(self, path: str, children: dict[str, "Node"], mtime_ns: int) -> None:
+        self.path = path
+        self.children = children
+        self.names = tuple(sorted(children))
+        self.mtime_ns = mtime_ns
+        self.nsubdirs = sum(1 for c in children.values() if isinstance(c, DirNode))
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def __repr__(self) -> str:
+        return f"DirNode({self.path!r}, {len(self.children)} entries)"
+
+
+Node = Union[DirNode, RemoteObject]
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    key: str
+    reason: str
+
+
+class Tree:
+    """An immutable snapshot of everything one listing presents."""
+
+    __slots__ = ("root", "objects", "total_bytes", "skipped")
+
+    def __init__(self, root: DirNode, objects: int, total_bytes: int,
+                 skipped: tuple[Skipped, ...]) -> None:
+        self.root = root
+        self.objects = objects
+        self.total_bytes = total_bytes
+        self.skipped = skipped
+
+    def find(self, path: str) -> Node | None:
+        """The node at a mount-relative path ("" is the root)."""
+        node: Node = self.root
+        if not path:
+            return node
+        for part in path.split("/"):
+            if not isinstance(node, DirNode):
+                return None
+            child = node.children.get(part)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def files(self) -> Iterator[RemoteObject]:
+        stack = [self.root]
+        while stack:
+            d = stack.pop()
+            for name in d.names:
+                child = d.children[name]
+                if isinstance(child, DirNode):
+                    stack.append(child)
+                else:
+                    yield child
+
+
+def build_tree(objects: Iterable[RemoteObject], folders: Iterable[str] = (),
+               mtime_ns: int = 0) -> Tree:
+    """Build a snapshot from listed objects.  `folders` are directory paths that
+    exist even when empty (the configured prefixes); `mtime_ns` dates folders
+    with no files under them.
+
+    Skipped, with the reason recorded: unsafe keys, a key that is both a file
+    and a folder (the folder wins: it holds more), and a second object at the
+    same path from another bucket (the first one listed wins).
+    """
+    root: dict[str, object] = {}
+    skipped: list[Skipped] = []
+
+    def subdir(parts: tuple[str, ...] | list[str]) -> dict[str, object] | None:
+        d = root
+        for i, part in enumerate(parts):
+            child = d.get(part)
+            if isinstance(child, RemoteObject):
+                skipped.append(Skipped(child.key, "is both a file and a folder; the folder is kept"))
+                child = None
+            if child is None:
+                child = {}
+                d[part] = child
+            d = child  # type: ignore[assignment]
+        return d
+
+    for folder in folders:
+        folder = folder.strip("/")
+        if folder:
+            subdir(folder.split("/"))
+    for obj in objects:
+        key = obj.key
+        is_marker = key.endswith("/")
+        try:
+            parts = key_parts(key[:-1] if is_marker else key)
+        except UnsafeKey as e:
+            skipped.append(Skipped(key, str(e)))
+            continue
+        if is_marker:
+            # "folder/" placeholder objects (console-created folders) make the
+            # folder exist; they are not files.
+            subdir(parts)
+            continue
+        parent = subdir(parts[:-1])
+        assert parent is not None
+        existing = parent.get(parts[-1])
+        if isinstance(existing, dict):
+            skipped.append(Skipped(key, "is both a file and a folder; the folder is kept"))
+        elif isinstance(existing, RemoteObject):
+            skipped.append(Skipped(key, f"same path as {existing.uri}, which is kept"))
+        else:
+            parent[parts[-1]] = obj
+
+    counts = [0, 0]
+
+    def freeze(path: str, d: dict[str, object]) -> DirNode:
+        children: dict[str, Node] = {}
+        newest = 0
+        for name, value in d.items():
+            child_path = f"{path}/{name}" if path else name
+            if isinstance(value, dict):
+                node: Node = freeze(child_path, value)
+                newest = max(newest, node.mtime_ns)
+            else:
+                assert isinstance(value, RemoteObject)
+                node = value
+                counts[0] += 1
+                counts[1] += value.size
+                newest = max(newest, value.mtime_ns)
+            children[name] = node
+        return DirNode(path, children, newest or mtime_ns)
+
+    tree_root = freeze("", root)
+    return Tree(tree_root, counts[0], counts[1], tuple(skipped))
+
+
+def parent_path(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name

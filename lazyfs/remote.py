@@ -1,0 +1,225 @@
+"""The object store client: the only module that imports boto3 or botocore.
+
+Blocking by design (boto3 is): callers run these methods in worker threads.
+One client is built per process and shared (boto3 clients are thread-safe,
+sessions are not).  Every botocore failure leaves this module as one of the
+`lazyfs.errors` types, so nothing above it needs to know botocore.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import urllib3.exceptions
+
+from lazyfs.config import RemoteConfig, Source
+from lazyfs.errors import (AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound,
+                           RemoteError, RemoteUnavailable)
+from lazyfs.namespace import RemoteObject
+
+log = logging.getLogger(__name__)
+
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+           "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "403", "Forbidden"}
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_CHANGED = {"PreconditionFailed", "412"}
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                    "Throttling", "ThrottlingException", "RequestTimeTooSkewed", "500", "502",
+                    "503", "504"}
+# Errors while a response body streams in: botocore does not retry these.
+_BODY_ERRORS = (botocore.exceptions.ReadTimeoutError, botocore.exceptions.IncompleteReadError,
+                botocore.exceptions.ResponseStreamingError, urllib3.exceptions.HTTPError,
+                ConnectionError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class HeadInfo:
+    """What a HEAD tells beyond the listing."""
+
+    obj: RemoteObject
+    # (algorithm, base64 value, "FULL_OBJECT" or "COMPOSITE") when the object
+    # has an additional checksum.
+    checksum: tuple[str, str, str] | None
+    # SSE-KMS, DSSE and SSE-C objects have ETags that are not MD5s.
+    etag_is_md5: bool
+
+
+def _etag(raw: str) -> str:
+    return raw.strip('"')
+
+
+def _mtime_ns(dt: Any) -> int:
+    return int(dt.timestamp()) * 1_000_000_000
+
+
+class Remote:
+    def __init__(self, cfg: RemoteConfig) -> None:
+        self.cfg = cfg
+        config = botocore.config.Config(
+            retries={"mode": "standard", "max_attempts": cfg.max_attempts},
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+            max_pool_connections=cfg.max_pool_connections,
+            s3={"addressing_style": cfg.addressing_style},
+            # We send no request bodies, and verify whole files ourselves
+            # (fetch.py); ranged responses carry no checksum to validate.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._client = boto3.session.Session().client(
+            "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config)
+        self.endpoint = self._client.meta.endpoint_url
+
+    # -- listing -----------------------------------------------------------
+
+    def list_pages(self, source: Source, page_size: int = 1000) -> Iterator[list[RemoteObject]]:
+        """Every object under `source`, one list per page, in key order."""
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": source.bucket, "Prefix": source.prefix,
+                                      "MaxKeys": page_size}
+            if token:
+                kwargs["ContinuationToken"] = token
+            resp = self._call(self._client.list_objects_v2, source.bucket, source.prefix, **kwargs)
+            yield [self._listed(source.bucket, item) for item in resp.get("Contents", ())]
+            token = resp.get("NextContinuationToken")
+            if not resp.get("IsTruncated") or not token:
+                return
+
+    def probe(self, source: Source) -> None:
+        """One cheap request proving the bucket exists and the prefix can be listed."""
+        self._call(self._client.list_objects_v2, source.bucket, source.prefix,
+                   Bucket=source.bucket, Prefix=source.prefix, MaxKeys=1)
+
+    @staticmethod
+    def _listed(bucket: str, item: dict[str, Any]) -> RemoteObject:
+        algos = item.get("ChecksumAlgorithm") or ()
+        return RemoteObject(bucket=bucket, key=item["Key"], size=int(item["Size"]),
+                            etag=_etag(item.get("ETag", "")), mtime_ns=_mtime_ns(item["LastModified"]),
+                            checksum_algorithm=algos[0] if algos else "")
+
+    # -- objects -------------------------------------------------------------
+
+    def head(self, bucket: str, key: str, etag: str | None = None) -> HeadInfo:
+        """Current metadata of one object, with its additional checksum if any;
+        with `etag`, only if that version is still current (ObjectChanged if not)."""
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "ChecksumMode": "ENABLED"}
+        if etag:
+            kwargs["IfMatch"] = f'"{etag}"'
+        resp = self._call(self._client.head_object, bucket, key, **kwargs)
+        obj = RemoteObject(bucket=bucket, key=key, size=int(resp["ContentLength"]),
+                           etag=_etag(resp.get("ETag", "")), mtime_ns=_mtime_ns(resp["LastModified"]))
+        sse = resp.get("ServerSideEncryption") or ""
+        etag_is_md5 = sse in ("", "AES256") and not resp.get("SSECustomerAlgorithm")
+        return HeadInfo(obj, _checksum_of(resp), etag_is_md5)
+
+    def part_size(self, obj: RemoteObject) -> int:
+        """The size of part 1 of a multipart object (0 if the store cannot say)."""
+        try:
+            resp = self._call(self._client.head_object, obj.bucket, obj.key, Bucket=obj.bucket,
+                              Key=obj.key, PartNumber=1, IfMatch=f'"{obj.etag}"')
+        except ObjectChanged:
+            raise
+        except RemoteError as e:
+            log.debug("%s: part size unknown: %s", obj.uri, e)
+            return 0
+        return int(resp.get("ContentLength", 0))
+
+    def get_range(self, obj: RemoteObject, start: int, end: int) -> "RangeStream":
+        """Stream bytes [start, end) of exactly the version `obj` names: the GET
+        carries If-Match on its ETag, so a replaced object fails with
+        ObjectChanged instead of mixing two versions."""
+        kwargs: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key,
+                                  "Range": f"bytes={start}-{end - 1}"}
+        if obj.etag:
+            kwargs["IfMatch"] = f'"{obj.etag}"'
+        resp = self._call(self._client.get_object, obj.bucket, obj.key, **kwargs)
+        return RangeStream(resp["Body"], obj, start, end)
+
+    # -- errors --------------------------------------------------------------
+
+    def _call(self, fn: Any, bucket: str, key: str, **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except Exception as e:  # translated exhaustively below
+            raise self.translate(e, bucket, key) from e
+
+    def translate(self, e: BaseException, bucket: str, key: str) -> RemoteError:
+        where = f"s3://{bucket}/{key}"
+        if isinstance(e, RemoteError):
+            return e
+        if isinstance(e, botocore.exceptions.ClientError):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            message = err.get("Message") or code
+            if code == "NoSuchBucket":
+                return BucketNotFound(f"bucket {bucket} does not exist at {self.endpoint}",
+                                      bucket=bucket, key=key)
+            if code in _DENIED or status == 403:
+                return AccessDenied(f"access denied to {where} ({code}: {message})", bucket=bucket, key=key)
+            if code in _CHANGED or status == 412:
+                return ObjectChanged(f"{where} changed in the object store", bucket=bucket, key=key)
+            if code in _NOT_FOUND or status == 404:
+                return ObjectNotFound(f"{where} no longer exists", bucket=bucket, key=key)
+            if code in _TRANSIENT_CODES or status >= 500:
+                return RemoteUnavailable(f"{where}: object store kept failing ({code}: {message})",
+                                         bucket=bucket, key=key)
+            return RemoteError(f"{where}: {code}: {message}", bucket=bucket, key=key)
+        if isinstance(e, (botocore.exceptions.NoCredentialsError,
+                          botocore.exceptions.PartialCredentialsError)):
+            return AccessDenied(f"no usable AWS credentials for {where} ({e})", bucket=bucket, key=key)
+        if isinstance(e, (botocore.exceptions.EndpointConnectionError,
+                          botocore.exceptions.ConnectTimeoutError)):
+            return RemoteUnavailable(f"cannot reach the object store at {self.endpoint}", bucket=bucket, key=key)
+        if isinstance(e, _BODY_ERRORS) or isinstance(e, botocore.exceptions.BotoCoreError):
+            return RemoteUnavailable(f"{where}: {type(e).__name__}: {e}", bucket=bucket, key=key)
+        return RemoteError(f"{where}: unexpected {type(e).__name__}: {e}", bucket=bucket, key=key)
+
+
+def _checksum_of(resp: dict[str, Any]) -> tuple[str, str, str] | None:
+    kind = resp.get("ChecksumType") or "FULL_OBJECT"
+    for algo in ("CRC64NVME", "CRC32C", "CRC32", "SHA256", "SHA1"):
+        value = resp.get(f"Checksum{algo}")
+        if value:
+            # A composite checksum of a multipart upload reads "<b64>-<parts>".
+            if "-" in value:
+                kind = "COMPOSITE"
+            return (algo, value, kind)
+    return None
+
+
+class RangeStream:
+    """The body of one ranged GET.  Read errors (a reset, a stalled connection
+    hitting the read timeout, a short body) surface as RemoteUnavailable."""
+
+    def __init__(self, body: Any, obj: RemoteObject, start: int, end: int) -> None:
+        self._body = body
+        self._obj = obj
+        self.start = start
+        self.end = end
+        self.received = 0
+
+    def read(self, n: int) -> bytes:
+        try:
+            data: bytes = self._body.read(n)
+        except _BODY_ERRORS as e:
+            raise RemoteUnavailable(f"{self._obj.uri}: transfer broke off after "
+                                    f"{self.start + self.received} bytes ({type(e).__name__})",
+                                    bucket=self._obj.bucket, key=self._obj.key) from e
+        self.received += len(data)
+        if not data and self.received < self.end - self.start:
+            raise RemoteUnavailable(f"{self._obj.uri}: response ended {self.end - self.start - self.received}"
+                                    " bytes early", bucket=self._obj.bucket, key=self._obj.key)
+        return data
+
+    def close(self) -> None:
+        try:
+            self._body.close()
+        except Exception:  # closing a broken stream must not mask the real error
+            pass

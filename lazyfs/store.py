@@ -1,0 +1,390 @@
+"""The on-disk store: published files, in-progress downloads, identity records.
+
+Layout (version 1), under one directory the process holds open as a descriptor:
+
+    <root>/<key path>          published files, exactly where the mount shows them
+    <root>/.lazyfs/layout      "1": the layout version of everything below
+    <root>/.lazyfs/tmp/        downloads in progress: <id>.part (sparse) and
+                               <id>.json (which chunks are on disk, for resume)
+
+Every path is resolved one component at a time with openat(O_NOFOLLOW) under a
+layer's descriptor, so a symlink planted in the store or in a prebaked layer is
+never followed, and nothing is read or written outside them.  Because the root
+descriptor was opened before the mount covered it, the daemon never touches its
+own mountpoint (which would deadlock).
+
+A published file carries its identity (bucket, key, ETag, size, Last-Modified)
+in the extended attribute `user.lazyfs.identity`, written on the temporary file
+before the rename, so the record and the bytes change in one atomic step.
+
+All methods block: call them from worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from typing import Iterable
+
+from lazyfs.errors import StoreError
+from lazyfs.namespace import RESERVED_NAME, RemoteObject
+
+log = logging.getLogger(__name__)
+
+LAYOUT_VERSION = "1"
+IDENTITY_XATTR = "user.lazyfs.identity"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted where a file should be must not hang the open.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What a local file is a copy of."""
+
+    bucket: str
+    key: str
+    etag: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, obj: RemoteObject) -> "Identity":
+        return cls(obj.bucket, obj.key, obj.etag, obj.size, obj.mtime_ns)
+
+    def encode(self) -> bytes:
+        return json.dumps({"v": 1, "bucket": self.bucket, "key": self.key, "etag": self.etag,
+                           "size": self.size, "mtime_ns": self.mtime_ns},
+                          separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Identity | None":
+        try:
+            d = json.loads(raw)
+            if d.get("v") != 1:
+                return None
+            return cls(str(d["bucket"]), str(d["key"]), str(d["etag"]), int(d["size"]),
+                       int(d["mtime_ns"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def matches(self, obj: RemoteObject) -> bool:
+        # (ETag, size) identifies the bytes; the key may differ (same file
+        # under another version's folder).
+        return self.etag == obj.etag and self.size == obj.size
+
+
+class Layer:
+    """A directory tree opened by descriptor: the store or a prebaked layer."""
+
+    def __init__(self, fd: int, path: str, writable: bool, label: str) -> None:
+        self.fd = fd
+        self.path = path
+        self.writable = writable
+        self.label = label
+
+    @classmethod
+    def open(cls, path: str, writable: bool, label: str) -> "Layer":
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StoreError(f"cannot open {label} {path}: {e.strerror}", e.errno) from None
+        return cls(fd, path, writable, label)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def open_dir(self, parts: Iterable[str], create: bool = False, mode: int = 0o755) -> int:
+        """A descriptor of the directory at `parts` under this layer (caller closes).
+        With `create`, missing directories are made, and a stale file or symlink
+        standing where a directory must be is removed."""
+        fd = os.dup(self.fd)
+        try:
+            for part in parts:
+                try:
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if not create or e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    if e.errno != errno.ENOENT:
+                        log.warning("%s: removing %r, which stands where a folder must be",
+                                    self.label, part)
+                        os.unlink(part, dir_fd=fd)
+                    try:
+                        os.mkdir(part, mode, dir_fd=fd)
+                    except FileExistsError:
+                        pass  # another thread made it first
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def open_file(self, path: str) -> int | None:
+        """A read-only descriptor of the regular file at `path`, or None when there
+        is none (missing, a directory, a symlink, a device or FIFO)."""
+        *dirs, name = path.split("/")
+        try:
+            dfd = self.open_dir(dirs)
+        except OSError:
+            return None
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                log.warning("%s: ignoring symlink at %s", self.label, path)
+            return None
+        finally:
+            os.close(dfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return fd
+
+
+@dataclass(slots=True)
+class LocalCopy:
+    """An open, current local copy of an object."""
+
+    fd: int
+    layer: Layer
+    # "cached": lazyfs (or `lazyfs bake`) recorded it as this version;
+    # "prebaked": it was on disk already and matches by size, as the seed's rule says.
+    state: str
+
+
+class Partial:
+    """A download in progress: a sparse file of the object's full size in
+    .lazyfs/tmp, plus a record of which fixed-size chunks are on disk."""
+
+    def __init__(self, store: "Store", obj: RemoteObject, fd: int, part_size: int,
+                 done: set[int]) -> None:
+        self.store = store
+        self.obj = obj
+        self.fd = fd
+        self.part_size = part_size
+        self.done = done
+        self.name = store.partial_name(obj)
+
+    @property
+    def chunks(self) -> int:
+        return max(1, -(-self.obj.size // self.part_size))
+
+    def save_state(self) -> None:
+        """Make the recorded chunks durable, then record them (in that order, so a
+        chunk is never recorded before its bytes would survive a power loss)."""
+        os.fdatasync(self.fd)
+        state = {"v": 1, "bucket": self.obj.bucket, "key": self.obj.key, "etag": self.obj.etag,
+                 "size": self.obj.size, "part_size": self.part_size, "done": sorted(self.done)}
+        self.store._write_small(self.name + ".json", json.dumps(state).encode())
+
+
+class Store:
+    """The store layer (writable) and the prebaked layers searched after it."""
+
+    def __init__(self, root: Layer, prebaked: Iterable[Layer] = ()) -> None:
+        self.root = root
+        self.prebaked = tuple(prebaked)
+        self.records = True  # False once the filesystem refuses user xattrs
+        self._meta_fd = -1
+        self._tmp_fd = -1
+
+    @classmethod
+    def open(cls, store_path: str, prebaked: Iterable[str] = (), root_fd: int | None = None) -> "Store":
+        root = Layer(root_fd, store_path, True, "store") if root_fd is not None \
+            else Layer.open(store_path, True, "store")
+        layers = [Layer.open(p, False, "prebaked layer") for p in prebaked]
+        store = cls(root, layers)
+        store._prepare()
+        return store
+
+    def _prepare(self) -> None:
+        try:
+            self._meta_fd = self.root.open_dir([RESERVED_NAME], create=True)
+            # Downloads in progress are private to the daemon.
+            self._tmp_fd = self.root.open_dir([RESERVED_NAME, "tmp"], create=True, mode=0o700)
+        except OSError as e:
+            raise StoreError(f"store {self.root.path} is not writable: {e.strerror}", e.errno) from None
+        try:
+            fd = os.open("layout", _FILE_FLAGS, dir_fd=self._meta_fd)
+            with os.fdopen(fd, "rb") as f:
+                version = f.read(64).decode(errors="replace").strip()
+            if version != LAYOUT_VERSION:
+                raise StoreError(f"store {self.root.path} has layout version {version!r}; this lazyfs "
+                                 f"uses {LAYOUT_VERSION}: use another --store or remove "
+                                 f"{self.root.path}/{RESERVED_NAME}", errno.EINVAL)
+        except FileNotFoundError:
+            self._write_small("layout", (LAYOUT_VERSION + "\n").encode(), dir_fd=self._meta_fd)
+
+    def close(self) -> None:
+        for fd in (self._tmp_fd, self._meta_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._tmp_fd = self._meta_fd = -1
+        for layer in self.prebaked:
+            layer.close()
+        self.root.close()
+
+    def layers(self) -> tuple[Layer, ...]:
+        return (self.root,) + self.prebaked
+
+    # -- lookups -------------------------------------------------------------
+
+    def find_current(self, obj: RemoteObject) -> LocalCopy | None:
+        """An open local copy that is current for `obj`, searching the store, then
+        each prebaked layer.  A copy with an identity record is current when the
+        record names this version; one without (copied in by an admin) when its
+        size matches.  Anything else is not current, never an error: the cache
+        can make reads faster but never makes them fail."""
+        for layer in self.layers():
+            fd = layer.open_file(obj.key)
+            if fd is None:
+                continue
+            state = self._judge(fd, obj)
+            if state is not None:
+                return LocalCopy(fd, layer, state)
+            os.close(fd)
+        return None
+
+    def _judge(self, fd: int, obj: RemoteObject) -> str | None:
+        if os.fstat(fd).st_size != obj.size:
+            return None
+        ident = self.read_identity(fd)
+        if ident is None:
+            return "prebaked"
+        return "cached" if ident.matches(obj) else None
+
+    def read_identity(self, fd: int) -> Identity | None:
+        try:
+            return Identity.decode(os.getxattr(fd, IDENTITY_XATTR))
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, *_NO_XATTR):
+                log.debug("reading identity record: %s", e)
+            return None
+
+    # -- downloads -------------------------------------------------------------
+
+    @staticmethod
+    def partial_name(obj: RemoteObject) -> str:
+        # One name per object *version*: two versions of a key downloading at
+        # once (an old handle and a new open) never share a file.
+        ident = f"{obj.bucket}\0{obj.key}\0{obj.etag}\0{obj.size}"
+        return hashlib.sha256(ident.encode()).hexdigest()[:40]
+
+    def open_partial(self, obj: RemoteObject, part_size: int) -> Partial:
+        """The in-progress download of `obj`: resumed when an earlier run left one
+        for this exact version and chunk size, otherwise started afresh."""
+        name = self.partial_name(obj)
+        done = self._resumable_chunks(name, obj, part_size)
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            if done:
+                fd = os.open(name + ".part", flags, dir_fd=self._tmp_fd)
+                if os.fstat(fd).st_size != obj.size:
+                    os.close(fd)
+                    raise FileNotFoundError
+            else:
+                raise FileNotFoundError
+        except FileNotFoundError:
+            done = set()
+            self._remove(name + ".json")
+            self._remove(name + ".part")
+            fd = self._create(name + ".part", flags)
+            try:
+                os.ftruncate(fd, obj.size)
+            except OSError:
+                os.close(fd)
+                self._remove(name + ".part")
+                raise
+        return Partial(self, obj, fd, part_size, done)
+
+    def _create(self, name: str, flags: int) -> int:
+        # 0600: a download in progress is nobody else's business, and a
+        # world-writable temp file would let anyone change what gets published.
+        return os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=self._tmp_fd)
+
+    def _resumable_chunks(self, name: str, obj: RemoteObject, part_size: int) -> set[int]:
+        try:
+            fd = os.open(name + ".json", _FILE_FLAGS, dir_fd=self._tmp_fd)
+            with os.fdopen(fd, "rb") as f:
+                state = json.loads(f.read(1 << 24))
+            if (state.get("v"), state.get("bucket"), state.get("key"), state.get("etag"),
+                    state.get("size"), state.get("part_size")) != \
+                    (1, obj.bucket, obj.key, obj.etag, obj.size, part_size):
+                return set()
+            nchunks = max(1, -(-obj.size // part_size))
+            return {int(i) for i in state.get("done", ()) if 0 <= int(i) < nchunks}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return set()
+
+    def discard(self, partial: Partial) -> None:
+        """Remove a download's files (its descriptor stays with the caller)."""
+        self._remove(partial.name + ".part")
+        self._remove(partial.name + ".json")
+
+    def publish(self, partial: Partial) -> None:
+        """Make a complete, verified download the current copy at its key path:
+        fsync, date it with the object's Last-Modified, record its identity,
+        then rename it into place (and fsync the folder, so the rename sticks)."""
+        obj, fd = partial.obj, partial.fd
+        if os.fstat(fd).st_size != obj.size:
+            raise StoreError(f"{obj.uri}: download has the wrong size, not published")
+        os.fsync(fd)
+        os.utime(fd, ns=(obj.mtime_ns, obj.mtime_ns))
+        os.fchmod(fd, 0o444)
+        self._record(fd, Identity.of(obj))
+        *dirs, name = obj.key.split("/")
+        dfd = self.root.open_dir(dirs, create=True)
+        try:
+            try:
+                os.rename(partial.name + ".part", name, src_dir_fd=self._tmp_fd, dst_dir_fd=dfd)
+            except IsADirectoryError:
+                raise StoreError(f"{obj.uri}: a folder stands at {obj.key} in the store") from None
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._remove(partial.name + ".json")
+
+    def _record(self, fd: int, ident: Identity) -> None:
+        if not self.records:
+            return
+        try:
+            os.setxattr(fd, IDENTITY_XATTR, ident.encode())
+        except OSError as e:
+            if e.errno not in _NO_XATTR:
+                raise
+            self.records = False
+            log.warning("store %s does not support extended attributes: local copies "
+                        "will be checked by size only", self.root.path)
+
+    # -- small helpers -----------------------------------------------------------
+
+    def _remove(self, name: str, dir_fd: int | None = None) -> None:
+        try:
+            os.unlink(name, dir_fd=self._tmp_fd if dir_fd is None else dir_fd)
+        except FileNotFoundError:
+            pass
+
+    def _write_small(self, name: str, data: bytes, dir_fd: int | None = None) -> None:
+        """Replace a small file atomically (write a sibling, rename over)."""
+        dfd = self._tmp_fd if dir_fd is None else dir_fd
+        tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dfd)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+
+    def fsinfo(self) -> os.statvfs_result:
+        return os.statvfs(self.root.fd)

@@ -1,0 +1,335 @@
+"""A real HTTP proxy between lazyfs and the S3 server, on loopback, in its
+own process.
+
+It records every request (so tests can count GETs, LISTs and bytes) and can
+inject faults per request or per key: error statuses (500/503/SlowDown/403/
+404), a connection reset mid-body, a stalled body, a body shorter than its
+Content-Length, corrupted bytes of the right length, a first-byte delay, and
+replacing the object upstream just before forwarding (a new ETag between two
+ranged GETs).  A fault applies to the next `times` matching requests.
+
+It runs in a separate process because a test that reads a mount through mmap
+holds its interpreter's GIL during the page fault: a proxy thread in the same
+process could then never answer the fetch that the fault is waiting for.
+Tests drive it through `S3Proxy`, which talks to a control path on the proxy
+itself (`/__proxy__/...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
+_PIECE = 64 * 1024
+_CONTROL = "/__proxy__/"
+
+
+@dataclass
+class Request:
+    method: str
+    bucket: str
+    key: str
+    query: dict[str, str]
+    range: str
+    status: int = 0
+    body_bytes: int = 0
+    fault: str = ""
+
+    @property
+    def kind(self) -> str:
+        """GET, HEAD, PUT...; a GET on a bucket (no key) is a LIST."""
+        if self.method == "GET" and not self.key:
+            return "LIST"
+        return self.method
+
+
+@dataclass
+class Fault:
+    kind: str  # status | reset | stall | short | corrupt | delay | replace
+    method: str | None = "GET"
+    key: str | None = None  # None: any key
+    times: int | None = 1  # None: every matching request
+    skip: int = 0  # let this many matching requests through first
+    status: int = 503
+    code: str = "SlowDown"
+    after: int = 0  # body bytes sent before the fault hits (short: bytes left out)
+    seconds: float = 0.0
+    body_b64: str = ""  # replace: the object's new content
+    seen: int = 0
+    hits: int = 0
+
+    def take(self, req: Request) -> bool:
+        if self.method is not None and req.method != self.method:
+            return False
+        if req.kind == "LIST" and self.key is not None:
+            return False
+        if self.key is not None and self.key != req.key:
+            return False
+        if self.times is not None and self.hits >= self.times:
+            return False
+        self.seen += 1
+        if self.seen <= self.skip:
+            return False
+        self.hits += 1
+        return True
+
+
+class _State:
+    def __init__(self, upstream: str) -> None:
+        u = urllib.parse.urlsplit(upstream)
+        self.host = u.hostname or "127.0.0.1"
+        self.port = u.port or 80
+        self.requests: list[Request] = []
+        self.faults: list[Fault] = []
+        self.lock = threading.Lock()
+
+    def take_fault(self, req: Request) -> Fault | None:
+        with self.lock:
+            for f in self.faults:
+                if f.take(req):
+                    return f
+        return None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    state: _State
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path.startswith(_CONTROL):
+            self._control()
+        else:
+            self._proxy()
+
+    do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
+
+    # -- control -----------------------------------------------------------------
+
+    def _control(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        what = self.path[len(_CONTROL):]
+        st = self.state
+        with st.lock:
+            if what == "requests":
+                out: Any = [asdict(r) | {"kind": r.kind} for r in st.requests]
+            elif what == "faults" and self.command == "POST":
+                st.faults.append(Fault(**body))
+                out = {"ok": True}
+            elif what == "faults":
+                out = [asdict(f) for f in st.faults]
+            elif what == "clear-faults":
+                st.faults.clear()
+                out = {"ok": True}
+            elif what == "clear":
+                st.faults.clear()
+                st.requests.clear()
+                out = {"ok": True}
+            else:
+                out = {"error": what}
+        data = json.dumps(out).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    # -- proxying -------------------------------------------------------------------
+
+    def _proxy(self) -> None:
+        split = urllib.parse.urlsplit(self.path)
+        parts = split.path.lstrip("/").split("/", 1)
+        req = Request(method=self.command, bucket=urllib.parse.unquote(parts[0]),
+                      key=urllib.parse.unquote(parts[1]) if len(parts) > 1 else "",
+                      query=dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True)),
+                      range=self.headers.get("Range", ""))
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        fault = self.state.take_fault(req)
+        req.fault = fault.kind if fault else ""
+        with self.state.lock:
+            self.state.requests.append(req)
+        if fault is not None and fault.kind == "replace":
+            self._upstream("PUT", split.path, base64.b64decode(fault.body_b64), {})
+        if fault is not None and fault.kind == "delay":
+            time.sleep(fault.seconds)
+        if fault is not None and fault.kind == "status":
+            self._error(req, fault.status, fault.code)
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+        status, resp_headers, data = self._upstream(self.command, self.path, body, headers)
+        req.status = status
+        self.send_response(status)
+        for name, value in resp_headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self._send_body(req, data, fault)
+
+    def _upstream(self, method: str, path: str, body: bytes | None,
+                  headers: dict[str, str]) -> tuple[int, list[tuple[str, str]], bytes]:
+        conn = http.client.HTTPConnection(self.state.host, self.state.port, timeout=60)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            out = [(k, v) for k, v in resp.getheaders()
+                   if k.lower() not in _HOP and k.lower() != "content-length"]
+            out.append(("Content-Length", str(len(data))))
+            return resp.status, out, data
+        finally:
+            conn.close()
+
+    def _send_body(self, req: Request, data: bytes, fault: Fault | None) -> None:
+        kind = fault.kind if fault else ""
+        if kind == "corrupt":
+            data = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
+        limit = len(data)
+        if kind in ("reset", "stall"):
+            limit = min(len(data), fault.after)  # type: ignore[union-attr]
+        elif kind == "short":
+            limit = max(0, len(data) - max(1, fault.after))  # type: ignore[union-attr]
+        sent = 0
+        try:
+            while sent < limit:
+                piece = data[sent:min(limit, sent + _PIECE)]
+                self.wfile.write(piece)
+                sent += len(piece)
+            self.wfile.flush()
+            req.body_bytes = sent
+            if kind == "stall":
+                time.sleep(fault.seconds)  # type: ignore[union-attr]
+            if kind in ("reset", "stall", "short"):
+                self._abort()
+        except (BrokenPipeError, ConnectionResetError):
+            req.body_bytes = sent
+            self.close_connection = True
+
+    def _abort(self) -> None:
+        """Close with a TCP reset: SO_LINGER with a zero timeout."""
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+        except OSError:
+            pass
+
+    def _error(self, req: Request, status: int, code: str) -> None:
+        req.status = status
+        body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                f"<Message>injected by the test proxy</Message><Key>{req.key}</Key></Error>").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+def serve(upstream: str, port: int) -> None:
+    class Handler(_Handler):
+        state = _State(upstream)
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+class S3Proxy:
+    """The test side: starts the proxy process and reads or steers it."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.endpoint = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> "S3Proxy":
+        self._proc = subprocess.Popen([sys.executable, "-m", "lazyfs.testing.proxy", "--upstream",
+                                       self.upstream], stdout=subprocess.PIPE, start_new_session=True,
+                                      env={k: v for k, v in os.environ.items() if "proxy" not in k.lower()})
+        assert self._proc.stdout is not None
+        ready: list[bytes] = []
+        t = threading.Thread(target=lambda: ready.append(self._proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+        t.start()
+        t.join(timeout)
+        if not ready or not ready[0].strip():
+            self.stop()
+            raise RuntimeError("the S3 proxy did not start")
+        self.endpoint = f"http://127.0.0.1:{int(ready[0])}"
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait(10)
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
+            self._proc = None
+
+    def __enter__(self) -> "S3Proxy":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _call(self, what: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.endpoint + _CONTROL + what, data=data,
+                                     method="POST" if data is not None else "GET")
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def requests(self, kind: str | None = None, key: str | None = None) -> list[dict[str, Any]]:
+        return [r for r in self._call("requests")
+                if (kind is None or r["kind"] == kind) and (key is None or r["key"] == key)]
+
+    def count(self, kind: str | None = None, key: str | None = None) -> int:
+        return len(self.requests(kind, key))
+
+    def bytes_sent(self, key: str | None = None) -> int:
+        return sum(r["body_bytes"] for r in self.requests("GET", key))
+
+    def add(self, fault: Fault) -> None:
+        self._call("faults", asdict(fault))
+
+    def faults(self) -> list[Fault]:
+        return [Fault(**f) for f in self._call("faults")]
+
+    def clear_faults(self) -> None:
+        self._call("clear-faults", {})
+
+    def clear(self) -> None:
+        self._call("clear", {})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="counting, fault-injecting S3 proxy for tests")
+    p.add_argument("--upstream", required=True)
+    p.add_argument("--port", type=int, default=0)
+    args = p.parse_args()
+    serve(args.upstream, args.port)
+
+
+if __name__ == "__main__":
+    main()

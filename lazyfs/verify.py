@@ -1,0 +1,143 @@
+"""Checking downloaded bytes against what the object store vouches for.
+
+In order of preference:
+  1. the object's additional checksum over the full object (CRC32, SHA1,
+     SHA256 always; CRC32C and CRC64NVME when `awscrt` is installed);
+  2. a single-part ETag, which is the MD5 of the content;
+  3. a multipart ETag ("<md5 of part md5s>-<parts>"), recomputed with the
+     upload's part size (every common uploader uses one size for all parts
+     but the last);
+  4. nothing but the size, when none of those applies (SSE-KMS and SSE-C
+     ETags are not MD5s; composite checksums need every part's boundaries).
+
+Blocking: reads the whole file.  Run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from lazyfs.errors import IntegrityError
+
+_READ = 4 * 1024 * 1024
+_MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
+_MULTIPART = re.compile(r"^([0-9a-f]{32})-(\d+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    """What the bytes must hash to.  `value` is base64 for checksums and hex
+    for ETags; `part_size` is set for multipart ETags."""
+
+    algorithm: str
+    value: str
+    part_size: int = 0
+
+    def describe(self) -> str:
+        return f"{self.algorithm} {self.value}"
+
+
+def _crt(name: str) -> Callable[[bytes, int], int] | None:
+    try:
+        from awscrt import checksums  # optional: botocore[crt]
+    except ImportError:
+        return None
+    return getattr(checksums, name, None)
+
+
+class _Crc:
+    """CRC-style running checksum presented like a hashlib object."""
+
+    def __init__(self, fn: Callable[[bytes, int], int], width: int) -> None:
+        self._fn, self._width, self._value = fn, width, 0
+
+    def update(self, data: Any) -> None:
+        self._value = self._fn(data, self._value)
+
+    def digest(self) -> bytes:
+        return self._value.to_bytes(self._width, "big")
+
+
+def _hasher(algorithm: str) -> Any | None:
+    if algorithm == "CRC32":
+        return _Crc(lambda d, v: zlib.crc32(d, v), 4)
+    if algorithm == "CRC32C":
+        fn = _crt("crc32c")
+        return _Crc(fn, 4) if fn else None
+    if algorithm == "CRC64NVME":
+        fn = _crt("crc64nvme")
+        return _Crc(fn, 8) if fn else None
+    if algorithm in ("SHA1", "SHA256"):
+        return hashlib.new(algorithm.lower())
+    return None
+
+
+def can_compute(algorithm: str) -> bool:
+    return _hasher(algorithm) is not None
+
+
+def choose(etag: str, checksum: tuple[str, str, str] | None, etag_is_md5: bool,
+           part_size: Callable[[], int]) -> Expectation | None:
+    """The strongest check available.  `checksum` is (algorithm, value, kind);
+    `etag_is_md5` is False for SSE-KMS/SSE-C objects; `part_size` is asked
+    only for multipart ETags (it costs a request)."""
+    if checksum is not None:
+        algorithm, value, kind = checksum
+        if kind == "FULL_OBJECT" and can_compute(algorithm):
+            return Expectation(algorithm, value)
+    if not etag_is_md5:
+        return None
+    if _MD5_HEX.match(etag):
+        return Expectation("MD5", etag)
+    m = _MULTIPART.match(etag)
+    if m:
+        size = part_size()
+        if size > 0:
+            return Expectation("MD5-multipart", etag, size)
+    return None
+
+
+def compute(fd: int, size: int, exp: Expectation, cancelled: Callable[[], bool] = lambda: False) -> str:
+    """The digest of the file's first `size` bytes, in `exp`'s form."""
+    if exp.algorithm == "MD5":
+        h: Any = hashlib.md5()
+        _feed(fd, 0, size, h, cancelled)
+        return h.hexdigest()
+    if exp.algorithm == "MD5-multipart":
+        digests = []
+        for start in range(0, size, exp.part_size):
+            part = hashlib.md5()
+            _feed(fd, start, min(size, start + exp.part_size), part, cancelled)
+            digests.append(part.digest())
+        return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+    h = _hasher(exp.algorithm)
+    if h is None:
+        raise ValueError(f"cannot compute {exp.algorithm}")
+    _feed(fd, 0, size, h, cancelled)
+    return base64.b64encode(h.digest()).decode()
+
+
+def check(fd: int, size: int, exp: Expectation, uri: str,
+          cancelled: Callable[[], bool] = lambda: False) -> None:
+    got = compute(fd, size, exp, cancelled)
+    if got != exp.value:
+        raise IntegrityError(f"{uri}: downloaded bytes do not match the object's "
+                             f"{exp.algorithm} (expected {exp.value}, got {got})")
+
+
+def _feed(fd: int, start: int, end: int, h: Any, cancelled: Callable[[], bool]) -> None:
+    pos = start
+    while pos < end:
+        if cancelled():
+            raise InterruptedError("verification cancelled")
+        data = os.pread(fd, min(_READ, end - pos), pos)
+        if not data:
+            raise IntegrityError(f"file ended at {pos} bytes, expected {end}")
+        h.update(data)
+        pos += len(data)

@@ -1,0 +1,288 @@
+"""End to end: a real mount through the CLI against moto behind a counting proxy."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from lazyfs.testing.mountproc import force_unmount, is_mounted
+
+from conftest import FS, lazyfs_cli, wait_until, write_model_json
+
+pytestmark = pytest.mark.fuse
+
+PREFIX = "download/files/from"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def put(s3, bucket: str, key: str, data: bytes) -> None:
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+@pytest.fixture
+def model(s3, bucket):
+    files = {
+        f"{PREFIX}/llm/model.bin": os.urandom(3 * 1024 * 1024 + 17),
+        f"{PREFIX}/llm/tokenizer.json": b'{"vocab": {}}',
+        f"{PREFIX}/config.json": b'{"a": 1}',
+    }
+    for key, data in files.items():
+        put(s3, bucket, key, data)
+    return files
+
+
+def test_listing_and_stat_make_no_download(mount, proxy, bucket, model, s3, fs: FS):
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
+    assert fs.listdir(m.path) == ["download"]
+    assert fs.listdir(m.path / PREFIX) == ["config.json", "llm"]
+    assert fs.listdir(m.path / PREFIX / "llm") == ["model.bin", "tokenizer.json"]
+    for key, data in model.items():
+        st = fs.stat(m.file(key))
+        head = s3.head_object(Bucket=bucket, Key=key)
+        assert st.st_size == len(data)
+        assert st.st_mtime == head["LastModified"].timestamp()
+        assert st.st_mode & 0o777 == 0o444
+        assert st.st_blocks * 512 >= len(data)
+    assert fs.stat(m.path / PREFIX).st_mode & 0o777 == 0o555
+    ls = fs.sh("ls", "-lR", str(m.path))
+    assert ls.returncode == 0 and "model.bin" in ls.stdout
+    du = fs.sh("du", "-sb", str(m.path / PREFIX))
+    assert int(du.stdout.split()[0]) == sum(len(d) for d in model.values())
+    assert proxy.count("GET") == 0
+    assert proxy.count("HEAD") == 0
+
+
+def test_first_open_fetches_and_persists_then_no_more_gets(mount, proxy, bucket, model, fs: FS):
+    key = f"{PREFIX}/llm/model.bin"
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
+    assert sha(fs.read(m.file(key))) == sha(model[key])
+    gets = proxy.count("GET", key)
+    assert gets >= 1
+    assert sha(fs.read(m.file(key))) == sha(model[key])
+    assert proxy.count("GET", key) == gets, "second open downloaded again"
+    assert m.stop() == 0
+    # The store is the mountpoint's own directory: the file is there unmounted.
+    assert not is_mounted(m.path)
+    assert sha((m.path / key).read_bytes()) == sha(model[key])
+    assert not any(p.name.endswith(".part") for p in (m.path / ".lazyfs" / "tmp").iterdir())
+    # A remount on the same store serves it from disk.
+    proxy.clear()
+    m2 = mount("--prefix", f"s3://{bucket}/{PREFIX}", mountpoint=m.path)
+    assert sha(fs.read(m2.file(key))) == sha(model[key])
+    assert proxy.count("GET") == 0
+
+
+def test_store_elsewhere(mount, proxy, bucket, model, fs: FS, tmp_path: Path):
+    key = f"{PREFIX}/config.json"
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}", store=store)
+    assert fs.read(m.file(key)) == model[key]
+    wait_until(lambda: (store / key).exists(), what="the download to be published")
+    assert (store / key).read_bytes() == model[key]
+
+
+def test_prebaked_copy_with_matching_size_is_served_without_get(mount, proxy, bucket, model, fs: FS,
+                                                                 tmp_path: Path):
+    key = f"{PREFIX}/llm/model.bin"
+    mnt = tmp_path / "cache"
+    (mnt / PREFIX / "llm").mkdir(parents=True)
+    (mnt / key).write_bytes(model[key])  # baked into the image by an admin
+    layer = tmp_path / "layer"
+    (layer / PREFIX).mkdir(parents=True)
+    (layer / PREFIX / "config.json").write_bytes(model[f"{PREFIX}/config.json"])
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}", "--prebaked", str(layer), mountpoint=mnt)
+    assert sha(fs.read(m.file(key))) == sha(model[key])
+    assert fs.read(m.file(f"{PREFIX}/config.json")) == model[f"{PREFIX}/config.json"]
+    assert proxy.count("GET") == 0
+    # Only the file nobody baked is fetched.
+    assert fs.read(m.file(f"{PREFIX}/llm/tokenizer.json")) == model[f"{PREFIX}/llm/tokenizer.json"]
+    assert proxy.count("GET") == 1
+    assert not (layer / PREFIX / "llm").exists(), "a prebaked layer must never be written"
+
+
+def test_prebaked_copy_with_wrong_size_is_downloaded_again(mount, proxy, bucket, model, fs: FS, tmp_path: Path):
+    key = f"{PREFIX}/llm/model.bin"
+    mnt = tmp_path / "cache"
+    (mnt / PREFIX / "llm").mkdir(parents=True)
+    (mnt / key).write_bytes(b"old version, other size")
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}", mountpoint=mnt)
+    assert sha(fs.read(m.file(key))) == sha(model[key])
+    assert proxy.count("GET", key) >= 1
+    m.stop()
+    assert sha((mnt / key).read_bytes()) == sha(model[key])
+
+
+def test_model_json_s3_uri_and_several_prefixes_share_one_mount(mount, proxy, s3, bucket, fs: FS,
+                                                                tmp_path: Path):
+    other = bucket + "-other"
+    s3.create_bucket(Bucket=other)
+    put(s3, bucket, "models/a/w.bin", b"A" * 1000)
+    put(s3, other, "apps/b/asset.txt", b"B" * 10)
+    put(s3, bucket, "plain/c.txt", b"C")
+    cfg_a = write_model_json(tmp_path / "a.json", download_files_from=f"s3://{bucket}/models/a")
+    cfg_b = write_model_json(tmp_path / "b.json", download_files_from=f"s3://{other}/apps/b/",
+                             _comment="other keys belong to the model")
+    m = mount("--config", str(cfg_a), "--config", str(cfg_b), "--prefix", "plain", "--bucket", bucket)
+    assert fs.listdir(m.path) == ["apps", "models", "plain"]
+    assert fs.read(m.file("models/a/w.bin")) == b"A" * 1000
+    assert fs.read(m.file("apps/b/asset.txt")) == b"B" * 10
+    assert fs.read(m.file("plain/c.txt")) == b"C"
+
+
+def test_default_mountpoint_comes_from_download_files_to(mount, proxy, bucket, s3, fs: FS, tmp_path: Path):
+    put(s3, bucket, "m/x.bin", b"x" * 10)
+    target = tmp_path / "practicus-cache"
+    target.mkdir()
+    cfg = write_model_json(tmp_path / "model.json", download_files_from="m",
+                           download_files_to=str(target))
+    # MOUNTPOINT omitted, bucket from the environment: lazyfs mount --config model.json
+    with subprocess.Popen([sys.executable, "-m", "lazyfs", "mount", "--config", str(cfg),
+                           "--endpoint-url", proxy.endpoint], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, env=mount.env(LAZYFS_BUCKET=bucket),
+                          start_new_session=True) as proc:
+        try:
+            line = fs.run(proc.stdout.readline, timeout=30).decode()
+            assert line.startswith("lazyfs: ready") and str(target) in line
+            assert fs.read(target / "m" / "x.bin") == b"x" * 10
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(15)
+            force_unmount(target)
+    assert code == 0
+
+
+def test_mutations_fail_with_erofs(mount, bucket, model, fs: FS):
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
+    d = m.path / PREFIX
+    f = m.file(f"{PREFIX}/config.json")
+    attempts = {
+        "open for write": lambda: open(f, "r+b"),
+        "create": lambda: open(d / "new.txt", "wb"),
+        "mkdir": lambda: os.mkdir(d / "newdir"),
+        "unlink": lambda: os.unlink(f),
+        "rmdir": lambda: os.rmdir(d / "llm"),
+        "rename": lambda: os.rename(f, d / "renamed.json"),
+        "chmod": lambda: os.chmod(f, 0o644),
+        "truncate": lambda: os.truncate(f, 0),
+        "symlink": lambda: os.symlink("config.json", d / "link"),
+        "link": lambda: os.link(f, d / "hard"),
+        "setxattr": lambda: os.setxattr(f, "user.x", b"1"),
+        "utime": lambda: os.utime(f, (0, 0)),
+    }
+    for what, fn in attempts.items():
+        with pytest.raises(OSError) as info:
+            fs.run(fn)
+        assert info.value.errno == errno.EROFS, f"{what}: {info.value}"
+    st = fs.run(os.statvfs, str(m.path))
+    assert st.f_blocks > 0 and st.f_namemax == 255
+    df = fs.sh("df", str(m.path))
+    assert df.returncode == 0 and "lazyfs" in df.stdout
+
+
+MMAP_PROBE = """
+import hashlib, json, mmap, sys
+with open(sys.argv[1], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    offsets = [int(o) for o in sys.argv[2:]]
+    print(json.dumps({"slices": [hashlib.sha256(mm[o:o + 4096]).hexdigest() for o in offsets],
+                      "whole": hashlib.sha256(mm[:]).hexdigest()}))
+"""
+
+
+def test_mmap_reads_match(mount, bucket, model, fs: FS):
+    key = f"{PREFIX}/llm/model.bin"
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
+    data = model[key]
+    offsets = [len(data) - 4096, 1 << 20, 0, 12345]
+    out = json.loads(fs.python(MMAP_PROBE, str(m.file(key)), *map(str, offsets)))
+    assert out["slices"] == [sha(data[o:o + 4096]) for o in offsets]
+    assert out["whole"] == sha(data)
+
+
+def test_concurrent_first_opens_share_one_download(mount, proxy, bucket, s3, fs: FS):
+    key = f"{PREFIX}/shared.bin"
+    data = os.urandom(2 * 1024 * 1024)
+    put(s3, bucket, key, data)
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
+    fs.stat(m.file(key))
+    barrier = threading.Barrier(8)
+
+    def reader() -> str:
+        barrier.wait(10)
+        with open(m.file(key), "rb") as f:
+            return sha(f.read())
+
+    futures = [fs._pool.submit(reader) for _ in range(8)]
+    assert {f.result(timeout=30) for f in futures} == {sha(data)}
+    assert proxy.count("GET", key) == 1
+
+
+def test_unsafe_keys_are_skipped_and_never_escape_the_store(mount, proxy, bucket, s3, fs: FS, tmp_path: Path):
+    good = f"{PREFIX}/good.txt"
+    bad = [f"{PREFIX}/../escape.txt", f"{PREFIX}/./dot.txt", f"{PREFIX}//double.txt",
+           f"{PREFIX}/" + "n" * 256, f"{PREFIX}/ctl\x01name", f"{PREFIX}/both", f"{PREFIX}/trail/"]
+    put(s3, bucket, good, b"good")
+    for key in bad:
+        put(s3, bucket, key, b"bad")
+    put(s3, bucket, f"{PREFIX}/both/inner.txt", b"inner")  # "both" is a file and a folder
+    mnt = tmp_path / "sandbox" / "cache"
+    mnt.mkdir(parents=True)
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}", mountpoint=mnt)
+    names = fs.listdir(m.path / PREFIX)
+    assert names == ["both", "good.txt", "trail"]
+    assert fs.listdir(m.path / PREFIX / "both") == ["inner.txt"]
+    assert fs.read(m.file(good)) == b"good"
+    assert fs.read(m.file(f"{PREFIX}/both/inner.txt")) == b"inner"
+    log = m.log()
+    for reason in ("'..' path component", "'.' path component", "empty path component",
+                   "longer than 255 bytes", "control character", "both a file and a folder"):
+        assert reason in log, reason
+    m.stop()
+    assert sorted(os.listdir(tmp_path / "sandbox")) == ["cache"], "something was written outside the store"
+    assert not (mnt / "download" / "files" / "escape.txt").exists()
+
+
+def test_sigterm_and_sigint_unmount_and_exit_zero(mount, bucket, model, fs: FS):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
+        assert fs.listdir(m.path) == ["download"]
+        assert m.process.stop(sig) == 0
+        assert not is_mounted(m.path)
+        assert "Traceback" not in m.log()
+
+
+def test_lazyfs_umount_from_another_shell(mount, bucket, model, fs: FS):
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
+    res = lazyfs_cli(["umount", str(m.path)])
+    assert res.returncode == 0, res.stderr
+    assert m.process.proc.wait(15) == 0
+    assert not is_mounted(m.path)
+    again = lazyfs_cli(["umount", str(m.path)])
+    assert again.returncode == 1 and "not mounted" in again.stderr
+
+
+def test_failed_download_gives_eio_and_a_later_open_retries(mount, proxy, bucket, s3, fs: FS):
+    from lazyfs.testing.proxy import Fault
+
+    key = f"{PREFIX}/flaky.bin"
+    data = os.urandom(100_000)
+    put(s3, bucket, key, data)
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
+    proxy.add(Fault("status", key=key, status=500, code="InternalError", times=None))
+    with pytest.raises(OSError) as info:
+        fs.read(m.file(key))
+    assert info.value.errno == errno.EIO
+    proxy.clear_faults()
+    assert fs.read(m.file(key)) == data
+    assert "download of s3://" in m.log() and "InternalError" in m.log()
