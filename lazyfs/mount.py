@@ -16,8 +16,7 @@ import logging
 import os
 import signal
 import subprocess
-import sys
-import time
+import threading
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,16 +89,31 @@ def unmount(path: str | Path, lazy: bool = False) -> None:
         raise MountError(msg[-1] if msg else f"unmounting {path} failed")
 
 
+def _probe_mount(path: Path, timeout: float = 5.0) -> int | None:
+    """statvfs the mount from a helper thread (a hung daemon must not hang us).
+    Returns 0 when it answers, the errno when it fails, None on timeout."""
+    result: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(path)  # never answered from the kernel's attribute cache
+            result.append(0)
+        except OSError as e:
+            result.append(e.errno or errno.EIO)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else None
+
+
 def check_mountpoint(path: Path) -> None:
     """Refuse a live mount; clean up a dead one (ENOTCONN) left by a crash."""
-    try:
-        os.stat(path)
-        stale = False
-    except OSError as e:
-        if e.errno != errno.ENOTCONN:
-            raise MountError(f"mountpoint {path}: {e.strerror}") from None
-        stale = True
-    if stale:
+    entry = find_mount(path)
+    if entry is None or not entry.fstype.startswith("fuse"):
+        return
+    state = _probe_mount(path)
+    if state == errno.ENOTCONN:
         log.warning("%s is a stale mount left by a process that died; unmounting it", path)
         try:
             unmount(path, lazy=True)
@@ -107,10 +121,11 @@ def check_mountpoint(path: Path) -> None:
             raise MountError(f"{path} is a stale mount and could not be cleaned up ({e}); "
                              f"run: fusermount3 -uz {path}") from None
         return
-    entry = find_mount(path)
-    if entry is not None and entry.fstype.startswith("fuse"):
-        raise MountError(f"{path} is already mounted ({entry.fstype} from {entry.source}); "
-                         f"unmount it first: lazyfs umount {path}")
+    if state is None:
+        raise MountError(f"{path} is mounted ({entry.fstype}) but not responding; "
+                         f"run: fusermount3 -uz {path}")
+    raise MountError(f"{path} is already mounted ({entry.fstype} from {entry.source}); "
+                     f"unmount it first: lazyfs umount {path}")
 
 
 def open_store(cfg: MountConfig) -> Store:

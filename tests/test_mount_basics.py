@@ -286,3 +286,24 @@ def test_failed_download_gives_eio_and_a_later_open_retries(mount, proxy, bucket
     proxy.clear_faults()
     assert fs.read(m.file(key)) == data
     assert "download of s3://" in m.log() and "InternalError" in m.log()
+
+
+def test_stale_mount_after_a_crash_is_cleaned_up_at_the_next_start(mount, proxy, bucket, model, fs: FS):
+    key = f"{PREFIX}/config.json"
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
+    assert fs.read(m.file(key)) == model[key]
+    m.process.kill()  # kill -9: the mount stays behind, dead
+    with pytest.raises(OSError) as info:
+        fs.run(os.statvfs, str(m.path))
+    assert info.value.errno == errno.ENOTCONN
+    m2 = mount("--prefix", f"s3://{bucket}/{PREFIX}", mountpoint=m.path)
+    assert fs.read(m2.file(key)) == model[key]
+    assert "stale mount" in m2.log()
+
+
+def test_a_live_mount_is_not_mounted_over(mount, bucket, model, fs: FS):
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
+    res = lazyfs_cli(["mount", str(m.path), "--prefix", f"s3://{bucket}/{PREFIX}"])
+    assert res.returncode == 1
+    assert "is already mounted" in res.stderr and "lazyfs umount" in res.stderr
+    assert fs.listdir(m.path) == ["download"]

@@ -1,0 +1,110 @@
+"""The CLI contract for bad input and failures: one line, a documented exit
+code, never a traceback (run as a user would, in a subprocess)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lazyfs.testing.proxy import Fault
+from lazyfs.testing.s3server import free_port
+
+from conftest import lazyfs_cli
+
+
+def one_line_error(res: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("lazyfs: error: ")
+    return lines[0]
+
+
+CASES = {
+    "missing config file": (["--config", "{tmp}/nope.json"], "config file not found"),
+    "not JSON": (["--config", "{tmp}/notjson.json"], "not valid JSON"),
+    "not an object": (["--config", "{tmp}/array.json"], "must be a JSON object"),
+    "no download_files_from": (["--config", "{tmp}/empty.json"], 'missing "download_files_from"'),
+    "wrong type": (["--config", "{tmp}/wrongtype.json"], "must be a string, found a number"),
+    "near-miss key": (["--config", "{tmp}/typo.json"], 'did you mean "download_files_from"'),
+    "empty prefix": (["--config", "{tmp}/emptyprefix.json"], '"download_files_from" is empty'),
+    "s3:// without bucket": (["--prefix", "s3:///models/x"], "names no bucket"),
+    "no bucket": (["--prefix", "models/x"], "no bucket for"),
+    "mountpoint missing": (["{tmp}/no-such-dir", "--prefix", "s3://bkt/x"], "does not exist"),
+    "mountpoint is a file": (["{tmp}/afile", "--prefix", "s3://bkt/x"], "is not a directory"),
+    "unknown flag": (["--prefix", "s3://bkt/x", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    "bad part size": (["--prefix", "s3://bkt/x", "--part-size", "big"], "is not a size"),
+    "bad log level": (["--prefix", "s3://bkt/x", "--log-level", "loud"], "invalid choice"),
+    "nothing to serve": ([], "nothing to serve"),
+}
+
+
+@pytest.fixture
+def cfgdir(tmp_path: Path) -> Path:
+    files = {"notjson.json": "{nope", "array.json": "[]", "empty.json": "{}",
+             "wrongtype.json": '{"download_files_from": 7}',
+             "typo.json": '{"download_file_from": "a/b"}',
+             "emptyprefix.json": '{"download_files_from": ""}'}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "mnt").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_usage_and_config_errors_exit_2(case: str, cfgdir: Path) -> None:
+    args, message = CASES[case]
+    argv = [a.replace("{tmp}", str(cfgdir)) for a in args]
+    if not argv or not argv[0].startswith(str(cfgdir)):
+        argv = [str(cfgdir / "mnt")] + argv
+    res = lazyfs_cli(["mount", *argv])
+    assert res.returncode == 2, (case, res.stderr)
+    assert message in one_line_error(res), case
+
+
+def test_bucket_not_found_exits_1(moto, cfgdir: Path) -> None:
+    res = lazyfs_cli(["mount", str(cfgdir / "mnt"), "--prefix", "s3://no-such-bucket/x",
+                      "--endpoint-url", moto.endpoint])
+    assert res.returncode == 1
+    assert "bucket no-such-bucket does not exist" in one_line_error(res)
+
+
+def test_unreachable_endpoint_exits_1_quickly(cfgdir: Path) -> None:
+    started = time.monotonic()
+    res = lazyfs_cli(["mount", str(cfgdir / "mnt"), "--prefix", "s3://bkt/x",
+                      "--endpoint-url", f"http://127.0.0.1:{free_port()}"], timeout=60)
+    assert res.returncode == 1
+    assert "cannot reach the object store" in one_line_error(res)
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("code", ["AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"])
+def test_access_denied_exits_1(proxy, bucket, cfgdir: Path, code: str) -> None:
+    proxy.add(Fault("status", method="GET", status=403, code=code, times=None))
+    res = lazyfs_cli(["mount", str(cfgdir / "mnt"), "--prefix", f"s3://{bucket}/x",
+                      "--endpoint-url", proxy.endpoint])
+    assert res.returncode == 1
+    line = one_line_error(res)
+    assert "access denied" in line and code in line
+    assert "testing" not in line.replace("testing/", ""), "credentials must never be printed"
+
+
+def test_umount_errors(cfgdir: Path) -> None:
+    res = lazyfs_cli(["umount", str(cfgdir / "mnt")])
+    assert res.returncode == 1 and "is not mounted" in one_line_error(res)
+    res = lazyfs_cli(["umount"])
+    assert res.returncode == 2
+
+
+def test_python_m_lazyfs_and_console_script_agree() -> None:
+    a = lazyfs_cli(["--help"])
+    script = Path(sys.executable).parent / "lazyfs"
+    b = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert a.returncode == b.returncode == 0
+    assert a.stdout == b.stdout and "mount" in a.stdout and "umount" in a.stdout
+    assert lazyfs_cli(["--version"]).stdout.startswith("lazyfs ")

@@ -1,0 +1,136 @@
+"""Unit tests: model.json, prefixes, buckets and sizes parsed once, at the edge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lazyfs.config import (ConfigError, Source, dedupe_sources, load_model_json, mount_config,
+                           normalize_prefix, parse_size, parse_source, remote_config,
+                           resolve_mountpoint)
+
+
+def mj(tmp_path: Path, content: object, raw: bool = False) -> Path:
+    p = tmp_path / "model.json"
+    p.write_text(content if raw else json.dumps(content))  # type: ignore[arg-type]
+    return p
+
+
+def test_model_json_minimal_and_full(tmp_path: Path) -> None:
+    m = load_model_json(mj(tmp_path, {"download_files_from": "download/files/from"}))
+    assert m.download_files_from == "download/files/from" and m.download_files_to is None
+    m = load_model_json(mj(tmp_path, {"download_files_from": "a", "download_files_to": "/x",
+                                      "_comment": "kept out of our way", "model": {"k": 1}}))
+    assert m.download_files_to == "/x"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object, found an array"),
+    ('"text"', "must be a JSON object, found a string"),
+    ("{}", 'missing "download_files_from"'),
+    ('{"download_files_from": 3}', '"download_files_from" must be a string, found a number'),
+    ('{"download_files_from": ["a"]}', "found an array"),
+    ('{"download_files_from": ""}', '"download_files_from" is empty'),
+    ('{"download_files_from": "a", "download_files_to": false}', '"download_files_to" must be a string'),
+    ('{"download_file_from": "a"}', 'unknown key "download_file_from" (did you mean "download_files_from"?)'),
+    ('{"download_files_from": "a", "download_files_too": "/x"}', 'did you mean "download_files_to"'),
+])
+def test_model_json_errors(tmp_path: Path, content: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_model_json(mj(tmp_path, content, raw=True))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_model_json_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_model_json(tmp_path / "nope.json")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_model_json(tmp_path)
+
+
+def test_sources() -> None:
+    assert parse_source("s3://bkt/a/b", None, "x") == Source("bkt", "a/b/")
+    assert parse_source("S3://bkt//a/b//", None, "x") == Source("bkt", "a/b/")
+    assert parse_source("/a/b/", "dflt", "x") == Source("dflt", "a/b/")
+    for bad, msg in [("s3://", "names no bucket"), ("s3:///a", "names no bucket"),
+                     ("a/b", "no bucket"), ("s3://bkt", "folder is empty"), ("s3://bkt/", "folder is empty"),
+                     ("http://x/y", "not an s3:// URI"), ("s3://b!d/x", "not a valid bucket name"),
+                     ("s3://bkt/a/../b", "'..'"), ("s3://bkt/.lazyfs/x", "reserved"),
+                     ("s3://bkt/a//b/./c", "empty path component"), ("s3://bkt/a/./c", "'.' path component")]:
+        with pytest.raises(ConfigError, match=msg.replace(".", r"\.").replace("(", r"\(")):
+            parse_source(bad, None, "x")
+
+
+def test_normalize_prefix() -> None:
+    assert normalize_prefix("download/files/from", "x") == "download/files/from/"
+    with pytest.raises(ConfigError):
+        normalize_prefix("a/" + "n" * 300, "x")
+
+
+def test_dedupe_sources_drops_nested_and_repeats() -> None:
+    got = dedupe_sources([Source("b", "a/"), Source("b", "a/c/"), Source("b", "a/"),
+                          Source("b", "ab/"), Source("o", "a/c/")])
+    assert got == (Source("b", "a/"), Source("b", "ab/"), Source("o", "a/c/"))
+
+
+def test_sizes() -> None:
+    assert parse_size("8MiB", "x") == 8 << 20
+    assert parse_size("512k", "x") == 512 << 10
+    assert parse_size("1.5G", "x") == 3 << 29
+    assert parse_size("4096", "x") == 4096
+    with pytest.raises(ConfigError, match="not a size"):
+        parse_size("lots", "x")
+
+
+def test_mountpoint_resolution(tmp_path: Path) -> None:
+    a = load_model_json(mj(tmp_path, {"download_files_from": "a", "download_files_to": "/srv/x"}))
+    assert str(resolve_mountpoint(None, [a])) == "/srv/x"
+    assert str(resolve_mountpoint(None, [])) == "/var/practicus/cache"
+    assert str(resolve_mountpoint("/m", [a])) == "/m"
+    other = tmp_path / "b.json"
+    other.write_text(json.dumps({"download_files_from": "b", "download_files_to": "/srv/y"}))
+    with pytest.raises(ConfigError, match="different download_files_to"):
+        resolve_mountpoint(None, [a, load_model_json(other)])
+
+
+def test_remote_config_endpoint_precedence_and_path_style() -> None:
+    assert remote_config(None, None, {}).endpoint_url is None
+    assert remote_config(None, None, {}).addressing_style == "auto"
+    env = {"AWS_ENDPOINT_URL": "http://generic:1", "AWS_ENDPOINT_URL_S3": "http://s3only:2"}
+    cfg = remote_config(None, None, env)
+    assert cfg.endpoint_url == "http://s3only:2" and cfg.addressing_style == "path"
+    assert remote_config("https://flag:3", None, env).endpoint_url == "https://flag:3"
+    assert remote_config("https://flag:3", "virtual", env).addressing_style == "virtual"
+    with pytest.raises(ConfigError, match="not an http"):
+        remote_config("ftp://x", None, {})
+
+
+def _mc(tmp_path: Path, **kw: object):
+    args = dict(mountpoint=str(tmp_path), config_files=[], prefixes=["s3://bkt/p"], bucket=None,
+                endpoint_url=None, store=None, prebaked=[], allow_other=False, log_level="info",
+                addressing_style=None, part_size=None, max_connections=None, env={})
+    args.update(kw)
+    return mount_config(**args)  # type: ignore[arg-type]
+
+
+def test_mount_config_checks(tmp_path: Path) -> None:
+    cfg = _mc(tmp_path)
+    assert cfg.store is None and cfg.store_path == tmp_path
+    assert _mc(tmp_path, prefixes=["p"], env={"LAZYFS_BUCKET": "envb"}).sources == (Source("envb", "p/"),)
+    with pytest.raises(ConfigError, match="does not exist"):
+        _mc(tmp_path, mountpoint=str(tmp_path / "missing"))
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        _mc(tmp_path, mountpoint=str(f))
+    with pytest.raises(ConfigError, match="prebaked layer .* does not exist"):
+        _mc(tmp_path, prebaked=[str(tmp_path / "nolayer")])
+    with pytest.raises(ConfigError, match="nothing to serve"):
+        _mc(tmp_path, prefixes=[])
+    with pytest.raises(ConfigError, match="too small"):
+        _mc(tmp_path, part_size="1k")
+    assert _mc(tmp_path, part_size="1MiB").fetch.part_size == 1 << 20

@@ -1,0 +1,84 @@
+"""Unit tests: key-to-path mapping, unsafe-key rejection, tree snapshots, inodes."""
+
+from __future__ import annotations
+
+import pytest
+
+from lazyfs.catalog import diff_trees
+from lazyfs.errors import UnsafeKey
+from lazyfs.inodes import ROOT_INODE, InodeTable
+from lazyfs.namespace import DirNode, RemoteObject, build_tree, key_parts
+
+
+def obj(key: str, size: int = 1, etag: str = "e", bucket: str = "b", mtime: int = 10) -> RemoteObject:
+    return RemoteObject(bucket=bucket, key=key, size=size, etag=etag, mtime_ns=mtime)
+
+
+def test_key_parts_accepts_ordinary_keys() -> None:
+    assert key_parts("download/files/from/llm/model.bin") == ("download", "files", "from", "llm", "model.bin")
+    assert key_parts("a/ünïcödé name (1).bin")[-1] == "ünïcödé name (1).bin"
+    assert key_parts("a/" + "n" * 255)[-1] == "n" * 255
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a//b", "a/./b", "a/../b", "..", "a/b/", "a/" + "n" * 256,
+                                 "a/\x01b", "a/b\x7f", ".lazyfs/x", "a/\udcff", "a/\ud800x"])
+def test_key_parts_rejects_unsafe_keys(key: str) -> None:
+    with pytest.raises(UnsafeKey):
+        key_parts(key)
+
+
+def test_tree_layout_and_sorted_names() -> None:
+    t = build_tree([obj("p/b.txt", 3, mtime=5), obj("p/a/x.bin", 7, mtime=9), obj("p/a/y.bin", 1)],
+                   folders=["p/", "p/empty/"])
+    assert t.objects == 3 and t.total_bytes == 11
+    p = t.find("p")
+    assert isinstance(p, DirNode) and p.names == ("a", "b.txt", "empty") and p.nsubdirs == 2
+    assert t.find("p/a/x.bin") == obj("p/a/x.bin", 7, mtime=9)
+    assert t.find("p/a").mtime_ns == 10  # newest file below
+    assert t.find("p/missing") is None and t.find("p/b.txt/x") is None
+    assert sorted(o.key for o in t.files()) == ["p/a/x.bin", "p/a/y.bin", "p/b.txt"]
+    assert t.find("") is t.root
+
+
+def test_tree_skips_unsafe_conflicting_and_duplicate_keys() -> None:
+    t = build_tree([obj("p/both"), obj("p/both/inner"), obj("p/../esc"), obj("p/x", bucket="one"),
+                    obj("p/x", bucket="two"), obj("p/dir/")])
+    reasons = {s.key: s.reason for s in t.skipped}
+    assert "both a file and a folder" in reasons["p/both"]
+    assert "'..'" in reasons["p/../esc"]
+    assert "s3://one/p/x" in reasons["p/x"]
+    assert isinstance(t.find("p/both"), DirNode)
+    assert isinstance(t.find("p/dir"), DirNode)  # a folder marker object makes a folder
+    assert t.find("p/x").bucket == "one"
+    # the file listed after its folder is skipped just the same
+    t2 = build_tree([obj("q/both/inner"), obj("q/both")])
+    assert isinstance(t2.find("q/both"), DirNode) and len(t2.skipped) == 1
+
+
+def test_diff_trees() -> None:
+    old = build_tree([obj("p/same"), obj("p/changed", etag="1"), obj("p/gone")])
+    new = build_tree([obj("p/same"), obj("p/changed", etag="2"), obj("p/new")])
+    d = diff_trees(old, new)
+    assert [o.key for o in d.added] == ["p/new"]
+    assert [o.key for o in d.removed] == ["p/gone"]
+    assert [(a.etag, b.etag) for a, b in d.changed] == [("1", "2")]
+    assert not diff_trees(new, new)
+
+
+def test_inodes_are_per_version_and_forgotten_at_zero() -> None:
+    table = InodeTable()
+    v1, v2 = obj("p/f", etag="1"), obj("p/f", etag="2")
+    a = table.lookup(v1)
+    assert table.lookup(v1) == a and table.get(a) == v1
+    b = table.lookup(v2)
+    assert b != a, "a new version of a path must get a new inode"
+    d = table.lookup("p")
+    assert table.get(d) == "p" and table.lookup("p") == d
+    table.forget(a, 1)
+    assert table.get(a) == v1
+    table.forget(a, 1)
+    assert table.get(a) is None
+    assert table.lookup(v1) not in (a, b), "numbers are never reused"
+    table.forget(ROOT_INODE, 5)
+    table.forget(12345, 1)  # unknown: ignored, never raises
+    assert table.get(ROOT_INODE) == ""

@@ -1,0 +1,165 @@
+"""Unit tests: the on-disk store under a directory descriptor."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from lazyfs import verify
+from lazyfs.errors import IntegrityError, StoreError
+from lazyfs.namespace import RemoteObject
+from lazyfs.store import IDENTITY_XATTR, Identity, Store
+
+
+def obj(key: str, data: bytes, etag: str | None = None) -> RemoteObject:
+    return RemoteObject("bkt", key, len(data), etag or hashlib.md5(data).hexdigest(), 1_700_000_000 * 10**9)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    (tmp_path / "store").mkdir()
+    s = Store.open(str(tmp_path / "store"))
+    yield s
+    s.close()
+
+
+def download(store: Store, o: RemoteObject, data: bytes, part: int = 4) -> None:
+    p = store.open_partial(o, part)
+    os.pwrite(p.fd, data, 0)
+    store.publish(p)
+    os.close(p.fd)
+
+
+def test_layout_and_private_tmp(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    assert (root / ".lazyfs" / "layout").read_text().strip() == "1"
+    assert stat.S_IMODE((root / ".lazyfs" / "tmp").stat().st_mode) == 0o700
+
+
+def test_publish_records_identity_and_find_current(store: Store, tmp_path: Path) -> None:
+    data = b"hello world"
+    o = obj("a/b/c.txt", data)
+    assert store.find_current(o) is None
+    download(store, o, data)
+    path = tmp_path / "store" / "a/b/c.txt"
+    assert path.read_bytes() == data
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert path.stat().st_mtime_ns == o.mtime_ns
+    ident = Identity.decode(os.getxattr(path, IDENTITY_XATTR))
+    assert ident == Identity.of(o)
+    copy = store.find_current(o)
+    assert copy is not None and copy.state == "cached"
+    os.close(copy.fd)
+    # Same size, other ETag: the record says it is another version.
+    assert store.find_current(obj("a/b/c.txt", b"hello WORLD")) is None
+    assert not list((tmp_path / "store" / ".lazyfs" / "tmp").iterdir())
+
+
+def test_unrecorded_copy_is_judged_by_size(store: Store, tmp_path: Path) -> None:
+    (tmp_path / "store" / "m").mkdir()
+    (tmp_path / "store" / "m" / "w.bin").write_bytes(b"12345")
+    copy = store.find_current(obj("m/w.bin", b"abcde"))
+    assert copy is not None and copy.state == "prebaked"
+    os.close(copy.fd)
+    assert store.find_current(obj("m/w.bin", b"abcdef")) is None
+
+
+def test_prebaked_layers_are_searched_after_the_store(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    layer = tmp_path / "layer"
+    (layer / "m").mkdir(parents=True)
+    (layer / "m" / "x").write_bytes(b"xyz")
+    s = Store.open(str(tmp_path / "s"), [str(layer)])
+    try:
+        copy = s.find_current(obj("m/x", b"abc"))
+        assert copy is not None and copy.state == "prebaked" and copy.layer.label == "prebaked layer"
+        os.close(copy.fd)
+    finally:
+        s.close()
+
+
+def test_symlinks_are_never_followed(store: Store, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "secret").write_bytes(b"secret")
+    (outside / "sub" / "f").write_bytes(b"secret")
+    root = tmp_path / "store"
+    os.symlink(outside / "secret", root / "link")
+    os.symlink(outside / "sub", root / "dirlink")
+    assert store.find_current(obj("link", b"secret")) is None
+    assert store.find_current(obj("dirlink/f", b"secret")) is None
+    # Publishing through a planted folder symlink replaces the symlink, never writes outside.
+    download(store, obj("dirlink/f", b"new!!!"), b"new!!!")
+    assert (outside / "sub" / "f").read_bytes() == b"secret"
+    assert not (root / "dirlink").is_symlink() and (root / "dirlink" / "f").read_bytes() == b"new!!!"
+
+
+def test_partial_resume_only_for_the_same_version(store: Store) -> None:
+    data = b"0123456789"
+    o = obj("r/f", data)
+    p = store.open_partial(o, 4)
+    os.pwrite(p.fd, data[:4], 0)
+    p.done.add(0)
+    p.save_state()
+    os.close(p.fd)
+    again = store.open_partial(o, 4)
+    assert again.done == {0} and os.pread(again.fd, 4, 0) == data[:4]
+    os.close(again.fd)
+    other_chunking = store.open_partial(o, 2)
+    assert other_chunking.done == set()
+    os.close(other_chunking.fd)
+    store.discard(other_chunking)
+
+
+def test_publish_refuses_wrong_size(store: Store) -> None:
+    o = obj("w/f", b"abc")
+    p = store.open_partial(o, 4)
+    os.ftruncate(p.fd, 1)
+    with pytest.raises(StoreError, match="wrong size"):
+        store.publish(p)
+    os.close(p.fd)
+
+
+def test_layout_version_mismatch_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "s" / ".lazyfs").mkdir(parents=True)
+    (tmp_path / "s" / ".lazyfs" / "layout").write_text("99\n")
+    with pytest.raises(StoreError, match="layout version"):
+        Store.open(str(tmp_path / "s"))
+
+
+def test_verify_md5_crc32_sha256_and_multipart(tmp_path: Path) -> None:
+    import base64
+    import zlib
+
+    data = os.urandom(300_000)
+    f = tmp_path / "f"
+    f.write_bytes(data)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        md5 = hashlib.md5(data).hexdigest()
+        verify.check(fd, len(data), verify.Expectation("MD5", md5), "u")
+        crc = base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+        verify.check(fd, len(data), verify.Expectation("CRC32", crc), "u")
+        sha = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        verify.check(fd, len(data), verify.Expectation("SHA256", sha), "u")
+        part = 100_000
+        mp = hashlib.md5(b"".join(hashlib.md5(data[i:i + part]).digest()
+                                  for i in range(0, len(data), part))).hexdigest() + "-3"
+        verify.check(fd, len(data), verify.Expectation("MD5-multipart", mp, part), "u")
+        with pytest.raises(IntegrityError, match="do not match"):
+            verify.check(fd, len(data), verify.Expectation("MD5", "0" * 32), "u")
+    finally:
+        os.close(fd)
+    assert verify.choose("not-an-etag", None, True, lambda: 5) is None
+    md5etag = "d41d8cd98f00b204e9800998ecf8427e"
+    assert verify.choose(md5etag, None, True, lambda: 0).algorithm == "MD5"
+    assert verify.choose(md5etag, None, False, lambda: 0) is None, "SSE-KMS ETags are not MD5s"
+    assert verify.choose(md5etag, ("CRC32", "x", "FULL_OBJECT"), True, lambda: 0).algorithm == "CRC32"
+    assert verify.choose(md5etag, ("SHA256", "x-3", "COMPOSITE"), True, lambda: 0).algorithm == "MD5"
+    mpe = "0123456789abcdef0123456789abcdef-4"
+    assert verify.choose(mpe, None, True, lambda: 8 << 20) == verify.Expectation("MD5-multipart", mpe, 8 << 20)
+    assert verify.choose(mpe, None, True, lambda: 0) is None
