@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--part-size", metavar="SIZE", help="bytes per ranged GET (default 8MiB)")
     m.add_argument("--max-connections", metavar="N", type=int,
                    help="ranged GETs in flight at once (default 16)")
+    m.add_argument("--read-ahead", metavar="SIZE",
+                   help="kernel readahead for the mount (default 1MiB; 0 keeps the kernel's)")
     _add_log_args(m)
     m.set_defaults(func=_cmd_mount)
 
@@ -94,7 +96,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                        bucket=args.bucket, endpoint_url=args.endpoint_url, store=args.store,
                        prebaked=args.prebaked, allow_other=args.allow_other, log_level=args.log_level,
                        addressing_style=args.addressing_style, part_size=args.part_size,
-                       max_connections=args.max_connections, env=os.environ)
+                       max_connections=args.max_connections, env=os.environ,
+                       read_ahead=args.read_ahead)
     return mount.run(cfg)
 
 

@@ -23,6 +23,7 @@ from lazyfs.namespace import key_parts
 DEFAULT_CACHE_DIR = "/var/practicus/cache"
 MODEL_JSON_KEYS = ("download_files_from", "download_files_to")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_READ_AHEAD = 1024 * 1024
 
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
@@ -90,6 +91,8 @@ class MountConfig:
     prebaked: tuple[Path, ...] = ()
     allow_other: bool = False
     log_level: str = "info"
+    # Kernel readahead for the mount (see mount.set_read_ahead); 0 keeps the default.
+    read_ahead: int = DEFAULT_READ_AHEAD
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
@@ -265,7 +268,7 @@ def mount_config(*, mountpoint: str | None, config_files: Sequence[str], prefixe
                  bucket: str | None, endpoint_url: str | None, store: str | None,
                  prebaked: Sequence[str], allow_other: bool, log_level: str,
                  addressing_style: str | None, part_size: str | None, max_connections: int | None,
-                 env: Mapping[str, str]) -> MountConfig:
+                 env: Mapping[str, str], read_ahead: str | None = None) -> MountConfig:
     """The whole mount configuration from flags, model.json files and environment."""
     configs = [load_model_json(p) for p in config_files]
     sources = build_sources(configs, prefixes, bucket or env.get("LAZYFS_BUCKET") or None)
@@ -279,8 +282,9 @@ def mount_config(*, mountpoint: str | None, config_files: Sequence[str], prefixe
         check_directory(layer, "prebaked layer")
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"log level \"{log_level}\" is not one of {', '.join(LOG_LEVELS)}")
+    ra = parse_size(read_ahead, "--read-ahead") if read_ahead is not None else DEFAULT_READ_AHEAD
     return MountConfig(mountpoint=mnt, sources=sources, store=store_path, prebaked=layers,
-                       allow_other=allow_other, log_level=log_level,
+                       allow_other=allow_other, log_level=log_level, read_ahead=ra,
                        remote=remote_config(endpoint_url, addressing_style, env, max_connections),
                        fetch=fetch_config(part_size, max_connections))
 

@@ -41,7 +41,7 @@ from lazyfs.errors import (IntegrityError, LazyfsError, ObjectChanged, RemoteErr
                            RemoteUnavailable, StoreError)
 from lazyfs.namespace import RemoteObject
 from lazyfs.remote import Remote
-from lazyfs.store import LocalCopy, Partial, Store
+from lazyfs.store import FileMap, LocalCopy, Partial, Store
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class Download:
     def _attach(self, partial: Partial) -> None:
         self.partial = partial
         self.fd = partial.fd
+        self.fmap = FileMap(partial.fd, partial.obj.size)
         self.nchunks = partial.chunks
         self.part_size = partial.part_size
         self.state = bytearray(self.nchunks)
@@ -187,6 +188,7 @@ class Download:
     def _maybe_close_fd(self) -> None:
         if self.finished.is_set() and self.threads == 0 and self.readers <= 0 and not self._fd_closed:
             self._fd_closed = True
+            self.fmap.close()
             os.close(self.fd)
 
 
@@ -477,7 +479,9 @@ class Fetcher:
         except OSError as e:
             self._fail(dl, StoreError(f"{dl.obj.uri}: cannot restart download: {e.strerror}", e.errno))
             return
+        old_map = dl.fmap
         dl._attach(partial)
+        old_map.close()
         os.close(old_fd)  # no thread uses it: every chunk had finished
         self.poke()
 

@@ -17,6 +17,7 @@ import stat
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
+import trio
 
 from lazyfs.catalog import Catalog
 from lazyfs.errors import LazyfsError
@@ -86,6 +87,11 @@ class Operations(pyfuse3.Operations):
         self._next_dir = 1
         self.uid = os.getuid()
         self.gid = os.getgid()
+        # Set once the kernel's INIT request has been answered.
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        self.initialized.set()
 
     # -- attributes ------------------------------------------------------------
 

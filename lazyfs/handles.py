@@ -1,10 +1,10 @@
 """Open files and the read path.
 
-A handle reads either a current local copy (a descriptor of its own) or a
-download (the download's descriptor, waiting for the bytes it covers first).
-Reads of bytes already on disk are plain preads on the trio thread: they hit
-the page cache or a local disk, and a thread hop would cost more than the
-read itself (it would cap the warm path well below the disk's speed).
+A handle reads either a current local copy (a mapping of its own) or a
+download (the download's mapping, waiting for the bytes it covers first).
+Bytes already on disk are served on the trio thread from a read-only mmap:
+they come from the page cache (or a local disk), and a thread hop per read
+would cost more than the read itself.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from lazyfs.errors import LazyfsError
 from lazyfs.fetch import Download, Fetcher
 from lazyfs.namespace import RemoteObject
-from lazyfs.store import LocalCopy
+from lazyfs.store import FileMap, LocalCopy
 
 
 class BadHandle(LazyfsError):
@@ -27,6 +27,7 @@ class BadHandle(LazyfsError):
 class OpenFile:
     obj: RemoteObject
     fd: int  # -1 while reading through a download
+    fmap: FileMap | None  # the local copy's bytes (None: read through the download)
     download: Download | None
     # Where the bytes come from: "cached", "prebaked" or "s3" (a download).
     source: str
@@ -57,28 +58,34 @@ class Handles:
     async def open(self, obj: RemoteObject) -> int:
         got = await self.fetcher.acquire(obj)
         if isinstance(got, LocalCopy):
-            of = OpenFile(obj, got.fd, None, got.state)
+            try:
+                fmap = FileMap(got.fd, obj.size)
+            except BaseException:
+                os.close(got.fd)
+                raise
+            of = OpenFile(obj, got.fd, fmap, None, got.state)
             self.served.hits += 1
         else:
             got.add_reader()
-            of = OpenFile(obj, -1, got, "s3")
+            of = OpenFile(obj, -1, None, got, "s3")
             self.served.misses += 1
         fh = self._next
         self._next += 1
         self._open[fh] = of
         return fh
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> memoryview:
         of = self._open.get(fh)
         if of is None:
             raise BadHandle(f"read on unknown file handle {fh}")
-        dl = of.download
-        if dl is None:
-            data = os.pread(of.fd, size, off)
+        if of.fmap is not None:
+            data = of.fmap.read(off, size)
         else:
+            dl = of.download
+            assert dl is not None
             if not dl.complete:
                 await dl.wait_range(off, off + size)
-            data = os.pread(dl.fd, size, off)
+            data = dl.fmap.read(off, size)
         self.served.by_source[of.source] += len(data)
         return data
 
@@ -89,6 +96,8 @@ class Handles:
         if of.download is not None:
             of.download.drop_reader()
         else:
+            assert of.fmap is not None
+            of.fmap.close()
             os.close(of.fd)
 
     def close_all(self) -> None:

