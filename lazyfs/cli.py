@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--part-size", metavar="SIZE", help="bytes per ranged GET (default 8MiB)")
     m.add_argument("--max-connections", metavar="N", type=int,
                    help="ranged GETs in flight at once (default 16)")
+    m.add_argument("--prefetch", action="store_true",
+                   help="as soon as the mount is up, fetch every file in the background at the full "
+                   "parallel rate; files someone is reading go first")
+    m.add_argument("--prefetch-glob", metavar="PATTERN", action="append", default=[],
+                   help="prefetch only files matching this glob (a name like '*.safetensors', or a "
+                   "path below the folder like 'llm/*'); repeatable, implies --prefetch")
     m.add_argument("--read-ahead", metavar="SIZE",
                    help="kernel readahead for the mount (default 1MiB; 0 keeps the kernel's)")
     _add_log_args(m)
@@ -97,7 +103,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                        prebaked=args.prebaked, allow_other=args.allow_other, log_level=args.log_level,
                        addressing_style=args.addressing_style, part_size=args.part_size,
                        max_connections=args.max_connections, env=os.environ,
-                       read_ahead=args.read_ahead)
+                       read_ahead=args.read_ahead, prefetch=args.prefetch,
+                       prefetch_globs=args.prefetch_glob)
     return mount.run(cfg)
 
 

@@ -93,6 +93,8 @@ class MountConfig:
     log_level: str = "info"
     # Kernel readahead for the mount (see mount.set_read_ahead); 0 keeps the default.
     read_ahead: int = DEFAULT_READ_AHEAD
+    # None: no warm-up; () every file; else glob patterns (see prefetch.matcher).
+    prefetch: tuple[str, ...] | None = None
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
@@ -268,7 +270,8 @@ def mount_config(*, mountpoint: str | None, config_files: Sequence[str], prefixe
                  bucket: str | None, endpoint_url: str | None, store: str | None,
                  prebaked: Sequence[str], allow_other: bool, log_level: str,
                  addressing_style: str | None, part_size: str | None, max_connections: int | None,
-                 env: Mapping[str, str], read_ahead: str | None = None) -> MountConfig:
+                 env: Mapping[str, str], read_ahead: str | None = None,
+                 prefetch: bool = False, prefetch_globs: Sequence[str] = ()) -> MountConfig:
     """The whole mount configuration from flags, model.json files and environment."""
     configs = [load_model_json(p) for p in config_files]
     sources = build_sources(configs, prefixes, bucket or env.get("LAZYFS_BUCKET") or None)
@@ -285,8 +288,19 @@ def mount_config(*, mountpoint: str | None, config_files: Sequence[str], prefixe
     ra = parse_size(read_ahead, "--read-ahead") if read_ahead is not None else DEFAULT_READ_AHEAD
     return MountConfig(mountpoint=mnt, sources=sources, store=store_path, prebaked=layers,
                        allow_other=allow_other, log_level=log_level, read_ahead=ra,
+                       prefetch=prefetch_patterns(prefetch, prefetch_globs),
                        remote=remote_config(endpoint_url, addressing_style, env, max_connections),
                        fetch=fetch_config(part_size, max_connections))
+
+
+def prefetch_patterns(everything: bool, globs: Sequence[str]) -> tuple[str, ...] | None:
+    """None: no warm-up; (): every file; else the glob patterns to warm up."""
+    patterns = tuple(g.strip() for g in globs)
+    if any(not p for p in patterns):
+        raise ConfigError("--prefetch-glob pattern is empty")
+    if patterns:
+        return patterns
+    return () if everything else None
 
 
 def remote_config(endpoint_url: str | None, addressing_style: str | None, env: Mapping[str, str],

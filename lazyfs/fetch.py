@@ -405,26 +405,32 @@ class Fetcher:
             dl._wake()
 
     def _maybe_save_state(self, dl: Download) -> None:
-        now = time.monotonic()
-        if dl._saving or now - dl._state_saved_at < _STATE_EVERY_S:
+        """Record finished chunks for a resume, at most once per _STATE_EVERY_S
+        (a save that comes too soon is deferred, not dropped)."""
+        if dl._saving:
             return
         dl._saving = True
-        dl._state_saved_at = now
         self._spawn(self._save_state, dl)
 
     async def _save_state(self, dl: Download) -> None:
+        dl.threads += 1  # pins the descriptor
         try:
+            wait = dl._state_saved_at + _STATE_EVERY_S - time.monotonic()
+            if wait > 0:
+                await trio.sleep(wait)
+            snapshot = frozenset(dl.partial.done)
             if not dl.finished.is_set():
-                dl.threads += 1
-                try:
-                    await trio.to_thread.run_sync(dl.partial.save_state, limiter=self._threads)
-                finally:
-                    dl.threads -= 1
-                    dl._maybe_close_fd()
+                dl._state_saved_at = time.monotonic()
+                await trio.to_thread.run_sync(dl.partial.save_state, snapshot, limiter=self._threads)
         except OSError as e:
             log.warning("%s: could not record download progress: %s", dl.obj.uri, e.strerror)
+            snapshot = frozenset(dl.partial.done)  # do not retry in a loop
         finally:
             dl._saving = False
+            dl.threads -= 1
+            dl._maybe_close_fd()
+        if not dl.finished.is_set() and dl.partial.done != snapshot:
+            self._maybe_save_state(dl)  # chunks finished while this save ran
 
     # -- completion ---------------------------------------------------------------------
 
@@ -521,7 +527,8 @@ class Fetcher:
             if discard:
                 await trio.to_thread.run_sync(self.store.discard, dl.partial, limiter=self._threads)
             else:
-                await trio.to_thread.run_sync(dl.partial.save_state, limiter=self._threads)
+                await trio.to_thread.run_sync(dl.partial.save_state, frozenset(dl.partial.done),
+                                              limiter=self._threads)
         except OSError as e:
             log.warning("%s: cleaning up after a failed download: %s", dl.obj.uri, e.strerror)
         finally:

@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 import pyfuse3
 import trio
 
-from lazyfs.catalog import Catalog
+from lazyfs.catalog import Catalog, Diff
 from lazyfs.errors import LazyfsError
 from lazyfs.handles import Handles
 from lazyfs.inodes import InodeRef, InodeTable
@@ -129,6 +129,23 @@ class Operations(pyfuse3.Operations):
         if not isinstance(node, DirNode):
             raise pyfuse3.FUSEError(errno.ENOENT)  # removed by a refresh
         return node
+
+    def invalidate(self, diff: Diff) -> int:
+        """Tell the kernel to forget names a refresh changed, so it looks them up
+        again (a changed file then gets its new version's inode).  Names whose
+        folder the kernel never looked up have nothing cached and are skipped."""
+        names: set[tuple[str, str]] = set()
+        for obj in diff.added + diff.removed + tuple(old for old, _ in diff.changed):
+            parts = obj.key.split("/")
+            for i in range(len(parts)):
+                names.add(("/".join(parts[:i]), parts[i]))
+        sent = 0
+        for parent, name in sorted(names):
+            ino = self.inodes.peek(parent)
+            if ino is not None:
+                pyfuse3.invalidate_entry_async(ino, os.fsencode(name), ignore_enoent=True)
+                sent += 1
+        return sent
 
     @staticmethod
     def _ref(node: DirNode | RemoteObject) -> InodeRef:

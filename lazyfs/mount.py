@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import signal
 import subprocess
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from lazyfs import prefetch
 from lazyfs.catalog import Catalog
 from lazyfs.config import MountConfig
 from lazyfs.errors import LazyfsError, RemoteError, RemoteUnavailable, StoreError
@@ -173,8 +175,21 @@ def mount_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
+def raise_fd_limit() -> None:
+    """Each open file and each download holds a descriptor; the default soft
+    limit (1024) is too low for many concurrent readers and downloads."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.debug("could not raise the descriptor limit: %s", e)
+
+
 def run(cfg: MountConfig) -> int:
     """Mount and serve until stopped.  Returns the exit code."""
+    raise_fd_limit()
     check_mountpoint(cfg.mountpoint)
     store = open_store(cfg)
     try:
@@ -194,6 +209,10 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote) -> int:
     handles = Handles(fetcher)
     ops = Operations(catalog, handles, store)
     stopping = trio.Event()
+    refresher = Refresher(catalog, ops)
+    # An object replaced in S3 during its download: list again, so the next
+    # open sees (and fetches) the new version.
+    fetcher.on_changed = lambda obj: refresher.request()
     async with AsyncExitStack() as stack:
         signals = stack.enter_context(trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         try:
@@ -204,8 +223,9 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote) -> int:
         stack.callback(_close_session)
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.run)
-            nursery.start_soon(_first_listing, catalog)
-            nursery.start_soon(_watch_signals, signals, catalog, fetcher, stopping)
+            nursery.start_soon(_first_listing, catalog, cfg, fetcher)
+            nursery.start_soon(refresher.run)
+            nursery.start_soon(_watch_signals, signals, refresher, fetcher, stopping)
             nursery.start_soon(_tune_after_init, ops, cfg)
             _announce(cfg)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
@@ -242,23 +262,63 @@ async def _tune_after_init(ops: Operations, cfg: MountConfig) -> None:
     set_read_ahead(cfg.mountpoint, cfg.read_ahead)
 
 
-async def _first_listing(catalog: Catalog) -> None:
+async def _first_listing(catalog: Catalog, cfg: MountConfig, fetcher: Fetcher) -> None:
     try:
         await catalog.refresh()
         log.info("listed %d objects (%.2f s)", catalog.last.objects, catalog.last.seconds)
     except RemoteError as e:
         log.error("listing failed: %s", e)
+        return
+    if cfg.prefetch is not None:
+        await _prefetch(catalog, cfg, fetcher)
 
 
-async def _watch_signals(signals: trio.abc.ReceiveChannel[int] | object, catalog: Catalog,
+async def _prefetch(catalog: Catalog, cfg: MountConfig, fetcher: Fetcher) -> None:
+    match = prefetch.matcher(cfg.prefetch or (), cfg.sources)
+    objects = [o for o in catalog.tree.files() if match(o)]
+    log.info("prefetch: %d files, %.2f GiB", len(objects), sum(o.size for o in objects) / 2**30)
+    warmer = prefetch.Prefetcher(fetcher)
+    result = await warmer.run(objects)
+    log.info("prefetch done: %s", prefetch.summary(result))
+
+
+class Refresher:
+    """Lists again on request (SIGHUP, a changed object), one listing at a
+    time, and tells the kernel what changed."""
+
+    def __init__(self, catalog: Catalog, ops: Operations) -> None:
+        self.catalog = catalog
+        self.ops = ops
+        self._wanted = trio.Event()
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    async def run(self) -> None:
+        await self.catalog.listed.wait()
+        while True:
+            await self._wanted.wait()
+            self._wanted = trio.Event()
+            await self.refresh_once()
+
+    async def refresh_once(self) -> None:
+        try:
+            diff = await self.catalog.refresh()
+        except RemoteError as e:
+            log.error("listing failed: %s", e)
+            return
+        if diff:
+            n = self.ops.invalidate(diff)
+            log.info("listing changed: %d added, %d removed, %d changed (%d kernel entries invalidated)",
+                     len(diff.added), len(diff.removed), len(diff.changed), n)
+
+
+async def _watch_signals(signals: trio.abc.ReceiveChannel[int] | object, refresher: Refresher,
                          fetcher: Fetcher, stopping: trio.Event) -> None:
     async for sig in signals:  # type: ignore[attr-defined]
         if sig == signal.SIGHUP:
             log.info("SIGHUP: refreshing the listing")
-            try:
-                await catalog.refresh()
-            except RemoteError as e:
-                log.error("listing failed: %s", e)
+            refresher.request()
             continue
         log.info("%s: unmounting", signal.Signals(sig).name)
         stopping.set()

@@ -219,12 +219,13 @@ class Partial:
     def chunks(self) -> int:
         return max(1, -(-self.obj.size // self.part_size))
 
-    def save_state(self) -> None:
-        """Make the recorded chunks durable, then record them (in that order, so a
-        chunk is never recorded before its bytes would survive a power loss)."""
+    def save_state(self, done: Iterable[int]) -> None:
+        """Make the chunks in `done` durable, then record them (in that order, so
+        a chunk is never recorded before its bytes would survive a power loss).
+        `done` is a snapshot: the caller's set may change while this runs."""
         os.fdatasync(self.fd)
         state = {"v": 1, "bucket": self.obj.bucket, "key": self.obj.key, "etag": self.obj.etag,
-                 "size": self.obj.size, "part_size": self.part_size, "done": sorted(self.done)}
+                 "size": self.obj.size, "part_size": self.part_size, "done": sorted(done)}
         self.store._write_small(self.name + ".json", json.dumps(state).encode())
 
 

@@ -104,7 +104,7 @@ def test_partial_resume_only_for_the_same_version(store: Store) -> None:
     p = store.open_partial(o, 4)
     os.pwrite(p.fd, data[:4], 0)
     p.done.add(0)
-    p.save_state()
+    p.save_state(p.done)
     os.close(p.fd)
     again = store.open_partial(o, 4)
     assert again.done == {0} and os.pread(again.fd, 4, 0) == data[:4]

@@ -50,6 +50,12 @@ class Request:
     body_bytes: int = 0
     fault: str = ""
 
+    def range_start(self) -> int:
+        """The first byte a ranged GET asks for (0 without a Range)."""
+        if self.range.startswith("bytes="):
+            return int(self.range[6:].split("-", 1)[0] or 0)
+        return 0
+
     @property
     def kind(self) -> str:
         """GET, HEAD, PUT...; a GET on a bucket (no key) is a LIST."""
@@ -65,6 +71,7 @@ class Fault:
     key: str | None = None  # None: any key
     times: int | None = 1  # None: every matching request
     skip: int = 0  # let this many matching requests through first
+    min_offset: int | None = None  # only ranged GETs starting at or after this byte
     status: int = 503
     code: str = "SlowDown"
     after: int = 0  # body bytes sent before the fault hits (short: bytes left out)
@@ -79,6 +86,8 @@ class Fault:
         if req.kind == "LIST" and self.key is not None:
             return False
         if self.key is not None and self.key != req.key:
+            return False
+        if self.min_offset is not None and req.range_start() < self.min_offset:
             return False
         if self.times is not None and self.hits >= self.times:
             return False
@@ -168,7 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.state.lock:
             self.state.requests.append(req)
         if fault is not None and fault.kind == "replace":
-            self._upstream("PUT", split.path, base64.b64decode(fault.body_b64), {})
+            self._replace(req.bucket, req.key, base64.b64decode(fault.body_b64))
         if fault is not None and fault.kind == "delay":
             time.sleep(fault.seconds)
         if fault is not None and fault.kind == "status":
@@ -183,6 +192,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self._send_body(req, data, fault)
+
+    def _replace(self, bucket: str, key: str, data: bytes) -> None:
+        """Overwrite the object upstream (a signed PUT: the server checks)."""
+        from lazyfs.testing.s3server import s3_client
+
+        s3_client(f"http://{self.state.host}:{self.state.port}").put_object(Bucket=bucket, Key=key, Body=data)
 
     def _upstream(self, method: str, path: str, body: bytes | None,
                   headers: dict[str, str]) -> tuple[int, list[tuple[str, str]], bytes]:

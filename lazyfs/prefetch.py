@@ -1,0 +1,105 @@
+"""Warm-up: fetch every file (or the files matching patterns) in the background,
+at the full parallel rate, while opens are served from the bytes arriving.
+
+Downloads started here are "background" for the engine's scheduler, so a file
+someone is reading always goes first.  At most `concurrent_files` downloads
+are started at once: each holds a descriptor and a mapping, and ten thousand
+small files must not exhaust either.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import trio
+
+from lazyfs.config import Source
+from lazyfs.errors import LazyfsError
+from lazyfs.fetch import Download, Fetcher
+from lazyfs.namespace import RemoteObject
+from lazyfs.store import LocalCopy
+
+log = logging.getLogger(__name__)
+
+
+def matcher(patterns: Sequence[str], sources: Sequence[Source]) -> Callable[[RemoteObject], bool]:
+    """A predicate for objects: patterns with a '/' match the path below the
+    configured folder, patterns without one match the file name anywhere."""
+
+    def relative(obj: RemoteObject) -> str:
+        for s in sources:
+            if s.bucket == obj.bucket and obj.key.startswith(s.prefix):
+                return obj.key[len(s.prefix):]
+        return obj.key
+
+    def match(obj: RemoteObject) -> bool:
+        if not patterns:
+            return True
+        rel = relative(obj)
+        return any(fnmatch.fnmatchcase(rel if "/" in p else obj.name, p) for p in patterns)
+
+    return match
+
+
+@dataclass
+class Progress:
+    files: int = 0
+    bytes: int = 0
+    done_files: int = 0
+    done_bytes: int = 0
+    local_files: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+
+class Prefetcher:
+    def __init__(self, fetcher: Fetcher, concurrent_files: int = 32) -> None:
+        self.fetcher = fetcher
+        self.concurrent_files = concurrent_files
+        self.progress = Progress()
+
+    async def run(self, objects: Iterable[RemoteObject]) -> Progress:
+        """Fetch `objects` that have no current local copy; return when all are done."""
+        todo = sorted(objects, key=lambda o: o.key)
+        p = self.progress = Progress(files=len(todo), bytes=sum(o.size for o in todo))
+        slots = trio.Semaphore(self.concurrent_files)
+        async with trio.open_nursery() as nursery:
+            for obj in todo:
+                await slots.acquire()
+                nursery.start_soon(self._one, obj, slots)
+        return p
+
+    async def _one(self, obj: RemoteObject, slots: trio.Semaphore) -> None:
+        p = self.progress
+        try:
+            got = await self.fetcher.acquire(obj, background=True)
+            if isinstance(got, LocalCopy):
+                os.close(got.fd)
+                p.local_files += 1
+            else:
+                await self._wait(got)
+            p.done_files += 1
+            p.done_bytes += obj.size
+        except LazyfsError as e:
+            p.failed.append((obj.uri, str(e)))
+        finally:
+            slots.release()
+
+    @staticmethod
+    async def _wait(dl: Download) -> None:
+        await dl.finished.wait()
+        if dl.error is not None:
+            raise dl.error if isinstance(dl.error, LazyfsError) else LazyfsError(str(dl.error))
+
+
+def summary(p: Progress) -> str:
+    secs = max(time.monotonic() - p.started, 1e-6)
+    fetched = p.done_bytes
+    return (f"{p.done_files} of {p.files} files ({fetched / 2**30:.2f} of {p.bytes / 2**30:.2f} GiB) "
+            f"in {secs:.1f} s ({fetched / secs / 1e6:.0f} MB/s), {p.local_files} already local, "
+            f"{len(p.failed)} failed")
