@@ -16,7 +16,7 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from lazyfs import __version__
-from lazyfs.config import DEFAULT_CACHE_DIR, LOG_LEVELS, mount_config
+from lazyfs.config import DEFAULT_CACHE_DIR, LOG_LEVELS, bake_config, mount_config, status_config
 from lazyfs.errors import ConfigError, LazyfsError, UsageError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -56,10 +56,40 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prefetch-glob", metavar="PATTERN", action="append", default=[],
                    help="prefetch only files matching this glob (a name like '*.safetensors', or a "
                    "path below the folder like 'llm/*'); repeatable, implies --prefetch")
+    m.add_argument("--refresh", metavar="SECONDS", type=float,
+                   help="list the folders again this often to pick up new versions "
+                   "(default 60; 0: only on SIGHUP)")
     m.add_argument("--read-ahead", metavar="SIZE",
                    help="kernel readahead for the mount (default 1MiB; 0 keeps the kernel's)")
     _add_log_args(m)
     m.set_defaults(func=_cmd_mount)
+
+    b = sub.add_parser("bake", help="download every file into a folder, for a production image",
+                       description="Fetch every object under the configured folders into DIR, laid "
+                       "out as the mount shows it, skipping files already current.  Exits 1 if "
+                       "anything failed.")
+    _add_source_args(b)
+    b.add_argument("--to", metavar="DIR", help="target folder (default: the config's "
+                   f"download_files_to, else {DEFAULT_CACHE_DIR})")
+    b.add_argument("--part-size", metavar="SIZE", help="bytes per ranged GET (default 8MiB)")
+    b.add_argument("--max-connections", metavar="N", type=int,
+                   help="ranged GETs in flight at once (default 16)")
+    _add_log_args(b)
+    b.set_defaults(func=_cmd_bake)
+
+    st = sub.add_parser("status", help="which files are on disk and current (readiness probe)",
+                        description="Per file: remote size and local state (current, prebaked, stale, "
+                        "partial, missing), and totals.  Works on a store folder or a running mount.")
+    _add_source_args(st)
+    st.add_argument("--store", metavar="DIR", help="the store folder (default: the config's "
+                    f"download_files_to, else {DEFAULT_CACHE_DIR}; a running mount there is asked directly)")
+    st.add_argument("--prebaked", metavar="DIR", action="append", default=[],
+                    help="read-only layers searched after the store (repeatable)")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--require-all", action="store_true",
+                    help="exit 1 unless every file is current or prebaked")
+    _add_log_args(st)
+    st.set_defaults(func=_cmd_status)
 
     u = sub.add_parser("umount", help="unmount a lazyfs mount",
                        description="Unmount a lazyfs mount (the daemon then exits 0).")
@@ -104,12 +134,32 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                        addressing_style=args.addressing_style, part_size=args.part_size,
                        max_connections=args.max_connections, env=os.environ,
                        read_ahead=args.read_ahead, prefetch=args.prefetch,
-                       prefetch_globs=args.prefetch_glob)
+                       prefetch_globs=args.prefetch_glob, refresh=args.refresh)
     return mount.run(cfg)
 
 
+def _cmd_bake(args: argparse.Namespace) -> int:
+    from lazyfs import bake
+
+    cfg = bake_config(target=args.to, config_files=args.config, prefixes=args.prefix,
+                      bucket=args.bucket, endpoint_url=args.endpoint_url,
+                      addressing_style=args.addressing_style, part_size=args.part_size,
+                      max_connections=args.max_connections, log_level=args.log_level, env=os.environ)
+    return bake.run(cfg)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from lazyfs import status
+
+    cfg = status_config(store=args.store, config_files=args.config, prefixes=args.prefix,
+                        bucket=args.bucket, endpoint_url=args.endpoint_url,
+                        addressing_style=args.addressing_style, prebaked=args.prebaked,
+                        as_json=args.json, require_all=args.require_all, env=os.environ)
+    return status.run(cfg)
+
+
 def _cmd_umount(args: argparse.Namespace) -> int:
-    from lazyfs.mount import MountError, find_mount, unmount
+    from lazyfs.mounttab import MountError, find_mount, unmount
 
     path = os.path.abspath(args.mountpoint)
     entry = find_mount(path)

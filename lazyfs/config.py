@@ -24,6 +24,7 @@ DEFAULT_CACHE_DIR = "/var/practicus/cache"
 MODEL_JSON_KEYS = ("download_files_from", "download_files_to")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_READ_AHEAD = 1024 * 1024
+DEFAULT_REFRESH_S = 60.0
 
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
@@ -95,12 +96,34 @@ class MountConfig:
     read_ahead: int = DEFAULT_READ_AHEAD
     # None: no warm-up; () every file; else glob patterns (see prefetch.matcher).
     prefetch: tuple[str, ...] | None = None
+    # Seconds between listings: new versions of a model appear within this
+    # long, at the cost of one LIST per 1000 objects each time.  0: never.
+    refresh: float = DEFAULT_REFRESH_S
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
     @property
     def store_path(self) -> Path:
         return self.store if self.store is not None else self.mountpoint
+
+
+@dataclass(frozen=True, slots=True)
+class BakeConfig:
+    sources: tuple[Source, ...]
+    target: Path
+    log_level: str = "info"
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusConfig:
+    sources: tuple[Source, ...]
+    store: Path
+    prebaked: tuple[Path, ...] = ()
+    as_json: bool = False
+    require_all: bool = False
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +294,8 @@ def mount_config(*, mountpoint: str | None, config_files: Sequence[str], prefixe
                  prebaked: Sequence[str], allow_other: bool, log_level: str,
                  addressing_style: str | None, part_size: str | None, max_connections: int | None,
                  env: Mapping[str, str], read_ahead: str | None = None,
-                 prefetch: bool = False, prefetch_globs: Sequence[str] = ()) -> MountConfig:
+                 prefetch: bool = False, prefetch_globs: Sequence[str] = (),
+                 refresh: float | None = None) -> MountConfig:
     """The whole mount configuration from flags, model.json files and environment."""
     configs = [load_model_json(p) for p in config_files]
     sources = build_sources(configs, prefixes, bucket or env.get("LAZYFS_BUCKET") or None)
@@ -289,8 +313,17 @@ def mount_config(*, mountpoint: str | None, config_files: Sequence[str], prefixe
     return MountConfig(mountpoint=mnt, sources=sources, store=store_path, prebaked=layers,
                        allow_other=allow_other, log_level=log_level, read_ahead=ra,
                        prefetch=prefetch_patterns(prefetch, prefetch_globs),
+                       refresh=check_refresh(refresh),
                        remote=remote_config(endpoint_url, addressing_style, env, max_connections),
                        fetch=fetch_config(part_size, max_connections))
+
+
+def check_refresh(value: float | None) -> float:
+    if value is None:
+        return DEFAULT_REFRESH_S
+    if value < 0 or value != value:
+        raise ConfigError(f"--refresh {value} must be 0 (never) or a number of seconds")
+    return float(value)
 
 
 def prefetch_patterns(everything: bool, globs: Sequence[str]) -> tuple[str, ...] | None:
@@ -325,3 +358,33 @@ def fetch_config(part_size: str | None, max_connections: int | None) -> FetchCon
         raise ConfigError(f"--max-connections {conns} must be between 1 and 256")
     return FetchConfig(part_size=size, max_connections=conns, chunk_attempts=cfg.chunk_attempts,
                        read_deadline=cfg.read_deadline)
+
+
+def bake_config(*, target: str | None, config_files: Sequence[str], prefixes: Sequence[str],
+                bucket: str | None, endpoint_url: str | None, addressing_style: str | None,
+                part_size: str | None, max_connections: int | None, log_level: str,
+                env: Mapping[str, str]) -> BakeConfig:
+    configs = [load_model_json(p) for p in config_files]
+    sources = build_sources(configs, prefixes, bucket or env.get("LAZYFS_BUCKET") or None)
+    to = resolve_mountpoint(target, configs)
+    if to.exists():
+        check_directory(to, "--to folder")
+    return BakeConfig(sources=sources, target=to, log_level=log_level,
+                      remote=remote_config(endpoint_url, addressing_style, env, max_connections),
+                      fetch=fetch_config(part_size, max_connections))
+
+
+def status_config(*, store: str | None, config_files: Sequence[str], prefixes: Sequence[str],
+                  bucket: str | None, endpoint_url: str | None, addressing_style: str | None,
+                  prebaked: Sequence[str], as_json: bool, require_all: bool,
+                  env: Mapping[str, str]) -> StatusConfig:
+    configs = [load_model_json(p) for p in config_files]
+    sources = build_sources(configs, prefixes, bucket or env.get("LAZYFS_BUCKET") or None)
+    path = Path(os.path.abspath(store)) if store else resolve_mountpoint(None, configs)
+    check_directory(path, "store")
+    layers = tuple(Path(os.path.abspath(p)) for p in prebaked)
+    for layer in layers:
+        check_directory(layer, "prebaked layer")
+    return StatusConfig(sources=sources, store=path, prebaked=layers,
+                        as_json=as_json, require_all=require_all,
+                        remote=remote_config(endpoint_url, addressing_style, env))

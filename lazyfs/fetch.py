@@ -197,11 +197,15 @@ LocalOrDownload = Union[LocalCopy, Download]
 
 class Fetcher:
     def __init__(self, remote: Remote, store: Store, cfg: FetchConfig,
-                 on_changed: Callable[[RemoteObject], None] | None = None) -> None:
+                 on_changed: Callable[[RemoteObject], None] | None = None, origin: str = "fetch") -> None:
         self.remote = remote
         self.store = store
         self.cfg = cfg
+        self.origin = origin  # recorded with each published file (see store.Identity)
         self.on_changed = on_changed
+        # True while the object store is known to be unreachable (offline
+        # start): a file with no local copy then fails at once.
+        self.offline: Callable[[], bool] = lambda: False
         self._downloads: dict[tuple[str, str, str, int], Download] = {}
         self._locks: dict[tuple[str, str, str, int], list] = {}
         self._slots = trio.Semaphore(cfg.max_connections)
@@ -246,6 +250,16 @@ class Fetcher:
     def poke(self) -> None:
         self._work.set()
 
+    async def state_of(self, obj: RemoteObject) -> tuple[str, int]:
+        """(state, bytes on disk) for operators: "downloading", or the store's
+        view ("cached", "prebaked", "partial", "stale", "missing").  Never
+        fetches anything."""
+        dl = self.active(obj)
+        if dl is not None:
+            return "downloading", dl.fetched_bytes
+        st = await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._threads)
+        return st.state, st.bytes
+
     # -- entry point ----------------------------------------------------------------
 
     async def acquire(self, obj: RemoteObject, background: bool = False) -> LocalOrDownload:
@@ -265,6 +279,9 @@ class Fetcher:
                     return copy
                 if self._closing:
                     raise RemoteUnavailable(f"{obj.uri}: lazyfs is shutting down")
+                if self.offline():
+                    raise RemoteUnavailable(f"{obj.uri} is not in the local cache and the object "
+                                            "store is unreachable", bucket=obj.bucket, key=obj.key)
                 return await self._start(obj, background)
         finally:
             entry[1] -= 1
@@ -467,7 +484,7 @@ class Fetcher:
             else:
                 log.debug("%s: nothing to verify against beyond the size", dl.obj.uri)
         try:
-            self.store.publish(dl.partial)
+            self.store.publish(dl.partial, self.origin)
         except OSError as e:
             raise StoreError(f"{dl.obj.uri}: cannot publish into the store: {e.strerror}", e.errno) from None
 

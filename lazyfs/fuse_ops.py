@@ -43,6 +43,13 @@ NEGATIVE_TIMEOUT = 5.0
 BLKSIZE = 1024 * 1024
 
 
+# Read-only attributes on every file (`getfattr -d` shows them); reading one
+# never starts a download.
+XATTRS = (b"user.lazyfs.state", b"user.lazyfs.source", b"user.lazyfs.etag", b"user.lazyfs.fetched_bytes")
+# The store's words for a file's state, as operators see them on the mount.
+XATTR_STATE = {"missing": "remote", "partial": "remote"}
+
+
 def _translated(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(self: "Operations", *args: Any) -> Any:
@@ -260,11 +267,22 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         return True
 
+    @_translated
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        ref = self.inodes.get(inode)
+        if not isinstance(ref, RemoteObject) or name not in XATTRS:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if name == b"user.lazyfs.source":
+            return ref.uri.encode()
+        if name == b"user.lazyfs.etag":
+            return ref.etag.encode()
+        state, fetched = await self.handles.fetcher.state_of(ref)
+        if name == b"user.lazyfs.fetched_bytes":
+            return str(fetched).encode()
+        return XATTR_STATE.get(state, state).encode()
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        return []
+        return list(XATTRS) if isinstance(self.inodes.get(inode), RemoteObject) else []
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         raise pyfuse3.FUSEError(errno.EINVAL)

@@ -11,27 +11,25 @@
 
 from __future__ import annotations
 
-import errno
 import logging
+import math
 import os
 import resource
 import signal
-import subprocess
-import threading
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
-from pathlib import Path
 
 import pyfuse3
 import trio
 
 from lazyfs import prefetch
-from lazyfs.catalog import Catalog
+from lazyfs.catalog import Catalog, Diff, Refresher, offline_objects
 from lazyfs.config import MountConfig
-from lazyfs.errors import LazyfsError, RemoteError, RemoteUnavailable, StoreError
+from lazyfs.errors import RemoteError, RemoteUnavailable, StoreError
 from lazyfs.fetch import Fetcher
 from lazyfs.fuse_ops import Operations
 from lazyfs.handles import Handles
+from lazyfs.mounttab import MountError, check_mountpoint, set_read_ahead
+from lazyfs.namespace import RemoteObject
 from lazyfs.remote import Remote
 from lazyfs.store import Layer, Store
 
@@ -42,92 +40,6 @@ log = logging.getLogger(__name__)
 MAX_FUSE_TASKS = 512
 # After SIGTERM, requests still in flight get this long to finish.
 SHUTDOWN_GRACE_S = 5.0
-
-
-class MountError(LazyfsError):
-    """The mount could not be set up (exit code 1)."""
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    mountpoint: str
-    fstype: str
-    source: str
-    device: str  # "major:minor"
-
-
-def find_mount(path: str | Path) -> MountEntry | None:
-    """The mount whose mountpoint is exactly `path`, from /proc/self/mountinfo."""
-    target = os.path.abspath(path)
-    found = None
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                mnt = _unescape(fields[4])
-                if mnt == target:
-                    # The last entry for a path is the one on top.
-                    found = MountEntry(mnt, fields[sep + 1], _unescape(fields[sep + 2]), fields[2])
-    except OSError:
-        return None
-    return found
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
-def unmount(path: str | Path, lazy: bool = False) -> None:
-    """Unmount a FUSE mount with fusermount3 (falling back to umount as root)."""
-    args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(path)]
-    try:
-        res = subprocess.run(args, capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        res = subprocess.run(["umount"] + (["-l"] if lazy else []) + [str(path)],
-                             capture_output=True, text=True, timeout=30)
-    if res.returncode != 0:
-        msg = (res.stderr or res.stdout).strip().splitlines()
-        raise MountError(msg[-1] if msg else f"unmounting {path} failed")
-
-
-def _probe_mount(path: Path, timeout: float = 5.0) -> int | None:
-    """statvfs the mount from a helper thread (a hung daemon must not hang us).
-    Returns 0 when it answers, the errno when it fails, None on timeout."""
-    result: list[int] = []
-
-    def probe() -> None:
-        try:
-            os.statvfs(path)  # never answered from the kernel's attribute cache
-            result.append(0)
-        except OSError as e:
-            result.append(e.errno or errno.EIO)
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    return result[0] if result else None
-
-
-def check_mountpoint(path: Path) -> None:
-    """Refuse a live mount; clean up a dead one (ENOTCONN) left by a crash."""
-    entry = find_mount(path)
-    if entry is None or not entry.fstype.startswith("fuse"):
-        return
-    state = _probe_mount(path)
-    if state == errno.ENOTCONN:
-        log.warning("%s is a stale mount left by a process that died; unmounting it", path)
-        try:
-            unmount(path, lazy=True)
-        except MountError as e:
-            raise MountError(f"{path} is a stale mount and could not be cleaned up ({e}); "
-                             f"run: fusermount3 -uz {path}") from None
-        return
-    if state is None:
-        raise MountError(f"{path} is mounted ({entry.fstype}) but not responding; "
-                         f"run: fusermount3 -uz {path}")
-    raise MountError(f"{path} is already mounted ({entry.fstype} from {entry.source}); "
-                     f"unmount it first: lazyfs umount {path}")
 
 
 def open_store(cfg: MountConfig) -> Store:
@@ -142,25 +54,6 @@ def open_store(cfg: MountConfig) -> Store:
         return Store.open(root.path, [str(p) for p in cfg.prebaked], root_fd=root.fd)
     except OSError as e:
         raise StoreError(f"cannot use store {cfg.store_path}: {e.strerror}", e.errno) from None
-
-
-def set_read_ahead(mountpoint: Path, nbytes: int) -> None:
-    """Raise the mount's kernel readahead (128 KiB by default for FUSE).
-
-    With 1 MiB, sequential reads and mmap faults arrive as 1 MiB requests (the
-    most one FUSE request carries) instead of 128-256 KiB ones: four to eight
-    times fewer round trips through Python for the same bytes, measured about
-    1.5x faster on a warm first read.  Needs root; silently skipped otherwise."""
-    if nbytes <= 0:
-        return
-    entry = find_mount(mountpoint)
-    if entry is None:
-        return
-    try:
-        with open(f"/sys/class/bdi/{entry.device}/read_ahead_kb", "w") as f:
-            f.write(str(max(4, nbytes // 1024)))
-    except OSError as e:
-        log.debug("could not set readahead of %s: %s", mountpoint, e)
 
 
 def probe(remote: Remote, cfg: MountConfig) -> None:
@@ -194,22 +87,41 @@ def run(cfg: MountConfig) -> int:
     store = open_store(cfg)
     try:
         remote = Remote(cfg.remote)
+        offline: list[RemoteObject] | None = None
         try:
             probe(remote, cfg)
+        except RemoteUnavailable as e:
+            offline = offline_start(store, cfg, e)
         except RemoteError as e:
             raise MountError(str(e)) from None
-        return trio.run(_serve, cfg, store, remote)
+        return trio.run(_serve, cfg, store, remote, offline)
     finally:
         store.close()
 
 
-async def _serve(cfg: MountConfig, store: Store, remote: Remote) -> int:
-    catalog = Catalog(remote, cfg.sources)
+def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[RemoteObject]:
+    """The object store is unreachable: serve what the store knows, or fail."""
+    objects = offline_objects(store, cfg.sources)
+    if not objects:
+        raise MountError(f"{error}, and the store {cfg.store_path} has nothing to serve for "
+                         f"{', '.join(s.uri for s in cfg.sources)}") from None
+    log.warning("%s: starting offline with the %d files the store knows; uncached files fail "
+                "with EIO until the object store is reachable again", error, len(objects))
+    return objects
+
+
+async def _serve(cfg: MountConfig, store: Store, remote: Remote,
+                 offline: list[RemoteObject] | None) -> int:
+    catalog = Catalog(remote, cfg.sources, store)
     fetcher = Fetcher(remote, store, cfg.fetch)
+    fetcher.offline = lambda: catalog.offline
+    if offline is not None:
+        catalog.start_offline(offline, "object store unreachable at start")
     handles = Handles(fetcher)
     ops = Operations(catalog, handles, store)
     stopping = trio.Event()
-    refresher = Refresher(catalog, ops)
+    warmer = Warmer(catalog, cfg, fetcher)
+    refresher = Refresher(catalog, cfg.refresh, [ops.invalidate, warmer.on_change])
     # An object replaced in S3 during its download: list again, so the next
     # open sees (and fetches) the new version.
     fetcher.on_changed = lambda obj: refresher.request()
@@ -223,11 +135,11 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote) -> int:
         stack.callback(_close_session)
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.run)
-            nursery.start_soon(_first_listing, catalog, cfg, fetcher)
             nursery.start_soon(refresher.run)
+            nursery.start_soon(warmer.run)
             nursery.start_soon(_watch_signals, signals, refresher, fetcher, stopping)
             nursery.start_soon(_tune_after_init, ops, cfg)
-            _announce(cfg)
+            _announce(cfg, catalog)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
             # The main loop ended: SIGTERM/SIGINT, or someone unmounted us.
             if not stopping.is_set():
@@ -249,9 +161,10 @@ def _close_session() -> None:
         pyfuse3.close(unmount=True)
 
 
-def _announce(cfg: MountConfig) -> None:
+def _announce(cfg: MountConfig, catalog: Catalog) -> None:
     sources = ", ".join(s.uri for s in cfg.sources)
-    print(f"lazyfs: ready: {sources} mounted at {cfg.mountpoint} (store {cfg.store_path})", flush=True)
+    mode = " OFFLINE" if catalog.offline else ""
+    print(f"lazyfs: ready{mode}: {sources} mounted at {cfg.mountpoint} (store {cfg.store_path})", flush=True)
 
 
 async def _tune_after_init(ops: Operations, cfg: MountConfig) -> None:
@@ -262,55 +175,39 @@ async def _tune_after_init(ops: Operations, cfg: MountConfig) -> None:
     set_read_ahead(cfg.mountpoint, cfg.read_ahead)
 
 
-async def _first_listing(catalog: Catalog, cfg: MountConfig, fetcher: Fetcher) -> None:
-    try:
-        await catalog.refresh()
-        log.info("listed %d objects (%.2f s)", catalog.last.objects, catalog.last.seconds)
-    except RemoteError as e:
-        log.error("listing failed: %s", e)
-        return
-    if cfg.prefetch is not None:
-        await _prefetch(catalog, cfg, fetcher)
+class Warmer:
+    """--prefetch: everything matching after the first listing, then what a
+    refresh adds or changes."""
 
-
-async def _prefetch(catalog: Catalog, cfg: MountConfig, fetcher: Fetcher) -> None:
-    match = prefetch.matcher(cfg.prefetch or (), cfg.sources)
-    objects = [o for o in catalog.tree.files() if match(o)]
-    log.info("prefetch: %d files, %.2f GiB", len(objects), sum(o.size for o in objects) / 2**30)
-    warmer = prefetch.Prefetcher(fetcher)
-    result = await warmer.run(objects)
-    log.info("prefetch done: %s", prefetch.summary(result))
-
-
-class Refresher:
-    """Lists again on request (SIGHUP, a changed object), one listing at a
-    time, and tells the kernel what changed."""
-
-    def __init__(self, catalog: Catalog, ops: Operations) -> None:
+    def __init__(self, catalog: Catalog, cfg: MountConfig, fetcher: Fetcher) -> None:
         self.catalog = catalog
-        self.ops = ops
-        self._wanted = trio.Event()
+        self.enabled = cfg.prefetch is not None
+        self.match = prefetch.matcher(cfg.prefetch or (), cfg.sources)
+        self.prefetcher = prefetch.Prefetcher(fetcher)
+        self._send, self._receive = trio.open_memory_channel[list[RemoteObject]](math.inf)
 
-    def request(self) -> None:
-        self._wanted.set()
+    def on_change(self, diff: Diff) -> None:
+        if self.enabled:
+            self._send.send_nowait([o for o in diff.added + tuple(new for _, new in diff.changed)
+                                    if self.match(o)])
 
     async def run(self) -> None:
-        await self.catalog.listed.wait()
-        while True:
-            await self._wanted.wait()
-            self._wanted = trio.Event()
-            await self.refresh_once()
-
-    async def refresh_once(self) -> None:
-        try:
-            diff = await self.catalog.refresh()
-        except RemoteError as e:
-            log.error("listing failed: %s", e)
+        if not self.enabled:
             return
-        if diff:
-            n = self.ops.invalidate(diff)
-            log.info("listing changed: %d added, %d removed, %d changed (%d kernel entries invalidated)",
-                     len(diff.added), len(diff.removed), len(diff.changed), n)
+        tree = await self.catalog.current()
+        while self.catalog.offline and not self.catalog.last.ok:
+            await trio.sleep(1)  # nothing can be fetched yet
+            tree = self.catalog.tree
+        await self._warm([o for o in tree.files() if self.match(o)])
+        async for objects in self._receive:
+            await self._warm(objects)
+
+    async def _warm(self, objects: list[RemoteObject]) -> None:
+        if not objects:
+            return
+        log.info("prefetch: %d files, %.2f GiB", len(objects), sum(o.size for o in objects) / 2**30)
+        result = await self.prefetcher.run(objects)
+        log.info("prefetch done: %s", prefetch.summary(result))
 
 
 async def _watch_signals(signals: trio.abc.ReceiveChannel[int] | object, refresher: Refresher,

@@ -31,7 +31,7 @@ import os
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from lazyfs.errors import StoreError
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
@@ -55,14 +55,18 @@ class Identity:
     etag: str
     size: int
     mtime_ns: int
+    # "fetch": downloaded by a mount (the cache budget may evict it);
+    # "bake": put there by `lazyfs bake` for a production image (never evicted);
+    # "verify": an admin's copy whose content was checked (--verify etag).
+    origin: str = "fetch"
 
     @classmethod
-    def of(cls, obj: RemoteObject) -> "Identity":
-        return cls(obj.bucket, obj.key, obj.etag, obj.size, obj.mtime_ns)
+    def of(cls, obj: RemoteObject, origin: str = "fetch") -> "Identity":
+        return cls(obj.bucket, obj.key, obj.etag, obj.size, obj.mtime_ns, origin)
 
     def encode(self) -> bytes:
         return json.dumps({"v": 1, "bucket": self.bucket, "key": self.key, "etag": self.etag,
-                           "size": self.size, "mtime_ns": self.mtime_ns},
+                           "size": self.size, "mtime_ns": self.mtime_ns, "origin": self.origin},
                           separators=(",", ":")).encode()
 
     @classmethod
@@ -72,9 +76,12 @@ class Identity:
             if d.get("v") != 1:
                 return None
             return cls(str(d["bucket"]), str(d["key"]), str(d["etag"]), int(d["size"]),
-                       int(d["mtime_ns"]))
+                       int(d["mtime_ns"]), str(d.get("origin", "fetch")))
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
+
+    def as_object(self) -> RemoteObject:
+        return RemoteObject(self.bucket, self.key, self.size, self.etag, self.mtime_ns)
 
     def matches(self, obj: RemoteObject) -> bool:
         # (ETag, size) identifies the bytes; the key may differ (same file
@@ -191,6 +198,13 @@ class FileMap:
             self._mm = None
 
 
+@dataclass(frozen=True, slots=True)
+class LocalState:
+    state: str  # cached | prebaked | partial | stale | missing
+    layer: str  # which layer holds it ("store", "prebaked layer"), or ""
+    bytes: int  # bytes of this version on disk
+
+
 @dataclass(slots=True)
 class LocalCopy:
     """An open, current local copy of an object."""
@@ -296,6 +310,30 @@ class Store:
             os.close(fd)
         return None
 
+    def local_state(self, obj: RemoteObject) -> "LocalState":
+        """What is on disk for `obj`, without fetching anything: "cached" or
+        "prebaked" (a current copy, see find_current), "partial" (an
+        interrupted download of this version), "stale" (only another version),
+        or "missing"."""
+        stale = None
+        for layer in self.layers():
+            fd = layer.open_file(obj.key)
+            if fd is None:
+                continue
+            try:
+                state = self._judge(fd, obj)
+                if state is not None:
+                    return LocalState(state, layer.label, obj.size)
+                stale = stale or layer.label
+            finally:
+                os.close(fd)
+        chunks, nbytes = self._resumable_chunks(self.partial_name(obj), obj, None)
+        if chunks:
+            return LocalState("partial", "store", nbytes)
+        if stale:
+            return LocalState("stale", stale, 0)
+        return LocalState("missing", "", 0)
+
     def _judge(self, fd: int, obj: RemoteObject) -> str | None:
         if os.fstat(fd).st_size != obj.size:
             return None
@@ -325,7 +363,7 @@ class Store:
         """The in-progress download of `obj`: resumed when an earlier run left one
         for this exact version and chunk size, otherwise started afresh."""
         name = self.partial_name(obj)
-        done = self._resumable_chunks(name, obj, part_size)
+        done, _ = self._resumable_chunks(name, obj, part_size)
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             if done:
@@ -353,26 +391,30 @@ class Store:
         # world-writable temp file would let anyone change what gets published.
         return os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=self._tmp_fd)
 
-    def _resumable_chunks(self, name: str, obj: RemoteObject, part_size: int) -> set[int]:
+    def _resumable_chunks(self, name: str, obj: RemoteObject, part_size: int | None) -> tuple[set[int], int]:
+        """Chunks an earlier run recorded for exactly this version (and this
+        part size, unless None), and how many bytes they hold."""
         try:
             fd = os.open(name + ".json", _FILE_FLAGS, dir_fd=self._tmp_fd)
             with os.fdopen(fd, "rb") as f:
                 state = json.loads(f.read(1 << 24))
+            size = int(state.get("part_size") or 0)
             if (state.get("v"), state.get("bucket"), state.get("key"), state.get("etag"),
-                    state.get("size"), state.get("part_size")) != \
-                    (1, obj.bucket, obj.key, obj.etag, obj.size, part_size):
-                return set()
-            nchunks = max(1, -(-obj.size // part_size))
-            return {int(i) for i in state.get("done", ()) if 0 <= int(i) < nchunks}
+                    state.get("size")) != (1, obj.bucket, obj.key, obj.etag, obj.size) or size <= 0 \
+                    or (part_size is not None and size != part_size):
+                return set(), 0
+            nchunks = max(1, -(-obj.size // size))
+            done = {int(i) for i in state.get("done", ()) if 0 <= int(i) < nchunks}
+            return done, sum(min(size, obj.size - i * size) for i in done)
         except (OSError, ValueError, TypeError, AttributeError):
-            return set()
+            return set(), 0
 
     def discard(self, partial: Partial) -> None:
         """Remove a download's files (its descriptor stays with the caller)."""
         self._remove(partial.name + ".part")
         self._remove(partial.name + ".json")
 
-    def publish(self, partial: Partial) -> None:
+    def publish(self, partial: Partial, origin: str = "fetch") -> None:
         """Make a complete, verified download the current copy at its key path:
         fsync, date it with the object's Last-Modified, record its identity,
         then rename it into place (and fsync the folder, so the rename sticks)."""
@@ -382,7 +424,7 @@ class Store:
         os.fsync(fd)
         os.utime(fd, ns=(obj.mtime_ns, obj.mtime_ns))
         os.fchmod(fd, 0o444)
-        self._record(fd, Identity.of(obj))
+        self._record(fd, Identity.of(obj, origin))
         *dirs, name = obj.key.split("/")
         dfd = self.root.open_dir(dirs, create=True)
         try:
@@ -422,10 +464,90 @@ class Store:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=dfd)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
     def fsinfo(self) -> os.statvfs_result:
         return os.statvfs(self.root.fd)
+
+    # -- what the store knows without the object store -----------------------------
+
+    @staticmethod
+    def _listing_name(bucket: str, prefix: str) -> str:
+        return hashlib.sha256(f"{bucket}\0{prefix}".encode()).hexdigest()[:32] + ".json"
+
+    def save_listing(self, bucket: str, prefix: str, objects: Iterable[RemoteObject]) -> None:
+        """Keep the last complete listing of a folder, so a restart with the
+        object store unreachable still knows what exists (offline start)."""
+        rows = [[o.key, o.size, o.etag, o.mtime_ns] for o in objects]
+        doc = {"v": 1, "bucket": bucket, "prefix": prefix, "objects": rows}
+        dfd = self.root.open_dir([RESERVED_NAME, "listings"], create=True)
+        try:
+            self._write_small(self._listing_name(bucket, prefix), json.dumps(doc).encode(), dir_fd=dfd)
+        finally:
+            os.close(dfd)
+
+    def load_listing(self, bucket: str, prefix: str) -> list[RemoteObject] | None:
+        try:
+            dfd = self.root.open_dir([RESERVED_NAME, "listings"])
+        except OSError:
+            return None
+        try:
+            fd = os.open(self._listing_name(bucket, prefix), _FILE_FLAGS, dir_fd=dfd)
+            with os.fdopen(fd, "rb") as f:
+                doc = json.load(f)
+            if doc.get("v") != 1 or doc.get("bucket") != bucket or doc.get("prefix") != prefix:
+                return None
+            return [RemoteObject(bucket, str(k), int(size), str(etag), int(mtime))
+                    for k, size, etag, mtime in doc["objects"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        finally:
+            os.close(dfd)
+
+    def walk_local(self, bucket: str, prefix: str) -> Iterator[tuple[RemoteObject, str]]:
+        """Regular files under `prefix` in the store and the prebaked layers, as
+        objects (their recorded identity, or just size and mtime) with the
+        layer's label.  Symlinks are not followed.  For offline start only: it
+        costs a directory walk."""
+        seen: set[str] = set()
+        parts = [p for p in prefix.strip("/").split("/") if p]
+        for layer in self.layers():
+            try:
+                top = layer.open_dir(parts)
+            except OSError:
+                continue
+            try:
+                for dirpath, _dirs, files, dfd in os.fwalk(".", dir_fd=top):
+                    rel = os.path.normpath(dirpath)
+                    if rel.split("/", 1)[0] == RESERVED_NAME:
+                        continue
+                    for name in files:
+                        key = "/".join(parts + ([] if rel == "." else [rel]) + [name])
+                        obj = self._local_object(dfd, name, key, bucket)
+                        if obj is not None and key not in seen:
+                            seen.add(key)
+                            yield obj, layer.label
+            finally:
+                os.close(top)
+
+    def _local_object(self, dfd: int, name: str, key: str, bucket: str) -> RemoteObject | None:
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            ident = self.read_identity(fd)
+            if ident is not None and ident.size == st.st_size:
+                return RemoteObject(ident.bucket, key, ident.size, ident.etag, ident.mtime_ns)
+            return RemoteObject(bucket, key, st.st_size, "", st.st_mtime_ns)
+        finally:
+            os.close(fd)

@@ -1,0 +1,108 @@
+"""`lazyfs bake`: fetch every configured object into a folder, laid out exactly
+as the mount shows it, for a production image.  Files already current are
+skipped, so a second run downloads nothing; identity records (origin "bake":
+never evicted) and the listing (for offline starts) are written too.
+
+Reuses the catalog, the download engine and the prefetcher; never imports
+pyfuse3.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+import trio
+
+from lazyfs import prefetch
+from lazyfs.catalog import Catalog
+from lazyfs.config import BakeConfig
+from lazyfs.fetch import Fetcher
+from lazyfs.mounttab import MountError, find_mount
+from lazyfs.remote import Remote
+from lazyfs.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BakeResult:
+    files: int
+    downloaded: int
+    skipped: int
+    failed: int
+    bytes_downloaded: int
+    seconds: float
+
+
+def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
+    entry = find_mount(cfg.target)
+    if entry is not None and entry.fstype.startswith("fuse"):
+        raise MountError(f"{cfg.target} is a mount ({entry.fstype}): bake into a plain folder "
+                         "(unmount it first, or choose another --to)")
+    cfg.target.mkdir(parents=True, exist_ok=True)
+    store = Store.open(str(cfg.target))
+    try:
+        remote = Remote(cfg.remote)
+        result = trio.run(_bake, cfg, store, remote, out)
+    finally:
+        store.close()
+    print(f"lazyfs bake: {result.files} files: {result.downloaded} downloaded "
+          f"({result.bytes_downloaded / 2**20:.1f} MiB), {result.skipped} already current, "
+          f"{result.failed} failed, in {result.seconds:.1f} s -> {cfg.target}", file=out, flush=True)
+    return 0 if result.failed == 0 else 1
+
+
+async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO) -> BakeResult:
+    catalog = Catalog(remote, cfg.sources, store)
+    await catalog.refresh()  # a failure here is a runtime error (exit 1)
+    objects = list(catalog.tree.files())
+    fetcher = Fetcher(remote, store, cfg.fetch, origin="bake")
+    warmer = prefetch.Prefetcher(fetcher, concurrent_files=max(8, cfg.fetch.max_connections))
+    started = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.run)
+        nursery.start_soon(_report, warmer, fetcher, out)
+        progress = await warmer.run(objects)
+        nursery.cancel_scope.cancel()
+    for uri, why in progress.failed:
+        print(f"lazyfs bake: failed: {uri}: {why}", file=out)
+    return BakeResult(files=len(objects), downloaded=progress.done_files - progress.local_files,
+                      skipped=progress.local_files, failed=len(progress.failed),
+                      bytes_downloaded=fetcher.bytes_from_s3, seconds=time.monotonic() - started)
+
+
+async def _report(warmer: prefetch.Prefetcher, fetcher: Fetcher, out: TextIO) -> None:
+    """A progress bar with bytes, rate and ETA on a terminal; a plain line
+    every few seconds otherwise (build logs, CI)."""
+    await trio.sleep(0)  # let the prefetcher set its totals
+    p = warmer.progress
+    if out.isatty():
+        from tqdm import tqdm
+
+        with tqdm(total=p.bytes, unit="B", unit_scale=True, unit_divisor=1024, file=out,
+                  desc="baking", dynamic_ncols=True) as bar:
+            shown = 0
+            while True:
+                now = _bytes_done(warmer, fetcher)
+                bar.update(now - shown)
+                shown = now
+                bar.set_postfix_str(f"{p.done_files}/{p.files} files")
+                await trio.sleep(0.2)
+    started = time.monotonic()
+    while True:
+        await trio.sleep(5)
+        done = _bytes_done(warmer, fetcher)
+        secs = time.monotonic() - started
+        rate = done / secs if secs else 0.0
+        eta = (p.bytes - done) / rate if rate else float("inf")
+        print(f"lazyfs bake: {p.done_files}/{p.files} files, {done / 2**20:.0f}/{p.bytes / 2**20:.0f} MiB, "
+              f"{rate / 1e6:.0f} MB/s, ETA {eta:.0f} s", file=out, flush=True)
+
+
+def _bytes_done(warmer: prefetch.Prefetcher, fetcher: Fetcher) -> int:
+    """Bytes of finished files plus bytes on disk of the downloads running."""
+    return warmer.progress.done_bytes + sum(dl.fetched_bytes for dl in fetcher.downloads())

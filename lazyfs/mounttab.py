@@ -1,0 +1,122 @@
+"""The kernel's mount table: find a mount, probe whether its daemon is alive,
+unmount, tune its readahead.  No pyfuse3 here: `umount`, `status` and
+`doctor` use it too."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazyfs.errors import LazyfsError
+
+log = logging.getLogger(__name__)
+
+
+class MountError(LazyfsError):
+    """The mount could not be set up (exit code 1)."""
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+    device: str  # "major:minor"
+
+
+def find_mount(path: str | Path) -> MountEntry | None:
+    """The mount whose mountpoint is exactly `path`, from /proc/self/mountinfo."""
+    target = os.path.abspath(path)
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                mnt = _unescape(fields[4])
+                if mnt == target:
+                    # The last entry for a path is the one on top.
+                    found = MountEntry(mnt, fields[sep + 1], _unescape(fields[sep + 2]), fields[2])
+    except OSError:
+        return None
+    return found
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def unmount(path: str | Path, lazy: bool = False) -> None:
+    """Unmount a FUSE mount with fusermount3 (falling back to umount as root)."""
+    args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(path)]
+    try:
+        res = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        res = subprocess.run(["umount"] + (["-l"] if lazy else []) + [str(path)],
+                             capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        msg = (res.stderr or res.stdout).strip().splitlines()
+        raise MountError(msg[-1] if msg else f"unmounting {path} failed")
+
+
+def _probe_mount(path: Path, timeout: float = 5.0) -> int | None:
+    """statvfs the mount from a helper thread (a hung daemon must not hang us).
+    Returns 0 when it answers, the errno when it fails, None on timeout."""
+    result: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(path)  # never answered from the kernel's attribute cache
+            result.append(0)
+        except OSError as e:
+            result.append(e.errno or errno.EIO)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else None
+
+
+def check_mountpoint(path: Path) -> None:
+    """Refuse a live mount; clean up a dead one (ENOTCONN) left by a crash."""
+    entry = find_mount(path)
+    if entry is None or not entry.fstype.startswith("fuse"):
+        return
+    state = _probe_mount(path)
+    if state == errno.ENOTCONN:
+        log.warning("%s is a stale mount left by a process that died; unmounting it", path)
+        try:
+            unmount(path, lazy=True)
+        except MountError as e:
+            raise MountError(f"{path} is a stale mount and could not be cleaned up ({e}); "
+                             f"run: fusermount3 -uz {path}") from None
+        return
+    if state is None:
+        raise MountError(f"{path} is mounted ({entry.fstype}) but not responding; "
+                         f"run: fusermount3 -uz {path}")
+    raise MountError(f"{path} is already mounted ({entry.fstype} from {entry.source}); "
+                     f"unmount it first: lazyfs umount {path}")
+
+
+def set_read_ahead(mountpoint: Path, nbytes: int) -> None:
+    """Raise the mount's kernel readahead (128 KiB by default for FUSE).
+
+    With 1 MiB, sequential reads and mmap faults arrive as 1 MiB requests (the
+    most one FUSE request carries) instead of 128-256 KiB ones: four to eight
+    times fewer round trips through Python for the same bytes, measured about
+    1.5x faster on a warm first read.  Needs root; silently skipped otherwise."""
+    if nbytes <= 0:
+        return
+    entry = find_mount(mountpoint)
+    if entry is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{entry.device}/read_ahead_kb", "w") as f:
+            f.write(str(max(4, nbytes // 1024)))
+    except OSError as e:
+        log.debug("could not set readahead of %s: %s", mountpoint, e)

@@ -1,0 +1,219 @@
+"""End to end (issue 4): identity beyond size, refreshes while mounted, open
+handles keeping their version, offline start, bake, status."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from lazyfs.testing.proxy import Fault
+from lazyfs.testing.s3server import free_port
+
+from conftest import FS, lazyfs_cli, wait_until
+
+pytestmark = pytest.mark.fuse
+
+P = "models/m"
+
+
+def put(s3, bucket: str, key: str, data: bytes) -> None:
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def refresh(m) -> None:
+    """SIGHUP, then wait until the refresh has been applied."""
+    before = m.log().count("listing changed")
+    m.process.send(signal.SIGHUP)
+    wait_until(lambda: m.log().count("listing changed") > before, what="the refresh")
+
+
+def test_same_size_new_version_is_detected_by_etag(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    key = f"{P}/w.bin"
+    v1, v2 = os.urandom(50_000), os.urandom(50_000)
+    put(s3, bucket, key, v1)
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.read(m.file(key)) == v1
+    put(s3, bucket, key, v2)  # same size, new ETag
+    refresh(m)
+    assert fs.read(m.file(key)) == v2
+    assert proxy.count("GET", key) == 2
+    m.stop()
+    wait_until(lambda: (store / key).read_bytes() == v2, what="v2 in the store")
+    # Across a restart too: the store's copy records v2; S3 now has v3, same size.
+    v3 = os.urandom(50_000)
+    put(s3, bucket, key, v3)
+    m2 = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.read(m2.file(key)) == v3
+
+
+def test_refresh_adds_and_removes_objects(mount, s3, bucket, fs: FS):
+    put(s3, bucket, f"{P}/keep.txt", b"keep")
+    put(s3, bucket, f"{P}/gone.txt", b"gone")
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0")
+    assert fs.listdir(m.path / P) == ["gone.txt", "keep.txt"]
+    with pytest.raises(OSError):
+        fs.stat(m.file(f"{P}/new/added.txt"))  # a negative entry the kernel may cache
+    s3.delete_object(Bucket=bucket, Key=f"{P}/gone.txt")
+    put(s3, bucket, f"{P}/new/added.txt", b"added")
+    refresh(m)
+    assert fs.listdir(m.path / P) == ["keep.txt", "new"]
+    assert fs.read(m.file(f"{P}/new/added.txt")) == b"added"
+    with pytest.raises(OSError) as info:
+        fs.stat(m.file(f"{P}/gone.txt"))
+    assert info.value.errno == errno.ENOENT
+
+
+def test_the_refresh_timer_picks_up_changes(mount, s3, bucket, fs: FS):
+    put(s3, bucket, f"{P}/a.txt", b"a")
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "1")
+    assert fs.listdir(m.path / P) == ["a.txt"]
+    put(s3, bucket, f"{P}/b.txt", b"b")
+    wait_until(lambda: fs.listdir(m.path / P) == ["a.txt", "b.txt"], what="the timed refresh")
+
+
+def test_an_open_handle_keeps_reading_its_version(mount, s3, bucket, fs: FS):
+    key = f"{P}/w.bin"
+    v1, v2 = os.urandom(300_000), os.urandom(200_000)
+    put(s3, bucket, key, v1)
+    m = mount("--prefix", f"s3://{bucket}/{P}")
+    f = fs.run(open, m.file(key), "rb")
+    try:
+        assert fs.run(f.read, 1000) == v1[:1000]
+        put(s3, bucket, key, v2)
+        refresh(m)
+        assert fs.read(m.file(key)) == v2, "a new open sees the new version"
+        assert fs.run(f.read) == v1[1000:], "the open handle keeps reading the version it opened"
+    finally:
+        f.close()
+
+
+def test_offline_start_serves_what_the_store_knows(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    cached, uncached, baked = f"{P}/cached.bin", f"{P}/uncached.bin", f"{P}/baked.bin"
+    for k in (cached, uncached, baked):
+        put(s3, bucket, k, k.encode() * 100)
+    store = tmp_path / "store"
+    (store / P).mkdir(parents=True)
+    (store / baked).write_bytes(baked.encode() * 100)  # an admin's copy, no identity record
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.read(m.file(cached)) == cached.encode() * 100
+    wait_until(lambda: (store / cached).exists(), what="publication")
+    m.stop()
+    # The object store is down: every request fails (after botocore's retries).
+    proxy.add(Fault("status", method=None, status=503, code="ServiceUnavailable", times=None))
+    m2 = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "1", store=store)
+    assert "ready OFFLINE" in m2.process.stdout_lines[0]
+    assert fs.listdir(m2.path / P) == ["baked.bin", "cached.bin", "uncached.bin"]
+    assert fs.read(m2.file(cached)) == cached.encode() * 100
+    assert fs.read(m2.file(baked)) == baked.encode() * 100
+    with pytest.raises(OSError) as info:
+        fs.read(m2.file(uncached), timeout=5)  # fails at once, no hang
+    assert info.value.errno == errno.EIO
+    proxy.clear_faults()  # the object store is back: the next refresh restores everything
+    wait_until(lambda: "object store reachable again" in m2.log(), timeout=30, what="going online")
+    assert fs.read(m2.file(uncached)) == uncached.encode() * 100
+
+
+def test_offline_with_nothing_local_fails_at_start(tmp_path: Path):
+    (tmp_path / "mnt").mkdir()
+    res = lazyfs_cli(["mount", str(tmp_path / "mnt"), "--prefix", "s3://bkt/m",
+                      "--endpoint-url", f"http://127.0.0.1:{free_port()}"])
+    assert res.returncode == 1 and "nothing to serve" in res.stderr and "Traceback" not in res.stderr
+
+
+def bake(proxy, bucket: str, to: Path, *extra: str):
+    return lazyfs_cli(["bake", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint,
+                       "--to", str(to), *extra], timeout=120)
+
+
+def test_bake_twice_then_one_changed_object(proxy, s3, bucket, tmp_path: Path):
+    files = {f"{P}/{n}": os.urandom(70_000 + i) for i, n in enumerate(["a.bin", "b.bin", "sub/c.bin"])}
+    for k, v in files.items():
+        put(s3, bucket, k, v)
+    to = tmp_path / "image-cache"
+    first = bake(proxy, bucket, to)
+    assert first.returncode == 0, first.stderr
+    assert "3 files: 3 downloaded" in first.stdout
+    for k, v in files.items():
+        assert (to / k).read_bytes() == v
+        assert json.loads(os.getxattr(to / k, "user.lazyfs.identity"))["origin"] == "bake"
+    gets = proxy.count("GET")
+    second = bake(proxy, bucket, to)
+    assert second.returncode == 0 and "0 downloaded (0.0 MiB), 3 already current" in second.stdout
+    assert proxy.count("GET") == gets, "the second bake downloaded something"
+    new = os.urandom(70_001)  # same size as b.bin, new content
+    put(s3, bucket, f"{P}/b.bin", new)
+    third = bake(proxy, bucket, to)
+    assert "1 downloaded" in third.stdout and "2 already current" in third.stdout
+    assert (to / P / "b.bin").read_bytes() == new
+    assert {r["key"] for r in proxy.requests("GET")[gets:]} == {f"{P}/b.bin"}
+
+
+def test_bake_reports_failures_and_exits_1(proxy, s3, bucket, tmp_path: Path):
+    put(s3, bucket, f"{P}/ok.bin", b"ok")
+    put(s3, bucket, f"{P}/bad.bin", b"bad")
+    proxy.add(Fault("status", key=f"{P}/bad.bin", status=403, code="AccessDenied", times=None))
+    res = bake(proxy, bucket, tmp_path / "out")
+    assert res.returncode == 1
+    assert "1 downloaded" in res.stdout and "1 failed" in res.stdout and "bad.bin" in res.stdout
+
+
+def status(proxy, bucket: str, store: Path, *extra: str):
+    return lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint,
+                       "--store", str(store), *extra])
+
+
+def test_status_states_and_require_all(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    names = ["current.bin", "prebaked.bin", "stale.bin", "partial.bin", "missing.bin"]
+    for n in names:
+        put(s3, bucket, f"{P}/{n}", os.urandom(4 * 65536))
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", store=store)
+    fs.read(m.file(f"{P}/current.bin"))
+    fs.read(m.file(f"{P}/stale.bin"))
+    proxy.add(Fault("stall", key=f"{P}/partial.bin", min_offset=65536, seconds=30, times=None))
+    fd = fs.run(os.open, str(m.file(f"{P}/partial.bin")), os.O_RDONLY)
+    assert len(fs.run(os.pread, fd, 100, 0)) == 100
+    wait_until(lambda: (store / f"{P}/current.bin").exists() and (store / f"{P}/stale.bin").exists(),
+               what="publication")
+    state = fs.run(os.getxattr, str(m.file(f"{P}/partial.bin")), "user.lazyfs.state")
+    assert state == b"downloading"
+    wait_until(lambda: any((store / ".lazyfs" / "tmp").glob("*.json")), what="download state")
+    time.sleep(1.2)  # state files are written at most once a second
+    m.process.kill()
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # the mount is dead
+    (store / f"{P}/prebaked.bin").write_bytes(os.urandom(4 * 65536))
+    put(s3, bucket, f"{P}/stale.bin", os.urandom(4 * 65536))  # same size, new version
+    proxy.clear_faults()
+    res = status(proxy, bucket, store)
+    assert res.returncode == 0, res.stderr
+    got = {line.split()[-1].rsplit("/", 1)[-1]: line.split()[0] for line in res.stdout.splitlines()[1:-1]}
+    assert got == {n: n.split(".")[0] for n in names}, res.stdout
+    assert "1 current, 1 prebaked, 1 stale, 1 partial, 1 missing (not ready" in res.stdout
+    assert status(proxy, bucket, store, "--require-all").returncode == 1
+    js = json.loads(status(proxy, bucket, store, "--json").stdout)
+    assert js["ready"] is False and js["totals"]["files"] == 5
+    # After a bake everything is current, and the probe passes.
+    assert bake(proxy, bucket, store).returncode == 0
+    assert status(proxy, bucket, store, "--require-all").returncode == 0
+
+
+def test_status_through_a_running_mount(mount, proxy, s3, bucket, fs: FS):
+    put(s3, bucket, f"{P}/a.bin", b"a" * 1000)
+    put(s3, bucket, f"{P}/b.bin", b"b" * 1000)
+    m = mount("--prefix", f"s3://{bucket}/{P}")
+    fs.read(m.file(f"{P}/a.bin"))
+    wait_until(lambda: b"cached" == fs.run(os.getxattr, str(m.file(f"{P}/a.bin")), "user.lazyfs.state"),
+               what="publication")
+    res = lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--store", str(m.path), "--require-all"])
+    assert "as served by the lazyfs mount" in res.stdout
+    assert "1 current" in res.stdout and "1 missing" in res.stdout and res.returncode == 1
