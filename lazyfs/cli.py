@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prefetch-glob", metavar="PATTERN", action="append", default=[],
                    help="prefetch only files matching this glob (a name like '*.safetensors', or a "
                    "path below the folder like 'llm/*'); repeatable, implies --prefetch")
+    m.add_argument("--verify", choices=("size", "etag"), default="size",
+                   help="how a local copy with no identity record (an admin's prebaked file) is "
+                   "judged: by size, as the seed describes (default), or by content against the "
+                   "object's checksum or ETag (once; the result is recorded)")
+    m.add_argument("--cache-max-size", metavar="SIZE",
+                   help="keep at most this much fetched data in the store (e.g. 50G), evicting the "
+                   "least recently used files nobody has open; prebaked files are never evicted")
     m.add_argument("--refresh", metavar="SECONDS", type=float,
                    help="list the folders again this often to pick up new versions "
                    "(default 60; 0: only on SIGHUP)")
@@ -134,7 +141,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                        addressing_style=args.addressing_style, part_size=args.part_size,
                        max_connections=args.max_connections, env=os.environ,
                        read_ahead=args.read_ahead, prefetch=args.prefetch,
-                       prefetch_globs=args.prefetch_glob, refresh=args.refresh)
+                       prefetch_globs=args.prefetch_glob, refresh=args.refresh,
+                       verify=args.verify, cache_max_size=args.cache_max_size)
     return mount.run(cfg)
 
 

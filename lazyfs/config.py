@@ -81,6 +81,8 @@ class FetchConfig:
     # A read that waits longer than this for its bytes fails with EIO instead
     # of hanging the reader (the download itself keeps retrying).
     read_deadline: float = 60.0
+    # --verify etag: check unrecorded local copies' content, not just size.
+    verify_prebaked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,8 @@ class MountConfig:
     # Seconds between listings: new versions of a model appear within this
     # long, at the cost of one LIST per 1000 objects each time.  0: never.
     refresh: float = DEFAULT_REFRESH_S
+    # Bytes of fetched files kept in the store (None: no limit).
+    cache_max_size: int | None = None
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
@@ -295,7 +299,8 @@ def mount_config(*, mountpoint: str | None, config_files: Sequence[str], prefixe
                  addressing_style: str | None, part_size: str | None, max_connections: int | None,
                  env: Mapping[str, str], read_ahead: str | None = None,
                  prefetch: bool = False, prefetch_globs: Sequence[str] = (),
-                 refresh: float | None = None) -> MountConfig:
+                 refresh: float | None = None, verify: str = "size",
+                 cache_max_size: str | None = None) -> MountConfig:
     """The whole mount configuration from flags, model.json files and environment."""
     configs = [load_model_json(p) for p in config_files]
     sources = build_sources(configs, prefixes, bucket or env.get("LAZYFS_BUCKET") or None)
@@ -314,8 +319,9 @@ def mount_config(*, mountpoint: str | None, config_files: Sequence[str], prefixe
                        allow_other=allow_other, log_level=log_level, read_ahead=ra,
                        prefetch=prefetch_patterns(prefetch, prefetch_globs),
                        refresh=check_refresh(refresh),
+                       cache_max_size=parse_size(cache_max_size, "--cache-max-size") if cache_max_size else None,
                        remote=remote_config(endpoint_url, addressing_style, env, max_connections),
-                       fetch=fetch_config(part_size, max_connections))
+                       fetch=fetch_config(part_size, max_connections, verify))
 
 
 def check_refresh(value: float | None) -> float:
@@ -348,7 +354,7 @@ def remote_config(endpoint_url: str | None, addressing_style: str | None, env: M
                         max_pool_connections=pool)
 
 
-def fetch_config(part_size: str | None, max_connections: int | None) -> FetchConfig:
+def fetch_config(part_size: str | None, max_connections: int | None, verify: str = "size") -> FetchConfig:
     cfg = FetchConfig()
     size = parse_size(part_size, "--part-size") if part_size else cfg.part_size
     if size < 64 * 1024:
@@ -356,8 +362,10 @@ def fetch_config(part_size: str | None, max_connections: int | None) -> FetchCon
     conns = max_connections if max_connections is not None else cfg.max_connections
     if not 1 <= conns <= 256:
         raise ConfigError(f"--max-connections {conns} must be between 1 and 256")
+    if verify not in ("size", "etag"):
+        raise ConfigError(f"--verify {verify} must be size or etag")
     return FetchConfig(part_size=size, max_connections=conns, chunk_attempts=cfg.chunk_attempts,
-                       read_deadline=cfg.read_deadline)
+                       read_deadline=cfg.read_deadline, verify_prebaked=verify == "etag")
 
 
 def bake_config(*, target: str | None, config_files: Sequence[str], prefixes: Sequence[str],

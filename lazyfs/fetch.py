@@ -31,17 +31,18 @@ import os
 import random
 import time
 from collections import deque
-from typing import Callable, Union
+from typing import Awaitable, Callable, Union
 
 import trio
 
 from lazyfs import verify
+from lazyfs.budget import Budget
 from lazyfs.config import FetchConfig
 from lazyfs.errors import (IntegrityError, LazyfsError, ObjectChanged, RemoteError,
                            RemoteUnavailable, StoreError)
 from lazyfs.namespace import RemoteObject
 from lazyfs.remote import Remote
-from lazyfs.store import FileMap, LocalCopy, Partial, Store
+from lazyfs.store import FileMap, Identity, LocalCopy, Partial, Store
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,12 @@ class Download:
     """The fetch of one object version into a Partial."""
 
     def __init__(self, fetcher: "Fetcher", obj: RemoteObject, partial: Partial,
-                 background: bool) -> None:
+                 background: bool, keep: bool = True) -> None:
         self.fetcher = fetcher
         self.obj = obj
         self.background = background
+        # False: larger than the cache budget; served, then thrown away.
+        self.keep = keep
         self.readers = 0
         self.started = time.monotonic()
         self.error: BaseException | None = None
@@ -190,6 +193,8 @@ class Download:
             self._fd_closed = True
             self.fmap.close()
             os.close(self.fd)
+            if not self.keep:
+                self.fetcher._spawn(self.fetcher._discard, self.partial)
 
 
 LocalOrDownload = Union[LocalCopy, Download]
@@ -202,11 +207,16 @@ class Fetcher:
         self.store = store
         self.cfg = cfg
         self.origin = origin  # recorded with each published file (see store.Identity)
+        self.budget: Budget | None = None
+        # Called with an object whose downloaded bytes failed verification, so
+        # the kernel drops any pages of them it cached for readers.
+        self.on_bad_data: Callable[[RemoteObject], Awaitable[None]] | None = None
         self.on_changed = on_changed
         # True while the object store is known to be unreachable (offline
         # start): a file with no local copy then fails at once.
         self.offline: Callable[[], bool] = lambda: False
         self._downloads: dict[tuple[str, str, str, int], Download] = {}
+        self._verified: dict[tuple, bool] = {}  # --verify etag results for unrecorded copies
         self._locks: dict[tuple[str, str, str, int], list] = {}
         self._slots = trio.Semaphore(cfg.max_connections)
         self._threads = trio.CapacityLimiter(cfg.max_connections + 4)
@@ -275,6 +285,11 @@ class Fetcher:
                         dl.background = False
                     return dl
                 copy = await trio.to_thread.run_sync(self.store.find_current, obj, limiter=self._threads)
+                if copy is not None and copy.state == "prebaked" and self.cfg.verify_prebaked:
+                    copy = await self._checked_prebaked(obj, copy)
+                if copy is not None:
+                    return copy
+                copy = await self._materialise(obj)
                 if copy is not None:
                     return copy
                 if self._closing:
@@ -288,14 +303,60 @@ class Fetcher:
             if entry[1] == 0:
                 del self._locks[ident]
 
+    async def _checked_prebaked(self, obj: RemoteObject, copy: LocalCopy) -> LocalCopy | None:
+        """--verify etag: a copy with no identity record is used only if its
+        content matches what S3 vouches for; a match is recorded (in the store)
+        or remembered (read-only layers), so it is checked once."""
+        ok = await trio.to_thread.run_sync(self._prebaked_ok, obj, copy, limiter=self._threads)
+        if ok:
+            return copy
+        os.close(copy.fd)
+        return None
+
+    def _prebaked_ok(self, obj: RemoteObject, copy: LocalCopy) -> bool:
+        st = os.fstat(copy.fd)
+        memo_key = (copy.layer.label, obj.key, obj.etag, st.st_ino, st.st_mtime_ns, st.st_size)
+        if memo_key in self._verified:
+            return self._verified[memo_key]
+        try:
+            exp = self._expectation(obj)
+        except RemoteError as e:
+            log.warning("%s: cannot check the local copy's content (%s); using it as its size matches",
+                        obj.uri, e)
+            return True
+        if exp is None:
+            log.warning("%s: S3 offers nothing to check the local copy against (multipart or "
+                        "KMS-encrypted, no checksum); using it as its size matches", obj.uri)
+            ok = True
+        else:
+            ok = verify.compute(copy.fd, obj.size, exp) == exp.value
+            if ok and copy.layer.writable:
+                self.store.record(copy.fd, Identity.of(obj, "prebaked"))
+            if not ok:
+                log.warning("%s: the local copy in the %s does not match the object's %s; "
+                            "downloading it again", obj.uri, copy.layer.label, exp.algorithm)
+        self._verified[memo_key] = ok
+        return ok
+
+    async def _materialise(self, obj: RemoteObject) -> LocalCopy | None:
+        try:
+            copy = await trio.to_thread.run_sync(self.store.materialise, obj, limiter=self._threads)
+        except (OSError, StoreError) as e:
+            log.warning("%s: could not reuse an identical local file: %s", obj.uri, e)
+            return None
+        if copy is not None:
+            log.info("%s: same content as a file already in the store; linked, not downloaded", obj.uri)
+        return copy
+
     async def _start(self, obj: RemoteObject, background: bool) -> Download:
+        keep = await self.budget.reserve(obj) if self.budget is not None else True
         try:
             partial = await trio.to_thread.run_sync(self.store.open_partial, obj, self.cfg.part_size,
                                                     limiter=self._threads)
         except OSError as e:
             raise StoreError(f"{obj.uri}: cannot create a download file in the store: {e.strerror}",
                              e.errno) from None
-        dl = Download(self, obj, partial, background)
+        dl = Download(self, obj, partial, background, keep)
         self._downloads[dl.ident] = dl
         if dl.partial.done:
             log.info("%s: resuming download, %d of %d chunks already on disk", obj.uri,
@@ -458,6 +519,8 @@ class Fetcher:
         except IntegrityError as e:
             dl.threads -= 1
             dl.verify_attempts += 1
+            if self.on_bad_data is not None:
+                self._spawn(self.on_bad_data, dl.obj)
             if dl.verify_attempts < _VERIFY_ATTEMPTS and not dl.cancelled:
                 log.warning("%s; downloading it again", e)
                 await self._restart(dl)
@@ -470,6 +533,8 @@ class Fetcher:
             return
         dl.threads -= 1
         dl.complete = True
+        if self.budget is not None and dl.keep:
+            self.budget.published(dl.obj)
         elapsed = max(time.monotonic() - dl.started, 1e-6)
         log.info("fetched %s: %d bytes in %.2f s (%.1f MB/s) from S3", dl.obj.uri,
                  dl.obj.size, elapsed, dl.bytes_fetched / elapsed / 1e6)
@@ -483,6 +548,8 @@ class Fetcher:
                 log.debug("%s: verified %s", dl.obj.uri, exp.describe())
             else:
                 log.debug("%s: nothing to verify against beyond the size", dl.obj.uri)
+        if not dl.keep:
+            return
         try:
             self.store.publish(dl.partial, self.origin)
         except OSError as e:
@@ -551,6 +618,12 @@ class Fetcher:
         finally:
             dl.threads -= 1
             dl._maybe_close_fd()
+
+    async def _discard(self, partial: Partial) -> None:
+        try:
+            await trio.to_thread.run_sync(self.store.discard, partial, limiter=self._threads)
+        except OSError as e:
+            log.warning("%s: could not remove a temporary download: %s", partial.obj.uri, e.strerror)
 
     def _retire(self, dl: Download) -> None:
         if self._downloads.get(dl.ident) is dl:

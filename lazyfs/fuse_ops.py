@@ -154,6 +154,17 @@ class Operations(pyfuse3.Operations):
                 sent += 1
         return sent
 
+    async def drop_cached_pages(self, obj: RemoteObject) -> None:
+        """Make the kernel forget pages it cached for this version (bytes that
+        failed verification).  From a worker thread: the notification waits
+        for pages that reads in flight hold, and those reads need this thread."""
+        ino = self.inodes.peek(obj)
+        if ino is not None:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+            except OSError as e:
+                log.debug("invalidating the pages of %s: %s", obj.uri, e)
+
     @staticmethod
     def _ref(node: DirNode | RemoteObject) -> InodeRef:
         return node if isinstance(node, RemoteObject) else node.path

@@ -52,11 +52,14 @@ class Handles:
     def __len__(self) -> int:
         return len(self._open)
 
-    def is_open(self, obj: RemoteObject) -> bool:
-        return any(of.obj == obj for of in self._open.values())
+    def is_open(self, key: str) -> bool:
+        """Does any handle (of any version) read the file at `key`?"""
+        return any(of.obj.key == key for of in self._open.values())
 
     async def open(self, obj: RemoteObject) -> int:
         got = await self.fetcher.acquire(obj)
+        if self.fetcher.budget is not None:
+            self.fetcher.budget.touch(obj.key)
         if isinstance(got, LocalCopy):
             try:
                 fmap = FileMap(got.fd, obj.size)

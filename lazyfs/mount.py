@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from lazyfs import prefetch
+from lazyfs.budget import Budget
 from lazyfs.catalog import Catalog, Diff, Refresher, offline_objects
 from lazyfs.config import MountConfig
 from lazyfs.errors import RemoteError, RemoteUnavailable, StoreError
@@ -118,7 +119,10 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
     if offline is not None:
         catalog.start_offline(offline, "object store unreachable at start")
     handles = Handles(fetcher)
+    if cfg.cache_max_size is not None:
+        fetcher.budget = Budget(store, cfg.cache_max_size, handles.is_open)
     ops = Operations(catalog, handles, store)
+    fetcher.on_bad_data = ops.drop_cached_pages
     stopping = trio.Event()
     warmer = Warmer(catalog, cfg, fetcher)
     refresher = Refresher(catalog, cfg.refresh, [ops.invalidate, warmer.on_change])
@@ -139,6 +143,8 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
             nursery.start_soon(warmer.run)
             nursery.start_soon(_watch_signals, signals, refresher, fetcher, stopping)
             nursery.start_soon(_tune_after_init, ops, cfg)
+            if fetcher.budget is not None:
+                nursery.start_soon(fetcher.budget.scan)
             _announce(cfg, catalog)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
             # The main loop ended: SIGTERM/SIGINT, or someone unmounted us.

@@ -6,6 +6,9 @@ Layout (version 1), under one directory the process holds open as a descriptor:
     <root>/.lazyfs/layout      "1": the layout version of everything below
     <root>/.lazyfs/tmp/        downloads in progress: <id>.part (sparse) and
                                <id>.json (which chunks are on disk, for resume)
+    <root>/.lazyfs/objects/    hard links to published files by (ETag, size): a
+                               new path with the same content is linked, not fetched
+    <root>/.lazyfs/listings/   the last complete listing of each folder (offline start)
 
 Every path is resolved one component at a time with openat(O_NOFOLLOW) under a
 layer's descriptor, so a symlink planted in the store or in a prebaked layer is
@@ -252,6 +255,7 @@ class Store:
         self.records = True  # False once the filesystem refuses user xattrs
         self._meta_fd = -1
         self._tmp_fd = -1
+        self._objects_fd = -1
 
     @classmethod
     def open(cls, store_path: str, prebaked: Iterable[str] = (), root_fd: int | None = None) -> "Store":
@@ -267,6 +271,7 @@ class Store:
             self._meta_fd = self.root.open_dir([RESERVED_NAME], create=True)
             # Downloads in progress are private to the daemon.
             self._tmp_fd = self.root.open_dir([RESERVED_NAME, "tmp"], create=True, mode=0o700)
+            self._objects_fd = self.root.open_dir([RESERVED_NAME, "objects"], create=True, mode=0o700)
         except OSError as e:
             raise StoreError(f"store {self.root.path} is not writable: {e.strerror}", e.errno) from None
         try:
@@ -281,10 +286,10 @@ class Store:
             self._write_small("layout", (LAYOUT_VERSION + "\n").encode(), dir_fd=self._meta_fd)
 
     def close(self) -> None:
-        for fd in (self._tmp_fd, self._meta_fd):
+        for fd in (self._tmp_fd, self._meta_fd, self._objects_fd):
             if fd >= 0:
                 os.close(fd)
-        self._tmp_fd = self._meta_fd = -1
+        self._tmp_fd = self._meta_fd = self._objects_fd = -1
         for layer in self.prebaked:
             layer.close()
         self.root.close()
@@ -424,20 +429,115 @@ class Store:
         os.fsync(fd)
         os.utime(fd, ns=(obj.mtime_ns, obj.mtime_ns))
         os.fchmod(fd, 0o444)
-        self._record(fd, Identity.of(obj, origin))
+        self.record(fd, Identity.of(obj, origin))
+        self._place(partial.name + ".part", obj)
+        self._remove(partial.name + ".json")
+
+    def _place(self, tmp_name: str, obj: RemoteObject) -> None:
+        """Rename a finished file from tmp/ to its key path, index its content,
+        and drop the index entry of the version it replaces if nothing else
+        uses it."""
         *dirs, name = obj.key.split("/")
         dfd = self.root.open_dir(dirs, create=True)
         try:
+            replaced = self._identity_at(dfd, name)
             try:
-                os.rename(partial.name + ".part", name, src_dir_fd=self._tmp_fd, dst_dir_fd=dfd)
+                os.rename(tmp_name, name, src_dir_fd=self._tmp_fd, dst_dir_fd=dfd)
             except IsADirectoryError:
                 raise StoreError(f"{obj.uri}: a folder stands at {obj.key} in the store") from None
             os.fsync(dfd)
+            self._index(dfd, name, obj)
         finally:
             os.close(dfd)
-        self._remove(partial.name + ".json")
+        if replaced is not None and not replaced.matches(obj):
+            self._unindex_if_unused(replaced.etag, replaced.size)
 
-    def _record(self, fd: int, ident: Identity) -> None:
+    def _identity_at(self, dfd: int, name: str) -> Identity | None:
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+        except OSError:
+            return None
+        try:
+            return self.read_identity(fd)
+        finally:
+            os.close(fd)
+
+    # -- content index: same bytes under a new path, no download ----------------------
+
+    @staticmethod
+    def _content_name(etag: str, size: int) -> str:
+        return hashlib.sha256(f"{etag}\0{size}".encode()).hexdigest()[:40]
+
+    def _index(self, dfd: int, name: str, obj: RemoteObject) -> None:
+        """Hard-link a published file into .lazyfs/objects under its (ETag, size),
+        so another path with the same content can be made from it."""
+        if not obj.etag:
+            return
+        try:
+            os.link(name, self._content_name(obj.etag, obj.size), src_dir_fd=dfd,
+                    dst_dir_fd=self._objects_fd, follow_symlinks=False)
+        except FileExistsError:
+            pass  # the same bytes are indexed already
+        except OSError as e:
+            log.debug("not indexing %s: %s", obj.uri, e.strerror)
+
+    def _unindex_if_unused(self, etag: str, size: int) -> None:
+        name = self._content_name(etag, size)
+        try:
+            if os.stat(name, dir_fd=self._objects_fd, follow_symlinks=False).st_nlink <= 1:
+                os.unlink(name, dir_fd=self._objects_fd)
+        except OSError:
+            pass
+
+    def materialise(self, obj: RemoteObject) -> LocalCopy | None:
+        """Make `obj` current from a file with the same (ETag, size) that the
+        store already holds under another path (a new model version sharing
+        files with the old one): a hard link, or a copy where links fail.
+        None when there is no such file."""
+        if not obj.etag:
+            return None
+        name = self._content_name(obj.etag, obj.size)
+        try:
+            src = os.open(name, _FILE_FLAGS, dir_fd=self._objects_fd)
+        except OSError:
+            return None
+        try:
+            ident = self.read_identity(src)
+            if ident is None or not ident.matches(obj) or os.fstat(src).st_size != obj.size:
+                return None
+            tmp = f"{self.partial_name(obj)}.link"
+            self._remove(tmp)
+            try:
+                os.link(name, tmp, src_dir_fd=self._objects_fd, dst_dir_fd=self._tmp_fd,
+                        follow_symlinks=False)
+            except OSError:
+                self._copy_into_tmp(src, tmp, obj, ident.origin)
+            self._place(tmp, obj)
+        finally:
+            os.close(src)
+        return self.find_current(obj)
+
+    def _copy_into_tmp(self, src: int, tmp: str, obj: RemoteObject, origin: str) -> None:
+        fd = self._create(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            left, off = obj.size, 0
+            while left:
+                n = os.copy_file_range(src, fd, left, off, off)  # reflinks where the filesystem can
+                if n == 0:
+                    raise StoreError(f"{obj.uri}: source copy ended early")
+                left, off = left - n, off + n
+            os.fsync(fd)
+            os.utime(fd, ns=(obj.mtime_ns, obj.mtime_ns))
+            os.fchmod(fd, 0o444)
+            self.record(fd, Identity.of(obj, origin))
+        except BaseException:
+            os.close(fd)
+            self._remove(tmp)
+            raise
+        os.close(fd)
+
+    def record(self, fd: int, ident: Identity) -> None:
+        """Stamp an open file with the identity it is a copy of."""
         if not self.records:
             return
         try:
@@ -474,6 +574,57 @@ class Store:
 
     def fsinfo(self) -> os.statvfs_result:
         return os.statvfs(self.root.fd)
+
+    # -- cache budget ---------------------------------------------------------------
+
+    def fetched_files(self) -> list[tuple[str, int, int]]:
+        """(key, size, atime) of every file lazyfs fetched (origin "fetch"): the
+        only ones the cache budget may evict.  Walks the store: run in a thread."""
+        out = []
+        for dirpath, _dirs, files, dfd in os.fwalk(".", dir_fd=self.root.fd):
+            rel = os.path.normpath(dirpath)
+            if rel.split("/", 1)[0] == RESERVED_NAME:
+                continue
+            for name in files:
+                try:
+                    fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+                except OSError:
+                    continue
+                try:
+                    ident = self.read_identity(fd)
+                    st = os.fstat(fd)
+                    if ident is not None and ident.origin == "fetch" and stat.S_ISREG(st.st_mode):
+                        out.append((name if rel == "." else f"{rel}/{name}", st.st_size, st.st_atime_ns))
+                finally:
+                    os.close(fd)
+        return out
+
+    def evict(self, keys: Iterable[str]) -> int:
+        """Remove fetched files (never anything else) from the store; bytes freed."""
+        freed = 0
+        for key in keys:
+            *dirs, name = key.split("/")
+            try:
+                dfd = self.root.open_dir(dirs)
+            except OSError:
+                continue
+            try:
+                fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+                try:
+                    ident = self.read_identity(fd)
+                    size = os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+                if ident is None or ident.origin != "fetch":
+                    continue
+                os.unlink(name, dir_fd=dfd)
+                self._unindex_if_unused(ident.etag, ident.size)
+                freed += size
+            except OSError as e:
+                log.warning("could not evict %s from the store: %s", key, e.strerror)
+            finally:
+                os.close(dfd)
+        return freed
 
     # -- what the store knows without the object store -----------------------------
 

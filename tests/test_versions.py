@@ -217,3 +217,115 @@ def test_status_through_a_running_mount(mount, proxy, s3, bucket, fs: FS):
     res = lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--store", str(m.path), "--require-all"])
     assert "as served by the lazyfs mount" in res.stdout
     assert "1 current" in res.stdout and "1 missing" in res.stdout and res.returncode == 1
+
+
+def test_a_new_version_prefix_downloads_only_what_changed(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    same = {"config.json": b'{"layers": 2}', "tokenizer.json": os.urandom(30_000),
+            "shard-1.bin": os.urandom(200_000)}
+    for name, data in same.items():
+        put(s3, bucket, f"my-model/v3/{name}", data)
+        put(s3, bucket, f"my-model/v4/{name}", data)
+    put(s3, bucket, "my-model/v3/shard-2.bin", os.urandom(200_000))
+    changed = os.urandom(200_000)
+    put(s3, bucket, "my-model/v4/shard-2.bin", changed)
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/my-model/v3", store=store)
+    for name in list(same) + ["shard-2.bin"]:
+        fs.read(m.file(f"my-model/v3/{name}"))
+    wait_until(lambda: all((store / "my-model/v3" / n).exists() for n in list(same) + ["shard-2.bin"]),
+               what="v3 in the store")
+    m.stop()
+    proxy.clear()
+    m = mount("--prefix", f"s3://{bucket}/my-model/v4", store=store)
+    for name, data in same.items():
+        assert fs.read(m.file(f"my-model/v4/{name}")) == data
+    assert fs.read(m.file("my-model/v4/shard-2.bin")) == changed
+    assert {r["key"] for r in proxy.requests("GET")} == {"my-model/v4/shard-2.bin"}
+    assert m.log().count("linked, not downloaded") == 3
+    # The same holds for bake: v4 into an image that has v3.
+    image = tmp_path / "image"
+    assert bake_prefix(proxy, bucket, "my-model/v3", image).returncode == 0
+    proxy.clear()
+    res = bake_prefix(proxy, bucket, "my-model/v4", image)
+    assert res.returncode == 0 and "4 files: 1 downloaded" in res.stdout
+    assert {r["key"] for r in proxy.requests("GET")} == {"my-model/v4/shard-2.bin"}
+
+
+def bake_prefix(proxy, bucket: str, prefix: str, to: Path):
+    return lazyfs_cli(["bake", "--prefix", f"s3://{bucket}/{prefix}", "--endpoint-url", proxy.endpoint,
+                       "--to", str(to)], timeout=120)
+
+
+def test_a_corrupted_body_is_never_published(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    key = f"{P}/w.bin"
+    data = os.urandom(100_000)
+    put(s3, bucket, key, data)
+    store = tmp_path / "store"
+    proxy.add(Fault("corrupt", key=key, times=None))  # right length, wrong bytes, every time
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    try:
+        fs.read(m.file(key))
+    except OSError:
+        pass  # the reader may or may not see the bad bytes; what matters is below
+    wait_until(lambda: "do not match the object's" in m.log(), what="the integrity failure")
+    wait_until(lambda: m.log().count("download of s3://") >= 1, what="the download to fail")
+    assert not (store / key).exists(), "a corrupted download was published"
+    proxy.clear_faults()
+    assert fs.read(m.file(key)) == data
+    wait_until(lambda: (store / key).exists(), what="publication")
+    assert (store / key).read_bytes() == data
+
+
+def test_verify_etag_checks_unrecorded_copies(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    good, bad = f"{P}/good.bin", f"{P}/bad.bin"
+    gdata, bdata = os.urandom(50_000), os.urandom(50_000)
+    put(s3, bucket, good, gdata)
+    put(s3, bucket, bad, bdata)
+    store = tmp_path / "store"
+    (store / P).mkdir(parents=True)
+    (store / good).write_bytes(gdata)
+    (store / bad).write_bytes(os.urandom(50_000))  # right size, stale content
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--verify", "etag", store=store)
+    assert fs.read(m.file(good)) == gdata
+    assert fs.read(m.file(bad)) == bdata
+    assert {r["key"] for r in proxy.requests("GET")} == {bad}
+    assert "does not match the object's" in m.log()
+    # The good copy's check is recorded: the next mount does not even ask S3.
+    m.stop()
+    proxy.clear()
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--verify", "etag", store=store)
+    assert fs.read(m.file(good)) == gdata
+    assert proxy.count("HEAD", good) == 0 and proxy.count("GET") == 0
+
+
+def test_cache_budget_evicts_lru_but_not_open_or_prebaked(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    names = [f"{P}/f{i}.bin" for i in range(4)]
+    for k in names:
+        put(s3, bucket, k, k.encode().ljust(100_000, b"."))
+    baked = f"{P}/baked.bin"
+    put(s3, bucket, baked, b"b" * 100_000)
+    big = f"{P}/huge.bin"
+    put(s3, bucket, big, os.urandom(400_000))
+    store = tmp_path / "store"
+    (store / P).mkdir(parents=True)
+    (store / baked).write_bytes(b"b" * 100_000)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--cache-max-size", "300000", store=store)
+    keep_open = fs.run(open, m.file(names[0]), "rb")
+    try:
+        for k in names[:3]:
+            fs.read(m.file(k))
+            wait_until(lambda k=k: (store / k).exists(), what=f"{k} published")
+        assert fs.read(m.file(names[3])) == names[3].encode().ljust(100_000, b".")
+        wait_until(lambda: (store / names[3]).exists(), what="the fourth file published")
+        present = {k: (store / k).exists() for k in names}
+        assert present == {names[0]: True, names[1]: False, names[2]: True, names[3]: True}, present
+        assert (store / baked).exists(), "a prebaked file was evicted"
+        assert fs.read(m.file(baked)) == b"b" * 100_000
+        # Larger than the whole budget: served, not kept.
+        assert len(fs.read(m.file(big))) == 400_000
+        wait_until(lambda: "larger than the cache budget" in m.log(), what="the warning")
+        assert not (store / big).exists()
+        wait_until(lambda: not list((store / ".lazyfs" / "tmp").glob("*.part")), what="the temp file to go")
+        assert fs.run(keep_open.read) == names[0].encode().ljust(100_000, b".")
+    finally:
+        keep_open.close()
