@@ -1,6 +1,7 @@
+# syntax=docker/dockerfile:1
 # lazyfs in a container: the entrypoint is `lazyfs mount`, which runs in the
 # foreground and unmounts cleanly on `docker stop` (SIGTERM).
-#   docker build -t lazyfs .
+#   docker build --target runtime -t lazyfs .
 #   docker run --rm --device /dev/fuse --cap-add SYS_ADMIN \
 #     -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_REGION \
 #     -v "$PWD/model.json:/app/model.json:ro" lazyfs --config /app/model.json
@@ -23,7 +24,28 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
- && mkdir -p /var/practicus/cache
+ && mkdir -p /var/practicus/cache /opt/lazyfs/store
 ENV PYTHONUNBUFFERED=1
 ENTRYPOINT ["lazyfs", "mount"]
 CMD ["--config", "/app/model.json"]
+
+# Production: the same image with the model's files baked into the store
+# folder /opt/lazyfs/store (mount with --store /opt/lazyfs/store; or bake to
+# /var/practicus/cache itself when lazyfs mounts in the same container), so a
+# pod starts, scales up and recovers without downloading.  Credentials come in
+# as a build secret: they are never written to a layer.
+#   docker build --target production \
+#     --secret id=aws,src=$HOME/.aws/credentials \
+#     --build-arg MODEL_JSON=model.json --build-arg AWS_REGION=eu-west-1 \
+#     -t my-model:prod .
+FROM runtime AS production
+ARG MODEL_JSON=model.json
+ARG AWS_REGION=
+ARG AWS_ENDPOINT_URL=
+COPY ${MODEL_JSON} /app/model.json
+# (empty build args are unset, so the AWS chain's own defaults apply)
+RUN --mount=type=secret,id=aws,target=/root/.aws/credentials,required=true \
+    [ -n "$AWS_REGION" ] || unset AWS_REGION; \
+    [ -n "$AWS_ENDPOINT_URL" ] || unset AWS_ENDPOINT_URL; \
+    lazyfs bake --config /app/model.json --to /opt/lazyfs/store
+CMD ["--config", "/app/model.json", "--store", "/opt/lazyfs/store"]
