@@ -1,0 +1,224 @@
+"""The benchmark's report: medians over repetitions, the results table, and
+the issue's targets as ratios measured in the same run (ratios are computed
+per repetition, then their median is taken, so a noisy minute on the shared
+machine moves both sides of a ratio alike)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from lazyfs.testing.benchdata import Profile
+from lazyfs.testing.benchmounts import MountRecord
+
+COLUMNS = [("lazyfs", "lazyfs"), ("boto3", "boto3 download_file"), ("s3fs", "s3fs"), ("rclone", "rclone"),
+           ("local", "local file"), ("passthrough", "pyfuse3 pass-through")]
+
+
+def size_label(mib: int) -> str:
+    return f"{mib // 1024} GiB" if mib >= 1024 and mib % 1024 == 0 else f"{mib} MiB"
+
+
+def rows(p: Profile) -> list[tuple[str, str]]:
+    big, shard, n = size_label(p.big_mib), size_label(p.shard_mib), f"{p.small_files:,}"
+    return [
+        (f"**cold sequential read, {big} file**, MB/s (a)", "seq.cold_mbps"),
+        ("  time, s", "seq.cold_s"),
+        ("  server MiB sent for the file", "seq.cold_srv_mib"),
+        ("  server requests", "seq.cold_requests"),
+        ("  CPU s per GiB (daemon; boto3: its process)", "seq.cpu_per_gib"),
+        ("  lazyfs: last byte read to file published (verify, fsync), s", "seq.publish_s"),
+        ("**cold read with --prefetch at mount**, MB/s", "prefetch.mbps"),
+        (f"**first 4 KiB of an uncached {big} file**, open+read ms (b)", "ttfb.total_ms"),
+        ("  of which open(), ms", "ttfb.open_ms"),
+        ("  of which read(), ms", "ttfb.read_ms"),
+        ("  server requests", "ttfb.requests"),
+        ("**warm re-read, same mount**, MB/s (c)", "seq.warm_mbps"),
+        ("**first read after remount, same store**, MB/s (d)", "seq.remount_mbps"),
+        ("  server MiB sent (mount + read)", "seq.remount_srv_mib"),
+        (f"**mmap {64} random 1 MiB reads, uncached {shard} file**, s (e)", "mmap.cold_s"),
+        ("  first slice arrived after, ms", "mmap.first_slice_ms"),
+        ("  server MiB sent during the reads", "mmap.srv_mib"),
+        ("  lazyfs: server bytes / file size, download finished", "mmap.dl_ratio"),
+        ("**mmap random reads, cached file**, s (f)", "mmap.cached_s"),
+        (f"**4 concurrent readers of one uncached {big} file**, wall s (g)", "readers.wall_s"),
+        ("  server bytes / file size", "readers.dl_ratio"),
+        (f"**4 x {shard} shards in parallel**, MB/s aggregate", "shards.agg_mbps"),
+        (f"**find -type f, {n} files** (fresh mount), s", "meta.find_s"),
+        ("**ls -lR** (fresh mount), s", "meta.lsR_s"),
+        ("**du -sb** (fresh mount), s", "meta.du_s"),
+        ("**ls -lR again, warm**, s", "meta.lsR_warm_s"),
+        ("  server requests: find / ls -lR / du", "meta.requests"),
+        (f"peak RSS while streaming the {big} file, MiB", "res.peak_rss_seq_mib"),
+        ("peak RSS, any mount, MiB", "res.peak_rss_max_mib"),
+        ("CPU s of the daemon, all mounts of one repetition", "res.cpu_total_s"),
+        ("mount time, s (median)", "res.mount_s"),
+        ("data verified", "verify.ok"),
+    ]
+
+
+FOOTNOTES = """\
+(a) local file: first pass after `drop_caches` (the disk); pass-through: first read on a fresh mount.
+(b) boto3: the whole download (with download-first, the first byte waits for all of it); local: page cache.
+(c) local: page cache; pass-through: second read in a mount with keep_cache.
+(d) pass-through: first read on a fresh mount; lazyfs reads a store copy that is in the page cache, as the
+    pass-through's source is.
+(e) boto3: download the file, then the same reads on the local copy; local file: after `drop_caches`.
+(f) lazyfs: a fresh mount over the completed store; local: page cache; pass-through: fresh mount.
+(g) boto3: the whole download (all four wait for it, then read locally).
+MB = 10^6 bytes, MiB = 2^20. Server bytes are bytes written to client sockets (HTTP headers included)."""
+
+
+def median(values: list[Any]) -> Any:
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    bools = [v for v in values if isinstance(v, bool)]
+    if bools and len(bools) == len(values):
+        return all(bools)
+    if nums:
+        return statistics.median(nums)
+    return values[0] if values else None
+
+
+Values = dict[str, dict[str, dict[int, Any]]]  # system -> metric -> repetition -> value
+
+
+def add_mount_metrics(values: Values, mounts: list[MountRecord], reps: int) -> None:
+    """Peak RSS, CPU and mount time of each filesystem's daemon, per repetition."""
+    for rep in range(reps):
+        for system in {m.system for m in mounts}:
+            mine = [m for m in mounts if m.system == system and m.tag.endswith(f"-r{rep}")]
+            if not mine:
+                continue
+            v = values.setdefault(system, {})
+            rss = [m.peak_rss_mib for m in mine if m.peak_rss_mib]
+            if rss:
+                v.setdefault("res.peak_rss_max_mib", {})[rep] = max(rss)
+            v.setdefault("res.cpu_total_s", {})[rep] = sum(m.cpu_s or 0 for m in mine)
+            v.setdefault("res.mount_s", {})[rep] = statistics.median(m.mount_s for m in mine)
+
+
+def summarize(values: Values) -> dict[str, dict[str, Any]]:
+    return {s: {k: median(list(vs.values())) for k, vs in ms.items()} for s, ms in values.items()}
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "ok" if v else "**FAILED**"
+    if isinstance(v, str):
+        return v
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a >= 100:
+        return f"{v:,.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    if a >= 0.01:
+        return f"{v:.3f}"
+    return f"{v:.2g}"
+
+
+def results_table(summary: dict[str, dict[str, Any]], p: Profile) -> str:
+    cols = [(key, label) for key, label in COLUMNS if key in summary]
+    lines = ["| scenario | " + " | ".join(label for _, label in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for label, metric in rows(p):
+        cells = [summary[key].get(metric) for key, _ in cols]
+        if any(c is not None for c in cells):
+            lines.append(f"| {label} | " + " | ".join(fmt(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n\n" + FOOTNOTES
+
+
+# -- targets ----------------------------------------------------------------------------
+
+Get = Callable[[str, str], Any]
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str
+    goal: str
+    measure: Callable[[Get], float | None]
+    met: Callable[[float], bool]
+    note: str = ""
+
+
+def _div(a: Any, b: Any) -> float | None:
+    ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    return a / b if ok and b else None
+
+
+def _vs_rclone(metric: str) -> Callable[[Get], float | None]:
+    return lambda g: _div(g("lazyfs", metric), g("rclone", metric))
+
+
+def _once(r: float) -> bool:
+    # Exactly once, allowing for the HTTP headers counted with the bytes.
+    return 0.999 <= r <= 1.01
+
+
+TARGETS = [
+    Target("cold sequential read: lazyfs time / boto3 download_file time", "≤ 1.0 (aim 0.8)",
+           lambda g: _div(g("lazyfs", "seq.cold_s"), g("boto3", "seq.cold_s")), lambda r: r <= 1.0),
+    Target("first 4 KiB: lazyfs time / full download time (boto3)", "< 0.05",
+           lambda g: _div(g("lazyfs", "ttfb.total_ms"), g("boto3", "ttfb.total_ms")), lambda r: r < 0.05),
+    Target("first 4 KiB: lazyfs time / rclone time", "≤ 0.5",
+           lambda g: _div(g("lazyfs", "ttfb.total_ms"), g("rclone", "ttfb.total_ms")), lambda r: r <= 0.5),
+    Target("4 shards in parallel: lazyfs MB/s / boto3 MB/s", "≥ 1.0",
+           lambda g: _div(g("lazyfs", "shards.agg_mbps"), g("boto3", "shards.agg_mbps")), lambda r: r >= 1.0),
+    *[Target(f"{cmd}: lazyfs time / rclone time", "≤ 0.2", _vs_rclone(metric), lambda r: r <= 0.2, note="wan")
+      for cmd, metric in (("find", "meta.find_s"), ("ls -lR", "meta.lsR_s"), ("du", "meta.du_s"))],
+    Target("mmap uncached: lazyfs time / boto3 download-then-read time", "≤ 1.0",
+           lambda g: _div(g("lazyfs", "mmap.cold_s"), g("boto3", "mmap.cold_s")), lambda r: r <= 1.0),
+    Target("mmap uncached: lazyfs time / s3fs time", "≤ 0.5",
+           lambda g: _div(g("lazyfs", "mmap.cold_s"), g("s3fs", "mmap.cold_s")), lambda r: r <= 0.5),
+    Target("mmap uncached: lazyfs time / rclone time", "≤ 0.5",
+           lambda g: _div(g("lazyfs", "mmap.cold_s"), g("rclone", "mmap.cold_s")), lambda r: r <= 0.5),
+    Target("mmap uncached: server bytes / file size (downloaded once)", "1.00",
+           lambda g: g("lazyfs", "mmap.dl_ratio"), _once),
+    Target("4 cold readers: wall / single cold reader wall", "≤ 1.2",
+           lambda g: _div(g("lazyfs", "readers.wall_s"), g("lazyfs", "seq.cold_s")), lambda r: r <= 1.2),
+    Target("4 cold readers: server bytes / file size (downloaded once)", "1.00",
+           lambda g: g("lazyfs", "readers.dl_ratio"), _once),
+    Target("first read after remount: lazyfs MB/s / pass-through first pass MB/s", "≥ 0.8",
+           lambda g: _div(g("lazyfs", "seq.remount_mbps"), g("passthrough", "seq.remount_mbps")),
+           lambda r: r >= 0.8),
+    Target("warm re-read, same mount: lazyfs MB/s / pass-through keep_cache MB/s", "≥ 0.8",
+           lambda g: _div(g("lazyfs", "seq.warm_mbps"), g("passthrough", "seq.warm_mbps")), lambda r: r >= 0.8),
+    Target("mmap cached: lazyfs time / plain local file time", "≤ 3",
+           lambda g: _div(g("lazyfs", "mmap.cached_s"), g("local", "mmap.cached_s")), lambda r: r <= 3.0),
+    Target("peak RSS while streaming the big file, MiB", "< 200",
+           lambda g: g("lazyfs", "res.peak_rss_seq_mib"), lambda r: r < 200),
+]
+
+
+def evaluate(values: Values, reps: int, mode: str) -> list[dict[str, Any]]:
+    out = []
+    for t in TARGETS:
+        ratios = []
+        for rep in range(reps):
+            def get(system: str, metric: str, rep: int = rep) -> Any:
+                return values.get(system, {}).get(metric, {}).get(rep)
+            r = t.measure(get)
+            if isinstance(r, (int, float)) and not isinstance(r, bool):
+                ratios.append(r)
+        measured = statistics.median(ratios) if ratios else None
+        met = None if measured is None else t.met(measured)
+        note = "target is for wan mode" if t.note == "wan" and mode != "wan" else ""
+        out.append({"target": t.what, "goal": t.goal, "measured": measured, "met": met, "note": note})
+    return out
+
+
+def targets_table(targets: list[dict[str, Any]]) -> str:
+    lines = ["| target | measured | goal | met? |", "|---|---:|---:|---|"]
+    for t in targets:
+        met = "n/a (not measured)" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        if t["note"]:
+            met += f" ({t['note']})"
+        lines.append(f"| {t['target']} | {fmt(t['measured'])} | {t['goal']} | {met} |")
+    return "\n".join(lines)
