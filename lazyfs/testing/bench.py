@@ -205,10 +205,28 @@ def versions() -> dict[str, str]:
 
     import boto3
     import pyfuse3
-    return {"lazyfs": __version__, "python": platform.python_version(), "boto3": boto3.__version__,
+    return {"lazyfs": f"{__version__} ({lazyfs_revision()})", "python": platform.python_version(), "boto3": boto3.__version__,
             "pyfuse3": pyfuse3.__version__, "node": first_line(["node", "--version"]),
             "s3fs": first_line(["s3fs", "--version"]), "rclone": first_line(["rclone", "version"]),
             "kernel": platform.release()}
+
+
+def lazyfs_revision() -> str:
+    """The commit the measured lazyfs came from, and whether its sources had
+    uncommitted changes (the numbers then belong to that working tree)."""
+    import lazyfs
+
+    src = Path(lazyfs.__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "not a git checkout"
+    if not head:
+        return "not a git checkout"
+    return f"commit {head}" + (", with uncommitted changes" if dirty else "")
 
 
 def render(a: argparse.Namespace, ep: Endpoint, ds: Dataset, results: Results, skipped: list[str],
