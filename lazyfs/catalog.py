@@ -16,17 +16,22 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 import trio
 
 from lazyfs.config import Source
 from lazyfs.errors import LazyfsError, RemoteError
-from lazyfs.namespace import RemoteObject, Tree, build_tree
+from lazyfs.namespace import DirNode, Node, RemoteObject, Tree, build_tree, join
 from lazyfs.remote import Remote
 from lazyfs.store import Store
 
 log = logging.getLogger(__name__)
+
+# Listing requests in flight at once per folder, and how many folders are
+# listed by delimiter before deeper subtrees are listed flat.
+_LIST_CONCURRENCY = 16
+_BFS_FOLDERS = 256
 
 
 @dataclass
@@ -63,6 +68,11 @@ class Catalog:
         self.offline = False
         self._saved = False  # a listing has been saved for offline starts
         self._warned: set[str] = set()
+        # Before the first listing: subtrees listed on demand by lookups, and
+        # folders known to exist whose contents were too many to list at once.
+        self._subtrees: dict[str, Tree] = {}
+        self._known: dict[str, Node] = {}
+        self._probing: dict[str, trio.Event] = {}
 
     def _build(self, objects: list[RemoteObject]) -> Tree:
         return build_tree(objects, folders=[s.prefix for s in self.sources], mtime_ns=time.time_ns())
@@ -98,6 +108,8 @@ class Catalog:
         self.last = RefreshInfo(at=time.time(), ok=True, seconds=time.monotonic() - started,
                                 objects=tree.objects, skipped=len(tree.skipped))
         self.listed.set()
+        self._subtrees.clear()
+        self._known.clear()
         if was_offline:
             log.info("object store reachable again: live listing of %d objects", tree.objects)
         diff = diff_trees(old, tree)
@@ -118,26 +130,130 @@ class Catalog:
 
     async def _list_all(self) -> list[list[RemoteObject]]:
         results: list[list[RemoteObject]] = [[] for _ in self.sources]
-        errors: list[BaseException] = []
-
-        async def one(i: int, source: Source) -> None:
-            try:
-                results[i] = await trio.to_thread.run_sync(self._list_source, source)
-            except RemoteError as e:
-                errors.append(e)
-
+        errors: list[RemoteError] = []
         async with trio.open_nursery() as nursery:
             for i, source in enumerate(self.sources):
-                nursery.start_soon(one, i, source)
+                nursery.start_soon(self._list_source, source, results[i], errors, nursery.cancel_scope)
         if errors:
             raise errors[0]
         return results
 
-    def _list_source(self, source: Source) -> list[RemoteObject]:
+    async def _list_source(self, source: Source, out: list[RemoteObject], errors: list[RemoteError],
+                           cancel: trio.CancelScope) -> None:
+        """Everything under one folder, listing subfolders in parallel.
+
+        Folders are listed by delimiter, breadth first, and their subfolders in
+        parallel; once `_BFS_FOLDERS` folders have been opened that way, deeper
+        subtrees are listed flat (1000 keys a request).  A tree with fan-out
+        (many/d000 ... many/d099) then costs a few round trips instead of one
+        sequential page after another, and a deep tree of tiny folders never
+        costs a request per folder."""
+        limiter = trio.CapacityLimiter(_LIST_CONCURRENCY)
+        opened = [0]
+
+        async def guarded(fn: Callable[..., Awaitable[None]], prefix: str, nursery: trio.Nursery) -> None:
+            try:
+                await fn(prefix, nursery)
+            except RemoteError as e:
+                errors.append(e)
+                cancel.cancel()  # one failed request fails the whole listing
+
+        async def by_folder(prefix: str, nursery: trio.Nursery) -> None:
+            async with limiter:
+                objects, folders = await trio.to_thread.run_sync(self._list_level, source.bucket, prefix)
+            out.extend(objects)
+            for folder in folders:
+                opened[0] += 1
+                fn = by_folder if opened[0] <= _BFS_FOLDERS else flat
+                nursery.start_soon(guarded, fn, folder, nursery)
+
+        async def flat(prefix: str, nursery: trio.Nursery) -> None:
+            async with limiter:
+                objects = await trio.to_thread.run_sync(self._list_flat, source.bucket, prefix)
+            out.extend(objects)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guarded, by_folder, source.prefix, nursery)
+        out.sort(key=lambda o: o.key)
+
+    def _list_level(self, bucket: str, prefix: str) -> tuple[list[RemoteObject], list[str]]:
+        objects: list[RemoteObject] = []
+        folders: list[str] = []
+        for page, prefixes in self.remote.list_pages(bucket, prefix, delimiter=True):
+            objects.extend(page)
+            folders.extend(p for p in prefixes if p != prefix)
+        return objects, folders
+
+    def _list_flat(self, bucket: str, prefix: str) -> list[RemoteObject]:
         out: list[RemoteObject] = []
-        for page in self.remote.list_pages(source):
+        for page, _ in self.remote.list_pages(bucket, prefix):
             out.extend(page)
         return out
+
+    # -- before the first listing: answer lookups on demand ------------------------
+
+    async def lookup(self, parent: str, name: str) -> Node | None:
+        """The node at parent/name.  Before the first listing has finished, a
+        lookup inside a configured folder is answered by listing just that
+        name's subtree (one request), so opening a known path on a huge prefix
+        does not wait for the whole listing."""
+        path = join(parent, name)
+        if self.listed.is_set() or not self._inside_source(path):
+            return self.tree.find(path)
+        return await self._probe(path)
+
+    async def folder(self, path: str) -> DirNode | None:
+        """A whole folder (for readdir): from the tree, or from an early subtree
+        listing that covered it; otherwise after the first listing."""
+        if not self.listed.is_set() and self._inside_source(path):
+            sub = self._covering(path)
+            if sub is not None:
+                node = sub.find(path)
+                return node if isinstance(node, DirNode) else None
+        node = (await self.current()).find(path)
+        return node if isinstance(node, DirNode) else None
+
+    def _inside_source(self, path: str) -> bool:
+        return any((path + "/").startswith(s.prefix) and len(path) + 1 > len(s.prefix)
+                   for s in self.sources)
+
+    def _covering(self, path: str) -> Tree | None:
+        for top, sub in self._subtrees.items():
+            if path == top or path.startswith(top + "/"):
+                return sub
+        return None
+
+    async def _probe(self, path: str) -> Node | None:
+        while True:
+            sub = self._covering(path)
+            if sub is not None:
+                return sub.find(path)
+            if path in self._known:
+                return self._known[path]
+            if self.listed.is_set():
+                return self.tree.find(path)
+            pending = self._probing.get(path)
+            if pending is None:
+                break
+            await pending.wait()
+        self._probing[path] = done = trio.Event()
+        try:
+            source = next(s for s in self.sources if (path + "/").startswith(s.prefix))
+            objects, truncated = await trio.to_thread.run_sync(self.remote.list_some, source.bucket, path)
+            mine = [o for o in objects if o.key == path or o.key.startswith(path + "/")]
+            if not truncated:
+                self._subtrees[path] = build_tree(mine, folders=[s.prefix for s in self.sources],
+                                                  mtime_ns=time.time_ns())
+                return self._subtrees[path].find(path)
+            # Too big to see whole in one request: a folder for sure if keys are
+            # below it; its contents come with the full listing.
+            if any(o.key.startswith(path + "/") for o in mine):
+                self._known[path] = DirNode(path, {}, time.time_ns())
+                return self._known[path]
+            return (await self.current()).find(path)
+        finally:
+            del self._probing[path]
+            done.set()
 
     def _warn_skipped(self, tree: Tree) -> None:
         for s in tree.skipped:

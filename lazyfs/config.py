@@ -84,6 +84,12 @@ class FetchConfig:
     # --verify etag: check unrecorded local copies' content, not just size.
     verify_prebaked: bool = False
 
+    @property
+    def block_size(self) -> int:
+        """The unit of download bookkeeping (and of resume): 1 MiB, so a reader
+        jumping ahead fetches about what it needs, not a whole part."""
+        return min(self.part_size, 1024 * 1024)
+
 
 @dataclass(frozen=True, slots=True)
 class MountConfig:

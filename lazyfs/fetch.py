@@ -1,200 +1,59 @@
 """The download engine: one download per object version, fetched as parallel
 ranged GETs straight into a sparse file in the store, served while it arrives,
-verified, then published.
+verified, then published.  (download.py holds one download's state.)
 
 Concurrency (see also docs/concurrency.md):
-  * Everything here runs on the trio thread except `_fetch_chunk_blocking`,
+  * Everything here runs on the trio thread except `_fetch_blocking`,
     `_finish_blocking` and the store calls, which run in worker threads.
   * `Fetcher._downloads` maps an object version to its one live Download.
     `acquire` checks the store and the registry under a per-version trio.Lock,
     so concurrent first opens share one download and never race a publish.
-  * A Download's chunk states, fill levels and waiters change only on the trio
-    thread.  Worker threads only pwrite their own chunk's byte range into the
-    sparse file and post progress back with `TrioToken.run_sync_soon`.
+  * A Download's block states, requests and waiters change only on the trio
+    thread.  Worker threads only pwrite their own request's byte range into
+    the sparse file and post progress back with `TrioToken.run_sync_soon`.
   * One dispatcher task hands out connection slots (a Semaphore of
-    `max_connections`) by priority: chunks a reader is blocked on first, then
-    downloads someone has open (fewest chunks in flight first, so parallel
+    `max_connections`) by priority: bytes a reader is blocked on first, then
+    downloads someone has open (fewest requests in flight first, so parallel
     readers share), then background prefetch (oldest first).
   * The sparse file's descriptor belongs to the Download and is closed on the
-    trio thread only, once no worker thread and no reader uses it; reads on it
-    are plain preads on the trio thread, so a close can never race a read.
-Crash cases: a chunk is recorded on disk only after an fdatasync, so a resumed
-download trusts exactly the chunks that are really there; a partial file lives
+    trio thread only, once no worker thread, task or reader uses it; reads on
+    it are served on the trio thread, so a close can never race a read.
+Crash cases: a block is recorded on disk only after an fdatasync, so a resumed
+download trusts exactly the blocks that are really there; a partial file lives
 in .lazyfs/tmp under a name no reader ever opens, so it is never served as whole.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import time
-from collections import deque
 from typing import Awaitable, Callable, Union
 
 import trio
 
 from lazyfs import verify
 from lazyfs.budget import Budget
+from lazyfs.download import Download, Request
 from lazyfs.config import FetchConfig
 from lazyfs.errors import (IntegrityError, LazyfsError, ObjectChanged, RemoteError,
                            RemoteUnavailable, StoreError)
 from lazyfs.namespace import RemoteObject
 from lazyfs.remote import Remote
-from lazyfs.store import FileMap, Identity, LocalCopy, Partial, Store
+from lazyfs.store import Identity, LocalCopy, Partial, Store
 
 log = logging.getLogger(__name__)
 
-PENDING, ACTIVE, DONE = 0, 1, 2
-# First bytes of a chunk are posted early so a reader of a file's header
-# waits for one round trip plus 64 KiB, not for a whole 8 MiB chunk.
+# First bytes of a request are posted early so a reader of a file's header
+# waits for one round trip plus 64 KiB, not for a whole 8 MiB request.
 _FIRST_PIECE = 64 * 1024
 _PIECE = 1024 * 1024
-# Chunk completions are made durable (fdatasync + state file) at most this often.
+# Block completions are made durable (fdatasync + state file) at most this often.
 _STATE_EVERY_S = 1.0
 _VERIFY_ATTEMPTS = 2
-
-
-class Download:
-    """The fetch of one object version into a Partial."""
-
-    def __init__(self, fetcher: "Fetcher", obj: RemoteObject, partial: Partial,
-                 background: bool, keep: bool = True) -> None:
-        self.fetcher = fetcher
-        self.obj = obj
-        self.background = background
-        # False: larger than the cache budget; served, then thrown away.
-        self.keep = keep
-        self.readers = 0
-        self.started = time.monotonic()
-        self.error: BaseException | None = None
-        self.complete = False  # verified and published
-        self.finished = trio.Event()  # complete or failed
-        self.cancelled = False  # read by worker threads: stop at the next piece
-        self.threads = 0  # worker threads and bookkeeping tasks using `fd`
-        self.bytes_fetched = 0
-        self.verify_attempts = 0
-        self._fd_closed = False
-        self._state_saved_at = 0.0
-        self._saving = False
-        self._attach(partial)
-
-    def _attach(self, partial: Partial) -> None:
-        self.partial = partial
-        self.fd = partial.fd
-        self.fmap = FileMap(partial.fd, partial.obj.size)
-        self.nchunks = partial.chunks
-        self.part_size = partial.part_size
-        self.state = bytearray(self.nchunks)
-        for i in partial.done:
-            self.state[i] = DONE
-        self.ndone = len(partial.done)
-        self.filled: dict[int, int] = {}
-        self.demand: deque[int] = deque()
-        self.waiters: list[tuple[int, int, trio.Event]] = []
-        self.sweep = 0
-
-    @property
-    def ident(self) -> tuple[str, str, str, int]:
-        return (self.obj.bucket, self.obj.key, self.obj.etag, self.obj.size)
-
-    @property
-    def fetched_bytes(self) -> int:
-        """Bytes of the object on local disk so far."""
-        if self.complete:
-            return self.obj.size
-        total = sum(min(self.part_size, self.obj.size - i * self.part_size)
-                    for i in range(self.nchunks) if self.state[i] == DONE)
-        return total + sum(self.filled.values())
-
-    def chunk_range(self, i: int) -> tuple[int, int]:
-        start = i * self.part_size
-        return start, min(self.obj.size, start + self.part_size)
-
-    # -- readers -------------------------------------------------------------
-
-    def covered(self, start: int, end: int) -> bool:
-        """Are bytes [start, end) on disk?"""
-        if self.complete or end <= start:
-            return True
-        for i in range(start // self.part_size, (end - 1) // self.part_size + 1):
-            st = self.state[i]
-            if st == DONE:
-                continue
-            if st == ACTIVE:
-                c_start, c_end = self.chunk_range(i)
-                if c_start + self.filled.get(i, 0) >= min(end, c_end):
-                    continue
-            return False
-        return True
-
-    async def wait_range(self, start: int, end: int) -> None:
-        """Return once [start, end) is on disk; jump the queue for it."""
-        end = min(end, self.obj.size)
-        if self.error is not None:
-            raise self.error
-        if self.covered(start, end):
-            return
-        for i in range(start // self.part_size, (end - 1) // self.part_size + 1):
-            if self.state[i] == PENDING and i not in self.demand:
-                self.demand.append(i)
-        event = trio.Event()
-        self.waiters.append((start, end, event))
-        self.fetcher.poke()
-        try:
-            with trio.fail_after(self.fetcher.cfg.read_deadline):
-                await event.wait()
-        except trio.TooSlowError:
-            raise RemoteUnavailable(f"{self.obj.uri}: no data for bytes {start}-{end} within "
-                                    f"{self.fetcher.cfg.read_deadline:g} s", bucket=self.obj.bucket,
-                                    key=self.obj.key) from None
-        finally:
-            self.waiters = [w for w in self.waiters if w[2] is not event]
-        if self.error is not None:
-            raise self.error
-
-    def _wake(self) -> None:
-        if not self.waiters:
-            return
-        keep = []
-        for w in self.waiters:
-            if self.error is not None or self.covered(w[0], w[1]):
-                w[2].set()
-            else:
-                keep.append(w)
-        self.waiters = keep
-
-    def add_reader(self) -> None:
-        self.readers += 1
-
-    def drop_reader(self) -> None:
-        self.readers -= 1
-        self._maybe_close_fd()
-
-    # -- scheduling -------------------------------------------------------------
-
-    def next_chunk(self, demanded_only: bool = False) -> int | None:
-        while self.demand:
-            i = self.demand.popleft()
-            if self.state[i] == PENDING:
-                return i
-        if demanded_only:
-            return None
-        while self.sweep < self.nchunks and self.state[self.sweep] != PENDING:
-            self.sweep += 1
-        return self.sweep if self.sweep < self.nchunks else None
-
-    def active_chunks(self) -> int:
-        return len(self.filled)
-
-    def _maybe_close_fd(self) -> None:
-        if self.finished.is_set() and self.threads == 0 and self.readers <= 0 and not self._fd_closed:
-            self._fd_closed = True
-            self.fmap.close()
-            os.close(self.fd)
-            if not self.keep:
-                self.fetcher._spawn(self.fetcher._discard, self.partial)
+# Long first downloads log their progress this often.
+_PROGRESS_EVERY_S = 5.0
 
 
 LocalOrDownload = Union[LocalCopy, Download]
@@ -227,6 +86,7 @@ class Fetcher:
         # Totals for logs and stats.
         self.bytes_from_s3 = 0
         self.gets = 0
+        self.retries = 0
 
     def downloads(self) -> list[Download]:
         return list(self._downloads.values())
@@ -250,7 +110,7 @@ class Fetcher:
         self._closing = True
         live = list(self._downloads.values())
         for dl in live:
-            if dl.ndone < dl.nchunks:  # complete ones are being verified and published: let them
+            if dl.ndone < dl.nblocks:  # complete ones are being verified and published: let them
                 self._fail(dl, _Stopped())
         with trio.move_on_after(grace):
             for dl in live:
@@ -351,7 +211,7 @@ class Fetcher:
     async def _start(self, obj: RemoteObject, background: bool) -> Download:
         keep = await self.budget.reserve(obj) if self.budget is not None else True
         try:
-            partial = await trio.to_thread.run_sync(self.store.open_partial, obj, self.cfg.part_size,
+            partial = await trio.to_thread.run_sync(self.store.open_partial, obj, self.cfg.block_size,
                                                     limiter=self._threads)
         except OSError as e:
             raise StoreError(f"{obj.uri}: cannot create a download file in the store: {e.strerror}",
@@ -359,11 +219,11 @@ class Fetcher:
         dl = Download(self, obj, partial, background, keep)
         self._downloads[dl.ident] = dl
         if dl.partial.done:
-            log.info("%s: resuming download, %d of %d chunks already on disk", obj.uri,
-                     len(dl.partial.done), dl.nchunks)
-        if obj.size == 0 or dl.ndone == dl.nchunks:
-            dl.state[:] = bytes([DONE]) * dl.nchunks
-            dl.ndone = dl.nchunks
+            log.info("%s: resuming download, %d of %d blocks already on disk", obj.uri,
+                     len(dl.partial.done), dl.nblocks)
+        if obj.size == 0 or dl.ndone == dl.nblocks:
+            dl.state[:] = bytes([DONE]) * dl.nblocks
+            dl.ndone = dl.nblocks
             self._spawn(self._finish, dl)
         self.poke()
         return dl
@@ -383,72 +243,59 @@ class Fetcher:
                     break
                 self._work = trio.Event()
                 await self._work.wait()
-            dl, i = picked
-            dl.state[i] = ACTIVE
-            dl.filled[i] = 0
+            dl, req = picked
             dl.threads += 1
-            self._spawn(self._run_chunk, dl, i)
+            self._spawn(self._run_request, dl, req)
 
-    def _pick(self) -> tuple[Download, int] | None:
+    def _pick(self) -> tuple[Download, Request] | None:
         if self._closing:
             return None
         live = [dl for dl in self._downloads.values() if dl.error is None and not dl.cancelled]
-        for dl in live:  # 1: a reader is blocked on this chunk
-            i = dl.next_chunk(demanded_only=True)
-            if i is not None:
-                return dl, i
+        for dl in live:  # 1: a reader is blocked on these bytes
+            req = dl.next_request(demanded_only=True)
+            if req is not None:
+                return dl, req
         fg = sorted((dl for dl in live if not dl.background or dl.readers > 0),
-                    key=lambda d: (d.active_chunks(), d.started))
+                    key=lambda d: (len(d.requests), d.started))
         bg = sorted((dl for dl in live if dl.background and dl.readers <= 0), key=lambda d: d.started)
         for dl in fg + bg:  # 2: open files, sharing; 3: prefetch, oldest first
-            i = dl.next_chunk()
-            if i is not None:
-                return dl, i
+            req = dl.next_request()
+            if req is not None:
+                return dl, req
         return None
 
-    async def _run_chunk(self, dl: Download, i: int) -> None:
+    async def _run_request(self, dl: Download, req: Request) -> None:
         try:
-            await trio.to_thread.run_sync(self._fetch_chunk_blocking, dl, i, limiter=self._threads,
+            await trio.to_thread.run_sync(self._fetch_blocking, dl, req, limiter=self._threads,
                                           abandon_on_cancel=True)
         except BaseException as e:
             dl.threads -= 1
             self._slots.release()
-            if dl.state[i] == ACTIVE:
-                dl.state[i] = PENDING
-                dl.filled.pop(i, None)
+            dl.abandon(req)
             if isinstance(e, Exception):
                 self._fail(dl, e)
-            dl._maybe_close_fd()
+            dl.maybe_close_fd()
             if not isinstance(e, Exception):
                 raise
             return
         dl.threads -= 1
         self._slots.release()
-        dl.state[i] = DONE
-        dl.filled.pop(i, None)
-        dl.ndone += 1
-        dl.partial.done.add(i)
-        dl._wake()
+        self._landed(dl, req, req.end - req.start)
         self.poke()
-        if dl.ndone == dl.nchunks:
+        if dl.ndone == dl.nblocks:
             self._spawn(self._finish, dl)
-        else:
-            self._maybe_save_state(dl)
 
-    def _fetch_chunk_blocking(self, dl: Download, i: int) -> None:
-        """Worker thread: GET one chunk (resuming within it after a broken body)."""
-        start, end = dl.chunk_range(i)
-        pos = start
+    def _fetch_blocking(self, dl: Download, req: Request) -> None:
+        """Worker thread: GET one request's bytes into the sparse file, resuming
+        within it after a broken body (botocore retries only until the headers)."""
+        pos, end = req.start, req.end
         attempt = 0
         token = self._token
         assert token is not None
         while True:
             if dl.cancelled:
                 raise _Stopped()
-            try:
-                stream = self.remote.get_range(dl.obj, pos, end)
-            except RemoteError:
-                raise  # botocore already retried what is retryable before a body arrives
+            stream = self.remote.get_range(dl.obj, pos, end)  # RemoteError: already retried
             token.run_sync_soon(self._count_get)
             try:
                 piece = _FIRST_PIECE
@@ -459,7 +306,8 @@ class Fetcher:
                     piece = _PIECE
                     _pwrite_all(dl.fd, data, pos)
                     pos += len(data)
-                    token.run_sync_soon(self._progress, dl, i, pos - start, len(data))
+                    if pos < end:
+                        token.run_sync_soon(self._landed, dl, req, pos - req.start)
                 return
             except RemoteUnavailable as e:
                 attempt += 1
@@ -468,6 +316,7 @@ class Fetcher:
                 delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
                 log.info("%s: %s; retrying bytes %d-%d in %.1f s (attempt %d of %d)", dl.obj.uri, e,
                          pos, end - 1, delay, attempt + 1, self.cfg.chunk_attempts)
+                self.retries += 1
                 time.sleep(delay)
             finally:
                 stream.close()
@@ -475,15 +324,25 @@ class Fetcher:
     def _count_get(self) -> None:
         self.gets += 1
 
-    def _progress(self, dl: Download, i: int, filled: int, nbytes: int) -> None:
-        self.bytes_from_s3 += nbytes
-        dl.bytes_fetched += nbytes
-        if dl.state[i] == ACTIVE:
-            dl.filled[i] = filled
-            dl._wake()
+    def _landed(self, dl: Download, req: Request, filled: int) -> None:
+        """Progress from a worker: account bytes, complete blocks, wake readers."""
+        new = filled - req.filled
+        if new > 0:
+            self.bytes_from_s3 += new
+            dl.bytes_fetched += new
+        done = dl.progress(req, filled)
+        if done:
+            dl.partial.done.update(done)
+            self._maybe_save_state(dl)
+        now = time.monotonic()
+        if now - dl.last_progress_log >= _PROGRESS_EVERY_S and dl.readers > 0 and not dl.background:
+            dl.last_progress_log = now
+            rate = dl.bytes_fetched / max(now - dl.started, 1e-6)
+            log.info("downloading %s: %.0f%% (%.1f of %.1f MiB, %.1f MB/s)", dl.obj.uri,
+                     100.0 * dl.ndone / dl.nblocks, dl.fetched_bytes / 2**20, dl.obj.size / 2**20, rate / 1e6)
 
     def _maybe_save_state(self, dl: Download) -> None:
-        """Record finished chunks for a resume, at most once per _STATE_EVERY_S
+        """Record finished blocks for a resume, at most once per _STATE_EVERY_S
         (a save that comes too soon is deferred, not dropped)."""
         if dl._saving:
             return
@@ -506,9 +365,9 @@ class Fetcher:
         finally:
             dl._saving = False
             dl.threads -= 1
-            dl._maybe_close_fd()
+            dl.maybe_close_fd()
         if not dl.finished.is_set() and dl.partial.done != snapshot:
-            self._maybe_save_state(dl)  # chunks finished while this save ran
+            self._maybe_save_state(dl)  # blocks finished while this save ran
 
     # -- completion ---------------------------------------------------------------------
 
@@ -564,7 +423,7 @@ class Fetcher:
         old_fd = dl.fd
         try:
             await trio.to_thread.run_sync(self.store.discard, dl.partial, limiter=self._threads)
-            partial = await trio.to_thread.run_sync(self.store.open_partial, dl.obj, self.cfg.part_size,
+            partial = await trio.to_thread.run_sync(self.store.open_partial, dl.obj, self.cfg.block_size,
                                                     limiter=self._threads)
         except OSError as e:
             self._fail(dl, StoreError(f"{dl.obj.uri}: cannot restart download: {e.strerror}", e.errno))
@@ -598,7 +457,7 @@ class Fetcher:
             discard = isinstance(e, (ObjectChanged, IntegrityError))
         dl.threads += 1  # pinned until the cleanup below is done with the file
         self._spawn(self._cleanup_failed, dl, discard)
-        dl._wake()
+        dl.wake()
         self._retire(dl)
 
     async def _cleanup_failed(self, dl: Download, discard: bool) -> None:
@@ -617,7 +476,10 @@ class Fetcher:
             log.warning("%s: cleaning up after a failed download: %s", dl.obj.uri, e.strerror)
         finally:
             dl.threads -= 1
-            dl._maybe_close_fd()
+            dl.maybe_close_fd()
+
+    def discard_later(self, partial: Partial) -> None:
+        self._spawn(self._discard, partial)
 
     async def _discard(self, partial: Partial) -> None:
         try:
@@ -629,8 +491,8 @@ class Fetcher:
         if self._downloads.get(dl.ident) is dl:
             del self._downloads[dl.ident]
         dl.finished.set()
-        dl._wake()
-        dl._maybe_close_fd()
+        dl.wake()
+        dl.maybe_close_fd()
         self.poke()
 
 
@@ -644,7 +506,3 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
-
-
-def chunks_for(size: int, part_size: int) -> int:
-    return max(1, math.ceil(size / part_size))

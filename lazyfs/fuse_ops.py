@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
@@ -94,6 +95,7 @@ class Operations(pyfuse3.Operations):
         self._next_dir = 1
         self.uid = os.getuid()
         self.gid = os.getgid()
+        self.started_ns = time.time_ns()  # the date of folders known before any listing
         # Set once the kernel's INIT request has been answered.
         self.initialized = trio.Event()
 
@@ -122,18 +124,21 @@ class Operations(pyfuse3.Operations):
             a.st_nlink = 2 + (node.nsubdirs if node else 0)
             a.st_size = 0
             a.st_blocks = 0
-            mtime = node.mtime_ns if node else 0
+            mtime = node.mtime_ns if node else self.started_ns
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
         return a
 
-    async def _dir(self, ino: int) -> DirNode:
+    def _dir_path(self, ino: int) -> str:
         ref = self.inodes.get(ino)
         if ref is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if not isinstance(ref, str):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        node = (await self.catalog.current()).find(ref)
-        if not isinstance(node, DirNode):
+        return ref
+
+    async def _dir(self, ino: int) -> DirNode:
+        node = await self.catalog.folder(self._dir_path(ino))
+        if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)  # removed by a refresh
         return node
 
@@ -173,8 +178,7 @@ class Operations(pyfuse3.Operations):
 
     @_translated
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        parent = await self._dir(parent_inode)
-        child = parent.children.get(os.fsdecode(name))
+        child = await self.catalog.lookup(self._dir_path(parent_inode), os.fsdecode(name))
         if child is None:
             miss = pyfuse3.EntryAttributes()
             miss.st_ino = 0  # a negative entry the kernel may cache
@@ -193,7 +197,7 @@ class Operations(pyfuse3.Operations):
         if ref is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if isinstance(ref, str):
-            node = (await self.catalog.current()).find(ref)
+            node = self.catalog.tree.find(ref) if self.catalog.listed.is_set() else None
             return self._attrs(inode, node if isinstance(node, DirNode) else ref)
         return self._attrs(inode, ref)
 
@@ -278,10 +282,17 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         return True
 
-    @_translated
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        # `ls -l` asks for security.selinux and system.posix_acl_access on every
+        # file: answer those on the spot, without the translation wrapper.
+        if name not in XATTRS:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return await self._lazyfs_xattr(inode, name)
+
+    @_translated
+    async def _lazyfs_xattr(self, inode: int, name: bytes) -> bytes:
         ref = self.inodes.get(inode)
-        if not isinstance(ref, RemoteObject) or name not in XATTRS:
+        if not isinstance(ref, RemoteObject):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         if name == b"user.lazyfs.source":
             return ref.uri.encode()

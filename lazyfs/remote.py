@@ -77,19 +77,29 @@ class Remote:
 
     # -- listing -----------------------------------------------------------
 
-    def list_pages(self, source: Source, page_size: int = 1000) -> Iterator[list[RemoteObject]]:
-        """Every object under `source`, one list per page, in key order."""
+    def list_pages(self, bucket: str, prefix: str, delimiter: bool = False,
+                   page_size: int = 1000) -> Iterator[tuple[list[RemoteObject], list[str]]]:
+        """Objects under `prefix` in key order, a page at a time, with the
+        common prefixes ("folders") when listing by `delimiter`."""
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"Bucket": source.bucket, "Prefix": source.prefix,
-                                      "MaxKeys": page_size}
+            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
+            if delimiter:
+                kwargs["Delimiter"] = "/"
             if token:
                 kwargs["ContinuationToken"] = token
-            resp = self._call(self._client.list_objects_v2, source.bucket, source.prefix, **kwargs)
-            yield [self._listed(source.bucket, item) for item in resp.get("Contents", ())]
+            resp = self._call(self._client.list_objects_v2, bucket, prefix, **kwargs)
+            yield ([self._listed(bucket, item) for item in resp.get("Contents", ())],
+                   [p["Prefix"] for p in resp.get("CommonPrefixes", ())])
             token = resp.get("NextContinuationToken")
             if not resp.get("IsTruncated") or not token:
                 return
+
+    def list_some(self, bucket: str, prefix: str, max_keys: int = 1000) -> tuple[list[RemoteObject], bool]:
+        """The first `max_keys` objects under `prefix`, and whether there are more."""
+        resp = self._call(self._client.list_objects_v2, bucket, prefix, Bucket=bucket, Prefix=prefix,
+                          MaxKeys=max_keys)
+        return [self._listed(bucket, item) for item in resp.get("Contents", ())], bool(resp.get("IsTruncated"))
 
     def probe(self, source: Source) -> None:
         """One cheap request proving the bucket exists and the prefix can be listed."""

@@ -197,3 +197,19 @@ def test_memory_stays_bounded_while_streaming(smount, proxy, bucket, s3, fs: FS)
     hwm_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
     # Python, boto3 and the engine take about 80 MiB; the file must not add to it.
     assert hwm_kib < 150 * 1024, f"peak RSS {hwm_kib // 1024} MiB while streaming 96 MiB"
+
+
+def test_opening_a_known_path_does_not_wait_for_the_whole_listing(smount, proxy, bucket, s3, fs: FS):
+    for i in range(30):
+        s3.put_object(Bucket=bucket, Key=f"{P}/many/d{i:02d}/f.bin", Body=b"x")
+    key = f"{P}/llm/weights/model.bin"
+    s3.put_object(Bucket=bucket, Key=key, Body=b"w" * 5000)
+    # The full listing (by folder, with a delimiter) is held back; lookups are not.
+    proxy.add(Fault("delay", method="GET", query={"delimiter": "/"}, seconds=2, times=None))
+    m = smount("--prefix", f"s3://{bucket}/{P}")
+    assert fs.read(m.file(key), timeout=1.9) == b"w" * 5000
+    assert "listed" not in m.log(), "the open waited for the full listing"
+    with pytest.raises(FileNotFoundError):
+        fs.stat(m.file(f"{P}/llm/missing.bin"))
+    wait_until(lambda: "listed 31 objects" in m.log(), timeout=60, what="the full listing")
+    assert len(fs.listdir(m.path / P / "many")) == 30

@@ -72,6 +72,7 @@ class Fault:
     times: int | None = 1  # None: every matching request
     skip: int = 0  # let this many matching requests through first
     min_offset: int | None = None  # only ranged GETs starting at or after this byte
+    query: dict[str, str] | None = None  # only requests with these query parameters
     status: int = 503
     code: str = "SlowDown"
     after: int = 0  # body bytes sent before the fault hits (short: bytes left out)
@@ -88,6 +89,8 @@ class Fault:
         if self.key is not None and self.key != req.key:
             return False
         if self.min_offset is not None and req.range_start() < self.min_offset:
+            return False
+        if self.query is not None and any(req.query.get(k) != v for k, v in self.query.items()):
             return False
         if self.times is not None and self.hits >= self.times:
             return False

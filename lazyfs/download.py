@@ -1,0 +1,239 @@
+"""One object version being fetched: which bytes are on disk, which are on
+their way, and who is waiting for what.
+
+The file is tracked in fixed *blocks* (1 MiB, or the part size if smaller);
+bytes travel in *requests* (ranged GETs) covering runs of pending blocks: up to
+the part size for the sequential sweep, just the blocks a reader waits for
+when it jumps ahead (an mmap-driven loader touching scattered tensors fetches
+those tensors, not 8 MiB around each).
+
+All of this state lives on the trio thread; worker threads only write bytes
+into the sparse file and post progress (see fetch.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+
+from lazyfs.errors import RemoteUnavailable
+from lazyfs.namespace import RemoteObject
+from lazyfs.store import FileMap, Partial
+
+if TYPE_CHECKING:
+    from lazyfs.fetch import Fetcher
+
+PENDING, ACTIVE, DONE = 0, 1, 2
+# A reader waiting on pending bytes gets them in requests of at most this many
+# blocks (what it needs plus a little readahead).
+DEMAND_BLOCKS = 2
+
+
+class Request:
+    """One ranged GET in flight: bytes [start, end), `filled` of them on disk."""
+
+    __slots__ = ("start", "end", "filled", "first_block", "next_block", "started")
+
+    def __init__(self, start: int, end: int, first_block: int) -> None:
+        self.start = start
+        self.end = end
+        self.filled = 0
+        self.first_block = first_block
+        self.next_block = first_block  # the first block not yet DONE
+        self.started = time.monotonic()
+
+
+class Download:
+    """The fetch of one object version into a Partial."""
+
+    def __init__(self, fetcher: "Fetcher", obj: RemoteObject, partial: Partial,
+                 background: bool, keep: bool = True) -> None:
+        self.fetcher = fetcher
+        self.obj = obj
+        self.background = background
+        # False: larger than the cache budget; served, then thrown away.
+        self.keep = keep
+        self.readers = 0
+        self.started = time.monotonic()
+        self.error: BaseException | None = None
+        self.complete = False  # verified and published
+        self.finished = trio.Event()  # complete or failed
+        self.cancelled = False  # read by worker threads: stop at the next piece
+        self.threads = 0  # worker threads and bookkeeping tasks using `fd`
+        self.bytes_fetched = 0
+        self.verify_attempts = 0
+        self.last_progress_log = self.started
+        self._fd_closed = False
+        self._state_saved_at = 0.0
+        self._saving = False
+        self._attach(partial)
+
+    def _attach(self, partial: Partial) -> None:
+        self.partial = partial
+        self.fd = partial.fd
+        self.fmap = FileMap(partial.fd, partial.obj.size)
+        self.block_size = partial.part_size
+        self.nblocks = partial.chunks
+        self.request_blocks = max(1, self.fetcher.cfg.part_size // self.block_size)
+        self.state = bytearray(self.nblocks)
+        for i in partial.done:
+            self.state[i] = DONE
+        self.ndone = len(partial.done)
+        self.owner: dict[int, Request] = {}  # ACTIVE block -> its request
+        self.requests: set[Request] = set()
+        self.demand: deque[int] = deque()
+        self.waiters: list[tuple[int, int, trio.Event]] = []
+        self.sweep = 0
+        # Slow start: one request until the first bytes arrive, so the first
+        # read does not share the server with a dozen others; then full speed.
+        self.ramp = 1
+
+    @property
+    def ident(self) -> tuple[str, str, str, int]:
+        return (self.obj.bucket, self.obj.key, self.obj.etag, self.obj.size)
+
+    @property
+    def fetched_bytes(self) -> int:
+        """Bytes of the object on local disk so far."""
+        if self.complete:
+            return self.obj.size
+        done = sum(self.block_end(i) - i * self.block_size for i in range(self.nblocks)
+                   if self.state[i] == DONE)
+        partly = sum(r.start + r.filled - r.next_block * self.block_size for r in self.requests
+                     if r.start + r.filled > r.next_block * self.block_size)
+        return done + partly
+
+    def block_end(self, i: int) -> int:
+        return min(self.obj.size, (i + 1) * self.block_size)
+
+    # -- readers -------------------------------------------------------------
+
+    def covered(self, start: int, end: int) -> bool:
+        """Are bytes [start, end) on disk?"""
+        if self.complete or end <= start:
+            return True
+        for i in range(start // self.block_size, (end - 1) // self.block_size + 1):
+            st = self.state[i]
+            if st == DONE:
+                continue
+            if st == ACTIVE:
+                req = self.owner[i]
+                if req.start + req.filled >= min(end, self.block_end(i)):
+                    continue
+            return False
+        return True
+
+    async def wait_range(self, start: int, end: int) -> None:
+        """Return once [start, end) is on disk; jump the queue for it."""
+        end = min(end, self.obj.size)
+        if self.error is not None:
+            raise self.error
+        if self.covered(start, end):
+            return
+        for i in range(start // self.block_size, (end - 1) // self.block_size + 1):
+            if self.state[i] == PENDING and i not in self.demand:
+                self.demand.append(i)
+        event = trio.Event()
+        self.waiters.append((start, end, event))
+        self.fetcher.poke()
+        deadline = self.fetcher.cfg.read_deadline
+        try:
+            with trio.fail_after(deadline):
+                await event.wait()
+        except trio.TooSlowError:
+            raise RemoteUnavailable(f"{self.obj.uri}: no data for bytes {start}-{end} within "
+                                    f"{deadline:g} s", bucket=self.obj.bucket, key=self.obj.key) from None
+        finally:
+            self.waiters = [w for w in self.waiters if w[2] is not event]
+        if self.error is not None:
+            raise self.error
+
+    def wake(self) -> None:
+        if not self.waiters:
+            return
+        keep = []
+        for w in self.waiters:
+            if self.error is not None or self.covered(w[0], w[1]):
+                w[2].set()
+            else:
+                keep.append(w)
+        self.waiters = keep
+
+    def add_reader(self) -> None:
+        self.readers += 1
+
+    def drop_reader(self) -> None:
+        self.readers -= 1
+        self.maybe_close_fd()
+
+    # -- scheduling -------------------------------------------------------------
+
+    def next_request(self, demanded_only: bool = False) -> Request | None:
+        """The next run of pending blocks to fetch, marked ACTIVE; None if none
+        is due (nothing pending, or the slow start holds the sweep back)."""
+        while self.demand:
+            i = self.demand.popleft()
+            if self.state[i] == PENDING:
+                return self._claim(i, min(DEMAND_BLOCKS, self.request_blocks))
+        if demanded_only or len(self.requests) >= self.ramp:
+            return None
+        while self.sweep < self.nblocks and self.state[self.sweep] != PENDING:
+            self.sweep += 1
+        if self.sweep >= self.nblocks:
+            return None
+        return self._claim(self.sweep, self.request_blocks)
+
+    def _claim(self, first: int, max_blocks: int) -> Request:
+        last = first
+        while last < self.nblocks and last - first < max_blocks and self.state[last] == PENDING:
+            last += 1
+        req = Request(first * self.block_size, self.block_end(last - 1), first)
+        for i in range(first, last):
+            self.state[i] = ACTIVE
+            self.owner[i] = req
+        self.requests.add(req)
+        return req
+
+    def progress(self, req: Request, filled: int) -> list[int]:
+        """Bytes [req.start, req.start + filled) are on disk: blocks they
+        complete become DONE (returned, for the resume record)."""
+        if req not in self.requests:
+            return []
+        if req.filled == 0 and filled > 0:
+            self.ramp = self.fetcher.cfg.max_connections
+        req.filled = filled
+        done = []
+        while req.next_block * self.block_size < req.end and \
+                self.block_end(req.next_block) <= req.start + filled:
+            i = req.next_block
+            self.state[i] = DONE
+            del self.owner[i]
+            self.ndone += 1
+            done.append(i)
+            req.next_block += 1
+        if req.start + filled >= req.end:
+            self.requests.discard(req)
+        self.wake()
+        return done
+
+    def abandon(self, req: Request) -> None:
+        """A request failed: its blocks not yet on disk are pending again."""
+        self.requests.discard(req)
+        i = req.next_block
+        while i < self.nblocks and self.owner.get(i) is req:
+            self.state[i] = PENDING
+            del self.owner[i]
+            i += 1
+        self.sweep = min(self.sweep, req.next_block)
+
+    def maybe_close_fd(self) -> None:
+        if self.finished.is_set() and self.threads == 0 and self.readers <= 0 and not self._fd_closed:
+            self._fd_closed = True
+            self.fmap.close()
+            os.close(self.fd)
+            if not self.keep:
+                self.fetcher.discard_later(self.partial)
