@@ -9,6 +9,7 @@ stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -16,7 +17,8 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from lazyfs import __version__
-from lazyfs.config import DEFAULT_CACHE_DIR, LOG_LEVELS, bake_config, mount_config, status_config
+from lazyfs.config import (DEFAULT_CACHE_DIR, LOG_LEVELS, bake_config, doctor_config, mount_config,
+                           status_config)
 from lazyfs.errors import ConfigError, LazyfsError, UsageError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -63,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache-max-size", metavar="SIZE",
                    help="keep at most this much fetched data in the store (e.g. 50G), evicting the "
                    "least recently used files nobody has open; prebaked files are never evicted")
+    m.add_argument("--metrics-port", metavar="PORT", type=int,
+                   help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
+    m.add_argument("--metrics-addr", metavar="ADDR", default="127.0.0.1",
+                   help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 to widen)")
     m.add_argument("--refresh", metavar="SECONDS", type=float,
                    help="list the folders again this often to pick up new versions "
                    "(default 60; 0: only on SIGHUP)")
@@ -98,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_args(st)
     st.set_defaults(func=_cmd_status)
 
+    d = sub.add_parser("doctor", help="check what a mount needs, one line each with a fix",
+                       description="Check /dev/fuse, fusermount3, allow_other, the mountpoint, the store, "
+                       "credentials, the endpoint, and that each folder lists.  Exit 0 when all pass.")
+    d.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT",
+                   help=f"as for mount (default: the config's download_files_to, else {DEFAULT_CACHE_DIR})")
+    _add_source_args(d)
+    d.add_argument("--store", metavar="DIR", help="as for mount (default: the mountpoint)")
+    d.add_argument("--allow-other", action="store_true", help="also check that --allow-other can work")
+    _add_log_args(d)
+    d.set_defaults(func=_cmd_doctor)
+
     u = sub.add_parser("umount", help="unmount a lazyfs mount",
                        description="Unmount a lazyfs mount (the daemon then exits 0).")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -122,11 +139,34 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
 def _add_log_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS,
                    help="log verbosity on stderr (default: info)")
+    p.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="text for people, json (one object per line) for log collectors")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the
+    structured fields some lines carry (key, bytes, seconds, mbps, source)."""
+
+    FIELDS = ("event", "key", "bytes", "seconds", "mbps", "source")
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        for name in self.FIELDS:
+            if hasattr(record, name):
+                out[name] = getattr(record, name)
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
     # botocore's debug output carries request headers; keep it out of our logs.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -142,7 +182,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                        max_connections=args.max_connections, env=os.environ,
                        read_ahead=args.read_ahead, prefetch=args.prefetch,
                        prefetch_globs=args.prefetch_glob, refresh=args.refresh,
-                       verify=args.verify, cache_max_size=args.cache_max_size)
+                       verify=args.verify, cache_max_size=args.cache_max_size,
+                       metrics_port=args.metrics_port, metrics_addr=args.metrics_addr)
     return mount.run(cfg)
 
 
@@ -164,6 +205,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
                         addressing_style=args.addressing_style, prebaked=args.prebaked,
                         as_json=args.json, require_all=args.require_all, env=os.environ)
     return status.run(cfg)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from lazyfs import doctor
+
+    cfg = doctor_config(mountpoint=args.mountpoint, config_files=args.config, prefixes=args.prefix,
+                        bucket=args.bucket, endpoint_url=args.endpoint_url,
+                        addressing_style=args.addressing_style, store=args.store,
+                        allow_other=args.allow_other, env=os.environ)
+    return doctor.run(cfg)
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
@@ -190,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     try:
         args = build_parser().parse_args(argv)
-        setup_logging(args.log_level)
+        setup_logging(args.log_level, args.log_format)
         return int(args.func(args))
     except ConfigError as e:
         print(f"lazyfs: error: {e}", file=sys.stderr)

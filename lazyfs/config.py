@@ -109,6 +109,9 @@ class MountConfig:
     refresh: float = DEFAULT_REFRESH_S
     # Bytes of fetched files kept in the store (None: no limit).
     cache_max_size: int | None = None
+    # Prometheus /metrics (None: off).  Loopback unless widened on purpose.
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
@@ -133,6 +136,15 @@ class StatusConfig:
     prebaked: tuple[Path, ...] = ()
     as_json: bool = False
     require_all: bool = False
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class DoctorConfig:
+    sources: tuple[Source, ...]
+    mountpoint: Path
+    store: Path
+    allow_other: bool = False
     remote: RemoteConfig = field(default_factory=RemoteConfig)
 
 
@@ -306,7 +318,8 @@ def mount_config(*, mountpoint: str | None, config_files: Sequence[str], prefixe
                  env: Mapping[str, str], read_ahead: str | None = None,
                  prefetch: bool = False, prefetch_globs: Sequence[str] = (),
                  refresh: float | None = None, verify: str = "size",
-                 cache_max_size: str | None = None) -> MountConfig:
+                 cache_max_size: str | None = None, metrics_port: int | None = None,
+                 metrics_addr: str = "127.0.0.1") -> MountConfig:
     """The whole mount configuration from flags, model.json files and environment."""
     configs = [load_model_json(p) for p in config_files]
     sources = build_sources(configs, prefixes, bucket or env.get("LAZYFS_BUCKET") or None)
@@ -326,8 +339,15 @@ def mount_config(*, mountpoint: str | None, config_files: Sequence[str], prefixe
                        prefetch=prefetch_patterns(prefetch, prefetch_globs),
                        refresh=check_refresh(refresh),
                        cache_max_size=parse_size(cache_max_size, "--cache-max-size") if cache_max_size else None,
+                       metrics_port=check_port(metrics_port), metrics_addr=metrics_addr,
                        remote=remote_config(endpoint_url, addressing_style, env, max_connections),
                        fetch=fetch_config(part_size, max_connections, verify))
+
+
+def check_port(port: int | None) -> int | None:
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"--metrics-port {port} is not a TCP port (1-65535)")
+    return port
 
 
 def check_refresh(value: float | None) -> float:
@@ -401,4 +421,15 @@ def status_config(*, store: str | None, config_files: Sequence[str], prefixes: S
         check_directory(layer, "prebaked layer")
     return StatusConfig(sources=sources, store=path, prebaked=layers,
                         as_json=as_json, require_all=require_all,
+                        remote=remote_config(endpoint_url, addressing_style, env))
+
+
+def doctor_config(*, mountpoint: str | None, config_files: Sequence[str], prefixes: Sequence[str],
+                  bucket: str | None, endpoint_url: str | None, addressing_style: str | None,
+                  store: str | None, allow_other: bool, env: Mapping[str, str]) -> DoctorConfig:
+    configs = [load_model_json(p) for p in config_files]
+    sources = build_sources(configs, prefixes, bucket or env.get("LAZYFS_BUCKET") or None)
+    mnt = resolve_mountpoint(mountpoint, configs)
+    return DoctorConfig(sources=sources, mountpoint=mnt,
+                        store=Path(os.path.abspath(store)) if store else mnt, allow_other=allow_other,
                         remote=remote_config(endpoint_url, addressing_style, env))

@@ -41,6 +41,7 @@ from lazyfs.errors import (IntegrityError, LazyfsError, ObjectChanged, RemoteErr
                            RemoteUnavailable, StoreError)
 from lazyfs.namespace import RemoteObject
 from lazyfs.remote import Remote
+from lazyfs.stats import DOWNLOAD_SECONDS, STATS
 from lazyfs.store import Identity, LocalCopy, Partial, Store
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Fetcher:
         self.bytes_from_s3 = 0
         self.gets = 0
         self.retries = 0
+        self.bytes_published = 0
 
     def downloads(self) -> list[Download]:
         return list(self._downloads.values())
@@ -205,7 +207,9 @@ class Fetcher:
             log.warning("%s: could not reuse an identical local file: %s", obj.uri, e)
             return None
         if copy is not None:
-            log.info("%s: same content as a file already in the store; linked, not downloaded", obj.uri)
+            STATS.linked_files += 1
+            log.info("%s: same content as a file already in the store; linked, not downloaded", obj.uri,
+                     extra={"event": "linked", "key": obj.key, "bytes": obj.size, "source": "store"})
         return copy
 
     async def _start(self, obj: RemoteObject, background: bool) -> Download:
@@ -317,6 +321,7 @@ class Fetcher:
                 log.info("%s: %s; retrying bytes %d-%d in %.1f s (attempt %d of %d)", dl.obj.uri, e,
                          pos, end - 1, delay, attempt + 1, self.cfg.chunk_attempts)
                 self.retries += 1
+                STATS.retries += 1
                 time.sleep(delay)
             finally:
                 stream.close()
@@ -329,6 +334,7 @@ class Fetcher:
         new = filled - req.filled
         if new > 0:
             self.bytes_from_s3 += new
+            STATS.fetched_bytes += new
             dl.bytes_fetched += new
         done = dl.progress(req, filled)
         if done:
@@ -395,8 +401,15 @@ class Fetcher:
         if self.budget is not None and dl.keep:
             self.budget.published(dl.obj)
         elapsed = max(time.monotonic() - dl.started, 1e-6)
-        log.info("fetched %s: %d bytes in %.2f s (%.1f MB/s) from S3", dl.obj.uri,
-                 dl.obj.size, elapsed, dl.bytes_fetched / elapsed / 1e6)
+        STATS.downloads_ok += 1
+        if dl.keep:
+            self.bytes_published += dl.obj.size
+        DOWNLOAD_SECONDS.observe(elapsed)
+        log.info("fetched %s: %d bytes in %.2f s (%.1f MB/s) from S3", dl.obj.uri, dl.obj.size, elapsed,
+                 dl.bytes_fetched / elapsed / 1e6,
+                 extra={"event": "fetched", "key": dl.obj.key, "bytes": dl.obj.size,
+                        "seconds": round(elapsed, 3), "mbps": round(dl.bytes_fetched / elapsed / 1e6, 1),
+                        "source": "s3"})
         self._retire(dl)
 
     def _finish_blocking(self, dl: Download) -> None:
@@ -438,6 +451,7 @@ class Fetcher:
         if dl.error is not None or dl.finished.is_set():
             return
         dl.error = e
+        STATS.downloads_failed += 1
         dl.cancelled = True
         if isinstance(e, _Stopped):
             dl.error = RemoteUnavailable(f"{dl.obj.uri}: download stopped (lazyfs is shutting down)",

@@ -25,6 +25,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.handles import Handles
 from lazyfs.inodes import InodeRef, InodeTable
 from lazyfs.namespace import DirNode, RemoteObject
+from lazyfs.stats import STATS
 from lazyfs.store import Store
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,13 @@ NEGATIVE_TIMEOUT = 5.0
 BLKSIZE = 1024 * 1024
 
 
+# The mount's own status folder at the root: `cat MOUNT/.lazyfs/stats.json`.
+# Hidden from listings (so `find` and `du` never see it), found by name.
+STATUS_DIR = ("status",)
+STATS_FILE = ("status", "stats.json")
+STATUS_NAME = ".lazyfs"
+_VIRTUAL_FH = 1 << 48  # handles of virtual files live above every real one
+
 # Read-only attributes on every file (`getfattr -d` shows them); reading one
 # never starts a download.
 XATTRS = (b"user.lazyfs.state", b"user.lazyfs.source", b"user.lazyfs.etag", b"user.lazyfs.fetched_bytes")
@@ -59,14 +67,17 @@ def _translated(fn: F) -> F:
         except pyfuse3.FUSEError:
             raise
         except LazyfsError as e:
+            STATS.error(e.errno)
             if not getattr(e, "logged", False):
                 log.error("%s: %s (errno %s)", fn.__name__, e, errno.errorcode.get(e.errno, e.errno))
                 e.logged = True  # type: ignore[attr-defined]
             raise pyfuse3.FUSEError(e.errno) from None
         except OSError as e:
+            STATS.error(e.errno or errno.EIO)
             log.error("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except Exception:
+            STATS.error(errno.EIO)
             log.exception("unexpected error in %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
@@ -85,8 +96,11 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, catalog: Catalog, handles: Handles, store: Store) -> None:
+    def __init__(self, catalog: Catalog, handles: Handles, store: Store,
+                 stats_file: Callable[[], bytes] = lambda: b"{}\n") -> None:
         super().__init__()
+        self.stats_file = stats_file
+        self._virtual: dict[int, bytes] = {}
         self.catalog = catalog
         self.handles = handles
         self.store = store
@@ -112,7 +126,13 @@ class Operations(pyfuse3.Operations):
         a.st_uid = self.uid
         a.st_gid = self.gid
         a.st_blksize = BLKSIZE
-        if isinstance(ref, RemoteObject):
+        if ref == STATS_FILE:
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+            a.st_size = len(self.stats_file())
+            a.attr_timeout = a.entry_timeout = 0  # changes all the time
+            mtime = time.time_ns()
+        elif isinstance(ref, RemoteObject):
             a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
             a.st_size = ref.size
@@ -137,6 +157,8 @@ class Operations(pyfuse3.Operations):
         return ref
 
     async def _dir(self, ino: int) -> DirNode:
+        if self.inodes.get(ino) == STATUS_DIR:
+            return DirNode(STATUS_NAME, {"stats.json": STATS_FILE}, time.time_ns())  # type: ignore[dict-item]
         node = await self.catalog.folder(self._dir_path(ino))
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)  # removed by a refresh
@@ -171,14 +193,16 @@ class Operations(pyfuse3.Operations):
                 log.debug("invalidating the pages of %s: %s", obj.uri, e)
 
     @staticmethod
-    def _ref(node: DirNode | RemoteObject) -> InodeRef:
-        return node if isinstance(node, RemoteObject) else node.path
+    def _ref(node: DirNode | RemoteObject | tuple) -> InodeRef:
+        if isinstance(node, (RemoteObject, tuple)):
+            return node
+        return node.path
 
     # -- names -------------------------------------------------------------------
 
     @_translated
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        child = await self.catalog.lookup(self._dir_path(parent_inode), os.fsdecode(name))
+        child = await self._child(parent_inode, os.fsdecode(name))
         if child is None:
             miss = pyfuse3.EntryAttributes()
             miss.st_ino = 0  # a negative entry the kernel may cache
@@ -186,6 +210,14 @@ class Operations(pyfuse3.Operations):
             return miss
         ino = self.inodes.lookup(self._ref(child))
         return self._attrs(ino, child)
+
+    async def _child(self, parent_inode: int, name: str) -> DirNode | RemoteObject | tuple | None:
+        ref = self.inodes.get(parent_inode)
+        if ref == STATUS_DIR:
+            return STATS_FILE if name == "stats.json" else None
+        if ref == "" and name == STATUS_NAME:
+            return STATUS_DIR
+        return await self.catalog.lookup(self._dir_path(parent_inode), name)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
@@ -199,6 +231,8 @@ class Operations(pyfuse3.Operations):
         if isinstance(ref, str):
             node = self.catalog.tree.find(ref) if self.catalog.listed.is_set() else None
             return self._attrs(inode, node if isinstance(node, DirNode) else ref)
+        if ref == STATUS_DIR:
+            return self._attrs(inode, DirNode(STATUS_NAME, {}, time.time_ns()))
         return self._attrs(inode, ref)
 
     # -- directories ----------------------------------------------------------------
@@ -237,6 +271,12 @@ class Operations(pyfuse3.Operations):
         ref = self.inodes.get(inode)
         if ref is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if ref == STATS_FILE:
+            fh = _VIRTUAL_FH + len(self._virtual) + 1
+            while fh in self._virtual:
+                fh += 1
+            self._virtual[fh] = self.stats_file()  # one consistent snapshot per open
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if not isinstance(ref, RemoteObject):
             raise pyfuse3.FUSEError(errno.EISDIR)
         fh = await self.handles.open(ref)
@@ -245,10 +285,14 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     @_translated
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        if fh >= _VIRTUAL_FH:
+            return self._virtual.get(fh, b"")[off:off + size]
         return await self.handles.read(fh, off, size)
 
     async def release(self, fh: int) -> None:
+        if self._virtual.pop(fh, None) is not None:
+            return
         try:
             self.handles.release(fh)
         except OSError as e:

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fetch import Download, Fetcher
 from lazyfs.namespace import RemoteObject
+from lazyfs.stats import STATS
 from lazyfs.store import FileMap, LocalCopy
+
+log = logging.getLogger(__name__)
 
 
 class BadHandle(LazyfsError):
@@ -33,21 +37,12 @@ class OpenFile:
     source: str
 
 
-@dataclass
-class ServedBytes:
-    """Bytes returned to readers, by where they came from."""
-
-    by_source: dict[str, int] = field(default_factory=lambda: {"cached": 0, "prebaked": 0, "s3": 0})
-    hits: int = 0
-    misses: int = 0
-
-
 class Handles:
     def __init__(self, fetcher: Fetcher) -> None:
         self.fetcher = fetcher
         self._open: dict[int, OpenFile] = {}
         self._next = 1
-        self.served = ServedBytes()
+        self._announced: set[tuple[str, str, str]] = set()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -67,11 +62,12 @@ class Handles:
                 os.close(got.fd)
                 raise
             of = OpenFile(obj, got.fd, fmap, None, got.state)
-            self.served.hits += 1
+            STATS.opens_hit += 1
+            self._announce(obj, got)
         else:
             got.add_reader()
             of = OpenFile(obj, -1, None, got, "s3")
-            self.served.misses += 1
+            STATS.opens_miss += 1
         fh = self._next
         self._next += 1
         self._open[fh] = of
@@ -89,8 +85,18 @@ class Handles:
             if not dl.complete:
                 await dl.wait_range(off, off + size)
             data = dl.fmap.read(off, size)
-        self.served.by_source[of.source] += len(data)
+        STATS.served[of.source] += len(data)
         return data
+
+    def _announce(self, obj: RemoteObject, copy: LocalCopy) -> None:
+        """One log line per file and process saying where its bytes come from."""
+        ident = (obj.key, obj.etag, copy.state)
+        if ident in self._announced:
+            return
+        self._announced.add(ident)
+        log.info("serving %s from the %s copy in the %s (%d bytes, no download)", obj.uri, copy.state,
+                 copy.layer.label, obj.size, extra={"event": "local", "key": obj.key, "bytes": obj.size,
+                                                    "source": copy.state})
 
     def release(self, fh: int) -> None:
         of = self._open.pop(fh, None)

@@ -29,6 +29,7 @@ from lazyfs.errors import RemoteError, RemoteUnavailable, StoreError
 from lazyfs.fetch import Fetcher
 from lazyfs.fuse_ops import Operations
 from lazyfs.handles import Handles
+from lazyfs.metrics import MountView, serve_metrics
 from lazyfs.mounttab import MountError, check_mountpoint, set_read_ahead
 from lazyfs.namespace import RemoteObject
 from lazyfs.remote import Remote
@@ -121,8 +122,16 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
     handles = Handles(fetcher)
     if cfg.cache_max_size is not None:
         fetcher.budget = Budget(store, cfg.cache_max_size, handles.is_open)
-    ops = Operations(catalog, handles, store)
+    view = MountView(catalog, fetcher, handles, store, str(cfg.mountpoint))
+    ops = Operations(catalog, handles, store, stats_file=view.snapshot_bytes)
     fetcher.on_bad_data = ops.drop_cached_pages
+    if cfg.metrics_port is not None:
+        try:
+            serve_metrics(view, cfg.metrics_addr, cfg.metrics_port)
+        except OSError as e:
+            raise MountError(f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: "
+                             f"{e.strerror}") from None
+        log.info("metrics at http://%s:%d/metrics", cfg.metrics_addr, cfg.metrics_port)
     stopping = trio.Event()
     warmer = Warmer(catalog, cfg, fetcher)
     refresher = Refresher(catalog, cfg.refresh, [ops.invalidate, warmer.on_change])

@@ -64,7 +64,7 @@ def unmount(path: str | Path, lazy: bool = False) -> None:
         raise MountError(msg[-1] if msg else f"unmounting {path} failed")
 
 
-def _probe_mount(path: Path, timeout: float = 5.0) -> int | None:
+def probe_mount(path: Path, timeout: float = 5.0) -> int | None:
     """statvfs the mount from a helper thread (a hung daemon must not hang us).
     Returns 0 when it answers, the errno when it fails, None on timeout."""
     result: list[int] = []
@@ -87,7 +87,7 @@ def check_mountpoint(path: Path) -> None:
     entry = find_mount(path)
     if entry is None or not entry.fstype.startswith("fuse"):
         return
-    state = _probe_mount(path)
+    state = probe_mount(path)
     if state == errno.ENOTCONN:
         log.warning("%s is a stale mount left by a process that died; unmounting it", path)
         try:

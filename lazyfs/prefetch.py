@@ -20,7 +20,8 @@ import trio
 
 from lazyfs.config import Source
 from lazyfs.errors import LazyfsError
-from lazyfs.fetch import Download, Fetcher
+from lazyfs.download import Download
+from lazyfs.fetch import Fetcher
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import LocalCopy
 

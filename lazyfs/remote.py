@@ -9,6 +9,7 @@ sessions are not).  Every botocore failure leaves this module as one of the
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -21,8 +22,11 @@ from lazyfs.config import RemoteConfig, Source
 from lazyfs.errors import (AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound,
                            RemoteError, RemoteUnavailable)
 from lazyfs.namespace import RemoteObject
+from lazyfs.stats import S3_REQUEST_SECONDS, STATS
 
 log = logging.getLogger(__name__)
+
+_OPS = {"list_objects_v2": "LIST", "get_object": "GET", "head_object": "HEAD"}
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
            "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "403", "Forbidden"}
@@ -74,6 +78,21 @@ class Remote:
         self._client = boto3.session.Session().client(
             "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config)
         self.endpoint = self._client.meta.endpoint_url
+
+    @staticmethod
+    def credential_source(cfg: RemoteConfig) -> tuple[str, str] | None:
+        """Where boto3's chain finds credentials ("env", "shared-credentials-file",
+        "iam-role", "assume-role-with-web-identity", ...) and the access key id
+        with all but its ends masked; None when there are none.  Never the secret."""
+        try:
+            creds = boto3.session.Session().get_credentials()
+        except botocore.exceptions.BotoCoreError as e:
+            raise AccessDenied(f"credentials could not be loaded: {e}") from None
+        if creds is None:
+            return None
+        key = creds.access_key or ""
+        masked = f"{key[:4]}...{key[-4:]}" if len(key) > 8 else "***"
+        return getattr(creds, "method", "unknown"), masked
 
     # -- listing -----------------------------------------------------------
 
@@ -154,10 +173,16 @@ class Remote:
     # -- errors --------------------------------------------------------------
 
     def _call(self, fn: Any, bucket: str, key: str, **kwargs: Any) -> Any:
+        op = _OPS.get(fn.__name__, fn.__name__)
+        started = time.monotonic()
+        STATS.s3_requests[op] += 1
         try:
             return fn(**kwargs)
         except Exception as e:  # translated exhaustively below
+            STATS.s3_errors[op] += 1
             raise self.translate(e, bucket, key) from e
+        finally:
+            S3_REQUEST_SECONDS.labels(op).observe(time.monotonic() - started)
 
     def translate(self, e: BaseException, bucket: str, key: str) -> RemoteError:
         where = f"s3://{bucket}/{key}"

@@ -1,0 +1,178 @@
+"""`lazyfs doctor`: check everything a mount needs, one line each with a fix.
+
+Exit 0 when every check passes (warnings are allowed), 1 otherwise.  Never
+mounts anything and never prints a secret.  LAZYFS_FUSE_DEVICE overrides the
+FUSE device path (to rehearse a host without /dev/fuse).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import sys
+import urllib.parse
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+import trio
+
+from lazyfs.catalog import Catalog
+from lazyfs.config import DoctorConfig
+from lazyfs.errors import LazyfsError
+from lazyfs.mounttab import find_mount, probe_mount
+from lazyfs.remote import Remote
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+
+@dataclass(frozen=True)
+class Check:
+    status: str
+    name: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"{self.status:<4}  {self.name}: {self.detail}"
+        return text + (f" -> fix: {self.fix}" if self.fix and self.status != OK else "")
+
+
+def run(cfg: DoctorConfig, out: TextIO = sys.stdout) -> int:
+    checks: list[Callable[[DoctorConfig], list[Check]]] = [
+        fuse_device, fusermount, allow_other, mountpoint, store, credentials, endpoint, sources]
+    failed = False
+    for check in checks:
+        for result in check(cfg):
+            print(result.line(), file=out, flush=True)
+            failed = failed or result.status == FAIL
+    return 1 if failed else 0
+
+
+def fuse_device(cfg: DoctorConfig) -> list[Check]:
+    dev = os.environ.get("LAZYFS_FUSE_DEVICE", "/dev/fuse")
+    if not os.path.exists(dev):
+        return [Check(FAIL, "fuse device", f"{dev} is missing",
+                      "load the fuse module on the host; in a container add --device /dev/fuse "
+                      "(Kubernetes: privileged, or a FUSE device plugin)")]
+    try:
+        os.close(os.open(dev, os.O_RDWR))
+    except OSError as e:
+        return [Check(FAIL, "fuse device", f"{dev} cannot be opened ({e.strerror})",
+                      "run as root, or give the container --cap-add SYS_ADMIN and the device")]
+    return [Check(OK, "fuse device", f"{dev} present and openable")]
+
+
+def fusermount(cfg: DoctorConfig) -> list[Check]:
+    path = shutil.which("fusermount3")
+    if path is None:
+        return [Check(FAIL, "fusermount3", "not installed", "apt-get install fuse3")]
+    return [Check(OK, "fusermount3", path)]
+
+
+def allow_other(cfg: DoctorConfig) -> list[Check]:
+    if not cfg.allow_other:
+        return []
+    if os.geteuid() == 0:
+        return [Check(OK, "allow_other", "running as root: no /etc/fuse.conf setting needed")]
+    try:
+        with open("/etc/fuse.conf", encoding="utf-8") as f:
+            enabled = any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        enabled = False
+    if not enabled:
+        return [Check(FAIL, "allow_other", "--allow-other needs user_allow_other in /etc/fuse.conf",
+                      "echo user_allow_other >> /etc/fuse.conf")]
+    return [Check(OK, "allow_other", "user_allow_other is set in /etc/fuse.conf")]
+
+
+def mountpoint(cfg: DoctorConfig) -> list[Check]:
+    path = cfg.mountpoint
+    entry = find_mount(path)  # first: stat() of a dead mount fails with ENOTCONN
+    if entry is not None and entry.fstype.startswith("fuse"):
+        state = probe_mount(path)
+        if state == errno.ENOTCONN:
+            return [Check(FAIL, "mountpoint", f"{path} is a stale mount (its daemon died)",
+                          f"fusermount3 -uz {path} (lazyfs mount also cleans it up at start)")]
+        if state is None:
+            return [Check(FAIL, "mountpoint", f"{path} is mounted but not responding", f"fusermount3 -uz {path}")]
+        return [Check(WARN, "mountpoint", f"{path} is already mounted ({entry.fstype}); a second mount "
+                      "would be refused", f"lazyfs umount {path} first")]
+    if not path.exists():
+        return [Check(FAIL, "mountpoint", f"{path} does not exist", f"mkdir -p {path}")]
+    if not path.is_dir():
+        return [Check(FAIL, "mountpoint", f"{path} is not a directory", "choose a directory")]
+    return [Check(OK, "mountpoint", f"{path} exists and is not mounted")]
+
+
+def store(cfg: DoctorConfig) -> list[Check]:
+    path = cfg.store
+    entry = find_mount(path)
+    if entry is not None and entry.fstype.startswith("fuse"):
+        return [Check(WARN, "store", f"{path} is covered by a FUSE mount; its own folder is out of "
+                      "reach from here", "run doctor before mounting, or give --store")]
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    probe = existing / f".lazyfs-doctor-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return [Check(FAIL, "store", f"{existing} is not writable ({e.strerror})",
+                      "fix its permissions or mount options, or give --store a writable folder")]
+    if existing != path:
+        return [Check(OK, "store", f"{path} will be created")]
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    level = OK if free >= 1 << 30 else WARN
+    return [Check(level, "store", f"{path} writable, {free / 2**30:.1f} GiB free",
+                  "free some space or use a bigger volume for the store")]
+
+
+def credentials(cfg: DoctorConfig) -> list[Check]:
+    try:
+        found = Remote.credential_source(cfg.remote)
+    except LazyfsError as e:
+        return [Check(FAIL, "credentials", str(e), "check AWS_* variables and ~/.aws files")]
+    if found is None:
+        return [Check(FAIL, "credentials", "none found in the AWS chain (environment, profiles, "
+                      "container/IRSA roles)", "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                      "AWS_PROFILE, or a role")]
+    method, key = found
+    return [Check(OK, "credentials", f"from {method} (access key {key})")]
+
+
+def endpoint(cfg: DoctorConfig) -> list[Check]:
+    remote = Remote(cfg.remote)
+    url = urllib.parse.urlsplit(remote.endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            pass
+    except OSError as e:
+        return [Check(FAIL, "endpoint", f"{remote.endpoint} unreachable ({e.strerror or e})",
+                      "check --endpoint-url / AWS_ENDPOINT_URL, DNS, network policy and proxies")]
+    return [Check(OK, "endpoint", f"{remote.endpoint} reachable")]
+
+
+def sources(cfg: DoctorConfig) -> list[Check]:
+    remote = Remote(cfg.remote)
+    results = []
+    for source in cfg.sources:
+        try:
+            remote.probe(source)
+            catalog = Catalog(remote, [source])
+            trio.run(catalog.refresh)
+        except LazyfsError as e:
+            results.append(Check(FAIL, f"bucket {source.bucket}", str(e),
+                                 "check the bucket name, region, endpoint and the credentials' permissions"))
+            continue
+        tree = catalog.tree
+        level = OK if tree.objects else WARN
+        results.append(Check(level, f"folder {source.uri}",
+                             f"{tree.objects} objects, {tree.total_bytes / 2**20:.1f} MiB"
+                             + (f" ({len(tree.skipped)} keys skipped as unsafe)" if tree.skipped else ""),
+                             "the folder is empty: check download_files_from"))
+    return results

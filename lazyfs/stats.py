@@ -1,0 +1,55 @@
+"""Counters of what the process did, for the stats file and /metrics.
+
+Plain integers, bumped on the hot paths without locks (the trio thread and
+the worker threads only ever add; a scrape reads whatever is there, which is
+what a scrape of a counter means).  Latency and duration histograms use
+prometheus_client directly: they are recorded once per request, not per read.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+S3_REQUEST_SECONDS = Histogram(
+    "lazyfs_s3_request_seconds", "Time from sending an S3 request to its response headers.",
+    ["op"], registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+DOWNLOAD_SECONDS = Histogram(
+    "lazyfs_download_seconds", "Time to download, verify and publish one file.", registry=REGISTRY,
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
+    # Bytes returned to readers by where they came from: cached (fetched by
+    # lazyfs earlier), prebaked (already on disk), s3 (arriving right now).
+    served: Counter = field(default_factory=Counter)
+    opens_hit: int = 0  # opens served from a local copy
+    opens_miss: int = 0  # opens that started or joined a download
+    s3_requests: Counter = field(default_factory=Counter)  # op -> count
+    s3_errors: Counter = field(default_factory=Counter)  # op -> failed requests
+    fetched_bytes: int = 0  # body bytes received from S3
+    retries: int = 0  # ranged GETs resumed after the body broke off
+    errors: Counter = field(default_factory=Counter)  # errno name -> count, as readers saw them
+    downloads_ok: int = 0
+    downloads_failed: int = 0
+    linked_files: int = 0  # new paths made from identical local files
+
+    def error(self, err: int) -> None:
+        self.errors[errno.errorcode.get(err, str(err))] += 1
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_mono
+
+
+STATS = Stats()

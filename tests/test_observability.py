@@ -1,0 +1,191 @@
+"""End to end (issue 6): state xattrs, the stats file, Prometheus metrics,
+machine-readable logs, and `lazyfs doctor`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lazyfs.testing.proxy import Fault
+from lazyfs.testing.s3server import free_port
+
+from conftest import FS, lazyfs_cli, wait_until
+
+pytestmark = pytest.mark.fuse
+
+P = "models/m"
+PART = 64 * 1024
+
+
+def xattrs(fs: FS, path: Path) -> dict[str, str]:
+    names = fs.run(os.listxattr, str(path))
+    return {n: fs.run(os.getxattr, str(path), n).decode() for n in names}
+
+
+def stats(fs: FS, m) -> dict:
+    return json.loads(fs.read(m.path / ".lazyfs" / "stats.json"))
+
+
+def test_xattrs_and_stats_file_during_and_after_a_download(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    key = f"{P}/w.bin"
+    data = os.urandom(8 * PART)
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    store = tmp_path / "store"
+    (store / P).mkdir(parents=True)
+    (store / f"{P}/baked.bin").write_bytes(b"b" * 10)
+    s3.put_object(Bucket=bucket, Key=f"{P}/baked.bin", Body=b"b" * 10)
+    s3.put_object(Bucket=bucket, Key=f"{P}/remote.bin", Body=b"r" * 10)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", "--max-connections", "1", store=store)
+    before = xattrs(fs, m.file(key))
+    assert before == {"user.lazyfs.state": "remote", "user.lazyfs.source": f"s3://{bucket}/{key}",
+                      "user.lazyfs.etag": s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"'),
+                      "user.lazyfs.fetched_bytes": "0"}
+    assert proxy.count("GET") == 0, "reading attributes downloaded something"
+    assert xattrs(fs, m.file(f"{P}/baked.bin"))["user.lazyfs.state"] == "prebaked"
+    # Hold the download halfway: every request after the 4th block stalls.
+    proxy.add(Fault("stall", key=key, min_offset=4 * PART, seconds=30, times=None))
+    fd = fs.run(os.open, str(m.file(key)), os.O_RDONLY)
+    try:
+        assert fs.run(os.pread, fd, PART, 0) == data[:PART]
+        wait_until(lambda: xattrs(fs, m.file(key))["user.lazyfs.fetched_bytes"] == str(4 * PART),
+                   what="four blocks on disk")
+        assert xattrs(fs, m.file(key))["user.lazyfs.state"] == "downloading"
+        s = stats(fs, m)
+        [inflight] = s["downloads"]["in_flight"]
+        assert inflight["key"] == key and inflight["fetched_bytes"] == 4 * PART
+        assert inflight["percent"] == 50.0 and inflight["readers"] == 1
+        assert s["objects"] == 3 and s["listing"]["ok"] is True and s["cache"]["misses"] == 1
+    finally:
+        fs.run(os.close, fd)
+    proxy.clear_faults()
+    assert fs.read(m.file(key), timeout=60) == data
+    wait_until(lambda: xattrs(fs, m.file(key))["user.lazyfs.state"] == "cached", what="publication")
+    assert xattrs(fs, m.file(key))["user.lazyfs.fetched_bytes"] == str(len(data))
+    s = stats(fs, m)
+    assert s["downloads"]["in_flight"] == [] and s["downloads"]["completed"] == 1
+    assert s["s3"]["bytes_received"] == len(data) and s["s3"]["requests"]["GET"] >= 8
+    assert s["cache"]["served_bytes"]["s3"] >= len(data)
+    assert ".lazyfs" not in fs.listdir(m.path), "the status folder must stay out of listings"
+    with pytest.raises(OSError):
+        fs.run(os.setxattr, str(m.file(key)), "user.lazyfs.state", b"x")
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_move_by_the_expected_amounts(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    a, b = os.urandom(300_000), os.urandom(100_000)
+    s3.put_object(Bucket=bucket, Key=f"{P}/a.bin", Body=a)
+    s3.put_object(Bucket=bucket, Key=f"{P}/b.bin", Body=b)
+    port = free_port()
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--metrics-port", str(port), store=tmp_path / "store")
+    fs.listdir(m.path / P)
+    before = scrape(port)
+    assert before["lazyfs_objects"] == 2 and before["lazyfs_downloads_in_flight"] == 0
+    fs.read(m.file(f"{P}/a.bin"))
+    wait_until(lambda: scrape(port)['lazyfs_downloads_total{outcome="ok"}'] == 1, what="a download")
+    def reread_from_store() -> bytes:
+        with open(m.file(f"{P}/a.bin"), "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # past the kernel's page cache
+            return f.read()
+
+    assert fs.run(reread_from_store) == a  # served from the local copy now
+    proxy.add(Fault("status", key=f"{P}/b.bin", status=403, code="AccessDenied", times=None))
+    with pytest.raises(PermissionError):
+        fs.read(m.file(f"{P}/b.bin"))
+    after = scrape(port)
+    assert after["lazyfs_fetched_bytes_total"] - before.get("lazyfs_fetched_bytes_total", 0) == len(a)
+    assert after['lazyfs_read_bytes_total{source="s3"}'] >= len(a)
+    assert after['lazyfs_read_bytes_total{source="cached"}'] >= len(a)
+    assert after["lazyfs_cache_hits_total"] == 1 and after["lazyfs_cache_misses_total"] == 2
+    assert after['lazyfs_s3_requests_total{op="GET"}'] == 2  # a.bin once, b.bin refused once
+    assert after['lazyfs_s3_request_failures_total{op="GET"}'] == 1
+    assert after['lazyfs_errors_total{errno="EACCES"}'] >= 1
+    assert after['lazyfs_downloads_total{outcome="failed"}'] == 1
+    assert after['lazyfs_s3_request_seconds_count{op="LIST"}'] >= 1
+    assert after["lazyfs_download_seconds_count"] == 1
+    assert after["lazyfs_store_free_bytes"] > 0
+
+
+def test_json_logs_one_line_per_fetch(mount, s3, bucket, fs: FS, tmp_path: Path):
+    s3.put_object(Bucket=bucket, Key=f"{P}/x.bin", Body=b"x" * 1000)
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--log-format", "json", store=store)
+    fs.read(m.file(f"{P}/x.bin"))
+    wait_until(lambda: '"event": "fetched"' in m.log(), what="the fetch line")
+    m.stop()
+    m2 = mount("--prefix", f"s3://{bucket}/{P}", "--log-format", "json", store=store)
+    fs.read(m2.file(f"{P}/x.bin"))
+    wait_until(lambda: '"event": "local"' in m2.log(), what="the local-copy line")
+    lines = [json.loads(line) for line in (m.log() + m2.log()).splitlines()
+             if line.startswith("{") and ("fetched" in line or '"local"' in line)]
+    fetched = [r for r in lines if r.get("event") == "fetched"]
+    local = [r for r in lines if r.get("event") == "local"]
+    assert len(fetched) == 1 and fetched[0]["key"] == f"{P}/x.bin" and fetched[0]["bytes"] == 1000
+    assert fetched[0]["source"] == "s3" and "seconds" in fetched[0] and "mbps" in fetched[0]
+    assert len(local) == 1 and local[0]["source"] == "cached"
+
+
+def doctor(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return lazyfs_cli(["doctor", *args, "--log-level", "error"], env=env, timeout=60)
+
+
+def test_doctor_healthy_and_broken(proxy, s3, bucket, tmp_path: Path):
+    s3.put_object(Bucket=bucket, Key=f"{P}/x.bin", Body=b"x" * 2048)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    base = [str(mnt), "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint]
+    healthy = doctor(base)
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert "ok    fuse device" in healthy.stdout and "1 objects, 0.0 MiB" in healthy.stdout
+    assert "testing" not in healthy.stdout, "the secret must never be printed"
+
+    no_bucket = doctor([str(mnt), "--prefix", "s3://no-such-bucket/x", "--endpoint-url", proxy.endpoint])
+    assert no_bucket.returncode == 1 and "FAIL  bucket no-such-bucket: bucket no-such-bucket does not exist" \
+        in no_bucket.stdout
+
+    bad_endpoint = doctor([str(mnt), "--prefix", f"s3://{bucket}/{P}", "--endpoint-url",
+                           f"http://127.0.0.1:{free_port()}"])
+    assert bad_endpoint.returncode == 1 and "FAIL  endpoint" in bad_endpoint.stdout and "-> fix:" in bad_endpoint.stdout
+
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)], check=True)
+    try:
+        unwritable = doctor(base + ["--store", str(readonly)])
+    finally:
+        subprocess.run(["umount", str(readonly)], check=True)
+    assert unwritable.returncode == 1 and "FAIL  store" in unwritable.stdout and "not writable" in unwritable.stdout
+
+    from lazyfs.testing.s3server import clean_env
+
+    no_fuse = doctor(base, env=clean_env({"LAZYFS_FUSE_DEVICE": str(tmp_path / "no-fuse")}))
+    assert no_fuse.returncode == 1 and "FAIL  fuse device" in no_fuse.stdout and "--device /dev/fuse" in no_fuse.stdout
+
+    env = clean_env()
+    del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    no_creds = doctor(base, env=env)
+    assert no_creds.returncode == 1 and "FAIL  credentials: none found" in no_creds.stdout
+
+    for res in (healthy, no_bucket, bad_endpoint, unwritable, no_fuse, no_creds):
+        assert "Traceback" not in res.stdout + res.stderr
+
+
+def test_doctor_reports_a_stale_mount(mount, bucket, s3, fs: FS):
+    s3.put_object(Bucket=bucket, Key=f"{P}/x.bin", Body=b"x")
+    m = mount("--prefix", f"s3://{bucket}/{P}")
+    m.process.kill()
+    res = doctor([str(m.path), "--prefix", f"s3://{bucket}/{P}"])
+    assert res.returncode == 1 and "stale mount" in res.stdout and "fusermount3 -uz" in res.stdout
