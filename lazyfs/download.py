@@ -22,6 +22,7 @@ import trio
 
 from lazyfs.errors import RemoteUnavailable
 from lazyfs.namespace import RemoteObject
+from lazyfs.remote import ResponseMeta
 from lazyfs.store import FileMap, Partial
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class Download:
         self.bytes_fetched = 0
         self.verify_attempts = 0
         self.last_progress_log = self.started
+        self.meta: ResponseMeta | None = None  # verification hints from a GET's headers
         self._fd_closed = False
         self._state_saved_at = 0.0
         self._saving = False

@@ -26,21 +26,23 @@ in .lazyfs/tmp under a name no reader ever opens, so it is never served as whole
 from __future__ import annotations
 
 import logging
+import contextlib
 import os
 import random
+import threading
 import time
-from typing import Awaitable, Callable, Union
+from typing import Awaitable, Callable, Iterator, Union
 
 import trio
 
 from lazyfs import verify
 from lazyfs.budget import Budget
-from lazyfs.download import Download, Request
+from lazyfs.download import DONE, Download, Request
 from lazyfs.config import FetchConfig
 from lazyfs.errors import (IntegrityError, LazyfsError, ObjectChanged, RemoteError,
                            RemoteUnavailable, StoreError)
 from lazyfs.namespace import RemoteObject
-from lazyfs.remote import Remote
+from lazyfs.remote import Remote, ResponseMeta
 from lazyfs.stats import DOWNLOAD_SECONDS, STATS
 from lazyfs.store import Identity, LocalCopy, Partial, Store
 
@@ -79,7 +81,11 @@ class Fetcher:
         self._verified: dict[tuple, bool] = {}  # --verify etag results for unrecorded copies
         self._locks: dict[tuple[str, str, str, int], list] = {}
         self._slots = trio.Semaphore(cfg.max_connections)
-        self._threads = trio.CapacityLimiter(cfg.max_connections + 4)
+        # Threads: one per ranged GET in flight, and a few for the store (opens,
+        # publishing, verification), so that ten thousand small prefetched files
+        # queueing for the disk never hold up the network, nor the other way round.
+        self._net = trio.CapacityLimiter(cfg.max_connections)
+        self._io = trio.CapacityLimiter(8)
         self._work = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
@@ -129,7 +135,7 @@ class Fetcher:
         dl = self.active(obj)
         if dl is not None:
             return "downloading", dl.fetched_bytes
-        st = await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._threads)
+        st = await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._io)
         return st.state, st.bytes
 
     # -- entry point ----------------------------------------------------------------
@@ -146,7 +152,7 @@ class Fetcher:
                     if not background:
                         dl.background = False
                     return dl
-                copy = await trio.to_thread.run_sync(self.store.find_current, obj, limiter=self._threads)
+                copy = await trio.to_thread.run_sync(self.store.find_current, obj, limiter=self._io)
                 if copy is not None and copy.state == "prebaked" and self.cfg.verify_prebaked:
                     copy = await self._checked_prebaked(obj, copy)
                 if copy is not None:
@@ -169,7 +175,7 @@ class Fetcher:
         """--verify etag: a copy with no identity record is used only if its
         content matches what S3 vouches for; a match is recorded (in the store)
         or remembered (read-only layers), so it is checked once."""
-        ok = await trio.to_thread.run_sync(self._prebaked_ok, obj, copy, limiter=self._threads)
+        ok = await trio.to_thread.run_sync(self._prebaked_ok, obj, copy, limiter=self._io)
         if ok:
             return copy
         os.close(copy.fd)
@@ -202,7 +208,7 @@ class Fetcher:
 
     async def _materialise(self, obj: RemoteObject) -> LocalCopy | None:
         try:
-            copy = await trio.to_thread.run_sync(self.store.materialise, obj, limiter=self._threads)
+            copy = await trio.to_thread.run_sync(self.store.materialise, obj, limiter=self._io)
         except (OSError, StoreError) as e:
             log.warning("%s: could not reuse an identical local file: %s", obj.uri, e)
             return None
@@ -216,7 +222,7 @@ class Fetcher:
         keep = await self.budget.reserve(obj) if self.budget is not None else True
         try:
             partial = await trio.to_thread.run_sync(self.store.open_partial, obj, self.cfg.block_size,
-                                                    limiter=self._threads)
+                                                    limiter=self._io)
         except OSError as e:
             raise StoreError(f"{obj.uri}: cannot create a download file in the store: {e.strerror}",
                              e.errno) from None
@@ -270,7 +276,7 @@ class Fetcher:
 
     async def _run_request(self, dl: Download, req: Request) -> None:
         try:
-            await trio.to_thread.run_sync(self._fetch_blocking, dl, req, limiter=self._threads,
+            await trio.to_thread.run_sync(self._fetch_blocking, dl, req, limiter=self._net,
                                           abandon_on_cancel=True)
         except BaseException as e:
             dl.threads -= 1
@@ -300,6 +306,8 @@ class Fetcher:
             if dl.cancelled:
                 raise _Stopped()
             stream = self.remote.get_range(dl.obj, pos, end)  # RemoteError: already retried
+            if dl.meta is None or stream.meta.checksum is not None:
+                dl.meta = stream.meta  # read at verification time, on the trio side
             token.run_sync_soon(self._count_get)
             try:
                 piece = _FIRST_PIECE
@@ -364,7 +372,7 @@ class Fetcher:
             snapshot = frozenset(dl.partial.done)
             if not dl.finished.is_set():
                 dl._state_saved_at = time.monotonic()
-                await trio.to_thread.run_sync(dl.partial.save_state, snapshot, limiter=self._threads)
+                await trio.to_thread.run_sync(dl.partial.save_state, snapshot, limiter=self._io)
         except OSError as e:
             log.warning("%s: could not record download progress: %s", dl.obj.uri, e.strerror)
             snapshot = frozenset(dl.partial.done)  # do not retry in a loop
@@ -380,7 +388,7 @@ class Fetcher:
     async def _finish(self, dl: Download) -> None:
         dl.threads += 1
         try:
-            await trio.to_thread.run_sync(self._finish_blocking, dl, limiter=self._threads)
+            await trio.to_thread.run_sync(self._finish_blocking, dl, limiter=self._io)
         except IntegrityError as e:
             dl.threads -= 1
             dl.verify_attempts += 1
@@ -413,8 +421,12 @@ class Fetcher:
         self._retire(dl)
 
     def _finish_blocking(self, dl: Download) -> None:
+        with _lower_priority():
+            self._verify_and_publish(dl)
+
+    def _verify_and_publish(self, dl: Download) -> None:
         if dl.obj.size:
-            exp = self._expectation(dl.obj)
+            exp = self._expectation(dl.obj, dl.meta)
             if exp is not None:
                 verify.check(dl.fd, dl.obj.size, exp, dl.obj.uri, lambda: dl.cancelled)
                 log.debug("%s: verified %s", dl.obj.uri, exp.describe())
@@ -427,17 +439,23 @@ class Fetcher:
         except OSError as e:
             raise StoreError(f"{dl.obj.uri}: cannot publish into the store: {e.strerror}", e.errno) from None
 
-    def _expectation(self, obj: RemoteObject) -> verify.Expectation | None:
-        info = self.remote.head(obj.bucket, obj.key, etag=obj.etag)
-        return verify.choose(obj.etag, info.checksum, info.etag_is_md5,
-                             lambda: self.remote.part_size(obj))
+    def _expectation(self, obj: RemoteObject, meta: ResponseMeta | None = None) -> verify.Expectation | None:
+        """What S3 vouches for.  The GETs' own headers usually say enough; a HEAD
+        is sent only when the listing shows a checksum the GETs did not carry
+        (ranged responses never do), or when no GET was made."""
+        checksum = meta.checksum if meta else None
+        etag_is_md5 = meta.etag_is_md5 if meta else None
+        if etag_is_md5 is None or (checksum is None and obj.checksum_algorithm):
+            info = self.remote.head(obj.bucket, obj.key, etag=obj.etag)
+            checksum, etag_is_md5 = info.checksum, info.etag_is_md5
+        return verify.choose(obj.etag, checksum, etag_is_md5, lambda: self.remote.part_size(obj))
 
     async def _restart(self, dl: Download) -> None:
         old_fd = dl.fd
         try:
-            await trio.to_thread.run_sync(self.store.discard, dl.partial, limiter=self._threads)
+            await trio.to_thread.run_sync(self.store.discard, dl.partial, limiter=self._io)
             partial = await trio.to_thread.run_sync(self.store.open_partial, dl.obj, self.cfg.block_size,
-                                                    limiter=self._threads)
+                                                    limiter=self._io)
         except OSError as e:
             self._fail(dl, StoreError(f"{dl.obj.uri}: cannot restart download: {e.strerror}", e.errno))
             return
@@ -482,10 +500,10 @@ class Fetcher:
             if dl.threads > 1:
                 return  # a stuck thread may still write: leave its file alone
             if discard:
-                await trio.to_thread.run_sync(self.store.discard, dl.partial, limiter=self._threads)
+                await trio.to_thread.run_sync(self.store.discard, dl.partial, limiter=self._io)
             else:
                 await trio.to_thread.run_sync(dl.partial.save_state, frozenset(dl.partial.done),
-                                              limiter=self._threads)
+                                              limiter=self._io)
         except OSError as e:
             log.warning("%s: cleaning up after a failed download: %s", dl.obj.uri, e.strerror)
         finally:
@@ -497,7 +515,7 @@ class Fetcher:
 
     async def _discard(self, partial: Partial) -> None:
         try:
-            await trio.to_thread.run_sync(self.store.discard, partial, limiter=self._threads)
+            await trio.to_thread.run_sync(self.store.discard, partial, limiter=self._io)
         except OSError as e:
             log.warning("%s: could not remove a temporary download: %s", partial.obj.uri, e.strerror)
 
@@ -512,6 +530,26 @@ class Fetcher:
 
 class _Stopped(Exception):
     """A worker thread noticed its download was cancelled."""
+
+
+@contextlib.contextmanager
+def _lower_priority() -> Iterator[None]:
+    """Hash a finished download at a lower CPU priority than the downloads and
+    readers still running (this thread only; as root, so it can be restored)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    tid = threading.get_native_id()
+    old = os.getpriority(os.PRIO_PROCESS, tid)
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, old + 10))
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.setpriority(os.PRIO_PROCESS, tid, old)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

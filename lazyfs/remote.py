@@ -8,6 +8,8 @@ sessions are not).  Every botocore failure leaves this module as one of the
 
 from __future__ import annotations
 
+import calendar
+import email.utils
 import logging
 import time
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Any, Iterator
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.session
 import urllib3.exceptions
 
 from lazyfs.config import RemoteConfig, Source
@@ -42,6 +45,15 @@ _BODY_ERRORS = (botocore.exceptions.ReadTimeoutError, botocore.exceptions.Incomp
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseMeta:
+    """What a GET's headers say about verification: whether the ETag can be an
+    MD5 (not with SSE-KMS or SSE-C), and the full-object checksum if given."""
+
+    etag_is_md5: bool
+    checksum: tuple[str, str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
 class HeadInfo:
     """What a HEAD tells beyond the listing."""
 
@@ -57,8 +69,19 @@ def _etag(raw: str) -> str:
     return raw.strip('"')
 
 
-def _mtime_ns(dt: Any) -> int:
-    return int(dt.timestamp()) * 1_000_000_000
+def _mtime_ns(value: Any) -> int:
+    """Last-Modified as integer seconds in ns.  botocore hands timestamps over
+    unparsed (see Remote.__init__): ISO 8601 in listings, an HTTP date in
+    HEAD and GET responses."""
+    if isinstance(value, str):
+        if value[:4].isdigit():  # 2026-12-01T21:33:43.000Z
+            secs = calendar.timegm((int(value[0:4]), int(value[5:7]), int(value[8:10]),
+                                    int(value[11:13]), int(value[14:16]), int(value[17:19])))
+        else:  # Tue, 01 Dec 2026 21:33:43 GMT
+            parsed = email.utils.parsedate(value)
+            secs = calendar.timegm(parsed) if parsed else 0
+        return secs * 1_000_000_000
+    return int(value.timestamp()) * 1_000_000_000
 
 
 class Remote:
@@ -75,7 +98,11 @@ class Remote:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        self._client = boto3.session.Session().client(
+        core = botocore.session.get_session()
+        # botocore parses every timestamp with dateutil: three quarters of the
+        # CPU a 1000-key listing costs.  We read one field and parse it ourselves.
+        core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+        self._client = boto3.session.Session(botocore_session=core).client(
             "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config)
         self.endpoint = self._client.meta.endpoint_url
 
@@ -162,13 +189,21 @@ class Remote:
     def get_range(self, obj: RemoteObject, start: int, end: int) -> "RangeStream":
         """Stream bytes [start, end) of exactly the version `obj` names: the GET
         carries If-Match on its ETag, so a replaced object fails with
-        ObjectChanged instead of mixing two versions."""
-        kwargs: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key,
-                                  "Range": f"bytes={start}-{end - 1}"}
+        ObjectChanged instead of mixing two versions.  A request for the whole
+        object asks for its checksum too (S3 returns none for a range), which
+        spares the HEAD verification would otherwise need."""
+        whole = start == 0 and end == obj.size
+        kwargs: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key}
+        if whole:
+            kwargs["ChecksumMode"] = "ENABLED"
+        else:
+            kwargs["Range"] = f"bytes={start}-{end - 1}"
         if obj.etag:
             kwargs["IfMatch"] = f'"{obj.etag}"'
         resp = self._call(self._client.get_object, obj.bucket, obj.key, **kwargs)
-        return RangeStream(resp["Body"], obj, start, end)
+        sse_ok = (resp.get("ServerSideEncryption") or "") in ("", "AES256") and not resp.get("SSECustomerAlgorithm")
+        meta = ResponseMeta(etag_is_md5=sse_ok, checksum=_checksum_of(resp) if whole else None)
+        return RangeStream(resp["Body"], obj, start, end, meta)
 
     # -- errors --------------------------------------------------------------
 
@@ -233,11 +268,12 @@ class RangeStream:
     """The body of one ranged GET.  Read errors (a reset, a stalled connection
     hitting the read timeout, a short body) surface as RemoteUnavailable."""
 
-    def __init__(self, body: Any, obj: RemoteObject, start: int, end: int) -> None:
+    def __init__(self, body: Any, obj: RemoteObject, start: int, end: int, meta: ResponseMeta) -> None:
         self._body = body
         self._obj = obj
         self.start = start
         self.end = end
+        self.meta = meta
         self.received = 0
 
     def read(self, n: int) -> bytes:

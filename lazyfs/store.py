@@ -170,13 +170,14 @@ class FileMap:
     read of a cached file faster than pread.  Touched pages count towards the
     process's RSS, so the mapping's page table entries are dropped
     (MADV_DONTNEED: the page cache itself stays) every `_DROP_EVERY` bytes
-    served, keeping RSS bounded whatever the file size.
+    served, keeping RSS bounded whatever the file size and however many
+    files are being read.
 
     Caveat: a file truncated in place under the mapping (nobody should edit
     the store while it is mounted) would raise SIGBUS.
     """
 
-    _DROP_EVERY = 32 * 1024 * 1024
+    _DROP_EVERY = 8 * 1024 * 1024
 
     def __init__(self, fd: int, size: int) -> None:
         self._mm = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
@@ -221,7 +222,11 @@ class LocalCopy:
 
 class Partial:
     """A download in progress: a sparse file of the object's full size in
-    .lazyfs/tmp, plus a record of which fixed-size chunks are on disk."""
+    .lazyfs/tmp, plus a record of which fixed-size blocks are on disk.
+
+    The record names the sparse file's inode: a record can then only ever
+    describe the file it was written for, even if a late write of it races
+    the removal of a failed download and a fresh one under the same name."""
 
     def __init__(self, store: "Store", obj: RemoteObject, fd: int, part_size: int,
                  done: set[int]) -> None:
@@ -231,6 +236,7 @@ class Partial:
         self.part_size = part_size
         self.done = done
         self.name = store.partial_name(obj)
+        self.ino = os.fstat(fd).st_ino
 
     @property
     def chunks(self) -> int:
@@ -242,7 +248,8 @@ class Partial:
         `done` is a snapshot: the caller's set may change while this runs."""
         os.fdatasync(self.fd)
         state = {"v": 1, "bucket": self.obj.bucket, "key": self.obj.key, "etag": self.obj.etag,
-                 "size": self.obj.size, "part_size": self.part_size, "done": sorted(done)}
+                 "size": self.obj.size, "part_size": self.part_size, "ino": self.ino,
+                 "done": sorted(done)}
         self.store._write_small(self.name + ".json", json.dumps(state).encode())
 
 
@@ -408,6 +415,9 @@ class Store:
                     state.get("size")) != (1, obj.bucket, obj.key, obj.etag, obj.size) or size <= 0 \
                     or (part_size is not None and size != part_size):
                 return set(), 0
+            part = os.stat(name + ".part", dir_fd=self._tmp_fd, follow_symlinks=False)
+            if part.st_ino != state.get("ino") or part.st_size != obj.size:
+                return set(), 0  # the record is not about this file
             nchunks = max(1, -(-obj.size // size))
             done = {int(i) for i in state.get("done", ()) if 0 <= int(i) < nchunks}
             return done, sum(min(size, obj.size - i * size) for i in done)
@@ -415,9 +425,15 @@ class Store:
             return set(), 0
 
     def discard(self, partial: Partial) -> None:
-        """Remove a download's files (its descriptor stays with the caller)."""
-        self._remove(partial.name + ".part")
-        self._remove(partial.name + ".json")
+        """Remove a download's files (its descriptor stays with the caller) --
+        unless a newer download of the same version owns the name by now."""
+        try:
+            st = os.stat(partial.name + ".part", dir_fd=self._tmp_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if st.st_ino == partial.ino:
+            self._remove(partial.name + ".part")
+            self._remove(partial.name + ".json")
 
     def publish(self, partial: Partial, origin: str = "fetch") -> None:
         """Make a complete, verified download the current copy at its key path:

@@ -115,6 +115,24 @@ def test_partial_resume_only_for_the_same_version(store: Store) -> None:
     store.discard(other_chunking)
 
 
+def test_a_late_record_never_describes_a_newer_download(store: Store, tmp_path: Path) -> None:
+    data = b"0123456789"
+    o = obj("r/f", data)
+    old = store.open_partial(o, 4)
+    old.done.add(0)
+    store.discard(old)  # the download failed and was cleaned up...
+    fresh = store.open_partial(o, 4)
+    old.save_state(old.done)  # ...but a save of the old one lands after that
+    os.close(fresh.fd)
+    again = store.open_partial(o, 4)
+    assert again.done == set(), "resumed from a record written for another file"
+    store.discard(old)  # the old download's cleanup must not remove the newer files
+    part = tmp_path / "store" / ".lazyfs" / "tmp" / (again.name + ".part")
+    assert part.exists() and part.stat().st_ino == again.ino
+    os.close(again.fd)
+    os.close(old.fd)
+
+
 def test_publish_refuses_wrong_size(store: Store) -> None:
     o = obj("w/f", b"abc")
     p = store.open_partial(o, 4)
