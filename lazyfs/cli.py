@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prebaked", metavar="DIR", action="append", default=[],
                    help="read-only folder of files already on disk, same layout (repeatable)")
     m.add_argument("--allow-other", action="store_true", help="let other users read the mount")
-    m.add_argument("--part-size", metavar="SIZE", help="bytes per ranged GET (default 8MiB)")
-    m.add_argument("--max-connections", metavar="N", type=int,
-                   help="ranged GETs in flight at once (default 16)")
+    _add_transfer_args(m)
+    m.add_argument("--read-deadline", metavar="SECONDS", type=float,
+                   help="longest a read waits for its bytes before failing with EIO (default 60)")
     m.add_argument("--prefetch", action="store_true",
                    help="as soon as the mount is up, fetch every file in the background at the full "
                    "parallel rate; files someone is reading go first")
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache-max-size", metavar="SIZE",
                    help="keep at most this much fetched data in the store (e.g. 50G), evicting the "
                    "least recently used files nobody has open; prebaked files are never evicted")
+    m.add_argument("--memory-limit", metavar="SIZE",
+                   help="memory for mapped file pages and transfer buffers, on top of Python's own "
+                   "(~100 MiB); fewer parallel GETs when small (default 256MiB)")
     m.add_argument("--metrics-port", metavar="PORT", type=int,
                    help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
     m.add_argument("--metrics-addr", metavar="ADDR", default="127.0.0.1",
@@ -84,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_args(b)
     b.add_argument("--to", metavar="DIR", help="target folder (default: the config's "
                    f"download_files_to, else {DEFAULT_CACHE_DIR})")
-    b.add_argument("--part-size", metavar="SIZE", help="bytes per ranged GET (default 8MiB)")
-    b.add_argument("--max-connections", metavar="N", type=int,
-                   help="ranged GETs in flight at once (default 16)")
+    _add_transfer_args(b)
     _add_log_args(b)
     b.set_defaults(func=_cmd_bake)
 
@@ -136,6 +137,17 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
                    help="bucket addressing (default: path with --endpoint-url, else auto)")
 
 
+def _add_transfer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--part-size", metavar="SIZE", help="bytes per ranged GET (default 8MiB)")
+    p.add_argument("--max-connections", metavar="N", type=int,
+                   help="ranged GETs in flight at once (default 16)")
+    p.add_argument("--retries", metavar="N", type=int,
+                   help="retries of a failed request, with exponential backoff and jitter (default 4)")
+    p.add_argument("--read-timeout", metavar="SECONDS", type=float,
+                   help="a response that sends no byte for this long is a stalled connection, "
+                   "retried (default 20)")
+
+
 def _add_log_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS,
                    help="log verbosity on stderr (default: info)")
@@ -183,7 +195,9 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                        read_ahead=args.read_ahead, prefetch=args.prefetch,
                        prefetch_globs=args.prefetch_glob, refresh=args.refresh,
                        verify=args.verify, cache_max_size=args.cache_max_size,
-                       metrics_port=args.metrics_port, metrics_addr=args.metrics_addr)
+                       metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
+                       retries=args.retries, read_timeout=args.read_timeout,
+                       read_deadline=args.read_deadline, memory_limit=args.memory_limit)
     return mount.run(cfg)
 
 
@@ -193,7 +207,8 @@ def _cmd_bake(args: argparse.Namespace) -> int:
     cfg = bake_config(target=args.to, config_files=args.config, prefixes=args.prefix,
                       bucket=args.bucket, endpoint_url=args.endpoint_url,
                       addressing_style=args.addressing_style, part_size=args.part_size,
-                      max_connections=args.max_connections, log_level=args.log_level, env=os.environ)
+                      max_connections=args.max_connections, log_level=args.log_level, env=os.environ,
+                      retries=args.retries, read_timeout=args.read_timeout)
     return bake.run(cfg)
 
 

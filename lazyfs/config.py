@@ -25,6 +25,7 @@ MODEL_JSON_KEYS = ("download_files_from", "download_files_to")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_READ_AHEAD = 1024 * 1024
 DEFAULT_REFRESH_S = 60.0
+DEFAULT_MEMORY_LIMIT = 256 * 1024 * 1024
 
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
@@ -57,6 +58,7 @@ class RemoteConfig:
     addressing_style: str = "auto"
     # botocore's own retries (standard mode: exponential backoff with jitter,
     # covers 5xx, SlowDown, throttling and connection errors before the body).
+    # 5 attempts ride out the usual brief S3 hiccups in about 5 seconds.
     max_attempts: int = 5
     connect_timeout: float = 5.0
     # A body that delivers no byte for this long is a stalled connection.
@@ -109,6 +111,10 @@ class MountConfig:
     refresh: float = DEFAULT_REFRESH_S
     # Bytes of fetched files kept in the store (None: no limit).
     cache_max_size: int | None = None
+    # What the process may use beyond Python and boto3 themselves (about
+    # 100 MiB): mapped pages of files being read and buffers of the ranged
+    # GETs in flight (see mount.apply_memory_limit).
+    memory_limit: int = DEFAULT_MEMORY_LIMIT
     # Prometheus /metrics (None: off).  Loopback unless widened on purpose.
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
@@ -319,7 +325,9 @@ def mount_config(*, mountpoint: str | None, config_files: Sequence[str], prefixe
                  prefetch: bool = False, prefetch_globs: Sequence[str] = (),
                  refresh: float | None = None, verify: str = "size",
                  cache_max_size: str | None = None, metrics_port: int | None = None,
-                 metrics_addr: str = "127.0.0.1") -> MountConfig:
+                 metrics_addr: str = "127.0.0.1", retries: int | None = None,
+                 read_timeout: float | None = None, read_deadline: float | None = None,
+                 memory_limit: str | None = None) -> MountConfig:
     """The whole mount configuration from flags, model.json files and environment."""
     configs = [load_model_json(p) for p in config_files]
     sources = build_sources(configs, prefixes, bucket or env.get("LAZYFS_BUCKET") or None)
@@ -340,8 +348,19 @@ def mount_config(*, mountpoint: str | None, config_files: Sequence[str], prefixe
                        refresh=check_refresh(refresh),
                        cache_max_size=parse_size(cache_max_size, "--cache-max-size") if cache_max_size else None,
                        metrics_port=check_port(metrics_port), metrics_addr=metrics_addr,
-                       remote=remote_config(endpoint_url, addressing_style, env, max_connections),
-                       fetch=fetch_config(part_size, max_connections, verify))
+                       memory_limit=check_memory(memory_limit),
+                       remote=remote_config(endpoint_url, addressing_style, env, max_connections, retries,
+                                            read_timeout),
+                       fetch=fetch_config(part_size, max_connections, verify, retries, read_deadline))
+
+
+def check_memory(value: str | None) -> int:
+    if value is None:
+        return DEFAULT_MEMORY_LIMIT
+    limit = parse_size(value, "--memory-limit")
+    if limit < 32 * 1024 * 1024:
+        raise ConfigError(f"--memory-limit {value} is too small (at least 32MiB)")
+    return limit
 
 
 def check_port(port: int | None) -> int | None:
@@ -369,18 +388,35 @@ def prefetch_patterns(everything: bool, globs: Sequence[str]) -> tuple[str, ...]
 
 
 def remote_config(endpoint_url: str | None, addressing_style: str | None, env: Mapping[str, str],
-                  max_connections: int | None = None) -> RemoteConfig:
+                  max_connections: int | None = None, retries: int | None = None,
+                  read_timeout: float | None = None) -> RemoteConfig:
     endpoint = remote_endpoint(endpoint_url, env)
     style = addressing_style or ("path" if endpoint else "auto")
     if style not in ("auto", "path", "virtual"):
         raise ConfigError(f"addressing style \"{style}\" is not one of auto, path, virtual")
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
     pool = (max_connections or FetchConfig().max_connections) + 8
+    dflt = RemoteConfig()
+    attempts = check_retries(retries)
+    timeout = dflt.read_timeout if read_timeout is None else read_timeout
+    if not 0 < timeout <= 3600:
+        raise ConfigError(f"--read-timeout {read_timeout} must be between 0 and 3600 seconds")
     return RemoteConfig(endpoint_url=endpoint, region=region, addressing_style=style,
-                        max_pool_connections=pool)
+                        max_pool_connections=pool, max_attempts=attempts, read_timeout=timeout)
 
 
-def fetch_config(part_size: str | None, max_connections: int | None, verify: str = "size") -> FetchConfig:
+def check_retries(retries: int | None) -> int:
+    """--retries N: attempts per request (botocore's, and ours for a body that
+    broke off mid-way) -- N retries mean N + 1 attempts."""
+    if retries is None:
+        return RemoteConfig().max_attempts
+    if not 0 <= retries <= 20:
+        raise ConfigError(f"--retries {retries} must be between 0 and 20")
+    return retries + 1
+
+
+def fetch_config(part_size: str | None, max_connections: int | None, verify: str = "size",
+                 retries: int | None = None, read_deadline: float | None = None) -> FetchConfig:
     cfg = FetchConfig()
     size = parse_size(part_size, "--part-size") if part_size else cfg.part_size
     if size < 64 * 1024:
@@ -390,22 +426,27 @@ def fetch_config(part_size: str | None, max_connections: int | None, verify: str
         raise ConfigError(f"--max-connections {conns} must be between 1 and 256")
     if verify not in ("size", "etag"):
         raise ConfigError(f"--verify {verify} must be size or etag")
-    return FetchConfig(part_size=size, max_connections=conns, chunk_attempts=cfg.chunk_attempts,
-                       read_deadline=cfg.read_deadline, verify_prebaked=verify == "etag")
+    deadline = cfg.read_deadline if read_deadline is None else read_deadline
+    if not 0 < deadline <= 86400:
+        raise ConfigError(f"--read-deadline {read_deadline} must be between 0 and 86400 seconds")
+    return FetchConfig(part_size=size, max_connections=conns, chunk_attempts=check_retries(retries),
+                       read_deadline=deadline, verify_prebaked=verify == "etag")
 
 
 def bake_config(*, target: str | None, config_files: Sequence[str], prefixes: Sequence[str],
                 bucket: str | None, endpoint_url: str | None, addressing_style: str | None,
                 part_size: str | None, max_connections: int | None, log_level: str,
-                env: Mapping[str, str]) -> BakeConfig:
+                env: Mapping[str, str], retries: int | None = None,
+                read_timeout: float | None = None) -> BakeConfig:
     configs = [load_model_json(p) for p in config_files]
     sources = build_sources(configs, prefixes, bucket or env.get("LAZYFS_BUCKET") or None)
     to = resolve_mountpoint(target, configs)
     if to.exists():
         check_directory(to, "--to folder")
     return BakeConfig(sources=sources, target=to, log_level=log_level,
-                      remote=remote_config(endpoint_url, addressing_style, env, max_connections),
-                      fetch=fetch_config(part_size, max_connections))
+                      remote=remote_config(endpoint_url, addressing_style, env, max_connections, retries,
+                                           read_timeout),
+                      fetch=fetch_config(part_size, max_connections, retries=retries))
 
 
 def status_config(*, store: str | None, config_files: Sequence[str], prefixes: Sequence[str],

@@ -69,6 +69,7 @@ class Download:
         self.verify_attempts = 0
         self.last_progress_log = self.started
         self.meta: ResponseMeta | None = None  # verification hints from a GET's headers
+        self.lock_fd = -1  # the store lock that makes this process the version's one downloader
         self._fd_closed = False
         self._state_saved_at = 0.0
         self._saving = False

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import contextlib
+import errno
 import os
 import random
 import threading
@@ -37,9 +38,10 @@ import trio
 
 from lazyfs import verify
 from lazyfs.budget import Budget
+from lazyfs.coop import ForeignDownload
 from lazyfs.download import DONE, Download, Request
 from lazyfs.config import FetchConfig
-from lazyfs.errors import (IntegrityError, LazyfsError, ObjectChanged, RemoteError,
+from lazyfs.errors import (IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, RemoteError,
                            RemoteUnavailable, StoreError)
 from lazyfs.namespace import RemoteObject
 from lazyfs.remote import Remote, ResponseMeta
@@ -59,7 +61,7 @@ _VERIFY_ATTEMPTS = 2
 _PROGRESS_EVERY_S = 5.0
 
 
-LocalOrDownload = Union[LocalCopy, Download]
+LocalOrDownload = Union[LocalCopy, Download, ForeignDownload]
 
 
 class Fetcher:
@@ -78,6 +80,8 @@ class Fetcher:
         # start): a file with no local copy then fails at once.
         self.offline: Callable[[], bool] = lambda: False
         self._downloads: dict[tuple[str, str, str, int], Download] = {}
+        # Versions another process on the same store is downloading (coop.py).
+        self._foreign: dict[tuple[str, str, str, int], ForeignDownload] = {}
         self._verified: dict[tuple, bool] = {}  # --verify etag results for unrecorded copies
         self._locks: dict[tuple[str, str, str, int], list] = {}
         self._slots = trio.Semaphore(cfg.max_connections)
@@ -132,7 +136,7 @@ class Fetcher:
         """(state, bytes on disk) for operators: "downloading", or the store's
         view ("cached", "prebaked", "partial", "stale", "missing").  Never
         fetches anything."""
-        dl = self.active(obj)
+        dl = self.active(obj) or self._foreign.get((obj.bucket, obj.key, obj.etag, obj.size))
         if dl is not None:
             return "downloading", dl.fetched_bytes
         st = await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._io)
@@ -152,6 +156,9 @@ class Fetcher:
                     if not background:
                         dl.background = False
                     return dl
+                follower = self._foreign.get(ident)
+                if follower is not None:
+                    return follower
                 copy = await trio.to_thread.run_sync(self.store.find_current, obj, limiter=self._io)
                 if copy is not None and copy.state == "prebaked" and self.cfg.verify_prebaked:
                     copy = await self._checked_prebaked(obj, copy)
@@ -218,7 +225,21 @@ class Fetcher:
                      extra={"event": "linked", "key": obj.key, "bytes": obj.size, "source": "store"})
         return copy
 
-    async def _start(self, obj: RemoteObject, background: bool) -> Download:
+    async def _start(self, obj: RemoteObject, background: bool) -> Download | ForeignDownload:
+        lock = await trio.to_thread.run_sync(self.store.lock_download, obj, limiter=self._io)
+        if lock is None:  # another process on this store is fetching this version
+            follower = ForeignDownload(self, obj)
+            self._foreign[(obj.bucket, obj.key, obj.etag, obj.size)] = follower
+            self._spawn(follower.follow)
+            return follower
+        try:
+            return await self.start_locked(obj, lock, background)
+        except BaseException:
+            await trio.to_thread.run_sync(self.store.unlock_download, obj, lock, limiter=self._io)
+            raise
+
+    async def start_locked(self, obj: RemoteObject, lock: int, background: bool) -> Download:
+        """Start (or resume) the download of `obj`, holding its store lock."""
         keep = await self.budget.reserve(obj) if self.budget is not None else True
         try:
             partial = await trio.to_thread.run_sync(self.store.open_partial, obj, self.cfg.block_size,
@@ -227,6 +248,7 @@ class Fetcher:
             raise StoreError(f"{obj.uri}: cannot create a download file in the store: {e.strerror}",
                              e.errno) from None
         dl = Download(self, obj, partial, background, keep)
+        dl.lock_fd = lock
         self._downloads[dl.ident] = dl
         if dl.partial.done:
             log.info("%s: resuming download, %d of %d blocks already on disk", obj.uri,
@@ -466,27 +488,36 @@ class Fetcher:
         self.poke()
 
     def _fail(self, dl: Download, e: BaseException, discard: bool | None = None) -> None:
+        """End a download: readers waiting get the error (its errno), one log
+        line names the object and the cause, and the files are cleaned up."""
         if dl.error is not None or dl.finished.is_set():
             return
-        dl.error = e
         STATS.downloads_failed += 1
         dl.cancelled = True
+        if isinstance(e, OSError) and not isinstance(e, LazyfsError):
+            # A local write failed (ENOSPC most often): say which file and where.
+            e = StoreError(f"{dl.obj.uri}: cannot write it to the store {self.store.root.path}: "
+                           f"{e.strerror}", e.errno or errno.EIO)
         if isinstance(e, _Stopped):
-            dl.error = RemoteUnavailable(f"{dl.obj.uri}: download stopped (lazyfs is shutting down)",
-                                         bucket=dl.obj.bucket, key=dl.obj.key)
-        elif isinstance(e, ObjectChanged):
-            log.warning("%s: changed in the object store during the download; the new version "
-                        "will be fetched on the next open", dl.obj.uri)
+            e = RemoteUnavailable(f"{dl.obj.uri}: download stopped (lazyfs is shutting down)",
+                                  bucket=dl.obj.bucket, key=dl.obj.key)
+        elif isinstance(e, (ObjectChanged, ObjectNotFound)):
+            log.warning("%s: %s during the download; listing again", dl.obj.uri,
+                        "changed in the object store" if isinstance(e, ObjectChanged) else "deleted")
             if self.on_changed is not None:
                 self.on_changed(dl.obj)
         elif isinstance(e, LazyfsError):
             log.error("download of %s failed: %s", dl.obj.uri, e)
         else:
             log.error("download of %s failed unexpectedly", dl.obj.uri, exc_info=e)
+        e.logged = True  # type: ignore[attr-defined]  # readers need not log it again
+        dl.error = e
         if discard is None:
-            # A changed object or bad bytes are worthless; an interrupted
+            # A changed or deleted object, bad bytes, or a full disk: the
+            # partial file is worthless (or in the way).  An interrupted
             # download of the right version is resumed by the next open.
-            discard = isinstance(e, (ObjectChanged, IntegrityError))
+            discard = isinstance(e, (ObjectChanged, ObjectNotFound, IntegrityError)) or \
+                (isinstance(e, StoreError) and e.errno == errno.ENOSPC)
         dl.threads += 1  # pinned until the cleanup below is done with the file
         self._spawn(self._cleanup_failed, dl, discard)
         dl.wake()
@@ -510,6 +541,9 @@ class Fetcher:
             dl.threads -= 1
             dl.maybe_close_fd()
 
+    async def _unlock(self, obj: RemoteObject, fd: int) -> None:
+        await trio.to_thread.run_sync(self.store.unlock_download, obj, fd, limiter=self._io)
+
     def discard_later(self, partial: Partial) -> None:
         self._spawn(self._discard, partial)
 
@@ -522,6 +556,9 @@ class Fetcher:
     def _retire(self, dl: Download) -> None:
         if self._downloads.get(dl.ident) is dl:
             del self._downloads[dl.ident]
+        if dl.lock_fd >= 0:  # other processes may now use (or take over) this version
+            self._spawn(self._unlock, dl.obj, dl.lock_fd)
+            dl.lock_fd = -1
         dl.finished.set()
         dl.wake()
         dl.maybe_close_fd()

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ from lazyfs.metrics import MountView, serve_metrics
 from lazyfs.mounttab import MountError, check_mountpoint, set_read_ahead
 from lazyfs.namespace import RemoteObject
 from lazyfs.remote import Remote
-from lazyfs.store import Layer, Store
+from lazyfs.store import FileMap, Layer, Store
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,22 @@ def raise_fd_limit() -> None:
             log.debug("could not raise the descriptor limit: %s", e)
 
 
+def apply_memory_limit(cfg: MountConfig) -> MountConfig:
+    """Split --memory-limit: a quarter for mapped pages of files being read,
+    half for ranged GETs in flight (about 2 MiB each: a 1 MiB piece being
+    written plus socket buffers); fewer connections if it must."""
+    FileMap.set_budget(cfg.memory_limit // 4)
+    conns = max(1, min(cfg.fetch.max_connections, (cfg.memory_limit // 2) // (2 << 20)))
+    if conns < cfg.fetch.max_connections:
+        log.info("--memory-limit %d MiB allows %d parallel GETs", cfg.memory_limit >> 20, conns)
+        cfg = dataclasses.replace(cfg, fetch=dataclasses.replace(cfg.fetch, max_connections=conns))
+    return cfg
+
+
 def run(cfg: MountConfig) -> int:
     """Mount and serve until stopped.  Returns the exit code."""
     raise_fd_limit()
+    cfg = apply_memory_limit(cfg)
     check_mountpoint(cfg.mountpoint)
     store = open_store(cfg)
     try:

@@ -26,6 +26,7 @@ All methods block: call them from worker threads.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -178,6 +179,18 @@ class FileMap:
     """
 
     _DROP_EVERY = 8 * 1024 * 1024
+    # Across all mappings: after this many bytes served, every mapping that
+    # served any drops its entries, so hundreds of open files cannot add up.
+    # Set from --memory-limit (see set_budget).  Reads run on the trio
+    # thread only, so these class-level counters need no lock.
+    _GLOBAL_EVERY = 64 * 1024 * 1024
+    _recent = 0
+    _dirty: set["FileMap"] = set()
+
+    @classmethod
+    def set_budget(cls, nbytes: int) -> None:
+        cls._GLOBAL_EVERY = max(4 * 1024 * 1024, nbytes)
+        cls._DROP_EVERY = min(cls._DROP_EVERY, cls._GLOBAL_EVERY)
 
     def __init__(self, fd: int, size: int) -> None:
         self._mm = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
@@ -185,14 +198,26 @@ class FileMap:
         self._served = 0
 
     def read(self, off: int, size: int) -> memoryview:
-        if self._served >= self._DROP_EVERY and self._mm is not None:
-            self._served = 0
-            self._mm.madvise(mmap.MADV_DONTNEED)
+        if self._served >= self._DROP_EVERY:
+            self._drop()
+        if FileMap._recent >= FileMap._GLOBAL_EVERY:
+            FileMap._recent = 0
+            for fmap in list(FileMap._dirty):
+                fmap._drop()
         data = self._view[off:off + size]
         self._served += len(data)
+        FileMap._recent += len(data)
+        FileMap._dirty.add(self)
         return data
 
+    def _drop(self) -> None:
+        self._served = 0
+        FileMap._dirty.discard(self)
+        if self._mm is not None:
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
+        FileMap._dirty.discard(self)
         self._view.release()
         if self._mm is not None:
             try:
@@ -389,6 +414,7 @@ class Store:
             done = set()
             self._remove(name + ".json")
             self._remove(name + ".part")
+            self._check_space(obj)
             fd = self._create(name + ".part", flags)
             try:
                 os.ftruncate(fd, obj.size)
@@ -397,6 +423,70 @@ class Store:
                 self._remove(name + ".part")
                 raise
         return Partial(self, obj, fd, part_size, done)
+
+    # -- one download per version across processes sharing this store -------------
+
+    def lock_download(self, obj: RemoteObject) -> int | None:
+        """Become the one process downloading this version: an exclusive flock
+        on tmp/<id>.lock, or None when another process holds it.  The kernel
+        drops the lock when its holder dies, so a crash never blocks others."""
+        name = self.partial_name(obj) + ".lock"
+        while True:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=self._tmp_fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            try:
+                # The previous holder unlinks the name when done: make sure the
+                # file locked is the one the name still points to.
+                if os.stat(name, dir_fd=self._tmp_fd, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def unlock_download(self, obj: RemoteObject, fd: int) -> None:
+        try:
+            os.unlink(self.partial_name(obj) + ".lock", dir_fd=self._tmp_fd)  # while still held
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+    def foreign_progress(self, obj: RemoteObject) -> tuple[int, set[int], int] | None:
+        """(inode, blocks on disk, block size) of a download of `obj` another
+        process records in this store, or None."""
+        name = self.partial_name(obj)
+        done, _ = self._resumable_chunks(name, obj, None)
+        try:
+            fd = os.open(name + ".json", _FILE_FLAGS, dir_fd=self._tmp_fd)
+            with os.fdopen(fd, "rb") as f:
+                state = json.loads(f.read(1 << 24))
+            return int(state["ino"]), done, int(state["part_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def open_foreign_part(self, obj: RemoteObject, ino: int) -> int | None:
+        """A read-only descriptor of another process's download file, if it is
+        still the file `ino` names."""
+        try:
+            fd = os.open(self.partial_name(obj) + ".part", _FILE_FLAGS, dir_fd=self._tmp_fd)
+        except OSError:
+            return None
+        if os.fstat(fd).st_ino != ino:
+            os.close(fd)
+            return None
+        return fd
+
+    def _check_space(self, obj: RemoteObject) -> None:
+        """Refuse a download that cannot fit, before fetching a byte of it."""
+        st = os.statvfs(self._tmp_fd)
+        free = st.f_bavail * st.f_frsize
+        if obj.size > free:
+            raise StoreError(f"{obj.uri}: needs {obj.size / 2**20:.1f} MiB but the store "
+                             f"{self.root.path} has {free / 2**20:.1f} MiB free", errno.ENOSPC)
 
     def _create(self, name: str, flags: int) -> int:
         # 0600: a download in progress is nobody else's business, and a

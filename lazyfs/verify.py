@@ -66,7 +66,8 @@ class _Crc:
 
 def _hasher(algorithm: str) -> Any | None:
     if algorithm == "CRC32":
-        return _Crc(lambda d, v: zlib.crc32(d, v), 4)
+        fn = _crt("crc32")
+        return _Crc(fn if fn else (lambda d, v: zlib.crc32(d, v)), 4)
     if algorithm == "CRC32C":
         fn = _crt("crc32c")
         return _Crc(fn, 4) if fn else None

@@ -1,0 +1,186 @@
+"""Several lazyfs processes on one store (two pods sharing a node's cache, a
+mount and a `lazyfs bake`): each version is fetched once, by whichever
+process takes its download lock first (store.lock_download).
+
+The others follow that download through the store: the owner records the
+blocks it has made durable (at most a second behind), so a reader here is
+served from the owner's sparse file as the bytes land, and from the published
+file once it is done.  If the owner dies or gives up, its lock is released by
+the kernel and the next poll here takes the download over, resuming from the
+blocks on disk.  Files are only ever written by the lock's holder, so nothing
+is written twice or torn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from lazyfs.download import Download
+from lazyfs.errors import RemoteUnavailable
+from lazyfs.namespace import RemoteObject
+from lazyfs.store import FileMap, LocalCopy
+
+if TYPE_CHECKING:
+    from lazyfs.fetch import Fetcher
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2
+
+
+class ForeignDownload:
+    """Another process's download of one version, as readers here see it (the
+    same surface as Download: wait_range, fmap, complete, finished, error)."""
+
+    def __init__(self, fetcher: "Fetcher", obj: RemoteObject) -> None:
+        self.fetcher = fetcher
+        self.obj = obj
+        self.readers = 0
+        self.background = True
+        self.started = time.monotonic()
+        self.complete = False
+        self.error: BaseException | None = None
+        self.finished = trio.Event()
+        self.delegate: Download | None = None  # after a takeover
+        self._local: LocalCopy | None = None
+        self._local_map: FileMap | None = None
+        self._part_fd = -1
+        self._part_map: FileMap | None = None
+        self._done: set[int] = set()
+        self._block = 1
+        self._changed = trio.Event()
+
+    # -- the Download surface ------------------------------------------------------
+
+    @property
+    def fmap(self) -> FileMap:
+        if self.delegate is not None:
+            return self.delegate.fmap
+        if self._local_map is not None:
+            return self._local_map
+        assert self._part_map is not None, "read before wait_range"
+        return self._part_map
+
+    @property
+    def fetched_bytes(self) -> int:
+        if self.delegate is not None:
+            return self.delegate.fetched_bytes
+        if self.complete:
+            return self.obj.size
+        return sum(min(self._block, self.obj.size - i * self._block) for i in self._done)
+
+    def covered(self, start: int, end: int) -> bool:
+        if self.complete or end <= start:
+            return True
+        if self._part_map is None:
+            return False
+        return all(i in self._done for i in range(start // self._block, (end - 1) // self._block + 1))
+
+    async def wait_range(self, start: int, end: int) -> None:
+        end = min(end, self.obj.size)
+        deadline = trio.current_time() + self.fetcher.cfg.read_deadline
+        while True:
+            if self.delegate is not None:
+                await self.delegate.wait_range(start, end)
+                return
+            if self.error is not None:
+                raise self.error
+            if self.covered(start, end):
+                return
+            with trio.move_on_at(deadline) as scope:
+                await self._changed.wait()
+            if scope.cancelled_caught:
+                raise RemoteUnavailable(f"{self.obj.uri}: another lazyfs process is downloading it and "
+                                        f"bytes {start}-{end} did not arrive within "
+                                        f"{self.fetcher.cfg.read_deadline:g} s",
+                                        bucket=self.obj.bucket, key=self.obj.key)
+
+    def add_reader(self) -> None:
+        self.readers += 1
+        if self.delegate is not None:
+            self.delegate.add_reader()
+
+    def drop_reader(self) -> None:
+        self.readers -= 1
+        if self.delegate is not None:
+            self.delegate.drop_reader()
+        self._maybe_close()
+
+    # -- following the owner ---------------------------------------------------------
+
+    async def follow(self) -> None:
+        """Poll the store until the owner publishes, or take over if it is gone."""
+        log.info("%s is being downloaded by another lazyfs process on this store; following it",
+                 self.obj.uri)
+        try:
+            while not self.finished.is_set():
+                verdict = await trio.to_thread.run_sync(self._poll, limiter=self.fetcher._io)
+                if verdict == "published":
+                    self.complete = True
+                    break
+                if isinstance(verdict, int):  # we hold the lock now
+                    await self._take_over(verdict)
+                    break
+                self._wake()
+                await trio.sleep(POLL_S)
+        except Exception as e:  # the store failed us: readers get the error, not a hang
+            self.error = e
+        finally:
+            self.finished.set()
+            self._wake()
+            self.fetcher._foreign.pop((self.obj.bucket, self.obj.key, self.obj.etag, self.obj.size), None)
+            self._maybe_close()
+
+    def _poll(self) -> str | int:
+        """Worker thread: "published", "running", or our lock descriptor."""
+        store = self.fetcher.store
+        copy = store.find_current(self.obj)
+        if copy is not None:
+            self._local = copy
+            self._local_map = FileMap(copy.fd, self.obj.size)
+            return "published"
+        lock = store.lock_download(self.obj)
+        if lock is not None:
+            return lock
+        progress = store.foreign_progress(self.obj)
+        if progress is not None:
+            ino, done, block = progress
+            if self._part_map is None:
+                fd = store.open_foreign_part(self.obj, ino)
+                if fd is not None:
+                    self._part_fd, self._part_map = fd, FileMap(fd, self.obj.size)
+            self._done, self._block = done, block
+        return "running"
+
+    async def _take_over(self, lock_fd: int) -> None:
+        log.info("%s: the process downloading it is gone; continuing its download here", self.obj.uri)
+        dl = await self.fetcher.start_locked(self.obj, lock_fd, background=self.readers <= 0)
+        for _ in range(self.readers):
+            dl.add_reader()
+        self.delegate = dl
+        self._wake()
+        await dl.finished.wait()
+        self.complete, self.error = dl.complete, dl.error
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _maybe_close(self) -> None:
+        if self.readers > 0 or not self.finished.is_set():
+            return
+        for fmap in (self._part_map, self._local_map):
+            if fmap is not None:
+                fmap.close()
+        self._part_map = self._local_map = None
+        if self._part_fd >= 0:
+            os.close(self._part_fd)
+            self._part_fd = -1
+        if self._local is not None:
+            os.close(self._local.fd)
+            self._local = None

@@ -1,0 +1,488 @@
+"""End to end (issue 5): every fault injected for real through the proxy, or
+on the local disk, with the outcome a reader sees and what the mount logs."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from lazyfs.testing.proxy import Fault
+
+from conftest import FS, wait_until
+
+pytestmark = pytest.mark.fuse
+
+P = "models/m"
+PART = 64 * 1024
+FAST = ("--retries", "2", "--read-timeout", "1", "--read-deadline", "20")
+
+
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+@pytest.fixture
+def obj(s3, bucket):
+    data = os.urandom(6 * PART + 123)
+    s3.put_object(Bucket=bucket, Key=f"{P}/w.bin", Body=data)
+    return f"{P}/w.bin", data
+
+
+@pytest.fixture
+def fmount(mount, tmp_path: Path, bucket):
+    """A mount of the test folder with small parts and short timeouts."""
+
+    def start(*extra: str, **kw):  # type: ignore[no-untyped-def]
+        kw.setdefault("store", tmp_path / "store")
+        return mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", *FAST, *extra, **kw)
+
+    return start
+
+
+@pytest.mark.parametrize("fault", [
+    Fault("status", status=503, code="SlowDown", times=3),
+    Fault("status", status=500, code="InternalError", times=2),
+    Fault("reset", after=20_000, times=2),
+    Fault("short", after=10_000, times=2),
+    Fault("stall", after=5_000, seconds=5, times=1),
+    Fault("stall", after=0, seconds=5, times=1),
+], ids=["503-slowdown", "500", "reset-mid-body", "short-body", "stall-mid-body", "stall-no-bytes"])
+def test_transient_faults_are_retried_and_the_bytes_are_right(fmount, proxy, obj, fs: FS, fault: Fault):
+    key, data = obj
+    fault.key = key
+    proxy.add(fault)
+    m = fmount()
+    assert sha(fs.read(m.file(key), timeout=30)) == sha(data)
+    assert any(r["fault"] == fault.kind for r in proxy.requests("GET", key)), "the fault never fired"
+    assert "Traceback" not in m.log()
+
+
+@pytest.mark.parametrize("fault, err", [
+    (Fault("status", status=503, code="SlowDown", times=None), errno.EIO),
+    (Fault("reset", after=1000, times=None), errno.EIO),
+    (Fault("stall", after=0, seconds=30, times=None), errno.EIO),
+    (Fault("status", status=403, code="AccessDenied", times=None), errno.EACCES),
+], ids=["5xx-forever", "resets-forever", "stalls-forever", "403"])
+def test_persistent_faults_fail_in_bounded_time_and_the_mount_survives(fmount, proxy, obj, fs: FS, fault, err):
+    key, data = obj
+    fault.key = key
+    proxy.add(fault)
+    m = fmount()
+    started = time.monotonic()
+    with pytest.raises(OSError) as info:
+        fs.read(m.file(key), timeout=60)
+    assert info.value.errno == err
+    assert time.monotonic() - started < 40, "the reader waited without bound"
+    failures = [ln for ln in m.log().splitlines() if "ERROR" in ln and key in ln]
+    assert failures and all("testing" not in ln for ln in failures), "credentials in a log line"
+    proxy.clear_faults()
+    assert sha(fs.read(m.file(key), timeout=30)) == sha(data), "the mount did not recover"
+
+
+def test_an_object_gone_since_the_listing_gives_enoent_and_is_dropped(fmount, proxy, obj, s3, bucket, fs: FS):
+    key, _ = obj
+    m = fmount()
+    assert key.rsplit("/", 1)[1] in fs.listdir(m.path / P)
+    s3.delete_object(Bucket=bucket, Key=key)
+    with pytest.raises(FileNotFoundError):
+        fs.read(m.file(key))
+    wait_until(lambda: "w.bin" not in fs.listdir(m.path / P), what="the entry to be dropped")
+    assert "deleted during the download" in m.log()
+
+
+def test_a_full_disk_gives_enospc_and_leaves_other_files_intact(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    store = tmp_path / "small-store"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(store)], check=True)
+    try:
+        small = os.urandom(100_000)
+        s3.put_object(Bucket=bucket, Key=f"{P}/small.bin", Body=small)
+        big = [os.urandom(900_000 + i) for i in range(3)]
+        for i, data in enumerate(big):
+            s3.put_object(Bucket=bucket, Key=f"{P}/big{i}.bin", Body=data)
+        s3.put_object(Bucket=bucket, Key=f"{P}/huge.bin", Body=os.urandom(3 << 20))
+        m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", store=store)
+        assert fs.read(m.file(f"{P}/small.bin")) == small
+        wait_until(lambda: (store / P / "small.bin").exists(), what="publication")
+        # Larger than the disk: refused before a byte is fetched.
+        with pytest.raises(OSError) as info:
+            fs.read(m.file(f"{P}/huge.bin"))
+        assert info.value.errno == errno.ENOSPC
+        assert proxy.count("GET", f"{P}/huge.bin") == 0
+        # Each fits alone, not all three together: the ones that run out fail.
+        results = [fs._pool.submit(lambda i=i: Path(m.file(f"{P}/big{i}.bin")).read_bytes()) for i in range(3)]
+        outcomes = []
+        for i, r in enumerate(results):
+            try:
+                outcomes.append(r.result(timeout=60) == big[i])
+            except OSError as e:
+                outcomes.append(e.errno)
+        assert errno.ENOSPC in outcomes or errno.EIO in outcomes, outcomes
+        assert all(o is True or o in (errno.ENOSPC, errno.EIO) for o in outcomes), outcomes
+        wait_until(lambda: not list((store / ".lazyfs" / "tmp").glob("*.part")),
+                   what="the failed downloads' files to be removed")
+        assert (store / P / "small.bin").read_bytes() == small, "another cached file was damaged"
+        assert "No space left on device" in m.log() or "MiB free" in m.log()
+        assert "big" in "".join(ln for ln in m.log().splitlines() if "space" in ln.lower())
+    finally:
+        subprocess.run(["fusermount3", "-uz", str(tmp_path / "mnt0")], capture_output=True)
+        subprocess.run(["umount", "-l", str(store)], check=False)
+
+
+@pytest.fixture
+def shards(s3, bucket):
+    files = {f"{P}/s{i}.bin": os.urandom(12 * PART + i * 777) for i in range(4)}
+    for key, data in files.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    return files
+
+
+def start_reads(fs: FS, m, files) -> list:
+    """Background reads of every file (to keep downloads running)."""
+    return [fs._pool.submit(lambda k=k: Path(m.file(k)).read_bytes()) for k in files]
+
+
+def test_kill_9_mid_download_then_a_fresh_mount_serves_only_whole_files(fmount, proxy, shards, fs: FS,
+                                                                        tmp_path: Path):
+    store = tmp_path / "store"
+    # Downloads stop at different points: some blocks land, the rest stall.
+    for i, key in enumerate(shards):
+        proxy.add(Fault("stall", key=key, min_offset=(i + 2) * PART, seconds=60, times=None))
+    m = fmount("--max-connections", "8")
+    start_reads(fs, m, shards)
+    wait_until(lambda: len(list((store / ".lazyfs" / "tmp").glob("*.json"))) >= 3, what="recorded progress")
+    time.sleep(1.2)
+    m.process.kill()
+    assert not any((store / k).exists() for k in shards), "a partial download was published"
+    proxy.clear_faults()
+    m2 = fmount(mountpoint=m.path)  # the stale mount is cleaned up at start
+    assert "stale mount" in m2.log()
+    for key, data in shards.items():
+        assert sha(fs.read(m2.file(key), timeout=60)) == sha(data)
+    for key, data in shards.items():
+        wait_until(lambda k=key: (store / k).exists(), what=f"{key} published")
+        assert sha((store / key).read_bytes()) == sha(data)
+    assert "resuming download" in m2.log()
+
+
+def test_sigterm_during_downloads_exits_0_quickly_and_leaves_nothing_torn(fmount, proxy, shards, fs: FS,
+                                                                         tmp_path: Path):
+    store = tmp_path / "store"
+    for key in shards:
+        proxy.add(Fault("stall", key=key, min_offset=3 * PART, seconds=60, times=None))
+    m = fmount()
+    pending = start_reads(fs, m, shards)
+    wait_until(lambda: proxy.count("GET") >= 8, what="downloads in progress")
+    started = time.monotonic()
+    assert m.process.stop(signal.SIGTERM, timeout=15) == 0
+    assert time.monotonic() - started < 8, "shutdown took too long"
+    for f in pending:
+        with pytest.raises(Exception):
+            f.result(timeout=10)  # the readers were failed, not left hanging
+    assert not any((store / k).exists() for k in shards)
+    proxy.clear_faults()
+    m2 = fmount(mountpoint=m.path)
+    for key, data in shards.items():
+        assert sha(fs.read(m2.file(key), timeout=60)) == sha(data)
+
+
+def test_symlinks_planted_in_the_store_or_a_layer_are_never_followed(mount, proxy, s3, bucket, fs: FS,
+                                                                    tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.bin"
+    secret.write_bytes(b"S" * 1000)
+    real = os.urandom(1000)
+    s3.put_object(Bucket=bucket, Key=f"{P}/a.bin", Body=real)
+    s3.put_object(Bucket=bucket, Key=f"{P}/sub/b.bin", Body=real)
+    s3.put_object(Bucket=bucket, Key=f"{P}/c.bin", Body=real)
+    store = tmp_path / "store"
+    (store / P).mkdir(parents=True)
+    os.symlink(secret, store / P / "a.bin")  # a file link, right size
+    os.symlink(outside, store / P / "sub")  # a folder link
+    layer = tmp_path / "layer"
+    (layer / P).mkdir(parents=True)
+    os.symlink(secret, layer / P / "c.bin")
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--prebaked", str(layer), store=store)
+    for name in ("a.bin", "sub/b.bin", "c.bin"):
+        assert fs.read(m.file(f"{P}/{name}")) == real, f"{name} was served through a symlink"
+    for name in ("a.bin", "sub/b.bin"):
+        wait_until(lambda n=name: (store / P / n).exists() and not (store / P / n).is_symlink(),
+                   what="publication over the link")
+    assert secret.read_bytes() == b"S" * 1000 and sorted(os.listdir(outside)) == ["secret.bin"]
+    assert (layer / P / "c.bin").is_symlink(), "a prebaked layer was modified"
+    tmp = store / ".lazyfs" / "tmp"
+    assert stat.S_IMODE(tmp.stat().st_mode) == 0o700
+    for p in tmp.iterdir():
+        assert not stat.S_IMODE(p.stat().st_mode) & 0o077, f"{p} is readable or writable by others"
+
+
+def as_nobody(path: Path) -> str:
+    """Read and then try to write `path` as user nobody (coreutils only: the
+    test's own interpreter may live where nobody cannot reach)."""
+    script = f'cat "{path}" | wc -c; : > "{path}"'
+    res = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=20,
+                         preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)))
+    return res.stdout + res.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_permissions_with_and_without_allow_other(mount, s3, bucket, fs: FS, tmp_path: Path):
+    import shutil
+    import tempfile
+
+    s3.put_object(Bucket=bucket, Key=f"{P}/x.bin", Body=b"x" * 100)
+    # Outside pytest's private tmp tree, so that "nobody" can reach it at all.
+    public = Path(tempfile.mkdtemp(prefix="lazyfs-perm-"))
+    public.chmod(0o755)
+    request = getattr(mount, "cleanup")
+    try:
+        _check_permissions(mount, bucket, fs, public, tmp_path)
+    finally:
+        request()
+        shutil.rmtree(public, ignore_errors=True)
+
+
+def _check_permissions(mount, bucket: str, fs: FS, public: Path, tmp_path: Path) -> None:
+    private = mount("--prefix", f"s3://{bucket}/{P}", mountpoint=public / "a", store=tmp_path / "sa")
+    out = as_nobody(private.file(f"{P}/x.bin"))
+    assert "Permission denied" in out and "Read-only" not in out, out
+    shared = mount("--prefix", f"s3://{bucket}/{P}", "--allow-other", mountpoint=public / "b",
+                   store=tmp_path / "sb")
+    out = as_nobody(shared.file(f"{P}/x.bin"))
+    assert out.splitlines()[0].strip() == "100" and "Read-only file system" in out, out
+    st = fs.stat(shared.file(f"{P}/x.bin"))
+    assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid()) and stat.S_IMODE(st.st_mode) == 0o444
+
+
+def test_64_concurrent_readers_over_16_files(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    import random
+
+    files = {f"{P}/f{i:02d}.bin": os.urandom(3 * PART + i * 1000) for i in range(16)}
+    for k, v in files.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=v)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", store=tmp_path / "store")
+    for k in list(files)[:8]:  # half of them warm
+        fs.read(m.file(k))
+
+    def reader(n: int) -> bool:
+        key = list(files)[n % 16]
+        data = files[key]
+        rnd = random.Random(n)
+        with open(m.file(key), "rb") as f:
+            if n % 2:
+                return f.read() == data
+            for _ in range(20):
+                off = rnd.randrange(len(data))
+                f.seek(off)
+                if f.read(4096) != data[off:off + 4096]:
+                    return False
+            return True
+
+    results = [fs._pool.submit(reader, n) for n in range(64)]
+    assert all(r.result(timeout=120) for r in results)
+    for k in list(files)[8:]:
+        assert proxy.count("GET", k) <= 3 + 1, f"{k} downloaded more than once"
+
+
+def test_two_mounts_on_one_store_fetch_each_file_once(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    key = f"{P}/shared.bin"
+    data = os.urandom(16 * PART)
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    store = tmp_path / "node-cache"
+    proxy.add(Fault("delay", key=key, seconds=0.2, times=None))  # a slow download, so they overlap
+    args = ("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", "--max-connections", "2")
+    a = mount(*args, store=store)
+    b = mount(*args, store=store)
+    ra = fs._pool.submit(lambda: Path(a.file(key)).read_bytes())
+    wait_until(lambda: proxy.count("GET", key) >= 1, what="the first download")
+    rb = fs._pool.submit(lambda: Path(b.file(key)).read_bytes())
+    assert sha(ra.result(timeout=60)) == sha(data) and sha(rb.result(timeout=60)) == sha(data)
+    starts = sorted(int(r["range"][6:].split("-")[0]) for r in proxy.requests("GET", key))
+    assert starts == [i * PART for i in range(16)], "a block was fetched twice"
+    assert "another lazyfs process" in a.log() + b.log()
+    wait_until(lambda: (store / key).exists(), what="publication")
+    assert sha((store / key).read_bytes()) == sha(data)
+
+
+def test_a_follower_takes_over_when_the_downloader_dies(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    key = f"{P}/big.bin"
+    data = os.urandom(16 * PART)
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    store = tmp_path / "node-cache"
+    args = ("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", "--max-connections", "2", *FAST)
+    proxy.add(Fault("stall", key=key, min_offset=6 * PART, seconds=60, times=None))
+    a = mount(*args, store=store)
+    fs._pool.submit(lambda: Path(a.file(key)).read_bytes())
+    wait_until(lambda: any((store / ".lazyfs" / "tmp").glob("*.json")), what="the owner's progress")
+    b = mount(*args, store=store)
+    rb = fs._pool.submit(lambda: Path(b.file(key)).read_bytes())
+    wait_until(lambda: "another lazyfs process" in b.log(), what="b to follow a")
+    a.process.kill()
+    proxy.clear_faults()
+    assert sha(rb.result(timeout=60)) == sha(data)
+    assert "continuing its download here" in b.log()
+
+
+def test_a_bake_and_a_mount_on_one_store_cooperate(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    from conftest import lazyfs_cli
+
+    files = {f"{P}/f{i}.bin": os.urandom(8 * PART + i) for i in range(3)}
+    for k, v in files.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=v)
+    store = tmp_path / "store"
+    proxy.add(Fault("delay", seconds=0.15, times=None))
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", "--max-connections", "2", store=store)
+    readers = [fs._pool.submit(lambda k=k: Path(m.file(k)).read_bytes()) for k in files]
+    wait_until(lambda: proxy.count("GET") >= 2, what="the mount's downloads")
+    res = lazyfs_cli(["bake", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint,
+                      "--to", str(store), "--part-size", "64KiB"], timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for (k, v), r in zip(files.items(), readers):
+        assert r.result(timeout=60) == v
+        assert (store / k).read_bytes() == v
+    for k in files:
+        starts = [int(r["range"][6:].split("-")[0]) for r in proxy.requests("GET", k) if r["range"]]
+        assert len(starts) == len(set(starts)), f"{k}: a block was fetched twice"
+
+
+@pytest.mark.slow
+def test_start_up_does_not_grow_with_the_cache(mount, s3, bucket, fs: FS, tmp_path: Path):
+    s3.put_object(Bucket=bucket, Key=f"{P}/x.bin", Body=b"x")
+
+    def ready_seconds(store: Path) -> float:
+        t = time.monotonic()
+        m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+        took = time.monotonic() - t
+        m.stop()
+        return took
+
+    empty = tmp_path / "empty"
+    big = tmp_path / "full"
+    for d in range(100):
+        folder = big / P / f"d{d:03d}"
+        folder.mkdir(parents=True)
+        for f in range(1000):
+            (folder / f"f{f:04d}.bin").write_bytes(b"")
+    fs.sh("sync")
+    base = min(ready_seconds(empty) for _ in range(2))
+    full = min(ready_seconds(big) for _ in range(2))
+    # No scan or hash of the store at start: a generous bound for a noisy machine.
+    assert full < 2 * base + 0.5, f"ready in {full:.2f} s with 100,000 cached files vs {base:.2f} s empty"
+
+
+def test_many_handles_and_downloads_stay_within_the_memory_limit(mount, proxy, s3, bucket, fs: FS,
+                                                                  tmp_path: Path):
+    import random
+
+    files = {f"{P}/f{i:02d}.bin": os.urandom(4 << 20) for i in range(20)}
+    for k, v in files.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=v)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--memory-limit", "64MiB", "--part-size", "1MiB",
+              store=tmp_path / "store")
+    fs.listdir(m.path / P)
+    status = Path(f"/proc/{m.process.pid}/status")
+    base = int(next(l.split()[1] for l in status.read_text().splitlines() if l.startswith("VmRSS"))) >> 10
+    handles = [fs.run(open, m.file(k), "rb") for k in files for _ in range(15)]  # 300 open files
+    try:
+        rnd = random.Random(1)
+
+        def read_some(f) -> None:
+            for _ in range(4):
+                f.seek(rnd.randrange(4 << 20))
+                f.read(256 * 1024)
+
+        for r in [fs._pool.submit(read_some, f) for f in handles]:
+            r.result(timeout=120)
+        for k, v in list(files.items())[:5]:
+            assert fs.read(m.file(k)) == v
+        peak = int(next(l.split()[1] for l in status.read_text().splitlines() if l.startswith("VmHWM"))) >> 10
+        assert peak - base < 64 + 16, f"RSS grew by {peak - base} MiB with 300 handles and 20 downloads"
+    finally:
+        for f in handles:
+            f.close()
+
+
+def proc_sample(pid: int) -> tuple[int, int, int]:
+    """(open descriptors, threads, RSS in KiB) of a process."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    field = {l.split(":")[0]: l.split()[1] for l in status if ":" in l and len(l.split()) > 1}
+    return len(os.listdir(f"/proc/{pid}/fd")), int(field["Threads"]), int(field["VmRSS"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_soak_mixed_load_does_not_leak(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    """100 seconds of cold and warm, sequential and random reads, refreshes
+    with new versions, and injected faults; descriptors, threads and RSS must
+    level off (bounds stated in the asserts)."""
+    import random
+
+    rnd = random.Random(7)
+    keys = [f"{P}/f{i:02d}.bin" for i in range(12)]
+    current: dict[str, bytes] = {}
+
+    def upload(k: str) -> None:
+        current[k] = os.urandom(rnd.randrange(1, 6) * PART + rnd.randrange(PART))
+        s3.put_object(Bucket=bucket, Key=k, Body=current[k])
+
+    for k in keys:
+        upload(k)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", *FAST, "--refresh", "0",
+              store=tmp_path / "store")
+
+    def one_round(n: int) -> None:
+        if n % 5 == 0:  # new versions, then a refresh
+            for k in rnd.sample(keys, 3):
+                upload(k)
+            m.process.send(signal.SIGHUP)
+            time.sleep(0.3)
+        if n % 7 == 0:
+            proxy.add(Fault(rnd.choice(["reset", "short", "status"]), key=rnd.choice(keys), after=5000,
+                            status=503, code="SlowDown", times=1))
+        snapshot = dict(current)
+
+        def reader(k: str, random_access: bool) -> bool:
+            # A refresh may land mid-round: any version uploaded so far is right,
+            # a mix of two never is.
+            versions = [snapshot[k], current[k]]
+            with open(m.file(k), "rb") as f:
+                if not random_access:
+                    return f.read() in versions
+                size = os.fstat(f.fileno()).st_size
+                good = [v for v in versions if len(v) == size]
+                for _ in range(8):
+                    off = rnd.randrange(size)
+                    f.seek(off)
+                    piece = f.read(4096)
+                    good = [v for v in good if v[off:off + 4096] == piece]
+                return bool(good)
+
+        futures = [fs._pool.submit(reader, rnd.choice(keys), i % 2 == 0) for i in range(16)]
+        for f in futures:
+            try:
+                assert f.result(timeout=60)
+            except OSError as e:
+                assert e.errno in (errno.ESTALE, errno.EIO, errno.ENOENT), e
+
+    deadline = time.monotonic() + 100
+    n = 0
+    samples = []
+    while time.monotonic() < deadline:
+        one_round(n)
+        n += 1
+        samples.append(proc_sample(m.process.pid))
+    warm = samples[len(samples) // 4]
+    end = samples[-1]
+    assert end[0] <= warm[0] + 8, f"descriptors grew from {warm[0]} to {end[0]}"
+    assert end[1] <= 64, f"{end[1]} threads"
+    assert end[2] <= warm[2] + 40 * 1024, f"RSS grew from {warm[2] >> 10} to {end[2] >> 10} MiB"
+    assert "Traceback" not in m.log()
