@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Listing requests in flight at once per folder, and how many folders are
 # listed by delimiter before deeper subtrees are listed flat.
-_LIST_CONCURRENCY = 16
+_LIST_CONCURRENCY = 32
 _BFS_FOLDERS = 256
 
 

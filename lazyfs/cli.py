@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache-max-size", metavar="SIZE",
                    help="keep at most this much fetched data in the store (e.g. 50G), evicting the "
                    "least recently used files nobody has open; prebaked files are never evicted")
+    m.add_argument("--no-xattrs", dest="xattrs", action="store_false",
+                   help="no user.lazyfs.* attributes: `ls -l` then costs no extra round trips per file "
+                   "(for trees of many thousands of files)")
     m.add_argument("--memory-limit", metavar="SIZE",
                    help="memory for mapped file pages and transfer buffers, on top of Python's own "
                    "(~100 MiB); fewer parallel GETs when small (default 256MiB)")
@@ -197,7 +200,8 @@ def _cmd_mount(args: argparse.Namespace) -> int:
                        verify=args.verify, cache_max_size=args.cache_max_size,
                        metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                        retries=args.retries, read_timeout=args.read_timeout,
-                       read_deadline=args.read_deadline, memory_limit=args.memory_limit)
+                       read_deadline=args.read_deadline, memory_limit=args.memory_limit,
+                       xattrs=args.xattrs)
     return mount.run(cfg)
 
 

@@ -115,6 +115,8 @@ class MountConfig:
     # 100 MiB): mapped pages of files being read and buffers of the ranged
     # GETs in flight (see mount.apply_memory_limit).
     memory_limit: int = DEFAULT_MEMORY_LIMIT
+    # user.lazyfs.* attributes (False: --no-xattrs, see fuse_ops).
+    xattrs: bool = True
     # Prometheus /metrics (None: off).  Loopback unless widened on purpose.
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
@@ -327,7 +329,7 @@ def mount_config(*, mountpoint: str | None, config_files: Sequence[str], prefixe
                  cache_max_size: str | None = None, metrics_port: int | None = None,
                  metrics_addr: str = "127.0.0.1", retries: int | None = None,
                  read_timeout: float | None = None, read_deadline: float | None = None,
-                 memory_limit: str | None = None) -> MountConfig:
+                 memory_limit: str | None = None, xattrs: bool = True) -> MountConfig:
     """The whole mount configuration from flags, model.json files and environment."""
     configs = [load_model_json(p) for p in config_files]
     sources = build_sources(configs, prefixes, bucket or env.get("LAZYFS_BUCKET") or None)
@@ -348,7 +350,7 @@ def mount_config(*, mountpoint: str | None, config_files: Sequence[str], prefixe
                        refresh=check_refresh(refresh),
                        cache_max_size=parse_size(cache_max_size, "--cache-max-size") if cache_max_size else None,
                        metrics_port=check_port(metrics_port), metrics_addr=metrics_addr,
-                       memory_limit=check_memory(memory_limit),
+                       memory_limit=check_memory(memory_limit), xattrs=xattrs,
                        remote=remote_config(endpoint_url, addressing_style, env, max_connections, retries,
                                             read_timeout),
                        fetch=fetch_config(part_size, max_connections, verify, retries, read_deadline))

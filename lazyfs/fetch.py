@@ -159,34 +159,37 @@ class Fetcher:
                 follower = self._foreign.get(ident)
                 if follower is not None:
                     return follower
-                copy = await trio.to_thread.run_sync(self.store.find_current, obj, limiter=self._io)
-                if copy is not None and copy.state == "prebaked" and self.cfg.verify_prebaked:
-                    copy = await self._checked_prebaked(obj, copy)
-                if copy is not None:
-                    return copy
-                copy = await self._materialise(obj)
-                if copy is not None:
-                    return copy
-                if self._closing:
-                    raise RemoteUnavailable(f"{obj.uri}: lazyfs is shutting down")
-                if self.offline():
+                may_fetch = not self._closing and not self.offline()
+                verdict = await trio.to_thread.run_sync(self._probe_store, obj, may_fetch, limiter=self._io)
+                kind = verdict[0]
+                if kind in ("local", "linked"):
+                    if kind == "linked":
+                        STATS.linked_files += 1
+                        log.info("%s: same content as a file already in the store; linked, not downloaded",
+                                 obj.uri, extra={"event": "linked", "key": obj.key, "bytes": obj.size,
+                                                 "source": "store"})
+                    return verdict[1]
+                if kind == "none":
+                    if self._closing:
+                        raise RemoteUnavailable(f"{obj.uri}: lazyfs is shutting down")
                     raise RemoteUnavailable(f"{obj.uri} is not in the local cache and the object "
                                             "store is unreachable", bucket=obj.bucket, key=obj.key)
-                return await self._start(obj, background)
+                if kind == "foreign":  # another process on this store is fetching this version
+                    follower = ForeignDownload(self, obj)
+                    self._foreign[ident] = follower
+                    self._spawn(follower.follow)
+                    return follower
+                if kind == "partial":
+                    return self._begin(obj, verdict[2], verdict[1], background, keep=True)
+                try:
+                    return await self.start_locked(obj, verdict[1], background)
+                except BaseException:
+                    await trio.to_thread.run_sync(self.store.unlock_download, obj, verdict[1], limiter=self._io)
+                    raise
         finally:
             entry[1] -= 1
             if entry[1] == 0:
                 del self._locks[ident]
-
-    async def _checked_prebaked(self, obj: RemoteObject, copy: LocalCopy) -> LocalCopy | None:
-        """--verify etag: a copy with no identity record is used only if its
-        content matches what S3 vouches for; a match is recorded (in the store)
-        or remembered (read-only layers), so it is checked once."""
-        ok = await trio.to_thread.run_sync(self._prebaked_ok, obj, copy, limiter=self._io)
-        if ok:
-            return copy
-        os.close(copy.fd)
-        return None
 
     def _prebaked_ok(self, obj: RemoteObject, copy: LocalCopy) -> bool:
         st = os.fstat(copy.fd)
@@ -213,40 +216,56 @@ class Fetcher:
         self._verified[memo_key] = ok
         return ok
 
-    async def _materialise(self, obj: RemoteObject) -> LocalCopy | None:
+    def _probe_store(self, obj: RemoteObject, may_fetch: bool) -> tuple:
+        """Worker thread, one hop for the whole open path: a current local copy
+        ("local"), the same bytes linked from another path ("linked"), or the
+        right to download it ("partial": locked and opened; "locked": locked,
+        the cache budget decides the rest), or "foreign" (another process
+        downloads it), or "none" (we may not fetch now)."""
+        copy = self.store.find_current(obj)
+        if copy is not None and copy.state == "prebaked" and self.cfg.verify_prebaked \
+                and not self._prebaked_ok(obj, copy):
+            os.close(copy.fd)
+            copy = None
+        if copy is not None:
+            return ("local", copy)
         try:
-            copy = await trio.to_thread.run_sync(self.store.materialise, obj, limiter=self._io)
+            copy = self.store.materialise(obj)
         except (OSError, StoreError) as e:
             log.warning("%s: could not reuse an identical local file: %s", obj.uri, e)
-            return None
         if copy is not None:
-            STATS.linked_files += 1
-            log.info("%s: same content as a file already in the store; linked, not downloaded", obj.uri,
-                     extra={"event": "linked", "key": obj.key, "bytes": obj.size, "source": "store"})
-        return copy
-
-    async def _start(self, obj: RemoteObject, background: bool) -> Download | ForeignDownload:
-        lock = await trio.to_thread.run_sync(self.store.lock_download, obj, limiter=self._io)
-        if lock is None:  # another process on this store is fetching this version
-            follower = ForeignDownload(self, obj)
-            self._foreign[(obj.bucket, obj.key, obj.etag, obj.size)] = follower
-            self._spawn(follower.follow)
-            return follower
+            return ("linked", copy)
+        if not may_fetch:
+            return ("none",)
+        lock = self.store.lock_download(obj)
+        if lock is None:
+            return ("foreign",)
+        if self.budget is not None:
+            return ("locked", lock)
         try:
-            return await self.start_locked(obj, lock, background)
+            return ("partial", lock, self._open_partial(obj))
         except BaseException:
-            await trio.to_thread.run_sync(self.store.unlock_download, obj, lock, limiter=self._io)
+            self.store.unlock_download(obj, lock)
             raise
+
+    def _open_partial(self, obj: RemoteObject) -> Partial:
+        try:
+            return self.store.open_partial(obj, self.cfg.block_size)
+        except OSError as e:
+            raise StoreError(f"{obj.uri}: cannot create a download file in the store: {e.strerror}",
+                             e.errno) from None
 
     async def start_locked(self, obj: RemoteObject, lock: int, background: bool) -> Download:
         """Start (or resume) the download of `obj`, holding its store lock."""
         keep = await self.budget.reserve(obj) if self.budget is not None else True
-        try:
-            partial = await trio.to_thread.run_sync(self.store.open_partial, obj, self.cfg.block_size,
-                                                    limiter=self._io)
-        except OSError as e:
-            raise StoreError(f"{obj.uri}: cannot create a download file in the store: {e.strerror}",
-                             e.errno) from None
+        partial = await trio.to_thread.run_sync(self._open_partial, obj, limiter=self._io)
+        return self._begin(obj, partial, lock, background, keep)
+
+    def _begin(self, obj: RemoteObject, partial: Partial, lock: int, background: bool, keep: bool) -> Download:
+        if self._closing:  # shutdown began while the store was being prepared
+            os.close(partial.fd)
+            self._spawn(self._unlock, obj, lock)
+            raise RemoteUnavailable(f"{obj.uri}: lazyfs is shutting down", bucket=obj.bucket, key=obj.key)
         dl = Download(self, obj, partial, background, keep)
         dl.lock_fd = lock
         self._downloads[dl.ident] = dl

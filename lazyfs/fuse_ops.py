@@ -97,8 +97,12 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, catalog: Catalog, handles: Handles, store: Store,
-                 stats_file: Callable[[], bytes] = lambda: b"{}\n") -> None:
+                 stats_file: Callable[[], bytes] = lambda: b"{}\n", xattrs: bool = True) -> None:
         super().__init__()
+        # False (--no-xattrs): answer ENOSYS once, and the kernel stops asking;
+        # for trees of many thousands of files, where `ls -l` would otherwise
+        # cost two round trips per file (security.selinux, posix ACLs).
+        self.xattrs = xattrs
         self.stats_file = stats_file
         self._virtual: dict[int, bytes] = {}
         self.catalog = catalog
@@ -327,6 +331,8 @@ class Operations(pyfuse3.Operations):
         return True
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         # `ls -l` asks for security.selinux and system.posix_acl_access on every
         # file: answer those on the spot, without the translation wrapper.
         if name not in XATTRS:
@@ -348,6 +354,8 @@ class Operations(pyfuse3.Operations):
         return XATTR_STATE.get(state, state).encode()
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return list(XATTRS) if isinstance(self.inodes.get(inode), RemoteObject) else []
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:

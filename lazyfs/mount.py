@@ -137,7 +137,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
     if cfg.cache_max_size is not None:
         fetcher.budget = Budget(store, cfg.cache_max_size, handles.is_open)
     view = MountView(catalog, fetcher, handles, store, str(cfg.mountpoint))
-    ops = Operations(catalog, handles, store, stats_file=view.snapshot_bytes)
+    ops = Operations(catalog, handles, store, stats_file=view.snapshot_bytes, xattrs=cfg.xattrs)
     fetcher.on_bad_data = ops.drop_cached_pages
     if cfg.metrics_port is not None:
         try:
@@ -164,7 +164,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
             await nursery.start(fetcher.run)
             nursery.start_soon(refresher.run)
             nursery.start_soon(warmer.run)
-            nursery.start_soon(_watch_signals, signals, refresher, fetcher, stopping)
+            nursery.start_soon(_watch_signals, signals, refresher, fetcher, stopping, nursery.cancel_scope)
             nursery.start_soon(_tune_after_init, ops, cfg)
             if fetcher.budget is not None:
                 nursery.start_soon(fetcher.budget.scan)
@@ -240,7 +240,7 @@ class Warmer:
 
 
 async def _watch_signals(signals: trio.abc.ReceiveChannel[int] | object, refresher: Refresher,
-                         fetcher: Fetcher, stopping: trio.Event) -> None:
+                         fetcher: Fetcher, stopping: trio.Event, everything: trio.CancelScope) -> None:
     async for sig in signals:  # type: ignore[attr-defined]
         if sig == signal.SIGHUP:
             log.info("SIGHUP: refreshing the listing")
@@ -251,4 +251,11 @@ async def _watch_signals(signals: trio.abc.ReceiveChannel[int] | object, refresh
         with trio.move_on_after(SHUTDOWN_GRACE_S):
             await fetcher.close()
         pyfuse3.terminate()
+        # Requests still in flight end the main loop when they finish; one that
+        # cannot (waiting on a listing that will not come) must not keep a
+        # stopping container alive: after the grace period everything is
+        # cancelled and the unmount aborts what is left.
+        await trio.sleep(SHUTDOWN_GRACE_S)
+        log.warning("requests still in flight after %g s; stopping anyway", SHUTDOWN_GRACE_S)
+        everything.cancel()
         return

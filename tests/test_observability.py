@@ -3,6 +3,7 @@ machine-readable logs, and `lazyfs doctor`."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -189,3 +190,12 @@ def test_doctor_reports_a_stale_mount(mount, bucket, s3, fs: FS):
     m.process.kill()
     res = doctor([str(m.path), "--prefix", f"s3://{bucket}/{P}"])
     assert res.returncode == 1 and "stale mount" in res.stdout and "fusermount3 -uz" in res.stdout
+
+
+def test_no_xattrs_turns_the_attributes_off(mount, s3, bucket, fs: FS):
+    s3.put_object(Bucket=bucket, Key=f"{P}/x.bin", Body=b"x")
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--no-xattrs")
+    with pytest.raises(OSError) as info:
+        fs.run(os.getxattr, str(m.file(f"{P}/x.bin")), "user.lazyfs.state")
+    assert info.value.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
+    assert fs.read(m.file(f"{P}/x.bin")) == b"x"
