@@ -397,7 +397,9 @@ def remote_config(endpoint_url: str | None, addressing_style: str | None, env: M
     if style not in ("auto", "path", "virtual"):
         raise ConfigError(f"addressing style \"{style}\" is not one of auto, path, virtual")
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
-    pool = (max_connections or FetchConfig().max_connections) + 8
+    # Ranged GETs, plus the listing's parallel requests (catalog: up to 32),
+    # plus a few for HEADs: no request ever waits for, or throws away, a socket.
+    pool = (max_connections or FetchConfig().max_connections) + 40
     dflt = RemoteConfig()
     attempts = check_retries(retries)
     timeout = dflt.read_timeout if read_timeout is None else read_timeout

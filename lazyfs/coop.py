@@ -159,7 +159,11 @@ class ForeignDownload:
 
     async def _take_over(self, lock_fd: int) -> None:
         log.info("%s: the process downloading it is gone; continuing its download here", self.obj.uri)
-        dl = await self.fetcher.start_locked(self.obj, lock_fd, background=self.readers <= 0)
+        try:
+            dl = await self.fetcher.start_locked(self.obj, lock_fd, background=self.readers <= 0)
+        except BaseException:
+            await trio.to_thread.run_sync(self.fetcher.store.unlock_download, self.obj, lock_fd)
+            raise
         for _ in range(self.readers):
             dl.add_reader()
         self.delegate = dl

@@ -179,12 +179,13 @@ class Fetcher:
                     self._foreign[ident] = follower
                     self._spawn(follower.follow)
                     return follower
-                if kind == "partial":
-                    return self._begin(obj, verdict[2], verdict[1], background, keep=True)
+                lock = verdict[1]
                 try:
-                    return await self.start_locked(obj, verdict[1], background)
+                    if kind == "partial":
+                        return self._begin(obj, verdict[2], lock, background, keep=True)
+                    return await self.start_locked(obj, lock, background)
                 except BaseException:
-                    await trio.to_thread.run_sync(self.store.unlock_download, obj, verdict[1], limiter=self._io)
+                    await trio.to_thread.run_sync(self.store.unlock_download, obj, lock, limiter=self._io)
                     raise
         finally:
             entry[1] -= 1
@@ -262,9 +263,8 @@ class Fetcher:
         return self._begin(obj, partial, lock, background, keep)
 
     def _begin(self, obj: RemoteObject, partial: Partial, lock: int, background: bool, keep: bool) -> Download:
-        if self._closing:  # shutdown began while the store was being prepared
+        if self._closing:  # shutdown began while the store was being prepared (caller unlocks)
             os.close(partial.fd)
-            self._spawn(self._unlock, obj, lock)
             raise RemoteUnavailable(f"{obj.uri}: lazyfs is shutting down", bucket=obj.bucket, key=obj.key)
         dl = Download(self, obj, partial, background, keep)
         dl.lock_fd = lock

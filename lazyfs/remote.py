@@ -12,6 +12,8 @@ import calendar
 import email.utils
 import logging
 import time
+import urllib.parse
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -104,6 +106,7 @@ class Remote:
         core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
         self._client = boto3.session.Session(botocore_session=core).client(
             "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config)
+        self._client.meta.events.register("before-parse.s3.ListObjectsV2", _parse_listing_fast)
         self.endpoint = self._client.meta.endpoint_url
 
     @staticmethod
@@ -135,17 +138,17 @@ class Remote:
             if token:
                 kwargs["ContinuationToken"] = token
             resp = self._call(self._client.list_objects_v2, bucket, prefix, **kwargs)
-            yield ([self._listed(bucket, item) for item in resp.get("Contents", ())],
-                   [p["Prefix"] for p in resp.get("CommonPrefixes", ())])
-            token = resp.get("NextContinuationToken")
-            if not resp.get("IsTruncated") or not token:
+            objects, folders, truncated, token = _listing(bucket, resp)
+            yield objects, folders
+            if not truncated or not token:
                 return
 
     def list_some(self, bucket: str, prefix: str, max_keys: int = 1000) -> tuple[list[RemoteObject], bool]:
         """The first `max_keys` objects under `prefix`, and whether there are more."""
         resp = self._call(self._client.list_objects_v2, bucket, prefix, Bucket=bucket, Prefix=prefix,
                           MaxKeys=max_keys)
-        return [self._listed(bucket, item) for item in resp.get("Contents", ())], bool(resp.get("IsTruncated"))
+        objects, _, truncated, _ = _listing(bucket, resp)
+        return objects, truncated
 
     def probe(self, source: Source) -> None:
         """One cheap request proving the bucket exists and the prefix can be listed."""
@@ -250,6 +253,58 @@ class Remote:
         if isinstance(e, _BODY_ERRORS) or isinstance(e, botocore.exceptions.BotoCoreError):
             return RemoteUnavailable(f"{where}: {type(e).__name__}: {e}", bucket=bucket, key=key)
         return RemoteError(f"{where}: unexpected {type(e).__name__}: {e}", bucket=bucket, key=key)
+
+
+# -- listings without botocore's generic parser ---------------------------------
+#
+# A 1000-key ListObjectsV2 page costs botocore about 45 ms of CPU to parse into
+# dicts (after the timestamp fix above); ElementTree reads the same page in
+# about 20, and listings are what a mount of a large folder waits for.  The
+# `before-parse` hook (botocore's documented extension point) reads a
+# successful page's XML itself and hands botocore a stub; errors, and anything
+# unexpected, take botocore's normal path.
+
+_STUB = (b'<?xml version="1.0" encoding="UTF-8"?>'
+         b'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"></ListBucketResult>')
+
+
+def _parse_listing_fast(response_dict: dict[str, Any], customized_response_dict: dict[str, Any] | None = None,
+                        **kwargs: Any) -> None:
+    if customized_response_dict is None or response_dict.get("status_code") != 200:
+        return
+    body = response_dict.get("body")
+    if not isinstance(body, (bytes, bytearray)) or not body:
+        return
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return
+    ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    if root.tag != ns + "ListBucketResult":
+        return
+    decode = (root.findtext(ns + "EncodingType") or "") == "url"
+    unquote = urllib.parse.unquote_plus if decode else (lambda v: v)
+    key, size, etag, mtime, algo = (ns + "Key", ns + "Size", ns + "ETag", ns + "LastModified",
+                                    ns + "ChecksumAlgorithm")
+    contents = [(unquote(c.findtext(key) or ""), int(c.findtext(size) or 0), c.findtext(etag) or "",
+                 c.findtext(mtime) or "", c.findtext(algo) or "") for c in root.iter(ns + "Contents")]
+    prefixes = [unquote(p.findtext(ns + "Prefix") or "") for p in root.iter(ns + "CommonPrefixes")]
+    customized_response_dict["LazyfsListing"] = (
+        contents, prefixes, (root.findtext(ns + "IsTruncated") or "").lower() == "true",
+        root.findtext(ns + "NextContinuationToken"))
+    response_dict["body"] = _STUB
+
+
+def _listing(bucket: str, resp: dict[str, Any]) -> tuple[list[RemoteObject], list[str], bool, str | None]:
+    fast = resp.get("LazyfsListing")
+    if fast is not None:
+        contents, prefixes, truncated, token = fast
+        objects = [RemoteObject(bucket=bucket, key=k, size=n, etag=_etag(e), mtime_ns=_mtime_ns(m),
+                                checksum_algorithm=a) for k, n, e, m, a in contents]
+        return objects, prefixes, truncated, token
+    objects = [Remote._listed(bucket, item) for item in resp.get("Contents", ())]
+    return (objects, [p["Prefix"] for p in resp.get("CommonPrefixes", ())], bool(resp.get("IsTruncated")),
+            resp.get("NextContinuationToken"))
 
 
 def _checksum_of(resp: dict[str, Any]) -> tuple[str, str, str] | None:
