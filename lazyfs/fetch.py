@@ -96,8 +96,6 @@ class Fetcher:
         self._closing = False
         # Totals for logs and stats.
         self.bytes_from_s3 = 0
-        self.gets = 0
-        self.retries = 0
         self.bytes_published = 0
 
     def downloads(self) -> list[Download]:
@@ -349,7 +347,6 @@ class Fetcher:
             stream = self.remote.get_range(dl.obj, pos, end)  # RemoteError: already retried
             if dl.meta is None or stream.meta.checksum is not None:
                 dl.meta = stream.meta  # read at verification time, on the trio side
-            token.run_sync_soon(self._count_get)
             try:
                 piece = _FIRST_PIECE
                 while pos < end:
@@ -369,14 +366,10 @@ class Fetcher:
                 delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
                 log.info("%s: %s; retrying bytes %d-%d in %.1f s (attempt %d of %d)", dl.obj.uri, e,
                          pos, end - 1, delay, attempt + 1, self.cfg.chunk_attempts)
-                self.retries += 1
-                STATS.retries += 1
+                STATS.bump("retries")
                 time.sleep(delay)
             finally:
                 stream.close()
-
-    def _count_get(self) -> None:
-        self.gets += 1
 
     def _landed(self, dl: Download, req: Request, filled: int) -> None:
         """Progress from a worker: account bytes, complete blocks, wake readers."""

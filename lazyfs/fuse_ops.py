@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from lazyfs.catalog import Catalog, Diff
-from lazyfs.errors import LazyfsError
+from lazyfs.errors import LazyfsError, errno_of
 from lazyfs.handles import Handles
 from lazyfs.inodes import InodeRef, InodeTable
 from lazyfs.namespace import DirNode, RemoteObject
@@ -66,16 +66,13 @@ def _translated(fn: F) -> F:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except LazyfsError as e:
-            STATS.error(e.errno)
-            if not getattr(e, "logged", False):
-                log.error("%s: %s (errno %s)", fn.__name__, e, errno.errorcode.get(e.errno, e.errno))
-                e.logged = True  # type: ignore[attr-defined]
-            raise pyfuse3.FUSEError(e.errno) from None
-        except OSError as e:
-            STATS.error(e.errno or errno.EIO)
-            log.error("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except (LazyfsError, OSError) as e:
+            err = errno_of(e)
+            STATS.error(err)
+            if not getattr(e, "logged", False):  # the download that failed has said why already
+                log.error("%s: %s (errno %s)", fn.__name__, e, errno.errorcode.get(err, err))
+                e.logged = True  # type: ignore[union-attr]
+            raise pyfuse3.FUSEError(err) from None
         except Exception:
             STATS.error(errno.EIO)
             log.exception("unexpected error in %s", fn.__name__)

@@ -229,9 +229,5 @@ def build_tree(objects: Iterable[RemoteObject], folders: Iterable[str] = (),
     return Tree(tree_root, counts[0], counts[1], tuple(skipped))
 
 
-def parent_path(path: str) -> str:
-    return path.rsplit("/", 1)[0] if "/" in path else ""
-
-
 def join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name

@@ -213,11 +213,11 @@ class Remote:
     def _call(self, fn: Any, bucket: str, key: str, **kwargs: Any) -> Any:
         op = _OPS.get(fn.__name__, fn.__name__)
         started = time.monotonic()
-        STATS.s3_requests[op] += 1
+        STATS.bump("s3_requests", op)
         try:
             return fn(**kwargs)
         except Exception as e:  # translated exhaustively below
-            STATS.s3_errors[op] += 1
+            STATS.bump("s3_errors", op)
             raise self.translate(e, bucket, key) from e
         finally:
             S3_REQUEST_SECONDS.labels(op).observe(time.monotonic() - started)

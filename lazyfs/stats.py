@@ -1,14 +1,17 @@
 """Counters of what the process did, for the stats file and /metrics.
 
-Plain integers, bumped on the hot paths without locks (the trio thread and
-the worker threads only ever add; a scrape reads whatever is there, which is
-what a scrape of a counter means).  Latency and duration histograms use
-prometheus_client directly: they are recorded once per request, not per read.
+Plain integers, bumped without locks on the trio thread (reads, opens,
+downloads), and under `Stats.lock` by worker threads (S3 requests, retries),
+whose `+=` could otherwise lose an update.  A scrape reads whatever is there,
+which is what a scrape of a counter means.  Latency and duration histograms
+use prometheus_client directly: they are recorded once per request, not per
+read.
 """
 
 from __future__ import annotations
 
 import errno
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,6 +46,15 @@ class Stats:
     downloads_ok: int = 0
     downloads_failed: int = 0
     linked_files: int = 0  # new paths made from identical local files
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def bump(self, counter: str, key: str | None = None) -> None:
+        """+1 from a worker thread (S3 requests, failures, retries)."""
+        with self.lock:
+            if key is None:
+                setattr(self, counter, getattr(self, counter) + 1)
+            else:
+                getattr(self, counter)[key] += 1
 
     def error(self, err: int) -> None:
         self.errors[errno.errorcode.get(err, str(err))] += 1

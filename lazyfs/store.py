@@ -84,9 +84,6 @@ class Identity:
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
-    def as_object(self) -> RemoteObject:
-        return RemoteObject(self.bucket, self.key, self.size, self.etag, self.mtime_ns)
-
     def matches(self, obj: RemoteObject) -> bool:
         # (ETag, size) identifies the bytes; the key may differ (same file
         # under another version's folder).
