@@ -36,6 +36,10 @@ def _downloads(proxy: S3Proxy, since: int) -> tuple[list[str], int]:
     return sorted({r["key"] for r in objects}), sum(r["body_bytes"] for r in objects)
 
 
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
+
+
 def run(model_mib: int = 8, quiet: bool = False) -> list[Step]:
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     work = Path(tempfile.mkdtemp(prefix="lazyfs-walkthrough-"))
@@ -49,7 +53,7 @@ def run(model_mib: int = 8, quiet: bool = False) -> list[Step]:
             def record(name: str, since: int) -> None:
                 files, nbytes = _downloads(proxy, since)
                 steps.append(Step(name, files, nbytes))
-                say(f"   downloaded from S3: {len(files)} files, {nbytes / 2**20:.1f} MiB"
+                say(f"   downloaded from S3: {_files(len(files))}, {nbytes / 2**20:.1f} MiB"
                     + (f" ({', '.join(f.rsplit('/', 1)[-1] for f in files)})" if files else ""))
 
             def model_json(version: str) -> Path:
@@ -106,9 +110,11 @@ def run(model_mib: int = 8, quiet: bool = False) -> list[Step]:
             for name, data in v4.items():
                 s3.put_object(Bucket=BUCKET, Key=f"my-model/v4/{name}", Body=data)
             since = proxy.count()
+            say("   the next image build bakes v4, starting from the last image:")
             bake(model_json("v4"), image)  # the next image build starts from the last one
             record("bake new version", since)
             since = proxy.count()
+            say("   a pod of the old image switched to v4 (model.json changed), no new image:")
             mount_and_load(pod, model_json("v4"), "v4")  # or a running pod switched to v4
             record("production pod switched to the new version", since)
     finally:
@@ -123,7 +129,7 @@ def main() -> int:
     steps = run(args.model_mib)
     print("\nsummary:")
     for s in steps:
-        print(f"  {s.name:<45} {len(s.files_downloaded)} files, {s.bytes_downloaded / 2**20:7.1f} MiB downloaded")
+        print(f"  {s.name:<45} {_files(len(s.files_downloaded)):>8}, {s.bytes_downloaded / 2**20:7.1f} MiB downloaded")
     return 0
 
 
