@@ -14,6 +14,7 @@ into the sparse file and post progress (see fetch.py).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -78,6 +79,10 @@ class Download:
     def _attach(self, partial: Partial) -> None:
         self.partial = partial
         self.fd = partial.fd
+        # Writers take turns: concurrent pwrite()s to one file contend for the
+        # inode's lock in the kernel, which spins and burns the CPU the
+        # download needs; a Python lock makes the losers sleep instead.
+        self.write_lock = threading.Lock()
         self.fmap = FileMap(partial.fd, partial.obj.size)
         self.block_size = partial.part_size
         self.nblocks = partial.chunks

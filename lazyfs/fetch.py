@@ -53,7 +53,10 @@ log = logging.getLogger(__name__)
 # First bytes of a request are posted early so a reader of a file's header
 # waits for one round trip plus 64 KiB, not for a whole 8 MiB request.
 _FIRST_PIECE = 64 * 1024
-_PIECE = 1024 * 1024
+# Later pieces: a GET in flight holds one piece, so this bounds memory per
+# connection; 256 KiB keeps the per-piece overhead (a lock, a pwrite, a
+# wake-up of the trio loop) far below the cost of the bytes.
+_PIECE = 256 * 1024
 # Block completions are made durable (fdatasync + state file) at most this often.
 _STATE_EVERY_S = 1.0
 _VERIFY_ATTEMPTS = 2
@@ -338,6 +341,7 @@ class Fetcher:
         """Worker thread: GET one request's bytes into the sparse file, resuming
         within it after a broken body (botocore retries only until the headers)."""
         pos, end = req.start, req.end
+        block = dl.block_size
         attempt = 0
         token = self._token
         assert token is not None
@@ -349,15 +353,20 @@ class Fetcher:
                 dl.meta = stream.meta  # read at verification time, on the trio side
             try:
                 piece = _FIRST_PIECE
+                post_at = pos + piece  # the first bytes go to a waiting reader at once
                 while pos < end:
                     if dl.cancelled:
                         raise _Stopped()
                     data = stream.read(min(piece, end - pos))
                     piece = _PIECE
-                    _pwrite_all(dl.fd, data, pos)
+                    with dl.write_lock:
+                        _pwrite_all(dl.fd, data, pos)
                     pos += len(data)
-                    if pos < end:
+                    if post_at <= pos < end:
+                        # Then once per block: readers wait for whole blocks
+                        # anyway, and each post wakes the trio thread.
                         token.run_sync_soon(self._landed, dl, req, pos - req.start)
+                        post_at = (pos // block + 1) * block
                 return
             except RemoteUnavailable as e:
                 attempt += 1

@@ -85,8 +85,9 @@ def raise_fd_limit() -> None:
 
 def apply_memory_limit(cfg: MountConfig) -> MountConfig:
     """Split --memory-limit: a quarter for mapped pages of files being read,
-    half for ranged GETs in flight (about 2 MiB each: a 1 MiB piece being
-    written plus socket buffers); fewer connections if it must."""
+    half for ranged GETs in flight (2 MiB each, with room to spare: a
+    256 KiB piece being written, socket and parser buffers, the worker
+    thread's stack); fewer connections if it must."""
     FileMap.set_budget(cfg.memory_limit // 4)
     conns = max(1, min(cfg.fetch.max_connections, (cfg.memory_limit // 2) // (2 << 20)))
     if conns < cfg.fetch.max_connections:
