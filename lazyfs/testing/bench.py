@@ -63,6 +63,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--op-timeout", type=float, default=600.0, help="seconds per measured operation")
     p.add_argument("--mount-timeout", type=float, default=60.0)
     p.add_argument("--lazyfs-log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--lazyfs-arg", metavar="ARG", action="append", default=[],
+                   help="an extra flag for every lazyfs mount, e.g. --lazyfs-arg=--max-connections=8 (repeatable)")
     p.add_argument("--home", default=os.environ.get("LAZYFS_BENCH_HOME") or ".bench",
                    help="where node modules, data, the server store and results live (default .bench)")
     p.add_argument("--keep-workdir", action="store_true", help="keep stores and logs of this run's work folder")
@@ -146,9 +148,10 @@ def _raise_interrupt(signum: int, frame: Any) -> NoReturn:
 # -- the run ------------------------------------------------------------------------------
 
 
-def mounters(systems: Sequence[str], lazyfs_log_level: str) -> tuple[list[Mounter], list[str]]:
+def mounters(systems: Sequence[str], lazyfs_log_level: str,
+             lazyfs_args: Sequence[str] = ()) -> tuple[list[Mounter], list[str]]:
     """The filesystems to measure, and why any were skipped."""
-    table: dict[str, Mounter] = {"lazyfs": LazyfsMounter(lazyfs_log_level), "passthrough": PassthroughMounter(),
+    table: dict[str, Mounter] = {"lazyfs": LazyfsMounter(lazyfs_log_level, lazyfs_args), "passthrough": PassthroughMounter(),
                                  "s3fs": S3fsMounter(), "rclone": RcloneMounter()}
     order = ["passthrough", "lazyfs", "s3fs", "rclone"]
     chosen, skipped = [], []
@@ -247,6 +250,8 @@ def render(a: argparse.Namespace, ep: Endpoint, ds: Dataset, results: Results, s
             f" shards, {p.small_files:,} x {p.small_kib} KiB files in {p.small_dirs} folders",
             "- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
             f"- machine: {os.cpu_count()} CPUs, shared and noisy: compare ratios, not absolute times", ""]
+    if a.lazyfs_arg:
+        head.insert(-1, "- lazyfs mounted with: " + " ".join(a.lazyfs_arg))
     md = "\n".join(head) + "\n### Results (medians)\n\n" + benchreport.results_table(summary, p)
     md += "\n\n### Targets (ratios within each repetition, median)\n\n" + benchreport.targets_table(targets)
     notes = skipped + results.problems
@@ -288,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ignored, and Python then leaves it so.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
-    ms, skipped = mounters(a.systems, a.lazyfs_log_level)
+    ms, skipped = mounters(a.systems, a.lazyfs_log_level, a.lazyfs_arg)
     for s in skipped:
         log(s)
     registry = Registry(workdir)

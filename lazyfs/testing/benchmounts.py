@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from lazyfs.config import DEFAULT_READ_AHEAD
 from lazyfs.testing.benchdata import Dataset
@@ -215,13 +216,14 @@ class Mounter:
 class LazyfsMounter(Mounter):
     name = "lazyfs"
 
-    def __init__(self, log_level: str = "info") -> None:
+    def __init__(self, log_level: str = "info", extra: Sequence[str] = ()) -> None:
         self.log_level = log_level
+        self.extra = list(extra)  # --lazyfs-arg: the same flags on every mount
 
     def mount(self, spec: MountSpec, ep: Endpoint, ds: Dataset, timeout: float) -> Mounted:
         prefix = f"{ds.profile.name}/{spec.folder}"
         args = ["--prefix", f"s3://{ep.bucket}/{prefix}", "--endpoint-url", ep.url, "--store", str(spec.store),
-                "--log-level", self.log_level, *spec.extra]
+                "--log-level", self.log_level, *self.extra, *spec.extra]
         return LazyfsMounted(spec, spec.mnt / prefix, args, ep.env(), timeout)
 
 
