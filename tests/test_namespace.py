@@ -82,3 +82,27 @@ def test_inodes_are_per_version_and_forgotten_at_zero() -> None:
     table.forget(ROOT_INODE, 5)
     table.forget(12345, 1)  # unknown: ignored, never raises
     assert table.get(ROOT_INODE) == ""
+
+
+def test_memory_per_known_object_stays_small() -> None:
+    """What a listed object costs while the mount knows it (README: listing at scale)."""
+    import gc
+    import tracemalloc
+
+    n = 100_000
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        # Fresh strings per object, as the listing parser makes them.
+        objects = [RemoteObject("models", f"download/files/from/my-model/v3/d{i // 1000:03d}/shard-{i:06d}.bin",
+                                4096 + i, f"{i:032x}", 1_700_000_000_000_000_000 + i) for i in range(n)]
+        tree = build_tree(objects, folders=["download/files/from/my-model/v3"])
+        del objects
+        gc.collect()
+        per_object = (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+    assert tree.objects == n
+    print(f"{per_object:.0f} bytes per known object")
+    assert per_object < 800, f"{per_object:.0f} bytes per known object"
