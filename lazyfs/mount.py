@@ -169,7 +169,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
             nursery.start_soon(_tune_after_init, ops, cfg)
             if fetcher.budget is not None:
                 nursery.start_soon(fetcher.budget.scan)
-            _announce(cfg, catalog)
+            nursery.start_soon(_announce, cfg, catalog)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
             # The main loop ended: SIGTERM/SIGINT, or someone unmounted us.
             if not stopping.is_set():
@@ -182,6 +182,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
 
 
 _mounted = True
+READY_WAIT_S = 0.5
 
 
 def _close_session() -> None:
@@ -191,7 +192,14 @@ def _close_session() -> None:
         pyfuse3.close(unmount=True)
 
 
-def _announce(cfg: MountConfig, catalog: Catalog) -> None:
+async def _announce(cfg: MountConfig, catalog: Catalog) -> None:
+    """The ready line, once the first listing is in or READY_WAIT_S has
+    passed: a model folder lists in one round trip, and then an `ls` or an
+    open right after "ready" waits for none; a huge prefix goes on listing in
+    the background (lookups meanwhile list just their own folder).  The mount
+    already serves requests while this waits."""
+    with trio.move_on_after(READY_WAIT_S):
+        await catalog.listed.wait()
     sources = ", ".join(s.uri for s in cfg.sources)
     mode = " OFFLINE" if catalog.offline else ""
     print(f"lazyfs: ready{mode}: {sources} mounted at {cfg.mountpoint} (store {cfg.store_path})", flush=True)
