@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 MAX_FUSE_TASKS = 512
 # After SIGTERM, requests still in flight get this long to finish.
 SHUTDOWN_GRACE_S = 5.0
+# The ready line waits at most this long for the first listing (see _announce).
+READY_WAIT_S = 0.5
 
 
 def open_store(cfg: MountConfig) -> Store:
@@ -182,7 +184,6 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
 
 
 _mounted = True
-READY_WAIT_S = 0.5
 
 
 def _close_session() -> None:
