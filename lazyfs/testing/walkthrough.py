@@ -111,11 +111,11 @@ def run(model_mib: int = 8, quiet: bool = False) -> list[Step]:
                 s3.put_object(Bucket=BUCKET, Key=f"my-model/v4/{name}", Body=data)
             since = proxy.count()
             say("   the next image build bakes v4, starting from the last image:")
-            bake(model_json("v4"), image)  # the next image build starts from the last one
+            bake(model_json("v4"), image)
             record("bake new version", since)
             since = proxy.count()
             say("   a pod of the old image switched to v4 (model.json changed), no new image:")
-            mount_and_load(pod, model_json("v4"), "v4")  # or a running pod switched to v4
+            mount_and_load(pod, model_json("v4"), "v4")
             record("production pod switched to the new version", since)
     finally:
         shutil.rmtree(work, ignore_errors=True)
