@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lazyfs.testing.benchnet import WanLink
-from lazyfs.testing.s3server import clean_env, free_port
+from benchmark.net import WanLink
+from support.s3server import clean_env, free_port
 
 WRAPPER_JS = Path(__file__).with_name("s3rver_wrapper.js")
 S3RVER_VERSION = "3.7.1"
@@ -150,7 +150,7 @@ class LocalS3:
         return Endpoint(url=f"http://{self.host}:{self.port}", bucket=self.bucket, access_key=S3RVER_KEY,
                         secret_key=S3RVER_KEY, region="us-east-1",
                         description=f"s3rver {S3RVER_VERSION} on Node.js {_node_version()} through "
-                        f"lazyfs/testing/s3rver_wrapper.js (sorted listing, If-Match enforced), {where}")
+                        f"scripts/benchmark/s3rver_wrapper.js (sorted listing, If-Match enforced), {where}")
 
     def start(self, timeout: float = 30.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)

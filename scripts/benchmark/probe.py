@@ -5,11 +5,11 @@ A child can be killed when a filesystem hangs (a parent blocked in a FUSE call
 could not be), and a page fault on an mmap of a FUSE file holds the GIL of
 the process that takes it, which must never be the harness.
 
-    python -m lazyfs.testing.benchprobe ttfb PATH --ref LOCAL
-    python -m lazyfs.testing.benchprobe mmap PATH --ref LOCAL [--slices 64 --slice-bytes 1048576 --seed 1]
-    python -m lazyfs.testing.benchprobe verify PATH --ref LOCAL [--samples 14]
-    python -m lazyfs.testing.benchprobe hashes LISTFILE     (lines: PATH SHA256)
-    python -m lazyfs.testing.benchprobe download --endpoint URL --bucket B --dest DIR [--ref LOCAL]... KEY...
+    python -m benchmark.probe ttfb PATH --ref LOCAL
+    python -m benchmark.probe mmap PATH --ref LOCAL [--slices 64 --slice-bytes 1048576 --seed 1]
+    python -m benchmark.probe verify PATH --ref LOCAL [--samples 14]
+    python -m benchmark.probe hashes LISTFILE     (lines: PATH SHA256)
+    python -m benchmark.probe download --endpoint URL --bucket B --dest DIR [--ref LOCAL]... KEY...
                                                  [--mmap-slices 64 ...]
 """
 

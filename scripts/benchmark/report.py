@@ -9,8 +9,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lazyfs.testing.benchdata import Profile
-from lazyfs.testing.benchmounts import MountRecord
+from benchmark.data import Profile
+from benchmark.mounts import MountRecord
 
 COLUMNS = [("lazyfs", "lazyfs"), ("boto3", "boto3 download_file"), ("s3fs", "s3fs"), ("rclone", "rclone"),
            ("local", "local file"), ("passthrough", "pyfuse3 pass-through")]

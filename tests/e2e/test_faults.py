@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.testing.proxy import Fault
+from support.proxy import Fault
 
-from conftest import FS, wait_until
+from support.mounting import FS, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -65,6 +65,7 @@ def test_transient_faults_are_retried_and_the_bytes_are_right(fmount, proxy, obj
     assert "Traceback" not in m.log()
 
 
+@pytest.mark.log_errors('download of .* failed: ')
 @pytest.mark.parametrize("fault, err", [
     (Fault("status", status=503, code="SlowDown", times=None), errno.EIO),
     (Fault("reset", after=1000, times=None), errno.EIO),
@@ -98,6 +99,7 @@ def test_an_object_gone_since_the_listing_gives_enoent_and_is_dropped(fmount, pr
     assert "deleted during the download" in m.log()
 
 
+@pytest.mark.log_errors('cannot write it to the store', 'needs .* MiB but the store')
 def test_a_full_disk_gives_enospc_and_leaves_other_files_intact(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     store = tmp_path / "small-store"
     store.mkdir()
@@ -150,6 +152,7 @@ def start_reads(fs: FS, m, files) -> list:
     return [fs._pool.submit(lambda k=k: Path(m.file(k)).read_bytes()) for k in files]
 
 
+@pytest.mark.log_errors('transfer broke off')
 def test_kill_9_mid_download_then_a_fresh_mount_serves_only_whole_files(fmount, proxy, shards, fs: FS,
                                                                         tmp_path: Path):
     store = tmp_path / "store"
@@ -333,7 +336,7 @@ def test_a_follower_takes_over_when_the_downloader_dies(mount, proxy, s3, bucket
 
 
 def test_a_bake_and_a_mount_on_one_store_cooperate(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
-    from conftest import lazyfs_cli
+    from support.mounting import lazyfs_cli
 
     files = {f"{P}/f{i}.bin": os.urandom(8 * PART + i) for i in range(3)}
     for k, v in files.items():

@@ -16,10 +16,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lazyfs.testing.mountproc import MountProcess
-from lazyfs.testing.proxy import S3Proxy
-from lazyfs.testing.s3server import MotoServer, clean_env, s3_client
-from lazyfs.testing.sample import sample_model
+from support.mountproc import MountProcess
+from support.proxy import S3Proxy
+from support.s3server import MotoServer, clean_env, s3_client
+from support.sample import sample_model
 
 BUCKET = "models"
 

@@ -198,7 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _replace(self, bucket: str, key: str, data: bytes) -> None:
         """Overwrite the object upstream (a signed PUT: the server checks)."""
-        from lazyfs.testing.s3server import s3_client
+        from support.s3server import s3_client
 
         s3_client(f"http://{self.state.host}:{self.state.port}").put_object(Bucket=bucket, Key=key, Body=data)
 
@@ -272,6 +272,15 @@ def serve(upstream: str, port: int) -> None:
     server.serve_forever()
 
 
+def _child_env() -> dict[str, str]:
+    """The proxy process's environment: no HTTP proxies of the caller, and this
+    folder's parent on the path so `python -m support.proxy` finds itself."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 class S3Proxy:
     """The test side: starts the proxy process and reads or steers it."""
 
@@ -281,9 +290,9 @@ class S3Proxy:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> "S3Proxy":
-        self._proc = subprocess.Popen([sys.executable, "-m", "lazyfs.testing.proxy", "--upstream",
+        self._proc = subprocess.Popen([sys.executable, "-m", "support.proxy", "--upstream",
                                        self.upstream], stdout=subprocess.PIPE, start_new_session=True,
-                                      env={k: v for k, v in os.environ.items() if "proxy" not in k.lower()})
+                                      env=_child_env())
         assert self._proc.stdout is not None
         ready: list[bytes] = []
         t = threading.Thread(target=lambda: ready.append(self._proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]

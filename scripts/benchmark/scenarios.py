@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from lazyfs.testing.benchdata import Dataset
-from lazyfs.testing.benchmounts import (LazyfsMounter, Mounted, Mounter, MountRecord, MountSpec,
+from benchmark.data import Dataset
+from benchmark.mounts import (LazyfsMounter, Mounted, Mounter, MountRecord, MountSpec,
                                         PassthroughMounter, lazyfs_prefetch_args)
-from lazyfs.testing.benchserver import Endpoint, LocalS3, Traffic
+from benchmark.server import Endpoint, LocalS3, Traffic
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -152,7 +152,7 @@ class Ctx:
         return self.run([["cat", p] for p in paths])
 
     def probe(self, *args: str) -> dict[str, Any]:
-        op = self.run([[sys.executable, "-m", "lazyfs.testing.benchprobe", *args]], capture=True)
+        op = self.run([[sys.executable, "-m", "benchmark.probe", *args]], capture=True)
         if not op.ok:
             return {"error": op.error}
         try:

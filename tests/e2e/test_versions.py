@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.testing.proxy import Fault
-from lazyfs.testing.s3server import free_port
+from support.proxy import Fault
+from support.s3server import free_port
 
-from conftest import FS, lazyfs_cli, wait_until
+from support.mounting import FS, lazyfs_cli, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -94,6 +94,7 @@ def test_an_open_handle_keeps_reading_its_version(mount, s3, bucket, fs: FS):
         f.close()
 
 
+@pytest.mark.log_errors('is not in the local cache and the object store is unreachable')
 def test_offline_start_serves_what_the_store_knows(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     cached, uncached, baked = f"{P}/cached.bin", f"{P}/uncached.bin", f"{P}/baked.bin"
     for k in (cached, uncached, baked):
@@ -256,6 +257,7 @@ def bake_prefix(proxy, bucket: str, prefix: str, to: Path):
                        "--to", str(to)], timeout=120)
 
 
+@pytest.mark.log_errors('downloaded bytes do not match')
 def test_a_corrupted_body_is_never_published(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     key = f"{P}/w.bin"
     data = os.urandom(100_000)

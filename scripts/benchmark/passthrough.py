@@ -9,7 +9,7 @@ assumes).  It reports the same st_blksize as lazyfs (1 MiB, so `cat` asks for
 what lazyfs does per request.  With --read-ahead it raises the kernel's
 readahead for the mount after INIT, as lazyfs does (its default is 1 MiB).
 
-    python -m lazyfs.testing.passthrough SOURCE MOUNTPOINT [--keep-cache] [--read-ahead BYTES]
+    python -m benchmark.passthrough SOURCE MOUNTPOINT [--keep-cache] [--read-ahead BYTES]
 
 Runs in the foreground; prints "passthrough: ready" once mounted; SIGTERM or
 SIGINT unmounts and exits 0.

@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from lazyfs import __version__
-from lazyfs.testing import benchnet, benchreport
-from lazyfs.testing.benchdata import PROFILES, Dataset, ensure_local, ensure_uploaded
-from lazyfs.testing.benchmounts import (LazyfsMounter, Mounter, PassthroughMounter, RcloneMounter, S3fsMounter)
-from lazyfs.testing.benchscenarios import SCENARIOS, Ctx, Results, run_boto3, run_local, run_mounted
-from lazyfs.testing.benchserver import Endpoint, LocalS3, remote_endpoint, s3_client
-from lazyfs.testing.mountproc import force_unmount
+from benchmark import net as benchnet, report as benchreport
+from benchmark.data import PROFILES, Dataset, ensure_local, ensure_uploaded
+from benchmark.mounts import (LazyfsMounter, Mounter, PassthroughMounter, RcloneMounter, S3fsMounter)
+from benchmark.scenarios import SCENARIOS, Ctx, Results, run_boto3, run_local, run_mounted
+from benchmark.server import Endpoint, LocalS3, remote_endpoint, s3_client
+from support.mountproc import force_unmount
 
 SYSTEMS = ("lazyfs", "boto3", "s3fs", "rclone", "local", "passthrough")
 BUCKET = "lazyfs-bench"

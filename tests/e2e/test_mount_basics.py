@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.testing.mountproc import force_unmount, is_mounted
-from lazyfs.testing.proxy import Fault
+from support.mountproc import force_unmount, is_mounted
+from support.proxy import Fault
 
-from conftest import FS, lazyfs_cli, wait_until, write_model_json
+from support.mounting import FS, lazyfs_cli, wait_until, write_model_json
 
 pytestmark = pytest.mark.fuse
 
@@ -286,8 +286,9 @@ def test_lazyfs_umount_from_another_shell(mount, bucket, model, fs: FS):
     assert again.returncode == 1 and "not mounted" in again.stderr
 
 
+@pytest.mark.log_errors('object store kept failing')
 def test_failed_download_gives_eio_and_a_later_open_retries(mount, proxy, bucket, s3, fs: FS):
-    from lazyfs.testing.proxy import Fault
+    from support.proxy import Fault
 
     key = f"{PREFIX}/flaky.bin"
     data = os.urandom(100_000)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.testing.proxy import Fault
-from lazyfs.testing.s3server import free_port
+from support.proxy import Fault
+from support.s3server import free_port
 
-from conftest import lazyfs_cli
+from support.mounting import lazyfs_cli
 
 
 def one_line_error(res: subprocess.CompletedProcess[str]) -> str:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.testing.proxy import Fault
-from lazyfs.testing.s3server import free_port
+from support.proxy import Fault
+from support.s3server import free_port
 
-from conftest import FS, lazyfs_cli, wait_until
+from support.mounting import FS, lazyfs_cli, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -86,6 +86,7 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
+@pytest.mark.log_errors('access denied to')
 def test_metrics_move_by_the_expected_amounts(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     a, b = os.urandom(300_000), os.urandom(100_000)
     s3.put_object(Bucket=bucket, Key=f"{P}/a.bin", Body=a)
@@ -170,7 +171,7 @@ def test_doctor_healthy_and_broken(proxy, s3, bucket, tmp_path: Path):
         subprocess.run(["umount", str(readonly)], check=True)
     assert unwritable.returncode == 1 and "FAIL  store" in unwritable.stdout and "not writable" in unwritable.stdout
 
-    from lazyfs.testing.s3server import clean_env
+    from support.s3server import clean_env
 
     no_fuse = doctor(base, env=clean_env({"LAZYFS_FUSE_DEVICE": str(tmp_path / "no-fuse")}))
     assert no_fuse.returncode == 1 and "FAIL  fuse device" in no_fuse.stdout and "--device /dev/fuse" in no_fuse.stdout

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Sequence
 
 from lazyfs.config import DEFAULT_READ_AHEAD
-from lazyfs.testing.benchdata import Dataset
-from lazyfs.testing.benchserver import Endpoint
-from lazyfs.testing.mountproc import MountFailed, MountProcess, force_unmount, is_mounted
+from benchmark.data import Dataset
+from benchmark.server import Endpoint
+from support.mountproc import MountFailed, MountProcess, force_unmount, is_mounted
 
 MiB = 1 << 20
 # lazyfs log lines worth reporting (the rest is routine).
@@ -241,7 +241,7 @@ def lazyfs_prefetch_args() -> list[str] | None:
 
 
 class PassthroughMounter(Mounter):
-    """lazyfs.testing.passthrough over the local copy of the dataset, with the
+    """benchmark.passthrough over the local copy of the dataset, with the
     kernel readahead lazyfs sets by default, so that it stays the ceiling."""
 
     name = "passthrough"
@@ -251,7 +251,7 @@ class PassthroughMounter(Mounter):
         self.read_ahead = read_ahead
 
     def mount(self, spec: MountSpec, ep: Endpoint, ds: Dataset, timeout: float) -> Mounted:
-        argv = [sys.executable, "-m", "lazyfs.testing.passthrough", str(ds.local(spec.folder)), str(spec.mnt),
+        argv = [sys.executable, "-m", "benchmark.passthrough", str(ds.local(spec.folder)), str(spec.mnt),
                 "--read-ahead", str(self.read_ahead)]
         if self.keep_cache:
             argv.append("--keep-cache")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.testing.proxy import Fault
+from support.proxy import Fault
 
-from conftest import FS, wait_until
+from support.mounting import FS, wait_until
 
 pytestmark = pytest.mark.fuse
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lazyfs.testing import walkthrough
+import walkthrough
 
 pytestmark = pytest.mark.fuse
 

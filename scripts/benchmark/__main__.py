@@ -1,0 +1,5 @@
+import sys
+
+from benchmark.main import main
+
+sys.exit(main())

@@ -1,0 +1,157 @@
+"""Helpers for end-to-end tests: filesystem access under a timeout, `lazyfs
+mount` subprocesses that are always torn down, the CLI run as a user runs it.
+
+Nothing here can hang a run: every filesystem access goes through `FS` (a
+thread with a timeout), and every mount is torn down in escalating steps
+(SIGTERM, fusermount3 -u, -uz, SIGKILL) even when the test failed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from support.mountproc import MountProcess, force_unmount
+from support.proxy import S3Proxy
+from support.s3server import clean_env
+
+FS_TIMEOUT = 20.0
+
+
+class FS:
+    """Filesystem access under a timeout, from a worker thread, so a bug in the
+    daemon fails the test instead of hanging it."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="fs")
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = FS_TIMEOUT) -> Any:
+        return self._pool.submit(fn, *args).result(timeout=timeout)
+
+    def read(self, path: str | Path, timeout: float = FS_TIMEOUT) -> bytes:
+        return self.run(lambda: Path(path).read_bytes(), timeout=timeout)
+
+    def listdir(self, path: str | Path) -> list[str]:
+        return sorted(self.run(os.listdir, str(path)))
+
+    def stat(self, path: str | Path) -> os.stat_result:
+        return self.run(os.stat, str(path))
+
+    def sh(self, *argv: str, timeout: float = FS_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+
+    def python(self, code: str, *args: str, timeout: float = FS_TIMEOUT) -> str:
+        """Run Python in a child process: for access that holds the GIL while
+        the kernel waits on the mount (mmap page faults), so a hang is killable."""
+        res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                             timeout=timeout)
+        if res.returncode != 0:
+            raise AssertionError(f"child failed ({res.returncode}): {res.stderr[-2000:]}")
+        return res.stdout
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class Mounted:
+    path: Path
+    store: Path
+    process: MountProcess
+
+    def file(self, key: str) -> Path:
+        return self.path / key
+
+    def log(self) -> str:
+        return self.process.log()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        return self.process.stop(timeout=timeout)
+
+
+class Mounter:
+    """Starts `lazyfs mount` subprocesses for one test and tears all of them down."""
+
+    def __init__(self, tmp_path: Path, proxy: S3Proxy) -> None:
+        self.tmp_path = tmp_path
+        self.proxy = proxy
+        self.started: list[Mounted] = []
+        self._n = itertools.count()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return clean_env(extra)
+
+    def __call__(self, *args: str, mountpoint: Path | None = None, store: Path | None = None,
+                 endpoint: str | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 30.0) -> Mounted:
+        n = next(self._n)
+        mnt = mountpoint or self.tmp_path / f"mnt{n}"
+        mnt.mkdir(parents=True, exist_ok=True)
+        argv = list(args)
+        argv += ["--endpoint-url", endpoint or self.proxy.endpoint, "--log-level", "debug"]
+        if store is not None:
+            argv += ["--store", str(store)]
+        proc = MountProcess(mnt, argv, env or self.env(), self.tmp_path / f"lazyfs{n}.log")
+        m = Mounted(mnt, store or mnt, proc)
+        self.started.append(m)
+        proc.start(timeout=timeout)
+        return m
+
+    def cleanup(self) -> None:
+        for m in self.started:
+            m.process.cleanup()
+            force_unmount(m.path)
+
+    def log_problems(self, allowed: Sequence[str] = ()) -> list[str]:
+        """Daemon log lines no test should cause: any traceback, and ERROR lines
+        that match none of the `allowed` patterns (a test that injects faults
+        names the errors it expects with @pytest.mark.log_errors)."""
+        return [f"{m.process.log_path.name}: {line}" for m in self.started
+                for line in unexpected_log_lines(m.log(), allowed)]
+
+
+_ERROR_LINE = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) ")
+
+
+def unexpected_log_lines(text: str, allowed: Sequence[str] = ()) -> list[str]:
+    patterns = [re.compile(a) for a in allowed]
+    out = []
+    for line in text.splitlines():
+        if "Traceback (most recent call last)" in line:
+            out.append(line)
+        elif _ERROR_LINE.match(line) and not any(p.search(line) for p in patterns):
+            out.append(line)
+    return out
+
+
+def lazyfs_cli(args: Sequence[str], env: dict[str, str] | None = None, timeout: float = 60.0,
+               cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user would (`python -m lazyfs ...`)."""
+    return subprocess.run([sys.executable, "-m", "lazyfs", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env or clean_env(), cwd=cwd)
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll `cond` until it returns something true (e.g. a download is published)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def write_model_json(path: Path, **fields: Any) -> Path:
+    path.write_text(json.dumps(fields))
+    return path
