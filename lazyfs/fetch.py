@@ -30,6 +30,7 @@ import contextlib
 import errno
 import os
 import random
+import resource
 import threading
 import time
 from typing import Awaitable, Callable, Iterator, Union
@@ -211,7 +212,10 @@ class Fetcher:
         else:
             ok = verify.compute(copy.fd, obj.size, exp) == exp.value
             if ok and copy.layer.writable:
-                self.store.record(copy.fd, Identity.of(obj, "prebaked"))
+                try:
+                    self.store.record(copy.fd, Identity.of(obj, "prebaked"))
+                except OSError as e:  # a read-only copy we may not stamp: checked again next start
+                    log.debug("%s: cannot record the check's result: %s", obj.uri, e.strerror)
             if not ok:
                 log.warning("%s: the local copy in the %s does not match the object's %s; "
                             "downloading it again", obj.uri, copy.layer.label, exp.algorithm)
@@ -593,12 +597,15 @@ class _Stopped(Exception):
 @contextlib.contextmanager
 def _lower_priority() -> Iterator[None]:
     """Hash a finished download at a lower CPU priority than the downloads and
-    readers still running (this thread only; as root, so it can be restored)."""
-    if os.geteuid() != 0:
-        yield
-        return
+    readers still running (this thread only), when its priority can be
+    restored afterwards: raising a nice value is always allowed, lowering it
+    back needs CAP_SYS_NICE or RLIMIT_NICE, which containers do not grant by
+    default.  Without either, the thread keeps its priority."""
     tid = threading.get_native_id()
     old = os.getpriority(os.PRIO_PROCESS, tid)
+    if not _may_renice_to(old):
+        yield
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, old + 10))
     except OSError:
@@ -608,6 +615,22 @@ def _lower_priority() -> Iterator[None]:
         yield
     finally:
         os.setpriority(os.PRIO_PROCESS, tid, old)
+
+
+_CAP_SYS_NICE = 23
+
+
+def _may_renice_to(nice: int) -> bool:
+    """May this process lower a thread's nice value back to `nice`?"""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        caps = 0
+    if caps & (1 << _CAP_SYS_NICE):
+        return True
+    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    return soft == resource.RLIM_INFINITY or 20 - soft <= nice
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

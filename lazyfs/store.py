@@ -531,8 +531,10 @@ class Store:
             raise StoreError(f"{obj.uri}: download has the wrong size, not published")
         os.fsync(fd)
         os.utime(fd, ns=(obj.mtime_ns, obj.mtime_ns))
-        os.fchmod(fd, 0o444)
+        # The record first: a user.* attribute needs write permission, which
+        # only CAP_DAC_OVERRIDE would grant once the file is read-only.
         self.record(fd, Identity.of(obj, origin))
+        os.fchmod(fd, 0o444)
         self._place(partial.name + ".part", obj)
         self._remove(partial.name + ".json")
 
@@ -631,8 +633,8 @@ class Store:
                 left, off = left - n, off + n
             os.fsync(fd)
             os.utime(fd, ns=(obj.mtime_ns, obj.mtime_ns))
+            self.record(fd, Identity.of(obj, origin))  # before 0444, see publish
             os.fchmod(fd, 0o444)
-            self.record(fd, Identity.of(obj, origin))
         except BaseException:
             os.close(fd)
             self._remove(tmp)

@@ -92,7 +92,7 @@ class Mounter:
 
     def __call__(self, *args: str, mountpoint: Path | None = None, store: Path | None = None,
                  endpoint: str | None = None, env: dict[str, str] | None = None,
-                 timeout: float = 30.0) -> Mounted:
+                 timeout: float = 30.0, wrapper: Sequence[str] = ()) -> Mounted:
         n = next(self._n)
         mnt = mountpoint or self.tmp_path / f"mnt{n}"
         mnt.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ class Mounter:
         argv += ["--endpoint-url", endpoint or self.proxy.endpoint, "--log-level", "debug"]
         if store is not None:
             argv += ["--store", str(store)]
-        proc = MountProcess(mnt, argv, env or self.env(), self.tmp_path / f"lazyfs{n}.log")
+        proc = MountProcess(mnt, argv, env or self.env(), self.tmp_path / f"lazyfs{n}.log", wrapper=wrapper)
         m = Mounted(mnt, store or mnt, proc)
         self.started.append(m)
         proc.start(timeout=timeout)
@@ -134,9 +134,10 @@ def unexpected_log_lines(text: str, allowed: Sequence[str] = ()) -> list[str]:
 
 
 def lazyfs_cli(args: Sequence[str], env: dict[str, str] | None = None, timeout: float = 60.0,
-               cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the CLI as a user would (`python -m lazyfs ...`)."""
-    return subprocess.run([sys.executable, "-m", "lazyfs", *args], capture_output=True, text=True,
+               cwd: str | Path | None = None, wrapper: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user would (`python -m lazyfs ...`), optionally under a
+    `wrapper` command (setpriv, to drop capabilities)."""
+    return subprocess.run([*wrapper, sys.executable, "-m", "lazyfs", *args], capture_output=True, text=True,
                           timeout=timeout, env=env or clean_env(), cwd=cwd)
 
 

@@ -33,8 +33,10 @@ class MountFailed(RuntimeError):
 
 class MountProcess:
     def __init__(self, mountpoint: str | Path, args: Sequence[str], env: dict[str, str],
-                 log_path: str | Path, python: str = sys.executable) -> None:
+                 log_path: str | Path, python: str = sys.executable, wrapper: Sequence[str] = ()) -> None:
         self.mountpoint = Path(mountpoint)
+        # A command the daemon runs under (e.g. setpriv dropping capabilities).
+        self.wrapper = list(wrapper)
         self.args = list(args)
         self.env = env
         self.log_path = Path(log_path)
@@ -51,7 +53,7 @@ class MountProcess:
     def start(self, timeout: float = 30.0) -> "MountProcess":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [self.python, "-m", "lazyfs", "mount", str(self.mountpoint), *self.args],
+            [*self.wrapper, self.python, "-m", "lazyfs", "mount", str(self.mountpoint), *self.args],
             stdout=subprocess.PIPE, stderr=log, env=self.env, start_new_session=True)
         log.close()
         threading.Thread(target=self._read_stdout, daemon=True).start()
