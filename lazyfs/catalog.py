@@ -22,6 +22,7 @@ import trio
 
 from lazyfs.config import Source
 from lazyfs.errors import LazyfsError, RemoteError
+from lazyfs.listings import walk_local
 from lazyfs.namespace import DirNode, Node, RemoteObject, Tree, build_tree, join
 from lazyfs.remote import Remote
 from lazyfs.store import Store
@@ -120,9 +121,9 @@ class Catalog:
     async def _save(self, per_source: list[list[RemoteObject]]) -> None:
         if self.store is None:
             return
-        for source, objects in zip(self.sources, per_source):
+        for source, objects in zip(self.sources, per_source, strict=False):
             try:
-                await trio.to_thread.run_sync(self.store.save_listing, source.bucket, source.prefix, objects)
+                await trio.to_thread.run_sync(self.store.listings.save, source.bucket, source.prefix, objects)
             except OSError as e:
                 log.warning("could not save the listing of %s for offline starts: %s", source, e.strerror)
                 return
@@ -268,9 +269,9 @@ def offline_objects(store: Store, sources: Sequence[Source]) -> list[RemoteObjec
     Blocking (walks directories): run in a thread or before the mount."""
     out: dict[str, RemoteObject] = {}
     for source in sources:
-        for obj, _layer in store.walk_local(source.bucket, source.prefix):
+        for obj, _layer in walk_local(store.layers(), store.identities, source.bucket, source.prefix):
             out.setdefault(obj.key, obj)
-        saved = store.load_listing(source.bucket, source.prefix)
+        saved = store.listings.load(source.bucket, source.prefix)
         for obj in saved or ():
             out[obj.key] = obj  # the last listing is the best knowledge of versions
     return sorted(out.values(), key=lambda o: o.key)
@@ -281,7 +282,7 @@ class Refresher:
     object), one listing at a time, and tells listeners what changed."""
 
     def __init__(self, catalog: Catalog, interval: float,
-                 listeners: Sequence[Callable[[Diff], None]] = ()) -> None:
+                 listeners: Sequence[Callable[[Diff], object]] = ()) -> None:
         self.catalog = catalog
         self.interval = interval if interval > 0 else math.inf
         self.listeners = list(listeners)
@@ -326,5 +327,5 @@ def diff_trees(old: Tree, new: Tree) -> Diff:
     added = tuple(o for k, o in after.items() if k not in before)
     removed = tuple(o for k, o in before.items() if k not in after)
     changed = tuple((before[k], o) for k, o in after.items()
-                    if k in before and not before[k].same_version(o))
+                    if k in before and not before[k].same_bytes(o))
     return Diff(added, removed, changed)

@@ -17,8 +17,7 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from lazyfs import __version__
-from lazyfs.config import (DEFAULT_CACHE_DIR, LOG_LEVELS, bake_config, doctor_config, mount_config,
-                           status_config)
+from lazyfs.config import DEFAULT_CACHE_DIR, LOG_LEVELS, bake_config, doctor_config, mount_config, status_config
 from lazyfs.errors import ConfigError, LazyfsError, UsageError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -258,6 +257,16 @@ def _stop(signum: int, frame: Any) -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
+    try:
+        return _run(argv)
+    finally:
+        # Exiting already: a second SIGTERM or Ctrl-C (a container stop sent
+        # twice) must not interrupt the interpreter's own clean-up.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         setup_logging(args.log_level, args.log_format)

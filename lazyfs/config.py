@@ -10,12 +10,13 @@ from __future__ import annotations
 import difflib
 import errno
 import json
+import math
 import os
 import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence, cast
 
 from lazyfs.errors import ConfigError, UnsafeKey
 from lazyfs.namespace import key_parts
@@ -46,6 +47,9 @@ class Source:
         return self.uri
 
 
+AddressingStyle = Literal["auto", "path", "virtual"]
+
+
 @dataclass(frozen=True, slots=True)
 class RemoteConfig:
     """How to reach the object store.  Credentials are never held here: boto3's
@@ -55,7 +59,7 @@ class RemoteConfig:
     region: str | None = None
     # Path-style is what MinIO, Ceph and most S3-compatible stores need; AWS
     # itself prefers virtual-hosted.  "auto" lets botocore decide.
-    addressing_style: str = "auto"
+    addressing_style: AddressingStyle = "auto"
     # botocore's own retries (standard mode: exponential backoff with jitter,
     # covers 5xx, SlowDown, throttling and connection errors before the body).
     # 5 attempts ride out the usual brief S3 hiccups in about 5 seconds.
@@ -374,7 +378,7 @@ def check_port(port: int | None) -> int | None:
 def check_refresh(value: float | None) -> float:
     if value is None:
         return DEFAULT_REFRESH_S
-    if value < 0 or value != value:
+    if value < 0 or math.isnan(value):
         raise ConfigError(f"--refresh {value} must be 0 (never) or a number of seconds")
     return float(value)
 
@@ -405,7 +409,7 @@ def remote_config(endpoint_url: str | None, addressing_style: str | None, env: M
     timeout = dflt.read_timeout if read_timeout is None else read_timeout
     if not 0 < timeout <= 3600:
         raise ConfigError(f"--read-timeout {read_timeout} must be between 0 and 3600 seconds")
-    return RemoteConfig(endpoint_url=endpoint, region=region, addressing_style=style,
+    return RemoteConfig(endpoint_url=endpoint, region=region, addressing_style=cast(AddressingStyle, style),
                         max_pool_connections=pool, max_attempts=attempts, read_timeout=timeout)
 
 

@@ -1,6 +1,6 @@
 """Several lazyfs processes on one store (two pods sharing a node's cache, a
 mount and a `lazyfs bake`): each version is fetched once, by whichever
-process takes its download lock first (store.lock_download).
+process takes its download lock first (partials.PartialFiles.lock).
 
 The others follow that download through the store: the owner records the
 blocks it has made durable (at most a second behind), so a reader here is
@@ -16,30 +16,39 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import Awaitable, Callable
 
 import trio
 
 from lazyfs.download import Download
 from lazyfs.errors import RemoteUnavailable
+from lazyfs.filemap import FileMap, PageBudget
 from lazyfs.namespace import RemoteObject
-from lazyfs.store import FileMap, LocalCopy
-
-if TYPE_CHECKING:
-    from lazyfs.fetch import Fetcher
+from lazyfs.store import LocalCopy, Store
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
 
+# Start our own download of the version, holding the store lock we just took
+# (and whether nobody reads it yet).
+TakeOver = Callable[[RemoteObject, int, bool], Awaitable[Download]]
+
 
 class ForeignDownload:
-    """Another process's download of one version, as readers here see it (the
-    same surface as Download: wait_range, fmap, complete, finished, error)."""
+    """Another process's download of one version, as readers here see it (a
+    transfer.Transfer)."""
 
-    def __init__(self, fetcher: "Fetcher", obj: RemoteObject) -> None:
-        self.fetcher = fetcher
+    def __init__(self, obj: RemoteObject, store: Store, pages: PageBudget, io: trio.CapacityLimiter,
+                 read_deadline: float, take_over: TakeOver,
+                 on_finished: Callable[[ForeignDownload], None]) -> None:
         self.obj = obj
+        self._store = store
+        self._pages = pages
+        self._io = io
+        self._read_deadline = read_deadline
+        self._take_over_with = take_over
+        self._on_finished = on_finished
         self.readers = 0
         self.background = True
         self.started = time.monotonic()
@@ -51,11 +60,11 @@ class ForeignDownload:
         self._local_map: FileMap | None = None
         self._part_fd = -1
         self._part_map: FileMap | None = None
-        self._done: set[int] = set()
+        self._done: frozenset[int] = frozenset()
         self._block = 1
         self._changed = trio.Event()
 
-    # -- the Download surface ------------------------------------------------------
+    # -- the Transfer surface ------------------------------------------------------
 
     @property
     def fmap(self) -> FileMap:
@@ -83,7 +92,7 @@ class ForeignDownload:
 
     async def wait_range(self, start: int, end: int) -> None:
         end = min(end, self.obj.size)
-        deadline = trio.current_time() + self.fetcher.cfg.read_deadline
+        deadline = trio.current_time() + self._read_deadline
         while True:
             if self.delegate is not None:
                 await self.delegate.wait_range(start, end)
@@ -96,8 +105,7 @@ class ForeignDownload:
                 await self._changed.wait()
             if scope.cancelled_caught:
                 raise RemoteUnavailable(f"{self.obj.uri}: another lazyfs process is downloading it and "
-                                        f"bytes {start}-{end} did not arrive within "
-                                        f"{self.fetcher.cfg.read_deadline:g} s",
+                                        f"bytes {start}-{end} did not arrive within {self._read_deadline:g} s",
                                         bucket=self.obj.bucket, key=self.obj.key)
 
     def add_reader(self) -> None:
@@ -119,7 +127,7 @@ class ForeignDownload:
                  self.obj.uri)
         try:
             while not self.finished.is_set():
-                verdict = await trio.to_thread.run_sync(self._poll, limiter=self.fetcher._io)
+                verdict = await trio.to_thread.run_sync(self._poll, limiter=self._io)
                 if verdict == "published":
                     self.complete = True
                     break
@@ -133,36 +141,34 @@ class ForeignDownload:
         finally:
             self.finished.set()
             self._wake()
-            self.fetcher._foreign.pop((self.obj.bucket, self.obj.key, self.obj.etag, self.obj.size), None)
+            self._on_finished(self)
             self._maybe_close()
 
     def _poll(self) -> str | int:
         """Worker thread: "published", "running", or our lock descriptor."""
-        store = self.fetcher.store
-        copy = store.find_current(self.obj)
+        copy = self._store.find_current(self.obj)
         if copy is not None:
             self._local = copy
-            self._local_map = FileMap(copy.fd, self.obj.size)
+            self._local_map = FileMap(copy.fd, self.obj.size, self._pages)
             return "published"
-        lock = store.lock_download(self.obj)
+        lock = self._store.partials.lock(self.obj)
         if lock is not None:
             return lock
-        progress = store.foreign_progress(self.obj)
+        progress = self._store.partials.foreign_progress(self.obj)
         if progress is not None:
-            ino, done, block = progress
             if self._part_map is None:
-                fd = store.open_foreign_part(self.obj, ino)
+                fd = self._store.partials.open_foreign(self.obj, progress.ino)
                 if fd is not None:
-                    self._part_fd, self._part_map = fd, FileMap(fd, self.obj.size)
-            self._done, self._block = done, block
+                    self._part_fd, self._part_map = fd, FileMap(fd, self.obj.size, self._pages)
+            self._done, self._block = progress.blocks, progress.block_size
         return "running"
 
     async def _take_over(self, lock_fd: int) -> None:
         log.info("%s: the process downloading it is gone; continuing its download here", self.obj.uri)
         try:
-            dl = await self.fetcher.start_locked(self.obj, lock_fd, background=self.readers <= 0)
+            dl = await self._take_over_with(self.obj, lock_fd, self.readers <= 0)
         except BaseException:
-            await trio.to_thread.run_sync(self.fetcher.store.unlock_download, self.obj, lock_fd)
+            await trio.to_thread.run_sync(self._store.partials.unlock, self.obj, lock_fd)
             raise
         for _ in range(self.readers):
             dl.add_reader()

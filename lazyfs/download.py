@@ -1,14 +1,15 @@
-"""One object version being fetched: which bytes are on disk, which are on
-their way, and who is waiting for what.
+"""One object version being fetched by this process: which bytes are on disk,
+which are on their way, and who is waiting for what.
 
 The file is tracked in fixed *blocks* (1 MiB, or the part size if smaller);
-bytes travel in *requests* (ranged GETs) covering runs of pending blocks: up to
-the part size for the sequential sweep, just the blocks a reader waits for
-when it jumps ahead (an mmap-driven loader touching scattered tensors fetches
-those tensors, not 8 MiB around each).
+bytes travel in *requests* (ranged GETs) covering runs of pending blocks: up
+to a *part* (`--part-size`) for the sequential sweep, just the blocks a reader
+waits for when it jumps ahead (an mmap-driven loader touching scattered
+tensors fetches those tensors, not a whole part around each).
 
-All of this state lives on the trio thread; worker threads only write bytes
-into the sparse file and post progress (see fetch.py).
+Everything here runs on the trio thread (docs/concurrency.md).  A Download
+knows nothing of the engine that drives it: it gets plain values and two
+callbacks when it is made.
 """
 
 from __future__ import annotations
@@ -17,17 +18,16 @@ import os
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Callable
 
 import trio
 
 from lazyfs.errors import RemoteUnavailable
+from lazyfs.filemap import FileMap, PageBudget
 from lazyfs.namespace import RemoteObject
+from lazyfs.partials import Partial
 from lazyfs.remote import ResponseMeta
-from lazyfs.store import FileMap, Partial
-
-if TYPE_CHECKING:
-    from lazyfs.fetch import Fetcher
 
 PENDING, ACTIVE, DONE = 0, 1, 2
 # A reader waiting on pending bytes gets them in requests of at most this many
@@ -35,10 +35,19 @@ PENDING, ACTIVE, DONE = 0, 1, 2
 DEMAND_BLOCKS = 2
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How one download may use the network."""
+
+    part_blocks: int  # blocks per request of the sequential sweep
+    max_requests: int  # requests in flight once the first bytes arrived
+    read_deadline: float  # longest a reader waits for its bytes (EIO after)
+
+
 class Request:
     """One ranged GET in flight: bytes [start, end), `filled` of them on disk."""
 
-    __slots__ = ("start", "end", "filled", "first_block", "next_block", "started")
+    __slots__ = ("end", "filled", "first_block", "next_block", "start", "started")
 
     def __init__(self, start: int, end: int, first_block: int) -> None:
         self.start = start
@@ -49,47 +58,75 @@ class Request:
         self.started = time.monotonic()
 
 
-class Download:
-    """The fetch of one object version into a Partial."""
+class Pin:
+    """Keeps a download's descriptor open while a worker thread or a
+    bookkeeping task uses it.  Released once (later calls do nothing)."""
 
-    def __init__(self, fetcher: "Fetcher", obj: RemoteObject, partial: Partial,
-                 background: bool, keep: bool = True) -> None:
-        self.fetcher = fetcher
+    __slots__ = ("_dl",)
+
+    def __init__(self, dl: Download) -> None:
+        self._dl: Download | None = dl
+        dl.pins += 1
+
+    def release(self) -> None:
+        dl, self._dl = self._dl, None
+        if dl is not None:
+            dl.pins -= 1
+            dl.maybe_close_fd()
+
+    def __enter__(self) -> Pin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Download:
+    def __init__(self, obj: RemoteObject, partial: Partial, limits: Limits, pages: PageBudget, *,
+                 background: bool, keep: bool = True,
+                 on_work: Callable[[], None] = lambda: None,
+                 on_closed: Callable[[Partial], None] = lambda p: None) -> None:
         self.obj = obj
+        self.limits = limits
+        self.pages = pages
         self.background = background
         # False: larger than the cache budget; served, then thrown away.
         self.keep = keep
+        self._on_work = on_work  # bytes are wanted: the dispatcher should look
+        self._on_closed = on_closed  # the descriptor is closed: the files may go
         self.readers = 0
         self.started = time.monotonic()
         self.error: BaseException | None = None
         self.complete = False  # verified and published
         self.finished = trio.Event()  # complete or failed
         self.cancelled = False  # read by worker threads: stop at the next piece
-        self.threads = 0  # worker threads and bookkeeping tasks using `fd`
+        self.pins = 0  # Pin objects holding `fd` open
         self.bytes_fetched = 0
         self.verify_attempts = 0
         self.last_progress_log = self.started
         self.meta: ResponseMeta | None = None  # verification hints from a GET's headers
         self.lock_fd = -1  # the store lock that makes this process the version's one downloader
+        self.state_saved_at = 0.0
+        self.saving = False  # a save of the resume record is scheduled
         self._fd_closed = False
-        self._state_saved_at = 0.0
-        self._saving = False
-        self._attach(partial)
+        self.attach(partial)
 
-    def _attach(self, partial: Partial) -> None:
+    def attach(self, partial: Partial) -> None:
+        """Download into `partial` (a fresh one after a failed verification)."""
         self.partial = partial
         self.fd = partial.fd
         # Writers take turns: concurrent pwrite()s to one file contend for the
         # inode's lock in the kernel, which spins and burns the CPU the
         # download needs; a Python lock makes the losers sleep instead.
         self.write_lock = threading.Lock()
-        self.fmap = FileMap(partial.fd, partial.obj.size)
-        self.block_size = partial.part_size
-        self.nblocks = partial.chunks
-        self.request_blocks = max(1, self.fetcher.cfg.part_size // self.block_size)
+        self._fmap = FileMap(partial.fd, partial.obj.size, self.pages)
+        self.block_size = partial.block_size
+        self.nblocks = partial.nblocks
         self.state = bytearray(self.nblocks)
+        self.done_bytes = 0
         for i in partial.done:
             self.state[i] = DONE
+            self.done_bytes += self.block_end(i) - i * self.block_size
         self.ndone = len(partial.done)
         self.owner: dict[int, Request] = {}  # ACTIVE block -> its request
         self.requests: set[Request] = set()
@@ -101,22 +138,22 @@ class Download:
         self.ramp = 1
 
     @property
-    def ident(self) -> tuple[str, str, str, int]:
-        return (self.obj.bucket, self.obj.key, self.obj.etag, self.obj.size)
+    def fmap(self) -> FileMap:
+        return self._fmap
 
     @property
     def fetched_bytes(self) -> int:
-        """Bytes of the object on local disk so far."""
         if self.complete:
             return self.obj.size
-        done = sum(self.block_end(i) - i * self.block_size for i in range(self.nblocks)
-                   if self.state[i] == DONE)
         partly = sum(r.start + r.filled - r.next_block * self.block_size for r in self.requests
                      if r.start + r.filled > r.next_block * self.block_size)
-        return done + partly
+        return self.done_bytes + partly
 
     def block_end(self, i: int) -> int:
         return min(self.obj.size, (i + 1) * self.block_size)
+
+    def pin(self) -> Pin:
+        return Pin(self)
 
     # -- readers -------------------------------------------------------------
 
@@ -147,8 +184,8 @@ class Download:
                 self.demand.append(i)
         event = trio.Event()
         self.waiters.append((start, end, event))
-        self.fetcher.poke()
-        deadline = self.fetcher.cfg.read_deadline
+        self._on_work()
+        deadline = self.limits.read_deadline
         try:
             with trio.fail_after(deadline):
                 await event.wait()
@@ -186,14 +223,14 @@ class Download:
         while self.demand:
             i = self.demand.popleft()
             if self.state[i] == PENDING:
-                return self._claim(i, min(DEMAND_BLOCKS, self.request_blocks))
+                return self._claim(i, min(DEMAND_BLOCKS, self.limits.part_blocks))
         if demanded_only or len(self.requests) >= self.ramp:
             return None
         while self.sweep < self.nblocks and self.state[self.sweep] != PENDING:
             self.sweep += 1
         if self.sweep >= self.nblocks:
             return None
-        return self._claim(self.sweep, self.request_blocks)
+        return self._claim(self.sweep, self.limits.part_blocks)
 
     def _claim(self, first: int, max_blocks: int) -> Request:
         last = first
@@ -212,7 +249,7 @@ class Download:
         if req not in self.requests:
             return []
         if req.filled == 0 and filled > 0:
-            self.ramp = self.fetcher.cfg.max_connections
+            self.ramp = self.limits.max_requests
         req.filled = filled
         done = []
         while req.next_block * self.block_size < req.end and \
@@ -221,6 +258,7 @@ class Download:
             self.state[i] = DONE
             del self.owner[i]
             self.ndone += 1
+            self.done_bytes += self.block_end(i) - i * self.block_size
             done.append(i)
             req.next_block += 1
         if req.start + filled >= req.end:
@@ -238,10 +276,22 @@ class Download:
             i += 1
         self.sweep = min(self.sweep, req.next_block)
 
+    def mark_all_done(self) -> None:
+        """Every block is on disk (an empty object, or a resume that had them all)."""
+        self.state[:] = bytes([DONE]) * self.nblocks
+        self.ndone = self.nblocks
+        self.done_bytes = self.obj.size
+
+    @property
+    def all_done(self) -> bool:
+        return self.ndone == self.nblocks
+
     def maybe_close_fd(self) -> None:
-        if self.finished.is_set() and self.threads == 0 and self.readers <= 0 and not self._fd_closed:
+        """Close the descriptor once nothing can use it again: finished, no pin,
+        no reader.  Trio thread only, like every read of the mapping."""
+        if self.finished.is_set() and self.pins == 0 and self.readers <= 0 and not self._fd_closed:
             self._fd_closed = True
-            self.fmap.close()
+            self._fmap.close()
             os.close(self.fd)
             if not self.keep:
-                self.fetcher.discard_later(self.partial)
+                self._on_closed(self.partial)

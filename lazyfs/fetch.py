@@ -1,103 +1,134 @@
 """The download engine: one download per object version, fetched as parallel
-ranged GETs straight into a sparse file in the store, served while it arrives,
-verified, then published.  (download.py holds one download's state.)
+ranged GETs straight into a sparse file in the store, served while it
+arrives, verified, then published.
 
-Concurrency (see also docs/concurrency.md):
-  * Everything here runs on the trio thread except `_fetch_blocking`,
-    `_finish_blocking` and the store calls, which run in worker threads.
-  * `Fetcher._downloads` maps an object version to its one live Download.
-    `acquire` checks the store and the registry under a per-version trio.Lock,
-    so concurrent first opens share one download and never race a publish.
-  * A Download's block states, requests and waiters change only on the trio
-    thread.  Worker threads only pwrite their own request's byte range into
-    the sparse file and post progress back with `TrioToken.run_sync_soon`.
-  * One dispatcher task hands out connection slots (a Semaphore of
-    `max_connections`) by priority: bytes a reader is blocked on first, then
-    downloads someone has open (fewest requests in flight first, so parallel
-    readers share), then background prefetch (oldest first).
-  * The sparse file's descriptor belongs to the Download and is closed on the
-    trio thread only, once no worker thread, task or reader uses it; reads on
-    it are served on the trio thread, so a close can never race a read.
-Crash cases: a block is recorded on disk only after an fdatasync, so a resumed
-download trusts exactly the blocks that are really there; a partial file lives
-in .lazyfs/tmp under a name no reader ever opens, so it is never served as whole.
+The engine is made of small parts: `probe` (what the store has, one thread
+hop), `download` (one download's block state), `dispatch` (which bytes go on
+the wire next), `ranged_get` and `completion` (the blocking work, in worker
+threads), `coop` (a download another process runs).  This module owns the
+registry of downloads and their lifecycle: acquire, start, finish, fail,
+close.  Who runs where, what each may write, and the descriptor pins are
+described in docs/concurrency.md; every rule there holds here.
 """
 
 from __future__ import annotations
 
-import logging
 import contextlib
 import errno
-import os
-import random
-import resource
+import functools
+import logging
 import threading
 import time
-from typing import Awaitable, Callable, Iterator, Union
+from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from lazyfs import verify
 from lazyfs.budget import Budget
-from lazyfs.coop import ForeignDownload
-from lazyfs.download import DONE, Download, Request
+from lazyfs.completion import verify_and_publish_blocking
 from lazyfs.config import FetchConfig
-from lazyfs.errors import (IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, RemoteError,
-                           RemoteUnavailable, StoreError)
-from lazyfs.namespace import RemoteObject
+from lazyfs.coop import ForeignDownload
+from lazyfs.dispatch import Dispatcher
+from lazyfs.download import Download, Limits, Pin, Request
+from lazyfs.errors import IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, RemoteUnavailable, StoreError
+from lazyfs.filemap import PageBudget
+from lazyfs.filestate import FileState
+from lazyfs.namespace import RemoteObject, Version
+from lazyfs.partials import Partial
+from lazyfs.probe import Fetch, Foreign, Local, PrebakedCheck, Unavailable, open_partial_file, probe_store
+from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
 from lazyfs.remote import Remote, ResponseMeta
 from lazyfs.stats import DOWNLOAD_SECONDS, STATS
-from lazyfs.store import Identity, LocalCopy, Partial, Store
+from lazyfs.store import LocalCopy, Store
+from lazyfs.transfer import Transfer
 
 log = logging.getLogger(__name__)
 
-# First bytes of a request are posted early so a reader of a file's header
-# waits for one round trip plus 64 KiB, not for a whole 8 MiB request.
-_FIRST_PIECE = 64 * 1024
-# Later pieces: a GET in flight holds one piece, so this bounds memory per
-# connection; 256 KiB keeps the per-piece overhead (a lock, a pwrite, a
-# wake-up of the trio loop) far below the cost of the bytes.
-_PIECE = 256 * 1024
-# Block completions are made durable (fdatasync + state file) at most this often.
+# Block completions are made durable (fdatasync + resume record) at most this often.
 _STATE_EVERY_S = 1.0
 _VERIFY_ATTEMPTS = 2
 # Long first downloads log their progress this often.
 _PROGRESS_EVERY_S = 5.0
+# Store operations (opens, publishing, verification) in flight at once.
+_IO_THREADS = 8
+
+LocalOrTransfer = LocalCopy | Download | ForeignDownload
 
 
-LocalOrDownload = Union[LocalCopy, Download, ForeignDownload]
+class _VersionLocks:
+    """A trio.Lock per object version, kept while anyone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Version, tuple[trio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, version: Version) -> AsyncIterator[None]:
+        lock, users = self._entries.setdefault(version, (trio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._entries[version]
+
+
+class _Handoff:
+    """Who releases a request's pin: the worker thread once it has started (it
+    may outlive a task abandoned on cancel, and must keep the descriptor open
+    until its last write), or the task when it was cancelled before that."""
+
+    def __init__(self, pin: Pin) -> None:
+        self.pin = pin
+        self._lock = threading.Lock()
+        self._owner = ""  # "" undecided, "thread", "task"
+
+    def thread_starts(self) -> bool:
+        with self._lock:
+            if self._owner == "task":
+                return False
+            self._owner = "thread"
+            return True
+
+    def task_gives_up(self) -> None:
+        with self._lock:
+            if self._owner:
+                return
+            self._owner = "task"
+        self.pin.release()
 
 
 class Fetcher:
-    def __init__(self, remote: Remote, store: Store, cfg: FetchConfig,
-                 on_changed: Callable[[RemoteObject], None] | None = None, origin: str = "fetch") -> None:
+    def __init__(self, remote: Remote, store: Store, cfg: FetchConfig, pages: PageBudget | None = None,
+                 origin: str = "fetch") -> None:
         self.remote = remote
         self.store = store
         self.cfg = cfg
-        self.origin = origin  # recorded with each published file (see store.Identity)
+        self.pages = pages or PageBudget()
+        self.origin = origin  # recorded with each published file (see identity.Identity)
         self.budget: Budget | None = None
         # Called with an object whose downloaded bytes failed verification, so
         # the kernel drops any pages of them it cached for readers.
         self.on_bad_data: Callable[[RemoteObject], Awaitable[None]] | None = None
-        self.on_changed = on_changed
+        # Called with an object that changed or vanished in the object store.
+        self.on_changed: Callable[[RemoteObject], None] | None = None
         # True while the object store is known to be unreachable (offline
         # start): a file with no local copy then fails at once.
         self.offline: Callable[[], bool] = lambda: False
-        self._downloads: dict[tuple[str, str, str, int], Download] = {}
-        # Versions another process on the same store is downloading (coop.py).
-        self._foreign: dict[tuple[str, str, str, int], ForeignDownload] = {}
-        self._verified: dict[tuple, bool] = {}  # --verify etag results for unrecorded copies
-        self._locks: dict[tuple[str, str, str, int], list] = {}
-        self._slots = trio.Semaphore(cfg.max_connections)
-        # Threads: one per ranged GET in flight, and a few for the store (opens,
-        # publishing, verification), so that ten thousand small prefetched files
-        # queueing for the disk never hold up the network, nor the other way round.
+        self._downloads: dict[Version, Download] = {}
+        self._foreign: dict[Version, ForeignDownload] = {}  # run by another process (coop.py)
+        self._locks = _VersionLocks()
+        self._prebaked = PrebakedCheck(remote, store) if cfg.verify_prebaked else None
+        self._limits = Limits(part_blocks=max(1, cfg.part_size // cfg.block_size),
+                              max_requests=cfg.max_connections, read_deadline=cfg.read_deadline)
+        self._dispatcher = Dispatcher(cfg.max_connections, self._downloads.values, self._start_request)
+        # Threads: one per ranged GET in flight, and a few for the store, so that
+        # ten thousand small prefetched files queueing for the disk never hold up
+        # the network, nor the other way round.
         self._net = trio.CapacityLimiter(cfg.max_connections)
-        self._io = trio.CapacityLimiter(8)
-        self._work = trio.Event()
+        self._io = trio.CapacityLimiter(_IO_THREADS)
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
-        self._closing = False
         # Totals for logs and stats.
         self.bytes_from_s3 = 0
         self.bytes_published = 0
@@ -106,7 +137,11 @@ class Fetcher:
         return list(self._downloads.values())
 
     def active(self, obj: RemoteObject) -> Download | None:
-        return self._downloads.get((obj.bucket, obj.key, obj.etag, obj.size))
+        return self._downloads.get(obj.version)
+
+    @property
+    def closing(self) -> bool:
+        return self._dispatcher.closing
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -115,274 +150,157 @@ class Fetcher:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await self._dispatch()
+            await self._dispatcher.run()
 
     async def close(self, grace: float = 2.0) -> None:
         """Stop fetching: readers still waiting get EIO, worker threads stop at
-        their next piece, and the chunks on disk are recorded for a resume.
+        their next piece, and the blocks on disk are recorded for a resume.
         Waits at most `grace` seconds for that."""
-        self._closing = True
+        self._dispatcher.closing = True
         live = list(self._downloads.values())
         for dl in live:
-            if dl.ndone < dl.nblocks:  # complete ones are being verified and published: let them
-                self._fail(dl, _Stopped())
+            if not dl.all_done:  # complete ones are being verified and published: let them
+                self._fail(dl, Stopped())
         with trio.move_on_after(grace):
             for dl in live:
-                while dl.threads:
+                while dl.pins:
                     await trio.sleep(0.02)
 
     def poke(self) -> None:
-        self._work.set()
+        self._dispatcher.poke()
 
-    async def state_of(self, obj: RemoteObject) -> tuple[str, int]:
-        """(state, bytes on disk) for operators: "downloading", or the store's
-        view ("cached", "prebaked", "partial", "stale", "missing").  Never
-        fetches anything."""
-        dl = self.active(obj) or self._foreign.get((obj.bucket, obj.key, obj.etag, obj.size))
-        if dl is not None:
-            return "downloading", dl.fetched_bytes
+    async def state_of(self, obj: RemoteObject) -> tuple[FileState, int]:
+        """(state, bytes on disk) for operators.  Never fetches anything."""
+        transfer: Transfer | None = self.active(obj) or self._foreign.get(obj.version)
+        if transfer is not None:
+            return FileState.DOWNLOADING, transfer.fetched_bytes
         st = await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._io)
         return st.state, st.bytes
 
+    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        assert self._nursery is not None, "Fetcher.run() is not running"
+        self._nursery.start_soon(fn, *args)
+
+    def _post(self, fn: Callable[..., object], *args: object) -> None:
+        """From a worker thread: run `fn` on the trio thread (dropped once the
+        trio run is over: nothing is left to tell)."""
+        assert self._token is not None
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass
+
     # -- entry point ----------------------------------------------------------------
 
-    async def acquire(self, obj: RemoteObject, background: bool = False) -> LocalOrDownload:
+    async def acquire(self, obj: RemoteObject, background: bool = False) -> LocalOrTransfer:
         """A current local copy of `obj`, or the (new or running) download of it."""
-        ident = (obj.bucket, obj.key, obj.etag, obj.size)
-        entry = self._locks.setdefault(ident, [trio.Lock(), 0])
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                dl = self._downloads.get(ident)
-                if dl is not None:
-                    if not background:
-                        dl.background = False
-                    return dl
-                follower = self._foreign.get(ident)
-                if follower is not None:
-                    return follower
-                may_fetch = not self._closing and not self.offline()
-                verdict = await trio.to_thread.run_sync(self._probe_store, obj, may_fetch, limiter=self._io)
-                kind = verdict[0]
-                if kind in ("local", "linked"):
-                    if kind == "linked":
-                        STATS.linked_files += 1
-                        log.info("%s: same content as a file already in the store; linked, not downloaded",
-                                 obj.uri, extra={"event": "linked", "key": obj.key, "bytes": obj.size,
-                                                 "source": "store"})
-                    return verdict[1]
-                if kind == "none":
-                    if self._closing:
-                        raise RemoteUnavailable(f"{obj.uri}: lazyfs is shutting down")
-                    raise RemoteUnavailable(f"{obj.uri} is not in the local cache and the object "
-                                            "store is unreachable", bucket=obj.bucket, key=obj.key)
-                if kind == "foreign":  # another process on this store is fetching this version
-                    follower = ForeignDownload(self, obj)
-                    self._foreign[ident] = follower
-                    self._spawn(follower.follow)
-                    return follower
-                lock = verdict[1]
-                try:
-                    if kind == "partial":
-                        return self._begin(obj, verdict[2], lock, background, keep=True)
-                    return await self.start_locked(obj, lock, background)
-                except BaseException:
-                    await trio.to_thread.run_sync(self.store.unlock_download, obj, lock, limiter=self._io)
-                    raise
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._locks[ident]
+        async with self._locks.hold(obj.version):
+            dl = self._downloads.get(obj.version)
+            if dl is not None:
+                if not background:
+                    dl.background = False
+                return dl
+            follower = self._foreign.get(obj.version)
+            if follower is not None:
+                return follower
+            probe = functools.partial(probe_store, self.store, obj, may_fetch=not self.closing and not self.offline(),
+                                      open_partial=self.budget is None, block_size=self.cfg.block_size,
+                                      check_prebaked=self._prebaked)
+            verdict = await trio.to_thread.run_sync(probe, limiter=self._io)
+            if isinstance(verdict, Local):
+                if verdict.linked:
+                    STATS.linked_files += 1
+                    log.info("%s: same content as a file already in the store; linked, not downloaded",
+                             obj.uri, extra={"event": "linked", "key": obj.key, "bytes": obj.size,
+                                             "source": "store"})
+                return verdict.copy
+            if isinstance(verdict, Unavailable):
+                if self.closing:
+                    raise RemoteUnavailable(f"{obj.uri}: lazyfs is shutting down")
+                raise RemoteUnavailable(f"{obj.uri} is not in the local cache and the object "
+                                        "store is unreachable", bucket=obj.bucket, key=obj.key)
+            if isinstance(verdict, Foreign):
+                follower = ForeignDownload(obj, self.store, self.pages, self._io, self.cfg.read_deadline,
+                                           self.start_locked, self._followed)
+                self._foreign[obj.version] = follower
+                self._spawn(follower.follow)
+                return follower
+            assert isinstance(verdict, Fetch)
+            try:
+                if verdict.partial is not None:
+                    return self._begin(obj, verdict.partial, verdict.lock_fd, background, keep=True)
+                return await self.start_locked(obj, verdict.lock_fd, background)
+            except BaseException:
+                await trio.to_thread.run_sync(self.store.partials.unlock, obj, verdict.lock_fd, limiter=self._io)
+                raise
 
-    def _prebaked_ok(self, obj: RemoteObject, copy: LocalCopy) -> bool:
-        st = os.fstat(copy.fd)
-        memo_key = (copy.layer.label, obj.key, obj.etag, st.st_ino, st.st_mtime_ns, st.st_size)
-        if memo_key in self._verified:
-            return self._verified[memo_key]
-        try:
-            exp = self._expectation(obj)
-        except RemoteError as e:
-            log.warning("%s: cannot check the local copy's content (%s); using it as its size matches",
-                        obj.uri, e)
-            return True
-        if exp is None:
-            log.warning("%s: S3 offers nothing to check the local copy against (multipart or "
-                        "KMS-encrypted, no checksum); using it as its size matches", obj.uri)
-            ok = True
-        else:
-            ok = verify.compute(copy.fd, obj.size, exp) == exp.value
-            if ok and copy.layer.writable:
-                try:
-                    self.store.record(copy.fd, Identity.of(obj, "prebaked"))
-                except OSError as e:  # a read-only copy we may not stamp: checked again next start
-                    log.debug("%s: cannot record the check's result: %s", obj.uri, e.strerror)
-            if not ok:
-                log.warning("%s: the local copy in the %s does not match the object's %s; "
-                            "downloading it again", obj.uri, copy.layer.label, exp.algorithm)
-        self._verified[memo_key] = ok
-        return ok
-
-    def _probe_store(self, obj: RemoteObject, may_fetch: bool) -> tuple:
-        """Worker thread, one hop for the whole open path: a current local copy
-        ("local"), the same bytes linked from another path ("linked"), or the
-        right to download it ("partial": locked and opened; "locked": locked,
-        the cache budget decides the rest), or "foreign" (another process
-        downloads it), or "none" (we may not fetch now)."""
-        copy = self.store.find_current(obj)
-        if copy is not None and copy.state == "prebaked" and self.cfg.verify_prebaked \
-                and not self._prebaked_ok(obj, copy):
-            os.close(copy.fd)
-            copy = None
-        if copy is not None:
-            return ("local", copy)
-        try:
-            copy = self.store.materialise(obj)
-        except (OSError, StoreError) as e:
-            log.warning("%s: could not reuse an identical local file: %s", obj.uri, e)
-        if copy is not None:
-            return ("linked", copy)
-        if not may_fetch:
-            return ("none",)
-        lock = self.store.lock_download(obj)
-        if lock is None:
-            return ("foreign",)
-        if self.budget is not None:
-            return ("locked", lock)
-        try:
-            return ("partial", lock, self._open_partial(obj))
-        except BaseException:
-            self.store.unlock_download(obj, lock)
-            raise
-
-    def _open_partial(self, obj: RemoteObject) -> Partial:
-        try:
-            return self.store.open_partial(obj, self.cfg.block_size)
-        except OSError as e:
-            raise StoreError(f"{obj.uri}: cannot create a download file in the store: {e.strerror}",
-                             e.errno) from None
+    def _followed(self, follower: ForeignDownload) -> None:
+        if self._foreign.get(follower.obj.version) is follower:
+            del self._foreign[follower.obj.version]
 
     async def start_locked(self, obj: RemoteObject, lock: int, background: bool) -> Download:
         """Start (or resume) the download of `obj`, holding its store lock."""
         keep = await self.budget.reserve(obj) if self.budget is not None else True
-        partial = await trio.to_thread.run_sync(self._open_partial, obj, limiter=self._io)
+        partial = await trio.to_thread.run_sync(open_partial_file, self.store, obj, self.cfg.block_size,
+                                                limiter=self._io)
         return self._begin(obj, partial, lock, background, keep)
 
     def _begin(self, obj: RemoteObject, partial: Partial, lock: int, background: bool, keep: bool) -> Download:
-        if self._closing:  # shutdown began while the store was being prepared (caller unlocks)
-            os.close(partial.fd)
+        if self.closing:  # shutdown began while the store was being prepared (caller unlocks)
+            partial.close()
             raise RemoteUnavailable(f"{obj.uri}: lazyfs is shutting down", bucket=obj.bucket, key=obj.key)
-        dl = Download(self, obj, partial, background, keep)
+        dl = Download(obj, partial, self._limits, self.pages, background=background, keep=keep,
+                      on_work=self.poke, on_closed=self._discard_later)
         dl.lock_fd = lock
-        self._downloads[dl.ident] = dl
-        if dl.partial.done:
+        self._downloads[obj.version] = dl
+        if partial.done:
             log.info("%s: resuming download, %d of %d blocks already on disk", obj.uri,
-                     len(dl.partial.done), dl.nblocks)
-        if obj.size == 0 or dl.ndone == dl.nblocks:
-            dl.state[:] = bytes([DONE]) * dl.nblocks
-            dl.ndone = dl.nblocks
+                     len(partial.done), dl.nblocks)
+        if obj.size == 0 or dl.all_done:
+            dl.mark_all_done()
             self._spawn(self._finish, dl)
         self.poke()
         return dl
 
-    def _spawn(self, fn: Callable, *args: object) -> None:
-        assert self._nursery is not None, "Fetcher.run() is not running"
-        self._nursery.start_soon(fn, *args)
+    # -- requests ---------------------------------------------------------------------
 
-    # -- dispatcher -------------------------------------------------------------------
+    def _start_request(self, dl: Download, req: Request) -> None:
+        """From the dispatcher: fetch `req` in a worker thread, its download pinned."""
+        self._spawn(self._run_request, dl, req, _Handoff(dl.pin()))
 
-    async def _dispatch(self) -> None:
-        while True:
-            await self._slots.acquire()
-            while True:
-                picked = self._pick()
-                if picked is not None:
-                    break
-                self._work = trio.Event()
-                await self._work.wait()
-            dl, req = picked
-            dl.threads += 1
-            self._spawn(self._run_request, dl, req)
-
-    def _pick(self) -> tuple[Download, Request] | None:
-        if self._closing:
-            return None
-        live = [dl for dl in self._downloads.values() if dl.error is None and not dl.cancelled]
-        for dl in live:  # 1: a reader is blocked on these bytes
-            req = dl.next_request(demanded_only=True)
-            if req is not None:
-                return dl, req
-        fg = sorted((dl for dl in live if not dl.background or dl.readers > 0),
-                    key=lambda d: (len(d.requests), d.started))
-        bg = sorted((dl for dl in live if dl.background and dl.readers <= 0), key=lambda d: d.started)
-        for dl in fg + bg:  # 2: open files, sharing; 3: prefetch, oldest first
-            req = dl.next_request()
-            if req is not None:
-                return dl, req
-        return None
-
-    async def _run_request(self, dl: Download, req: Request) -> None:
+    async def _run_request(self, dl: Download, req: Request, handoff: _Handoff) -> None:
+        job = RangeJob(obj=dl.obj, fd=dl.fd, write_lock=dl.write_lock, start=req.start, end=req.end,
+                       block_size=dl.block_size, attempts=self.cfg.chunk_attempts,
+                       cancelled=lambda: dl.cancelled,
+                       posted=lambda n: self._post(self._landed, dl, req, n),
+                       got_meta=lambda meta: self._post(self._got_meta, dl, meta))
         try:
-            await trio.to_thread.run_sync(self._fetch_blocking, dl, req, limiter=self._net,
+            await trio.to_thread.run_sync(self._request_thread, job, handoff, limiter=self._net,
                                           abandon_on_cancel=True)
         except BaseException as e:
-            dl.threads -= 1
-            self._slots.release()
+            handoff.task_gives_up()
+            self._dispatcher.release()
             dl.abandon(req)
-            if isinstance(e, Exception):
-                self._fail(dl, e)
-            dl.maybe_close_fd()
             if not isinstance(e, Exception):
                 raise
+            self._fail(dl, e)
             return
-        dl.threads -= 1
-        self._slots.release()
+        self._dispatcher.release()
         self._landed(dl, req, req.end - req.start)
-        self.poke()
-        if dl.ndone == dl.nblocks:
+        if dl.all_done and dl.error is None and not dl.finished.is_set():
             self._spawn(self._finish, dl)
 
-    def _fetch_blocking(self, dl: Download, req: Request) -> None:
-        """Worker thread: GET one request's bytes into the sparse file, resuming
-        within it after a broken body (botocore retries only until the headers)."""
-        pos, end = req.start, req.end
-        block = dl.block_size
-        attempt = 0
-        token = self._token
-        assert token is not None
-        while True:
-            if dl.cancelled:
-                raise _Stopped()
-            stream = self.remote.get_range(dl.obj, pos, end)  # RemoteError: already retried
-            if dl.meta is None or stream.meta.checksum is not None:
-                dl.meta = stream.meta  # read at verification time, on the trio side
-            try:
-                piece = _FIRST_PIECE
-                post_at = pos + piece  # the first bytes go to a waiting reader at once
-                while pos < end:
-                    if dl.cancelled:
-                        raise _Stopped()
-                    data = stream.read(min(piece, end - pos))
-                    piece = _PIECE
-                    with dl.write_lock:
-                        _pwrite_all(dl.fd, data, pos)
-                    pos += len(data)
-                    if post_at <= pos < end:
-                        # Then once per block: readers wait for whole blocks
-                        # anyway, and each post wakes the trio thread.
-                        token.run_sync_soon(self._landed, dl, req, pos - req.start)
-                        post_at = (pos // block + 1) * block
-                return
-            except RemoteUnavailable as e:
-                attempt += 1
-                if attempt >= self.cfg.chunk_attempts:
-                    raise
-                delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
-                log.info("%s: %s; retrying bytes %d-%d in %.1f s (attempt %d of %d)", dl.obj.uri, e,
-                         pos, end - 1, delay, attempt + 1, self.cfg.chunk_attempts)
-                STATS.bump("retries")
-                time.sleep(delay)
-            finally:
-                stream.close()
+    def _request_thread(self, job: RangeJob, handoff: _Handoff) -> None:
+        if not handoff.thread_starts():
+            return  # the task was cancelled first and released the pin
+        try:
+            fetch_range_blocking(self.remote, job)
+        finally:
+            self._post(handoff.pin.release)
+
+    def _got_meta(self, dl: Download, meta: ResponseMeta) -> None:
+        if dl.meta is None or meta.checksum is not None:
+            dl.meta = meta  # read at verification time
 
     def _landed(self, dl: Download, req: Request, filled: int) -> None:
         """Progress from a worker: account bytes, complete blocks, wake readers."""
@@ -394,7 +312,7 @@ class Fetcher:
         done = dl.progress(req, filled)
         if done:
             dl.partial.done.update(done)
-            self._maybe_save_state(dl)
+            self._save_state_soon(dl)
         now = time.monotonic()
         if now - dl.last_progress_log >= _PROGRESS_EVERY_S and dl.readers > 0 and not dl.background:
             dl.last_progress_log = now
@@ -402,42 +320,40 @@ class Fetcher:
             log.info("downloading %s: %.0f%% (%.1f of %.1f MiB, %.1f MB/s)", dl.obj.uri,
                      100.0 * dl.ndone / dl.nblocks, dl.fetched_bytes / 2**20, dl.obj.size / 2**20, rate / 1e6)
 
-    def _maybe_save_state(self, dl: Download) -> None:
+    def _save_state_soon(self, dl: Download) -> None:
         """Record finished blocks for a resume, at most once per _STATE_EVERY_S
         (a save that comes too soon is deferred, not dropped)."""
-        if dl._saving:
-            return
-        dl._saving = True
-        self._spawn(self._save_state, dl)
+        if not dl.saving:
+            dl.saving = True
+            self._spawn(self._save_state, dl, dl.pin())
 
-    async def _save_state(self, dl: Download) -> None:
-        dl.threads += 1  # pins the descriptor
-        try:
-            wait = dl._state_saved_at + _STATE_EVERY_S - time.monotonic()
-            if wait > 0:
-                await trio.sleep(wait)
-            snapshot = frozenset(dl.partial.done)
-            if not dl.finished.is_set():
-                dl._state_saved_at = time.monotonic()
-                await trio.to_thread.run_sync(dl.partial.save_state, snapshot, limiter=self._io)
-        except OSError as e:
-            log.warning("%s: could not record download progress: %s", dl.obj.uri, e.strerror)
-            snapshot = frozenset(dl.partial.done)  # do not retry in a loop
-        finally:
-            dl._saving = False
-            dl.threads -= 1
-            dl.maybe_close_fd()
+    async def _save_state(self, dl: Download, pin: Pin) -> None:
+        with pin:
+            try:
+                wait = dl.state_saved_at + _STATE_EVERY_S - time.monotonic()
+                if wait > 0:
+                    await trio.sleep(wait)
+                snapshot = frozenset(dl.partial.done)
+                if not dl.finished.is_set():
+                    dl.state_saved_at = time.monotonic()
+                    await trio.to_thread.run_sync(dl.partial.save_state, snapshot, limiter=self._io)
+            except OSError as e:
+                log.warning("%s: could not record download progress: %s", dl.obj.uri, e.strerror)
+                snapshot = frozenset(dl.partial.done)  # do not retry in a loop
+            finally:
+                dl.saving = False
         if not dl.finished.is_set() and dl.partial.done != snapshot:
-            self._maybe_save_state(dl)  # blocks finished while this save ran
+            self._save_state_soon(dl)  # blocks finished while this save ran
 
     # -- completion ---------------------------------------------------------------------
 
     async def _finish(self, dl: Download) -> None:
-        dl.threads += 1
+        publish = functools.partial(verify_and_publish_blocking, self.remote, self.store, dl.partial, dl.meta,
+                                    keep=dl.keep, origin=self.origin, cancelled=lambda: dl.cancelled)
         try:
-            await trio.to_thread.run_sync(self._finish_blocking, dl, limiter=self._io)
+            with dl.pin():
+                await trio.to_thread.run_sync(publish, limiter=self._io)
         except IntegrityError as e:
-            dl.threads -= 1
             dl.verify_attempts += 1
             if self.on_bad_data is not None:
                 self._spawn(self.on_bad_data, dl.obj)
@@ -448,10 +364,8 @@ class Fetcher:
             self._fail(dl, e, discard=True)
             return
         except Exception as e:
-            dl.threads -= 1
             self._fail(dl, e)
             return
-        dl.threads -= 1
         dl.complete = True
         if self.budget is not None and dl.keep:
             self.budget.published(dl.obj)
@@ -467,49 +381,21 @@ class Fetcher:
                         "source": "s3"})
         self._retire(dl)
 
-    def _finish_blocking(self, dl: Download) -> None:
-        with _lower_priority():
-            self._verify_and_publish(dl)
-
-    def _verify_and_publish(self, dl: Download) -> None:
-        if dl.obj.size:
-            exp = self._expectation(dl.obj, dl.meta)
-            if exp is not None:
-                verify.check(dl.fd, dl.obj.size, exp, dl.obj.uri, lambda: dl.cancelled)
-                log.debug("%s: verified %s", dl.obj.uri, exp.describe())
-            else:
-                log.debug("%s: nothing to verify against beyond the size", dl.obj.uri)
-        if not dl.keep:
-            return
-        try:
-            self.store.publish(dl.partial, self.origin)
-        except OSError as e:
-            raise StoreError(f"{dl.obj.uri}: cannot publish into the store: {e.strerror}", e.errno) from None
-
-    def _expectation(self, obj: RemoteObject, meta: ResponseMeta | None = None) -> verify.Expectation | None:
-        """What S3 vouches for.  The GETs' own headers usually say enough; a HEAD
-        is sent only when the listing shows a checksum the GETs did not carry
-        (ranged responses never do), or when no GET was made."""
-        checksum = meta.checksum if meta else None
-        etag_is_md5 = meta.etag_is_md5 if meta else None
-        if etag_is_md5 is None or (checksum is None and obj.checksum_algorithm):
-            info = self.remote.head(obj.bucket, obj.key, etag=obj.etag)
-            checksum, etag_is_md5 = info.checksum, info.etag_is_md5
-        return verify.choose(obj.etag, checksum, etag_is_md5, lambda: self.remote.part_size(obj))
-
     async def _restart(self, dl: Download) -> None:
-        old_fd = dl.fd
+        """Download again into a fresh file (the bytes failed verification; no
+        worker thread uses the old file: every block had landed)."""
+        old = dl.partial
         try:
-            await trio.to_thread.run_sync(self.store.discard, dl.partial, limiter=self._io)
-            partial = await trio.to_thread.run_sync(self.store.open_partial, dl.obj, self.cfg.block_size,
+            await trio.to_thread.run_sync(self.store.partials.discard, old, limiter=self._io)
+            partial = await trio.to_thread.run_sync(self.store.partials.open, dl.obj, self.cfg.block_size,
                                                     limiter=self._io)
         except OSError as e:
-            self._fail(dl, StoreError(f"{dl.obj.uri}: cannot restart download: {e.strerror}", e.errno))
+            self._fail(dl, StoreError(f"{dl.obj.uri}: cannot restart download: {e.strerror}", e.errno or errno.EIO))
             return
         old_map = dl.fmap
-        dl._attach(partial)
+        dl.attach(partial)
         old_map.close()
-        os.close(old_fd)  # no thread uses it: every chunk had finished
+        old.close()
         self.poke()
 
     def _fail(self, dl: Download, e: BaseException, discard: bool | None = None) -> None:
@@ -523,7 +409,7 @@ class Fetcher:
             # A local write failed (ENOSPC most often): say which file and where.
             e = StoreError(f"{dl.obj.uri}: cannot write it to the store {self.store.root.path}: "
                            f"{e.strerror}", e.errno or errno.EIO)
-        if isinstance(e, _Stopped):
+        if isinstance(e, Stopped):
             e = RemoteUnavailable(f"{dl.obj.uri}: download stopped (lazyfs is shutting down)",
                                   bucket=dl.obj.bucket, key=dl.obj.key)
         elif isinstance(e, (ObjectChanged, ObjectNotFound)):
@@ -543,44 +429,41 @@ class Fetcher:
             # download of the right version is resumed by the next open.
             discard = isinstance(e, (ObjectChanged, ObjectNotFound, IntegrityError)) or \
                 (isinstance(e, StoreError) and e.errno == errno.ENOSPC)
-        dl.threads += 1  # pinned until the cleanup below is done with the file
-        self._spawn(self._cleanup_failed, dl, discard)
+        self._spawn(self._cleanup_failed, dl, discard, dl.pin())
         dl.wake()
         self._retire(dl)
 
-    async def _cleanup_failed(self, dl: Download, discard: bool) -> None:
-        try:
-            with trio.move_on_after(30):
-                while dl.threads > 1:
-                    await trio.sleep(0.05)
-            if dl.threads > 1:
-                return  # a stuck thread may still write: leave its file alone
-            if discard:
-                await trio.to_thread.run_sync(self.store.discard, dl.partial, limiter=self._io)
-            else:
-                await trio.to_thread.run_sync(dl.partial.save_state, frozenset(dl.partial.done),
-                                              limiter=self._io)
-        except OSError as e:
-            log.warning("%s: cleaning up after a failed download: %s", dl.obj.uri, e.strerror)
-        finally:
-            dl.threads -= 1
-            dl.maybe_close_fd()
+    async def _cleanup_failed(self, dl: Download, discard: bool, pin: Pin) -> None:
+        with pin:
+            try:
+                with trio.move_on_after(30):
+                    while dl.pins > 1:
+                        await trio.sleep(0.05)
+                if dl.pins > 1:
+                    return  # a stuck thread may still write: leave its file alone
+                if discard:
+                    await trio.to_thread.run_sync(self.store.partials.discard, dl.partial, limiter=self._io)
+                else:
+                    await trio.to_thread.run_sync(dl.partial.save_state, frozenset(dl.partial.done),
+                                                  limiter=self._io)
+            except OSError as e:
+                log.warning("%s: cleaning up after a failed download: %s", dl.obj.uri, e.strerror)
 
-    async def _unlock(self, obj: RemoteObject, fd: int) -> None:
-        await trio.to_thread.run_sync(self.store.unlock_download, obj, fd, limiter=self._io)
-
-    def discard_later(self, partial: Partial) -> None:
+    def _discard_later(self, partial: Partial) -> None:
         self._spawn(self._discard, partial)
 
     async def _discard(self, partial: Partial) -> None:
         try:
-            await trio.to_thread.run_sync(self.store.discard, partial, limiter=self._io)
+            await trio.to_thread.run_sync(self.store.partials.discard, partial, limiter=self._io)
         except OSError as e:
             log.warning("%s: could not remove a temporary download: %s", partial.obj.uri, e.strerror)
 
+    async def _unlock(self, obj: RemoteObject, fd: int) -> None:
+        await trio.to_thread.run_sync(self.store.partials.unlock, obj, fd, limiter=self._io)
+
     def _retire(self, dl: Download) -> None:
-        if self._downloads.get(dl.ident) is dl:
-            del self._downloads[dl.ident]
+        if self._downloads.get(dl.obj.version) is dl:
+            del self._downloads[dl.obj.version]
         if dl.lock_fd >= 0:  # other processes may now use (or take over) this version
             self._spawn(self._unlock, dl.obj, dl.lock_fd)
             dl.lock_fd = -1
@@ -588,54 +471,3 @@ class Fetcher:
         dl.wake()
         dl.maybe_close_fd()
         self.poke()
-
-
-class _Stopped(Exception):
-    """A worker thread noticed its download was cancelled."""
-
-
-@contextlib.contextmanager
-def _lower_priority() -> Iterator[None]:
-    """Hash a finished download at a lower CPU priority than the downloads and
-    readers still running (this thread only), when its priority can be
-    restored afterwards: raising a nice value is always allowed, lowering it
-    back needs CAP_SYS_NICE or RLIMIT_NICE, which containers do not grant by
-    default.  Without either, the thread keeps its priority."""
-    tid = threading.get_native_id()
-    old = os.getpriority(os.PRIO_PROCESS, tid)
-    if not _may_renice_to(old):
-        yield
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, old + 10))
-    except OSError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        os.setpriority(os.PRIO_PROCESS, tid, old)
-
-
-_CAP_SYS_NICE = 23
-
-
-def _may_renice_to(nice: int) -> bool:
-    """May this process lower a thread's nice value back to `nice`?"""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-    except (OSError, StopIteration, ValueError):
-        caps = 0
-    if caps & (1 << _CAP_SYS_NICE):
-        return True
-    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
-    return soft == resource.RLIM_INFINITY or 20 - soft <= nice
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n

@@ -55,13 +55,11 @@ _VIRTUAL_FH = 1 << 48  # handles of virtual files live above every real one
 # Read-only attributes on every file (`getfattr -d` shows them); reading one
 # never starts a download.
 XATTRS = (b"user.lazyfs.state", b"user.lazyfs.source", b"user.lazyfs.etag", b"user.lazyfs.fetched_bytes")
-# The store's words for a file's state, as operators see them on the mount.
-XATTR_STATE = {"missing": "remote", "partial": "remote"}
 
 
 def _translated(fn: F) -> F:
     @functools.wraps(fn)
-    async def wrapper(self: "Operations", *args: Any) -> Any:
+    async def wrapper(self: Operations, *args: Any) -> Any:
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -79,14 +77,6 @@ def _translated(fn: F) -> F:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _erofs(name: str) -> Callable[..., Awaitable[None]]:
-    async def handler(self: "Operations", *args: Any) -> None:
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    handler.__name__ = name
-    return handler
 
 
 class Operations(pyfuse3.Operations):
@@ -194,7 +184,7 @@ class Operations(pyfuse3.Operations):
                 log.debug("invalidating the pages of %s: %s", obj.uri, e)
 
     @staticmethod
-    def _ref(node: DirNode | RemoteObject | tuple) -> InodeRef:
+    def _ref(node: DirNode | RemoteObject | tuple[str, ...]) -> InodeRef:
         if isinstance(node, (RemoteObject, tuple)):
             return node
         return node.path
@@ -212,7 +202,7 @@ class Operations(pyfuse3.Operations):
         ino = self.inodes.lookup(self._ref(child))
         return self._attrs(ino, child)
 
-    async def _child(self, parent_inode: int, name: str) -> DirNode | RemoteObject | tuple | None:
+    async def _child(self, parent_inode: int, name: str) -> DirNode | RemoteObject | tuple[str, ...] | None:
         ref = self.inodes.get(parent_inode)
         if ref == STATUS_DIR:
             return STATS_FILE if name == "stats.json" else None
@@ -286,7 +276,8 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     @_translated
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+        # pyfuse3 replies with any buffer: a view of the mapping saves a copy.
         if fh >= _VIRTUAL_FH:
             return self._virtual.get(fh, b"")[off:off + size]
         return await self.handles.read(fh, off, size)
@@ -348,7 +339,7 @@ class Operations(pyfuse3.Operations):
         state, fetched = await self.handles.fetcher.state_of(ref)
         if name == b"user.lazyfs.fetched_bytes":
             return str(fetched).encode()
-        return XATTR_STATE.get(state, state).encode()
+        return state.value.encode()
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         if not self.xattrs:
@@ -360,16 +351,45 @@ class Operations(pyfuse3.Operations):
 
     # Read-only: every mutation fails with EROFS (the mount is also "ro", so
     # the kernel refuses most of them before they get here).
-    setattr = _erofs("setattr")
-    mknod = _erofs("mknod")
-    mkdir = _erofs("mkdir")
-    unlink = _erofs("unlink")
-    rmdir = _erofs("rmdir")
-    symlink = _erofs("symlink")
-    rename = _erofs("rename")
-    link = _erofs("link")
-    write = _erofs("write")
-    create = _erofs("create")
-    setxattr = _erofs("setxattr")
-    removexattr = _erofs("removexattr")
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
 
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)

@@ -10,15 +10,17 @@ would cost more than the read itself.
 from __future__ import annotations
 
 import errno
-import os
 import logging
+import os
 from dataclasses import dataclass
 
 from lazyfs.errors import LazyfsError
-from lazyfs.fetch import Download, Fetcher
+from lazyfs.fetch import Fetcher
+from lazyfs.filemap import FileMap
 from lazyfs.namespace import RemoteObject
 from lazyfs.stats import STATS
-from lazyfs.store import FileMap, LocalCopy
+from lazyfs.store import LocalCopy
+from lazyfs.transfer import Transfer
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ class OpenFile:
     obj: RemoteObject
     fd: int  # -1 while reading through a download
     fmap: FileMap | None  # the local copy's bytes (None: read through the download)
-    download: Download | None
+    download: Transfer | None
     # Where the bytes come from: "cached", "prebaked" or "s3" (a download).
     source: str
 
@@ -57,11 +59,11 @@ class Handles:
             self.fetcher.budget.touch(obj.key)
         if isinstance(got, LocalCopy):
             try:
-                fmap = FileMap(got.fd, obj.size)
+                fmap = FileMap(got.fd, obj.size, self.fetcher.pages)
             except BaseException:
                 os.close(got.fd)
                 raise
-            of = OpenFile(obj, got.fd, fmap, None, got.state)
+            of = OpenFile(obj, got.fd, fmap, None, got.state.value)
             STATS.opens_hit += 1
             self._announce(obj, got)
         else:

@@ -11,7 +11,7 @@ always right.
 
 from __future__ import annotations
 
-from typing import Hashable, Union
+from typing import Hashable
 
 from lazyfs.namespace import RemoteObject
 
@@ -19,12 +19,12 @@ ROOT_INODE = 1
 
 # What an inode stands for: a directory path, a file version, or a virtual
 # file of lazyfs's own (a tuple naming it).
-InodeRef = Union[str, RemoteObject, tuple]
+InodeRef = str | RemoteObject | tuple[str, ...]
 
 
 def ident_of(ref: InodeRef) -> Hashable:
     if isinstance(ref, RemoteObject):
-        return ("f", ref.key, ref.bucket, ref.etag, ref.size)
+        return ("f", *ref.version)
     if isinstance(ref, str):
         return ("d", ref)
     return ("v",) + ref

@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
-import os
 import resource
 import signal
 from contextlib import AsyncExitStack
+from typing import AsyncIterator
 
 import pyfuse3
 import trio
@@ -28,13 +29,15 @@ from lazyfs.catalog import Catalog, Diff, Refresher, offline_objects
 from lazyfs.config import MountConfig
 from lazyfs.errors import RemoteError, RemoteUnavailable, StoreError
 from lazyfs.fetch import Fetcher
+from lazyfs.filemap import PageBudget
 from lazyfs.fuse_ops import Operations
 from lazyfs.handles import Handles
+from lazyfs.layer import Layer
 from lazyfs.metrics import MountView, serve_metrics
 from lazyfs.mounttab import MountError, check_mountpoint, set_read_ahead
 from lazyfs.namespace import RemoteObject
 from lazyfs.remote import Remote
-from lazyfs.store import FileMap, Layer, Store
+from lazyfs.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ def open_store(cfg: MountConfig) -> Store:
             root = Layer.open(str(cfg.store), True, "store")
         return Store.open(root.path, [str(p) for p in cfg.prebaked], root_fd=root.fd)
     except OSError as e:
-        raise StoreError(f"cannot use store {cfg.store_path}: {e.strerror}", e.errno) from None
+        raise StoreError(f"cannot use store {cfg.store_path}: {e.strerror}", e.errno or errno.EIO) from None
 
 
 def probe(remote: Remote, cfg: MountConfig) -> None:
@@ -89,13 +92,18 @@ def apply_memory_limit(cfg: MountConfig) -> MountConfig:
     """Split --memory-limit: a quarter for mapped pages of files being read,
     half for ranged GETs in flight (2 MiB each, with room to spare: a
     256 KiB piece being written, socket and parser buffers, the worker
-    thread's stack); fewer connections if it must."""
-    FileMap.set_budget(cfg.memory_limit // 4)
+    thread's stack); fewer connections if it must.  The page share is
+    applied by `page_budget`."""
     conns = max(1, min(cfg.fetch.max_connections, (cfg.memory_limit // 2) // (2 << 20)))
     if conns < cfg.fetch.max_connections:
         log.info("--memory-limit %d MiB allows %d parallel GETs", cfg.memory_limit >> 20, conns)
         cfg = dataclasses.replace(cfg, fetch=dataclasses.replace(cfg.fetch, max_connections=conns))
     return cfg
+
+
+def page_budget(cfg: MountConfig) -> PageBudget:
+    """A quarter of --memory-limit for mapped pages of files being read."""
+    return PageBudget(total=cfg.memory_limit // 4)
 
 
 def run(cfg: MountConfig) -> int:
@@ -132,7 +140,7 @@ def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[Re
 async def _serve(cfg: MountConfig, store: Store, remote: Remote,
                  offline: list[RemoteObject] | None) -> int:
     catalog = Catalog(remote, cfg.sources, store)
-    fetcher = Fetcher(remote, store, cfg.fetch)
+    fetcher = Fetcher(remote, store, cfg.fetch, page_budget(cfg))
     fetcher.offline = lambda: catalog.offline
     if offline is not None:
         catalog.start_offline(offline, "object store unreachable at start")
@@ -183,14 +191,9 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
     return 0
 
 
-_mounted = True
-
-
 def _close_session() -> None:
-    global _mounted
-    if _mounted:
-        _mounted = False
-        pyfuse3.close(unmount=True)
+    # Once per process: pyfuse3 has one session, opened by pyfuse3.init().
+    pyfuse3.close(unmount=True)
 
 
 async def _announce(cfg: MountConfig, catalog: Catalog) -> None:
@@ -249,9 +252,9 @@ class Warmer:
         log.info("prefetch done: %s", prefetch.summary(result))
 
 
-async def _watch_signals(signals: trio.abc.ReceiveChannel[int] | object, refresher: Refresher,
+async def _watch_signals(signals: AsyncIterator[int], refresher: Refresher,
                          fetcher: Fetcher, stopping: trio.Event, everything: trio.CancelScope) -> None:
-    async for sig in signals:  # type: ignore[attr-defined]
+    async for sig in signals:
         if sig == signal.SIGHUP:
             log.info("SIGHUP: refreshing the listing")
             refresher.request()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator, NamedTuple
 
 from lazyfs.errors import UnsafeKey
 
@@ -21,6 +21,16 @@ NAME_MAX = 255
 RESERVED_NAME = ".lazyfs"
 # Legal in Linux names, but they break terminals, logs and shell scripts.
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+class Version(NamedTuple):
+    """One version of one object: what a download, a lock, a partial file and a
+    file inode stand for.  (ETag, size) name the bytes; the key where they live."""
+
+    bucket: str
+    key: str
+    etag: str
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +58,16 @@ class RemoteObject:
         return f"s3://{self.bucket}/{self.key}"
 
     @property
+    def version(self) -> Version:
+        return Version(self.bucket, self.key, self.etag, self.size)
+
+    @property
     def multipart(self) -> bool:
         """A multipart ETag ("<md5>-<parts>") is not the MD5 of the content."""
         return "-" in self.etag
 
-    def same_version(self, other: "RemoteObject") -> bool:
+    def same_bytes(self, other: RemoteObject) -> bool:
+        """Do both name the same content (wherever it lives)?"""
         return (self.bucket, self.etag, self.size) == (other.bucket, other.etag, other.size)
 
 
@@ -89,9 +104,9 @@ class DirNode:
     """A directory of one snapshot: its children by name, and sorted names for
     readdir (so offsets stay stable for the life of the snapshot)."""
 
-    __slots__ = ("path", "children", "names", "mtime_ns", "nsubdirs")
+    __slots__ = ("children", "mtime_ns", "names", "nsubdirs", "path")
 
-    def __init__(self, path: str, children: dict[str, "Node"], mtime_ns: int) -> None:
+    def __init__(self, path: str, children: dict[str, Node], mtime_ns: int) -> None:
         self.path = path
         self.children = children
         self.names = tuple(sorted(children))
@@ -106,7 +121,7 @@ class DirNode:
         return f"DirNode({self.path!r}, {len(self.children)} entries)"
 
 
-Node = Union[DirNode, RemoteObject]
+Node = DirNode | RemoteObject
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +133,7 @@ class Skipped:
 class Tree:
     """An immutable snapshot of everything one listing presents."""
 
-    __slots__ = ("root", "objects", "total_bytes", "skipped")
+    __slots__ = ("objects", "root", "skipped", "total_bytes")
 
     def __init__(self, root: DirNode, objects: int, total_bytes: int,
                  skipped: tuple[Skipped, ...]) -> None:
@@ -168,7 +183,7 @@ def build_tree(objects: Iterable[RemoteObject], folders: Iterable[str] = (),
 
     def subdir(parts: tuple[str, ...] | list[str]) -> dict[str, object] | None:
         d = root
-        for i, part in enumerate(parts):
+        for _i, part in enumerate(parts):
             child = d.get(part)
             if isinstance(child, RemoteObject):
                 skipped.append(Skipped(child.key, "is both a file and a folder; the folder is kept"))
@@ -180,9 +195,8 @@ def build_tree(objects: Iterable[RemoteObject], folders: Iterable[str] = (),
         return d
 
     for folder in folders:
-        folder = folder.strip("/")
-        if folder:
-            subdir(folder.split("/"))
+        if folder.strip("/"):
+            subdir(folder.strip("/").split("/"))
     for obj in objects:
         key = obj.key
         is_marker = key.endswith("/")

@@ -20,10 +20,10 @@ import trio
 
 from lazyfs.config import Source
 from lazyfs.errors import LazyfsError
-from lazyfs.download import Download
 from lazyfs.fetch import Fetcher
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import LocalCopy
+from lazyfs.transfer import Transfer
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Prefetcher:
             slots.release()
 
     @staticmethod
-    async def _wait(dl: Download) -> None:
+    async def _wait(dl: Transfer) -> None:
         await dl.finished.wait()
         if dl.error is not None:
             raise dl.error if isinstance(dl.error, LazyfsError) else LazyfsError(str(dl.error))

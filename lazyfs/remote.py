@@ -24,8 +24,7 @@ import botocore.session
 import urllib3.exceptions
 
 from lazyfs.config import RemoteConfig, Source
-from lazyfs.errors import (AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound,
-                           RemoteError, RemoteUnavailable)
+from lazyfs.errors import AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.namespace import RemoteObject
 from lazyfs.stats import S3_REQUEST_SECONDS, STATS
 
@@ -189,7 +188,7 @@ class Remote:
             return 0
         return int(resp.get("ContentLength", 0))
 
-    def get_range(self, obj: RemoteObject, start: int, end: int) -> "RangeStream":
+    def get_range(self, obj: RemoteObject, start: int, end: int) -> RangeStream:
         """Stream bytes [start, end) of exactly the version `obj` names: the GET
         carries If-Match on its ETag, so a replaced object fails with
         ObjectChanged instead of mixing two versions.  A request for the whole
@@ -250,7 +249,7 @@ class Remote:
         if isinstance(e, (botocore.exceptions.EndpointConnectionError,
                           botocore.exceptions.ConnectTimeoutError)):
             return RemoteUnavailable(f"cannot reach the object store at {self.endpoint}", bucket=bucket, key=key)
-        if isinstance(e, _BODY_ERRORS) or isinstance(e, botocore.exceptions.BotoCoreError):
+        if isinstance(e, (_BODY_ERRORS, botocore.exceptions.BotoCoreError)):
             return RemoteUnavailable(f"{where}: {type(e).__name__}: {e}", bucket=bucket, key=key)
         return RemoteError(f"{where}: unexpected {type(e).__name__}: {e}", bucket=bucket, key=key)
 

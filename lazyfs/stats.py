@@ -35,14 +35,14 @@ class Stats:
     started_mono: float = field(default_factory=time.monotonic)
     # Bytes returned to readers by where they came from: cached (fetched by
     # lazyfs earlier), prebaked (already on disk), s3 (arriving right now).
-    served: Counter = field(default_factory=Counter)
+    served: Counter[str] = field(default_factory=Counter)
     opens_hit: int = 0  # opens served from a local copy
     opens_miss: int = 0  # opens that started or joined a download
-    s3_requests: Counter = field(default_factory=Counter)  # op -> count
-    s3_errors: Counter = field(default_factory=Counter)  # op -> failed requests
+    s3_requests: Counter[str] = field(default_factory=Counter)  # op -> count
+    s3_errors: Counter[str] = field(default_factory=Counter)  # op -> failed requests
     fetched_bytes: int = 0  # body bytes received from S3
     retries: int = 0  # ranged GETs resumed after the body broke off
-    errors: Counter = field(default_factory=Counter)  # errno name -> count, as readers saw them
+    errors: Counter[str] = field(default_factory=Counter)  # errno name -> count, as readers saw them
     downloads_ok: int = 0
     downloads_failed: int = 0
     linked_files: int = 0  # new paths made from identical local files

@@ -1,9 +1,10 @@
 """`lazyfs status`: per file, its remote size and local state, and totals.
 
 Usable as a readiness probe: with `--require-all` it exits 1 while any file is
-not on disk and current.  States: current (a recorded copy of this version),
-prebaked (an unrecorded copy of the right size), stale (only another
-version), partial (an interrupted or running download), missing.
+not on disk and current.  States (filestate.FileState): cached (a recorded
+copy of this version), prebaked (an unrecorded copy of the right size),
+downloading (a mount is fetching it), partial (an interrupted download),
+stale (only another version), missing.
 
 Against a plain store folder it lists the object store (or, when that is
 unreachable, the listing the store saved) and looks at the disk.  Against a
@@ -24,24 +25,18 @@ import trio
 from lazyfs.catalog import Catalog, offline_objects
 from lazyfs.config import StatusConfig
 from lazyfs.errors import RemoteUnavailable
+from lazyfs.filestate import FileState
 from lazyfs.mounttab import find_mount
 from lazyfs.namespace import RemoteObject
 from lazyfs.remote import Remote
 from lazyfs.store import Store
-
-READY_STATES = ("current", "prebaked")
-ALL_STATES = ("current", "prebaked", "stale", "partial", "missing")
-# The mount's xattr words -> status words.
-_FROM_XATTR = {"cached": "current", "prebaked": "prebaked", "stale": "stale",
-               "downloading": "partial", "remote": "missing"}
-_FROM_STORE = {"cached": "current"}
 
 
 @dataclass(frozen=True)
 class FileStatus:
     path: str
     size: int
-    state: str
+    state: FileState
 
 
 def run(cfg: StatusConfig, out: TextIO = sys.stdout) -> int:
@@ -51,7 +46,7 @@ def run(cfg: StatusConfig, out: TextIO = sys.stdout) -> int:
     else:
         files, note, live = from_store(cfg)
     # Nothing known is only "ready" when the object store itself says there is nothing.
-    ready = all(f.state in READY_STATES for f in files) and (live or bool(files))
+    ready = all(f.state.ready for f in files) and (live or bool(files))
     report(files, note, ready, cfg.as_json, out)
     return 1 if cfg.require_all and not ready else 0
 
@@ -67,8 +62,7 @@ def from_store(cfg: StatusConfig) -> tuple[list[FileStatus], str, bool]:
             note, live = f"store {cfg.store}, object store unreachable ({e}): last saved listing", False
         files = []
         for obj in objects:
-            st = store.local_state(obj).state
-            files.append(FileStatus(obj.key, obj.size, _FROM_STORE.get(st, st)))
+            files.append(FileStatus(obj.key, obj.size, store.local_state(obj).state))
         return files, note, live
     finally:
         store.close()
@@ -89,27 +83,27 @@ def from_mount(cfg: StatusConfig) -> list[FileStatus]:
             for name in sorted(filenames):
                 path = os.path.join(dirpath, name)
                 try:
-                    state = os.getxattr(path, "user.lazyfs.state").decode()
+                    state = FileState(os.getxattr(path, "user.lazyfs.state").decode())
                     size = os.stat(path).st_size
-                except OSError:
+                except (OSError, ValueError):
                     continue
-                files.append(FileStatus(os.path.relpath(path, cfg.store), size,
-                                        _FROM_XATTR.get(state, state)))
+                files.append(FileStatus(os.path.relpath(path, cfg.store), size, state))
     return files
 
 
 def report(files: list[FileStatus], note: str, ready: bool, as_json: bool, out: TextIO) -> None:
-    counts = {s: sum(1 for f in files if f.state == s) for s in ALL_STATES}
+    counts = {s.value: sum(1 for f in files if f.state is s) for s in FileState}
     total = sum(f.size for f in files)
     if as_json:
-        json.dump({"files": [f.__dict__ for f in files], "totals": {"files": len(files), "bytes": total,
-                   **counts}, "ready": ready, "source": note}, out, indent=2)
+        rows = [{"path": f.path, "size": f.size, "state": f.state.value} for f in files]
+        json.dump({"files": rows, "totals": {"files": len(files), "bytes": total, **counts}, "ready": ready,
+                   "source": note}, out, indent=2)
         out.write("\n")
         return
     width = max([len(f"{f.size:,}") for f in files] + [4])
-    print(f"{'STATE':<9} {'SIZE':>{width}}  PATH", file=out)
+    print(f"{'STATE':<11} {'SIZE':>{width}}  PATH", file=out)
     for f in files:
-        print(f"{f.state:<9} {f.size:>{width},}  {f.path}", file=out)
-    summary = ", ".join(f"{counts[s]} {s}" for s in ALL_STATES)
+        print(f"{f.state.value:<11} {f.size:>{width},}  {f.path}", file=out)
+    summary = ", ".join(f"{n} {state}" for state, n in counts.items())
     print(f"{len(files)} files, {total / 2**20:.1f} MiB: {summary} "
           f"({'ready' if ready else 'not ready'}; {note})", file=out)

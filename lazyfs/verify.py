@@ -67,7 +67,7 @@ class _Crc:
 def _hasher(algorithm: str) -> Any | None:
     if algorithm == "CRC32":
         fn = _crt("crc32")
-        return _Crc(fn if fn else (lambda d, v: zlib.crc32(d, v)), 4)
+        return _Crc(fn if fn else (zlib.crc32), 4)
     if algorithm == "CRC32C":
         fn = _crt("crc32c")
         return _Crc(fn, 4) if fn else None
@@ -107,9 +107,9 @@ def choose(etag: str, checksum: tuple[str, str, str] | None, etag_is_md5: bool,
 def compute(fd: int, size: int, exp: Expectation, cancelled: Callable[[], bool] = lambda: False) -> str:
     """The digest of the file's first `size` bytes, in `exp`'s form."""
     if exp.algorithm == "MD5":
-        h: Any = hashlib.md5()
-        _feed(fd, 0, size, h, cancelled)
-        return h.hexdigest()
+        md5 = hashlib.md5()
+        _feed(fd, 0, size, md5, cancelled)
+        return md5.hexdigest()
     if exp.algorithm == "MD5-multipart":
         digests = []
         for start in range(0, size, exp.part_size):

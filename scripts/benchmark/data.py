@@ -169,7 +169,7 @@ def ensure_uploaded(ds: Dataset, client: Any, bucket: str, log: Callable[[str], 
     try:
         if client.get_object(Bucket=bucket, Key=manifest_key(ds.profile))["Body"].read() == want:
             return False
-    except Exception:  # missing or unreadable: upload  # noqa: BLE001
+    except Exception:  # missing or unreadable: upload
         pass
     log(f"uploading the {ds.profile.name} dataset to s3://{bucket}/{ds.profile.name}/ (one PUT per object)")
     t0 = time.monotonic()

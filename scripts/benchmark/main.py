@@ -28,13 +28,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from lazyfs import __version__
-from benchmark import net as benchnet, report as benchreport
+from support.mountproc import force_unmount
+
+from benchmark import net as benchnet
+from benchmark import report as benchreport
 from benchmark.data import PROFILES, Dataset, ensure_local, ensure_uploaded
-from benchmark.mounts import (LazyfsMounter, Mounter, PassthroughMounter, RcloneMounter, S3fsMounter)
+from benchmark.mounts import LazyfsMounter, Mounter, PassthroughMounter, RcloneMounter, S3fsMounter
 from benchmark.scenarios import SCENARIOS, Ctx, Results, run_boto3, run_local, run_mounted
 from benchmark.server import Endpoint, LocalS3, remote_endpoint, s3_client
-from support.mountproc import force_unmount
+from lazyfs import __version__
 
 SYSTEMS = ("lazyfs", "boto3", "s3fs", "rclone", "local", "passthrough")
 BUCKET = "lazyfs-bench"
@@ -151,7 +153,8 @@ def _raise_interrupt(signum: int, frame: Any) -> NoReturn:
 def mounters(systems: Sequence[str], lazyfs_log_level: str,
              lazyfs_args: Sequence[str] = ()) -> tuple[list[Mounter], list[str]]:
     """The filesystems to measure, and why any were skipped."""
-    table: dict[str, Mounter] = {"lazyfs": LazyfsMounter(lazyfs_log_level, lazyfs_args), "passthrough": PassthroughMounter(),
+    table: dict[str, Mounter] = {"lazyfs": LazyfsMounter(lazyfs_log_level, lazyfs_args),
+                                 "passthrough": PassthroughMounter(),
                                  "s3fs": S3fsMounter(), "rclone": RcloneMounter()}
     order = ["passthrough", "lazyfs", "s3fs", "rclone"]
     chosen, skipped = [], []
@@ -171,7 +174,7 @@ def check_if_match(client: Any, ep: Endpoint, ds: Dataset) -> str:
         r = client.get_object(Bucket=ep.bucket, Key=ds.key(ds.big), Range="bytes=0-15", IfMatch='"0123abcd"')
         r["Body"].read()
         return f"IGNORED: a GET with a wrong If-Match got {r['ResponseMetadata']['HTTPStatusCode']}"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         status = getattr(e, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
         return "honoured (412 on a wrong ETag)" if status == 412 else f"unexpected: {e}"
 
@@ -208,7 +211,8 @@ def versions() -> dict[str, str]:
 
     import boto3
     import pyfuse3
-    return {"lazyfs": f"{__version__} ({lazyfs_revision()})", "python": platform.python_version(), "boto3": boto3.__version__,
+    return {"lazyfs": f"{__version__} ({lazyfs_revision()})", "python": platform.python_version(),
+            "boto3": boto3.__version__,
             "pyfuse3": pyfuse3.__version__, "node": first_line(["node", "--version"]),
             "s3fs": first_line(["s3fs", "--version"]), "rclone": first_line(["rclone", "version"]),
             "kernel": platform.release()}

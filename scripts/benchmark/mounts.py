@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from lazyfs.config import DEFAULT_READ_AHEAD
+from support.mountproc import MountFailed, MountProcess, force_unmount, is_mounted
+
 from benchmark.data import Dataset
 from benchmark.server import Endpoint
-from support.mountproc import MountFailed, MountProcess, force_unmount, is_mounted
+from lazyfs.config import DEFAULT_READ_AHEAD
 
 MiB = 1 << 20
 # lazyfs log lines worth reporting (the rest is routine).
@@ -114,12 +115,12 @@ class Mounted:
         self.record.cpu_s = s.cpu_s
         try:
             self.record.exit_code = self._terminate()
-        except Exception as e:  # teardown goes on  # noqa: BLE001
+        except Exception as e:  # teardown goes on
             self.record.problems.append(f"stopping: {type(e).__name__}: {e}")
         force_unmount(self.spec.mnt)
         return self.record
 
-    def __enter__(self) -> "Mounted":
+    def __enter__(self) -> Mounted:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -85,7 +85,7 @@ class WanLink:
         self.ns_ip = ""
         self._made = False
 
-    def __enter__(self) -> "WanLink":
+    def __enter__(self) -> WanLink:
         self.up()
         return self
 

@@ -104,7 +104,7 @@ def summarize(values: Values) -> dict[str, dict[str, Any]]:
 
 def fmt(v: Any) -> str:
     if v is None:
-        return "–"
+        return "-"
     if isinstance(v, bool):
         return "ok" if v else "**FAILED**"
     if isinstance(v, str):

@@ -26,8 +26,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from benchmark.data import Dataset
-from benchmark.mounts import (LazyfsMounter, Mounted, Mounter, MountRecord, MountSpec,
-                                        PassthroughMounter, lazyfs_prefetch_args)
+from benchmark.mounts import (
+    LazyfsMounter,
+    Mounted,
+    Mounter,
+    MountRecord,
+    MountSpec,
+    PassthroughMounter,
+    lazyfs_prefetch_args,
+)
 from benchmark.server import Endpoint, LocalS3, Traffic
 
 MiB = 1 << 20
@@ -125,7 +132,7 @@ class Ctx:
         out = self.workdir / "op.out"
         t0 = time.perf_counter()
         procs = []
-        for argv, err in zip(argvs, errs):
+        for argv, err in zip(argvs, errs, strict=False):
             with open(err, "wb") as e, open(out if capture else os.devnull, "wb") as o:
                 procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=o, stderr=e,
                                               env=self.ep.env(), start_new_session=True))
@@ -143,7 +150,8 @@ class Ctx:
                 if p.poll() is None:
                     os.killpg(p.pid, signal.SIGKILL)
             return Op(None, False, f"timed out after {self.op_timeout:g} s")
-        bad = [(p.returncode, err.read_text(errors="replace").strip()[-300:]) for p, err in zip(procs, errs)
+        bad = [(p.returncode, err.read_text(errors="replace").strip()[-300:])
+               for p, err in zip(procs, errs, strict=False)
                if p.returncode != 0]
         text = out.read_text(errors="replace") if capture else ""
         return Op(wall, not bad, "; ".join(f"exit {rc}: {msg}" for rc, msg in bad[:2]), text)
@@ -210,7 +218,7 @@ class Ctx:
         """Run one scenario; a failure is a problem of that scenario only."""
         try:
             fn()
-        except Exception as e:  # the next scenario still runs  # noqa: BLE001
+        except Exception as e:  # the next scenario still runs
             self.problem(system, f"{name}: {type(e).__name__}: {str(e)[:1500]}")
         finally:
             for mt in list(self.live):
@@ -236,7 +244,7 @@ def run_mounted(ctx: Ctx, m: Mounter, scenarios: set[str]) -> None:
     for name, fn in plan:
         if name in scenarios and applies(m, name):
             ctx.log(f"  {m.name}: {name}")
-            ctx.guard(m.name, name, lambda: fn(ctx, m))
+            ctx.guard(m.name, name, lambda fn=fn: fn(ctx, m))
 
 
 def applies(m: Mounter, scenario: str) -> bool:

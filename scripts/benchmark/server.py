@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmark.net import WanLink
 from support.s3server import clean_env, free_port
+
+from benchmark.net import WanLink
 
 WRAPPER_JS = Path(__file__).with_name("s3rver_wrapper.js")
 S3RVER_VERSION = "3.7.1"
@@ -92,12 +93,12 @@ class Traffic:
     link_bytes: int | None = None  # wan mode: bytes on the veth, frames included
 
     @classmethod
-    def parse(cls, raw: dict[str, Any], link_bytes: int | None) -> "Traffic":
+    def parse(cls, raw: dict[str, Any], link_bytes: int | None) -> Traffic:
         kinds = {k: (int(v["requests"]), int(v["bytes"])) for k, v in raw.get("kinds", {}).items()}
         keys = {k: (int(v["requests"]), int(v["bytes"])) for k, v in raw.get("keys", {}).items()}
         return cls(kinds, keys, link_bytes)
 
-    def minus(self, before: "Traffic") -> "Traffic":
+    def minus(self, before: Traffic) -> Traffic:
         def sub(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
             out = {}
             for k, (n, nbytes) in a.items():

@@ -9,11 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-
+from support.mounting import lazyfs_cli
 from support.proxy import Fault
 from support.s3server import free_port
-
-from support.mounting import lazyfs_cli
 
 
 def one_line_error(res: subprocess.CompletedProcess[str]) -> str:

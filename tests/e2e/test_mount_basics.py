@@ -13,11 +13,9 @@ import threading
 from pathlib import Path
 
 import pytest
-
+from support.mounting import FS, lazyfs_cli, wait_until, write_model_json
 from support.mountproc import force_unmount, is_mounted
 from support.proxy import Fault
-
-from support.mounting import FS, lazyfs_cli, wait_until, write_model_json
 
 pytestmark = pytest.mark.fuse
 
@@ -103,7 +101,7 @@ def test_store_elsewhere(mount, proxy, bucket, model, fs: FS, tmp_path: Path):
     store = tmp_path / "store"
     m = mount("--prefix", f"s3://{bucket}/{PREFIX}", store=store)
     assert fs.read(m.file(key)) == model[key]
-    wait_until(lambda: (store / key).exists(), what="the download to be published")
+    wait_until((store / key).exists, what="the download to be published")
     assert (store / key).read_bytes() == model[key]
 
 

@@ -11,11 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
+from support.mounting import FS, lazyfs_cli, wait_until
 from support.proxy import Fault
 from support.s3server import free_port
-
-from support.mounting import FS, lazyfs_cli, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -43,7 +41,7 @@ def test_xattrs_and_stats_file_during_and_after_a_download(mount, proxy, s3, buc
     s3.put_object(Bucket=bucket, Key=f"{P}/remote.bin", Body=b"r" * 10)
     m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", "--max-connections", "1", store=store)
     before = xattrs(fs, m.file(key))
-    assert before == {"user.lazyfs.state": "remote", "user.lazyfs.source": f"s3://{bucket}/{key}",
+    assert before == {"user.lazyfs.state": "missing", "user.lazyfs.source": f"s3://{bucket}/{key}",
                       "user.lazyfs.etag": s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"'),
                       "user.lazyfs.fetched_bytes": "0"}
     assert proxy.count("GET") == 0, "reading attributes downloaded something"

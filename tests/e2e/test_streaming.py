@@ -17,10 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from support.proxy import Fault
-
 from support.mounting import FS, wait_until
+from support.proxy import Fault
 
 pytestmark = pytest.mark.fuse
 
@@ -72,7 +70,7 @@ def test_first_bytes_are_served_before_the_file_is_complete(smount, proxy, bucke
     assert fs.run(pread, m.file(key), 0, 4096) == big[:4096]
     assert not (m.store / key).exists(), "the read waited for the whole file"
     assert fs.read(m.file(key), timeout=60) == big
-    wait_until(lambda: (m.store / key).exists(), what="publication")
+    wait_until((m.store / key).exists, what="publication")
 
 
 def test_a_random_read_jumps_the_queue(smount, proxy, bucket, big, fs: FS):
@@ -88,7 +86,7 @@ def test_a_random_read_jumps_the_queue(smount, proxy, bucket, big, fs: FS):
     order = ranges(proxy, key)
     assert order[0] == 0
     assert order[1] == 30 * PART, f"chunk 30 was demanded but the order was {order[:5]}"
-    wait_until(lambda: (m.store / key).exists(), what="publication")
+    wait_until((m.store / key).exists, what="publication")
     assert sorted(ranges(proxy, key)) == [i * PART for i in range(32)], "every chunk fetched exactly once"
 
 
@@ -113,7 +111,7 @@ def test_an_object_replaced_mid_download_is_never_stitched(smount, proxy, bucket
             return False
 
     wait_until(reads_new, timeout=30, what="the new version to be served")
-    wait_until(lambda: (m.store / key).exists(), what="publication")
+    wait_until((m.store / key).exists, what="publication")
     assert sha((m.store / key).read_bytes()) == sha(new)
 
 
@@ -132,7 +130,7 @@ def test_a_killed_download_resumes_from_the_chunks_on_disk(smount, proxy, bucket
     refetched = set(ranges(proxy, key))
     assert 0 not in refetched and len(refetched) < 32, f"resume fetched {len(refetched)} chunks again"
     assert "resuming download" in m2.log()
-    wait_until(lambda: (m2.store / key).exists(), what="publication")
+    wait_until((m2.store / key).exists, what="publication")
     assert sha((m2.store / key).read_bytes()) == sha(big)
 
 
@@ -158,7 +156,7 @@ def test_prefetch_fetches_everything_at_mount(smount, proxy, bucket, s3, fs: FS)
     for k, v in files.items():
         s3.put_object(Bucket=bucket, Key=k, Body=v)
     m = smount("--prefix", f"s3://{bucket}/{P}", "--prefetch")
-    for k, v in files.items():
+    for k in files:
         wait_until(lambda k=k: (m.store / k).exists(), what=f"{k} to be prefetched")
     assert "prefetch done: 6 of 6 files" in wait_until(
         lambda: m.log() if "prefetch done" in m.log() else "", what="the prefetch summary")

@@ -11,11 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-
+from support.mounting import FS, lazyfs_cli, wait_until
 from support.proxy import Fault
 from support.s3server import free_port
-
-from support.mounting import FS, lazyfs_cli, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -104,7 +102,7 @@ def test_offline_start_serves_what_the_store_knows(mount, proxy, s3, bucket, fs:
     (store / baked).write_bytes(baked.encode() * 100)  # an admin's copy, no identity record
     m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
     assert fs.read(m.file(cached)) == cached.encode() * 100
-    wait_until(lambda: (store / cached).exists(), what="publication")
+    wait_until((store / cached).exists, what="publication")
     m.stop()
     # The object store is down: every request fails (after botocore's retries).
     proxy.add(Fault("status", method=None, status=503, code="ServiceUnavailable", times=None))
@@ -171,17 +169,17 @@ def status(proxy, bucket: str, store: Path, *extra: str):
 
 
 def test_status_states_and_require_all(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
-    names = ["current.bin", "prebaked.bin", "stale.bin", "partial.bin", "missing.bin"]
+    names = ["cached.bin", "prebaked.bin", "stale.bin", "partial.bin", "missing.bin"]
     for n in names:
         put(s3, bucket, f"{P}/{n}", os.urandom(4 * 65536))
     store = tmp_path / "store"
     m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", store=store)
-    fs.read(m.file(f"{P}/current.bin"))
+    fs.read(m.file(f"{P}/cached.bin"))
     fs.read(m.file(f"{P}/stale.bin"))
     proxy.add(Fault("stall", key=f"{P}/partial.bin", min_offset=65536, seconds=30, times=None))
     fd = fs.run(os.open, str(m.file(f"{P}/partial.bin")), os.O_RDONLY)
     assert len(fs.run(os.pread, fd, 100, 0)) == 100
-    wait_until(lambda: (store / f"{P}/current.bin").exists() and (store / f"{P}/stale.bin").exists(),
+    wait_until(lambda: (store / f"{P}/cached.bin").exists() and (store / f"{P}/stale.bin").exists(),
                what="publication")
     state = fs.run(os.getxattr, str(m.file(f"{P}/partial.bin")), "user.lazyfs.state")
     assert state == b"downloading"
@@ -199,11 +197,11 @@ def test_status_states_and_require_all(mount, proxy, s3, bucket, fs: FS, tmp_pat
     assert res.returncode == 0, res.stderr
     got = {line.split()[-1].rsplit("/", 1)[-1]: line.split()[0] for line in res.stdout.splitlines()[1:-1]}
     assert got == {n: n.split(".")[0] for n in names}, res.stdout
-    assert "1 current, 1 prebaked, 1 stale, 1 partial, 1 missing (not ready" in res.stdout
+    assert "1 cached, 1 prebaked, 0 downloading, 1 partial, 1 stale, 1 missing (not ready" in res.stdout
     assert status(proxy, bucket, store, "--require-all").returncode == 1
     js = json.loads(status(proxy, bucket, store, "--json").stdout)
     assert js["ready"] is False and js["totals"]["files"] == 5
-    # After a bake everything is current, and the probe passes.
+    # After a bake everything is cached, and the probe passes.
     assert bake(proxy, bucket, store).returncode == 0
     assert status(proxy, bucket, store, "--require-all").returncode == 0
 
@@ -213,11 +211,11 @@ def test_status_through_a_running_mount(mount, proxy, s3, bucket, fs: FS):
     put(s3, bucket, f"{P}/b.bin", b"b" * 1000)
     m = mount("--prefix", f"s3://{bucket}/{P}")
     fs.read(m.file(f"{P}/a.bin"))
-    wait_until(lambda: b"cached" == fs.run(os.getxattr, str(m.file(f"{P}/a.bin")), "user.lazyfs.state"),
+    wait_until(lambda: fs.run(os.getxattr, str(m.file(f"{P}/a.bin")), "user.lazyfs.state") == b"cached",
                what="publication")
     res = lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--store", str(m.path), "--require-all"])
     assert "as served by the lazyfs mount" in res.stdout
-    assert "1 current" in res.stdout and "1 missing" in res.stdout and res.returncode == 1
+    assert "1 cached" in res.stdout and "1 missing" in res.stdout and res.returncode == 1
 
 
 def test_a_new_version_prefix_downloads_only_what_changed(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
@@ -274,7 +272,7 @@ def test_a_corrupted_body_is_never_published(mount, proxy, s3, bucket, fs: FS, t
     assert not (store / key).exists(), "a corrupted download was published"
     proxy.clear_faults()
     assert fs.read(m.file(key)) == data
-    wait_until(lambda: (store / key).exists(), what="publication")
+    wait_until((store / key).exists, what="publication")
     assert (store / key).read_bytes() == data
 
 
@@ -318,7 +316,7 @@ def test_cache_budget_evicts_lru_but_not_open_or_prebaked(mount, proxy, s3, buck
             fs.read(m.file(k))
             wait_until(lambda k=k: (store / k).exists(), what=f"{k} published")
         assert fs.read(m.file(names[3])) == names[3].encode().ljust(100_000, b".")
-        wait_until(lambda: (store / names[3]).exists(), what="the fourth file published")
+        wait_until((store / names[3]).exists, what="the fourth file published")
         present = {k: (store / k).exists() for k in names}
         assert present == {names[0]: True, names[1]: False, names[2]: True, names[3]: True}, present
         assert (store / baked).exists(), "a prebaked file was evicted"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 import walkthrough
 
 pytestmark = pytest.mark.fuse

@@ -126,9 +126,8 @@ def unexpected_log_lines(text: str, allowed: Sequence[str] = ()) -> list[str]:
     patterns = [re.compile(a) for a in allowed]
     out = []
     for line in text.splitlines():
-        if "Traceback (most recent call last)" in line:
-            out.append(line)
-        elif _ERROR_LINE.match(line) and not any(p.search(line) for p in patterns):
+        traceback = "Traceback (most recent call last)" in line
+        if traceback or (_ERROR_LINE.match(line) and not any(p.search(line) for p in patterns)):
             out.append(line)
     return out
 

@@ -50,7 +50,7 @@ class MountProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 30.0) -> "MountProcess":
+    def start(self, timeout: float = 30.0) -> MountProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [*self.wrapper, self.python, "-m", "lazyfs", "mount", str(self.mountpoint), *self.args],

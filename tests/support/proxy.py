@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -289,7 +289,7 @@ class S3Proxy:
         self.endpoint = ""
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20.0) -> "S3Proxy":
+    def start(self, timeout: float = 20.0) -> S3Proxy:
         self._proc = subprocess.Popen([sys.executable, "-m", "support.proxy", "--upstream",
                                        self.upstream], stdout=subprocess.PIPE, start_new_session=True,
                                       env=_child_env())
@@ -313,7 +313,7 @@ class S3Proxy:
                 self._proc.stdout.close()
             self._proc = None
 
-    def __enter__(self) -> "S3Proxy":
+    def __enter__(self) -> S3Proxy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -7,9 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.config import (ConfigError, Source, dedupe_sources, load_model_json, mount_config,
-                           normalize_prefix, parse_size, parse_source, remote_config,
-                           resolve_mountpoint)
+from lazyfs.config import (
+    ConfigError,
+    Source,
+    dedupe_sources,
+    load_model_json,
+    mount_config,
+    normalize_prefix,
+    parse_size,
+    parse_source,
+    remote_config,
+    resolve_mountpoint,
+)
 
 
 def mj(tmp_path: Path, content: object, raw: bool = False) -> Path:
@@ -127,7 +136,7 @@ def test_mount_config_checks(tmp_path: Path) -> None:
     f.write_text("x")
     with pytest.raises(ConfigError, match="is not a directory"):
         _mc(tmp_path, mountpoint=str(f))
-    with pytest.raises(ConfigError, match="prebaked layer .* does not exist"):
+    with pytest.raises(ConfigError, match=r"prebaked layer .* does not exist"):
         _mc(tmp_path, prebaked=[str(tmp_path / "nolayer")])
     with pytest.raises(ConfigError, match="nothing to serve"):
         _mc(tmp_path, prefixes=[])

@@ -11,8 +11,9 @@ import pytest
 
 from lazyfs import verify
 from lazyfs.errors import IntegrityError, StoreError
+from lazyfs.identity import IDENTITY_XATTR, Identity
 from lazyfs.namespace import RemoteObject
-from lazyfs.store import IDENTITY_XATTR, Identity, Store
+from lazyfs.store import Store
 
 
 def obj(key: str, data: bytes, etag: str | None = None) -> RemoteObject:
@@ -28,7 +29,7 @@ def store(tmp_path: Path):
 
 
 def download(store: Store, o: RemoteObject, data: bytes, part: int = 4) -> None:
-    p = store.open_partial(o, part)
+    p = store.partials.open(o, part)
     os.pwrite(p.fd, data, 0)
     store.publish(p)
     os.close(p.fd)
@@ -101,32 +102,32 @@ def test_symlinks_are_never_followed(store: Store, tmp_path: Path) -> None:
 def test_partial_resume_only_for_the_same_version(store: Store) -> None:
     data = b"0123456789"
     o = obj("r/f", data)
-    p = store.open_partial(o, 4)
+    p = store.partials.open(o, 4)
     os.pwrite(p.fd, data[:4], 0)
     p.done.add(0)
     p.save_state(p.done)
     os.close(p.fd)
-    again = store.open_partial(o, 4)
+    again = store.partials.open(o, 4)
     assert again.done == {0} and os.pread(again.fd, 4, 0) == data[:4]
     os.close(again.fd)
-    other_chunking = store.open_partial(o, 2)
+    other_chunking = store.partials.open(o, 2)
     assert other_chunking.done == set()
     os.close(other_chunking.fd)
-    store.discard(other_chunking)
+    store.partials.discard(other_chunking)
 
 
 def test_a_late_record_never_describes_a_newer_download(store: Store, tmp_path: Path) -> None:
     data = b"0123456789"
     o = obj("r/f", data)
-    old = store.open_partial(o, 4)
+    old = store.partials.open(o, 4)
     old.done.add(0)
-    store.discard(old)  # the download failed and was cleaned up...
-    fresh = store.open_partial(o, 4)
+    store.partials.discard(old)  # the download failed and was cleaned up...
+    fresh = store.partials.open(o, 4)
     old.save_state(old.done)  # ...but a save of the old one lands after that
     os.close(fresh.fd)
-    again = store.open_partial(o, 4)
+    again = store.partials.open(o, 4)
     assert again.done == set(), "resumed from a record written for another file"
-    store.discard(old)  # the old download's cleanup must not remove the newer files
+    store.partials.discard(old)  # the old download's cleanup must not remove the newer files
     part = tmp_path / "store" / ".lazyfs" / "tmp" / (again.name + ".part")
     assert part.exists() and part.stat().st_ino == again.ino
     os.close(again.fd)
@@ -135,7 +136,7 @@ def test_a_late_record_never_describes_a_newer_download(store: Store, tmp_path: 
 
 def test_publish_refuses_wrong_size(store: Store) -> None:
     o = obj("w/f", b"abc")
-    p = store.open_partial(o, 4)
+    p = store.partials.open(o, 4)
     os.ftruncate(p.fd, 1)
     with pytest.raises(StoreError, match="wrong size"):
         store.publish(p)

@@ -1,0 +1,93 @@
+"""A finished download's last steps, in a worker thread: check the bytes
+against what the object store vouches for, then publish them into the store.
+Blocking; writes no trio-side state (docs/concurrency.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import resource
+import threading
+from typing import Callable, Iterator
+
+from lazyfs import verify
+from lazyfs.errors import StoreError
+from lazyfs.namespace import RemoteObject
+from lazyfs.partials import Partial
+from lazyfs.remote import Remote, ResponseMeta
+from lazyfs.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def expectation(remote: Remote, obj: RemoteObject, meta: ResponseMeta | None = None) -> verify.Expectation | None:
+    """What S3 vouches for.  The GETs' own headers usually say enough; a HEAD
+    is sent only when the listing shows a checksum the GETs did not carry
+    (ranged responses never do), or when no GET was made."""
+    checksum = meta.checksum if meta else None
+    etag_is_md5 = meta.etag_is_md5 if meta else None
+    if etag_is_md5 is None or (checksum is None and obj.checksum_algorithm):
+        info = remote.head(obj.bucket, obj.key, etag=obj.etag)
+        checksum, etag_is_md5 = info.checksum, info.etag_is_md5
+    return verify.choose(obj.etag, checksum, etag_is_md5, lambda: remote.part_size(obj))
+
+
+def verify_and_publish_blocking(remote: Remote, store: Store, partial: Partial, meta: ResponseMeta | None,
+                                *, keep: bool, origin: str, cancelled: Callable[[], bool]) -> None:
+    """IntegrityError when the bytes are wrong; StoreError when they cannot be published."""
+    obj = partial.obj
+    with lower_priority():
+        if obj.size:
+            exp = expectation(remote, obj, meta)
+            if exp is not None:
+                verify.check(partial.fd, obj.size, exp, obj.uri, cancelled)
+                log.debug("%s: verified %s", obj.uri, exp.describe())
+            else:
+                log.debug("%s: nothing to verify against beyond the size", obj.uri)
+        if not keep:
+            return
+        try:
+            store.publish(partial, origin)
+        except OSError as e:
+            raise StoreError(f"{obj.uri}: cannot publish into the store: {e.strerror}", e.errno or errno.EIO) from None
+
+
+@contextlib.contextmanager
+def lower_priority() -> Iterator[None]:
+    """Hash a finished download at a lower CPU priority than the downloads and
+    readers still running (this thread only), when its priority can be
+    restored afterwards: raising a nice value is always allowed, lowering it
+    back needs CAP_SYS_NICE or RLIMIT_NICE, which containers do not grant by
+    default.  Without either, the thread keeps its priority."""
+    tid = threading.get_native_id()
+    old = os.getpriority(os.PRIO_PROCESS, tid)
+    if not _may_renice_to(old):
+        yield
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, old + 10))
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.setpriority(os.PRIO_PROCESS, tid, old)
+
+
+_CAP_SYS_NICE = 23
+
+
+def _may_renice_to(nice: int) -> bool:
+    """May this process lower a thread's nice value back to `nice`?"""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        caps = 0
+    if caps & (1 << _CAP_SYS_NICE):
+        return True
+    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    return soft == resource.RLIM_INFINITY or 20 - soft <= nice

@@ -1,0 +1,65 @@
+"""Which bytes go on the wire next.
+
+One dispatcher task hands out connection slots (`--max-connections`) by
+priority: bytes a reader is blocked on first, then downloads someone has open
+(fewest requests in flight first, so parallel readers share), then background
+prefetch (oldest first).  `pick` is the whole policy, a function of the
+downloads' states alone; `Dispatcher` only waits for a slot and for work.
+Trio thread only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import trio
+
+from lazyfs.download import Download, Request
+
+
+def pick(downloads: Iterable[Download]) -> tuple[Download, Request] | None:
+    """The next request to send, claimed (its blocks become ACTIVE), or None."""
+    live = [dl for dl in downloads if dl.error is None and not dl.cancelled]
+    for dl in live:  # 1: a reader is blocked on these bytes
+        req = dl.next_request(demanded_only=True)
+        if req is not None:
+            return dl, req
+    fg = sorted((dl for dl in live if not dl.background or dl.readers > 0),
+                key=lambda d: (len(d.requests), d.started))
+    bg = sorted((dl for dl in live if dl.background and dl.readers <= 0), key=lambda d: d.started)
+    for dl in fg + bg:  # 2: open files, sharing; 3: prefetch, oldest first
+        req = dl.next_request()
+        if req is not None:
+            return dl, req
+    return None
+
+
+class Dispatcher:
+    """Starts requests as slots free up; `poke()` when there may be new work."""
+
+    def __init__(self, max_connections: int, downloads: Callable[[], Iterable[Download]],
+                 start: Callable[[Download, Request], None]) -> None:
+        self._slots = trio.Semaphore(max_connections)
+        self._downloads = downloads
+        self._start = start  # must pin the download before it returns
+        self._work = trio.Event()
+        self.closing = False
+
+    def poke(self) -> None:
+        self._work.set()
+
+    def release(self) -> None:
+        """A request finished (or failed): its slot is free."""
+        self._slots.release()
+        self.poke()
+
+    async def run(self) -> None:
+        while True:
+            await self._slots.acquire()
+            while True:
+                picked = None if self.closing else pick(self._downloads())
+                if picked is not None:
+                    break
+                self._work = trio.Event()
+                await self._work.wait()
+            self._start(*picked)

@@ -1,0 +1,124 @@
+"""A directory tree opened by descriptor: the store, or a prebaked layer.
+
+Every path is resolved one component at a time with openat(O_NOFOLLOW) under
+the layer's descriptor, so a symlink planted in it is never followed and
+nothing is read or written outside it.  Because the store's descriptor is
+opened before the mount covers it, the daemon never touches its own
+mountpoint (which would deadlock).
+
+All functions block: call them from worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from typing import Iterable
+
+from lazyfs.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted where a file should be must not hang the open.
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+class Layer:
+    def __init__(self, fd: int, path: str, writable: bool, label: str) -> None:
+        self.fd = fd
+        self.path = path
+        self.writable = writable
+        self.label = label  # "store" or "prebaked layer", as logs and `status` say
+
+    @classmethod
+    def open(cls, path: str, writable: bool, label: str) -> Layer:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StoreError(f"cannot open {label} {path}: {e.strerror}", e.errno or errno.EIO) from None
+        return cls(fd, path, writable, label)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def open_dir(self, parts: Iterable[str], create: bool = False, mode: int = 0o755) -> int:
+        """A descriptor of the directory at `parts` under this layer (caller closes).
+        With `create`, missing directories are made, and a stale file or symlink
+        standing where a directory must be is removed."""
+        fd = os.dup(self.fd)
+        try:
+            for part in parts:
+                try:
+                    nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if not create or e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    if e.errno != errno.ENOENT:
+                        log.warning("%s: removing %r, which stands where a folder must be",
+                                    self.label, part)
+                        os.unlink(part, dir_fd=fd)
+                    try:
+                        os.mkdir(part, mode, dir_fd=fd)
+                    except FileExistsError:
+                        pass  # another thread made it first
+                    nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def open_file(self, path: str) -> int | None:
+        """A read-only descriptor of the regular file at `path`, or None when there
+        is none (missing, a directory, a symlink, a device or FIFO)."""
+        *dirs, name = path.split("/")
+        try:
+            dfd = self.open_dir(dirs)
+        except OSError:
+            return None
+        try:
+            fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                log.warning("%s: ignoring symlink at %s", self.label, path)
+            return None
+        finally:
+            os.close(dfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return fd
+
+
+def remove(dir_fd: int, name: str) -> None:
+    """Unlink `name` if it is there."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def write_small(dir_fd: int, name: str, data: bytes) -> None:
+    """Replace a small file atomically and durably (write a sibling, fsync,
+    rename over).  The sibling is removed if anything fails, so a full disk
+    leaves no temporary file behind."""
+    tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dir_fd)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        remove(dir_fd, tmp)
+        raise

@@ -1,0 +1,102 @@
+"""What the store knows without the object store: the last complete listing
+of each folder (`.lazyfs/listings/`), and the files on disk in the store and
+the prebaked layers.  Together they let a restart with the object store
+unreachable start *offline*.
+
+All functions block: call them from worker threads or before the mount.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from typing import Iterable, Iterator, Sequence
+
+from lazyfs.identity import IdentityRecords
+from lazyfs.layer import FILE_FLAGS, Layer, write_small
+from lazyfs.namespace import RESERVED_NAME, RemoteObject
+
+_FOLDER = (RESERVED_NAME, "listings")
+
+
+class SavedListings:
+    def __init__(self, root: Layer) -> None:
+        self.root = root
+
+    @staticmethod
+    def _name(bucket: str, prefix: str) -> str:
+        return hashlib.sha256(f"{bucket}\0{prefix}".encode()).hexdigest()[:32] + ".json"
+
+    def save(self, bucket: str, prefix: str, objects: Iterable[RemoteObject]) -> None:
+        """Keep the last complete listing of a folder."""
+        rows = [[o.key, o.size, o.etag, o.mtime_ns] for o in objects]
+        doc = {"v": 1, "bucket": bucket, "prefix": prefix, "objects": rows}
+        dfd = self.root.open_dir(_FOLDER, create=True)
+        try:
+            write_small(dfd, self._name(bucket, prefix), json.dumps(doc).encode())
+        finally:
+            os.close(dfd)
+
+    def load(self, bucket: str, prefix: str) -> list[RemoteObject] | None:
+        try:
+            dfd = self.root.open_dir(_FOLDER)
+        except OSError:
+            return None
+        try:
+            fd = os.open(self._name(bucket, prefix), FILE_FLAGS, dir_fd=dfd)
+            with os.fdopen(fd, "rb") as f:
+                doc = json.load(f)
+            if doc.get("v") != 1 or doc.get("bucket") != bucket or doc.get("prefix") != prefix:
+                return None
+            return [RemoteObject(bucket, str(k), int(size), str(etag), int(mtime))
+                    for k, size, etag, mtime in doc["objects"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        finally:
+            os.close(dfd)
+
+
+def walk_local(layers: Sequence[Layer], records: IdentityRecords, bucket: str,
+               prefix: str) -> Iterator[tuple[RemoteObject, str]]:
+    """Regular files under `prefix` in the layers, first layer first, as objects
+    (their recorded identity, or just size and mtime) with the layer's label.
+    Symlinks are not followed.  Costs a directory walk."""
+    seen: set[str] = set()
+    parts = [p for p in prefix.strip("/").split("/") if p]
+    for layer in layers:
+        try:
+            top = layer.open_dir(parts)
+        except OSError:
+            continue
+        try:
+            for dirpath, _dirs, files, dfd in os.fwalk(".", dir_fd=top):
+                rel = os.path.normpath(dirpath)
+                if rel.split("/", 1)[0] == RESERVED_NAME:
+                    continue
+                for name in files:
+                    key = "/".join(parts + ([] if rel == "." else [rel]) + [name])
+                    obj = _local_object(records, dfd, name, key, bucket)
+                    if obj is not None and key not in seen:
+                        seen.add(key)
+                        yield obj, layer.label
+        finally:
+            os.close(top)
+
+
+def _local_object(records: IdentityRecords, dfd: int, name: str, key: str, bucket: str) -> RemoteObject | None:
+    try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        ident = records.read(fd)
+        if ident is not None and ident.size == st.st_size:
+            return RemoteObject(ident.bucket, key, ident.size, ident.etag, ident.mtime_ns)
+        return RemoteObject(bucket, key, st.st_size, "", st.st_mtime_ns)
+    finally:
+        os.close(fd)

@@ -1,0 +1,139 @@
+"""What an open finds in the store, in one worker-thread hop: a current local
+copy, the same bytes linked from another path, the right to download it,
+another process downloading it, or nothing we may fetch now.
+
+Blocking: call `probe_store` from a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import cachetools
+
+from lazyfs import verify
+from lazyfs.completion import expectation
+from lazyfs.errors import RemoteError, StoreError
+from lazyfs.filestate import FileState
+from lazyfs.identity import Identity
+from lazyfs.namespace import RemoteObject
+from lazyfs.partials import Partial
+from lazyfs.remote import Remote
+from lazyfs.store import LocalCopy, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Local:
+    copy: LocalCopy
+    linked: bool  # made just now from identical bytes under another path
+
+
+@dataclass(slots=True)
+class Fetch:
+    """This process may download the version: it holds the store lock, and
+    the sparse file when it was opened right away."""
+
+    lock_fd: int
+    partial: Partial | None
+
+
+@dataclass(slots=True)
+class Foreign:
+    """Another process on this store downloads it."""
+
+
+@dataclass(slots=True)
+class Unavailable:
+    """Not on disk, and we may not fetch now (offline, or shutting down)."""
+
+
+Verdict = Local | Fetch | Foreign | Unavailable
+
+
+class PrebakedCheck:
+    """--verify etag: an unrecorded local copy is current only if its content
+    matches the object's checksum or ETag.  Each copy is hashed once per
+    process (and recorded where the store is writable)."""
+
+    def __init__(self, remote: Remote, store: Store) -> None:
+        self.remote = remote
+        self.store = store
+        # Keyed by the copy's inode and mtime: a replaced copy is checked again.
+        self._results: cachetools.LRUCache[tuple[object, ...], bool] = cachetools.LRUCache(maxsize=65536)
+
+    def __call__(self, obj: RemoteObject, copy: LocalCopy) -> bool:
+        st = os.fstat(copy.fd)
+        memo_key = (copy.layer.label, obj.key, obj.etag, st.st_ino, st.st_mtime_ns, st.st_size)
+        ok = self._results.get(memo_key)
+        if ok is None:
+            ok = self._results[memo_key] = self._check(obj, copy)
+        return ok
+
+    def _check(self, obj: RemoteObject, copy: LocalCopy) -> bool:
+        try:
+            exp = expectation(self.remote, obj)
+        except RemoteError as e:
+            log.warning("%s: cannot check the local copy's content (%s); using it as its size matches",
+                        obj.uri, e)
+            return True
+        if exp is None:
+            log.warning("%s: S3 offers nothing to check the local copy against (multipart or "
+                        "KMS-encrypted, no checksum); using it as its size matches", obj.uri)
+            return True
+        if verify.compute(copy.fd, obj.size, exp) != exp.value:
+            log.warning("%s: the local copy in the %s does not match the object's %s; "
+                        "downloading it again", obj.uri, copy.layer.label, exp.algorithm)
+            return False
+        if copy.layer.writable:
+            try:
+                self.store.identities.write(copy.fd, Identity.of(obj, "prebaked"))
+            except OSError as e:  # a read-only copy we may not stamp: checked again next start
+                log.debug("%s: cannot record the check's result: %s", obj.uri, e.strerror)
+        return True
+
+
+def probe_store(store: Store, obj: RemoteObject, *, may_fetch: bool, open_partial: bool, block_size: int,
+                check_prebaked: Callable[[RemoteObject, LocalCopy], bool] | None) -> Verdict:
+    """`open_partial`: open the sparse file now (saves a hop), unless the
+    cache budget must make room first."""
+    copy = store.find_current(obj)
+    if copy is not None and copy.state is FileState.PREBAKED and check_prebaked is not None \
+            and not check_prebaked(obj, copy):
+        os.close(copy.fd)
+        copy = None
+    if copy is not None:
+        return Local(copy, linked=False)
+    try:
+        copy = store.materialise(obj)
+    except (OSError, StoreError) as e:
+        log.warning("%s: could not reuse an identical local file: %s", obj.uri, e)
+    if copy is not None:
+        return Local(copy, linked=True)
+    if not may_fetch:
+        return Unavailable()
+    lock = store.partials.lock(obj)
+    if lock is None:
+        return Foreign()
+    if not open_partial:
+        return Fetch(lock, None)
+    try:
+        return Fetch(lock, open_partial_file(store, obj, block_size))
+    except BaseException:
+        store.partials.unlock(obj, lock)
+        raise
+
+
+def open_partial_file(store: Store, obj: RemoteObject, block_size: int) -> Partial:
+    try:
+        return store.partials.open(obj, block_size)
+    except StoreError:
+        raise
+    except OSError as e:
+        raise StoreError(f"{obj.uri}: cannot create a download file in the store: {e.strerror}",
+                         e.errno or errno.EIO) from None

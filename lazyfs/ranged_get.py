@@ -1,0 +1,101 @@
+"""The bytes of one request, from the network into the sparse file.
+
+Runs in a worker thread and blocks.  It writes only the request's own byte
+range of the file and tells the trio thread about its progress through the
+callbacks it is given (which post to the trio loop); it never touches
+download state itself (docs/concurrency.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from lazyfs.errors import RemoteUnavailable
+from lazyfs.namespace import RemoteObject
+from lazyfs.remote import Remote, ResponseMeta
+from lazyfs.stats import STATS
+
+log = logging.getLogger(__name__)
+
+# First bytes of a request are posted early so a reader of a file's header
+# waits for one round trip plus 64 KiB, not for a whole part.
+FIRST_PIECE = 64 * 1024
+# Later pieces: a GET in flight holds one piece, so this bounds memory per
+# connection; 256 KiB keeps the per-piece overhead (a lock, a pwrite, a
+# wake-up of the trio loop) far below the cost of the bytes.
+PIECE = 256 * 1024
+
+
+class Stopped(Exception):
+    """The download was cancelled while this request ran."""
+
+
+@dataclass(frozen=True, slots=True)
+class RangeJob:
+    """What a worker needs to fetch bytes [start, end) of `obj` into `fd`."""
+
+    obj: RemoteObject
+    fd: int
+    write_lock: threading.Lock
+    start: int
+    end: int
+    block_size: int
+    attempts: int  # tries of a body that breaks off mid-way (botocore retries before the body)
+    cancelled: Callable[[], bool]
+    posted: Callable[[int], None]  # bytes [start, start + n) are on disk
+    got_meta: Callable[[ResponseMeta], None]  # what the response headers say, for verification
+
+
+def fetch_range_blocking(remote: Remote, job: RangeJob) -> None:
+    """GET the job's bytes into the file, resuming within the range after a
+    broken body.  Raises RemoteError when the retries are spent, Stopped when
+    cancelled, OSError when the file cannot be written."""
+    pos, end = job.start, job.end
+    attempt = 0
+    while True:
+        if job.cancelled():
+            raise Stopped()
+        stream = remote.get_range(job.obj, pos, end)  # RemoteError: already retried
+        job.got_meta(stream.meta)
+        try:
+            piece = FIRST_PIECE
+            post_at = pos + piece  # the first bytes go to a waiting reader at once
+            while pos < end:
+                if job.cancelled():
+                    raise Stopped()
+                data = stream.read(min(piece, end - pos))
+                piece = PIECE
+                with job.write_lock:
+                    _pwrite_all(job.fd, data, pos)
+                pos += len(data)
+                if post_at <= pos < end:
+                    # Then once per block: readers wait for whole blocks
+                    # anyway, and each post wakes the trio thread.
+                    job.posted(pos - job.start)
+                    post_at = (pos // job.block_size + 1) * job.block_size
+            return
+        except RemoteUnavailable as e:
+            attempt += 1
+            if attempt >= job.attempts:
+                raise
+            delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
+            log.info("%s: %s; retrying bytes %d-%d in %.1f s (attempt %d of %d)", job.obj.uri, e,
+                     pos, end - 1, delay, attempt + 1, job.attempts)
+            STATS.bump("retries")
+            time.sleep(delay)
+        finally:
+            stream.close()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
