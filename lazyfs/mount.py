@@ -146,10 +146,10 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
         catalog.start_offline(offline, "object store unreachable at start")
     handles = Handles(fetcher)
     if cfg.cache_max_size is not None:
-        fetcher.budget = Budget(store, cfg.cache_max_size, handles.is_open)
+        fetcher.hooks.budget = Budget(store, cfg.cache_max_size, handles.is_open)
     view = MountView(catalog, fetcher, handles, store, str(cfg.mountpoint))
     ops = Operations(catalog, handles, store, stats_file=view.snapshot_bytes, xattrs=cfg.xattrs)
-    fetcher.on_bad_data = ops.drop_cached_pages
+    fetcher.hooks.on_bad_data = ops.drop_cached_pages
     if cfg.metrics_port is not None:
         try:
             serve_metrics(view, cfg.metrics_addr, cfg.metrics_port)
@@ -162,7 +162,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
     refresher = Refresher(catalog, cfg.refresh, [ops.invalidate, warmer.on_change])
     # An object replaced in S3 during its download: list again, so the next
     # open sees (and fetches) the new version.
-    fetcher.on_changed = lambda obj: refresher.request()
+    fetcher.hooks.on_changed = lambda obj: refresher.request()
     async with AsyncExitStack() as stack:
         signals = stack.enter_context(trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         try:

@@ -26,7 +26,9 @@ from support.mountproc import MountFailed, MountProcess, force_unmount, is_mount
 
 from benchmark.data import Dataset
 from benchmark.server import Endpoint
-from lazyfs.config import DEFAULT_READ_AHEAD
+from lazyfs.config import MountConfig, default_of
+
+DEFAULT_READ_AHEAD = default_of(MountConfig, "read_ahead")
 
 MiB = 1 << 20
 # lazyfs log lines worth reporting (the rest is routine).

@@ -7,18 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.config import (
-    ConfigError,
-    Source,
-    dedupe_sources,
-    load_model_json,
-    mount_config,
-    normalize_prefix,
-    parse_size,
-    parse_source,
-    remote_config,
-    resolve_mountpoint,
-)
+from lazyfs import options
+from lazyfs.config import ConfigError, Source, mount_config, parse_size, remote_config
+from lazyfs.modeljson import dedupe_sources, load_model_json, normalize_prefix, parse_source, resolve_mountpoint
 
 
 def mj(tmp_path: Path, content: object, raw: bool = False) -> Path:
@@ -106,30 +97,33 @@ def test_mountpoint_resolution(tmp_path: Path) -> None:
         resolve_mountpoint(None, [a, load_model_json(other)])
 
 
+def _remote(endpoint: str | None, style: str | None, env: dict[str, str]):
+    return remote_config({"endpoint_url": endpoint, "addressing_style": style}, env)
+
+
 def test_remote_config_endpoint_precedence_and_path_style() -> None:
-    assert remote_config(None, None, {}).endpoint_url is None
-    assert remote_config(None, None, {}).addressing_style == "auto"
+    assert _remote(None, None, {}).endpoint_url is None
+    assert _remote(None, None, {}).addressing_style == "auto"
     env = {"AWS_ENDPOINT_URL": "http://generic:1", "AWS_ENDPOINT_URL_S3": "http://s3only:2"}
-    cfg = remote_config(None, None, env)
+    cfg = _remote(None, None, env)
     assert cfg.endpoint_url == "http://s3only:2" and cfg.addressing_style == "path"
-    assert remote_config("https://flag:3", None, env).endpoint_url == "https://flag:3"
-    assert remote_config("https://flag:3", "virtual", env).addressing_style == "virtual"
+    assert _remote("https://flag:3", None, env).endpoint_url == "https://flag:3"
+    assert _remote("https://flag:3", "virtual", env).addressing_style == "virtual"
     with pytest.raises(ConfigError, match="not an http"):
-        remote_config("ftp://x", None, {})
+        _remote("ftp://x", None, {})
 
 
-def _mc(tmp_path: Path, **kw: object):
-    args = dict(mountpoint=str(tmp_path), config_files=[], prefixes=["s3://bkt/p"], bucket=None,
-                endpoint_url=None, store=None, prebaked=[], allow_other=False, log_level="info",
-                addressing_style=None, part_size=None, max_connections=None, env={})
-    args.update(kw)
-    return mount_config(**args)  # type: ignore[arg-type]
+def _mc(tmp_path: Path, env: dict[str, str] | None = None, **kw: object):
+    """mount_config from flag values as the command line gives them (strings)."""
+    raw: dict[str, object] = {"mountpoint": str(tmp_path), "prefix": ["s3://bkt/p"]}
+    raw.update(kw)
+    return mount_config(options.parse_options(options.MOUNT, raw), env or {})
 
 
 def test_mount_config_checks(tmp_path: Path) -> None:
     cfg = _mc(tmp_path)
     assert cfg.store is None and cfg.store_path == tmp_path
-    assert _mc(tmp_path, prefixes=["p"], env={"LAZYFS_BUCKET": "envb"}).sources == (Source("envb", "p/"),)
+    assert _mc(tmp_path, prefix=["p"], env={"LAZYFS_BUCKET": "envb"}).sources == (Source("envb", "p/"),)
     with pytest.raises(ConfigError, match="does not exist"):
         _mc(tmp_path, mountpoint=str(tmp_path / "missing"))
     f = tmp_path / "file"
@@ -139,7 +133,7 @@ def test_mount_config_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"prebaked layer .* does not exist"):
         _mc(tmp_path, prebaked=[str(tmp_path / "nolayer")])
     with pytest.raises(ConfigError, match="nothing to serve"):
-        _mc(tmp_path, prefixes=[])
+        _mc(tmp_path, prefix=[])
     with pytest.raises(ConfigError, match="too small"):
         _mc(tmp_path, part_size="1k")
     assert _mc(tmp_path, part_size="1MiB").fetch.part_size == 1 << 20

@@ -1,0 +1,186 @@
+"""model.json and S3 folders: read and checked once, at the edge.
+
+Each problem raises ConfigError with one sentence that names it (exit code 2
+in the CLI).  No I/O beyond reading the files named.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from lazyfs.errors import ConfigError, UnsafeKey
+from lazyfs.namespace import key_parts
+
+DEFAULT_CACHE_DIR = "/var/practicus/cache"
+MODEL_JSON_KEYS = ("download_files_from", "download_files_to")
+
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One S3 folder presented by the mount: `bucket` and `prefix` ("a/b/")."""
+
+    bucket: str
+    prefix: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+@dataclass(frozen=True, slots=True)
+class ModelJson:
+    """The parts of a model.json lazyfs uses."""
+
+    path: Path
+    download_files_from: str
+    download_files_to: str | None
+
+
+def load_model_json(path: str | os.PathLike[str]) -> ModelJson:
+    """Read and check one model.json (other keys belong to the model and are kept
+    out of our way, except near-misses of ours, which are almost always typos)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory, not a model.json file") from None
+    except PermissionError:
+        raise ConfigError(f"{p}: permission denied reading the config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not valid UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file ({e.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: must be a JSON object, found {_json_type(data)}")
+    _reject_near_misses(p, data)
+    if "download_files_from" not in data:
+        raise ConfigError(f"{p}: missing \"download_files_from\" (the S3 folder to serve)")
+    src = data["download_files_from"]
+    if not isinstance(src, str):
+        raise ConfigError(f"{p}: \"download_files_from\" must be a string, found {_json_type(src)}")
+    if not src.strip():
+        raise ConfigError(f"{p}: \"download_files_from\" is empty")
+    dst = data.get("download_files_to")
+    if dst is not None and not isinstance(dst, str):
+        raise ConfigError(f"{p}: \"download_files_to\" must be a string, found {_json_type(dst)}")
+    if dst is not None and not dst.strip():
+        raise ConfigError(f"{p}: \"download_files_to\" is empty")
+    return ModelJson(path=p, download_files_from=src, download_files_to=dst)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _reject_near_misses(path: Path, data: Mapping[str, Any]) -> None:
+    for key in data:
+        if key in MODEL_JSON_KEYS or not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(key, MODEL_JSON_KEYS, n=1, cutoff=0.85)
+        if close:
+            raise ConfigError(f"{path}: unknown key \"{key}\" (did you mean \"{close[0]}\"?)")
+
+
+def parse_source(text: str, default_bucket: str | None, where: str) -> Source:
+    """`s3://bucket/prefix` or a plain prefix in `default_bucket`."""
+    text = text.strip()
+    if text.lower().startswith("s3://"):
+        rest = text[5:]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ConfigError(f"{where}: \"{text}\" names no bucket (expected s3://BUCKET/FOLDER)")
+    else:
+        if "://" in text:
+            raise ConfigError(f"{where}: \"{text}\" is not an s3:// URI or a plain folder")
+        bucket, prefix = default_bucket or "", text
+        if not bucket:
+            raise ConfigError(
+                f"{where}: no bucket for \"{text}\" (use s3://BUCKET/{text.lstrip('/')}, --bucket, or LAZYFS_BUCKET)")
+    if not _BUCKET_RE.match(bucket):
+        raise ConfigError(f"{where}: \"{bucket}\" is not a valid bucket name")
+    return Source(bucket=bucket, prefix=normalize_prefix(prefix, where))
+
+
+def normalize_prefix(prefix: str, where: str) -> str:
+    """"/a/b" -> "a/b/"; rejects what could not map to a safe path."""
+    stripped = prefix.strip("/")
+    if not stripped:
+        raise ConfigError(f"{where}: the S3 folder is empty (name a folder such as models/my-model)")
+    try:
+        key_parts(stripped)
+    except UnsafeKey as e:
+        raise ConfigError(f"{where}: folder \"{prefix}\" cannot be a path ({e})") from None
+    return stripped + "/"
+
+
+def dedupe_sources(sources: Sequence[Source]) -> tuple[Source, ...]:
+    """Drop repeats and folders nested inside another configured folder of the
+    same bucket (their objects are listed once, through the outer folder)."""
+    unique = sorted(set(sources), key=lambda s: (s.bucket, s.prefix))
+    kept: list[Source] = []
+    for s in unique:
+        if any(k.bucket == s.bucket and s.prefix.startswith(k.prefix) for k in kept):
+            continue
+        kept.append(s)
+    return tuple(kept)
+
+
+def resolve_mountpoint(positional: str | None, configs: Sequence[ModelJson]) -> Path:
+    if positional:
+        return Path(os.path.abspath(positional))
+    targets = {os.path.abspath(c.download_files_to) for c in configs if c.download_files_to}
+    if len(targets) > 1:
+        raise ConfigError(
+            "the config files name different download_files_to folders "
+            f"({', '.join(sorted(targets))}); give the MOUNTPOINT explicitly")
+    return Path(targets.pop() if targets else DEFAULT_CACHE_DIR)
+
+
+def check_directory(path: Path, what: str) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"{what} {path}: permission denied") from None
+    except OSError as e:
+        # ENOTCONN here means a lazyfs (or other FUSE daemon) died and left its
+        # mount behind; mount.py explains and cleans that up, so let it through.
+        if what == "mountpoint" and e.errno == errno.ENOTCONN:
+            return
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{what} {path} is not a directory")
+
+
+def build_sources(configs: Sequence[ModelJson], prefixes: Sequence[str],
+                  bucket: str | None) -> tuple[Source, ...]:
+    sources = [parse_source(c.download_files_from, bucket, str(c.path)) for c in configs]
+    sources += [parse_source(p, bucket, "--prefix") for p in prefixes]
+    if not sources:
+        raise ConfigError("nothing to serve: give --config model.json or --prefix FOLDER")
+    return dedupe_sources(sources)
+
+

@@ -1,0 +1,175 @@
+"""Every command-line flag, spelled once: its name, help, how its value is
+checked, and where its default lives (a field of a config class, shown in
+`--help` from there).  cli.py builds the parsers from these tables;
+config.py builds the configurations from what they parsed.  README's flag
+tables follow these (tests/unit/test_options.py checks that none is missing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from lazyfs.config import (
+    LOG_LEVELS,
+    FetchConfig,
+    MountConfig,
+    RemoteConfig,
+    default_of,
+    in_range,
+    parse_size,
+    size_at_least,
+)
+from lazyfs.errors import ConfigError
+from lazyfs.modeljson import DEFAULT_CACHE_DIR
+
+
+def _size(value: int) -> str:
+    for unit, n in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value and value % n == 0:
+            return f"{value // n}{unit}"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str  # "--part-size", or a positional's name ("mountpoint")
+    help: str
+    metavar: str | None = None
+    # value | flag (store_true) | off (store_false) | append | positional (optional) | argument (required)
+    kind: str = "value"
+    type: Callable[[str], Any] = str  # argparse's conversion (str, int, float)
+    choices: tuple[str, ...] = ()
+    # Text -> checked value, ConfigError (one sentence naming the flag) if bad.
+    check: Callable[[Any, str], Any] | None = None
+    # Where the default lives, for --help: (config class, field[, shown as]).
+    default: tuple[Any, ...] | None = None
+    dest: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.dest or self.flag.lstrip("-").replace("-", "_")
+
+    def help_text(self) -> str:
+        if self.default is None:
+            return self.help
+        cls, field, *show = self.default
+        value = default_of(cls, field)
+        shown = show[0](value) if show else f"{value:g}" if isinstance(value, float) else value
+        return f"{self.help} (default {shown})"
+
+
+def parse_options(options: Sequence[Option], raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The checked value of each option given; None where it was not."""
+    out: dict[str, Any] = {}
+    for opt in options:
+        value = raw.get(opt.name)
+        if value is not None and opt.check is not None:
+            value = opt.check(value, opt.flag)
+        out[opt.name] = value
+    return out
+
+
+def _refresh(value: float, flag: str) -> float:
+    if not value >= 0:  # negative, or NaN
+        raise ConfigError(f"{flag} {value} must be 0 (never) or a number of seconds")
+    return value
+
+
+_RETRIES_SHOWN = (RemoteConfig, "max_attempts", lambda attempts: attempts - 1)
+_DEFAULT_LOCATION = f"the config's download_files_to, else {DEFAULT_CACHE_DIR}"
+
+SOURCE = (
+    Option("--config", "a model.json naming download_files_from (repeatable)", "FILE", kind="append"),
+    Option("--bucket", "bucket for plain folders (default: $LAZYFS_BUCKET)", "NAME"),
+    Option("--prefix", "an S3 folder to serve, plain or s3://bucket/folder (repeatable)", "PREFIX", kind="append"),
+    Option("--endpoint-url", "S3 endpoint (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, or AWS)", "URL"),
+    Option("--addressing-style", "bucket addressing (default: path with an endpoint, else auto)",
+           choices=("auto", "path", "virtual")),
+)
+
+TRANSFER = (
+    Option("--part-size", "bytes per ranged GET of the sequential sweep", "SIZE",
+           check=size_at_least(64 * 1024), default=(FetchConfig, "part_size", _size)),
+    Option("--max-connections", "ranged GETs in flight at once", "N", type=int,
+           check=in_range(1, 256), default=(FetchConfig, "max_connections")),
+    Option("--retries", "retries of a failed request, with exponential backoff and jitter", "N", type=int,
+           check=in_range(0, 20), default=_RETRIES_SHOWN),
+    Option("--read-timeout", "a response that sends no byte for this long is a stalled connection, retried",
+           "SECONDS", type=float, check=in_range(0, 3600, " seconds", low_open=True),
+           default=(RemoteConfig, "read_timeout")),
+)
+
+LOGGING = (
+    Option("--log-level", "log verbosity on stderr (default info)", type=str.lower, choices=LOG_LEVELS),
+    Option("--log-format", "text for people, json (one object per line) for log collectors (default text)",
+           choices=("text", "json")),
+)
+
+MOUNT = (
+    Option("mountpoint", f"where to mount (default: {_DEFAULT_LOCATION})", "MOUNTPOINT", kind="positional"),
+    *SOURCE,
+    Option("--store", "where fetched files persist (default: the mountpoint's own directory, used from "
+           "underneath the mount)", "DIR"),
+    Option("--prebaked", "read-only folder of files already on disk, same layout (repeatable)", "DIR",
+           kind="append"),
+    Option("--allow-other", "let other users read the mount", kind="flag"),
+    *TRANSFER,
+    Option("--read-deadline", "longest a read waits for its bytes before failing with EIO", "SECONDS",
+           type=float, check=in_range(0, 86400, " seconds", low_open=True), default=(FetchConfig, "read_deadline")),
+    Option("--prefetch", "as soon as the mount is up, fetch every file in the background at the full parallel "
+           "rate; files someone is reading go first", kind="flag"),
+    Option("--prefetch-glob", "prefetch only files matching this glob (a name like '*.safetensors', or a path "
+           "below the folder like 'llm/*'); repeatable, implies --prefetch", "PATTERN", kind="append"),
+    Option("--verify", "how a local copy with no identity record (an admin's prebaked file) is judged: by size, "
+           "as the seed describes, or by content against the object's checksum or ETag (once; the result is "
+           "recorded) (default size)", choices=("size", "etag")),
+    Option("--cache-max-size", "keep at most this much fetched data in the store (e.g. 50G), evicting the least "
+           "recently used files nobody has open; prebaked files are never evicted (default: no limit)", "SIZE",
+           check=parse_size),
+    Option("--no-xattrs", "no user.lazyfs.* attributes: `ls -l` then costs no extra round trips per file "
+           "(for trees of many thousands of files)", kind="off", dest="xattrs"),
+    Option("--memory-limit", "memory for mapped file pages and transfer buffers, on top of Python's own "
+           "(~100 MiB); fewer parallel GETs when small", "SIZE", check=size_at_least(32 * 1024 * 1024),
+           default=(MountConfig, "memory_limit", _size)),
+    Option("--metrics-port", "serve Prometheus metrics at http://ADDR:PORT/metrics (default: off)", "PORT",
+           type=int, check=in_range(1, 65535)),
+    Option("--metrics-addr", "address for --metrics-port (0.0.0.0 to widen)", "ADDR",
+           default=(MountConfig, "metrics_addr")),
+    Option("--refresh", "list the folders again this often to pick up new versions (0: only on SIGHUP)",
+           "SECONDS", type=float, check=_refresh, default=(MountConfig, "refresh")),
+    Option("--read-ahead", "kernel readahead for the mount (0 keeps the kernel's 128KiB)", "SIZE",
+           check=parse_size, default=(MountConfig, "read_ahead", _size)),
+    *LOGGING,
+)
+
+BAKE = (
+    *SOURCE,
+    Option("--to", f"target folder (default: {_DEFAULT_LOCATION})", "DIR"),
+    *TRANSFER,
+    *LOGGING,
+)
+
+STATUS = (
+    *SOURCE,
+    Option("--store", f"the store folder (default: {_DEFAULT_LOCATION}; a running mount there is asked "
+           "directly)", "DIR"),
+    Option("--prebaked", "read-only layers searched after the store (repeatable)", "DIR", kind="append"),
+    Option("--json", "machine-readable output", kind="flag"),
+    Option("--require-all", "exit 1 unless every file is cached or prebaked", kind="flag"),
+    *LOGGING,
+)
+
+DOCTOR = (
+    Option("mountpoint", f"as for mount (default: {_DEFAULT_LOCATION})", "MOUNTPOINT", kind="positional"),
+    *SOURCE,
+    Option("--store", "as for mount (default: the mountpoint)", "DIR"),
+    Option("--allow-other", "also check that --allow-other can work", kind="flag"),
+    *LOGGING,
+)
+
+UMOUNT = (
+    Option("mountpoint", "the lazyfs mount to unmount", "MOUNTPOINT", kind="argument"),
+    Option("--lazy", "detach now even if files are open (umount -l)", kind="flag"),
+    *LOGGING,
+)

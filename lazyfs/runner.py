@@ -1,0 +1,307 @@
+"""Running the downloads of this process: their requests (worker threads
+fetching ranged GETs), the resume record, verification and publishing,
+failure and clean-up.  The registry (fetch.Fetcher) hands a download here
+when it starts and is told when it retires.  Every rule of
+docs/concurrency.md about threads, pins and trio-side state is kept here.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import trio
+
+from lazyfs.budget import Budget
+from lazyfs.completion import verify_and_publish_blocking
+from lazyfs.config import FetchConfig
+from lazyfs.download import Download, Pin, Request
+from lazyfs.errors import IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, RemoteUnavailable, StoreError
+from lazyfs.namespace import RemoteObject
+from lazyfs.partials import Partial
+from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
+from lazyfs.remote import Remote, ResponseMeta
+from lazyfs.stats import DOWNLOAD_SECONDS, STATS
+from lazyfs.store import Store
+
+log = logging.getLogger(__name__)
+
+# Block completions are made durable (fdatasync + resume record) at most this often.
+_STATE_EVERY_S = 1.0
+_VERIFY_ATTEMPTS = 2
+# Long first downloads log their progress this often.
+_PROGRESS_EVERY_S = 5.0
+
+
+@dataclass
+class Hooks:
+    """What the rest of the process wants to hear from the engine."""
+
+    # An object whose downloaded bytes failed verification: the kernel should
+    # drop any pages of them it cached for readers.
+    on_bad_data: Callable[[RemoteObject], Awaitable[None]] | None = None
+    # An object that changed or vanished in the object store.
+    on_changed: Callable[[RemoteObject], None] | None = None
+    # The cache budget (--cache-max-size), told of every published file.
+    budget: Budget | None = None
+
+
+class _Handoff:
+    """Who releases a request's pin: the worker thread once it has started (it
+    may outlive a task abandoned on cancel, and must keep the descriptor open
+    until its last write), or the task when it was cancelled before that."""
+
+    def __init__(self, pin: Pin) -> None:
+        self.pin = pin
+        self._lock = threading.Lock()
+        self._owner = ""  # "" undecided, "thread", "task"
+
+    def thread_starts(self) -> bool:
+        with self._lock:
+            if self._owner == "task":
+                return False
+            self._owner = "thread"
+            return True
+
+    def task_gives_up(self) -> None:
+        with self._lock:
+            if self._owner:
+                return
+            self._owner = "task"
+        self.pin.release()
+
+
+class Runner:
+    def __init__(self, remote: Remote, store: Store, cfg: FetchConfig, hooks: Hooks, *, origin: str,
+                 spawn: Callable[..., None], post: Callable[..., None], poke: Callable[[], None],
+                 release_slot: Callable[[], None], retired: Callable[[Download], None],
+                 io: trio.CapacityLimiter) -> None:
+        self.remote = remote
+        self.store = store
+        self.cfg = cfg
+        self.hooks = hooks
+        self.origin = origin  # recorded with each published file (see identity.Identity)
+        self._spawn = spawn  # start a task in the engine's nursery
+        self._post = post  # from a worker thread: run a function on the trio thread
+        self.poke = poke  # there may be bytes to fetch: the dispatcher should look
+        self._release_slot = release_slot  # a request ended: the dispatcher may start another
+        self._retired = retired  # a download finished: the registry forgets it
+        self._net = trio.CapacityLimiter(cfg.max_connections)  # one thread per ranged GET
+        self._io = io  # store work, shared with the registry
+        # Totals for logs and stats.
+        self.bytes_from_s3 = 0
+        self.bytes_published = 0
+
+    # -- requests ---------------------------------------------------------------------
+
+    def start_request(self, dl: Download, req: Request) -> None:
+        """From the dispatcher: fetch `req` in a worker thread, its download pinned."""
+        self._spawn(self._run_request, dl, req, _Handoff(dl.pin()))
+
+    async def _run_request(self, dl: Download, req: Request, handoff: _Handoff) -> None:
+        job = RangeJob(obj=dl.obj, fd=dl.fd, write_lock=dl.write_lock, start=req.start, end=req.end,
+                       block_size=dl.block_size, attempts=self.cfg.chunk_attempts,
+                       cancelled=lambda: dl.cancelled,
+                       posted=lambda n: self._post(self._landed, dl, req, n),
+                       got_meta=lambda meta: self._post(self._got_meta, dl, meta))
+        try:
+            await trio.to_thread.run_sync(self._request_thread, job, handoff, limiter=self._net,
+                                          abandon_on_cancel=True)
+        except BaseException as e:
+            handoff.task_gives_up()
+            self._release_slot()
+            dl.abandon(req)
+            if not isinstance(e, Exception):
+                raise
+            self.fail(dl, e)
+            return
+        self._release_slot()
+        self._landed(dl, req, req.end - req.start)
+        if dl.all_done and dl.error is None and not dl.finished.is_set():
+            self._spawn(self.finish, dl)
+
+    def _request_thread(self, job: RangeJob, handoff: _Handoff) -> None:
+        if not handoff.thread_starts():
+            return  # the task was cancelled first and released the pin
+        try:
+            fetch_range_blocking(self.remote, job)
+        finally:
+            self._post(handoff.pin.release)
+
+    def _got_meta(self, dl: Download, meta: ResponseMeta) -> None:
+        if dl.meta is None or meta.checksum is not None:
+            dl.meta = meta  # read at verification time
+
+    def _landed(self, dl: Download, req: Request, filled: int) -> None:
+        """Progress from a worker: account bytes, complete blocks, wake readers."""
+        new = filled - req.filled
+        if new > 0:
+            self.bytes_from_s3 += new
+            STATS.fetched_bytes += new
+            dl.bytes_fetched += new
+        done = dl.progress(req, filled)
+        if done:
+            dl.partial.done.update(done)
+            self._save_state_soon(dl)
+        now = time.monotonic()
+        if now - dl.last_progress_log >= _PROGRESS_EVERY_S and dl.readers > 0 and not dl.background:
+            dl.last_progress_log = now
+            rate = dl.bytes_fetched / max(now - dl.started, 1e-6)
+            log.info("downloading %s: %.0f%% (%.1f of %.1f MiB, %.1f MB/s)", dl.obj.uri,
+                     100.0 * dl.ndone / dl.nblocks, dl.fetched_bytes / 2**20, dl.obj.size / 2**20, rate / 1e6)
+
+    def _save_state_soon(self, dl: Download) -> None:
+        """Record finished blocks for a resume, at most once per _STATE_EVERY_S
+        (a save that comes too soon is deferred, not dropped)."""
+        if not dl.saving:
+            dl.saving = True
+            self._spawn(self._save_state, dl, dl.pin())
+
+    async def _save_state(self, dl: Download, pin: Pin) -> None:
+        with pin:
+            try:
+                wait = dl.state_saved_at + _STATE_EVERY_S - time.monotonic()
+                if wait > 0:
+                    await trio.sleep(wait)
+                snapshot = frozenset(dl.partial.done)
+                if not dl.finished.is_set():
+                    dl.state_saved_at = time.monotonic()
+                    await trio.to_thread.run_sync(dl.partial.save_state, snapshot, limiter=self._io)
+            except OSError as e:
+                log.warning("%s: could not record download progress: %s", dl.obj.uri, e.strerror)
+                snapshot = frozenset(dl.partial.done)  # do not retry in a loop
+            finally:
+                dl.saving = False
+        if not dl.finished.is_set() and dl.partial.done != snapshot:
+            self._save_state_soon(dl)  # blocks finished while this save ran
+
+    # -- completion ---------------------------------------------------------------------
+
+    async def finish(self, dl: Download) -> None:
+        publish = functools.partial(verify_and_publish_blocking, self.remote, self.store, dl.partial, dl.meta,
+                                    keep=dl.keep, origin=self.origin, cancelled=lambda: dl.cancelled)
+        try:
+            with dl.pin():
+                await trio.to_thread.run_sync(publish, limiter=self._io)
+        except IntegrityError as e:
+            dl.verify_attempts += 1
+            if self.hooks.on_bad_data is not None:
+                self._spawn(self.hooks.on_bad_data, dl.obj)
+            if dl.verify_attempts < _VERIFY_ATTEMPTS and not dl.cancelled:
+                log.warning("%s; downloading it again", e)
+                await self._restart(dl)
+                return
+            self.fail(dl, e, discard=True)
+            return
+        except Exception as e:
+            self.fail(dl, e)
+            return
+        dl.complete = True
+        if self.hooks.budget is not None and dl.keep:
+            self.hooks.budget.published(dl.obj)
+        elapsed = max(time.monotonic() - dl.started, 1e-6)
+        STATS.downloads_ok += 1
+        if dl.keep:
+            self.bytes_published += dl.obj.size
+        DOWNLOAD_SECONDS.observe(elapsed)
+        log.info("fetched %s: %d bytes in %.2f s (%.1f MB/s) from S3", dl.obj.uri, dl.obj.size, elapsed,
+                 dl.bytes_fetched / elapsed / 1e6,
+                 extra={"event": "fetched", "key": dl.obj.key, "bytes": dl.obj.size,
+                        "seconds": round(elapsed, 3), "mbps": round(dl.bytes_fetched / elapsed / 1e6, 1),
+                        "source": "s3"})
+        self.retire(dl)
+
+    async def _restart(self, dl: Download) -> None:
+        """Download again into a fresh file (the bytes failed verification; no
+        worker thread uses the old file: every block had landed)."""
+        old = dl.partial
+        try:
+            await trio.to_thread.run_sync(self.store.partials.discard, old, limiter=self._io)
+            partial = await trio.to_thread.run_sync(self.store.partials.open, dl.obj, self.cfg.block_size,
+                                                    limiter=self._io)
+        except OSError as e:
+            self.fail(dl, StoreError(f"{dl.obj.uri}: cannot restart download: {e.strerror}", e.errno or errno.EIO))
+            return
+        old_map = dl.fmap
+        dl.attach(partial)
+        old_map.close()
+        old.close()
+        self.poke()
+
+    def fail(self, dl: Download, e: BaseException, discard: bool | None = None) -> None:
+        """End a download: readers waiting get the error (its errno), one log
+        line names the object and the cause, and the files are cleaned up."""
+        if dl.error is not None or dl.finished.is_set():
+            return
+        STATS.downloads_failed += 1
+        dl.cancelled = True
+        if isinstance(e, OSError) and not isinstance(e, LazyfsError):
+            # A local write failed (ENOSPC most often): say which file and where.
+            e = StoreError(f"{dl.obj.uri}: cannot write it to the store {self.store.root.path}: "
+                           f"{e.strerror}", e.errno or errno.EIO)
+        if isinstance(e, Stopped):
+            e = RemoteUnavailable(f"{dl.obj.uri}: download stopped (lazyfs is shutting down)",
+                                  bucket=dl.obj.bucket, key=dl.obj.key)
+        elif isinstance(e, (ObjectChanged, ObjectNotFound)):
+            log.warning("%s: %s during the download; listing again", dl.obj.uri,
+                        "changed in the object store" if isinstance(e, ObjectChanged) else "deleted")
+            if self.hooks.on_changed is not None:
+                self.hooks.on_changed(dl.obj)
+        elif isinstance(e, LazyfsError):
+            log.error("download of %s failed: %s", dl.obj.uri, e)
+        else:
+            log.error("download of %s failed unexpectedly", dl.obj.uri, exc_info=e)
+        e.logged = True  # type: ignore[attr-defined]  # readers need not log it again
+        dl.error = e
+        if discard is None:
+            # A changed or deleted object, bad bytes, or a full disk: the
+            # partial file is worthless (or in the way).  An interrupted
+            # download of the right version is resumed by the next open.
+            discard = isinstance(e, (ObjectChanged, ObjectNotFound, IntegrityError)) or \
+                (isinstance(e, StoreError) and e.errno == errno.ENOSPC)
+        self._spawn(self._cleanup_failed, dl, discard, dl.pin())
+        dl.wake()
+        self.retire(dl)
+
+    async def _cleanup_failed(self, dl: Download, discard: bool, pin: Pin) -> None:
+        with pin:
+            try:
+                with trio.move_on_after(30):
+                    while dl.pins > 1:
+                        await trio.sleep(0.05)
+                if dl.pins > 1:
+                    return  # a stuck thread may still write: leave its file alone
+                if discard:
+                    await trio.to_thread.run_sync(self.store.partials.discard, dl.partial, limiter=self._io)
+                else:
+                    await trio.to_thread.run_sync(dl.partial.save_state, frozenset(dl.partial.done),
+                                                  limiter=self._io)
+            except OSError as e:
+                log.warning("%s: cleaning up after a failed download: %s", dl.obj.uri, e.strerror)
+
+    def discard_later(self, partial: Partial) -> None:
+        self._spawn(self._discard, partial)
+
+    async def _discard(self, partial: Partial) -> None:
+        try:
+            await trio.to_thread.run_sync(self.store.partials.discard, partial, limiter=self._io)
+        except OSError as e:
+            log.warning("%s: could not remove a temporary download: %s", partial.obj.uri, e.strerror)
+
+    async def _unlock(self, obj: RemoteObject, fd: int) -> None:
+        await trio.to_thread.run_sync(self.store.partials.unlock, obj, fd, limiter=self._io)
+
+    def retire(self, dl: Download) -> None:
+        self._retired(dl)
+        if dl.lock_fd >= 0:  # other processes may now use (or take over) this version
+            self._spawn(self._unlock, dl.obj, dl.lock_fd)
+            dl.lock_fd = -1
+        dl.finished.set()
+        dl.wake()
+        dl.maybe_close_fd()
+        self.poke()

@@ -1,0 +1,56 @@
+"""Flags are spelled once (lazyfs/options.py): the parser, the checks, the
+defaults shown in --help and the README's tables all follow that table."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from lazyfs import options
+from lazyfs.cli import build_parser
+from lazyfs.config import ConfigError, FetchConfig, MountConfig, default_of
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def help_of(command: str) -> str:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices[command].format_help()  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.mark.parametrize("command", ["mount", "bake", "status", "doctor", "umount"])
+def test_every_flag_is_documented_in_the_readme(command: str) -> None:
+    missing = [o.flag for o in options.__dict__[command.upper()] if o.flag.startswith("--")
+               and not re.search(rf"(?<![\w-]){o.flag}(?![\w-])", README)]
+    assert missing == []
+
+
+def test_help_shows_the_defaults_of_the_config_classes() -> None:
+    text = re.sub(r"\s+", " ", help_of("mount"))
+    assert f"(default {default_of(FetchConfig, 'max_connections')})" in text
+    assert "(default 8MiB)" in text and "(default 256MiB)" in text and "(default 1MiB)" in text
+    assert f"(default {default_of(MountConfig, 'refresh'):g})" in text
+    assert "(default 4)" in text  # --retries: 5 attempts
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("part_size", "1k", "--part-size 1k is too small (at least 64KiB)"),
+    ("max_connections", 0, "--max-connections 0 must be between 1 and 256"),
+    ("retries", 21, "--retries 21 must be between 0 and 20"),
+    ("read_timeout", 0.0, "--read-timeout 0 must be between 0 and 3600 seconds"),
+    ("refresh", -1.0, "--refresh -1.0 must be 0 (never) or a number of seconds"),
+    ("memory_limit", "16MiB", "--memory-limit 16MiB is too small (at least 32MiB)"),
+    ("metrics_port", 70000, "--metrics-port 70000 must be between 1 and 65535"),
+    ("cache_max_size", "lots", "is not a size"),
+])
+def test_bad_values_are_one_sentence_naming_the_flag(flag: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        options.parse_options(options.MOUNT, {flag: value})
+
+
+def test_values_not_given_stay_unset_so_the_config_defaults_apply() -> None:
+    got = options.parse_options(options.MOUNT, {"part_size": "16MiB", "retries": 0})
+    assert got["part_size"] == 16 << 20 and got["retries"] == 0 and got["max_connections"] is None
