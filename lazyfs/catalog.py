@@ -24,7 +24,7 @@ from lazyfs.config import Source
 from lazyfs.errors import LazyfsError, RemoteError
 from lazyfs.listings import walk_local
 from lazyfs.namespace import DirNode, Node, RemoteObject, Tree, build_tree, join
-from lazyfs.remote import Remote
+from lazyfs.objectstore import ObjectStore
 from lazyfs.store import Store
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class Diff:
 
 
 class Catalog:
-    def __init__(self, remote: Remote, sources: Sequence[Source], store: Store | None = None) -> None:
+    def __init__(self, remote: ObjectStore, sources: Sequence[Source], store: Store | None = None) -> None:
         self.remote = remote
         self.sources = tuple(sources)
         self.store = store

@@ -15,14 +15,14 @@ from typing import Callable, Iterator
 from lazyfs import verify
 from lazyfs.errors import StoreError
 from lazyfs.namespace import RemoteObject
+from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
-from lazyfs.remote import Remote, ResponseMeta
 from lazyfs.store import Store
 
 log = logging.getLogger(__name__)
 
 
-def expectation(remote: Remote, obj: RemoteObject, meta: ResponseMeta | None = None) -> verify.Expectation | None:
+def expectation(remote: ObjectStore, obj: RemoteObject, meta: ResponseMeta | None = None) -> verify.Expectation | None:
     """What S3 vouches for.  The GETs' own headers usually say enough; a HEAD
     is sent only when the listing shows a checksum the GETs did not carry
     (ranged responses never do), or when no GET was made."""
@@ -34,7 +34,7 @@ def expectation(remote: Remote, obj: RemoteObject, meta: ResponseMeta | None = N
     return verify.choose(obj.etag, checksum, etag_is_md5, lambda: remote.part_size(obj))
 
 
-def verify_and_publish_blocking(remote: Remote, store: Store, partial: Partial, meta: ResponseMeta | None,
+def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Partial, meta: ResponseMeta | None,
                                 *, keep: bool, origin: str, cancelled: Callable[[], bool]) -> None:
     """IntegrityError when the bytes are wrong; StoreError when they cannot be published."""
     obj = partial.obj

@@ -26,8 +26,8 @@ import trio
 from lazyfs.errors import RemoteUnavailable
 from lazyfs.filemap import FileMap, PageBudget
 from lazyfs.namespace import RemoteObject
+from lazyfs.objectstore import ResponseMeta
 from lazyfs.partials import Partial
-from lazyfs.remote import ResponseMeta
 
 PENDING, ACTIVE, DONE = 0, 1, 2
 # A reader waiting on pending bytes gets them in requests of at most this many

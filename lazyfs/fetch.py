@@ -29,10 +29,10 @@ from lazyfs.errors import RemoteUnavailable
 from lazyfs.filemap import PageBudget
 from lazyfs.filestate import FileState
 from lazyfs.namespace import RemoteObject, Version
+from lazyfs.objectstore import ObjectStore
 from lazyfs.partials import Partial
 from lazyfs.probe import Fetch, Foreign, Local, PrebakedCheck, Unavailable, open_partial_file, probe_store
 from lazyfs.ranged_get import Stopped
-from lazyfs.remote import Remote
 from lazyfs.runner import Hooks, Runner
 from lazyfs.stats import STATS
 from lazyfs.store import LocalCopy, Store
@@ -66,7 +66,7 @@ class _VersionLocks:
 
 
 class Fetcher:
-    def __init__(self, remote: Remote, store: Store, cfg: FetchConfig, pages: PageBudget | None = None,
+    def __init__(self, remote: ObjectStore, store: Store, cfg: FetchConfig, pages: PageBudget | None = None,
                  origin: str = "fetch") -> None:
         self.remote = remote
         self.store = store

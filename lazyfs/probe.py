@@ -21,8 +21,8 @@ from lazyfs.errors import RemoteError, StoreError
 from lazyfs.filestate import FileState
 from lazyfs.identity import Identity
 from lazyfs.namespace import RemoteObject
+from lazyfs.objectstore import ObjectStore
 from lazyfs.partials import Partial
-from lazyfs.remote import Remote
 from lazyfs.store import LocalCopy, Store
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class PrebakedCheck:
     matches the object's checksum or ETag.  Each copy is hashed once per
     process (and recorded where the store is writable)."""
 
-    def __init__(self, remote: Remote, store: Store) -> None:
+    def __init__(self, remote: ObjectStore, store: Store) -> None:
         self.remote = remote
         self.store = store
         # Keyed by the copy's inode and mtime: a replaced copy is checked again.

@@ -18,7 +18,7 @@ from typing import Callable
 
 from lazyfs.errors import RemoteUnavailable
 from lazyfs.namespace import RemoteObject
-from lazyfs.remote import Remote, ResponseMeta
+from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.stats import STATS
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class RangeJob:
     got_meta: Callable[[ResponseMeta], None]  # what the response headers say, for verification
 
 
-def fetch_range_blocking(remote: Remote, job: RangeJob) -> None:
+def fetch_range_blocking(remote: ObjectStore, job: RangeJob) -> None:
     """GET the job's bytes into the file, resuming within the range after a
     broken body.  Raises RemoteError when the retries are spent, Stopped when
     cancelled, OSError when the file cannot be written."""

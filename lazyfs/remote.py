@@ -14,7 +14,6 @@ import logging
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import boto3
@@ -26,6 +25,7 @@ import urllib3.exceptions
 from lazyfs.config import RemoteConfig, Source
 from lazyfs.errors import AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.namespace import RemoteObject
+from lazyfs.objectstore import HeadInfo, ResponseMeta
 from lazyfs.stats import S3_REQUEST_SECONDS, STATS
 
 log = logging.getLogger(__name__)
@@ -43,27 +43,6 @@ _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestT
 _BODY_ERRORS = (botocore.exceptions.ReadTimeoutError, botocore.exceptions.IncompleteReadError,
                 botocore.exceptions.ResponseStreamingError, urllib3.exceptions.HTTPError,
                 ConnectionError, TimeoutError)
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseMeta:
-    """What a GET's headers say about verification: whether the ETag can be an
-    MD5 (not with SSE-KMS or SSE-C), and the full-object checksum if given."""
-
-    etag_is_md5: bool
-    checksum: tuple[str, str, str] | None
-
-
-@dataclass(frozen=True, slots=True)
-class HeadInfo:
-    """What a HEAD tells beyond the listing."""
-
-    obj: RemoteObject
-    # (algorithm, base64 value, "FULL_OBJECT" or "COMPOSITE") when the object
-    # has an additional checksum.
-    checksum: tuple[str, str, str] | None
-    # SSE-KMS, DSSE and SSE-C objects have ETags that are not MD5s.
-    etag_is_md5: bool
 
 
 def _etag(raw: str) -> str:

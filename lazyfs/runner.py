@@ -23,9 +23,9 @@ from lazyfs.config import FetchConfig
 from lazyfs.download import Download, Pin, Request
 from lazyfs.errors import IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, RemoteUnavailable, StoreError
 from lazyfs.namespace import RemoteObject
+from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
 from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
-from lazyfs.remote import Remote, ResponseMeta
 from lazyfs.stats import DOWNLOAD_SECONDS, STATS
 from lazyfs.store import Store
 
@@ -77,7 +77,7 @@ class _Handoff:
 
 
 class Runner:
-    def __init__(self, remote: Remote, store: Store, cfg: FetchConfig, hooks: Hooks, *, origin: str,
+    def __init__(self, remote: ObjectStore, store: Store, cfg: FetchConfig, hooks: Hooks, *, origin: str,
                  spawn: Callable[..., None], post: Callable[..., None], poke: Callable[[], None],
                  release_slot: Callable[[], None], retired: Callable[[Download], None],
                  io: trio.CapacityLimiter) -> None:

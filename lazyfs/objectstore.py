@@ -1,0 +1,74 @@
+"""What the rest of lazyfs needs from an object store, without boto3: the
+interface remote.Remote implements (and the tests' in-memory fake), and the
+plain results it returns.  Importing this costs nothing, so the engine and
+the catalog start without loading botocore.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Protocol
+
+from lazyfs.namespace import RemoteObject
+
+if TYPE_CHECKING:
+    from lazyfs.modeljson import Source
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseMeta:
+    """What a GET's headers say about verification: whether the ETag can be an
+    MD5 (not with SSE-KMS or SSE-C), and the full-object checksum if given."""
+
+    etag_is_md5: bool
+    checksum: tuple[str, str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class HeadInfo:
+    """What a HEAD tells beyond the listing."""
+
+    obj: RemoteObject
+    # (algorithm, base64 value, "FULL_OBJECT" or "COMPOSITE") when the object
+    # has an additional checksum.
+    checksum: tuple[str, str, str] | None
+    # SSE-KMS, DSSE and SSE-C objects have ETags that are not MD5s.
+    etag_is_md5: bool
+
+
+class Body(Protocol):
+    """The body of one ranged GET.  `read` raises RemoteUnavailable when the
+    transfer breaks off or stalls; an empty result means the end."""
+
+    meta: ResponseMeta
+
+    def read(self, n: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class ObjectStore(Protocol):
+    """Blocking, thread-safe: call from worker threads.  Failures are
+    lazyfs.errors.RemoteError subclasses."""
+
+    endpoint: str
+
+    def list_pages(self, bucket: str, prefix: str, delimiter: bool = False,
+                   page_size: int = 1000) -> Iterator[tuple[list[RemoteObject], list[str]]]:
+        """Objects under `prefix` in key order, a page at a time, with the
+        common prefixes ("folders") when listing by delimiter."""
+
+    def list_some(self, bucket: str, prefix: str, max_keys: int = 1000) -> tuple[list[RemoteObject], bool]:
+        """The first `max_keys` objects under `prefix`, and whether there are more."""
+
+    def probe(self, source: Source) -> None:
+        """One cheap request proving the bucket exists and the folder lists."""
+
+    def head(self, bucket: str, key: str, etag: str | None = None) -> HeadInfo:
+        """Current metadata of one object; with `etag`, only if still that version."""
+
+    def part_size(self, obj: RemoteObject) -> int:
+        """The size of part 1 of a multipart object (0 if the store cannot say)."""
+
+    def get_range(self, obj: RemoteObject, start: int, end: int) -> Body:
+        """Bytes [start, end) of exactly the version `obj` names (ObjectChanged if replaced)."""

@@ -1,0 +1,202 @@
+"""The engine in the interleavings a mount cannot be driven into on cue:
+priority, resume after a crash, a follower taking over, an object replaced
+between two ranged GETs, cancellation with a request in flight."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import trio
+from support.enginekit import BUCKET, drop_locks, fetch_config, running, trio_test, wait_for
+from support.fakeremote import FakeRemote
+
+from lazyfs.download import Download
+from lazyfs.errors import ObjectChanged, RemoteUnavailable, errno_of
+from lazyfs.fetch import Fetcher
+from lazyfs.handles import Handles
+from lazyfs.namespace import RemoteObject
+from lazyfs.store import LocalCopy
+
+KiB, MiB = 1024, 1024 * 1024
+BLOCK = 256 * KiB  # fetch_config's part size, and so its block size
+
+
+def record(store_dir: Path, obj: RemoteObject, fetcher: Fetcher) -> set[int]:
+    """Blocks the resume record of `obj` names (empty if there is none)."""
+    path = store_dir / ".lazyfs" / "tmp" / (fetcher.store.partials.name(obj) + ".json")
+    try:
+        return set(json.loads(path.read_text())["done"])
+    except FileNotFoundError:
+        return set()
+
+
+@trio_test
+async def test_a_demand_read_jumps_ahead_of_the_sweep(remote: FakeRemote, stores, tmp_path: Path) -> None:
+    data = os.urandom(8 * MiB)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    held = remote.gate("m/w.bin", 0, BLOCK)  # the sweep's first request waits
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=1))
+    async with running(fetcher):
+        handles = Handles(fetcher)
+        fh = await handles.open(obj)
+        await wait_for(lambda: held.waiting, "the sweep's first GET")
+        got: list[bytes] = []
+
+        async def reader() -> None:
+            got.append(bytes(await handles.read(fh, 6 * MiB, 4096)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.sleep(0.05)  # the reader is queued behind the sweep now
+            held.release()
+        assert got == [data[6 * MiB:6 * MiB + 4096]]
+        gets = remote.gets("m/w.bin")
+        assert gets[0].start == 0 and gets[1].start == 6 * MiB, [(g.start, g.end) for g in gets[:3]]
+        handles.release(fh)
+
+
+@trio_test
+async def test_a_download_resumes_after_a_crash_from_the_recorded_blocks(remote: FakeRemote, stores,
+                                                                        tmp_path: Path) -> None:
+    data = os.urandom(4 * MiB)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    stall = remote.gate("m/w.bin", 1 * MiB)  # everything after the first MiB hangs...
+    first = Fetcher(remote, stores(), fetch_config(max_connections=2))
+    async with running(first, close=False):  # ...until the process dies
+        handles = Handles(first)
+        fh = await handles.open(obj)
+        assert bytes(await handles.read(fh, 0, MiB)) == data[:MiB]
+        await wait_for(lambda: record(tmp_path / "store", obj, first) == {0, 1, 2, 3}, "the resume record")
+        drop_locks(first)
+    stall.fail()  # the dead process's connections are gone
+    before = len(remote.gets())
+
+    second = Fetcher(remote, stores(), fetch_config(max_connections=2))
+    async with running(second):
+        got = await second.acquire(obj)
+        assert isinstance(got, Download), got
+        assert got.partial.done == {0, 1, 2, 3}, got.partial.done
+        await got.finished.wait()
+        assert got.complete and got.error is None
+    again = remote.gets()[before:]
+    assert again and min(g.start for g in again) >= MiB, "bytes already on disk were fetched again"
+    assert (tmp_path / "store" / "m/w.bin").read_bytes() == data
+
+
+@trio_test
+async def test_a_follower_serves_the_owners_bytes_then_takes_over_when_it_dies(remote: FakeRemote, stores,
+                                                                              tmp_path: Path) -> None:
+    data = os.urandom(2 * MiB)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    stall = remote.gate("m/w.bin", 2 * BLOCK)
+    owner = Fetcher(remote, stores(), fetch_config(max_connections=1))
+    follower = Fetcher(remote, stores(), fetch_config(max_connections=1))
+    async with running(follower):
+        handles = Handles(follower)
+        async with running(owner, close=False):
+            dl = await owner.acquire(obj)
+            assert isinstance(dl, Download)
+            await wait_for(lambda: record(tmp_path / "store", obj, owner) == {0, 1}, "the owner's record")
+            fh = await handles.open(obj)  # another process downloads it: follow
+            assert bytes(await handles.read(fh, 0, 2 * BLOCK)) == data[:2 * BLOCK]
+            assert len(remote.gets()) == 3, "the follower fetched what the owner had"
+            drop_locks(owner)  # the owner dies: the kernel drops its lock...
+        stall.fail()  # ...and its connections
+        before = len(remote.gets())
+        assert bytes(await handles.read(fh, 0, len(data))) == data
+        handles.release(fh)
+        taken = remote.gets()[before:]
+        assert taken and min(g.start for g in taken) >= 2 * BLOCK, "the takeover fetched blocks on disk again"
+    assert (tmp_path / "store" / "m/w.bin").read_bytes() == data
+
+
+@trio_test
+async def test_an_object_replaced_between_two_ranged_gets_is_never_stitched(remote: FakeRemote, stores,
+                                                                           tmp_path: Path) -> None:
+    old = os.urandom(2 * MiB)
+    obj = remote.put(BUCKET, "m/w.bin", old)
+    changed: list[RemoteObject] = []
+
+    def replace_before_the_second_get(call: object) -> None:
+        if len(remote.gets()) == 2:
+            remote.put(BUCKET, "m/w.bin", os.urandom(2 * MiB))
+
+    remote.on_get.append(replace_before_the_second_get)
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=1))
+    fetcher.hooks.on_changed = changed.append
+    async with running(fetcher):
+        handles = Handles(fetcher)
+        fh = await handles.open(obj)
+        assert bytes(await handles.read(fh, 0, BLOCK)) == old[:BLOCK]
+        try:
+            await handles.read(fh, MiB, 4096)
+        except ObjectChanged as e:
+            assert errno_of(e) == errno.ESTALE
+        else:
+            raise AssertionError("read bytes of a replaced object")
+        handles.release(fh)
+        assert changed == [obj]
+        await wait_for(lambda: not list((tmp_path / "store" / ".lazyfs" / "tmp").glob("*.part")),
+                       "the stale partial to be removed")
+    assert not (tmp_path / "store" / "m/w.bin").exists()
+
+
+@trio_test
+async def test_cancelling_mid_transfer_fails_readers_and_keeps_the_descriptor_for_the_thread(
+        remote: FakeRemote, stores, tmp_path: Path) -> None:
+    data = os.urandom(MiB)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    stall = remote.gate("m/w.bin", 0, in_body=True)  # 64 KiB arrive, then the body hangs
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=1))
+    async with running(fetcher):
+        handles = Handles(fetcher)
+        fh = await handles.open(obj)
+        assert bytes(await handles.read(fh, 0, 4096)) == data[:4096]
+        dl = fetcher.active(obj)
+        assert dl is not None
+        failures: list[BaseException] = []
+
+        async def reader() -> None:
+            try:
+                await handles.read(fh, 200 * KiB, 4096)
+            except RemoteUnavailable as e:
+                failures.append(e)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await wait_for(lambda: dl.waiters, "the reader to wait")
+            await fetcher.close(grace=0.2)
+        assert failures and "shutting down" in str(failures[0])
+        handles.release(fh)
+        # The worker is still parked in the body: its pin keeps the file open.
+        assert dl.pins >= 1 and os.fstat(dl.fd)
+        stall.release()  # it wakes up, writes its piece, sees the cancel and ends
+        await wait_for(lambda: dl.pins == 0, "the worker to let go")
+        try:
+            os.fstat(dl.fd)
+        except OSError as e:
+            assert e.errno == errno.EBADF
+        else:
+            raise AssertionError("the descriptor outlived its last user")
+    assert list((tmp_path / "store" / ".lazyfs" / "tmp").glob("*.part")), "an interrupted download was not kept"
+
+
+@trio_test
+async def test_a_published_file_is_a_local_copy_and_costs_no_request(remote: FakeRemote, stores,
+                                                                     tmp_path: Path) -> None:
+    data = os.urandom(300 * KiB)
+    obj = remote.put(BUCKET, "m/w.bin", data, checksum="CRC32")
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        dl = await fetcher.acquire(obj)
+        assert isinstance(dl, Download)
+        await dl.finished.wait()
+        assert dl.complete
+        requests = len(remote.calls)
+        again = await fetcher.acquire(obj)
+        assert isinstance(again, LocalCopy) and again.state == "cached"
+        os.close(again.fd)
+        assert len(remote.calls) == requests

@@ -1,0 +1,101 @@
+"""The FUSE operations class called directly (no kernel): names, attributes,
+the read path through handles, xattrs, and errno for what a read-only mount
+refuses."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
+from support.fakeremote import FakeRemote
+
+from lazyfs.catalog import Catalog
+from lazyfs.fetch import Fetcher
+from lazyfs.fuse_ops import Operations
+from lazyfs.handles import Handles
+from lazyfs.inodes import ROOT_INODE
+from lazyfs.modeljson import Source
+from lazyfs.namespace import DirNode
+
+CTX: Any = None  # the handlers never look at the request context
+
+
+async def ops_for(remote: FakeRemote, fetcher: Fetcher) -> Operations:
+    catalog = Catalog(remote, [Source(BUCKET, "m/")])
+    await catalog.refresh()
+    return Operations(catalog, Handles(fetcher), fetcher.store)
+
+
+async def walk(ops: Operations, *names: str) -> pyfuse3.EntryAttributes:
+    ino = ROOT_INODE
+    attrs = None
+    for name in names:
+        attrs = await ops.lookup(ino, name.encode(), CTX)
+        ino = attrs.st_ino
+    assert attrs is not None
+    return attrs
+
+
+@trio_test
+async def test_lookup_open_read_and_state_through_the_operations(remote: FakeRemote, stores) -> None:
+    data = os.urandom(700_000)
+    remote.put(BUCKET, "m/sub/w.bin", data)
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        ops = await ops_for(remote, fetcher)
+        attrs = await walk(ops, "m", "sub", "w.bin")
+        assert attrs.st_size == len(data) and attrs.st_blocks == -(-len(data) // 512)
+        assert await ops.getxattr(attrs.st_ino, b"user.lazyfs.state", CTX) == b"missing"
+        assert remote.count("GET") == 0, "looking and asking downloaded something"
+        info = await ops.open(attrs.st_ino, os.O_RDONLY, CTX)
+        assert info.keep_cache
+        assert bytes(await ops.read(info.fh, 500_000, 100_000)) == data[500_000:600_000]
+        await ops.release(info.fh)
+        obj = ops.catalog.tree.find("m/sub/w.bin")
+        assert obj is not None and not isinstance(obj, DirNode)
+        await wait_for(lambda: fetcher.active(obj) is None, "publication")
+        assert await ops.getxattr(attrs.st_ino, b"user.lazyfs.state", CTX) == b"cached"
+        missing = await ops.lookup(ROOT_INODE, b"nothing-here", CTX)
+        assert missing.st_ino == 0  # a negative entry the kernel may cache
+
+
+@trio_test
+async def test_a_read_only_mount_refuses_writes_with_erofs(remote: FakeRemote, stores) -> None:
+    remote.put(BUCKET, "m/a.txt", b"a")
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        ops = await ops_for(remote, fetcher)
+        attrs = await walk(ops, "m", "a.txt")
+        for call in (ops.open(attrs.st_ino, os.O_RDWR, CTX), ops.unlink(ROOT_INODE, b"m", CTX),
+                     ops.mkdir(ROOT_INODE, b"x", 0o755, CTX), ops.setxattr(attrs.st_ino, b"user.x", b"1", CTX)):
+            with pytest.raises(pyfuse3.FUSEError) as failed:
+                await call
+            assert failed.value.errno == errno.EROFS
+        with pytest.raises(pyfuse3.FUSEError) as failed:
+            await ops.open(ROOT_INODE, os.O_RDONLY, CTX)
+        assert failed.value.errno == errno.EISDIR
+
+
+@trio_test
+async def test_a_failing_store_read_is_an_errno_never_an_exception(remote: FakeRemote, stores,
+                                                                   tmp_path: Path) -> None:
+    from lazyfs.errors import AccessDenied
+
+    remote.put(BUCKET, "m/a.bin", b"x" * 1000)
+    remote.fail_gets["m/a.bin"] = [AccessDenied("access denied to s3://bkt/m/a.bin", bucket=BUCKET, key="m/a.bin")]
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        ops = await ops_for(remote, fetcher)
+        attrs = await walk(ops, "m", "a.bin")
+        info = await ops.open(attrs.st_ino, os.O_RDONLY, CTX)
+        with pytest.raises(pyfuse3.FUSEError) as failed:
+            await ops.read(info.fh, 0, 1000)
+        assert failed.value.errno == errno.EACCES
+        await ops.release(info.fh)
+        await trio.sleep(0)

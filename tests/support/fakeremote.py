@@ -1,0 +1,204 @@
+"""An in-memory object store with the interface of lazyfs.remote.Remote
+(lazyfs.objectstore.ObjectStore), for the engine tier: it counts calls, and
+on cue fails, stalls, breaks a body off, or replaces an object.
+
+Blocking like the real one (the engine calls it from worker threads); every
+stall waits on a threading.Event the test releases, with a timeout so a
+forgotten gate fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from lazyfs.errors import ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
+from lazyfs.namespace import RemoteObject
+from lazyfs.objectstore import HeadInfo, ResponseMeta
+
+GATE_TIMEOUT = 20.0
+
+
+@dataclass
+class Gate:
+    """GETs of `key` whose range starts in [start, end) wait here until released
+    (or fail, like a connection that dies)."""
+
+    key: str
+    start: int = 0
+    end: int | None = None
+    in_body: bool = False  # park after the first piece of the body, not before the headers
+    event: threading.Event = field(default_factory=threading.Event)
+    waiting: int = 0  # requests parked here right now
+    failed: bool = False
+
+    def matches(self, key: str, start: int) -> bool:
+        return key == self.key and self.start <= start < (self.end if self.end is not None else 1 << 62)
+
+    def release(self) -> None:
+        self.event.set()
+
+    def fail(self) -> None:
+        self.failed = True
+        self.event.set()
+
+    def wait(self) -> None:
+        self.waiting += 1
+        try:
+            if not self.event.wait(GATE_TIMEOUT):
+                raise RemoteUnavailable(f"test gate on {self.key} was never released")
+            if self.failed:
+                raise RemoteUnavailable(f"{self.key}: connection reset (test gate)")
+        finally:
+            self.waiting -= 1
+
+
+@dataclass
+class Stored:
+    data: bytes
+    etag: str
+    mtime_ns: int
+    checksum: tuple[str, str, str] | None = None
+
+
+@dataclass
+class Call:
+    op: str
+    key: str
+    start: int = 0
+    end: int = 0
+
+
+class FakeRemote:
+    endpoint = "memory://fake"
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], Stored] = {}
+        self.calls: list[Call] = []
+        self.gates: list[Gate] = []
+        self._lock = threading.Lock()
+        # Callables run at the start of each GET (after it is counted): cues.
+        self.on_get: list[Callable[[Call], None]] = []
+        self.fail_gets: dict[str, list[BaseException]] = {}
+
+    # -- the test's side -----------------------------------------------------------
+
+    def put(self, bucket: str, key: str, data: bytes, checksum: str = "") -> RemoteObject:
+        """Store an object (an MD5 ETag, a CRC32 checksum if asked) and return it as listed."""
+        value = None
+        if checksum == "CRC32":
+            value = ("CRC32", base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode(), "FULL_OBJECT")
+        stored = Stored(data, hashlib.md5(data).hexdigest(), time.time_ns() // 10**9 * 10**9, value)
+        with self._lock:
+            self.objects[(bucket, key)] = stored
+        return self._listed(bucket, key, stored)
+
+    def gate(self, key: str, start: int = 0, end: int | None = None, in_body: bool = False) -> Gate:
+        g = Gate(key, start, end, in_body=in_body)
+        self.gates.append(g)
+        return g
+
+    def gets(self, key: str | None = None) -> list[Call]:
+        return [c for c in self.calls if c.op == "GET" and (key is None or c.key == key)]
+
+    def count(self, op: str) -> int:
+        return sum(1 for c in self.calls if c.op == op)
+
+    # -- the ObjectStore interface ----------------------------------------------------
+
+    def list_pages(self, bucket: str, prefix: str, delimiter: bool = False,
+                   page_size: int = 1000) -> Iterator[tuple[list[RemoteObject], list[str]]]:
+        self._record(Call("LIST", prefix))
+        objects, folders = [], set()
+        for (b, key), stored in sorted(self.objects.items()):
+            if b != bucket or not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            if delimiter and "/" in rest:
+                folders.add(prefix + rest.split("/", 1)[0] + "/")
+            else:
+                objects.append(self._listed(bucket, key, stored))
+        yield objects, sorted(folders)
+
+    def list_some(self, bucket: str, prefix: str, max_keys: int = 1000) -> tuple[list[RemoteObject], bool]:
+        objects = [o for page, _ in self.list_pages(bucket, prefix) for o in page]
+        return objects[:max_keys], len(objects) > max_keys
+
+    def probe(self, source: object) -> None:
+        self._record(Call("LIST", str(source)))
+
+    def head(self, bucket: str, key: str, etag: str | None = None) -> HeadInfo:
+        self._record(Call("HEAD", key))
+        stored = self._current(bucket, key, etag)
+        return HeadInfo(self._listed(bucket, key, stored), stored.checksum, etag_is_md5=True)
+
+    def part_size(self, obj: RemoteObject) -> int:
+        return 0
+
+    def get_range(self, obj: RemoteObject, start: int, end: int) -> FakeBody:
+        call = Call("GET", obj.key, start, end)
+        self._record(call)
+        for cue in list(self.on_get):
+            cue(call)
+        failures = self.fail_gets.get(obj.key)
+        if failures:
+            raise failures.pop(0)
+        gate = self._gate_for(obj.key, start)
+        if gate is not None and not gate.in_body:
+            gate.wait()
+        stored = self._current(obj.bucket, obj.key, obj.etag)
+        whole = start == 0 and end == obj.size
+        meta = ResponseMeta(etag_is_md5=True, checksum=stored.checksum if whole else None)
+        return FakeBody(stored.data[start:end], meta, gate if gate is not None and gate.in_body else None)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _record(self, call: Call) -> None:
+        with self._lock:
+            self.calls.append(call)
+
+    def _gate_for(self, key: str, start: int) -> Gate | None:
+        for g in self.gates:
+            if g.matches(key, start) and not g.event.is_set():
+                return g
+        return None
+
+    def _current(self, bucket: str, key: str, etag: str | None) -> Stored:
+        with self._lock:
+            stored = self.objects.get((bucket, key))
+        if stored is None:
+            raise ObjectNotFound(f"s3://{bucket}/{key} no longer exists", bucket=bucket, key=key)
+        if etag and stored.etag != etag:
+            raise ObjectChanged(f"s3://{bucket}/{key} changed in the object store", bucket=bucket, key=key)
+        return stored
+
+    @staticmethod
+    def _listed(bucket: str, key: str, stored: Stored) -> RemoteObject:
+        return RemoteObject(bucket, key, len(stored.data), stored.etag, stored.mtime_ns,
+                            stored.checksum[0] if stored.checksum else "")
+
+
+class FakeBody:
+    def __init__(self, data: bytes, meta: ResponseMeta, gate: Gate | None) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+        self.meta = meta
+        self._gate = gate
+
+    def read(self, n: int) -> bytes:
+        if self._gate is not None and self._pos > 0:
+            self._gate.wait()  # the first piece arrived; the rest waits
+        out = bytes(self._data[self._pos:self._pos + n])
+        self._pos += len(out)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["FakeRemote", "Gate", "RemoteError"]
