@@ -145,7 +145,8 @@ class Download:
     def fetched_bytes(self) -> int:
         if self.complete:
             return self.obj.size
-        partly = sum(r.start + r.filled - r.next_block * self.block_size for r in self.requests
+        # A copy of the set: the metrics thread reads this too (docs/concurrency.md).
+        partly = sum(r.start + r.filled - r.next_block * self.block_size for r in tuple(self.requests)
                      if r.start + r.filled > r.next_block * self.block_size)
         return self.done_bytes + partly
 

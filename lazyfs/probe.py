@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,14 +66,19 @@ class PrebakedCheck:
         self.remote = remote
         self.store = store
         # Keyed by the copy's inode and mtime: a replaced copy is checked again.
+        # Store threads call this concurrently; the LRU is not thread-safe.
         self._results: cachetools.LRUCache[tuple[object, ...], bool] = cachetools.LRUCache(maxsize=65536)
+        self._lock = threading.Lock()
 
     def __call__(self, obj: RemoteObject, copy: LocalCopy) -> bool:
         st = os.fstat(copy.fd)
         memo_key = (copy.layer.label, obj.key, obj.etag, st.st_ino, st.st_mtime_ns, st.st_size)
-        ok = self._results.get(memo_key)
+        with self._lock:
+            ok = self._results.get(memo_key)
         if ok is None:
-            ok = self._results[memo_key] = self._check(obj, copy)
+            ok = self._check(obj, copy)  # hashing: outside the lock
+            with self._lock:
+                self._results[memo_key] = ok
         return ok
 
     def _check(self, obj: RemoteObject, copy: LocalCopy) -> bool:
