@@ -26,7 +26,9 @@ from support.mounting import FS, Mounted, lazyfs_cli, wait_until
 from support.proxy import Fault, S3Proxy
 from support.stores import STORES, Store
 
-pytestmark = [pytest.mark.fuse, pytest.mark.stores,
+# The first test on a server also starts it (Ceph: an apt-get install on a fresh
+# machine, then ~20 s), inside that test's timeout.
+pytestmark = [pytest.mark.fuse, pytest.mark.stores, pytest.mark.timeout(600),
               pytest.mark.parametrize("s3_store", sorted(STORES), indirect=True)]
 
 P = "models/m"

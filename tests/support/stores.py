@@ -17,9 +17,9 @@ but did not come up (always a failure).
   apt-get when missing): one monitor, one OSD on memstore (RAM, nothing on
   disk but the monitor's small database), `radosgw` on beast; no cephx, one
   replica, every state file under the temp folder.  About 15 s to start.
-- LocalStack is left out: `localstack-core` needs Python 3.13 (this machine
-  has 3.11) and pins cryptography/pyopenssl versions that conflict with
-  moto's; see the README's Compatibility section.
+- LocalStack is left out: `localstack-core` needs Python 3.13, which Debian 12
+  does not ship (the project runs on its 3.11); see the README's Compatibility
+  section.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from support.s3server import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, clean_env, free_port, s3_client
+from support.s3server import ACCESS_KEY, SECRET_KEY, MotoServer, clean_env, free_port, s3_client
 
 
 class StoreUnavailable(RuntimeError):
@@ -79,29 +79,32 @@ class Daemons:
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with open(self.logs / f"{name}.out", "ab") as log:
             proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env or clean_env(), start_new_session=True)
-        self.procs.append(proc)
+        self.procs.append((name, proc))
         return proc
 
     def check_alive(self) -> None:
-        for p in self.procs:
+        for name, p in self.procs:
             if p.poll() is not None:
-                raise StoreFailed(f"{Path(str(p.args[0])).name} exited {p.returncode}; logs in {self.logs}")
+                raise StoreFailed(f"{name} exited {p.returncode}; logs in {self.logs}")
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
+        for _, p in reversed(self.procs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
-        for p in reversed(self.procs):
+        for _, p in reversed(self.procs):
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 p.wait(10)
         self.procs.clear()
 
