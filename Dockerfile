@@ -5,8 +5,11 @@
 #   docker run --rm --device /dev/fuse --cap-add SYS_ADMIN \
 #     -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_REGION \
 #     -v "$PWD/model.json:/app/model.json:ro" lazyfs --config /app/model.json
-# See README.md ("Running in a container") for the flags and for sharing the
-# mount with the model server's container.
+# Only /dev/fuse and CAP_SYS_ADMIN are needed (no --privileged); it also runs
+# with --security-opt no-new-privileges and --read-only when the store is a
+# volume.  podman takes the same commands.  scripts/container-test builds both
+# targets and runs them.  See README.md ("Running in a container") for sharing
+# the mount with the model server's container, and the Kubernetes pod spec.
 
 FROM python:3.11-slim-bookworm AS build
 RUN apt-get update \
@@ -22,8 +25,9 @@ FROM python:3.11-slim-bookworm AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends fuse3 libfuse3-3 attr \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+# The wheels are bind-mounted from the build stage, not copied: no layer keeps them.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir /wheels/*.whl \
  && mkdir -p /var/practicus/cache /opt/lazyfs/store
 ENV PYTHONUNBUFFERED=1
 ENTRYPOINT ["lazyfs", "mount"]
@@ -33,7 +37,9 @@ CMD ["--config", "/app/model.json"]
 # folder /opt/lazyfs/store (mount with --store /opt/lazyfs/store; or bake to
 # /var/practicus/cache itself when lazyfs mounts in the same container), so a
 # pod starts, scales up and recovers without downloading.  Credentials come in
-# as a build secret: they are never written to a layer.
+# as a build secret (BuildKit, or podman): they are never written to a layer.
+# MODEL_JSON is a path inside the build context; AWS_ENDPOINT_URL points the
+# bake at a store other than AWS.  The bake prints a progress line every 5 s.
 #   docker build --target production \
 #     --secret id=aws,src=$HOME/.aws/credentials \
 #     --build-arg MODEL_JSON=model.json --build-arg AWS_REGION=eu-west-1 \

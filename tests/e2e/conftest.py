@@ -2,6 +2,11 @@
 proxy in front of it, and real lazyfs mounts started through the CLI in
 subprocesses (see support/mounting.py).
 
+The compatibility matrix (marker `stores`) runs the same kind of test against
+each server of support/stores.py: parametrize a test with
+`pytest.mark.parametrize("s3_store", STORE_NAMES, indirect=True)` and use the
+`store_*` fixtures, which mirror `s3`, `bucket`, `proxy` and `mount`.
+
 Every test here fails if a daemon it started logged a traceback, or an ERROR
 line the test did not declare with `@pytest.mark.log_errors(PATTERN, ...)`.
 """
@@ -19,6 +24,7 @@ import pytest
 from support.mounting import FS, Mounter
 from support.proxy import S3Proxy
 from support.s3server import MotoServer, s3_client
+from support.stores import STORES, Store, StoreUnavailable
 
 
 def _fuse_usable() -> str | None:
@@ -76,6 +82,10 @@ def fs() -> Iterator[FS]:
 
 @pytest.fixture
 def mount(fuse_ok: None, tmp_path: Path, proxy: S3Proxy, request: pytest.FixtureRequest) -> Iterator[Mounter]:
+    yield from _mounter(tmp_path, proxy, request)
+
+
+def _mounter(tmp_path: Path, proxy: S3Proxy, request: pytest.FixtureRequest) -> Iterator[Mounter]:
     m = Mounter(tmp_path, proxy)
     try:
         yield m
@@ -86,3 +96,53 @@ def mount(fuse_ok: None, tmp_path: Path, proxy: S3Proxy, request: pytest.Fixture
     if problems:
         pytest.fail("the daemon logged what no test should cause:\n" + "\n".join(problems[:20]),
                     pytrace=False)
+
+
+# -- the compatibility matrix ---------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def s3_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    """One S3 server of support/stores.py (the test's parameter names it),
+    started once per session and killed at the end.  A server that cannot be
+    installed here skips its tests, except under CI=true."""
+    name = request.param
+    store = STORES[name](tmp_path_factory.mktemp(name))
+    try:
+        store.start()
+    except StoreUnavailable as e:
+        store.stop()
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} must run in CI, but: {e}")
+        pytest.skip(f"{name} unavailable here: {e}")
+    except BaseException:
+        store.stop()
+        raise
+    try:
+        yield store
+    finally:
+        store.stop()
+
+
+@pytest.fixture
+def store_s3(s3_store: Store) -> Any:
+    """A boto3 client talking to the store directly (not counted by the proxy)."""
+    return s3_store.client()
+
+
+@pytest.fixture
+def store_bucket(store_s3: Any) -> str:
+    name = f"m{next(_bucket_ids)}-{uuid.uuid4().hex[:8]}"
+    store_s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def store_proxy(s3_store: Store) -> Iterator[S3Proxy]:
+    with S3Proxy(s3_store.endpoint) as p:
+        yield p
+
+
+@pytest.fixture
+def store_mount(fuse_ok: None, tmp_path: Path, store_proxy: S3Proxy,
+                request: pytest.FixtureRequest) -> Iterator[Mounter]:
+    yield from _mounter(tmp_path, store_proxy, request)

@@ -209,9 +209,13 @@ class _Handler(BaseHTTPRequestHandler):
             conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
+            # A HEAD has no body: its Content-Length is the object's (or the
+            # part's, with ?partNumber=), passed on as the server sent it.
+            keep_length = method == "HEAD"
             out = [(k, v) for k, v in resp.getheaders()
-                   if k.lower() not in _HOP and k.lower() != "content-length"]
-            out.append(("Content-Length", str(len(data))))
+                   if k.lower() not in _HOP and (keep_length or k.lower() != "content-length")]
+            if not keep_length:
+                out.append(("Content-Length", str(len(data))))
             return resp.status, out, data
         finally:
             conn.close()

@@ -1,0 +1,223 @@
+"""The compatibility matrix (issue 12): what lazyfs relies on, run on real
+mounts against every S3 server of support/stores.py (moto, SeaweedFS, Ceph
+RGW), each behind the counting/fault proxy.
+
+Select it with `-m stores`, deselect it with `-m "not stores"`; pick servers
+with `-k seaweedfs`.  A server that cannot be installed here is skipped (a
+failure under CI=true).  Known gaps of a server are written as
+`xfail(strict=True)` on that server only, so the test flips to a failure the
+day lazyfs handles them (then drop the mark).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from boto3.s3.transfer import TransferConfig
+
+from support.mounting import FS, Mounted, lazyfs_cli, wait_until
+from support.proxy import Fault, S3Proxy
+from support.stores import STORES, Store
+
+# The first test on a server also starts it (Ceph: an apt-get install on a fresh
+# machine, then ~20 s), inside that test's timeout.
+pytestmark = [pytest.mark.fuse, pytest.mark.stores, pytest.mark.timeout(600),
+              pytest.mark.parametrize("s3_store", sorted(STORES), indirect=True)]
+
+P = "models/m"
+MiB = 1024 * 1024
+PART = 5 * MiB  # S3's smallest part (but the last)
+
+# What a store is known to get wrong, and what lazyfs does about it today.
+PART_NUMBER_IGNORED = (
+    "the store ignores HEAD ?partNumber=1 (it answers with the whole object's length and no "
+    "x-amz-mp-parts-count), so lazyfs recomputes the multipart ETag with one part, judges a correct "
+    "download corrupt and downloads it again on every open; the fix (trust the part size only with a "
+    "parts count matching the ETag's -N, else record the file as unverified) belongs in lazyfs/")
+MOTO_MULTIPART = (
+    "moto reports a multipart upload's composite CRC32 as a plain full-object value (no -N suffix, no "
+    "x-amz-checksum-type), which lazyfs checks against the whole file; and without a checksum, moto answers "
+    "HEAD ?partNumber=1 with the part's own ETag and 412 to the object's If-Match, which lazyfs takes for "
+    "a replaced object: a correct multipart download is never published")
+VARIABLE_PARTS = (
+    "lazyfs recomputes a multipart ETag assuming every part but the last has part 1's size: an upload "
+    "with parts of different sizes is judged corrupt and never published, on every store")
+
+
+def expect_failure(request: pytest.FixtureRequest, store: Store, names: set[str], reason: str) -> None:
+    if store.name in names:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def published(m: Mounted, key: str) -> bool:
+    return (m.store / key).exists()
+
+
+def read_then_settle(m: Mounted, fs: FS, key: str) -> bytes:
+    """Read the whole file, then wait until lazyfs has either published it or
+    logged why not (so the test can tell which, without sleeping)."""
+    data = fs.read(m.file(key), timeout=60)
+    wait_until(lambda: published(m, key) or "do not match" in m.log() or "cannot" in m.log(),
+               timeout=60, what=f"{key} to be published or refused")
+    return data
+
+
+def assert_cached_across_restart(store_mount: Any, proxy: S3Proxy, bucket: str, key: str, data: bytes,
+                                 store_dir: Path, fs: FS) -> None:
+    """A new mount on the same store serves the file without a GET."""
+    proxy.clear()
+    m2 = store_mount("--prefix", f"s3://{bucket}/{P}", store=store_dir)
+    assert sha(fs.read(m2.file(key))) == sha(data)
+    assert proxy.count("GET", key) == 0, f"downloaded again: {proxy.requests('GET', key)[:3]}"
+
+
+def test_listing_with_folders(s3_store, store_mount, store_proxy, store_s3, store_bucket, fs: FS):
+    objects = {f"{P}/config.json": b"{}", f"{P}/sub/a.bin": b"a" * 1000,
+               f"{P}/sub/deeper/b.bin": b"b" * 70_000, "models/other/c.bin": b"not ours"}
+    for key, data in objects.items():
+        store_s3.put_object(Bucket=store_bucket, Key=key, Body=data)
+    m = store_mount("--prefix", f"s3://{store_bucket}/{P}")
+    assert fs.listdir(m.path / P) == ["config.json", "sub"]
+    assert fs.listdir(m.path / P / "sub") == ["a.bin", "deeper"]
+    assert fs.listdir(m.path / P / "sub" / "deeper") == ["b.bin"]
+    assert fs.stat(m.file(f"{P}/sub/deeper/b.bin")).st_size == 70_000
+    assert not (m.path / "models" / "other").exists()
+    assert store_proxy.count("GET") == 0, "listing and stat downloaded something"
+    assert store_proxy.count("LIST") >= 1
+
+
+def test_single_part_object_is_verified_and_cached(s3_store, store_mount, store_proxy, store_s3, store_bucket,
+                                                   fs: FS, tmp_path: Path):
+    key = f"{P}/weights.bin"
+    data = os.urandom(3 * MiB + 17)
+    store_s3.put_object(Bucket=store_bucket, Key=key, Body=data)
+    store_dir = tmp_path / "store"
+    m = store_mount("--prefix", f"s3://{store_bucket}/{P}", store=store_dir)
+    assert sha(read_then_settle(m, fs, key)) == sha(data)
+    assert published(m, key), f"not published:\n{m.log()[-2000:]}"
+    assert sha((store_dir / key).read_bytes()) == sha(data)
+    m.stop()
+    assert_cached_across_restart(store_mount, store_proxy, store_bucket, key, data, store_dir, fs)
+
+
+@pytest.mark.log_errors("downloaded bytes do not match")
+def test_multipart_object_is_verified_and_cached(s3_store, store_mount, store_proxy, store_s3, store_bucket,
+                                                 fs: FS, tmp_path: Path, request: pytest.FixtureRequest):
+    expect_failure(request, s3_store, {"ceph-rgw"}, PART_NUMBER_IGNORED)
+    expect_failure(request, s3_store, {"moto"}, MOTO_MULTIPART)
+    key = f"{P}/model.safetensors"
+    data = os.urandom(2 * PART + 12345)
+    src = tmp_path / "upload.bin"
+    src.write_bytes(data)
+    store_s3.upload_file(str(src), store_bucket, key,
+                         Config=TransferConfig(multipart_threshold=PART, multipart_chunksize=PART))
+    etag = store_s3.head_object(Bucket=store_bucket, Key=key)["ETag"]
+    assert etag.strip('"').endswith("-3"), f"not a 3-part upload: {etag}"
+    store_dir = tmp_path / "store"
+    m = store_mount("--prefix", f"s3://{store_bucket}/{P}", store=store_dir)
+    assert sha(read_then_settle(m, fs, key)) == sha(data), "the reader got wrong bytes"
+    assert "do not match" not in m.log(), [ln for ln in m.log().splitlines() if "do not match" in ln][:1]
+    assert published(m, key)
+    m.stop()
+    assert_cached_across_restart(store_mount, store_proxy, store_bucket, key, data, store_dir, fs)
+
+
+@pytest.mark.log_errors("downloaded bytes do not match")
+def test_multipart_object_with_parts_of_different_sizes(s3_store, store_mount, store_proxy, store_s3,
+                                                        store_bucket, fs: FS, tmp_path: Path,
+                                                        request: pytest.FixtureRequest):
+    expect_failure(request, s3_store, set(STORES), VARIABLE_PARTS)
+    key = f"{P}/shard.bin"
+    sizes = [PART, PART + MiB, 3 * MiB + 11]
+    data = os.urandom(sum(sizes))
+    upload = store_s3.create_multipart_upload(Bucket=store_bucket, Key=key)["UploadId"]
+    parts, offset = [], 0
+    for number, size in enumerate(sizes, 1):
+        resp = store_s3.upload_part(Bucket=store_bucket, Key=key, UploadId=upload, PartNumber=number,
+                                    Body=data[offset:offset + size])
+        parts.append({"ETag": resp["ETag"], "PartNumber": number})
+        offset += size
+    store_s3.complete_multipart_upload(Bucket=store_bucket, Key=key, UploadId=upload,
+                                       MultipartUpload={"Parts": parts})
+    store_dir = tmp_path / "store"
+    m = store_mount("--prefix", f"s3://{store_bucket}/{P}", store=store_dir)
+    assert sha(read_then_settle(m, fs, key)) == sha(data), "the reader got wrong bytes"
+    assert "do not match" not in m.log(), [ln for ln in m.log().splitlines() if "do not match" in ln][:1]
+    assert published(m, key)
+    m.stop()
+    assert_cached_across_restart(store_mount, store_proxy, store_bucket, key, data, store_dir, fs)
+
+
+def test_an_object_replaced_mid_download_is_never_stitched(s3_store, store_mount, store_proxy, store_s3,
+                                                           store_bucket, fs: FS, tmp_path: Path):
+    key = f"{P}/big.bin"
+    old, new = os.urandom(2 * MiB), os.urandom(2 * MiB)
+    store_s3.put_object(Bucket=store_bucket, Key=key, Body=old)
+    m = store_mount("--prefix", f"s3://{store_bucket}/{P}", "--part-size", "64KiB", "--max-connections", "1",
+                    store=tmp_path / "store")
+    # Just before the 3rd ranged GET, the object is overwritten in the store.
+    store_proxy.add(Fault("replace", key=key, skip=2, times=1, body_b64=base64.b64encode(new).decode()))
+    with pytest.raises(OSError) as info:
+        fs.read(m.file(key))
+    assert info.value.errno == errno.ESTALE
+    assert any(r["status"] == 412 for r in store_proxy.requests("GET", key)), "If-Match was not honoured"
+    assert "changed in the object store" in m.log()
+
+    def reads_new() -> bool:
+        try:
+            return sha(fs.read(m.file(key))) == sha(new)
+        except OSError:
+            return False
+
+    wait_until(reads_new, timeout=30, what="the new version to be served")
+    wait_until(lambda: published(m, key), what="publication")
+    assert sha((m.store / key).read_bytes()) == sha(new)
+
+
+def test_sighup_refresh_picks_up_changes(s3_store, store_mount, store_proxy, store_s3, store_bucket, fs: FS):
+    put = lambda key, data: store_s3.put_object(Bucket=store_bucket, Key=key, Body=data)  # noqa: E731
+    put(f"{P}/same-size.bin", b"1" * 5000)
+    put(f"{P}/gone.txt", b"gone")
+    m = store_mount("--prefix", f"s3://{store_bucket}/{P}", "--refresh", "0")
+    assert fs.read(m.file(f"{P}/same-size.bin")) == b"1" * 5000
+    assert fs.listdir(m.path / P) == ["gone.txt", "same-size.bin"]
+    put(f"{P}/same-size.bin", b"2" * 5000)  # same size: only the ETag tells
+    put(f"{P}/new/added.txt", b"added")
+    store_s3.delete_object(Bucket=store_bucket, Key=f"{P}/gone.txt")
+    before = m.log().count("listing changed")
+    m.process.send(signal.SIGHUP)
+    wait_until(lambda: m.log().count("listing changed") > before, what="the refresh")
+    assert fs.listdir(m.path / P) == ["new", "same-size.bin"]
+    assert fs.read(m.file(f"{P}/new/added.txt")) == b"added"
+    assert fs.read(m.file(f"{P}/same-size.bin")) == b"2" * 5000
+
+
+def test_bake_then_a_second_bake_downloads_nothing(s3_store, store_proxy, store_s3, store_bucket,
+                                                   tmp_path: Path):
+    files = {f"{P}/config.json": b'{"layers": 2}', f"{P}/sub/w.bin": os.urandom(2 * MiB + 3),
+             f"{P}/empty.txt": b""}
+    for key, data in files.items():
+        store_s3.put_object(Bucket=store_bucket, Key=key, Body=data)
+    to = tmp_path / "image"
+    args = ["bake", "--prefix", f"s3://{store_bucket}/{P}", "--endpoint-url", store_proxy.endpoint, "--to", str(to)]
+    first = lazyfs_cli(args, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "3 files: 3 downloaded" in first.stdout
+    for key, data in files.items():
+        assert (to / key).read_bytes() == data
+        assert os.getxattr(to / key, "user.lazyfs.identity")
+    gets = store_proxy.count("GET")
+    second = lazyfs_cli(args, timeout=120)
+    assert second.returncode == 0 and "0 downloaded (0.0 MiB), 3 already current" in second.stdout
+    assert store_proxy.count("GET") == gets
