@@ -147,7 +147,7 @@ class SharedFolder:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def __enter__(self) -> "SharedFolder":
+    def __enter__(self) -> SharedFolder:
         (self.path / "cache").mkdir(parents=True, exist_ok=True)
         subprocess.run(["mount", "--bind", str(self.path), str(self.path)], check=True, timeout=30)
         subprocess.run(["mount", "--make-rshared", str(self.path)], check=True, timeout=30)

@@ -28,8 +28,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from support.mountproc import force_unmount
-
 from benchmark import net as benchnet
 from benchmark import report as benchreport
 from benchmark.data import PROFILES, Dataset, ensure_local, ensure_uploaded
@@ -37,6 +35,7 @@ from benchmark.mounts import LazyfsMounter, Mounter, PassthroughMounter, RcloneM
 from benchmark.scenarios import SCENARIOS, Ctx, Results, run_boto3, run_local, run_mounted
 from benchmark.server import Endpoint, LocalS3, remote_endpoint, s3_client
 from lazyfs import __version__
+from support.mountproc import force_unmount
 
 SYSTEMS = ("lazyfs", "boto3", "s3fs", "rclone", "local", "passthrough")
 BUCKET = "lazyfs-bench"

@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from support.mountproc import MountFailed, MountProcess, force_unmount, is_mounted
-
 from benchmark.data import Dataset
 from benchmark.server import Endpoint
 from lazyfs.config import MountConfig, default_of
+from support.mountproc import MountFailed, MountProcess, force_unmount, is_mounted
 
 DEFAULT_READ_AHEAD = default_of(MountConfig, "read_ahead")
 

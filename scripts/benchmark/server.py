@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from support.s3server import clean_env, free_port
-
 from benchmark.net import WanLink
+from support.s3server import clean_env, free_port
 
 WRAPPER_JS = Path(__file__).with_name("s3rver_wrapper.js")
 S3RVER_VERSION = "3.7.1"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
 from support.mounting import FS, Mounter
 from support.proxy import S3Proxy
 from support.s3server import MotoServer, s3_client

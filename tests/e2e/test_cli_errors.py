@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from support.mounting import lazyfs_cli
 from support.proxy import Fault
 from support.s3server import free_port

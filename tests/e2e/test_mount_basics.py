@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from support.mounting import FS, lazyfs_cli, wait_until, write_model_json
 from support.mountproc import force_unmount, is_mounted
 from support.proxy import Fault

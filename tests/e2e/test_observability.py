@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from support.mounting import FS, lazyfs_cli, wait_until
 from support.proxy import Fault
 from support.s3server import free_port

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from support.mounting import FS, lazyfs_cli, wait_until
 
 pytestmark = pytest.mark.fuse

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from support.mounting import FS, wait_until
 from support.proxy import Fault
 

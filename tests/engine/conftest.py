@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from support.fakeremote import FakeRemote
 
 from lazyfs.store import Store
+from support.fakeremote import FakeRemote
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ import os
 from pathlib import Path
 
 import trio
-from support.enginekit import BUCKET, drop_locks, fetch_config, running, trio_test, wait_for
-from support.fakeremote import FakeRemote
 
 from lazyfs.download import Download
 from lazyfs.errors import ObjectChanged, RemoteUnavailable, errno_of
@@ -19,6 +17,8 @@ from lazyfs.fetch import Fetcher
 from lazyfs.handles import Handles
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import LocalCopy
+from support.enginekit import BUCKET, drop_locks, fetch_config, running, trio_test, wait_for
+from support.fakeremote import FakeRemote
 
 KiB, MiB = 1024, 1024 * 1024
 BLOCK = 256 * KiB  # fetch_config's part size, and so its block size

@@ -12,8 +12,6 @@ from typing import Any
 import pyfuse3
 import pytest
 import trio
-from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
-from support.fakeremote import FakeRemote
 
 from lazyfs.catalog import Catalog
 from lazyfs.fetch import Fetcher
@@ -22,6 +20,8 @@ from lazyfs.handles import Handles
 from lazyfs.inodes import ROOT_INODE
 from lazyfs.modeljson import Source
 from lazyfs.namespace import DirNode
+from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
+from support.fakeremote import FakeRemote
 
 CTX: Any = None  # the handlers never look at the request context
 

@@ -139,7 +139,7 @@ class Store:
         self.workdir = Path(workdir)
         self.endpoint = ""
 
-    def start(self) -> "Store":
+    def start(self) -> Store:
         raise NotImplementedError
 
     def stop(self) -> None:
@@ -148,7 +148,7 @@ class Store:
     def client(self) -> Any:
         return s3_client(self.endpoint)
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         try:
             return self.start()
         except BaseException:
@@ -169,7 +169,7 @@ class Moto(Store):
         super().__init__(workdir)
         self._server: MotoServer | None = None
 
-    def start(self) -> "Moto":
+    def start(self) -> Moto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._server = MotoServer(log_path=self.workdir / "moto.log").start()
         self.endpoint = self._server.endpoint
@@ -205,7 +205,7 @@ class SeaweedFS(Store):
         super().__init__(workdir)
         self._daemons = Daemons(self.workdir)
 
-    def start(self, timeout: float = 60) -> "SeaweedFS":
+    def start(self, timeout: float = 60) -> SeaweedFS:
         weed = _weed_binary()
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
@@ -266,7 +266,7 @@ class CephRGW(Store):
     def _ceph(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return _run(["ceph", "-c", str(self.conf), "--connect-timeout", "20", *args], timeout=timeout)
 
-    def start(self, timeout: float = 120) -> "CephRGW":
+    def start(self, timeout: float = 120) -> CephRGW:
         _apt_install(self.PACKAGES, self.BINARIES)
         w = self.workdir
         for sub in ("mon", "osd", "run", "log"):
