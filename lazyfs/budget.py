@@ -19,7 +19,7 @@ from typing import Callable
 
 import trio
 
-from lazyfs.namespace import RemoteObject
+from lazyfs.namespace import RemoteObject, Version
 from lazyfs.store import Store
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,9 @@ class Budget:
         self.max_bytes = max_bytes
         self.in_use = in_use
         self.used = 0
+        # Bytes promised to downloads in flight (by version), so thirty-two
+        # prefetches starting together do not all count the same free room.
+        self._reserved: dict[Version, int] = {}
         self.evicted_files = 0
         self.evicted_bytes = 0
         # key -> size of fetched files in the store, least recently used first.
@@ -53,24 +56,42 @@ class Budget:
         if key in self._lru:
             self._lru.move_to_end(key)
 
-    def published(self, obj: RemoteObject) -> None:
+    @property
+    def reserved(self) -> int:
+        return sum(self._reserved.values())
+
+    def fits(self, obj: RemoteObject) -> bool:
+        return obj.size <= self.max_bytes
+
+    async def published(self, obj: RemoteObject) -> None:
+        """A reserved download became a file in the store: it counts as used now,
+        and anything it pushed over the budget (a file it replaced, an
+        estimate off) is evicted."""
+        self._reserved.pop(obj.version, None)
         self.used += obj.size - self._lru.pop(obj.key, 0)
         self._lru[obj.key] = obj.size
+        await self.make_room(0)
+
+    def released(self, obj: RemoteObject) -> None:
+        """A reserved download failed: its room is free again."""
+        self._reserved.pop(obj.version, None)
 
     async def reserve(self, obj: RemoteObject) -> bool:
-        """Make room for `obj`; False if it can never fit (stream it through)."""
-        if obj.size > self.max_bytes:
+        """Make room for `obj` and hold it until `published` or `released`;
+        False if it can never fit (stream it through)."""
+        if not self.fits(obj):
             log.warning("%s (%.1f MiB) is larger than the cache budget (%.1f MiB): serving it "
                         "without keeping it", obj.uri, obj.size / 2**20, self.max_bytes / 2**20)
             return False
-        await self.make_room(obj.size)
+        self._reserved[obj.version] = obj.size
+        await self.make_room(0)
         return True
 
     async def make_room(self, nbytes: int) -> None:
         async with self._lock:
             victims: list[str] = []
             for key in list(self._lru):
-                if self.used + nbytes <= self.max_bytes:
+                if self.used + self.reserved + nbytes <= self.max_bytes:
                     break
                 if self.in_use(key):
                     continue

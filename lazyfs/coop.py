@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import trio
@@ -35,13 +36,39 @@ POLL_S = 0.2
 TakeOver = Callable[[RemoteObject, int, bool], Awaitable[Download]]
 
 
+@dataclass(slots=True)
+class Published:
+    copy: LocalCopy
+    fmap: FileMap
+
+
+@dataclass(slots=True)
+class Unowned:
+    """The owner is gone: we took its lock."""
+
+    lock_fd: int
+
+
+@dataclass(slots=True)
+class Running:
+    """The owner's resume record (ino -1: none yet), and its file opened if it
+    is not the one already mapped."""
+
+    ino: int
+    blocks: frozenset[int]
+    block_size: int
+    fd: int = -1
+    fmap: FileMap | None = None
+
+
 class ForeignDownload:
     """Another process's download of one version, as readers here see it (a
     transfer.Transfer)."""
 
     def __init__(self, obj: RemoteObject, store: Store, pages: PageBudget, io: trio.CapacityLimiter,
                  read_deadline: float, take_over: TakeOver,
-                 on_finished: Callable[[ForeignDownload], None]) -> None:
+                 on_finished: Callable[[ForeignDownload], None],
+                 drop_pages: Callable[[RemoteObject], Awaitable[None]] | None = None) -> None:
         self.obj = obj
         self._store = store
         self._pages = pages
@@ -49,6 +76,7 @@ class ForeignDownload:
         self._read_deadline = read_deadline
         self._take_over_with = take_over
         self._on_finished = on_finished
+        self._drop_pages = drop_pages  # the kernel's cached pages of this version are wrong
         self.readers = 0
         self.background = True
         self.started = time.monotonic()
@@ -60,6 +88,7 @@ class ForeignDownload:
         self._local_map: FileMap | None = None
         self._part_fd = -1
         self._part_map: FileMap | None = None
+        self._part_ino = -1  # the owner's file we mapped; only its records are trusted
         self._done: frozenset[int] = frozenset()
         self._block = 1
         self._changed = trio.Event()
@@ -127,13 +156,15 @@ class ForeignDownload:
                  self.obj.uri)
         try:
             while not self.finished.is_set():
-                verdict = await trio.to_thread.run_sync(self._poll, limiter=self._io)
-                if verdict == "published":
+                seen = await trio.to_thread.run_sync(self._poll, self._part_ino, limiter=self._io)
+                if isinstance(seen, Published):
+                    self._local, self._local_map = seen.copy, seen.fmap
                     self.complete = True
                     break
-                if isinstance(verdict, int):  # we hold the lock now
-                    await self._take_over(verdict)
+                if isinstance(seen, Unowned):  # we hold the lock now
+                    await self._take_over(seen.lock_fd)
                     break
+                await self._follow(seen)
                 self._wake()
                 await trio.sleep(POLL_S)
         except Exception as e:  # the store failed us: readers get the error, not a hang
@@ -144,24 +175,43 @@ class ForeignDownload:
             self._on_finished(self)
             self._maybe_close()
 
-    def _poll(self) -> str | int:
-        """Worker thread: "published", "running", or our lock descriptor."""
+    async def _follow(self, seen: Running) -> None:
+        """Trust only a record of the file we have mapped.  When the owner
+        discarded its file (bad bytes, a full disk) and started another, drop
+        the old mapping and the pages the kernel cached from it."""
+        if self._part_map is not None and seen.ino != self._part_ino:
+            log.info("%s: the other process started its download over; following the new file", self.obj.uri)
+            self._close_part()
+            if self._drop_pages is not None:
+                await self._drop_pages(self.obj)
+        if self._part_map is None and seen.fmap is not None:
+            self._part_fd, self._part_map, self._part_ino = seen.fd, seen.fmap, seen.ino
+        elif seen.fmap is not None:  # mapped meanwhile by an earlier poll: this one is spare
+            seen.fmap.close()
+            os.close(seen.fd)
+        if self._part_map is not None and seen.ino == self._part_ino:
+            self._done, self._block = seen.blocks, seen.block_size
+        else:
+            self._done = frozenset()
+
+    def _poll(self, mapped_ino: int) -> Published | Unowned | Running:
+        """Worker thread: what the store says now.  Opens what the trio side
+        may adopt; changes nothing of this object (docs/concurrency.md)."""
         copy = self._store.find_current(self.obj)
         if copy is not None:
-            self._local = copy
-            self._local_map = FileMap(copy.fd, self.obj.size, self._pages)
-            return "published"
+            return Published(copy, FileMap(copy.fd, self.obj.size, self._pages))
         lock = self._store.partials.lock(self.obj)
         if lock is not None:
-            return lock
+            return Unowned(lock)
         progress = self._store.partials.foreign_progress(self.obj)
-        if progress is not None:
-            if self._part_map is None:
-                fd = self._store.partials.open_foreign(self.obj, progress.ino)
-                if fd is not None:
-                    self._part_fd, self._part_map = fd, FileMap(fd, self.obj.size, self._pages)
-            self._done, self._block = progress.blocks, progress.block_size
-        return "running"
+        if progress is None:
+            return Running(-1, frozenset(), 1)
+        running = Running(progress.ino, progress.blocks, progress.block_size)
+        if progress.ino != mapped_ino:
+            fd = self._store.partials.open_foreign(self.obj, progress.ino)
+            if fd is not None:
+                running.fd, running.fmap = fd, FileMap(fd, self.obj.size, self._pages)
+        return running
 
     async def _take_over(self, lock_fd: int) -> None:
         log.info("%s: the process downloading it is gone; continuing its download here", self.obj.uri)
@@ -181,16 +231,23 @@ class ForeignDownload:
         self._changed.set()
         self._changed = trio.Event()
 
-    def _maybe_close(self) -> None:
-        if self.readers > 0 or not self.finished.is_set():
-            return
-        for fmap in (self._part_map, self._local_map):
-            if fmap is not None:
-                fmap.close()
-        self._part_map = self._local_map = None
+    def _close_part(self) -> None:
+        if self._part_map is not None:
+            self._part_map.close()
+            self._part_map = None
         if self._part_fd >= 0:
             os.close(self._part_fd)
             self._part_fd = -1
+        self._part_ino = -1
+        self._done = frozenset()
+
+    def _maybe_close(self) -> None:
+        if self.readers > 0 or not self.finished.is_set():
+            return
+        self._close_part()
+        if self._local_map is not None:
+            self._local_map.close()
+            self._local_map = None
         if self._local is not None:
             os.close(self._local.fd)
             self._local = None

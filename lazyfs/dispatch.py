@@ -56,10 +56,14 @@ class Dispatcher:
     async def run(self) -> None:
         while True:
             await self._slots.acquire()
-            while True:
-                picked = None if self.closing else pick(self._downloads())
-                if picked is not None:
-                    break
-                self._work = trio.Event()
-                await self._work.wait()
+            try:
+                while True:
+                    picked = None if self.closing else pick(self._downloads())
+                    if picked is not None:
+                        break
+                    self._work = trio.Event()
+                    await self._work.wait()
+            except BaseException:
+                self._slots.release()  # no request took this slot
+                raise
             self._start(*picked)

@@ -128,6 +128,7 @@ class Download:
             self.state[i] = DONE
             self.done_bytes += self.block_end(i) - i * self.block_size
         self.ndone = len(partial.done)
+        self.detached = False
         self.owner: dict[int, Request] = {}  # ACTIVE block -> its request
         self.requests: set[Request] = set()
         self.demand: deque[int] = deque()
@@ -221,6 +222,8 @@ class Download:
     def next_request(self, demanded_only: bool = False) -> Request | None:
         """The next run of pending blocks to fetch, marked ACTIVE; None if none
         is due (nothing pending, or the slow start holds the sweep back)."""
+        if self.detached:
+            return None
         while self.demand:
             i = self.demand.popleft()
             if self.state[i] == PENDING:
@@ -287,12 +290,29 @@ class Download:
     def all_done(self) -> bool:
         return self.ndone == self.nblocks
 
+    def detach(self) -> None:
+        """Let go of the current file before a fresh one is attached (after a
+        failed verification), so its blocks are freed as soon as it is
+        unlinked: every block is pending again, nothing is fetched and readers
+        wait until `attach`.  Only with no pin held."""
+        assert self.pins == 0, "detach while a thread uses the file"
+        self.state = bytearray(self.nblocks)
+        self.ndone = self.done_bytes = self.sweep = 0
+        self.owner.clear()
+        self.requests.clear()
+        self.demand.clear()
+        self.detached = True
+        self._fmap.close()
+        os.close(self.fd)
+        self.fd = -1
+
     def maybe_close_fd(self) -> None:
         """Close the descriptor once nothing can use it again: finished, no pin,
         no reader.  Trio thread only, like every read of the mapping."""
         if self.finished.is_set() and self.pins == 0 and self.readers <= 0 and not self._fd_closed:
             self._fd_closed = True
-            self._fmap.close()
-            os.close(self.fd)
+            if self.fd >= 0:
+                self._fmap.close()
+                os.close(self.fd)
             if not self.keep:
                 self._on_closed(self.partial)

@@ -36,12 +36,14 @@ from lazyfs.ranged_get import Stopped
 from lazyfs.runner import Hooks, Runner
 from lazyfs.stats import STATS
 from lazyfs.store import LocalCopy, Store
+from lazyfs.supervise import forever, once
 from lazyfs.transfer import Transfer
 
 log = logging.getLogger(__name__)
 
-# Store operations (opens, publishing, verification) in flight at once.
-_IO_THREADS = 8
+# Quick store work on the open path (probes, opening a download's file, xattr
+# states, locks) in flight at once; bulk work has its own threads (runner.py).
+_META_THREADS = 8
 
 LocalOrTransfer = LocalCopy | Download | ForeignDownload
 
@@ -86,13 +88,13 @@ class Fetcher:
         # Threads: one per ranged GET in flight (runner.py), and a few for the
         # store, so that ten thousand small prefetched files queueing for the
         # disk never hold up the network, nor the other way round.
-        self._io = trio.CapacityLimiter(_IO_THREADS)
+        self._meta = trio.CapacityLimiter(_META_THREADS)
         # (a lambda: the runner is made next, and needs the dispatcher's slots)
         self._dispatcher = Dispatcher(cfg.max_connections, self._downloads.values,
                                       lambda dl, req: self.runner.start_request(dl, req))  # noqa: PLW0108
         self.runner = Runner(remote, store, cfg, self.hooks, origin=origin, spawn=self._spawn, post=self._post,
                              poke=self.poke, release_slot=self._dispatcher.release, retired=self._retired,
-                             io=self._io)
+                             meta=self._meta)
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -125,7 +127,7 @@ class Fetcher:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await self._dispatcher.run()
+            await forever("dispatcher", self._dispatcher.run)
 
     async def close(self, grace: float = 2.0) -> None:
         """Stop fetching: readers still waiting get EIO, worker threads stop at
@@ -133,9 +135,8 @@ class Fetcher:
         Waits at most `grace` seconds for that."""
         self._dispatcher.closing = True
         live = list(self._downloads.values())
-        for dl in live:
-            if not dl.all_done:  # complete ones are being verified and published: let them
-                self.runner.fail(dl, Stopped())
+        for dl in live:  # a verification running stops too: the next start verifies again
+            self.runner.fail(dl, Stopped())
         with trio.move_on_after(grace):
             for dl in live:
                 while dl.pins:
@@ -149,12 +150,14 @@ class Fetcher:
         transfer: Transfer | None = self.active(obj) or self._foreign.get(obj.version)
         if transfer is not None:
             return FileState.DOWNLOADING, transfer.fetched_bytes
-        st = await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._io)
+        st = await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._meta)
         return st.state, st.bytes
 
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Start an engine task; an unexpected exception in it is logged and
+        counted (supervise.py), never allowed to end the nursery (the mount)."""
         assert self._nursery is not None, "Fetcher.run() is not running"
-        self._nursery.start_soon(fn, *args)
+        self._nursery.start_soon(once, getattr(fn, "__name__", "engine task"), fn, *args)
 
     def _post(self, fn: Callable[..., object], *args: object) -> None:
         """From a worker thread: run `fn` on the trio thread (dropped once the
@@ -181,7 +184,7 @@ class Fetcher:
             probe = functools.partial(probe_store, self.store, obj, may_fetch=not self.closing and not self.offline(),
                                       open_partial=self.budget is None, block_size=self.cfg.block_size,
                                       check_prebaked=self._prebaked)
-            verdict = await trio.to_thread.run_sync(probe, limiter=self._io)
+            verdict = await trio.to_thread.run_sync(probe, limiter=self._meta)
             if isinstance(verdict, Local):
                 if verdict.linked:
                     STATS.linked_files += 1
@@ -195,8 +198,8 @@ class Fetcher:
                 raise RemoteUnavailable(f"{obj.uri} is not in the local cache and the object "
                                         "store is unreachable", bucket=obj.bucket, key=obj.key)
             if isinstance(verdict, Foreign):
-                follower = ForeignDownload(obj, self.store, self.pages, self._io, self.cfg.read_deadline,
-                                           self.start_locked, self._followed)
+                follower = ForeignDownload(obj, self.store, self.pages, self._meta, self.cfg.read_deadline,
+                                           self.start_locked, self._followed, self.hooks.on_bad_data)
                 self._foreign[obj.version] = follower
                 self._spawn(follower.follow)
                 return follower
@@ -206,7 +209,7 @@ class Fetcher:
                     return self._begin(obj, verdict.partial, verdict.lock_fd, background, keep=True)
                 return await self.start_locked(obj, verdict.lock_fd, background)
             except BaseException:
-                await trio.to_thread.run_sync(self.store.partials.unlock, obj, verdict.lock_fd, limiter=self._io)
+                await trio.to_thread.run_sync(self.store.partials.unlock, obj, verdict.lock_fd, limiter=self._meta)
                 raise
 
     def _followed(self, follower: ForeignDownload) -> None:
@@ -217,7 +220,7 @@ class Fetcher:
         """Start (or resume) the download of `obj`, holding its store lock."""
         keep = await self.budget.reserve(obj) if self.budget is not None else True
         partial = await trio.to_thread.run_sync(open_partial_file, self.store, obj, self.cfg.block_size,
-                                                limiter=self._io)
+                                                limiter=self._meta)
         return self._begin(obj, partial, lock, background, keep)
 
     def _begin(self, obj: RemoteObject, partial: Partial, lock: int, background: bool, keep: bool) -> Download:

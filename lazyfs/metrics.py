@@ -64,12 +64,14 @@ class MountView:
                       "linked_files": STATS.linked_files,
                       "budget": None if budget is None else {
                           "max_bytes": budget.max_bytes, "used_bytes": budget.used,
+                          "reserved_bytes": budget.reserved,
                           "evicted_files": budget.evicted_files, "evicted_bytes": budget.evicted_bytes}},
             "downloads": {"in_flight": downloads, "completed": STATS.downloads_ok,
                           "failed": STATS.downloads_failed},
             "s3": {"requests": dict(STATS.s3_requests), "failed_requests": dict(STATS.s3_errors),
                    "bytes_received": STATS.fetched_bytes, "retries": STATS.retries},
             "errors": dict(STATS.errors),
+            "background_errors": dict(STATS.background_errors),
             "open_files": len(self.handles),
             "store_filesystem": {"size_bytes": fs.f_blocks * fs.f_frsize,
                                  "free_bytes": fs.f_bavail * fs.f_frsize},
@@ -112,6 +114,11 @@ class MountCollector(Collector):
         for name, n in sorted(STATS.errors.items()):
             errors.add_metric([name], n)
         yield errors
+        background = CounterMetricFamily("lazyfs_background_errors", "Unexpected failures of background tasks "
+                                         "(the mount went on), by task.", labels=["task"])
+        for task, n in sorted(STATS.background_errors.items()):
+            background.add_metric([task], n)
+        yield background
         outcomes = CounterMetricFamily("lazyfs_downloads", "Downloads finished, by outcome.", labels=["outcome"])
         outcomes.add_metric(["ok"], STATS.downloads_ok)
         outcomes.add_metric(["failed"], STATS.downloads_failed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import logging
 import math
 import resource
@@ -38,6 +39,7 @@ from lazyfs.mounttab import MountError, check_mountpoint, set_read_ahead
 from lazyfs.namespace import RemoteObject
 from lazyfs.remote import Remote
 from lazyfs.store import Store
+from lazyfs.supervise import forever, once
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +175,15 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
         stack.callback(_close_session)
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.run)
-            nursery.start_soon(refresher.run)
-            nursery.start_soon(warmer.run)
-            nursery.start_soon(_watch_signals, signals, refresher, fetcher, stopping, nursery.cancel_scope)
-            nursery.start_soon(_tune_after_init, ops, cfg)
+            # Every background task is supervised: it may fail, the mount goes on.
+            nursery.start_soon(forever, "refresher", refresher.run)
+            nursery.start_soon(forever, "prefetch", warmer.run)
+            nursery.start_soon(forever, "signals", functools.partial(
+                _watch_signals, signals, refresher, fetcher, stopping, nursery.cancel_scope))
+            nursery.start_soon(once, "readahead", _tune_after_init, ops, cfg)
             if fetcher.budget is not None:
-                nursery.start_soon(fetcher.budget.scan)
-            nursery.start_soon(_announce, cfg, catalog)
+                nursery.start_soon(once, "cache budget scan", fetcher.budget.scan)
+            nursery.start_soon(once, "ready line", _announce, cfg, catalog)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
             # The main loop ended: SIGTERM/SIGINT, or someone unmounted us.
             if not stopping.is_set():

@@ -54,6 +54,7 @@ class Progress:
     done_files: int = 0
     done_bytes: int = 0
     local_files: int = 0
+    skipped_files: int = 0  # larger than the cache budget
     failed: list[tuple[str, str]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -77,6 +78,14 @@ class Prefetcher:
 
     async def _one(self, obj: RemoteObject, slots: trio.Semaphore) -> None:
         p = self.progress
+        budget = self.fetcher.budget
+        if budget is not None and not budget.fits(obj):
+            # It would be downloaded whole and thrown away: only a reader may stream it.
+            log.warning("prefetch: skipping %s (%.1f MiB): larger than the cache budget", obj.uri,
+                        obj.size / 2**20)
+            p.skipped_files += 1
+            slots.release()
+            return
         try:
             got = await self.fetcher.acquire(obj, background=True)
             if isinstance(got, LocalCopy):
@@ -88,6 +97,9 @@ class Prefetcher:
             p.done_bytes += obj.size
         except LazyfsError as e:
             p.failed.append((obj.uri, str(e)))
+        except Exception as e:  # the store failed in a way nobody foresaw: count it, go on
+            log.error("prefetch of %s failed unexpectedly", obj.uri, exc_info=e)
+            p.failed.append((obj.uri, f"{type(e).__name__}: {e}"))
         finally:
             slots.release()
 
@@ -103,4 +115,5 @@ def summary(p: Progress) -> str:
     fetched = p.done_bytes
     return (f"{p.done_files} of {p.files} files ({fetched / 2**30:.2f} of {p.bytes / 2**30:.2f} GiB) "
             f"in {secs:.1f} s ({fetched / secs / 1e6:.0f} MB/s), {p.local_files} already local, "
-            f"{len(p.failed)} failed")
+            f"{len(p.failed)} failed" + (f", {p.skipped_files} too large for the cache budget"
+                                         if p.skipped_files else ""))

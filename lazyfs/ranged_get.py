@@ -8,6 +8,7 @@ download state itself (docs/concurrency.md).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -16,9 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from lazyfs.errors import RemoteUnavailable
+from lazyfs.errors import RemoteUnavailable, StoreError
 from lazyfs.namespace import RemoteObject
-from lazyfs.objectstore import ObjectStore, ResponseMeta
+from lazyfs.objectstore import Body, ObjectStore, ResponseMeta
 from lazyfs.stats import STATS
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,10 @@ def fetch_range_blocking(remote: ObjectStore, job: RangeJob) -> None:
             while pos < end:
                 if job.cancelled():
                     raise Stopped()
-                data = stream.read(min(piece, end - pos))
+                data = _read(stream, job.obj, min(piece, end - pos))
                 piece = PIECE
                 with job.write_lock:
-                    _pwrite_all(job.fd, data, pos)
+                    _pwrite_all(job.fd, data, pos, job.obj)
                 pos += len(data)
                 if post_at <= pos < end:
                     # Then once per block: readers wait for whole blocks
@@ -93,9 +94,26 @@ def fetch_range_blocking(remote: ObjectStore, job: RangeJob) -> None:
             stream.close()
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _read(stream: Body, obj: RemoteObject, n: int) -> bytes:
+    """A piece of the body.  A socket error the client did not translate is
+    still the network's fault, never the store's."""
+    try:
+        return stream.read(n)
+    except RemoteUnavailable:
+        raise
+    except OSError as e:
+        raise RemoteUnavailable(f"{obj.uri}: transfer broke off ({type(e).__name__}: {e})",
+                                bucket=obj.bucket, key=obj.key) from e
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int, obj: RemoteObject) -> None:
+    """Write a piece into the sparse file.  A failure is the store's (ENOSPC,
+    EIO), and says so."""
     view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
+    try:
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+    except OSError as e:
+        raise StoreError(f"{obj.uri}: cannot write it to the store: {e.strerror}", e.errno or errno.EIO) from e

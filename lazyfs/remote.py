@@ -52,16 +52,21 @@ def _etag(raw: str) -> str:
 def _mtime_ns(value: Any) -> int:
     """Last-Modified as integer seconds in ns.  botocore hands timestamps over
     unparsed (see Remote.__init__): ISO 8601 in listings, an HTTP date in
-    HEAD and GET responses."""
-    if isinstance(value, str):
-        if value[:4].isdigit():  # 2026-12-01T21:33:43.000Z
-            secs = calendar.timegm((int(value[0:4]), int(value[5:7]), int(value[8:10]),
-                                    int(value[11:13]), int(value[14:16]), int(value[17:19])))
-        else:  # Tue, 01 Dec 2026 21:33:43 GMT
-            parsed = email.utils.parsedate(value)
-            secs = calendar.timegm(parsed) if parsed else 0
-        return secs * 1_000_000_000
-    return int(value.timestamp()) * 1_000_000_000
+    HEAD and GET responses.  A date no parser understands (some S3-compatible
+    stores send odd ones) is 0, the epoch: it only dates the file."""
+    try:
+        if isinstance(value, str):
+            if value[:4].isdigit():  # 2026-12-01T21:33:43.000Z
+                secs = calendar.timegm((int(value[0:4]), int(value[5:7]), int(value[8:10]),
+                                        int(value[11:13]), int(value[14:16]), int(value[17:19])))
+            else:  # Tue, 01 Dec 2026 21:33:43 GMT
+                parsed = email.utils.parsedate(value)
+                secs = calendar.timegm(parsed) if parsed else 0
+            return secs * 1_000_000_000
+        return int(value.timestamp()) * 1_000_000_000
+    except (ValueError, TypeError, AttributeError, OverflowError):
+        log.debug("unparsable Last-Modified %r", value)
+        return 0
 
 
 class Remote:

@@ -25,6 +25,7 @@ from lazyfs.errors import IntegrityError, LazyfsError, ObjectChanged, ObjectNotF
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
+from lazyfs.probe import open_partial_file
 from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
 from lazyfs.stats import DOWNLOAD_SECONDS, STATS
 from lazyfs.store import Store
@@ -36,6 +37,10 @@ _STATE_EVERY_S = 1.0
 _VERIFY_ATTEMPTS = 2
 # Long first downloads log their progress this often.
 _PROGRESS_EVERY_S = 5.0
+# Threads for resume records and discards, and for hashing finished files
+# (CPU-bound: more threads than cores would only slow the network's).
+_BULK_THREADS = 4
+_VERIFY_THREADS = 2
 
 
 @dataclass
@@ -80,7 +85,7 @@ class Runner:
     def __init__(self, remote: ObjectStore, store: Store, cfg: FetchConfig, hooks: Hooks, *, origin: str,
                  spawn: Callable[..., None], post: Callable[..., None], poke: Callable[[], None],
                  release_slot: Callable[[], None], retired: Callable[[Download], None],
-                 io: trio.CapacityLimiter) -> None:
+                 meta: trio.CapacityLimiter) -> None:
         self.remote = remote
         self.store = store
         self.cfg = cfg
@@ -91,8 +96,12 @@ class Runner:
         self.poke = poke  # there may be bytes to fetch: the dispatcher should look
         self._release_slot = release_slot  # a request ended: the dispatcher may start another
         self._retired = retired  # a download finished: the registry forgets it
+        # Thread pools (docs/concurrency.md): opens and metadata never queue
+        # behind bulk work, and bulk work never behind the network.
         self._net = trio.CapacityLimiter(cfg.max_connections)  # one thread per ranged GET
-        self._io = io  # store work, shared with the registry
+        self._meta = meta  # quick store work on the open path, shared with the registry
+        self._bulk = trio.CapacityLimiter(_BULK_THREADS)  # fdatasync of resume records, discards
+        self._verify = trio.CapacityLimiter(_VERIFY_THREADS)  # hashing and publishing finished files
         # Totals for logs and stats.
         self.bytes_from_s3 = 0
         self.bytes_published = 0
@@ -126,10 +135,14 @@ class Runner:
             self._spawn(self.finish, dl)
 
     def _request_thread(self, job: RangeJob, handoff: _Handoff) -> None:
+        self._in_thread(functools.partial(fetch_range_blocking, self.remote, job), handoff)
+
+    def _in_thread(self, work: Callable[[], None], handoff: _Handoff) -> None:
+        """Worker thread: `work`, holding the pin the task handed over."""
         if not handoff.thread_starts():
             return  # the task was cancelled first and released the pin
         try:
-            fetch_range_blocking(self.remote, job)
+            work()
         finally:
             self._post(handoff.pin.release)
 
@@ -171,7 +184,7 @@ class Runner:
                 snapshot = frozenset(dl.partial.done)
                 if not dl.finished.is_set():
                     dl.state_saved_at = time.monotonic()
-                    await trio.to_thread.run_sync(dl.partial.save_state, snapshot, limiter=self._io)
+                    await trio.to_thread.run_sync(dl.partial.save_state, snapshot, limiter=self._bulk)
             except OSError as e:
                 log.warning("%s: could not record download progress: %s", dl.obj.uri, e.strerror)
                 snapshot = frozenset(dl.partial.done)  # do not retry in a loop
@@ -185,10 +198,23 @@ class Runner:
     async def finish(self, dl: Download) -> None:
         publish = functools.partial(verify_and_publish_blocking, self.remote, self.store, dl.partial, dl.meta,
                                     keep=dl.keep, origin=self.origin, cancelled=lambda: dl.cancelled)
+        handoff = _Handoff(dl.pin())
         try:
-            with dl.pin():
-                await trio.to_thread.run_sync(publish, limiter=self._io)
-        except IntegrityError as e:
+            # Abandoned on cancel (a shutdown must not wait for a 100 GiB
+            # hash): the thread keeps its pin, sees `cancelled` at its next
+            # read and ends; the next start verifies again.
+            await trio.to_thread.run_sync(self._in_thread, publish, handoff, limiter=self._verify,
+                                          abandon_on_cancel=True)
+        except BaseException as e:
+            handoff.task_gives_up()
+            if not isinstance(e, Exception):
+                raise
+            await self._finish_failed(dl, e)
+            return
+        self._published(dl)
+
+    async def _finish_failed(self, dl: Download, e: Exception) -> None:
+        if isinstance(e, IntegrityError):
             dl.verify_attempts += 1
             if self.hooks.on_bad_data is not None:
                 self._spawn(self.hooks.on_bad_data, dl.obj)
@@ -198,12 +224,12 @@ class Runner:
                 return
             self.fail(dl, e, discard=True)
             return
-        except Exception as e:
-            self.fail(dl, e)
-            return
+        self.fail(dl, e)
+
+    def _published(self, dl: Download) -> None:
         dl.complete = True
         if self.hooks.budget is not None and dl.keep:
-            self.hooks.budget.published(dl.obj)
+            self._spawn(self.hooks.budget.published, dl.obj)
         elapsed = max(time.monotonic() - dl.started, 1e-6)
         STATS.downloads_ok += 1
         if dl.keep:
@@ -217,20 +243,25 @@ class Runner:
         self.retire(dl)
 
     async def _restart(self, dl: Download) -> None:
-        """Download again into a fresh file (the bytes failed verification; no
-        worker thread uses the old file: every block had landed)."""
+        """Download again into a fresh file (the bytes failed verification).
+        The old file is unlinked and closed first, so a store with room for
+        one copy of the object is enough."""
+        with trio.move_on_after(30):
+            while dl.pins:  # a resume-record save may still be writing
+                await trio.sleep(0.02)
+        if dl.pins:
+            self.fail(dl, StoreError(f"{dl.obj.uri}: cannot restart the download: its file is still in use"))
+            return
         old = dl.partial
         try:
-            await trio.to_thread.run_sync(self.store.partials.discard, old, limiter=self._io)
-            partial = await trio.to_thread.run_sync(self.store.partials.open, dl.obj, self.cfg.block_size,
-                                                    limiter=self._io)
-        except OSError as e:
-            self.fail(dl, StoreError(f"{dl.obj.uri}: cannot restart download: {e.strerror}", e.errno or errno.EIO))
+            await trio.to_thread.run_sync(self.store.partials.discard, old, limiter=self._bulk)
+            dl.detach()
+            partial = await trio.to_thread.run_sync(open_partial_file, self.store, dl.obj, self.cfg.block_size,
+                                                    limiter=self._meta)
+        except Exception as e:  # ENOSPC most often: the readers get it, the mount goes on
+            self.fail(dl, e, discard=True)
             return
-        old_map = dl.fmap
         dl.attach(partial)
-        old_map.close()
-        old.close()
         self.poke()
 
     def fail(self, dl: Download, e: BaseException, discard: bool | None = None) -> None:
@@ -240,6 +271,8 @@ class Runner:
             return
         STATS.downloads_failed += 1
         dl.cancelled = True
+        if self.hooks.budget is not None and dl.keep:
+            self.hooks.budget.released(dl.obj)
         if isinstance(e, OSError) and not isinstance(e, LazyfsError):
             # A local write failed (ENOSPC most often): say which file and where.
             e = StoreError(f"{dl.obj.uri}: cannot write it to the store {self.store.root.path}: "
@@ -277,10 +310,10 @@ class Runner:
                 if dl.pins > 1:
                     return  # a stuck thread may still write: leave its file alone
                 if discard:
-                    await trio.to_thread.run_sync(self.store.partials.discard, dl.partial, limiter=self._io)
+                    await trio.to_thread.run_sync(self.store.partials.discard, dl.partial, limiter=self._bulk)
                 else:
                     await trio.to_thread.run_sync(dl.partial.save_state, frozenset(dl.partial.done),
-                                                  limiter=self._io)
+                                                  limiter=self._bulk)
             except OSError as e:
                 log.warning("%s: cleaning up after a failed download: %s", dl.obj.uri, e.strerror)
 
@@ -289,12 +322,12 @@ class Runner:
 
     async def _discard(self, partial: Partial) -> None:
         try:
-            await trio.to_thread.run_sync(self.store.partials.discard, partial, limiter=self._io)
+            await trio.to_thread.run_sync(self.store.partials.discard, partial, limiter=self._bulk)
         except OSError as e:
             log.warning("%s: could not remove a temporary download: %s", partial.obj.uri, e.strerror)
 
     async def _unlock(self, obj: RemoteObject, fd: int) -> None:
-        await trio.to_thread.run_sync(self.store.partials.unlock, obj, fd, limiter=self._io)
+        await trio.to_thread.run_sync(self.store.partials.unlock, obj, fd, limiter=self._meta)
 
     def retire(self, dl: Download) -> None:
         self._retired(dl)

@@ -46,6 +46,7 @@ class Stats:
     downloads_ok: int = 0
     downloads_failed: int = 0
     linked_files: int = 0  # new paths made from identical local files
+    background_errors: Counter[str] = field(default_factory=Counter)  # task -> unexpected failures (supervise.py)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def bump(self, counter: str, key: str | None = None) -> None:

@@ -110,6 +110,7 @@ async def test_a_follower_serves_the_owners_bytes_then_takes_over_when_it_dies(r
         handles.release(fh)
         taken = remote.gets()[before:]
         assert taken and min(g.start for g in taken) >= 2 * BLOCK, "the takeover fetched blocks on disk again"
+        await wait_for((tmp_path / "store" / "m/w.bin").exists, "the taken-over download to be published")
     assert (tmp_path / "store" / "m/w.bin").read_bytes() == data
 
 

@@ -1,0 +1,53 @@
+"""Background tasks that can never take the mount down.
+
+pyfuse3 serves every request from one trio nursery: an exception escaping any
+task in it ends the main loop and leaves a dead mount.  Every background task
+(listings, prefetch, the engine's dispatcher and bookkeeping, the cache
+budget, the signal watcher) therefore runs under one of these wrappers: an
+unexpected exception is logged with its traceback, counted in
+`lazyfs_background_errors_total{task}`, and the task goes on (after a backoff,
+for the long-running ones).  Cancellation passes through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable
+
+import trio
+
+from lazyfs.stats import STATS
+
+log = logging.getLogger(__name__)
+
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 30.0
+
+
+def failed(task: str, exc: BaseException) -> None:
+    """One log line with the traceback, and the count, for a task's unexpected failure."""
+    STATS.bump("background_errors", task)
+    log.error("background task %s failed unexpectedly (%s: %s); the mount goes on", task,
+              type(exc).__name__, exc, exc_info=exc)
+
+
+async def forever(task: str, fn: Callable[[], Awaitable[object]]) -> None:
+    """Run `fn` until it returns; after an unexpected exception, run it again
+    after a backoff that doubles up to MAX_BACKOFF_S."""
+    delay = FIRST_BACKOFF_S
+    while True:
+        try:
+            await fn()
+            return
+        except Exception as e:
+            failed(task, e)
+        await trio.sleep(delay)
+        delay = min(MAX_BACKOFF_S, delay * 2)
+
+
+async def once(task: str, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+    """Run `fn(*args)`; an unexpected exception is logged and counted, not raised."""
+    try:
+        await fn(*args)
+    except Exception as e:
+        failed(task, e)

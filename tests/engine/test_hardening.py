@@ -1,0 +1,247 @@
+"""Issue 11 at the engine tier: each defect in the exact interleaving that
+shows it (a follower trusting another file's record, a restart with no room
+for a second copy, opens queued behind bulk work, a shutdown waiting for a
+long verification, and an unexpected exception in every background task)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from lazyfs import completion, dispatch, verify
+from lazyfs.coop import ForeignDownload
+from lazyfs.download import Download
+from lazyfs.errors import IntegrityError, StoreError
+from lazyfs.fetch import Fetcher
+from lazyfs.handles import Handles
+from lazyfs.namespace import RemoteObject
+from lazyfs.stats import STATS
+from lazyfs.store import LocalCopy
+from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
+from support.fakeremote import FakeRemote
+
+KiB, MiB = 1024, 1024 * 1024
+BLOCK = 256 * KiB
+
+
+@trio_test
+async def test_a_follower_never_trusts_a_record_of_another_file(remote: FakeRemote, stores,
+                                                                tmp_path: Path) -> None:
+    """The owner discards its partial file and starts a new one: the follower
+    must remap, never answer from the old file's holes, and drop the pages the
+    kernel cached from the old file."""
+    data = os.urandom(4 * BLOCK)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    owner = stores()  # the other process, driven by hand through its store
+    lock = owner.partials.lock(obj)
+    assert lock is not None
+    first = owner.partials.open(obj, BLOCK)
+    os.pwrite(first.fd, data[:2 * BLOCK], 0)
+    first.save_state({0, 1})
+
+    dropped: list[RemoteObject] = []
+
+    async def drop_pages(o: RemoteObject) -> None:
+        dropped.append(o)
+
+    follower = Fetcher(remote, stores(), fetch_config())
+    follower.hooks.on_bad_data = drop_pages
+    async with running(follower):
+        handles = Handles(follower)
+        fh = await handles.open(obj)
+        assert isinstance(handles._open[fh].download, ForeignDownload)
+        assert bytes(await handles.read(fh, 0, BLOCK)) == data[:BLOCK]
+        # The owner's bytes failed verification: it starts over in a new file...
+        owner.partials.discard(first)
+        second = owner.partials.open(obj, BLOCK)
+        assert second.ino != first.ino
+        os.pwrite(second.fd, data[2 * BLOCK:3 * BLOCK], 2 * BLOCK)
+        second.save_state({2})  # ...whose record names block 2, a hole of the old file
+        assert bytes(await handles.read(fh, 2 * BLOCK, 4096)) == data[2 * BLOCK:2 * BLOCK + 4096]
+        assert dropped == [obj]
+        os.pwrite(second.fd, data, 0)
+        owner.publish(second)
+        owner.partials.unlock(obj, lock)
+        assert bytes(await handles.read(fh, 0, len(data))) == data
+        handles.release(fh)
+    first.close()
+    second.close()
+    assert remote.count("GET") == 0, "the follower downloaded what the owner had"
+
+
+@trio_test
+async def test_a_restart_after_bad_bytes_needs_room_for_one_copy_and_enospc_fails_only_the_download(
+        remote: FakeRemote, stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11.5: the re-download after an integrity failure could not get its
+    file (ENOSPC): the readers get ENOSPC, the engine (the mount) goes on."""
+    data = os.urandom(MiB)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    other = remote.put(BUCKET, "m/other.bin", b"x" * 1000)
+    bad = iter([True])
+    real_check = verify.check
+
+    def check_fails_once(*args: object, **kw: object) -> None:
+        if next(bad, False):
+            raise IntegrityError("m/w.bin: downloaded bytes do not match (test)")
+        real_check(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(verify, "check", check_fails_once)
+    store = stores()
+    real_open = store.partials.open
+    opened = []
+
+    def open_without_room(o: RemoteObject, block_size: int):  # type: ignore[no-untyped-def]
+        opened.append(o.key)
+        if o.key == "m/w.bin" and opened.count("m/w.bin") == 2:  # the restart's file
+            raise StoreError(f"{o.uri}: needs 1.0 MiB but the store has 0.5 MiB free", errno.ENOSPC)
+        return real_open(o, block_size)
+
+    monkeypatch.setattr(store.partials, "open", open_without_room)
+    fetcher = Fetcher(remote, store, fetch_config())
+    async with running(fetcher):
+        dl = await fetcher.acquire(obj)
+        assert isinstance(dl, Download)
+        await dl.finished.wait()
+        assert isinstance(dl.error, StoreError) and dl.error.errno == errno.ENOSPC
+        # The engine still serves.
+        got = await fetcher.acquire(other)
+        assert isinstance(got, Download)
+        await got.finished.wait()
+        assert got.complete
+
+
+@trio_test
+async def test_opens_never_wait_behind_verifications(remote: FakeRemote, stores,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11.11: eight large files being hashed must not hold up an open."""
+    release = threading.Event()
+    hashing = []
+
+    def slow_check(*args: object, **kw: object) -> None:
+        hashing.append(1)
+        release.wait(20)
+
+    monkeypatch.setattr(verify, "check", slow_check)
+    objs = [remote.put(BUCKET, f"m/big{i}.bin", os.urandom(64 * KiB)) for i in range(10)]
+    small = remote.put(BUCKET, "m/config.json", b"{}")
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=8))
+    try:
+        async with running(fetcher):
+            downloads = [await fetcher.acquire(o, background=True) for o in objs]
+            await wait_for(lambda: all(isinstance(d, Download) and d.all_done for d in downloads),
+                           "every download to reach its verification")
+            await wait_for(lambda: len(hashing) >= 2, "verifications to run")
+            await trio.sleep(0.3)  # every thread the store work may have is taken by now
+            with trio.fail_after(5):  # queued behind the hashing, this would wait for all of it
+                got = await fetcher.acquire(small)
+                if isinstance(got, LocalCopy):
+                    os.close(got.fd)
+                state, _ = await fetcher.state_of(objs[-1])  # getxattr's path
+            assert state in ("downloading", "cached")
+            release.set()
+    finally:
+        release.set()
+
+
+@trio_test
+async def test_shutdown_does_not_wait_for_a_long_verification(remote: FakeRemote, stores, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11.12: a verification that would take minutes stops at close."""
+    started = threading.Event()
+
+    def endless_hash(fd: int, size: int, exp: object, uri: str, cancelled) -> None:  # type: ignore[no-untyped-def]
+        started.set()
+        while not cancelled():  # a 100 GiB file, one 4 MiB read at a time
+            threading.Event().wait(0.01)
+        raise InterruptedError("verification cancelled")
+
+    monkeypatch.setattr(verify, "check", endless_hash)
+    obj = remote.put(BUCKET, "m/w.bin", os.urandom(MiB))
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher, close=False):
+        dl = await fetcher.acquire(obj)
+        assert isinstance(dl, Download)
+        await wait_for(started.is_set, "the verification")
+        with trio.fail_after(3):
+            await fetcher.close(grace=2)
+        assert dl.pins == 0 and dl.error is not None
+    assert not (tmp_path / "store" / "m/w.bin").exists()
+
+
+@trio_test
+async def test_the_dispatcher_survives_an_unexpected_exception(remote: FakeRemote, stores,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    real_pick = dispatch.pick
+    calls = iter([True])
+
+    def pick_fails_once(downloads):  # type: ignore[no-untyped-def]
+        if next(calls, False):
+            raise RuntimeError("a bug in the scheduler")
+        return real_pick(downloads)
+
+    monkeypatch.setattr(dispatch, "pick", pick_fails_once)
+    data = os.urandom(300 * KiB)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    before = STATS.background_errors["dispatcher"]
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        handles = Handles(fetcher)
+        fh = await handles.open(obj)
+        assert bytes(await handles.read(fh, 0, len(data))) == data
+        handles.release(fh)
+    assert STATS.background_errors["dispatcher"] == before + 1
+
+
+@trio_test
+async def test_an_engine_task_that_raises_does_not_end_the_engine(remote: FakeRemote, stores,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume-record save, a publish, a discard: whatever the store throws."""
+    def broken_record(self, done) -> None:  # type: ignore[no-untyped-def]
+        raise ValueError("a record nobody can write")
+
+    monkeypatch.setattr("lazyfs.partials.Partial.save_state", broken_record)
+    data = os.urandom(MiB)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        handles = Handles(fetcher)
+        fh = await handles.open(obj)
+        assert bytes(await handles.read(fh, 0, len(data))) == data
+        handles.release(fh)
+        dl = await fetcher.acquire(obj)
+        if isinstance(dl, Download):
+            await dl.finished.wait()
+
+
+@trio_test
+async def test_the_coop_poll_failing_gives_the_readers_an_error_and_the_engine_goes_on(
+        remote: FakeRemote, stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    obj = remote.put(BUCKET, "m/w.bin", os.urandom(MiB))
+    other = remote.put(BUCKET, "m/o.bin", b"o" * 1000)
+    owner = stores()
+    lock = owner.partials.lock(obj)
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    monkeypatch.setattr(fetcher.store.partials, "foreign_progress",
+                        lambda o: (_ for _ in ()).throw(ValueError("a record from the future")))
+    async with running(fetcher):
+        handles = Handles(fetcher)
+        fh = await handles.open(obj)
+        with pytest.raises(ValueError):
+            await handles.read(fh, 0, 4096)
+        handles.release(fh)
+        got = await fetcher.acquire(other)
+        assert isinstance(got, Download)
+        await got.finished.wait()
+        assert got.complete
+    assert lock is not None
+    owner.partials.unlock(obj, lock)
+
+
+def test_completion_module_is_the_one_that_hashes() -> None:
+    # The tests above replace verify.check; make sure the engine calls it there.
+    assert completion.verify is verify
