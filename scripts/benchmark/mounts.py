@@ -183,11 +183,14 @@ class LazyfsMounted(Mounted):
             self._start_py_spy(profile_dir / spec.tag)
 
     def _start_py_spy(self, out: Path) -> None:
-        """Sample the daemon until it exits (--py-spy): collapsed stacks, one
-        line per stack with its sample count, for flamegraph tools or grep."""
+        """Sample the daemon until it exits (--py-spy): collapsed stacks with
+        native frames (the C under pyfuse3, ssl, zlib...), one line per stack
+        and thread with its sample count, busy threads only; for flamegraph
+        tools or `python -m benchmark.spysum`.  Native unwinding pauses the
+        daemon for each sample, hence the modest rate."""
         out.parent.mkdir(parents=True, exist_ok=True)
-        argv = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(self.mp.pid), "--rate", "250",
-                "--nonblocking", "--threads", "--format", "raw", "--output", str(out.with_suffix(".txt"))]
+        argv = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(self.mp.pid), "--rate", "100",
+                "--native", "--threads", "--format", "raw", "--output", str(out.with_suffix(".txt"))]
         with open(out.with_suffix(".log"), "wb") as log:
             self.spy = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
