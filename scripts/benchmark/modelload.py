@@ -162,6 +162,8 @@ class Model:
         ctx.put(system, "model.first_total_s", (r["first_s"] or 0.0) + mount_s)
         if mt is not None:
             ctx.put(system, "model.mount_s", mount_s)
+            served = self.served_bytes(mt)
+            ctx.put(system, "model.served_ratio", served / self.ck.total_bytes if served is not None else None)
             s = mt.sample()  # a mount made for this load: its start-up and the load
             ctx.put(system, "model.cpu_daemon_s", s.cpu_s)
             ctx.put(system, "model.rss_daemon_mib", s.vmhwm_kib / 1024 if s.vmhwm_kib else None)
@@ -175,6 +177,16 @@ class Model:
         ctx.log(f"    {name}: {r['all_s']:.2f} s to all tensors (+{mount_s:.2f} s mount), first after "
                 f"{r['first_s'] or 0:.2f} s, {'ok' if r.get('ok') else 'CHECK FAILED'}")
         return mt
+
+    def served_bytes(self, mt: Mounted) -> int | None:
+        """Bytes lazyfs answered FUSE reads with (its stats file, read by a
+        child under a timeout: never the harness itself on a FUSE path)."""
+        path = mt.spec.mnt / ".lazyfs" / "stats.json"
+        try:
+            res = subprocess.run(["cat", str(path)], capture_output=True, timeout=30, check=False)
+            return sum(int(v) for v in json.loads(res.stdout)["cache"]["served_bytes"].values())
+        except (OSError, ValueError, KeyError, TypeError, subprocess.TimeoutExpired):
+            return None
 
     def wait_published(self, store: Path, timeout: float = 300.0) -> bool:
         deadline = time.monotonic() + timeout

@@ -146,6 +146,7 @@ MODEL_COLUMNS = [
     ("of which mount, s", "model.mount_s"),
     ("server bytes / model bytes", "model.srv_ratio"),
     ("server requests", "model.requests"),
+    ("lazyfs: FUSE bytes served / model bytes", "model.served_ratio"),
     ("loader peak RSS, MiB", "model.rss_loader_mib"),
     ("daemon peak RSS, MiB", "model.rss_daemon_mib"),
     ("CPU s: loader", "model.cpu_loader_s"),

@@ -3,9 +3,11 @@
 
     python -m benchmark.spysum DIR/seq-r0.txt [--rate 100] [--gib 1.0] [--top 15]
 
-py-spy records only busy threads (without --idle), so samples / rate is about
-the CPU seconds of the daemon, pauses for sampling excepted.  Each stack is
-put in the first category, in the order below, that one of its frames
+Samples / rate is thread-seconds.  py-spy leaves out threads it sees idle,
+but with native frames a thread blocked on a lock, the GIL or poll still
+counts: those stacks go to the first category, "waiting", and the rest is
+roughly time on the CPU (for exact CPU per layer, see benchmark.perfsum).  Each
+stack is put in the first category, in the order below, that one of its frames
 matches; the rest is "other".  --gib divides seconds by the GiB moved.
 """
 
@@ -19,6 +21,11 @@ from pathlib import Path
 
 # (label, substrings of a frame), most specific first.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
+    # With native frames py-spy counts a thread blocked in a lock, the GIL or
+    # poll as busy: these are wall time, not CPU.
+    (WAITING := "waiting, not on CPU (a lock or the GIL, poll, epoll, a condition)",
+     ("PyThread_acquire_lock_timed", "pthread_cond_timedwait", "pthread_cond_wait", "take_gil", "sem_clockwait",
+      "sem_timedwait", "epoll_wait (", "poll (")),
     ("verification after the last byte (lazyfs/verify.py: MD5/CRC of the whole file)", ("lazyfs/verify.py",)),
     ("pwrite of downloaded pieces into the sparse file", ("_pwrite_all", "pwrite64")),
     ("HTTP body reading (RangeStream.read: urllib3, http.client, socket recv)", ("RangeStream.read",)),
@@ -81,7 +88,9 @@ def summarize(path: Path, rate: float, gib: float | None, top: int) -> str:
         pyleaves[python_leaf(frames)] += n
         threads["trio thread (FUSE handlers)" if "MainThread" in frames[0] else "worker threads"] += n
     per = f", s/GiB at {gib:g} GiB" if gib else ""
-    lines = [f"## {path.name}: {total} busy samples at {rate:g} Hz = {total / rate:.2f} s{per}", "",
+    busy = total - cats[WAITING]
+    lines = [f"## {path.name}: {total} samples at {rate:g} Hz = {total / rate:.2f} thread-s, "
+             f"{busy / rate:.2f} s not waiting{per}", "",
              "| where | s | share |" + (" s/GiB |" if gib else ""), "|---|---:|---:|" + ("---:|" if gib else "")]
     for label, n in cats.most_common() + [("", 0)] + threads.most_common():
         if not label:
