@@ -89,8 +89,8 @@ def summarize(path: Path, rate: float, gib: float | None, top: int) -> str:
         threads["trio thread (FUSE handlers)" if "MainThread" in frames[0] else "worker threads"] += n
     per = f", s/GiB at {gib:g} GiB" if gib else ""
     busy = total - cats[WAITING]
-    lines = [f"## {path.name}: {total} samples at {rate:g} Hz = {total / rate:.2f} thread-s, "
-             f"{busy / rate:.2f} s not waiting{per}", "",
+    lines = [(f"## {path.name}: {total} samples at {rate:g} Hz = {total / rate:.2f} thread-s, "
+              f"{busy / rate:.2f} s not waiting{per}"), "",
              "| where | s | share |" + (" s/GiB |" if gib else ""), "|---|---:|---:|" + ("---:|" if gib else "")]
     for label, n in cats.most_common() + [("", 0)] + threads.most_common():
         if not label:
