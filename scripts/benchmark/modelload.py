@@ -137,7 +137,8 @@ class Model:
             res = json.loads(out.read_text().strip().splitlines()[-1])
         except (OSError, ValueError, IndexError):
             return Run({}, wall, f"exit {proc.returncode}, no result: {_tail(err)}"), mt
-        return Run(res, wall, res.get("error", "") if not res.get("ok") else ""), mt
+        error = "" if res.get("ok") else (res.get("error") or f"tensors differ from the source: {res.get('bad')}")
+        return Run(res, wall, error), mt
 
     def measure(self, name: str, argv: list[str], env: dict[str, str] | None = None,
                 mount: Any = None) -> Mounted | None:
