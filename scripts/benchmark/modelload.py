@@ -9,6 +9,8 @@ server is never disk-bound; everything on the client side starts cold):
     local              load_file from the local copy of the checkpoint (the disk)
     lazyfs             load_file from a fresh lazyfs mount, empty store
     lazyfs-restart     the same store, complete, mounted again
+    lazyfs-restart-warm  again, with the store's shards read into the page cache first: the FUSE
+                       path alone, without the store's disk
     runai-restart      the Run:ai streamer right after it: it keeps nothing, it streams again
     lazyfs-prefetch    load_file from a fresh mount with --prefetch
     boto3              download_file of every file, then load_file
@@ -43,9 +45,10 @@ from benchmark.scenarios import Ctx
 MiB = 1 << 20
 PREFIX = "model:"  # results of this scenario are kept under system "model:<contender>"
 CONTENDERS = ("local", "lazyfs", "lazyfs-prefetch", "boto3", "runai", "runai-16", "s3torch", "lazyfs-restart",
-              "runai-restart")
+              "lazyfs-restart-warm", "runai-restart")
 # --only names (main.SYSTEMS) -> the contenders they enable.
-BY_SYSTEM = {"local": ("local",), "lazyfs": ("lazyfs", "lazyfs-prefetch", "lazyfs-restart"), "boto3": ("boto3",),
+BY_SYSTEM = {"local": ("local",), "lazyfs": ("lazyfs", "lazyfs-prefetch", "lazyfs-restart", "lazyfs-restart-warm"),
+             "boto3": ("boto3",),
              "runai": ("runai", "runai-16", "runai-restart"), "s3torch": ("s3torch",)}
 LABELS = {
     "local": "`load_file` from a local copy, page cache dropped",
@@ -56,6 +59,7 @@ LABELS = {
     "runai-16": "Run:ai streamer, 16 object-store clients",
     "s3torch": "s3torchconnector `S3Client`, read whole, `safetensors.torch.load`",
     "lazyfs-restart": "restart: lazyfs mounted again over its full store",
+    "lazyfs-restart-warm": "restart, the store's files already in the page cache (the FUSE path alone)",
     "runai-restart": "restart: Run:ai streamer again (default; keeps nothing)",
 }
 GO_TIMEOUT_S = 300.0
@@ -141,10 +145,12 @@ class Model:
         return Run(res, wall, error), mt
 
     def measure(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-                mount: Any = None) -> Mounted | None:
-        """Prepare, run, record; returns the live mount (the caller unmounts it)."""
+                mount: Any = None, warm: Sequence[Path] = ()) -> Mounted | None:
+        """Prepare (and read `warm` into the page cache), run, record; returns
+        the live mount (the caller unmounts it)."""
         ctx, system = self.ctx, PREFIX + name
         self.prepare()
+        ctx.warm(warm)
         srv_pid = ctx.server.pid if ctx.server else None
         before, srv0 = ctx.traffic(), proc_sample(srv_pid).cpu_s if srv_pid else None
         run, mt = self.loader(argv, env, mount)
@@ -209,7 +215,7 @@ class Model:
     def local(self) -> None:
         self.measure("local", ["files", str(self.ck.root)])
 
-    def lazyfs_cold_and_restart(self, with_restart: bool, with_runai: bool) -> None:
+    def lazyfs_cold_and_restart(self, with_restart: bool, with_warm: bool, with_runai: bool) -> None:
         ctx, m = self.ctx, self.lazyfs
         assert m is not None
         store = ctx.fresh("model-lazyfs")
@@ -217,12 +223,18 @@ class Model:
         mt = self.measure("lazyfs", ["files", folder], mount=lambda: ctx.mount(m, FOLDER, store, "model-cold"))
         if mt is None:
             return
-        if with_restart and not self.wait_published(store):
+        if (with_restart or with_warm) and not self.wait_published(store):
             ctx.problem(PREFIX + "lazyfs", "the checkpoint was not complete in the store after 300 s")
         ctx.unmount(mt)
         if with_restart:
             mt = self.measure("lazyfs-restart", ["files", folder],
                               mount=lambda: ctx.mount(m, FOLDER, store, "model-restart"))
+            if mt is not None:
+                ctx.unmount(mt)
+        if with_warm:
+            mt = self.measure("lazyfs-restart-warm", ["files", folder],
+                              mount=lambda: ctx.mount(m, FOLDER, store, "model-restart-warm"),
+                              warm=[store / self.ck.key(s) for s in self.ck.shards])
             if mt is not None:
                 ctx.unmount(mt)
         if with_runai:
@@ -277,7 +289,8 @@ def run_model(ctx: Ctx, ck: Checkpoint, systems: Sequence[str], lazyfs: LazyfsMo
     if "local" in want:
         plan.append(("local", md.local))
     if lazyfs is not None and "lazyfs" in want:
-        plan.append(("lazyfs", lambda: md.lazyfs_cold_and_restart("lazyfs-restart" in want, "runai-restart" in want)))
+        plan.append(("lazyfs", lambda: md.lazyfs_cold_and_restart("lazyfs-restart" in want, "lazyfs-restart-warm" in want,
+                                                                  "runai-restart" in want)))
     if lazyfs is not None and "lazyfs-prefetch" in want:
         plan.append(("lazyfs-prefetch", md.lazyfs_prefetch))
     if "boto3" in want:
