@@ -1,7 +1,9 @@
 """lazyfs's benchmark (`sudo scripts/bench`): lazyfs cold and warm against
 boto3 download_file, a plain local file, a minimal pyfuse3 pass-through, and
 the peers s3fs-fuse and rclone when installed, all against one S3 server in
-one run; on plain loopback or on an emulated object store (--mode wan).
+one run; on plain loopback or on an emulated object store (--mode wan).  The
+model-load scenario (--scenarios model) adds the model loaders as peers: the
+Run:ai Model Streamer and s3torchconnector (benchmodelload).
 
 It prints a markdown table of results and one of the issue's targets, and
 writes the same plus every raw measurement as JSON (--out).  Everything bulky
@@ -9,7 +11,8 @@ lives in .bench/ (git-ignored): the node modules, the generated dataset, the
 server's store (kept between runs), the results, and a work folder per run
 that is removed at the end.  Needs root: FUSE mounts, drop_caches, network
 namespaces.  See docs in the modules: benchscenarios (what is measured),
-benchnet (the wan emulation), benchserver (the server), benchdata (dataset).
+benchnet (the wan emulation), benchserver (the server), benchdata (dataset),
+benchcheckpoint and benchmodelload (the model-load scenario).
 """
 
 from __future__ import annotations
@@ -30,14 +33,17 @@ from typing import Any, NoReturn, Sequence
 
 from benchmark import net as benchnet
 from benchmark import report as benchreport
+from benchmark.checkpoint import Checkpoint, ensure_checkpoint, ensure_checkpoint_uploaded
 from benchmark.data import PROFILES, Dataset, ensure_local, ensure_uploaded
+from benchmark.modelload import run_model
 from benchmark.mounts import LazyfsMounter, Mounter, PassthroughMounter, RcloneMounter, S3fsMounter
 from benchmark.scenarios import SCENARIOS, Ctx, Results, run_boto3, run_local, run_mounted
 from benchmark.server import Endpoint, LocalS3, remote_endpoint, s3_client
 from lazyfs import __version__
 from support.mountproc import force_unmount
 
-SYSTEMS = ("lazyfs", "boto3", "s3fs", "rclone", "local", "passthrough")
+# runai (the Run:ai Model Streamer) and s3torch (s3torchconnector) load models only (--scenarios model).
+SYSTEMS = ("lazyfs", "boto3", "s3fs", "rclone", "local", "passthrough", "runai", "s3torch")
 BUCKET = "lazyfs-bench"
 
 
@@ -48,7 +54,8 @@ def log(msg: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small dataset: 256 MiB file, 4 x 64 MiB, 1,000 small files")
+    p.add_argument("--quick", action="store_true", help="small dataset: 256 MiB file, 4 x 64 MiB, 1,000 small files, "
+                   "a 254 MiB checkpoint in 2 shards (default: 2.05 GiB in 4)")
     p.add_argument("--mode", choices=("loopback", "wan"), default="loopback",
                    help="wan: the server in a network namespace, per-request latency, per-connection bandwidth")
     p.add_argument("--endpoint-url", metavar="URL", help="a real S3 or MinIO instead of the local server "
@@ -69,6 +76,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--home", default=os.environ.get("LAZYFS_BENCH_HOME") or ".bench",
                    help="where node modules, data, the server store and results live (default .bench)")
     p.add_argument("--keep-workdir", action="store_true", help="keep stores and logs of this run's work folder")
+    p.add_argument("--py-spy", metavar="DIR", help="sample every lazyfs daemon with py-spy (the bench extra) into "
+                   "DIR/<mount tag>.txt, collapsed stacks; it costs CPU, so do not compare times of such a run")
     a = p.parse_args(argv)
     a.systems = _pick(p, a.only, SYSTEMS, "--only")
     a.scenario_set = set(_pick(p, a.scenarios, SCENARIOS, "--scenarios"))
@@ -149,10 +158,10 @@ def _raise_interrupt(signum: int, frame: Any) -> NoReturn:
 # -- the run ------------------------------------------------------------------------------
 
 
-def mounters(systems: Sequence[str], lazyfs_log_level: str,
-             lazyfs_args: Sequence[str] = ()) -> tuple[list[Mounter], list[str]]:
+def mounters(systems: Sequence[str], lazyfs_log_level: str, lazyfs_args: Sequence[str] = (),
+             profile_dir: Path | None = None) -> tuple[list[Mounter], list[str]]:
     """The filesystems to measure, and why any were skipped."""
-    table: dict[str, Mounter] = {"lazyfs": LazyfsMounter(lazyfs_log_level, lazyfs_args),
+    table: dict[str, Mounter] = {"lazyfs": LazyfsMounter(lazyfs_log_level, lazyfs_args, profile_dir),
                                  "passthrough": PassthroughMounter(),
                                  "s3fs": S3fsMounter(), "rclone": RcloneMounter()}
     order = ["passthrough", "lazyfs", "s3fs", "rclone"]
@@ -185,22 +194,28 @@ def warm_listing(client: Any, ep: Endpoint, ds: Dataset) -> None:
         pass
 
 
-def run_all(a: argparse.Namespace, ctx: Ctx, ms: list[Mounter]) -> None:
+def run_all(a: argparse.Namespace, ctx: Ctx, ms: list[Mounter], ck: Checkpoint | None) -> None:
+    fs_scenarios = a.scenario_set - {"model"}
     for rep in range(a.repeat):
         ctx.rep = rep
         log(f"=== repetition {rep + 1} of {a.repeat} ===")
-        if "local" in a.systems:
-            ctx.guard("local", "baseline", lambda: run_local(ctx, a.scenario_set, os.geteuid() == 0))
-        else:
-            ctx.warm_server()
-        if "boto3" in a.systems:
-            log("  boto3 download_file")
-            ctx.guard("boto3", "baseline", lambda: run_boto3(ctx, a.scenario_set))
-        for m in ms:
-            run_mounted(ctx, m, a.scenario_set)
+        if fs_scenarios:
+            if "local" in a.systems:
+                ctx.guard("local", "baseline", lambda: run_local(ctx, fs_scenarios, os.geteuid() == 0))
+            else:
+                ctx.warm_server()
+            if "boto3" in a.systems:
+                log("  boto3 download_file")
+                ctx.guard("boto3", "baseline", lambda: run_boto3(ctx, fs_scenarios))
+            for m in ms:
+                run_mounted(ctx, m, fs_scenarios)
+        if ck is not None:
+            # Last: it drops the page cache before every load.
+            lazy = next((m for m in ms if isinstance(m, LazyfsMounter)), None)
+            run_model(ctx, ck, a.systems, lazy)
 
 
-def versions() -> dict[str, str]:
+def versions(model: bool = False) -> dict[str, str]:
     def first_line(argv: list[str]) -> str:
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -210,11 +225,19 @@ def versions() -> dict[str, str]:
 
     import boto3
     import pyfuse3
-    return {"lazyfs": f"{__version__} ({lazyfs_revision()})", "python": platform.python_version(),
-            "boto3": boto3.__version__,
-            "pyfuse3": pyfuse3.__version__, "node": first_line(["node", "--version"]),
-            "s3fs": first_line(["s3fs", "--version"]), "rclone": first_line(["rclone", "version"]),
-            "kernel": platform.release()}
+    out = {"lazyfs": f"{__version__} ({lazyfs_revision()})", "python": platform.python_version(),
+           "boto3": boto3.__version__, "pyfuse3": pyfuse3.__version__, "node": first_line(["node", "--version"]),
+           "s3fs": first_line(["s3fs", "--version"]), "rclone": first_line(["rclone", "version"]),
+           "kernel": platform.release()}
+    if model:
+        from importlib import metadata
+
+        for dist in ("torch", "safetensors", "runai-model-streamer", "runai-model-streamer-s3", "s3torchconnector"):
+            try:
+                out[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                out[dist] = "not installed"
+    return out
 
 
 def lazyfs_revision() -> str:
@@ -236,7 +259,7 @@ def lazyfs_revision() -> str:
 
 
 def render(a: argparse.Namespace, ep: Endpoint, ds: Dataset, results: Results, skipped: list[str],
-           if_match: str, vers: dict[str, str]) -> tuple[str, dict[str, Any]]:
+           if_match: str, vers: dict[str, str], ck: Checkpoint | None = None) -> tuple[str, dict[str, Any]]:
     values = results.values
     benchreport.add_mount_metrics(values, results.mounts, a.repeat)
     summary = benchreport.summarize(values)
@@ -251,12 +274,26 @@ def render(a: argparse.Namespace, ep: Endpoint, ds: Dataset, results: Results, s
             else f"- If-Match on GET: {if_match}",
             f"- dataset: {benchreport.size_label(p.big_mib)} file, {p.shards} x {benchreport.size_label(p.shard_mib)}"
             f" shards, {p.small_files:,} x {p.small_kib} KiB files in {p.small_dirs} folders",
+            *([benchreport.checkpoint_line(ck)] if ck else []),
             "- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
             f"- machine: {os.cpu_count()} CPUs, shared and noisy: compare ratios, not absolute times", ""]
     if a.lazyfs_arg:
         head.insert(-1, "- lazyfs mounted with: " + " ".join(a.lazyfs_arg))
-    md = "\n".join(head) + "\n### Results (medians)\n\n" + benchreport.results_table(summary, p)
-    md += "\n\n### Targets (ratios within each repetition, median)\n\n" + benchreport.targets_table(targets)
+    if a.py_spy:
+        head.insert(-1, "- every lazyfs daemon sampled by py-spy (--py-spy): its times are not comparable")
+    fs_systems = {s: v for s, v in summary.items() if not s.startswith(benchreport.MODEL_PREFIX)}
+    md = "\n".join(head)
+    if any(fs_systems.values()):
+        md += "\n### Results (medians)\n\n" + benchreport.results_table(fs_systems, p)
+    if ck is not None:
+        md += "\n\n### Model load (medians)\n\n" + benchreport.model_table(summary, ck)
+    fs_targets = [t for t in targets if not t["target"].startswith("model ")]
+    model_targets = [t for t in targets if t["target"].startswith("model ")]
+    if any(fs_systems.values()):
+        md += "\n\n### Targets (ratios within each repetition, median)\n\n" + benchreport.targets_table(fs_targets)
+    if ck is not None:
+        md += ("\n\n### Model-load targets (issue 13; ratios within each repetition, median; lazyfs includes its "
+               "mount)\n\n" + benchreport.targets_table(model_targets))
     notes = skipped + results.problems
     if notes:
         md += "\n\n### Problems and skipped systems\n\n" + "\n".join(f"- {n}" for n in _dedupe(notes))
@@ -264,6 +301,8 @@ def render(a: argparse.Namespace, ep: Endpoint, ds: Dataset, results: Results, s
                      "profile": asdict(p), "mode": a.mode, "endpoint": ep.description, "if_match": if_match,
                      "wan": {"delay_ms": a.wan_delay_ms, "rate_mbit": a.wan_rate_mbit} if a.mode == "wan" else None,
                      "repeat": a.repeat, "systems": a.systems, "scenarios": sorted(a.scenario_set),
+                     "checkpoint": ({"shape": asdict(ck.shape), "files": {f: v[0] for f, v in ck.files.items()},
+                                     "tensors": len(ck.crcs), "total_bytes": ck.total_bytes} if ck else None),
                      "versions": vers, "skipped": skipped},
             "summary": summary, "targets": targets, "raw": values,
             "mounts": [asdict(m) for m in results.mounts], "problems": results.problems, "markdown": md}
@@ -296,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ignored, and Python then leaves it so.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
-    ms, skipped = mounters(a.systems, a.lazyfs_log_level, a.lazyfs_arg)
+    ms, skipped = mounters(a.systems, a.lazyfs_log_level, a.lazyfs_arg, Path(a.py_spy).resolve() if a.py_spy else None)
     for s in skipped:
         log(s)
     registry = Registry(workdir)
@@ -305,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx: Ctx | None = None
     try:
         ds = ensure_local(profile, home / "data", log)
+        ck = ensure_checkpoint(profile, home / "data", log) if "model" in a.scenario_set else None
         if a.endpoint_url:
             ep = remote_endpoint(a.endpoint_url, a.bucket)
         else:
@@ -319,13 +359,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"server: {ep.description}")
         client = s3_client(ep)
         ensure_uploaded(ds, client, ep.bucket, log)
+        if ck is not None:
+            ensure_checkpoint_uploaded(ck, client, ep.bucket, log)
         if server is not None:
             warm_listing(client, ep, ds)
         if_match = check_if_match(client, ep, ds)
         ctx = Ctx(ep, server, ds, workdir, Results(), log, registry.note, a.op_timeout, a.mount_timeout)
         t0 = time.monotonic()
-        run_all(a, ctx, ms)
-        md, data = render(a, ep, ds, ctx.results, skipped, if_match, versions())
+        run_all(a, ctx, ms, ck)
+        md, data = render(a, ep, ds, ctx.results, skipped, if_match, versions(ck is not None), ck)
         data["meta"]["elapsed_s"] = time.monotonic() - t0
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=1, default=str))

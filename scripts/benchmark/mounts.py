@@ -168,9 +168,11 @@ class CommandMounted(Mounted):
 
 
 class LazyfsMounted(Mounted):
-    def __init__(self, spec: MountSpec, base: Path, args: list[str], env: dict[str, str], timeout: float) -> None:
+    def __init__(self, spec: MountSpec, base: Path, args: list[str], env: dict[str, str], timeout: float,
+                 profile_dir: Path | None = None) -> None:
         t0 = time.monotonic()
         self.mp = MountProcess(spec.mnt, args, env, spec.log_path, python=sys.executable)
+        self.spy: subprocess.Popen[bytes] | None = None
         super().__init__("lazyfs", spec, base, 0.0)
         try:
             self.mp.start(timeout)
@@ -179,6 +181,21 @@ class LazyfsMounted(Mounted):
             self.mp.cleanup()
             raise MountError(str(e)[-1500:]) from None
         self.record.mount_s = time.monotonic() - t0
+        if profile_dir is not None:
+            self._start_py_spy(profile_dir / spec.tag)
+
+    def _start_py_spy(self, out: Path) -> None:
+        """Sample the daemon until it exits (--py-spy): collapsed stacks with
+        native frames (the C under pyfuse3, ssl, zlib...), one line per stack
+        and thread with its sample count, busy threads only; for flamegraph
+        tools or `python -m benchmark.spysum`.  Native unwinding pauses the
+        daemon for each sample, hence the modest rate."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        argv = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(self.mp.pid), "--rate", "100",
+                "--native", "--threads", "--format", "raw", "--output", str(out.with_suffix(".txt"))]
+        with open(out.with_suffix(".log"), "wb") as log:
+            self.spy = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
 
     @property
     def pid(self) -> int:
@@ -187,6 +204,12 @@ class LazyfsMounted(Mounted):
     def _terminate(self) -> int | None:
         rc = self.mp.stop(signal.SIGTERM, timeout=15)
         self.mp.cleanup()
+        if self.spy is not None:  # it writes its profile once the daemon is gone
+            try:
+                self.spy.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.spy.pid, signal.SIGKILL)
+                self.spy.wait(10)
         self._scan_log()
         return rc
 
@@ -218,15 +241,16 @@ class Mounter:
 class LazyfsMounter(Mounter):
     name = "lazyfs"
 
-    def __init__(self, log_level: str = "info", extra: Sequence[str] = ()) -> None:
+    def __init__(self, log_level: str = "info", extra: Sequence[str] = (), profile_dir: Path | None = None) -> None:
         self.log_level = log_level
         self.extra = list(extra)  # --lazyfs-arg: the same flags on every mount
+        self.profile_dir = profile_dir  # --py-spy: sample every mount's daemon into this folder
 
     def mount(self, spec: MountSpec, ep: Endpoint, ds: Dataset, timeout: float) -> Mounted:
         prefix = f"{ds.profile.name}/{spec.folder}"
         args = ["--prefix", f"s3://{ep.bucket}/{prefix}", "--endpoint-url", ep.url, "--store", str(spec.store),
                 "--log-level", self.log_level, *self.extra, *spec.extra]
-        return LazyfsMounted(spec, spec.mnt / prefix, args, ep.env(), timeout)
+        return LazyfsMounted(spec, spec.mnt / prefix, args, ep.env(), timeout, self.profile_dir)
 
 
 def lazyfs_prefetch_args() -> list[str] | None:

@@ -9,7 +9,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from benchmark.checkpoint import Checkpoint
 from benchmark.data import Profile
+from benchmark.modelload import CONTENDERS, LABELS, PREFIX as MODEL_PREFIX
 from benchmark.mounts import MountRecord
 
 COLUMNS = [("lazyfs", "lazyfs"), ("boto3", "boto3 download_file"), ("s3fs", "s3fs"), ("rclone", "rclone"),
@@ -87,7 +89,9 @@ def add_mount_metrics(values: Values, mounts: list[MountRecord], reps: int) -> N
     """Peak RSS, CPU and mount time of each filesystem's daemon, per repetition."""
     for rep in range(reps):
         for system in {m.system for m in mounts}:
-            mine = [m for m in mounts if m.system == system and m.tag.endswith(f"-r{rep}")]
+            # The model-load scenario reports its own mounts, per contender.
+            mine = [m for m in mounts if m.system == system and m.tag.endswith(f"-r{rep}")
+                    and not m.tag.startswith("model")]
             if not mine:
                 continue
             v = values.setdefault(system, {})
@@ -134,6 +138,51 @@ def results_table(summary: dict[str, dict[str, Any]], p: Profile) -> str:
     return "\n".join(lines) + "\n\n" + FOOTNOTES
 
 
+# -- the model-load scenario --------------------------------------------------------------------
+
+MODEL_COLUMNS = [
+    ("to all tensors, s", "model.total_s"),
+    ("first tensor, s", "model.first_total_s"),
+    ("of which mount, s", "model.mount_s"),
+    ("server bytes / model bytes", "model.srv_ratio"),
+    ("server requests", "model.requests"),
+    ("lazyfs: FUSE bytes served / model bytes", "model.served_ratio"),
+    ("loader peak RSS, MiB", "model.rss_loader_mib"),
+    ("daemon peak RSS, MiB", "model.rss_daemon_mib"),
+    ("CPU s: loader", "model.cpu_loader_s"),
+    ("CPU s: daemon", "model.cpu_daemon_s"),
+    ("CPU s: server", "model.cpu_server_s"),
+    ("checked", "verify.ok"),
+]
+
+MODEL_FOOTNOTES = """\
+Each loader is a fresh process started after `drop_caches` (the server's copy is then read back into the page
+cache: the server is never disk-bound); its clock starts once torch is imported and the destination tensors
+(the model's size, faulted in beforehand, part of the loader's RSS) are allocated, and stops when every tensor
+has been copied into them; then every tensor is checked against its CRC64-NVME. For lazyfs the mount is made
+after the loader's set-up and its time is included ("of which mount"). `load_file` maps the file: its pages count
+in the loader's RSS. Daemon CPU: the lazyfs process, start-up included; server CPU: the S3 server (Node.js)
+while the clock ran. Server bytes include HTTP headers."""
+
+
+def checkpoint_line(ck: Checkpoint) -> str:
+    s = ck.shape
+    return (f"- checkpoint: {len(ck.crcs)} tensors (BF16, norms and output head F16), "
+            f"{ck.tensor_bytes / (1 << 30):.2f} GiB in {s.shards} safetensors shards, plus config.json, "
+            f"tokenizer.json ({ck.files['tokenizer.json'][0] / (1 << 20):.1f} MiB) and the index: "
+            f"hidden {s.hidden}, intermediate {s.intermediate}, vocab {s.vocab:,}, {s.layers} layers")
+
+
+def model_table(summary: dict[str, dict[str, Any]], ck: Checkpoint) -> str:
+    lines = ["| loader | " + " | ".join(label for label, _ in MODEL_COLUMNS) + " |",
+             "|---|" + "---:|" * len(MODEL_COLUMNS)]
+    for c in CONTENDERS:
+        row = summary.get(MODEL_PREFIX + c)
+        if row:
+            lines.append(f"| {LABELS[c]} | " + " | ".join(fmt(row.get(m)) for _, m in MODEL_COLUMNS) + " |")
+    return "\n".join(lines) + "\n\n" + MODEL_FOOTNOTES
+
+
 # -- targets ----------------------------------------------------------------------------
 
 Get = Callable[[str, str], Any]
@@ -160,6 +209,31 @@ def _vs_rclone(metric: str) -> Callable[[Get], float | None]:
 def _once(r: float) -> bool:
     # Exactly once, allowing for the HTTP headers counted with the bytes.
     return 0.999 <= r <= 1.01
+
+
+def _at_most(limit: float) -> Callable[[float], bool]:
+    return lambda r: r <= limit
+
+
+def _model_ratio(a: str, b: str, metric: str) -> Callable[[Get], float | None]:
+    return lambda g: _div(g(MODEL_PREFIX + a, metric), g(MODEL_PREFIX + b, metric))
+
+
+# Issue 13's targets for the model load; lazyfs's times include its mount.
+MODEL_TARGETS = [
+    ("model cold load: lazyfs / Run:ai streamer (default)", "≤ 0.8", "lazyfs", "runai", "model.total_s", 0.8),
+    ("model cold load: lazyfs / Run:ai streamer at 16", "≤ 1.0", "lazyfs", "runai-16", "model.total_s", 1.0),
+    ("model cold load: lazyfs --prefetch / Run:ai streamer (default)", "≤ 0.8", "lazyfs-prefetch", "runai",
+     "model.total_s", 0.8),
+    ("model cold load: lazyfs --prefetch / Run:ai streamer at 16", "≤ 1.0", "lazyfs-prefetch", "runai-16",
+     "model.total_s", 1.0),
+    ("model first tensor: lazyfs / Run:ai streamer (default)", "≤ 1.0", "lazyfs", "runai", "model.first_total_s",
+     1.0),
+    ("model restart: lazyfs / Run:ai streamer streaming again", "≤ 0.5", "lazyfs-restart", "runai-restart",
+     "model.total_s", 0.5),
+    ("model restart: lazyfs / `load_file` from a local copy", "≤ 1.3", "lazyfs-restart", "local", "model.total_s",
+     1.3),
+]
 
 
 TARGETS = [
@@ -194,6 +268,8 @@ TARGETS = [
            lambda g: _div(g("lazyfs", "mmap.cached_s"), g("local", "mmap.cached_s")), lambda r: r <= 3.0),
     Target("peak RSS while streaming the big file, MiB", "< 200",
            lambda g: g("lazyfs", "res.peak_rss_seq_mib"), lambda r: r < 200),
+    *[Target(what, goal, _model_ratio(a, b, metric), _at_most(lim), note="wan")
+      for what, goal, a, b, metric, lim in MODEL_TARGETS],
 ]
 
 

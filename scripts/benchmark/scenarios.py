@@ -39,7 +39,8 @@ from benchmark.server import Endpoint, LocalS3, Traffic
 
 MiB = 1 << 20
 GiB = 1 << 30
-SCENARIOS = ("seq", "prefetch", "ttfb", "mmap", "readers", "shards", "meta")
+# "model" is benchmark.modelload's (it needs the bench extra: torch and the model loaders).
+SCENARIOS = ("seq", "prefetch", "ttfb", "mmap", "readers", "shards", "meta", "model")
 SLICES, SLICE_BYTES, SEED = 64, MiB, 1
 
 
