@@ -283,7 +283,7 @@ def ensure_checkpoint_uploaded(ck: Checkpoint, client: Any, bucket: str, log: Ca
     try:
         if client.get_object(Bucket=bucket, Key=manifest_key(ck))["Body"].read() == want:
             return False
-    except Exception:  # missing or unreadable: upload  # noqa: BLE001
+    except Exception:  # missing or unreadable: upload
         pass
     log(f"uploading the checkpoint to s3://{bucket}/{ck.profile.name}/{FOLDER}/ (one PUT per object)")
     t0 = time.monotonic()

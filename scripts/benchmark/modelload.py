@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmark.checkpoint import FOLDER, Checkpoint
-from benchmark.mounts import LazyfsMounter, Mounted, Mounter, proc_sample, lazyfs_prefetch_args
+from benchmark.mounts import LazyfsMounter, Mounted, Mounter, lazyfs_prefetch_args, proc_sample
 from benchmark.scenarios import Ctx
 
 MiB = 1 << 20
@@ -289,8 +289,8 @@ def run_model(ctx: Ctx, ck: Checkpoint, systems: Sequence[str], lazyfs: LazyfsMo
     if "local" in want:
         plan.append(("local", md.local))
     if lazyfs is not None and "lazyfs" in want:
-        plan.append(("lazyfs", lambda: md.lazyfs_cold_and_restart("lazyfs-restart" in want, "lazyfs-restart-warm" in want,
-                                                                  "runai-restart" in want)))
+        plan.append(("lazyfs", lambda: md.lazyfs_cold_and_restart(
+            "lazyfs-restart" in want, "lazyfs-restart-warm" in want, "runai-restart" in want)))
     if lazyfs is not None and "lazyfs-prefetch" in want:
         plan.append(("lazyfs-prefetch", md.lazyfs_prefetch))
     if "boto3" in want:

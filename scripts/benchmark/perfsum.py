@@ -24,8 +24,8 @@ from pathlib import Path
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("page faults (kernel: filling a mapping)", ("asm_exc_page_fault",)),
     ("MD5/CRC hashing (verification)", ("md5_block", "MD5_Update", "_md5", "md5", "crc32", "crc64", "libcrypto")),
-    ("FUSE: reply to the kernel (writev to /dev/fuse, copy from the mapping)", ("fuse_dev_write", "fuse_dev_splice_write",
-                                                                               "__x64_sys_writev")),
+    ("FUSE: reply to the kernel (writev to /dev/fuse, copy from the mapping)",
+     ("fuse_dev_write", "fuse_dev_splice_write", "__x64_sys_writev")),
     ("FUSE: receive requests (read from /dev/fuse)", ("fuse_dev_read", "fuse_dev_splice_read")),
     ("socket receive (kernel: tcp_recvmsg, copy to user)", ("tcp_recvmsg", "sock_recvmsg", "__sys_recvfrom")),
     ("socket send (kernel)", ("tcp_sendmsg", "__sys_sendto")),

@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from benchmark.checkpoint import Checkpoint
 from benchmark.data import Profile
-from benchmark.modelload import CONTENDERS, LABELS, PREFIX as MODEL_PREFIX
+from benchmark.modelload import CONTENDERS, LABELS
+from benchmark.modelload import PREFIX as MODEL_PREFIX
 from benchmark.mounts import MountRecord
 
 COLUMNS = [("lazyfs", "lazyfs"), ("boto3", "boto3 download_file"), ("s3fs", "s3fs"), ("rclone", "rclone"),

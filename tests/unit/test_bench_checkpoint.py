@@ -4,6 +4,7 @@ without torch, which only the bench extra installs."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from pathlib import Path
@@ -34,7 +35,7 @@ def test_shards_are_valid_safetensors_in_serializer_order(tmp_path: Path, monkey
         header.pop("__metadata__")
         spans = sorted((v["data_offsets"], name) for name, v in header.items())
         assert spans[0][0][0] == 0 and spans[-1][0][1] == len(raw) - 8 - n  # no gap at either end
-        assert all(a[0][1] == b[0][0] for a, b in zip(spans, spans[1:]))  # nor between tensors
+        assert all(a[0][1] == b[0][0] for a, b in itertools.pairwise(spans))  # nor between tensors
         order = [name for _, name in spans]
         assert order == sorted(order, key=lambda t: (header[t]["dtype"] != "BF16", t))  # BF16 first, then F16
         for (start, end), name in spans:
