@@ -12,6 +12,7 @@ the live listing back.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ from typing import Awaitable, Callable, Sequence
 import trio
 
 from lazyfs.config import Source
-from lazyfs.errors import LazyfsError, RemoteError
+from lazyfs.errors import LazyfsError, ObjectNotFound, RemoteError
 from lazyfs.listings import walk_local
 from lazyfs.namespace import DirNode, Node, RemoteObject, Tree, build_tree, join
 from lazyfs.objectstore import ObjectStore
@@ -255,6 +256,34 @@ class Catalog:
         finally:
             del self._probing[path]
             done.set()
+
+    async def recheck(self, old: RemoteObject) -> Diff:
+        """A download found `old` replaced or deleted in the object store: ask
+        the store about that one object (a HEAD) and swap what it says into
+        the snapshot now, so the next open reads the new version, without
+        waiting for the next listing.  Nothing changes if a listing got
+        there first or the store cannot be asked."""
+        try:
+            info = await trio.to_thread.run_sync(self.remote.head, old.bucket, old.key)
+            new: RemoteObject | None = dataclasses.replace(
+                info.obj, checksum_algorithm=info.checksum[0] if info.checksum else "")
+        except ObjectNotFound:
+            new = None
+        except RemoteError as e:
+            log.warning("%s: could not check its new version (%s); the next listing will", old.uri, e)
+            return Diff()
+        before = self.tree
+        current = before.find(old.key)
+        if not isinstance(current, RemoteObject) or not current.same_bytes(old) or \
+                (new is not None and new.same_bytes(old)):
+            return Diff()
+        tree = await trio.to_thread.run_sync(before.replaced, old.key, new)
+        if self.tree is not before:
+            return Diff()  # a listing was swapped in meanwhile: it knows better
+        self.tree = tree
+        log.info("%s: %s", old.uri, "deleted in the object store" if new is None else
+                 f"new version in the object store (ETag {new.etag}, {new.size} bytes)")
+        return Diff(changed=((old, new),)) if new is not None else Diff(removed=(old,))
 
     def _warn_skipped(self, tree: Tree) -> None:
         for s in tree.skipped:

@@ -270,10 +270,20 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if not isinstance(ref, RemoteObject):
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if self._superseded(ref):
+            # The kernel's cached name still points at an older version: ESTALE
+            # makes it look the name up again and open the current one.
+            raise pyfuse3.FUSEError(errno.ESTALE)
         fh = await self.handles.open(ref)
         # keep_cache: this inode is one immutable version, so pages the kernel
         # cached for it stay right across opens (a new version is a new inode).
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    def _superseded(self, ref: RemoteObject) -> bool:
+        if not self.catalog.listed.is_set():
+            return False
+        current = self.catalog.tree.find(ref.key)
+        return not (isinstance(current, RemoteObject) and current.same_bytes(ref))
 
     @_translated
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]

@@ -162,9 +162,19 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
     stopping = trio.Event()
     warmer = Warmer(catalog, cfg, fetcher)
     refresher = Refresher(catalog, cfg.refresh, [ops.invalidate, warmer.on_change])
-    # An object replaced in S3 during its download: list again, so the next
-    # open sees (and fetches) the new version.
-    fetcher.hooks.on_changed = lambda obj: refresher.request()
+
+    async def object_changed(obj: RemoteObject) -> None:
+        """An object replaced or deleted in S3 during its download: learn its
+        new version now and tell the kernel, so the next open fetches it (a
+        full listing only if the object store could not say)."""
+        diff = await catalog.recheck(obj)
+        if not diff:
+            refresher.request()
+            return
+        ops.invalidate(diff)
+        warmer.on_change(diff)
+
+    fetcher.hooks.on_changed = object_changed
     async with AsyncExitStack() as stack:
         signals = stack.enter_context(trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         try:

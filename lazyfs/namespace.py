@@ -106,10 +106,11 @@ class DirNode:
 
     __slots__ = ("children", "mtime_ns", "names", "nsubdirs", "path")
 
-    def __init__(self, path: str, children: dict[str, Node], mtime_ns: int) -> None:
+    def __init__(self, path: str, children: dict[str, Node], mtime_ns: int,
+                 names: tuple[str, ...] | None = None) -> None:
         self.path = path
         self.children = children
-        self.names = tuple(sorted(children))
+        self.names = names if names is not None else tuple(sorted(children))
         self.mtime_ns = mtime_ns
         self.nsubdirs = sum(1 for c in children.values() if isinstance(c, DirNode))
 
@@ -155,6 +156,36 @@ class Tree:
                 return None
             node = child
         return node
+
+    def replaced(self, key: str, new: RemoteObject | None) -> Tree:
+        """This snapshot with the file at `key` replaced by `new` (or removed),
+        sharing every folder off the path to it; itself if there is no such
+        file.  O(path depth x folder size): build it in a worker thread."""
+        parts = key.split("/")
+        chain = [self.root]
+        for part in parts[:-1]:
+            child = chain[-1].children.get(part)
+            if not isinstance(child, DirNode):
+                return self
+            chain.append(child)
+        old = chain[-1].children.get(parts[-1])
+        if not isinstance(old, RemoteObject):
+            return self
+        folder = chain[-1]
+        children = dict(folder.children)
+        if new is None:
+            del children[parts[-1]]
+            node = DirNode(folder.path, children, folder.mtime_ns)
+        else:
+            children[parts[-1]] = new
+            node = DirNode(folder.path, children, folder.mtime_ns, folder.names)
+        for depth in range(len(chain) - 2, -1, -1):
+            parent = chain[depth]
+            siblings = dict(parent.children)
+            siblings[parts[depth]] = node
+            node = DirNode(parent.path, siblings, parent.mtime_ns, parent.names)
+        size = new.size if new is not None else 0
+        return Tree(node, self.objects - (new is None), self.total_bytes - old.size + size, self.skipped)
 
     def files(self) -> Iterator[RemoteObject]:
         stack = [self.root]

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 # Block completions are made durable (fdatasync + resume record) at most this often.
 _STATE_EVERY_S = 1.0
 _VERIFY_ATTEMPTS = 2
+# How long readers of a replaced object wait for its new version to be known.
+_RECHECK_S = 5.0
 # Long first downloads log their progress this often.
 _PROGRESS_EVERY_S = 5.0
 # Threads for resume records and discards, and for hashing finished files
@@ -50,8 +52,9 @@ class Hooks:
     # An object whose downloaded bytes failed verification: the kernel should
     # drop any pages of them it cached for readers.
     on_bad_data: Callable[[RemoteObject], Awaitable[None]] | None = None
-    # An object that changed or vanished in the object store.
-    on_changed: Callable[[RemoteObject], None] | None = None
+    # An object that changed or vanished in the object store: find its new
+    # version and tell the kernel (awaited before the old one's readers fail).
+    on_changed: Callable[[RemoteObject], Awaitable[None]] | None = None
     # The cache budget (--cache-max-size), told of every published file.
     budget: Budget | None = None
 
@@ -127,6 +130,8 @@ class Runner:
             dl.abandon(req)
             if not isinstance(e, Exception):
                 raise
+            if isinstance(e, (ObjectChanged, ObjectNotFound)):
+                await self._object_changed(dl)
             self.fail(dl, e)
             return
         self._release_slot()
@@ -226,6 +231,16 @@ class Runner:
             return
         self.fail(dl, e)
 
+    async def _object_changed(self, dl: Download) -> None:
+        """Before the readers of the old version get ESTALE: let the mount
+        learn the new version and tell the kernel, so their next open reads
+        it whole.  Once per download, and bounded: the readers are waiting."""
+        if dl.changing or self.hooks.on_changed is None:
+            return
+        dl.changing = True
+        with trio.move_on_after(_RECHECK_S):
+            await self.hooks.on_changed(dl.obj)
+
     def _published(self, dl: Download) -> None:
         dl.complete = True
         if self.hooks.budget is not None and dl.keep:
@@ -281,10 +296,8 @@ class Runner:
             e = RemoteUnavailable(f"{dl.obj.uri}: download stopped (lazyfs is shutting down)",
                                   bucket=dl.obj.bucket, key=dl.obj.key)
         elif isinstance(e, (ObjectChanged, ObjectNotFound)):
-            log.warning("%s: %s during the download; listing again", dl.obj.uri,
+            log.warning("%s: %s during the download", dl.obj.uri,
                         "changed in the object store" if isinstance(e, ObjectChanged) else "deleted")
-            if self.hooks.on_changed is not None:
-                self.hooks.on_changed(dl.obj)
         elif isinstance(e, LazyfsError):
             log.error("download of %s failed: %s", dl.obj.uri, e)
         else:

@@ -212,3 +212,25 @@ def test_opening_a_known_path_does_not_wait_for_the_whole_listing(smount, proxy,
         fs.stat(m.file(f"{P}/llm/missing.bin"))
     wait_until(lambda: "listed 31 objects" in m.log(), timeout=60, what="the full listing")
     assert len(fs.listdir(m.path / P / "many")) == 30
+
+
+def test_after_an_object_is_replaced_mid_download_the_next_open_reads_the_new_version(
+        smount, proxy, bucket, big, fs: FS):
+    """Issue 11.3: the open handle of the old version gets ESTALE; the very
+    next open of the path (no retry, no refresh: --refresh 0) reads the new
+    version whole, and nothing of the old one is published."""
+    import base64
+
+    key = f"{P}/big.bin"
+    new = os.urandom(len(big) + 4096)  # another size too: the kernel's cached size must not clip it
+    m = smount("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", "--max-connections", "1",
+               "--refresh", "0")
+    proxy.add(Fault("replace", key=key, skip=2, times=1, body_b64=base64.b64encode(new).decode()))
+    with pytest.raises(OSError) as info:
+        fs.read(m.file(key))
+    assert info.value.errno == errno.ESTALE
+    assert fs.read(m.file(key)) == new
+    assert fs.stat(m.file(key)).st_size == len(new)
+    wait_until((m.store / key).exists, what="publication")
+    assert sha((m.store / key).read_bytes()) == sha(new)
+    assert proxy.count("LIST") <= 2, "a full listing was needed to find the new version"

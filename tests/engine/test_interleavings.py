@@ -127,7 +127,11 @@ async def test_an_object_replaced_between_two_ranged_gets_is_never_stitched(remo
 
     remote.on_get.append(replace_before_the_second_get)
     fetcher = Fetcher(remote, stores(), fetch_config(max_connections=1))
-    fetcher.hooks.on_changed = changed.append
+
+    async def on_changed(o: RemoteObject) -> None:
+        changed.append(o)
+
+    fetcher.hooks.on_changed = on_changed
     async with running(fetcher):
         handles = Handles(fetcher)
         fh = await handles.open(obj)
