@@ -5,6 +5,7 @@ Blocking; writes no trio-side state (docs/concurrency.md)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -13,7 +14,7 @@ import threading
 from typing import Callable, Iterator
 
 from lazyfs import verify
-from lazyfs.errors import StoreError
+from lazyfs.errors import IntegrityError, StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
@@ -31,27 +32,54 @@ def expectation(remote: ObjectStore, obj: RemoteObject, meta: ResponseMeta | Non
     if etag_is_md5 is None or (checksum is None and obj.checksum_algorithm):
         info = remote.head(obj.bucket, obj.key, etag=obj.etag)
         checksum, etag_is_md5 = info.checksum, info.etag_is_md5
-    return verify.choose(obj.etag, checksum, etag_is_md5, lambda: remote.part_size(obj))
+    return verify.choose(obj.etag, checksum, etag_is_md5, obj.size, lambda n: remote.part(obj, n))
+
+
+UNVERIFIED = "unverified"
+
+
+def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectation | None,
+          cancelled: Callable[[], bool]) -> str:
+    """Check the file against `exp`: how it was verified ("CRC32", "MD5",
+    "MD5-multipart"...), or UNVERIFIED.  IntegrityError only on evidence:
+    a multipart ETag computed from assumed part sizes that does not match
+    is recomputed from each part's reported size first (or the file is
+    unverified when the store cannot say), and the object is confirmed
+    unchanged before the bytes are called corrupt."""
+    if exp is None:
+        log.info("%s: the object store offers nothing to check it against beyond its size; unverified", obj.uri)
+        return UNVERIFIED
+    try:
+        verify.check(fd, obj.size, exp, obj.uri, cancelled)
+        return exp.algorithm
+    except IntegrityError:
+        if exp.algorithm == "MD5-multipart" and not exp.exact:
+            sizes = verify.exact_part_sizes(obj.size, len(exp.part_sizes), lambda n: remote.part(obj, n))
+            if sizes is None:
+                log.warning("%s: its multipart ETag does not match the part sizes assumed, and the object store "
+                            "cannot say each part's size; published unverified", obj.uri)
+                return UNVERIFIED
+            if sizes != exp.part_sizes:
+                exact = dataclasses.replace(exp, part_sizes=sizes, exact=True)
+                return check(remote, fd, obj, exact, cancelled)
+        remote.head(obj.bucket, obj.key, etag=obj.etag)  # ObjectChanged if it was replaced meanwhile
+        raise
 
 
 def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Partial, meta: ResponseMeta | None,
-                                *, keep: bool, origin: str, cancelled: Callable[[], bool]) -> None:
-    """IntegrityError when the bytes are wrong; StoreError when they cannot be published."""
+                                *, keep: bool, origin: str, cancelled: Callable[[], bool]) -> str:
+    """How the bytes were verified (or UNVERIFIED); IntegrityError when they
+    are wrong, StoreError when they cannot be published."""
     obj = partial.obj
     with lower_priority():
-        if obj.size:
-            exp = expectation(remote, obj, meta)
-            if exp is not None:
-                verify.check(partial.fd, obj.size, exp, obj.uri, cancelled)
-                log.debug("%s: verified %s", obj.uri, exp.describe())
-            else:
-                log.debug("%s: nothing to verify against beyond the size", obj.uri)
+        verified = check(remote, partial.fd, obj, expectation(remote, obj, meta), cancelled) if obj.size else "size"
         if not keep:
-            return
+            return verified
         try:
             store.publish(partial, origin)
         except OSError as e:
             raise StoreError(f"{obj.uri}: cannot publish into the store: {e.strerror}", e.errno or errno.EIO) from None
+    return verified
 
 
 @contextlib.contextmanager

@@ -104,6 +104,7 @@ class Download:
         self.bytes_fetched = 0
         self.verify_attempts = 0
         self.changing = False  # the object changed in the store; the mount is being told
+        self.verified = ""  # how the published bytes were checked (completion.check), or "unverified"
         self.last_progress_log = self.started
         self.meta: ResponseMeta | None = None  # verification hints from a GET's headers
         self.lock_fd = -1  # the store lock that makes this process the version's one downloader

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Protocol
 
 from lazyfs.namespace import RemoteObject
+from lazyfs.verify import Part
 
 if TYPE_CHECKING:
     from lazyfs.modeljson import Source
@@ -67,8 +68,8 @@ class ObjectStore(Protocol):
     def head(self, bucket: str, key: str, etag: str | None = None) -> HeadInfo:
         """Current metadata of one object; with `etag`, only if still that version."""
 
-    def part_size(self, obj: RemoteObject) -> int:
-        """The size of part 1 of a multipart object (0 if the store cannot say)."""
+    def part(self, obj: RemoteObject, number: int) -> Part | None:
+        """What the store says of part `number` of a multipart object (None: nothing)."""
 
     def get_range(self, obj: RemoteObject, start: int, end: int) -> Body:
         """Bytes [start, end) of exactly the version `obj` names (ObjectChanged if replaced)."""

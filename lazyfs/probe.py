@@ -16,9 +16,8 @@ from typing import Callable
 
 import cachetools
 
-from lazyfs import verify
-from lazyfs.completion import expectation
-from lazyfs.errors import RemoteError, StoreError
+from lazyfs.completion import UNVERIFIED, check, expectation
+from lazyfs.errors import IntegrityError, RemoteError, StoreError
 from lazyfs.filestate import FileState
 from lazyfs.identity import Identity
 from lazyfs.namespace import RemoteObject
@@ -83,19 +82,19 @@ class PrebakedCheck:
 
     def _check(self, obj: RemoteObject, copy: LocalCopy) -> bool:
         try:
-            exp = expectation(self.remote, obj)
+            verified = check(self.remote, copy.fd, obj, expectation(self.remote, obj), lambda: False)
+        except IntegrityError:
+            log.warning("%s: the local copy in the %s does not match the object; downloading it again",
+                        obj.uri, copy.layer.label)
+            return False
         except RemoteError as e:
             log.warning("%s: cannot check the local copy's content (%s); using it as its size matches",
                         obj.uri, e)
             return True
-        if exp is None:
-            log.warning("%s: S3 offers nothing to check the local copy against (multipart or "
-                        "KMS-encrypted, no checksum); using it as its size matches", obj.uri)
+        if verified == UNVERIFIED:
+            log.warning("%s: S3 offers nothing to check the local copy against; using it as its size "
+                        "matches", obj.uri)
             return True
-        if verify.compute(copy.fd, obj.size, exp) != exp.value:
-            log.warning("%s: the local copy in the %s does not match the object's %s; "
-                        "downloading it again", obj.uri, copy.layer.label, exp.algorithm)
-            return False
         if copy.layer.writable:
             try:
                 self.store.identities.write(copy.fd, Identity.of(obj, "prebaked"))

@@ -27,6 +27,7 @@ from lazyfs.errors import AccessDenied, BucketNotFound, ObjectChanged, ObjectNot
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import HeadInfo, ResponseMeta
 from lazyfs.stats import S3_REQUEST_SECONDS, STATS
+from lazyfs.verify import Part
 
 log = logging.getLogger(__name__)
 
@@ -160,17 +161,18 @@ class Remote:
         etag_is_md5 = sse in ("", "AES256") and not resp.get("SSECustomerAlgorithm")
         return HeadInfo(obj, _checksum_of(resp), etag_is_md5)
 
-    def part_size(self, obj: RemoteObject) -> int:
-        """The size of part 1 of a multipart object (0 if the store cannot say)."""
+    def part(self, obj: RemoteObject, number: int) -> Part | None:
+        """What the store says of part `number` of a multipart object: its size,
+        and how many parts it reports (0: it did not say, as Ceph RGW and s3rver,
+        which ignore partNumber).  No If-Match: some stores compare it with the
+        part's own ETag; the caller checks the object's version separately."""
         try:
             resp = self._call(self._client.head_object, obj.bucket, obj.key, Bucket=obj.bucket,
-                              Key=obj.key, PartNumber=1, IfMatch=f'"{obj.etag}"')
-        except ObjectChanged:
-            raise
+                              Key=obj.key, PartNumber=number)
         except RemoteError as e:
-            log.debug("%s: part size unknown: %s", obj.uri, e)
-            return 0
-        return int(resp.get("ContentLength", 0))
+            log.debug("%s: part %d unknown: %s", obj.uri, number, e)
+            return None
+        return Part(int(resp.get("ContentLength", 0)), int(resp.get("PartsCount") or 0))
 
     def get_range(self, obj: RemoteObject, start: int, end: int) -> RangeStream:
         """Stream bytes [start, end) of exactly the version `obj` names: the GET
@@ -291,13 +293,20 @@ def _listing(bucket: str, resp: dict[str, Any]) -> tuple[list[RemoteObject], lis
 
 
 def _checksum_of(resp: dict[str, Any]) -> tuple[str, str, str] | None:
-    kind = resp.get("ChecksumType") or "FULL_OBJECT"
+    """(algorithm, value, kind) of the object's additional checksum, if any.
+    A multipart object's checksum is full-object only when the store says so
+    (x-amz-checksum-type): S3 writes composite ones as "<b64>-<parts>", but
+    some stores (moto) send a composite value bare and without a type, and a
+    full-object check against it would call correct bytes corrupt."""
+    declared = resp.get("ChecksumType")
+    multipart = "-" in _etag(str(resp.get("ETag", "")))
     for algo in ("CRC64NVME", "CRC32C", "CRC32", "SHA256", "SHA1"):
         value = resp.get(f"Checksum{algo}")
         if value:
-            # A composite checksum of a multipart upload reads "<b64>-<parts>".
             if "-" in value:
                 kind = "COMPOSITE"
+            else:
+                kind = declared or ("COMPOSITE" if multipart else "FULL_OBJECT")
             return (algo, value, kind)
     return None
 

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, TypeVar
 
 import trio
 
@@ -31,6 +31,7 @@ from lazyfs.stats import DOWNLOAD_SECONDS, STATS
 from lazyfs.store import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Block completions are made durable (fdatasync + resume record) at most this often.
 _STATE_EVERY_S = 1.0
@@ -142,12 +143,12 @@ class Runner:
     def _request_thread(self, job: RangeJob, handoff: _Handoff) -> None:
         self._in_thread(functools.partial(fetch_range_blocking, self.remote, job), handoff)
 
-    def _in_thread(self, work: Callable[[], None], handoff: _Handoff) -> None:
+    def _in_thread(self, work: Callable[[], T], handoff: _Handoff) -> T | None:
         """Worker thread: `work`, holding the pin the task handed over."""
         if not handoff.thread_starts():
-            return  # the task was cancelled first and released the pin
+            return None  # the task was cancelled first and released the pin
         try:
-            work()
+            return work()
         finally:
             self._post(handoff.pin.release)
 
@@ -208,17 +209,20 @@ class Runner:
             # Abandoned on cancel (a shutdown must not wait for a 100 GiB
             # hash): the thread keeps its pin, sees `cancelled` at its next
             # read and ends; the next start verifies again.
-            await trio.to_thread.run_sync(self._in_thread, publish, handoff, limiter=self._verify,
-                                          abandon_on_cancel=True)
+            verified = await trio.to_thread.run_sync(self._in_thread, publish, handoff, limiter=self._verify,
+                                                     abandon_on_cancel=True)
         except BaseException as e:
             handoff.task_gives_up()
             if not isinstance(e, Exception):
                 raise
             await self._finish_failed(dl, e)
             return
+        dl.verified = verified or ""
         self._published(dl)
 
     async def _finish_failed(self, dl: Download, e: Exception) -> None:
+        if isinstance(e, (ObjectChanged, ObjectNotFound)):
+            await self._object_changed(dl)
         if isinstance(e, IntegrityError):
             dl.verify_attempts += 1
             if self.hooks.on_bad_data is not None:

@@ -4,11 +4,16 @@ In order of preference:
   1. the object's additional checksum over the full object (CRC32, SHA1,
      SHA256 always; CRC32C and CRC64NVME when `awscrt` is installed);
   2. a single-part ETag, which is the MD5 of the content;
-  3. a multipart ETag ("<md5 of part md5s>-<parts>"), recomputed with the
-     upload's part size (every common uploader uses one size for all parts
-     but the last);
+  3. a multipart ETag ("<md5 of part md5s>-<parts>"), recomputed from part
+     sizes the store confirmed: it must report the same number of parts as
+     the ETag (HEAD ?partNumber=1 answers x-amz-mp-parts-count); every part
+     but the last is taken to have part 1's size (what every common uploader
+     does), and when that does not match, each part's size is asked for;
   4. nothing but the size, when none of those applies (SSE-KMS and SSE-C
-     ETags are not MD5s; composite checksums need every part's boundaries).
+     ETags are not MD5s; composite checksums need every part's boundaries;
+     stores that ignore partNumber, such as Ceph RGW and s3rver, cannot say
+     where the parts are).  Such a file is published *unverified*, never
+     called corrupt without evidence.
 
 Blocking: reads the whole file.  Run in a worker thread.
 """
@@ -33,14 +38,31 @@ _MULTIPART = re.compile(r"^([0-9a-f]{32})-(\d+)$")
 @dataclass(frozen=True, slots=True)
 class Expectation:
     """What the bytes must hash to.  `value` is base64 for checksums and hex
-    for ETags; `part_size` is set for multipart ETags."""
+    for ETags; `part_sizes` are set for multipart ETags, and `exact` says
+    whether each was confirmed (else all but the last were assumed equal to
+    part 1)."""
 
     algorithm: str
     value: str
-    part_size: int = 0
+    part_sizes: tuple[int, ...] = ()
+    exact: bool = True
 
     def describe(self) -> str:
         return f"{self.algorithm} {self.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """What the store says of one part of a multipart object."""
+
+    size: int
+    count: int  # parts the store reports the object has (0: it did not say)
+
+
+# part number -> what the store says of it (None: it cannot say)
+PartLookup = Callable[[int], "Part | None"]
+# Parts of an object asked for one by one at most (each is a request).
+MAX_PARTS_ASKED = 1000
 
 
 def _crt(name: str) -> Callable[[bytes, int], int] | None:
@@ -83,11 +105,11 @@ def can_compute(algorithm: str) -> bool:
     return _hasher(algorithm) is not None
 
 
-def choose(etag: str, checksum: tuple[str, str, str] | None, etag_is_md5: bool,
-           part_size: Callable[[], int]) -> Expectation | None:
-    """The strongest check available.  `checksum` is (algorithm, value, kind);
-    `etag_is_md5` is False for SSE-KMS/SSE-C objects; `part_size` is asked
-    only for multipart ETags (it costs a request)."""
+def choose(etag: str, checksum: tuple[str, str, str] | None, etag_is_md5: bool, size: int,
+           part: PartLookup) -> Expectation | None:
+    """The strongest check available, or None (the file will be unverified).
+    `checksum` is (algorithm, value, kind); `etag_is_md5` is False for
+    SSE-KMS/SSE-C objects; `part` is asked only for multipart ETags (a request)."""
     if checksum is not None:
         algorithm, value, kind = checksum
         if kind == "FULL_OBJECT" and can_compute(algorithm):
@@ -98,10 +120,43 @@ def choose(etag: str, checksum: tuple[str, str, str] | None, etag_is_md5: bool,
         return Expectation("MD5", etag)
     m = _MULTIPART.match(etag)
     if m:
-        size = part_size()
-        if size > 0:
-            return Expectation("MD5-multipart", etag, size)
+        count = int(m.group(2))
+        sizes = assumed_part_sizes(size, count, part)
+        if sizes is not None:
+            # One or two parts are fully determined by part 1 and the size.
+            return Expectation("MD5-multipart", etag, sizes, exact=len(sizes) <= 2)
+        sizes = exact_part_sizes(size, count, part)
+        if sizes is not None:
+            return Expectation("MD5-multipart", etag, sizes)
     return None
+
+
+def assumed_part_sizes(size: int, count: int, part: PartLookup) -> tuple[int, ...] | None:
+    """Part sizes from part 1's, when the store confirms the parts count and
+    the object's size allows every part but the last to be part 1's size."""
+    first = part(1)
+    if first is None or first.count != count or first.size <= 0:
+        return None
+    if count == 1:
+        return (size,) if first.size == size else None
+    last = size - first.size * (count - 1)
+    if not 0 < last <= first.size:
+        return None
+    return (first.size,) * (count - 1) + (last,)
+
+
+def exact_part_sizes(size: int, count: int, part: PartLookup) -> tuple[int, ...] | None:
+    """Every part's size as the store reports it, or None if it cannot say
+    (or there are too many parts to ask for)."""
+    if count > MAX_PARTS_ASKED:
+        return None
+    sizes = []
+    for number in range(1, count + 1):
+        info = part(number)
+        if info is None or info.count != count or info.size <= 0:
+            return None
+        sizes.append(info.size)
+    return tuple(sizes) if sum(sizes) == size else None
 
 
 def compute(fd: int, size: int, exp: Expectation, cancelled: Callable[[], bool] = lambda: False) -> str:
@@ -112,10 +167,12 @@ def compute(fd: int, size: int, exp: Expectation, cancelled: Callable[[], bool] 
         return md5.hexdigest()
     if exp.algorithm == "MD5-multipart":
         digests = []
-        for start in range(0, size, exp.part_size):
+        start = 0
+        for part_size in exp.part_sizes:
             part = hashlib.md5()
-            _feed(fd, start, min(size, start + exp.part_size), part, cancelled)
+            _feed(fd, start, start + part_size, part, cancelled)
             digests.append(part.digest())
+            start += part_size
         return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
     h = _hasher(exp.algorithm)
     if h is None:

@@ -24,7 +24,7 @@ from boto3.s3.transfer import TransferConfig
 
 from support.mounting import FS, Mounted, lazyfs_cli, wait_until
 from support.proxy import Fault, S3Proxy
-from support.stores import STORES, Store
+from support.stores import STORES
 
 # The first test on a server also starts it (Ceph: an apt-get install on a fresh
 # machine, then ~20 s), inside that test's timeout.
@@ -35,25 +35,10 @@ P = "models/m"
 MiB = 1024 * 1024
 PART = 5 * MiB  # S3's smallest part (but the last)
 
-# What a store is known to get wrong, and what lazyfs does about it today.
-PART_NUMBER_IGNORED = (
-    "the store ignores HEAD ?partNumber=1 (it answers with the whole object's length and no "
-    "x-amz-mp-parts-count), so lazyfs recomputes the multipart ETag with one part, judges a correct "
-    "download corrupt and downloads it again on every open; the fix (trust the part size only with a "
-    "parts count matching the ETag's -N, else record the file as unverified) belongs in lazyfs/")
-MOTO_MULTIPART = (
-    "moto reports a multipart upload's composite CRC32 as a plain full-object value (no -N suffix, no "
-    "x-amz-checksum-type), which lazyfs checks against the whole file; and without a checksum, moto answers "
-    "HEAD ?partNumber=1 with the part's own ETag and 412 to the object's If-Match, which lazyfs takes for "
-    "a replaced object: a correct multipart download is never published")
-VARIABLE_PARTS = (
-    "lazyfs recomputes a multipart ETag assuming every part but the last has part 1's size: an upload "
-    "with parts of different sizes is judged corrupt and never published, on every store")
-
-
-def expect_failure(request: pytest.FixtureRequest, store: Store, names: set[str], reason: str) -> None:
-    if store.name in names:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+# How a multipart upload can be verified on each store (issue 11.4): SeaweedFS
+# and moto report each part's size with its parts count; Ceph RGW ignores
+# partNumber, so its multipart objects are published unverified (never
+# called corrupt).
 
 
 def sha(data: bytes) -> str:
@@ -111,11 +96,8 @@ def test_single_part_object_is_verified_and_cached(s3_store, store_mount, store_
     assert_cached_across_restart(store_mount, store_proxy, store_bucket, key, data, store_dir, fs)
 
 
-@pytest.mark.log_errors("downloaded bytes do not match")
 def test_multipart_object_is_verified_and_cached(s3_store, store_mount, store_proxy, store_s3, store_bucket,
                                                  fs: FS, tmp_path: Path, request: pytest.FixtureRequest):
-    expect_failure(request, s3_store, {"ceph-rgw"}, PART_NUMBER_IGNORED)
-    expect_failure(request, s3_store, {"moto"}, MOTO_MULTIPART)
     key = f"{P}/model.safetensors"
     data = os.urandom(2 * PART + 12345)
     src = tmp_path / "upload.bin"
@@ -133,11 +115,9 @@ def test_multipart_object_is_verified_and_cached(s3_store, store_mount, store_pr
     assert_cached_across_restart(store_mount, store_proxy, store_bucket, key, data, store_dir, fs)
 
 
-@pytest.mark.log_errors("downloaded bytes do not match")
 def test_multipart_object_with_parts_of_different_sizes(s3_store, store_mount, store_proxy, store_s3,
                                                         store_bucket, fs: FS, tmp_path: Path,
                                                         request: pytest.FixtureRequest):
-    expect_failure(request, s3_store, set(STORES), VARIABLE_PARTS)
     key = f"{P}/shard.bin"
     sizes = [PART, PART + MiB, 3 * MiB + 11]
     data = os.urandom(sum(sizes))

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 from lazyfs.errors import ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import HeadInfo, ResponseMeta
+from lazyfs.verify import Part
 
 GATE_TIMEOUT = 20.0
 
@@ -64,6 +65,8 @@ class Stored:
     etag: str
     mtime_ns: int
     checksum: tuple[str, str, str] | None = None
+    parts: tuple[int, ...] = ()  # part sizes of a multipart upload
+    says_parts: bool = True  # False: ignores partNumber, as Ceph RGW and s3rver
 
 
 @dataclass
@@ -88,15 +91,33 @@ class FakeRemote:
 
     # -- the test's side -----------------------------------------------------------
 
-    def put(self, bucket: str, key: str, data: bytes, checksum: str = "") -> RemoteObject:
-        """Store an object (an MD5 ETag, a CRC32 checksum if asked) and return it as listed."""
+    def put(self, bucket: str, key: str, data: bytes, checksum: str = "", parts: tuple[int, ...] = (),
+            says_parts: bool = True) -> RemoteObject:
+        """Store an object and return it as listed: an MD5 ETag, or with `parts`
+        a multipart upload's ETag; a CRC32 checksum if asked."""
         value = None
         if checksum == "CRC32":
             value = ("CRC32", base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode(), "FULL_OBJECT")
-        stored = Stored(data, hashlib.md5(data).hexdigest(), time.time_ns() // 10**9 * 10**9, value)
+        etag = hashlib.md5(data).hexdigest()
+        if parts:
+            assert sum(parts) == len(data)
+            digests, start = [], 0
+            for size in parts:
+                digests.append(hashlib.md5(data[start:start + size]).digest())
+                start += size
+            etag = f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(parts)}"
+        stored = Stored(data, etag, time.time_ns() // 10**9 * 10**9, value, parts, says_parts)
         with self._lock:
             self.objects[(bucket, key)] = stored
         return self._listed(bucket, key, stored)
+
+    def corrupt(self, bucket: str, key: str, at: int = 0) -> None:
+        """Flip a byte of what GETs return, keeping the ETag and checksum: bad bytes in transit."""
+        with self._lock:
+            stored = self.objects[(bucket, key)]
+            data = bytearray(stored.data)
+            data[at] ^= 0xFF
+            stored.data = bytes(data)
 
     def gate(self, key: str, start: int = 0, end: int | None = None, in_body: bool = False) -> Gate:
         g = Gate(key, start, end, in_body=in_body)
@@ -137,8 +158,14 @@ class FakeRemote:
         stored = self._current(bucket, key, etag)
         return HeadInfo(self._listed(bucket, key, stored), stored.checksum, etag_is_md5=True)
 
-    def part_size(self, obj: RemoteObject) -> int:
-        return 0
+    def part(self, obj: RemoteObject, number: int) -> Part | None:
+        self._record(Call("HEAD", obj.key, number))
+        stored = self._current(obj.bucket, obj.key, None)
+        if not stored.says_parts:  # the whole object's length, no parts count
+            return Part(len(stored.data), 0)
+        if not stored.parts or not 1 <= number <= len(stored.parts):
+            return None
+        return Part(stored.parts[number - 1], len(stored.parts))
 
     def get_range(self, obj: RemoteObject, start: int, end: int) -> FakeBody:
         call = Call("GET", obj.key, start, end)

@@ -168,17 +168,35 @@ def test_verify_md5_crc32_sha256_and_multipart(tmp_path: Path) -> None:
         part = 100_000
         mp = hashlib.md5(b"".join(hashlib.md5(data[i:i + part]).digest()
                                   for i in range(0, len(data), part))).hexdigest() + "-3"
-        verify.check(fd, len(data), verify.Expectation("MD5-multipart", mp, part), "u")
+        verify.check(fd, len(data), verify.Expectation("MD5-multipart", mp, (part, part, part)), "u")
         with pytest.raises(IntegrityError, match="do not match"):
             verify.check(fd, len(data), verify.Expectation("MD5", "0" * 32), "u")
     finally:
         os.close(fd)
-    assert verify.choose("not-an-etag", None, True, lambda: 5) is None
+    def no_parts(n: int) -> None:
+        return None
+
+    assert verify.choose("not-an-etag", None, True, 10, no_parts) is None
     md5etag = "d41d8cd98f00b204e9800998ecf8427e"
-    assert verify.choose(md5etag, None, True, lambda: 0).algorithm == "MD5"
-    assert verify.choose(md5etag, None, False, lambda: 0) is None, "SSE-KMS ETags are not MD5s"
-    assert verify.choose(md5etag, ("CRC32", "x", "FULL_OBJECT"), True, lambda: 0).algorithm == "CRC32"
-    assert verify.choose(md5etag, ("SHA256", "x-3", "COMPOSITE"), True, lambda: 0).algorithm == "MD5"
+    assert verify.choose(md5etag, None, True, 0, no_parts).algorithm == "MD5"  # type: ignore[union-attr]
+    assert verify.choose(md5etag, None, False, 0, no_parts) is None, "SSE-KMS ETags are not MD5s"
+    assert verify.choose(md5etag, ("CRC32", "x", "FULL_OBJECT"), True, 0, no_parts).algorithm == "CRC32"  # type: ignore[union-attr]
+    assert verify.choose(md5etag, ("SHA256", "x-3", "COMPOSITE"), True, 0, no_parts).algorithm == "MD5"  # type: ignore[union-attr]
+
+
+def test_multipart_part_sizes_are_trusted_only_when_the_store_confirms_the_parts() -> None:
+    mib = 1 << 20
     mpe = "0123456789abcdef0123456789abcdef-4"
-    assert verify.choose(mpe, None, True, lambda: 8 << 20) == verify.Expectation("MD5-multipart", mpe, 8 << 20)
-    assert verify.choose(mpe, None, True, lambda: 0) is None
+    size = 3 * 8 * mib + 5
+    confirmed = verify.choose(mpe, None, True, size, lambda n: verify.Part(8 * mib, 4))
+    assert confirmed == verify.Expectation("MD5-multipart", mpe, (8 * mib,) * 3 + (5,), exact=False)
+    # Ceph RGW and s3rver ignore partNumber: the whole length and no parts count.
+    assert verify.choose(mpe, None, True, size, lambda n: verify.Part(size, 0)) is None
+    # Another parts count than the ETag's, or sizes that cannot add up.
+    assert verify.choose(mpe, None, True, size, lambda n: verify.Part(8 * mib, 5)) is None
+    assert verify.choose(mpe, None, True, size, lambda n: verify.Part(1 * mib, 4)) is None
+    two = "0123456789abcdef0123456789abcdef-2"
+    assert verify.choose(two, None, True, 10, lambda n: verify.Part(7, 2)).exact  # type: ignore[union-attr]
+    sizes = {1: 5, 2: 3, 3: 2}
+    assert verify.exact_part_sizes(10, 3, lambda n: verify.Part(sizes[n], 3)) == (5, 3, 2)
+    assert verify.exact_part_sizes(11, 3, lambda n: verify.Part(sizes[n], 3)) is None
