@@ -85,7 +85,8 @@ class Download:
     def __init__(self, obj: RemoteObject, partial: Partial, limits: Limits, pages: PageBudget, *,
                  background: bool, keep: bool = True,
                  on_work: Callable[[], None] = lambda: None,
-                 on_closed: Callable[[Partial], None] = lambda p: None) -> None:
+                 on_closed: Callable[[Partial], None] = lambda p: None,
+                 close_fd: Callable[[int], None] = os.close) -> None:
         self.obj = obj
         self.limits = limits
         self.pages = pages
@@ -94,6 +95,7 @@ class Download:
         self.keep = keep
         self._on_work = on_work  # bytes are wanted: the dispatcher should look
         self._on_closed = on_closed  # the descriptor is closed: the files may go
+        self._close_fd = close_fd  # off the trio thread when it is an unlinked file's last link
         self.readers = 0
         self.started = time.monotonic()
         self.error: BaseException | None = None
@@ -315,6 +317,6 @@ class Download:
             self._fd_closed = True
             if self.fd >= 0:
                 self._fmap.close()
-                os.close(self.fd)
+                self._close_fd(self.fd)
             if not self.keep:
                 self._on_closed(self.partial)

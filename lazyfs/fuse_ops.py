@@ -212,7 +212,8 @@ class Operations(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
-            self.inodes.forget(ino, n)
+            if self.inodes.forget(ino, n):
+                self.handles.release_inode(ino)
 
     @_translated
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -274,7 +275,7 @@ class Operations(pyfuse3.Operations):
             # The kernel's cached name still points at an older version: ESTALE
             # makes it look the name up again and open the current one.
             raise pyfuse3.FUSEError(errno.ESTALE)
-        fh = await self.handles.open(ref)
+        fh = await self.handles.open(ref, inode)
         # keep_cache: this inode is one immutable version, so pages the kernel
         # cached for it stay right across opens (a new version is a new inode).
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)

@@ -14,6 +14,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+import cachetools
+
 from lazyfs.errors import LazyfsError
 from lazyfs.fetch import Fetcher
 from lazyfs.filemap import FileMap
@@ -32,6 +34,7 @@ class BadHandle(LazyfsError):
 @dataclass(slots=True)
 class OpenFile:
     obj: RemoteObject
+    ino: int  # the kernel's inode for it (0: not through the kernel)
     fd: int  # -1 while reading through a download
     fmap: FileMap | None  # the local copy's bytes (None: read through the download)
     download: Transfer | None
@@ -44,7 +47,9 @@ class Handles:
         self.fetcher = fetcher
         self._open: dict[int, OpenFile] = {}
         self._next = 1
-        self._announced: set[tuple[str, str, str]] = set()
+        # Files already announced in the log (bounded: a tree of millions of
+        # files must not grow it forever; an old entry is announced again).
+        self._announced: cachetools.LRUCache[tuple[str, str, str], bool] = cachetools.LRUCache(maxsize=100_000)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -53,7 +58,8 @@ class Handles:
         """Does any handle (of any version) read the file at `key`?"""
         return any(of.obj.key == key for of in self._open.values())
 
-    async def open(self, obj: RemoteObject) -> int:
+    async def open(self, obj: RemoteObject, ino: int = 0) -> int:
+        """A handle reading `obj` (whose inode is `ino`, see `release_inode`)."""
         got = await self.fetcher.acquire(obj)
         if self.fetcher.budget is not None:
             self.fetcher.budget.touch(obj.key)
@@ -63,12 +69,12 @@ class Handles:
             except BaseException:
                 os.close(got.fd)
                 raise
-            of = OpenFile(obj, got.fd, fmap, None, got.state.value)
+            of = OpenFile(obj, ino, got.fd, fmap, None, got.state.value)
             STATS.opens_hit += 1
             self._announce(obj, got)
         else:
             got.add_reader()
-            of = OpenFile(obj, -1, None, got, "s3")
+            of = OpenFile(obj, ino, -1, None, got, "s3")
             STATS.opens_miss += 1
         fh = self._next
         self._next += 1
@@ -95,7 +101,7 @@ class Handles:
         ident = (obj.key, obj.etag, copy.state)
         if ident in self._announced:
             return
-        self._announced.add(ident)
+        self._announced[ident] = True
         log.info("serving %s from the %s copy in the %s (%d bytes, no download)", obj.uri, copy.state,
                  copy.layer.label, obj.size, extra={"event": "local", "key": obj.key, "bytes": obj.size,
                                                     "source": copy.state})
@@ -109,7 +115,20 @@ class Handles:
         else:
             assert of.fmap is not None
             of.fmap.close()
-            os.close(of.fd)
+            # The last link of an evicted or replaced file: closing it frees
+            # its blocks, which for a large file takes long; not on this thread.
+            self.fetcher.close_fd(of.fd)
+
+    def release_inode(self, ino: int) -> int:
+        """The kernel forgot inode `ino`, so it holds no open file of it: any
+        handle still here is one whose open reply never reached it (the
+        opener was interrupted).  Release them; how many there were."""
+        leaked = [fh for fh, of in self._open.items() if of.ino == ino and ino]
+        for fh in leaked:
+            log.warning("releasing handle %d of %s: its open never reached the kernel", fh,
+                        self._open[fh].obj.uri)
+            self.release(fh)
+        return len(leaked)
 
     def close_all(self) -> None:
         for fh in list(self._open):

@@ -64,21 +64,23 @@ class InodeTable:
     def get(self, ino: int) -> InodeRef | None:
         return self._ref.get(ino)
 
-    def forget(self, ino: int, nlookup: int) -> None:
-        """Drop `nlookup` references; the number is freed at zero.  Never raises:
-        a forget for an unknown inode (already dropped) is ignored."""
+    def forget(self, ino: int, nlookup: int) -> bool:
+        """Drop `nlookup` references; the number is freed at zero (True).  Never
+        raises: a forget for an unknown inode (already dropped) is ignored."""
         if ino == ROOT_INODE:
-            return
+            return False
         left = self._lookups.get(ino, 0) - nlookup
         if left > 0:
             self._lookups[ino] = left
-            return
+            return False
         self._lookups.pop(ino, None)
         ref = self._ref.pop(ino, None)
-        if ref is not None:
-            ident = ident_of(ref)
-            if self._ino_of.get(ident) == ino:
-                del self._ino_of[ident]
+        if ref is None:
+            return False
+        ident = ident_of(ref)
+        if self._ino_of.get(ident) == ino:
+            del self._ino_of[ident]
+        return True
 
     def known(self) -> list[tuple[int, InodeRef]]:
         return list(self._ref.items())

@@ -104,7 +104,7 @@ class Runner:
         # behind bulk work, and bulk work never behind the network.
         self._net = trio.CapacityLimiter(cfg.max_connections)  # one thread per ranged GET
         self._meta = meta  # quick store work on the open path, shared with the registry
-        self._bulk = trio.CapacityLimiter(_BULK_THREADS)  # fdatasync of resume records, discards
+        self.bulk = trio.CapacityLimiter(_BULK_THREADS)  # fdatasync of resume records, discards, closes
         self._verify = trio.CapacityLimiter(_VERIFY_THREADS)  # hashing and publishing finished files
         # Totals for logs and stats.
         self.bytes_from_s3 = 0
@@ -190,7 +190,7 @@ class Runner:
                 snapshot = frozenset(dl.partial.done)
                 if not dl.finished.is_set():
                     dl.state_saved_at = time.monotonic()
-                    await trio.to_thread.run_sync(dl.partial.save_state, snapshot, limiter=self._bulk)
+                    await trio.to_thread.run_sync(dl.partial.save_state, snapshot, limiter=self.bulk)
             except OSError as e:
                 log.warning("%s: could not record download progress: %s", dl.obj.uri, e.strerror)
                 snapshot = frozenset(dl.partial.done)  # do not retry in a loop
@@ -273,7 +273,7 @@ class Runner:
             return
         old = dl.partial
         try:
-            await trio.to_thread.run_sync(self.store.partials.discard, old, limiter=self._bulk)
+            await trio.to_thread.run_sync(self.store.partials.discard, old, limiter=self.bulk)
             dl.detach()
             partial = await trio.to_thread.run_sync(open_partial_file, self.store, dl.obj, self.cfg.block_size,
                                                     limiter=self._meta)
@@ -327,10 +327,10 @@ class Runner:
                 if dl.pins > 1:
                     return  # a stuck thread may still write: leave its file alone
                 if discard:
-                    await trio.to_thread.run_sync(self.store.partials.discard, dl.partial, limiter=self._bulk)
+                    await trio.to_thread.run_sync(self.store.partials.discard, dl.partial, limiter=self.bulk)
                 else:
                     await trio.to_thread.run_sync(dl.partial.save_state, frozenset(dl.partial.done),
-                                                  limiter=self._bulk)
+                                                  limiter=self.bulk)
             except OSError as e:
                 log.warning("%s: cleaning up after a failed download: %s", dl.obj.uri, e.strerror)
 
@@ -339,7 +339,7 @@ class Runner:
 
     async def _discard(self, partial: Partial) -> None:
         try:
-            await trio.to_thread.run_sync(self.store.partials.discard, partial, limiter=self._bulk)
+            await trio.to_thread.run_sync(self.store.partials.discard, partial, limiter=self.bulk)
         except OSError as e:
             log.warning("%s: could not remove a temporary download: %s", partial.obj.uri, e.strerror)
 

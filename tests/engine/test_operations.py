@@ -99,3 +99,21 @@ async def test_a_failing_store_read_is_an_errno_never_an_exception(remote: FakeR
         assert failed.value.errno == errno.EACCES
         await ops.release(info.fh)
         await trio.sleep(0)
+
+
+@trio_test
+async def test_a_handle_whose_open_never_reached_the_kernel_is_released_when_the_inode_is_forgotten(
+        remote: FakeRemote, stores) -> None:
+    """An opener interrupted while its open was answered leaves a handle the
+    kernel will never release; the kernel's forget of the inode proves it."""
+    remote.put(BUCKET, "m/a.bin", os.urandom(2 * 1024 * 1024))
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        ops = await ops_for(remote, fetcher)
+        attrs = await walk(ops, "m", "a.bin")
+        await ops.open(attrs.st_ino, os.O_RDONLY, CTX)  # the reply is lost: no release will come
+        assert len(ops.handles) == 1
+        dl = fetcher.downloads()[0]
+        assert dl.readers == 1
+        await ops.forget([(attrs.st_ino, 1)])
+        assert len(ops.handles) == 0 and dl.readers == 0

@@ -137,3 +137,12 @@ def test_mount_config_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="too small"):
         _mc(tmp_path, part_size="1k")
     assert _mc(tmp_path, part_size="1MiB").fetch.part_size == 1 << 20
+
+
+def test_an_unparsable_last_modified_is_the_epoch_not_an_exception() -> None:
+    from lazyfs.remote import _mtime_ns
+
+    assert _mtime_ns("2026-12-01T21:33:43.000Z") == 1796160823 * 10**9
+    assert _mtime_ns("Tue, 01 Dec 2026 21:33:43 GMT") == 1796160823 * 10**9
+    for odd in ("2026-1x-01T00:00:00Z", "yesterday", "", None, 12):
+        assert _mtime_ns(odd) == 0
