@@ -296,3 +296,27 @@ async def test_bytes_that_really_do_not_match_a_confirmed_multipart_etag_are_nev
         assert isinstance(dl.error, IntegrityError)
     assert not (tmp_path / "store" / "m/bad.bin").exists()
     assert sum(g.end - g.start for g in remote.gets()) == 2 * len(data), "tried other than twice"
+
+
+@trio_test
+async def test_prefetch_counts_a_raw_store_error_as_a_failed_file_and_goes_on(
+        remote: FakeRemote, stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11.6: EMFILE or ENOSPC from the store's lock, EACCES from a
+    prebaked copy: the file fails, the warm-up (and `lazyfs bake`) goes on."""
+    from lazyfs.prefetch import Prefetcher
+
+    objs = [remote.put(BUCKET, f"m/{i}.bin", os.urandom(1000)) for i in range(4)]
+    store = stores()
+    real_lock = store.partials.lock
+
+    def lock(o: RemoteObject) -> int | None:
+        if o.key == "m/1.bin":
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_lock(o)
+
+    monkeypatch.setattr(store.partials, "lock", lock)
+    fetcher = Fetcher(remote, store, fetch_config())
+    async with running(fetcher):
+        progress = await Prefetcher(fetcher).run(objs)
+    assert progress.done_files == 3 and [uri for uri, _ in progress.failed] == [objs[1].uri]
+    assert "Too many open files" in progress.failed[0][1]
