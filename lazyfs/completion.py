@@ -39,7 +39,7 @@ UNVERIFIED = "unverified"
 
 
 def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectation | None,
-          cancelled: Callable[[], bool]) -> str:
+          cancelled: Callable[[], bool], digest: verify.Digest | None = None) -> str:
     """Check the file against `exp`: how it was verified ("CRC32", "MD5",
     "MD5-multipart"...), or UNVERIFIED.  IntegrityError only on evidence:
     a multipart ETag computed from assumed part sizes that does not match
@@ -49,6 +49,8 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
     if exp is None:
         log.info("%s: the object store offers nothing to check it against beyond its size; unverified", obj.uri)
         return UNVERIFIED
+    if digest is not None and digest.exp == exp and digest.fed == obj.size and digest.value() == exp.value:
+        return exp.algorithm  # hashed as the file filled (Runner.hash_along)
     try:
         verify.check(fd, obj.size, exp, obj.uri, cancelled)
         return exp.algorithm
@@ -67,12 +69,14 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
 
 
 def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Partial, meta: ResponseMeta | None,
-                                *, keep: bool, origin: str, cancelled: Callable[[], bool]) -> str:
+                                *, keep: bool, origin: str, cancelled: Callable[[], bool],
+                                digest: verify.Digest | None = None) -> str:
     """How the bytes were verified (or UNVERIFIED); IntegrityError when they
     are wrong, StoreError when they cannot be published."""
     obj = partial.obj
     with lower_priority():
-        verified = check(remote, partial.fd, obj, expectation(remote, obj, meta), cancelled) if obj.size else "size"
+        verified = check(remote, partial.fd, obj, expectation(remote, obj, meta), cancelled, digest) \
+            if obj.size else "size"
         if not keep:
             return verified
         try:

@@ -113,6 +113,8 @@ class ForeignDownload:
         return sum(min(self._block, self.obj.size - i * self._block) for i in self._done)
 
     def covered(self, start: int, end: int) -> bool:
+        if self.delegate is not None:
+            return self.delegate.covered(start, end)
         if self.complete or end <= start:
             return True
         if self._part_map is None:

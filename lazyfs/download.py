@@ -28,6 +28,7 @@ from lazyfs.filemap import FileMap, PageBudget
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta
 from lazyfs.partials import Partial
+from lazyfs.verify import Digest
 
 PENDING, ACTIVE, DONE = 0, 1, 2
 # A reader waiting on pending bytes gets them in requests of at most this many
@@ -107,6 +108,10 @@ class Download:
         self.verify_attempts = 0
         self.changing = False  # the object changed in the store; the mount is being told
         self.verified = ""  # how the published bytes were checked (completion.check), or "unverified"
+        # The digest of the bytes so far, kept by Runner._hash_along as the
+        # file fills from the start, so verification ends with the last byte.
+        self.digest: Digest | None = None
+        self.hashed = trio.Event()  # the hashing along is over (digest complete, or given up)
         self.last_progress_log = self.started
         self.meta: ResponseMeta | None = None  # verification hints from a GET's headers
         self.lock_fd = -1  # the store lock that makes this process the version's one downloader
@@ -118,6 +123,8 @@ class Download:
     def attach(self, partial: Partial) -> None:
         """Download into `partial` (a fresh one after a failed verification)."""
         self.partial = partial
+        self.digest = None
+        self.hashed = trio.Event()
         self.fd = partial.fd
         # Writers take turns: concurrent pwrite()s to one file contend for the
         # inode's lock in the kernel, which spins and burns the CPU the
@@ -132,6 +139,8 @@ class Download:
             self.state[i] = DONE
             self.done_bytes += self.block_end(i) - i * self.block_size
         self.ndone = len(partial.done)
+        self._prefix = 0  # blocks [0, _prefix) are DONE
+        self.progressed = trio.Event()  # set (and replaced) whenever blocks land
         self.detached = False
         self.owner: dict[int, Request] = {}  # ACTIVE block -> its request
         self.requests: set[Request] = set()
@@ -154,6 +163,13 @@ class Download:
         partly = sum(r.start + r.filled - r.next_block * self.block_size for r in tuple(self.requests)
                      if r.start + r.filled > r.next_block * self.block_size)
         return self.done_bytes + partly
+
+    @property
+    def contiguous(self) -> int:
+        """Bytes [0, contiguous) are on disk."""
+        while self._prefix < self.nblocks and self.state[self._prefix] == DONE:
+            self._prefix += 1
+        return self.obj.size if self._prefix >= self.nblocks else self._prefix * self.block_size
 
     def block_end(self, i: int) -> int:
         return min(self.obj.size, (i + 1) * self.block_size)
@@ -259,6 +275,7 @@ class Download:
         if req.filled == 0 and filled > 0:
             self.ramp = self.limits.max_requests
         req.filled = filled
+        self._fmap.mark_warm(req.start, req.start + filled)  # just written: in the page cache
         done = []
         while req.next_block * self.block_size < req.end and \
                 self.block_end(req.next_block) <= req.start + filled:
@@ -271,6 +288,9 @@ class Download:
             req.next_block += 1
         if req.start + filled >= req.end:
             self.requests.discard(req)
+        if done:
+            self.progressed.set()
+            self.progressed = trio.Event()
         self.wake()
         return done
 
@@ -287,6 +307,7 @@ class Download:
     def mark_all_done(self) -> None:
         """Every block is on disk (an empty object, or a resume that had them all)."""
         self.state[:] = bytes([DONE]) * self.nblocks
+        self.progressed.set()
         self.ndone = self.nblocks
         self.done_bytes = self.obj.size
 
@@ -301,7 +322,7 @@ class Download:
         wait until `attach`.  Only with no pin held."""
         assert self.pins == 0, "detach while a thread uses the file"
         self.state = bytearray(self.nblocks)
-        self.ndone = self.done_bytes = self.sweep = 0
+        self.ndone = self.done_bytes = self.sweep = self._prefix = 0
         self.owner.clear()
         self.requests.clear()
         self.demand.clear()

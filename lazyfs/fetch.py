@@ -31,6 +31,7 @@ from lazyfs.filemap import PageBudget
 from lazyfs.filestate import FileState
 from lazyfs.namespace import RemoteObject, Version
 from lazyfs.objectstore import ObjectStore
+from lazyfs.pagecache import Prefaulter
 from lazyfs.partials import Partial
 from lazyfs.probe import Fetch, Foreign, Local, PrebakedCheck, Unavailable, open_partial_file, probe_store
 from lazyfs.ranged_get import Stopped
@@ -98,6 +99,7 @@ class Fetcher:
                              meta=self._meta)
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
+        self.pagecache = Prefaulter(self._spawn)
 
     @property
     def budget(self) -> Budget | None:
@@ -251,6 +253,7 @@ class Fetcher:
         if partial.done:
             log.info("%s: resuming download, %d of %d blocks already on disk", obj.uri,
                      len(partial.done), dl.nblocks)
+        self._spawn(self.runner.hash_along, dl)
         if obj.size == 0 or dl.all_done:
             dl.mark_all_done()
             self._spawn(self.runner.finish, dl)

@@ -47,12 +47,45 @@ class PageBudget:
         self._dirty.discard(fmap)
 
 
+# The unit in which a mapping knows its pages are in the page cache.
+CHUNK = 1024 * 1024
+
+
 class FileMap:
-    def __init__(self, fd: int, size: int, budget: PageBudget) -> None:
+    """A read-only mapping of `fd`, which its owner keeps open while it lives.
+
+    It also remembers which 1 MiB chunks this process knows to be in the page
+    cache (written here, or read in by pagecache.Prefaulter): replying from a
+    chunk that is not would fault it in from disk inside the reply, on the
+    trio thread and holding the GIL (docs/concurrency.md)."""
+
+    def __init__(self, fd: int, size: int, budget: PageBudget, warm: bool = False) -> None:
+        self.fd = fd
+        self.size = size
         self._mm = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
         self._view = memoryview(self._mm) if self._mm is not None else memoryview(b"")
         self._budget = budget
         self._served = 0
+        self._warm = bytearray(b"\x01" if warm else b"\x00") * (-(-size // CHUNK))
+
+    def cold_chunks(self, off: int, size: int) -> range:
+        """The chunks [off, off + size) touches that are not known to be cached
+        (the whole run between the first and the last such chunk)."""
+        first, last = off // CHUNK, min(len(self._warm), -(-(off + size) // CHUNK))
+        cold = [i for i in range(first, last) if not self._warm[i]]
+        return range(cold[0], cold[-1] + 1) if cold else range(0)
+
+    def mark_warm(self, start: int, end: int) -> None:
+        """Bytes [start, end) are in the page cache: chunks wholly inside (or
+        ending at the end of the file) are warm."""
+        first = -(-start // CHUNK)
+        last = len(self._warm) if end >= self.size else end // CHUNK
+        for i in range(first, last):
+            self._warm[i] = 1
+
+    def mark_chunks_warm(self, chunks: range) -> None:
+        for i in chunks:
+            self._warm[i] = 1
 
     def read(self, off: int, size: int) -> memoryview:
         if self._served >= self._budget.per_map:

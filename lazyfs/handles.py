@@ -82,19 +82,30 @@ class Handles:
         return fh
 
     async def read(self, fh: int, off: int, size: int) -> memoryview:
+        """The bytes, from a mapping whose pages are in the page cache (see
+        pagecache.py): the reply copies them on the trio thread."""
         of = self._open.get(fh)
         if of is None:
             raise BadHandle(f"read on unknown file handle {fh}")
         if of.fmap is not None:
+            await self.fetcher.pagecache.ensure(of.fmap, off, size)
             data = of.fmap.read(off, size)
         else:
-            dl = of.download
-            assert dl is not None
-            if not dl.complete:
-                await dl.wait_range(off, off + size)
-            data = dl.fmap.read(off, size)
+            data = await self._read_transfer(of, off, size)
         STATS.served[of.source] += len(data)
         return data
+
+    async def _read_transfer(self, of: OpenFile, off: int, size: int) -> memoryview:
+        dl = of.download
+        assert dl is not None
+        while True:
+            if not dl.complete:
+                await dl.wait_range(off, off + size)
+            fmap = dl.fmap
+            await self.fetcher.pagecache.ensure(fmap, off, min(size, max(0, of.obj.size - off)))
+            # Unless the download started over meanwhile (bad bytes): then wait again.
+            if dl.fmap is fmap and (dl.complete or dl.covered(off, min(off + size, of.obj.size))):
+                return fmap.read(off, size)
 
     def _announce(self, obj: RemoteObject, copy: LocalCopy) -> None:
         """One log line per file and process saying where its bytes come from."""

@@ -81,11 +81,13 @@ class PrebakedCheck:
         return ok
 
     def _check(self, obj: RemoteObject, copy: LocalCopy) -> bool:
+        exp = None
         try:
-            verified = check(self.remote, copy.fd, obj, expectation(self.remote, obj), lambda: False)
+            exp = expectation(self.remote, obj)
+            verified = check(self.remote, copy.fd, obj, exp, lambda: False)
         except IntegrityError:
-            log.warning("%s: the local copy in the %s does not match the object; downloading it again",
-                        obj.uri, copy.layer.label)
+            log.warning("%s: the local copy in the %s does not match the object's %s; downloading it again",
+                        obj.uri, copy.layer.label, exp.algorithm if exp else "checksum")
             return False
         except RemoteError as e:
             log.warning("%s: cannot check the local copy's content (%s); using it as its size matches",

@@ -18,7 +18,7 @@ from typing import Awaitable, Callable, TypeVar
 import trio
 
 from lazyfs.budget import Budget
-from lazyfs.completion import verify_and_publish_blocking
+from lazyfs.completion import expectation, verify_and_publish_blocking
 from lazyfs.config import FetchConfig
 from lazyfs.download import Download, Pin, Request
 from lazyfs.errors import IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, RemoteUnavailable, StoreError
@@ -29,6 +29,7 @@ from lazyfs.probe import open_partial_file
 from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
 from lazyfs.stats import DOWNLOAD_SECONDS, STATS
 from lazyfs.store import Store
+from lazyfs.verify import Digest, feed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,6 +37,9 @@ T = TypeVar("T")
 # Block completions are made durable (fdatasync + resume record) at most this often.
 _STATE_EVERY_S = 1.0
 _VERIFY_ATTEMPTS = 2
+# How long a finished download waits for its running digest before it hashes
+# the whole file itself (only the last blocks are left by then).
+_HASH_WAIT_S = 30.0
 # How long readers of a replaced object wait for its new version to be known.
 _RECHECK_S = 5.0
 # Long first downloads log their progress this often.
@@ -201,9 +205,45 @@ class Runner:
 
     # -- completion ---------------------------------------------------------------------
 
+    async def hash_along(self, dl: Download) -> None:
+        """Hash the file as it fills from the start (verification off the
+        critical path): when the last block lands, only the tail is left to
+        hash.  Any trouble here just leaves the whole check to `finish`."""
+        partial = dl.partial
+        try:
+            while dl.meta is None and not dl.all_done and not dl.cancelled:
+                await dl.progressed.wait()  # the first response says what to check against
+            if dl.cancelled:
+                return
+            exp = await trio.to_thread.run_sync(expectation, self.remote, dl.obj, dl.meta, limiter=self.bulk)
+            if exp is None:
+                return
+            digest = Digest(exp)
+            while not dl.cancelled and dl.partial is partial:
+                end = dl.contiguous
+                if end > digest.fed:
+                    with dl.pin():
+                        hash_more = functools.partial(feed, dl.fd, digest.fed, end, digest, lambda: dl.cancelled)
+                        await trio.to_thread.run_sync(hash_more, limiter=self._verify)
+                if digest.fed >= dl.obj.size:
+                    if dl.partial is partial:
+                        dl.digest = digest
+                    return
+                if dl.contiguous <= digest.fed:
+                    await dl.progressed.wait()
+        except Exception as e:  # the whole check at the end will say what is wrong
+            log.debug("%s: hashing along stopped: %s", dl.obj.uri, e)
+        finally:
+            if dl.partial is partial:
+                dl.hashed.set()
+
     async def finish(self, dl: Download) -> None:
+        with trio.move_on_after(_HASH_WAIT_S):
+            await dl.hashed.wait()  # the last piece of the digest, if it is being kept
+        digest = dl.digest
         publish = functools.partial(verify_and_publish_blocking, self.remote, self.store, dl.partial, dl.meta,
-                                    keep=dl.keep, origin=self.origin, cancelled=lambda: dl.cancelled)
+                                    keep=dl.keep, origin=self.origin, cancelled=lambda: dl.cancelled,
+                                    digest=digest)
         handoff = _Handoff(dl.pin())
         try:
             # Abandoned on cancel (a shutdown must not wait for a 100 GiB
@@ -281,6 +321,7 @@ class Runner:
             self.fail(dl, e, discard=True)
             return
         dl.attach(partial)
+        self._spawn(self.hash_along, dl)
         self.poke()
 
     def fail(self, dl: Download, e: BaseException, discard: bool | None = None) -> None:

@@ -33,6 +33,9 @@ class Transfer(Protocol):
     def fetched_bytes(self) -> int:
         """Bytes of the object on local disk so far."""
 
+    def covered(self, start: int, end: int) -> bool:
+        """Are bytes [start, end) on disk?"""
+
     async def wait_range(self, start: int, end: int) -> None:
         """Return once bytes [start, end) are on disk; raise the download's error."""
 

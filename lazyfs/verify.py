@@ -159,26 +159,64 @@ def exact_part_sizes(size: int, count: int, part: PartLookup) -> tuple[int, ...]
     return tuple(sizes) if sum(sizes) == size else None
 
 
+class Digest:
+    """The digest of a file in an Expectation's form, fed its bytes in order
+    (as they arrive, or from the file): MD5s per part for a multipart ETag,
+    one hash otherwise."""
+
+    def __init__(self, exp: Expectation) -> None:
+        self.exp = exp
+        self.fed = 0
+        self._parts = list(exp.part_sizes) if exp.algorithm == "MD5-multipart" else []
+        self._part_left = self._parts[0] if self._parts else 0
+        self._part_digests: list[bytes] = []
+        if exp.algorithm in ("MD5", "MD5-multipart"):
+            self._h: Any = hashlib.md5()
+        else:
+            self._h = _hasher(exp.algorithm)
+            if self._h is None:
+                raise ValueError(f"cannot compute {exp.algorithm}")
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        self.fed += len(view)
+        if not self._parts:
+            self._h.update(view)
+            return
+        while view:
+            take = min(len(view), self._part_left)
+            self._h.update(view[:take])
+            view = view[take:]
+            self._part_left -= take
+            if self._part_left == 0 and len(self._part_digests) < len(self._parts) - 1:
+                self._next_part()
+
+    def _next_part(self) -> None:
+        self._part_digests.append(self._h.digest())
+        self._h = hashlib.md5()
+        self._part_left = self._parts[len(self._part_digests)]
+
+    def value(self) -> str:
+        """The digest of everything fed, in the Expectation's form."""
+        if self.exp.algorithm == "MD5":
+            return str(self._h.hexdigest())
+        if self.exp.algorithm == "MD5-multipart":
+            digests = [*self._part_digests, self._h.digest()]
+            return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+        return base64.b64encode(self._h.digest()).decode()
+
+
+def feed(fd: int, start: int, end: int, digest: Digest, cancelled: Callable[[], bool] = lambda: False) -> None:
+    """Feed bytes [start, end) of the file to `digest` (which has had [0, start))."""
+    assert digest.fed == start, "a digest must be fed in order"
+    _feed(fd, start, end, digest, cancelled)
+
+
 def compute(fd: int, size: int, exp: Expectation, cancelled: Callable[[], bool] = lambda: False) -> str:
     """The digest of the file's first `size` bytes, in `exp`'s form."""
-    if exp.algorithm == "MD5":
-        md5 = hashlib.md5()
-        _feed(fd, 0, size, md5, cancelled)
-        return md5.hexdigest()
-    if exp.algorithm == "MD5-multipart":
-        digests = []
-        start = 0
-        for part_size in exp.part_sizes:
-            part = hashlib.md5()
-            _feed(fd, start, start + part_size, part, cancelled)
-            digests.append(part.digest())
-            start += part_size
-        return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
-    h = _hasher(exp.algorithm)
-    if h is None:
-        raise ValueError(f"cannot compute {exp.algorithm}")
-    _feed(fd, 0, size, h, cancelled)
-    return base64.b64encode(h.digest()).decode()
+    digest = Digest(exp)
+    _feed(fd, 0, size, digest, cancelled)
+    return digest.value()
 
 
 def check(fd: int, size: int, exp: Expectation, uri: str,

@@ -81,16 +81,8 @@ async def test_a_restart_after_bad_bytes_needs_room_for_one_copy_and_enospc_fail
     file (ENOSPC): the readers get ENOSPC, the engine (the mount) goes on."""
     data = os.urandom(MiB)
     obj = remote.put(BUCKET, "m/w.bin", data)
+    remote.corrupt(BUCKET, "m/w.bin", at=1000)  # bad bytes in transit: a restart follows
     other = remote.put(BUCKET, "m/other.bin", b"x" * 1000)
-    bad = iter([True])
-    real_check = verify.check
-
-    def check_fails_once(*args: object, **kw: object) -> None:
-        if next(bad, False):
-            raise IntegrityError("m/w.bin: downloaded bytes do not match (test)")
-        real_check(*args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(verify, "check", check_fails_once)
     store = stores()
     real_open = store.partials.open
     opened = []
@@ -121,12 +113,14 @@ async def test_opens_never_wait_behind_verifications(remote: FakeRemote, stores,
     """Issue 11.11: eight large files being hashed must not hold up an open."""
     release = threading.Event()
     hashing = []
+    real_feed = verify._feed
 
-    def slow_check(*args: object, **kw: object) -> None:
+    def slow_hash(*args, **kw):  # type: ignore[no-untyped-def]
         hashing.append(1)
         release.wait(20)
+        real_feed(*args, **kw)
 
-    monkeypatch.setattr(verify, "check", slow_check)
+    monkeypatch.setattr(verify, "_feed", slow_hash)
     objs = [remote.put(BUCKET, f"m/big{i}.bin", os.urandom(64 * KiB)) for i in range(10)]
     small = remote.put(BUCKET, "m/config.json", b"{}")
     fetcher = Fetcher(remote, stores(), fetch_config(max_connections=8))
@@ -154,13 +148,13 @@ async def test_shutdown_does_not_wait_for_a_long_verification(remote: FakeRemote
     """Issue 11.12: a verification that would take minutes stops at close."""
     started = threading.Event()
 
-    def endless_hash(fd: int, size: int, exp: object, uri: str, cancelled) -> None:  # type: ignore[no-untyped-def]
+    def endless_hash(fd, start, end, h, cancelled) -> None:  # type: ignore[no-untyped-def]
         started.set()
         while not cancelled():  # a 100 GiB file, one 4 MiB read at a time
             threading.Event().wait(0.01)
         raise InterruptedError("verification cancelled")
 
-    monkeypatch.setattr(verify, "check", endless_hash)
+    monkeypatch.setattr(verify, "_feed", endless_hash)
     obj = remote.put(BUCKET, "m/w.bin", os.urandom(MiB))
     fetcher = Fetcher(remote, stores(), fetch_config())
     async with running(fetcher, close=False):
@@ -320,3 +314,28 @@ async def test_prefetch_counts_a_raw_store_error_as_a_failed_file_and_goes_on(
         progress = await Prefetcher(fetcher).run(objs)
     assert progress.done_files == 3 and [uri for uri, _ in progress.failed] == [objs[1].uri]
     assert "Too many open files" in progress.failed[0][1]
+
+
+@trio_test
+async def test_the_file_is_hashed_as_it_fills_so_verification_ends_with_the_last_byte(
+        remote: FakeRemote, stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13.3: the digest follows the contiguous prefix; at the end only
+    the tail is hashed, and no byte is read for hashing twice."""
+    hashed = []
+    real_feed = verify._feed
+
+    def counting(fd, start, end, h, cancelled):  # type: ignore[no-untyped-def]
+        hashed.append((start, end))
+        real_feed(fd, start, end, h, cancelled)
+
+    monkeypatch.setattr(verify, "_feed", counting)
+    data = os.urandom(6 * MiB + 123)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))
+    async with running(fetcher):
+        dl = await fetcher.acquire(obj)
+        assert isinstance(dl, Download)
+        await dl.finished.wait()
+        assert dl.complete and dl.verified == "MD5"
+    assert sum(end - start for start, end in hashed) == len(data), hashed
+    assert len(hashed) > 1, "hashed in one go at the end"

@@ -1,0 +1,94 @@
+"""Bringing file pages into the page cache off the trio thread.
+
+pyfuse3 replies to a read with the buffer the handler returns, in the trio
+thread and holding the GIL.  A reply from a mapping of a file whose pages are
+not cached (every file after a restart, blocks resumed from an earlier run)
+faults them in from disk inside that call: one synchronous disk read at a
+time, with every other request and thread of the process waiting.  So before
+a reply, the chunks it covers that are not known to be cached are read into
+the page cache by worker threads (sendfile to /dev/null: no copy into
+Python, the GIL released), several at once, and the chunks after them are
+read ahead in the background.  The reply then copies from cached pages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Awaitable, Callable
+
+import trio
+
+from lazyfs.filemap import CHUNK, FileMap
+
+log = logging.getLogger(__name__)
+
+# Threads reading store files into the page cache (NVMe disks want several
+# requests in flight to reach their speed).
+THREADS = 8
+# Chunks read ahead of a cold read (in the background), so a loader walking
+# a file finds the next tensors cached.
+READ_AHEAD_CHUNKS = 16
+
+
+class Prefaulter:
+    def __init__(self, spawn: Callable[..., None]) -> None:
+        self._spawn = spawn  # start a supervised background task
+        self._threads = trio.CapacityLimiter(THREADS)
+        self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        # (mapping, chunk) -> done: a chunk is read by one thread, whoever asks.
+        self._pending: dict[tuple[int, int], trio.Event] = {}
+
+    def close(self) -> None:
+        os.close(self._devnull)
+
+    async def ensure(self, fmap: FileMap, off: int, size: int) -> None:
+        """Return once bytes [off, off + size) of `fmap` are in the page cache."""
+        cold = fmap.cold_chunks(off, size)
+        if not cold:
+            return
+        ahead = range(cold.stop, min(cold.stop + READ_AHEAD_CHUNKS, -(-fmap.size // CHUNK)))
+        await self._read(fmap, cold)
+        if ahead and fmap.cold_chunks(ahead.start * CHUNK, len(ahead) * CHUNK):
+            self._spawn(self._read, fmap, fmap.cold_chunks(ahead.start * CHUNK, len(ahead) * CHUNK))
+
+    async def _read(self, fmap: FileMap, chunks: range) -> None:
+        waits: list[trio.Event] = []
+        mine: list[int] = []
+        for i in chunks:
+            pending = self._pending.get((id(fmap), i))
+            if pending is not None:
+                waits.append(pending)
+            else:
+                self._pending[(id(fmap), i)] = trio.Event()
+                mine.append(i)
+        try:
+            if mine:
+                # Our own descriptor: the owner may close its own meanwhile.
+                fd = os.dup(fmap.fd)
+                try:
+                    await trio.to_thread.run_sync(self._read_blocking, fd, mine[0] * CHUNK,
+                                                  (mine[-1] + 1) * CHUNK, limiter=self._threads)
+                finally:
+                    os.close(fd)
+                fmap.mark_chunks_warm(range(mine[0], mine[-1] + 1))
+        finally:
+            for i in mine:
+                self._pending.pop((id(fmap), i)).set()
+        for event in waits:
+            await event.wait()
+
+    def _read_blocking(self, fd: int, start: int, end: int) -> None:
+        pos = start
+        while pos < end:
+            try:
+                n = os.sendfile(self._devnull, fd, pos, end - pos)
+            except OSError as e:  # the reply will fault it in: slower, still right
+                log.debug("reading ahead into the page cache: %s", e)
+                return
+            if n == 0:
+                return
+            pos += n
+
+
+Ensure = Callable[[FileMap, int, int], Awaitable[None]]
