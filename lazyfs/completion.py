@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import resource
@@ -68,6 +69,13 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
         raise
 
 
+def hash_more_blocking(fd: int, start: int, end: int, digest: verify.Digest, cancelled: Callable[[], bool]) -> None:
+    """Feed bytes [start, end) to a running digest, at a lower CPU priority
+    than the downloads and readers (hashing can wait; a loader should not)."""
+    with lower_priority():
+        verify.feed(fd, start, end, digest, cancelled)
+
+
 def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Partial, meta: ResponseMeta | None,
                                 *, keep: bool, origin: str, cancelled: Callable[[], bool],
                                 digest: verify.Digest | None = None) -> str:
@@ -112,6 +120,7 @@ def lower_priority() -> Iterator[None]:
 _CAP_SYS_NICE = 23
 
 
+@functools.lru_cache(maxsize=64)
 def _may_renice_to(nice: int) -> bool:
     """May this process lower a thread's nice value back to `nice`?"""
     try:

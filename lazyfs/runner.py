@@ -18,7 +18,7 @@ from typing import Awaitable, Callable, TypeVar
 import trio
 
 from lazyfs.budget import Budget
-from lazyfs.completion import expectation, verify_and_publish_blocking
+from lazyfs.completion import expectation, hash_more_blocking, verify_and_publish_blocking
 from lazyfs.config import FetchConfig
 from lazyfs.download import Download, Pin, Request
 from lazyfs.errors import IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, RemoteUnavailable, StoreError
@@ -29,7 +29,7 @@ from lazyfs.probe import open_partial_file
 from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
 from lazyfs.stats import DOWNLOAD_SECONDS, STATS
 from lazyfs.store import Store
-from lazyfs.verify import Digest, feed
+from lazyfs.verify import Digest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -223,7 +223,8 @@ class Runner:
                 end = dl.contiguous
                 if end > digest.fed:
                     with dl.pin():
-                        hash_more = functools.partial(feed, dl.fd, digest.fed, end, digest, lambda: dl.cancelled)
+                        hash_more = functools.partial(hash_more_blocking, dl.fd, digest.fed, end, digest,
+                                                      lambda: dl.cancelled)
                         await trio.to_thread.run_sync(hash_more, limiter=self._verify)
                 if digest.fed >= dl.obj.size:
                     if dl.partial is partial:
