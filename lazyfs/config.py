@@ -74,6 +74,9 @@ class FetchConfig:
     read_deadline: float = 60.0
     # --verify etag: check unrecorded local copies' content, not just size.
     verify_prebaked: bool = False
+    # Fetch safetensors files in the order loaders read tensors, and start a
+    # sharded checkpoint's next shard when one is opened (modelaware.py).
+    model_readahead: bool = True
 
     @property
     def block_size(self) -> int:
@@ -240,6 +243,7 @@ def fetch_config(args: Mapping[str, Any]) -> FetchConfig:
              "chunk_attempts": _attempts(args, default_of(FetchConfig, "chunk_attempts")),
              "read_deadline": args.get("read_deadline")}
     return FetchConfig(verify_prebaked=args.get("verify") == "etag",
+                       model_readahead=args.get("model_readahead") is not False,
                        **{k: v for k, v in given.items() if v is not None})
 
 

@@ -107,6 +107,8 @@ class Download:
         self.bytes_fetched = 0
         self.verify_attempts = 0
         self.changing = False  # the object changed in the store; the mount is being told
+        # A safetensors file whose header has not been looked at yet (modelaware.py).
+        self.wants_order = False
         self.verified = ""  # how the published bytes were checked (completion.check), or "unverified"
         # The digest of the bytes so far, kept by Runner._hash_along as the
         # file fills from the start, so verification ends with the last byte.
@@ -147,6 +149,10 @@ class Download:
         self.demand: deque[int] = deque()
         self.waiters: list[tuple[int, int, trio.Event]] = []
         self.sweep = 0
+        # The order the sweep takes blocks in, when it is not the file's
+        # (modelaware.loader_order), and how far along it the sweep is.
+        self.order: list[int] | None = None
+        self._order_pos = 0
         # Slow start: one request until the first bytes arrive, so the first
         # read does not share the server with a dozen others; then full speed.
         self.ramp = 1
@@ -250,11 +256,31 @@ class Download:
                 return self._claim(i, min(DEMAND_BLOCKS, self.limits.part_blocks))
         if demanded_only or len(self.requests) >= self.ramp:
             return None
+        if self.order is not None:
+            return self._next_in_order()
         while self.sweep < self.nblocks and self.state[self.sweep] != PENDING:
             self.sweep += 1
         if self.sweep >= self.nblocks:
             return None
         return self._claim(self.sweep, self.limits.part_blocks)
+
+    def follow_order(self, order: list[int]) -> None:
+        """Sweep the blocks in this order from now on (each block once)."""
+        self.order, self._order_pos = order, 0
+
+    def _next_in_order(self) -> Request | None:
+        order = self.order
+        assert order is not None
+        while self._order_pos < len(order) and self.state[order[self._order_pos]] != PENDING:
+            self._order_pos += 1
+        if self._order_pos >= len(order):
+            return None
+        first = order[self._order_pos]
+        run = 1  # as long as the order and the file agree, one request takes them together
+        while run < self.limits.part_blocks and self._order_pos + run < len(order) and \
+                order[self._order_pos + run] == first + run:
+            run += 1
+        return self._claim(first, run)
 
     def _claim(self, first: int, max_blocks: int) -> Request:
         last = first

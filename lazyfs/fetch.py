@@ -21,12 +21,13 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
+from lazyfs import modelaware
 from lazyfs.budget import Budget
 from lazyfs.config import FetchConfig
 from lazyfs.coop import ForeignDownload
 from lazyfs.dispatch import Dispatcher
 from lazyfs.download import Download, Limits
-from lazyfs.errors import RemoteUnavailable
+from lazyfs.errors import LazyfsError, RemoteUnavailable
 from lazyfs.filemap import PageBudget
 from lazyfs.filestate import FileState
 from lazyfs.namespace import RemoteObject, Version
@@ -156,6 +157,20 @@ class Fetcher:
         st = await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._meta)
         return st.state, st.bytes
 
+    def warm(self, obj: RemoteObject) -> None:
+        """Start fetching `obj` in the background (no reader waits for it yet)."""
+        if self._nursery is not None and self.active(obj) is None and not self.closing:
+            self._spawn(self._warm, obj)
+
+    async def _warm(self, obj: RemoteObject) -> None:
+        try:
+            got = await self.acquire(obj, background=True)
+        except LazyfsError as e:
+            log.debug("%s: not fetched ahead: %s", obj.uri, e)
+            return
+        if isinstance(got, LocalCopy):
+            os.close(got.fd)
+
     def close_fd(self, fd: int) -> None:
         """Close a descriptor in a worker thread when it is the last link of
         an unlinked file (the close frees its blocks: seconds for 100 GiB on
@@ -249,6 +264,7 @@ class Fetcher:
         dl = Download(obj, partial, self._limits, self.pages, background=background, keep=keep,
                       on_work=self.poke, on_closed=self.runner.discard_later, close_fd=self.close_fd)
         dl.lock_fd = lock
+        dl.wants_order = self.cfg.model_readahead and modelaware.is_safetensors(obj.key)
         self._downloads[obj.version] = dl
         if partial.done:
             log.info("%s: resuming download, %d of %d blocks already on disk", obj.uri,

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import cachetools
 
@@ -47,6 +48,9 @@ class Handles:
         self.fetcher = fetcher
         self._open: dict[int, OpenFile] = {}
         self._next = 1
+        # The shard a loader opens after this one (set by the mount from its
+        # catalog, see modelaware.next_shard), fetched ahead when one is opened.
+        self.next_shard: Callable[[RemoteObject], RemoteObject | None] = lambda obj: None
         # Files already announced in the log (bounded: a tree of millions of
         # files must not grow it forever; an old entry is announced again).
         self._announced: cachetools.LRUCache[tuple[str, str, str], bool] = cachetools.LRUCache(maxsize=100_000)
@@ -79,6 +83,9 @@ class Handles:
         fh = self._next
         self._next += 1
         self._open[fh] = of
+        following = self.next_shard(obj) if self.fetcher.cfg.model_readahead else None
+        if following is not None:
+            self.fetcher.warm(following)
         return fh
 
     async def read(self, fh: int, off: int, size: int) -> memoryview:

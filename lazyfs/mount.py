@@ -24,7 +24,7 @@ from typing import AsyncIterator
 import pyfuse3
 import trio
 
-from lazyfs import prefetch
+from lazyfs import modelaware, prefetch
 from lazyfs.budget import Budget
 from lazyfs.catalog import Catalog, Diff, Refresher, offline_objects
 from lazyfs.config import MountConfig
@@ -36,7 +36,7 @@ from lazyfs.handles import Handles
 from lazyfs.layer import Layer
 from lazyfs.metrics import MountView, serve_metrics
 from lazyfs.mounttab import MountError, check_mountpoint, set_read_ahead
-from lazyfs.namespace import RemoteObject
+from lazyfs.namespace import DirNode, RemoteObject
 from lazyfs.remote import Remote
 from lazyfs.store import Store
 from lazyfs.supervise import forever, once
@@ -147,6 +147,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
     if offline is not None:
         catalog.start_offline(offline, "object store unreachable at start")
     handles = Handles(fetcher)
+    handles.next_shard = lambda obj: next_shard(catalog, obj)
     if cfg.cache_max_size is not None:
         fetcher.hooks.budget = Budget(store, cfg.cache_max_size, handles.is_open)
     view = MountView(catalog, fetcher, handles, store, str(cfg.mountpoint))
@@ -203,6 +204,18 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
             nursery.cancel_scope.cancel()
     log.info("lazyfs stopped")
     return 0
+
+
+def next_shard(catalog: Catalog, obj: RemoteObject) -> RemoteObject | None:
+    """The listed shard after `obj` in its folder (modelaware.next_shard)."""
+    if not modelaware.is_safetensors(obj.key):
+        return None
+    folder = catalog.tree.find(obj.key.rpartition("/")[0])
+    if not isinstance(folder, DirNode):
+        return None
+    key = modelaware.next_shard(obj.key, list(folder.names))
+    found = catalog.tree.find(key) if key else None
+    return found if isinstance(found, RemoteObject) else None
 
 
 def _close_session() -> None:

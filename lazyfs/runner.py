@@ -17,6 +17,7 @@ from typing import Awaitable, Callable, TypeVar
 
 import trio
 
+from lazyfs import modelaware
 from lazyfs.budget import Budget
 from lazyfs.completion import expectation, hash_more_blocking, verify_and_publish_blocking
 from lazyfs.config import FetchConfig
@@ -168,6 +169,9 @@ class Runner:
             STATS.fetched_bytes += new
             dl.bytes_fetched += new
         done = dl.progress(req, filled)
+        if dl.wants_order and dl.contiguous >= 8:
+            dl.wants_order = False
+            self._spawn(self._learn_order, dl)
         if done:
             dl.partial.done.update(done)
             self._save_state_soon(dl)
@@ -204,6 +208,23 @@ class Runner:
             self._save_state_soon(dl)  # blocks finished while this save ran
 
     # -- completion ---------------------------------------------------------------------
+
+    async def _learn_order(self, dl: Download) -> None:
+        """Read a safetensors file's header as soon as it is on disk and sweep
+        in the order loaders read tensors (modelaware.py)."""
+        partial = dl.partial
+        total = modelaware.header_size(bytes(dl.fmap.read(0, 8)))
+        if total is None or total > dl.obj.size:
+            return
+        while dl.contiguous < total and not dl.cancelled and dl.partial is partial:
+            await dl.progressed.wait()
+        if dl.cancelled or dl.partial is not partial:
+            return
+        header = bytes(dl.fmap.read(0, total))
+        order = await trio.to_thread.run_sync(modelaware.loader_order, header, dl.obj.size, dl.block_size)
+        if order is not None and dl.partial is partial:
+            dl.follow_order(order)
+            self.poke()
 
     async def hash_along(self, dl: Download) -> None:
         """Hash the file as it fills from the start (verification off the

@@ -339,3 +339,50 @@ async def test_the_file_is_hashed_as_it_fills_so_verification_ends_with_the_last
         assert dl.complete and dl.verified == "MD5"
     assert sum(end - start for start, end in hashed) == len(data), hashed
     assert len(hashed) > 1, "hashed in one go at the end"
+
+
+def safetensors_file(tensors: dict[str, int], block: int) -> bytes:
+    """A safetensors file whose tensors (name -> bytes) lie in the given order."""
+    import json
+    import struct
+
+    meta, pos = {}, 0
+    for name, nbytes in tensors.items():
+        meta[name] = {"dtype": "BF16", "shape": [nbytes // 2], "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    raw = json.dumps(meta).encode()
+    raw += b" " * (-(len(raw) + 8) % block)  # the header fills whole blocks
+    return struct.pack("<Q", len(raw)) + raw + os.urandom(pos)
+
+
+@trio_test
+async def test_a_safetensors_file_is_fetched_in_the_order_loaders_read_tensors(remote: FakeRemote,
+                                                                              stores) -> None:
+    """Issue 13.6: after the header, the sweep follows tensor names, not the file."""
+    data = safetensors_file({"z.last": 3 * BLOCK, "a.first": 2 * BLOCK, "m.middle": 2 * BLOCK}, BLOCK)
+    obj = remote.put(BUCKET, "m/model-00001-of-00002.safetensors", data)
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=1))
+    async with running(fetcher):
+        dl = await fetcher.acquire(obj, background=True)
+        assert isinstance(dl, Download)
+        await dl.finished.wait()
+        assert dl.complete
+    starts = [g.start // BLOCK for g in remote.gets()]
+    header_blocks = 1
+    z, a, mid = (range(header_blocks, header_blocks + 3), range(4, 6), range(6, 8))
+    # (the request after the header may have left before the header was read)
+    assert starts.index(a[-1]) < starts.index(mid[-1]) < starts.index(z[-1]), starts
+
+
+@trio_test
+async def test_opening_a_shard_starts_the_next_one(remote: FakeRemote, stores) -> None:
+    first = remote.put(BUCKET, "m/model-00001-of-00002.safetensors", os.urandom(MiB))
+    second = remote.put(BUCKET, "m/model-00002-of-00002.safetensors", os.urandom(MiB))
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        handles = Handles(fetcher)
+        handles.next_shard = lambda obj: second if obj == first else None
+        fh = await handles.open(first)
+        await wait_for(lambda: fetcher.active(second) is not None or remote.gets(second.key),
+                       "the next shard to start")
+        handles.release(fh)

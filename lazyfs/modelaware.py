@@ -1,0 +1,86 @@
+"""Fetching a checkpoint in the order loaders read it.
+
+safetensors loaders (`safetensors.torch.load_file`, vLLM, transformers) map
+a shard and copy its tensors in the order of their *names*, while the file
+lays them out by dtype alignment first, then name: with mixed dtypes the two
+orders differ, and a sweep in file order makes the loader wait for each
+tensor it jumps to.  So once a download has the file's header, it fetches the
+blocks in the order of the tensor names (then anything not covered, in file
+order).  And a sharded checkpoint's next shard (`...-00002-of-00004...`) is
+started in the background when one is opened, so the loader finds it
+arriving.
+
+Pure functions: the engine calls them on the trio thread with bytes it has.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+
+# The largest header we read: safetensors itself refuses more than 100 MB.
+MAX_HEADER = 100_000_000
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<count>\d+)\.safetensors$")
+
+
+def is_safetensors(key: str) -> bool:
+    return key.endswith(".safetensors")
+
+
+def header_size(first8: bytes) -> int | None:
+    """Bytes of header (the 8-byte length and the JSON) a file starts with, or
+    None when it is not a safetensors header."""
+    if len(first8) < 8:
+        return None
+    (n,) = struct.unpack("<Q", first8[:8])
+    return n + 8 if 0 < n <= MAX_HEADER else None
+
+
+def loader_order(header: bytes, size: int, block_size: int) -> list[int] | None:
+    """The blocks of the file in the order a loader reads them (the header,
+    then each tensor by name, then what no tensor covers), or None when the
+    header is not one safetensors writes."""
+    total = header_size(header)
+    if total is None or len(header) < total:
+        return None
+    try:
+        meta = json.loads(header[8:total])
+        spans = sorted((name, int(t["data_offsets"][0]), int(t["data_offsets"][1]))
+                       for name, t in meta.items() if name != "__metadata__")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    nblocks = max(1, -(-size // block_size))
+    order: list[int] = []
+    seen = bytearray(nblocks)
+
+    def add(start: int, end: int) -> None:
+        for i in range(start // block_size, min(nblocks, -(-end // block_size))):
+            if not seen[i]:
+                seen[i] = 1
+                order.append(i)
+
+    add(0, total)
+    for _, begin, end in spans:
+        if not 0 <= begin <= end <= size - total:
+            return None
+        add(total + begin, total + end)
+    add(0, size)  # anything the tensors left out (padding, trailing bytes)
+    return order
+
+
+def next_shard(key: str, siblings: list[str]) -> str | None:
+    """The shard after `key` among the names in its folder (`model-00001-of-00004.safetensors`
+    -> `model-00002-of-00004.safetensors`), if there is one."""
+    folder, _, name = key.rpartition("/")
+    m = _SHARD.match(name)
+    if m is None:
+        return None
+    index, count = int(m.group("index")), int(m.group("count"))
+    if index >= count:
+        return None
+    width = len(m.group("index"))
+    want = f"{m.group('stem')}-{index + 1:0{width}d}-of-{m.group('count')}.safetensors"
+    if want not in siblings:
+        return None
+    return f"{folder}/{want}" if folder else want

@@ -1,0 +1,54 @@
+"""Loader order and next shards (modelaware.py), as pure functions."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import struct
+
+from lazyfs import modelaware
+
+
+def safetensors(tensors: dict[str, tuple[str, int]]) -> tuple[bytes, int]:
+    """A header laying out tensors in the given (file) order; the file's size."""
+    meta, pos = {}, 0
+    for name, (dtype, nbytes) in tensors.items():
+        meta[name] = {"dtype": dtype, "shape": [nbytes // 2], "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    raw = json.dumps(meta).encode()
+    raw += b" " * (-len(raw) % 8)
+    header = struct.pack("<Q", len(raw)) + raw
+    return header, len(header) + pos
+
+
+def test_the_order_follows_tensor_names_not_the_file() -> None:
+    block = 1  # a block per byte: every tensor's bytes are its own
+    # File order: F32 first (alignment), then BF16; names interleave.
+    header, size = safetensors({"a.norm": ("F32", 300), "c.norm": ("F32", 300),
+                                "b.weight": ("BF16", 500), "d.weight": ("BF16", 500)})
+    order = modelaware.loader_order(header, size, block)
+    assert order is not None and sorted(order) == list(range(-(-size // block)))
+    h = len(header)
+
+    at = {b: i for i, b in enumerate(order)}
+    spans = {"a": (0, 300), "b": (600, 1100), "c": (300, 600), "d": (1100, 1600)}
+    positions = [[at[h + byte] for byte in range(*spans[t])] for t in "abcd"]
+    assert all(max(p) < min(q) for p, q in itertools.pairwise(positions)), \
+        "tensors a, b, c, d are not fetched in that order"
+    assert order[0] == 0, "the header comes first"
+
+
+def test_not_a_safetensors_header_gives_no_order() -> None:
+    assert modelaware.header_size(b"\xff" * 8) is None
+    assert modelaware.loader_order(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"{not json}      ", 100, 10) is None
+    header, size = safetensors({"x": ("BF16", 10)})
+    assert modelaware.loader_order(header, size - 5, 10) is None, "offsets beyond the file"
+
+
+def test_next_shard() -> None:
+    names = ["config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+             "model-00003-of-00003.safetensors", "model.safetensors.index.json"]
+    assert modelaware.next_shard("m/v1/model-00001-of-00003.safetensors", names) == \
+        "m/v1/model-00002-of-00003.safetensors"
+    assert modelaware.next_shard("m/v1/model-00003-of-00003.safetensors", names) is None
+    assert modelaware.next_shard("m/v1/model.safetensors", names) is None
