@@ -55,8 +55,12 @@ class Layer:
         self.label = label  # "store" or "prebaked layer", as logs and `status` say
 
     @classmethod
-    def open(cls, path: str, writable: bool, label: str) -> Layer:
+    def open(cls, path: str, writable: bool, label: str, create_mode: int | None = None) -> Layer:
+        """With `create_mode`, a missing folder is made (its parents as `mkdir -p`
+        would), itself with exactly that mode."""
         try:
+            if create_mode is not None:
+                _make_root(path, create_mode)
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise StoreError(f"cannot open {label} {path}: {e.strerror}", e.errno or errno.EIO) from None
@@ -118,6 +122,15 @@ class Layer:
             os.close(fd)
             return None
         return fd
+
+
+def _make_root(path: str, mode: int) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return
+    os.chmod(path, mode)
 
 
 def _mkdir(dir_fd: int, name: str, mode: int) -> bool:

@@ -58,7 +58,7 @@ class Store:
     """The store layer (writable) and the prebaked layers searched after it."""
 
     def __init__(self, root: Layer, prebaked: Iterable[Layer] = (),
-                 permissions: Permissions = STORE_MODES["public"]) -> None:
+                 permissions: Permissions = STORE_MODES["private"]) -> None:
         self.root = root
         self.prebaked = tuple(prebaked)
         self.permissions = permissions
@@ -70,13 +70,15 @@ class Store:
 
     @classmethod
     def open(cls, store_path: str, prebaked: Iterable[str] = (), root_fd: int | None = None,
-             mode: str = "public") -> Store:
+             mode: str = "private", create: bool = False) -> Store:
         """Open (and lay out) a store; `mode` names the permissions of what it
-        creates (layer.STORE_MODES).  It owns `root_fd` from here on, and closes
-        it, and everything else it opened, if it fails."""
+        creates (layer.STORE_MODES), the store's own folder too with `create`.
+        It owns `root_fd` from here on, and closes it, and everything else it
+        opened, if it fails."""
+        permissions = STORE_MODES[mode]
         root = Layer(root_fd, store_path, True, "store") if root_fd is not None \
-            else Layer.open(store_path, True, "store")
-        store = cls(root, (), STORE_MODES[mode])
+            else Layer.open(store_path, True, "store", permissions.folder if create else None)
+        store = cls(root, (), permissions)
         try:
             store.prebaked = tuple(store._open_layer(p) for p in prebaked)
             store._prepare()

@@ -41,6 +41,28 @@ def test_layout_and_private_tmp(store: Store, tmp_path: Path) -> None:
     assert stat.S_IMODE((root / ".lazyfs" / "tmp").stat().st_mode) == 0o700
 
 
+@pytest.mark.parametrize("mode, folder, file", [(None, 0o700, 0o400), ("private", 0o700, 0o400),
+                                                ("group", 0o750, 0o440), ("public", 0o755, 0o444)])
+def test_what_lazyfs_creates_in_a_store_is_private_unless_asked(tmp_path: Path, mode: str | None, folder: int,
+                                                                 file: int) -> None:
+    root = tmp_path / "new-store"
+    old_umask = os.umask(0o077)  # --store-mode says what others may do, not the umask
+    try:
+        s = Store.open(str(root), create=True) if mode is None else Store.open(str(root), mode=mode, create=True)
+        try:
+            download(s, obj("models/m/w.bin", b"weights"), b"weights")
+            s.listings.save("bkt", "models/m", [])
+        finally:
+            s.close()
+    finally:
+        os.umask(old_umask)
+    for path in (root, root / "models", root / "models/m", root / ".lazyfs"):
+        assert stat.S_IMODE(path.stat().st_mode) == folder, path
+    for meta in ("tmp", "objects", "listings"):
+        assert stat.S_IMODE((root / ".lazyfs" / meta).stat().st_mode) == 0o700, meta
+    assert stat.S_IMODE((root / "models/m/w.bin").stat().st_mode) == file
+
+
 def test_publish_records_identity_and_find_current(store: Store, tmp_path: Path) -> None:
     data = b"hello world"
     o = obj("a/b/c.txt", data)
@@ -48,7 +70,7 @@ def test_publish_records_identity_and_find_current(store: Store, tmp_path: Path)
     download(store, o, data)
     path = tmp_path / "store" / "a/b/c.txt"
     assert path.read_bytes() == data
-    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert stat.S_IMODE(path.stat().st_mode) == 0o400
     assert path.stat().st_mtime_ns == o.mtime_ns
     ident = Identity.decode(os.getxattr(path, IDENTITY_XATTR))
     assert ident == Identity.of(o)
