@@ -4,6 +4,8 @@ evicted.  The pieces it is made of each own one folder:
     <root>/<key path>          published files, exactly where the mount shows them,
                                each with its identity record (identity.py)
     <root>/.lazyfs/layout      "1": the layout version of everything below
+    <root>/.lazyfs/identities/ identity records as files, where the filesystem
+                               refuses user xattrs (identity.py)
     <root>/.lazyfs/tmp/        downloads in progress and their locks (partials.py)
     <root>/.lazyfs/objects/    the content index (content_index.py)
     <root>/.lazyfs/listings/   saved listings for offline starts (listings.py)
@@ -62,7 +64,7 @@ class Store:
         self.root = root
         self.prebaked = tuple(prebaked)
         self.permissions = permissions
-        self.identities = IdentityRecords(root.path)
+        self.identities = IdentityRecords(root)
         self.listings = SavedListings(root)
         self._fds: list[int] = []
         self.partials: PartialFiles
@@ -103,6 +105,7 @@ class Store:
         self.partials = PartialFiles(tmp_fd, self.root.path)
         self.index = ContentIndex(objects_fd)
         self._check_layout(meta_fd)
+        self.identities.open(tmp_fd, self.prebaked)
 
     def _keep(self, fd: int) -> int:
         self._fds.append(fd)
@@ -122,6 +125,7 @@ class Store:
                              f"{self.root.path}/{RESERVED_NAME}", errno.EINVAL)
 
     def close(self) -> None:
+        self.identities.close()
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
@@ -149,7 +153,7 @@ class Store:
             if fd is None:
                 continue
             try:
-                state = self._judge(fd, obj)
+                state = self._judge(fd, obj, layer)
             except BaseException:
                 os.close(fd)
                 raise
@@ -166,7 +170,7 @@ class Store:
             if fd is None:
                 continue
             try:
-                state = self._judge(fd, obj)
+                state = self._judge(fd, obj, layer)
                 if state is not None:
                     return LocalState(state, layer.label, obj.size)
                 stale = stale or layer.label
@@ -179,10 +183,11 @@ class Store:
             return LocalState(FileState.STALE, stale, 0)
         return LocalState(FileState.MISSING, "", 0)
 
-    def _judge(self, fd: int, obj: RemoteObject) -> FileState | None:
-        if os.fstat(fd).st_size != obj.size:
+    def _judge(self, fd: int, obj: RemoteObject, layer: Layer) -> FileState | None:
+        st = os.fstat(fd)
+        if st.st_size != obj.size:
             return None
-        ident = self.identities.read(fd)
+        ident = self.identities.read(fd, layer, st)
         if ident is None:
             return FileState.PREBAKED
         return FileState.CACHED if ident.matches(obj) else None
@@ -202,9 +207,14 @@ class Store:
         if os.fstat(fd).st_size != obj.size:
             raise StoreError(f"{obj.uri}: download has the wrong size, not published")
         self._seal(fd, obj, origin)
-        placed = self._place(partial.name + ".part", obj)
+        try:
+            placed = self._place(partial.name + ".part", obj)
+        except BaseException:
+            self.identities.forget(fd)  # the caller discards the file
+            raise
         if not placed:
             self.partials.discard(partial)
+            self.identities.forget(fd)
         self.partials.forget_record(partial)
         return placed
 
@@ -220,12 +230,14 @@ class Store:
         """Rename a finished file from tmp/ to its key path and index its
         content, unless the path holds a newer version (False).  Under the
         publish lock, so the file judged is the file replaced; the index entry
-        of the version replaced goes if nothing else uses it."""
+        and the record of the version replaced go if nothing else uses them."""
         *dirs, name = obj.key.split("/")
         dfd = self.root.open_dir(dirs, create=True, mode=self.permissions.folder)
+        old = None
         try:
             with self.partials.publish_lock():
-                replaced = self._identity_at(dfd, name)
+                old = _open_file(dfd, name)
+                replaced = None if old is None else self.identities.read(old)
                 if replaced is not None and replaced.mtime_ns > obj.mtime_ns and not replaced.matches(obj):
                     log.info("%s: not replacing the newer version already in the store", obj.uri)
                     return False
@@ -235,21 +247,15 @@ class Store:
                     raise StoreError(f"{obj.uri}: a folder stands at {obj.key} in the store") from None
                 self.index.add(dfd, name, obj)
             os.fsync(dfd)
+            if replaced is not None and not replaced.matches(obj):
+                self.index.drop_if_unused(replaced.etag, replaced.size)
+            if old is not None:
+                self.identities.forget(old)
         finally:
+            if old is not None:
+                os.close(old)
             os.close(dfd)
-        if replaced is not None and not replaced.matches(obj):
-            self.index.drop_if_unused(replaced.etag, replaced.size)
         return True
-
-    def _identity_at(self, dfd: int, name: str) -> Identity | None:
-        try:
-            fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
-        except OSError:
-            return None
-        try:
-            return self.identities.read(fd)
-        finally:
-            os.close(fd)
 
     def materialise(self, obj: RemoteObject) -> LocalCopy | None:
         """Make `obj` current from a file with the same (ETag, size) that the
@@ -346,15 +352,23 @@ class Store:
     def _evict_one(self, dfd: int, name: str) -> int:
         """Unlink `name` if it is a file lazyfs fetched: the very file whose
         record was read (a publish may have renamed a newer one over it)."""
-        with self.partials.publish_lock():
-            fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
-            try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
+        try:
+            with self.partials.publish_lock():
                 st = os.fstat(fd)
-                ident = self.identities.read(fd)
+                ident = self.identities.read(fd, st=st)
                 if ident is None or ident.origin != "fetch" or not still_there(dfd, name, st):
                     return 0
                 os.unlink(name, dir_fd=dfd)
-            finally:
-                os.close(fd)
-        self.index.drop_if_unused(ident.etag, ident.size)
-        return st.st_size
+            self.index.drop_if_unused(ident.etag, ident.size)
+            self.identities.forget(fd)
+            return st.st_size
+        finally:
+            os.close(fd)
+
+
+def _open_file(dfd: int, name: str) -> int | None:
+    try:
+        return os.open(name, FILE_FLAGS, dir_fd=dfd)
+    except OSError:
+        return None
