@@ -199,10 +199,11 @@ class IdentityRecords:
                     raise
         self._use_sidecars().write(os.fstat(fd), ident)
 
-    def forget(self, fd: int) -> None:
-        """The open file `fd` of the store lost its last link: drop its sidecar."""
+    def forget(self, fd: int, *, only_if_unlinked: bool = True) -> None:
+        """Drop the sidecar of the open store file `fd`: once its last link is
+        gone (by default), or in any case (a file that will not be published)."""
         sidecars = self._sidecars.get(self.root)
         if sidecars is not None:
             st = os.fstat(fd)
-            if st.st_nlink == 0:
+            if st.st_nlink == 0 or not only_if_unlinked:
                 sidecars.forget(st)

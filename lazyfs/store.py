@@ -210,7 +210,7 @@ class Store:
         try:
             placed = self._place(partial.name + ".part", obj)
         except BaseException:
-            self.identities.forget(fd)  # the caller discards the file
+            self.identities.forget(fd, only_if_unlinked=False)  # not published: a retry records it again
             raise
         if not placed:
             self.partials.discard(partial)
@@ -246,9 +246,9 @@ class Store:
                 except IsADirectoryError:
                     raise StoreError(f"{obj.uri}: a folder stands at {obj.key} in the store") from None
                 self.index.add(dfd, name, obj)
+                if replaced is not None and not replaced.matches(obj):
+                    self.index.drop_if_unused(replaced.etag, replaced.size)
             os.fsync(dfd)
-            if replaced is not None and not replaced.matches(obj):
-                self.index.drop_if_unused(replaced.etag, replaced.size)
             if old is not None:
                 self.identities.forget(old)
         finally:
@@ -273,7 +273,7 @@ class Store:
             if not self._link_checked(src, tmp, obj):
                 self._copy_into_tmp(src, tmp, obj, ident.origin)
             if not self._place(tmp, obj):
-                self.partials.remove(tmp)
+                self._drop_tmp(tmp)
                 return None
         finally:
             os.close(src)
@@ -292,6 +292,18 @@ class Store:
         self.partials.remove(tmp)  # the entry was replaced between the check and the link
         return False
 
+    def _drop_tmp(self, tmp: str) -> None:
+        """Remove a link or copy made in tmp/ that was not placed (and the
+        sidecar of a copy)."""
+        fd = _open_file(self.partials.tmp_fd, tmp)
+        try:
+            self.partials.remove(tmp)
+            if fd is not None:
+                self.identities.forget(fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
     def _copy_into_tmp(self, src: int, tmp: str, obj: RemoteObject, origin: str) -> None:
         fd = self.partials.create_sibling(tmp)
         try:
@@ -307,6 +319,16 @@ class Store:
             self.partials.remove(tmp)
             raise
         os.close(fd)
+
+    # -- leftovers --------------------------------------------------------------------
+
+    def sweep(self, keep: Iterable[RemoteObject]) -> int:
+        """Free what nothing will use again: downloads of versions not in
+        `keep` (a whole current listing) left in tmp/ (PartialFiles.sweep), and
+        content index entries whose published paths are all gone (an admin
+        deleted them: the entry alone kept the bytes on disk).  Bytes freed.
+        For the engine to call once its first listing is in."""
+        return self.partials.sweep(keep) + self.index.sweep(self.partials.publish_lock)
 
     # -- cache budget ---------------------------------------------------------------
 
@@ -360,7 +382,7 @@ class Store:
                 if ident is None or ident.origin != "fetch" or not still_there(dfd, name, st):
                     return 0
                 os.unlink(name, dir_fd=dfd)
-            self.index.drop_if_unused(ident.etag, ident.size)
+                self.index.drop_if_unused(ident.etag, ident.size)
             self.identities.forget(fd)
             return st.st_size
         finally:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from lazyfs.errors import StoreError
 from lazyfs.filestate import FileState
 from lazyfs.listings import walk_local
 from lazyfs.namespace import RemoteObject
@@ -123,5 +124,20 @@ def test_a_layer_baked_without_xattrs_keeps_its_identities(tmp_path: Path) -> No
         assert state(store, v2) is None
         [(found, _label)] = walk_local(store.layers(), store.identities, "bkt", "m")
         assert found.etag == v1.etag, "an offline start lists the recorded version"
+    finally:
+        store.close()
+
+
+def test_a_publish_that_places_nothing_leaves_no_record(tmp_path: Path) -> None:
+    old, new = obj("m/w.bin", b"weights-1", 1_700_000_000), obj("m/w.bin", b"weights-2", 1_700_000_100)
+    store = open_store(tmp_path / "s")
+    try:
+        download(store, new, b"weights-2")
+        kept = sidecars(tmp_path / "s")
+        download(store, old, b"weights-1")  # late, older: not placed
+        (tmp_path / "s" / "blocked" / "f").mkdir(parents=True)  # a folder stands where the file goes
+        with pytest.raises(StoreError, match="a folder stands"):
+            download(store, obj("blocked/f", b"xyz"), b"xyz")
+        assert sidecars(tmp_path / "s") == kept
     finally:
         store.close()

@@ -204,3 +204,16 @@ def test_verify_md5_crc32_sha256_and_multipart(tmp_path: Path) -> None:
     mpe = "0123456789abcdef0123456789abcdef-4"
     assert verify.choose(mpe, None, True, lambda: 8 << 20) == verify.Expectation("MD5-multipart", mpe, 8 << 20)
     assert verify.choose(mpe, None, True, lambda: 0) is None
+
+
+def test_sweep_frees_index_entries_whose_published_paths_were_deleted(store: Store, tmp_path: Path) -> None:
+    kept, deleted = obj("m/kept.bin", b"k" * 5000), obj("m/gone.bin", b"g" * 5000)
+    download(store, kept, b"k" * 5000)
+    download(store, deleted, b"g" * 5000)
+    (tmp_path / "store" / "m/gone.bin").unlink()  # an admin's rm: the index entry alone keeps the bytes
+    assert store.sweep(keep=[kept, deleted]) >= 5000
+    entries = {p.name for p in (tmp_path / "store" / ".lazyfs" / "objects").iterdir()}
+    assert entries == {store.index.entry_name(kept.etag, kept.size)}
+    copy = store.find_current(kept)
+    assert copy is not None
+    os.close(copy.fd)
