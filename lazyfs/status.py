@@ -102,6 +102,9 @@ def from_mount(cfg: StatusConfig) -> Answer:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         return Answer([], note, f"cannot read the mount's {RESERVED_NAME}/stats.json ({e})")
+    listing = stats.get("listing") or {}
+    if listing.get("offline"):
+        note += f"; the object store is unreachable, the mount serves its last saved listing ({listing.get('error')})"
     if (stats.get("store_filesystem") or {}).get("user_xattrs") is False:
         note += f"; {_SIDECAR_NOTE}"
     unknown = _listing_unknown(stats)
