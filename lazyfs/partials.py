@@ -11,9 +11,7 @@
 once (an old handle and a new open) never share a file.  The resume record
 names the sparse file's inode: it can then only ever describe the file it was
 written for, even if a late write of it races the removal of a failed download
-and a fresh one under the same name.  It lists the blocks on disk as runs
-`[first, end)`: a download in order is one run whatever its size (a list of
-block numbers, the first format, passed the 16 MiB read limit at 2 TiB).
+and a fresh one under the same name (its format: resume.py).
 
 All functions block: call them from worker threads.
 """
@@ -24,7 +22,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import heapq
 import json
 import os
 import re
@@ -35,67 +32,14 @@ from typing import Any, Iterable, Iterator
 from lazyfs.errors import StoreError
 from lazyfs.layer import FILE_FLAGS, remove, write_small
 from lazyfs.namespace import RemoteObject
+from lazyfs.resume import RECORD_MAX, Record, nblocks, parse_record, record_of
 
-_RECORD_MAX = 1 << 24
-# Runs a record keeps: about 21 bytes each, so 500,000 stay well inside the
-# read limit.  Only a download scattered block by block has more; then the
-# shortest runs are left out of the record (re-fetched after a restart).
-MAX_RUNS = 500_000
 # sweep(): what a download of a version nobody wants left behind goes after
 # this long untouched.  An hour: longer than any pause of a live download
 # between two resume records, which also holds its lock.
 SWEEP_AGE_S = 3600.0
 _DOWNLOAD_FILE = re.compile(r"^([0-9a-f]{40})\.(part|json|lock|link)$")
 _PUBLISH_LOCK = "publish.lock"
-
-
-def nblocks(size: int, block_size: int) -> int:
-    return max(1, -(-size // block_size))
-
-
-def runs_of(blocks: Iterable[int], limit: int = MAX_RUNS) -> list[list[int]]:
-    """Block numbers as sorted runs [first, end).  Past `limit` runs the
-    shortest are left out: a record may under-report what is on disk (those
-    blocks are fetched again), never over-report."""
-    runs: list[list[int]] = []
-    for b in sorted(blocks):
-        if runs and runs[-1][1] == b:
-            runs[-1][1] = b + 1
-        else:
-            runs.append([b, b + 1])
-    if len(runs) > limit:
-        runs = sorted(heapq.nlargest(limit, runs, key=lambda r: r[1] - r[0]))
-    return runs
-
-
-@dataclass(frozen=True, slots=True)
-class _Record:
-    """A resume record, checked against the version it must describe."""
-
-    ino: int  # of the sparse file it was written for
-    block_size: int
-    runs: tuple[tuple[int, int], ...]  # [first, end), within the object's blocks
-
-    def blocks(self) -> frozenset[int]:
-        return frozenset(b for first, end in self.runs for b in range(first, end))
-
-    def nbytes(self, size: int) -> int:
-        return sum(min(size, end * self.block_size) - first * self.block_size for first, end in self.runs)
-
-
-def _parse_record(state: dict[str, Any], obj: RemoteObject) -> _Record | None:
-    """The record in `state` if it is about exactly this version (either format)."""
-    size = int(state.get("block_size") or state.get("part_size") or 0)  # "part_size": older records
-    if state.get("v") not in (1, 2) or size <= 0 or \
-            (state.get("bucket"), state.get("key"), state.get("etag"), state.get("size")) != obj.version:
-        return None
-    n = nblocks(obj.size, size)
-    if state["v"] == 1:  # a list of block numbers
-        pairs = [(first, end) for first, end in runs_of(int(i) for i in state.get("done", ()))]
-    else:
-        pairs = [(int(first), int(end)) for first, end in state.get("runs", ())]
-    runs = tuple((max(0, first), min(n, end)) for first, end in pairs if max(0, first) < min(n, end))
-    return _Record(int(state["ino"]), size, runs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +76,7 @@ class Partial:
         a block is never recorded before its bytes would survive a power loss).
         `done` is a snapshot: the caller's set may change while this runs."""
         os.fdatasync(self.fd)
-        state = {"v": 2, "bucket": self.obj.bucket, "key": self.obj.key, "etag": self.obj.etag,
-                 "size": self.obj.size, "block_size": self.block_size, "ino": self.ino,
-                 "runs": runs_of(done)}
-        write_small(self.files.tmp_fd, self.name + ".json", json.dumps(state, separators=(",", ":")).encode())
+        write_small(self.files.tmp_fd, self.name + ".json", record_of(self.obj, self.block_size, self.ino, done))
 
 
 class PartialFiles:
@@ -202,11 +143,11 @@ class PartialFiles:
         record = self._record(self.name(obj), obj)
         return 0 if record is None else record.nbytes(obj.size)
 
-    def _record(self, name: str, obj: RemoteObject) -> _Record | None:
+    def _record(self, name: str, obj: RemoteObject) -> Record | None:
         """The resume record an earlier run left for exactly this version, if it
         still describes the sparse file on disk."""
         try:
-            record = _parse_record(self._load(name), obj)
+            record = parse_record(self._load(name), obj)
             if record is None:
                 return None
             part = os.stat(name + ".part", dir_fd=self.tmp_fd, follow_symlinks=False)
@@ -219,7 +160,7 @@ class PartialFiles:
     def _load(self, name: str) -> dict[str, Any]:
         fd = os.open(name + ".json", FILE_FLAGS, dir_fd=self.tmp_fd)
         with os.fdopen(fd, "rb") as f:
-            state = json.loads(f.read(_RECORD_MAX))
+            state = json.loads(f.read(RECORD_MAX))
         if not isinstance(state, dict):
             raise ValueError("not a resume record")
         return state
@@ -321,7 +262,7 @@ class PartialFiles:
         """The resume record of a download of `obj` another process runs in this store."""
         name = self.name(obj)
         try:
-            record = _parse_record(self._load(name), obj)
+            record = parse_record(self._load(name), obj)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
         if record is None:

@@ -69,10 +69,11 @@ def test_records_of_the_first_format_still_resume(store: Store, tmp_path: Path) 
 
 
 def test_a_scattered_download_records_fewer_blocks_never_more() -> None:
-    assert partials.runs_of([5, 0, 1, 2, 7, 8, 9, 10]) == [[0, 3], [5, 6], [7, 11]]
-    assert partials.runs_of([5, 0, 1, 2, 7, 8, 9, 10], limit=2) == [[0, 3], [7, 11]]
-    assert partials.runs_of(range(0, 2_000_000, 2), limit=partials.MAX_RUNS) == \
-        [[b, b + 1] for b in range(0, 2 * partials.MAX_RUNS, 2)]
+    from lazyfs import resume
+
+    assert resume.runs_of([5, 0, 1, 2, 7, 8, 9, 10]) == [[0, 3], [5, 6], [7, 11]]
+    assert resume.runs_of([5, 0, 1, 2, 7, 8, 9, 10], limit=2) == [[0, 3], [7, 11]]
+    assert resume.runs_of(range(0, 2_000_000, 2)) == [[b, b + 1] for b in range(0, 2 * resume.MAX_RUNS, 2)]
 
 
 def test_a_sealed_partial_without_write_permission_starts_afresh(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
