@@ -194,7 +194,7 @@ class Store:
 
     # -- publishing ---------------------------------------------------------------
 
-    def publish(self, partial: Partial, origin: str = "fetch") -> bool:
+    def publish(self, partial: Partial, origin: str = "fetch", *, keep_newer: bool = True) -> bool:
         """Make a complete, verified download the current copy at its key path:
         fsync, date it with the object's Last-Modified, record its identity,
         then rename it into place (and fsync the folder, so the rename sticks).
@@ -202,13 +202,16 @@ class Store:
         False when the key path holds a newer version by now (a later
         Last-Modified: an old handle's download finished after the new
         version's): nothing is placed, the sparse file leaves tmp/, and the
-        caller's descriptor still serves this version's readers."""
+        caller's descriptor still serves this version's readers.  A caller
+        that knows this version is the one the listing shows now passes
+        keep_newer=False: an older version made current again (the latest
+        one deleted in a versioned bucket) must still be placed."""
         obj, fd = partial.obj, partial.fd
         if os.fstat(fd).st_size != obj.size:
             raise StoreError(f"{obj.uri}: download has the wrong size, not published")
         self._seal(fd, obj, origin)
         try:
-            placed = self._place(partial.name + ".part", obj)
+            placed = self._place(partial.name + ".part", obj, keep_newer)
         except BaseException:
             self.identities.forget(fd, only_if_unlinked=False)  # not published: a retry records it again
             raise
@@ -226,7 +229,7 @@ class Store:
         self.identities.write(fd, Identity.of(obj, origin))
         os.fchmod(fd, self.permissions.file)
 
-    def _place(self, tmp_name: str, obj: RemoteObject) -> bool:
+    def _place(self, tmp_name: str, obj: RemoteObject, keep_newer: bool = True) -> bool:
         """Rename a finished file from tmp/ to its key path and index its
         content, unless the path holds a newer version (False).  Under the
         publish lock, so the file judged is the file replaced; the index entry
@@ -238,7 +241,8 @@ class Store:
             with self.partials.publish_lock():
                 old = _open_file(dfd, name)
                 replaced = None if old is None else self.identities.read(old)
-                if replaced is not None and replaced.mtime_ns > obj.mtime_ns and not replaced.matches(obj):
+                if keep_newer and replaced is not None and replaced.mtime_ns > obj.mtime_ns \
+                        and not replaced.matches(obj):
                     log.info("%s: not replacing the newer version already in the store", obj.uri)
                     return False
                 try:

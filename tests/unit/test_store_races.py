@@ -113,6 +113,16 @@ def test_a_newer_version_still_replaces_an_older_one(store: Store, tmp_path: Pat
     assert (tmp_path / "store" / "m/w.bin").read_bytes() == b"new!"
 
 
+def test_an_older_version_made_current_again_is_placed_when_the_caller_says_so(store: Store, tmp_path: Path) -> None:
+    old, new = obj("m/w.bin", b"old!", 1_700_000_000), obj("m/w.bin", b"new!", 1_700_000_100)
+    assert download(store, new, b"new!") is True
+    p = store.partials.open(old, 4)  # the latest version was deleted: the listing shows the old one again
+    os.pwrite(p.fd, b"old!", 0)
+    assert store.publish(p, keep_newer=False) is True
+    p.close()
+    assert (tmp_path / "store" / "m/w.bin").read_bytes() == b"old!"
+
+
 # -- no descriptor left open on an error path ------------------------------------------------
 
 def test_a_failed_store_open_closes_what_it_opened(tmp_path: Path) -> None:
