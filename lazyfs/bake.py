@@ -43,8 +43,7 @@ def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
     if entry is not None and entry.fstype.startswith("fuse"):
         raise MountError(f"{cfg.target} is a mount ({entry.fstype}): bake into a plain folder "
                          "(unmount it first, or choose another --to)")
-    cfg.target.mkdir(parents=True, exist_ok=True)
-    store = Store.open(str(cfg.target))
+    store = Store.open(str(cfg.target), mode=cfg.store_mode, create=True)
     try:
         remote = Remote(cfg.remote)
         result = trio.run(_bake, cfg, store, remote, out)

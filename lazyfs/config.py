@@ -33,6 +33,14 @@ MiB = 1024 * 1024
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 
 AddressingStyle = Literal["auto", "path", "virtual"]
+StoreMode = Literal["private", "group", "public"]
+
+# --store-mode, for `mount` and `bake`: who may read the store beneath the
+# mount.  "private" (0700 folders): only the daemon's user, so the mount alone
+# decides who reads the files (--allow-other), whatever the store's parent
+# allows.  "group" (0750) and "public" (0755) for a store that other users'
+# processes read directly, such as a baked image whose mount runs as another user.
+DEFAULT_STORE_MODE: StoreMode = "private"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +122,7 @@ class MountConfig:
     # Prometheus /metrics (None: off).  Loopback unless widened on purpose.
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
+    store_mode: StoreMode = DEFAULT_STORE_MODE
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
@@ -127,6 +136,7 @@ class BakeConfig:
     sources: tuple[Source, ...]
     target: Path
     log_level: str = "info"
+    store_mode: StoreMode = DEFAULT_STORE_MODE
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
@@ -269,7 +279,7 @@ def mount_config(args: Mapping[str, Any], env: Mapping[str, str]) -> MountConfig
     if store is not None and store.exists():
         check_directory(store, "store")
     values = {name: args[name] for name in ("allow_other", "log_level", "read_ahead", "refresh", "cache_max_size",
-                                            "memory_limit", "xattrs", "metrics_port", "metrics_addr")
+                                            "memory_limit", "xattrs", "metrics_port", "metrics_addr", "store_mode")
               if args.get(name) is not None}
     return MountConfig(mountpoint=mnt, sources=sources, store=store, prebaked=_layers(args.get("prebaked") or ()),
                        prefetch=prefetch_patterns(bool(args.get("prefetch")), args.get("prefetch_glob") or ()),
@@ -282,6 +292,7 @@ def bake_config(args: Mapping[str, Any], env: Mapping[str, str]) -> BakeConfig:
     if to.exists():
         check_directory(to, "--to folder")
     return BakeConfig(sources=sources, target=to, log_level=args.get("log_level") or "info",
+                      store_mode=args.get("store_mode") or DEFAULT_STORE_MODE,
                       remote=remote_config(args, env), fetch=fetch_config(args))
 
 
@@ -303,5 +314,5 @@ def doctor_config(args: Mapping[str, Any], env: Mapping[str, str]) -> DoctorConf
 
 
 __all__ = ["DEFAULT_CACHE_DIR", "LOG_LEVELS", "BakeConfig", "ConfigError", "DoctorConfig", "FetchConfig",
-           "MountConfig", "RemoteConfig", "Source", "StatusConfig", "bake_config", "default_of", "doctor_config",
-           "fetch_config", "mount_config", "parse_size", "remote_config", "status_config"]
+           "MountConfig", "RemoteConfig", "Source", "StatusConfig", "StoreMode", "bake_config", "default_of",
+           "doctor_config", "fetch_config", "mount_config", "parse_size", "remote_config", "status_config"]

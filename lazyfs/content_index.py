@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from typing import Callable, ContextManager
 
 from lazyfs.layer import FILE_FLAGS
 from lazyfs.namespace import RemoteObject
@@ -39,13 +40,28 @@ class ContentIndex:
             log.debug("not indexing %s: %s", obj.uri, e.strerror)
 
     def drop_if_unused(self, etag: str, size: int) -> None:
-        """Remove the entry once no published path links to it any more."""
-        name = self.entry_name(etag, size)
+        """Remove the entry once no published path links to it any more.  Call
+        it under the store's publish lock: no path can be linked meanwhile."""
+        self._drop_named(self.entry_name(etag, size))
+
+    def _drop_named(self, name: str) -> int:
         try:
-            if os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_nlink <= 1:
-                os.unlink(name, dir_fd=self.fd)
+            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            if st.st_nlink > 1:
+                return 0
+            os.unlink(name, dir_fd=self.fd)
         except OSError:
-            pass
+            return 0
+        return st.st_blocks * 512
+
+    def sweep(self, publish_lock: Callable[[], ContextManager[None]]) -> int:
+        """Remove every entry no published path links to (their paths were
+        deleted outside lazyfs); bytes freed."""
+        freed = 0
+        for name in os.listdir(self.fd):
+            with publish_lock():
+                freed += self._drop_named(name)
+        return freed
 
     def open(self, obj: RemoteObject) -> int | None:
         """A read-only descriptor of an indexed file with `obj`'s (ETag, size), if any."""

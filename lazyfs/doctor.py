@@ -14,6 +14,7 @@ import socket
 import sys
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, TextIO
 
 import trio
@@ -21,6 +22,7 @@ import trio
 from lazyfs.catalog import Catalog
 from lazyfs.config import DoctorConfig
 from lazyfs.errors import LazyfsError
+from lazyfs.identity import user_xattrs_work
 from lazyfs.mounttab import find_mount, probe_mount
 from lazyfs.remote import Remote
 
@@ -123,12 +125,32 @@ def store(cfg: DoctorConfig) -> list[Check]:
         return [Check(FAIL, "store", f"{existing} is not writable ({e.strerror})",
                       "fix its permissions or mount options, or give --store a writable folder")]
     if existing != path:
-        return [Check(OK, "store", f"{path} will be created")]
+        return [Check(OK, "store", f"{path} will be created"), identity_records(existing)]
     st = os.statvfs(path)
     free = st.f_bavail * st.f_frsize
+    if st.f_blocks == 0:
+        return [Check(OK, "store", f"{path} writable (its filesystem states no size)"), identity_records(path)]
     level = OK if free >= 1 << 30 else WARN
     return [Check(level, "store", f"{path} writable, {free / 2**30:.1f} GiB free",
-                  "free some space or use a bigger volume for the store")]
+                  "free some space or use a bigger volume for the store"), identity_records(path)]
+
+
+def identity_records(folder: Path) -> Check:
+    """Where lazyfs will keep what version each local file is: in xattrs, or
+    (where the filesystem refuses them) in sidecar files tied to inodes."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        works = user_xattrs_work(fd)
+    finally:
+        os.close(fd)
+    if works:
+        return Check(OK, "identity records", f"{folder} keeps user extended attributes (user.lazyfs.identity)")
+    return Check(WARN, "identity records", f"{folder}'s filesystem keeps no user extended attributes (tmpfs "
+                 "before Linux 6.6, ramfs, many NFS exports): lazyfs keeps identity records in sidecar files "
+                 "under .lazyfs/identities/, tied to each file's inode, so a copy of the store (an image layer) "
+                 "loses them and its files are judged by size",
+                 "nothing to do for a store used in place; for a store you copy, use a filesystem with user "
+                 "xattrs (ext4, xfs, tmpfs on Linux 6.6+)")
 
 
 def credentials(cfg: DoctorConfig) -> list[Check]:

@@ -5,6 +5,17 @@ origin) in the extended attribute `user.lazyfs.identity`, written on the
 temporary file before the rename, so the record and the bytes change in one
 atomic step.
 
+Where the filesystem refuses user extended attributes (tmpfs before Linux
+6.6, ramfs, many NFS exports), the record is a sidecar file instead,
+`.lazyfs/identities/<inode>`, written durably before the file is renamed into
+place.  It names the file it describes by inode, size and modification time
+(the object's Last-Modified, which lazyfs sets), so a file replaced by an
+admin (a new inode, or new bytes in the same one, which moves the mtime) no
+longer matches it and is judged as an unrecorded copy.  A sidecar goes when
+its file's last link goes (eviction, a newer version published over it).  A
+copy of the store (an image layer) gets new inodes: its sidecars no longer
+apply, and its files are judged by size, as unrecorded copies are.
+
 All functions block: call them from worker threads.
 """
 
@@ -14,14 +25,19 @@ import errno
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
+from typing import Any, Iterable
 
-from lazyfs.namespace import RemoteObject
+from lazyfs.layer import FILE_FLAGS, PRIVATE, Layer, remove, write_small
+from lazyfs.namespace import RESERVED_NAME, RemoteObject
 
 log = logging.getLogger(__name__)
 
 IDENTITY_XATTR = "user.lazyfs.identity"
+SIDECAR_FOLDER = (RESERVED_NAME, "identities")
 _NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP}
+_SIDECAR_MAX = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,15 +56,23 @@ class Identity:
     def of(cls, obj: RemoteObject, origin: str = "fetch") -> Identity:
         return cls(obj.bucket, obj.key, obj.etag, obj.size, obj.mtime_ns, origin)
 
+    def fields(self) -> dict[str, Any]:
+        return {"v": 1, "bucket": self.bucket, "key": self.key, "etag": self.etag, "size": self.size,
+                "mtime_ns": self.mtime_ns, "origin": self.origin}
+
     def encode(self) -> bytes:
-        return json.dumps({"v": 1, "bucket": self.bucket, "key": self.key, "etag": self.etag,
-                           "size": self.size, "mtime_ns": self.mtime_ns, "origin": self.origin},
-                          separators=(",", ":")).encode()
+        return json.dumps(self.fields(), separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Identity | None:
         try:
-            d = json.loads(raw)
+            return cls.from_fields(json.loads(raw))
+        except ValueError:
+            return None
+
+    @classmethod
+    def from_fields(cls, d: Any) -> Identity | None:
+        try:
             if d.get("v") != 1:
                 return None
             return cls(str(d["bucket"]), str(d["key"]), str(d["etag"]), int(d["size"]),
@@ -62,31 +86,124 @@ class Identity:
         return self.etag == obj.etag and self.size == obj.size
 
 
+def _tie(st: os.stat_result) -> list[int]:
+    """What ties a sidecar to its file: inode, size, and the mtime lazyfs set."""
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+class Sidecars:
+    """The sidecar records of one layer: `.lazyfs/identities/<inode>`."""
+
+    def __init__(self, dir_fd: int) -> None:
+        self.fd = dir_fd
+
+    def read(self, st: os.stat_result) -> Identity | None:
+        try:
+            fd = os.open(str(st.st_ino), FILE_FLAGS, dir_fd=self.fd)
+        except OSError:
+            return None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                doc = json.loads(f.read(_SIDECAR_MAX))
+            return Identity.from_fields(doc) if doc.get("file") == _tie(st) else None
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def write(self, st: os.stat_result, ident: Identity) -> None:
+        write_small(self.fd, str(st.st_ino), json.dumps({**ident.fields(), "file": _tie(st)}).encode())
+        os.fsync(self.fd)  # the record's name is durable before its file is renamed into place
+
+    def forget(self, st: os.stat_result) -> None:
+        """Drop the record of a file whose last link is gone.  Call it while the
+        file is still open: its inode number cannot be reused before that."""
+        remove(self.fd, str(st.st_ino))
+
+
+def user_xattrs_work(dir_fd: int) -> bool:
+    """Can files in this folder hold user extended attributes?  (A probe
+    file, removed again; an error other than "not supported" says yes: it
+    will show, with its cause, when a record is written.)"""
+    name = f"xattr-probe.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        os.setxattr(fd, "user.lazyfs.probe", b"1")
+    except OSError as e:
+        return e.errno not in _NO_XATTR
+    finally:
+        os.close(fd)
+        remove(dir_fd, name)
+    return True
+
+
 class IdentityRecords:
-    """Reads and writes the records of one store's files."""
+    """The records of one store's files and of its prebaked layers': xattrs
+    where the filesystem keeps them, sidecars where it refuses them."""
 
-    def __init__(self, store_path: str) -> None:
-        self.store_path = store_path
-        self.supported = True  # False once the filesystem refuses user xattrs
+    def __init__(self, root: Layer) -> None:
+        self.root = root
+        self.store_path = root.path
+        self.supported = True  # False when the store's filesystem refuses user xattrs
+        self._sidecars: dict[Layer, Sidecars] = {}
+        self._lock = threading.Lock()
 
-    def read(self, fd: int) -> Identity | None:
+    def open(self, probe_dir_fd: int, prebaked: Iterable[Layer]) -> None:
+        """Find out (with a probe file in `probe_dir_fd`) whether the store
+        keeps user xattrs, and open the sidecar folders in use: the store's,
+        and each prebaked layer's that has one."""
+        if not user_xattrs_work(probe_dir_fd):
+            self._use_sidecars()
+        for layer in prebaked:
+            try:
+                self._sidecars[layer] = Sidecars(layer.open_dir(SIDECAR_FOLDER))
+            except OSError:
+                pass  # baked where xattrs work, or not by lazyfs
+
+    def close(self) -> None:
+        for sidecars in self._sidecars.values():
+            os.close(sidecars.fd)
+        self._sidecars.clear()
+
+    def _use_sidecars(self) -> Sidecars:
+        with self._lock:  # store threads may find out at once
+            if self.root not in self._sidecars:
+                self._sidecars[self.root] = Sidecars(self.root.open_dir(SIDECAR_FOLDER, create=True, mode=PRIVATE))
+                log.info("store %s does not keep user extended attributes: identity records are kept in "
+                         "sidecar files (%s/%s)", self.store_path, self.store_path, "/".join(SIDECAR_FOLDER))
+            self.supported = False
+            return self._sidecars[self.root]
+
+    def read(self, fd: int, layer: Layer | None = None, st: os.stat_result | None = None) -> Identity | None:
+        """The record of the open file `fd` in `layer` (the store by default)."""
         try:
             return Identity.decode(os.getxattr(fd, IDENTITY_XATTR))
         except OSError as e:
             if e.errno not in (errno.ENODATA, *_NO_XATTR):
                 log.debug("reading identity record: %s", e)
+                return None
+        sidecars = self._sidecars.get(layer or self.root)
+        if sidecars is None:
             return None
+        return sidecars.read(st if st is not None else os.fstat(fd))
 
     def write(self, fd: int, ident: Identity) -> None:
-        """Stamp an open file with the identity it is a copy of.  Needs write
-        permission on the file: call it before the file is made read-only."""
-        if not self.supported:
-            return
-        try:
-            os.setxattr(fd, IDENTITY_XATTR, ident.encode())
-        except OSError as e:
-            if e.errno not in _NO_XATTR:
-                raise
-            self.supported = False
-            log.warning("store %s does not support extended attributes: local copies "
-                        "will be checked by size only", self.store_path)
+        """Stamp an open file of the store with the identity it is a copy of.
+        Needs write permission on the file where it is an xattr: call it
+        before the file is made read-only (and after its mtime is set: a
+        sidecar record names it)."""
+        if self.supported:
+            try:
+                os.setxattr(fd, IDENTITY_XATTR, ident.encode())
+                return
+            except OSError as e:
+                if e.errno not in _NO_XATTR:
+                    raise
+        self._use_sidecars().write(os.fstat(fd), ident)
+
+    def forget(self, fd: int, *, only_if_unlinked: bool = True) -> None:
+        """Drop the sidecar of the open store file `fd`: once its last link is
+        gone (by default), or in any case (a file that will not be published)."""
+        sidecars = self._sidecars.get(self.root)
+        if sidecars is not None:
+            st = os.fstat(fd)
+            if st.st_nlink == 0 or not only_if_unlinked:
+                sidecars.forget(st)

@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import threading
+from dataclasses import dataclass
 from typing import Iterable
 
 from lazyfs.errors import StoreError
@@ -25,6 +26,25 @@ log = logging.getLogger(__name__)
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted where a file should be must not hang the open.
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# Folders only the daemon's user may enter (the store's metadata, downloads).
+PRIVATE = 0o700
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    """Modes of what lazyfs creates in a store (--store-mode): the folders, and
+    the published files in them.  "private" by default: the mount decides who
+    reads the files (--allow-other), not the mode bits of the store beneath."""
+
+    folder: int
+    file: int
+
+
+STORE_MODES = {
+    "private": Permissions(0o700, 0o400),
+    "group": Permissions(0o750, 0o440),  # the daemon's group may read the store
+    "public": Permissions(0o755, 0o444),  # anyone who can reach the store (lazyfs before --store-mode)
+}
 
 
 class Layer:
@@ -35,8 +55,12 @@ class Layer:
         self.label = label  # "store" or "prebaked layer", as logs and `status` say
 
     @classmethod
-    def open(cls, path: str, writable: bool, label: str) -> Layer:
+    def open(cls, path: str, writable: bool, label: str, create_mode: int | None = None) -> Layer:
+        """With `create_mode`, a missing folder is made (its parents as `mkdir -p`
+        would), itself with exactly that mode."""
         try:
+            if create_mode is not None:
+                _make_root(path, create_mode)
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise StoreError(f"cannot open {label} {path}: {e.strerror}", e.errno or errno.EIO) from None
@@ -45,10 +69,11 @@ class Layer:
     def close(self) -> None:
         os.close(self.fd)
 
-    def open_dir(self, parts: Iterable[str], create: bool = False, mode: int = 0o755) -> int:
+    def open_dir(self, parts: Iterable[str], create: bool = False, mode: int = PRIVATE) -> int:
         """A descriptor of the directory at `parts` under this layer (caller closes).
-        With `create`, missing directories are made, and a stale file or symlink
-        standing where a directory must be is removed."""
+        With `create`, missing directories are made with exactly `mode` (not
+        narrowed by the umask: it is what --store-mode asked for), and a stale
+        file or symlink standing where a directory must be is removed."""
         fd = os.dup(self.fd)
         try:
             for part in parts:
@@ -61,11 +86,10 @@ class Layer:
                         log.warning("%s: removing %r, which stands where a folder must be",
                                     self.label, part)
                         os.unlink(part, dir_fd=fd)
-                    try:
-                        os.mkdir(part, mode, dir_fd=fd)
-                    except FileExistsError:
-                        pass  # another thread made it first
+                    made = _mkdir(fd, part, mode)
                     nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+                    if made:
+                        os.fchmod(nfd, mode)  # ours: no privilege needed
                 os.close(fd)
                 fd = nfd
             return fd
@@ -89,10 +113,44 @@ class Layer:
             return None
         finally:
             os.close(dfd)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not regular:
             os.close(fd)
             return None
         return fd
+
+
+def _make_root(path: str, mode: int) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return
+    os.chmod(path, mode)
+
+
+def _mkdir(dir_fd: int, name: str, mode: int) -> bool:
+    """Make a folder; False if another thread or process made it first."""
+    try:
+        os.mkdir(name, mode, dir_fd=dir_fd)
+        return True
+    except FileExistsError:
+        return False
+
+
+def still_there(dir_fd: int, name: str, st: os.stat_result) -> bool:
+    """Does `name` still point to the file `st` describes (not a replacement)?
+    Checked right before acting on a name (unlink): a file judged through a
+    descriptor may have been replaced by rename since."""
+    try:
+        now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
 def remove(dir_fd: int, name: str) -> None:

@@ -77,7 +77,7 @@ def walk_local(layers: Sequence[Layer], records: IdentityRecords, bucket: str,
                     continue
                 for name in files:
                     key = "/".join(parts + ([] if rel == "." else [rel]) + [name])
-                    obj = _local_object(records, dfd, name, key, bucket)
+                    obj = _local_object(records, layer, dfd, name, key, bucket)
                     if obj is not None and key not in seen:
                         seen.add(key)
                         yield obj, layer.label
@@ -85,7 +85,8 @@ def walk_local(layers: Sequence[Layer], records: IdentityRecords, bucket: str,
             os.close(top)
 
 
-def _local_object(records: IdentityRecords, dfd: int, name: str, key: str, bucket: str) -> RemoteObject | None:
+def _local_object(records: IdentityRecords, layer: Layer, dfd: int, name: str, key: str,
+                  bucket: str) -> RemoteObject | None:
     try:
         fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
     except OSError:
@@ -94,7 +95,7 @@ def _local_object(records: IdentityRecords, dfd: int, name: str, key: str, bucke
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
-        ident = records.read(fd)
+        ident = records.read(fd, layer, st)
         if ident is not None and ident.size == st.st_size:
             return RemoteObject(ident.bucket, key, ident.size, ident.etag, ident.mtime_ns)
         return RemoteObject(bucket, key, st.st_size, "", st.st_mtime_ns)

@@ -74,7 +74,8 @@ class MountView:
             "background_errors": dict(STATS.background_errors),
             "open_files": len(self.handles),
             "store_filesystem": {"size_bytes": fs.f_blocks * fs.f_frsize,
-                                 "free_bytes": fs.f_bavail * fs.f_frsize},
+                                 "free_bytes": fs.f_bavail * fs.f_frsize,
+                                 "user_xattrs": self.store.identities.supported},
         }
 
     def snapshot_bytes(self) -> bytes:

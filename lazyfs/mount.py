@@ -33,7 +33,7 @@ from lazyfs.fetch import Fetcher
 from lazyfs.filemap import PageBudget
 from lazyfs.fuse_ops import Operations
 from lazyfs.handles import Handles
-from lazyfs.layer import Layer
+from lazyfs.layer import STORE_MODES, Layer
 from lazyfs.metrics import MountView, serve_metrics
 from lazyfs.mounttab import MountError, check_mountpoint, set_read_ahead
 from lazyfs.namespace import DirNode, RemoteObject
@@ -59,9 +59,8 @@ def open_store(cfg: MountConfig) -> Store:
             # once the mount covers it.
             root = Layer.open(str(cfg.mountpoint), True, "store")
         else:
-            cfg.store.mkdir(parents=True, exist_ok=True)
-            root = Layer.open(str(cfg.store), True, "store")
-        return Store.open(root.path, [str(p) for p in cfg.prebaked], root_fd=root.fd)
+            root = Layer.open(str(cfg.store), True, "store", create_mode=STORE_MODES[cfg.store_mode].folder)
+        return Store.open(root.path, [str(p) for p in cfg.prebaked], root_fd=root.fd, mode=cfg.store_mode)
     except OSError as e:
         raise StoreError(f"cannot use store {cfg.store_path}: {e.strerror}", e.errno or errno.EIO) from None
 

@@ -8,13 +8,14 @@ tables follow these (tests/unit/test_options.py checks that none is missing).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, get_args
 
 from lazyfs.config import (
     LOG_LEVELS,
     FetchConfig,
     MountConfig,
     RemoteConfig,
+    StoreMode,
     default_of,
     in_range,
     parse_size,
@@ -100,6 +101,11 @@ TRANSFER = (
            default=(RemoteConfig, "read_timeout")),
 )
 
+STORE_MODE = Option(
+    "--store-mode", "who may read the store beneath the mount: the folders lazyfs creates there are private "
+    "(0700, files 0400), group (0750, 0440) or public (0755, 0444)", choices=get_args(StoreMode),
+    default=(MountConfig, "store_mode"))
+
 LOGGING = (
     Option("--log-level", "log verbosity on stderr (default info)", type=str.lower, choices=LOG_LEVELS),
     Option("--log-format", "text for people, json (one object per line) for log collectors (default text)",
@@ -114,6 +120,7 @@ MOUNT = (
     Option("--prebaked", "read-only folder of files already on disk, same layout (repeatable)", "DIR",
            kind="append"),
     Option("--allow-other", "let other users read the mount", kind="flag"),
+    STORE_MODE,
     *TRANSFER,
     Option("--read-deadline", "longest a read waits for its bytes before failing with EIO", "SECONDS",
            type=float, check=in_range(0, 86400, " seconds", low_open=True), default=(FetchConfig, "read_deadline")),
@@ -149,6 +156,7 @@ MOUNT = (
 BAKE = (
     *SOURCE,
     Option("--to", f"target folder (default: {_DEFAULT_LOCATION})", "DIR"),
+    STORE_MODE,
     *TRANSFER,
     *LOGGING,
 )

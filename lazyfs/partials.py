@@ -4,34 +4,42 @@
     <id>.json    the resume record: which blocks are durably on disk
     <id>.lock    flocked by the one process downloading this version
 
+    publish.lock flocked while a publish or an eviction looks at a key path
+                 and renames over it or unlinks it
+
 `<id>` names one object *version*, so two versions of a key downloading at
 once (an old handle and a new open) never share a file.  The resume record
 names the sparse file's inode: it can then only ever describe the file it was
 written for, even if a late write of it races the removal of a failed download
-and a fresh one under the same name.
+and a fresh one under the same name (its format: resume.py).
 
 All functions block: call them from worker threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
+import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from lazyfs.errors import StoreError
 from lazyfs.layer import FILE_FLAGS, remove, write_small
 from lazyfs.namespace import RemoteObject
+from lazyfs.resume import RECORD_MAX, Record, nblocks, parse_record, record_of
 
-_RECORD_MAX = 1 << 24
-
-
-def nblocks(size: int, block_size: int) -> int:
-    return max(1, -(-size // block_size))
+# sweep(): what a download of a version nobody wants left behind goes after
+# this long untouched.  An hour: longer than any pause of a live download
+# between two resume records, which also holds its lock.
+SWEEP_AGE_S = 3600.0
+_DOWNLOAD_FILE = re.compile(r"^([0-9a-f]{40})\.(part|json|lock|link)$")
+_PUBLISH_LOCK = "publish.lock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +76,7 @@ class Partial:
         a block is never recorded before its bytes would survive a power loss).
         `done` is a snapshot: the caller's set may change while this runs."""
         os.fdatasync(self.fd)
-        state = {"v": 1, "bucket": self.obj.bucket, "key": self.obj.key, "etag": self.obj.etag,
-                 "size": self.obj.size, "block_size": self.block_size, "ino": self.ino,
-                 "done": sorted(done)}
-        write_small(self.files.tmp_fd, self.name + ".json", json.dumps(state).encode())
+        write_small(self.files.tmp_fd, self.name + ".json", record_of(self.obj, self.block_size, self.ino, done))
 
 
 class PartialFiles:
@@ -90,64 +95,72 @@ class PartialFiles:
         """The in-progress download of `obj`: resumed when an earlier run left one
         for this exact version and block size, otherwise started afresh."""
         name = self.name(obj)
-        done = self._resumable(name, obj, block_size)
-        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
-        if done:
-            try:
-                fd = os.open(name + ".part", flags, dir_fd=self.tmp_fd)
-            except FileNotFoundError:
-                fd = -1
-            if fd >= 0 and os.fstat(fd).st_size == obj.size:
-                return Partial(self, obj, fd, block_size, done)
-            if fd >= 0:
-                os.close(fd)
+        record = self._record(name, obj)
+        if record is not None and record.block_size == block_size:
+            fd = self._reopen(name + ".part", record.ino)
+            if fd is not None:
+                return self._partial(obj, fd, block_size, set(record.blocks()))
         remove(self.tmp_fd, name + ".json")
         remove(self.tmp_fd, name + ".part")
         self._check_space(obj)
-        fd = self._create(name + ".part", flags)
+        fd = self._create(name + ".part", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.ftruncate(fd, obj.size)
-            return Partial(self, obj, fd, block_size, set())
         except BaseException:
             os.close(fd)
             remove(self.tmp_fd, name + ".part")
             raise
+        return self._partial(obj, fd, block_size, set())
+
+    def _partial(self, obj: RemoteObject, fd: int, block_size: int, done: set[int]) -> Partial:
+        try:
+            return Partial(self, obj, fd, block_size, done)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _reopen(self, name: str, ino: int) -> int | None:
+        """The sparse file a resume record describes, read-write: None if the
+        name holds another file by now, or one we may not write (sealed
+        read-only by a publish that was cut short: only CAP_DAC_OVERRIDE could
+        write it, and a download never needs that)."""
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.tmp_fd)
+        except (FileNotFoundError, PermissionError):
+            return None
+        try:
+            same = os.fstat(fd).st_ino == ino
+        except BaseException:
+            os.close(fd)
+            raise
+        if not same:
+            os.close(fd)
+            return None
+        return fd
 
     def resumable_bytes(self, obj: RemoteObject) -> int:
         """Bytes of `obj` an interrupted download left on disk (whatever its block size)."""
         record = self._record(self.name(obj), obj)
-        if record is None:
-            return 0
-        size, done = record
-        return sum(min(size, obj.size - i * size) for i in done)
+        return 0 if record is None else record.nbytes(obj.size)
 
-    def _resumable(self, name: str, obj: RemoteObject, block_size: int) -> set[int]:
-        record = self._record(name, obj)
-        if record is None or record[0] != block_size:
-            return set()
-        return set(record[1])
-
-    def _record(self, name: str, obj: RemoteObject) -> tuple[int, frozenset[int]] | None:
-        """(block size, blocks done) an earlier run recorded for exactly this
-        version, if the record still describes the sparse file on disk."""
+    def _record(self, name: str, obj: RemoteObject) -> Record | None:
+        """The resume record an earlier run left for exactly this version, if it
+        still describes the sparse file on disk."""
         try:
-            state = self._load(name)
-            size = int(state.get("block_size") or state.get("part_size") or 0)  # "part_size": older records
-            if (state.get("v"), state.get("bucket"), state.get("key"), state.get("etag"),
-                    state.get("size")) != (1, *obj.version) or size <= 0:
+            record = parse_record(self._load(name), obj)
+            if record is None:
                 return None
             part = os.stat(name + ".part", dir_fd=self.tmp_fd, follow_symlinks=False)
-            if part.st_ino != state.get("ino") or part.st_size != obj.size:
+            if part.st_ino != record.ino or part.st_size != obj.size:
                 return None  # the record is not about this file
-            n = nblocks(obj.size, size)
-            return size, frozenset(int(i) for i in state.get("done", ()) if 0 <= int(i) < n)
-        except (OSError, ValueError, TypeError, AttributeError):
+            return record
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
 
     def _load(self, name: str) -> dict[str, Any]:
         fd = os.open(name + ".json", FILE_FLAGS, dir_fd=self.tmp_fd)
         with os.fdopen(fd, "rb") as f:
-            state = json.loads(f.read(_RECORD_MAX))
+            state = json.loads(f.read(RECORD_MAX))
         if not isinstance(state, dict):
             raise ValueError("not a resume record")
         return state
@@ -167,6 +180,8 @@ class PartialFiles:
         """Refuse a download that cannot fit, before fetching a byte of it."""
         st = os.statvfs(self.tmp_fd)
         free = st.f_bavail * st.f_frsize
+        if st.f_blocks == 0:
+            return  # a filesystem that states no size (ramfs, some network ones): nothing to judge by
         if obj.size > free:
             raise StoreError(f"{obj.uri}: needs {obj.size / 2**20:.1f} MiB but the store "
                              f"{self.store_path} has {free / 2**20:.1f} MiB free", errno.ENOSPC)
@@ -194,7 +209,9 @@ class PartialFiles:
         """Become the one process downloading this version: an exclusive flock
         on tmp/<id>.lock, or None when another process holds it.  The kernel
         drops the lock when its holder dies, so a crash never blocks others."""
-        name = self.name(obj) + ".lock"
+        return self._lock(self.name(obj) + ".lock")
+
+    def _lock(self, name: str) -> int | None:
         while True:
             fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                          dir_fd=self.tmp_fd)
@@ -213,24 +230,46 @@ class PartialFiles:
                     return fd
             except FileNotFoundError:
                 pass
+            except BaseException:
+                os.close(fd)
+                raise
             os.close(fd)
 
     def unlock(self, obj: RemoteObject, fd: int) -> None:
-        remove(self.tmp_fd, self.name(obj) + ".lock")  # while still held
-        os.close(fd)
+        self._unlock(self.name(obj) + ".lock", fd)
+
+    def _unlock(self, name: str, fd: int) -> None:
+        try:
+            remove(self.tmp_fd, name)  # while still held
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def publish_lock(self) -> Iterator[None]:
+        """Held while a key path is looked at and then renamed over or unlinked
+        (publish, eviction), by every thread and process on this store: what
+        was judged is then what is acted on.  Held for a rename or an unlink,
+        never across I/O of a file's content."""
+        fd = os.open(_PUBLISH_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.tmp_fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # drops the lock
 
     def foreign_progress(self, obj: RemoteObject) -> ForeignProgress | None:
         """The resume record of a download of `obj` another process runs in this store."""
         name = self.name(obj)
         try:
-            state = self._load(name)
-            ino = int(state["ino"])
-            size = int(state.get("block_size") or state.get("part_size") or 0)
-        except (OSError, ValueError, KeyError, TypeError):
+            record = parse_record(self._load(name), obj)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
-        record = self._record(name, obj)
-        done = record[1] if record is not None and record[0] == size else frozenset()
-        return ForeignProgress(ino, done, max(1, size))
+        if record is None:
+            return None
+        on_disk = self._record(name, obj)  # the record still describes the sparse file
+        done = on_disk.blocks() if on_disk is not None and on_disk.block_size == record.block_size else frozenset()
+        return ForeignProgress(record.ino, done, record.block_size)
 
     def open_foreign(self, obj: RemoteObject, ino: int) -> int | None:
         """A read-only descriptor of another process's download file, if it is
@@ -239,7 +278,60 @@ class PartialFiles:
             fd = os.open(self.name(obj) + ".part", FILE_FLAGS, dir_fd=self.tmp_fd)
         except OSError:
             return None
-        if os.fstat(fd).st_ino != ino:
+        try:
+            same = os.fstat(fd).st_ino == ino
+        except BaseException:
+            os.close(fd)
+            raise
+        if not same:
             os.close(fd)
             return None
         return fd
+
+    # -- leftovers ---------------------------------------------------------------------------
+
+    def sweep(self, keep: Iterable[RemoteObject], older_than: float = SWEEP_AGE_S) -> int:
+        """Remove what downloads of versions not in `keep` left in tmp/ (sparse
+        file, resume record, lock, link) once untouched for `older_than`
+        seconds, and leftovers of interrupted small writes.  A download some
+        process still runs holds its lock and is left alone; so is every
+        version in `keep`, which must be a whole current listing (not one that
+        failed).  Bytes freed."""
+        wanted = {self.name(o) for o in keep}
+        cutoff = time.time() - older_than
+        groups: dict[str, list[str]] = {}
+        freed = 0
+        for name in os.listdir(self.tmp_fd):
+            m = _DOWNLOAD_FILE.match(name)
+            if m is not None and m.group(1) not in wanted:
+                groups.setdefault(m.group(1), []).append(name)
+            elif name.endswith(".tmp") and self._untouched_since(name, cutoff):
+                freed += self._remove_counted(name)  # from write_small, cut short by a crash
+        for ident, names in groups.items():
+            if all(self._untouched_since(n, cutoff) for n in names):
+                freed += self._remove_download(ident, names)
+        return freed
+
+    def _untouched_since(self, name: str, cutoff: float) -> bool:
+        # ctime: every write, chmod or utime moves it (an mtime can be set back).
+        try:
+            return os.stat(name, dir_fd=self.tmp_fd, follow_symlinks=False).st_ctime < cutoff
+        except FileNotFoundError:
+            return False
+
+    def _remove_download(self, ident: str, names: list[str]) -> int:
+        lock = self._lock(ident + ".lock")
+        if lock is None:
+            return 0  # some process downloads it right now
+        try:
+            return sum(self._remove_counted(n) for n in names if not n.endswith(".lock"))
+        finally:
+            self._unlock(ident + ".lock", lock)
+
+    def _remove_counted(self, name: str) -> int:
+        try:
+            st = os.stat(name, dir_fd=self.tmp_fd, follow_symlinks=False)
+            os.unlink(name, dir_fd=self.tmp_fd)
+        except FileNotFoundError:
+            return 0
+        return st.st_blocks * 512 if st.st_nlink <= 1 else 0

@@ -1,7 +1,10 @@
 """`lazyfs status`: per file, its remote size and local state, and totals.
 
 Usable as a readiness probe: with `--require-all` it exits 1 while any file is
-not on disk and current.  States (filestate.FileState): cached (a recorded
+not on disk and current, and whenever it cannot know that every file is: a
+mount whose listing never succeeded, a mount without xattrs (--no-xattrs)
+that cannot tell file states, an unreadable stats file.  Each says why in one
+line.  States (filestate.FileState): cached (a recorded
 copy of this version), prebaked (an unrecorded copy of the right size),
 downloading (a mount is fetching it), partial (an interrupted download),
 stale (only another version), missing.
@@ -14,11 +17,12 @@ extended attributes), since the store beneath it is out of reach.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 import trio
 
@@ -27,9 +31,12 @@ from lazyfs.config import StatusConfig
 from lazyfs.errors import RemoteUnavailable
 from lazyfs.filestate import FileState
 from lazyfs.mounttab import find_mount
-from lazyfs.namespace import RemoteObject
+from lazyfs.namespace import RESERVED_NAME, RemoteObject
 from lazyfs.remote import Remote
 from lazyfs.store import Store
+
+_NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+_SIDECAR_NOTE = "identity records in sidecar files: the store's filesystem keeps no user xattrs"
 
 
 @dataclass(frozen=True)
@@ -39,31 +46,42 @@ class FileStatus:
     state: FileState
 
 
+@dataclass(frozen=True)
+class Answer:
+    files: list[FileStatus]
+    note: str  # where the states come from
+    # Why it cannot be ready whatever the files' states ("" when it can be):
+    # not every file is known.
+    unknown: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return not self.unknown and all(f.state.ready for f in self.files)
+
+
 def run(cfg: StatusConfig, out: TextIO = sys.stdout) -> int:
     entry = find_mount(cfg.store)
-    if entry is not None and entry.fstype == "fuse.lazyfs":
-        files, note, live = from_mount(cfg), f"as served by the lazyfs mount at {cfg.store}", True
-    else:
-        files, note, live = from_store(cfg)
-    # Nothing known is only "ready" when the object store itself says there is nothing.
-    ready = all(f.state.ready for f in files) and (live or bool(files))
-    report(files, note, ready, cfg.as_json, out)
-    return 1 if cfg.require_all and not ready else 0
+    answer = from_mount(cfg) if entry is not None and entry.fstype == "fuse.lazyfs" else from_store(cfg)
+    report(answer, cfg.as_json, out)
+    return 1 if cfg.require_all and not answer.ready else 0
 
 
-def from_store(cfg: StatusConfig) -> tuple[list[FileStatus], str, bool]:
+def from_store(cfg: StatusConfig) -> Answer:
     store = Store.open(str(cfg.store), [str(p) for p in cfg.prebaked])
     try:
+        unknown = ""
         try:
             objects = trio.run(_list, Remote(cfg.remote), cfg)
-            note, live = f"store {cfg.store}, listing from the object store", True
+            note = f"store {cfg.store}, listing from the object store"
         except RemoteUnavailable as e:
             objects = offline_objects(store, cfg.sources)
-            note, live = f"store {cfg.store}, object store unreachable ({e}): last saved listing", False
-        files = []
-        for obj in objects:
-            files.append(FileStatus(obj.key, obj.size, store.local_state(obj).state))
-        return files, note, live
+            note = f"store {cfg.store}, object store unreachable ({e}): last saved listing"
+            if not objects:  # nothing known is only "ready" when the object store says there is nothing
+                unknown = "the object store is unreachable and the store knows no files"
+        if not store.identities.supported:
+            note += f"; {_SIDECAR_NOTE}"
+        files = [FileStatus(obj.key, obj.size, store.local_state(obj).state) for obj in objects]
+        return Answer(files, note, unknown)
     finally:
         store.close()
 
@@ -74,8 +92,39 @@ async def _list(remote: Remote, cfg: StatusConfig) -> list[RemoteObject]:
     return list(catalog.tree.files())
 
 
-def from_mount(cfg: StatusConfig) -> list[FileStatus]:
-    files = []
+def from_mount(cfg: StatusConfig) -> Answer:
+    """Ask a running mount: its stats file for the listing, then each file's
+    `user.lazyfs.state` attribute."""
+    note = f"as served by the lazyfs mount at {cfg.store}"
+    try:
+        stats = json.loads((cfg.store / RESERVED_NAME / "stats.json").read_bytes())
+        if not isinstance(stats, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        return Answer([], note, f"cannot read the mount's {RESERVED_NAME}/stats.json ({e})")
+    listing = stats.get("listing") or {}
+    if listing.get("offline"):
+        note += f"; the object store is unreachable, the mount serves its last saved listing ({listing.get('error')})"
+    if (stats.get("store_filesystem") or {}).get("user_xattrs") is False:
+        note += f"; {_SIDECAR_NOTE}"
+    unknown = _listing_unknown(stats)
+    files, unasked = _ask_files(cfg, stats)
+    return Answer(files, note, unknown or unasked or _missing_files(cfg, stats, len(files)))
+
+
+def _listing_unknown(stats: dict[str, Any]) -> str:
+    """Why the mount's tree does not name every file, or ""."""
+    listing = stats.get("listing") or {}
+    if listing.get("ok") or stats.get("objects"):
+        return ""  # listed, or serving an earlier (or the saved) listing
+    if not listing.get("last_at"):
+        return "the mount's first listing has not finished"
+    return f"the mount has no listing: {listing.get('error') or 'its first listing failed'}"
+
+
+def _ask_files(cfg: StatusConfig, stats: dict[str, Any]) -> tuple[list[FileStatus], str]:
+    files: list[FileStatus] = []
+    failed = 0
     for source in cfg.sources:
         top = cfg.store / source.prefix
         for dirpath, dirnames, filenames in os.walk(top):
@@ -85,19 +134,41 @@ def from_mount(cfg: StatusConfig) -> list[FileStatus]:
                 try:
                     state = FileState(os.getxattr(path, "user.lazyfs.state").decode())
                     size = os.stat(path).st_size
-                except (OSError, ValueError):
+                except OSError as e:
+                    if e.errno in _NO_XATTRS:
+                        return files, _no_xattrs(cfg, stats)
+                    failed += 1
+                    continue
+                except ValueError:
+                    failed += 1
                     continue
                 files.append(FileStatus(os.path.relpath(path, cfg.store), size, state))
-    return files
+    return files, f"{failed} files could not be asked for their state" if failed else ""
 
 
-def report(files: list[FileStatus], note: str, ready: bool, as_json: bool, out: TextIO) -> None:
+def _no_xattrs(cfg: StatusConfig, stats: dict[str, Any]) -> str:
+    store = str(stats.get("store") or "")
+    if store and os.path.abspath(store) != os.path.abspath(cfg.store):
+        return f"the mount was started with --no-xattrs and cannot tell file states: ask its store (--store {store})"
+    return "the mount was started with --no-xattrs and cannot tell file states (its store is beneath it)"
+
+
+def _missing_files(cfg: StatusConfig, stats: dict[str, Any], found: int) -> str:
+    """The mount knows more files than the walk found (same folders only)."""
+    listed = stats.get("objects")
+    if sorted(stats.get("sources") or ()) != sorted(s.uri for s in cfg.sources) or not isinstance(listed, int):
+        return ""
+    return f"the mount lists {listed} files, {found} were found" if found < listed else ""
+
+
+def report(answer: Answer, as_json: bool, out: TextIO) -> None:
+    files, ready = answer.files, answer.ready
     counts = {s.value: sum(1 for f in files if f.state is s) for s in FileState}
     total = sum(f.size for f in files)
     if as_json:
         rows = [{"path": f.path, "size": f.size, "state": f.state.value} for f in files]
         json.dump({"files": rows, "totals": {"files": len(files), "bytes": total, **counts}, "ready": ready,
-                   "source": note}, out, indent=2)
+                   "unknown": answer.unknown or None, "source": answer.note}, out, indent=2)
         out.write("\n")
         return
     width = max([len(f"{f.size:,}") for f in files] + [4])
@@ -105,5 +176,5 @@ def report(files: list[FileStatus], note: str, ready: bool, as_json: bool, out: 
     for f in files:
         print(f"{f.state.value:<11} {f.size:>{width},}  {f.path}", file=out)
     summary = ", ".join(f"{n} {state}" for state, n in counts.items())
-    print(f"{len(files)} files, {total / 2**20:.1f} MiB: {summary} "
-          f"({'ready' if ready else 'not ready'}; {note})", file=out)
+    verdict = "ready" if ready else f"not ready: {answer.unknown}" if answer.unknown else "not ready"
+    print(f"{len(files)} files, {total / 2**20:.1f} MiB: {summary} ({verdict}; {answer.note})", file=out)

@@ -4,12 +4,17 @@ evicted.  The pieces it is made of each own one folder:
     <root>/<key path>          published files, exactly where the mount shows them,
                                each with its identity record (identity.py)
     <root>/.lazyfs/layout      "1": the layout version of everything below
+    <root>/.lazyfs/identities/ identity records as files, where the filesystem
+                               refuses user xattrs (identity.py)
     <root>/.lazyfs/tmp/        downloads in progress and their locks (partials.py)
     <root>/.lazyfs/objects/    the content index (content_index.py)
     <root>/.lazyfs/listings/   saved listings for offline starts (listings.py)
 
 Paths are resolved under the layers' descriptors (layer.py), never followed
-through symlinks.  All methods block: call them from worker threads.
+through symlinks.  A file is judged through a descriptor, and a name is acted
+on (renamed over, unlinked) only under the store's publish lock and after
+checking that it still holds the inode that was judged.  All methods block:
+call them from worker threads.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from lazyfs.content_index import ContentIndex
 from lazyfs.errors import StoreError
 from lazyfs.filestate import FileState
 from lazyfs.identity import Identity, IdentityRecords
-from lazyfs.layer import FILE_FLAGS, Layer, write_small
+from lazyfs.layer import FILE_FLAGS, PRIVATE, STORE_MODES, Layer, Permissions, still_there, write_small
 from lazyfs.listings import SavedListings
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
 from lazyfs.partials import Partial, PartialFiles
@@ -54,35 +59,53 @@ class LocalCopy:
 class Store:
     """The store layer (writable) and the prebaked layers searched after it."""
 
-    def __init__(self, root: Layer, prebaked: Iterable[Layer] = ()) -> None:
+    def __init__(self, root: Layer, prebaked: Iterable[Layer] = (),
+                 permissions: Permissions = STORE_MODES["private"]) -> None:
         self.root = root
         self.prebaked = tuple(prebaked)
-        self.identities = IdentityRecords(root.path)
+        self.permissions = permissions
+        self.identities = IdentityRecords(root)
         self.listings = SavedListings(root)
         self._fds: list[int] = []
         self.partials: PartialFiles
         self.index: ContentIndex
 
     @classmethod
-    def open(cls, store_path: str, prebaked: Iterable[str] = (), root_fd: int | None = None) -> Store:
+    def open(cls, store_path: str, prebaked: Iterable[str] = (), root_fd: int | None = None,
+             mode: str = "private", create: bool = False) -> Store:
+        """Open (and lay out) a store; `mode` names the permissions of what it
+        creates (layer.STORE_MODES), the store's own folder too with `create`.
+        It owns `root_fd` from here on, and closes it, and everything else it
+        opened, if it fails."""
+        permissions = STORE_MODES[mode]
         root = Layer(root_fd, store_path, True, "store") if root_fd is not None \
-            else Layer.open(store_path, True, "store")
-        layers = [Layer.open(p, False, "prebaked layer") for p in prebaked]
-        store = cls(root, layers)
-        store._prepare()
+            else Layer.open(store_path, True, "store", permissions.folder if create else None)
+        store = cls(root, (), permissions)
+        try:
+            store.prebaked = tuple(store._open_layer(p) for p in prebaked)
+            store._prepare()
+        except BaseException:
+            store.close()
+            raise
         return store
+
+    def _open_layer(self, path: str) -> Layer:
+        layer = Layer.open(path, False, "prebaked layer")
+        self.prebaked += (layer,)  # closed with the store if a later one fails
+        return layer
 
     def _prepare(self) -> None:
         try:
-            meta_fd = self._keep(self.root.open_dir([RESERVED_NAME], create=True))
-            # Downloads in progress are private to the daemon.
-            tmp_fd = self._keep(self.root.open_dir([RESERVED_NAME, "tmp"], create=True, mode=0o700))
-            objects_fd = self._keep(self.root.open_dir([RESERVED_NAME, "objects"], create=True, mode=0o700))
+            meta_fd = self._keep(self.root.open_dir([RESERVED_NAME], create=True, mode=self.permissions.folder))
+            # Downloads in progress and the index are private to the daemon.
+            tmp_fd = self._keep(self.root.open_dir([RESERVED_NAME, "tmp"], create=True, mode=PRIVATE))
+            objects_fd = self._keep(self.root.open_dir([RESERVED_NAME, "objects"], create=True, mode=PRIVATE))
         except OSError as e:
             raise StoreError(f"store {self.root.path} is not writable: {e.strerror}", e.errno or errno.EIO) from None
         self.partials = PartialFiles(tmp_fd, self.root.path)
         self.index = ContentIndex(objects_fd)
         self._check_layout(meta_fd)
+        self.identities.open(tmp_fd, self.prebaked)
 
     def _keep(self, fd: int) -> int:
         self._fds.append(fd)
@@ -102,11 +125,13 @@ class Store:
                              f"{self.root.path}/{RESERVED_NAME}", errno.EINVAL)
 
     def close(self) -> None:
+        self.identities.close()
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
         for layer in self.prebaked:
             layer.close()
+        self.prebaked = ()
         self.root.close()
 
     def layers(self) -> tuple[Layer, ...]:
@@ -127,7 +152,11 @@ class Store:
             fd = layer.open_file(obj.key)
             if fd is None:
                 continue
-            state = self._judge(fd, obj)
+            try:
+                state = self._judge(fd, obj, layer)
+            except BaseException:
+                os.close(fd)
+                raise
             if state is not None:
                 return LocalCopy(fd, layer, state)
             os.close(fd)
@@ -141,7 +170,7 @@ class Store:
             if fd is None:
                 continue
             try:
-                state = self._judge(fd, obj)
+                state = self._judge(fd, obj, layer)
                 if state is not None:
                     return LocalState(state, layer.label, obj.size)
                 stale = stale or layer.label
@@ -154,26 +183,43 @@ class Store:
             return LocalState(FileState.STALE, stale, 0)
         return LocalState(FileState.MISSING, "", 0)
 
-    def _judge(self, fd: int, obj: RemoteObject) -> FileState | None:
-        if os.fstat(fd).st_size != obj.size:
+    def _judge(self, fd: int, obj: RemoteObject, layer: Layer) -> FileState | None:
+        st = os.fstat(fd)
+        if st.st_size != obj.size:
             return None
-        ident = self.identities.read(fd)
+        ident = self.identities.read(fd, layer, st)
         if ident is None:
             return FileState.PREBAKED
         return FileState.CACHED if ident.matches(obj) else None
 
     # -- publishing ---------------------------------------------------------------
 
-    def publish(self, partial: Partial, origin: str = "fetch") -> None:
+    def publish(self, partial: Partial, origin: str = "fetch", *, keep_newer: bool = True) -> bool:
         """Make a complete, verified download the current copy at its key path:
         fsync, date it with the object's Last-Modified, record its identity,
-        then rename it into place (and fsync the folder, so the rename sticks)."""
+        then rename it into place (and fsync the folder, so the rename sticks).
+
+        False when the key path holds a newer version by now (a later
+        Last-Modified: an old handle's download finished after the new
+        version's): nothing is placed, the sparse file leaves tmp/, and the
+        caller's descriptor still serves this version's readers.  A caller
+        that knows this version is the one the listing shows now passes
+        keep_newer=False: an older version made current again (the latest
+        one deleted in a versioned bucket) must still be placed."""
         obj, fd = partial.obj, partial.fd
         if os.fstat(fd).st_size != obj.size:
             raise StoreError(f"{obj.uri}: download has the wrong size, not published")
         self._seal(fd, obj, origin)
-        self._place(partial.name + ".part", obj)
+        try:
+            placed = self._place(partial.name + ".part", obj, keep_newer)
+        except BaseException:
+            self.identities.forget(fd, only_if_unlinked=False)  # not published: a retry records it again
+            raise
+        if not placed:
+            self.partials.discard(partial)
+            self.identities.forget(fd)
         self.partials.forget_record(partial)
+        return placed
 
     def _seal(self, fd: int, obj: RemoteObject, origin: str) -> None:
         os.fsync(fd)
@@ -181,42 +227,45 @@ class Store:
         # The record first: a user.* attribute needs write permission, which
         # only CAP_DAC_OVERRIDE would grant once the file is read-only.
         self.identities.write(fd, Identity.of(obj, origin))
-        os.fchmod(fd, 0o444)
+        os.fchmod(fd, self.permissions.file)
 
-    def _place(self, tmp_name: str, obj: RemoteObject) -> None:
-        """Rename a finished file from tmp/ to its key path, index its content,
-        and drop the index entry of the version it replaces if nothing else
-        uses it."""
+    def _place(self, tmp_name: str, obj: RemoteObject, keep_newer: bool = True) -> bool:
+        """Rename a finished file from tmp/ to its key path and index its
+        content, unless the path holds a newer version (False).  Under the
+        publish lock, so the file judged is the file replaced; the index entry
+        and the record of the version replaced go if nothing else uses them."""
         *dirs, name = obj.key.split("/")
-        dfd = self.root.open_dir(dirs, create=True)
+        dfd = self.root.open_dir(dirs, create=True, mode=self.permissions.folder)
+        old = None
         try:
-            replaced = self._identity_at(dfd, name)
-            try:
-                os.rename(tmp_name, name, src_dir_fd=self.partials.tmp_fd, dst_dir_fd=dfd)
-            except IsADirectoryError:
-                raise StoreError(f"{obj.uri}: a folder stands at {obj.key} in the store") from None
+            with self.partials.publish_lock():
+                old = _open_file(dfd, name)
+                replaced = None if old is None else self.identities.read(old)
+                if keep_newer and replaced is not None and replaced.mtime_ns > obj.mtime_ns \
+                        and not replaced.matches(obj):
+                    log.info("%s: not replacing the newer version already in the store", obj.uri)
+                    return False
+                try:
+                    os.rename(tmp_name, name, src_dir_fd=self.partials.tmp_fd, dst_dir_fd=dfd)
+                except IsADirectoryError:
+                    raise StoreError(f"{obj.uri}: a folder stands at {obj.key} in the store") from None
+                self.index.add(dfd, name, obj)
+                if replaced is not None and not replaced.matches(obj):
+                    self.index.drop_if_unused(replaced.etag, replaced.size)
             os.fsync(dfd)
-            self.index.add(dfd, name, obj)
+            if old is not None:
+                self.identities.forget(old)
         finally:
+            if old is not None:
+                os.close(old)
             os.close(dfd)
-        if replaced is not None and not replaced.matches(obj):
-            self.index.drop_if_unused(replaced.etag, replaced.size)
-
-    def _identity_at(self, dfd: int, name: str) -> Identity | None:
-        try:
-            fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
-        except OSError:
-            return None
-        try:
-            return self.identities.read(fd)
-        finally:
-            os.close(fd)
+        return True
 
     def materialise(self, obj: RemoteObject) -> LocalCopy | None:
         """Make `obj` current from a file with the same (ETag, size) that the
         store already holds under another path (a new model version sharing
         files with the old one): a hard link, or a copy where links fail.
-        None when there is no such file."""
+        None when there is no such file (or a newer version holds the path)."""
         src = self.index.open(obj)
         if src is None:
             return None
@@ -225,15 +274,39 @@ class Store:
             if ident is None or not ident.matches(obj) or os.fstat(src).st_size != obj.size:
                 return None
             tmp = f"{self.partials.name(obj)}.link"
-            try:
-                self.partials.remove(tmp)
-                self.index.link_to(obj, self.partials.tmp_fd, tmp)
-            except OSError:
+            if not self._link_checked(src, tmp, obj):
                 self._copy_into_tmp(src, tmp, obj, ident.origin)
-            self._place(tmp, obj)
+            if not self._place(tmp, obj):
+                self._drop_tmp(tmp)
+                return None
         finally:
             os.close(src)
         return self.find_current(obj)
+
+    def _link_checked(self, src: int, tmp: str, obj: RemoteObject) -> bool:
+        """Hard-link the index entry of `obj` to tmp/`tmp`, if the entry is still
+        the file `src` (whose identity was checked); False where links fail."""
+        try:
+            self.partials.remove(tmp)
+            self.index.link_to(obj, self.partials.tmp_fd, tmp)
+        except OSError:
+            return False
+        if still_there(self.partials.tmp_fd, tmp, os.fstat(src)):
+            return True
+        self.partials.remove(tmp)  # the entry was replaced between the check and the link
+        return False
+
+    def _drop_tmp(self, tmp: str) -> None:
+        """Remove a link or copy made in tmp/ that was not placed (and the
+        sidecar of a copy)."""
+        fd = _open_file(self.partials.tmp_fd, tmp)
+        try:
+            self.partials.remove(tmp)
+            if fd is not None:
+                self.identities.forget(fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def _copy_into_tmp(self, src: int, tmp: str, obj: RemoteObject, origin: str) -> None:
         fd = self.partials.create_sibling(tmp)
@@ -250,6 +323,16 @@ class Store:
             self.partials.remove(tmp)
             raise
         os.close(fd)
+
+    # -- leftovers --------------------------------------------------------------------
+
+    def sweep(self, keep: Iterable[RemoteObject]) -> int:
+        """Free what nothing will use again: downloads of versions not in
+        `keep` (a whole current listing) left in tmp/ (PartialFiles.sweep), and
+        content index entries whose published paths are all gone (an admin
+        deleted them: the entry alone kept the bytes on disk).  Bytes freed.
+        For the engine to call once its first listing is in."""
+        return self.partials.sweep(keep) + self.index.sweep(self.partials.publish_lock)
 
     # -- cache budget ---------------------------------------------------------------
 
@@ -285,19 +368,33 @@ class Store:
             except OSError:
                 continue
             try:
-                fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
-                try:
-                    ident = self.identities.read(fd)
-                    size = os.fstat(fd).st_size
-                finally:
-                    os.close(fd)
-                if ident is None or ident.origin != "fetch":
-                    continue
-                os.unlink(name, dir_fd=dfd)
-                self.index.drop_if_unused(ident.etag, ident.size)
-                freed += size
+                freed += self._evict_one(dfd, name)
             except OSError as e:
                 log.warning("could not evict %s from the store: %s", key, e.strerror)
             finally:
                 os.close(dfd)
         return freed
+
+    def _evict_one(self, dfd: int, name: str) -> int:
+        """Unlink `name` if it is a file lazyfs fetched: the very file whose
+        record was read (a publish may have renamed a newer one over it)."""
+        fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
+        try:
+            with self.partials.publish_lock():
+                st = os.fstat(fd)
+                ident = self.identities.read(fd, st=st)
+                if ident is None or ident.origin != "fetch" or not still_there(dfd, name, st):
+                    return 0
+                os.unlink(name, dir_fd=dfd)
+                self.index.drop_if_unused(ident.etag, ident.size)
+            self.identities.forget(fd)
+            return st.st_size
+        finally:
+            os.close(fd)
+
+
+def _open_file(dfd: int, name: str) -> int | None:
+    try:
+        return os.open(name, FILE_FLAGS, dir_fd=dfd)
+    except OSError:
+        return None

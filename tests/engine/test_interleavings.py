@@ -28,7 +28,7 @@ def record(store_dir: Path, obj: RemoteObject, fetcher: Fetcher) -> set[int]:
     """Blocks the resume record of `obj` names (empty if there is none)."""
     path = store_dir / ".lazyfs" / "tmp" / (fetcher.store.partials.name(obj) + ".json")
     try:
-        return set(json.loads(path.read_text())["done"])
+        return {b for first, end in json.loads(path.read_text())["runs"] for b in range(first, end)}
     except FileNotFoundError:
         return set()
 

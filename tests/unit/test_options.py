@@ -54,3 +54,12 @@ def test_bad_values_are_one_sentence_naming_the_flag(flag: str, value: object, m
 def test_values_not_given_stay_unset_so_the_config_defaults_apply() -> None:
     got = options.parse_options(options.MOUNT, {"part_size": "16MiB", "retries": 0})
     assert got["part_size"] == 16 << 20 and got["retries"] == 0 and got["max_connections"] is None
+
+
+def test_every_store_mode_has_its_permissions() -> None:
+    from typing import get_args
+
+    from lazyfs.config import StoreMode
+    from lazyfs.layer import STORE_MODES
+
+    assert set(STORE_MODES) == set(get_args(StoreMode))

@@ -41,6 +41,28 @@ def test_layout_and_private_tmp(store: Store, tmp_path: Path) -> None:
     assert stat.S_IMODE((root / ".lazyfs" / "tmp").stat().st_mode) == 0o700
 
 
+@pytest.mark.parametrize("mode, folder, file", [(None, 0o700, 0o400), ("private", 0o700, 0o400),
+                                                ("group", 0o750, 0o440), ("public", 0o755, 0o444)])
+def test_what_lazyfs_creates_in_a_store_is_private_unless_asked(tmp_path: Path, mode: str | None, folder: int,
+                                                                 file: int) -> None:
+    root = tmp_path / "new-store"
+    old_umask = os.umask(0o077)  # --store-mode says what others may do, not the umask
+    try:
+        s = Store.open(str(root), create=True) if mode is None else Store.open(str(root), mode=mode, create=True)
+        try:
+            download(s, obj("models/m/w.bin", b"weights"), b"weights")
+            s.listings.save("bkt", "models/m", [])
+        finally:
+            s.close()
+    finally:
+        os.umask(old_umask)
+    for path in (root, root / "models", root / "models/m", root / ".lazyfs"):
+        assert stat.S_IMODE(path.stat().st_mode) == folder, path
+    for meta in ("tmp", "objects", "listings"):
+        assert stat.S_IMODE((root / ".lazyfs" / meta).stat().st_mode) == 0o700, meta
+    assert stat.S_IMODE((root / "models/m/w.bin").stat().st_mode) == file
+
+
 def test_publish_records_identity_and_find_current(store: Store, tmp_path: Path) -> None:
     data = b"hello world"
     o = obj("a/b/c.txt", data)
@@ -48,7 +70,7 @@ def test_publish_records_identity_and_find_current(store: Store, tmp_path: Path)
     download(store, o, data)
     path = tmp_path / "store" / "a/b/c.txt"
     assert path.read_bytes() == data
-    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert stat.S_IMODE(path.stat().st_mode) == 0o400
     assert path.stat().st_mtime_ns == o.mtime_ns
     ident = Identity.decode(os.getxattr(path, IDENTITY_XATTR))
     assert ident == Identity.of(o)
@@ -57,7 +79,7 @@ def test_publish_records_identity_and_find_current(store: Store, tmp_path: Path)
     os.close(copy.fd)
     # Same size, other ETag: the record says it is another version.
     assert store.find_current(obj("a/b/c.txt", b"hello WORLD")) is None
-    assert not list((tmp_path / "store" / ".lazyfs" / "tmp").iterdir())
+    assert [p.name for p in (tmp_path / "store" / ".lazyfs" / "tmp").iterdir()] == ["publish.lock"]
 
 
 def test_unrecorded_copy_is_judged_by_size(store: Store, tmp_path: Path) -> None:
@@ -200,3 +222,16 @@ def test_multipart_part_sizes_are_trusted_only_when_the_store_confirms_the_parts
     sizes = {1: 5, 2: 3, 3: 2}
     assert verify.exact_part_sizes(10, 3, lambda n: verify.Part(sizes[n], 3)) == (5, 3, 2)
     assert verify.exact_part_sizes(11, 3, lambda n: verify.Part(sizes[n], 3)) is None
+
+
+def test_sweep_frees_index_entries_whose_published_paths_were_deleted(store: Store, tmp_path: Path) -> None:
+    kept, deleted = obj("m/kept.bin", b"k" * 5000), obj("m/gone.bin", b"g" * 5000)
+    download(store, kept, b"k" * 5000)
+    download(store, deleted, b"g" * 5000)
+    (tmp_path / "store" / "m/gone.bin").unlink()  # an admin's rm: the index entry alone keeps the bytes
+    assert store.sweep(keep=[kept, deleted]) >= 5000
+    entries = {p.name for p in (tmp_path / "store" / ".lazyfs" / "objects").iterdir()}
+    assert entries == {store.index.entry_name(kept.etag, kept.size)}
+    copy = store.find_current(kept)
+    assert copy is not None
+    os.close(copy.fd)

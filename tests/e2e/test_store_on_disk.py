@@ -1,0 +1,145 @@
+"""End to end (issue 11): the store on disk as other users and other
+filesystems see it: who may read it beneath the mount (--store-mode); identity
+records on a filesystem without user xattrs; `status --require-all` never
+saying ready without knowing every file."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from support.mounting import FS, lazyfs_cli, wait_until
+from support.proxy import Fault
+
+pytestmark = pytest.mark.fuse
+
+P = "models/m"
+
+
+def _unusable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"this test must run in CI, but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def no_xattr_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real filesystem whose xattr handler refuses user.* on every kernel:
+    ramfs (tmpfs keeps user xattrs since Linux 6.6, ext4 dropped
+    nouser_xattr).  Mounting one needs CAP_SYS_ADMIN, as FUSE does."""
+    path = tmp_path / "ramfs"
+    path.mkdir()
+    res = subprocess.run(["mount", "-t", "ramfs", "-o", "mode=0755", "ramfs", str(path)], capture_output=True,
+                         text=True, timeout=30)
+    if res.returncode != 0:
+        _unusable(f"a ramfs cannot be mounted here ({res.stderr.strip() or res.returncode})")
+    try:
+        (path / "probe").write_bytes(b"")
+        try:
+            os.setxattr(path / "probe", "user.x", b"1")
+            _unusable("ramfs keeps user xattrs on this kernel: find another filesystem that refuses them")
+        except OSError as e:
+            assert e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP), e
+        (path / "probe").unlink()
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def status(proxy, bucket: str, store: Path, *extra: str):
+    return lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint,
+                       "--store", str(store), *extra])
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_store_beneath_a_mount_is_private_by_default(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    s3.put_object(Bucket=bucket, Key=f"{P}/w.bin", Body=b"w" * 5000)
+    store = tmp_path / "new" / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.read(m.file(f"{P}/w.bin")) == b"w" * 5000
+    assert fs.stat(m.file(f"{P}/w.bin")).st_mode & 0o777 == 0o444, "the mount shows what it always showed"
+    wait_until((store / P / "w.bin").exists, what="the download published")
+    assert {p: mode(store / p) for p in (".", ".lazyfs", "models", P)} == dict.fromkeys((".", ".lazyfs", "models", P),
+                                                                                      0o700)
+    assert mode(store / P / "w.bin") == 0o400
+
+
+def test_bake_store_modes(proxy, s3, bucket, tmp_path: Path):
+    s3.put_object(Bucket=bucket, Key=f"{P}/w.bin", Body=b"w" * 100)
+    for store_mode, folder, file in ((None, 0o700, 0o400), ("group", 0o750, 0o440), ("public", 0o755, 0o444)):
+        out = tmp_path / f"baked-{store_mode}"
+        args = ["bake", "--prefix", f"s3://{bucket}/{P}", "--to", str(out), "--endpoint-url", proxy.endpoint]
+        res = lazyfs_cli(args + ([] if store_mode is None else ["--store-mode", store_mode]))
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert [mode(p) for p in (out, out / ".lazyfs", out / "models", out / P)] == [folder] * 4, store_mode
+        assert mode(out / P / "w.bin") == file, store_mode
+
+
+# -- identity without user xattrs --------------------------------------------------------------
+
+def test_without_user_xattrs_a_retrained_checkpoint_of_the_same_size_is_fetched(
+        mount, proxy, s3, bucket, fs: FS, tmp_path: Path, no_xattr_fs: Path):
+    key = f"{P}/model.safetensors"
+    v1, v2 = os.urandom(300_000), os.urandom(300_000)
+    s3.put_object(Bucket=bucket, Key=key, Body=v1)
+    store = no_xattr_fs / "store"
+    args = ("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB")
+    m = mount(*args, store=store)
+    assert fs.read(m.file(key)) == v1
+    published = store / key
+    wait_until(published.exists, what="the download published")
+    with pytest.raises(OSError) as refused:
+        os.getxattr(published, "user.lazyfs.identity")
+    assert refused.value.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
+    assert (store / ".lazyfs" / "identities" / str(published.stat().st_ino)).exists()
+    through = lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--store", str(m.path)])
+    assert "1 cached" in through.stdout and "sidecar files" in through.stdout, through.stdout
+    m.stop()
+
+    s3.put_object(Bucket=bucket, Key=key, Body=v2)  # retrained: same size, new bytes
+    res = status(proxy, bucket, store, "--require-all")
+    assert res.returncode == 1 and "1 stale" in res.stdout, res.stdout + res.stderr
+    assert "sidecar files" in res.stdout
+    doctor = lazyfs_cli(["doctor", str(tmp_path), "--prefix", f"s3://{bucket}/{P}", "--store", str(store),
+                         "--endpoint-url", proxy.endpoint])
+    assert "warn  identity records:" in doctor.stdout and "sidecar files" in doctor.stdout, doctor.stdout
+    gets = proxy.count("GET", key)
+    m2 = mount(*args, store=store)
+    assert fs.read(m2.file(key)) == v2, "the old checkpoint was served as current"
+    assert proxy.count("GET", key) > gets
+    m2.stop()
+    assert status(proxy, bucket, store, "--require-all").returncode == 0
+
+
+# -- status --require-all never says ready without knowing ----------------------------------
+
+def test_require_all_through_a_mount_without_xattrs_is_not_ready(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    s3.put_object(Bucket=bucket, Key=f"{P}/a.bin", Body=b"a" * 1000)
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--no-xattrs", store=store)
+    res = lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--store", str(m.path), "--require-all"])
+    assert res.returncode == 1, res.stdout
+    assert f"not ready: the mount was started with --no-xattrs and cannot tell file states: ask its store " \
+           f"(--store {store})" in res.stdout
+
+
+@pytest.mark.log_errors("AccessDenied|Access Denied|access denied")
+def test_require_all_when_the_first_listing_failed_is_not_ready(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    s3.put_object(Bucket=bucket, Key=f"{P}/a.bin", Body=b"a" * 1000)
+    # The start-up probe lists fine; every request after it is refused.
+    proxy.add(Fault("status", method="GET", skip=1, times=None, status=403, code="AccessDenied"))
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "store")
+    res = lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--store", str(m.path), "--require-all"])
+    assert res.returncode == 1, res.stdout
+    # Failed, or still being retried: either way no file is known.
+    assert "(not ready: the mount has no listing:" in res.stdout or \
+        "(not ready: the mount's first listing has not finished" in res.stdout, res.stdout

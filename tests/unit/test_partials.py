@@ -1,0 +1,138 @@
+"""Unit tests: downloads in progress on disk (partials.py): resume records of
+any size, in both formats; the sweep of what unwanted versions left behind."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lazyfs import partials
+from lazyfs.namespace import RemoteObject
+from lazyfs.store import Store
+
+MiB = 1 << 20
+
+
+def obj(key: str, size: int, tag: str = "") -> RemoteObject:
+    return RemoteObject("bkt", key, size, hashlib.md5(f"{key}{size}{tag}".encode()).hexdigest(), 1_700_000_000 * 10**9)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    (tmp_path / "store").mkdir()
+    s = Store.open(str(tmp_path / "store"))
+    yield s
+    s.close()
+
+
+def tmp_names(tmp_path: Path) -> set[str]:
+    return {p.name for p in (tmp_path / "store" / ".lazyfs" / "tmp").iterdir()} - {"publish.lock"}
+
+
+def test_a_download_above_2_tib_resumes_from_its_record(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 2.1 million 1 MiB blocks: as a list of numbers the record passed the
+    # 16 MiB read limit and the whole download started again.
+    monkeypatch.setattr(partials.PartialFiles, "_check_space", lambda self, o: None)
+    o = obj("huge/w.bin", (2 << 40) + (100 << 30))  # a sparse file: no space used
+    p = store.partials.open(o, MiB)
+    n = p.nblocks
+    assert n > 2_100_000
+    p.save_state(range(n - 1))  # all but the last block
+    p.close()
+    again = store.partials.open(o, MiB)
+    try:
+        assert len(again.done) == n - 1 and n - 1 not in again.done
+        assert store.partials.resumable_bytes(o) == (n - 1) * MiB
+    finally:
+        again.close()
+        store.partials.discard(again)
+
+
+def test_records_of_the_first_format_still_resume(store: Store, tmp_path: Path) -> None:
+    o = obj("r/f", 10)
+    p = store.partials.open(o, 4)
+    p.close()
+    record = {"v": 1, "bucket": o.bucket, "key": o.key, "etag": o.etag, "size": o.size, "block_size": 4,
+              "ino": p.ino, "done": [0, 2]}
+    (tmp_path / "store" / ".lazyfs" / "tmp" / f"{p.name}.json").write_text(json.dumps(record))
+    again = store.partials.open(o, 4)
+    assert again.done == {0, 2}
+    assert store.partials.resumable_bytes(o) == 4 + 2  # the last block is short
+    again.close()
+
+
+def test_a_scattered_download_records_fewer_blocks_never_more() -> None:
+    from lazyfs import resume
+
+    assert resume.runs_of([5, 0, 1, 2, 7, 8, 9, 10]) == [[0, 3], [5, 6], [7, 11]]
+    assert resume.runs_of([5, 0, 1, 2, 7, 8, 9, 10], limit=2) == [[0, 3], [7, 11]]
+    assert resume.runs_of(range(0, 2_000_000, 2)) == [[b, b + 1] for b in range(0, 2 * resume.MAX_RUNS, 2)]
+
+
+def test_a_sealed_partial_without_write_permission_starts_afresh(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish cut short after the file was made read-only: without
+    CAP_DAC_OVERRIDE it cannot be opened for writing, which must not fail the
+    download for good."""
+    o = obj("s/f", 8)
+    p = store.partials.open(o, 4)
+    p.save_state({0, 1})
+    os.fchmod(p.fd, 0o444)
+    p.close()
+    real_open = os.open
+
+    def as_without_dac_override(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if str(path).endswith(".part") and flags & os.O_RDWR and not flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied")  # the 0444 file
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", as_without_dac_override)
+    again = store.partials.open(o, 4)
+    assert again.done == set()
+    again.close()
+
+
+def test_a_store_that_states_no_size_is_not_full(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.statvfs
+
+    def ramfs_like(fd: Any) -> Any:
+        st = real(fd)
+        return os.statvfs_result((st.f_bsize, st.f_frsize, 0, 0, 0, 0, 0, 0, st.f_flag, st.f_namemax))
+
+    monkeypatch.setattr(os, "statvfs", ramfs_like)
+    p = store.partials.open(obj("z/f", 5 * MiB), MiB)
+    p.close()
+
+
+# -- the sweep ----------------------------------------------------------------------------------
+
+def test_sweep_removes_only_old_unlocked_leftovers_of_unwanted_versions(store: Store, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    wanted, unwanted, running = obj("m/a", 8), obj("m/a", 8, "old"), obj("m/b", 8, "old")
+    for o in (wanted, unwanted, running):
+        p = store.partials.open(o, 4)
+        os.pwrite(p.fd, b"x" * 8, 0)
+        p.save_state({0, 1})
+        p.close()
+    held = store.partials.lock(running)  # another process still downloads it
+    assert held is not None
+    stray = tmp_path / "store" / ".lazyfs" / "tmp" / "abc.json.123.456.tmp"
+    stray.write_bytes(b"{")
+    before = tmp_names(tmp_path)
+    assert store.partials.sweep(keep=[wanted]) == 0, "nothing is old enough yet"
+    assert tmp_names(tmp_path) == before
+    later = time.time() + 2 * partials.SWEEP_AGE_S
+    monkeypatch.setattr(partials.time, "time", lambda: later)
+    assert store.partials.sweep(keep=[wanted]) > 0
+    gone = {f"{store.partials.name(unwanted)}.{ext}" for ext in ("part", "json")} | {stray.name}
+    assert tmp_names(tmp_path) == before - gone
+    resumed = store.partials.open(wanted, 4)
+    assert resumed.done == {0, 1}
+    resumed.close()
+    store.partials.unlock(running, held)
