@@ -60,6 +60,7 @@ async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO) -> B
     await catalog.refresh()  # a failure here is a runtime error (exit 1)
     objects = list(catalog.tree.files())
     fetcher = Fetcher(remote, store, cfg.fetch, origin="bake")
+    await fetcher.sweep_store(objects)
     warmer = prefetch.Prefetcher(fetcher, concurrent_files=max(8, cfg.fetch.max_connections))
     started = time.monotonic()
     async with trio.open_nursery() as nursery:

@@ -76,22 +76,29 @@ def hash_more_blocking(fd: int, start: int, end: int, digest: verify.Digest, can
         verify.feed(fd, start, end, digest, cancelled)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Finished:
+    verified: str  # how the bytes were checked (check()), or UNVERIFIED
+    placed: bool  # in the store now (False: not kept, or a newer version was there first)
+
+
 def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Partial, meta: ResponseMeta | None,
                                 *, keep: bool, origin: str, cancelled: Callable[[], bool],
-                                digest: verify.Digest | None = None) -> str:
-    """How the bytes were verified (or UNVERIFIED); IntegrityError when they
-    are wrong, StoreError when they cannot be published."""
+                                digest: verify.Digest | None = None, current: bool = False) -> Finished:
+    """IntegrityError when the bytes are wrong, StoreError when they cannot be
+    published.  `current`: the listing shows this very version now, so it is
+    placed even over a file with a later Last-Modified (a rollback)."""
     obj = partial.obj
     with lower_priority():
         verified = check(remote, partial.fd, obj, expectation(remote, obj, meta), cancelled, digest) \
             if obj.size else "size"
         if not keep:
-            return verified
+            return Finished(verified, placed=False)
         try:
-            store.publish(partial, origin)
+            placed = store.publish(partial, origin, keep_newer=not current)
         except OSError as e:
             raise StoreError(f"{obj.uri}: cannot publish into the store: {e.strerror}", e.errno or errno.EIO) from None
-    return verified
+    return Finished(verified, placed)
 
 
 @contextlib.contextmanager

@@ -157,6 +157,18 @@ class Fetcher:
         st = await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._meta)
         return st.state, st.bytes
 
+    async def sweep_store(self, listing: list[RemoteObject]) -> None:
+        """Free what nothing will use again (Store.sweep): only ever with a
+        whole live listing, never an offline or partial one."""
+        try:
+            freed = await trio.to_thread.run_sync(self.store.sweep, listing, limiter=self.runner.bulk)
+        except OSError as e:
+            log.warning("could not sweep the store's leftovers: %s", e.strerror)
+            return
+        if freed:
+            log.info("store sweep: freed %.1f MiB of leftovers (old versions' downloads, unlinked copies)",
+                     freed / 2**20)
+
     def warm(self, obj: RemoteObject) -> None:
         """Start fetching `obj` in the background (no reader waits for it yet)."""
         if self._nursery is not None and self.active(obj) is None and not self.closing:

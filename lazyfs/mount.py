@@ -147,6 +147,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
         catalog.start_offline(offline, "object store unreachable at start")
     handles = Handles(fetcher)
     handles.next_shard = lambda obj: next_shard(catalog, obj)
+    fetcher.hooks.is_current = lambda obj: is_current(catalog, obj)
     if cfg.cache_max_size is not None:
         fetcher.hooks.budget = Budget(store, cfg.cache_max_size, handles.is_open)
     view = MountView(catalog, fetcher, handles, store, str(cfg.mountpoint))
@@ -194,6 +195,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
             if fetcher.budget is not None:
                 nursery.start_soon(once, "cache budget scan", fetcher.budget.scan)
             nursery.start_soon(once, "ready line", _announce, cfg, catalog)
+            nursery.start_soon(once, "store sweep", _sweep_after_first_listing, catalog, fetcher)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
             # The main loop ended: SIGTERM/SIGINT, or someone unmounted us.
             if not stopping.is_set():
@@ -203,6 +205,19 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
             nursery.cancel_scope.cancel()
     log.info("lazyfs stopped")
     return 0
+
+
+def is_current(catalog: Catalog, obj: RemoteObject) -> bool:
+    found = catalog.tree.find(obj.key) if catalog.listed.is_set() else None
+    return isinstance(found, RemoteObject) and found.same_bytes(obj)
+
+
+async def _sweep_after_first_listing(catalog: Catalog, fetcher: Fetcher) -> None:
+    """Clear the store's leftovers once a whole live listing says what is current."""
+    await catalog.listed.wait()
+    while catalog.offline or not catalog.last.ok:
+        await trio.sleep(5)
+    await fetcher.sweep_store(list(catalog.tree.files()))
 
 
 def next_shard(catalog: Catalog, obj: RemoteObject) -> RemoteObject | None:

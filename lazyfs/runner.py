@@ -17,9 +17,9 @@ from typing import Awaitable, Callable, TypeVar
 
 import trio
 
-from lazyfs import modelaware
+from lazyfs import alongside
 from lazyfs.budget import Budget
-from lazyfs.completion import expectation, hash_more_blocking, verify_and_publish_blocking
+from lazyfs.completion import verify_and_publish_blocking
 from lazyfs.config import FetchConfig
 from lazyfs.download import Download, Pin, Request
 from lazyfs.errors import IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, RemoteUnavailable, StoreError
@@ -30,7 +30,6 @@ from lazyfs.probe import open_partial_file
 from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
 from lazyfs.stats import DOWNLOAD_SECONDS, STATS
 from lazyfs.store import Store
-from lazyfs.verify import Digest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,6 +62,9 @@ class Hooks:
     on_changed: Callable[[RemoteObject], Awaitable[None]] | None = None
     # The cache budget (--cache-max-size), told of every published file.
     budget: Budget | None = None
+    # Is this the version the listing shows now?  (A rollback in a versioned
+    # bucket makes an older Last-Modified current again: it must be placed.)
+    is_current: Callable[[RemoteObject], bool] = lambda obj: False
 
 
 class _Handoff:
@@ -210,54 +212,10 @@ class Runner:
     # -- completion ---------------------------------------------------------------------
 
     async def _learn_order(self, dl: Download) -> None:
-        """Read a safetensors file's header as soon as it is on disk and sweep
-        in the order loaders read tensors (modelaware.py)."""
-        partial = dl.partial
-        total = modelaware.header_size(bytes(dl.fmap.read(0, 8)))
-        if total is None or total > dl.obj.size:
-            return
-        while dl.contiguous < total and not dl.cancelled and dl.partial is partial:
-            await dl.progressed.wait()
-        if dl.cancelled or dl.partial is not partial:
-            return
-        header = bytes(dl.fmap.read(0, total))
-        order = await trio.to_thread.run_sync(modelaware.loader_order, header, dl.obj.size, dl.block_size)
-        if order is not None and dl.partial is partial:
-            dl.follow_order(order)
-            self.poke()
+        await alongside.learn_order(dl, self.poke)
 
     async def hash_along(self, dl: Download) -> None:
-        """Hash the file as it fills from the start (verification off the
-        critical path): when the last block lands, only the tail is left to
-        hash.  Any trouble here just leaves the whole check to `finish`."""
-        partial = dl.partial
-        try:
-            while dl.meta is None and not dl.all_done and not dl.cancelled:
-                await dl.progressed.wait()  # the first response says what to check against
-            if dl.cancelled:
-                return
-            exp = await trio.to_thread.run_sync(expectation, self.remote, dl.obj, dl.meta, limiter=self.bulk)
-            if exp is None:
-                return
-            digest = Digest(exp)
-            while not dl.cancelled and dl.partial is partial:
-                end = dl.contiguous
-                if end > digest.fed:
-                    with dl.pin():
-                        hash_more = functools.partial(hash_more_blocking, dl.fd, digest.fed, end, digest,
-                                                      lambda: dl.cancelled)
-                        await trio.to_thread.run_sync(hash_more, limiter=self._verify)
-                if digest.fed >= dl.obj.size:
-                    if dl.partial is partial:
-                        dl.digest = digest
-                    return
-                if dl.contiguous <= digest.fed:
-                    await dl.progressed.wait()
-        except Exception as e:  # the whole check at the end will say what is wrong
-            log.debug("%s: hashing along stopped: %s", dl.obj.uri, e)
-        finally:
-            if dl.partial is partial:
-                dl.hashed.set()
+        await alongside.hash_along(dl, self.remote, self.bulk, self._verify)
 
     async def finish(self, dl: Download) -> None:
         with trio.move_on_after(_HASH_WAIT_S):
@@ -265,13 +223,13 @@ class Runner:
         digest = dl.digest
         publish = functools.partial(verify_and_publish_blocking, self.remote, self.store, dl.partial, dl.meta,
                                     keep=dl.keep, origin=self.origin, cancelled=lambda: dl.cancelled,
-                                    digest=digest)
+                                    digest=digest, current=self.hooks.is_current(dl.obj))
         handoff = _Handoff(dl.pin())
         try:
             # Abandoned on cancel (a shutdown must not wait for a 100 GiB
             # hash): the thread keeps its pin, sees `cancelled` at its next
             # read and ends; the next start verifies again.
-            verified = await trio.to_thread.run_sync(self._in_thread, publish, handoff, limiter=self._verify,
+            finished = await trio.to_thread.run_sync(self._in_thread, publish, handoff, limiter=self._verify,
                                                      abandon_on_cancel=True)
         except BaseException as e:
             handoff.task_gives_up()
@@ -279,7 +237,14 @@ class Runner:
                 raise
             await self._finish_failed(dl, e)
             return
-        dl.verified = verified or ""
+        if finished is None:  # only when cancelled before the thread started
+            self.fail(dl, Stopped())
+            return
+        dl.verified = finished.verified
+        if dl.keep and not finished.placed:
+            log.info("%s: a newer version is in the store already; this one served its readers and was not kept",
+                     dl.obj.uri)
+            dl.keep = False
         self._published(dl)
 
     async def _finish_failed(self, dl: Download, e: Exception) -> None:

@@ -1,0 +1,74 @@
+"""Work done alongside a download while its blocks arrive: reading a
+safetensors header to fetch in loader order (modelaware.py), and hashing the
+file as it fills from the start, so verification ends with the last byte.
+Both are trio tasks of the engine; their blocking parts run in threads and
+write no trio-side state (docs/concurrency.md)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable
+
+import trio
+
+from lazyfs import modelaware
+from lazyfs.completion import expectation, hash_more_blocking
+from lazyfs.download import Download
+from lazyfs.objectstore import ObjectStore
+from lazyfs.verify import Digest
+
+log = logging.getLogger(__name__)
+
+
+async def learn_order(dl: Download, poke: Callable[[], None]) -> None:
+    """Read a safetensors file's header as soon as it is on disk and sweep in
+    the order loaders read tensors."""
+    partial = dl.partial
+    total = modelaware.header_size(bytes(dl.fmap.read(0, 8)))
+    if total is None or total > dl.obj.size:
+        return
+    while dl.contiguous < total and not dl.cancelled and dl.partial is partial:
+        await dl.progressed.wait()
+    if dl.cancelled or dl.partial is not partial:
+        return
+    header = bytes(dl.fmap.read(0, total))
+    order = await trio.to_thread.run_sync(modelaware.loader_order, header, dl.obj.size, dl.block_size)
+    if order is not None and dl.partial is partial:
+        dl.follow_order(order)
+        poke()
+
+
+async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityLimiter,
+                     hashing: trio.CapacityLimiter) -> None:
+    """Keep `dl.digest` up to date with the contiguous prefix on disk; set
+    `dl.hashed` when it is complete or given up.  Any trouble here just
+    leaves the whole check to the end (Runner.finish)."""
+    partial = dl.partial
+    try:
+        while dl.meta is None and not dl.all_done and not dl.cancelled:
+            await dl.progressed.wait()  # the first response says what to check against
+        if dl.cancelled:
+            return
+        exp = await trio.to_thread.run_sync(expectation, remote, dl.obj, dl.meta, limiter=requests)
+        if exp is None:
+            return
+        digest = Digest(exp)
+        while not dl.cancelled and dl.partial is partial:
+            end = dl.contiguous
+            if end > digest.fed:
+                with dl.pin():
+                    hash_more = functools.partial(hash_more_blocking, dl.fd, digest.fed, end, digest,
+                                                  lambda: dl.cancelled)
+                    await trio.to_thread.run_sync(hash_more, limiter=hashing)
+            if digest.fed >= dl.obj.size:
+                if dl.partial is partial:
+                    dl.digest = digest
+                return
+            if dl.contiguous <= digest.fed:
+                await dl.progressed.wait()
+    except Exception as e:
+        log.debug("%s: hashing along stopped: %s", dl.obj.uri, e)
+    finally:
+        if dl.partial is partial:
+            dl.hashed.set()
