@@ -38,7 +38,7 @@ from lazyfs.probe import Fetch, Foreign, Local, PrebakedCheck, Unavailable, open
 from lazyfs.ranged_get import Stopped
 from lazyfs.runner import Hooks, Runner
 from lazyfs.stats import STATS
-from lazyfs.store import LocalCopy, Store
+from lazyfs.store import LocalCopy, LocalState, Store
 from lazyfs.supervise import forever, once
 from lazyfs.transfer import Transfer
 
@@ -149,13 +149,13 @@ class Fetcher:
     def poke(self) -> None:
         self._dispatcher.poke()
 
-    async def state_of(self, obj: RemoteObject) -> tuple[FileState, int]:
-        """(state, bytes on disk) for operators.  Never fetches anything."""
+    async def state_of(self, obj: RemoteObject) -> LocalState:
+        """What is on disk for `obj`, for operators (a download running here
+        counts as DOWNLOADING).  Never fetches anything."""
         transfer: Transfer | None = self.active(obj) or self._foreign.get(obj.version)
         if transfer is not None:
-            return FileState.DOWNLOADING, transfer.fetched_bytes
-        st = await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._meta)
-        return st.state, st.bytes
+            return LocalState(FileState.DOWNLOADING, "store", transfer.fetched_bytes)
+        return await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._meta)
 
     async def sweep_store(self, listing: list[RemoteObject]) -> None:
         """Free what nothing will use again (Store.sweep): only ever with a

@@ -54,7 +54,8 @@ _VIRTUAL_FH = 1 << 48  # handles of virtual files live above every real one
 
 # Read-only attributes on every file (`getfattr -d` shows them); reading one
 # never starts a download.
-XATTRS = (b"user.lazyfs.state", b"user.lazyfs.source", b"user.lazyfs.etag", b"user.lazyfs.fetched_bytes")
+XATTRS = (b"user.lazyfs.state", b"user.lazyfs.source", b"user.lazyfs.etag", b"user.lazyfs.fetched_bytes",
+          b"user.lazyfs.verified")
 
 
 def _translated(fn: F) -> F:
@@ -347,10 +348,12 @@ class Operations(pyfuse3.Operations):
             return ref.uri.encode()
         if name == b"user.lazyfs.etag":
             return ref.etag.encode()
-        state, fetched = await self.handles.fetcher.state_of(ref)
+        local = await self.handles.fetcher.state_of(ref)
         if name == b"user.lazyfs.fetched_bytes":
-            return str(fetched).encode()
-        return state.value.encode()
+            return str(local.bytes).encode()
+        if name == b"user.lazyfs.verified":
+            return local.verified.encode()
+        return local.state.value.encode()
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         if not self.xattrs:

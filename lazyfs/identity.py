@@ -51,14 +51,21 @@ class Identity:
     # "bake": put there by `lazyfs bake` for a production image (never evicted);
     # "prebaked": an admin's copy whose content was checked (--verify etag).
     origin: str = "fetch"
+    # How its content was checked: "CRC64NVME", "MD5", "MD5-multipart"...,
+    # "unverified" (the store offered nothing to check against), or "" (a
+    # record of an older lazyfs).
+    verified: str = ""
 
     @classmethod
-    def of(cls, obj: RemoteObject, origin: str = "fetch") -> Identity:
-        return cls(obj.bucket, obj.key, obj.etag, obj.size, obj.mtime_ns, origin)
+    def of(cls, obj: RemoteObject, origin: str = "fetch", verified: str = "") -> Identity:
+        return cls(obj.bucket, obj.key, obj.etag, obj.size, obj.mtime_ns, origin, verified)
 
     def fields(self) -> dict[str, Any]:
-        return {"v": 1, "bucket": self.bucket, "key": self.key, "etag": self.etag, "size": self.size,
-                "mtime_ns": self.mtime_ns, "origin": self.origin}
+        fields = {"v": 1, "bucket": self.bucket, "key": self.key, "etag": self.etag, "size": self.size,
+                  "mtime_ns": self.mtime_ns, "origin": self.origin}
+        if self.verified:
+            fields["verified"] = self.verified
+        return fields
 
     def encode(self) -> bytes:
         return json.dumps(self.fields(), separators=(",", ":")).encode()
@@ -76,7 +83,7 @@ class Identity:
             if d.get("v") != 1:
                 return None
             return cls(str(d["bucket"]), str(d["key"]), str(d["etag"]), int(d["size"]),
-                       int(d["mtime_ns"]), str(d.get("origin", "fetch")))
+                       int(d["mtime_ns"]), str(d.get("origin", "fetch")), str(d.get("verified", "")))
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 

@@ -44,6 +44,7 @@ class FileStatus:
     path: str
     size: int
     state: FileState
+    verified: str = ""  # how a cached copy's content was checked, "unverified", or "size" (prebaked)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def from_store(cfg: StatusConfig) -> Answer:
                 unknown = "the object store is unreachable and the store knows no files"
         if not store.identities.supported:
             note += f"; {_SIDECAR_NOTE}"
-        files = [FileStatus(obj.key, obj.size, store.local_state(obj).state) for obj in objects]
+        files = [_local(store, obj) for obj in objects]
         return Answer(files, note, unknown)
     finally:
         store.close()
@@ -133,6 +134,7 @@ def _ask_files(cfg: StatusConfig, stats: dict[str, Any]) -> tuple[list[FileStatu
                 path = os.path.join(dirpath, name)
                 try:
                     state = FileState(os.getxattr(path, "user.lazyfs.state").decode())
+                    verified = _xattr(path, "user.lazyfs.verified")
                     size = os.stat(path).st_size
                 except OSError as e:
                     if e.errno in _NO_XATTRS:
@@ -142,8 +144,23 @@ def _ask_files(cfg: StatusConfig, stats: dict[str, Any]) -> tuple[list[FileStatu
                 except ValueError:
                     failed += 1
                     continue
-                files.append(FileStatus(os.path.relpath(path, cfg.store), size, state))
+                files.append(FileStatus(os.path.relpath(path, cfg.store), size, state, verified))
     return files, f"{failed} files could not be asked for their state" if failed else ""
+
+
+def _local(store: Store, obj: RemoteObject) -> FileStatus:
+    local = store.local_state(obj)
+    return FileStatus(obj.key, obj.size, local.state, local.verified if local.state.ready else "")
+
+
+def _xattr(path: str, name: str) -> str:
+    """An attribute of lazyfs's a mount may not have (an older lazyfs): ""."""
+    try:
+        return os.getxattr(path, name).decode()
+    except OSError as e:
+        if e.errno in _NO_XATTRS:
+            raise
+        return ""
 
 
 def _no_xattrs(cfg: StatusConfig, stats: dict[str, Any]) -> str:
@@ -166,7 +183,8 @@ def report(answer: Answer, as_json: bool, out: TextIO) -> None:
     counts = {s.value: sum(1 for f in files if f.state is s) for s in FileState}
     total = sum(f.size for f in files)
     if as_json:
-        rows = [{"path": f.path, "size": f.size, "state": f.state.value} for f in files]
+        rows = [{"path": f.path, "size": f.size, "state": f.state.value, "verified": f.verified or None}
+                for f in files]
         json.dump({"files": rows, "totals": {"files": len(files), "bytes": total, **counts}, "ready": ready,
                    "unknown": answer.unknown or None, "source": answer.note}, out, indent=2)
         out.write("\n")
@@ -176,5 +194,8 @@ def report(answer: Answer, as_json: bool, out: TextIO) -> None:
     for f in files:
         print(f"{f.state.value:<11} {f.size:>{width},}  {f.path}", file=out)
     summary = ", ".join(f"{n} {state}" for state, n in counts.items())
+    unverified = sum(1 for f in files if f.verified == "unverified")
+    if unverified:
+        summary += f" ({unverified} unverified: the object store offered nothing to check them against)"
     verdict = "ready" if ready else f"not ready: {answer.unknown}" if answer.unknown else "not ready"
     print(f"{len(files)} files, {total / 2**20:.1f} MiB: {summary} ({verdict}; {answer.note})", file=out)

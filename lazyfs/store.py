@@ -45,6 +45,9 @@ class LocalState:
     state: FileState
     layer: str  # which layer holds it ("store", "prebaked layer"), or ""
     bytes: int  # bytes of this version on disk
+    # How a cached copy's content was checked (identity.Identity.verified);
+    # "size" for a prebaked copy judged by its size.
+    verified: str = ""
 
 
 @dataclass(slots=True)
@@ -172,7 +175,9 @@ class Store:
             try:
                 state = self._judge(fd, obj, layer)
                 if state is not None:
-                    return LocalState(state, layer.label, obj.size)
+                    ident = self.identities.read(fd, layer) if state is FileState.CACHED else None
+                    verified = ident.verified if ident is not None else "size"
+                    return LocalState(state, layer.label, obj.size, verified)
                 stale = stale or layer.label
             finally:
                 os.close(fd)
@@ -194,7 +199,8 @@ class Store:
 
     # -- publishing ---------------------------------------------------------------
 
-    def publish(self, partial: Partial, origin: str = "fetch", *, keep_newer: bool = True) -> bool:
+    def publish(self, partial: Partial, origin: str = "fetch", *, keep_newer: bool = True,
+                verified: str = "") -> bool:
         """Make a complete, verified download the current copy at its key path:
         fsync, date it with the object's Last-Modified, record its identity,
         then rename it into place (and fsync the folder, so the rename sticks).
@@ -209,7 +215,7 @@ class Store:
         obj, fd = partial.obj, partial.fd
         if os.fstat(fd).st_size != obj.size:
             raise StoreError(f"{obj.uri}: download has the wrong size, not published")
-        self._seal(fd, obj, origin)
+        self._seal(fd, obj, origin, verified)
         try:
             placed = self._place(partial.name + ".part", obj, keep_newer)
         except BaseException:
@@ -221,12 +227,12 @@ class Store:
         self.partials.forget_record(partial)
         return placed
 
-    def _seal(self, fd: int, obj: RemoteObject, origin: str) -> None:
+    def _seal(self, fd: int, obj: RemoteObject, origin: str, verified: str = "") -> None:
         os.fsync(fd)
         os.utime(fd, ns=(obj.mtime_ns, obj.mtime_ns))
         # The record first: a user.* attribute needs write permission, which
         # only CAP_DAC_OVERRIDE would grant once the file is read-only.
-        self.identities.write(fd, Identity.of(obj, origin))
+        self.identities.write(fd, Identity.of(obj, origin, verified))
         os.fchmod(fd, self.permissions.file)
 
     def _place(self, tmp_name: str, obj: RemoteObject, keep_newer: bool = True) -> bool:
@@ -275,7 +281,7 @@ class Store:
                 return None
             tmp = f"{self.partials.name(obj)}.link"
             if not self._link_checked(src, tmp, obj):
-                self._copy_into_tmp(src, tmp, obj, ident.origin)
+                self._copy_into_tmp(src, tmp, obj, ident.origin, ident.verified)
             if not self._place(tmp, obj):
                 self._drop_tmp(tmp)
                 return None
@@ -308,7 +314,7 @@ class Store:
             if fd is not None:
                 os.close(fd)
 
-    def _copy_into_tmp(self, src: int, tmp: str, obj: RemoteObject, origin: str) -> None:
+    def _copy_into_tmp(self, src: int, tmp: str, obj: RemoteObject, origin: str, verified: str = "") -> None:
         fd = self.partials.create_sibling(tmp)
         try:
             left, off = obj.size, 0
@@ -317,7 +323,7 @@ class Store:
                 if n == 0:
                     raise StoreError(f"{obj.uri}: source copy ended early")
                 left, off = left - n, off + n
-            self._seal(fd, obj, origin)
+            self._seal(fd, obj, origin, verified)
         except BaseException:
             os.close(fd)
             self.partials.remove(tmp)

@@ -44,7 +44,7 @@ def test_xattrs_and_stats_file_during_and_after_a_download(mount, proxy, s3, buc
     before = xattrs(fs, m.file(key))
     assert before == {"user.lazyfs.state": "missing", "user.lazyfs.source": f"s3://{bucket}/{key}",
                       "user.lazyfs.etag": s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"'),
-                      "user.lazyfs.fetched_bytes": "0"}
+                      "user.lazyfs.fetched_bytes": "0", "user.lazyfs.verified": ""}
     assert proxy.count("GET") == 0, "reading attributes downloaded something"
     assert xattrs(fs, m.file(f"{P}/baked.bin"))["user.lazyfs.state"] == "prebaked"
     # Hold the download halfway: every request after the 4th block stalls.
@@ -66,6 +66,8 @@ def test_xattrs_and_stats_file_during_and_after_a_download(mount, proxy, s3, buc
     assert fs.read(m.file(key), timeout=60) == data
     wait_until(lambda: xattrs(fs, m.file(key))["user.lazyfs.state"] == "cached", what="publication")
     assert xattrs(fs, m.file(key))["user.lazyfs.fetched_bytes"] == str(len(data))
+    assert xattrs(fs, m.file(key))["user.lazyfs.verified"] in ("CRC32", "CRC64NVME", "MD5")  # its checksum or ETag
+    assert xattrs(fs, m.file(f"{P}/baked.bin"))["user.lazyfs.verified"] == "size"
     s = stats(fs, m)
     assert s["downloads"]["in_flight"] == [] and s["downloads"]["completed"] == 1
     assert s["s3"]["bytes_received"] == len(data) and s["s3"]["requests"]["GET"] >= 8

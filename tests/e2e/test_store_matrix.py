@@ -24,7 +24,7 @@ from boto3.s3.transfer import TransferConfig
 
 from support.mounting import FS, Mounted, lazyfs_cli, wait_until
 from support.proxy import Fault, S3Proxy
-from support.stores import STORES
+from support.stores import STORES, Store
 
 # The first test on a server also starts it (Ceph: an apt-get install on a fresh
 # machine, then ~20 s), inside that test's timeout.
@@ -39,6 +39,11 @@ PART = 5 * MiB  # S3's smallest part (but the last)
 # and moto report each part's size with its parts count; Ceph RGW ignores
 # partNumber, so its multipart objects are published unverified (never
 # called corrupt).
+MULTIPART_VERIFIED = {"ceph-rgw": "unverified"}
+
+
+def multipart_verification(store: Store) -> str:
+    return MULTIPART_VERIFIED.get(store.name, "MD5-multipart")
 
 
 def sha(data: bytes) -> str:
@@ -111,6 +116,8 @@ def test_multipart_object_is_verified_and_cached(s3_store, store_mount, store_pr
     assert sha(read_then_settle(m, fs, key)) == sha(data), "the reader got wrong bytes"
     assert "do not match" not in m.log(), [ln for ln in m.log().splitlines() if "do not match" in ln][:1]
     assert published(m, key)
+    verified = fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.verified").decode()
+    assert verified == multipart_verification(s3_store), verified
     m.stop()
     assert_cached_across_restart(store_mount, store_proxy, store_bucket, key, data, store_dir, fs)
 
@@ -135,6 +142,8 @@ def test_multipart_object_with_parts_of_different_sizes(s3_store, store_mount, s
     assert sha(read_then_settle(m, fs, key)) == sha(data), "the reader got wrong bytes"
     assert "do not match" not in m.log(), [ln for ln in m.log().splitlines() if "do not match" in ln][:1]
     assert published(m, key)
+    verified = fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.verified").decode()
+    assert verified == multipart_verification(s3_store), verified
     m.stop()
     assert_cached_across_restart(store_mount, store_proxy, store_bucket, key, data, store_dir, fs)
 

@@ -135,7 +135,7 @@ async def test_opens_never_wait_behind_verifications(remote: FakeRemote, stores,
                 got = await fetcher.acquire(small)
                 if isinstance(got, LocalCopy):
                     os.close(got.fd)
-                state, _ = await fetcher.state_of(objs[-1])  # getxattr's path
+                state = (await fetcher.state_of(objs[-1])).state  # getxattr's path
             assert state in ("downloading", "cached")
             release.set()
     finally:
