@@ -17,7 +17,7 @@ from typing import TextIO
 
 import trio
 
-from lazyfs import prefetch
+from lazyfs import crt, prefetch
 from lazyfs.catalog import Catalog
 from lazyfs.config import BakeConfig
 from lazyfs.fetch import Fetcher
@@ -59,7 +59,7 @@ async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO) -> B
     catalog = Catalog(remote, cfg.sources, store)
     await catalog.refresh()  # a failure here is a runtime error (exit 1)
     objects = list(catalog.tree.files())
-    fetcher = Fetcher(remote, store, cfg.fetch, origin="bake")
+    fetcher = Fetcher(remote, store, cfg.fetch, origin="bake", fetch_range=crt.transfer_for(remote, cfg.fetch))
     await fetcher.sweep_store(objects)
     warmer = prefetch.Prefetcher(fetcher, concurrent_files=max(8, cfg.fetch.max_connections))
     started = time.monotonic()

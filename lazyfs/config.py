@@ -85,6 +85,9 @@ class FetchConfig:
     # Fetch safetensors files in the order loaders read tensors, and start a
     # sharded checkpoint's next shard when one is opened (modelaware.py).
     model_readahead: bool = True
+    # Who sends the ranged GETs: boto3 in Python threads (ranged_get.py), or
+    # awscrt's C client (crt.py).  See the README for the measurements.
+    transfer_client: str = "boto3"
 
     @property
     def block_size(self) -> int:
@@ -254,6 +257,7 @@ def fetch_config(args: Mapping[str, Any]) -> FetchConfig:
              "read_deadline": args.get("read_deadline")}
     return FetchConfig(verify_prebaked=args.get("verify") == "etag",
                        model_readahead=args.get("model_readahead") is not False,
+                       transfer_client=args.get("transfer_client") or default_of(FetchConfig, "transfer_client"),
                        **{k: v for k, v in given.items() if v is not None})
 
 

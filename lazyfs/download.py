@@ -127,6 +127,7 @@ class Download:
         self.partial = partial
         self.digest = None
         self.hashed = trio.Event()
+        self.finishing = False  # Runner.finish is on its way for this file
         self.fd = partial.fd
         # Writers take turns: concurrent pwrite()s to one file contend for the
         # inode's lock in the kernel, which spins and burns the CPU the

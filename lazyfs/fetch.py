@@ -35,7 +35,7 @@ from lazyfs.objectstore import ObjectStore
 from lazyfs.pagecache import Prefaulter
 from lazyfs.partials import Partial
 from lazyfs.probe import Fetch, Foreign, Local, PrebakedCheck, Unavailable, open_partial_file, probe_store
-from lazyfs.ranged_get import Stopped
+from lazyfs.ranged_get import RangeJob, Stopped
 from lazyfs.runner import Hooks, Runner
 from lazyfs.stats import STATS
 from lazyfs.store import LocalCopy, LocalState, Store
@@ -72,7 +72,7 @@ class _VersionLocks:
 
 class Fetcher:
     def __init__(self, remote: ObjectStore, store: Store, cfg: FetchConfig, pages: PageBudget | None = None,
-                 origin: str = "fetch") -> None:
+                 origin: str = "fetch", fetch_range: Callable[[RangeJob], None] | None = None) -> None:
         self.remote = remote
         self.store = store
         self.cfg = cfg
@@ -98,6 +98,8 @@ class Fetcher:
         self.runner = Runner(remote, store, cfg, self.hooks, origin=origin, spawn=self._spawn, post=self._post,
                              poke=self.poke, release_slot=self._dispatcher.release, retired=self._retired,
                              meta=self._meta)
+        if fetch_range is not None:
+            self.runner.fetch_range = fetch_range
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self.pagecache = Prefaulter(self._spawn)
@@ -284,7 +286,7 @@ class Fetcher:
         self._spawn(self.runner.hash_along, dl)
         if obj.size == 0 or dl.all_done:
             dl.mark_all_done()
-            self._spawn(self.runner.finish, dl)
+            self.runner.finish_once(dl)
         self.poke()
         return dl
 

@@ -24,7 +24,7 @@ from typing import AsyncIterator
 import pyfuse3
 import trio
 
-from lazyfs import modelaware, prefetch
+from lazyfs import crt, modelaware, prefetch
 from lazyfs.budget import Budget
 from lazyfs.catalog import Catalog, Diff, Refresher, offline_objects
 from lazyfs.config import MountConfig
@@ -141,7 +141,7 @@ def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[Re
 async def _serve(cfg: MountConfig, store: Store, remote: Remote,
                  offline: list[RemoteObject] | None) -> int:
     catalog = Catalog(remote, cfg.sources, store)
-    fetcher = Fetcher(remote, store, cfg.fetch, page_budget(cfg))
+    fetcher = Fetcher(remote, store, cfg.fetch, page_budget(cfg), fetch_range=crt.transfer_for(remote, cfg.fetch))
     fetcher.offline = lambda: catalog.offline
     if offline is not None:
         catalog.start_offline(offline, "object store unreachable at start")

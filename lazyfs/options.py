@@ -96,6 +96,9 @@ TRANSFER = (
            check=in_range(1, 256), default=(FetchConfig, "max_connections")),
     Option("--retries", "retries of a failed request, with exponential backoff and jitter", "N", type=int,
            check=in_range(0, 20), default=_RETRIES_SHOWN),
+    Option("--transfer-client", "who sends the ranged GETs: boto3 (Python threads) or crt (awscrt's C S3 "
+           "client); listings and HEADs always use boto3", choices=("boto3", "crt"),
+           default=(FetchConfig, "transfer_client")),
     Option("--read-timeout", "a response that sends no byte for this long is a stalled connection, retried",
            "SECONDS", type=float, check=in_range(0, 3600, " seconds", low_open=True),
            default=(RemoteConfig, "read_timeout")),

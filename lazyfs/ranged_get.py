@@ -73,7 +73,7 @@ def fetch_range_blocking(remote: ObjectStore, job: RangeJob) -> None:
                 data = _read(stream, job.obj, min(piece, end - pos))
                 piece = PIECE
                 with job.write_lock:
-                    _pwrite_all(job.fd, data, pos, job.obj)
+                    pwrite_all(job.fd, data, pos, job.obj)
                 pos += len(data)
                 if post_at <= pos < end:
                     # Then once per block: readers wait for whole blocks
@@ -106,7 +106,7 @@ def _read(stream: Body, obj: RemoteObject, n: int) -> bytes:
                                 bucket=obj.bucket, key=obj.key) from e
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int, obj: RemoteObject) -> None:
+def pwrite_all(fd: int, data: bytes, offset: int, obj: RemoteObject) -> None:
     """Write a piece into the sparse file.  A failure is the store's (ENOSPC,
     EIO), and says so."""
     view = memoryview(data)

@@ -92,6 +92,17 @@ class Remote:
             "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config)
         self._client.meta.events.register("before-parse.s3.ListObjectsV2", _parse_listing_fast)
         self.endpoint = self._client.meta.endpoint_url
+        self.region: str = self._client.meta.region_name or "us-east-1"
+        self._core = core
+
+    def frozen_credentials(self) -> tuple[str, str, str | None]:
+        """The credentials botocore's chain resolved, refreshed when they are
+        about to expire (for the CRT's ranged GETs: one chain, not two)."""
+        creds = self._core.get_credentials()
+        if creds is None:
+            raise AccessDenied("no usable AWS credentials (environment, profiles, container or IRSA roles)")
+        frozen = creds.get_frozen_credentials()
+        return frozen.access_key or "", frozen.secret_key or "", frozen.token
 
     @staticmethod
     def credential_source(cfg: RemoteConfig) -> tuple[str, str] | None:

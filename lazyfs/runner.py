@@ -113,6 +113,9 @@ class Runner:
         self._meta = meta  # quick store work on the open path, shared with the registry
         self.bulk = trio.CapacityLimiter(_BULK_THREADS)  # fdatasync of resume records, discards, closes
         self._verify = trio.CapacityLimiter(_VERIFY_THREADS)  # hashing and publishing finished files
+        # How a request's bytes get into the file (crt.CrtTransfer.fetch instead
+        # with --transfer-client crt); blocking, in a network thread.
+        self.fetch_range: Callable[[RangeJob], None] = functools.partial(fetch_range_blocking, remote)
         # Totals for logs and stats.
         self.bytes_from_s3 = 0
         self.bytes_published = 0
@@ -144,11 +147,18 @@ class Runner:
             return
         self._release_slot()
         self._landed(dl, req, req.end - req.start)
-        if dl.all_done and dl.error is None and not dl.finished.is_set():
+        if dl.all_done:
+            self.finish_once(dl)
+
+    def finish_once(self, dl: Download) -> None:
+        """Verify and publish, once per file: the last block may land through a
+        worker's progress before two requests' tasks both see it done."""
+        if not dl.finishing and dl.error is None and not dl.finished.is_set():
+            dl.finishing = True
             self._spawn(self.finish, dl)
 
     def _request_thread(self, job: RangeJob, handoff: _Handoff) -> None:
-        self._in_thread(functools.partial(fetch_range_blocking, self.remote, job), handoff)
+        self._in_thread(functools.partial(self.fetch_range, job), handoff)
 
     def _in_thread(self, work: Callable[[], T], handoff: _Handoff) -> T | None:
         """Worker thread: `work`, holding the pin the task handed over."""

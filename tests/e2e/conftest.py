@@ -81,13 +81,26 @@ def fs() -> Iterator[FS]:
     helper.close()
 
 
+# The ranged GETs' clients (--transfer-client).  A module runs its tests on
+# each with `pytestmark = [..., pytest.mark.parametrize("transfer_client",
+# TRANSFER_CLIENTS, indirect=True)]`; elsewhere mounts use the default.
+TRANSFER_CLIENTS = ("boto3", "crt")
+
+
 @pytest.fixture
-def mount(fuse_ok: None, tmp_path: Path, proxy: S3Proxy, request: pytest.FixtureRequest) -> Iterator[Mounter]:
-    yield from _mounter(tmp_path, proxy, request)
+def transfer_client(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", ""))
 
 
-def _mounter(tmp_path: Path, proxy: S3Proxy, request: pytest.FixtureRequest) -> Iterator[Mounter]:
-    m = Mounter(tmp_path, proxy)
+@pytest.fixture
+def mount(fuse_ok: None, tmp_path: Path, proxy: S3Proxy, transfer_client: str,
+          request: pytest.FixtureRequest) -> Iterator[Mounter]:
+    yield from _mounter(tmp_path, proxy, request, transfer_client)
+
+
+def _mounter(tmp_path: Path, proxy: S3Proxy, request: pytest.FixtureRequest,
+             transfer_client: str = "") -> Iterator[Mounter]:
+    m = Mounter(tmp_path, proxy, transfer_client)
     try:
         yield m
     finally:

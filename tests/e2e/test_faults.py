@@ -17,7 +17,9 @@ import pytest
 from support.mounting import FS, wait_until
 from support.proxy import Fault
 
-pytestmark = pytest.mark.fuse
+# Every test here on both transfer clients (the fault proxy sees the same requests).
+pytestmark = [pytest.mark.fuse,
+              pytest.mark.parametrize("transfer_client", ("boto3", "crt"), indirect=True)]
 
 P = "models/m"
 PART = 64 * 1024
@@ -423,73 +425,3 @@ def proc_sample(pid: int) -> tuple[int, int, int]:
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
     field = {line.split(":")[0]: line.split()[1] for line in status if ":" in line and len(line.split()) > 1}
     return len(os.listdir(f"/proc/{pid}/fd")), int(field["Threads"]), int(field["VmRSS"])
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_soak_mixed_load_does_not_leak(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
-    """100 seconds of cold and warm, sequential and random reads, refreshes
-    with new versions, and injected faults; descriptors, threads and RSS must
-    level off (bounds stated in the asserts)."""
-    import random
-
-    rnd = random.Random(7)
-    keys = [f"{P}/f{i:02d}.bin" for i in range(12)]
-    current: dict[str, bytes] = {}
-
-    def upload(k: str) -> None:
-        current[k] = os.urandom(rnd.randrange(1, 6) * PART + rnd.randrange(PART))
-        s3.put_object(Bucket=bucket, Key=k, Body=current[k])
-
-    for k in keys:
-        upload(k)
-    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", *FAST, "--refresh", "0",
-              store=tmp_path / "store")
-
-    def one_round(n: int) -> None:
-        if n % 5 == 0:  # new versions, then a refresh
-            for k in rnd.sample(keys, 3):
-                upload(k)
-            m.process.send(signal.SIGHUP)
-            time.sleep(0.3)
-        if n % 7 == 0:
-            proxy.add(Fault(rnd.choice(["reset", "short", "status"]), key=rnd.choice(keys), after=5000,
-                            status=503, code="SlowDown", times=1))
-        snapshot = dict(current)
-
-        def reader(k: str, random_access: bool) -> bool:
-            # A refresh may land mid-round: any version uploaded so far is right,
-            # a mix of two never is.
-            versions = [snapshot[k], current[k]]
-            with open(m.file(k), "rb") as f:
-                if not random_access:
-                    return f.read() in versions
-                size = os.fstat(f.fileno()).st_size
-                good = [v for v in versions if len(v) == size]
-                for _ in range(8):
-                    off = rnd.randrange(size)
-                    f.seek(off)
-                    piece = f.read(4096)
-                    good = [v for v in good if v[off:off + 4096] == piece]
-                return bool(good)
-
-        futures = [fs._pool.submit(reader, rnd.choice(keys), i % 2 == 0) for i in range(16)]
-        for f in futures:
-            try:
-                assert f.result(timeout=60)
-            except OSError as e:
-                assert e.errno in (errno.ESTALE, errno.EIO, errno.ENOENT), e
-
-    deadline = time.monotonic() + 100
-    n = 0
-    samples = []
-    while time.monotonic() < deadline:
-        one_round(n)
-        n += 1
-        samples.append(proc_sample(m.process.pid))
-    warm = samples[len(samples) // 4]
-    end = samples[-1]
-    assert end[0] <= warm[0] + 8, f"descriptors grew from {warm[0]} to {end[0]}"
-    assert end[1] <= 64, f"{end[1]} threads"
-    assert end[2] <= warm[2] + 40 * 1024, f"RSS grew from {warm[2] >> 10} to {end[2] >> 10} MiB"
-    assert "Traceback" not in m.log()

@@ -21,7 +21,9 @@ import pytest
 from support.mounting import FS, wait_until
 from support.proxy import Fault
 
-pytestmark = pytest.mark.fuse
+# Every test here on both transfer clients (the fault proxy sees the same requests).
+pytestmark = [pytest.mark.fuse,
+              pytest.mark.parametrize("transfer_client", ("boto3", "crt"), indirect=True)]
 
 PART = 64 * 1024
 P = "models/m"

@@ -81,9 +81,12 @@ class Mounted:
 class Mounter:
     """Starts `lazyfs mount` subprocesses for one test and tears all of them down."""
 
-    def __init__(self, tmp_path: Path, proxy: S3Proxy) -> None:
+    def __init__(self, tmp_path: Path, proxy: S3Proxy, transfer_client: str = "") -> None:
         self.tmp_path = tmp_path
         self.proxy = proxy
+        # "crt" or "boto3": every mount of the test sends its ranged GETs that way
+        # ("": the default).
+        self.transfer_client = transfer_client
         self.started: list[Mounted] = []
         self._n = itertools.count()
 
@@ -98,6 +101,8 @@ class Mounter:
         mnt.mkdir(parents=True, exist_ok=True)
         argv = list(args)
         argv += ["--endpoint-url", endpoint or self.proxy.endpoint, "--log-level", "debug"]
+        if self.transfer_client and "--transfer-client" not in argv:
+            argv += ["--transfer-client", self.transfer_client]
         if store is not None:
             argv += ["--store", str(store)]
         proc = MountProcess(mnt, argv, env or self.env(), self.tmp_path / f"lazyfs{n}.log", wrapper=wrapper)

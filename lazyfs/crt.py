@@ -1,0 +1,220 @@
+"""Ranged GETs through awscrt's S3 client (`--transfer-client crt`).
+
+The C client (what Mountpoint and s3torchconnector build on) runs HTTP, TLS
+and its connections on its own event-loop threads; Python sees one callback
+per part received, which it writes into the sparse file.  boto3 keeps
+everything else (listings, HEADs, the configuration), and lends this client
+its credentials: one chain (profiles, SSO, IRSA, container roles,
+environment), refreshed by botocore, signed by the CRT.
+
+`fetch_range_crt` has the contract of ranged_get.fetch_range_blocking: it
+runs in a worker thread, writes only its own byte range, and tells the trio
+thread about progress through the job's callbacks.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import random
+import threading
+import time
+import urllib.parse
+from typing import Any, Callable
+
+from lazyfs.config import FetchConfig, RemoteConfig
+from lazyfs.errors import AccessDenied, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable, StoreError
+from lazyfs.namespace import RemoteObject
+from lazyfs.objectstore import ResponseMeta
+from lazyfs.ranged_get import RangeJob, Stopped, pwrite_all
+from lazyfs.stats import STATS
+
+log = logging.getLogger(__name__)
+
+# How often a waiting worker looks at its request (cancel, stall).
+_POLL_S = 0.2
+_CHECKSUMS = ("crc64nvme", "crc32c", "crc32", "sha256", "sha1")
+
+
+class CrtTransfer:
+    """One awscrt S3 client for the process's ranged GETs."""
+
+    def __init__(self, cfg: RemoteConfig, region: str, credentials: Callable[[], tuple[str, str, str | None]],
+                 part_size: int, max_connections: int) -> None:
+        from awscrt import auth, io, s3  # imported when chosen: start-up does not pay for it
+
+        self.cfg = cfg
+        self._credentials = credentials
+        endpoint = urllib.parse.urlsplit(cfg.endpoint_url or f"https://s3.{region}.amazonaws.com")
+        self._https = endpoint.scheme == "https"
+        self._host = endpoint.hostname or ""
+        self._port = endpoint.port
+        self._path_style = cfg.addressing_style == "path"
+        loops = io.EventLoopGroup(num_threads=2)
+        bootstrap = io.ClientBootstrap(loops, io.DefaultHostResolver(loops))
+        provider = auth.AwsCredentialsProvider.new_delegate(self._crt_credentials)
+        signing = s3.create_default_s3_signing_config(region=region, credential_provider=provider)
+        self._client = s3.S3Client(
+            bootstrap=bootstrap, region=region, signing_config=signing,
+            tls_mode=s3.S3RequestTlsMode.ENABLED if self._https else s3.S3RequestTlsMode.DISABLED,
+            # One part per request: bytes arrive in order and a request is one GET.
+            part_size=max(part_size, 5 * 1024 * 1024),
+            max_active_connections_override=max_connections,
+            retry_config=s3.S3RetryConfig(max_retries=max(1, cfg.max_attempts - 1)),
+            connect_timeout_ms=int(cfg.connect_timeout * 1000))
+        self._s3 = s3
+
+    def _crt_credentials(self) -> Any:
+        from awscrt import auth
+
+        access, secret, token = self._credentials()
+        return auth.AwsCredentials(access, secret, token)
+
+    def _target(self, obj: RemoteObject) -> tuple[str, str]:
+        """(Host header, path) for `obj`, path-style or virtual-hosted."""
+        port = f":{self._port}" if self._port else ""
+        key = urllib.parse.quote(obj.key, safe="/~")
+        if self._path_style or ("." in obj.bucket and self._https):
+            return f"{self._host}{port}", f"/{obj.bucket}/{key}"
+        return f"{obj.bucket}.{self._host}{port}", f"/{key}"
+
+    def fetch(self, job: RangeJob) -> None:
+        """GET the job's bytes into the file; resume within the range after a
+        failure the client's own retries did not cure (a stall, a body cut)."""
+        pos, attempt = job.start, 0
+        while pos < job.end:
+            if job.cancelled():
+                raise Stopped()
+            state = _Received(job, pos, pos == 0 and job.end == job.obj.size)
+            try:
+                self._one_request(state)
+                return
+            except RemoteUnavailable as e:
+                attempt += 1
+                if attempt >= self.cfg.max_attempts:
+                    raise
+                delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
+                log.info("%s: %s; retrying bytes %d-%d in %.1f s", job.obj.uri, e, state.reached, job.end - 1,
+                         delay)
+                STATS.bump("retries")
+                time.sleep(delay)
+                pos = state.reached
+
+    def _one_request(self, state: _Received) -> None:
+        """One GET of [state.reached, job.end)."""
+        from awscrt import http
+
+        job, start, whole = state.job, state.reached, state.whole
+        host, path = self._target(job.obj)
+        headers = [("Host", host), ("Range", f"bytes={start}-{job.end - 1}")]
+        if job.obj.etag:
+            headers.append(("If-Match", f'"{job.obj.etag}"'))
+        if whole:
+            headers.append(("x-amz-checksum-mode", "ENABLED"))
+        STATS.bump("s3_requests", "GET")
+        request = self._client.make_request(
+            type=self._s3.S3RequestType.GET_OBJECT, request=http.HttpRequest("GET", path, http.HttpHeaders(headers)),
+            on_headers=state.on_headers, on_body=state.on_body, on_progress=state.on_progress)
+        try:
+            self._wait(request, state)
+        except BaseException:
+            request.cancel()
+            raise
+
+    def _wait(self, request: Any, state: _Received) -> None:
+        job = state.job
+        while True:
+            try:
+                request.finished_future.result(timeout=_POLL_S)
+                break
+            except concurrent.futures.TimeoutError:
+                pass
+            except Exception as e:
+                if state.error is not None:
+                    raise state.error from None
+                raise self._translate(e, job.obj, state) from None
+            if job.cancelled():
+                raise Stopped()
+            if time.monotonic() - state.active > self.cfg.read_timeout:
+                STATS.bump("s3_errors", "GET")
+                raise RemoteUnavailable(f"{job.obj.uri}: transfer broke off after {state.reached} bytes (stalled: "
+                                        f"no byte for {self.cfg.read_timeout:g} s)", bucket=job.obj.bucket,
+                                        key=job.obj.key)
+        if state.error is not None:
+            raise state.error
+        if state.reached < job.end:
+            raise RemoteUnavailable(f"{job.obj.uri}: response ended {job.end - state.reached} bytes early",
+                                    bucket=job.obj.bucket, key=job.obj.key)
+
+    def _translate(self, e: Exception, obj: RemoteObject, state: _Received) -> RemoteError:
+        STATS.bump("s3_errors", "GET")
+        status = getattr(e, "status_code", None) or state.status
+        where = obj.uri
+        if status == 412:
+            return ObjectChanged(f"{where} changed in the object store", bucket=obj.bucket, key=obj.key)
+        if status == 404:
+            return ObjectNotFound(f"{where} no longer exists", bucket=obj.bucket, key=obj.key)
+        if status == 403:
+            return AccessDenied(f"access denied to {where}", bucket=obj.bucket, key=obj.key)
+        name = getattr(e, "name", type(e).__name__)
+        return RemoteUnavailable(f"{where}: transfer broke off after {state.reached} bytes "
+                                 f"({f'HTTP {status} ' if status else ''}{name})", bucket=obj.bucket, key=obj.key)
+
+
+class _Received:
+    """One request's progress, written from the CRT's threads."""
+
+    def __init__(self, job: RangeJob, start: int, whole: bool) -> None:
+        self.job = job
+        self.reached = start  # bytes [job.start, reached) are in the file
+        self.whole = whole
+        self.status = 0
+        self.active = time.monotonic()
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def on_headers(self, status_code: int, headers: list[tuple[str, str]], **kwargs: Any) -> None:
+        self.status = status_code
+        self.active = time.monotonic()
+        if status_code >= 300:
+            return
+        h = {k.lower(): v for k, v in headers}
+        sse = h.get("x-amz-server-side-encryption", "")
+        checksum = None
+        if self.whole:
+            for algo in _CHECKSUMS:
+                value = h.get(f"x-amz-checksum-{algo}")
+                if value:
+                    kind = h.get("x-amz-checksum-type") or ("COMPOSITE" if "-" in value or
+                                                            "-" in h.get("etag", "") else "FULL_OBJECT")
+                    checksum = (algo.upper(), value, kind)
+                    break
+        ok = sse in ("", "AES256") and not h.get("x-amz-server-side-encryption-customer-algorithm")
+        self.job.got_meta(ResponseMeta(etag_is_md5=ok, checksum=checksum))
+
+    def on_progress(self, progress: int, **kwargs: Any) -> None:
+        self.active = time.monotonic()
+
+    def on_body(self, chunk: bytes, offset: int, **kwargs: Any) -> None:
+        self.active = time.monotonic()
+        if self.error is not None:
+            return
+        job = self.job
+        try:
+            with job.write_lock:
+                pwrite_all(job.fd, chunk, offset, job.obj)
+        except StoreError as e:
+            self.error = e
+            return
+        with self._lock:
+            if offset <= self.reached:
+                self.reached = max(self.reached, offset + len(chunk))
+                job.posted(self.reached - job.start)
+
+
+def transfer_for(remote: Any, cfg: FetchConfig) -> Callable[[RangeJob], None] | None:
+    """The CRT's fetch for `remote` (a remote.Remote) when --transfer-client crt; None for boto3."""
+    if cfg.transfer_client != "crt":
+        return None
+    client = CrtTransfer(remote.cfg, remote.region, remote.frozen_credentials, cfg.part_size, cfg.max_connections)
+    return client.fetch
