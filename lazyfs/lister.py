@@ -54,9 +54,11 @@ KEYS_PER_RANGE = 5000
 # first listing is what a mount waits for; a refresh is not).
 DISCOVERY_LEVELS = 2
 FIRST_PAGES_PER_RANGE = 2
-# Attempts of one listing request (each is botocore's retries already) before
-# the listing fails; the waits between them double from RETRY_BASE_S.
-PAGE_ATTEMPTS = 4
+# Attempts of one listing request before the listing fails.  Each attempt is
+# botocore's retries already (about 15 s of backoff by default), so a few
+# more ride out a burst of throttling without making a real outage last
+# much longer.  The waits between them double from RETRY_BASE_S.
+PAGE_ATTEMPTS = 3
 RETRY_BASE_S = 0.25
 
 
