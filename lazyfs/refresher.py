@@ -72,8 +72,10 @@ class Refresher:
         if first:
             log.info("listed %d objects (%.2f s)", self.catalog.last.objects, self.catalog.last.seconds)
         if diff:
-            log.info("listing changed: %d added, %d removed, %d changed",
-                     len(diff.added), len(diff.removed), len(diff.changed))
+            # Listeners first: the kernel's entries are being invalidated by
+            # the time the line is read (tests wait for it before reopening).
             for listener in self.listeners:
                 listener(diff)
+            log.info("listing changed: %d added, %d removed, %d changed",
+                     len(diff.added), len(diff.removed), len(diff.changed))
         return diff
