@@ -87,6 +87,7 @@ class Catalog:
         self._lookups = trio.CapacityLimiter(LOOKUP_CONNECTIONS)
         self._attempted = trio.Event()  # replaced after every listing attempt
         self._saved = False  # a listing has been saved for offline starts
+        self._lists: list[list[RemoteObject]] | None = None  # the live tree's listing, by source
         self._warned: set[str] = set()
         # Before the first listing: subtrees listed on demand by lookups, and
         # folders known to exist whose contents were too many to list at once.
@@ -149,37 +150,54 @@ class Catalog:
     async def refresh(self) -> Diff:
         """List every source and swap in the new snapshot.  On failure the current
         snapshot stays (it is still the best knowledge) and the error is raised.
-        The diff is against the tree served before (none after no listing)."""
+        The diff is against the tree served before (none after no listing).
+        A live tree whose listing came back the same is kept as it is."""
         started = time.monotonic()
         try:
-            per_source = await self._list_all()
-            tree = await trio.to_thread.run_sync(self._build_all, per_source)
+            # In a holder: when nothing changed, the worker drops the new listing.
+            listing = [await self._list_all()]
+            tree = await trio.to_thread.run_sync(self._tree_if_changed, self._lists if self.live else None,
+                                                 listing)
         except LazyfsError as e:
             self.last = RefreshInfo(at=time.time(), ok=False, seconds=time.monotonic() - started,
                                     objects=self.tree.objects, error=str(e))
             self._attempt_ended()
             raise
+        self.last = RefreshInfo(at=time.time(), ok=True, seconds=time.monotonic() - started,
+                                objects=(tree or self.tree).objects, skipped=len((tree or self.tree).skipped))
+        self._attempt_ended()
+        if tree is None:
+            if not self._saved and self._lists is not None:
+                await self._save(self._lists)
+            return Diff()
+        return await self._swap(tree, listing[0])
+
+    async def _swap(self, tree: Tree, per_source: list[list[RemoteObject]]) -> Diff:
         self._warn_skipped(tree)
         served = self.listed.is_set()
         previous, self.tree = [self.tree], tree
+        old_lists, self._lists = [self._lists or []], per_source
         was_live, was_offline, self.live, self.offline = self.live, self.offline, True, False
-        self.last = RefreshInfo(at=time.time(), ok=True, seconds=time.monotonic() - started,
-                                objects=tree.objects, skipped=len(tree.skipped))
         self.listed.set()
-        self._attempt_ended()
         self._subtrees.clear()
         self._known.clear()
         if was_offline:
             log.info("object store reachable again: live listing of %d objects", tree.objects)
         elif served and not was_live:
             log.info("listing succeeded: %d objects replace the saved listing", tree.objects)
-        diff = await trio.to_thread.run_sync(_diff_dropping_old, previous, tree) if served else Diff()
+        diff = await trio.to_thread.run_sync(_diff_dropping_old, previous, old_lists, tree) if served else Diff()
         if diff or not was_live or not self._saved:
             await self._save(per_source)
         return diff
 
-    def _build_all(self, per_source: list[list[RemoteObject]]) -> Tree:
-        return self._build([o for objects in per_source for o in objects])
+    def _tree_if_changed(self, before: list[list[RemoteObject]] | None,
+                         listing: list[list[list[RemoteObject]]]) -> Tree | None:
+        """In a worker thread: None if the listing names the same versions as
+        `before` (then the new listing is dropped here), else its tree."""
+        if before is not None and _same_versions(before, listing[0]):
+            _drop_gradually(listing.pop())
+            return None
+        return self._build([o for objects in listing[0] for o in objects])
 
     def _attempt_ended(self) -> None:
         self._attempted.set()
@@ -342,8 +360,22 @@ def diff_trees(old: Tree, new: Tree) -> Diff:
     return Diff(added, removed, changed)
 
 
-def _diff_dropping_old(previous: list[Tree], new: Tree) -> Diff:
-    """diff_trees in a worker thread, which also holds the last reference to
-    the old tree: freeing 200,000 objects is O(objects) too."""
-    old = previous.pop()
-    return diff_trees(old, new)
+def _same_versions(before: list[list[RemoteObject]], after: list[list[RemoteObject]]) -> bool:
+    return all(b == a for b, a in zip(before, after, strict=True))  # RemoteObject compares every field
+
+
+def _diff_dropping_old(previous: list[Tree], old_lists: list[list[list[RemoteObject]]], new: Tree) -> Diff:
+    """diff_trees in a worker thread, which also takes the last references to
+    the old tree and its listing: freeing 200,000 objects is O(objects) too,
+    and C code that holds the GIL all along if done at once."""
+    diff = diff_trees(previous.pop(), new)  # frees the folders; the listing still holds the objects
+    _drop_gradually(old_lists.pop())
+    return diff
+
+
+def _drop_gradually(lists: list[list[RemoteObject]]) -> None:
+    """Free a listing's objects a thousand at a time, so the thread dropping
+    them lets the trio thread have the GIL in between."""
+    for objects in lists:
+        while objects:
+            del objects[-1000:]

@@ -114,6 +114,18 @@ async def test_listings_see_every_key_once_whatever_the_shape(remote: FakeRemote
 
 
 @trio_test
+async def test_a_refresh_that_finds_nothing_changed_keeps_the_tree(remote: FakeRemote) -> None:
+    peer_bench(remote)
+    catalog = Catalog(remote, [Source(BUCKET, P)])
+    await catalog.refresh()
+    tree = catalog.tree
+    assert not await catalog.refresh() and catalog.tree is tree and catalog.last.ok
+    remote.put(BUCKET, f"{P}many/d007/f00007.bin", b"changed")
+    diff = await catalog.refresh()
+    assert [new.key for _, new in diff.changed] == [f"{P}many/d007/f00007.bin"] and catalog.tree is not tree
+
+
+@trio_test
 async def test_a_split_while_a_page_is_in_flight_loses_and_repeats_nothing(remote: FakeRemote) -> None:
     peer_bench(remote)
     held = Gate("second page")

@@ -6,7 +6,8 @@ Test support only: the product never installs it.
 Two clocks: wall time (what a waiting FUSE request feels, including waits for
 the GIL held by a worker thread and the OS running something else), and the
 trio thread's own CPU time (the work done on it, whatever the machine's load:
-what a test can bound robustly)."""
+what a test can bound robustly).  `Lateness` adds what steps do not show:
+how late a timer fires, waits for the GIL between steps included."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ class StepTimer(trio.abc.Instrument):
         self._started = (time.perf_counter(), time.thread_time())
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._count(task)
+
+    def _count(self, task: trio.lowlevel.Task) -> None:
         if self._started is None:
             return
         wall, cpu = time.perf_counter() - self._started[0], time.thread_time() - self._started[1]
@@ -54,3 +58,18 @@ def watching() -> Iterator[StepTimer]:
         yield timer
     finally:
         trio.lowlevel.remove_instrument(timer)
+        timer._count(trio.lowlevel.current_task())  # the step that ends the watch counts too
+
+
+class Lateness:
+    """The worst lateness of a 1 ms timer, while `run` runs in a nursery."""
+
+    def __init__(self, period: float = 0.001) -> None:
+        self.period = period
+        self.worst = 0.0
+
+    async def run(self) -> None:
+        while True:
+            started = time.perf_counter()
+            await trio.sleep(self.period)
+            self.worst = max(self.worst, time.perf_counter() - started - self.period)
