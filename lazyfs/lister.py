@@ -200,7 +200,8 @@ class Lister:
             folders = sorted({f for p in pages for f in p.folders})
             beyond = [f for f in folders if f > past]
             found.update(beyond)
-            ahead, reached = len(beyond), len(folders) - len(beyond)
+            if folders:  # a level of leaf folders tells nothing new
+                ahead, reached = len(beyond), len(folders) - len(beyond)
             if len(found) >= MAX_RANGES - 1 or any(p.truncated for p in pages):
                 break
             level = [f for f in folders if f > past or past.startswith(f)]
