@@ -1,28 +1,39 @@
 """The live view of the remote: listings turned into Tree snapshots.
 
 `tree` is replaced by one assignment when a listing completes, so every
-request sees one whole listing.  Requests that arrive before the first listing
-finished wait for it (`current()`); mount readiness does not.
+request sees one whole listing.  What the tree is, says `state`:
 
-Each complete listing is also saved in the store, so a restart while the
-object store is unreachable starts *offline* from what the store knows (the
-last listing plus the files on disk), and the next successful refresh brings
-the live listing back.
+- "live": the last successful listing;
+- "saved": the store's saved listing, while the first live listing is failing
+  and retried (the object store answered at start, so misses are asked);
+- "offline": the store's saved listing because the object store was
+  unreachable at start (misses are answered from it);
+- "listing" / "failing": no listing yet, the first one in progress or failed
+  and retried.  A lookup then lists just its own name (one request), so no
+  name is ever answered "missing" (which the kernel caches) before something
+  was listed; a request that needs the whole listing fails with EIO (which it
+  does not cache) while the listing is failing.
+
+Listing requests run in worker threads under the catalog's own limiters, one
+for refreshes and one for lookups, so a lookup never queues behind a
+refresh's requests, and neither takes threads from trio's default pool.
+Everything O(objects) of a refresh (joining the ranges, building the tree,
+the diff, dropping the old tree) runs in a worker thread too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Sequence
+from typing import Literal, Sequence
 
 import trio
 
 from lazyfs.config import Source
-from lazyfs.errors import LazyfsError, ObjectNotFound, RemoteError
+from lazyfs.errors import LazyfsError, ObjectNotFound, RemoteError, RemoteUnavailable
+from lazyfs.lister import Lister
 from lazyfs.listings import walk_local
 from lazyfs.namespace import DirNode, Node, RemoteObject, Tree, build_tree, join
 from lazyfs.objectstore import ObjectStore
@@ -30,10 +41,13 @@ from lazyfs.store import Store
 
 log = logging.getLogger(__name__)
 
-# Listing requests in flight at once per folder, and how many folders are
-# listed by delimiter before deeper subtrees are listed flat.
-_LIST_CONCURRENCY = 32
-_BFS_FOLDERS = 256
+# Listing requests in flight at once: a refresh's (all folders together), and
+# lookups' before the first listing.  Well within botocore's connection pool
+# beside the GETs (see config.remote_config).
+LIST_CONNECTIONS = 8
+LOOKUP_CONNECTIONS = 8
+
+State = Literal["live", "saved", "offline", "listing", "failing"]
 
 
 @dataclass
@@ -63,12 +77,18 @@ class Catalog:
         self.remote = remote
         self.sources = tuple(sources)
         self.store = store
+        # Before any listing: the configured folders and their parents, empty.
         self.tree: Tree = self._build([])
-        self.listed = trio.Event()
+        self.listed = trio.Event()  # the tree answers: a live or a saved listing
+        self.settled = trio.Event()  # the first listing is in, or failed (and a saved one is served)
+        self.live = False
+        self.offline = False  # started from the store: the object store was unreachable
         self.last = RefreshInfo()
-        # True while the tree comes from the store, not from a live listing.
-        self.offline = False
+        self.lister = Lister(remote, trio.CapacityLimiter(LIST_CONNECTIONS))
+        self._lookups = trio.CapacityLimiter(LOOKUP_CONNECTIONS)
+        self._attempted = trio.Event()  # replaced after every listing attempt
         self._saved = False  # a listing has been saved for offline starts
+        self._lists: list[list[RemoteObject]] | None = None  # the live tree's listing, by source
         self._warned: set[str] = set()
         # Before the first listing: subtrees listed on demand by lookups, and
         # folders known to exist whose contents were too many to list at once.
@@ -76,48 +96,113 @@ class Catalog:
         self._known: dict[str, Node] = {}
         self._probing: dict[str, trio.Event] = {}
 
-    def _build(self, objects: list[RemoteObject]) -> Tree:
+    @property
+    def state(self) -> State:
+        if self.live:
+            return "live"
+        if self.listed.is_set():
+            return "offline" if self.offline else "saved"
+        return "failing" if self.last.error else "listing"
+
+    def _build(self, objects: Sequence[RemoteObject]) -> Tree:
         return build_tree(objects, folders=[s.prefix for s in self.sources], mtime_ns=time.time_ns())
 
     async def current(self) -> Tree:
-        if not self.listed.is_set():
-            await self.listed.wait()
+        """The tree once a listing (live or saved) is in."""
+        await self.listed.wait()
         return self.tree
 
     def start_offline(self, objects: list[RemoteObject], reason: str) -> None:
-        self.tree = self._build(objects)
-        self._warn_skipped(self.tree)
+        self._serve(self._build(objects), reason)
         self.offline = True
-        self.last = RefreshInfo(at=time.time(), ok=False, objects=self.tree.objects, error=reason)
+        self.settled.set()
+
+    async def first_listing(self) -> Diff:
+        """The first live listing; if it fails, serve the store's saved listing
+        meanwhile (when it has one) and raise.  `settled` is set either way."""
+        try:
+            return await self.refresh()
+        except RemoteError:
+            await self._serve_saved()
+            raise
+        finally:
+            self.settled.set()
+
+    async def _serve_saved(self) -> None:
+        """Serve what the store knows (its last saved listing and the files on
+        disk), if anything.  Lookups of names it does not have still ask."""
+        if self.store is None or self.listed.is_set():
+            return
+        try:
+            objects = await trio.to_thread.run_sync(offline_objects, self.store, self.sources)
+        except OSError as e:
+            log.warning("cannot read the saved listing: %s", e)
+            return
+        if objects and not self.listed.is_set():
+            self._serve(await trio.to_thread.run_sync(self._build, objects), self.last.error)
+            log.warning("serving the saved listing (%d files) until the listing succeeds", self.tree.objects)
+
+    def _serve(self, tree: Tree, reason: str) -> None:
+        self.tree = tree
+        self._warn_skipped(tree)
+        self.last = RefreshInfo(at=time.time(), ok=False, objects=tree.objects, error=reason)
         self.listed.set()
 
     async def refresh(self) -> Diff:
         """List every source and swap in the new snapshot.  On failure the current
-        snapshot stays (it is still the best knowledge) and the error is raised."""
+        snapshot stays (it is still the best knowledge) and the error is raised.
+        The diff is against the tree served before (none after no listing).
+        A live tree whose listing came back the same is kept as it is."""
         started = time.monotonic()
         try:
-            per_source = await self._list_all()
-            objects = [o for chunk in per_source for o in chunk]
-            tree = await trio.to_thread.run_sync(self._build, objects)
+            # In a holder: when nothing changed, the worker drops the new listing.
+            listing = [await self._list_all()]
+            tree = await trio.to_thread.run_sync(self._tree_if_changed, self._lists if self.live else None,
+                                                 listing)
         except LazyfsError as e:
             self.last = RefreshInfo(at=time.time(), ok=False, seconds=time.monotonic() - started,
                                     objects=self.tree.objects, error=str(e))
-            self.listed.set()
+            self._attempt_ended()
             raise
-        self._warn_skipped(tree)
-        old, self.tree = self.tree, tree
-        was_offline, self.offline = self.offline, False
         self.last = RefreshInfo(at=time.time(), ok=True, seconds=time.monotonic() - started,
-                                objects=tree.objects, skipped=len(tree.skipped))
+                                objects=(tree or self.tree).objects, skipped=len((tree or self.tree).skipped))
+        self._attempt_ended()
+        if tree is None:
+            if not self._saved and self._lists is not None:
+                await self._save(self._lists)
+            return Diff()
+        return await self._swap(tree, listing[0])
+
+    async def _swap(self, tree: Tree, per_source: list[list[RemoteObject]]) -> Diff:
+        self._warn_skipped(tree)
+        served = self.listed.is_set()
+        previous, self.tree = [self.tree], tree
+        old_lists, self._lists = [self._lists or []], per_source
+        was_live, was_offline, self.live, self.offline = self.live, self.offline, True, False
         self.listed.set()
         self._subtrees.clear()
         self._known.clear()
         if was_offline:
             log.info("object store reachable again: live listing of %d objects", tree.objects)
-        diff = diff_trees(old, tree)
-        if diff or was_offline or not self._saved:
+        elif served and not was_live:
+            log.info("listing succeeded: %d objects replace the saved listing", tree.objects)
+        diff = await trio.to_thread.run_sync(_diff_dropping_old, previous, old_lists, tree) if served else Diff()
+        if diff or not was_live or not self._saved:
             await self._save(per_source)
         return diff
+
+    def _tree_if_changed(self, before: list[list[RemoteObject]] | None,
+                         listing: list[list[list[RemoteObject]]]) -> Tree | None:
+        """In a worker thread: None if the listing names the same versions as
+        `before` (then the new listing is dropped here), else its tree."""
+        if before is not None and _same_versions(before, listing[0]):
+            _drop_gradually(listing.pop())
+            return None
+        return self._build([o for objects in listing[0] for o in objects])
+
+    def _attempt_ended(self) -> None:
+        self._attempted.set()
+        self._attempted = trio.Event()
 
     async def _save(self, per_source: list[list[RemoteObject]]) -> None:
         if self.store is None:
@@ -133,95 +218,79 @@ class Catalog:
     async def _list_all(self) -> list[list[RemoteObject]]:
         results: list[list[RemoteObject]] = [[] for _ in self.sources]
         errors: list[RemoteError] = []
+
+        async def one(i: int, source: Source, cancel: trio.CancelScope) -> None:
+            try:
+                results[i] = await self.lister.list_folder(source)
+            except RemoteError as e:
+                errors.append(e)
+                cancel.cancel()  # the listing is whole or it is not used
+
         async with trio.open_nursery() as nursery:
             for i, source in enumerate(self.sources):
-                nursery.start_soon(self._list_source, source, results[i], errors, nursery.cancel_scope)
+                nursery.start_soon(one, i, source, nursery.cancel_scope)
         if errors:
             raise errors[0]
         return results
 
-    async def _list_source(self, source: Source, out: list[RemoteObject], errors: list[RemoteError],
-                           cancel: trio.CancelScope) -> None:
-        """Everything under one folder, listing subfolders in parallel.
-
-        Folders are listed by delimiter, breadth first, and their subfolders in
-        parallel; once `_BFS_FOLDERS` folders have been opened that way, deeper
-        subtrees are listed flat (1000 keys a request).  A tree with fan-out
-        (many/d000 ... many/d099) then costs a few round trips instead of one
-        sequential page after another, and a deep tree of tiny folders never
-        costs a request per folder."""
-        limiter = trio.CapacityLimiter(_LIST_CONCURRENCY)
-        opened = [0]
-
-        async def guarded(fn: Callable[..., Awaitable[None]], prefix: str, nursery: trio.Nursery) -> None:
-            try:
-                await fn(prefix, nursery)
-            except RemoteError as e:
-                errors.append(e)
-                cancel.cancel()  # one failed request fails the whole listing
-
-        async def by_folder(prefix: str, nursery: trio.Nursery) -> None:
-            async with limiter:
-                objects, folders = await trio.to_thread.run_sync(self._list_level, source.bucket, prefix)
-            out.extend(objects)
-            for folder in folders:
-                opened[0] += 1
-                fn = by_folder if opened[0] <= _BFS_FOLDERS else flat
-                nursery.start_soon(guarded, fn, folder, nursery)
-
-        async def flat(prefix: str, nursery: trio.Nursery) -> None:
-            async with limiter:
-                objects = await trio.to_thread.run_sync(self._list_flat, source.bucket, prefix)
-            out.extend(objects)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(guarded, by_folder, source.prefix, nursery)
-        out.sort(key=lambda o: o.key)
-
-    def _list_level(self, bucket: str, prefix: str) -> tuple[list[RemoteObject], list[str]]:
-        objects: list[RemoteObject] = []
-        folders: list[str] = []
-        for page, prefixes in self.remote.list_pages(bucket, prefix, delimiter=True):
-            objects.extend(page)
-            folders.extend(p for p in prefixes if p != prefix)
-        return objects, folders
-
-    def _list_flat(self, bucket: str, prefix: str) -> list[RemoteObject]:
-        out: list[RemoteObject] = []
-        for page, _ in self.remote.list_pages(bucket, prefix):
-            out.extend(page)
-        return out
-
-    # -- before the first listing: answer lookups on demand ------------------------
+    # -- before a live listing: answer lookups on demand --------------------------
 
     async def lookup(self, parent: str, name: str) -> Node | None:
-        """The node at parent/name.  Before the first listing has finished, a
-        lookup inside a configured folder is answered by listing just that
-        name's subtree (one request), so opening a known path on a huge prefix
-        does not wait for the whole listing."""
+        """The node at parent/name.  Before a live listing, a lookup inside a
+        configured folder is answered by the saved listing if it has the
+        name, else by listing just that name's subtree (one request), so
+        opening a known path on a huge prefix does not wait for the whole
+        listing, and a failing listing never makes a name look missing."""
         path = join(parent, name)
-        if self.listed.is_set() or not self._inside_source(path):
+        if self.live or self.offline or not self._inside_source(path):
             return self.tree.find(path)
+        if self.listed.is_set():
+            node = self.tree.find(path)
+            if node is not None:
+                return node
         return await self._probe(path)
 
     async def folder(self, path: str) -> DirNode | None:
-        """A whole folder (for readdir): from the tree, or from an early subtree
-        listing that covered it; otherwise after the first listing."""
-        if not self.listed.is_set() and self._inside_source(path):
-            sub = self._covering(path)
-            if sub is not None:
-                node = sub.find(path)
-                return node if isinstance(node, DirNode) else None
-        node = (await self.current()).find(path)
+        """A whole folder (for readdir): from the tree; before a live listing,
+        from the saved listing or a lookup's listing of its subtree, else
+        after the first listing (EIO while that is failing)."""
+        if self.live or self.offline or not self._at_or_inside_source(path):
+            node = self.tree.find(path)
+        else:
+            node = await self._early_folder(path)
         return node if isinstance(node, DirNode) else None
+
+    async def _early_folder(self, path: str) -> Node | None:
+        if self.listed.is_set():
+            node = self.tree.find(path)
+            if isinstance(node, DirNode):
+                return node
+        await self._probe(path)
+        sub = self._covering(path)
+        if sub is not None:
+            return sub.find(path)
+        return (await self._listed_or_failing()).find(path)
+
+    async def _listed_or_failing(self) -> Tree:
+        """The tree once a listing is in; while the first listing is failing,
+        an error the kernel does not cache, instead of an empty answer."""
+        while not self.listed.is_set():
+            if self.last.error:
+                raise RemoteUnavailable(f"no listing yet of {', '.join(s.uri for s in self.sources)} "
+                                        f"({self.last.error}); retrying")
+            await self._attempted.wait()
+        return self.tree
 
     def _inside_source(self, path: str) -> bool:
         return any((path + "/").startswith(s.prefix) and len(path) + 1 > len(s.prefix)
                    for s in self.sources)
 
+    def _at_or_inside_source(self, path: str) -> bool:
+        return any((path + "/").startswith(s.prefix) for s in self.sources)
+
     def _covering(self, path: str) -> Tree | None:
         for top, sub in self._subtrees.items():
-            if path == top or path.startswith(top + "/"):
+            if path == top or path.startswith(top + "/") or top == "":
                 return sub
         return None
 
@@ -232,7 +301,7 @@ class Catalog:
                 return sub.find(path)
             if path in self._known:
                 return self._known[path]
-            if self.listed.is_set():
+            if self.live:
                 return self.tree.find(path)
             pending = self._probing.get(path)
             if pending is None:
@@ -240,19 +309,7 @@ class Catalog:
             await pending.wait()
         self._probing[path] = done = trio.Event()
         try:
-            source = next(s for s in self.sources if (path + "/").startswith(s.prefix))
-            objects, truncated = await trio.to_thread.run_sync(self.remote.list_some, source.bucket, path)
-            mine = [o for o in objects if o.key == path or o.key.startswith(path + "/")]
-            if not truncated:
-                self._subtrees[path] = build_tree(mine, folders=[s.prefix for s in self.sources],
-                                                  mtime_ns=time.time_ns())
-                return self._subtrees[path].find(path)
-            # Too big to see whole in one request: a folder for sure if keys are
-            # below it; its contents come with the full listing.
-            if any(o.key.startswith(path + "/") for o in mine):
-                self._known[path] = DirNode(path, {}, time.time_ns())
-                return self._known[path]
-            return (await self.current()).find(path)
+            return await self._list_subtree(path)
         finally:
             del self._probing[path]
             done.set()
@@ -285,6 +342,21 @@ class Catalog:
                  f"new version in the object store (ETag {new.etag}, {new.size} bytes)")
         return Diff(changed=((old, new),)) if new is not None else Diff(removed=(old,))
 
+    async def _list_subtree(self, path: str) -> Node | None:
+        source = next(s for s in self.sources if (path + "/").startswith(s.prefix))
+        objects, truncated = await trio.to_thread.run_sync(self.remote.list_some, source.bucket, path,
+                                                           limiter=self._lookups, abandon_on_cancel=True)
+        mine = [o for o in objects if not path or o.key == path or o.key.startswith(path + "/")]
+        if not truncated:
+            self._subtrees[path] = await trio.to_thread.run_sync(self._build, mine)
+            return self._subtrees[path].find(path)
+        # Too big to see whole in one request: a folder for sure if keys are
+        # below it; its contents come with the full listing.
+        if any(o.key.startswith(path + "/") for o in mine):
+            self._known[path] = DirNode(path, {}, time.time_ns())
+            return self._known[path]
+        return (await self._listed_or_failing()).find(path)
+
     def _warn_skipped(self, tree: Tree) -> None:
         for s in tree.skipped:
             if s.key not in self._warned:
@@ -306,49 +378,6 @@ def offline_objects(store: Store, sources: Sequence[Source]) -> list[RemoteObjec
     return sorted(out.values(), key=lambda o: o.key)
 
 
-class Refresher:
-    """Lists again every `interval` seconds and on request (SIGHUP, a changed
-    object), one listing at a time, and tells listeners what changed."""
-
-    def __init__(self, catalog: Catalog, interval: float,
-                 listeners: Sequence[Callable[[Diff], object]] = ()) -> None:
-        self.catalog = catalog
-        self.interval = interval if interval > 0 else math.inf
-        self.listeners = list(listeners)
-        self._wanted = trio.Event()
-
-    def request(self) -> None:
-        self._wanted.set()
-
-    async def run(self) -> None:
-        """The first listing (unless the catalog started offline), then refreshes."""
-        if not self.catalog.listed.is_set():
-            await self.refresh_once(first=True)
-        while True:
-            # Offline, try again sooner: a recovering pod wants its listing back.
-            wait = min(self.interval, 10.0) if self.catalog.offline else self.interval
-            with trio.move_on_after(wait):
-                await self._wanted.wait()
-            self._wanted = trio.Event()
-            await self.refresh_once()
-
-    async def refresh_once(self, first: bool = False) -> Diff | None:
-        try:
-            diff = await self.catalog.refresh()
-        except RemoteError as e:
-            log.error("listing failed: %s", e)
-            return None
-        if first:
-            log.info("listed %d objects (%.2f s)", self.catalog.last.objects, self.catalog.last.seconds)
-            return diff
-        if diff:
-            log.info("listing changed: %d added, %d removed, %d changed",
-                     len(diff.added), len(diff.removed), len(diff.changed))
-            for listener in self.listeners:
-                listener(diff)
-        return diff
-
-
 def diff_trees(old: Tree, new: Tree) -> Diff:
     """What changed between two snapshots, for kernel cache invalidation."""
     before = {o.key: o for o in old.files()}
@@ -358,3 +387,24 @@ def diff_trees(old: Tree, new: Tree) -> Diff:
     changed = tuple((before[k], o) for k, o in after.items()
                     if k in before and not before[k].same_bytes(o))
     return Diff(added, removed, changed)
+
+
+def _same_versions(before: list[list[RemoteObject]], after: list[list[RemoteObject]]) -> bool:
+    return all(b == a for b, a in zip(before, after, strict=True))  # RemoteObject compares every field
+
+
+def _diff_dropping_old(previous: list[Tree], old_lists: list[list[list[RemoteObject]]], new: Tree) -> Diff:
+    """diff_trees in a worker thread, which also takes the last references to
+    the old tree and its listing: freeing 200,000 objects is O(objects) too,
+    and C code that holds the GIL all along if done at once."""
+    diff = diff_trees(previous.pop(), new)  # frees the folders; the listing still holds the objects
+    _drop_gradually(old_lists.pop())
+    return diff
+
+
+def _drop_gradually(lists: list[list[RemoteObject]]) -> None:
+    """Free a listing's objects a thousand at a time, so the thread dropping
+    them lets the trio thread have the GIL in between."""
+    for objects in lists:
+        while objects:
+            del objects[-1000:]

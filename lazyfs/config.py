@@ -236,8 +236,9 @@ def remote_config(args: Mapping[str, Any], env: Mapping[str, str]) -> RemoteConf
     url = endpoint(args.get("endpoint_url"), env)
     style = args.get("addressing_style") or ("path" if url else "auto")
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
-    # Ranged GETs, plus the listing's parallel requests (catalog: up to 32),
-    # plus a few for HEADs: no request ever waits for, or throws away, a socket.
+    # Ranged GETs, plus the listings' parallel requests (catalog: up to 8 for
+    # a refresh and 8 for lookups), plus a few for HEADs: no request ever
+    # waits for, or throws away, a socket.
     pool = int(args.get("max_connections") or default_of(FetchConfig, "max_connections")) + 40
     return RemoteConfig(endpoint_url=url, region=region, addressing_style=cast(AddressingStyle, style),
                         max_pool_connections=pool,

@@ -26,7 +26,7 @@ import trio
 
 from lazyfs import crt, modelaware, prefetch
 from lazyfs.budget import Budget
-from lazyfs.catalog import Catalog, Diff, Refresher, offline_objects
+from lazyfs.catalog import Catalog, Diff, offline_objects
 from lazyfs.config import MountConfig
 from lazyfs.errors import RemoteError, RemoteUnavailable, StoreError
 from lazyfs.fetch import Fetcher
@@ -37,6 +37,7 @@ from lazyfs.layer import STORE_MODES, Layer
 from lazyfs.metrics import MountView, serve_metrics
 from lazyfs.mounttab import MountError, check_mountpoint, set_read_ahead
 from lazyfs.namespace import DirNode, RemoteObject
+from lazyfs.refresher import Refresher
 from lazyfs.remote import Remote
 from lazyfs.store import Store
 from lazyfs.supervise import forever, once
@@ -238,16 +239,34 @@ def _close_session() -> None:
 
 
 async def _announce(cfg: MountConfig, catalog: Catalog) -> None:
-    """The ready line, once the first listing is in or READY_WAIT_S has
-    passed: a model folder lists in one round trip, and then an `ls` or an
-    open right after "ready" waits for none; a huge prefix goes on listing in
-    the background (lookups meanwhile list just their own folder).  The mount
-    already serves requests while this waits."""
+    """The ready line, once the first listing is in (or has failed) or
+    READY_WAIT_S has passed: a model folder lists in one round trip, and then
+    an `ls` or an open right after "ready" waits for none; a huge prefix goes
+    on listing in the background (lookups meanwhile list just their own
+    names).  The mount already serves requests while this waits.  The line
+    says what the mount serves when that is not a live listing."""
     with trio.move_on_after(READY_WAIT_S):
-        await catalog.listed.wait()
-    sources = ", ".join(s.uri for s in cfg.sources)
-    mode = " OFFLINE" if catalog.offline else ""
-    print(f"lazyfs: ready{mode}: {sources} mounted at {cfg.mountpoint} (store {cfg.store_path})", flush=True)
+        await catalog.settled.wait()
+    try:
+        print(ready_line(cfg, catalog), flush=True)
+    except (OSError, ValueError) as e:  # stdout closed: the mount serves all the same
+        log.warning("cannot print the ready line: %s", e)
+
+
+def ready_line(cfg: MountConfig, catalog: Catalog) -> str:
+    where = f"{', '.join(s.uri for s in cfg.sources)} mounted at {cfg.mountpoint} (store {cfg.store_path})"
+    state, error = catalog.state, catalog.last.error
+    if state == "offline":
+        return f"lazyfs: ready OFFLINE: {where}"
+    if state == "saved":
+        return (f"lazyfs: ready SAVED LISTING: {where}; serving the store's saved listing "
+                f"({catalog.tree.objects} files) while the listing is retried ({error})")
+    if state == "failing":
+        return (f"lazyfs: ready LISTING FAILED: {where}; the listing is being retried ({error}); "
+                "meanwhile each lookup lists its own name")
+    if state == "listing":
+        return f"lazyfs: ready: {where}; still listing (meanwhile each lookup lists its own name)"
+    return f"lazyfs: ready: {where}"
 
 
 async def _tune_after_init(ops: Operations, cfg: MountConfig) -> None:

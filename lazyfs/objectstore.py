@@ -7,7 +7,7 @@ the catalog start without loading botocore.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from lazyfs.namespace import RemoteObject
 from lazyfs.verify import Part
@@ -23,6 +23,21 @@ class ResponseMeta:
 
     etag_is_md5: bool
     checksum: tuple[str, str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ListPage:
+    """One listing request's answer: objects in key order, the common prefixes
+    ("folders", ending in "/") of a listing by delimiter, and the token that
+    asks for the next page (None on the last page)."""
+
+    objects: list[RemoteObject]
+    folders: list[str]
+    next_token: str | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.next_token is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +69,11 @@ class ObjectStore(Protocol):
 
     endpoint: str
 
-    def list_pages(self, bucket: str, prefix: str, delimiter: bool = False,
-                   page_size: int = 1000) -> Iterator[tuple[list[RemoteObject], list[str]]]:
-        """Objects under `prefix` in key order, a page at a time, with the
-        common prefixes ("folders") when listing by delimiter."""
+    def list_page(self, bucket: str, prefix: str, *, delimiter: bool = False, start_after: str = "",
+                  token: str | None = None, max_keys: int = 1000) -> ListPage:
+        """One request: up to `max_keys` entries under `prefix` in key order,
+        those after `start_after` (any string, not only a key), or the page
+        `token` names; by delimiter, deeper keys roll up into folders."""
 
     def list_some(self, bucket: str, prefix: str, max_keys: int = 1000) -> tuple[list[RemoteObject], bool]:
         """The first `max_keys` objects under `prefix`, and whether there are more."""

@@ -14,7 +14,7 @@ import logging
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from typing import Any, Iterator
+from typing import Any
 
 import boto3
 import botocore.config
@@ -25,7 +25,7 @@ import urllib3.exceptions
 from lazyfs.config import RemoteConfig, Source
 from lazyfs.errors import AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.namespace import RemoteObject
-from lazyfs.objectstore import HeadInfo, ResponseMeta
+from lazyfs.objectstore import HeadInfo, ListPage, ResponseMeta
 from lazyfs.stats import S3_REQUEST_SECONDS, STATS
 from lazyfs.verify import Part
 
@@ -121,22 +121,23 @@ class Remote:
 
     # -- listing -----------------------------------------------------------
 
-    def list_pages(self, bucket: str, prefix: str, delimiter: bool = False,
-                   page_size: int = 1000) -> Iterator[tuple[list[RemoteObject], list[str]]]:
-        """Objects under `prefix` in key order, a page at a time, with the
-        common prefixes ("folders") when listing by `delimiter`."""
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
-            if delimiter:
-                kwargs["Delimiter"] = "/"
-            if token:
-                kwargs["ContinuationToken"] = token
-            resp = self._call(self._client.list_objects_v2, bucket, prefix, **kwargs)
-            objects, folders, truncated, token = _listing(bucket, resp)
-            yield objects, folders
-            if not truncated or not token:
-                return
+    def list_page(self, bucket: str, prefix: str, *, delimiter: bool = False, start_after: str = "",
+                  token: str | None = None, max_keys: int = 1000) -> ListPage:
+        """One ListObjectsV2 request: up to `max_keys` entries under `prefix`
+        in key order, after `start_after` or from the page `token` names (S3
+        ignores StartAfter once there is a token, so only one is sent); with
+        `delimiter`, the common prefixes ("folders") instead of deeper keys."""
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": max_keys}
+        if delimiter:
+            kwargs["Delimiter"] = "/"
+        if token:
+            kwargs["ContinuationToken"] = token
+        elif start_after:
+            kwargs["StartAfter"] = start_after
+        resp = self._call(self._client.list_objects_v2, bucket, prefix, **kwargs)
+        objects, folders, truncated, next_token = _listing(bucket, resp)
+        # A store that says "truncated" without a token cannot be paged on.
+        return ListPage(objects, folders, next_token if truncated and next_token else None)
 
     def list_some(self, bucket: str, prefix: str, max_keys: int = 1000) -> tuple[list[RemoteObject], bool]:
         """The first `max_keys` objects under `prefix`, and whether there are more."""

@@ -67,15 +67,17 @@ def test_listing_and_stat_make_no_download(mount, proxy, bucket, model, s3, fs: 
 
 def test_ready_comes_after_the_first_listing_of_a_small_folder(mount, proxy, bucket, model, fs: FS):
     """README: an `ls` or a stat right after the ready line sends no request.
-    Each folder's LIST is held back 0.1 s (within READY_WAIT_S), so a ready
+    The listing's LIST is held back 0.1 s (within READY_WAIT_S), so a ready
     line printed before the listing would leave lookups to probe S3."""
-    proxy.add(Fault("delay", method="GET", query={"delimiter": "/"}, seconds=0.1, times=None))
+    proxy.add(Fault("delay", method="GET", query={"prefix": f"{PREFIX}/", "max-keys": "1000"}, seconds=0.1,
+                    times=None))
     m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
     lists = proxy.count("LIST")
     assert fs.listdir(m.path / PREFIX / "llm") == ["model.bin", "tokenizer.json"]
     for key, data in model.items():
         assert fs.stat(m.file(key)).st_size == len(data)
     assert proxy.count("LIST") == lists, "lookups after the ready line went to S3"
+    assert [r["fault"] for r in proxy.requests("LIST")].count("delay") == 1, "one LIST lists the folder"
 
 def test_first_open_fetches_and_persists_then_no_more_gets(mount, proxy, bucket, model, fs: FS):
     key = f"{PREFIX}/llm/model.bin"

@@ -205,9 +205,11 @@ def test_opening_a_known_path_does_not_wait_for_the_whole_listing(smount, proxy,
         s3.put_object(Bucket=bucket, Key=f"{P}/many/d{i:02d}/f.bin", Body=b"x")
     key = f"{P}/llm/weights/model.bin"
     s3.put_object(Bucket=bucket, Key=key, Body=b"w" * 5000)
-    # The full listing (by folder, with a delimiter) is held back; lookups are not.
-    proxy.add(Fault("delay", method="GET", query={"delimiter": "/"}, seconds=2, times=None))
+    # The full listing (its requests list the whole folder; a lookup's only
+    # its own name, the start-up probe one key) is held back; lookups are not.
+    proxy.add(Fault("delay", method="GET", query={"prefix": f"{P}/", "max-keys": "1000"}, seconds=2, times=None))
     m = smount("--prefix", f"s3://{bucket}/{P}")
+    assert "still listing" in m.process.stdout_lines[0], "the ready line says the listing goes on"
     assert fs.read(m.file(key), timeout=1.9) == b"w" * 5000
     assert "listed" not in m.log(), "the open waited for the full listing"
     with pytest.raises(FileNotFoundError):

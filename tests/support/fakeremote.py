@@ -1,6 +1,8 @@
 """An in-memory object store with the interface of lazyfs.remote.Remote
 (lazyfs.objectstore.ObjectStore), for the engine tier: it counts calls, and
-on cue fails, stalls, breaks a body off, or replaces an object.
+on cue fails, stalls, breaks a body off, or replaces an object.  Listings
+page, start after a key and roll folders up as S3's do, so tests can count
+the requests a listing costs.
 
 Blocking like the real one (the engine calls it from worker threads); every
 stall waits on a threading.Event the test releases, with a timeout so a
@@ -10,6 +12,7 @@ forgotten gate fails the test instead of hanging it.
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import threading
 import time
@@ -19,7 +22,7 @@ from typing import Callable, Iterator
 
 from lazyfs.errors import ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.namespace import RemoteObject
-from lazyfs.objectstore import HeadInfo, ResponseMeta
+from lazyfs.objectstore import HeadInfo, ListPage, ResponseMeta
 from lazyfs.verify import Part
 
 GATE_TIMEOUT = 20.0
@@ -72,9 +75,12 @@ class Stored:
 @dataclass
 class Call:
     op: str
-    key: str
+    key: str  # a LIST's prefix
     start: int = 0
     end: int = 0
+    after: str = ""  # a LIST's StartAfter
+    token: str | None = None  # a LIST's continuation token
+    delimiter: bool = False
 
 
 class FakeRemote:
@@ -88,6 +94,10 @@ class FakeRemote:
         # Callables run at the start of each GET (after it is counted): cues.
         self.on_get: list[Callable[[Call], None]] = []
         self.fail_gets: dict[str, list[BaseException]] = {}
+        # Callables run at the start of each LIST (after it is counted): cues
+        # that fail it (raise) or hold it (wait on a Gate).
+        self.on_list: list[Callable[[Call], None]] = []
+        self._keys: dict[str, list[str]] = {}  # per bucket, sorted; rebuilt after a put
 
     # -- the test's side -----------------------------------------------------------
 
@@ -109,6 +119,7 @@ class FakeRemote:
         stored = Stored(data, etag, time.time_ns() // 10**9 * 10**9, value, parts, says_parts)
         with self._lock:
             self.objects[(bucket, key)] = stored
+            self._keys.pop(bucket, None)
         return self._listed(bucket, key, stored)
 
     def corrupt(self, bucket: str, key: str, at: int = 0) -> None:
@@ -118,6 +129,11 @@ class FakeRemote:
             data = bytearray(stored.data)
             data[at] ^= 0xFF
             stored.data = bytes(data)
+
+    def delete(self, bucket: str, key: str) -> None:
+        with self._lock:
+            del self.objects[(bucket, key)]
+            self._keys.pop(bucket, None)
 
     def gate(self, key: str, start: int = 0, end: int | None = None, in_body: bool = False) -> Gate:
         g = Gate(key, start, end, in_body=in_body)
@@ -130,25 +146,56 @@ class FakeRemote:
     def count(self, op: str) -> int:
         return sum(1 for c in self.calls if c.op == op)
 
+    def lists(self) -> list[Call]:
+        return [c for c in self.calls if c.op == "LIST"]
+
     # -- the ObjectStore interface ----------------------------------------------------
+
+    def list_page(self, bucket: str, prefix: str, *, delimiter: bool = False, start_after: str = "",
+                  token: str | None = None, max_keys: int = 1000) -> ListPage:
+        """As S3: keys after `start_after` (the token is the last entry of the
+        previous page), folders rolled up by delimiter, at most `max_keys`
+        entries (a folder counts once)."""
+        call = Call("LIST", prefix, after=start_after, token=token, delimiter=delimiter)
+        self._record(call)
+        for cue in list(self.on_list):
+            cue(call)
+        after = token or start_after
+        keys = self._sorted_keys(bucket)
+        i = bisect.bisect_right(keys, after) if after > prefix else bisect.bisect_left(keys, prefix)
+        objects: list[RemoteObject] = []
+        folders: list[str] = []
+        last = ""
+        while i < len(keys) and keys[i].startswith(prefix):
+            if len(objects) + len(folders) == max_keys:
+                return ListPage(objects, folders, next_token=last)
+            key = keys[i]
+            rest = key[len(prefix):]
+            if delimiter and "/" in rest:
+                last = prefix + rest.split("/", 1)[0] + "/"
+                if last > after:
+                    folders.append(last)
+                i = bisect.bisect_left(keys, last[:-1] + "0")  # past every key under it ("0" follows "/")
+                continue
+            objects.append(self._listed(bucket, key, self.objects[(bucket, key)]))
+            last = key
+            i += 1
+        return ListPage(objects, folders)
 
     def list_pages(self, bucket: str, prefix: str, delimiter: bool = False,
                    page_size: int = 1000) -> Iterator[tuple[list[RemoteObject], list[str]]]:
-        self._record(Call("LIST", prefix))
-        objects, folders = [], set()
-        for (b, key), stored in sorted(self.objects.items()):
-            if b != bucket or not key.startswith(prefix):
-                continue
-            rest = key[len(prefix):]
-            if delimiter and "/" in rest:
-                folders.add(prefix + rest.split("/", 1)[0] + "/")
-            else:
-                objects.append(self._listed(bucket, key, stored))
-        yield objects, sorted(folders)
+        """Every page under `prefix` (the interface before list_page)."""
+        token = None
+        while True:
+            page = self.list_page(bucket, prefix, delimiter=delimiter, token=token, max_keys=page_size)
+            yield page.objects, page.folders
+            if page.next_token is None:
+                return
+            token = page.next_token
 
     def list_some(self, bucket: str, prefix: str, max_keys: int = 1000) -> tuple[list[RemoteObject], bool]:
-        objects = [o for page, _ in self.list_pages(bucket, prefix) for o in page]
-        return objects[:max_keys], len(objects) > max_keys
+        page = self.list_page(bucket, prefix, max_keys=max_keys)
+        return page.objects, page.truncated
 
     def probe(self, source: object) -> None:
         self._record(Call("LIST", str(source)))
@@ -188,6 +235,13 @@ class FakeRemote:
     def _record(self, call: Call) -> None:
         with self._lock:
             self.calls.append(call)
+
+    def _sorted_keys(self, bucket: str) -> list[str]:
+        with self._lock:
+            keys = self._keys.get(bucket)
+            if keys is None:
+                keys = self._keys[bucket] = sorted(k for b, k in self.objects if b == bucket)
+            return keys
 
     def _gate_for(self, key: str, start: int) -> Gate | None:
         for g in self.gates:

@@ -1,0 +1,81 @@
+"""Listing again: the first listing until it succeeds, then every `--refresh`
+seconds and on request (SIGHUP, a changed object), one listing at a time.
+
+A failed first listing is tried again soon, with backoff (FIRST_RETRY_S
+doubling up to RETRY_MAX_S, whatever `--refresh` says, even 0); meanwhile
+the mount serves the store's saved listing if it has one, and lookups list
+their own names if not (catalog.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Sequence
+
+import trio
+
+from lazyfs.catalog import Catalog, Diff
+from lazyfs.errors import RemoteError
+
+log = logging.getLogger(__name__)
+
+# The first retry of a failed first listing, doubling up to RETRY_MAX_S, which
+# is also how often an offline mount tries to get its listing back.
+FIRST_RETRY_S = 0.5
+RETRY_MAX_S = 10.0
+
+
+class Refresher:
+    """Lists again every `interval` seconds and on request, and tells
+    listeners what changed."""
+
+    def __init__(self, catalog: Catalog, interval: float,
+                 listeners: Sequence[Callable[[Diff], object]] = ()) -> None:
+        self.catalog = catalog
+        self.interval = interval if interval > 0 else math.inf
+        self.listeners = list(listeners)
+        self._wanted = trio.Event()
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    async def run(self) -> None:
+        """The first listing (unless the catalog started offline), then refreshes."""
+        if not self.catalog.listed.is_set():
+            await self._first_listing()
+        while True:
+            # Offline, try again sooner: a recovering pod wants its listing back.
+            wait = min(self.interval, RETRY_MAX_S) if self.catalog.offline else self.interval
+            await self._wait(wait)
+            await self.refresh_once()
+
+    async def _first_listing(self) -> None:
+        delay = FIRST_RETRY_S
+        while await self.refresh_once(first=True) is None:
+            log.info("trying the listing again in %.1f s", delay)
+            await self._wait(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _wait(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await self._wanted.wait()
+        self._wanted = trio.Event()
+
+    async def refresh_once(self, first: bool = False) -> Diff | None:
+        """One listing; the diff against what was served (None if it failed)."""
+        try:
+            diff = await (self.catalog.first_listing() if first else self.catalog.refresh())
+        except RemoteError as e:
+            log.error("listing failed: %s", e)
+            return None
+        if first:
+            log.info("listed %d objects (%.2f s)", self.catalog.last.objects, self.catalog.last.seconds)
+        if diff:
+            # Listeners first: the kernel's entries are being invalidated by
+            # the time the line is read (tests wait for it before reopening).
+            for listener in self.listeners:
+                listener(diff)
+            log.info("listing changed: %d added, %d removed, %d changed",
+                     len(diff.added), len(diff.removed), len(diff.changed))
+        return diff

@@ -1,0 +1,127 @@
+"""End to end (issue 11, listings and readiness): a failing first listing,
+the saved listing meanwhile, a truthful ready line, one throttled LIST among
+many, and what a listing costs in LIST requests, counted at the proxy."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from support.mounting import FS, wait_until
+from support.proxy import Fault
+
+pytestmark = pytest.mark.fuse
+
+P = "models/m"
+# Every LIST but the start-up probe (the first one) fails.
+LISTS_FAIL_503 = Fault("status", method="GET", query={"list-type": "2"}, status=503, code="SlowDown",
+                       skip=1, times=None)
+LISTS_FAIL_403 = Fault("status", method="GET", query={"list-type": "2"}, status=403, code="AccessDenied",
+                       skip=1, times=None)
+
+
+def put_many(s3, bucket: str, keys: list[str]) -> None:
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: s3.put_object(Bucket=bucket, Key=k, Body=k.encode()), keys))
+
+
+def ready_line(m) -> str:
+    return next(line for line in m.process.stdout_lines if line.startswith("lazyfs: ready"))
+
+
+def errno_of_stat(fs: FS, path: Path) -> int:
+    try:
+        fs.stat(path)
+    except OSError as e:
+        return e.errno or 0
+    return 0
+
+
+@pytest.mark.log_errors("listing failed", r"^\S+ \S+ ERROR lazyfs.fuse_ops: (lookup|opendir): ")
+def test_a_failing_first_listing_is_retried_and_never_makes_a_file_look_missing(mount, proxy, s3, bucket,
+                                                                                 fs: FS):
+    """Before: the failed listing left an empty mount, every name ENOENT (the
+    kernel caches that), and with --refresh 0 it stayed so forever."""
+    put_many(s3, bucket, [f"{P}/a.bin", f"{P}/sub/b.bin"])
+    proxy.add(LISTS_FAIL_503)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", "--retries", "0")
+    # Truthful either way: the first attempt may still be retrying its requests.
+    line = ready_line(m)
+    assert "LISTING FAILED" in line or "still listing" in line, line
+    wait_until(lambda: "listing failed" in m.log(), what="the first listing to fail")
+    for _ in range(2):  # not a cached negative entry: asked again, failing again
+        assert errno_of_stat(fs, m.file(f"{P}/a.bin")) == errno.EIO
+    assert proxy.count("LIST") > 2
+    proxy.clear_faults()  # the store recovers: the listing is tried again within seconds
+    # A lookup lists its own name at once; the listing follows at its next try.
+    wait_until(lambda: errno_of_stat(fs, m.file(f"{P}/a.bin")) == 0, timeout=30, what="the lookup")
+    wait_until(lambda: "listed 2 objects" in m.log(), timeout=30, what="the retried listing")
+    assert fs.listdir(m.path / P) == ["a.bin", "sub"]
+    assert fs.read(m.file(f"{P}/sub/b.bin")) == f"{P}/sub/b.bin".encode()
+
+
+@pytest.mark.log_errors("listing failed", r"^\S+ \S+ ERROR lazyfs.fuse_ops: lookup: ")
+def test_the_ready_line_says_when_the_listing_failed(mount, proxy, s3, bucket, fs: FS):
+    put_many(s3, bucket, [f"{P}/a.bin"])
+    proxy.add(LISTS_FAIL_403)  # not retried within the listing: fails at once
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0")
+    line = ready_line(m)
+    assert line.startswith("lazyfs: ready LISTING FAILED: ") and "retried" in line and "AccessDenied" in line
+    assert errno_of_stat(fs, m.file(f"{P}/a.bin")) == errno.EACCES  # asked, not assumed missing
+    proxy.clear_faults()
+    wait_until(lambda: errno_of_stat(fs, m.file(f"{P}/a.bin")) == 0, timeout=30, what="the retried listing")
+
+
+@pytest.mark.log_errors("listing failed", r"^\S+ \S+ ERROR lazyfs.fuse_ops: lookup: ")
+def test_a_failing_first_listing_serves_the_saved_listing_meanwhile(mount, proxy, s3, bucket, fs: FS,
+                                                                      tmp_path: Path):
+    store = tmp_path / "store"
+    put_many(s3, bucket, [f"{P}/a.bin", f"{P}/sub/b.bin"])
+    first = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.read(first.file(f"{P}/a.bin")) == f"{P}/a.bin".encode()
+    first.stop()
+    put_many(s3, bucket, [f"{P}/new.bin"])  # not in the saved listing
+    proxy.add(LISTS_FAIL_403)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", store=store)
+    line = ready_line(m)
+    assert line.startswith("lazyfs: ready SAVED LISTING: ") and "2 files" in line, line
+    assert fs.listdir(m.path / P) == ["a.bin", "sub"]
+    assert fs.read(m.file(f"{P}/sub/b.bin")) == f"{P}/sub/b.bin".encode(), "fetched: S3 is reachable"
+    # A name the saved listing lacks is asked for, and that fails: not "missing".
+    assert errno_of_stat(fs, m.file(f"{P}/new.bin")) == errno.EACCES
+    proxy.clear_faults()
+    wait_until(lambda: "replace the saved listing" in m.log(), timeout=30, what="the live listing")
+    assert fs.listdir(m.path / P) == ["a.bin", "new.bin", "sub"]
+    assert fs.read(m.file(f"{P}/new.bin")) == f"{P}/new.bin".encode()
+
+
+def test_a_listing_of_hundreds_of_folders_costs_a_few_lists_and_survives_one_throttled(mount, proxy, s3,
+                                                                                       bucket, fs: FS):
+    """400 folders of 3 files: before, one LIST per folder (401), and one of
+    them failing (after botocore's retries) failed the whole listing."""
+    keys = [f"{P}/d{i:03d}/f{j}.bin" for i in range(400) for j in range(3)]
+    put_many(s3, bucket, keys)
+    # The listing's first request (alone in flight then) fails twice: every
+    # attempt botocore makes with --retries 0 (it makes two: it counts
+    # max_attempts as retries), so the request fails as a whole.
+    proxy.add(Fault("status", method="GET", query={"list-type": "2"}, status=503, code="SlowDown", skip=1,
+                    times=2))
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", "--retries", "0")
+    wait_until(lambda: "listed 1200 objects" in m.log() or "listing failed" in m.log(), timeout=30,
+               what="the first listing")
+    assert "listing failed" not in m.log() and "trying that listing request again" in m.log()
+    lists = proxy.count("LIST")
+    assert [r["fault"] for r in proxy.requests("LIST")].count("status") == 2
+    # The probe, two failed attempts, the first page, one look at the folders
+    # (400 of them: a page is left, so no split), the second page.
+    assert lists <= 8, f"the first listing cost {lists} LISTs"
+    assert len(fs.listdir(m.path / P)) == 400
+    m.process.send(signal.SIGHUP)  # a refresh splits where the last listing did: 2 pages, 2 LISTs
+    wait_until(lambda: proxy.count("LIST") >= lists + 2, what="the refresh")
+    time.sleep(1)
+    assert proxy.count("LIST") == lists + 2

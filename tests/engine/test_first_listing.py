@@ -1,0 +1,131 @@
+"""A first listing that fails (issue 11 #14), with the operations called
+directly: no name looks missing before something was listed, a folder
+answers EIO instead of an empty or hanging readdir, the store's saved
+listing is served meanwhile, and the listing is tried again soon, whatever
+--refresh says."""
+
+from __future__ import annotations
+
+import errno
+
+import pyfuse3
+import pytest
+import trio
+
+from lazyfs import lister, refresher
+from lazyfs.catalog import Catalog, Diff
+from lazyfs.errors import RemoteUnavailable
+from lazyfs.fetch import Fetcher
+from lazyfs.fuse_ops import Operations
+from lazyfs.handles import Handles
+from lazyfs.inodes import ROOT_INODE
+from lazyfs.modeljson import Source
+from lazyfs.refresher import Refresher
+from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
+from support.fakeremote import Call, FakeRemote
+
+CTX = None
+SOURCE = Source(BUCKET, "m/")
+
+
+class Outage:
+    """Every LIST fails while `on`, like a store that throttles everything."""
+
+    def __init__(self, remote: FakeRemote) -> None:
+        self.on = True
+        remote.on_list.append(self)
+
+    def __call__(self, call: Call) -> None:
+        if self.on:
+            raise RemoteUnavailable("s3://bkt/m/: object store kept failing (SlowDown: Reduce your request rate)")
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lister, "RETRY_BASE_S", 0.01)
+    monkeypatch.setattr(refresher, "FIRST_RETRY_S", 0.05)
+
+
+async def lookup_errno(ops: Operations, *names: str) -> int:
+    """0 if the path is found, the errno if not (ENOENT for a negative entry)."""
+    ino = ROOT_INODE
+    try:
+        for name in names:
+            attrs = await ops.lookup(ino, name.encode(), CTX)
+            if attrs.st_ino == 0:
+                return errno.ENOENT
+            ino = attrs.st_ino
+    except pyfuse3.FUSEError as e:
+        return e.errno
+    return 0
+
+
+@trio_test
+async def test_no_name_looks_missing_while_the_first_listing_fails(remote: FakeRemote, stores) -> None:
+    remote.put(BUCKET, "m/sub/w.bin", b"w")
+    outage = Outage(remote)
+    catalog = Catalog(remote, [SOURCE])
+    ops = Operations(catalog, Handles(Fetcher(remote, stores(), fetch_config())), stores())
+    changes: list[Diff] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(Refresher(catalog, 0, [changes.append]).run)  # --refresh 0
+        await wait_for(lambda: catalog.state == "failing", "the first listing to fail")
+        assert await lookup_errno(ops, "m", "sub", "w.bin") == errno.EIO, "not a cacheable negative entry"
+        folder = (await ops.lookup(ROOT_INODE, b"m", CTX)).st_ino
+        with pytest.raises(pyfuse3.FUSEError) as failed:
+            await ops.opendir(folder, CTX)
+        assert failed.value.errno == errno.EIO, "a folder's listing fails, it is not empty"
+        outage.on = False
+        await wait_for(lambda: catalog.live, "the listing, tried again soon", timeout=5)
+        assert await lookup_errno(ops, "m", "sub", "w.bin") == 0
+        assert await lookup_errno(ops, "m", "nothing") == errno.ENOENT
+        nursery.cancel_scope.cancel()
+    assert changes == [], "nothing was served before, so nothing to invalidate"
+
+
+@trio_test
+async def test_a_lookup_before_the_listing_lists_its_own_name(remote: FakeRemote, stores) -> None:
+    remote.put(BUCKET, "m/sub/w.bin", b"w")
+
+    def bulk_fails(call: Call) -> None:
+        if call.key.endswith("/"):  # a lookup lists its own name, with no slash
+            raise RemoteUnavailable("s3://bkt/m/: object store kept failing (SlowDown)")
+
+    remote.on_list.append(bulk_fails)
+    catalog = Catalog(remote, [SOURCE])
+    ops = Operations(catalog, Handles(Fetcher(remote, stores(), fetch_config())), stores())
+    with pytest.raises(RemoteUnavailable):
+        await catalog.first_listing()
+    assert catalog.state == "failing"
+    assert await lookup_errno(ops, "m", "sub", "w.bin") == 0, "the lookup's own listing works"
+    assert await lookup_errno(ops, "m", "sub", "gone.bin") == errno.ENOENT, "listed, and not there"
+
+
+@trio_test
+async def test_the_saved_listing_is_served_while_the_first_listing_fails(remote: FakeRemote, stores) -> None:
+    store = stores()
+    remote.put(BUCKET, "m/a.bin", b"a" * 1000)
+    remote.put(BUCKET, "m/gone.bin", b"g")
+    await Catalog(remote, [SOURCE], store).refresh()  # saves the listing, as a mount does
+    remote.delete(BUCKET, "m/gone.bin")
+    remote.put(BUCKET, "m/new.bin", b"n")
+    outage = Outage(remote)
+    fetcher = Fetcher(remote, store, fetch_config())
+    catalog = Catalog(remote, [SOURCE], store)
+    ops = Operations(catalog, Handles(fetcher), store)
+    changes: list[Diff] = []
+    async with running(fetcher), trio.open_nursery() as nursery:
+        nursery.start_soon(Refresher(catalog, 0, [changes.append]).run)
+        await catalog.settled.wait()
+        assert catalog.state == "saved" and not catalog.offline
+        assert await lookup_errno(ops, "m", "a.bin") == 0
+        assert await lookup_errno(ops, "m", "new.bin") == errno.EIO, "not in the saved listing: asked, failed"
+        attrs = await ops.lookup((await ops.lookup(ROOT_INODE, b"m", CTX)).st_ino, b"a.bin", CTX)
+        info = await ops.open(attrs.st_ino, 0, CTX)
+        assert bytes(await ops.read(info.fh, 0, 1000)) == b"a" * 1000, "the object store serves data"
+        await ops.release(info.fh)
+        outage.on = False
+        await wait_for(lambda: catalog.live, "the live listing", timeout=5)
+        nursery.cancel_scope.cancel()
+    assert [o.key for o in changes[0].added] == ["m/new.bin"], "the kernel is told what the saved listing lacked"
+    assert [o.key for o in changes[0].removed] == ["m/gone.bin"]
