@@ -160,10 +160,13 @@ class Fetcher:
         return await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._meta)
 
     async def sweep_store(self, listing: list[RemoteObject]) -> None:
-        """Free what nothing will use again (Store.sweep): only ever with a
-        whole live listing, never an offline or partial one."""
+        """Free what downloads of versions nobody lists any more left in tmp/
+        (PartialFiles.sweep): only ever with a whole live listing, never an
+        offline or partial one.  The content index is left alone: in a store
+        copied without its hard links (cp -r, some image builds) every entry
+        looks unused, yet it is what links a new version's unchanged files."""
         try:
-            freed = await trio.to_thread.run_sync(self.store.sweep, listing, limiter=self.runner.bulk)
+            freed = await trio.to_thread.run_sync(self.store.partials.sweep, listing, limiter=self.runner.bulk)
         except OSError as e:
             log.warning("could not sweep the store's leftovers: %s", e.strerror)
             return
