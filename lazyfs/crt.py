@@ -31,6 +31,8 @@ from lazyfs.stats import STATS
 
 log = logging.getLogger(__name__)
 
+# The least memory awscrt's S3 client accepts for its part buffers.
+MIN_MEMORY = 256 * 1024 * 1024
 # How often a waiting worker looks at its request (cancel, stall).
 _POLL_S = 0.2
 _CHECKSUMS = ("crc64nvme", "crc32c", "crc32", "sha256", "sha1")
@@ -40,7 +42,7 @@ class CrtTransfer:
     """One awscrt S3 client for the process's ranged GETs."""
 
     def __init__(self, cfg: RemoteConfig, region: str, credentials: Callable[[], tuple[str, str, str | None]],
-                 part_size: int, max_connections: int) -> None:
+                 part_size: int, max_connections: int, memory_limit: int = MIN_MEMORY) -> None:
         from awscrt import auth, io, s3  # imported when chosen: start-up does not pay for it
 
         self.cfg = cfg
@@ -61,7 +63,9 @@ class CrtTransfer:
             part_size=max(part_size, 5 * 1024 * 1024),
             max_active_connections_override=max_connections,
             retry_config=s3.S3RetryConfig(max_retries=max(1, cfg.max_attempts - 1)),
-            connect_timeout_ms=int(cfg.connect_timeout * 1000))
+            connect_timeout_ms=int(cfg.connect_timeout * 1000),
+            # The client's own part buffers; it refuses less than 256 MiB.
+            memory_limit=max(MIN_MEMORY, memory_limit))
         self._s3 = s3
 
     def _crt_credentials(self) -> Any:
@@ -212,9 +216,11 @@ class _Received:
                 job.posted(self.reached - job.start)
 
 
-def transfer_for(remote: Any, cfg: FetchConfig) -> Callable[[RangeJob], None] | None:
-    """The CRT's fetch for `remote` (a remote.Remote) when --transfer-client crt; None for boto3."""
+def transfer_for(remote: Any, cfg: FetchConfig, memory_limit: int = MIN_MEMORY) -> Callable[[RangeJob], None] | None:
+    """The CRT's fetch for `remote` (a remote.Remote) when --transfer-client crt; None for boto3.
+    Half of --memory-limit (at least 256 MiB) for its buffers."""
     if cfg.transfer_client != "crt":
         return None
-    client = CrtTransfer(remote.cfg, remote.region, remote.frozen_credentials, cfg.part_size, cfg.max_connections)
+    client = CrtTransfer(remote.cfg, remote.region, remote.frozen_credentials, cfg.part_size, cfg.max_connections,
+                         memory_limit // 2)
     return client.fetch

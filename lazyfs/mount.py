@@ -142,7 +142,8 @@ def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[Re
 async def _serve(cfg: MountConfig, store: Store, remote: Remote,
                  offline: list[RemoteObject] | None) -> int:
     catalog = Catalog(remote, cfg.sources, store)
-    fetcher = Fetcher(remote, store, cfg.fetch, page_budget(cfg), fetch_range=crt.transfer_for(remote, cfg.fetch))
+    fetcher = Fetcher(remote, store, cfg.fetch, page_budget(cfg),
+                      fetch_range=crt.transfer_for(remote, cfg.fetch, cfg.memory_limit))
     fetcher.offline = lambda: catalog.offline
     if offline is not None:
         catalog.start_offline(offline, "object store unreachable at start")
