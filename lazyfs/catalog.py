@@ -35,7 +35,7 @@ from lazyfs.config import Source
 from lazyfs.errors import LazyfsError, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.lister import Lister
 from lazyfs.listings import walk_local
-from lazyfs.namespace import DirNode, Node, RemoteObject, Tree, build_tree, join
+from lazyfs.namespace import Diff, DirNode, Node, RemoteObject, Tree, build_tree, diff_trees, join
 from lazyfs.objectstore import ObjectStore
 from lazyfs.store import Store
 
@@ -62,16 +62,6 @@ class RefreshInfo:
     skipped: int = 0
 
 
-@dataclass(frozen=True)
-class Diff:
-    added: tuple[RemoteObject, ...] = ()
-    removed: tuple[RemoteObject, ...] = ()
-    changed: tuple[tuple[RemoteObject, RemoteObject], ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.changed)
-
-
 class Catalog:
     def __init__(self, remote: ObjectStore, sources: Sequence[Source], store: Store | None = None) -> None:
         self.remote = remote
@@ -95,6 +85,13 @@ class Catalog:
         self._subtrees: dict[str, Tree] = {}
         self._known: dict[str, Node] = {}
         self._probing: dict[str, trio.Event] = {}
+        # Folders whose whole listing the start-up check already has.
+        self._first_pages: dict[Source, list[RemoteObject]] = {}
+
+    def listed_at_start(self, listed: dict[Source, list[RemoteObject]]) -> None:
+        """The whole listing of these folders, from the start-up check (one
+        page each): the first listing uses it instead of asking again."""
+        self._first_pages = dict(listed)
 
     @property
     def state(self) -> State:
@@ -220,6 +217,10 @@ class Catalog:
         errors: list[RemoteError] = []
 
         async def one(i: int, source: Source, cancel: trio.CancelScope) -> None:
+            first = self._first_pages.pop(source, None)
+            if first is not None:
+                results[i] = first
+                return
             try:
                 results[i] = await self.lister.list_folder(source)
             except RemoteError as e:
@@ -376,17 +377,6 @@ def offline_objects(store: Store, sources: Sequence[Source]) -> list[RemoteObjec
         for obj in saved or ():
             out[obj.key] = obj  # the last listing is the best knowledge of versions
     return sorted(out.values(), key=lambda o: o.key)
-
-
-def diff_trees(old: Tree, new: Tree) -> Diff:
-    """What changed between two snapshots, for kernel cache invalidation."""
-    before = {o.key: o for o in old.files()}
-    after = {o.key: o for o in new.files()}
-    added = tuple(o for k, o in after.items() if k not in before)
-    removed = tuple(o for k, o in before.items() if k not in after)
-    changed = tuple((before[k], o) for k, o in after.items()
-                    if k in before and not before[k].same_bytes(o))
-    return Diff(added, removed, changed)
 
 
 def _same_versions(before: list[list[RemoteObject]], after: list[list[RemoteObject]]) -> bool:

@@ -20,11 +20,11 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 import pyfuse3
 import trio
 
-from lazyfs.catalog import Catalog, Diff
+from lazyfs.catalog import Catalog
 from lazyfs.errors import LazyfsError, errno_of
 from lazyfs.handles import Handles
 from lazyfs.inodes import InodeRef, InodeTable
-from lazyfs.namespace import DirNode, RemoteObject
+from lazyfs.namespace import Diff, DirNode, RemoteObject
 from lazyfs.stats import STATS
 from lazyfs.store import Store
 

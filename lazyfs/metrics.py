@@ -1,5 +1,6 @@
 """What the mount reports about itself: the stats file (`.lazyfs/stats.json`
-in the mount root) and Prometheus metrics (`--metrics-port`).
+in the mount root); Prometheus metrics (`--metrics-port`) read the same view
+(prometheus.py).
 
 Both are built from in-memory state only (the counters in stats.py and the
 live catalog, downloads and handles), so they are cheap and never wait on S3.
@@ -9,17 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterator
-
-from prometheus_client import start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from typing import Any
 
 from lazyfs import __version__
 from lazyfs.catalog import Catalog
 from lazyfs.fetch import Fetcher
 from lazyfs.handles import Handles
-from lazyfs.stats import REGISTRY, STATS
+from lazyfs.stats import STATS
 from lazyfs.store import Store
 
 
@@ -84,77 +81,3 @@ class MountView:
 
 def _iso(ts: float) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else None
-
-
-class MountCollector(Collector):
-    """Prometheus view of the same state, computed at scrape time."""
-
-    def __init__(self, view: MountView) -> None:
-        self.view = view
-
-    def collect(self) -> Iterator[Any]:
-        v = self.view
-        served = CounterMetricFamily("lazyfs_read_bytes", "Bytes returned to readers, by where they came from.",
-                                     labels=["source"])
-        for source in ("cached", "prebaked", "s3"):
-            served.add_metric([source], STATS.served.get(source, 0))
-        yield served
-        yield _counter("lazyfs_fetched_bytes", "Body bytes downloaded from S3.", STATS.fetched_bytes)
-        reqs = CounterMetricFamily("lazyfs_s3_requests", "Requests sent to S3.", labels=["op"])
-        fails = CounterMetricFamily("lazyfs_s3_request_failures", "S3 requests that failed (after botocore's "
-                                    "retries).", labels=["op"])
-        for op in ("GET", "HEAD", "LIST"):
-            reqs.add_metric([op], STATS.s3_requests.get(op, 0))
-            fails.add_metric([op], STATS.s3_errors.get(op, 0))
-        yield reqs
-        yield fails
-        yield _counter("lazyfs_cache_hits", "Opens served from a local copy.", STATS.opens_hit)
-        yield _counter("lazyfs_cache_misses", "Opens that started or joined a download.", STATS.opens_miss)
-        yield _counter("lazyfs_retries", "Ranged GETs resumed after the body broke off.", STATS.retries)
-        errors = CounterMetricFamily("lazyfs_errors", "Failed filesystem requests, by errno.", labels=["errno"])
-        for name, n in sorted(STATS.errors.items()):
-            errors.add_metric([name], n)
-        yield errors
-        background = CounterMetricFamily("lazyfs_background_errors", "Unexpected failures of background tasks "
-                                         "(the mount went on), by task.", labels=["task"])
-        for task, n in sorted(STATS.background_errors.items()):
-            background.add_metric([task], n)
-        yield background
-        outcomes = CounterMetricFamily("lazyfs_downloads", "Downloads finished, by outcome.", labels=["outcome"])
-        outcomes.add_metric(["ok"], STATS.downloads_ok)
-        outcomes.add_metric(["failed"], STATS.downloads_failed)
-        outcomes.add_metric(["linked"], STATS.linked_files)
-        yield outcomes
-        yield _gauge("lazyfs_downloads_in_flight", "Downloads in progress.", len(v.fetcher.downloads()))
-        yield _gauge("lazyfs_open_files", "Files open through the mount.", len(v.handles))
-        yield _gauge("lazyfs_objects", "Objects in the current listing.", v.catalog.tree.objects)
-        yield _gauge("lazyfs_offline", "1 while serving from the store alone.", int(v.catalog.offline))
-        yield _gauge("lazyfs_listing_last_success_timestamp_seconds", "When the last listing succeeded.",
-                     v.catalog.last.at if v.catalog.last.ok else 0)
-        fs = v.store.fsinfo()
-        yield _gauge("lazyfs_store_used_bytes", "Bytes used on the store's filesystem.",
-                     (fs.f_blocks - fs.f_bfree) * fs.f_frsize)
-        yield _gauge("lazyfs_store_free_bytes", "Bytes available on the store's filesystem.",
-                     fs.f_bavail * fs.f_frsize)
-        if v.fetcher.budget is not None:
-            yield _gauge("lazyfs_cache_budget_used_bytes", "Fetched bytes counted against --cache-max-size.",
-                         v.fetcher.budget.used)
-
-
-def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-    c = CounterMetricFamily(name, doc)
-    c.add_metric([], value)
-    return c
-
-
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    g = GaugeMetricFamily(name, doc)
-    g.add_metric([], value)
-    return g
-
-
-def serve_metrics(view: MountView, addr: str, port: int) -> None:
-    """Expose /metrics on addr:port (a daemon thread of prometheus_client's)."""
-    REGISTRY.register(MountCollector(view))
-    start_http_server(port, addr=addr, registry=REGISTRY)
-

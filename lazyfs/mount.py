@@ -26,19 +26,20 @@ import trio
 
 from lazyfs import crt, modelaware, prefetch
 from lazyfs.budget import Budget
-from lazyfs.catalog import Catalog, Diff, offline_objects
-from lazyfs.config import MountConfig
+from lazyfs.catalog import Catalog, offline_objects
+from lazyfs.config import MountConfig, Source
 from lazyfs.errors import RemoteError, RemoteUnavailable, StoreError
 from lazyfs.fetch import Fetcher
 from lazyfs.filemap import PageBudget
 from lazyfs.fuse_ops import Operations
 from lazyfs.handles import Handles
 from lazyfs.layer import STORE_MODES, Layer
-from lazyfs.metrics import MountView, serve_metrics
-from lazyfs.mounttab import MountError, check_mountpoint, set_read_ahead
-from lazyfs.namespace import DirNode, RemoteObject
+from lazyfs.metrics import MountView
+from lazyfs.mounttab import MountError, check_mountpoint, set_background, set_read_ahead
+from lazyfs.namespace import Diff, DirNode, RemoteObject
 from lazyfs.refresher import Refresher
 from lazyfs.remote import Remote
+from lazyfs.stats import TIMINGS
 from lazyfs.store import Store
 from lazyfs.supervise import forever, once
 
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 MAX_FUSE_TASKS = 512
 # After SIGTERM, requests still in flight get this long to finish.
 SHUTDOWN_GRACE_S = 5.0
+# Read requests the kernel may keep in flight to the daemon (readahead of
+# several files at once); pyfuse3 serves up to MAX_FUSE_TASKS concurrently.
+BACKGROUND_REQUESTS = 64
 # The ready line waits at most this long for the first listing (see _announce).
 READY_WAIT_S = 0.5
 
@@ -66,9 +70,16 @@ def open_store(cfg: MountConfig) -> Store:
         raise StoreError(f"cannot use store {cfg.store_path}: {e.strerror}", e.errno or errno.EIO) from None
 
 
-def probe(remote: Remote, cfg: MountConfig) -> None:
+def probe(remote: Remote, cfg: MountConfig) -> dict[Source, list[RemoteObject]]:
+    """Prove each folder can be listed (a wrong bucket or credentials fail
+    here, exit 1), with its first page: a folder that fits in it is listed
+    already, and the first listing does not ask again."""
+    complete = {}
     for source in cfg.sources:
-        remote.probe(source)
+        page = remote.probe(source)
+        if page.next_token is None:
+            complete[source] = page.objects
+    return complete
 
 
 def mount_options(cfg: MountConfig) -> set[str]:
@@ -111,19 +122,22 @@ def page_budget(cfg: MountConfig) -> PageBudget:
 def run(cfg: MountConfig) -> int:
     """Mount and serve until stopped.  Returns the exit code."""
     raise_fd_limit()
+    if cfg.metrics_port is not None:
+        TIMINGS.enable()  # from the first request on (prometheus_client only when asked)
     cfg = apply_memory_limit(cfg)
     check_mountpoint(cfg.mountpoint)
     store = open_store(cfg)
     try:
         remote = Remote(cfg.remote)
         offline: list[RemoteObject] | None = None
+        listed: dict[Source, list[RemoteObject]] = {}
         try:
-            probe(remote, cfg)
+            listed = probe(remote, cfg)
         except RemoteUnavailable as e:
             offline = offline_start(store, cfg, e)
         except RemoteError as e:
             raise MountError(str(e)) from None
-        return trio.run(_serve, cfg, store, remote, offline)
+        return trio.run(_serve, cfg, store, remote, offline, listed)
     finally:
         store.close()
 
@@ -139,9 +153,10 @@ def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[Re
     return objects
 
 
-async def _serve(cfg: MountConfig, store: Store, remote: Remote,
-                 offline: list[RemoteObject] | None) -> int:
+async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[RemoteObject] | None,
+                 listed: dict[Source, list[RemoteObject]]) -> int:
     catalog = Catalog(remote, cfg.sources, store)
+    catalog.listed_at_start(listed)
     fetcher = Fetcher(remote, store, cfg.fetch, page_budget(cfg),
                       fetch_range=crt.transfer_for(remote, cfg.fetch, cfg.memory_limit))
     fetcher.offline = lambda: catalog.offline
@@ -156,6 +171,8 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote,
     ops = Operations(catalog, handles, store, stats_file=view.snapshot_bytes, xattrs=cfg.xattrs)
     fetcher.hooks.on_bad_data = ops.drop_cached_pages
     if cfg.metrics_port is not None:
+        from lazyfs.prometheus import serve_metrics  # only when asked: start-up time
+
         try:
             serve_metrics(view, cfg.metrics_addr, cfg.metrics_port)
         except OSError as e:
@@ -276,6 +293,7 @@ async def _tune_after_init(ops: Operations, cfg: MountConfig) -> None:
     await ops.initialized.wait()
     await trio.sleep(0)
     set_read_ahead(cfg.mountpoint, cfg.read_ahead)
+    set_background(cfg.mountpoint, BACKGROUND_REQUESTS)
 
 
 class Warmer:

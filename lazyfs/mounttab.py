@@ -120,3 +120,21 @@ def set_read_ahead(mountpoint: Path, nbytes: int) -> None:
             f.write(str(max(4, nbytes // 1024)))
     except OSError as e:
         log.debug("could not set readahead of %s: %s", mountpoint, e)
+
+
+def set_background(mountpoint: Path, requests: int) -> None:
+    """Let the kernel keep more read requests in flight to the daemon (FUSE's
+    `max_background`, 12 by default): readahead of several files, or of one
+    file read ahead far, then waits on the daemon's threads and the network
+    instead of on this limit.  Needs root and the fusectl filesystem
+    (/sys/fs/fuse/connections); silently skipped otherwise."""
+    entry = find_mount(mountpoint)
+    if entry is None:
+        return
+    major, _, minor = entry.device.partition(":")
+    folder = Path("/sys/fs/fuse/connections") / str(os.makedev(int(major), int(minor)))
+    try:
+        (folder / "max_background").write_text(str(requests))
+        (folder / "congestion_threshold").write_text(str(requests * 3 // 4))
+    except OSError as e:
+        log.debug("could not raise the background requests of %s: %s", mountpoint, e)

@@ -276,3 +276,24 @@ def build_tree(objects: Iterable[RemoteObject], folders: Iterable[str] = (),
 
 def join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
+
+
+@dataclass(frozen=True)
+class Diff:
+    added: tuple[RemoteObject, ...] = ()
+    removed: tuple[RemoteObject, ...] = ()
+    changed: tuple[tuple[RemoteObject, RemoteObject], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+
+def diff_trees(old: Tree, new: Tree) -> Diff:
+    """What changed between two snapshots, for kernel cache invalidation."""
+    before = {o.key: o for o in old.files()}
+    after = {o.key: o for o in new.files()}
+    added = tuple(o for k, o in after.items() if k not in before)
+    removed = tuple(o for k, o in before.items() if k not in after)
+    changed = tuple((before[k], o) for k, o in after.items()
+                    if k in before and not before[k].same_bytes(o))
+    return Diff(added, removed, changed)

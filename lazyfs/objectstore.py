@@ -78,8 +78,8 @@ class ObjectStore(Protocol):
     def list_some(self, bucket: str, prefix: str, max_keys: int = 1000) -> tuple[list[RemoteObject], bool]:
         """The first `max_keys` objects under `prefix`, and whether there are more."""
 
-    def probe(self, source: Source) -> None:
-        """One cheap request proving the bucket exists and the folder lists."""
+    def probe(self, source: Source) -> ListPage:
+        """One request proving the bucket exists and the folder lists: its first page."""
 
     def head(self, bucket: str, key: str, etag: str | None = None) -> HeadInfo:
         """Current metadata of one object; with `etag`, only if still that version."""

@@ -15,8 +15,9 @@ from typing import Callable, Sequence
 
 import trio
 
-from lazyfs.catalog import Catalog, Diff
+from lazyfs.catalog import Catalog
 from lazyfs.errors import RemoteError
+from lazyfs.namespace import Diff
 
 log = logging.getLogger(__name__)
 

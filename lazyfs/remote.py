@@ -16,7 +16,6 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 from typing import Any
 
-import boto3
 import botocore.config
 import botocore.exceptions
 import botocore.session
@@ -26,7 +25,7 @@ from lazyfs.config import RemoteConfig, Source
 from lazyfs.errors import AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import HeadInfo, ListPage, ResponseMeta
-from lazyfs.stats import S3_REQUEST_SECONDS, STATS
+from lazyfs.stats import STATS, TIMINGS
 from lazyfs.verify import Part
 
 log = logging.getLogger(__name__)
@@ -88,8 +87,10 @@ class Remote:
         # botocore parses every timestamp with dateutil: three quarters of the
         # CPU a 1000-key listing costs.  We read one field and parse it ourselves.
         core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
-        self._client = boto3.session.Session(botocore_session=core).client(
-            "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config)
+        # botocore's session and client are boto3's, without the import of
+        # boto3 and s3transfer (start-up time).
+        self._client: Any = core.create_client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region,
+                                               config=config)
         self._client.meta.events.register("before-parse.s3.ListObjectsV2", _parse_listing_fast)
         self.endpoint = self._client.meta.endpoint_url
         self.region: str = self._client.meta.region_name or "us-east-1"
@@ -110,7 +111,7 @@ class Remote:
         "iam-role", "assume-role-with-web-identity", ...) and the access key id
         with all but its ends masked; None when there are none.  Never the secret."""
         try:
-            creds = boto3.session.Session().get_credentials()
+            creds = botocore.session.get_session().get_credentials()
         except botocore.exceptions.BotoCoreError as e:
             raise AccessDenied(f"credentials could not be loaded: {e}") from None
         if creds is None:
@@ -146,10 +147,10 @@ class Remote:
         objects, _, truncated, _ = _listing(bucket, resp)
         return objects, truncated
 
-    def probe(self, source: Source) -> None:
-        """One cheap request proving the bucket exists and the prefix can be listed."""
-        self._call(self._client.list_objects_v2, source.bucket, source.prefix,
-                   Bucket=source.bucket, Prefix=source.prefix, MaxKeys=1)
+    def probe(self, source: Source) -> ListPage:
+        """One request proving the bucket exists and the folder can be listed:
+        its first page, which for a model's folder is the whole listing."""
+        return self.list_page(source.bucket, source.prefix)
 
     @staticmethod
     def _listed(bucket: str, item: dict[str, Any]) -> RemoteObject:
@@ -217,7 +218,7 @@ class Remote:
             STATS.bump("s3_errors", op)
             raise self.translate(e, bucket, key) from e
         finally:
-            S3_REQUEST_SECONDS.labels(op).observe(time.monotonic() - started)
+            TIMINGS.request(op, time.monotonic() - started)
 
     def translate(self, e: BaseException, bucket: str, key: str) -> RemoteError:
         where = f"s3://{bucket}/{key}"

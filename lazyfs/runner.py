@@ -28,7 +28,7 @@ from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
 from lazyfs.probe import open_partial_file
 from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
-from lazyfs.stats import DOWNLOAD_SECONDS, STATS
+from lazyfs.stats import STATS, TIMINGS
 from lazyfs.store import Store
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ class Runner:
         STATS.downloads_ok += 1
         if dl.keep:
             self.bytes_published += dl.obj.size
-        DOWNLOAD_SECONDS.observe(elapsed)
+        TIMINGS.download(elapsed)
         log.info("fetched %s: %d bytes in %.2f s (%.1f MB/s) from S3", dl.obj.uri, dl.obj.size, elapsed,
                  dl.bytes_fetched / elapsed / 1e6,
                  extra={"event": "fetched", "key": dl.obj.key, "bytes": dl.obj.size,

@@ -4,8 +4,9 @@ Plain integers, bumped without locks on the trio thread (reads, opens,
 downloads), and under `Stats.lock` by worker threads (S3 requests, retries),
 whose `+=` could otherwise lose an update.  A scrape reads whatever is there,
 which is what a scrape of a counter means.  Latency and duration histograms
-use prometheus_client directly: they are recorded once per request, not per
-read.
+use prometheus_client, recorded once per request, not per read, and only
+when metrics are served (`TIMINGS.enable`): a mount without --metrics-port
+never imports prometheus_client (start-up time).
 """
 
 from __future__ import annotations
@@ -15,18 +16,42 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
 
-REGISTRY = CollectorRegistry(auto_describe=True)
+class Timings:
+    """The latency histograms of /metrics: nothing until `enable`."""
 
-S3_REQUEST_SECONDS = Histogram(
-    "lazyfs_s3_request_seconds", "Time from sending an S3 request to its response headers.",
-    ["op"], registry=REGISTRY,
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-DOWNLOAD_SECONDS = Histogram(
-    "lazyfs_download_seconds", "Time to download, verify and publish one file.", registry=REGISTRY,
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+    def __init__(self) -> None:
+        self.registry: Any = None
+        self._requests: Any = None
+        self._downloads: Any = None
+
+    def enable(self) -> Any:
+        """Make the histograms; the registry /metrics serves."""
+        from prometheus_client import CollectorRegistry, Histogram
+
+        if self.registry is None:
+            self.registry = CollectorRegistry(auto_describe=True)
+            self._requests = Histogram(
+                "lazyfs_s3_request_seconds", "Time from sending an S3 request to its response headers.",
+                ["op"], registry=self.registry,
+                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+            self._downloads = Histogram(
+                "lazyfs_download_seconds", "Time to download, verify and publish one file.",
+                registry=self.registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+        return self.registry
+
+    def request(self, op: str, seconds: float) -> None:
+        if self._requests is not None:
+            self._requests.labels(op).observe(seconds)
+
+    def download(self, seconds: float) -> None:
+        if self._downloads is not None:
+            self._downloads.observe(seconds)
+
+
+TIMINGS = Timings()
 
 
 @dataclass

@@ -18,6 +18,9 @@ from support.proxy import Fault
 pytestmark = pytest.mark.fuse
 
 P = "models/m"
+# More than one page: the start-up check (the first page) does not list the
+# folder whole, so the first listing is a request of its own that can fail.
+FILL = [f"{P}/fill/{i:04d}" for i in range(1000)]
 # Every LIST but the start-up probe (the first one) fails.
 LISTS_FAIL_503 = Fault("status", method="GET", query={"list-type": "2"}, status=503, code="SlowDown",
                        skip=1, times=None)
@@ -47,7 +50,7 @@ def test_a_failing_first_listing_is_retried_and_never_makes_a_file_look_missing(
                                                                                  fs: FS):
     """Before: the failed listing left an empty mount, every name ENOENT (the
     kernel caches that), and with --refresh 0 it stayed so forever."""
-    put_many(s3, bucket, [f"{P}/a.bin", f"{P}/sub/b.bin"])
+    put_many(s3, bucket, [f"{P}/a.bin", f"{P}/sub/b.bin", *FILL])
     proxy.add(LISTS_FAIL_503)
     m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", "--retries", "0")
     # Truthful either way: the first attempt may still be retrying its requests.
@@ -60,14 +63,14 @@ def test_a_failing_first_listing_is_retried_and_never_makes_a_file_look_missing(
     proxy.clear_faults()  # the store recovers: the listing is tried again within seconds
     # A lookup lists its own name at once; the listing follows at its next try.
     wait_until(lambda: errno_of_stat(fs, m.file(f"{P}/a.bin")) == 0, timeout=30, what="the lookup")
-    wait_until(lambda: "listed 2 objects" in m.log(), timeout=30, what="the retried listing")
-    assert fs.listdir(m.path / P) == ["a.bin", "sub"]
+    wait_until(lambda: "listed 1002 objects" in m.log(), timeout=30, what="the retried listing")
+    assert fs.listdir(m.path / P) == ["a.bin", "fill", "sub"]
     assert fs.read(m.file(f"{P}/sub/b.bin")) == f"{P}/sub/b.bin".encode()
 
 
 @pytest.mark.log_errors("listing failed", r"^\S+ \S+ ERROR lazyfs.fuse_ops: lookup: ")
 def test_the_ready_line_says_when_the_listing_failed(mount, proxy, s3, bucket, fs: FS):
-    put_many(s3, bucket, [f"{P}/a.bin"])
+    put_many(s3, bucket, [f"{P}/a.bin", *FILL])
     proxy.add(LISTS_FAIL_403)  # not retried within the listing: fails at once
     m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0")
     line = ready_line(m)
@@ -81,7 +84,7 @@ def test_the_ready_line_says_when_the_listing_failed(mount, proxy, s3, bucket, f
 def test_a_failing_first_listing_serves_the_saved_listing_meanwhile(mount, proxy, s3, bucket, fs: FS,
                                                                       tmp_path: Path):
     store = tmp_path / "store"
-    put_many(s3, bucket, [f"{P}/a.bin", f"{P}/sub/b.bin"])
+    put_many(s3, bucket, [f"{P}/a.bin", f"{P}/sub/b.bin", *FILL])
     first = mount("--prefix", f"s3://{bucket}/{P}", store=store)
     assert fs.read(first.file(f"{P}/a.bin")) == f"{P}/a.bin".encode()
     first.stop()
@@ -89,14 +92,14 @@ def test_a_failing_first_listing_serves_the_saved_listing_meanwhile(mount, proxy
     proxy.add(LISTS_FAIL_403)
     m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", store=store)
     line = ready_line(m)
-    assert line.startswith("lazyfs: ready SAVED LISTING: ") and "2 files" in line, line
-    assert fs.listdir(m.path / P) == ["a.bin", "sub"]
+    assert line.startswith("lazyfs: ready SAVED LISTING: ") and "1002 files" in line, line
+    assert fs.listdir(m.path / P) == ["a.bin", "fill", "sub"]
     assert fs.read(m.file(f"{P}/sub/b.bin")) == f"{P}/sub/b.bin".encode(), "fetched: S3 is reachable"
     # A name the saved listing lacks is asked for, and that fails: not "missing".
     assert errno_of_stat(fs, m.file(f"{P}/new.bin")) == errno.EACCES
     proxy.clear_faults()
     wait_until(lambda: "replace the saved listing" in m.log(), timeout=30, what="the live listing")
-    assert fs.listdir(m.path / P) == ["a.bin", "new.bin", "sub"]
+    assert fs.listdir(m.path / P) == ["a.bin", "fill", "new.bin", "sub"]
     assert fs.read(m.file(f"{P}/new.bin")) == f"{P}/new.bin".encode()
 
 

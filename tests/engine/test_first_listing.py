@@ -13,13 +13,14 @@ import pytest
 import trio
 
 from lazyfs import lister, refresher
-from lazyfs.catalog import Catalog, Diff
+from lazyfs.catalog import Catalog
 from lazyfs.errors import RemoteUnavailable
 from lazyfs.fetch import Fetcher
 from lazyfs.fuse_ops import Operations
 from lazyfs.handles import Handles
 from lazyfs.inodes import ROOT_INODE
 from lazyfs.modeljson import Source
+from lazyfs.namespace import Diff
 from lazyfs.refresher import Refresher
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
 from support.fakeremote import Call, FakeRemote

@@ -14,8 +14,9 @@ import gc
 import pytest
 import trio
 
-from lazyfs.catalog import Catalog, Diff
+from lazyfs.catalog import Catalog
 from lazyfs.modeljson import Source
+from lazyfs.namespace import Diff
 from support.enginekit import BUCKET, trio_test
 from support.fakeremote import FakeRemote
 from support.loopwatch import Lateness, StepTimer, watching

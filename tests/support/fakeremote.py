@@ -18,7 +18,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from lazyfs.errors import ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.namespace import RemoteObject
@@ -197,8 +197,8 @@ class FakeRemote:
         page = self.list_page(bucket, prefix, max_keys=max_keys)
         return page.objects, page.truncated
 
-    def probe(self, source: object) -> None:
-        self._record(Call("LIST", str(source)))
+    def probe(self, source: Any) -> ListPage:
+        return self.list_page(source.bucket, source.prefix)
 
     def head(self, bucket: str, key: str, etag: str | None = None) -> HeadInfo:
         self._record(Call("HEAD", key))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lazyfs.catalog import diff_trees
 from lazyfs.errors import UnsafeKey
 from lazyfs.inodes import ROOT_INODE, InodeTable
-from lazyfs.namespace import DirNode, RemoteObject, build_tree, key_parts
+from lazyfs.namespace import DirNode, RemoteObject, build_tree, diff_trees, key_parts
 
 
 def obj(key: str, size: int = 1, etag: str = "e", bucket: str = "b", mtime: int = 10) -> RemoteObject:
