@@ -69,6 +69,10 @@ def _mtime_ns(value: Any) -> int:
         return 0
 
 
+# Keys the start-up check asks for (see Remote.probe).
+PROBE_KEYS = 100
+
+
 class Remote:
     def __init__(self, cfg: RemoteConfig) -> None:
         self.cfg = cfg
@@ -149,8 +153,9 @@ class Remote:
 
     def probe(self, source: Source) -> ListPage:
         """One request proving the bucket exists and the folder can be listed:
-        its first page, which for a model's folder is the whole listing."""
-        return self.list_page(source.bucket, source.prefix)
+        its first PROBE_KEYS keys, which for a model's folder is the whole
+        listing (small enough a page not to hold up the start of a huge one)."""
+        return self.list_page(source.bucket, source.prefix, max_keys=PROBE_KEYS)
 
     @staticmethod
     def _listed(bucket: str, item: dict[str, Any]) -> RemoteObject:

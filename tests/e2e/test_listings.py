@@ -18,9 +18,9 @@ from support.proxy import Fault
 pytestmark = pytest.mark.fuse
 
 P = "models/m"
-# More than one page: the start-up check (the first page) does not list the
-# folder whole, so the first listing is a request of its own that can fail.
-FILL = [f"{P}/fill/{i:04d}" for i in range(1000)]
+# More than the start-up check's page (100 keys): it does not list the folder
+# whole, so the first listing is a request of its own that can fail.
+FILL = [f"{P}/fill/{i:03d}" for i in range(100)]
 # Every LIST but the start-up probe (the first one) fails.
 LISTS_FAIL_503 = Fault("status", method="GET", query={"list-type": "2"}, status=503, code="SlowDown",
                        skip=1, times=None)
@@ -63,7 +63,7 @@ def test_a_failing_first_listing_is_retried_and_never_makes_a_file_look_missing(
     proxy.clear_faults()  # the store recovers: the listing is tried again within seconds
     # A lookup lists its own name at once; the listing follows at its next try.
     wait_until(lambda: errno_of_stat(fs, m.file(f"{P}/a.bin")) == 0, timeout=30, what="the lookup")
-    wait_until(lambda: "listed 1002 objects" in m.log(), timeout=30, what="the retried listing")
+    wait_until(lambda: "listed 102 objects" in m.log(), timeout=30, what="the retried listing")
     assert fs.listdir(m.path / P) == ["a.bin", "fill", "sub"]
     assert fs.read(m.file(f"{P}/sub/b.bin")) == f"{P}/sub/b.bin".encode()
 
@@ -92,7 +92,7 @@ def test_a_failing_first_listing_serves_the_saved_listing_meanwhile(mount, proxy
     proxy.add(LISTS_FAIL_403)
     m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", store=store)
     line = ready_line(m)
-    assert line.startswith("lazyfs: ready SAVED LISTING: ") and "1002 files" in line, line
+    assert line.startswith("lazyfs: ready SAVED LISTING: ") and "102 files" in line, line
     assert fs.listdir(m.path / P) == ["a.bin", "fill", "sub"]
     assert fs.read(m.file(f"{P}/sub/b.bin")) == f"{P}/sub/b.bin".encode(), "fetched: S3 is reachable"
     # A name the saved listing lacks is asked for, and that fails: not "missing".

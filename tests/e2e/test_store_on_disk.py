@@ -135,6 +135,8 @@ def test_require_all_through_a_mount_without_xattrs_is_not_ready(mount, proxy, s
 @pytest.mark.log_errors("AccessDenied|Access Denied|access denied")
 def test_require_all_when_the_first_listing_failed_is_not_ready(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     s3.put_object(Bucket=bucket, Key=f"{P}/a.bin", Body=b"a" * 1000)
+    for i in range(100):  # more than the start-up check's page: the first listing asks again
+        s3.put_object(Bucket=bucket, Key=f"{P}/fill/{i:03d}", Body=b"f")
     # The start-up probe lists fine; every request after it is refused.
     proxy.add(Fault("status", method="GET", skip=1, times=None, status=403, code="AccessDenied"))
     m = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "store")

@@ -201,8 +201,9 @@ def test_memory_stays_bounded_while_streaming(smount, proxy, bucket, s3, fs: FS)
 
 
 def test_opening_a_known_path_does_not_wait_for_the_whole_listing(smount, proxy, bucket, s3, fs: FS):
-    for i in range(30):
-        s3.put_object(Bucket=bucket, Key=f"{P}/many/d{i:02d}/f.bin", Body=b"x")
+    # More than the start-up check's first page (100 keys): a listing of its own.
+    for i in range(120):
+        s3.put_object(Bucket=bucket, Key=f"{P}/many/d{i:03d}/f.bin", Body=b"x")
     key = f"{P}/llm/weights/model.bin"
     s3.put_object(Bucket=bucket, Key=key, Body=b"w" * 5000)
     # The full listing (its requests list the whole folder; a lookup's only
@@ -214,8 +215,8 @@ def test_opening_a_known_path_does_not_wait_for_the_whole_listing(smount, proxy,
     assert "listed" not in m.log(), "the open waited for the full listing"
     with pytest.raises(FileNotFoundError):
         fs.stat(m.file(f"{P}/llm/missing.bin"))
-    wait_until(lambda: "listed 31 objects" in m.log(), timeout=60, what="the full listing")
-    assert len(fs.listdir(m.path / P / "many")) == 30
+    wait_until(lambda: "listed 121 objects" in m.log(), timeout=60, what="the full listing")
+    assert len(fs.listdir(m.path / P / "many")) == 120
 
 
 def test_after_an_object_is_replaced_mid_download_the_next_open_reads_the_new_version(

@@ -198,7 +198,7 @@ class FakeRemote:
         return page.objects, page.truncated
 
     def probe(self, source: Any) -> ListPage:
-        return self.list_page(source.bucket, source.prefix)
+        return self.list_page(source.bucket, source.prefix, max_keys=100)
 
     def head(self, bucket: str, key: str, etag: str | None = None) -> HeadInfo:
         self._record(Call("HEAD", key))
