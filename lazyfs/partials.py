@@ -85,6 +85,12 @@ class PartialFiles:
     def __init__(self, tmp_fd: int, store_path: str) -> None:
         self.tmp_fd = tmp_fd
         self.store_path = store_path
+        # Files of failed downloads whose removal is pending (it waits for the
+        # download's threads): (name, inode).  An open in that window must
+        # start afresh, not resume a file about to be unlinked under it.
+        # Added on the trio thread, read and removed in worker threads: single
+        # set operations, atomic under the GIL.
+        self._condemned: set[tuple[str, int]] = set()
 
     @staticmethod
     def name(obj: RemoteObject) -> str:
@@ -96,7 +102,7 @@ class PartialFiles:
         for this exact version and block size, otherwise started afresh."""
         name = self.name(obj)
         record = self._record(name, obj)
-        if record is not None and record.block_size == block_size:
+        if record is not None and record.block_size == block_size and (name, record.ino) not in self._condemned:
             fd = self._reopen(name + ".part", record.ino)
             if fd is not None:
                 return self._partial(obj, fd, block_size, set(record.blocks()))
@@ -165,6 +171,11 @@ class PartialFiles:
             raise ValueError("not a resume record")
         return state
 
+    def condemn(self, partial: Partial) -> None:
+        """Say now that `partial`'s files will be discarded: no open resumes them
+        from here on, even before `discard` gets to run."""
+        self._condemned.add((partial.name, partial.ino))
+
     def discard(self, partial: Partial) -> None:
         """Remove a download's files (its descriptor stays with the caller) --
         unless a newer download of the same version owns the name by now."""
@@ -172,6 +183,8 @@ class PartialFiles:
             st = os.stat(partial.name + ".part", dir_fd=self.tmp_fd, follow_symlinks=False)
         except FileNotFoundError:
             return
+        finally:
+            self._condemned.discard((partial.name, partial.ino))
         if st.st_ino == partial.ino:
             remove(self.tmp_fd, partial.name + ".part")
             remove(self.tmp_fd, partial.name + ".json")

@@ -352,6 +352,8 @@ class Runner:
             # download of the right version is resumed by the next open.
             discard = isinstance(e, (ObjectChanged, ObjectNotFound, IntegrityError)) or \
                 (isinstance(e, StoreError) and e.errno == errno.ENOSPC)
+        if discard:
+            self.store.partials.condemn(dl.partial)
         self._spawn(self._cleanup_failed, dl, discard, dl.pin())
         dl.wake()
         self.retire(dl)
@@ -373,6 +375,7 @@ class Runner:
                 log.warning("%s: cleaning up after a failed download: %s", dl.obj.uri, e.strerror)
 
     def discard_later(self, partial: Partial) -> None:
+        self.store.partials.condemn(partial)
         self._spawn(self._discard, partial)
 
     async def _discard(self, partial: Partial) -> None:

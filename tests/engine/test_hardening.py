@@ -386,3 +386,36 @@ async def test_opening_a_shard_starts_the_next_one(remote: FakeRemote, stores) -
         await wait_for(lambda: fetcher.active(second) is not None or remote.gets(second.key),
                        "the next shard to start")
         handles.release(fh)
+
+
+def test_a_download_waiting_to_be_discarded_is_never_resumed(remote: FakeRemote, stores,
+                                                              tmp_path: Path) -> None:
+    """A failed download's files are removed only once its threads let go (up
+    to 30 s); an open in between must start a fresh file, not resume the old
+    one and then lose it to the late removal."""
+    data = os.urandom(4 * BLOCK)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    store = stores()
+    failed = store.partials.open(obj, BLOCK)
+    os.pwrite(failed.fd, data[:2 * BLOCK], 0)
+    failed.save_state({0, 1})
+    store.partials.condemn(failed)  # what Runner.fail does before the removal is scheduled
+
+    fresh = store.partials.open(obj, BLOCK)
+    assert fresh.ino != failed.ino and fresh.done == set()
+    store.partials.discard(failed)  # the late removal: not the new file's
+    os.pwrite(fresh.fd, data, 0)
+    store.publish(fresh)
+    assert (tmp_path / "store" / "m/w.bin").read_bytes() == data
+    failed.close()
+    fresh.close()
+
+    # Once discarded, the name is free again: a later interrupted download resumes as usual.
+    again = remote.put(BUCKET, "m/x.bin", data)
+    first = store.partials.open(again, BLOCK)
+    os.pwrite(first.fd, data[:BLOCK], 0)
+    first.save_state({0})
+    first.close()
+    resumed = store.partials.open(again, BLOCK)
+    assert resumed.done == {0}
+    resumed.close()
