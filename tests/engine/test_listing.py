@@ -202,10 +202,21 @@ async def test_access_denied_is_not_retried(remote: FakeRemote, quick_retries) -
 
 
 class IgnoresStartAfter(FakeRemote):
-    """A store that lists from the start whatever StartAfter says."""
+    """A store that lists from the start whatever StartAfter says.  Until a
+    request with StartAfter arrives, the first walk's later pages wait (up to
+    5 s), so the first listing splits before its single walk could finish
+    alone, however loaded the machine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked_start_after = threading.Event()
 
     def list_page(self, bucket: str, prefix: str, *, delimiter: bool = False, start_after: str = "",
                   token: str | None = None, max_keys: int = 1000):  # type: ignore[no-untyped-def]
+        if start_after and not token:
+            self.asked_start_after.set()
+        elif token and not delimiter:
+            self.asked_start_after.wait(5)
         return super().list_page(bucket, prefix, delimiter=delimiter, token=token, max_keys=max_keys)
 
 
