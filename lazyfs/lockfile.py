@@ -8,8 +8,8 @@ It also records the model.json files it was made from and a digest of the
 whole document, so a lock that was edited, truncated or corrupted after
 `lazyfs lock` wrote it is refused instead of half-applied.
 
-Pure: no I/O beyond the text given, no trio, no boto3.  Every problem is a
-LockError (a ConfigError: one line, exit code 2).
+Pure: no I/O beyond reading the file named, no trio, no boto3.  Every
+problem is a LockError (a ConfigError: one line, exit code 2).
 
 The digest is a SHA-256 of the document's canonical JSON (sorted keys, no
 whitespace, UTF-8) without the "digest" member.  It catches accidents (an
@@ -25,6 +25,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from lazyfs.errors import ConfigError, UnsafeKey
@@ -196,6 +197,20 @@ def iso(mtime_ns: int) -> str:
 
 
 # -- reading -------------------------------------------------------------------------------------
+
+
+def read(path: Path) -> Lock:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LockError(f"lock {path}: file not found") from None
+    except IsADirectoryError:
+        raise LockError(f"lock {path}: is a directory, not a lock file") from None
+    except UnicodeDecodeError:
+        raise LockError(f"lock {path}: not valid UTF-8 text (not a lock file?)") from None
+    except OSError as e:
+        raise LockError(f"lock {path}: cannot read it ({e.strerror})") from None
+    return parse(text, str(path))
 
 
 def parse(text: str, path: str) -> Lock:

@@ -85,6 +85,7 @@ class Call:
     after: str = ""  # a LIST's StartAfter
     token: str | None = None  # a LIST's continuation token
     delimiter: bool = False
+    version_id: str = ""  # the version a GET or a part HEAD asked for
 
 
 class FakeRemote:
@@ -131,9 +132,14 @@ class FakeRemote:
             self._keys.pop(bucket, None)
         return self._listed(bucket, key, stored)
 
-    def keep_versions(self, bucket: str) -> None:
-        """Turn versioning on for `bucket` (objects put from now on get ids)."""
-        self.versioned.add(bucket)
+    def keep_versions(self, bucket: str, on: bool = True) -> None:
+        """Turn versioning on for `bucket` (objects put from now on get ids),
+        or suspend it (puts get none, as S3's "null" version; the versions
+        kept stay readable by their ids)."""
+        if on:
+            self.versioned.add(bucket)
+        else:
+            self.versioned.discard(bucket)
 
     def version_ids(self, bucket: str, key: str) -> list[str]:
         """The ids of every version kept of `key`, oldest first."""
@@ -234,7 +240,7 @@ class FakeRemote:
                         version_id=stored.version_id)
 
     def part(self, obj: RemoteObject, number: int) -> Part | None:
-        self._record(Call("HEAD", obj.key, number))
+        self._record(Call("HEAD", obj.key, number, version_id=obj.version_id))
         stored = self._version(obj) if obj.version_id else self._current(obj.bucket, obj.key, None)
         if not stored.says_parts:  # the whole object's length, no parts count
             return Part(len(stored.data), 0)
@@ -243,7 +249,7 @@ class FakeRemote:
         return Part(stored.parts[number - 1], len(stored.parts))
 
     def get_range(self, obj: RemoteObject, start: int, end: int) -> FakeBody:
-        call = Call("GET", obj.key, start, end)
+        call = Call("GET", obj.key, start, end, version_id=obj.version_id)
         self._record(call)
         for cue in list(self.on_get):
             cue(call)
@@ -290,7 +296,7 @@ class FakeRemote:
         """The version `obj.version_id` names, as S3 answers ?versionId= (with If-Match on its ETag)."""
         with self._lock:
             found = [s for s in self.history.get((obj.bucket, obj.key), []) if s.version_id == obj.version_id]
-        if obj.bucket not in self.versioned:
+        if not any(b == obj.bucket for b, _ in self.history):  # never kept versions
             raise RemoteError(f"{obj.uri}: InvalidArgument: Invalid version id specified", bucket=obj.bucket,
                               key=obj.key)
         if not found:
