@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from lazyfs import __version__
 from lazyfs.catalog import Catalog
+from lazyfs.drift import DriftWatch
 from lazyfs.fetch import Fetcher
 from lazyfs.handles import Handles
 from lazyfs.stats import REGISTRY, STATS
@@ -27,12 +28,13 @@ class MountView:
     """The pieces of a running mount that reports read."""
 
     def __init__(self, catalog: Catalog, fetcher: Fetcher, handles: Handles, store: Store,
-                 mountpoint: str) -> None:
+                 mountpoint: str, pinned: DriftWatch | None = None) -> None:
         self.catalog = catalog
         self.fetcher = fetcher
         self.handles = handles
         self.store = store
         self.mountpoint = mountpoint
+        self.pinned = pinned  # --lock: the lock served and its drift
 
     def snapshot(self) -> dict[str, Any]:
         cat, last = self.catalog, self.catalog.last
@@ -76,7 +78,21 @@ class MountView:
             "store_filesystem": {"size_bytes": fs.f_blocks * fs.f_frsize,
                                  "free_bytes": fs.f_bavail * fs.f_frsize,
                                  "user_xattrs": self.store.identities.supported},
+            "pinned": self._pinned(),
         }
+
+    def _pinned(self) -> dict[str, Any] | None:
+        """The lock served, and how the bucket drifted from it (None: not pinned)."""
+        if self.pinned is None:
+            return None
+        lock, drift = self.pinned.pin.lock, self.pinned.drift
+        return {"lock": lock.path, "digest": lock.digest, "files": lock.files, "bytes": lock.bytes,
+                "by_version_id": sum(1 for e in lock.entries() if e.version_id),
+                "unavailable": self.pinned.pin.unavailable(),
+                "drift": {"checked_at": _iso(drift.checked_at), "error": drift.error or None,
+                          "changed": len(drift.changed), "deleted": len(drift.deleted), "added": len(drift.added),
+                          "keys": {"changed": list(drift.changed[:100]), "deleted": list(drift.deleted[:100]),
+                                   "added": list(drift.added[:100])}}}
 
     def snapshot_bytes(self) -> bytes:
         return (json.dumps(self.snapshot(), indent=2) + "\n").encode()
@@ -139,6 +155,26 @@ class MountCollector(Collector):
         if v.fetcher.budget is not None:
             yield _gauge("lazyfs_cache_budget_used_bytes", "Fetched bytes counted against --cache-max-size.",
                          v.fetcher.budget.used)
+        yield from _pinned_metrics(v.pinned)
+
+
+def _pinned_metrics(pinned: DriftWatch | None) -> Iterator[Any]:
+    yield _gauge("lazyfs_pinned", "1 when the mount serves a lock (--lock).", int(pinned is not None))
+    if pinned is None:
+        return
+    info = GaugeMetricFamily("lazyfs_lock_info", "The lock served (always 1).", labels=["digest", "path"])
+    info.add_metric([pinned.pin.lock.digest, pinned.pin.lock.path], 1)
+    yield info
+    drift = pinned.drift
+    kinds = GaugeMetricFamily("lazyfs_pinned_drift_objects", "Objects changed, deleted or added in the bucket "
+                              "since the lock, at the last drift check.", labels=["kind"])
+    for kind, keys in (("changed", drift.changed), ("deleted", drift.deleted), ("added", drift.added)):
+        kinds.add_metric([kind], len(keys))
+    yield kinds
+    yield _gauge("lazyfs_pinned_drift_checked_timestamp_seconds", "When the bucket was last compared with the "
+                 "lock (0: not yet).", drift.checked_at)
+    yield _gauge("lazyfs_pinned_unavailable_objects", "Locked versions the bucket no longer has (and this mount "
+                 "has no copy of).", len(pinned.pin.unavailable()))
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
