@@ -26,7 +26,7 @@ from lazyfs.fetch import Fetcher
 from lazyfs.lockfile import Lock
 from lazyfs.mounttab import MountError, find_mount
 from lazyfs.namespace import RemoteObject
-from lazyfs.pinned import Pin
+from lazyfs.pinned import Pinning
 from lazyfs.remote import Remote
 from lazyfs.store import Store
 
@@ -74,7 +74,7 @@ async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO) -> t
     if lock is None and cfg.write_lock is not None:
         lock = await lockcmd.make_lock(remote, cfg.sources, cfg.configs)
     if lock is not None:
-        pin = Pin(lock, remote)
+        pin = Pinning(lock, remote)
         objects = pin.objects()
         fetcher = Fetcher(pin.store, store, cfg.fetch, origin="bake", fetch_range=pin.transfer(remote, cfg.fetch))
     else:

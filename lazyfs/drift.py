@@ -7,7 +7,7 @@ the tree served stays the lock's, nothing is fetched, nothing swapped.
 What it reports (the stats file, /metrics, `lazyfs status`): objects changed
 (another ETag or size at a locked key), deleted, and added since the lock.
 A changed or deleted object the lock pins without a version id can no
-longer be fetched: it is logged once and its opens fail at once (pinned.Pin
+longer be fetched: it is logged once and its opens fail at once (pinned.Pinning
 refusals) unless the store has its bytes; one found back as locked is
 fetchable again.
 """
@@ -27,7 +27,7 @@ from lazyfs.lister import Lister
 from lazyfs.lockfile import Lock
 from lazyfs.modeljson import Source
 from lazyfs.namespace import RemoteObject
-from lazyfs.pinned import Pin
+from lazyfs.pinned import Pinning
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def compare(lock: Lock, listing: Sequence[RemoteObject], at: float) -> Drift:
 class DriftWatch:
     """A pinned mount's refresher: lists, compares, reports (see above)."""
 
-    def __init__(self, pin: Pin, lister: Lister, sources: Sequence[Source], interval: float) -> None:
+    def __init__(self, pin: Pinning, lister: Lister, sources: Sequence[Source], interval: float) -> None:
         self.pin = pin
         self.lister = lister
         self.sources = tuple(sources)

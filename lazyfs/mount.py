@@ -39,7 +39,7 @@ from lazyfs.metrics import MountView, serve_metrics
 from lazyfs.mounttab import MountError, check_mountpoint, set_read_ahead
 from lazyfs.namespace import DirNode, RemoteObject
 from lazyfs.objectstore import ObjectStore
-from lazyfs.pinned import Pin
+from lazyfs.pinned import Pinning
 from lazyfs.refresher import Refresher
 from lazyfs.remote import Remote
 from lazyfs.store import Store
@@ -145,7 +145,7 @@ def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[Re
 
 async def _serve(cfg: MountConfig, store: Store, remote: Remote,
                  offline: list[RemoteObject] | None) -> int:
-    pin = Pin(cfg.lock, remote) if cfg.lock is not None else None
+    pin = Pinning(cfg.lock, remote) if cfg.lock is not None else None
     source: ObjectStore = pin.store if pin is not None else remote
     catalog = Catalog(source, cfg.sources, store)
     fetcher = Fetcher(source, store, cfg.fetch, page_budget(cfg), fetch_range=pin.transfer(remote, cfg.fetch)

@@ -100,7 +100,7 @@ class PinnedStore:
         return self.inner.get_range(obj, start, end)
 
 
-class Pin:
+class Pinning:
     """A lock applied to one process's engine (a mount's or a bake's)."""
 
     def __init__(self, lock: Lock, remote: ObjectStore) -> None:

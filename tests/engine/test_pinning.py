@@ -1,5 +1,5 @@
 """Issue 14 at the engine tier: a lock made from one listing and a HEAD per
-object; an engine serving it (pinned.Pin) fetches the locked version by its
+object; an engine serving it (pinned.Pinning) fetches the locked version by its
 id after an overwrite, checks the bytes against the lock and not against
 what S3 says, never serves anything in place of a version the bucket lost
 (also when it is lost between two ranged GETs of one download), refuses
@@ -23,7 +23,8 @@ from lazyfs.handles import Handles
 from lazyfs.lister import Lister
 from lazyfs.lockfile import Lock
 from lazyfs.modeljson import Source
-from lazyfs.pinned import Pin
+from lazyfs.pinned import Pinning
+from lazyfs.prefetch import Prefetcher, Progress
 from lazyfs.store import Store
 from lazyfs.verify import Expectation
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
@@ -34,11 +35,13 @@ P = "m/"
 SOURCES = [Source(BUCKET, P)]
 
 
-def pinned(remote: FakeRemote, store: Store, lock: Lock, **cfg: object) -> tuple[Fetcher, Pin]:
-    """An engine serving `lock`, wired as `lazyfs mount --lock` wires it."""
-    pin = Pin(lock, remote)
+def pinned(remote: FakeRemote, store: Store, lock: Lock, origin: str = "fetch",
+           **cfg: object) -> tuple[Fetcher, Pinning]:
+    """An engine serving `lock`, wired as `lazyfs mount --lock` (or, with
+    origin "bake", `lazyfs bake --lock`) wires it."""
+    pin = Pinning(lock, remote)
     config = fetch_config(**cfg)
-    fetcher = Fetcher(pin.store, store, config, fetch_range=pin.transfer(remote, config))
+    fetcher = Fetcher(pin.store, store, config, origin=origin, fetch_range=pin.transfer(remote, config))
     fetcher.hooks.refuse = pin.refuse
     return fetcher, pin
 
@@ -211,3 +214,46 @@ async def test_a_drift_check_reports_and_refuses_only_what_cannot_be_fetched(rem
         assert pin.unavailable() == ["m/deleted.bin"]
         assert await read_all(fetcher, lock, "m/plain.bin") == plain
 
+
+
+@trio_test
+async def test_a_mount_of_the_old_lock_and_a_bake_of_the_new_share_the_store_and_its_downloads(
+        remote: FakeRemote, stores) -> None:
+    """Pre-staging: a bake of the new lock next to a pinned mount of the old
+    one, on one store.  A version both locks pin, which the mount is fetching
+    right now, is not fetched twice: the bake follows the mount's download
+    (the store's download lock), and the bytes only the new lock has are
+    fetched by the bake, while the mount goes on serving the old lock."""
+    remote.keep_versions(BUCKET)
+    shared = os.urandom(2 * MiB)
+    remote.put(BUCKET, "m/shard-1.bin", shared)
+    remote.put(BUCKET, "m/shard-2.bin", b"old" * 1000)
+    old = await lockcmd.make_lock(remote, SOURCES, [])
+    remote.put(BUCKET, "m/shard-2.bin", b"new" * 1000)
+    new = await lockcmd.make_lock(remote, SOURCES, [])
+    gate = remote.gate("m/shard-1.bin", start=MiB)  # the mount's download stops half-way
+    mount, _ = pinned(remote, stores(), old)
+    bake, _ = pinned(remote, stores(), new, origin="bake")
+    async with running(mount), running(bake):
+        handles = Handles(mount)
+        fh = await handles.open(next(o for o in old.objects() if o.key == "m/shard-1.bin"))
+        assert bytes(await handles.read(fh, 0, 4096)) == shared[:4096]
+        async with trio.open_nursery() as nursery:
+            baked: list[Progress] = []
+
+            async def bake_all() -> None:
+                baked.append(await Prefetcher(bake).run(new.objects()))
+
+            nursery.start_soon(bake_all)
+            await wait_for(lambda: bake._foreign, "the bake to follow the mount's download")
+            assert bytes(await handles.read(fh, 0, 4096)) == shared[:4096], "the mount serves all along"
+            gate.release()
+        progress = baked[0]
+        assert not progress.failed and progress.done_files == 2, progress
+        handles.release(fh)
+    fetched = {}
+    for c in remote.gets():
+        fetched[c.key] = fetched.get(c.key, 0) + c.end - c.start
+    assert fetched == {"m/shard-1.bin": 2 * MiB, "m/shard-2.bin": 3000}, "each version fetched once"
+    store = stores()
+    assert all(store.local_state(o).state.value == "cached" for o in new.objects())
