@@ -22,11 +22,11 @@ from typing import Sequence
 
 import trio
 
-from lazyfs.errors import RemoteError
+from lazyfs.errors import RemoteError, UnsafeKey
 from lazyfs.lister import Lister
 from lazyfs.lockfile import Lock
 from lazyfs.modeljson import Source
-from lazyfs.namespace import RemoteObject
+from lazyfs.namespace import RemoteObject, key_parts
 from lazyfs.pinned import Pinning
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,9 @@ class Drift:
 
 
 def compare(lock: Lock, listing: Sequence[RemoteObject], at: float) -> Drift:
-    """Blocking, O(objects): run it in a worker thread."""
-    listed = {(o.bucket, o.key): o for o in listing}
+    """Blocking, O(objects): run it in a worker thread.  Folder markers and
+    keys no mount would show ("a//b", "..") are not files: never "added"."""
+    listed = {(o.bucket, o.key): o for o in listing if _a_file(o.key)}
     changed, deleted, now = [], [], []
     for e in lock.entries():
         o = listed.pop((e.bucket, e.key), None)
@@ -61,6 +62,14 @@ def compare(lock: Lock, listing: Sequence[RemoteObject], at: float) -> Drift:
             changed.append(e.key)
             now.append((e.key, o.etag, o.size))
     return Drift(at, "", tuple(changed), tuple(deleted), tuple(sorted(k for _, k in listed)), tuple(now))
+
+
+def _a_file(key: str) -> bool:
+    try:
+        key_parts(key)
+    except UnsafeKey:
+        return False
+    return True
 
 
 class DriftWatch:
@@ -103,17 +112,18 @@ class DriftWatch:
 
     def _apply(self, drift: Drift) -> None:
         """Refuse what can no longer be fetched (logged once per key), and
-        take back what is there again as locked."""
+        take back what is there again as locked.  O(drift + refused), on the
+        trio thread."""
         now = {key: (etag, size) for key, etag, size in drift.now}
         gone = set(drift.changed) | set(drift.deleted)
-        for e in self.pin.lock.entries():
-            if e.key not in gone:
-                if not e.version_id:
-                    self.pin.mark_available(e)
-                continue
+        for key in self.pin.unavailable():
+            if key not in gone and not self.pin.entries[key].version_id:
+                self.pin.mark_available(key)  # back as locked (a version lost by id stays lost)
+        for key in sorted(gone):
+            e = self.pin.entries[key]
             if e.version_id:
                 continue  # fetched by its version id: the overwrite changes nothing here
-            held = now.get(e.key)
+            held = now.get(key)
             why = self.pin.why(e, f"it now holds ETag {held[0]}, {held[1]} bytes" if held
                                else "it now holds nothing at that key")
             if self.pin.mark_unavailable(e, why):

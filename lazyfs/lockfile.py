@@ -243,7 +243,7 @@ def _checked(doc: dict[str, Any], where: str, path: str) -> Lock:
     folders_doc = f.items(doc, "folders", "the lock", dicts=True)
     if not folders_doc:
         raise LockError(f"{where}: names no folder")
-    folders, seen = [], set()
+    folders, seen, seen_keys = [], set(), set[str]()
     for i, fd in enumerate(folders_doc):
         what = f"folders[{i}]"
         bucket, prefix = f.text(fd, "bucket", what), f.text(fd, "prefix", what)
@@ -256,9 +256,10 @@ def _checked(doc: dict[str, Any], where: str, path: str) -> Lock:
         seen.add((bucket, prefix))
         entries = [_entry(f, od, bucket, prefix, f"{what}.objects[{j}]")
                    for j, od in enumerate(f.items(fd, "objects", what, dicts=True))]
-        keys = [e.key for e in entries]
-        if len(set(keys)) != len(keys):
-            raise LockError(f"{where}: {what} names a key twice")
+        keys = {e.key for e in entries}
+        if len(keys) != len(entries) or keys & seen_keys:
+            raise LockError(f"{where}: {what} names a key twice (a mount shows one file per path)")
+        seen_keys |= keys
         folders.append(Folder(bucket, prefix, tuple(entries)))
     return Lock(tuple(folders), configs, f.text(doc, "created", "the lock"), f.text(doc, "generator", "the lock"),
                 doc["digest"], path)

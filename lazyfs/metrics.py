@@ -85,10 +85,9 @@ class MountView:
         """The lock served, and how the bucket drifted from it (None: not pinned)."""
         if self.pinned is None:
             return None
-        lock, drift = self.pinned.pin.lock, self.pinned.drift
-        return {"lock": lock.path, "digest": lock.digest, "files": lock.files, "bytes": lock.bytes,
-                "by_version_id": sum(1 for e in lock.entries() if e.version_id),
-                "unavailable": self.pinned.pin.unavailable(),
+        pin, drift = self.pinned.pin, self.pinned.drift
+        return {"lock": pin.lock.path, "digest": pin.lock.digest, "files": pin.files, "bytes": pin.bytes,
+                "by_version_id": pin.by_version_id, "unavailable": pin.unavailable(),
                 "drift": {"checked_at": _iso(drift.checked_at), "error": drift.error or None,
                           "changed": len(drift.changed), "deleted": len(drift.deleted), "added": len(drift.added),
                           "keys": {"changed": list(drift.changed[:100]), "deleted": list(drift.deleted[:100]),
@@ -173,8 +172,8 @@ def _pinned_metrics(pinned: DriftWatch | None) -> Iterator[Any]:
     yield kinds
     yield _gauge("lazyfs_pinned_drift_checked_timestamp_seconds", "When the bucket was last compared with the "
                  "lock (0: not yet).", drift.checked_at)
-    yield _gauge("lazyfs_pinned_unavailable_objects", "Locked versions the bucket no longer has (and this mount "
-                 "has no copy of).", len(pinned.pin.unavailable()))
+    yield _gauge("lazyfs_pinned_unavailable_objects", "Locked versions the bucket no longer has: served only "
+                 "from a copy in the store.", len(pinned.pin.unavailable()))
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -106,8 +106,13 @@ class Pinning:
     def __init__(self, lock: Lock, remote: ObjectStore) -> None:
         self.lock = lock
         self.store = PinnedStore(remote, lock)
-        # (bucket, key) -> why the locked version cannot be fetched
-        self._refused: dict[tuple[str, str], str] = {}
+        # A mount's paths are its keys: one entry per key.  Counted once, for
+        # the stats file (read on the trio thread at every open of it).
+        self.entries = {e.key: e for e in lock.entries()}
+        self.files, self.bytes = len(self.entries), sum(e.size for e in self.entries.values())
+        self.by_version_id = sum(1 for e in self.entries.values() if e.version_id)
+        # key -> why the locked version cannot be fetched
+        self._refused: dict[str, str] = {}
         self._refused_lock = threading.Lock()
 
     def objects(self) -> list[RemoteObject]:
@@ -159,19 +164,19 @@ class Pinning:
     def mark_unavailable(self, e: Entry, why: str) -> bool:
         """Refuse opens of `e` from now on; False if they were refused already."""
         with self._refused_lock:
-            known = (e.bucket, e.key) in self._refused
-            self._refused[(e.bucket, e.key)] = why
+            known = e.key in self._refused
+            self._refused[e.key] = why
         return not known
 
-    def mark_available(self, e: Entry) -> None:
+    def mark_available(self, key: str) -> None:
         with self._refused_lock:
-            self._refused.pop((e.bucket, e.key), None)
+            self._refused.pop(key, None)
 
     def refuse(self, obj: RemoteObject) -> LazyfsError | None:
         """Fetcher hook: the error an open of `obj` fails with at once (logged
         already, when the version was found gone), or None."""
         with self._refused_lock:
-            why = self._refused.get((obj.bucket, obj.key))
+            why = self._refused.get(obj.key)
         if why is None:
             return None
         err = PinnedVersionGone(why, bucket=obj.bucket, key=obj.key)
@@ -180,4 +185,4 @@ class Pinning:
 
     def unavailable(self) -> list[str]:
         with self._refused_lock:
-            return sorted(key for _, key in self._refused)
+            return sorted(self._refused)

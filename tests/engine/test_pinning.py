@@ -197,6 +197,7 @@ async def test_a_drift_check_reports_and_refuses_only_what_cannot_be_fetched(rem
     remote.put(BUCKET, "m/plain.bin", b"p2" * 1000)
     remote.delete(BUCKET, "m/deleted.bin")
     remote.put(BUCKET, "m/added.bin", b"new")
+    remote.put(BUCKET, "m/folder/", b"")  # a console's folder marker: not a file
     fetcher, pin = pinned(remote, stores(), lock)
     watch = DriftWatch(pin, Lister(pin.store, trio.CapacityLimiter(8)), SOURCES, 0)
     remote.calls.clear()
