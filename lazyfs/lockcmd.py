@@ -1,5 +1,5 @@
 """`lazyfs lock` and `lazyfs diff`: making a lock of the configured folders,
-and what a switch from one lock to another downloads.
+and what a switch from one lock to another downloads (what_switch: pure).
 
 A lock is made from one listing and one HEAD per object (with ChecksumMode:
 the listing names no checksum values, and no version ids), so it records
@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
@@ -133,8 +134,54 @@ def summary(lock: Lock, path: Path | None) -> str:
 # -- lazyfs diff ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What a switch does for one file of the new lock."""
+
+    entry: Entry
+    action: str  # "same" (the same bytes at the same path), "link" (the same bytes at another path), "download"
+    source_key: str = ""  # for "link": where the same bytes are in the old version
+
+
+@dataclass(frozen=True)
+class Switch:
+    changes: tuple[Change, ...]
+    removed: tuple[Entry, ...]  # served by the old lock, not by the new one
+
+    def of(self, action: str) -> list[Change]:
+        return [c for c in self.changes if c.action == action]
+
+    def total(self, action: str) -> tuple[int, int]:
+        """(files, bytes) of one action."""
+        picked = self.of(action)
+        return len(picked), sum(c.entry.size for c in picked)
+
+
+def what_switch(old: Lock, new: Lock) -> Switch:
+    """What moving a store from `old` to `new` costs: files whose bytes (ETag
+    and size, as the store's content index matches them) the old version
+    has are linked, not downloaded."""
+    at_path = {(e.bucket, e.key): e for e in old.entries()}
+    by_bytes: dict[tuple[str, int], Entry] = {}
+    for e in old.entries():
+        if e.etag:
+            by_bytes.setdefault((e.etag, e.size), e)
+    changes = []
+    for e in new.entries():
+        before = at_path.get((e.bucket, e.key))
+        same = by_bytes.get((e.etag, e.size)) if e.etag else None
+        if before is not None and (before.etag, before.size) == (e.etag, e.size) and e.etag:
+            changes.append(Change(e, "same"))
+        elif same is not None:
+            changes.append(Change(e, "link", same.key))
+        else:
+            changes.append(Change(e, "download"))
+    kept = {(e.bucket, e.key) for e in new.entries()}
+    return Switch(tuple(changes), tuple(e for e in old.entries() if (e.bucket, e.key) not in kept))
+
+
 def run_diff(cfg: DiffConfig, out: TextIO = sys.stdout) -> int:
-    switch = lockfile.switch(cfg.old, cfg.new)
+    switch = what_switch(cfg.old, cfg.new)
     if cfg.as_json:
         json.dump(_diff_json(cfg, switch), out, indent=2)
         out.write("\n")
@@ -164,7 +211,7 @@ def _files(n: int) -> str:
     return f"{n} file" if n == 1 else f"{n} files"
 
 
-def _diff_json(cfg: DiffConfig, switch: lockfile.Switch) -> dict[str, Any]:
+def _diff_json(cfg: DiffConfig, switch: Switch) -> dict[str, Any]:
     out: dict[str, Any] = {"old": {"path": cfg.old.path, "digest": cfg.old.digest},
                            "new": {"path": cfg.new.path, "digest": cfg.new.digest}}
     for action in ("download", "link", "same"):

@@ -38,6 +38,7 @@ CHECKSUMS = ("CRC64NVME", "CRC32C", "CRC32", "SHA256", "SHA1")  # full-object ad
 ETAG_CHECKS = ("MD5", "MD5-multipart")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ISO = re.compile(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)Z$")
+_TOKEN = re.compile(r'^[!#-\[\]-~]{0,1024}$')  # visible ASCII but '"' and '\\'
 
 
 class LockError(ConfigError):
@@ -275,8 +276,10 @@ def _entry(f: _Fields, d: dict[str, Any], bucket: str, prefix: str, what: str) -
         raise LockError(f"{f.where}: {what}: key \"{key}\" cannot be a path ({e})") from None
     size = f.whole(d, "size", what)
     check = _check(f, d.get("checksum"), size, f"{what}.checksum")
-    return Entry(bucket, key, size, f.text(d, "etag", what), f.opt_text(d, "version_id", what) or "",
-                 _parse_iso(f, f.text(d, "last_modified", what), what), check)
+    etag, version_id = f.text(d, "etag", what), f.opt_text(d, "version_id", what) or ""
+    if not _TOKEN.match(etag) or not _TOKEN.match(version_id):  # they go into request headers and URLs
+        raise LockError(f"{f.where}: {what}: etag and version_id must be printable ASCII without spaces or quotes")
+    return Entry(bucket, key, size, etag, version_id, _parse_iso(f, f.text(d, "last_modified", what), what), check)
 
 
 def _check(f: _Fields, d: Any, size: int, what: str) -> Expectation | None:
@@ -363,52 +366,3 @@ def check_sources(lock: Lock, sources: Sequence[Source]) -> None:
     raise LockError(f"{lock.where()} is for {what}: it pins {', '.join(sorted(s.uri for s in lock.sources))} "
                     f"but the configuration serves {', '.join(sorted(s.uri for s in sources))}; "
                     "make a lock of this configuration with lazyfs lock")
-
-
-# -- switching from one lock to another ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """What a switch does for one file of the new lock."""
-
-    entry: Entry
-    action: str  # "same" (the same bytes at the same path), "link" (the same bytes at another path), "download"
-    source_key: str = ""  # for "link": where the same bytes are in the old version
-
-
-@dataclass(frozen=True)
-class Switch:
-    changes: tuple[Change, ...]
-    removed: tuple[Entry, ...]  # served by the old lock, not by the new one
-
-    def of(self, action: str) -> list[Change]:
-        return [c for c in self.changes if c.action == action]
-
-    def total(self, action: str) -> tuple[int, int]:
-        """(files, bytes) of one action."""
-        picked = self.of(action)
-        return len(picked), sum(c.entry.size for c in picked)
-
-
-def switch(old: Lock, new: Lock) -> Switch:
-    """What moving a store from `old` to `new` costs: files whose bytes (ETag
-    and size, as the store's content index matches them) the old version
-    has are linked, not downloaded."""
-    at_path = {(e.bucket, e.key): e for e in old.entries()}
-    by_bytes: dict[tuple[str, int], Entry] = {}
-    for e in old.entries():
-        if e.etag:
-            by_bytes.setdefault((e.etag, e.size), e)
-    changes = []
-    for e in new.entries():
-        before = at_path.get((e.bucket, e.key))
-        same = by_bytes.get((e.etag, e.size)) if e.etag else None
-        if before is not None and (before.etag, before.size) == (e.etag, e.size) and e.etag:
-            changes.append(Change(e, "same"))
-        elif same is not None:
-            changes.append(Change(e, "link", same.key))
-        else:
-            changes.append(Change(e, "download"))
-    kept = {(e.bucket, e.key) for e in new.entries()}
-    return Switch(tuple(changes), tuple(e for e in old.entries() if (e.bucket, e.key) not in kept))

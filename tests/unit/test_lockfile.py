@@ -9,6 +9,7 @@ import json
 import pytest
 
 from lazyfs import lockfile
+from lazyfs.lockcmd import what_switch
 from lazyfs.lockfile import ConfigRef, Entry, Folder, LockError
 from lazyfs.modeljson import Source
 from lazyfs.verify import Expectation
@@ -103,6 +104,8 @@ def document() -> dict:
     (lambda d: d["folders"][0].update(prefix="my-model/v3"), "not a normalized folder"),
     (lambda d: d["folders"][0].update(bucket="Not A Bucket!"), "is not a valid bucket name"),
     (lambda d: d["folders"][0]["objects"].append(d["folders"][0]["objects"][0]), "names a key twice"),
+    (lambda d: d["folders"][0]["objects"][0].update(etag='x"\r\nX-Injected: 1'), "printable ASCII"),
+    (lambda d: d["folders"][0]["objects"][0].update(version_id="a b"), "printable ASCII"),
 ])
 def test_a_malformed_lock_is_refused_naming_the_member(edit, message: str) -> None:
     doc = document()
@@ -140,10 +143,10 @@ def test_a_switch_downloads_only_bytes_the_old_version_lacks() -> None:
           for e in old.entries()]
     v4[1] = Entry("models", "my-model/v4/model.safetensors", 4 << 20, "d" * 32, "", T, None)
     new = lockfile.make([Folder("models", "my-model/v4/", tuple(v4))], [], "g")
-    s = lockfile.switch(old, new)
+    s = what_switch(old, new)
     assert s.total("download") == (1, 4 << 20)
     assert s.total("link") == (2, 812 + 5000)
     assert {c.source_key for c in s.of("link")} == {"my-model/v3/config.json", "my-model/v3/tokenizer.json"}
     assert len(s.removed) == 3
-    same = lockfile.switch(old, old)
+    same = what_switch(old, old)
     assert same.total("same") == (3, old.bytes) and same.total("download") == (0, 0) and not same.removed
