@@ -59,6 +59,7 @@ class Answer:
     # not every file is known.
     unknown: str = ""
     lock: str = ""  # the digest of the lock the files were judged against
+    pinned: str = ""  # the digest of the lock a running mount serves ("" when it is not pinned)
 
     @property
     def ready(self) -> bool:
@@ -165,9 +166,11 @@ def from_mount(cfg: StatusConfig) -> Answer:
     if cfg.lock is not None and cfg.verify_content:
         files = _with_content(files, contentcheck.through_mount(cfg.store, list(cfg.lock.entries()),
                                                                 _on_disk(files)))
+    pinned = stats.get("pinned")
     return Answer(files, note, unknown or unasked or _missing_files(cfg, stats, len(files))
                   or (_unproven(files, cfg.verify_content) if cfg.lock is not None else ""),
-                  cfg.lock.short_digest if cfg.lock is not None else "")
+                  cfg.lock.short_digest if cfg.lock is not None else "",
+                  str(pinned.get("digest") or "") if isinstance(pinned, dict) else "")
 
 
 def _pinned_note(pinned: Any) -> str:
@@ -270,7 +273,8 @@ def report(answer: Answer, as_json: bool, out: TextIO) -> None:
         rows = [{"path": f.path, "size": f.size, "state": f.state.value, "verified": f.verified or None,
                  "content": f.content or None} for f in files]
         json.dump({"files": rows, "totals": {"files": len(files), "bytes": total, **counts}, "ready": ready,
-                   "unknown": answer.unknown or None, "lock": answer.lock or None, "source": answer.note},
+                   "unknown": answer.unknown or None, "lock": answer.lock or None,
+                   "pinned": answer.pinned or None, "source": answer.note},
                   out, indent=2)
         out.write("\n")
         return

@@ -144,6 +144,8 @@ def test_drift_is_reported_and_nothing_is_fetched_or_swapped(mount, proxy, s3, b
     res = lazyfs_cli(["status", "--store", str(m.path), "--prefix", f"s3://{bucket}/{P}"])
     assert f"pinned to lock {pinned['digest'][:19]}" in res.stdout, res.stdout
     assert "drift since the lock: 1 changed, 1 deleted, 1 added" in res.stdout
+    js = json.loads(lazyfs_cli(["status", "--store", str(m.path), "--prefix", f"s3://{bucket}/{P}", "--json"]).stdout)
+    assert js["pinned"] == pinned["digest"]
 
 
 def test_bake_with_a_lock_status_proves_it_and_a_pinned_start_downloads_nothing(mount, proxy, s3, bucket, fs: FS,
