@@ -34,24 +34,31 @@ ENTRYPOINT ["lazyfs", "mount"]
 CMD ["--config", "/app/model.json"]
 
 # Production: the same image with the model's files baked into the store
-# folder /opt/lazyfs/store (mount with --store /opt/lazyfs/store; or bake to
-# /var/practicus/cache itself when lazyfs mounts in the same container), so a
-# pod starts, scales up and recovers without downloading.  Credentials come in
-# as a build secret (BuildKit, or podman): they are never written to a layer.
-# MODEL_JSON is a path inside the build context; AWS_ENDPOINT_URL points the
-# bake at a store other than AWS.  The bake prints a progress line every 5 s.
+# folder /opt/lazyfs/store, pinned by a lock file (see README, "Pinned
+# deployments"): the bake fetches exactly the versions the lock names (by
+# version id, checked against the lock), and the mount serves exactly them,
+# with no request at start, so a pod starts, scales up and recovers without
+# downloading, and an overwrite in the bucket changes nothing it serves.
+# Make the lock once the version is approved:
+#   lazyfs lock --config model.json -o model.lock.json
+# Credentials come in as a build secret (BuildKit, or podman): they are never
+# written to a layer.  MODEL_JSON and MODEL_LOCK are paths inside the build
+# context; AWS_ENDPOINT_URL points the bake at a store other than AWS.  The
+# bake prints a progress line every 5 s.
 #   docker build --target production \
 #     --secret id=aws,src=$HOME/.aws/credentials \
-#     --build-arg MODEL_JSON=model.json --build-arg AWS_REGION=eu-west-1 \
-#     -t my-model:prod .
+#     --build-arg MODEL_JSON=model.json --build-arg MODEL_LOCK=model.lock.json \
+#     --build-arg AWS_REGION=eu-west-1 -t my-model:prod .
 FROM runtime AS production
 ARG MODEL_JSON=model.json
+ARG MODEL_LOCK=model.lock.json
 ARG AWS_REGION=
 ARG AWS_ENDPOINT_URL=
 COPY ${MODEL_JSON} /app/model.json
+COPY ${MODEL_LOCK} /app/model.lock.json
 # (empty build args are unset, so the AWS chain's own defaults apply)
 RUN --mount=type=secret,id=aws,target=/root/.aws/credentials,required=true \
     [ -n "$AWS_REGION" ] || unset AWS_REGION; \
     [ -n "$AWS_ENDPOINT_URL" ] || unset AWS_ENDPOINT_URL; \
-    lazyfs bake --config /app/model.json --to /opt/lazyfs/store
-CMD ["--config", "/app/model.json", "--store", "/opt/lazyfs/store"]
+    lazyfs bake --lock /app/model.lock.json --to /opt/lazyfs/store
+CMD ["--lock", "/app/model.lock.json", "--store", "/opt/lazyfs/store"]

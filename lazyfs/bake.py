@@ -1,7 +1,9 @@
 """`lazyfs bake`: fetch every configured object into a folder, laid out exactly
 as the mount shows it, for a production image.  Files already current are
 skipped, so a second run downloads nothing; identity records (origin "bake":
-never evicted) and the listing (for offline starts) are written too.
+never evicted) and the listing (for offline starts) are written too.  With
+a lock (--lock, or --write-lock's, made first) it bakes exactly the locked
+versions, as a pinned mount fetches them (pinned.py), and lists nothing.
 
 Reuses the catalog, the download engine and the prefetcher; never imports
 pyfuse3.
@@ -17,11 +19,14 @@ from typing import TextIO
 
 import trio
 
-from lazyfs import crt, prefetch
+from lazyfs import crt, lockcmd, prefetch
 from lazyfs.catalog import Catalog
 from lazyfs.config import BakeConfig
 from lazyfs.fetch import Fetcher
+from lazyfs.lockfile import Lock
 from lazyfs.mounttab import MountError, find_mount
+from lazyfs.namespace import RemoteObject
+from lazyfs.pinned import Pinning
 from lazyfs.remote import Remote
 from lazyfs.store import Store
 
@@ -46,22 +51,43 @@ def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
     store = Store.open(str(cfg.target), mode=cfg.store_mode, create=True)
     try:
         remote = Remote(cfg.remote)
-        result = trio.run(_bake, cfg, store, remote, out)
+        result, lock = trio.run(_bake, cfg, store, remote, out)
     finally:
         store.close()
     print(f"lazyfs bake: {result.files} files: {result.downloaded} downloaded "
           f"({result.bytes_downloaded / 2**20:.1f} MiB), {result.skipped} already current, "
-          f"{result.failed} failed, in {result.seconds:.1f} s -> {cfg.target}", file=out, flush=True)
+          f"{result.failed} failed, in {result.seconds:.1f} s -> {cfg.target}"
+          + (f" (lock {lock.short_digest})" if lock is not None else ""), file=out, flush=True)
+    if cfg.write_lock is not None and lock is not None:
+        if result.failed:
+            print(f"lazyfs bake: no lock written to {cfg.write_lock}: not every file is in", file=out, flush=True)
+        else:
+            lockcmd.write(lock, cfg.write_lock, out)
+            print(lockcmd.summary(lock, cfg.write_lock), file=out, flush=True)
     return 0 if result.failed == 0 else 1
 
 
-async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO) -> BakeResult:
-    catalog = Catalog(remote, cfg.sources, store)
-    await catalog.refresh()  # a failure here is a runtime error (exit 1)
-    objects = list(catalog.tree.files())
-    fetcher = Fetcher(remote, store, cfg.fetch, origin="bake", fetch_range=crt.transfer_for(remote, cfg.fetch))
+async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO) -> tuple[BakeResult, Lock | None]:
+    """Bake what the listing shows, or exactly a lock's versions (--lock; with
+    --write-lock, a lock made here first)."""
+    lock = cfg.lock
+    if lock is None and cfg.write_lock is not None:
+        lock = await lockcmd.make_lock(remote, cfg.sources, cfg.configs)
+    if lock is not None:
+        pin = Pinning(lock, remote)
+        objects = pin.objects()
+        fetcher = Fetcher(pin.store, store, cfg.fetch, origin="bake", fetch_range=pin.transfer(remote, cfg.fetch))
+    else:
+        catalog = Catalog(remote, cfg.sources, store)
+        await catalog.refresh()  # a failure here is a runtime error (exit 1)
+        objects = list(catalog.tree.files())
+        fetcher = Fetcher(remote, store, cfg.fetch, origin="bake", fetch_range=crt.transfer_for(remote, cfg.fetch))
+    return await _fetch_all(fetcher, objects, out), lock
+
+
+async def _fetch_all(fetcher: Fetcher, objects: list[RemoteObject], out: TextIO) -> BakeResult:
     await fetcher.sweep_store(objects)
-    warmer = prefetch.Prefetcher(fetcher, concurrent_files=max(8, cfg.fetch.max_connections))
+    warmer = prefetch.Prefetcher(fetcher, concurrent_files=max(8, fetcher.cfg.max_connections))
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
         await nursery.start(fetcher.run)

@@ -109,6 +109,14 @@ class Catalog:
         await self.listed.wait()
         return self.tree
 
+    def start_pinned(self, objects: list[RemoteObject]) -> None:
+        """Serve exactly `objects` (a lock's, pinned.py) from now on: a live
+        tree that no listing ever replaces."""
+        self._serve(self._build(objects), "")
+        self.last = dataclasses.replace(self.last, ok=True)
+        self.live = True
+        self.settled.set()
+
     def start_offline(self, objects: list[RemoteObject], reason: str) -> None:
         self._serve(self._build(objects), reason)
         self.offline = True

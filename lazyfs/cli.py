@@ -17,7 +17,7 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from lazyfs import __version__, options
-from lazyfs.config import bake_config, doctor_config, mount_config, status_config
+from lazyfs.config import bake_config, diff_config, doctor_config, lock_config, mount_config, status_config
 from lazyfs.errors import ConfigError, LazyfsError, UsageError
 from lazyfs.options import Option
 
@@ -41,6 +41,13 @@ COMMANDS: dict[str, tuple[Sequence[Option], str, str]] = {
     "status": (options.STATUS, "which files are on disk and current (readiness probe)",
                "Per file: remote size and local state (cached, prebaked, downloading, partial, stale, "
                "missing), and totals.  Works on a store folder or a running mount."),
+    "lock": (options.LOCK, "pin the configured folders' current versions in a lock file",
+             "List the configured folders and write a lock: every object's key, size, ETag, version id (when "
+             "the bucket keeps versions), Last-Modified and checksum, the config it came from, and a digest of "
+             "the whole.  mount, bake and status take it with --lock."),
+    "diff": (options.DIFF, "what switching from one lock to another downloads",
+             "Compare two locks: the files a switch from OLD to NEW downloads, and those whose bytes the old "
+             "version has already (linked by the store's content index, not downloaded).  No request to S3."),
     "doctor": (options.DOCTOR, "check what a mount needs, one line each with a fix",
                "Check /dev/fuse, fusermount3, allow_other, the mountpoint, the store, credentials, the "
                "endpoint, and that each folder lists.  Exit 0 when all pass."),
@@ -67,15 +74,16 @@ def _add(p: argparse.ArgumentParser, opt: Option) -> None:
         p.add_argument(opt.name, nargs="?" if opt.kind == "positional" else None, metavar=opt.metavar, **kw)
         return
     kw["dest"] = opt.name
+    names = (opt.short, opt.flag) if opt.short else (opt.flag,)
     if opt.kind == "flag":
-        p.add_argument(opt.flag, action="store_true", default=None, **kw)
+        p.add_argument(*names, action="store_true", default=None, **kw)
     elif opt.kind == "off":
-        p.add_argument(opt.flag, action="store_false", default=None, **kw)
+        p.add_argument(*names, action="store_false", default=None, **kw)
     else:
         kw.update(metavar=opt.metavar, type=opt.type)
         if opt.choices:
             kw["choices"] = opt.choices
-        p.add_argument(opt.flag, action="append" if opt.kind == "append" else "store", **kw)
+        p.add_argument(*names, action="append" if opt.kind == "append" else "store", **kw)
 
 
 class JsonFormatter(logging.Formatter):
@@ -130,6 +138,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return status.run(status_config(_values(args), os.environ))
 
 
+def _cmd_lock(args: argparse.Namespace) -> int:
+    from lazyfs import lockcmd
+
+    return lockcmd.run(lock_config(_values(args), os.environ))
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from lazyfs import lockcmd
+
+    return lockcmd.run_diff(diff_config(_values(args)))
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from lazyfs import doctor
 
@@ -150,8 +170,8 @@ def _cmd_umount(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_HANDLERS = {"mount": _cmd_mount, "bake": _cmd_bake, "status": _cmd_status, "doctor": _cmd_doctor,
-             "umount": _cmd_umount}
+_HANDLERS = {"mount": _cmd_mount, "bake": _cmd_bake, "status": _cmd_status, "lock": _cmd_lock, "diff": _cmd_diff,
+             "doctor": _cmd_doctor, "umount": _cmd_umount}
 
 
 def _stop(signum: int, frame: Any) -> NoReturn:

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, cast
 
 from lazyfs.errors import ConfigError
+from lazyfs.lockfile import ConfigRef, Lock, check_sources, read
 from lazyfs.modeljson import (
     DEFAULT_CACHE_DIR,
+    ModelJson,
     Source,
     build_sources,
     check_directory,
@@ -126,6 +128,9 @@ class MountConfig:
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     store_mode: StoreMode = DEFAULT_STORE_MODE
+    # --lock: serve exactly the versions it pins (pinned.py); None: whatever
+    # the listing shows.
+    lock: Lock | None = None
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
@@ -140,6 +145,11 @@ class BakeConfig:
     target: Path
     log_level: str = "info"
     store_mode: StoreMode = DEFAULT_STORE_MODE
+    # --lock: bake exactly its versions (no listing); None: what the listing shows.
+    lock: Lock | None = None
+    # --write-lock: make a lock first, bake exactly it, then write it here.
+    write_lock: Path | None = None
+    configs: tuple[ConfigRef, ...] = ()  # recorded in a lock made here
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
@@ -151,7 +161,27 @@ class StatusConfig:
     prebaked: tuple[Path, ...] = ()
     as_json: bool = False
     require_all: bool = False
+    # --lock: judge the files against it, not against a listing (no request).
+    lock: Lock | None = None
+    # --verify content (with --lock): hash every file against the lock's
+    # checksum, not only read its identity record.
+    verify_content: bool = False
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class LockConfig:
+    sources: tuple[Source, ...]
+    output: Path | None  # None: standard output
+    configs: tuple[ConfigRef, ...] = ()
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class DiffConfig:
+    old: Lock
+    new: Lock
+    as_json: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,10 +292,29 @@ def fetch_config(args: Mapping[str, Any]) -> FetchConfig:
                        **{k: v for k, v in given.items() if v is not None})
 
 
-def _sources(args: Mapping[str, Any], env: Mapping[str, str]) -> tuple[list[Any], tuple[Source, ...]]:
+def _sources(args: Mapping[str, Any], env: Mapping[str, str],
+             lock: Lock | None = None) -> tuple[list[ModelJson], tuple[Source, ...]]:
+    """The folders to serve, and the model.json files naming them.  A lock
+    alone names its folders (and the configs it was made from); with
+    --config or --prefix too, they must be the lock's."""
     configs = [load_model_json(p) for p in args.get("config") or ()]
+    if lock is not None and not configs and not args.get("prefix"):
+        return [ModelJson(Path(c.path), c.download_files_from, c.download_files_to) for c in lock.configs], \
+            lock.sources
     bucket = args.get("bucket") or env.get("LAZYFS_BUCKET") or None
-    return configs, build_sources(configs, args.get("prefix") or (), bucket)
+    sources = build_sources(configs, args.get("prefix") or (), bucket)
+    if lock is not None:
+        check_sources(lock, sources)
+    return configs, sources
+
+
+def read_lock(path: str | None) -> Lock | None:
+    """The lock file a flag names, read and checked whole (lockfile.read)."""
+    return read(Path(path)) if path else None
+
+
+def _config_refs(configs: Sequence[ModelJson]) -> tuple[ConfigRef, ...]:
+    return tuple(ConfigRef(str(c.path), c.download_files_from, c.download_files_to) for c in configs)
 
 
 def _layers(paths: Sequence[str]) -> tuple[Path, ...]:
@@ -277,7 +326,8 @@ def _layers(paths: Sequence[str]) -> tuple[Path, ...]:
 
 def mount_config(args: Mapping[str, Any], env: Mapping[str, str]) -> MountConfig:
     """The whole mount configuration from parsed options and the environment."""
-    configs, sources = _sources(args, env)
+    lock = read_lock(args.get("lock"))
+    configs, sources = _sources(args, env, lock)
     mnt = resolve_mountpoint(args.get("mountpoint"), configs)
     check_directory(mnt, "mountpoint")
     store = Path(os.path.abspath(args["store"])) if args.get("store") else None
@@ -288,26 +338,66 @@ def mount_config(args: Mapping[str, Any], env: Mapping[str, str]) -> MountConfig
               if args.get(name) is not None}
     return MountConfig(mountpoint=mnt, sources=sources, store=store, prebaked=_layers(args.get("prebaked") or ()),
                        prefetch=prefetch_patterns(bool(args.get("prefetch")), args.get("prefetch_glob") or ()),
-                       remote=remote_config(args, env), fetch=fetch_config(args), **values)
+                       lock=lock, remote=remote_config(args, env), fetch=fetch_config(args), **values)
 
 
 def bake_config(args: Mapping[str, Any], env: Mapping[str, str]) -> BakeConfig:
-    configs, sources = _sources(args, env)
+    lock = read_lock(args.get("lock"))
+    if lock is not None and args.get("write_lock"):
+        raise ConfigError("--write-lock makes a new lock of what the listing shows; with --lock the lock exists "
+                          "already (give one of them)")
+    configs, sources = _sources(args, env, lock)
     to = resolve_mountpoint(args.get("to"), configs)
     if to.exists():
         check_directory(to, "--to folder")
     return BakeConfig(sources=sources, target=to, log_level=args.get("log_level") or "info",
-                      store_mode=args.get("store_mode") or DEFAULT_STORE_MODE,
+                      store_mode=args.get("store_mode") or DEFAULT_STORE_MODE, lock=lock,
+                      write_lock=_output(args.get("write_lock"), "--write-lock"), configs=_config_refs(configs),
                       remote=remote_config(args, env), fetch=fetch_config(args))
 
 
 def status_config(args: Mapping[str, Any], env: Mapping[str, str]) -> StatusConfig:
-    configs, sources = _sources(args, env)
+    lock = read_lock(args.get("lock"))
+    if args.get("verify") == "content" and lock is None:
+        raise ConfigError("--verify content needs --lock: the lock holds the checksums the files are checked against")
+    configs, sources = _sources(args, env, lock)
     path = Path(os.path.abspath(args["store"])) if args.get("store") else resolve_mountpoint(None, configs)
     check_directory(path, "store")
     return StatusConfig(sources=sources, store=path, prebaked=_layers(args.get("prebaked") or ()),
-                        as_json=bool(args.get("json")), require_all=bool(args.get("require_all")),
-                        remote=remote_config(args, env))
+                        as_json=bool(args.get("json")), require_all=bool(args.get("require_all")), lock=lock,
+                        verify_content=args.get("verify") == "content", remote=remote_config(args, env))
+
+
+def lock_config(args: Mapping[str, Any], env: Mapping[str, str]) -> LockConfig:
+    configs, sources = _sources(args, env)
+    given = args.get("output")
+    if given == "-":
+        output = None
+    elif given:
+        output = _output(given, "--output")
+    elif configs:
+        first = configs[0].path
+        output = _output(str(first.with_name(first.name.removesuffix(".json") + ".lock.json")), "--output")
+    else:
+        output = _output("lazyfs.lock.json", "--output")
+    return LockConfig(sources=sources, output=output, configs=_config_refs(configs), remote=remote_config(args, env))
+
+
+def diff_config(args: Mapping[str, Any]) -> DiffConfig:
+    old, new = read_lock(args["old"]), read_lock(args["new"])
+    assert old is not None and new is not None  # required arguments
+    return DiffConfig(old=old, new=new, as_json=bool(args.get("json")))
+
+
+def _output(path: str | None, flag: str) -> Path | None:
+    """A file to write: its folder must exist."""
+    if not path:
+        return None
+    out = Path(os.path.abspath(path))
+    check_directory(out.parent, f"{flag} folder")
+    if out.is_dir():
+        raise ConfigError(f"{flag} {out} is a directory; name the lock file to write")
+    return out
 
 
 def doctor_config(args: Mapping[str, Any], env: Mapping[str, str]) -> DoctorConfig:
@@ -318,6 +408,7 @@ def doctor_config(args: Mapping[str, Any], env: Mapping[str, str]) -> DoctorConf
                         remote=remote_config(args, env))
 
 
-__all__ = ["DEFAULT_CACHE_DIR", "LOG_LEVELS", "BakeConfig", "ConfigError", "DoctorConfig", "FetchConfig",
-           "MountConfig", "RemoteConfig", "Source", "StatusConfig", "StoreMode", "bake_config", "default_of",
-           "doctor_config", "fetch_config", "mount_config", "parse_size", "remote_config", "status_config"]
+__all__ = ["DEFAULT_CACHE_DIR", "LOG_LEVELS", "BakeConfig", "ConfigError", "DiffConfig", "DoctorConfig",
+           "FetchConfig", "LockConfig", "MountConfig", "RemoteConfig", "Source", "StatusConfig", "StoreMode",
+           "bake_config", "default_of", "diff_config", "doctor_config", "fetch_config", "lock_config", "mount_config",
+           "parse_size", "read_lock", "remote_config", "status_config"]

@@ -75,12 +75,14 @@ class CrtTransfer:
         return auth.AwsCredentials(access, secret, token)
 
     def _target(self, obj: RemoteObject) -> tuple[str, str]:
-        """(Host header, path) for `obj`, path-style or virtual-hosted."""
+        """(Host header, path) for `obj`, path-style or virtual-hosted; the
+        path asks for the version a lock pins by its id (?versionId=)."""
         port = f":{self._port}" if self._port else ""
         key = urllib.parse.quote(obj.key, safe="/~")
+        query = f"?versionId={urllib.parse.quote(obj.version_id, safe='')}" if obj.version_id else ""
         if self._path_style or ("." in obj.bucket and self._https):
-            return f"{self._host}{port}", f"/{obj.bucket}/{key}"
-        return f"{obj.bucket}.{self._host}{port}", f"/{key}"
+            return f"{self._host}{port}", f"/{obj.bucket}/{key}{query}"
+        return f"{obj.bucket}.{self._host}{port}", f"/{key}{query}"
 
     def fetch(self, job: RangeJob) -> None:
         """GET the job's bytes into the file; resume within the range after a

@@ -65,6 +65,15 @@ class ObjectChanged(RemoteError):
     errno = errno.ESTALE
 
 
+class PinnedVersionGone(RemoteError):
+    """A version a lock pins that the object store no longer has (overwritten
+    or deleted where no version id can bring it back, or its version deleted):
+    a pinned mount serves nothing in its place.  ESTALE, not EIO: trying again
+    will not help, and nothing is wrong with the object store itself."""
+
+    errno = errno.ESTALE
+
+
 class IntegrityError(LazyfsError):
     """Downloaded bytes do not match what the object store vouches for."""
 

@@ -232,7 +232,9 @@ class Fetcher:
             follower = self._foreign.get(obj.version)
             if follower is not None:
                 return follower
-            probe = functools.partial(probe_store, self.store, obj, may_fetch=not self.closing and not self.offline(),
+            refused = self.hooks.refuse(obj)
+            probe = functools.partial(probe_store, self.store, obj,
+                                      may_fetch=refused is None and not self.closing and not self.offline(),
                                       open_partial=self.budget is None, block_size=self.cfg.block_size,
                                       check_prebaked=self._prebaked)
             verdict = await trio.to_thread.run_sync(probe, limiter=self._meta)
@@ -244,6 +246,8 @@ class Fetcher:
                                              "source": "store"})
                 return verdict.copy
             if isinstance(verdict, Unavailable):
+                if refused is not None:
+                    raise refused
                 if self.closing:
                     raise RemoteUnavailable(f"{obj.uri}: lazyfs is shutting down")
                 raise RemoteUnavailable(f"{obj.uri} is not in the local cache and the object "

@@ -14,6 +14,7 @@ from typing import Any
 
 from lazyfs import __version__
 from lazyfs.catalog import Catalog
+from lazyfs.drift import DriftWatch
 from lazyfs.fetch import Fetcher
 from lazyfs.handles import Handles
 from lazyfs.stats import STATS
@@ -24,12 +25,13 @@ class MountView:
     """The pieces of a running mount that reports read."""
 
     def __init__(self, catalog: Catalog, fetcher: Fetcher, handles: Handles, store: Store,
-                 mountpoint: str) -> None:
+                 mountpoint: str, pinned: DriftWatch | None = None) -> None:
         self.catalog = catalog
         self.fetcher = fetcher
         self.handles = handles
         self.store = store
         self.mountpoint = mountpoint
+        self.pinned = pinned  # --lock: the lock served and its drift
 
     def snapshot(self) -> dict[str, Any]:
         cat, last = self.catalog, self.catalog.last
@@ -73,7 +75,20 @@ class MountView:
             "store_filesystem": {"size_bytes": fs.f_blocks * fs.f_frsize,
                                  "free_bytes": fs.f_bavail * fs.f_frsize,
                                  "user_xattrs": self.store.identities.supported},
+            "pinned": self._pinned(),
         }
+
+    def _pinned(self) -> dict[str, Any] | None:
+        """The lock served, and how the bucket drifted from it (None: not pinned)."""
+        if self.pinned is None:
+            return None
+        pin, drift = self.pinned.pin, self.pinned.drift
+        return {"lock": pin.lock.path, "digest": pin.lock.digest, "files": pin.files, "bytes": pin.bytes,
+                "by_version_id": pin.by_version_id, "unavailable": pin.unavailable(),
+                "drift": {"checked_at": _iso(drift.checked_at), "error": drift.error or None,
+                          "changed": len(drift.changed), "deleted": len(drift.deleted), "added": len(drift.added),
+                          "keys": {"changed": list(drift.changed[:100]), "deleted": list(drift.deleted[:100]),
+                                   "added": list(drift.added[:100])}}}
 
     def snapshot_bytes(self) -> bytes:
         return (json.dumps(self.snapshot(), indent=2) + "\n").encode()

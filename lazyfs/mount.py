@@ -28,6 +28,7 @@ from lazyfs import crt, modelaware, prefetch
 from lazyfs.budget import Budget
 from lazyfs.catalog import Catalog, offline_objects
 from lazyfs.config import MountConfig, Source
+from lazyfs.drift import DriftWatch
 from lazyfs.errors import RemoteError, RemoteUnavailable, StoreError
 from lazyfs.fetch import Fetcher
 from lazyfs.filemap import PageBudget
@@ -37,6 +38,8 @@ from lazyfs.layer import STORE_MODES, Layer
 from lazyfs.metrics import MountView
 from lazyfs.mounttab import MountError, check_mountpoint, set_background, set_read_ahead
 from lazyfs.namespace import Diff, DirNode, RemoteObject
+from lazyfs.objectstore import ObjectStore
+from lazyfs.pinned import Pinning
 from lazyfs.refresher import Refresher
 from lazyfs.remote import Remote
 from lazyfs.stats import TIMINGS
@@ -132,7 +135,8 @@ def run(cfg: MountConfig) -> int:
         offline: list[RemoteObject] | None = None
         listed: dict[Source, list[RemoteObject]] = {}
         try:
-            listed = probe(remote, cfg)
+            if cfg.lock is None:  # a pinned mount starts with no request: the lock is its listing
+                listed = probe(remote, cfg)
         except RemoteUnavailable as e:
             offline = offline_start(store, cfg, e)
         except RemoteError as e:
@@ -155,19 +159,26 @@ def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[Re
 
 async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[RemoteObject] | None,
                  listed: dict[Source, list[RemoteObject]]) -> int:
-    catalog = Catalog(remote, cfg.sources, store)
+    pin = Pinning(cfg.lock, remote) if cfg.lock is not None else None
+    source: ObjectStore = pin.store if pin is not None else remote
+    catalog = Catalog(source, cfg.sources, store)
     catalog.listed_at_start(listed)
-    fetcher = Fetcher(remote, store, cfg.fetch, page_budget(cfg),
-                      fetch_range=crt.transfer_for(remote, cfg.fetch, cfg.memory_limit))
+    fetcher = Fetcher(source, store, cfg.fetch, page_budget(cfg),
+                      fetch_range=pin.transfer(remote, cfg.fetch, cfg.memory_limit) if pin is not None
+                      else crt.transfer_for(remote, cfg.fetch, cfg.memory_limit))
     fetcher.offline = lambda: catalog.offline
     if offline is not None:
         catalog.start_offline(offline, "object store unreachable at start")
+    if pin is not None:
+        catalog.start_pinned(pin.objects())
+        fetcher.hooks.refuse = pin.refuse
     handles = Handles(fetcher)
     handles.next_shard = lambda obj: next_shard(catalog, obj)
     fetcher.hooks.is_current = lambda obj: is_current(catalog, obj)
     if cfg.cache_max_size is not None:
         fetcher.hooks.budget = Budget(store, cfg.cache_max_size, handles.is_open)
-    view = MountView(catalog, fetcher, handles, store, str(cfg.mountpoint))
+    drift = DriftWatch(pin, catalog.lister, cfg.sources, cfg.refresh) if pin is not None else None
+    view = MountView(catalog, fetcher, handles, store, str(cfg.mountpoint), drift)
     ops = Operations(catalog, handles, store, stats_file=view.snapshot_bytes, xattrs=cfg.xattrs)
     fetcher.hooks.on_bad_data = ops.drop_cached_pages
     if cfg.metrics_port is not None:
@@ -181,7 +192,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
         log.info("metrics at http://%s:%d/metrics", cfg.metrics_addr, cfg.metrics_port)
     stopping = trio.Event()
     warmer = Warmer(catalog, cfg, fetcher)
-    refresher = Refresher(catalog, cfg.refresh, [ops.invalidate, warmer.on_change])
+    refresher = drift or Refresher(catalog, cfg.refresh, [ops.invalidate, warmer.on_change])
 
     async def object_changed(obj: RemoteObject) -> None:
         """An object replaced or deleted in S3 during its download: learn its
@@ -273,6 +284,10 @@ async def _announce(cfg: MountConfig, catalog: Catalog) -> None:
 
 def ready_line(cfg: MountConfig, catalog: Catalog) -> str:
     where = f"{', '.join(s.uri for s in cfg.sources)} mounted at {cfg.mountpoint} (store {cfg.store_path})"
+    if cfg.lock is not None:
+        by = "each by its version id" if cfg.lock.versioned else "by version id or ETag"
+        return (f"lazyfs: ready PINNED: {where}; serving lock {cfg.lock.path} ({cfg.lock.short_digest}, "
+                f"{cfg.lock.files} files, {by})")
     state, error = catalog.state, catalog.last.error
     if state == "offline":
         return f"lazyfs: ready OFFLINE: {where}"
@@ -331,7 +346,7 @@ class Warmer:
         log.info("prefetch done: %s", prefetch.summary(result))
 
 
-async def _watch_signals(signals: AsyncIterator[int], refresher: Refresher,
+async def _watch_signals(signals: AsyncIterator[int], refresher: Refresher | DriftWatch,
                          fetcher: Fetcher, stopping: trio.Event, everything: trio.CancelScope) -> None:
     async for sig in signals:
         if sig == signal.SIGHUP:

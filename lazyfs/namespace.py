@@ -48,6 +48,9 @@ class RemoteObject:
     mtime_ns: int
     # The additional checksum's algorithm when the object has one (e.g. "CRC32").
     checksum_algorithm: str = ""
+    # Set only for a version a lock pins in a bucket that keeps versions
+    # (lockfile.py): fetched by this id, so an overwrite changes nothing.
+    version_id: str = ""
 
     @property
     def name(self) -> str:

@@ -50,6 +50,8 @@ class HeadInfo:
     checksum: tuple[str, str, str] | None
     # SSE-KMS, DSSE and SSE-C objects have ETags that are not MD5s.
     etag_is_md5: bool
+    # The current version's id in a bucket that keeps versions ("" if none).
+    version_id: str = ""
 
 
 class Body(Protocol):
@@ -85,7 +87,10 @@ class ObjectStore(Protocol):
         """Current metadata of one object; with `etag`, only if still that version."""
 
     def part(self, obj: RemoteObject, number: int) -> Part | None:
-        """What the store says of part `number` of a multipart object (None: nothing)."""
+        """What the store says of part `number` of a multipart object (None:
+        nothing); of the version `obj.version_id` names, when it names one."""
 
     def get_range(self, obj: RemoteObject, start: int, end: int) -> Body:
-        """Bytes [start, end) of exactly the version `obj` names (ObjectChanged if replaced)."""
+        """Bytes [start, end) of exactly the version `obj` names: its ETag
+        (ObjectChanged if replaced), and its version id when it has one
+        (ObjectNotFound if that version is gone)."""

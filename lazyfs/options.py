@@ -46,6 +46,7 @@ class Option:
     # Where the default lives, for --help: (config class, field[, shown as]).
     default: tuple[Any, ...] | None = None
     dest: str = ""
+    short: str = ""  # a one-letter alias ("-o")
 
     @property
     def name(self) -> str:
@@ -115,9 +116,15 @@ LOGGING = (
            choices=("text", "json")),
 )
 
+LOCK_FILE = Option("--lock", "serve exactly the versions this lock file pins (lazyfs lock): the listing comes "
+                   "from the lock (no request at start), each file is fetched by its version id or pinned by "
+                   "If-Match to its ETag and checked against the lock's checksum; a refresh only reports drift",
+                   "FILE")
+
 MOUNT = (
     Option("mountpoint", f"where to mount (default: {_DEFAULT_LOCATION})", "MOUNTPOINT", kind="positional"),
     *SOURCE,
+    LOCK_FILE,
     Option("--store", "where fetched files persist (default: the mountpoint's own directory, used from "
            "underneath the mount)", "DIR"),
     Option("--prebaked", "read-only folder of files already on disk, same layout (repeatable)", "DIR",
@@ -158,9 +165,27 @@ MOUNT = (
 
 BAKE = (
     *SOURCE,
+    Option("--lock", "bake exactly the versions this lock file pins (no listing): by version id, or If-Match on "
+           "the locked ETag, each checked against the lock's checksum", "FILE"),
+    Option("--write-lock", "make a lock of the folders first (as lazyfs lock does), bake exactly it, then write "
+           "it to FILE", "FILE"),
     Option("--to", f"target folder (default: {_DEFAULT_LOCATION})", "DIR"),
     STORE_MODE,
     *TRANSFER,
+    *LOGGING,
+)
+
+LOCK = (
+    *SOURCE,
+    Option("--output", "where to write the lock; - for standard output (default: beside the first --config, "
+           "model.json -> model.lock.json, else ./lazyfs.lock.json)", "FILE", short="-o"),
+    *LOGGING,
+)
+
+DIFF = (
+    Option("old", "the lock served now", "OLD.lock", kind="argument"),
+    Option("new", "the lock to switch to", "NEW.lock", kind="argument"),
+    Option("--json", "machine-readable output", kind="flag"),
     *LOGGING,
 )
 
@@ -170,7 +195,13 @@ STATUS = (
            "directly)", "DIR"),
     Option("--prebaked", "read-only layers searched after the store (repeatable)", "DIR", kind="append"),
     Option("--json", "machine-readable output", kind="flag"),
-    Option("--require-all", "exit 1 unless every file is cached or prebaked", kind="flag"),
+    Option("--require-all", "exit 1 unless every file is cached or prebaked (with --lock: recorded as the "
+           "locked version, or its content checked)", kind="flag"),
+    Option("--lock", "judge the store against this lock file, not a listing (no request to S3); on a mount, "
+           "the mount must serve this very lock", "FILE"),
+    Option("--verify", "with --lock: prove a file is the locked version by its identity record (record), or by "
+           "hashing its content against the lock's checksum (content; a progress bar on a terminal) "
+           "(default record)", choices=("record", "content")),
     *LOGGING,
 )
 

@@ -10,6 +10,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from lazyfs.drift import DriftWatch
 from lazyfs.metrics import MountView
 from lazyfs.stats import STATS, TIMINGS
 
@@ -67,6 +68,26 @@ class MountCollector(Collector):
         if v.fetcher.budget is not None:
             yield _gauge("lazyfs_cache_budget_used_bytes", "Fetched bytes counted against --cache-max-size.",
                          v.fetcher.budget.used)
+        yield from _pinned_metrics(v.pinned)
+
+
+def _pinned_metrics(pinned: DriftWatch | None) -> Iterator[Any]:
+    yield _gauge("lazyfs_pinned", "1 when the mount serves a lock (--lock).", int(pinned is not None))
+    if pinned is None:
+        return
+    info = GaugeMetricFamily("lazyfs_lock_info", "The lock served (always 1).", labels=["digest", "path"])
+    info.add_metric([pinned.pin.lock.digest, pinned.pin.lock.path], 1)
+    yield info
+    drift = pinned.drift
+    kinds = GaugeMetricFamily("lazyfs_pinned_drift_objects", "Objects changed, deleted or added in the bucket "
+                              "since the lock, at the last drift check.", labels=["kind"])
+    for kind, keys in (("changed", drift.changed), ("deleted", drift.deleted), ("added", drift.added)):
+        kinds.add_metric([kind], len(keys))
+    yield kinds
+    yield _gauge("lazyfs_pinned_drift_checked_timestamp_seconds", "When the bucket was last compared with the "
+                 "lock (0: not yet).", drift.checked_at)
+    yield _gauge("lazyfs_pinned_unavailable_objects", "Locked versions the bucket no longer has: served only "
+                 "from a copy in the store.", len(pinned.pin.unavailable()))
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

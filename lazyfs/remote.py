@@ -34,7 +34,7 @@ _OPS = {"list_objects_v2": "LIST", "get_object": "GET", "head_object": "HEAD"}
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
            "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "403", "Forbidden"}
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_NOT_FOUND = {"NoSuchKey", "NoSuchVersion", "404", "NotFound"}
 _CHANGED = {"PreconditionFailed", "412"}
 _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
                     "Throttling", "ThrottlingException", "RequestTimeTooSkewed", "500", "502",
@@ -177,16 +177,18 @@ class Remote:
                            etag=_etag(resp.get("ETag", "")), mtime_ns=_mtime_ns(resp["LastModified"]))
         sse = resp.get("ServerSideEncryption") or ""
         etag_is_md5 = sse in ("", "AES256") and not resp.get("SSECustomerAlgorithm")
-        return HeadInfo(obj, _checksum_of(resp), etag_is_md5)
+        return HeadInfo(obj, _checksum_of(resp), etag_is_md5, _version_id(resp))
 
     def part(self, obj: RemoteObject, number: int) -> Part | None:
         """What the store says of part `number` of a multipart object: its size,
         and how many parts it reports (0: it did not say, as Ceph RGW and s3rver,
         which ignore partNumber).  No If-Match: some stores compare it with the
         part's own ETag; the caller checks the object's version separately."""
+        kwargs: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key, "PartNumber": number}
+        if obj.version_id:
+            kwargs["VersionId"] = obj.version_id
         try:
-            resp = self._call(self._client.head_object, obj.bucket, obj.key, Bucket=obj.bucket,
-                              Key=obj.key, PartNumber=number)
+            resp = self._call(self._client.head_object, obj.bucket, obj.key, **kwargs)
         except RemoteError as e:
             log.debug("%s: part %d unknown: %s", obj.uri, number, e)
             return None
@@ -197,9 +199,12 @@ class Remote:
         carries If-Match on its ETag, so a replaced object fails with
         ObjectChanged instead of mixing two versions.  A request for the whole
         object asks for its checksum too (S3 returns none for a range), which
-        spares the HEAD verification would otherwise need."""
+        spares the HEAD verification would otherwise need.  A version a lock
+        pins by its id is asked for by that id (?versionId=)."""
         whole = start == 0 and end == obj.size
         kwargs: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key}
+        if obj.version_id:
+            kwargs["VersionId"] = obj.version_id
         if whole:
             kwargs["ChecksumMode"] = "ENABLED"
         else:
@@ -308,6 +313,14 @@ def _listing(bucket: str, resp: dict[str, Any]) -> tuple[list[RemoteObject], lis
     objects = [Remote._listed(bucket, item) for item in resp.get("Contents", ())]
     return (objects, [p["Prefix"] for p in resp.get("CommonPrefixes", ())], bool(resp.get("IsTruncated")),
             resp.get("NextContinuationToken"))
+
+
+def _version_id(resp: dict[str, Any]) -> str:
+    """The version id of a bucket that keeps versions.  "null" (an object
+    written before versioning was enabled, or while it is suspended) names no
+    version that stays: the next such write replaces it."""
+    vid = str(resp.get("VersionId") or "")
+    return "" if vid == "null" else vid
 
 
 def _checksum_of(resp: dict[str, Any]) -> tuple[str, str, str] | None:

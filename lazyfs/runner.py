@@ -65,6 +65,10 @@ class Hooks:
     # Is this the version the listing shows now?  (A rollback in a versioned
     # bucket makes an older Last-Modified current again: it must be placed.)
     is_current: Callable[[RemoteObject], bool] = lambda obj: False
+    # An object this process must not fetch (a locked version the bucket no
+    # longer has, pinned.py): its opens fail at once with this error unless
+    # a current local copy exists.
+    refuse: Callable[[RemoteObject], LazyfsError | None] = lambda obj: None
 
 
 class _Handoff:

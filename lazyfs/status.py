@@ -17,6 +17,7 @@ extended attributes), since the store beneath it is out of reach.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -26,6 +27,7 @@ from typing import Any, TextIO
 
 import trio
 
+from lazyfs import contentcheck
 from lazyfs.catalog import Catalog, offline_objects
 from lazyfs.config import StatusConfig
 from lazyfs.errors import RemoteUnavailable
@@ -45,6 +47,8 @@ class FileStatus:
     size: int
     state: FileState
     verified: str = ""  # how a cached copy's content was checked, "unverified", or "size" (prebaked)
+    # --verify content: "match", "differs", or "no checksum" (the lock names none); "" when not hashed.
+    content: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class Answer:
     # Why it cannot be ready whatever the files' states ("" when it can be):
     # not every file is known.
     unknown: str = ""
+    lock: str = ""  # the digest of the lock the files were judged against
+    pinned: str = ""  # the digest of the lock a running mount serves ("" when it is not pinned)
 
     @property
     def ready(self) -> bool:
@@ -62,9 +68,55 @@ class Answer:
 
 def run(cfg: StatusConfig, out: TextIO = sys.stdout) -> int:
     entry = find_mount(cfg.store)
-    answer = from_mount(cfg) if entry is not None and entry.fstype == "fuse.lazyfs" else from_store(cfg)
+    if entry is not None and entry.fstype == "fuse.lazyfs":
+        answer = from_mount(cfg)
+    else:
+        answer = from_lock(cfg) if cfg.lock is not None else from_store(cfg)
     report(answer, cfg.as_json, out)
     return 1 if cfg.require_all and not answer.ready else 0
+
+
+def from_lock(cfg: StatusConfig) -> Answer:
+    """Judge the store against a lock: no listing, no request.  `cached` is a
+    copy whose identity record names the locked version; with --verify
+    content, every copy on disk is hashed against the lock's checksum."""
+    assert cfg.lock is not None
+    lock = cfg.lock
+    store = Store.open(str(cfg.store), [str(p) for p in cfg.prebaked])
+    try:
+        entries = list(lock.entries())
+        files = [_local(store, e.obj()) for e in entries]
+        if cfg.verify_content:
+            files = _with_content(files, contentcheck.against_lock(store, entries, _on_disk(files)))
+    finally:
+        store.close()
+    how = "by content" if cfg.verify_content else "by identity record"
+    note = f"store {cfg.store} against lock {lock.path} ({lock.short_digest}), {how}"
+    return Answer(files, note, _unproven(files, cfg.verify_content), lock.short_digest)
+
+
+def _on_disk(files: list[FileStatus]) -> set[str]:
+    return {f.path for f in files if f.state.ready}
+
+
+def _with_content(files: list[FileStatus], results: dict[str, str]) -> list[FileStatus]:
+    """The files with what hashing them found: bytes that are not the locked
+    version's are `stale` (only another version is on disk)."""
+    out = []
+    for f in files:
+        found = results.get(f.path, "")
+        state = FileState.STALE if found == "differs" else f.state
+        out.append(dataclasses.replace(f, state=state, content=found))
+    return out
+
+
+def _unproven(files: list[FileStatus], content: bool) -> str:
+    """Files on disk that cannot be shown to be the locked version."""
+    bare = sum(1 for f in files if f.state is FileState.PREBAKED and f.content != "match")
+    if bare:
+        return (f"{bare} files have no identity record to prove they are the locked version"
+                + ("" if content else " (--verify content checks their bytes)"))
+    return ""
 
 
 def from_store(cfg: StatusConfig) -> Answer:
@@ -108,9 +160,44 @@ def from_mount(cfg: StatusConfig) -> Answer:
         note += f"; the object store is unreachable, the mount serves its last saved listing ({listing.get('error')})"
     if (stats.get("store_filesystem") or {}).get("user_xattrs") is False:
         note += f"; {_SIDECAR_NOTE}"
-    unknown = _listing_unknown(stats)
+    note += _pinned_note(stats.get("pinned"))
+    unknown = _listing_unknown(stats) or _other_lock(cfg, stats.get("pinned"))
     files, unasked = _ask_files(cfg, stats)
-    return Answer(files, note, unknown or unasked or _missing_files(cfg, stats, len(files)))
+    if cfg.lock is not None and cfg.verify_content:
+        files = _with_content(files, contentcheck.through_mount(cfg.store, list(cfg.lock.entries()),
+                                                                _on_disk(files)))
+    pinned = stats.get("pinned")
+    return Answer(files, note, unknown or unasked or _missing_files(cfg, stats, len(files))
+                  or (_unproven(files, cfg.verify_content) if cfg.lock is not None else ""),
+                  cfg.lock.short_digest if cfg.lock is not None else "",
+                  str(pinned.get("digest") or "") if isinstance(pinned, dict) else "")
+
+
+def _pinned_note(pinned: Any) -> str:
+    """What the mount says of the lock it serves, and of the bucket's drift since."""
+    if not isinstance(pinned, dict):
+        return ""
+    note = f"; pinned to lock {str(pinned.get('digest'))[:19]} ({pinned.get('files')} files)"
+    drift = pinned.get("drift") or {}
+    if drift.get("checked_at"):
+        note += (f"; drift since the lock: {drift.get('changed')} changed, {drift.get('deleted')} deleted, "
+                 f"{drift.get('added')} added (checked {drift.get('checked_at')})")
+    else:
+        note += "; drift not checked yet (every --refresh seconds, or on SIGHUP)"
+    if pinned.get("unavailable"):
+        note += f"; {len(pinned['unavailable'])} locked files the bucket no longer has"
+    return note
+
+
+def _other_lock(cfg: StatusConfig, pinned: Any) -> str:
+    """With --lock: why the mount does not serve that very lock, or ""."""
+    if cfg.lock is None:
+        return ""
+    if not isinstance(pinned, dict):
+        return f"the mount is not pinned (started without --lock), so it cannot prove {cfg.lock.path}"
+    if pinned.get("digest") != cfg.lock.digest:
+        return f"the mount serves lock {str(pinned.get('digest'))[:19]}, not {cfg.lock.short_digest}"
+    return ""
 
 
 def _listing_unknown(stats: dict[str, Any]) -> str:
@@ -183,10 +270,12 @@ def report(answer: Answer, as_json: bool, out: TextIO) -> None:
     counts = {s.value: sum(1 for f in files if f.state is s) for s in FileState}
     total = sum(f.size for f in files)
     if as_json:
-        rows = [{"path": f.path, "size": f.size, "state": f.state.value, "verified": f.verified or None}
-                for f in files]
+        rows = [{"path": f.path, "size": f.size, "state": f.state.value, "verified": f.verified or None,
+                 "content": f.content or None} for f in files]
         json.dump({"files": rows, "totals": {"files": len(files), "bytes": total, **counts}, "ready": ready,
-                   "unknown": answer.unknown or None, "source": answer.note}, out, indent=2)
+                   "unknown": answer.unknown or None, "lock": answer.lock or None,
+                   "pinned": answer.pinned or None, "source": answer.note},
+                  out, indent=2)
         out.write("\n")
         return
     width = max([len(f"{f.size:,}") for f in files] + [4])
@@ -197,5 +286,10 @@ def report(answer: Answer, as_json: bool, out: TextIO) -> None:
     unverified = sum(1 for f in files if f.verified == "unverified")
     if unverified:
         summary += f" ({unverified} unverified: the object store offered nothing to check them against)"
+    checked = sum(1 for f in files if f.content == "no checksum")
+    if checked:
+        summary += f" ({checked} with no checksum in the lock: judged by identity record)"
     verdict = "ready" if ready else f"not ready: {answer.unknown}" if answer.unknown else "not ready"
+    if ready and answer.lock:
+        verdict = f"ready: matches lock {answer.lock}"
     print(f"{len(files)} files, {total / 2**20:.1f} MiB: {summary} ({verdict}; {answer.note})", file=out)

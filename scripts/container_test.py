@@ -11,9 +11,11 @@
              `podman restart` of it: restarts download nothing (GETs counted
              at the proxy)
   production `--target production` with the credentials as a build secret
-             (random values, so any trace is found): no layer, history entry or
-             image config contains them; the bake shows progress in the build
-             log; a container from the image serves every file with no GET
+             (random values, so any trace is found) and the model's lock: no
+             layer, history entry or image config contains them; the bake
+             shows progress in the build log; a container from the image
+             (pinned by its lock) serves every file with no request at all,
+             and its readiness probe proves the store matches the lock
   kube       `podman kube play` of the README's pod spec, dynamic and prebaked,
              read through the model-server container, the readiness probe run
              by hand, `podman pod stop` (SIGTERM: lazyfs exits 0), then
@@ -46,7 +48,7 @@ import yaml
 
 from support.mountproc import force_unmount
 from support.proxy import Fault, S3Proxy
-from support.s3server import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, free_port, s3_client
+from support.s3server import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, clean_env, free_port, s3_client
 from support.sample import sample_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -235,6 +237,11 @@ class Run:
             self.s3.put_object(Bucket=BUCKET, Key=f"{FOLDER}/{name}", Body=data)
         (self.work / "model.json").write_text(json.dumps(
             {"download_files_from": f"s3://{BUCKET}/{FOLDER}", "download_files_to": MOUNT}))
+        # The lock the production image is baked and mounted with (README, "Pinned deployments").
+        res = subprocess.run([sys.executable, "-m", "lazyfs", "lock", "--config", str(self.work / "model.json"),
+                              "--endpoint-url", endpoint, "-o", str(self.work / "model.lock.json")],
+                             capture_output=True, text=True, timeout=120, env=clean_env())
+        check(res.returncode == 0, f"lazyfs lock failed: {res.stderr[-2000:]}")
 
     def add_file(self, name: str, data: bytes) -> None:
         self.s3.put_object(Bucket=BUCKET, Key=f"{FOLDER}/{name}", Body=data)
@@ -324,6 +331,7 @@ class Run:
         res = self.podman("build", "--target", "production", "--network", "host",
                           "--secret", f"id=aws,src={creds}",
                           "--build-arg", f"MODEL_JSON={(self.work / 'model.json').relative_to(REPO)}",
+                          "--build-arg", f"MODEL_LOCK={(self.work / 'model.lock.json').relative_to(REPO)}",
                           "--build-arg", f"AWS_REGION={REGION}",
                           "--build-arg", f"AWS_ENDPOINT_URL={self.proxy.endpoint}",
                           "-t", PRODUCTION, str(REPO), timeout=600, check=False)
@@ -339,18 +347,21 @@ class Run:
         self.results["production_build_log"] = progress[:2] + summary
         self.scan_for_secret(PRODUCTION, [key_id, secret])
         self.results["images"]["production"] = self.image_size(PRODUCTION)
-        # A container from it: every file is there; no GET, no HEAD.
+        # A container from it, pinned by its lock (the image's CMD): every
+        # file is there; not a single request, and the probe proves the lock.
         self.proxy.clear()
         name = f"{NAME}-production"
         self.podman.run_detached(name, "--network", "host", *MIN_CAPS,
                                  "-v", f"{self.shared}:/var/practicus:rshared", *self.s3_env(),
-                                 PRODUCTION, "--config", "/app/model.json", "--store", "/opt/lazyfs/store",
+                                 PRODUCTION, "--lock", "/app/model.lock.json", "--store", "/opt/lazyfs/store",
                                  "--allow-other")
         self.wait_ready(name)
+        check("ready PINNED" in self.podman.logs(name), "the production image did not start pinned")
         self.read_in_second_container("production")
-        self.wait_probe(name, ready=True, timeout=10)
+        self.wait_probe(name, ready=True, timeout=10, command=[
+            "lazyfs", "status", "--lock", "/app/model.lock.json", "--store", "/opt/lazyfs/store", "--require-all"])
         counts = {k: self.proxy.count(k) for k in ("LIST", "HEAD", "GET")}
-        check(counts["GET"] == 0 and counts["HEAD"] == 0, f"the production image sent object requests: {counts}")
+        check(counts == {"LIST": 0, "HEAD": 0, "GET": 0}, f"the pinned production image sent requests: {counts}")
         self.results["production_requests"] = counts
         self.stop_cleanly(name)
         # With the object store unreachable: it starts offline from the baked

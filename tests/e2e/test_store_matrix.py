@@ -210,3 +210,34 @@ def test_bake_then_a_second_bake_downloads_nothing(s3_store, store_proxy, store_
     second = lazyfs_cli(args, timeout=120)
     assert second.returncode == 0 and "0 downloaded (0.0 MiB), 3 already current" in second.stdout
     assert store_proxy.count("GET") == gets
+
+
+def test_a_pinned_mount_serves_the_locked_versions_after_overwrites(s3_store, store_mount, store_proxy, store_s3,
+                                                                    store_bucket, fs: FS, tmp_path: Path):
+    """Issue 14 on every store: versioning, GET and HEAD ?partNumber with
+    ?versionId=, a lock's checks (single-part and multipart) reproduced."""
+    store_s3.put_bucket_versioning(Bucket=store_bucket, VersioningConfiguration={"Status": "Enabled"})
+    single, multi = f"{P}/config.json", f"{P}/model.safetensors"
+    approved = {single: b'{"layers": 2}', multi: os.urandom(2 * PART + 12345)}
+    store_s3.put_object(Bucket=store_bucket, Key=single, Body=approved[single])
+    src = tmp_path / "upload.bin"
+    src.write_bytes(approved[multi])
+    store_s3.upload_file(str(src), store_bucket, multi,
+                         Config=TransferConfig(multipart_threshold=PART, multipart_chunksize=PART))
+    lock = tmp_path / "model.lock.json"
+    res = lazyfs_cli(["lock", "--prefix", f"s3://{store_bucket}/{P}", "--endpoint-url", store_proxy.endpoint,
+                      "-o", str(lock)], timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "each pinned by its version id" in res.stdout, res.stdout
+    for key in approved:  # overwritten after the approval
+        store_s3.put_object(Bucket=store_bucket, Key=key, Body=b"not approved")
+    store_proxy.clear()
+    m = store_mount("--lock", str(lock), store=tmp_path / "store")
+    assert store_proxy.count() == 0, "a pinned mount starts with no request"
+    for key, data in approved.items():
+        assert sha(read_then_settle(m, fs, key)) == sha(data), f"{key}: not the locked bytes"
+        assert published(m, key)
+    gets = store_proxy.requests("GET")
+    assert gets and all(r["query"].get("versionId") for r in gets), "every GET names the locked version"
+    verified = fs.run(os.getxattr, str(m.file(multi)), "user.lazyfs.verified").decode()
+    assert verified == multipart_verification(s3_store), verified

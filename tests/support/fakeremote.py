@@ -2,7 +2,10 @@
 (lazyfs.objectstore.ObjectStore), for the engine tier: it counts calls, and
 on cue fails, stalls, breaks a body off, or replaces an object.  Listings
 page, start after a key and roll folders up as S3's do, so tests can count
-the requests a listing costs.
+the requests a listing costs.  A bucket may keep versions
+(`keep_versions`): every put is then a new version with an id, a GET or a
+part HEAD of an object naming a version id reads that version, and a delete
+leaves the older versions readable by id.
 
 Blocking like the real one (the engine calls it from worker threads); every
 stall waits on a threading.Event the test releases, with a timeout so a
@@ -70,6 +73,7 @@ class Stored:
     checksum: tuple[str, str, str] | None = None
     parts: tuple[int, ...] = ()  # part sizes of a multipart upload
     says_parts: bool = True  # False: ignores partNumber, as Ceph RGW and s3rver
+    version_id: str = ""  # in a bucket that keeps versions
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Call:
     after: str = ""  # a LIST's StartAfter
     token: str | None = None  # a LIST's continuation token
     delimiter: bool = False
+    version_id: str = ""  # the version a GET or a part HEAD asked for
 
 
 class FakeRemote:
@@ -98,6 +103,8 @@ class FakeRemote:
         # that fail it (raise) or hold it (wait on a Gate).
         self.on_list: list[Callable[[Call], None]] = []
         self._keys: dict[str, list[str]] = {}  # per bucket, sorted; rebuilt after a put
+        self.versioned: set[str] = set()  # buckets that keep versions
+        self.history: dict[tuple[str, str], list[Stored]] = {}  # every version kept, oldest first
 
     # -- the test's side -----------------------------------------------------------
 
@@ -118,9 +125,35 @@ class FakeRemote:
             etag = f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(parts)}"
         stored = Stored(data, etag, time.time_ns() // 10**9 * 10**9, value, parts, says_parts)
         with self._lock:
+            if bucket in self.versioned:
+                stored.version_id = f"v{sum(len(h) for h in self.history.values()) + 1}-{etag[:8]}"
+                self.history.setdefault((bucket, key), []).append(stored)
             self.objects[(bucket, key)] = stored
             self._keys.pop(bucket, None)
         return self._listed(bucket, key, stored)
+
+    def keep_versions(self, bucket: str, on: bool = True) -> None:
+        """Turn versioning on for `bucket` (objects put from now on get ids),
+        or suspend it (puts get none, as S3's "null" version; the versions
+        kept stay readable by their ids)."""
+        if on:
+            self.versioned.add(bucket)
+        else:
+            self.versioned.discard(bucket)
+
+    def version_ids(self, bucket: str, key: str) -> list[str]:
+        """The ids of every version kept of `key`, oldest first."""
+        return [s.version_id for s in self.history.get((bucket, key), [])]
+
+    def delete_version(self, bucket: str, key: str, version_id: str) -> None:
+        """Delete one version for good (the current one too, if it is that)."""
+        with self._lock:
+            kept = self.history.get((bucket, key), [])
+            self.history[(bucket, key)] = [s for s in kept if s.version_id != version_id]
+            current = self.objects.get((bucket, key))
+            if current is not None and current.version_id == version_id:
+                del self.objects[(bucket, key)]
+                self._keys.pop(bucket, None)
 
     def corrupt(self, bucket: str, key: str, at: int = 0) -> None:
         """Flip a byte of what GETs return, keeping the ETag and checksum: bad bytes in transit."""
@@ -203,11 +236,12 @@ class FakeRemote:
     def head(self, bucket: str, key: str, etag: str | None = None) -> HeadInfo:
         self._record(Call("HEAD", key))
         stored = self._current(bucket, key, etag)
-        return HeadInfo(self._listed(bucket, key, stored), stored.checksum, etag_is_md5=True)
+        return HeadInfo(self._listed(bucket, key, stored), stored.checksum, etag_is_md5=True,
+                        version_id=stored.version_id)
 
     def part(self, obj: RemoteObject, number: int) -> Part | None:
-        self._record(Call("HEAD", obj.key, number))
-        stored = self._current(obj.bucket, obj.key, None)
+        self._record(Call("HEAD", obj.key, number, version_id=obj.version_id))
+        stored = self._version(obj) if obj.version_id else self._current(obj.bucket, obj.key, None)
         if not stored.says_parts:  # the whole object's length, no parts count
             return Part(len(stored.data), 0)
         if not stored.parts or not 1 <= number <= len(stored.parts):
@@ -215,7 +249,7 @@ class FakeRemote:
         return Part(stored.parts[number - 1], len(stored.parts))
 
     def get_range(self, obj: RemoteObject, start: int, end: int) -> FakeBody:
-        call = Call("GET", obj.key, start, end)
+        call = Call("GET", obj.key, start, end, version_id=obj.version_id)
         self._record(call)
         for cue in list(self.on_get):
             cue(call)
@@ -225,7 +259,7 @@ class FakeRemote:
         gate = self._gate_for(obj.key, start)
         if gate is not None and not gate.in_body:
             gate.wait()
-        stored = self._current(obj.bucket, obj.key, obj.etag)
+        stored = self._version(obj) if obj.version_id else self._current(obj.bucket, obj.key, obj.etag)
         whole = start == 0 and end == obj.size
         meta = ResponseMeta(etag_is_md5=True, checksum=stored.checksum if whole else None)
         return FakeBody(stored.data[start:end], meta, gate if gate is not None and gate.in_body else None)
@@ -257,6 +291,19 @@ class FakeRemote:
         if etag and stored.etag != etag:
             raise ObjectChanged(f"s3://{bucket}/{key} changed in the object store", bucket=bucket, key=key)
         return stored
+
+    def _version(self, obj: RemoteObject) -> Stored:
+        """The version `obj.version_id` names, as S3 answers ?versionId= (with If-Match on its ETag)."""
+        with self._lock:
+            found = [s for s in self.history.get((obj.bucket, obj.key), []) if s.version_id == obj.version_id]
+        if not any(b == obj.bucket for b, _ in self.history):  # never kept versions
+            raise RemoteError(f"{obj.uri}: InvalidArgument: Invalid version id specified", bucket=obj.bucket,
+                              key=obj.key)
+        if not found:
+            raise ObjectNotFound(f"{obj.uri} no longer exists", bucket=obj.bucket, key=obj.key)
+        if obj.etag and found[0].etag != obj.etag:
+            raise ObjectChanged(f"{obj.uri} changed in the object store", bucket=obj.bucket, key=obj.key)
+        return found[0]
 
     @staticmethod
     def _listed(bucket: str, key: str, stored: Stored) -> RemoteObject:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs import options
-from lazyfs.cli import build_parser
+from lazyfs.cli import COMMANDS, build_parser
 from lazyfs.config import ConfigError, FetchConfig, MountConfig, default_of
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
@@ -21,11 +21,15 @@ def help_of(command: str) -> str:
     return sub.choices[command].format_help()  # type: ignore[attr-defined, no-any-return]
 
 
-@pytest.mark.parametrize("command", ["mount", "bake", "status", "doctor", "umount"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_flag_is_documented_in_the_readme(command: str) -> None:
-    missing = [o.flag for o in options.__dict__[command.upper()] if o.flag.startswith("--")
-               and not re.search(rf"(?<![\w-]){o.flag}(?![\w-])", README)]
-    assert missing == []
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    flags = [f for a in sub.choices[command]._actions for f in a.option_strings  # type: ignore[attr-defined]
+             if f.startswith("--") and f not in ("--help", "--version")]
+    missing = [f for f in flags if not re.search(rf"(?<![\w-]){f}(?![\w-])", README)]
+    assert flags and missing == []
+    assert [o.flag for o in COMMANDS[command][0] if o.flag.startswith("--")] == flags, "one table per command"
 
 
 def test_help_shows_the_defaults_of_the_config_classes() -> None:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import pytest
 
+from lazyfs import lockfile
+from lazyfs.config import StatusConfig
 from lazyfs.filestate import FileState
-from lazyfs.status import Answer, FileStatus, _listing_unknown
+from lazyfs.identity import Identity
+from lazyfs.status import Answer, FileStatus, _listing_unknown, _other_lock, _pinned_note, from_lock
+from lazyfs.store import Store
+from lazyfs.verify import Expectation
 
 
 @pytest.mark.parametrize("stats, unknown", [
@@ -27,3 +36,53 @@ def test_nothing_unknown_and_every_file_on_disk_is_ready() -> None:
     assert Answer([], "n").ready, "a listing that says there is nothing"
     assert not Answer(cached, "n", unknown="the mount was started with --no-xattrs").ready
     assert not Answer(cached + [FileStatus("c", 1, FileState.PARTIAL)], "n").ready
+
+
+# -- against a lock (issue 14) -----------------------------------------------------------------
+
+
+def _locked_store(tmp_path: Path) -> tuple[lockfile.Lock, Path]:
+    """A store with three files of a lock: one recorded (as lazyfs leaves it),
+    one an admin's copy without a record, one missing."""
+    data = {"m/recorded.bin": b"r" * 1000, "m/bare.bin": b"b" * 1000, "m/missing.bin": b"x" * 10}
+    entries = [lockfile.Entry("bkt", k, len(v), hashlib.md5(v).hexdigest(), "", 0,
+                              Expectation("MD5", hashlib.md5(v).hexdigest())) for k, v in data.items()]
+    lock = lockfile.make([lockfile.Folder("bkt", "m/", tuple(entries))], [], "test")
+    root = tmp_path / "store"
+    (root / "m").mkdir(parents=True)
+    for key in ("m/recorded.bin", "m/bare.bin"):
+        (root / key).write_bytes(data[key])
+    store = Store.open(str(root))
+    try:
+        fd = os.open(root / "m/recorded.bin", os.O_RDONLY)
+        store.identities.write(fd, Identity.of(entries[0].obj(), "bake", "MD5"))
+        os.close(fd)
+    finally:
+        store.close()
+    return lock, root
+
+
+def test_against_a_lock_a_copy_without_a_record_is_proof_only_once_its_bytes_are_hashed(tmp_path: Path) -> None:
+    lock, root = _locked_store(tmp_path)
+    by_record = from_lock(StatusConfig(sources=lock.sources, store=root, lock=lock))
+    assert {f.path: f.state.value for f in by_record.files} == {
+        "m/recorded.bin": "cached", "m/bare.bin": "prebaked", "m/missing.bin": "missing"}
+    assert "1 files have no identity record" in by_record.unknown and not by_record.ready
+    (root / "m/missing.bin").write_bytes(b"x" * 10)
+    by_content = from_lock(StatusConfig(sources=lock.sources, store=root, lock=lock, verify_content=True))
+    assert by_content.ready and {f.content for f in by_content.files} == {"match"}
+    (root / "m/bare.bin").write_bytes(b"B" * 1000)  # same size, other bytes
+    changed = from_lock(StatusConfig(sources=lock.sources, store=root, lock=lock, verify_content=True))
+    assert {f.path: f.state.value for f in changed.files}["m/bare.bin"] == "stale" and not changed.ready
+
+
+def test_a_mount_proves_a_lock_only_when_it_serves_that_very_lock() -> None:
+    lock = lockfile.make([lockfile.Folder("bkt", "m/", ())], [], "test")
+    cfg = StatusConfig(sources=lock.sources, store=Path("/x"), lock=lock)
+    assert "not pinned" in _other_lock(cfg, None)
+    assert "serves lock sha256:000000000000" in _other_lock(cfg, {"digest": "sha256:" + "0" * 64})
+    assert _other_lock(cfg, {"digest": lock.digest}) == ""
+    note = _pinned_note({"digest": lock.digest, "files": 0, "unavailable": ["m/a"],
+                         "drift": {"checked_at": "t", "changed": 1, "deleted": 0, "added": 2}})
+    assert "drift since the lock: 1 changed, 0 deleted, 2 added" in note and "1 locked files" in note
+    assert "drift not checked yet" in _pinned_note({"digest": lock.digest, "files": 0, "drift": {}})

@@ -1,0 +1,263 @@
+"""Pinned deployments (issue 14), end to end through the CLI against moto
+behind the counting proxy: `lazyfs lock`, `mount --lock` (zero requests at
+start, the locked bytes by version id after an overwrite in a versioned
+bucket, a clear ESTALE and one log line in an unversioned one, drift
+reported and nothing else), `bake --lock` and `--write-lock`, `status --lock
+--require-all` (and `--verify content`), `diff`, and locks refused in one
+line with exit 2."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from support.mounting import FS, lazyfs_cli, wait_until, write_model_json
+from support.s3server import free_port
+
+pytestmark = pytest.mark.fuse
+
+P = "my-model/v3"
+TRANSFER_CLIENTS = ("boto3", "crt")
+
+
+def versioned(s3, bucket: str) -> None:
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+
+
+def upload(s3, bucket: str, files: dict[str, bytes], prefix: str = P) -> dict[str, str]:
+    """key -> version id ("" in a bucket that keeps none)."""
+    out = {}
+    for name, data in files.items():
+        resp = s3.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=data)
+        out[f"{prefix}/{name}"] = resp.get("VersionId") or ""
+    return out
+
+
+def make_lock(proxy, bucket: str, out: Path, prefix: str = P) -> dict:
+    res = lazyfs_cli(["lock", "--prefix", f"s3://{bucket}/{prefix}", "--endpoint-url", proxy.endpoint,
+                      "-o", str(out)])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("lazyfs lock: ") and str(out) in res.stdout
+    return json.loads(out.read_text())
+
+
+def model(n: int = 3) -> dict[str, bytes]:
+    return {"config.json": b'{"layers": %d}' % n, "tokenizer.json": os.urandom(30_000),
+            "model.safetensors": os.urandom(3 * 1024 * 1024 + n)}
+
+
+@pytest.mark.parametrize("transfer_client", TRANSFER_CLIENTS, indirect=True)
+def test_a_pinned_mount_starts_with_no_request_and_serves_the_locked_bytes_by_version_id(
+        mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    versioned(s3, bucket)
+    approved = model()
+    ids = upload(s3, bucket, approved)
+    proxy.clear()
+    doc = make_lock(proxy, bucket, tmp_path / "model.lock.json")
+    assert (proxy.count("LIST"), proxy.count("HEAD")) == (1, 3), "one listing, one HEAD per object"
+    assert {o["key"]: o["version_id"] for o in doc["folders"][0]["objects"]} == ids
+    overwritten = os.urandom(3 * 1024 * 1024 + 3)
+    s3.put_object(Bucket=bucket, Key=f"{P}/model.safetensors", Body=overwritten)  # after the approval
+    proxy.clear()
+    m = mount("--lock", str(tmp_path / "model.lock.json"), "--prefix", f"s3://{bucket}/{P}",
+              store=tmp_path / "store")
+    assert m.process.stdout_lines[0].startswith("lazyfs: ready PINNED: ")
+    assert "each by its version id" in m.process.stdout_lines[0]
+    assert proxy.count() == 0, f"a pinned mount started with requests: {proxy.requests()}"
+    assert fs.listdir(m.path / P) == sorted(approved)
+    assert proxy.count() == 0, "listing a pinned mount sends no request"
+    for name, data in approved.items():
+        assert fs.read(m.file(f"{P}/{name}")) == data
+    gets = proxy.requests("GET")
+    assert gets and {r["query"].get("versionId") for r in gets} == {ids[r["key"]] for r in gets}
+    assert proxy.count("LIST") == 0 and proxy.count("HEAD") == 0, "what to check against came from the lock"
+    key = f"{P}/model.safetensors"
+    wait_until(lambda: fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.state") == b"cached", what="publication")
+    algorithm = next(o["checksum"]["algorithm"] for o in doc["folders"][0]["objects"] if o["key"] == key)
+    assert fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.verified") == algorithm.encode()
+    assert (tmp_path / "store" / key).read_bytes() == approved["model.safetensors"]
+    # A fresh mount that is not pinned serves what the bucket holds now.
+    fresh = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "fresh")
+    assert fs.read(fresh.file(key)) == overwritten
+
+
+@pytest.mark.parametrize("transfer_client", TRANSFER_CLIENTS, indirect=True)
+@pytest.mark.log_errors("which the bucket no longer has")
+def test_an_overwrite_in_an_unversioned_bucket_fails_the_file_clearly_and_serves_nothing_else(
+        mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    approved = model()
+    upload(s3, bucket, approved)
+    doc = make_lock(proxy, bucket, tmp_path / "model.lock.json")
+    locked = {o["key"]: o for o in doc["folders"][0]["objects"]}
+    key = f"{P}/model.safetensors"
+    assert locked[key]["version_id"] is None
+    now = s3.put_object(Bucket=bucket, Key=key, Body=os.urandom(3 * 1024 * 1024 + 3))["ETag"].strip('"')
+    m = mount("--lock", str(tmp_path / "model.lock.json"), store=tmp_path / "store")
+    assert "by version id or ETag" in m.process.stdout_lines[0]
+    with pytest.raises(OSError) as info:
+        fs.read(m.file(key))
+    assert info.value.errno == errno.ESTALE
+    gets = proxy.count("GET", key)
+    with pytest.raises(OSError) as again:
+        fs.read(m.file(key))
+    assert again.value.errno == errno.ESTALE and proxy.count("GET", key) == gets, "refused at the open"
+    lines = [ln for ln in m.log().splitlines() if "which the bucket no longer has" in ln]
+    assert len(lines) == 1, lines
+    assert key in lines[0] and f"ETag {locked[key]['etag']}" in lines[0] and f"it now holds ETag {now}" in lines[0]
+    assert not (tmp_path / "store" / key).exists(), "nothing of the new version was kept"
+    assert fs.read(m.file(f"{P}/config.json")) == approved["config.json"], "the other files are served"
+    stats = json.loads(fs.read(m.path / ".lazyfs" / "stats.json"))
+    assert stats["pinned"]["unavailable"] == [key]
+
+
+def test_drift_is_reported_and_nothing_is_fetched_or_swapped(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    versioned(s3, bucket)
+    approved = model()
+    upload(s3, bucket, approved)
+    make_lock(proxy, bucket, tmp_path / "model.lock.json")
+    s3.put_object(Bucket=bucket, Key=f"{P}/model.safetensors", Body=b"changed")
+    s3.delete_object(Bucket=bucket, Key=f"{P}/tokenizer.json")
+    s3.put_object(Bucket=bucket, Key=f"{P}/extra.bin", Body=b"added")
+    port = free_port()
+    proxy.clear()
+    m = mount("--lock", str(tmp_path / "model.lock.json"), "--refresh", "0", "--metrics-port", str(port),
+              store=tmp_path / "store")
+    m.process.send(signal.SIGHUP)
+    wait_until(lambda: "drift check:" in m.log(), what="the drift check")
+    assert {r["kind"] for r in proxy.requests()} == {"LIST"}, "a drift check only lists"
+    assert fs.listdir(m.path / P) == sorted(approved), "the lock's files, as they were"
+    assert fs.read(m.file(f"{P}/tokenizer.json")) == approved["tokenizer.json"], "deleted: fetched by version id"
+    stats = json.loads(fs.read(m.path / ".lazyfs" / "stats.json"))
+    pinned = stats["pinned"]
+    assert pinned["digest"].startswith("sha256:") and pinned["files"] == 3 and pinned["by_version_id"] == 3
+    assert (pinned["drift"]["changed"], pinned["drift"]["deleted"], pinned["drift"]["added"]) == (1, 1, 1)
+    assert pinned["drift"]["keys"]["changed"] == [f"{P}/model.safetensors"] and pinned["unavailable"] == []
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "lazyfs_pinned 1.0" in metrics and f'digest="{pinned["digest"]}"' in metrics
+    assert 'lazyfs_pinned_drift_objects{kind="changed"} 1.0' in metrics
+    res = lazyfs_cli(["status", "--store", str(m.path), "--prefix", f"s3://{bucket}/{P}"])
+    assert f"pinned to lock {pinned['digest'][:19]}" in res.stdout, res.stdout
+    assert "drift since the lock: 1 changed, 1 deleted, 1 added" in res.stdout
+    js = json.loads(lazyfs_cli(["status", "--store", str(m.path), "--prefix", f"s3://{bucket}/{P}", "--json"]).stdout)
+    assert js["pinned"] == pinned["digest"]
+
+
+def test_bake_with_a_lock_status_proves_it_and_a_pinned_start_downloads_nothing(mount, proxy, s3, bucket, fs: FS,
+                                                                                 tmp_path: Path):
+    versioned(s3, bucket)
+    approved = model()
+    upload(s3, bucket, approved)
+    lock = tmp_path / "model.lock.json"
+    make_lock(proxy, bucket, lock)
+    s3.put_object(Bucket=bucket, Key=f"{P}/config.json", Body=b'{"layers": 99}')  # after the approval
+    image = tmp_path / "image-store"
+    res = lazyfs_cli(["bake", "--lock", str(lock), "--endpoint-url", proxy.endpoint, "--to", str(image)])
+    assert res.returncode == 0, res.stderr
+    assert "3 files: 3 downloaded" in res.stdout
+    for name, data in approved.items():
+        assert (image / P / name).read_bytes() == data, f"{name}: not the locked bytes"
+    for extra in ([], ["--verify", "content"]):
+        res = lazyfs_cli(["status", "--lock", str(lock), "--store", str(image), "--require-all", *extra])
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "3 cached" in res.stdout and "matches lock" in res.stdout
+    proxy.clear()
+    m = mount("--lock", str(lock), store=image)
+    for name, data in approved.items():
+        assert fs.read(m.file(f"{P}/{name}")) == data
+    assert proxy.count() == 0, f"a prebaked pinned pod sent requests: {proxy.requests()}"
+    m.stop()
+    # Bytes changed on disk, the identity record kept: only hashing the content finds it.
+    target = image / P / "tokenizer.json"
+    os.chmod(target, 0o600)
+    with open(target, "r+b") as f:
+        f.write(b"X")
+    res = lazyfs_cli(["status", "--lock", str(lock), "--store", str(image), "--require-all"])
+    assert res.returncode == 0, "by identity record it still matches"
+    res = lazyfs_cli(["status", "--lock", str(lock), "--store", str(image), "--require-all", "--verify", "content",
+                      "--json"])
+    assert res.returncode == 1
+    rows = {r["path"]: r for r in json.loads(res.stdout)["files"]}
+    assert rows[f"{P}/tokenizer.json"]["state"] == "stale" and rows[f"{P}/config.json"]["state"] == "cached"
+
+
+def test_bake_write_lock_and_diff_of_two_versions(proxy, s3, bucket, tmp_path: Path):
+    v3 = model(3)
+    upload(s3, bucket, v3)
+    v4 = dict(v3, **{"model.safetensors": os.urandom(2 * 1024 * 1024)})
+    upload(s3, bucket, v4, prefix="my-model/v4")
+    (tmp_path / "v3.json").write_text(json.dumps({"download_files_from": f"s3://{bucket}/{P}"}))
+    res = lazyfs_cli(["bake", "--config", str(tmp_path / "v3.json"), "--write-lock", str(tmp_path / "v3.lock.json"),
+                      "--endpoint-url", proxy.endpoint, "--to", str(tmp_path / "image")])
+    assert res.returncode == 0, res.stderr
+    doc = json.loads((tmp_path / "v3.lock.json").read_text())
+    assert doc["config"][0]["path"].endswith("v3.json") and len(doc["folders"][0]["objects"]) == 3
+    for o in doc["folders"][0]["objects"]:
+        ident = json.loads(os.getxattr(tmp_path / "image" / o["key"], "user.lazyfs.identity"))
+        assert (ident["etag"], ident["size"]) == (o["etag"], o["size"])
+    make_lock(proxy, bucket, tmp_path / "v4.lock.json", prefix="my-model/v4")
+    res = lazyfs_cli(["diff", str(tmp_path / "v3.lock.json"), str(tmp_path / "v4.lock.json")])
+    assert res.returncode == 0, res.stderr
+    assert "the switch downloads 1 file, 2.0 MiB; 2 files" in res.stdout
+    assert "download" in res.stdout and "my-model/v4/model.safetensors" in res.stdout
+    js = json.loads(lazyfs_cli(["diff", str(tmp_path / "v3.lock.json"), str(tmp_path / "v4.lock.json"),
+                                "--json"]).stdout)
+    assert js["download"] == {"files": 1, "bytes": 2 * 1024 * 1024, "keys": ["my-model/v4/model.safetensors"]}
+    assert js["link"]["files"] == 2 and js["removed"]["files"] == 3
+
+
+def one_line_error(res) -> str:
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lazyfs: error: ") and "Traceback" not in res.stderr, res.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def locks(tmp_path: Path) -> dict[str, Path]:
+    """A good lock (made without S3: a lock of nothing but one folder) and bad ones."""
+    from lazyfs import lockfile
+
+    good = lockfile.make([lockfile.Folder("models", "my-model/v3/", ())], [], "test")
+    text = lockfile.dumps(good)
+    out = {"good": text, "truncated": text[: len(text) // 2], "malformed": '{"lazyfs_lock": 1, "folders": 3}',
+           "tampered": text.replace('"my-model/v3/"', '"my-model/v4/"'), "not json": "this is not a lock\n"}
+    paths = {}
+    for name, body in out.items():
+        paths[name] = tmp_path / f"{name.replace(' ', '-')}.lock.json"
+        paths[name].write_text(body)
+    (tmp_path / "mnt").mkdir()
+    return paths
+
+
+@pytest.mark.parametrize("command", ["mount", "bake", "status", "diff"])
+@pytest.mark.parametrize("bad, message", [
+    ("truncated", "not a complete lock file"), ("malformed", "no valid \"digest\""),
+    ("tampered", "digest mismatch"), ("not json", "not a complete lock file"), ("missing", "file not found"),
+])
+def test_a_bad_lock_is_one_line_and_exit_2(command: str, bad: str, message: str, locks, tmp_path: Path):
+    path = locks.get(bad, tmp_path / "missing.lock.json")
+    argv = {"mount": ["mount", str(tmp_path / "mnt"), "--lock", str(path)],
+            "bake": ["bake", "--lock", str(path), "--to", str(tmp_path)],
+            "status": ["status", "--lock", str(path), "--store", str(tmp_path)],
+            "diff": ["diff", str(locks["good"]), str(path)]}[command]
+    line = one_line_error(lazyfs_cli(argv))
+    assert f"lock {path}: " in line and message in line
+
+
+@pytest.mark.parametrize("folder, reason", [
+    ("s3://models/my-model/v4", "is for other folders: it pins s3://models/my-model/v3/ but the configuration "
+                                "serves s3://models/my-model/v4/"),
+    ("s3://staging/my-model/v3", "is for another bucket"),
+])
+def test_a_lock_of_other_folders_is_refused_with_the_reason(folder: str, reason: str, locks, tmp_path: Path):
+    cfg = write_model_json(tmp_path / "model.json", download_files_from=folder)
+    for argv in (["mount", str(tmp_path / "mnt")], ["bake", "--to", str(tmp_path)],
+                 ["status", "--store", str(tmp_path)]):
+        line = one_line_error(lazyfs_cli([*argv, "--config", str(cfg), "--lock", str(locks["good"])]))
+        assert reason in line

@@ -1,0 +1,260 @@
+"""Issue 14 at the engine tier: a lock made from one listing and a HEAD per
+object; an engine serving it (pinned.Pinning) fetches the locked version by its
+id after an overwrite, checks the bytes against the lock and not against
+what S3 says, never serves anything in place of a version the bucket lost
+(also when it is lost between two ranged GETs of one download), refuses
+further opens of it at once, and a drift check reports the bucket's changes
+without fetching anything."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+
+import pytest
+import trio
+
+from lazyfs import lockcmd, lockfile
+from lazyfs.drift import DriftWatch
+from lazyfs.errors import IntegrityError, PinnedVersionGone, errno_of
+from lazyfs.fetch import Fetcher
+from lazyfs.handles import Handles
+from lazyfs.lister import Lister
+from lazyfs.lockfile import Lock
+from lazyfs.modeljson import Source
+from lazyfs.pinned import Pinning
+from lazyfs.prefetch import Prefetcher, Progress
+from lazyfs.store import Store
+from lazyfs.verify import Expectation
+from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
+from support.fakeremote import FakeRemote
+
+KiB, MiB = 1024, 1024 * 1024
+P = "m/"
+SOURCES = [Source(BUCKET, P)]
+
+
+def pinned(remote: FakeRemote, store: Store, lock: Lock, origin: str = "fetch",
+           **cfg: object) -> tuple[Fetcher, Pinning]:
+    """An engine serving `lock`, wired as `lazyfs mount --lock` (or, with
+    origin "bake", `lazyfs bake --lock`) wires it."""
+    pin = Pinning(lock, remote)
+    config = fetch_config(**cfg)
+    fetcher = Fetcher(pin.store, store, config, origin=origin, fetch_range=pin.transfer(remote, config))
+    fetcher.hooks.refuse = pin.refuse
+    return fetcher, pin
+
+
+async def read_all(fetcher: Fetcher, lock: Lock, key: str) -> bytes:
+    obj = next(o for o in lock.objects() if o.key == key)
+    handles = Handles(fetcher)
+    fh = await handles.open(obj)
+    try:
+        return bytes(await handles.read(fh, 0, obj.size))
+    finally:
+        handles.release(fh)
+
+
+@trio_test
+async def test_a_lock_is_one_listing_and_a_head_per_object(remote: FakeRemote) -> None:
+    remote.keep_versions(BUCKET)
+    remote.put(BUCKET, "m/config.json", b"{}")
+    remote.put(BUCKET, "m/tok.json", b"tok" * 100, checksum="CRC32")
+    remote.put(BUCKET, "m/w.bin", os.urandom(3 * MiB), parts=(MiB, MiB, MiB))
+    lock = await lockcmd.make_lock(remote, SOURCES, [])
+    assert remote.count("LIST") == 1
+    assert len([c for c in remote.calls if c.op == "HEAD" and c.start == 0]) == 3, "one HEAD per object"
+    checks = {e.key: e.check for e in lock.entries()}
+    assert checks["m/tok.json"].algorithm == "CRC32"
+    assert checks["m/config.json"] == Expectation("MD5", remote.objects[(BUCKET, "m/config.json")].etag)
+    assert checks["m/w.bin"].algorithm == "MD5-multipart" and checks["m/w.bin"].part_sizes == (MiB,) * 3
+    assert all(e.version_id == remote.version_ids(BUCKET, e.key)[0] for e in lock.entries())
+    assert lockfile.parse(lockfile.dumps(lock), "x").folders == lock.folders
+
+
+@trio_test
+async def test_an_overwrite_in_a_versioned_bucket_changes_nothing(remote: FakeRemote, stores) -> None:
+    remote.keep_versions(BUCKET)
+    approved = os.urandom(MiB + 5)
+    remote.put(BUCKET, "m/w.bin", approved, checksum="CRC32")
+    lock = await lockcmd.make_lock(remote, SOURCES, [])
+    remote.put(BUCKET, "m/w.bin", os.urandom(MiB + 5))  # overwritten after the approval
+    remote.calls.clear()
+    fetcher, _ = pinned(remote, stores(), lock)
+    async with running(fetcher):
+        assert await read_all(fetcher, lock, "m/w.bin") == approved
+        await wait_for(lambda: not fetcher.downloads(), "the publication")
+    gets = remote.gets()
+    assert gets and all(c.version_id == remote.version_ids(BUCKET, "m/w.bin")[0] for c in gets)
+    assert remote.count("HEAD") == 0, "what to check against came from the lock"
+    local = stores().local_state(lock.objects()[0])
+    assert (local.state.value, local.verified) == ("cached", "CRC32")
+
+
+@trio_test
+async def test_the_bytes_are_checked_against_the_lock_not_against_the_bucket(remote: FakeRemote, stores) -> None:
+    data = os.urandom(300 * KiB)
+    remote.put(BUCKET, "m/w.bin", data, checksum="CRC32")
+    made = await lockcmd.make_lock(remote, SOURCES, [])
+    # A lock whose checksum is not the bytes' (a lock of other bytes with the same ETag): never published.
+    e = next(made.entries())
+    wrong = dataclasses.replace(e, check=Expectation("SHA256", "bm90IHRoZSBieXRlcycgU0hBMjU2IGF0IGFsbCEhISE="))
+    lock = lockfile.make([lockfile.Folder(BUCKET, P, (wrong,))], [], "test")
+    store = stores()
+    fetcher, _ = pinned(remote, store, lock)
+    async with running(fetcher):
+        handles = Handles(fetcher)
+        fh = await handles.open(lock.objects()[0])
+        dl = handles._open[fh].download
+        assert dl is not None
+        await dl.finished.wait()  # verified twice (a second download), never published
+        assert isinstance(dl.error, IntegrityError) and "SHA256" in str(dl.error)
+        handles.release(fh)
+    assert store.local_state(lock.objects()[0]).state.value == "missing"
+    assert sum(c.end - c.start for c in remote.gets()) == 2 * len(data), "downloaded twice, as any bad bytes are"
+    assert remote.count("HEAD") == 1, "the HEAD of lazyfs lock only: nothing asked of the bucket"
+
+
+@trio_test
+async def test_a_lost_version_is_never_served_and_later_opens_fail_at_once(remote: FakeRemote, stores,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    remote.put(BUCKET, "m/w.bin", os.urandom(200 * KiB))  # a bucket without versions
+    lock = await lockcmd.make_lock(remote, SOURCES, [])
+    new = remote.put(BUCKET, "m/w.bin", os.urandom(200 * KiB))
+    store = stores()
+    fetcher, pin = pinned(remote, store, lock)
+    async with running(fetcher):
+        with pytest.raises(PinnedVersionGone) as info:
+            await read_all(fetcher, lock, "m/w.bin")
+        assert errno_of(info.value) == errno.ESTALE
+        locked = next(lock.entries())
+        message = str(info.value)
+        assert f"ETag {locked.etag}" in message and f"it now holds ETag {new.etag}" in message
+        gets = len(remote.gets())
+        with pytest.raises(PinnedVersionGone):  # refused at the open: no request
+            await Handles(fetcher).open(lock.objects()[0])
+        assert len(remote.gets()) == gets
+    assert pin.unavailable() == ["m/w.bin"]
+    assert store.local_state(lock.objects()[0]).state.value == "missing"
+    lines = [r for r in caplog.records if "which the bucket no longer has" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+
+
+@trio_test
+async def test_an_overwrite_between_two_ranged_gets_fails_the_download_whole(remote: FakeRemote, stores) -> None:
+    approved = os.urandom(2 * MiB)
+    remote.put(BUCKET, "m/w.bin", approved)
+    lock = await lockcmd.make_lock(remote, SOURCES, [])
+
+    def overwrite_before_the_second_get(call: object) -> None:
+        if len(remote.gets()) == 2:
+            remote.put(BUCKET, "m/w.bin", os.urandom(2 * MiB))
+
+    remote.on_get.append(overwrite_before_the_second_get)
+    store = stores()
+    fetcher, _ = pinned(remote, store, lock, max_connections=1)
+    async with running(fetcher):
+        handles = Handles(fetcher)
+        fh = await handles.open(lock.objects()[0])
+        assert bytes(await handles.read(fh, 0, 4096)) == approved[:4096], "the first part is the locked bytes"
+        with pytest.raises(PinnedVersionGone):
+            await handles.read(fh, MiB, 4096)
+        handles.release(fh)
+    assert store.local_state(lock.objects()[0]).state.value in ("missing", "partial")
+
+
+@trio_test
+async def test_a_local_copy_of_the_locked_version_is_served_whatever_the_bucket_holds(remote: FakeRemote,
+                                                                                     stores) -> None:
+    approved = os.urandom(100 * KiB)
+    remote.put(BUCKET, "m/w.bin", approved)
+    lock = await lockcmd.make_lock(remote, SOURCES, [])
+    store = stores()
+    fetcher, pin = pinned(remote, store, lock)
+    async with running(fetcher):
+        assert await read_all(fetcher, lock, "m/w.bin") == approved
+        await wait_for(lambda: not fetcher.downloads(), "the publication")
+        remote.delete(BUCKET, "m/w.bin")
+        pin.mark_unavailable(next(lock.entries()), "gone")
+        remote.calls.clear()
+        assert await read_all(fetcher, lock, "m/w.bin") == approved
+    assert remote.calls == []
+
+
+@trio_test
+async def test_a_drift_check_reports_and_refuses_only_what_cannot_be_fetched(remote: FakeRemote, stores) -> None:
+    remote.keep_versions(BUCKET)
+    remote.put(BUCKET, "m/versioned.bin", b"v1" * 1000)
+    remote.keep_versions(BUCKET, on=False)  # the rest written while versioning was suspended: no ids
+    plain = b"p1" * 1000
+    remote.put(BUCKET, "m/plain.bin", plain)
+    remote.put(BUCKET, "m/deleted.bin", b"d" * 10)
+    lock = await lockcmd.make_lock(remote, SOURCES, [])
+    remote.keep_versions(BUCKET)
+    remote.put(BUCKET, "m/versioned.bin", b"v2" * 1000)
+    remote.keep_versions(BUCKET, on=False)
+    remote.put(BUCKET, "m/plain.bin", b"p2" * 1000)
+    remote.delete(BUCKET, "m/deleted.bin")
+    remote.put(BUCKET, "m/added.bin", b"new")
+    remote.put(BUCKET, "m/folder/", b"")  # a console's folder marker: not a file
+    fetcher, pin = pinned(remote, stores(), lock)
+    watch = DriftWatch(pin, Lister(pin.store, trio.CapacityLimiter(8)), SOURCES, 0)
+    remote.calls.clear()
+    drift = await watch.check_once()
+    assert (drift.changed, drift.deleted, drift.added) == (("m/plain.bin", "m/versioned.bin"), ("m/deleted.bin",),
+                                                          ("m/added.bin",))
+    assert {c.op for c in remote.calls} == {"LIST"}, "a drift check fetches nothing"
+    assert pin.unavailable() == ["m/deleted.bin", "m/plain.bin"], "the versioned one is fetched by its id"
+    async with running(fetcher):
+        assert await read_all(fetcher, lock, "m/versioned.bin") == b"v1" * 1000
+        with pytest.raises(PinnedVersionGone):
+            await Handles(fetcher).open(next(o for o in lock.objects() if o.key == "m/plain.bin"))
+        remote.put(BUCKET, "m/plain.bin", plain)  # put back as it was locked
+        await watch.check_once()
+        assert pin.unavailable() == ["m/deleted.bin"]
+        assert await read_all(fetcher, lock, "m/plain.bin") == plain
+
+
+
+@trio_test
+async def test_a_mount_of_the_old_lock_and_a_bake_of_the_new_share_the_store_and_its_downloads(
+        remote: FakeRemote, stores) -> None:
+    """Pre-staging: a bake of the new lock next to a pinned mount of the old
+    one, on one store.  A version both locks pin, which the mount is fetching
+    right now, is not fetched twice: the bake follows the mount's download
+    (the store's download lock), and the bytes only the new lock has are
+    fetched by the bake, while the mount goes on serving the old lock."""
+    remote.keep_versions(BUCKET)
+    shared = os.urandom(2 * MiB)
+    remote.put(BUCKET, "m/shard-1.bin", shared)
+    remote.put(BUCKET, "m/shard-2.bin", b"old" * 1000)
+    old = await lockcmd.make_lock(remote, SOURCES, [])
+    remote.put(BUCKET, "m/shard-2.bin", b"new" * 1000)
+    new = await lockcmd.make_lock(remote, SOURCES, [])
+    gate = remote.gate("m/shard-1.bin", start=MiB)  # the mount's download stops half-way
+    mount, _ = pinned(remote, stores(), old)
+    bake, _ = pinned(remote, stores(), new, origin="bake")
+    async with running(mount), running(bake):
+        handles = Handles(mount)
+        fh = await handles.open(next(o for o in old.objects() if o.key == "m/shard-1.bin"))
+        assert bytes(await handles.read(fh, 0, 4096)) == shared[:4096]
+        async with trio.open_nursery() as nursery:
+            baked: list[Progress] = []
+
+            async def bake_all() -> None:
+                baked.append(await Prefetcher(bake).run(new.objects()))
+
+            nursery.start_soon(bake_all)
+            await wait_for(lambda: bake._foreign, "the bake to follow the mount's download")
+            assert bytes(await handles.read(fh, 0, 4096)) == shared[:4096], "the mount serves all along"
+            gate.release()
+        progress = baked[0]
+        assert not progress.failed and progress.done_files == 2, progress
+        handles.release(fh)
+    fetched = {}
+    for c in remote.gets():
+        fetched[c.key] = fetched.get(c.key, 0) + c.end - c.start
+    assert fetched == {"m/shard-1.bin": 2 * MiB, "m/shard-2.bin": 3000}, "each version fetched once"
+    store = stores()
+    assert all(store.local_state(o).state.value == "cached" for o in new.objects())
