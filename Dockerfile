@@ -19,13 +19,18 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY lazyfs ./lazyfs
 # pyfuse3 compiles against libfuse3: build every wheel here, install them below.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+ && cd /wheels && sha256sum *.whl > /wheels.sha256
 
 FROM python:3.11-slim-bookworm AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends fuse3 libfuse3-3 attr \
  && rm -rf /var/lib/apt/lists/*
-# The wheels are bind-mounted from the build stage, not copied: no layer keeps them.
+# The wheels are bind-mounted from the build stage, not copied: no layer keeps
+# them.  Their checksums are copied first (and kept, a record of what was
+# installed): buildah's cache does not look into a bind mount, so without this
+# a rebuild after a change to lazyfs would reuse the old install.
+COPY --from=build /wheels.sha256 /usr/share/lazyfs/wheels.sha256
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir /wheels/*.whl \
  && mkdir -p /var/practicus/cache /opt/lazyfs/store

@@ -237,11 +237,17 @@ class Run:
             self.s3.put_object(Bucket=BUCKET, Key=f"{FOLDER}/{name}", Body=data)
         (self.work / "model.json").write_text(json.dumps(
             {"download_files_from": f"s3://{BUCKET}/{FOLDER}", "download_files_to": MOUNT}))
-        # The lock the production image is baked and mounted with (README, "Pinned deployments").
+
+    def lock_model(self, endpoint: str) -> None:
+        """The lock the production image is baked and mounted with (README,
+        "Pinned deployments"): made once the tested version is approved, so it
+        holds the file added during the runtime scenario."""
         res = subprocess.run([sys.executable, "-m", "lazyfs", "lock", "--config", str(self.work / "model.json"),
                               "--endpoint-url", endpoint, "-o", str(self.work / "model.lock.json")],
                              capture_output=True, text=True, timeout=120, env=clean_env())
         check(res.returncode == 0, f"lazyfs lock failed: {res.stderr[-2000:]}")
+        locked = sum(len(f["objects"]) for f in json.loads((self.work / "model.lock.json").read_text())["folders"])
+        check(locked == len(self.model.files), f"the lock holds {locked} files, the folder {len(self.model.files)}")
 
     def add_file(self, name: str, data: bytes) -> None:
         self.s3.put_object(Bucket=BUCKET, Key=f"{FOLDER}/{name}", Body=data)
@@ -323,6 +329,7 @@ class Run:
         creds.parent.mkdir(mode=0o700, exist_ok=True)
         creds.write_text(f"[default]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n")
         creds.chmod(0o600)
+        self.lock_model(self.proxy.endpoint)
         # The model's largest file answers slowly once, so the bake outlasts its
         # 5-second progress interval and the build log shows a progress line.
         self.proxy.clear()
