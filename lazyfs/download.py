@@ -31,6 +31,8 @@ from lazyfs.partials import Partial
 from lazyfs.verify import Digest
 
 PENDING, ACTIVE, DONE = 0, 1, 2
+# Partial.done_map (1: on disk) as block states.
+_AS_STATE = bytes([PENDING, DONE]) + bytes(254)
 # A reader waiting on pending bytes gets them in requests of at most this many
 # blocks (what it needs plus a little readahead).
 DEMAND_BLOCKS = 2
@@ -136,12 +138,18 @@ class Download:
         self._fmap = FileMap(partial.fd, partial.obj.size, self.pages)
         self.block_size = partial.block_size
         self.nblocks = partial.nblocks
-        self.state = bytearray(self.nblocks)
-        self.done_bytes = 0
-        for i in partial.done:
-            self.state[i] = DONE
-            self.done_bytes += self.block_end(i) - i * self.block_size
+        # No loop over the blocks here (issue 11 #13): the map was made by the
+        # store thread that opened the file, and the bytes follow from the count.
         self.ndone = len(partial.done)
+        if partial.done_map.count(1) == self.ndone:
+            self.state = partial.done_map.translate(_AS_STATE)
+        else:  # `done` grew since the file was opened (not on the engine's paths)
+            self.state = bytearray(self.nblocks)
+            for i in partial.done:
+                self.state[i] = DONE
+        self.done_bytes = self.ndone * self.block_size
+        if self.nblocks - 1 in partial.done:  # the last block may be short
+            self.done_bytes -= self.nblocks * self.block_size - self.obj.size
         self._prefix = 0  # blocks [0, _prefix) are DONE
         self.progressed = trio.Event()  # set (and replaced) whenever blocks land
         self.detached = False

@@ -102,7 +102,7 @@ class Fetcher:
             self.runner.fetch_range = fetch_range
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
-        self.pagecache = Prefaulter(self._spawn)
+        self.pagecache = Prefaulter(self._spawn, close=self.close_fd)
 
     @property
     def budget(self) -> Budget | None:
@@ -202,7 +202,13 @@ class Fetcher:
             os.close(fd)
 
     async def _close_in_thread(self, fd: int) -> None:
-        await trio.to_thread.run_sync(os.close, fd, limiter=self.runner.bulk)
+        try:
+            await trio.to_thread.run_sync(os.close, fd, limiter=self.runner.bulk)
+        except trio.Cancelled:
+            # Shutdown, before a thread took it (a thread once started is not
+            # cancelled): close it here rather than leak it.
+            os.close(fd)
+            raise
 
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Start an engine task; an unexpected exception in it is logged and

@@ -32,8 +32,12 @@ READ_AHEAD_CHUNKS = 16
 
 
 class Prefaulter:
-    def __init__(self, spawn: Callable[..., None]) -> None:
+    def __init__(self, spawn: Callable[..., None], close: Callable[[int], None] = os.close) -> None:
         self._spawn = spawn  # start a supervised background task
+        # Closes our descriptors (Fetcher.close_fd): ours may be the last of a
+        # file unlinked meanwhile (evicted, replaced, a discarded download),
+        # whose close frees its blocks and must not run on the trio thread.
+        self._close = close
         self._threads = trio.CapacityLimiter(THREADS)
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         # (mapping, chunk) -> done: a chunk is read by one thread, whoever asks.
@@ -70,7 +74,7 @@ class Prefaulter:
                     await trio.to_thread.run_sync(self._read_blocking, fd, mine[0] * CHUNK,
                                                   (mine[-1] + 1) * CHUNK, limiter=self._threads)
                 finally:
-                    os.close(fd)
+                    self._close(fd)
                 fmap.mark_chunks_warm(range(mine[0], mine[-1] + 1))
         finally:
             for i in mine:

@@ -63,6 +63,13 @@ class Partial:
         self.done = done  # blocks durably on disk, as last recorded or resumed
         self.name = files.name(obj)
         self.ino = os.fstat(fd).st_ino
+        # `done` as one byte per block (1: on disk), made here in the store
+        # thread that opens the file: a resumed 100 GiB download has hundreds
+        # of thousands of scattered blocks, tens of ms of looping on the trio
+        # thread (issue 11 #13); Download.attach translates it in C.
+        self.done_map = bytearray(self.nblocks)
+        for i in done:
+            self.done_map[i] = 1
 
     @property
     def nblocks(self) -> int:

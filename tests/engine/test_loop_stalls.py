@@ -1,0 +1,419 @@
+"""What a 100 GiB file costs the trio thread (issue 11 #13): resuming a
+download of scattered blocks, and its progress (`Download.fetched_bytes`,
+read by every xattr, stats read and progress line), cost no loop over its
+blocks; every close of a descriptor of an unlinked file (which may free its
+blocks: the reader's, and the page cache read-ahead's own) runs in a worker
+thread; and the pages of a cold cached file are read into the page cache by
+worker threads (pagecache.Prefaulter) before a reply copies them, and ahead
+of the reader.  The refresh's share is test_refresh_stall.py.
+
+Costs are measured on the trio thread's own CPU clock (support/loopwatch),
+which a loaded machine does not stretch; faults with the thread's own
+resource usage (RUSAGE_THREAD); which thread does what by recording the
+thread that makes the system call."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import mmap
+import os
+import random
+import resource
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+import trio
+
+from lazyfs.catalog import Catalog
+from lazyfs.download import DONE, Download
+from lazyfs.fetch import Fetcher
+from lazyfs.filemap import CHUNK
+from lazyfs.fuse_ops import Operations
+from lazyfs.handles import Handles
+from lazyfs.inodes import ROOT_INODE
+from lazyfs.metrics import MountView
+from lazyfs.modeljson import Source
+from lazyfs.namespace import RemoteObject
+from lazyfs.pagecache import READ_AHEAD_CHUNKS
+from lazyfs.partials import PartialFiles
+from lazyfs.ranged_get import RangeJob, Stopped
+from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
+from support.fakeremote import FakeRemote
+from support.loopwatch import Lateness, StepTimer, watching
+
+MiB = 1 << 20
+GiB = 1 << 30
+CTX: Any = None  # the handlers never look at the request context
+
+
+class Hollow:
+    """The body of an object too large to hold: only its length is real (its
+    bytes are never fetched: the test's `fetch_range` writes nothing)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, s: slice) -> bytes:
+        return bytes(len(range(*s.indices(self.size))))
+
+
+class RecordingOs:
+    """Stands for the `os` module of one lazyfs module: records the thread of
+    each `close` (with the inode and links left of the file it closes) and of
+    each `sendfile` (with its range); everything else is the real `os`."""
+
+    def __init__(self) -> None:
+        self.closes: list[tuple[int, int, int]] = []  # (inode, links, thread)
+        self.sendfiles: list[tuple[int, int, int]] = []  # (offset, bytes read, thread)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def close(self, fd: int) -> None:
+        try:
+            st = os.fstat(fd)
+            self.closes.append((st.st_ino, st.st_nlink, threading.get_ident()))
+        except OSError:
+            pass
+        os.close(fd)
+
+    def sendfile(self, out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        sent = os.sendfile(out_fd, in_fd, offset, count)
+        self.sendfiles.append((offset, sent, threading.get_ident()))
+        return sent
+
+    def closed(self, ino: int) -> list[tuple[int, int, int]]:
+        return [c for c in self.closes if c[0] == ino]
+
+    def covered(self, start: int, end: int) -> bool:
+        """Did sendfile calls read every byte of [start, end)?"""
+        pos = start
+        for off, count, _ in sorted(self.sendfiles):
+            if off <= pos < off + count:
+                pos = off + count
+        return pos >= end
+
+
+@contextlib.asynccontextmanager
+async def watched() -> AsyncIterator[tuple[StepTimer, Lateness]]:
+    """The trio thread's steps for the block, and how late a 1 ms timer fires.
+    The collector's pauses stop every thread wherever they start: they are
+    not the work measured (as in test_refresh_stall)."""
+    gc.collect()
+    gc.disable()
+    late = Lateness()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(late.run)
+            with watching() as steps:
+                yield steps, late
+            nursery.cancel_scope.cancel()
+    finally:
+        gc.enable()
+
+
+def said(steps: StepTimer, late: Lateness) -> str:
+    return f"{steps}; a 1 ms timer fired up to {late.worst * 1000:.0f} ms late"
+
+
+async def ops_for(remote: FakeRemote, fetcher: Fetcher) -> tuple[Operations, Catalog]:
+    catalog = Catalog(remote, [Source(BUCKET, "m/")])
+    await catalog.refresh()
+    handles = Handles(fetcher)
+    view = MountView(catalog, fetcher, handles, fetcher.store, "/mnt")
+    return Operations(catalog, handles, fetcher.store, stats_file=view.snapshot_bytes), catalog
+
+
+async def inode_of(ops: Operations, *names: str) -> int:
+    ino = ROOT_INODE
+    for name in names:
+        ino = (await ops.lookup(ino, name.encode(), CTX)).st_ino
+    return ino
+
+
+def listed(catalog: Catalog, key: str) -> RemoteObject:
+    obj = catalog.tree.find(key)
+    assert isinstance(obj, RemoteObject)
+    return obj
+
+
+# -- 1. a download's progress -------------------------------------------------------------
+
+
+@pytest.mark.slow
+@trio_test
+async def test_a_resumed_100_gib_download_and_its_progress_cost_no_scan_over_its_blocks(
+        remote: FakeRemote, stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """100 GiB in 256 KiB blocks (the engine tier's --part-size): 409,600
+    blocks, half of them on disk from an earlier run, scattered, and 16
+    requests in flight, each part-way through its first block.  Resuming it
+    (the open that finds the record, the first saves of the record) and
+    reading its progress (the xattr, the stats file: `fetched_bytes`) hold
+    the trio thread a few ms at most.  Before: a loop over the done blocks in
+    the open (about 55 ms of CPU here) and a scan over the blocks per
+    progress read (about 60 ms per call here, 24 ms at 1 MiB blocks); now
+    the block map comes from the store thread that opened the file
+    (Partial.done_map), and the progress is a counter plus the requests in
+    flight."""
+    # The sparse file never holds a byte: the disk need not have 100 GiB free.
+    monkeypatch.setattr(PartialFiles, "_check_space", lambda self, obj: None)
+    remote.put(BUCKET, "m/huge.bin", b"")
+    remote.objects[(BUCKET, "m/huge.bin")].data = Hollow(100 * GiB)  # type: ignore[assignment]
+    release = threading.Event()
+    first = threading.Lock()
+    landed: list[int] = []
+
+    def in_flight(job: RangeJob) -> None:
+        """The first GET lands whole (the slow start ends with it); every
+        later one gets half a block and then waits (until the close)."""
+        if first.acquire(blocking=False):
+            job.posted(job.end - job.start)
+            landed.append(job.end - job.start)
+            return
+        job.posted(job.block_size // 2)
+        while not (release.is_set() or job.cancelled()):
+            release.wait(0.05)
+        raise Stopped()
+
+    cfg = fetch_config()
+    store = stores()
+    fetcher = Fetcher(remote, store, cfg, fetch_range=in_flight)
+    try:
+        async with running(fetcher):
+            ops, catalog = await ops_for(remote, fetcher)
+            obj = listed(catalog, "m/huge.bin")
+            nblocks = obj.size // cfg.block_size
+            rng = random.Random(13)
+            done = {i for i in range(nblocks) if rng.random() < 0.5}
+
+            def earlier_run() -> None:  # its resume record: the scattered blocks on disk
+                partial = store.partials.open(obj, cfg.block_size)
+                partial.save_state(done)
+                partial.close()
+
+            await trio.to_thread.run_sync(earlier_run)
+            ino = await inode_of(ops, "m", "huge.bin")
+            async with watched() as (resume, resume_late):
+                fh = (await ops.open(ino, os.O_RDONLY, CTX)).fh
+                dl = fetcher.active(obj)
+                assert isinstance(dl, Download) and dl.nblocks == nblocks == 409_600
+                assert dl.ndone == len(done) and dl.state.count(DONE) == len(done)
+                await wait_for(lambda: len(dl.requests) == cfg.max_connections
+                               and all(r.filled for r in dl.requests), "every request in flight")
+                await wait_for(lambda: dl.state_saved_at and not dl.saving, "a save of the resume record")
+            expected = (len(done) * cfg.block_size + sum(landed)
+                        + cfg.max_connections * (cfg.block_size // 2))
+            assert dl.fetched_bytes == expected
+
+            stats = await inode_of(ops, ".lazyfs", "stats.json")
+            calls = 100
+            async with watched() as (reads, reads_late):
+                for _ in range(calls):
+                    got = await ops.getxattr(ino, b"user.lazyfs.fetched_bytes", CTX)
+                    assert got == str(expected).encode()
+                    await trio.sleep(0)
+                    await ops.getattr(stats, CTX)  # builds the stats snapshot
+                    await trio.sleep(0)
+            [shown] = json.loads(ops.stats_file())["downloads"]["in_flight"]
+            assert shown["fetched_bytes"] == expected
+            started = time.thread_time()
+            for _ in range(100):
+                assert dl.fetched_bytes == expected
+            per_call = (time.thread_time() - started) / 100
+            print(f"\na 100 GiB download, {nblocks} blocks, {len(done)} on disk (scattered), "
+                  f"{len(dl.requests)} requests in flight:\n  resumed: {said(resume, resume_late)}\n"
+                  f"  fetched_bytes: {per_call * 1e6:.1f} us of CPU per call; "
+                  f"{calls} xattr reads and stats snapshots: {said(reads, reads_late)}")
+            assert resume.worst_cpu < 0.02, str(resume)
+            assert per_call < 0.0005, f"{per_call * 1000:.2f} ms per call"
+            assert reads.worst_cpu < 0.005, str(reads)
+            await ops.release(fh)
+    finally:
+        release.set()
+
+
+# -- 2. the close of an unlinked file's last descriptor -----------------------------------------
+
+
+class HeldReadAhead(RecordingOs):
+    """Also holds every sendfile past the first chunk (the read-ahead) until `go`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = threading.Event()
+        self.go = threading.Event()
+
+    def sendfile(self, out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        if offset >= CHUNK:
+            self.held.set()
+            self.go.wait(10)
+        return super().sendfile(out_fd, in_fd, offset, count)
+
+
+@trio_test
+async def test_the_last_close_of_an_evicted_cached_file_is_not_on_the_trio_thread(
+        remote: FakeRemote, stores, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached file evicted (or replaced) while a reader has it open and the
+    page cache's read-ahead is reading it: the reader's release, then the
+    read-ahead's end, close its last descriptors, and the last one frees the
+    file's blocks (seconds for 100 GiB on some filesystems).  Every close of
+    a descriptor of the unlinked file runs in a worker."""
+    data = os.urandom(4 * MiB)
+    remote.put(BUCKET, "m/w.bin", data)
+    store = stores()
+    fetcher = Fetcher(remote, store, fetch_config(part_size=4 * MiB))
+    recorder = HeldReadAhead()
+    try:
+        async with running(fetcher):
+            ops, catalog = await ops_for(remote, fetcher)
+            obj = listed(catalog, "m/w.bin")
+            ino = await inode_of(ops, "m", "w.bin")
+            fh = (await ops.open(ino, os.O_RDONLY, CTX)).fh
+            dl = fetcher.active(obj)
+            assert isinstance(dl, Download)
+            await ops.release(fh)
+            await wait_for(lambda: dl.complete and dl.pins == 0, "publication, and the download's descriptor closed")
+            monkeypatch.setattr("lazyfs.fetch.os", recorder)
+            monkeypatch.setattr("lazyfs.pagecache.os", recorder)
+            fh = (await ops.open(ino, os.O_RDONLY, CTX)).fh  # the cached copy, a descriptor of its own
+            assert bytes(await ops.read(fh, 0, 4096)) == data[:4096]
+            await wait_for(recorder.held.is_set, "the read-ahead")  # it has a descriptor of its own too
+            path = tmp_path / "store" / "m" / "w.bin"
+            file_ino = path.stat().st_ino
+            freed = await trio.to_thread.run_sync(store.evict, ["m/w.bin"])
+            assert freed == len(data) and not path.exists()
+            assert bytes(await ops.read(fh, 8192, 4096)) == data[8192:8192 + 4096]  # the reader keeps its bytes
+            await ops.release(fh)
+            await wait_for(lambda: recorder.closed(file_ino), "the reader's close")
+            recorder.go.set()
+            await wait_for(lambda: len(recorder.closed(file_ino)) >= 2, "the read-ahead's close")
+    finally:
+        recorder.go.set()
+    unlinked = [(links, thread) for _, links, thread in recorder.closed(file_ino) if links == 0]
+    assert len(unlinked) == 2, recorder.closed(file_ino)
+    assert all(thread != threading.get_ident() for _, thread in unlinked), \
+        "a descriptor of an unlinked file was closed on the trio thread"
+
+
+@trio_test
+async def test_the_last_close_of_a_discarded_download_is_not_on_the_trio_thread(
+        remote: FakeRemote, stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The object changes mid-download: the partial file is discarded
+    (unlinked) while a reader still has the download open; the reader's
+    release closes its last descriptor, in a worker."""
+    data = os.urandom(2 * MiB)
+    remote.put(BUCKET, "m/w.bin", data)
+    gate = remote.gate("m/w.bin", start=MiB)
+    store = stores()
+    fetcher = Fetcher(remote, store, fetch_config())
+    recorder = RecordingOs()
+    try:
+        async with running(fetcher):
+            ops, catalog = await ops_for(remote, fetcher)
+            obj = listed(catalog, "m/w.bin")
+            ino = await inode_of(ops, "m", "w.bin")
+            fh = (await ops.open(ino, os.O_RDONLY, CTX)).fh
+            assert bytes(await ops.read(fh, 0, 4096)) == data[:4096]
+            dl = fetcher.active(obj)
+            assert isinstance(dl, Download)
+            partial_ino = os.fstat(dl.fd).st_ino
+            remote.put(BUCKET, "m/w.bin", os.urandom(2 * MiB))  # a new version: the held GETs fail
+            gate.release()
+            await wait_for(lambda: dl.error is not None, "the download to fail")
+            await wait_for(lambda: os.fstat(dl.fd).st_nlink == 0, "the partial file's discard")
+            monkeypatch.setattr("lazyfs.fetch.os", recorder)
+            await ops.release(fh)  # the download's last reader: its descriptor closes
+            await wait_for(lambda: recorder.closed(partial_ino), "the last close")
+    finally:
+        gate.release()
+    unlinked = [(links, thread) for _, links, thread in recorder.closed(partial_ino) if links == 0]
+    assert unlinked, recorder.closed(partial_ino)
+    assert all(thread != threading.get_ident() for _, thread in unlinked), \
+        "the last link of an unlinked file was closed on the trio thread"
+
+
+# -- 3. cold pages of a cached file ---------------------------------------------------------------
+
+
+def major_faults() -> int:
+    """Page faults that waited for the disk, of the calling thread only."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_majflt
+
+
+@trio_test
+async def test_reads_of_a_cold_cached_file_never_fault_on_the_trio_thread(
+        remote: FakeRemote, stores, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached file none of whose pages are in the page cache (after a
+    restart): reads through the operations find each chunk read in by a
+    worker thread first (sendfile), the 16 after it read ahead while the
+    reader works, and the reply's copy (here `bytes()`, on the trio thread,
+    as pyfuse3's) takes no major fault."""
+    chunks = 32
+    data = os.urandom(chunks * CHUNK)
+    remote.put(BUCKET, "m/w.bin", data)
+    fetcher = Fetcher(remote, stores(), fetch_config(part_size=8 * MiB))
+    recorder = RecordingOs()
+    trio_thread = threading.get_ident()
+    async with running(fetcher):
+        ops, catalog = await ops_for(remote, fetcher)
+        obj = listed(catalog, "m/w.bin")
+        got = await fetcher.acquire(obj)
+        assert isinstance(got, Download)
+        await got.finished.wait()
+        await wait_for(lambda: fetcher.active(obj) is None, "publication")
+        path = tmp_path / "store" / "m" / "w.bin"
+        fd = os.open(path, os.O_RDONLY)
+        try:  # a restart: the file's pages leave the page cache (it was fsynced when published)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            # Was it really cold?  A page of a chunk no read below reaches, touched here.
+            mm = mmap.mmap(fd, len(data), prot=mmap.PROT_READ)
+            try:
+                before = major_faults()
+                _ = mm[(chunks - 1) * CHUNK + 8192]
+                cold_control = major_faults() - before
+            finally:
+                mm.close()
+        finally:
+            os.close(fd)
+        monkeypatch.setattr("lazyfs.pagecache.os", recorder)
+        ino = await inode_of(ops, "m", "w.bin")
+        fh = (await ops.open(ino, os.O_RDONLY, CTX)).fh
+        faults = 0
+        size = 128 * 1024
+
+        async def read(off: int) -> None:
+            nonlocal faults
+            before = major_faults()
+            reply = await ops.read(fh, off, size)
+            copied = bytes(reply)  # what pyfuse3's reply does with the buffer, on this thread
+            faults += major_faults() - before
+            assert copied == data[off:off + size]
+            await trio.sleep(0)  # one request per step, as pyfuse3 runs them
+
+        async with watched() as (steps, late):
+            await read(0)
+            assert faults == 0, f"the first read of a cold file faulted {faults} times on the trio thread"
+            ahead = (1 + READ_AHEAD_CHUNKS) * CHUNK
+            await wait_for(lambda: recorder.covered(0, ahead), "the chunks after the read, read ahead")
+            sent = len(recorder.sendfiles)
+            for off in range(size, ahead, size):  # a loader walking on: every page it wants is cached
+                await read(off)
+            assert len(recorder.sendfiles) == sent, "chunks read ahead were read again"
+            far = 24 * CHUNK  # beyond the read-ahead: cold again, read in before the reply
+            await read(far)
+            assert recorder.covered(far, far + size)
+        await ops.release(fh)
+    threads = {thread for _, _, thread in recorder.sendfiles}
+    print(f"\nreads of a cold cached file: {len(recorder.sendfiles)} sendfile calls on {len(threads)} worker "
+          f"threads, {faults} major faults on the trio thread (a cold page touched there: {cold_control}); "
+          f"{said(steps, late)}")
+    assert recorder.sendfiles and trio_thread not in threads, "sendfile ran on the trio thread"
+    assert faults == 0, f"{faults} page faults waited for the disk on the trio thread"
