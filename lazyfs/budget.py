@@ -5,7 +5,14 @@ Only files lazyfs fetched (identity origin "fetch") count and can go; files
 that were on disk before (prebaked into the image, baked by `lazyfs bake`,
 checked with --verify etag) and the --prebaked layers are never touched.  A
 file someone has open is never evicted.  A file larger than the whole budget
-is still served: it streams through a temporary file that is not kept.
+is still served: it streams through a temporary file that is not kept, and
+a prefetch skips it.
+
+A download holds its room from the moment it starts (`reserve` evicts for it
+then), so downloads in flight count against the budget as much as files
+kept.  A prefetch waits until the downloads in flight leave room for its file
+(`wait_for_room`); a reader never waits, so a reader's download may pass the
+budget when open files fill it, and its publish evicts back under it.
 
 The files already in the store from earlier runs are found by a background
 scan, so mounting never waits for it.
@@ -34,6 +41,11 @@ class Budget:
         # Bytes promised to downloads in flight (by version), so thirty-two
         # prefetches starting together do not all count the same free room.
         self._reserved: dict[Version, int] = {}
+        # Room held by prefetches between `wait_for_room` and their download's
+        # `reserve` (or finding the file local): counted when deciding who
+        # may start, never evicted for (a file found local needs no room).
+        self._held: dict[Version, int] = {}
+        self._room = trio.Event()  # set (and replaced) whenever room held in flight is given back
         self.evicted_files = 0
         self.evicted_bytes = 0
         # key -> size of fetched files in the store, least recently used first.
@@ -43,7 +55,8 @@ class Budget:
     async def scan(self) -> None:
         """Account for fetched files left by earlier runs (oldest access first)."""
         found = await trio.to_thread.run_sync(self.store.fetched_files)
-        for key, size, _atime in sorted(found, key=lambda f: f[2]):
+        # Newest first: each goes to the front, so the oldest ends up first to go.
+        for key, size, _atime in sorted(found, key=lambda f: f[2], reverse=True):
             if key not in self._lru:
                 self._lru[key] = size
                 self._lru.move_to_end(key, last=False)  # older than anything used since start
@@ -63,18 +76,51 @@ class Budget:
     def fits(self, obj: RemoteObject) -> bool:
         return obj.size <= self.max_bytes
 
+    @property
+    def in_flight(self) -> int:
+        """Bytes of the downloads reserved or about to be (a version counted once)."""
+        return sum({**self._held, **self._reserved}.values())
+
+    async def wait_for_room(self, obj: RemoteObject) -> None:
+        """For a download that may wait (prefetch), before it starts: wait
+        until the downloads in flight leave room for `obj` in the budget, then
+        hold that room until `unhold`.  Without this wait, `reserve` (which
+        must never make a reader wait) lets thirty-two prefetches start at
+        once whatever their total, and their files on disk overshoot the
+        budget until they are published and evicted.  Only the room in
+        flight is counted: files kept are evicted by `reserve` once a download
+        really starts.  Never waits forever: it waits only while something is
+        in flight, and everything in flight ends with `published`, `released`
+        or `unhold`, each of which wakes it (a reservation never given back
+        would shrink the room for good: Prefetcher gives back its own)."""
+        while self.in_flight and self.in_flight + obj.size > self.max_bytes:
+            await self._room.wait()
+        self._held[obj.version] = obj.size
+
+    def unhold(self, obj: RemoteObject) -> None:
+        """The prefetch of `obj` started its download (whose reservation now
+        counts), found it local, or failed: its held room is free again."""
+        if self._held.pop(obj.version, None) is not None:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._room.set()
+        self._room = trio.Event()
+
     async def published(self, obj: RemoteObject) -> None:
         """A reserved download became a file in the store: it counts as used now,
         and anything it pushed over the budget (a file it replaced, an
         estimate off) is evicted."""
         self._reserved.pop(obj.version, None)
+        self._wake()
         self.used += obj.size - self._lru.pop(obj.key, 0)
         self._lru[obj.key] = obj.size
         await self.make_room(0)
 
     def released(self, obj: RemoteObject) -> None:
         """A reserved download failed: its room is free again."""
-        self._reserved.pop(obj.version, None)
+        if self._reserved.pop(obj.version, None) is not None:
+            self._wake()
 
     async def reserve(self, obj: RemoteObject) -> bool:
         """Make room for `obj` and hold it until `published` or `released`;
@@ -83,8 +129,12 @@ class Budget:
             log.warning("%s (%.1f MiB) is larger than the cache budget (%.1f MiB): serving it "
                         "without keeping it", obj.uri, obj.size / 2**20, self.max_bytes / 2**20)
             return False
+        # Evict first, then reserve: make_room ends without a checkpoint, so
+        # no task sees the room counted twice or not at all.  (Reserving
+        # first counted it as taken while the lock was awaited: the level,
+        # used + reserved, passed the budget for a moment.)
+        await self.make_room(obj.size - self._reserved.get(obj.version, 0))
         self._reserved[obj.version] = obj.size
-        await self.make_room(0)
         return True
 
     async def make_room(self, nbytes: int) -> None:

@@ -280,9 +280,16 @@ class Fetcher:
     async def start_locked(self, obj: RemoteObject, lock: int, background: bool) -> Download:
         """Start (or resume) the download of `obj`, holding its store lock."""
         keep = await self.budget.reserve(obj) if self.budget is not None else True
-        partial = await trio.to_thread.run_sync(open_partial_file, self.store, obj, self.cfg.block_size,
-                                                limiter=self._meta)
-        return self._begin(obj, partial, lock, background, keep)
+        try:
+            partial = await trio.to_thread.run_sync(open_partial_file, self.store, obj, self.cfg.block_size,
+                                                    limiter=self._meta)
+            return self._begin(obj, partial, lock, background, keep)
+        except BaseException:
+            # No download holds the room (ENOSPC, shutdown): give it back, or
+            # the budget shrinks for the rest of the run.
+            if self.budget is not None and keep:
+                self.budget.released(obj)
+            raise
 
     def _begin(self, obj: RemoteObject, partial: Partial, lock: int, background: bool, keep: bool) -> Download:
         if self.closing:  # shutdown began while the store was being prepared (caller unlocks)

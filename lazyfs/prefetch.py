@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Sequence
 import trio
 
 from lazyfs.config import Source
+from lazyfs.download import Download
 from lazyfs.errors import LazyfsError
 from lazyfs.fetch import Fetcher
 from lazyfs.namespace import RemoteObject
@@ -86,8 +87,18 @@ class Prefetcher:
             p.skipped_files += 1
             slots.release()
             return
+        got: LocalCopy | Transfer | None = None
         try:
-            got = await self.fetcher.acquire(obj, background=True)
+            if budget is not None:
+                # Wait while the downloads in flight fill the budget (reserve
+                # alone never waits, for the readers' sake): a prefetch of a
+                # tree larger than the budget keeps at most the budget on disk.
+                await budget.wait_for_room(obj)
+            try:
+                got = await self.fetcher.acquire(obj, background=True)
+            finally:
+                if budget is not None:
+                    budget.unhold(obj)  # a download started reserved its own room
             if isinstance(got, LocalCopy):
                 os.close(got.fd)
                 p.local_files += 1
@@ -101,6 +112,12 @@ class Prefetcher:
             log.error("prefetch of %s failed unexpectedly", obj.uri, exc_info=e)
             p.failed.append((obj.uri, f"{type(e).__name__}: {e}"))
         finally:
+            kept = isinstance(got, Download) and got.complete and got.keep  # `published` frees its room
+            if budget is not None and not kept and self.fetcher.active(obj) is None:
+                # Over, and nothing kept (found local, failed to start, or a
+                # newer version was in the store already): a room still
+                # reserved for it would shrink the budget for good.
+                budget.released(obj)
             slots.release()
 
     @staticmethod

@@ -259,6 +259,8 @@ class Runner:
             log.info("%s: a newer version is in the store already; this one served its readers and was not kept",
                      dl.obj.uri)
             dl.keep = False
+            if self.hooks.budget is not None:
+                self.hooks.budget.released(dl.obj)  # its room was reserved for a file not kept
         self._published(dl)
 
     async def _finish_failed(self, dl: Download, e: Exception) -> None:
