@@ -44,7 +44,7 @@ from lazyfs.refresher import Refresher
 from lazyfs.remote import Remote
 from lazyfs.stats import TIMINGS
 from lazyfs.store import Store
-from lazyfs.supervise import forever, once
+from lazyfs.supervise import failed, forever, once
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,9 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
                 _watch_signals, signals, refresher, fetcher, stopping, nursery.cancel_scope))
             nursery.start_soon(once, "readahead", _tune_after_init, ops, cfg)
             if fetcher.budget is not None:
-                nursery.start_soon(once, "cache budget scan", fetcher.budget.scan)
+                # Until the scan succeeds, earlier runs' files neither count nor
+                # go: one that failed (an EIO walking the store) is tried again.
+                nursery.start_soon(forever, "cache budget scan", fetcher.budget.scan)
             nursery.start_soon(once, "ready line", _announce, cfg, catalog)
             nursery.start_soon(once, "store sweep", _sweep_after_first_listing, catalog, fetcher)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
@@ -356,7 +358,12 @@ async def _watch_signals(signals: AsyncIterator[int], refresher: Refresher | Dri
         log.info("%s: unmounting", signal.Signals(sig).name)
         stopping.set()
         with trio.move_on_after(SHUTDOWN_GRACE_S):
-            await fetcher.close()
+            try:
+                await fetcher.close()
+            except Exception as e:
+                # Unmount all the same: the supervisor's "go on" would mean
+                # ignoring SIGTERM until a SIGKILL leaves a dead mount behind.
+                failed("signals", e)
         pyfuse3.terminate()
         # Requests still in flight end the main loop when they finish; one that
         # cannot (waiting on a listing that will not come) must not keep a

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import trio
 
+from lazyfs import supervise
 from lazyfs.catalog import Catalog
 from lazyfs.errors import RemoteError
 from lazyfs.namespace import Diff
@@ -76,7 +77,12 @@ class Refresher:
             # Listeners first: the kernel's entries are being invalidated by
             # the time the line is read (tests wait for it before reopening).
             for listener in self.listeners:
-                listener(diff)
+                # Each on its own: one that fails must not keep the change
+                # from the others (the kernel's entries, the read-ahead).
+                try:
+                    listener(diff)
+                except Exception as e:
+                    supervise.failed(f"listener {getattr(listener, '__qualname__', listener)}", e)
             log.info("listing changed: %d added, %d removed, %d changed",
                      len(diff.added), len(diff.removed), len(diff.changed))
         return diff

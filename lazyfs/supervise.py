@@ -27,8 +27,14 @@ MAX_BACKOFF_S = 30.0
 def failed(task: str, exc: BaseException) -> None:
     """One log line with the traceback, and the count, for a task's unexpected failure."""
     STATS.bump("background_errors", task)
+    cause = exc
+    # A nursery's group of one says nothing in one line: name what it holds.
+    inner = getattr(cause, "exceptions", None)  # an exception group's (Python 3.10 too)
+    while isinstance(inner, tuple) and len(inner) == 1 and isinstance(inner[0], BaseException):
+        cause = inner[0]
+        inner = getattr(cause, "exceptions", None)
     log.error("background task %s failed unexpectedly (%s: %s); the mount goes on", task,
-              type(exc).__name__, exc, exc_info=exc)
+              type(cause).__name__, cause, exc_info=exc)
 
 
 async def forever(task: str, fn: Callable[[], Awaitable[object]]) -> None:
