@@ -116,6 +116,9 @@ def test_without_user_xattrs_a_retrained_checkpoint_of_the_same_size_is_fetched(
     m2 = mount(*args, store=store)
     assert fs.read(m2.file(key)) == v2, "the old checkpoint was served as current"
     assert proxy.count("GET", key) > gets
+    # The read can end before the download is published: stop only once it is.
+    wait_until(lambda: "1 cached" in lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--store",
+                                                 str(m2.path)]).stdout, what="v2 published")
     m2.stop()
     assert status(proxy, bucket, store, "--require-all").returncode == 0
 
