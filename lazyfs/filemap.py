@@ -75,6 +75,9 @@ class FileMap:
         cold = [i for i in range(first, last) if not self._warm[i]]
         return range(cold[0], cold[-1] + 1) if cold else range(0)
 
+    def is_warm(self, chunk: int) -> bool:
+        return 0 <= chunk < len(self._warm) and bool(self._warm[chunk])
+
     def mark_warm(self, start: int, end: int) -> None:
         """Bytes [start, end) are in the page cache: chunks wholly inside (or
         ending at the end of the file) are warm."""

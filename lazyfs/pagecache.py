@@ -24,10 +24,12 @@ from lazyfs.filemap import CHUNK, FileMap
 log = logging.getLogger(__name__)
 
 # Threads reading store files into the page cache (NVMe disks want several
-# requests in flight to reach their speed).
+# requests in flight to reach their speed): for chunks a reply waits for, and
+# (fewer) for reading ahead, so a reply never queues behind read-ahead.
 THREADS = 8
-# Chunks read ahead of a cold read (in the background), so a loader walking
-# a file finds the next tensors cached.
+AHEAD_THREADS = 4
+# Chunks read ahead of a cold read that continues a sequential walk (in the
+# background), so a loader walking a file finds the next tensors cached.
 READ_AHEAD_CHUNKS = 16
 
 
@@ -39,6 +41,9 @@ class Prefaulter:
         # whose close frees its blocks and must not run on the trio thread.
         self._close = close
         self._threads = trio.CapacityLimiter(THREADS)
+        self._ahead_threads = trio.CapacityLimiter(AHEAD_THREADS)
+        self._probe = bytearray(1)  # trio thread only
+        self._nowait = hasattr(os, "RWF_NOWAIT")
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         # (mapping, chunk) -> done: a chunk is read by one thread, whoever asks.
         self._pending: dict[tuple[int, int], trio.Event] = {}
@@ -51,12 +56,41 @@ class Prefaulter:
         cold = fmap.cold_chunks(off, size)
         if not cold:
             return
+        cold = self._not_cached(fmap, cold)
+        if not cold:
+            return
+        # Read ahead only for a walk (the chunk before is warm, or this is the
+        # start): ahead of random reads it would only keep the disk busy.
+        walking = cold.start == 0 or fmap.is_warm(cold.start - 1)
         ahead = range(cold.stop, min(cold.stop + READ_AHEAD_CHUNKS, -(-fmap.size // CHUNK)))
-        await self._read(fmap, cold)
-        if ahead and fmap.cold_chunks(ahead.start * CHUNK, len(ahead) * CHUNK):
-            self._spawn(self._read, fmap, fmap.cold_chunks(ahead.start * CHUNK, len(ahead) * CHUNK))
+        await self._read(fmap, cold, self._threads)
+        if walking and ahead and fmap.cold_chunks(ahead.start * CHUNK, len(ahead) * CHUNK):
+            self._spawn(self._read, fmap, fmap.cold_chunks(ahead.start * CHUNK, len(ahead) * CHUNK),
+                        self._ahead_threads)
 
-    async def _read(self, fmap: FileMap, chunks: range) -> None:
+    def _not_cached(self, fmap: FileMap, chunks: range) -> range:
+        """`chunks` less those the page cache holds already (a file read since
+        it was written, or by another process): asking costs a system call
+        of a few microseconds, where reading them in costs a thread's round
+        trip.  A chunk counts as cached when its first and last pages are
+        (one-byte reads with RWF_NOWAIT, which fail rather than wait for the
+        disk)."""
+        if not self._nowait:
+            return chunks
+        for i in chunks:
+            first, last = i * CHUNK, min(fmap.size, (i + 1) * CHUNK) - 1
+            try:
+                if os.preadv(fmap.fd, [self._probe], first, os.RWF_NOWAIT) and \
+                        os.preadv(fmap.fd, [self._probe], last, os.RWF_NOWAIT):
+                    fmap.mark_chunks_warm(range(i, i + 1))
+            except BlockingIOError:
+                continue  # not cached: a thread reads it in
+            except OSError:
+                self._nowait = False  # the store's filesystem cannot say: read everything in
+                return chunks
+        return fmap.cold_chunks(chunks.start * CHUNK, len(chunks) * CHUNK)
+
+    async def _read(self, fmap: FileMap, chunks: range, threads: trio.CapacityLimiter) -> None:
         waits: list[trio.Event] = []
         mine: list[int] = []
         for i in chunks:
@@ -72,7 +106,7 @@ class Prefaulter:
                 fd = os.dup(fmap.fd)
                 try:
                     await trio.to_thread.run_sync(self._read_blocking, fd, mine[0] * CHUNK,
-                                                  (mine[-1] + 1) * CHUNK, limiter=self._threads)
+                                                  (mine[-1] + 1) * CHUNK, limiter=threads)
                 finally:
                     self._close(fd)
                 fmap.mark_chunks_warm(range(mine[0], mine[-1] + 1))
