@@ -141,15 +141,7 @@ class PartialFiles:
             fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.tmp_fd)
         except (FileNotFoundError, PermissionError):
             return None
-        try:
-            same = os.fstat(fd).st_ino == ino
-        except BaseException:
-            os.close(fd)
-            raise
-        if not same:
-            os.close(fd)
-            return None
-        return fd
+        return _if_inode(fd, ino)
 
     def resumable_bytes(self, obj: RemoteObject) -> int:
         """Bytes of `obj` an interrupted download left on disk (whatever its block size)."""
@@ -298,15 +290,7 @@ class PartialFiles:
             fd = os.open(self.name(obj) + ".part", FILE_FLAGS, dir_fd=self.tmp_fd)
         except OSError:
             return None
-        try:
-            same = os.fstat(fd).st_ino == ino
-        except BaseException:
-            os.close(fd)
-            raise
-        if not same:
-            os.close(fd)
-            return None
-        return fd
+        return _if_inode(fd, ino)
 
     # -- leftovers ---------------------------------------------------------------------------
 
@@ -355,3 +339,17 @@ class PartialFiles:
         except FileNotFoundError:
             return 0
         return st.st_blocks * 512 if st.st_nlink <= 1 else 0
+
+
+def _if_inode(fd: int, ino: int) -> int | None:
+    """`fd` if it is the file `ino` names (closed, and None, if the name holds
+    another file by now)."""
+    try:
+        same = os.fstat(fd).st_ino == ino
+    except BaseException:
+        os.close(fd)
+        raise
+    if not same:
+        os.close(fd)
+        return None
+    return fd
