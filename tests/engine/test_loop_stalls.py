@@ -14,8 +14,6 @@ thread that makes the system call."""
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import mmap
 import os
@@ -24,7 +22,7 @@ import resource
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import trio
@@ -44,7 +42,7 @@ from lazyfs.partials import PartialFiles
 from lazyfs.ranged_get import RangeJob, Stopped
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
 from support.fakeremote import FakeRemote
-from support.loopwatch import Lateness, StepTimer, watching
+from support.loopwatch import Lateness, StepTimer, watched
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -102,22 +100,12 @@ class RecordingOs:
         return pos >= end
 
 
-@contextlib.asynccontextmanager
-async def watched() -> AsyncIterator[tuple[StepTimer, Lateness]]:
-    """The trio thread's steps for the block, and how late a 1 ms timer fires.
-    The collector's pauses stop every thread wherever they start: they are
-    not the work measured (as in test_refresh_stall)."""
-    gc.collect()
-    gc.disable()
-    late = Lateness()
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(late.run)
-            with watching() as steps:
-                yield steps, late
-            nursery.cancel_scope.cancel()
-    finally:
-        gc.enable()
+async def downloaded(fetcher: Fetcher, obj: RemoteObject) -> None:
+    """Download `obj` whole and wait until it is published."""
+    got = await fetcher.acquire(obj)
+    assert isinstance(got, Download)
+    await got.finished.wait()
+    await wait_for(lambda: fetcher.active(obj) is None, "publication")
 
 
 def said(steps: StepTimer, late: Lateness) -> str:
@@ -374,10 +362,7 @@ async def test_reads_of_a_cold_cached_file_never_fault_on_the_trio_thread(
     async with running(fetcher):
         ops, catalog = await ops_for(remote, fetcher)
         obj = listed(catalog, "m/w.bin")
-        got = await fetcher.acquire(obj)
-        assert isinstance(got, Download)
-        await got.finished.wait()
-        await wait_for(lambda: fetcher.active(obj) is None, "publication")
+        await downloaded(fetcher, obj)
         path = tmp_path / "store" / "m" / "w.bin"
         fd = os.open(path, os.O_RDONLY)
         try:  # a restart: the file's pages leave the page cache (it was fsynced when published)
@@ -443,10 +428,7 @@ async def test_pages_already_cached_cost_no_thread_and_random_reads_read_nothing
     async with running(fetcher):
         ops, catalog = await ops_for(remote, fetcher)
         obj = listed(catalog, "m/w.bin")
-        got = await fetcher.acquire(obj)
-        assert isinstance(got, Download)
-        await got.finished.wait()
-        await wait_for(lambda: fetcher.active(obj) is None, "publication")
+        await downloaded(fetcher, obj)
         path = tmp_path / "store" / "m" / "w.bin"
         with open(path, "rb") as f:  # every page in the page cache
             while f.read(8 * MiB):

@@ -9,35 +9,21 @@ and drops the new listing in a worker, a thousand objects at a time."""
 
 from __future__ import annotations
 
-import gc
-
 import pytest
-import trio
 
 from lazyfs.catalog import Catalog
 from lazyfs.modeljson import Source
 from lazyfs.namespace import Diff
 from support.enginekit import BUCKET, trio_test
 from support.fakeremote import FakeRemote
-from support.loopwatch import Lateness, StepTimer, watching
+from support.loopwatch import Lateness, StepTimer, watched
 
 OBJECTS = 200_000
 
 
 async def watched_refresh(catalog: Catalog) -> tuple[Diff, StepTimer, Lateness]:
-    # The collector's pauses stop every thread, wherever they start; they are
-    # not the refresh's work on the trio thread.
-    gc.collect()
-    gc.disable()
-    late = Lateness()
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(late.run)
-            with watching() as steps:
-                diff = await catalog.refresh()
-            nursery.cancel_scope.cancel()
-    finally:
-        gc.enable()
+    async with watched() as (steps, late):
+        diff = await catalog.refresh()
     return diff, steps, late
 
 

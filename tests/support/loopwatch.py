@@ -12,8 +12,9 @@ how late a timer fires, waits for the GIL between steps included."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import trio
 
@@ -73,3 +74,21 @@ class Lateness:
             started = time.perf_counter()
             await trio.sleep(self.period)
             self.worst = max(self.worst, time.perf_counter() - started - self.period)
+
+
+@contextlib.asynccontextmanager
+async def watched() -> AsyncIterator[tuple[StepTimer, Lateness]]:
+    """The trio thread's steps for the block, and how late a 1 ms timer fires.
+    The collector's pauses stop every thread wherever they start: they are
+    not the work measured, so it is off meanwhile."""
+    gc.collect()
+    gc.disable()
+    late = Lateness()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(late.run)
+            with watching() as steps:
+                yield steps, late
+            nursery.cancel_scope.cancel()
+    finally:
+        gc.enable()
