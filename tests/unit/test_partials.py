@@ -24,14 +24,6 @@ def obj(key: str, size: int, tag: str = "") -> RemoteObject:
     return RemoteObject("bkt", key, size, hashlib.md5(f"{key}{size}{tag}".encode()).hexdigest(), 1_700_000_000 * 10**9)
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    (tmp_path / "store").mkdir()
-    s = Store.open(str(tmp_path / "store"))
-    yield s
-    s.close()
-
-
 def tmp_names(tmp_path: Path) -> set[str]:
     return {p.name for p in (tmp_path / "store" / ".lazyfs" / "tmp").iterdir()} - {"publish.lock"}
 

@@ -20,14 +20,6 @@ def obj(key: str, data: bytes, etag: str | None = None) -> RemoteObject:
     return RemoteObject("bkt", key, len(data), etag or hashlib.md5(data).hexdigest(), 1_700_000_000 * 10**9)
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    (tmp_path / "store").mkdir()
-    s = Store.open(str(tmp_path / "store"))
-    yield s
-    s.close()
-
-
 def download(store: Store, o: RemoteObject, data: bytes, part: int = 4) -> None:
     p = store.partials.open(o, part)
     os.pwrite(p.fd, data, 0)

@@ -27,14 +27,6 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    (tmp_path / "store").mkdir()
-    s = Store.open(str(tmp_path / "store"))
-    yield s
-    s.close()
-
-
 def download(store: Store, o: RemoteObject, data: bytes) -> Any:
     p = store.partials.open(o, 4)
     os.pwrite(p.fd, data, 0)
