@@ -139,6 +139,15 @@ class ForeignDownload:
                                         f"bytes {start}-{end} did not arrive within {self._read_deadline:g} s",
                                         bucket=self.obj.bucket, key=self.obj.key)
 
+    async def wait_drained(self) -> None:
+        # The owner's requests are not visible from here: wait for the end,
+        # unless this process takes over and runs the download itself.
+        while not self.finished.is_set():
+            if self.delegate is not None:
+                await self.delegate.wait_drained()
+                return
+            await self._changed.wait()
+
     def add_reader(self) -> None:
         self.readers += 1
         if self.delegate is not None:

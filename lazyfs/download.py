@@ -209,6 +209,15 @@ class Download:
             return False
         return True
 
+    async def wait_drained(self) -> None:
+        """Return once nothing is left to ask for (every block is on disk or
+        on its way), or the download is over."""
+        while not self.finished.is_set() and (self.detached or PENDING in self.state):
+            # Blocks are claimed between landings, so a landing is when to look
+            # again; the timeout covers a failure, which lands nothing.
+            with trio.move_on_after(0.5):
+                await self.progressed.wait()
+
     async def wait_range(self, start: int, end: int) -> None:
         """Return once [start, end) is on disk; jump the queue for it."""
         end = min(end, self.obj.size)

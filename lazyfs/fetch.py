@@ -179,6 +179,19 @@ class Fetcher:
         if self._nursery is not None and self.active(obj) is None and not self.closing:
             self._spawn(self._warm, obj)
 
+    def warm_after(self, current: Transfer, obj: RemoteObject) -> None:
+        """Start fetching `obj` once `current` has nothing left to request.
+        Earlier, the two would share the connections and the CPU while a
+        reader still waits for `current` (a reader of one shard would pay for
+        the next); later, the connections would idle as `current`'s last
+        requests finish one by one."""
+        if self._nursery is not None and not self.closing:
+            self._spawn(self._warm_after, current, obj)
+
+    async def _warm_after(self, current: Transfer, obj: RemoteObject) -> None:
+        await current.wait_drained()
+        self.warm(obj)
+
     async def _warm(self, obj: RemoteObject) -> None:
         try:
             got = await self.acquire(obj, background=True)

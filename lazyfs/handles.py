@@ -28,6 +28,12 @@ from lazyfs.transfer import Transfer
 log = logging.getLogger(__name__)
 
 
+# The share of a shard a reader has been served when the next one is fetched
+# ahead (Handles._read_through).  Random reads that fault a quarter of a file
+# in, each with the kernel's read-around, stay below it.
+READ_THROUGH = 0.75
+
+
 class BadHandle(LazyfsError):
     errno = errno.EBADF
 
@@ -41,6 +47,10 @@ class OpenFile:
     download: Transfer | None
     # Where the bytes come from: "cached", "prebaked" or "s3" (a download).
     source: str
+    # The shard a loader reads after this one (modelaware.next_shard), until
+    # it is sent for; and the bytes served through this handle so far.
+    following: RemoteObject | None = None
+    served: int = 0
 
 
 class Handles:
@@ -49,7 +59,7 @@ class Handles:
         self._open: dict[int, OpenFile] = {}
         self._next = 1
         # The shard a loader opens after this one (set by the mount from its
-        # catalog, see modelaware.next_shard), fetched ahead when one is opened.
+        # catalog, see modelaware.next_shard), fetched ahead (see _read_through).
         self.next_shard: Callable[[RemoteObject], RemoteObject | None] = lambda obj: None
         # Files already announced in the log (bounded: a tree of millions of
         # files must not grow it forever; an old entry is announced again).
@@ -83,9 +93,8 @@ class Handles:
         fh = self._next
         self._next += 1
         self._open[fh] = of
-        following = self.next_shard(obj) if self.fetcher.cfg.model_readahead else None
-        if following is not None:
-            self.fetcher.warm(following)
+        if self.fetcher.cfg.model_readahead:
+            of.following = self.next_shard(obj)
         return fh
 
     async def read(self, fh: int, off: int, size: int) -> memoryview:
@@ -100,7 +109,24 @@ class Handles:
         else:
             data = await self._read_transfer(of, off, size)
         STATS.served[of.source] += len(data)
+        of.served += len(data)
+        if of.following is not None and of.served >= of.obj.size * READ_THROUGH:
+            self._read_through(of)
         return data
+
+    def _read_through(self, of: OpenFile) -> None:
+        """A reader has read most of a shard: it reads the checkpoint through,
+        so fetch the next shard before it asks.  Not at the open: a reader
+        of one shard (a few tensors of it) would pay for the next with the
+        connections and the CPU its own reads need.  Not before the opened
+        shard's last requests are on the wire, for the same reason
+        (Fetcher.warm_after); its local copy needs no wait."""
+        following, of.following = of.following, None
+        assert following is not None
+        if of.download is None or of.download.complete:
+            self.fetcher.warm(following)
+        else:
+            self.fetcher.warm_after(of.download, following)
 
     async def _read_transfer(self, of: OpenFile, off: int, size: int) -> memoryview:
         dl = of.download

@@ -7,8 +7,9 @@ orders differ, and a sweep in file order makes the loader wait for each
 tensor it jumps to.  So once a download has the file's header, it fetches the
 blocks in the order of the tensor names (then anything not covered, in file
 order).  And a sharded checkpoint's next shard (`...-00002-of-00004...`) is
-started in the background when one is opened, so the loader finds it
-arriving.
+started in the background once a reader has read most of one (and its last
+requests are on the wire, so the two never compete while a reader waits for
+the first; handles.Handles._read_through), so the loader finds it arriving.
 
 Pure functions: the engine calls them on the trio thread with bytes it has.
 """

@@ -145,7 +145,7 @@ MOUNT = (
            "recently used files nobody has open; prebaked files are never evicted (default: no limit)", "SIZE",
            check=parse_size),
     Option("--no-model-readahead", "fetch .safetensors files in file order, and do not start a sharded "
-           "checkpoint's next shard when one is opened (by default lazyfs reads the header and fetches "
+           "checkpoint's next shard when one is read through (by default lazyfs reads the header and fetches "
            "tensors in the order loaders read them)", kind="off", dest="model_readahead"),
     Option("--no-xattrs", "no user.lazyfs.* attributes: `ls -l` then costs no extra round trips per file "
            "(for trees of many thousands of files)", kind="off", dest="xattrs"),

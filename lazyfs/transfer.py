@@ -39,6 +39,10 @@ class Transfer(Protocol):
     async def wait_range(self, start: int, end: int) -> None:
         """Return once bytes [start, end) are on disk; raise the download's error."""
 
+    async def wait_drained(self) -> None:
+        """Return once nothing is left to request (the last bytes are on their
+        way), or the transfer is over: when to start fetching what comes next."""
+
     def add_reader(self) -> None: ...
 
     def drop_reader(self) -> None: ...

@@ -239,3 +239,24 @@ def test_after_an_object_is_replaced_mid_download_the_next_open_reads_the_new_ve
     wait_until((m.store / key).exists, what="publication")
     assert sha((m.store / key).read_bytes()) == sha(new)
     assert proxy.count("LIST") <= 2, "a full listing was needed to find the new version"
+
+
+def test_a_shard_read_through_starts_the_next_one_a_few_tensors_do_not(smount, proxy, bucket, s3, fs: FS):
+    """Issue 13.6 on a real mount: a loader reading shard 1 through finds
+    shard 2 on its way; a reader of a few bytes of shard 1 sends nothing
+    for shard 2 (the fs bench's mmap scenario paid for it before)."""
+    shards = {f"{P}/model-0000{i}-of-00002.safetensors": os.urandom(16 * PART) for i in (1, 2)}
+    for k, v in shards.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=v)
+    first, second = sorted(shards)
+    m = smount("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB")
+    assert fs.run(pread, m.file(first), 5 * PART, 4096) == shards[first][5 * PART:5 * PART + 4096]
+    wait_until((m.store / first).exists, what="the first shard's publication")
+    time.sleep(0.5)
+    assert proxy.count("GET", second) == 0, "a reader of a few bytes of shard 1 started shard 2"
+
+    assert fs.read(m.file(first)) == shards[first]  # read through, from the store copy
+    wait_until((m.store / second).exists, what="the next shard fetched ahead")
+    gets = proxy.count("GET", second)
+    assert fs.read(m.file(second)) == shards[second]
+    assert proxy.count("GET", second) == gets, "the shard fetched ahead was downloaded again"

@@ -375,16 +375,70 @@ async def test_a_safetensors_file_is_fetched_in_the_order_loaders_read_tensors(r
 
 
 @trio_test
-async def test_opening_a_shard_starts_the_next_one(remote: FakeRemote, stores) -> None:
-    first = remote.put(BUCKET, "m/model-00001-of-00002.safetensors", os.urandom(MiB))
+async def test_reading_a_shard_through_starts_the_next_one_once_its_last_bytes_are_on_their_way(
+        remote: FakeRemote, stores) -> None:
+    """Issue 13.6: the next shard starts when a reader has read most of the
+    opened one and that one has nothing left to request; not at the open (a
+    reader of a few tensors would pay for the next shard with the connections
+    and the CPU its own reads need)."""
+    data = os.urandom(8 * BLOCK)
+    first = remote.put(BUCKET, "m/model-00001-of-00002.safetensors", data)
     second = remote.put(BUCKET, "m/model-00002-of-00002.safetensors", os.urandom(MiB))
-    fetcher = Fetcher(remote, stores(), fetch_config())
+    held = remote.gate(first.key, start=7 * BLOCK)  # the last block's request stays on the wire
+    fetcher = Fetcher(remote, stores(), fetch_config(part_size=BLOCK, max_connections=4))
     async with running(fetcher):
         handles = Handles(fetcher)
         handles.next_shard = lambda obj: second if obj == first else None
         fh = await handles.open(first)
-        await wait_for(lambda: fetcher.active(second) is not None or remote.gets(second.key),
-                       "the next shard to start")
+        assert bytes(await handles.read(fh, 0, BLOCK)) == data[:BLOCK]
+        await wait_for(lambda: held.waiting, "the shard's last request")
+        for i in range(1, 5):  # 5 of 8 blocks read: less than three quarters
+            assert bytes(await handles.read(fh, i * BLOCK, BLOCK)) == data[i * BLOCK:(i + 1) * BLOCK]
+        await trio.sleep(0.3)
+        assert not remote.gets(second.key), "the next shard started before its reader read most of this one"
+        for i in range(5, 7):
+            await handles.read(fh, i * BLOCK, BLOCK)
+        await wait_for(lambda: remote.gets(second.key), "the next shard to start")
+        ours = [c for c in remote.gets() if c.key in (first.key, second.key)]
+        before = ours[:ours.index(remote.gets(second.key)[0])]
+        assert {c.start // BLOCK for c in before} == set(range(8)), \
+            "the next shard started before the opened one's last request"
+        held.release()
+        handles.release(fh)
+
+    # Before the last request is out, reading through does not start it yet.
+    remote.calls.clear()
+    held = remote.gate(first.key, start=0, end=BLOCK)  # the slow start waits on the first request
+    fetcher = Fetcher(remote, stores("slow"), fetch_config(part_size=BLOCK, max_connections=4))
+    async with running(fetcher):
+        handles = Handles(fetcher)
+        handles.next_shard = lambda obj: second if obj == first else None
+        fh = await handles.open(first)
+        await wait_for(lambda: held.waiting, "the shard's first request")
+        handles._open[fh].served = 7 * BLOCK  # as if a reader had been served that much
+        handles._read_through(handles._open[fh])
+        await trio.sleep(0.3)
+        assert not remote.gets(second.key), "the next shard started while this one had blocks to request"
+        held.release()
+        await wait_for(lambda: remote.gets(second.key), "the next shard to start")
+        handles.release(fh)
+
+    # A shard in the store: reading it through starts the next one at once;
+    # opening it and reading a little does not.
+    remote.calls.clear()
+    fetcher = Fetcher(remote, stores("again"), fetch_config(part_size=BLOCK))
+    async with running(fetcher):
+        dl = await fetcher.acquire(first)
+        assert isinstance(dl, Download)
+        await dl.finished.wait()
+        handles = Handles(fetcher)
+        handles.next_shard = lambda obj: second if obj == first else None
+        fh = await handles.open(first)
+        await handles.read(fh, 0, BLOCK)
+        await trio.sleep(0.2)
+        assert not remote.gets(second.key)
+        await handles.read(fh, BLOCK, 6 * BLOCK)
+        await wait_for(lambda: remote.gets(second.key), "the next shard to start")
         handles.release(fh)
 
 
