@@ -5,7 +5,9 @@ process takes its download lock first (partials.PartialFiles.lock).
 The others follow that download through the store: the owner records the
 blocks it has made durable (at most a second behind), so a reader here is
 served from the owner's sparse file as the bytes land, and from the published
-file once it is done.  If the owner dies or gives up, its lock is released by
+file once it is done; the bytes a reader here waits for are asked for (a
+want file beside the download), and the owner fetches them next, as for a
+reader of its own.  If the owner dies or gives up, its lock is released by
 the kernel and the next poll here takes the download over, resuming from the
 blocks on disk.  Files are only ever written by the lock's holder, so nothing
 is written twice or torn.
@@ -30,6 +32,8 @@ from lazyfs.store import LocalCopy, Store
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
+# A follower waiting for bytes asks the owner for them this often (_want).
+WANT_AGAIN_S = 2.0
 
 # Start our own download of the version, holding the store lock we just took
 # (and whether nobody reads it yet).
@@ -124,6 +128,7 @@ class ForeignDownload:
     async def wait_range(self, start: int, end: int) -> None:
         end = min(end, self.obj.size)
         deadline = trio.current_time() + self._read_deadline
+        asked: float | None = None
         while True:
             if self.delegate is not None:
                 await self.delegate.wait_range(start, end)
@@ -132,12 +137,18 @@ class ForeignDownload:
                 raise self.error
             if self.covered(start, end):
                 return
-            with trio.move_on_at(deadline) as scope:
-                await self._changed.wait()
-            if scope.cancelled_caught:
+            now = trio.current_time()
+            if now >= deadline:
                 raise RemoteUnavailable(f"{self.obj.uri}: another lazyfs process is downloading it and "
                                         f"bytes {start}-{end} did not arrive within {self._read_deadline:g} s",
                                         bucket=self.obj.bucket, key=self.obj.key)
+            if asked is None or now - asked >= WANT_AGAIN_S:
+                # Ask the owner (again after a while: a process that took a
+                # dead owner's download over may have started a fresh want file).
+                asked = now
+                await self._want(start, end)
+            with trio.move_on_at(min(deadline, asked + WANT_AGAIN_S)):
+                await self._changed.wait()
 
     async def wait_drained(self) -> None:
         # The owner's requests are not visible from here: wait for the end,
@@ -147,6 +158,16 @@ class ForeignDownload:
                 await self.delegate.wait_drained()
                 return
             await self._changed.wait()
+
+    async def _want(self, start: int, end: int) -> None:
+        """Ask the owner for bytes [start, end) (its Fetcher hears it within
+        WANTS_POLL_S and fetches them next): otherwise they come when its sweep
+        gets there, which in a large file can be after our read deadline."""
+        try:
+            await trio.to_thread.run_sync(self._store.partials.want, self.obj, start, end, limiter=self._io)
+        except OSError as e:  # the owner's sweep still brings them, later
+            log.debug("%s: could not ask the downloading process for bytes %d-%d: %s", self.obj.uri, start, end,
+                      e.strerror)
 
     def add_reader(self) -> None:
         self.readers += 1

@@ -36,6 +36,9 @@ _AS_STATE = bytes([PENDING, DONE]) + bytes(254)
 # A reader waiting on pending bytes gets them in requests of at most this many
 # blocks (what it needs plus a little readahead).
 DEMAND_BLOCKS = 2
+# The most blocks one want of a follower demands (a FUSE read is at most 1 MiB;
+# the file it comes from is not ours to trust with more).
+WANT_MAX_BLOCKS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,7 @@ class Download:
         self.lock_fd = -1  # the store lock that makes this process the version's one downloader
         self.state_saved_at = 0.0
         self.saving = False  # a save of the resume record is scheduled
+        self.wants_read = 0  # how far the want file of followers (coop.py) is read
         self._fd_closed = False
         self.attach(partial)
 
@@ -242,6 +246,20 @@ class Download:
             self.waiters = [w for w in self.waiters if w[2] is not event]
         if self.error is not None:
             raise self.error
+
+    def want(self, start: int, end: int) -> bool:
+        """Readers elsewhere (another process following this download, coop.py)
+        wait for bytes [start, end): demand their pending blocks as if a
+        reader here waited.  Whether any was pending."""
+        end = min(end, self.obj.size, start + WANT_MAX_BLOCKS * self.block_size)
+        if self.detached or start >= end or start < 0:
+            return False
+        added = False
+        for i in range(start // self.block_size, (end - 1) // self.block_size + 1):
+            if self.state[i] == PENDING and i not in self.demand:
+                self.demand.append(i)
+                added = True
+        return added
 
     def wake(self) -> None:
         if not self.waiters:

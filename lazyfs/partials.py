@@ -3,6 +3,9 @@
     <id>.part    a sparse file of the object's full size, written in place
     <id>.json    the resume record: which blocks are durably on disk
     <id>.lock    flocked by the one process downloading this version
+    <id>.want    byte ranges readers in other processes wait for, a line
+                 each, appended by them and read by the downloading process
+                 (coop.py), so their reads jump its queue as its own do
 
     publish.lock flocked while a publish or an eviction looks at a key path
                  and renames over it or unlinks it
@@ -38,7 +41,9 @@ from lazyfs.resume import RECORD_MAX, Record, nblocks, parse_record, record_of
 # this long untouched.  An hour: longer than any pause of a live download
 # between two resume records, which also holds its lock.
 SWEEP_AGE_S = 3600.0
-_DOWNLOAD_FILE = re.compile(r"^([0-9a-f]{40})\.(part|json|lock|link)$")
+_DOWNLOAD_FILE = re.compile(r"^([0-9a-f]{40})\.(part|json|lock|link|want)$")
+# wants(): the most of a want file read at once (a line is about 25 bytes).
+_WANTS_READ_MAX = 64 * 1024
 _PUBLISH_LOCK = "publish.lock"
 
 
@@ -187,6 +192,7 @@ class PartialFiles:
         if st.st_ino == partial.ino:
             remove(self.tmp_fd, partial.name + ".part")
             remove(self.tmp_fd, partial.name + ".json")
+            remove(self.tmp_fd, partial.name + ".want")
 
     def _check_space(self, obj: RemoteObject) -> None:
         """Refuse a download that cannot fit, before fetching a byte of it."""
@@ -207,8 +213,9 @@ class PartialFiles:
         remove(self.tmp_fd, name)
 
     def forget_record(self, partial: Partial) -> None:
-        """Drop the resume record of a download that was published."""
+        """Drop the resume record (and the wants) of a download that was published."""
         remove(self.tmp_fd, partial.name + ".json")
+        remove(self.tmp_fd, partial.name + ".want")
 
     def create_sibling(self, name: str) -> int:
         """A new private file in tmp/ (for a copy being made), read-write."""
@@ -283,6 +290,40 @@ class PartialFiles:
         done = on_disk.blocks() if on_disk is not None and on_disk.block_size == record.block_size else frozenset()
         return ForeignProgress(record.ino, done, record.block_size)
 
+    def want(self, obj: RemoteObject, start: int, end: int) -> None:
+        """Ask the process downloading `obj` for bytes [start, end), which a
+        reader here waits for: a line appended to tmp/<id>.want (one write
+        with O_APPEND: lines of several followers never interleave)."""
+        fd = os.open(self.name(obj) + ".want", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self.tmp_fd)
+        try:
+            os.write(fd, b"%d %d\n" % (start, end))
+        finally:
+            os.close(fd)
+
+    def wants(self, obj: RemoteObject, offset: int) -> tuple[int, list[tuple[int, int]]]:
+        """The byte ranges asked for (want()) from `offset` of the want file on,
+        and where to read next time.  Only whole lines count (a follower may
+        be writing one); a file shorter than `offset` is a new one, read from
+        its start; a line that is not two numbers is skipped."""
+        try:
+            fd = os.open(self.name(obj) + ".want", FILE_FLAGS, dir_fd=self.tmp_fd)
+        except FileNotFoundError:
+            return 0, []
+        try:
+            if os.fstat(fd).st_size < offset:
+                offset = 0
+            data = os.pread(fd, _WANTS_READ_MAX, offset)
+        finally:
+            os.close(fd)
+        whole = data.rfind(b"\n") + 1
+        ranges = []
+        for line in data[:whole].splitlines():
+            fields = line.split()
+            if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+                ranges.append((int(fields[0]), int(fields[1])))
+        return offset + whole, ranges
+
     def open_foreign(self, obj: RemoteObject, ino: int) -> int | None:
         """A read-only descriptor of another process's download file, if it is
         still the file `ino` names."""
@@ -311,6 +352,8 @@ class PartialFiles:
                 groups.setdefault(m.group(1), []).append(name)
             elif name.endswith(".tmp") and self._untouched_since(name, cutoff):
                 freed += self._remove_counted(name)  # from write_small, cut short by a crash
+            elif name.endswith(".want") and self._untouched_since(name, cutoff):
+                freed += self._remove_counted(name)  # appended by a follower after the publish
         for ident, names in groups.items():
             if all(self._untouched_since(n, cutoff) for n in names):
                 freed += self._remove_download(ident, names)

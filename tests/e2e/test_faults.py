@@ -337,6 +337,44 @@ def test_a_follower_takes_over_when_the_downloader_dies(mount, proxy, s3, bucket
     assert "continuing its download here" in b.log()
 
 
+def test_a_followers_far_read_is_fetched_next_by_the_downloading_mount(mount, proxy, s3, bucket, fs: FS,
+                                                                        tmp_path: Path):
+    """Mount b follows mount a's download of a file; a reader in b jumping far
+    ahead asks a for those bytes (a want file in the store), and a fetches
+    them next instead of when its sweep gets there."""
+    key = f"{P}/big.bin"
+    data = os.urandom(24 * PART)
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    store = tmp_path / "node-cache"
+    proxy.add(Fault("delay", key=key, seconds=0.2, times=None))  # the sweep: a block per 0.2 s
+    args = ("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", "--max-connections", "1")
+    a = mount(*args, store=store)
+    b = mount(*args, store=store)
+    ra = fs._pool.submit(lambda: Path(a.file(key)).read_bytes())
+    wait_until(lambda: proxy.count("GET", key) >= 1, what="a's download")
+    far = 20 * PART + 123
+
+    def pread_random(path: str) -> bytes:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # only these bytes
+            return os.pread(fd, 4096, far)
+        finally:
+            os.close(fd)
+
+    assert fs.run(pread_random, b.file(key), timeout=30) == data[far:far + 4096]
+    assert "another lazyfs process" in b.log(), "b downloaded it itself"
+    starts = [int(r["range"][6:].split("-")[0]) // PART for r in proxy.requests("GET", key)]
+    assert 20 in starts and (19 not in starts or starts.index(20) < starts.index(19)), \
+        f"a fetched b's block only when its sweep got there: {starts}"
+    assert sha(ra.result(timeout=60)) == sha(data)
+    starts = sorted(int(r["range"][6:].split("-")[0]) for r in proxy.requests("GET", key))
+    assert len(starts) == len(set(starts)), "a block was fetched twice"
+    wait_until((store / key).exists, what="publication")
+    wait_until(lambda: not list((store / ".lazyfs" / "tmp").glob("*.want")),
+               what="the want file to go with the download's other files")
+
+
 def test_a_bake_and_a_mount_on_one_store_cooperate(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     from support.mounting import lazyfs_cli
 

@@ -115,6 +115,44 @@ async def test_a_follower_serves_the_owners_bytes_then_takes_over_when_it_dies(r
 
 
 @trio_test
+async def test_a_followers_read_jumps_ahead_of_the_owners_sweep(remote: FakeRemote, stores, tmp_path: Path) -> None:
+    """A reader in another process (a follower) waiting for bytes far ahead
+    of the owner's sweep asks for them (a want file beside the download), and
+    the owner fetches them next, as it would for a reader of its own; before,
+    the follower waited for the sweep to get there, past its read deadline in
+    a large file."""
+    data = os.urandom(16 * BLOCK)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    held = remote.gate("m/w.bin", BLOCK, 2 * BLOCK)  # the sweep's second request waits
+    owner = Fetcher(remote, stores(), fetch_config(max_connections=1))
+    follower = Fetcher(remote, stores(), fetch_config(max_connections=1))
+    got: list[bytes] = []
+    async with running(owner), running(follower):
+        dl = await owner.acquire(obj)
+        assert isinstance(dl, Download)
+        await wait_for(lambda: held.waiting, "the owner's sweep to reach the gate")
+        handles = Handles(follower)
+        fh = await handles.open(obj)  # another process downloads it: follow
+
+        async def far_read() -> None:
+            got.append(bytes(await handles.read(fh, 12 * BLOCK + 100, 4096)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(far_read)
+            await wait_for(lambda: 12 in dl.demand, "the owner to hear the follower's want")
+            held.release()
+        assert got == [data[12 * BLOCK + 100:12 * BLOCK + 4196]]
+        starts = [g.start // BLOCK for g in remote.gets()]
+        assert starts[:3] == [0, 1, 12], f"the owner swept on before the wanted block: {starts[:6]}"
+        assert not remote.gets()[3:] or all(g.start // BLOCK != 12 for g in remote.gets()[3:])
+        handles.release(fh)
+        await dl.finished.wait()
+        await wait_for(lambda: not list((tmp_path / "store" / ".lazyfs" / "tmp").glob("*.want")),
+                       "the want file to go with the download's other files")
+    assert (tmp_path / "store" / "m/w.bin").read_bytes() == data
+
+
+@trio_test
 async def test_an_object_replaced_between_two_ranged_gets_is_never_stitched(remote: FakeRemote, stores,
                                                                            tmp_path: Path) -> None:
     old = os.urandom(2 * MiB)

@@ -128,3 +128,48 @@ def test_sweep_removes_only_old_unlocked_leftovers_of_unwanted_versions(store: S
     assert resumed.done == {0, 1}
     resumed.close()
     store.partials.unlock(running, held)
+
+
+def test_wants_of_followers_are_read_whole_lines_at_a_time_and_go_with_the_download(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A follower's wants (coop.py) reach the owner as byte ranges, each once;
+    a line being written is left for the next read; junk is skipped; a want
+    file that started over is read from its start; publishing or discarding
+    the download removes it, and the sweep removes one a follower left later."""
+    o = obj("m/w.bin", 8 * MiB)
+    files = store.partials
+    assert files.wants(o, 0) == (0, [])  # nobody asked
+    files.want(o, 0, 4096)
+    files.want(o, 5 * MiB, 6 * MiB)
+    offset, ranges = files.wants(o, 0)
+    assert ranges == [(0, 4096), (5 * MiB, 6 * MiB)]
+    assert files.wants(o, offset) == (offset, [])  # nothing new
+
+    path = tmp_path / "store" / ".lazyfs" / "tmp" / (files.name(o) + ".want")
+    with open(path, "ab") as f:
+        f.write(b"junk line\n7 8\n99 ")  # a bad line, a good one, one half written
+    offset, ranges = files.wants(o, offset)
+    assert ranges == [(7, 8)]
+    with open(path, "ab") as f:
+        f.write(b"100\n")
+    offset, ranges = files.wants(o, offset)
+    assert ranges == [(99, 100)]
+
+    path.write_bytes(b"1 2\n")  # a new owner's file, shorter than where we were
+    assert files.wants(o, offset)[1] == [(1, 2)]
+
+    p = files.open(o, MiB)
+    files.forget_record(p)  # published
+    assert not path.exists()
+    files.want(o, 0, 1)  # a follower that had not seen the publish yet
+    files.discard(p)
+    assert not path.exists()
+    p.close()
+
+    files.want(o, 0, 1)  # and one after that: the sweep takes it once untouched for long,
+    files.sweep(keep=[o])  # even of a version still listed
+    assert path.exists()
+    later = time.time() + 2 * partials.SWEEP_AGE_S
+    monkeypatch.setattr(partials.time, "time", lambda: later)
+    files.sweep(keep=[o])
+    assert not path.exists()
