@@ -473,3 +473,27 @@ def test_a_download_waiting_to_be_discarded_is_never_resumed(remote: FakeRemote,
     resumed = store.partials.open(again, BLOCK)
     assert resumed.done == {0}
     resumed.close()
+
+
+@trio_test
+async def test_a_want_file_demands_a_bounded_number_of_blocks(remote: FakeRemote, stores) -> None:
+    """The want file is another process's writing: a line naming the whole
+    file (or nonsense) demands at most WANT_MAX_BLOCKS blocks, never a loop
+    over all of them on the trio thread."""
+    from lazyfs.download import WANT_MAX_BLOCKS
+
+    obj = remote.put(BUCKET, "m/w.bin", os.urandom(64 * BLOCK))
+    held = remote.gate(obj.key)  # nothing lands while we look
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=1))
+    async with running(fetcher):
+        dl = await fetcher.acquire(obj, background=True)
+        assert isinstance(dl, Download)
+        await wait_for(lambda: held.waiting, "the first request")
+        assert dl.want(0, 1 << 62)
+        assert 0 < len(dl.demand) <= WANT_MAX_BLOCKS
+        assert not dl.want(-1, BLOCK) and not dl.want(5 * BLOCK, 5 * BLOCK) and not dl.want(obj.size, obj.size + 1)
+        n = len(dl.demand)
+        assert not dl.want(0, 4 * BLOCK) and len(dl.demand) == n, "blocks already demanded were added again"
+        held.release()
+        await dl.finished.wait()
+        assert dl.complete
