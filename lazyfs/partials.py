@@ -294,7 +294,9 @@ class PartialFiles:
         """Ask the process downloading `obj` for bytes [start, end), which a
         reader here waits for: a line appended to tmp/<id>.want (one write
         with O_APPEND: lines of several followers never interleave)."""
-        fd = os.open(self.name(obj) + ".want", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+        # O_NONBLOCK: a FIFO planted under the name fails the open, never hangs it.
+        fd = os.open(self.name(obj) + ".want",
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
                      0o600, dir_fd=self.tmp_fd)
         try:
             os.write(fd, b"%d %d\n" % (start, end))
@@ -317,6 +319,8 @@ class PartialFiles:
         finally:
             os.close(fd)
         whole = data.rfind(b"\n") + 1
+        if whole == 0 and len(data) == _WANTS_READ_MAX:
+            return offset + len(data), []  # no line in all that: not ours, skip it
         ranges = []
         for line in data[:whole].splitlines():
             fields = line.split()

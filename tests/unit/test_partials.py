@@ -156,7 +156,20 @@ def test_wants_of_followers_are_read_whole_lines_at_a_time_and_go_with_the_downl
     assert ranges == [(99, 100)]
 
     path.write_bytes(b"1 2\n")  # a new owner's file, shorter than where we were
-    assert files.wants(o, offset)[1] == [(1, 2)]
+    offset, ranges = files.wants(o, offset)
+    assert ranges == [(1, 2)]
+    with open(path, "ab") as f:  # a run of junk with no line end is skipped, not read forever
+        f.write(b"x" * (partials._WANTS_READ_MAX + 10) + b"\n3 4\n")
+    offset, ranges = files.wants(o, offset)
+    assert ranges == []
+    assert files.wants(o, offset)[1] == [(3, 4)]
+    path.unlink()
+    os.mkfifo(path, 0o600)  # planted: asking fails at once, reading hears nothing
+    with pytest.raises(OSError):
+        files.want(o, 0, 1)
+    with pytest.raises(OSError):
+        files.wants(o, 0)
+    path.unlink()
 
     p = files.open(o, MiB)
     files.forget_record(p)  # published
