@@ -39,6 +39,12 @@ DEMAND_BLOCKS = 2
 # The most blocks one want of a follower demands (a FUSE read is at most 1 MiB;
 # the file it comes from is not ours to trust with more).
 WANT_MAX_BLOCKS = 16
+# Block completions are made durable (fdatasync + resume record) at most this
+# often; while followers wait for blocks (a want in the last FOLLOWED_S), at
+# most every RECORD_FOLLOWED_S, since they see only what the record names.
+RECORD_EVERY_S = 1.0
+RECORD_FOLLOWED_S = 0.2
+FOLLOWED_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +131,7 @@ class Download:
         self.state_saved_at = 0.0
         self.saving = False  # a save of the resume record is scheduled
         self.wants_read = 0  # how far the want file of followers (coop.py) is read
+        self.followed_until = 0.0  # time.monotonic() until which followers are known to wait
         self._fd_closed = False
         self.attach(partial)
 
@@ -251,6 +258,8 @@ class Download:
         """Readers elsewhere (another process following this download, coop.py)
         wait for bytes [start, end): demand their pending blocks as if a
         reader here waited.  Whether any was pending."""
+        # They see blocks only once the resume record names them: record more often meanwhile.
+        self.followed_until = time.monotonic() + FOLLOWED_S
         end = min(end, self.obj.size, start + WANT_MAX_BLOCKS * self.block_size)
         if self.detached or start >= end or start < 0:
             return False
@@ -260,6 +269,11 @@ class Download:
                 self.demand.append(i)
                 added = True
         return added
+
+    def record_every(self) -> float:
+        """Seconds between two saves of the resume record: the usual pace, or
+        a faster one while followers wait (they read what it names)."""
+        return RECORD_FOLLOWED_S if time.monotonic() < self.followed_until else RECORD_EVERY_S
 
     def wake(self) -> None:
         if not self.waiters:

@@ -21,7 +21,7 @@ from lazyfs import alongside
 from lazyfs.budget import Budget
 from lazyfs.completion import verify_and_publish_blocking
 from lazyfs.config import FetchConfig
-from lazyfs.download import Download, Pin, Request
+from lazyfs.download import RECORD_FOLLOWED_S, Download, Pin, Request
 from lazyfs.errors import IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, RemoteUnavailable, StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore, ResponseMeta
@@ -34,8 +34,6 @@ from lazyfs.store import Store
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Block completions are made durable (fdatasync + resume record) at most this often.
-_STATE_EVERY_S = 1.0
 _VERIFY_ATTEMPTS = 2
 # How long a finished download waits for its running digest before it hashes
 # the whole file itself (only the last blocks are left by then).
@@ -199,8 +197,9 @@ class Runner:
                      100.0 * dl.ndone / dl.nblocks, dl.fetched_bytes / 2**20, dl.obj.size / 2**20, rate / 1e6)
 
     def _save_state_soon(self, dl: Download) -> None:
-        """Record finished blocks for a resume, at most once per _STATE_EVERY_S
-        (a save that comes too soon is deferred, not dropped)."""
+        """Record finished blocks for a resume, at most once per
+        Download.record_every() (a save that comes too soon is deferred, not
+        dropped)."""
         if not dl.saving:
             dl.saving = True
             self._spawn(self._save_state, dl, dl.pin())
@@ -208,9 +207,9 @@ class Runner:
     async def _save_state(self, dl: Download, pin: Pin) -> None:
         with pin:
             try:
-                wait = dl.state_saved_at + _STATE_EVERY_S - time.monotonic()
-                if wait > 0:
-                    await trio.sleep(wait)
+                # Looked at again while waiting: a follower may ask for a faster pace.
+                while (wait := dl.state_saved_at + dl.record_every() - time.monotonic()) > 0:
+                    await trio.sleep(min(wait, RECORD_FOLLOWED_S))
                 snapshot = frozenset(dl.partial.done)
                 if not dl.finished.is_set():
                     dl.state_saved_at = time.monotonic()

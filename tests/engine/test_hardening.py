@@ -479,8 +479,9 @@ def test_a_download_waiting_to_be_discarded_is_never_resumed(remote: FakeRemote,
 async def test_a_want_file_demands_a_bounded_number_of_blocks(remote: FakeRemote, stores) -> None:
     """The want file is another process's writing: a line naming the whole
     file (or nonsense) demands at most WANT_MAX_BLOCKS blocks, never a loop
-    over all of them on the trio thread."""
-    from lazyfs.download import WANT_MAX_BLOCKS
+    over all of them on the trio thread.  While followers want, the resume
+    record (what they see) is saved at the faster pace."""
+    from lazyfs.download import RECORD_EVERY_S, RECORD_FOLLOWED_S, WANT_MAX_BLOCKS
 
     obj = remote.put(BUCKET, "m/w.bin", os.urandom(64 * BLOCK))
     held = remote.gate(obj.key)  # nothing lands while we look
@@ -489,7 +490,9 @@ async def test_a_want_file_demands_a_bounded_number_of_blocks(remote: FakeRemote
         dl = await fetcher.acquire(obj, background=True)
         assert isinstance(dl, Download)
         await wait_for(lambda: held.waiting, "the first request")
+        assert dl.record_every() == RECORD_EVERY_S
         assert dl.want(0, 1 << 62)
+        assert dl.record_every() == RECORD_FOLLOWED_S, "followers see only what the record names: record faster"
         assert 0 < len(dl.demand) <= WANT_MAX_BLOCKS
         assert not dl.want(-1, BLOCK) and not dl.want(5 * BLOCK, 5 * BLOCK) and not dl.want(obj.size, obj.size + 1)
         n = len(dl.demand)
