@@ -39,9 +39,8 @@ DEMAND_BLOCKS = 2
 # The most blocks one want of a follower demands (a FUSE read is at most 1 MiB;
 # the file it comes from is not ours to trust with more).
 WANT_MAX_BLOCKS = 16
-# Block completions are made durable (fdatasync + resume record) at most this
-# often; while followers wait for blocks (a want in the last FOLLOWED_S), at
-# most every RECORD_FOLLOWED_S, since they see only what the record names.
+# Block completions are made durable (fdatasync + resume record) at most this often;
+# every RECORD_FOLLOWED_S for FOLLOWED_S after a want (followers see what it names).
 RECORD_EVERY_S = 1.0
 RECORD_FOLLOWED_S = 0.2
 FOLLOWED_S = 3.0
@@ -236,9 +235,7 @@ class Download:
             raise self.error
         if self.covered(start, end):
             return
-        for i in range(start // self.block_size, (end - 1) // self.block_size + 1):
-            if self.state[i] == PENDING and i not in self.demand:
-                self.demand.append(i)
+        self._demand(start, end)
         event = trio.Event()
         self.waiters.append((start, end, event))
         self._on_work()
@@ -263,6 +260,10 @@ class Download:
         end = min(end, self.obj.size, start + WANT_MAX_BLOCKS * self.block_size)
         if self.detached or start >= end or start < 0:
             return False
+        return self._demand(start, end)
+
+    def _demand(self, start: int, end: int) -> bool:
+        """Queue the pending blocks of [start, end) next (each once); whether any was."""
         added = False
         for i in range(start // self.block_size, (end - 1) // self.block_size + 1):
             if self.state[i] == PENDING and i not in self.demand:
