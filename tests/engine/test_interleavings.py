@@ -11,6 +11,7 @@ from pathlib import Path
 
 import trio
 
+from lazyfs import coop
 from lazyfs.download import Download
 from lazyfs.errors import ObjectChanged, RemoteUnavailable, errno_of
 from lazyfs.fetch import Fetcher
@@ -149,6 +150,44 @@ async def test_a_followers_read_jumps_ahead_of_the_owners_sweep(remote: FakeRemo
         await dl.finished.wait()
         await wait_for(lambda: not list((tmp_path / "store" / ".lazyfs" / "tmp").glob("*.want")),
                        "the want file to go with the download's other files")
+    assert (tmp_path / "store" / "m/w.bin").read_bytes() == data
+
+
+@trio_test
+async def test_a_waiting_follower_asks_again_for_an_owner_that_took_over(remote: FakeRemote, stores, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """A follower still waiting after WANT_AGAIN_S asks again: a process that
+    took a dead owner's download over reads a want file of its own, and would
+    never hear a line written only once, to the file of the owner before."""
+    monkeypatch.setattr(coop, "WANT_AGAIN_S", 0.3)
+    data = os.urandom(16 * BLOCK)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    held = remote.gate("m/w.bin", BLOCK, 2 * BLOCK)  # the owner's one connection waits here
+    owner = Fetcher(remote, stores(), fetch_config(max_connections=1))
+    follower = Fetcher(remote, stores(), fetch_config(max_connections=1))
+    want_file = tmp_path / "store" / ".lazyfs" / "tmp" / (owner.store.partials.name(obj) + ".want")
+    asked = b"%d %d\n" % (12 * BLOCK + 100, 12 * BLOCK + 4196)
+    got: list[bytes] = []
+    async with running(owner), running(follower):
+        dl = await owner.acquire(obj)
+        assert isinstance(dl, Download)
+        await wait_for(lambda: held.waiting, "the owner's sweep to reach the gate")
+        handles = Handles(follower)
+        fh = await handles.open(obj)
+
+        async def far_read() -> None:
+            got.append(bytes(await handles.read(fh, 12 * BLOCK + 100, 4096)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(far_read)
+            await wait_for(lambda: want_file.exists() and want_file.read_bytes().startswith(asked), "the first want")
+            want_file.unlink()  # as if a new owner had started afresh
+            await wait_for(lambda: want_file.exists() and want_file.read_bytes().startswith(asked),
+                           "the follower to ask again", timeout=5)
+            held.release()
+        assert got == [data[12 * BLOCK + 100:12 * BLOCK + 4196]]
+        handles.release(fh)
+        await dl.finished.wait()
     assert (tmp_path / "store" / "m/w.bin").read_bytes() == data
 
 
