@@ -87,9 +87,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, catalog: Catalog, handles: Handles, store: Store,
                  stats_file: Callable[[], bytes] = lambda: b"{}\n", xattrs: bool = True) -> None:
         super().__init__()
-        # False (--no-xattrs): answer ENOSYS once, and the kernel stops asking;
-        # for trees of many thousands of files, where `ls -l` would otherwise
-        # cost two round trips per file (security.selinux, posix ACLs).
+        # False (--no-xattrs): answer ENOSYS once, and the kernel stops asking.
         self.xattrs = xattrs
         self.stats_file = stats_file
         self._virtual: dict[int, bytes] = {}
@@ -334,9 +332,11 @@ class Operations(pyfuse3.Operations):
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         # `ls -l` asks for security.selinux and system.posix_acl_access on every
-        # file: answer those on the spot, without the translation wrapper.
+        # file.  Only user.* attributes exist here, so other namespaces are not
+        # supported (ENOTSUP) rather than absent (ENODATA): ls then stops asking
+        # for the rest of the mount, where ENODATA cost a round trip per file.
         if name not in XATTRS:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR if name.startswith(b"user.") else errno.EOPNOTSUPP)
         return await self._lazyfs_xattr(inode, name)
 
     @_translated

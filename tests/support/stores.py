@@ -57,7 +57,7 @@ def _run(argv: Sequence[str], timeout: float = 60, env: dict[str, str] | None = 
     return res
 
 
-def _apt_install(packages: Sequence[str], binaries: Sequence[str]) -> None:
+def apt_install(packages: Sequence[str], binaries: Sequence[str]) -> None:
     """Install Debian packages when one of `binaries` is missing."""
     if all(shutil.which(b) for b in binaries):
         return
@@ -267,7 +267,7 @@ class CephRGW(Store):
         return _run(["ceph", "-c", str(self.conf), "--connect-timeout", "20", *args], timeout=timeout)
 
     def start(self, timeout: float = 120) -> CephRGW:
-        _apt_install(self.PACKAGES, self.BINARIES)
+        apt_install(self.PACKAGES, self.BINARIES)
         w = self.workdir
         for sub in ("mon", "osd", "run", "log"):
             (w / sub).mkdir(parents=True, exist_ok=True)
