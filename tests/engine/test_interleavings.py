@@ -7,7 +7,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import AsyncIterator
 
 import trio
 
@@ -19,7 +21,7 @@ from lazyfs.handles import Handles
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import LocalCopy
 from support.enginekit import BUCKET, drop_locks, fetch_config, running, trio_test, wait_for
-from support.fakeremote import FakeRemote
+from support.fakeremote import FakeRemote, Gate
 
 KiB, MiB = 1024, 1024 * 1024
 BLOCK = 256 * KiB  # fetch_config's part size, and so its block size
@@ -115,6 +117,24 @@ async def test_a_follower_serves_the_owners_bytes_then_takes_over_when_it_dies(r
     assert (tmp_path / "store" / "m/w.bin").read_bytes() == data
 
 
+@asynccontextmanager
+async def owner_held_and_follower(remote: FakeRemote, stores, obj: RemoteObject
+                                  ) -> AsyncIterator[tuple[Fetcher, Download, Gate, Handles, int]]:
+    """Two processes' engines over one store, each with one connection: the
+    owner downloading `obj` with its second request held at a gate, and a
+    follower with the file open."""
+    held = remote.gate(obj.key, BLOCK, 2 * BLOCK)
+    owner = Fetcher(remote, stores(), fetch_config(max_connections=1))
+    follower = Fetcher(remote, stores(), fetch_config(max_connections=1))
+    async with running(owner), running(follower):
+        dl = await owner.acquire(obj)
+        assert isinstance(dl, Download)
+        await wait_for(lambda: held.waiting, "the owner's sweep to reach the gate")
+        handles = Handles(follower)
+        fh = await handles.open(obj)  # another process downloads it: follow
+        yield owner, dl, held, handles, fh
+
+
 @trio_test
 async def test_a_followers_read_jumps_ahead_of_the_owners_sweep(remote: FakeRemote, stores, tmp_path: Path) -> None:
     """A reader in another process (a follower) waiting for bytes far ahead
@@ -124,16 +144,8 @@ async def test_a_followers_read_jumps_ahead_of_the_owners_sweep(remote: FakeRemo
     a large file."""
     data = os.urandom(16 * BLOCK)
     obj = remote.put(BUCKET, "m/w.bin", data)
-    held = remote.gate("m/w.bin", BLOCK, 2 * BLOCK)  # the sweep's second request waits
-    owner = Fetcher(remote, stores(), fetch_config(max_connections=1))
-    follower = Fetcher(remote, stores(), fetch_config(max_connections=1))
     got: list[bytes] = []
-    async with running(owner), running(follower):
-        dl = await owner.acquire(obj)
-        assert isinstance(dl, Download)
-        await wait_for(lambda: held.waiting, "the owner's sweep to reach the gate")
-        handles = Handles(follower)
-        fh = await handles.open(obj)  # another process downloads it: follow
+    async with owner_held_and_follower(remote, stores, obj) as (_, dl, held, handles, fh):
 
         async def far_read() -> None:
             got.append(bytes(await handles.read(fh, 12 * BLOCK + 100, 4096)))
@@ -162,18 +174,10 @@ async def test_a_waiting_follower_asks_again_for_an_owner_that_took_over(remote:
     monkeypatch.setattr(coop, "WANT_AGAIN_S", 0.3)
     data = os.urandom(16 * BLOCK)
     obj = remote.put(BUCKET, "m/w.bin", data)
-    held = remote.gate("m/w.bin", BLOCK, 2 * BLOCK)  # the owner's one connection waits here
-    owner = Fetcher(remote, stores(), fetch_config(max_connections=1))
-    follower = Fetcher(remote, stores(), fetch_config(max_connections=1))
-    want_file = tmp_path / "store" / ".lazyfs" / "tmp" / (owner.store.partials.name(obj) + ".want")
     asked = b"%d %d\n" % (12 * BLOCK + 100, 12 * BLOCK + 4196)
     got: list[bytes] = []
-    async with running(owner), running(follower):
-        dl = await owner.acquire(obj)
-        assert isinstance(dl, Download)
-        await wait_for(lambda: held.waiting, "the owner's sweep to reach the gate")
-        handles = Handles(follower)
-        fh = await handles.open(obj)
+    async with owner_held_and_follower(remote, stores, obj) as (owner, dl, held, handles, fh):
+        want_file = tmp_path / "store" / ".lazyfs" / "tmp" / (owner.store.partials.name(obj) + ".want")
 
         async def far_read() -> None:
             got.append(bytes(await handles.read(fh, 12 * BLOCK + 100, 4096)))
