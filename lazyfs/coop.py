@@ -7,9 +7,9 @@ blocks it has made durable (at most a second behind; 0.2 s while we ask for
 bytes), so a reader here is served from the owner's sparse file as the bytes
 land, and from the published file once it is done.  The bytes a reader here
 waits for are asked for (a want file beside the download), and the owner
-fetches them next, as for a reader of its own.  If the owner dies or gives up, its lock is released by
-the kernel and the next poll here takes the download over, resuming from the
-blocks on disk.  Files are only ever written by the lock's holder, so nothing
+fetches them next, as for a reader of its own.  If the owner dies or gives
+up, its lock is released by the kernel and the next poll here takes the
+download over, resuming from the blocks on disk.  Files are only ever written by the lock's holder, so nothing
 is written twice or torn.
 """
 

@@ -100,12 +100,13 @@ _MMAP_FROM = 4 << 20
 
 
 def return_freed_buffers() -> None:
-    """Serve buffers of 4 MiB and up (a part the CRT hands over, a large
-    GET body) from mmap, so freeing one gives its pages back to the kernel.
-    glibc otherwise raises its threshold after the first such free and keeps
-    later ones in per-thread arenas: 15-60 MiB of resident memory that
-    --memory-limit does not count, different in every run.  Smaller
-    buffers (FUSE replies) stay on the heap: an mmap each would cost a page
+    """Serve buffers of 4 MiB and up (a part the CRT hands over) from mmap,
+    so freeing one gives its pages back to the kernel.  glibc otherwise
+    raises its mmap and trim thresholds after the first large free and keeps
+    later buffers, and the free memory atop its per-thread arenas: 15-60 MiB
+    of resident memory that --memory-limit does not count, different in
+    every run (measured with either transfer client).  Smaller buffers (FUSE
+    replies, GET pieces) stay on the heap: an mmap each would cost a page
     fault per 4 KiB.  A no-op where the C library is not glibc."""
     try:
         ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM)
