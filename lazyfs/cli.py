@@ -121,9 +121,15 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
+    from lazyfs.startup import FirstListing
+
+    cfg = mount_config(_values(args), os.environ)
+    # The client and the first listing first: their round trips overlap the
+    # import of pyfuse3, trio and the engine (startup.py).
+    first = FirstListing(cfg)
     from lazyfs import mount  # imports pyfuse3: only for the commands that mount
 
-    return mount.run(mount_config(_values(args), os.environ))
+    return mount.run(cfg, first)
 
 
 def _cmd_bake(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ from lazyfs.objectstore import ObjectStore
 from lazyfs.pinned import Pinning
 from lazyfs.refresher import Refresher
 from lazyfs.remote import Remote
-from lazyfs.stats import TIMINGS
+from lazyfs.startup import FirstListing
 from lazyfs.store import Store
 from lazyfs.supervise import failed, forever, once
 
@@ -72,18 +72,6 @@ def open_store(cfg: MountConfig) -> Store:
         return Store.open(root.path, [str(p) for p in cfg.prebaked], root_fd=root.fd, mode=cfg.store_mode)
     except OSError as e:
         raise StoreError(f"cannot use store {cfg.store_path}: {e.strerror}", e.errno or errno.EIO) from None
-
-
-def probe(remote: Remote, cfg: MountConfig) -> dict[Source, list[RemoteObject]]:
-    """Prove each folder can be listed (a wrong bucket or credentials fail
-    here, exit 1), with its first page: a folder that fits in it is listed
-    already, and the first listing does not ask again."""
-    complete = {}
-    for source in cfg.sources:
-        page = remote.probe(source)
-        if page.next_token is None:
-            complete[source] = page.objects
-    return complete
 
 
 def mount_options(cfg: MountConfig) -> set[str]:
@@ -144,27 +132,29 @@ def page_budget(cfg: MountConfig) -> PageBudget:
     return PageBudget(total=cfg.memory_limit // 4)
 
 
-def run(cfg: MountConfig) -> int:
-    """Mount and serve until stopped.  Returns the exit code."""
+def run(cfg: MountConfig, first: FirstListing | None = None) -> int:
+    """Mount and serve until stopped.  Returns the exit code.  `first`: the
+    client and first listing `cli` began before importing this module (one
+    is begun here if not)."""
     raise_fd_limit()
     return_freed_buffers()
-    if cfg.metrics_port is not None:
-        TIMINGS.enable()  # from the first request on (prometheus_client only when asked)
     cfg = apply_memory_limit(cfg)
+    first = first or FirstListing(cfg)
     check_mountpoint(cfg.mountpoint)
     store = open_store(cfg)
     try:
-        remote = Remote(cfg.remote)
         offline: list[RemoteObject] | None = None
         listed: dict[Source, list[RemoteObject]] = {}
         try:
-            if cfg.lock is None:  # a pinned mount starts with no request: the lock is its listing
-                listed = probe(remote, cfg)
+            # Proves each folder can be listed (a wrong bucket or credentials
+            # fail here, exit 1); a folder that fits in its first page is
+            # listed already, and the first listing does not ask again.
+            listed = first.result()
         except RemoteUnavailable as e:
             offline = offline_start(store, cfg, e)
         except RemoteError as e:
             raise MountError(str(e)) from None
-        return trio.run(_serve, cfg, store, remote, offline, listed)
+        return trio.run(_serve, cfg, store, first.remote, offline, listed)
     finally:
         store.close()
 

@@ -76,3 +76,16 @@ def test_pyfuse3_and_boto3_stay_in_their_modules() -> None:
 def test_modules_stay_small() -> None:
     sizes = {p.name: len(p.read_text().splitlines()) for p in PKG.glob("*.py")}
     assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}
+
+
+def test_the_first_listing_starts_before_the_fuse_machinery_is_imported() -> None:
+    """startup.py (and what it imports) must not pull in trio or pyfuse3:
+    the first LIST's round trip is meant to overlap their import."""
+    graph = imports()
+    seen, todo = set(), ["startup"]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += [d for d in graph[m] if d in graph]
+    assert not {d for m in seen for d in graph[m]} & {"trio", "pyfuse3"}, sorted(seen)
