@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -49,6 +49,7 @@ class Request:
     status: int = 0
     body_bytes: int = 0
     fault: str = ""
+    at: float = field(default_factory=time.time)  # arrival, on the machine's clock
 
     def range_start(self) -> int:
         """The first byte a ranged GET asks for (0 without a Range)."""
