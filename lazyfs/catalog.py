@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -37,6 +38,7 @@ from lazyfs.lister import Lister
 from lazyfs.listings import walk_local
 from lazyfs.namespace import Diff, DirNode, Node, RemoteObject, Tree, build_tree, diff_trees, join
 from lazyfs.objectstore import ObjectStore
+from lazyfs.quiet import Quiet
 from lazyfs.store import Store
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,11 @@ class RefreshInfo:
 
 
 class Catalog:
-    def __init__(self, remote: ObjectStore, sources: Sequence[Source], store: Store | None = None) -> None:
+    def __init__(self, remote: ObjectStore, sources: Sequence[Source], store: Store | None = None,
+                 quiet: Quiet | None = None) -> None:
         self.remote = remote
+        # A mount's: readers' requests go before the first listing's (quiet.py).
+        self.quiet = quiet
         self.sources = tuple(sources)
         self.store = store
         # Before any listing: the configured folders and their parents, empty.
@@ -74,7 +79,7 @@ class Catalog:
         self.live = False
         self.offline = False  # started from the store: the object store was unreachable
         self.last = RefreshInfo()
-        self.lister = Lister(remote, trio.CapacityLimiter(LIST_CONNECTIONS))
+        self.lister = Lister(remote, trio.CapacityLimiter(LIST_CONNECTIONS), turn=self._listing_turn)
         self._lookups = trio.CapacityLimiter(LOOKUP_CONNECTIONS)
         self._attempted = trio.Event()  # replaced after every listing attempt
         self._saved = False  # a listing has been saved for offline starts
@@ -280,9 +285,15 @@ class Catalog:
             return sub.find(path)
         return (await self._listed_or_failing()).find(path)
 
+    async def _listing_turn(self) -> None:
+        if self.quiet is not None and not self.live:
+            await self.quiet.turn()
+
     async def _listed_or_failing(self) -> Tree:
-        """The tree once a listing is in; while the first listing is failing,
-        an error the kernel does not cache, instead of an empty answer."""
+        """The tree once a listing is in (hurried: someone waits); while the first listing
+        is failing, an error the kernel does not cache, instead of an empty answer."""
+        if self.quiet is not None and not self.listed.is_set():
+            self.quiet.hurry()
         while not self.listed.is_set():
             if self.last.error:
                 raise RemoteUnavailable(f"no listing yet of {', '.join(s.uri for s in self.sources)} "
@@ -353,8 +364,9 @@ class Catalog:
 
     async def _list_subtree(self, path: str) -> Node | None:
         source = next(s for s in self.sources if (path + "/").startswith(s.prefix))
-        objects, truncated = await trio.to_thread.run_sync(self.remote.list_some, source.bucket, path,
-                                                           limiter=self._lookups, abandon_on_cancel=True)
+        with self.quiet.reader_request() if self.quiet is not None else nullcontext():
+            objects, truncated = await trio.to_thread.run_sync(self.remote.list_some, source.bucket, path,
+                                                               limiter=self._lookups, abandon_on_cancel=True)
         mine = [o for o in objects if not path or o.key == path or o.key.startswith(path + "/")]
         if not truncated:
             self._subtrees[path] = await trio.to_thread.run_sync(self._build, mine)

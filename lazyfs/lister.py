@@ -145,9 +145,12 @@ class Lister:
     """Lists folders of one object store; remembers where each folder's
     last listing split, for the next one."""
 
-    def __init__(self, remote: ObjectStore, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, remote: ObjectStore, limiter: trio.CapacityLimiter,
+                 turn: Callable[[], Awaitable[None]] | None = None) -> None:
         self.remote = remote
         self.limiter = limiter
+        # Awaited before each request: when it may go (catalog: readers first).
+        self.turn = turn
         self._splits: dict[Source, list[str]] = {}
         # Set once the store shows it ignores StartAfter: then one walk a folder.
         self.flat_only = False
@@ -221,6 +224,8 @@ class Lister:
         call = functools.partial(self.remote.list_page, bucket, prefix, delimiter=delimiter,
                                  start_after=start_after, token=token, max_keys=max_keys)
         for attempt in range(1, PAGE_ATTEMPTS + 1):
+            if self.turn is not None:
+                await self.turn()
             try:
                 return await trio.to_thread.run_sync(call, limiter=self.limiter, abandon_on_cancel=True)
             except RemoteUnavailable as e:

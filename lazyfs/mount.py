@@ -41,6 +41,7 @@ from lazyfs.mounttab import MountError, check_mountpoint, set_background, set_re
 from lazyfs.namespace import Diff, DirNode, RemoteObject
 from lazyfs.objectstore import ObjectStore
 from lazyfs.pinned import Pinning
+from lazyfs.quiet import Quiet
 from lazyfs.refresher import Refresher
 from lazyfs.remote import Remote
 from lazyfs.startup import FirstListing
@@ -57,6 +58,10 @@ SHUTDOWN_GRACE_S = 5.0
 # Read requests the kernel may keep in flight to the daemon (readahead of
 # several files at once); pyfuse3 serves up to MAX_FUSE_TASKS concurrently.
 BACKGROUND_REQUESTS = 64
+# The first listing of a folder bigger than the start-up page waits until
+# readers' requests have left the network quiet this long (quiet.py): an open
+# right after the mount goes first.
+FIRST_LISTING_QUIET_S = 0.15
 # The ready line waits at most this long for the first listing (see _announce).
 READY_WAIT_S = 0.5
 
@@ -174,7 +179,8 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
                  listed: dict[Source, list[RemoteObject]]) -> int:
     pin = Pinning(cfg.lock, remote) if cfg.lock is not None else None
     source: ObjectStore = pin.store if pin is not None else remote
-    catalog = Catalog(source, cfg.sources, store)
+    quiet = Quiet(FIRST_LISTING_QUIET_S)
+    catalog = Catalog(source, cfg.sources, store, quiet=quiet)
     catalog.listed_at_start(listed)
     fetcher = Fetcher(source, store, cfg.fetch, page_budget(cfg),
                       fetch_range=pin.transfer(remote, cfg.fetch, cfg.memory_limit) if pin is not None
@@ -188,6 +194,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
     handles = Handles(fetcher)
     handles.next_shard = lambda obj: next_shard(catalog, obj)
     fetcher.hooks.is_current = lambda obj: is_current(catalog, obj)
+    fetcher.hooks.quiet = quiet
     if cfg.cache_max_size is not None:
         fetcher.hooks.budget = Budget(store, cfg.cache_max_size, handles.is_open)
     drift = DriftWatch(pin, catalog.lister, cfg.sources, cfg.refresh) if pin is not None else None

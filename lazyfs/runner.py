@@ -12,6 +12,7 @@ import functools
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
@@ -27,6 +28,7 @@ from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
 from lazyfs.probe import open_partial_file
+from lazyfs.quiet import Quiet
 from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
 from lazyfs.stats import STATS, TIMINGS
 from lazyfs.store import Store
@@ -67,6 +69,8 @@ class Hooks:
     # longer has, pinned.py): its opens fail at once with this error unless
     # a current local copy exists.
     refuse: Callable[[RemoteObject], LazyfsError | None] = lambda obj: None
+    # Told of every ranged GET in flight: the first listing waits for them.
+    quiet: Quiet | None = None
 
 
 class _Handoff:
@@ -135,8 +139,9 @@ class Runner:
                        posted=lambda n: self._post(self._landed, dl, req, n),
                        got_meta=lambda meta: self._post(self._got_meta, dl, meta))
         try:
-            await trio.to_thread.run_sync(self._request_thread, job, handoff, limiter=self._net,
-                                          abandon_on_cancel=True)
+            with self.hooks.quiet.reader_request() if self.hooks.quiet is not None else nullcontext():
+                await trio.to_thread.run_sync(self._request_thread, job, handoff, limiter=self._net,
+                                              abandon_on_cancel=True)
         except BaseException as e:
             handoff.task_gives_up()
             self._release_slot()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from support.mounting import FS, wait_until
+from support.mountproc import is_mounted
 from support.proxy import Fault
 
 pytestmark = pytest.mark.fuse
@@ -128,3 +129,37 @@ def test_a_listing_of_hundreds_of_folders_costs_a_few_lists_and_survives_one_thr
     wait_until(lambda: proxy.count("LIST") >= lists + 2, what="the refresh")
     time.sleep(1)
     assert proxy.count("LIST") == lists + 2
+
+
+def test_an_open_as_soon_as_the_mount_appears_goes_before_the_listing_of_a_big_folder(mount, proxy, s3, bucket,
+                                                                                      fs: FS, tmp_path: Path):
+    """Issue 13 (peer-bench's S4: a model beside thousands of small app files,
+    opened the moment the mount shows in /proc/mounts): the first 4 KiB of
+    the model within two requests of the open, its folder's LIST and the
+    GET, with the rest of the listing after them (quiet.py).  Before, the
+    full listing's pages went out at once, and the open waited behind them
+    on a store that serves one request at a time (294 ms there, 8 requests)."""
+    weights = bytes(range(256)) * 4096
+    put_many(s3, bucket, [f"{P}/app/{i:03d}.json" for i in range(300)])
+    s3.put_object(Bucket=bucket, Key=f"{P}/model/weights.bin", Body=weights)
+    mnt = tmp_path / "early"
+    mnt.mkdir()
+
+    def open_when_mounted() -> bytes:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mnt):
+            assert time.monotonic() < deadline, "never mounted"
+            time.sleep(0.005)
+        with open(mnt / P / "model" / "weights.bin", "rb") as f:
+            return f.read(4096)
+
+    first = fs._pool.submit(open_when_mounted)
+    mount("--prefix", f"s3://{bucket}/{P}", mountpoint=mnt)
+    assert first.result(timeout=20) == weights[:4096]
+    requests = proxy.requests()
+    assert requests[0]["kind"] == "LIST" and requests[0]["query"].get("max-keys") == "100", "the start-up probe"
+    first_get = next(i for i, r in enumerate(requests) if r["kind"] == "GET")
+    assert [(r["kind"], r["query"].get("prefix")) for r in requests[1:first_get]] == [("LIST", f"{P}/model")], \
+        "the open's lookup lists its own folder, and nothing else goes before the GET"
+    wait_until(lambda: any(r["kind"] == "LIST" and r["query"].get("prefix") == f"{P}/"
+                           for r in proxy.requests()[1:]), what="the folder's full listing, later")

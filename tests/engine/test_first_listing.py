@@ -21,6 +21,7 @@ from lazyfs.handles import Handles
 from lazyfs.inodes import ROOT_INODE
 from lazyfs.modeljson import Source
 from lazyfs.namespace import Diff
+from lazyfs.quiet import Quiet
 from lazyfs.refresher import Refresher
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
 from support.fakeremote import Call, FakeRemote
@@ -130,3 +131,73 @@ async def test_the_saved_listing_is_served_while_the_first_listing_fails(remote:
         nursery.cancel_scope.cancel()
     assert [o.key for o in changes[0].added] == ["m/new.bin"], "the kernel is told what the saved listing lacked"
     assert [o.key for o in changes[0].removed] == ["m/gone.bin"]
+
+
+def many_files(remote: FakeRemote, n: int) -> None:
+    for i in range(n):
+        remote.put(BUCKET, f"m/app/f{i:05d}.json", b"{}")
+
+
+@trio_test
+async def test_the_first_listing_waits_for_a_readers_get_and_a_quiet_moment(remote: FakeRemote, stores) -> None:
+    """quiet.py: a folder bigger than the start-up page is listed after the
+    requests readers wait for, not beside them (an open right after the
+    mount first)."""
+    many_files(remote, 300)
+    remote.put(BUCKET, "m/model.bin", b"w" * 100_000)
+    gate = remote.gate("m/model.bin")
+    store = stores()
+    fetcher = Fetcher(remote, store, fetch_config())
+    quiet = Quiet(0.2)
+    fetcher.hooks.quiet = quiet
+    catalog = Catalog(remote, [SOURCE], store, quiet=quiet)
+    ops = Operations(catalog, Handles(fetcher), store)
+    async with running(fetcher), trio.open_nursery() as nursery:
+        attrs = await ops.lookup((await ops.lookup(ROOT_INODE, b"m", CTX)).st_ino, b"model.bin", CTX)
+        lookup_lists = len(remote.lists())
+        info = await ops.open(attrs.st_ino, 0, CTX)
+        got: list[bytes] = []
+
+        async def read() -> None:
+            got.append(bytes(await ops.read(info.fh, 0, 4096)))
+
+        nursery.start_soon(read)
+        await wait_for(lambda: gate.waiting, "the reader's GET")
+        nursery.start_soon(catalog.first_listing)
+        await trio.sleep(0.5)
+        assert len(remote.lists()) == lookup_lists, "the listing went beside the reader's GET"
+        gate.release()
+        await wait_for(lambda: got, "the reader's bytes")
+        ended = trio.current_time()
+        await wait_for(lambda: catalog.live, "the first listing")
+        assert trio.current_time() - ended >= 0.15, "the listing waited for the network to be quiet"
+        assert got == [b"w" * 4096]
+        await ops.release(info.fh)
+
+
+@trio_test
+async def test_a_listing_someone_waits_for_does_not_wait_for_quiet(remote: FakeRemote, stores) -> None:
+    """A folder too big for a lookup's own listing (find, ls of it) needs the
+    first listing: it goes at once, beside readers' GETs in flight."""
+    many_files(remote, 1200)
+    remote.put(BUCKET, "m/model.bin", b"w" * 100_000)
+    gate = remote.gate("m/model.bin")
+    store = stores()
+    fetcher = Fetcher(remote, store, fetch_config())
+    quiet = Quiet(60.0)
+    fetcher.hooks.quiet = quiet
+    catalog = Catalog(remote, [SOURCE], store, quiet=quiet)
+    ops = Operations(catalog, Handles(fetcher), store)
+    async with running(fetcher), trio.open_nursery() as nursery:
+        attrs = await ops.lookup((await ops.lookup(ROOT_INODE, b"m", CTX)).st_ino, b"model.bin", CTX)
+        info = await ops.open(attrs.st_ino, 0, CTX)
+        nursery.start_soon(ops.read, info.fh, 0, 4096)
+        await wait_for(lambda: gate.waiting, "the reader's GET")
+        nursery.start_soon(catalog.first_listing)
+        with trio.fail_after(10):
+            folder = await catalog.folder("m/app")
+        assert folder is not None and len(folder.names) == 1200
+        assert gate.waiting, "listed while the reader's GET was still in flight"
+        gate.release()
+        await wait_for(lambda: catalog.live, "the first listing")
+        await ops.release(info.fh)
