@@ -61,7 +61,7 @@ BACKGROUND_REQUESTS = 64
 # The first listing of a folder bigger than the start-up page waits until
 # readers' requests have left the network quiet this long (quiet.py): an open
 # right after the mount goes first.
-FIRST_LISTING_QUIET_S = 0.15
+FIRST_LISTING_QUIET_S = 0.1
 # The ready line waits at most this long for the first listing (see _announce).
 READY_WAIT_S = 0.5
 
