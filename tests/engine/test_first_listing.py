@@ -6,6 +6,7 @@ listing is served meanwhile, and the listing is tried again soon, whatever
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 
 import pyfuse3
@@ -24,7 +25,7 @@ from lazyfs.namespace import Diff
 from lazyfs.quiet import Quiet
 from lazyfs.refresher import Refresher
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
-from support.fakeremote import Call, FakeRemote
+from support.fakeremote import Call, FakeRemote, Gate
 
 CTX = None
 SOURCE = Source(BUCKET, "m/")
@@ -133,9 +134,31 @@ async def test_the_saved_listing_is_served_while_the_first_listing_fails(remote:
     assert [o.key for o in changes[0].removed] == ["m/gone.bin"]
 
 
-def many_files(remote: FakeRemote, n: int) -> None:
-    for i in range(n):
-        remote.put(BUCKET, f"m/app/f{i:05d}.json", b"{}")
+@dataclasses.dataclass
+class ModelBesideFiles:
+    """A mount's engine with readers-first listing (quiet.py) over m/: a
+    model whose GETs wait at a gate, beside `files` small app files."""
+
+    gate: Gate
+    fetcher: Fetcher
+    catalog: Catalog
+    ops: Operations
+
+    @classmethod
+    def make(cls, remote: FakeRemote, stores, files: int, quiet_s: float) -> ModelBesideFiles:
+        for i in range(files):
+            remote.put(BUCKET, f"m/app/f{i:05d}.json", b"{}")
+        remote.put(BUCKET, "m/model.bin", b"w" * 100_000)
+        store = stores()
+        fetcher = Fetcher(remote, store, fetch_config())
+        fetcher.hooks.quiet = quiet = Quiet(quiet_s)
+        catalog = Catalog(remote, [SOURCE], store, quiet=quiet)
+        return cls(remote.gate("m/model.bin"), fetcher, catalog, Operations(catalog, Handles(fetcher), store))
+
+    async def open_model(self) -> int:
+        ops = self.ops
+        attrs = await ops.lookup((await ops.lookup(ROOT_INODE, b"m", CTX)).st_ino, b"model.bin", CTX)
+        return (await ops.open(attrs.st_ino, 0, CTX)).fh
 
 
 @trio_test
@@ -143,23 +166,15 @@ async def test_the_first_listing_waits_for_a_readers_get_and_a_quiet_moment(remo
     """quiet.py: a folder bigger than the start-up page is listed after the
     requests readers wait for, not beside them (an open right after the
     mount first)."""
-    many_files(remote, 300)
-    remote.put(BUCKET, "m/model.bin", b"w" * 100_000)
-    gate = remote.gate("m/model.bin")
-    store = stores()
-    fetcher = Fetcher(remote, store, fetch_config())
-    quiet = Quiet(0.2)
-    fetcher.hooks.quiet = quiet
-    catalog = Catalog(remote, [SOURCE], store, quiet=quiet)
-    ops = Operations(catalog, Handles(fetcher), store)
-    async with running(fetcher), trio.open_nursery() as nursery:
-        attrs = await ops.lookup((await ops.lookup(ROOT_INODE, b"m", CTX)).st_ino, b"model.bin", CTX)
+    m = ModelBesideFiles.make(remote, stores, files=300, quiet_s=0.2)
+    gate, catalog, ops = m.gate, m.catalog, m.ops
+    async with running(m.fetcher), trio.open_nursery() as nursery:
+        fh = await m.open_model()
         lookup_lists = len(remote.lists())
-        info = await ops.open(attrs.st_ino, 0, CTX)
         got: list[bytes] = []
 
         async def read() -> None:
-            got.append(bytes(await ops.read(info.fh, 0, 4096)))
+            got.append(bytes(await ops.read(fh, 0, 4096)))
 
         nursery.start_soon(read)
         await wait_for(lambda: gate.waiting, "the reader's GET")
@@ -172,26 +187,18 @@ async def test_the_first_listing_waits_for_a_readers_get_and_a_quiet_moment(remo
         await wait_for(lambda: catalog.live, "the first listing")
         assert trio.current_time() - ended >= 0.15, "the listing waited for the network to be quiet"
         assert got == [b"w" * 4096]
-        await ops.release(info.fh)
+        await ops.release(fh)
 
 
 @trio_test
 async def test_a_listing_someone_waits_for_does_not_wait_for_quiet(remote: FakeRemote, stores) -> None:
     """A folder too big for a lookup's own listing (find, ls of it) needs the
     first listing: it goes at once, beside readers' GETs in flight."""
-    many_files(remote, 1200)
-    remote.put(BUCKET, "m/model.bin", b"w" * 100_000)
-    gate = remote.gate("m/model.bin")
-    store = stores()
-    fetcher = Fetcher(remote, store, fetch_config())
-    quiet = Quiet(60.0)
-    fetcher.hooks.quiet = quiet
-    catalog = Catalog(remote, [SOURCE], store, quiet=quiet)
-    ops = Operations(catalog, Handles(fetcher), store)
-    async with running(fetcher), trio.open_nursery() as nursery:
-        attrs = await ops.lookup((await ops.lookup(ROOT_INODE, b"m", CTX)).st_ino, b"model.bin", CTX)
-        info = await ops.open(attrs.st_ino, 0, CTX)
-        nursery.start_soon(ops.read, info.fh, 0, 4096)
+    m = ModelBesideFiles.make(remote, stores, files=1200, quiet_s=60.0)
+    gate, catalog, ops = m.gate, m.catalog, m.ops
+    async with running(m.fetcher), trio.open_nursery() as nursery:
+        fh = await m.open_model()
+        nursery.start_soon(ops.read, fh, 0, 4096)
         await wait_for(lambda: gate.waiting, "the reader's GET")
         nursery.start_soon(catalog.first_listing)
         with trio.fail_after(10):
@@ -200,4 +207,4 @@ async def test_a_listing_someone_waits_for_does_not_wait_for_quiet(remote: FakeR
         assert gate.waiting, "listed while the reader's GET was still in flight"
         gate.release()
         await wait_for(lambda: catalog.live, "the first listing")
-        await ops.release(info.fh)
+        await ops.release(fh)
