@@ -121,7 +121,7 @@ def test_a_full_disk_gives_enospc_and_leaves_other_files_intact(mount, proxy, s3
         assert info.value.errno == errno.ENOSPC
         assert proxy.count("GET", f"{P}/huge.bin") == 0
         # Each fits alone, not all three together: the ones that run out fail.
-        results = [fs._pool.submit(lambda i=i: Path(m.file(f"{P}/big{i}.bin")).read_bytes()) for i in range(3)]
+        results = [fs.start(lambda i=i: Path(m.file(f"{P}/big{i}.bin")).read_bytes()) for i in range(3)]
         outcomes = []
         for i, r in enumerate(results):
             try:
@@ -150,7 +150,7 @@ def shards(s3, bucket):
 
 def start_reads(fs: FS, m, files) -> list:
     """Background reads of every file (to keep downloads running)."""
-    return [fs._pool.submit(lambda k=k: Path(m.file(k)).read_bytes()) for k in files]
+    return [fs.start(lambda k=k: Path(m.file(k)).read_bytes()) for k in files]
 
 
 @pytest.mark.log_errors('transfer broke off')
@@ -292,7 +292,7 @@ def test_64_concurrent_readers_over_16_files(mount, proxy, s3, bucket, fs: FS, t
                     return False
             return True
 
-    results = [fs._pool.submit(reader, n) for n in range(64)]
+    results = [fs.start(reader, n) for n in range(64)]
     assert all(r.result(timeout=120) for r in results)
     for k in list(files)[8:]:
         assert proxy.count("GET", k) <= 3 + 1, f"{k} downloaded more than once"
@@ -307,9 +307,9 @@ def test_two_mounts_on_one_store_fetch_each_file_once(mount, proxy, s3, bucket, 
     args = ("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", "--max-connections", "2")
     a = mount(*args, store=store)
     b = mount(*args, store=store)
-    ra = fs._pool.submit(lambda: Path(a.file(key)).read_bytes())
+    ra = fs.start(lambda: Path(a.file(key)).read_bytes())
     wait_until(lambda: proxy.count("GET", key) >= 1, what="the first download")
-    rb = fs._pool.submit(lambda: Path(b.file(key)).read_bytes())
+    rb = fs.start(lambda: Path(b.file(key)).read_bytes())
     assert sha(ra.result(timeout=60)) == sha(data) and sha(rb.result(timeout=60)) == sha(data)
     starts = sorted(int(r["range"][6:].split("-")[0]) for r in proxy.requests("GET", key))
     assert starts == [i * PART for i in range(16)], "a block was fetched twice"
@@ -326,10 +326,10 @@ def test_a_follower_takes_over_when_the_downloader_dies(mount, proxy, s3, bucket
     args = ("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", "--max-connections", "2", *FAST)
     proxy.add(Fault("stall", key=key, min_offset=6 * PART, seconds=60, times=None))
     a = mount(*args, store=store)
-    fs._pool.submit(lambda: Path(a.file(key)).read_bytes())
+    fs.start(lambda: Path(a.file(key)).read_bytes())
     wait_until(lambda: any((store / ".lazyfs" / "tmp").glob("*.json")), what="the owner's progress")
     b = mount(*args, store=store)
-    rb = fs._pool.submit(lambda: Path(b.file(key)).read_bytes())
+    rb = fs.start(lambda: Path(b.file(key)).read_bytes())
     wait_until(lambda: "another lazyfs process" in b.log(), what="b to follow a")
     a.process.kill()
     proxy.clear_faults()
@@ -350,7 +350,7 @@ def test_a_followers_far_read_is_fetched_next_by_the_downloading_mount(mount, pr
     args = ("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", "--max-connections", "1")
     a = mount(*args, store=store)
     b = mount(*args, store=store)
-    ra = fs._pool.submit(lambda: Path(a.file(key)).read_bytes())
+    ra = fs.start(lambda: Path(a.file(key)).read_bytes())
     wait_until(lambda: proxy.count("GET", key) >= 1, what="a's download")
     far = 20 * PART + 123
 
@@ -384,7 +384,7 @@ def test_a_bake_and_a_mount_on_one_store_cooperate(mount, proxy, s3, bucket, fs:
     store = tmp_path / "store"
     proxy.add(Fault("delay", seconds=0.15, times=None))
     m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", "--max-connections", "2", store=store)
-    readers = [fs._pool.submit(lambda k=k: Path(m.file(k)).read_bytes()) for k in files]
+    readers = [fs.start(lambda k=k: Path(m.file(k)).read_bytes()) for k in files]
     wait_until(lambda: proxy.count("GET") >= 2, what="the mount's downloads")
     res = lazyfs_cli(["bake", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint,
                       "--to", str(store), "--part-size", "64KiB"], timeout=120)
@@ -447,7 +447,7 @@ def test_many_handles_and_downloads_stay_within_the_memory_limit(mount, proxy, s
                 f.seek(rnd.randrange(4 << 20))
                 f.read(256 * 1024)
 
-        for r in [fs._pool.submit(read_some, f) for f in handles]:
+        for r in [fs.start(read_some, f) for f in handles]:
             r.result(timeout=120)
         for k, v in list(files.items())[:5]:
             assert fs.read(m.file(k)) == v

@@ -153,7 +153,7 @@ def test_an_open_as_soon_as_the_mount_appears_goes_before_the_listing_of_a_big_f
         with open(mnt / P / "model" / "weights.bin", "rb") as f:
             return f.read(4096)
 
-    first = fs._pool.submit(open_when_mounted)
+    first = fs.start(open_when_mounted)
     mount("--prefix", f"s3://{bucket}/{P}", mountpoint=mnt)
     assert first.result(timeout=20) == weights[:4096]
     requests = proxy.requests()

@@ -276,7 +276,7 @@ def test_concurrent_first_opens_share_one_download(mount, proxy, bucket, s3, fs:
         with open(m.file(key), "rb") as f:
             return sha(f.read())
 
-    futures = [fs._pool.submit(reader) for _ in range(8)]
+    futures = [fs.start(reader) for _ in range(8)]
     assert {f.result(timeout=30) for f in futures} == {sha(data)}
     assert proxy.count("GET", key) == 1
 

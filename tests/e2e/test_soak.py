@@ -69,7 +69,7 @@ def test_soak_mixed_load_does_not_leak(mount, proxy, s3, bucket, fs: FS, tmp_pat
                     good = [v for v in good if v[off:off + 4096] == piece]
                 return bool(good)
 
-        futures = [fs._pool.submit(reader, rnd.choice(keys), i % 2 == 0) for i in range(16)]
+        futures = [fs.start(reader, rnd.choice(keys), i % 2 == 0) for i in range(16)]
         for f in futures:
             try:
                 assert f.result(timeout=60)

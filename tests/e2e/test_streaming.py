@@ -147,7 +147,7 @@ def test_many_readers_one_download(smount, proxy, bucket, big, fs: FS):
         barrier.wait(10)
         return sha(m.file(key).read_bytes())
 
-    results = [fs._pool.submit(reader) for _ in range(4)]
+    results = [fs.start(reader) for _ in range(4)]
     assert {r.result(timeout=60) for r in results} == {sha(big)}
     assert sorted(ranges(proxy, key)) == [i * PART for i in range(32)]
     assert proxy.bytes_sent(key) == len(big)

@@ -35,7 +35,11 @@ class FS:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="fs")
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float = FS_TIMEOUT) -> Any:
-        return self._pool.submit(fn, *args).result(timeout=timeout)
+        return self.start(fn, *args).result(timeout=timeout)
+
+    def start(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        """Run `fn` in the background; wait for it with `.result(timeout=...)`."""
+        return self._pool.submit(fn, *args)
 
     def read(self, path: str | Path, timeout: float = FS_TIMEOUT) -> bytes:
         return self.run(lambda: Path(path).read_bytes(), timeout=timeout)
