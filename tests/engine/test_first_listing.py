@@ -208,3 +208,29 @@ async def test_a_listing_someone_waits_for_does_not_wait_for_quiet(remote: FakeR
         gate.release()
         await wait_for(lambda: catalog.live, "the first listing")
         await ops.release(fh)
+
+
+@trio_test
+async def test_a_refresh_after_the_first_listing_does_not_wait_for_quiet(remote: FakeRemote, stores) -> None:
+    """Only the first listing yields to readers: a refresh (--refresh, a
+    lookup of a name the tree lacks) keeps the view current and goes at once,
+    beside a reader's GET in flight."""
+    m = ModelBesideFiles.make(remote, stores, files=300, quiet_s=0.1)
+    gate, catalog, ops = m.gate, m.catalog, m.ops
+    quiet = m.fetcher.hooks.quiet
+    assert quiet is not None
+    async with running(m.fetcher), trio.open_nursery() as nursery:
+        nursery.start_soon(catalog.first_listing)
+        await wait_for(lambda: catalog.live, "the first listing, after a quiet moment")
+        assert not quiet.hurried
+        quiet.quiet_s = 60.0  # were refreshes held back, this one would wait a minute
+        fh = await m.open_model()
+        nursery.start_soon(ops.read, fh, 0, 4096)
+        await wait_for(lambda: gate.waiting, "the reader's GET")
+        remote.put(BUCKET, "m/app/new.json", b"{}")
+        with trio.fail_after(5):
+            diff = await catalog.refresh()
+        assert [o.key for o in diff.added] == ["m/app/new.json"]
+        assert gate.waiting, "refreshed while the reader's GET was still in flight"
+        gate.release()
+        await ops.release(fh)
