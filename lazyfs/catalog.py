@@ -14,11 +14,9 @@ request sees one whole listing.  What the tree is, says `state`:
   was listed; a request that needs the whole listing fails with EIO (which it
   does not cache) while the listing is failing.
 
-Listing requests run in worker threads under the catalog's own limiters, one
-for refreshes and one for lookups, so a lookup never queues behind a
-refresh's requests, and neither takes threads from trio's default pool.
-Everything O(objects) of a refresh (joining the ranges, building the tree,
-the diff, dropping the old tree) runs in a worker thread too.
+Listing requests run in worker threads under the catalog's own limiters (a
+lookup never queues behind a refresh; neither takes trio's default pool), as
+does everything O(objects) of a refresh: joining, building, diffing, freeing.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -94,8 +92,7 @@ class Catalog:
         self._first_pages: dict[Source, list[RemoteObject]] = {}
 
     def listed_at_start(self, listed: dict[Source, list[RemoteObject]]) -> None:
-        """The whole listing of these folders, from the start-up check (one
-        page each): the first listing uses it instead of asking again."""
+        """The start-up check's whole listing of these folders: the first listing uses it."""
         self._first_pages = dict(listed)
 
     @property
@@ -340,6 +337,11 @@ class Catalog:
         the snapshot now, so the next open reads the new version, without
         waiting for the next listing.  Nothing changes if a listing got
         there first or the store cannot be asked."""
+        if not self.listed.is_set():
+            # The first listing will replace this snapshot with its start-up
+            # page from before the change: hurry it in, then correct it.
+            with suppress(RemoteUnavailable):
+                await self._listed_or_failing()
         try:
             info = await trio.to_thread.run_sync(self.remote.head, old.bucket, old.key)
             new: RemoteObject | None = dataclasses.replace(
@@ -404,17 +406,15 @@ def _same_versions(before: list[list[RemoteObject]], after: list[list[RemoteObje
 
 
 def _diff_dropping_old(previous: list[Tree], old_lists: list[list[list[RemoteObject]]], new: Tree) -> Diff:
-    """diff_trees in a worker thread, which also takes the last references to
-    the old tree and its listing: freeing 200,000 objects is O(objects) too,
-    and C code that holds the GIL all along if done at once."""
+    """diff_trees in a worker thread, which also frees the old tree and listing:
+    O(objects) too, and C code holding the GIL all along if done at once."""
     diff = diff_trees(previous.pop(), new)  # frees the folders; the listing still holds the objects
     _drop_gradually(old_lists.pop())
     return diff
 
 
 def _drop_gradually(lists: list[list[RemoteObject]]) -> None:
-    """Free a listing's objects a thousand at a time, so the thread dropping
-    them lets the trio thread have the GIL in between."""
+    """Free a listing's objects a thousand at a time: the trio thread gets the GIL between."""
     for objects in lists:
         while objects:
             del objects[-1000:]

@@ -234,3 +234,26 @@ async def test_a_refresh_after_the_first_listing_does_not_wait_for_quiet(remote:
         assert gate.waiting, "refreshed while the reader's GET was still in flight"
         gate.release()
         await ops.release(fh)
+
+
+@trio_test
+async def test_an_object_replaced_before_the_first_listing_is_in_is_corrected_in_it(remote: FakeRemote) -> None:
+    """A download finds its object replaced (catalog.recheck) while the first
+    listing, built from the start-up page read before the change, is not in
+    yet: the recheck waits for it and corrects it, or the listing would put
+    the old version back and the next open would read it again (ESTALE)."""
+    old = remote.put(BUCKET, "m/big.bin", b"old" * 1000)
+    catalog = Catalog(remote, [SOURCE], quiet=Quiet(60.0))
+    catalog.listed_at_start({SOURCE: [old]})  # the start-up page, before the change
+    new = remote.put(BUCKET, "m/big.bin", b"new" * 1001)
+    got: list[Diff] = []
+
+    async def recheck() -> None:
+        got.append(await catalog.recheck(old))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(recheck)
+        await trio.sleep(0.1)
+        nursery.start_soon(catalog.first_listing)
+    assert catalog.tree.find("m/big.bin") == new
+    assert got and got[0].changed == ((old, new),), "the kernel is told to forget the old version"
