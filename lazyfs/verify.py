@@ -21,22 +21,25 @@ Blocking: reads the whole file.  Run in a worker thread.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import re
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lazyfs.errors import IntegrityError
 
-# Bytes hashed per read, into a buffer each thread keeps (_buffer): a fresh
-# buffer per read would be fresh pages, a page fault and a zeroed page per
-# 4 KiB (a 4 MiB one is mmapped, see mount.return_freed_buffers), about a
-# sixth of the daemon's CPU on a cold load before this.
+# Bytes hashed per read, into a buffer reused from hash to hash (_buffer): a
+# fresh buffer per read would be fresh pages, a page fault and a zeroed page
+# per 4 KiB (a 4 MiB one is mmapped, see mount.return_freed_buffers), about a
+# sixth of the daemon's CPU on a cold load before this.  Spare buffers are
+# kept, not per thread: trio's cached threads would each keep one.
 _READ = 1024 * 1024
-_buffers = threading.local()
+_spare: list[memoryview] = []  # at most one per hash that ever ran at the same time
+_spare_lock = threading.Lock()
 _MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
 _MULTIPART = re.compile(r"^([0-9a-f]{32})-(\d+)$")
 
@@ -234,21 +237,25 @@ def check(fd: int, size: int, exp: Expectation, uri: str,
 
 
 def _feed(fd: int, start: int, end: int, h: Any, cancelled: Callable[[], bool]) -> None:
-    buf = _buffer()
-    pos = start
-    while pos < end:
-        if cancelled():
-            raise InterruptedError("verification cancelled")
-        n = os.preadv(fd, [buf[:min(_READ, end - pos)]], pos)
-        if not n:
-            raise IntegrityError(f"file ended at {pos} bytes, expected {end}")
-        h.update(buf[:n])
-        pos += n
+    with _buffer() as buf:
+        pos = start
+        while pos < end:
+            if cancelled():
+                raise InterruptedError("verification cancelled")
+            n = os.preadv(fd, [buf[:min(_READ, end - pos)]], pos)
+            if not n:
+                raise IntegrityError(f"file ended at {pos} bytes, expected {end}")
+            h.update(buf[:n])
+            pos += n
 
 
-def _buffer() -> memoryview:
-    """This thread's read buffer (threads hash one file at a time)."""
-    buf: memoryview | None = getattr(_buffers, "buf", None)
-    if buf is None:
-        buf = _buffers.buf = memoryview(bytearray(_READ))
-    return buf
+@contextlib.contextmanager
+def _buffer() -> Iterator[memoryview]:
+    """A read buffer of _READ bytes, a spare one if there is one."""
+    with _spare_lock:
+        buf = _spare.pop() if _spare else memoryview(bytearray(_READ))
+    try:
+        yield buf
+    finally:
+        with _spare_lock:
+            _spare.append(buf)

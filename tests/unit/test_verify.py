@@ -60,7 +60,7 @@ import ctypes, hashlib, os, resource, sys
 from lazyfs import mount, verify
 mount.return_freed_buffers()  # the daemon's malloc setting: large buffers are mmapped
 fd = os.open(sys.argv[1], os.O_RDONLY)
-verify.compute(fd, 4 << 20, verify.Expectation("MD5", ""))  # the thread's first buffer
+verify.compute(fd, 4 << 20, verify.Expectation("MD5", ""))  # the first buffer
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 verify.compute(fd, 64 << 20, verify.Expectation("MD5", ""))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -70,7 +70,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_hashing_reuses_its_buffer_instead_of_faulting_in_fresh_memory(tmp_path: Path) -> None:
     """A new buffer per read costs a page fault and a zeroed page per 4 KiB
     hashed (16,384 for 64 MiB): measured as a sixth of the daemon's CPU on a
-    cold model load.  The thread's buffer is reused."""
+    cold model load.  The buffer is reused."""
     path = tmp_path / "blob"
     with open(path, "wb") as f:
         f.truncate(64 << 20)
