@@ -2,7 +2,8 @@
 prints one JSON object on stdout.
 
     python -m benchmark.loader files DIR --ref REF.json
-        safetensors.torch.load_file of every shard in DIR (a mount or a local copy)
+        safetensors.torch.load_file of every shard in DIR (a mount or a local copy); with --per-tensor,
+        safe_open and get_tensor one tensor at a time in keys() order, as vLLM's default loader does
     python -m benchmark.loader boto3 --endpoint URL --bucket B --prefix P --dest DIR --ref REF.json
         LIST, download_file of every file (all at once, default TransferConfig), then as `files`
     python -m benchmark.loader runai --bucket B --prefix P --dest DIR --ref REF.json
@@ -38,6 +39,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from awscrt import checksums
+from safetensors import safe_open
 from safetensors.torch import load, load_file
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -99,6 +101,17 @@ def from_files(folder: Path) -> Pairs:
     shards = read_small(lambda name: (folder / name).read_bytes())
     for shard in shards:
         yield from load_file(str(folder / shard)).items()
+
+
+def per_tensor(folder: Path) -> Pairs:
+    """As vLLM's default safetensors loader walks a checkpoint
+    (`safetensors_weights_iterator`): each shard opened with `safe_open`, its
+    tensors taken one at a time, in the order of `keys()`."""
+    shards = read_small(lambda name: (folder / name).read_bytes())
+    for shard in shards:
+        with safe_open(str(folder / shard), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (vLLM's loop, as written)
+                yield name, f.get_tensor(name)
 
 
 def boto3_client(endpoint: str) -> Any:
@@ -184,6 +197,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket")
     p.add_argument("--prefix", help="key folder of the checkpoint, without a trailing slash")
     p.add_argument("--dest", help="boto3, runai: where to download to")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="files: take tensors one at a time through safe_open, as vLLM does (default: load_file)")
     p.add_argument("--go", help="once set up, create GO.ready and start the clock when GO exists (the harness "
                    "mounts in between)")
     return p
@@ -200,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     c0 = cpu_s()
     try:
         if a.kind == "files":
-            sink.take_all(from_files(Path(a.folder)))
+            sink.take_all((per_tensor if a.per_tensor else from_files)(Path(a.folder)))
         elif a.kind == "boto3":
             sink.take_all(via_boto3(a, client))
         elif a.kind == "runai":

@@ -13,6 +13,10 @@ server is never disk-bound; everything on the client side starts cold):
                        path alone, without the store's disk
     runai-restart      the Run:ai streamer right after it: it keeps nothing, it streams again
     lazyfs-prefetch    load_file from a fresh mount with --prefetch
+    local-pt, lazyfs-pt, lazyfs-pt-restart
+                       the same three with vLLM's default loader instead of load_file: `safe_open`,
+                       then `get_tensor` one tensor at a time, so the first tensor comes before the
+                       whole shard (load_file returns a shard's tensors only once all are read)
     boto3              download_file of every file, then load_file
     runai, runai-16    the Run:ai Model Streamer, default concurrency and 16 object-store clients
     s3torch            s3torchconnector's S3Client, each file read into memory, safetensors.torch.load
@@ -45,9 +49,11 @@ from benchmark.scenarios import Ctx
 MiB = 1 << 20
 PREFIX = "model:"  # results of this scenario are kept under system "model:<contender>"
 CONTENDERS = ("local", "lazyfs", "lazyfs-prefetch", "boto3", "runai", "runai-16", "s3torch", "lazyfs-restart",
-              "lazyfs-restart-warm", "runai-restart")
+              "lazyfs-restart-warm", "runai-restart", "local-pt", "lazyfs-pt", "lazyfs-pt-restart")
 # --only names (main.SYSTEMS) -> the contenders they enable.
-BY_SYSTEM = {"local": ("local",), "lazyfs": ("lazyfs", "lazyfs-prefetch", "lazyfs-restart", "lazyfs-restart-warm"),
+BY_SYSTEM = {"local": ("local", "local-pt"),
+             "lazyfs": ("lazyfs", "lazyfs-prefetch", "lazyfs-restart", "lazyfs-restart-warm", "lazyfs-pt",
+                        "lazyfs-pt-restart"),
              "boto3": ("boto3",),
              "runai": ("runai", "runai-16", "runai-restart"), "s3torch": ("s3torch",)}
 LABELS = {
@@ -61,7 +67,11 @@ LABELS = {
     "lazyfs-restart": "restart: lazyfs mounted again over its full store",
     "lazyfs-restart-warm": "restart, the store's files already in the page cache (the FUSE path alone)",
     "runai-restart": "restart: Run:ai streamer again (default; keeps nothing)",
+    "local-pt": "vLLM's loader (`safe_open`, tensor by tensor) from a local copy, page cache dropped",
+    "lazyfs-pt": "lazyfs, vLLM's loader from the mount, empty store",
+    "lazyfs-pt-restart": "restart: lazyfs again over its full store, vLLM's loader",
 }
+PER_TENSOR = ["--per-tensor"]
 GO_TIMEOUT_S = 300.0
 
 
@@ -212,23 +222,25 @@ class Model:
 
     # -- the contenders -----------------------------------------------------------------------------
 
-    def local(self) -> None:
-        self.measure("local", ["files", str(self.ck.root)])
+    def local(self, name: str = "local", how: Sequence[str] = ()) -> None:
+        self.measure(name, ["files", str(self.ck.root), *how])
 
-    def lazyfs_cold_and_restart(self, with_restart: bool, with_warm: bool, with_runai: bool) -> None:
+    def lazyfs_cold_and_restart(self, with_restart: bool, with_warm: bool, with_runai: bool,
+                                name: str = "lazyfs", how: Sequence[str] = ()) -> None:
         ctx, m = self.ctx, self.lazyfs
         assert m is not None
-        store = ctx.fresh("model-lazyfs")
+        tag = "model" + name.removeprefix("lazyfs")  # the daemon's log: logs/lazyfs-model-cold-r0.log
+        store = ctx.fresh(tag + "-lazyfs")
         folder = self._mount_folder()
-        mt = self.measure("lazyfs", ["files", folder], mount=lambda: ctx.mount(m, FOLDER, store, "model-cold"))
+        mt = self.measure(name, ["files", folder, *how], mount=lambda: ctx.mount(m, FOLDER, store, tag + "-cold"))
         if mt is None:
             return
         if (with_restart or with_warm) and not self.wait_published(store):
-            ctx.problem(PREFIX + "lazyfs", "the checkpoint was not complete in the store after 300 s")
+            ctx.problem(PREFIX + name, "the checkpoint was not complete in the store after 300 s")
         ctx.unmount(mt)
         if with_restart:
-            mt = self.measure("lazyfs-restart", ["files", folder],
-                              mount=lambda: ctx.mount(m, FOLDER, store, "model-restart"))
+            mt = self.measure(name + "-restart", ["files", folder, *how],
+                              mount=lambda: ctx.mount(m, FOLDER, store, tag + "-restart"))
             if mt is not None:
                 ctx.unmount(mt)
         if with_warm:
@@ -300,6 +312,11 @@ def run_model(ctx: Ctx, ck: Checkpoint, systems: Sequence[str], lazyfs: LazyfsMo
         plan.append(("runai-16", lambda: md.runai("runai-16", 16)))
     if "s3torch" in want:
         plan.append(("s3torch", md.s3torch))
+    if "local-pt" in want:
+        plan.append(("local-pt", lambda: md.local("local-pt", PER_TENSOR)))
+    if lazyfs is not None and "lazyfs-pt" in want:
+        plan.append(("lazyfs-pt", lambda: md.lazyfs_cold_and_restart(
+            "lazyfs-pt-restart" in want, False, False, "lazyfs-pt", PER_TENSOR)))
     for name, fn in plan:
         ctx.log(f"  model load: {name}")
         ctx.guard(PREFIX + name, "model", fn)

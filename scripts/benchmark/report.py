@@ -234,6 +234,16 @@ MODEL_TARGETS = [
      "model.total_s", 0.5),
     ("model restart: lazyfs / `load_file` from a local copy", "≤ 1.3", "lazyfs-restart", "local", "model.total_s",
      1.3),
+    # The same goals for vLLM's default loader (safe_open, tensor by tensor), which, unlike load_file, hands
+    # over a tensor before its whole shard is read.
+    ("model cold load, vLLM's loader: lazyfs / Run:ai streamer (default)", "≤ 0.8", "lazyfs-pt", "runai",
+     "model.total_s", 0.8),
+    ("model first tensor, vLLM's loader: lazyfs / Run:ai streamer (default)", "≤ 1.0", "lazyfs-pt", "runai",
+     "model.first_total_s", 1.0),
+    ("model restart, vLLM's loader: lazyfs / Run:ai streamer streaming again", "≤ 0.5", "lazyfs-pt-restart",
+     "runai-restart", "model.total_s", 0.5),
+    ("model restart, vLLM's loader: lazyfs / the same loader on a local copy", "≤ 1.3", "lazyfs-pt-restart",
+     "local-pt", "model.total_s", 1.3),
 ]
 
 
@@ -269,6 +279,14 @@ TARGETS = [
            lambda g: _div(g("lazyfs", "mmap.cached_s"), g("local", "mmap.cached_s")), lambda r: r <= 3.0),
     Target("peak RSS while streaming the big file, MiB", "< 200",
            lambda g: g("lazyfs", "res.peak_rss_seq_mib"), lambda r: r < 200),
+    # Issue 13 raised these three (the older goals above stay as floors).
+    Target("cold sequential read: lazyfs MB/s / boto3 download_file MB/s (issue 13)", "≥ 1.5",
+           lambda g: _div(g("lazyfs", "seq.cold_mbps"), g("boto3", "seq.cold_mbps")), lambda r: r >= 1.5, note="wan"),
+    Target("4 shards in parallel: lazyfs MB/s / boto3 MB/s (issue 13)", "≥ 1.2",
+           lambda g: _div(g("lazyfs", "shards.agg_mbps"), g("boto3", "shards.agg_mbps")), lambda r: r >= 1.2,
+           note="wan"),
+    Target("CPU s per GiB of the lazyfs process, cold sequential read (issue 13)", "≤ 0.5",
+           lambda g: g("lazyfs", "seq.cpu_per_gib"), lambda r: r <= 0.5),
     *[Target(what, goal, _model_ratio(a, b, metric), _at_most(lim), note="wan")
       for what, goal, a, b, metric, lim in MODEL_TARGETS],
 ]
