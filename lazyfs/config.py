@@ -84,8 +84,9 @@ class FetchConfig:
     read_deadline: float = 60.0
     # --verify etag: check unrecorded local copies' content, not just size.
     verify_prebaked: bool = False
-    # Fetch safetensors files in the order loaders read tensors, and start a
-    # sharded checkpoint's next shard when one is opened (modelaware.py).
+    # Fetch safetensors files in the order loaders read tensors, start a
+    # sharded checkpoint's next shard when one is read through, and a model
+    # folder's small files when its config.json is opened (modelaware.py).
     model_readahead: bool = True
     # Who sends the ranged GETs: boto3 in Python threads (ranged_get.py), or
     # awscrt's C client (crt.py).  See the README for the measurements.

@@ -61,6 +61,8 @@ class Handles:
         # The shard a loader opens after this one (set by the mount from its
         # catalog, see modelaware.next_shard), fetched ahead (see _read_through).
         self.next_shard: Callable[[RemoteObject], RemoteObject | None] = lambda obj: None
+        # The files loaders read right after this one (modelaware.companions), fetched when it is opened.
+        self.companions: Callable[[RemoteObject], list[RemoteObject]] = lambda obj: []
         # Files already announced in the log (bounded: a tree of millions of
         # files must not grow it forever; an old entry is announced again).
         self._announced: cachetools.LRUCache[tuple[str, str, str], bool] = cachetools.LRUCache(maxsize=100_000)
@@ -95,6 +97,8 @@ class Handles:
         self._open[fh] = of
         if self.fetcher.cfg.model_readahead:
             of.following = self.next_shard(obj)
+            for companion in self.companions(obj):
+                self.fetcher.warm(companion)
         return fh
 
     async def read(self, fh: int, off: int, size: int) -> memoryview:

@@ -10,6 +10,9 @@ order).  And a sharded checkpoint's next shard (`...-00002-of-00004...`) is
 started in the background once a reader has read most of one (and its last
 requests are on the wire, so the two never compete while a reader waits for
 the first; handles.Handles._read_through), so the loader finds it arriving.
+And opening a model folder's `config.json` (what model servers read first)
+fetches the folder's other small files at once: loaders read the tokenizer,
+the generation config and the index next, one at a time, a round trip each.
 
 Pure functions: the engine calls them on the trio thread with bytes it has.
 """
@@ -22,6 +25,12 @@ import struct
 
 # The largest header we read: safetensors itself refuses more than 100 MB.
 MAX_HEADER = 100_000_000
+# A model folder's companions, fetched when its config.json is opened: its
+# files of at most this size that are not shards (tokenizers run to tens of
+# MB), at most this many (the first by name), so app files beside a model
+# cost a bounded number of requests.
+COMPANION_MAX_BYTES = 64 * 1024 * 1024
+COMPANIONS = 32
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<count>\d+)\.safetensors$")
 
 
@@ -85,3 +94,15 @@ def next_shard(key: str, siblings: list[str]) -> str | None:
     if want not in siblings:
         return None
     return f"{folder}/{want}" if folder else want
+
+
+def companions(key: str, files: dict[str, int]) -> list[str]:
+    """When `key` is a model's `config.json` (its folder holds safetensors
+    files), the keys of the folder's other small files (`files`: each file of
+    the folder by name, with its size), which loaders read next."""
+    folder, _, name = key.rpartition("/")
+    if name != "config.json" or not any(is_safetensors(n) for n in files):
+        return []
+    small = sorted(n for n, size in files.items()
+                   if n != name and not is_safetensors(n) and size <= COMPANION_MAX_BYTES)
+    return [f"{folder}/{n}" if folder else n for n in small[:COMPANIONS]]

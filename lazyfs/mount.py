@@ -193,6 +193,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
         fetcher.hooks.refuse = pin.refuse
     handles = Handles(fetcher)
     handles.next_shard = lambda obj: next_shard(catalog, obj)
+    handles.companions = lambda obj: companions(catalog, obj)
     fetcher.hooks.is_current = lambda obj: is_current(catalog, obj)
     fetcher.hooks.quiet = quiet
     if cfg.cache_max_size is not None:
@@ -282,6 +283,16 @@ def next_shard(catalog: Catalog, obj: RemoteObject) -> RemoteObject | None:
     key = modelaware.next_shard(obj.key, list(folder.names))
     found = catalog.tree.find(key) if key else None
     return found if isinstance(found, RemoteObject) else None
+
+
+def companions(catalog: Catalog, obj: RemoteObject) -> list[RemoteObject]:
+    """The listed small files to fetch when `obj` is opened (modelaware.companions)."""
+    folder = catalog.tree.find(obj.key.rpartition("/")[0])
+    if obj.name != "config.json" or not isinstance(folder, DirNode):
+        return []
+    files = {name: node.size for name, node in folder.children.items() if isinstance(node, RemoteObject)}
+    found = (catalog.tree.find(key) for key in modelaware.companions(obj.key, files))
+    return [node for node in found if isinstance(node, RemoteObject)]
 
 
 def _close_session() -> None:

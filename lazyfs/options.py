@@ -144,9 +144,10 @@ MOUNT = (
     Option("--cache-max-size", "keep at most this much fetched data in the store (e.g. 50G), evicting the least "
            "recently used files nobody has open; prebaked files are never evicted (default: no limit)", "SIZE",
            check=parse_size),
-    Option("--no-model-readahead", "fetch .safetensors files in file order, and do not start a sharded "
-           "checkpoint's next shard when one is read through (by default lazyfs reads the header and fetches "
-           "tensors in the order loaders read them)", kind="off", dest="model_readahead"),
+    Option("--no-model-readahead", "fetch .safetensors files in file order, do not start a sharded "
+           "checkpoint's next shard when one is read through, and do not fetch a model folder's small files "
+           "when its config.json is opened (by default lazyfs reads the header and fetches tensors in the "
+           "order loaders read them)", kind="off", dest="model_readahead"),
     Option("--no-xattrs", "no user.lazyfs.* attributes: `ls -l` then costs no extra round trips per file "
            "(for trees of many thousands of files)", kind="off", dest="xattrs"),
     Option("--memory-limit", "memory for mapped file pages and transfer buffers, on top of Python's own "

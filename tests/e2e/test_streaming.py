@@ -241,6 +241,36 @@ def test_after_an_object_is_replaced_mid_download_the_next_open_reads_the_new_ve
     assert proxy.count("LIST") <= 2, "a full listing was needed to find the new version"
 
 
+def test_opening_a_models_config_fetches_its_small_files_not_its_shards(smount, proxy, bucket, s3, fs: FS):
+    """Issue 13.6: model servers read config.json, then the tokenizer, the
+    generation config and the index, a round trip each; opening the config
+    fetches them at once.  Not the shards, not the files of a folder that
+    holds no model, and nothing with --no-model-readahead."""
+    config, tokenizer, index = f"{P}/config.json", f"{P}/tokenizer.json", f"{P}/model.safetensors.index.json"
+    shard, app_config, asset = f"{P}/model-00001-of-00001.safetensors", f"{P}/app/config.json", f"{P}/app/a.bin"
+    files = {config: b'{"layers": 2}', tokenizer: os.urandom(5 * PART + 7), index: b'{"weight_map": {}}',
+             shard: os.urandom(8 * PART), app_config: b"{}", asset: os.urandom(1000)}
+    for k, v in files.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=v)
+    m = smount("--prefix", f"s3://{bucket}/{P}")
+    assert fs.read(m.file(config)) == files[config]
+    for key in (tokenizer, index):
+        wait_until((m.store / key).exists, what=f"{key} fetched with the config")
+    gets = proxy.count("GET", tokenizer)
+    assert fs.read(m.file(tokenizer)) == files[tokenizer]
+    assert proxy.count("GET", tokenizer) == gets, "the tokenizer fetched ahead was downloaded again"
+    assert fs.read(m.file(app_config)) == files[app_config]
+    time.sleep(0.5)
+    assert proxy.count("GET", shard) == 0 and proxy.count("GET", asset) == 0
+    m.stop()
+
+    proxy.clear()
+    m = smount("--prefix", f"s3://{bucket}/{P}", "--no-model-readahead", store=m.store.parent / "store2")
+    assert fs.read(m.file(config)) == files[config]
+    time.sleep(0.5)
+    assert proxy.count("GET", tokenizer) == 0 and proxy.count("GET", index) == 0
+
+
 def test_a_shard_read_through_starts_the_next_one_a_few_tensors_do_not(smount, proxy, bucket, s3, fs: FS):
     """Issue 13.6 on a real mount: a loader reading shard 1 through finds
     shard 2 on its way; a reader of a few bytes of shard 1 sends nothing

@@ -52,3 +52,18 @@ def test_next_shard() -> None:
         "m/v1/model-00002-of-00003.safetensors"
     assert modelaware.next_shard("m/v1/model-00003-of-00003.safetensors", names) is None
     assert modelaware.next_shard("m/v1/model.safetensors", names) is None
+
+
+def test_a_models_config_brings_the_folders_small_files() -> None:
+    files = {"config.json": 500, "tokenizer.json": 9_000_000, "generation_config.json": 44,
+             "model.safetensors.index.json": 30_000, "model-00001-of-00002.safetensors": 5 << 30,
+             "model-00002-of-00002.safetensors": 3 << 30, "huge.bin": modelaware.COMPANION_MAX_BYTES + 1}
+    assert modelaware.companions("m/v3/config.json", files) == [
+        "m/v3/generation_config.json", "m/v3/model.safetensors.index.json", "m/v3/tokenizer.json"]
+    assert modelaware.companions("config.json", {"config.json": 5, "a.safetensors": 9, "b.txt": 1}) == ["b.txt"]
+    # Only a config opens the way, and only in a folder that holds a model.
+    assert modelaware.companions("m/v3/tokenizer.json", files) == []
+    assert modelaware.companions("app/config.json", {"config.json": 5, "logo.png": 100}) == []
+    many = {f"f{i:03d}.json": 10 for i in range(100)} | {"config.json": 5, "w.safetensors": 10}
+    got = modelaware.companions("config.json", many)
+    assert len(got) == modelaware.COMPANIONS and got[0] == "f000.json"
