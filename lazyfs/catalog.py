@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from contextlib import nullcontext, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -36,7 +36,7 @@ from lazyfs.lister import Lister
 from lazyfs.listings import walk_local
 from lazyfs.namespace import Diff, DirNode, Node, RemoteObject, Tree, build_tree, diff_trees, join
 from lazyfs.objectstore import ObjectStore
-from lazyfs.quiet import Quiet
+from lazyfs.quiet import Quiet, reader_request
 from lazyfs.store import Store
 
 log = logging.getLogger(__name__)
@@ -366,7 +366,7 @@ class Catalog:
 
     async def _list_subtree(self, path: str) -> Node | None:
         source = next(s for s in self.sources if (path + "/").startswith(s.prefix))
-        with self.quiet.reader_request() if self.quiet is not None else nullcontext():
+        with reader_request(self.quiet):
             objects, truncated = await trio.to_thread.run_sync(self.remote.list_some, source.bucket, path,
                                                                limiter=self._lookups, abandon_on_cancel=True)
         mine = [o for o in objects if not path or o.key == path or o.key.startswith(path + "/")]

@@ -16,7 +16,7 @@ Trio-side only: every method runs on the trio thread.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Iterator
 
 import trio
@@ -63,3 +63,9 @@ class Quiet:
     def _poke(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+
+def reader_request(quiet: Quiet | None) -> AbstractContextManager[None]:
+    """`quiet.reader_request()`, or nothing on a mount without a first listing
+    to hold back (a pinned mount, the engine's tests)."""
+    return quiet.reader_request() if quiet is not None else nullcontext()

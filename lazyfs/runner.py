@@ -12,7 +12,6 @@ import functools
 import logging
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
@@ -28,7 +27,7 @@ from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
 from lazyfs.probe import open_partial_file
-from lazyfs.quiet import Quiet
+from lazyfs.quiet import Quiet, reader_request
 from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
 from lazyfs.stats import STATS, TIMINGS
 from lazyfs.store import Store
@@ -139,7 +138,7 @@ class Runner:
                        posted=lambda n: self._post(self._landed, dl, req, n),
                        got_meta=lambda meta: self._post(self._got_meta, dl, meta))
         try:
-            with self.hooks.quiet.reader_request() if self.hooks.quiet is not None else nullcontext():
+            with reader_request(self.hooks.quiet):
                 await trio.to_thread.run_sync(self._request_thread, job, handoff, limiter=self._net,
                                               abandon_on_cancel=True)
         except BaseException as e:
