@@ -25,10 +25,13 @@ import struct
 
 # The largest header we read: safetensors itself refuses more than 100 MB.
 MAX_HEADER = 100_000_000
-# A model folder's companions, fetched when its config.json is opened: its
-# files of at most this size that are not shards (tokenizers run to tens of
-# MB), at most this many (the first by name), so app files beside a model
-# cost a bounded number of requests.
+# A model folder's companions, fetched when its config.json is opened: the
+# kinds of file model servers read beside the weights (configs, tokenizers,
+# chat templates, remote code), never weights of other formats a safetensors
+# loader skips (pytorch_model.bin, tf_model.h5, .onnx), each of at most this
+# size (tokenizers run to tens of MB), at most this many (the first by name),
+# so app files beside a model cost a bounded number of requests.
+COMPANION_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py", ".yaml", ".yml")
 COMPANION_MAX_BYTES = 64 * 1024 * 1024
 COMPANIONS = 32
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<count>\d+)\.safetensors$")
@@ -98,11 +101,11 @@ def next_shard(key: str, siblings: list[str]) -> str | None:
 
 def companions(key: str, files: dict[str, int]) -> list[str]:
     """When `key` is a model's `config.json` (its folder holds safetensors
-    files), the keys of the folder's other small files (`files`: each file of
-    the folder by name, with its size), which loaders read next."""
+    files), the keys of the folder's other small files that loaders read
+    next (`files`: each file of the folder by name, with its size)."""
     folder, _, name = key.rpartition("/")
     if name != "config.json" or not any(is_safetensors(n) for n in files):
         return []
     small = sorted(n for n, size in files.items()
-                   if n != name and not is_safetensors(n) and size <= COMPANION_MAX_BYTES)
+                   if n != name and n.endswith(COMPANION_SUFFIXES) and size <= COMPANION_MAX_BYTES)
     return [f"{folder}/{n}" if folder else n for n in small[:COMPANIONS]]

@@ -244,12 +244,14 @@ def test_after_an_object_is_replaced_mid_download_the_next_open_reads_the_new_ve
 def test_opening_a_models_config_fetches_its_small_files_not_its_shards(smount, proxy, bucket, s3, fs: FS):
     """Issue 13.6: model servers read config.json, then the tokenizer, the
     generation config and the index, a round trip each; opening the config
-    fetches them at once.  Not the shards, not the files of a folder that
-    holds no model, and nothing with --no-model-readahead."""
+    fetches them at once.  Not the shards, not weights of other formats, not
+    the files of a folder that holds no model, and nothing with
+    --no-model-readahead."""
     config, tokenizer, index = f"{P}/config.json", f"{P}/tokenizer.json", f"{P}/model.safetensors.index.json"
-    shard, app_config, asset = f"{P}/model-00001-of-00001.safetensors", f"{P}/app/config.json", f"{P}/app/a.bin"
+    shard, app_config, asset = f"{P}/model-00001-of-00001.safetensors", f"{P}/app/config.json", f"{P}/app/a.json"
+    other_weights = f"{P}/pytorch_model.bin"
     files = {config: b'{"layers": 2}', tokenizer: os.urandom(5 * PART + 7), index: b'{"weight_map": {}}',
-             shard: os.urandom(8 * PART), app_config: b"{}", asset: os.urandom(1000)}
+             shard: os.urandom(8 * PART), other_weights: os.urandom(3000), app_config: b"{}", asset: b"[]"}
     for k, v in files.items():
         s3.put_object(Bucket=bucket, Key=k, Body=v)
     m = smount("--prefix", f"s3://{bucket}/{P}")
@@ -261,7 +263,8 @@ def test_opening_a_models_config_fetches_its_small_files_not_its_shards(smount, 
     assert proxy.count("GET", tokenizer) == gets, "the tokenizer fetched ahead was downloaded again"
     assert fs.read(m.file(app_config)) == files[app_config]
     time.sleep(0.5)
-    assert proxy.count("GET", shard) == 0 and proxy.count("GET", asset) == 0
+    assert proxy.count("GET", shard) == 0 and proxy.count("GET", other_weights) == 0
+    assert proxy.count("GET", asset) == 0, "a folder without a model has no companions"
     m.stop()
 
     proxy.clear()

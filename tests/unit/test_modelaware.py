@@ -57,9 +57,14 @@ def test_next_shard() -> None:
 def test_a_models_config_brings_the_folders_small_files() -> None:
     files = {"config.json": 500, "tokenizer.json": 9_000_000, "generation_config.json": 44,
              "model.safetensors.index.json": 30_000, "model-00001-of-00002.safetensors": 5 << 30,
-             "model-00002-of-00002.safetensors": 3 << 30, "huge.bin": modelaware.COMPANION_MAX_BYTES + 1}
+             "model-00002-of-00002.safetensors": 3 << 30, "merges.txt": 400_000, "tokenizer.model": 500_000,
+             "chat_template.jinja": 3_000, "modeling_x.py": 40_000,
+             # weights a safetensors loader never reads, even small ones; and a file too big
+             "pytorch_model.bin": 40_000_000, "tf_model.h5": 40_000_000, "model.onnx": 1_000,
+             "README.md": 5_000, "huge.json": modelaware.COMPANION_MAX_BYTES + 1}
     assert modelaware.companions("m/v3/config.json", files) == [
-        "m/v3/generation_config.json", "m/v3/model.safetensors.index.json", "m/v3/tokenizer.json"]
+        "m/v3/chat_template.jinja", "m/v3/generation_config.json", "m/v3/merges.txt",
+        "m/v3/model.safetensors.index.json", "m/v3/modeling_x.py", "m/v3/tokenizer.json", "m/v3/tokenizer.model"]
     assert modelaware.companions("config.json", {"config.json": 5, "a.safetensors": 9, "b.txt": 1}) == ["b.txt"]
     # Only a config opens the way, and only in a folder that holds a model.
     assert modelaware.companions("m/v3/tokenizer.json", files) == []
