@@ -11,8 +11,8 @@ started in the background once a reader has read most of one (and its last
 requests are on the wire, so the two never compete while a reader waits for
 the first; handles.Handles._read_through), so the loader finds it arriving.
 And opening a model folder's `config.json` (what model servers read first)
-fetches the folder's other small files at once: loaders read the tokenizer,
-the generation config and the index next, one at a time, a round trip each.
+fetches its other configs and its tokenizer at once: loaders read them next,
+one at a time, a round trip each.
 
 Pure functions: the engine calls them on the trio thread with bytes it has.
 """
