@@ -34,6 +34,9 @@ MAX_HEADER = 100_000_000
 COMPANION_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py", ".yaml", ".yml")
 COMPANION_MAX_BYTES = 64 * 1024 * 1024
 COMPANIONS = 32
+# A folder of more entries is not a model's: no companions, and no walk of it
+# on the trio thread at each open of a config.json.
+COMPANION_FOLDER_MAX = 10_000
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<count>\d+)\.safetensors$")
 
 
@@ -97,6 +100,12 @@ def next_shard(key: str, siblings: list[str]) -> str | None:
     if want not in siblings:
         return None
     return f"{folder}/{want}" if folder else want
+
+
+def may_have_companions(name: str, entries: int) -> bool:
+    """Is a file of this name, in a folder of this many entries, worth a look
+    at the folder for companions?"""
+    return name == "config.json" and entries <= COMPANION_FOLDER_MAX
 
 
 def companions(key: str, files: dict[str, int]) -> list[str]:

@@ -288,7 +288,7 @@ def next_shard(catalog: Catalog, obj: RemoteObject) -> RemoteObject | None:
 def companions(catalog: Catalog, obj: RemoteObject) -> list[RemoteObject]:
     """The listed small files to fetch when `obj` is opened (modelaware.companions)."""
     folder = catalog.tree.find(obj.key.rpartition("/")[0])
-    if obj.name != "config.json" or not isinstance(folder, DirNode):
+    if not isinstance(folder, DirNode) or not modelaware.may_have_companions(obj.name, len(folder.children)):
         return []
     files = {name: node.size for name, node in folder.children.items() if isinstance(node, RemoteObject)}
     found = (catalog.tree.find(key) for key in modelaware.companions(obj.key, files))

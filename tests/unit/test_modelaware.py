@@ -72,3 +72,9 @@ def test_a_models_config_brings_the_folders_small_files() -> None:
     many = {f"f{i:03d}.json": 10 for i in range(100)} | {"config.json": 5, "w.safetensors": 10}
     got = modelaware.companions("config.json", many)
     assert len(got) == modelaware.COMPANIONS and got[0] == "f000.json"
+
+
+def test_only_a_config_in_a_folder_of_model_size_is_looked_at() -> None:
+    assert modelaware.may_have_companions("config.json", 12)
+    assert not modelaware.may_have_companions("tokenizer.json", 12)
+    assert not modelaware.may_have_companions("config.json", modelaware.COMPANION_FOLDER_MAX + 1)
