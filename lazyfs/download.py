@@ -53,6 +53,8 @@ class Limits:
     part_blocks: int  # blocks per request of the sequential sweep
     max_requests: int  # requests in flight once the first bytes arrived
     read_deadline: float  # longest a reader waits for its bytes (EIO after)
+    # The CRT hands over a request's bytes only once whole: a reader's requests are then 1 block.
+    whole_parts: bool = False
 
 
 class Request:
@@ -220,8 +222,7 @@ class Download:
         return True
 
     async def wait_drained(self) -> None:
-        """Return once nothing is left to ask for (every block is on disk or
-        on its way), or the download is over."""
+        """Return once every block is on disk or on its way, or the download is over."""
         while not self.finished.is_set() and (self.detached or PENDING in self.state):
             # Blocks are claimed between landings, so a landing is when to look
             # again; the timeout covers a failure, which lands nothing.
@@ -252,9 +253,8 @@ class Download:
             raise self.error
 
     def want(self, start: int, end: int) -> bool:
-        """Readers elsewhere (another process following this download, coop.py)
-        wait for bytes [start, end): demand their pending blocks as if a
-        reader here waited.  Whether any was pending."""
+        """Readers in another process following this download (coop.py) wait for bytes
+        [start, end): demand their pending blocks as if a reader here waited.  Whether any was pending."""
         # They see blocks only once the resume record names them: record more often meanwhile.
         self.followed_until = time.monotonic() + FOLLOWED_S
         end = min(end, self.obj.size, start + WANT_MAX_BLOCKS * self.block_size)
@@ -272,8 +272,7 @@ class Download:
         return added
 
     def record_every(self) -> float:
-        """Seconds between two saves of the resume record: the usual pace, or
-        a faster one while followers wait (they read what it names)."""
+        """Seconds between saves of the resume record (less while followers wait: they read it)."""
         return RECORD_FOLLOWED_S if time.monotonic() < self.followed_until else RECORD_EVERY_S
 
     def wake(self) -> None:
@@ -304,7 +303,7 @@ class Download:
         while self.demand:
             i = self.demand.popleft()
             if self.state[i] == PENDING:
-                return self._claim(i, min(DEMAND_BLOCKS, self.limits.part_blocks))
+                return self._claim(i, 1 if self.limits.whole_parts else min(DEMAND_BLOCKS, self.limits.part_blocks))
         if demanded_only or len(self.requests) >= self.ramp:
             return None
         if self.order is not None:
@@ -313,7 +312,8 @@ class Download:
             self.sweep += 1
         if self.sweep >= self.nblocks:
             return None
-        return self._claim(self.sweep, self.limits.part_blocks)
+        first = self.limits.whole_parts and self.sweep == 0  # the header a reader opened the file for
+        return self._claim(self.sweep, 1 if first else self.limits.part_blocks)
 
     def follow_order(self, order: list[int]) -> None:
         """Sweep the blocks in this order from now on (each block once)."""

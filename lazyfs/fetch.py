@@ -90,7 +90,8 @@ class Fetcher:
         self._locks = _VersionLocks()
         self._prebaked = PrebakedCheck(remote, store) if cfg.verify_prebaked else None
         self._limits = Limits(part_blocks=max(1, cfg.part_size // cfg.block_size),
-                              max_requests=cfg.max_connections, read_deadline=cfg.read_deadline)
+                              max_requests=cfg.max_connections, read_deadline=cfg.read_deadline,
+                              whole_parts=cfg.transfer_client == "crt")
         # Threads: one per ranged GET in flight (runner.py), and a few for the
         # store, so that ten thousand small prefetched files queueing for the
         # disk never hold up the network, nor the other way round.

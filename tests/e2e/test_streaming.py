@@ -274,6 +274,23 @@ def test_opening_a_models_config_fetches_its_small_files_not_its_shards(smount, 
     assert proxy.count("GET", tokenizer) == 0 and proxy.count("GET", index) == 0
 
 
+def test_a_files_first_request_is_one_block_where_the_client_hands_over_whole_requests(
+        smount, proxy, bucket, s3, fs: FS, transfer_client: str):
+    """The CRT's client hands a request's bytes over only once all of them
+    are in: a reader of a file's header must not wait for a whole part
+    (8 MiB by default) to arrive, so there the first request is one block.
+    boto3 hands over the first 64 KiB of any request: a whole part."""
+    key = f"{P}/weights.bin"
+    data = os.urandom(4 * 1024 * 1024)
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    m = smount("--prefix", f"s3://{bucket}/{P}")
+    assert fs.run(pread, m.file(key), 0, 4096) == data[:4096]
+    first = proxy.requests("GET", key)[0]
+    whole_file = ("", f"bytes=0-{len(data) - 1}")
+    assert first["range"] == "bytes=0-1048575" if transfer_client == "crt" else first["range"] in whole_file, first
+    assert fs.read(m.file(key)) == data
+
+
 def test_a_shard_read_through_starts_the_next_one_a_few_tensors_do_not(smount, proxy, bucket, s3, fs: FS):
     """Issue 13.6 on a real mount: a loader reading shard 1 through finds
     shard 2 on its way; a reader of a few bytes of shard 1 sends nothing

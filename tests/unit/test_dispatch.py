@@ -22,10 +22,11 @@ def store(tmp_path: Path):
     s.close()
 
 
-def download(store: Store, key: str, started: float, background: bool = False, readers: int = 0) -> Download:
+def download(store: Store, key: str, started: float, background: bool = False, readers: int = 0,
+             whole_parts: bool = False) -> Download:
     obj = RemoteObject("b", key, 16 * BLOCK, "e" + key, 0)
-    dl = Download(obj, store.partials.open(obj, BLOCK), Limits(part_blocks=4, max_requests=8, read_deadline=1),
-                  PageBudget(), background=background)
+    limits = Limits(part_blocks=4, max_requests=8, read_deadline=1, whole_parts=whole_parts)
+    dl = Download(obj, store.partials.open(obj, BLOCK), limits, PageBudget(), background=background)
     dl.started, dl.readers, dl.ramp = started, readers, 8
     return dl
 
@@ -51,3 +52,20 @@ def test_blocked_readers_first_then_open_files_sharing_then_prefetch_oldest_firs
     assert pick(downloads)[0] is prefetch_new  # type: ignore[index]
     for dl in downloads:
         dl.partial.close()
+
+
+@pytest.mark.parametrize("whole_parts", [False, True])
+def test_where_requests_arrive_whole_a_readers_requests_are_one_block(store: Store, whole_parts: bool) -> None:
+    """boto3 hands a reader the first 64 KiB of any request, so the sweep
+    starts with a whole part and a jump ahead takes two blocks; the CRT's
+    client hands over a request only once whole, so there the file's first
+    request (its header) and a jump ahead are one block each."""
+    dl = download(store, "d", started=0, whole_parts=whole_parts)
+    first = dl.next_request()
+    assert first is not None and (first.start, first.end) == (0, (1 if whole_parts else 4) * BLOCK)
+    dl.demand.append(9)
+    jump = dl.next_request()
+    assert jump is not None and (jump.start, jump.end) == (9 * BLOCK, (10 if whole_parts else 11) * BLOCK)
+    sweep = dl.next_request()
+    assert sweep is not None and sweep.end - sweep.start == 4 * BLOCK, "the rest of the sweep goes by whole parts"
+    dl.partial.close()
