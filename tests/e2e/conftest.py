@@ -83,13 +83,18 @@ def fs() -> Iterator[FS]:
 
 # The ranged GETs' clients (--transfer-client).  A module runs its tests on
 # each with `pytestmark = [..., pytest.mark.parametrize("transfer_client",
-# TRANSFER_CLIENTS, indirect=True)]`; elsewhere mounts use the default.
+# TRANSFER_CLIENTS, indirect=True)]`; elsewhere mounts use the default, or the
+# client LAZYFS_TEST_TRANSFER_CLIENT names, so the whole suite can be run on
+# either (`LAZYFS_TEST_TRANSFER_CLIENT=crt scripts/test tests/e2e`).
 TRANSFER_CLIENTS = ("boto3", "crt")
+SUITE_TRANSFER_CLIENT = os.environ.get("LAZYFS_TEST_TRANSFER_CLIENT", "")
+if SUITE_TRANSFER_CLIENT not in ("", *TRANSFER_CLIENTS):
+    raise pytest.UsageError(f"LAZYFS_TEST_TRANSFER_CLIENT must be one of {TRANSFER_CLIENTS}")
 
 
 @pytest.fixture
 def transfer_client(request: pytest.FixtureRequest) -> str:
-    return str(getattr(request, "param", ""))
+    return str(getattr(request, "param", SUITE_TRANSFER_CLIENT))
 
 
 @pytest.fixture
@@ -157,6 +162,6 @@ def store_proxy(s3_store: Store) -> Iterator[S3Proxy]:
 
 
 @pytest.fixture
-def store_mount(fuse_ok: None, tmp_path: Path, store_proxy: S3Proxy,
+def store_mount(fuse_ok: None, tmp_path: Path, store_proxy: S3Proxy, transfer_client: str,
                 request: pytest.FixtureRequest) -> Iterator[Mounter]:
-    yield from _mounter(tmp_path, store_proxy, request)
+    yield from _mounter(tmp_path, store_proxy, request, transfer_client)
