@@ -72,7 +72,7 @@ class ForeignDownload:
     def __init__(self, obj: RemoteObject, store: Store, pages: PageBudget, io: trio.CapacityLimiter,
                  read_deadline: float, take_over: TakeOver,
                  on_finished: Callable[[ForeignDownload], None],
-                 drop_pages: Callable[[RemoteObject], Awaitable[None]] | None = None) -> None:
+                 drop_pages: Callable[[RemoteObject], None] | None = None) -> None:
         self.obj = obj
         self._store = store
         self._pages = pages
@@ -80,7 +80,9 @@ class ForeignDownload:
         self._read_deadline = read_deadline
         self._take_over_with = take_over
         self._on_finished = on_finished
-        self._drop_pages = drop_pages  # the kernel's cached pages of this version are wrong
+        # Starts dropping the kernel's cached pages of this version (they are
+        # wrong); it cannot wait for the drop, which waits for our readers.
+        self._drop_pages = drop_pages
         self.readers = 0
         self.background = True
         self.started = time.monotonic()
@@ -96,6 +98,7 @@ class ForeignDownload:
         self._done: frozenset[int] = frozenset()
         self._block = 1
         self._changed = trio.Event()
+        self._stopped = False  # the mount is stopping: no more polls, no take-over
 
     # -- the Transfer surface ------------------------------------------------------
 
@@ -180,6 +183,15 @@ class ForeignDownload:
             self.delegate.drop_reader()
         self._maybe_close()
 
+    def stop(self) -> None:
+        """The mount is stopping: readers still waiting get EIO now, not at
+        their read deadline (the main loop ends once every request is answered)."""
+        if self.delegate is None and not self.finished.is_set():
+            self._stopped = True
+            self.error = self.error or RemoteUnavailable(f"{self.obj.uri}: lazyfs is shutting down",
+                                                         bucket=self.obj.bucket, key=self.obj.key)
+            self._wake()
+
     # -- following the owner ---------------------------------------------------------
 
     async def follow(self) -> None:
@@ -187,7 +199,7 @@ class ForeignDownload:
         log.info("%s is being downloaded by another lazyfs process on this store; following it",
                  self.obj.uri)
         try:
-            while not self.finished.is_set():
+            while not self.finished.is_set() and not self._stopped:
                 seen = await trio.to_thread.run_sync(self._poll, self._part_ino, limiter=self._io)
                 if isinstance(seen, Published):
                     self._local, self._local_map = seen.copy, seen.fmap
@@ -196,7 +208,7 @@ class ForeignDownload:
                 if isinstance(seen, Unowned):  # we hold the lock now
                     await self._take_over(seen.lock_fd)
                     break
-                await self._follow(seen)
+                self._follow(seen)
                 self._wake()
                 await trio.sleep(POLL_S)
         except Exception as e:  # the store failed us: readers get the error, not a hang
@@ -207,7 +219,7 @@ class ForeignDownload:
             self._on_finished(self)
             self._maybe_close()
 
-    async def _follow(self, seen: Running) -> None:
+    def _follow(self, seen: Running) -> None:
         """Trust only a record of the file we have mapped.  When the owner
         discarded its file (bad bytes, a full disk) and started another, drop
         the old mapping and the pages the kernel cached from it."""
@@ -215,7 +227,7 @@ class ForeignDownload:
             log.info("%s: the other process started its download over; following the new file", self.obj.uri)
             self._close_part()
             if self._drop_pages is not None:
-                await self._drop_pages(self.obj)
+                self._drop_pages(self.obj)
         if self._part_map is None and seen.fmap is not None:
             self._part_fd, self._part_map, self._part_ino = seen.fd, seen.fmap, seen.ino
         elif seen.fmap is not None:  # mapped meanwhile by an earlier poll: this one is spare

@@ -148,6 +148,8 @@ class Fetcher:
         live = list(self._downloads.values())
         for dl in live:  # a verification running stops too: the next start verifies again
             self.runner.fail(dl, Stopped())
+        for follower in list(self._foreign.values()):
+            follower.stop()
         with trio.move_on_after(grace):
             for dl in live:
                 while dl.pins:
@@ -260,6 +262,10 @@ class Fetcher:
             os.close(fd)
             raise
 
+    def _bad_data(self, obj: RemoteObject) -> None:
+        if self.hooks.on_bad_data is not None:
+            self.hooks.on_bad_data(obj)
+
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Start an engine task; an unexpected exception in it is logged and
         counted (supervise.py), never allowed to end the nursery (the mount)."""
@@ -310,7 +316,7 @@ class Fetcher:
                                         "store is unreachable", bucket=obj.bucket, key=obj.key)
             if isinstance(verdict, Foreign):
                 follower = ForeignDownload(obj, self.store, self.pages, self._meta, self.cfg.read_deadline,
-                                           self.start_locked, self._followed, self.hooks.on_bad_data)
+                                           self.start_locked, self._followed, self._bad_data)
                 self._foreign[obj.version] = follower
                 self._spawn(follower.follow)
                 return follower

@@ -24,7 +24,8 @@ from lazyfs.catalog import Catalog
 from lazyfs.errors import LazyfsError, errno_of
 from lazyfs.handles import Handles
 from lazyfs.inodes import InodeRef, InodeTable
-from lazyfs.namespace import Diff, DirNode, RemoteObject
+from lazyfs.kernelcache import KernelCache
+from lazyfs.namespace import DirNode, RemoteObject
 from lazyfs.stats import STATS
 from lazyfs.store import Store
 
@@ -102,6 +103,7 @@ class Operations(pyfuse3.Operations):
         self.started_ns = time.time_ns()  # the date of folders known before any listing
         # Set once the kernel's INIT request has been answered.
         self.initialized = trio.Event()
+        self.kernel = KernelCache(self.inodes)  # what the kernel should forget
 
     def init(self) -> None:
         self.initialized.set()
@@ -153,34 +155,6 @@ class Operations(pyfuse3.Operations):
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)  # removed by a refresh
         return node
-
-    def invalidate(self, diff: Diff) -> int:
-        """Tell the kernel to forget names a refresh changed, so it looks them up
-        again (a changed file then gets its new version's inode).  Names whose
-        folder the kernel never looked up have nothing cached and are skipped."""
-        names: set[tuple[str, str]] = set()
-        for obj in diff.added + diff.removed + tuple(old for old, _ in diff.changed):
-            parts = obj.key.split("/")
-            for i in range(len(parts)):
-                names.add(("/".join(parts[:i]), parts[i]))
-        sent = 0
-        for parent, name in sorted(names):
-            ino = self.inodes.peek(parent)
-            if ino is not None:
-                pyfuse3.invalidate_entry_async(ino, os.fsencode(name), ignore_enoent=True)
-                sent += 1
-        return sent
-
-    async def drop_cached_pages(self, obj: RemoteObject) -> None:
-        """Make the kernel forget pages it cached for this version (bytes that
-        failed verification).  From a worker thread: the notification waits
-        for pages that reads in flight hold, and those reads need this thread."""
-        ino = self.inodes.peek(obj)
-        if ino is not None:
-            try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
-            except OSError as e:
-                log.debug("invalidating the pages of %s: %s", obj.uri, e)
 
     @staticmethod
     def _ref(node: DirNode | RemoteObject | tuple[str, ...]) -> InodeRef:

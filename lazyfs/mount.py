@@ -35,6 +35,7 @@ from lazyfs.fetch import Fetcher
 from lazyfs.filemap import PageBudget
 from lazyfs.fuse_ops import Operations
 from lazyfs.handles import Handles
+from lazyfs.kernelcache import KernelCache
 from lazyfs.layer import STORE_MODES, Layer
 from lazyfs.metrics import MountView
 from lazyfs.mounttab import MountError, check_mountpoint, set_background, set_read_ahead
@@ -201,7 +202,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
     drift = DriftWatch(pin, catalog.lister, cfg.sources, cfg.refresh) if pin is not None else None
     view = MountView(catalog, fetcher, handles, store, str(cfg.mountpoint), drift)
     ops = Operations(catalog, handles, store, stats_file=view.snapshot_bytes, xattrs=cfg.xattrs)
-    fetcher.hooks.on_bad_data = ops.drop_cached_pages
+    fetcher.hooks.on_bad_data = ops.kernel.drop_pages
     if cfg.metrics_port is not None:
         from lazyfs.prometheus import serve_metrics  # only when asked: start-up time
 
@@ -213,7 +214,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
         log.info("metrics at http://%s:%d/metrics", cfg.metrics_addr, cfg.metrics_port)
     stopping = trio.Event()
     warmer = Warmer(catalog, cfg, fetcher)
-    refresher = drift or Refresher(catalog, cfg.refresh, [ops.invalidate, warmer.on_change])
+    refresher = drift or Refresher(catalog, cfg.refresh, [ops.kernel.forget_names, warmer.on_change])
 
     async def object_changed(obj: RemoteObject) -> None:
         """An object replaced or deleted in S3 during its download: learn its
@@ -223,7 +224,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
         if not diff:
             refresher.request()
             return
-        ops.invalidate(diff)
+        ops.kernel.forget_names(diff)
         warmer.on_change(diff)
 
     fetcher.hooks.on_changed = object_changed
@@ -241,7 +242,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
             nursery.start_soon(forever, "refresher", refresher.run)
             nursery.start_soon(forever, "prefetch", warmer.run)
             nursery.start_soon(forever, "signals", functools.partial(
-                _watch_signals, signals, refresher, fetcher, stopping, nursery.cancel_scope))
+                _watch_signals, signals, refresher, fetcher, ops.kernel, stopping, nursery.cancel_scope))
             nursery.start_soon(once, "readahead", _tune_after_init, ops, cfg)
             if fetcher.budget is not None:
                 # Until the scan succeeds, earlier runs' files neither count nor
@@ -254,6 +255,8 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
             if not stopping.is_set():
                 log.info("%s was unmounted; exiting", cfg.mountpoint)
                 await fetcher.close()
+            with trio.move_on_after(SHUTDOWN_GRACE_S):
+                await ops.kernel.settle()  # none may be inside pyfuse3 when its session goes
             handles.close_all()
             nursery.cancel_scope.cancel()
     log.info("lazyfs stopped")
@@ -379,8 +382,8 @@ class Warmer:
         log.info("prefetch done: %s", prefetch.summary(result))
 
 
-async def _watch_signals(signals: AsyncIterator[int], refresher: Refresher | DriftWatch,
-                         fetcher: Fetcher, stopping: trio.Event, everything: trio.CancelScope) -> None:
+async def _watch_signals(signals: AsyncIterator[int], refresher: Refresher | DriftWatch, fetcher: Fetcher,
+                         kernel: KernelCache, stopping: trio.Event, everything: trio.CancelScope) -> None:
     async for sig in signals:
         if sig == signal.SIGHUP:
             log.info("SIGHUP: refreshing the listing")
@@ -391,6 +394,9 @@ async def _watch_signals(signals: AsyncIterator[int], refresher: Refresher | Dri
         with trio.move_on_after(SHUTDOWN_GRACE_S):
             try:
                 await fetcher.close()
+                # Reads answered (failed, at worst), the page drops they held
+                # up end; one left behind would keep the mount alive forever.
+                await kernel.settle()
             except Exception as e:
                 # Unmount all the same: the supervisor's "go on" would mean
                 # ignoring SIGTERM until a SIGKILL leaves a dead mount behind.

@@ -3,6 +3,7 @@ on the local disk, with the outcome a reader sees and what the mount logs."""
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import os
@@ -83,6 +84,11 @@ def test_persistent_faults_fail_in_bounded_time_and_the_mount_survives(fmount, p
         fs.read(m.file(key), timeout=60)
     assert info.value.errno == err
     assert time.monotonic() - started < 40, "the reader waited without bound"
+    # --retries 2: three attempts of a range per download, the client's
+    # retries and lazyfs's together (a 5xx the CRT had retried was retried
+    # again: 3 x 3); the kernel's retry of the failed page may start one more.
+    tries = collections.Counter(r["range"] for r in proxy.requests("GET", key))
+    assert max(tries.values()) <= 2 * 3, f"retried more than --retries says: {tries}"
     failures = [ln for ln in m.log().splitlines() if "ERROR" in ln and key in ln]
     assert failures and all("testing" not in ln for ln in failures), "credentials in a log line"
     proxy.clear_faults()
@@ -335,6 +341,51 @@ def test_a_follower_takes_over_when_the_downloader_dies(mount, proxy, s3, bucket
     proxy.clear_faults()
     assert sha(rb.result(timeout=60)) == sha(data)
     assert "continuing its download here" in b.log()
+
+
+@pytest.mark.log_errors("lazyfs is shutting down")
+def test_a_stopped_follower_fails_its_waiting_read_at_once_and_exits(mount, proxy, s3, bucket, fs: FS,
+                                                                      tmp_path: Path):
+    """SIGTERM to a mount whose reader waits on another mount's download of
+    the same store: the read fails at once (not at its read deadline, nor cut
+    off by the grace period), and the mount exits 0.  The follower answers it
+    EIO; the kernel reads a failed page once more, and that retry can meet the
+    stopped mount (ECONNABORTED, or ENOTCONN once it is unmounted)."""
+    key = f"{P}/big.bin"
+    data = os.urandom(16 * PART)
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    store = tmp_path / "node-cache"
+    args = ("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", "--max-connections", "2",
+            "--read-deadline", "60")
+    proxy.add(Fault("stall", key=key, min_offset=6 * PART, seconds=60, times=None))
+    a = mount(*args, store=store)
+    fs.start(lambda: Path(a.file(key)).read_bytes())
+    wait_until(lambda: any((store / ".lazyfs" / "tmp").glob("*.json")), what="the owner's progress")
+    b = mount(*args, store=store)
+
+    def pread_far(path: str) -> int:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.pread(fd, 4096, 10 * PART)
+            return 0
+        except OSError as e:
+            return e.errno
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # ENOTCONN: the mount is gone by then
+
+    rb = fs.start(pread_far, b.file(key))
+    wait_until(lambda: "another lazyfs process" in b.log(), what="b to follow a")
+    time.sleep(0.5)  # the read is waiting on a's stalled request
+    assert not rb.done()
+    started = time.monotonic()
+    assert b.stop(timeout=15) == 0
+    assert rb.result(timeout=5) in (errno.EIO, errno.ECONNABORTED, errno.ENOTCONN)
+    assert time.monotonic() - started < 4.5, "the stop waited out its grace period"
+    assert "still in flight" not in b.log()
+    proxy.clear_faults()
 
 
 def test_a_followers_far_read_is_fetched_next_by_the_downloading_mount(mount, proxy, s3, bucket, fs: FS,

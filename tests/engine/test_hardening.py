@@ -16,7 +16,7 @@ import trio
 from lazyfs import completion, dispatch, verify
 from lazyfs.coop import ForeignDownload
 from lazyfs.download import Download
-from lazyfs.errors import IntegrityError, StoreError
+from lazyfs.errors import IntegrityError, LazyfsError, StoreError
 from lazyfs.fetch import Fetcher
 from lazyfs.handles import Handles
 from lazyfs.namespace import RemoteObject
@@ -46,7 +46,7 @@ async def test_a_follower_never_trusts_a_record_of_another_file(remote: FakeRemo
 
     dropped: list[RemoteObject] = []
 
-    async def drop_pages(o: RemoteObject) -> None:
+    def drop_pages(o: RemoteObject) -> None:
         dropped.append(o)
 
     follower = Fetcher(remote, stores(), fetch_config())
@@ -72,6 +72,83 @@ async def test_a_follower_never_trusts_a_record_of_another_file(remote: FakeRemo
     first.close()
     second.close()
     assert remote.count("GET") == 0, "the follower downloaded what the owner had"
+
+
+@trio_test
+async def test_a_follower_serves_the_read_its_page_drop_waits_for(remote: FakeRemote, stores) -> None:
+    """The kernel finishes dropping a file's pages only once the reads in
+    flight on it are answered.  A follower whose owner started over must go on
+    following (and answer those reads) while the drop waits: awaiting the drop
+    first left the read waiting for the follower and the follower for the read
+    until the read deadline (found by the chaos test with the CRT client).
+    Starting the drop now returns at once (kernelcache.py runs it)."""
+    data = os.urandom(4 * BLOCK)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    owner = stores()
+    lock = owner.partials.lock(obj)
+    assert lock is not None
+    first = owner.partials.open(obj, BLOCK)
+    os.pwrite(first.fd, data[:BLOCK], 0)
+    first.save_state({0})
+    drops: list[RemoteObject] = []
+    follower = Fetcher(remote, stores(), fetch_config(read_deadline=30.0))
+    follower.hooks.on_bad_data = drops.append
+    async with running(follower):
+        handles = Handles(follower)
+        fh = await handles.open(obj)
+        assert bytes(await handles.read(fh, 0, 4096)) == data[:4096]
+
+        async def read_block_3() -> None:
+            got = bytes(await handles.read(fh, 3 * BLOCK, 4096))
+            assert got == data[3 * BLOCK:3 * BLOCK + 4096]
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_block_3)  # a hole of the first file: in flight
+                await trio.sleep(0.3)
+                owner.partials.discard(first)  # the owner starts over...
+                second = owner.partials.open(obj, BLOCK)
+                os.pwrite(second.fd, data[3 * BLOCK:], 3 * BLOCK)
+                second.save_state({3})  # ...and its new file has the block
+        assert drops == [obj]
+        handles.release(fh)
+    owner.partials.unlock(obj, lock)
+    first.close()
+    second.close()
+
+
+@trio_test
+async def test_stopping_fails_a_followers_waiting_reads_at_once(remote: FakeRemote, stores) -> None:
+    """SIGTERM: the main loop ends once every request is answered, so a read
+    waiting on another process's download gets EIO now, not at its deadline."""
+    data = os.urandom(2 * BLOCK)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    owner = stores()
+    lock = owner.partials.lock(obj)
+    assert lock is not None
+    part = owner.partials.open(obj, BLOCK)
+    part.save_state(set())
+    follower = Fetcher(remote, stores(), fetch_config(read_deadline=60.0))
+    async with running(follower):
+        handles = Handles(follower)
+        fh = await handles.open(obj)
+        failed: list[int] = []
+
+        async def read() -> None:
+            try:
+                await handles.read(fh, BLOCK, 4096)
+            except LazyfsError as e:
+                failed.append(e.errno)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await trio.sleep(0.3)
+                await follower.close()
+        assert failed == [errno.EIO]
+        handles.release(fh)
+    owner.partials.unlock(obj, lock)
+    part.close()
 
 
 @trio_test

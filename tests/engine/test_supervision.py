@@ -28,6 +28,8 @@ from lazyfs.catalog import Catalog
 from lazyfs.config import MountConfig
 from lazyfs.download import Download
 from lazyfs.fetch import Fetcher
+from lazyfs.inodes import InodeTable
+from lazyfs.kernelcache import KernelCache
 from lazyfs.modeljson import Source
 from lazyfs.namespace import Diff, RemoteObject
 from lazyfs.refresher import Refresher
@@ -210,7 +212,8 @@ async def test_the_signal_watcher_survives_an_unexpected_exception_and_still_unm
         async with trio.open_nursery() as nursery:
             nursery.start_soon(forever, "refresher", refresher.run)
             nursery.start_soon(forever, "signals", functools.partial(  # as mount._serve starts it
-                mount._watch_signals, receive, refresher, fetcher, stopping, nursery.cancel_scope))
+                mount._watch_signals, receive, refresher, fetcher, KernelCache(InodeTable()), stopping,
+                nursery.cancel_scope))
             await wait_for(lambda: catalog.live, "the first listing")
             remote.put(BUCKET, "m/b.bin", b"b")
             await send.send(signal.SIGHUP)
@@ -242,7 +245,8 @@ async def test_sigterm_unmounts_even_when_stopping_the_downloads_raises(
     async with running(fetcher):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(forever, "signals", functools.partial(
-                mount._watch_signals, receive, Refresher(Catalog(remote, [SOURCE]), 0), fetcher, stopping,
+                mount._watch_signals, receive, Refresher(Catalog(remote, [SOURCE]), 0), fetcher,
+                KernelCache(InodeTable()), stopping,
                 nursery.cancel_scope))
             await send.send(signal.SIGTERM)
             with trio.fail_after(5):
@@ -250,6 +254,40 @@ async def test_sigterm_unmounts_even_when_stopping_the_downloads_raises(
         assert stopping.is_set() and terminated == [1]
     assert STATS.background_errors["signals"] == before + 1
     assert_one_traceback(caplog, "signals", "a bug in close")
+
+
+@trio_test
+async def test_sigterm_stops_answering_requests_only_after_the_kernel_notifications_end(
+        remote: FakeRemote, stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page drop the kernel holds up (a read in flight owns a page) must end
+    while the main loop still answers reads: once terminated, nothing would
+    answer that read, and the drop would keep /dev/fuse open forever."""
+    monkeypatch.setattr(mount, "SHUTDOWN_GRACE_S", 2.0)
+    terminated: list[int] = []
+    monkeypatch.setattr(pyfuse3, "terminate", lambda: terminated.append(1))
+    read_answered = threading.Event()
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino, attr_only=False: read_answered.wait(30))
+    inodes = InodeTable()
+    obj = RemoteObject(BUCKET, "m/w.bin", 1, "e", 0)
+    inodes.ino(obj)
+    kernel = KernelCache(inodes)
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    send, receive = trio.open_memory_channel[int](10)
+    try:
+        async with running(fetcher), trio.open_nursery() as nursery:
+            nursery.start_soon(forever, "signals", functools.partial(
+                mount._watch_signals, receive, Refresher(Catalog(remote, [SOURCE]), 0), fetcher, kernel,
+                trio.Event(), nursery.cancel_scope))
+            kernel.drop_pages(obj)
+            await send.send(signal.SIGTERM)
+            await trio.sleep(0.5)
+            assert terminated == [], "stopped answering requests with a page drop under way"
+            read_answered.set()
+            await wait_for(lambda: terminated == [1], "the main loop told to end")
+            with trio.fail_after(10):
+                await trio.sleep_forever()  # until the watcher cancels everything
+    finally:
+        read_answered.set()
 
 
 # -- the ready line ---------------------------------------------------------------------

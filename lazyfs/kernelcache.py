@@ -1,0 +1,102 @@
+"""Telling the kernel to forget what it cached: names a refresh changed, and
+pages of a version whose bytes were bad.
+
+The kernel carries out a notification only once no request in flight holds
+what it touches: a page drop waits for the reads holding the file's pages, a
+name waits for the lookups and listings of its folder, and only the mount can
+answer those.  So every notification runs on a thread of its own and starting
+one never waits (its caller may be what such a request waits for), and a
+stopping mount keeps answering requests until the notifications under way
+have ended (`settle`): one left waiting on a request nobody answers keeps
+/dev/fuse open inside the kernel, so neither the unmount nor the process's
+exit could end that request, and the mount would be dead until an
+administrator aborted its connection (docs/concurrency.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any, Callable
+
+import pyfuse3
+import trio
+
+from lazyfs.inodes import InodeTable
+from lazyfs.namespace import Diff, RemoteObject
+
+log = logging.getLogger(__name__)
+
+
+class KernelCache:
+    """The mount's notifications to the kernel (called on the trio thread)."""
+
+    def __init__(self, inodes: InodeTable) -> None:
+        self.inodes = inodes
+        self._under_way: set[trio.Event] = set()  # each set when its thread ends
+        self._stopping = False
+
+    def forget_names(self, diff: Diff) -> int:
+        """Forget the names a refresh changed, so the kernel looks them up
+        again (a changed file then gets its new version's inode).  Names whose
+        folder the kernel never looked up have nothing cached and are skipped."""
+        names: set[tuple[str, str]] = set()
+        for obj in diff.added + diff.removed + tuple(old for old, _ in diff.changed):
+            parts = obj.key.split("/")
+            for i in range(len(parts)):
+                names.add(("/".join(parts[:i]), parts[i]))
+        entries = [(ino, os.fsencode(name)) for parent, name in sorted(names)
+                   if (ino := self.inodes.peek(parent)) is not None]
+        if entries:
+            self._start(functools.partial(_forget_entries, entries))
+        return len(entries)
+
+    def drop_pages(self, obj: RemoteObject) -> None:
+        """Forget the pages cached for this version."""
+        ino = self.inodes.peek(obj)
+        if ino is not None:
+            self._start(functools.partial(_drop_pages, ino, obj.uri))
+
+    async def settle(self) -> None:
+        """Stopping: start no more notifications and wait for those under way.
+        Call it while the main loop still answers requests."""
+        self._stopping = True
+        for done in list(self._under_way):
+            await done.wait()
+
+    def _start(self, notify: Callable[[], None]) -> None:
+        if self._stopping:
+            return
+        done = trio.Event()
+        self._under_way.add(done)
+        token = trio.lowlevel.current_trio_token()
+
+        def ended(_: Any) -> None:  # on the notification's thread
+            try:
+                token.run_sync_soon(self._ended, done)
+            except trio.RunFinishedError:
+                pass
+
+        trio.lowlevel.start_thread_soon(notify, ended)
+
+    def _ended(self, done: trio.Event) -> None:
+        self._under_way.discard(done)
+        done.set()
+
+
+def _forget_entries(entries: list[tuple[int, bytes]]) -> None:
+    for ino, name in entries:
+        try:
+            pyfuse3.invalidate_entry(ino, name)
+        except FileNotFoundError:
+            pass  # not cached
+        except OSError as e:
+            log.debug("invalidating the name %r: %s", name, e)
+
+
+def _drop_pages(ino: int, uri: str) -> None:
+    try:
+        pyfuse3.invalidate_inode(ino, False)
+    except OSError as e:
+        log.debug("invalidating the pages of %s: %s", uri, e)
