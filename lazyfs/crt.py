@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import random
+import re
 import threading
 import time
 import urllib.parse
@@ -36,6 +37,7 @@ MIN_MEMORY = 256 * 1024 * 1024
 # How often a waiting worker looks at its request (cancel, stall).
 _POLL_S = 0.2
 _CHECKSUMS = ("crc64nvme", "crc32c", "crc32", "sha256", "sha1")
+_GAVE_UP_ON = {"AWS_ERROR_S3_INTERNAL_ERROR": (500, "InternalError"), "AWS_ERROR_S3_SLOW_DOWN": (503, "SlowDown")}
 
 
 class CrtTransfer:
@@ -97,7 +99,10 @@ class CrtTransfer:
                 return
             except RemoteUnavailable as e:
                 attempt += 1
-                if attempt >= self.cfg.max_attempts:
+                # An error the client retried already (a 5xx, a refused
+                # connection) fails now, as botocore's do on the boto3 path:
+                # retrying it again would multiply the attempts and the wait.
+                if attempt >= self.cfg.max_attempts or not (state.stalled or state.status in (200, 206)):
                     raise
                 delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
                 log.info("%s: %s; retrying bytes %d-%d in %.1f s", job.obj.uri, e, state.reached, job.end - 1,
@@ -142,6 +147,7 @@ class CrtTransfer:
             if job.cancelled():
                 raise Stopped()
             if time.monotonic() - state.active > self.cfg.read_timeout:
+                state.stalled = True
                 STATS.bump("s3_errors", "GET")
                 raise RemoteUnavailable(f"{job.obj.uri}: transfer broke off after {state.reached} bytes (stalled: "
                                         f"no byte for {self.cfg.read_timeout:g} s)", bucket=job.obj.bucket,
@@ -163,8 +169,15 @@ class CrtTransfer:
         if status == 403:
             return AccessDenied(f"access denied to {where}", bucket=obj.bucket, key=obj.key)
         name = getattr(e, "name", type(e).__name__)
-        return RemoteUnavailable(f"{where}: transfer broke off after {state.reached} bytes "
-                                 f"({f'HTTP {status} ' if status else ''}{name})", bucket=obj.bucket, key=obj.key)
+        # After its retries the client reports a 500 or 503 by name only.
+        status, code = (status, "") if status else _GAVE_UP_ON.get(name, (0, ""))
+        if status >= 300:
+            found = re.search(rb"<Code>([^<]{1,64})</Code>", getattr(e, "body", None) or b"")
+            code = found.group(1).decode(errors="replace") if found else code or name
+            return RemoteUnavailable(f"{where}: object store kept failing ({code}: HTTP {status})",
+                                     bucket=obj.bucket, key=obj.key)
+        return RemoteUnavailable(f"{where}: transfer broke off after {state.reached} bytes ({name})",
+                                 bucket=obj.bucket, key=obj.key)
 
 
 class _Received:
@@ -175,6 +188,7 @@ class _Received:
         self.reached = start  # bytes [job.start, reached) are in the file
         self.whole = whole
         self.status = 0
+        self.stalled = False  # cancelled here for want of bytes (the client never retried it)
         self.active = time.monotonic()
         self.error: BaseException | None = None
         self._lock = threading.Lock()
