@@ -43,8 +43,9 @@ def test_same_size_new_version_is_detected_by_etag(mount, proxy, s3, bucket, fs:
     refresh(m)
     assert fs.read(m.file(key)) == v2
     assert proxy.count("GET", key) == 2
-    m.stop()
+    # Published once verified; a stop before that would abandon the check.
     wait_until(lambda: (store / key).read_bytes() == v2, what="v2 in the store")
+    m.stop()
     # Across a restart too: the store's copy records v2; S3 now has v3, same size.
     v3 = os.urandom(50_000)
     put(s3, bucket, key, v3)
