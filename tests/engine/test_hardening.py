@@ -29,6 +29,19 @@ KiB, MiB = 1024, 1024 * 1024
 BLOCK = 256 * KiB
 
 
+def another_process_downloading(stores, obj: RemoteObject, data: bytes, blocks: set[int]):  # type: ignore[no-untyped-def]
+    """The owner of `obj`'s download in another process, driven by hand
+    through its store: (its store, its lock, its partial file with `blocks`)."""
+    owner = stores()
+    lock = owner.partials.lock(obj)
+    assert lock is not None
+    part = owner.partials.open(obj, BLOCK)
+    for i in blocks:
+        os.pwrite(part.fd, data[i * BLOCK:(i + 1) * BLOCK], i * BLOCK)
+    part.save_state(blocks)
+    return owner, lock, part
+
+
 @trio_test
 async def test_a_follower_never_trusts_a_record_of_another_file(remote: FakeRemote, stores,
                                                                 tmp_path: Path) -> None:
@@ -37,12 +50,7 @@ async def test_a_follower_never_trusts_a_record_of_another_file(remote: FakeRemo
     kernel cached from the old file."""
     data = os.urandom(4 * BLOCK)
     obj = remote.put(BUCKET, "m/w.bin", data)
-    owner = stores()  # the other process, driven by hand through its store
-    lock = owner.partials.lock(obj)
-    assert lock is not None
-    first = owner.partials.open(obj, BLOCK)
-    os.pwrite(first.fd, data[:2 * BLOCK], 0)
-    first.save_state({0, 1})
+    owner, lock, first = another_process_downloading(stores, obj, data, {0, 1})
 
     dropped: list[RemoteObject] = []
 
@@ -84,12 +92,7 @@ async def test_a_follower_serves_the_read_its_page_drop_waits_for(remote: FakeRe
     Starting the drop now returns at once (kernelcache.py runs it)."""
     data = os.urandom(4 * BLOCK)
     obj = remote.put(BUCKET, "m/w.bin", data)
-    owner = stores()
-    lock = owner.partials.lock(obj)
-    assert lock is not None
-    first = owner.partials.open(obj, BLOCK)
-    os.pwrite(first.fd, data[:BLOCK], 0)
-    first.save_state({0})
+    owner, lock, first = another_process_downloading(stores, obj, data, {0})
     drops: list[RemoteObject] = []
     follower = Fetcher(remote, stores(), fetch_config(read_deadline=30.0))
     follower.hooks.on_bad_data = drops.append
@@ -123,11 +126,7 @@ async def test_stopping_fails_a_followers_waiting_reads_at_once(remote: FakeRemo
     waiting on another process's download gets EIO now, not at its deadline."""
     data = os.urandom(2 * BLOCK)
     obj = remote.put(BUCKET, "m/w.bin", data)
-    owner = stores()
-    lock = owner.partials.lock(obj)
-    assert lock is not None
-    part = owner.partials.open(obj, BLOCK)
-    part.save_state(set())
+    owner, lock, part = another_process_downloading(stores, obj, data, set())
     follower = Fetcher(remote, stores(), fetch_config(read_deadline=60.0))
     async with running(follower):
         handles = Handles(follower)
