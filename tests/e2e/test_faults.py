@@ -56,7 +56,8 @@ def fmount(mount, tmp_path: Path, bucket):
     Fault("short", after=10_000, times=2),
     Fault("stall", after=5_000, seconds=5, times=1),
     Fault("stall", after=0, seconds=5, times=1),
-], ids=["503-slowdown", "500", "reset-mid-body", "short-body", "stall-mid-body", "stall-no-bytes"])
+    Fault("delay", seconds=5, times=1),  # no response headers within --read-timeout
+], ids=["503-slowdown", "500", "reset-mid-body", "short-body", "stall-mid-body", "stall-no-bytes", "stall-no-headers"])
 def test_transient_faults_are_retried_and_the_bytes_are_right(fmount, proxy, obj, fs: FS, fault: Fault):
     key, data = obj
     fault.key = key
