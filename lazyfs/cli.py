@@ -163,7 +163,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
-    from lazyfs.mounttab import MountError, find_mount, unmount
+    from lazyfs.mounttab import MountError, abort_and_detach, find_mount, unmount
 
     path = os.path.abspath(args.mountpoint)
     entry = find_mount(path)
@@ -171,6 +171,10 @@ def _cmd_umount(args: argparse.Namespace) -> int:
         raise MountError(f"{path} is not mounted")
     if not entry.fstype.startswith("fuse"):
         raise MountError(f"{path} is a {entry.fstype} mount, not lazyfs")
+    if args.force:
+        abort_and_detach(path)
+        print(f"lazyfs: aborted the connection of {path} and unmounted it")
+        return EXIT_OK
     unmount(path, lazy=args.lazy)
     print(f"lazyfs: unmounted {path}")
     return EXIT_OK

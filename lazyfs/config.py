@@ -28,6 +28,7 @@ from lazyfs.modeljson import (
     load_model_json,
     resolve_mountpoint,
 )
+from lazyfs.mounttab import is_fuse_mount
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MiB = 1024 * 1024
@@ -330,9 +331,10 @@ def mount_config(args: Mapping[str, Any], env: Mapping[str, str]) -> MountConfig
     lock = read_lock(args.get("lock"))
     configs, sources = _sources(args, env, lock)
     mnt = resolve_mountpoint(args.get("mountpoint"), configs)
-    check_directory(mnt, "mountpoint")
+    if not is_fuse_mount(mnt):
+        check_directory(mnt, "mountpoint")
     store = Path(os.path.abspath(args["store"])) if args.get("store") else None
-    if store is not None and store.exists():
+    if store is not None and not is_fuse_mount(store) and store.exists():
         check_directory(store, "store")
     values = {name: args[name] for name in ("allow_other", "log_level", "read_ahead", "refresh", "cache_max_size",
                                             "memory_limit", "xattrs", "metrics_port", "metrics_addr", "store_mode")
@@ -349,7 +351,7 @@ def bake_config(args: Mapping[str, Any], env: Mapping[str, str]) -> BakeConfig:
                           "already (give one of them)")
     configs, sources = _sources(args, env, lock)
     to = resolve_mountpoint(args.get("to"), configs)
-    if to.exists():
+    if not is_fuse_mount(to) and to.exists():
         check_directory(to, "--to folder")
     return BakeConfig(sources=sources, target=to, log_level=args.get("log_level") or "info",
                       store_mode=args.get("store_mode") or DEFAULT_STORE_MODE, lock=lock,
@@ -363,7 +365,8 @@ def status_config(args: Mapping[str, Any], env: Mapping[str, str]) -> StatusConf
         raise ConfigError("--verify content needs --lock: the lock holds the checksums the files are checked against")
     configs, sources = _sources(args, env, lock)
     path = Path(os.path.abspath(args["store"])) if args.get("store") else resolve_mountpoint(None, configs)
-    check_directory(path, "store")
+    if not is_fuse_mount(path):
+        check_directory(path, "store")
     return StatusConfig(sources=sources, store=path, prebaked=_layers(args.get("prebaked") or ()),
                         as_json=bool(args.get("json")), require_all=bool(args.get("require_all")), lock=lock,
                         verify_content=args.get("verify") == "content", remote=remote_config(args, env))

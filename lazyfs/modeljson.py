@@ -7,7 +7,6 @@ in the CLI).  No I/O beyond reading the files named.
 from __future__ import annotations
 
 import difflib
-import errno
 import json
 import os
 import re
@@ -166,10 +165,6 @@ def check_directory(path: Path, what: str) -> None:
     except PermissionError:
         raise ConfigError(f"{what} {path}: permission denied") from None
     except OSError as e:
-        # ENOTCONN here means a lazyfs (or other FUSE daemon) died and left its
-        # mount behind; mount.py explains and cleans that up, so let it through.
-        if what == "mountpoint" and e.errno == errno.ENOTCONN:
-            return
         raise ConfigError(f"{what} {path}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{what} {path} is not a directory")

@@ -4,6 +4,7 @@ unmount, tune its readahead.  No pyfuse3 here: `umount`, `status` and
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -47,6 +48,14 @@ def find_mount(path: str | Path) -> MountEntry | None:
     return found
 
 
+def is_fuse_mount(path: str | Path) -> bool:
+    """Whether a FUSE mount sits at `path`, from the mount table alone: such a
+    mount may be dead or hung, and a stat of a hung one never returns, so the
+    commands look at it only through `probe_mount`."""
+    entry = find_mount(path)
+    return entry is not None and entry.fstype.startswith("fuse")
+
+
 def _unescape(field: str) -> str:
     return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
@@ -55,13 +64,34 @@ def unmount(path: str | Path, lazy: bool = False) -> None:
     """Unmount a FUSE mount with fusermount3 (falling back to umount as root)."""
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(path)]
     try:
-        res = subprocess.run(args, capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        res = subprocess.run(["umount"] + (["-l"] if lazy else []) + [str(path)],
-                             capture_output=True, text=True, timeout=30)
+        try:
+            res = subprocess.run(args, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            res = subprocess.run(["umount"] + (["-l"] if lazy else []) + [str(path)],
+                                 capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise MountError(f"unmounting {path} did not finish in 30 s; try: lazyfs umount --force {path}") from None
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip().splitlines()
         raise MountError(msg[-1] if msg else f"unmounting {path} failed")
+
+
+_MNT_FORCE, _MNT_DETACH = 1, 2
+
+
+def abort_and_detach(path: str | Path) -> None:
+    """`umount -f -l` for a FUSE mount: the kernel aborts the mount's connection
+    (every request waiting on its daemon fails at once, ECONNABORTED; later ones
+    ENOTCONN; the daemon's next read of /dev/fuse ends its loop), then detaches
+    it.  The one way out of a mount whose daemon is stopped, hung, or killed while
+    a thread of it was stuck in the kernel: a plain (even lazy) unmount leaves
+    the processes waiting on it blocked.  A direct umount2(2), because umount(8)
+    and fusermount3 look the path up first, which a hung mount may never answer.
+    Needs CAP_SYS_ADMIN, as mounting does."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(os.path.abspath(path)), _MNT_FORCE | _MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise MountError(f"could not force the unmount of {path}: {os.strerror(err)}")
 
 
 def probe_mount(path: Path, timeout: float = 5.0) -> int | None:
@@ -98,7 +128,7 @@ def check_mountpoint(path: Path) -> None:
         return
     if state is None:
         raise MountError(f"{path} is mounted ({entry.fstype}) but not responding; "
-                         f"run: fusermount3 -uz {path}")
+                         f"if its daemon is gone or hung, run: lazyfs umount --force {path}")
     raise MountError(f"{path} is already mounted ({entry.fstype} from {entry.source}); "
                      f"unmount it first: lazyfs umount {path}")
 
@@ -132,6 +162,7 @@ def set_background(mountpoint: Path, requests: int) -> None:
     if entry is None:
         return
     major, _, minor = entry.device.partition(":")
+    # fusectl names a connection by the mount's device number.
     folder = Path("/sys/fs/fuse/connections") / str(os.makedev(int(major), int(minor)))
     try:
         (folder / "max_background").write_text(str(requests))

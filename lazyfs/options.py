@@ -217,5 +217,7 @@ DOCTOR = (
 UMOUNT = (
     Option("mountpoint", "the lazyfs mount to unmount", "MOUNTPOINT", kind="argument"),
     Option("--lazy", "detach now even if files are open (umount -l)", kind="flag"),
+    Option("--force", "abort the mount's kernel connection, then detach it (umount -f -l): for a mount whose "
+           "daemon is gone or hung; processes waiting on it get an error at once", kind="flag"),
     *LOGGING,
 )

@@ -361,6 +361,38 @@ def test_stale_mount_after_a_crash_is_cleaned_up_at_the_next_start(mount, proxy,
     assert "stale mount" in m2.log()
 
 
+def test_a_hung_mount_is_refused_then_forced_off_freeing_its_waiting_readers(mount, bucket, model, fs: FS):
+    key = f"{PREFIX}/config.json"
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
+    m.process.send(signal.SIGSTOP)  # a hung daemon: the kernel's requests go unanswered
+    try:
+        waiting = fs.start(Path.read_bytes, m.file(key))
+        with pytest.raises(TimeoutError):
+            waiting.result(timeout=0.5)
+        # Each command that meets the mount says so in 5 s instead of hanging with it.
+        source = ["--prefix", f"s3://{bucket}/{PREFIX}"]
+        again, probe, doctor = (fs.start(lazyfs_cli, args, mount.env()) for args in (
+            ["mount", str(m.path), *source], ["status", "--store", str(m.path), *source, "--require-all"],
+            ["doctor", str(m.path), *source]))
+        fix = f"lazyfs umount --force {m.path}"
+        for res in (again.result(60), probe.result(60)):
+            assert res.returncode == 1 and "not responding" in res.stderr and fix in res.stderr, res.stderr
+        assert doctor.result(60).returncode == 1
+        assert "is mounted but not responding" in doctor.result().stdout and fix in doctor.result().stdout
+        res = lazyfs_cli(["umount", "--force", str(m.path)])
+        assert res.returncode == 0, res.stderr
+        with pytest.raises(OSError) as info:
+            waiting.result(timeout=10)  # freed at once, not when the daemon comes back
+        assert info.value.errno in (errno.ECONNABORTED, errno.ENOTCONN)
+        assert not is_mounted(m.path)
+    finally:
+        m.process.send(signal.SIGCONT)
+    assert m.process.proc.wait(15) == 0  # its connection gone, the daemon exits as after an unmount
+    assert "Traceback" not in m.log()
+    m2 = mount("--prefix", f"s3://{bucket}/{PREFIX}", mountpoint=m.path)
+    assert fs.read(m2.file(key)) == model[key]
+
+
 def test_a_live_mount_is_not_mounted_over(mount, bucket, model, fs: FS):
     m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
     res = lazyfs_cli(["mount", str(m.path), "--prefix", f"s3://{bucket}/{PREFIX}"])
