@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from support.mounting import FS, Mounter
+from support.mounting import FS, TRANSFER_CLIENTS, Mounter
 from support.proxy import S3Proxy
 from support.s3server import MotoServer, s3_client
 from support.stores import STORES, Store, StoreUnavailable
@@ -81,12 +81,9 @@ def fs() -> Iterator[FS]:
     helper.close()
 
 
-# The ranged GETs' clients (--transfer-client).  A module runs its tests on
-# each with `pytestmark = [..., pytest.mark.parametrize("transfer_client",
-# TRANSFER_CLIENTS, indirect=True)]`; elsewhere mounts use the default, or the
-# client LAZYFS_TEST_TRANSFER_CLIENT names, so the whole suite can be run on
-# either (`LAZYFS_TEST_TRANSFER_CLIENT=crt scripts/test tests/e2e`).
-TRANSFER_CLIENTS = ("boto3", "crt")
+# Mounts of tests not marked `on_both_clients` use the client this names, or
+# the default: the whole suite can run on either
+# (`LAZYFS_TEST_TRANSFER_CLIENT=crt scripts/test tests/e2e`).
 SUITE_TRANSFER_CLIENT = os.environ.get("LAZYFS_TEST_TRANSFER_CLIENT", "")
 if SUITE_TRANSFER_CLIENT not in ("", *TRANSFER_CLIENTS):
     raise pytest.UsageError(f"LAZYFS_TEST_TRANSFER_CLIENT must be one of {TRANSFER_CLIENTS}")

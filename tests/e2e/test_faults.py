@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from support.mounting import FS, wait_until
+from support.mounting import FS, on_both_clients, wait_until
 from support.proxy import Fault
 
 # Every test here on both transfer clients (the fault proxy sees the same requests).
 pytestmark = [pytest.mark.fuse,
-              pytest.mark.parametrize("transfer_client", ("boto3", "crt"), indirect=True)]
+              on_both_clients]
 
 P = "models/m"
 PART = 64 * 1024

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from support.mounting import FS, lazyfs_cli, wait_until, write_model_json
+from support.mounting import FS, lazyfs_cli, on_both_clients, wait_until, write_model_json
 from support.s3server import free_port
 
 pytestmark = pytest.mark.fuse
 
 P = "my-model/v3"
-TRANSFER_CLIENTS = ("boto3", "crt")
 
 
 def versioned(s3, bucket: str) -> None:
@@ -52,7 +51,7 @@ def model(n: int = 3) -> dict[str, bytes]:
             "model.safetensors": os.urandom(3 * 1024 * 1024 + n)}
 
 
-@pytest.mark.parametrize("transfer_client", TRANSFER_CLIENTS, indirect=True)
+@on_both_clients
 def test_a_pinned_mount_starts_with_no_request_and_serves_the_locked_bytes_by_version_id(
         mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     versioned(s3, bucket)
@@ -87,7 +86,7 @@ def test_a_pinned_mount_starts_with_no_request_and_serves_the_locked_bytes_by_ve
     assert fs.read(fresh.file(key)) == overwritten
 
 
-@pytest.mark.parametrize("transfer_client", TRANSFER_CLIENTS, indirect=True)
+@on_both_clients
 @pytest.mark.log_errors("which the bucket no longer has")
 def test_an_overwrite_in_an_unversioned_bucket_fails_the_file_clearly_and_serves_nothing_else(
         mount, proxy, s3, bucket, fs: FS, tmp_path: Path):

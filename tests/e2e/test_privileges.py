@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from support.mounting import FS, lazyfs_cli, wait_until
+from support.mounting import FS, lazyfs_cli, on_both_clients, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -33,6 +33,7 @@ def setpriv() -> list[str]:
     return ONLY_SYS_ADMIN
 
 
+@on_both_clients
 def test_a_mount_with_only_sys_admin_caches_and_serves(mount, proxy, s3, bucket, fs: FS, tmp_path: Path,
                                                        setpriv: list[str]):
     data = os.urandom(3 * 1024 * 1024 + 17)

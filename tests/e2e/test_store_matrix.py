@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from boto3.s3.transfer import TransferConfig
 
-from support.mounting import FS, Mounted, lazyfs_cli, wait_until
+from support.mounting import FS, Mounted, lazyfs_cli, on_both_clients, wait_until
 from support.proxy import Fault, S3Proxy
 from support.stores import STORES, Store
 
@@ -87,6 +87,7 @@ def test_listing_with_folders(s3_store, store_mount, store_proxy, store_s3, stor
     assert store_proxy.count("LIST") >= 1
 
 
+@on_both_clients
 def test_single_part_object_is_verified_and_cached(s3_store, store_mount, store_proxy, store_s3, store_bucket,
                                                    fs: FS, tmp_path: Path):
     key = f"{P}/weights.bin"
@@ -101,6 +102,7 @@ def test_single_part_object_is_verified_and_cached(s3_store, store_mount, store_
     assert_cached_across_restart(store_mount, store_proxy, store_bucket, key, data, store_dir, fs)
 
 
+@on_both_clients
 def test_multipart_object_is_verified_and_cached(s3_store, store_mount, store_proxy, store_s3, store_bucket,
                                                  fs: FS, tmp_path: Path, request: pytest.FixtureRequest):
     key = f"{P}/model.safetensors"
@@ -122,6 +124,7 @@ def test_multipart_object_is_verified_and_cached(s3_store, store_mount, store_pr
     assert_cached_across_restart(store_mount, store_proxy, store_bucket, key, data, store_dir, fs)
 
 
+@on_both_clients
 def test_multipart_object_with_parts_of_different_sizes(s3_store, store_mount, store_proxy, store_s3,
                                                         store_bucket, fs: FS, tmp_path: Path,
                                                         request: pytest.FixtureRequest):
@@ -148,6 +151,7 @@ def test_multipart_object_with_parts_of_different_sizes(s3_store, store_mount, s
     assert_cached_across_restart(store_mount, store_proxy, store_bucket, key, data, store_dir, fs)
 
 
+@on_both_clients
 def test_an_object_replaced_mid_download_is_never_stitched(s3_store, store_mount, store_proxy, store_s3,
                                                            store_bucket, fs: FS, tmp_path: Path):
     key = f"{P}/big.bin"
@@ -212,6 +216,7 @@ def test_bake_then_a_second_bake_downloads_nothing(s3_store, store_proxy, store_
     assert store_proxy.count("GET") == gets
 
 
+@on_both_clients
 def test_a_pinned_mount_serves_the_locked_versions_after_overwrites(s3_store, store_mount, store_proxy, store_s3,
                                                                     store_bucket, fs: FS, tmp_path: Path):
     """Issue 14 on every store: versioning, GET and HEAD ?partNumber with

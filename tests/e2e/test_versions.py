@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from support.mounting import FS, lazyfs_cli, wait_until
+from support.mounting import FS, lazyfs_cli, on_both_clients, wait_until
 from support.proxy import Fault
 from support.s3server import free_port
 
@@ -32,6 +32,7 @@ def refresh(m) -> None:
     wait_until(lambda: m.log().count("listing changed") > before, what="the refresh")
 
 
+@on_both_clients
 def test_same_size_new_version_is_detected_by_etag(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     key = f"{P}/w.bin"
     v1, v2 = os.urandom(50_000), os.urandom(50_000)
@@ -78,6 +79,7 @@ def test_the_refresh_timer_picks_up_changes(mount, s3, bucket, fs: FS):
     wait_until(lambda: fs.listdir(m.path / P) == ["a.txt", "b.txt"], what="the timed refresh")
 
 
+@on_both_clients
 def test_an_open_handle_keeps_reading_its_version(mount, s3, bucket, fs: FS):
     key = f"{P}/w.bin"
     v1, v2 = os.urandom(300_000), os.urandom(200_000)
@@ -170,6 +172,7 @@ def status(proxy, bucket: str, store: Path, *extra: str):
                        "--store", str(store), *extra])
 
 
+@on_both_clients
 def test_status_states_and_require_all(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     names = ["cached.bin", "prebaked.bin", "stale.bin", "partial.bin", "missing.bin"]
     for n in names:
@@ -220,6 +223,7 @@ def test_status_through_a_running_mount(mount, proxy, s3, bucket, fs: FS):
     assert "1 cached" in res.stdout and "1 missing" in res.stdout and res.returncode == 1
 
 
+@on_both_clients
 def test_a_new_version_prefix_downloads_only_what_changed(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     same = {"config.json": b'{"layers": 2}', "tokenizer.json": os.urandom(30_000),
             "shard-1.bin": os.urandom(200_000)}
@@ -258,6 +262,7 @@ def bake_prefix(proxy, bucket: str, prefix: str, to: Path):
 
 
 @pytest.mark.log_errors('downloaded bytes do not match')
+@on_both_clients
 def test_a_corrupted_body_is_never_published(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     key = f"{P}/w.bin"
     data = os.urandom(100_000)
@@ -300,6 +305,7 @@ def test_verify_etag_checks_unrecorded_copies(mount, proxy, s3, bucket, fs: FS, 
     assert proxy.count("HEAD", good) == 0 and proxy.count("GET") == 0
 
 
+@on_both_clients
 def test_cache_budget_evicts_lru_but_not_open_or_prebaked(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     names = [f"{P}/f{i}.bin" for i in range(4)]
     for k in names:

@@ -20,11 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import pytest
+
 from support.mountproc import MountProcess, force_unmount
 from support.proxy import S3Proxy
 from support.s3server import clean_env
 
 FS_TIMEOUT = 20.0
+
+# The ranged GETs' clients (--transfer-client).  A test (or a module, in its
+# pytestmark) marked `on_both_clients` runs once on each; other mounts use the
+# default, or the client LAZYFS_TEST_TRANSFER_CLIENT names (tests/e2e/conftest.py).
+TRANSFER_CLIENTS = ("boto3", "crt")
+on_both_clients = pytest.mark.parametrize("transfer_client", TRANSFER_CLIENTS, indirect=True)
 
 
 class FS:

@@ -216,9 +216,13 @@ class SeaweedFS(Store):
         ports = {flag: free_port() for flag in (
             "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
             "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")}
+        # Each bucket is a collection with a volume of its own, and a write to
+        # a bucket that gets none fails with InternalError: room for every
+        # bucket of a run (volumes grow as they are written; nothing is
+        # preallocated).
         argv = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={creds}",
                 "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-master.telemetry=false", "-volume.max=8",
+                "-master.telemetry=false", "-volume.max=64",
                 *(f"-{flag}={port}" for flag, port in ports.items())]
         self._daemons.start("weed", argv)
         self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
