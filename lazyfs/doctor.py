@@ -98,8 +98,10 @@ def mountpoint(cfg: DoctorConfig) -> list[Check]:
             return [Check(FAIL, "mountpoint", f"{path} is a stale mount (its daemon died)",
                           f"fusermount3 -uz {path} (lazyfs mount also cleans it up at start)")]
         if state is None:
+            also = " (lazyfs mount also takes a lazyfs mount that does not answer over)" \
+                if entry.fstype == "fuse.lazyfs" else " (if its daemon is gone or hung)"
             return [Check(FAIL, "mountpoint", f"{path} is mounted but not responding",
-                          f"lazyfs umount --force {path} (if its daemon is gone or hung)")]
+                          f"lazyfs umount --force {path}{also}")]
         return [Check(WARN, "mountpoint", f"{path} is already mounted ({entry.fstype}); a second mount "
                       "would be refused", f"lazyfs umount {path} first")]
     if not path.exists():

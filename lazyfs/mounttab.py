@@ -94,7 +94,10 @@ def abort_and_detach(path: str | Path) -> None:
         raise MountError(f"could not force the unmount of {path}: {os.strerror(err)}")
 
 
-def probe_mount(path: Path, timeout: float = 5.0) -> int | None:
+PROBE_TIMEOUT_S = 5.0
+
+
+def probe_mount(path: Path, timeout: float = PROBE_TIMEOUT_S) -> int | None:
     """statvfs the mount from a helper thread (a hung daemon must not hang us).
     Returns 0 when it answers, the errno when it fails, None on timeout."""
     result: list[int] = []
@@ -113,7 +116,8 @@ def probe_mount(path: Path, timeout: float = 5.0) -> int | None:
 
 
 def check_mountpoint(path: Path) -> None:
-    """Refuse a live mount; clean up a dead one (ENOTCONN) left by a crash."""
+    """Refuse a live mount; clean up a dead one (ENOTCONN) left by a crash, and a
+    lazyfs mount that does not answer."""
     entry = find_mount(path)
     if entry is None or not entry.fstype.startswith("fuse"):
         return
@@ -125,6 +129,18 @@ def check_mountpoint(path: Path) -> None:
         except MountError as e:
             raise MountError(f"{path} is a stale mount and could not be cleaned up ({e}); "
                              f"run: fusermount3 -uz {path}") from None
+        return
+    if state is None and entry.fstype == "fuse.lazyfs":
+        # A lazyfs daemon answers statvfs from its event loop in milliseconds,
+        # whatever its downloads do; silence for seconds means it is stopped,
+        # hung, or dead with a thread stuck in the kernel (then no process will
+        # ever answer, and a restarted sidecar would fail here forever).
+        log.warning("%s is a lazyfs mount that has not answered for %.0f s; aborting its connection "
+                    "and mounting over it", path, PROBE_TIMEOUT_S)
+        try:
+            abort_and_detach(path)
+        except MountError as e:
+            raise MountError(f"{path} is a lazyfs mount that does not answer; {e}") from None
         return
     if state is None:
         raise MountError(f"{path} is mounted ({entry.fstype}) but not responding; "

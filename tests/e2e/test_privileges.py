@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,20 @@ def test_bake_with_only_sys_admin_writes_a_usable_store(proxy, s3, bucket, tmp_p
     assert "2 downloaded" in res.stdout and "0 failed" in res.stdout
     assert (out / "models/m/a.bin").read_bytes() == b"a" * 100_000
     assert os.getxattr(out / "models/m/b.bin", "user.lazyfs.identity")
+
+
+def test_with_only_sys_admin_a_start_takes_over_a_hung_mount_and_umount_force_works(
+        mount, s3, bucket, fs: FS, setpriv: list[str]):
+    s3.put_object(Bucket=bucket, Key="models/m/a.txt", Body=b"a")
+    m = mount("--prefix", f"s3://{bucket}/models/m", wrapper=setpriv)
+    m.process.send(signal.SIGSTOP)
+    try:
+        m2 = mount("--prefix", f"s3://{bucket}/models/m", mountpoint=m.path, wrapper=setpriv)
+        assert fs.read(m2.file("models/m/a.txt")) == b"a"
+    finally:
+        m.process.send(signal.SIGCONT)
+    assert m.process.proc.wait(15) == 0
+    res = lazyfs_cli(["umount", "--force", str(m2.path)], wrapper=setpriv)
+    assert res.returncode == 0, res.stderr
+    assert m2.process.proc.wait(15) == 0
+    assert "Operation not permitted" not in m.log() + m2.log()

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import pytest
 
-from support.mountproc import MountProcess, force_unmount
+from support.mountproc import MountProcess, force_unmount, is_mounted
 from support.proxy import S3Proxy
 from support.s3server import clean_env
 
@@ -110,7 +110,8 @@ class Mounter:
                  timeout: float = 30.0, wrapper: Sequence[str] = ()) -> Mounted:
         n = next(self._n)
         mnt = mountpoint or self.tmp_path / f"mnt{n}"
-        mnt.mkdir(parents=True, exist_ok=True)
+        if not is_mounted(mnt):  # mkdir's stat of a mount whose daemon hangs would hang too
+            mnt.mkdir(parents=True, exist_ok=True)
         argv = list(args)
         argv += ["--endpoint-url", endpoint or self.proxy.endpoint, "--log-level", "debug"]
         if self.transfer_client and "--transfer-client" not in argv:
