@@ -263,8 +263,7 @@ class Fetcher:
             raise
 
     def _bad_data(self, obj: RemoteObject) -> None:
-        if self.hooks.on_bad_data is not None:
-            self.hooks.on_bad_data(obj)
+        self.hooks.on_bad_data(obj)  # the hook set now, not when the follower was made
 
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Start an engine task; an unexpected exception in it is logged and

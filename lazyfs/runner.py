@@ -56,7 +56,7 @@ class Hooks:
     # An object whose downloaded bytes failed verification: the kernel should
     # drop any pages of them it cached for readers (started, never waited
     # for: kernelcache.py says why).
-    on_bad_data: Callable[[RemoteObject], None] | None = None
+    on_bad_data: Callable[[RemoteObject], None] = lambda obj: None
     # An object that changed or vanished in the object store: find its new
     # version and tell the kernel (awaited before the old one's readers fail).
     on_changed: Callable[[RemoteObject], Awaitable[None]] | None = None
@@ -272,8 +272,7 @@ class Runner:
             await self._object_changed(dl)
         if isinstance(e, IntegrityError):
             dl.verify_attempts += 1
-            if self.hooks.on_bad_data is not None:
-                self.hooks.on_bad_data(dl.obj)
+            self.hooks.on_bad_data(dl.obj)
             if dl.verify_attempts < _VERIFY_ATTEMPTS and not dl.cancelled:
                 log.warning("%s; downloading it again", e)
                 await self._restart(dl)
