@@ -19,7 +19,7 @@ import trio
 
 from lazyfs import alongside
 from lazyfs.budget import Budget
-from lazyfs.completion import verify_and_publish_blocking
+from lazyfs.completion import UNVERIFIED, verify_and_publish_blocking
 from lazyfs.config import FetchConfig
 from lazyfs.download import RECORD_FOLLOWED_S, Download, Pin, Request
 from lazyfs.errors import IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, RemoteUnavailable, StoreError
@@ -300,11 +300,12 @@ class Runner:
         if dl.keep:
             self.bytes_published += dl.obj.size
         TIMINGS.download(elapsed)
-        log.info("fetched %s: %d bytes in %.2f s (%.1f MB/s) from S3", dl.obj.uri, dl.obj.size, elapsed,
-                 dl.bytes_fetched / elapsed / 1e6,
+        checked = dl.verified not in ("", UNVERIFIED)
+        log.info("fetched %s: %d bytes in %.2f s (%.1f MB/s) from S3, %s", dl.obj.uri, dl.obj.size, elapsed,
+                 dl.bytes_fetched / elapsed / 1e6, f"verified by {dl.verified}" if checked else "unverified",
                  extra={"event": "fetched", "key": dl.obj.key, "bytes": dl.obj.size,
                         "seconds": round(elapsed, 3), "mbps": round(dl.bytes_fetched / elapsed / 1e6, 1),
-                        "source": "s3"})
+                        "source": "s3", "verified": dl.verified or UNVERIFIED})
         self.retire(dl)
 
     async def _restart(self, dl: Download) -> None:
