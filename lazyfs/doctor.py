@@ -98,7 +98,7 @@ def mountpoint(cfg: DoctorConfig) -> list[Check]:
             return [Check(FAIL, "mountpoint", f"{path} is a stale mount (its daemon died)",
                           f"fusermount3 -uz {path} (lazyfs mount also cleans it up at start)")]
         if state is None:
-            also = " (lazyfs mount also takes a lazyfs mount that does not answer over)" \
+            also = " (or start lazyfs mount: it takes over a lazyfs mount that does not answer)" \
                 if entry.fstype == "fuse.lazyfs" else " (if its daemon is gone or hung)"
             return [Check(FAIL, "mountpoint", f"{path} is mounted but not responding",
                           f"lazyfs umount --force {path}{also}")]
