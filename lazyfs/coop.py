@@ -72,7 +72,7 @@ class ForeignDownload:
     def __init__(self, obj: RemoteObject, store: Store, pages: PageBudget, io: trio.CapacityLimiter,
                  read_deadline: float, take_over: TakeOver,
                  on_finished: Callable[[ForeignDownload], None],
-                 drop_pages: Callable[[RemoteObject], None] | None = None) -> None:
+                 drop_pages: Callable[[RemoteObject], None]) -> None:
         self.obj = obj
         self._store = store
         self._pages = pages
@@ -226,8 +226,7 @@ class ForeignDownload:
         if self._part_map is not None and seen.ino != self._part_ino:
             log.info("%s: the other process started its download over; following the new file", self.obj.uri)
             self._close_part()
-            if self._drop_pages is not None:
-                self._drop_pages(self.obj)
+            self._drop_pages(self.obj)
         if self._part_map is None and seen.fmap is not None:
             self._part_fd, self._part_map, self._part_ino = seen.fd, seen.fmap, seen.ino
         elif seen.fmap is not None:  # mapped meanwhile by an earlier poll: this one is spare
