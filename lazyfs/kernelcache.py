@@ -9,8 +9,8 @@ one never waits (its caller may be what such a request waits for), and a
 stopping mount keeps answering requests until the notifications under way
 have ended (`settle`): one left waiting on a request nobody answers keeps
 /dev/fuse open inside the kernel, so neither the unmount nor the process's
-exit could end that request, and the mount would be dead until an
-administrator aborted its connection (docs/concurrency.md).
+exit could end that request, and the mount would be dead until its connection
+was aborted (`lazyfs umount --force`, or the next start; docs/concurrency.md).
 """
 
 from __future__ import annotations
