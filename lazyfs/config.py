@@ -28,7 +28,7 @@ from lazyfs.modeljson import (
     load_model_json,
     resolve_mountpoint,
 )
-from lazyfs.mounttab import is_fuse_mount
+from lazyfs.mounttab import check_answering, is_fuse_mount
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MiB = 1024 * 1024
@@ -312,6 +312,8 @@ def _sources(args: Mapping[str, Any], env: Mapping[str, str],
 
 def read_lock(path: str | None) -> Lock | None:
     """The lock file a flag names, read and checked whole (lockfile.read)."""
+    if path:
+        check_answering(path, "lock file")
     return read(Path(path)) if path else None
 
 
@@ -334,8 +336,8 @@ def mount_config(args: Mapping[str, Any], env: Mapping[str, str]) -> MountConfig
     if not is_fuse_mount(mnt):
         check_directory(mnt, "mountpoint")
     store = Path(os.path.abspath(args["store"])) if args.get("store") else None
-    if store is not None and not is_fuse_mount(store) and store.exists():
-        check_directory(store, "store")
+    if store is not None:  # a mount (a live one, say JuiceFS) will do
+        check_directory(store, "store", missing_ok=True)
     values = {name: args[name] for name in ("allow_other", "log_level", "read_ahead", "refresh", "cache_max_size",
                                             "memory_limit", "xattrs", "metrics_port", "metrics_addr", "store_mode")
               if args.get(name) is not None}
@@ -351,8 +353,8 @@ def bake_config(args: Mapping[str, Any], env: Mapping[str, str]) -> BakeConfig:
                           "already (give one of them)")
     configs, sources = _sources(args, env, lock)
     to = resolve_mountpoint(args.get("to"), configs)
-    if not is_fuse_mount(to) and to.exists():
-        check_directory(to, "--to folder")
+    if not is_fuse_mount(to):  # a mount is refused by bake itself
+        check_directory(to, "--to folder", missing_ok=True)
     return BakeConfig(sources=sources, target=to, log_level=args.get("log_level") or "info",
                       store_mode=args.get("store_mode") or DEFAULT_STORE_MODE, lock=lock,
                       write_lock=_output(args.get("write_lock"), "--write-lock"), configs=_config_refs(configs),

@@ -1,7 +1,7 @@
 """model.json and S3 folders: read and checked once, at the edge.
 
 Each problem raises ConfigError with one sentence that names it (exit code 2
-in the CLI).  No I/O beyond reading the files named.
+in the CLI).  No I/O beyond reading the files named, and a look at the folders named.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from lazyfs.errors import ConfigError, UnsafeKey
+from lazyfs.mounttab import check_answering
 from lazyfs.namespace import key_parts
 
 DEFAULT_CACHE_DIR = "/var/practicus/cache"
@@ -52,6 +53,7 @@ def load_model_json(path: str | os.PathLike[str]) -> ModelJson:
     """Read and check one model.json (other keys belong to the model and are kept
     out of our way, except near-misses of ours, which are almost always typos)."""
     p = Path(path)
+    check_answering(p, "config file")
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -157,10 +159,15 @@ def resolve_mountpoint(positional: str | None, configs: Sequence[ModelJson]) -> 
     return Path(targets.pop() if targets else DEFAULT_CACHE_DIR)
 
 
-def check_directory(path: Path, what: str) -> None:
+def check_directory(path: Path, what: str, missing_ok: bool = False) -> None:
+    """A folder the command will use: it must be one (or, with `missing_ok`,
+    not exist yet), and not on a FUSE mount that never answers (MountError)."""
+    check_answering(path, what)
     try:
         st = path.stat()
     except FileNotFoundError:
+        if missing_ok:
+            return
         raise ConfigError(f"{what} {path} does not exist") from None
     except PermissionError:
         raise ConfigError(f"{what} {path}: permission denied") from None

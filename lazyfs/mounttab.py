@@ -30,22 +30,26 @@ class MountEntry:
     device: str  # "major:minor"
 
 
-def find_mount(path: str | Path) -> MountEntry | None:
-    """The mount whose mountpoint is exactly `path`, from /proc/self/mountinfo."""
-    target = os.path.abspath(path)
-    found = None
+def _mounts() -> list[MountEntry]:
+    """Every mount in /proc/self/mountinfo, in its order (a later entry for a path is on top)."""
+    entries = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
-                mnt = _unescape(fields[4])
-                if mnt == target:
-                    # The last entry for a path is the one on top.
-                    found = MountEntry(mnt, fields[sep + 1], _unescape(fields[sep + 2]), fields[2])
+                entries.append(MountEntry(_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2]),
+                                          fields[2]))
     except OSError:
-        return None
-    return found
+        return []
+    return entries
+
+
+def find_mount(path: str | Path) -> MountEntry | None:
+    """The mount whose mountpoint is exactly `path`, from /proc/self/mountinfo."""
+    target = os.path.abspath(path)
+    found = [entry for entry in _mounts() if entry.mountpoint == target]
+    return found[-1] if found else None
 
 
 def is_fuse_mount(path: str | Path) -> bool:
@@ -60,17 +64,21 @@ def _unescape(field: str) -> str:
     return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
+UNMOUNT_TIMEOUT_S = 30.0
+
+
 def unmount(path: str | Path, lazy: bool = False) -> None:
     """Unmount a FUSE mount with fusermount3 (falling back to umount as root)."""
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(path)]
     try:
         try:
-            res = subprocess.run(args, capture_output=True, text=True, timeout=30)
+            res = subprocess.run(args, capture_output=True, text=True, timeout=UNMOUNT_TIMEOUT_S)
         except FileNotFoundError:
             res = subprocess.run(["umount"] + (["-l"] if lazy else []) + [str(path)],
-                                 capture_output=True, text=True, timeout=30)
+                                 capture_output=True, text=True, timeout=UNMOUNT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise MountError(f"unmounting {path} did not finish in 30 s; try: lazyfs umount --force {path}") from None
+        raise MountError(f"unmounting {path} did not finish in {UNMOUNT_TIMEOUT_S:.0f} s; "
+                         f"try: lazyfs umount --force {path}") from None
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip().splitlines()
         raise MountError(msg[-1] if msg else f"unmounting {path} failed")
@@ -113,6 +121,20 @@ def probe_mount(path: Path, timeout: float = PROBE_TIMEOUT_S) -> int | None:
     t.start()
     t.join(timeout)
     return result[0] if result else None
+
+
+def check_answering(path: str | Path, what: str) -> None:
+    """Refuse a path on, or anywhere below, a FUSE mount whose daemon does not
+    answer: a stat of it, or an open, would wait for ever.  Found by name in
+    the mount table (resolving the path could hang too), so a symlink into
+    such a mount is not seen."""
+    target = os.path.abspath(path)
+    for entry in _mounts():
+        mnt = entry.mountpoint
+        below = target == mnt or target.startswith(mnt.rstrip("/") + "/")
+        if below and entry.fstype.startswith("fuse") and probe_mount(Path(mnt)) is None:
+            raise MountError(f"{what} {path} is on {mnt}, a {entry.fstype} mount that is not responding; "
+                             f"if its daemon is gone or hung, run: lazyfs umount --force {mnt}")
 
 
 def check_mountpoint(path: Path) -> None:

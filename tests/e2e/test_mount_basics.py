@@ -409,6 +409,41 @@ def test_the_next_start_takes_over_a_lazyfs_mount_that_does_not_answer(mount, bu
     assert fs.read(m2.file(key)) == model[key]  # the old daemon's exit left the new mount alone
 
 
+def test_no_command_hangs_on_a_path_inside_a_mount_that_does_not_answer(mount, proxy, bucket, model, tmp_path,
+                                                                        fs: FS):
+    """A store, prebaked layer or bake folder given on (or inside) a hung FUSE
+    mount: every command says so and exits, where a stat of the path would
+    wait for ever."""
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
+    m.process.send(signal.SIGSTOP)
+    try:
+        source = ["--prefix", f"s3://{bucket}/{PREFIX}", "--endpoint-url", proxy.endpoint]
+        other = tmp_path / "other"
+        other.mkdir()
+        fix = f"lazyfs umount --force {m.path}"
+        commands = {
+            "mount --store on it": ["mount", str(other), "--store", str(m.path), *source],
+            "mount --store inside it": ["mount", str(other), "--store", str(m.path / "store"), *source],
+            "mount --prebaked inside it": ["mount", str(other), "--prebaked", str(m.path / "baked"), *source],
+            "bake --to inside it": ["bake", "--to", str(m.path / "baked"), *source],
+            "status --store inside it": ["status", "--store", str(m.path / "store"), *source],
+            "mount --config inside it": ["mount", str(other), "--config", str(m.path / "model.json"),
+                                         "--endpoint-url", proxy.endpoint],
+            "bake --lock inside it": ["bake", "--to", str(other), "--lock", str(m.path / "lazyfs.lock"), *source],
+        }
+        running = {what: fs.start(lambda a: lazyfs_cli(a, mount.env(), timeout=30), args)
+                   for what, args in commands.items()}
+        for what, res in ((what, run.result(60)) for what, run in running.items()):
+            assert res.returncode != 0, what
+            assert "not responding" in res.stderr and fix in res.stderr, (what, res.stderr)
+            assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, (what, res.stderr)
+        assert not is_mounted(other)
+    finally:
+        lazyfs_cli(["umount", "--force", str(m.path)])
+        m.process.send(signal.SIGCONT)
+    assert m.process.proc.wait(15) == 0
+
+
 def test_a_live_mount_is_not_mounted_over(mount, bucket, model, fs: FS):
     m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
     res = lazyfs_cli(["mount", str(m.path), "--prefix", f"s3://{bucket}/{PREFIX}"])

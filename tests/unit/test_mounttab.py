@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +62,46 @@ def test_a_live_mount_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(MountError, match="already mounted"):
         check_mountpoint(MNT)
     assert done == []
+
+
+def mounts(monkeypatch: pytest.MonkeyPatch, table: list[tuple[str, str]], answers: dict[str, int | None]) -> list[str]:
+    """A mount table of (mountpoint, fstype); probes answer from `answers`.  The paths probed."""
+    probed: list[str] = []
+
+    def probe(path: Path) -> int | None:
+        probed.append(str(path))
+        return answers[str(path)]
+
+    monkeypatch.setattr(mounttab, "_mounts", lambda: [MountEntry(m, t, "src", "0:1") for m, t in table])
+    monkeypatch.setattr(mounttab, "probe_mount", probe)
+    return probed
+
+
+def test_a_path_on_or_below_a_fuse_mount_that_does_not_answer_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    mounts(monkeypatch, [("/", "ext4"), ("/mnt/hung", "fuse.sshfs")], {"/mnt/hung": None})
+    for path in ("/mnt/hung", "/mnt/hung/store", "/mnt/hung/a/b/../c"):
+        with pytest.raises(MountError, match=r"store .* is on /mnt/hung, a fuse.sshfs mount that is not "
+                                             r"responding; .*run: lazyfs umount --force /mnt/hung"):
+            mounttab.check_answering(path, "store")
+
+
+def test_other_paths_are_not_probed_and_a_live_mount_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    probed = mounts(monkeypatch, [("/", "ext4"), ("/mnt/hung", "fuse.lazyfs"), ("/mnt/live", "fuse.juicefs"),
+                                  ("/mnt/hung/tmp", "tmpfs")], {"/mnt/hung": None, "/mnt/live": 0})
+    mounttab.check_answering("/mnt/hungry/store", "store")  # a sibling whose name starts the same
+    mounttab.check_answering("/var/practicus/cache", "mountpoint")
+    assert probed == []
+    mounttab.check_answering("/mnt/live/store", "store")
+    assert probed == ["/mnt/live"]
+
+
+def test_an_unmount_that_does_not_finish_is_one_line_with_the_fix(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    fake = tmp_path / "fusermount3"  # as one stuck on a mount whose daemon hangs
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(mounttab, "UNMOUNT_TIMEOUT_S", 0.2)
+    fix = rf"^unmounting {MNT} did not finish in 0 s; try: lazyfs umount --force {MNT}$"
+    with pytest.raises(MountError, match=fix):
+        mounttab.unmount(MNT)
