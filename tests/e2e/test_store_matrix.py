@@ -87,6 +87,37 @@ def test_listing_with_folders(s3_store, store_mount, store_proxy, store_s3, stor
     assert store_proxy.count("LIST") >= 1
 
 
+# Names a request must encode: spaces, reserved and sub-delimiter characters,
+# a literal percent sequence, non-ASCII in two normalisations.
+ODD_NAMES = ("dir with space/file (1).bin", "a+b=c&d;e,f.bin", "pct%20literal%2F.bin", "q?x#y.bin",
+             "tilde~star*quote'.bin", "ünïcödé/naïve.txt", "nai\u0308ve.txt", "emoji \U0001f600.bin", "[br]{ac}.bin")
+
+
+@on_both_clients
+def test_names_that_need_encoding_and_an_empty_file_list_read_and_verify(s3_store, store_mount, store_proxy,
+                                                                         store_s3, store_bucket, fs: FS,
+                                                                         tmp_path: Path):
+    objects = {f"{P}/{name}": os.urandom(64 * 1024 + i) for i, name in enumerate(ODD_NAMES)}
+    objects[f"{P}/empty file"] = b""
+    for key, data in objects.items():
+        store_s3.put_object(Bucket=store_bucket, Key=key, Body=data)
+    store_dir = tmp_path / "store"
+    m = store_mount("--prefix", f"s3://{store_bucket}/{P}", store=store_dir)
+    assert sorted(fs.listdir(m.path / P)) == sorted({name.split("/")[0] for name in ODD_NAMES} | {"empty file"})
+    for key, data in objects.items():
+        assert sha(read_then_settle(m, fs, key)) == sha(data), key
+        assert published(m, key), f"{key} not published:\n{m.log()[-2000:]}"
+        assert fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.verified").decode() != "unverified", key
+        assert fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.source").decode() == f"s3://{store_bucket}/{key}"
+    assert "ERROR" not in m.log() and "WARNING" not in m.log(), m.log()[-3000:]
+    m.stop()
+    store_proxy.clear()
+    m2 = store_mount("--prefix", f"s3://{store_bucket}/{P}", store=store_dir)
+    for key, data in objects.items():
+        assert sha(fs.read(m2.file(key))) == sha(data), key
+    assert store_proxy.count("GET") == 0, store_proxy.requests("GET")[:3]
+
+
 @on_both_clients
 def test_single_part_object_is_verified_and_cached(s3_store, store_mount, store_proxy, store_s3, store_bucket,
                                                    fs: FS, tmp_path: Path):
