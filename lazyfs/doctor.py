@@ -23,7 +23,7 @@ from lazyfs.catalog import Catalog
 from lazyfs.config import DoctorConfig
 from lazyfs.errors import LazyfsError
 from lazyfs.identity import user_xattrs_work
-from lazyfs.mounttab import find_mount, probe_mount
+from lazyfs.mounttab import find_mount, hung_mount_holding, probe_mount
 from lazyfs.remote import Remote
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -104,11 +104,22 @@ def mountpoint(cfg: DoctorConfig) -> list[Check]:
                           f"lazyfs umount --force {path}{also}")]
         return [Check(WARN, "mountpoint", f"{path} is already mounted ({entry.fstype}); a second mount "
                       "would be refused", f"lazyfs umount {path} first")]
+    if (hung := _on_hung_mount("mountpoint", path)) is not None:
+        return [hung]
     if not path.exists():
         return [Check(FAIL, "mountpoint", f"{path} does not exist", f"mkdir -p {path}")]
     if not path.is_dir():
         return [Check(FAIL, "mountpoint", f"{path} is not a directory", "choose a directory")]
     return [Check(OK, "mountpoint", f"{path} exists and is not mounted")]
+
+
+def _on_hung_mount(name: str, path: Path) -> Check | None:
+    """A path inside a FUSE mount that does not answer: looking at it would hang doctor."""
+    entry = hung_mount_holding(path)
+    if entry is None:
+        return None
+    return Check(FAIL, name, f"{path} is on {entry.mountpoint}, a {entry.fstype} mount that is not responding",
+                 f"lazyfs umount --force {entry.mountpoint} (if its daemon is gone or hung)")
 
 
 def store(cfg: DoctorConfig) -> list[Check]:
@@ -117,6 +128,8 @@ def store(cfg: DoctorConfig) -> list[Check]:
     if entry is not None and entry.fstype.startswith("fuse"):
         return [Check(WARN, "store", f"{path} is covered by a FUSE mount; its own folder is out of "
                       "reach from here", "run doctor before mounting, or give --store")]
+    if (hung := _on_hung_mount("store", path)) is not None:
+        return [hung]
     existing = path
     while not existing.exists():
         existing = existing.parent

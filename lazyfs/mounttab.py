@@ -123,18 +123,26 @@ def probe_mount(path: Path, timeout: float = PROBE_TIMEOUT_S) -> int | None:
     return result[0] if result else None
 
 
-def check_answering(path: str | Path, what: str) -> None:
-    """Refuse a path on, or anywhere below, a FUSE mount whose daemon does not
-    answer: a stat of it, or an open, would wait for ever.  Found by name in
-    the mount table (resolving the path could hang too), so a symlink into
-    such a mount is not seen."""
+def hung_mount_holding(path: str | Path) -> MountEntry | None:
+    """The FUSE mount `path` is on or anywhere below, if its daemon does not
+    answer (a stat of the path, or an open, would wait for ever).  Found by
+    name in the mount table (resolving the path could hang too), so a symlink
+    into such a mount is not seen."""
     target = os.path.abspath(path)
     for entry in _mounts():
         mnt = entry.mountpoint
         below = target == mnt or target.startswith(mnt.rstrip("/") + "/")
         if below and entry.fstype.startswith("fuse") and probe_mount(Path(mnt)) is None:
-            raise MountError(f"{what} {path} is on {mnt}, a {entry.fstype} mount that is not responding; "
-                             f"if its daemon is gone or hung, run: lazyfs umount --force {mnt}")
+            return entry
+    return None
+
+
+def check_answering(path: str | Path, what: str) -> None:
+    """Refuse a path on a hung FUSE mount (hung_mount_holding), with the fix."""
+    entry = hung_mount_holding(path)
+    if entry is not None:
+        raise MountError(f"{what} {path} is on {entry.mountpoint}, a {entry.fstype} mount that is not responding; "
+                         f"if its daemon is gone or hung, run: lazyfs umount --force {entry.mountpoint}")
 
 
 def check_mountpoint(path: Path) -> None:
