@@ -65,6 +65,9 @@ class RemoteConfig:
     read_timeout: float = 20.0
     # Sized to the download concurrency so that no request waits for a socket.
     max_pool_connections: int = 32
+    # A 32-hex-digit ETag is the MD5 of the content, as on AWS for single-part
+    # plaintext and SSE-S3 objects (--no-etag-check: not on this store).
+    etag_is_md5: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,26 +221,6 @@ def parse_size(text: str, what: str) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def size_at_least(minimum: int) -> Any:
-    def parse(text: str, flag: str) -> int:
-        value = parse_size(text, flag)
-        if value < minimum:
-            raise ConfigError(f"{flag} {text} is too small (at least {minimum // 1024}KiB)"
-                              if minimum < MiB else f"{flag} {text} is too small (at least {minimum // MiB}MiB)")
-        return value
-    return parse
-
-
-def in_range(low: float, high: float, unit: str = "", low_open: bool = False) -> Any:
-    """A number within [low, high] (or (low, high]), else one sentence naming the flag."""
-    def check(value: float, flag: str) -> float:
-        if not low <= value <= high or (low_open and value == low):  # NaN fails too
-            bounds = f"between {low:g} and {high:g}{unit}"
-            raise ConfigError(f"{flag} {value:g} must be {bounds}")
-        return value
-    return check
-
-
 def endpoint(flag: str | None, env: Mapping[str, str]) -> str | None:
     """The endpoint the user chose, by the precedence boto3 documents."""
     for value in (flag, env.get("AWS_ENDPOINT_URL_S3"), env.get("AWS_ENDPOINT_URL")):
@@ -275,6 +258,7 @@ def remote_config(args: Mapping[str, Any], env: Mapping[str, str]) -> RemoteConf
     return RemoteConfig(endpoint_url=url, region=region, addressing_style=cast(AddressingStyle, style),
                         max_pool_connections=pool,
                         max_attempts=_attempts(args, default_of(RemoteConfig, "max_attempts")),
+                        etag_is_md5=not args.get("no_etag_check"),
                         read_timeout=args.get("read_timeout") or default_of(RemoteConfig, "read_timeout"))
 
 

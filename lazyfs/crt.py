@@ -93,7 +93,7 @@ class CrtTransfer:
         while pos < job.end:
             if job.cancelled():
                 raise Stopped()
-            state = _Received(job, pos, pos == 0 and job.end == job.obj.size)
+            state = _Received(job, pos, pos == 0 and job.end == job.obj.size, self.cfg.etag_is_md5)
             try:
                 self._one_request(state)
                 return
@@ -183,8 +183,9 @@ class CrtTransfer:
 class _Received:
     """One request's progress, written from the CRT's threads."""
 
-    def __init__(self, job: RangeJob, start: int, whole: bool) -> None:
+    def __init__(self, job: RangeJob, start: int, whole: bool, etag_is_md5: bool = True) -> None:
         self.job = job
+        self.etag_is_md5 = etag_is_md5  # the store's ETags can be MD5s at all (--no-etag-check: no)
         self.reached = start  # bytes [job.start, reached) are in the file
         self.whole = whole
         self.status = 0
@@ -209,7 +210,7 @@ class _Received:
                                                             "-" in h.get("etag", "") else "FULL_OBJECT")
                     checksum = (algo.upper(), value, kind)
                     break
-        ok = sse in ("", "AES256") and not h.get("x-amz-server-side-encryption-customer-algorithm")
+        ok = self.etag_is_md5 and sse in ("", "AES256") and not h.get("x-amz-server-side-encryption-customer-algorithm")
         self.job.got_meta(ResponseMeta(etag_is_md5=ok, checksum=checksum))
 
     def on_progress(self, progress: int, **kwargs: Any) -> None:

@@ -13,13 +13,12 @@ from typing import Any, Callable, Mapping, Sequence, get_args
 from lazyfs.config import (
     LOG_LEVELS,
     FetchConfig,
+    MiB,
     MountConfig,
     RemoteConfig,
     StoreMode,
     default_of,
-    in_range,
     parse_size,
-    size_at_least,
 )
 from lazyfs.errors import ConfigError
 from lazyfs.modeljson import DEFAULT_CACHE_DIR
@@ -78,6 +77,26 @@ def _refresh(value: float, flag: str) -> float:
     return value
 
 
+def size_at_least(minimum: int) -> Any:
+    def parse(text: str, flag: str) -> int:
+        value = parse_size(text, flag)
+        if value < minimum:
+            raise ConfigError(f"{flag} {text} is too small (at least {minimum // 1024}KiB)"
+                              if minimum < MiB else f"{flag} {text} is too small (at least {minimum // MiB}MiB)")
+        return value
+    return parse
+
+
+def in_range(low: float, high: float, unit: str = "", low_open: bool = False) -> Any:
+    """A number within [low, high] (or (low, high]), else one sentence naming the flag."""
+    def check(value: float, flag: str) -> float:
+        if not low <= value <= high or (low_open and value == low):  # NaN fails too
+            bounds = f"between {low:g} and {high:g}{unit}"
+            raise ConfigError(f"{flag} {value:g} must be {bounds}")
+        return value
+    return check
+
+
 _RETRIES_SHOWN = (RemoteConfig, "max_attempts", lambda attempts: attempts - 1)
 _DEFAULT_LOCATION = f"the config's download_files_to, else {DEFAULT_CACHE_DIR}"
 
@@ -104,6 +123,11 @@ TRANSFER = (
            "SECONDS", type=float, check=in_range(0, 3600, " seconds", low_open=True),
            default=(RemoteConfig, "read_timeout")),
 )
+
+ETAG_CHECK = Option(
+    "--no-etag-check", "do not take an ETag for the content's MD5: for an S3-compatible store whose ETags are "
+    "not MD5 digests (a download that matches no ETag fails with EIO otherwise).  Checksums the store returns "
+    "(CRC32, CRC32C, CRC64NVME, SHA) are still checked; a file with none is published unverified", kind="flag")
 
 STORE_MODE = Option(
     "--store-mode", "who may read the store beneath the mount: the folders lazyfs creates there are private "
@@ -132,6 +156,7 @@ MOUNT = (
     Option("--allow-other", "let other users read the mount", kind="flag"),
     STORE_MODE,
     *TRANSFER,
+    ETAG_CHECK,
     Option("--read-deadline", "longest a read waits for its bytes before failing with EIO", "SECONDS",
            type=float, check=in_range(0, 86400, " seconds", low_open=True), default=(FetchConfig, "read_deadline")),
     Option("--prefetch", "as soon as the mount is up, fetch every file in the background at the full parallel "
@@ -173,11 +198,13 @@ BAKE = (
     Option("--to", f"target folder (default: {_DEFAULT_LOCATION})", "DIR"),
     STORE_MODE,
     *TRANSFER,
+    ETAG_CHECK,
     *LOGGING,
 )
 
 LOCK = (
     *SOURCE,
+    ETAG_CHECK,
     Option("--output", "where to write the lock; - for standard output (default: beside the first --config, "
            "model.json -> model.lock.json, else ./lazyfs.lock.json)", "FILE", short="-o"),
     *LOGGING,

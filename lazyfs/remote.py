@@ -202,7 +202,7 @@ class Remote:
         obj = RemoteObject(bucket=bucket, key=key, size=int(resp["ContentLength"]),
                            etag=_etag(resp.get("ETag", "")), mtime_ns=_mtime_ns(resp["LastModified"]))
         sse = resp.get("ServerSideEncryption") or ""
-        etag_is_md5 = sse in ("", "AES256") and not resp.get("SSECustomerAlgorithm")
+        etag_is_md5 = self.cfg.etag_is_md5 and sse in ("", "AES256") and not resp.get("SSECustomerAlgorithm")
         return HeadInfo(obj, _checksum_of(resp), etag_is_md5, _version_id(resp))
 
     def part(self, obj: RemoteObject, number: int) -> Part | None:
@@ -239,7 +239,8 @@ class Remote:
             kwargs["IfMatch"] = f'"{obj.etag}"'
         resp = self._call(self._client.get_object, obj.bucket, obj.key, **kwargs)
         sse_ok = (resp.get("ServerSideEncryption") or "") in ("", "AES256") and not resp.get("SSECustomerAlgorithm")
-        meta = ResponseMeta(etag_is_md5=sse_ok, checksum=_checksum_of(resp) if whole else None)
+        meta = ResponseMeta(etag_is_md5=self.cfg.etag_is_md5 and sse_ok,
+                            checksum=_checksum_of(resp) if whole else None)
         return RangeStream(resp["Body"], obj, start, end, meta)
 
     # -- errors --------------------------------------------------------------

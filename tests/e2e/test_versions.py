@@ -3,6 +3,7 @@ handles keeping their version, offline start, bake, status."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -14,7 +15,7 @@ import pytest
 
 from support.mounting import FS, lazyfs_cli, on_both_clients, wait_until
 from support.proxy import Fault
-from support.s3server import free_port
+from support.s3server import free_port, s3_client
 
 pytestmark = pytest.mark.fuse
 
@@ -281,6 +282,51 @@ def test_a_corrupted_body_is_never_published(mount, proxy, s3, bucket, fs: FS, t
     assert fs.read(m.file(key)) == data
     wait_until((store / key).exists, what="publication")
     assert (store / key).read_bytes() == data
+
+
+@pytest.mark.log_errors('downloaded bytes do not match')
+@on_both_clients
+def test_no_etag_check_serves_a_store_whose_etags_are_not_md5s_and_still_checks_crcs(mount, proxy, moto, s3, bucket,
+                                                                                     fs: FS, tmp_path: Path):
+    bare, crc = f"{P}/bare.bin", f"{P}/crc.bin"
+    data = os.urandom(300_000)  # one request each
+    s3_client(moto.endpoint, checksums=False).put_object(Bucket=bucket, Key=bare, Body=data)  # only an ETag
+    put(s3, bucket, crc, os.urandom(len(data)))  # with the CRC32 boto3 sends (other bytes: not linked to bare)
+    assert "ChecksumCRC32" not in s3.head_object(Bucket=bucket, Key=bare, ChecksumMode="ENABLED")
+    # Every body differs from its ETag's MD5, the same way each time: what a
+    # store whose ETags are not MD5 digests looks like.
+    for key in (bare, crc):
+        proxy.add(Fault("corrupt", key=key, times=None))
+    served = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
+
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "strict")
+    with contextlib.suppress(OSError):
+        fs.read(m.file(bare))  # bytes read before the check come as they are
+    wait_until(lambda: f"{bare}: downloaded bytes do not match the object's MD5" in m.log(), what="the check")
+    assert not (tmp_path / "strict" / bare).exists()
+    m.stop()
+
+    store = tmp_path / "lenient"
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--no-etag-check", store=store)
+    assert fs.read(m.file(bare)) == served
+    wait_until((store / bare).exists, what="publication")
+    assert fs.run(os.getxattr, str(m.file(bare)), "user.lazyfs.verified") == b"unverified"
+    assert f"fetched s3://{bucket}/{bare}: {len(data)} bytes" in m.log() and "unverified" in m.log()
+    with contextlib.suppress(OSError):
+        fs.read(m.file(crc))
+    wait_until(lambda: f"{crc}: downloaded bytes do not match the object's CRC32" in m.log(), what="the CRC check")
+    assert not (store / crc).exists(), "bytes that fail the store's CRC were published"
+    # A lock made with it records no MD5 for the bare object, and keeps the CRC.
+    checks = {}
+    for flags in ([], ["--no-etag-check"]):
+        out = tmp_path / f"lock{len(flags)}.json"
+        res = lazyfs_cli(["lock", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint, *flags,
+                          "--output", str(out)])
+        assert res.returncode == 0, res.stderr
+        objects = json.loads(out.read_text())["folders"][0]["objects"]
+        checks[tuple(flags)] = {o["key"]: (o["checksum"] or {}).get("algorithm") for o in objects}
+    assert checks[()] == {bare: "MD5", crc: "CRC32"}
+    assert checks[("--no-etag-check",)] == {bare: None, crc: "CRC32"}
 
 
 def test_verify_etag_checks_unrecorded_copies(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):

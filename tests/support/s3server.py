@@ -93,11 +93,15 @@ class MotoServer:
         self.stop()
 
 
-def s3_client(endpoint: str) -> Any:
-    """A boto3 client for the local server (imported here: tests only)."""
+def s3_client(endpoint: str, checksums: bool = True) -> Any:
+    """A boto3 client for the local server (imported here: tests only).
+    `checksums=False`: uploads carry no CRC, as from older clients, so the
+    object has only its ETag to be checked against."""
     import boto3
     import botocore.config
 
+    when = "when_supported" if checksums else "when_required"
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-        region_name=REGION, config=botocore.config.Config(s3={"addressing_style": "path"}))
+        region_name=REGION, config=botocore.config.Config(s3={"addressing_style": "path"},
+                                                          request_checksum_calculation=when))

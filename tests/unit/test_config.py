@@ -113,6 +113,12 @@ def test_remote_config_endpoint_precedence_and_path_style() -> None:
         _remote("ftp://x", None, {})
 
 
+def test_etags_count_as_md5s_unless_told_otherwise(tmp_path: Path) -> None:
+    assert _remote(None, None, {}).etag_is_md5
+    assert not remote_config({"no_etag_check": True}, {}).etag_is_md5
+    assert not _mc(tmp_path, no_etag_check=True).remote.etag_is_md5
+
+
 def _mc(tmp_path: Path, env: dict[str, str] | None = None, **kw: object):
     """mount_config from flag values as the command line gives them (strings)."""
     raw: dict[str, object] = {"mountpoint": str(tmp_path), "prefix": ["s3://bkt/p"]}
