@@ -95,6 +95,10 @@ class FetchConfig:
     # Who sends the ranged GETs: boto3 in Python threads (ranged_get.py), or
     # awscrt's C client (crt.py).  See the README for the measurements.
     transfer_client: str = "boto3"
+    # A new path is linked to a stored file with its ETag and size (the content
+    # index).  Off with --no-etag-check: ETags that are not digests need not
+    # name the same bytes under two keys.
+    link_same_etag: bool = True
 
     @property
     def block_size(self) -> int:
@@ -275,6 +279,7 @@ def fetch_config(args: Mapping[str, Any]) -> FetchConfig:
     return FetchConfig(verify_prebaked=args.get("verify") == "etag",
                        model_readahead=args.get("model_readahead") is not False,
                        transfer_client=args.get("transfer_client") or default_of(FetchConfig, "transfer_client"),
+                       link_same_etag=not args.get("no_etag_check"),
                        **{k: v for k, v in given.items() if v is not None})
 
 

@@ -297,7 +297,7 @@ class Fetcher:
             probe = functools.partial(probe_store, self.store, obj,
                                       may_fetch=refused is None and not self.closing and not self.offline(),
                                       open_partial=self.budget is None, block_size=self.cfg.block_size,
-                                      check_prebaked=self._prebaked)
+                                      check_prebaked=self._prebaked, may_link=self.cfg.link_same_etag)
             verdict = await trio.to_thread.run_sync(probe, limiter=self._meta)
             if isinstance(verdict, Local):
                 if verdict.linked:

@@ -106,9 +106,10 @@ class PrebakedCheck:
 
 
 def probe_store(store: Store, obj: RemoteObject, *, may_fetch: bool, open_partial: bool, block_size: int,
-                check_prebaked: Callable[[RemoteObject, LocalCopy], bool] | None) -> Verdict:
+                check_prebaked: Callable[[RemoteObject, LocalCopy], bool] | None, may_link: bool = True) -> Verdict:
     """`open_partial`: open the sparse file now (saves a hop), unless the
-    cache budget must make room first."""
+    cache budget must make room first.  `may_link`: a file stored under
+    another path with the same ETag and size may stand in for it."""
     copy = store.find_current(obj)
     if copy is not None and copy.state is FileState.PREBAKED and check_prebaked is not None \
             and not check_prebaked(obj, copy):
@@ -117,7 +118,7 @@ def probe_store(store: Store, obj: RemoteObject, *, may_fetch: bool, open_partia
     if copy is not None:
         return Local(copy, linked=False)
     try:
-        copy = store.materialise(obj)
+        copy = store.materialise(obj) if may_link else None
     except (OSError, StoreError) as e:
         log.warning("%s: could not reuse an identical local file: %s", obj.uri, e)
     if copy is not None:

@@ -312,6 +312,13 @@ def test_no_etag_check_serves_a_store_whose_etags_are_not_md5s_and_still_checks_
     wait_until((store / bare).exists, what="publication")
     assert fs.run(os.getxattr, str(m.file(bare)), "user.lazyfs.verified") == b"unverified"
     assert f"fetched s3://{bucket}/{bare}: {len(data)} bytes" in m.log() and "unverified" in m.log()
+    # Another key with the same ETag and size is fetched, not linked to those
+    # bytes: an ETag that is not a digest need not name the same content twice.
+    twin = f"{P}/twin.bin"
+    s3_client(moto.endpoint, checksums=False).put_object(Bucket=bucket, Key=twin, Body=data)
+    refresh(m)
+    assert fs.read(m.file(twin)) == data
+    assert "linked, not downloaded" not in m.log() and proxy.count("GET", twin) >= 1
     with contextlib.suppress(OSError):
         fs.read(m.file(crc))
     wait_until(lambda: f"{crc}: downloaded bytes do not match the object's CRC32" in m.log(), what="the CRC check")
@@ -325,8 +332,8 @@ def test_no_etag_check_serves_a_store_whose_etags_are_not_md5s_and_still_checks_
         assert res.returncode == 0, res.stderr
         objects = json.loads(out.read_text())["folders"][0]["objects"]
         checks[tuple(flags)] = {o["key"]: (o["checksum"] or {}).get("algorithm") for o in objects}
-    assert checks[()] == {bare: "MD5", crc: "CRC32"}
-    assert checks[("--no-etag-check",)] == {bare: None, crc: "CRC32"}
+    assert checks[()] == {bare: "MD5", twin: "MD5", crc: "CRC32"}
+    assert checks[("--no-etag-check",)] == {bare: None, twin: None, crc: "CRC32"}
 
 
 def test_verify_etag_checks_unrecorded_copies(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
