@@ -409,6 +409,24 @@ def test_the_next_start_takes_over_a_lazyfs_mount_that_does_not_answer(mount, bu
     assert fs.read(m2.file(key)) == model[key]  # the old daemon's exit left the new mount alone
 
 
+def test_a_mountpoint_named_with_spaces_a_backslash_and_non_ascii(mount, bucket, model, tmp_path, fs: FS):
+    """The mount table escapes such names (\\040, \\134): status, umount, the
+    stale-mount clean-up and the takeover find the mount all the same."""
+    mnt = tmp_path / "my models\\v1 ünï" / "cache dir"
+    key = f"{PREFIX}/config.json"
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}", mountpoint=mnt)
+    assert fs.read(m.file(key)) == model[key]
+    source = ["--prefix", f"s3://{bucket}/{PREFIX}"]
+    res = lazyfs_cli(["status", "--store", str(mnt), *source], mount.env())
+    assert res.returncode == 0 and f"as served by the lazyfs mount at {mnt}" in res.stdout, res.stdout + res.stderr
+    m.process.kill()
+    m2 = mount("--prefix", f"s3://{bucket}/{PREFIX}", mountpoint=mnt)
+    assert "stale mount" in m2.log() and fs.read(m2.file(key)) == model[key]
+    res = lazyfs_cli(["umount", str(mnt)])
+    assert res.returncode == 0, res.stderr
+    assert m2.process.proc.wait(15) == 0 and not is_mounted(mnt)
+
+
 def test_no_command_hangs_on_a_path_inside_a_mount_that_does_not_answer(mount, proxy, bucket, model, tmp_path,
                                                                         fs: FS):
     """A store, prebaked layer or bake folder given on (or inside) a hung FUSE
