@@ -195,6 +195,30 @@ def test_model_json_s3_uri_and_several_prefixes_share_one_mount(mount, proxy, s3
     assert fs.read(m.file("plain/c.txt")) == b"C"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_first_listing_hangs_exits_at_once(mount, proxy, bucket, model, tmp_path, sig):
+    """A container stopped while its sidecar starts against a slow store: out
+    in a moment, exit 0, nothing left mounted, no traceback."""
+    proxy.add(Fault("delay", method="GET", seconds=20, times=None))  # every LIST too: they are GETs
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with subprocess.Popen([sys.executable, "-m", "lazyfs", "mount", str(mnt), "--prefix", f"s3://{bucket}/{PREFIX}",
+                           "--endpoint-url", proxy.endpoint], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=mount.env(), start_new_session=True) as proc:
+        try:
+            wait_until(lambda: proxy.count("LIST") >= 1, what="the first listing to be under way")
+            proc.send_signal(sig)
+            code = proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        err = proc.stderr.read().decode()
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert not is_mounted(mnt)
+
+
 def test_default_mountpoint_comes_from_download_files_to(mount, proxy, bucket, s3, fs: FS, tmp_path: Path):
     put(s3, bucket, "m/x.bin", b"x" * 10)
     target = tmp_path / "practicus-cache"
