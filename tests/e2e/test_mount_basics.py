@@ -465,6 +465,7 @@ def test_no_command_hangs_on_a_path_inside_a_mount_that_does_not_answer(mount, p
         fix = f"lazyfs umount --force {m.path}"
         commands = {
             "mount --store on it": ["mount", str(other), "--store", str(m.path), *source],
+            "mount inside it": ["mount", str(m.path / "inner"), *source],
             "mount --store inside it": ["mount", str(other), "--store", str(m.path / "store"), *source],
             "mount --prebaked inside it": ["mount", str(other), "--prebaked", str(m.path / "baked"), *source],
             "bake --to inside it": ["bake", "--to", str(m.path / "baked"), *source],
