@@ -183,7 +183,7 @@ class CrtTransfer:
 class _Received:
     """One request's progress, written from the CRT's threads."""
 
-    def __init__(self, job: RangeJob, start: int, whole: bool, etag_is_md5: bool = True) -> None:
+    def __init__(self, job: RangeJob, start: int, whole: bool, etag_is_md5: bool) -> None:
         self.job = job
         self.etag_is_md5 = etag_is_md5  # the store's ETags can be MD5s at all (--no-etag-check: no)
         self.reached = start  # bytes [job.start, reached) are in the file
