@@ -356,7 +356,9 @@ def status_config(args: Mapping[str, Any], env: Mapping[str, str]) -> StatusConf
         raise ConfigError("--verify content needs --lock: the lock holds the checksums the files are checked against")
     configs, sources = _sources(args, env, lock)
     path = Path(os.path.abspath(args["store"])) if args.get("store") else resolve_mountpoint(None, configs)
-    if not is_fuse_mount(path):
+    if is_fuse_mount(path):  # a running mount is asked; a hung one, of any kind, refused
+        check_answering(path, "store")
+    else:
         check_directory(path, "store")
     return StatusConfig(sources=sources, store=path, prebaked=_layers(args.get("prebaked") or ()),
                         as_json=bool(args.get("json")), require_all=bool(args.get("require_all")), lock=lock,

@@ -106,7 +106,7 @@ class PrebakedCheck:
 
 
 def probe_store(store: Store, obj: RemoteObject, *, may_fetch: bool, open_partial: bool, block_size: int,
-                check_prebaked: Callable[[RemoteObject, LocalCopy], bool] | None, may_link: bool = True) -> Verdict:
+                check_prebaked: Callable[[RemoteObject, LocalCopy], bool] | None, may_link: bool) -> Verdict:
     """`open_partial`: open the sparse file now (saves a hop), unless the
     cache budget must make room first.  `may_link`: a file stored under
     another path with the same ETag and size may stand in for it."""

@@ -105,3 +105,13 @@ def test_an_unmount_that_does_not_finish_is_one_line_with_the_fix(monkeypatch: p
     fix = rf"^unmounting {MNT} did not finish in 0 s; try: lazyfs umount --force {MNT}$"
     with pytest.raises(MountError, match=fix):
         mounttab.unmount(MNT)
+
+
+def test_status_refuses_a_store_that_is_a_hung_mount_of_any_kind(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    from lazyfs.config import status_config
+
+    store = tmp_path / "store"  # never looked at: a stat of it would hang
+    mounts(monkeypatch, [("/", "ext4"), (str(store), "fuse.sshfs")], {str(store): None})
+    with pytest.raises(MountError, match=rf"store {store} is on {store}, a fuse.sshfs mount that is not responding"):
+        status_config({"store": str(store), "prefix": ["s3://bucket/p"]}, {})
