@@ -27,7 +27,7 @@ from lazyfs.inodes import InodeRef, InodeTable
 from lazyfs.kernelcache import KernelCache
 from lazyfs.namespace import DirNode, RemoteObject
 from lazyfs.stats import STATS
-from lazyfs.store import Store
+from lazyfs.storespace import StoreSpace
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, catalog: Catalog, handles: Handles, store: Store,
+    def __init__(self, catalog: Catalog, handles: Handles, space: StoreSpace,
                  stats_file: Callable[[], bytes] = lambda: b"{}\n", xattrs: bool = True) -> None:
         super().__init__()
         # False (--no-xattrs): answer ENOSYS once, and the kernel stops asking.
@@ -94,7 +94,7 @@ class Operations(pyfuse3.Operations):
         self._virtual: dict[int, bytes] = {}
         self.catalog = catalog
         self.handles = handles
-        self.store = store
+        self.space = space  # the store filesystem's size, for statfs
         self.inodes = InodeTable()
         self._dirs: dict[int, DirNode] = {}
         self._next_dir = 1
@@ -240,6 +240,7 @@ class Operations(pyfuse3.Operations):
             fh = _VIRTUAL_FH + len(self._virtual) + 1
             while fh in self._virtual:
                 fh += 1
+            await self.space.current()  # the snapshot reports its last answer
             self._virtual[fh] = self.stats_file()  # one consistent snapshot per open
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if not isinstance(ref, RemoteObject):
@@ -284,7 +285,7 @@ class Operations(pyfuse3.Operations):
 
     @_translated
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        st = self.store.fsinfo()  # fstatvfs on a held descriptor: does not block
+        st = await self.space.current()
         out = pyfuse3.StatvfsData()
         out.f_bsize = st.f_bsize
         out.f_frsize = st.f_frsize

@@ -2,8 +2,9 @@
 in the mount root); Prometheus metrics (`--metrics-port`) read the same view
 (prometheus.py).
 
-Both are built from in-memory state only (the counters in stats.py and the
-live catalog, downloads and handles), so they are cheap and never wait on S3.
+Both are built from in-memory state only (the counters in stats.py, the
+live catalog, downloads and handles, and the store filesystem's last answer
+from storespace.py), so they are cheap and never wait on S3 or the store.
 """
 
 from __future__ import annotations
@@ -19,17 +20,19 @@ from lazyfs.fetch import Fetcher
 from lazyfs.handles import Handles
 from lazyfs.stats import STATS
 from lazyfs.store import Store
+from lazyfs.storespace import StoreSpace
 
 
 class MountView:
     """The pieces of a running mount that reports read."""
 
-    def __init__(self, catalog: Catalog, fetcher: Fetcher, handles: Handles, store: Store,
+    def __init__(self, catalog: Catalog, fetcher: Fetcher, handles: Handles, store: Store, space: StoreSpace,
                  mountpoint: str, pinned: DriftWatch | None = None) -> None:
         self.catalog = catalog
         self.fetcher = fetcher
         self.handles = handles
         self.store = store
+        self.space = space  # the store filesystem's size: its last answer
         self.mountpoint = mountpoint
         self.pinned = pinned  # --lock: the lock served and its drift
 
@@ -45,7 +48,7 @@ class MountView:
                 "background": dl.background and dl.readers <= 0,
                 "mbps": round(dl.bytes_fetched / max(time.monotonic() - dl.started, 1e-6) / 1e6, 1)})
         budget = self.fetcher.budget
-        fs = self.store.fsinfo()
+        fs = self.space.last
         return {
             "version": __version__,
             "mountpoint": self.mountpoint,

@@ -47,6 +47,7 @@ from lazyfs.refresher import Refresher
 from lazyfs.remote import Remote
 from lazyfs.startup import FirstListing
 from lazyfs.store import Store
+from lazyfs.storespace import StoreSpace
 from lazyfs.supervise import failed, forever, once
 
 log = logging.getLogger(__name__)
@@ -200,8 +201,9 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
     if cfg.cache_max_size is not None:
         fetcher.hooks.budget = Budget(store, cfg.cache_max_size, handles.is_open)
     drift = DriftWatch(pin, catalog.lister, cfg.sources, cfg.refresh) if pin is not None else None
-    view = MountView(catalog, fetcher, handles, store, str(cfg.mountpoint), drift)
-    ops = Operations(catalog, handles, store, stats_file=view.snapshot_bytes, xattrs=cfg.xattrs)
+    space = StoreSpace(store.fsinfo)
+    view = MountView(catalog, fetcher, handles, store, space, str(cfg.mountpoint), drift)
+    ops = Operations(catalog, handles, space, stats_file=view.snapshot_bytes, xattrs=cfg.xattrs)
     fetcher.hooks.on_bad_data = ops.kernel.drop_pages
     if cfg.metrics_port is not None:
         from lazyfs.prometheus import serve_metrics  # only when asked: start-up time

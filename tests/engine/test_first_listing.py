@@ -24,6 +24,7 @@ from lazyfs.modeljson import Source
 from lazyfs.namespace import Diff
 from lazyfs.quiet import Quiet
 from lazyfs.refresher import Refresher
+from lazyfs.storespace import StoreSpace
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
 from support.fakeremote import Call, FakeRemote, Gate
 
@@ -68,7 +69,7 @@ async def test_no_name_looks_missing_while_the_first_listing_fails(remote: FakeR
     remote.put(BUCKET, "m/sub/w.bin", b"w")
     outage = Outage(remote)
     catalog = Catalog(remote, [SOURCE])
-    ops = Operations(catalog, Handles(Fetcher(remote, stores(), fetch_config())), stores())
+    ops = Operations(catalog, Handles(Fetcher(remote, stores(), fetch_config())), StoreSpace(stores().fsinfo))
     changes: list[Diff] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(Refresher(catalog, 0, [changes.append]).run)  # --refresh 0
@@ -96,7 +97,7 @@ async def test_a_lookup_before_the_listing_lists_its_own_name(remote: FakeRemote
 
     remote.on_list.append(bulk_fails)
     catalog = Catalog(remote, [SOURCE])
-    ops = Operations(catalog, Handles(Fetcher(remote, stores(), fetch_config())), stores())
+    ops = Operations(catalog, Handles(Fetcher(remote, stores(), fetch_config())), StoreSpace(stores().fsinfo))
     with pytest.raises(RemoteUnavailable):
         await catalog.first_listing()
     assert catalog.state == "failing"
@@ -115,7 +116,7 @@ async def test_the_saved_listing_is_served_while_the_first_listing_fails(remote:
     outage = Outage(remote)
     fetcher = Fetcher(remote, store, fetch_config())
     catalog = Catalog(remote, [SOURCE], store)
-    ops = Operations(catalog, Handles(fetcher), store)
+    ops = Operations(catalog, Handles(fetcher), StoreSpace(store.fsinfo))
     changes: list[Diff] = []
     async with running(fetcher), trio.open_nursery() as nursery:
         nursery.start_soon(Refresher(catalog, 0, [changes.append]).run)
@@ -153,7 +154,8 @@ class ModelBesideFiles:
         fetcher = Fetcher(remote, store, fetch_config())
         fetcher.hooks.quiet = quiet = Quiet(quiet_s)
         catalog = Catalog(remote, [SOURCE], store, quiet=quiet)
-        return cls(remote.gate("m/model.bin"), fetcher, catalog, Operations(catalog, Handles(fetcher), store))
+        ops = Operations(catalog, Handles(fetcher), StoreSpace(store.fsinfo))
+        return cls(remote.gate("m/model.bin"), fetcher, catalog, ops)
 
     async def open_model(self) -> int:
         ops = self.ops

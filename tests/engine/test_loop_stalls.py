@@ -40,6 +40,7 @@ from lazyfs.namespace import RemoteObject
 from lazyfs.pagecache import READ_AHEAD_CHUNKS
 from lazyfs.partials import PartialFiles
 from lazyfs.ranged_get import RangeJob, Stopped
+from lazyfs.storespace import StoreSpace
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
 from support.fakeremote import FakeRemote
 from support.loopwatch import Lateness, StepTimer, watched
@@ -116,8 +117,9 @@ async def ops_for(remote: FakeRemote, fetcher: Fetcher) -> tuple[Operations, Cat
     catalog = Catalog(remote, [Source(BUCKET, "m/")])
     await catalog.refresh()
     handles = Handles(fetcher)
-    view = MountView(catalog, fetcher, handles, fetcher.store, "/mnt")
-    return Operations(catalog, handles, fetcher.store, stats_file=view.snapshot_bytes), catalog
+    space = StoreSpace(fetcher.store.fsinfo)
+    view = MountView(catalog, fetcher, handles, fetcher.store, space, "/mnt")
+    return Operations(catalog, handles, space, stats_file=view.snapshot_bytes), catalog
 
 
 async def inode_of(ops: Operations, *names: str) -> int:
@@ -456,3 +458,69 @@ async def test_pages_already_cached_cost_no_thread_and_random_reads_read_nothing
         read_in = sorted({off // CHUNK for off, _, _ in recorder.sendfiles})
         assert read_in == [3, 9, 27], f"random reads read in chunks {read_in}"
         await ops.release(fh)
+
+
+# -- 4. the store's filesystem ----------------------------------------------------------------
+
+
+class SilentFilesystem:
+    """`Store.fsinfo` of a store on a network filesystem whose server stops
+    answering after start-up: each question blocks until `answer` is set,
+    and records the thread that asked."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.answer = threading.Event()
+        self.asked: list[int] = []
+        self.free_blocks = 1000
+
+    def __call__(self) -> os.statvfs_result:
+        self.asked.append(threading.get_ident())
+        if len(self.asked) > 1:
+            self.answer.wait(30)
+        st = list(self.real())
+        st[4] = self.free_blocks  # f_bavail: which answer the caller got
+        return os.statvfs_result(st)
+
+
+@trio_test
+async def test_df_and_the_stats_file_never_wait_on_a_store_filesystem_that_does_not_answer(
+        remote: FakeRemote, stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`df` on the mount asks the store's filesystem for its size; a store on
+    NFS whose server hangs must not take every other request of the mount
+    with it.  The question goes to one thread; statfs and the stats file
+    report the last answer meanwhile; the next question after the answer
+    comes gets a fresh one."""
+    monkeypatch.setattr("lazyfs.storespace.FRESH_S", 0.0)
+    monkeypatch.setattr("lazyfs.storespace.WAIT_S", 0.2)
+    remote.put(BUCKET, "m/a.bin", b"a" * 1000)
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    fs = SilentFilesystem(fetcher.store.fsinfo)
+    async with running(fetcher):
+        catalog = Catalog(remote, [Source(BUCKET, "m/")])
+        await catalog.refresh()
+        handles = Handles(fetcher)
+        space = StoreSpace(fs)  # answered at start-up
+        view = MountView(catalog, fetcher, handles, fetcher.store, space, "/mnt")
+        ops = Operations(catalog, handles, space, stats_file=view.snapshot_bytes)
+        fs.free_blocks = 7
+        try:
+            with trio.fail_after(10):  # a hang fails the test
+                for _ in range(3):
+                    assert (await ops.statfs(CTX)).f_bavail == 1000  # the start-up answer
+                stats = await inode_of(ops, ".lazyfs", "stats.json")
+                fh = (await ops.open(stats, os.O_RDONLY, CTX)).fh
+                shown = json.loads(bytes(await ops.read(fh, 0, 1 << 20)))["store_filesystem"]
+                await ops.release(fh)
+                st = fetcher.store.fsinfo()
+                assert shown["free_bytes"] == 1000 * st.f_frsize
+                assert shown["size_bytes"] == st.f_blocks * st.f_frsize
+                assert await inode_of(ops, "m", "a.bin")  # the rest of the mount answers
+                assert len(fs.asked) == 2, "one thread waits on the store's filesystem, not one per request"
+                fs.answer.set()
+                await wait_for(lambda: space._asking.available_tokens == 1, "the late answer")
+                assert (await ops.statfs(CTX)).f_bavail == 7  # asked again: the fresh answer
+        finally:
+            fs.answer.set()
+    assert fs.asked[0] == threading.get_ident()  # start-up, before the mount serves
+    assert threading.get_ident() not in fs.asked[1:], "statvfs of the store on the trio thread"

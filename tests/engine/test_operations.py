@@ -20,6 +20,7 @@ from lazyfs.handles import Handles
 from lazyfs.inodes import ROOT_INODE
 from lazyfs.modeljson import Source
 from lazyfs.namespace import DirNode
+from lazyfs.storespace import StoreSpace
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
 from support.fakeremote import FakeRemote
 
@@ -29,7 +30,7 @@ CTX: Any = None  # the handlers never look at the request context
 async def ops_for(remote: FakeRemote, fetcher: Fetcher) -> Operations:
     catalog = Catalog(remote, [Source(BUCKET, "m/")])
     await catalog.refresh()
-    return Operations(catalog, Handles(fetcher), fetcher.store)
+    return Operations(catalog, Handles(fetcher), StoreSpace(fetcher.store.fsinfo))
 
 
 async def walk(ops: Operations, *names: str) -> pyfuse3.EntryAttributes:
