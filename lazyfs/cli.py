@@ -195,10 +195,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(argv)
     finally:
-        # Exiting already: a second SIGTERM or Ctrl-C (a container stop sent
-        # twice) must not interrupt the interpreter's own clean-up.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _ignore_stops()
+
+
+def _ignore_stops() -> None:
+    """Exiting already: a second SIGTERM or Ctrl-C (a container stop sent
+    twice) must not interrupt the interpreter's own clean-up, nor change the
+    exit code.  Python runs the handler of a signal that has just arrived
+    before it changes any handler, so one arriving now raises here, from
+    the old handler (KeyboardInterrupt, or _stop's SystemExit): it is the
+    stop we are doing already."""
+    while True:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            return
+        except (KeyboardInterrupt, SystemExit):
+            continue
 
 
 def _run(argv: Sequence[str] | None) -> int:
