@@ -126,15 +126,53 @@ def probe_mount(path: Path, timeout: float = PROBE_TIMEOUT_S) -> int | None:
 def hung_mount_holding(path: str | Path) -> MountEntry | None:
     """The FUSE mount `path` is on or anywhere below, if its daemon does not
     answer (a stat of the path, or an open, would wait for ever).  Found by
-    name in the mount table (resolving the path could hang too), so a symlink
-    into such a mount is not seen."""
+    name in the mount table, following the symlinks on the way that lie
+    outside FUSE mounts (nothing on one is looked up: that could hang too)."""
+    entries = _mounts()
+    fuse = [entry for entry in entries if entry.fstype.startswith("fuse")]
     target = os.path.abspath(path)
-    for entry in _mounts():
-        mnt = entry.mountpoint
-        below = target == mnt or target.startswith(mnt.rstrip("/") + "/")
-        if below and entry.fstype.startswith("fuse") and probe_mount(Path(mnt)) is None:
+    candidates = {target, _resolved_outside(target, [entry.mountpoint for entry in fuse])}
+    for entry in fuse:
+        if any(_on_or_below(p, entry.mountpoint) for p in candidates) and probe_mount(Path(entry.mountpoint)) is None:
             return entry
     return None
+
+
+def _on_or_below(path: str, mountpoint: str) -> bool:
+    return path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/")
+
+
+_MAX_SYMLINKS = 40  # as the kernel's ELOOP
+
+
+def _resolved_outside(path: str, fuse_mounts: list[str]) -> str:
+    """Absolute `path` with its symlinks resolved, as the kernel would, up to
+    the first component on a FUSE mount (or missing): the rest is kept as
+    written, never looked up."""
+    parts = path.split("/")[1:]
+    done, hops = "/", 0
+    while parts:
+        name = parts.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            done = os.path.dirname(done)
+            continue
+        step = os.path.join(done, name)
+        if any(_on_or_below(step, m) for m in fuse_mounts):
+            return os.path.join(step, *parts)
+        try:
+            if not os.path.islink(step) or hops >= _MAX_SYMLINKS:
+                done = step
+                continue
+            link = os.readlink(step)
+        except OSError:
+            return os.path.join(step, *parts)
+        hops += 1
+        parts = link.split("/") + parts
+        if link.startswith("/"):
+            done = "/"
+    return done
 
 
 def check_answering(path: str | Path, what: str) -> None:

@@ -462,8 +462,12 @@ def test_no_command_hangs_on_a_path_inside_a_mount_that_does_not_answer(mount, p
         source = ["--prefix", f"s3://{bucket}/{PREFIX}", "--endpoint-url", proxy.endpoint]
         other = tmp_path / "other"
         other.mkdir()
+        link = tmp_path / "models"
+        link.symlink_to(m.path / "v1")  # the link itself lies outside the mount
         fix = f"lazyfs umount --force {m.path}"
         commands = {
+            "mount --store through a symlink into it": ["mount", str(other), "--store", str(link / "store"),
+                                                        *source],
             "mount --store on it": ["mount", str(other), "--store", str(m.path), *source],
             "mount inside it": ["mount", str(m.path / "inner"), *source],
             "mount --store inside it": ["mount", str(other), "--store", str(m.path / "store"), *source],

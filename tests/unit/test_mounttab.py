@@ -115,3 +115,31 @@ def test_status_refuses_a_store_that_is_a_hung_mount_of_any_kind(monkeypatch: py
     mounts(monkeypatch, [("/", "ext4"), (str(store), "fuse.sshfs")], {str(store): None})
     with pytest.raises(MountError, match=rf"store {store} is on {store}, a fuse.sshfs mount that is not responding"):
         status_config({"store": str(store), "prefix": ["s3://bucket/p"]}, {})
+
+
+def test_a_symlink_into_a_fuse_mount_that_does_not_answer_is_followed_and_refused(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    hung = tmp_path / "hung"  # never looked up: only its name is in the mount table
+    mounts(monkeypatch, [("/", "ext4"), (str(hung), "fuse.sshfs")], {str(hung): None})
+    (tmp_path / "data").symlink_to(hung / "models")  # absolute
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "up").symlink_to("../a")  # relative, through another link
+    (tmp_path / "a").symlink_to("hung")
+    for path in (tmp_path / "data" / "store", tmp_path / "b" / "up" / "x", tmp_path / "b" / "up"):
+        with pytest.raises(MountError, match=rf"store {path} is on {hung}, a fuse.sshfs mount that is not "
+                                             r"responding"):
+            mounttab.check_answering(path, "store")
+
+
+def test_symlinks_elsewhere_loops_and_missing_paths_probe_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    hung = tmp_path / "hung"
+    probed = mounts(monkeypatch, [("/", "ext4"), (str(hung), "fuse.sshfs")], {str(hung): None})
+    (tmp_path / "real").mkdir()
+    (tmp_path / "ok").symlink_to("real")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "hungry").symlink_to("real")  # a name that starts like the mount's
+    for path in (tmp_path / "ok" / "store", tmp_path / "loop" / "store", tmp_path / "missing" / "x",
+                 tmp_path / "hungry", tmp_path / "ok" / ".." / "hung-not"):
+        mounttab.check_answering(path, "store")
+    assert probed == []
