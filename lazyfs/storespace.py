@@ -34,16 +34,26 @@ class StoreSpace:
         # At most one question in flight: one the filesystem never answers
         # holds this for good, and keeps a thread, but only one.
         self._asking = trio.CapacityLimiter(1)
+        self._failing: str | None = None  # the error of the last question, logged once
 
     async def current(self) -> os.statvfs_result:
         """A fresh answer if the store's filesystem gives one within WAIT_S,
-        else the last one (trio thread)."""
+        else the last one (trio thread).  A filesystem that fails the
+        question (EIO, ESTALE) is reported once in the log, not to the
+        caller: sizes are a report, and the store's reads say what fails."""
         if time.monotonic() - self._asked_at < FRESH_S:
             return self.last
         if self._asking.available_tokens == 0:
             log.debug("the store's filesystem has not answered statvfs yet; reporting its last answer")
             return self.last
         with trio.move_on_after(WAIT_S):
-            self.last = await trio.to_thread.run_sync(self._ask, limiter=self._asking, abandon_on_cancel=True)
+            try:
+                self.last = await trio.to_thread.run_sync(self._ask, limiter=self._asking, abandon_on_cancel=True)
+            except OSError as e:
+                if str(e) != self._failing:
+                    log.warning("the store's filesystem fails statvfs (%s); reporting its last known size", e)
+                    self._failing = str(e)
+            else:
+                self._failing = None
             self._asked_at = time.monotonic()
         return self.last

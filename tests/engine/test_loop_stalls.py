@@ -524,3 +524,27 @@ async def test_df_and_the_stats_file_never_wait_on_a_store_filesystem_that_does_
             fs.answer.set()
     assert fs.asked[0] == threading.get_ident()  # start-up, before the mount serves
     assert threading.get_ident() not in fs.asked[1:], "statvfs of the store on the trio thread"
+
+
+@trio_test
+async def test_a_store_filesystem_that_fails_statvfs_is_logged_once_and_its_last_size_reported(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("lazyfs.storespace.FRESH_S", 0.0)
+    answers: list[os.statvfs_result | OSError] = [os.statvfs("/")]
+
+    def ask() -> os.statvfs_result:
+        got = answers[-1]
+        if isinstance(got, OSError):
+            raise got
+        return got
+
+    space = StoreSpace(ask)
+    answers.append(OSError(116, "Stale file handle"))
+    for _ in range(3):
+        assert await space.current() == answers[0]
+    warned = [r.getMessage() for r in caplog.records if "fails statvfs" in r.getMessage()]
+    assert warned == ["the store's filesystem fails statvfs ([Errno 116] Stale file handle); "
+                      "reporting its last known size"]
+    fresh = os.statvfs_result((1,) * 10)
+    answers.append(fresh)
+    assert await space.current() == fresh
