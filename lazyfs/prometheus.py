@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import trio
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -19,9 +18,8 @@ from lazyfs.stats import STATS, TIMINGS
 class MountCollector(Collector):
     """Prometheus view of the same state, computed at scrape time."""
 
-    def __init__(self, view: MountView, trio_token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, view: MountView) -> None:
         self.view = view
-        self._trio_token = trio_token  # collect runs in prometheus_client's thread
 
     def collect(self) -> Iterator[Any]:
         v = self.view
@@ -62,12 +60,7 @@ class MountCollector(Collector):
         yield _gauge("lazyfs_offline", "1 while serving from the store alone.", int(v.catalog.offline))
         yield _gauge("lazyfs_listing_last_success_timestamp_seconds", "When the last listing succeeded.",
                      v.catalog.last.at if v.catalog.last.ok else 0)
-        try:  # a fresh answer within storespace.WAIT_S, asked under the trio thread's rules
-            fs = trio.from_thread.run(v.space.current, trio_token=self._trio_token)
-        except trio.RunFinishedError:  # the mount is stopping
-            fs = v.space.last
-        except RuntimeError:  # called on the trio thread itself: registration lists the names
-            fs = v.space.last
+        fs = v.space.ask_blocking()  # this thread may wait on the store; the mount never does
         yield _gauge("lazyfs_store_used_bytes", "Bytes used on the store's filesystem.",
                      (fs.f_blocks - fs.f_bfree) * fs.f_frsize)
         yield _gauge("lazyfs_store_free_bytes", "Bytes available on the store's filesystem.",
@@ -112,6 +105,6 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 def serve_metrics(view: MountView, addr: str, port: int) -> None:
     """Expose /metrics on addr:port (a daemon thread of prometheus_client's)."""
     registry = TIMINGS.enable()
-    registry.register(MountCollector(view, trio.lowlevel.current_trio_token()))
+    registry.register(MountCollector(view))
     start_http_server(port, addr=addr, registry=registry)
 

@@ -518,7 +518,7 @@ async def test_df_and_the_stats_file_never_wait_on_a_store_filesystem_that_does_
                 assert await inode_of(ops, "m", "a.bin")  # the rest of the mount answers
                 assert len(fs.asked) == 2, "one thread waits on the store's filesystem, not one per request"
                 fs.answer.set()
-                await wait_for(lambda: space._asking.available_tokens == 1, "the late answer")
+                await wait_for(lambda: not space._asking.locked(), "the late answer")
                 assert (await ops.statfs(CTX)).f_bavail == 7  # asked again: the fresh answer
         finally:
             fs.answer.set()
@@ -548,3 +548,24 @@ async def test_a_store_filesystem_that_fails_statvfs_is_logged_once_and_its_last
     fresh = os.statvfs_result((1,) * 10)
     answers.append(fresh)
     assert await space.current() == fresh
+
+
+def test_a_metrics_scrape_waits_on_a_hung_store_filesystem_once_then_reports_its_last_size() -> None:
+    """The Prometheus thread asks the store's size itself: the scrape that
+    asks first waits with the filesystem; one while it waits does not."""
+    fs = SilentFilesystem(lambda: os.statvfs("/"))
+    space = StoreSpace(fs)  # answered at start-up
+    fs.free_blocks = 7
+    first = threading.Thread(target=space.ask_blocking, daemon=True)
+    first.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(fs.asked) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(fs.asked) == 2, "the first scrape never asked"
+        assert space.ask_blocking().f_bavail == 1000  # the start-up answer, at once
+        assert len(fs.asked) == 2
+    finally:
+        fs.answer.set()
+    first.join(10)
+    assert space.last.f_bavail == 7
