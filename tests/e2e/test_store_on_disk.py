@@ -6,16 +6,20 @@ saying ready without knowing every file."""
 from __future__ import annotations
 
 import errno
+import json
 import os
+import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from support.mounting import FS, lazyfs_cli, wait_until
+from support.mounting import FS, is_mounted, lazyfs_cli, wait_until
 from support.proxy import Fault
+from support.stores import StoreUnavailable, apt_install
 
 pytestmark = pytest.mark.fuse
 
@@ -148,3 +152,50 @@ def test_require_all_when_the_first_listing_failed_is_not_ready(mount, proxy, s3
     # Failed, or still being retried: either way no file is known.
     assert "(not ready: the mount has no listing:" in res.stdout or \
         "(not ready: the mount's first listing has not finished" in res.stdout, res.stdout
+
+
+@pytest.fixture
+def network_like_store(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """A writable filesystem whose server can stop answering, as an NFS
+    server can: bindfs (FUSE) over a folder; SIGSTOP its daemon to hang it."""
+    try:
+        apt_install(["bindfs"], ["bindfs"])
+    except StoreUnavailable as e:
+        _unusable(str(e))
+    backing, path = tmp_path / "backing", tmp_path / "netfs"
+    backing.mkdir()
+    path.mkdir()
+    daemon = subprocess.Popen(["bindfs", "-f", str(backing), str(path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: is_mounted(path), what="bindfs mounted")
+        yield path, daemon
+    finally:
+        daemon.send_signal(signal.SIGCONT)
+        lazyfs_cli(["umount", "--force", str(path)])  # what is left of it, whoever holds it
+        daemon.kill()
+        daemon.wait(10)
+
+
+def test_df_and_the_stats_file_answer_while_the_store_filesystem_hangs(mount, s3, bucket, fs: FS,
+                                                                       network_like_store):
+    """`df` on the mount asks the store's filesystem for its size: a store
+    whose server has stopped answering must not hang the mount with it (it
+    hung the whole event loop: every other request of the mount waited)."""
+    netfs, daemon = network_like_store
+    s3.put_object(Bucket=bucket, Key=f"{P}/w.bin", Body=b"w" * 5000)
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=netfs / "store")
+    try:
+        assert fs.read(m.file(f"{P}/w.bin")) == b"w" * 5000
+        before = fs.run(os.statvfs, str(m.path))
+        daemon.send_signal(signal.SIGSTOP)
+        time.sleep(1.5)  # past the last answer's freshness: the next df asks again
+        for _ in range(3):  # the first waits a second for the store; the others not at all
+            st = fs.run(os.statvfs, str(m.path), timeout=10)
+            assert (st.f_blocks, st.f_frsize) == (before.f_blocks, before.f_frsize)
+        assert fs.listdir(m.path / P) == ["w.bin"]  # the rest of the mount answers
+        shown = json.loads(fs.read(m.path / ".lazyfs" / "stats.json", timeout=10))
+        assert shown["store_filesystem"]["size_bytes"] == before.f_blocks * before.f_frsize
+    finally:
+        daemon.send_signal(signal.SIGCONT)
+    assert m.process.stop() == 0
