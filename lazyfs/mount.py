@@ -36,6 +36,7 @@ from lazyfs.filemap import PageBudget
 from lazyfs.fuse_ops import Operations
 from lazyfs.handles import Handles
 from lazyfs.kernelcache import KernelCache
+from lazyfs.laststop import LastStop
 from lazyfs.layer import STORE_MODES, Layer
 from lazyfs.metrics import MountView
 from lazyfs.mounttab import MountError, check_mountpoint, set_background, set_read_ahead
@@ -215,6 +216,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
                              f"{e.strerror}") from None
         log.info("metrics at http://%s:%d/metrics", cfg.metrics_addr, cfg.metrics_port)
     stopping = trio.Event()
+    last_stop = LastStop(cfg.mountpoint, after=3 * SHUTDOWN_GRACE_S)
     warmer = Warmer(catalog, cfg, fetcher)
     refresher = drift or Refresher(catalog, cfg.refresh, [ops.kernel.forget_names, warmer.on_change])
 
@@ -244,7 +246,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
             nursery.start_soon(forever, "refresher", refresher.run)
             nursery.start_soon(forever, "prefetch", warmer.run)
             nursery.start_soon(forever, "signals", functools.partial(
-                _watch_signals, signals, refresher, fetcher, ops.kernel, stopping, nursery.cancel_scope))
+                _watch_signals, signals, refresher, fetcher, ops.kernel, stopping, last_stop, nursery.cancel_scope))
             nursery.start_soon(once, "readahead", _tune_after_init, ops, cfg)
             if fetcher.budget is not None:
                 # Until the scan succeeds, earlier runs' files neither count nor
@@ -254,6 +256,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
             nursery.start_soon(once, "store sweep", _sweep_after_first_listing, catalog, fetcher)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
             # The main loop ended: SIGTERM/SIGINT, or someone unmounted us.
+            last_stop.arm()
             if not stopping.is_set():
                 log.info("%s was unmounted; exiting", cfg.mountpoint)
                 await fetcher.close()
@@ -385,7 +388,8 @@ class Warmer:
 
 
 async def _watch_signals(signals: AsyncIterator[int], refresher: Refresher | DriftWatch, fetcher: Fetcher,
-                         kernel: KernelCache, stopping: trio.Event, everything: trio.CancelScope) -> None:
+                         kernel: KernelCache, stopping: trio.Event, last_stop: LastStop,
+                         everything: trio.CancelScope) -> None:
     async for sig in signals:
         if sig == signal.SIGHUP:
             log.info("SIGHUP: refreshing the listing")
@@ -393,6 +397,7 @@ async def _watch_signals(signals: AsyncIterator[int], refresher: Refresher | Dri
             continue
         log.info("%s: unmounting", signal.Signals(sig).name)
         stopping.set()
+        last_stop.arm()
         with trio.move_on_after(SHUTDOWN_GRACE_S):
             try:
                 await fetcher.close()

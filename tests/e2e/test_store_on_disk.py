@@ -199,3 +199,28 @@ def test_df_and_the_stats_file_answer_while_the_store_filesystem_hangs(mount, s3
     finally:
         daemon.send_signal(signal.SIGCONT)
     assert m.process.stop() == 0
+
+
+def test_sigterm_stops_the_mount_even_with_a_thread_stuck_in_a_store_that_hangs(mount, s3, bucket, fs: FS,
+                                                                                 network_like_store):
+    """An open stuck in the store's filesystem holds one of lazyfs's threads
+    in the kernel for good.  SIGTERM must still end the process and leave no
+    mount behind (it waited for that thread for ever: a container stop would
+    have ended in SIGKILL and a mount that never answers)."""
+    netfs, daemon = network_like_store
+    s3.put_object(Bucket=bucket, Key=f"{P}/w.bin", Body=b"w" * 5000)
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=netfs / "store")
+    fs.listdir(m.path / P)
+    daemon.send_signal(signal.SIGSTOP)
+    try:
+        stuck = fs.start(lambda: m.file(f"{P}/w.bin").read_bytes())  # its open asks the store
+        time.sleep(1)
+        assert not stuck.done()
+        assert m.process.stop(timeout=40) == 0
+        assert not is_mounted(m.path)
+        with pytest.raises(OSError) as info:
+            stuck.result(timeout=10)
+        assert info.value.errno in (errno.ECONNABORTED, errno.ENOTCONN, errno.EIO)
+        assert "the stop did not finish in 15 s" in m.log()
+    finally:
+        daemon.send_signal(signal.SIGCONT)

@@ -30,6 +30,7 @@ from lazyfs.download import Download
 from lazyfs.fetch import Fetcher
 from lazyfs.inodes import InodeTable
 from lazyfs.kernelcache import KernelCache
+from lazyfs.laststop import LastStop
 from lazyfs.modeljson import Source
 from lazyfs.namespace import Diff, RemoteObject
 from lazyfs.refresher import Refresher
@@ -39,6 +40,18 @@ from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
 from support.fakeremote import Call, FakeRemote
 
 SOURCE = Source(BUCKET, "m/")
+
+
+class NoLastStop(LastStop):
+    """Records that a stop armed its last resort, which here must never
+    end the test process."""
+
+    def __init__(self) -> None:
+        super().__init__(Path("/nonexistent"), after=0)
+        self.armed = 0
+
+    def arm(self) -> None:
+        self.armed += 1
 
 
 class ListBug:
@@ -213,7 +226,7 @@ async def test_the_signal_watcher_survives_an_unexpected_exception_and_still_unm
             nursery.start_soon(forever, "refresher", refresher.run)
             nursery.start_soon(forever, "signals", functools.partial(  # as mount._serve starts it
                 mount._watch_signals, receive, refresher, fetcher, KernelCache(InodeTable()), stopping,
-                nursery.cancel_scope))
+                NoLastStop(), nursery.cancel_scope))
             await wait_for(lambda: catalog.live, "the first listing")
             remote.put(BUCKET, "m/b.bin", b"b")
             await send.send(signal.SIGHUP)
@@ -241,17 +254,20 @@ async def test_sigterm_unmounts_even_when_stopping_the_downloads_raises(
     monkeypatch.setattr(fetcher, "close", raises_once(RuntimeError("a bug in close"), fetcher.close))
     send, receive = trio.open_memory_channel[int](10)
     stopping = trio.Event()
+    last_stop = NoLastStop()
     before = STATS.background_errors["signals"]
     async with running(fetcher):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(forever, "signals", functools.partial(
                 mount._watch_signals, receive, Refresher(Catalog(remote, [SOURCE]), 0), fetcher,
-                KernelCache(InodeTable()), stopping,
+                KernelCache(InodeTable()), stopping, last_stop,
                 nursery.cancel_scope))
             await send.send(signal.SIGTERM)
             with trio.fail_after(5):
                 await trio.sleep_forever()  # until the watcher cancels everything
         assert stopping.is_set() and terminated == [1]
+        assert last_stop.armed == 1, "the stop never armed its last resort"
+
     assert STATS.background_errors["signals"] == before + 1
     assert_one_traceback(caplog, "signals", "a bug in close")
 
@@ -277,7 +293,7 @@ async def test_sigterm_stops_answering_requests_only_after_the_kernel_notificati
         async with running(fetcher), trio.open_nursery() as nursery:
             nursery.start_soon(forever, "signals", functools.partial(
                 mount._watch_signals, receive, Refresher(Catalog(remote, [SOURCE]), 0), fetcher, kernel,
-                trio.Event(), nursery.cancel_scope))
+                trio.Event(), NoLastStop(), nursery.cancel_scope))
             kernel.drop_pages(obj)
             await send.send(signal.SIGTERM)
             await trio.sleep(0.5)

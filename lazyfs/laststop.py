@@ -1,0 +1,52 @@
+"""The last resort of a stop that cannot finish.
+
+A stop (SIGTERM, SIGINT, an unmount from outside) ends the FUSE loop, then
+waits for the mount's tasks; trio waits for every worker thread it did not
+abandon.  A thread stuck in the kernel for good (in a store whose network
+filesystem stopped answering) would keep the process alive after its mount
+stopped serving: a container stop would end in SIGKILL, and the mount would
+be left not answering.  So a stop arms a timer thread: if the process has not
+ended by itself in time, the timer aborts and detaches the mount (readers
+waiting on it get ECONNABORTED), says so in one line, and exits 0, as a stop
+does: the process is killable even with such a thread (FUSE and NFS waits
+are), and downloads resume at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+from lazyfs.mounttab import MountError, abort_and_detach
+
+log = logging.getLogger(__name__)
+
+
+class LastStop:
+    def __init__(self, mountpoint: Path, after: float) -> None:
+        self.mountpoint = mountpoint
+        self.after = after
+        self._timer: threading.Timer | None = None
+
+    def arm(self) -> None:
+        """Start the timer (once; later calls change nothing)."""
+        if self._timer is None:
+            self._timer = threading.Timer(self.after, self._give_up)
+            self._timer.daemon = True  # a process that ends by itself does not wait for it
+            self._timer.start()
+
+    def _give_up(self) -> None:
+        log.warning("the stop did not finish in %g s (a thread is stuck in the kernel: is the store's filesystem "
+                    "answering?); detaching %s and exiting", self.after, self.mountpoint)
+        try:
+            abort_and_detach(self.mountpoint)
+        except MountError as e:
+            log.warning("%s", e)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
