@@ -20,7 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
-from lazyfs.mounttab import MountError, abort_and_detach
+from lazyfs.mounttab import MountError, abort_and_detach, find_mount
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,13 @@ class LastStop:
         self.mountpoint = mountpoint
         self.after = after
         self._timer: threading.Timer | None = None
+        self._device = ""  # our mount's, in the mount table: what the timer may detach
+
+    def mounted(self) -> None:
+        """Remember which mount at the mountpoint is ours: by the time the
+        timer fires, the next start may have taken the path over."""
+        entry = find_mount(self.mountpoint)
+        self._device = entry.device if entry is not None else ""
 
     def arm(self) -> None:
         """Start the timer (once; later calls change nothing)."""
@@ -39,10 +46,14 @@ class LastStop:
             self._timer.start()
 
     def _give_up(self) -> None:
+        entry = find_mount(self.mountpoint)
+        ours = entry is not None and entry.device == self._device
         log.warning("the stop did not finish in %g s (a thread is stuck in the kernel: is the store's filesystem "
-                    "answering?); detaching %s and exiting", self.after, self.mountpoint)
+                    "answering?); %s and exiting", self.after,
+                    f"detaching {self.mountpoint}" if ours else "leaving the mountpoint alone (not our mount)")
         try:
-            abort_and_detach(self.mountpoint)
+            if ours:
+                abort_and_detach(self.mountpoint)
         except MountError as e:
             log.warning("%s", e)
         for handler in logging.getLogger().handlers:

@@ -240,6 +240,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
             raise MountError(f"cannot mount at {cfg.mountpoint}: {e} (is /dev/fuse available, and "
                              "are you root or is fusermount3 installed?)") from None
         stack.callback(_close_session)
+        last_stop.mounted()
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.run)
             # Every background task is supervised: it may fail, the mount goes on.
