@@ -129,7 +129,9 @@ async def test_the_saved_listing_is_served_while_the_first_listing_fails(remote:
         assert bytes(await ops.read(info.fh, 0, 1000)) == b"a" * 1000, "the object store serves data"
         await ops.release(info.fh)
         outage.on = False
-        await wait_for(lambda: catalog.live, "the live listing", timeout=5)
+        # The listing goes live before its diff (computed in a worker, then
+        # saved) reaches the listeners: wait for the diff itself.
+        await wait_for(lambda: catalog.live and bool(changes), "the live listing's diff", timeout=5)
         nursery.cancel_scope.cancel()
     assert [o.key for o in changes[0].added] == ["m/new.bin"], "the kernel is told what the saved listing lacked"
     assert [o.key for o in changes[0].removed] == ["m/gone.bin"]
