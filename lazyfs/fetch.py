@@ -27,7 +27,7 @@ from lazyfs.config import FetchConfig
 from lazyfs.coop import ForeignDownload
 from lazyfs.dispatch import Dispatcher
 from lazyfs.download import Download, Limits
-from lazyfs.errors import LazyfsError, RemoteUnavailable
+from lazyfs.errors import LazyfsError, RemoteUnavailable, StoreError
 from lazyfs.filemap import PageBudget
 from lazyfs.filestate import FileState
 from lazyfs.namespace import RemoteObject, Version
@@ -47,6 +47,12 @@ log = logging.getLogger(__name__)
 # Quick store work on the open path (probes, opening a download's file, xattr
 # states, locks) in flight at once; bulk work has its own threads (runner.py).
 _META_THREADS = 8
+# An operator's question about a file (its xattrs, so `lazyfs status`) waits
+# this long for the store, then fails with EIO: a request the kernel has sent
+# waits for its answer whatever signal its process gets, so one stuck for
+# good on a store whose filesystem stopped answering would hold `getfattr`
+# or a readiness probe for ever, unkillable.
+STATE_WAIT_S = 5.0
 
 LocalOrTransfer = LocalCopy | Download | ForeignDownload
 # How often the want files of other processes' readers are looked at
@@ -164,7 +170,12 @@ class Fetcher:
         transfer: Transfer | None = self.active(obj) or self._foreign.get(obj.version)
         if transfer is not None:
             return LocalState(FileState.DOWNLOADING, "store", transfer.fetched_bytes)
-        return await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._meta)
+        with trio.move_on_after(STATE_WAIT_S):
+            # Abandoned on time-out: a question that holds no descriptor after it returns.
+            return await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._meta,
+                                                 abandon_on_cancel=True)
+        raise StoreError(f"the store did not answer within {STATE_WAIT_S:g} s about {obj.key} "
+                         "(is its filesystem answering?)")
 
     async def sweep_store(self, listing: list[RemoteObject]) -> None:
         """Free what downloads of versions nobody lists any more left in tmp/

@@ -177,13 +177,19 @@ def network_like_store(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[
         daemon.wait(10)
 
 
-def test_df_and_the_stats_file_answer_while_the_store_filesystem_hangs(mount, s3, bucket, fs: FS,
+@pytest.mark.log_errors("the store did not answer within 5 s")
+def test_df_and_the_stats_file_answer_while_the_store_filesystem_hangs(mount, proxy, s3, bucket, fs: FS,
                                                                        network_like_store):
     """`df` on the mount asks the store's filesystem for its size: a store
     whose server has stopped answering must not hang the mount with it (it
-    hung the whole event loop: every other request of the mount waited)."""
+    hung the whole event loop: every other request of the mount waited).
+    A file's state, which only the store can tell, fails with EIO after 5 s:
+    a request the kernel has sent waits for its answer whatever signal its
+    process gets, so `getfattr` or `lazyfs status` (a readiness probe) stuck
+    on it could not even be killed."""
     netfs, daemon = network_like_store
     s3.put_object(Bucket=bucket, Key=f"{P}/w.bin", Body=b"w" * 5000)
+    s3.put_object(Bucket=bucket, Key=f"{P}/x.bin", Body=b"x" * 5000)
     m = mount("--prefix", f"s3://{bucket}/{P}", store=netfs / "store")
     try:
         assert fs.read(m.file(f"{P}/w.bin")) == b"w" * 5000
@@ -193,9 +199,15 @@ def test_df_and_the_stats_file_answer_while_the_store_filesystem_hangs(mount, s3
         for _ in range(3):  # the first waits a second for the store; the others not at all
             st = fs.run(os.statvfs, str(m.path), timeout=10)
             assert (st.f_blocks, st.f_frsize) == (before.f_blocks, before.f_frsize)
-        assert fs.listdir(m.path / P) == ["w.bin"]  # the rest of the mount answers
+        assert fs.listdir(m.path / P) == ["w.bin", "x.bin"]  # the rest of the mount answers
         shown = json.loads(fs.read(m.path / ".lazyfs" / "stats.json", timeout=10))
         assert shown["store_filesystem"]["size_bytes"] == before.f_blocks * before.f_frsize
+        with pytest.raises(OSError) as info:
+            fs.run(os.getxattr, str(m.file(f"{P}/x.bin")), "user.lazyfs.state", timeout=15)
+        assert info.value.errno == errno.EIO
+        res = status(proxy, bucket, m.path, "--require-all")
+        assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
+        assert "files could not be asked for their state" in res.stdout + res.stderr, res.stdout + res.stderr
     finally:
         daemon.send_signal(signal.SIGCONT)
     assert m.process.stop() == 0
