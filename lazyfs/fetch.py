@@ -34,7 +34,18 @@ from lazyfs.namespace import RemoteObject, Version
 from lazyfs.objectstore import ObjectStore
 from lazyfs.pagecache import Prefaulter
 from lazyfs.partials import Partial
-from lazyfs.probe import Fetch, Foreign, Local, PrebakedCheck, Unavailable, open_partial_file, probe_store
+from lazyfs.probe import (
+    Fetch,
+    Foreign,
+    LateVerdict,
+    Local,
+    PrebakedCheck,
+    Unavailable,
+    Verdict,
+    open_partial_file,
+    probe_store,
+    release,
+)
 from lazyfs.ranged_get import RangeJob, Stopped
 from lazyfs.runner import Hooks, Runner
 from lazyfs.stats import STATS
@@ -309,7 +320,7 @@ class Fetcher:
                                       may_fetch=refused is None and not self.closing and not self.offline(),
                                       open_partial=self.budget is None, block_size=self.cfg.block_size,
                                       check_prebaked=self._prebaked, may_link=self.cfg.link_same_etag)
-            verdict = await trio.to_thread.run_sync(probe, limiter=self._meta)
+            verdict = await self._probe(obj, probe)
             if isinstance(verdict, Local):
                 if verdict.linked:
                     STATS.linked_files += 1
@@ -338,6 +349,21 @@ class Fetcher:
             except BaseException:
                 await trio.to_thread.run_sync(self.store.partials.unlock, obj, verdict.lock_fd, limiter=self._meta)
                 raise
+
+    async def _probe(self, obj: RemoteObject, probe: Callable[[], Verdict]) -> Verdict:
+        """The store probe of an open, waiting at most --read-deadline: a store
+        whose filesystem stopped answering holds the thread for good, and the
+        reader (in a FUSE request no signal ends) would wait with it."""
+        late = LateVerdict(self.store, obj)
+        with trio.move_on_after(self.cfg.read_deadline):
+            verdict = await trio.to_thread.run_sync(late.run, probe, limiter=self._meta, abandon_on_cancel=True)
+            late.taken()
+            return verdict
+        made = late.abandon()
+        if made is not None:
+            self._spawn(trio.to_thread.run_sync, functools.partial(release, self.store, obj, made))
+        raise StoreError(f"the store did not answer within {self.cfg.read_deadline:g} s about {obj.key} "
+                         "(is its filesystem answering?)")
 
     def _followed(self, follower: ForeignDownload) -> None:
         if self._foreign.get(follower.obj.version) is follower:

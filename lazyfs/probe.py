@@ -145,3 +145,51 @@ def open_partial_file(store: Store, obj: RemoteObject, block_size: int) -> Parti
     except OSError as e:
         raise StoreError(f"{obj.uri}: cannot create a download file in the store: {e.strerror}",
                          e.errno or errno.EIO) from None
+
+
+class LateVerdict:
+    """Hands a probe's verdict from its worker thread to an open that may have
+    stopped waiting (the store's filesystem stopped answering, and the open
+    gave up after --read-deadline): a verdict nobody takes any more is
+    released (descriptors closed, the download's store lock dropped) in the
+    thread that made it, or, if it came just as the open gave up, by the
+    open's `abandon`."""
+
+    def __init__(self, store: Store, obj: RemoteObject) -> None:
+        self._store, self._obj = store, obj
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._made: Verdict | None = None
+
+    def run(self, probe: Callable[[], Verdict]) -> Verdict:
+        """In the worker thread."""
+        verdict = probe()
+        with self._lock:
+            if not self._abandoned:
+                self._made = verdict
+                return verdict
+        release(self._store, self._obj, verdict)
+        return verdict
+
+    def taken(self) -> None:
+        """The open got the verdict (trio thread)."""
+        with self._lock:
+            self._made = None
+
+    def abandon(self) -> Verdict | None:
+        """The open stops waiting (trio thread): a verdict already made and
+        never taken, for the caller to release off the trio thread."""
+        with self._lock:
+            self._abandoned = True
+            made, self._made = self._made, None
+        return made
+
+
+def release(store: Store, obj: RemoteObject, verdict: Verdict) -> None:
+    """Give back what a verdict holds (blocking)."""
+    if isinstance(verdict, Local):
+        os.close(verdict.copy.fd)
+    elif isinstance(verdict, Fetch):
+        if verdict.partial is not None:
+            verdict.partial.close()
+        store.partials.unlock(obj, verdict.lock_fd)

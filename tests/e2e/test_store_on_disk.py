@@ -177,7 +177,7 @@ def network_like_store(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[
         daemon.wait(10)
 
 
-@pytest.mark.log_errors("the store did not answer within 5 s")
+@pytest.mark.log_errors("the store did not answer within")
 def test_df_and_the_stats_file_answer_while_the_store_filesystem_hangs(mount, proxy, s3, bucket, fs: FS,
                                                                        network_like_store):
     """`df` on the mount asks the store's filesystem for its size: a store
@@ -186,11 +186,12 @@ def test_df_and_the_stats_file_answer_while_the_store_filesystem_hangs(mount, pr
     A file's state, which only the store can tell, fails with EIO after 5 s:
     a request the kernel has sent waits for its answer whatever signal its
     process gets, so `getfattr` or `lazyfs status` (a readiness probe) stuck
-    on it could not even be killed."""
+    on it could not even be killed.  An open that needs the store fails
+    with EIO after --read-deadline, as a read waiting on S3 does."""
     netfs, daemon = network_like_store
     s3.put_object(Bucket=bucket, Key=f"{P}/w.bin", Body=b"w" * 5000)
     s3.put_object(Bucket=bucket, Key=f"{P}/x.bin", Body=b"x" * 5000)
-    m = mount("--prefix", f"s3://{bucket}/{P}", store=netfs / "store")
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--read-deadline", "3", store=netfs / "store")
     try:
         assert fs.read(m.file(f"{P}/w.bin")) == b"w" * 5000
         before = fs.run(os.statvfs, str(m.path))
@@ -205,6 +206,10 @@ def test_df_and_the_stats_file_answer_while_the_store_filesystem_hangs(mount, pr
         with pytest.raises(OSError) as info:
             fs.run(os.getxattr, str(m.file(f"{P}/x.bin")), "user.lazyfs.state", timeout=15)
         assert info.value.errno == errno.EIO
+        with pytest.raises(OSError) as info:
+            fs.read(m.file(f"{P}/x.bin"), timeout=15)
+        assert info.value.errno == errno.EIO
+        assert "the store did not answer within 3 s about models/m/x.bin" in m.log()
         res = status(proxy, bucket, m.path, "--require-all")
         assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
         assert "files could not be asked for their state" in res.stdout + res.stderr, res.stdout + res.stderr
@@ -218,7 +223,9 @@ def test_sigterm_stops_the_mount_even_with_a_thread_stuck_in_a_store_that_hangs(
     """An open stuck in the store's filesystem holds one of lazyfs's threads
     in the kernel for good.  SIGTERM must still end the process and leave no
     mount behind (it waited for that thread for ever: a container stop would
-    have ended in SIGKILL and a mount that never answers)."""
+    have ended in SIGKILL and a mount that never answers).  The open gives
+    its thread up when the stop cancels it; work that cannot, the last-stop
+    timer ends (tests/unit/test_laststop.py)."""
     netfs, daemon = network_like_store
     s3.put_object(Bucket=bucket, Key=f"{P}/w.bin", Body=b"w" * 5000)
     m = mount("--prefix", f"s3://{bucket}/{P}", store=netfs / "store")
@@ -233,6 +240,5 @@ def test_sigterm_stops_the_mount_even_with_a_thread_stuck_in_a_store_that_hangs(
         with pytest.raises(OSError) as info:
             stuck.result(timeout=10)
         assert info.value.errno in (errno.ECONNABORTED, errno.ENOTCONN, errno.EIO)
-        assert "the stop did not finish in 15 s" in m.log()
     finally:
         daemon.send_signal(signal.SIGCONT)
