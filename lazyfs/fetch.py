@@ -355,13 +355,15 @@ class Fetcher:
         whose filesystem stopped answering holds the thread for good, and the
         reader (in a FUSE request no signal ends) would wait with it."""
         late = LateVerdict(self.store, obj)
-        with trio.move_on_after(self.cfg.read_deadline):
-            verdict = await trio.to_thread.run_sync(late.run, probe, limiter=self._meta, abandon_on_cancel=True)
-            late.taken()
-            return verdict
-        made = late.abandon()
-        if made is not None:
-            self._spawn(trio.to_thread.run_sync, functools.partial(release, self.store, obj, made))
+        try:
+            with trio.move_on_after(self.cfg.read_deadline):
+                verdict = await trio.to_thread.run_sync(late.run, probe, limiter=self._meta, abandon_on_cancel=True)
+                late.taken()
+                return verdict
+        finally:
+            made = late.abandon()  # None once taken
+            if made is not None:  # made as the open gave up, or was cancelled: release it off this thread
+                trio.lowlevel.start_thread_soon(functools.partial(release, self.store, obj, made), lambda _: None)
         raise StoreError(f"the store did not answer within {self.cfg.read_deadline:g} s about {obj.key} "
                          "(is its filesystem answering?)")
 
