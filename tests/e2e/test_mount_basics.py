@@ -174,6 +174,10 @@ def test_prebaked_copy_with_wrong_size_is_downloaded_again(mount, proxy, bucket,
     m = mount("--prefix", f"s3://{bucket}/{PREFIX}", mountpoint=mnt)
     assert sha(fs.read(m.file(key))) == sha(model[key])
     assert proxy.count("GET", key) >= 1
+    # Published after its last byte is served (verified, then renamed over
+    # the old copy); a stop before that would leave it for the next start.
+    wait_until(lambda: fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.state") == b"cached",
+               what="the new version published")
     m.stop()
     assert sha((mnt / key).read_bytes()) == sha(model[key])
 
