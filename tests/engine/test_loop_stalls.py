@@ -44,6 +44,7 @@ from lazyfs.storespace import StoreSpace
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
 from support.fakeremote import FakeRemote
 from support.loopwatch import Lateness, StepTimer, watched
+from support.pagecache import drop_from_page_cache
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -231,14 +232,6 @@ async def test_a_resumed_100_gib_download_and_its_progress_cost_no_scan_over_its
 
 
 # -- 2. the close of an unlinked file's last descriptor -----------------------------------------
-
-
-def drop_from_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def unlinked_closes(recorder: RecordingOs, ino: int) -> int:
