@@ -17,7 +17,7 @@ import contextlib
 import functools
 import logging
 import os
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -363,7 +363,7 @@ class Fetcher:
         finally:
             made = late.abandon()  # None once taken
             if made is not None:  # made as the open gave up, or was cancelled: release it off this thread
-                trio.lowlevel.start_thread_soon(functools.partial(release, self.store, obj, made), lambda _: None)
+                trio.lowlevel.start_thread_soon(functools.partial(release, self.store, obj, made), _released)
         raise StoreError(f"the store did not answer within {self.cfg.read_deadline:g} s about {obj.key} "
                          "(is its filesystem answering?)")
 
@@ -408,3 +408,11 @@ class Fetcher:
         if self._downloads.get(dl.obj.version) is dl:
             del self._downloads[dl.obj.version]
 
+
+def _released(result: Any) -> None:
+    """The end of a late verdict's release (its own thread; `result` is
+    trio's outcome of it): say if it failed."""
+    try:
+        result.unwrap()
+    except Exception as e:
+        log.warning("could not release what a store probe held after its open gave up: %s", e)

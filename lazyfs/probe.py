@@ -149,11 +149,11 @@ def open_partial_file(store: Store, obj: RemoteObject, block_size: int) -> Parti
 
 class LateVerdict:
     """Hands a probe's verdict from its worker thread to an open that may have
-    stopped waiting (the store's filesystem stopped answering, and the open
-    gave up after --read-deadline; or the open was cancelled): a verdict nobody takes any more is
-    released (descriptors closed, the download's store lock dropped) in the
-    thread that made it, or, if it came just as the open gave up, by the
-    open's `abandon`."""
+    stopped waiting (the store's filesystem stopped answering and the open
+    gave up after --read-deadline, or the open was cancelled): a verdict
+    nobody takes any more is released (descriptors closed, the download's
+    store lock dropped) by the thread that made it, or, if it came just as
+    the open gave up, by the caller of `abandon`."""
 
     def __init__(self, store: Store, obj: RemoteObject) -> None:
         self._store, self._obj = store, obj
