@@ -60,9 +60,8 @@ log = logging.getLogger(__name__)
 _META_THREADS = 8
 # An operator's question about a file (its xattrs, so `lazyfs status`) waits
 # this long for the store, then fails with EIO: a request the kernel has sent
-# waits for its answer whatever signal its process gets, so one stuck for
-# good on a store whose filesystem stopped answering would hold `getfattr`
-# or a readiness probe for ever, unkillable.
+# waits for its answer whatever signal its process gets, so one stuck on a hung
+# store would hold `getfattr` or a readiness probe for ever, unkillably.
 STATE_WAIT_S = 5.0
 
 LocalOrTransfer = LocalCopy | Download | ForeignDownload
@@ -185,8 +184,7 @@ class Fetcher:
             # Abandoned on time-out: a question that holds no descriptor after it returns.
             return await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._meta,
                                                  abandon_on_cancel=True)
-        raise StoreError(f"the store did not answer within {STATE_WAIT_S:g} s about {obj.key} "
-                         "(is its filesystem answering?)")
+        raise _silent_store(STATE_WAIT_S, obj)
 
     async def sweep_store(self, listing: list[RemoteObject]) -> None:
         """Free what downloads of versions nobody lists any more left in tmp/
@@ -364,8 +362,7 @@ class Fetcher:
             made = late.abandon()  # None once taken
             if made is not None:  # made as the open gave up, or was cancelled: release it off this thread
                 trio.lowlevel.start_thread_soon(functools.partial(release, self.store, obj, made), _released)
-        raise StoreError(f"the store did not answer within {self.cfg.read_deadline:g} s about {obj.key} "
-                         "(is its filesystem answering?)")
+        raise _silent_store(self.cfg.read_deadline, obj)
 
     def _followed(self, follower: ForeignDownload) -> None:
         if self._foreign.get(follower.obj.version) is follower:
@@ -416,3 +413,8 @@ def _released(result: Any) -> None:
         result.unwrap()
     except Exception as e:
         log.warning("could not release what a store probe held after its open gave up: %s", e)
+
+
+def _silent_store(seconds: float, obj: RemoteObject) -> StoreError:
+    """What a question to the store that got no answer in time fails with (EIO)."""
+    return StoreError(f"the store did not answer within {seconds:g} s about {obj.key} (is its filesystem answering?)")
