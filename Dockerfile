@@ -13,13 +13,17 @@
 
 FROM python:3.11-slim-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev libfuse3-dev pkg-config \
+ && apt-get install -y --no-install-recommends gcc libc6-dev pkg-config patch \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# pyfuse3 with FUSE passthrough, libfuse 3.17 inside its wheel (see the script).
+COPY scripts/native ./scripts/native
+RUN scripts/native/build-pyfuse3 /wheels \
+ && echo "pyfuse3==3.5.0+passthrough" > /constraints.txt
 COPY pyproject.toml README.md ./
 COPY lazyfs ./lazyfs
-# pyfuse3 compiles against libfuse3: build every wheel here, install them below.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
+# Build every wheel here, install them below.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels --find-links /wheels --constraint /constraints.txt . \
  && cd /wheels && sha256sum *.whl > /wheels.sha256
 
 FROM python:3.11-slim-bookworm AS runtime
