@@ -133,6 +133,8 @@ class MountConfig:
     memory_limit: int = 256 * MiB
     # user.lazyfs.* attributes (False: --no-xattrs, see fuse_ops).
     xattrs: bool = True
+    # The kernel reads complete local copies itself (False: --no-passthrough).
+    passthrough: bool = True
     # Prometheus /metrics (None: off).  Loopback unless widened on purpose.
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
@@ -328,7 +330,8 @@ def mount_config(args: Mapping[str, Any], env: Mapping[str, str]) -> MountConfig
     if store is not None:  # a mount (a live one, say JuiceFS) will do
         check_directory(store, "store", missing_ok=True)
     values = {name: args[name] for name in ("allow_other", "log_level", "read_ahead", "refresh", "cache_max_size",
-                                            "memory_limit", "xattrs", "metrics_port", "metrics_addr", "store_mode")
+                                            "memory_limit", "xattrs", "passthrough", "metrics_port",
+                                            "metrics_addr", "store_mode")
               if args.get(name) is not None}
     return MountConfig(mountpoint=mnt, sources=sources, store=store, prebaked=_layers(args.get("prebaked") or ()),
                        prefetch=prefetch_patterns(bool(args.get("prefetch")), args.get("prefetch_glob") or ()),

@@ -25,7 +25,9 @@ from lazyfs.errors import LazyfsError, errno_of
 from lazyfs.handles import Handles
 from lazyfs.inodes import InodeRef, InodeTable
 from lazyfs.kernelcache import KernelCache
+from lazyfs.mounttab import fstype_of_device
 from lazyfs.namespace import DirNode, RemoteObject
+from lazyfs.passthrough import Passthrough
 from lazyfs.stats import STATS
 from lazyfs.storespace import StoreSpace
 
@@ -81,13 +83,25 @@ def _translated(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _no_backing(backing_id: int) -> None:
+    """pyfuse3 without passthrough: no backing id is ever registered."""
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
     def __init__(self, catalog: Catalog, handles: Handles, space: StoreSpace,
-                 stats_file: Callable[[], bytes] = lambda: b"{}\n", xattrs: bool = True) -> None:
+                 stats_file: Callable[[], bytes] = lambda: b"{}\n", xattrs: bool = True,
+                 passthrough: bool = True) -> None:
         super().__init__()
+        # A pyfuse3 built by scripts/native/build-pyfuse3 asks the kernel for
+        # passthrough at INIT when this attribute is set: backing files may be
+        # on one stacked filesystem (overlayfs, a container's root).
+        register = getattr(pyfuse3, "passthrough_open", None) if passthrough else None
+        if register is not None:
+            self.passthrough_backing_stack_depth = 1
+        self.passthrough = Passthrough(register, getattr(pyfuse3, "passthrough_close", _no_backing), fstype_of_device)
         # False (--no-xattrs): answer ENOSYS once, and the kernel stops asking.
         self.xattrs = xattrs
         self.stats_file = stats_file
@@ -187,6 +201,7 @@ class Operations(pyfuse3.Operations):
         for ino, n in inode_list:
             if self.inodes.forget(ino, n):
                 self.handles.release_inode(ino)
+                self.passthrough.release_inode(ino)
 
     @_translated
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -250,6 +265,9 @@ class Operations(pyfuse3.Operations):
             # makes it look the name up again and open the current one.
             raise pyfuse3.FUSEError(errno.ESTALE)
         fh = await self.handles.open(ref, inode)
+        backing_id = self.passthrough.open(fh, inode, self.handles.local_fd(fh))
+        if backing_id:  # the kernel reads the local copy itself (passthrough.py)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False, backing_id=backing_id)
         # keep_cache: this inode is one immutable version, so pages the kernel
         # cached for it stay right across opens (a new version is a new inode).
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
@@ -270,6 +288,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         if self._virtual.pop(fh, None) is not None:
             return
+        self.passthrough.release(fh)
         try:
             self.handles.release(fh)
         except OSError as e:

@@ -77,6 +77,12 @@ class Handles:
     async def open(self, obj: RemoteObject, ino: int = 0) -> int:
         """A handle reading `obj` (whose inode is `ino`, see `release_inode`)."""
         got = await self.fetcher.acquire(obj)
+        try:
+            following = await self._following(obj, isinstance(got, LocalCopy))
+        except BaseException:
+            if isinstance(got, LocalCopy):
+                os.close(got.fd)
+            raise
         if self.fetcher.budget is not None:
             self.fetcher.budget.touch(obj.key)
         if isinstance(got, LocalCopy):
@@ -95,11 +101,33 @@ class Handles:
         fh = self._next
         self._next += 1
         self._open[fh] = of
+        of.following = following
         if self.fetcher.cfg.model_readahead:
-            of.following = self.next_shard(obj)
             for companion in self.companions(obj):
                 self.fetcher.warm(companion)
         return fh
+
+    async def _following(self, obj: RemoteObject, local: bool) -> RemoteObject | None:
+        """The shard to fetch once `obj` is read through (see _read_through).
+        None when it is on disk already, if `obj` is too: then nothing needs
+        to see this handle's reads, and the kernel may read its copy itself
+        (local_fd, passthrough.py)."""
+        following = self.next_shard(obj) if self.fetcher.cfg.model_readahead else None
+        if following is None or not local:
+            return following
+        try:
+            state = await self.fetcher.state_of(following)
+        except LazyfsError:
+            return following
+        return None if state.state.ready else following
+
+    def local_fd(self, fh: int) -> int | None:
+        """The descriptor of handle `fh`'s complete local copy, which the
+        kernel may read without lazyfs; None while it reads through a
+        download, or while its reads must be seen (a shard whose next one is
+        fetched when it is read through)."""
+        of = self._open.get(fh)
+        return of.fd if of is not None and of.fmap is not None and of.following is None else None
 
     async def read(self, fh: int, off: int, size: int) -> memoryview:
         """The bytes, from a mapping whose pages are in the page cache (see

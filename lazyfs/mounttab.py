@@ -52,6 +52,14 @@ def find_mount(path: str | Path) -> MountEntry | None:
     return found[-1] if found else None
 
 
+def fstype_of_device(dev: int) -> str | None:
+    """The type of the filesystem with device number `dev` (a file's st_dev),
+    from /proc/self/mountinfo; None when no mount here has it."""
+    device = f"{os.major(dev)}:{os.minor(dev)}"
+    found = [entry.fstype for entry in _mounts() if entry.device == device]
+    return found[-1] if found else None
+
+
 def is_fuse_mount(path: str | Path) -> bool:
     """Whether a FUSE mount sits at `path`, from the mount table alone: such a
     mount may be dead or hung, and a stat of a hung one never returns, so the

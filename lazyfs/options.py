@@ -175,6 +175,10 @@ MOUNT = (
            "order loaders read them)", kind="off", dest="model_readahead"),
     Option("--no-xattrs", "no user.lazyfs.* attributes: `ls -l` then costs no extra round trips per file "
            "(for trees of many thousands of files)", kind="off", dest="xattrs"),
+    Option("--no-passthrough", "serve every read through lazyfs; by default the kernel reads a file whose local "
+           "copy is complete straight from it (FUSE passthrough: Linux 6.9+, a pyfuse3 built by "
+           "scripts/native/build-pyfuse3; never for copies on network or FUSE filesystems)", kind="off",
+           dest="passthrough"),
     Option("--memory-limit", "memory for mapped file pages and transfer buffers, on top of Python's own "
            "(~100 MiB); fewer parallel GETs when small", "SIZE", check=size_at_least(32 * 1024 * 1024),
            default=(MountConfig, "memory_limit", _size)),

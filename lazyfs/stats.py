@@ -63,6 +63,7 @@ class Stats:
     served: Counter[str] = field(default_factory=Counter)
     opens_hit: int = 0  # opens served from a local copy
     opens_miss: int = 0  # opens that started or joined a download
+    opens_passthrough: int = 0  # opens of local copies the kernel reads itself (passthrough.py)
     s3_requests: Counter[str] = field(default_factory=Counter)  # op -> count
     s3_errors: Counter[str] = field(default_factory=Counter)  # op -> failed requests
     fetched_bytes: int = 0  # body bytes received from S3

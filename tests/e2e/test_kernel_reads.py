@@ -1,0 +1,126 @@
+"""End to end: FUSE passthrough (passthrough.py).  A file whose local copy is
+complete is read and mapped by the kernel from the store file: the daemon
+serves none of its bytes.  A file opened while it downloaded stays served by
+lazyfs until that handle closes (the kernel refuses mixing the two), and
+--no-passthrough serves everything through lazyfs."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from support.mounting import FS, wait_until
+from support.mountproc import kernel_passes_through
+from support.s3server import free_port
+
+pytestmark = pytest.mark.fuse
+
+P = "models/m"
+KEY = f"{P}/model.safetensors"
+PART = 256 * 1024
+
+
+def stats(fs: FS, m) -> dict:
+    return json.loads(fs.read(m.path / ".lazyfs" / "stats.json"))
+
+
+def state(fs: FS, m, key: str) -> str:
+    return fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.state").decode()
+
+
+def mapped(path: Path) -> bytes:
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        return bytes(mm)
+
+
+def uncached_read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return f.read()
+
+
+@pytest.fixture
+def passthrough_ok() -> None:
+    """Skips where the kernel (before 6.9) or pyfuse3 cannot pass through;
+    CI's setup builds the pyfuse3 that can (scripts/native/build-pyfuse3)."""
+    import pyfuse3
+
+    if not kernel_passes_through():
+        pytest.skip(f"Linux {os.uname().release} has no FUSE passthrough")
+    if hasattr(pyfuse3, "passthrough_open"):
+        return
+    if os.environ.get("CI"):
+        pytest.fail("CI must run with the passthrough pyfuse3 (scripts/setup builds it)")
+    pytest.skip("this pyfuse3 has no passthrough")
+
+
+def test_a_restart_reads_and_maps_the_store_without_a_request(passthrough_ok, mount, proxy, s3, bucket,
+                                                            fs: FS, tmp_path: Path):
+    # Two shards of a checkpoint: with both on disk, nothing needs to see the
+    # first one read through (which would start the second), so it passes too.
+    data = os.urandom(8 * PART + 123)
+    shard1, shard2 = f"{P}/model-00001-of-00002.safetensors", f"{P}/model-00002-of-00002.safetensors"
+    s3.put_object(Bucket=bucket, Key=shard1, Body=data)
+    s3.put_object(Bucket=bucket, Key=shard2, Body=data[::-1])
+    store = tmp_path / "store"
+    m1 = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "256KiB", store=store)
+    assert fs.read(m1.file(shard1)) == data and fs.read(m1.file(shard2)) == data[::-1]
+    wait_until(lambda: state(fs, m1, shard1) == state(fs, m1, shard2) == "cached", what="the copies published")
+    assert m1.stop() == 0
+    gets = proxy.count("GET")
+
+    port = free_port()
+    m2 = mount("--prefix", f"s3://{bucket}/{P}", "--metrics-port", str(port), store=store)
+    assert fs.run(uncached_read, m2.file(shard1)) == data
+    assert fs.run(mapped, m2.file(shard1)) == data
+    assert fs.run(mapped, m2.file(shard2)) == data[::-1]
+    with open(m2.file(shard1), "rb") as f:  # random reads, the tail
+        assert fs.run(os.pread, f.fileno(), 4096, 3 * PART + 5) == data[3 * PART + 5:3 * PART + 4101]
+        assert fs.run(os.pread, f.fileno(), 1000, len(data) - 100) == data[-100:]
+    s = stats(fs, m2)
+    assert s["cache"]["hits"] == 4 and s["cache"]["passthrough_opens"] == 4
+    assert s["cache"]["served_bytes"]["cached"] == 0, "the daemon served bytes the kernel should have read"
+    assert proxy.count("GET") == gets, "a restart over a complete store downloads nothing"
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "lazyfs_passthrough_opens_total 4.0" in metrics.splitlines()
+    assert fs.stat(m2.file(shard1)).st_size == len(data)
+
+
+def test_a_file_opened_while_it_downloads_is_served_by_lazyfs_until_that_handle_closes(
+        passthrough_ok, mount, s3, bucket, fs: FS, tmp_path: Path):
+    data = os.urandom(8 * PART)
+    s3.put_object(Bucket=bucket, Key=KEY, Body=data)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "256KiB", store=tmp_path / "store")
+    early = fs.run(os.open, str(m.file(KEY)), os.O_RDONLY)
+    try:
+        early_map = fs.run(mmap.mmap, early, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+        assert fs.run(bytes, early_map) == data  # read through the download
+        wait_until(lambda: state(fs, m, KEY) == "cached", what="the copy published")
+        # Complete now, but the inode is open through the page cache: a
+        # passthrough open of it would fail in the kernel (EIO).
+        assert fs.run(uncached_read, m.file(KEY)) == data
+        assert stats(fs, m)["cache"]["passthrough_opens"] == 0
+        early_map.close()
+    finally:
+        fs.run(os.close, early)
+    wait_until(lambda: fs.run(mapped, m.file(KEY)) == data and stats(fs, m)["cache"]["passthrough_opens"] >= 1,
+               what="an open after the last cached handle closed to pass through")
+
+
+def test_no_passthrough_serves_every_read_through_lazyfs(mount, s3, bucket, fs: FS, tmp_path: Path):
+    data = os.urandom(4 * PART)
+    s3.put_object(Bucket=bucket, Key=KEY, Body=data)
+    store = tmp_path / "store"
+    m1 = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.read(m1.file(KEY)) == data
+    wait_until(lambda: state(fs, m1, KEY) == "cached", what="the copy published")
+    assert m1.stop() == 0
+    m2 = mount("--prefix", f"s3://{bucket}/{P}", "--no-passthrough", store=store)
+    assert fs.run(uncached_read, m2.file(KEY)) == data
+    s = stats(fs, m2)
+    assert s["cache"]["passthrough_opens"] == 0 and s["cache"]["served_bytes"]["cached"] == len(data)

@@ -1,0 +1,124 @@
+"""Which opens the kernel serves from the local copy (passthrough.Passthrough):
+the kernel's rules kept with a fake kernel that enforces them as
+fs/fuse/iomode.c does."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from typing import Iterator
+
+import pytest
+
+from lazyfs.passthrough import Passthrough, is_remote_fstype
+
+
+class FakeKernel:
+    """Backing ids as FUSE_DEV_IOC_BACKING_OPEN/_CLOSE hand them out, and an
+    inode's io mode as the kernel keeps it: cached opens and passthrough opens
+    never at once, one backing id per inode."""
+
+    def __init__(self, refuse: int | None = None) -> None:
+        self.refuse = refuse
+        self.live: set[int] = set()
+        self.next = 1
+        self.registered = 0
+
+    def register(self, fd: int) -> int:
+        os.fstat(fd)
+        if self.refuse is not None:
+            raise OSError(self.refuse, os.strerror(self.refuse))
+        self.registered += 1
+        self.live.add(self.next)
+        self.next += 1
+        return self.next - 1
+
+    def unregister(self, backing_id: int) -> None:
+        self.live.remove(backing_id)
+
+
+@pytest.fixture
+def fd() -> Iterator[int]:
+    with tempfile.TemporaryFile() as f:
+        yield f.fileno()
+
+
+def local(dev: int) -> str | None:
+    return "ext4"
+
+
+def opened(pt: Passthrough, opens: list[tuple[int, int, int | None]]) -> list[int]:
+    return [pt.open(fh, ino, fd) for fh, ino, fd in opens]
+
+
+def test_a_complete_copy_is_passed_through_and_its_id_dropped_after_the_last_handle(fd: int) -> None:
+    kernel = FakeKernel()
+    pt = Passthrough(kernel.register, kernel.unregister, local)
+    a, b = opened(pt, [(1, 7, fd), (2, 7, fd)])
+    assert a == b == 1 and kernel.registered == 1, "one backing id per inode"
+    pt.release(1)
+    assert kernel.live == {1}, "the other handle still reads through it"
+    pt.release(2)
+    assert kernel.live == set()
+    assert pt.open(3, 7, fd) == 2, "a later open registers its copy again"
+
+
+def test_an_inode_open_through_the_page_cache_stays_so_until_all_such_handles_close(fd: int) -> None:
+    kernel = FakeKernel()
+    pt = Passthrough(kernel.register, kernel.unregister, local)
+    # Opened while downloading (no local copy yet), then complete: mixing
+    # the two modes on one inode fails the second open in the kernel.
+    assert opened(pt, [(1, 7, None), (2, 7, fd)]) == [0, 0]
+    pt.release(1)
+    assert pt.open(3, 7, fd) == 0, "handle 2 still reads through the page cache"
+    pt.release(2)
+    pt.release(3)
+    assert pt.open(4, 7, fd) == 1
+    assert pt.open(5, 7, None) == 1, "a passthrough inode's handles all share its backing file"
+
+
+def test_inodes_are_independent(fd: int) -> None:
+    kernel = FakeKernel()
+    pt = Passthrough(kernel.register, kernel.unregister, local)
+    assert opened(pt, [(1, 7, None), (2, 8, fd), (3, 9, fd)]) == [0, 1, 2]
+
+
+def test_copies_on_network_or_fuse_filesystems_are_served_through_lazyfs(fd: int) -> None:
+    for fstype in ("nfs4", "fuse.bindfs", "cifs", "fuse"):
+        kernel = FakeKernel()
+        pt = Passthrough(kernel.register, kernel.unregister, lambda dev, fstype=fstype: fstype)
+        assert pt.open(1, 7, fd) == 0 and kernel.registered == 0, fstype
+    assert not is_remote_fstype("ext4") and not is_remote_fstype("overlay") and not is_remote_fstype(None)
+
+
+def test_a_kernel_without_passthrough_turns_it_off_for_good(fd: int, caplog: pytest.LogCaptureFixture) -> None:
+    kernel = FakeKernel(refuse=errno.EPERM)
+    pt = Passthrough(kernel.register, kernel.unregister, local)
+    assert opened(pt, [(1, 7, fd), (2, 8, fd)]) == [0, 0]
+    assert not pt.enabled
+    assert sum("passthrough unavailable" in r.message for r in caplog.records) == 1
+
+
+def test_a_copy_the_kernel_refuses_is_served_through_lazyfs_and_others_still_pass(fd: int) -> None:
+    kernel = FakeKernel(refuse=errno.ELOOP)  # a backing file stacked too deep
+    pt = Passthrough(kernel.register, kernel.unregister, local)
+    assert pt.open(1, 7, fd) == 0 and pt.enabled
+    kernel.refuse = None
+    pt.release(1)
+    assert pt.open(2, 8, fd) == 1
+
+
+def test_handles_of_a_forgotten_inode_are_dropped(fd: int) -> None:
+    kernel = FakeKernel()
+    pt = Passthrough(kernel.register, kernel.unregister, local)
+    opened(pt, [(1, 7, fd), (2, 7, fd)])
+    pt.release_inode(7)
+    assert kernel.live == set()
+    pt.release(1)  # a late release of a dropped handle is nothing
+
+
+def test_unavailable_passthrough_serves_everything_through_lazyfs(fd: int) -> None:
+    pt = Passthrough(None, lambda backing_id: None, local)
+    assert not pt.enabled and pt.open(1, 7, fd) == 0
+    pt.release(1)
