@@ -8,6 +8,7 @@ FUSE device path (to rehearse a host without /dev/fuse).
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ from lazyfs.config import DoctorConfig
 from lazyfs.errors import LazyfsError
 from lazyfs.identity import user_xattrs_work
 from lazyfs.mounttab import find_mount, hung_mount_holding, probe_mount
+from lazyfs.passthrough import kernel_passes_through
 from lazyfs.remote import Remote
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -43,7 +45,7 @@ class Check:
 
 def run(cfg: DoctorConfig, out: TextIO = sys.stdout) -> int:
     checks: list[Callable[[DoctorConfig], list[Check]]] = [
-        fuse_device, fusermount, allow_other, mountpoint, store, credentials, endpoint, sources]
+        fuse_device, fusermount, passthrough, allow_other, mountpoint, store, credentials, endpoint, sources]
     failed = False
     for check in checks:
         for result in check(cfg):
@@ -64,6 +66,33 @@ def fuse_device(cfg: DoctorConfig) -> list[Check]:
         return [Check(FAIL, "fuse device", f"{dev} cannot be opened ({e.strerror})",
                       "run as root, or give the container --cap-add SYS_ADMIN and the device")]
     return [Check(OK, "fuse device", f"{dev} present and openable")]
+
+
+def passthrough(cfg: DoctorConfig) -> list[Check]:
+    """Whether the kernel will read complete copies itself (passthrough.py)."""
+    release = os.uname().release
+    try:
+        pyfuse3 = importlib.metadata.version("pyfuse3")
+    except importlib.metadata.PackageNotFoundError:
+        pyfuse3 = "(not installed)"
+    missing = [reason for ok, reason in (
+        (kernel_passes_through(release), f"Linux {release} is older than 6.9"),
+        (pyfuse3.endswith("+passthrough"), f"pyfuse3 {pyfuse3} cannot ask for it"),
+        (_has_cap_sys_admin(), "no CAP_SYS_ADMIN")) if not ok]
+    if missing:
+        return [Check(WARN, "passthrough", "; ".join(missing) + ": lazyfs serves every read itself (a restart "
+                      "reads at FUSE speed, not the disk's)", "Linux 6.9+, CAP_SYS_ADMIN, and the pyfuse3 "
+                      "scripts/native/build-pyfuse3 builds (scripts/setup and the Dockerfile use it)")]
+    return [Check(OK, "passthrough", f"the kernel reads complete copies itself (Linux {release}, pyfuse3 {pyfuse3})")]
+
+
+def _has_cap_sys_admin() -> bool:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            effective = next(line for line in f if line.startswith("CapEff:")).split()[1]
+    except (OSError, StopIteration, IndexError):
+        return os.geteuid() == 0
+    return bool(int(effective, 16) & (1 << 21))  # CAP_SYS_ADMIN
 
 
 def fusermount(cfg: DoctorConfig) -> list[Check]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +46,12 @@ REMOTE_FSTYPES = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph"
 # The kernel refuses every backing file for these: the mount did not get
 # passthrough (old kernel, the INIT flag not granted) or lacks CAP_SYS_ADMIN.
 _NEVER = (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def kernel_passes_through(release: str | None = None) -> bool:
+    """Is this kernel new enough for FUSE passthrough (Linux 6.9)?"""
+    found = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    return found is not None and (int(found[1]), int(found[2])) >= (6, 9)
 
 
 def is_remote_fstype(fstype: str | None) -> bool:
@@ -116,6 +123,7 @@ class Passthrough:
     def _backing(self, fd: int) -> int:
         if self._register is None:
             return 0
+        dev = None
         try:
             dev = os.fstat(fd).st_dev
             local = self._local.get(dev)
@@ -130,9 +138,10 @@ class Passthrough:
             if e.errno in _NEVER:
                 log.warning("passthrough unavailable (%s): lazyfs serves every read itself", os.strerror(e.errno))
                 self._register = None
-            else:
-                log.warning("passthrough: the kernel refused a local copy (%s); serving it through lazyfs",
-                            os.strerror(e.errno or errno.EIO))
+            elif dev is not None:  # a property of the copy's filesystem (ELOOP: stacked too deep)
+                self._local[dev] = False
+                log.warning("passthrough: the kernel refused a copy on %s (%s); copies there are served "
+                            "through lazyfs", _device(dev), os.strerror(e.errno or errno.EIO))
             return 0
 
 

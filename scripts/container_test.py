@@ -46,7 +46,8 @@ from typing import Any, Callable
 
 import yaml
 
-from support.mountproc import force_unmount, kernel_passes_through
+from lazyfs.passthrough import kernel_passes_through
+from support.mountproc import force_unmount
 from support.proxy import Fault, S3Proxy
 from support.s3server import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, clean_env, free_port, s3_client
 from support.sample import sample_model

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from lazyfs.passthrough import kernel_passes_through
 from support.mounting import FS, wait_until
-from support.mountproc import kernel_passes_through
 from support.s3server import free_port
 
 pytestmark = pytest.mark.fuse

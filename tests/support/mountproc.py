@@ -13,12 +13,6 @@ from pathlib import Path
 from typing import Sequence
 
 
-def kernel_passes_through() -> bool:
-    """Is this kernel new enough for FUSE passthrough (Linux 6.9)?"""
-    major, minor = (int(n) for n in os.uname().release.split(".")[:2] if n.isdigit())
-    return (major, minor) >= (6, 9)
-
-
 def is_mounted(path: str | Path) -> bool:
     target = os.path.abspath(path)
     with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:

@@ -11,7 +11,8 @@ from typing import Iterator
 
 import pytest
 
-from lazyfs.passthrough import Passthrough, is_remote_fstype
+from lazyfs import doctor
+from lazyfs.passthrough import Passthrough, is_remote_fstype, kernel_passes_through
 
 
 class FakeKernel:
@@ -100,13 +101,16 @@ def test_a_kernel_without_passthrough_turns_it_off_for_good(fd: int, caplog: pyt
     assert sum("passthrough unavailable" in r.message for r in caplog.records) == 1
 
 
-def test_a_copy_the_kernel_refuses_is_served_through_lazyfs_and_others_still_pass(fd: int) -> None:
-    kernel = FakeKernel(refuse=errno.ELOOP)  # a backing file stacked too deep
+def test_a_filesystem_the_kernel_refuses_is_served_through_lazyfs_and_passthrough_stays_on(
+        fd: int, caplog: pytest.LogCaptureFixture) -> None:
+    kernel = FakeKernel(refuse=errno.ELOOP)  # backing files stacked too deep
     pt = Passthrough(kernel.register, kernel.unregister, local)
     assert pt.open(1, 7, fd) == 0 and pt.enabled
+    assert pt.open(2, 8, fd) == 0, "the same filesystem is not asked again"
+    assert sum("refused a copy" in r.message for r in caplog.records) == 1
     kernel.refuse = None
-    pt.release(1)
-    assert pt.open(2, 8, fd) == 1
+    pt._local.clear()  # another filesystem
+    assert pt.open(3, 9, fd) == 1
 
 
 def test_handles_of_a_forgotten_inode_are_dropped(fd: int) -> None:
@@ -122,3 +126,24 @@ def test_unavailable_passthrough_serves_everything_through_lazyfs(fd: int) -> No
     pt = Passthrough(None, lambda backing_id: None, local)
     assert not pt.enabled and pt.open(1, 7, fd) == 0
     pt.release(1)
+
+
+def test_kernel_versions() -> None:
+    assert [kernel_passes_through(r) for r in ("6.8.12", "6.9.0", "6.18.44-fc-v1252", "7.0.1", "6.10-rc1", "x")] \
+        == [False, True, True, True, True, False]
+
+
+@pytest.mark.parametrize("release, pyfuse3, cap, status, says", [
+    ("6.18.4", "3.5.0+passthrough", True, "ok", "the kernel reads complete copies itself"),
+    ("6.1.0", "3.5.0+passthrough", True, "warn", "Linux 6.1.0 is older than 6.9"),
+    ("6.18.4", "3.5.0", True, "warn", "pyfuse3 3.5.0 cannot ask for it"),
+    ("6.18.4", "3.5.0+passthrough", False, "warn", "no CAP_SYS_ADMIN"),
+])
+def test_doctor_says_whether_the_kernel_will_read_copies_itself(monkeypatch: pytest.MonkeyPatch, release: str,
+                                                                pyfuse3: str, cap: bool, status: str,
+                                                                says: str) -> None:
+    monkeypatch.setattr(doctor.os, "uname", lambda: os.uname_result(("Linux", "h", release, "#1", "x86_64")))
+    monkeypatch.setattr(doctor.importlib.metadata, "version", lambda name: pyfuse3)
+    monkeypatch.setattr(doctor, "_has_cap_sys_admin", lambda: cap)
+    [check] = doctor.passthrough(None)  # type: ignore[arg-type]
+    assert check.status == status and says in check.detail, check.line()
