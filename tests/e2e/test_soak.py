@@ -31,11 +31,11 @@ def test_soak_mixed_load_does_not_leak(mount, proxy, s3, bucket, fs: FS, tmp_pat
 
     rnd = random.Random(7)
     keys = [f"{P}/f{i:02d}.bin" for i in range(12)]
-    current: dict[str, bytes] = {}
+    uploaded: dict[str, list[bytes]] = collections.defaultdict(list)
 
     def upload(k: str) -> None:
-        current[k] = os.urandom(rnd.randrange(1, 6) * PART + rnd.randrange(PART))
-        s3.put_object(Bucket=bucket, Key=k, Body=current[k])
+        uploaded[k].append(os.urandom(rnd.randrange(1, 6) * PART + rnd.randrange(PART)))
+        s3.put_object(Bucket=bucket, Key=k, Body=uploaded[k][-1])
 
     for k in keys:
         upload(k)
@@ -51,15 +51,18 @@ def test_soak_mixed_load_does_not_leak(mount, proxy, s3, bucket, fs: FS, tmp_pat
         if n % 7 == 0:
             proxy.add(Fault(rnd.choice(["reset", "short", "status"]), key=rnd.choice(keys), after=5000,
                             status=503, code="SlowDown", times=1))
-        snapshot = dict(current)
-
         def reader(k: str, random_access: bool) -> bool:
-            # A refresh may land mid-round: any version uploaded so far is right,
-            # a mix of two never is.
-            versions = [snapshot[k], current[k]]
+            # Any version uploaded so far is right (the refresh asked for above
+            # may land after the reads start, the 0.3 s are no promise), a mix
+            # of two never is.
+            versions = list(uploaded[k])
             with open(m.file(k), "rb") as f:
                 if not random_access:
-                    return f.read() in versions
+                    data = f.read()
+                    assert data in versions, (f"{k}: read {len(data)} bytes, none of the {len(versions)} versions "
+                                              f"(sizes {[len(v) for v in versions]}); prefix of "
+                                              f"{[i for i, v in enumerate(versions) if v.startswith(data[:4096])]}")
+                    return True
                 size = os.fstat(f.fileno()).st_size
                 good = [v for v in versions if len(v) == size]
                 for _ in range(8):
@@ -67,7 +70,8 @@ def test_soak_mixed_load_does_not_leak(mount, proxy, s3, bucket, fs: FS, tmp_pat
                     f.seek(off)
                     piece = f.read(4096)
                     good = [v for v in good if v[off:off + 4096] == piece]
-                return bool(good)
+                    assert good, f"{k}: {len(piece)} bytes at {off} of {size} match no version of that size"
+                return True
 
         futures = [fs.start(reader, rnd.choice(keys), i % 2 == 0) for i in range(16)]
         for f in futures:
