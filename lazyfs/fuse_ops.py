@@ -265,7 +265,7 @@ class Operations(pyfuse3.Operations):
             # makes it look the name up again and open the current one.
             raise pyfuse3.FUSEError(errno.ESTALE)
         fh = await self.handles.open(ref, inode)
-        backing_id = self.passthrough.open(fh, inode, self.handles.local_fd(fh))
+        backing_id = self.passthrough.open(fh, inode, self.handles.local_copy(fh))
         if backing_id:  # the kernel reads the local copy itself (passthrough.py)
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False, backing_id=backing_id)
         # keep_cache: this inode is one immutable version, so pages the kernel

@@ -51,6 +51,7 @@ class OpenFile:
     # it is sent for; and the bytes served through this handle so far.
     following: RemoteObject | None = None
     served: int = 0
+    dev: int = 0  # the local copy's filesystem (LocalCopy.dev)
 
 
 class Handles:
@@ -91,7 +92,7 @@ class Handles:
             except BaseException:
                 os.close(got.fd)
                 raise
-            of = OpenFile(obj, ino, got.fd, fmap, None, got.state.value)
+            of = OpenFile(obj, ino, got.fd, fmap, None, got.state.value, dev=got.dev)
             STATS.opens_hit += 1
             self._announce(obj, got)
         else:
@@ -111,7 +112,7 @@ class Handles:
         """The shard to fetch once `obj` is read through (see _read_through).
         None when it is on disk already, if `obj` is too: then nothing needs
         to see this handle's reads, and the kernel may read its copy itself
-        (local_fd, passthrough.py)."""
+        (local_copy, passthrough.py)."""
         following = self.next_shard(obj) if self.fetcher.cfg.model_readahead else None
         if following is None or not local:
             return following
@@ -121,13 +122,13 @@ class Handles:
             return following
         return None if state.state.ready else following
 
-    def local_fd(self, fh: int) -> int | None:
-        """The descriptor of handle `fh`'s complete local copy, which the
-        kernel may read without lazyfs; None while it reads through a
-        download, or while its reads must be seen (a shard whose next one is
-        fetched when it is read through)."""
+    def local_copy(self, fh: int) -> tuple[int, int] | None:
+        """The descriptor and filesystem (st_dev) of handle `fh`'s complete
+        local copy, which the kernel may read without lazyfs; None while it
+        reads through a download, or while its reads must be seen (a shard
+        whose next one is fetched when it is read through)."""
         of = self._open.get(fh)
-        return of.fd if of is not None and of.fmap is not None and of.following is None else None
+        return (of.fd, of.dev) if of is not None and of.fmap is not None and of.following is None else None
 
     async def read(self, fh: int, off: int, size: int) -> memoryview:
         """The bytes, from a mapping whose pages are in the page cache (see

@@ -21,8 +21,11 @@ The kernel's rules this module keeps (fs/fuse/iomode.c):
   inode is one immutable version, so any copy of it has the same bytes;
 - a passthrough open must not ask to keep the page cache (the kernel fails it).
 
-Runs on the trio thread only (the FUSE handlers); the two calls into the
-kernel are ioctls that do not block.
+Runs on the trio thread only (the FUSE handlers), so it never touches the
+copy's filesystem (a hung NFS server would stall the mount): the copy's
+st_dev comes from the store thread that judged it, the filesystem's type from
+/proc/self/mountinfo, and the two calls into the kernel are ioctls on
+/dev/fuse that do not block.
 """
 
 from __future__ import annotations
@@ -85,14 +88,15 @@ class Passthrough:
     def enabled(self) -> bool:
         return self._register is not None
 
-    def open(self, fh: int, inode: int, fd: int | None) -> int:
+    def open(self, fh: int, inode: int, copy: tuple[int, int] | None) -> int:
         """The backing id for handle `fh` of `inode` (0: serve it through
-        lazyfs).  `fd` is its complete local copy, None while it downloads."""
+        lazyfs).  `copy` is its complete local copy's descriptor and st_dev,
+        None while it downloads."""
         state = self._inodes.get(inode)
         if state is None:
             state = self._inodes[inode] = _Inode(0, 0)
-            if fd is not None:
-                state.backing_id = self._backing(fd)
+            if copy is not None:
+                state.backing_id = self._backing(*copy)
         state.handles += 1
         self._handles[fh] = inode
         if state.backing_id:
@@ -120,12 +124,10 @@ class Passthrough:
         for fh in [fh for fh, ino in self._handles.items() if ino == inode]:
             self.release(fh)
 
-    def _backing(self, fd: int) -> int:
+    def _backing(self, fd: int, dev: int) -> int:
         if self._register is None:
             return 0
-        dev = None
         try:
-            dev = os.fstat(fd).st_dev
             local = self._local.get(dev)
             if local is None:
                 fstype = self._fstype_of(dev)
@@ -138,7 +140,7 @@ class Passthrough:
             if e.errno in _NEVER:
                 log.warning("passthrough unavailable (%s): lazyfs serves every read itself", os.strerror(e.errno))
                 self._register = None
-            elif dev is not None:  # a property of the copy's filesystem (ELOOP: stacked too deep)
+            else:  # a property of the copy's filesystem (ELOOP: stacked too deep)
                 self._local[dev] = False
                 log.warning("passthrough: the kernel refused a copy on %s (%s); copies there are served "
                             "through lazyfs", _device(dev), os.strerror(e.errno or errno.EIO))

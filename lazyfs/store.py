@@ -57,6 +57,7 @@ class LocalCopy:
     fd: int
     layer: Layer
     state: FileState  # CACHED or PREBAKED
+    dev: int = 0  # st_dev of its filesystem, for passthrough.py (which must not stat on the trio thread)
 
 
 class Store:
@@ -161,7 +162,7 @@ class Store:
                 os.close(fd)
                 raise
             if state is not None:
-                return LocalCopy(fd, layer, state)
+                return LocalCopy(fd, layer, state, os.fstat(fd).st_dev)
             os.close(fd)
         return None
 

@@ -40,20 +40,21 @@ class FakeKernel:
 
 
 @pytest.fixture
-def fd() -> Iterator[int]:
+def fd() -> Iterator[tuple[int, int]]:
+    """A local copy: its descriptor and its filesystem's st_dev."""
     with tempfile.TemporaryFile() as f:
-        yield f.fileno()
+        yield f.fileno(), os.fstat(f.fileno()).st_dev
 
 
 def local(dev: int) -> str | None:
     return "ext4"
 
 
-def opened(pt: Passthrough, opens: list[tuple[int, int, int | None]]) -> list[int]:
+def opened(pt: Passthrough, opens: list[tuple[int, int, tuple[int, int] | None]]) -> list[int]:
     return [pt.open(fh, ino, fd) for fh, ino, fd in opens]
 
 
-def test_a_complete_copy_is_passed_through_and_its_id_dropped_after_the_last_handle(fd: int) -> None:
+def test_a_complete_copy_is_passed_through_and_its_id_dropped_after_the_last_handle(fd: tuple[int, int]) -> None:
     kernel = FakeKernel()
     pt = Passthrough(kernel.register, kernel.unregister, local)
     a, b = opened(pt, [(1, 7, fd), (2, 7, fd)])
@@ -65,7 +66,7 @@ def test_a_complete_copy_is_passed_through_and_its_id_dropped_after_the_last_han
     assert pt.open(3, 7, fd) == 2, "a later open registers its copy again"
 
 
-def test_an_inode_open_through_the_page_cache_stays_so_until_all_such_handles_close(fd: int) -> None:
+def test_an_inode_open_through_the_page_cache_stays_so_until_all_such_handles_close(fd: tuple[int, int]) -> None:
     kernel = FakeKernel()
     pt = Passthrough(kernel.register, kernel.unregister, local)
     # Opened while downloading (no local copy yet), then complete: mixing
@@ -79,13 +80,13 @@ def test_an_inode_open_through_the_page_cache_stays_so_until_all_such_handles_cl
     assert pt.open(5, 7, None) == 1, "a passthrough inode's handles all share its backing file"
 
 
-def test_inodes_are_independent(fd: int) -> None:
+def test_inodes_are_independent(fd: tuple[int, int]) -> None:
     kernel = FakeKernel()
     pt = Passthrough(kernel.register, kernel.unregister, local)
     assert opened(pt, [(1, 7, None), (2, 8, fd), (3, 9, fd)]) == [0, 1, 2]
 
 
-def test_copies_on_network_or_fuse_filesystems_are_served_through_lazyfs(fd: int) -> None:
+def test_copies_on_network_or_fuse_filesystems_are_served_through_lazyfs(fd: tuple[int, int]) -> None:
     for fstype in ("nfs4", "fuse.bindfs", "cifs", "fuse"):
         kernel = FakeKernel()
         pt = Passthrough(kernel.register, kernel.unregister, lambda dev, fstype=fstype: fstype)
@@ -93,7 +94,8 @@ def test_copies_on_network_or_fuse_filesystems_are_served_through_lazyfs(fd: int
     assert not is_remote_fstype("ext4") and not is_remote_fstype("overlay") and not is_remote_fstype(None)
 
 
-def test_a_kernel_without_passthrough_turns_it_off_for_good(fd: int, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_kernel_without_passthrough_turns_it_off_for_good(fd: tuple[int, int],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
     kernel = FakeKernel(refuse=errno.EPERM)
     pt = Passthrough(kernel.register, kernel.unregister, local)
     assert opened(pt, [(1, 7, fd), (2, 8, fd)]) == [0, 0]
@@ -102,18 +104,17 @@ def test_a_kernel_without_passthrough_turns_it_off_for_good(fd: int, caplog: pyt
 
 
 def test_a_filesystem_the_kernel_refuses_is_served_through_lazyfs_and_passthrough_stays_on(
-        fd: int, caplog: pytest.LogCaptureFixture) -> None:
+        fd: tuple[int, int], caplog: pytest.LogCaptureFixture) -> None:
     kernel = FakeKernel(refuse=errno.ELOOP)  # backing files stacked too deep
     pt = Passthrough(kernel.register, kernel.unregister, local)
     assert pt.open(1, 7, fd) == 0 and pt.enabled
     assert pt.open(2, 8, fd) == 0, "the same filesystem is not asked again"
     assert sum("refused a copy" in r.message for r in caplog.records) == 1
     kernel.refuse = None
-    pt._local.clear()  # another filesystem
-    assert pt.open(3, 9, fd) == 1
+    assert pt.open(3, 9, (fd[0], fd[1] + 1)) == 1, "a copy on another filesystem passes through"
 
 
-def test_handles_of_a_forgotten_inode_are_dropped(fd: int) -> None:
+def test_handles_of_a_forgotten_inode_are_dropped(fd: tuple[int, int]) -> None:
     kernel = FakeKernel()
     pt = Passthrough(kernel.register, kernel.unregister, local)
     opened(pt, [(1, 7, fd), (2, 7, fd)])
@@ -122,7 +123,7 @@ def test_handles_of_a_forgotten_inode_are_dropped(fd: int) -> None:
     pt.release(1)  # a late release of a dropped handle is nothing
 
 
-def test_unavailable_passthrough_serves_everything_through_lazyfs(fd: int) -> None:
+def test_unavailable_passthrough_serves_everything_through_lazyfs(fd: tuple[int, int]) -> None:
     pt = Passthrough(None, lambda backing_id: None, local)
     assert not pt.enabled and pt.open(1, 7, fd) == 0
     pt.release(1)
