@@ -186,12 +186,18 @@ _HANDLERS = {"mount": _cmd_mount, "bake": _cmd_bake, "status": _cmd_status, "loc
 
 def _stop(signum: int, frame: Any) -> NoReturn:
     # Before the mount is up there is nothing to clean up: a container stop
-    # during start-up is still a clean exit.
+    # during start-up is still a clean exit.  SIGINT too: as a
+    # KeyboardInterrupt it could land inside an `exec()` of a string (a
+    # dataclass being created by an import, a lazy one included), which
+    # CPython 3.11 remembers as an unhandled interrupt even once caught: the
+    # process would then kill itself with SIGINT at exit, no message, instead
+    # of exiting 0.
     raise SystemExit(EXIT_OK)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         return _run(argv)
     finally:
@@ -203,14 +209,14 @@ def _ignore_stops() -> None:
     twice) must not interrupt the interpreter's own clean-up, nor change the
     exit code.  Python runs the handler of a signal that has just arrived
     before it changes any handler, so one arriving now raises here, from
-    the old handler (KeyboardInterrupt, or _stop's SystemExit): it is the
-    stop we are doing already."""
+    the old handler (_stop's SystemExit): it is the stop we are doing
+    already."""
     while True:
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             return
-        except (KeyboardInterrupt, SystemExit):
+        except SystemExit:
             continue
 
 
@@ -225,8 +231,6 @@ def _run(argv: Sequence[str] | None) -> int:
     except LazyfsError as e:
         print(f"lazyfs: error: {e}", file=sys.stderr)
         return EXIT_RUNTIME
-    except KeyboardInterrupt:
-        return EXIT_OK
     except Exception as e:  # a bug: say so in one line, keep the traceback for debug logs
         log.debug("internal error", exc_info=True)
         print(f"lazyfs: internal error: {type(e).__name__}: {e} (rerun with --log-level debug "

@@ -1,10 +1,14 @@
-"""How `lazyfs` ends: a stop signal that arrives as the process exits (a
-container stop sent twice, a second Ctrl-C) neither kills it by the signal
-nor changes its exit code."""
+"""How `lazyfs` ends: a stop signal (SIGTERM, Ctrl-C) exits 0, wherever it
+lands; one that arrives as the process exits (a container stop sent twice, a
+second Ctrl-C) neither kills it by the signal nor changes its exit code."""
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -23,8 +27,7 @@ def handlers() -> Iterator[None]:
 def arriving_as_handlers_change(monkeypatch: pytest.MonkeyPatch, raised: BaseException) -> list[int]:
     """CPython runs the handler of a signal that has just arrived before it
     changes any handler: the first change on the way out raises what that
-    handler raises (KeyboardInterrupt for SIGINT, lazyfs's SIGTERM handler a
-    SystemExit)."""
+    handler raises (lazyfs's handler of both: a SystemExit)."""
     real: Callable[..., Any] = signal.signal
     changed: list[int] = []
 
@@ -39,15 +42,36 @@ def arriving_as_handlers_change(monkeypatch: pytest.MonkeyPatch, raised: BaseExc
     return changed
 
 
-@pytest.mark.parametrize("raised", [KeyboardInterrupt(), SystemExit(0)], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("code", [cli.EXIT_OK, cli.EXIT_RUNTIME])
 def test_a_stop_signal_during_exit_keeps_the_exit_code(monkeypatch: pytest.MonkeyPatch, handlers: None,
-                                                       raised: BaseException, code: int) -> None:
+                                                       code: int) -> None:
     monkeypatch.setattr(cli, "_run", lambda argv: code)
-    signal.signal(signal.SIGTERM, cli._stop)
-    changed = arriving_as_handlers_change(monkeypatch, raised)
+    changed = arriving_as_handlers_change(monkeypatch, SystemExit(0))
     assert cli.main(["status"]) == code
     assert -1 in changed, "the signal was never simulated"
     assert {signal.SIGINT, signal.SIGTERM} <= set(changed[changed.index(-1):])
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_inside_an_exec_of_a_string_exits_zero(sig: int, tmp_path: Path) -> None:
+    """An import creating a dataclass runs `exec()` on a string.  A Ctrl-C
+    landing there as a KeyboardInterrupt made CPython 3.11 kill the process
+    with SIGINT at exit (no message), even though lazyfs caught it: seen as
+    a start-up stop exiting -2 instead of 0, one run in about fifteen.  Run
+    with `-m`, as `python -m lazyfs` is: `-c` exits before that check."""
+    program = textwrap.dedent(f"""
+        from lazyfs import cli
+
+        def start(args):
+            exec("import os; os.kill(os.getpid(), {int(sig)}); [i for i in range(100000)]")
+            return 1  # the stop did not stop us
+
+        cli._HANDLERS["status"] = start
+        raise SystemExit(cli.main(["status"]))
+    """)
+    (tmp_path / "stopped_in_exec.py").write_text(program)
+    done = subprocess.run([sys.executable, "-m", "stopped_in_exec"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stderr) == (cli.EXIT_OK, "")
