@@ -92,6 +92,11 @@ class FetchConfig:
     # sharded checkpoint's next shard when one is read through, and a model
     # folder's small files when its config.json is opened (modelaware.py).
     model_readahead: bool = True
+    # Which opens of a file still downloading wait for the whole file, so the
+    # kernel then reads the local copy itself (passthrough.py) instead of
+    # lazyfs answering every read: "checkpoint" (the shards of a checkpoint
+    # a loader is walking: handles.Handles._opens_whole), "always" or "never".
+    whole_file_open: str = "checkpoint"
     # Who sends the ranged GETs: boto3 in Python threads (ranged_get.py), or
     # awscrt's C client (crt.py).  See the README for the measurements.
     transfer_client: str = "boto3"
@@ -280,6 +285,7 @@ def fetch_config(args: Mapping[str, Any]) -> FetchConfig:
              "read_deadline": args.get("read_deadline")}
     return FetchConfig(verify_prebaked=args.get("verify") == "etag",
                        model_readahead=args.get("model_readahead") is not False,
+                       whole_file_open=args.get("whole_file_open") or default_of(FetchConfig, "whole_file_open"),
                        transfer_client=args.get("transfer_client") or default_of(FetchConfig, "transfer_client"),
                        link_same_etag=not args.get("no_etag_check"),
                        **{k: v for k, v in given.items() if v is not None})

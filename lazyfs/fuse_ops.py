@@ -108,6 +108,7 @@ class Operations(pyfuse3.Operations):
         self._virtual: dict[int, bytes] = {}
         self.catalog = catalog
         self.handles = handles
+        handles.passes_through = lambda: self.passthrough.enabled
         self.space = space  # the store filesystem's size, for statfs
         self.inodes = InodeTable()
         self._dirs: dict[int, DirNode] = {}

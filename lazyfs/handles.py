@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import cachetools
+import trio
 
-from lazyfs.errors import LazyfsError
-from lazyfs.fetch import Fetcher
+from lazyfs.errors import LazyfsError, RemoteUnavailable
+from lazyfs.fetch import Fetcher, LocalOrTransfer
 from lazyfs.filemap import FileMap
-from lazyfs.namespace import RemoteObject
+from lazyfs.namespace import RemoteObject, Version
 from lazyfs.stats import STATS
 from lazyfs.store import LocalCopy
 from lazyfs.transfer import Transfer
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 # ahead (Handles._read_through).  Random reads that fault a quarter of a file
 # in, each with the kernel's read-around, stay below it.
 READ_THROUGH = 0.75
+
+# A whole-file open waits for the file this much at a time, each step within
+# the read deadline, as a reader's read does.
+WHOLE_FILE_STEP = 64 << 20
 
 
 class BadHandle(LazyfsError):
@@ -67,6 +72,14 @@ class Handles:
         # Files already announced in the log (bounded: a tree of millions of
         # files must not grow it forever; an old entry is announced again).
         self._announced: cachetools.LRUCache[tuple[str, str, str], bool] = cachetools.LRUCache(maxsize=100_000)
+        # Whether the kernel can read a local copy itself (passthrough.py):
+        # without it, waiting for a whole file would only delay its readers.
+        self.passes_through: Callable[[], bool] = lambda: False
+        # The listed shards of the checkpoint whose index this is (checkpoint.index_shards).
+        self.index_shards: Callable[[RemoteObject], list[RemoteObject]] = lambda obj: []
+        # Shards of checkpoints a loader is walking: those of an index it
+        # opened, the next shard of one read through (bounded like _announced).
+        self._walked: cachetools.LRUCache[Version, bool] = cachetools.LRUCache(maxsize=10_000)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -77,9 +90,18 @@ class Handles:
 
     async def open(self, obj: RemoteObject, ino: int = 0) -> int:
         """A handle reading `obj` (whose inode is `ino`, see `release_inode`)."""
+        if self.fetcher.cfg.whole_file_open == "checkpoint" and self.passes_through():
+            shards = self.index_shards(obj)
+            for shard in shards:
+                self._walked[shard.version] = True
+            if shards:  # a loader opens the first one next: it need not wait for the request
+                self.fetcher.warm(shards[0])
         got = await self.fetcher.acquire(obj)
+        whole = self._opens_whole(obj)
+        if whole and not isinstance(got, LocalCopy):
+            got = await self._whole(obj, got)
         try:
-            following = await self._following(obj, isinstance(got, LocalCopy))
+            following = await self._following(obj, isinstance(got, LocalCopy), whole)
         except BaseException:
             if isinstance(got, LocalCopy):
                 os.close(got.fd)
@@ -108,14 +130,54 @@ class Handles:
                 self.fetcher.warm(companion)
         return fh
 
-    async def _following(self, obj: RemoteObject, local: bool) -> RemoteObject | None:
+    def _opens_whole(self, obj: RemoteObject) -> bool:
+        """Does an open of `obj` wait for all of it (--whole-file-open)?  A
+        loader that walks a sharded checkpoint reads each shard whole, and
+        the kernel reading a complete copy itself costs lazyfs no CPU per
+        byte, where answering each read as the bytes arrive costs a second
+        copy of every byte (measured: a cold load in half the time).  A
+        reader of a few bytes would wait for the last one, so by default
+        only shards of a checkpoint a loader walks wait: named by an index
+        it opened (loaders read it first), or the next one after a shard
+        read through."""
+        mode = self.fetcher.cfg.whole_file_open
+        if mode == "never" or not self.passes_through():
+            return False
+        return mode == "always" or obj.version in self._walked
+
+    async def _whole(self, obj: RemoteObject, dl: LocalOrTransfer) -> LocalOrTransfer:
+        """`obj`'s local copy once its download `dl` is published (or `dl`,
+        should the store not have it by then)."""
+        assert not isinstance(dl, LocalCopy)
+        dl.add_reader()  # a reader waits: ahead of the prefetches
+        try:
+            for start in range(0, obj.size, WHOLE_FILE_STEP):
+                await dl.wait_range(start, start + WHOLE_FILE_STEP)
+            deadline = self.fetcher.cfg.read_deadline
+            with trio.move_on_after(deadline):
+                await dl.finished.wait()  # verified and published (or failed)
+            if not dl.finished.is_set():
+                raise RemoteUnavailable(f"{obj.uri}: not verified within {deadline:g} s of its last byte",
+                                        bucket=obj.bucket, key=obj.key)
+            if dl.error is not None:
+                raise dl.error
+        finally:
+            dl.drop_reader()
+        return await self.fetcher.acquire(obj)
+
+    async def _following(self, obj: RemoteObject, local: bool, whole: bool) -> RemoteObject | None:
         """The shard to fetch once `obj` is read through (see _read_through).
         None when it is on disk already, if `obj` is too: then nothing needs
         to see this handle's reads, and the kernel may read its copy itself
-        (local_copy, passthrough.py)."""
+        (local_copy, passthrough.py).  None too after a whole-file open: the
+        kernel will read it, so its next shard is fetched now."""
         following = self.next_shard(obj) if self.fetcher.cfg.model_readahead else None
         if following is None or not local:
             return following
+        if whole:
+            self._walked[following.version] = True
+            self.fetcher.warm(following)
+            return None
         try:
             state = await self.fetcher.state_of(following)
         except LazyfsError:
@@ -156,6 +218,7 @@ class Handles:
         (Fetcher.warm_after); its local copy needs no wait."""
         following, of.following = of.following, None
         assert following is not None
+        self._walked[following.version] = True
         if of.download is None or of.download.complete:
             self.fetcher.warm(following)
         else:

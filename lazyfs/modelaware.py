@@ -12,7 +12,9 @@ requests are on the wire, so the two never compete while a reader waits for
 the first; handles.Handles._read_through), so the loader finds it arriving.
 And opening a model folder's `config.json` (what model servers read first)
 fetches its other configs and its tokenizer at once: loaders read them next,
-one at a time, a round trip each.
+one at a time, a round trip each.  Opening a checkpoint's index (what
+loaders read before the shards) marks its shards as ones a loader reads whole
+(handles.Handles._opens_whole).
 
 Pure functions: the engine calls them on the trio thread with bytes it has.
 """
@@ -37,6 +39,7 @@ COMPANIONS = 32
 # A folder of more entries is not a model's: no companions, and no walk of it
 # on the trio thread at each open of a config.json.
 COMPANION_FOLDER_MAX = 10_000
+INDEX_SUFFIX = ".safetensors.index.json"
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<count>\d+)\.safetensors$")
 
 
@@ -100,6 +103,22 @@ def next_shard(key: str, siblings: list[str]) -> str | None:
     if want not in siblings:
         return None
     return f"{folder}/{want}" if folder else want
+
+
+def is_index(name: str) -> bool:
+    """Is this a sharded checkpoint's index (`model.safetensors.index.json`),
+    which loaders read before its shards?"""
+    return name.endswith(INDEX_SUFFIX) and len(name) > len(INDEX_SUFFIX)
+
+
+def index_shards(index: str, siblings: list[str]) -> list[str]:
+    """The shards of the checkpoint indexed by the file named `index`, among
+    the names of its folder, in order: `model-0000N-of-0000M.safetensors`
+    for `model.safetensors.index.json`.  Not read from the index's
+    weight_map: that would wait for its bytes, and loaders name their
+    shards so."""
+    stem = index[:-len(INDEX_SUFFIX)]
+    return sorted(n for n in siblings if (m := _SHARD.match(n)) is not None and m.group("stem") == stem)
 
 
 def may_have_companions(name: str, entries: int) -> bool:

@@ -25,7 +25,7 @@ from typing import AsyncIterator
 import pyfuse3
 import trio
 
-from lazyfs import crt, modelaware, prefetch
+from lazyfs import checkpoint, crt, prefetch
 from lazyfs.budget import Budget
 from lazyfs.catalog import Catalog, offline_objects
 from lazyfs.config import MountConfig, Source
@@ -40,7 +40,7 @@ from lazyfs.laststop import LastStop
 from lazyfs.layer import STORE_MODES, Layer
 from lazyfs.metrics import MountView
 from lazyfs.mounttab import MountError, check_mountpoint, set_background, set_read_ahead
-from lazyfs.namespace import Diff, DirNode, RemoteObject
+from lazyfs.namespace import Diff, RemoteObject
 from lazyfs.objectstore import ObjectStore
 from lazyfs.pinned import Pinning
 from lazyfs.quiet import Quiet
@@ -195,8 +195,9 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
         catalog.start_pinned(pin.objects())
         fetcher.hooks.refuse = pin.refuse
     handles = Handles(fetcher)
-    handles.next_shard = lambda obj: next_shard(catalog, obj)
-    handles.companions = lambda obj: companions(catalog, obj)
+    handles.next_shard = lambda obj: checkpoint.next_shard(catalog, obj)
+    handles.companions = lambda obj: checkpoint.companions(catalog, obj)
+    handles.index_shards = lambda obj: checkpoint.index_shards(catalog, obj)
     fetcher.hooks.is_current = lambda obj: is_current(catalog, obj)
     fetcher.hooks.quiet = quiet
     if cfg.cache_max_size is not None:
@@ -280,28 +281,6 @@ async def _sweep_after_first_listing(catalog: Catalog, fetcher: Fetcher) -> None
     while catalog.offline or not catalog.last.ok:
         await trio.sleep(5)
     await fetcher.sweep_store(list(catalog.tree.files()))
-
-
-def next_shard(catalog: Catalog, obj: RemoteObject) -> RemoteObject | None:
-    """The listed shard after `obj` in its folder (modelaware.next_shard)."""
-    if not modelaware.is_safetensors(obj.key):
-        return None
-    folder = catalog.tree.find(obj.key.rpartition("/")[0])
-    if not isinstance(folder, DirNode):
-        return None
-    key = modelaware.next_shard(obj.key, list(folder.names))
-    found = catalog.tree.find(key) if key else None
-    return found if isinstance(found, RemoteObject) else None
-
-
-def companions(catalog: Catalog, obj: RemoteObject) -> list[RemoteObject]:
-    """The listed small files to fetch when `obj` is opened (modelaware.companions)."""
-    folder = catalog.tree.find(obj.key.rpartition("/")[0])
-    if not isinstance(folder, DirNode) or not modelaware.may_have_companions(obj.name, len(folder.children)):
-        return []
-    files = {name: node.size for name, node in folder.children.items() if isinstance(node, RemoteObject)}
-    found = (catalog.tree.find(key) for key in modelaware.companions(obj.key, files))
-    return [node for node in found if isinstance(node, RemoteObject)]
 
 
 def _close_session() -> None:

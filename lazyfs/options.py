@@ -173,6 +173,12 @@ MOUNT = (
            "checkpoint's next shard when one is read through, and do not fetch a model folder's small files "
            "when its config.json is opened (by default lazyfs reads the header and fetches tensors in the "
            "order loaders read them)", kind="off", dest="model_readahead"),
+    Option("--whole-file-open", "which opens of a file still downloading wait for all of it, after which "
+           "the kernel reads the local copy at disk speed (passthrough) where lazyfs would serve each read as "
+           "the bytes arrive: checkpoint (the shards of a sharded safetensors checkpoint whose index a loader "
+           "opened, or whose previous shard it read through), always (every file: a first byte then waits "
+           "for the last) or never (default checkpoint)", choices=("checkpoint", "always", "never"),
+           default=(FetchConfig, "whole_file_open")),
     Option("--no-xattrs", "no user.lazyfs.* attributes: `ls -l` then costs no extra round trips per file "
            "(for trees of many thousands of files)", kind="off", dest="xattrs"),
     Option("--no-passthrough", "serve every read through lazyfs; by default the kernel reads a file whose local "

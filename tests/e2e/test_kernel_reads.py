@@ -2,7 +2,9 @@
 complete is read and mapped by the kernel from the store file: the daemon
 serves none of its bytes.  A file opened while it downloaded stays served by
 lazyfs until that handle closes (the kernel refuses mixing the two), and
---no-passthrough serves everything through lazyfs."""
+--no-passthrough serves everything through lazyfs.  The shards of a
+checkpoint a loader walks are opened whole (--whole-file-open), so they pass
+through too."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pytest
 
 from lazyfs.passthrough import kernel_passes_through
 from support.mounting import FS, wait_until
+from support.proxy import Fault
 from support.s3server import free_port
 
 pytestmark = pytest.mark.fuse
@@ -124,3 +127,70 @@ def test_no_passthrough_serves_every_read_through_lazyfs(mount, s3, bucket, fs: 
     assert fs.run(uncached_read, m2.file(KEY)) == data
     s = stats(fs, m2)
     assert s["cache"]["passthrough_opens"] == 0 and s["cache"]["served_bytes"]["cached"] == len(data)
+
+
+def opened_whole(fs: FS, m, key: str) -> bool:
+    """Open `key` and say whether, as the open returned, its copy was
+    already complete (the open waited for all of it); then read it all."""
+    fd = fs.run(os.open, str(m.file(key)), os.O_RDONLY)
+    try:
+        whole = state(fs, m, key) == "cached"
+        with fs.run(mmap.mmap, fd, 0, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
+            fs.run(bytes, mm)
+    finally:
+        fs.run(os.close, fd)
+    return whole
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "always", "never"])
+def test_which_opens_wait_for_the_whole_file(passthrough_ok, mount, proxy, s3, bucket, fs: FS, tmp_path: Path,
+                                             mode: str):
+    """By default (checkpoint) an open waits for a whole file only for the
+    shards of a checkpoint whose index the loader opened; a reader of a
+    lone file gets its first bytes as they arrive.  Every byte after the
+    first part arrives late here, so a read-through open returns while the
+    file still downloads."""
+    shards = [f"{P}/model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    lone = f"{P}/other/model-00001-of-00002.safetensors"  # a shard name, but no index beside it
+    data = {key: os.urandom(8 * PART + i) for i, key in enumerate([*shards, lone])}
+    index = f"{P}/model.safetensors.index.json"
+    data[index] = json.dumps({"weight_map": {"w": shards[0]}}).encode()
+    for key, body in data.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    proxy.add(Fault("delay", min_offset=PART, seconds=1.0, times=None))
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "256KiB", "--whole-file-open", mode,
+              store=tmp_path / "store")
+    assert opened_whole(fs, m, lone) is (mode == "always")
+    assert fs.read(m.file(index)) == data[index]
+    before = stats(fs, m)["cache"]
+    waited = [opened_whole(fs, m, key) for key in shards]
+    after = stats(fs, m)["cache"]
+    assert waited == [mode != "never"] * 3
+    if mode != "never":  # the kernel read every shard from the store: lazyfs served none of it
+        assert after["served_bytes"]["s3"] == before["served_bytes"]["s3"]
+        assert after["passthrough_opens"] == before["passthrough_opens"] + 3
+    for key, body in data.items():  # each byte downloaded once, and right
+        assert fs.read(m.file(key)) == body
+        assert proxy.bytes_sent(key) == len(body), key
+
+
+def test_a_whole_file_open_fetches_the_next_shard_at_once(passthrough_ok, mount, proxy, s3, bucket, fs: FS,
+                                                        tmp_path: Path):
+    """The kernel reads a shard opened whole without lazyfs seeing a byte,
+    so its next shard cannot wait for it to be read through: it is fetched
+    as the open returns, and its own open finds it on disk."""
+    first, second = f"{P}/model-00001-of-00002.safetensors", f"{P}/model-00002-of-00002.safetensors"
+    data = {first: os.urandom(8 * PART), second: os.urandom(8 * PART + 1)}
+    for key, body in data.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "256KiB", "--whole-file-open", "always",
+              store=tmp_path / "store")
+    fd = fs.run(os.open, str(m.file(first)), os.O_RDONLY)
+    try:
+        wait_until(lambda: state(fs, m, second) == "cached", what="the next shard fetched while one is open")
+    finally:
+        fs.run(os.close, fd)
+    gets = proxy.count("GET", second)
+    assert fs.read(m.file(second)) == data[second]
+    assert proxy.count("GET", second) == gets
+    assert stats(fs, m)["cache"]["passthrough_opens"] == 2

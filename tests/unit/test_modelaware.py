@@ -54,6 +54,16 @@ def test_next_shard() -> None:
     assert modelaware.next_shard("m/v1/model.safetensors", names) is None
 
 
+def test_an_index_names_the_shards_of_its_own_checkpoint() -> None:
+    names = ["model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+             "consolidated-00001-of-00001.safetensors", "model.safetensors", "model-00001-of-00002.bin"]
+    assert modelaware.is_index("model.safetensors.index.json")
+    assert not modelaware.is_index(".safetensors.index.json") and not modelaware.is_index("model.safetensors")
+    assert modelaware.index_shards("model.safetensors.index.json", names) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert modelaware.index_shards("other.safetensors.index.json", names) == []
+
+
 def test_a_models_config_brings_the_folders_small_files() -> None:
     files = {"config.json": 500, "tokenizer.json": 9_000_000, "generation_config.json": 44,
              "model.safetensors.index.json": 30_000, "model-00001-of-00002.safetensors": 5 << 30,
