@@ -35,8 +35,12 @@ log = logging.getLogger(__name__)
 READ_THROUGH = 0.75
 
 # A whole-file open waits for the file this much at a time, each step within
-# the read deadline, as a reader's read does.
-WHOLE_FILE_STEP = 64 << 20
+# the read deadline, as a reader's read does (so a slow link fails it no
+# sooner than it would fail the reads of a reader served as bytes arrive).
+WHOLE_FILE_STEP = 8 << 20
+# Verification follows the download, and catches up after its last byte at
+# no less than this rate (MD5 runs at 500+ MB/s on one core).
+VERIFY_CATCH_UP = 100 << 20
 
 
 class BadHandle(LazyfsError):
@@ -153,11 +157,11 @@ class Handles:
         try:
             for start in range(0, obj.size, WHOLE_FILE_STEP):
                 await dl.wait_range(start, start + WHOLE_FILE_STEP)
-            deadline = self.fetcher.cfg.read_deadline
+            deadline = self.fetcher.cfg.read_deadline + obj.size / VERIFY_CATCH_UP
             with trio.move_on_after(deadline):
                 await dl.finished.wait()  # verified and published (or failed)
             if not dl.finished.is_set():
-                raise RemoteUnavailable(f"{obj.uri}: not verified within {deadline:g} s of its last byte",
+                raise RemoteUnavailable(f"{obj.uri}: not verified within {deadline:.0f} s of its last byte",
                                         bucket=obj.bucket, key=obj.key)
             if dl.error is not None:
                 raise dl.error

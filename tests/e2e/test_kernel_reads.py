@@ -8,6 +8,7 @@ through too."""
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -194,3 +195,26 @@ def test_a_whole_file_open_fetches_the_next_shard_at_once(passthrough_ok, mount,
     assert fs.read(m.file(second)) == data[second]
     assert proxy.count("GET", second) == gets
     assert stats(fs, m)["cache"]["passthrough_opens"] == 2
+
+
+@pytest.mark.log_errors('download of .* failed: ')
+@pytest.mark.parametrize("fault, err", [
+    (Fault("status", status=503, code="SlowDown", times=None, min_offset=PART), errno.EIO),
+    (Fault("status", status=403, code="AccessDenied", times=None, min_offset=PART), errno.EACCES),
+], ids=["5xx-forever", "403"])
+def test_a_whole_file_open_fails_as_a_read_would_and_the_mount_survives(passthrough_ok, mount, proxy, s3, bucket,
+                                                                         fs: FS, tmp_path: Path, fault, err):
+    """The file's first part arrives, the rest never does: the open, which
+    waits for all of it, fails with the errno a reader would get."""
+    data = os.urandom(8 * PART)
+    s3.put_object(Bucket=bucket, Key=KEY, Body=data)
+    fault.key = KEY
+    proxy.add(fault)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "256KiB", "--whole-file-open", "always",
+              "--retries", "1", store=tmp_path / "store")
+    with pytest.raises(OSError) as info:
+        fs.run(os.open, str(m.file(KEY)), os.O_RDONLY, timeout=60)
+    assert info.value.errno == err
+    proxy.clear_faults()
+    assert fs.read(m.file(KEY)) == data, "the mount did not recover"
+    assert stats(fs, m)["cache"]["passthrough_opens"] >= 1
