@@ -261,9 +261,8 @@ class Fetcher:
             os.close(got.fd)
 
     def close_fd(self, fd: int) -> None:
-        """Close a descriptor in a worker thread when it is the last link of
-        an unlinked file (the close frees its blocks: seconds for 100 GiB on
-        some filesystems); inline otherwise."""
+        """Close a descriptor in a worker thread when it is the last link of an unlinked file (the
+        close frees its blocks: seconds for 100 GiB on some filesystems); inline otherwise."""
         try:
             unlinked = os.fstat(fd).st_nlink == 0
         except OSError:
@@ -277,8 +276,7 @@ class Fetcher:
         try:
             await trio.to_thread.run_sync(os.close, fd, limiter=self.runner.bulk)
         except trio.Cancelled:
-            # Shutdown, before a thread took it (a thread once started is not
-            # cancelled): close it here rather than leak it.
+            # Shutdown, before a thread took it (a started one is not cancelled): close it here.
             os.close(fd)
             raise
 
@@ -286,10 +284,12 @@ class Fetcher:
         self.hooks.on_bad_data(obj)  # the hook set now, not when the follower was made
 
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
-        """Start an engine task; an unexpected exception in it is logged and
-        counted (supervise.py), never allowed to end the nursery (the mount)."""
+        """Start an engine task; an unexpected exception in it is logged and counted (supervise.py), never
+        allowed to end the nursery (the mount).  Dropped once the nursery is closed (stopping): a thread's
+        last word (a pin released, posted to the trio thread) may come then, and raising would crash trio."""
         assert self._nursery is not None, "Fetcher.run() is not running"
-        self._nursery.start_soon(once, getattr(fn, "__name__", "engine task"), fn, *args)
+        with contextlib.suppress(RuntimeError):  # "Nursery is closed to new arrivals"
+            self._nursery.start_soon(once, getattr(fn, "__name__", "engine task"), fn, *args)
 
     def _post(self, fn: Callable[..., object], *args: object) -> None:
         """From a worker thread: run `fn` on the trio thread (dropped once the

@@ -7,6 +7,7 @@ nursery that serves the mount (trio_test would see it)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import io
@@ -410,3 +411,26 @@ def test_a_failure_inside_a_nursery_is_named_by_its_cause(caplog: pytest.LogCapt
 
 async def _raise(exc: Exception) -> None:
     raise exc
+
+
+@trio_test
+async def test_a_threads_last_word_after_the_engine_stopped_does_not_crash_trio(
+        remote: FakeRemote, stores, tmp_path: Path) -> None:
+    """A worker thread (awscrt's, after a failed request) released its pin
+    on the download's descriptor only once the engine's nursery had closed:
+    closing an unlinked file's last link is a task for a thread, and starting
+    it raised inside trio's callback queue: TrioInternalError, and a stop
+    that exited 1.  Now the close is dropped (the process is exiting)."""
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        pass
+    gone = tmp_path / "discarded.part"
+    gone.write_bytes(b"x")
+    fd = os.open(gone, os.O_RDONLY)
+    gone.unlink()
+    try:
+        trio.lowlevel.current_trio_token().run_sync_soon(fetcher.close_fd, fd)
+        await trio.sleep(0.05)  # the callback runs: trio_test's loop must end cleanly
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
