@@ -155,14 +155,16 @@ class Handles:
         assert not isinstance(dl, LocalCopy)
         dl.add_reader()  # a reader waits: ahead of the prefetches
         try:
-            for start in range(0, obj.size, WHOLE_FILE_STEP):
-                await dl.wait_range(start, start + WHOLE_FILE_STEP)
-            deadline = self.fetcher.cfg.read_deadline + obj.size / VERIFY_CATCH_UP
-            with trio.move_on_after(deadline):
-                await dl.finished.wait()  # verified and published (or failed)
-            if not dl.finished.is_set():
-                raise RemoteUnavailable(f"{obj.uri}: not verified within {deadline:.0f} s of its last byte",
-                                        bucket=obj.bucket, key=obj.key)
+            while not dl.finished.is_set():
+                for start in range(0, obj.size, WHOLE_FILE_STEP):
+                    await dl.wait_range(start, start + WHOLE_FILE_STEP)
+                deadline = self.fetcher.cfg.read_deadline + obj.size / VERIFY_CATCH_UP
+                with trio.move_on_after(deadline):
+                    await dl.finished.wait()  # verified and published (or failed)
+                if not dl.finished.is_set() and dl.covered(0, obj.size):
+                    raise RemoteUnavailable(f"{obj.uri}: not verified within {deadline:.0f} s of its last byte",
+                                            bucket=obj.bucket, key=obj.key)
+                # Not covered any more: bad bytes, downloading again; wait for those.
             if dl.error is not None:
                 raise dl.error
         finally:

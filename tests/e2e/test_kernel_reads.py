@@ -218,3 +218,18 @@ def test_a_whole_file_open_fails_as_a_read_would_and_the_mount_survives(passthro
     proxy.clear_faults()
     assert fs.read(m.file(KEY)) == data, "the mount did not recover"
     assert stats(fs, m)["cache"]["passthrough_opens"] >= 1
+
+
+def test_a_whole_file_open_waits_through_a_download_started_over(passthrough_ok, mount, proxy, s3, bucket,
+                                                                fs: FS, tmp_path: Path):
+    """Bytes that fail verification are downloaded again into a fresh file:
+    a whole-file open waits for those too, and gets the right ones."""
+    data = os.urandom(8 * PART)
+    s3.put_object(Bucket=bucket, Key=KEY, Body=data)
+    proxy.add(Fault("corrupt", key=KEY, min_offset=PART, times=1))
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "256KiB", "--whole-file-open", "always",
+              store=tmp_path / "store")
+    assert opened_whole(fs, m, KEY)
+    assert fs.run(mapped, m.file(KEY)) == data
+    assert any(r["fault"] == "corrupt" for r in proxy.requests("GET", KEY)), "the fault never fired"
+    assert "downloading it again" in m.log()
