@@ -153,6 +153,8 @@ class Handles:
         """`obj`'s local copy once its download `dl` is published (or `dl`,
         should the store not have it by then)."""
         assert not isinstance(dl, LocalCopy)
+        log.info("%s: the open waits for all %d bytes, then the kernel reads the copy itself (--whole-file-open)",
+                 obj.uri, obj.size, extra={"event": "whole_file_open", "key": obj.key, "bytes": obj.size})
         dl.add_reader()  # a reader waits: ahead of the prefetches
         try:
             while not dl.finished.is_set():
