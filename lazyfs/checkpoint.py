@@ -13,12 +13,15 @@ from lazyfs.catalog import Catalog
 from lazyfs.namespace import DirNode, RemoteObject
 
 
+def _folder(catalog: Catalog, obj: RemoteObject) -> DirNode | None:
+    found = catalog.tree.find(obj.key.rpartition("/")[0])
+    return found if isinstance(found, DirNode) else None
+
+
 def next_shard(catalog: Catalog, obj: RemoteObject) -> RemoteObject | None:
     """The listed shard after `obj` in its folder (modelaware.next_shard)."""
-    if not modelaware.is_safetensors(obj.key):
-        return None
-    folder = catalog.tree.find(obj.key.rpartition("/")[0])
-    if not isinstance(folder, DirNode):
+    folder = _folder(catalog, obj) if modelaware.is_safetensors(obj.key) else None
+    if folder is None:
         return None
     key = modelaware.next_shard(obj.key, list(folder.names))
     found = catalog.tree.find(key) if key else None
@@ -27,8 +30,8 @@ def next_shard(catalog: Catalog, obj: RemoteObject) -> RemoteObject | None:
 
 def companions(catalog: Catalog, obj: RemoteObject) -> list[RemoteObject]:
     """The listed small files to fetch when `obj` is opened (modelaware.companions)."""
-    folder = catalog.tree.find(obj.key.rpartition("/")[0])
-    if not isinstance(folder, DirNode) or not modelaware.may_have_companions(obj.name, len(folder.children)):
+    folder = _folder(catalog, obj)
+    if folder is None or not modelaware.may_have_companions(obj.name, len(folder.children)):
         return []
     files = {name: node.size for name, node in folder.children.items() if isinstance(node, RemoteObject)}
     found = (catalog.tree.find(key) for key in modelaware.companions(obj.key, files))
@@ -38,10 +41,8 @@ def companions(catalog: Catalog, obj: RemoteObject) -> list[RemoteObject]:
 def index_shards(catalog: Catalog, obj: RemoteObject) -> list[RemoteObject]:
     """The listed shards of the checkpoint whose index `obj` is
     (modelaware.index_shards); none when `obj` is no index."""
-    if not modelaware.is_index(obj.name):
-        return []
-    folder = catalog.tree.find(obj.key.rpartition("/")[0])
-    if not isinstance(folder, DirNode) or len(folder.children) > modelaware.COMPANION_FOLDER_MAX:
+    folder = _folder(catalog, obj) if modelaware.is_index(obj.name) else None
+    if folder is None or len(folder.children) > modelaware.COMPANION_FOLDER_MAX:
         return []
     found = (folder.children.get(name) for name in modelaware.index_shards(obj.name, list(folder.names)))
     return [node for node in found if isinstance(node, RemoteObject)]
