@@ -52,10 +52,15 @@ def find_mount(path: str | Path) -> MountEntry | None:
     return found[-1] if found else None
 
 
+def device_name(dev: int) -> str:
+    """A device number (a file's st_dev) as /proc/self/mountinfo writes it."""
+    return f"{os.major(dev)}:{os.minor(dev)}"
+
+
 def fstype_of_device(dev: int) -> str | None:
     """The type of the filesystem with device number `dev` (a file's st_dev),
     from /proc/self/mountinfo; None when no mount here has it."""
-    device = f"{os.major(dev)}:{os.minor(dev)}"
+    device = device_name(dev)
     found = [entry.fstype for entry in _mounts() if entry.device == device]
     return found[-1] if found else None
 

@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from lazyfs.mounttab import device_name
 from lazyfs.stats import STATS
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class Passthrough:
                 local = self._local[dev] = not is_remote_fstype(fstype)
                 if not local:
                     log.info("passthrough: copies on %s (a %s filesystem) are served through lazyfs",
-                             _device(dev), fstype)
+                             device_name(dev), fstype)
             return self._register(fd) if local else 0
         except OSError as e:
             if e.errno in _NEVER:
@@ -143,9 +144,5 @@ class Passthrough:
             else:  # a property of the copy's filesystem (ELOOP: stacked too deep)
                 self._local[dev] = False
                 log.warning("passthrough: the kernel refused a copy on %s (%s); copies there are served "
-                            "through lazyfs", _device(dev), os.strerror(e.errno or errno.EIO))
+                            "through lazyfs", device_name(dev), os.strerror(e.errno or errno.EIO))
             return 0
-
-
-def _device(dev: int) -> str:
-    return f"{os.major(dev)}:{os.minor(dev)}"

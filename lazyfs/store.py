@@ -157,12 +157,13 @@ class Store:
             if fd is None:
                 continue
             try:
-                state = self._judge(fd, obj, layer)
+                st = os.fstat(fd)
+                state = self._judge(fd, obj, layer, st)
             except BaseException:
                 os.close(fd)
                 raise
             if state is not None:
-                return LocalCopy(fd, layer, state, os.fstat(fd).st_dev)
+                return LocalCopy(fd, layer, state, st.st_dev)
             os.close(fd)
         return None
 
@@ -174,7 +175,7 @@ class Store:
             if fd is None:
                 continue
             try:
-                state = self._judge(fd, obj, layer)
+                state = self._judge(fd, obj, layer, os.fstat(fd))
                 if state is not None:
                     ident = self.identities.read(fd, layer) if state is FileState.CACHED else None
                     verified = ident.verified if ident is not None else "size"
@@ -189,8 +190,7 @@ class Store:
             return LocalState(FileState.STALE, stale, 0)
         return LocalState(FileState.MISSING, "", 0)
 
-    def _judge(self, fd: int, obj: RemoteObject, layer: Layer) -> FileState | None:
-        st = os.fstat(fd)
+    def _judge(self, fd: int, obj: RemoteObject, layer: Layer, st: os.stat_result) -> FileState | None:
         if st.st_size != obj.size:
             return None
         ident = self.identities.read(fd, layer, st)
