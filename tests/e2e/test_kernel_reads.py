@@ -233,3 +233,19 @@ def test_a_whole_file_open_waits_through_a_download_started_over(passthrough_ok,
     assert fs.run(mapped, m.file(KEY)) == data
     assert any(r["fault"] == "corrupt" for r in proxy.requests("GET", KEY)), "the fault never fired"
     assert "downloading it again" in m.log()
+
+
+def test_opening_a_checkpoints_index_fetches_its_first_shard(passthrough_ok, mount, proxy, s3, bucket, fs: FS,
+                                                           tmp_path: Path):
+    """Loaders open the first shard right after the index: its download
+    starts with the index's open, not a round trip later; the others wait
+    for their turn (each starts when the one before is opened whole)."""
+    shards = [f"{P}/model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    index = f"{P}/model.safetensors.index.json"
+    for key in shards:
+        s3.put_object(Bucket=bucket, Key=key, Body=os.urandom(4 * PART))
+    s3.put_object(Bucket=bucket, Key=index, Body=b'{"weight_map": {}}')
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "256KiB", store=tmp_path / "store")
+    assert fs.read(m.file(index)) == b'{"weight_map": {}}'
+    wait_until(lambda: state(fs, m, shards[0]) == "cached", what="the first shard fetched with the index")
+    assert proxy.count("GET", shards[1]) == 0, "a later shard was fetched before its turn"
