@@ -97,9 +97,10 @@ class FetchConfig:
     # lazyfs answering every read: "checkpoint" (the shards of a checkpoint
     # a loader is walking: handles.Handles._opens_whole), "always" or "never".
     whole_file_open: str = "checkpoint"
-    # Who sends the ranged GETs: boto3 in Python threads (ranged_get.py), or
-    # awscrt's C client (crt.py).  See the README for the measurements.
+    # Who sends the ranged GETs: boto3's Python threads (ranged_get.py) or awscrt's C client (crt.py).
     transfer_client: str = "boto3"
+    # How downloaded bytes reach the store: "direct" (O_DIRECT: storewrite.py) or "buffered".
+    store_writes: str = "direct"
     # A new path is linked to a stored file with its ETag and size (the content
     # index).  Off with --no-etag-check: ETags that are not digests need not
     # name the same bytes under two keys.
@@ -144,8 +145,7 @@ class MountConfig:
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     store_mode: StoreMode = DEFAULT_STORE_MODE
-    # --lock: serve exactly the versions it pins (pinned.py); None: whatever
-    # the listing shows.
+    # --lock: serve exactly the versions it pins (pinned.py); None: what the listing shows.
     lock: Lock | None = None
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
@@ -280,13 +280,13 @@ def _attempts(args: Mapping[str, Any], default: int) -> int:
 
 
 def fetch_config(args: Mapping[str, Any]) -> FetchConfig:
-    given = {"part_size": args.get("part_size"), "max_connections": args.get("max_connections"),
-             "chunk_attempts": _attempts(args, default_of(FetchConfig, "chunk_attempts")),
-             "read_deadline": args.get("read_deadline")}
+    given: dict[str, Any] = {
+        "part_size": args.get("part_size"), "max_connections": args.get("max_connections"),
+        "chunk_attempts": _attempts(args, default_of(FetchConfig, "chunk_attempts")),
+        "read_deadline": args.get("read_deadline"), "whole_file_open": args.get("whole_file_open"),
+        "transfer_client": args.get("transfer_client"), "store_writes": args.get("store_writes")}
     return FetchConfig(verify_prebaked=args.get("verify") == "etag",
                        model_readahead=args.get("model_readahead") is not False,
-                       whole_file_open=args.get("whole_file_open") or default_of(FetchConfig, "whole_file_open"),
-                       transfer_client=args.get("transfer_client") or default_of(FetchConfig, "transfer_client"),
                        link_same_etag=not args.get("no_etag_check"),
                        **{k: v for k, v in given.items() if v is not None})
 

@@ -27,8 +27,9 @@ from lazyfs.config import FetchConfig, RemoteConfig
 from lazyfs.errors import AccessDenied, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable, StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta
-from lazyfs.ranged_get import RangeJob, Stopped, pwrite_all
+from lazyfs.ranged_get import RangeJob, Stopped
 from lazyfs.stats import STATS
+from lazyfs.storewrite import PieceWriter, WriterClosed
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,15 @@ class CrtTransfer:
     def fetch(self, job: RangeJob) -> None:
         """GET the job's bytes into the file; resume within the range after a
         failure the client's own retries did not cure (a stall, a body cut)."""
+        with job.writer() as writer:
+            self._fetch(job, writer)
+
+    def _fetch(self, job: RangeJob, writer: PieceWriter) -> None:
         pos, attempt = job.start, 0
         while pos < job.end:
             if job.cancelled():
                 raise Stopped()
-            state = _Received(job, pos, pos == 0 and job.end == job.obj.size, self.cfg.etag_is_md5)
+            state = _Received(job, writer, pos, pos == 0 and job.end == job.obj.size, self.cfg.etag_is_md5)
             try:
                 self._one_request(state)
                 return
@@ -183,8 +188,9 @@ class CrtTransfer:
 class _Received:
     """One request's progress, written from the CRT's threads."""
 
-    def __init__(self, job: RangeJob, start: int, whole: bool, etag_is_md5: bool) -> None:
+    def __init__(self, job: RangeJob, writer: PieceWriter, start: int, whole: bool, etag_is_md5: bool) -> None:
         self.job = job
+        self._writer = writer
         self.etag_is_md5 = etag_is_md5  # the store's ETags can be MD5s at all (--no-etag-check: no)
         self.reached = start  # bytes [job.start, reached) are in the file
         self.whole = whole
@@ -222,8 +228,9 @@ class _Received:
             return
         job = self.job
         try:
-            with job.write_lock:
-                pwrite_all(job.fd, chunk, offset, job.obj)
+            self._writer.write(chunk, offset)
+        except WriterClosed:
+            return
         except StoreError as e:
             self.error = e
             return

@@ -29,6 +29,8 @@ class MountCollector(Collector):
             served.add_metric([source], STATS.served.get(source, 0))
         yield served
         yield _counter("lazyfs_fetched_bytes", "Body bytes downloaded from S3.", STATS.fetched_bytes)
+        yield _counter("lazyfs_direct_write_bytes", "Downloaded bytes written to the store with O_DIRECT.",
+                       STATS.direct_bytes)
         reqs = CounterMetricFamily("lazyfs_s3_requests", "Requests sent to S3.", labels=["op"])
         fails = CounterMetricFamily("lazyfs_s3_request_failures", "S3 requests that failed (after botocore's "
                                     "retries).", labels=["op"])

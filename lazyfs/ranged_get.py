@@ -8,19 +8,18 @@ download state itself (docs/concurrency.md).
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import random
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from lazyfs.errors import RemoteUnavailable, StoreError
+from lazyfs.errors import RemoteUnavailable
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import Body, ObjectStore, ResponseMeta
 from lazyfs.stats import STATS
+from lazyfs.storewrite import PieceWriter
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +50,21 @@ class RangeJob:
     cancelled: Callable[[], bool]
     posted: Callable[[int], None]  # bytes [start, start + n) are on disk
     got_meta: Callable[[ResponseMeta], None]  # what the response headers say, for verification
+    direct: bool = False  # write with O_DIRECT where the store allows it (storewrite.py)
+
+    def writer(self) -> PieceWriter:
+        return PieceWriter(self.fd, self.obj, self.direct, self.write_lock)
 
 
 def fetch_range_blocking(remote: ObjectStore, job: RangeJob) -> None:
     """GET the job's bytes into the file, resuming within the range after a
     broken body.  Raises RemoteError when the retries are spent, Stopped when
     cancelled, OSError when the file cannot be written."""
+    with job.writer() as writer:
+        _fetch(remote, job, writer)
+
+
+def _fetch(remote: ObjectStore, job: RangeJob, writer: PieceWriter) -> None:
     pos, end = job.start, job.end
     attempt = 0
     while True:
@@ -72,8 +80,7 @@ def fetch_range_blocking(remote: ObjectStore, job: RangeJob) -> None:
                     raise Stopped()
                 data = _read(stream, job.obj, min(piece, end - pos))
                 piece = PIECE
-                with job.write_lock:
-                    pwrite_all(job.fd, data, pos, job.obj)
+                writer.write(data, pos)
                 pos += len(data)
                 if post_at <= pos < end:
                     # Then once per block: readers wait for whole blocks
@@ -104,16 +111,3 @@ def _read(stream: Body, obj: RemoteObject, n: int) -> bytes:
     except OSError as e:
         raise RemoteUnavailable(f"{obj.uri}: transfer broke off ({type(e).__name__}: {e})",
                                 bucket=obj.bucket, key=obj.key) from e
-
-
-def pwrite_all(fd: int, data: bytes, offset: int, obj: RemoteObject) -> None:
-    """Write a piece into the sparse file.  A failure is the store's (ENOSPC,
-    EIO), and says so."""
-    view = memoryview(data)
-    try:
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view = view[n:]
-            offset += n
-    except OSError as e:
-        raise StoreError(f"{obj.uri}: cannot write it to the store: {e.strerror}", e.errno or errno.EIO) from e

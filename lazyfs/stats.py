@@ -67,6 +67,7 @@ class Stats:
     s3_requests: Counter[str] = field(default_factory=Counter)  # op -> count
     s3_errors: Counter[str] = field(default_factory=Counter)  # op -> failed requests
     fetched_bytes: int = 0  # body bytes received from S3
+    direct_bytes: int = 0  # of those, written to the store with O_DIRECT (storewrite.py)
     retries: int = 0  # ranged GETs resumed after the body broke off
     errors: Counter[str] = field(default_factory=Counter)  # errno name -> count, as readers saw them
     downloads_ok: int = 0
@@ -82,6 +83,11 @@ class Stats:
                 setattr(self, counter, getattr(self, counter) + 1)
             else:
                 getattr(self, counter)[key] += 1
+
+    def add_direct(self, n: int) -> None:
+        """Bytes a worker thread wrote to the store with O_DIRECT."""
+        with self.lock:
+            self.direct_bytes += n
 
     def error(self, err: int) -> None:
         self.errors[errno.errorcode.get(err, str(err))] += 1

@@ -1,0 +1,163 @@
+"""Unit tests: how a request's pieces reach the sparse file (storewrite.py):
+direct where offset and length are aligned, buffered otherwise, the same
+bytes either way."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from lazyfs import storewrite
+from lazyfs.errors import StoreError
+from lazyfs.namespace import RemoteObject
+from lazyfs.stats import STATS
+from lazyfs.storewrite import ALIGN, PieceWriter, WriterClosed
+
+OBJ = RemoteObject("bkt", "m/w.bin", 1, "e" * 32, 1)
+MiB = 1024 * 1024
+
+
+def _file(tmp_path: Path, size: int) -> int:
+    fd = os.open(tmp_path / "f.part", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _direct_works(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
+def _cached(fd: int, offset: int, size: int) -> bool:
+    """Whether [offset, offset + size) reads without going to the disk."""
+    try:
+        os.preadv(fd, [bytearray(size)], offset, os.RWF_NOWAIT)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _pieces(data: bytes, first: int, piece: int) -> list[tuple[int, bytes]]:
+    """data cut as ranged_get cuts a body: a first piece, then equal ones."""
+    out, pos, n = [], 0, first
+    while pos < len(data):
+        out.append((pos, data[pos:pos + n]))
+        pos, n = pos + n, piece
+    return out
+
+
+def test_aligned_pieces_go_past_the_page_cache_and_the_tail_through_it(tmp_path: Path) -> None:
+    size = 3 * MiB + 1234  # a file's tail is never aligned
+    data = os.urandom(size)
+    fd = _file(tmp_path, size)
+    if not _direct_works(tmp_path / "f.part"):
+        pytest.skip("the test folder's filesystem refuses O_DIRECT")
+    before = STATS.direct_bytes
+    try:
+        pieces = _pieces(data, 64 * 1024, 256 * 1024)
+        with PieceWriter(fd, OBJ, direct=True, lock=threading.Lock()) as writer:
+            for offset, piece in pieces:
+                writer.write(piece, offset)
+        assert STATS.direct_bytes - before == size - len(pieces[-1][1])
+        assert not _cached(fd, 0, MiB)  # the direct bytes left no page behind
+        assert os.pread(fd, size, 0) == data
+    finally:
+        os.close(fd)
+
+
+def test_buffered_writes_stay_in_the_page_cache(tmp_path: Path) -> None:
+    data = os.urandom(2 * MiB)
+    fd = _file(tmp_path, len(data))
+    before = STATS.direct_bytes
+    try:
+        with PieceWriter(fd, OBJ, direct=False, lock=threading.Lock()) as writer:
+            for offset, piece in _pieces(data, 64 * 1024, 256 * 1024):
+                writer.write(piece, offset)
+        assert STATS.direct_bytes == before
+        assert _cached(fd, 0, MiB)
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+
+
+def test_unaligned_offsets_and_lengths_are_written_buffered(tmp_path: Path) -> None:
+    """A body resumed mid-piece, or a store's odd chunk: same bytes, no direct write."""
+    data = os.urandom(MiB)
+    fd = _file(tmp_path, len(data))
+    before = STATS.direct_bytes
+    try:
+        with PieceWriter(fd, OBJ, direct=True, lock=threading.Lock()) as writer:
+            writer.write(data[:ALIGN + 7], 0)  # unaligned length
+            writer.write(data[ALIGN + 7:3 * ALIGN], ALIGN + 7)  # unaligned offset
+            writer.write(data[3 * ALIGN:], 3 * ALIGN)  # aligned both: direct where the fs allows
+        assert STATS.direct_bytes - before in (0, len(data) - 3 * ALIGN)
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+
+
+def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+
+    def no_direct(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storewrite.os, "open", no_direct)
+    data = os.urandom(MiB)
+    fd = _file(tmp_path, len(data))
+    before = STATS.direct_bytes
+    try:
+        with PieceWriter(fd, OBJ, direct=True, lock=threading.Lock()) as writer:
+            writer.write(data, 0)
+        assert STATS.direct_bytes == before and os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+
+
+def test_a_direct_write_refused_midway_finishes_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some filesystems accept the O_DIRECT open and refuse the write (EINVAL
+    for an alignment they want larger): that piece and the rest go buffered."""
+    data = os.urandom(MiB)
+    fd = _file(tmp_path, len(data))
+    real_pwrite = os.pwrite
+    refused: list[int] = []
+
+    def pwrite(wfd: int, buf: object, offset: int) -> int:
+        if wfd != fd:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(wfd, buf, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storewrite.os, "pwrite", pwrite)
+    monkeypatch.setattr(storewrite, "_reopen_direct", lambda _fd: os.dup(fd))
+    try:
+        with PieceWriter(fd, OBJ, direct=True, lock=threading.Lock()) as writer:
+            writer.write(data[:MiB // 2], 0)
+            writer.write(data[MiB // 2:], MiB // 2)
+        assert refused == [0]  # refused once, never tried again
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+
+
+def test_a_write_error_is_the_stores_and_a_write_after_close_is_dropped(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT, 0o600)  # not open for writing: EBADF
+    try:
+        writer = PieceWriter(fd, OBJ, direct=False, lock=threading.Lock())
+        with pytest.raises(StoreError) as e:
+            writer.write(b"x" * ALIGN, 0)
+        assert e.value.errno == errno.EBADF and "cannot write it to the store" in str(e.value)
+        writer.close()
+        with pytest.raises(WriterClosed):
+            writer.write(b"late", 0)
+    finally:
+        os.close(fd)
