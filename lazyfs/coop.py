@@ -84,6 +84,7 @@ class ForeignDownload:
         # wrong); it cannot wait for the drop, which waits for our readers.
         self._drop_pages = drop_pages
         self.readers = 0
+        self.served = 0
         self.background = True
         self.started = time.monotonic()
         self.complete = False
@@ -172,15 +173,17 @@ class ForeignDownload:
             log.debug("%s: could not ask the downloading process for bytes %d-%d: %s", self.obj.uri, start, end,
                       e.strerror)
 
-    def add_reader(self) -> None:
+    def add_reader(self, served: bool = True) -> None:
         self.readers += 1
+        self.served += served
         if self.delegate is not None:
-            self.delegate.add_reader()
+            self.delegate.add_reader(served)
 
-    def drop_reader(self) -> None:
+    def drop_reader(self, served: bool = True) -> None:
         self.readers -= 1
+        self.served -= served
         if self.delegate is not None:
-            self.delegate.drop_reader()
+            self.delegate.drop_reader(served)
         self._maybe_close()
 
     def stop(self) -> None:
@@ -263,8 +266,8 @@ class ForeignDownload:
         except BaseException:
             await trio.to_thread.run_sync(self._store.partials.unlock, self.obj, lock_fd)
             raise
-        for _ in range(self.readers):
-            dl.add_reader()
+        for i in range(self.readers):
+            dl.add_reader(served=i < self.served)
         self.delegate = dl
         self._wake()
         await dl.finished.wait()

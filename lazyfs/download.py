@@ -33,11 +33,9 @@ from lazyfs.verify import Digest
 PENDING, ACTIVE, DONE = 0, 1, 2
 # Partial.done_map (1: on disk) as block states.
 _AS_STATE = bytes([PENDING, DONE]) + bytes(254)
-# A reader waiting on pending bytes gets them in requests of at most this many
-# blocks (what it needs plus a little readahead).
+# A waiting reader's requests: at most this many blocks (what it needs, a little readahead).
 DEMAND_BLOCKS = 2
-# The most blocks one want of a follower demands (a FUSE read is at most 1 MiB;
-# the file it comes from is not ours to trust with more).
+# The most blocks a follower's want demands (a FUSE read is 1 MiB at most; no more is trusted).
 WANT_MAX_BLOCKS = 16
 # Block completions are made durable (fdatasync + resume record) at most this often;
 # every RECORD_FOLLOWED_S for FOLLOWED_S after a want (followers see what it names).
@@ -104,12 +102,13 @@ class Download:
         self.limits = limits
         self.pages = pages
         self.background = background
-        # False: larger than the cache budget; served, then thrown away.
-        self.keep = keep
+        self.keep = keep  # False: larger than the cache budget; served, then thrown away
         self._on_work = on_work  # bytes are wanted: the dispatcher should look
         self._on_closed = on_closed  # the descriptor is closed: the files may go
         self._close_fd = close_fd  # off the trio thread when it is an unlinked file's last link
         self.readers = 0
+        # Of them, handles whose reads lazyfs answers as the file fills (storewrite.py).
+        self.served = 0
         self.started = time.monotonic()
         self.error: BaseException | None = None
         self.complete = False  # verified and published
@@ -122,8 +121,7 @@ class Download:
         # A safetensors file whose header has not been looked at yet (modelaware.py).
         self.wants_order = False
         self.verified = ""  # how the published bytes were checked (completion.check), or "unverified"
-        # The digest of the bytes so far, kept by Runner._hash_along as the
-        # file fills from the start, so verification ends with the last byte.
+        # The bytes' digest so far (Runner._hash_along): verification ends with the last byte.
         self.digest: Digest | None = None
         self.hashed = trio.Event()  # the hashing along is over (digest complete, or given up)
         self.last_progress_log = self.started
@@ -286,11 +284,13 @@ class Download:
                 keep.append(w)
         self.waiters = keep
 
-    def add_reader(self) -> None:
+    def add_reader(self, served: bool = True) -> None:
         self.readers += 1
+        self.served += served
 
-    def drop_reader(self) -> None:
+    def drop_reader(self, served: bool = True) -> None:
         self.readers -= 1
+        self.served -= served
         self.maybe_close_fd()
 
     # -- scheduling -------------------------------------------------------------

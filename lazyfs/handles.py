@@ -155,7 +155,7 @@ class Handles:
         assert not isinstance(dl, LocalCopy)
         log.info("%s: the open waits for all %d bytes, then the kernel reads the copy itself (--whole-file-open)",
                  obj.uri, obj.size, extra={"event": "whole_file_open", "key": obj.key, "bytes": obj.size})
-        dl.add_reader()  # a reader waits: ahead of the prefetches
+        dl.add_reader(served=False)  # a reader waits: ahead of the prefetches
         try:
             while not dl.finished.is_set():
                 for start in range(0, obj.size, WHOLE_FILE_STEP):
@@ -170,7 +170,7 @@ class Handles:
             if dl.error is not None:
                 raise dl.error
         finally:
-            dl.drop_reader()
+            dl.drop_reader(served=False)
         return await self.fetcher.acquire(obj)
 
     async def _following(self, obj: RemoteObject, local: bool, whole: bool) -> RemoteObject | None:

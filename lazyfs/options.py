@@ -119,10 +119,11 @@ TRANSFER = (
     Option("--transfer-client", "who sends the ranged GETs: boto3 (Python threads) or crt (awscrt's C S3 "
            "client); listings and HEADs always use boto3", choices=("boto3", "crt"),
            default=(FetchConfig, "transfer_client")),
-    Option("--store-writes", "how downloaded bytes reach the store: direct (O_DIRECT, past the page cache: "
-           "cheaper CPU, and verification's read-back leaves them cached) or buffered (through the page cache: "
-           "better when the store's disk is much slower than the network); a filesystem that refuses O_DIRECT "
-           "gets buffered writes", choices=("direct", "buffered"), default=(FetchConfig, "store_writes")),
+    Option("--store-writes", "how downloaded bytes reach the store: direct (O_DIRECT, past the page cache, "
+           "for a file nobody reads through lazyfs as it fills, such as a shard a whole-file open waits for; "
+           "verification's read-back then caches it) or buffered (always through the page cache: better when "
+           "the store's disk is much slower than the network); a filesystem that refuses O_DIRECT gets buffered "
+           "writes", choices=("direct", "buffered"), default=(FetchConfig, "store_writes")),
     Option("--read-timeout", "a response that sends no byte for this long is a stalled connection, retried",
            "SECONDS", type=float, check=in_range(0, 3600, " seconds", low_open=True),
            default=(RemoteConfig, "read_timeout")),

@@ -50,7 +50,8 @@ class RangeJob:
     cancelled: Callable[[], bool]
     posted: Callable[[int], None]  # bytes [start, start + n) are on disk
     got_meta: Callable[[ResponseMeta], None]  # what the response headers say, for verification
-    direct: bool = False  # write with O_DIRECT where the store allows it (storewrite.py)
+    # Whether a piece may go to the store with O_DIRECT now (storewrite.py).
+    direct: Callable[[], bool] = lambda: False
 
     def writer(self) -> PieceWriter:
         return PieceWriter(self.fd, self.obj, self.direct, self.write_lock)

@@ -135,7 +135,7 @@ class Runner:
     async def _run_request(self, dl: Download, req: Request, handoff: _Handoff) -> None:
         job = RangeJob(obj=dl.obj, fd=dl.fd, write_lock=dl.write_lock, start=req.start, end=req.end,
                        block_size=dl.block_size, attempts=self.cfg.chunk_attempts,
-                       direct=self.cfg.store_writes == "direct",
+                       direct=(lambda: dl.served == 0) if self.cfg.store_writes == "direct" else lambda: False,
                        cancelled=lambda: dl.cancelled,
                        posted=lambda n: self._post(self._landed, dl, req, n),
                        got_meta=lambda meta: self._post(self._got_meta, dl, meta))

@@ -2,18 +2,23 @@
 
 Two ways (`--store-writes`):
 
-- direct (the default): each piece goes to the disk with O_DIRECT, from a
-  buffer the writing thread reuses, bypassing the page cache.  A buffered
-  write first copies every byte into newly allocated page-cache memory, and
-  on a VM that hands freed memory back to its host (free page reporting),
-  the first write to such memory costs more than the transfer itself: about
-  4.5 CPU s per GiB measured here against 0.1 s for a copy into touched
-  memory (docs/bench-after.md).  The disk's DMA fills the page cache later,
-  when verification reads the file back, which is where the loader then
-  finds it (passthrough maps the same pages).
-- buffered: plain pwrite.  Better when the store's disk is much slower than
-  the network, since a direct write makes verification read the bytes back
-  from the disk instead of from memory.
+- direct (the default) for a download nobody reads through lazyfs meanwhile
+  (an open waiting for the whole file, a prefetch, a next shard fetched
+  ahead): each piece goes to the disk with O_DIRECT, from a buffer the
+  writing thread reuses, bypassing the page cache.  A buffered write first
+  copies every byte into newly allocated page-cache memory, and on a VM
+  that hands freed memory back to its host (free page reporting), the first
+  write to such memory costs more than the transfer itself (~3 of the
+  daemon's 12 CPU s of a 2.1 GiB cold model load here, docs/bench-after.md).
+  Verification reads the file back, and that DMA fills the page cache
+  where the loader then finds the file (passthrough maps the same pages).
+  While a handle reads the file as it fills, its pieces are written
+  buffered: lazyfs answers those reads from the page cache, and bytes
+  written direct would have to come back from the disk first (measured:
+  a cold sequential read through lazyfs at 271 MB/s instead of 404).
+- buffered: plain pwrite, always.  Better when the store's disk is much
+  slower than the network, since a direct write makes verification read
+  the bytes back from the disk instead of from memory.
 
 A piece goes direct only when its offset and length are multiples of
 `ALIGN` (every piece of the sweep is, except a file's tail); anything else,
@@ -32,6 +37,7 @@ import logging
 import mmap
 import os
 import threading
+from typing import Callable
 
 from lazyfs.errors import StoreError
 from lazyfs.namespace import RemoteObject
@@ -64,12 +70,13 @@ class PieceWriter:
     `lock` (concurrent writes to one file contend for its inode lock anyway).
     Not shared between requests; close it when the request ends."""
 
-    def __init__(self, fd: int, obj: RemoteObject, direct: bool, lock: threading.Lock) -> None:
+    def __init__(self, fd: int, obj: RemoteObject, direct: Callable[[], bool], lock: threading.Lock) -> None:
         self.fd = fd
         self.obj = obj
+        self._direct = direct  # asked per piece: may this one go direct?
         self._lock = lock
         self._closed = False
-        self._direct_fd = _reopen_direct(fd) if direct else -1
+        self._direct_fd: int | None = None  # opened at the first direct piece; -1: refused
 
     def write(self, data: bytes | memoryview, offset: int) -> None:
         """All of `data` at `offset`.  A failure is the store's (ENOSPC, EIO),
@@ -79,7 +86,7 @@ class PieceWriter:
             if self._closed:
                 raise WriterClosed()
             try:
-                if self._direct_fd >= 0 and offset % ALIGN == 0 and len(view) % ALIGN == 0 and view:
+                if offset % ALIGN == 0 and len(view) % ALIGN == 0 and view and self._direct():
                     view, offset = self._write_direct(view, offset)
                 while view:
                     n = os.pwrite(self.fd, view, offset)
@@ -91,6 +98,10 @@ class PieceWriter:
 
     def _write_direct(self, view: memoryview, offset: int) -> tuple[memoryview, int]:
         """Write what can go direct; return what is left for a buffered write."""
+        if self._direct_fd is None:
+            self._direct_fd = _reopen_direct(self.fd)
+        if self._direct_fd < 0:
+            return view, offset
         done = 0
         with memoryview(_buffer(len(view))) as buf:
             buf[:len(view)] = view
@@ -113,7 +124,7 @@ class PieceWriter:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            if self._direct_fd >= 0:
+            if self._direct_fd is not None and self._direct_fd >= 0:
                 os.close(self._direct_fd)
                 self._direct_fd = -1
 

@@ -43,6 +43,8 @@ class Transfer(Protocol):
         """Return once nothing is left to request (the last bytes are on their
         way), or the transfer is over: when to start fetching what comes next."""
 
-    def add_reader(self) -> None: ...
+    def add_reader(self, served: bool = True) -> None:
+        """A reader waits for bytes: they go ahead of prefetches.  `served`:
+        lazyfs answers its reads (False: an open waiting for the whole file)."""
 
-    def drop_reader(self) -> None: ...
+    def drop_reader(self, served: bool = True) -> None: ...

@@ -324,3 +324,22 @@ def test_downloaded_bytes_reach_the_store_the_chosen_way_and_end_up_cached(mode:
     assert _in_page_cache(store / key, len(data)), "the published copy is not in the page cache"
     assert (store / key).read_bytes() == data and fs.read(m.file(key)) == data
     assert proxy.bytes_sent(key) == len(data)
+
+
+def test_a_file_read_as_it_arrives_is_written_through_the_page_cache(mount, proxy, s3, bucket, fs: FS,
+                                                                     tmp_path: Path):
+    """lazyfs answers such reads from the page cache, so a download with a
+    handle reading it writes buffered (with --store-writes direct, the
+    default); bytes written direct would first have to come back from disk."""
+    key = f"{P}/w.bin"
+    data = os.urandom(4 * 2**20)
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "1MiB", "--whole-file-open", "never",
+              store=tmp_path / "store")
+    assert fs.read(m.file(key)) == data
+    wait_until(lambda: fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.state") == b"cached",
+               what="the file published")
+    direct = json.loads(fs.read(m.path / ".lazyfs" / "stats.json"))["s3"]["bytes_written_direct"]
+    # At most what landed before the open registered its handle (a first piece or so).
+    assert direct < len(data) // 4
+    assert proxy.bytes_sent(key) == len(data)

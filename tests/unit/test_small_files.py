@@ -92,7 +92,7 @@ def test_a_write_error_is_the_stores_with_its_errno(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT, 0o600)  # not open for writing: EBADF
     try:
         with pytest.raises(StoreError) as e:
-            PieceWriter(fd, OBJ, direct=False, lock=threading.Lock()).write(b"data", 0)
+            PieceWriter(fd, OBJ, direct=lambda: False, lock=threading.Lock()).write(b"data", 0)
     finally:
         os.close(fd)
     assert e.value.errno == errno.EBADF and "cannot write it to the store" in str(e.value)

@@ -62,7 +62,7 @@ def test_aligned_pieces_go_past_the_page_cache_and_the_tail_through_it(tmp_path:
     before = STATS.direct_bytes
     try:
         pieces = _pieces(data, 64 * 1024, 256 * 1024)
-        with PieceWriter(fd, OBJ, direct=True, lock=threading.Lock()) as writer:
+        with PieceWriter(fd, OBJ, direct=lambda: True, lock=threading.Lock()) as writer:
             for offset, piece in pieces:
                 writer.write(piece, offset)
         assert STATS.direct_bytes - before == size - len(pieces[-1][1])
@@ -77,7 +77,7 @@ def test_buffered_writes_stay_in_the_page_cache(tmp_path: Path) -> None:
     fd = _file(tmp_path, len(data))
     before = STATS.direct_bytes
     try:
-        with PieceWriter(fd, OBJ, direct=False, lock=threading.Lock()) as writer:
+        with PieceWriter(fd, OBJ, direct=lambda: False, lock=threading.Lock()) as writer:
             for offset, piece in _pieces(data, 64 * 1024, 256 * 1024):
                 writer.write(piece, offset)
         assert STATS.direct_bytes == before
@@ -93,7 +93,7 @@ def test_unaligned_offsets_and_lengths_are_written_buffered(tmp_path: Path) -> N
     fd = _file(tmp_path, len(data))
     before = STATS.direct_bytes
     try:
-        with PieceWriter(fd, OBJ, direct=True, lock=threading.Lock()) as writer:
+        with PieceWriter(fd, OBJ, direct=lambda: True, lock=threading.Lock()) as writer:
             writer.write(data[:ALIGN + 7], 0)  # unaligned length
             writer.write(data[ALIGN + 7:3 * ALIGN], ALIGN + 7)  # unaligned offset
             writer.write(data[3 * ALIGN:], 3 * ALIGN)  # aligned both: direct where the fs allows
@@ -116,7 +116,7 @@ def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path: Path, mon
     fd = _file(tmp_path, len(data))
     before = STATS.direct_bytes
     try:
-        with PieceWriter(fd, OBJ, direct=True, lock=threading.Lock()) as writer:
+        with PieceWriter(fd, OBJ, direct=lambda: True, lock=threading.Lock()) as writer:
             writer.write(data, 0)
         assert STATS.direct_bytes == before and os.pread(fd, len(data), 0) == data
     finally:
@@ -140,7 +140,7 @@ def test_a_direct_write_refused_midway_finishes_buffered(tmp_path: Path, monkeyp
     monkeypatch.setattr(storewrite.os, "pwrite", pwrite)
     monkeypatch.setattr(storewrite, "_reopen_direct", lambda _fd: os.dup(fd))
     try:
-        with PieceWriter(fd, OBJ, direct=True, lock=threading.Lock()) as writer:
+        with PieceWriter(fd, OBJ, direct=lambda: True, lock=threading.Lock()) as writer:
             writer.write(data[:MiB // 2], 0)
             writer.write(data[MiB // 2:], MiB // 2)
         assert refused == [0]  # refused once, never tried again
@@ -152,12 +152,33 @@ def test_a_direct_write_refused_midway_finishes_buffered(tmp_path: Path, monkeyp
 def test_a_write_error_is_the_stores_and_a_write_after_close_is_dropped(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT, 0o600)  # not open for writing: EBADF
     try:
-        writer = PieceWriter(fd, OBJ, direct=False, lock=threading.Lock())
+        writer = PieceWriter(fd, OBJ, direct=lambda: False, lock=threading.Lock())
         with pytest.raises(StoreError) as e:
             writer.write(b"x" * ALIGN, 0)
         assert e.value.errno == errno.EBADF and "cannot write it to the store" in str(e.value)
         writer.close()
         with pytest.raises(WriterClosed):
             writer.write(b"late", 0)
+    finally:
+        os.close(fd)
+
+
+def test_once_a_reader_is_served_the_next_pieces_go_through_the_page_cache(tmp_path: Path) -> None:
+    """The download asks per piece: a handle that reads the file as it
+    fills arrives halfway, and the pieces after it are written buffered."""
+    data = os.urandom(2 * MiB)
+    fd = _file(tmp_path, len(data))
+    if not _direct_works(tmp_path / "f.part"):
+        pytest.skip("the test folder's filesystem refuses O_DIRECT")
+    served = False
+    before = STATS.direct_bytes
+    try:
+        with PieceWriter(fd, OBJ, direct=lambda: not served, lock=threading.Lock()) as writer:
+            writer.write(data[:MiB], 0)
+            served = True
+            writer.write(data[MiB:], MiB)
+        assert STATS.direct_bytes - before == MiB
+        assert not _cached(fd, 0, MiB) and _cached(fd, MiB, MiB)
+        assert os.pread(fd, len(data), 0) == data
     finally:
         os.close(fd)
