@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -20,6 +21,7 @@ import pytest
 from support.mounting import FS, is_mounted, lazyfs_cli, wait_until
 from support.pagecache import drop_from_page_cache
 from support.proxy import Fault
+from support.s3server import free_port
 from support.stores import StoreUnavailable, apt_install
 
 pytestmark = pytest.mark.fuse
@@ -310,11 +312,16 @@ def test_downloaded_bytes_reach_the_store_the_chosen_way_and_end_up_cached(mode:
         os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
     except OSError as e:
         pytest.skip(f"the test folder's filesystem refuses O_DIRECT ({e.strerror})")
+    port = free_port()
     m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "1MiB", "--store-writes", mode, "--prefetch",
-              store=store)
+              "--metrics-port", str(port), store=store)
     wait_until(lambda: fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.state") == b"cached",
                what="the prefetched file published")
     direct = json.loads(fs.read(m.path / ".lazyfs" / "stats.json"))["s3"]["bytes_written_direct"]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    [exported] = [float(line.split()[1]) for line in metrics.splitlines()
+                  if line.startswith("lazyfs_direct_write_bytes_total ")]
+    assert exported == direct
     if mode == "buffered":
         assert direct == 0
     elif os.environ.get("LAZYFS_TEST_TRANSFER_CLIENT") == "crt":
