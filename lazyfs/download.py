@@ -117,7 +117,7 @@ class Download:
         self.pins = 0  # Pin objects holding `fd` open
         self.bytes_fetched = 0
         self.verify_attempts = 0
-        self.changing = False  # the object changed in the store; the mount is being told
+        self.changing: trio.Event | None = None  # the object changed in the store; set once the mount knows
         # A safetensors file whose header has not been looked at yet (modelaware.py).
         self.wants_order = False
         self.verified = ""  # how the published bytes were checked (completion.check), or "unverified"

@@ -285,12 +285,21 @@ class Runner:
     async def _object_changed(self, dl: Download) -> None:
         """Before the readers of the old version get ESTALE: let the mount
         learn the new version and tell the kernel, so their next open reads
-        it whole.  Once per download, and bounded: the readers are waiting."""
-        if dl.changing or self.hooks.on_changed is None:
+        it whole.  Once per download, and bounded: the readers are waiting.
+        Every request that meets the change waits for it, not only the
+        first: another one failing the readers sooner would send their next
+        open to the old version again."""
+        if self.hooks.on_changed is None:
             return
-        dl.changing = True
         with trio.move_on_after(_RECHECK_S):
-            await self.hooks.on_changed(dl.obj)
+            if dl.changing is not None:
+                await dl.changing.wait()
+                return
+            dl.changing = trio.Event()
+            try:
+                await self.hooks.on_changed(dl.obj)
+            finally:
+                dl.changing.set()
 
     def _published(self, dl: Download) -> None:
         dl.complete = True

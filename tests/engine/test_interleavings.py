@@ -286,3 +286,41 @@ async def test_a_published_file_is_a_local_copy_and_costs_no_request(remote: Fak
         assert isinstance(again, LocalCopy) and again.state == "cached"
         os.close(again.fd)
         assert len(remote.calls) == requests
+
+
+@trio_test
+async def test_readers_of_a_replaced_object_fail_only_once_the_mount_has_learned_the_new_version(
+        remote: FakeRemote, stores, tmp_path: Path) -> None:
+    """Several requests meet the replaced object: the first tells the mount
+    (on_changed, so that the next open finds the new version), and no reader
+    may get ESTALE before that is done, whichever request fails it."""
+    old = os.urandom(4 * MiB)
+    obj = remote.put(BUCKET, "m/w.bin", old)
+    remote.put(BUCKET, "m/w.bin", os.urandom(4 * MiB))  # replaced before the first GET: every GET fails
+    told = trio.Event()
+    order: list[str] = []
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=4))
+
+    async def on_changed(o: RemoteObject) -> None:
+        await told.wait()  # a slow recheck (a HEAD, a listing)
+        order.append("told")
+
+    fetcher.hooks.on_changed = on_changed
+    async with running(fetcher):
+        handles = Handles(fetcher)
+        fh = await handles.open(obj)
+
+        async def reader(offset: int) -> None:
+            try:
+                await handles.read(fh, offset, 4096)
+            except ObjectChanged:
+                order.append("ESTALE")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader, 0)
+            nursery.start_soon(reader, 3 * MiB)
+            await wait_for(lambda: len(remote.gets()) >= 2, "two requests to meet the new object")
+            await trio.sleep(0.3)  # what fails meanwhile fails
+            told.set()
+        handles.release(fh)
+    assert order == ["told", "ESTALE", "ESTALE"]
