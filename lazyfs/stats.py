@@ -76,18 +76,13 @@ class Stats:
     background_errors: Counter[str] = field(default_factory=Counter)  # task -> unexpected failures (supervise.py)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def bump(self, counter: str, key: str | None = None) -> None:
-        """+1 from a worker thread (S3 requests, failures, retries)."""
+    def bump(self, counter: str, key: str | None = None, n: int = 1) -> None:
+        """+n from a worker thread (S3 requests, failures, retries, direct bytes)."""
         with self.lock:
             if key is None:
-                setattr(self, counter, getattr(self, counter) + 1)
+                setattr(self, counter, getattr(self, counter) + n)
             else:
-                getattr(self, counter)[key] += 1
-
-    def add_direct(self, n: int) -> None:
-        """Bytes a worker thread wrote to the store with O_DIRECT."""
-        with self.lock:
-            self.direct_bytes += n
+                getattr(self, counter)[key] += n
 
     def error(self, err: int) -> None:
         self.errors[errno.errorcode.get(err, str(err))] += 1

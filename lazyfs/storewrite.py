@@ -118,7 +118,7 @@ class PieceWriter:
                           e.strerror)
                 os.close(self._direct_fd)
                 self._direct_fd = -1
-        STATS.add_direct(done)
+        STATS.bump("direct_bytes", n=done)
         return view[done:], offset + done
 
     def close(self) -> None:
