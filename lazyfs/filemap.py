@@ -57,7 +57,7 @@ class FileMap:
     It also remembers which 1 MiB chunks this process knows to be in the page
     cache (written here, or read in by pagecache.Prefaulter): replying from a
     chunk that is not would fault it in from disk inside the reply, on the
-    trio thread and holding the GIL (docs/concurrency.md)."""
+    trio thread (docs/concurrency.md)."""
 
     def __init__(self, fd: int, size: int, budget: PageBudget, warm: bool = False) -> None:
         self.fd = fd

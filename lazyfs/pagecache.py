@@ -1,10 +1,11 @@
 """Bringing file pages into the page cache off the trio thread.
 
 pyfuse3 replies to a read with the buffer the handler returns, in the trio
-thread and holding the GIL.  A reply from a mapping of a file whose pages are
-not cached (every file after a restart, blocks resumed from an earlier run)
-faults them in from disk inside that call: one synchronous disk read at a
-time, with every other request and thread of the process waiting.  So before
+thread (holding the GIL, except in the build scripts/native/build-pyfuse3
+makes).  A reply from a mapping of a file whose pages are not cached (every
+file after a restart, blocks resumed from an earlier run) faults them in from
+disk inside that call: one synchronous disk read at a time, with every other
+request of the process waiting.  So before
 a reply, the chunks it covers that are not known to be cached are read into
 the page cache by worker threads (sendfile to /dev/null: no copy into
 Python, the GIL released), several at once, and the chunks after them are
