@@ -576,3 +576,41 @@ async def test_a_want_file_demands_a_bounded_number_of_blocks(remote: FakeRemote
         held.release()
         await dl.finished.wait()
         assert dl.complete
+
+
+@trio_test
+async def test_a_take_over_carries_which_readers_lazyfs_serves(remote: FakeRemote, stores) -> None:
+    """When the owner dies, the follower's readers become readers of its own
+    download: a handle lazyfs serves stays one (its bytes are written through
+    the page cache), a whole-file open waiting for the publish does not (it
+    would let them go to the disk with O_DIRECT), and each release reaches
+    the new download."""
+    data = os.urandom(8 * BLOCK)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    owner, lock, part = another_process_downloading(stores, obj, data, {0})
+    gate = remote.gate(obj.key, start=BLOCK)  # the follower's own GETs wait until checked
+    follower = Fetcher(remote, stores(), fetch_config(store_writes="direct"))
+    async with running(follower):
+        handles = Handles(follower)
+        fh = await handles.open(obj)
+        foreign = handles._open[fh].download
+        assert isinstance(foreign, ForeignDownload)
+        assert bytes(await handles.read(fh, 0, 4096)) == data[:4096]
+        foreign.add_reader(served=False)  # a whole-file open waiting beside the handle
+        direct_before = STATS.direct_bytes
+        part.close()
+        owner.partials.unlock(obj, lock)  # the owner is gone
+        await wait_for(lambda: foreign.delegate is not None, "the follower takes the download over")
+        own = foreign.delegate
+        assert isinstance(own, Download)
+        assert (own.readers, own.served) == (2, 1)
+        await wait_for(lambda: gate.waiting, "the follower's GET in flight")
+        gate.release()
+        with trio.fail_after(10):
+            assert bytes(await handles.read(fh, 0, len(data))) == data
+        assert STATS.direct_bytes == direct_before, "bytes a served reader reads went to the disk past the page cache"
+        handles.release(fh)
+        assert (own.readers, own.served) == (1, 0)
+        foreign.drop_reader(served=False)
+        assert (own.readers, own.served) == (0, 0)
+    assert remote.count("GET") >= 1
