@@ -56,6 +56,10 @@ _BUFFER_STEP = 256 * 1024
 _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
 
 _buffers = threading.local()
+# Said once per process at INFO, the first time direct writes are refused:
+# from then on every download writes through the page cache, and an operator
+# who chose `direct` (the default) should learn why its counter stays at 0.
+_refusal_told = threading.Event()
 
 
 class WriterClosed(Exception):
@@ -114,8 +118,7 @@ class PieceWriter:
             except OSError as e:
                 if e.errno not in _REFUSED:
                     raise
-                log.debug("%s: direct writes refused (%s); writing through the page cache", self.obj.uri,
-                          e.strerror)
+                _refused(f"{self.obj.uri}: {e.strerror}")
                 os.close(self._direct_fd)
                 self._direct_fd = -1
         STATS.bump("direct_bytes", n=done)
@@ -141,8 +144,17 @@ def _reopen_direct(fd: int) -> int:
     try:
         return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     except OSError as e:
-        log.debug("no direct writes to the store (%s); writing through the page cache", e.strerror)
+        _refused(f"/proc/self/fd: {e.strerror}")
         return -1
+
+
+def _refused(why: str) -> None:
+    if _refusal_told.is_set():
+        log.debug("direct writes refused (%s)", why)
+        return
+    _refusal_told.set()
+    log.info("downloaded bytes go to the store through the page cache: direct writes are refused (%s); "
+             "they need a filesystem that takes O_DIRECT and /proc mounted", why)
 
 
 def _buffer(size: int) -> mmap.mmap:

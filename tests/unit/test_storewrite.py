@@ -5,6 +5,7 @@ bytes either way."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from pathlib import Path
@@ -103,8 +104,11 @@ def test_unaligned_offsets_and_lengths_are_written_buffered(tmp_path: Path) -> N
         os.close(fd)
 
 
-def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """...and the operator is told once, at INFO, why nothing goes direct."""
     real_open = os.open
+    monkeypatch.setattr(storewrite, "_refusal_told", threading.Event())
 
     def no_direct(path: str, flags: int, *args: object, **kwargs: object) -> int:
         if flags & os.O_DIRECT:
@@ -116,9 +120,13 @@ def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path: Path, mon
     fd = _file(tmp_path, len(data))
     before = STATS.direct_bytes
     try:
-        with PieceWriter(fd, OBJ, direct=lambda: True, lock=threading.Lock()) as writer:
-            writer.write(data, 0)
+        with caplog.at_level(logging.INFO, logger="lazyfs.storewrite"):
+            for _ in range(2):
+                with PieceWriter(fd, OBJ, direct=lambda: True, lock=threading.Lock()) as writer:
+                    writer.write(data, 0)
         assert STATS.direct_bytes == before and os.pread(fd, len(data), 0) == data
+        told = [r for r in caplog.records if r.levelno == logging.INFO]
+        assert len(told) == 1 and "direct writes are refused (/proc/self/fd: Invalid argument)" in told[0].message
     finally:
         os.close(fd)
 
