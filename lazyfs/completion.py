@@ -56,11 +56,12 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
         verify.check(fd, obj.size, exp, obj.uri, cancelled)
         return exp.algorithm
     except IntegrityError:
-        if exp.algorithm == "MD5-multipart" and not exp.exact:
+        if exp.per_part and not exp.exact:
             sizes = verify.exact_part_sizes(obj.size, len(exp.part_sizes), lambda n: remote.part(obj, n))
             if sizes is None:
-                log.warning("%s: its multipart ETag does not match the part sizes assumed, and the object store "
-                            "cannot say each part's size; published unverified", obj.uri)
+                log.warning("%s: its multipart %s does not match the part sizes assumed, and the object store "
+                            "cannot say each part's size; published unverified", obj.uri,
+                            "ETag" if exp.algorithm == "MD5-multipart" else "checksum")
                 return UNVERIFIED
             if sizes != exp.part_sizes:
                 exact = dataclasses.replace(exp, part_sizes=sizes, exact=True)

@@ -88,7 +88,9 @@ def entry_of(remote: ObjectStore, listed: RemoteObject) -> Entry:
     if not obj.same_bytes(listed):
         log.info("%s changed while the lock was being made; locking the version found last (ETag %s)",
                  obj.uri, obj.etag)
-    check = verify.choose(obj.etag, info.checksum, info.etag_is_md5, obj.size, lambda n: remote.part(obj, n))
+    # A lock names full-object checksums and ETags only (lockfile.CHECKSUMS, ETAG_CHECKS).
+    check = verify.choose(obj.etag, info.checksum, info.etag_is_md5, obj.size, lambda n: remote.part(obj, n),
+                          composite=False)
     return Entry(obj.bucket, obj.key, obj.size, obj.etag, obj.version_id, obj.mtime_ns, check)
 
 

@@ -4,15 +4,16 @@ In order of preference:
   1. the object's additional checksum over the full object (CRC32, SHA1,
      SHA256 always; CRC32C and CRC64NVME when `awscrt` is installed);
   2. a single-part ETag, which is the MD5 of the content;
-  3. a multipart ETag ("<md5 of part md5s>-<parts>"), recomputed from part
-     sizes the store confirmed: it must report the same number of parts as
+  3. a composite checksum of a multipart upload ("<checksum of the parts'
+     checksums>-<parts>": what boto3 and the AWS CLI send by default, CRC32),
+     or else a multipart ETag ("<md5 of part md5s>-<parts>"), each recomputed
+     from part sizes the store confirmed (a CRC costs a fraction of an MD5): it must report the same number of parts as
      the ETag (HEAD ?partNumber=1 answers x-amz-mp-parts-count); every part
      but the last is taken to have part 1's size (what every common uploader
      does), and when that does not match, each part's size is asked for;
   4. nothing but the size, when none of those applies (SSE-KMS and SSE-C
-     ETags are not MD5s; composite checksums need every part's boundaries;
-     stores that ignore partNumber, such as Ceph RGW and s3rver, cannot say
-     where the parts are).  Such a file is published *unverified*, never
+     ETags are not MD5s; stores that ignore partNumber, such as Ceph RGW and
+     s3rver, cannot say where the parts are).  Such a file is published *unverified*, never
      called corrupt without evidence.
 
 Blocking: reads the whole file.  Run in a worker thread.
@@ -42,6 +43,9 @@ _spare: list[memoryview] = []  # at most one per hash that ever ran at the same 
 _spare_lock = threading.Lock()
 _MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
 _MULTIPART = re.compile(r"^([0-9a-f]{32})-(\d+)$")
+_COMPOSITE = re.compile(r"^[A-Za-z0-9+/]+={0,2}-(\d+)$")
+# Expectation.algorithm of a composite checksum: "<checksum>-composite".
+COMPOSITE_SUFFIX = "-composite"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,11 @@ class Expectation:
 
     def describe(self) -> str:
         return f"{self.algorithm} {self.value}"
+
+    @property
+    def per_part(self) -> bool:
+        """Hashed part by part (a multipart ETag, a composite checksum)."""
+        return self.algorithm == "MD5-multipart" or self.algorithm.endswith(COMPOSITE_SUFFIX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,33 +120,39 @@ def _hasher(algorithm: str) -> Any | None:
 
 
 def can_compute(algorithm: str) -> bool:
-    return _hasher(algorithm) is not None
+    return _hasher(algorithm.removesuffix(COMPOSITE_SUFFIX)) is not None
 
 
 def choose(etag: str, checksum: tuple[str, str, str] | None, etag_is_md5: bool, size: int,
-           part: PartLookup) -> Expectation | None:
+           part: PartLookup, composite: bool = True) -> Expectation | None:
     """The strongest check available, or None (the file will be unverified).
     `checksum` is (algorithm, value, kind); `etag_is_md5` is False for
-    SSE-KMS/SSE-C objects; `part` is asked only for multipart ETags (a request)."""
+    SSE-KMS/SSE-C objects; `part` is asked only for multipart objects (a
+    request); `composite=False` passes over composite checksums."""
     if checksum is not None:
         algorithm, value, kind = checksum
         if kind == "FULL_OBJECT" and can_compute(algorithm):
             return Expectation(algorithm, value)
+        m = _COMPOSITE.match(value)
+        if composite and kind == "COMPOSITE" and m and can_compute(algorithm):
+            parts = _parts(algorithm + COMPOSITE_SUFFIX, value, int(m.group(1)), size, part)
+            if parts is not None:
+                return parts
     if not etag_is_md5:
         return None
     if _MD5_HEX.match(etag):
         return Expectation("MD5", etag)
     m = _MULTIPART.match(etag)
-    if m:
-        count = int(m.group(2))
-        sizes = assumed_part_sizes(size, count, part)
-        if sizes is not None:
-            # One or two parts are fully determined by part 1 and the size.
-            return Expectation("MD5-multipart", etag, sizes, exact=len(sizes) <= 2)
-        sizes = exact_part_sizes(size, count, part)
-        if sizes is not None:
-            return Expectation("MD5-multipart", etag, sizes)
-    return None
+    return _parts("MD5-multipart", etag, int(m.group(2)), size, part) if m else None
+
+
+def _parts(algorithm: str, value: str, count: int, size: int, part: PartLookup) -> Expectation | None:
+    sizes = assumed_part_sizes(size, count, part)
+    if sizes is not None:
+        # One or two parts are fully determined by part 1 and the size.
+        return Expectation(algorithm, value, sizes, exact=len(sizes) <= 2)
+    sizes = exact_part_sizes(size, count, part)
+    return Expectation(algorithm, value, sizes) if sizes is not None else None
 
 
 def assumed_part_sizes(size: int, count: int, part: PartLookup) -> tuple[int, ...] | None:
@@ -170,21 +185,23 @@ def exact_part_sizes(size: int, count: int, part: PartLookup) -> tuple[int, ...]
 
 class Digest:
     """The digest of a file in an Expectation's form, fed its bytes in order
-    (as they arrive, or from the file): MD5s per part for a multipart ETag,
-    one hash otherwise."""
+    (as they arrive, or from the file): one hash per part for a multipart
+    ETag or a composite checksum, one hash otherwise."""
 
     def __init__(self, exp: Expectation) -> None:
         self.exp = exp
         self.fed = 0
-        self._parts = list(exp.part_sizes) if exp.algorithm == "MD5-multipart" else []
+        self._parts = list(exp.part_sizes) if exp.per_part else []
         self._part_left = self._parts[0] if self._parts else 0
         self._part_digests: list[bytes] = []
-        if exp.algorithm in ("MD5", "MD5-multipart"):
-            self._h: Any = hashlib.md5()
-        else:
-            self._h = _hasher(exp.algorithm)
-            if self._h is None:
-                raise ValueError(f"cannot compute {exp.algorithm}")
+        self._base = "MD5" if exp.algorithm == "MD5-multipart" else exp.algorithm.removesuffix(COMPOSITE_SUFFIX)
+        self._h: Any = self._new()
+
+    def _new(self) -> Any:
+        h = hashlib.md5() if self._base == "MD5" else _hasher(self._base)
+        if h is None:
+            raise ValueError(f"cannot compute {self.exp.algorithm}")
+        return h
 
     def update(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -202,17 +219,21 @@ class Digest:
 
     def _next_part(self) -> None:
         self._part_digests.append(self._h.digest())
-        self._h = hashlib.md5()
+        self._h = self._new()
         self._part_left = self._parts[len(self._part_digests)]
 
     def value(self) -> str:
         """The digest of everything fed, in the Expectation's form."""
         if self.exp.algorithm == "MD5":
             return str(self._h.hexdigest())
+        if not self.exp.per_part:
+            return base64.b64encode(self._h.digest()).decode()
+        digests = [*self._part_digests, self._h.digest()]
+        whole = self._new()  # a checksum of the parts' binary checksums, in order
+        whole.update(b"".join(digests))
         if self.exp.algorithm == "MD5-multipart":
-            digests = [*self._part_digests, self._h.digest()]
-            return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
-        return base64.b64encode(self._h.digest()).decode()
+            return f"{whole.hexdigest()}-{len(digests)}"
+        return f"{base64.b64encode(whole.digest()).decode()}-{len(digests)}"
 
 
 def feed(fd: int, start: int, end: int, digest: Digest, cancelled: Callable[[], bool] = lambda: False) -> None:

@@ -111,10 +111,19 @@ class FakeRemote:
     def put(self, bucket: str, key: str, data: bytes, checksum: str = "", parts: tuple[int, ...] = (),
             says_parts: bool = True) -> RemoteObject:
         """Store an object and return it as listed: an MD5 ETag, or with `parts`
-        a multipart upload's ETag; a CRC32 checksum if asked."""
+        a multipart upload's ETag; a CRC32 checksum if asked, over the whole
+        object or ("CRC32-composite", with `parts`) composite, as boto3's
+        multipart uploads carry it."""
         value = None
         if checksum == "CRC32":
             value = ("CRC32", base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode(), "FULL_OBJECT")
+        if checksum == "CRC32-composite":
+            crcs, start = b"", 0
+            for size in parts:
+                crcs += zlib.crc32(data[start:start + size]).to_bytes(4, "big")
+                start += size
+            composite = base64.b64encode(zlib.crc32(crcs).to_bytes(4, "big")).decode()
+            value = ("CRC32", f"{composite}-{len(parts)}", "COMPOSITE")
         etag = hashlib.md5(data).hexdigest()
         if parts:
             assert sum(parts) == len(data)
