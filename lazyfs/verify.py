@@ -7,14 +7,15 @@ In order of preference:
   3. a composite checksum of a multipart upload ("<checksum of the parts'
      checksums>-<parts>": what boto3 and the AWS CLI send by default, CRC32),
      or else a multipart ETag ("<md5 of part md5s>-<parts>"), each recomputed
-     from part sizes the store confirmed (a CRC costs a fraction of an MD5): it must report the same number of parts as
-     the ETag (HEAD ?partNumber=1 answers x-amz-mp-parts-count); every part
-     but the last is taken to have part 1's size (what every common uploader
-     does), and when that does not match, each part's size is asked for;
+     part by part (a CRC costs a fraction of an MD5) from part sizes the store
+     confirmed: it must report the same number of parts as the ETag (HEAD
+     ?partNumber=1 answers x-amz-mp-parts-count); every part but the last is
+     taken to have part 1's size (what every common uploader does), and when
+     that does not match, each part's size is asked for;
   4. nothing but the size, when none of those applies (SSE-KMS and SSE-C
      ETags are not MD5s; stores that ignore partNumber, such as Ceph RGW and
-     s3rver, cannot say where the parts are).  Such a file is published *unverified*, never
-     called corrupt without evidence.
+     s3rver, cannot say where the parts are).  Such a file is published
+     *unverified*, never called corrupt without evidence.
 
 Blocking: reads the whole file.  Run in a worker thread.
 """
