@@ -114,24 +114,19 @@ class FakeRemote:
         a multipart upload's ETag; a CRC32 checksum if asked, over the whole
         object or ("CRC32-composite", with `parts`) composite, as boto3's
         multipart uploads carry it."""
+        assert not parts or sum(parts) == len(data)
+        pieces = [data[sum(parts[:i]):sum(parts[:i + 1])] for i in range(len(parts))]
         value = None
         if checksum == "CRC32":
             value = ("CRC32", base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode(), "FULL_OBJECT")
         if checksum == "CRC32-composite":
-            crcs, start = b"", 0
-            for size in parts:
-                crcs += zlib.crc32(data[start:start + size]).to_bytes(4, "big")
-                start += size
+            crcs = b"".join(zlib.crc32(p).to_bytes(4, "big") for p in pieces)
             composite = base64.b64encode(zlib.crc32(crcs).to_bytes(4, "big")).decode()
             value = ("CRC32", f"{composite}-{len(parts)}", "COMPOSITE")
         etag = hashlib.md5(data).hexdigest()
         if parts:
-            assert sum(parts) == len(data)
-            digests, start = [], 0
-            for size in parts:
-                digests.append(hashlib.md5(data[start:start + size]).digest())
-                start += size
-            etag = f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(parts)}"
+            md5s = b"".join(hashlib.md5(p).digest() for p in pieces)
+            etag = f"{hashlib.md5(md5s).hexdigest()}-{len(parts)}"
         stored = Stored(data, etag, time.time_ns() // 10**9 * 10**9, value, parts, says_parts)
         with self._lock:
             if bucket in self.versioned:
