@@ -36,6 +36,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -552,6 +553,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, required=True, help="the work folder (.container-test)")
     args = p.parse_args()
+    # A stop (CI's timeout, a kill of the job) runs the clean-ups below and
+    # the servers' context managers: Python's default SIGTERM skips them and
+    # left the S3 server and a container running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.work.mkdir(parents=True, exist_ok=True)
     run = Run(args.work.resolve())
     try:
