@@ -45,8 +45,9 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
     "MD5-multipart"...), or UNVERIFIED.  IntegrityError only on evidence:
     a multipart ETag computed from assumed part sizes that does not match
     is recomputed from each part's reported size first (or the file is
-    unverified when the store cannot say), and the object is confirmed
-    unchanged before the bytes are called corrupt."""
+    unverified when the store cannot say), the object is confirmed
+    unchanged, and bytes that fail a checksum the store computed are
+    checked against its MD5 ETag before they are called corrupt."""
     if exp is None:
         log.info("%s: the object store offers nothing to check it against beyond its size; unverified", obj.uri)
         return UNVERIFIED
@@ -66,8 +67,37 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
             if sizes != exp.part_sizes:
                 exact = dataclasses.replace(exp, part_sizes=sizes, exact=True)
                 return check(remote, fd, obj, exact, cancelled)
-        remote.head(obj.bucket, obj.key, etag=obj.etag)  # ObjectChanged if it was replaced meanwhile
+        info = remote.head(obj.bucket, obj.key, etag=obj.etag)  # ObjectChanged if it was replaced meanwhile
+        by_etag = _second_opinion(remote, fd, obj, exp, info.etag_is_md5, cancelled)
+        if by_etag:
+            return by_etag
         raise
+
+
+def _second_opinion(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectation,
+                    etag_is_md5: bool, cancelled: Callable[[], bool]) -> str:
+    """How bytes that do not match the store's checksum match its ETag
+    ("MD5", "MD5-multipart"), or "" when they do not or it cannot tell.
+    A store's checksum is a value it computed itself, and one that computes a
+    composite or a CRC differently (or reports another upload's) would have
+    every download of that object refused; an MD5 ETag that matches says the
+    bytes are the ones uploaded (an accidental MD5 collision is not a risk),
+    so the checksum is taken to be wrong, and said so."""
+    if exp.algorithm in ("MD5", "MD5-multipart"):
+        return ""  # the ETag was the check: there is no second one
+    etag_exp = verify.choose(obj.etag, None, etag_is_md5, obj.size, lambda n: remote.part(obj, n))
+    if etag_exp is None:
+        return ""
+    try:
+        verified = check(remote, fd, obj, etag_exp, cancelled)
+    except IntegrityError:
+        return ""
+    if verified == UNVERIFIED:
+        return ""
+    log.warning("%s: the bytes match the object's ETag but not the %s the object store reports (%s); "
+                "its checksum is taken to be wrong and the file verified by the ETag", obj.uri,
+                exp.algorithm, exp.value)
+    return verified
 
 
 def hash_more_blocking(fd: int, start: int, end: int, digest: verify.Digest, cancelled: Callable[[], bool]) -> None:

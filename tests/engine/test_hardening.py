@@ -361,6 +361,47 @@ async def test_a_composite_checksum_verifies_a_multipart_upload_and_catches_bad_
 
 
 @trio_test
+async def test_a_wrong_checksum_from_the_store_is_overruled_by_a_matching_etag_only(
+        remote: FakeRemote, stores, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A store that computes its checksums differently (a composite or a CRC
+    that does not match the bytes uploaded) would have every download of the
+    object refused: bytes that match its MD5 ETag are published, verified by
+    the ETag, with a warning naming the checksum; bytes that match neither
+    are still refused, as are bytes whose ETag cannot be recomputed (a store
+    that cannot say where the parts are): the checksum is the only evidence."""
+    data = os.urandom(4 * MiB + 500)
+    parts = (2 * MiB, MiB, MiB + 500)
+    composite = remote.put(BUCKET, "m/composite.bin", data, checksum="CRC32-composite", parts=parts)
+    whole = remote.put(BUCKET, "m/whole.bin", data[:MiB], checksum="CRC32")
+    bad = remote.put(BUCKET, "m/bad.bin", data[::-1], checksum="CRC32-composite", parts=parts)
+    unsure = remote.put(BUCKET, "m/unsure.bin", os.urandom(len(data)), checksum="CRC32", parts=parts,
+                        says_parts=False)
+    partly = remote.put(BUCKET, "m/partly.bin", os.urandom(len(data)), checksum="CRC32", parts=parts)
+    part = remote.part  # part 1's size is told (and fits the others wrongly), no other part's is
+    remote.part = lambda obj, n: part(obj, n) if n == 1 or obj.key != partly.key else None  # type: ignore[method-assign]
+    for key in ("m/composite.bin", "m/whole.bin", "m/bad.bin", "m/unsure.bin", "m/partly.bin"):
+        remote.misreport_checksum(BUCKET, key)
+    remote.corrupt(BUCKET, "m/bad.bin", at=3 * MiB)
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        dl = await fetch_whole(fetcher, composite)
+        assert dl.complete and dl.verified == "MD5-multipart", dl.error
+        dl = await fetch_whole(fetcher, whole)
+        assert dl.complete and dl.verified == "MD5", dl.error
+        dl = await fetch_whole(fetcher, bad)
+        assert isinstance(dl.error, IntegrityError) and "CRC32-composite" in str(dl.error), dl.error
+        for obj in (unsure, partly):
+            dl = await fetch_whole(fetcher, obj)
+            assert isinstance(dl.error, IntegrityError) and "CRC32" in str(dl.error), (obj.key, dl.error)
+    assert (tmp_path / "store" / "m/composite.bin").read_bytes() == data
+    assert (tmp_path / "store" / "m/whole.bin").read_bytes() == data[:MiB]
+    assert not (tmp_path / "store" / "m/bad.bin").exists()
+    assert not (tmp_path / "store" / "m/unsure.bin").exists() and not (tmp_path / "store" / "m/partly.bin").exists()
+    warned = [r.getMessage() for r in caplog.records if "its checksum is taken to be wrong" in r.getMessage()]
+    assert len(warned) == 2 and "CRC32-composite" in warned[0] and "CRC32 " in warned[1], warned
+
+
+@trio_test
 async def test_a_store_that_cannot_say_its_parts_gives_unverified_not_corrupt(remote: FakeRemote, stores,
                                                                              tmp_path: Path) -> None:
     """Issue 11.4 (and Ceph RGW, s3rver): no parts count, no verdict."""

@@ -167,6 +167,16 @@ class FakeRemote:
             data[at] ^= 0xFF
             stored.data = bytes(data)
 
+    def misreport_checksum(self, bucket: str, key: str) -> None:
+        """Report a wrong checksum for the object (its bytes and ETag stay
+        right): a store that computes it differently."""
+        with self._lock:
+            stored = self.objects[(bucket, key)]
+            assert stored.checksum is not None
+            algorithm, _, kind = stored.checksum
+            wrong = base64.b64encode(b"\0\0\0\0").decode()
+            stored.checksum = (algorithm, f"{wrong}-{len(stored.parts)}" if kind == "COMPOSITE" else wrong, kind)
+
     def delete(self, bucket: str, key: str) -> None:
         with self._lock:
             del self.objects[(bucket, key)]
