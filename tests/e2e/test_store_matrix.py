@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from boto3.s3.transfer import TransferConfig
 
+from lazyfs.completion import ASK_FOR_A_CHECKSUM_FROM
 from support.mounting import FS, Mounted, lazyfs_cli, on_both_clients, wait_until
 from support.proxy import Fault, S3Proxy
 from support.stores import STORES, Store
@@ -155,6 +156,39 @@ def test_multipart_object_is_verified_and_cached(s3_store, store_mount, store_pr
     assert verified == multipart_verification(s3_store), verified
     m.stop()
     assert_cached_across_restart(store_mount, store_proxy, store_bucket, key, data, store_dir, fs)
+
+
+# What a big multipart upload carrying a checksum is verified by: SeaweedFS
+# keeps the CRC an uploader sends and answers it to a HEAD (not in listings);
+# moto answers a composite bare, without a type (so the ETag decides).
+UPLOADER_CHECKSUM_VERIFIED = {"seaweedfs": ("CRC32-composite", "CRC64NVME")}
+
+
+def test_a_big_object_is_verified_by_the_checksum_its_uploader_sent(s3_store, store_mount, store_s3, store_bucket,
+                                                                    fs: FS, tmp_path: Path):
+    """boto3 sends a CRC32 with every upload (a composite one for a multipart
+    upload) and a full-object CRC64NVME when asked; a file from
+    completion.ASK_FOR_A_CHECKSUM_FROM on is checked against the one the store
+    keeps even when its listing does not name it: a CRC costs a fraction of
+    the MD5s of the multipart ETag."""
+    config = TransferConfig(multipart_threshold=16 * MiB, multipart_chunksize=16 * MiB)
+    uploads = {f"{P}/crc32.safetensors": {}, f"{P}/crc64nvme.safetensors": {"ChecksumAlgorithm": "CRC64NVME"}}
+    contents = {}
+    for key, extra in uploads.items():
+        # Different bytes: a copy of the same content would be linked, not downloaded (content_index).
+        contents[key] = data = os.urandom(ASK_FOR_A_CHECKSUM_FROM + 12345)
+        src = tmp_path / "upload.bin"
+        src.write_bytes(data)
+        store_s3.upload_file(str(src), store_bucket, key, Config=config, ExtraArgs=extra)
+    m = store_mount("--prefix", f"s3://{store_bucket}/{P}", store=tmp_path / "store")
+    verified = []
+    for key, data in contents.items():
+        assert sha(read_then_settle(m, fs, key)) == sha(data), key
+        assert published(m, key), f"{key} not published:\n{m.log()[-2000:]}"
+        verified.append(fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.verified").decode())
+    default = multipart_verification(s3_store)
+    assert tuple(verified) == UPLOADER_CHECKSUM_VERIFIED.get(s3_store.name, (default, default)), verified
+    assert "do not match" not in m.log() and "taken to be wrong" not in m.log(), m.log()[-3000:]
 
 
 @on_both_clients

@@ -361,6 +361,26 @@ async def test_a_composite_checksum_verifies_a_multipart_upload_and_catches_bad_
 
 
 @trio_test
+async def test_a_big_file_asks_for_the_checksum_its_listing_does_not_name(remote: FakeRemote, stores) -> None:
+    """SeaweedFS answers a HEAD with the CRC an uploader sent but lists none:
+    a file from completion.ASK_FOR_A_CHECKSUM_FROM on is asked for it (one
+    HEAD, and a CRC instead of an MD5); a smaller one is not (the request
+    would cost more than the MD5)."""
+    big = remote.put(BUCKET, "m/big.bin", os.urandom(completion.ASK_FOR_A_CHECKSUM_FROM), checksum="CRC32",
+                     lists_checksum=False)
+    small = remote.put(BUCKET, "m/small.bin", os.urandom(MiB), checksum="CRC32", lists_checksum=False)
+    assert not big.checksum_algorithm and not small.checksum_algorithm
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        dl = await fetch_whole(fetcher, small)
+        assert dl.complete and dl.verified == "MD5", dl.error
+        assert remote.count("HEAD") == 0
+        dl = await fetch_whole(fetcher, big)
+        assert dl.complete and dl.verified == "CRC32", dl.error
+        assert remote.count("HEAD") == 1
+
+
+@trio_test
 async def test_a_wrong_checksum_from_the_store_is_overruled_by_a_matching_etag_only(
         remote: FakeRemote, stores, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A store that computes its checksums differently (a composite or a CRC

@@ -74,6 +74,7 @@ class Stored:
     parts: tuple[int, ...] = ()  # part sizes of a multipart upload
     says_parts: bool = True  # False: ignores partNumber, as Ceph RGW and s3rver
     version_id: str = ""  # in a bucket that keeps versions
+    lists_checksum: bool = True  # False: a HEAD tells the checksum, a listing does not (SeaweedFS)
 
 
 @dataclass
@@ -109,7 +110,7 @@ class FakeRemote:
     # -- the test's side -----------------------------------------------------------
 
     def put(self, bucket: str, key: str, data: bytes, checksum: str = "", parts: tuple[int, ...] = (),
-            says_parts: bool = True) -> RemoteObject:
+            says_parts: bool = True, lists_checksum: bool = True) -> RemoteObject:
         """Store an object and return it as listed: an MD5 ETag, or with `parts`
         a multipart upload's ETag; a CRC32 checksum if asked, over the whole
         object or ("CRC32-composite", with `parts`) composite, as boto3's
@@ -127,7 +128,8 @@ class FakeRemote:
         if parts:
             md5s = b"".join(hashlib.md5(p).digest() for p in pieces)
             etag = f"{hashlib.md5(md5s).hexdigest()}-{len(parts)}"
-        stored = Stored(data, etag, time.time_ns() // 10**9 * 10**9, value, parts, says_parts)
+        stored = Stored(data, etag, time.time_ns() // 10**9 * 10**9, value, parts, says_parts,
+                        lists_checksum=lists_checksum)
         with self._lock:
             if bucket in self.versioned:
                 stored.version_id = f"v{sum(len(h) for h in self.history.values()) + 1}-{etag[:8]}"
@@ -322,7 +324,7 @@ class FakeRemote:
     @staticmethod
     def _listed(bucket: str, key: str, stored: Stored) -> RemoteObject:
         return RemoteObject(bucket, key, len(stored.data), stored.etag, stored.mtime_ns,
-                            stored.checksum[0] if stored.checksum else "")
+                            stored.checksum[0] if stored.checksum and stored.lists_checksum else "")
 
 
 class FakeBody:
