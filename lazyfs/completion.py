@@ -42,7 +42,7 @@ def expectation(remote: ObjectStore, obj: RemoteObject, meta: ResponseMeta | Non
     if etag_is_md5 is None or (checksum is None and (obj.checksum_algorithm or obj.size >= ASK_FOR_A_CHECKSUM_FROM)):
         info = remote.head(obj.bucket, obj.key, etag=obj.etag)
         checksum, etag_is_md5 = info.checksum, info.etag_is_md5
-    return verify.choose(obj.etag, checksum, etag_is_md5, obj.size, lambda n: remote.part(obj, n))
+    return verify.choose(obj.etag, checksum, etag_is_md5, obj.size, lambda n: remote.part(obj, n), guess=True)
 
 
 UNVERIFIED = "unverified"
@@ -94,7 +94,7 @@ def _second_opinion(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify
     so the checksum is taken to be wrong, and said so."""
     if exp.algorithm in ("MD5", "MD5-multipart"):
         return ""  # the ETag was the check: there is no second one
-    etag_exp = verify.choose(obj.etag, None, etag_is_md5, obj.size, lambda n: remote.part(obj, n))
+    etag_exp = verify.choose(obj.etag, None, etag_is_md5, obj.size, lambda n: remote.part(obj, n), guess=True)
     if etag_exp is None:
         return ""
     try:

@@ -11,11 +11,14 @@ In order of preference:
      confirmed: it must report the same number of parts as the ETag (HEAD
      ?partNumber=1 answers x-amz-mp-parts-count); every part but the last is
      taken to have part 1's size (what every common uploader does), and when
-     that does not match, each part's size is asked for;
+     that does not match, each part's size is asked for; a store that cannot
+     say (Ceph RGW ignores partNumber) has a download checked against the
+     part size of the first common uploader that makes the ETag's number of
+     parts (COMMON_PART_SIZES; never in a lock);
   4. nothing but the size, when none of those applies (SSE-KMS and SSE-C
-     ETags are not MD5s; stores that ignore partNumber, such as Ceph RGW and
-     s3rver, cannot say where the parts are).  Such a file is published
-     *unverified*, never called corrupt without evidence.
+     ETags are not MD5s; a multipart upload of another part size on a store
+     that cannot say its parts).  Such a file is published *unverified*,
+     never called corrupt without evidence.
 
 Blocking: reads the whole file.  Run in a worker thread.
 """
@@ -82,6 +85,12 @@ class Part:
 PartLookup = Callable[[int], "Part | None"]
 # Parts of an object asked for one by one at most (each is a request).
 MAX_PARTS_ASKED = 1000
+_MiB = 1024 * 1024
+# Part sizes of the common uploaders, most common first: boto3, the AWS CLI
+# and the CRT (8 MiB, doubled by boto3 for objects of over 10,000 parts),
+# rclone and the Go SDK (5 MiB), MinIO's clients (16 MiB), s5cmd (50 MiB).
+# Tried, one of them, when the store cannot say where the parts are.
+COMMON_PART_SIZES = tuple(n * _MiB for n in (8, 5, 16, 50, 32, 64, 128, 256, 512, 1024))
 
 
 def _crt(name: str) -> Callable[[bytes, int], int] | None:
@@ -125,18 +134,21 @@ def can_compute(algorithm: str) -> bool:
 
 
 def choose(etag: str, checksum: tuple[str, str, str] | None, etag_is_md5: bool, size: int,
-           part: PartLookup, composite: bool = True) -> Expectation | None:
+           part: PartLookup, composite: bool = True, guess: bool = False) -> Expectation | None:
     """The strongest check available, or None (the file will be unverified).
     `checksum` is (algorithm, value, kind); `etag_is_md5` is False for
     SSE-KMS/SSE-C objects; `part` is asked only for multipart objects (a
-    request); `composite=False` passes over composite checksums."""
+    request); `composite=False` passes over composite checksums; `guess`
+    tries a common uploader's part size when the store cannot say them (a
+    download's check, where a wrong guess leaves the file unverified, never
+    a lock, which records sizes as the store's)."""
     if checksum is not None:
         algorithm, value, kind = checksum
         if kind == "FULL_OBJECT" and can_compute(algorithm):
             return Expectation(algorithm, value)
         m = _COMPOSITE.match(value)
         if composite and kind == "COMPOSITE" and m and can_compute(algorithm):
-            parts = _parts(algorithm + COMPOSITE_SUFFIX, value, int(m.group(1)), size, part)
+            parts = _parts(algorithm + COMPOSITE_SUFFIX, value, int(m.group(1)), size, part, guess)
             if parts is not None:
                 return parts
     if not etag_is_md5:
@@ -144,16 +156,31 @@ def choose(etag: str, checksum: tuple[str, str, str] | None, etag_is_md5: bool, 
     if _MD5_HEX.match(etag):
         return Expectation("MD5", etag)
     m = _MULTIPART.match(etag)
-    return _parts("MD5-multipart", etag, int(m.group(2)), size, part) if m else None
+    return _parts("MD5-multipart", etag, int(m.group(2)), size, part, guess) if m else None
 
 
-def _parts(algorithm: str, value: str, count: int, size: int, part: PartLookup) -> Expectation | None:
+def _parts(algorithm: str, value: str, count: int, size: int, part: PartLookup,
+           guess: bool) -> Expectation | None:
     sizes = assumed_part_sizes(size, count, part)
     if sizes is not None:
         # One or two parts are fully determined by part 1 and the size.
         return Expectation(algorithm, value, sizes, exact=len(sizes) <= 2)
     sizes = exact_part_sizes(size, count, part)
-    return Expectation(algorithm, value, sizes) if sizes is not None else None
+    if sizes is not None:
+        return Expectation(algorithm, value, sizes)
+    sizes = guessed_part_sizes(size, count) if guess else None
+    return Expectation(algorithm, value, sizes, exact=False) if sizes is not None else None
+
+
+def guessed_part_sizes(size: int, count: int) -> tuple[int, ...] | None:
+    """Part sizes for the first of COMMON_PART_SIZES that cuts `size` bytes
+    into `count` parts.  An ETag (or composite) that matches them says the
+    bytes are the ones uploaded as surely as sizes the store told; one that
+    does not says nothing (another uploader's sizes)."""
+    for each in COMMON_PART_SIZES:
+        if count > 1 and each * (count - 1) < size <= each * count:
+            return (each,) * (count - 1) + (size - each * (count - 1),)
+    return None
 
 
 def assumed_part_sizes(size: int, count: int, part: PartLookup) -> tuple[int, ...] | None:

@@ -437,6 +437,26 @@ async def test_a_store_that_cannot_say_its_parts_gives_unverified_not_corrupt(re
 
 
 @trio_test
+async def test_a_store_that_cannot_say_its_parts_verifies_a_common_uploaders_parts(remote: FakeRemote, stores,
+                                                                                  tmp_path: Path) -> None:
+    """Ceph RGW ignores partNumber: an upload in boto3's 8 MiB parts verifies
+    by its multipart ETag all the same; one in parts of another size is
+    published unverified (the guess was wrong, which says nothing about the
+    bytes), never called corrupt."""
+    common = remote.put(BUCKET, "m/boto3.bin", os.urandom(19 * MiB), parts=(8 * MiB, 8 * MiB, 3 * MiB),
+                        says_parts=False)
+    other = remote.put(BUCKET, "m/other.bin", os.urandom(13 * MiB), parts=(6 * MiB, 6 * MiB, MiB),
+                       says_parts=False)
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        dl = await fetch_whole(fetcher, common)
+        assert dl.complete and dl.verified == "MD5-multipart", dl.error
+        dl = await fetch_whole(fetcher, other)
+        assert dl.complete and dl.verified == "unverified", dl.error
+    assert (tmp_path / "store" / "m/other.bin").exists()
+
+
+@trio_test
 async def test_bytes_that_really_do_not_match_a_confirmed_multipart_etag_are_never_published(
         remote: FakeRemote, stores, tmp_path: Path) -> None:
     data = os.urandom(3 * MiB)

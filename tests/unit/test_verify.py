@@ -115,3 +115,20 @@ def test_a_composite_checksum_goes_before_the_multipart_etag_but_not_into_locks(
     # A composite value sent bare (moto) says no part count: the ETag decides.
     bare = verify.choose(etag, ("CRC32", "AAAAAA==", "COMPOSITE"), True, size, lambda n: part)
     assert bare is not None and bare.algorithm == "MD5-multipart"
+
+
+def test_a_store_that_cannot_say_its_parts_is_checked_against_a_common_uploaders_part_size() -> None:
+    """Ceph RGW ignores partNumber: a download is checked against the first
+    common part size that makes the ETag's number of parts (boto3's 8 MiB
+    before rclone's 5 MiB); a lock never records a guess."""
+    MiB = 1024 * 1024
+    cannot_say = lambda n: verify.Part(20 * MiB, 0)  # noqa: E731  (the whole object's length, no count)
+    etag = "0" * 32 + "-3"
+    guessed = verify.choose(etag, None, True, 20 * MiB, cannot_say, guess=True)
+    assert guessed is not None and guessed.part_sizes == (8 * MiB, 8 * MiB, 4 * MiB) and not guessed.exact
+    assert verify.choose(etag, None, True, 20 * MiB, cannot_say) is None
+    assert verify.guessed_part_sizes(10 * MiB + 1, 3) == (5 * MiB, 5 * MiB, 1)
+    assert verify.guessed_part_sizes(3 * MiB, 3) is None  # no common uploader cuts 3 MiB in 3
+    assert verify.guessed_part_sizes(8 * MiB, 1) is None  # one part is not a multipart upload
+    big = 200_000 * MiB  # boto3 doubles 8 MiB until there are at most 10,000 parts: 32 MiB
+    assert verify.guessed_part_sizes(big, 6250) == (32 * MiB,) * 6250
