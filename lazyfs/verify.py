@@ -88,9 +88,11 @@ MAX_PARTS_ASKED = 1000
 _MiB = 1024 * 1024
 # Part sizes of the common uploaders, most common first: boto3, the AWS CLI
 # and the CRT (8 MiB, doubled by boto3 for objects of over 10,000 parts),
-# rclone and the Go SDK (5 MiB), MinIO's clients (16 MiB), s5cmd (50 MiB).
-# Tried, one of them, when the store cannot say where the parts are.
-COMMON_PART_SIZES = tuple(n * _MiB for n in (8, 5, 16, 50, 32, 64, 128, 256, 512, 1024))
+# rclone and the Go SDK (5 MiB), MinIO's clients (16 MiB), s5cmd (50 MiB),
+# s3cmd (15 MiB).  Tried, the first that makes the ETag's number of parts,
+# when the store cannot say where the parts are (one hash: a wrong guess
+# only leaves the file unverified).
+COMMON_PART_SIZES = tuple(n * _MiB for n in (8, 5, 16, 50, 15, 32, 64, 128, 256, 512, 1024))
 
 
 def _crt(name: str) -> Callable[[bytes, int], int] | None:

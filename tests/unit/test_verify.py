@@ -128,6 +128,7 @@ def test_a_store_that_cannot_say_its_parts_is_checked_against_a_common_uploaders
     assert guessed is not None and guessed.part_sizes == (8 * MiB, 8 * MiB, 4 * MiB) and not guessed.exact
     assert verify.choose(etag, None, True, 20 * MiB, cannot_say) is None
     assert verify.guessed_part_sizes(10 * MiB + 1, 3) == (5 * MiB, 5 * MiB, 1)
+    assert verify.guessed_part_sizes(300 * MiB, 20) == (15 * MiB,) * 20  # s3cmd's
     assert verify.guessed_part_sizes(3 * MiB, 3) is None  # no common uploader cuts 3 MiB in 3
     assert verify.guessed_part_sizes(8 * MiB, 1) is None  # one part is not a multipart upload
     big = 200_000 * MiB  # boto3 doubles 8 MiB until there are at most 10,000 parts: 32 MiB
