@@ -15,7 +15,7 @@ import threading
 from typing import Callable, Iterator
 
 from lazyfs import verify
-from lazyfs.errors import IntegrityError, StoreError
+from lazyfs.errors import AccessDenied, IntegrityError, RemoteUnavailable, StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
@@ -39,9 +39,18 @@ def expectation(remote: ObjectStore, obj: RemoteObject, meta: ResponseMeta | Non
     made."""
     checksum = meta.checksum if meta else None
     etag_is_md5 = meta.etag_is_md5 if meta else None
-    if etag_is_md5 is None or (checksum is None and (obj.checksum_algorithm or obj.size >= ASK_FOR_A_CHECKSUM_FROM)):
-        info = remote.head(obj.bucket, obj.key, etag=obj.etag)
-        checksum, etag_is_md5 = info.checksum, info.etag_is_md5
+    needed = etag_is_md5 is None or (checksum is None and bool(obj.checksum_algorithm))
+    if needed or (checksum is None and obj.size >= ASK_FOR_A_CHECKSUM_FROM):
+        try:
+            info = remote.head(obj.bucket, obj.key, etag=obj.etag)
+            checksum, etag_is_md5 = info.checksum, info.etag_is_md5
+        except (RemoteUnavailable, AccessDenied) as e:
+            if needed:
+                raise
+            # Only asked in case the store keeps a checksum: the GET said enough.
+            log.info("%s: cannot ask the object store for a checksum it may keep (%s); checking its ETag",
+                     obj.uri, e)
+    assert etag_is_md5 is not None
     return verify.choose(obj.etag, checksum, etag_is_md5, obj.size, lambda n: remote.part(obj, n), guess=True)
 
 

@@ -16,7 +16,7 @@ import trio
 from lazyfs import completion, dispatch, verify
 from lazyfs.coop import ForeignDownload
 from lazyfs.download import Download
-from lazyfs.errors import IntegrityError, LazyfsError, StoreError
+from lazyfs.errors import IntegrityError, LazyfsError, RemoteUnavailable, StoreError
 from lazyfs.fetch import Fetcher
 from lazyfs.handles import Handles
 from lazyfs.namespace import RemoteObject
@@ -378,6 +378,25 @@ async def test_a_big_file_asks_for_the_checksum_its_listing_does_not_name(remote
         dl = await fetch_whole(fetcher, big)
         assert dl.complete and dl.verified == "CRC32", dl.error
         assert remote.count("HEAD") == 1
+
+
+@trio_test
+async def test_a_failed_head_for_a_checksum_the_listing_does_not_name_leaves_the_etag_check(
+        remote: FakeRemote, stores, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """That HEAD is asked only in case the store keeps a checksum: when it
+    fails, the file is verified by the ETag its GETs carried, not failed."""
+    data = os.urandom(completion.ASK_FOR_A_CHECKSUM_FROM)
+    big = remote.put(BUCKET, "m/big.bin", data, checksum="CRC32", lists_checksum=False)
+
+    def head_fails(*args: object, **kwargs: object) -> None:
+        raise RemoteUnavailable("HEAD m/big.bin: connection reset")
+
+    monkeypatch.setattr(remote, "head", head_fails)
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        dl = await fetch_whole(fetcher, big)
+        assert dl.complete and dl.verified == "MD5", dl.error
+    assert (tmp_path / "store" / "m/big.bin").read_bytes() == data
 
 
 @trio_test
