@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from lazyfs.completion import ASK_FOR_A_CHECKSUM_FROM
 from support.mounting import FS, on_both_clients, wait_until
 from support.proxy import Fault
+from support.s3server import s3_client
 
 # Every test here on both transfer clients (the fault proxy sees the same requests).
 pytestmark = [pytest.mark.fuse,
@@ -515,3 +517,22 @@ def proc_sample(pid: int) -> tuple[int, int, int]:
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
     field = {line.split(":")[0]: line.split()[1] for line in status if ":" in line and len(line.split()) > 1}
     return len(os.listdir(f"/proc/{pid}/fd")), int(field["Threads"]), int(field["VmRSS"])
+
+
+def test_a_failed_head_for_a_checksum_the_listing_does_not_name_leaves_the_etag_check(mount, proxy, bucket,
+                                                                                      moto, fs: FS):
+    """A file of completion.ASK_FOR_A_CHECKSUM_FROM or more whose listing
+    names no checksum is asked for one (a HEAD), in case the store keeps it;
+    a HEAD that keeps failing does not fail the download: the ETag its GETs
+    carried checks it."""
+    key = f"{P}/big.bin"
+    data = os.urandom(ASK_FOR_A_CHECKSUM_FROM + 1000)
+    s3_client(moto.endpoint, checksums=False).put_object(Bucket=bucket, Key=key, Body=data)
+    proxy.add(Fault("status", method="HEAD", key=key, status=500, code="InternalError", times=None))
+    m = mount("--prefix", f"s3://{bucket}/{P}", *FAST)
+    assert sha(fs.read(m.file(key), timeout=60)) == sha(data)
+    wait_until(lambda: fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.verified") != b"", timeout=30,
+               what=f"{key} to be verified")
+    assert fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.verified") == b"MD5"
+    assert (m.store / key).read_bytes() == data
+    assert proxy.count("HEAD", key) >= 1 and "cannot ask the object store for a checksum" in m.log()
