@@ -438,6 +438,7 @@ async def test_a_wrong_checksum_from_the_store_is_overruled_by_a_matching_etag_o
     assert not (tmp_path / "store" / "m/unsure.bin").exists() and not (tmp_path / "store" / "m/partly.bin").exists()
     warned = [r.getMessage() for r in caplog.records if "its checksum is taken to be wrong" in r.getMessage()]
     assert len(warned) == 2 and "CRC32-composite" in warned[0] and "CRC32 " in warned[1], warned
+    assert not [r for r in caplog.records if "published unverified" in r.getMessage()], "said of a refused file"
 
 
 @trio_test
