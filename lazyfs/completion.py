@@ -72,23 +72,36 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
     if digest is not None and digest.exp == exp and digest.fed == obj.size and digest.value() == exp.value:
         return exp.algorithm  # hashed as the file filled (Runner.hash_along)
     try:
+        verified = _hashed_against(remote, fd, obj, exp, cancelled)
+    except IntegrityError:
+        info = remote.head(obj.bucket, obj.key, etag=obj.etag)  # ObjectChanged if it was replaced meanwhile
+        by_etag = _second_opinion(remote, fd, obj, exp, info.etag_is_md5, cancelled)
+        if by_etag:
+            return by_etag
+        raise
+    if verified == UNVERIFIED:
+        log.warning("%s: its multipart %s does not match the part sizes assumed, and the object store "
+                    "cannot say each part's size; published unverified", obj.uri,
+                    "ETag" if exp.algorithm == "MD5-multipart" else "checksum")
+    return verified
+
+
+def _hashed_against(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectation,
+                    cancelled: Callable[[], bool]) -> str:
+    """exp.algorithm when the file's bytes match `exp`; part sizes that were
+    assumed and do not match are replaced by the ones the store tells, or
+    give UNVERIFIED when it cannot say.  IntegrityError otherwise."""
+    try:
         verify.check(fd, obj.size, exp, obj.uri, cancelled)
         return exp.algorithm
     except IntegrityError:
         if exp.per_part and not exp.exact:
             sizes = verify.exact_part_sizes(obj.size, len(exp.part_sizes), lambda n: remote.part(obj, n))
             if sizes is None:
-                log.warning("%s: its multipart %s does not match the part sizes assumed, and the object store "
-                            "cannot say each part's size; published unverified", obj.uri,
-                            "ETag" if exp.algorithm == "MD5-multipart" else "checksum")
                 return UNVERIFIED
             if sizes != exp.part_sizes:
-                exact = dataclasses.replace(exp, part_sizes=sizes, exact=True)
-                return check(remote, fd, obj, exact, cancelled)
-        info = remote.head(obj.bucket, obj.key, etag=obj.etag)  # ObjectChanged if it was replaced meanwhile
-        by_etag = _second_opinion(remote, fd, obj, exp, info.etag_is_md5, cancelled)
-        if by_etag:
-            return by_etag
+                told = dataclasses.replace(exp, part_sizes=sizes, exact=True)
+                return _hashed_against(remote, fd, obj, told, cancelled)
         raise
 
 
@@ -100,36 +113,23 @@ def _second_opinion(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify
     composite or a CRC differently (or reports another upload's) would have
     every download of that object refused; an MD5 ETag that matches says the
     bytes are the ones uploaded (an accidental MD5 collision is not a risk),
-    so the checksum is taken to be wrong, and said so."""
+    so the checksum is taken to be wrong, and said so.  Nothing is logged
+    before the verdict: the file may yet be refused."""
     if exp.algorithm in ("MD5", "MD5-multipart"):
         return ""  # the ETag was the check: there is no second one
     etag_exp = verify.choose(obj.etag, None, etag_is_md5, obj.size, lambda n: remote.part(obj, n), guess=True)
     if etag_exp is None:
         return ""
-    if not _matches(fd, obj, etag_exp, cancelled):
-        if etag_exp.exact:
-            return ""
-        # Part sizes that were assumed: ask each one (as check() does, but
-        # without its log line of a file published unverified: this one may
-        # be refused).
-        sizes = verify.exact_part_sizes(obj.size, len(etag_exp.part_sizes), lambda n: remote.part(obj, n))
-        if sizes is None or sizes == etag_exp.part_sizes:
-            return ""
-        etag_exp = dataclasses.replace(etag_exp, part_sizes=sizes, exact=True)
-        if not _matches(fd, obj, etag_exp, cancelled):
-            return ""
+    try:
+        verified = _hashed_against(remote, fd, obj, etag_exp, cancelled)
+    except IntegrityError:
+        return ""
+    if verified == UNVERIFIED:
+        return ""
     log.warning("%s: the bytes match the object's ETag but not the %s the object store reports (%s); "
                 "its checksum is taken to be wrong and the file verified by the ETag", obj.uri,
                 exp.algorithm, exp.value)
-    return etag_exp.algorithm
-
-
-def _matches(fd: int, obj: RemoteObject, exp: verify.Expectation, cancelled: Callable[[], bool]) -> bool:
-    try:
-        verify.check(fd, obj.size, exp, obj.uri, cancelled)
-    except IntegrityError:
-        return False
-    return True
+    return verified
 
 
 def hash_more_blocking(fd: int, start: int, end: int, digest: verify.Digest, cancelled: Callable[[], bool]) -> None:
