@@ -1,6 +1,8 @@
 """Work done alongside a download while its blocks arrive: reading a
 safetensors header to fetch in loader order (modelaware.py), and hashing the
-file as it fills from the start, so verification ends with the last byte.
+file as it fills from the start, so verification ends with the last byte
+(or, for a CRC, combining the sums of its pieces taken as they were written:
+piecesums.py).
 Both are trio tasks of the engine; their blocking parts run in threads and
 write no trio-side state (docs/concurrency.md)."""
 
@@ -12,11 +14,13 @@ from typing import Callable
 
 import trio
 
-from lazyfs import modelaware
-from lazyfs.completion import expectation, hash_more_blocking
+from lazyfs import modelaware, piecesums
+from lazyfs.completion import expectation, hash_more_blocking, lower_priority
 from lazyfs.download import Download
 from lazyfs.objectstore import ObjectStore
-from lazyfs.verify import Digest
+from lazyfs.partials import Partial
+from lazyfs.piecesums import PieceSums
+from lazyfs.verify import Digest, Expectation, Hashed
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,9 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
         exp = await trio.to_thread.run_sync(expectation, remote, dl.obj, dl.meta, limiter=requests)
         if exp is None:
             return
+        if dl.sums.start(piecesums.algorithm_of(exp)):  # (and a sum of the wrong kind stops)
+            await _sum_up(dl, partial, exp, hashing)
+            return
         digest = Digest(exp)
         while not dl.cancelled and dl.partial is partial:
             end = dl.contiguous
@@ -63,7 +70,7 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
                     await trio.to_thread.run_sync(hash_more, limiter=hashing)
             if digest.fed >= dl.obj.size:
                 if dl.partial is partial:
-                    dl.digest = digest
+                    dl.digest = digest.result()
                 return
             if dl.contiguous <= digest.fed:
                 await dl.progressed.wait()
@@ -72,3 +79,23 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
     finally:
         if dl.partial is partial:
             dl.hashed.set()
+
+
+async def _sum_up(dl: Download, partial: Partial, exp: Expectation, hashing: trio.CapacityLimiter) -> None:
+    """Once every block is in, combine the pieces' CRCs (and read back what
+    they do not cover: piecesums.py) into `dl.digest`."""
+    sums = dl.sums
+    while not dl.all_done and not dl.cancelled and dl.partial is partial:
+        await dl.progressed.wait()
+    if dl.cancelled or dl.partial is not partial:
+        return
+    with dl.pin():
+        sum_up = functools.partial(_hashed_blocking, sums, dl.fd, exp, lambda: dl.cancelled)
+        hashed = await trio.to_thread.run_sync(sum_up, limiter=hashing)
+    if hashed is not None and dl.partial is partial:
+        dl.digest = hashed
+
+
+def _hashed_blocking(sums: PieceSums, fd: int, exp: Expectation, cancelled: Callable[[], bool]) -> Hashed | None:
+    with lower_priority():  # what no sum covers is read back: it can wait, a loader should not
+        return sums.hashed(fd, exp, cancelled)

@@ -58,7 +58,7 @@ UNVERIFIED = "unverified"
 
 
 def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectation | None,
-          cancelled: Callable[[], bool], digest: verify.Digest | None = None) -> str:
+          cancelled: Callable[[], bool], hashed: verify.Hashed | None = None) -> str:
     """Check the file against `exp`: how it was verified ("CRC32", "MD5",
     "MD5-multipart"...), or UNVERIFIED.  IntegrityError only on evidence:
     a multipart ETag computed from assumed part sizes that does not match
@@ -69,8 +69,9 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
     if exp is None:
         log.info("%s: the object store offers nothing to check it against beyond its size; unverified", obj.uri)
         return UNVERIFIED
-    if digest is not None and digest.exp == exp and digest.fed == obj.size and digest.value() == exp.value:
-        return exp.algorithm  # hashed as the file filled (Runner.hash_along)
+    if hashed is not None and hashed.exp == exp and hashed.size == obj.size and hashed.value == exp.value:
+        return exp.algorithm  # hashed as the file filled (alongside.hash_along)
+    # A running digest or pieces' sums that do not match decide nothing: the file is hashed from the disk.
     try:
         verified = _hashed_against(remote, fd, obj, exp, cancelled)
     except IntegrityError:
@@ -147,17 +148,17 @@ class Finished:
 
 def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Partial, meta: ResponseMeta | None,
                                 *, keep: bool, origin: str, cancelled: Callable[[], bool],
-                                digest: verify.Digest | None = None, current: bool = False) -> Finished:
+                                hashed: verify.Hashed | None = None, current: bool = False) -> Finished:
     """IntegrityError when the bytes are wrong, StoreError when they cannot be
     published.  `current`: the listing shows this very version now, so it is
     placed even over a file with a later Last-Modified (a rollback)."""
     obj = partial.obj
     with lower_priority():
-        # A digest fed to the end was made for what S3 vouched for when the
-        # download began (alongside.hash_along): asking again would be a
-        # second HEAD, a round trip between the last byte and the publish.
-        exp = digest.exp if digest is not None and digest.fed == obj.size else expectation(remote, obj, meta)
-        verified = check(remote, partial.fd, obj, exp, cancelled, digest) if obj.size else "size"
+        # What the file hashed to along the download was made for what S3
+        # vouched for when it began (alongside.hash_along): asking again would
+        # be a second HEAD, a round trip between the last byte and the publish.
+        exp = hashed.exp if hashed is not None and hashed.size == obj.size else expectation(remote, obj, meta)
+        verified = check(remote, partial.fd, obj, exp, cancelled, hashed) if obj.size else "size"
         if not keep:
             return Finished(verified, placed=False)
         try:

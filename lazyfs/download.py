@@ -28,7 +28,8 @@ from lazyfs.filemap import FileMap, PageBudget
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta
 from lazyfs.partials import Partial
-from lazyfs.verify import Digest
+from lazyfs.piecesums import PieceSums
+from lazyfs.verify import Hashed
 
 PENDING, ACTIVE, DONE = 0, 1, 2
 # Partial.done_map (1: on disk) as block states.
@@ -121,8 +122,8 @@ class Download:
         # A safetensors file whose header has not been looked at yet (modelaware.py).
         self.wants_order = False
         self.verified = ""  # how the published bytes were checked (completion.check), or "unverified"
-        # The bytes' digest so far (Runner._hash_along): verification ends with the last byte.
-        self.digest: Digest | None = None
+        # What the bytes hashed to, once hashed along (alongside.hash_along): verification ends with the last byte.
+        self.digest: Hashed | None = None
         self.hashed = trio.Event()  # the hashing along is over (digest complete, or given up)
         self.last_progress_log = self.started
         self.meta: ResponseMeta | None = None  # verification hints from a GET's headers
@@ -138,6 +139,7 @@ class Download:
         """Download into `partial` (a fresh one after a failed verification)."""
         self.partial = partial
         self.digest = None
+        self.sums = PieceSums(partial.obj.size, partial.obj.checksum_algorithm)  # from the first piece if listed
         self.hashed = trio.Event()
         self.finishing = False  # Runner.finish is on its way for this file
         self.fd = partial.fd
@@ -168,12 +170,10 @@ class Download:
         self.demand: deque[int] = deque()
         self.waiters: list[tuple[int, int, trio.Event]] = []
         self.sweep = 0
-        # The order the sweep takes blocks in, when it is not the file's
-        # (modelaware.loader_order), and how far along it the sweep is.
+        # The sweep's order of blocks when not the file's (modelaware.loader_order), and how far along it is.
         self.order: list[int] | None = None
         self._order_pos = 0
-        # Slow start: one request until the first bytes arrive, so the first
-        # read does not share the server with a dozen others; then full speed.
+        # Slow start: one request until the first bytes arrive (the first read does not share the server).
         self.ramp = 1
 
     @property

@@ -70,7 +70,7 @@ class MountView:
                           "reserved_bytes": budget.reserved,
                           "evicted_files": budget.evicted_files, "evicted_bytes": budget.evicted_bytes}},
             "downloads": {"in_flight": downloads, "completed": STATS.downloads_ok,
-                          "failed": STATS.downloads_failed},
+                          "failed": STATS.downloads_failed, "bytes_read_to_verify": STATS.verify_read_bytes},
             "s3": {"requests": dict(STATS.s3_requests), "failed_requests": dict(STATS.s3_errors),
                    "bytes_received": STATS.fetched_bytes, "retries": STATS.retries,
                    "bytes_written_direct": STATS.direct_bytes},

@@ -31,6 +31,8 @@ class MountCollector(Collector):
         yield _counter("lazyfs_fetched_bytes", "Body bytes downloaded from S3.", STATS.fetched_bytes)
         yield _counter("lazyfs_direct_write_bytes", "Downloaded bytes written to the store with O_DIRECT.",
                        STATS.direct_bytes)
+        yield _counter("lazyfs_verify_read_bytes", "Bytes read back from the store to verify downloads "
+                       "(none for pieces whose CRCs were summed as they arrived).", STATS.verify_read_bytes)
         reqs = CounterMetricFamily("lazyfs_s3_requests", "Requests sent to S3.", labels=["op"])
         fails = CounterMetricFamily("lazyfs_s3_request_failures", "S3 requests that failed (after botocore's "
                                     "retries).", labels=["op"])

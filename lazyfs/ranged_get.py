@@ -18,6 +18,7 @@ from typing import Callable
 from lazyfs.errors import RemoteUnavailable
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import Body, ObjectStore, ResponseMeta
+from lazyfs.piecesums import PieceSums
 from lazyfs.stats import STATS
 from lazyfs.storewrite import PieceWriter
 
@@ -52,9 +53,10 @@ class RangeJob:
     got_meta: Callable[[ResponseMeta], None]  # what the response headers say, for verification
     # Whether a piece may go to the store with O_DIRECT now (storewrite.py).
     direct: Callable[[], bool] = lambda: False
+    sums: PieceSums | None = None  # the download's piece CRCs (piecesums.py)
 
     def writer(self) -> PieceWriter:
-        return PieceWriter(self.fd, self.obj, self.direct, self.write_lock)
+        return PieceWriter(self.fd, self.obj, self.direct, self.write_lock, self.sums)
 
 
 def fetch_range_blocking(remote: ObjectStore, job: RangeJob) -> None:

@@ -136,7 +136,7 @@ class Runner:
         job = RangeJob(obj=dl.obj, fd=dl.fd, write_lock=dl.write_lock, start=req.start, end=req.end,
                        block_size=dl.block_size, attempts=self.cfg.chunk_attempts,
                        direct=(lambda: dl.served == 0) if self.cfg.store_writes == "direct" else lambda: False,
-                       cancelled=lambda: dl.cancelled,
+                       sums=dl.sums, cancelled=lambda: dl.cancelled,
                        posted=lambda n: self._post(self._landed, dl, req, n),
                        got_meta=lambda meta: self._post(self._got_meta, dl, meta))
         try:
@@ -239,10 +239,9 @@ class Runner:
     async def finish(self, dl: Download) -> None:
         with trio.move_on_after(_HASH_WAIT_S):
             await dl.hashed.wait()  # the last piece of the digest, if it is being kept
-        digest = dl.digest
         publish = functools.partial(verify_and_publish_blocking, self.remote, self.store, dl.partial, dl.meta,
                                     keep=dl.keep, origin=self.origin, cancelled=lambda: dl.cancelled,
-                                    digest=digest, current=self.hooks.is_current(dl.obj))
+                                    hashed=dl.digest, current=self.hooks.is_current(dl.obj))
         handoff = _Handoff(dl.pin())
         try:
             # Abandoned on cancel (a shutdown must not wait for a 100 GiB

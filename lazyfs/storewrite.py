@@ -26,6 +26,10 @@ and every piece on a filesystem that refuses O_DIRECT (tmpfs before 6.6,
 some network and FUSE filesystems), is written buffered.  The kernel keeps
 the two coherent: a direct write drops the cached pages of its range.
 
+Each piece's CRCs are summed here too, when the download is checked against
+a CRC (piecesums.py): the bytes are in hand, and the file need not be read
+back to verify it.
+
 Runs in worker threads (the boto3 requests' threads, awscrt's callback
 threads); each thread has its own aligned buffer.
 """
@@ -41,6 +45,7 @@ from typing import Callable
 
 from lazyfs.errors import StoreError
 from lazyfs.namespace import RemoteObject
+from lazyfs.piecesums import PieceSums
 from lazyfs.stats import STATS
 
 log = logging.getLogger(__name__)
@@ -74,11 +79,13 @@ class PieceWriter:
     `lock` (concurrent writes to one file contend for its inode lock anyway).
     Not shared between requests; close it when the request ends."""
 
-    def __init__(self, fd: int, obj: RemoteObject, direct: Callable[[], bool], lock: threading.Lock) -> None:
+    def __init__(self, fd: int, obj: RemoteObject, direct: Callable[[], bool], lock: threading.Lock,
+                 sums: PieceSums | None = None) -> None:
         self.fd = fd
         self.obj = obj
         self._direct = direct  # asked per piece: may this one go direct?
         self._lock = lock
+        self._sums = sums  # each piece's CRCs, kept once it is written (piecesums.py)
         self._closed = False
         self._direct_fd: int | None = None  # opened at the first direct piece; -1: refused
 
@@ -86,19 +93,23 @@ class PieceWriter:
         """All of `data` at `offset`.  A failure is the store's (ENOSPC, EIO),
         and says so (StoreError); WriterClosed after `close`."""
         view = memoryview(data)
+        summed = self._sums.summed(offset, view) if self._sums is not None else None
         with self._lock:
             if self._closed:
                 raise WriterClosed()
             try:
+                at = offset
                 if offset % ALIGN == 0 and len(view) % ALIGN == 0 and view and self._direct():
-                    view, offset = self._write_direct(view, offset)
+                    view, at = self._write_direct(view, offset)
                 while view:
-                    n = os.pwrite(self.fd, view, offset)
+                    n = os.pwrite(self.fd, view, at)
                     view = view[n:]
-                    offset += n
+                    at += n
             except OSError as e:
                 raise StoreError(f"{self.obj.uri}: cannot write it to the store: {e.strerror}",
                                  e.errno or errno.EIO) from e
+            if self._sums is not None:
+                self._sums.record(summed)  # under the lock: the sums kept are of the last bytes written
 
     def _write_direct(self, view: memoryview, offset: int) -> tuple[memoryview, int]:
         """Write what can go direct; return what is left for a buffered write."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from lazyfs.errors import IntegrityError
+from lazyfs.stats import STATS
 
 # Bytes hashed per read, into a buffer reused from hash to hash (_buffer): a
 # fresh buffer per read would be fresh pages, a page fault and a zeroed page
@@ -103,29 +104,29 @@ def _crt(name: str) -> Callable[[bytes, int], int] | None:
     return getattr(checksums, name, None)
 
 
-class _Crc:
+class CrcHasher:
     """CRC-style running checksum presented like a hashlib object."""
 
     def __init__(self, fn: Callable[[bytes, int], int], width: int) -> None:
-        self._fn, self._width, self._value = fn, width, 0
+        self._fn, self._width, self.value = fn, width, 0
 
     def update(self, data: Any) -> None:
-        self._value = self._fn(data, self._value)
+        self.value = self._fn(data, self.value)
 
     def digest(self) -> bytes:
-        return self._value.to_bytes(self._width, "big")
+        return self.value.to_bytes(self._width, "big")
 
 
 def _hasher(algorithm: str) -> Any | None:
     if algorithm == "CRC32":
         fn = _crt("crc32")
-        return _Crc(fn if fn else (zlib.crc32), 4)
+        return CrcHasher(fn if fn else (zlib.crc32), 4)
     if algorithm == "CRC32C":
         fn = _crt("crc32c")
-        return _Crc(fn, 4) if fn else None
+        return CrcHasher(fn, 4) if fn else None
     if algorithm == "CRC64NVME":
         fn = _crt("crc64nvme")
-        return _Crc(fn, 8) if fn else None
+        return CrcHasher(fn, 8) if fn else None
     if algorithm in ("SHA1", "SHA256"):
         return hashlib.new(algorithm.lower())
     return None
@@ -258,24 +259,44 @@ class Digest:
             return str(self._h.hexdigest())
         if not self.exp.per_part:
             return base64.b64encode(self._h.digest()).decode()
-        digests = [*self._part_digests, self._h.digest()]
-        whole = self._new()  # a checksum of the parts' binary checksums, in order
-        whole.update(b"".join(digests))
-        if self.exp.algorithm == "MD5-multipart":
-            return f"{whole.hexdigest()}-{len(digests)}"
-        return f"{base64.b64encode(whole.digest()).decode()}-{len(digests)}"
+        return composite_value(self.exp, [*self._part_digests, self._h.digest()])
+
+    def result(self) -> Hashed:
+        return Hashed(self.exp, self.fed, self.value())
+
+
+@dataclass(frozen=True, slots=True)
+class Hashed:
+    """What a file's first `size` bytes hash to in `exp`'s form, worked out
+    while it downloaded (a running Digest, or piecesums.PieceSums)."""
+
+    exp: Expectation
+    size: int
+    value: str
+
+
+def composite_value(exp: Expectation, digests: list[bytes]) -> str:
+    """A multipart ETag's or composite checksum's value from its parts' binary digests."""
+    base = "MD5" if exp.algorithm == "MD5-multipart" else exp.algorithm.removesuffix(COMPOSITE_SUFFIX)
+    whole = hashlib.md5() if base == "MD5" else _hasher(base)  # a checksum of the parts' checksums, in order
+    if whole is None:
+        raise ValueError(f"cannot compute {exp.algorithm}")
+    whole.update(b"".join(digests))
+    if exp.algorithm == "MD5-multipart":
+        return f"{whole.hexdigest()}-{len(digests)}"
+    return f"{base64.b64encode(whole.digest()).decode()}-{len(digests)}"
 
 
 def feed(fd: int, start: int, end: int, digest: Digest, cancelled: Callable[[], bool] = lambda: False) -> None:
     """Feed bytes [start, end) of the file to `digest` (which has had [0, start))."""
     assert digest.fed == start, "a digest must be fed in order"
-    _feed(fd, start, end, digest, cancelled)
+    read_into(fd, start, end, digest, cancelled)
 
 
 def compute(fd: int, size: int, exp: Expectation, cancelled: Callable[[], bool] = lambda: False) -> str:
     """The digest of the file's first `size` bytes, in `exp`'s form."""
     digest = Digest(exp)
-    _feed(fd, 0, size, digest, cancelled)
+    read_into(fd, 0, size, digest, cancelled)
     return digest.value()
 
 
@@ -287,7 +308,10 @@ def check(fd: int, size: int, exp: Expectation, uri: str,
                              f"{exp.algorithm} (expected {exp.value}, got {got})")
 
 
-def _feed(fd: int, start: int, end: int, h: Any, cancelled: Callable[[], bool]) -> None:
+def read_into(fd: int, start: int, end: int, h: Any, cancelled: Callable[[], bool]) -> None:
+    """Update hasher `h` with bytes [start, end) of the file, read back
+    (counted: the bytes verification cost a pass over the file)."""
+    STATS.bump("verify_read_bytes", n=end - start)
     with _buffer() as buf:
         pos = start
         while pos < end:

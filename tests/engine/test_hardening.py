@@ -189,14 +189,14 @@ async def test_opens_never_wait_behind_verifications(remote: FakeRemote, stores,
     """Issue 11.11: eight large files being hashed must not hold up an open."""
     release = threading.Event()
     hashing = []
-    real_feed = verify._feed
+    real_feed = verify.read_into
 
     def slow_hash(*args, **kw):  # type: ignore[no-untyped-def]
         hashing.append(1)
         release.wait(20)
         real_feed(*args, **kw)
 
-    monkeypatch.setattr(verify, "_feed", slow_hash)
+    monkeypatch.setattr(verify, "read_into", slow_hash)
     objs = [remote.put(BUCKET, f"m/big{i}.bin", os.urandom(64 * KiB)) for i in range(10)]
     small = remote.put(BUCKET, "m/config.json", b"{}")
     fetcher = Fetcher(remote, stores(), fetch_config(max_connections=8))
@@ -230,7 +230,7 @@ async def test_shutdown_does_not_wait_for_a_long_verification(remote: FakeRemote
             threading.Event().wait(0.01)
         raise InterruptedError("verification cancelled")
 
-    monkeypatch.setattr(verify, "_feed", endless_hash)
+    monkeypatch.setattr(verify, "read_into", endless_hash)
     obj = remote.put(BUCKET, "m/w.bin", os.urandom(MiB))
     fetcher = Fetcher(remote, stores(), fetch_config())
     async with running(fetcher, close=False):
@@ -520,13 +520,13 @@ async def test_the_file_is_hashed_as_it_fills_so_verification_ends_with_the_last
     """Issue 13.3: the digest follows the contiguous prefix; at the end only
     the tail is hashed, and no byte is read for hashing twice."""
     hashed = []
-    real_feed = verify._feed
+    real_feed = verify.read_into
 
     def counting(fd, start, end, h, cancelled):  # type: ignore[no-untyped-def]
         hashed.append((start, end))
         real_feed(fd, start, end, h, cancelled)
 
-    monkeypatch.setattr(verify, "_feed", counting)
+    monkeypatch.setattr(verify, "read_into", counting)
     data = os.urandom(6 * MiB + 123)
     obj = remote.put(BUCKET, "m/w.bin", data)
     fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))
@@ -537,6 +537,30 @@ async def test_the_file_is_hashed_as_it_fills_so_verification_ends_with_the_last
         assert dl.complete and dl.verified == "MD5"
     assert sum(end - start for start, end in hashed) == len(data), hashed
     assert len(hashed) > 1, "hashed in one go at the end"
+
+
+@trio_test
+async def test_a_crc_is_verified_from_the_sums_of_the_pieces_without_reading_the_file_back(
+        remote: FakeRemote, stores) -> None:
+    """piecesums.py: each piece's CRC is taken as it is written and the sums are
+    combined (part by part for a composite), so no byte is read back to verify;
+    bad bytes in transit still fail, decided by the bytes on disk."""
+    data = os.urandom(6 * MiB + 123)
+    whole = remote.put(BUCKET, "m/c.bin", data, checksum="CRC32")
+    parts = remote.put(BUCKET, "m/p.bin", data, checksum="CRC32-composite", parts=(3 * MiB, 3 * MiB, 123))
+    bad = remote.put(BUCKET, "m/bad.bin", data[::-1], checksum="CRC32")
+    remote.corrupt(BUCKET, "m/bad.bin", at=4 * MiB + 1)
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))
+    async with running(fetcher):
+        for obj, verified in ((whole, "CRC32"), (parts, "CRC32-composite")):
+            before = STATS.verify_read_bytes
+            dl = await fetch_whole(fetcher, obj)
+            assert dl.complete and dl.verified == verified, dl.error
+            assert STATS.verify_read_bytes == before, f"{obj.key}: read back to verify"
+        before = STATS.verify_read_bytes
+        dl = await fetch_whole(fetcher, bad)
+        assert isinstance(dl.error, IntegrityError) and "CRC32" in str(dl.error), dl.error
+        assert STATS.verify_read_bytes > before  # the disk decided, not the sums
 
 
 def safetensors_file(tensors: dict[str, int], block: int) -> bytes:
