@@ -55,10 +55,11 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
         if dl.cancelled:
             return
         exp = await trio.to_thread.run_sync(expectation, remote, dl.obj, dl.meta, limiter=requests)
-        if exp is None:
-            return
-        if dl.sums.start(piecesums.algorithm_of(exp)):  # (and a sum of the wrong kind stops)
+        if dl.sums.start(piecesums.algorithm_of(exp) if exp else ""):  # (and a sum of no use stops)
+            assert exp is not None
             await _sum_up(dl, partial, exp, hashing)
+            return
+        if exp is None:
             return
         digest = Digest(exp)
         while not dl.cancelled and dl.partial is partial:

@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 from awscrt import checksums
 
-from benchmark.data import Profile
+from benchmark.data import Profile, upload_args
 
 MiB = 1 << 20
 CHECKPOINT_VERSION = 1
@@ -277,9 +277,12 @@ def manifest_key(ck: Checkpoint) -> str:
     return f"_manifests/{ck.profile.name}-{FOLDER}.json"
 
 
-def ensure_checkpoint_uploaded(ck: Checkpoint, client: Any, bucket: str, log: Callable[[str], None]) -> bool:
-    """Upload every file unless the bucket's manifest already equals ours."""
-    want = json.dumps(ck.manifest(), sort_keys=True).encode()
+def ensure_checkpoint_uploaded(ck: Checkpoint, client: Any, bucket: str, log: Callable[[str], None],
+                               checksum: str = "") -> bool:
+    """Upload every file unless the bucket's manifest already equals ours
+    (with the additional checksum the PUTs send, data.upload_args)."""
+    want = json.dumps({**ck.manifest(), **({"upload_checksum": checksum} if checksum else {})},
+                      sort_keys=True).encode()
     try:
         if client.get_object(Bucket=bucket, Key=manifest_key(ck))["Body"].read() == want:
             return False
@@ -289,7 +292,7 @@ def ensure_checkpoint_uploaded(ck: Checkpoint, client: Any, bucket: str, log: Ca
     t0 = time.monotonic()
     for name in sorted(ck.files):  # one at a time: a single PUT is streamed from disk
         with open(ck.root / name, "rb") as f:
-            client.put_object(Bucket=bucket, Key=ck.key(name), Body=f)
+            client.put_object(Bucket=bucket, Key=ck.key(name), Body=f, **upload_args(checksum))
     client.put_object(Bucket=bucket, Key=manifest_key(ck), Body=want)
     log(f"uploaded {len(ck.files)} objects in {time.monotonic() - t0:.0f} s")
     return True

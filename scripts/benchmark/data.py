@@ -163,9 +163,17 @@ def manifest_key(p: Profile) -> str:
     return f"_manifests/{p.name}.json"
 
 
-def ensure_uploaded(ds: Dataset, client: Any, bucket: str, log: Callable[[str], None]) -> bool:
+def upload_args(checksum: str) -> dict[str, str]:
+    """A PUT's extra arguments: the additional checksum to send ("" for none),
+    which a store may keep (real S3, SeaweedFS) or ignore (s3rver)."""
+    return {"ChecksumAlgorithm": checksum} if checksum else {}
+
+
+def ensure_uploaded(ds: Dataset, client: Any, bucket: str, log: Callable[[str], None], checksum: str = "") -> bool:
     """Upload every file unless the bucket's manifest already equals ours; True if it uploaded."""
-    want = json.dumps(ds.manifest(), sort_keys=True).encode()
+    # The checksum is part of what is compared: objects uploaded without it are uploaded again.
+    want = json.dumps({**ds.manifest(), **({"upload_checksum": checksum} if checksum else {})},
+                      sort_keys=True).encode()
     try:
         if client.get_object(Bucket=bucket, Key=manifest_key(ds.profile))["Body"].read() == want:
             return False
@@ -176,7 +184,7 @@ def ensure_uploaded(ds: Dataset, client: Any, bucket: str, log: Callable[[str], 
 
     def put(rel: str) -> None:
         with open(ds.local(rel), "rb") as f:
-            client.put_object(Bucket=bucket, Key=ds.key(rel), Body=f)
+            client.put_object(Bucket=bucket, Key=ds.key(rel), Body=f, **upload_args(checksum))
 
     big = [rel for rel, (size, _) in ds.files.items() if size > 8 * MiB]
     small = [rel for rel in ds.files if rel not in big]

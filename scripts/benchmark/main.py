@@ -61,6 +61,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--endpoint-url", metavar="URL", help="a real S3 or MinIO instead of the local server "
                    "(credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; no server-side counters)")
     p.add_argument("--bucket", default=BUCKET, help=f"bucket to use (default {BUCKET}; must exist with --endpoint-url)")
+    p.add_argument("--upload-checksum", choices=("CRC32", "CRC32C", "CRC64NVME"), default="",
+                   help="uploads send this additional checksum (default none): real S3 keeps a CRC64NVME of "
+                   "every object, s3rver ignores it, SeaweedFS keeps it (with --endpoint-url)")
     p.add_argument("--out", metavar="FILE", help="JSON results (the markdown goes beside it as .md); "
                    "default .bench/results/<time>-<profile>-<mode>.json")
     p.add_argument("--only", metavar="LIST", help=f"comma-separated systems, of: {','.join(SYSTEMS)}")
@@ -272,6 +275,7 @@ def render(a: argparse.Namespace, ep: Endpoint, ds: Dataset, results: Results, s
             f"- If-Match on GET: {if_match}; s3rver 3.7.1 itself ignores If-Match (answers 206 with a wrong "
             "ETag, never rejects a request for it), the wrapper enforces it as S3 does" if not a.endpoint_url
             else f"- If-Match on GET: {if_match}",
+            f"- uploads sent an additional checksum: {a.upload_checksum or 'none'}",
             f"- dataset: {benchreport.size_label(p.big_mib)} file, {p.shards} x {benchreport.size_label(p.shard_mib)}"
             f" shards, {p.small_files:,} x {p.small_kib} KiB files in {p.small_dirs} folders",
             *([benchreport.checkpoint_line(ck)] if ck else []),
@@ -358,9 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ep = server.endpoint
         log(f"server: {ep.description}")
         client = s3_client(ep)
-        ensure_uploaded(ds, client, ep.bucket, log)
+        ensure_uploaded(ds, client, ep.bucket, log, a.upload_checksum)
         if ck is not None:
-            ensure_checkpoint_uploaded(ck, client, ep.bucket, log)
+            ensure_checkpoint_uploaded(ck, client, ep.bucket, log, a.upload_checksum)
         if server is not None:
             warm_listing(client, ep, ds)
         if_match = check_if_match(client, ep, ds)

@@ -193,7 +193,7 @@ def test_a_big_object_is_verified_by_the_checksum_its_uploader_sent(s3_store, st
         read_back.append(read_to_verify(fs, m) - before)
     default = multipart_verification(s3_store)
     assert tuple(verified) == UPLOADER_CHECKSUM_VERIFIED.get(s3_store.name, (default, default)), verified
-    for how, n, data in zip(verified, read_back, contents.values()):
+    for how, n, data in zip(verified, read_back, contents.values(), strict=True):
         # A CRC is combined from the pieces' sums as they were written (piecesums.py): only what arrived
         # before the HEAD that named it is read back.  An MD5 ETag is hashed from the file, every byte.
         assert n < len(data) // 4 if how.startswith("CRC") else n == len(data), (how, n, read_back)

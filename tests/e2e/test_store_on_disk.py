@@ -21,7 +21,7 @@ import pytest
 from support.mounting import FS, is_mounted, lazyfs_cli, wait_until
 from support.pagecache import drop_from_page_cache
 from support.proxy import Fault
-from support.s3server import free_port
+from support.s3server import free_port, s3_client
 from support.stores import StoreUnavailable, apt_install
 
 pytestmark = pytest.mark.fuse
@@ -296,15 +296,16 @@ def _in_page_cache(path: Path, size: int) -> bool:
 
 
 @pytest.mark.parametrize("mode", ["direct", "buffered"])
-def test_downloaded_bytes_reach_the_store_the_chosen_way_and_end_up_cached(mode: str, mount, proxy, s3, bucket,
+def test_downloaded_bytes_reach_the_store_the_chosen_way_and_end_up_cached(mode: str, mount, proxy, moto, bucket,
                                                                            fs: FS, tmp_path: Path):
     """--store-writes direct: the sweep's pieces go to the disk past the page
     cache (all but the file's unaligned tail), and verification's read-back
-    leaves the published copy in the page cache for its reader all the same;
-    buffered: none go direct.  Byte-exact and downloaded once either way."""
+    of an MD5-checked file leaves the published copy in the page cache for its
+    reader all the same; buffered: none go direct.  Byte-exact and downloaded
+    once either way."""
     key = f"{P}/w.bin"
     data = os.urandom(3 * 2**20 + 1000)
-    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    s3_client(moto.endpoint, checksums=False).put_object(Bucket=bucket, Key=key, Body=data)  # checked by MD5
     store = tmp_path / "store"
     probe = tmp_path / "probe"
     probe.write_bytes(b"")
@@ -328,9 +329,37 @@ def test_downloaded_bytes_reach_the_store_the_chosen_way_and_end_up_cached(mode:
         assert 0 < direct <= 3 * 2**20  # awscrt's chunks: whichever are aligned
     else:
         assert direct == 3 * 2**20  # every piece but the 1000-byte tail
+    assert fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.verified") == b"MD5"
     assert _in_page_cache(store / key, len(data)), "the published copy is not in the page cache"
     assert (store / key).read_bytes() == data and fs.read(m.file(key)) == data
     assert proxy.bytes_sent(key) == len(data)
+
+
+@pytest.mark.parametrize("algorithm", ["CRC64NVME", "CRC32"])
+def test_a_file_with_a_crc_is_verified_without_reading_it_back(algorithm: str, mount, proxy, s3, bucket,
+                                                              fs: FS, tmp_path: Path):
+    """The CRC of each piece is taken as it is written and the CRCs are
+    combined (piecesums.py): no byte of the file is read back to verify it, on
+    either transfer client; an MD5-checked file is read back whole."""
+    crc, md5 = f"{P}/crc.bin", f"{P}/md5.bin"
+    data = os.urandom(5 * 2**20 + 4321)
+    s3.put_object(Bucket=bucket, Key=crc, Body=data, ChecksumAlgorithm=algorithm)
+    other = os.urandom(len(data))
+    s3_client(s3.meta.endpoint_url, checksums=False).put_object(Bucket=bucket, Key=md5, Body=other)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "1MiB", store=tmp_path / "store")
+
+    def read_back() -> int:
+        return int(json.loads(fs.read(m.path / ".lazyfs" / "stats.json"))["downloads"]["bytes_read_to_verify"])
+
+    assert fs.read(m.file(crc)) == data
+    wait_until(lambda: fs.run(os.getxattr, str(m.file(crc)), "user.lazyfs.state") == b"cached", what="publication")
+    assert fs.run(os.getxattr, str(m.file(crc)), "user.lazyfs.verified") == algorithm.encode()
+    assert read_back() == 0
+    assert fs.read(m.file(md5)) == other
+    wait_until(lambda: fs.run(os.getxattr, str(m.file(md5)), "user.lazyfs.state") == b"cached", what="publication")
+    assert fs.run(os.getxattr, str(m.file(md5)), "user.lazyfs.verified") == b"MD5"
+    assert read_back() == len(other)
+    assert (tmp_path / "store" / crc).read_bytes() == data and proxy.bytes_sent(crc) == len(data)
 
 
 def test_a_file_read_as_it_arrives_is_written_through_the_page_cache(mount, proxy, s3, bucket, fs: FS,
