@@ -346,10 +346,17 @@ def test_a_file_with_a_crc_is_verified_without_reading_it_back(algorithm: str, m
     s3.put_object(Bucket=bucket, Key=crc, Body=data, ChecksumAlgorithm=algorithm)
     other = os.urandom(len(data))
     s3_client(s3.meta.endpoint_url, checksums=False).put_object(Bucket=bucket, Key=md5, Body=other)
-    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "1MiB", store=tmp_path / "store")
+    port = free_port()
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "1MiB", "--metrics-port", str(port),
+              store=tmp_path / "store")
 
     def read_back() -> int:
-        return int(json.loads(fs.read(m.path / ".lazyfs" / "stats.json"))["downloads"]["bytes_read_to_verify"])
+        counted = int(json.loads(fs.read(m.path / ".lazyfs" / "stats.json"))["downloads"]["bytes_read_to_verify"])
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        [exported] = [float(line.split()[1]) for line in metrics.splitlines()
+                      if line.startswith("lazyfs_verify_read_bytes_total ")]
+        assert exported == counted
+        return counted
 
     assert fs.read(m.file(crc)) == data
     wait_until(lambda: fs.run(os.getxattr, str(m.file(crc)), "user.lazyfs.state") == b"cached", what="publication")
