@@ -67,7 +67,7 @@ def _crc(algorithm: str) -> _Crc | None:
     if names is None:
         return None
     try:
-        from awscrt import checksums  # a dependency; `combine_*` since awscrt 0.28
+        from awscrt import checksums  # a dependency; its `combine_*` came in 2026 (without: no sums)
     except ImportError:
         return None
     of, combine = getattr(checksums, names[0], None), getattr(checksums, names[1], None)
