@@ -163,6 +163,34 @@ def manifest_key(p: Profile) -> str:
     return f"_manifests/{p.name}.json"
 
 
+def object_checksums(objects: dict[str, Path], algorithm: str, cache: Path) -> dict[str, list[str]]:
+    """{key: [algorithm, base64 value]} of each local file, as S3 would keep
+    it (the full-object CRC); remembered in `cache` by size and mtime."""
+    import base64
+
+    from awscrt import checksums  # lazyfs's own dependency
+
+    crc, width = getattr(checksums, algorithm.lower()), 8 if algorithm == "CRC64NVME" else 4
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    out, fresh = {}, {}
+    for key, path in objects.items():
+        st = path.stat()
+        stamp = f"{algorithm}:{st.st_size}:{st.st_mtime_ns}"
+        if known.get(key, [None])[0] != stamp:
+            value = 0
+            with open(path, "rb") as f:
+                while block := f.read(8 * MiB):
+                    value = crc(block, value)
+            known[key] = [stamp, base64.b64encode(value.to_bytes(width, "big")).decode()]
+        fresh[key] = known[key]
+        out[key] = [algorithm, known[key][1]]
+    cache.write_text(json.dumps(fresh))
+    return out
+
+
 def upload_args(checksum: str) -> dict[str, str]:
     """A PUT's extra arguments: the additional checksum to send ("" for none),
     which a store may keep (real S3, SeaweedFS) or ignore (s3rver)."""

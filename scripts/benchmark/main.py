@@ -34,7 +34,7 @@ from typing import Any, NoReturn, Sequence
 from benchmark import net as benchnet
 from benchmark import report as benchreport
 from benchmark.checkpoint import Checkpoint, ensure_checkpoint, ensure_checkpoint_uploaded
-from benchmark.data import PROFILES, Dataset, ensure_local, ensure_uploaded
+from benchmark.data import PROFILES, Dataset, ensure_local, ensure_uploaded, object_checksums
 from benchmark.modelload import run_model
 from benchmark.mounts import LazyfsMounter, Mounter, PassthroughMounter, RcloneMounter, S3fsMounter
 from benchmark.scenarios import SCENARIOS, Ctx, Results, run_boto3, run_local, run_mounted
@@ -61,9 +61,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--endpoint-url", metavar="URL", help="a real S3 or MinIO instead of the local server "
                    "(credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; no server-side counters)")
     p.add_argument("--bucket", default=BUCKET, help=f"bucket to use (default {BUCKET}; must exist with --endpoint-url)")
-    p.add_argument("--upload-checksum", choices=("CRC32", "CRC32C", "CRC64NVME"), default="",
-                   help="uploads send this additional checksum (default none): real S3 keeps a CRC64NVME of "
-                   "every object, s3rver ignores it, SeaweedFS keeps it (with --endpoint-url)")
+    p.add_argument("--object-checksum", choices=("CRC32", "CRC32C", "CRC64NVME"), default="",
+                   help="objects carry this additional checksum, as real S3 keeps a CRC64NVME of every object "
+                   "(default: none, an MD5 ETag only): the bench's server answers it and names it in listings; "
+                   "with --endpoint-url the uploads send it, for a store that keeps it (SeaweedFS)")
     p.add_argument("--out", metavar="FILE", help="JSON results (the markdown goes beside it as .md); "
                    "default .bench/results/<time>-<profile>-<mode>.json")
     p.add_argument("--only", metavar="LIST", help=f"comma-separated systems, of: {','.join(SYSTEMS)}")
@@ -261,6 +262,14 @@ def lazyfs_revision() -> str:
     return f"commit {head}" + (", with uncommitted changes" if dirty else "")
 
 
+def served_checksums(a: argparse.Namespace, ds: Dataset, ck: Checkpoint | None, home: Path) -> dict[str, list[str]]:
+    """What the bench's server answers as each object's additional checksum."""
+    objects = {f"{a.bucket}/{ds.key(rel)}": ds.local(rel) for rel in ds.files}
+    if ck is not None:
+        objects.update({f"{a.bucket}/{ck.key(name)}": ck.root / name for name in ck.files})
+    return object_checksums(objects, a.object_checksum, home / "data" / f"checksums-{ds.profile.name}.json")
+
+
 def render(a: argparse.Namespace, ep: Endpoint, ds: Dataset, results: Results, skipped: list[str],
            if_match: str, vers: dict[str, str], ck: Checkpoint | None = None) -> tuple[str, dict[str, Any]]:
     values = results.values
@@ -275,7 +284,7 @@ def render(a: argparse.Namespace, ep: Endpoint, ds: Dataset, results: Results, s
             f"- If-Match on GET: {if_match}; s3rver 3.7.1 itself ignores If-Match (answers 206 with a wrong "
             "ETag, never rejects a request for it), the wrapper enforces it as S3 does" if not a.endpoint_url
             else f"- If-Match on GET: {if_match}",
-            f"- uploads sent an additional checksum: {a.upload_checksum or 'none'}",
+            f"- objects' additional checksum: {a.object_checksum or 'none (an MD5 ETag only)'}",
             f"- dataset: {benchreport.size_label(p.big_mib)} file, {p.shards} x {benchreport.size_label(p.shard_mib)}"
             f" shards, {p.small_files:,} x {p.small_kib} KiB files in {p.small_dirs} folders",
             *([benchreport.checkpoint_line(ck)] if ck else []),
@@ -355,16 +364,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             if a.mode == "wan":
                 link = benchnet.WanLink(a.wan_rate_mbit, workdir)
                 link.up()
+            checksums = None
+            if a.object_checksum:
+                log(f"the server keeps a {a.object_checksum} of every object, as S3 does")
+                checksums = workdir / "checksums.json"
+                checksums.write_text(json.dumps(served_checksums(a, ds, ck, home)))
             server = LocalS3(node_modules, home / "s3rver", workdir, a.bucket, link,
-                             a.wan_delay_ms if link else 0.0)
+                             a.wan_delay_ms if link else 0.0, checksums)
             server.start()
             registry.note(server.pid or 0, True)
             ep = server.endpoint
         log(f"server: {ep.description}")
         client = s3_client(ep)
-        ensure_uploaded(ds, client, ep.bucket, log, a.upload_checksum)
+        # Only a remote store is sent the checksum with the uploads: s3rver would keep the
+        # aws-chunked framing as the object's bytes, and the wrapper answers the harness's.
+        sent = a.object_checksum if a.endpoint_url else ""
+        ensure_uploaded(ds, client, ep.bucket, log, sent)
         if ck is not None:
-            ensure_checkpoint_uploaded(ck, client, ep.bucket, log, a.upload_checksum)
+            ensure_checkpoint_uploaded(ck, client, ep.bucket, log, sent)
         if server is not None:
             warm_listing(client, ep, ds)
         if_match = check_if_match(client, ep, ds)

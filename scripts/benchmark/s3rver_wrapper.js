@@ -16,9 +16,14 @@
 //     reading them is never counted as traffic.
 //   * An optional delay before each request is handled: the first-byte
 //     latency of a real object store ("wan" mode).
+//   * Optional additional checksums (--checksums FILE, JSON {"bucket/key":
+//     [algorithm, base64 value]}, computed by the harness): what S3 keeps of
+//     every object uploaded since December 2024 (a CRC64NVME).  As S3 does, a
+//     listing names the algorithm and a HEAD or a whole-object GET asked with
+//     x-amz-checksum-mode: ENABLED carries the value.
 //
 // Usage: node --openssl-legacy-provider s3rver_wrapper.js --dir DIR --address IP
-//          --port N --stats-socket PATH --bucket NAME [--delay-ms MS]
+//          --port N --stats-socket PATH --bucket NAME [--delay-ms MS] [--checksums FILE]
 // (s3rver's ListObjectsV2 continuation tokens use DES, which OpenSSL 3 only
 // offers through the legacy provider.)  s3rver is found through NODE_PATH.
 'use strict';
@@ -50,6 +55,7 @@ function parseArgs(argv) {
     else if (flag === '--stats-socket') opts.statsSocket = value;
     else if (flag === '--bucket') opts.buckets.push(value);
     else if (flag === '--delay-ms') opts.delayMs = Number(value);
+    else if (flag === '--checksums') opts.checksums = JSON.parse(fs.readFileSync(value, 'utf8'));
     else throw new Error(`unknown option ${flag}`);
   }
   if (!opts.dir || !opts.port || !opts.statsSocket || !opts.buckets.length) {
@@ -214,6 +220,28 @@ function countResponse(ctx, kind, key) {
 
 const sleep = ms => new Promise(resolve => setTimeout(resolve, ms));
 
+const XML_ENTITIES = { '&amp;': '&', '&lt;': '<', '&gt;': '>', '&quot;': '"', '&apos;': "'" };
+
+// The additional checksum S3 would answer: in a HEAD's or a whole GET's headers
+// when asked for, and its algorithm in each listed object.
+function addChecksums(ctx, t, kind, checksums) {
+  if (ctx.status >= 300) return;
+  if ((kind === 'head' || kind === 'get') && t.key) {
+    const found = checksums[`${t.bucket}/${t.key}`];
+    if (found && (ctx.headers['x-amz-checksum-mode'] || '').toUpperCase() === 'ENABLED') {
+      ctx.set(`x-amz-checksum-${found[0].toLowerCase()}`, found[1]);
+      ctx.set('x-amz-checksum-type', 'FULL_OBJECT');
+    }
+  } else if (kind === 'list' && typeof ctx.body === 'string') {
+    ctx.body = ctx.body.replace(/<Contents>([\s\S]*?)<\/Contents>/g, (whole, inner) => {
+      const key = /<Key>([\s\S]*?)<\/Key>/.exec(inner);
+      const name = key && key[1].replace(/&(amp|lt|gt|quot|apos);/g, e => XML_ENTITIES[e]);
+      const found = name && checksums[`${t.bucket}/${name}`];
+      return found ? `<Contents>${inner}<ChecksumAlgorithm>${found[0]}</ChecksumAlgorithm></Contents>` : whole;
+    });
+  }
+}
+
 function sameEtag(header, etag) {
   const want = etag.replace(/"/g, '');
   return header.split(',').some(v => {
@@ -275,6 +303,7 @@ function main() {
     if (opts.delayMs > 0) await sleep(opts.delayMs);
     await checkIfMatch(ctx, t, kind); // a 412 thrown here is rendered by s3rver's error handler
     await next();
+    if (opts.checksums) addChecksums(ctx, t, kind, opts.checksums);
   });
   app.on('error', () => {}); // S3 errors are answers, not crashes; s3rver logs nothing (silent)
   app.run().then(() => {

@@ -130,8 +130,9 @@ class LocalS3:
     """Our s3rver wrapper as a child process, on loopback or inside `link`."""
 
     def __init__(self, node_modules: Path, store_dir: Path, workdir: Path, bucket: str,
-                 link: WanLink | None = None, delay_ms: float = 0.0) -> None:
+                 link: WanLink | None = None, delay_ms: float = 0.0, checksums: Path | None = None) -> None:
         self.node_modules = node_modules
+        self.checksums = checksums  # data.object_checksums' file: the server answers them as S3 does
         self.store_dir = store_dir
         self.bucket = bucket
         self.link = link
@@ -150,14 +151,16 @@ class LocalS3:
         return Endpoint(url=f"http://{self.host}:{self.port}", bucket=self.bucket, access_key=S3RVER_KEY,
                         secret_key=S3RVER_KEY, region="us-east-1",
                         description=f"s3rver {S3RVER_VERSION} on Node.js {_node_version()} through "
-                        f"scripts/benchmark/s3rver_wrapper.js (sorted listing, If-Match enforced), {where}")
+                        f"scripts/benchmark/s3rver_wrapper.js (sorted listing, If-Match enforced"
+                        f"{', a CRC per object as S3 keeps' if self.checksums else ''}), {where}")
 
     def start(self, timeout: float = 30.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         prefix = self.link.exec_prefix() if self.link else []
         argv = [*prefix, "node", "--openssl-legacy-provider", str(WRAPPER_JS), "--dir", str(self.store_dir),
                 "--address", self.host, "--port", str(self.port), "--stats-socket", str(self.sock),
-                "--bucket", self.bucket, "--delay-ms", f"{self.delay_ms:g}"]
+                "--bucket", self.bucket, "--delay-ms", f"{self.delay_ms:g}",
+                *(["--checksums", str(self.checksums)] if self.checksums else [])]
         env = self.endpoint.env({"NODE_PATH": str(self.node_modules)})
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
