@@ -171,10 +171,10 @@ class PieceSums:
         """What the file's bytes hash to in `exp`'s form: the sums combined,
         and what they do not cover read back from `fd` (blocking).  None when
         the pieces were not summed with exp's CRC."""
-        crc = self._crc
-        if crc is None or algorithm_of(exp) != crc.algorithm:
-            return None
         with self._lock:
+            crc = self._crc
+            if crc is None or algorithm_of(exp) != crc.algorithm:
+                return None
             whole, cell_crc = bytes(self._whole), self._cell_crc[:]
             parts = {cell: sorted((s[0], s[1], s[2]) for s in segs) for cell, segs in self._parts.items()}
         bounds = exp.part_sizes if exp.per_part else (self.size,)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from lazyfs import completion, dispatch, verify
+from lazyfs import completion, dispatch, piecesums, verify
 from lazyfs.coop import ForeignDownload
 from lazyfs.download import Download
 from lazyfs.errors import IntegrityError, LazyfsError, RemoteUnavailable, StoreError
@@ -561,6 +561,26 @@ async def test_a_crc_is_verified_from_the_sums_of_the_pieces_without_reading_the
         dl = await fetch_whole(fetcher, bad)
         assert isinstance(dl.error, IntegrityError) and "CRC32" in str(dl.error), dl.error
         assert STATS.verify_read_bytes > before  # the disk decided, not the sums
+
+
+@trio_test
+async def test_sums_that_do_not_match_decide_nothing_the_disk_does(remote: FakeRemote, stores,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Combined sums that disagree with the store (a bookkeeping slip, say)
+    neither refuse the file nor pass it: it is hashed from the disk."""
+    data = os.urandom(3 * MiB + 7)
+    obj = remote.put(BUCKET, "m/c.bin", data, checksum="CRC32")
+
+    def wrong(self, fd, exp, cancelled=lambda: False):  # type: ignore[no-untyped-def]
+        return verify.Hashed(exp, self.size, "AAAAAA==")
+
+    monkeypatch.setattr(piecesums.PieceSums, "hashed", wrong)
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))
+    async with running(fetcher):
+        before = STATS.verify_read_bytes
+        dl = await fetch_whole(fetcher, obj)
+        assert dl.complete and dl.verified == "CRC32", dl.error
+        assert STATS.verify_read_bytes - before == len(data)
 
 
 def safetensors_file(tensors: dict[str, int], block: int) -> bytes:
