@@ -132,6 +132,16 @@ def _hasher(algorithm: str) -> Any | None:
     return None
 
 
+def _hasher_for(exp: Expectation) -> Any:
+    """A fresh hasher of the algorithm `exp` is made of (MD5 for a multipart
+    ETag, the CRC or SHA of a composite checksum); ValueError if there is none."""
+    base = "MD5" if exp.algorithm == "MD5-multipart" else exp.algorithm.removesuffix(COMPOSITE_SUFFIX)
+    h = hashlib.md5() if base == "MD5" else _hasher(base)
+    if h is None:
+        raise ValueError(f"cannot compute {exp.algorithm}")
+    return h
+
+
 def can_compute(algorithm: str) -> bool:
     return _hasher(algorithm.removesuffix(COMPOSITE_SUFFIX)) is not None
 
@@ -225,14 +235,10 @@ class Digest:
         self._parts = list(exp.part_sizes) if exp.per_part else []
         self._part_left = self._parts[0] if self._parts else 0
         self._part_digests: list[bytes] = []
-        self._base = "MD5" if exp.algorithm == "MD5-multipart" else exp.algorithm.removesuffix(COMPOSITE_SUFFIX)
         self._h: Any = self._new()
 
     def _new(self) -> Any:
-        h = hashlib.md5() if self._base == "MD5" else _hasher(self._base)
-        if h is None:
-            raise ValueError(f"cannot compute {self.exp.algorithm}")
-        return h
+        return _hasher_for(self.exp)
 
     def update(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -277,10 +283,7 @@ class Hashed:
 
 def composite_value(exp: Expectation, digests: list[bytes]) -> str:
     """A multipart ETag's or composite checksum's value from its parts' binary digests."""
-    base = "MD5" if exp.algorithm == "MD5-multipart" else exp.algorithm.removesuffix(COMPOSITE_SUFFIX)
-    whole = hashlib.md5() if base == "MD5" else _hasher(base)  # a checksum of the parts' checksums, in order
-    if whole is None:
-        raise ValueError(f"cannot compute {exp.algorithm}")
+    whole = _hasher_for(exp)  # a checksum of the parts' checksums, in order
     whole.update(b"".join(digests))
     if exp.algorithm == "MD5-multipart":
         return f"{whole.hexdigest()}-{len(digests)}"
