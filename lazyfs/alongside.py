@@ -14,9 +14,10 @@ from typing import Callable
 
 import trio
 
-from lazyfs import modelaware, piecesums
+from lazyfs import completion, modelaware, piecesums
 from lazyfs.completion import expectation, hash_more_blocking, lower_priority
 from lazyfs.download import Download
+from lazyfs.errors import AccessDenied, RemoteUnavailable
 from lazyfs.objectstore import ObjectStore
 from lazyfs.partials import Partial
 from lazyfs.piecesums import PieceSums
@@ -50,11 +51,13 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
     leaves the whole check to the end (Runner.finish)."""
     partial = dl.partial
     try:
-        while dl.meta is None and not dl.all_done and not dl.cancelled:
-            await dl.progressed.wait()  # the first response says what to check against
-        if dl.cancelled:
-            return
-        exp = await trio.to_thread.run_sync(expectation, remote, dl.obj, dl.meta, limiter=requests)
+        exp = await _asked_at_once(dl, remote, requests) if _head_goes_anyway(dl) else None
+        if exp is None:
+            while dl.meta is None and not dl.all_done and not dl.cancelled:
+                await dl.progressed.wait()  # the first response says what to check against
+            if dl.cancelled:
+                return
+            exp = await trio.to_thread.run_sync(expectation, remote, dl.obj, dl.meta, limiter=requests)
         if dl.sums.start(piecesums.algorithm_of(exp) if exp else ""):  # (and a sum of no use stops)
             assert exp is not None
             await _sum_up(dl, partial, exp, hashing)
@@ -80,6 +83,29 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
     finally:
         if dl.partial is partial:
             dl.hashed.set()
+
+
+def _head_goes_anyway(dl: Download) -> bool:
+    """Whether verification will send a HEAD whatever the first response
+    says: a file big enough to be asked for a checksum its listing does not
+    name (completion.expectation), which no single GET covers whole (ranged
+    responses carry no checksum)."""
+    obj = dl.obj
+    return (not obj.checksum_algorithm and obj.size >= completion.ASK_FOR_A_CHECKSUM_FROM
+            and obj.size > dl.block_size * dl.limits.part_blocks)
+
+
+async def _asked_at_once(dl: Download, remote: ObjectStore, requests: trio.CapacityLimiter) -> Expectation | None:
+    """Send that HEAD with the first GET instead of after its answer: the
+    checksum it names (a store that keeps a CRC but lists none, as SeaweedFS)
+    then reaches `dl.sums` before the pieces that would otherwise be read
+    back to verify.  None when it failed: the first response decides, as
+    without it (ObjectChanged ends the hashing; the download fails anyway)."""
+    try:
+        return await trio.to_thread.run_sync(expectation, remote, dl.obj, None, limiter=requests)
+    except (RemoteUnavailable, AccessDenied) as e:
+        log.debug("%s: no checksum asked for with the first GET: %s", dl.obj.uri, e)
+        return None
 
 
 async def _sum_up(dl: Download, partial: Partial, exp: Expectation, hashing: trio.CapacityLimiter) -> None:

@@ -23,7 +23,7 @@ from lazyfs.namespace import RemoteObject
 from lazyfs.stats import STATS
 from lazyfs.store import LocalCopy
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
-from support.fakeremote import FakeRemote
+from support.fakeremote import FakeRemote, Gate
 
 KiB, MiB = 1024, 1024 * 1024
 BLOCK = 256 * KiB
@@ -581,6 +581,35 @@ async def test_sums_that_do_not_match_decide_nothing_the_disk_does(remote: FakeR
         dl = await fetch_whole(fetcher, obj)
         assert dl.complete and dl.verified == "CRC32", dl.error
         assert STATS.verify_read_bytes - before == len(data)
+
+
+@trio_test
+async def test_a_store_that_lists_no_checksum_is_asked_for_one_with_the_first_get(
+        remote: FakeRemote, stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big file whose listing names no checksum (SeaweedFS keeps a CRC but
+    lists none) has its HEAD sent with the first GET, not after its answer:
+    the CRC it names is summed from the first piece, nothing is read back.
+    The GETs are held until the sums have started; without the early HEAD
+    they would wait for good (the HEAD waits for their answer)."""
+    monkeypatch.setattr(completion, "ASK_FOR_A_CHECKSUM_FROM", 1 * MiB)
+    data = os.urandom(6 * MiB + 123)
+    obj = remote.put(BUCKET, "m/s.bin", data, checksum="CRC32", lists_checksum=False)
+    assert not obj.checksum_algorithm
+    held = Gate("m/s.bin")
+    remote.gates.append(held)
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))
+    async with running(fetcher):
+        before = STATS.verify_read_bytes
+        dl = await fetcher.acquire(obj)
+        assert isinstance(dl, Download)
+        try:
+            await wait_for(lambda: dl.sums.algorithm == "CRC32", "the HEAD's checksum before any byte", timeout=5)
+        finally:
+            held.release()
+        await dl.finished.wait()
+        assert dl.complete and dl.verified == "CRC32", dl.error
+        assert STATS.verify_read_bytes == before, "read back to verify"
+    assert [c.op for c in remote.calls].count("HEAD") == 1
 
 
 def safetensors_file(tensors: dict[str, int], block: int) -> bytes:
