@@ -51,8 +51,8 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
     leaves the whole check to the end (Runner.finish)."""
     partial = dl.partial
     try:
-        exp = await _asked_at_once(dl, remote, requests) if _head_goes_anyway(dl) else None
-        if exp is None:
+        asked, exp = await _asked_at_once(dl, remote, requests) if _head_goes_anyway(dl) else (False, None)
+        if not asked:
             while dl.meta is None and not dl.all_done and not dl.cancelled:
                 await dl.progressed.wait()  # the first response says what to check against
             if dl.cancelled:
@@ -95,17 +95,19 @@ def _head_goes_anyway(dl: Download) -> bool:
             and obj.size > dl.block_size * dl.limits.part_blocks)
 
 
-async def _asked_at_once(dl: Download, remote: ObjectStore, requests: trio.CapacityLimiter) -> Expectation | None:
+async def _asked_at_once(dl: Download, remote: ObjectStore,
+                         requests: trio.CapacityLimiter) -> tuple[bool, Expectation | None]:
     """Send that HEAD with the first GET instead of after its answer: the
     checksum it names (a store that keeps a CRC but lists none, as SeaweedFS)
     then reaches `dl.sums` before the pieces that would otherwise be read
-    back to verify.  None when it failed: the first response decides, as
-    without it (ObjectChanged ends the hashing; the download fails anyway)."""
+    back to verify.  (Whether it was answered, what to check against.)  When
+    it failed, the first response decides, as without it (ObjectChanged ends
+    the hashing; the download fails anyway)."""
     try:
-        return await trio.to_thread.run_sync(expectation, remote, dl.obj, None, limiter=requests)
+        return True, await trio.to_thread.run_sync(expectation, remote, dl.obj, None, limiter=requests)
     except (RemoteUnavailable, AccessDenied) as e:
         log.debug("%s: no checksum asked for with the first GET: %s", dl.obj.uri, e)
-        return None
+        return False, None
 
 
 async def _sum_up(dl: Download, partial: Partial, exp: Expectation, hashing: trio.CapacityLimiter) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from lazyfs import completion, dispatch, piecesums, verify
+from lazyfs import alongside, completion, dispatch, piecesums, verify
 from lazyfs.coop import ForeignDownload
 from lazyfs.download import Download
 from lazyfs.errors import IntegrityError, LazyfsError, RemoteUnavailable, StoreError
@@ -610,6 +610,31 @@ async def test_a_store_that_lists_no_checksum_is_asked_for_one_with_the_first_ge
         assert dl.complete and dl.verified == "CRC32", dl.error
         assert STATS.verify_read_bytes == before, "read back to verify"
     assert [c.op for c in remote.calls].count("HEAD") == 1
+
+
+@trio_test
+async def test_a_head_sent_with_the_first_get_is_not_sent_again(remote: FakeRemote, stores,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even when what it answered leaves nothing to check against (an SSE-KMS
+    object: no checksum, no MD5 in its ETag), the HEAD sent with the first
+    GET is the download's only one."""
+    monkeypatch.setattr(completion, "ASK_FOR_A_CHECKSUM_FROM", 1 * MiB)
+    asked = []
+
+    def nothing_to_check(remote, obj, meta=None):  # type: ignore[no-untyped-def]
+        asked.append(meta)
+        remote.head(obj.bucket, obj.key, etag=obj.etag)
+
+    monkeypatch.setattr(alongside, "expectation", nothing_to_check)
+    monkeypatch.setattr(completion, "expectation", nothing_to_check)
+    obj = remote.put(BUCKET, "m/kms.bin", os.urandom(6 * MiB + 5))
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))
+    async with running(fetcher):
+        dl = await fetch_whole(fetcher, obj)
+        assert dl.complete and dl.verified == "unverified", dl.error
+    # Asked with the first GET (no response yet), then at the finish, which has no digest to go by.
+    assert len(asked) == 2 and asked[0] is None and asked[1] is not None, asked
+    assert [c.op for c in remote.calls].count("HEAD") == 2
 
 
 def safetensors_file(tensors: dict[str, int], block: int) -> bytes:
