@@ -51,13 +51,14 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
     leaves the whole check to the end (Runner.finish)."""
     partial = dl.partial
     try:
-        asked, exp = await _asked_at_once(dl, remote, requests) if _head_goes_anyway(dl) else (False, None)
+        early = _head_goes_anyway(dl)
+        asked, exp = await _asked_at_once(dl, remote, requests) if early else (False, None)
         if not asked:
             while dl.meta is None and not dl.all_done and not dl.cancelled:
                 await dl.progressed.wait()  # the first response says what to check against
             if dl.cancelled:
                 return
-            exp = await trio.to_thread.run_sync(expectation, remote, dl.obj, dl.meta, limiter=requests)
+            exp = await trio.to_thread.run_sync(expectation, remote, dl.obj, dl.meta, not early, limiter=requests)
         if dl.sums.start(piecesums.algorithm_of(exp) if exp else ""):  # (and a sum of no use stops)
             assert exp is not None
             await _sum_up(dl, partial, exp, hashing)
@@ -101,12 +102,13 @@ async def _asked_at_once(dl: Download, remote: ObjectStore,
     checksum it names (a store that keeps a CRC but lists none, as SeaweedFS)
     then reaches `dl.sums` before the pieces that would otherwise be read
     back to verify.  (Whether it was answered, what to check against.)  When
-    it failed, the first response decides, as without it (ObjectChanged ends
-    the hashing; the download fails anyway)."""
+    it failed, the first response's ETag decides, with no second HEAD
+    (ObjectChanged ends the hashing; the download fails anyway)."""
     try:
         return True, await trio.to_thread.run_sync(expectation, remote, dl.obj, None, limiter=requests)
     except (RemoteUnavailable, AccessDenied) as e:
-        log.debug("%s: no checksum asked for with the first GET: %s", dl.obj.uri, e)
+        log.info("%s: cannot ask the object store for a checksum it may keep (%s); checking its ETag",
+                 dl.obj.uri, e)
         return False, None
 
 

@@ -32,15 +32,16 @@ log = logging.getLogger(__name__)
 ASK_FOR_A_CHECKSUM_FROM = 32 * 1024 * 1024
 
 
-def expectation(remote: ObjectStore, obj: RemoteObject, meta: ResponseMeta | None = None) -> verify.Expectation | None:
+def expectation(remote: ObjectStore, obj: RemoteObject, meta: ResponseMeta | None = None,
+                may_ask: bool = True) -> verify.Expectation | None:
     """What S3 vouches for.  The GETs' own headers usually say enough; a HEAD
     is sent when the listing shows a checksum the GETs did not carry (ranged
-    responses never do) or may not show one (a big file), or when no GET was
-    made."""
+    responses never do) or may not show one (a big file; unless not
+    `may_ask`: such a HEAD already failed), or when no GET was made."""
     checksum = meta.checksum if meta else None
     etag_is_md5 = meta.etag_is_md5 if meta else None
     needed = etag_is_md5 is None or (checksum is None and bool(obj.checksum_algorithm))
-    if needed or (checksum is None and obj.size >= ASK_FOR_A_CHECKSUM_FROM):
+    if needed or (may_ask and checksum is None and obj.size >= ASK_FOR_A_CHECKSUM_FROM):
         try:
             info = remote.head(obj.bucket, obj.key, etag=obj.etag)
             checksum, etag_is_md5 = info.checksum, info.etag_is_md5

@@ -637,6 +637,28 @@ async def test_a_head_sent_with_the_first_get_is_not_sent_again(remote: FakeRemo
     assert [c.op for c in remote.calls].count("HEAD") == 2
 
 
+@trio_test
+async def test_a_failed_head_sent_with_the_first_get_leaves_the_etag_check_without_a_second(
+        remote: FakeRemote, stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The HEAD that asks a big file's store for a checksum it may keep fails:
+    the file is checked by the MD5 its GETs' ETag carries, hashed as it
+    fills, and that HEAD is not sent a second time."""
+    monkeypatch.setattr(completion, "ASK_FOR_A_CHECKSUM_FROM", 1 * MiB)
+    heads = []
+
+    def failing(bucket: str, key: str, etag: str | None = None) -> None:
+        heads.append(key)
+        raise RemoteUnavailable(f"s3://{bucket}/{key}: HEAD answered 500 (test)", bucket=bucket, key=key)
+
+    monkeypatch.setattr(remote, "head", failing)
+    obj = remote.put(BUCKET, "m/h.bin", os.urandom(6 * MiB + 9))
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))
+    async with running(fetcher):
+        dl = await fetch_whole(fetcher, obj)
+        assert dl.complete and dl.verified == "MD5", dl.error
+    assert heads == [obj.key]
+
+
 def safetensors_file(tensors: dict[str, int], block: int) -> bytes:
     """A safetensors file whose tensors (name -> bytes) lie in the given order."""
     import json
