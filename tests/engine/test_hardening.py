@@ -324,6 +324,14 @@ async def fetch_whole(fetcher: Fetcher, obj: RemoteObject) -> Download:
     return dl
 
 
+async def fetch_new(remote: FakeRemote, stores, key: str, size: int) -> Download:
+    """A new object of `size` random bytes, fetched whole by an engine of its own."""
+    obj = remote.put(BUCKET, key, os.urandom(size))
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))
+    async with running(fetcher):
+        return await fetch_whole(fetcher, obj)
+
+
 @trio_test
 async def test_multipart_uploads_with_parts_of_different_sizes_verify(remote: FakeRemote, stores,
                                                                       tmp_path: Path) -> None:
@@ -627,11 +635,8 @@ async def test_a_head_sent_with_the_first_get_is_not_sent_again(remote: FakeRemo
 
     monkeypatch.setattr(alongside, "expectation", nothing_to_check)
     monkeypatch.setattr(completion, "expectation", nothing_to_check)
-    obj = remote.put(BUCKET, "m/kms.bin", os.urandom(6 * MiB + 5))
-    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))
-    async with running(fetcher):
-        dl = await fetch_whole(fetcher, obj)
-        assert dl.complete and dl.verified == "unverified", dl.error
+    dl = await fetch_new(remote, stores, "m/kms.bin", 6 * MiB + 5)
+    assert dl.complete and dl.verified == "unverified", dl.error
     # Asked with the first GET (no response yet), then at the finish, which has no digest to go by.
     assert len(asked) == 2 and asked[0] is None and asked[1] is not None, asked
     assert [c.op for c in remote.calls].count("HEAD") == 2
@@ -651,12 +656,9 @@ async def test_a_failed_head_sent_with_the_first_get_leaves_the_etag_check_witho
         raise RemoteUnavailable(f"s3://{bucket}/{key}: HEAD answered 500 (test)", bucket=bucket, key=key)
 
     monkeypatch.setattr(remote, "head", failing)
-    obj = remote.put(BUCKET, "m/h.bin", os.urandom(6 * MiB + 9))
-    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))
-    async with running(fetcher):
-        dl = await fetch_whole(fetcher, obj)
-        assert dl.complete and dl.verified == "MD5", dl.error
-    assert heads == [obj.key]
+    dl = await fetch_new(remote, stores, "m/h.bin", 6 * MiB + 9)
+    assert dl.complete and dl.verified == "MD5", dl.error
+    assert heads == ["m/h.bin"]
 
 
 def safetensors_file(tensors: dict[str, int], block: int) -> bytes:
