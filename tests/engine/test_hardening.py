@@ -324,12 +324,15 @@ async def fetch_whole(fetcher: Fetcher, obj: RemoteObject) -> Download:
     return dl
 
 
-async def fetch_new(remote: FakeRemote, stores, key: str, size: int) -> Download:
+async def fetch_new(remote: FakeRemote, stores, key: str, size: int, background: bool = False) -> Download:
     """A new object of `size` random bytes, fetched whole by an engine of its own."""
     obj = remote.put(BUCKET, key, os.urandom(size))
     fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))
     async with running(fetcher):
-        return await fetch_whole(fetcher, obj)
+        dl = await fetcher.acquire(obj, background=background)
+        assert isinstance(dl, Download)
+        await dl.finished.wait()
+        return dl
 
 
 @trio_test
@@ -595,20 +598,37 @@ async def test_sums_that_do_not_match_decide_nothing_the_disk_does(remote: FakeR
 async def test_a_store_that_lists_no_checksum_is_asked_for_one_with_the_first_get(
         remote: FakeRemote, stores, monkeypatch: pytest.MonkeyPatch) -> None:
     """A big file whose listing names no checksum (SeaweedFS keeps a CRC but
-    lists none) has its HEAD sent with the first GET, not after its answer:
-    the CRC it names is summed from the first piece, nothing is read back.
-    The GETs are held until the sums have started; without the early HEAD
-    they would wait for good (the HEAD waits for their answer)."""
+    lists none), fetched in the background (a prefetch, a next shard), has
+    its HEAD sent with the first GET, not after its answer: the CRC it names
+    is summed from the first piece, nothing is read back.  The GETs are held
+    until the sums have started; without the early HEAD they would wait for
+    good (the HEAD waits for their answer).  An open's download does not
+    send it before its first response: it would delay the reader's first
+    bytes."""
     monkeypatch.setattr(completion, "ASK_FOR_A_CHECKSUM_FROM", 1 * MiB)
     data = os.urandom(6 * MiB + 123)
-    obj = remote.put(BUCKET, "m/s.bin", data, checksum="CRC32", lists_checksum=False)
-    assert not obj.checksum_algorithm
-    held = Gate("m/s.bin")
-    remote.gates.append(held)
+    prefetched = remote.put(BUCKET, "m/s.bin", data, checksum="CRC32", lists_checksum=False)
+    opened = remote.put(BUCKET, "m/o.bin", data[::-1], checksum="CRC32", lists_checksum=False)
+    assert not prefetched.checksum_algorithm
     fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))
     async with running(fetcher):
+        held = Gate("m/o.bin")
+        remote.gates.append(held)
+        dl = await fetcher.acquire(opened)
+        assert isinstance(dl, Download)
+        try:
+            await wait_for(lambda: held.waiting, "the open's first GET")
+            await trio.sleep(0.2)
+            assert [c.key for c in remote.calls if c.op == "HEAD"] == [], "a HEAD before the open's first response"
+        finally:
+            held.release()
+        await dl.finished.wait()
+        assert dl.complete and dl.verified == "CRC32", dl.error
+
+        held = Gate("m/s.bin")
+        remote.gates.append(held)
         before = STATS.verify_read_bytes
-        dl = await fetcher.acquire(obj)
+        dl = await fetcher.acquire(prefetched, background=True)
         assert isinstance(dl, Download)
         try:
             await wait_for(lambda: dl.sums.algorithm == "CRC32", "the HEAD's checksum before any byte", timeout=5)
@@ -617,7 +637,7 @@ async def test_a_store_that_lists_no_checksum_is_asked_for_one_with_the_first_ge
         await dl.finished.wait()
         assert dl.complete and dl.verified == "CRC32", dl.error
         assert STATS.verify_read_bytes == before, "read back to verify"
-    assert [c.op for c in remote.calls].count("HEAD") == 1
+    assert [c.key for c in remote.calls if c.op == "HEAD"] == ["m/o.bin", "m/s.bin"]
 
 
 @trio_test
@@ -635,7 +655,7 @@ async def test_a_head_sent_with_the_first_get_is_not_sent_again(remote: FakeRemo
 
     monkeypatch.setattr(alongside, "expectation", nothing_to_check)
     monkeypatch.setattr(completion, "expectation", nothing_to_check)
-    dl = await fetch_new(remote, stores, "m/kms.bin", 6 * MiB + 5)
+    dl = await fetch_new(remote, stores, "m/kms.bin", 6 * MiB + 5, background=True)
     assert dl.complete and dl.verified == "unverified", dl.error
     # Asked with the first GET (no response yet), then at the finish, which has no digest to go by.
     assert len(asked) == 2 and asked[0] is None and asked[1] is not None, asked
@@ -656,7 +676,7 @@ async def test_a_failed_head_sent_with_the_first_get_leaves_the_etag_check_witho
         raise RemoteUnavailable(f"s3://{bucket}/{key}: HEAD answered 500 (test)", bucket=bucket, key=key)
 
     monkeypatch.setattr(remote, "head", failing)
-    dl = await fetch_new(remote, stores, "m/h.bin", 6 * MiB + 9)
+    dl = await fetch_new(remote, stores, "m/h.bin", 6 * MiB + 9, background=True)
     assert dl.complete and dl.verified == "MD5", dl.error
     assert heads == ["m/h.bin"]
 
