@@ -51,7 +51,7 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
     leaves the whole check to the end (Runner.finish)."""
     partial = dl.partial
     try:
-        early = _head_goes_anyway(dl)
+        early = _asks_with_the_first_get(dl)
         asked, exp = await _asked_at_once(dl, remote, requests) if early else (False, None)
         if not asked:
             while dl.meta is None and not dl.all_done and not dl.cancelled:
@@ -86,15 +86,15 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
             dl.hashed.set()
 
 
-def _head_goes_anyway(dl: Download) -> bool:
-    """Whether to send the HEAD verification will send whatever the first
-    response says with the first GET: a file big enough to be asked for a
-    checksum its listing does not name (completion.expectation), which no
-    single GET covers whole (ranged responses carry no checksum), fetched in
-    the background (a prefetch, a checkpoint's next shard).  Not for an
-    open: there the HEAD beside the first GET delayed the reader's first
-    bytes (45.0 against 42.0 ms, the median of 9 first 4 KiB in emulated S3),
-    and it is sent once the first response is in."""
+def _asks_with_the_first_get(dl: Download) -> bool:
+    """Whether to send, with the first GET, the HEAD verification sends
+    anyway: a big file (completion.ASK_FOR_A_CHECKSUM_FROM) whose listing
+    names no checksum and which no single GET covers whole (ranged
+    responses carry none), fetched in the background (a prefetch, a
+    checkpoint's next shard).  Not for an open: beside the first GET it
+    delayed the reader's first bytes (45.0 against 42.0 ms, the median of
+    9 first 4 KiB in emulated S3); its HEAD goes once the first response is
+    in."""
     obj = dl.obj
     return (dl.background and not obj.checksum_algorithm and obj.size >= completion.ASK_FOR_A_CHECKSUM_FROM
             and obj.size > dl.block_size * dl.limits.part_blocks)
