@@ -111,8 +111,7 @@ async def _asked_at_once(dl: Download, remote: ObjectStore,
     try:
         return True, await trio.to_thread.run_sync(expectation, remote, dl.obj, None, limiter=requests)
     except (RemoteUnavailable, AccessDenied) as e:
-        log.info("%s: cannot ask the object store for a checksum it may keep (%s); checking its ETag",
-                 dl.obj.uri, e)
+        completion.no_checksum_asked(dl.obj, e)
         return False, None
 
 

@@ -48,11 +48,14 @@ def expectation(remote: ObjectStore, obj: RemoteObject, meta: ResponseMeta | Non
         except (RemoteUnavailable, AccessDenied) as e:
             if needed:
                 raise
-            # Only asked in case the store keeps a checksum: the GET said enough.
-            log.info("%s: cannot ask the object store for a checksum it may keep (%s); checking its ETag",
-                     obj.uri, e)
+            no_checksum_asked(obj, e)  # only asked in case the store keeps one: the GET said enough
     assert etag_is_md5 is not None
     return verify.choose(obj.etag, checksum, etag_is_md5, obj.size, lambda n: remote.part(obj, n), guess=True)
+
+
+def no_checksum_asked(obj: RemoteObject, why: Exception) -> None:
+    """The one line for a HEAD that asked for a checksum the store may keep, and failed."""
+    log.info("%s: cannot ask the object store for a checksum it may keep (%s); checking its ETag", obj.uri, why)
 
 
 UNVERIFIED = "unverified"

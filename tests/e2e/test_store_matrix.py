@@ -195,10 +195,10 @@ def test_a_big_object_is_verified_by_the_checksum_its_uploader_sent(s3_store, st
     assert tuple(verified) == UPLOADER_CHECKSUM_VERIFIED.get(s3_store.name, (default, default)), verified
     for how, n, data in zip(verified, read_back, contents.values(), strict=True):
         # An MD5 ETag is hashed from the file, every byte once.  A CRC is combined from the pieces'
-        # sums (piecesums.py), and what arrived before the HEAD that named it is read back: that HEAD
-        # leaves with the first GET (SeaweedFS lists no checksum), and how much arrives before its
-        # answer is timing, so it is not asserted here; test_hardening.py pins it at none when the
-        # HEAD answers first, test_store_on_disk.py where the listing names the checksum.
+        # sums (piecesums.py), and what arrived before the HEAD that named it is read back: SeaweedFS
+        # lists no checksum, and an open's HEAD goes once the first response is in, so how much is
+        # timing and not asserted here; test_hardening.py pins it at none for a prefetch, whose HEAD
+        # goes with the first GET, test_store_on_disk.py where the listing names the checksum.
         assert how.startswith("CRC") or n == len(data), (how, n, read_back)
         assert n <= len(data), (how, n, read_back)
     assert "do not match" not in m.log() and "taken to be wrong" not in m.log(), m.log()[-3000:]
