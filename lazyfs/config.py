@@ -38,11 +38,10 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECA
 AddressingStyle = Literal["auto", "path", "virtual"]
 StoreMode = Literal["private", "group", "public"]
 
-# --store-mode, for `mount` and `bake`: who may read the store beneath the
-# mount.  "private" (0700 folders): only the daemon's user, so the mount alone
-# decides who reads the files (--allow-other), whatever the store's parent
-# allows.  "group" (0750) and "public" (0755) for a store that other users'
-# processes read directly, such as a baked image whose mount runs as another user.
+# --store-mode, for `mount` and `bake`: who may read the store beneath the mount.  "private"
+# (0700 folders): only the daemon's user, so the mount alone decides who reads the files
+# (--allow-other), whatever the store's parent allows.  "group" (0750) and "public" (0755):
+# other users' processes read the store directly (a baked image mounted as another user).
 DEFAULT_STORE_MODE: StoreMode = "private"
 
 
@@ -83,8 +82,7 @@ class FetchConfig:
     # How many times one request is tried when its body breaks off mid-way
     # (botocore retries only until the response headers arrive).
     chunk_attempts: int = 5
-    # A read that waits longer than this for its bytes fails with EIO instead
-    # of hanging the reader (the download itself keeps retrying).
+    # A read waiting longer for its bytes fails with EIO instead of hanging the reader (the download retries on).
     read_deadline: float = 60.0
     # --verify etag: check unrecorded local copies' content, not just size.
     verify_prebaked: bool = False
@@ -139,8 +137,10 @@ class MountConfig:
     memory_limit: int = 256 * MiB
     # user.lazyfs.* attributes (False: --no-xattrs, see fuse_ops).
     xattrs: bool = True
-    # The kernel reads complete local copies itself (False: --no-passthrough).
+    # The kernel reads complete local copies itself (False: --no-passthrough),
+    # and big files still downloading past its page cache (--no-direct-io).
     passthrough: bool = True
+    direct_io: bool = True
     # Prometheus /metrics (None: off).  Loopback unless widened on purpose.
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
@@ -336,8 +336,8 @@ def mount_config(args: Mapping[str, Any], env: Mapping[str, str]) -> MountConfig
     if store is not None:  # a mount (a live one, say JuiceFS) will do
         check_directory(store, "store", missing_ok=True)
     values = {name: args[name] for name in ("allow_other", "log_level", "read_ahead", "refresh", "cache_max_size",
-                                            "memory_limit", "xattrs", "passthrough", "metrics_port",
-                                            "metrics_addr", "store_mode")
+                                            "memory_limit", "xattrs", "passthrough", "direct_io",
+                                            "metrics_port", "metrics_addr", "store_mode")
               if args.get(name) is not None}
     return MountConfig(mountpoint=mnt, sources=sources, store=store, prebaked=_layers(args.get("prebaked") or ()),
                        prefetch=prefetch_patterns(bool(args.get("prefetch")), args.get("prefetch_glob") or ()),

@@ -46,6 +46,12 @@ NEGATIVE_TIMEOUT = 5.0
 # Reported block size: tools that size their reads by st_blksize (cat, cp)
 # then ask for 1 MiB at a time, the most one FUSE request carries.
 BLKSIZE = 1024 * 1024
+# A handle reading a file this big as it downloads skips the mount's page cache
+# (direct_io): each reply is copied once, into the reader's buffer, instead of
+# into newly allocated cache pages and out again, and the bytes are not cached
+# twice (the store file's pages hold them).  Smaller files keep the cache:
+# parsers read them in small blocks, and each block would be a request.
+DIRECT_IO_FROM = 64 * 1024 * 1024
 
 
 # The mount's own status folder at the root: `cat MOUNT/.lazyfs/stats.json`.
@@ -93,7 +99,7 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, catalog: Catalog, handles: Handles, space: StoreSpace,
                  stats_file: Callable[[], bytes] = lambda: b"{}\n", xattrs: bool = True,
-                 passthrough: bool = True) -> None:
+                 passthrough: bool = True, direct_io: bool = True) -> None:
         super().__init__()
         # A pyfuse3 built by scripts/native/build-pyfuse3 asks the kernel for
         # passthrough at INIT when this attribute is set: backing files may be
@@ -102,6 +108,11 @@ class Operations(pyfuse3.Operations):
         if register is not None:
             self.passthrough_backing_stack_depth = 1
         self.passthrough = Passthrough(register, getattr(pyfuse3, "passthrough_close", _no_backing), fstype_of_device)
+        # Such a pyfuse3 also asks at INIT that a direct_io handle may be
+        # mapped (shared mappings of one fail with ENODEV otherwise), and says
+        # whether the kernel granted it: only then are handles opened so.
+        self.direct_io_allow_mmap = direct_io
+        self._direct_io = getattr(pyfuse3, "direct_io_allows_mmap", lambda: False) if direct_io else lambda: False
         # False (--no-xattrs): answer ENOSYS once, and the kernel stops asking.
         self.xattrs = xattrs
         self.stats_file = stats_file
@@ -271,7 +282,9 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False, backing_id=backing_id)
         # keep_cache: this inode is one immutable version, so pages the kernel
         # cached for it stay right across opens (a new version is a new inode).
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+        direct_io = ref.size >= DIRECT_IO_FROM and self.handles.reads_arriving(fh) and self._direct_io()
+        STATS.opens_direct_io += direct_io
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct_io)
 
     def _superseded(self, ref: RemoteObject) -> bool:
         if not self.catalog.listed.is_set():

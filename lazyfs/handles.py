@@ -192,6 +192,11 @@ class Handles:
             return following
         return None if state.state.ready else following
 
+    def reads_arriving(self, fh: int) -> bool:
+        """Does handle `fh` read its file through a download, as the bytes arrive?"""
+        of = self._open.get(fh)
+        return of is not None and of.download is not None
+
     def local_copy(self, fh: int) -> tuple[int, int] | None:
         """The descriptor and filesystem (st_dev) of handle `fh`'s complete
         local copy, which the kernel may read without lazyfs; None while it

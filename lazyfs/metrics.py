@@ -61,7 +61,7 @@ class MountView:
                         "objects": last.objects, "skipped_keys": last.skipped, "error": last.error,
                         "offline": cat.offline},
             "cache": {"hits": STATS.opens_hit, "misses": STATS.opens_miss,
-                      "passthrough_opens": STATS.opens_passthrough,
+                      "passthrough_opens": STATS.opens_passthrough, "direct_io_opens": STATS.opens_direct_io,
                       "served_bytes": {k: STATS.served.get(k, 0) for k in ("cached", "prebaked", "s3")},
                       "bytes_published_this_run": self.fetcher.bytes_published,
                       "linked_files": STATS.linked_files,

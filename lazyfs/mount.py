@@ -214,7 +214,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
     drift = DriftWatch(pin, catalog.lister, cfg.sources, cfg.refresh) if pin is not None else None
     space = StoreSpace(store.fsinfo)
     view = MountView(catalog, fetcher, handles, store, space, str(cfg.mountpoint), drift)
-    ops = Operations(catalog, handles, space, view.snapshot_bytes, cfg.xattrs, cfg.passthrough)
+    ops = Operations(catalog, handles, space, view.snapshot_bytes, cfg.xattrs, cfg.passthrough, cfg.direct_io)
     fetcher.hooks.on_bad_data = ops.kernel.drop_pages
     if cfg.metrics_port is not None:
         from lazyfs.prometheus import serve_metrics  # only when asked: start-up time

@@ -190,6 +190,9 @@ MOUNT = (
            "copy is complete straight from it (FUSE passthrough: Linux 6.9+, a pyfuse3 built by "
            "scripts/native/build-pyfuse3; never for copies on network or FUSE filesystems)", kind="off",
            dest="passthrough"),
+    Option("--no-direct-io", "read files still downloading through the mount's page cache; by default a reader "
+           "of a file of 64 MiB or more gets its bytes copied straight into its buffer, once (a reader of "
+           "small blocks then sends lazyfs one request per block)", kind="off", dest="direct_io"),
     Option("--memory-limit", "memory for mapped file pages and transfer buffers, on top of Python's own "
            "(~100 MiB); fewer parallel GETs when small", "SIZE", check=size_at_least(32 * 1024 * 1024),
            default=(MountConfig, "memory_limit", _size)),

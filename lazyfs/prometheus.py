@@ -45,6 +45,8 @@ class MountCollector(Collector):
         yield _counter("lazyfs_cache_misses", "Opens that started or joined a download.", STATS.opens_miss)
         yield _counter("lazyfs_passthrough_opens", "Opens of local copies the kernel reads itself.",
                        STATS.opens_passthrough)
+        yield _counter("lazyfs_direct_io_opens", "Opens of files still downloading whose reads skip the page cache.",
+                       STATS.opens_direct_io)
         yield _counter("lazyfs_retries", "Ranged GETs resumed after the body broke off.", STATS.retries)
         errors = CounterMetricFamily("lazyfs_errors", "Failed filesystem requests, by errno.", labels=["errno"])
         for name, n in sorted(STATS.errors.items()):

@@ -64,6 +64,7 @@ class Stats:
     opens_hit: int = 0  # opens served from a local copy
     opens_miss: int = 0  # opens that started or joined a download
     opens_passthrough: int = 0  # opens of local copies the kernel reads itself (passthrough.py)
+    opens_direct_io: int = 0  # opens of files still arriving whose reads skip the page cache (fuse_ops.py)
     s3_requests: Counter[str] = field(default_factory=Counter)  # op -> count
     s3_errors: Counter[str] = field(default_factory=Counter)  # op -> failed requests
     fetched_bytes: int = 0  # body bytes received from S3

@@ -4,7 +4,8 @@ serves none of its bytes.  A file opened while it downloaded stays served by
 lazyfs until that handle closes (the kernel refuses mixing the two), and
 --no-passthrough serves everything through lazyfs.  The shards of a
 checkpoint a loader walks are opened whole (--whole-file-open), so they pass
-through too."""
+through too.  A big file read as it downloads skips the mount's page cache
+(direct_io), unless --no-direct-io."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from lazyfs.fuse_ops import DIRECT_IO_FROM
 from lazyfs.passthrough import kernel_passes_through
 from support.mounting import FS, wait_until
 from support.proxy import Fault
@@ -114,6 +116,53 @@ def test_a_file_opened_while_it_downloads_is_served_by_lazyfs_until_that_handle_
         fs.run(os.close, early)
     wait_until(lambda: fs.run(mapped, m.file(KEY)) == data and stats(fs, m)["cache"]["passthrough_opens"] >= 1,
                what="an open after the last cached handle closed to pass through")
+
+
+@pytest.fixture
+def direct_io_ok() -> None:
+    """Skips where pyfuse3 cannot ask the kernel to map direct_io handles
+    (then lazyfs never opens one); CI's setup builds the pyfuse3 that can."""
+    import pyfuse3
+
+    if hasattr(pyfuse3, "direct_io_allows_mmap"):
+        return
+    if os.environ.get("CI"):
+        pytest.fail("CI must run with the pyfuse3 of scripts/native/build-pyfuse3 (scripts/setup builds it)")
+    pytest.skip("this pyfuse3 cannot ask for mappings of direct_io handles")
+
+
+def served_again(fs: FS, m, fd: int, off: int, size: int, want: bytes) -> int:
+    """Read [off, off + size) a second time; the bytes lazyfs served for it
+    (0 when the mount's page cache answered)."""
+    before = stats(fs, m)["cache"]["served_bytes"]["s3"]
+    assert fs.run(os.pread, fd, size, off) == want
+    return stats(fs, m)["cache"]["served_bytes"]["s3"] - before
+
+
+@pytest.mark.parametrize("flag", ["", "--no-direct-io"])
+def test_a_big_file_read_as_it_downloads_skips_the_page_cache(direct_io_ok, mount, s3, bucket, fs: FS,
+                                                              tmp_path: Path, flag: str):
+    data, small = os.urandom(DIRECT_IO_FROM + 4097), os.urandom(4 * PART)
+    s3.put_object(Bucket=bucket, Key=KEY, Body=data)
+    s3.put_object(Bucket=bucket, Key=f"{P}/tokenizer.json", Body=small)
+    m = mount("--prefix", f"s3://{bucket}/{P}", *([flag] if flag else []), store=tmp_path / "store")
+    fd = fs.run(os.open, str(m.file(KEY)), os.O_RDONLY)
+    try:
+        assert fs.run(os.pread, fd, 1 << 20, 0) == data[:1 << 20]
+        # direct_io: every read reaches lazyfs, this one too, which the page cache would have answered.
+        assert served_again(fs, m, fd, 0, 1 << 20, data[:1 << 20]) == (0 if flag else 1 << 20)
+        with fs.run(mmap.mmap, fd, 0, mmap.MAP_SHARED, mmap.PROT_READ) as mm:  # a shared mapping of it works
+            assert fs.run(bytes, mm) == data
+        assert fs.run(os.pread, fd, 10_000, len(data) - 5000) == data[-5000:]
+    finally:
+        fs.run(os.close, fd)
+    fd = fs.run(os.open, str(m.file(f"{P}/tokenizer.json")), os.O_RDONLY)
+    try:  # a small file: its readers read small blocks, which the page cache gathers
+        assert fs.run(os.pread, fd, 4096, 0) == small[:4096]
+        assert served_again(fs, m, fd, 0, 4096, small[:4096]) == 0
+    finally:
+        fs.run(os.close, fd)
+    assert stats(fs, m)["cache"]["direct_io_opens"] == (0 if flag else 1)
 
 
 def test_no_passthrough_serves_every_read_through_lazyfs(mount, s3, bucket, fs: FS, tmp_path: Path):

@@ -118,3 +118,44 @@ async def test_a_handle_whose_open_never_reached_the_kernel_is_released_when_the
         assert dl.readers == 1
         await ops.forget([(attrs.st_ino, 1)])
         assert len(ops.handles) == 0 and dl.readers == 0
+
+
+@pytest.mark.parametrize("flag, granted, expected", [(True, True, "big"), (False, True, ""), (True, False, "")])
+@trio_test
+async def test_which_opens_skip_the_page_cache(remote: FakeRemote, stores, monkeypatch, flag: bool, granted: bool,
+                                               expected: str) -> None:
+    """direct_io for a handle reading a big file as it downloads, when the
+    kernel maps such handles (the pyfuse3 of scripts/native/build-pyfuse3
+    says so) and --no-direct-io was not given; never for a small file or a
+    complete local copy."""
+    from lazyfs import fuse_ops
+    from lazyfs.stats import STATS
+
+    monkeypatch.setattr(fuse_ops, "DIRECT_IO_FROM", 1024 * 1024)
+    monkeypatch.setattr(pyfuse3, "direct_io_allows_mmap", lambda: granted, raising=False)
+    monkeypatch.setattr(STATS, "opens_direct_io", 0)
+    remote.put(BUCKET, "m/big.bin", os.urandom(1024 * 1024))
+    remote.put(BUCKET, "m/small.bin", os.urandom(1024 * 1024 - 1))
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        catalog = Catalog(remote, [Source(BUCKET, "m/")])
+        await catalog.refresh()
+        ops = Operations(catalog, Handles(fetcher), StoreSpace(fetcher.store.fsinfo), passthrough=False,
+                         direct_io=flag)
+        assert ops.direct_io_allow_mmap is flag  # what pyfuse3 asks the kernel for at INIT
+        direct = set()
+        for name in ("big", "small"):
+            attrs = await walk(ops, "m", f"{name}.bin")
+            info = await ops.open(attrs.st_ino, os.O_RDONLY, CTX)
+            if info.direct_io:
+                direct.add(name)
+            assert len(await ops.read(info.fh, 0, 1 << 20)) == attrs.st_size
+            await ops.release(info.fh)
+        assert direct == ({expected} if expected else set())
+        assert STATS.opens_direct_io == len(direct)
+        big = ops.catalog.tree.find("m/big.bin")
+        assert big is not None and not isinstance(big, DirNode)
+        await wait_for(lambda: fetcher.active(big) is None, "publication")
+        info = await ops.open((await walk(ops, "m", "big.bin")).st_ino, os.O_RDONLY, CTX)
+        assert not info.direct_io, "a complete local copy is read through the page cache"
+        await ops.release(info.fh)
