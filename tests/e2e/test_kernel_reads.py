@@ -163,6 +163,10 @@ def test_a_big_file_read_as_it_downloads_skips_the_page_cache(direct_io_ok, moun
     finally:
         fs.run(os.close, fd)
     assert stats(fs, m)["cache"]["direct_io_opens"] == (0 if flag else 1)
+    if kernel_passes_through():  # the mapping put the inode in the kernel's cached mode: it left with the handle
+        wait_until(lambda: state(fs, m, KEY) == "cached", what="the copy published")
+        assert fs.run(mapped, m.file(KEY)) == data
+        assert stats(fs, m)["cache"]["passthrough_opens"] == 1
 
 
 def test_no_passthrough_serves_every_read_through_lazyfs(mount, s3, bucket, fs: FS, tmp_path: Path):
