@@ -132,6 +132,9 @@ class Operations(pyfuse3.Operations):
         self.kernel = KernelCache(self.inodes)  # what the kernel should forget
 
     def init(self) -> None:
+        if self.direct_io_allow_mmap and not self._direct_io():  # asked for, and not granted
+            log.info("files still downloading are read through the page cache: skipping it needs Linux 6.6+ "
+                     "and the pyfuse3 scripts/native/build-pyfuse3 builds")
         self.initialized.set()
 
     # -- attributes ------------------------------------------------------------

@@ -5,6 +5,7 @@ refuses."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,8 @@ async def test_a_handle_whose_open_never_reached_the_kernel_is_released_when_the
 
 @pytest.mark.parametrize("flag, granted, expected", [(True, True, "big"), (False, True, ""), (True, False, "")])
 @trio_test
-async def test_which_opens_skip_the_page_cache(remote: FakeRemote, stores, monkeypatch, flag: bool, granted: bool,
-                                               expected: str) -> None:
+async def test_which_opens_skip_the_page_cache(remote: FakeRemote, stores, monkeypatch, caplog, flag: bool,
+                                               granted: bool, expected: str) -> None:
     """direct_io for a handle reading a big file as it downloads, when the
     kernel maps such handles (the pyfuse3 of scripts/native/build-pyfuse3
     says so) and --no-direct-io was not given; never for a small file or a
@@ -143,6 +144,9 @@ async def test_which_opens_skip_the_page_cache(remote: FakeRemote, stores, monke
         ops = Operations(catalog, Handles(fetcher), StoreSpace(fetcher.store.fsinfo), passthrough=False,
                          direct_io=flag)
         assert ops.direct_io_allow_mmap is flag  # what pyfuse3 asks the kernel for at INIT
+        with caplog.at_level(logging.INFO, logger="lazyfs.fuse_ops"):
+            ops.init()
+        assert ("read through the page cache" in caplog.text) is (flag and not granted)
         direct = set()
         for name in ("big", "small"):
             attrs = await walk(ops, "m", f"{name}.bin")
