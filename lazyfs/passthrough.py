@@ -16,6 +16,9 @@ The kernel's rules this module keeps (fs/fuse/iomode.c):
   cached handle open gets cached handles until all are closed (a reader that
   opened it while it downloaded keeps it that way), and one with passthrough
   handles gets passthrough;
+- a handle opened direct_io (a big file read as it downloads: fuse_ops)
+  counts as a cached one here: mapping it puts the inode in the kernel's
+  cached mode until it is closed;
 - all passthrough handles of an inode share one backing id (another gives
   EBUSY): the first registers its file, the last release unregisters it.  An
   inode is one immutable version, so any copy of it has the same bytes;
