@@ -1,7 +1,10 @@
 """`python -m lazyfs` is the same program as the `lazyfs` console script."""
 
+import gc
 import sys
 
-from lazyfs.cli import main
+gc.disable()  # from the first import on: see cli.main
+
+from lazyfs.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -15,6 +15,7 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import gc
 import logging
 import math
 import resource
@@ -310,6 +311,13 @@ async def _announce(cfg: MountConfig, catalog: Catalog) -> None:
         print(ready_line(cfg, catalog), flush=True)
     except (OSError, ValueError) as e:  # stdout closed: the mount serves all the same
         log.warning("cannot print the ready line: %s", e)
+    finally:
+        # The cyclic collector was off for the start-up (cli.main).  What
+        # start-up made stays for the mount's life: frozen, it is never walked
+        # again (its few cycles of garbage stay too: a collection now would
+        # hold the loop ~30 ms just as the first requests come).
+        gc.freeze()
+        gc.enable()
 
 
 def ready_line(cfg: MountConfig, catalog: Catalog) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import gc
 import io
 import logging
 import os
@@ -366,6 +367,28 @@ async def test_a_ready_line_printed_to_a_closed_stdout_is_dropped_and_the_mount_
         assert warned == []
     else:
         assert len(warned) == 1 and warning in warned[0], warned
+
+
+@trio_test
+async def test_the_ready_line_turns_the_cyclic_collector_back_on(remote: FakeRemote, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """cli.main keeps the collector off for a mount's start-up: the ready line
+    freezes what start-up made and turns it on, or the mount would never
+    collect a cycle again."""
+    remote.put(BUCKET, "m/a.bin", b"a")
+    catalog = Catalog(remote, [SOURCE])
+    await catalog.first_listing()
+    cfg = MountConfig(mountpoint=tmp_path / "mnt", sources=(SOURCE,), store=tmp_path / "store")
+    gc.disable()
+    try:
+        with trio.fail_after(5):
+            await mount._announce(cfg, catalog)
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
+    assert "lazyfs: ready" in capsys.readouterr().out
 
 
 @trio_test

@@ -4,6 +4,7 @@ second Ctrl-C) neither kills it by the signal nor changes its exit code."""
 
 from __future__ import annotations
 
+import gc
 import signal
 import subprocess
 import sys
@@ -75,3 +76,21 @@ def test_a_stop_inside_an_exec_of_a_string_exits_zero(sig: int, tmp_path: Path) 
     done = subprocess.run([sys.executable, "-m", "stopped_in_exec"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)
     assert (done.returncode, done.stderr) == (cli.EXIT_OK, "")
+
+
+@pytest.mark.parametrize("argv, collecting", [(["status"], True), (["mount", "/mnt/models"], False)])
+def test_the_cyclic_collector_is_off_only_for_a_mounts_start_up(handlers: None, argv: list[str],
+                                                                 collecting: bool) -> None:
+    """Start-up makes objects that live as long as the process: a mount keeps
+    the collector off until its ready line (mount._announce turns it on);
+    every other command runs with it on, and it is on again after main."""
+    seen: list[bool] = []
+    saved = dict(cli._HANDLERS)
+    cli._HANDLERS[argv[0]] = lambda args: seen.append(gc.isenabled()) or 0
+    try:
+        assert cli.main(argv) == cli.EXIT_OK
+    finally:
+        cli._HANDLERS.clear()
+        cli._HANDLERS.update(saved)
+    assert seen == [collecting]
+    assert gc.isenabled()
