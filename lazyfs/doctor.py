@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import importlib.metadata
 import os
+import re
 import shutil
 import socket
 import sys
@@ -45,7 +46,8 @@ class Check:
 
 def run(cfg: DoctorConfig, out: TextIO = sys.stdout) -> int:
     checks: list[Callable[[DoctorConfig], list[Check]]] = [
-        fuse_device, fusermount, passthrough, allow_other, mountpoint, store, credentials, endpoint, sources]
+        fuse_device, fusermount, passthrough, direct_reads, allow_other, mountpoint, store, credentials, endpoint,
+        sources]
     failed = False
     for check in checks:
         for result in check(cfg):
@@ -84,6 +86,24 @@ def passthrough(cfg: DoctorConfig) -> list[Check]:
                       "reads at FUSE speed, not the disk's)", "Linux 6.9+, CAP_SYS_ADMIN, and the pyfuse3 "
                       "scripts/native/build-pyfuse3 builds (scripts/setup and the Dockerfile use it)")]
     return [Check(OK, "passthrough", f"the kernel reads complete copies itself (Linux {release}, pyfuse3 {pyfuse3})")]
+
+
+def direct_reads(cfg: DoctorConfig) -> list[Check]:
+    """Whether a big file read as it arrives can skip the mount's page cache
+    (fuse_ops.DIRECT_IO_FROM): the kernel must let such a handle be mapped."""
+    from lazyfs.fuse_ops import ASKS_TO_MAP_DIRECT_HANDLES  # here: the other checks need no pyfuse3
+
+    release = os.uname().release
+    found = re.match(r"(\d+)\.(\d+)", release)
+    missing = [reason for ok, reason in (
+        (found is not None and (int(found[1]), int(found[2])) >= (6, 6), f"Linux {release} is older than 6.6"),
+        (ASKS_TO_MAP_DIRECT_HANDLES, "this pyfuse3 cannot ask for it")) if not ok]
+    if missing:
+        return [Check(WARN, "direct reads", "; ".join(missing) + ": a big file read as it downloads goes through "
+                      "the mount's page cache (one more copy of each byte)", "Linux 6.6+ and the pyfuse3 "
+                      "scripts/native/build-pyfuse3 builds")]
+    return [Check(OK, "direct reads",
+                  f"a big file read as it downloads skips the mount's page cache (Linux {release})")]
 
 
 def _has_cap_sys_admin() -> bool:

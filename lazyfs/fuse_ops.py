@@ -52,7 +52,9 @@ BLKSIZE = 1024 * 1024
 # twice (the store file's pages hold them).  Smaller files keep the cache:
 # parsers read them in small blocks, and each block would be a request.
 DIRECT_IO_FROM = 64 * 1024 * 1024
-
+# Whether this pyfuse3 can ask that such a handle may be mapped (the patch in
+# scripts/native); only with the kernel's yes is a handle opened so.
+ASKS_TO_MAP_DIRECT_HANDLES = hasattr(pyfuse3, "direct_io_allows_mmap")
 
 # The mount's own status folder at the root: `cat MOUNT/.lazyfs/stats.json`.
 # Hidden from listings (so `find` and `du` never see it), found by name.
@@ -108,9 +110,8 @@ class Operations(pyfuse3.Operations):
         if register is not None:
             self.passthrough_backing_stack_depth = 1
         self.passthrough = Passthrough(register, getattr(pyfuse3, "passthrough_close", _no_backing), fstype_of_device)
-        # Such a pyfuse3 also asks at INIT that a direct_io handle may be
-        # mapped (shared mappings of one fail with ENODEV otherwise), and says
-        # whether the kernel granted it: only then are handles opened so.
+        # It asks at INIT too that a direct_io handle may be mapped (shared
+        # mappings of one fail with ENODEV otherwise; ASKS_TO_MAP_DIRECT_HANDLES).
         self.direct_io_allow_mmap = direct_io
         self._direct_io = getattr(pyfuse3, "direct_io_allows_mmap", lambda: False) if direct_io else lambda: False
         # False (--no-xattrs): answer ENOSYS once, and the kernel stops asking.
@@ -127,8 +128,7 @@ class Operations(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.started_ns = time.time_ns()  # the date of folders known before any listing
-        # Set once the kernel's INIT request has been answered.
-        self.initialized = trio.Event()
+        self.initialized = trio.Event()  # set once the kernel's INIT is answered
         self.kernel = KernelCache(self.inodes)  # what the kernel should forget
 
     def init(self) -> None:
@@ -279,7 +279,7 @@ class Operations(pyfuse3.Operations):
             # The kernel's cached name still points at an older version: ESTALE
             # makes it look the name up again and open the current one.
             raise pyfuse3.FUSEError(errno.ESTALE)
-        fh = await self.handles.open(ref, inode)
+        fh = await self.handles.open(ref, inode, direct=bool(flags & os.O_DIRECT))
         backing_id = self.passthrough.open(fh, inode, self.handles.local_copy(fh))
         if backing_id:  # the kernel reads the local copy itself (passthrough.py)
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False, backing_id=backing_id)

@@ -160,6 +160,7 @@ def test_doctor_healthy_and_broken(proxy, s3, bucket, tmp_path: Path):
     assert "testing" not in healthy.stdout, "the secret must never be printed"
     # CI builds the passthrough pyfuse3 on a kernel that has it (scripts/setup).
     assert ("ok    passthrough: " if os.environ.get("CI") else "passthrough: ") in healthy.stdout
+    assert ("ok    direct reads: " if os.environ.get("CI") else "direct reads: ") in healthy.stdout
 
     no_bucket = doctor([str(mnt), "--prefix", "s3://no-such-bucket/x", "--endpoint-url", proxy.endpoint])
     assert no_bucket.returncode == 1 and "FAIL  bucket no-such-bucket: bucket no-such-bucket does not exist" \

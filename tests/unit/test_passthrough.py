@@ -148,3 +148,18 @@ def test_doctor_says_whether_the_kernel_will_read_copies_itself(monkeypatch: pyt
     monkeypatch.setattr(doctor, "_has_cap_sys_admin", lambda: cap)
     [check] = doctor.passthrough(None)  # type: ignore[arg-type]
     assert check.status == status and says in check.detail, check.line()
+
+
+@pytest.mark.parametrize("release, asks, status, says", [
+    ("6.18.4", True, "ok", "skips the mount's page cache"),
+    ("6.5.13", True, "warn", "Linux 6.5.13 is older than 6.6"),
+    ("6.18.4", False, "warn", "this pyfuse3 cannot ask for it"),
+])
+def test_doctor_says_whether_big_files_read_as_they_arrive_skip_the_page_cache(
+        monkeypatch: pytest.MonkeyPatch, release: str, asks: bool, status: str, says: str) -> None:
+    from lazyfs import fuse_ops
+
+    monkeypatch.setattr(doctor.os, "uname", lambda: os.uname_result(("Linux", "h", release, "#1", "x86_64")))
+    monkeypatch.setattr(fuse_ops, "ASKS_TO_MAP_DIRECT_HANDLES", asks)
+    [check] = doctor.direct_reads(None)  # type: ignore[arg-type]
+    assert check.status == status and says in check.detail, check.line()
