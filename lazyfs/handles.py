@@ -92,8 +92,9 @@ class Handles:
         """Does any handle (of any version) read the file at `key`?"""
         return any(of.obj.key == key for of in self._open.values())
 
-    async def open(self, obj: RemoteObject, ino: int = 0) -> int:
-        """A handle reading `obj` (whose inode is `ino`, see `release_inode`)."""
+    async def open(self, obj: RemoteObject, ino: int = 0, direct: bool = False) -> int:
+        """A handle reading `obj` (whose inode is `ino`, see `release_inode`),
+        opened with O_DIRECT when `direct`."""
         if self.fetcher.cfg.whole_file_open == "checkpoint" and self.passes_through():
             shards = self.index_shards(obj)
             for shard in shards:
@@ -101,7 +102,7 @@ class Handles:
             if shards:  # a loader opens the first one next: it need not wait for the request
                 self.fetcher.warm(shards[0])
         got = await self.fetcher.acquire(obj)
-        whole = self._opens_whole(obj)
+        whole = self._opens_whole(obj, direct)
         if whole and not isinstance(got, LocalCopy):
             got = await self._whole(obj, got)
         try:
@@ -134,7 +135,7 @@ class Handles:
                 self.fetcher.warm(companion)
         return fh
 
-    def _opens_whole(self, obj: RemoteObject) -> bool:
+    def _opens_whole(self, obj: RemoteObject, direct: bool) -> bool:
         """Does an open of `obj` wait for all of it (--whole-file-open)?  A
         loader that walks a sharded checkpoint reads each shard whole, and
         the kernel reading a complete copy itself costs lazyfs no CPU per
@@ -143,11 +144,15 @@ class Handles:
         reader of a few bytes would wait for the last one, so by default
         only shards of a checkpoint a loader walks wait: named by an index
         it opened (loaders read it first), or the next one after a shard
-        read through."""
+        read through.  Never an O_DIRECT open: such a reader (the Run:ai
+        streamer, as vLLM's runai_streamer loader reads a folder) opens
+        every shard at once and reads each in large parallel requests, so
+        waiting held its first tensor back until whole shards were in
+        (docs/bench-after.md: 12.8 s to all tensors against 8.3)."""
         mode = self.fetcher.cfg.whole_file_open
         if mode == "never" or not self.passes_through():
             return False
-        return mode == "always" or obj.version in self._walked
+        return mode == "always" or (obj.version in self._walked and not direct)
 
     async def _whole(self, obj: RemoteObject, dl: LocalOrTransfer) -> LocalOrTransfer:
         """`obj`'s local copy once its download `dl` is published (or `dl`,

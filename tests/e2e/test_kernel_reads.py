@@ -245,6 +245,51 @@ def test_which_opens_wait_for_the_whole_file(passthrough_ok, mount, proxy, s3, b
         assert proxy.bytes_sent(key) == len(body), key
 
 
+def read_direct(path: Path, size: int) -> bytes:
+    """Read a file whole as the Run:ai streamer does: O_DIRECT, large
+    requests into page-aligned memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        chunk = 4 * PART
+        with mmap.mmap(-1, chunk) as buf:
+            out = bytearray()
+            while len(out) < size:
+                n = os.preadv(fd, [buf], len(out))
+                assert n > 0, f"EOF at {len(out)} of {size}"
+                out += buf[:n]
+            return bytes(out)
+    finally:
+        os.close(fd)
+
+
+def test_an_o_direct_open_of_a_walked_shard_reads_as_the_bytes_arrive(passthrough_ok, mount, proxy, s3, bucket,
+                                                                      fs: FS, tmp_path: Path):
+    """The Run:ai streamer (vLLM's runai_streamer loader given a folder)
+    opens every shard at once with O_DIRECT and reads in large parallel
+    requests: it would gain nothing from the kernel reading a complete
+    copy, and waiting for whole shards held its first tensor back.  Its
+    opens return at once, as a plain reader's do, though the loader opened
+    the index; a mapping open of the next shard still waits for all of it."""
+    shards = [f"{P}/model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    data = {key: os.urandom(8 * PART + i * 4096) for i, key in enumerate(shards)}
+    index = f"{P}/model.safetensors.index.json"
+    data[index] = json.dumps({"weight_map": {"w": shards[0], "v": shards[1]}}).encode()
+    for key, body in data.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    proxy.add(Fault("delay", min_offset=PART, seconds=1.0, times=None))
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "256KiB", store=tmp_path / "store")
+    assert fs.read(m.file(index)) == data[index]
+    fd = fs.run(os.open, str(m.file(shards[0])), os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert state(fs, m, shards[0]) != "cached", "the O_DIRECT open waited for the whole shard"
+    finally:
+        fs.run(os.close, fd)
+    assert fs.run(read_direct, m.file(shards[0]), len(data[shards[0]])) == data[shards[0]]
+    assert opened_whole(fs, m, shards[1]), "a mapping open of a walked shard no longer waits"
+    for key, body in data.items():
+        assert proxy.bytes_sent(key) == len(body), key
+
+
 def test_a_whole_file_open_fetches_the_next_shard_at_once(passthrough_ok, mount, proxy, s3, bucket, fs: FS,
                                                         tmp_path: Path):
     """The kernel reads a shard opened whole without lazyfs seeing a byte,
