@@ -114,6 +114,17 @@ def per_tensor(folder: Path) -> Pairs:
                 yield name, f.get_tensor(name)
 
 
+def streamed(folder: Path) -> Pairs:
+    """As vLLM's `--load-format runai_streamer` loads a local folder: the
+    Run:ai streamer reads the shards' files itself, in parallel chunks."""
+    from runai_model_streamer import SafetensorsStreamer
+
+    shards = read_small(lambda name: (folder / name).read_bytes())
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_files([str(folder / shard) for shard in shards])
+        yield from streamer.get_tensors()
+
+
 def boto3_client(endpoint: str) -> Any:
     import boto3
     import botocore.config
@@ -197,8 +208,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket")
     p.add_argument("--prefix", help="key folder of the checkpoint, without a trailing slash")
     p.add_argument("--dest", help="boto3, runai: where to download to")
-    p.add_argument("--per-tensor", action="store_true",
-                   help="files: take tensors one at a time through safe_open, as vLLM does (default: load_file)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--per-tensor", action="store_true",
+                     help="files: take tensors one at a time through safe_open, as vLLM does (default: load_file)")
+    how.add_argument("--streamer", action="store_true",
+                     help="files: the Run:ai streamer reads the files, as vLLM's runai_streamer loader does")
     p.add_argument("--go", help="once set up, create GO.ready and start the clock when GO exists (the harness "
                    "mounts in between)")
     return p
@@ -215,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     c0 = cpu_s()
     try:
         if a.kind == "files":
-            sink.take_all((per_tensor if a.per_tensor else from_files)(Path(a.folder)))
+            sink.take_all((per_tensor if a.per_tensor else streamed if a.streamer else from_files)(Path(a.folder)))
         elif a.kind == "boto3":
             sink.take_all(via_boto3(a, client))
         elif a.kind == "runai":

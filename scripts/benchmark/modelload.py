@@ -17,6 +17,9 @@ server is never disk-bound; everything on the client side starts cold):
                        the same three with vLLM's default loader instead of load_file: `safe_open`,
                        then `get_tensor` one tensor at a time, so the first tensor comes before the
                        whole shard (load_file returns a shard's tensors only once all are read)
+    local-rs, lazyfs-rs, lazyfs-rs-restart
+                       the same three with the Run:ai streamer reading the files (vLLM's
+                       `--load-format runai_streamer` given a local folder)
     boto3              download_file of every file, then load_file
     runai, runai-16    the Run:ai Model Streamer, default concurrency and 16 object-store clients
     s3torch            s3torchconnector's S3Client, each file read into memory, safetensors.torch.load
@@ -49,11 +52,12 @@ from benchmark.scenarios import Ctx
 MiB = 1 << 20
 PREFIX = "model:"  # results of this scenario are kept under system "model:<contender>"
 CONTENDERS = ("local", "lazyfs", "lazyfs-prefetch", "boto3", "runai", "runai-16", "s3torch", "lazyfs-restart",
-              "lazyfs-restart-warm", "runai-restart", "local-pt", "lazyfs-pt", "lazyfs-pt-restart")
+              "lazyfs-restart-warm", "runai-restart", "local-pt", "lazyfs-pt", "lazyfs-pt-restart", "local-rs",
+              "lazyfs-rs", "lazyfs-rs-restart")
 # --only names (main.SYSTEMS) -> the contenders they enable.
-BY_SYSTEM = {"local": ("local", "local-pt"),
+BY_SYSTEM = {"local": ("local", "local-pt", "local-rs"),
              "lazyfs": ("lazyfs", "lazyfs-prefetch", "lazyfs-restart", "lazyfs-restart-warm", "lazyfs-pt",
-                        "lazyfs-pt-restart"),
+                        "lazyfs-pt-restart", "lazyfs-rs", "lazyfs-rs-restart"),
              "boto3": ("boto3",),
              "runai": ("runai", "runai-16", "runai-restart"), "s3torch": ("s3torch",)}
 LABELS = {
@@ -70,8 +74,12 @@ LABELS = {
     "local-pt": "vLLM's loader (`safe_open`, tensor by tensor) from a local copy, page cache dropped",
     "lazyfs-pt": "lazyfs, vLLM's loader from the mount, empty store",
     "lazyfs-pt-restart": "restart: lazyfs again over its full store, vLLM's loader",
+    "local-rs": "the Run:ai streamer reading a local copy (vLLM's runai_streamer on a folder), page cache dropped",
+    "lazyfs-rs": "lazyfs, the Run:ai streamer reading the mount, empty store",
+    "lazyfs-rs-restart": "restart: lazyfs again over its full store, the Run:ai streamer reading it",
 }
 PER_TENSOR = ["--per-tensor"]
+STREAMER = ["--streamer"]
 GO_TIMEOUT_S = 300.0
 
 
@@ -317,6 +325,11 @@ def run_model(ctx: Ctx, ck: Checkpoint, systems: Sequence[str], lazyfs: LazyfsMo
     if lazyfs is not None and "lazyfs-pt" in want:
         plan.append(("lazyfs-pt", lambda: md.lazyfs_cold_and_restart(
             "lazyfs-pt-restart" in want, False, False, "lazyfs-pt", PER_TENSOR)))
+    if "local-rs" in want:
+        plan.append(("local-rs", lambda: md.local("local-rs", STREAMER)))
+    if lazyfs is not None and "lazyfs-rs" in want:
+        plan.append(("lazyfs-rs", lambda: md.lazyfs_cold_and_restart(
+            "lazyfs-rs-restart" in want, False, False, "lazyfs-rs", STREAMER)))
     for name, fn in plan:
         ctx.log(f"  model load: {name}")
         ctx.guard(PREFIX + name, "model", fn)
