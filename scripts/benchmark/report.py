@@ -244,6 +244,13 @@ MODEL_TARGETS = [
      "runai-restart", "model.total_s", 0.5),
     ("model restart, vLLM's loader: lazyfs / the same loader on a local copy", "≤ 1.3", "lazyfs-pt-restart",
      "local-pt", "model.total_s", 1.3),
+    # And for vLLM's runai_streamer loader given the mount's folder: the streamer reads lazyfs's files.
+    ("model cold load, the streamer reading lazyfs / the streamer reading S3 (default)", "≤ 0.8", "lazyfs-rs",
+     "runai", "model.total_s", 0.8),
+    ("model restart, the streamer reading lazyfs / the streamer reading S3 again", "≤ 0.5", "lazyfs-rs-restart",
+     "runai-restart", "model.total_s", 0.5),
+    ("model restart, the streamer reading lazyfs / reading a local copy", "≤ 1.3", "lazyfs-rs-restart",
+     "local-rs", "model.total_s", 1.3),
 ]
 
 
