@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import importlib.metadata
 import os
-import re
 import shutil
 import socket
 import sys
@@ -26,7 +25,7 @@ from lazyfs.config import DoctorConfig
 from lazyfs.errors import LazyfsError
 from lazyfs.identity import user_xattrs_work
 from lazyfs.mounttab import find_mount, hung_mount_holding, probe_mount
-from lazyfs.passthrough import kernel_passes_through
+from lazyfs.passthrough import kernel_at_least, kernel_passes_through
 from lazyfs.remote import Remote
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -94,9 +93,8 @@ def direct_reads(cfg: DoctorConfig) -> list[Check]:
     from lazyfs.fuse_ops import ASKS_TO_MAP_DIRECT_HANDLES  # here: the other checks need no pyfuse3
 
     release = os.uname().release
-    found = re.match(r"(\d+)\.(\d+)", release)
     missing = [reason for ok, reason in (
-        (found is not None and (int(found[1]), int(found[2])) >= (6, 6), f"Linux {release} is older than 6.6"),
+        (kernel_at_least((6, 6), release), f"Linux {release} is older than 6.6"),
         (ASKS_TO_MAP_DIRECT_HANDLES, "this pyfuse3 cannot ask for it")) if not ok]
     if missing:
         return [Check(WARN, "direct reads", "; ".join(missing) + ": a big file read as it downloads goes through "

@@ -57,8 +57,13 @@ _NEVER = (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS)
 
 def kernel_passes_through(release: str | None = None) -> bool:
     """Is this kernel new enough for FUSE passthrough (Linux 6.9)?"""
+    return kernel_at_least((6, 9), release)
+
+
+def kernel_at_least(version: tuple[int, int], release: str | None = None) -> bool:
+    """Is this kernel (or `release`, as uname says it) `version` or newer?"""
     found = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
-    return found is not None and (int(found[1]), int(found[2])) >= (6, 9)
+    return found is not None and (int(found[1]), int(found[2])) >= version
 
 
 def is_remote_fstype(fstype: str | None) -> bool:

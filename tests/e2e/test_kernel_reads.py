@@ -286,6 +286,14 @@ def test_an_o_direct_open_of_a_walked_shard_reads_as_the_bytes_arrive(passthroug
         fs.run(os.close, fd)
     assert fs.run(read_direct, m.file(shards[0]), len(data[shards[0]])) == data[shards[0]]
     assert opened_whole(fs, m, shards[1]), "a mapping open of a walked shard no longer waits"
+    # Once the shard is complete, an O_DIRECT open passes through (the
+    # streamer on a restart): the kernel reads the copy, lazyfs serves none.
+    wait_until(lambda: state(fs, m, shards[0]) == "cached", what="the shard published")
+    before = stats(fs, m)["cache"]
+    assert fs.run(read_direct, m.file(shards[0]), len(data[shards[0]])) == data[shards[0]]
+    after = stats(fs, m)["cache"]
+    assert after["passthrough_opens"] == before["passthrough_opens"] + 1
+    assert after["served_bytes"] == before["served_bytes"]
     for key, body in data.items():
         assert proxy.bytes_sent(key) == len(body), key
 
