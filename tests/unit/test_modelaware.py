@@ -1,12 +1,18 @@
-"""Loader order and next shards (modelaware.py), as pure functions."""
+"""Loader order and next shards (modelaware.py), and which opens wait for a
+whole shard (handles.Handles._opens_whole), as pure functions."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import struct
+from types import SimpleNamespace
+
+import pytest
 
 from lazyfs import modelaware
+from lazyfs.handles import Handles
+from lazyfs.namespace import RemoteObject
 
 
 def safetensors(tensors: dict[str, tuple[str, int]]) -> tuple[bytes, int]:
@@ -88,3 +94,19 @@ def test_only_a_config_in_a_folder_of_model_size_is_looked_at() -> None:
     assert modelaware.may_have_companions("config.json", 12)
     assert not modelaware.may_have_companions("tokenizer.json", 12)
     assert not modelaware.may_have_companions("config.json", modelaware.COMPANION_FOLDER_MAX + 1)
+
+
+@pytest.mark.parametrize("mode, walked, direct, waits", [
+    ("checkpoint", True, False, True),    # a loader mapping a shard of the checkpoint it walks
+    ("checkpoint", True, True, False),    # the Run:ai streamer: O_DIRECT, large parallel reads
+    ("checkpoint", False, False, False),  # a reader of a lone file gets its first bytes at once
+    ("always", False, True, True),
+    ("never", True, False, False),
+])
+def test_which_opens_wait_for_the_whole_file(mode: str, walked: bool, direct: bool, waits: bool) -> None:
+    handles = Handles(SimpleNamespace(cfg=SimpleNamespace(whole_file_open=mode)))  # type: ignore[arg-type]
+    handles.passes_through = lambda: True
+    shard = RemoteObject("b", "m/model-00001-of-00002.safetensors", 1 << 30, "e", 0)
+    if walked:
+        handles._walked[shard.version] = True
+    assert handles._opens_whole(shard, direct) is waits
