@@ -190,3 +190,37 @@ def test_once_a_reader_is_served_the_next_pieces_go_through_the_page_cache(tmp_p
         assert os.pread(fd, len(data), 0) == data
     finally:
         os.close(fd)
+
+
+def test_close_waits_for_a_write_under_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once `close` returns, the request's descriptor may name another file
+    (the download's, once every pin is gone): no write of the request may
+    still be going.  Any change to how writers take turns must keep this."""
+    fd = _file(tmp_path, MiB)
+    entered, release = threading.Event(), threading.Event()
+    real_pwrite = os.pwrite
+
+    def held_pwrite(wfd: int, buf: object, offset: int) -> int:
+        entered.set()
+        assert release.wait(10), "the held write was never released"
+        return real_pwrite(wfd, buf, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storewrite.os, "pwrite", held_pwrite)
+    writer = PieceWriter(fd, OBJ, direct=lambda: False, lock=threading.Lock())
+    try:
+        writing = threading.Thread(target=writer.write, args=(b"x" * ALIGN, 0), daemon=True)
+        writing.start()
+        assert entered.wait(10)
+        closing = threading.Thread(target=writer.close, daemon=True)
+        closing.start()
+        closing.join(0.3)
+        assert closing.is_alive(), "close returned with a write under way"
+        release.set()
+        closing.join(10)
+        writing.join(10)
+        assert not closing.is_alive() and os.pread(fd, 1, 0) == b"x"
+        with pytest.raises(WriterClosed):
+            writer.write(b"late", 0)
+    finally:
+        release.set()
+        os.close(fd)
