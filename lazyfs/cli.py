@@ -199,7 +199,7 @@ def _stop(signum: int, frame: Any) -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> int:
     # A mount's start-up makes ~80,000 objects that live as long as it does
     # (modules, botocore's models); the cyclic collector would walk them
-    # again and again as they are made: ~25 ms of the ready line.  It stays
+    # again and again as they are made: 30-40 ms of the ready line.  It stays
     # off until the mount is ready (mount._announce), and comes back on at
     # once for every other command (_run).
     gc.disable()
