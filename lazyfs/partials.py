@@ -36,6 +36,7 @@ from lazyfs.errors import StoreError
 from lazyfs.layer import FILE_FLAGS, remove, write_small
 from lazyfs.namespace import RemoteObject
 from lazyfs.resume import RECORD_MAX, Record, nblocks, parse_record, record_of
+from lazyfs.storewrite import preallocate
 
 # sweep(): what a download of a version nobody wants left behind goes after
 # this long untouched.  An hour: longer than any pause of a live download
@@ -67,7 +68,11 @@ class Partial:
         self.block_size = block_size
         self.done = done  # blocks durably on disk, as last recorded or resumed
         self.name = files.name(obj)
-        self.ino = os.fstat(fd).st_ino
+        st = os.fstat(fd)
+        self.ino = st.st_ino
+        # Its blocks all allocated (storewrite.preallocate): writers of
+        # separate bytes need not take turns.
+        self.preallocated = st.st_blocks * 512 >= obj.size > 0
         # `done` as one byte per block (1: on disk), made here in the store
         # thread that opens the file: a resumed 100 GiB download has hundreds
         # of thousands of scattered blocks, tens of ms of looping on the trio
@@ -120,10 +125,12 @@ class PartialFiles:
                 return self._partial(obj, fd, block_size, set(record.blocks()))
         remove(self.tmp_fd, name + ".json")
         remove(self.tmp_fd, name + ".part")
-        self._check_space(obj)
+        free = self._check_space(obj)
         fd = self._create(name + ".part", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.ftruncate(fd, obj.size)
+            if free is not None:  # it fits: a filesystem may fill itself before it says it cannot
+                preallocate(fd, obj.size)
         except BaseException:
             os.close(fd)
             remove(self.tmp_fd, name + ".part")
@@ -194,15 +201,17 @@ class PartialFiles:
             remove(self.tmp_fd, partial.name + ".json")
             remove(self.tmp_fd, partial.name + ".want")
 
-    def _check_space(self, obj: RemoteObject) -> None:
-        """Refuse a download that cannot fit, before fetching a byte of it."""
+    def _check_space(self, obj: RemoteObject) -> int | None:
+        """Refuse a download that cannot fit, before fetching a byte of it;
+        the bytes free, where the filesystem says."""
         st = os.statvfs(self.tmp_fd)
         free = st.f_bavail * st.f_frsize
         if st.f_blocks == 0:
-            return  # a filesystem that states no size (ramfs, some network ones): nothing to judge by
+            return None  # a filesystem that states no size (ramfs, some network ones): nothing to judge by
         if obj.size > free:
             raise StoreError(f"{obj.uri}: needs {obj.size / 2**20:.1f} MiB but the store "
                              f"{self.store_path} has {free / 2**20:.1f} MiB free", errno.ENOSPC)
+        return free
 
     def _create(self, name: str, flags: int) -> int:
         # 0600: a download in progress is nobody else's business, and a

@@ -16,6 +16,7 @@ import pytest
 from lazyfs import partials
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import Store
+from support.filesystems import can_allocate
 
 MiB = 1 << 20
 
@@ -186,3 +187,36 @@ def test_wants_of_followers_are_read_whole_lines_at_a_time_and_go_with_the_downl
     monkeypatch.setattr(partials.time, "time", lambda: later)
     files.sweep(keep=[o])
     assert not path.exists()
+
+
+def test_a_big_download_file_gets_its_blocks_at_the_start_and_a_small_one_stays_sparse(store: Store) -> None:
+    """Its blocks allocated, a big download's direct writes need not take
+    turns (storewrite.py); a small one has one writer and stays sparse."""
+    big, small = store.partials.open(obj("m/big.bin", 16 * MiB), MiB), store.partials.open(obj("m/s.bin", MiB), MiB)
+    try:
+        if not can_allocate(Path(store.partials.store_path)):
+            pytest.skip("the test folder's filesystem cannot allocate blocks up front")
+        assert big.preallocated and os.fstat(big.fd).st_blocks * 512 >= 16 * MiB
+        assert os.pread(big.fd, MiB, 8 * MiB) == bytes(MiB)
+        assert not small.preallocated and os.fstat(small.fd).st_blocks == 0
+    finally:
+        big.close()
+        small.close()
+
+
+def test_a_download_whose_space_the_store_cannot_state_stays_sparse(store: Store,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that states no size (ramfs, some network ones), or one
+    that fills itself before it says it cannot: no allocation up front."""
+    real = os.statvfs
+
+    def no_size(fd: int) -> os.statvfs_result:
+        st = real(fd)
+        return os.statvfs_result((st[0], st[1], 0, *st[3:]))  # f_blocks 0
+
+    monkeypatch.setattr(partials.os, "statvfs", no_size)
+    part = store.partials.open(obj("m/big.bin", 16 * MiB), MiB)
+    try:
+        assert not part.preallocated and os.fstat(part.fd).st_blocks == 0
+    finally:
+        part.close()
