@@ -244,21 +244,26 @@ def test_a_big_download_file_is_preallocated_and_a_small_one_stays_sparse(tmp_pa
         os.close(fd_small)
 
 
-def _held_writes(monkeypatch: pytest.MonkeyPatch, fd: int, held_at: int) -> tuple[threading.Event, threading.Event]:
-    """The write at `held_at` blocks in pwrite until released; direct writes
-    go through a duplicate of `fd` (any filesystem)."""
+def _held_write(monkeypatch: pytest.MonkeyPatch, fd: int, turns: WriteTurns,
+                direct: bool) -> tuple[threading.Thread, threading.Event]:
+    """A write of a page of b"x" at offset 0, held in its pwrite until the
+    event is set (direct writes go through a duplicate of `fd`: any filesystem)."""
     entered, release = threading.Event(), threading.Event()
     real_pwrite = os.pwrite
 
     def pwrite(wfd: int, buf: object, offset: int) -> int:
-        if offset == held_at:
+        if offset == 0:
             entered.set()
             assert release.wait(10), "the held write was never released"
         return real_pwrite(wfd, buf, offset)  # type: ignore[arg-type]
 
     monkeypatch.setattr(storewrite.os, "pwrite", pwrite)
     monkeypatch.setattr(storewrite, "_reopen_direct", lambda _fd: os.dup(fd))
-    return entered, release
+    held = threading.Thread(target=PieceWriter(fd, OBJ, direct=lambda: direct, turns=turns).write,
+                            args=(b"x" * ALIGN, 0), daemon=True)
+    held.start()
+    assert entered.wait(10)
+    return held, release
 
 
 def _another_write(turns: WriteTurns, fd: int, offset: int, direct: bool) -> threading.Thread:
@@ -283,13 +288,9 @@ def test_writers_of_one_file_take_turns_only_where_they_must(tmp_path: Path, mon
     writes, one write goes at a time (the kernel would make them wait for the
     inode's lock anyway, spinning)."""
     fd = _file(tmp_path, 16 * MiB)
-    entered, release = _held_writes(monkeypatch, fd, 0)
     turns = WriteTurns(separate=separate)
-    held = threading.Thread(target=PieceWriter(fd, OBJ, direct=lambda: True, turns=turns).write,
-                            args=(b"x" * ALIGN, 0), daemon=True)
+    held, release = _held_write(monkeypatch, fd, turns, direct=True)
     try:
-        held.start()
-        assert entered.wait(10)
         elsewhere = _another_write(turns, fd, 2 * MiB, direct=True)
         assert _goes_past(elsewhere) == separate
         same_stripe = _another_write(turns, fd, MiB - ALIGN, direct=True)
@@ -307,13 +308,9 @@ def test_writers_of_one_file_take_turns_only_where_they_must(tmp_path: Path, mon
 def test_buffered_writes_take_turns_with_each_other_in_a_preallocated_file(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     fd = _file(tmp_path, 16 * MiB)
-    entered, release = _held_writes(monkeypatch, fd, 0)
     turns = WriteTurns(separate=True)
-    held = threading.Thread(target=PieceWriter(fd, OBJ, direct=lambda: False, turns=turns).write,
-                            args=(b"x" * ALIGN, 0), daemon=True)
+    held, release = _held_write(monkeypatch, fd, turns, direct=False)
     try:
-        held.start()
-        assert entered.wait(10)
         buffered = _another_write(turns, fd, 4 * MiB, direct=False)
         assert not _goes_past(buffered)
         assert _goes_past(_another_write(turns, fd, 8 * MiB, direct=True))  # a direct one elsewhere does not wait
