@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -19,7 +20,7 @@ from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import Body, ObjectStore, ResponseMeta
 from lazyfs.piecesums import PieceSums
 from lazyfs.stats import STATS
-from lazyfs.storewrite import PieceWriter, WriteTurns
+from lazyfs.storewrite import PieceWriter
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class RangeJob:
 
     obj: RemoteObject
     fd: int
-    write_turns: WriteTurns
+    write_lock: threading.Lock
     start: int
     end: int
     block_size: int
@@ -55,7 +56,7 @@ class RangeJob:
     sums: PieceSums | None = None  # the download's piece CRCs (piecesums.py)
 
     def writer(self) -> PieceWriter:
-        return PieceWriter(self.fd, self.obj, self.direct, self.write_turns, self.sums)
+        return PieceWriter(self.fd, self.obj, self.direct, self.write_lock, self.sums)
 
 
 def fetch_range_blocking(remote: ObjectStore, job: RangeJob) -> None:
