@@ -15,7 +15,6 @@ callbacks when it is made.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta
 from lazyfs.partials import Partial
 from lazyfs.piecesums import PieceSums
+from lazyfs.storewrite import WriteTurns
 from lazyfs.verify import Hashed
 
 PENDING, ACTIVE, DONE = 0, 1, 2
@@ -143,10 +143,7 @@ class Download:
         self.hashed = trio.Event()
         self.finishing = False  # Runner.finish is on its way for this file
         self.fd = partial.fd
-        # Writers take turns: concurrent pwrite()s to one file contend for the
-        # inode's lock in the kernel, which spins and burns the CPU the
-        # download needs; a Python lock makes the losers sleep instead.
-        self.write_lock = threading.Lock()
+        self.write_turns = WriteTurns(separate=partial.preallocated)  # storewrite.py
         self._fmap = FileMap(partial.fd, partial.obj.size, self.pages)
         self.block_size = partial.block_size
         self.nblocks = partial.nblocks

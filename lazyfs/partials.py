@@ -68,7 +68,11 @@ class Partial:
         self.block_size = block_size
         self.done = done  # blocks durably on disk, as last recorded or resumed
         self.name = files.name(obj)
-        self.ino = os.fstat(fd).st_ino
+        st = os.fstat(fd)
+        self.ino = st.st_ino
+        # Its blocks all allocated (storewrite.preallocate): writers of
+        # separate bytes need not take turns.
+        self.preallocated = st.st_blocks * 512 >= obj.size > 0
         # `done` as one byte per block (1: on disk), made here in the store
         # thread that opens the file: a resumed 100 GiB download has hundreds
         # of thousands of scattered blocks, tens of ms of looping on the trio

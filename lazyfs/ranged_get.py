@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -20,7 +19,7 @@ from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import Body, ObjectStore, ResponseMeta
 from lazyfs.piecesums import PieceSums
 from lazyfs.stats import STATS
-from lazyfs.storewrite import PieceWriter
+from lazyfs.storewrite import PieceWriter, WriteTurns
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ class RangeJob:
 
     obj: RemoteObject
     fd: int
-    write_lock: threading.Lock
+    write_turns: WriteTurns
     start: int
     end: int
     block_size: int
@@ -56,7 +55,7 @@ class RangeJob:
     sums: PieceSums | None = None  # the download's piece CRCs (piecesums.py)
 
     def writer(self) -> PieceWriter:
-        return PieceWriter(self.fd, self.obj, self.direct, self.write_lock, self.sums)
+        return PieceWriter(self.fd, self.obj, self.direct, self.write_turns, self.sums)
 
 
 def fetch_range_blocking(remote: ObjectStore, job: RangeJob) -> None:

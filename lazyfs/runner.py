@@ -133,7 +133,7 @@ class Runner:
         self._spawn(self._run_request, dl, req, _Handoff(dl.pin()))
 
     async def _run_request(self, dl: Download, req: Request, handoff: _Handoff) -> None:
-        job = RangeJob(obj=dl.obj, fd=dl.fd, write_lock=dl.write_lock, start=req.start, end=req.end,
+        job = RangeJob(obj=dl.obj, fd=dl.fd, write_turns=dl.write_turns, start=req.start, end=req.end,
                        block_size=dl.block_size, attempts=self.cfg.chunk_attempts,
                        direct=(lambda: dl.served == 0) if self.cfg.store_writes == "direct" else lambda: False,
                        sums=dl.sums, cancelled=lambda: dl.cancelled,

@@ -32,12 +32,20 @@ Each piece's CRCs are summed here too, when the download is checked against
 a CRC (piecesums.py): the bytes are in hand, and the file need not be read
 back to verify it.
 
-A download file of 8 MiB or more gets its blocks when it is created
-(`preallocate`): a write into a hole of a sparse file allocates blocks
-under the inode's lock, and writers of one file waited on each other for
-it (measured: ~0.5 of the daemon's ~4.5 CPU s of a cold 2 GiB model load,
-docs/bench-after.md).  The file's extents stay few, and the space a
-download needs is taken when it starts rather than piece by piece.
+Writers of one file take turns (WriteTurns): a buffered write takes the
+file's lock, since concurrent buffered writes to one file contend for its
+inode lock in the kernel, which spins and burns the CPU the download needs
+(a Python lock makes the losers sleep instead).  So does a direct write
+into a sparse file, whose every piece allocates blocks under that same lock.
+A direct write into a preallocated file (`preallocate`) takes the kernel's
+lock shared and goes side by side with the others: it waits only for
+writers of the same bytes, through a lock per 1 MiB stripe, so the sums
+kept for those bytes stay the last write's.  Without that, every writer
+waited on the one holding the file's lock, which after its `pwrite` waits
+for the GIL before it can let go.  Both halves are needed: side by side
+into a sparse file the kernel spins (f8aeb56), and preallocation under one
+lock per file gained nothing measurable; together they took 4-19% off the
+cold model loads (docs/bench-after.md, "Download files preallocated").
 
 Runs in worker threads (the boto3 requests' threads, awscrt's callback
 threads); each thread has its own aligned buffer.
@@ -71,8 +79,11 @@ _BUFFER_STEP = 256 * 1024
 # written buffered instead, and so is the rest of the request.
 _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
 
-# Files below this are written by one request, a piece at a time.
+# Files below this are written by one request: no writers to keep apart.
 _PREALLOCATE_FROM = 8 * 1024 * 1024
+# Writers of the same bytes take turns by stripe (a lock per stripe, hashed).
+_STRIPE = 1024 * 1024
+_STRIPES = 64
 
 _buffers = threading.local()
 # Said once per process at INFO, the first time direct writes are refused:
@@ -89,9 +100,10 @@ class WriterClosed(Exception):
 
 def preallocate(fd: int, size: int) -> bool:
     """Allocate the blocks of a new download file of `size` bytes up front
-    (fallocate(2); they read as zeros); the file stays sparse where that is
-    refused.  Never glibc's posix_fallocate, which writes a byte per block
-    where the filesystem cannot allocate."""
+    (fallocate(2), reading as zeros), so its direct writes need not take turns
+    (module docstring); the file stays sparse where that is refused.  Never
+    glibc's posix_fallocate, which writes a byte per block where the
+    filesystem cannot allocate."""
     fallocate = _fallocate()
     if size < _PREALLOCATE_FROM or fallocate is None:
         return False
@@ -113,18 +125,39 @@ def _fallocate() -> Callable[[int, int, int, int], int] | None:
     return fallocate
 
 
+class WriteTurns:
+    """How the writers of one download file take turns (module docstring).
+    `separate`: the file is preallocated, and direct writes of separate bytes
+    may go at once."""
+
+    def __init__(self, separate: bool = False) -> None:
+        self.separate = separate
+        self._file = threading.Lock()
+        self._stripes = tuple(threading.Lock() for _ in range(_STRIPES)) if separate else ()
+
+    def locks(self, offset: int, length: int, direct: bool) -> list[threading.Lock]:
+        """The locks a write of [offset, offset + length) holds, in the one
+        order every writer takes them (the file's, then stripes ascending)."""
+        if not self._stripes:
+            return [self._file]
+        first, last = offset // _STRIPE, (offset + max(length, 1) - 1) // _STRIPE
+        stripes = [self._stripes[i] for i in sorted({i % _STRIPES for i in range(first, last + 1)})]
+        return stripes if direct else [self._file, *stripes]
+
+
 class PieceWriter:
     """Writes one request's pieces into `fd` (the download's read-write
-    descriptor), direct when it can.  Writers of one file take turns through
-    `lock` (concurrent writes to one file contend for its inode lock anyway).
-    Not shared between requests; close it when the request ends."""
+    descriptor), direct when it can, taking turns with the file's other
+    writers through `turns`.  Not shared between requests; close it when the
+    request ends."""
 
-    def __init__(self, fd: int, obj: RemoteObject, direct: Callable[[], bool], lock: threading.Lock,
+    def __init__(self, fd: int, obj: RemoteObject, direct: Callable[[], bool], turns: WriteTurns,
                  sums: PieceSums | None = None) -> None:
         self.fd = fd
         self.obj = obj
         self._direct = direct  # asked per piece: may this one go direct?
-        self._lock = lock
+        self._turns = turns
+        self._busy = threading.Lock()  # held through a write: close() waits for it
         self._sums = sums  # each piece's CRCs, kept once it is written (piecesums.py)
         self._closed = False
         self._direct_fd: int | None = None  # opened at the first direct piece; -1: refused
@@ -134,22 +167,29 @@ class PieceWriter:
         and says so (StoreError); WriterClosed after `close`."""
         view = memoryview(data)
         summed = self._sums.summed(offset, view) if self._sums is not None else None
-        with self._lock:
+        with self._busy:
             if self._closed:
                 raise WriterClosed()
+            direct = offset % ALIGN == 0 and len(view) % ALIGN == 0 and bool(view) and self._direct()
+            held = self._turns.locks(offset, len(view), direct)
+            for lock in held:
+                lock.acquire()
             try:
                 at = offset
-                if offset % ALIGN == 0 and len(view) % ALIGN == 0 and view and self._direct():
+                if direct:
                     view, at = self._write_direct(view, offset)
                 while view:
                     n = os.pwrite(self.fd, view, at)
                     view = view[n:]
                     at += n
+                if self._sums is not None:
+                    self._sums.record(summed)  # in turn: the sums kept are of the last bytes written
             except OSError as e:
                 raise StoreError(f"{self.obj.uri}: cannot write it to the store: {e.strerror}",
                                  e.errno or errno.EIO) from e
-            if self._sums is not None:
-                self._sums.record(summed)  # under the lock: the sums kept are of the last bytes written
+            finally:
+                for lock in reversed(held):
+                    lock.release()
 
     def _write_direct(self, view: memoryview, offset: int) -> tuple[memoryview, int]:
         """Write what can go direct; return what is left for a buffered write."""
@@ -176,7 +216,7 @@ class PieceWriter:
         return view[done:], offset + done
 
     def close(self) -> None:
-        with self._lock:
+        with self._busy:
             self._closed = True
             if self._direct_fd is not None and self._direct_fd >= 0:
                 os.close(self._direct_fd)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -16,7 +15,7 @@ from lazyfs import piecesums, verify
 from lazyfs.namespace import RemoteObject
 from lazyfs.piecesums import CELL, PieceSums
 from lazyfs.stats import STATS
-from lazyfs.storewrite import PieceWriter
+from lazyfs.storewrite import PieceWriter, WriteTurns
 
 pytest.importorskip("awscrt.checksums")
 MiB = 1024 * 1024
@@ -54,8 +53,8 @@ def pieces(size: int, rng: random.Random, start: int = 0) -> list[tuple[int, int
 
 
 def write(fd: int, sums: PieceSums, data: bytes, todo: list[tuple[int, int]]) -> None:
-    lock = threading.Lock()
-    with PieceWriter(fd, RemoteObject("bkt", "m/x.bin", len(data), "e" * 32, 1), lambda: False, lock, sums) as writer:
+    turns = WriteTurns()
+    with PieceWriter(fd, RemoteObject("bkt", "m/x.bin", len(data), "e" * 32, 1), lambda: False, turns, sums) as writer:
         for offset, n in todo:
             writer.write(data[offset:offset + n], offset)
 

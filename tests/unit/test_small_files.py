@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta
 from lazyfs.ranged_get import _read
 from lazyfs.store import Store
-from lazyfs.storewrite import PieceWriter
+from lazyfs.storewrite import PieceWriter, WriteTurns
 
 OBJ = RemoteObject("bkt", "m/w.bin", 10, "e" * 32, 1)
 
@@ -92,7 +91,7 @@ def test_a_write_error_is_the_stores_with_its_errno(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT, 0o600)  # not open for writing: EBADF
     try:
         with pytest.raises(StoreError) as e:
-            PieceWriter(fd, OBJ, direct=lambda: False, lock=threading.Lock()).write(b"data", 0)
+            PieceWriter(fd, OBJ, direct=lambda: False, turns=WriteTurns()).write(b"data", 0)
     finally:
         os.close(fd)
     assert e.value.errno == errno.EBADF and "cannot write it to the store" in str(e.value)

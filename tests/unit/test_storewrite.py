@@ -17,7 +17,8 @@ from lazyfs import storewrite
 from lazyfs.errors import StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.stats import STATS
-from lazyfs.storewrite import ALIGN, PieceWriter, WriterClosed
+from lazyfs.storewrite import ALIGN, PieceWriter, WriterClosed, WriteTurns
+from support.filesystems import can_allocate
 
 OBJ = RemoteObject("bkt", "m/w.bin", 1, "e" * 32, 1)
 MiB = 1024 * 1024
@@ -64,7 +65,7 @@ def test_aligned_pieces_go_past_the_page_cache_and_the_tail_through_it(tmp_path:
     before = STATS.direct_bytes
     try:
         pieces = _pieces(data, 64 * 1024, 256 * 1024)
-        with PieceWriter(fd, OBJ, direct=lambda: True, lock=threading.Lock()) as writer:
+        with PieceWriter(fd, OBJ, direct=lambda: True, turns=WriteTurns()) as writer:
             for offset, piece in pieces:
                 writer.write(piece, offset)
         assert STATS.direct_bytes - before == size - len(pieces[-1][1])
@@ -79,7 +80,7 @@ def test_buffered_writes_stay_in_the_page_cache(tmp_path: Path) -> None:
     fd = _file(tmp_path, len(data))
     before = STATS.direct_bytes
     try:
-        with PieceWriter(fd, OBJ, direct=lambda: False, lock=threading.Lock()) as writer:
+        with PieceWriter(fd, OBJ, direct=lambda: False, turns=WriteTurns()) as writer:
             for offset, piece in _pieces(data, 64 * 1024, 256 * 1024):
                 writer.write(piece, offset)
         assert STATS.direct_bytes == before
@@ -95,7 +96,7 @@ def test_unaligned_offsets_and_lengths_are_written_buffered(tmp_path: Path) -> N
     fd = _file(tmp_path, len(data))
     before = STATS.direct_bytes
     try:
-        with PieceWriter(fd, OBJ, direct=lambda: True, lock=threading.Lock()) as writer:
+        with PieceWriter(fd, OBJ, direct=lambda: True, turns=WriteTurns()) as writer:
             writer.write(data[:ALIGN + 7], 0)  # unaligned length
             writer.write(data[ALIGN + 7:3 * ALIGN], ALIGN + 7)  # unaligned offset
             writer.write(data[3 * ALIGN:], 3 * ALIGN)  # aligned both: direct where the fs allows
@@ -123,7 +124,7 @@ def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path: Path, mon
     try:
         with caplog.at_level(logging.INFO, logger="lazyfs.storewrite"):
             for _ in range(2):
-                with PieceWriter(fd, OBJ, direct=lambda: True, lock=threading.Lock()) as writer:
+                with PieceWriter(fd, OBJ, direct=lambda: True, turns=WriteTurns()) as writer:
                     writer.write(data, 0)
         assert STATS.direct_bytes == before and os.pread(fd, len(data), 0) == data
         told = [r for r in caplog.records if r.levelno == logging.INFO]
@@ -149,7 +150,7 @@ def test_a_direct_write_refused_midway_finishes_buffered(tmp_path: Path, monkeyp
     monkeypatch.setattr(storewrite.os, "pwrite", pwrite)
     monkeypatch.setattr(storewrite, "_reopen_direct", lambda _fd: os.dup(fd))
     try:
-        with PieceWriter(fd, OBJ, direct=lambda: True, lock=threading.Lock()) as writer:
+        with PieceWriter(fd, OBJ, direct=lambda: True, turns=WriteTurns()) as writer:
             writer.write(data[:MiB // 2], 0)
             writer.write(data[MiB // 2:], MiB // 2)
         assert refused == [0]  # refused once, never tried again
@@ -161,7 +162,7 @@ def test_a_direct_write_refused_midway_finishes_buffered(tmp_path: Path, monkeyp
 def test_a_write_error_is_the_stores_and_a_write_after_close_is_dropped(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT, 0o600)  # not open for writing: EBADF
     try:
-        writer = PieceWriter(fd, OBJ, direct=lambda: False, lock=threading.Lock())
+        writer = PieceWriter(fd, OBJ, direct=lambda: False, turns=WriteTurns())
         with pytest.raises(StoreError) as e:
             writer.write(b"x" * ALIGN, 0)
         assert e.value.errno == errno.EBADF and "cannot write it to the store" in str(e.value)
@@ -182,7 +183,7 @@ def test_once_a_reader_is_served_the_next_pieces_go_through_the_page_cache(tmp_p
     served = False
     before = STATS.direct_bytes
     try:
-        with PieceWriter(fd, OBJ, direct=lambda: not served, lock=threading.Lock()) as writer:
+        with PieceWriter(fd, OBJ, direct=lambda: not served, turns=WriteTurns()) as writer:
             writer.write(data[:MiB], 0)
             served = True
             writer.write(data[MiB:], MiB)
@@ -207,7 +208,7 @@ def test_close_waits_for_a_write_under_way(tmp_path: Path, monkeypatch: pytest.M
         return real_pwrite(wfd, buf, offset)  # type: ignore[arg-type]
 
     monkeypatch.setattr(storewrite.os, "pwrite", held_pwrite)
-    writer = PieceWriter(fd, OBJ, direct=lambda: False, lock=threading.Lock())
+    writer = PieceWriter(fd, OBJ, direct=lambda: False, turns=WriteTurns())
     try:
         writing = threading.Thread(target=writer.write, args=(b"x" * ALIGN, 0), daemon=True)
         writing.start()
@@ -224,6 +225,102 @@ def test_close_waits_for_a_write_under_way(tmp_path: Path, monkeypatch: pytest.M
             writer.write(b"late", 0)
     finally:
         release.set()
+        os.close(fd)
+
+
+def test_a_big_download_file_is_preallocated_and_a_small_one_stays_sparse(tmp_path: Path) -> None:
+    big, small = 9 * MiB, MiB
+    fd_big, fd_small = _file(tmp_path, big), os.open(tmp_path / "s.part", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd_small, small)
+        if not can_allocate(tmp_path):
+            pytest.skip("the test folder's filesystem cannot allocate blocks up front")
+        assert storewrite.preallocate(fd_big, big)
+        assert os.fstat(fd_big).st_blocks * 512 >= big
+        assert os.fstat(fd_big).st_size == big and os.pread(fd_big, MiB, 4 * MiB) == bytes(MiB)  # zeros
+        assert not storewrite.preallocate(fd_small, small)  # one request writes it: nothing to keep apart
+        assert os.fstat(fd_small).st_blocks == 0
+    finally:
+        os.close(fd_big)
+        os.close(fd_small)
+
+
+def _held_write(monkeypatch: pytest.MonkeyPatch, fd: int, turns: WriteTurns,
+                direct: bool) -> tuple[threading.Thread, threading.Event]:
+    """A write of a page of b"x" at offset 0, held in its pwrite until the
+    event is set (direct writes go through a duplicate of `fd`: any filesystem)."""
+    entered, release = threading.Event(), threading.Event()
+    real_pwrite = os.pwrite
+
+    def pwrite(wfd: int, buf: object, offset: int) -> int:
+        if offset == 0:
+            entered.set()
+            assert release.wait(10), "the held write was never released"
+        return real_pwrite(wfd, buf, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storewrite.os, "pwrite", pwrite)
+    monkeypatch.setattr(storewrite, "_reopen_direct", lambda _fd: os.dup(fd))
+    held = threading.Thread(target=PieceWriter(fd, OBJ, direct=lambda: direct, turns=turns).write,
+                            args=(b"x" * ALIGN, 0), daemon=True)
+    held.start()
+    assert entered.wait(10)
+    return held, release
+
+
+def _another_write(turns: WriteTurns, fd: int, offset: int, direct: bool) -> threading.Thread:
+    """Another request's write of a page of b"y" at `offset`, under way."""
+    writer = PieceWriter(fd, OBJ, direct=lambda: direct, turns=turns)
+    thread = threading.Thread(target=writer.write, args=(b"y" * ALIGN, offset), daemon=True)
+    thread.start()
+    return thread
+
+
+def _goes_past(thread: threading.Thread) -> bool:
+    """Whether the write finishes while the held one waits."""
+    thread.join(0.3)
+    return not thread.is_alive()
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_writers_of_one_file_take_turns_only_where_they_must(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             separate: bool) -> None:
+    """In a preallocated file (`separate`), a direct write waits only for
+    writers of its own 1 MiB stripe; in a sparse file, and for buffered
+    writes, one write goes at a time (the kernel would make them wait for the
+    inode's lock anyway, spinning)."""
+    fd = _file(tmp_path, 16 * MiB)
+    turns = WriteTurns(separate=separate)
+    held, release = _held_write(monkeypatch, fd, turns, direct=True)
+    try:
+        elsewhere = _another_write(turns, fd, 2 * MiB, direct=True)
+        assert _goes_past(elsewhere) == separate
+        same_stripe = _another_write(turns, fd, MiB - ALIGN, direct=True)
+        assert not _goes_past(same_stripe)
+        release.set()
+        for thread in (held, elsewhere, same_stripe):
+            thread.join(10)
+        assert os.pread(fd, ALIGN, 0) == b"x" * ALIGN
+        assert os.pread(fd, ALIGN, MiB - ALIGN) == os.pread(fd, ALIGN, 2 * MiB) == b"y" * ALIGN
+    finally:
+        release.set()
+        os.close(fd)
+
+
+def test_buffered_writes_take_turns_with_each_other_in_a_preallocated_file(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    fd = _file(tmp_path, 16 * MiB)
+    turns = WriteTurns(separate=True)
+    held, release = _held_write(monkeypatch, fd, turns, direct=False)
+    try:
+        buffered = _another_write(turns, fd, 4 * MiB, direct=False)
+        assert not _goes_past(buffered)
+        assert _goes_past(_another_write(turns, fd, 8 * MiB, direct=True))  # a direct one elsewhere does not wait
+        release.set()
+        buffered.join(10)
+        assert os.pread(fd, ALIGN, 4 * MiB) == b"y" * ALIGN
+    finally:
+        release.set()
+        held.join(10)
         os.close(fd)
 
 
