@@ -44,7 +44,7 @@ kept for those bytes stay the last write's.  Without that, every writer
 waited on the one holding the file's lock, which after its `pwrite` waits
 for the GIL before it can let go.  Both halves are needed: side by side
 into a sparse file the kernel spins (f8aeb56), and preallocation under one
-lock per file gained nothing measurable; together they took 4-19% off the
+lock per file gained nothing measurable; together they took 2-19% off the
 cold model loads (docs/bench-after.md, "Download files preallocated").
 
 Runs in worker threads (the boto3 requests' threads, awscrt's callback
@@ -131,7 +131,6 @@ class WriteTurns:
     may go at once."""
 
     def __init__(self, separate: bool = False) -> None:
-        self.separate = separate
         self._file = threading.Lock()
         self._stripes = tuple(threading.Lock() for _ in range(_STRIPES)) if separate else ()
 
@@ -170,7 +169,9 @@ class PieceWriter:
         with self._busy:
             if self._closed:
                 raise WriterClosed()
-            direct = offset % ALIGN == 0 and len(view) % ALIGN == 0 and bool(view) and self._direct()
+            # A writer whose filesystem refused O_DIRECT writes buffered, and takes turns as such.
+            direct = (offset % ALIGN == 0 and len(view) % ALIGN == 0 and bool(view) and self._direct_fd != -1
+                      and self._direct())
             held = self._turns.locks(offset, len(view), direct)
             for lock in held:
                 lock.acquire()

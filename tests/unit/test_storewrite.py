@@ -245,10 +245,11 @@ def test_a_big_download_file_is_preallocated_and_a_small_one_stays_sparse(tmp_pa
         os.close(fd_small)
 
 
-def _held_write(monkeypatch: pytest.MonkeyPatch, fd: int, turns: WriteTurns,
-                direct: bool) -> tuple[threading.Thread, threading.Event]:
+def _held_write(monkeypatch: pytest.MonkeyPatch, fd: int, turns: WriteTurns, direct: bool,
+                refused: bool = False) -> tuple[threading.Thread, threading.Event]:
     """A write of a page of b"x" at offset 0, held in its pwrite until the
-    event is set (direct writes go through a duplicate of `fd`: any filesystem)."""
+    event is set (direct writes go through a duplicate of `fd`: any filesystem;
+    `refused`: the writer's earlier piece found O_DIRECT refused)."""
     entered, release = threading.Event(), threading.Event()
     real_pwrite = os.pwrite
 
@@ -259,9 +260,11 @@ def _held_write(monkeypatch: pytest.MonkeyPatch, fd: int, turns: WriteTurns,
         return real_pwrite(wfd, buf, offset)  # type: ignore[arg-type]
 
     monkeypatch.setattr(storewrite.os, "pwrite", pwrite)
-    monkeypatch.setattr(storewrite, "_reopen_direct", lambda _fd: os.dup(fd))
-    held = threading.Thread(target=PieceWriter(fd, OBJ, direct=lambda: direct, turns=turns).write,
-                            args=(b"x" * ALIGN, 0), daemon=True)
+    monkeypatch.setattr(storewrite, "_reopen_direct", lambda _fd: -1 if refused else os.dup(fd))
+    writer = PieceWriter(fd, OBJ, direct=lambda: direct, turns=turns)
+    if refused:
+        writer.write(b"r" * ALIGN, 8 * MiB)
+    held = threading.Thread(target=writer.write, args=(b"x" * ALIGN, 0), daemon=True)
     held.start()
     assert entered.wait(10)
     return held, release
@@ -342,4 +345,22 @@ def test_a_download_file_the_disk_cannot_hold_whole_is_given_back_its_blocks(tmp
         st = os.fstat(fd)
         assert st.st_size == size and st.st_blocks == 0
     finally:
+        os.close(fd)
+
+
+def test_a_writer_refused_o_direct_takes_turns_as_a_buffered_one(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a filesystem that can allocate but refuses O_DIRECT (tmpfs before
+    6.6), every write is buffered, so it takes the file's lock."""
+    fd = _file(tmp_path, 16 * MiB)
+    turns = WriteTurns(separate=True)
+    held, release = _held_write(monkeypatch, fd, turns, direct=True, refused=True)
+    try:
+        buffered = _another_write(turns, fd, 4 * MiB, direct=False)
+        assert not _goes_past(buffered)
+        release.set()
+        buffered.join(10)
+    finally:
+        release.set()
+        held.join(10)
         os.close(fd)
