@@ -19,9 +19,10 @@ from typing import TextIO
 
 import trio
 
-from lazyfs import crt, lockcmd, prefetch
+from lazyfs import crt, interrupt, lockcmd, prefetch
 from lazyfs.catalog import Catalog
 from lazyfs.config import BakeConfig
+from lazyfs.errors import Interrupted
 from lazyfs.fetch import Fetcher
 from lazyfs.lockfile import Lock
 from lazyfs.mounttab import MountError, find_mount
@@ -38,9 +39,23 @@ class BakeResult:
     files: int
     downloaded: int
     skipped: int
-    failed: int
+    failed: list[tuple[str, str]]  # (uri, why)
     bytes_downloaded: int
     seconds: float
+
+
+@dataclass
+class Baking:
+    """The bake under way, for what an interrupted one says it did not do."""
+
+    warmer: prefetch.Prefetcher | None = None
+
+    def unfinished(self, target: object) -> str:
+        if self.warmer is None:
+            return "it stopped before any download; run it again"
+        p = self.warmer.progress
+        return (f"{p.done_files} of {p.files} files are in {target}; run it again to fetch the "
+                "rest (downloads it stopped resume where they were)")
 
 
 def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
@@ -49,14 +64,20 @@ def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
         raise MountError(f"{cfg.target} is a mount ({entry.fstype}): bake into a plain folder "
                          "(unmount it first, or choose another --to)")
     store = Store.open(str(cfg.target), mode=cfg.store_mode, create=True)
+    baking = Baking()
     try:
         remote = Remote(cfg.remote)
-        result, lock = trio.run(_bake, cfg, store, remote, out)
+        result, lock = interrupt.run(_bake, cfg, store, remote, out, baking)
+    except Interrupted as e:
+        e.unfinished = baking.unfinished(cfg.target)
+        raise
     finally:
         store.close()
+    for uri, why in result.failed:
+        print(f"lazyfs bake: failed: {uri}: {why}", file=out)
     print(f"lazyfs bake: {result.files} files: {result.downloaded} downloaded "
           f"({result.bytes_downloaded / 2**20:.1f} MiB), {result.skipped} already current, "
-          f"{result.failed} failed, in {result.seconds:.1f} s -> {cfg.target}"
+          f"{len(result.failed)} failed, in {result.seconds:.1f} s -> {cfg.target}"
           + (f" (lock {lock.short_digest})" if lock is not None else ""), file=out, flush=True)
     if cfg.write_lock is not None and lock is not None:
         if result.failed:
@@ -64,10 +85,11 @@ def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
         else:
             lockcmd.write(lock, cfg.write_lock, out)
             print(lockcmd.summary(lock, cfg.write_lock), file=out, flush=True)
-    return 0 if result.failed == 0 else 1
+    return 0 if not result.failed else 1
 
 
-async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO) -> tuple[BakeResult, Lock | None]:
+async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO,
+                baking: Baking) -> tuple[BakeResult, Lock | None]:
     """Bake what the listing shows, or exactly a lock's versions (--lock; with
     --write-lock, a lock made here first)."""
     lock = cfg.lock
@@ -82,22 +104,23 @@ async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO) -> t
         await catalog.refresh()  # a failure here is a runtime error (exit 1)
         objects = list(catalog.tree.files())
         fetcher = Fetcher(remote, store, cfg.fetch, origin="bake", fetch_range=crt.transfer_for(remote, cfg.fetch))
-    return await _fetch_all(fetcher, objects, out), lock
+    return await _fetch_all(fetcher, objects, out, baking), lock
 
 
-async def _fetch_all(fetcher: Fetcher, objects: list[RemoteObject], out: TextIO) -> BakeResult:
+async def _fetch_all(fetcher: Fetcher, objects: list[RemoteObject], out: TextIO, baking: Baking) -> BakeResult:
     await fetcher.sweep_store(objects)
-    warmer = prefetch.Prefetcher(fetcher, concurrent_files=max(8, fetcher.cfg.max_connections))
+    warmer = baking.warmer = prefetch.Prefetcher(fetcher, concurrent_files=max(8, fetcher.cfg.max_connections))
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
         await nursery.start(fetcher.run)
         nursery.start_soon(_report, warmer, fetcher, out)
-        progress = await warmer.run(objects)
+        # Stopped by a signal: the downloads record what they have on disk
+        # (their resume records) before they are cancelled.
+        with interrupt.on_stop(fetcher.close):
+            progress = await warmer.run(objects)
         nursery.cancel_scope.cancel()
-    for uri, why in progress.failed:
-        print(f"lazyfs bake: failed: {uri}: {why}", file=out)
     return BakeResult(files=len(objects), downloaded=progress.done_files - progress.local_files,
-                      skipped=progress.local_files, failed=len(progress.failed),
+                      skipped=progress.local_files, failed=progress.failed,
                       bytes_downloaded=fetcher.bytes_from_s3, seconds=time.monotonic() - started)
 
 

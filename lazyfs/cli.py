@@ -1,9 +1,11 @@
 """Command line: subcommands, argv and environment into configuration, and the
 one place where exceptions become exit codes.
 
-Exit codes: 0 success; 1 runtime failure (object store refused or unreachable,
-mount failed); 2 usage or configuration error.  Every error is one line on
-stderr, never a traceback.
+Exit codes: 0 success (a mount stopped by SIGTERM or SIGINT too); 1 runtime
+failure (object store refused or unreachable, mount failed); 2 usage or
+configuration error; 128+signal (130, 143) any other command stopped by
+SIGINT or SIGTERM before it finished.  Every error is one line on stderr,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import signal
 import sys
 from typing import Any, NoReturn, Sequence
 
-from lazyfs import __version__, options
+from lazyfs import __version__, interrupt, options
 from lazyfs.config import bake_config, diff_config, doctor_config, lock_config, mount_config, status_config
-from lazyfs.errors import ConfigError, LazyfsError, UsageError
+from lazyfs.errors import ConfigError, Interrupted, LazyfsError, UsageError
 from lazyfs.options import Option
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -185,15 +187,24 @@ _HANDLERS = {"mount": _cmd_mount, "bake": _cmd_bake, "status": _cmd_status, "loc
              "doctor": _cmd_doctor, "umount": _cmd_umount}
 
 
-def _stop(signum: int, frame: Any) -> NoReturn:
-    # Before the mount is up there is nothing to clean up: a container stop
-    # during start-up is still a clean exit.  SIGINT too: as a
-    # KeyboardInterrupt it could land inside an `exec()` of a string (a
-    # dataclass being created by an import, a lazy one included), which
-    # CPython 3.11 remembers as an unhandled interrupt even once caught: the
-    # process would then kill itself with SIGINT at exit, no message, instead
-    # of exiting 0.
-    raise SystemExit(EXIT_OK)
+class _Stops:
+    # Set by main from its argv, before anything else runs: what a stop signal means.
+    clean = False
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """SIGTERM and SIGINT.  A mount (until mount.py's own signal task takes
+    them over): before it is up there is nothing to clean up, so a container
+    stop during start-up is still a clean exit, 0.  Any other command has not
+    done its work: interrupt.stop raises errors.Interrupted (exit 128+signal),
+    or stops the trio run it is in.  Neither is a KeyboardInterrupt: one could
+    land inside an `exec()` of a string (a dataclass being created by an
+    import, a lazy one included), which CPython 3.11 remembers as an
+    unhandled interrupt even once caught: the process would then kill itself
+    with SIGINT at exit, no message, instead of exiting with its code."""
+    if _Stops.clean:
+        raise SystemExit(EXIT_OK)
+    interrupt.stop(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,13 +214,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # off until the mount is ready (mount._announce), and comes back on at
     # once for every other command (_run).
     gc.disable()
+    argv = sys.argv[1:] if argv is None else argv
+    _Stops.clean = bool(argv) and argv[0] == "mount"  # the command comes first (only --version may precede)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
         return _run(argv)
     finally:
-        gc.enable()
         _ignore_stops()
+        gc.enable()
 
 
 def _ignore_stops() -> None:
@@ -217,24 +230,31 @@ def _ignore_stops() -> None:
     twice) must not interrupt the interpreter's own clean-up, nor change the
     exit code.  Python runs the handler of a signal that has just arrived
     before it changes any handler, so one arriving now raises here, from
-    the old handler (_stop's SystemExit): it is the stop we are doing
-    already."""
+    the old handler (_stop's SystemExit, or an Interrupted): it is the stop
+    we are doing already, or one that came after the work was done."""
     while True:
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             return
-        except SystemExit:
+        except SystemExit:  # errors.Interrupted too
             continue
 
 
-def _run(argv: Sequence[str] | None) -> int:
+def _run(argv: Sequence[str]) -> int:
+    command = ""
     try:
         args = build_parser().parse_args(argv)
-        if args.command != "mount":
+        command = args.command
+        if command != "mount":
             gc.enable()
         setup_logging(args.log_level or "info", args.log_format or "text")
-        return int(_HANDLERS[args.command](args))
+        return int(_HANDLERS[command](args))
+    except Interrupted as e:
+        _ignore_stops()  # a second signal while this one is told changes nothing
+        print(f"lazyfs: {command + ' ' if command else ''}interrupted by {e.signal_name}"
+              + (f"; {e.unfinished}" if e.unfinished else ""), file=sys.stderr)
+        return e.exit_code
     except ConfigError as e:
         print(f"lazyfs: error: {e}", file=sys.stderr)
         return EXIT_USAGE

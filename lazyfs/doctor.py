@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
-import trio
-
+from lazyfs import interrupt
 from lazyfs.catalog import Catalog
 from lazyfs.config import DoctorConfig
 from lazyfs.errors import LazyfsError
@@ -249,7 +248,7 @@ def sources(cfg: DoctorConfig) -> list[Check]:
         try:
             remote.probe(source)
             catalog = Catalog(remote, [source])
-            trio.run(catalog.refresh)
+            interrupt.run(catalog.refresh)
         except LazyfsError as e:
             results.append(Check(FAIL, f"bucket {source.bucket}", str(e),
                                  "check the bucket name, region, endpoint and the credentials' permissions"))

@@ -8,6 +8,7 @@ act on and never contain credentials.
 from __future__ import annotations
 
 import errno
+import signal
 
 
 class LazyfsError(Exception):
@@ -86,6 +87,27 @@ class StoreError(LazyfsError):
     def __init__(self, message: str, err: int = errno.EIO) -> None:
         super().__init__(message)
         self.errno = err
+
+
+class Interrupted(SystemExit):
+    """A command other than `mount` stopped by SIGINT or SIGTERM before it
+    finished (interrupt.py).  It exits 128 + the signal's number, the
+    shell's convention (130, 143); `unfinished` says what it did not do.  A
+    SystemExit, not a KeyboardInterrupt (cli._stop says why): should it ever
+    escape cli's handling, the process still exits with that code, silently."""
+
+    def __init__(self, signum: int, unfinished: str = "") -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.unfinished = unfinished
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
 
 
 class UnsafeKey(ValueError):

@@ -24,10 +24,10 @@ from typing import Any, Sequence, TextIO
 
 import trio
 
-from lazyfs import __version__, lockfile, verify
+from lazyfs import __version__, interrupt, lockfile, verify
 from lazyfs.catalog import Catalog
 from lazyfs.config import DiffConfig, LockConfig, Source
-from lazyfs.errors import LazyfsError, ObjectNotFound
+from lazyfs.errors import Interrupted, LazyfsError, ObjectNotFound
 from lazyfs.lockfile import ConfigRef, Entry, Folder, Lock
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore
@@ -42,7 +42,11 @@ LOCK_HEADS = 16
 def run(cfg: LockConfig, out: TextIO = sys.stdout) -> int:
     from lazyfs.remote import Remote  # boto3: only for the commands that talk to S3
 
-    lock = trio.run(make_lock, Remote(cfg.remote), cfg.sources, cfg.configs)
+    try:
+        lock = interrupt.run(make_lock, Remote(cfg.remote), cfg.sources, cfg.configs)
+    except Interrupted as e:
+        e.unfinished = "no lock written"
+        raise
     write(lock, cfg.output, sys.stdout)
     print(summary(lock, cfg.output), file=out if cfg.output is not None else sys.stderr, flush=True)
     return 0
@@ -59,7 +63,8 @@ async def make_lock(remote: ObjectStore, sources: Sequence[Source], configs: Seq
 
     async def one(obj: RemoteObject, cancel: trio.CancelScope) -> None:
         try:
-            entries.append(await trio.to_thread.run_sync(entry_of, remote, obj))
+            # Abandoned on cancel (a failed HEAD, a stop signal): it changes nothing.
+            entries.append(await trio.to_thread.run_sync(entry_of, remote, obj, abandon_on_cancel=True))
         except LazyfsError as e:
             errors.append(e)
             cancel.cancel()  # a lock is whole or it is not written

@@ -25,9 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import trio
-
-from lazyfs import contentcheck
+from lazyfs import contentcheck, interrupt
 from lazyfs.catalog import Catalog, offline_objects
 from lazyfs.config import StatusConfig
 from lazyfs.errors import RemoteUnavailable
@@ -124,7 +122,7 @@ def from_store(cfg: StatusConfig) -> Answer:
     try:
         unknown = ""
         try:
-            objects = trio.run(_list, Remote(cfg.remote), cfg)
+            objects = interrupt.run(_list, Remote(cfg.remote), cfg)
             note = f"store {cfg.store}, listing from the object store"
         except RemoteUnavailable as e:
             objects = offline_objects(store, cfg.sources)

@@ -1,6 +1,7 @@
-"""How `lazyfs` ends: a stop signal (SIGTERM, Ctrl-C) exits 0, wherever it
-lands; one that arrives as the process exits (a container stop sent twice, a
-second Ctrl-C) neither kills it by the signal nor changes its exit code."""
+"""How `lazyfs` ends: a stop signal (SIGTERM, Ctrl-C) exits a mount with 0
+and any other command with 128+signal and one line, wherever it lands; one
+that arrives as the process exits (a container stop sent twice, a second
+Ctrl-C) neither kills it by the signal nor changes its exit code."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from lazyfs import cli
+from lazyfs.errors import Interrupted
 
 
 @pytest.fixture
@@ -28,7 +30,8 @@ def handlers() -> Iterator[None]:
 def arriving_as_handlers_change(monkeypatch: pytest.MonkeyPatch, raised: BaseException) -> list[int]:
     """CPython runs the handler of a signal that has just arrived before it
     changes any handler: the first change on the way out raises what that
-    handler raises (lazyfs's handler of both: a SystemExit)."""
+    handler raises (lazyfs's handler of both: a SystemExit, for a mount, or
+    an Interrupted, for the other commands)."""
     real: Callable[..., Any] = signal.signal
     changed: list[int] = []
 
@@ -43,25 +46,28 @@ def arriving_as_handlers_change(monkeypatch: pytest.MonkeyPatch, raised: BaseExc
     return changed
 
 
+@pytest.mark.parametrize("command, raised", [("mount", SystemExit(0)), ("status", Interrupted(signal.SIGTERM))])
 @pytest.mark.parametrize("code", [cli.EXIT_OK, cli.EXIT_RUNTIME])
 def test_a_stop_signal_during_exit_keeps_the_exit_code(monkeypatch: pytest.MonkeyPatch, handlers: None,
-                                                       code: int) -> None:
+                                                       code: int, command: str, raised: SystemExit) -> None:
     monkeypatch.setattr(cli, "_run", lambda argv: code)
-    changed = arriving_as_handlers_change(monkeypatch, SystemExit(0))
-    assert cli.main(["status"]) == code
+    changed = arriving_as_handlers_change(monkeypatch, raised)
+    assert cli.main([command]) == code
     assert -1 in changed, "the signal was never simulated"
     assert {signal.SIGINT, signal.SIGTERM} <= set(changed[changed.index(-1):])
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
 
 
+@pytest.mark.parametrize("command", ["mount", "status"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_inside_an_exec_of_a_string_exits_zero(sig: int, tmp_path: Path) -> None:
+def test_a_stop_inside_an_exec_of_a_string_exits_with_its_code(sig: int, command: str, tmp_path: Path) -> None:
     """An import creating a dataclass runs `exec()` on a string.  A Ctrl-C
     landing there as a KeyboardInterrupt made CPython 3.11 kill the process
     with SIGINT at exit (no message), even though lazyfs caught it: seen as
     a start-up stop exiting -2 instead of 0, one run in about fifteen.  Run
-    with `-m`, as `python -m lazyfs` is: `-c` exits before that check."""
+    with `-m`, as `python -m lazyfs` is: `-c` exits before that check.  A
+    mount exits 0; any other command 128+signal, saying so."""
     program = textwrap.dedent(f"""
         from lazyfs import cli
 
@@ -69,13 +75,15 @@ def test_a_stop_inside_an_exec_of_a_string_exits_zero(sig: int, tmp_path: Path) 
             exec("import os; os.kill(os.getpid(), {int(sig)}); [i for i in range(100000)]")
             return 1  # the stop did not stop us
 
-        cli._HANDLERS["status"] = start
-        raise SystemExit(cli.main(["status"]))
+        cli._HANDLERS["{command}"] = start
+        raise SystemExit(cli.main(["{command}", "/mnt"] if "{command}" == "mount" else ["{command}"]))
     """)
     (tmp_path / "stopped_in_exec.py").write_text(program)
     done = subprocess.run([sys.executable, "-m", "stopped_in_exec"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)
-    assert (done.returncode, done.stderr) == (cli.EXIT_OK, "")
+    expected = (cli.EXIT_OK, "") if command == "mount" else \
+        (128 + sig, f"lazyfs: {command} interrupted by {signal.Signals(sig).name}\n")
+    assert (done.returncode, done.stderr) == expected
 
 
 @pytest.mark.parametrize("argv, collecting", [(["status"], True), (["mount", "/mnt/models"], False)])
