@@ -4,8 +4,8 @@ one place where exceptions become exit codes.
 Exit codes: 0 success (a mount stopped by SIGTERM or SIGINT too); 1 runtime
 failure (object store refused or unreachable, mount failed); 2 usage or
 configuration error; 128+signal (130, 143) any other command stopped by
-SIGINT or SIGTERM before it finished.  Every error is one line on stderr,
-never a traceback.
+SIGINT or SIGTERM before it finished; 141 (128+SIGPIPE) stdout closed by its
+reader.  Every error is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import os
+import select
 import signal
 import sys
 from typing import Any, NoReturn, Sequence
@@ -25,6 +26,9 @@ from lazyfs.errors import ConfigError, Interrupted, LazyfsError, UsageError
 from lazyfs.options import Option
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+# Output nobody reads any more (`lazyfs status | head`): 128 + SIGPIPE, what a
+# command killed by SIGPIPE (ls, cat) reports.
+EXIT_OUTPUT_CLOSED = 128 + signal.SIGPIPE
 
 log = logging.getLogger("lazyfs")
 
@@ -249,7 +253,9 @@ def _run(argv: Sequence[str]) -> int:
         if command != "mount":
             gc.enable()
         setup_logging(args.log_level or "info", args.log_format or "text")
-        return int(_HANDLERS[command](args))
+        code = int(_HANDLERS[command](args))
+        sys.stdout.flush()  # here, not at exit: a reader gone is told apart below
+        return code
     except Interrupted as e:
         _ignore_stops()  # a second signal while this one is told changes nothing
         print(f"lazyfs: {command + ' ' if command else ''}interrupted by {e.signal_name}"
@@ -262,7 +268,40 @@ def _run(argv: Sequence[str]) -> int:
         print(f"lazyfs: error: {e}", file=sys.stderr)
         return EXIT_RUNTIME
     except Exception as e:  # a bug: say so in one line, keep the traceback for debug logs
+        if _reader_left(e):
+            return EXIT_OUTPUT_CLOSED
         log.debug("internal error", exc_info=True)
         print(f"lazyfs: internal error: {type(e).__name__}: {e} (rerun with --log-level debug "
               "for details)", file=sys.stderr)
         return EXIT_RUNTIME
+
+
+def _reader_left(e: Exception) -> bool:
+    """Did `e` come of writing to a stdout whose reader is gone (`lazyfs
+    status | head`)?  Then there is nothing to say and no one to say it to:
+    stdout is pointed at /dev/null, so that the interpreter's last flush of
+    what is still buffered does not fail again, as the Python documentation
+    advises for SIGPIPE.  A broken pipe anywhere else stays an internal
+    error."""
+    if not _broken_pipe(e) or not _stdout_closed():
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return True
+
+
+def _broken_pipe(e: BaseException) -> bool:
+    if isinstance(e, BrokenPipeError):
+        return True
+    inner = getattr(e, "exceptions", None)  # an ExceptionGroup (a trio nursery's: bake's progress lines)
+    return isinstance(inner, tuple) and any(_broken_pipe(x) for x in inner)
+
+
+def _stdout_closed() -> bool:
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), 0)  # POLLERR and POLLHUP are always reported
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in p.poll(0))
+    except (OSError, ValueError):  # no descriptor (stdout replaced or closed)
+        return False

@@ -2,10 +2,12 @@
 would (a subprocess).  Only `mount` treats SIGTERM/SIGINT as a clean stop
 (exit 0: tests/e2e/test_mount_basics.py); every other command stopped by one
 exits 128+signal with one line saying so, never a traceback or trio's
-warnings; a bake stopped leaves only what its next run resumes from."""
+warnings; a bake stopped leaves only what its next run resumes from.  A
+stdout closed by its reader (`| head`) exits 141, quietly."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -113,3 +115,39 @@ def test_status_stopped_by_sigterm_is_not_ready(s3, bucket, proxy: S3Proxy, tmp_
         code, out, err = stop(proc, signal.SIGTERM)
     assert code == 128 + signal.SIGTERM, out + err
     interrupted_line(err, "status", signal.SIGTERM)
+
+
+def write_lock(path: Path, n: int) -> Path:
+    """A lock of `n` files made by `lazyfs lock` needs S3; diff only reads."""
+    from lazyfs import lockfile
+    from lazyfs.lockfile import Entry, Folder
+
+    entries = tuple(Entry("bkt", f"m/f{i:05d}.bin", 1000 + i, f"{i:032x}", "", 0, None) for i in range(n))
+    path.write_text(lockfile.dumps(lockfile.make([Folder("bkt", "m/", entries)], (), "lazyfs test")))
+    return path
+
+
+def test_diff_into_a_closed_pipe_exits_141_quietly(tmp_path: Path) -> None:
+    old, new = write_lock(tmp_path / "old.lock", 0), write_lock(tmp_path / "new.lock", 20000)
+    for fmt in ([], ["--json"]):
+        # `| head -c 10`: the reader takes a few bytes and goes.
+        proc = subprocess.Popen([sys.executable, "-m", "lazyfs", "diff", str(old), str(new), *fmt],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            assert len(proc.stdout.read(10)) == 10
+            proc.stdout.close()
+            err = proc.stderr.read().decode()
+            assert proc.wait(timeout=60) == 141, err
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stderr.close()
+        assert err == "", err
+
+
+def test_diff_into_a_pipe_read_to_the_end_still_exits_0(tmp_path: Path) -> None:
+    old, new = write_lock(tmp_path / "old.lock", 0), write_lock(tmp_path / "new.lock", 3)
+    res = lazyfs_cli(["diff", str(old), str(new), "--json"])
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["download"]["files"] == 3
