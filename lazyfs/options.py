@@ -73,7 +73,7 @@ def parse_options(options: Sequence[Option], raw: Mapping[str, Any]) -> dict[str
 
 def _refresh(value: float, flag: str) -> float:
     if not value >= 0:  # negative, or NaN
-        raise ConfigError(f"{flag} {value} must be 0 (never) or a number of seconds")
+        raise ConfigError(f"{flag} {value:g} must be 0 (never) or a number of seconds")
     return value
 
 
@@ -89,9 +89,10 @@ def size_at_least(minimum: int) -> Any:
 
 def in_range(low: float, high: float, unit: str = "", low_open: bool = False) -> Any:
     """A number within [low, high] (or (low, high]), else one sentence naming the flag."""
+    bounds = f"more than {low:g} and at most {high:g}{unit}" if low_open else f"between {low:g} and {high:g}{unit}"
+
     def check(value: float, flag: str) -> float:
         if not low <= value <= high or (low_open and value == low):  # NaN fails too
-            bounds = f"between {low:g} and {high:g}{unit}"
             raise ConfigError(f"{flag} {value:g} must be {bounds}")
         return value
     return check
