@@ -27,7 +27,7 @@ from lazyfs.config import FetchConfig, RemoteConfig
 from lazyfs.errors import AccessDenied, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable, StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta
-from lazyfs.ranged_get import RangeJob, Stopped
+from lazyfs.ranged_get import RangeJob, Stopped, naming
 from lazyfs.stats import STATS
 from lazyfs.storewrite import PieceWriter, WriterClosed
 
@@ -110,8 +110,8 @@ class CrtTransfer:
                 if attempt >= self.cfg.max_attempts or not (state.stalled or state.status in (200, 206)):
                     raise
                 delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
-                log.info("%s: %s; retrying bytes %d-%d in %.1f s", job.obj.uri, e, state.reached, job.end - 1,
-                         delay)
+                log.info("%s; retrying bytes %d-%d in %.1f s (attempt %d of %d)", naming(job.obj, e),
+                         state.reached, job.end - 1, delay, attempt + 1, self.cfg.max_attempts)
                 STATS.bump("retries")
                 time.sleep(delay)
                 pos = state.reached

@@ -95,12 +95,18 @@ def _fetch(remote: ObjectStore, job: RangeJob, writer: PieceWriter) -> None:
             if attempt >= job.attempts:
                 raise
             delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
-            log.info("%s: %s; retrying bytes %d-%d in %.1f s (attempt %d of %d)", job.obj.uri, e,
+            log.info("%s; retrying bytes %d-%d in %.1f s (attempt %d of %d)", naming(job.obj, e),
                      pos, end - 1, delay, attempt + 1, job.attempts)
             STATS.bump("retries")
             time.sleep(delay)
         finally:
             stream.close()
+
+
+def naming(obj: RemoteObject, e: Exception) -> str:
+    """`e`'s message, starting with the object's URI once (most already do)."""
+    message = str(e)
+    return message if message.startswith(obj.uri) else f"{obj.uri}: {message}"
 
 
 def _read(stream: Body, obj: RemoteObject, n: int) -> bytes:

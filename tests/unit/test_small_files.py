@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lazyfs import layer, listings
+from lazyfs import layer, listings, ranged_get
 from lazyfs.errors import RemoteUnavailable, StoreError
 from lazyfs.layer import write_small
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta
-from lazyfs.ranged_get import _read
+from lazyfs.ranged_get import RangeJob, _read, fetch_range_blocking
 from lazyfs.store import Store
 from lazyfs.storewrite import PieceWriter, WriteTurns
 
@@ -95,3 +96,50 @@ def test_a_write_error_is_the_stores_with_its_errno(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert e.value.errno == errno.EBADF and "cannot write it to the store" in str(e.value)
+
+
+class BreaksOnce:
+    """A remote whose first body breaks off after 4 bytes."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.calls = data, 0
+
+    def get_range(self, obj: RemoteObject, start: int, end: int) -> Any:
+        self.calls += 1
+        body, broken = self.data[start:end], self.calls == 1
+
+        class Body:
+            meta = ResponseMeta(etag_is_md5=True, checksum=None)
+            sent = 0
+
+            def read(self, n: int) -> bytes:
+                if broken and self.sent >= 4:
+                    raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+                piece = body[self.sent:self.sent + (min(n, 4) if broken else n)]
+                self.sent += len(piece)
+                return piece
+
+            def close(self) -> None:
+                pass
+
+        return Body()
+
+
+def test_a_retry_names_the_object_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The cause's message starts with the object's URI already: the retry
+    line said "s3://bkt/m/w.bin: s3://bkt/m/w.bin: transfer broke off..."."""
+    monkeypatch.setattr(ranged_get.time, "sleep", lambda s: None)
+    remote = BreaksOnce(b"0123456789")
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    job = RangeJob(OBJ, fd, WriteTurns(), 0, 10, 10, attempts=3, cancelled=lambda: False,
+                   posted=lambda n: None, got_meta=lambda meta: None)
+    try:
+        with caplog.at_level(logging.INFO, logger="lazyfs.ranged_get"):
+            fetch_range_blocking(remote, job)  # type: ignore[arg-type]
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"0123456789"
+    [line] = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert line.startswith(f"{OBJ.uri}: transfer broke off") and line.count(OBJ.uri) == 1, line
+    assert "retrying bytes 4-9" in line and "(attempt 2 of 3)" in line
