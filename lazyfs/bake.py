@@ -19,7 +19,7 @@ from typing import TextIO
 
 import trio
 
-from lazyfs import crt, interrupt, lockcmd, prefetch
+from lazyfs import crt, interrupt, lockcmd, prefetch, wording
 from lazyfs.catalog import Catalog
 from lazyfs.config import BakeConfig
 from lazyfs.errors import Interrupted
@@ -54,7 +54,7 @@ class Baking:
         if self.warmer is None:
             return "it stopped before any download; run it again"
         p = self.warmer.progress
-        return (f"{p.done_files} of {p.files} files are in {target}; run it again to fetch the "
+        return (f"{p.done_files} of {wording.count(p.files, 'file')} are in {target}; run it again to fetch the "
                 "rest (downloads it stopped resume where they were)")
 
 
@@ -75,7 +75,7 @@ def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
         store.close()
     for uri, why in result.failed:
         print(f"lazyfs bake: failed: {uri}: {why}", file=out)
-    print(f"lazyfs bake: {result.files} files: {result.downloaded} downloaded "
+    print(f"lazyfs bake: {wording.count(result.files, 'file')}: {result.downloaded} downloaded "
           f"({result.bytes_downloaded / 2**20:.1f} MiB), {result.skipped} already current, "
           f"{len(result.failed)} failed, in {result.seconds:.1f} s -> {cfg.target}"
           + (f" (lock {lock.short_digest})" if lock is not None else ""), file=out, flush=True)
@@ -139,7 +139,7 @@ async def _report(warmer: prefetch.Prefetcher, fetcher: Fetcher, out: TextIO) ->
                 now = _bytes_done(warmer, fetcher)
                 bar.update(now - shown)
                 shown = now
-                bar.set_postfix_str(f"{p.done_files}/{p.files} files")
+                bar.set_postfix_str(f"{p.done_files}/{wording.count(p.files, 'file')}")
                 await trio.sleep(0.2)
     started = time.monotonic()
     while True:
@@ -148,8 +148,9 @@ async def _report(warmer: prefetch.Prefetcher, fetcher: Fetcher, out: TextIO) ->
         secs = time.monotonic() - started
         rate = done / secs if secs else 0.0
         eta = (p.bytes - done) / rate if rate else float("inf")
-        print(f"lazyfs bake: {p.done_files}/{p.files} files, {done / 2**20:.0f}/{p.bytes / 2**20:.0f} MiB, "
-              f"{rate / 1e6:.0f} MB/s, ETA {eta:.0f} s", file=out, flush=True)
+        print(f"lazyfs bake: {p.done_files}/{wording.count(p.files, 'file')}, "
+              f"{done / 2**20:.0f}/{p.bytes / 2**20:.0f} MiB, {rate / 1e6:.0f} MB/s, ETA {eta:.0f} s",
+              file=out, flush=True)
 
 
 def _bytes_done(warmer: prefetch.Prefetcher, fetcher: Fetcher) -> int:

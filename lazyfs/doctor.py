@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
-from lazyfs import interrupt
+from lazyfs import interrupt, wording
 from lazyfs.catalog import Catalog
 from lazyfs.config import DoctorConfig
 from lazyfs.errors import LazyfsError
@@ -256,7 +256,8 @@ def sources(cfg: DoctorConfig) -> list[Check]:
         tree = catalog.tree
         level = OK if tree.objects else WARN
         results.append(Check(level, f"folder {source.uri}",
-                             f"{tree.objects} objects, {tree.total_bytes / 2**20:.1f} MiB"
-                             + (f" ({len(tree.skipped)} keys skipped as unsafe)" if tree.skipped else ""),
+                             f"{wording.count(tree.objects, 'object')}, {tree.total_bytes / 2**20:.1f} MiB"
+                             + (f" ({wording.count(len(tree.skipped), 'key')} skipped as unsafe)"
+                                if tree.skipped else ""),
                              "the folder is empty: check download_files_from"))
     return results

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import trio
 
+from lazyfs import wording
 from lazyfs.errors import RemoteError, UnsafeKey
 from lazyfs.lister import Lister
 from lazyfs.lockfile import Lock
@@ -106,8 +107,8 @@ class DriftWatch:
         self._apply(drift)
         self.drift = drift
         log.info("drift check: %d changed, %d deleted, %d added in the bucket since %s; serving the lock's "
-                 "%d files as they were", len(drift.changed), len(drift.deleted), len(drift.added),
-                 self.pin.lock.short_digest, self.pin.lock.files)
+                 "%s as they were", len(drift.changed), len(drift.deleted), len(drift.added),
+                 self.pin.lock.short_digest, wording.count(self.pin.lock.files, "file"))
         return drift
 
     def _apply(self, drift: Drift) -> None:

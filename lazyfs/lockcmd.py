@@ -24,7 +24,7 @@ from typing import Any, Sequence, TextIO
 
 import trio
 
-from lazyfs import __version__, interrupt, lockfile, verify
+from lazyfs import __version__, interrupt, lockfile, verify, wording
 from lazyfs.catalog import Catalog
 from lazyfs.config import DiffConfig, LockConfig, Source
 from lazyfs.errors import Interrupted, LazyfsError, ObjectNotFound
@@ -133,7 +133,7 @@ def summary(lock: Lock, path: Path | None) -> str:
                "pinned mount, never different)")
     unchecked = sum(1 for e in lock.entries() if e.check is None)
     note = f"; {unchecked} with nothing to check their bytes against but their size" if unchecked else ""
-    return (f"lazyfs lock: {lock.files} files, {lock.bytes / 2**20:.1f} MiB in "
+    return (f"lazyfs lock: {_files(lock.files)}, {lock.bytes / 2**20:.1f} MiB in "
             f"{', '.join(s.uri for s in lock.sources)}, {how}{note} -> {path or 'standard output'} "
             f"({lock.short_digest})")
 
@@ -215,7 +215,7 @@ def _about(lock: Lock) -> str:
 
 
 def _files(n: int) -> str:
-    return f"{n} file" if n == 1 else f"{n} files"
+    return wording.count(n, "file")
 
 
 def _diff_json(cfg: DiffConfig, switch: Switch) -> dict[str, Any]:

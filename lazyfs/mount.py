@@ -26,7 +26,7 @@ from typing import AsyncIterator
 import pyfuse3
 import trio
 
-from lazyfs import checkpoint, crt, prefetch
+from lazyfs import checkpoint, crt, prefetch, wording
 from lazyfs.budget import Budget
 from lazyfs.catalog import Catalog, offline_objects
 from lazyfs.config import MountConfig, Source
@@ -183,8 +183,8 @@ def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[Re
     if not objects:
         raise MountError(f"{error}, and the store {cfg.store_path} has nothing to serve for "
                          f"{', '.join(s.uri for s in cfg.sources)}") from None
-    log.warning("%s: starting offline with the %d files the store knows; uncached files fail "
-                "with EIO until the object store is reachable again", error, len(objects))
+    log.warning("%s: starting offline with the %s the store knows; uncached files fail "
+                "with EIO until the object store is reachable again", error, wording.count(len(objects), "file"))
     return objects
 
 
@@ -325,13 +325,13 @@ def ready_line(cfg: MountConfig, catalog: Catalog) -> str:
     if cfg.lock is not None:
         by = "each by its version id" if cfg.lock.versioned else "by version id or ETag"
         return (f"lazyfs: ready PINNED: {where}; serving lock {cfg.lock.path} ({cfg.lock.short_digest}, "
-                f"{cfg.lock.files} files, {by})")
+                f"{wording.count(cfg.lock.files, 'file')}, {by})")
     state, error = catalog.state, catalog.last.error
     if state == "offline":
         return f"lazyfs: ready OFFLINE: {where}"
     if state == "saved":
         return (f"lazyfs: ready SAVED LISTING: {where}; serving the store's saved listing "
-                f"({catalog.tree.objects} files) while the listing is retried ({error})")
+                f"({wording.count(catalog.tree.objects, 'file')}) while the listing is retried ({error})")
     if state == "failing":
         return (f"lazyfs: ready LISTING FAILED: {where}; the listing is being retried ({error}); "
                 "meanwhile each lookup lists its own name")
@@ -379,7 +379,7 @@ class Warmer:
     async def _warm(self, objects: list[RemoteObject]) -> None:
         if not objects:
             return
-        log.info("prefetch: %d files, %.2f GiB", len(objects), sum(o.size for o in objects) / 2**30)
+        log.info("prefetch: %s, %.2f GiB", wording.count(len(objects), "file"), sum(o.size for o in objects) / 2**30)
         result = await self.prefetcher.run(objects)
         log.info("prefetch done: %s", prefetch.summary(result))
 

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Sequence
 
 import trio
 
+from lazyfs import wording
 from lazyfs.config import Source
 from lazyfs.download import Download
 from lazyfs.errors import LazyfsError
@@ -130,7 +131,7 @@ class Prefetcher:
 def summary(p: Progress) -> str:
     secs = max(time.monotonic() - p.started, 1e-6)
     fetched = p.done_bytes
-    return (f"{p.done_files} of {p.files} files ({fetched / 2**30:.2f} of {p.bytes / 2**30:.2f} GiB) "
+    return (f"{p.done_files} of {wording.count(p.files, 'file')} ({fetched / 2**30:.2f} of {p.bytes / 2**30:.2f} GiB) "
             f"in {secs:.1f} s ({fetched / secs / 1e6:.0f} MB/s), {p.local_files} already local, "
             f"{len(p.failed)} failed" + (f", {p.skipped_files} too large for the cache budget"
                                          if p.skipped_files else ""))

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import trio
 
-from lazyfs import supervise
+from lazyfs import supervise, wording
 from lazyfs.catalog import Catalog
 from lazyfs.errors import RemoteError
 from lazyfs.namespace import Diff
@@ -72,7 +72,8 @@ class Refresher:
             log.error("listing failed: %s", e)
             return None
         if first:
-            log.info("listed %d objects (%.2f s)", self.catalog.last.objects, self.catalog.last.seconds)
+            log.info("listed %s (%.2f s)", wording.count(self.catalog.last.objects, "object"),
+                     self.catalog.last.seconds)
         if diff:
             # Listeners first: the kernel's entries are being invalidated by
             # the time the line is read (tests wait for it before reopening).

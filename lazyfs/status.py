@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from lazyfs import contentcheck, interrupt
+from lazyfs import contentcheck, interrupt, wording
 from lazyfs.catalog import Catalog, offline_objects
 from lazyfs.config import StatusConfig
 from lazyfs.errors import RemoteUnavailable
@@ -112,7 +112,8 @@ def _unproven(files: list[FileStatus], content: bool) -> str:
     """Files on disk that cannot be shown to be the locked version."""
     bare = sum(1 for f in files if f.state is FileState.PREBAKED and f.content != "match")
     if bare:
-        return (f"{bare} files have no identity record to prove they are the locked version"
+        return (f"{wording.count(bare, 'file')} {'has' if bare == 1 else 'have'} no identity record to prove "
+                "they are the locked version"
                 + ("" if content else " (--verify content checks their bytes)"))
     return ""
 
@@ -175,7 +176,9 @@ def _pinned_note(pinned: Any) -> str:
     """What the mount says of the lock it serves, and of the bucket's drift since."""
     if not isinstance(pinned, dict):
         return ""
-    note = f"; pinned to lock {str(pinned.get('digest'))[:19]} ({pinned.get('files')} files)"
+    files = pinned.get("files")
+    counted = wording.count(files, "file") if isinstance(files, int) else f"{files} files"
+    note = f"; pinned to lock {str(pinned.get('digest'))[:19]} ({counted})"
     drift = pinned.get("drift") or {}
     if drift.get("checked_at"):
         note += (f"; drift since the lock: {drift.get('changed')} changed, {drift.get('deleted')} deleted, "
@@ -230,7 +233,7 @@ def _ask_files(cfg: StatusConfig, stats: dict[str, Any]) -> tuple[list[FileStatu
                     failed += 1
                     continue
                 files.append(FileStatus(os.path.relpath(path, cfg.store), size, state, verified))
-    return files, f"{failed} files could not be asked for their state" if failed else ""
+    return files, f"{wording.count(failed, 'file')} could not be asked for their state" if failed else ""
 
 
 def _local(store: Store, obj: RemoteObject) -> FileStatus:
@@ -260,7 +263,7 @@ def _missing_files(cfg: StatusConfig, stats: dict[str, Any], found: int) -> str:
     listed = stats.get("objects")
     if sorted(stats.get("sources") or ()) != sorted(s.uri for s in cfg.sources) or not isinstance(listed, int):
         return ""
-    return f"the mount lists {listed} files, {found} were found" if found < listed else ""
+    return f"the mount lists {wording.count(listed, 'file')}, {found} were found" if found < listed else ""
 
 
 def report(answer: Answer, as_json: bool, out: TextIO) -> None:
@@ -290,4 +293,5 @@ def report(answer: Answer, as_json: bool, out: TextIO) -> None:
     verdict = "ready" if ready else f"not ready: {answer.unknown}" if answer.unknown else "not ready"
     if ready and answer.lock:
         verdict = f"ready: matches lock {answer.lock}"
-    print(f"{len(files)} files, {total / 2**20:.1f} MiB: {summary} ({verdict}; {answer.note})", file=out)
+    print(f"{wording.count(len(files), 'file')}, {total / 2**20:.1f} MiB: {summary} ({verdict}; {answer.note})",
+          file=out)

@@ -156,7 +156,7 @@ def test_doctor_healthy_and_broken(proxy, s3, bucket, tmp_path: Path):
     base = [str(mnt), "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint]
     healthy = doctor(base)
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
-    assert "ok    fuse device" in healthy.stdout and "1 objects, 0.0 MiB" in healthy.stdout
+    assert "ok    fuse device" in healthy.stdout and "1 object, 0.0 MiB" in healthy.stdout
     assert "testing" not in healthy.stdout, "the secret must never be printed"
     # CI builds the passthrough pyfuse3 on a kernel that has it (scripts/setup).
     assert ("ok    passthrough: " if os.environ.get("CI") else "passthrough: ") in healthy.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from lazyfs import lockfile
 from lazyfs.config import StatusConfig
 from lazyfs.filestate import FileState
 from lazyfs.identity import Identity
-from lazyfs.status import Answer, FileStatus, _listing_unknown, _other_lock, _pinned_note, from_lock
+from lazyfs.status import Answer, FileStatus, _listing_unknown, _other_lock, _pinned_note, from_lock, report
 from lazyfs.store import Store
 from lazyfs.verify import Expectation
 
@@ -28,6 +29,13 @@ from lazyfs.verify import Expectation
 ])
 def test_a_mount_without_a_listing_is_never_ready(stats: dict, unknown: str) -> None:
     assert _listing_unknown(stats) == unknown
+
+
+@pytest.mark.parametrize("n, said", [(0, "0 files,"), (1, "1 file,"), (2, "2 files,")])
+def test_the_summary_counts_in_words(n: int, said: str) -> None:
+    out = io.StringIO()
+    report(Answer([FileStatus(f"f{i}", 1, FileState.CACHED) for i in range(n)], "n"), False, out)
+    assert out.getvalue().splitlines()[-1].startswith(said), out.getvalue()
 
 
 def test_nothing_unknown_and_every_file_on_disk_is_ready() -> None:
@@ -67,7 +75,7 @@ def test_against_a_lock_a_copy_without_a_record_is_proof_only_once_its_bytes_are
     by_record = from_lock(StatusConfig(sources=lock.sources, store=root, lock=lock))
     assert {f.path: f.state.value for f in by_record.files} == {
         "m/recorded.bin": "cached", "m/bare.bin": "prebaked", "m/missing.bin": "missing"}
-    assert "1 files have no identity record" in by_record.unknown and not by_record.ready
+    assert "1 file has no identity record" in by_record.unknown and not by_record.ready
     (root / "m/missing.bin").write_bytes(b"x" * 10)
     by_content = from_lock(StatusConfig(sources=lock.sources, store=root, lock=lock, verify_content=True))
     assert by_content.ready and {f.content for f in by_content.files} == {"match"}
