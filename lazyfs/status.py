@@ -233,7 +233,8 @@ def _ask_files(cfg: StatusConfig, stats: dict[str, Any]) -> tuple[list[FileStatu
                     failed += 1
                     continue
                 files.append(FileStatus(os.path.relpath(path, cfg.store), size, state, verified))
-    return files, f"{wording.count(failed, 'file')} could not be asked for their state" if failed else ""
+    return files, (f"{wording.count(failed, 'file')} could not be asked for {'its' if failed == 1 else 'their'} state"
+                   if failed else "")
 
 
 def _local(store: Store, obj: RemoteObject) -> FileStatus:
