@@ -26,6 +26,7 @@ import trio
 from lazyfs.download import Download
 from lazyfs.errors import RemoteUnavailable
 from lazyfs.filemap import FileMap, PageBudget
+from lazyfs.gaveup import GaveUp
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import LocalCopy, Store
 
@@ -99,6 +100,8 @@ class ForeignDownload:
         self._done: frozenset[int] = frozenset()
         self._block = 1
         self._changed = trio.Event()
+        # Bytes our readers waited a deadline for in vain; any new block of the owner's clears them (gaveup.py).
+        self._gave_up = GaveUp(read_deadline)
         self._stopped = False  # the mount is stopping: no more polls, no take-over
 
     # -- the Transfer surface ------------------------------------------------------
@@ -143,14 +146,17 @@ class ForeignDownload:
                 return
             now = trio.current_time()
             if now >= deadline:
+                self._gave_up.mark(start, end, now)
                 raise RemoteUnavailable(f"{self.obj.uri}: another lazyfs process is downloading it and "
                                         f"bytes {start}-{end} did not arrive within {self._read_deadline:g} s",
                                         bucket=self.obj.bucket, key=self.obj.key)
             if asked is None or now - asked >= WANT_AGAIN_S:
                 # Ask the owner (again after a while: a process that took a
                 # dead owner's download over may have started a fresh want file).
-                asked = now
+                first, asked = asked is None, now
                 await self._want(start, end)
+                if first:  # the kernel's retry of a read that just gave up on these bytes fails now
+                    self._gave_up.refuse(self.obj, start, end, now)
             with trio.move_on_at(min(deadline, asked + WANT_AGAIN_S)):
                 await self._changed.wait()
 
@@ -236,6 +242,8 @@ class ForeignDownload:
             seen.fmap.close()
             os.close(seen.fd)
         if self._part_map is not None and seen.ino == self._part_ino:
+            if self._gave_up and not seen.blocks <= self._done:  # bytes arrived: readers wait again
+                self._gave_up.clear()
             self._done, self._block = seen.blocks, seen.block_size
         else:
             self._done = frozenset()

@@ -22,8 +22,8 @@ from typing import Callable
 
 import trio
 
-from lazyfs.errors import RemoteUnavailable
 from lazyfs.filemap import FileMap, PageBudget
+from lazyfs.gaveup import GaveUp
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta
 from lazyfs.partials import Partial
@@ -144,6 +144,7 @@ class Download:
         self.finishing = False  # Runner.finish is on its way for this file
         self.fd = partial.fd
         self.write_turns = WriteTurns(separate=partial.preallocated)  # storewrite.py
+        self.gave_up = GaveUp(self.limits.read_deadline)  # blocks readers waited for in vain (gaveup.py)
         self._fmap = FileMap(partial.fd, partial.obj.size, self.pages)
         self.block_size = partial.block_size
         self.nblocks = partial.nblocks
@@ -235,13 +236,10 @@ class Download:
         event = trio.Event()
         self.waiters.append((start, end, event))
         self._on_work()
-        deadline = self.limits.read_deadline
+        bs = self.block_size  # what the reader did not get is marked block by block (see progress)
         try:
-            with trio.fail_after(deadline):
-                await event.wait()
-        except trio.TooSlowError:
-            raise RemoteUnavailable(f"{self.obj.uri}: no data for bytes {start}-{end} within "
-                                    f"{deadline:g} s", bucket=self.obj.bucket, key=self.obj.key) from None
+            await self.gave_up.wait(event, self.obj, start, end, lambda: [(i * bs, self.block_end(i)) for i in
+                                    range(start // bs, (end - 1) // bs + 1) if self.state[i] != DONE])
         finally:
             self.waiters = [w for w in self.waiters if w[2] is not event]
         if self.error is not None:
@@ -348,6 +346,9 @@ class Download:
             return []
         if req.filled == 0 and filled > 0:
             self.ramp = self.limits.max_requests
+        if self.gave_up and filled > req.filled:  # readers wait again for a stalled block only if
+            # no bytes arrived for it: on its request, or on any while it waits for one (gaveup.py)
+            self.gave_up.drop(lambda s, e: self.owner.get(s // self.block_size, req) is not req)
         req.filled = filled
         self._fmap.mark_warm(req.start, req.start + filled)  # just written: in the page cache
         done = []

@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,6 +97,39 @@ def test_persistent_faults_fail_in_bounded_time_and_the_mount_survives(fmount, p
     assert failures and all("testing" not in ln for ln in failures), "credentials in a log line"
     proxy.clear_faults()
     assert sha(fs.read(m.file(key), timeout=30)) == sha(data), "the mount did not recover"
+
+
+# --read-deadline of the test below: long enough that the kernel's requests
+# reach the daemon well within it on a loaded machine.
+DEADLINE = 4.0
+
+
+@pytest.mark.log_errors(r"ERROR lazyfs.fuse_ops: read: .*no data for bytes")
+def test_a_stalled_read_fails_within_its_deadline_not_at_its_retries(fmount, proxy, s3, bucket, fs: FS):
+    """The kernel retries a failed readahead for the page a reader needs (an
+    mmap fault, twice): each retry used to wait a whole deadline of its own,
+    so `dd` got EIO after 2x --read-deadline and an mmap reader SIGBUS after
+    3x.  A retry for bytes a read gave up on, none of which arrived since,
+    now fails at once."""
+    key = f"{P}/big.bin"
+    s3.put_object(Bucket=bucket, Key=key, Body=os.urandom(16 << 20))
+    proxy.add(Fault("stall", key=key, after=0, seconds=120, times=None))  # every GET of it holds its body
+    m = fmount("--read-deadline", f"{DEADLINE:g}", "--read-timeout", "60")
+    started = time.monotonic()
+    res = fs.sh("dd", f"if={m.file(key)}", "of=/dev/null", "bs=128k", timeout=60)
+    took = time.monotonic() - started
+    assert res.returncode != 0 and "Input/output error" in res.stderr, res.stderr
+    assert took < 1.5 * DEADLINE, f"dd got EIO after {took:.1f} s with --read-deadline {DEADLINE:g}"
+    code = ("import mmap, sys\n"
+            "f = open(sys.argv[1], 'rb')\n"
+            "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+            "m[10_000_000]\n")
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", code, str(m.file(key))], capture_output=True, timeout=60)
+    took = time.monotonic() - started
+    assert res.returncode == -signal.SIGBUS, (res.returncode, res.stderr[-500:])
+    assert took < 1.5 * DEADLINE, f"the mmap reader got SIGBUS after {took:.1f} s with --read-deadline {DEADLINE:g}"
+    assert "none has arrived since" in m.log(), "the retries did not fail at once"
 
 
 def test_an_object_gone_since_the_listing_gives_enoent_and_is_dropped(fmount, proxy, obj, s3, bucket, fs: FS):
