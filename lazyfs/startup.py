@@ -12,12 +12,21 @@ Nothing here imports trio or pyfuse3.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 
 from lazyfs.config import MountConfig, Source
+from lazyfs.errors import RemoteUnavailable
 from lazyfs.namespace import RemoteObject
 from lazyfs.remote import Remote
 from lazyfs.stats import TIMINGS
+
+log = logging.getLogger(__name__)
+
+# A start-up check still unanswered after this long is said so in one line,
+# so that a mount waiting on an object store that does not answer is not silent.
+SAY_WAITING_AFTER_S = 1.0
 
 
 class FirstListing:
@@ -30,26 +39,56 @@ class FirstListing:
             TIMINGS.enable()  # from the first request on (prometheus_client only when asked)
         self.remote = Remote(cfg.remote)
         self._sources = list(cfg.sources) if cfg.lock is None else []
-        self._complete: dict[Source, list[RemoteObject]] = {}
-        self._error: BaseException | None = None
+        # How long the mount waits for the check: one request's worth, its
+        # connect timeout and then --read-timeout for the answer.  botocore
+        # retries a request that timed out (--retries), so an endpoint that
+        # accepts connections and never answers held the start for every
+        # attempt (5 x 20 s by default) where a refused connection fails in
+        # milliseconds.  A request with no answer for --read-timeout is a
+        # stalled one by the mount's own measure: the object store is then as
+        # good as unreachable, and the mount starts as it would for one that
+        # refused the connection (offline, from what the store holds).  An
+        # answer, even a refusal (a wrong bucket, bad credentials), comes long
+        # before, and so does a retried 5xx now and then.
+        self.patience = cfg.remote.connect_timeout + cfg.remote.read_timeout
+        self._handed: dict[Source, list[RemoteObject]] | BaseException | None = None
+        self._given_up = False  # result() stopped waiting: a late outcome is dropped
+        self._lock = threading.Lock()  # the outcome's hand-over (docs/concurrency.md)
+        self._started = time.monotonic()
         self._thread = threading.Thread(target=self._probe, name="lazyfs-first-listing", daemon=True)
         self._thread.start()
 
     def _probe(self) -> None:
+        listed: dict[Source, list[RemoteObject]] = {}
+        outcome: dict[Source, list[RemoteObject]] | BaseException = listed
         try:
             for source in self._sources:
                 page = self.remote.probe(source)
                 if page.next_token is None:
-                    self._complete[source] = page.objects
+                    listed[source] = page.objects
         except BaseException as e:  # handed to the main thread by result()
-            self._error = e
+            outcome = e
+        with self._lock:
+            if not self._given_up:  # else nobody reads it: the mount went on without it
+                self._handed = outcome
 
     def result(self) -> dict[Source, list[RemoteObject]]:
         """Each folder that fits in its first page, listed; raises what the
         listing raised (a wrong bucket or credentials: RemoteError; no
-        network: RemoteUnavailable), once it is over.  botocore's timeouts
-        and retries bound the wait."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._complete
+        network: RemoteUnavailable), once it is over, or RemoteUnavailable
+        after `patience` seconds without an outcome.  The thread then goes on
+        until botocore gives up, and what it finds is dropped: the mount's
+        own listing (the refresher) asks again."""
+        self._thread.join(max(0.0, self._started + SAY_WAITING_AFTER_S - time.monotonic()))
+        if self._thread.is_alive():
+            log.info("waiting for the object store at %s to answer (at most %g s; then the mount starts "
+                        "from what its store holds)", self.remote.endpoint, self.patience)
+            self._thread.join(max(0.0, self._started + self.patience - time.monotonic()))
+        with self._lock:
+            outcome, self._given_up = self._handed, True
+        if outcome is None:
+            raise RemoteUnavailable(f"the object store at {self.remote.endpoint} did not answer within "
+                                    f"{self.patience:g} s")
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome

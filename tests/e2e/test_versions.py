@@ -8,6 +8,8 @@ import errno
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 
 from support.mounting import FS, lazyfs_cli, on_both_clients, wait_until
 from support.proxy import Fault
-from support.s3server import free_port, s3_client
+from support.s3server import clean_env, free_port, s3_client
 
 pytestmark = pytest.mark.fuse
 
@@ -129,6 +131,84 @@ def test_offline_with_nothing_local_fails_at_start(tmp_path: Path):
     res = lazyfs_cli(["mount", str(tmp_path / "mnt"), "--prefix", "s3://bkt/m",
                       "--endpoint-url", f"http://127.0.0.1:{free_port()}"])
     assert res.returncode == 1 and "nothing to serve" in res.stderr and "Traceback" not in res.stderr
+
+
+# Every LIST is held without an answer: an object store that accepts
+# connections and never answers (the proxy's thread sleeps it out).
+LISTS_NEVER_ANSWER = Fault("delay", method="GET", query={"list-type": "2"}, seconds=120, times=None)
+# --read-timeout 2: the start-up waits one request's connect (5 s) and read
+# timeouts, 7 s.  --retries 10: botocore would try eleven times (22 s and
+# more), which the start-up no longer waits for.
+NO_ANSWER_ARGS = ("--read-timeout", "2", "--retries", "10")
+NO_ANSWER_BOUND_S = 15.0
+
+
+def test_an_object_store_that_never_answers_fails_the_start_in_bounded_time(proxy, bucket, tmp_path: Path):
+    """Before: silent for --retries x --read-timeout (100 s by default), then exit 1."""
+    (tmp_path / "mnt").mkdir()
+    proxy.add(LISTS_NEVER_ANSWER)
+    started = time.monotonic()
+    res = lazyfs_cli(["mount", str(tmp_path / "mnt"), "--prefix", f"s3://{bucket}/{P}", "--endpoint-url",
+                      proxy.endpoint, "--store", str(tmp_path / "store"), *NO_ANSWER_ARGS], timeout=120)
+    took = time.monotonic() - started
+    assert res.returncode == 1, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("lazyfs: error:")]
+    assert len(errors) == 1 and "did not answer within 7 s" in errors[0] and "nothing to serve" in errors[0], \
+        res.stderr
+    assert "waiting for the object store" in res.stderr, "the wait was silent"
+    assert "Traceback" not in res.stderr
+    assert took < NO_ANSWER_BOUND_S, f"exit 1 after {took:.1f} s"
+
+
+@pytest.mark.log_errors("listing failed", 'is not in the local cache and the object store is unreachable')
+def test_an_object_store_that_never_answers_starts_offline_in_bounded_time(mount, proxy, s3, bucket, fs: FS,
+                                                                             tmp_path: Path):
+    cached, uncached = f"{P}/cached.bin", f"{P}/uncached.bin"
+    for k in (cached, uncached):
+        put(s3, bucket, k, k.encode() * 100)
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.read(m.file(cached)) == cached.encode() * 100
+    wait_until((store / cached).exists, what="publication")
+    m.stop()
+    proxy.add(LISTS_NEVER_ANSWER)
+    started = time.monotonic()
+    m2 = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "1", *NO_ANSWER_ARGS, store=store)
+    took = time.monotonic() - started
+    assert "ready OFFLINE" in m2.process.stdout_lines[0]
+    assert took < NO_ANSWER_BOUND_S, f"ready after {took:.1f} s"
+    assert "did not answer within 7 s" in m2.log() and "waiting for the object store" in m2.log()
+    assert fs.listdir(m2.path / P) == ["cached.bin", "uncached.bin"]
+    assert fs.read(m2.file(cached)) == cached.encode() * 100
+    with pytest.raises(OSError) as info:
+        fs.read(m2.file(uncached), timeout=5)
+    assert info.value.errno == errno.EIO
+    # The store answers again: the refresher's listing brings the mount online
+    # (the start-up check's late outcome, if any, changes nothing).
+    proxy.clear_faults()
+    wait_until(lambda: "object store reachable again" in m2.log(), timeout=60, what="going online")
+    assert fs.read(m2.file(uncached)) == uncached.encode() * 100
+
+
+def test_a_stop_while_the_start_waits_for_the_object_store_exits_at_once(proxy, bucket, tmp_path: Path):
+    (tmp_path / "mnt").mkdir()
+    proxy.add(LISTS_NEVER_ANSWER)
+    log_path = tmp_path / "lazyfs.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lazyfs", "mount", str(tmp_path / "mnt"), "--prefix",
+                                 f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint],
+                                stdout=subprocess.DEVNULL, stderr=log, env=clean_env())
+    try:
+        wait_until(lambda: "waiting for the object store" in log_path.read_text(), timeout=30,
+                   what="the start-up to wait")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def bake(proxy, bucket: str, to: Path, *extra: str):
