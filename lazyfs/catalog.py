@@ -33,9 +33,9 @@ import trio
 from lazyfs.config import Source
 from lazyfs.errors import LazyfsError, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.lister import Lister
-from lazyfs.listings import walk_local
 from lazyfs.namespace import Diff, DirNode, Node, RemoteObject, Tree, build_tree, diff_trees, join
 from lazyfs.objectstore import ObjectStore
+from lazyfs.offline import store_knows
 from lazyfs.quiet import Quiet, reader_request
 from lazyfs.store import Store
 
@@ -388,17 +388,9 @@ class Catalog:
 
 
 def offline_objects(store: Store, sources: Sequence[Source]) -> list[RemoteObject]:
-    """What the store knows without the object store: each folder's last saved
-    listing, plus files on disk (store and prebaked layers) it does not name.
-    Blocking (walks directories): run in a thread or before the mount."""
-    out: dict[str, RemoteObject] = {}
-    for source in sources:
-        for obj, _layer in walk_local(store.layers(), store.identities, source.bucket, source.prefix):
-            out.setdefault(obj.key, obj)
-        saved = store.listings.load(source.bucket, source.prefix)
-        for obj in saved or ():
-            out[obj.key] = obj  # the last listing is the best knowledge of versions
-    return sorted(out.values(), key=lambda o: o.key)
+    """What the store knows without the object store (offline.py).  Blocking:
+    run in a thread or before the mount."""
+    return store_knows(store, sources).objects
 
 
 def _same_versions(before: list[list[RemoteObject]], after: list[list[RemoteObject]]) -> bool:

@@ -28,7 +28,7 @@ import trio
 
 from lazyfs import checkpoint, crt, prefetch, wording
 from lazyfs.budget import Budget
-from lazyfs.catalog import Catalog, offline_objects
+from lazyfs.catalog import Catalog
 from lazyfs.config import MountConfig, Source
 from lazyfs.drift import DriftWatch
 from lazyfs.errors import RemoteError, RemoteUnavailable, StoreError
@@ -43,6 +43,7 @@ from lazyfs.metrics import MountView
 from lazyfs.mounttab import MountError, check_mountpoint, set_background, set_read_ahead
 from lazyfs.namespace import Diff, RemoteObject
 from lazyfs.objectstore import ObjectStore
+from lazyfs.offline import store_knows
 from lazyfs.pinned import Pinning
 from lazyfs.quiet import Quiet
 from lazyfs.refresher import Refresher
@@ -178,14 +179,17 @@ def run(cfg: MountConfig, first: FirstListing | None = None) -> int:
 
 
 def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[RemoteObject]:
-    """The object store is unreachable: serve what the store knows, or fail."""
-    objects = offline_objects(store, cfg.sources)
-    if not objects:
+    """The object store is unreachable: serve what the store knows, or fail
+    when none of it is on disk (a saved listing alone serves only EIO)."""
+    known = store_knows(store, cfg.sources)
+    on_disk = known.on_disk(store)
+    if not on_disk:
+        listed = f" (it knows {wording.count(len(known.objects), 'file')}, none of them on disk)" if known.objects else ""
         raise MountError(f"{error}, and the store {cfg.store_path} has nothing to serve for "
-                         f"{', '.join(s.uri for s in cfg.sources)}") from None
-    log.warning("%s: starting offline with the %s the store knows; uncached files fail "
-                "with EIO until the object store is reachable again", error, wording.count(len(objects), "file"))
-    return objects
+                         f"{', '.join(s.uri for s in cfg.sources)}{listed}") from None
+    log.warning("%s: starting offline with the %s the store knows, %d of them on disk; the others fail with EIO "
+                "until the object store is reachable again", error, wording.count(len(known.objects), "file"), on_disk)
+    return known.objects
 
 
 async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[RemoteObject] | None,

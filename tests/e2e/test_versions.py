@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from support.mounting import FS, lazyfs_cli, on_both_clients, wait_until
+from support.mountproc import force_unmount
 from support.proxy import Fault
 from support.s3server import clean_env, free_port, s3_client
 
@@ -131,6 +132,40 @@ def test_offline_with_nothing_local_fails_at_start(tmp_path: Path):
     res = lazyfs_cli(["mount", str(tmp_path / "mnt"), "--prefix", "s3://bkt/m",
                       "--endpoint-url", f"http://127.0.0.1:{free_port()}"])
     assert res.returncode == 1 and "nothing to serve" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.log_errors("listing failed")
+def test_a_saved_listing_with_no_file_on_disk_is_nothing_to_serve(mount, proxy, s3, bucket, fs: FS,
+                                                                    tmp_path: Path):
+    """Before: it came up OFFLINE "with the 2 files the store knows", and
+    every one of them failed with EIO."""
+    keys = [f"{P}/a.bin", f"{P}/b.bin"]
+    for k in keys:
+        put(s3, bucket, k, k.encode())
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.listdir(m.path / P) == ["a.bin", "b.bin"]  # listed and saved; nothing read
+    wait_until(lambda: any((store / ".lazyfs" / "listings").glob("*.json")), what="the saved listing")
+    m.stop()
+    down = f"http://127.0.0.1:{free_port()}"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        res = lazyfs_cli(["mount", str(mnt), "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", down,
+                          "--store", str(store)], timeout=30)
+    finally:
+        force_unmount(mnt)  # had it mounted after all
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("lazyfs: error:")]
+    assert res.returncode == 1 and len(errors) == 1, res.stderr
+    assert "nothing to serve" in errors[0] and "it knows 2 files, none of them on disk" in errors[0]
+    # A copy of one of them in a prebaked layer is something to serve.
+    baked = tmp_path / "baked"
+    (baked / P).mkdir(parents=True)
+    (baked / keys[0]).write_bytes(keys[0].encode())
+    m2 = mount("--prefix", f"s3://{bucket}/{P}", "--prebaked", str(baked), endpoint=down, store=store)
+    assert "ready OFFLINE" in m2.process.stdout_lines[0]
+    assert "2 files the store knows, 1 of them on disk" in m2.log()
+    assert fs.read(m2.file(keys[0])) == keys[0].encode()
 
 
 # Every LIST is held without an answer: an object store that accepts
