@@ -179,16 +179,15 @@ def run(cfg: MountConfig, first: FirstListing | None = None) -> int:
 
 
 def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[RemoteObject]:
-    """The object store is unreachable: serve what the store knows, or fail
-    when none of it is on disk (a saved listing alone serves only EIO)."""
+    """The object store is unreachable: serve what is on disk, or fail (a saved listing alone serves only EIO)."""
     known = store_knows(store, cfg.sources)
-    on_disk = known.on_disk(store)
+    on_disk, files = known.on_disk(store), wording.count(len(known.objects), "file")
     if not on_disk:
-        listed = f" (it knows {wording.count(len(known.objects), 'file')}, none of them on disk)" if known.objects else ""
+        listed = f" (it knows {files}, none of them on disk)" if known.objects else ""
         raise MountError(f"{error}, and the store {cfg.store_path} has nothing to serve for "
                          f"{', '.join(s.uri for s in cfg.sources)}{listed}") from None
     log.warning("%s: starting offline with the %s the store knows, %d of them on disk; the others fail with EIO "
-                "until the object store is reachable again", error, wording.count(len(known.objects), "file"), on_disk)
+                "until the object store is reachable again", error, files, on_disk)
     return known.objects
 
 
