@@ -39,17 +39,25 @@ class KernelCache:
 
     def forget_names(self, diff: Diff) -> int:
         """Forget the names a refresh changed, so the kernel looks them up
-        again (a changed file then gets its new version's inode).  Names whose
-        folder the kernel never looked up have nothing cached and are skipped."""
+        again (a changed file then gets its new version's inode), and the
+        attributes of the folders holding them (their dates and link counts
+        follow their contents).  Only names whose meaning changed: a file
+        added, removed or replaced, a folder that appeared or vanished.  Never
+        the name of a folder that stays a folder: the kernel drops everything
+        cached below a name it forgets, so every closed file under it would
+        be forgotten, and looked up again as a new inode with no cached pages
+        (an unrelated object added beside them cost a re-read of each).
+        Names whose folder the kernel never looked up have nothing cached and
+        are skipped.  The number of names."""
         names: set[tuple[str, str]] = set()
         for obj in diff.added + diff.removed + tuple(old for old, _ in diff.changed):
-            parts = obj.key.split("/")
-            for i in range(len(parts)):
-                names.add(("/".join(parts[:i]), parts[i]))
+            names.add(_split(obj.key))
+        names.update(_split(path) for path in diff.folders)
         entries = [(ino, os.fsencode(name)) for parent, name in sorted(names)
                    if (ino := self.inodes.peek(parent)) is not None]
+        folders = sorted({ino for ino, _ in entries})
         if entries:
-            self._start(functools.partial(_forget_entries, entries))
+            self._start(functools.partial(_forget_entries, entries, folders))
         return len(entries)
 
     def drop_pages(self, obj: RemoteObject) -> None:
@@ -85,7 +93,12 @@ class KernelCache:
         done.set()
 
 
-def _forget_entries(entries: list[tuple[int, bytes]]) -> None:
+def _split(path: str) -> tuple[str, str]:
+    parent, _, name = path.rpartition("/")
+    return parent, name
+
+
+def _forget_entries(entries: list[tuple[int, bytes]], folders: list[int]) -> None:
     for ino, name in entries:
         try:
             pyfuse3.invalidate_entry(ino, name)
@@ -93,6 +106,13 @@ def _forget_entries(entries: list[tuple[int, bytes]]) -> None:
             pass  # not cached
         except OSError as e:
             log.debug("invalidating the name %r: %s", name, e)
+    for ino in folders:
+        try:
+            pyfuse3.invalidate_inode(ino, True)  # attributes only: its entries and their inodes stay
+        except FileNotFoundError:
+            pass  # not cached
+        except OSError as e:
+            log.debug("invalidating the attributes of folder inode %d: %s", ino, e)
 
 
 def _drop_pages(ino: int, uri: str) -> None:

@@ -286,9 +286,14 @@ class Diff:
     added: tuple[RemoteObject, ...] = ()
     removed: tuple[RemoteObject, ...] = ()
     changed: tuple[tuple[RemoteObject, RemoteObject], ...] = ()
+    # Folder paths that are folders in one snapshot only (appeared, vanished,
+    # or a file's path turned folder or back): their names changed meaning.
+    # Every other folder on the way to an added or removed file is the same
+    # folder before and after, and its name must stay cached (kernelcache.py).
+    folders: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.changed)
+        return bool(self.added or self.removed or self.changed or self.folders)
 
 
 def diff_trees(old: Tree, new: Tree) -> Diff:
@@ -299,4 +304,21 @@ def diff_trees(old: Tree, new: Tree) -> Diff:
     removed = tuple(o for k, o in before.items() if k not in after)
     changed = tuple((before[k], o) for k, o in after.items()
                     if k in before and not before[k].same_bytes(o))
-    return Diff(added, removed, changed)
+    return Diff(added, removed, changed, _folders_changed(old, new, added + removed))
+
+
+def _folders_changed(old: Tree, new: Tree, moved: tuple[RemoteObject, ...]) -> tuple[str, ...]:
+    """The folders above added or removed files that are folders in only one
+    of the snapshots; each path looked at once."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for obj in moved:
+        parts = obj.key.split("/")
+        for depth in range(1, len(parts)):
+            path = "/".join(parts[:depth])
+            if path in seen:
+                continue
+            seen.add(path)
+            if isinstance(old.find(path), DirNode) != isinstance(new.find(path), DirNode):
+                out.append(path)
+    return tuple(sorted(out))

@@ -13,6 +13,7 @@ import errno
 import json
 import mmap
 import os
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -372,3 +373,29 @@ def test_opening_a_checkpoints_index_fetches_its_first_shard(passthrough_ok, mou
     assert fs.read(m.file(index)) == b'{"weight_map": {}}'
     wait_until(lambda: state(fs, m, shards[0]) == "cached", what="the first shard fetched with the index")
     assert proxy.count("GET", shards[1]) == 0, "a later shard was fetched before its turn"
+
+
+def served(fs: FS, m) -> int:
+    return sum(stats(fs, m)["cache"]["served_bytes"].values())
+
+
+def test_an_unrelated_refresh_keeps_a_files_inode_and_its_cached_pages(mount, s3, bucket, fs: FS, tmp_path: Path):
+    """An object added beside a file changes nothing about the file: after the
+    refresh it keeps its inode, and the kernel its pages (--no-passthrough:
+    every read the page cache misses is one lazyfs serves and counts)."""
+    data = os.urandom(4 * PART)
+    s3.put_object(Bucket=bucket, Key=KEY, Body=data)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--no-passthrough", "--refresh", "0", store=tmp_path / "store")
+    assert fs.read(m.file(KEY)) == data
+    wait_until(lambda: state(fs, m, KEY) == "cached", what="the copy published")
+    ino, before = fs.stat(m.file(KEY)).st_ino, served(fs, m)
+    assert fs.read(m.file(KEY)) == data
+    assert served(fs, m) == before, "a re-read was not served by the page cache"
+    s3.put_object(Bucket=bucket, Key=f"{P}/other.bin", Body=b"unrelated")
+    changes = m.log().count("listing changed")
+    m.process.send(signal.SIGHUP)
+    wait_until(lambda: m.log().count("listing changed") > changes, what="the refresh")
+    assert fs.listdir(m.path / P) == ["model.safetensors", "other.bin"]
+    assert fs.stat(m.file(KEY)).st_ino == ino, "an unchanged file was renumbered"
+    assert fs.read(m.file(KEY)) == data
+    assert served(fs, m) == before, "the unchanged file's cached pages were dropped"

@@ -12,7 +12,7 @@ import trio
 
 from lazyfs.inodes import InodeTable
 from lazyfs.kernelcache import KernelCache
-from lazyfs.namespace import Diff, RemoteObject
+from lazyfs.namespace import Diff, RemoteObject, build_tree, diff_trees
 from support.enginekit import trio_test
 
 OBJ = RemoteObject("b", "m/w.bin", 10, '"e"', 0)
@@ -64,11 +64,13 @@ async def test_names_are_forgotten_on_a_thread_the_stop_waits_for(monkeypatch: p
         forgotten.append((ino, name))
 
     monkeypatch.setattr(pyfuse3, "invalidate_entry", invalidate_entry)
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino, attr_only=False: None)
     inodes = InodeTable()
     kernel = KernelCache(inodes)
     folder = inodes.ino("m")
     with trio.fail_after(10):
-        assert kernel.forget_names(Diff(added=(OBJ,))) == 2  # "m" in the root, "w.bin" in "m"
+        # "m" is a new folder: its name in the root, and "w.bin" in "m"
+        assert kernel.forget_names(diff_trees(build_tree([]), build_tree([OBJ]))) == 2
         async with trio.open_nursery() as nursery:
             nursery.start_soon(kernel.settle)
             await trio.sleep(0.2)
@@ -85,3 +87,47 @@ async def test_pages_of_a_version_the_kernel_never_saw_are_not_dropped(monkeypat
     kernel.drop_pages(OBJ)
     await kernel.settle()
     assert calls == []
+
+
+
+def recorded_notifications(monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[int, bytes]], list[tuple[int, bool]]]:
+    entries: list[tuple[int, bytes]] = []
+    attrs: list[tuple[int, bool]] = []
+    monkeypatch.setattr(pyfuse3, "invalidate_entry", lambda ino, name, deleted=0: entries.append((ino, name)))
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino, attr_only=False: attrs.append((ino, attr_only)))
+    return entries, attrs
+
+
+@trio_test
+async def test_a_file_added_beside_others_forgets_its_own_name_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel drops everything cached below a name it forgets: forgetting
+    the folder's name would renumber every closed file in it and drop their
+    pages.  The folder's attributes (date, links) are refreshed instead."""
+    entries, attrs = recorded_notifications(monkeypatch)
+    inodes = InodeTable()
+    kernel = KernelCache(inodes)
+    inodes.ino("m")
+    folder = inodes.ino("m/d")
+    kept = RemoteObject("b", "m/d/a.bin", 1, '"a"', 0)
+    added = RemoteObject("b", "m/d/new.bin", 1, '"n"', 0)
+    with trio.fail_after(10):
+        assert kernel.forget_names(diff_trees(build_tree([kept]), build_tree([kept, added]))) == 1
+        await kernel.settle()
+    assert entries == [(folder, b"new.bin")]
+    assert attrs == [(folder, True)]
+
+
+@trio_test
+async def test_a_folder_that_vanished_is_forgotten_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    entries, attrs = recorded_notifications(monkeypatch)
+    inodes = InodeTable()
+    kernel = KernelCache(inodes)
+    top, folder = inodes.ino("m"), inodes.ino("m/d")
+    kept = RemoteObject("b", "m/d/a.bin", 1, '"a"', 0)
+    gone = RemoteObject("b", "m/x/gone.bin", 1, '"g"', 0)
+    diff = diff_trees(build_tree([kept, gone]), build_tree([kept]))
+    assert diff.folders == ("m/x",)
+    with trio.fail_after(10):
+        assert kernel.forget_names(diff) == 1  # "x" in "m"; the kernel never looked into "m/x"
+        await kernel.settle()
+    assert entries == [(top, b"x")] and attrs == [(top, True)] and folder not in {i for i, _ in attrs}

@@ -61,7 +61,14 @@ def test_diff_trees() -> None:
     assert [o.key for o in d.added] == ["p/new"]
     assert [o.key for o in d.removed] == ["p/gone"]
     assert [(a.etag, b.etag) for a, b in d.changed] == [("1", "2")]
+    assert d.folders == ()  # "p" is a folder before and after: its name means the same
     assert not diff_trees(new, new)
+
+
+def test_diff_trees_names_the_folders_that_appeared_or_vanished() -> None:
+    old = build_tree([obj("p/a"), obj("p/old/deep/f"), obj("p/x")])
+    new = build_tree([obj("p/a"), obj("p/new/deep/f"), obj("p/x/y")])
+    assert diff_trees(old, new).folders == ("p/new", "p/new/deep", "p/old", "p/old/deep", "p/x")
 
 
 def test_inodes_are_per_version_and_forgotten_at_zero() -> None:
