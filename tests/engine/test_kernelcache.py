@@ -12,7 +12,7 @@ import trio
 
 from lazyfs.inodes import InodeTable
 from lazyfs.kernelcache import KernelCache
-from lazyfs.namespace import Diff, RemoteObject, build_tree, diff_trees
+from lazyfs.namespace import RemoteObject, build_tree, diff_trees
 from support.enginekit import trio_test
 
 OBJ = RemoteObject("b", "m/w.bin", 10, '"e"', 0)
