@@ -162,7 +162,10 @@ def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Part
         # vouched for when it began (alongside.hash_along): asking again would
         # be a second HEAD, a round trip between the last byte and the publish.
         exp = hashed.exp if hashed is not None and hashed.size == obj.size else expectation(remote, obj, meta)
-        verified = check(remote, partial.fd, obj, exp, cancelled, hashed) if obj.size else "size"
+        # An empty file too: its bytes (none) against the ETag (the MD5 of
+        # nothing) or checksum, as the HEAD already made tells, so it says
+        # what it was checked by like any other file.
+        verified = check(remote, partial.fd, obj, exp, cancelled, hashed)
         if not keep:
             return Finished(verified, placed=False)
         try:

@@ -180,9 +180,9 @@ class Fetcher:
         transfer: Transfer | None = self.active(obj) or self._foreign.get(obj.version)
         if transfer is not None:
             return LocalState(FileState.DOWNLOADING, "store", transfer.fetched_bytes)
-        with trio.move_on_after(STATE_WAIT_S):
-            # Abandoned on time-out: a question that holds no descriptor after it returns.
-            return await trio.to_thread.run_sync(self.store.local_state, obj, limiter=self._meta,
+        checked = self._prebaked.checked if self._prebaked is not None else None  # (--verify etag)
+        with trio.move_on_after(STATE_WAIT_S):  # abandoned then: it holds no descriptor once it returns
+            return await trio.to_thread.run_sync(self.store.local_state, obj, checked, limiter=self._meta,
                                                  abandon_on_cancel=True)
         raise _silent_store(STATE_WAIT_S, obj)
 

@@ -20,10 +20,11 @@ from lazyfs.completion import UNVERIFIED, check, expectation
 from lazyfs.errors import IntegrityError, RemoteError, StoreError
 from lazyfs.filestate import FileState
 from lazyfs.identity import Identity
+from lazyfs.layer import Layer
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore
 from lazyfs.partials import Partial
-from lazyfs.store import LocalCopy, Store
+from lazyfs.store import SIZE, LocalCopy, Store
 
 log = logging.getLogger(__name__)
 
@@ -59,28 +60,38 @@ Verdict = Local | Fetch | Foreign | Unavailable
 class PrebakedCheck:
     """--verify etag: an unrecorded local copy is current only if its content
     matches the object's checksum or ETag.  Each copy is hashed once per
-    process (and recorded where the store is writable)."""
+    process, and the result recorded where the store is writable (with how
+    it was checked); for a copy in a read-only layer, the memo is what says
+    how it was checked (`checked`: user.lazyfs.verified)."""
 
     def __init__(self, remote: ObjectStore, store: Store) -> None:
         self.remote = remote
         self.store = store
         # Keyed by the copy's inode and mtime: a replaced copy is checked again.
+        # The value: how its content was checked (an algorithm), SIZE when
+        # only its size could be, "" when it does not match.
         # Store threads call this concurrently; the LRU is not thread-safe.
-        self._results: cachetools.LRUCache[tuple[object, ...], bool] = cachetools.LRUCache(maxsize=65536)
+        self._results: cachetools.LRUCache[tuple[object, ...], str] = cachetools.LRUCache(maxsize=65536)
         self._lock = threading.Lock()
 
     def __call__(self, obj: RemoteObject, copy: LocalCopy) -> bool:
         st = os.fstat(copy.fd)
-        memo_key = (copy.layer.label, obj.key, obj.etag, st.st_ino, st.st_mtime_ns, st.st_size)
+        memo_key = _memo_key(obj, copy.layer.label, st)
         with self._lock:
-            ok = self._results.get(memo_key)
-        if ok is None:
-            ok = self._check(obj, copy)  # hashing: outside the lock
+            verified = self._results.get(memo_key)
+        if verified is None:
+            verified = self._check(obj, copy)  # hashing: outside the lock
             with self._lock:
-                self._results[memo_key] = ok
-        return ok
+                self._results[memo_key] = verified
+        return verified != ""
 
-    def _check(self, obj: RemoteObject, copy: LocalCopy) -> bool:
+    def checked(self, obj: RemoteObject, layer: Layer, st: os.stat_result) -> str:
+        """How this unrecorded copy's content was checked, if it was and
+        matched ("" if not checked yet, or not a match)."""
+        with self._lock:
+            return self._results.get(_memo_key(obj, layer.label, st)) or ""
+
+    def _check(self, obj: RemoteObject, copy: LocalCopy) -> str:
         exp = None
         try:
             exp = expectation(self.remote, obj)
@@ -88,21 +99,25 @@ class PrebakedCheck:
         except IntegrityError:
             log.warning("%s: the local copy in the %s does not match the object's %s; downloading it again",
                         obj.uri, copy.layer.label, exp.algorithm if exp else "checksum")
-            return False
+            return ""
         except RemoteError as e:
             log.warning("%s: cannot check the local copy's content (%s); using it as its size matches",
                         obj.uri, e)
-            return True
+            return SIZE
         if verified == UNVERIFIED:
             log.warning("%s: S3 offers nothing to check the local copy against; using it as its size "
                         "matches", obj.uri)
-            return True
+            return SIZE
         if copy.layer.writable:
             try:
-                self.store.identities.write(copy.fd, Identity.of(obj, "prebaked"))
+                self.store.identities.write(copy.fd, Identity.of(obj, "prebaked", verified))
             except OSError as e:  # a read-only copy we may not stamp: checked again next start
                 log.debug("%s: cannot record the check's result: %s", obj.uri, e.strerror)
-        return True
+        return verified
+
+
+def _memo_key(obj: RemoteObject, label: str, st: os.stat_result) -> tuple[object, ...]:
+    return (label, obj.key, obj.etag, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def probe_store(store: Store, obj: RemoteObject, *, may_fetch: bool, open_partial: bool, block_size: int,

@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from lazyfs.content_index import ContentIndex
 from lazyfs.errors import StoreError
@@ -38,6 +38,12 @@ from lazyfs.partials import Partial, PartialFiles
 log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = "1"
+# How a copy with no identity record was judged: by its size (the seed's rule).
+SIZE = "size"
+# How the content of an unrecorded copy was checked this run, if it was
+# (probe.PrebakedCheck.checked, --verify etag): a copy in a read-only layer
+# cannot be stamped, so the mount remembers.
+ContentChecks = Callable[[RemoteObject, Layer, os.stat_result], str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +52,7 @@ class LocalState:
     layer: str  # which layer holds it ("store", "prebaked layer"), or ""
     bytes: int  # bytes of this version on disk
     # How a cached copy's content was checked (identity.Identity.verified);
-    # "size" for a prebaked copy judged by its size.
+    # SIZE for a prebaked copy judged by its size.
     verified: str = ""
 
 
@@ -167,7 +173,7 @@ class Store:
             os.close(fd)
         return None
 
-    def local_state(self, obj: RemoteObject) -> LocalState:
+    def local_state(self, obj: RemoteObject, checked: ContentChecks | None = None) -> LocalState:
         """What is on disk for `obj`, without fetching anything."""
         stale = None
         for layer in self.layers():
@@ -175,10 +181,12 @@ class Store:
             if fd is None:
                 continue
             try:
-                state = self._judge(fd, obj, layer, os.fstat(fd))
+                st = os.fstat(fd)
+                state = self._judge(fd, obj, layer, st)
                 if state is not None:
                     ident = self.identities.read(fd, layer) if state is FileState.CACHED else None
-                    verified = ident.verified if ident is not None else "size"
+                    verified = ident.verified if ident is not None else \
+                        (checked(obj, layer, st) if checked is not None else "") or SIZE
                     return LocalState(state, layer.label, obj.size, verified)
                 stale = stale or layer.label
             finally:

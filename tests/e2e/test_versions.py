@@ -473,6 +473,35 @@ def test_verify_etag_checks_unrecorded_copies(mount, proxy, s3, bucket, fs: FS, 
     assert proxy.count("HEAD", good) == 0 and proxy.count("GET") == 0
 
 
+def test_verified_says_how_each_copy_was_checked(mount, s3, bucket, fs: FS, tmp_path: Path):
+    """user.lazyfs.verified names the check that was made: an admin's copy
+    checked by --verify etag (stamped in the store, remembered for a
+    read-only layer) and an empty file (its ETag is the MD5 of nothing) say
+    their checksum or MD5, not "size"."""
+    in_store, in_layer, empty = f"{P}/store.bin", f"{P}/layer.bin", f"{P}/empty.txt"
+    sdata, ldata = os.urandom(50_000), os.urandom(40_000)
+    put(s3, bucket, in_store, sdata)
+    put(s3, bucket, in_layer, ldata)
+    put(s3, bucket, empty, b"")
+    store, layer = tmp_path / "store", tmp_path / "layer"
+    (store / P).mkdir(parents=True)
+    (store / in_store).write_bytes(sdata)
+    (layer / P).mkdir(parents=True)
+    (layer / in_layer).write_bytes(ldata)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--verify", "etag", "--prebaked", str(layer), store=store)
+
+    def verified(key: str) -> str:
+        return fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.verified").decode()
+
+    assert verified(in_layer) == "size", "not opened yet: judged by its size alone"
+    for key, data in ((in_store, sdata), (in_layer, ldata), (empty, b"")):
+        assert fs.read(m.file(key)) == data
+    wait_until(lambda: fs.run(os.getxattr, str(m.file(empty)), "user.lazyfs.state") == b"cached",
+               what="the empty file published")
+    checks = {key: verified(key) for key in (in_store, in_layer, empty)}
+    assert all(v in ("CRC32", "CRC64NVME", "MD5") for v in checks.values()), checks
+
+
 @on_both_clients
 def test_cache_budget_evicts_lru_but_not_open_or_prebaked(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     names = [f"{P}/f{i}.bin" for i in range(4)]

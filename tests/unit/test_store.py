@@ -227,3 +227,32 @@ def test_sweep_frees_index_entries_whose_published_paths_were_deleted(store: Sto
     copy = store.find_current(kept)
     assert copy is not None
     os.close(copy.fd)
+
+
+def test_verified_names_the_check_a_prebaked_copy_passed(tmp_path: Path) -> None:
+    """--verify etag: a copy in the store is stamped with how its content was
+    checked; one in a read-only layer cannot be, and the check remembers it
+    (user.lazyfs.verified).  Unchecked, an unrecorded copy was judged by size."""
+    from lazyfs.probe import PrebakedCheck
+    from support.fakeremote import FakeRemote
+
+    remote = FakeRemote()
+    in_store = remote.put("bkt", "m/s.bin", b"store copy")
+    in_layer = remote.put("bkt", "m/l.bin", b"layer copy", checksum="CRC32")
+    (tmp_path / "s" / "m").mkdir(parents=True)
+    (tmp_path / "s" / "m" / "s.bin").write_bytes(b"store copy")
+    (tmp_path / "layer" / "m").mkdir(parents=True)
+    (tmp_path / "layer" / "m" / "l.bin").write_bytes(b"layer copy")
+    s = Store.open(str(tmp_path / "s"), [str(tmp_path / "layer")])
+    try:
+        check = PrebakedCheck(remote, s)
+        assert s.local_state(in_layer, check.checked).verified == "size"
+        for o in (in_store, in_layer):
+            copy = s.find_current(o)
+            assert copy is not None and check(o, copy)
+            os.close(copy.fd)
+        assert s.local_state(in_store).verified == "MD5"  # recorded in the store
+        assert s.local_state(in_layer, check.checked).verified == "CRC32"
+        assert s.local_state(in_layer).verified == "size", "without the mount's memory: its size"
+    finally:
+        s.close()
