@@ -108,8 +108,11 @@ async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO,
 
 
 async def _fetch_all(fetcher: Fetcher, objects: list[RemoteObject], out: TextIO, baking: Baking) -> BakeResult:
+    listed = {obj.version for obj in objects}  # what the bake's listing (or lock) makes current
+    fetcher.hooks.is_current = lambda obj: obj.version in listed
     await fetcher.sweep_store(objects)
-    warmer = baking.warmer = prefetch.Prefetcher(fetcher, concurrent_files=max(8, fetcher.cfg.max_connections))
+    warmer = baking.warmer = prefetch.Prefetcher(fetcher, concurrent_files=max(8, fetcher.cfg.max_connections),
+                                                 must_keep=True)
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
         await nursery.start(fetcher.run)

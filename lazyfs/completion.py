@@ -169,7 +169,7 @@ def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Part
         if not keep:
             return Finished(verified, placed=False)
         try:
-            placed = store.publish(partial, origin, keep_newer=not current, verified=verified)
+            placed = store.publish(partial, origin, keep_newer=not current, verified=verified, listed=current)
         except OSError as e:
             raise StoreError(f"{obj.uri}: cannot publish into the store: {e.strerror}", e.errno or errno.EIO) from None
     return Finished(verified, placed)

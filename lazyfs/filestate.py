@@ -1,9 +1,16 @@
 """The one vocabulary for what is on local disk for an object version, from
-the store to the `user.lazyfs.state` attribute to `lazyfs status`."""
+the store to the `user.lazyfs.state` attribute to `lazyfs status`, and the
+store's answers in it (LocalState, LocalCopy)."""
 
 from __future__ import annotations
 
 import enum
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from lazyfs.layer import Layer
+from lazyfs.namespace import RemoteObject
 
 
 class FileState(str, enum.Enum):
@@ -21,3 +28,31 @@ class FileState(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+# How a copy with no identity record was judged: by its size (the seed's rule).
+SIZE = "size"
+# How the content of an unrecorded copy was checked this run, if it was
+# (probe.PrebakedCheck.checked, --verify etag): a copy in a read-only layer
+# cannot be stamped, so the mount remembers.
+ContentChecks = Callable[[RemoteObject, Layer, os.stat_result], str]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalState:
+    state: FileState
+    layer: str  # which layer holds it ("store", "prebaked layer"), or ""
+    bytes: int  # bytes of this version on disk
+    # How a cached copy's content was checked (identity.Identity.verified);
+    # SIZE for a prebaked copy judged by its size.
+    verified: str = ""
+
+
+@dataclass(slots=True)
+class LocalCopy:
+    """An open, current local copy of an object."""
+
+    fd: int
+    layer: Layer
+    state: FileState  # CACHED or PREBAKED
+    dev: int = 0  # st_dev of its filesystem, for passthrough.py (which must not stat on the trio thread)

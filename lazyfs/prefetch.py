@@ -21,7 +21,7 @@ import trio
 from lazyfs import wording
 from lazyfs.config import Source
 from lazyfs.download import Download
-from lazyfs.errors import LazyfsError
+from lazyfs.errors import LazyfsError, StoreError
 from lazyfs.fetch import Fetcher
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import LocalCopy
@@ -62,9 +62,12 @@ class Progress:
 
 
 class Prefetcher:
-    def __init__(self, fetcher: Fetcher, concurrent_files: int = 32) -> None:
+    def __init__(self, fetcher: Fetcher, concurrent_files: int = 32, must_keep: bool = False) -> None:
         self.fetcher = fetcher
         self.concurrent_files = concurrent_files
+        # `lazyfs bake`: a file fetched but not kept in the store (a folder
+        # in its way stays: stalefolder.py) counts as failed, not done.
+        self.must_keep = must_keep
         self.progress = Progress()
 
     async def run(self, objects: Iterable[RemoteObject]) -> Progress:
@@ -105,6 +108,8 @@ class Prefetcher:
                 p.local_files += 1
             else:
                 await self._wait(got)
+                if self.must_keep and isinstance(got, Download) and got.complete and not got.keep:
+                    raise StoreError(f"{obj.uri}: not kept in the store (its log says why)")
             p.done_files += 1
             p.done_bytes += obj.size
         except LazyfsError as e:

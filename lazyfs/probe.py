@@ -18,13 +18,13 @@ import cachetools
 
 from lazyfs.completion import UNVERIFIED, check, expectation
 from lazyfs.errors import IntegrityError, RemoteError, StoreError
-from lazyfs.filestate import FileState
+from lazyfs.filestate import SIZE, FileState, LocalCopy
 from lazyfs.identity import Identity
 from lazyfs.layer import Layer
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore
 from lazyfs.partials import Partial
-from lazyfs.store import SIZE, LocalCopy, Store
+from lazyfs.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -260,8 +260,8 @@ class Runner:
             return
         dl.verified = finished.verified
         if dl.keep and not finished.placed:
-            log.info("%s: a newer version is in the store already; this one served its readers and was not kept",
-                     dl.obj.uri)
+            # The store said why (a newer version there, or a folder in the way: once per key).
+            log.debug("%s: served its readers and was not kept in the store", dl.obj.uri)
             dl.keep = False
             if self.hooks.budget is not None:
                 self.hooks.budget.released(dl.obj)  # its room was reserved for a file not kept

@@ -20,50 +20,28 @@ call them from worker threads.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 from lazyfs.content_index import ContentIndex
 from lazyfs.errors import StoreError
-from lazyfs.filestate import FileState
+from lazyfs.filestate import SIZE, ContentChecks, FileState, LocalCopy, LocalState
 from lazyfs.identity import Identity, IdentityRecords
 from lazyfs.layer import FILE_FLAGS, PRIVATE, STORE_MODES, Layer, Permissions, still_there, write_small
 from lazyfs.listings import SavedListings
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
 from lazyfs.partials import Partial, PartialFiles
+from lazyfs.stalefolder import StaleFolders
+
+# LocalCopy and LocalState (filestate.py) are the store's answers, imported from here too.
+__all__ = ["LAYOUT_VERSION", "LocalCopy", "LocalState", "Store"]
 
 log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = "1"
-# How a copy with no identity record was judged: by its size (the seed's rule).
-SIZE = "size"
-# How the content of an unrecorded copy was checked this run, if it was
-# (probe.PrebakedCheck.checked, --verify etag): a copy in a read-only layer
-# cannot be stamped, so the mount remembers.
-ContentChecks = Callable[[RemoteObject, Layer, os.stat_result], str]
-
-
-@dataclass(frozen=True, slots=True)
-class LocalState:
-    state: FileState
-    layer: str  # which layer holds it ("store", "prebaked layer"), or ""
-    bytes: int  # bytes of this version on disk
-    # How a cached copy's content was checked (identity.Identity.verified);
-    # SIZE for a prebaked copy judged by its size.
-    verified: str = ""
-
-
-@dataclass(slots=True)
-class LocalCopy:
-    """An open, current local copy of an object."""
-
-    fd: int
-    layer: Layer
-    state: FileState  # CACHED or PREBAKED
-    dev: int = 0  # st_dev of its filesystem, for passthrough.py (which must not stat on the trio thread)
 
 
 class Store:
@@ -79,6 +57,7 @@ class Store:
         self._fds: list[int] = []
         self.partials: PartialFiles
         self.index: ContentIndex
+        self.stale_folders: StaleFolders
 
     @classmethod
     def open(cls, store_path: str, prebaked: Iterable[str] = (), root_fd: int | None = None,
@@ -114,6 +93,7 @@ class Store:
             raise StoreError(f"store {self.root.path} is not writable: {e.strerror}", e.errno or errno.EIO) from None
         self.partials = PartialFiles(tmp_fd, self.root.path)
         self.index = ContentIndex(objects_fd)
+        self.stale_folders = StaleFolders(self.identities, self.index)
         self._check_layout(meta_fd)
         self.identities.open(tmp_fd, self.prebaked)
 
@@ -209,7 +189,7 @@ class Store:
     # -- publishing ---------------------------------------------------------------
 
     def publish(self, partial: Partial, origin: str = "fetch", *, keep_newer: bool = True,
-                verified: str = "") -> bool:
+                verified: str = "", listed: bool = False) -> bool:
         """Make a complete, verified download the current copy at its key path:
         fsync, date it with the object's Last-Modified, record its identity,
         then rename it into place (and fsync the folder, so the rename sticks).
@@ -220,13 +200,15 @@ class Store:
         caller's descriptor still serves this version's readers.  A caller
         that knows this version is the one the listing shows now passes
         keep_newer=False: an older version made current again (the latest
-        one deleted in a versioned bucket) must still be placed."""
+        one deleted in a versioned bucket) must still be placed.  `listed`:
+        the caller's listing shows this version now, so a folder of fetched
+        files standing at the path may go (stalefolder.py); else False too."""
         obj, fd = partial.obj, partial.fd
         if os.fstat(fd).st_size != obj.size:
             raise StoreError(f"{obj.uri}: download has the wrong size, not published")
         self._seal(fd, obj, origin, verified)
         try:
-            placed = self._place(partial.name + ".part", obj, keep_newer)
+            placed = self._place(partial.name + ".part", obj, keep_newer, listed)
         except BaseException:
             self.identities.forget(fd, only_if_unlinked=False)  # not published: a retry records it again
             raise
@@ -244,26 +226,30 @@ class Store:
         self.identities.write(fd, Identity.of(obj, origin, verified))
         os.fchmod(fd, self.permissions.file)
 
-    def _place(self, tmp_name: str, obj: RemoteObject, keep_newer: bool = True) -> bool:
+    def _place(self, tmp_name: str, obj: RemoteObject, keep_newer: bool = True, listed: bool = False) -> bool:
         """Rename a finished file from tmp/ to its key path and index its
-        content, unless the path holds a newer version (False).  Under the
-        publish lock, so the file judged is the file replaced; the index entry
-        and the record of the version replaced go if nothing else uses them."""
+        content, unless the path holds a newer version or a folder that stays
+        (False).  Under the publish lock, so the file judged is the file
+        replaced; the index entry and the record of the version replaced go
+        if nothing else uses them."""
         *dirs, name = obj.key.split("/")
         dfd = self.root.open_dir(dirs, create=True, mode=self.permissions.folder)
         old = None
         try:
             with self.partials.publish_lock():
+                if os.fstat(dfd).st_nlink == 0:  # the folder was removed meanwhile (stalefolder.py)
+                    dfd, gone = self.root.open_dir(dirs, create=True, mode=self.permissions.folder), dfd
+                    os.close(gone)
                 old = _open_file(dfd, name)
                 replaced = None if old is None else self.identities.read(old)
                 if keep_newer and replaced is not None and replaced.mtime_ns > obj.mtime_ns \
                         and not replaced.matches(obj):
                     log.info("%s: not replacing the newer version already in the store", obj.uri)
                     return False
-                try:
-                    os.rename(tmp_name, name, src_dir_fd=self.partials.tmp_fd, dst_dir_fd=dfd)
-                except IsADirectoryError:
-                    raise StoreError(f"{obj.uri}: a folder stands at {obj.key} in the store") from None
+                if not self.stale_folders.place(functools.partial(
+                        os.rename, tmp_name, name, src_dir_fd=self.partials.tmp_fd, dst_dir_fd=dfd),
+                        dfd, name, obj, listed):
+                    return False
                 self.index.add(dfd, name, obj)
                 if replaced is not None and not replaced.matches(obj):
                     self.index.drop_if_unused(replaced.etag, replaced.size)

@@ -386,3 +386,105 @@ def test_a_file_read_as_it_arrives_is_written_through_the_page_cache(mount, prox
     # At most what landed before the open registered its handle (a first piece or so).
     assert direct < len(data) // 4
     assert proxy.bytes_sent(key) == len(data)
+
+
+# -- a folder left in the store where a file must now be published ----------------------
+
+
+def refresh(m) -> None:
+    """SIGHUP, then wait until the refresh has been applied."""
+    before = m.log().count("listing changed")
+    m.process.send(signal.SIGHUP)
+    wait_until(lambda: m.log().count("listing changed") > before, what="the refresh")
+
+
+def cached(fs: FS, m, key: str) -> bool:
+    return fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.state") == b"cached"
+
+
+def test_a_folder_of_files_no_longer_listed_makes_way_for_a_file(mount, proxy, s3, bucket, fs: FS,
+                                                                  tmp_path: Path):
+    """c/x cached, then c/x/y in its place (the store's c/x turns folder), then
+    c/x again: before, every open of it downloaded it again, logged an ERROR
+    ("a folder stands at ... in the store") and never left it ready."""
+    x, y = f"{P}/x", f"{P}/x/y"
+    first, below, again = os.urandom(4095), os.urandom(4096), os.urandom(4095)
+    s3.put_object(Bucket=bucket, Key=x, Body=first)
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", store=store)
+    assert fs.read(m.file(x)) == first
+    wait_until(lambda: cached(fs, m, x), what="c/x published")
+    s3.delete_object(Bucket=bucket, Key=x)
+    s3.put_object(Bucket=bucket, Key=y, Body=below)
+    refresh(m)
+    assert fs.read(m.file(y)) == below
+    wait_until(lambda: cached(fs, m, y), what="c/x/y published")
+    s3.delete_object(Bucket=bucket, Key=y)
+    s3.put_object(Bucket=bucket, Key=x, Body=again)
+    refresh(m)
+    gets = proxy.count("GET", x)
+    assert fs.read(m.file(x)) == again
+    wait_until(lambda: cached(fs, m, x), what="c/x published over the folder")
+    assert (store / x).read_bytes() == again
+    assert fs.read(m.file(x)) == again
+    assert proxy.count("GET", x) == gets + 1, "the second open fetched it again"
+    assert "removed the folder at models/m/x in the store" in m.log()
+    m.stop()
+    assert status(proxy, bucket, store, "--require-all").returncode == 0
+
+
+def test_a_folder_holding_an_admins_file_stays_and_says_so_once(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    """The folder in the way holds a copy lazyfs did not fetch: it stays, and
+    the file is served without being kept, with one warning, not an ERROR per
+    open."""
+    x = f"{P}/x"
+    data = os.urandom(4095)
+    s3.put_object(Bucket=bucket, Key=x, Body=data)
+    store = tmp_path / "store"
+    (store / P / "x").mkdir(parents=True)
+    (store / P / "x" / "admin.txt").write_bytes(b"put here by hand")
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+
+    def state() -> bytes:
+        return fs.run(os.getxattr, str(m.file(x)), "user.lazyfs.state")
+
+    for fetches in (1, 2):
+        assert fs.read(m.file(x)) == data
+        # Not kept: an open after the last download fetches it again (while
+        # the kernel may answer the read from the pages it cached).
+        wait_until(lambda fetches=fetches: proxy.count("GET", x) == fetches, what=f"fetch {fetches}")
+        wait_until(lambda: state() == b"missing", what="the download over, and not kept")
+    assert (store / P / "x" / "admin.txt").read_bytes() == b"put here by hand"
+    assert m.log().count("a folder stands at models/m/x in the store and is kept") == 1
+
+
+def test_bake_replaces_a_folder_of_fetched_files_no_longer_listed(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    x, y = f"{P}/x", f"{P}/x/y"
+    below, again = os.urandom(4096), os.urandom(4095)
+    s3.put_object(Bucket=bucket, Key=y, Body=below)
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.read(m.file(y)) == below
+    wait_until(lambda: cached(fs, m, y), what="c/x/y published")
+    m.stop()
+    s3.delete_object(Bucket=bucket, Key=y)
+    s3.put_object(Bucket=bucket, Key=x, Body=again)
+    res = lazyfs_cli(["bake", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint,
+                      "--to", str(store)], timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (store / x).read_bytes() == again
+    assert status(proxy, bucket, store, "--require-all").returncode == 0
+
+
+def test_bake_fails_a_file_a_kept_folder_stands_in_the_way_of(proxy, s3, bucket, tmp_path: Path):
+    z = f"{P}/z"
+    s3.put_object(Bucket=bucket, Key=z, Body=b"a file")
+    store = tmp_path / "store"
+    (store / z).mkdir(parents=True)
+    (store / z / "admin.txt").write_bytes(b"put here by hand")
+    res = lazyfs_cli(["bake", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint,
+                      "--to", str(store)], timeout=120)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert f"failed: s3://{bucket}/{z}" in res.stdout and "not kept in the store" in res.stdout, res.stdout
+    assert "a folder stands at models/m/z in the store and is kept" in res.stderr, res.stderr
+    assert (store / z / "admin.txt").read_bytes() == b"put here by hand"

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from lazyfs.errors import StoreError
 from lazyfs.filestate import FileState
 from lazyfs.listings import walk_local
 from lazyfs.namespace import RemoteObject
@@ -136,8 +135,28 @@ def test_a_publish_that_places_nothing_leaves_no_record(tmp_path: Path) -> None:
         kept = sidecars(tmp_path / "s")
         download(store, old, b"weights-1")  # late, older: not placed
         (tmp_path / "s" / "blocked" / "f").mkdir(parents=True)  # a folder stands where the file goes
-        with pytest.raises(StoreError, match="a folder stands"):
-            download(store, obj("blocked/f", b"xyz"), b"xyz")
+        download(store, obj("blocked/f", b"xyz"), b"xyz")  # not the listed version: the folder stays
+        assert (tmp_path / "s" / "blocked" / "f").is_dir()
         assert sidecars(tmp_path / "s") == kept
+    finally:
+        store.close()
+
+
+def test_a_folder_of_fetched_files_in_the_way_goes_with_their_sidecars(tmp_path: Path) -> None:
+    """Where the store keeps no user xattrs, the records of the files removed
+    with a folder standing where a file must go are removed too."""
+    store = open_store(tmp_path / "s")
+    try:
+        download(store, obj("c/x/y", b"below"), b"below")
+        assert len(sidecars(tmp_path / "s")) == 1
+        new = obj("c/x", b"a file")
+        p = store.partials.open(new, 4)
+        os.pwrite(p.fd, b"a file", 0)
+        try:
+            assert store.publish(p, listed=True)
+        finally:
+            p.close()
+        assert (tmp_path / "s" / "c" / "x").read_bytes() == b"a file" and state(store, new) is FileState.CACHED
+        assert len(sidecars(tmp_path / "s")) == 1, "the removed file's record stayed"
     finally:
         store.close()
