@@ -16,6 +16,8 @@ from lazyfs.filestate import FileState
 from lazyfs.listings import walk_local
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import Store
+from support.storefiles import current_state as state
+from support.storefiles import publish as download
 
 S = 10**9
 
@@ -38,21 +40,6 @@ def open_store(path: Path, prebaked: tuple[Path, ...] = ()) -> Store:
     return Store.open(str(path), [str(p) for p in prebaked])
 
 
-def download(store: Store, o: RemoteObject, data: bytes, origin: str = "fetch") -> None:
-    p = store.partials.open(o, 4)
-    os.pwrite(p.fd, data, 0)
-    try:
-        store.publish(p, origin)
-    finally:
-        p.close()
-
-
-def state(store: Store, o: RemoteObject) -> FileState | None:
-    copy = store.find_current(o)
-    if copy is None:
-        return None
-    os.close(copy.fd)
-    return copy.state
 
 
 def sidecars(root: Path) -> set[str]:

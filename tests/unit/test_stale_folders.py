@@ -15,27 +15,17 @@ import pytest
 from lazyfs.filestate import FileState
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import Store
+from support.storefiles import current_state as current
+from support.storefiles import publish as _publish
+
+
+def publish(store: Store, o: RemoteObject, data: bytes, *, listed: bool = True, origin: str = "fetch") -> bool:
+    """Published as the listed version (what these tests are about), unless told not."""
+    return _publish(store, o, data, origin, listed=listed)
 
 
 def obj(key: str, data: bytes) -> RemoteObject:
     return RemoteObject("bkt", key, len(data), hashlib.md5(data).hexdigest(), 1_700_000_000 * 10**9)
-
-
-def publish(store: Store, o: RemoteObject, data: bytes, *, listed: bool = True, origin: str = "fetch") -> bool:
-    p = store.partials.open(o, 4)
-    os.pwrite(p.fd, data, 0)
-    try:
-        return store.publish(p, origin, listed=listed)
-    finally:
-        p.close()
-
-
-def current(store: Store, o: RemoteObject) -> FileState | None:
-    copy = store.find_current(o)
-    if copy is None:
-        return None
-    os.close(copy.fd)
-    return copy.state
 
 
 def test_a_folder_of_fetched_files_is_removed_for_the_listed_file(store: Store, tmp_path: Path,

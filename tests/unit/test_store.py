@@ -14,17 +14,13 @@ from lazyfs.errors import IntegrityError, StoreError
 from lazyfs.identity import IDENTITY_XATTR, Identity
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import Store
+from support.storefiles import publish as download
 
 
 def obj(key: str, data: bytes, etag: str | None = None) -> RemoteObject:
     return RemoteObject("bkt", key, len(data), etag or hashlib.md5(data).hexdigest(), 1_700_000_000 * 10**9)
 
 
-def download(store: Store, o: RemoteObject, data: bytes, part: int = 4) -> None:
-    p = store.partials.open(o, part)
-    os.pwrite(p.fd, data, 0)
-    store.publish(p)
-    os.close(p.fd)
 
 
 def test_layout_and_private_tmp(store: Store, tmp_path: Path) -> None:
