@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import time
 from contextlib import suppress
-from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import trio
@@ -38,6 +37,7 @@ from lazyfs.objectstore import ObjectStore
 from lazyfs.offline import store_knows
 from lazyfs.quiet import Quiet, reader_request
 from lazyfs.store import Store
+from lazyfs.wording import count
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ LOOKUP_CONNECTIONS = 8
 State = Literal["live", "saved", "offline", "listing", "failing"]
 
 
-@dataclass
+@dataclasses.dataclass
 class RefreshInfo:
     """The outcome of the last listing, for logs and the stats file."""
 
@@ -147,7 +147,7 @@ class Catalog:
             return
         if objects and not self.listed.is_set():
             self._serve(await trio.to_thread.run_sync(self._build, objects), self.last.error)
-            log.warning("serving the saved listing (%d files) until the listing succeeds", self.tree.objects)
+            log.warning("serving the saved listing (%s) until the listing succeeds", count(self.tree.objects, "file"))
 
     def _serve(self, tree: Tree, reason: str) -> None:
         self.tree = tree
@@ -190,9 +190,9 @@ class Catalog:
         self._subtrees.clear()
         self._known.clear()
         if was_offline:
-            log.info("object store reachable again: live listing of %d objects", tree.objects)
+            log.info("object store reachable again: live listing of %s", count(tree.objects, "object"))
         elif served and not was_live:
-            log.info("listing succeeded: %d objects replace the saved listing", tree.objects)
+            log.info("listing succeeded: a live listing (%s) replaces the saved one", count(tree.objects, "object"))
         diff = await trio.to_thread.run_sync(_diff_dropping_old, previous, old_lists, tree) if served else Diff()
         if diff or not was_live or not self._saved:
             await self._save(per_source)

@@ -99,7 +99,7 @@ def test_a_failing_first_listing_serves_the_saved_listing_meanwhile(mount, proxy
     # A name the saved listing lacks is asked for, and that fails: not "missing".
     assert errno_of_stat(fs, m.file(f"{P}/new.bin")) == errno.EACCES
     proxy.clear_faults()
-    wait_until(lambda: "replace the saved listing" in m.log(), timeout=30, what="the live listing")
+    wait_until(lambda: "replaces the saved one" in m.log(), timeout=30, what="the live listing")
     assert fs.listdir(m.path / P) == ["a.bin", "fill", "new.bin", "sub"]
     assert fs.read(m.file(f"{P}/new.bin")) == f"{P}/new.bin".encode()
 
