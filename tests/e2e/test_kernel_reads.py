@@ -134,23 +134,30 @@ def direct_io_ok() -> None:
 
 
 def served_again(fs: FS, m, fd: int, off: int, size: int, want: bytes) -> int:
-    """Read [off, off + size) a second time; the bytes lazyfs served for it
-    (0 when the mount's page cache answered).  First the kernel's readahead
-    after the earlier read must have landed: its replies count as served too."""
+    """Read [off, off + size) again; the bytes lazyfs served for it (0 when
+    the mount's page cache answered).  First the kernel's readahead after the
+    earlier read must have landed: its replies count as served too.  The
+    least of two re-reads: a readahead still waiting for its block when the
+    served count held still, or one a re-read sets off past the range (the
+    kernel's async marker), lands in one re-read's count, not in both; where
+    every read reaches lazyfs (direct_io), both serve the whole range."""
     def served() -> int:
         return stats(fs, m)["cache"]["served_bytes"]["s3"]
 
-    seen = [served()]
+    def once() -> int:
+        seen = [served()]
 
-    def settled() -> bool:
-        time.sleep(0.3)
-        seen.append(served())
-        return seen[-1] == seen[-2]
+        def settled() -> bool:
+            time.sleep(0.3)
+            seen.append(served())
+            return seen[-1] == seen[-2]
 
-    wait_until(settled, what="the readahead after the first read to land")
-    before = seen[-1]
-    assert fs.run(os.pread, fd, size, off) == want
-    return stats(fs, m)["cache"]["served_bytes"]["s3"] - before
+        wait_until(settled, what="the readahead after the earlier read to land")
+        before = seen[-1]
+        assert fs.run(os.pread, fd, size, off) == want
+        return served() - before
+
+    return min(once(), once())
 
 
 @pytest.mark.parametrize("flag", ["", "--no-direct-io"])
