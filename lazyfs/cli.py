@@ -5,7 +5,8 @@ Exit codes: 0 success (a mount stopped by SIGTERM or SIGINT too); 1 runtime
 failure (object store refused or unreachable, mount failed); 2 usage or
 configuration error; 128+signal (130, 143) any other command stopped by
 SIGINT or SIGTERM before it finished; 141 (128+SIGPIPE) stdout closed by its
-reader.  Every error is one line on stderr, never a traceback.
+reader.  Every error is one line on stderr (what a message quotes from a
+file, a listing or argv cannot break it: wording.one_line), never a traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lazyfs import __version__, interrupt, options
 from lazyfs.config import bake_config, diff_config, doctor_config, lock_config, mount_config, status_config
 from lazyfs.errors import ConfigError, Interrupted, LazyfsError, UsageError
 from lazyfs.options import Option
+from lazyfs.wording import one_line
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 # Output nobody reads any more (`lazyfs status | head`): 128 + SIGPIPE, what a
@@ -262,16 +264,16 @@ def _run(argv: Sequence[str]) -> int:
               + (f"; {e.unfinished}" if e.unfinished else ""), file=sys.stderr)
         return e.exit_code
     except ConfigError as e:
-        print(f"lazyfs: error: {e}", file=sys.stderr)
+        print(f"lazyfs: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except LazyfsError as e:
-        print(f"lazyfs: error: {e}", file=sys.stderr)
+        print(f"lazyfs: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_RUNTIME
     except Exception as e:  # a bug: say so in one line, keep the traceback for debug logs
         if _reader_left(e):
             return EXIT_OUTPUT_CLOSED
         log.debug("internal error", exc_info=True)
-        print(f"lazyfs: internal error: {type(e).__name__}: {e} (rerun with --log-level debug "
+        print(f"lazyfs: internal error: {type(e).__name__}: {one_line(str(e))} (rerun with --log-level debug "
               "for details)", file=sys.stderr)
         return EXIT_RUNTIME
 

@@ -32,6 +32,7 @@ from lazyfs.errors import ConfigError, UnsafeKey
 from lazyfs.modeljson import Source, parse_source
 from lazyfs.namespace import RemoteObject, key_parts
 from lazyfs.verify import Expectation
+from lazyfs.wording import quoted
 
 FORMAT = 1
 CHECKSUMS = ("CRC64NVME", "CRC32C", "CRC32", "SHA256", "SHA1")  # full-object additional checksums
@@ -226,7 +227,7 @@ def parse(text: str, path: str) -> Lock:
     if not isinstance(doc, dict) or "lazyfs_lock" not in doc:
         raise LockError(f"{where}: not a lazyfs lock file (no \"lazyfs_lock\" member)")
     if doc["lazyfs_lock"] != FORMAT:
-        raise LockError(f"{where}: lock format {doc['lazyfs_lock']!r} is not one this lazyfs reads ({FORMAT})")
+        raise LockError(f"{where}: lock format {_shown(doc['lazyfs_lock'])} is not one this lazyfs reads ({FORMAT})")
     digest = doc.get("digest")
     if not isinstance(digest, str) or not _DIGEST.match(digest):
         raise LockError(f"{where}: no valid \"digest\" (sha256:<64 hex digits>)")
@@ -253,7 +254,7 @@ def _checked(doc: dict[str, Any], where: str, path: str) -> Lock:
         except ConfigError as e:
             raise LockError(str(e)) from None
         if source.prefix != prefix or (bucket, prefix) in seen:
-            raise LockError(f"{where}: {what} is not a normalized folder (\"{prefix}\"), or is repeated")
+            raise LockError(f"{where}: {what} is not a normalized folder ({quoted(prefix)}), or is repeated")
         seen.add((bucket, prefix))
         entries = [_entry(f, od, bucket, prefix, f"{what}.objects[{j}]")
                    for j, od in enumerate(f.items(fd, "objects", what, dicts=True))]
@@ -269,11 +270,11 @@ def _checked(doc: dict[str, Any], where: str, path: str) -> Lock:
 def _entry(f: _Fields, d: dict[str, Any], bucket: str, prefix: str, what: str) -> Entry:
     key = f.text(d, "key", what)
     if not key.startswith(prefix):
-        raise LockError(f"{f.where}: {what}: key \"{key}\" is not under its folder s3://{bucket}/{prefix}")
+        raise LockError(f"{f.where}: {what}: key {quoted(key)} is not under its folder s3://{bucket}/{prefix}")
     try:
         key_parts(key)
     except UnsafeKey as e:
-        raise LockError(f"{f.where}: {what}: key \"{key}\" cannot be a path ({e})") from None
+        raise LockError(f"{f.where}: {what}: key {quoted(key)} cannot be a path ({e})") from None
     size = f.whole(d, "size", what)
     check = _check(f, d.get("checksum"), size, f"{what}.checksum")
     etag, version_id = f.text(d, "etag", what), f.opt_text(d, "version_id", what) or ""
@@ -289,7 +290,7 @@ def _check(f: _Fields, d: Any, size: int, what: str) -> Expectation | None:
         raise LockError(f"{f.where}: {what} must be an object or null")
     algorithm, value = f.text(d, "algorithm", what), f.text(d, "value", what)
     if algorithm not in CHECKSUMS + ETAG_CHECKS:
-        raise LockError(f"{f.where}: {what}: unknown algorithm \"{algorithm}\"")
+        raise LockError(f"{f.where}: {what}: unknown algorithm {quoted(algorithm)}")
     if algorithm != "MD5-multipart":
         return Expectation(algorithm, value)
     sizes = d.get("part_sizes")
@@ -305,14 +306,21 @@ def _check(f: _Fields, d: Any, size: int, what: str) -> Expectation | None:
 def _parse_iso(f: _Fields, text: str, what: str) -> int:
     m = _ISO.match(text)
     if not m:
-        raise LockError(f"{f.where}: {what}: last_modified \"{text}\" is not a UTC time like 2026-01-31T12:00:00Z")
+        raise LockError(f"{f.where}: {what}: last_modified {quoted(text)} is not a UTC time like 2026-01-31T12:00:00Z")
     try:
         ns = calendar.timegm(tuple(int(g) for g in m.groups())) * 1_000_000_000
         if iso(ns) == text:
             return ns
     except (ValueError, OverflowError):
         pass
-    raise LockError(f"{f.where}: {what}: last_modified \"{text}\" is not a valid time")
+    raise LockError(f"{f.where}: {what}: last_modified {quoted(text)} is not a valid time")
+
+
+def _shown(value: Any) -> str:
+    """A value of any JSON type from the file, in a message: one short line."""
+    text = quoted(value) if isinstance(value, str) else str(value) if isinstance(value, (int, float)) else \
+        "of another kind"
+    return text if len(text) <= 40 else text[:36] + "..."
 
 
 def _is_int(value: Any) -> bool:

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 from lazyfs.errors import ConfigError, UnsafeKey
 from lazyfs.mounttab import check_answering
 from lazyfs.namespace import key_parts
+from lazyfs.wording import one_line, quoted
 
 DEFAULT_CACHE_DIR = "/var/practicus/cache"
 MODEL_JSON_KEYS = ("download_files_from", "download_files_to")
@@ -101,7 +102,7 @@ def _reject_near_misses(path: Path, data: Mapping[str, Any]) -> None:
             continue
         close = difflib.get_close_matches(key, MODEL_JSON_KEYS, n=1, cutoff=0.85)
         if close:
-            raise ConfigError(f"{path}: unknown key \"{key}\" (did you mean \"{close[0]}\"?)")
+            raise ConfigError(f"{path}: unknown key {quoted(key)} (did you mean \"{close[0]}\"?)")
 
 
 def parse_source(text: str, default_bucket: str | None, where: str) -> Source:
@@ -111,16 +112,16 @@ def parse_source(text: str, default_bucket: str | None, where: str) -> Source:
         rest = text[5:]
         bucket, _, prefix = rest.partition("/")
         if not bucket:
-            raise ConfigError(f"{where}: \"{text}\" names no bucket (expected s3://BUCKET/FOLDER)")
+            raise ConfigError(f"{where}: {quoted(text)} names no bucket (expected s3://BUCKET/FOLDER)")
     else:
         if "://" in text:
-            raise ConfigError(f"{where}: \"{text}\" is not an s3:// URI or a plain folder")
+            raise ConfigError(f"{where}: {quoted(text)} is not an s3:// URI or a plain folder")
         bucket, prefix = default_bucket or "", text
         if not bucket:
-            raise ConfigError(
-                f"{where}: no bucket for \"{text}\" (use s3://BUCKET/{text.lstrip('/')}, --bucket, or LAZYFS_BUCKET)")
+            raise ConfigError(f"{where}: no bucket for {quoted(text)} "
+                              f"(use s3://BUCKET/{one_line(text.lstrip('/'))}, --bucket, or LAZYFS_BUCKET)")
     if not _BUCKET_RE.match(bucket):
-        raise ConfigError(f"{where}: \"{bucket}\" is not a valid bucket name")
+        raise ConfigError(f"{where}: {quoted(bucket)} is not a valid bucket name")
     return Source(bucket=bucket, prefix=normalize_prefix(prefix, where))
 
 
@@ -132,7 +133,7 @@ def normalize_prefix(prefix: str, where: str) -> str:
     try:
         key_parts(stripped)
     except UnsafeKey as e:
-        raise ConfigError(f"{where}: folder \"{prefix}\" cannot be a path ({e})") from None
+        raise ConfigError(f"{where}: folder {quoted(prefix)} cannot be a path ({e})") from None
     return stripped + "/"
 
 

@@ -40,6 +40,9 @@ CASES = {
     "bad part size": (["--prefix", "s3://bkt/x", "--part-size", "big"], "is not a size"),
     "bad log level": (["--prefix", "s3://bkt/x", "--log-level", "loud"], "invalid choice"),
     "nothing to serve": ([], "nothing to serve"),
+    # a name from a file or argv cannot split the line
+    "newline in a folder": (["--config", "{tmp}/newline.json"], r'folder "a\nb/../c" cannot be a path'),
+    "newline in a path": (["--config", "{tmp}/no\nsuch.json"], r"no\nsuch.json: config file not found"),
 }
 
 
@@ -48,7 +51,8 @@ def cfgdir(tmp_path: Path) -> Path:
     files = {"notjson.json": "{nope", "array.json": "[]", "empty.json": "{}",
              "wrongtype.json": '{"download_files_from": 7}',
              "typo.json": '{"download_file_from": "a/b"}',
-             "emptyprefix.json": '{"download_files_from": ""}'}
+             "emptyprefix.json": '{"download_files_from": ""}',
+             "newline.json": '{"download_files_from": "s3://bkt/a\\nb/../c"}'}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     (tmp_path / "afile").write_text("x")

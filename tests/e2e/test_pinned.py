@@ -226,6 +226,9 @@ def locks(tmp_path: Path) -> dict[str, Path]:
     text = lockfile.dumps(good)
     out = {"good": text, "truncated": text[: len(text) // 2], "malformed": '{"lazyfs_lock": 1, "folders": 3}',
            "tampered": text.replace('"my-model/v3/"', '"my-model/v4/"'), "not json": "this is not a lock\n"}
+    newline = lockfile.make([lockfile.Folder("models", "my-model/v3/", (
+        lockfile.Entry("models", "my-model/v3/a\nb.bin", 1, "e" * 32, "", 0, None),))], [], "test")
+    out["newline key"] = lockfile.dumps(newline)
     paths = {}
     for name, body in out.items():
         paths[name] = tmp_path / f"{name.replace(' ', '-')}.lock.json"
@@ -238,6 +241,7 @@ def locks(tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("bad, message", [
     ("truncated", "not a complete lock file"), ("malformed", "no valid \"digest\""),
     ("tampered", "digest mismatch"), ("not json", "not a complete lock file"), ("missing", "file not found"),
+    ("newline key", r'key "my-model/v3/a\nb.bin" cannot be a path'),
 ])
 def test_a_bad_lock_is_one_line_and_exit_2(command: str, bad: str, message: str, locks, tmp_path: Path):
     path = locks.get(bad, tmp_path / "missing.lock.json")

@@ -150,3 +150,17 @@ def test_a_switch_downloads_only_bytes_the_old_version_lacks() -> None:
     assert len(s.removed) == 3
     same = what_switch(old, old)
     assert same.total("same") == (3, old.bytes) and same.total("download") == (0, 0) and not same.removed
+
+
+def test_a_key_with_a_newline_is_refused_on_one_line() -> None:
+    lock = v3(**{"config.json": entry("my-model/v3/a\nb\x1b[2J.json", "a", 812, "va")})
+    with pytest.raises(LockError) as info:
+        lockfile.parse(lockfile.dumps(lock), "m.lock")
+    assert str(info.value) == (r'lock m.lock: folders[0].objects[0]: key "my-model/v3/a\nb\x1b[2J.json" '
+                               "cannot be a path (control character in name)")
+
+
+def test_an_unknown_format_is_shown_short_and_on_one_line() -> None:
+    with pytest.raises(LockError) as info:
+        lockfile.parse('{"lazyfs_lock": "' + "x\\n" * 10_000 + '"}', "m.lock")
+    assert len(str(info.value)) < 150 and "\n" not in str(info.value)

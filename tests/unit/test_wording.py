@@ -1,10 +1,11 @@
-"""Counts in what lazyfs prints: one file, never "1 files"."""
+"""Counts in what lazyfs prints: one file, never "1 files"; and a key or
+path from a file or a listing printed on one line, whatever it holds."""
 
 from __future__ import annotations
 
 import pytest
 
-from lazyfs.wording import count
+from lazyfs.wording import count, one_line, quoted
 
 
 @pytest.mark.parametrize("n, said", [(0, "0 files"), (1, "1 file"), (2, "2 files"), (10000, "10000 files")])
@@ -14,3 +15,17 @@ def test_a_count_of_one_is_singular(n: int, said: str) -> None:
 
 def test_an_irregular_plural_is_given() -> None:
     assert (count(1, "entry", "entries"), count(3, "entry", "entries")) == ("1 entry", "3 entries")
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("models/a b.bin", '"models/a b.bin"'), ("m/a\nb.bin", r'"m/a\nb.bin"'), ("\x1b[2J", r'"\x1b[2J"'),
+    ('say "hi"\\', r'"say \"hi\"\\"'), ("é\u2028\x85", r'"é\u2028\x85"'), ("a\udcffb", r'"a\udcffb"'),
+])
+def test_quoted_text_stays_on_one_line(text: str, shown: str) -> None:
+    assert quoted(text) == shown
+    assert len(quoted(text).splitlines()) == 1
+
+
+def test_one_line_escapes_only_what_is_not_printable() -> None:
+    assert one_line('lock a "b" é: x') == 'lock a "b" é: x'
+    assert one_line("a\nb\tc\r\x00") == r"a\nb\tc\r\x00"
