@@ -31,6 +31,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from lazyfs.errors import ConfigError, UnsafeKey
 from lazyfs.modeljson import Source, parse_source
 from lazyfs.namespace import RemoteObject, key_parts
+from lazyfs.userfile import LOCK_MAX, BadJson, parse_json, read_text
 from lazyfs.verify import Expectation
 from lazyfs.wording import quoted
 
@@ -202,17 +203,7 @@ def iso(mtime_ns: int) -> str:
 
 
 def read(path: Path) -> Lock:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LockError(f"lock {path}: file not found") from None
-    except IsADirectoryError:
-        raise LockError(f"lock {path}: is a directory, not a lock file") from None
-    except UnicodeDecodeError:
-        raise LockError(f"lock {path}: not valid UTF-8 text (not a lock file?)") from None
-    except OSError as e:
-        raise LockError(f"lock {path}: cannot read it ({e.strerror})") from None
-    return parse(text, str(path))
+    return parse(read_text(path, f"lock {path}", "lock file", LOCK_MAX, LockError), str(path))
 
 
 def parse(text: str, path: str) -> Lock:
@@ -220,10 +211,12 @@ def parse(text: str, path: str) -> Lock:
     every field.  LockError (one line naming the file) on any problem."""
     where = f"lock {path}"
     try:
-        doc = json.loads(text)
+        doc = parse_json(text)
     except json.JSONDecodeError as e:
         raise LockError(f"{where}: not a complete lock file: invalid JSON at line {e.lineno}, column {e.colno} "
                         f"({e.msg}); truncated, or not written by lazyfs lock?") from None
+    except BadJson as e:
+        raise LockError(f"{where}: {e}; not written by lazyfs lock?") from None
     if not isinstance(doc, dict) or "lazyfs_lock" not in doc:
         raise LockError(f"{where}: not a lazyfs lock file (no \"lazyfs_lock\" member)")
     if doc["lazyfs_lock"] != FORMAT:

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 from lazyfs.errors import ConfigError, UnsafeKey
 from lazyfs.mounttab import check_answering
 from lazyfs.namespace import key_parts
+from lazyfs.userfile import MODEL_JSON_MAX, BadJson, parse_json, read_text
 from lazyfs.wording import one_line, quoted
 
 DEFAULT_CACHE_DIR = "/var/practicus/cache"
@@ -55,22 +56,13 @@ def load_model_json(path: str | os.PathLike[str]) -> ModelJson:
     out of our way, except near-misses of ours, which are almost always typos)."""
     p = Path(path)
     check_answering(p, "config file")
+    text = read_text(p, str(p), "config file", MODEL_JSON_MAX)
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{p}: is a directory, not a model.json file") from None
-    except PermissionError:
-        raise ConfigError(f"{p}: permission denied reading the config file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not valid UTF-8 text") from None
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read config file ({e.strerror})") from None
-    try:
-        data = json.loads(text)
+        data = parse_json(text, once=MODEL_JSON_KEYS)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except BadJson as e:
+        raise ConfigError(f"{p}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: must be a JSON object, found {_json_type(data)}")
     _reject_near_misses(p, data)

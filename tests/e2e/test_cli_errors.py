@@ -3,6 +3,7 @@ code, never a traceback (run as a user would, in a subprocess)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -40,6 +41,12 @@ CASES = {
     "bad part size": (["--prefix", "s3://bkt/x", "--part-size", "big"], "is not a size"),
     "bad log level": (["--prefix", "s3://bkt/x", "--log-level", "loud"], "invalid choice"),
     "nothing to serve": ([], "nothing to serve"),
+    # a wrong file is refused unread: a FIFO would block for ever, a checkpoint be read whole
+    "config is a FIFO": (["--config", "{tmp}/fifo"], "fifo: is a FIFO (named pipe), not a config file"),
+    "config is a device": (["--config", "/dev/null"], "/dev/null: is a character device, not a config file"),
+    "config too big": (["--config", "{tmp}/model.safetensors"], "too big for a config file (at most 16 MiB)"),
+    "config nested too deeply": (["--config", "{tmp}/deep.json"], "arrays or objects nested too deeply"),
+    "download_files_from twice": (["--config", "{tmp}/twice.json"], '"download_files_from" is given twice'),
     # a name from a file or argv cannot split the line
     "newline in a folder": (["--config", "{tmp}/newline.json"], r'folder "a\nb/../c" cannot be a path'),
     "newline in a path": (["--config", "{tmp}/no\nsuch.json"], r"no\nsuch.json: config file not found"),
@@ -52,9 +59,14 @@ def cfgdir(tmp_path: Path) -> Path:
              "wrongtype.json": '{"download_files_from": 7}',
              "typo.json": '{"download_file_from": "a/b"}',
              "emptyprefix.json": '{"download_files_from": ""}',
+             "deep.json": "[" * 100_000 + "]" * 100_000,
+             "twice.json": '{"download_files_from": "s3://bkt/a", "download_files_from": "s3://bkt/b"}',
              "newline.json": '{"download_files_from": "s3://bkt/a\\nb/../c"}'}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
+    os.mkfifo(tmp_path / "fifo")
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate((16 << 20) + 1)
     (tmp_path / "afile").write_text("x")
     (tmp_path / "mnt").mkdir()
     return tmp_path
@@ -66,7 +78,19 @@ def test_usage_and_config_errors_exit_2(case: str, cfgdir: Path) -> None:
     argv = [a.replace("{tmp}", str(cfgdir)) for a in args]
     if not argv or not argv[0].startswith(str(cfgdir)):
         argv = [str(cfgdir / "mnt")] + argv
-    res = lazyfs_cli(["mount", *argv])
+    res = lazyfs_cli(["mount", *argv], timeout=30)
+    assert res.returncode == 2, (case, res.stderr)
+    assert message in one_line_error(res), case
+
+
+@pytest.mark.parametrize("command", ["bake", "status", "lock"])
+@pytest.mark.parametrize("case", ["config is a FIFO", "config too big", "config nested too deeply",
+                                  "download_files_from twice"])
+def test_every_command_refuses_a_bad_model_json_in_one_line(command: str, case: str, cfgdir: Path) -> None:
+    args, message = CASES[case]
+    where = {"bake": ["--to", str(cfgdir / "mnt")], "status": ["--store", str(cfgdir / "mnt")],
+             "lock": ["--output", "-"]}[command]
+    res = lazyfs_cli([command, *where, *(a.replace("{tmp}", str(cfgdir)) for a in args)], timeout=30)
     assert res.returncode == 2, (case, res.stderr)
     assert message in one_line_error(res), case
 

@@ -226,13 +226,22 @@ def locks(tmp_path: Path) -> dict[str, Path]:
     text = lockfile.dumps(good)
     out = {"good": text, "truncated": text[: len(text) // 2], "malformed": '{"lazyfs_lock": 1, "folders": 3}',
            "tampered": text.replace('"my-model/v3/"', '"my-model/v4/"'), "not json": "this is not a lock\n"}
+    one = lockfile.make([lockfile.Folder("models", "my-model/v3/", (
+        lockfile.Entry("models", "my-model/v3/a.bin", 1, "e" * 32, "", 0, None),))], [], "test")
     newline = lockfile.make([lockfile.Folder("models", "my-model/v3/", (
         lockfile.Entry("models", "my-model/v3/a\nb.bin", 1, "e" * 32, "", 0, None),))], [], "test")
-    out["newline key"] = lockfile.dumps(newline)
+    out.update({"nested": "[" * 100_000 + "]" * 100_000, "newline key": lockfile.dumps(newline),
+                # the last "key" is the one the digest was made of: json.loads alone would take the lock
+                "key twice": lockfile.dumps(one).replace('{"key": ', '{"key": "my-model/v3/evil.bin", "key": ')})
     paths = {}
     for name, body in out.items():
         paths[name] = tmp_path / f"{name.replace(' ', '-')}.lock.json"
         paths[name].write_text(body)
+    paths["fifo"] = tmp_path / "fifo.lock.json"
+    os.mkfifo(paths["fifo"])
+    paths["too big"] = tmp_path / "too-big.lock.json"
+    with open(paths["too big"], "wb") as f:
+        f.truncate((256 << 20) + 1)  # sparse: takes no disk
     (tmp_path / "mnt").mkdir()
     return paths
 
@@ -241,6 +250,8 @@ def locks(tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("bad, message", [
     ("truncated", "not a complete lock file"), ("malformed", "no valid \"digest\""),
     ("tampered", "digest mismatch"), ("not json", "not a complete lock file"), ("missing", "file not found"),
+    ("fifo", "is a FIFO (named pipe), not a lock file"), ("too big", "too big for a lock file (at most 256 MiB)"),
+    ("nested", "arrays or objects nested too deeply"), ("key twice", '"key" is given twice'),
     ("newline key", r'key "my-model/v3/a\nb.bin" cannot be a path'),
 ])
 def test_a_bad_lock_is_one_line_and_exit_2(command: str, bad: str, message: str, locks, tmp_path: Path):
@@ -249,7 +260,7 @@ def test_a_bad_lock_is_one_line_and_exit_2(command: str, bad: str, message: str,
             "bake": ["bake", "--lock", str(path), "--to", str(tmp_path)],
             "status": ["status", "--lock", str(path), "--store", str(tmp_path)],
             "diff": ["diff", str(locks["good"]), str(path)]}[command]
-    line = one_line_error(lazyfs_cli(argv))
+    line = one_line_error(lazyfs_cli(argv, timeout=30))  # a lock that is a FIFO must not block the reader
     assert f"lock {path}: " in line and message in line
 
 

@@ -65,6 +65,33 @@ def test_sources() -> None:
             parse_source(bad, None, "x")
 
 
+def test_a_model_json_naming_download_files_from_twice_is_refused(tmp_path: Path) -> None:
+    """Whoever reviews the file may read the first; json.loads alone would take the last."""
+    p = mj(tmp_path, '{"download_files_from": "s3://approved/m", "download_files_from": "s3://other/m"}', raw=True)
+    with pytest.raises(ConfigError) as info:
+        load_model_json(p)
+    assert str(info.value) == f'{p}: "download_files_from" is given twice in one object'
+    p = mj(tmp_path, '{"download_files_from": "a", "model": {"k": 1}, "notes": "x", "notes": "y"}', raw=True)
+    assert load_model_json(p).download_files_from == "a", "the model's own keys stay out of our way"
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000,
+                                     '{"download_files_from": "a", "x": ' + "[" * 50_000 + "]" * 50_000 + "}"])
+def test_a_model_json_nested_too_deeply_is_a_config_error(tmp_path: Path, content: str) -> None:
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_model_json(mj(tmp_path, content, raw=True))
+
+
+def test_a_model_json_too_big_or_not_a_file_is_refused_unread(tmp_path: Path) -> None:
+    big = tmp_path / "model.safetensors"
+    with open(big, "wb") as f:
+        f.truncate((16 << 20) + 1)
+    with pytest.raises(ConfigError, match=r"too big for a config file \(at most 16 MiB\)"):
+        load_model_json(big)
+    with pytest.raises(ConfigError, match="is a character device, not a config file"):
+        load_model_json("/dev/null")
+
+
 def test_normalize_prefix() -> None:
     assert normalize_prefix("download/files/from", "x") == "download/files/from/"
     with pytest.raises(ConfigError):

@@ -152,6 +152,17 @@ def test_a_switch_downloads_only_bytes_the_old_version_lacks() -> None:
     assert same.total("same") == (3, old.bytes) and same.total("download") == (0, 0) and not same.removed
 
 
+def test_a_member_given_twice_is_refused_though_the_last_one_matches_the_digest() -> None:
+    """json.loads alone takes the last: a reviewer reading the first would approve a lock that pins another key."""
+    text = lockfile.dumps(v3())
+    twice = tampered(text, '{"key": "my-model/v3/config.json"', '{"key": "my-model/v3/evil.json", '
+                                                                  '"key": "my-model/v3/config.json"')
+    assert json.loads(twice) == json.loads(text), "the digest matches what json.loads sees"
+    with pytest.raises(LockError) as info:
+        lockfile.parse(twice, "m.lock")
+    assert str(info.value) == 'lock m.lock: "key" is given twice in one object; not written by lazyfs lock?'
+
+
 def test_a_key_with_a_newline_is_refused_on_one_line() -> None:
     lock = v3(**{"config.json": entry("my-model/v3/a\nb\x1b[2J.json", "a", 812, "va")})
     with pytest.raises(LockError) as info:
@@ -160,7 +171,30 @@ def test_a_key_with_a_newline_is_refused_on_one_line() -> None:
                                "cannot be a path (control character in name)")
 
 
+def test_a_lock_nested_too_deeply_is_a_lock_error() -> None:
+    with pytest.raises(LockError, match=r"^lock m.lock: arrays or objects nested too deeply"):
+        lockfile.parse("[" * 100_000 + "]" * 100_000, "m.lock")
+    # around the depth Python can recurse to, wherever parsing or the digest stops
+    for depth in range(800, 1100, 5):
+        nested = "[" * depth + "]" * depth
+        with pytest.raises(LockError, match=r"^lock m.lock: (arrays or objects nested too deeply|digest mismatch)"):
+            lockfile.parse(f'{{"lazyfs_lock": 1, "digest": "sha256:{"0" * 64}", "config": {nested}}}', "m.lock")
+
+
 def test_an_unknown_format_is_shown_short_and_on_one_line() -> None:
     with pytest.raises(LockError) as info:
         lockfile.parse('{"lazyfs_lock": "' + "x\\n" * 10_000 + '"}', "m.lock")
     assert len(str(info.value)) < 150 and "\n" not in str(info.value)
+
+
+def test_a_lock_of_100000_files_is_far_below_the_size_a_lock_may_have(tmp_path) -> None:
+    """LOCK_MAX refuses a wrong file (a checkpoint) unread; a real lock of a big checkpoint must load."""
+    from lazyfs.userfile import LOCK_MAX
+
+    entries = tuple(Entry("models", f"ckpt/step-{i // 1000:07d}/layer.{i:06d}.attention.weight.safetensors",
+                          123_456_789, "e" * 32, "v" * 32, T, Expectation("CRC64NVME", "AAAAAAAAAAA="))
+                    for i in range(100_000))
+    path = tmp_path / "big.lock.json"
+    path.write_text(lockfile.dumps(lockfile.make([Folder("models", "ckpt/", entries)], [], "lazyfs test")))
+    assert path.stat().st_size * 6 < LOCK_MAX
+    assert lockfile.read(path).files == 100_000
