@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from lazyfs.errors import ConfigError, UnsafeKey
-from lazyfs.modeljson import Source, parse_source
+from lazyfs.modeljson import Source, check_bucket, parse_source
 from lazyfs.namespace import RemoteObject, key_parts
 from lazyfs.userfile import LOCK_MAX, BadJson, parse_json, read_text
 from lazyfs.verify import Expectation
@@ -243,6 +243,7 @@ def _checked(doc: dict[str, Any], where: str, path: str) -> Lock:
         what = f"folders[{i}]"
         bucket, prefix = f.text(fd, "bucket", what), f.text(fd, "prefix", what)
         try:
+            check_bucket(bucket, where)
             source = parse_source(f"s3://{bucket}/{prefix}", None, where)
         except ConfigError as e:
             raise LockError(str(e)) from None

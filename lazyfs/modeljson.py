@@ -24,7 +24,14 @@ from lazyfs.wording import one_line, quoted
 DEFAULT_CACHE_DIR = "/var/practicus/cache"
 MODEL_JSON_KEYS = ("download_files_from", "download_files_to")
 
-_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+# S3's bucket naming rules: 3 to 63 lowercase letters, digits, dots and
+# hyphens, starting and ending with a letter or digit, no two dots in a row,
+# not an IP address.  A name that breaks them names no bucket (S3 and MinIO
+# refuse to create one), so it is bad input (exit 2), not a missing bucket.
+# Uppercase and underscores were allowed in us-east-1 before March 2018: such
+# a bucket cannot be served.
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IP_RE = re.compile(r"\d+\.\d+\.\d+\.\d+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +112,7 @@ def parse_source(text: str, default_bucket: str | None, where: str) -> Source:
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise ConfigError(f"{where}: {quoted(text)} names no bucket (expected s3://BUCKET/FOLDER)")
+        check_bucket(bucket, where)
     else:
         if "://" in text:
             raise ConfigError(f"{where}: {quoted(text)} is not an s3:// URI or a plain folder")
@@ -112,9 +120,15 @@ def parse_source(text: str, default_bucket: str | None, where: str) -> Source:
         if not bucket:
             raise ConfigError(f"{where}: no bucket for {quoted(text)} "
                               f"(use s3://BUCKET/{one_line(text.lstrip('/'))}, --bucket, or LAZYFS_BUCKET)")
-    if not _BUCKET_RE.match(bucket):
-        raise ConfigError(f"{where}: {quoted(bucket)} is not a valid bucket name")
+        check_bucket(bucket, "--bucket (or LAZYFS_BUCKET)")
     return Source(bucket=bucket, prefix=normalize_prefix(prefix, where))
+
+
+def check_bucket(name: str, where: str) -> None:
+    """Refuse a bucket name S3 cannot have (ConfigError), wherever it was given."""
+    if not _BUCKET_RE.fullmatch(name) or ".." in name or _IP_RE.fullmatch(name):
+        raise ConfigError(f"{where}: {quoted(name)} is not a valid bucket name (3 to 63 lowercase letters, "
+                          "digits, dots and hyphens, starting and ending with a letter or digit)")
 
 
 def normalize_prefix(prefix: str, where: str) -> str:

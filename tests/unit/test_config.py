@@ -65,6 +65,23 @@ def test_sources() -> None:
             parse_source(bad, None, "x")
 
 
+@pytest.mark.parametrize("bucket", ["Bad_Bucket", "UPPER", "under_score", "ab", "b" * 64, "-abc", "abc-", ".abc",
+                                    "a..b", "192.168.1.1", "a b", "new\nline", "abc\n"])
+def test_a_bucket_name_s3_cannot_have_is_bad_input(bucket: str) -> None:
+    """One check, wherever the name comes from (model.json, --prefix, --bucket; the lock's: test_lockfile):
+    a name S3 refuses is a configuration error (exit 2), not a bucket that "does not exist" (exit 1)."""
+    for text, default in ((f"s3://{bucket}/m", None), ("m", bucket)):
+        with pytest.raises(ConfigError, match="is not a valid bucket name") as info:
+            parse_source(text, default, "model.json")
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("bucket", ["abc", "models", "my-bucket.v2", "b" * 63, "1-2-3", "a.b.c",
+                                    "my-ap-abc123-s3alias", "bucket--usw2-az1--x-s3"])
+def test_bucket_names_s3_allows_are_taken(bucket: str) -> None:
+    assert parse_source(f"s3://{bucket}/m", None, "x") == Source(bucket, "m/")
+
+
 def test_a_model_json_naming_download_files_from_twice_is_refused(tmp_path: Path) -> None:
     """Whoever reviews the file may read the first; json.loads alone would take the last."""
     p = mj(tmp_path, '{"download_files_from": "s3://approved/m", "download_files_from": "s3://other/m"}', raw=True)

@@ -171,6 +171,14 @@ def test_a_key_with_a_newline_is_refused_on_one_line() -> None:
                                "cannot be a path (control character in name)")
 
 
+@pytest.mark.parametrize("bucket", ["Bad_Bucket", "ab", "a..b"])
+def test_a_lock_naming_a_bucket_s3_cannot_have_is_refused(bucket: str) -> None:
+    doc = document()
+    doc["folders"][0]["bucket"] = bucket
+    with pytest.raises(LockError, match=f'^lock m.lock: "{bucket}" is not a valid bucket name'):
+        lockfile.parse(rehashed(doc), "m.lock")
+
+
 def test_a_lock_nested_too_deeply_is_a_lock_error() -> None:
     with pytest.raises(LockError, match=r"^lock m.lock: arrays or objects nested too deeply"):
         lockfile.parse("[" * 100_000 + "]" * 100_000, "m.lock")
