@@ -23,7 +23,7 @@ import trio
 from lazyfs.catalog import Catalog
 from lazyfs.errors import LazyfsError, errno_of
 from lazyfs.handles import Handles
-from lazyfs.inodes import InodeRef, InodeTable
+from lazyfs.inodes import InodeRef, InodeTable, listed_in, ref_of
 from lazyfs.kernelcache import KernelCache
 from lazyfs.mounttab import fstype_of_device
 from lazyfs.namespace import DirNode, RemoteObject
@@ -122,7 +122,7 @@ class Operations(pyfuse3.Operations):
         self.handles = handles
         handles.passes_through = lambda: self.passthrough.enabled
         self.space = space  # the store filesystem's size, for statfs
-        self.inodes = InodeTable()
+        self.inodes = InodeTable(self._still_listed)
         self._dirs: dict[int, DirNode] = {}
         self._next_dir = 1
         self.uid = os.getuid()
@@ -185,12 +185,6 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)  # removed by a refresh
         return node
 
-    @staticmethod
-    def _ref(node: DirNode | RemoteObject | tuple[str, ...]) -> InodeRef:
-        if isinstance(node, (RemoteObject, tuple)):
-            return node
-        return node.path
-
     # -- names -------------------------------------------------------------------
 
     @_translated
@@ -201,7 +195,7 @@ class Operations(pyfuse3.Operations):
             miss.st_ino = 0  # a negative entry the kernel may cache
             miss.entry_timeout = NEGATIVE_TIMEOUT
             return miss
-        ino = self.inodes.lookup(self._ref(child))
+        ino = self.inodes.lookup(ref_of(child))
         return self._attrs(ino, child)
 
     async def _child(self, parent_inode: int, name: str) -> DirNode | RemoteObject | tuple[str, ...] | None:
@@ -245,14 +239,12 @@ class Operations(pyfuse3.Operations):
         node = self._dirs.get(fh)
         if node is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        names = node.names
-        for i in range(start_id, len(names)):
-            child = node.children[names[i]]
-            ref = self._ref(child)
-            ino = self.inodes.ino(ref)
-            if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), self._attrs(ino, child), i + 1):
+        for i in range(start_id, len(node.names)):
+            child = node.children[node.names[i]]
+            ino = self.inodes.lookup(ref_of(child))
+            if not pyfuse3.readdir_reply(token, os.fsencode(node.names[i]), self._attrs(ino, child), i + 1):
+                self.inodes.forget(ino, 1)  # not sent: not counted
                 break
-            self.inodes.lookup(ref)
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -275,7 +267,7 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if not isinstance(ref, RemoteObject):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if self._superseded(ref):
+        if not self._still_listed(ref):
             # The kernel's cached name still points at an older version: ESTALE
             # makes it look the name up again and open the current one.
             raise pyfuse3.FUSEError(errno.ESTALE)
@@ -289,11 +281,9 @@ class Operations(pyfuse3.Operations):
         STATS.opens_direct_io += direct_io
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct_io)
 
-    def _superseded(self, ref: RemoteObject) -> bool:
-        if not self.catalog.listed.is_set():
-            return False
-        current = self.catalog.tree.find(ref.key)
-        return not (isinstance(current, RemoteObject) and current.same_bytes(ref))
+    def _still_listed(self, ref: InodeRef) -> bool:
+        """Is `ref` in the served listing (before the first one: assume so)?"""
+        return not self.catalog.listed.is_set() or listed_in(self.catalog.tree, ref)
 
     @_translated
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]

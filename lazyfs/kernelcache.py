@@ -23,7 +23,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from lazyfs.inodes import InodeTable
+from lazyfs.inodes import InodeRef, InodeTable
 from lazyfs.namespace import Diff, RemoteObject
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,12 @@ class KernelCache:
         be forgotten, and looked up again as a new inode with no cached pages
         (an unrelated object added beside them cost a re-read of each).
         Names whose folder the kernel never looked up have nothing cached and
-        are skipped.  The number of names."""
+        are skipped.  The number of names.
+
+        The inode numbers kept for forgotten versions and folders the refresh
+        took away are dropped as well (inodes.py)."""
+        gone: list[InodeRef] = [*diff.removed, *(old for old, _ in diff.changed), *diff.folders]
+        self.inodes.drop_unlisted(gone)
         names: set[tuple[str, str]] = set()
         for obj in diff.added + diff.removed + tuple(old for old, _ in diff.changed):
             names.add(_split(obj.key))

@@ -72,8 +72,8 @@ def test_diff_trees_names_the_folders_that_appeared_or_vanished() -> None:
 
 
 def test_inodes_are_per_version_and_forgotten_at_zero() -> None:
-    table = InodeTable()
     v1, v2 = obj("p/f", etag="1"), obj("p/f", etag="2")
+    table = InodeTable(lambda ref: ref != v1)  # v2 replaced v1 in the listing
     a = table.lookup(v1)
     assert table.lookup(v1) == a and table.get(a) == v1
     b = table.lookup(v2)

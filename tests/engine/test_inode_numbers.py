@@ -1,0 +1,74 @@
+"""The operations class called directly (no kernel): inode numbers that stay
+the same while the kernel forgets and looks up again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyfuse3
+import pytest
+
+from lazyfs.catalog import Catalog
+from lazyfs.fetch import Fetcher
+from lazyfs.fuse_ops import Operations
+from lazyfs.handles import Handles
+from lazyfs.inodes import ROOT_INODE
+from lazyfs.modeljson import Source
+from lazyfs.storespace import StoreSpace
+from support.enginekit import BUCKET, fetch_config, running, trio_test
+from support.fakeremote import FakeRemote
+
+CTX: Any = None  # the handlers never look at the request context
+
+
+async def ops_for(remote: FakeRemote, fetcher: Fetcher) -> Operations:
+    catalog = Catalog(remote, [Source(BUCKET, "m/")])
+    await catalog.refresh()
+    return Operations(catalog, Handles(fetcher), StoreSpace(fetcher.store.fsinfo))
+
+
+async def walk(ops: Operations, *names: str) -> int:
+    """Look each name up as the kernel does (one lookup counted each); the last inode."""
+    ino = ROOT_INODE
+    for name in names:
+        ino = (await ops.lookup(ino, name.encode(), CTX)).st_ino
+    return ino
+
+
+@pytest.fixture
+def no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pyfuse3, "invalidate_entry", lambda ino, name, deleted=0: None)
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino, attr_only=False: None)
+
+
+@trio_test
+async def test_a_forgotten_inode_comes_back_with_its_number(remote: FakeRemote, stores) -> None:
+    """Before: after the kernel forgot them (memory pressure, drop_caches) a
+    file and its folder came back as new numbers (4 -> 7, 3 -> 6)."""
+    remote.put(BUCKET, "m/sub/f.txt", b"hello\n")
+    async with running(Fetcher(remote, stores(), fetch_config())) as fetcher:
+        ops = await ops_for(remote, fetcher)
+        m, sub, f = [await walk(ops, *names) for names in (["m"], ["m", "sub"], ["m", "sub", "f.txt"])]
+        await ops.forget([(f, 1), (sub, 2), (m, 3)])  # each looked up once per walk through it
+        assert len(ops.inodes) == 1, "the kernel forgot all but the root"
+        assert [await walk(ops, "m"), await walk(ops, "m", "sub"), await walk(ops, "m", "sub", "f.txt")] == \
+            [m, sub, f]
+
+
+@trio_test
+async def test_a_replaced_file_gets_a_new_number_and_its_old_one_is_let_go(remote: FakeRemote, stores,
+                                                                           no_kernel: None) -> None:
+    remote.put(BUCKET, "m/f.txt", b"one")
+    remote.put(BUCKET, "m/g.txt", b"unchanged")
+    async with running(Fetcher(remote, stores(), fetch_config())) as fetcher:
+        ops = await ops_for(remote, fetcher)
+        old, g = await walk(ops, "m", "f.txt"), await walk(ops, "m", "g.txt")
+        await ops.forget([(old, 1), (g, 1)])
+        assert ops.inodes.kept() == 2
+        remote.put(BUCKET, "m/f.txt", b"two!")
+        ops.kernel.forget_names(await ops.catalog.refresh())
+        assert ops.inodes.kept() == 1, "the old version's number is kept after the refresh took it away"
+        new = await walk(ops, "m", "f.txt")
+        assert new != old
+        assert await walk(ops, "m", "g.txt") == g, "an unchanged file keeps its number across a refresh"
+        await ops.kernel.settle()
