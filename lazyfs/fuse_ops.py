@@ -123,7 +123,7 @@ class Operations(pyfuse3.Operations):
         handles.passes_through = lambda: self.passthrough.enabled
         self.space = space  # the store filesystem's size, for statfs
         self.inodes = InodeTable(self._still_listed)
-        self._dirs: dict[int, DirNode] = {}
+        self._dirs: dict[int, tuple[int, DirNode]] = {}  # fh -> the folder's inode, its snapshot
         self._next_dir = 1
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -231,18 +231,24 @@ class Operations(pyfuse3.Operations):
         node = await self._dir(inode)
         fh = self._next_dir
         self._next_dir += 1
-        self._dirs[fh] = node  # pinned: offsets stay valid across a refresh
+        self._dirs[fh] = inode, node  # pinned: offsets stay valid across a refresh
         return fh
 
     @_translated
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        node = self._dirs.get(fh)
-        if node is None:
+        if fh not in self._dirs:
             raise pyfuse3.FUSEError(errno.EBADF)
-        for i in range(start_id, len(node.names)):
+        ino, node = self._dirs[fh]
+        # ".", ".." (the root's is the root), then the names: entry i's offset is i + 1.
+        # The kernel takes only the dots' inode and type, and counts no lookup for them.
+        parent = self.inodes.ino(node.path.rpartition("/")[0])
+        for i, (name, dot) in enumerate(((b".", ino), (b"..", parent))):
+            if i >= start_id and not pyfuse3.readdir_reply(token, name, self._attrs(dot, node), i + 1):
+                return
+        for i in range(max(start_id, 2) - 2, len(node.names)):
             child = node.children[node.names[i]]
             ino = self.inodes.lookup(ref_of(child))
-            if not pyfuse3.readdir_reply(token, os.fsencode(node.names[i]), self._attrs(ino, child), i + 1):
+            if not pyfuse3.readdir_reply(token, os.fsencode(node.names[i]), self._attrs(ino, child), i + 3):
                 self.inodes.forget(ino, 1)  # not sent: not counted
                 break
 

@@ -1,10 +1,12 @@
 """End to end: what POSIX tools see of a mount, through the CLI against moto.
 Inode numbers that stay the same while the kernel forgets and looks up again
-(tar --listed-incremental, rsync -H, find's loop check rely on them)."""
+(tar --listed-incremental, rsync -H, find's loop check rely on them); "." and
+".." in every listing, read in as many getdents calls as it takes."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 from pathlib import Path
 
@@ -56,3 +58,62 @@ def test_inode_numbers_stay_the_same_after_the_kernel_forgets_them(mount, s3, bu
     assert again.returncode == 0, again.stderr
     assert [line for line in again.stdout.splitlines() if not line.endswith("/")] == [], again.stdout
     assert ids(fs, *paths) == before
+
+
+GETDENTS = """
+import ctypes, json, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+buf = ctypes.create_string_buffer(int(sys.argv[2]))
+calls, entries = 0, []
+while True:
+    n = libc.getdents64(fd, buf, len(buf))
+    if n < 0:
+        raise OSError(ctypes.get_errno(), "getdents64")
+    if n == 0:
+        break
+    calls += 1
+    pos = 0
+    while pos < n:
+        ino, off, reclen, kind = struct.unpack_from("QqHB", buf.raw, pos)
+        name = buf.raw[pos + 19:pos + reclen].split(b"\\0", 1)[0].decode()
+        entries.append([name, ino, off])
+        pos += reclen
+print(json.dumps({"calls": calls, "entries": entries}))
+"""
+
+
+def getdents(fs: FS, path: Path, buffer: int) -> tuple[int, list[list]]:
+    out = json.loads(fs.python(GETDENTS, str(path), str(buffer), timeout=60))
+    return out["calls"], out["entries"]
+
+
+def test_listings_have_dot_and_dotdot_and_every_name_once(mount, s3, bucket, fs: FS, tmp_path: Path):
+    """Before: `ls -la`, `ls -fa` and Perl's readdir showed no "." or "..".
+    A folder of 1500 entries takes many FUSE requests (each a page of
+    entries) and, read with a small buffer, many more getdents calls: each
+    must resume where the last stopped."""
+    names = [f"file-{i:04d}.bin" for i in range(1500)]
+    put_many(s3, bucket, [f"{P}/big/{n}" for n in names] + [f"{P}/small/a.txt"])
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "store")
+    big, small = m.path / P / "big", m.path / P / "small"
+    ls = fs.sh("ls", "-fa", str(small))
+    assert ls.returncode == 0 and sorted(ls.stdout.split()) == [".", "..", "a.txt"], ls.stdout
+    ls = fs.sh("ls", "-la", str(small))
+    rows = {line.split()[-1]: line for line in ls.stdout.splitlines()[1:]}
+    assert sorted(rows) == [".", "..", "a.txt"], ls.stdout
+    assert rows["."].startswith("dr-xr-xr-x") and rows[".."].startswith("dr-xr-xr-x"), ls.stdout
+    for buffer in (32768, 1024):
+        calls, entries = getdents(fs, big, buffer)
+        assert calls > 3
+        assert [e[0] for e in entries] == [".", ".."] + names, "every entry exactly once, in order"
+        offsets = [e[2] for e in entries]
+        assert offsets == sorted(set(offsets))
+        assert entries[0][1] == fs.stat(big).st_ino and entries[1][1] == fs.stat(m.path / P).st_ino
+    big_ino = entries[0][1]
+    _, root = getdents(fs, m.path, 4096)
+    assert root[:2] == [[".", 1, 1], ["..", 1, 2]] and fs.stat(m.path).st_ino == 1
+    # Every name the listings sent counted one lookup, and the dots none: once
+    # the kernel forgets everything, the numbers still hold (and nothing broke).
+    forget_all_inodes(fs)
+    assert fs.listdir(big) == names and fs.stat(big).st_ino == big_ino

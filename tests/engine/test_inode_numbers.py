@@ -1,5 +1,6 @@
 """The operations class called directly (no kernel): inode numbers that stay
-the same while the kernel forgets and looks up again."""
+the same while the kernel forgets and looks up again, and folder listings
+with "." and ".." read in several calls."""
 
 from __future__ import annotations
 
@@ -72,3 +73,64 @@ async def test_a_replaced_file_gets_a_new_number_and_its_old_one_is_let_go(remot
         assert new != old
         assert await walk(ops, "m", "g.txt") == g, "an unchanged file keeps its number across a refresh"
         await ops.kernel.settle()
+
+
+class Getdents:
+    """The kernel's side of readdir: room for `per_call` entries per request,
+    each resuming at the last offset it was sent.  pyfuse3.readdir_reply is
+    patched to fill it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, per_call: int) -> None:
+        self.per_call = per_call
+        self.room = 0
+        self.sent: list[tuple[bytes, int, int]] = []  # (name, inode, next offset)
+        monkeypatch.setattr(pyfuse3, "readdir_reply", self._reply)
+
+    def _reply(self, token: Any, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        if self.room == 0:
+            return False
+        self.room -= 1
+        self.sent.append((name, attrs.st_ino, next_id))
+        return True
+
+    async def read(self, ops: Operations, ino: int) -> list[tuple[bytes, int, int]]:
+        self.sent = []
+        fh = await ops.opendir(ino, CTX)
+        offset = 0
+        while True:
+            before, self.room = len(self.sent), self.per_call
+            await ops.readdir(fh, offset, None)
+            if len(self.sent) == before:
+                break
+            offset = self.sent[-1][2]
+        await ops.releasedir(fh)
+        return self.sent
+
+
+@pytest.mark.parametrize("per_call", [1, 2, 3, 7, 1000])
+@trio_test
+async def test_a_listing_has_dot_and_dotdot_and_every_name_once_however_it_is_read(
+        remote: FakeRemote, stores, monkeypatch: pytest.MonkeyPatch, per_call: int) -> None:
+    """Before: no "." and ".." (ls -a, ls -fa, Perl's readdir showed none).
+    The kernel counts no lookup for the dots (libfuse: readdirplus), so the
+    table must not either, or the kernel's forgets would never balance."""
+    names = [f"f{i:03d}" for i in range(40)] + ["sub"]
+    for name in names[:-1]:
+        remote.put(BUCKET, f"m/{name}", b"x")
+    remote.put(BUCKET, "m/sub/deep", b"y")
+    async with running(Fetcher(remote, stores(), fetch_config())) as fetcher:
+        ops = await ops_for(remote, fetcher)
+        m = await walk(ops, "m")
+        kernel = Getdents(monkeypatch, per_call)
+        sent = await kernel.read(ops, m)
+        assert [n for n, _, _ in sent] == [b".", b".."] + [n.encode() for n in names]
+        assert sent[0][1] == m and sent[1][1] == ROOT_INODE
+        assert [o for _, _, o in sent] == list(range(1, len(names) + 3)), "offsets resume where they stopped"
+        # The kernel forgets each name it was sent once, and "m" once (its
+        # lookup): then it knows nothing but the root.
+        await ops.forget([(ino, 1) for _, ino, _ in sent[2:]] + [(m, 1)])
+        assert len(ops.inodes) == 1
+        sub = await walk(ops, "m", "sub")
+        assert [(n, i) for n, i, _ in (await kernel.read(ops, sub))[:2]] == [(b".", sub), (b"..", m)]
+        root = await kernel.read(ops, ROOT_INODE)
+        assert [(n, i) for n, i, _ in root] == [(b".", ROOT_INODE), (b"..", ROOT_INODE), (b"m", m)]
