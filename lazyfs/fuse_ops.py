@@ -324,9 +324,13 @@ class Operations(pyfuse3.Operations):
         out.f_blocks = st.f_blocks
         out.f_bfree = st.f_bfree
         out.f_bavail = st.f_bavail
-        out.f_files = self.catalog.tree.objects
-        out.f_ffree = 0
-        out.f_favail = 0
+        # Inodes as for blocks: the store's filesystem, whose free inodes are
+        # what bounds the files lazyfs can still fetch (Mountpoint and gcsfuse,
+        # which keep nothing on disk, report a huge count, all free).  Not the
+        # listing's file count, all used: `df -i` showed 100% on every mount.
+        out.f_files = st.f_files
+        out.f_ffree = st.f_ffree
+        out.f_favail = st.f_favail
         out.f_namemax = 255
         return out
 

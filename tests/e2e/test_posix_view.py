@@ -1,7 +1,8 @@
 """End to end: what POSIX tools see of a mount, through the CLI against moto.
 Inode numbers that stay the same while the kernel forgets and looks up again
 (tar --listed-incremental, rsync -H, find's loop check rely on them); "." and
-".." in every listing, read in as many getdents calls as it takes."""
+".." in every listing, read in as many getdents calls as it takes; and
+`df -i` that does not show every inode used."""
 
 from __future__ import annotations
 
@@ -117,3 +118,21 @@ def test_listings_have_dot_and_dotdot_and_every_name_once(mount, s3, bucket, fs:
     # the kernel forgets everything, the numbers still hold (and nothing broke).
     forget_all_inodes(fs)
     assert fs.listdir(big) == names and fs.stat(big).st_ino == big_ino
+
+
+def test_df_i_shows_the_store_disks_inodes_not_all_used(mount, s3, bucket, fs: FS, tmp_path: Path):
+    """Before: `df -i` showed every inode used (f_ffree 0, e.g. `3 3 0 100%`)
+    on every mount, so inode-exhaustion alerts fired.  Inodes, like blocks,
+    are the store's filesystem's."""
+    put_many(s3, bucket, [f"{P}/a.bin", f"{P}/b.bin", f"{P}/c/d.bin"])
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    st, disk = fs.run(os.statvfs, str(m.path)), os.statvfs(store)
+    assert (st.f_blocks, st.f_frsize) == (disk.f_blocks, disk.f_frsize), "df's blocks are the store's disk"
+    if disk.f_files == 0:
+        pytest.skip("the store's filesystem reports no inode counts")
+    assert st.f_files == disk.f_files and st.f_ffree > 0 and abs(st.f_ffree - disk.f_ffree) < 1000
+    df = fs.sh("df", "-i", str(m.path))
+    assert df.returncode == 0, df.stderr
+    use = df.stdout.splitlines()[-1].split()[4]
+    assert use != "100%" and use == fs.sh("df", "-i", str(store)).stdout.splitlines()[-1].split()[4], df.stdout

@@ -1,6 +1,6 @@
 """The operations class called directly (no kernel): inode numbers that stay
-the same while the kernel forgets and looks up again, and folder listings
-with "." and ".." read in several calls."""
+the same while the kernel forgets and looks up again, folder listings with
+"." and ".." read in several calls, and the inode counts `df -i` shows."""
 
 from __future__ import annotations
 
@@ -134,3 +134,18 @@ async def test_a_listing_has_dot_and_dotdot_and_every_name_once_however_it_is_re
         assert [(n, i) for n, i, _ in (await kernel.read(ops, sub))[:2]] == [(b".", sub), (b"..", m)]
         root = await kernel.read(ops, ROOT_INODE)
         assert [(n, i) for n, i, _ in root] == [(b".", ROOT_INODE), (b"..", ROOT_INODE), (b"m", m)]
+
+
+@trio_test
+async def test_df_i_shows_the_store_filesystems_inodes_not_all_used(remote: FakeRemote, stores) -> None:
+    """Before: f_ffree 0 (`df -i`: 100% used) on every mount, so inode
+    exhaustion alerts fired.  Inodes are reported as blocks are: the store's
+    filesystem, whose free inodes bound what can still be fetched."""
+    remote.put(BUCKET, "m/a", b"x")
+    async with running(Fetcher(remote, stores(), fetch_config())) as fetcher:
+        ops = await ops_for(remote, fetcher)
+        st = await ops.statfs(CTX)
+        disk = fetcher.store.fsinfo()
+        assert st.f_files > 0 and 0 < st.f_ffree <= st.f_files and st.f_favail <= st.f_ffree
+        assert abs(st.f_ffree - disk.f_ffree) < 1000 and st.f_files == disk.f_files
+        assert (st.f_blocks, st.f_bsize) == (disk.f_blocks, disk.f_bsize)
