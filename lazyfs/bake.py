@@ -98,7 +98,8 @@ async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO,
     if lock is not None:
         pin = Pinning(lock, remote)
         objects = pin.objects()
-        fetcher = Fetcher(pin.store, store, cfg.fetch, origin="bake", fetch_range=pin.transfer(remote, cfg.fetch))
+        fetcher = Fetcher(pin.store, store, cfg.fetch, origin="bake", fetch_range=pin.transfer(remote, cfg.fetch),
+                          pinned=True)
     else:
         catalog = Catalog(remote, cfg.sources, store)
         await catalog.refresh()  # a failure here is a runtime error (exit 1)

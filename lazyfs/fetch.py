@@ -91,7 +91,8 @@ class _VersionLocks:
 
 class Fetcher:
     def __init__(self, remote: ObjectStore, store: Store, cfg: FetchConfig, pages: PageBudget | None = None,
-                 origin: str = "fetch", fetch_range: Callable[[RangeJob], None] | None = None) -> None:
+                 origin: str = "fetch", fetch_range: Callable[[RangeJob], None] | None = None,
+                 pinned: bool = False) -> None:
         self.remote = remote
         self.store = store
         self.cfg = cfg
@@ -104,7 +105,7 @@ class Fetcher:
         self._downloads: dict[Version, Download] = {}
         self._foreign: dict[Version, ForeignDownload] = {}  # run by another process (coop.py)
         self._locks = _VersionLocks()
-        self._prebaked = PrebakedCheck(remote, store) if cfg.verify_prebaked else None
+        self._prebaked = PrebakedCheck(remote, store, pinned) if cfg.verify_prebaked or pinned else None
         self._limits = Limits(part_blocks=max(1, cfg.part_size // cfg.block_size),
                               max_requests=cfg.max_connections, read_deadline=cfg.read_deadline,
                               whole_parts=cfg.transfer_client == "crt")
@@ -175,12 +176,11 @@ class Fetcher:
         self._dispatcher.poke()
 
     async def state_of(self, obj: RemoteObject) -> LocalState:
-        """What is on disk for `obj`, for operators (a download running here
-        counts as DOWNLOADING).  Never fetches anything."""
+        """What is on disk for `obj`, for operators (a download here is DOWNLOADING); never fetches."""
         transfer: Transfer | None = self.active(obj) or self._foreign.get(obj.version)
         if transfer is not None:
             return LocalState(FileState.DOWNLOADING, "store", transfer.fetched_bytes)
-        checked = self._prebaked.checked if self._prebaked is not None else None  # (--verify etag)
+        checked = self._prebaked.checked if self._prebaked is not None else None  # (--verify etag, pinned)
         with trio.move_on_after(STATE_WAIT_S):  # abandoned then: it holds no descriptor once it returns
             return await trio.to_thread.run_sync(self.store.local_state, obj, checked, limiter=self._meta,
                                                  abandon_on_cancel=True)

@@ -15,7 +15,9 @@ from lazyfs.namespace import RemoteObject
 
 class FileState(str, enum.Enum):
     CACHED = "cached"  # a copy recorded as this version (fetched by lazyfs, or baked)
-    PREBAKED = "prebaked"  # an unrecorded copy of the right size (the seed's rule)
+    # An unrecorded copy of the right size (the seed's rule); on a pinned
+    # mount, served only once its content matched the lock (probe.PrebakedCheck).
+    PREBAKED = "prebaked"
     DOWNLOADING = "downloading"  # a download of this version is running (mounts only)
     PARTIAL = "partial"  # an interrupted download of this version, resumable
     STALE = "stale"  # only another version is on disk
@@ -33,9 +35,12 @@ class FileState(str, enum.Enum):
 # How a copy with no identity record was judged: by its size (the seed's rule).
 SIZE = "size"
 # How the content of an unrecorded copy was checked this run, if it was
-# (probe.PrebakedCheck.checked, --verify etag): a copy in a read-only layer
-# cannot be stamped, so the mount remembers.
+# (probe.PrebakedCheck.checked, --verify etag or a pinned mount): a copy in a
+# read-only layer cannot be stamped, so the mount remembers.  "" when it was
+# not checked, REJECTED when it was and is not served (its bytes differ, or
+# on a pinned mount nothing but its size could vouch for it).
 ContentChecks = Callable[[RemoteObject, Layer, os.stat_result], str]
+REJECTED = "rejected"
 
 
 @dataclass(frozen=True, slots=True)

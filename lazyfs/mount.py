@@ -200,7 +200,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
     catalog.listed_at_start(listed)
     fetcher = Fetcher(source, store, cfg.fetch, page_budget(cfg),
                       fetch_range=pin.transfer(remote, cfg.fetch, cfg.memory_limit) if pin is not None
-                      else crt.transfer_for(remote, cfg.fetch, cfg.memory_limit))
+                      else crt.transfer_for(remote, cfg.fetch, cfg.memory_limit), pinned=pin is not None)
     fetcher.offline = lambda: catalog.offline
     if offline is not None:
         catalog.start_offline(offline, "object store unreachable at start")

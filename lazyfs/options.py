@@ -171,7 +171,7 @@ MOUNT = (
            "below the folder like 'llm/*'); repeatable, implies --prefetch", "PATTERN", kind="append"),
     Option("--verify", "how a local copy with no identity record (an admin's prebaked file) is judged: by size, "
            "as the seed describes, or by content against the object's checksum or ETag (once; the result is "
-           "recorded) (default size)", choices=("size", "etag")),
+           "recorded) (default size; with --lock always by content, against the lock)", choices=("size", "etag")),
     Option("--cache-max-size", "keep at most this much fetched data in the store (e.g. 50G), evicting the least "
            "recently used files nobody has open; prebaked files are never evicted (default: no limit)", "SIZE",
            check=parse_size),

@@ -18,7 +18,7 @@ import cachetools
 
 from lazyfs.completion import UNVERIFIED, check, expectation
 from lazyfs.errors import IntegrityError, RemoteError, StoreError
-from lazyfs.filestate import SIZE, FileState, LocalCopy
+from lazyfs.filestate import REJECTED, SIZE, FileState, LocalCopy
 from lazyfs.identity import Identity
 from lazyfs.layer import Layer
 from lazyfs.namespace import RemoteObject
@@ -58,15 +58,23 @@ Verdict = Local | Fetch | Foreign | Unavailable
 
 
 class PrebakedCheck:
-    """--verify etag: an unrecorded local copy is current only if its content
-    matches the object's checksum or ETag.  Each copy is hashed once per
-    process, and the result recorded where the store is writable (with how
-    it was checked); for a copy in a read-only layer, the memo is what says
-    how it was checked (`checked`: user.lazyfs.verified)."""
+    """--verify etag, and every pinned mount or bake: an unrecorded local copy
+    is current only if its content matches the object's checksum or ETag.
+    Each copy is hashed once per process, and the result recorded where the
+    store is writable (with how it was checked); for a copy in a read-only
+    layer, the memo is what says how it was checked (`checked`:
+    user.lazyfs.verified).
 
-    def __init__(self, remote: ObjectStore, store: Store) -> None:
+    `pinned`: `remote` answers from the lock (pinned.PinnedStore), and a copy
+    whose content cannot be checked (the lock names no checksum) is not
+    served: only its size would vouch for it, and a pinned mount serves
+    nothing but the locked bytes.  Unpinned, such a copy is used, as the
+    seed's rule says."""
+
+    def __init__(self, remote: ObjectStore, store: Store, pinned: bool = False) -> None:
         self.remote = remote
         self.store = store
+        self.pinned = pinned
         # Keyed by the copy's inode and mtime: a replaced copy is checked again.
         # The value: how its content was checked (an algorithm), SIZE when
         # only its size could be, "" when it does not match.
@@ -87,33 +95,41 @@ class PrebakedCheck:
 
     def checked(self, obj: RemoteObject, layer: Layer, st: os.stat_result) -> str:
         """How this unrecorded copy's content was checked, if it was and
-        matched ("" if not checked yet, or not a match)."""
+        matched; REJECTED if it was and is not served; "" if not checked yet."""
         with self._lock:
-            return self._results.get(_memo_key(obj, layer.label, st)) or ""
+            verified = self._results.get(_memo_key(obj, layer.label, st))
+        return "" if verified is None else verified or REJECTED
 
     def _check(self, obj: RemoteObject, copy: LocalCopy) -> str:
         exp = None
+        whose = "the locked version's" if self.pinned else "the object's"
         try:
             exp = expectation(self.remote, obj)
             verified = check(self.remote, copy.fd, obj, exp, lambda: False)
         except IntegrityError:
-            log.warning("%s: the local copy in the %s does not match the object's %s; downloading it again",
-                        obj.uri, copy.layer.label, exp.algorithm if exp else "checksum")
+            log.warning("%s: the local copy in the %s does not match %s %s; downloading it again",
+                        obj.uri, copy.layer.label, whose, exp.algorithm if exp else "checksum")
             return ""
         except RemoteError as e:
-            log.warning("%s: cannot check the local copy's content (%s); using it as its size matches",
-                        obj.uri, e)
-            return SIZE
+            return self._by_size(obj, copy, f"cannot check the local copy's content ({e})")
         if verified == UNVERIFIED:
-            log.warning("%s: S3 offers nothing to check the local copy against; using it as its size "
-                        "matches", obj.uri)
-            return SIZE
+            what = "the lock names no checksum" if self.pinned else "S3 offers nothing"
+            return self._by_size(obj, copy, f"{what} to check the local copy against")
         if copy.layer.writable:
             try:
                 self.store.identities.write(copy.fd, Identity.of(obj, "prebaked", verified))
             except OSError as e:  # a read-only copy we may not stamp: checked again next start
                 log.debug("%s: cannot record the check's result: %s", obj.uri, e.strerror)
         return verified
+
+    def _by_size(self, obj: RemoteObject, copy: LocalCopy, why: str) -> str:
+        """Only its size vouches for the copy: used unpinned (SIZE), not served pinned ("")."""
+        if self.pinned:
+            log.warning("%s: %s, so it cannot be shown to be the locked version; not serving the copy in the "
+                        "%s, downloading the locked version", obj.uri, why, copy.layer.label)
+            return ""
+        log.warning("%s: %s; using it as its size matches", obj.uri, why)
+        return SIZE
 
 
 def _memo_key(obj: RemoteObject, label: str, st: os.stat_result) -> tuple[object, ...]:

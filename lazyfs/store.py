@@ -28,7 +28,7 @@ from typing import Iterable
 
 from lazyfs.content_index import ContentIndex
 from lazyfs.errors import StoreError
-from lazyfs.filestate import SIZE, ContentChecks, FileState, LocalCopy, LocalState
+from lazyfs.filestate import REJECTED, SIZE, ContentChecks, FileState, LocalCopy, LocalState
 from lazyfs.identity import Identity, IdentityRecords
 from lazyfs.layer import FILE_FLAGS, PRIVATE, STORE_MODES, Layer, Permissions, still_there, write_small
 from lazyfs.listings import SavedListings
@@ -136,8 +136,10 @@ class Store:
         """An open local copy that is current for `obj`, searching the store, then
         each prebaked layer.  A copy with an identity record is current when the
         record names this version; one without (copied in by an admin) when its
-        size matches.  Anything else is not current, never an error: the cache
-        can make reads faster but never makes them fail."""
+        size matches: PREBAKED, which a pinned mount or --verify etag checks by
+        content before serving it (probe.PrebakedCheck).  Anything else is not
+        current, never an error: the cache can make reads faster but never
+        makes them fail."""
         for layer in self.layers():
             fd = layer.open_file(obj.key)
             if fd is None:
@@ -164,10 +166,11 @@ class Store:
                 st = os.fstat(fd)
                 state = self._judge(fd, obj, layer, st)
                 if state is not None:
-                    ident = self.identities.read(fd, layer) if state is FileState.CACHED else None
+                    ident = self.identities.read(fd, layer, st) if state is FileState.CACHED else None
                     verified = ident.verified if ident is not None else \
                         (checked(obj, layer, st) if checked is not None else "") or SIZE
-                    return LocalState(state, layer.label, obj.size, verified)
+                    if verified != REJECTED:  # (checked this run, and not served)
+                        return LocalState(state, layer.label, obj.size, verified)
                 stale = stale or layer.label
             finally:
                 os.close(fd)

@@ -185,6 +185,55 @@ def test_bake_with_a_lock_status_proves_it_and_a_pinned_start_downloads_nothing(
     assert rows[f"{P}/tokenizer.json"]["state"] == "stale" and rows[f"{P}/config.json"]["state"] == "cached"
 
 
+def state_of(fs: FS, path: Path) -> tuple[str, str]:
+    """(user.lazyfs.state, user.lazyfs.verified) of a file of a mount."""
+    state, verified = (fs.run(os.getxattr, str(path), f"user.lazyfs.{n}").decode() for n in ("state", "verified"))
+    return state, verified
+
+
+def test_an_unrecorded_copy_is_served_pinned_or_baked_only_once_its_bytes_match_the_lock(
+        mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    """Copies with no identity record, of the locked size: the locked bytes are kept (and recorded), any other
+    bytes are replaced by the locked version, or, in a read-only --prebaked layer, passed over for it."""
+    versioned(s3, bucket)
+    approved = model()
+    upload(s3, bucket, approved)
+    lock = tmp_path / "model.lock.json"
+    doc = make_lock(proxy, bucket, lock)
+    algorithm = {o["key"]: o["checksum"]["algorithm"] for o in doc["folders"][0]["objects"]}
+    wrong = {name: bytes(len(data)) for name, data in approved.items()}  # zeros: the right size
+    image = tmp_path / "image"
+    (image / P).mkdir(parents=True)
+    (image / P / "tokenizer.json").write_bytes(approved["tokenizer.json"])
+    (image / P / "model.safetensors").write_bytes(wrong["model.safetensors"])
+    res = lazyfs_cli(["bake", "--lock", str(lock), "--endpoint-url", proxy.endpoint, "--to", str(image)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "3 files: 2 downloaded" in res.stdout and "1 already current" in res.stdout, res.stdout
+    for name, data in approved.items():
+        assert (image / P / name).read_bytes() == data, f"{name}: not the locked bytes"
+    res = lazyfs_cli(["status", "--lock", str(lock), "--store", str(image), "--require-all"])
+    assert res.returncode == 0 and "3 cached" in res.stdout, res.stdout  # the right copy, checked and recorded
+
+    layer, store = tmp_path / "layer", tmp_path / "store"
+    (layer / P).mkdir(parents=True)
+    (layer / P / "config.json").write_bytes(approved["config.json"])
+    (layer / P / "model.safetensors").write_bytes(wrong["model.safetensors"])
+    (store / P).mkdir(parents=True)
+    (store / P / "tokenizer.json").write_bytes(wrong["tokenizer.json"])
+    proxy.clear()
+    m = mount("--lock", str(lock), "--prebaked", str(layer), store=store)
+    for name, data in approved.items():
+        assert fs.read(m.file(f"{P}/{name}")) == data, f"{name}: not the locked bytes"
+    assert proxy.count("GET", f"{P}/config.json") == 0, "the layer's right copy is served"
+    assert proxy.count("GET", f"{P}/model.safetensors") > 0 and proxy.count("GET", f"{P}/tokenizer.json") > 0
+    key = f"{P}/config.json"
+    assert state_of(fs, m.file(key)) == ("prebaked", algorithm[key]), "checked by content, not by size"
+    for name in ("model.safetensors", "tokenizer.json"):
+        wait_until(lambda name=name: state_of(fs, m.file(f"{P}/{name}"))[0] == "cached", what=f"{name} published")
+    assert (layer / P / "model.safetensors").read_bytes() == wrong["model.safetensors"], "a layer is never written"
+    assert (store / P / "tokenizer.json").read_bytes() == approved["tokenizer.json"]
+
+
 def test_bake_write_lock_and_diff_of_two_versions(proxy, s3, bucket, tmp_path: Path):
     v3 = model(3)
     upload(s3, bucket, v3)

@@ -41,7 +41,8 @@ def pinned(remote: FakeRemote, store: Store, lock: Lock, origin: str = "fetch",
     origin "bake", `lazyfs bake --lock`) wires it."""
     pin = Pinning(lock, remote)
     config = fetch_config(**cfg)
-    fetcher = Fetcher(pin.store, store, config, origin=origin, fetch_range=pin.transfer(remote, config))
+    fetcher = Fetcher(pin.store, store, config, origin=origin, fetch_range=pin.transfer(remote, config),
+                      pinned=True)
     fetcher.hooks.refuse = pin.refuse
     return fetcher, pin
 

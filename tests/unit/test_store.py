@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -250,5 +252,47 @@ def test_verified_names_the_check_a_prebaked_copy_passed(tmp_path: Path) -> None
         assert s.local_state(in_store).verified == "MD5"  # recorded in the store
         assert s.local_state(in_layer, check.checked).verified == "CRC32"
         assert s.local_state(in_layer).verified == "size", "without the mount's memory: its size"
+    finally:
+        s.close()
+
+
+class _NoChecksums:
+    """A remote whose objects have nothing to check a copy against (SSE-KMS ETags, no checksum)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def head(self, bucket: str, key: str, etag: str | None = None) -> Any:
+        return dataclasses.replace(self.inner.head(bucket, key, etag), checksum=None, etag_is_md5=False)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_pinned_check_never_serves_a_copy_only_its_size_vouches_for(tmp_path: Path, pinned: bool) -> None:
+    """Unpinned (--verify etag), an unrecorded copy that cannot be checked is used, as its size matches;
+    pinned, only bytes shown to be the locked version are served: it is rejected, and shows as stale.
+    A copy whose bytes differ is rejected either way."""
+    from lazyfs.probe import PrebakedCheck
+    from support.fakeremote import FakeRemote
+
+    remote = FakeRemote()
+    right = remote.put("bkt", "m/right.bin", b"the locked bytes")
+    wrong = remote.put("bkt", "m/wrong.bin", b"the locked bytes")
+    (tmp_path / "layer" / "m").mkdir(parents=True)
+    (tmp_path / "layer" / "m" / "right.bin").write_bytes(b"the locked bytes")
+    (tmp_path / "layer" / "m" / "wrong.bin").write_bytes(b"zeros, same size")
+    (tmp_path / "s").mkdir()
+    s = Store.open(str(tmp_path / "s"), [str(tmp_path / "layer")])
+    try:
+        unverifiable = PrebakedCheck(_NoChecksums(remote), s, pinned)
+        by_content = PrebakedCheck(remote, s, pinned)
+        for check, o, served, state in ((unverifiable, right, not pinned, "stale" if pinned else "prebaked"),
+                                        (by_content, right, True, "prebaked"), (by_content, wrong, False, "stale")):
+            copy = s.find_current(o)
+            assert copy is not None and check(o, copy) is served, (o.key, check)
+            os.close(copy.fd)
+            assert s.local_state(o, check.checked).state == state, (o.key, check)
     finally:
         s.close()
