@@ -3,7 +3,11 @@
 A published file carries its identity (bucket, key, ETag, size, Last-Modified,
 origin) in the extended attribute `user.lazyfs.identity`, written on the
 temporary file before the rename, so the record and the bytes change in one
-atomic step.
+atomic step.  The record names the file's size and modification time as
+lazyfs left them: new bytes written into the same inode (`cp` over it keeps
+the inode and its xattrs) move the mtime, and the record no longer describes
+the file, which is then judged as an unrecorded copy.  An mtime cut to whole
+seconds (image layers: tar, Docker) still matches.
 
 Where the filesystem refuses user extended attributes (tmpfs before Linux
 6.6, ramfs, many NFS exports), the record is a sidecar file instead,
@@ -21,6 +25,7 @@ All functions block: call them from worker threads.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -38,6 +43,7 @@ IDENTITY_XATTR = "user.lazyfs.identity"
 SIDECAR_FOLDER = (RESERVED_NAME, "identities")
 _NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP}
 _SIDECAR_MAX = 1 << 16
+_SECOND = 10**9
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +61,9 @@ class Identity:
     # "unverified" (the store offered nothing to check against), or "" (a
     # record of an older lazyfs).
     verified: str = ""
+    # The file's mtime when the record was written (IdentityRecords.write);
+    # None in a record of an older lazyfs, whose files had mtime_ns.
+    file_mtime_ns: int | None = None
 
     @classmethod
     def of(cls, obj: RemoteObject, origin: str = "fetch", verified: str = "") -> Identity:
@@ -65,6 +74,8 @@ class Identity:
                   "mtime_ns": self.mtime_ns, "origin": self.origin}
         if self.verified:
             fields["verified"] = self.verified
+        if self.file_mtime_ns is not None:
+            fields["file_mtime_ns"] = self.file_mtime_ns
         return fields
 
     def encode(self) -> bytes:
@@ -82,8 +93,10 @@ class Identity:
         try:
             if d.get("v") != 1:
                 return None
+            file_mtime = d.get("file_mtime_ns")
             return cls(str(d["bucket"]), str(d["key"]), str(d["etag"]), int(d["size"]),
-                       int(d["mtime_ns"]), str(d.get("origin", "fetch")), str(d.get("verified", "")))
+                       int(d["mtime_ns"]), str(d.get("origin", "fetch")), str(d.get("verified", "")),
+                       None if file_mtime is None else int(file_mtime))
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
@@ -91,6 +104,13 @@ class Identity:
         # (ETag, size) identifies the bytes; the key may differ (same file
         # under another version's folder).
         return self.etag == obj.etag and self.size == obj.size
+
+    def describes(self, st: os.stat_result) -> bool:
+        """Is this the record of the file `st` as lazyfs left it: its size,
+        and its mtime (exactly, or cut to a whole second by an image layer's
+        tar)?  New bytes written in place move the mtime."""
+        mtime = self.mtime_ns if self.file_mtime_ns is None else self.file_mtime_ns
+        return st.st_size == self.size and st.st_mtime_ns in (mtime, mtime - mtime % _SECOND)
 
 
 def _tie(st: os.stat_result) -> list[int]:
@@ -180,7 +200,17 @@ class IdentityRecords:
             return self._sidecars[self.root]
 
     def read(self, fd: int, layer: Layer | None = None, st: os.stat_result | None = None) -> Identity | None:
-        """The record of the open file `fd` in `layer` (the store by default)."""
+        """The record of the open file `fd` in `layer` (the store by default),
+        if it still describes the file (Identity.describes)."""
+        st = st if st is not None else os.fstat(fd)
+        ident = self._recorded(fd, layer, st)
+        if ident is not None and not ident.describes(st):
+            log.debug("identity record of a file changed since (size %d, mtime %d): not its record",
+                      st.st_size, st.st_mtime_ns)
+            return None
+        return ident
+
+    def _recorded(self, fd: int, layer: Layer | None, st: os.stat_result) -> Identity | None:
         try:
             return Identity.decode(os.getxattr(fd, IDENTITY_XATTR))
         except OSError as e:
@@ -190,13 +220,14 @@ class IdentityRecords:
         sidecars = self._sidecars.get(layer or self.root)
         if sidecars is None:
             return None
-        return sidecars.read(st if st is not None else os.fstat(fd))
+        return sidecars.read(st)
 
     def write(self, fd: int, ident: Identity) -> None:
-        """Stamp an open file of the store with the identity it is a copy of.
-        Needs write permission on the file where it is an xattr: call it
-        before the file is made read-only (and after its mtime is set: a
-        sidecar record names it)."""
+        """Stamp an open file of the store with the identity it is a copy of,
+        and its size and mtime as they are now (Identity.describes).  Needs
+        write permission on the file where it is an xattr: call it before the
+        file is made read-only, and after its bytes and mtime are final."""
+        ident = dataclasses.replace(ident, file_mtime_ns=os.fstat(fd).st_mtime_ns)
         if self.supported:
             try:
                 os.setxattr(fd, IDENTITY_XATTR, ident.encode())

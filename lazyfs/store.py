@@ -135,8 +135,9 @@ class Store:
     def find_current(self, obj: RemoteObject) -> LocalCopy | None:
         """An open local copy that is current for `obj`, searching the store, then
         each prebaked layer.  A copy with an identity record is current when the
-        record names this version; one without (copied in by an admin) when its
-        size matches: PREBAKED, which a pinned mount or --verify etag checks by
+        record names this version; one without (copied in by an admin, or whose
+        record no longer describes it: Identity.describes) when its size
+        matches: PREBAKED, which a pinned mount or --verify etag checks by
         content before serving it (probe.PrebakedCheck).  Anything else is not
         current, never an error: the cache can make reads faster but never
         makes them fail."""

@@ -171,13 +171,18 @@ def test_bake_with_a_lock_status_proves_it_and_a_pinned_start_downloads_nothing(
         assert fs.read(m.file(f"{P}/{name}")) == data
     assert proxy.count() == 0, f"a prebaked pinned pod sent requests: {proxy.requests()}"
     m.stop()
-    # Bytes changed on disk, the identity record kept: only hashing the content finds it.
+    # Bytes changed on disk in place, the identity record kept: the mtime moved, so the record no longer
+    # describes the file; one that also sets the mtime back is found only by hashing the content.
     target = image / P / "tokenizer.json"
+    recorded = target.stat().st_mtime_ns
     os.chmod(target, 0o600)
     with open(target, "r+b") as f:
         f.write(b"X")
     res = lazyfs_cli(["status", "--lock", str(lock), "--store", str(image), "--require-all"])
-    assert res.returncode == 0, "by identity record it still matches"
+    assert res.returncode == 1 and "2 cached, 1 prebaked" in res.stdout, res.stdout
+    os.utime(target, ns=(recorded, recorded))
+    res = lazyfs_cli(["status", "--lock", str(lock), "--store", str(image), "--require-all"])
+    assert res.returncode == 0, "by identity record it matches again"
     res = lazyfs_cli(["status", "--lock", str(lock), "--store", str(image), "--require-all", "--verify", "content",
                       "--json"])
     assert res.returncode == 1
@@ -232,6 +237,44 @@ def test_an_unrecorded_copy_is_served_pinned_or_baked_only_once_its_bytes_match_
         wait_until(lambda name=name: state_of(fs, m.file(f"{P}/{name}"))[0] == "cached", what=f"{name} published")
     assert (layer / P / "model.safetensors").read_bytes() == wrong["model.safetensors"], "a layer is never written"
     assert (store / P / "tokenizer.json").read_bytes() == approved["tokenizer.json"]
+
+
+def test_a_store_file_overwritten_in_place_is_not_its_recorded_version_any_more(mount, proxy, s3, bucket, fs: FS,
+                                                                                tmp_path: Path):
+    """`cp` over a baked file keeps its inode and identity xattr; its mtime moves, so the record is not the
+    file's: status does not count it, a pinned mount fetches the locked bytes, a dynamic one judges it by size."""
+    versioned(s3, bucket)
+    approved = model()
+    upload(s3, bucket, approved)
+    lock = tmp_path / "model.lock.json"
+    make_lock(proxy, bucket, lock)
+    image = tmp_path / "image"
+    res = lazyfs_cli(["bake", "--lock", str(lock), "--endpoint-url", proxy.endpoint, "--to", str(image)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    key = f"{P}/model.safetensors"
+    target = image / key
+
+    def overwrite_in_place() -> None:
+        inode = target.stat().st_ino
+        with open(target, "r+b") as f:
+            f.write(bytes(len(approved["model.safetensors"])))
+        assert target.stat().st_ino == inode and "user.lazyfs.identity" in os.listxattr(target)
+
+    overwrite_in_place()
+    res = lazyfs_cli(["status", "--lock", str(lock), "--store", str(image), "--require-all", "--json"])
+    assert res.returncode == 1, res.stdout
+    assert {r["path"]: r["state"] for r in json.loads(res.stdout)["files"]}[key] == "prebaked"
+    proxy.clear()
+    m = mount("--lock", str(lock), store=image)
+    assert fs.read(m.file(key)) == approved["model.safetensors"]
+    assert proxy.count("GET", key) > 0 and proxy.count("GET", f"{P}/config.json") == 0
+    wait_until(lambda: state_of(fs, m.file(key))[0] == "cached", what="the locked version published")
+    m.stop()
+    assert target.read_bytes() == approved["model.safetensors"]
+    overwrite_in_place()
+    d = mount("--prefix", f"s3://{bucket}/{P}", store=image)
+    assert state_of(fs, d.file(key)) == ("prebaked", "size"), "the dynamic mount's rule for unrecorded copies"
+    assert state_of(fs, d.file(f"{P}/config.json"))[0] == "cached"
 
 
 def test_bake_write_lock_and_diff_of_two_versions(proxy, s3, bucket, tmp_path: Path):

@@ -63,7 +63,7 @@ def test_publish_records_identity_and_find_current(store: Store, tmp_path: Path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o400
     assert path.stat().st_mtime_ns == o.mtime_ns
     ident = Identity.decode(os.getxattr(path, IDENTITY_XATTR))
-    assert ident == Identity.of(o)
+    assert ident == dataclasses.replace(Identity.of(o), file_mtime_ns=o.mtime_ns), "and the file's mtime as set"
     copy = store.find_current(o)
     assert copy is not None and copy.state == "cached"
     os.close(copy.fd)
@@ -254,6 +254,36 @@ def test_verified_names_the_check_a_prebaked_copy_passed(tmp_path: Path) -> None
         assert s.local_state(in_layer).verified == "size", "without the mount's memory: its size"
     finally:
         s.close()
+
+
+def test_a_file_overwritten_in_place_is_not_its_records_version(store: Store, tmp_path: Path) -> None:
+    """`cp` over a published file keeps its inode and identity xattr; its mtime moves: the record is not
+    the file's any more, and the file is judged as an unrecorded copy (by size, or by content)."""
+    o = obj("m/w.bin", b"weights-1")
+    download(store, o, b"weights-1")
+    path = tmp_path / "store" / "m/w.bin"
+    os.chmod(path, 0o600)
+    with open(path, "r+b") as f:
+        f.write(b"admin-cp!")
+    assert IDENTITY_XATTR in os.listxattr(path)
+    copy = store.find_current(o)
+    assert copy is not None and copy.state == "prebaked"
+    os.close(copy.fd)
+    assert store.local_state(o).verified == "size"
+    os.truncate(path, 5)
+    os.utime(path, ns=(o.mtime_ns, o.mtime_ns))  # the recorded mtime, another size
+    assert store.local_state(obj("m/w.bin", b"12345", o.etag)).state == "prebaked"
+
+
+def test_a_record_still_describes_its_file_after_an_image_layer_cut_its_mtime_to_the_second(
+        store: Store, tmp_path: Path) -> None:
+    o = dataclasses.replace(obj("m/w.bin", b"weights"), mtime_ns=1_700_000_000_123_456_789)
+    download(store, o, b"weights")
+    path = tmp_path / "store" / "m/w.bin"
+    os.utime(path, ns=(1_700_000_000 * 10**9,) * 2)  # tar, as Docker writes layers
+    assert store.local_state(o).state == "cached"
+    os.utime(path, ns=(1_700_000_001 * 10**9,) * 2)
+    assert store.local_state(o).state == "prebaked"
 
 
 class _NoChecksums:
