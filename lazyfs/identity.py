@@ -15,10 +15,13 @@ Where the filesystem refuses user extended attributes (tmpfs before Linux
 place.  It names the file it describes by inode, size and modification time
 (the object's Last-Modified, which lazyfs sets), so a file replaced by an
 admin (a new inode, or new bytes in the same one, which moves the mtime) no
-longer matches it and is judged as an unrecorded copy.  A sidecar goes when
-its file's last link goes (eviction, a newer version published over it).  A
-copy of the store (an image layer) gets new inodes: its sidecars no longer
-apply, and its files are judged by size, as unrecorded copies are.
+longer matches it and is judged as an unrecorded copy.  A record too big for
+the file's extended attributes (ext4 keeps them in one 4 KiB block, so a key
+of some thousands of bytes does not fit) is a sidecar too, on any store.  A
+sidecar goes when its file's last link goes (eviction, a newer version
+published over it).  A copy of the store (an image layer) gets new inodes:
+its sidecars no longer apply, and its files are judged by size, as unrecorded
+copies are.
 
 All functions block: call them from worker threads.
 """
@@ -42,6 +45,10 @@ log = logging.getLogger(__name__)
 IDENTITY_XATTR = "user.lazyfs.identity"
 SIDECAR_FOLDER = (RESERVED_NAME, "identities")
 _NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP}
+# What setxattr says of a value with no room in this file's attributes: ext4
+# ENOSPC (one block per file), the VFS E2BIG (over 64 KiB).  A disk really
+# full fails the sidecar written instead as well, with its own ENOSPC.
+_NO_ROOM = {errno.ENOSPC, errno.E2BIG}
 _SIDECAR_MAX = 1 << 16
 _SECOND = 10**9
 
@@ -179,6 +186,8 @@ class IdentityRecords:
         and each prebaked layer's that has one."""
         if not user_xattrs_work(probe_dir_fd):
             self._use_sidecars()
+        else:
+            self._open_sidecars(create=False)  # records too big for an xattr, written by earlier runs
         for layer in prebaked:
             try:
                 self._sidecars[layer] = Sidecars(layer.open_dir(SIDECAR_FOLDER))
@@ -190,14 +199,26 @@ class IdentityRecords:
             os.close(sidecars.fd)
         self._sidecars.clear()
 
-    def _use_sidecars(self) -> Sidecars:
+    def _open_sidecars(self, create: bool = True) -> Sidecars | None:
         with self._lock:  # store threads may find out at once
             if self.root not in self._sidecars:
-                self._sidecars[self.root] = Sidecars(self.root.open_dir(SIDECAR_FOLDER, create=True, mode=PRIVATE))
-                log.info("store %s does not keep user extended attributes: identity records are kept in "
-                         "sidecar files (%s/%s)", self.store_path, self.store_path, "/".join(SIDECAR_FOLDER))
-            self.supported = False
+                try:
+                    self._sidecars[self.root] = Sidecars(self.root.open_dir(SIDECAR_FOLDER, create=create,
+                                                                            mode=PRIVATE))
+                except FileNotFoundError:
+                    if create:
+                        raise
+                    return None
             return self._sidecars[self.root]
+
+    def _use_sidecars(self) -> Sidecars:
+        sidecars = self._open_sidecars()
+        assert sidecars is not None
+        if self.supported:
+            self.supported = False
+            log.info("store %s does not keep user extended attributes: identity records are kept in "
+                     "sidecar files (%s/%s)", self.store_path, self.store_path, "/".join(SIDECAR_FOLDER))
+        return sidecars
 
     def read(self, fd: int, layer: Layer | None = None, st: os.stat_result | None = None) -> Identity | None:
         """The record of the open file `fd` in `layer` (the store by default),
@@ -229,13 +250,27 @@ class IdentityRecords:
         file is made read-only, and after its bytes and mtime are final."""
         ident = dataclasses.replace(ident, file_mtime_ns=os.fstat(fd).st_mtime_ns)
         if self.supported:
+            record = ident.encode()
             try:
-                os.setxattr(fd, IDENTITY_XATTR, ident.encode())
+                os.setxattr(fd, IDENTITY_XATTR, record)
                 return
             except OSError as e:
+                if e.errno in _NO_ROOM:
+                    self._too_big_for_an_xattr(fd, ident, len(record), e)
+                    return
                 if e.errno not in _NO_XATTR:
                     raise
         self._use_sidecars().write(os.fstat(fd), ident)
+
+    def _too_big_for_an_xattr(self, fd: int, ident: Identity, size: int, e: OSError) -> None:
+        """A record the filesystem has no room for in the file's extended
+        attributes (a very long key): a sidecar, for this file only."""
+        sidecars = self._open_sidecars()
+        assert sidecars is not None
+        sidecars.write(os.fstat(fd), ident)
+        log.info("s3://%s/%s: its identity record (%d bytes) does not fit in the extended attributes of "
+                 "the store's filesystem (setxattr: %s): kept in a sidecar file (%s/%s)", ident.bucket, ident.key,
+                 size, errno.errorcode.get(e.errno or 0, e.strerror), self.store_path, "/".join(SIDECAR_FOLDER))
 
     def forget(self, fd: int, *, only_if_unlinked: bool = True) -> None:
         """Drop the sidecar of the open store file `fd`: once its last link is

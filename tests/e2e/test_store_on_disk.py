@@ -488,3 +488,47 @@ def test_bake_fails_a_file_a_kept_folder_stands_in_the_way_of(proxy, s3, bucket,
     assert f"failed: s3://{bucket}/{z}" in res.stdout and "not kept in the store" in res.stdout, res.stdout
     assert "a folder stands at models/m/z in the store and is kept" in res.stderr, res.stderr
     assert (store / z / "admin.txt").read_bytes() == b"put here by hand"
+
+
+# -- a key too long for an identity record in an xattr ----------------------------------------
+
+def _read_deep(root: Path, key: str) -> tuple[bytes, str]:
+    """A file's bytes and user.lazyfs.state, opened component by component
+    (its path is longer than PATH_MAX)."""
+    *folders, name = key.split("/")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for folder in folders:
+            fd, parent = os.open(folder, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(parent)
+        f = os.open(name, os.O_RDONLY, dir_fd=fd)
+        try:
+            data = b""
+            while chunk := os.read(f, 1 << 20):
+                data += chunk
+            return data, os.getxattr(f, "user.lazyfs.state").decode()
+        finally:
+            os.close(f)
+    finally:
+        os.close(fd)
+
+
+def test_a_key_too_long_for_an_identity_xattr_is_kept_and_served(mount, proxy, s3, bucket, fs: FS,
+                                                                  tmp_path: Path):
+    """A key of 5,000 bytes (S3 caps keys at 1,024, other stores need not):
+    its identity record does not fit in an ext4 file's xattr block, and
+    publishing failed with "No space left on device" on a disk far from
+    full.  The record goes to a sidecar: the file is kept and served."""
+    key = f"{P}/" + "/".join(["d" * 200] * 25) + "/deep.bin"
+    s3.put_object(Bucket=bucket, Key=key, Body=b"deep bytes")
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.run(_read_deep, m.path, key)[0] == b"deep bytes"
+    wait_until(lambda: fs.run(_read_deep, m.path, key)[1] == "cached", what="the file published")
+    assert "No space left" not in m.log()
+    assert "does not fit in the extended attributes" in m.log()
+    m.stop()
+    gets = proxy.count("GET", key)
+    m2 = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.run(_read_deep, m2.path, key) == (b"deep bytes", "cached")
+    assert proxy.count("GET", key) == gets, "fetched again after a restart"

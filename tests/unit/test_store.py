@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 import stat
@@ -13,9 +14,11 @@ import pytest
 
 from lazyfs import verify
 from lazyfs.errors import IntegrityError, StoreError
+from lazyfs.filestate import FileState
 from lazyfs.identity import IDENTITY_XATTR, Identity
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import Store
+from support.storefiles import current_state
 from support.storefiles import publish as download
 
 
@@ -326,3 +329,35 @@ def test_a_pinned_check_never_serves_a_copy_only_its_size_vouches_for(tmp_path: 
             assert s.local_state(o, check.checked).state == state, (o.key, check)
     finally:
         s.close()
+def test_a_record_too_big_for_the_files_xattrs_is_kept_in_a_sidecar(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """ext4 keeps a file's extended attributes in one 4 KiB block: the record of
+    a key some thousands of bytes long has no room there, and setxattr says
+    ENOSPC with the disk far from full.  Publishing failed with "No space left
+    on device"; the record is a sidecar now, and the file is kept and served."""
+    real = os.setxattr
+
+    def ext4_like(fd: int, name: str, value: bytes, *args: object) -> None:
+        if len(value) > 4000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, name, value, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "setxattr", ext4_like)
+    (tmp_path / "store").mkdir()
+    store = Store.open(str(tmp_path / "store"))
+    deep = obj("m/" + "/".join(["d" * 200] * 25) + "/deep.bin", b"deep")
+    small = obj("m/small.bin", b"small")
+    try:
+        assert download(store, deep, b"deep")
+        assert download(store, small, b"small")
+        assert current_state(store, deep) is FileState.CACHED
+        assert store.identities.supported, "the store still keeps the other files' records in xattrs"
+        assert os.getxattr(tmp_path / "store" / "m/small.bin", IDENTITY_XATTR)
+        assert len(list((tmp_path / "store" / ".lazyfs" / "identities").iterdir())) == 1
+    finally:
+        store.close()
+    store = Store.open(str(tmp_path / "store"))  # a restart finds the sidecar
+    try:
+        assert current_state(store, deep) is FileState.CACHED
+    finally:
+        store.close()
