@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
+from lazyfs import wording
 from lazyfs.errors import StoreError
 from lazyfs.layer import FILE_FLAGS, remove, write_small
 from lazyfs.namespace import RemoteObject
@@ -209,8 +210,9 @@ class PartialFiles:
         if st.f_blocks == 0:
             return None  # a filesystem that states no size (ramfs, some network ones): nothing to judge by
         if obj.size > free:
-            raise StoreError(f"{obj.uri}: needs {obj.size / 2**20:.1f} MiB but the store "
-                             f"{self.store_path} has {free / 2**20:.1f} MiB free", errno.ENOSPC)
+            needs, has = wording.sizes(obj.size, free)
+            raise StoreError(f"{obj.uri}: needs {needs} but the store {self.store_path} has {has} free",
+                             errno.ENOSPC)
         return free
 
     def _create(self, name: str, flags: int) -> int:

@@ -1,5 +1,5 @@
-"""How lazyfs words what it prints (pure): counts ("1 file", "2 files"), and
-text from files and listings kept on one line."""
+"""How lazyfs words what it prints (pure): counts ("1 file", "2 files"),
+sizes ("6.0 MiB"), and text from files and listings kept on one line."""
 
 from __future__ import annotations
 
@@ -28,3 +28,13 @@ def _escaped(ch: str) -> str:
     if ch in '"\\':
         return "\\" + ch
     return repr(ch)[1:-1]  # "\n", "\x1b", "\u2028", "\udcff" (a byte of a name that is not UTF-8)
+
+
+def sizes(*nbytes: int) -> tuple[str, ...]:
+    """Byte counts in MiB with one decimal, to be read side by side; with
+    their exact bytes as well where that rounding would make different counts
+    look the same ("needs 6.0 MiB but ... has 6.0 MiB free" said nothing)."""
+    rounded = tuple(f"{n / 2**20:.1f} MiB" for n in nbytes)
+    if len(set(rounded)) < len(set(nbytes)):
+        return tuple(f"{r} ({n:,} bytes)" for r, n in zip(rounded, nbytes, strict=True))
+    return rounded

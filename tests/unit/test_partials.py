@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from lazyfs import partials
+from lazyfs.errors import StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import Store
 from support.filesystems import can_allocate
@@ -220,3 +221,21 @@ def test_a_download_whose_space_the_store_cannot_state_stays_sparse(store: Store
         assert not part.preallocated and os.fstat(part.fd).st_blocks == 0
     finally:
         part.close()
+
+
+def test_a_download_refused_for_want_of_space_says_by_how_much(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 6 MiB file on a store with 4 KiB less free: "needs 6.0 MiB but the
+    store has 6.0 MiB free" hid why it was refused."""
+    o = obj("m/six.bin", 6 * MiB)
+    real = os.statvfs
+
+    def almost_room(fd: int) -> Any:
+        st = real(fd)
+        return os.statvfs_result((4096, 4096, st.f_blocks, st.f_bfree, (6 * MiB - 4096) // 4096, *st[5:]))
+
+    monkeypatch.setattr(os, "statvfs", almost_room)
+    with pytest.raises(StoreError) as refused:
+        store.partials.open(o, MiB)
+    assert refused.value.errno == errno.ENOSPC
+    assert "needs 6.0 MiB (6,291,456 bytes) but the store" in str(refused.value)
+    assert "has 6.0 MiB (6,287,360 bytes) free" in str(refused.value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lazyfs.wording import count, one_line, quoted
+from lazyfs.wording import count, one_line, quoted, sizes
 
 
 @pytest.mark.parametrize("n, said", [(0, "0 files"), (1, "1 file"), (2, "2 files"), (10000, "10000 files")])
@@ -29,3 +29,9 @@ def test_quoted_text_stays_on_one_line(text: str, shown: str) -> None:
 def test_one_line_escapes_only_what_is_not_printable() -> None:
     assert one_line('lock a "b" é: x') == 'lock a "b" é: x'
     assert one_line("a\nb\tc\r\x00") == r"a\nb\tc\r\x00"
+
+
+def test_sizes_side_by_side_show_their_bytes_when_rounding_makes_them_look_equal() -> None:
+    assert sizes(6 << 20, 6 << 20) == ("6.0 MiB", "6.0 MiB")
+    assert sizes(10 << 20, 6 << 20) == ("10.0 MiB", "6.0 MiB")
+    assert sizes(6 << 20, (6 << 20) - 4096) == ("6.0 MiB (6,291,456 bytes)", "6.0 MiB (6,287,360 bytes)")
