@@ -187,19 +187,19 @@ class Fetcher:
         raise _silent_store(STATE_WAIT_S, obj)
 
     async def sweep_store(self, listing: list[RemoteObject]) -> None:
-        """Free what downloads of versions nobody lists any more left in tmp/
-        (PartialFiles.sweep): only ever with a whole live listing, never an
-        offline or partial one.  The content index is left alone: in a store
-        copied without its hard links (cp -r, some image builds) every entry
-        looks unused, yet it is what links a new version's unchanged files."""
+        """Free what downloads of versions nobody lists any more left in tmp/,
+        and the bytes of files deleted from the store that only the content
+        index still linked (Store.sweep): only ever with a whole live
+        listing, never an offline or partial one (the index entries of a store
+        copied without its hard links stay: ContentIndex.sweep)."""
         try:
-            freed = await trio.to_thread.run_sync(self.store.partials.sweep, listing, limiter=self.runner.bulk)
+            freed = await trio.to_thread.run_sync(self.store.sweep, listing, limiter=self.runner.bulk)
         except OSError as e:
             log.warning("could not sweep the store's leftovers: %s", e.strerror)
             return
         if freed:
-            log.info("store sweep: freed %.1f MiB of leftovers (old versions' downloads, unlinked copies)",
-                     freed / 2**20)
+            log.info("store sweep: freed %.1f MiB of leftovers (old versions' downloads, unlinked copies, "
+                     "files deleted from the store)", freed / 2**20)
 
     def warm(self, obj: RemoteObject) -> None:
         """Start fetching `obj` in the background (no reader waits for it yet)."""

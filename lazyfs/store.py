@@ -335,11 +335,9 @@ class Store:
         """Free what nothing will use again: downloads of versions not in
         `keep` (a whole current listing) left in tmp/ (PartialFiles.sweep), and
         content index entries whose published paths are all gone (an admin
-        deleted them: the entry alone kept the bytes on disk).  Bytes freed.
-        Not called by the mount or bake (Fetcher.sweep_store sweeps tmp/ only):
-        in a store copied without its hard links every index entry looks
-        unused, yet it is what links a new version's unchanged files."""
-        return self.partials.sweep(keep) + self.index.sweep(self.partials.publish_lock)
+        deleted them: the entry alone kept the bytes on disk; not those of a
+        store copied without its hard links, ContentIndex.sweep).  Bytes freed."""
+        return self.partials.sweep(keep) + self.index.sweep(self.partials.publish_lock, self.identities, self.root)
 
     # -- cache budget ---------------------------------------------------------------
 

@@ -532,3 +532,28 @@ def test_a_key_too_long_for_an_identity_xattr_is_kept_and_served(mount, proxy, s
     m2 = mount("--prefix", f"s3://{bucket}/{P}", store=store)
     assert fs.run(_read_deep, m2.path, key) == (b"deep bytes", "cached")
     assert proxy.count("GET", key) == gets, "fetched again after a restart"
+
+
+# -- a file deleted from the store frees its space ---------------------------------------------
+
+def test_a_file_deleted_from_the_store_frees_its_space_at_the_next_start(mount, proxy, s3, bucket, fs: FS,
+                                                                          tmp_path: Path):
+    """`rm store/.../ten.bin` freed nothing: the content index
+    (.lazyfs/objects/) still held a hard link to it.  The next mount's sweep
+    removes entries nothing else links to, and never one a file still uses."""
+    s3.put_object(Bucket=bucket, Key=f"{P}/ten.bin", Body=b"t" * 300_000)
+    s3.put_object(Bucket=bucket, Key=f"{P}/kept.bin", Body=b"k" * 300_000)
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    for name in ("ten.bin", "kept.bin"):
+        assert fs.read(m.file(f"{P}/{name}")) == name[0].encode() * 300_000
+        wait_until((store / P / name).exists, what=f"{name} published")
+    m.stop()
+    objects = store / ".lazyfs" / "objects"
+    entries = {p.name: p.stat().st_ino for p in objects.iterdir()}
+    assert len(entries) == 2
+    (store / P / "ten.bin").unlink()  # an operator freeing space
+    m2 = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    wait_until(lambda: "store sweep: freed" in m2.log(), what="the store sweep")
+    assert {p.stat().st_ino for p in objects.iterdir()} == {(store / P / "kept.bin").stat().st_ino}
+    assert fs.read(m2.file(f"{P}/kept.bin")) == b"k" * 300_000

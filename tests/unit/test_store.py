@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import hashlib
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -361,3 +362,34 @@ def test_a_record_too_big_for_the_files_xattrs_is_kept_in_a_sidecar(tmp_path: Pa
         assert current_state(store, deep) is FileState.CACHED
     finally:
         store.close()
+
+
+def test_the_sweep_keeps_index_entries_of_a_store_copied_without_its_hard_links(tmp_path: Path) -> None:
+    """A store copied file by file (shutil.copytree, as an image build might:
+    the xattrs come along, the hard links do not): every index entry has a
+    link count of 1, yet the path its record names holds the same bytes, and
+    the entry is what links a new version's unchanged files.  An entry whose
+    path was deleted goes; one with no record (nothing tells) stays."""
+    (tmp_path / "image").mkdir()
+    image = Store.open(str(tmp_path / "image"))
+    v3 = obj("m/v3/tok.json", b"t" * 5000)
+    gone = obj("m/v3/old.bin", b"o" * 5000)
+    try:
+        download(image, v3, b"t" * 5000)
+        download(image, gone, b"o" * 5000)
+    finally:
+        image.close()
+    shutil.copytree(tmp_path / "image", tmp_path / "pod", symlinks=True)
+    (tmp_path / "pod" / "m/v3/old.bin").unlink()
+    objects = tmp_path / "pod" / ".lazyfs" / "objects"
+    (objects / "0123456789abcdef").write_bytes(b"no record")
+    pod = Store.open(str(tmp_path / "pod"))
+    try:
+        assert pod.sweep(keep=[v3]) >= 5000
+        assert {p.name for p in objects.iterdir()} == {pod.index.entry_name(v3.etag, v3.size), "0123456789abcdef"}
+        v4 = obj("m/v4/tok.json", b"t" * 5000)
+        copy = pod.materialise(v4)  # linked from the index, not fetched
+        assert copy is not None
+        os.close(copy.fd)
+    finally:
+        pod.close()
