@@ -26,7 +26,7 @@ from typing import Any, Callable
 from lazyfs.config import FetchConfig, RemoteConfig
 from lazyfs.errors import AccessDenied, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable, StoreError
 from lazyfs.namespace import RemoteObject
-from lazyfs.objectstore import ResponseMeta
+from lazyfs.objectstore import ResponseMeta, broke_off
 from lazyfs.ranged_get import RangeJob, Stopped, naming
 from lazyfs.stats import STATS
 from lazyfs.storewrite import PieceWriter, WriterClosed
@@ -154,9 +154,8 @@ class CrtTransfer:
             if time.monotonic() - state.active > self.cfg.read_timeout:
                 state.stalled = True
                 STATS.bump("s3_errors", "GET")
-                raise RemoteUnavailable(f"{job.obj.uri}: transfer broke off after {state.reached} bytes (stalled: "
-                                        f"no byte for {self.cfg.read_timeout:g} s)", bucket=job.obj.bucket,
-                                        key=job.obj.key)
+                raise RemoteUnavailable(state.broke_off(f"stalled: no byte for {self.cfg.read_timeout:g} s"),
+                                        bucket=job.obj.bucket, key=job.obj.key)
         if state.error is not None:
             raise state.error
         if state.reached < job.end:
@@ -181,8 +180,7 @@ class CrtTransfer:
             code = found.group(1).decode(errors="replace") if found else code or name
             return RemoteUnavailable(f"{where}: object store kept failing ({code}: HTTP {status})",
                                      bucket=obj.bucket, key=obj.key)
-        return RemoteUnavailable(f"{where}: transfer broke off after {state.reached} bytes ({name})",
-                                 bucket=obj.bucket, key=obj.key)
+        return RemoteUnavailable(state.broke_off(name), bucket=obj.bucket, key=obj.key)
 
 
 class _Received:
@@ -192,6 +190,7 @@ class _Received:
         self.job = job
         self._writer = writer
         self.etag_is_md5 = etag_is_md5  # the store's ETags can be MD5s at all (--no-etag-check: no)
+        self.start = start  # this request's first byte
         self.reached = start  # bytes [job.start, reached) are in the file
         self.whole = whole
         self.status = 0
@@ -199,6 +198,10 @@ class _Received:
         self.active = time.monotonic()
         self.error: BaseException | None = None
         self._lock = threading.Lock()
+
+    def broke_off(self, why: str) -> str:
+        # The client hands over a part only once all of it has arrived.
+        return broke_off(self.job.obj, self.start, self.job.end, self.reached - self.start, why)
 
     def on_headers(self, status_code: int, headers: list[tuple[str, str]], **kwargs: Any) -> None:
         self.status = status_code

@@ -16,6 +16,17 @@ if TYPE_CHECKING:
     from lazyfs.modeljson import Source
 
 
+def broke_off(obj: RemoteObject, start: int, end: int, written: int, why: str) -> str:
+    """What a ranged GET of [start, end) that broke off had put in the file.
+    Only bytes handed over in whole pieces (boto3's reads) or parts (awscrt's)
+    are known: a piece cut short was received in part, by how much no client
+    says, so no count of received bytes is given."""
+    span = f"bytes {start}-{end - 1}"
+    if written:
+        return f"{obj.uri}: transfer broke off with {written} of {span} written ({why})"
+    return f"{obj.uri}: transfer broke off before any of {span} was written ({why})"
+
+
 @dataclass(frozen=True, slots=True)
 class ResponseMeta:
     """What a GET's headers say about verification: whether the ETag can be an

@@ -26,7 +26,7 @@ import urllib3.exceptions
 from lazyfs.config import RemoteConfig, Source
 from lazyfs.errors import AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.namespace import RemoteObject
-from lazyfs.objectstore import HeadInfo, ListPage, ResponseMeta
+from lazyfs.objectstore import HeadInfo, ListPage, ResponseMeta, broke_off
 from lazyfs.stats import STATS, TIMINGS
 from lazyfs.verify import Part
 
@@ -385,8 +385,7 @@ class RangeStream:
         try:
             data: bytes = self._body.read(n)
         except _BODY_ERRORS as e:
-            raise RemoteUnavailable(f"{self._obj.uri}: transfer broke off after "
-                                    f"{self.start + self.received} bytes ({type(e).__name__})",
+            raise RemoteUnavailable(broke_off(self._obj, self.start, self.end, self.received, type(e).__name__),
                                     bucket=self._obj.bucket, key=self._obj.key) from e
         self.received += len(data)
         if not data and self.received < self.end - self.start:

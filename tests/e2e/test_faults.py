@@ -99,6 +99,25 @@ def test_persistent_faults_fail_in_bounded_time_and_the_mount_survives(fmount, p
     assert sha(fs.read(m.file(key), timeout=30)) == sha(data), "the mount did not recover"
 
 
+@pytest.mark.log_errors('download of .* failed: ')
+def test_a_body_cut_before_a_whole_piece_arrived_is_not_said_to_have_delivered_bytes(fmount, proxy, s3, bucket,
+                                                                                      fs: FS):
+    """Each body is reset after 1000 bytes: none reaches the file (boto3
+    reads 64 KiB pieces, awscrt hands over whole parts), and the log said
+    "transfer broke off after 0 bytes" while 1000 had been sent.  It says what
+    is known: none of the request's bytes was written."""
+    key = f"{P}/small.bin"
+    s3.put_object(Bucket=bucket, Key=key, Body=os.urandom(50_000))
+    proxy.add(Fault("reset", key=key, after=1000, times=None))
+    m = fmount()
+    with pytest.raises(OSError) as info:
+        fs.read(m.file(key), timeout=60)
+    assert info.value.errno == errno.EIO
+    [failed] = [ln for ln in m.log().splitlines() if "download of" in ln and "failed" in ln]
+    assert "transfer broke off before any of bytes 0-49999 was written" in failed, failed
+    assert "after 0 bytes" not in m.log()
+
+
 # --read-deadline of the test below: long enough that the kernel's requests
 # reach the daemon well within it on a loaded machine.
 DEADLINE = 4.0

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from lazyfs import layer, listings, ranged_get
+from lazyfs import crt, layer, listings, ranged_get
 from lazyfs.errors import RemoteUnavailable, StoreError
 from lazyfs.layer import write_small
 from lazyfs.namespace import RemoteObject
@@ -143,3 +143,30 @@ def test_a_retry_names_the_object_once(tmp_path: Path, monkeypatch: pytest.Monke
     [line] = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert line.startswith(f"{OBJ.uri}: transfer broke off") and line.count(OBJ.uri) == 1, line
     assert "retrying bytes 4-9" in line and "(attempt 2 of 3)" in line
+
+
+class SocketClosed(Exception):
+    name = "AWS_IO_SOCKET_CLOSED"
+
+
+def test_the_crt_client_never_says_a_broken_transfer_got_bytes_it_cannot_count(tmp_path: Path) -> None:
+    """awscrt hands over a part only once all of it has arrived: a reset
+    after 1000 bytes of a part said "transfer broke off after 0 bytes" (the
+    request's first offset).  What was written is counted from the request's
+    own first byte; bytes of a part never handed over are not counted."""
+    obj = RemoteObject("bkt", "m/w.bin", 3 * 65536, "e" * 32, 1)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        job = RangeJob(obj, fd, WriteTurns(), 65536, 2 * 65536, 65536, attempts=3, cancelled=lambda: False,
+                       posted=lambda n: None, got_meta=lambda meta: None)
+        writer = PieceWriter(fd, obj, direct=lambda: False, turns=WriteTurns())
+        state = crt._Received(job, writer, 65536, whole=False, etag_is_md5=True)
+        client = crt.CrtTransfer.__new__(crt.CrtTransfer)  # _translate needs nothing the client holds
+        nothing = str(client._translate(SocketClosed(), obj, state))
+        state.on_body(b"x" * 1000, 65536)
+        some = str(client._translate(SocketClosed(), obj, state))
+    finally:
+        os.close(fd)
+    assert nothing == (f"{obj.uri}: transfer broke off before any of bytes 65536-131071 was written "
+                       "(AWS_IO_SOCKET_CLOSED)")
+    assert some == f"{obj.uri}: transfer broke off with 1000 of bytes 65536-131071 written (AWS_IO_SOCKET_CLOSED)"
