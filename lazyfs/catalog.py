@@ -82,7 +82,8 @@ class Catalog:
         self._attempted = trio.Event()  # replaced after every listing attempt
         self._saved = False  # a listing has been saved for offline starts
         self._lists: list[list[RemoteObject]] | None = None  # the live tree's listing, by source
-        self._warned: set[str] = set()
+        self._warned: set[str] = set()  # skipped keys said once
+        self._warned_empty: set[Source] = set()  # folders with no object at a live listing, said once
         # Before the first listing: subtrees listed on demand by lookups, and
         # folders known to exist whose contents were too many to list at once.
         self._subtrees: dict[str, Tree] = {}
@@ -181,7 +182,7 @@ class Catalog:
         return await self._swap(tree, listing[0])
 
     async def _swap(self, tree: Tree, per_source: list[list[RemoteObject]]) -> Diff:
-        self._warn_skipped(tree)
+        self._warn_skipped(tree, per_source)
         served = self.listed.is_set()
         previous, self.tree = [self.tree], tree
         old_lists, self._lists = [self._lists or []], per_source
@@ -380,11 +381,16 @@ class Catalog:
             return self._known[path]
         return (await self._listed_or_failing()).find(path)
 
-    def _warn_skipped(self, tree: Tree) -> None:
+    def _warn_skipped(self, tree: Tree, per_source: Sequence[list[RemoteObject]] = ()) -> None:
         for s in tree.skipped:
             if s.key not in self._warned:
                 self._warned.add(s.key)
                 log.warning("skipping object %r: %s", s.key, s.reason)
+        for source, objects in zip(self.sources, per_source, strict=False):
+            if source not in self._warned_empty and not any(not o.key.endswith("/") for o in objects):
+                self._warned_empty.add(source)  # (a typo, or a folder filled later: the mount goes on)
+                log.warning("%s holds no objects (is the folder's name right?): it shows empty until a listing "
+                            "finds some", source.uri)
 
 
 def offline_objects(store: Store, sources: Sequence[Source]) -> list[RemoteObject]:

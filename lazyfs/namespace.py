@@ -209,8 +209,9 @@ def build_tree(objects: Iterable[RemoteObject], folders: Iterable[str] = (),
     with no files under them.
 
     Skipped, with the reason recorded: unsafe keys, a key that is both a file
-    and a folder (the folder wins: it holds more), and a second object at the
-    same path from another bucket (the first one listed wins).
+    and a folder (the folder wins: it holds more), a second object at the
+    same path from another bucket (the first one listed wins), and the body of
+    a folder marker that has one (its folder is kept).
     """
     root: dict[str, object] = {}
     skipped: list[Skipped] = []
@@ -242,6 +243,9 @@ def build_tree(objects: Iterable[RemoteObject], folders: Iterable[str] = (),
         if is_marker:
             # "folder/" placeholder objects (console-created folders) make the
             # folder exist; they are not files.
+            if obj.size:
+                skipped.append(Skipped(key, f"is a folder marker with a body ({obj.size} bytes): the folder "
+                                            "is shown, the body is not"))
             subdir(parts)
             continue
         parent = subdir(parts[:-1])

@@ -163,3 +163,21 @@ def test_an_open_as_soon_as_the_mount_appears_goes_before_the_listing_of_a_big_f
         "the open's lookup lists its own folder, and nothing else goes before the GET"
     wait_until(lambda: any(r["kind"] == "LIST" and r["query"].get("prefix") == f"{P}/"
                            for r in proxy.requests()[1:]), what="the folder's full listing, later")
+
+
+def test_a_folder_with_no_objects_and_a_marker_with_a_body_are_each_warned_of(mount, s3, bucket, fs: FS):
+    """A mount of a folder that does not exist (a typo) started empty with no
+    word, and a folder marker with a body was dropped silently while every
+    other key not shown gets a warning.  Each gets one warning line; the
+    mount starts all the same, and shows what appears later."""
+    s3.put_object(Bucket=bucket, Key=f"{P}/marker/", Body=b"a marker with a body")
+    s3.put_object(Bucket=bucket, Key=f"{P}/marker/x.bin", Body=b"x")
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--prefix", f"s3://{bucket}/modls/typo", "--refresh", "1")
+    assert fs.listdir(m.path / "modls" / "typo") == []
+    assert fs.read(m.file(f"{P}/marker/x.bin")) == b"x"
+    warnings = [ln for ln in m.log().splitlines() if " WARNING " in ln]
+    assert sum(f"s3://{bucket}/modls/typo/ holds no objects" in ln for ln in warnings) == 1, warnings
+    assert sum(f"skipping object '{P}/marker/': is a folder marker with a body" in ln for ln in warnings) == 1
+    assert not any(f"s3://{bucket}/{P}/ holds no" in ln for ln in warnings)
+    s3.put_object(Bucket=bucket, Key="modls/typo/late.bin", Body=b"late")
+    wait_until(lambda: fs.listdir(m.path / "modls" / "typo") == ["late.bin"], timeout=30, what="the next listing")

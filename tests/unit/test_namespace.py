@@ -54,6 +54,15 @@ def test_tree_skips_unsafe_conflicting_and_duplicate_keys() -> None:
     assert isinstance(t2.find("q/both"), DirNode) and len(t2.skipped) == 1
 
 
+def test_a_folder_marker_with_a_body_is_said_to_be_skipped_as_other_keys_are() -> None:
+    """Its folder is shown and its body is not: that was dropped with no
+    warning, while every other key not shown is warned of."""
+    t = build_tree([obj("k/marker/", size=24), obj("k/empty/", size=0), obj("k/marker/x.bin")])
+    assert isinstance(t.find("k/marker"), DirNode) and isinstance(t.find("k/empty"), DirNode)
+    assert [(s.key, s.reason) for s in t.skipped] == [
+        ("k/marker/", "is a folder marker with a body (24 bytes): the folder is shown, the body is not")]
+
+
 def test_diff_trees() -> None:
     old = build_tree([obj("p/same"), obj("p/changed", etag="1"), obj("p/gone")])
     new = build_tree([obj("p/same"), obj("p/changed", etag="2"), obj("p/new")])
