@@ -30,6 +30,7 @@ from lazyfs.namespace import DirNode, RemoteObject
 from lazyfs.passthrough import Passthrough
 from lazyfs.stats import STATS
 from lazyfs.storespace import StoreSpace
+from lazyfs.xattrs import XATTRS, Readings
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,6 @@ STATUS_DIR = ("status",)
 STATS_FILE = ("status", "stats.json")
 STATUS_NAME = ".lazyfs"
 _VIRTUAL_FH = 1 << 48  # handles of virtual files live above every real one
-
-# Read-only attributes on every file (`getfattr -d` shows them); reading one
-# never starts a download.
-XATTRS = (b"user.lazyfs.state", b"user.lazyfs.source", b"user.lazyfs.etag", b"user.lazyfs.fetched_bytes",
-          b"user.lazyfs.verified")
 
 
 def _translated(fn: F) -> F:
@@ -116,6 +112,7 @@ class Operations(pyfuse3.Operations):
         self._direct_io = getattr(pyfuse3, "direct_io_allows_mmap", lambda: False) if direct_io else lambda: False
         # False (--no-xattrs): answer ENOSYS once, and the kernel stops asking.
         self.xattrs = xattrs
+        self.readings = Readings(handles.fetcher.state_of)  # getfattr -d: every attribute from one look
         self.stats_file = stats_file
         self._virtual: dict[int, bytes] = {}
         self.catalog = catalog
@@ -359,7 +356,7 @@ class Operations(pyfuse3.Operations):
             return ref.uri.encode()
         if name == b"user.lazyfs.etag":
             return ref.etag.encode()
-        local = await self.handles.fetcher.state_of(ref)
+        local = await self.readings.state(inode, ref)
         if name == b"user.lazyfs.fetched_bytes":
             return str(local.bytes).encode()
         if name == b"user.lazyfs.verified":
@@ -369,7 +366,10 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        return list(XATTRS) if isinstance(self.inodes.get(inode), RemoteObject) else []
+        ref = self.inodes.get(inode)
+        if isinstance(ref, RemoteObject):
+            self.readings.listed(inode, ref)
+        return list(XATTRS) if isinstance(ref, RemoteObject) else []
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         raise pyfuse3.FUSEError(errno.EINVAL)

@@ -14,6 +14,7 @@ import pyfuse3
 import pytest
 import trio
 
+from lazyfs import xattrs
 from lazyfs.catalog import Catalog
 from lazyfs.fetch import Fetcher
 from lazyfs.fuse_ops import Operations
@@ -65,6 +66,33 @@ async def test_lookup_open_read_and_state_through_the_operations(remote: FakeRem
         assert await ops.getxattr(attrs.st_ino, b"user.lazyfs.state", CTX) == b"cached"
         missing = await ops.lookup(ROOT_INODE, b"nothing-here", CTX)
         assert missing.st_ino == 0  # a negative entry the kernel may cache
+
+
+@trio_test
+async def test_getfattr_d_across_a_publish_sees_the_state_and_the_check_of_one_moment(
+        remote: FakeRemote, stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """getfattr lists a file's attributes, then reads them in turn: the state
+    before how it was verified.  A download published in between showed
+    `state: downloading` beside `verified: MD5`, which never held at once."""
+    monkeypatch.setattr(xattrs, "READING_S", 60.0)  # however slow the machine, the publish falls inside the reading
+    remote.put(BUCKET, "m/w.bin", os.urandom(300_000))
+    gate = remote.gate("m/w.bin")
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        ops = await ops_for(remote, fetcher)
+        ino = (await walk(ops, "m", "w.bin")).st_ino
+        info = await ops.open(ino, os.O_RDONLY, CTX)
+        assert b"user.lazyfs.verified" in await ops.listxattr(ino, CTX)
+        assert await ops.getxattr(ino, b"user.lazyfs.state", CTX) == b"downloading"
+        gate.release()
+        obj = ops.catalog.tree.find("m/w.bin")
+        assert obj is not None and not isinstance(obj, DirNode)
+        await wait_for(lambda: fetcher.active(obj) is None, "publication")
+        assert await ops.getxattr(ino, b"user.lazyfs.verified", CTX) == b"", "the same moment as the state"
+        await ops.release(info.fh)
+        await ops.listxattr(ino, CTX)  # the next getfattr -d
+        assert await ops.getxattr(ino, b"user.lazyfs.state", CTX) == b"cached"
+        assert await ops.getxattr(ino, b"user.lazyfs.verified", CTX) not in (b"", b"unverified")
 
 
 @trio_test
