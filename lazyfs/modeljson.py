@@ -30,8 +30,12 @@ MODEL_JSON_KEYS = ("download_files_from", "download_files_to")
 # refuse to create one), so it is bad input (exit 2), not a missing bucket.
 # Uppercase and underscores were allowed in us-east-1 before March 2018: such
 # a bucket cannot be served.
-_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_IP_RE = re.compile(r"\d+\.\d+\.\d+\.\d+")
+# What any bucket name is made of: S3's rules since 2018 are stricter (3-63
+# lowercase letters, digits, dots, hyphens), but buckets made before them in
+# us-east-1, and S3-compatible stores (Ceph RGW's relaxed names), may have
+# uppercase letters, underscores and up to 255 characters; the store refuses
+# a name it does not have.
+_BUCKET_RE = re.compile(r"[A-Za-z0-9._-]{3,255}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +130,9 @@ def parse_source(text: str, default_bucket: str | None, where: str) -> Source:
 
 def check_bucket(name: str, where: str) -> None:
     """Refuse a bucket name S3 cannot have (ConfigError), wherever it was given."""
-    if not _BUCKET_RE.fullmatch(name) or ".." in name or _IP_RE.fullmatch(name):
-        raise ConfigError(f"{where}: {quoted(name)} is not a valid bucket name (3 to 63 lowercase letters, "
-                          "digits, dots and hyphens, starting and ending with a letter or digit)")
+    if not _BUCKET_RE.fullmatch(name):
+        raise ConfigError(f"{where}: {quoted(name)} is not a valid bucket name (3 to 255 letters, digits, "
+                          "dots, hyphens and underscores)")
 
 
 def normalize_prefix(prefix: str, where: str) -> str:

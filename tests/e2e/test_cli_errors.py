@@ -47,8 +47,8 @@ CASES = {
     "config too big": (["--config", "{tmp}/model.safetensors"], "too big for a config file (at most 16 MiB)"),
     "config nested too deeply": (["--config", "{tmp}/deep.json"], "arrays or objects nested too deeply"),
     "download_files_from twice": (["--config", "{tmp}/twice.json"], '"download_files_from" is given twice'),
-    "invalid bucket in model.json": (["--config", "{tmp}/badbucket.json"], '"Bad_Bucket" is not a valid bucket name'),
-    "invalid bucket in --prefix": (["--prefix", "s3://Bad_Bucket/x"], '"Bad_Bucket" is not a valid bucket name'),
+    "invalid bucket in model.json": (["--config", "{tmp}/badbucket.json"], '"bad!bucket" is not a valid bucket name'),
+    "invalid bucket in --prefix": (["--prefix", "s3://bad!bucket/x"], '"bad!bucket" is not a valid bucket name'),
     "invalid --bucket": (["--prefix", "x", "--bucket", "ab"], '--bucket (or LAZYFS_BUCKET): "ab" is not a valid'),
     # a name from a file or argv cannot split the line
     "newline in a folder": (["--config", "{tmp}/newline.json"], r'folder "a\nb/../c" cannot be a path'),
@@ -64,7 +64,7 @@ def cfgdir(tmp_path: Path) -> Path:
              "emptyprefix.json": '{"download_files_from": ""}',
              "deep.json": "[" * 100_000 + "]" * 100_000,
              "twice.json": '{"download_files_from": "s3://bkt/a", "download_files_from": "s3://bkt/b"}',
-             "badbucket.json": '{"download_files_from": "s3://Bad_Bucket/m"}',
+             "badbucket.json": '{"download_files_from": "s3://bad!bucket/m"}',
              "newline.json": '{"download_files_from": "s3://bkt/a\\nb/../c"}'}
     for name, text in files.items():
         (tmp_path / name).write_text(text)

@@ -65,11 +65,10 @@ def test_sources() -> None:
             parse_source(bad, None, "x")
 
 
-@pytest.mark.parametrize("bucket", ["Bad_Bucket", "UPPER", "under_score", "ab", "b" * 64, "-abc", "abc-", ".abc",
-                                    "a..b", "192.168.1.1", "a b", "new\nline", "abc\n"])
+@pytest.mark.parametrize("bucket", ["ab", "b" * 256, "a b", "b!d", "new\nline", "abc\n", "é-bucket", "a:b"])
 def test_a_bucket_name_s3_cannot_have_is_bad_input(bucket: str) -> None:
     """One check, wherever the name comes from (model.json, --prefix, --bucket; the lock's: test_lockfile):
-    a name S3 refuses is a configuration error (exit 2), not a bucket that "does not exist" (exit 1)."""
+    a name no bucket can have is a configuration error (exit 2), not a bucket that "does not exist" (exit 1)."""
     for text, default in ((f"s3://{bucket}/m", None), ("m", bucket)):
         with pytest.raises(ConfigError, match="is not a valid bucket name") as info:
             parse_source(text, default, "model.json")
@@ -77,8 +76,10 @@ def test_a_bucket_name_s3_cannot_have_is_bad_input(bucket: str) -> None:
 
 
 @pytest.mark.parametrize("bucket", ["abc", "models", "my-bucket.v2", "b" * 63, "1-2-3", "a.b.c",
-                                    "my-ap-abc123-s3alias", "bucket--usw2-az1--x-s3"])
-def test_bucket_names_s3_allows_are_taken(bucket: str) -> None:
+                                    "my-ap-abc123-s3alias", "bucket--usw2-az1--x-s3",
+                                    # us-east-1 before 2018, and S3-compatible stores' relaxed names
+                                    "Legacy_Bucket", "UPPER", "b" * 255, "-abc", "a..b"])
+def test_bucket_names_a_store_may_have_are_taken(bucket: str) -> None:
     assert parse_source(f"s3://{bucket}/m", None, "x") == Source(bucket, "m/")
 
 
