@@ -112,9 +112,10 @@ def _unproven(files: list[FileStatus], content: bool) -> str:
     """Files on disk that cannot be shown to be the locked version."""
     bare = sum(1 for f in files if f.state is FileState.PREBAKED and f.content != "match")
     if bare:
-        return (f"{wording.count(bare, 'file')} {'has' if bare == 1 else 'have'} no identity record to prove "
-                "they are the locked version"
-                + ("" if content else " (--verify content checks their bytes)"))
+        one = bare == 1
+        return (f"{wording.count(bare, 'file')} {'has' if one else 'have'} no identity record to prove "
+                f"{'it is' if one else 'they are'} the locked version"
+                + ("" if content else f" (--verify content checks {'its' if one else 'their'} bytes)"))
     return ""
 
 

@@ -94,3 +94,13 @@ def test_a_mount_proves_a_lock_only_when_it_serves_that_very_lock() -> None:
                          "drift": {"checked_at": "t", "changed": 1, "deleted": 0, "added": 2}})
     assert "drift since the lock: 1 changed, 0 deleted, 2 added" in note and "1 locked files" in note
     assert "drift not checked yet" in _pinned_note({"digest": lock.digest, "files": 0, "drift": {}})
+
+
+@pytest.mark.parametrize("n, said", [
+    (1, "1 file has no identity record to prove it is the locked version (--verify content checks its bytes)"),
+    (2, "2 files have no identity record to prove they are the locked version (--verify content checks their bytes)"),
+])
+def test_files_without_a_record_are_counted_in_the_right_number(n: int, said: str) -> None:
+    from lazyfs.status import _unproven
+
+    assert _unproven([FileStatus(f"f{i}", 1, FileState.PREBAKED) for i in range(n)], content=False) == said
