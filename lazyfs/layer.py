@@ -53,6 +53,7 @@ class Layer:
         self.path = path
         self.writable = writable
         self.label = label  # "store" or "prebaked layer", as logs and `status` say
+        self._told_unreadable = False  # a file or folder we may not read was logged (once per layer)
 
     @classmethod
     def open(cls, path: str, writable: bool, label: str, create_mode: int | None = None) -> Layer:
@@ -103,13 +104,15 @@ class Layer:
         *dirs, name = path.split("/")
         try:
             dfd = self.open_dir(dirs)
-        except OSError:
+        except OSError as e:
+            self._unreadable(path, e)
             return None
         try:
             fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
         except OSError as e:
             if e.errno == errno.ELOOP:
                 log.warning("%s: ignoring symlink at %s", self.label, path)
+            self._unreadable(path, e)
             return None
         finally:
             os.close(dfd)
@@ -122,6 +125,16 @@ class Layer:
             os.close(fd)
             return None
         return fd
+
+    def _unreadable(self, path: str, e: OSError) -> None:
+        """A copy we may not read is one we do not have: S3's is fetched. Said
+        once per layer (an image built with the wrong owner would say it of
+        every file), so that the downloads it causes are not a mystery."""
+        if e.errno in (errno.EACCES, errno.EPERM) and not self._told_unreadable:
+            self._told_unreadable = True
+            log.warning("%s %s: cannot read %s (%s); files it cannot read are fetched from S3 instead "
+                        "(check the owner and mode of its files; not said again)", self.label, self.path, path,
+                        e.strerror)
 
 
 def _make_root(path: str, mode: int) -> None:
