@@ -27,6 +27,7 @@ from lazyfs.download import Download
 from lazyfs.errors import RemoteUnavailable
 from lazyfs.filemap import FileMap, PageBudget
 from lazyfs.gaveup import GaveUp
+from lazyfs.lastbytes import verify_deadline
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import LocalCopy, Store
 
@@ -103,6 +104,12 @@ class ForeignDownload:
         # Bytes our readers waited a deadline for in vain; any new block of the owner's clears them (gaveup.py).
         self._gave_up = GaveUp(read_deadline)
         self._stopped = False  # the mount is stopping: no more polls, no take-over
+        self._attempt = 1  # the owner's files we followed: it starts over after bad bytes (lastbytes.py)
+
+    @property
+    def generation(self) -> int:
+        # A take-over resumes the file we followed: its attempts count on from ours.
+        return self._attempt + (self.delegate.generation - 1 if self.delegate is not None else 0)
 
     # -- the Transfer surface ------------------------------------------------------
 
@@ -128,14 +135,19 @@ class ForeignDownload:
             return self.delegate.covered(start, end)
         if self.complete or end <= start:
             return True
-        if self._part_map is None:
-            return False
+        if self._part_map is None or self._all_recorded:
+            return False  # every block on disk: held until the owner has verified and published it (lastbytes.py)
         return all(i in self._done for i in range(start // self._block, (end - 1) // self._block + 1))
+
+    @property
+    def _all_recorded(self) -> bool:
+        return len(self._done) * self._block >= self.obj.size > 0
 
     async def wait_range(self, start: int, end: int) -> None:
         end = min(end, self.obj.size)
         deadline = trio.current_time() + self._read_deadline
         asked: float | None = None
+        verifying = False
         while True:
             if self.delegate is not None:
                 await self.delegate.wait_range(start, end)
@@ -145,6 +157,8 @@ class ForeignDownload:
             if self.covered(start, end):
                 return
             now = trio.current_time()
+            if self._all_recorded and not verifying:  # the wait is the owner's verification's now
+                deadline, verifying = max(deadline, now + verify_deadline(self.obj, 0.0)), True
             if now >= deadline:
                 self._gave_up.mark(start, end, now)
                 raise RemoteUnavailable(f"{self.obj.uri}: another lazyfs process is downloading it and "
@@ -234,6 +248,7 @@ class ForeignDownload:
         the old mapping and the pages the kernel cached from it."""
         if self._part_map is not None and seen.ino != self._part_ino:
             log.info("%s: the other process started its download over; following the new file", self.obj.uri)
+            self._attempt += 1
             self._close_part()
             self._drop_pages(self.obj)
         if self._part_map is None and seen.fmap is not None:

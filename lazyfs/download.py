@@ -24,10 +24,12 @@ import trio
 
 from lazyfs.filemap import FileMap, PageBudget
 from lazyfs.gaveup import GaveUp
+from lazyfs.lastbytes import verify_deadline
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta
 from lazyfs.partials import Partial
 from lazyfs.piecesums import PieceSums
+from lazyfs.pin import Pin
 from lazyfs.storewrite import WriteTurns
 from lazyfs.verify import Hashed
 
@@ -70,29 +72,6 @@ class Request:
         self.started = time.monotonic()
 
 
-class Pin:
-    """Keeps a download's descriptor open while a worker thread or a
-    bookkeeping task uses it.  Released once (later calls do nothing)."""
-
-    __slots__ = ("_dl",)
-
-    def __init__(self, dl: Download) -> None:
-        self._dl: Download | None = dl
-        dl.pins += 1
-
-    def release(self) -> None:
-        dl, self._dl = self._dl, None
-        if dl is not None:
-            dl.pins -= 1
-            dl.maybe_close_fd()
-
-    def __enter__(self) -> Pin:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
 class Download:
     def __init__(self, obj: RemoteObject, partial: Partial, limits: Limits, pages: PageBudget, *,
                  background: bool, keep: bool = True,
@@ -133,6 +112,8 @@ class Download:
         self.wants_read = 0  # how far the want file of followers (coop.py) is read
         self.followed_until = 0.0  # time.monotonic() until which followers are known to wait
         self._fd_closed = False
+        self.generation = 1  # attempts at the file; bytes of an earlier one failed (lastbytes.py)
+        self.waiters: list[tuple[int, int, trio.Event]] = []  # readers, also across a start-over
         self.attach(partial)
 
     def attach(self, partial: Partial) -> None:
@@ -157,6 +138,8 @@ class Download:
             self.state = bytearray(self.nblocks)
             for i in partial.done:
                 self.state[i] = DONE
+        # The blocks that completed it, until it is verified (lastbytes.py): all, if it came complete.
+        self.held = frozenset(range(self.nblocks)) if self.ndone == self.nblocks else frozenset[int]()
         self.done_bytes = self.ndone * self.block_size
         if self.nblocks - 1 in partial.done:  # the last block may be short
             self.done_bytes -= self.nblocks * self.block_size - self.obj.size
@@ -166,13 +149,14 @@ class Download:
         self.owner: dict[int, Request] = {}  # ACTIVE block -> its request
         self.requests: set[Request] = set()
         self.demand: deque[int] = deque()
-        self.waiters: list[tuple[int, int, trio.Event]] = []
         self.sweep = 0
         # The sweep's order of blocks when not the file's (modelaware.loader_order), and how far along it is.
         self.order: list[int] | None = None
         self._order_pos = 0
         # Slow start: one request until the first bytes arrive (the first read does not share the server).
         self.ramp = 1
+        for start, end, _ in self.waiters:  # readers waiting through a start-over go first again
+            self._demand(start, end)
 
     @property
     def fmap(self) -> FileMap:
@@ -208,7 +192,7 @@ class Download:
             return True
         for i in range(start // self.block_size, (end - 1) // self.block_size + 1):
             st = self.state[i]
-            if st == DONE:
+            if st == DONE and i not in self.held:
                 continue
             if st == ACTIVE:
                 req = self.owner[i]
@@ -226,7 +210,8 @@ class Download:
                 await self.progressed.wait()
 
     async def wait_range(self, start: int, end: int) -> None:
-        """Return once [start, end) is on disk; jump the queue for it."""
+        """Return once [start, end) is on disk, or the file started over
+        (the caller looks again); jump the queue for it."""
         end = min(end, self.obj.size)
         if self.error is not None:
             raise self.error
@@ -237,9 +222,11 @@ class Download:
         self.waiters.append((start, end, event))
         self._on_work()
         bs = self.block_size  # what the reader did not get is marked block by block (see progress)
+        # All on disk but held: the wait is the verification's.
+        deadline = verify_deadline(self.obj, self.gave_up.deadline) if self.all_done else None
         try:
             await self.gave_up.wait(event, self.obj, start, end, lambda: [(i * bs, self.block_end(i)) for i in
-                                    range(start // bs, (end - 1) // bs + 1) if self.state[i] != DONE])
+                                    range(start // bs, (end - 1) // bs + 1) if self.state[i] != DONE], deadline)
         finally:
             self.waiters = [w for w in self.waiters if w[2] is not event]
         if self.error is not None:
@@ -363,6 +350,8 @@ class Download:
             req.next_block += 1
         if req.start + filled >= req.end:
             self.requests.discard(req)
+        if done and self.ndone == self.nblocks:
+            self.held = frozenset(done)  # this landing completed the file: held until it is verified
         if done:
             self.progressed.set()
             self.progressed = trio.Event()
@@ -382,6 +371,7 @@ class Download:
     def mark_all_done(self) -> None:
         """Every block is on disk (an empty object, or a resume that had them all)."""
         self.state[:] = bytes([DONE]) * self.nblocks
+        self.held = frozenset(range(self.nblocks))  # none of them was verified yet
         self.progressed.set()
         self.ndone = self.nblocks
         self.done_bytes = self.obj.size
@@ -396,6 +386,9 @@ class Download:
         unlinked: every block is pending again, nothing is fetched and readers
         wait until `attach`.  Only with no pin held."""
         assert self.pins == 0, "detach while a thread uses the file"
+        self.generation += 1
+        for _, _, event in self.waiters:
+            event.set()  # each reader looks again: one served the bad bytes reads on no more (lastbytes.py)
         self.state = bytearray(self.nblocks)
         self.ndone = self.done_bytes = self.sweep = self._prefix = 0
         self.owner.clear()

@@ -67,18 +67,21 @@ class GaveUp:
                                     "arrived since", bucket=obj.bucket, key=obj.key)
 
     async def wait(self, event: trio.Event, obj: RemoteObject, start: int, end: int,
-                   missing: Callable[[], Iterable[tuple[int, int]]]) -> None:
-        """Wait for `event` (bytes [start, end) are in) at most a read deadline,
+                   missing: Callable[[], Iterable[tuple[int, int]]], deadline: float | None = None) -> None:
+        """Wait for `event` (bytes [start, end) are in) at most a read deadline
+        (or `deadline` seconds: bytes held for a verification, lastbytes.py),
         or not at all if `refuse` says so; on time-out, mark what `missing()`
         names still missing and raise RemoteUnavailable."""
         self.refuse(obj, start, end, trio.current_time())
-        with trio.move_on_after(self.deadline):
+        waited = self.deadline if deadline is None else deadline
+        with trio.move_on_after(waited):
             await event.wait()
             return
         now = trio.current_time()
         for piece in missing():
             self.mark(*piece, now)
-        raise RemoteUnavailable(f"{obj.uri}: no data for bytes {start}-{end} within {self.deadline:g} s",
+        raise RemoteUnavailable(f"{obj.uri}: no data for bytes {start}-{end} within {waited:g} s"
+                                f"{'' if deadline is None else ' (all on disk, not verified yet)'}",
                                 bucket=obj.bucket, key=obj.key)
 
     def drop(self, keep: Callable[[int, int], bool]) -> None:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import cachetools
-import trio
 
-from lazyfs.errors import LazyfsError, RemoteUnavailable
+from lazyfs.errors import LazyfsError
 from lazyfs.fetch import Fetcher, LocalOrTransfer
 from lazyfs.filemap import FileMap
+from lazyfs.lastbytes import REFUSED, ServedBadBytes, refuse_stale_generation
 from lazyfs.namespace import RemoteObject, Version
 from lazyfs.stats import STATS
 from lazyfs.store import LocalCopy
@@ -38,10 +38,6 @@ READ_THROUGH = 0.75
 # the read deadline, as a reader's read does (so a slow link fails it no
 # sooner than it would fail the reads of a reader served as bytes arrive).
 WHOLE_FILE_STEP = 8 << 20
-# Verification follows the download, and catches up after its last byte at
-# no less than this rate (MD5 runs at 500+ MB/s on one core).
-VERIFY_CATCH_UP = 100 << 20
-
 
 class BadHandle(LazyfsError):
     errno = errno.EBADF
@@ -61,6 +57,7 @@ class OpenFile:
     following: RemoteObject | None = None
     served: int = 0
     dev: int = 0  # the local copy's filesystem (LocalCopy.dev)
+    generation: int = 0  # the download's attempt whose bytes it was served (lastbytes.py)
 
 
 class Handles:
@@ -162,16 +159,14 @@ class Handles:
                  obj.uri, obj.size, extra={"event": "whole_file_open", "key": obj.key, "bytes": obj.size})
         dl.add_reader(served=False)  # a reader waits: ahead of the prefetches
         try:
-            while not dl.finished.is_set():
+            # The blocks that complete the file are held until it is verified
+            # (lastbytes.py): once every step is in, it is verified and
+            # published.  Bad bytes start it over: the steps wait for those.
+            while not dl.complete and dl.error is None:
                 for start in range(0, obj.size, WHOLE_FILE_STEP):
                     await dl.wait_range(start, start + WHOLE_FILE_STEP)
-                deadline = self.fetcher.cfg.read_deadline + obj.size / VERIFY_CATCH_UP
-                with trio.move_on_after(deadline):
-                    await dl.finished.wait()  # verified and published (or failed)
-                if not dl.finished.is_set() and dl.covered(0, obj.size):
-                    raise RemoteUnavailable(f"{obj.uri}: not verified within {deadline:.0f} s of its last byte",
-                                            bucket=obj.bucket, key=obj.key)
-                # Not covered any more: bad bytes, downloading again; wait for those.
+                if obj.size == 0:  # no bytes to wait for: its verification
+                    await dl.finished.wait()
             if dl.error is not None:
                 raise dl.error
         finally:
@@ -220,7 +215,7 @@ class Handles:
             await self.fetcher.pagecache.ensure(of.fmap, off, size)
             data = of.fmap.read(off, size)
         else:
-            data = await self._read_transfer(of, off, size)
+            data = await self._read_transfer(fh, of, off, size)
         STATS.served[of.source] += len(data)
         of.served += len(data)
         if of.following is not None and of.served >= of.obj.size * READ_THROUGH:
@@ -242,17 +237,31 @@ class Handles:
         else:
             self.fetcher.warm_after(of.download, following)
 
-    async def _read_transfer(self, of: OpenFile, off: int, size: int) -> memoryview:
+    async def _read_transfer(self, fh: int, of: OpenFile, off: int, size: int) -> memoryview:
         dl = of.download
         assert dl is not None
         while True:
+            self._refuse_stale(of, dl)
             if not dl.complete:
                 await dl.wait_range(off, off + size)
             fmap = dl.fmap
             await self.fetcher.pagecache.ensure(fmap, off, min(size, max(0, of.obj.size - off)))
+            if self._open.get(fh) is not of:  # released while it waited: its mapping may be gone
+                raise BadHandle(f"read on file handle {fh}, released while the read waited")
             # Unless the download started over meanwhile (bad bytes): then wait again.
             if dl.fmap is fmap and (dl.complete or dl.covered(off, min(off + size, of.obj.size))):
+                self._refuse_stale(of, dl)
+                of.generation = dl.generation
                 return fmap.read(off, size)
+
+    @staticmethod
+    def _refuse_stale(of: OpenFile, dl: Transfer) -> None:
+        """EIO for a handle served bytes that then failed verification (lastbytes.py)."""
+        try:
+            refuse_stale_generation(of.obj, of.served, of.generation, dl.generation)
+        except ServedBadBytes:
+            of.generation = REFUSED
+            raise
 
     def _announce(self, obj: RemoteObject, copy: LocalCopy) -> None:
         """One log line per file and process saying where its bytes come from."""

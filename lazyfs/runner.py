@@ -21,11 +21,12 @@ from lazyfs import alongside
 from lazyfs.budget import Budget
 from lazyfs.completion import UNVERIFIED, verify_and_publish_blocking
 from lazyfs.config import FetchConfig
-from lazyfs.download import RECORD_FOLLOWED_S, Download, Pin, Request
+from lazyfs.download import RECORD_FOLLOWED_S, Download, Request
 from lazyfs.errors import IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, RemoteUnavailable, StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
+from lazyfs.pin import Pin
 from lazyfs.probe import open_partial_file
 from lazyfs.quiet import Quiet, reader_request
 from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking

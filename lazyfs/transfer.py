@@ -26,6 +26,10 @@ class Transfer(Protocol):
     finished: trio.Event  # set when complete or failed
 
     @property
+    def generation(self) -> int:
+        """The attempt at the file its bytes are from: a new one after bytes failed verification (lastbytes.py)."""
+
+    @property
     def fmap(self) -> FileMap:
         """The bytes on disk so far (read only what `wait_range` vouched for)."""
 

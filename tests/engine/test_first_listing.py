@@ -50,6 +50,18 @@ def quick(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(refresher, "FIRST_RETRY_S", 0.05)
 
 
+def reading(nursery: trio.Nursery, ops: Operations, fh: int) -> trio.Event:
+    """Read the first 4 KiB of `fh` in the background; set once answered."""
+    answered = trio.Event()
+
+    async def read() -> None:
+        await ops.read(fh, 0, 4096)
+        answered.set()
+
+    nursery.start_soon(read)
+    return answered
+
+
 async def lookup_errno(ops: Operations, *names: str) -> int:
     """0 if the path is found, the errno if not (ENOENT for a negative entry)."""
     ino = ROOT_INODE
@@ -202,7 +214,7 @@ async def test_a_listing_someone_waits_for_does_not_wait_for_quiet(remote: FakeR
     gate, catalog, ops = m.gate, m.catalog, m.ops
     async with running(m.fetcher), trio.open_nursery() as nursery:
         fh = await m.open_model()
-        nursery.start_soon(ops.read, fh, 0, 4096)
+        read = reading(nursery, ops, fh)
         await wait_for(lambda: gate.waiting, "the reader's GET")
         nursery.start_soon(catalog.first_listing)
         with trio.fail_after(10):
@@ -211,6 +223,7 @@ async def test_a_listing_someone_waits_for_does_not_wait_for_quiet(remote: FakeR
         assert gate.waiting, "listed while the reader's GET was still in flight"
         gate.release()
         await wait_for(lambda: catalog.live, "the first listing")
+        await wait_for(read.is_set, "the read answered")  # the kernel releases a handle after its reads
         await ops.release(fh)
 
 
@@ -229,7 +242,7 @@ async def test_a_refresh_after_the_first_listing_does_not_wait_for_quiet(remote:
         assert not quiet.hurried
         quiet.quiet_s = 60.0  # were refreshes held back, this one would wait a minute
         fh = await m.open_model()
-        nursery.start_soon(ops.read, fh, 0, 4096)
+        read = reading(nursery, ops, fh)
         await wait_for(lambda: gate.waiting, "the reader's GET")
         remote.put(BUCKET, "m/app/new.json", b"{}")
         with trio.fail_after(5):
@@ -237,6 +250,7 @@ async def test_a_refresh_after_the_first_listing_does_not_wait_for_quiet(remote:
         assert [o.key for o in diff.added] == ["m/app/new.json"]
         assert gate.waiting, "refreshed while the reader's GET was still in flight"
         gate.release()
+        await wait_for(read.is_set, "the read answered")  # the kernel releases a handle after its reads
         await ops.release(fh)
 
 

@@ -19,6 +19,7 @@ from lazyfs.download import Download
 from lazyfs.errors import IntegrityError, LazyfsError, RemoteUnavailable, StoreError
 from lazyfs.fetch import Fetcher
 from lazyfs.handles import Handles
+from lazyfs.lastbytes import ServedBadBytes
 from lazyfs.namespace import RemoteObject
 from lazyfs.stats import STATS
 from lazyfs.store import LocalCopy
@@ -70,13 +71,21 @@ async def test_a_follower_never_trusts_a_record_of_another_file(remote: FakeRemo
         assert second.ino != first.ino
         os.pwrite(second.fd, data[2 * BLOCK:3 * BLOCK], 2 * BLOCK)
         second.save_state({2})  # ...whose record names block 2, a hole of the old file
-        assert bytes(await handles.read(fh, 2 * BLOCK, 4096)) == data[2 * BLOCK:2 * BLOCK + 4096]
+        # The handle that was served the old file's bytes reads on no more
+        # (they failed verification: lastbytes.py); a new open reads the new file.
+        with pytest.raises(ServedBadBytes):
+            await handles.read(fh, 2 * BLOCK, 4096)
+        fh2 = await handles.open(obj)
+        assert bytes(await handles.read(fh2, 2 * BLOCK, 4096)) == data[2 * BLOCK:2 * BLOCK + 4096]
         assert dropped == [obj]
         os.pwrite(second.fd, data, 0)
         owner.publish(second)
         owner.partials.unlock(obj, lock)
-        assert bytes(await handles.read(fh, 0, len(data))) == data
+        assert bytes(await handles.read(fh2, 0, len(data))) == data
+        with pytest.raises(ServedBadBytes):
+            await handles.read(fh, 0, 4096)
         handles.release(fh)
+        handles.release(fh2)
     first.close()
     second.close()
     assert remote.count("GET") == 0, "the follower downloaded what the owner had"
@@ -100,9 +109,10 @@ async def test_a_follower_serves_the_read_its_page_drop_waits_for(remote: FakeRe
         handles = Handles(follower)
         fh = await handles.open(obj)
         assert bytes(await handles.read(fh, 0, 4096)) == data[:4096]
+        fh2 = await handles.open(obj)  # served nothing yet: it may read the new file
 
         async def read_block_3() -> None:
-            got = bytes(await handles.read(fh, 3 * BLOCK, 4096))
+            got = bytes(await handles.read(fh2, 3 * BLOCK, 4096))
             assert got == data[3 * BLOCK:3 * BLOCK + 4096]
 
         with trio.fail_after(10):
@@ -114,7 +124,10 @@ async def test_a_follower_serves_the_read_its_page_drop_waits_for(remote: FakeRe
                 os.pwrite(second.fd, data[3 * BLOCK:], 3 * BLOCK)
                 second.save_state({3})  # ...and its new file has the block
         assert drops == [obj]
+        with pytest.raises(ServedBadBytes):  # it was served the old file's bytes
+            await handles.read(fh, 3 * BLOCK, 4096)
         handles.release(fh)
+        handles.release(fh2)
     owner.partials.unlock(obj, lock)
     first.close()
     second.close()
