@@ -91,7 +91,8 @@ async def test_a_handle_served_bytes_that_failed_the_check_gets_eio_at_once_a_ne
                 await served.wait()
                 # Refused as the download starts over, not once the new one has the bytes.
                 await wait_for(lambda: refused, "the reader refused")
-            assert again.waiting, "still fetching again: the refusal did not wait for it"
+            # (the gate still holds the download made again: the refusal did not wait for it)
+            await wait_for(lambda: again.waiting, "the GET after the failed check")
             with pytest.raises(ServedBadBytes):  # and every later read of that handle
                 await handles.read(fh, 0, 4096)
             fh2 = await handles.open(obj)
