@@ -119,6 +119,7 @@ class Download:
     def attach(self, partial: Partial) -> None:
         """Download into `partial` (a fresh one after a failed verification)."""
         self.partial = partial
+        self.bad = False  # its bytes failed verification (disown)
         self.digest = None
         self.sums = PieceSums(partial.obj.size, partial.obj.checksum_algorithm)  # from the first piece if listed
         self.hashed = trio.Event()
@@ -190,6 +191,8 @@ class Download:
         """Are bytes [start, end) on disk?"""
         if self.complete or end <= start:
             return True
+        if self.bad:
+            return False
         for i in range(start // self.block_size, (end - 1) // self.block_size + 1):
             st = self.state[i]
             if st == DONE and i not in self.held:
@@ -386,9 +389,6 @@ class Download:
         unlinked: every block is pending again, nothing is fetched and readers
         wait until `attach`.  Only with no pin held."""
         assert self.pins == 0, "detach while a thread uses the file"
-        self.generation += 1
-        for _, _, event in self.waiters:
-            event.set()  # each reader looks again: one served the bad bytes reads on no more (lastbytes.py)
         self.state = bytearray(self.nblocks)
         self.ndone = self.done_bytes = self.sweep = self._prefix = 0
         self.owner.clear()
@@ -398,6 +398,14 @@ class Download:
         self._fmap.close()
         os.close(self.fd)
         self.fd = -1
+
+    def disown(self) -> None:
+        """Its bytes failed verification: none is served from now on, and a
+        reader that was served some reads on no more (lastbytes.py)."""
+        self.bad = True
+        self.generation += 1
+        for _, _, event in self.waiters:
+            event.set()  # each reader looks again
 
     def maybe_close_fd(self) -> None:
         """Close the descriptor once nothing can use it again: finished, no pin,

@@ -244,6 +244,8 @@ class Handles:
             self._refuse_stale(of, dl)
             if not dl.complete:
                 await dl.wait_range(off, off + size)
+                if not (dl.complete or dl.covered(off, min(off + size, of.obj.size))):
+                    continue  # the file started over (bad bytes): its old mapping is closed
             fmap = dl.fmap
             await self.fetcher.pagecache.ensure(fmap, off, min(size, max(0, of.obj.size - off)))
             if self._open.get(fh) is not of:  # released while it waited: its mapping may be gone

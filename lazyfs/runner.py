@@ -273,6 +273,7 @@ class Runner:
             await self._object_changed(dl)
         if isinstance(e, IntegrityError):
             dl.verify_attempts += 1
+            dl.disown()  # before the kernel's pages go: no bad byte is served after the drop
             self.hooks.on_bad_data(dl.obj)
             if dl.verify_attempts < _VERIFY_ATTEMPTS and not dl.cancelled:
                 log.warning("%s; downloading it again", e)

@@ -28,7 +28,7 @@ def whole_read(fs: FS, path: Path) -> bytes | int:
         return e.errno or 0
 
 
-@pytest.mark.log_errors(BAD)
+@pytest.mark.log_errors(BAD, "open the file again")
 @on_both_clients
 @pytest.mark.parametrize("size", [1000, 8 * PART + 17], ids=["one-request", "eight-parts"])
 def test_a_read_of_the_whole_file_never_ends_on_bytes_that_failed_verification(size: int, mount, proxy, s3, bucket,
@@ -50,7 +50,7 @@ def test_a_read_of_the_whole_file_never_ends_on_bytes_that_failed_verification(s
     assert (tmp_path / "store" / key).read_bytes() == data
 
 
-@pytest.mark.log_errors(BAD)
+@pytest.mark.log_errors(BAD, "open the file again")
 @on_both_clients
 def test_an_open_file_served_bytes_that_failed_verification_reads_on_no_more(mount, proxy, s3, bucket, fs: FS,
                                                                             tmp_path: Path):
@@ -84,7 +84,7 @@ def test_an_open_file_served_bytes_that_failed_verification_reads_on_no_more(mou
     assert m.log().count("bytes this open file read earlier failed verification") == 1
 
 
-@pytest.mark.log_errors(BAD)
+@pytest.mark.log_errors(BAD, "open the file again")
 def test_a_pinned_mount_never_completes_a_read_of_unapproved_bytes(mount, proxy, s3, bucket, fs: FS,
                                                                   tmp_path: Path):
     """What the user met: a lock pinning the file, and a corrupted transfer."""
