@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import cachetools
+import trio
 
-from lazyfs.errors import LazyfsError
+from lazyfs.errors import LazyfsError, RemoteUnavailable
 from lazyfs.fetch import Fetcher, LocalOrTransfer
 from lazyfs.filemap import FileMap
-from lazyfs.lastbytes import REFUSED, ServedBadBytes, refuse_stale_generation
+from lazyfs.lastbytes import REFUSED, ServedBadBytes, refuse_stale_generation, verify_deadline
 from lazyfs.namespace import RemoteObject, Version
 from lazyfs.stats import STATS
 from lazyfs.store import LocalCopy
@@ -165,8 +166,13 @@ class Handles:
             while not dl.complete and dl.error is None:
                 for start in range(0, obj.size, WHOLE_FILE_STEP):
                     await dl.wait_range(start, start + WHOLE_FILE_STEP)
-                if obj.size == 0:  # no bytes to wait for: its verification
-                    await dl.finished.wait()
+                if not dl.complete and dl.covered(0, obj.size):  # nothing held (no bytes): wait for the check
+                    deadline = verify_deadline(obj, self.fetcher.cfg.read_deadline)
+                    with trio.move_on_after(deadline):
+                        await dl.finished.wait()
+                    if not dl.finished.is_set():
+                        raise RemoteUnavailable(f"{obj.uri}: not verified within {deadline:.0f} s of its last byte",
+                                                bucket=obj.bucket, key=obj.key)
             if dl.error is not None:
                 raise dl.error
         finally:
