@@ -140,5 +140,3 @@ class InodeTable:
             if not self._listed(ref):
                 self._kept.pop(_digest(ident_of(ref)), None)
 
-    def known(self) -> list[tuple[int, InodeRef]]:
-        return list(self._ref.items())
