@@ -139,4 +139,3 @@ class InodeTable:
         for ref in refs:
             if not self._listed(ref):
                 self._kept.pop(_digest(ident_of(ref)), None)
-
