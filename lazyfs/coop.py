@@ -26,6 +26,7 @@ import trio
 from lazyfs.download import Download
 from lazyfs.errors import RemoteUnavailable
 from lazyfs.filemap import FileMap, PageBudget
+from lazyfs.filestate import PrebakedAccept
 from lazyfs.gaveup import GaveUp
 from lazyfs.lastbytes import verify_deadline
 from lazyfs.namespace import RemoteObject
@@ -74,8 +75,12 @@ class ForeignDownload:
     def __init__(self, obj: RemoteObject, store: Store, pages: PageBudget, io: trio.CapacityLimiter,
                  read_deadline: float, take_over: TakeOver,
                  on_finished: Callable[[ForeignDownload], None],
-                 drop_pages: Callable[[RemoteObject], None]) -> None:
+                 drop_pages: Callable[[RemoteObject], None], accept: PrebakedAccept | None = None) -> None:
         self.obj = obj
+        # What the probe of the open asked of an unrecorded copy (--verify
+        # etag, pinned): the one it rejected is at the key path until the
+        # owner publishes over it, and must not pass for that publication.
+        self._accept = accept
         self._store = store
         self._pages = pages
         self._io = io
@@ -266,7 +271,7 @@ class ForeignDownload:
     def _poll(self, mapped_ino: int) -> Published | Unowned | Running:
         """Worker thread: what the store says now.  Opens what the trio side
         may adopt; changes nothing of this object (docs/concurrency.md)."""
-        copy = self._store.find_current(self.obj)
+        copy = self._store.find_current(self.obj, self._accept)
         if copy is not None:
             return Published(copy, FileMap(copy.fd, self.obj.size, self._pages))
         lock = self._store.partials.lock(self.obj)

@@ -335,7 +335,7 @@ class Fetcher:
                                         "store is unreachable", bucket=obj.bucket, key=obj.key)
             if isinstance(verdict, Foreign):
                 follower = ForeignDownload(obj, self.store, self.pages, self._meta, self.cfg.read_deadline,
-                                           self.start_locked, self._followed, self._bad_data)
+                                           self.start_locked, self._followed, self._bad_data, self._prebaked)
                 self._foreign[obj.version] = follower
                 self._spawn(follower.follow)
                 return follower

@@ -61,3 +61,9 @@ class LocalCopy:
     layer: Layer
     state: FileState  # CACHED or PREBAKED
     dev: int = 0  # st_dev of its filesystem, for passthrough.py (which must not stat on the trio thread)
+
+
+# Is this unrecorded copy (PREBAKED) the object's content?  Asked of each such
+# copy the store finds, in layer order (probe.PrebakedCheck): False passes it
+# over for the next layer's.  Blocking (it may hash the copy).
+PrebakedAccept = Callable[[RemoteObject, LocalCopy], bool]

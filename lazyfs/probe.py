@@ -18,7 +18,7 @@ import cachetools
 
 from lazyfs.completion import UNVERIFIED, check, expectation
 from lazyfs.errors import IntegrityError, RemoteError, StoreError
-from lazyfs.filestate import REJECTED, SIZE, FileState, LocalCopy
+from lazyfs.filestate import REJECTED, SIZE, LocalCopy, PrebakedAccept
 from lazyfs.identity import Identity
 from lazyfs.layer import Layer
 from lazyfs.namespace import RemoteObject
@@ -107,7 +107,7 @@ class PrebakedCheck:
             exp = expectation(self.remote, obj)
             verified = check(self.remote, copy.fd, obj, exp, lambda: False)
         except IntegrityError:
-            log.warning("%s: the local copy in the %s does not match %s %s; downloading it again",
+            log.warning("%s: the local copy in the %s does not match %s %s; not serving it",
                         obj.uri, copy.layer.label, whose, exp.algorithm if exp else "checksum")
             return ""
         except RemoteError as e:
@@ -125,8 +125,8 @@ class PrebakedCheck:
     def _by_size(self, obj: RemoteObject, copy: LocalCopy, why: str) -> str:
         """Only its size vouches for the copy: used unpinned (SIZE), not served pinned ("")."""
         if self.pinned:
-            log.warning("%s: %s, so it cannot be shown to be the locked version; not serving the copy in the "
-                        "%s, downloading the locked version", obj.uri, why, copy.layer.label)
+            log.warning("%s: %s, so it cannot be shown to be the locked version; not serving the copy in the %s",
+                        obj.uri, why, copy.layer.label)
             return ""
         log.warning("%s: %s; using it as its size matches", obj.uri, why)
         return SIZE
@@ -137,15 +137,11 @@ def _memo_key(obj: RemoteObject, label: str, st: os.stat_result) -> tuple[object
 
 
 def probe_store(store: Store, obj: RemoteObject, *, may_fetch: bool, open_partial: bool, block_size: int,
-                check_prebaked: Callable[[RemoteObject, LocalCopy], bool] | None, may_link: bool) -> Verdict:
+                check_prebaked: PrebakedAccept | None, may_link: bool) -> Verdict:
     """`open_partial`: open the sparse file now (saves a hop), unless the
     cache budget must make room first.  `may_link`: a file stored under
     another path with the same ETag and size may stand in for it."""
-    copy = store.find_current(obj)
-    if copy is not None and copy.state is FileState.PREBAKED and check_prebaked is not None \
-            and not check_prebaked(obj, copy):
-        os.close(copy.fd)
-        copy = None
+    copy = store.find_current(obj, check_prebaked)  # a rejected copy is passed over for a later layer's
     if copy is not None:
         return Local(copy, linked=False)
     try:

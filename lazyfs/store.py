@@ -28,7 +28,7 @@ from typing import Iterable
 
 from lazyfs.content_index import ContentIndex
 from lazyfs.errors import StoreError
-from lazyfs.filestate import REJECTED, SIZE, ContentChecks, FileState, LocalCopy, LocalState
+from lazyfs.filestate import REJECTED, SIZE, ContentChecks, FileState, LocalCopy, LocalState, PrebakedAccept
 from lazyfs.identity import Identity, IdentityRecords
 from lazyfs.layer import FILE_FLAGS, PRIVATE, STORE_MODES, Layer, Permissions, still_there, write_small
 from lazyfs.listings import SavedListings
@@ -132,15 +132,16 @@ class Store:
 
     # -- lookups -------------------------------------------------------------
 
-    def find_current(self, obj: RemoteObject) -> LocalCopy | None:
+    def find_current(self, obj: RemoteObject, accept: PrebakedAccept | None = None) -> LocalCopy | None:
         """An open local copy that is current for `obj`, searching the store, then
         each prebaked layer.  A copy with an identity record is current when the
         record names this version; one without (copied in by an admin, or whose
         record no longer describes it: Identity.describes) when its size
         matches: PREBAKED, which a pinned mount or --verify etag checks by
-        content before serving it (probe.PrebakedCheck).  Anything else is not
-        current, never an error: the cache can make reads faster but never
-        makes them fail."""
+        content before serving it (`accept`: probe.PrebakedCheck).  A copy
+        that is not current, or that `accept` rejects, is passed over as if it
+        were absent: the search goes on to the next layer, never an error:
+        the cache can make reads faster but never makes them fail."""
         for layer in self.layers():
             fd = layer.open_file(obj.key)
             if fd is None:
@@ -148,11 +149,12 @@ class Store:
             try:
                 st = os.fstat(fd)
                 state = self._judge(fd, obj, layer, st)
+                copy = LocalCopy(fd, layer, state, st.st_dev) if state is not None else None
+                if copy is not None and (state is not FileState.PREBAKED or accept is None or accept(obj, copy)):
+                    return copy
             except BaseException:
                 os.close(fd)
                 raise
-            if state is not None:
-                return LocalCopy(fd, layer, state, st.st_dev)
             os.close(fd)
         return None
 

@@ -239,6 +239,38 @@ def test_an_unrecorded_copy_is_served_pinned_or_baked_only_once_its_bytes_match_
     assert (store / P / "tokenizer.json").read_bytes() == approved["tokenizer.json"]
 
 
+@pytest.mark.log_errors("cannot reach the object store")
+def test_a_rejected_store_copy_is_passed_over_for_a_prebaked_layer_that_has_the_locked_one(
+        mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    """The search goes on past a copy that fails the lock's check, through the later layers in order, as if
+    that copy were absent: the first that matches is served, online without a GET, and offline too."""
+    versioned(s3, bucket)
+    approved = model()
+    upload(s3, bucket, approved)
+    lock = tmp_path / "model.lock.json"
+    make_lock(proxy, bucket, lock)
+    key, other = f"{P}/model.safetensors", f"{P}/tokenizer.json"
+    store, wrong_layer, right_layer = tmp_path / "store", tmp_path / "wrong", tmp_path / "right"
+    for folder, data in ((store, bytes(len(approved["model.safetensors"]))),  # the right size, wrong bytes
+                         (wrong_layer, b"\xff" * len(approved["model.safetensors"])),
+                         (right_layer, approved["model.safetensors"])):
+        (folder / P).mkdir(parents=True)
+        (folder / key).write_bytes(data)
+    layers = ("--prebaked", str(wrong_layer), "--prebaked", str(right_layer))
+    proxy.clear()
+    m = mount("--lock", str(lock), *layers, store=store)
+    assert fs.read(m.file(key)) == approved["model.safetensors"]
+    assert proxy.count("GET", key) == 0, "the last layer's matching copy is served, not downloaded"
+    assert state_of(fs, m.file(key))[0] == "prebaked"
+    m.stop()
+    offline = mount("--lock", str(lock), *layers, store=store, endpoint=f"http://127.0.0.1:{free_port()}")
+    assert fs.read(offline.file(key)) == approved["model.safetensors"]
+    with pytest.raises(OSError) as info:  # nothing on disk at all: EIO, as before
+        fs.read(offline.file(other), timeout=60)
+    assert info.value.errno == errno.EIO
+    assert (store / key).read_bytes() == bytes(len(approved["model.safetensors"])), "the store's copy is untouched"
+
+
 def test_a_store_file_overwritten_in_place_is_not_its_recorded_version_any_more(mount, proxy, s3, bucket, fs: FS,
                                                                                 tmp_path: Path):
     """`cp` over a baked file keeps its inode and identity xattr; its mtime moves, so the record is not the
