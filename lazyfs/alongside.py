@@ -22,6 +22,7 @@ from lazyfs.objectstore import ObjectStore
 from lazyfs.partials import Partial
 from lazyfs.piecesums import PieceSums
 from lazyfs.verify import Digest, Expectation, Hashed
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
             if dl.contiguous <= digest.fed:
                 await dl.progressed.wait()
     except Exception as e:
-        log.debug("%s: hashing along stopped: %s", dl.obj.uri, e)
+        log.debug("%s: hashing along stopped: %s", quoted(dl.obj.uri), e)
     finally:
         if dl.partial is partial:
             dl.hashed.set()

@@ -28,6 +28,7 @@ import trio
 
 from lazyfs.namespace import RemoteObject, Version
 from lazyfs.store import Store
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class Budget:
         False if it can never fit (stream it through)."""
         if not self.fits(obj):
             log.warning("%s (%.1f MiB) is larger than the cache budget (%.1f MiB): serving it "
-                        "without keeping it", obj.uri, obj.size / 2**20, self.max_bytes / 2**20)
+                        "without keeping it", quoted(obj.uri), obj.size / 2**20, self.max_bytes / 2**20)
             return False
         # Evict first, then reserve: make_room ends without a checkpoint, so
         # no task sees the room counted twice or not at all.  (Reserving

@@ -37,7 +37,7 @@ from lazyfs.objectstore import ObjectStore
 from lazyfs.offline import store_knows
 from lazyfs.quiet import Quiet, reader_request
 from lazyfs.store import Store
-from lazyfs.wording import count
+from lazyfs.wording import count, quoted
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ class Catalog:
         except ObjectNotFound:
             new = None
         except RemoteError as e:
-            log.warning("%s: could not check its new version (%s); the next listing will", old.uri, e)
+            log.warning("%s: could not check its new version (%s); the next listing will", quoted(old.uri), e)
             return Diff()
         before = self.tree
         current = before.find(old.key)
@@ -361,7 +361,7 @@ class Catalog:
         if self.tree is not before:
             return Diff()  # a listing was swapped in meanwhile: it knows better
         self.tree = tree
-        log.info("%s: %s", old.uri, "deleted in the object store" if new is None else
+        log.info("%s: %s", quoted(old.uri), "deleted in the object store" if new is None else
                  f"new version in the object store (ETag {new.etag}, {new.size} bytes)")
         return Diff(changed=((old, new),)) if new is not None else Diff(removed=(old,))
 
@@ -385,12 +385,12 @@ class Catalog:
         for s in tree.skipped:
             if s.key not in self._warned:
                 self._warned.add(s.key)
-                log.warning("skipping object %r: %s", s.key, s.reason)
+                log.warning("skipping object %s: %s", quoted(s.key), s.reason)
         for source, objects in zip(self.sources, per_source, strict=False):
             if source not in self._warned_empty and not any(not o.key.endswith("/") for o in objects):
                 self._warned_empty.add(source)  # (a typo, or a folder filled later: the mount goes on)
                 log.warning("%s holds no objects (is the folder's name right?): it shows empty until a listing "
-                            "finds some", source.uri)
+                            "finds some", quoted(source.uri))
 
 
 def offline_objects(store: Store, sources: Sequence[Source]) -> list[RemoteObject]:

@@ -112,10 +112,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+class OneLineFormatter(logging.Formatter):
+    """Each message on one line, whatever it holds.  Keys and paths are quoted
+    where lazyfs logs them (wording.quoted); this catches what else a message
+    carries (a library's exception text).  A traceback stays as Python prints it."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        shown = logging.makeLogRecord(record.__dict__)
+        shown.message = one_line(record.message)
+        return super().formatMessage(shown)
+
+
 def setup_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                         OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))

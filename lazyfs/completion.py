@@ -20,6 +20,7 @@ from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
 from lazyfs.store import Store
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def expectation(remote: ObjectStore, obj: RemoteObject, meta: ResponseMeta | Non
 
 def no_checksum_asked(obj: RemoteObject, why: Exception) -> None:
     """The one line for a HEAD that asked for a checksum the store may keep, and failed."""
-    log.info("%s: cannot ask the object store for a checksum it may keep (%s); checking its ETag", obj.uri, why)
+    log.info("%s: cannot ask the object store for a checksum it may keep (%s); checking its ETag", quoted(obj.uri), why)
 
 
 UNVERIFIED = "unverified"
@@ -71,7 +72,7 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
     unchanged, and bytes that fail a checksum the store computed are
     checked against its MD5 ETag before they are called corrupt."""
     if exp is None:
-        log.info("%s: the object store offers nothing to check it against beyond its size; unverified", obj.uri)
+        log.info("%s: the object store offers nothing to check it against beyond its size; unverified", quoted(obj.uri))
         return UNVERIFIED
     if hashed is not None and hashed.exp == exp and hashed.size == obj.size and hashed.value == exp.value:
         return exp.algorithm  # hashed as the file filled (alongside.hash_along)
@@ -86,7 +87,7 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
         raise
     if verified == UNVERIFIED:
         log.warning("%s: its multipart %s does not match the part sizes assumed, and the object store "
-                    "cannot say each part's size; published unverified", obj.uri,
+                    "cannot say each part's size; published unverified", quoted(obj.uri),
                     "ETag" if exp.algorithm == "MD5-multipart" else "checksum")
     return verified
 
@@ -97,7 +98,7 @@ def _hashed_against(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify
     assumed and do not match are replaced by the ones the store tells, or
     give UNVERIFIED when it cannot say.  IntegrityError otherwise."""
     try:
-        verify.check(fd, obj.size, exp, obj.uri, cancelled)
+        verify.check(fd, obj.size, exp, quoted(obj.uri), cancelled)
         return exp.algorithm
     except IntegrityError:
         if exp.per_part and not exp.exact:
@@ -132,7 +133,7 @@ def _second_opinion(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify
     if verified == UNVERIFIED:
         return ""
     log.warning("%s: the bytes match the object's ETag but not the %s the object store reports (%s); "
-                "its checksum is taken to be wrong and the file verified by the ETag", obj.uri,
+                "its checksum is taken to be wrong and the file verified by the ETag", quoted(obj.uri),
                 exp.algorithm, exp.value)
     return verified
 
@@ -171,7 +172,8 @@ def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Part
         try:
             placed = store.publish(partial, origin, keep_newer=not current, verified=verified, listed=current)
         except OSError as e:
-            raise StoreError(f"{obj.uri}: cannot publish into the store: {e.strerror}", e.errno or errno.EIO) from None
+            raise StoreError(f"{quoted(obj.uri)}: cannot publish into the store: {e.strerror}",
+                             e.errno or errno.EIO) from None
     return Finished(verified, placed)
 
 

@@ -24,6 +24,7 @@ from lazyfs.errors import UnsafeKey
 from lazyfs.identity import IdentityRecords
 from lazyfs.layer import FILE_FLAGS, Layer
 from lazyfs.namespace import RemoteObject, key_parts
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class ContentIndex:
         except FileExistsError:
             pass  # the same bytes are indexed already
         except OSError as e:
-            log.debug("not indexing %s: %s", obj.uri, e.strerror)
+            log.debug("not indexing %s: %s", quoted(obj.uri), e.strerror)
 
     def drop_if_unused(self, etag: str, size: int) -> None:
         """Remove the entry once no published path links to it any more.  Call

@@ -31,6 +31,7 @@ from lazyfs.gaveup import GaveUp
 from lazyfs.lastbytes import verify_deadline
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import LocalCopy, Store
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class ForeignDownload:
                 deadline, verifying = max(deadline, now + verify_deadline(self.obj, 0.0)), True
             if now >= deadline:
                 self._gave_up.mark(start, end, now)
-                raise RemoteUnavailable(f"{self.obj.uri}: another lazyfs process is downloading it and "
+                raise RemoteUnavailable(f"{quoted(self.obj.uri)}: another lazyfs process is downloading it and "
                                         f"bytes {start}-{end} did not arrive within {self._read_deadline:g} s",
                                         bucket=self.obj.bucket, key=self.obj.key)
             if asked is None or now - asked >= WANT_AGAIN_S:
@@ -195,7 +196,7 @@ class ForeignDownload:
         try:
             await trio.to_thread.run_sync(self._store.partials.want, self.obj, start, end, limiter=self._io)
         except OSError as e:  # the owner's sweep still brings them, later
-            log.debug("%s: could not ask the downloading process for bytes %d-%d: %s", self.obj.uri, start, end,
+            log.debug("%s: could not ask the downloading process for bytes %d-%d: %s", quoted(self.obj.uri), start, end,
                       e.strerror)
 
     def add_reader(self, served: bool = True) -> None:
@@ -216,7 +217,7 @@ class ForeignDownload:
         their read deadline (the main loop ends once every request is answered)."""
         if self.delegate is None and not self.finished.is_set():
             self._stopped = True
-            self.error = self.error or RemoteUnavailable(f"{self.obj.uri}: lazyfs is shutting down",
+            self.error = self.error or RemoteUnavailable(f"{quoted(self.obj.uri)}: lazyfs is shutting down",
                                                          bucket=self.obj.bucket, key=self.obj.key)
             self._wake()
 
@@ -225,7 +226,7 @@ class ForeignDownload:
     async def follow(self) -> None:
         """Poll the store until the owner publishes, or take over if it is gone."""
         log.info("%s is being downloaded by another lazyfs process on this store; following it",
-                 self.obj.uri)
+                 quoted(self.obj.uri))
         try:
             while not self.finished.is_set() and not self._stopped:
                 seen = await trio.to_thread.run_sync(self._poll, self._part_ino, limiter=self._io)
@@ -252,7 +253,7 @@ class ForeignDownload:
         discarded its file (bad bytes, a full disk) and started another, drop
         the old mapping and the pages the kernel cached from it."""
         if self._part_map is not None and seen.ino != self._part_ino:
-            log.info("%s: the other process started its download over; following the new file", self.obj.uri)
+            log.info("%s: the other process started its download over; following the new file", quoted(self.obj.uri))
             self._attempt += 1
             self._close_part()
             self._drop_pages(self.obj)
@@ -288,7 +289,7 @@ class ForeignDownload:
         return running
 
     async def _take_over(self, lock_fd: int) -> None:
-        log.info("%s: the process downloading it is gone; continuing its download here", self.obj.uri)
+        log.info("%s: the process downloading it is gone; continuing its download here", quoted(self.obj.uri))
         try:
             dl = await self._take_over_with(self.obj, lock_fd, self.readers <= 0)
         except BaseException:

@@ -30,6 +30,7 @@ from lazyfs.objectstore import ResponseMeta, broke_off
 from lazyfs.ranged_get import RangeJob, Stopped, naming
 from lazyfs.stats import STATS
 from lazyfs.storewrite import PieceWriter, WriterClosed
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class CrtTransfer:
         if state.error is not None:
             raise state.error
         if state.reached < job.end:
-            raise RemoteUnavailable(f"{job.obj.uri}: response ended {job.end - state.reached} bytes early",
+            raise RemoteUnavailable(f"{quoted(job.obj.uri)}: response ended {job.end - state.reached} bytes early",
                                     bucket=job.obj.bucket, key=job.obj.key)
 
     def _translate(self, e: Exception, obj: RemoteObject, state: _Received) -> RemoteError:

@@ -128,4 +128,4 @@ class DriftWatch:
             why = self.pin.why(e, f"it now holds ETag {held[0]}, {held[1]} bytes" if held
                                else "it now holds nothing at that key")
             if self.pin.mark_unavailable(e, why):
-                log.warning("s3://%s/%s: %s", e.bucket, e.key, why)
+                log.warning("%s: %s", wording.quoted(f"s3://{e.bucket}/{e.key}"), why)

@@ -17,11 +17,11 @@ import contextlib
 import functools
 import logging
 import os
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from lazyfs import modelaware
+from lazyfs import modelaware, wording
 from lazyfs.budget import Budget
 from lazyfs.config import FetchConfig
 from lazyfs.coop import ForeignDownload
@@ -45,6 +45,7 @@ from lazyfs.probe import (
     open_partial_file,
     probe_store,
     release,
+    released,
 )
 from lazyfs.ranged_get import RangeJob, Stopped
 from lazyfs.runner import Hooks, Runner
@@ -255,7 +256,7 @@ class Fetcher:
         try:
             got = await self.acquire(obj, background=True)
         except LazyfsError as e:
-            log.debug("%s: not fetched ahead: %s", obj.uri, e)
+            log.debug("%s: not fetched ahead: %s", wording.quoted(obj.uri), e)
             return
         if isinstance(got, LocalCopy):
             os.close(got.fd)
@@ -323,15 +324,15 @@ class Fetcher:
                 if verdict.linked:
                     STATS.linked_files += 1
                     log.info("%s: same content as a file already in the store; linked, not downloaded",
-                             obj.uri, extra={"event": "linked", "key": obj.key, "bytes": obj.size,
-                                             "source": "store"})
+                             wording.quoted(obj.uri),
+                             extra={"event": "linked", "key": obj.key, "bytes": obj.size, "source": "store"})
                 return verdict.copy
             if isinstance(verdict, Unavailable):
                 if refused is not None:
                     raise refused
                 if self.closing:
-                    raise RemoteUnavailable(f"{obj.uri}: lazyfs is shutting down")
-                raise RemoteUnavailable(f"{obj.uri} is not in the local cache and the object "
+                    raise RemoteUnavailable(f"{wording.quoted(obj.uri)}: lazyfs is shutting down")
+                raise RemoteUnavailable(f"{wording.quoted(obj.uri)} is not in the local cache and the object "
                                         "store is unreachable", bucket=obj.bucket, key=obj.key)
             if isinstance(verdict, Foreign):
                 follower = ForeignDownload(obj, self.store, self.pages, self._meta, self.cfg.read_deadline,
@@ -361,7 +362,7 @@ class Fetcher:
         finally:
             made = late.abandon()  # None once taken
             if made is not None:  # made as the open gave up, or was cancelled: release it off this thread
-                trio.lowlevel.start_thread_soon(functools.partial(release, self.store, obj, made), _released)
+                trio.lowlevel.start_thread_soon(functools.partial(release, self.store, obj, made), released)
         raise _silent_store(self.cfg.read_deadline, obj)
 
     def _followed(self, follower: ForeignDownload) -> None:
@@ -385,14 +386,15 @@ class Fetcher:
     def _begin(self, obj: RemoteObject, partial: Partial, lock: int, background: bool, keep: bool) -> Download:
         if self.closing:  # shutdown began while the store was being prepared (caller unlocks)
             partial.close()
-            raise RemoteUnavailable(f"{obj.uri}: lazyfs is shutting down", bucket=obj.bucket, key=obj.key)
+            raise RemoteUnavailable(f"{wording.quoted(obj.uri)}: lazyfs is shutting down", bucket=obj.bucket,
+                                    key=obj.key)
         dl = Download(obj, partial, self._limits, self.pages, background=background, keep=keep,
                       on_work=self.poke, on_closed=self.runner.discard_later, close_fd=self.close_fd)
         dl.lock_fd = lock
         dl.wants_order = self.cfg.model_readahead and modelaware.is_safetensors(obj.key)
         self._downloads[obj.version] = dl
         if partial.done:
-            log.info("%s: resuming download, %d of %d blocks already on disk", obj.uri,
+            log.info("%s: resuming download, %d of %d blocks already on disk", wording.quoted(obj.uri),
                      len(partial.done), dl.nblocks)
         self._spawn(self.runner.hash_along, dl)
         if obj.size == 0 or dl.all_done:
@@ -406,15 +408,7 @@ class Fetcher:
             del self._downloads[dl.obj.version]
 
 
-def _released(result: Any) -> None:
-    """The end of a late verdict's release (its own thread; `result` is
-    trio's outcome of it): say if it failed."""
-    try:
-        result.unwrap()
-    except Exception as e:
-        log.warning("could not release what a store probe held after its open gave up: %s", e)
-
-
 def _silent_store(seconds: float, obj: RemoteObject) -> StoreError:
     """What a question to the store that got no answer in time fails with (EIO)."""
-    return StoreError(f"the store did not answer within {seconds:g} s about {obj.key} (is its filesystem answering?)")
+    return StoreError(f"the store did not answer within {seconds:g} s about {wording.quoted(obj.key)} "
+                      "(is its filesystem answering?)")

@@ -30,6 +30,7 @@ import trio
 
 from lazyfs.errors import RemoteUnavailable
 from lazyfs.namespace import RemoteObject
+from lazyfs.wording import quoted
 
 
 class GaveUp:
@@ -62,7 +63,7 @@ class GaveUp:
         """RemoteUnavailable now if a reader gave up on some of bytes [start, end) and that stands."""
         at = self.since(start, end, now)
         if at is not None:
-            raise RemoteUnavailable(f"{obj.uri}: no data for bytes {start}-{end}: a read waited "
+            raise RemoteUnavailable(f"{quoted(obj.uri)}: no data for bytes {start}-{end}: a read waited "
                                     f"{self.deadline:g} s for them {now - at:.1f} s ago, and none has "
                                     "arrived since", bucket=obj.bucket, key=obj.key)
 
@@ -80,7 +81,7 @@ class GaveUp:
         now = trio.current_time()
         for piece in missing():
             self.mark(*piece, now)
-        raise RemoteUnavailable(f"{obj.uri}: no data for bytes {start}-{end} within {waited:g} s"
+        raise RemoteUnavailable(f"{quoted(obj.uri)}: no data for bytes {start}-{end} within {waited:g} s"
                                 f"{'' if deadline is None else ' (all on disk, not verified yet)'}",
                                 bucket=obj.bucket, key=obj.key)
 

@@ -26,6 +26,7 @@ from lazyfs.namespace import RemoteObject, Version
 from lazyfs.stats import STATS
 from lazyfs.store import LocalCopy
 from lazyfs.transfer import Transfer
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class Handles:
         should the store not have it by then)."""
         assert not isinstance(dl, LocalCopy)
         log.info("%s: the open waits for all %d bytes, then the kernel reads the copy itself (--whole-file-open)",
-                 obj.uri, obj.size, extra={"event": "whole_file_open", "key": obj.key, "bytes": obj.size})
+                 quoted(obj.uri), obj.size, extra={"event": "whole_file_open", "key": obj.key, "bytes": obj.size})
         dl.add_reader(served=False)  # a reader waits: ahead of the prefetches
         try:
             # The blocks that complete the file are held until it is verified
@@ -171,7 +172,8 @@ class Handles:
                     with trio.move_on_after(deadline):
                         await dl.finished.wait()
                     if not dl.finished.is_set():
-                        raise RemoteUnavailable(f"{obj.uri}: not verified within {deadline:.0f} s of its last byte",
+                        raise RemoteUnavailable(f"{quoted(obj.uri)}: not verified within {deadline:.0f} s "
+                                                "of its last byte",
                                                 bucket=obj.bucket, key=obj.key)
             if dl.error is not None:
                 raise dl.error
@@ -277,7 +279,7 @@ class Handles:
         if ident in self._announced:
             return
         self._announced[ident] = True
-        log.info("serving %s from the %s copy in the %s (%d bytes, no download)", obj.uri, copy.state,
+        log.info("serving %s from the %s copy in the %s (%d bytes, no download)", quoted(obj.uri), copy.state,
                  copy.layer.label, obj.size, extra={"event": "local", "key": obj.key, "bytes": obj.size,
                                                     "source": copy.state})
 
@@ -301,7 +303,7 @@ class Handles:
         leaked = [fh for fh, of in self._open.items() if of.ino == ino and ino]
         for fh in leaked:
             log.warning("releasing handle %d of %s: its open never reached the kernel", fh,
-                        self._open[fh].obj.uri)
+                        quoted(self._open[fh].obj.uri))
             self.release(fh)
         return len(leaked)
 

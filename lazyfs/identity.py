@@ -39,6 +39,7 @@ from typing import Any, Iterable
 
 from lazyfs.layer import FILE_FLAGS, PRIVATE, Layer, remove, write_small
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +269,10 @@ class IdentityRecords:
         sidecars = self._open_sidecars()
         assert sidecars is not None
         sidecars.write(os.fstat(fd), ident)
-        log.info("s3://%s/%s: its identity record (%d bytes) does not fit in the extended attributes of "
-                 "the store's filesystem (setxattr: %s): kept in a sidecar file (%s/%s)", ident.bucket, ident.key,
-                 size, errno.errorcode.get(e.errno or 0, e.strerror), self.store_path, "/".join(SIDECAR_FOLDER))
+        log.info("%s: its identity record (%d bytes) does not fit in the extended attributes of "
+                 "the store's filesystem (setxattr: %s): kept in a sidecar file (%s/%s)",
+                 quoted(f"s3://{ident.bucket}/{ident.key}"), size, errno.errorcode.get(e.errno or 0, e.strerror),
+                 self.store_path, "/".join(SIDECAR_FOLDER))
 
     def forget(self, fd: int, *, only_if_unlinked: bool = True) -> None:
         """Drop the sidecar of the open store file `fd`: once its last link is

@@ -25,6 +25,7 @@ import trio
 
 from lazyfs.inodes import InodeRef, InodeTable
 from lazyfs.namespace import Diff, RemoteObject
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def _forget_entries(entries: list[tuple[int, bytes]], folders: list[int]) -> Non
         except FileNotFoundError:
             pass  # not cached
         except OSError as e:
-            log.debug("invalidating the name %r: %s", name, e)
+            log.debug("invalidating the name %s: %s", quoted(os.fsdecode(name)), e)
     for ino in folders:
         try:
             pyfuse3.invalidate_inode(ino, True)  # attributes only: its entries and their inodes stay
@@ -124,4 +125,4 @@ def _drop_pages(ino: int, uri: str) -> None:
     try:
         pyfuse3.invalidate_inode(ino, False)
     except OSError as e:
-        log.debug("invalidating the pages of %s: %s", uri, e)
+        log.debug("invalidating the pages of %s: %s", quoted(uri), e)

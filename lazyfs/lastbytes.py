@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from lazyfs.errors import IntegrityError
 from lazyfs.namespace import RemoteObject
+from lazyfs.wording import quoted
 
 # Verification follows the download, and catches up after its last byte at
 # no less than this rate (MD5 runs at 500+ MB/s on one core).
@@ -52,7 +53,7 @@ def refuse_stale_generation(obj: RemoteObject, served: int, served_generation: i
     `served_generation` (REFUSED: refused before) reads on after the download
     started over."""
     if served and served_generation != generation:
-        e = ServedBadBytes(f"{obj.uri}: bytes this open file read earlier failed verification "
+        e = ServedBadBytes(f"{quoted(obj.uri)}: bytes this open file read earlier failed verification "
                            "(the download started over); open the file again")
         e.logged = served_generation == REFUSED  # type: ignore[attr-defined]  # one line per open file
         raise e

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from lazyfs.errors import StoreError
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ class Layer:
                     if not create or e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                         raise
                     if e.errno != errno.ENOENT:
-                        log.warning("%s: removing %r, which stands where a folder must be",
-                                    self.label, part)
+                        log.warning("%s: removing %s, which stands where a folder must be",
+                                    self.label, quoted(part))
                         os.unlink(part, dir_fd=fd)
                     made = _mkdir(fd, part, mode)
                     nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
@@ -111,7 +112,7 @@ class Layer:
             fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
         except OSError as e:
             if e.errno == errno.ELOOP:
-                log.warning("%s: ignoring symlink at %s", self.label, path)
+                log.warning("%s: ignoring symlink at %s", self.label, quoted(path))
             self._unreadable(path, e)
             return None
         finally:

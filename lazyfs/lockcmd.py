@@ -87,12 +87,13 @@ def entry_of(remote: ObjectStore, listed: RemoteObject) -> Entry:
     try:
         info = remote.head(listed.bucket, listed.key)
     except ObjectNotFound:
-        raise ObjectNotFound(f"{listed.uri} was deleted while the lock was being made; run lazyfs lock again",
+        raise ObjectNotFound(f"{wording.quoted(listed.uri)} was deleted while the lock was being made; "
+                             "run lazyfs lock again",
                              bucket=listed.bucket, key=listed.key) from None
     obj = dataclasses.replace(info.obj, version_id=info.version_id)
     if not obj.same_bytes(listed):
         log.info("%s changed while the lock was being made; locking the version found last (ETag %s)",
-                 obj.uri, obj.etag)
+                 wording.quoted(obj.uri), obj.etag)
     # A lock names full-object checksums and ETags only (lockfile.CHECKSUMS, ETAG_CHECKS).
     check = verify.choose(obj.etag, info.checksum, info.etag_is_md5, obj.size, lambda n: remote.part(obj, n),
                           composite=False)

@@ -19,8 +19,13 @@ from lazyfs.errors import UnsafeKey
 
 NAME_MAX = 255
 RESERVED_NAME = ".lazyfs"
-# Legal in Linux names, but they break terminals, logs and shell scripts.
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
+# Legal in Linux names, but they break terminals, logs and shell scripts: C0
+# and DEL, and C1 (U+0080-U+009F, Unicode's other control characters: NEL
+# ends a line for str.splitlines and journald viewers, CSI starts a terminal
+# escape).  No real name holds one (a C1 control in a key is text decoded
+# with the wrong charset), so it is skipped as the C0 ones are.  U+2028 and
+# U+2029 are not controls (Zl, Zp): served, and escaped where they are logged.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 class Version(NamedTuple):

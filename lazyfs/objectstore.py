@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from lazyfs.namespace import RemoteObject
 from lazyfs.verify import Part
+from lazyfs.wording import quoted
 
 if TYPE_CHECKING:
     from lazyfs.modeljson import Source
@@ -23,8 +24,8 @@ def broke_off(obj: RemoteObject, start: int, end: int, written: int, why: str) -
     says, so no count of received bytes is given."""
     span = f"bytes {start}-{end - 1}"
     if written:
-        return f"{obj.uri}: transfer broke off with {written} of {span} written ({why})"
-    return f"{obj.uri}: transfer broke off before any of {span} was written ({why})"
+        return f"{quoted(obj.uri)}: transfer broke off with {written} of {span} written ({why})"
+    return f"{quoted(obj.uri)}: transfer broke off before any of {span} was written ({why})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -211,7 +211,7 @@ class PartialFiles:
             return None  # a filesystem that states no size (ramfs, some network ones): nothing to judge by
         if obj.size > free:
             needs, has = wording.sizes(obj.size, free)
-            raise StoreError(f"{obj.uri}: needs {needs} but the store {self.store_path} has {has} free",
+            raise StoreError(f"{wording.quoted(obj.uri)}: needs {needs} but the store {self.store_path} has {has} free",
                              errno.ENOSPC)
         return free
 

@@ -86,7 +86,7 @@ class Prefetcher:
         budget = self.fetcher.budget
         if budget is not None and not budget.fits(obj):
             # It would be downloaded whole and thrown away: only a reader may stream it.
-            log.warning("prefetch: skipping %s (%.1f MiB): larger than the cache budget", obj.uri,
+            log.warning("prefetch: skipping %s (%.1f MiB): larger than the cache budget", wording.quoted(obj.uri),
                         obj.size / 2**20)
             p.skipped_files += 1
             slots.release()
@@ -109,13 +109,13 @@ class Prefetcher:
             else:
                 await self._wait(got)
                 if self.must_keep and isinstance(got, Download) and got.complete and not got.keep:
-                    raise StoreError(f"{obj.uri}: not kept in the store (its log says why)")
+                    raise StoreError(f"{wording.quoted(obj.uri)}: not kept in the store (its log says why)")
             p.done_files += 1
             p.done_bytes += obj.size
         except LazyfsError as e:
             p.failed.append((obj.uri, str(e)))
         except Exception as e:  # the store failed in a way nobody foresaw: count it, go on
-            log.error("prefetch of %s failed unexpectedly", obj.uri, exc_info=e)
+            log.error("prefetch of %s failed unexpectedly", wording.quoted(obj.uri), exc_info=e)
             p.failed.append((obj.uri, f"{type(e).__name__}: {e}"))
         finally:
             kept = isinstance(got, Download) and got.complete and got.keep  # `published` frees its room

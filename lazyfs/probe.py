@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import cachetools
 
@@ -25,6 +25,7 @@ from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore
 from lazyfs.partials import Partial
 from lazyfs.store import Store
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class PrebakedCheck:
             verified = check(self.remote, copy.fd, obj, exp, lambda: False)
         except IntegrityError:
             log.warning("%s: the local copy in the %s does not match %s %s; not serving it",
-                        obj.uri, copy.layer.label, whose, exp.algorithm if exp else "checksum")
+                        quoted(obj.uri), copy.layer.label, whose, exp.algorithm if exp else "checksum")
             return ""
         except RemoteError as e:
             return self._by_size(obj, copy, f"cannot check the local copy's content ({e})")
@@ -119,16 +120,16 @@ class PrebakedCheck:
             try:
                 self.store.identities.write(copy.fd, Identity.of(obj, "prebaked", verified))
             except OSError as e:  # a read-only copy we may not stamp: checked again next start
-                log.debug("%s: cannot record the check's result: %s", obj.uri, e.strerror)
+                log.debug("%s: cannot record the check's result: %s", quoted(obj.uri), e.strerror)
         return verified
 
     def _by_size(self, obj: RemoteObject, copy: LocalCopy, why: str) -> str:
         """Only its size vouches for the copy: used unpinned (SIZE), not served pinned ("")."""
         if self.pinned:
             log.warning("%s: %s, so it cannot be shown to be the locked version; not serving the copy in the %s",
-                        obj.uri, why, copy.layer.label)
+                        quoted(obj.uri), why, copy.layer.label)
             return ""
-        log.warning("%s: %s; using it as its size matches", obj.uri, why)
+        log.warning("%s: %s; using it as its size matches", quoted(obj.uri), why)
         return SIZE
 
 
@@ -147,7 +148,7 @@ def probe_store(store: Store, obj: RemoteObject, *, may_fetch: bool, open_partia
     try:
         copy = store.materialise(obj) if may_link else None
     except (OSError, StoreError) as e:
-        log.warning("%s: could not reuse an identical local file: %s", obj.uri, e)
+        log.warning("%s: could not reuse an identical local file: %s", quoted(obj.uri), e)
     if copy is not None:
         return Local(copy, linked=True)
     if not may_fetch:
@@ -170,7 +171,7 @@ def open_partial_file(store: Store, obj: RemoteObject, block_size: int) -> Parti
     except StoreError:
         raise
     except OSError as e:
-        raise StoreError(f"{obj.uri}: cannot create a download file in the store: {e.strerror}",
+        raise StoreError(f"{quoted(obj.uri)}: cannot create a download file in the store: {e.strerror}",
                          e.errno or errno.EIO) from None
 
 
@@ -220,3 +221,12 @@ def release(store: Store, obj: RemoteObject, verdict: Verdict) -> None:
         if verdict.partial is not None:
             verdict.partial.close()
         store.partials.unlock(obj, verdict.lock_fd)
+
+
+def released(result: Any) -> None:
+    """The end of a late verdict's release (its own thread; `result` is
+    trio's outcome of it): say if it failed."""
+    try:
+        result.unwrap()
+    except Exception as e:
+        log.warning("could not release what a store probe held after its open gave up: %s", e)

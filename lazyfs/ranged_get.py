@@ -20,6 +20,7 @@ from lazyfs.objectstore import Body, ObjectStore, ResponseMeta
 from lazyfs.piecesums import PieceSums
 from lazyfs.stats import STATS
 from lazyfs.storewrite import PieceWriter, WriteTurns
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,8 @@ def _fetch(remote: ObjectStore, job: RangeJob, writer: PieceWriter) -> None:
 
 def naming(obj: RemoteObject, e: Exception) -> str:
     """`e`'s message, starting with the object's URI once (most already do)."""
-    message = str(e)
-    return message if message.startswith(obj.uri) else f"{obj.uri}: {message}"
+    message, uri = str(e), quoted(obj.uri)
+    return message if message.startswith(uri) else f"{uri}: {message}"
 
 
 def _read(stream: Body, obj: RemoteObject, n: int) -> bytes:
@@ -117,5 +118,5 @@ def _read(stream: Body, obj: RemoteObject, n: int) -> bytes:
     except RemoteUnavailable:
         raise
     except OSError as e:
-        raise RemoteUnavailable(f"{obj.uri}: transfer broke off ({type(e).__name__}: {e})",
+        raise RemoteUnavailable(f"{quoted(obj.uri)}: transfer broke off ({type(e).__name__}: {e})",
                                 bucket=obj.bucket, key=obj.key) from e

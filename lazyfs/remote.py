@@ -29,6 +29,7 @@ from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import HeadInfo, ListPage, ResponseMeta, broke_off
 from lazyfs.stats import STATS, TIMINGS
 from lazyfs.verify import Part
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class Remote:
         try:
             resp = self._call(self._client.head_object, obj.bucket, obj.key, **kwargs)
         except RemoteError as e:
-            log.debug("%s: part %d unknown: %s", obj.uri, number, e)
+            log.debug("%s: part %d unknown: %s", quoted(obj.uri), number, e)
             return None
         return Part(int(resp.get("ContentLength", 0)), int(resp.get("PartsCount") or 0))
 
@@ -258,7 +259,7 @@ class Remote:
             TIMINGS.request(op, time.monotonic() - started)
 
     def translate(self, e: BaseException, bucket: str, key: str) -> RemoteError:
-        where = f"s3://{bucket}/{key}"
+        where = quoted(f"s3://{bucket}/{key}")
         if isinstance(e, RemoteError):
             return e
         if isinstance(e, botocore.exceptions.ClientError):
@@ -389,7 +390,7 @@ class RangeStream:
                                     bucket=self._obj.bucket, key=self._obj.key) from e
         self.received += len(data)
         if not data and self.received < self.end - self.start:
-            raise RemoteUnavailable(f"{self._obj.uri}: response ended {self.end - self.start - self.received}"
+            raise RemoteUnavailable(f"{quoted(self._obj.uri)}: response ended {self.end - self.start - self.received}"
                                     " bytes early", bucket=self._obj.bucket, key=self._obj.key)
         return data
 

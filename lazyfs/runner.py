@@ -32,6 +32,7 @@ from lazyfs.quiet import Quiet, reader_request
 from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
 from lazyfs.stats import STATS, TIMINGS
 from lazyfs.store import Store
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -200,7 +201,7 @@ class Runner:
         if now - dl.last_progress_log >= _PROGRESS_EVERY_S and dl.readers > 0 and not dl.background:
             dl.last_progress_log = now
             rate = dl.bytes_fetched / max(now - dl.started, 1e-6)
-            log.info("downloading %s: %.0f%% (%.1f of %.1f MiB, %.1f MB/s)", dl.obj.uri,
+            log.info("downloading %s: %.0f%% (%.1f of %.1f MiB, %.1f MB/s)", quoted(dl.obj.uri),
                      100.0 * dl.ndone / dl.nblocks, dl.fetched_bytes / 2**20, dl.obj.size / 2**20, rate / 1e6)
 
     def _save_state_soon(self, dl: Download) -> None:
@@ -222,7 +223,7 @@ class Runner:
                     dl.state_saved_at = time.monotonic()
                     await trio.to_thread.run_sync(dl.partial.save_state, snapshot, limiter=self.bulk)
             except OSError as e:
-                log.warning("%s: could not record download progress: %s", dl.obj.uri, e.strerror)
+                log.warning("%s: could not record download progress: %s", quoted(dl.obj.uri), e.strerror)
                 snapshot = frozenset(dl.partial.done)  # do not retry in a loop
             finally:
                 dl.saving = False
@@ -262,7 +263,7 @@ class Runner:
         dl.verified = finished.verified
         if dl.keep and not finished.placed:
             # The store said why (a newer version there, or a folder in the way: once per key).
-            log.debug("%s: served its readers and was not kept in the store", dl.obj.uri)
+            log.debug("%s: served its readers and was not kept in the store", quoted(dl.obj.uri))
             dl.keep = False
             if self.hooks.budget is not None:
                 self.hooks.budget.released(dl.obj)  # its room was reserved for a file not kept
@@ -312,7 +313,7 @@ class Runner:
             self.bytes_published += dl.obj.size
         TIMINGS.download(elapsed)
         checked = dl.verified not in ("", UNVERIFIED)
-        log.info("fetched %s: %d bytes in %.2f s (%.1f MB/s) from S3, %s", dl.obj.uri, dl.obj.size, elapsed,
+        log.info("fetched %s: %d bytes in %.2f s (%.1f MB/s) from S3, %s", quoted(dl.obj.uri), dl.obj.size, elapsed,
                  dl.bytes_fetched / elapsed / 1e6, f"verified by {dl.verified}" if checked else "unverified",
                  extra={"event": "fetched", "key": dl.obj.key, "bytes": dl.obj.size,
                         "seconds": round(elapsed, 3), "mbps": round(dl.bytes_fetched / elapsed / 1e6, 1),
@@ -327,7 +328,7 @@ class Runner:
             while dl.pins:  # a resume-record save may still be writing
                 await trio.sleep(0.02)
         if dl.pins:
-            self.fail(dl, StoreError(f"{dl.obj.uri}: cannot restart the download: its file is still in use"))
+            self.fail(dl, StoreError(f"{quoted(dl.obj.uri)}: cannot restart the download: its file is still in use"))
             return
         old = dl.partial
         try:
@@ -353,18 +354,18 @@ class Runner:
             self.hooks.budget.released(dl.obj)
         if isinstance(e, OSError) and not isinstance(e, LazyfsError):
             # A local write failed (ENOSPC most often): say which file and where.
-            e = StoreError(f"{dl.obj.uri}: cannot write it to the store {self.store.root.path}: "
+            e = StoreError(f"{quoted(dl.obj.uri)}: cannot write it to the store {self.store.root.path}: "
                            f"{e.strerror}", e.errno or errno.EIO)
         if isinstance(e, Stopped):
-            e = RemoteUnavailable(f"{dl.obj.uri}: download stopped (lazyfs is shutting down)",
+            e = RemoteUnavailable(f"{quoted(dl.obj.uri)}: download stopped (lazyfs is shutting down)",
                                   bucket=dl.obj.bucket, key=dl.obj.key)
         elif isinstance(e, (ObjectChanged, ObjectNotFound)):
-            log.warning("%s: %s during the download", dl.obj.uri,
+            log.warning("%s: %s during the download", quoted(dl.obj.uri),
                         "changed in the object store" if isinstance(e, ObjectChanged) else "deleted")
         elif isinstance(e, LazyfsError):
-            log.error("download of %s failed: %s", dl.obj.uri, e)
+            log.error("download of %s failed: %s", quoted(dl.obj.uri), e)
         else:
-            log.error("download of %s failed unexpectedly", dl.obj.uri, exc_info=e)
+            log.error("download of %s failed unexpectedly", quoted(dl.obj.uri), exc_info=e)
         e.logged = True  # type: ignore[attr-defined]  # readers need not log it again
         dl.error = e
         if discard is None:
@@ -393,7 +394,7 @@ class Runner:
                     await trio.to_thread.run_sync(dl.partial.save_state, frozenset(dl.partial.done),
                                                   limiter=self.bulk)
             except OSError as e:
-                log.warning("%s: cleaning up after a failed download: %s", dl.obj.uri, e.strerror)
+                log.warning("%s: cleaning up after a failed download: %s", quoted(dl.obj.uri), e.strerror)
 
     def discard_later(self, partial: Partial) -> None:
         self.store.partials.condemn(partial)
@@ -403,7 +404,7 @@ class Runner:
         try:
             await trio.to_thread.run_sync(self.store.partials.discard, partial, limiter=self.bulk)
         except OSError as e:
-            log.warning("%s: could not remove a temporary download: %s", partial.obj.uri, e.strerror)
+            log.warning("%s: could not remove a temporary download: %s", quoted(partial.obj.uri), e.strerror)
 
     async def _unlock(self, obj: RemoteObject, fd: int) -> None:
         await trio.to_thread.run_sync(self.store.partials.unlock, obj, fd, limiter=self._meta)

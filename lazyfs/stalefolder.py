@@ -50,6 +50,7 @@ from lazyfs.content_index import ContentIndex
 from lazyfs.identity import IdentityRecords
 from lazyfs.layer import DIR_FLAGS, FILE_FLAGS, still_there
 from lazyfs.namespace import RemoteObject
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -162,16 +163,16 @@ class StaleFolders:
         except IsADirectoryError:
             pass
         if not listed:  # an old listing's version, or a link of the same bytes (Store.materialise)
-            log.debug("%s: a folder stands at %s in the store; not placed", obj.uri, obj.key)
+            log.debug("%s: a folder stands at %s in the store; not placed", quoted(obj.uri), quoted(obj.key))
             return False
         why = clear(dfd, name, obj.key, self.identities, self.index)
         if why:
             if obj.key not in self._told:
                 self._told.add(obj.key)
                 log.warning("%s: a folder stands at %s in the store and is kept (%s): the file is served "
-                            "without being kept (said once)", obj.uri, obj.key, why)
+                            "without being kept (said once)", quoted(obj.uri), quoted(obj.key), why)
             return False
         log.warning("%s: removed the folder at %s in the store, which held only fetched files the listing "
-                    "no longer shows", obj.uri, obj.key)
+                    "no longer shows", quoted(obj.uri), quoted(obj.key))
         rename()
         return True

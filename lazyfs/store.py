@@ -35,6 +35,7 @@ from lazyfs.listings import SavedListings
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
 from lazyfs.partials import Partial, PartialFiles
 from lazyfs.stalefolder import StaleFolders
+from lazyfs.wording import quoted
 
 # LocalCopy and LocalState (filestate.py) are the store's answers, imported from here too.
 __all__ = ["LAYOUT_VERSION", "LocalCopy", "LocalState", "Store"]
@@ -211,7 +212,7 @@ class Store:
         files standing at the path may go (stalefolder.py); else False too."""
         obj, fd = partial.obj, partial.fd
         if os.fstat(fd).st_size != obj.size:
-            raise StoreError(f"{obj.uri}: download has the wrong size, not published")
+            raise StoreError(f"{quoted(obj.uri)}: download has the wrong size, not published")
         self._seal(fd, obj, origin, verified)
         try:
             placed = self._place(partial.name + ".part", obj, keep_newer, listed)
@@ -250,7 +251,7 @@ class Store:
                 replaced = None if old is None else self.identities.read(old)
                 if keep_newer and replaced is not None and replaced.mtime_ns > obj.mtime_ns \
                         and not replaced.matches(obj):
-                    log.info("%s: not replacing the newer version already in the store", obj.uri)
+                    log.info("%s: not replacing the newer version already in the store", quoted(obj.uri))
                     return False
                 if not self.stale_folders.place(functools.partial(
                         os.rename, tmp_name, name, src_dir_fd=self.partials.tmp_fd, dst_dir_fd=dfd),
@@ -322,7 +323,7 @@ class Store:
             while left:
                 n = os.copy_file_range(src, fd, left, off, off)  # reflinks where the filesystem can
                 if n == 0:
-                    raise StoreError(f"{obj.uri}: source copy ended early")
+                    raise StoreError(f"{quoted(obj.uri)}: source copy ended early")
                 left, off = left - n, off + n
             self._seal(fd, obj, origin, verified)
         except BaseException:
@@ -377,7 +378,7 @@ class Store:
             try:
                 freed += self._evict_one(dfd, name)
             except OSError as e:
-                log.warning("could not evict %s from the store: %s", key, e.strerror)
+                log.warning("could not evict %s from the store: %s", quoted(key), e.strerror)
             finally:
                 os.close(dfd)
         return freed

@@ -66,6 +66,7 @@ from lazyfs.errors import StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.piecesums import PieceSums
 from lazyfs.stats import STATS
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ class PieceWriter:
                 if self._sums is not None:
                     self._sums.record(summed)  # in turn: the sums kept are of the last bytes written
             except OSError as e:
-                raise StoreError(f"{self.obj.uri}: cannot write it to the store: {e.strerror}",
+                raise StoreError(f"{quoted(self.obj.uri)}: cannot write it to the store: {e.strerror}",
                                  e.errno or errno.EIO) from e
             finally:
                 for lock in reversed(held):
@@ -210,7 +211,7 @@ class PieceWriter:
             except OSError as e:
                 if e.errno not in _REFUSED:
                     raise
-                _refused(f"{self.obj.uri}: {e.strerror}")
+                _refused(f"{quoted(self.obj.uri)}: {e.strerror}")
                 os.close(self._direct_fd)
                 self._direct_fd = -1
         STATS.bump("direct_bytes", n=done)

@@ -303,7 +303,7 @@ def compute(fd: int, size: int, exp: Expectation, cancelled: Callable[[], bool] 
     return digest.value()
 
 
-def check(fd: int, size: int, exp: Expectation, uri: str,
+def check(fd: int, size: int, exp: Expectation, uri: str,  # (as a log line shows it: wording.quoted)
           cancelled: Callable[[], bool] = lambda: False) -> None:
     got = compute(fd, size, exp, cancelled)
     if got != exp.value:

@@ -176,8 +176,8 @@ def test_a_folder_with_no_objects_and_a_marker_with_a_body_are_each_warned_of(mo
     assert fs.listdir(m.path / "modls" / "typo") == []
     assert fs.read(m.file(f"{P}/marker/x.bin")) == b"x"
     warnings = [ln for ln in m.log().splitlines() if " WARNING " in ln]
-    assert sum(f"s3://{bucket}/modls/typo/ holds no objects" in ln for ln in warnings) == 1, warnings
-    assert sum(f"skipping object '{P}/marker/': is a folder marker with a body" in ln for ln in warnings) == 1
-    assert not any(f"s3://{bucket}/{P}/ holds no" in ln for ln in warnings)
+    assert sum(f'"s3://{bucket}/modls/typo/" holds no objects' in ln for ln in warnings) == 1, warnings
+    assert sum(f'skipping object "{P}/marker/": is a folder marker with a body' in ln for ln in warnings) == 1
+    assert not any(f"s3://{bucket}/{P}/\" holds no" in ln for ln in warnings)
     s3.put_object(Bucket=bucket, Key="modls/typo/late.bin", Body=b"late")
     wait_until(lambda: fs.listdir(m.path / "modls" / "typo") == ["late.bin"], timeout=30, what="the next listing")

@@ -373,7 +373,7 @@ def test_failed_download_gives_eio_and_a_later_open_retries(mount, proxy, bucket
     assert info.value.errno == errno.EIO
     proxy.clear_faults()
     assert fs.read(m.file(key)) == data
-    assert "download of s3://" in m.log() and "InternalError" in m.log()
+    assert 'download of "s3://' in m.log() and "InternalError" in m.log()
 
 
 def test_stale_mount_after_a_crash_is_cleaned_up_at_the_next_start(mount, proxy, bucket, model, fs: FS):

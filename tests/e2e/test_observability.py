@@ -145,6 +145,31 @@ def test_json_logs_one_line_per_fetch(mount, s3, bucket, fs: FS, tmp_path: Path)
     assert len(local) == 1 and local[0]["source"] == "cached"
 
 
+@pytest.mark.log_errors("download of .* failed: ")
+def test_a_key_with_a_line_separator_is_served_and_logged_on_one_line(mount, proxy, s3, bucket, fs: FS,
+                                                                      tmp_path: Path):
+    """U+2028 is an ordinary character in a Linux name, but str.splitlines (and journald viewers) end a line
+    at it: every log line naming such a key must stay one line (quoted, escaped).  A key with a C1 control
+    (U+0085, NEL) is skipped as one with a C0 control is."""
+    key, nel, data = f"{P}/line\u2028break.bin", f"{P}/next\x85line.bin", os.urandom(3 * PART)
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    s3.put_object(Bucket=bucket, Key=nel, Body=b"x")
+    proxy.add(Fault("status", key=key, status=403, code="AccessDenied", times=None))
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "store")
+    assert fs.listdir(m.path / P) == ["line\u2028break.bin"]
+    with pytest.raises(OSError) as info:
+        fs.read(m.file(key), timeout=60)
+    assert info.value.errno == errno.EACCES
+    proxy.clear_faults()
+    assert fs.read(m.file(key), timeout=60) == data
+    wait_until(lambda: "fetched " in m.log(), what="the fetch line")
+    log = m.log()
+    assert log.splitlines() == log.split("\n")[:-1], "a log line was split in two"
+    shown = '"' + f"s3://{bucket}/{P}/line" + '\\u2028break.bin"'
+    assert f"download of {shown} failed: " in log and f"fetched {shown}: " in log
+    assert f'skipping object "{P}/next\\x85line.bin": control character in name' in log
+
+
 def doctor(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return lazyfs_cli(["doctor", *args, "--log-level", "error"], env=env, timeout=60)
 

@@ -134,7 +134,7 @@ def test_single_part_object_is_verified_and_cached(s3_store, store_mount, store_
     assert published(m, key), f"not published:\n{m.log()[-2000:]}"
     assert sha((store_dir / key).read_bytes()) == sha(data)
     how = fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.verified").decode()  # the log says it too
-    assert f"fetched s3://{store_bucket}/{key}: {len(data)} bytes" in m.log() and f"verified by {how}" in m.log()
+    assert f'fetched "s3://{store_bucket}/{key}": {len(data)} bytes' in m.log() and f"verified by {how}" in m.log()
     m.stop()
     assert_cached_across_restart(store_mount, store_proxy, store_bucket, key, data, store_dir, fs)
 

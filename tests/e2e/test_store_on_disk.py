@@ -212,7 +212,7 @@ def test_df_and_the_stats_file_answer_while_the_store_filesystem_hangs(mount, pr
         with pytest.raises(OSError) as info:
             fs.read(m.file(f"{P}/x.bin"), timeout=15)
         assert info.value.errno == errno.EIO
-        assert "the store did not answer within 3 s about models/m/x.bin" in m.log()
+        assert 'the store did not answer within 3 s about "models/m/x.bin"' in m.log()
         res = status(proxy, bucket, m.path, "--require-all")
         assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
         # Both: w.bin's read ended once it was verified and published (its
@@ -431,7 +431,7 @@ def test_a_folder_of_files_no_longer_listed_makes_way_for_a_file(mount, proxy, s
     assert (store / x).read_bytes() == again
     assert fs.read(m.file(x)) == again
     assert proxy.count("GET", x) == gets + 1, "the second open fetched it again"
-    assert "removed the folder at models/m/x in the store" in m.log()
+    assert 'removed the folder at "models/m/x" in the store' in m.log()
     m.stop()
     assert status(proxy, bucket, store, "--require-all").returncode == 0
 
@@ -458,7 +458,7 @@ def test_a_folder_holding_an_admins_file_stays_and_says_so_once(mount, proxy, s3
         wait_until(lambda fetches=fetches: proxy.count("GET", x) == fetches, what=f"fetch {fetches}")
         wait_until(lambda: state() == b"missing", what="the download over, and not kept")
     assert (store / P / "x" / "admin.txt").read_bytes() == b"put here by hand"
-    assert m.log().count("a folder stands at models/m/x in the store and is kept") == 1
+    assert m.log().count('a folder stands at "models/m/x" in the store and is kept') == 1
 
 
 def test_bake_replaces_a_folder_of_fetched_files_no_longer_listed(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
@@ -489,7 +489,7 @@ def test_bake_fails_a_file_a_kept_folder_stands_in_the_way_of(proxy, s3, bucket,
                       "--to", str(store)], timeout=120)
     assert res.returncode == 1, res.stdout + res.stderr
     assert f"failed: s3://{bucket}/{z}" in res.stdout and "not kept in the store" in res.stdout, res.stdout
-    assert "a folder stands at models/m/z in the store and is kept" in res.stderr, res.stderr
+    assert 'a folder stands at "models/m/z" in the store and is kept' in res.stderr, res.stderr
     assert (store / z / "admin.txt").read_bytes() == b"put here by hand"
 
 

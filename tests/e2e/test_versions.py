@@ -391,7 +391,7 @@ def test_a_corrupted_body_is_never_published(mount, proxy, s3, bucket, fs: FS, t
     except OSError:
         pass  # the reader may or may not see the bad bytes; what matters is below
     wait_until(lambda: "do not match the object's" in m.log(), what="the integrity failure")
-    wait_until(lambda: m.log().count("download of s3://") >= 1, what="the download to fail")
+    wait_until(lambda: m.log().count('download of "s3://') >= 1, what="the download to fail")
     assert not (store / key).exists(), "a corrupted download was published"
     proxy.clear_faults()
     assert fs.read(m.file(key)) == data
@@ -417,7 +417,7 @@ def test_no_etag_check_serves_a_store_whose_etags_are_not_md5s_and_still_checks_
     m = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "strict")
     with contextlib.suppress(OSError):
         fs.read(m.file(bare))  # bytes read before the check come as they are
-    wait_until(lambda: f"{bare}: downloaded bytes do not match the object's MD5" in m.log(), what="the check")
+    wait_until(lambda: f"{bare}\": downloaded bytes do not match the object's MD5" in m.log(), what="the check")
     assert not (tmp_path / "strict" / bare).exists()
     m.stop()
 
@@ -426,7 +426,7 @@ def test_no_etag_check_serves_a_store_whose_etags_are_not_md5s_and_still_checks_
     assert fs.read(m.file(bare)) == served
     wait_until((store / bare).exists, what="publication")
     assert fs.run(os.getxattr, str(m.file(bare)), "user.lazyfs.verified") == b"unverified"
-    assert f"fetched s3://{bucket}/{bare}: {len(data)} bytes" in m.log() and "unverified" in m.log()
+    assert f'fetched "s3://{bucket}/{bare}": {len(data)} bytes' in m.log() and "unverified" in m.log()
     # Another key with the same ETag and size is fetched, not linked to those
     # bytes: an ETag that is not a digest need not name the same content twice.
     twin = f"{P}/twin.bin"
@@ -436,7 +436,7 @@ def test_no_etag_check_serves_a_store_whose_etags_are_not_md5s_and_still_checks_
     assert "linked, not downloaded" not in m.log() and proxy.count("GET", twin) >= 1
     with contextlib.suppress(OSError):
         fs.read(m.file(crc))
-    wait_until(lambda: f"{crc}: downloaded bytes do not match the object's CRC32" in m.log(), what="the CRC check")
+    wait_until(lambda: f"{crc}\": downloaded bytes do not match the object's CRC32" in m.log(), what="the CRC check")
     assert not (store / crc).exists(), "bytes that fail the store's CRC were published"
     # A lock made with it records no MD5 for the bare object, and keeps the CRC.
     checks = {}

@@ -17,10 +17,12 @@ def test_key_parts_accepts_ordinary_keys() -> None:
     assert key_parts("download/files/from/llm/model.bin") == ("download", "files", "from", "llm", "model.bin")
     assert key_parts("a/ünïcödé name (1).bin")[-1] == "ünïcödé name (1).bin"
     assert key_parts("a/" + "n" * 255)[-1] == "n" * 255
+    assert key_parts("a/line\u2028para\u2029.bin")[-1] == "line\u2028para\u2029.bin", "separators, not controls"
 
 
 @pytest.mark.parametrize("key", ["", "/abs", "a//b", "a/./b", "a/../b", "..", "a/b/", "a/" + "n" * 256,
-                                 "a/\x01b", "a/b\x7f", ".lazyfs/x", "a/\udcff", "a/\ud800x"])
+                                 "a/\x01b", "a/b\x7f", "a/b\x80", "a/\x85b", "a/b\x9b[2J", "a/\x9f",
+                                 ".lazyfs/x", "a/\udcff", "a/\ud800x"])
 def test_key_parts_rejects_unsafe_keys(key: str) -> None:
     with pytest.raises(UnsafeKey):
         key_parts(key)

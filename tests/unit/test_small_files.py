@@ -141,7 +141,7 @@ def test_a_retry_names_the_object_once(tmp_path: Path, monkeypatch: pytest.Monke
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"0123456789"
     [line] = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
-    assert line.startswith(f"{OBJ.uri}: transfer broke off") and line.count(OBJ.uri) == 1, line
+    assert line.startswith(f'"{OBJ.uri}": transfer broke off') and line.count(OBJ.uri) == 1, line
     assert "retrying bytes 4-9" in line and "(attempt 2 of 3)" in line
 
 
@@ -167,6 +167,6 @@ def test_the_crt_client_never_says_a_broken_transfer_got_bytes_it_cannot_count(t
         some = str(client._translate(SocketClosed(), obj, state))
     finally:
         os.close(fd)
-    assert nothing == (f"{obj.uri}: transfer broke off before any of bytes 65536-131071 was written "
+    assert nothing == (f'"{obj.uri}": transfer broke off before any of bytes 65536-131071 was written '
                        "(AWS_IO_SOCKET_CLOSED)")
-    assert some == f"{obj.uri}: transfer broke off with 1000 of bytes 65536-131071 written (AWS_IO_SOCKET_CLOSED)"
+    assert some == f'"{obj.uri}": transfer broke off with 1000 of bytes 65536-131071 written (AWS_IO_SOCKET_CLOSED)'

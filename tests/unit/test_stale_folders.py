@@ -42,7 +42,7 @@ def test_a_folder_of_fetched_files_is_removed_for_the_listed_file(store: Store, 
         assert publish(store, f, b"f" * 4095)
     assert (root / "c" / "x").read_bytes() == b"f" * 4095 and current(store, f) is FileState.CACHED
     assert [r.getMessage() for r in caplog.records] == [
-        "s3://bkt/c/x: removed the folder at c/x in the store, which held only fetched files the listing "
+        '"s3://bkt/c/x": removed the folder at "c/x" in the store, which held only fetched files the listing '
         "no longer shows"]
     assert len(list(index.iterdir())) == 1, "the removed files' index entries stayed (their bytes with them)"
 

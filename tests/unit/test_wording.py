@@ -26,6 +26,13 @@ def test_quoted_text_stays_on_one_line(text: str, shown: str) -> None:
     assert len(quoted(text).splitlines()) == 1
 
 
+@pytest.mark.parametrize("ch", [chr(c) for c in range(0x80, 0xA0)] + ["\u2028", "\u2029", "\x1c", "\x0b"])
+def test_quoted_escapes_every_c1_control_and_line_separator(ch: str) -> None:
+    shown = quoted(f"models/a{ch}b.bin")
+    assert ch not in shown and shown == '"models/a' + repr(ch)[1:-1] + 'b.bin"'
+    assert shown.splitlines() == shown.split("\n") == [shown]
+
+
 def test_one_line_escapes_only_what_is_not_printable() -> None:
     assert one_line('lock a "b" é: x') == 'lock a "b" é: x'
     assert one_line("a\nb\tc\r\x00") == r"a\nb\tc\r\x00"
