@@ -84,6 +84,7 @@ class Catalog:
         self._lists: list[list[RemoteObject]] | None = None  # the live tree's listing, by source
         self._warned: set[str] = set()  # skipped keys said once
         self._warned_empty: set[Source] = set()  # folders with no object at a live listing, said once
+        self.warn_empty = True  # (doctor says it in its own line instead)
         # Before the first listing: subtrees listed on demand by lookups, and
         # folders known to exist whose contents were too many to list at once.
         self._subtrees: dict[str, Tree] = {}
@@ -386,7 +387,7 @@ class Catalog:
             if s.key not in self._warned:
                 self._warned.add(s.key)
                 log.warning("skipping object %s: %s", quoted(s.key), s.reason)
-        for source, objects in zip(self.sources, per_source, strict=False):
+        for source, objects in zip(self.sources if self.warn_empty else (), per_source, strict=False):
             if source not in self._warned_empty and not any(not o.key.endswith("/") for o in objects):
                 self._warned_empty.add(source)  # (a typo, or a folder filled later: the mount goes on)
                 log.warning("%s holds no objects (is the folder's name right?): it shows empty until a listing "

@@ -133,10 +133,17 @@ class DirNode:
 Node = DirNode | RemoteObject
 
 
+# What kind of skip: a key that cannot be a path here (UNSAFE), or the body
+# of a folder marker (MARKER_BODY: nothing is wrong with the key, its folder
+# is shown).
+UNSAFE, MARKER_BODY = "unsafe", "marker body"
+
+
 @dataclass(frozen=True, slots=True)
 class Skipped:
     key: str
     reason: str
+    kind: str = UNSAFE
 
 
 class Tree:
@@ -250,7 +257,7 @@ def build_tree(objects: Iterable[RemoteObject], folders: Iterable[str] = (),
             # folder exist; they are not files.
             if obj.size:
                 skipped.append(Skipped(key, f"is a folder marker with a body ({obj.size} bytes): the folder "
-                                            "is shown, the body is not"))
+                                            "is shown, the body is not", MARKER_BODY))
             subdir(parts)
             continue
         parent = subdir(parts[:-1])

@@ -218,6 +218,34 @@ def test_doctor_healthy_and_broken(proxy, s3, bucket, tmp_path: Path):
         assert "Traceback" not in res.stdout + res.stderr
 
 
+def test_doctor_tells_a_folder_marker_body_from_an_unsafe_key_and_an_empty_folder_once(proxy, s3, bucket,
+                                                                                       tmp_path: Path):
+    """A marker with a body ("k/sub/", size > 0) is its own kind of skip, worded as the mount warns of it; an
+    empty folder gets doctor's own line with its fix, not the mount's generic warning beside it."""
+    s3.put_object(Bucket=bucket, Key=f"{P}/x.bin", Body=b"x" * 2048)
+    s3.put_object(Bucket=bucket, Key=f"{P}/sub/", Body=b"console-made")
+    s3.put_object(Bucket=bucket, Key=f"{P}/a//b.bin", Body=b"y")
+    s3.put_object(Bucket=bucket, Key="empty/m/only/", Body=b"z")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    def run(folder: str) -> subprocess.CompletedProcess[str]:
+        return lazyfs_cli(["doctor", str(mnt), "--prefix", f"s3://{bucket}/{folder}", "--endpoint-url",
+                           proxy.endpoint, "--log-level", "warning"], timeout=60)
+
+    mixed = run(P)
+    assert mixed.returncode == 0, mixed.stdout + mixed.stderr
+    [line] = [ln for ln in mixed.stdout.splitlines() if f"folder s3://{bucket}/{P}" in ln]
+    assert line.endswith("1 object, 0.0 MiB (1 key skipped as unsafe; 1 folder marker with a body: the folder is "
+                         "shown, the body is not)"), line
+    empty = run("empty/m")
+    assert empty.returncode == 0, empty.stdout + empty.stderr  # a warning
+    [line] = [ln for ln in empty.stdout.splitlines() if f"folder s3://{bucket}/empty/m" in ln]
+    assert line.startswith("warn") and "0 objects" in line and "the folder is empty" in line, line
+    assert "unsafe" not in line and "1 folder marker with a body" in line, line
+    assert "holds no objects" not in empty.stdout + empty.stderr, "the folder's emptiness said twice"
+
+
 def test_doctor_reports_a_stale_mount(mount, bucket, s3, fs: FS):
     s3.put_object(Bucket=bucket, Key=f"{P}/x.bin", Body=b"x")
     m = mount("--prefix", f"s3://{bucket}/{P}")
