@@ -24,7 +24,7 @@ from typing import Awaitable, Callable
 import trio
 
 from lazyfs.download import Download
-from lazyfs.errors import RemoteUnavailable
+from lazyfs.errors import RemoteUnavailable, ShuttingDown
 from lazyfs.filemap import FileMap, PageBudget
 from lazyfs.filestate import PrebakedAccept
 from lazyfs.gaveup import GaveUp
@@ -217,8 +217,8 @@ class ForeignDownload:
         their read deadline (the main loop ends once every request is answered)."""
         if self.delegate is None and not self.finished.is_set():
             self._stopped = True
-            self.error = self.error or RemoteUnavailable(f"{quoted(self.obj.uri)}: lazyfs is shutting down",
-                                                         bucket=self.obj.bucket, key=self.obj.key)
+            self.error = self.error or ShuttingDown(f"{quoted(self.obj.uri)}: lazyfs is shutting down",
+                                                    bucket=self.obj.bucket, key=self.obj.key)
             self._wake()
 
     # -- following the owner ---------------------------------------------------------

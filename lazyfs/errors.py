@@ -8,6 +8,7 @@ act on and never contain credentials.
 from __future__ import annotations
 
 import errno
+import logging
 import signal
 
 
@@ -15,6 +16,7 @@ class LazyfsError(Exception):
     """Base class: something lazyfs itself understands and can explain."""
 
     errno: int = errno.EIO
+    log_level: int = logging.ERROR  # of the one line a failed request logs (fuse_ops)
 
 
 class ConfigError(LazyfsError):
@@ -42,6 +44,14 @@ class RemoteUnavailable(RemoteError):
     """Endpoint unreachable, timed out, or kept failing after retries."""
 
     errno = errno.EIO
+
+
+class ShuttingDown(RemoteUnavailable):
+    """A request that met the mount stopping (SIGTERM, an unmount): EIO, as
+    for any fetch that cannot finish, but expected, not a fault: logged at
+    INFO, not ERROR (fuse_ops)."""
+
+    log_level = logging.INFO
 
 
 class BucketNotFound(RemoteError):

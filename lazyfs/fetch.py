@@ -27,7 +27,7 @@ from lazyfs.config import FetchConfig
 from lazyfs.coop import ForeignDownload
 from lazyfs.dispatch import Dispatcher
 from lazyfs.download import Download, Limits
-from lazyfs.errors import LazyfsError, RemoteUnavailable, StoreError
+from lazyfs.errors import LazyfsError, RemoteUnavailable, ShuttingDown, StoreError
 from lazyfs.filemap import PageBudget
 from lazyfs.filestate import FileState
 from lazyfs.namespace import RemoteObject, Version
@@ -331,7 +331,8 @@ class Fetcher:
                 if refused is not None:
                     raise refused
                 if self.closing:
-                    raise RemoteUnavailable(f"{wording.quoted(obj.uri)}: lazyfs is shutting down")
+                    raise ShuttingDown(f"{wording.quoted(obj.uri)}: lazyfs is shutting down", bucket=obj.bucket,
+                                       key=obj.key)
                 raise RemoteUnavailable(f"{wording.quoted(obj.uri)} is not in the local cache and the object "
                                         "store is unreachable", bucket=obj.bucket, key=obj.key)
             if isinstance(verdict, Foreign):
@@ -386,8 +387,7 @@ class Fetcher:
     def _begin(self, obj: RemoteObject, partial: Partial, lock: int, background: bool, keep: bool) -> Download:
         if self.closing:  # shutdown began while the store was being prepared (caller unlocks)
             partial.close()
-            raise RemoteUnavailable(f"{wording.quoted(obj.uri)}: lazyfs is shutting down", bucket=obj.bucket,
-                                    key=obj.key)
+            raise ShuttingDown(f"{wording.quoted(obj.uri)}: lazyfs is shutting down", bucket=obj.bucket, key=obj.key)
         dl = Download(obj, partial, self._limits, self.pages, background=background, keep=keep,
                       on_work=self.poke, on_closed=self.runner.discard_later, close_fd=self.close_fd)
         dl.lock_fd = lock

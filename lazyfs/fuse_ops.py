@@ -73,10 +73,10 @@ def _translated(fn: F) -> F:
         except pyfuse3.FUSEError:
             raise
         except (LazyfsError, OSError) as e:
-            err = errno_of(e)
-            STATS.error(err)
+            STATS.error(err := errno_of(e))
             if not getattr(e, "logged", False):  # the download that failed has said why already
-                log.error("%s: %s (errno %s)", fn.__name__, e, errno.errorcode.get(err, err))
+                log.log(getattr(e, "log_level", logging.ERROR), "%s: %s (errno %s)", fn.__name__, e,
+                        errno.errorcode.get(err, err))
                 e.logged = True  # type: ignore[union-attr]
             raise pyfuse3.FUSEError(err) from None
         except Exception:

@@ -22,7 +22,7 @@ from lazyfs.budget import Budget
 from lazyfs.completion import UNVERIFIED, verify_and_publish_blocking
 from lazyfs.config import FetchConfig
 from lazyfs.download import RECORD_FOLLOWED_S, Download, Request
-from lazyfs.errors import IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, RemoteUnavailable, StoreError
+from lazyfs.errors import IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, ShuttingDown, StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
@@ -357,8 +357,8 @@ class Runner:
             e = StoreError(f"{quoted(dl.obj.uri)}: cannot write it to the store {self.store.root.path}: "
                            f"{e.strerror}", e.errno or errno.EIO)
         if isinstance(e, Stopped):
-            e = RemoteUnavailable(f"{quoted(dl.obj.uri)}: download stopped (lazyfs is shutting down)",
-                                  bucket=dl.obj.bucket, key=dl.obj.key)
+            e = ShuttingDown(f"{quoted(dl.obj.uri)}: download stopped (lazyfs is shutting down)",
+                             bucket=dl.obj.bucket, key=dl.obj.key)
         elif isinstance(e, (ObjectChanged, ObjectNotFound)):
             log.warning("%s: %s during the download", quoted(dl.obj.uri),
                         "changed in the object store" if isinstance(e, ObjectChanged) else "deleted")

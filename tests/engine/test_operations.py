@@ -191,3 +191,21 @@ async def test_which_opens_skip_the_page_cache(remote: FakeRemote, stores, monke
         info = await ops.open((await walk(ops, "m", "big.bin")).st_ino, os.O_RDONLY, CTX)
         assert not info.direct_io, "a complete local copy is read through the page cache"
         await ops.release(info.fh)
+
+
+@trio_test
+async def test_an_open_racing_the_shutdown_is_logged_once_at_info_not_as_an_error(remote: FakeRemote, stores,
+                                                                                    caplog) -> None:
+    """A request that fails because the mount is stopping is expected: EIO for the reader, one INFO line."""
+    remote.put(BUCKET, "m/w.bin", os.urandom(300_000))
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        ops = await ops_for(remote, fetcher)
+        attrs = await walk(ops, "m", "w.bin")
+        await fetcher.close(grace=0.2)  # SIGTERM: the mount is stopping
+        with caplog.at_level(logging.INFO, logger="lazyfs.fuse_ops"), pytest.raises(pyfuse3.FUSEError) as info:
+            await ops.open(attrs.st_ino, os.O_RDONLY, CTX)
+    assert info.value.errno == errno.EIO
+    said = [r for r in caplog.records if "shutting down" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in said] == [
+        (logging.INFO, f'open: "s3://{BUCKET}/m/w.bin": lazyfs is shutting down (errno EIO)')]
