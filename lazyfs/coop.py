@@ -24,7 +24,7 @@ from typing import Awaitable, Callable
 import trio
 
 from lazyfs.download import Download
-from lazyfs.errors import RemoteUnavailable, ShuttingDown
+from lazyfs.errors import RemoteUnavailable, ShuttingDown, again
 from lazyfs.filemap import FileMap, PageBudget
 from lazyfs.filestate import PrebakedAccept
 from lazyfs.gaveup import GaveUp
@@ -159,7 +159,7 @@ class ForeignDownload:
                 await self.delegate.wait_range(start, end)
                 return
             if self.error is not None:
-                raise self.error
+                raise again(self.error)
             if self.covered(start, end):
                 return
             now = trio.current_time()

@@ -22,6 +22,7 @@ from typing import Callable
 
 import trio
 
+from lazyfs.errors import again
 from lazyfs.filemap import FileMap, PageBudget
 from lazyfs.gaveup import GaveUp
 from lazyfs.lastbytes import verify_deadline
@@ -217,7 +218,7 @@ class Download:
         (the caller looks again); jump the queue for it."""
         end = min(end, self.obj.size)
         if self.error is not None:
-            raise self.error
+            raise again(self.error)
         if self.covered(start, end):
             return
         self._demand(start, end)
@@ -233,7 +234,7 @@ class Download:
         finally:
             self.waiters = [w for w in self.waiters if w[2] is not event]
         if self.error is not None:
-            raise self.error
+            raise again(self.error)
 
     def want(self, start: int, end: int) -> bool:
         """Readers in another process following this download (coop.py) wait for bytes

@@ -124,6 +124,15 @@ class UnsafeKey(ValueError):
     """An object key that cannot be mapped to a path safely (see namespace)."""
 
 
+def again(exc: BaseException) -> BaseException:
+    """A stored error (a failed download's), ready to raise once more for
+    another reader.  Each raise appends its frames to the exception's
+    traceback, so an error raised for every read of a failed file (a kernel
+    retrying a fault in a loop) would keep the frames of all of them alive:
+    each raise starts from an empty traceback instead."""
+    return exc.with_traceback(None)
+
+
 def errno_of(exc: BaseException) -> int:
     """The errno a reader should see for `exc`: the one table, in one place."""
     if isinstance(exc, LazyfsError):

@@ -18,7 +18,7 @@ from typing import Callable
 import cachetools
 import trio
 
-from lazyfs.errors import LazyfsError, RemoteUnavailable
+from lazyfs.errors import LazyfsError, RemoteUnavailable, again
 from lazyfs.fetch import Fetcher, LocalOrTransfer
 from lazyfs.filemap import FileMap
 from lazyfs.lastbytes import REFUSED, ServedBadBytes, refuse_stale_generation, verify_deadline
@@ -176,7 +176,7 @@ class Handles:
                                                 "of its last byte",
                                                 bucket=obj.bucket, key=obj.key)
             if dl.error is not None:
-                raise dl.error
+                raise again(dl.error)
         finally:
             dl.drop_reader(served=False)
         return await self.fetcher.acquire(obj)

@@ -21,7 +21,7 @@ import trio
 from lazyfs import wording
 from lazyfs.config import Source
 from lazyfs.download import Download
-from lazyfs.errors import LazyfsError, StoreError
+from lazyfs.errors import LazyfsError, StoreError, again
 from lazyfs.fetch import Fetcher
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import LocalCopy
@@ -130,7 +130,7 @@ class Prefetcher:
     async def _wait(dl: Transfer) -> None:
         await dl.finished.wait()
         if dl.error is not None:
-            raise dl.error if isinstance(dl.error, LazyfsError) else LazyfsError(str(dl.error))
+            raise again(dl.error) if isinstance(dl.error, LazyfsError) else LazyfsError(str(dl.error))
 
 
 def summary(p: Progress) -> str:

@@ -209,3 +209,33 @@ async def test_an_open_racing_the_shutdown_is_logged_once_at_info_not_as_an_erro
     said = [r for r in caplog.records if "shutting down" in r.getMessage()]
     assert [(r.levelno, r.getMessage()) for r in said] == [
         (logging.INFO, f'open: "s3://{BUCKET}/m/w.bin": lazyfs is shutting down (errno EIO)')]
+
+
+@trio_test
+async def test_reads_of_a_failed_download_do_not_grow_its_stored_error(remote: FakeRemote, stores) -> None:
+    """Every read of a handle whose download failed raises the download's one
+    stored error again; each raise once appended its frames to that error's
+    traceback, so a loop of reads (the kernel retrying a MAP_POPULATE fault)
+    grew the daemon by ~2 KB per read, for good."""
+    import gc
+    import traceback
+
+    from lazyfs.errors import AccessDenied
+
+    remote.put(BUCKET, "m/a.bin", b"x" * 1000)
+    remote.fail_gets["m/a.bin"] = [AccessDenied("access denied to s3://bkt/m/a.bin", bucket=BUCKET, key="m/a.bin")]
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        ops = await ops_for(remote, fetcher)
+        attrs = await walk(ops, "m", "a.bin")
+        info = await ops.open(attrs.st_ino, os.O_RDONLY, CTX)
+        for _ in range(200):
+            with pytest.raises(pyfuse3.FUSEError) as failed:
+                await ops.read(info.fh, 0, 1000)
+            assert failed.value.errno == errno.EACCES
+        stored = [o for o in gc.get_objects() if isinstance(o, AccessDenied)]
+        assert stored, "the download's error is gone: nothing to check"
+        depth = max(len(traceback.extract_tb(e.__traceback__)) for e in stored)
+        assert depth < 40, f"a stored error's traceback holds {depth} frames after 200 reads"
+        await ops.release(info.fh)
+        await trio.sleep(0)
