@@ -18,35 +18,57 @@ from typing import Any, Callable, Sequence
 from lazyfs import verify
 from lazyfs.errors import IntegrityError
 from lazyfs.lockfile import Entry
-from lazyfs.store import Store
+from lazyfs.store import LocalCopy, Store
 
 _CHUNK = 4 * 1024 * 1024
 
 
 def against_lock(store: Store, entries: Sequence[Entry], on_disk: set[str]) -> dict[str, str]:
-    """key -> result, for the entries whose key has a current copy in the store."""
+    """key -> result, for the entries whose key has a current copy in the store.
+    A copy without an identity record that does not match is passed over for
+    the next layer's, as a pinned mount passes it over (probe.PrebakedCheck):
+    the result is the copy such a mount would serve, else the first one's."""
 
-    def opened(e: Entry) -> int | None:
-        copy = store.find_current(e.obj())
-        return copy.fd if copy is not None else None
+    def check(e: Entry, bar: Any) -> str:
+        results: list[str] = []
 
-    return _check_all(entries, on_disk, opened)
+        def accept(obj: object, copy: LocalCopy) -> bool:
+            if results:  # the bar counted one copy of this file already
+                bar.total += e.size
+                bar.refresh()
+            results.append(_hashed(copy.fd, e, bar))
+            return results[-1] == "match"
+
+        copy = store.find_current(e.obj(), accept)
+        if copy is None:
+            return results[0] if results else "differs"
+        try:
+            return "match" if results and results[-1] == "match" else _hashed(copy.fd, e, bar)
+        finally:
+            os.close(copy.fd)
+
+    return _check_all(entries, on_disk, check)
 
 
 def through_mount(root: Path, entries: Sequence[Entry], on_disk: set[str]) -> dict[str, str]:
     """The same, reading through a running mount (only files it serves from
     disk are asked for, so nothing is downloaded)."""
 
-    def opened(e: Entry) -> int | None:
+    def check(e: Entry, bar: Any) -> str:
         try:
-            return os.open(root / e.key, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(root / e.key, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            return None
+            bar.update(e.size)
+            return "differs"
+        try:
+            return _hashed(fd, e, bar)
+        finally:
+            os.close(fd)
 
-    return _check_all(entries, on_disk, opened)
+    return _check_all(entries, on_disk, check)
 
 
-def _check_all(entries: Sequence[Entry], on_disk: set[str], open_copy: Callable[[Entry], int | None]) -> dict[str, str]:
+def _check_all(entries: Sequence[Entry], on_disk: set[str], check: Callable[[Entry, Any], str]) -> dict[str, str]:
     from tqdm import tqdm
 
     todo = [e for e in entries if e.key in on_disk]
@@ -54,15 +76,11 @@ def _check_all(entries: Sequence[Entry], on_disk: set[str], open_copy: Callable[
     with tqdm(total=sum(e.size for e in todo), unit="B", unit_scale=True, unit_divisor=1024, desc="checking",
               file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
         for e in todo:
-            fd = open_copy(e) if e.check is not None else None
-            if fd is None:
+            if e.check is None:
                 bar.update(e.size)
-                out[e.key] = "no checksum" if e.check is None else "differs"
-                continue
-            try:
-                out[e.key] = _hashed(fd, e, bar)
-            finally:
-                os.close(fd)
+                out[e.key] = "no checksum"
+            else:
+                out[e.key] = check(e, bar)
     return out
 
 

@@ -263,6 +263,10 @@ def test_a_rejected_store_copy_is_passed_over_for_a_prebaked_layer_that_has_the_
     assert proxy.count("GET", key) == 0, "the last layer's matching copy is served, not downloaded"
     assert state_of(fs, m.file(key))[0] == "prebaked"
     m.stop()
+    # status hashing the copies judges the one the mount serves, not the first it meets
+    res = lazyfs_cli(["status", "--lock", str(lock), "--store", str(store), *layers, "--verify", "content", "--json"])
+    rows = {r["path"]: r for r in json.loads(res.stdout)["files"]}
+    assert rows[key]["state"] == "prebaked" and rows[key]["content"] == "match", rows[key]
     offline = mount("--lock", str(lock), *layers, store=store, endpoint=f"http://127.0.0.1:{free_port()}")
     assert fs.read(offline.file(key)) == approved["model.safetensors"]
     with pytest.raises(OSError) as info:  # nothing on disk at all: EIO, as before
