@@ -4,7 +4,7 @@ inode calls, and exceptions into errno.  No caching decisions live here.
 Every handler is wrapped by `_translated`: pyfuse3 catches only FUSEError, and
 any other exception would end the main loop and leave a dead mount.  Expected
 misses (lookup of a missing name) are not logged; every other failure logs one
-line with its cause, once.
+line with its cause, once (one repeating in a loop: once a minute, repeats.py).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from lazyfs.kernelcache import KernelCache
 from lazyfs.mounttab import fstype_of_device
 from lazyfs.namespace import DirNode, RemoteObject
 from lazyfs.passthrough import Passthrough
+from lazyfs.repeats import RepeatedLines
 from lazyfs.stats import STATS
 from lazyfs.storespace import StoreSpace
 from lazyfs.xattrs import XATTRS, Readings
@@ -75,8 +76,7 @@ def _translated(fn: F) -> F:
         except (LazyfsError, OSError) as e:
             STATS.error(err := errno_of(e))
             if not getattr(e, "logged", False):  # the download that failed has said why already
-                log.log(getattr(e, "log_level", logging.ERROR), "%s: %s (errno %s)", fn.__name__, e,
-                        errno.errorcode.get(err, err))
+                self.failure_lines.failed(log, fn.__name__, e, err)  # once a minute for one that repeats
                 e.logged = True  # type: ignore[union-attr]
             raise pyfuse3.FUSEError(err) from None
         except Exception:
@@ -127,6 +127,7 @@ class Operations(pyfuse3.Operations):
         self.started_ns = time.time_ns()  # the date of folders known before any listing
         self.initialized = trio.Event()  # set once the kernel's INIT is answered
         self.kernel = KernelCache(self.inodes)  # what the kernel should forget
+        self.failure_lines = RepeatedLines()  # a failure repeating in a loop logs a line a minute (repeats.py)
 
     def init(self) -> None:
         if self.direct_io_allow_mmap and not self._direct_io():  # asked for, and not granted
@@ -139,8 +140,7 @@ class Operations(pyfuse3.Operations):
     def _attrs(self, ino: int, ref: InodeRef | DirNode) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
-        a.entry_timeout = ATTR_TIMEOUT
-        a.attr_timeout = ATTR_TIMEOUT
+        a.entry_timeout = a.attr_timeout = ATTR_TIMEOUT
         a.st_uid = self.uid
         a.st_gid = self.gid
         a.st_blksize = BLKSIZE

@@ -23,6 +23,7 @@ from lazyfs.fetch import Fetcher, LocalOrTransfer
 from lazyfs.filemap import FileMap
 from lazyfs.lastbytes import REFUSED, ServedBadBytes, refuse_stale_generation, verify_deadline
 from lazyfs.namespace import RemoteObject, Version
+from lazyfs.repeats import FailureLoop
 from lazyfs.stats import STATS
 from lazyfs.store import LocalCopy
 from lazyfs.transfer import Transfer
@@ -60,6 +61,7 @@ class OpenFile:
     served: int = 0
     dev: int = 0  # the local copy's filesystem (LocalCopy.dev)
     generation: int = 0  # the download's attempt whose bytes it was served (lastbytes.py)
+    failing: FailureLoop | None = None  # its failed reads in a row (repeats.py)
 
 
 class Handles:
@@ -215,15 +217,25 @@ class Handles:
 
     async def read(self, fh: int, off: int, size: int) -> memoryview:
         """The bytes, from a mapping whose pages are in the page cache (see
-        pagecache.py): the reply copies them on the trio thread."""
+        pagecache.py): the reply copies them on the trio thread.  A failure
+        repeating in a tight loop is answered after a pause (repeats.py)."""
         of = self._open.get(fh)
         if of is None:
             raise BadHandle(f"read on unknown file handle {fh}")
-        if of.fmap is not None:
-            await self.fetcher.pagecache.ensure(of.fmap, off, size)
-            data = of.fmap.read(off, size)
-        else:
-            data = await self._read_transfer(fh, of, off, size)
+        try:
+            if of.fmap is not None:
+                await self.fetcher.pagecache.ensure(of.fmap, off, size)
+                data = of.fmap.read(off, size)
+            else:
+                data = await self._read_transfer(fh, of, off, size)
+        except (LazyfsError, OSError):
+            if of.failing is None:
+                of.failing = FailureLoop()
+            if pause := of.failing.pause(trio.current_time()):
+                await trio.sleep(pause)
+            raise
+        if of.failing is not None:  # the loop, if any, is over
+            of.failing = None
         STATS.served[of.source] += len(data)
         of.served += len(data)
         if of.following is not None and of.served >= of.obj.size * READ_THROUGH:

@@ -1,0 +1,121 @@
+"""End to end: a read failing again and again in a tight loop (repeats.py).
+
+`mmap(MAP_POPULATE)` of a file whose reads fail never returns: the kernel
+retries the failing page at once, for as long as the mapper lives.  lazyfs
+answered each retry at once and logged each: 85,000 ERROR lines in 15 s and
+most of a core.  The same failure now logs a line a minute, and a handle's
+failures in a tight loop are answered after a growing pause.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support.mounting import FS
+from support.proxy import Fault
+
+pytestmark = pytest.mark.fuse
+
+P = "models/m"
+KEY = f"{P}/victim.bin"
+OTHER = f"{P}/other.bin"
+DEADLINE = "2"  # --read-deadline: a stalled read fails after it, and its retries at once
+LOOP_S = 4.0  # how long the child reads on after its first failure
+
+# A child that opens the file, reads its first page until it fails, then
+# reads it again and again for LOOP_S: how many reads it made, and their errnos.
+PREAD_LOOP = """
+import collections, json, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+errs = collections.Counter()
+def read():
+    try:
+        os.pread(fd, 4096, 0)
+    except OSError as e:
+        errs[e.errno] += 1
+read()
+n, start = 0, time.monotonic()
+while time.monotonic() - start < float(sys.argv[2]):
+    read()
+    n += 1
+print(json.dumps({"reads": n, "errnos": sorted(errs)}))
+"""
+
+POPULATE = """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+mmap.mmap(fd, 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+print("mapped")
+"""
+
+
+def stats(fs: FS, m) -> dict:
+    return json.loads(fs.read(m.path / ".lazyfs" / "stats.json"))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def failing(cause: str, mount, proxy, s3, bucket, tmp_path: Path):
+    """A mount whose file KEY fails every read: its object deleted since the
+    listing, or every GET of it stalled."""
+    s3.put_object(Bucket=bucket, Key=KEY, Body=os.urandom(4 << 20))
+    s3.put_object(Bucket=bucket, Key=OTHER, Body=b"fine")
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--read-deadline", DEADLINE, "--read-timeout", "60",
+              "--retries", "1", store=tmp_path / "store")
+    if cause == "deleted":
+        s3.delete_object(Bucket=bucket, Key=KEY)
+    else:
+        proxy.add(Fault("stall", key=KEY, after=0, seconds=120, times=None))
+    return m
+
+
+def request_lines(m) -> list[str]:
+    """The mount's lines about failed requests of KEY (one per request before)."""
+    return [ln for ln in m.log().splitlines() if "lazyfs.fuse_ops" in ln and "victim.bin" in ln]
+
+
+@pytest.mark.log_errors(r"lazyfs.fuse_ops: read: .*victim.bin")
+@pytest.mark.parametrize("cause", ["deleted", "stalled"])
+def test_reads_failing_in_a_tight_loop_are_paused_and_logged_rarely(mount, proxy, s3, bucket, fs: FS,
+                                                                    tmp_path: Path, cause: str):
+    m = failing(cause, mount, proxy, s3, bucket, tmp_path)
+    before = cpu_seconds(m.process.pid)
+    out = json.loads(fs.python(PREAD_LOOP, str(m.file(KEY)), str(LOOP_S), timeout=60))
+    cpu = cpu_seconds(m.process.pid) - before
+    assert out["errnos"], "no read failed: the test shows nothing"
+    # Answered at once, the loop made thousands of reads (each a request or
+    # two the daemon answered); paused, a few dozen at most.
+    assert out["reads"] < 200, f"{out['reads']} reads in {LOOP_S:g} s: the failures were not paused"
+    assert sum(stats(fs, m)["errors"].values()) < 400
+    lines = request_lines(m)
+    assert len(lines) <= 3, f"{len(lines)} lines about the failing file:\n" + "\n".join(lines[:10])
+    assert cpu < LOOP_S / 2, f"the daemon used {cpu:.1f} CPU s answering a loop of failed reads"
+    assert fs.read(m.file(OTHER), timeout=30) == b"fine", "another file's reads were held back"
+
+
+@pytest.mark.log_errors(r"lazyfs.fuse_ops: read: .*victim.bin")
+@pytest.mark.parametrize("cause", ["deleted", "stalled"])
+def test_map_populate_of_a_failing_file_costs_few_lines_and_requests(mount, proxy, s3, bucket, fs: FS,
+                                                                     tmp_path: Path, cause: str):
+    """The kernel retries the populate's failing page until the mapper is
+    killed (mm/gup.c): lazyfs cannot end that loop, only make it cheap."""
+    m = failing(cause, mount, proxy, s3, bucket, tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", POPULATE, str(m.file(KEY))],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        child.wait(timeout=5)  # Linux 6.x: still in mmap() by then
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait(timeout=10)
+    lines = request_lines(m)
+    assert len(lines) <= 3, f"{len(lines)} lines about the failing file:\n" + "\n".join(lines[:10])
+    assert sum(stats(fs, m)["errors"].values()) < 400, stats(fs, m)["errors"]
