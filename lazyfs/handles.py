@@ -37,10 +37,9 @@ log = logging.getLogger(__name__)
 # in, each with the kernel's read-around, stay below it.
 READ_THROUGH = 0.75
 
-# A whole-file open waits for the file this much at a time, each step within
-# the read deadline, as a reader's read does (so a slow link fails it no
-# sooner than it would fail the reads of a reader served as bytes arrive).
-WHOLE_FILE_STEP = 8 << 20
+# A whole-file open looks this often whether bytes of its file arrived (each
+# arrival gives it the read deadline again: Handles._wait_whole).
+WHOLE_FILE_LOOK_S = 0.5
 
 class BadHandle(LazyfsError):
     errno = errno.EBADF
@@ -163,25 +162,36 @@ class Handles:
                  quoted(obj.uri), obj.size, extra={"event": "whole_file_open", "key": obj.key, "bytes": obj.size})
         dl.add_reader(served=False)  # a reader waits: ahead of the prefetches
         try:
-            # The blocks that complete the file are held until it is verified
-            # (lastbytes.py): once every step is in, it is verified and
-            # published.  Bad bytes start it over: the steps wait for those.
-            while not dl.complete and dl.error is None:
-                for start in range(0, obj.size, WHOLE_FILE_STEP):
-                    await dl.wait_range(start, start + WHOLE_FILE_STEP)
-                if not dl.complete and dl.covered(0, obj.size):  # nothing held (no bytes): wait for the check
-                    deadline = verify_deadline(obj, self.fetcher.cfg.read_deadline)
-                    with trio.move_on_after(deadline):
-                        await dl.finished.wait()
-                    if not dl.finished.is_set():
-                        raise RemoteUnavailable(f"{quoted(obj.uri)}: not verified within {deadline:.0f} s "
-                                                "of its last byte",
-                                                bucket=obj.bucket, key=obj.key)
+            await self._wait_whole(obj, dl)
             if dl.error is not None:
                 raise again(dl.error)
         finally:
             dl.drop_reader(served=False)
         return await self.fetcher.acquire(obj)
+
+    async def _wait_whole(self, obj: RemoteObject, dl: Transfer) -> None:
+        """Return once `dl` is over (published, or failed); RemoteUnavailable
+        when no byte of it arrived for the read deadline.  Not a read's wait
+        for its own bytes: a part on one slow connection may take longer than
+        the deadline while the file steadily arrives, and waiting for all of
+        it is what this open asked for.  The blocks that complete the file
+        are held until it is verified (lastbytes.py): once every byte is in,
+        the wait is the verification's.  Bad bytes start it over: that counts
+        as a change, and the wait goes on."""
+        deadline = self.fetcher.cfg.read_deadline
+        seen, since = -1, trio.current_time()
+        while not dl.finished.is_set():
+            now, got = trio.current_time(), dl.fetched_bytes
+            if got != seen:
+                seen, since = got, now
+            allowed = verify_deadline(obj, deadline) if got >= obj.size else deadline
+            if now - since >= allowed:
+                raise RemoteUnavailable(f"{quoted(obj.uri)}: " + (
+                    f"not verified within {allowed:.0f} s of its last byte" if got >= obj.size else
+                    f"no byte of it arrived for {deadline:g} s ({got} of {obj.size} bytes in)"),
+                    bucket=obj.bucket, key=obj.key)
+            with trio.move_on_after(min(WHOLE_FILE_LOOK_S, since + allowed - now)):
+                await dl.finished.wait()
 
     async def _following(self, obj: RemoteObject, local: bool, whole: bool) -> RemoteObject | None:
         """The shard to fetch once `obj` is read through (see _read_through).

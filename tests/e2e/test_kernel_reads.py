@@ -366,6 +366,24 @@ def test_a_whole_file_open_waits_through_a_download_started_over(passthrough_ok,
     assert "downloading it again" in m.log()
 
 
+def test_a_whole_file_open_waits_as_long_as_its_file_keeps_arriving(passthrough_ok, mount, proxy, s3, bucket,
+                                                                   fs: FS, tmp_path: Path):
+    """On a slow link the file arrives steadily, a part a second, but all of
+    it takes more than --read-deadline: the open waited for 8 MiB at a time
+    within one deadline, and failed with EIO while the bytes kept coming.
+    It now waits as long as bytes of the file land, and gets them all."""
+    data = os.urandom(8 * PART)
+    s3.put_object(Bucket=bucket, Key=KEY, Body=data)
+    proxy.add(Fault("throttle", key=KEY, rate=PART, times=None))  # a part a second, on one connection
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "256KiB", "--whole-file-open", "always",
+              "--max-connections", "1", "--read-deadline", "3", store=tmp_path / "store")
+    started = time.monotonic()
+    assert opened_whole(fs, m, KEY)
+    assert time.monotonic() - started > 3, "the file came within one deadline: the test shows nothing"
+    assert fs.run(mapped, m.file(KEY)) == data
+    assert all(r["fault"] == "throttle" for r in proxy.requests("GET", KEY))
+
+
 def test_opening_a_checkpoints_index_fetches_its_first_shard(passthrough_ok, mount, proxy, s3, bucket, fs: FS,
                                                            tmp_path: Path):
     """Loaders open the first shard right after the index: its download

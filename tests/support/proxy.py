@@ -4,8 +4,8 @@ own process.
 It records every request (so tests can count GETs, LISTs and bytes) and can
 inject faults per request or per key: error statuses (500/503/SlowDown/403/
 404), a connection reset mid-body, a stalled body, a body shorter than its
-Content-Length, corrupted bytes of the right length, a first-byte delay, and
-replacing the object upstream just before forwarding (a new ETag between two
+Content-Length, corrupted bytes of the right length, a first-byte delay, a
+body sent at a set rate (a slow link), and replacing the object upstream just before forwarding (a new ETag between two
 ranged GETs).  A fault applies to the next `times` matching requests.
 
 It runs in a separate process because a test that reads a mount through mmap
@@ -67,7 +67,7 @@ class Request:
 
 @dataclass
 class Fault:
-    kind: str  # status | reset | stall | short | corrupt | delay | replace
+    kind: str  # status | reset | stall | short | corrupt | delay | throttle | replace
     method: str | None = "GET"
     key: str | None = None  # None: any key
     times: int | None = 1  # None: every matching request
@@ -78,6 +78,7 @@ class Fault:
     code: str = "SlowDown"
     after: int = 0  # body bytes sent before the fault hits (short: bytes left out)
     seconds: float = 0.0
+    rate: float = 0.0  # throttle: body bytes per second
     body_b64: str = ""  # replace: the object's new content
     seen: int = 0
     hits: int = 0
@@ -236,6 +237,9 @@ class _Handler(BaseHTTPRequestHandler):
                 piece = data[sent:min(limit, sent + _PIECE)]
                 self.wfile.write(piece)
                 sent += len(piece)
+                if kind == "throttle":
+                    self.wfile.flush()
+                    time.sleep(len(piece) / fault.rate)  # type: ignore[union-attr]
             self.wfile.flush()
             req.body_bytes = sent
             if kind == "stall":
