@@ -87,7 +87,6 @@ class RepeatedLines:
         logger.log(level, msg, *args)
         return True
 
-
     def failed(self, logger: logging.Logger, op: str, e: BaseException, err: int) -> bool:
         """The one line of a request `op` failing with `e` (errno `err`), at
         the exception's level (LazyfsError.log_level), as `log` allows."""
