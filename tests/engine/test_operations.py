@@ -212,7 +212,8 @@ async def test_an_open_racing_the_shutdown_is_logged_once_at_info_not_as_an_erro
 
 
 @trio_test
-async def test_reads_of_a_failed_download_do_not_grow_its_stored_error(remote: FakeRemote, stores) -> None:
+async def test_reads_of_a_failed_download_do_not_grow_its_stored_error(remote: FakeRemote, stores,
+                                                                        monkeypatch) -> None:
     """Every read of a handle whose download failed raises the download's one
     stored error again; each raise once appended its frames to that error's
     traceback, so a loop of reads (the kernel retrying a MAP_POPULATE fault)
@@ -229,6 +230,7 @@ async def test_reads_of_a_failed_download_do_not_grow_its_stored_error(remote: F
         ops = await ops_for(remote, fetcher)
         attrs = await walk(ops, "m", "a.bin")
         info = await ops.open(attrs.st_ino, os.O_RDONLY, CTX)
+        monkeypatch.setattr("lazyfs.repeats.FREE_FAILURES", 1000)  # no pauses: this is about the error object
         for _ in range(200):
             with pytest.raises(pyfuse3.FUSEError) as failed:
                 await ops.read(info.fh, 0, 1000)
