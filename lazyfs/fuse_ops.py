@@ -25,6 +25,7 @@ from lazyfs.errors import LazyfsError, errno_of
 from lazyfs.handles import Handles
 from lazyfs.inodes import InodeRef, InodeTable, listed_in, ref_of
 from lazyfs.kernelcache import KernelCache
+from lazyfs.killwatch import KillWatch
 from lazyfs.mounttab import fstype_of_device
 from lazyfs.namespace import DirNode, RemoteObject
 from lazyfs.passthrough import Passthrough
@@ -99,15 +100,13 @@ class Operations(pyfuse3.Operations):
                  stats_file: Callable[[], bytes] = lambda: b"{}\n", xattrs: bool = True,
                  passthrough: bool = True, direct_io: bool = True) -> None:
         super().__init__()
-        # A pyfuse3 built by scripts/native/build-pyfuse3 asks the kernel for
-        # passthrough at INIT when this attribute is set: backing files may be
-        # on one stacked filesystem (overlayfs, a container's root).
+        # A pyfuse3 built by scripts/native/build-pyfuse3 asks for passthrough at INIT when this
+        # attribute is set: backing files may be on one stacked filesystem (overlayfs, a container's root).
         register = getattr(pyfuse3, "passthrough_open", None) if passthrough else None
         if register is not None:
             self.passthrough_backing_stack_depth = 1
         self.passthrough = Passthrough(register, getattr(pyfuse3, "passthrough_close", _no_backing), fstype_of_device)
-        # It asks at INIT too that a direct_io handle may be mapped (shared
-        # mappings of one fail with ENODEV otherwise; ASKS_TO_MAP_DIRECT_HANDLES).
+        # It asks too that a direct_io handle may be mapped (else ENODEV; ASKS_TO_MAP_DIRECT_HANDLES).
         self.direct_io_allow_mmap = direct_io
         self._direct_io = getattr(pyfuse3, "direct_io_allows_mmap", lambda: False) if direct_io else lambda: False
         # False (--no-xattrs): answer ENOSYS once, and the kernel stops asking.
@@ -122,12 +121,15 @@ class Operations(pyfuse3.Operations):
         self.inodes = InodeTable(self._still_listed)
         self._dirs: dict[int, tuple[int, DirNode]] = {}  # fh -> the folder's inode, its snapshot
         self._next_dir = 1
-        self.uid = os.getuid()
-        self.gid = os.getgid()
+        self.uid, self.gid = os.getuid(), os.getgid()
         self.started_ns = time.time_ns()  # the date of folders known before any listing
         self.initialized = trio.Event()  # set once the kernel's INIT is answered
         self.kernel = KernelCache(self.inodes)  # what the kernel should forget
         self.failure_lines = RepeatedLines()  # a failure repeating in a loop logs a line a minute (repeats.py)
+        # A request of a task being killed ends at once (killwatch.py), with a pyfuse3 that says it was interrupted.
+        self.kills = KillWatch()
+        if getattr(pyfuse3, "INTERRUPTED_HOOK", False):
+            self.interrupted = self.kills.interrupted
 
     def init(self) -> None:
         if self.direct_io_allow_mmap and not self._direct_io():  # asked for, and not granted
@@ -262,10 +264,8 @@ class Operations(pyfuse3.Operations):
         if ref is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if ref == STATS_FILE:
-            fh = _VIRTUAL_FH + len(self._virtual) + 1
-            while fh in self._virtual:
-                fh += 1
             await self.space.current()  # the snapshot reports its last answer
+            fh = next(fh for fh in range(_VIRTUAL_FH + len(self._virtual) + 1, 1 << 63) if fh not in self._virtual)
             self._virtual[fh] = self.stats_file()  # one consistent snapshot per open
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         if not isinstance(ref, RemoteObject):

@@ -260,6 +260,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
             # Every background task is supervised: it may fail, the mount goes on.
             nursery.start_soon(forever, "refresher", refresher.run)
             nursery.start_soon(forever, "prefetch", warmer.run)
+            nursery.start_soon(forever, "killed readers", ops.kills.run)
             nursery.start_soon(forever, "signals", functools.partial(
                 _watch_signals, signals, refresher, fetcher, ops.kernel, stopping, last_stop, nursery.cancel_scope))
             nursery.start_soon(once, "readahead", _tune_after_init, ops, cfg)
