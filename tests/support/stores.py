@@ -24,12 +24,14 @@ but did not come up (always a failure).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -63,15 +65,24 @@ def apt_install(packages: Sequence[str], binaries: Sequence[str]) -> None:
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         raise StoreUnavailable(f"{', '.join(binaries)} missing; installing {' '.join(packages)} needs root and apt-get")
+    # One at a time: tests on other workers of the run (pytest-xdist) may
+    # install at the same moment, and a second apt-get fails on dpkg's lock.
+    with open(Path(tempfile.gettempdir()) / "lazyfs-tests-apt.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all(shutil.which(b) for b in binaries):  # or installed while this one waited
+            _apt_get(packages)
+    missing = [b for b in binaries if not shutil.which(b)]
+    if missing:
+        raise StoreUnavailable(f"installed {' '.join(packages)}, still no {' '.join(missing)}")
+
+
+def _apt_get(packages: Sequence[str]) -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for argv in (["apt-get", "update", "-q"],
                  ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]):
         res = subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env, stdin=subprocess.DEVNULL)
         if res.returncode != 0:
             raise StoreUnavailable(f"`{' '.join(argv)}` failed: {res.stderr.strip()[-500:]}")
-    missing = [b for b in binaries if not shutil.which(b)]
-    if missing:
-        raise StoreUnavailable(f"installed {' '.join(packages)}, still no {' '.join(missing)}")
 
 
 class Daemons:
