@@ -24,7 +24,7 @@ import pytest
 from support.mounting import FS
 from support.proxy import Fault
 
-pytestmark = [pytest.mark.fuse, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.fuse, pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(300)]
 
 P = "models/chaos"
 KiB, MiB = 1024, 1024 * 1024

@@ -23,10 +23,12 @@ import pytest
 from lazyfs.fuse_ops import DIRECT_IO_FROM
 from lazyfs.passthrough import kernel_passes_through
 from support.mounting import FS, wait_until
+from support.pagecache import KERNEL_CACHES
 from support.proxy import Fault
 from support.s3server import free_port
 
-pytestmark = pytest.mark.fuse
+# Re-reads the page cache answers: never beside a drop of the kernel's caches.
+pytestmark = [pytest.mark.fuse, KERNEL_CACHES]
 
 P = "models/m"
 KEY = f"{P}/model.safetensors"

@@ -455,6 +455,7 @@ def test_a_mountpoint_named_with_spaces_a_backslash_and_non_ascii(mount, bucket,
     assert m2.process.proc.wait(15) == 0 and not is_mounted(mnt)
 
 
+@pytest.mark.long
 def test_no_command_hangs_on_a_path_inside_a_mount_that_does_not_answer(mount, proxy, bucket, model, tmp_path,
                                                                         fs: FS):
     """A store, prebaked layer or bake folder given on (or inside) a hung FUSE

@@ -32,6 +32,7 @@ def stats(fs: FS, m) -> dict:
     return json.loads(fs.read(m.path / ".lazyfs" / "stats.json"))
 
 
+@pytest.mark.long
 def test_xattrs_and_stats_file_during_and_after_a_download(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     key = f"{P}/w.bin"
     data = os.urandom(8 * PART)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from support.mounting import FS
+from support.pagecache import KERNEL_CACHES
 
 pytestmark = pytest.mark.fuse
 
@@ -38,6 +39,7 @@ def ids(fs: FS, *paths: Path) -> list[tuple[int, int]]:
     return [(st.st_dev, st.st_ino) for st in (fs.stat(p) for p in paths)]
 
 
+@KERNEL_CACHES
 def test_inode_numbers_stay_the_same_after_the_kernel_forgets_them(mount, s3, bucket, fs: FS, tmp_path: Path):
     """Before: `stat` after drop_caches gave the same file a new st_ino (4 -> 7,
     its folder 3 -> 6, a read file 7 -> 37)."""

@@ -16,7 +16,7 @@ import pytest
 from support.mounting import FS, wait_until
 from support.proxy import Fault
 
-pytestmark = [pytest.mark.fuse, pytest.mark.slow]
+pytestmark = [pytest.mark.fuse, pytest.mark.slow, pytest.mark.long]
 
 from test_faults import FAST, PART, P, proc_sample  # noqa: E402  (the faults module's helpers)
 

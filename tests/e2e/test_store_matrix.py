@@ -29,9 +29,12 @@ from support.proxy import Fault, S3Proxy
 from support.stores import STORES, Store
 
 # The first test on a server also starts it (Ceph: an apt-get install on a fresh
-# machine, then ~20 s), inside that test's timeout.
+# machine, then ~20 s), inside that test's timeout.  On several workers
+# (scripts/test), all the tests of one server run on one of them: each server
+# is started once, and one apt-get or pip install runs at a time.
 pytestmark = [pytest.mark.fuse, pytest.mark.stores, pytest.mark.timeout(600),
-              pytest.mark.parametrize("s3_store", sorted(STORES), indirect=True)]
+              pytest.mark.parametrize("s3_store", [pytest.param(name, marks=pytest.mark.xdist_group(f"store-{name}"))
+                                                   for name in sorted(STORES)], indirect=True)]
 
 P = "models/m"
 MiB = 1024 * 1024

@@ -19,7 +19,7 @@ from typing import Iterator
 import pytest
 
 from support.mounting import FS, is_mounted, lazyfs_cli, wait_until
-from support.pagecache import drop_from_page_cache
+from support.pagecache import KERNEL_CACHES, drop_from_page_cache
 from support.proxy import Fault
 from support.s3server import free_port, s3_client
 from support.stores import StoreUnavailable, apt_install
@@ -180,6 +180,7 @@ def network_like_store(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[
         daemon.wait(10)
 
 
+@pytest.mark.long
 @pytest.mark.log_errors("the store did not answer within")
 def test_df_and_the_stats_file_answer_while_the_store_filesystem_hangs(mount, proxy, s3, bucket, fs: FS,
                                                                        network_like_store):
@@ -256,6 +257,7 @@ def _stop_frees(m, stuck, errnos: tuple[int, ...]) -> None:
     assert info.value.errno in errnos
 
 
+@pytest.mark.long
 def test_a_stop_held_by_work_that_cannot_be_cancelled_detaches_the_mount_and_exits(mount, s3, bucket, fs: FS,
                                                                                       network_like_store):
     """A read of a cached file whose pages must come from the store, once the
@@ -298,6 +300,7 @@ def _in_page_cache(path: Path, size: int) -> bool:
         os.close(fd)
 
 
+@KERNEL_CACHES
 @pytest.mark.parametrize("mode", ["direct", "buffered"])
 def test_downloaded_bytes_reach_the_store_the_chosen_way_and_end_up_cached(mode: str, mount, proxy, moto, bucket,
                                                                            fs: FS, tmp_path: Path):
