@@ -238,24 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(argv)
     finally:
-        _ignore_stops()
+        interrupt.ignore_stops()
         gc.enable()
-
-
-def _ignore_stops() -> None:
-    """Exiting already: a second SIGTERM or Ctrl-C (a container stop sent
-    twice) must not interrupt the interpreter's own clean-up, nor change the
-    exit code.  Python runs the handler of a signal that has just arrived
-    before it changes any handler, so one arriving now raises here, from
-    the old handler (_stop's SystemExit, or an Interrupted): it is the stop
-    we are doing already, or one that came after the work was done."""
-    while True:
-        try:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            return
-        except SystemExit:  # errors.Interrupted too
-            continue
 
 
 def _run(argv: Sequence[str]) -> int:
@@ -270,7 +254,7 @@ def _run(argv: Sequence[str]) -> int:
         sys.stdout.flush()  # here, not at exit: a reader gone is told apart below
         return code
     except Interrupted as e:
-        _ignore_stops()  # a second signal while this one is told changes nothing
+        interrupt.ignore_stops()  # a second signal while this one is told changes nothing
         print(f"lazyfs: {command + ' ' if command else ''}interrupted by {e.signal_name}"
               + (f"; {e.unfinished}" if e.unfinished else ""), file=sys.stderr)
         return e.exit_code

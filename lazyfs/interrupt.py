@@ -23,6 +23,7 @@ mount's start-up must not wait for trio's import (startup.py).
 from __future__ import annotations
 
 import logging
+import signal
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, TypeVar, cast
 
@@ -136,3 +137,36 @@ async def _stop_when_asked(current: _TrioRun, scope: trio.CancelScope) -> None:
             except Exception as e:  # stopping all the same: a system task must not raise
                 log.warning("while stopping: %s: %s", type(e).__name__, e)
     scope.cancel()
+
+
+def ignore_stops() -> None:
+    """Exiting already: a second SIGTERM or Ctrl-C (a container stop sent
+    twice) must not interrupt the interpreter's own clean-up, nor change the
+    exit code.  Python runs the handler of a signal that has just arrived
+    before it changes any handler, so one arriving now raises here, from
+    the old handler (cli._stop's SystemExit, or an Interrupted): it is the stop
+    we are doing already, or one that came after the work was done."""
+    while True:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            return
+        except SystemExit:  # errors.Interrupted too
+            continue
+
+
+@contextmanager
+def mount_signals(*signums: int) -> Iterator[Any]:
+    """trio.open_signal_receiver for the life of a mount's session; at its end
+    SIGTERM and SIGINT are ignored rather than handed back to cli._stop.
+    Only trio's own teardown is left then (finalizing async generators), and
+    a handler raising SystemExit in there (a container stop sent twice, as
+    the mount exits) ended the run as a TrioInternalError: a traceback and
+    exit 1 instead of the clean stop already under way."""
+    import trio
+
+    try:
+        with trio.open_signal_receiver(*signums) as receiver:
+            yield receiver
+    finally:
+        ignore_stops()

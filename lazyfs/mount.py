@@ -26,7 +26,7 @@ from typing import AsyncIterator
 import pyfuse3
 import trio
 
-from lazyfs import checkpoint, crt, prefetch, wording
+from lazyfs import checkpoint, crt, interrupt, prefetch, wording
 from lazyfs.budget import Budget
 from lazyfs.catalog import Catalog
 from lazyfs.config import MountConfig, Source
@@ -247,7 +247,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
 
     fetcher.hooks.on_changed = object_changed
     async with AsyncExitStack() as stack:
-        signals = stack.enter_context(trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+        signals = stack.enter_context(interrupt.mount_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         try:
             pyfuse3.init(ops, str(cfg.mountpoint), mount_options(cfg))
         except RuntimeError as e:

@@ -73,3 +73,32 @@ def test_outside_a_trio_run_a_stop_raises_at_once() -> None:
     with pytest.raises(Interrupted) as caught:
         interrupt.stop(signal.SIGINT)
     assert caught.value.code == 130
+
+
+def test_once_a_mounts_signal_receiver_closes_a_stop_signal_is_ignored_never_raised_into_trio() -> None:
+    """A mount takes SIGTERM and SIGINT through trio while it serves; when it
+    lets them go, only trio's teardown is left.  Handing them back to
+    cli._stop (which raises SystemExit) let a second container stop, landing
+    in that teardown, end the run as a TrioInternalError with a traceback."""
+    import os
+    import signal
+
+    import trio
+
+    def raising(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    before = {s: signal.signal(s, raising) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        async def serve_then_stop() -> None:
+            with interrupt.mount_signals(signal.SIGTERM, signal.SIGINT):
+                await trio.sleep(0)
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)  # a second stop, as the run ends
+            await trio.sleep(0.05)
+
+        trio.run(serve_then_stop)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
