@@ -263,7 +263,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
             nursery.start_soon(forever, "killed readers", ops.kills.run)
             nursery.start_soon(forever, "signals", functools.partial(
                 _watch_signals, signals, refresher, fetcher, ops.kernel, stopping, last_stop, nursery.cancel_scope))
-            nursery.start_soon(once, "readahead", _tune_after_init, ops, cfg)
+            nursery.start_soon(once, "readahead", _tune_after_init, ops, cfg, quiet)
             if fetcher.budget is not None:
                 # Until the scan succeeds, earlier runs' files neither count nor
                 # go: one that failed (an EIO walking the store) is tried again.
@@ -344,10 +344,10 @@ def ready_line(cfg: MountConfig, catalog: Catalog) -> str:
     return f"lazyfs: ready: {where}"
 
 
-async def _tune_after_init(ops: Operations, cfg: MountConfig) -> None:
-    # The kernel resets the readahead when it processes the INIT reply, so
-    # only a setting made after that sticks.
+async def _tune_after_init(ops: Operations, cfg: MountConfig, quiet: Quiet) -> None:
+    # The kernel resets the readahead on the INIT reply: only a setting made after it sticks.
     await ops.initialized.wait()
+    quiet.restart()  # readers can come now: background listings leave them the quiet period from here
     await trio.sleep(0)
     set_read_ahead(cfg.mountpoint, cfg.read_ahead)
     set_background(cfg.mountpoint, BACKGROUND_REQUESTS)

@@ -44,6 +44,13 @@ class Quiet:
             self._last = trio.current_time()
             self._poke()
 
+    def restart(self) -> None:
+        """Readers can come from now on (the kernel's INIT is answered): the
+        quiet period counts from here, not from the mount's start-up, which
+        on a loaded machine can take longer than the period itself."""
+        self._last = trio.current_time()
+        self._poke()
+
     def hurry(self) -> None:
         """Someone waits for the background work itself: it waits no more."""
         if not self.hurried:

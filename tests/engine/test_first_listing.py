@@ -12,6 +12,7 @@ import errno
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from lazyfs import lister, refresher
 from lazyfs.catalog import Catalog
@@ -275,3 +276,21 @@ async def test_an_object_replaced_before_the_first_listing_is_in_is_corrected_in
         nursery.start_soon(catalog.first_listing)
     assert catalog.tree.find("m/big.bin") == new
     assert got and got[0].changed == ((old, new),), "the kernel is told to forget the old version"
+
+
+def test_the_quiet_period_counts_from_when_readers_can_come_not_from_start_up() -> None:
+    """A start-up slower than the quiet period (a loaded machine) must not use
+    the period up before the kernel's INIT: the background listing then went
+    first, ahead of the readers' first requests."""
+    returned: list[float] = []
+
+    async def main() -> None:
+        quiet = Quiet(0.1)
+        await trio.sleep(0.5)  # pyfuse3.init, the kernel's INIT: slower than the period
+        quiet.restart()
+        began = trio.current_time()
+        await quiet.turn()
+        returned.append(trio.current_time() - began)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert returned and returned[0] >= 0.1 - 1e-9, f"a background listing went {returned[0]:.2f} s after readers could come"
