@@ -45,8 +45,8 @@ class Check:
 
 def run(cfg: DoctorConfig, out: TextIO = sys.stdout) -> int:
     checks: list[Callable[[DoctorConfig], list[Check]]] = [
-        fuse_device, fusermount, passthrough, direct_reads, allow_other, mountpoint, store, credentials, endpoint,
-        sources]
+        fuse_device, fusermount, passthrough, direct_reads, killed_readers, allow_other, mountpoint, store,
+        credentials, endpoint, sources]
     failed = False
     for check in checks:
         for result in check(cfg):
@@ -102,6 +102,18 @@ def direct_reads(cfg: DoctorConfig) -> list[Check]:
                       "scripts/native/build-pyfuse3 builds")]
     return [Check(OK, "direct reads",
                   f"a big file read as it downloads skips the mount's page cache (Linux {release})")]
+
+
+def killed_readers(cfg: DoctorConfig) -> list[Check]:
+    """Whether a reader killed while it waits for a download dies at once
+    (killwatch.py): pyfuse3 must hand the kernel's interrupts over."""
+    import pyfuse3  # here, as in direct_reads: the other checks need no pyfuse3
+
+    if not getattr(pyfuse3, "INTERRUPTED_HOOK", False):
+        return [Check(WARN, "killed readers", "this pyfuse3 does not pass the kernel's interrupts on: a reader killed "
+                      "while it waits for a download stays unkillable until its read is answered (up to "
+                      "--read-deadline)", "the pyfuse3 scripts/native/build-pyfuse3 builds")]
+    return [Check(OK, "killed readers", "a reader killed while it waits for a download dies at once")]
 
 
 def _has_cap_sys_admin() -> bool:

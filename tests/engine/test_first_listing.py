@@ -293,4 +293,5 @@ def test_the_quiet_period_counts_from_when_readers_can_come_not_from_start_up() 
         returned.append(trio.current_time() - began)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    assert returned and returned[0] >= 0.1 - 1e-9, f"a background listing went {returned[0]:.2f} s after readers could come"
+    assert returned and returned[0] >= 0.1 - 1e-9, \
+        f"a background listing went {returned[0]:.2f} s after readers could come"

@@ -163,3 +163,16 @@ def test_doctor_says_whether_big_files_read_as_they_arrive_skip_the_page_cache(
     monkeypatch.setattr(fuse_ops, "ASKS_TO_MAP_DIRECT_HANDLES", asks)
     [check] = doctor.direct_reads(None)  # type: ignore[arg-type]
     assert check.status == status and says in check.detail, check.line()
+
+
+@pytest.mark.parametrize("hook, status, says", [
+    (True, "ok", "dies at once"),
+    (False, "warn", "does not pass the kernel's interrupts on"),
+])
+def test_doctor_says_whether_a_killed_reader_dies_at_once(monkeypatch: pytest.MonkeyPatch, hook: bool, status: str,
+                                                          says: str) -> None:
+    import pyfuse3
+
+    monkeypatch.setattr(pyfuse3, "INTERRUPTED_HOOK", hook, raising=False)
+    [check] = doctor.killed_readers(None)  # type: ignore[arg-type]
+    assert check.status == status and says in check.detail, check.line()
