@@ -107,9 +107,9 @@ def direct_reads(cfg: DoctorConfig) -> list[Check]:
 def killed_readers(cfg: DoctorConfig) -> list[Check]:
     """Whether a reader killed while it waits for a download dies at once
     (killwatch.py): pyfuse3 must hand the kernel's interrupts over."""
-    import pyfuse3  # here, as in direct_reads: the other checks need no pyfuse3
+    from lazyfs.fuse_ops import HEARS_INTERRUPTS  # here, as in direct_reads: the other checks need no pyfuse3
 
-    if not getattr(pyfuse3, "INTERRUPTED_HOOK", False):
+    if not HEARS_INTERRUPTS:
         return [Check(WARN, "killed readers", "this pyfuse3 does not pass the kernel's interrupts on: a reader killed "
                       "while it waits for a download stays unkillable until its read is answered (up to "
                       "--read-deadline)", "the pyfuse3 scripts/native/build-pyfuse3 builds")]

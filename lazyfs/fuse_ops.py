@@ -56,8 +56,9 @@ BLKSIZE = 1024 * 1024
 # parsers read them in small blocks, and each block would be a request.
 DIRECT_IO_FROM = 64 * 1024 * 1024
 # Whether this pyfuse3 can ask that such a handle may be mapped (the patch in
-# scripts/native); only with the kernel's yes is a handle opened so.
+# scripts/native; only with the kernel's yes is a handle opened so), and hands the kernel's interrupts on.
 ASKS_TO_MAP_DIRECT_HANDLES = hasattr(pyfuse3, "direct_io_allows_mmap")
+HEARS_INTERRUPTS = bool(getattr(pyfuse3, "INTERRUPTED_HOOK", False))
 
 # The mount's own status folder at the root: `cat MOUNT/.lazyfs/stats.json`.
 # Hidden from listings (so `find` and `du` never see it), found by name.
@@ -126,9 +127,8 @@ class Operations(pyfuse3.Operations):
         self.initialized = trio.Event()  # set once the kernel's INIT is answered
         self.kernel = KernelCache(self.inodes)  # what the kernel should forget
         self.failure_lines = RepeatedLines()  # a failure repeating in a loop logs a line a minute (repeats.py)
-        # A request of a task being killed ends at once (killwatch.py), with a pyfuse3 that says it was interrupted.
-        self.kills = KillWatch()
-        if getattr(pyfuse3, "INTERRUPTED_HOOK", False):
+        self.kills = KillWatch()  # a killed task's request ends at once (killwatch.py), with a pyfuse3 that hears it
+        if HEARS_INTERRUPTS:
             self.interrupted = self.kills.interrupted
 
     def init(self) -> None:

@@ -171,8 +171,8 @@ def test_doctor_says_whether_big_files_read_as_they_arrive_skip_the_page_cache(
 ])
 def test_doctor_says_whether_a_killed_reader_dies_at_once(monkeypatch: pytest.MonkeyPatch, hook: bool, status: str,
                                                           says: str) -> None:
-    import pyfuse3
+    from lazyfs import fuse_ops
 
-    monkeypatch.setattr(pyfuse3, "INTERRUPTED_HOOK", hook, raising=False)
+    monkeypatch.setattr(fuse_ops, "HEARS_INTERRUPTS", hook)
     [check] = doctor.killed_readers(None)  # type: ignore[arg-type]
     assert check.status == status and says in check.detail, check.line()
