@@ -14,7 +14,7 @@ from typing import Callable
 
 import trio
 
-from lazyfs import completion, modelaware, piecesums
+from lazyfs import completion, modelaware, piecesums, verify
 from lazyfs.completion import expectation, hash_more_blocking, lower_priority
 from lazyfs.download import Download
 from lazyfs.errors import AccessDenied, RemoteUnavailable
@@ -25,6 +25,9 @@ from lazyfs.verify import Digest, Expectation, Hashed
 from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
+
+# How many parts ahead of the first one not yet hashed may be hashed out of order (_hash_parts).
+PARTS_AHEAD = 16
 
 
 async def learn_order(dl: Download, poke: Callable[[], None]) -> None:
@@ -66,6 +69,9 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
             return
         if exp is None:
             return
+        if exp.per_part and len(exp.part_sizes) > 1:
+            await _hash_parts(dl, partial, exp, hashing)
+            return
         digest = Digest(exp)
         while not dl.cancelled and dl.partial is partial:
             end = dl.contiguous
@@ -85,6 +91,51 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
     finally:
         if dl.partial is partial:
             dl.hashed.set()
+
+
+async def _hash_parts(dl: Download, partial: Partial, exp: Expectation, hashing: trio.CapacityLimiter) -> None:
+    """A multipart ETag (or a composite of SHAs) is a hash per part: each part
+    is hashed as soon as all its bytes are on disk, in whatever order they
+    came and on as many threads as `hashing` allows.  In file order, a part
+    that arrived early waited for every part before it, and one hash thread
+    (MD5: ~0.7 GB/s a core) ran behind a faster download, holding the
+    file's last blocks from its readers until it caught up (lastbytes.py);
+    this way the last byte leaves only its own part to hash.  Only the
+    first PARTS_AHEAD parts not yet hashed are looked at on each landing, so
+    a file of 10,000 parts costs the trio thread no scan of them all each
+    time (the sweep brings parts in nearly in order)."""
+    ranges = verify.part_ranges(exp)
+    digests: list[bytes | None] = [None] * len(ranges)
+    waiting = list(range(len(ranges)))  # in file order
+    running = 0
+    look = trio.Event()  # set when blocks land or a part's hash ends: look for parts to hash
+
+    async def hash_part(i: int) -> None:
+        nonlocal running
+        with dl.pin():
+            part = functools.partial(verify.part_digest, dl.fd, *ranges[i], exp, lambda: dl.cancelled)
+            digests[i] = await trio.to_thread.run_sync(part, limiter=hashing)
+        running -= 1
+        look.set()
+
+    async def watch_landings() -> None:
+        while not dl.finished.is_set():  # (progressed stays set once the download is over)
+            await dl.progressed.wait()
+            look.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_landings)
+        while (waiting or running) and not dl.cancelled and dl.partial is partial:
+            look = trio.Event()
+            room = hashing.total_tokens - running  # no queue of parts in front of other files' hashes
+            for i in [i for i in waiting[:PARTS_AHEAD] if dl.covered(*ranges[i], held=True)][:max(0, int(room))]:
+                waiting.remove(i)
+                running += 1
+                nursery.start_soon(hash_part, i)
+            await look.wait()
+        nursery.cancel_scope.cancel()
+    if dl.partial is partial and all(d is not None for d in digests):
+        dl.digest = Hashed(exp, dl.obj.size, verify.composite_value(exp, [d for d in digests if d is not None]))
 
 
 def _asks_with_the_first_get(dl: Download) -> bool:

@@ -188,15 +188,15 @@ class Download:
 
     # -- readers -------------------------------------------------------------
 
-    def covered(self, start: int, end: int) -> bool:
-        """Are bytes [start, end) on disk?"""
+    def covered(self, start: int, end: int, held: bool = False) -> bool:
+        """Are bytes [start, end) on disk (`held`: counting blocks held from readers until verified)?"""
         if self.complete or end <= start:
             return True
         if self.bad:
             return False
         for i in range(start // self.block_size, (end - 1) // self.block_size + 1):
             st = self.state[i]
-            if st == DONE and i not in self.held:
+            if st == DONE and (held or i not in self.held):
                 continue
             if st == ACTIVE:
                 req = self.owner[i]

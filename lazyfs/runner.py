@@ -45,8 +45,7 @@ _HASH_WAIT_S = 30.0
 _RECHECK_S = 5.0
 # Long first downloads log their progress this often.
 _PROGRESS_EVERY_S = 5.0
-# Threads for resume records and discards, and for hashing finished files
-# (CPU-bound: more threads than cores would only slow the network's).
+# Threads for resume records and discards, and for hashing (CPU-bound: more than cores would slow the network's).
 _BULK_THREADS = 4
 _VERIFY_THREADS = 2
 
@@ -190,10 +189,13 @@ class Runner:
             self.bytes_from_s3 += new
             STATS.fetched_bytes += new
             dl.bytes_fetched += new
+        ramp = dl.ramp
         done = dl.progress(req, filled)
+        if dl.ramp > ramp:
+            self.poke()  # the first bytes opened the slow start: the sweep's other requests go now
         if dl.wants_order and dl.contiguous >= 8:
             dl.wants_order = False
-            self._spawn(self._learn_order, dl)
+            self._spawn(alongside.learn_order, dl, self.poke)
         if done:
             dl.partial.done.update(done)
             self._save_state_soon(dl)
@@ -231,9 +233,6 @@ class Runner:
             self._save_state_soon(dl)  # blocks finished while this save ran
 
     # -- completion ---------------------------------------------------------------------
-
-    async def _learn_order(self, dl: Download) -> None:
-        await alongside.learn_order(dl, self.poke)
 
     async def hash_along(self, dl: Download) -> None:
         await alongside.hash_along(dl, self.remote, self.bulk, self._verify)
@@ -415,6 +414,7 @@ class Runner:
             self._spawn(self._unlock, dl.obj, dl.lock_fd)
             dl.lock_fd = -1
         dl.finished.set()
+        dl.progressed.set()  # its tasks waiting for blocks look again and end (alongside.py)
         dl.wake()
         dl.maybe_close_fd()
         self.poke()

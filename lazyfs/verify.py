@@ -281,6 +281,23 @@ class Hashed:
     value: str
 
 
+def part_ranges(exp: Expectation) -> list[tuple[int, int]]:
+    """The byte range [start, end) of each part of a per-part Expectation."""
+    ranges, start = [], 0
+    for size in exp.part_sizes:
+        ranges.append((start, start + size))
+        start += size
+    return ranges
+
+
+def part_digest(fd: int, start: int, end: int, exp: Expectation, cancelled: Callable[[], bool]) -> bytes:
+    """The binary digest of one part, bytes [start, end) of the file, in the
+    algorithm `exp` hashes its parts with (blocking: reads them back)."""
+    h = _hasher_for(exp)
+    read_into(fd, start, end, h, cancelled)
+    return bytes(h.digest())
+
+
 def composite_value(exp: Expectation, digests: list[bytes]) -> str:
     """A multipart ETag's or composite checksum's value from its parts' binary digests."""
     whole = _hasher_for(exp)  # a checksum of the parts' checksums, in order
