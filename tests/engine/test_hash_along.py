@@ -89,7 +89,7 @@ async def test_the_hashing_of_a_failed_download_ends_with_it(remote: FakeRemote,
         async with running(fetcher):
             dl = await fetcher.acquire(obj, background=True)
             assert isinstance(dl, Download)
-            await wait_for(lambda g=gate: g.waiting > 0, "a GET at the gate")  # type: ignore[misc]
+            await wait_for(lambda g=gate: g.waiting > 0, "a GET at the gate")
             gate.fail()
             await dl.finished.wait()
             assert dl.error is not None
