@@ -74,7 +74,7 @@ def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
     finally:
         store.close()
     for uri, why in result.failed:
-        print(f"lazyfs bake: failed: {uri}: {why}", file=out)
+        print(failed_line(uri, why), file=out)
     print(f"lazyfs bake: {wording.count(result.files, 'file')}: {result.downloaded} downloaded "
           f"({result.bytes_downloaded / 2**20:.1f} MiB), {result.skipped} already current, "
           f"{len(result.failed)} failed, in {result.seconds:.1f} s -> {cfg.target}"
@@ -86,6 +86,12 @@ def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
             lockcmd.write(lock, cfg.write_lock, out)
             print(lockcmd.summary(lock, cfg.write_lock), file=out, flush=True)
     return 0 if not result.failed else 1
+
+
+def failed_line(uri: str, why: str) -> str:
+    """The line saying a file could not be baked: one line, its name quoted
+    as log lines quote it, whatever the key or the cause's text holds."""
+    return f"lazyfs bake: failed: {wording.quoted(uri)}: {wording.one_line(why)}"
 
 
 async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO,

@@ -166,7 +166,7 @@ class CrtTransfer:
     def _translate(self, e: Exception, obj: RemoteObject, state: _Received) -> RemoteError:
         STATS.bump("s3_errors", "GET")
         status = getattr(e, "status_code", None) or state.status
-        where = obj.uri
+        where = quoted(obj.uri)
         if status == 412:
             return ObjectChanged(f"{where} changed in the object store", bucket=obj.bucket, key=obj.key)
         if status == 404:

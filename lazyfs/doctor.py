@@ -24,7 +24,7 @@ from lazyfs.config import DoctorConfig
 from lazyfs.errors import LazyfsError
 from lazyfs.identity import user_xattrs_work
 from lazyfs.mounttab import find_mount, hung_mount_holding, probe_mount
-from lazyfs.namespace import MARKER_BODY, UNSAFE, Skipped
+from lazyfs.namespace import MARKER_BODY, UNSAFE, Skipped, Tree
 from lazyfs.passthrough import kernel_at_least, kernel_passes_through
 from lazyfs.remote import Remote
 
@@ -39,8 +39,10 @@ class Check:
     fix: str = ""
 
     def line(self) -> str:
+        """One line, whatever a detail holds (an exception's text can carry a
+        name from a listing); names lazyfs puts in are quoted (wording.quoted)."""
         text = f"{self.status:<4}  {self.name}: {self.detail}"
-        return text + (f" -> fix: {self.fix}" if self.fix and self.status != OK else "")
+        return wording.one_line(text + (f" -> fix: {self.fix}" if self.fix and self.status != OK else ""))
 
 
 def run(cfg: DoctorConfig, out: TextIO = sys.stdout) -> int:
@@ -267,12 +269,16 @@ def sources(cfg: DoctorConfig) -> list[Check]:
             results.append(Check(FAIL, f"bucket {source.bucket}", str(e),
                                  "check the bucket name, region, endpoint and the credentials' permissions"))
             continue
-        tree = catalog.tree
-        level = OK if tree.objects else WARN
-        results.append(Check(level, f"folder {source.uri}",
-                             f"{wording.count(tree.objects, 'object')}, {tree.total_bytes / 2**20:.1f} MiB"
-                             + _skipped(tree.skipped), "the folder is empty: check download_files_from"))
+        results.append(folder(source.uri, catalog.tree))
     return results
+
+
+def folder(uri: str, tree: Tree) -> Check:
+    """What a folder's listing holds; its name quoted as log lines quote it
+    (a folder may hold a line separator, U+2028, which is no control)."""
+    return Check(OK if tree.objects else WARN, f"folder {wording.quoted(uri)}",
+                 f"{wording.count(tree.objects, 'object')}, {tree.total_bytes / 2**20:.1f} MiB"
+                 + _skipped(tree.skipped), "the folder is empty: check download_files_from")
 
 
 def _skipped(skipped: Sequence[Skipped]) -> str:

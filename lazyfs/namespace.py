@@ -1,6 +1,6 @@
 """Object keys to paths, and immutable snapshots of the resulting tree.
 
-Pure logic: no I/O, no trio, no other lazyfs module.  An object with key K
+Pure logic: no I/O, no trio, no lazyfs module but errors and wording.  An object with key K
 appears at MOUNTPOINT/K, so a file's path *is* its key.  Keys that could not be
 a safe relative path are rejected here, once, before anything touches a disk.
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple
 
 from lazyfs.errors import UnsafeKey
+from lazyfs.wording import quoted
 
 NAME_MAX = 255
 RESERVED_NAME = ".lazyfs"
@@ -266,7 +267,7 @@ def build_tree(objects: Iterable[RemoteObject], folders: Iterable[str] = (),
         if isinstance(existing, dict):
             skipped.append(Skipped(key, "is both a file and a folder; the folder is kept"))
         elif isinstance(existing, RemoteObject):
-            skipped.append(Skipped(key, f"same path as {existing.uri}, which is kept"))
+            skipped.append(Skipped(key, f"same path as {quoted(existing.uri)}, which is kept"))
         else:
             parent[parts[-1]] = obj
 

@@ -171,6 +171,27 @@ def test_a_key_with_a_line_separator_is_served_and_logged_on_one_line(mount, pro
     assert f'skipping object "{P}/next\\x85line.bin": control character in name' in log
 
 
+def test_bake_and_doctor_print_a_key_with_a_line_separator_on_one_line(proxy, s3, bucket, tmp_path: Path):
+    """Log lines quote keys; bake's failure lines on stdout and doctor's folder lines printed them raw, so a
+    key holding U+2028 (legal in a name) split the line for str.splitlines and journald viewers."""
+    folder = f"{P}/line\u2028sep"
+    key = f"{folder}/a.bin"
+    s3.put_object(Bucket=bucket, Key=key, Body=b"x" * 2048)
+    proxy.add(Fault("status", key=key, status=403, code="AccessDenied", times=None))
+    res = lazyfs_cli(["bake", "--prefix", f"s3://{bucket}/{folder}", "--endpoint-url", proxy.endpoint, "--to",
+                      str(tmp_path / "baked"), "--log-level", "error"], timeout=120)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.stdout.splitlines() == res.stdout.split("\n")[:-1], "a line was split in two:\n" + res.stdout
+    shown = f'"s3://{bucket}/{P}/line\\u2028sep/a.bin"'
+    [failed] = [ln for ln in res.stdout.splitlines() if ln.startswith("lazyfs bake: failed: ")]
+    assert failed.startswith(f"lazyfs bake: failed: {shown}: "), failed
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    checked = doctor([str(mnt), "--prefix", f"s3://{bucket}/{folder}", "--endpoint-url", proxy.endpoint])
+    assert checked.stdout.splitlines() == checked.stdout.split("\n")[:-1], "a line was split:\n" + checked.stdout
+    assert f'ok    folder "s3://{bucket}/{P}/line\\u2028sep/": 1 object' in checked.stdout, checked.stdout
+
+
 def doctor(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return lazyfs_cli(["doctor", *args, "--log-level", "error"], env=env, timeout=60)
 
@@ -236,12 +257,12 @@ def test_doctor_tells_a_folder_marker_body_from_an_unsafe_key_and_an_empty_folde
 
     mixed = run(P)
     assert mixed.returncode == 0, mixed.stdout + mixed.stderr
-    [line] = [ln for ln in mixed.stdout.splitlines() if f"folder s3://{bucket}/{P}" in ln]
+    [line] = [ln for ln in mixed.stdout.splitlines() if f'folder "s3://{bucket}/{P}/"' in ln]
     assert line.endswith("1 object, 0.0 MiB (1 key skipped as unsafe; 1 folder marker with a body: the folder is "
                          "shown, the body is not)"), line
     empty = run("empty/m")
     assert empty.returncode == 0, empty.stdout + empty.stderr  # a warning
-    [line] = [ln for ln in empty.stdout.splitlines() if f"folder s3://{bucket}/empty/m" in ln]
+    [line] = [ln for ln in empty.stdout.splitlines() if f'folder "s3://{bucket}/empty/m/"' in ln]
     assert line.startswith("warn") and "0 objects" in line and "the folder is empty" in line, line
     assert "unsafe" not in line and "1 folder marker with a body" in line, line
     assert "holds no objects" not in empty.stdout + empty.stderr, "the folder's emptiness said twice"
