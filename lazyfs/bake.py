@@ -91,7 +91,8 @@ def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
 def failed_line(uri: str, why: str) -> str:
     """The line saying a file could not be baked: one line, its name quoted
     as log lines quote it, whatever the key or the cause's text holds."""
-    return f"lazyfs bake: failed: {wording.quoted(uri)}: {wording.one_line(why)}"
+    shown = wording.quoted(uri)  # once: the cause's own text names the file too
+    return f"lazyfs bake: failed: {shown}: {wording.one_line(wording.cause(why, shown))}"
 
 
 async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO,

@@ -32,7 +32,7 @@ from lazyfs.quiet import Quiet, reader_request
 from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
 from lazyfs.stats import STATS, TIMINGS
 from lazyfs.store import Store
-from lazyfs.wording import quoted
+from lazyfs.wording import cause, quoted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -362,7 +362,7 @@ class Runner:
             log.warning("%s: %s during the download", quoted(dl.obj.uri),
                         "changed in the object store" if isinstance(e, ObjectChanged) else "deleted")
         elif isinstance(e, LazyfsError):
-            log.error("download of %s failed: %s", quoted(dl.obj.uri), e)
+            log.error("download of %s failed: %s", where := quoted(dl.obj.uri), cause(str(e), where))  # named once
         else:
             log.error("download of %s failed unexpectedly", quoted(dl.obj.uri), exc_info=e)
         e.logged = True  # type: ignore[attr-defined]  # readers need not log it again

@@ -24,6 +24,14 @@ def one_line(text: str) -> str:
     return "".join(ch if ch.isprintable() else _escaped(ch) for ch in text)
 
 
+def cause(message: str, subject: str) -> str:
+    """`message`, an error's text naming `subject` (a quoted key), for a line
+    that names `subject` itself ("download of SUBJECT failed: ..."): so the
+    line names it once.  A leading "SUBJECT: " is dropped and SUBJECT elsewhere
+    is "it" ("access denied to it (AccessDenied: ...)")."""
+    return message.removeprefix(subject + ": ").replace(subject, "it")
+
+
 def _escaped(ch: str) -> str:
     if ch in '"\\':
         return "\\" + ch

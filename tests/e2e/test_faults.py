@@ -78,7 +78,8 @@ def test_transient_faults_are_retried_and_the_bytes_are_right(fmount, proxy, obj
     (Fault("stall", after=0, seconds=30, times=None), errno.EIO),
     (Fault("status", status=403, code="AccessDenied", times=None), errno.EACCES),
 ], ids=["5xx-forever", "resets-forever", "stalls-forever", "403"])
-def test_persistent_faults_fail_in_bounded_time_and_the_mount_survives(fmount, proxy, obj, fs: FS, fault, err):
+def test_persistent_faults_fail_in_bounded_time_and_the_mount_survives(fmount, proxy, obj, bucket, fs: FS, fault,
+                                                                        err):
     key, data = obj
     fault.key = key
     proxy.add(fault)
@@ -95,6 +96,10 @@ def test_persistent_faults_fail_in_bounded_time_and_the_mount_survives(fmount, p
     assert max(tries.values()) <= 2 * 3, f"retried more than --retries says: {tries}"
     failures = [ln for ln in m.log().splitlines() if "ERROR" in ln and key in ln]
     assert failures and all("testing" not in ln for ln in failures), "credentials in a log line"
+    # The download's line names the file once, with the cause (the error's own text named it again).
+    downloads = [ln for ln in failures if "download of" in ln]
+    assert downloads and all(ln.count(key) == 1 and f'download of "s3://{bucket}/{key}" failed: ' in ln
+                             for ln in downloads), downloads
     proxy.clear_faults()
     assert sha(fs.read(m.file(key), timeout=30)) == sha(data), "the mount did not recover"
 

@@ -168,6 +168,8 @@ def test_a_key_with_a_line_separator_is_served_and_logged_on_one_line(mount, pro
     assert log.splitlines() == log.split("\n")[:-1], "a log line was split in two"
     shown = '"' + f"s3://{bucket}/{P}/line" + '\\u2028break.bin"'
     assert f"download of {shown} failed: " in log and f"fetched {shown}: " in log
+    [failed] = [ln for ln in log.splitlines() if "download of" in ln]
+    assert failed.count("line") == 1, f"the line names the file more than once: {failed}"
     assert f'skipping object "{P}/next\\x85line.bin": control character in name' in log
 
 
@@ -184,7 +186,7 @@ def test_bake_and_doctor_print_a_key_with_a_line_separator_on_one_line(proxy, s3
     assert res.stdout.splitlines() == res.stdout.split("\n")[:-1], "a line was split in two:\n" + res.stdout
     shown = f'"s3://{bucket}/{P}/line\\u2028sep/a.bin"'
     [failed] = [ln for ln in res.stdout.splitlines() if ln.startswith("lazyfs bake: failed: ")]
-    assert failed.startswith(f"lazyfs bake: failed: {shown}: "), failed
+    assert failed.startswith(f"lazyfs bake: failed: {shown}: ") and failed.count("line") == 1, failed
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     checked = doctor([str(mnt), "--prefix", f"s3://{bucket}/{folder}", "--endpoint-url", proxy.endpoint])

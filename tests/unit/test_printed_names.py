@@ -39,3 +39,8 @@ def test_a_key_skipped_for_another_keys_path_names_that_key_quoted() -> None:
     [skipped] = build_tree(objs).skipped
     assert skipped.reason == r'same path as "s3://b/m/line\u2028break.bin", which is kept'
     assert one_line(skipped.reason)
+
+
+def test_a_bake_failure_line_names_the_file_once() -> None:
+    line = bake.failed_line("s3://b/m/k.bin", 'access denied to "s3://b/m/k.bin" (AccessDenied: no)')
+    assert line == 'lazyfs bake: failed: "s3://b/m/k.bin": access denied to it (AccessDenied: no)'

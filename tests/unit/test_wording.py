@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lazyfs.wording import count, one_line, quoted, sizes
+from lazyfs.wording import cause, count, one_line, quoted, sizes
 
 
 @pytest.mark.parametrize("n, said", [(0, "0 files"), (1, "1 file"), (2, "2 files"), (10000, "10000 files")])
@@ -42,3 +42,15 @@ def test_sizes_side_by_side_show_their_bytes_when_rounding_makes_them_look_equal
     assert sizes(6 << 20, 6 << 20) == ("6.0 MiB", "6.0 MiB")
     assert sizes(10 << 20, 6 << 20) == ("10.0 MiB", "6.0 MiB")
     assert sizes(6 << 20, (6 << 20) - 4096) == ("6.0 MiB (6,291,456 bytes)", "6.0 MiB (6,287,360 bytes)")
+
+
+@pytest.mark.parametrize("message, said", [
+    ('"s3://b/k": object store kept failing (SlowDown: x)', "object store kept failing (SlowDown: x)"),
+    ('access denied to "s3://b/k" (AccessDenied: x)', "access denied to it (AccessDenied: x)"),
+    ('"s3://b/k" changed in the object store', "it changed in the object store"),
+    ("sha256:16c5d pins ETag 5f1c, which the bucket no longer has", "sha256:16c5d pins ETag 5f1c, which the bucket "
+     "no longer has"),
+    ('"s3://b/k": the store did not answer about "s3://b/k2"', 'the store did not answer about "s3://b/k2"'),
+])
+def test_a_cause_names_its_subject_no_more_where_the_line_names_it(message: str, said: str) -> None:
+    assert cause(message, '"s3://b/k"') == said
