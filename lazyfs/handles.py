@@ -23,7 +23,7 @@ from lazyfs.fetch import Fetcher, LocalOrTransfer
 from lazyfs.filemap import FileMap
 from lazyfs.lastbytes import REFUSED, ServedBadBytes, refuse_stale_generation, verify_deadline
 from lazyfs.namespace import RemoteObject, Version
-from lazyfs.repeats import FailureLoop
+from lazyfs.repeats import FailureLoops
 from lazyfs.stats import STATS
 from lazyfs.store import LocalCopy
 from lazyfs.transfer import Transfer
@@ -60,7 +60,6 @@ class OpenFile:
     served: int = 0
     dev: int = 0  # the local copy's filesystem (LocalCopy.dev)
     generation: int = 0  # the download's attempt whose bytes it was served (lastbytes.py)
-    failing: FailureLoop | None = None  # its failed reads in a row (repeats.py)
 
 
 class Handles:
@@ -84,6 +83,8 @@ class Handles:
         # Shards of checkpoints a loader is walking: those of an index it
         # opened, the next shard of one read through (bounded like _announced).
         self._walked: cachetools.LRUCache[Version, bool] = cachetools.LRUCache(maxsize=10_000)
+        # Each file's failed reads in a row, across its handles (repeats.py).
+        self._failing = FailureLoops()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -239,13 +240,11 @@ class Handles:
             else:
                 data = await self._read_transfer(fh, of, off, size)
         except (LazyfsError, OSError):
-            if of.failing is None:
-                of.failing = FailureLoop()
-            if pause := of.failing.pause(trio.current_time()):
+            if pause := self._failing.pause(of.obj.version, trio.current_time()):
                 await trio.sleep(pause)
             raise
-        if of.failing is not None:  # the loop, if any, is over
-            of.failing = None
+        if self._failing:  # a loop of this file, if any, is over (the usual case: no loop at all, nothing to do)
+            self._failing.ended(of.obj.version)
         STATS.served[of.source] += len(data)
         of.served += len(data)
         if of.following is not None and of.served >= of.obj.size * READ_THROUGH:

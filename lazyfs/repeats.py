@@ -12,12 +12,15 @@ rules make such a loop cheap, and leave a reader's ordinary failure as it was:
   (same operation and errno, same message but for its numbers: byte ranges,
   seconds) logs at most one line per LINE_EVERY_S, which counts the ones not
   shown.  Another file's failure (its quoted name differs) logs at once.
-- Answers (`FailureLoop`): a handle whose failed reads follow each other in a
+- Answers (`FailureLoops`): a file whose failed reads follow each other in a
   tight loop (each less than LOOP_GAP_S after the previous one was answered),
   more than FREE_FAILURES in a row, has each further failure answered after a
-  pause, doubling from PAUSE_FIRST_S to PAUSE_MAX_S.  The kernel's retries of
-  one failed read (two or three) and a reader that tries again every second
-  or so never wait; a read that succeeds ends the loop.
+  pause, doubling from PAUSE_FIRST_S to PAUSE_MAX_S.  The loop is the file's,
+  not an open handle's: a program that opens, reads (fails) and closes in a
+  loop gets a new handle each time, and was answered at once for ever.  The
+  kernel's retries of one failed read (two or three) and a reader that tries
+  again every second or so never wait; a read of the file that succeeds ends
+  the loop, and another file's first failures are answered at once.
 
 Trio-side state (docs/concurrency.md): the pause is a trio sleep in the
 failing request's own task.
@@ -43,6 +46,9 @@ LINES_KEPT = 4096
 # A failed read this soon after the previous failed read of its handle was
 # answered continues a loop: the kernel's retries come within microseconds.
 LOOP_GAP_S = 0.1
+# Files in a failure loop kept apart at once; the least recently failing is
+# forgotten beyond (its next failure is answered at once again): bounded.
+LOOPS_KEPT = 4096
 # Failures in a row answered at once (a readahead's, then the kernel's retries of the page).
 FREE_FAILURES = 8
 PAUSE_FIRST_S = 0.01
@@ -94,8 +100,31 @@ class RepeatedLines:
                         "%s: %s (errno %s)", op, e, errno.errorcode.get(err, err))
 
 
+class FailureLoops:
+    """Each file's failed reads in a row (whichever handle made them), and the
+    pause before the next one's answer."""
+
+    def __init__(self, kept: int = LOOPS_KEPT) -> None:
+        self._loops: cachetools.LRUCache[Hashable, FailureLoop] = cachetools.LRUCache(maxsize=kept)
+
+    def pause(self, file: Hashable, now: float) -> float:
+        """A read of `file` failed at `now`: the seconds its answer waits."""
+        loop = self._loops.get(file)
+        if loop is None:
+            loop = self._loops[file] = FailureLoop()
+        return loop.pause(now)
+
+    def __len__(self) -> int:
+        return len(self._loops)
+
+    def ended(self, file: Hashable) -> None:
+        """A read of `file` succeeded: its loop, if any, is over."""
+        if file in self._loops:  # (a miss costs no KeyError: this runs on every read after a failure)
+            del self._loops[file]
+
+
 class FailureLoop:
-    """The failed reads of one open file in a row, and the pause before the next one's answer."""
+    """The failed reads of one file in a row, and the pause before the next one's answer."""
 
     __slots__ = ("_answered", "_pause", "_streak")
 

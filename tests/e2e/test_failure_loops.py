@@ -3,12 +3,13 @@
 `mmap(MAP_POPULATE)` of a file whose reads fail never returns: the kernel
 retries the failing page at once, for as long as the mapper lives.  lazyfs
 answered each retry at once and logged each: 85,000 ERROR lines in 15 s and
-most of a core.  The same failure now logs a line a minute, and a handle's
+most of a core.  The same failure now logs a line a minute, and a file's
 failures in a tight loop are answered after a growing pause.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -39,6 +40,26 @@ def read():
         os.pread(fd, 4096, 0)
     except OSError as e:
         errs[e.errno] += 1
+read()
+n, start = 0, time.monotonic()
+while time.monotonic() - start < float(sys.argv[2]):
+    read()
+    n += 1
+print(json.dumps({"reads": n, "errnos": sorted(errs)}))
+"""
+
+# The same reads, each through a new handle: open, read the first page, close.
+REOPEN_LOOP = """
+import collections, json, os, sys, time
+errs = collections.Counter()
+def read():
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    try:
+        os.pread(fd, 4096, 0)
+    except OSError as e:
+        errs[e.errno] += 1
+    finally:
+        os.close(fd)
 read()
 n, start = 0, time.monotonic()
 while time.monotonic() - start < float(sys.argv[2]):
@@ -98,6 +119,25 @@ def test_reads_failing_in_a_tight_loop_are_paused_and_logged_rarely(mount, proxy
     assert sum(stats(fs, m)["errors"].values()) < 400
     lines = request_lines(m)
     assert len(lines) <= 3, f"{len(lines)} lines about the failing file:\n" + "\n".join(lines[:10])
+    assert cpu < LOOP_S / 2, f"the daemon used {cpu:.1f} CPU s answering a loop of failed reads"
+    assert fs.read(m.file(OTHER), timeout=30) == b"fine", "another file's reads were held back"
+
+
+@pytest.mark.log_errors(r"lazyfs.fuse_ops: read: .*victim.bin")
+def test_a_loop_of_open_read_close_is_paused_as_one_handles_reads_are(mount, proxy, s3, bucket, fs: FS,
+                                                                      tmp_path: Path):
+    """The pause was a handle's: a program opening the file again for every
+    read was answered at once for ever (about 5,000 reads in 4 s, most of a
+    core in the daemon).  It is the file's now.  (An object deleted since the
+    listing is no such loop: after the first failure its name is dropped, and
+    the kernel itself refuses the opens.)"""
+    m = failing("stalled", mount, proxy, s3, bucket, tmp_path)
+    before = cpu_seconds(m.process.pid)
+    out = json.loads(fs.python(REOPEN_LOOP, str(m.file(KEY)), str(LOOP_S), timeout=60))
+    cpu = cpu_seconds(m.process.pid) - before
+    assert out["errnos"] == [errno.EIO], out
+    assert out["reads"] < 200, f"{out['reads']} open-read-close loops in {LOOP_S:g} s: the failures were not paused"
+    assert len(request_lines(m)) <= 3, "\n".join(request_lines(m)[:10])
     assert cpu < LOOP_S / 2, f"the daemon used {cpu:.1f} CPU s answering a loop of failed reads"
     assert fs.read(m.file(OTHER), timeout=30) == b"fine", "another file's reads were held back"
 

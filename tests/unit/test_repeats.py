@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from lazyfs.errors import RemoteUnavailable
-from lazyfs.repeats import FREE_FAILURES, LOOP_GAP_S, PAUSE_MAX_S, FailureLoop, RepeatedLines, shape
+from lazyfs.repeats import FREE_FAILURES, LOOP_GAP_S, PAUSE_MAX_S, FailureLoop, FailureLoops, RepeatedLines, shape
 
 log = logging.getLogger("test.repeats")
 
@@ -89,3 +89,24 @@ def test_failures_a_user_retries_now_and_then_are_never_paused() -> None:
     for _ in range(FREE_FAILURES + 5):  # a loop, paused...
         now += loop.pause(now)
     assert loop.pause(now + 1.0) == 0.0, "...and a read a second later is answered at once"
+
+
+def test_a_files_loop_goes_on_across_its_handles_and_ends_with_a_read_that_succeeds() -> None:
+    """A program that opens, reads (fails) and closes in a loop gets a new handle each time: the pause is the
+    file's, so it waits as one handle's loop does; another file's first failures are answered at once."""
+    loops, now = FailureLoops(), 0.0
+    for _ in range(FREE_FAILURES):
+        assert loops.pause("victim", now) == 0.0
+        now += 0.001  # a close, an open, a read
+    assert loops.pause("victim", now) > 0, "the loop was not paused"
+    assert [loops.pause("other", now) for _ in range(FREE_FAILURES)] == [0.0] * FREE_FAILURES
+    loops.ended("victim")  # a read of it succeeded
+    assert loops.pause("victim", now) == 0.0
+    loops.ended("never failed")
+
+
+def test_the_files_kept_in_a_loop_are_bounded() -> None:
+    loops = FailureLoops(kept=3)
+    for i in range(10):
+        loops.pause(i, 0.0)
+    assert len(loops) == 3
