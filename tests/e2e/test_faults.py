@@ -404,7 +404,6 @@ def test_a_follower_takes_over_when_the_downloader_dies(mount, proxy, s3, bucket
     assert "continuing its download here" in b.log()
 
 
-@pytest.mark.log_errors("lazyfs is shutting down")
 def test_a_stopped_follower_fails_its_waiting_read_at_once_and_exits(mount, proxy, s3, bucket, fs: FS,
                                                                       tmp_path: Path):
     """SIGTERM to a mount whose reader waits on another mount's download of
