@@ -181,13 +181,13 @@ def run(cfg: MountConfig, first: FirstListing | None = None) -> int:
 def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[RemoteObject]:
     """The object store is unreachable: serve what is on disk, or fail (a saved listing alone serves only EIO)."""
     known = store_knows(store, cfg.sources)
-    on_disk, files = known.on_disk(store), wording.count(len(known.objects), "file")
+    files, on_disk = wording.count(len(known.objects), "file"), known.on_disk(store, cfg.fetch.verify_prebaked)
     if not on_disk:
         listed = f" (it knows {files}, none of them on disk)" if known.objects else ""
         raise MountError(f"{error}, and the store {cfg.store_path} has nothing to serve for "
                          f"{', '.join(s.uri for s in cfg.sources)}{listed}") from None
-    log.warning("%s: starting offline with the %s the store knows, %d of them on disk; the others fail with EIO "
-                "until the object store is reachable again", error, files, on_disk)
+    log.warning("%s: starting offline with the %s the store knows, %s; the others fail with EIO until the object "
+                "store is reachable again", error, files, on_disk.said())
     return known.objects
 
 

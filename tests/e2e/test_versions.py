@@ -101,7 +101,10 @@ def test_an_open_handle_keeps_reading_its_version(mount, s3, bucket, fs: FS):
 
 
 @pytest.mark.log_errors('is not in the local cache and the object store is unreachable')
-def test_offline_start_serves_what_the_store_knows(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+@pytest.mark.parametrize("verify", ["size", "etag"])
+def test_offline_start_serves_what_the_store_knows(mount, proxy, s3, bucket, fs: FS, tmp_path: Path, verify: str):
+    """Its line counts what opens will serve: under --verify etag an admin's copy (no record) is hashed when
+    opened, and refused if its bytes are wrong, so it is counted apart, not as served."""
     cached, uncached, baked = f"{P}/cached.bin", f"{P}/uncached.bin", f"{P}/baked.bin"
     for k in (cached, uncached, baked):
         put(s3, bucket, k, k.encode() * 100)
@@ -114,8 +117,11 @@ def test_offline_start_serves_what_the_store_knows(mount, proxy, s3, bucket, fs:
     m.stop()
     # The object store is down: every request fails (after botocore's retries).
     proxy.add(Fault("status", method=None, status=503, code="ServiceUnavailable", times=None))
-    m2 = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "1", store=store)
+    m2 = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "1", "--verify", verify, store=store)
     assert "ready OFFLINE" in m2.process.stdout_lines[0]
+    said = ("2 of them on disk;" if verify == "size" else
+            "1 of them on disk, and 1 more with no record, checked by content when opened;")
+    assert f"starting offline with the 3 files the store knows, {said}" in m2.log(), m2.log()
     assert fs.listdir(m2.path / P) == ["baked.bin", "cached.bin", "uncached.bin"]
     assert fs.read(m2.file(cached)) == cached.encode() * 100
     assert fs.read(m2.file(baked)) == baked.encode() * 100

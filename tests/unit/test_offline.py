@@ -1,0 +1,54 @@
+"""What an offline start says it can serve (offline.py): the copies an open
+will serve, apart from those an open must check by content first."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from lazyfs.modeljson import Source
+from lazyfs.namespace import RemoteObject
+from lazyfs.offline import OnDisk, store_knows
+from lazyfs.store import Store
+from support.storefiles import publish
+
+P = "models/m"
+
+
+def obj(name: str, data: bytes) -> RemoteObject:
+    return RemoteObject("bkt", f"{P}/{name}", len(data), hashlib.md5(data).hexdigest(), 1_700_000_000 * 10**9)
+
+
+def test_unrecorded_copies_count_as_servable_only_where_opens_judge_them_by_size(tmp_path: Path) -> None:
+    """Before, a copy of the right size with no record counted as one the mount could serve, also under
+    --verify etag, where an open hashes it first and refuses one whose bytes are wrong: the line promised
+    files that then failed with EIO."""
+    (tmp_path / "layer" / P).mkdir(parents=True)
+    (tmp_path / "store" / P).mkdir(parents=True)
+    store = Store.open(str(tmp_path / "store"), prebaked=[str(tmp_path / "layer")], create=True)
+    try:
+        data = {n: n.encode() * 64 for n in ("fetched", "admin", "wrong", "absent", "resized", "both")}
+        objs = {n: obj(n, d) for n, d in data.items()}
+        publish(store, objs["fetched"], data["fetched"])  # recorded as this version
+        (tmp_path / "store" / P / "admin").write_bytes(data["admin"])  # no record, the right bytes
+        (tmp_path / "store" / P / "wrong").write_bytes(b"x" * len(data["wrong"]))  # no record, wrong bytes
+        (tmp_path / "store" / P / "resized").write_bytes(b"short")
+        # An unrecorded copy in the store, a recorded one (baked) in the layer behind it.
+        (tmp_path / "store" / P / "both").write_bytes(b"y" * len(data["both"]))
+        baker = Store.open(str(tmp_path / "layer"))
+        try:
+            publish(baker, objs["both"], data["both"], origin="bake")
+        finally:
+            baker.close()
+        store.listings.save("bkt", f"{P}/", objs.values())
+        known = store_knows(store, [Source("bkt", f"{P}/")])
+        assert len(known.objects) == 6
+        by_size = known.on_disk(store, checks_content=False)
+        assert by_size == OnDisk(current=4, unchecked=0)  # all but "absent" and "resized", as opens serve them
+        by_content = known.on_disk(store, checks_content=True)
+        assert by_content == OnDisk(current=2, unchecked=2)  # "fetched", "both" (from the layer); "admin", "wrong"
+        assert by_content.said() == "2 of them on disk, and 2 more with no record, checked by content when opened"
+        assert by_size.said() == "4 of them on disk"
+        assert not OnDisk(0, 0) and OnDisk(0, 1)
+    finally:
+        store.close()
