@@ -178,3 +178,49 @@ def test_a_handled_signal_does_not_interrupt_a_read_but_a_kill_after_it_does(mou
         for child in (handled, killed):
             _end(child)
     assert m.log().count("is being killed") == 1, "only the killed reader's request was ended"
+
+
+
+# An O_DIRECT reader: a page-aligned buffer, one read at offset 0 (os.preadv: preadv2, syscall 327).
+DIRECT_READER = r"""
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+print("opened", flush=True)
+print(os.preadv(fd, [mmap.mmap(-1, int(sys.argv[2]))], 0), flush=True)
+"""
+SMALL_DEADLINE = 5  # --read-deadline of the test below: the bound it shows
+
+
+@pytest.mark.log_errors(r"no data for bytes")
+def test_a_killed_o_direct_reader_of_a_small_file_is_reaped_by_the_read_deadline(mount, proxy, s3, bucket, fs: FS):
+    """The kernel's limit, not lazyfs's (fs/fuse/file.c, fuse_direct_IO): an
+    O_DIRECT read of a file served through the page cache (under 64 MiB, no
+    direct_io) goes out as background requests (async_dio), which get no
+    FUSE_INTERRUPT, and the reader waits for them uninterruptibly
+    (wait_for_completion): SIGKILLed, it stays in D state until lazyfs answers,
+    at the latest at --read-deadline (README, failure behaviour).  Measured on
+    Linux 6.18: reaped only when the answer came."""
+    data = os.urandom(8 << 20)
+    s3.put_object(Bucket=bucket, Key=KEY, Body=data)
+    proxy.add(Fault("stall", key=KEY, after=0, seconds=SMALL_DEADLINE + 15, times=1))
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--read-deadline", str(SMALL_DEADLINE), "--read-timeout", "60",
+              "--whole-file-open", "never")
+    path = m.file(KEY)
+    child = subprocess.Popen([sys.executable, "-c", DIRECT_READER, str(path), str(1 << 20)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert fs.run(child.stdout.readline).strip() == "opened"  # type: ignore[union-attr]
+        _blocked(child, 327, proxy)  # preadv2
+        started = time.monotonic()
+        child.kill()
+        try:
+            child.wait(timeout=SMALL_DEADLINE + 10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a killed O_DIRECT reader was still there {SMALL_DEADLINE + 10} s after the kill "
+                        f"(--read-deadline {SMALL_DEADLINE})")
+        assert time.monotonic() - started < SMALL_DEADLINE + 10
+    finally:
+        _end(child)
+    # (A read right after the deadline's failure fails at once too: the kernel's retry rule, README.)
+    wait_until(lambda: "fetched " in m.log(), timeout=60, what="the download, once the stall ends")
+    assert fs.read(path, timeout=60) == data, "the next reader gets the right bytes"
