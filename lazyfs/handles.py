@@ -105,6 +105,7 @@ class Handles:
         got = await self.fetcher.acquire(obj)
         whole = self._opens_whole(obj, direct)
         if whole and not isinstance(got, LocalCopy):
+            self._fetch_next_behind(obj, got)
             got = await self._whole(obj, got)
         try:
             following = await self._following(obj, isinstance(got, LocalCopy), whole)
@@ -154,6 +155,19 @@ class Handles:
         if mode == "never" or not self.passes_through():
             return False
         return mode == "always" or (obj.version in self._walked and not direct)
+
+    def _fetch_next_behind(self, obj: RemoteObject, dl: Transfer) -> None:
+        """A whole-file open of a shard a loader walks: its next shard starts
+        as soon as this one has nothing left to request (Fetcher.warm_after),
+        not once this one is verified, published and read.  Until then the
+        connections idled through the shard's last requests, its verification
+        (with an MD5 ETag, a hash that ends well after the last byte on a busy
+        CPU) and the loader's reading of it: the shards came one after the
+        other, each at about half the link's speed."""
+        following = self.next_shard(obj) if self.fetcher.cfg.model_readahead else None
+        if following is not None:
+            self._walked[following.version] = True
+            self.fetcher.warm_after(dl, following)
 
     async def _whole(self, obj: RemoteObject, dl: LocalOrTransfer) -> LocalOrTransfer:
         """`obj`'s local copy once its download `dl` is published (or `dl`,
