@@ -491,7 +491,7 @@ def test_bake_fails_a_file_a_kept_folder_stands_in_the_way_of(proxy, s3, bucket,
     res = lazyfs_cli(["bake", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint,
                       "--to", str(store)], timeout=120)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert f"failed: s3://{bucket}/{z}" in res.stdout and "not kept in the store" in res.stdout, res.stdout
+    assert f'failed: "s3://{bucket}/{z}"' in res.stdout and "not kept in the store" in res.stdout, res.stdout
     assert 'a folder stands at "models/m/z" in the store and is kept' in res.stderr, res.stderr
     assert (store / z / "admin.txt").read_bytes() == b"put here by hand"
 
