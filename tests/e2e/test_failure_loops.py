@@ -30,36 +30,22 @@ DEADLINE = "2"  # --read-deadline: a stalled read fails after it, and its retrie
 LOOP_S = 4.0  # how long the child reads on after its first failure
 
 # A child that opens the file, reads its first page until it fails, then
-# reads it again and again for LOOP_S: how many reads it made, and their errnos.
+# reads it again and again for LOOP_S: how many reads it made, and their
+# errnos.  With "reopen", each read is through a new handle: open, read, close.
 PREAD_LOOP = """
 import collections, json, os, sys, time
-fd = os.open(sys.argv[1], os.O_RDONLY)
 errs = collections.Counter()
+reopen = sys.argv[3] == "reopen"
+held = None if reopen else os.open(sys.argv[1], os.O_RDONLY)
 def read():
-    try:
-        os.pread(fd, 4096, 0)
-    except OSError as e:
-        errs[e.errno] += 1
-read()
-n, start = 0, time.monotonic()
-while time.monotonic() - start < float(sys.argv[2]):
-    read()
-    n += 1
-print(json.dumps({"reads": n, "errnos": sorted(errs)}))
-"""
-
-# The same reads, each through a new handle: open, read the first page, close.
-REOPEN_LOOP = """
-import collections, json, os, sys, time
-errs = collections.Counter()
-def read():
-    fd = os.open(sys.argv[1], os.O_RDONLY)
+    fd = os.open(sys.argv[1], os.O_RDONLY) if reopen else held
     try:
         os.pread(fd, 4096, 0)
     except OSError as e:
         errs[e.errno] += 1
     finally:
-        os.close(fd)
+        if reopen:
+            os.close(fd)
 read()
 n, start = 0, time.monotonic()
 while time.monotonic() - start < float(sys.argv[2]):
@@ -110,7 +96,7 @@ def test_reads_failing_in_a_tight_loop_are_paused_and_logged_rarely(mount, proxy
                                                                     tmp_path: Path, cause: str):
     m = failing(cause, mount, proxy, s3, bucket, tmp_path)
     before = cpu_seconds(m.process.pid)
-    out = json.loads(fs.python(PREAD_LOOP, str(m.file(KEY)), str(LOOP_S), timeout=60))
+    out = json.loads(fs.python(PREAD_LOOP, str(m.file(KEY)), str(LOOP_S), "keep", timeout=60))
     cpu = cpu_seconds(m.process.pid) - before
     assert out["errnos"], "no read failed: the test shows nothing"
     # Answered at once, the loop made thousands of reads (each a request or
@@ -133,7 +119,7 @@ def test_a_loop_of_open_read_close_is_paused_as_one_handles_reads_are(mount, pro
     the kernel itself refuses the opens.)"""
     m = failing("stalled", mount, proxy, s3, bucket, tmp_path)
     before = cpu_seconds(m.process.pid)
-    out = json.loads(fs.python(REOPEN_LOOP, str(m.file(KEY)), str(LOOP_S), timeout=60))
+    out = json.loads(fs.python(PREAD_LOOP, str(m.file(KEY)), str(LOOP_S), "reopen", timeout=60))
     cpu = cpu_seconds(m.process.pid) - before
     assert out["errnos"] == [errno.EIO], out
     assert out["reads"] < 200, f"{out['reads']} open-read-close loops in {LOOP_S:g} s: the failures were not paused"
