@@ -141,10 +141,11 @@ def _second_opinion(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify
 def hash_more_blocking(fd: int, start: int, end: int, digest: verify.Digest, cancelled: Callable[[], bool]) -> None:
     """Feed bytes [start, end) to a running digest.  At the CPU priority of
     the downloads: a reader of the whole file waits for this hash at its last
-    blocks (lastbytes.py), and with 2 CPUs busy, a hash at a lower priority
-    fell behind the download and then made the reader wait for most of it
-    (peer-bench, cold sequential 1 GiB with only an MD5 ETag: 205-260 MB/s
-    against 253-299 at the same priority, alternating runs)."""
+    blocks (lastbytes.py), so a hash that yields to the download only moves
+    the wait to the end.  (peer-bench, cold sequential 1 GiB with only an MD5
+    ETag, one pair of alternating runs: 205-260 MB/s at the lower priority,
+    253-299 at this one; a later A/B of the whole session's change was within
+    the spread: on 2 busy CPUs the MD5's own CPU is the bound.)"""
     verify.feed(fd, start, end, digest, cancelled)
 
 
