@@ -166,8 +166,16 @@ class Handles:
         other, each at about half the link's speed."""
         following = self.next_shard(obj) if self.fetcher.cfg.model_readahead else None
         if following is not None:
-            self._walked[following.version] = True
-            self.fetcher.warm_after(dl, following)
+            self._start_next(following, behind=dl)
+
+    def _start_next(self, following: RemoteObject, behind: Transfer | None) -> None:
+        """Fetch the shard a loader walks to next: at once, or once `behind`
+        (the shard it reads now) has nothing left to request."""
+        self._walked[following.version] = True
+        if behind is None or behind.complete:
+            self.fetcher.warm(following)
+        else:
+            self.fetcher.warm_after(behind, following)
 
     async def _whole(self, obj: RemoteObject, dl: LocalOrTransfer) -> LocalOrTransfer:
         """`obj`'s local copy once its download `dl` is published (or `dl`,
@@ -218,8 +226,7 @@ class Handles:
         if following is None or not local:
             return following
         if whole:
-            self._walked[following.version] = True
-            self.fetcher.warm(following)
+            self._start_next(following, behind=None)
             return None
         try:
             state = await self.fetcher.state_of(following)
@@ -274,11 +281,7 @@ class Handles:
         (Fetcher.warm_after); its local copy needs no wait."""
         following, of.following = of.following, None
         assert following is not None
-        self._walked[following.version] = True
-        if of.download is None or of.download.complete:
-            self.fetcher.warm(following)
-        else:
-            self.fetcher.warm_after(of.download, following)
+        self._start_next(following, behind=of.download)
 
     async def _read_transfer(self, fh: int, of: OpenFile, off: int, size: int) -> memoryview:
         dl = of.download
