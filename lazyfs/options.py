@@ -122,7 +122,7 @@ TRANSFER = (
            default=(FetchConfig, "transfer_client")),
     Option("--store-writes", "how downloaded bytes reach the store: direct (O_DIRECT, past the page cache, "
            "for a file nobody reads through lazyfs as it fills, such as a shard a whole-file open waits for; "
-           "verification's read-back then caches it) or buffered (always through the page cache: better when "
+           "verification reads it back the same way) or buffered (always through the page cache: better when "
            "the store's disk is much slower than the network); a filesystem that refuses O_DIRECT gets buffered "
            "writes", choices=("direct", "buffered"), default=(FetchConfig, "store_writes")),
     Option("--read-timeout", "a response that sends no byte for this long is a stalled connection, retried",

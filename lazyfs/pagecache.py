@@ -20,6 +20,7 @@ from typing import Awaitable, Callable
 
 import trio
 
+from lazyfs import readback
 from lazyfs.filemap import CHUNK, FileMap
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,7 @@ class Prefaulter:
         self._close = close
         self._threads = trio.CapacityLimiter(THREADS)
         self._ahead_threads = trio.CapacityLimiter(AHEAD_THREADS)
-        self._probe = bytearray(1)  # trio thread only
-        self._nowait = hasattr(os, "RWF_NOWAIT")
+        self._nowait = True  # until the store's filesystem cannot say what is cached
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         # (mapping, chunk) -> done: a chunk is read by one thread, whoever asks.
         self._pending: dict[tuple[int, int], trio.Event] = {}
@@ -79,16 +79,12 @@ class Prefaulter:
         if not self._nowait:
             return chunks
         for i in chunks:
-            first, last = i * CHUNK, min(fmap.size, (i + 1) * CHUNK) - 1
-            try:
-                if os.preadv(fmap.fd, [self._probe], first, os.RWF_NOWAIT) and \
-                        os.preadv(fmap.fd, [self._probe], last, os.RWF_NOWAIT):
-                    fmap.mark_chunks_warm(range(i, i + 1))
-            except BlockingIOError:
-                continue  # not cached: a thread reads it in
-            except OSError:
+            cached = readback.in_page_cache(fmap.fd, i * CHUNK, min(fmap.size, (i + 1) * CHUNK))
+            if cached is None:
                 self._nowait = False  # the store's filesystem cannot say: read everything in
                 return chunks
+            if cached:  # (else a thread reads it in)
+                fmap.mark_chunks_warm(range(i, i + 1))
         return fmap.cold_chunks(chunks.start * CHUNK, len(chunks) * CHUNK)
 
     async def _read(self, fmap: FileMap, chunks: range, threads: trio.CapacityLimiter) -> None:

@@ -43,7 +43,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from lazyfs import verify
+from lazyfs import readback, verify
 from lazyfs.verify import COMPOSITE_SUFFIX, Expectation, Hashed
 
 CELL = 1024 * 1024
@@ -239,7 +239,7 @@ class _Total:
 
 def _read_back(crc: _Crc, fd: int, start: int, end: int, cancelled: Callable[[], bool]) -> int:
     h = verify.CrcHasher(crc.of, crc.width)
-    verify.read_into(fd, start, end, h, cancelled)
+    readback.read_into(fd, start, end, h, cancelled)
     return h.value
 
 

@@ -69,7 +69,7 @@ class Stats:
     s3_errors: Counter[str] = field(default_factory=Counter)  # op -> failed requests
     fetched_bytes: int = 0  # body bytes received from S3
     direct_bytes: int = 0  # of those, written to the store with O_DIRECT (storewrite.py)
-    # Bytes read back from the store to verify downloads (verify.read_into);
+    # Bytes read back from the store to verify downloads (readback.read_into);
     # pieces summed as they were written need none (piecesums.py).
     verify_read_bytes: int = 0
     retries: int = 0  # ranged GETs resumed after the body broke off

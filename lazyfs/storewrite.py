@@ -10,10 +10,10 @@ Two ways (`--store-writes`):
   that hands freed memory back to its host (free page reporting), the first
   write to such memory costs more than the transfer itself (~3 of the
   daemon's 12 CPU s of a 2.1 GiB cold model load here, docs/bench-after.md).
-  A file checked by its MD5 ETag is read back to verify it, and that DMA
-  fills the page cache where the loader then finds the file (passthrough
-  maps the same pages); one checked by a CRC is not read back at all
-  (piecesums.py), and the loader's faults read it from the disk.
+  A file checked by its MD5 ETag is read back to verify it, the same way
+  around the page cache (readback.py); one checked by a CRC is not read
+  back at all (piecesums.py).  Either way the loader's faults read it from
+  the disk, into the page cache once.
   While a handle reads the file as it fills, its pieces are written
   buffered: lazyfs answers those reads from the page cache, and bytes
   written direct would have to come back from the disk first (measured:

@@ -26,26 +26,15 @@ Blocking: reads the whole file.  Run in a worker thread.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
-import os
 import re
-import threading
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+from lazyfs import readback
 from lazyfs.errors import IntegrityError
-from lazyfs.stats import STATS
 
-# Bytes hashed per read, into a buffer reused from hash to hash (_buffer): a
-# fresh buffer per read would be fresh pages, a page fault and a zeroed page
-# per 4 KiB (a 4 MiB one is mmapped, see mount.return_freed_buffers), about a
-# sixth of the daemon's CPU on a cold load before this.  Spare buffers are
-# kept, not per thread: trio's cached threads would each keep one.
-_READ = 1024 * 1024
-_spare: list[memoryview] = []  # at most one per hash that ever ran at the same time
-_spare_lock = threading.Lock()
 _MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
 _MULTIPART = re.compile(r"^([0-9a-f]{32})-(\d+)$")
 _COMPOSITE = re.compile(r"^[A-Za-z0-9+/]+={0,2}-(\d+)$")
@@ -294,7 +283,7 @@ def part_digest(fd: int, start: int, end: int, exp: Expectation, cancelled: Call
     """The binary digest of one part, bytes [start, end) of the file, in the
     algorithm `exp` hashes its parts with (blocking: reads them back)."""
     h = _hasher_for(exp)
-    read_into(fd, start, end, h, cancelled)
+    readback.read_into(fd, start, end, h, cancelled)
     return bytes(h.digest())
 
 
@@ -310,13 +299,13 @@ def composite_value(exp: Expectation, digests: list[bytes]) -> str:
 def feed(fd: int, start: int, end: int, digest: Digest, cancelled: Callable[[], bool] = lambda: False) -> None:
     """Feed bytes [start, end) of the file to `digest` (which has had [0, start))."""
     assert digest.fed == start, "a digest must be fed in order"
-    read_into(fd, start, end, digest, cancelled)
+    readback.read_into(fd, start, end, digest, cancelled)
 
 
 def compute(fd: int, size: int, exp: Expectation, cancelled: Callable[[], bool] = lambda: False) -> str:
     """The digest of the file's first `size` bytes, in `exp`'s form."""
     digest = Digest(exp)
-    read_into(fd, 0, size, digest, cancelled)
+    readback.read_into(fd, 0, size, digest, cancelled)
     return digest.value()
 
 
@@ -326,31 +315,3 @@ def check(fd: int, size: int, exp: Expectation, uri: str,  # (as a log line show
     if got != exp.value:
         raise IntegrityError(f"{uri}: downloaded bytes do not match the object's "
                              f"{exp.algorithm} (expected {exp.value}, got {got})")
-
-
-def read_into(fd: int, start: int, end: int, h: Any, cancelled: Callable[[], bool]) -> None:
-    """Update hasher `h` with bytes [start, end) of the file, read back
-    (counted: the bytes verification cost a pass over the file)."""
-    STATS.bump("verify_read_bytes", n=end - start)
-    with _buffer() as buf:
-        pos = start
-        while pos < end:
-            if cancelled():
-                raise InterruptedError("verification cancelled")
-            n = os.preadv(fd, [buf[:min(_READ, end - pos)]], pos)
-            if not n:
-                raise IntegrityError(f"file ended at {pos} bytes, expected {end}")
-            h.update(buf[:n])
-            pos += n
-
-
-@contextlib.contextmanager
-def _buffer() -> Iterator[memoryview]:
-    """A read buffer of _READ bytes, a spare one if there is one."""
-    with _spare_lock:
-        buf = _spare.pop() if _spare else memoryview(bytearray(_READ))
-    try:
-        yield buf
-    finally:
-        with _spare_lock:
-            _spare.append(buf)

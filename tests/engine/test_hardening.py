@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from lazyfs import alongside, completion, dispatch, piecesums, verify
+from lazyfs import alongside, completion, dispatch, piecesums, readback, verify
 from lazyfs.coop import ForeignDownload
 from lazyfs.download import Download
 from lazyfs.errors import IntegrityError, LazyfsError, RemoteUnavailable, StoreError
@@ -202,14 +202,14 @@ async def test_opens_never_wait_behind_verifications(remote: FakeRemote, stores,
     """Issue 11.11: eight large files being hashed must not hold up an open."""
     release = threading.Event()
     hashing = []
-    real_feed = verify.read_into
+    real_feed = readback.read_into
 
     def slow_hash(*args, **kw):  # type: ignore[no-untyped-def]
         hashing.append(1)
         release.wait(20)
         real_feed(*args, **kw)
 
-    monkeypatch.setattr(verify, "read_into", slow_hash)
+    monkeypatch.setattr(readback, "read_into", slow_hash)
     objs = [remote.put(BUCKET, f"m/big{i}.bin", os.urandom(64 * KiB)) for i in range(10)]
     small = remote.put(BUCKET, "m/config.json", b"{}")
     fetcher = Fetcher(remote, stores(), fetch_config(max_connections=8))
@@ -243,7 +243,7 @@ async def test_shutdown_does_not_wait_for_a_long_verification(remote: FakeRemote
             threading.Event().wait(0.01)
         raise InterruptedError("verification cancelled")
 
-    monkeypatch.setattr(verify, "read_into", endless_hash)
+    monkeypatch.setattr(readback, "read_into", endless_hash)
     obj = remote.put(BUCKET, "m/w.bin", os.urandom(MiB))
     fetcher = Fetcher(remote, stores(), fetch_config())
     async with running(fetcher, close=False):
@@ -544,13 +544,13 @@ async def test_the_file_is_hashed_as_it_fills_so_verification_ends_with_the_last
     """Issue 13.3: the digest follows the contiguous prefix; at the end only
     the tail is hashed, and no byte is read for hashing twice."""
     hashed = []
-    real_feed = verify.read_into
+    real_feed = readback.read_into
 
     def counting(fd, start, end, h, cancelled):  # type: ignore[no-untyped-def]
         hashed.append((start, end))
         real_feed(fd, start, end, h, cancelled)
 
-    monkeypatch.setattr(verify, "read_into", counting)
+    monkeypatch.setattr(readback, "read_into", counting)
     data = os.urandom(6 * MiB + 123)
     obj = remote.put(BUCKET, "m/w.bin", data)
     fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))

@@ -6,11 +6,12 @@ part; and the hashing task of a failed download ends with it."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import trio
 
-from lazyfs import verify
+from lazyfs import readback
 from lazyfs.download import DONE, Download
 from lazyfs.fetch import Fetcher
 from lazyfs.stats import STATS
@@ -23,13 +24,13 @@ KiB, MiB = 1024, 1024 * 1024
 def count_hashed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """The byte ranges read back for hashing, as they are read."""
     hashed: list[tuple[int, int]] = []
-    real = verify.read_into
+    real = readback.read_into
 
     def counting(fd, start, end, h, cancelled):  # type: ignore[no-untyped-def]
         hashed.append((start, end))
         real(fd, start, end, h, cancelled)
 
-    monkeypatch.setattr(verify, "read_into", counting)
+    monkeypatch.setattr(readback, "read_into", counting)
     return hashed
 
 
@@ -115,3 +116,30 @@ async def test_the_first_bytes_of_a_download_send_the_rest_of_its_sweep(remote: 
         gate.release()
         await dl.finished.wait()
         assert dl.complete, dl.error
+
+
+@trio_test
+async def test_a_download_checked_by_its_md5_leaves_the_page_cache_to_its_readers(
+        remote: FakeRemote, stores, tmp_path: Path) -> None:
+    """A download nobody reads meanwhile goes to the disk around the page
+    cache, and its MD5 reads it back the same way: the daemon copies none of
+    it out of newly filled cache pages (readback.py), and the file's readers
+    fill the page cache once."""
+    data = os.urandom(6 * MiB)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))
+    async with running(fetcher):
+        before = STATS.verify_read_bytes
+        dl = await fetcher.acquire(obj, background=True)
+        assert isinstance(dl, Download)
+        await dl.finished.wait()
+        assert dl.complete and dl.verified == "MD5", dl.error
+        assert STATS.verify_read_bytes - before == len(data)
+    fd = os.open(tmp_path / "store" / "m" / "w.bin", os.O_RDONLY)
+    try:
+        if readback.in_page_cache(fd, 0, 1) is None:
+            pytest.skip("the store's filesystem cannot say what is cached")
+        cached = [i for i in range(0, len(data), MiB) if readback.in_page_cache(fd, i, i + MiB)]
+    finally:
+        os.close(fd)
+    assert cached == [], "MiB read into the page cache by the download or its verification"

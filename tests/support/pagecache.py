@@ -16,9 +16,12 @@ KERNEL_CACHES = pytest.mark.xdist_group("kernel-caches")
 
 
 def drop_from_page_cache(path: Path) -> None:
-    """Evict a file's clean pages, as after a restart: the next read goes to its filesystem."""
+    """Evict a file's pages, as after a restart: the next read goes to its filesystem.
+    Written back first: the kernel keeps dirty pages and pages under writeback
+    through POSIX_FADV_DONTNEED, which would leave part of the file cached."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)

@@ -14,10 +14,10 @@ from typing import Iterator
 
 import pytest
 
-from lazyfs import verify
+from lazyfs import readback, verify
 from lazyfs.errors import IntegrityError
 
-SIZE = 3 * verify._READ + 12345  # several buffers and a ragged end
+SIZE = 3 * readback.CHUNK + 12345  # several buffers and a ragged end
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_md5_of_a_file_fed_in_uneven_steps(data_file: tuple[int, bytes]) -> None
     fd, data = data_file
     exp = verify.Expectation("MD5", hashlib.md5(data).hexdigest())
     digest = verify.Digest(exp)
-    for start, end in ((0, 1), (1, verify._READ + 7), (verify._READ + 7, SIZE - 3), (SIZE - 3, SIZE)):
+    for start, end in ((0, 1), (1, readback.CHUNK + 7), (readback.CHUNK + 7, SIZE - 3), (SIZE - 3, SIZE)):
         verify.feed(fd, start, end, digest)
     assert digest.fed == SIZE
     assert digest.value() == exp.value
@@ -89,7 +89,7 @@ def test_a_composite_checksum_is_recomputed_part_by_part(data_file: tuple[int, b
     """boto3's default multipart upload carries a composite CRC32: checked
     with the confirmed part sizes, in any split of the feeding."""
     fd, data = data_file
-    sizes = (verify._READ + 1, verify._READ + 1, SIZE - 2 * (verify._READ + 1))
+    sizes = (readback.CHUNK + 1, readback.CHUNK + 1, SIZE - 2 * (readback.CHUNK + 1))
     parts = [data[:sizes[0]], data[sizes[0]:sizes[0] + sizes[1]], data[sizes[0] + sizes[1]:]]
     value = _composite_crc32(parts)
     exp = verify.Expectation("CRC32-composite", value, sizes)

@@ -1,0 +1,95 @@
+"""Reading a store file back to hash it (readback.py): what the page cache
+does not hold comes straight from the disk and stays out of it; what it
+holds is read from it; any range, aligned or not, hashes right."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from lazyfs import readback
+from lazyfs.errors import IntegrityError
+from support.pagecache import drop_from_page_cache
+
+CHUNK = readback.CHUNK
+SIZE = 3 * CHUNK + 12345  # several reads and a ragged end
+
+
+def never_cancelled() -> bool:
+    return False
+
+
+@pytest.fixture
+def stored(tmp_path: Path) -> Iterator[tuple[Path, int, bytes]]:
+    """A file as a download leaves it, and a descriptor of it."""
+    path = tmp_path / "blob"
+    data = os.urandom(SIZE)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    yield path, fd, data
+    os.close(fd)
+
+
+def takes_direct_reads(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return readback.in_page_cache(fd, 0, 1) is not None
+    finally:
+        os.close(fd)
+
+
+def md5_of(fd: int, start: int, end: int) -> str:
+    h = hashlib.md5()
+    readback.read_into(fd, start, end, h, never_cancelled)
+    return h.hexdigest()
+
+
+def test_what_the_page_cache_does_not_hold_is_read_from_the_disk_and_stays_out_of_it(
+        stored: tuple[Path, int, bytes]) -> None:
+    path, fd, data = stored
+    if not takes_direct_reads(path):
+        pytest.skip("the test's filesystem takes no direct reads (or cannot say what is cached)")
+    drop_from_page_cache(path)
+    assert md5_of(fd, 0, SIZE) == hashlib.md5(data).hexdigest()
+    assert not any(readback.in_page_cache(fd, i, min(SIZE, i + CHUNK)) for i in range(0, SIZE, CHUNK)), \
+        "hashing pulled the file into the page cache"
+
+
+def test_what_the_page_cache_holds_is_read_from_it(stored: tuple[Path, int, bytes],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    path, fd, data = stored  # just written: cached
+    assert readback.in_page_cache(fd, 0, SIZE) is not False
+    reads: list[int] = []
+    real = os.preadv
+
+    def recording(rfd: int, buffers: Any, offset: int, *flags: int) -> int:
+        if not flags:
+            reads.append(rfd)
+        return real(rfd, buffers, offset, *flags)
+
+    monkeypatch.setattr(readback.os, "preadv", recording)
+    assert md5_of(fd, 0, SIZE) == hashlib.md5(data).hexdigest()
+    assert reads and set(reads) == {fd}, "a cached file was read around the page cache"
+
+
+@pytest.mark.parametrize("start,end", [(0, 1), (1, CHUNK + 7), (4096, 2 * CHUNK), (CHUNK + 7, SIZE - 3),
+                                       (SIZE - 3, SIZE), (2 * CHUNK, SIZE), (0, SIZE)])
+def test_any_range_hashes_right_from_the_disk(stored: tuple[Path, int, bytes], start: int, end: int) -> None:
+    path, fd, data = stored
+    drop_from_page_cache(path)
+    assert md5_of(fd, start, end) == hashlib.md5(data[start:end]).hexdigest()
+
+
+def test_a_file_shorter_than_the_range_is_an_integrity_error(stored: tuple[Path, int, bytes]) -> None:
+    path, fd, _ = stored
+    drop_from_page_cache(path)
+    with pytest.raises(IntegrityError):
+        md5_of(fd, 2 * CHUNK, SIZE + 4096)
