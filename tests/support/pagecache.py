@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 from pathlib import Path
 
@@ -25,3 +27,29 @@ def drop_from_page_cache(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def cached_pages(path: Path) -> int:
+    """How many of a file's pages the page cache holds (mincore of a mapping
+    that is never touched: asking changes nothing, where a RWF_NOWAIT read of
+    a page not cached starts reading it in)."""
+    size = path.stat().st_size
+    if not size:
+        return 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mapping = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)  # (writable, so ctypes can take its address)
+    finally:
+        os.close(fd)
+    anchor = ctypes.c_char.from_buffer(mapping)  # (released before the mapping is closed)
+    try:
+        pages = -(-size // mmap.PAGESIZE)
+        vec = (ctypes.c_ubyte * pages)()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+        if libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return sum(v & 1 for v in vec)
+    finally:
+        del anchor
+        mapping.close()
