@@ -30,7 +30,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("socket receive (kernel: tcp_recvmsg, copy to user)", ("tcp_recvmsg", "sock_recvmsg", "__sys_recvfrom")),
     ("socket send (kernel)", ("tcp_sendmsg", "__sys_sendto")),
     ("pwrite into the sparse file (kernel: page cache write)", ("ksys_pwrite64", "__x64_sys_pwrite64")),
-    ("pread / read of files (kernel)", ("ksys_pread64", "__x64_sys_pread64", "ksys_read")),
+    ("pread / read of files (kernel)", ("ksys_pread64", "__x64_sys_pread64", "ksys_read", "do_preadv")),
     ("madvise, mmap, munmap (kernel)", ("__x64_sys_madvise", "__x64_sys_mmap", "__x64_sys_munmap")),
     ("futex, epoll, poll: thread and event hand-off (kernel)", ("__x64_sys_futex", "__x64_sys_epoll", "__x64_sys_poll",
                                                              "do_sys_poll")),
