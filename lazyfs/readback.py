@@ -16,7 +16,8 @@ What the page cache holds (pieces written buffered because a reader reads the
 file as it fills, `--store-writes buffered`, a file read since) is read from
 it: a copy from cached pages costs less than a disk read.  Asked per
 chunk, as pagecache.py asks: a one-byte read of its first and last pages
-with RWF_NOWAIT, which fails rather than wait for the disk.
+with RWF_NOWAIT, which fails rather than wait for the disk (through a
+descriptor with read-ahead off: _twins says why).
 
 Where O_DIRECT is refused (tmpfs before 6.6, some network filesystems) or the
 kernel cannot say what is cached, everything goes through the page cache.
