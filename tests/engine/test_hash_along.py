@@ -137,6 +137,8 @@ async def test_a_download_checked_by_its_md5_leaves_the_page_cache_to_its_reader
         assert dl.complete and dl.verified == "MD5", dl.error
         assert STATS.verify_read_bytes - before == len(data)
     path = tmp_path / "store" / "m" / "w.bin"
-    # A few pages at most: those asked about (a chunk's first and last, read in by the asking), the header's.
+    # A few pages: those asked about (a chunk's first and last, read in by the asking), the
+    # header's, and now and then a chunk the kernel had its first and last pages of cached
+    # by then (tests/unit/test_readback.py).  The old read-back cached all of it.
     pages = len(data) // 4096
-    assert cached_pages(path) < pages // 20, "read into the page cache by the download or its verification"
+    assert cached_pages(path) < pages // 4, "read into the page cache by the download or its verification"

@@ -55,15 +55,24 @@ def md5_of(fd: int, start: int, end: int) -> str:
 
 
 def test_what_the_page_cache_does_not_hold_is_read_from_the_disk_and_stays_out_of_it(
-        stored: tuple[Path, int, bytes]) -> None:
-    path, fd, data = stored
+        tmp_path: Path) -> None:
+    path = tmp_path / "big"
+    data = os.urandom(8 * CHUNK + 12345)
+    path.write_bytes(data)
     if not takes_direct_reads(path):
         pytest.skip("the test's filesystem takes no direct reads (or cannot say what is cached)")
     drop_from_page_cache(path)
-    assert md5_of(fd, 0, SIZE) == hashlib.md5(data).hexdigest()
-    assert md5_of(fd, 7, SIZE) == hashlib.md5(data[7:]).hexdigest()  # (an unaligned start too)
-    # At most the pages asked about (a chunk's first and last, read in by the asking).
-    assert cached_pages(path) <= 2 * -(-SIZE // CHUNK), "hashing pulled the file into the page cache"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert md5_of(fd, 0, len(data)) == hashlib.md5(data).hexdigest()
+        assert md5_of(fd, 7, len(data)) == hashlib.md5(data[7:]).hexdigest()  # (an unaligned start too)
+    finally:
+        os.close(fd)
+    # The pages asked about (a chunk's first and last, read in by the asking), and now
+    # and then (once in ~300 runs here) a chunk whose first and last pages the kernel
+    # had cached by then, read through the page cache: right, a copy more.  Read
+    # through the page cache, all of it would be.
+    assert cached_pages(path) < len(data) // 4096 // 4, "hashing pulled the file into the page cache"
 
 
 def test_what_the_page_cache_holds_is_read_from_it(stored: tuple[Path, int, bytes],
