@@ -23,7 +23,7 @@ from lazyfs.catalog import Catalog
 from lazyfs.config import DoctorConfig
 from lazyfs.errors import LazyfsError
 from lazyfs.identity import user_xattrs_work
-from lazyfs.mounttab import find_mount, hung_mount_holding, probe_mount
+from lazyfs.mounttab import BrokenMount, broken_mount_holding, find_mount, probe_mount
 from lazyfs.namespace import MARKER_BODY, UNSAFE, Skipped, Tree
 from lazyfs.passthrough import kernel_at_least, kernel_passes_through
 from lazyfs.remote import Remote
@@ -156,8 +156,9 @@ def mountpoint(cfg: DoctorConfig) -> list[Check]:
     if entry is not None and entry.fstype.startswith("fuse"):
         state = probe_mount(path)
         if state == errno.ENOTCONN:
-            return [Check(FAIL, "mountpoint", f"{path} is a stale mount (its daemon died)",
-                          f"fusermount3 -uz {path} (lazyfs mount also cleans it up at start)")]
+            stale = BrokenMount(entry, dead=True)
+            return [Check(FAIL, "mountpoint", f"{path} is {stale.what}",
+                          f"{stale.fix} (lazyfs mount also cleans it up at start)")]
         if state is None:
             also = " (or start lazyfs mount: it takes over a lazyfs mount that does not answer)" \
                 if entry.fstype == "fuse.lazyfs" else " (if its daemon is gone or hung)"
@@ -165,8 +166,8 @@ def mountpoint(cfg: DoctorConfig) -> list[Check]:
                           f"lazyfs umount --force {path}{also}")]
         return [Check(WARN, "mountpoint", f"{path} is already mounted ({entry.fstype}); a second mount "
                       "would be refused", f"lazyfs umount {path} first")]
-    if (hung := _on_hung_mount("mountpoint", path)) is not None:
-        return [hung]
+    if (broken := _on_broken_mount("mountpoint", path)) is not None:
+        return [broken]
     if not path.exists():
         return [Check(FAIL, "mountpoint", f"{path} does not exist", f"mkdir -p {path}")]
     if not path.is_dir():
@@ -174,13 +175,14 @@ def mountpoint(cfg: DoctorConfig) -> list[Check]:
     return [Check(OK, "mountpoint", f"{path} exists and is not mounted")]
 
 
-def _on_hung_mount(name: str, path: Path) -> Check | None:
-    """A path inside a FUSE mount that does not answer: looking at it would hang doctor."""
-    entry = hung_mount_holding(path)
-    if entry is None:
+def _on_broken_mount(name: str, path: Path) -> Check | None:
+    """A path inside a FUSE mount whose daemon died or does not answer:
+    looking at it would fail, or hang doctor."""
+    broken = broken_mount_holding(path)
+    if broken is None:
         return None
-    return Check(FAIL, name, f"{path} is on {entry.mountpoint}, a {entry.fstype} mount that is not responding",
-                 f"lazyfs umount --force {entry.mountpoint} (if its daemon is gone or hung)")
+    also = "" if broken.dead else " (if its daemon is gone or hung)"
+    return Check(FAIL, name, f"{path} is on {broken.entry.mountpoint}, {broken.what}", broken.fix + also)
 
 
 def store(cfg: DoctorConfig) -> list[Check]:
@@ -189,8 +191,8 @@ def store(cfg: DoctorConfig) -> list[Check]:
     if entry is not None and entry.fstype.startswith("fuse"):
         return [Check(WARN, "store", f"{path} is covered by a FUSE mount; its own folder is out of "
                       "reach from here", "run doctor before mounting, or give --store")]
-    if (hung := _on_hung_mount("store", path)) is not None:
-        return [hung]
+    if (broken := _on_broken_mount("store", path)) is not None:
+        return [broken]
     existing = path
     while not existing.exists():
         existing = existing.parent

@@ -136,18 +136,47 @@ def probe_mount(path: Path, timeout: float = PROBE_TIMEOUT_S) -> int | None:
     return result[0] if result else None
 
 
-def hung_mount_holding(path: str | Path) -> MountEntry | None:
-    """The FUSE mount `path` is on or anywhere below, if its daemon does not
-    answer (a stat of the path, or an open, would wait for ever).  Found by
-    name in the mount table, following the symlinks on the way that lie
-    outside FUSE mounts (nothing on one is looked up: that could hang too)."""
+@dataclass(frozen=True)
+class BrokenMount:
+    """A FUSE mount that cannot serve a path on it: its daemon died (the
+    kernel answers ENOTCONN at once: a stale mount) or does not answer (a
+    stat would wait for ever: stopped, hung, or killed while a thread of it
+    was stuck in the kernel)."""
+
+    entry: MountEntry
+    dead: bool
+
+    @property
+    def what(self) -> str:
+        if self.dead:
+            return "a stale mount (its daemon died)"
+        return f"a {self.entry.fstype} mount that is not responding"
+
+    @property
+    def fix(self) -> str:
+        """The command that clears it: a dead mount needs only a (lazy)
+        unmount, one that does not answer its connection aborted."""
+        if self.dead:
+            return f"fusermount3 -uz {self.entry.mountpoint}"
+        return f"lazyfs umount --force {self.entry.mountpoint}"
+
+
+def broken_mount_holding(path: str | Path) -> BrokenMount | None:
+    """The FUSE mount `path` is on or anywhere below, if its daemon died or
+    does not answer (a stat of the path, or an open, would fail with
+    ENOTCONN, or wait for ever).  Found by name in the mount table, following
+    the symlinks on the way that lie outside FUSE mounts (nothing on one is
+    looked up: that could hang too)."""
     entries = _mounts()
     fuse = [entry for entry in entries if entry.fstype.startswith("fuse")]
     target = os.path.abspath(path)
     candidates = {target, _resolved_outside(target, [entry.mountpoint for entry in fuse])}
     for entry in fuse:
-        if any(_on_or_below(p, entry.mountpoint) for p in candidates) and probe_mount(Path(entry.mountpoint)) is None:
-            return entry
+        if not any(_on_or_below(p, entry.mountpoint) for p in candidates):
+            continue
+        state = probe_mount(Path(entry.mountpoint))
+        if state is None or state == errno.ENOTCONN:
+            return BrokenMount(entry, dead=state == errno.ENOTCONN)
     return None
 
 
@@ -189,11 +218,15 @@ def _resolved_outside(path: str, fuse_mounts: list[str]) -> str:
 
 
 def check_answering(path: str | Path, what: str) -> None:
-    """Refuse a path on a hung FUSE mount (hung_mount_holding), with the fix."""
-    entry = hung_mount_holding(path)
-    if entry is not None:
-        raise MountError(f"{what} {path} is on {entry.mountpoint}, a {entry.fstype} mount that is not responding; "
-                         f"if its daemon is gone or hung, run: lazyfs umount --force {entry.mountpoint}")
+    """Refuse a path on a FUSE mount whose daemon died or does not answer
+    (broken_mount_holding), with the fix."""
+    broken = broken_mount_holding(path)
+    if broken is None:
+        return
+    mnt = broken.entry.mountpoint
+    if broken.dead:
+        raise MountError(f"{what} {path} is on {mnt}, {broken.what}; run: {broken.fix}")
+    raise MountError(f"{what} {path} is on {mnt}, {broken.what}; if its daemon is gone or hung, run: {broken.fix}")
 
 
 def check_mountpoint(path: Path) -> None:

@@ -278,6 +278,32 @@ def test_doctor_reports_a_stale_mount(mount, bucket, s3, fs: FS):
     assert res.returncode == 1 and "stale mount" in res.stdout and "fusermount3 -uz" in res.stdout
 
 
+def test_status_and_other_commands_refuse_a_path_on_a_stale_mount(mount, bucket, s3, tmp_path: Path, fs: FS):
+    """A mount whose daemon was killed: status (the mountpoint as its store,
+    the seed's default, or a store inside it) says it is stale with the fix,
+    exit 1, as for a hung one; not an empty table that exits 0."""
+    s3.put_object(Bucket=bucket, Key=f"{P}/x.bin", Body=b"x")
+    m = mount("--prefix", f"s3://{bucket}/{P}")
+    assert fs.read(m.file(f"{P}/x.bin")) == b"x"
+    m.process.kill()  # kill -9: the mount stays behind, dead
+    source = ["--prefix", f"s3://{bucket}/{P}"]
+    fix = f"fusermount3 -uz {m.path}"
+    commands = {"status": ["status", "--store", str(m.path), *source],
+                "status --json": ["status", "--store", str(m.path), "--json", *source],
+                "status inside it": ["status", "--store", str(m.path / "store"), *source],
+                "bake --to inside it": ["bake", "--to", str(m.path / "baked"), *source]}
+    (tmp_path / "other").mkdir()
+    for what, args in commands.items():
+        res = lazyfs_cli(args, mount.env(), timeout=60)
+        assert res.returncode == 1, (what, res.returncode, res.stdout, res.stderr)
+        assert res.stdout == "", (what, res.stdout)
+        [line] = res.stderr.strip().splitlines()
+        assert line.startswith("lazyfs: error: "), (what, line)
+        assert f"is on {m.path}, a stale mount (its daemon died); run: {fix}" in line, (what, line)
+    res = doctor([str(tmp_path / "other"), "--store", str(m.path / "store"), *source])
+    assert res.returncode == 1 and f"a stale mount (its daemon died) -> fix: {fix}" in res.stdout, res.stdout
+
+
 def test_no_xattrs_turns_the_attributes_off(mount, s3, bucket, fs: FS):
     s3.put_object(Bucket=bucket, Key=f"{P}/x.bin", Body=b"x")
     m = mount("--prefix", f"s3://{bucket}/{P}", "--no-xattrs")

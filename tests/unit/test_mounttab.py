@@ -85,6 +85,23 @@ def test_a_path_on_or_below_a_fuse_mount_that_does_not_answer_is_refused(monkeyp
             mounttab.check_answering(path, "store")
 
 
+def test_a_path_on_or_below_a_dead_fuse_mount_is_refused_as_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    mounts(monkeypatch, [("/", "ext4"), ("/mnt/dead", "fuse.lazyfs")], {"/mnt/dead": errno.ENOTCONN})
+    for path in ("/mnt/dead", "/mnt/dead/store"):
+        with pytest.raises(MountError, match=r"^store .* is on /mnt/dead, a stale mount \(its daemon died\); "
+                                             r"run: fusermount3 -uz /mnt/dead$"):
+            mounttab.check_answering(path, "store")
+
+
+def test_status_refuses_a_store_that_is_a_dead_mount(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from lazyfs.config import status_config
+
+    store = tmp_path / "store"
+    mounts(monkeypatch, [("/", "ext4"), (str(store), "fuse.lazyfs")], {str(store): errno.ENOTCONN})
+    with pytest.raises(MountError, match=rf"store {store} is on {store}, a stale mount \(its daemon died\)"):
+        status_config({"store": str(store), "prefix": ["s3://bucket/p"]}, {})
+
+
 def test_other_paths_are_not_probed_and_a_live_mount_passes(monkeypatch: pytest.MonkeyPatch) -> None:
     probed = mounts(monkeypatch, [("/", "ext4"), ("/mnt/hung", "fuse.lazyfs"), ("/mnt/live", "fuse.juicefs"),
                                   ("/mnt/hung/tmp", "tmpfs")], {"/mnt/hung": None, "/mnt/live": 0})
