@@ -86,8 +86,10 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
             return by_etag
         raise
     if verified == UNVERIFIED:
-        log.warning("%s: its multipart %s does not match the part sizes assumed, and the object store "
-                    "cannot say each part's size; published unverified", quoted(obj.uri),
+        # Said for a download and for a local copy alike: each caller says what it does with it.
+        log.warning("%s: its multipart %s does not match the part sizes assumed, and the size of each part "
+                    "cannot be learnt (the object store cannot say it, or a lock with no version id to ask "
+                    "by does not name it); its content is unverified", quoted(obj.uri),
                     "ETag" if exp.algorithm == "MD5-multipart" else "checksum")
     return verified
 

@@ -88,13 +88,22 @@ class PinnedStore:
 
     def part(self, obj: RemoteObject, number: int) -> Part | None:
         """Part sizes the store confirmed when the lock was made (all of them,
-        or part 1 and the count); others are asked for, of the locked version."""
+        or part 1 and the count), from the lock.  Another part of a locked
+        version (only bytes that do not match the sizes the lock assumes ask)
+        is asked of that very version, by its version id; without one, it is
+        not asked (None: the store cannot say): the store would describe
+        whatever the key holds now, maybe another version, and a pinned mount
+        asks about nothing but the locked versions.  The file is then
+        unverified: a copy is not served, a download (by If-Match on the
+        locked ETag) is published unverified, never called corrupt."""
         e = self.entry(obj)
-        check = e.check if e is not None else None
+        if e is None:
+            return self.inner.part(obj, number)
+        check = e.check
         if check is not None and check.algorithm == "MD5-multipart" and (check.exact or number == 1):
             sizes = check.part_sizes
             return Part(sizes[number - 1], len(sizes)) if 1 <= number <= len(sizes) else None
-        return self.inner.part(obj, number)
+        return self.inner.part(e.obj(), number) if e.version_id else None
 
     def get_range(self, obj: RemoteObject, start: int, end: int) -> Body:
         return self.inner.get_range(obj, start, end)

@@ -113,6 +113,8 @@ class PrebakedCheck:
             return ""
         except RemoteError as e:
             return self._by_size(obj, copy, f"cannot check the local copy's content ({e})")
+        if verified == UNVERIFIED and exp is not None:  # completion.check said why
+            return self._by_size(obj, copy, "its part sizes are not known")
         if verified == UNVERIFIED:
             what = "the lock names no checksum" if self.pinned else "S3 offers nothing"
             return self._by_size(obj, copy, f"{what} to check the local copy against")

@@ -239,6 +239,51 @@ def test_an_unrecorded_copy_is_served_pinned_or_baked_only_once_its_bytes_match_
     assert (store / P / "tokenizer.json").read_bytes() == approved["tokenizer.json"]
 
 
+def upload_multipart(s3, bucket: str, key: str, parts: int, part_size: int = 5 * 1024 * 1024) -> bytes:
+    """An object of `parts` equal parts (moto's least part size): its ETag is the multipart kind."""
+    data = os.urandom(parts * part_size)
+    upload = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    done = [{"ETag": s3.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=n,
+                                    Body=data[(n - 1) * part_size:n * part_size])["ETag"], "PartNumber": n}
+            for n in range(1, parts + 1)]
+    s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": done})
+    return data
+
+
+@pytest.mark.parametrize("keeps_versions", [False, True], ids=["unversioned", "versioned"])
+def test_a_rejected_multipart_copy_asks_nothing_but_the_locked_version(
+        mount, proxy, s3, bucket, fs: FS, tmp_path: Path, keeps_versions: bool):
+    """A lock that confirms only part 1 of a multipart upload (parts_confirmed: false), and a copy of the
+    right size with other bytes: the copy fails the multipart ETag recomputed from the sizes the lock assumes.
+    Asking the store for each part's size (HEAD ?partNumber=N) would describe whatever the key holds now:
+    without a version id to ask by, nothing is asked; with one, only that version is."""
+    if keeps_versions:
+        versioned(s3, bucket)
+    key = f"{P}/model-00001-of-00002.safetensors"
+    data = upload_multipart(s3, bucket, key, parts=5)
+    lock = tmp_path / "v3.lock.json"
+    doc = make_lock(proxy, bucket, lock)
+    [entry] = [o for o in doc["folders"][0]["objects"] if o["key"] == key]
+    assert entry["checksum"]["algorithm"] == "MD5-multipart" and entry["checksum"]["parts_confirmed"] is False
+    layer = tmp_path / "pbro"
+    (layer / P).mkdir(parents=True)
+    (layer / key).write_bytes(bytes(len(data)))  # the right size, other bytes
+    proxy.clear()
+    m = mount("--lock", str(lock), "--prebaked", str(layer), store=tmp_path / "store")
+    assert fs.read(m.file(key), timeout=120) == data
+    wait_until(lambda: state_of(fs, m.file(key))[0] == "cached", what="publication")
+    heads = proxy.requests("HEAD")
+    if keeps_versions:  # the sizes of the locked version's parts: they show the copy's bytes are not its
+        assert all(r["query"].get("versionId") == entry["version_id"] for r in heads), heads
+        assert "the local copy in the prebaked layer does not match the locked version's" in m.log()
+    else:
+        assert heads == [], f"a pinned mount asked about the bucket's current object: {heads}"
+        assert "its part sizes are not known, so it cannot be shown to be the locked version" in m.log()
+    gets = proxy.requests("GET", key)
+    assert gets and all(r["query"].get("versionId") == (entry["version_id"] or None) for r in gets), gets
+    assert (layer / key).read_bytes() == bytes(len(data)), "a layer is never written"
+
+
 @pytest.mark.log_errors("cannot reach the object store")
 def test_a_rejected_store_copy_is_passed_over_for_a_prebaked_layer_that_has_the_locked_one(
         mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
