@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 class BakeResult:
     files: int
     downloaded: int
-    skipped: int
+    skipped: int  # already current
+    linked: int  # made current from the same bytes the store holds under another path
     failed: list[tuple[str, str]]  # (uri, why)
     bytes_downloaded: int
     seconds: float
@@ -75,10 +76,7 @@ def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
         store.close()
     for uri, why in result.failed:
         print(failed_line(uri, why), file=out)
-    print(f"lazyfs bake: {wording.count(result.files, 'file')}: {result.downloaded} downloaded "
-          f"({result.bytes_downloaded / 2**20:.1f} MiB), {result.skipped} already current, "
-          f"{len(result.failed)} failed, in {result.seconds:.1f} s -> {cfg.target}"
-          + (f" (lock {lock.short_digest})" if lock is not None else ""), file=out, flush=True)
+    print(summary(result, cfg.target, lock), file=out, flush=True)
     if cfg.write_lock is not None and lock is not None:
         if result.failed:
             print(f"lazyfs bake: no lock written to {cfg.write_lock}: not every file is in", file=out, flush=True)
@@ -86,6 +84,17 @@ def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
             lockcmd.write(lock, cfg.write_lock, out)
             print(lockcmd.summary(lock, cfg.write_lock), file=out, flush=True)
     return 0 if not result.failed else 1
+
+
+def summary(result: BakeResult, target: object, lock: Lock | None) -> str:
+    """The last line: what was downloaded, linked from identical bytes already
+    in the store (a new version folder sharing files with the old), already
+    current, failed."""
+    linked = f"{result.linked} linked from identical copies, " if result.linked else ""
+    return (f"lazyfs bake: {wording.count(result.files, 'file')}: {result.downloaded} downloaded "
+            f"({result.bytes_downloaded / 2**20:.1f} MiB), {linked}{result.skipped} already current, "
+            f"{len(result.failed)} failed, in {result.seconds:.1f} s -> {target}"
+            + (f" (lock {lock.short_digest})" if lock is not None else ""))
 
 
 def failed_line(uri: str, why: str) -> str:
@@ -131,7 +140,8 @@ async def _fetch_all(fetcher: Fetcher, objects: list[RemoteObject], out: TextIO,
             progress = await warmer.run(objects)
         nursery.cancel_scope.cancel()
     return BakeResult(files=len(objects), downloaded=progress.done_files - progress.local_files,
-                      skipped=progress.local_files, failed=progress.failed,
+                      skipped=progress.local_files - progress.linked_files, linked=progress.linked_files,
+                      failed=progress.failed,
                       bytes_downloaded=fetcher.bytes_from_s3, seconds=time.monotonic() - started)
 
 

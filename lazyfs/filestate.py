@@ -61,6 +61,7 @@ class LocalCopy:
     layer: Layer
     state: FileState  # CACHED or PREBAKED
     dev: int = 0  # st_dev of its filesystem, for passthrough.py (which must not stat on the trio thread)
+    linked: bool = False  # made just now from the same bytes under another path (the store's content index)
 
 
 # Is this unrecorded copy (PREBAKED) the object's content?  Asked of each such

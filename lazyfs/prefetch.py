@@ -56,6 +56,7 @@ class Progress:
     done_files: int = 0
     done_bytes: int = 0
     local_files: int = 0
+    linked_files: int = 0  # of the local ones, linked just now from the same bytes under another path
     skipped_files: int = 0  # larger than the cache budget
     failed: list[tuple[str, str]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -106,6 +107,7 @@ class Prefetcher:
             if isinstance(got, LocalCopy):
                 os.close(got.fd)
                 p.local_files += 1
+                p.linked_files += int(got.linked)
             else:
                 await self._wait(got)
                 if self.must_keep and isinstance(got, Download) and got.complete and not got.keep:

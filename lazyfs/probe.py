@@ -152,6 +152,7 @@ def probe_store(store: Store, obj: RemoteObject, *, may_fetch: bool, open_partia
     except (OSError, StoreError) as e:
         log.warning("%s: could not reuse an identical local file: %s", quoted(obj.uri), e)
     if copy is not None:
+        copy.linked = True
         return Local(copy, linked=True)
     if not may_fetch:
         return Unavailable()

@@ -187,7 +187,7 @@ def _pinned_note(pinned: Any) -> str:
     else:
         note += "; drift not checked yet (every --refresh seconds, or on SIGHUP)"
     if pinned.get("unavailable"):
-        note += f"; {len(pinned['unavailable'])} locked files the bucket no longer has"
+        note += f"; {wording.count(len(pinned['unavailable']), 'locked file')} the bucket no longer has"
     return note
 
 

@@ -92,7 +92,10 @@ def test_a_mount_proves_a_lock_only_when_it_serves_that_very_lock() -> None:
     assert _other_lock(cfg, {"digest": lock.digest}) == ""
     note = _pinned_note({"digest": lock.digest, "files": 0, "unavailable": ["m/a"],
                          "drift": {"checked_at": "t", "changed": 1, "deleted": 0, "added": 2}})
-    assert "drift since the lock: 1 changed, 0 deleted, 2 added" in note and "1 locked files" in note
+    assert "drift since the lock: 1 changed, 0 deleted, 2 added" in note
+    assert "; 1 locked file the bucket no longer has" in note
+    two = _pinned_note({"digest": lock.digest, "files": 0, "unavailable": ["m/a", "m/b"]})
+    assert "; 2 locked files the bucket no longer has" in two
     assert "drift not checked yet" in _pinned_note({"digest": lock.digest, "files": 0, "drift": {}})
 
 
