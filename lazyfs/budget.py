@@ -4,15 +4,21 @@ recently used first, when they would exceed it.
 Only files lazyfs fetched (identity origin "fetch") count and can go; files
 that were on disk before (prebaked into the image, baked by `lazyfs bake`,
 checked with --verify etag) and the --prebaked layers are never touched.  A
-file someone has open is never evicted.  A file larger than the whole budget
-is still served: it streams through a temporary file that is not kept, and
-a prefetch skips it.
+file in use is never evicted: from the moment an open of it starts (an open
+waiting for a whole file has no handle yet, and its file is published before
+the open gets it) until its last handle is released (`use`, `unuse`).  A
+file larger than the whole budget is still served: it streams through a
+temporary file that is not kept, and a prefetch skips it.
 
 A download holds its room from the moment it starts (`reserve` evicts for it
 then), so downloads in flight count against the budget as much as files
 kept.  A prefetch waits until the downloads in flight leave room for its file
 (`wait_for_room`); a reader never waits, so a reader's download may pass the
-budget when open files fill it, and its publish evicts back under it.
+budget when open files fill it, and its publish evicts back under it.  A download nobody waits for yet
+(a shard fetched ahead of the loader) starts only if it fits beside the
+files in use and the downloads in flight (`room_ahead`): evicting the shard
+a loader reads, or the one fetched ahead before the loader opens it, would
+make the loader download it twice.
 
 The files already in the store from earlier runs are found by a background
 scan, so mounting never waits for it.
@@ -21,8 +27,7 @@ scan, so mounting never waits for it.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from typing import Callable
+from collections import Counter, OrderedDict
 
 import trio
 
@@ -34,11 +39,12 @@ log = logging.getLogger(__name__)
 
 
 class Budget:
-    def __init__(self, store: Store, max_bytes: int, in_use: Callable[[str], bool]) -> None:
+    def __init__(self, store: Store, max_bytes: int) -> None:
         self.store = store
         self.max_bytes = max_bytes
-        self.in_use = in_use
         self.used = 0
+        # key -> opens under way and handles of it: never evicted (`use`).
+        self._users: Counter[str] = Counter()
         # Bytes promised to downloads in flight (by version), so thirty-two
         # prefetches starting together do not all count the same free room.
         self._reserved: dict[Version, int] = {}
@@ -69,6 +75,37 @@ class Budget:
     def touch(self, key: str) -> None:
         if key in self._lru:
             self._lru.move_to_end(key)
+
+    def use(self, key: str) -> None:
+        """An open of `key` starts: the file is not evicted until `unuse`,
+        whether it is in the store, downloading, or about to be published
+        for this open (a whole-file open waits for it with no handle yet)."""
+        self._users[key] += 1
+        self.touch(key)
+
+    def unuse(self, key: str) -> None:
+        """An open of `key` failed, or its handle was released."""
+        self._users[key] -= 1
+        if self._users[key] <= 0:
+            del self._users[key]
+
+    def in_use(self, key: str) -> bool:
+        return key in self._users
+
+    def room_ahead(self, obj: RemoteObject) -> bool:
+        """May a download nobody waits for yet (a next shard, a companion
+        file) start now?  Only if it fits beside the files in use and the
+        downloads in flight.  Else its room could not be made (files in use
+        never go), and at its publish the budget would evict it (used by
+        nobody yet) or the shard a loader reads: downloaded twice.  One
+        log line says why not."""
+        in_use = sum(self._lru.get(key, 0) for key in self._users)
+        if in_use + self.in_flight + obj.size <= self.max_bytes:
+            return True
+        log.info("%s: not fetched ahead: the cache budget (%.1f MiB) has no room for it beside the files in use "
+                 "(%.1f MiB) and the downloads in flight (%.1f MiB)", quoted(obj.uri), self.max_bytes / 2**20,
+                 in_use / 2**20, self.in_flight / 2**20)
+        return False
 
     @property
     def reserved(self) -> int:

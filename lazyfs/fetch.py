@@ -203,9 +203,13 @@ class Fetcher:
                      "files deleted from the store)", freed / 2**20)
 
     def warm(self, obj: RemoteObject) -> None:
-        """Start fetching `obj` in the background (no reader waits for it yet)."""
-        if self._nursery is not None and self.active(obj) is None and not self.closing:
-            self._spawn(self._warm, obj)
+        """Start fetching `obj` in the background (no reader waits for it yet),
+        unless the cache budget has no room for it beside the files in use."""
+        if self._nursery is None or self.active(obj) is not None or self.closing:
+            return
+        if self.budget is not None and not self.budget.room_ahead(obj):
+            return  # (it says so)
+        self._spawn(self._warm, obj)
 
     async def _hear_wants(self) -> None:
         """Demand what readers in other processes wait for (they follow our

@@ -89,13 +89,22 @@ class Handles:
     def __len__(self) -> int:
         return len(self._open)
 
-    def is_open(self, key: str) -> bool:
-        """Does any handle (of any version) read the file at `key`?"""
-        return any(of.obj.key == key for of in self._open.values())
-
     async def open(self, obj: RemoteObject, ino: int = 0, direct: bool = False) -> int:
         """A handle reading `obj` (whose inode is `ino`, see `release_inode`),
-        opened with O_DIRECT when `direct`."""
+        opened with O_DIRECT when `direct`.  The cache budget keeps its file
+        from the start of the open to the handle's release: a whole-file open
+        waits for its file with no handle yet."""
+        budget = self.fetcher.budget
+        if budget is None:
+            return await self._open_handle(obj, ino, direct)
+        budget.use(obj.key)
+        try:
+            return await self._open_handle(obj, ino, direct)
+        except BaseException:
+            budget.unuse(obj.key)
+            raise
+
+    async def _open_handle(self, obj: RemoteObject, ino: int, direct: bool) -> int:
         if self.fetcher.cfg.whole_file_open == "checkpoint" and self.passes_through():
             shards = self.index_shards(obj)
             for shard in shards:
@@ -113,8 +122,6 @@ class Handles:
             if isinstance(got, LocalCopy):
                 os.close(got.fd)
             raise
-        if self.fetcher.budget is not None:
-            self.fetcher.budget.touch(obj.key)
         if isinstance(got, LocalCopy):
             try:
                 fmap = FileMap(got.fd, obj.size, self.fetcher.pages)
@@ -325,6 +332,8 @@ class Handles:
         of = self._open.pop(fh, None)
         if of is None:
             return
+        if self.fetcher.budget is not None:
+            self.fetcher.budget.unuse(of.obj.key)
         if of.download is not None:
             of.download.drop_reader()
         else:

@@ -214,7 +214,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
     fetcher.hooks.is_current = lambda obj: is_current(catalog, obj)
     fetcher.hooks.quiet = quiet
     if cfg.cache_max_size is not None:
-        fetcher.hooks.budget = Budget(store, cfg.cache_max_size, handles.is_open)
+        fetcher.hooks.budget = Budget(store, cfg.cache_max_size)
     drift = DriftWatch(pin, catalog.lister, cfg.sources, cfg.refresh) if pin is not None else None
     space = StoreSpace(store.fsinfo)
     view = MountView(catalog, fetcher, handles, store, space, str(cfg.mountpoint), drift)

@@ -426,3 +426,28 @@ def test_an_unrelated_refresh_keeps_a_files_inode_and_its_cached_pages(mount, s3
     assert fs.stat(m.file(KEY)).st_ino == ino, "an unchanged file was renumbered"
     assert fs.read(m.file(KEY)) == data
     assert served(fs, m) == before, "the unchanged file's cached pages were dropped"
+
+
+def test_a_checkpoint_larger_than_the_cache_budget_is_downloaded_once(passthrough_ok, mount, proxy, s3, bucket,
+                                                                     fs: FS, tmp_path: Path):
+    """--cache-max-size below two shards: a loader opens the index, then maps
+    each shard whole and closes it.  Each shard is downloaded once (a shard
+    was evicted as it was published for the open waiting for it, and the
+    next one fetched ahead evicted the one being read: the model came 2.3
+    times), and with nothing open the budget counts what the store holds,
+    within the budget."""
+    shards = {f"{P}/model-0000{i}-of-00003.safetensors": os.urandom(16 * PART) for i in (1, 2, 3)}
+    index = f"{P}/model.safetensors.index.json"
+    for key, data in shards.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    s3.put_object(Bucket=bucket, Key=index, Body=b'{"weight_map": {}}')
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "256KiB", "--cache-max-size", "6MiB", store=store)
+    assert fs.read(m.file(index)) == b'{"weight_map": {}}'
+    for key, data in shards.items():
+        assert fs.run(mapped, m.file(key)) == data
+    assert {key: proxy.bytes_sent(key) for key in shards} == {key: 16 * PART for key in shards}, \
+        "a shard was downloaded twice"
+    kept = sum(p.stat().st_size for p in (store / P).iterdir() if p.is_file())
+    wait_until(lambda: stats(fs, m)["cache"]["budget"]["used_bytes"] == kept, what="the budget to count the store")
+    assert kept <= 6 * 2**20

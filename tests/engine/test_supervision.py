@@ -177,7 +177,7 @@ async def test_the_cache_budget_scan_survives_an_unexpected_exception_and_the_bu
     # An EIO from a bad sector while walking the store: a raw OSError nobody caught.
     monkeypatch.setattr(store, "fetched_files",
                         raises_once(OSError(errno.EIO, "Input/output error"), store.fetched_files))
-    budget = Budget(store, 2500, lambda key: False)
+    budget = Budget(store, 2500)
     before = STATS.background_errors["cache budget scan"]
     with trio.fail_after(10):
         await forever("cache budget scan", budget.scan)  # as mount._serve starts it
@@ -199,7 +199,7 @@ async def test_the_scan_evicts_the_earlier_runs_least_recently_used_file_first(
     for i, obj in enumerate(objs):  # read long ago: 0.bin least recently
         path = tmp_path / "store" / obj.key
         os.utime(path, ns=(10**18 + i * 10**9, path.stat().st_mtime_ns))
-    await Budget(store, 2500, lambda key: False).scan()
+    await Budget(store, 2500).scan()
     assert sorted(p.name for p in (tmp_path / "store" / "m").iterdir()) == ["1.bin", "2.bin"]
 
 
