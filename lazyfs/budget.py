@@ -14,11 +14,17 @@ A download holds its room from the moment it starts (`reserve` evicts for it
 then), so downloads in flight count against the budget as much as files
 kept.  A prefetch waits until the downloads in flight leave room for its file
 (`wait_for_room`); a reader never waits, so a reader's download may pass the
-budget when open files fill it, and its publish evicts back under it.  A download nobody waits for yet
+budget when open files fill it, and its publish evicts back under it; if
+the files in use still keep the store over the budget, the release of the
+last handle of one of them evicts (`run`).  A download nobody waits for yet
 (a shard fetched ahead of the loader) starts only if it fits beside the
 files in use and the downloads in flight (`room_ahead`): evicting the shard
 a loader reads, or the one fetched ahead before the loader opens it, would
 make the loader download it twice.
+
+Every fetched file in the store counts, however it got there: published by
+a download (`published`), or linked from the same bytes under another path
+or from a content-index entry whose path was just evicted (`linked`).
 
 The files already in the store from earlier runs are found by a background
 scan, so mounting never waits for it.
@@ -45,6 +51,7 @@ class Budget:
         self.used = 0
         # key -> opens under way and handles of it: never evicted (`use`).
         self._users: Counter[str] = Counter()
+        self._evict_soon = trio.Event()  # set when the store is over the budget and something may go (`run`)
         # Bytes promised to downloads in flight (by version), so thirty-two
         # prefetches starting together do not all count the same free room.
         self._reserved: dict[Version, int] = {}
@@ -58,6 +65,17 @@ class Budget:
         # key -> size of fetched files in the store, least recently used first.
         self._lru: OrderedDict[str, int] = OrderedDict()
         self._lock = trio.Lock()
+
+    async def run(self) -> None:
+        """The budget's task: account for the files of earlier runs, then
+        evict back within the budget whenever the store is over it and a
+        file may go (its last user left, or a linked file was counted); an
+        eviction unlinks in a worker thread."""
+        await self.scan()
+        while True:
+            await self._evict_soon.wait()
+            self._evict_soon = trio.Event()
+            await self.make_room(0)
 
     async def scan(self) -> None:
         """Account for fetched files left by earlier runs (oldest access first)."""
@@ -84,10 +102,18 @@ class Budget:
         self.touch(key)
 
     def unuse(self, key: str) -> None:
-        """An open of `key` failed, or its handle was released."""
+        """An open of `key` failed, or its handle was released.  If that was
+        its last user and the store is over the budget (files in use held
+        it there), the budget's task evicts now, not at the next publish."""
         self._users[key] -= 1
-        if self._users[key] <= 0:
-            del self._users[key]
+        if self._users[key] > 0:
+            return
+        del self._users[key]
+        self._evict_if_over()
+
+    def _evict_if_over(self) -> None:
+        if self.used + self.reserved > self.max_bytes:
+            self._evict_soon.set()
 
     def in_use(self, key: str) -> bool:
         return key in self._users
@@ -151,9 +177,21 @@ class Budget:
         estimate off) is evicted."""
         self._reserved.pop(obj.version, None)
         self._wake()
+        self._count(obj)
+        await self.make_room(0)
+
+    def linked(self, obj: RemoteObject) -> None:
+        """A fetched file was placed in the store without a download of its
+        own (linked from the same bytes under another path, or from its
+        content-index entry while an eviction removed its path): it counts
+        like a published one, and the budget's task evicts anything it
+        pushed over (the open that linked it does not wait for that)."""
+        self._count(obj)
+        self._evict_if_over()
+
+    def _count(self, obj: RemoteObject) -> None:
         self.used += obj.size - self._lru.pop(obj.key, 0)
         self._lru[obj.key] = obj.size
-        await self.make_room(0)
 
     def released(self, obj: RemoteObject) -> None:
         """A reserved download failed: its room is free again."""

@@ -330,6 +330,8 @@ class Fetcher:
                     log.info("%s: same content as a file already in the store; linked, not downloaded",
                              wording.quoted(obj.uri),
                              extra={"event": "linked", "key": obj.key, "bytes": obj.size, "source": "store"})
+                    if self.budget is not None and verdict.copy.fetched:
+                        self.budget.linked(obj)  # in the store again: it counts (budget.py)
                 return verdict.copy
             if isinstance(verdict, Unavailable):
                 if refused is not None:

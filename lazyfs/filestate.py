@@ -62,6 +62,9 @@ class LocalCopy:
     state: FileState  # CACHED or PREBAKED
     dev: int = 0  # st_dev of its filesystem, for passthrough.py (which must not stat on the trio thread)
     linked: bool = False  # made just now from the same bytes under another path (the store's content index)
+    # A file lazyfs fetched (identity origin "fetch"), which the cache budget
+    # counts: known for a copy just linked from the same bytes (Store.materialise).
+    fetched: bool = False
 
 
 # Is this unrecorded copy (PREBAKED) the object's content?  Asked of each such

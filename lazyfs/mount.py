@@ -265,9 +265,9 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
                 _watch_signals, signals, refresher, fetcher, ops.kernel, stopping, last_stop, nursery.cancel_scope))
             nursery.start_soon(once, "readahead", _tune_after_init, ops, cfg, quiet)
             if fetcher.budget is not None:
-                # Until the scan succeeds, earlier runs' files neither count nor
-                # go: one that failed (an EIO walking the store) is tried again.
-                nursery.start_soon(forever, "cache budget scan", fetcher.budget.scan)
+                # Its scan first: until that succeeds, earlier runs' files neither
+                # count nor go; one that failed (an EIO walking the store) runs again.
+                nursery.start_soon(forever, "cache budget", fetcher.budget.run)
             nursery.start_soon(once, "ready line", _announce, cfg, catalog)
             nursery.start_soon(once, "store sweep", _sweep_after_first_listing, catalog, fetcher)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)

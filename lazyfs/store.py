@@ -289,7 +289,10 @@ class Store:
                 return None
         finally:
             os.close(src)
-        return self.find_current(obj)
+        copy = self.find_current(obj)
+        if copy is not None:
+            copy.fetched = ident.origin == "fetch"  # a link shares its record; a copy was given its origin
+        return copy
 
     def _link_checked(self, src: int, tmp: str, obj: RemoteObject) -> bool:
         """Hard-link the index entry of `obj` to tmp/`tmp`, if the entry is still

@@ -1,15 +1,20 @@
 """The cache budget (--cache-max-size) never takes a file from someone using
-it.
+it, and counts every fetched file in the store.
 
 A loader walking a checkpoint larger than the budget downloads each shard
 once: a shard an open is waiting for is not evicted the moment it is
 published, and the next shard is fetched ahead only when the budget has room
 for it beside the shard being read (before, a 3-shard load with a budget of
-one and a half shards downloaded 2.3 times the model)."""
+one and a half shards downloaded 2.3 times the model).  A file linked back
+from the content index counts like a download's (before, it was on disk but
+never counted, so never evicted), and a store left over the budget by files
+all held open comes back within it when the last of them is closed, not at
+the next publish."""
 
 from __future__ import annotations
 
 import collections
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,7 @@ import trio
 import trio.testing
 
 from lazyfs.namespace import RemoteObject
+from lazyfs.stats import STATS
 from support.budgetkit import UNIT, Engine, put, quick
 from support.enginekit import trio_test, wait_for
 from support.fakeremote import FakeRemote
@@ -96,3 +102,95 @@ async def test_a_checkpoint_larger_than_the_budget_is_downloaded_once(
         assert {obj.key: downloaded(remote, obj) for obj in listed} == {obj.key: obj.size for obj in listed}, \
             f"a shard was downloaded twice ({e.budget.evicted_files} evictions)"
         assert e.budget.used == e.fetched_bytes() <= e.budget.max_bytes
+
+
+@trio_test
+@quick
+async def test_a_file_linked_from_another_paths_bytes_counts(remote: FakeRemote, stores, tmp_path: Path) -> None:
+    """A new version folder shares a file with the old one: the open links
+    it, and the budget counts it as the file it now is in the store."""
+    old, data = put(remote, "m/v1/a.bin", UNIT)
+    new = remote.put(old.bucket, "m/v2/a.bin", data)
+    e = Engine(remote, stores(), tmp_path / "store", max_bytes=4 * UNIT)
+    async with e.running():
+        await e.cached(old, data)
+        linked = STATS.linked_files
+        await e.cached(new, data)
+        assert STATS.linked_files == linked + 1 and remote.gets(new.key) == []
+        assert e.budget.used == e.fetched_bytes() == 2 * UNIT
+
+
+@trio_test
+@quick
+async def test_a_file_evicted_as_an_open_links_it_back_is_counted(remote: FakeRemote, stores, tmp_path: Path,
+                                                                   monkeypatch: Any) -> None:
+    """The eviction of a closed file has unlinked its path when an open of it
+    finds its content-index entry, which the eviction then removes: the open
+    copies the bytes back from the entry it holds open.  The file is in the
+    store again, so the budget counts it, and evicts it again once it is
+    closed (one file's room)."""
+    (a, a_data), (b, b_data) = put(remote, "m/a.bin", UNIT), put(remote, "m/b.bin", UNIT)
+    e = Engine(remote, stores(), tmp_path / "store", max_bytes=UNIT)
+    index = e.store.index
+    unlinked, opened, dropped = threading.Event(), threading.Event(), threading.Event()
+    drop_if_unused, open_entry = index.drop_if_unused, index.open
+
+    def drop_later(etag: str, size: int) -> None:  # the eviction thread, a's path unlinked
+        if etag == a.etag:
+            unlinked.set()
+            assert opened.wait(5), "the open never looked at the content index"
+        drop_if_unused(etag, size)
+        dropped.set()
+
+    def open_before_the_drop(obj: RemoteObject) -> int | None:  # the open's probe thread
+        fd = open_entry(obj)
+        if obj.key == a.key and unlinked.is_set():
+            opened.set()
+            assert dropped.wait(5), "the eviction never ended"
+        return fd
+
+    monkeypatch.setattr(index, "drop_if_unused", drop_later)
+    monkeypatch.setattr(index, "open", open_before_the_drop)
+    async with e.running():
+        await e.cached(a, a_data)
+        async with trio.open_nursery() as nursery:
+            fhs: list[int] = []
+
+            async def read(obj: RemoteObject, data: bytes) -> None:
+                fhs.append(await e.read_whole(obj, data))
+
+            nursery.start_soon(read, b, b_data)  # its room evicts a
+            await wait_for(unlinked.is_set, "the eviction of a")
+            nursery.start_soon(read, a, a_data)
+        await e.settled()
+        assert e.kept() == {a.key, b.key} and len(remote.gets(a.key)) == 1, "a was not linked back"
+        assert e.budget.used == e.fetched_bytes() == 2 * UNIT, "a file in the store is not counted"
+        for fh in fhs:
+            e.handles.release(fh)
+        await wait_for(lambda: e.fetched_bytes() <= UNIT, "the store to come back within the budget", timeout=3)
+        await e.settled()
+        assert e.budget.used == e.fetched_bytes() == UNIT
+
+
+@trio_test
+@quick
+async def test_a_store_over_the_budget_comes_back_within_it_when_the_last_handle_closes(
+        remote: FakeRemote, stores, tmp_path: Path) -> None:
+    """A loader opens every file at once (as the Run:ai streamer opens every
+    shard): their downloads pass the budget, and nothing can go while they
+    are open.  Once the last handle of a file is closed, the least recently
+    used closed files go: no publish is needed for that."""
+    files = [put(remote, f"m/{i}.bin", UNIT) for i in range(3)]
+    e = Engine(remote, stores(), tmp_path / "store", max_bytes=3 * UNIT // 2)
+    async with e.running():
+        fhs = [await e.read_whole(obj, data) for obj, data in files]
+        await e.settled()
+        assert e.budget.used == e.fetched_bytes() == 3 * UNIT and e.budget.evicted_files == 0
+        e.handles.release(fhs[0])
+        await wait_for(lambda: e.fetched_bytes() == 2 * UNIT, "the closed file to go")
+        for fh in fhs[1:]:
+            e.handles.release(fh)
+        await wait_for(lambda: e.fetched_bytes() <= e.budget.max_bytes, "the store to come back within the budget")
+        await e.settled()
+        assert e.kept() == {files[2][0].key}, "not the least recently used closed files went"
+        assert e.budget.used == e.fetched_bytes() == UNIT

@@ -178,14 +178,17 @@ async def test_the_cache_budget_scan_survives_an_unexpected_exception_and_the_bu
     monkeypatch.setattr(store, "fetched_files",
                         raises_once(OSError(errno.EIO, "Input/output error"), store.fetched_files))
     budget = Budget(store, 2500)
-    before = STATS.background_errors["cache budget scan"]
+    before = STATS.background_errors["cache budget"]
     with trio.fail_after(10):
-        await forever("cache budget scan", budget.scan)  # as mount._serve starts it
-    assert STATS.background_errors["cache budget scan"] == before + 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(forever, "cache budget", budget.run)  # as mount._serve starts it (its scan first)
+            await wait_for(lambda: budget.evicted_files, "the scan's retry to evict")
+            nursery.cancel_scope.cancel()  # (the budget's task goes on, waiting for evictions to do)
+    assert STATS.background_errors["cache budget"] == before + 1
     assert budget.evicted_files == 1 and budget.used == 2000, "the scan's retry did not do its job"
     kept = sorted(f"m/{p.name}" for p in (tmp_path / "store" / "m").iterdir())
     assert len(kept) == 2 and sorted(budget._lru) == kept
-    assert_one_traceback(caplog, "cache budget scan", "Input/output error")
+    assert_one_traceback(caplog, "cache budget", "Input/output error")
 
 
 @trio_test

@@ -64,9 +64,9 @@ class Engine:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """The engine's tasks and the budget's scan (as the mount starts it)."""
+        """The engine's tasks and the budget's own (Budget.run, as the mount starts it)."""
         async with running(self.fetcher), trio.open_nursery() as nursery:
-            nursery.start_soon(self.budget.scan)
+            nursery.start_soon(self.budget.run)
             yield
             nursery.cancel_scope.cancel()
 
