@@ -94,7 +94,11 @@ def unmount(path: str | Path, lazy: bool = False) -> None:
                          f"try: lazyfs umount --force {path}") from None
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip().splitlines()
-        raise MountError(msg[-1] if msg else f"unmounting {path} failed")
+        line = msg[-1] if msg else f"unmounting {path} failed"
+        if not lazy and "busy" in line.lower():  # fusermount3 and umount say "Device or resource busy"
+            line += ("; files on it are open: close them, or detach it now and let them finish: "
+                     f"lazyfs umount --lazy {path}")
+        raise MountError(line)
 
 
 _MNT_FORCE, _MNT_DETACH = 1, 2

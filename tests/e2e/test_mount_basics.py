@@ -351,6 +351,13 @@ def test_sigterm_and_sigint_unmount_and_exit_zero(mount, bucket, model, fs: FS):
 
 def test_lazyfs_umount_from_another_shell(mount, bucket, model, fs: FS):
     m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
+    fd = fs.run(os.open, m.path / PREFIX / "config.json", os.O_RDONLY)
+    try:
+        busy = lazyfs_cli(["umount", str(m.path)])  # a file on it is open
+    finally:
+        os.close(fd)
+    assert busy.returncode == 1 and busy.stderr.count("\n") == 1, busy.stderr
+    assert f"lazyfs umount --lazy {m.path}" in busy.stderr, busy.stderr
     res = lazyfs_cli(["umount", str(m.path)])
     assert res.returncode == 0, res.stderr
     assert m.process.proc.wait(15) == 0

@@ -124,6 +124,17 @@ def test_an_unmount_that_does_not_finish_is_one_line_with_the_fix(monkeypatch: p
         mounttab.unmount(MNT)
 
 
+def test_an_unmount_refused_as_busy_names_the_lazy_unmount(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = tmp_path / "fusermount3"  # as fusermount3 says it of a mount with files open
+    fake.write_text(f"#!/bin/sh\necho 'fusermount3: failed to unmount {MNT}: Device or resource busy' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    fix = rf"^fusermount3: failed to unmount {MNT}: Device or resource busy; files on it are open: close them, " \
+          rf"or detach it now and let them finish: lazyfs umount --lazy {MNT}$"
+    with pytest.raises(MountError, match=fix):
+        mounttab.unmount(MNT)
+
+
 def test_status_refuses_a_store_that_is_a_hung_mount_of_any_kind(monkeypatch: pytest.MonkeyPatch,
                                                                   tmp_path: Path) -> None:
     from lazyfs.config import status_config
