@@ -32,9 +32,10 @@ class OnDisk:
         return bool(self.current or self.unchecked)
 
     def said(self) -> str:
-        """What an offline start's line says of them."""
-        more = f", and {self.unchecked} more with no record, checked by content when opened" if self.unchecked else ""
-        return f"{self.current} of them on disk{more}"
+        """What an offline start's line says of them (the unchecked ones are on disk too)."""
+        unchecked = (f" ({self.unchecked} with no identity record, checked by content when opened: one that "
+                     "does not match is not served)") if self.unchecked else ""
+        return f"{self.current + self.unchecked} of them on disk{unchecked}"
 
 
 @dataclass(frozen=True, slots=True)

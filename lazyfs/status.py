@@ -128,7 +128,8 @@ def from_store(cfg: StatusConfig) -> Answer:
             note = f"store {cfg.store}, listing from the object store"
         except RemoteUnavailable as e:
             objects = offline_objects(store, cfg.sources)
-            note = f"store {cfg.store}, object store unreachable ({e}): last saved listing"
+            note = (f"store {cfg.store}, object store unreachable ({e}): what the store knows (a saved listing, "
+                    "if any, and the files on disk)")
             if not objects:  # nothing known is only "ready" when the object store says there is nothing
                 unknown = "the object store is unreachable and the store knows no files"
         if not store.identities.supported:
@@ -157,7 +158,8 @@ def from_mount(cfg: StatusConfig) -> Answer:
         return Answer([], note, f"cannot read the mount's {RESERVED_NAME}/stats.json ({e})")
     listing = stats.get("listing") or {}
     if listing.get("offline"):
-        note += f"; the object store is unreachable, the mount serves its last saved listing ({listing.get('error')})"
+        note += (f"; the object store is unreachable ({listing.get('error')}), the mount serves what its store "
+                 "knows (a saved listing, if any, and the files on disk)")
     if (stats.get("store_filesystem") or {}).get("user_xattrs") is False:
         note += f"; {_SIDECAR_NOTE}"
     note += _pinned_note(stats.get("pinned"))

@@ -120,7 +120,8 @@ def test_offline_start_serves_what_the_store_knows(mount, proxy, s3, bucket, fs:
     m2 = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "1", "--verify", verify, store=store)
     assert "ready OFFLINE" in m2.process.stdout_lines[0]
     said = ("2 of them on disk;" if verify == "size" else
-            "1 of them on disk, and 1 more with no record, checked by content when opened;")
+            "2 of them on disk (1 with no identity record, checked by content when opened: one that does not "
+            "match is not served);")
     assert f"starting offline with the 3 files the store knows, {said}" in m2.log(), m2.log()
     assert fs.listdir(m2.path / P) == ["baked.bin", "cached.bin", "uncached.bin"]
     assert fs.read(m2.file(cached)) == cached.encode() * 100

@@ -47,7 +47,9 @@ def test_unrecorded_copies_count_as_servable_only_where_opens_judge_them_by_size
         assert by_size == OnDisk(current=4, unchecked=0)  # all but "absent" and "resized", as opens serve them
         by_content = known.on_disk(store, checks_content=True)
         assert by_content == OnDisk(current=2, unchecked=2)  # "fetched", "both" (from the layer); "admin", "wrong"
-        assert by_content.said() == "2 of them on disk, and 2 more with no record, checked by content when opened"
+        # The unchecked copies are on disk too: counted once (before: "2 of them on disk, and 2 more").
+        assert by_content.said() == ("4 of them on disk (2 with no identity record, checked by content when "
+                                     "opened: one that does not match is not served)")
         assert by_size.said() == "4 of them on disk"
         assert not OnDisk(0, 0) and OnDisk(0, 1)
     finally:
