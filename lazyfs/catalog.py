@@ -76,6 +76,7 @@ class Catalog:
         self.settled = trio.Event()  # the first listing is in, or failed (and a saved one is served)
         self.live = False
         self.offline = False  # started from the store: the object store was unreachable
+        self.listings_ok = 0  # listings that succeeded (read by store threads: probe.PrebakedCheck)
         self.last = RefreshInfo()
         self.lister = Lister(remote, trio.CapacityLimiter(LIST_CONNECTIONS), turn=self._listing_turn)
         self._lookups = trio.CapacityLimiter(LOOKUP_CONNECTIONS)
@@ -175,6 +176,7 @@ class Catalog:
             raise
         self.last = RefreshInfo(at=time.time(), ok=True, seconds=time.monotonic() - started,
                                 objects=(tree or self.tree).objects, skipped=len((tree or self.tree).skipped))
+        self.listings_ok += 1
         self._attempt_ended()
         if tree is None:
             if not self._saved and self._lists is not None:
@@ -301,8 +303,7 @@ class Catalog:
         return self.tree
 
     def _inside_source(self, path: str) -> bool:
-        return any((path + "/").startswith(s.prefix) and len(path) + 1 > len(s.prefix)
-                   for s in self.sources)
+        return any((path + "/").startswith(s.prefix) and len(path) + 1 > len(s.prefix) for s in self.sources)
 
     def _at_or_inside_source(self, path: str) -> bool:
         return any((path + "/").startswith(s.prefix) for s in self.sources)

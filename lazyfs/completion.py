@@ -54,6 +54,17 @@ def expectation(remote: ObjectStore, obj: RemoteObject, meta: ResponseMeta | Non
     return verify.choose(obj.etag, checksum, etag_is_md5, obj.size, lambda n: remote.part(obj, n), guess=True)
 
 
+def listed_expectation(obj: RemoteObject, etag_is_md5: bool) -> verify.Expectation | None:
+    """What the listing alone vouches for, with no request (the object store
+    cannot be reached): the ETag as the content's MD5, or a multipart ETag
+    cut at the first common uploader's part size that fits it (a guess: bytes
+    that do not match it prove nothing).  Not the checksum: a listing names
+    only its algorithm.  `etag_is_md5`: False with --no-etag-check; a listing
+    cannot show an SSE-KMS ETag, which is not an MD5, so bytes that do not
+    match an MD5 ETag are wrong only if the store's HEAD says it is one."""
+    return verify.choose(obj.etag, None, etag_is_md5, obj.size, lambda n: None, guess=True)
+
+
 def no_checksum_asked(obj: RemoteObject, why: Exception) -> None:
     """The one line for a HEAD that asked for a checksum the store may keep, and failed."""
     log.info("%s: cannot ask the object store for a checksum it may keep (%s); checking its ETag", quoted(obj.uri), why)

@@ -106,7 +106,12 @@ class Fetcher:
         self._downloads: dict[Version, Download] = {}
         self._foreign: dict[Version, ForeignDownload] = {}  # run by another process (coop.py)
         self._locks = _VersionLocks()
-        self._prebaked = PrebakedCheck(remote, store, pinned) if cfg.verify_prebaked or pinned else None
+        # Listings that succeeded so far (the mount sets its catalog's): probe.PrebakedCheck.listings.
+        self.listings_ok: Callable[[], int] = lambda: 0
+        # (public: an open asks it whether a copy it served was refused since)
+        self.prebaked = None if not (cfg.verify_prebaked or pinned) else PrebakedCheck(
+            remote, store, pinned, etag_is_md5=cfg.link_same_etag,  # (--no-etag-check: ETags are not MD5s)
+            listings=lambda: self.listings_ok())  # noqa: PLW0108 (the one set later)
         self._limits = Limits(part_blocks=max(1, cfg.part_size // cfg.block_size),
                               max_requests=cfg.max_connections, read_deadline=cfg.read_deadline,
                               whole_parts=cfg.transfer_client == "crt")
@@ -181,7 +186,7 @@ class Fetcher:
         transfer: Transfer | None = self.active(obj) or self._foreign.get(obj.version)
         if transfer is not None:
             return LocalState(FileState.DOWNLOADING, "store", transfer.fetched_bytes)
-        checked = self._prebaked.checked if self._prebaked is not None else None  # (--verify etag, pinned)
+        checked = self.prebaked.checked if self.prebaked is not None else None  # (--verify etag, pinned)
         with trio.move_on_after(STATE_WAIT_S):  # abandoned then: it holds no descriptor once it returns
             return await trio.to_thread.run_sync(self.store.local_state, obj, checked, limiter=self._meta,
                                                  abandon_on_cancel=True)
@@ -322,7 +327,7 @@ class Fetcher:
             probe = functools.partial(probe_store, self.store, obj,
                                       may_fetch=refused is None and not self.closing and not self.offline(),
                                       open_partial=self.budget is None, block_size=self.cfg.block_size,
-                                      check_prebaked=self._prebaked, may_link=self.cfg.link_same_etag)
+                                      check_prebaked=self.prebaked, may_link=self.cfg.link_same_etag)
             verdict = await self._probe(obj, probe)
             if isinstance(verdict, Local):
                 if verdict.linked:
@@ -343,7 +348,7 @@ class Fetcher:
                                         "store is unreachable", bucket=obj.bucket, key=obj.key)
             if isinstance(verdict, Foreign):
                 follower = ForeignDownload(obj, self.store, self.pages, self._meta, self.cfg.read_deadline,
-                                           self.start_locked, self._followed, self._bad_data, self._prebaked)
+                                           self.start_locked, self._followed, self._bad_data, self.prebaked)
                 self._foreign[obj.version] = follower
                 self._spawn(follower.follow)
                 return follower

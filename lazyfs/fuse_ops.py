@@ -278,11 +278,11 @@ class Operations(pyfuse3.Operations):
         backing_id = self.passthrough.open(fh, inode, self.handles.local_copy(fh))
         if backing_id:  # the kernel reads the local copy itself (passthrough.py)
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False, backing_id=backing_id)
-        # keep_cache: this inode is one immutable version, so pages the kernel
-        # cached for it stay right across opens (a new version is a new inode).
+        # keep_cache: this inode is one immutable version, so pages the kernel cached for it stay right
+        # across opens (a new version is a new inode), unless they came from a local copy refused since.
         direct_io = ref.size >= DIRECT_IO_FROM and self.handles.reads_arriving(fh) and self._direct_io()
         STATS.opens_direct_io += direct_io
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=direct_io)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.handles.keeps_cache(fh), direct_io=direct_io)
 
     def _still_listed(self, ref: InodeRef) -> bool:
         """Is `ref` in the served listing (before the first one: assume so)?"""

@@ -60,6 +60,9 @@ class OpenFile:
     served: int = 0
     dev: int = 0  # the local copy's filesystem (LocalCopy.dev)
     generation: int = 0  # the download's attempt whose bytes it was served (lastbytes.py)
+    # The kernel may hold pages of a copy served before and refused since
+    # (probe.PrebakedCheck.withdrawn): this open must not keep them.
+    pages_stale: bool = False
 
 
 class Handles:
@@ -135,6 +138,7 @@ class Handles:
             got.add_reader()
             of = OpenFile(obj, ino, -1, None, got, "s3")
             STATS.opens_miss += 1
+        of.pages_stale = self.fetcher.prebaked is not None and self.fetcher.prebaked.withdrawn(obj)
         fh = self._next
         self._next += 1
         self._open[fh] = of
@@ -245,6 +249,11 @@ class Handles:
         """Does handle `fh` read its file through a download, as the bytes arrive?"""
         of = self._open.get(fh)
         return of is not None and of.download is not None
+
+    def keeps_cache(self, fh: int) -> bool:
+        """May the kernel keep the pages it cached for handle `fh`'s inode?"""
+        of = self._open.get(fh)
+        return of is None or not of.pages_stale
 
     def local_copy(self, fh: int) -> tuple[int, int] | None:
         """The descriptor and filesystem (st_dev) of handle `fh`'s complete

@@ -202,6 +202,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
                       fetch_range=pin.transfer(remote, cfg.fetch, cfg.memory_limit) if pin is not None
                       else crt.transfer_for(remote, cfg.fetch, cfg.memory_limit), pinned=pin is not None)
     fetcher.offline = lambda: catalog.offline
+    fetcher.listings_ok = lambda: catalog.listings_ok
     if offline is not None:
         catalog.start_offline(offline, "object store unreachable at start")
     if pin is not None:
@@ -222,7 +223,6 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
     fetcher.hooks.on_bad_data = ops.kernel.drop_pages
     if cfg.metrics_port is not None:
         from lazyfs.prometheus import serve_metrics  # only when asked: start-up time
-
         try:
             serve_metrics(view, cfg.metrics_addr, cfg.metrics_port)
         except OSError as e:

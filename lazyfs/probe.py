@@ -12,16 +12,17 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import cachetools
 
-from lazyfs.completion import UNVERIFIED, check, expectation
+from lazyfs import verify
+from lazyfs.completion import UNVERIFIED, check, expectation, listed_expectation
 from lazyfs.errors import IntegrityError, RemoteError, StoreError
 from lazyfs.filestate import REJECTED, SIZE, LocalCopy, PrebakedAccept
 from lazyfs.identity import Identity
 from lazyfs.layer import Layer
-from lazyfs.namespace import RemoteObject
+from lazyfs.namespace import RemoteObject, Version
 from lazyfs.objectstore import ObjectStore
 from lazyfs.partials import Partial
 from lazyfs.store import Store
@@ -58,6 +59,15 @@ class Unavailable:
 Verdict = Local | Fetch | Foreign | Unavailable
 
 
+class _Judged(NamedTuple):
+    verified: str  # how its content was checked (an algorithm), SIZE, or "" (not served)
+    # Judged without the object store (it could not be reached): how many
+    # listings had succeeded then.  It holds until another succeeds (the
+    # object store answers again), then the next open checks the copy again.
+    # None: for good.
+    listings: int | None = None
+
+
 class PrebakedCheck:
     """--verify etag, and every pinned mount or bake: an unrecorded local copy
     is current only if its content matches the object's checksum or ETag.
@@ -70,38 +80,63 @@ class PrebakedCheck:
     whose content cannot be checked (the lock names no checksum) is not
     served: only its size would vouch for it, and a pinned mount serves
     nothing but the locked bytes.  Unpinned, such a copy is used, as the
-    seed's rule says."""
+    seed's rule says.
 
-    def __init__(self, remote: ObjectStore, store: Store, pinned: bool = False) -> None:
+    When the object store cannot be reached (an offline start), the copy is
+    checked against what the listing says (completion.listed_expectation):
+    a match is final; a mismatch is not served, and a copy nothing could be
+    checked against is served by its size (the seed's rule: an offline start
+    is what prebaked copies are for), each only until the next listing
+    succeeds (`listings`: how many have, read from store threads), when the
+    next open checks it with the object store.  A copy refused then after it
+    was served is `withdrawn`: the kernel's pages of it must go."""
+
+    def __init__(self, remote: ObjectStore, store: Store, pinned: bool = False, *, etag_is_md5: bool = True,
+                 listings: Callable[[], int] = lambda: 0) -> None:
         self.remote = remote
         self.store = store
         self.pinned = pinned
+        self.etag_is_md5 = etag_is_md5  # (not with --no-etag-check)
+        self.listings = listings
         # Keyed by the copy's inode and mtime: a replaced copy is checked again.
-        # The value: how its content was checked (an algorithm), SIZE when
-        # only its size could be, "" when it does not match.
         # Store threads call this concurrently; the LRU is not thread-safe.
-        self._results: cachetools.LRUCache[tuple[object, ...], str] = cachetools.LRUCache(maxsize=65536)
+        self._results: cachetools.LRUCache[tuple[object, ...], _Judged] = cachetools.LRUCache(maxsize=65536)
+        self._withdrawn: set[Version] = set()
         self._lock = threading.Lock()
 
     def __call__(self, obj: RemoteObject, copy: LocalCopy) -> bool:
         st = os.fstat(copy.fd)
         memo_key = _memo_key(obj, copy.layer.label, st)
         with self._lock:
-            verified = self._results.get(memo_key)
-        if verified is None:
-            verified = self._check(obj, copy)  # hashing: outside the lock
+            judged = self._results.get(memo_key)
+        listings = self.listings()  # (before the check: a listing that succeeds meanwhile comes after it)
+        if judged is None or judged.listings not in (None, listings):
+            served_before = judged is not None and judged.verified != ""
+            judged = self._check(obj, copy, listings)  # hashing: outside the lock
             with self._lock:
-                self._results[memo_key] = verified
-        return verified != ""
+                self._results[memo_key] = judged
+                if served_before and not judged.verified:
+                    self._withdrawn.add(obj.version)
+        return judged.verified != ""
 
     def checked(self, obj: RemoteObject, layer: Layer, st: os.stat_result) -> str:
         """How this unrecorded copy's content was checked, if it was and
         matched; REJECTED if it was and is not served; "" if not checked yet."""
         with self._lock:
-            verified = self._results.get(_memo_key(obj, layer.label, st))
-        return "" if verified is None else verified or REJECTED
+            judged = self._results.get(_memo_key(obj, layer.label, st))
+        return "" if judged is None else judged.verified or REJECTED
 
-    def _check(self, obj: RemoteObject, copy: LocalCopy) -> str:
+    def withdrawn(self, obj: RemoteObject) -> bool:
+        """Was a copy of `obj` served (judged without the object store), and
+        refused since?  Said once, to an open (trio thread), which then does
+        not keep the pages the kernel cached from that copy."""
+        with self._lock:
+            if obj.version not in self._withdrawn:
+                return False
+            self._withdrawn.discard(obj.version)
+            return True
+
+    def _check(self, obj: RemoteObject, copy: LocalCopy, listings: int) -> _Judged:
         exp = None
         whose = "the locked version's" if self.pinned else "the object's"
         try:
@@ -110,29 +145,56 @@ class PrebakedCheck:
         except IntegrityError:
             log.warning("%s: the local copy in the %s does not match %s %s; not serving it",
                         quoted(obj.uri), copy.layer.label, whose, exp.algorithm if exp else "checksum")
-            return ""
+            return _Judged("")
         except RemoteError as e:
-            return self._by_size(obj, copy, f"cannot check the local copy's content ({e})")
+            return self._without_store(obj, copy, e, listings)
         if verified == UNVERIFIED and exp is not None:  # completion.check said why
-            return self._by_size(obj, copy, "its part sizes are not known")
+            return _Judged(self._by_size(obj, copy, "its part sizes are not known"))
         if verified == UNVERIFIED:
             what = "the lock names no checksum" if self.pinned else "S3 offers nothing"
-            return self._by_size(obj, copy, f"{what} to check the local copy against")
-        if copy.layer.writable:
-            try:
-                self.store.identities.write(copy.fd, Identity.of(obj, "prebaked", verified))
-            except OSError as e:  # a read-only copy we may not stamp: checked again next start
-                log.debug("%s: cannot record the check's result: %s", quoted(obj.uri), e.strerror)
-        return verified
+            return _Judged(self._by_size(obj, copy, f"{what} to check the local copy against"))
+        self._record(obj, copy, verified)
+        return _Judged(verified)
 
-    def _by_size(self, obj: RemoteObject, copy: LocalCopy, why: str) -> str:
+    def _without_store(self, obj: RemoteObject, copy: LocalCopy, error: RemoteError, listings: int) -> _Judged:
+        """The object store cannot be reached: check the copy against the
+        listing's ETag where that can be done (a match is final), else by size;
+        either verdict until the next listing succeeds."""
+        exp = listed_expectation(obj, self.etag_is_md5)
+        if exp is not None:
+            try:
+                verify.check(copy.fd, obj.size, exp, quoted(obj.uri))
+            except IntegrityError:
+                if exp.exact:  # (an ETag that is not an MD5, as with SSE-KMS, does not match either)
+                    log.warning("%s: the local copy in the %s does not match the listed ETag, and the object "
+                                "store cannot be reached (%s); not serving it until the object store answers, "
+                                "then checking it again", quoted(obj.uri), copy.layer.label, error)
+                    return _Judged("", listings)
+            else:
+                self._record(obj, copy, exp.algorithm)
+                return _Judged(exp.algorithm)
+        what = "the listing names nothing to check it against" if exp is None else \
+            "its multipart ETag does not match the part sizes assumed"
+        return _Judged(self._by_size(obj, copy, f"cannot check the local copy's content without the object store "
+                                                f"({error}), and {what}", until_answered=True), listings)
+
+    def _by_size(self, obj: RemoteObject, copy: LocalCopy, why: str, until_answered: bool = False) -> str:
         """Only its size vouches for the copy: used unpinned (SIZE), not served pinned ("")."""
         if self.pinned:
             log.warning("%s: %s, so it cannot be shown to be the locked version; not serving the copy in the %s",
                         quoted(obj.uri), why, copy.layer.label)
             return ""
-        log.warning("%s: %s; using it as its size matches", quoted(obj.uri), why)
+        log.warning("%s: %s; using it as its size matches%s", quoted(obj.uri), why,
+                    ", until the object store answers: the next open then checks its content" if until_answered
+                    else "")
         return SIZE
+
+    def _record(self, obj: RemoteObject, copy: LocalCopy, verified: str) -> None:
+        if copy.layer.writable:
+            try:
+                self.store.identities.write(copy.fd, Identity.of(obj, "prebaked", verified))
+            except OSError as e:  # a read-only copy we may not stamp: checked again next start
+                log.debug("%s: cannot record the check's result: %s", quoted(obj.uri), e.strerror)
 
 
 def _memo_key(obj: RemoteObject, label: str, st: os.stat_result) -> tuple[object, ...]:
