@@ -19,7 +19,7 @@ from typing import TextIO
 
 import trio
 
-from lazyfs import crt, interrupt, lockcmd, prefetch, wording
+from lazyfs import crt, interrupt, lockcmd, prefetch, storesweep, wording
 from lazyfs.catalog import Catalog
 from lazyfs.config import BakeConfig
 from lazyfs.errors import Interrupted
@@ -127,7 +127,7 @@ async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO,
 async def _fetch_all(fetcher: Fetcher, objects: list[RemoteObject], out: TextIO, baking: Baking) -> BakeResult:
     listed = {obj.version for obj in objects}  # what the bake's listing (or lock) makes current
     fetcher.hooks.is_current = lambda obj: obj.version in listed
-    await fetcher.sweep_store(objects)
+    await storesweep.sweep(fetcher.store, objects, fetcher.runner.bulk)
     warmer = baking.warmer = prefetch.Prefetcher(fetcher, concurrent_files=max(8, fetcher.cfg.max_connections),
                                                  must_keep=True)
     started = time.monotonic()

@@ -106,12 +106,9 @@ class Fetcher:
         self._downloads: dict[Version, Download] = {}
         self._foreign: dict[Version, ForeignDownload] = {}  # run by another process (coop.py)
         self._locks = _VersionLocks()
-        # Listings that succeeded so far (the mount sets its catalog's): probe.PrebakedCheck.listings.
-        self.listings_ok: Callable[[], int] = lambda: 0
-        # (public: an open asks it whether a copy it served was refused since)
+        # (public: an open asks it whether a copy it served was refused since; the mount gives it `listings`)
         self.prebaked = None if not (cfg.verify_prebaked or pinned) else PrebakedCheck(
-            remote, store, pinned, etag_is_md5=cfg.link_same_etag,  # (--no-etag-check: ETags are not MD5s)
-            listings=lambda: self.listings_ok())  # noqa: PLW0108 (the one set later)
+            remote, store, pinned, etag_is_md5=cfg.link_same_etag)  # (--no-etag-check: ETags are not MD5s)
         self._limits = Limits(part_blocks=max(1, cfg.part_size // cfg.block_size),
                               max_requests=cfg.max_connections, read_deadline=cfg.read_deadline,
                               whole_parts=cfg.transfer_client == "crt")
@@ -192,29 +189,13 @@ class Fetcher:
                                                  abandon_on_cancel=True)
         raise _silent_store(STATE_WAIT_S, obj)
 
-    async def sweep_store(self, listing: list[RemoteObject]) -> None:
-        """Free what downloads of versions nobody lists any more left in tmp/,
-        and the bytes of files deleted from the store that only the content
-        index still linked (Store.sweep): only ever with a whole live
-        listing, never an offline or partial one (the index entries of a store
-        copied without its hard links stay: ContentIndex.sweep)."""
-        try:
-            freed = await trio.to_thread.run_sync(self.store.sweep, listing, limiter=self.runner.bulk)
-        except OSError as e:
-            log.warning("could not sweep the store's leftovers: %s", e.strerror)
-            return
-        if freed:
-            log.info("store sweep: freed %.1f MiB of leftovers (old versions' downloads, unlinked copies, "
-                     "files deleted from the store)", freed / 2**20)
-
     def warm(self, obj: RemoteObject) -> None:
         """Start fetching `obj` in the background (no reader waits for it yet),
         unless the cache budget has no room for it beside the files in use."""
         if self._nursery is None or self.active(obj) is not None or self.closing:
             return
-        if self.budget is not None and not self.budget.room_ahead(obj):
-            return  # (it says so)
-        self._spawn(self._warm, obj)
+        if self.budget is None or self.budget.room_ahead(obj):  # (which says why not)
+            self._spawn(self._warm, obj)
 
     async def _hear_wants(self) -> None:
         """Demand what readers in other processes wait for (they follow our

@@ -26,7 +26,7 @@ from typing import AsyncIterator
 import pyfuse3
 import trio
 
-from lazyfs import checkpoint, crt, interrupt, prefetch, wording
+from lazyfs import checkpoint, crt, interrupt, prefetch, storesweep, wording
 from lazyfs.budget import Budget
 from lazyfs.catalog import Catalog
 from lazyfs.config import MountConfig, Source
@@ -202,7 +202,8 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
                       fetch_range=pin.transfer(remote, cfg.fetch, cfg.memory_limit) if pin is not None
                       else crt.transfer_for(remote, cfg.fetch, cfg.memory_limit), pinned=pin is not None)
     fetcher.offline = lambda: catalog.offline
-    fetcher.listings_ok = lambda: catalog.listings_ok
+    if fetcher.prebaked is not None:  # a copy judged offline is judged again once a listing succeeds
+        fetcher.prebaked.listings = lambda: catalog.listings_ok
     if offline is not None:
         catalog.start_offline(offline, "object store unreachable at start")
     if pin is not None:
@@ -269,7 +270,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
                 # count nor go; one that failed (an EIO walking the store) runs again.
                 nursery.start_soon(forever, "cache budget", fetcher.budget.run)
             nursery.start_soon(once, "ready line", _announce, cfg, catalog)
-            nursery.start_soon(once, "store sweep", _sweep_after_first_listing, catalog, fetcher)
+            nursery.start_soon(once, "store sweep", storesweep.after_first_listing, catalog, store, fetcher.runner.bulk)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
             # The main loop ended: SIGTERM/SIGINT, or someone unmounted us.
             last_stop.arm()
@@ -287,14 +288,6 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
 def is_current(catalog: Catalog, obj: RemoteObject) -> bool:
     found = catalog.tree.find(obj.key) if catalog.listed.is_set() else None
     return isinstance(found, RemoteObject) and found.same_bytes(obj)
-
-
-async def _sweep_after_first_listing(catalog: Catalog, fetcher: Fetcher) -> None:
-    """Clear the store's leftovers once a whole live listing says what is current."""
-    await catalog.listed.wait()
-    while catalog.offline or not catalog.last.ok:
-        await trio.sleep(5)
-    await fetcher.sweep_store(list(catalog.tree.files()))
 
 
 def _close_session() -> None:
