@@ -71,6 +71,7 @@ _VIRTUAL_FH = 1 << 48  # handles of virtual files live above every real one
 def _translated(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> Any:
+        self.in_flight += 1
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -85,12 +86,10 @@ def _translated(fn: F) -> F:
             STATS.error(errno.EIO)
             log.exception("unexpected error in %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.in_flight -= 1
 
     return wrapper  # type: ignore[return-value]
-
-
-def _no_backing(backing_id: int) -> None:
-    """pyfuse3 without passthrough: no backing id is ever registered."""
 
 
 class Operations(pyfuse3.Operations):
@@ -106,7 +105,8 @@ class Operations(pyfuse3.Operations):
         register = getattr(pyfuse3, "passthrough_open", None) if passthrough else None
         if register is not None:
             self.passthrough_backing_stack_depth = 1
-        self.passthrough = Passthrough(register, getattr(pyfuse3, "passthrough_close", _no_backing), fstype_of_device)
+        no_backing = lambda backing_id: None  # noqa: E731 (pyfuse3 without passthrough never registers one)
+        self.passthrough = Passthrough(register, getattr(pyfuse3, "passthrough_close", no_backing), fstype_of_device)
         # It asks too that a direct_io handle may be mapped (else ENODEV; ASKS_TO_MAP_DIRECT_HANDLES).
         self.direct_io_allow_mmap = direct_io
         self._direct_io = getattr(pyfuse3, "direct_io_allows_mmap", lambda: False) if direct_io else lambda: False
@@ -127,6 +127,7 @@ class Operations(pyfuse3.Operations):
         self.initialized = trio.Event()  # set once the kernel's INIT is answered
         self.kernel = KernelCache(self.inodes)  # what the kernel should forget
         self.failure_lines = RepeatedLines()  # a failure repeating in a loop logs a line a minute (repeats.py)
+        self.in_flight = 0  # requests being handled (an aborted connection abandons them: connwatch.py)
         self.kills = KillWatch()  # a killed task's request ends at once (killwatch.py), with a pyfuse3 that hears it
         if HEARS_INTERRUPTS:
             self.interrupted = self.kills.interrupted
@@ -339,10 +340,9 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        # `ls -l` asks for security.selinux and system.posix_acl_access on every
-        # file.  Only user.* attributes exist here, so other namespaces are not
-        # supported (ENOTSUP) rather than absent (ENODATA): ls then stops asking
-        # for the rest of the mount, where ENODATA cost a round trip per file.
+        # `ls -l` asks for security.selinux and system.posix_acl_access on every file.  Only user.*
+        # attributes exist here, so other namespaces are not supported (ENOTSUP) rather than absent
+        # (ENODATA): ls then stops asking for the rest of the mount, where ENODATA cost a round trip per file.
         if name not in XATTRS:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR if name.startswith(b"user.") else errno.EOPNOTSUPP)
         return await self._lazyfs_xattr(inode, name)

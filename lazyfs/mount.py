@@ -6,7 +6,9 @@
   4. mount, then serve in one trio nursery: FUSE main loop, download engine,
      listings, and a signal task,
   5. on SIGTERM/SIGINT or an external unmount: stop downloads (recording what
-     is on disk for a resume), end the main loop, unmount, exit 0.
+     is on disk for a resume), end the main loop, unmount, exit 0; when the
+     kernel connection is aborted (`umount --force`), the requests in flight
+     are abandoned first: no answer could reach anyone (connwatch.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import AsyncIterator
 import pyfuse3
 import trio
 
-from lazyfs import checkpoint, crt, interrupt, prefetch, storesweep, wording
+from lazyfs import checkpoint, connwatch, crt, interrupt, prefetch, storesweep, wording
 from lazyfs.budget import Budget
 from lazyfs.catalog import Catalog
 from lazyfs.config import MountConfig, Source
@@ -227,8 +229,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
         try:
             serve_metrics(view, cfg.metrics_addr, cfg.metrics_port)
         except OSError as e:
-            raise MountError(f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: "
-                             f"{e.strerror}") from None
+            raise MountError(f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: {e.strerror}") from None
         log.info("metrics at http://%s:%d/metrics", cfg.metrics_addr, cfg.metrics_port)
     stopping = trio.Event()
     last_stop = LastStop(cfg.mountpoint, after=3 * SHUTDOWN_GRACE_S)
@@ -254,7 +255,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
         except RuntimeError as e:
             raise MountError(f"cannot mount at {cfg.mountpoint}: {e} (is /dev/fuse available, and "
                              "are you root or is fusermount3 installed?)") from None
-        stack.callback(_close_session)
+        stack.callback(pyfuse3.close, unmount=True)  # once per process: pyfuse3.init() opened its one session
         last_stop.mounted()
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.run)
@@ -271,8 +272,11 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
                 nursery.start_soon(forever, "cache budget", fetcher.budget.run)
             nursery.start_soon(once, "ready line", _announce, cfg, catalog)
             nursery.start_soon(once, "store sweep", storesweep.after_first_listing, catalog, store, fetcher.runner.bulk)
-            await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
-            # The main loop ended: SIGTERM/SIGINT, or someone unmounted us.
+            with trio.CancelScope() as serving:  # cancelled once the kernel connection is gone (connwatch.py)
+                nursery.start_soon(once, "connection watch", connwatch.abandon_when_gone, serving,
+                                   lambda: ops.in_flight)
+                await pyfuse3.main(min_tasks=1, max_tasks=MAX_FUSE_TASKS)
+            # The main loop ended: SIGTERM/SIGINT, or someone unmounted us (or aborted our connection).
             last_stop.arm()
             if not stopping.is_set():
                 log.info("%s was unmounted; exiting", cfg.mountpoint)
@@ -288,11 +292,6 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
 def is_current(catalog: Catalog, obj: RemoteObject) -> bool:
     found = catalog.tree.find(obj.key) if catalog.listed.is_set() else None
     return isinstance(found, RemoteObject) and found.same_bytes(obj)
-
-
-def _close_session() -> None:
-    # Once per process: pyfuse3 has one session, opened by pyfuse3.init().
-    pyfuse3.close(unmount=True)
 
 
 async def _announce(cfg: MountConfig, catalog: Catalog) -> None:

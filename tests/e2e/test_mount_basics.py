@@ -425,6 +425,32 @@ def test_a_hung_mount_is_reported_then_forced_off_freeing_its_waiting_readers(mo
     assert "Traceback" not in m.log()
 
 
+def test_a_forced_unmount_of_a_live_daemon_with_reads_waiting_ends_it_at_once(mount, proxy, bucket, model, fs: FS):
+    """`lazyfs umount --force` while reads wait on GETs that stall: the readers
+    fail at once, and the daemon, whose kernel connection is gone, abandons
+    the requests in flight (no reply could reach anyone) and stops as at
+    SIGTERM, long before --read-deadline, with no ERROR line."""
+    key = f"{PREFIX}/llm/model.bin"
+    proxy.add(Fault("stall", key=key, times=None, seconds=300))
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}", "--read-deadline", "120")
+    readers = [fs.start(Path.read_bytes, m.file(key)) for _ in range(2)]
+    wait_until(lambda: proxy.requests("GET", key), what="the stalled GET")
+    with pytest.raises(TimeoutError):
+        readers[0].result(timeout=1)
+    res = lazyfs_cli(["umount", "--force", str(m.path)])
+    assert res.returncode == 0, res.stderr
+    for reader in readers:
+        with pytest.raises(OSError) as info:
+            reader.result(timeout=10)
+        assert info.value.errno in (errno.ECONNABORTED, errno.ENOTCONN)
+    # Within a few seconds, as a stop does: far from the 120 s a waiting read could last.
+    assert m.process.proc.wait(40) == 0
+    log = m.log()
+    assert "abandoned because the kernel connection was aborted" in log, log[-3000:]
+    assert "lazyfs stopped" in log and "fuse_reply" not in log
+    assert not is_mounted(m.path)
+
+
 def test_the_next_start_takes_over_a_lazyfs_mount_that_does_not_answer(mount, bucket, model, fs: FS):
     key = f"{PREFIX}/config.json"
     m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
