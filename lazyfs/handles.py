@@ -18,7 +18,7 @@ from typing import Callable
 import cachetools
 import trio
 
-from lazyfs.errors import LazyfsError, RemoteUnavailable, again
+from lazyfs.errors import LazyfsError, RemoteUnavailable, StoreError, again
 from lazyfs.fetch import Fetcher, LocalOrTransfer
 from lazyfs.filemap import FileMap
 from lazyfs.lastbytes import REFUSED, ServedBadBytes, refuse_stale_generation, verify_deadline
@@ -98,13 +98,16 @@ class Handles:
         from the start of the open to the handle's release: a whole-file open
         waits for its file with no handle yet."""
         budget = self.fetcher.budget
-        if budget is None:
-            return await self._open_handle(obj, ino, direct)
-        budget.use(obj.key)
+        if budget is not None:
+            budget.use(obj.key)
         try:
             return await self._open_handle(obj, ino, direct)
-        except BaseException:
-            budget.unuse(obj.key)
+        except BaseException as e:
+            if budget is not None:
+                budget.unuse(obj.key)
+            if isinstance(e, OSError):  # a descriptor or mapping refused (EMFILE near the limit): one line naming it
+                raise StoreError(f"{quoted(obj.uri)}: cannot open it from the store: {e.strerror}",
+                                 e.errno or errno.EIO) from None
             raise
 
     async def _open_handle(self, obj: RemoteObject, ino: int, direct: bool) -> int:

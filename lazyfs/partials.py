@@ -239,7 +239,11 @@ class PartialFiles:
         """Become the one process downloading this version: an exclusive flock
         on tmp/<id>.lock, or None when another process holds it.  The kernel
         drops the lock when its holder dies, so a crash never blocks others."""
-        return self._lock(self.name(obj) + ".lock")
+        try:
+            return self._lock(self.name(obj) + ".lock")
+        except OSError as e:  # EMFILE near the descriptor limit, say: the file it was for, not the lock's name
+            raise StoreError(f"{wording.quoted(obj.uri)}: cannot lock the download in the store: {e.strerror}",
+                             e.errno or errno.EIO) from None
 
     def _lock(self, name: str) -> int | None:
         while True:

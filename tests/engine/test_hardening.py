@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from lazyfs import alongside, completion, dispatch, piecesums, readback, verify
+from lazyfs import handles as handles_module
 from lazyfs.coop import ForeignDownload
 from lazyfs.download import Download
 from lazyfs.errors import IntegrityError, LazyfsError, RemoteUnavailable, StoreError
@@ -898,3 +899,29 @@ async def test_a_take_over_carries_which_readers_lazyfs_serves(remote: FakeRemot
         foreign.drop_reader(served=False)
         assert (own.readers, own.served) == (0, 0)
     assert remote.count("GET") >= 1
+
+
+@trio_test
+async def test_an_open_refused_a_descriptor_names_the_file_in_one_store_error(remote: FakeRemote, stores,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Near the descriptor limit, mapping a cached file (mmap takes a
+    descriptor of its own) failed with a bare EMFILE: the open's log line
+    named no file.  It is a store error naming the object, errno kept."""
+    data = os.urandom(2 * BLOCK)
+    obj = remote.put(BUCKET, "many/f1.bin", data)
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        handles = Handles(fetcher)
+        fh = await handles.open(obj)
+        assert bytes(await handles.read(fh, 0, len(data))) == data
+        handles.release(fh)
+        await wait_for(lambda: fetcher.active(obj) is None, "the publish")
+
+        def out_of_descriptors(*args: object) -> None:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))  # as mmap's dup says it: no name
+
+        monkeypatch.setattr(handles_module, "FileMap", out_of_descriptors)
+        with pytest.raises(StoreError) as info:
+            await handles.open(obj)
+        assert info.value.errno == errno.EMFILE
+        assert str(info.value) == f'"s3://{BUCKET}/many/f1.bin": cannot open it from the store: Too many open files'

@@ -239,3 +239,23 @@ def test_a_download_refused_for_want_of_space_says_by_how_much(store: Store, mon
     assert refused.value.errno == errno.ENOSPC
     assert "needs 6.0 MiB (6,291,456 bytes) but the store" in str(refused.value)
     assert "has 6.0 MiB (6,287,360 bytes) free" in str(refused.value)
+
+
+def test_a_lock_refused_near_the_descriptor_limit_names_the_file_not_the_lock(store: Store,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """EMFILE opening tmp/<id>.lock reached the open's log line as a bare
+    OSError naming only the internal lock file; it is a store error naming
+    the object, with the errno the reader gets."""
+    real_open = os.open
+
+    def out_of_descriptors(path: Any, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith(".lock") and str(path) != "publish.lock":
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(partials.os, "open", out_of_descriptors)
+    o = obj("m/many/f1.txt", 10)
+    with pytest.raises(StoreError) as info:
+        store.partials.lock(o)
+    assert info.value.errno == errno.EMFILE
+    assert str(info.value) == '"s3://bkt/m/many/f1.txt": cannot lock the download in the store: Too many open files'
