@@ -61,12 +61,16 @@ class ConnectionWatch:
 
     @classmethod
     def of_session(cls) -> ConnectionWatch | None:
-        fd = fuse_descriptor()
-        if fd is None:
-            log.debug("no single %s descriptor: an aborted connection is heard only when requests end",
-                      FUSE_DEVICE)
-            return None
-        return cls(fd)
+        try:
+            fd = fuse_descriptor()
+            if fd is not None:
+                return cls(fd)
+            why = f"no single {FUSE_DEVICE} descriptor"
+        except OSError as e:
+            why = e.strerror or str(e)
+        log.warning("cannot watch the kernel connection (%s): after `umount --force`, requests in flight "
+                    "end only at their deadline", why)
+        return None
 
     def gone(self) -> bool:
         return bool(self._epoll.poll(0))

@@ -80,3 +80,15 @@ def test_requests_in_flight_are_abandoned_in_one_info_line(pipe: tuple[int, int]
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["3 requests in flight abandoned because the kernel connection was aborted "
                      "(no answer could reach it)"]
+
+
+def test_no_watch_is_one_warning_line_and_the_mount_goes_on(monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    def refused() -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(connwatch, "fuse_descriptor", refused)
+    assert ConnectionWatch.of_session() is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot watch the kernel connection (Too many open files): after `umount --force`, requests in flight "
+        "end only at their deadline"]
