@@ -136,8 +136,11 @@ def again(exc: BaseException) -> BaseException:
 def errno_of(exc: BaseException) -> int:
     """The errno a reader should see for `exc`: the one table, in one place."""
     if isinstance(exc, LazyfsError):
-        return exc.errno
-    if isinstance(exc, OSError) and exc.errno:
-        # Local I/O failures keep their meaning (ENOSPC stays ENOSPC).
-        return exc.errno
-    return errno.EIO
+        err = exc.errno
+    elif isinstance(exc, OSError) and exc.errno:
+        err = exc.errno  # local I/O failures keep their meaning (ENOSPC stays ENOSPC)...
+    else:
+        return errno.EIO
+    # ...but not a store that turned read-only under the mount: a reader who
+    # asked for nothing but to read would be told EROFS, as if it had written.
+    return errno.EIO if err == errno.EROFS else err
