@@ -66,7 +66,10 @@ class CrtTransfer:
             # One part per request: bytes arrive in order and a request is one GET.
             part_size=max(part_size, 5 * 1024 * 1024),
             max_active_connections_override=max_connections,
-            retry_config=s3.S3RetryConfig(max_retries=max(1, cfg.max_attempts - 1)),
+            # No retries of its own: it reports none of them (no line, no
+            # count), and its max_retries=0 means its default of 5.  _fetch
+            # retries, --retries times, with backoff and one line each.
+            retry_config=s3.S3RetryConfig(retry_mode=s3.S3RetryMode.NONE),
             connect_timeout_ms=int(cfg.connect_timeout * 1000),
             # The client's own part buffers; it refuses less than 256 MiB.
             memory_limit=max(MIN_MEMORY, memory_limit))
@@ -89,8 +92,9 @@ class CrtTransfer:
         return f"{obj.bucket}.{self._host}{port}", f"/{key}{query}"
 
     def fetch(self, job: RangeJob) -> None:
-        """GET the job's bytes into the file; resume within the range after a
-        failure the client's own retries did not cure (a stall, a body cut)."""
+        """GET the job's bytes into the file; after a failure that may pass (a
+        5xx, a refused connection, a stall, a body cut), try again, resuming
+        where the bytes stopped, --retries times (the client retries nothing)."""
         with job.writer() as writer:
             self._fetch(job, writer)
 
@@ -105,10 +109,7 @@ class CrtTransfer:
                 return
             except RemoteUnavailable as e:
                 attempt += 1
-                # An error the client retried already (a 5xx, a refused
-                # connection) fails now, as botocore's do on the boto3 path:
-                # retrying it again would multiply the attempts and the wait.
-                if attempt >= self.cfg.max_attempts or not (state.stalled or state.status in (200, 206)):
+                if attempt >= self.cfg.max_attempts or not state.transient():
                     raise
                 delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
                 log.info("%s; retrying bytes %d-%d in %.1f s (attempt %d of %d)", naming(job.obj, e),
@@ -199,6 +200,12 @@ class _Received:
         self.active = time.monotonic()
         self.error: BaseException | None = None
         self._lock = threading.Lock()
+
+    def transient(self) -> bool:
+        """Whether trying the request again may help: no answer (a refused or
+        reset connection), a stall, a body cut short, a 5xx or throttling;
+        not another 4xx, which says the same again."""
+        return self.stalled or self.status in (0, 200, 206, 429) or self.status >= 500
 
     def broke_off(self, why: str) -> str:
         # The client hands over a part only once all of it has arrived.

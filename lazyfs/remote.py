@@ -23,6 +23,7 @@ import botocore.loaders
 import botocore.session
 import urllib3.exceptions
 
+from lazyfs.clientretries import RetryLines, calling
 from lazyfs.config import RemoteConfig, Source
 from lazyfs.errors import AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.namespace import RemoteObject
@@ -103,7 +104,8 @@ class Remote:
     def __init__(self, cfg: RemoteConfig) -> None:
         self.cfg = cfg
         config = botocore.config.Config(
-            retries={"mode": "standard", "max_attempts": cfg.max_attempts},
+            # Attempts in all: a client's "max_attempts" counts retries (one more).
+            retries={"mode": "standard", "total_max_attempts": cfg.max_attempts},
             connect_timeout=cfg.connect_timeout,
             read_timeout=cfg.read_timeout,
             max_pool_connections=cfg.max_pool_connections,
@@ -123,6 +125,7 @@ class Remote:
         self._client: Any = core.create_client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region,
                                                config=config)
         self._client.meta.events.register("before-parse.s3.ListObjectsV2", _parse_listing_fast)
+        RetryLines(cfg.max_attempts).register(self._client.meta.events)
         self.endpoint = self._client.meta.endpoint_url
         self.region: str = self._client.meta.region_name or "us-east-1"
         self._core = core
@@ -250,6 +253,7 @@ class Remote:
         op = _OPS.get(fn.__name__, fn.__name__)
         started = time.monotonic()
         STATS.bump("s3_requests", op)
+        calling(op, bucket, key)
         try:
             return fn(**kwargs)
         except Exception as e:  # translated exhaustively below
