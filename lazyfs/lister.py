@@ -232,7 +232,9 @@ class Lister:
                 if attempt == PAGE_ATTEMPTS:
                     raise
                 wait = RETRY_BASE_S * 2 ** (attempt - 1) * (0.5 + random.random())
-                log.warning("%s; trying that listing request again in %.1f s", e, wait)
+                # DEBUG: a request that then succeeds is no failure, and one
+                # that keeps failing fails the listing, which logs that.
+                log.debug("%s; trying that listing request again in %.1f s", e, wait)
                 await trio.sleep(wait)
         raise AssertionError("unreachable")
 

@@ -5,6 +5,11 @@ A failed first listing is tried again soon, with backoff (FIRST_RETRY_S
 doubling up to RETRY_MAX_S, whatever `--refresh` says, even 0); meanwhile
 the mount serves the store's saved listing if it has one, and lookups list
 their own names if not (catalog.py).
+
+A listing that keeps failing (an endpoint down or stalled: an offline mount
+tries every 10 s) logs its failure once, then at most a line a minute that
+counts the failures not shown (repeats.py), and one line when it succeeds
+again; it logged three lines a try, ninety in ten minutes.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from lazyfs import supervise, wording
 from lazyfs.catalog import Catalog
 from lazyfs.errors import RemoteError
 from lazyfs.namespace import Diff
+from lazyfs.repeats import RepeatedLines
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +39,13 @@ class Refresher:
     listeners what changed."""
 
     def __init__(self, catalog: Catalog, interval: float,
-                 listeners: Sequence[Callable[[Diff], object]] = ()) -> None:
+                 listeners: Sequence[Callable[[Diff], object]] = (), lines: RepeatedLines | None = None) -> None:
         self.catalog = catalog
         self.interval = interval if interval > 0 else math.inf
         self.listeners = list(listeners)
         self._wanted = trio.Event()
+        self._lines = lines or RepeatedLines()  # a failing listing's lines: one a minute
+        self._failures = 0  # failed listings in a row
 
     def request(self) -> None:
         self._wanted.set()
@@ -55,7 +63,7 @@ class Refresher:
     async def _first_listing(self) -> None:
         delay = FIRST_RETRY_S
         while await self.refresh_once(first=True) is None:
-            log.info("trying the listing again in %.1f s", delay)
+            log.debug("trying the listing again in %.1f s", delay)
             await self._wait(delay)
             delay = min(delay * 2, RETRY_MAX_S)
 
@@ -66,11 +74,16 @@ class Refresher:
 
     async def refresh_once(self, first: bool = False) -> Diff | None:
         """One listing; the diff against what was served (None if it failed)."""
+        was_live = self.catalog.live
         try:
             diff = await (self.catalog.first_listing() if first else self.catalog.refresh())
         except RemoteError as e:
-            log.error("listing failed: %s", e)
+            self._failures += 1
+            self._lines.log(log, logging.ERROR, "listing failed", "listing failed: %s", e)
             return None
+        if self._failures and was_live:  # (otherwise the catalog says the live listing is back)
+            log.info("listing succeeded again after %s", wording.count(self._failures, "failed attempt"))
+        self._failures = 0
         if first:
             log.info("listed %s (%.2f s)", wording.count(self.catalog.last.objects, "object"),
                      self.catalog.last.seconds)

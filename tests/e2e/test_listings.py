@@ -181,3 +181,24 @@ def test_a_folder_with_no_objects_and_a_marker_with_a_body_are_each_warned_of(mo
     assert not any(f"s3://{bucket}/{P}/\" holds no" in ln for ln in warnings)
     s3.put_object(Bucket=bucket, Key="modls/typo/late.bin", Body=b"late")
     wait_until(lambda: fs.listdir(m.path / "modls" / "typo") == ["late.bin"], timeout=30, what="the next listing")
+
+
+@pytest.mark.log_errors("listing failed")
+def test_refreshes_that_keep_failing_log_one_line_then_one_when_they_succeed(mount, proxy, s3, bucket):
+    """Each failed refresh logged three lines (two WARNINGs for the retries
+    of its listing request, one ERROR), at every refresh for as long as the
+    endpoint failed.  Now the failure once (at most one more a minute), and
+    one line when a listing succeeds again."""
+    put_many(s3, bucket, [f"{P}/a.bin"])
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "1", "--retries", "0")
+    wait_until(lambda: "listed 1 object" in m.log(), what="the first listing")
+    proxy.add(Fault("status", method="GET", query={"list-type": "2"}, status=503, code="SlowDown", times=None))
+    # Four failed refreshes of three requests each.
+    wait_until(lambda: proxy.count("LIST") >= 1 + 4 * 3, timeout=60, what="four failed refreshes")
+    lines = [ln for ln in m.log().splitlines() if " DEBUG " not in ln]
+    failed = [ln for ln in lines if "listing failed" in ln]
+    assert len(failed) == 1, "\n".join(failed)
+    assert not [ln for ln in lines if "WARNING" in ln], "\n".join(lines)
+    proxy.clear_faults()
+    wait_until(lambda: "listing succeeded again after" in m.log(), timeout=30, what="the recovery line")
+    assert len([ln for ln in m.log().splitlines() if "listing failed" in ln and " DEBUG " not in ln]) == 1

@@ -5,6 +5,7 @@ on its own, and that lookups and reads never queue behind a refresh."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
@@ -19,6 +20,8 @@ from lazyfs.fetch import Fetcher
 from lazyfs.handles import Handles
 from lazyfs.modeljson import Source
 from lazyfs.namespace import RemoteObject
+from lazyfs.refresher import Refresher
+from lazyfs.repeats import RepeatedLines
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
 from support.fakeremote import Call, FakeRemote, Gate
 
@@ -275,3 +278,44 @@ async def test_lookups_and_reads_do_not_queue_behind_a_refresh(remote: FakeRemot
         assert not catalog.live
         held.release()
     assert catalog.live and catalog.tree.objects == 2401
+
+
+@trio_test
+async def test_a_refresh_that_keeps_failing_logs_once_then_once_a_minute_then_its_recovery(
+        remote: FakeRemote, quick_retries, caplog: pytest.LogCaptureFixture) -> None:
+    """Each failed refresh logged three lines (two WARNINGs for the retries of
+    its listing request, one ERROR), none held back: an endpoint down for ten
+    minutes, 90 lines.  Now: the failure once, a line a minute counting the
+    ones not shown, and one line when a listing succeeds again."""
+    model_folder(remote)
+    now = [0.0]
+    catalog = Catalog(remote, [Source(BUCKET, P)])
+    refresher = Refresher(catalog, 60, lines=RepeatedLines(clock=lambda: now[0]))
+    assert await refresher.refresh_once() is not None
+
+    def refused(call: Call) -> None:
+        raise RemoteUnavailable(f"s3://{BUCKET}/{P}: could not connect to http://127.0.0.1:9/{BUCKET} "
+                                f"after {now[0]:.0f} s")
+
+    remote.on_list.append(refused)
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    for _ in range(6):  # a minute of refreshes every 10 s
+        assert await refresher.refresh_once() is None
+        now[0] += 10
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert [r.levelname for r in shown] == ["ERROR"], [r.getMessage() for r in shown]
+    assert "listing failed: " in shown[0].getMessage()
+    assert remote.count("LIST") > 6 * 3 - 1, "each refresh's request was not retried"
+    caplog.clear()
+    for _ in range(6):  # the next minute: one line, counting the five not shown
+        assert await refresher.refresh_once() is None
+        now[0] += 10
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(shown) == 1 and "(5 more like it in the last 60 s)" in shown[0].getMessage(), \
+        [r.getMessage() for r in shown]
+    caplog.clear()
+    remote.on_list.remove(refused)
+    assert await refresher.refresh_once() is not None
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == [
+        "listing succeeded again after 12 failed attempts"]
