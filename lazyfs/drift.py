@@ -29,6 +29,7 @@ from lazyfs.lockfile import Lock
 from lazyfs.modeljson import Source
 from lazyfs.namespace import RemoteObject, key_parts
 from lazyfs.pinned import Pinning
+from lazyfs.repeats import RepeatedLines
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,16 @@ def _a_file(key: str) -> bool:
 class DriftWatch:
     """A pinned mount's refresher: lists, compares, reports (see above)."""
 
-    def __init__(self, pin: Pinning, lister: Lister, sources: Sequence[Source], interval: float) -> None:
+    def __init__(self, pin: Pinning, lister: Lister, sources: Sequence[Source], interval: float,
+                 lines: RepeatedLines | None = None) -> None:
         self.pin = pin
         self.lister = lister
         self.sources = tuple(sources)
         self.interval = interval if interval > 0 else math.inf
         self.drift = Drift()
         self._wanted = trio.Event()
+        # A check that keeps failing (an endpoint down) logs once, then at most a line a minute.
+        self._lines = lines or RepeatedLines()
 
     def request(self) -> None:
         self._wanted.set()
@@ -99,7 +103,8 @@ class DriftWatch:
         try:
             listing = [o for s in self.sources for o in await self.lister.list_folder(s)]
         except RemoteError as e:
-            log.warning("drift check of the lock failed (the mount serves the lock all the same): %s", e)
+            self._lines.log(log, logging.WARNING, "drift check failed",
+                            "drift check of the lock failed (the mount serves the lock all the same): %s", e)
             self.drift = Drift(started, str(e), self.drift.changed, self.drift.deleted, self.drift.added,
                                self.drift.now)
             return self.drift

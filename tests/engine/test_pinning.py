@@ -17,7 +17,7 @@ import trio
 
 from lazyfs import lockcmd, lockfile
 from lazyfs.drift import DriftWatch
-from lazyfs.errors import IntegrityError, PinnedVersionGone, errno_of
+from lazyfs.errors import IntegrityError, PinnedVersionGone, RemoteUnavailable, errno_of
 from lazyfs.fetch import Fetcher
 from lazyfs.handles import Handles
 from lazyfs.lister import Lister
@@ -25,6 +25,7 @@ from lazyfs.lockfile import Lock
 from lazyfs.modeljson import Source
 from lazyfs.pinned import Pinning
 from lazyfs.prefetch import Prefetcher, Progress
+from lazyfs.repeats import RepeatedLines
 from lazyfs.store import Store
 from lazyfs.verify import Expectation
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
@@ -216,6 +217,30 @@ async def test_a_drift_check_reports_and_refuses_only_what_cannot_be_fetched(rem
         assert pin.unavailable() == ["m/deleted.bin"]
         assert await read_all(fetcher, lock, "m/plain.bin") == plain
 
+
+
+@trio_test
+async def test_a_drift_check_that_keeps_failing_logs_once_then_once_a_minute(
+        remote: FakeRemote, stores, caplog: pytest.LogCaptureFixture) -> None:
+    remote.put(BUCKET, "m/a.bin", b"a" * 100)
+    lock = await lockcmd.make_lock(remote, SOURCES, [])
+    _, pin = pinned(remote, stores(), lock)
+    now = [0.0]
+    watch = DriftWatch(pin, Lister(pin.store, trio.CapacityLimiter(8)), SOURCES, 0,
+                       lines=RepeatedLines(clock=lambda: now[0]))
+
+    async def unreachable(source: Source) -> list[object]:
+        raise RemoteUnavailable("could not connect to the endpoint", bucket=BUCKET)
+
+    watch.lister.list_folder = unreachable  # type: ignore[method-assign]
+    for _ in range(5):  # five checks inside a minute (--refresh 10 against an endpoint that is down)
+        assert (await watch.check_once()).error
+        now[0] += 10
+    now[0] += 20
+    await watch.check_once()
+    lines = [r.getMessage() for r in caplog.records if "drift check of the lock failed" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "(4 more like it in the last 70 s)" in lines[1]
 
 
 @trio_test
