@@ -99,13 +99,13 @@ class CrtTransfer:
             self._fetch(job, writer)
 
     def _fetch(self, job: RangeJob, writer: PieceWriter) -> None:
-        pos, attempt = job.start, 0
+        pos, attempt, split = job.start, 0, False
         while pos < job.end:
             if job.cancelled():
                 raise Stopped()
             state = _Received(job, writer, pos, pos == 0 and job.end == job.obj.size, self.cfg.etag_is_md5)
             try:
-                self._one_request(state)
+                self._one_request(state, split)
                 return
             except RemoteUnavailable as e:
                 attempt += 1
@@ -117,9 +117,12 @@ class CrtTransfer:
                 STATS.bump("retries")
                 time.sleep(delay)
                 pos = state.reached
+                # The client shows no byte of a part until all of it is in (partpace.py): after a
+                # stall, the rest comes block by block, each seen as it lands, on the link grown slow.
+                split = split or state.stalled
 
-    def _one_request(self, state: _Received) -> None:
-        """One GET of [state.reached, job.end)."""
+    def _one_request(self, state: _Received, split: bool = False) -> None:
+        """One GET of [state.reached, job.end): one part, or (`split`) parts of one block each."""
         from awscrt import http
 
         job, start, whole = state.job, state.reached, state.whole
@@ -132,6 +135,7 @@ class CrtTransfer:
         STATS.bump("s3_requests", "GET")
         request = self._client.make_request(
             type=self._s3.S3RequestType.GET_OBJECT, request=http.HttpRequest("GET", path, http.HttpHeaders(headers)),
+            part_size=job.block_size if split else None,
             on_headers=state.on_headers, on_body=state.on_body, on_progress=state.on_progress)
         try:
             self._wait(request, state)
