@@ -115,12 +115,13 @@ async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO,
         pin = Pinning(lock, remote)
         objects = pin.objects()
         fetcher = Fetcher(pin.store, store, cfg.fetch, origin="bake", fetch_range=pin.transfer(remote, cfg.fetch),
-                          pinned=True)
+                          pinned=True, stall_s=cfg.remote.read_timeout)
     else:
         catalog = Catalog(remote, cfg.sources, store)
         await catalog.refresh()  # a failure here is a runtime error (exit 1)
         objects = list(catalog.tree.files())
-        fetcher = Fetcher(remote, store, cfg.fetch, origin="bake", fetch_range=crt.transfer_for(remote, cfg.fetch))
+        fetcher = Fetcher(remote, store, cfg.fetch, origin="bake", fetch_range=crt.transfer_for(remote, cfg.fetch),
+                          stall_s=cfg.remote.read_timeout)
     return await _fetch_all(fetcher, objects, out, baking), lock
 
 

@@ -29,6 +29,7 @@ from lazyfs.lastbytes import verify_deadline
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta
 from lazyfs.partials import Partial
+from lazyfs.partpace import PartPace
 from lazyfs.piecesums import PieceSums
 from lazyfs.pin import Pin
 from lazyfs.storewrite import WriteTurns
@@ -57,6 +58,7 @@ class Limits:
     read_deadline: float  # longest a reader waits for its bytes (EIO after)
     # The CRT hands over a request's bytes only once whole: a reader's requests are then 1 block.
     whole_parts: bool = False
+    unseen_s: float = 0.0  # with it, the shorter of --read-deadline and --read-timeout (partpace.py)
 
 
 class Request:
@@ -75,8 +77,7 @@ class Request:
 
 class Download:
     def __init__(self, obj: RemoteObject, partial: Partial, limits: Limits, pages: PageBudget, *,
-                 background: bool, keep: bool = True,
-                 on_work: Callable[[], None] = lambda: None,
+                 background: bool, keep: bool = True, on_work: Callable[[], None] = lambda: None,
                  on_closed: Callable[[Partial], None] = lambda p: None,
                  close_fd: Callable[[int], None] = os.close) -> None:
         self.obj = obj
@@ -88,8 +89,7 @@ class Download:
         self._on_closed = on_closed  # the descriptor is closed: the files may go
         self._close_fd = close_fd  # off the trio thread when it is an unlinked file's last link
         self.readers = 0
-        # Of them, handles whose reads lazyfs answers as the file fills (storewrite.py).
-        self.served = 0
+        self.served = 0  # of them, handles whose reads lazyfs answers as the file fills (storewrite.py)
         self.started = time.monotonic()
         self.error: BaseException | None = None
         self.complete = False  # verified and published
@@ -99,8 +99,7 @@ class Download:
         self.bytes_fetched = 0
         self.verify_attempts = 0
         self.changing: trio.Event | None = None  # the object changed in the store; set once the mount knows
-        # A safetensors file whose header has not been looked at yet (modelaware.py).
-        self.wants_order = False
+        self.wants_order = False  # a safetensors file whose header has not been looked at yet (modelaware.py)
         self.verified = ""  # how the published bytes were checked (completion.check), or "unverified"
         # What the bytes hashed to, once hashed along (alongside.hash_along): verification ends with the last byte.
         self.digest: Hashed | None = None
@@ -115,6 +114,7 @@ class Download:
         self._fd_closed = False
         self.generation = 1  # attempts at the file; bytes of an earlier one failed (lastbytes.py)
         self.waiters: list[tuple[int, int, trio.Event]] = []  # readers, also across a start-over
+        self.pace = PartPace(limits.part_blocks, partial.block_size, limits.unseen_s)  # blocks per sweep request
         self.attach(partial)
 
     def attach(self, partial: Partial) -> None:
@@ -208,8 +208,7 @@ class Download:
     async def wait_drained(self) -> None:
         """Return once every block is on disk or on its way, or the download is over."""
         while not self.finished.is_set() and (self.detached or PENDING in self.state):
-            # Blocks are claimed between landings, so a landing is when to look
-            # again; the timeout covers a failure, which lands nothing.
+            # Blocks are claimed between landings: a landing is when to look again (a failure lands nothing).
             with trio.move_on_after(0.5):
                 await self.progressed.wait()
 
@@ -299,7 +298,7 @@ class Download:
         if self.sweep >= self.nblocks:
             return None
         first = self.limits.whole_parts and self.sweep == 0  # the header a reader opened the file for
-        return self._claim(self.sweep, 1 if first else self.limits.part_blocks)
+        return self._claim(self.sweep, 1 if first else self.pace.blocks)
 
     def follow_order(self, order: list[int]) -> None:
         """Sweep the blocks in this order from now on (each block once)."""
@@ -314,7 +313,7 @@ class Download:
             return None
         first = order[self._order_pos]
         run = 1  # as long as the order and the file agree, one request takes them together
-        while run < self.limits.part_blocks and self._order_pos + run < len(order) and \
+        while run < self.pace.blocks and self._order_pos + run < len(order) and \
                 order[self._order_pos + run] == first + run:
             run += 1
         return self._claim(first, run)
@@ -354,6 +353,7 @@ class Download:
             req.next_block += 1
         if req.start + filled >= req.end:
             self.requests.discard(req)
+            self.pace.landed(req.end - req.start, time.monotonic() - req.started)
         if done and self.ndone == self.nblocks:
             self.held = frozenset(done)  # this landing completed the file: held until it is verified
         if done:

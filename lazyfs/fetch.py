@@ -23,7 +23,7 @@ import trio
 
 from lazyfs import modelaware, wording
 from lazyfs.budget import Budget
-from lazyfs.config import FetchConfig
+from lazyfs.config import FetchConfig, RemoteConfig, default_of
 from lazyfs.coop import ForeignDownload
 from lazyfs.dispatch import Dispatcher
 from lazyfs.download import Download, Limits
@@ -93,7 +93,8 @@ class _VersionLocks:
 class Fetcher:
     def __init__(self, remote: ObjectStore, store: Store, cfg: FetchConfig, pages: PageBudget | None = None,
                  origin: str = "fetch", fetch_range: Callable[[RangeJob], None] | None = None,
-                 pinned: bool = False) -> None:
+                 pinned: bool = False, stall_s: float = default_of(RemoteConfig, "read_timeout")) -> None:
+        """`stall_s`: --read-timeout, after which crt.py gives up on a request no byte of which arrived."""
         self.remote = remote
         self.store = store
         self.cfg = cfg
@@ -109,9 +110,10 @@ class Fetcher:
         # (public: an open asks it whether a copy it served was refused since; the mount gives it `listings`)
         self.prebaked = None if not (cfg.verify_prebaked or pinned) else PrebakedCheck(
             remote, store, pinned, etag_is_md5=cfg.link_same_etag)  # (--no-etag-check: ETags are not MD5s)
+        crt = cfg.transfer_client == "crt"
         self._limits = Limits(part_blocks=max(1, cfg.part_size // cfg.block_size),
                               max_requests=cfg.max_connections, read_deadline=cfg.read_deadline,
-                              whole_parts=cfg.transfer_client == "crt")
+                              whole_parts=crt, unseen_s=min(cfg.read_deadline, stall_s) if crt else 0.0)
         # Threads: one per ranged GET in flight (runner.py), and a few for the
         # store, so that ten thousand small prefetched files queueing for the
         # disk never hold up the network, nor the other way round.

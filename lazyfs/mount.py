@@ -202,7 +202,8 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
     catalog.listed_at_start(listed)
     fetcher = Fetcher(source, store, cfg.fetch, page_budget(cfg),
                       fetch_range=pin.transfer(remote, cfg.fetch, cfg.memory_limit) if pin is not None
-                      else crt.transfer_for(remote, cfg.fetch, cfg.memory_limit), pinned=pin is not None)
+                      else crt.transfer_for(remote, cfg.fetch, cfg.memory_limit), pinned=pin is not None,
+                      stall_s=cfg.remote.read_timeout)
     fetcher.offline = lambda: catalog.offline
     if fetcher.prebaked is not None:  # a copy judged offline is judged again once a listing succeeds
         fetcher.prebaked.listings = lambda: catalog.listings_ok

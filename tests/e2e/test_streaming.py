@@ -310,3 +310,29 @@ def test_a_shard_read_through_starts_the_next_one_a_few_tensors_do_not(smount, p
     gets = proxy.count("GET", second)
     assert fs.read(m.file(second)) == shards[second]
     assert proxy.count("GET", second) == gets, "the shard fetched ahead was downloaded again"
+
+
+# A slow link, per connection: a block lands within the read deadline below, a part of several blocks does not.
+SLOW_RATE = 400_000
+SLOW_DEADLINE = 6.0
+
+
+def test_a_reader_on_a_slow_link_waits_as_long_as_its_file_keeps_arriving(smount, proxy, bucket, s3, fs: FS,
+                                                                           transfer_client: str):
+    """Bytes of the file land every few seconds, but a part of several blocks
+    takes longer than --read-deadline.  The CRT's client hands a request's
+    bytes over only once all of them are in, so a reader waiting for a block
+    inside such a part got EIO while the file was arriving (boto3 hands over
+    each block as it lands).  Its requests are now sized from the rate the
+    file's first block came at: one block each on this link."""
+    block, key = 1024 * 1024, f"{P}/slow.bin"
+    assert block / SLOW_RATE < SLOW_DEADLINE / 2 and 4 * block / SLOW_RATE > SLOW_DEADLINE * 1.5
+    data = os.urandom(5 * block)
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    proxy.add(Fault("throttle", key=key, rate=SLOW_RATE, times=None))
+    m = smount("--prefix", f"s3://{bucket}/{P}", "--read-deadline", f"{SLOW_DEADLINE:g}")
+    assert fs.read(m.file(key), timeout=90) == data
+    gets = proxy.requests("GET", key)
+    assert all(r["fault"] == "throttle" for r in gets)
+    if transfer_client == "crt":  # (boto3: one request, each block handed over as it lands)
+        assert all(r["body_bytes"] <= block for r in gets), [r["range"] for r in gets]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -68,4 +69,31 @@ def test_where_requests_arrive_whole_a_readers_requests_are_one_block(store: Sto
     assert jump is not None and (jump.start, jump.end) == (9 * BLOCK, (10 if whole_parts else 11) * BLOCK)
     sweep = dl.next_request()
     assert sweep is not None and sweep.end - sweep.start == 4 * BLOCK, "the rest of the sweep goes by whole parts"
+    dl.partial.close()
+
+
+@pytest.mark.parametrize("whole_parts", [False, True])
+def test_where_requests_arrive_whole_the_sweep_takes_what_lands_within_the_deadline(
+        store: Store, whole_parts: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CRT shows no byte of a request until all of it is in: on a link
+    where a block takes a third of the deadline, a part of four would leave a
+    reader waiting for one of them without a sign of life for longer than the
+    deadline.  The sweep then goes block by block; on a fast link by parts.
+    boto3 shows bytes as they come: always whole parts."""
+    obj = RemoteObject("b", "slow", 16 * BLOCK, "eslow", 0)
+    limits = Limits(part_blocks=4, max_requests=8, read_deadline=3, whole_parts=whole_parts,
+                    unseen_s=3 if whole_parts else 0)
+    dl = Download(obj, store.partials.open(obj, BLOCK), limits, PageBudget(), background=False)
+    clock = [100.0]
+    monkeypatch.setattr("lazyfs.download.time", SimpleNamespace(monotonic=lambda: clock[0]))
+    first = dl.next_request()
+    assert first is not None
+    clock[0] += 1.0  # the first block took a third of the deadline
+    dl.progress(first, first.end - first.start)
+    slow = dl.next_request()
+    assert slow is not None and slow.end - slow.start == (1 if whole_parts else 4) * BLOCK
+    clock[0] += 0.001  # this one came at once
+    dl.progress(slow, slow.end - slow.start)
+    fast = dl.next_request()
+    assert fast is not None and fast.end - fast.start == 4 * BLOCK
     dl.partial.close()
