@@ -207,6 +207,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
     fetcher.offline = lambda: catalog.offline
     if fetcher.prebaked is not None:  # a copy judged offline is judged again once a listing succeeds
         fetcher.prebaked.listings = lambda: catalog.listings_ok
+        fetcher.prebaked.offline = lambda: catalog.offline
     if offline is not None:
         catalog.start_offline(offline, "object store unreachable at start")
     if pin is not None:

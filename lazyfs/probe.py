@@ -18,7 +18,7 @@ import cachetools
 
 from lazyfs import verify
 from lazyfs.completion import UNVERIFIED, check, expectation, listed_expectation
-from lazyfs.errors import IntegrityError, RemoteError, StoreError
+from lazyfs.errors import IntegrityError, RemoteError, RemoteUnavailable, StoreError
 from lazyfs.filestate import REJECTED, SIZE, LocalCopy, PrebakedAccept
 from lazyfs.identity import Identity
 from lazyfs.layer import Layer
@@ -98,6 +98,9 @@ class PrebakedCheck:
         self.pinned = pinned
         self.etag_is_md5 = etag_is_md5  # (not with --no-etag-check)
         self.listings = listings
+        # Whether the mount is offline (set by the mount: its catalog's): no HEAD is then sent, whose
+        # retries would hold each copy's first open up (~25 s where the endpoint does not answer).
+        self.offline: Callable[[], bool] = lambda: False
         # Keyed by the copy's inode and mtime: a replaced copy is checked again.
         # Store threads call this concurrently; the LRU is not thread-safe.
         self._results: cachetools.LRUCache[tuple[object, ...], _Judged] = cachetools.LRUCache(maxsize=65536)
@@ -139,6 +142,8 @@ class PrebakedCheck:
     def _check(self, obj: RemoteObject, copy: LocalCopy, listings: int) -> _Judged:
         exp = None
         whose = "the locked version's" if self.pinned else "the object's"
+        if self.offline() and not self.pinned:  # (a lock answers without the object store)
+            return self._without_store(obj, copy, RemoteUnavailable("the mount is offline"), listings)
         try:
             exp = expectation(self.remote, obj)
             verified = check(self.remote, copy.fd, obj, exp, lambda: False)

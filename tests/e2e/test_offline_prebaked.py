@@ -76,6 +76,7 @@ def test_offline_a_wrong_prebaked_copy_is_checked_against_the_saved_etag(mount, 
     objects = {tok: os.urandom(3000), cfg: b'{"model_type": "llama"}' * 40}
     layer = {tok: flipped(objects[tok], 100), cfg: objects[cfg]}  # right size, one byte wrong
     m = prebaked_then_offline(mount, proxy, s3, bucket, tmp_path, objects, layer)
+    heads = proxy.count("HEAD")
     # Both copies are on disk, counted once, as copies an open checks by content.
     assert ("starting offline with the 2 files the store knows, 2 of them on disk (2 with no identity record, "
             "checked by content when opened: one that does not match is not served)") in m.log(), m.log()
@@ -88,6 +89,8 @@ def test_offline_a_wrong_prebaked_copy_is_checked_against_the_saved_etag(mount, 
     else:
         assert got == objects[tok], "the wrong bytes were served"
     assert "does not match the listed ETag" in m.log()
+    # Offline, no copy's check asks the object store (each HEAD's retries held its first open up).
+    assert proxy.count("HEAD") == heads, proxy.requests("HEAD")
     # Not ready: the copy is refused.  And what the mount serves is said truly (there is a saved listing
     # here, but a mount started from a prebaked layer alone has none).
     res = lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--store", str(m.path), "--require-all"])
@@ -115,8 +118,10 @@ def test_a_copy_that_could_not_be_checked_offline_is_checked_once_the_store_answ
     key, size, flags, algorithm = UNCHECKABLE[case]
     data = os.urandom(size)
     m = prebaked_then_offline(mount, proxy, s3, bucket, tmp_path, {key: data}, {key: flipped(data, 100)}, *flags)
+    heads = proxy.count("HEAD")
     # Served by its size offline (the seed's rule: what prebaked copies are for), and said so.
     assert fs.read(m.file(key), timeout=60) == flipped(data, 100)
+    assert proxy.count("HEAD") == heads, "an offline mount asked the object store about its copy"
     assert "using it as its size matches, until the object store answers: the next open then checks its " \
            "content" in m.log(), m.log()
     back_online(m, proxy)
