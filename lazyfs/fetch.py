@@ -327,7 +327,7 @@ class Fetcher:
                 if self.closing:
                     raise ShuttingDown(f"{wording.quoted(obj.uri)}: lazyfs is shutting down", bucket=obj.bucket,
                                        key=obj.key)
-                raise RemoteUnavailable(f"{wording.quoted(obj.uri)} is not in the local cache and the object "
+                raise RemoteUnavailable(f"{wording.quoted(obj.uri)} has no current local copy and the object "
                                         "store is unreachable", bucket=obj.bucket, key=obj.key)
             if isinstance(verdict, Foreign):
                 follower = ForeignDownload(obj, self.store, self.pages, self._meta, self.cfg.read_deadline,

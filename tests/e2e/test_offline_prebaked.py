@@ -69,7 +69,7 @@ def back_online(m, proxy) -> None:
     wait_until(lambda: "object store reachable again" in m.log(), timeout=60, what="going online")
 
 
-@pytest.mark.log_errors("listing failed", "is not in the local cache and the object store is unreachable")
+@pytest.mark.log_errors("listing failed", "has no current local copy and the object store is unreachable")
 def test_offline_a_wrong_prebaked_copy_is_checked_against_the_saved_etag(mount, proxy, s3, bucket, fs: FS,
                                                                          tmp_path: Path):
     tok, cfg = f"{P}/tokenizer.json", f"{P}/config.json"
