@@ -313,7 +313,7 @@ class Fetcher:
                                       check_prebaked=self.prebaked, may_link=self.cfg.link_same_etag)
             verdict = await self._probe(obj, probe)
             if isinstance(verdict, Local):
-                if verdict.linked:
+                if verdict.copy.linked:
                     STATS.linked_files += 1
                     log.info("%s: same content as a file already in the store; linked, not downloaded",
                              wording.quoted(obj.uri),

@@ -61,7 +61,7 @@ class LocalCopy:
     layer: Layer
     state: FileState  # CACHED or PREBAKED
     dev: int = 0  # st_dev of its filesystem, for passthrough.py (which must not stat on the trio thread)
-    linked: bool = False  # made just now from the same bytes under another path (the store's content index)
+    linked: bool = False  # made just now from the same bytes under another path (Store.materialise)
     # A file lazyfs fetched (identity origin "fetch"), which the cache budget
     # counts: known for a copy just linked from the same bytes (Store.materialise).
     fetched: bool = False

@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Local:
-    copy: LocalCopy
-    linked: bool  # made just now from identical bytes under another path
+    copy: LocalCopy  # (copy.linked: made just now from identical bytes under another path)
 
 
 @dataclass(slots=True)
@@ -213,14 +212,13 @@ def probe_store(store: Store, obj: RemoteObject, *, may_fetch: bool, open_partia
     another path with the same ETag and size may stand in for it."""
     copy = store.find_current(obj, check_prebaked)  # a rejected copy is passed over for a later layer's
     if copy is not None:
-        return Local(copy, linked=False)
+        return Local(copy)
     try:
         copy = store.materialise(obj) if may_link else None
     except (OSError, StoreError) as e:
         log.warning("%s: could not reuse an identical local file: %s", quoted(obj.uri), e)
     if copy is not None:
-        copy.linked = True
-        return Local(copy, linked=True)
+        return Local(copy)
     if not may_fetch:
         return Unavailable()
     lock = store.partials.lock(obj)

@@ -291,6 +291,7 @@ class Store:
             os.close(src)
         copy = self.find_current(obj)
         if copy is not None:
+            copy.linked = True
             copy.fetched = ident.origin == "fetch"  # a link shares its record; a copy was given its origin
         return copy
 

@@ -17,7 +17,7 @@ STORE: Any = None  # a Local verdict needs nothing of the store to be released
 
 
 def local() -> Local:
-    return Local(LocalCopy(os.open(os.devnull, os.O_RDONLY), None, FileState.CACHED), linked=False)  # type: ignore[arg-type]
+    return Local(LocalCopy(os.open(os.devnull, os.O_RDONLY), None, FileState.CACHED))  # type: ignore[arg-type]
 
 
 def is_open(fd: int) -> bool:
