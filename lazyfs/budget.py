@@ -12,10 +12,10 @@ temporary file that is not kept, and a prefetch skips it.
 
 A download holds its room from the moment it starts (`reserve` evicts for it
 then), so downloads in flight count against the budget as much as files
-kept.  A prefetch waits until the downloads in flight leave room for its file
-(`wait_for_room`); a reader never waits, so a reader's download may pass the
-budget when open files fill it, and its publish evicts back under it; if
-the files in use still keep the store over the budget, the release of the
+kept.  A prefetch waits until the downloads in flight and the files in use
+leave room for its file (`wait_for_room`); a reader never waits, so a
+reader's download may pass the budget when open files fill it, and its
+publish evicts back under it; if the files in use still keep the store over the budget, the release of the
 last handle of one of them evicts (`run`).  A download nobody waits for yet
 (a shard fetched ahead of the loader) starts only if it fits beside the
 files in use and the downloads in flight (`room_ahead`): evicting the shard
@@ -109,6 +109,7 @@ class Budget:
         if self._users[key] > 0:
             return
         del self._users[key]
+        self._wake()  # a prefetch waiting for room beside the files in use looks again
         self._evict_if_over()
 
     def _evict_if_over(self) -> None:
@@ -118,6 +119,13 @@ class Budget:
     def in_use(self, key: str) -> bool:
         return key in self._users
 
+    def _taken_beside(self, obj: RemoteObject) -> tuple[int, int]:
+        """Bytes of the files in use and of the downloads in flight, `obj`'s
+        own left out (a reader may hold it open, or be downloading it)."""
+        in_use = sum(self._lru.get(key, 0) for key in self._users if key != obj.key)
+        in_flight = sum(size for version, size in {**self._held, **self._reserved}.items() if version != obj.version)
+        return in_use, in_flight
+
     def room_ahead(self, obj: RemoteObject) -> bool:
         """May a download nobody waits for yet (a next shard, a companion
         file) start now?  Only if it fits beside the files in use and the
@@ -125,12 +133,12 @@ class Budget:
         never go), and at its publish the budget would evict it (used by
         nobody yet) or the shard a loader reads: downloaded twice.  One
         log line says why not."""
-        in_use = sum(self._lru.get(key, 0) for key in self._users)
-        if in_use + self.in_flight + obj.size <= self.max_bytes:
+        in_use, in_flight = self._taken_beside(obj)
+        if in_use + in_flight + obj.size <= self.max_bytes:
             return True
         log.info("%s: not fetched ahead: the cache budget (%.1f MiB) has no room for it beside the files in use "
                  "(%.1f MiB) and the downloads in flight (%.1f MiB)", quoted(obj.uri), self.max_bytes / 2**20,
-                 in_use / 2**20, self.in_flight / 2**20)
+                 in_use / 2**20, in_flight / 2**20)
         return False
 
     @property
@@ -147,17 +155,30 @@ class Budget:
 
     async def wait_for_room(self, obj: RemoteObject) -> None:
         """For a download that may wait (prefetch), before it starts: wait
-        until the downloads in flight leave room for `obj` in the budget, then
-        hold that room until `unhold`.  Without this wait, `reserve` (which
-        must never make a reader wait) lets thirty-two prefetches start at
-        once whatever their total, and their files on disk overshoot the
-        budget until they are published and evicted.  Only the room in
-        flight is counted: files kept are evicted by `reserve` once a download
-        really starts.  Never waits forever: it waits only while something is
-        in flight, and everything in flight ends with `published`, `released`
-        or `unhold`, each of which wakes it (a reservation never given back
-        would shrink the room for good: Prefetcher gives back its own)."""
-        while self.in_flight and self.in_flight + obj.size > self.max_bytes:
+        until the files in use and the downloads in flight leave room for
+        `obj` in the budget, then hold that room until `unhold`.  Without
+        this wait, `reserve` (which must never make a reader wait) lets
+        thirty-two prefetches start at once whatever their total, and their
+        files on disk overshoot the budget until they are published and
+        evicted; and a file that does not fit beside the files in use would
+        be evicted again at its publish (nothing else may go): downloaded
+        for nothing.  Files kept and closed are not counted: `reserve`
+        evicts them once a download really starts.  Everything counted ends
+        with `published`, `released`, `unhold` or the last `unuse`, each of
+        which wakes it (a reservation never given back would shrink the room
+        for good: Prefetcher gives back its own); a file held open for good
+        holds the prefetch of what does not fit beside it for as long, and
+        one line says so."""
+        said = False
+        while True:
+            in_use, in_flight = self._taken_beside(obj)
+            if in_use + in_flight + obj.size <= self.max_bytes or not (in_use or in_flight):
+                break
+            if in_use and not said:
+                log.info("prefetch of %s waits for room: the cache budget (%.1f MiB) holds the files in use "
+                         "(%.1f MiB) and the downloads in flight (%.1f MiB)", quoted(obj.uri),
+                         self.max_bytes / 2**20, in_use / 2**20, in_flight / 2**20)
+                said = True
             await self._room.wait()
         self._held[obj.version] = obj.size
 

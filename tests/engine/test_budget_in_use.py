@@ -194,3 +194,42 @@ async def test_a_store_over_the_budget_comes_back_within_it_when_the_last_handle
         await e.settled()
         assert e.kept() == {files[2][0].key}, "not the least recently used closed files went"
         assert e.budget.used == e.fetched_bytes() == UNIT
+
+
+@trio_test
+@quick
+async def test_a_prefetch_waits_for_the_files_in_use_to_leave_room(remote: FakeRemote, stores, tmp_path: Path,
+                                                                   caplog: Any) -> None:
+    """A reader holds a file open that fills most of the budget, and a
+    prefetch comes to a file that does not fit beside it.  Before, the
+    prefetch downloaded it at once (nothing was in flight), and its publish
+    evicted it again (the only closed file): downloaded for nothing.  Now it
+    waits, with one line saying why, until the reader closes its file; then
+    the closed file makes way and the prefetched one is kept, downloaded
+    once.  A prefetch of the file the reader holds is not held up by it."""
+    import logging
+
+    from lazyfs.prefetch import Prefetcher, Progress
+
+    (held, held_data), (nxt, _) = put(remote, "m/a.bin", 3 * UNIT // 2), put(remote, "m/b.bin", UNIT)
+    e = Engine(remote, stores(), tmp_path / "store", max_bytes=2 * UNIT)
+    caplog.set_level(logging.INFO, logger="lazyfs.budget")
+    async with e.running(), trio.open_nursery() as nursery:
+        fh = await e.read_whole(held, held_data)
+        await e.settled()
+        done: list[Progress] = []
+
+        async def prefetch() -> None:
+            done.append(await Prefetcher(e.fetcher).run([held, nxt]))
+
+        nursery.start_soon(prefetch)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert not done and remote.gets(nxt.key) == [], "fetched while the file in use left no room for it"
+        assert "waits for room" in caplog.text
+        e.handles.release(fh)
+        await wait_for(lambda: done, "the prefetch to end")
+        await e.settled()
+    assert done[0].done_files == 2 and not done[0].failed
+    assert downloaded(remote, nxt) == nxt.size and downloaded(remote, held) == held.size
+    assert e.kept() == {nxt.key}
+    assert e.budget.used == e.fetched_bytes() == nxt.size
