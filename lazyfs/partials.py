@@ -357,7 +357,8 @@ class PartialFiles:
     def sweep(self, keep: Iterable[RemoteObject], older_than: float = SWEEP_AGE_S) -> int:
         """Remove what downloads of versions not in `keep` left in tmp/ (sparse
         file, resume record, lock, link) once untouched for `older_than`
-        seconds, and leftovers of interrupted small writes.  A download some
+        seconds, the same of versions in `keep` with no sparse file left
+        (nothing to resume), and leftovers of interrupted small writes.  A download some
         process still runs holds its lock and is left alone; so is every
         version in `keep`, which must be a whole current listing (not one that
         failed).  Bytes freed."""
@@ -367,15 +368,16 @@ class PartialFiles:
         freed = 0
         for name in os.listdir(self.tmp_fd):
             m = _DOWNLOAD_FILE.match(name)
-            if m is not None and m.group(1) not in wanted:
+            if m is not None:
                 groups.setdefault(m.group(1), []).append(name)
             elif name.endswith(".tmp") and self._untouched_since(name, cutoff):
                 freed += self._remove_counted(name)  # from write_small, cut short by a crash
-            elif name.endswith(".want") and self._untouched_since(name, cutoff):
-                freed += self._remove_counted(name)  # appended by a follower after the publish
         for ident, names in groups.items():
-            if all(self._untouched_since(n, cutoff) for n in names):
-                freed += self._remove_download(ident, names)
+            if ident in wanted and any(n.endswith(".part") for n in names):  # kept for the next open to resume
+                freed += sum(self._remove_counted(n) for n in names  # appended by a follower after the publish
+                             if n.endswith(".want") and self._untouched_since(n, cutoff))
+            elif all(self._untouched_since(n, cutoff) for n in names):  # not current, or nothing to resume:
+                freed += self._remove_download(ident, names)  # (a record left by a kill as its file was published)
         return freed
 
     def _untouched_since(self, name: str, cutoff: float) -> bool:

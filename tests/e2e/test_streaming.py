@@ -135,6 +135,9 @@ def test_a_killed_download_resumes_from_the_chunks_on_disk(smount, proxy, bucket
     assert "resuming download" in m2.log()
     wait_until((m2.store / key).exists, what="publication")
     assert sha((m2.store / key).read_bytes()) == sha(big)
+    tmp = m2.store / ".lazyfs" / "tmp"
+    wait_until(lambda: not [p.name for p in tmp.iterdir() if p.suffix in (".part", ".json")],
+               what="the published download's files to leave .lazyfs/tmp")
 
 
 def test_many_readers_one_download(smount, proxy, bucket, big, fs: FS):

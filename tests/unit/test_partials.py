@@ -132,6 +132,32 @@ def test_sweep_removes_only_old_unlocked_leftovers_of_unwanted_versions(store: S
     store.partials.unlock(running, held)
 
 
+def test_sweep_removes_the_record_a_publish_left_of_a_current_version(store: Store, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed between publishing a download (the sparse file renamed
+    into place) and removing its resume record left the record, and the lock
+    file, of a version the listing still names.  Nothing is left to resume:
+    the sweep removes them once old (before, they stayed as long as the object
+    was listed).  A current version's download with its sparse file stays."""
+    published, resumable = obj("m/a", 8), obj("m/b", 8)
+    for o in (published, resumable):
+        p = store.partials.open(o, 4)
+        os.pwrite(p.fd, b"x" * 8, 0)
+        p.save_state({0, 1})
+        p.close()
+    name = store.partials.name(published)
+    tmp = tmp_path / "store" / ".lazyfs" / "tmp"
+    os.rename(tmp / f"{name}.part", tmp_path / "store" / "published-elsewhere")  # the publish's rename
+    (tmp / f"{name}.lock").write_bytes(b"")  # its lock, no longer held by the killed process
+    later = time.time() + 2 * partials.SWEEP_AGE_S
+    monkeypatch.setattr(partials.time, "time", lambda: later)
+    assert store.partials.sweep(keep=[published, resumable]) > 0
+    assert not {n for n in tmp_names(tmp_path) if n.startswith(name)}
+    resumed = store.partials.open(resumable, 4)
+    assert resumed.done == {0, 1}
+    resumed.close()
+
+
 def test_wants_of_followers_are_read_whole_lines_at_a_time_and_go_with_the_download(
         store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A follower's wants (coop.py) reach the owner as byte ranges, each once;
