@@ -167,6 +167,14 @@ def still_there(dir_fd: int, name: str, st: os.stat_result) -> bool:
     return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
+def inode_at(dir_fd: int, name: str) -> int | None:
+    """The inode `name` points to now, None if it is gone."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino
+    except FileNotFoundError:
+        return None
+
+
 def remove(dir_fd: int, name: str) -> None:
     """Unlink `name` if it is there."""
     try:

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator
 
 from lazyfs import wording
 from lazyfs.errors import StoreError
-from lazyfs.layer import FILE_FLAGS, remove, write_small
+from lazyfs.layer import FILE_FLAGS, inode_at, remove, write_small
 from lazyfs.namespace import RemoteObject
 from lazyfs.resume import RECORD_MAX, Record, nblocks, parse_record, record_of
 from lazyfs.storewrite import preallocate
@@ -95,6 +95,10 @@ class Partial:
         `done` is a snapshot: the caller's set may change while this runs."""
         os.fdatasync(self.fd)
         write_small(self.files.tmp_fd, self.name + ".json", record_of(self.obj, self.block_size, self.ino, done))
+        # Published as this ran (renamed out of tmp/, its record removed before
+        # this one was written, by a save already under way): not left behind.
+        if inode_at(self.files.tmp_fd, self.name + ".part") != self.ino:
+            remove(self.files.tmp_fd, self.name + ".json")
 
 
 class PartialFiles:
@@ -191,13 +195,9 @@ class PartialFiles:
     def discard(self, partial: Partial) -> None:
         """Remove a download's files (its descriptor stays with the caller) --
         unless a newer download of the same version owns the name by now."""
-        try:
-            st = os.stat(partial.name + ".part", dir_fd=self.tmp_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return
-        finally:
-            self._condemned.discard((partial.name, partial.ino))
-        if st.st_ino == partial.ino:
+        ino = inode_at(self.tmp_fd, partial.name + ".part")
+        self._condemned.discard((partial.name, partial.ino))
+        if ino == partial.ino:
             remove(self.tmp_fd, partial.name + ".part")
             remove(self.tmp_fd, partial.name + ".json")
             remove(self.tmp_fd, partial.name + ".want")

@@ -158,6 +158,22 @@ def test_sweep_removes_the_record_a_publish_left_of_a_current_version(store: Sto
     resumed.close()
 
 
+def test_a_save_of_the_record_that_ends_after_the_publish_leaves_no_record(store: Store, tmp_path: Path) -> None:
+    """A save of the resume record already under way in a worker thread when
+    the download was published (its sparse file renamed into place, its record
+    removed) wrote the record back after the removal: a stray `.json` of a
+    published file, for as long as the object was listed."""
+    o = obj("m/small.json", 8)
+    p = store.partials.open(o, 4)
+    os.pwrite(p.fd, b"x" * 8, 0)
+    p.save_state({0})
+    os.rename(tmp_path / "store" / ".lazyfs" / "tmp" / f"{p.name}.part", tmp_path / "store" / "small.json")
+    store.partials.forget_record(p)  # the publish
+    p.save_state({0, 1})  # the save that was under way
+    p.close()
+    assert not {n for n in tmp_names(tmp_path) if n.startswith(p.name)}
+
+
 def test_wants_of_followers_are_read_whole_lines_at_a_time_and_go_with_the_download(
         store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A follower's wants (coop.py) reach the owner as byte ranges, each once;
