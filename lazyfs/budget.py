@@ -13,7 +13,9 @@ temporary file that is not kept, and a prefetch skips it.
 A download holds its room from the moment it starts (`reserve` evicts for it
 then), so downloads in flight count against the budget as much as files
 kept.  A prefetch waits until the downloads in flight and the files in use
-leave room for its file (`wait_for_room`); a reader never waits, so a
+leave room for its file, and skips one that would fit only by evicting files
+fetched ahead that nobody opened yet (`wait_for_room`); a reader never
+waits, so a
 reader's download may pass the budget when open files fill it, and its
 publish evicts back under it; if the files in use still keep the store over the budget, the release of the
 last handle of one of them evicts (`run`).  A download nobody waits for yet
@@ -51,6 +53,10 @@ class Budget:
         self.used = 0
         # key -> opens under way and handles of it: never evicted (`use`).
         self._users: Counter[str] = Counter()
+        # Files fetched ahead of any reader (a prefetch, a next shard) and not
+        # opened since: a prefetch never evicts them to make room for another
+        # (it would throw away what it fetched for what it fetches next).
+        self._unopened: set[str] = set()
         self._evict_soon = trio.Event()  # set when the store is over the budget and something may go (`run`)
         # Bytes promised to downloads in flight (by version), so thirty-two
         # prefetches starting together do not all count the same free room.
@@ -99,6 +105,7 @@ class Budget:
         whether it is in the store, downloading, or about to be published
         for this open (a whole-file open waits for it with no handle yet)."""
         self._users[key] += 1
+        self._unopened.discard(key)
         self.touch(key)
 
     def unuse(self, key: str) -> None:
@@ -119,12 +126,14 @@ class Budget:
     def in_use(self, key: str) -> bool:
         return key in self._users
 
-    def _taken_beside(self, obj: RemoteObject) -> tuple[int, int]:
-        """Bytes of the files in use and of the downloads in flight, `obj`'s
-        own left out (a reader may hold it open, or be downloading it)."""
+    def _taken_beside(self, obj: RemoteObject) -> tuple[int, int, int]:
+        """Bytes of the files in use, of those fetched ahead and not opened
+        yet, and of the downloads in flight, `obj`'s own left out (a reader
+        may hold it open, or be downloading it)."""
         in_use = sum(self._lru.get(key, 0) for key in self._users if key != obj.key)
+        unopened = sum(self._lru.get(key, 0) for key in self._unopened - self._users.keys() if key != obj.key)
         in_flight = sum(size for version, size in {**self._held, **self._reserved}.items() if version != obj.version)
-        return in_use, in_flight
+        return in_use, unopened, in_flight
 
     def room_ahead(self, obj: RemoteObject) -> bool:
         """May a download nobody waits for yet (a next shard, a companion
@@ -133,7 +142,7 @@ class Budget:
         never go), and at its publish the budget would evict it (used by
         nobody yet) or the shard a loader reads: downloaded twice.  One
         log line says why not."""
-        in_use, in_flight = self._taken_beside(obj)
+        in_use, _, in_flight = self._taken_beside(obj)
         if in_use + in_flight + obj.size <= self.max_bytes:
             return True
         log.info("%s: not fetched ahead: the cache budget (%.1f MiB) has no room for it beside the files in use "
@@ -153,27 +162,36 @@ class Budget:
         """Bytes of the downloads reserved or about to be (a version counted once)."""
         return sum({**self._held, **self._reserved}.values())
 
-    async def wait_for_room(self, obj: RemoteObject) -> None:
+    async def wait_for_room(self, obj: RemoteObject) -> bool:
         """For a download that may wait (prefetch), before it starts: wait
         until the files in use and the downloads in flight leave room for
-        `obj` in the budget, then hold that room until `unhold`.  Without
-        this wait, `reserve` (which must never make a reader wait) lets
-        thirty-two prefetches start at once whatever their total, and their
-        files on disk overshoot the budget until they are published and
-        evicted; and a file that does not fit beside the files in use would
+        `obj` in the budget beside the files fetched ahead and not opened
+        yet, then hold that room until `unhold`; False (fetch nothing) if
+        only the files fetched ahead and not opened keep it out.
+
+        Without this wait, `reserve` (which must never make a reader wait)
+        lets thirty-two prefetches start at once whatever their total, and
+        their files on disk overshoot the budget until they are published
+        and evicted; a file that does not fit beside the files in use would
         be evicted again at its publish (nothing else may go): downloaded
-        for nothing.  Files kept and closed are not counted: `reserve`
-        evicts them once a download really starts.  Everything counted ends
-        with `published`, `released`, `unhold` or the last `unuse`, each of
-        which wakes it (a reservation never given back would shrink the room
-        for good: Prefetcher gives back its own); a file held open for good
-        holds the prefetch of what does not fit beside it for as long, and
-        one line says so."""
+        for nothing; and making room by evicting a file prefetched before
+        and not opened yet throws away what was fetched for what is fetched
+        next (a prefetch of more than the budget fetched it all and kept the
+        last files).  Other files kept and closed are not counted: `reserve`
+        evicts them once a download really starts.  The downloads in flight
+        end with `published`, `released` or `unhold`, and the files in use
+        with the last `unuse`, each of which wakes it (a reservation never
+        given back would shrink the room for good: Prefetcher gives back its
+        own); a file held open for good holds the prefetch of what does not
+        fit beside it for as long, and one line says so."""
         said = False
         while True:
-            in_use, in_flight = self._taken_beside(obj)
-            if in_use + in_flight + obj.size <= self.max_bytes or not (in_use or in_flight):
+            in_use, unopened, in_flight = self._taken_beside(obj)
+            need = obj.size - self._lru.get(obj.key, 0)  # a file at its path is replaced (or is it: nothing to fetch)
+            if in_use + unopened + in_flight + need <= self.max_bytes:
                 break
+            if not in_flight and in_use + need <= self.max_bytes:
+                return False
             if in_use and not said:
                 log.info("prefetch of %s waits for room: the cache budget (%.1f MiB) holds the files in use "
                          "(%.1f MiB) and the downloads in flight (%.1f MiB)", quoted(obj.uri),
@@ -181,6 +199,7 @@ class Budget:
                 said = True
             await self._room.wait()
         self._held[obj.version] = obj.size
+        return True
 
     def unhold(self, obj: RemoteObject) -> None:
         """The prefetch of `obj` started its download (whose reservation now
@@ -192,13 +211,15 @@ class Budget:
         self._room.set()
         self._room = trio.Event()
 
-    async def published(self, obj: RemoteObject) -> None:
+    async def published(self, obj: RemoteObject, unopened: bool = False) -> None:
         """A reserved download became a file in the store: it counts as used now,
         and anything it pushed over the budget (a file it replaced, an
-        estimate off) is evicted."""
+        estimate off) is evicted.  `unopened`: fetched ahead, no reader opened it."""
         self._reserved.pop(obj.version, None)
         self._wake()
         self._count(obj)
+        if unopened and not self.in_use(obj.key):
+            self._unopened.add(obj.key)
         await self.make_room(0)
 
     def linked(self, obj: RemoteObject) -> None:
@@ -219,9 +240,11 @@ class Budget:
         if self._reserved.pop(obj.version, None) is not None:
             self._wake()
 
-    async def reserve(self, obj: RemoteObject) -> bool:
+    async def reserve(self, obj: RemoteObject, ahead: bool = False) -> bool:
         """Make room for `obj` and hold it until `published` or `released`;
-        False if it can never fit (stream it through)."""
+        False if it can never fit (stream it through).  `ahead`: for a download
+        nobody reads yet, which evicts a file fetched ahead and not opened
+        only when nothing else can go."""
         if not self.fits(obj):
             log.warning("%s (%.1f MiB) is larger than the cache budget (%.1f MiB): serving it "
                         "without keeping it", quoted(obj.uri), obj.size / 2**20, self.max_bytes / 2**20)
@@ -230,22 +253,27 @@ class Budget:
         # no task sees the room counted twice or not at all.  (Reserving
         # first counted it as taken while the lock was awaited: the level,
         # used + reserved, passed the budget for a moment.)
-        await self.make_room(obj.size - self._reserved.get(obj.version, 0))
+        await self.make_room(obj.size - self._reserved.get(obj.version, 0), spare_unopened=ahead)
         self._reserved[obj.version] = obj.size
         return True
 
-    async def make_room(self, nbytes: int) -> None:
+    async def make_room(self, nbytes: int, spare_unopened: bool = False) -> None:
         async with self._lock:
             victims: list[str] = []
-            for key in list(self._lru):
+            order = list(self._lru)  # least recently used first
+            if spare_unopened:
+                order.sort(key=lambda k: k in self._unopened)  # and those fetched ahead, not opened, last (stable)
+            for key in order:
                 if self.used + self.reserved + nbytes <= self.max_bytes:
                     break
                 if self.in_use(key):
                     continue
                 victims.append(key)
                 self.used -= self._lru.pop(key)
+                self._unopened.discard(key)
             if not victims:
                 return
+            self._wake()  # a prefetch waiting for room looks again
             freed = await trio.to_thread.run_sync(self.store.evict, victims)
             self.evicted_files += len(victims)
             self.evicted_bytes += freed

@@ -366,7 +366,7 @@ class Fetcher:
 
     async def start_locked(self, obj: RemoteObject, lock: int, background: bool) -> Download:
         """Start (or resume) the download of `obj`, holding its store lock."""
-        keep = await self.budget.reserve(obj) if self.budget is not None else True
+        keep = await self.budget.reserve(obj, ahead=background) if self.budget is not None else True
         try:
             partial = await trio.to_thread.run_sync(open_partial_file, self.store, obj, self.cfg.block_size,
                                                     limiter=self._meta)

@@ -58,6 +58,7 @@ class Progress:
     local_files: int = 0
     linked_files: int = 0  # of the local ones, linked just now from the same bytes under another path
     skipped_files: int = 0  # larger than the cache budget
+    crowded_files: int = 0  # not fetched: the budget is full of files fetched ahead and not opened yet
     failed: list[tuple[str, str]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -94,11 +95,16 @@ class Prefetcher:
             return
         got: LocalCopy | Transfer | None = None
         try:
-            if budget is not None:
-                # Wait while the downloads in flight fill the budget (reserve
-                # alone never waits, for the readers' sake): a prefetch of a
-                # tree larger than the budget keeps at most the budget on disk.
-                await budget.wait_for_room(obj)
+            # Wait while the downloads in flight fill the budget (reserve
+            # alone never waits, for the readers' sake): a prefetch of a tree
+            # larger than the budget keeps at most the budget on disk, the
+            # files it fetched first, and leaves the rest to the readers.
+            if budget is not None and not await budget.wait_for_room(obj):
+                if not p.crowded_files:
+                    log.info("prefetch: the cache budget is full of files fetched ahead that nobody has opened "
+                             "yet; %s and the files after it are left to the readers", wording.quoted(obj.uri))
+                p.crowded_files += 1
+                return
             try:
                 got = await self.fetcher.acquire(obj, background=True)
             finally:
@@ -141,4 +147,5 @@ def summary(p: Progress) -> str:
     return (f"{p.done_files} of {wording.count(p.files, 'file')} ({fetched / 2**30:.2f} of {p.bytes / 2**30:.2f} GiB) "
             f"in {secs:.1f} s ({fetched / secs / 1e6:.0f} MB/s), {p.local_files} already local, "
             f"{len(p.failed)} failed" + (f", {p.skipped_files} too large for the cache budget"
-                                         if p.skipped_files else ""))
+                                         if p.skipped_files else "")
+            + (f", {p.crowded_files} left to the readers (the cache budget is full)" if p.crowded_files else ""))

@@ -305,7 +305,7 @@ class Runner:
     def _published(self, dl: Download) -> None:
         dl.complete = True
         if self.hooks.budget is not None and dl.keep:
-            self._spawn(self.hooks.budget.published, dl.obj)
+            self._spawn(self.hooks.budget.published, dl.obj, dl.background)  # (no reader opened it)
         elapsed = max(time.monotonic() - dl.started, 1e-6)
         STATS.downloads_ok += 1
         if dl.keep:

@@ -58,9 +58,9 @@ async def test_a_checkpoint_larger_than_the_budget_is_downloaded_once(
     told: dict[str, trio.Event] = collections.defaultdict(trio.Event)
     published, acquire = e.budget.published, e.fetcher.acquire
 
-    async def published_then_told(obj: RemoteObject) -> None:
+    async def published_then_told(obj: RemoteObject, unopened: bool = False) -> None:
         try:
-            await published(obj)
+            await published(obj, unopened)
         finally:
             told[obj.key].set()
 
@@ -233,3 +233,38 @@ async def test_a_prefetch_waits_for_the_files_in_use_to_leave_room(remote: FakeR
     assert downloaded(remote, nxt) == nxt.size and downloaded(remote, held) == held.size
     assert e.kept() == {nxt.key}
     assert e.budget.used == e.fetched_bytes() == nxt.size
+
+
+@trio_test
+@quick
+async def test_a_prefetch_never_evicts_what_it_fetched_before_anyone_opened_it(remote: FakeRemote, stores,
+                                                                               tmp_path: Path, caplog: Any) -> None:
+    """A prefetch of more than the budget (three files, room for two).
+    Before, it fetched all three, and the third's room was made by evicting
+    the first, fetched moments before and never opened (the tester's
+    config.json and tokenizer.json went for a later shard).  Now the first
+    two are kept and the third is left to the readers, with one line and a
+    count in the summary; a reader who opens it fetches it then, and the
+    least recently used file makes way.  Nothing is downloaded twice, and
+    nothing is downloaded only to be thrown away unopened."""
+    import logging
+
+    from lazyfs.prefetch import Prefetcher, summary
+
+    (a, _), (b, _), (c, c_data) = (put(remote, f"m/{n}.bin", UNIT) for n in "abc")
+    e = Engine(remote, stores(), tmp_path / "store", max_bytes=2 * UNIT)
+    caplog.set_level(logging.INFO, logger="lazyfs")
+    async with e.running():
+        progress = await Prefetcher(e.fetcher, concurrent_files=1).run([a, b, c])
+        await e.settled()
+        assert progress.done_files == 2 and progress.crowded_files == 1 and not progress.failed
+        assert "1 left to the readers (the cache budget is full)" in summary(progress)
+        assert "left to the readers" in caplog.text
+        assert remote.gets(c.key) == [] and e.budget.evicted_files == 0, \
+            "a file prefetched and never opened was evicted for the next"
+        assert e.kept() == {a.key, b.key}
+        e.handles.release(await e.read_whole(c, c_data))
+        await e.settled()
+    assert [downloaded(remote, o) for o in (a, b, c)] == [UNIT] * 3
+    assert e.kept() == {b.key, c.key}
+    assert e.budget.used == e.fetched_bytes() == 2 * UNIT
