@@ -202,7 +202,8 @@ def store(cfg: DoctorConfig) -> list[Check]:
         probe.unlink()
     except OSError as e:
         return [Check(FAIL, "store", f"{existing} is not writable ({e.strerror})",
-                      "fix its permissions or mount options, or give --store a writable folder")]
+                      "fix its permissions or mount options, or give --store a writable folder (a read-only "
+                      "folder of baked files is served as --prebaked; lazyfs status judges it as it is)")]
     if existing != path:
         return [Check(OK, "store", f"{path} will be created"), identity_records(existing)]
     st = os.statvfs(path)

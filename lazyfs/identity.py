@@ -37,7 +37,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from lazyfs.layer import FILE_FLAGS, PRIVATE, Layer, remove, write_small
+from lazyfs.layer import FILE_FLAGS, STORE_MODES, Layer, Permissions, remove, write_small
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
 from lazyfs.wording import quoted
 
@@ -129,8 +129,9 @@ def _tie(st: os.stat_result) -> list[int]:
 class Sidecars:
     """The sidecar records of one layer: `.lazyfs/identities/<inode>`."""
 
-    def __init__(self, dir_fd: int) -> None:
+    def __init__(self, dir_fd: int, permissions: Permissions = STORE_MODES["private"]) -> None:
         self.fd = dir_fd
+        self.permissions = permissions
 
     def read(self, st: os.stat_result) -> Identity | None:
         try:
@@ -145,7 +146,10 @@ class Sidecars:
             return None
 
     def write(self, st: os.stat_result, ident: Identity) -> None:
-        write_small(self.fd, str(st.st_ino), json.dumps({**ident.fields(), "file": _tie(st)}).encode())
+        # Readable as the store's files are (--store-mode): a reader who may
+        # read a file may read its record, as an xattr would let it.
+        write_small(self.fd, str(st.st_ino), json.dumps({**ident.fields(), "file": _tie(st)}).encode(),
+                    self.permissions.file)
         os.fsync(self.fd)  # the record's name is durable before its file is renamed into place
 
     def forget(self, st: os.stat_result) -> None:
@@ -170,12 +174,24 @@ def user_xattrs_work(dir_fd: int) -> bool:
     return True
 
 
+def user_xattrs_readable(dir_fd: int) -> bool:
+    """Does this folder's filesystem keep user extended attributes?  Asked
+    without writing (a read-only store): a filesystem with no handler for
+    them says "not supported" to a read as well."""
+    try:
+        os.getxattr(dir_fd, "user.lazyfs.probe")
+    except OSError as e:
+        return e.errno not in _NO_XATTR
+    return True
+
+
 class IdentityRecords:
     """The records of one store's files and of its prebaked layers': xattrs
     where the filesystem keeps them, sidecars where it refuses them."""
 
-    def __init__(self, root: Layer) -> None:
+    def __init__(self, root: Layer, permissions: Permissions = STORE_MODES["private"]) -> None:
         self.root = root
+        self._mode = permissions  # of the store's sidecar folder and records, as of its files
         self.store_path = root.path
         self.supported = True  # False when the store's filesystem refuses user xattrs
         self._sidecars: dict[Layer, Sidecars] = {}
@@ -189,26 +205,42 @@ class IdentityRecords:
             self._use_sidecars()
         else:
             self._open_sidecars(create=False)  # records too big for an xattr, written by earlier runs
+        self._open_prebaked(prebaked)
+
+    def _open_prebaked(self, prebaked: Iterable[Layer]) -> None:
         for layer in prebaked:
             try:
                 self._sidecars[layer] = Sidecars(layer.open_dir(SIDECAR_FOLDER))
             except OSError:
                 pass  # baked where xattrs work, or not by lazyfs
 
+    def open_to_read(self, prebaked: Iterable[Layer], unreadable: dict[str, str]) -> None:
+        """As `open`, writing nothing (`status` of a read-only store, or of one
+        this user may only read): a sidecar folder this user may not enter
+        is added to `unreadable` (path in the store -> why)."""
+        self.supported = user_xattrs_readable(self.root.fd)
+        self._open_sidecars(create=False, unreadable=unreadable)
+        self._open_prebaked(prebaked)
+
     def close(self) -> None:
         for sidecars in self._sidecars.values():
             os.close(sidecars.fd)
         self._sidecars.clear()
 
-    def _open_sidecars(self, create: bool = True) -> Sidecars | None:
+    def _open_sidecars(self, create: bool = True, unreadable: dict[str, str] | None = None) -> Sidecars | None:
         with self._lock:  # store threads may find out at once
             if self.root not in self._sidecars:
                 try:
                     self._sidecars[self.root] = Sidecars(self.root.open_dir(SIDECAR_FOLDER, create=create,
-                                                                            mode=PRIVATE))
+                                                                            mode=self._mode.folder), self._mode)
                 except FileNotFoundError:
                     if create:
                         raise
+                    return None
+                except PermissionError as e:
+                    if unreadable is None:
+                        raise
+                    unreadable["/".join(SIDECAR_FOLDER)] = e.strerror or str(e)
                     return None
             return self._sidecars[self.root]
 

@@ -183,15 +183,16 @@ def remove(dir_fd: int, name: str) -> None:
         pass
 
 
-def write_small(dir_fd: int, name: str, data: bytes) -> None:
+def write_small(dir_fd: int, name: str, data: bytes, mode: int = 0o600) -> None:
     """Replace a small file atomically and durably (write a sibling, fsync,
     rename over).  The sibling is removed if anything fails, so a full disk
     leaves no temporary file behind."""
     tmp = f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600, dir_fd=dir_fd)
+                 mode, dir_fd=dir_fd)
     try:
         try:
+            os.fchmod(fd, mode)  # exactly `mode`, not narrowed by the umask (a sidecar's --store-mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]

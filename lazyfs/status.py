@@ -10,7 +10,9 @@ downloading (a mount is fetching it), partial (an interrupted download),
 stale (only another version), missing.
 
 Against a plain store folder it lists the object store (or, when that is
-unreachable, the listing the store saved) and looks at the disk.  Against a
+unreachable, the listing the store saved) and looks at the disk, writing
+nothing (Store.open_to_read): a read-only store, or one this user may read
+but not write, is judged as a writable one.  Against a
 running lazyfs mount it asks the mount itself (the `user.lazyfs.state`
 extended attributes), since the store beneath it is out of reach.
 """
@@ -30,6 +32,7 @@ from lazyfs.catalog import Catalog, offline_objects
 from lazyfs.config import StatusConfig
 from lazyfs.errors import RemoteUnavailable
 from lazyfs.filestate import FileState
+from lazyfs.identity import SIDECAR_FOLDER
 from lazyfs.mounttab import find_mount
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
 from lazyfs.remote import Remote
@@ -80,7 +83,7 @@ def from_lock(cfg: StatusConfig) -> Answer:
     content, every copy on disk is hashed against the lock's checksum."""
     assert cfg.lock is not None
     lock = cfg.lock
-    store = Store.open(str(cfg.store), [str(p) for p in cfg.prebaked])
+    store = Store.open_to_read(str(cfg.store), [str(p) for p in cfg.prebaked])
     try:
         entries = list(lock.entries())
         files = [_local(store, e.obj()) for e in entries]
@@ -89,8 +92,23 @@ def from_lock(cfg: StatusConfig) -> Answer:
     finally:
         store.close()
     how = "by content" if cfg.verify_content else "by identity record"
-    note = f"store {cfg.store} against lock {lock.path} ({lock.short_digest}), {how}"
-    return Answer(files, note, _unproven(files, cfg.verify_content), lock.short_digest)
+    note = f"store {cfg.store} against lock {lock.path} ({lock.short_digest}), {how}" + _out_of_sight(store)
+    return Answer(files, note, _records_unread(store) or _unproven(files, cfg.verify_content), lock.short_digest)
+
+
+def _out_of_sight(store: Store) -> str:
+    """What of the store this user may not read (status only reads, so a
+    store it may not write is judged all the same), for the note."""
+    if not store.unreadable:
+        return ""
+    said = ", ".join(f"{path} ({why})" for path, why in sorted(store.unreadable.items()))
+    return f"; this user cannot read {said}: run status as the store's owner to see all of it"
+
+
+def _records_unread(store: Store) -> str:
+    """Why no file's state can be trusted: identity records this user may not read."""
+    why = store.unreadable.get("/".join(SIDECAR_FOLDER))
+    return f"the identity records in {'/'.join(SIDECAR_FOLDER)} cannot be read by this user ({why})" if why else ""
 
 
 def _on_disk(files: list[FileStatus]) -> set[str]:
@@ -120,7 +138,7 @@ def _unproven(files: list[FileStatus], content: bool) -> str:
 
 
 def from_store(cfg: StatusConfig) -> Answer:
-    store = Store.open(str(cfg.store), [str(p) for p in cfg.prebaked])
+    store = Store.open_to_read(str(cfg.store), [str(p) for p in cfg.prebaked])
     try:
         unknown = ""
         try:
@@ -135,7 +153,7 @@ def from_store(cfg: StatusConfig) -> Answer:
         if not store.identities.supported:
             note += f"; {_SIDECAR_NOTE}"
         files = [_local(store, obj) for obj in objects]
-        return Answer(files, note, unknown)
+        return Answer(files, note + _out_of_sight(store), unknown or _records_unread(store))
     finally:
         store.close()
 

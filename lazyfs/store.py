@@ -19,30 +19,29 @@ call them from worker threads.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
 import stat
 from typing import Iterable
 
+from lazyfs import storemeta
 from lazyfs.content_index import ContentIndex
 from lazyfs.errors import StoreError
 from lazyfs.filestate import REJECTED, SIZE, ContentChecks, FileState, LocalCopy, LocalState, PrebakedAccept
 from lazyfs.identity import Identity, IdentityRecords
-from lazyfs.layer import FILE_FLAGS, PRIVATE, STORE_MODES, Layer, Permissions, still_there, write_small
+from lazyfs.layer import FILE_FLAGS, STORE_MODES, Layer, Permissions, still_there
 from lazyfs.listings import SavedListings
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
 from lazyfs.partials import Partial, PartialFiles
 from lazyfs.stalefolder import StaleFolders
+from lazyfs.storemeta import LAYOUT_VERSION
 from lazyfs.wording import quoted
 
 # LocalCopy and LocalState (filestate.py) are the store's answers, imported from here too.
 __all__ = ["LAYOUT_VERSION", "LocalCopy", "LocalState", "Store"]
 
 log = logging.getLogger(__name__)
-
-LAYOUT_VERSION = "1"
 
 
 class Store:
@@ -53,10 +52,16 @@ class Store:
         self.root = root
         self.prebaked = tuple(prebaked)
         self.permissions = permissions
-        self.identities = IdentityRecords(root)
+        self.identities = IdentityRecords(root, permissions)
         self.listings = SavedListings(root)
         self._fds: list[int] = []
+        # Parts of the store this user may not read (a look only, open_to_read):
+        # path in the store -> why.
+        self.unreadable: dict[str, str] = {}
         self.partials: PartialFiles
+        # The downloads in progress local_state sees: the store's, or None where
+        # a look only finds no tmp/ it may read.
+        self._partials_seen: PartialFiles | None = None
         self.index: ContentIndex
         self.stale_folders: StaleFolders
 
@@ -85,35 +90,33 @@ class Store:
         return layer
 
     def _prepare(self) -> None:
-        try:
-            meta_fd = self._keep(self.root.open_dir([RESERVED_NAME], create=True, mode=self.permissions.folder))
-            # Downloads in progress and the index are private to the daemon.
-            tmp_fd = self._keep(self.root.open_dir([RESERVED_NAME, "tmp"], create=True, mode=PRIVATE))
-            objects_fd = self._keep(self.root.open_dir([RESERVED_NAME, "objects"], create=True, mode=PRIVATE))
-        except OSError as e:
-            raise StoreError(f"store {self.root.path} is not writable: {e.strerror}", e.errno or errno.EIO) from None
-        self.partials = PartialFiles(tmp_fd, self.root.path)
+        tmp_fd, objects_fd = storemeta.open_to_write(self.root, self.permissions, self._keep)
+        self.partials = self._partials_seen = PartialFiles(tmp_fd, self.root.path)
         self.index = ContentIndex(objects_fd)
         self.stale_folders = StaleFolders(self.identities, self.index)
-        self._check_layout(meta_fd)
         self.identities.open(tmp_fd, self.prebaked)
+
+    @classmethod
+    def open_to_read(cls, store_path: str, prebaked: Iterable[str] = ()) -> Store:
+        """Open a store only to judge it (`status`): nothing is made or written
+        in it, so a store on a read-only filesystem, or one this user may read
+        but not write, is judged as a writable one.  Only the lookups
+        (local_state, find_current, listings) may be used.  What of the store
+        this user may not read is in `unreadable`."""
+        store = cls(Layer.open(store_path, False, "store"))
+        try:
+            store.prebaked = tuple(store._open_layer(p) for p in prebaked)
+            tmp_fd = storemeta.open_to_read(store.root, store._keep, store.unreadable)
+            store._partials_seen = None if tmp_fd is None else PartialFiles(tmp_fd, store.root.path)
+            store.identities.open_to_read(store.prebaked, store.unreadable)
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     def _keep(self, fd: int) -> int:
         self._fds.append(fd)
         return fd
-
-    def _check_layout(self, meta_fd: int) -> None:
-        try:
-            fd = os.open("layout", FILE_FLAGS, dir_fd=meta_fd)
-        except FileNotFoundError:
-            write_small(meta_fd, "layout", (LAYOUT_VERSION + "\n").encode())
-            return
-        with os.fdopen(fd, "rb") as f:
-            version = f.read(64).decode(errors="replace").strip()
-        if version != LAYOUT_VERSION:
-            raise StoreError(f"store {self.root.path} has layout version {version!r}; this lazyfs "
-                             f"uses {LAYOUT_VERSION}: use another --store or remove "
-                             f"{self.root.path}/{RESERVED_NAME}", errno.EINVAL)
 
     def close(self) -> None:
         self.identities.close()
@@ -178,7 +181,7 @@ class Store:
                 stale = stale or layer.label
             finally:
                 os.close(fd)
-        nbytes = self.partials.resumable_bytes(obj)
+        nbytes = self._partials_seen.resumable_bytes(obj) if self._partials_seen is not None else 0
         if nbytes:
             return LocalState(FileState.PARTIAL, "store", nbytes)
         if stale:

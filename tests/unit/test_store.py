@@ -55,6 +55,7 @@ def test_what_lazyfs_creates_in_a_store_is_private_unless_asked(tmp_path: Path, 
     for meta in ("tmp", "objects", "listings"):
         assert stat.S_IMODE((root / ".lazyfs" / meta).stat().st_mode) == 0o700, meta
     assert stat.S_IMODE((root / "models/m/w.bin").stat().st_mode) == file
+    assert stat.S_IMODE((root / ".lazyfs/layout").stat().st_mode) == file  # whoever judges the files reads it
 
 
 def test_publish_records_identity_and_find_current(store: Store, tmp_path: Path) -> None:
