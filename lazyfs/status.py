@@ -30,7 +30,7 @@ from typing import Any, TextIO
 from lazyfs import contentcheck, interrupt, wording
 from lazyfs.catalog import Catalog, offline_objects
 from lazyfs.config import StatusConfig
-from lazyfs.errors import RemoteUnavailable
+from lazyfs.errors import RemoteUnavailable, StoreError
 from lazyfs.filestate import FileState
 from lazyfs.identity import SIDECAR_FOLDER
 from lazyfs.mounttab import find_mount
@@ -172,6 +172,10 @@ def from_mount(cfg: StatusConfig) -> Answer:
         stats = json.loads((cfg.store / RESERVED_NAME / "stats.json").read_bytes())
         if not isinstance(stats, dict):
             raise ValueError("not a JSON object")
+    except PermissionError as e:  # nothing of the mount can be read: no table of "0 files"
+        raise StoreError(f"cannot read the lazyfs mount at {cfg.store} as this user ({e.strerror}): it was "
+                         "mounted without --allow-other, so only its own user may read it; run status as "
+                         "that user, or mount with --allow-other", e.errno or errno.EACCES) from None
     except (OSError, ValueError) as e:
         return Answer([], note, f"cannot read the mount's {RESERVED_NAME}/stats.json ({e})")
     listing = stats.get("listing") or {}

@@ -1,7 +1,8 @@
 """End to end: `lazyfs status` only reads.  A store on a read-only filesystem
 (a production image run `--read-only`), or one the caller may read but not
 write (a monitoring user's probe), is judged as a writable one, with nothing
-written into it.
+written into it; a mount the caller may not read is one error line, exit 1,
+not a table of "0 files".
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from support.mounting import lazyfs_cli
+from support.mounting import FS, lazyfs_cli
 
 pytestmark = [pytest.mark.fuse,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to bind-mount and to act as another user")]
@@ -153,3 +154,16 @@ def test_status_reads_sidecar_records_of_a_store_it_may_not_write(proxy, s3, buc
     assert ("not ready: the identity records in .lazyfs/identities cannot be read by this user "
             "(Permission denied)") in res.stdout, res.stdout
 
+
+def test_status_of_a_mount_the_caller_may_not_read_is_one_error(public: Path, mount, s3, bucket, fs: FS):
+    for key, body in FILES.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    m = mount("--prefix", f"s3://{bucket}/{P}", mountpoint=public / "mnt", store=public / "store")
+    assert fs.read(m.file(f"{P}/config.json")) == FILES[f"{P}/config.json"]
+    for extra in ([], ["--require-all"], ["--json"]):
+        res = lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--store", str(m.path), *extra],
+                         wrapper=NOBODY, cwd=public)
+        assert res.returncode == 1 and res.stdout == "", (extra, res.stdout, res.stderr)
+        line, = res.stderr.splitlines()
+        assert line.startswith(f"lazyfs: error: cannot read the lazyfs mount at {m.path} as this user "
+                               "(Permission denied)") and "--allow-other" in line, line
