@@ -17,7 +17,7 @@ import trio
 from lazyfs import completion, modelaware, piecesums, verify
 from lazyfs.completion import expectation, hash_more_blocking, lower_priority
 from lazyfs.download import Download
-from lazyfs.errors import AccessDenied, RemoteUnavailable
+from lazyfs.errors import AccessDenied, ObjectChanged, ObjectNotFound, RemoteUnavailable
 from lazyfs.objectstore import ObjectStore
 from lazyfs.partials import Partial
 from lazyfs.piecesums import PieceSums
@@ -158,11 +158,12 @@ async def _asked_at_once(dl: Download, remote: ObjectStore,
     checksum it names (a store that keeps a CRC but lists none, as SeaweedFS)
     then reaches `dl.sums` before the pieces that would otherwise be read
     back to verify.  (Whether it was answered, what to check against.)  When
-    it failed, the first response's ETag decides, with no second HEAD
-    (ObjectChanged ends the hashing; the download fails anyway)."""
+    it failed, the first response's ETag decides, with no second HEAD (a
+    replaced object too: GETs with If-Match fail if it was replaced before
+    them, and bytes they fetched are this version's)."""
     try:
         return True, await trio.to_thread.run_sync(expectation, remote, dl.obj, None, limiter=requests)
-    except (RemoteUnavailable, AccessDenied) as e:
+    except (RemoteUnavailable, AccessDenied, ObjectChanged, ObjectNotFound) as e:
         completion.no_checksum_asked(dl.obj, e)
         return False, None
 

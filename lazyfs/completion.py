@@ -15,7 +15,7 @@ import threading
 from typing import Callable, Iterator
 
 from lazyfs import verify
-from lazyfs.errors import AccessDenied, IntegrityError, RemoteUnavailable, StoreError
+from lazyfs.errors import AccessDenied, IntegrityError, ObjectChanged, ObjectNotFound, RemoteUnavailable, StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
@@ -42,6 +42,7 @@ def expectation(remote: ObjectStore, obj: RemoteObject, meta: ResponseMeta | Non
     checksum = meta.checksum if meta else None
     etag_is_md5 = meta.etag_is_md5 if meta else None
     needed = etag_is_md5 is None or (checksum is None and bool(obj.checksum_algorithm))
+    part: verify.PartLookup = functools.partial(remote.part, obj)
     if needed or (may_ask and checksum is None and obj.size >= ASK_FOR_A_CHECKSUM_FROM):
         try:
             info = remote.head(obj.bucket, obj.key, etag=obj.etag)
@@ -50,8 +51,22 @@ def expectation(remote: ObjectStore, obj: RemoteObject, meta: ResponseMeta | Non
             if needed:
                 raise
             no_checksum_asked(obj, e)  # only asked in case the store keeps one: the GET said enough
+        except (ObjectChanged, ObjectNotFound) as e:
+            if etag_is_md5 is None:
+                raise  # no GET of this version was answered: nothing vouches for the bytes
+            # The GETs (If-Match on this ETag) were answered by this version, so
+            # the bytes are its own: the replacement only leaves the HEAD
+            # nothing to say about it.  Its ETag checks them; the store's parts
+            # now describe the new object, so a multipart ETag is cut at a
+            # common uploader's part size, or the file is unverified.
+            replaced(obj, e)
+            part = _nothing_known
     assert etag_is_md5 is not None
-    return verify.choose(obj.etag, checksum, etag_is_md5, obj.size, lambda n: remote.part(obj, n), guess=True)
+    return verify.choose(obj.etag, checksum, etag_is_md5, obj.size, part, guess=True)
+
+
+def _nothing_known(number: int) -> verify.Part | None:
+    return None
 
 
 def listed_expectation(obj: RemoteObject, etag_is_md5: bool) -> verify.Expectation | None:
@@ -68,6 +83,12 @@ def listed_expectation(obj: RemoteObject, etag_is_md5: bool) -> verify.Expectati
 def no_checksum_asked(obj: RemoteObject, why: Exception) -> None:
     """The one line for a HEAD that asked for a checksum the store may keep, and failed."""
     log.info("%s: cannot ask the object store for a checksum it may keep (%s); checking its ETag", quoted(obj.uri), why)
+
+
+def replaced(obj: RemoteObject, why: Exception) -> None:
+    """The one line for a HEAD after the GETs that found the object replaced or deleted."""
+    log.info("%s: %s since its bytes were fetched; checking them by its ETag", quoted(obj.uri),
+             "replaced" if isinstance(why, ObjectChanged) else "deleted")
 
 
 UNVERIFIED = "unverified"

@@ -593,3 +593,23 @@ def test_a_failed_head_for_a_checksum_the_listing_does_not_name_leaves_the_etag_
     assert fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.verified") == b"MD5"
     assert (m.store / key).read_bytes() == data
     assert proxy.count("HEAD", key) >= 1 and "cannot ask the object store for a checksum" in m.log()
+
+
+@pytest.mark.parametrize("checksums", [False, True], ids=["etag only", "checksum listed"])
+def test_a_412_on_the_head_after_the_gets_leaves_the_etag_check(mount, proxy, bucket, moto, fs: FS,
+                                                                checksums: bool):
+    """The HEAD verification sends after the GETs (for a checksum the store
+    may keep, or one the listing names that ranged GETs do not carry) is
+    answered 412, as when the object was overwritten after every GET (If-Match)
+    was answered: the bytes are the listed version's, checked by its ETag
+    and published (the complete download was thrown away; ESTALE)."""
+    key = f"{P}/big.bin"
+    data = os.urandom(ASK_FOR_A_CHECKSUM_FROM + 1000)
+    s3_client(moto.endpoint, checksums=checksums).put_object(Bucket=bucket, Key=key, Body=data)
+    proxy.add(Fault("status", method="HEAD", key=key, status=412, code="PreconditionFailed", times=None))
+    m = mount("--prefix", f"s3://{bucket}/{P}", *FAST)
+    assert sha(fs.read(m.file(key), timeout=60)) == sha(data)
+    wait_until((m.store / key).exists, timeout=30, what=f"{key} to be published")
+    assert fs.run(os.getxattr, str(m.file(key)), "user.lazyfs.verified") == b"MD5"
+    assert (m.store / key).read_bytes() == data
+    assert proxy.count("HEAD", key) >= 1 and "changed in the object store" not in m.log()
