@@ -18,6 +18,7 @@ from typing import Callable
 import cachetools
 import trio
 
+from lazyfs.download import Download
 from lazyfs.errors import LazyfsError, RemoteUnavailable, StoreError, again
 from lazyfs.fetch import Fetcher, LocalOrTransfer
 from lazyfs.filemap import FileMap
@@ -27,6 +28,7 @@ from lazyfs.repeats import FailureLoops
 from lazyfs.stats import STATS
 from lazyfs.store import LocalCopy
 from lazyfs.transfer import Transfer
+from lazyfs.unkept import stop_unread
 from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
@@ -344,10 +346,13 @@ class Handles:
         of = self._open.pop(fh, None)
         if of is None:
             return
-        if self.fetcher.budget is not None:
-            self.fetcher.budget.unuse(of.obj.key)
+        budget = self.fetcher.budget
+        if budget is not None:
+            budget.unuse(of.obj.key)
         if of.download is not None:
             of.download.drop_reader()
+            if isinstance(of.download, Download) and budget is not None and not budget.in_use(of.obj.key):
+                stop_unread(self.fetcher.runner, of.download)  # (if not kept: a file larger than the budget)
         else:
             assert of.fmap is not None
             of.fmap.close()

@@ -1,0 +1,92 @@
+"""A file larger than the cache budget (--cache-max-size) is streamed
+through a download that is not kept: it serves its readers and ends with the
+last of them, its temporary file removed.  It used to go on to the last
+byte after a 1-byte read and a close, be verified, and be thrown away: the
+whole object fetched on every open, and a temporary file of its full size
+(several times the budget) left filling while nobody had it open."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from lazyfs.download import Download
+from support.budgetkit import UNIT, Engine, put, quick
+from support.enginekit import trio_test, wait_for
+from support.fakeremote import FakeRemote
+
+SIZE = 32 * UNIT  # 8 MiB against a budget of 2 blocks
+
+
+def leftovers(root: Path) -> list[str]:
+    tmp = root / ".lazyfs" / "tmp"
+    return sorted(n for n in (p.name for p in tmp.iterdir()) if n.endswith((".part", ".json")))
+
+
+@trio_test
+@quick
+async def test_a_short_read_of_a_file_larger_than_the_budget_ends_its_download_at_the_close(
+        remote: FakeRemote, stores, tmp_path: Path) -> None:
+    big, data = put(remote, "m/huge.bin", SIZE)
+    gate = remote.gate(big.key, UNIT)  # every request past the first block waits until the close
+    e = Engine(remote, stores(), tmp_path / "store", max_bytes=2 * UNIT, max_connections=2)
+    async with e.running():
+        fh = await e.handles.open(big)
+        [dl] = e.fetcher.downloads()
+        assert isinstance(dl, Download) and not dl.keep
+        assert bytes(await e.handles.read(fh, 0, 1)) == data[:1]
+        await wait_for(lambda: gate.waiting > 0, "the sweep's next request")
+        e.handles.release(fh)
+        requests = len(remote.gets(big.key))
+        gate.release()
+        await dl.finished.wait()
+        await wait_for(lambda: dl.pins == 0, "its requests to stop")
+        await trio.sleep(0.2)  # (time for requests it should not send)
+        assert not e.fetcher.downloads()
+        assert not dl.complete and dl.verified == "", "verified bytes nobody reads"
+        assert len(remote.gets(big.key)) == requests, "requests sent after the last close"
+        # The first block, and at most a piece of each request in flight at the close.
+        assert e.fetcher.runner.bytes_from_s3 <= 4 * UNIT < SIZE
+        await wait_for(lambda: not leftovers(tmp_path / "store"), "its temporary file to be removed", timeout=3)
+        assert e.budget.reserved == 0 and e.budget.used == 0
+        # The next open starts afresh and gets every byte it reads.
+        fh = await e.handles.open(big)
+        assert bytes(await e.handles.read(fh, SIZE - 10, 10)) == data[-10:]
+        e.handles.release(fh)
+    assert e.kept() == set()
+
+
+@trio_test
+@quick
+async def test_an_unkept_download_goes_on_while_another_handle_reads_it(
+        remote: FakeRemote, stores, tmp_path: Path) -> None:
+    """Only the last close ends it: a second reader reads on to the end."""
+    big, data = put(remote, "m/huge.bin", SIZE)
+    e = Engine(remote, stores(), tmp_path / "store", max_bytes=2 * UNIT, max_connections=2)
+    async with e.running():
+        first = await e.handles.open(big)
+        second = await e.handles.open(big)
+        assert bytes(await e.handles.read(first, 0, 1)) == data[:1]
+        e.handles.release(first)
+        assert bytes(await e.handles.read(second, 0, SIZE)) == data
+        e.handles.release(second)
+    assert e.kept() == set()
+
+
+@trio_test
+@quick
+async def test_a_file_the_budget_keeps_is_downloaded_whole_after_a_short_read_and_close(
+        remote: FakeRemote, stores, tmp_path: Path) -> None:
+    """A file that is kept is for the store too: its download goes on."""
+    obj, data = put(remote, "m/small.bin", 4 * UNIT)
+    e = Engine(remote, stores(), tmp_path / "store", max_bytes=8 * UNIT, max_connections=2)
+    async with e.running():
+        fh = await e.handles.open(obj)
+        [dl] = e.fetcher.downloads()
+        assert bytes(await e.handles.read(fh, 0, 1)) == data[:1]
+        e.handles.release(fh)
+        await dl.finished.wait()
+        assert dl.complete and dl.error is None
+        await e.settled()
+    assert e.kept() == {obj.key}
