@@ -67,7 +67,10 @@ def loader_order(header: bytes, size: int, block_size: int) -> list[int] | None:
         meta = json.loads(header[8:total])
         spans = sorted((name, int(t["data_offsets"][0]), int(t["data_offsets"][1]))
                        for name, t in meta.items() if name != "__metadata__")
-    except (ValueError, KeyError, TypeError, AttributeError):
+    # Whatever the bytes: JSON nested deeper than the parser recurses
+    # (RecursionError), an offset of 1e400 (int(inf): OverflowError) and the
+    # like are as much "not a header safetensors writes" as bad JSON is.
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
         return None
     nblocks = max(1, -(-size // block_size))
     order: list[int] = []

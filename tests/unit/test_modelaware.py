@@ -51,6 +51,23 @@ def test_not_a_safetensors_header_gives_no_order() -> None:
     assert modelaware.loader_order(header, size - 5, 10) is None, "offsets beyond the file"
 
 
+def framed(raw: bytes) -> bytes:
+    """`raw` as a safetensors header: its length, then it, padded to 8 bytes."""
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.mark.parametrize("raw", [
+    b"[" * 1500 + b"]" * 1500,  # nested deeper than json recurses: RecursionError
+    b'{"x": ' * 1500 + b"1" + b"}" * 1500,
+    b'{"x": {"data_offsets": [0, 1e400]}}',  # int(inf): OverflowError
+    b'{"x": {"data_offsets": [0, -1e400]}}',
+], ids=["arrays", "objects", "infinite-offset", "minus-infinite-offset"])
+def test_a_header_no_writer_makes_gives_no_order_and_raises_nothing(raw: bytes) -> None:
+    header = framed(raw)
+    assert modelaware.loader_order(header, len(header) + 64, 16) is None
+
+
 def test_next_shard() -> None:
     names = ["config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
              "model-00003-of-00003.safetensors", "model.safetensors.index.json"]
