@@ -66,6 +66,11 @@ class Budget:
         # may start, never evicted for (a file found local needs no room).
         self._held: dict[Version, int] = {}
         self._room = trio.Event()  # set (and replaced) whenever room held in flight is given back
+        # key -> the version `room_ahead` last said no to: a load asks for the
+        # same next shard from several places (Fetcher.warm's callers), and
+        # one line per file and load says why (a new one once a reader opens
+        # it, or for another version).
+        self._said_no_room: dict[str, Version] = {}
         self.evicted_files = 0
         self.evicted_bytes = 0
         # key -> size of fetched files in the store, least recently used first.
@@ -106,6 +111,7 @@ class Budget:
         for this open (a whole-file open waits for it with no handle yet)."""
         self._users[key] += 1
         self._unopened.discard(key)
+        self._said_no_room.pop(key, None)
         self.touch(key)
 
     def unuse(self, key: str) -> None:
@@ -141,10 +147,14 @@ class Budget:
         downloads in flight.  Else its room could not be made (files in use
         never go), and at its publish the budget would evict it (used by
         nobody yet) or the shard a loader reads: downloaded twice.  One
-        log line says why not."""
+        log line says why not (once per version until a reader opens it)."""
         in_use, _, in_flight = self._taken_beside(obj)
         if in_use + in_flight + obj.size <= self.max_bytes:
+            self._said_no_room.pop(obj.key, None)
             return True
+        if self._said_no_room.get(obj.key) == obj.version:
+            return False
+        self._said_no_room[obj.key] = obj.version
         log.info("%s: not fetched ahead: the cache budget (%.1f MiB) has no room for it beside the files in use "
                  "(%.1f MiB) and the downloads in flight (%.1f MiB)", quoted(obj.uri), self.max_bytes / 2**20,
                  in_use / 2**20, in_flight / 2**20)

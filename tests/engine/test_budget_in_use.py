@@ -268,3 +268,44 @@ async def test_a_prefetch_never_evicts_what_it_fetched_before_anyone_opened_it(r
     assert [downloaded(remote, o) for o in (a, b, c)] == [UNIT] * 3
     assert e.kept() == {b.key, c.key}
     assert e.budget.used == e.fetched_bytes() == 2 * UNIT
+
+
+@trio_test
+@quick
+async def test_a_file_not_fetched_ahead_is_said_once_per_load(remote: FakeRemote, stores, tmp_path: Path,
+                                                            caplog: Any) -> None:
+    """A loader's next shard does not fit beside the shard it holds open,
+    and several places ask to fetch it ahead (the read-through, the whole
+    open, an index).  Before, each asking logged its own "not fetched ahead"
+    line (three within 100 ms for one shard); now one line says so, until a
+    reader opens the file (the next load's refusal is said again), or the
+    object changes.  The decision is the same each time: nothing fetched."""
+    import logging
+
+    (held, held_data), (nxt, _) = put(remote, "m/a.bin", 3 * UNIT // 2), put(remote, "m/b.bin", UNIT)
+    e = Engine(remote, stores(), tmp_path / "store", max_bytes=2 * UNIT)
+    caplog.set_level(logging.INFO, logger="lazyfs.budget")
+
+    def said() -> int:
+        return sum("not fetched ahead" in r.getMessage() for r in caplog.records)
+
+    async with e.running():
+        fh = await e.read_whole(held, held_data)
+        await e.settled()
+        for _ in range(3):
+            e.fetcher.warm(nxt)
+        await trio.testing.wait_all_tasks_blocked()
+        assert remote.gets(nxt.key) == [], "fetched ahead where it does not fit beside the file in use"
+        assert said() == 1, "one refusal said more than once"
+        e.budget.use(nxt.key)  # a reader opens it (and gives up): the next load is told again
+        e.budget.unuse(nxt.key)
+        e.fetcher.warm(nxt)
+        e.fetcher.warm(nxt)
+        assert said() == 2
+        changed, _ = put(remote, nxt.key, UNIT)  # another version of it: said for that one
+        e.fetcher.warm(changed)
+        e.fetcher.warm(changed)
+        assert said() == 3
+        e.handles.release(fh)
+        await e.settled()
+    assert remote.gets(nxt.key) == []
