@@ -18,7 +18,7 @@ class FileState(str, enum.Enum):
     # An unrecorded copy of the right size (the seed's rule); on a pinned
     # mount, served only once its content matched the lock (probe.PrebakedCheck).
     PREBAKED = "prebaked"
-    DOWNLOADING = "downloading"  # a download of this version is running (mounts only)
+    DOWNLOADING = "downloading"  # a download of this version is running (a mount's or a bake's: it holds the lock)
     PARTIAL = "partial"  # an interrupted download of this version, resumable
     STALE = "stale"  # only another version is on disk
     MISSING = "missing"  # nothing on disk

@@ -12,6 +12,7 @@ All functions block: call them from worker threads.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -173,6 +174,45 @@ def inode_at(dir_fd: int, name: str) -> int | None:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino
     except FileNotFoundError:
         return None
+
+
+def if_inode(fd: int, ino: int) -> int | None:
+    """`fd` if it is the file `ino` names (closed, and None, if the name holds
+    another file by now)."""
+    try:
+        same = os.fstat(fd).st_ino == ino
+    except BaseException:
+        os.close(fd)
+        raise
+    if not same:
+        os.close(fd)
+        return None
+    return fd
+
+
+def flock_held(dir_fd: int, name: str) -> bool:
+    """Does some process hold an exclusive flock on `name` right now?  A look
+    that changes nothing: the name is opened read-only and never created (a
+    read-only store, or one without the file, stays as it is); a shared lock
+    tried without waiting is refused while an exclusive one is held, and one
+    granted is dropped at once.  (In that instant, a process trying for the
+    exclusive lock finds it taken: where a lock file was left with no
+    holder, a mount opening the file follows a download nobody runs until
+    its next look, 0.2 s later, takes it over: coop.py.)  False where the
+    file cannot be opened (absent, or not this user's to read)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # a file flock refuses (not a lock file lazyfs made)
+    finally:
+        os.close(fd)  # drops a shared lock granted
+    return False
 
 
 def remove(dir_fd: int, name: str) -> None:

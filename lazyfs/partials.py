@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator
 
 from lazyfs import wording
 from lazyfs.errors import StoreError
-from lazyfs.layer import FILE_FLAGS, inode_at, remove, write_small
+from lazyfs.layer import FILE_FLAGS, flock_held, if_inode, inode_at, remove, write_small
 from lazyfs.namespace import RemoteObject
 from lazyfs.resume import RECORD_MAX, Record, nblocks, parse_record, record_of
 from lazyfs.storewrite import preallocate
@@ -158,7 +158,7 @@ class PartialFiles:
             fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.tmp_fd)
         except (FileNotFoundError, PermissionError):
             return None
-        return _if_inode(fd, ino)
+        return if_inode(fd, ino)
 
     def resumable_bytes(self, obj: RemoteObject) -> int:
         """Bytes of `obj` an interrupted download left on disk (whatever its block size)."""
@@ -272,6 +272,11 @@ class PartialFiles:
     def unlock(self, obj: RemoteObject, fd: int) -> None:
         self._unlock(self.name(obj) + ".lock", fd)
 
+    def downloading(self, obj: RemoteObject) -> bool:
+        """Does some process (this one included) download this version right
+        now?  A look at its lock that never takes it from anyone (layer.flock_held)."""
+        return flock_held(self.tmp_fd, self.name(obj) + ".lock")
+
     def _unlock(self, name: str, fd: int) -> None:
         try:
             remove(self.tmp_fd, name)  # while still held
@@ -350,7 +355,7 @@ class PartialFiles:
             fd = os.open(self.name(obj) + ".part", FILE_FLAGS, dir_fd=self.tmp_fd)
         except OSError:
             return None
-        return _if_inode(fd, ino)
+        return if_inode(fd, ino)
 
     # -- leftovers ---------------------------------------------------------------------------
 
@@ -404,16 +409,3 @@ class PartialFiles:
             return 0
         return st.st_blocks * 512 if st.st_nlink <= 1 else 0
 
-
-def _if_inode(fd: int, ino: int) -> int | None:
-    """`fd` if it is the file `ino` names (closed, and None, if the name holds
-    another file by now)."""
-    try:
-        same = os.fstat(fd).st_ino == ino
-    except BaseException:
-        os.close(fd)
-        raise
-    if not same:
-        os.close(fd)
-        return None
-    return fd

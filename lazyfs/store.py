@@ -181,7 +181,10 @@ class Store:
                 stale = stale or layer.label
             finally:
                 os.close(fd)
-        nbytes = self._partials_seen.resumable_bytes(obj) if self._partials_seen is not None else 0
+        seen = self._partials_seen
+        nbytes = seen.resumable_bytes(obj) if seen is not None else 0
+        if seen is not None and seen.downloading(obj):  # (a mount's, or a bake's: its bytes as last recorded)
+            return LocalState(FileState.DOWNLOADING, "store", nbytes)
         if nbytes:
             return LocalState(FileState.PARTIAL, "store", nbytes)
         if stale:

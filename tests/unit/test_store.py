@@ -133,6 +133,38 @@ def test_partial_resume_only_for_the_same_version(store: Store) -> None:
     store.partials.discard(other_chunking)
 
 
+def test_a_download_another_process_runs_is_downloading_not_partial(store: Store, tmp_path: Path) -> None:
+    """A mount downloads a file (it holds the version's lock) and has saved
+    a resume record; `status --store` opens the store on its own.  Before,
+    it said `partial` (and "0 downloading"); now `downloading`, with the
+    bytes recorded.  The look takes nothing from the downloader: its lock
+    is still held, and no other process could take it meanwhile.  Once the
+    download stops, it is `partial` again; and a version nobody ever
+    downloaded gets no lock file from the look."""
+    data = b"0123456789"
+    o = obj("r/f", data)
+    p = store.partials.open(o, 4)
+    os.pwrite(p.fd, data[:4], 0)
+    p.save_state({0})
+    held = store.partials.lock(o)
+    assert held is not None
+    looker = Store.open(str(tmp_path / "store"))  # as `lazyfs status --store` opens it
+    try:
+        state = looker.local_state(o)
+        assert (state.state, state.bytes) == (FileState.DOWNLOADING, 4)
+        assert looker.partials.lock(o) is None, "the look took the downloader's lock from it"
+        store.partials.unlock(o, held)
+        assert looker.local_state(o).state is FileState.PARTIAL
+        never = obj("r/g", data)
+        assert looker.local_state(never).state is FileState.MISSING
+        assert not any(n.endswith(".lock") for n in os.listdir(tmp_path / "store/.lazyfs/tmp")), \
+            "the look made a lock file"
+    finally:
+        looker.close()
+        os.close(p.fd)
+        store.partials.discard(p)
+
+
 def test_a_late_record_never_describes_a_newer_download(store: Store, tmp_path: Path) -> None:
     data = b"0123456789"
     o = obj("r/f", data)
