@@ -390,8 +390,7 @@ class Runner:
                 if discard:
                     await trio.to_thread.run_sync(self.store.partials.discard, dl.partial, limiter=self.bulk)
                 else:
-                    await trio.to_thread.run_sync(dl.partial.save_state, frozenset(dl.partial.done),
-                                                  limiter=self.bulk)
+                    await trio.to_thread.run_sync(dl.partial.save_state, frozenset(dl.partial.done), limiter=self.bulk)
             except OSError as e:
                 log.warning("%s: cleaning up after a failed download: %s", quoted(dl.obj.uri), e.strerror)
 
@@ -406,7 +405,8 @@ class Runner:
             log.warning("%s: could not remove a temporary download: %s", quoted(partial.obj.uri), e.strerror)
 
     async def _unlock(self, obj: RemoteObject, fd: int) -> None:
-        await trio.to_thread.run_sync(self.store.partials.unlock, obj, fd, limiter=self._meta)
+        with trio.CancelScope(shield=True):  # at a stop too: cancelled before its thread ran, it left the lock held
+            await trio.to_thread.run_sync(self.store.partials.unlock, obj, fd, limiter=self._meta)
 
     def retire(self, dl: Download) -> None:
         self._retired(dl)
