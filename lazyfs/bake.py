@@ -65,10 +65,10 @@ def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
         raise MountError(f"{cfg.target} is a mount ({entry.fstype}): bake into a plain folder "
                          "(unmount it first, or choose another --to)")
     store = Store.open(str(cfg.target), mode=cfg.store_mode, create=True)
-    baking = Baking()
+    baking, making = Baking(), lockcmd.Making()
     try:
         remote = Remote(cfg.remote)
-        result, lock = interrupt.run(_bake, cfg, store, remote, out, baking)
+        result, lock = interrupt.run(_bake, cfg, store, remote, out, baking, making)
     except Interrupted as e:
         e.unfinished = baking.unfinished(cfg.target)
         raise
@@ -82,7 +82,7 @@ def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
             print(f"lazyfs bake: no lock written to {cfg.write_lock}: not every file is in", file=out, flush=True)
         else:
             lockcmd.write(lock, cfg.write_lock, out)
-            print(lockcmd.summary(lock, cfg.write_lock), file=out, flush=True)
+            print(lockcmd.summary(lock, cfg.write_lock, making), file=out, flush=True)
     return 0 if not result.failed else 1
 
 
@@ -104,13 +104,13 @@ def failed_line(uri: str, why: str) -> str:
     return f"lazyfs bake: failed: {shown}: {wording.one_line(wording.cause(why, shown))}"
 
 
-async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO,
-                baking: Baking) -> tuple[BakeResult, Lock | None]:
+async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO, baking: Baking,
+                making: lockcmd.Making) -> tuple[BakeResult, Lock | None]:
     """Bake what the listing shows, or exactly a lock's versions (--lock; with
-    --write-lock, a lock made here first)."""
+    --write-lock, a lock made here first, what its summary says gathered in `making`)."""
     lock = cfg.lock
     if lock is None and cfg.write_lock is not None:
-        lock = await lockcmd.make_lock(remote, cfg.sources, cfg.configs)
+        lock = await lockcmd.make_lock(remote, cfg.sources, cfg.configs, making)
     if lock is not None:
         pin = Pinning(lock, remote)
         objects = pin.objects()

@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
@@ -42,18 +42,34 @@ LOCK_HEADS = 16
 def run(cfg: LockConfig, out: TextIO = sys.stdout) -> int:
     from lazyfs.remote import Remote  # boto3: only for the commands that talk to S3
 
+    making = Making()
     try:
-        lock = interrupt.run(make_lock, Remote(cfg.remote), cfg.sources, cfg.configs)
+        lock = interrupt.run(make_lock, Remote(cfg.remote), cfg.sources, cfg.configs, making)
     except Interrupted as e:
         e.unfinished = "no lock written"
         raise
     write(lock, cfg.output, sys.stdout)
-    print(summary(lock, cfg.output), file=out if cfg.output is not None else sys.stderr, flush=True)
+    print(summary(lock, cfg.output, making), file=out if cfg.output is not None else sys.stderr, flush=True)
     return 0
 
 
-async def make_lock(remote: ObjectStore, sources: Sequence[Source], configs: Sequence[ConfigRef]) -> Lock:
-    """List the folders, then HEAD every object: a lock of what they hold now."""
+@dataclass
+class Making:
+    """What making a lock found besides the lock, for its summary line."""
+
+    # Keys whose object changed between the listing and their HEAD: the
+    # version locked is the one found last, maybe not the one approved.
+    changed: list[str] = field(default_factory=list)
+    # Bucket -> its versioning (ObjectStore.versioning), asked of the buckets
+    # of files pinned by ETag alone: does an overwrite lose them?
+    versioning: dict[str, str | None] = field(default_factory=dict)
+
+
+async def make_lock(remote: ObjectStore, sources: Sequence[Source], configs: Sequence[ConfigRef],
+                    making: Making | None = None) -> Lock:
+    """List the folders, then HEAD every object: a lock of what they hold now.
+    `making`, if given, gathers what the summary line says besides."""
+    making = making if making is not None else Making()
     catalog = Catalog(remote, sources)  # no store: making a lock writes nothing but the lock
     await catalog.refresh()  # a failure is a runtime error (exit 1)
     objects = list(catalog.tree.files())
@@ -64,7 +80,8 @@ async def make_lock(remote: ObjectStore, sources: Sequence[Source], configs: Seq
     async def one(obj: RemoteObject, cancel: trio.CancelScope) -> None:
         try:
             # Abandoned on cancel (a failed HEAD, a stop signal): it changes nothing.
-            entries.append(await trio.to_thread.run_sync(entry_of, remote, obj, abandon_on_cancel=True))
+            entries.append(await trio.to_thread.run_sync(entry_of, remote, obj, making.changed,
+                                                         abandon_on_cancel=True))
         except LazyfsError as e:
             errors.append(e)
             cancel.cancel()  # a lock is whole or it is not written
@@ -77,13 +94,16 @@ async def make_lock(remote: ObjectStore, sources: Sequence[Source], configs: Seq
             nursery.start_soon(one, obj, nursery.cancel_scope)
     if errors:
         raise errors[0]
+    for bucket in sorted({e.bucket for e in entries if not e.version_id}):
+        making.versioning[bucket] = await trio.to_thread.run_sync(remote.versioning, bucket, abandon_on_cancel=True)
     folders = [Folder(s.bucket, s.prefix, tuple(e for e in entries if e.bucket == s.bucket
                                                  and e.key.startswith(s.prefix))) for s in sources]
     return lockfile.make(folders, configs, f"lazyfs {__version__}")
 
 
-def entry_of(remote: ObjectStore, listed: RemoteObject) -> Entry:
-    """The lock entry of one listed object, from a HEAD (blocking: a worker thread)."""
+def entry_of(remote: ObjectStore, listed: RemoteObject, changed: list[str] | None = None) -> Entry:
+    """The lock entry of one listed object, from a HEAD (blocking: a worker
+    thread); its key added to `changed` if the HEAD found another version."""
     try:
         info = remote.head(listed.bucket, listed.key)
     except ObjectNotFound:
@@ -91,9 +111,11 @@ def entry_of(remote: ObjectStore, listed: RemoteObject) -> Entry:
                              "run lazyfs lock again",
                              bucket=listed.bucket, key=listed.key) from None
     obj = dataclasses.replace(info.obj, version_id=info.version_id)
-    if not obj.same_bytes(listed):
-        log.info("%s changed while the lock was being made; locking the version found last (ETag %s)",
-                 wording.quoted(obj.uri), obj.etag)
+    if not obj.same_bytes(listed):  # the bytes approved may not be these: a warning, and counted
+        log.warning("%s changed while the lock was being made; locking the version found last (ETag %s)",
+                    wording.quoted(obj.uri), obj.etag)
+        if changed is not None:
+            changed.append(obj.key)  # (one append: atomic under the GIL)
     # A lock names full-object checksums and ETags only (lockfile.CHECKSUMS, ETAG_CHECKS).
     check = verify.choose(obj.etag, info.checksum, info.etag_is_md5, obj.size, lambda n: remote.part(obj, n),
                           composite=False)
@@ -123,20 +145,37 @@ def write(lock: Lock, path: Path | None, stdout: TextIO) -> None:
         raise
 
 
-def summary(lock: Lock, path: Path | None) -> str:
+def summary(lock: Lock, path: Path | None, making: Making | None = None) -> str:
+    making = making if making is not None else Making()
     pinned = sum(1 for e in lock.entries() if e.version_id)
     if lock.files and pinned == lock.files:
         how = "each pinned by its version id (the bucket keeps versions: an overwrite changes nothing)"
-    elif pinned:
-        how = f"{pinned} by version id, {lock.files - pinned} by ETag alone (written before versioning was on)"
     else:
-        how = ("pinned by ETag (the bucket keeps no versions: an overwrite makes a file unavailable to a "
-               "pinned mount, never different)")
+        why = _why_by_etag(lock, making, pinned)
+        how = (f"{pinned} by version id, {lock.files - pinned} by ETag alone ({why})" if pinned else
+               f"pinned by ETag ({why}: an overwrite makes a file unavailable to a pinned mount, never different)")
     unchecked = sum(1 for e in lock.entries() if e.check is None)
     note = f"; {unchecked} with nothing to check their bytes against but their size" if unchecked else ""
+    if making.changed:
+        n = len(making.changed)
+        note += (f"; {wording.count(n, 'file')} changed while the lock was being made: "
+                 f"{'its' if n == 1 else 'their'} last version is locked, maybe not the one approved")
     return (f"lazyfs lock: {_files(lock.files)}, {lock.bytes / 2**20:.1f} MiB in "
             f"{', '.join(s.uri for s in lock.sources)}, {how}{note} -> {path or 'standard output'} "
             f"({lock.short_digest})")
+
+
+def _why_by_etag(lock: Lock, making: Making, pinned: int) -> str:
+    """Why files of the lock have no version id: their buckets keep no
+    versions, or they were written before versioning was turned on (version
+    "null", which S3 keeps as an older version after an overwrite).  The
+    buckets' own word where they gave it; else, as the ids alone suggest."""
+    said = {making.versioning.get(e.bucket) for e in lock.entries() if not e.version_id}
+    if said == {""}:
+        return "the bucket keeps no versions"
+    if said <= {"Enabled", "Suspended"}:
+        return "version null, written before versioning was on or while it was suspended"
+    return "written before versioning was on" if pinned else "the bucket keeps no versions"
 
 
 # -- lazyfs diff ----------------------------------------------------------------------------------

@@ -102,6 +102,11 @@ class ObjectStore(Protocol):
         """What the store says of part `number` of a multipart object (None:
         nothing); of the version `obj.version_id` names, when it names one."""
 
+    def versioning(self, bucket: str) -> str | None:
+        """The bucket's versioning: "Enabled", "Suspended", "" (never turned
+        on), or None when the store will not say (access denied, a store
+        without the request)."""
+
     def get_range(self, obj: RemoteObject, start: int, end: int) -> Body:
         """Bytes [start, end) of exactly the version `obj` names: its ETag
         (ObjectChanged if replaced), and its version id when it has one

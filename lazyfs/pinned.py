@@ -105,6 +105,9 @@ class PinnedStore:
             return Part(sizes[number - 1], len(sizes)) if 1 <= number <= len(sizes) else None
         return self.inner.part(e.obj(), number) if e.version_id else None
 
+    def versioning(self, bucket: str) -> str | None:
+        return self.inner.versioning(bucket)
+
     def get_range(self, obj: RemoteObject, start: int, end: int) -> Body:
         return self.inner.get_range(obj, start, end)
 
@@ -153,22 +156,35 @@ class Pinning:
         """The locked version could not be fetched: what the bucket holds now
         (one HEAD; blocking, in the network thread that failed), remembered
         so that later opens fail at once."""
+        versions: bool | None = None  # does the bucket keep versions (unknown: None)?
         try:
             info = self.store.inner.head(e.bucket, e.key)
             vid = f", version {info.version_id}" if info.version_id else ""
             now = f"it now holds ETag {info.obj.etag}, {info.obj.size} bytes{vid}"
+            versions = bool(info.version_id)
         except ObjectNotFound:
             now = "it now holds nothing at that key"
         except RemoteError as x:
             now = f"what it holds now is unknown ({x})"
-        why = self.why(e, now)
+        why = self.why(e, now, versions)
         self.mark_unavailable(e, why)
         return PinnedVersionGone(why, bucket=e.bucket, key=e.key)
 
-    def why(self, e: Entry, now: str) -> str:
+    def why(self, e: Entry, now: str, versions: bool | None = None) -> str:
+        """The line saying `e` cannot be served; `versions`: the bucket keeps
+        versions now (its current object has a version id), None if unknown.
+        An entry pinned by ETag in a bucket that keeps versions was written
+        before versioning was on (version "null"): S3 may keep it as an older
+        version, which a pinned mount never asks for (the lock names no id)."""
         how = "by its version id" if e.version_id else "by ETag (the lock has no version id to fetch it by)"
-        return (f"{self.lock.short_digest} pins {e.describe()} {how}, which the bucket no longer has: {now}; "
-                "nothing else is served in its place")
+        if e.version_id or versions is False:
+            gone = "which the bucket no longer has"
+        elif versions:
+            gone = ("which is no longer the object at that key (the bucket may keep it as version null, "
+                    "but a lock without its version id fetches only what the key holds)")
+        else:
+            gone = "which the key no longer holds"
+        return f"{self.lock.short_digest} pins {e.describe()} {how}, {gone}: {now}; nothing else is served in its place"
 
     def mark_unavailable(self, e: Entry, why: str) -> bool:
         """Refuse opens of `e` from now on; False if they were refused already."""

@@ -224,6 +224,17 @@ class Remote:
             return None
         return Part(int(resp.get("ContentLength", 0)), int(resp.get("PartsCount") or 0))
 
+    def versioning(self, bucket: str) -> str | None:
+        """GetBucketVersioning: "" when versioning was never turned on (S3
+        then names no status); None when the answer is refused or fails (a
+        lock's credentials need not be allowed it: only its wording uses it)."""
+        try:
+            resp = self._call(self._client.get_bucket_versioning, bucket, "", Bucket=bucket)
+        except RemoteError as e:
+            log.debug("bucket %s: versioning unknown: %s", bucket, e)
+            return None
+        return str(resp.get("Status") or "")
+
     def get_range(self, obj: RemoteObject, start: int, end: int) -> RangeStream:
         """Stream bytes [start, end) of exactly the version `obj` names: the GET
         carries If-Match on its ETag, so a replaced object fails with

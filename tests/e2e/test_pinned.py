@@ -448,3 +448,33 @@ def test_a_lock_of_other_folders_is_refused_with_the_reason(folder: str, reason:
                  ["status", "--store", str(tmp_path)]):
         line = one_line_error(lazyfs_cli([*argv, "--config", str(cfg), "--lock", str(locks["good"])]))
         assert reason in line
+
+
+@pytest.mark.log_errors("no longer the object at that key")
+def test_files_written_before_versioning_are_locked_by_etag_and_said_so_truthfully(
+        mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    """Uploaded, then versioning turned on: the objects are version "null".
+    Before, `lazyfs lock` said "the bucket keeps no versions", and the
+    pinned mount's ESTALE line after an overwrite "which the bucket no
+    longer has", though S3 keeps the locked bytes as version null.  Now the
+    lock asks the bucket's versioning and says which case it is, and so
+    does the line."""
+    approved = model()
+    upload(s3, bucket, approved)
+    versioned(s3, bucket)
+    key = f"{P}/model.safetensors"
+    lock = tmp_path / "model.lock.json"
+    res = lazyfs_cli(["lock", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint, "-o", str(lock)])
+    assert res.returncode == 0, res.stderr
+    assert "keeps no versions" not in res.stdout
+    assert "pinned by ETag (version null, written before versioning was on or while it was suspended: " \
+           "an overwrite makes a file unavailable to a pinned mount, never different)" in res.stdout
+    s3.put_object(Bucket=bucket, Key=key, Body=os.urandom(3 * 1024 * 1024 + 3))
+    m = mount("--lock", str(lock), store=tmp_path / "store")
+    with pytest.raises(OSError) as info:
+        fs.read(m.file(key))
+    assert info.value.errno == errno.ESTALE
+    lines = [ln for ln in m.log().splitlines() if "pins" in ln and key in ln]
+    assert len(lines) == 1, lines
+    assert "which the bucket no longer has" not in lines[0]
+    assert "which is no longer the object at that key (the bucket may keep it as version null" in lines[0]

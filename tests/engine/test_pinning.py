@@ -284,3 +284,93 @@ async def test_a_mount_of_the_old_lock_and_a_bake_of_the_new_share_the_store_and
     assert fetched == {"m/shard-1.bin": 2 * MiB, "m/shard-2.bin": 3000}, "each version fetched once"
     store = stores()
     assert all(store.local_state(o).state.value == "cached" for o in new.objects())
+
+
+@trio_test
+async def test_the_lock_summary_tells_files_written_before_versioning_from_a_bucket_without_versions(
+        remote: FakeRemote, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects written before versioning was turned on have no version id
+    (S3's "null"), as in a bucket that keeps none; but there an overwrite
+    keeps them as an older version.  Before, `lazyfs lock` said "the bucket
+    keeps no versions" of both; now it asks the bucket (GetBucketVersioning)
+    and says which, and where the bucket will not say, what it said before."""
+    remote.put(BUCKET, "m/w.bin", os.urandom(64 * KiB))
+    making = lockcmd.Making()
+    lock = await lockcmd.make_lock(remote, SOURCES, [], making)
+    assert making.versioning == {BUCKET: ""}
+    assert "pinned by ETag (the bucket keeps no versions: " in lockcmd.summary(lock, None, making)
+
+    remote.keep_versions(BUCKET)  # turned on after the put: the object stays version "null"
+    making = lockcmd.Making()
+    lock = await lockcmd.make_lock(remote, SOURCES, [], making)
+    assert not next(lock.entries()).version_id
+    line = lockcmd.summary(lock, None, making)
+    assert "keeps no versions" not in line
+    assert "pinned by ETag (version null, written before versioning was on or while it was suspended: " in line
+    remote.put(BUCKET, "m/new.bin", os.urandom(KiB))  # with a version id: the two kinds side by side
+    making = lockcmd.Making()
+    lock = await lockcmd.make_lock(remote, SOURCES, [], making)
+    assert "1 by version id, 1 by ETag alone (version null, written before versioning was on" in \
+        lockcmd.summary(lock, None, making)
+
+    monkeypatch.setattr(remote, "versioning", lambda bucket: None)  # AccessDenied: the wording of before
+    making = lockcmd.Making()
+    lock = await lockcmd.make_lock(remote, SOURCES, [], making)
+    assert "1 by version id, 1 by ETag alone (written before versioning was on)" in \
+        lockcmd.summary(lock, None, making)
+    remote.put(BUCKET, "m/w.bin", os.urandom(64 * KiB))
+    making = lockcmd.Making()
+    lock = await lockcmd.make_lock(remote, SOURCES, [], making)
+    assert "each pinned by its version id" in lockcmd.summary(lock, None, making)
+    assert making.versioning == {}, "asked with every file pinned by its version id"
+
+
+@trio_test
+async def test_an_object_changing_while_the_lock_is_made_is_a_warning_and_counted(
+        remote: FakeRemote, caplog: pytest.LogCaptureFixture) -> None:
+    """The listing finds one version and the HEAD another: the lock pins the
+    version found last, which may not be the one tested and approved.
+    Before, one INFO line said so; now a WARNING, and the summary counts it."""
+    remote.keep_versions(BUCKET)
+    remote.put(BUCKET, "m/a.bin", os.urandom(KiB))
+    remote.put(BUCKET, "m/r.bin", os.urandom(KiB))
+    head = remote.head
+
+    def overwritten_before_its_head(bucket: str, key: str, etag: str | None = None) -> object:
+        if key == "m/r.bin" and len(remote.version_ids(bucket, key)) == 1:
+            remote.put(bucket, key, os.urandom(KiB))
+        return head(bucket, key, etag)
+
+    remote.head = overwritten_before_its_head  # type: ignore[method-assign]
+    making = lockcmd.Making()
+    lock = await lockcmd.make_lock(remote, SOURCES, [], making)
+    assert making.changed == ["m/r.bin"]
+    assert {e.key: e.version_id for e in lock.entries()}["m/r.bin"] == remote.version_ids(BUCKET, "m/r.bin")[-1]
+    warned = [r for r in caplog.records if "changed while the lock was being made" in r.getMessage()]
+    assert [r.levelname for r in warned] == ["WARNING"]
+    line = lockcmd.summary(lock, None, making)
+    assert "; 1 file changed while the lock was being made: its last version is locked, maybe not the one " \
+           "approved" in line
+
+
+@trio_test
+async def test_a_file_locked_before_versioning_was_on_is_not_said_to_be_gone_from_the_bucket(
+        remote: FakeRemote, stores) -> None:
+    """Locked by ETag (version "null", written before versioning was turned
+    on), then overwritten: S3 keeps the locked bytes as version null, which
+    the pinned mount does not fetch.  Before, its ESTALE line said "which the
+    bucket no longer has"; now it says what is true."""
+    remote.put(BUCKET, "m/w.bin", os.urandom(200 * KiB))
+    remote.keep_versions(BUCKET)
+    lock = await lockcmd.make_lock(remote, SOURCES, [])
+    new = remote.put(BUCKET, "m/w.bin", os.urandom(200 * KiB))
+    fetcher, _ = pinned(remote, stores(), lock)
+    async with running(fetcher):
+        with pytest.raises(PinnedVersionGone) as info:
+            await read_all(fetcher, lock, "m/w.bin")
+    message = str(info.value)
+    assert errno_of(info.value) == errno.ESTALE
+    assert "which the bucket no longer has" not in message
+    assert "which is no longer the object at that key (the bucket may keep it as version null" in message
+    assert f"it now holds ETag {new.etag}, {new.size} bytes, version {remote.version_ids(BUCKET, 'm/w.bin')[-1]}" \
+        in message

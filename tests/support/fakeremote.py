@@ -105,6 +105,7 @@ class FakeRemote:
         self.on_list: list[Callable[[Call], None]] = []
         self._keys: dict[str, list[str]] = {}  # per bucket, sorted; rebuilt after a put
         self.versioned: set[str] = set()  # buckets that keep versions
+        self.versioning_status: dict[str, str] = {}  # bucket -> "Enabled" or "Suspended", once turned on
         self.history: dict[tuple[str, str], list[Stored]] = {}  # every version kept, oldest first
 
     # -- the test's side -----------------------------------------------------------
@@ -146,6 +147,7 @@ class FakeRemote:
             self.versioned.add(bucket)
         else:
             self.versioned.discard(bucket)
+        self.versioning_status[bucket] = "Enabled" if on else "Suspended"
 
     def version_ids(self, bucket: str, key: str) -> list[str]:
         """The ids of every version kept of `key`, oldest first."""
@@ -263,6 +265,10 @@ class FakeRemote:
         if not stored.parts or not 1 <= number <= len(stored.parts):
             return None
         return Part(stored.parts[number - 1], len(stored.parts))
+
+    def versioning(self, bucket: str) -> str | None:
+        self._record(Call("VERSIONING", ""))
+        return self.versioning_status.get(bucket, "")
 
     def get_range(self, obj: RemoteObject, start: int, end: int) -> FakeBody:
         call = Call("GET", obj.key, start, end, version_id=obj.version_id)
