@@ -78,8 +78,10 @@ class Layer:
         narrowed by the umask: it is what --store-mode asked for), and a stale
         file or symlink standing where a directory must be is removed."""
         fd = os.dup(self.fd)
+        walked: list[str] = []  # the path so far, for the log line: the store path, not its last part
         try:
             for part in parts:
+                walked.append(part)
                 try:
                     nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
@@ -87,7 +89,7 @@ class Layer:
                         raise
                     if e.errno != errno.ENOENT:
                         log.warning("%s: removing %s, which stands where a folder must be",
-                                    self.label, quoted(part))
+                                    self.label, quoted("/".join(walked)))
                         os.unlink(part, dir_fd=fd)
                     made = _mkdir(fd, part, mode)
                     nfd = os.open(part, DIR_FLAGS, dir_fd=fd)

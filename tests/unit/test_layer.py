@@ -41,3 +41,22 @@ def test_a_file_or_folder_the_layer_may_not_read_is_said_once_then_treated_as_ab
     said = [r.getMessage() for r in caplog.records]
     assert said == [f"prebaked layer {tmp_path}: cannot read m/a.bin (Permission denied); files it cannot read "
                     "are fetched from S3 instead (check the owner and mode of its files; not said again)"]
+
+
+def test_a_file_standing_where_a_folder_must_be_is_named_by_its_store_path(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A key `ff/m/x` cached as a file, which then became a folder
+    (`ff/m/x/inner.bin`): the file is removed to make the folder.  Before,
+    the warning named only `"x"`; now the path in the store, as the warning
+    of the reverse change does."""
+    (tmp_path / "ff" / "m").mkdir(parents=True)
+    (tmp_path / "ff" / "m" / "x").write_bytes(b"old file")
+    layer = Layer.open(str(tmp_path), writable=True, label="store")
+    try:
+        with caplog.at_level(logging.WARNING, logger="lazyfs.layer"):
+            os.close(layer.open_dir(["ff", "m", "x"], create=True))
+    finally:
+        layer.close()
+    assert (tmp_path / "ff" / "m" / "x").is_dir()
+    assert [r.getMessage() for r in caplog.records] == [
+        'store: removing "ff/m/x", which stands where a folder must be']
