@@ -925,3 +925,30 @@ async def test_an_open_refused_a_descriptor_names_the_file_in_one_store_error(re
             await handles.open(obj)
         assert info.value.errno == errno.EMFILE
         assert str(info.value) == f'"s3://{BUCKET}/many/f1.bin": cannot open it from the store: Too many open files'
+
+
+@trio_test
+async def test_a_download_failing_as_the_engine_stops_gives_its_lock_back(remote: FakeRemote, stores) -> None:
+    """A download fails (its object store refuses it) and the engine stops
+    before the unlock its failure spawned had a thread.  Before, that task
+    was cancelled at its first checkpoint and the download's lock stayed
+    held for as long as the process lived: `status --store` would call the
+    file `downloading`, and another engine of this process could never take
+    it.  Now the unlock runs whatever the stop."""
+    from lazyfs.errors import AccessDenied
+
+    obj = remote.put(BUCKET, "m/a.bin", os.urandom(300 * KiB))
+    remote.fail_gets[obj.key] = [AccessDenied("access denied to s3://bkt/m/a.bin", bucket=BUCKET, key=obj.key)]
+    store = stores()
+    fetcher = Fetcher(remote, store, fetch_config())
+    async with running(fetcher):
+        handles = Handles(fetcher)
+        fh = await handles.open(obj)
+        with pytest.raises(LazyfsError):
+            await handles.read(fh, 0, 4096)
+        handles.release(fh)
+        # the engine stops here, at once: the failure's unlock task has not run yet
+    other = stores()
+    lock = other.partials.lock(obj)
+    assert lock is not None, "the failed download's lock is still held"
+    other.partials.unlock(obj, lock)
