@@ -41,7 +41,7 @@ import trio
 
 from lazyfs.namespace import RemoteObject, Version
 from lazyfs.store import Store
-from lazyfs.wording import quoted
+from lazyfs.wording import quoted, sizes
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +256,8 @@ class Budget:
         nobody reads yet, which evicts a file fetched ahead and not opened
         only when nothing else can go."""
         if not self.fits(obj):
-            log.warning("%s (%.1f MiB) is larger than the cache budget (%.1f MiB): serving it "
-                        "without keeping it", quoted(obj.uri), obj.size / 2**20, self.max_bytes / 2**20)
+            log.warning("%s (%s) is larger than the cache budget (%s): serving it without keeping it",
+                        quoted(obj.uri), *sizes(obj.size, self.max_bytes))
             return False
         # Evict first, then reserve: make_room ends without a checkpoint, so
         # no task sees the room counted twice or not at all.  (Reserving

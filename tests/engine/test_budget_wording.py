@@ -1,0 +1,36 @@
+"""The warning for a file larger than the whole cache budget says how the two
+differ, even when they round to the same MiB (an independent test saw
+"(300.0 MiB) is larger than the cache budget (300.0 MiB)")."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from lazyfs.budget import Budget
+from lazyfs.namespace import RemoteObject
+from support.enginekit import BUCKET, trio_test
+
+
+def _obj(size: int) -> RemoteObject:
+    return RemoteObject(bucket=BUCKET, key="big/mid.bin", size=size, etag="e" * 32, mtime_ns=0)
+
+
+@trio_test
+async def test_a_file_one_byte_over_the_budget_is_told_apart_by_its_bytes(caplog: pytest.LogCaptureFixture,
+                                                                           stores) -> None:
+    budget = Budget(stores(), max_bytes=300 * 2**20 - 1)
+    with caplog.at_level(logging.WARNING, logger="lazyfs.budget"):
+        assert await budget.reserve(_obj(300 * 2**20)) is False
+    line = caplog.messages[-1]
+    assert "(300.0 MiB (314,572,800 bytes)) is larger than the cache budget (300.0 MiB (314,572,799 bytes))" in line
+
+
+@trio_test
+async def test_sizes_that_differ_in_mib_are_said_in_mib_alone(caplog: pytest.LogCaptureFixture, stores) -> None:
+    budget = Budget(stores(), max_bytes=200 * 2**20)
+    with caplog.at_level(logging.WARNING, logger="lazyfs.budget"):
+        assert await budget.reserve(_obj(300 * 2**20)) is False
+    assert "(300.0 MiB) is larger than the cache budget (200.0 MiB): serving it without keeping it" \
+        in caplog.messages[-1]
