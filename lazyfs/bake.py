@@ -41,8 +41,10 @@ class BakeResult:
     skipped: int  # already current
     linked: int  # made current from the same bytes the store holds under another path
     failed: list[tuple[str, str]]  # (uri, why)
-    bytes_downloaded: int
+    bytes_downloaded: int  # the sizes of the files downloaded and kept
     seconds: float
+    # Everything the GETs brought, a failed file's discarded bytes too.
+    bytes_fetched: int = 0
 
 
 @dataclass
@@ -91,8 +93,10 @@ def summary(result: BakeResult, target: object, lock: Lock | None) -> str:
     in the store (a new version folder sharing files with the old), already
     current, failed."""
     linked = f"{result.linked} linked from identical copies, " if result.linked else ""
+    # After a failure, what the downloads cost in all (a failed file's bytes are thrown away).
+    fetched = f"; {result.bytes_fetched / 2**20:.1f} MiB fetched in all" if result.failed else ""
     return (f"lazyfs bake: {wording.count(result.files, 'file')}: {result.downloaded} downloaded "
-            f"({result.bytes_downloaded / 2**20:.1f} MiB), {linked}{result.skipped} already current, "
+            f"({result.bytes_downloaded / 2**20:.1f} MiB{fetched}), {linked}{result.skipped} already current, "
             f"{len(result.failed)} failed, in {result.seconds:.1f} s -> {target}"
             + (f" (lock {lock.short_digest})" if lock is not None else ""))
 
@@ -143,7 +147,8 @@ async def _fetch_all(fetcher: Fetcher, objects: list[RemoteObject], out: TextIO,
     return BakeResult(files=len(objects), downloaded=progress.done_files - progress.local_files,
                       skipped=progress.local_files - progress.linked_files, linked=progress.linked_files,
                       failed=progress.failed,
-                      bytes_downloaded=fetcher.bytes_from_s3, seconds=time.monotonic() - started)
+                      bytes_downloaded=progress.done_bytes - progress.local_bytes,
+                      bytes_fetched=fetcher.bytes_from_s3, seconds=time.monotonic() - started)
 
 
 async def _report(warmer: prefetch.Prefetcher, fetcher: Fetcher, out: TextIO) -> None:

@@ -56,6 +56,7 @@ class Progress:
     done_files: int = 0
     done_bytes: int = 0
     local_files: int = 0
+    local_bytes: int = 0  # of done_bytes, those of the local files (bake's "downloaded" are the rest)
     linked_files: int = 0  # of the local ones, linked just now from the same bytes under another path
     skipped_files: int = 0  # larger than the cache budget
     crowded_files: int = 0  # not fetched: the budget is full of files fetched ahead and not opened yet
@@ -113,6 +114,7 @@ class Prefetcher:
             if isinstance(got, LocalCopy):
                 os.close(got.fd)
                 p.local_files += 1
+                p.local_bytes += obj.size
                 p.linked_files += int(got.linked)
             else:
                 await self._wait(got)

@@ -20,3 +20,11 @@ def test_files_linked_from_identical_copies_are_not_called_already_current() -> 
 def test_without_linked_files_the_line_is_as_it_was() -> None:
     assert summary(result(files=1, downloaded=1, bytes_downloaded=3 << 20), "/s", None) == (
         "lazyfs bake: 1 file: 1 downloaded (3.0 MiB), 0 already current, 0 failed, in 1.5 s -> /s")
+
+
+def test_after_a_failure_the_bytes_fetched_in_all_are_said_apart_from_those_kept() -> None:
+    failed = BakeResult(files=2, downloaded=1, skipped=0, linked=0, failed=[("s3://b/a.bin", "changed")],
+                        bytes_downloaded=100, seconds=1.5, bytes_fetched=(4 << 20) + 100)
+    assert summary(failed, "/s", None) == (
+        "lazyfs bake: 2 files: 1 downloaded (0.0 MiB; 4.0 MiB fetched in all), 0 already current, 1 failed, "
+        "in 1.5 s -> /s")
