@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, cast
 
+from lazyfs.crtlimits import check_part_size
 from lazyfs.errors import ConfigError
 from lazyfs.lockfile import ConfigRef, Lock, check_sources, read
 from lazyfs.modeljson import (
@@ -29,11 +30,10 @@ from lazyfs.modeljson import (
     resolve_mountpoint,
 )
 from lazyfs.mounttab import check_answering, is_fuse_mount
+from lazyfs.sizes import parse_size
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MiB = 1024 * 1024
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 
 AddressingStyle = Literal["auto", "path", "virtual"]
 StoreMode = Literal["private", "group", "public"]
@@ -223,15 +223,6 @@ def default_of(cls: type, name: str) -> Any:
 # -- values of flags, each checked once -------------------------------------------------
 
 
-def parse_size(text: str, what: str) -> int:
-    """"8MiB", "512k", "10G", "1048576" -> bytes (binary multiples)."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ConfigError(f"{what}: \"{text}\" is not a size (examples: 8MiB, 512K, 10G)")
-    mult = 1024 ** " kmgtp".index((m.group(2) or " ").lower())
-    return int(float(m.group(1)) * mult)
-
-
 def endpoint(flag: str | None, env: Mapping[str, str]) -> str | None:
     """The endpoint the user chose, by the precedence boto3 documents."""
     for value in (flag, env.get("AWS_ENDPOINT_URL_S3"), env.get("AWS_ENDPOINT_URL")):
@@ -279,16 +270,19 @@ def _attempts(args: Mapping[str, Any], default: int) -> int:
     return default if retries is None else int(retries) + 1
 
 
-def fetch_config(args: Mapping[str, Any]) -> FetchConfig:
+def fetch_config(args: Mapping[str, Any], memory_limit: int | None = None) -> FetchConfig:
+    """`memory_limit`: a mount's --memory-limit; None for bake (crtlimits.check_part_size)."""
     given: dict[str, Any] = {
         "part_size": args.get("part_size"), "max_connections": args.get("max_connections"),
         "chunk_attempts": _attempts(args, default_of(FetchConfig, "chunk_attempts")),
         "read_deadline": args.get("read_deadline"), "whole_file_open": args.get("whole_file_open"),
         "transfer_client": args.get("transfer_client"), "store_writes": args.get("store_writes")}
-    return FetchConfig(verify_prebaked=args.get("verify") == "etag",
-                       model_readahead=args.get("model_readahead") is not False,
-                       link_same_etag=not args.get("no_etag_check"),
-                       **{k: v for k, v in given.items() if v is not None})
+    cfg = FetchConfig(verify_prebaked=args.get("verify") == "etag", link_same_etag=not args.get("no_etag_check"),
+                      model_readahead=args.get("model_readahead") is not False,
+                      **{k: v for k, v in given.items() if v is not None})
+    if cfg.transfer_client == "crt":  # a part size its client would refuse is a usage error, not its crash
+        check_part_size(cfg.part_size, memory_limit)
+    return cfg
 
 
 def _sources(args: Mapping[str, Any], env: Mapping[str, str],
@@ -339,9 +333,10 @@ def mount_config(args: Mapping[str, Any], env: Mapping[str, str]) -> MountConfig
                                             "memory_limit", "xattrs", "passthrough", "direct_io",
                                             "metrics_port", "metrics_addr", "store_mode")
               if args.get(name) is not None}
+    fetch = fetch_config(args, values.get("memory_limit", default_of(MountConfig, "memory_limit")))
     return MountConfig(mountpoint=mnt, sources=sources, store=store, prebaked=_layers(args.get("prebaked") or ()),
                        prefetch=prefetch_patterns(bool(args.get("prefetch")), args.get("prefetch_glob") or ()),
-                       lock=lock, remote=remote_config(args, env), fetch=fetch_config(args), **values)
+                       lock=lock, remote=remote_config(args, env), fetch=fetch, **values)
 
 
 def bake_config(args: Mapping[str, Any], env: Mapping[str, str]) -> BakeConfig:

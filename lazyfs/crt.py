@@ -24,6 +24,7 @@ import urllib.parse
 from typing import Any, Callable
 
 from lazyfs.config import FetchConfig, RemoteConfig
+from lazyfs.crtlimits import MIN_MEMORY, buffer_memory
 from lazyfs.errors import AccessDenied, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable, StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta, broke_off
@@ -34,8 +35,6 @@ from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
-# The least memory awscrt's S3 client accepts for its part buffers.
-MIN_MEMORY = 256 * 1024 * 1024
 # How often a waiting worker looks at its request (cancel, stall).
 _POLL_S = 0.2
 _CHECKSUMS = ("crc64nvme", "crc32c", "crc32", "sha256", "sha1")
@@ -46,7 +45,7 @@ class CrtTransfer:
     """One awscrt S3 client for the process's ranged GETs."""
 
     def __init__(self, cfg: RemoteConfig, region: str, credentials: Callable[[], tuple[str, str, str | None]],
-                 part_size: int, max_connections: int, memory_limit: int = MIN_MEMORY) -> None:
+                 part_size: int, max_connections: int, buffers: int = MIN_MEMORY) -> None:
         from awscrt import auth, io, s3  # imported when chosen: start-up does not pay for it
 
         self.cfg = cfg
@@ -71,8 +70,9 @@ class CrtTransfer:
             # retries, --retries times, with backoff and one line each.
             retry_config=s3.S3RetryConfig(retry_mode=s3.S3RetryMode.NONE),
             connect_timeout_ms=int(cfg.connect_timeout * 1000),
-            # The client's own part buffers; it refuses less than 256 MiB.
-            memory_limit=max(MIN_MEMORY, memory_limit))
+            # The client's own part buffers (crtlimits: at least 256 MiB, and twice
+            # the part size, which config.py checked against them).
+            memory_limit=buffers)
         self._s3 = s3
 
     def _crt_credentials(self) -> Any:
@@ -261,5 +261,5 @@ def transfer_for(remote: Any, cfg: FetchConfig, memory_limit: int = MIN_MEMORY) 
     if cfg.transfer_client != "crt":
         return None
     client = CrtTransfer(remote.cfg, remote.region, remote.frozen_credentials, cfg.part_size, cfg.max_connections,
-                         memory_limit // 2)
+                         buffer_memory(memory_limit))
     return client.fetch

@@ -22,13 +22,7 @@ from lazyfs.config import (
 )
 from lazyfs.errors import ConfigError
 from lazyfs.modeljson import DEFAULT_CACHE_DIR
-
-
-def _size(value: int) -> str:
-    for unit, n in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if value and value % n == 0:
-            return f"{value // n}{unit}"
-    return str(value)
+from lazyfs.sizes import flag_size
 
 
 @dataclass(frozen=True)
@@ -77,14 +71,31 @@ def _refresh(value: float, flag: str) -> float:
     return value
 
 
-def size_at_least(minimum: int) -> Any:
+def size_within(minimum: int, maximum: int | None = None, why: str = "") -> Any:
+    """A size of at least `minimum` (and at most `maximum`, for the reason
+    `why`), else one sentence naming the flag."""
     def parse(text: str, flag: str) -> int:
         value = parse_size(text, flag)
         if value < minimum:
-            raise ConfigError(f"{flag} {text} is too small (at least {minimum // 1024}KiB)"
-                              if minimum < MiB else f"{flag} {text} is too small (at least {minimum // MiB}MiB)")
+            raise ConfigError(f"{flag} {text} is too small (at least {flag_size(minimum)})")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{flag} {text} is too large (at most {flag_size(maximum)}{why})")
         return value
     return parse
+
+
+# The kernel keeps readahead in 4 KiB pages, and a first read or mmap fault of
+# a cold file waits for a whole window of it: --read-ahead 1G made a 7-byte
+# mmap read wait 12-16 s.  16 MiB is sixteen of the largest FUSE request.
+READ_AHEAD_MAX = 16 * MiB
+
+
+def _read_ahead(text: str, flag: str) -> int:
+    value = parse_size(text, flag)
+    if value and (value % 4096 or value > READ_AHEAD_MAX):
+        raise ConfigError(f"{flag} {text} must be 0 (the kernel's 128KiB) or a multiple of 4KiB up to "
+                          f"{flag_size(READ_AHEAD_MAX)}")
+    return value
 
 
 def in_range(low: float, high: float, unit: str = "", low_open: bool = False) -> Any:
@@ -111,8 +122,10 @@ SOURCE = (
 )
 
 TRANSFER = (
-    Option("--part-size", "bytes per ranged GET of the sequential sweep", "SIZE",
-           check=size_at_least(64 * 1024), default=(FetchConfig, "part_size", _size)),
+    Option("--part-size", "bytes per ranged GET of the sequential sweep, 64KiB to 5GiB (with --transfer-client "
+           "crt, up to a quarter of --memory-limit, and 128MiB whatever it is)", "SIZE",
+           check=size_within(64 * 1024, 5 << 30, ": S3's largest part"),
+           default=(FetchConfig, "part_size", flag_size)),
     Option("--max-connections", "ranged GETs in flight at once", "N", type=int,
            check=in_range(1, 256), default=(FetchConfig, "max_connections")),
     Option("--retries", "retries of a failed request, with exponential backoff and jitter", "N", type=int,
@@ -195,16 +208,16 @@ MOUNT = (
            "of a file of 64 MiB or more gets its bytes copied straight into its buffer, once (a reader of "
            "small blocks then sends lazyfs one request per block)", kind="off", dest="direct_io"),
     Option("--memory-limit", "memory for mapped file pages and transfer buffers, on top of Python's own "
-           "(~100 MiB); fewer parallel GETs when small", "SIZE", check=size_at_least(32 * 1024 * 1024),
-           default=(MountConfig, "memory_limit", _size)),
+           "(~100 MiB); fewer parallel GETs when small", "SIZE", check=size_within(32 * MiB),
+           default=(MountConfig, "memory_limit", flag_size)),
     Option("--metrics-port", "serve Prometheus metrics at http://ADDR:PORT/metrics (default: off)", "PORT",
            type=int, check=in_range(1, 65535)),
     Option("--metrics-addr", "address for --metrics-port (0.0.0.0 to widen)", "ADDR",
            default=(MountConfig, "metrics_addr")),
     Option("--refresh", "list the folders again this often to pick up new versions (0: only on SIGHUP)",
            "SECONDS", type=float, check=_refresh, default=(MountConfig, "refresh")),
-    Option("--read-ahead", "kernel readahead for the mount (0 keeps the kernel's 128KiB)", "SIZE",
-           check=parse_size, default=(MountConfig, "read_ahead", _size)),
+    Option("--read-ahead", f"kernel readahead for the mount, a multiple of 4KiB up to {flag_size(READ_AHEAD_MAX)} "
+           "(0 keeps the kernel's 128KiB)", "SIZE", check=_read_ahead, default=(MountConfig, "read_ahead", flag_size)),
     *LOGGING,
 )
 

@@ -31,6 +31,7 @@ from typing import Callable
 
 from lazyfs import crt
 from lazyfs.config import FetchConfig
+from lazyfs.crtlimits import MIN_MEMORY
 from lazyfs.errors import LazyfsError, ObjectChanged, ObjectNotFound, PinnedVersionGone, RemoteError
 from lazyfs.lockfile import CHECKSUMS, ETAG_CHECKS, Entry, Lock
 from lazyfs.modeljson import Source
@@ -130,7 +131,7 @@ class Pinning:
     def objects(self) -> list[RemoteObject]:
         return self.lock.objects()
 
-    def transfer(self, remote: object, cfg: FetchConfig, memory_limit: int = crt.MIN_MEMORY) -> FetchRange:
+    def transfer(self, remote: object, cfg: FetchConfig, memory_limit: int = MIN_MEMORY) -> FetchRange:
         """The ranged GETs of --transfer-client (boto3 or crt), guarded."""
         fetch = crt.transfer_for(remote, cfg, memory_limit) or functools.partial(fetch_range_blocking, self.store)
         return self.guard(fetch)

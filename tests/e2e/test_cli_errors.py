@@ -40,6 +40,14 @@ CASES = {
     "unknown flag": (["--prefix", "s3://bkt/x", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     "bad part size": (["--prefix", "s3://bkt/x", "--part-size", "big"], "is not a size"),
     "bad log level": (["--prefix", "s3://bkt/x", "--log-level", "loud"], "invalid choice"),
+    # awscrt refused it inside the mount: "internal error: RuntimeError: 14371", exit 1
+    "crt part size over its memory": (["--prefix", "s3://bkt/x", "--transfer-client", "crt", "--part-size", "200MiB"],
+                                      "--part-size 200MiB is more than --transfer-client crt takes with "
+                                      "--memory-limit 256MiB: at most 128MiB"),
+    "part size over S3's largest": (["--prefix", "s3://bkt/x", "--part-size", "99999999999999999999999"],
+                                    "is too large (at most 5GiB: S3's largest part)"),
+    "read-ahead too large": (["--prefix", "s3://bkt/x", "--read-ahead", "1G"], "--read-ahead 1G must be 0"),
+    "read-ahead not in pages": (["--prefix", "s3://bkt/x", "--read-ahead", "3000"], "a multiple of 4KiB up to 16MiB"),
     "nothing to serve": ([], "nothing to serve"),
     # a wrong file is refused unread: a FIFO would block for ever, a checkpoint be read whole
     "config is a FIFO": (["--config", "{tmp}/fifo"], "fifo: is a FIFO (named pipe), not a config file"),
@@ -97,6 +105,15 @@ def test_every_command_refuses_a_bad_model_json_in_one_line(command: str, case: 
     res = lazyfs_cli([command, *where, *(a.replace("{tmp}", str(cfgdir)) for a in args)], timeout=30)
     assert res.returncode == 2, (case, res.stderr)
     assert message in one_line_error(res), case
+
+
+def test_bake_refuses_a_crt_part_size_its_client_would_refuse_before_it_starts(cfgdir: Path) -> None:
+    """It was "internal error: RuntimeError: 14371 (AWS_ERROR_S3_PART_SIZE_EXCEEDS_MEMORY_LIMIT)", exit 1."""
+    res = lazyfs_cli(["bake", "--to", str(cfgdir / "mnt"), "--prefix", "s3://bkt/x", "--transfer-client", "crt",
+                      "--part-size", "200MiB", "--endpoint-url", f"http://127.0.0.1:{free_port()}"], timeout=30)
+    assert res.returncode == 2, res.stderr
+    assert "--part-size 200MiB is more than --transfer-client crt takes in bake" in one_line_error(res)
+    assert list((cfgdir / "mnt").iterdir()) == [], "it began the bake"
 
 
 def test_bucket_not_found_exits_1(moto, cfgdir: Path) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from lazyfs import options
-from lazyfs.config import ConfigError, Source, mount_config, parse_size, remote_config
+from lazyfs.config import ConfigError, Source, bake_config, mount_config, parse_size, remote_config
 from lazyfs.modeljson import dedupe_sources, load_model_json, normalize_prefix, parse_source, resolve_mountpoint
 
 
@@ -188,6 +189,65 @@ def test_mount_config_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="too small"):
         _mc(tmp_path, part_size="1k")
     assert _mc(tmp_path, part_size="1MiB").fetch.part_size == 1 << 20
+
+
+def _bc(tmp_path: Path, **kw: object):
+    raw: dict[str, object] = {"to": str(tmp_path), "prefix": ["s3://bkt/p"]}
+    raw.update(kw)
+    return bake_config(options.parse_options(options.BAKE, raw), {})
+
+
+@pytest.mark.parametrize("memory_limit, largest", [(None, "128MiB"), ("32MiB", "128MiB"), ("512MiB", "128MiB"),
+                                                   ("4G", "1GiB"), ("20G", "5GiB")])
+def test_a_crt_part_size_its_client_takes_is_accepted(tmp_path: Path, memory_limit: str | None,
+                                                      largest: str) -> None:
+    """awscrt takes parts of at most half its buffers, which are half of
+    --memory-limit and at least 256 MiB."""
+    cfg = _mc(tmp_path, transfer_client="crt", part_size=largest, memory_limit=memory_limit)
+    assert cfg.fetch.part_size == parse_size(largest, "")
+
+
+@pytest.mark.parametrize("part_size, memory_limit, message", [
+    ("200MiB", None, "--part-size 200MiB is more than --transfer-client crt takes with --memory-limit 256MiB: "
+     "at most 128MiB (a quarter of --memory-limit, never under 128MiB); lower --part-size or raise "
+     "--memory-limit to 800MiB"),
+    ("129MiB", "32MiB", "at most 128MiB"),
+    ("1025MiB", "4G", "--part-size 1025MiB is more than --transfer-client crt takes with --memory-limit 4GiB: "
+     "at most 1GiB"),
+])
+def test_a_crt_part_size_its_client_would_refuse_is_a_usage_error(tmp_path: Path, part_size: str,
+                                                                  memory_limit: str | None, message: str) -> None:
+    """It was "internal error: RuntimeError: 14371 (AWS_ERROR_S3_PART_SIZE_EXCEEDS_MEMORY_LIMIT)", exit 1."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _mc(tmp_path, transfer_client="crt", part_size=part_size, memory_limit=memory_limit)
+    assert _mc(tmp_path, part_size=part_size, memory_limit=memory_limit).fetch.part_size > 128 << 20, "boto3 takes it"
+
+
+def test_bake_with_crt_takes_parts_of_at_most_128mib(tmp_path: Path) -> None:
+    assert _bc(tmp_path, transfer_client="crt", part_size="128MiB").fetch.part_size == 128 << 20
+    with pytest.raises(ConfigError, match=re.escape(
+            "--part-size 5GiB is more than --transfer-client crt takes in bake (its buffers are 256MiB, it has no "
+            "--memory-limit): at most 128MiB; lower --part-size or use --transfer-client boto3")):
+        _bc(tmp_path, transfer_client="crt", part_size="5G")
+    assert _bc(tmp_path, part_size="5G").fetch.part_size == 5 << 30
+
+
+def test_the_crt_client_is_built_with_the_buffers_the_check_assumed() -> None:
+    """crt.py and the flag check share one rule (crtlimits): the largest part
+    the check lets through is one awscrt's client really takes."""
+    s3 = pytest.importorskip("awscrt.s3")
+    from awscrt import io
+
+    from lazyfs.crtlimits import buffer_memory, largest_part
+
+    loops = io.EventLoopGroup(1)
+    bootstrap = io.ClientBootstrap(loops, io.DefaultHostResolver(loops))
+    for memory_limit in (32 << 20, 256 << 20, 1 << 30):
+        s3.S3Client(bootstrap=bootstrap, region="us-east-1", part_size=largest_part(memory_limit),
+                    memory_limit=buffer_memory(memory_limit), tls_mode=s3.S3RequestTlsMode.DISABLED)
+        with pytest.raises(RuntimeError, match="PART_SIZE_EXCEEDS_MEMORY_LIMIT"):
+            s3.S3Client(bootstrap=bootstrap, region="us-east-1", part_size=largest_part(memory_limit) + 1,
+                        memory_limit=buffer_memory(memory_limit), tls_mode=s3.S3RequestTlsMode.DISABLED)
 
 
 def test_an_unparsable_last_modified_is_the_epoch_not_an_exception() -> None:

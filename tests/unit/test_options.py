@@ -53,10 +53,24 @@ def test_help_shows_the_defaults_of_the_config_classes() -> None:
     ("memory_limit", "16MiB", "--memory-limit 16MiB is too small (at least 32MiB)"),
     ("metrics_port", 70000, "--metrics-port 70000 must be between 1 and 65535"),
     ("cache_max_size", "lots", "is not a size"),
+    ("part_size", "6G", "--part-size 6G is too large (at most 5GiB: S3's largest part)"),
+    ("part_size", "99999999999999999999999", "--part-size 99999999999999999999999 is too large (at most 5GiB"),
+    ("part_size", "9" * 400, "is not a size"),  # a float made it infinity: an internal error
+    ("read_ahead", "1G", "--read-ahead 1G must be 0 (the kernel's 128KiB) or a multiple of 4KiB up to 16MiB"),
+    ("read_ahead", "3000", "--read-ahead 3000 must be 0 (the kernel's 128KiB) or a multiple of 4KiB up to 16MiB"),
+    ("read_ahead", "16388K", "--read-ahead 16388K must be 0"),
 ])
 def test_bad_values_are_one_sentence_naming_the_flag(flag: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         options.parse_options(options.MOUNT, {flag: value})
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("part_size", "5GiB", 5 << 30), ("part_size", "64KiB", 64 << 10),
+    ("read_ahead", "0", 0), ("read_ahead", "4K", 4096), ("read_ahead", "16MiB", 16 << 20),
+])
+def test_the_bounds_themselves_are_accepted(flag: str, value: str, expected: int) -> None:
+    assert options.parse_options(options.MOUNT, {flag: value})[flag] == expected
 
 
 def test_values_not_given_stay_unset_so_the_config_defaults_apply() -> None:

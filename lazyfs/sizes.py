@@ -1,0 +1,28 @@
+"""Byte sizes as a user writes them in a flag (pure): "8MiB", "512k", "10G"
+read into bytes, and bytes said back the same way."""
+
+from __future__ import annotations
+
+import re
+
+from lazyfs.errors import ConfigError
+
+# At most 40 digits, which any size fits: a float made infinity of 400 (an internal error).
+_SIZE_RE = re.compile(r"^\s*(\d{1,40}(?:\.\d{1,40})?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, what: str) -> int:
+    """"8MiB", "512k", "10G", "1048576" -> bytes (binary multiples)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"{what}: \"{text}\" is not a size (examples: 8MiB, 512K, 10G)")
+    mult = 1024 ** " kmgtp".index((m.group(2) or " ").lower())
+    return int(float(m.group(1)) * mult)
+
+
+def flag_size(nbytes: int) -> str:
+    """Bytes as a size flag takes them: "8MiB", "5GiB", "3000"."""
+    for unit, n in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes and nbytes % n == 0:
+            return f"{nbytes // n}{unit}"
+    return str(nbytes)
