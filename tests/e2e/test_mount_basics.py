@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -394,6 +395,48 @@ def test_stale_mount_after_a_crash_is_cleaned_up_at_the_next_start(mount, proxy,
     m2 = mount("--prefix", f"s3://{bucket}/{PREFIX}", mountpoint=m.path)
     assert fs.read(m2.file(key)) == model[key]
     assert "stale mount" in m2.log()
+
+
+def test_a_killed_daemon_ends_a_waiting_read_with_a_short_count_then_enotconn_and_an_mmap_reader_with_sigbus(
+        mount, proxy, s3, bucket, fs: FS):
+    """`kill -9` of the daemon while readers wait on GETs that stall: the
+    kernel splits a large read of a big file (direct_io, 64 MiB or more) into
+    1 MiB requests; the bytes answered before the kill come back as a short
+    count, the right ones, and the next read fails with ENOTCONN; a reader
+    of a mapped file waiting in a page fault gets SIGBUS (README, failure
+    table: a reader must loop on short reads)."""
+    big, small = f"{PREFIX}/big.bin", f"{PREFIX}/small.bin"
+    data = os.urandom(72 << 20)
+    put(s3, bucket, big, data)
+    put(s3, bucket, small, os.urandom(16 << 20))
+    proxy.add(Fault("stall", key=big, after=4 << 20, seconds=300, times=None))  # 4 MiB of each GET, then nothing
+    proxy.add(Fault("stall", key=small, after=0, seconds=300, times=None))
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}", "--read-deadline", "120", "--read-timeout", "300")
+    fd = fs.run(os.open, str(m.file(big)), os.O_RDONLY)
+    mapper: subprocess.Popen[bytes] | None = None
+    try:
+        reader = fs.start(os.pread, fd, 8 << 20, 0)
+        # In a child: a page fault holds the GIL while the kernel waits on the mount.
+        mapper = subprocess.Popen([sys.executable, "-c", "import mmap, sys\n"
+                                   "f = open(sys.argv[1], 'rb')\n"
+                                   "mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)[5_000_000]\n",
+                                   str(m.file(small))], stderr=subprocess.DEVNULL)
+        wait_until(lambda: proxy.requests("GET", big) and proxy.requests("GET", small), what="the stalled GETs")
+        with pytest.raises(TimeoutError):
+            reader.result(timeout=2)  # the first MiBs are in; the rest waits
+        m.process.kill()
+        got = reader.result(timeout=10)
+        assert 0 < len(got) < 8 << 20 and got == data[:len(got)], len(got)
+        with pytest.raises(OSError) as info:
+            fs.run(os.pread, fd, 8 << 20, len(got))
+        assert info.value.errno == errno.ENOTCONN
+        assert mapper.wait(timeout=10) == -signal.SIGBUS
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        if mapper is not None and mapper.poll() is None:
+            mapper.kill()
+            mapper.wait()
 
 
 def test_a_hung_mount_is_reported_then_forced_off_freeing_its_waiting_readers(mount, bucket, model, fs: FS):
