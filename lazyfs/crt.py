@@ -63,7 +63,7 @@ class CrtTransfer:
             bootstrap=bootstrap, region=region, signing_config=signing,
             tls_mode=s3.S3RequestTlsMode.ENABLED if self._https else s3.S3RequestTlsMode.DISABLED,
             # One part per request: bytes arrive in order and a request is one GET.
-            part_size=max(part_size, 5 * 1024 * 1024),
+            part_size=(part_size := max(part_size, 5 * 1024 * 1024)),
             max_active_connections_override=max_connections,
             # No retries of its own: it reports none of them (no line, no
             # count), and its max_retries=0 means its default of 5.  _fetch
@@ -74,6 +74,7 @@ class CrtTransfer:
             # the part size, which config.py checked against them).
             memory_limit=buffers)
         self._s3 = s3
+        self._part_size = part_size
 
     def _crt_credentials(self) -> Any:
         from awscrt import auth
@@ -132,16 +133,25 @@ class CrtTransfer:
             headers.append(("If-Match", f'"{job.obj.etag}"'))
         if whole:
             headers.append(("x-amz-checksum-mode", "ENABLED"))
-        STATS.bump("s3_requests", "GET")
+        state.part_size = job.block_size if split else self._part_size
+        STATS.bump("s3_requests", "GET")  # its first part; the client sends a GET per part (below)
         request = self._client.make_request(
             type=self._s3.S3RequestType.GET_OBJECT, request=http.HttpRequest("GET", path, http.HttpHeaders(headers)),
             part_size=job.block_size if split else None,
             on_headers=state.on_headers, on_body=state.on_body, on_progress=state.on_progress)
+        ended = False
         try:
             self._wait(request, state)
-        except BaseException:
+            ended = True
+        except BaseException as e:
             request.cancel()
+            if isinstance(e, RemoteError):
+                STATS.bump("s3_errors", "GET")  # retried by _fetch, if at all: each failure is one attempt's
             raise
+        finally:
+            # The parts that arrived, and the one that failed: what the metrics can see of a
+            # split request (parts in flight beside a failed one are not).
+            STATS.bump("s3_requests", "GET", max(0, state.parts + (0 if ended else 1) - 1))
 
     def _wait(self, request: Any, state: _Received) -> None:
         job = state.job
@@ -159,7 +169,6 @@ class CrtTransfer:
                 raise Stopped()
             if time.monotonic() - state.active > self.cfg.read_timeout:
                 state.stalled = True
-                STATS.bump("s3_errors", "GET")
                 raise RemoteUnavailable(state.broke_off(f"stalled: no byte for {self.cfg.read_timeout:g} s"),
                                         bucket=job.obj.bucket, key=job.obj.key)
         if state.error is not None:
@@ -169,7 +178,6 @@ class CrtTransfer:
                                     bucket=job.obj.bucket, key=job.obj.key)
 
     def _translate(self, e: Exception, obj: RemoteObject, state: _Received) -> RemoteError:
-        STATS.bump("s3_errors", "GET")
         status = getattr(e, "status_code", None) or state.status
         where = quoted(obj.uri)
         if status == 412:
@@ -203,6 +211,8 @@ class _Received:
         self.stalled = False  # cancelled here for want of bytes (the client never retried it)
         self.active = time.monotonic()
         self.error: BaseException | None = None
+        self.part_size = 0  # the client's parts of this request: one GET each
+        self.parts = 0  # parts that arrived (each is handed over whole, from its first byte)
         self._lock = threading.Lock()
 
     def transient(self) -> bool:
@@ -239,6 +249,9 @@ class _Received:
 
     def on_body(self, chunk: bytes, offset: int, **kwargs: Any) -> None:
         self.active = time.monotonic()
+        if self.part_size and (offset - self.start) % self.part_size == 0:
+            with self._lock:
+                self.parts += 1
         if self.error is not None:
             return
         job = self.job

@@ -38,6 +38,7 @@ from lazyfs.errors import RemoteError, RemoteUnavailable
 from lazyfs.modeljson import Source
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ListPage, ObjectStore
+from lazyfs.stats import STATS
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ class Lister:
                 # DEBUG: a request that then succeeds is no failure, and one
                 # that keeps failing fails the listing, which logs that.
                 log.debug("%s; trying that listing request again in %.1f s", e, wait)
+                STATS.bump("retries")
                 await trio.sleep(wait)
         raise AssertionError("unreachable")
 

@@ -33,9 +33,11 @@ class MountCollector(Collector):
                        STATS.direct_bytes)
         yield _counter("lazyfs_verify_read_bytes", "Bytes read back from the store to verify downloads "
                        "(none for pieces whose CRCs were summed as they arrived).", STATS.verify_read_bytes)
-        reqs = CounterMetricFamily("lazyfs_s3_requests", "Requests sent to S3.", labels=["op"])
-        fails = CounterMetricFamily("lazyfs_s3_request_failures", "S3 requests that failed (after botocore's "
-                                    "retries).", labels=["op"])
+        reqs = CounterMetricFamily("lazyfs_s3_requests", "Requests sent to S3, every attempt (a retry is one "
+                                   "more).", labels=["op"])
+        fails = CounterMetricFamily("lazyfs_s3_request_failures", "S3 requests (attempts) that failed: an error "
+                                    "status, no response, a body cut off or stalled; most are retried.",
+                                    labels=["op"])
         for op in ("GET", "HEAD", "LIST"):
             reqs.add_metric([op], STATS.s3_requests.get(op, 0))
             fails.add_metric([op], STATS.s3_errors.get(op, 0))
@@ -47,7 +49,8 @@ class MountCollector(Collector):
                        STATS.opens_passthrough)
         yield _counter("lazyfs_direct_io_opens", "Opens of files still downloading whose reads skip the page cache.",
                        STATS.opens_direct_io)
-        yield _counter("lazyfs_retries", "Ranged GETs resumed after the body broke off.", STATS.retries)
+        yield _counter("lazyfs_retries", "S3 requests tried again after a failed attempt (botocore's retries "
+                       "and lazyfs's own).", STATS.retries)
         errors = CounterMetricFamily("lazyfs_errors", "Failed filesystem requests, by errno.", labels=["errno"])
         for name, n in sorted(STATS.errors.items()):
             errors.add_metric([name], n)

@@ -92,6 +92,8 @@ def _fetch(remote: ObjectStore, job: RangeJob, writer: PieceWriter) -> None:
                     post_at = (pos // job.block_size + 1) * job.block_size
             return
         except RemoteUnavailable as e:
+            # The body broke off: a failed request, after botocore saw it begin well (clientretries.py).
+            STATS.bump("s3_errors", "GET")
             attempt += 1
             if attempt >= job.attempts:
                 raise

@@ -23,12 +23,12 @@ import botocore.loaders
 import botocore.session
 import urllib3.exceptions
 
-from lazyfs.clientretries import RetryLines, calling
+from lazyfs.clientretries import ClientAttempts, calling
 from lazyfs.config import RemoteConfig, Source
 from lazyfs.errors import AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import HeadInfo, ListPage, ResponseMeta, broke_off
-from lazyfs.stats import STATS, TIMINGS
+from lazyfs.stats import TIMINGS
 from lazyfs.verify import Part
 from lazyfs.wording import quoted
 
@@ -125,7 +125,8 @@ class Remote:
         self._client: Any = core.create_client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region,
                                                config=config)
         self._client.meta.events.register("before-parse.s3.ListObjectsV2", _parse_listing_fast)
-        RetryLines(cfg.max_attempts).register(self._client.meta.events)
+        # Every attempt counted, every retry logged (botocore's retries are its own).
+        ClientAttempts(cfg.max_attempts).register(self._client.meta.events)
         self.endpoint = self._client.meta.endpoint_url
         self.region: str = self._client.meta.region_name or "us-east-1"
         self._core = core
@@ -263,12 +264,10 @@ class Remote:
     def _call(self, fn: Any, bucket: str, key: str, **kwargs: Any) -> Any:
         op = _OPS.get(fn.__name__, fn.__name__)
         started = time.monotonic()
-        STATS.bump("s3_requests", op)
-        calling(op, bucket, key)
+        calling(op, bucket, key)  # its attempts and their failures are counted as they happen (clientretries.py)
         try:
             return fn(**kwargs)
         except Exception as e:  # translated exhaustively below
-            STATS.bump("s3_errors", op)
             raise self.translate(e, bucket, key) from e
         finally:
             TIMINGS.request(op, time.monotonic() - started)

@@ -65,14 +65,18 @@ class Stats:
     opens_miss: int = 0  # opens that started or joined a download
     opens_passthrough: int = 0  # opens of local copies the kernel reads itself (passthrough.py)
     opens_direct_io: int = 0  # opens of files still arriving whose reads skip the page cache (fuse_ops.py)
-    s3_requests: Counter[str] = field(default_factory=Counter)  # op -> count
-    s3_errors: Counter[str] = field(default_factory=Counter)  # op -> failed requests
+    # op -> requests sent: every attempt, so each retry is one more (clientretries.py, crt.py)
+    s3_requests: Counter[str] = field(default_factory=Counter)
+    # op -> attempts that failed: an error status, no response, a body cut off or stalled
+    s3_errors: Counter[str] = field(default_factory=Counter)
     fetched_bytes: int = 0  # body bytes received from S3
     direct_bytes: int = 0  # of those, written to the store with O_DIRECT (storewrite.py)
     # Bytes read back from the store to verify downloads (readback.read_into);
     # pieces summed as they were written need none (piecesums.py).
     verify_read_bytes: int = 0
-    retries: int = 0  # ranged GETs resumed after the body broke off
+    # Requests tried again after a failed attempt, whoever retried: botocore (any op), a ranged GET
+    # resumed after its body broke off or the CRT's GET after any failure, a listing request (lister.py).
+    retries: int = 0
     errors: Counter[str] = field(default_factory=Counter)  # errno name -> count, as readers saw them
     downloads_ok: int = 0
     downloads_failed: int = 0

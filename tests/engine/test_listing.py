@@ -22,6 +22,7 @@ from lazyfs.modeljson import Source
 from lazyfs.namespace import RemoteObject
 from lazyfs.refresher import Refresher
 from lazyfs.repeats import RepeatedLines
+from lazyfs.stats import STATS
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
 from support.fakeremote import Call, FakeRemote, Gate
 
@@ -166,8 +167,10 @@ async def test_one_failed_request_is_retried_not_the_whole_listing(remote: FakeR
 
     remote.on_list.append(throttle_the_fifth)
     remote.put(BUCKET, f"{P}many/d050/f00050.bin", b"a new version")
+    retries = STATS.retries
     diff = await catalog.refresh()
     assert failed and catalog.last.ok
+    assert STATS.retries - retries == 1, "the metrics count lazyfs's retry of the request"
     assert [new.key for _, new in diff.changed] == [f"{P}many/d050/f00050.bin"]
     assert listed_keys(catalog) == keys_of(remote)
     assert remote.count("LIST") - baseline == 11 + 1, "one retry, nothing listed again"
