@@ -65,9 +65,12 @@ class ObjectNotFound(RemoteError):
 
 
 class AccessDenied(RemoteError):
-    """Credentials missing, invalid, or not allowed to read this object."""
+    """Credentials missing, invalid, or not allowed to read this object: the
+    bucket's policy or the credentials given, not lazyfs failing, so its line
+    is a WARNING (the errno tells the reader)."""
 
     errno = errno.EACCES
+    log_level = logging.WARNING
 
 
 class ObjectChanged(RemoteError):

@@ -31,6 +31,7 @@ from lazyfs.pin import Pin
 from lazyfs.probe import open_partial_file
 from lazyfs.quiet import Quiet, reader_request
 from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
+from lazyfs.repeats import RepeatedLines, shape
 from lazyfs.stats import STATS, TIMINGS
 from lazyfs.store import Store
 from lazyfs.wording import cause, quoted
@@ -123,6 +124,8 @@ class Runner:
         # How a request's bytes get into the file (crt.CrtTransfer.fetch instead
         # with --transfer-client crt); blocking, in a network thread.
         self.fetch_range: Callable[[RangeJob], None] = functools.partial(fetch_range_blocking, remote)
+        # Each open of a file whose GETs are refused starts a download that fails: its line once a minute.
+        self.failure_lines = RepeatedLines()
         # Totals for logs and stats.
         self.bytes_from_s3 = 0
         self.bytes_published = 0
@@ -142,8 +145,8 @@ class Runner:
                        got_meta=lambda meta: self._post(self._got_meta, dl, meta))
         try:
             with reader_request(self.hooks.quiet):
-                await trio.to_thread.run_sync(self._request_thread, job, handoff, limiter=self._net,
-                                              abandon_on_cancel=True)
+                await trio.to_thread.run_sync(self._in_thread, functools.partial(self.fetch_range, job), handoff,
+                                              limiter=self._net, abandon_on_cancel=True)
         except BaseException as e:
             handoff.task_gives_up()
             self._release_slot()
@@ -165,9 +168,6 @@ class Runner:
         if not dl.finishing and dl.error is None and not dl.finished.is_set():
             dl.finishing = True
             self._spawn(self.finish, dl)
-
-    def _request_thread(self, job: RangeJob, handoff: _Handoff) -> None:
-        self._in_thread(functools.partial(self.fetch_range, job), handoff)
 
     def _in_thread(self, work: Callable[[], T], handoff: _Handoff) -> T | None:
         """Worker thread: `work`, holding the pin the task handed over."""
@@ -207,9 +207,8 @@ class Runner:
                      100.0 * dl.ndone / dl.nblocks, dl.fetched_bytes / 2**20, dl.obj.size / 2**20, rate / 1e6)
 
     def _save_state_soon(self, dl: Download) -> None:
-        """Record finished blocks for a resume, at most once per
-        Download.record_every() (a save that comes too soon is deferred, not
-        dropped)."""
+        """Record finished blocks for a resume, at most once per Download.record_every()
+        (a save that comes too soon is deferred, not dropped)."""
         if not dl.saving:
             dl.saving = True
             self._spawn(self._save_state, dl, dl.pin())
@@ -361,8 +360,9 @@ class Runner:
         elif isinstance(e, (ObjectChanged, ObjectNotFound)):
             log.warning("%s: %s during the download", quoted(dl.obj.uri),
                         "changed in the object store" if isinstance(e, ObjectChanged) else "deleted")
-        elif isinstance(e, LazyfsError):
-            log.error("download of %s failed: %s", where := quoted(dl.obj.uri), cause(str(e), where))  # named once
+        elif isinstance(e, LazyfsError):  # the same failure of the file again: a line a minute (repeats.py)
+            line = f"download of {(where := quoted(dl.obj.uri))} failed: {cause(str(e), where)}"  # the file named once
+            self.failure_lines.log(log, e.log_level, (e.errno, shape(line)), "%s", line)  # (its name kept in the key)
         else:
             log.error("download of %s failed unexpectedly", quoted(dl.obj.uri), exc_info=e)
         e.logged = True  # type: ignore[attr-defined]  # readers need not log it again

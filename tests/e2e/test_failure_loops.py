@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,33 @@ def test_map_populate_of_a_failing_file_costs_few_lines_and_requests(mount, prox
     lines = request_lines(m)
     assert len(lines) <= 3, f"{len(lines)} lines about the failing file:\n" + "\n".join(lines[:10])
     assert sum(stats(fs, m)["errors"].values()) < 400, stats(fs, m)["errors"]
+
+
+# A log line of a failure (not the DEBUG and INFO ones): its level, then what it says.
+_FAILURE_LINE = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) (.*)$")
+
+
+@pytest.mark.log_errors(r"download of .*deny")
+def test_a_denied_file_opened_again_and_again_logs_one_line(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    """Each open of a file whose GETs are refused starts a download that fails: 30 `cat`s logged 30
+    identical ERROR lines.  The same failure of the same file logs one line, then at most one a minute
+    (with the count); another file's failure logs at once.  A refusal is the bucket's policy or the
+    credentials, not lazyfs failing: a WARNING."""
+    denied, other = f"{P}/deny.bin", f"{P}/deny-too.bin"
+    for key in (denied, other):
+        s3.put_object(Bucket=bucket, Key=key, Body=os.urandom(100_000))
+        proxy.add(Fault("status", key=key, status=403, code="AccessDenied", times=None))
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "store")
+    for _ in range(12):
+        with pytest.raises(OSError) as info:
+            fs.read(m.file(denied), timeout=30)
+        assert info.value.errno == errno.EACCES
+    assert proxy.count("GET", denied) >= 12, "the opens did not each try the object again: the test shows nothing"
+    with pytest.raises(OSError) as info:
+        fs.read(m.file(other), timeout=30)
+    assert info.value.errno == errno.EACCES
+    failures = [found.groups() for ln in m.log().splitlines() if (found := _FAILURE_LINE.match(ln))]
+    about = {key: [f for f in failures if f'{key}"' in f[1]] for key in (denied, other)}
+    assert len(about[denied]) == 1, "one line for the same failure:\n" + "\n".join(map(str, about[denied]))
+    assert len(about[other]) == 1, "another file's failure logs at once"
+    assert about[denied][0][0] == "WARNING" and "access denied" in about[denied][0][1], about[denied]
