@@ -29,7 +29,7 @@ from lazyfs.modeljson import (
     load_model_json,
     resolve_mountpoint,
 )
-from lazyfs.mounttab import check_answering, is_fuse_mount
+from lazyfs.mounttab import check_answering, is_fuse_mount, is_lazyfs_mount
 from lazyfs.sizes import parse_size
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -358,8 +358,12 @@ def status_config(args: Mapping[str, Any], env: Mapping[str, str]) -> StatusConf
     lock = read_lock(args.get("lock"))
     if args.get("verify") == "content" and lock is None:
         raise ConfigError("--verify content needs --lock: the lock holds the checksums the files are checked against")
-    configs, sources = _sources(args, env, lock)
-    path = Path(os.path.abspath(args["store"])) if args.get("store") else resolve_mountpoint(None, configs)
+    configs: list[ModelJson] = []
+    sources: tuple[Source, ...] = ()  # none given, of a running mount: it names its own (status.from_mount)
+    if lock is not None or args.get("config") or args.get("prefix") or \
+            not is_lazyfs_mount(path := Path(os.path.abspath(args.get("store") or DEFAULT_CACHE_DIR))):
+        configs, sources = _sources(args, env, lock)
+        path = Path(os.path.abspath(args["store"])) if args.get("store") else resolve_mountpoint(None, configs)
     if is_fuse_mount(path):  # a running mount is asked; a hung one, of any kind, refused
         check_answering(path, "store")
     else:

@@ -52,6 +52,12 @@ def find_mount(path: str | Path) -> MountEntry | None:
     return found[-1] if found else None
 
 
+def is_lazyfs_mount(path: str | Path) -> bool:
+    """Is a lazyfs mount's mountpoint exactly `path` (a look at the mount table, not at the path)?"""
+    entry = find_mount(path)
+    return entry is not None and entry.fstype == "fuse.lazyfs"
+
+
 def device_name(dev: int) -> str:
     """A device number (a file's st_dev) as /proc/self/mountinfo writes it."""
     return f"{os.major(dev)}:{os.minor(dev)}"

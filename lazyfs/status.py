@@ -30,9 +30,10 @@ from typing import Any, TextIO
 from lazyfs import contentcheck, interrupt, wording
 from lazyfs.catalog import Catalog, offline_objects
 from lazyfs.config import StatusConfig
-from lazyfs.errors import RemoteUnavailable, StoreError
+from lazyfs.errors import ConfigError, RemoteUnavailable, StoreError
 from lazyfs.filestate import FileState
 from lazyfs.identity import SIDECAR_FOLDER
+from lazyfs.modeljson import Source, build_sources
 from lazyfs.mounttab import find_mount
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
 from lazyfs.remote import Remote
@@ -185,6 +186,8 @@ def from_mount(cfg: StatusConfig) -> Answer:
     if (stats.get("store_filesystem") or {}).get("user_xattrs") is False:
         note += f"; {_SIDECAR_NOTE}"
     note += _pinned_note(stats.get("pinned"))
+    if not cfg.sources:  # no --config, --prefix or --lock: the folders the mount serves
+        cfg = dataclasses.replace(cfg, sources=_served(stats))
     unknown = _listing_unknown(stats) or _other_lock(cfg, stats.get("pinned"))
     files, unasked = _ask_files(cfg, stats)
     if cfg.lock is not None and cfg.verify_content:
@@ -195,6 +198,14 @@ def from_mount(cfg: StatusConfig) -> Answer:
                   or (_unproven(files, cfg.verify_content) if cfg.lock is not None else ""),
                   cfg.lock.short_digest if cfg.lock is not None else "",
                   str(pinned.get("digest") or "") if isinstance(pinned, dict) else "")
+
+
+def _served(stats: dict[str, Any]) -> tuple[Source, ...]:
+    """The folders a mount says it serves (its stats file), as sources."""
+    try:
+        return build_sources([], [uri for uri in stats.get("sources") or () if isinstance(uri, str)], None)
+    except ConfigError:
+        return ()  # (a stats file that names none: nothing to walk)
 
 
 def _pinned_note(pinned: Any) -> str:

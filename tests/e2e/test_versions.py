@@ -334,7 +334,7 @@ def test_status_states_and_require_all(mount, proxy, s3, bucket, fs: FS, tmp_pat
     assert status(proxy, bucket, store, "--require-all").returncode == 0
 
 
-def test_status_through_a_running_mount(mount, proxy, s3, bucket, fs: FS):
+def test_status_through_a_running_mount(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     put(s3, bucket, f"{P}/a.bin", b"a" * 1000)
     put(s3, bucket, f"{P}/b.bin", b"b" * 1000)
     m = mount("--prefix", f"s3://{bucket}/{P}")
@@ -344,6 +344,12 @@ def test_status_through_a_running_mount(mount, proxy, s3, bucket, fs: FS):
     res = lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--store", str(m.path), "--require-all"])
     assert "as served by the lazyfs mount" in res.stdout
     assert "1 cached" in res.stdout and "1 missing" in res.stdout and res.returncode == 1
+    # With no --config or --prefix, the mount names its own folders (before: exit 2, "nothing to serve").
+    alone = lazyfs_cli(["status", "--store", str(m.path), "--require-all"])
+    assert alone.stdout == res.stdout and alone.returncode == 1, alone.stderr
+    # A plain folder still needs them.
+    plain = lazyfs_cli(["status", "--store", str(tmp_path)])
+    assert plain.returncode == 2 and "nothing to serve" in plain.stderr
 
 
 @on_both_clients
