@@ -155,6 +155,10 @@ class Budget:
         if self._said_no_room.get(obj.key) == obj.version:
             return False
         self._said_no_room[obj.key] = obj.version
+        if not self.fits(obj):
+            log.info("%s: not fetched ahead: larger than the cache budget (%.1f MiB), it is not kept: its reader "
+                     "streams it", quoted(obj.uri), self.max_bytes / 2**20)
+            return False
         log.info("%s: not fetched ahead: the cache budget (%.1f MiB) has no room for it beside the files in use "
                  "(%.1f MiB) and the downloads in flight (%.1f MiB)", quoted(obj.uri), self.max_bytes / 2**20,
                  in_use / 2**20, in_flight / 2**20)

@@ -29,6 +29,7 @@ import logging
 import threading
 from typing import Any
 
+from lazyfs.repeats import retry_line, shape
 from lazyfs.stats import STATS
 from lazyfs.wording import quoted
 
@@ -88,5 +89,7 @@ class ClientAttempts:
         STATS.bump("retries")
         op, bucket, key = getattr(_this_thread, "request", ("request", "", ""))
         cause = getattr(_this_thread, "cause", "") or "failed"
-        log.log(logging.INFO if op == "GET" else logging.DEBUG, "%s: %s; retrying the %s (attempt %d of %d)",
-                quoted(f"s3://{bucket}/{key}"), cause, op, attempt, self.attempts)
+        # (each open of a file whose GETs keep failing retries the same way: said once a minute, repeats.py)
+        retry_line(log, logging.INFO if op == "GET" else logging.DEBUG, (op, bucket, key, shape(cause), attempt),
+                   "%s: %s; retrying the %s (attempt %d of %d)", quoted(f"s3://{bucket}/{key}"), cause, op, attempt,
+                   self.attempts)

@@ -29,6 +29,7 @@ from lazyfs.errors import AccessDenied, ObjectChanged, ObjectNotFound, RemoteErr
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta, broke_off
 from lazyfs.ranged_get import RangeJob, Stopped, naming
+from lazyfs.repeats import retry_line, shape
 from lazyfs.stats import STATS
 from lazyfs.storewrite import PieceWriter, WriterClosed
 from lazyfs.wording import quoted
@@ -113,8 +114,9 @@ class CrtTransfer:
                 if attempt >= self.cfg.max_attempts or not state.transient():
                     raise
                 delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
-                log.info("%s; retrying bytes %d-%d in %.1f s (attempt %d of %d)", naming(job.obj, e),
-                         state.reached, job.end - 1, delay, attempt + 1, self.cfg.max_attempts)
+                retry_line(log, logging.INFO, (job.obj.uri, shape(str(e)), attempt), "%s; retrying bytes %d-%d "
+                           "in %.1f s (attempt %d of %d)", naming(job.obj, e), state.reached, job.end - 1, delay,
+                           attempt + 1, self.cfg.max_attempts)
                 STATS.bump("retries")
                 time.sleep(delay)
                 pos = state.reached

@@ -166,9 +166,13 @@ class Handles:
         streamer, as vLLM's runai_streamer loader reads a folder) opens
         every shard at once and reads each in large parallel requests, so
         waiting held its first tensor back until whole shards were in
-        (docs/bench-after.md: first tensor 11.4 s, all 13.1; now 5.2, 9.6)."""
+        (docs/bench-after.md: first tensor 11.4 s, all 13.1; now 5.2, 9.6).
+        Never a file larger than the cache budget: it is not kept, so no
+        copy would be there once it is whole, and the open downloaded it a
+        second time to stream it."""
         mode = self.fetcher.cfg.whole_file_open
-        if mode == "never" or not self.passes_through():
+        budget = self.fetcher.budget
+        if mode == "never" or not self.passes_through() or (budget is not None and not budget.fits(obj)):
             return False
         return mode == "always" or (obj.version in self._walked and not direct)
 

@@ -18,6 +18,7 @@ from lazyfs.errors import RemoteUnavailable
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import Body, ObjectStore, ResponseMeta
 from lazyfs.piecesums import PieceSums
+from lazyfs.repeats import retry_line, shape
 from lazyfs.stats import STATS
 from lazyfs.storewrite import PieceWriter, WriteTurns
 from lazyfs.wording import quoted
@@ -98,8 +99,8 @@ def _fetch(remote: ObjectStore, job: RangeJob, writer: PieceWriter) -> None:
             if attempt >= job.attempts:
                 raise
             delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
-            log.info("%s; retrying bytes %d-%d in %.1f s (attempt %d of %d)", naming(job.obj, e),
-                     pos, end - 1, delay, attempt + 1, job.attempts)
+            retry_line(log, logging.INFO, (job.obj.uri, shape(str(e)), attempt), "%s; retrying bytes %d-%d in "
+                       "%.1f s (attempt %d of %d)", naming(job.obj, e), pos, end - 1, delay, attempt + 1, job.attempts)
             STATS.bump("retries")
             time.sleep(delay)
         finally:

@@ -22,6 +22,11 @@ rules make such a loop cheap, and leave a reader's ordinary failure as it was:
   again every second or so never wait; a read of the file that succeeds ends
   the loop, and another file's first failures are answered at once.
 
+A request's retries (`retry_line`, in the requests' threads: botocore's and
+lazyfs's own) follow the first rule, each attempt number apart: a file whose
+GETs keep failing says its retries once, not again at each open that starts
+a download failing the same way.
+
 Trio-side state (docs/concurrency.md): the pause is a trio sleep in the
 failing request's own task.
 """
@@ -32,6 +37,7 @@ import errno
 import logging
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Hashable
@@ -98,6 +104,17 @@ class RepeatedLines:
         the exception's level (LazyfsError.log_level), as `log` allows."""
         return self.log(logger, getattr(e, "log_level", logging.ERROR), (op, err, shape(str(e))),
                         "%s: %s (errno %s)", op, e, errno.errorcode.get(err, err))
+
+
+_RETRY_LINES = RepeatedLines()
+_RETRY_LINES_LOCK = threading.Lock()  # (called in the requests' threads)
+
+
+def retry_line(logger: logging.Logger, level: int, about: Hashable, msg: str, *args: object) -> None:
+    """A retry's line; the same retry again (`about`: the object, the
+    cause's shape, the attempt number) at most once per LINE_EVERY_S."""
+    with _RETRY_LINES_LOCK:
+        _RETRY_LINES.log(logger, level, about, msg, *args)
 
 
 class FailureLoops:

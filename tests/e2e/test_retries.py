@@ -23,8 +23,8 @@ P = "models/m"
 @pytest.mark.parametrize("retries", [0, 2])
 def test_retries_n_is_n_plus_one_attempts_of_a_failing_range(mount, proxy, s3, bucket, fs: FS, tmp_path: Path,
                                                              retries: int):
-    """A 503 on every GET: boto3 made N + 2 attempts of the range (botocore's
-    N + 1, then one more), the CRT N + 1 but 2 with --retries 0."""
+    """A 503 on every GET: N + 1 attempts of the range (boto3 made N + 2:
+    botocore's N + 1, then one more; the CRT 2 with --retries 0)."""
     key = f"{P}/mid.bin"
     s3.put_object(Bucket=bucket, Key=key, Body=os.urandom(50_000))  # one part: one range
     proxy.add(Fault("status", key=key, status=503, code="SlowDown", times=None))
@@ -37,3 +37,11 @@ def test_retries_n_is_n_plus_one_attempts_of_a_failing_range(mount, proxy, s3, b
     assert list(tries.values()) == [retries + 1], f"--retries {retries}: {tries}"
     retried = [ln for ln in m.log().splitlines() if "retrying" in ln and key in ln]
     assert len(retried) == retries, f"--retries {retries}: one line per retry, logged:\n" + "\n".join(retried)
+    # A second open starts a download that fails the same way: its retries are
+    # not said again (a loader retrying in a loop logged 4 lines per open).
+    with pytest.raises(OSError) as info:
+        fs.read(m.file(key), timeout=60)
+    assert info.value.errno == errno.EIO
+    assert sum(collections.Counter(r["range"] for r in proxy.requests("GET", key)).values()) == 2 * (retries + 1)
+    again = [ln for ln in m.log().splitlines() if "retrying" in ln and key in ln]
+    assert again == retried, "the same retries of the same file were logged again"

@@ -90,3 +90,24 @@ async def test_a_file_the_budget_keeps_is_downloaded_whole_after_a_short_read_an
         assert dl.complete and dl.error is None
         await e.settled()
     assert e.kept() == {obj.key}
+
+
+@trio_test
+@quick
+async def test_a_whole_file_open_of_a_file_larger_than_the_budget_downloads_it_once(
+        remote: FakeRemote, stores, tmp_path: Path) -> None:
+    """`--whole-file-open always` (or a shard of a checkpoint a loader walks)
+    and a file the budget cannot keep.  The open waited for the whole file,
+    which is never published (not kept), then looked for the copy, found
+    none and downloaded it a second time to stream it: twice the file for
+    one `sha256sum`.  Such an open does not wait for the whole file now: it
+    streams it, once."""
+    big, data = put(remote, "m/huge.bin", SIZE)
+    e = Engine(remote, stores(), tmp_path / "store", max_bytes=2 * UNIT, whole_file_open="always")
+    e.handles.passes_through = lambda: True
+    async with e.running():
+        fh = await e.read_whole(big, data)
+        e.handles.release(fh)
+        await e.settled()
+    assert sum(c.end - c.start for c in remote.gets(big.key)) == SIZE, "downloaded more than once"
+    assert e.kept() == set()

@@ -34,3 +34,13 @@ async def test_sizes_that_differ_in_mib_are_said_in_mib_alone(caplog: pytest.Log
         assert await budget.reserve(_obj(300 * 2**20)) is False
     assert "(300.0 MiB) is larger than the cache budget (200.0 MiB): serving it without keeping it" \
         in caplog.messages[-1]
+
+
+def test_a_shard_larger_than_the_budget_is_not_fetched_ahead_for_that_reason(caplog: pytest.LogCaptureFixture,
+                                                                             stores) -> None:
+    """It said "no room for it beside the files in use (0.0 MiB) and the
+    downloads in flight (0.0 MiB)": the reason is its size."""
+    budget = Budget(stores(), max_bytes=20 * 2**20)
+    with caplog.at_level(logging.INFO, logger="lazyfs.budget"):
+        assert budget.room_ahead(_obj(24 * 2**20)) is False
+    assert "not fetched ahead: larger than the cache budget (20.0 MiB), it is not kept" in caplog.messages[-1]

@@ -113,15 +113,19 @@ def test_only_a_config_in_a_folder_of_model_size_is_looked_at() -> None:
     assert not modelaware.may_have_companions("config.json", modelaware.COMPANION_FOLDER_MAX + 1)
 
 
-@pytest.mark.parametrize("mode, walked, direct, waits", [
-    ("checkpoint", True, False, True),    # a loader mapping a shard of the checkpoint it walks
-    ("checkpoint", True, True, False),    # the Run:ai streamer: O_DIRECT, large parallel reads
-    ("checkpoint", False, False, False),  # a reader of a lone file gets its first bytes at once
-    ("always", False, True, True),
-    ("never", True, False, False),
+@pytest.mark.parametrize("mode, walked, direct, budget, waits", [
+    ("checkpoint", True, False, None, True),    # a loader mapping a shard of the checkpoint it walks
+    ("checkpoint", True, True, None, False),    # the Run:ai streamer: O_DIRECT, large parallel reads
+    ("checkpoint", False, False, None, False),  # a reader of a lone file gets its first bytes at once
+    ("always", False, True, None, True),
+    ("never", True, False, None, False),
+    ("checkpoint", True, False, 1 << 30, True),
+    ("always", True, False, (1 << 30) - 1, False),  # not kept: no copy once it is whole (it was downloaded twice)
 ])
-def test_which_opens_wait_for_the_whole_file(mode: str, walked: bool, direct: bool, waits: bool) -> None:
-    handles = Handles(SimpleNamespace(cfg=SimpleNamespace(whole_file_open=mode)))  # type: ignore[arg-type]
+def test_which_opens_wait_for_the_whole_file(mode: str, walked: bool, direct: bool, budget: int | None,
+                                             waits: bool) -> None:
+    fits = None if budget is None else SimpleNamespace(fits=lambda obj: obj.size <= budget)
+    handles = Handles(SimpleNamespace(cfg=SimpleNamespace(whole_file_open=mode), budget=fits))  # type: ignore[arg-type]
     handles.passes_through = lambda: True
     shard = RemoteObject("b", "m/model-00001-of-00002.safetensors", 1 << 30, "e", 0)
     if walked:
