@@ -306,6 +306,8 @@ class Fetcher:
             follower = self._foreign.get(obj.version)
             if follower is not None:
                 return follower
+            if (unlocking := self.runner.unlocking.get(obj.version)) is not None:
+                await unlocking.wait()  # its lock is ours, given back: not "another lazyfs process"
             refused = self.hooks.refuse(obj)
             probe = functools.partial(probe_store, self.store, obj,
                                       may_fetch=refused is None and not self.closing and not self.offline(),

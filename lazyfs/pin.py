@@ -1,8 +1,10 @@
 """A download's descriptor kept open while a worker thread or a bookkeeping
-task uses it (download.Download.pin)."""
+task uses it (download.Download.pin), and who releases a request's pin
+(`Handoff`)."""
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 
@@ -35,3 +37,28 @@ class Pin:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class Handoff:
+    """Who releases a request's pin: the worker thread once it has started (it
+    may outlive a task abandoned on cancel, and must keep the descriptor open
+    until its last write), or the task when it was cancelled before that."""
+
+    def __init__(self, pin: Pin) -> None:
+        self.pin = pin
+        self._lock = threading.Lock()
+        self._owner = ""  # "" undecided, "thread", "task"
+
+    def thread_starts(self) -> bool:
+        with self._lock:
+            if self._owner == "task":
+                return False
+            self._owner = "thread"
+            return True
+
+    def task_gives_up(self) -> None:
+        with self._lock:
+            if self._owner:
+                return
+            self._owner = "task"
+        self.pin.release()

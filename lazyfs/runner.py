@@ -11,7 +11,6 @@ import errno
 import functools
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
@@ -24,10 +23,10 @@ from lazyfs.completion import UNVERIFIED, verify_and_publish_blocking
 from lazyfs.config import FetchConfig
 from lazyfs.download import RECORD_FOLLOWED_S, Download, Request
 from lazyfs.errors import IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, ShuttingDown, StoreError
-from lazyfs.namespace import RemoteObject
+from lazyfs.namespace import RemoteObject, Version
 from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
-from lazyfs.pin import Pin
+from lazyfs.pin import Handoff, Pin
 from lazyfs.probe import open_partial_file
 from lazyfs.quiet import Quiet, reader_request
 from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
@@ -75,31 +74,6 @@ class Hooks:
     quiet: Quiet | None = None
 
 
-class _Handoff:
-    """Who releases a request's pin: the worker thread once it has started (it
-    may outlive a task abandoned on cancel, and must keep the descriptor open
-    until its last write), or the task when it was cancelled before that."""
-
-    def __init__(self, pin: Pin) -> None:
-        self.pin = pin
-        self._lock = threading.Lock()
-        self._owner = ""  # "" undecided, "thread", "task"
-
-    def thread_starts(self) -> bool:
-        with self._lock:
-            if self._owner == "task":
-                return False
-            self._owner = "thread"
-            return True
-
-    def task_gives_up(self) -> None:
-        with self._lock:
-            if self._owner:
-                return
-            self._owner = "task"
-        self.pin.release()
-
-
 class Runner:
     def __init__(self, remote: ObjectStore, store: Store, cfg: FetchConfig, hooks: Hooks, *, origin: str,
                  spawn: Callable[..., None], post: Callable[..., None], poke: Callable[[], None],
@@ -121,22 +95,24 @@ class Runner:
         self._meta = meta  # quick store work on the open path, shared with the registry
         self.bulk = trio.CapacityLimiter(_BULK_THREADS)  # fdatasync of resume records, discards, closes
         self._verify = trio.CapacityLimiter(_VERIFY_THREADS)  # hashing and publishing finished files
-        # How a request's bytes get into the file (crt.CrtTransfer.fetch instead
-        # with --transfer-client crt); blocking, in a network thread.
+        # A request's bytes into the file (crt.CrtTransfer.fetch with the CRT); blocking, in a network thread.
         self.fetch_range: Callable[[RangeJob], None] = functools.partial(fetch_range_blocking, remote)
         # Each open of a file whose GETs are refused starts a download that fails: its line once a minute.
         self.failure_lines = RepeatedLines()
-        # Totals for logs and stats.
-        self.bytes_from_s3 = 0
+        self.bytes_from_s3 = 0  # totals for logs and stats
         self.bytes_published = 0
+        # Versions whose store lock is being given back: an open of one waits
+        # (Fetcher.acquire), or it found the lock held, by us, and followed
+        # "another lazyfs process" (as after a download stopped, or failed).
+        self.unlocking: dict[Version, trio.Event] = {}
 
     # -- requests ---------------------------------------------------------------------
 
     def start_request(self, dl: Download, req: Request) -> None:
         """From the dispatcher: fetch `req` in a worker thread, its download pinned."""
-        self._spawn(self._run_request, dl, req, _Handoff(dl.pin()))
+        self._spawn(self._run_request, dl, req, Handoff(dl.pin()))
 
-    async def _run_request(self, dl: Download, req: Request, handoff: _Handoff) -> None:
+    async def _run_request(self, dl: Download, req: Request, handoff: Handoff) -> None:
         job = RangeJob(obj=dl.obj, fd=dl.fd, write_turns=dl.write_turns, start=req.start, end=req.end,
                        block_size=dl.block_size, attempts=self.cfg.chunk_attempts,
                        direct=(lambda: dl.served == 0) if self.cfg.store_writes == "direct" else lambda: False,
@@ -169,7 +145,7 @@ class Runner:
             dl.finishing = True
             self._spawn(self.finish, dl)
 
-    def _in_thread(self, work: Callable[[], T], handoff: _Handoff) -> T | None:
+    def _in_thread(self, work: Callable[[], T], handoff: Handoff) -> T | None:
         """Worker thread: `work`, holding the pin the task handed over."""
         if not handoff.thread_starts():
             return None  # the task was cancelled first and released the pin
@@ -242,7 +218,7 @@ class Runner:
         publish = functools.partial(verify_and_publish_blocking, self.remote, self.store, dl.partial, dl.meta,
                                     keep=dl.keep, origin=self.origin, cancelled=lambda: dl.cancelled,
                                     hashed=dl.digest, current=self.hooks.is_current(dl.obj))
-        handoff = _Handoff(dl.pin())
+        handoff = Handoff(dl.pin())
         try:
             # Abandoned on cancel (a shutdown must not wait for a 100 GiB
             # hash): the thread keeps its pin, sees `cancelled` at its next
@@ -405,12 +381,16 @@ class Runner:
             log.warning("%s: could not remove a temporary download: %s", quoted(partial.obj.uri), e.strerror)
 
     async def _unlock(self, obj: RemoteObject, fd: int) -> None:
-        with trio.CancelScope(shield=True):  # at a stop too: cancelled before its thread ran, it left the lock held
-            await trio.to_thread.run_sync(self.store.partials.unlock, obj, fd, limiter=self._meta)
+        try:
+            with trio.CancelScope(shield=True):  # at a stop too: cancelled before its thread ran, it left the lock held
+                await trio.to_thread.run_sync(self.store.partials.unlock, obj, fd, limiter=self._meta)
+        finally:
+            self.unlocking.pop(obj.version).set()
 
     def retire(self, dl: Download) -> None:
         self._retired(dl)
         if dl.lock_fd >= 0:  # other processes may now use (or take over) this version
+            self.unlocking[dl.obj.version] = trio.Event()
             self._spawn(self._unlock, dl.obj, dl.lock_fd)
             dl.lock_fd = -1
         dl.finished.set()

@@ -7,8 +7,10 @@ whole object fetched on every open, and a temporary file of its full size
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 import trio
 
 from lazyfs.download import Download
@@ -111,3 +113,24 @@ async def test_a_whole_file_open_of_a_file_larger_than_the_budget_downloads_it_o
         await e.settled()
     assert sum(c.end - c.start for c in remote.gets(big.key)) == SIZE, "downloaded more than once"
     assert e.kept() == set()
+
+
+@trio_test
+@quick
+async def test_an_open_right_after_the_stop_does_not_follow_its_own_lock(remote: FakeRemote, stores, tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The stopped download's store lock is given back in a worker thread; an
+    open of the file in that window found the lock held (by this process)
+    and said it was "being downloaded by another lazyfs process on this
+    store; following it", then "the process downloading it is gone": with
+    one process.  It waits for its own lock now."""
+    big, data = put(remote, "m/huge.bin", SIZE)
+    e = Engine(remote, stores(), tmp_path / "store", max_bytes=2 * UNIT)
+    caplog.set_level(logging.INFO, logger="lazyfs")
+    async with e.running():
+        for _ in range(3):
+            fh = await e.handles.open(big)
+            assert bytes(await e.handles.read(fh, 0, 1)) == data[:1]
+            e.handles.release(fh)  # stops the download; its lock goes back in a thread
+        assert not e.fetcher._foreign
+    assert "another lazyfs process" not in caplog.text
