@@ -295,6 +295,16 @@ class IdentityRecords:
                     raise
         self._use_sidecars().write(os.fstat(fd), ident)
 
+    def claim(self, fd: int, origin: str) -> bool:
+        """Record the fetched file `fd` (origin "fetch") as `origin`'s (a bake
+        that found it current: the cache budget never evicts a baked file).
+        Whether it was; a file that is not fetched, or has no record, is left."""
+        ident = self.read(fd)
+        if ident is None or ident.origin != "fetch" or origin == "fetch":
+            return False
+        self.write(fd, dataclasses.replace(ident, origin=origin))
+        return True
+
     def _too_big_for_an_xattr(self, fd: int, ident: Identity, size: int, e: OSError) -> None:
         """A record the filesystem has no room for in the file's extended
         attributes (a very long key): a sidecar, for this file only."""

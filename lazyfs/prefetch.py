@@ -23,6 +23,7 @@ from lazyfs.config import Source
 from lazyfs.download import Download
 from lazyfs.errors import LazyfsError, StoreError, again
 from lazyfs.fetch import Fetcher
+from lazyfs.filestate import FileState
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import LocalCopy
 from lazyfs.transfer import Transfer
@@ -112,7 +113,11 @@ class Prefetcher:
                 if budget is not None:
                     budget.unhold(obj)  # a download started reserved its own room
             if isinstance(got, LocalCopy):
-                os.close(got.fd)
+                try:
+                    if self.must_keep and got.state is FileState.CACHED:  # a bake's: a file a mount fetched
+                        await trio.to_thread.run_sync(self._claim, got.fd)  # is baked now, never evicted
+                finally:
+                    os.close(got.fd)
                 p.local_files += 1
                 p.local_bytes += obj.size
                 p.linked_files += int(got.linked)
@@ -135,6 +140,15 @@ class Prefetcher:
                 # reserved for it would shrink the budget for good.
                 budget.released(obj)
             slots.release()
+
+    def _claim(self, fd: int) -> None:
+        """Blocking: a copy a mount fetched, found current by a bake, is
+        recorded as the bake's, which no cache budget evicts (README)."""
+        try:
+            self.fetcher.store.identities.claim(fd, self.fetcher.runner.origin)
+        except OSError as e:
+            log.warning("a copy already in the store stays recorded as fetched (%s): a mount's cache budget may "
+                        "evict it", e.strerror)
 
     @staticmethod
     async def _wait(dl: Transfer) -> None:

@@ -53,3 +53,24 @@ async def test_a_bake_counts_as_downloaded_the_bytes_of_the_files_it_kept_not_th
     assert result.downloaded == 1 and [uri for uri, _ in result.failed] == [big.uri]
     assert result.bytes_downloaded == 100
     assert result.bytes_fetched >= 256 * 1024 + 100, "the failed file's first part was fetched"
+
+
+@trio_test
+async def test_a_file_a_mount_fetched_and_a_bake_found_current_is_baked_never_evicted(
+        remote: FakeRemote, stores) -> None:
+    """A mount with a cache budget fetched the files; a bake into the same
+    store found them current ("already current") and left them recorded as
+    fetched, so the mount's budget evicted them later and the store a
+    readiness probe had passed was no longer complete.  The bake records
+    them as its own now: an eviction passes them over."""
+    objs = [remote.put(BUCKET, f"m/{n}.bin", os.urandom(3000)) for n in "ab"]
+    store = stores()
+    mount = Fetcher(remote, store, fetch_config())  # origin "fetch", as a mount's
+    async with running(mount):
+        await Prefetcher(mount).run(objs[:1])
+    baker = Fetcher(remote, store, fetch_config(), origin="bake")
+    async with running(baker):
+        progress = await Prefetcher(baker, must_keep=True).run(objs)
+    assert (progress.done_files, progress.local_files) == (2, 1)
+    assert store.evict([o.key for o in objs]) == 0, "a file the bake counted was evicted"
+    assert all(os.path.exists(os.path.join(store.root.path, o.key)) for o in objs)
