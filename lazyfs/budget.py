@@ -71,6 +71,7 @@ class Budget:
         # one line per file and load says why (a new one once a reader opens
         # it, or for another version).
         self._said_no_room: dict[str, Version] = {}
+        self._said_too_large: set[Version] = set()  # (files larger than the budget, warned of)
         self.evicted_files = 0
         self.evicted_bytes = 0
         # key -> size of fetched files in the store, least recently used first.
@@ -260,8 +261,10 @@ class Budget:
         nobody reads yet, which evicts a file fetched ahead and not opened
         only when nothing else can go."""
         if not self.fits(obj):
-            log.warning("%s (%s) is larger than the cache budget (%s): serving it without keeping it",
-                        quoted(obj.uri), *sizes(obj.size, self.max_bytes))
+            if obj.version not in self._said_too_large:  # once, not at each open of it
+                self._said_too_large.add(obj.version)
+                log.warning("%s (%s) is larger than the cache budget (%s): serving it without keeping it",
+                            quoted(obj.uri), *sizes(obj.size, self.max_bytes))
             return False
         # Evict first, then reserve: make_room ends without a checkpoint, so
         # no task sees the room counted twice or not at all.  (Reserving

@@ -44,3 +44,13 @@ def test_a_shard_larger_than_the_budget_is_not_fetched_ahead_for_that_reason(cap
     with caplog.at_level(logging.INFO, logger="lazyfs.budget"):
         assert budget.room_ahead(_obj(24 * 2**20)) is False
     assert "not fetched ahead: larger than the cache budget (20.0 MiB), it is not kept" in caplog.messages[-1]
+
+
+@trio_test
+async def test_a_file_larger_than_the_budget_is_warned_of_once(caplog: pytest.LogCaptureFixture, stores) -> None:
+    """Each open of it reserves again: a WARNING at each open, before."""
+    budget = Budget(stores(), max_bytes=20 * 2**20)
+    with caplog.at_level(logging.WARNING, logger="lazyfs.budget"):
+        for _ in range(3):
+            assert await budget.reserve(_obj(24 * 2**20)) is False
+    assert len(caplog.messages) == 1
