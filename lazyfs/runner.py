@@ -380,18 +380,20 @@ class Runner:
         except OSError as e:
             log.warning("%s: could not remove a temporary download: %s", quoted(partial.obj.uri), e.strerror)
 
-    async def _unlock(self, obj: RemoteObject, fd: int) -> None:
+    async def _unlock(self, obj: RemoteObject, fd: int, done: trio.Event) -> None:
         try:
             with trio.CancelScope(shield=True):  # at a stop too: cancelled before its thread ran, it left the lock held
                 await trio.to_thread.run_sync(self.store.partials.unlock, obj, fd, limiter=self._meta)
         finally:
-            self.unlocking.pop(obj.version).set()
+            done.set()
+            if self.unlocking.get(obj.version) is done:  # (not a later download's of the same version)
+                del self.unlocking[obj.version]
 
     def retire(self, dl: Download) -> None:
         self._retired(dl)
         if dl.lock_fd >= 0:  # other processes may now use (or take over) this version
-            self.unlocking[dl.obj.version] = trio.Event()
-            self._spawn(self._unlock, dl.obj, dl.lock_fd)
+            self.unlocking[dl.obj.version] = done = trio.Event()
+            self._spawn(self._unlock, dl.obj, dl.lock_fd, done)
             dl.lock_fd = -1
         dl.finished.set()
         dl.progressed.set()  # its tasks waiting for blocks look again and end (alongside.py)
