@@ -150,7 +150,7 @@ class Budget:
         nobody yet) or the shard a loader reads: downloaded twice.  One
         log line says why not (once per version until a reader opens it)."""
         in_use, _, in_flight = self._taken_beside(obj)
-        if in_use + in_flight + obj.size <= self.max_bytes:
+        if in_use + in_flight + obj.size - self._lru.get(obj.key, 0) <= self.max_bytes:  # (a kept copy: no room)
             self._said_no_room.pop(obj.key, None)
             return True
         if self._said_no_room.get(obj.key) == obj.version:

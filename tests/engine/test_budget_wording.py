@@ -54,3 +54,19 @@ async def test_a_file_larger_than_the_budget_is_warned_of_once(caplog: pytest.Lo
         for _ in range(3):
             assert await budget.reserve(_obj(24 * 2**20)) is False
     assert len(caplog.messages) == 1
+
+
+@trio_test
+async def test_a_next_shard_already_in_the_store_needs_no_room(caplog: pytest.LogCaptureFixture, stores) -> None:
+    """It was refused ("not fetched ahead: no room ...") and served the next
+    moment from the store with no download: its own bytes were counted
+    twice, once as the store's and once as a download's."""
+    budget = Budget(stores(), max_bytes=30 * 2**20)
+    shard = _obj(24 * 2**20)
+    reading = RemoteObject(bucket=BUCKET, key="big/first.bin", size=10 * 2**20, etag="f" * 32, mtime_ns=0)
+    for obj in (shard, reading):
+        budget.linked(obj)  # counted as in the store (fetched files)
+    budget.use(reading.key)  # the shard a loader reads
+    with caplog.at_level(logging.INFO, logger="lazyfs.budget"):
+        assert budget.room_ahead(shard) is True
+    assert not [m for m in caplog.messages if "not fetched ahead" in m]
