@@ -273,7 +273,8 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
                 # count nor go; one that failed (an EIO walking the store) runs again.
                 nursery.start_soon(forever, "cache budget", fetcher.budget.run)
             nursery.start_soon(once, "ready line", _announce, cfg, catalog)
-            nursery.start_soon(once, "store sweep", storesweep.after_first_listing, catalog, store, fetcher.runner.bulk)
+            nursery.start_soon(once, "store sweep", storesweep.after_first_listing, catalog, store, fetcher.runner.bulk,
+                               fetcher.budget.fits if fetcher.budget is not None else None)
             with trio.CancelScope() as serving:  # cancelled once the kernel connection is gone (connwatch.py)
                 nursery.start_soon(once, "connection watch", connwatch.abandon_when_gone, serving,
                                    lambda: ops.in_flight)

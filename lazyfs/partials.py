@@ -365,8 +365,8 @@ class PartialFiles:
         seconds, the same of versions in `keep` with no sparse file left
         (nothing to resume), and leftovers of interrupted small writes.  A download some
         process still runs holds its lock and is left alone; so is every
-        version in `keep`, which must be a whole current listing (not one that
-        failed).  Bytes freed."""
+        version in `keep`, which must come from a whole current listing (not
+        one that failed).  Bytes freed."""
         wanted = {self.name(o) for o in keep}
         cutoff = time.time() - older_than
         groups: dict[str, list[str]] = {}

@@ -11,6 +11,7 @@ work's: it must not hold up the open path's store threads).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -23,10 +24,14 @@ log = logging.getLogger(__name__)
 OFFLINE_POLL_S = 5.0  # while offline, how often to look whether a live listing is back
 
 
-async def sweep(store: Store, listing: list[RemoteObject], limiter: trio.CapacityLimiter) -> None:
-    """Free what `listing` (a whole live one) no longer needs; one log line."""
+async def sweep(store: Store, listing: list[RemoteObject], limiter: trio.CapacityLimiter,
+                kept: Callable[[RemoteObject], bool] | None = None) -> None:
+    """Free what `listing` (a whole live one) no longer needs; one log line.
+    A listed file `kept` says no to (one larger than the cache budget) keeps
+    no resumable download either: the budget would never keep what it resumes."""
+    keep = listing if kept is None else [o for o in listing if kept(o)]
     try:
-        freed = await trio.to_thread.run_sync(store.sweep, listing, limiter=limiter)
+        freed = await trio.to_thread.run_sync(store.sweep, keep, limiter=limiter)
     except OSError as e:
         log.warning("could not sweep the store's leftovers: %s", e.strerror)
         return
@@ -35,9 +40,10 @@ async def sweep(store: Store, listing: list[RemoteObject], limiter: trio.Capacit
                  "files deleted from the store)", freed / 2**20)
 
 
-async def after_first_listing(catalog: Catalog, store: Store, limiter: trio.CapacityLimiter) -> None:
+async def after_first_listing(catalog: Catalog, store: Store, limiter: trio.CapacityLimiter,
+                              kept: Callable[[RemoteObject], bool] | None = None) -> None:
     """A mount's sweep: once the first whole live listing is in."""
     await catalog.listed.wait()
     while catalog.offline or not catalog.last.ok:
         await trio.sleep(OFFLINE_POLL_S)
-    await sweep(store, list(catalog.tree.files()), limiter)
+    await sweep(store, list(catalog.tree.files()), limiter, kept)

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
-from lazyfs import partials
+from lazyfs import partials, storesweep
 from lazyfs.errors import StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import Store
@@ -154,6 +155,28 @@ def test_sweep_removes_the_record_a_publish_left_of_a_current_version(store: Sto
     assert store.partials.sweep(keep=[published, resumable]) > 0
     assert not {n for n in tmp_names(tmp_path) if n.startswith(name)}
     resumed = store.partials.open(resumable, 4)
+    assert resumed.done == {0, 1}
+    resumed.close()
+
+
+def test_a_mounts_sweep_removes_the_download_of_a_listed_file_larger_than_its_budget(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `kill -9` in the middle of reading a file larger than --cache-max-size
+    left its sparse file (96 MiB beside a 50 MiB budget, a tester found).  The
+    file is still listed, so the sweep kept it for a resume the budget never
+    keeps: it stayed until the file was opened again.  The mount's sweep keeps
+    only what the budget says fits."""
+    small, big = obj("m/config.json", 8), obj("m/big.bin", 64)
+    for o in (small, big):
+        p = store.partials.open(o, 4)
+        os.pwrite(p.fd, b"x" * 8, 0)
+        p.save_state({0, 1})
+        p.close()
+    later = time.time() + 2 * partials.SWEEP_AGE_S
+    monkeypatch.setattr(partials.time, "time", lambda: later)
+    trio.run(storesweep.sweep, store, [small, big], trio.CapacityLimiter(1), lambda o: o.size <= 32)
+    assert not {n for n in tmp_names(tmp_path) if n.startswith(store.partials.name(big))}
+    resumed = store.partials.open(small, 4)
     assert resumed.done == {0, 1}
     resumed.close()
 
