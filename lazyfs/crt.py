@@ -194,6 +194,8 @@ class CrtTransfer:
         if status >= 300:
             found = re.search(rb"<Code>([^<]{1,64})</Code>", getattr(e, "body", None) or b"")
             code = found.group(1).decode(errors="replace") if found else code or name
+            if 400 <= status < 500 and status not in (408, 429):  # refused (a 400 for ?versionId=null): as boto3's
+                return RemoteError(f"{where}: {code}: HTTP {status}", bucket=obj.bucket, key=obj.key)
             return RemoteUnavailable(f"{where}: object store kept failing ({code}: HTTP {status})",
                                      bucket=obj.bucket, key=obj.key)
         return RemoteUnavailable(state.broke_off(name), bucket=obj.bucket, key=obj.key)

@@ -7,7 +7,9 @@ the tree served stays the lock's, nothing is fetched, nothing swapped.
 What it reports (the stats file, /metrics, `lazyfs status`): objects changed
 (another ETag or size at a locked key), deleted, and added since the lock.
 A changed or deleted object the lock pins without a version id can no
-longer be fetched: it is logged once and its opens fail at once (pinned.Pinning
+longer be fetched, unless the bucket keeps it as version null (written before
+versioning was on: one HEAD ?versionId=null with If-Match on the locked ETag
+says so): it is logged once and its opens fail at once (pinned.Pinning
 refusals) unless the store has its bytes; one found back as locked is
 fetchable again.
 """
@@ -25,7 +27,7 @@ import trio
 from lazyfs import wording
 from lazyfs.errors import RemoteError, UnsafeKey
 from lazyfs.lister import Lister
-from lazyfs.lockfile import Lock
+from lazyfs.lockfile import Entry, Lock
 from lazyfs.modeljson import Source
 from lazyfs.namespace import RemoteObject, key_parts
 from lazyfs.pinned import Pinning
@@ -109,19 +111,27 @@ class DriftWatch:
                                self.drift.now)
             return self.drift
         drift = await trio.to_thread.run_sync(compare, self.pin.lock, listing, started)
-        self._apply(drift)
+        gone = [self.pin.entries[key] for key in sorted({*drift.changed, *drift.deleted})]
+        kept = await trio.to_thread.run_sync(self._kept_as_null, [e for e in gone if not e.version_id])
+        self._apply(drift, kept)
         self.drift = drift
         log.info("drift check: %d changed, %d deleted, %d added in the bucket since %s; serving the lock's "
                  "%s as they were", len(drift.changed), len(drift.deleted), len(drift.added),
                  self.pin.lock.short_digest, wording.count(self.pin.lock.files, "file"))
         return drift
 
-    def _apply(self, drift: Drift) -> None:
+    def _kept_as_null(self, entries: list[Entry]) -> set[str]:
+        """Blocking, a HEAD each: the keys, pinned by ETag and changed or
+        deleted since, whose locked bytes the bucket keeps as version null
+        (written before versioning was on): still fetched (pinned.guard)."""
+        return {e.key for e in entries if self.pin.null_holds_locked(e)}
+
+    def _apply(self, drift: Drift, kept: set[str]) -> None:
         """Refuse what can no longer be fetched (logged once per key), and
-        take back what is there again as locked.  O(drift + refused), on the
-        trio thread."""
+        take back what is there again as locked (at its key, or as version
+        null: `kept`).  O(drift + refused), on the trio thread."""
         now = {key: (etag, size) for key, etag, size in drift.now}
-        gone = set(drift.changed) | set(drift.deleted)
+        gone = (set(drift.changed) | set(drift.deleted)) - kept
         for key in self.pin.unavailable():
             if key not in gone and not self.pin.entries[key].version_id:
                 self.pin.mark_available(key)  # back as locked (a version lost by id stays lost)

@@ -152,8 +152,11 @@ def summary(lock: Lock, path: Path | None, making: Making | None = None) -> str:
         how = "each pinned by its version id (the bucket keeps versions: an overwrite changes nothing)"
     else:
         why = _why_by_etag(lock, making, pinned)
+        # A version null stays fetchable after an overwrite (pinned.guard asks for it by that id).
+        effect = "only once the bucket no longer keeps it as version null" if why.startswith("version null") else ""
         how = (f"{pinned} by version id, {lock.files - pinned} by ETag alone ({why})" if pinned else
-               f"pinned by ETag ({why}: an overwrite makes a file unavailable to a pinned mount, never different)")
+               f"pinned by ETag ({why}: an overwrite makes a file unavailable to a pinned mount"
+               f"{' ' + effect if effect else ''}, never different)")
     unchecked = sum(1 for e in lock.entries() if e.check is None)
     note = f"; {unchecked} with nothing to check their bytes against but their size" if unchecked else ""
     if making.changed:

@@ -95,8 +95,9 @@ class ObjectStore(Protocol):
     def probe(self, source: Source) -> ListPage:
         """One request proving the bucket exists and the folder lists: its first page."""
 
-    def head(self, bucket: str, key: str, etag: str | None = None) -> HeadInfo:
-        """Current metadata of one object; with `etag`, only if still that version."""
+    def head(self, bucket: str, key: str, etag: str | None = None, version_id: str = "") -> HeadInfo:
+        """Current metadata of one object; with `etag`, only if still that version;
+        with `version_id`, of that version (a pinned mount asks for "null")."""
 
     def part(self, obj: RemoteObject, number: int) -> Part | None:
         """What the store says of part `number` of a multipart object (None:

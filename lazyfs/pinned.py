@@ -10,6 +10,10 @@ exactly the versions a lock pins, and nothing else, ever.
   version (a HEAD naming its ETag, its part sizes) from the lock, and `guard`
   gives every response the lock's verification hints, whichever transfer
   client sent the request.  The engine itself is unchanged.
+- A version pinned by ETag (no version id: written before the bucket's
+  versioning was on) that the key no longer holds is asked for as version
+  "null", where S3 keeps it after an overwrite, still with If-Match on the
+  locked ETag (`guard`); a drift check asks a HEAD of it the same way.
 - A locked version the object store no longer has (overwritten or deleted
   in a bucket that keeps no versions, or its version deleted for good) fails
   its download with PinnedVersionGone (ESTALE), in one log line naming the
@@ -32,17 +36,27 @@ from typing import Callable
 from lazyfs import crt
 from lazyfs.config import FetchConfig
 from lazyfs.crtlimits import MIN_MEMORY
-from lazyfs.errors import LazyfsError, ObjectChanged, ObjectNotFound, PinnedVersionGone, RemoteError
+from lazyfs.errors import LazyfsError, ObjectChanged, ObjectNotFound, PinnedVersionGone, RemoteError, RemoteUnavailable
 from lazyfs.lockfile import CHECKSUMS, ETAG_CHECKS, Entry, Lock
 from lazyfs.modeljson import Source
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import Body, HeadInfo, ListPage, ObjectStore, ResponseMeta
 from lazyfs.ranged_get import RangeJob, fetch_range_blocking
 from lazyfs.verify import Part
+from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
 FetchRange = Callable[[RangeJob], None]
+
+# S3's id of an object written before versioning was turned on (or while it
+# was suspended): an overwrite since keeps it under this id.
+NULL_VERSION = "null"
+
+
+def as_null(job: RangeJob) -> RangeJob:
+    """`job` asking for version "null" (?versionId=null), its If-Match kept."""
+    return dataclasses.replace(job, obj=dataclasses.replace(job.obj, version_id=NULL_VERSION))
 
 
 def locked_meta(e: Entry) -> ResponseMeta:
@@ -77,7 +91,7 @@ class PinnedStore:
     def probe(self, source: Source) -> ListPage:
         return self.inner.probe(source)
 
-    def head(self, bucket: str, key: str, etag: str | None = None) -> HeadInfo:
+    def head(self, bucket: str, key: str, etag: str | None = None, version_id: str = "") -> HeadInfo:
         """Asked with the locked ETag (what to check a download against; is
         it still that version?): the lock's answer, no request.  Otherwise
         (what is current?) the object store's."""
@@ -85,7 +99,7 @@ class PinnedStore:
         if etag and e is not None and e.etag == etag:
             meta = locked_meta(e)
             return HeadInfo(e.obj(), meta.checksum, meta.etag_is_md5, e.version_id)
-        return self.inner.head(bucket, key, etag)
+        return self.inner.head(bucket, key, etag, version_id=version_id)
 
     def part(self, obj: RemoteObject, number: int) -> Part | None:
         """Part sizes the store confirmed when the lock was made (all of them,
@@ -126,6 +140,8 @@ class Pinning:
         self.by_version_id = sum(1 for e in self.entries.values() if e.version_id)
         # key -> why the locked version cannot be fetched
         self._refused: dict[str, str] = {}
+        # Keys pinned by ETag whose locked bytes the bucket keeps as version "null" (fetched so).
+        self._by_null: set[str] = set()
         self._refused_lock = threading.Lock()
 
     def objects(self) -> list[RemoteObject]:
@@ -146,12 +162,60 @@ class Pinning:
                 fetch(job)
                 return
             meta, told = locked_meta(e), job.got_meta
+            locked = dataclasses.replace(job, got_meta=lambda _response: told(meta))
+            by_null = not e.version_id and self.kept_as_null(e.key)
             try:
-                fetch(dataclasses.replace(job, got_meta=lambda _response: told(meta)))
+                fetch(as_null(locked) if by_null else locked)
+                return
+            except (ObjectChanged, ObjectNotFound):
+                if e.version_id or by_null:
+                    self.forget_null(e.key)
+                    raise self.gone(e) from None
+            # Pinned by ETag, and the key holds another object now.  Written
+            # before versioning was on, the locked bytes may be kept as version
+            # "null": asked for by that id, still with If-Match on the locked
+            # ETag (the GETs of both clients carry it), so nothing else is served.
+            try:
+                fetch(as_null(locked))
             except (ObjectChanged, ObjectNotFound):
                 raise self.gone(e) from None
+            except RemoteUnavailable:
+                raise  # unreachable or failing: EIO, and the next open tries again
+            except RemoteError as x:  # a store that refuses versionId=null (400): as before
+                log.debug("%s: version null not fetched: %s", e.key, x)
+                raise self.gone(e) from None
+            if self._remember_null(e.key):
+                log.info("%s: the key holds another object now; serving the locked %s, kept by the bucket as "
+                         "version null", quoted(f"s3://{e.bucket}/{e.key}"), e.describe())
 
         return pinned_fetch
+
+    def kept_as_null(self, key: str) -> bool:
+        """Is `key`'s locked version fetched as version "null" (found so)?"""
+        with self._refused_lock:
+            return key in self._by_null
+
+    def _remember_null(self, key: str) -> bool:
+        """From now on fetch `key` as version null; False if it was already."""
+        with self._refused_lock:
+            known = key in self._by_null
+            self._by_null.add(key)
+        return not known
+
+    def forget_null(self, key: str) -> None:
+        with self._refused_lock:
+            self._by_null.discard(key)
+
+    def null_holds_locked(self, e: Entry) -> bool:
+        """Blocking (a HEAD ?versionId=null with If-Match on the locked ETag):
+        does the bucket keep `e`, pinned by ETag, as version null?  False when
+        it does not, cannot say or refuses the question (as before)."""
+        try:
+            info = self.store.inner.head(e.bucket, e.key, e.etag, version_id=NULL_VERSION)
+        except RemoteError as x:
+            log.debug("%s: version null not found: %s", e.key, x)
+            return False
+        return (info.obj.etag, info.obj.size) == (e.etag, e.size)
 
     def gone(self, e: Entry) -> PinnedVersionGone:
         """The locked version could not be fetched: what the bucket holds now
@@ -175,14 +239,15 @@ class Pinning:
         """The line saying `e` cannot be served; `versions`: the bucket keeps
         versions now (its current object has a version id), None if unknown.
         An entry pinned by ETag in a bucket that keeps versions was written
-        before versioning was on (version "null"): S3 may keep it as an older
-        version, which a pinned mount never asks for (the lock names no id)."""
+        before versioning was on (version "null"): S3 keeps it as an older
+        version until that is deleted (or replaced by a write while versioning
+        is suspended), and `guard` asked for it as such, in vain."""
         how = "by its version id" if e.version_id else "by ETag (the lock has no version id to fetch it by)"
         if e.version_id or versions is False:
             gone = "which the bucket no longer has"
         elif versions:
-            gone = ("which is no longer the object at that key (the bucket may keep it as version null, "
-                    "but a lock without its version id fetches only what the key holds)")
+            gone = ("which is no longer the object at that key, and which the bucket does not serve as version "
+                    "null either (its version null is another object, deleted, or not served by this store)")
         else:
             gone = "which the key no longer holds"
         return f"{self.lock.short_digest} pins {e.describe()} {how}, {gone}: {now}; nothing else is served in its place"

@@ -197,12 +197,15 @@ class Remote:
 
     # -- objects -------------------------------------------------------------
 
-    def head(self, bucket: str, key: str, etag: str | None = None) -> HeadInfo:
+    def head(self, bucket: str, key: str, etag: str | None = None, version_id: str = "") -> HeadInfo:
         """Current metadata of one object, with its additional checksum if any;
-        with `etag`, only if that version is still current (ObjectChanged if not)."""
+        with `etag`, only if that version is still current (ObjectChanged if not);
+        with `version_id`, of that version ("null" included) instead."""
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "ChecksumMode": "ENABLED"}
         if etag:
             kwargs["IfMatch"] = f'"{etag}"'
+        if version_id:
+            kwargs["VersionId"] = version_id
         resp = self._call(self._client.head_object, bucket, key, **kwargs)
         obj = RemoteObject(bucket=bucket, key=key, size=int(resp["ContentLength"]),
                            etag=_etag(resp.get("ETag", "")), mtime_ns=_mtime_ns(resp["LastModified"]))

@@ -450,15 +450,14 @@ def test_a_lock_of_other_folders_is_refused_with_the_reason(folder: str, reason:
         assert reason in line
 
 
-@pytest.mark.log_errors("no longer the object at that key")
-def test_files_written_before_versioning_are_locked_by_etag_and_said_so_truthfully(
+@on_both_clients
+def test_files_written_before_versioning_are_locked_by_etag_and_served_as_version_null_after_an_overwrite(
         mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
-    """Uploaded, then versioning turned on: the objects are version "null".
-    Before, `lazyfs lock` said "the bucket keeps no versions", and the
-    pinned mount's ESTALE line after an overwrite "which the bucket no
-    longer has", though S3 keeps the locked bytes as version null.  Now the
-    lock asks the bucket's versioning and says which case it is, and so
-    does the line."""
+    """Uploaded, then versioning turned on: the objects are version "null",
+    locked by ETag.  After an overwrite S3 keeps the locked bytes as version
+    null.  Before, the pinned mount failed the file with ESTALE and `status`
+    said "1 locked file the bucket no longer has"; now it is fetched as
+    version null, with If-Match on the locked ETag (both transfer clients)."""
     approved = model()
     upload(s3, bucket, approved)
     versioned(s3, bucket)
@@ -468,8 +467,42 @@ def test_files_written_before_versioning_are_locked_by_etag_and_said_so_truthful
     assert res.returncode == 0, res.stderr
     assert "keeps no versions" not in res.stdout
     assert "pinned by ETag (version null, written before versioning was on or while it was suspended: " \
-           "an overwrite makes a file unavailable to a pinned mount, never different)" in res.stdout
+           "an overwrite makes a file unavailable to a pinned mount only once the bucket no longer keeps it " \
+           "as version null, never different)" in res.stdout
+    etag = next(o["etag"] for o in json.loads(lock.read_text())["folders"][0]["objects"] if o["key"] == key)
     s3.put_object(Bucket=bucket, Key=key, Body=os.urandom(3 * 1024 * 1024 + 3))
+    s3.put_object(Bucket=bucket, Key=f"{P}/tokenizer.json", Body=b"overwritten")
+    proxy.clear()
+    m = mount("--lock", str(lock), "--refresh", "0", store=tmp_path / "store")
+    assert fs.read(m.file(key)) == approved["model.safetensors"]
+    gets = proxy.requests("GET", key)
+    by_null = [r for r in gets if r["query"].get("versionId") == "null"]
+    assert by_null and len(gets) - len(by_null) <= 1, "the key once (412), then version null"
+    assert {r["if_match"] for r in gets} == {f'"{etag}"'}, "every GET is pinned to the locked ETag"
+    assert " ERROR " not in m.log()
+    m.process.send(signal.SIGHUP)
+    wait_until(lambda: "drift check:" in m.log(), what="the drift check")
+    heads = proxy.requests("HEAD")
+    assert heads and {(r["query"].get("versionId"), r["if_match"] != "") for r in heads} == {("null", True)}
+    stats = json.loads(fs.read(m.path / ".lazyfs" / "stats.json"))
+    assert stats["pinned"]["unavailable"] == []
+    res = lazyfs_cli(["status", "--store", str(m.path)])
+    assert res.returncode == 0, res.stderr
+    assert "no longer has" not in res.stdout
+    assert fs.read(m.file(f"{P}/tokenizer.json")) == approved["tokenizer.json"], "found by the drift check"
+
+
+@pytest.mark.log_errors("and which the bucket does not serve as version null")
+def test_a_file_locked_by_etag_whose_version_null_is_gone_too_is_estale(
+        mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    approved = model()
+    upload(s3, bucket, approved)
+    versioned(s3, bucket)
+    key = f"{P}/model.safetensors"
+    lock = tmp_path / "model.lock.json"
+    make_lock(proxy, bucket, lock)
+    s3.put_object(Bucket=bucket, Key=key, Body=os.urandom(3 * 1024 * 1024 + 3))
+    s3.delete_object(Bucket=bucket, Key=key, VersionId="null")
     m = mount("--lock", str(lock), store=tmp_path / "store")
     with pytest.raises(OSError) as info:
         fs.read(m.file(key))
@@ -477,4 +510,5 @@ def test_files_written_before_versioning_are_locked_by_etag_and_said_so_truthful
     lines = [ln for ln in m.log().splitlines() if "pins" in ln and key in ln]
     assert len(lines) == 1, lines
     assert "which the bucket no longer has" not in lines[0]
-    assert "which is no longer the object at that key (the bucket may keep it as version null" in lines[0]
+    assert "which is no longer the object at that key, and which the bucket does not serve as version null" \
+        in lines[0]

@@ -20,7 +20,7 @@ import hashlib
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 from lazyfs.errors import ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
@@ -134,6 +134,10 @@ class FakeRemote:
         with self._lock:
             if bucket in self.versioned:
                 stored.version_id = f"v{sum(len(h) for h in self.history.values()) + 1}-{etag[:8]}"
+                before = self.objects.get((bucket, key))
+                if before is not None and not before.version_id and bucket in self.versioning_status:
+                    # Written before versioning was on: S3 keeps it as version "null".
+                    self.history.setdefault((bucket, key), []).append(replace(before, version_id="null"))
                 self.history.setdefault((bucket, key), []).append(stored)
             self.objects[(bucket, key)] = stored
             self._keys.pop(bucket, None)
@@ -251,11 +255,15 @@ class FakeRemote:
     def probe(self, source: Any) -> ListPage:
         return self.list_page(source.bucket, source.prefix, max_keys=100)
 
-    def head(self, bucket: str, key: str, etag: str | None = None) -> HeadInfo:
-        self._record(Call("HEAD", key))
-        stored = self._current(bucket, key, etag)
+    def head(self, bucket: str, key: str, etag: str | None = None, version_id: str = "") -> HeadInfo:
+        self._record(Call("HEAD", key, version_id=version_id))
+        if version_id:
+            stored = self._version(RemoteObject(bucket=bucket, key=key, size=0, etag=etag or "", mtime_ns=0,
+                                                version_id=version_id))
+        else:
+            stored = self._current(bucket, key, etag)
         return HeadInfo(self._listed(bucket, key, stored), stored.checksum, etag_is_md5=True,
-                        version_id=stored.version_id)
+                        version_id="" if stored.version_id == "null" else stored.version_id)  # as remote.py says
 
     def part(self, obj: RemoteObject, number: int) -> Part | None:
         self._record(Call("HEAD", obj.key, number, version_id=obj.version_id))

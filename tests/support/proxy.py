@@ -46,6 +46,7 @@ class Request:
     key: str
     query: dict[str, str]
     range: str
+    if_match: str = ""  # the If-Match header, as sent
     status: int = 0
     body_bytes: int = 0
     fault: str = ""
@@ -174,7 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
         req = Request(method=self.command, bucket=urllib.parse.unquote(parts[0]),
                       key=urllib.parse.unquote(parts[1]) if len(parts) > 1 else "",
                       query=dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True)),
-                      range=self.headers.get("Range", ""))
+                      range=self.headers.get("Range", ""), if_match=self.headers.get("If-Match", ""))
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         fault = self.state.take_fault(req)
