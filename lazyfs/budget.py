@@ -36,9 +36,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
+from typing import Awaitable, Callable
 
 import trio
 
+from lazyfs.errors import LazyfsError
+from lazyfs.filestate import FileState, LocalState
 from lazyfs.namespace import RemoteObject, Version
 from lazyfs.store import Store
 from lazyfs.wording import quoted, sizes
@@ -142,28 +145,51 @@ class Budget:
         in_flight = sum(size for version, size in {**self._held, **self._reserved}.items() if version != obj.version)
         return in_use, unopened, in_flight
 
-    def room_ahead(self, obj: RemoteObject) -> bool:
+    def room_ahead(self, obj: RemoteObject, say: bool = True) -> bool:
         """May a download nobody waits for yet (a next shard, a companion
         file) start now?  Only if it fits beside the files in use and the
         downloads in flight.  Else its room could not be made (files in use
         never go), and at its publish the budget would evict it (used by
         nobody yet) or the shard a loader reads: downloaded twice.  One
-        log line says why not (once per version until a reader opens it)."""
+        log line says why not (once per version until a reader opens it);
+        `say=False`: the caller says it (`say_no_room`), or not."""
         in_use, _, in_flight = self._taken_beside(obj)
         if in_use + in_flight + obj.size - self._lru.get(obj.key, 0) <= self.max_bytes:  # (a kept copy: no room)
             self._said_no_room.pop(obj.key, None)
             return True
+        if say and self.first_refusal(obj):
+            self._no_room(obj)
+        return False
+
+    def first_refusal(self, obj: RemoteObject) -> bool:
+        """Is this the first refusal of this version of `obj` since a reader opened it?  (Marked so.)"""
         if self._said_no_room.get(obj.key) == obj.version:
             return False
         self._said_no_room[obj.key] = obj.version
+        return True
+
+    async def say_no_room(self, obj: RemoteObject, state_of: Callable[[RemoteObject], Awaitable[LocalState]]) -> None:
+        """A refusal's line, unless `obj` needed no room: complete on disk as a
+        copy the budget does not count (baked, prebaked), it is served with no
+        download.  `state_of`: Fetcher.state_of (a store thread's look)."""
+        try:
+            local = (await state_of(obj)).state in (FileState.CACHED, FileState.PREBAKED)
+        except LazyfsError:  # the store did not answer in time: said as it was
+            local = False
+        if local:
+            log.debug("%s: not fetched ahead: already local, nothing to fetch", quoted(obj.uri))
+        else:
+            self._no_room(obj)
+
+    def _no_room(self, obj: RemoteObject) -> None:
+        in_use, _, in_flight = self._taken_beside(obj)
         if not self.fits(obj):
             log.info("%s: not fetched ahead: larger than the cache budget (%.1f MiB), it is not kept: its reader "
                      "streams it", quoted(obj.uri), self.max_bytes / 2**20)
-            return False
+            return
         log.info("%s: not fetched ahead: the cache budget (%.1f MiB) has no room for it beside the files in use "
                  "(%.1f MiB) and the downloads in flight (%.1f MiB)", quoted(obj.uri), self.max_bytes / 2**20,
                  in_use / 2**20, in_flight / 2**20)
-        return False
 
     @property
     def reserved(self) -> int:

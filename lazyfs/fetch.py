@@ -196,8 +196,10 @@ class Fetcher:
         unless the cache budget has no room for it beside the files in use."""
         if self._nursery is None or self.active(obj) is not None or self.closing:
             return
-        if self.budget is None or self.budget.room_ahead(obj):  # (which says why not)
+        if self.budget is None or self.budget.room_ahead(obj, say=False):
             self._spawn(self._warm, obj)
+        elif self.budget.first_refusal(obj):  # said once, unless it needs no room (a baked or prebaked copy)
+            self._spawn(self.budget.say_no_room, obj, self.state_of)
 
     async def _hear_wants(self) -> None:
         """Demand what readers in other processes wait for (they follow our

@@ -5,12 +5,15 @@ differ, even when they round to the same MiB (an independent test saw
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
 from lazyfs.budget import Budget
 from lazyfs.namespace import RemoteObject
-from support.enginekit import BUCKET, trio_test
+from support.budgetkit import UNIT, Engine, put
+from support.enginekit import BUCKET, trio_test, wait_for
+from support.fakeremote import FakeRemote
 
 
 def _obj(size: int) -> RemoteObject:
@@ -70,3 +73,30 @@ async def test_a_next_shard_already_in_the_store_needs_no_room(caplog: pytest.Lo
     with caplog.at_level(logging.INFO, logger="lazyfs.budget"):
         assert budget.room_ahead(shard) is True
     assert not [m for m in caplog.messages if "not fetched ahead" in m]
+
+
+@trio_test
+async def test_a_next_shard_complete_as_a_prebaked_copy_needs_no_room(
+        caplog: pytest.LogCaptureFixture, remote: FakeRemote, stores, tmp_path: Path) -> None:
+    """A copy the budget does not count (prebaked, or baked): "not fetched
+    ahead: no room" was said of it, just before it was served with no
+    download.  Now nothing is said of it; of a shard with no copy, as before."""
+    (held, held_data), (nxt, nxt_data) = put(remote, "m/a.bin", 3 * UNIT // 2), put(remote, "m/b.bin", UNIT)
+    other, _ = put(remote, "m/c.bin", UNIT)
+    root = tmp_path / "store"
+    (root / "m").mkdir(parents=True)
+    (root / "m/b.bin").write_bytes(nxt_data)  # copied in by an admin: prebaked
+    e = Engine(remote, stores(), root, max_bytes=2 * UNIT)
+    caplog.set_level(logging.DEBUG, logger="lazyfs.budget")
+    async with e.running():
+        fh = await e.read_whole(held, held_data)
+        await e.settled()
+        e.fetcher.warm(nxt)
+        e.fetcher.warm(other)  # no copy: refused, and said
+        await wait_for(lambda: [m for m in caplog.messages if "not fetched ahead" in m and "c.bin" in m],
+                       "the refusal of the file with no copy")
+        await wait_for(lambda: [m for m in caplog.messages if "b.bin" in m], "the look at the prebaked copy")
+        assert not [m for m in caplog.messages if "b.bin" in m and "no room" in m], caplog.messages
+        assert await e.read_whole(nxt, nxt_data)
+        e.handles.release(fh)
+    assert remote.gets(nxt.key) == [] and remote.gets(other.key) == []
