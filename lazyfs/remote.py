@@ -198,9 +198,8 @@ class Remote:
     # -- objects -------------------------------------------------------------
 
     def head(self, bucket: str, key: str, etag: str | None = None, version_id: str = "") -> HeadInfo:
-        """Current metadata of one object, with its additional checksum if any;
-        with `etag`, only if that version is still current (ObjectChanged if not);
-        with `version_id`, of that version ("null" included) instead."""
+        """Current metadata of one object (`version_id`: of that version, "null" too), with its additional
+        checksum if any; with `etag`, only if that version is still current (ObjectChanged if not)."""
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "ChecksumMode": "ENABLED"}
         if etag:
             kwargs["IfMatch"] = f'"{etag}"'
@@ -217,13 +216,16 @@ class Remote:
         """What the store says of part `number` of a multipart object: its size,
         and how many parts it reports (0: it did not say, as Ceph RGW and s3rver,
         which ignore partNumber).  No If-Match: some stores compare it with the
-        part's own ETag; the caller checks the object's version separately."""
+        part's own ETag; the caller checks the object's version separately.
+        An unreachable store raises (RemoteUnavailable): it is not one that cannot say."""
         kwargs: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key, "PartNumber": number}
         if obj.version_id:
             kwargs["VersionId"] = obj.version_id
         try:
             resp = self._call(self._client.head_object, obj.bucket, obj.key, **kwargs)
         except RemoteError as e:
+            if isinstance(e, RemoteUnavailable):
+                raise
             log.debug("%s: part %d unknown: %s", quoted(obj.uri), number, e)
             return None
         return Part(int(resp.get("ContentLength", 0)), int(resp.get("PartsCount") or 0))

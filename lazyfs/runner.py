@@ -22,7 +22,15 @@ from lazyfs.budget import Budget
 from lazyfs.completion import UNVERIFIED, verify_and_publish_blocking
 from lazyfs.config import FetchConfig
 from lazyfs.download import RECORD_FOLLOWED_S, Download, Request
-from lazyfs.errors import IntegrityError, LazyfsError, ObjectChanged, ObjectNotFound, ShuttingDown, StoreError
+from lazyfs.errors import (
+    IntegrityError,
+    LazyfsError,
+    ObjectChanged,
+    ObjectNotFound,
+    RemoteUnavailable,
+    ShuttingDown,
+    StoreError,
+)
 from lazyfs.namespace import RemoteObject, Version
 from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
@@ -338,7 +346,10 @@ class Runner:
                         "changed in the object store" if isinstance(e, ObjectChanged) else "deleted")
         elif isinstance(e, LazyfsError):  # the same failure of the file again: a line a minute (repeats.py)
             line = f"download of {(where := quoted(dl.obj.uri))} failed: {cause(str(e), where)}"  # the file named once
-            self.failure_lines.log(log, e.log_level, (e.errno, shape(line)), "%s", line)  # (its name kept in the key)
+            # Fetched ahead, no reader (yet): S3 unreachable is a WARNING; a reader's open then says its own line.
+            ahead = dl.background and isinstance(e, RemoteUnavailable)
+            self.failure_lines.log(log, min(e.log_level, logging.WARNING) if ahead else e.log_level,
+                                   (e.errno, shape(line), ahead), "%s", line)  # (its name kept in the key)
         else:
             log.error("download of %s failed unexpectedly", quoted(dl.obj.uri), exc_info=e)
         e.logged = True  # type: ignore[attr-defined]  # readers need not log it again
