@@ -49,8 +49,9 @@ async def test_a_file_locked_before_versioning_is_served_as_version_null_after_a
         assert await read_all(fetcher, lock, KEY) == locked
     gets = remote.gets(KEY)
     assert gets[0].version_id == "", "the key first (what it holds may be the locked bytes)"
-    assert {g.version_id for g in gets[1:]} == {"null"}
-    assert sum(1 for g in gets if not g.version_id) == 1, "once found as null, asked for as null"
+    assert {g.version_id for g in gets} == {"", "null"}
+    # (600 KiB in 256 KiB requests: only those sent before the first learnt it ask the key)
+    assert sum(1 for g in gets if not g.version_id) <= 3, "once found as null, asked for as null"
     assert pin.unavailable() == []
     watch = DriftWatch(pin, Lister(pin.store, trio.CapacityLimiter(8)), SOURCES, 0)
     drift = await watch.check_once()
