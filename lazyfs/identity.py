@@ -35,7 +35,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeGuard
 
 from lazyfs.layer import FILE_FLAGS, STORE_MODES, Layer, Permissions, remove, write_small
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
@@ -91,22 +91,26 @@ class Identity:
 
     @classmethod
     def decode(cls, raw: bytes) -> Identity | None:
-        try:
-            return cls.from_fields(json.loads(raw))
-        except ValueError:
-            return None
+        """The record `raw` holds; None for anything else, never an exception:
+        a user may `setfattr` any bytes on a store file, and a corrupt store
+        holds anything, and both are a copy with no record."""
+        return cls.from_fields(_parsed(raw))
 
     @classmethod
     def from_fields(cls, d: Any) -> Identity | None:
-        try:
-            if d.get("v") != 1:
-                return None
-            file_mtime = d.get("file_mtime_ns")
-            return cls(str(d["bucket"]), str(d["key"]), str(d["etag"]), int(d["size"]),
-                       int(d["mtime_ns"]), str(d.get("origin", "fetch")), str(d.get("verified", "")),
-                       None if file_mtime is None else int(file_mtime))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        """The record a parsed document holds: exactly the types lazyfs
+        writes (a number given as text, a bool, a float or one past 64 bits
+        is not one), else None."""
+        if not isinstance(d, dict) or d.get("v") != 1:
             return None
+        texts: list[Any] = [d.get("bucket"), d.get("key"), d.get("etag"), d.get("origin", "fetch"),
+                            d.get("verified", "")]
+        size, mtime, file_mtime = d.get("size"), d.get("mtime_ns"), d.get("file_mtime_ns")
+        if not all(isinstance(t, str) for t in texts) or not _int64(size) or size < 0 or not _int64(mtime) \
+                or not (file_mtime is None or _int64(file_mtime)):
+            return None
+        bucket, key, etag, origin, verified = texts
+        return cls(bucket, key, etag, size, mtime, origin, verified, file_mtime)
 
     def matches(self, obj: RemoteObject) -> bool:
         # (ETag, size) identifies the bytes; the key may differ (same file
@@ -119,6 +123,20 @@ class Identity:
         tar)?  New bytes written in place move the mtime."""
         mtime = self.mtime_ns if self.file_mtime_ns is None else self.file_mtime_ns
         return st.st_size == self.size and st.st_mtime_ns in (mtime, mtime - mtime % _SECOND)
+
+
+def _parsed(raw: bytes) -> Any:
+    """`raw` as JSON; None where it is not (bad bytes, or nested too deeply
+    for the parser, which raises RecursionError rather than ValueError)."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _int64(n: object) -> TypeGuard[int]:
+    """An integer as a file's size or time is held (a bool is no number here)."""
+    return isinstance(n, int) and not isinstance(n, bool) and -(1 << 63) <= n < 1 << 63
 
 
 def _tie(st: os.stat_result) -> list[int]:
@@ -140,10 +158,10 @@ class Sidecars:
             return None
         try:
             with os.fdopen(fd, "rb") as f:
-                doc = json.loads(f.read(_SIDECAR_MAX))
-            return Identity.from_fields(doc) if doc.get("file") == _tie(st) else None
-        except (OSError, ValueError, AttributeError):
+                doc = _parsed(f.read(_SIDECAR_MAX))
+        except OSError:
             return None
+        return Identity.from_fields(doc) if isinstance(doc, dict) and doc.get("file") == _tie(st) else None
 
     def write(self, st: os.stat_result, ident: Identity) -> None:
         # Readable as the store's files are (--store-mode): a reader who may
