@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, cast
 
+from lazyfs import memlimit
 from lazyfs.crtlimits import check_part_size
 from lazyfs.errors import ConfigError
 from lazyfs.lockfile import ConfigRef, Lock, check_sources, read
@@ -131,10 +132,8 @@ class MountConfig:
     refresh: float = 60.0
     # Bytes of fetched files kept in the store (None: no limit).
     cache_max_size: int | None = None
-    # What the process may use beyond Python and boto3 themselves (about
-    # 100 MiB): mapped pages of files being read and buffers of the ranged
-    # GETs in flight (see mount.apply_memory_limit).
-    memory_limit: int = 256 * MiB
+    # Mapped pages of files being read, buffers of the GETs in flight (memlimit; mount.apply_memory_limit).
+    memory_limit: int = memlimit.DEFAULT
     # user.lazyfs.* attributes (False: --no-xattrs, see fuse_ops).
     xattrs: bool = True
     # The kernel reads complete local copies itself (False: --no-passthrough),

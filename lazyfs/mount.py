@@ -28,7 +28,7 @@ from typing import AsyncIterator
 import pyfuse3
 import trio
 
-from lazyfs import checkpoint, connwatch, crt, interrupt, prefetch, storesweep, wording
+from lazyfs import checkpoint, connwatch, crt, interrupt, memlimit, prefetch, storesweep, wording
 from lazyfs.budget import Budget
 from lazyfs.catalog import Catalog
 from lazyfs.config import MountConfig, Source
@@ -137,11 +137,9 @@ def raise_fd_limit() -> None:
 
 def apply_memory_limit(cfg: MountConfig) -> MountConfig:
     """Split --memory-limit: a quarter for mapped pages of files being read,
-    half for ranged GETs in flight (2 MiB each, with room to spare: a
-    256 KiB piece being written, socket and parser buffers, the worker
-    thread's stack); fewer connections if it must.  The page share is
-    applied by `page_budget`."""
-    conns = max(1, min(cfg.fetch.max_connections, (cfg.memory_limit // 2) // (2 << 20)))
+    half for ranged GETs in flight (memlimit.parallel_gets); fewer
+    connections if it must.  The page share is applied by `page_budget`."""
+    conns = memlimit.parallel_gets(cfg.memory_limit, cfg.fetch.max_connections)
     if conns < cfg.fetch.max_connections:
         log.info("--memory-limit %d MiB allows %d parallel GETs", cfg.memory_limit >> 20, conns)
         cfg = dataclasses.replace(cfg, fetch=dataclasses.replace(cfg.fetch, max_connections=conns))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, get_args
 
+from lazyfs import memlimit
 from lazyfs.config import (
     LOG_LEVELS,
     FetchConfig,
@@ -22,7 +23,7 @@ from lazyfs.config import (
 )
 from lazyfs.errors import ConfigError
 from lazyfs.modeljson import DEFAULT_CACHE_DIR
-from lazyfs.sizes import flag_size
+from lazyfs.sizes import echoed, flag_size
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,21 @@ def size_within(minimum: int, maximum: int | None = None, why: str = "") -> Any:
     def parse(text: str, flag: str) -> int:
         value = parse_size(text, flag)
         if value < minimum:
-            raise ConfigError(f"{flag} {text} is too small (at least {flag_size(minimum)})")
+            raise ConfigError(f"{flag} {echoed(text)} is too small (at least {flag_size(minimum)})")
         if maximum is not None and value > maximum:
-            raise ConfigError(f"{flag} {text} is too large (at most {flag_size(maximum)}{why})")
+            raise ConfigError(f"{flag} {echoed(text)} is too large (at most {flag_size(maximum)}{why})")
         return value
     return parse
+
+
+def _cache_max_size(text: str, flag: str) -> int:
+    """A budget that keeps something: 0 would download every file at every
+    open, and a user writing it may as well have meant "no limit"."""
+    value = parse_size(text, flag)
+    if value == 0:
+        raise ConfigError(f"{flag} {echoed(text)} would keep nothing: the budget must be larger than 0 "
+                          "(leave the flag out for no budget)")
+    return value
 
 
 # The kernel keeps readahead in 4 KiB pages, and a first read or mmap fault of
@@ -93,7 +104,7 @@ READ_AHEAD_MAX = 16 * MiB
 def _read_ahead(text: str, flag: str) -> int:
     value = parse_size(text, flag)
     if value and (value % 4096 or value > READ_AHEAD_MAX):
-        raise ConfigError(f"{flag} {text} must be 0 (the kernel's 128KiB) or a multiple of 4KiB up to "
+        raise ConfigError(f"{flag} {echoed(text)} must be 0 (the kernel's 128KiB) or a multiple of 4KiB up to "
                           f"{flag_size(READ_AHEAD_MAX)}")
     return value
 
@@ -159,6 +170,13 @@ LOGGING = (
            choices=("text", "json")),
 )
 
+MEMORY_LIMIT = Option(
+    "--memory-limit", "memory for transfer buffers (and a mount's mapped file pages), on top of Python's own "
+    f"(~100 MiB), {flag_size(memlimit.SMALLEST)} to {flag_size(memlimit.LARGEST)}; fewer parallel GETs when small "
+    "(with --transfer-client crt, half of it is the client's buffers)", "SIZE",
+    check=size_within(memlimit.SMALLEST, memlimit.LARGEST, ": more memory than any machine has"),
+    default=(MountConfig, "memory_limit", flag_size))
+
 LOCK_FILE = Option("--lock", "serve exactly the versions this lock file pins (lazyfs lock): the listing comes "
                    "from the lock (no request at start), each file is fetched by its version id or pinned by "
                    "If-Match to its ETag and checked against the lock's checksum; a refresh only reports drift",
@@ -186,8 +204,8 @@ MOUNT = (
            "as the seed describes, or by content against the object's checksum or ETag (once; the result is "
            "recorded) (default size; with --lock always by content, against the lock)", choices=("size", "etag")),
     Option("--cache-max-size", "keep at most this much fetched data in the store (e.g. 50G), evicting the least "
-           "recently used files nobody has open; prebaked files are never evicted (default: no limit)", "SIZE",
-           check=parse_size),
+           "recently used files nobody has open; prebaked files are never evicted; more than 0 (default: no limit)",
+           "SIZE", check=_cache_max_size),
     Option("--no-model-readahead", "fetch .safetensors files in file order, do not start a sharded "
            "checkpoint's next shard when one is read through, and do not fetch a model folder's small files "
            "when its config.json is opened (by default lazyfs reads the header and fetches tensors in the "
@@ -207,9 +225,7 @@ MOUNT = (
     Option("--no-direct-io", "read files still downloading through the mount's page cache; by default a reader "
            "of a file of 64 MiB or more gets its bytes copied straight into its buffer, once (a reader of "
            "small blocks then sends lazyfs one request per block)", kind="off", dest="direct_io"),
-    Option("--memory-limit", "memory for mapped file pages and transfer buffers, on top of Python's own "
-           "(~100 MiB); fewer parallel GETs when small", "SIZE", check=size_within(32 * MiB),
-           default=(MountConfig, "memory_limit", flag_size)),
+    MEMORY_LIMIT,
     Option("--metrics-port", "serve Prometheus metrics at http://ADDR:PORT/metrics (default: off)", "PORT",
            type=int, check=in_range(1, 65535)),
     Option("--metrics-addr", "address for --metrics-port (0.0.0.0 to widen)", "ADDR",

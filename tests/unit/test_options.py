@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs import options
-from lazyfs.cli import COMMANDS, build_parser
+from lazyfs.cli import COMMANDS, build_parser, main
 from lazyfs.config import ConfigError, FetchConfig, MountConfig, default_of
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
@@ -59,6 +59,14 @@ def test_help_shows_the_defaults_of_the_config_classes() -> None:
     ("read_ahead", "1G", "--read-ahead 1G must be 0 (the kernel's 128KiB) or a multiple of 4KiB up to 16MiB"),
     ("read_ahead", "3000", "--read-ahead 3000 must be 0 (the kernel's 128KiB) or a multiple of 4KiB up to 16MiB"),
     ("read_ahead", "16388K", "--read-ahead 16388K must be 0"),
+    # 0 kept nothing: every open downloaded its file again.
+    ("cache_max_size", "0", "--cache-max-size 0 would keep nothing: the budget must be larger than 0 (leave the "
+     "flag out for no budget)"),
+    ("cache_max_size", "0.0001K", "--cache-max-size 0.0001K would keep nothing"),
+    ("cache_max_size", "0GiB", "--cache-max-size 0GiB would keep nothing"),
+    # More memory than any machine has (past 32 EiB the CRT's buffer count wrapped: an internal error).
+    ("memory_limit", "1025P", "--memory-limit 1025P is too large (at most 1PiB: more memory than any machine has)"),
+    ("memory_limit", "36893488147687538688", "--memory-limit 36893488147687538688 is too large (at most 1PiB"),
 ])
 def test_bad_values_are_one_sentence_naming_the_flag(flag: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -71,6 +79,46 @@ def test_bad_values_are_one_sentence_naming_the_flag(flag: str, value: object, m
 ])
 def test_the_bounds_themselves_are_accepted(flag: str, value: str, expected: int) -> None:
     assert options.parse_options(options.MOUNT, {flag: value})[flag] == expected
+
+
+_SIZE_FLAGS = ("part_size", "memory_limit", "cache_max_size", "read_ahead")
+
+
+@pytest.mark.parametrize("flag, value", [
+    *((flag, "9" * 5000) for flag in _SIZE_FLAGS),  # not a size: more than 40 digits
+    *((flag, "0" * 39 + "1x" + "0" * 5000) for flag in _SIZE_FLAGS),
+    ("part_size", "9" * 40 + "P"), ("memory_limit", "9" * 40 + "P"),  # too large
+    ("cache_max_size", " " * 5000 + "0"),  # would keep nothing
+    ("read_ahead", "4097" + " " * 5000),  # not in pages
+])
+def test_a_size_error_echoes_at_most_40_characters_of_the_value(flag: str, value: str) -> None:
+    """A 5,000-digit value (a paste gone wrong) was echoed whole in its error line."""
+    with pytest.raises(ConfigError) as e:
+        options.parse_options(options.MOUNT, {flag: value})
+    said = str(e.value)
+    assert value[:40] + "..." in said and len(said) < 200, said
+
+
+@pytest.mark.parametrize("value, expected", [("1", 1), ("1P", 1 << 50), ("1024T", 1 << 50)])
+def test_a_cache_budget_above_0_and_a_memory_limit_up_to_1pib_are_taken(value: str, expected: int) -> None:
+    """1 PiB works with both transfer clients (a mount reads through them)."""
+    assert options.parse_options(options.MOUNT, {"cache_max_size": value})["cache_max_size"] == expected
+    if expected >= 32 << 20:
+        assert options.parse_options(options.MOUNT, {"memory_limit": value})["memory_limit"] == expected
+
+
+def test_a_cache_budget_of_0_is_a_usage_error_of_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = main(["mount", str(tmp_path), "--prefix", "s3://bkt/p", "--cache-max-size", "0"])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("lazyfs: error: --cache-max-size 0 would keep nothing: the budget must be larger "
+                                 "than 0 (leave the flag out for no budget)\n")
 
 
 def test_values_not_given_stay_unset_so_the_config_defaults_apply() -> None:
