@@ -11,6 +11,7 @@ pyfuse3.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -19,9 +20,9 @@ from typing import TextIO
 
 import trio
 
-from lazyfs import crt, interrupt, lockcmd, prefetch, storesweep, wording
+from lazyfs import crt, interrupt, lockcmd, memlimit, prefetch, storesweep, wording
 from lazyfs.catalog import Catalog
-from lazyfs.config import BakeConfig
+from lazyfs.config import BakeConfig, FetchConfig
 from lazyfs.errors import Interrupted
 from lazyfs.fetch import Fetcher
 from lazyfs.lockfile import Lock
@@ -112,21 +113,34 @@ async def _bake(cfg: BakeConfig, store: Store, remote: Remote, out: TextIO, baki
                 making: lockcmd.Making) -> tuple[BakeResult, Lock | None]:
     """Bake what the listing shows, or exactly a lock's versions (--lock; with
     --write-lock, a lock made here first, what its summary says gathered in `making`)."""
-    lock = cfg.lock
+    lock, fetch = cfg.lock, _within_memory(cfg)
     if lock is None and cfg.write_lock is not None:
         lock = await lockcmd.make_lock(remote, cfg.sources, cfg.configs, making)
     if lock is not None:
         pin = Pinning(lock, remote)
         objects = pin.objects()
-        fetcher = Fetcher(pin.store, store, cfg.fetch, origin="bake", fetch_range=pin.transfer(remote, cfg.fetch),
-                          pinned=True, stall_s=cfg.remote.read_timeout)
+        fetcher = Fetcher(pin.store, store, fetch, origin="bake",
+                          fetch_range=pin.transfer(remote, fetch, cfg.memory_limit), pinned=True,
+                          stall_s=cfg.remote.read_timeout)
     else:
         catalog = Catalog(remote, cfg.sources, store)
         await catalog.refresh()  # a failure here is a runtime error (exit 1)
         objects = list(catalog.tree.files())
-        fetcher = Fetcher(remote, store, cfg.fetch, origin="bake", fetch_range=crt.transfer_for(remote, cfg.fetch),
+        fetcher = Fetcher(remote, store, fetch, origin="bake",
+                          fetch_range=crt.transfer_for(remote, fetch, cfg.memory_limit),
                           stall_s=cfg.remote.read_timeout)
     return await _fetch_all(fetcher, objects, out, baking), lock
+
+
+def _within_memory(cfg: BakeConfig) -> FetchConfig:
+    """The downloads' settings with as many parallel GETs as --memory-limit
+    allows (memlimit.parallel_gets, as a mount's); its CRT buffers are sized
+    from it where the client is built (crt.transfer_for)."""
+    conns = memlimit.parallel_gets(cfg.memory_limit, cfg.fetch.max_connections)
+    if conns == cfg.fetch.max_connections:
+        return cfg.fetch
+    log.info("--memory-limit %d MiB allows %d parallel GETs", cfg.memory_limit >> 20, conns)
+    return dataclasses.replace(cfg.fetch, max_connections=conns)
 
 
 async def _fetch_all(fetcher: Fetcher, objects: list[RemoteObject], out: TextIO, baking: Baking) -> BakeResult:

@@ -165,6 +165,7 @@ class BakeConfig:
     # --write-lock: make a lock first, bake exactly it, then write it here.
     write_lock: Path | None = None
     configs: tuple[ConfigRef, ...] = ()  # recorded in a lock made here
+    memory_limit: int = memlimit.DEFAULT  # buffers of the ranged GETs in flight, as a mount's (memlimit)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
@@ -269,8 +270,8 @@ def _attempts(args: Mapping[str, Any], default: int) -> int:
     return default if retries is None else int(retries) + 1
 
 
-def fetch_config(args: Mapping[str, Any], memory_limit: int | None = None) -> FetchConfig:
-    """`memory_limit`: a mount's --memory-limit; None for bake (crtlimits.check_part_size)."""
+def fetch_config(args: Mapping[str, Any], memory_limit: int = memlimit.DEFAULT) -> FetchConfig:
+    """`memory_limit`: the command's --memory-limit (crtlimits.check_part_size)."""
     given: dict[str, Any] = {
         "part_size": args.get("part_size"), "max_connections": args.get("max_connections"),
         "chunk_attempts": _attempts(args, default_of(FetchConfig, "chunk_attempts")),
@@ -332,7 +333,7 @@ def mount_config(args: Mapping[str, Any], env: Mapping[str, str]) -> MountConfig
                                             "memory_limit", "xattrs", "passthrough", "direct_io",
                                             "metrics_port", "metrics_addr", "store_mode")
               if args.get(name) is not None}
-    fetch = fetch_config(args, values.get("memory_limit", default_of(MountConfig, "memory_limit")))
+    fetch = fetch_config(args, values.get("memory_limit", memlimit.DEFAULT))
     return MountConfig(mountpoint=mnt, sources=sources, store=store, prebaked=_layers(args.get("prebaked") or ()),
                        prefetch=prefetch_patterns(bool(args.get("prefetch")), args.get("prefetch_glob") or ()),
                        lock=lock, remote=remote_config(args, env), fetch=fetch, **values)
@@ -347,10 +348,11 @@ def bake_config(args: Mapping[str, Any], env: Mapping[str, str]) -> BakeConfig:
     to = resolve_mountpoint(args.get("to"), configs)
     if not is_fuse_mount(to):  # a mount is refused by bake itself
         check_directory(to, "--to folder", missing_ok=True)
+    memory = args.get("memory_limit") or memlimit.DEFAULT
     return BakeConfig(sources=sources, target=to, log_level=args.get("log_level") or "info",
                       store_mode=args.get("store_mode") or DEFAULT_STORE_MODE, lock=lock,
                       write_lock=_output(args.get("write_lock"), "--write-lock"), configs=_config_refs(configs),
-                      remote=remote_config(args, env), fetch=fetch_config(args))
+                      memory_limit=memory, remote=remote_config(args, env), fetch=fetch_config(args, memory))
 
 
 def status_config(args: Mapping[str, Any], env: Mapping[str, str]) -> StatusConfig:

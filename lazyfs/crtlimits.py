@@ -17,7 +17,7 @@ MIN_MEMORY = 256 * 1024 * 1024
 
 
 def buffer_memory(memory_limit: int) -> int:
-    """The client's part buffers for a mount's --memory-limit: half of it
+    """The client's part buffers for --memory-limit: half of it
     (mapped pages and the process take the rest), at least MIN_MEMORY."""
     return max(MIN_MEMORY, memory_limit // 2)
 
@@ -28,17 +28,13 @@ def largest_part(memory_limit: int) -> int:
     return buffer_memory(memory_limit) // 2
 
 
-def check_part_size(part_size: int, memory_limit: int | None) -> None:
+def check_part_size(part_size: int, memory_limit: int) -> None:
     """ConfigError, one line, if the client would refuse `part_size`.
-    `memory_limit`: the mount's --memory-limit; None for bake, which has none
-    (its client gets MIN_MEMORY)."""
-    largest = largest_part(memory_limit or MIN_MEMORY)
+    `memory_limit`: the command's --memory-limit (a mount's or a bake's)."""
+    largest = largest_part(memory_limit)
     if part_size <= largest:
         return
-    given = f"--part-size {flag_size(part_size)} is more than --transfer-client crt takes"
-    if memory_limit is None:
-        raise ConfigError(f"{given} in bake (its buffers are {flag_size(MIN_MEMORY)}, it has no --memory-limit): "
-                          f"at most {flag_size(largest)}; lower --part-size or use --transfer-client boto3")
-    raise ConfigError(f"{given} with --memory-limit {flag_size(memory_limit)}: at most {flag_size(largest)} "
-                      f"(a quarter of --memory-limit, never under {flag_size(MIN_MEMORY // 2)}); lower --part-size "
-                      f"or raise --memory-limit to {flag_size(4 * part_size)}")
+    raise ConfigError(f"--part-size {flag_size(part_size)} is more than --transfer-client crt takes with "
+                      f"--memory-limit {flag_size(memory_limit)}: at most {flag_size(largest)} (a quarter of "
+                      f"--memory-limit, never under {flag_size(MIN_MEMORY // 2)}); lower --part-size or raise "
+                      f"--memory-limit to {flag_size(4 * part_size)}")

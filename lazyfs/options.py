@@ -246,6 +246,7 @@ BAKE = (
     Option("--to", f"target folder (default: {_DEFAULT_LOCATION})", "DIR"),
     STORE_MODE,
     *TRANSFER,
+    MEMORY_LIMIT,
     ETAG_CHECK,
     *LOGGING,
 )

@@ -112,8 +112,25 @@ def test_bake_refuses_a_crt_part_size_its_client_would_refuse_before_it_starts(c
     res = lazyfs_cli(["bake", "--to", str(cfgdir / "mnt"), "--prefix", "s3://bkt/x", "--transfer-client", "crt",
                       "--part-size", "200MiB", "--endpoint-url", f"http://127.0.0.1:{free_port()}"], timeout=30)
     assert res.returncode == 2, res.stderr
-    assert "--part-size 200MiB is more than --transfer-client crt takes in bake" in one_line_error(res)
+    assert one_line_error(res) == (
+        "lazyfs: error: --part-size 200MiB is more than --transfer-client crt takes with --memory-limit 256MiB: "
+        "at most 128MiB (a quarter of --memory-limit, never under 128MiB); lower --part-size or raise "
+        "--memory-limit to 800MiB")
     assert list((cfgdir / "mnt").iterdir()) == [], "it began the bake"
+
+
+def test_bake_takes_a_larger_crt_part_with_a_memory_limit(s3, bucket: str, proxy, cfgdir: Path) -> None:
+    """bake had no --memory-limit ("unrecognized arguments", exit 2), so its CRT parts were at most 128 MiB."""
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    s3.put_object(Bucket=bucket, Key="m/w.bin", Body=data)
+    args = ["bake", "--prefix", f"s3://{bucket}/m", "--endpoint-url", proxy.endpoint, "--transfer-client", "crt",
+            "--part-size", "256M"]
+    refused = lazyfs_cli([*args, "--to", str(cfgdir / "refused")], timeout=60)
+    assert refused.returncode == 2 and "lower --part-size or raise --memory-limit to 1GiB" in one_line_error(refused)
+    res = lazyfs_cli([*args, "--memory-limit", "2G", "--to", str(cfgdir / "baked")], timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (cfgdir / "baked" / "m" / "w.bin").read_bytes() == data
+    assert [r["range"] for r in proxy.requests("GET", "m/w.bin")], "the CRT sent ranged GETs"
 
 
 def test_bucket_not_found_exits_1(moto, cfgdir: Path) -> None:

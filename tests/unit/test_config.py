@@ -223,13 +223,30 @@ def test_a_crt_part_size_its_client_would_refuse_is_a_usage_error(tmp_path: Path
     assert _mc(tmp_path, part_size=part_size, memory_limit=memory_limit).fetch.part_size > 128 << 20, "boto3 takes it"
 
 
-def test_bake_with_crt_takes_parts_of_at_most_128mib(tmp_path: Path) -> None:
+def test_bake_with_crt_takes_the_parts_its_memory_limit_allows(tmp_path: Path) -> None:
+    """bake has --memory-limit, with the mount's meaning and checks (it had
+    none, and its CRT parts were at most 128 MiB)."""
     assert _bc(tmp_path, transfer_client="crt", part_size="128MiB").fetch.part_size == 128 << 20
     with pytest.raises(ConfigError, match=re.escape(
-            "--part-size 5GiB is more than --transfer-client crt takes in bake (its buffers are 256MiB, it has no "
-            "--memory-limit): at most 128MiB; lower --part-size or use --transfer-client boto3")):
-        _bc(tmp_path, transfer_client="crt", part_size="5G")
+            "--part-size 256MiB is more than --transfer-client crt takes with --memory-limit 256MiB: at most 128MiB "
+            "(a quarter of --memory-limit, never under 128MiB); lower --part-size or raise --memory-limit to 1GiB")):
+        _bc(tmp_path, transfer_client="crt", part_size="256M")
+    cfg = _bc(tmp_path, transfer_client="crt", part_size="256M", memory_limit="2G")
+    assert cfg.fetch.part_size == 256 << 20 and cfg.memory_limit == 2 << 30
     assert _bc(tmp_path, part_size="5G").fetch.part_size == 5 << 30
+    with pytest.raises(ConfigError, match=re.escape("--memory-limit 16M is too small (at least 32MiB)")):
+        _bc(tmp_path, memory_limit="16M")
+    with pytest.raises(ConfigError, match=re.escape("--memory-limit 2P is too large (at most 1PiB")):
+        _bc(tmp_path, memory_limit="2P")
+
+
+@pytest.mark.parametrize("memory_limit, gets", [(None, 16), ("32MiB", 8), ("40MiB", 10), ("1G", 16)])
+def test_bake_runs_as_many_parallel_gets_as_its_memory_limit_allows(tmp_path: Path, memory_limit: str | None,
+                                                                   gets: int) -> None:
+    """As a mount: half of --memory-limit for GETs in flight, 2 MiB each."""
+    from lazyfs.bake import _within_memory
+
+    assert _within_memory(_bc(tmp_path, memory_limit=memory_limit)).max_connections == gets
 
 
 def test_the_crt_client_is_built_with_the_buffers_the_check_assumed() -> None:
