@@ -361,14 +361,15 @@ def status_config(args: Mapping[str, Any], env: Mapping[str, str]) -> StatusConf
         raise ConfigError("--verify content needs --lock: the lock holds the checksums the files are checked against")
     configs: list[ModelJson] = []
     sources: tuple[Source, ...] = ()  # none given, of a running mount: it names its own (status.from_mount)
+    mnt = args.get("mountpoint")  # the mount running there, else its store: --store, else the folder beneath it
+    given = mnt if mnt and (is_lazyfs_mount(Path(os.path.abspath(mnt))) or not args.get("store")) else args.get("store")
     if lock is not None or args.get("config") or args.get("prefix") or \
-            not is_lazyfs_mount(path := Path(os.path.abspath(args.get("store") or DEFAULT_CACHE_DIR))):
+            not is_lazyfs_mount(path := Path(os.path.abspath(given or DEFAULT_CACHE_DIR))):
         configs, sources = _sources(args, env, lock)
-        path = Path(os.path.abspath(args["store"])) if args.get("store") else resolve_mountpoint(None, configs)
-    if is_fuse_mount(path):  # a running mount is asked; a hung one, of any kind, refused
-        check_answering(path, "store")
-    else:
-        check_directory(path, "store")
+        path = Path(os.path.abspath(given)) if given else resolve_mountpoint(None, configs)
+    what = "mountpoint" if mnt and given == mnt else "store"
+    # A running mount is asked; a hung one, of any kind, refused.
+    (check_answering if is_fuse_mount(path) else check_directory)(path, what)
     return StatusConfig(sources=sources, store=path, prebaked=_layers(args.get("prebaked") or ()),
                         as_json=bool(args.get("json")), require_all=bool(args.get("require_all")), lock=lock,
                         verify_content=args.get("verify") == "content", remote=remote_config(args, env))
@@ -414,7 +415,5 @@ def doctor_config(args: Mapping[str, Any], env: Mapping[str, str]) -> DoctorConf
                         remote=remote_config(args, env))
 
 
-__all__ = ["DEFAULT_CACHE_DIR", "LOG_LEVELS", "BakeConfig", "ConfigError", "DiffConfig", "DoctorConfig",
-           "FetchConfig", "LockConfig", "MountConfig", "RemoteConfig", "Source", "StatusConfig", "StoreMode",
-           "bake_config", "default_of", "diff_config", "doctor_config", "fetch_config", "lock_config", "mount_config",
-           "parse_size", "read_lock", "remote_config", "status_config"]
+# What other modules import from here though it is defined elsewhere.
+__all__ = ["DEFAULT_CACHE_DIR", "ConfigError", "Source", "parse_size"]

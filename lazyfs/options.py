@@ -267,6 +267,9 @@ DIFF = (
 )
 
 STATUS = (
+    Option("mountpoint", "the lazyfs mount to report on, as `df MOUNTPOINT` takes it: a running mount there is "
+           "asked; else its store is read (--store, else the folder itself, as the mount's default store)",
+           "MOUNTPOINT", kind="positional"),
     *SOURCE,
     Option("--store", f"the store folder (default: {_DEFAULT_LOCATION}; a running mount there is asked "
            "directly)", "DIR"),

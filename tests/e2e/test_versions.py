@@ -352,6 +352,38 @@ def test_status_through_a_running_mount(mount, proxy, s3, bucket, fs: FS, tmp_pa
     assert plain.returncode == 2 and "nothing to serve" in plain.stderr
 
 
+def test_status_takes_the_mountpoint_as_df_does(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    """`lazyfs status MNT` was "unrecognized arguments", exit 2: it is the
+    mount at MNT, as `--store MNT` names it; once nothing runs there, its
+    store (--store, else the folder itself)."""
+    put(s3, bucket, f"{P}/a.bin", b"a" * 1000)
+    put(s3, bucket, f"{P}/b.bin", b"b" * 1000)
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    fs.read(m.file(f"{P}/a.bin"))
+    wait_until(lambda: fs.run(os.getxattr, str(m.file(f"{P}/a.bin")), "user.lazyfs.state") == b"cached",
+               what="publication")
+    by_flag = lazyfs_cli(["status", "--store", str(m.path), "--require-all"])
+    assert "as served by the lazyfs mount" in by_flag.stdout and by_flag.returncode == 1, by_flag.stderr
+    for where in (str(m.path), os.path.relpath(m.path)):
+        res = lazyfs_cli(["status", where, "--require-all"])
+        assert res.stdout == by_flag.stdout and res.returncode == 1 and res.stderr == "", res.stderr
+    js = json.loads(lazyfs_cli(["status", str(m.path), "--json", "--store", str(tmp_path / "other")]).stdout)
+    assert js["totals"]["files"] == 2, "a running mount is asked, whatever --store says"
+    assert m.process.stop() == 0
+    source = ["--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint]
+    stopped = lazyfs_cli(["status", str(m.path), "--store", str(store), *source])
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"store {store}, listing from the object store" in stopped.stdout and "1 cached" in stopped.stdout
+    beneath = lazyfs_cli(["status", str(m.path), *source])  # the mount's default store: its folder
+    assert f"store {m.path}," in beneath.stdout and "2 missing" in beneath.stdout, beneath.stdout
+    alone = lazyfs_cli(["status", str(m.path)])  # no mount runs there, and no folder is named
+    assert alone.returncode == 2 and "nothing to serve" in alone.stderr
+    missing = lazyfs_cli(["status", str(tmp_path / "nope"), *source])
+    assert missing.returncode == 2
+    assert missing.stderr == f"lazyfs: error: mountpoint {tmp_path / 'nope'} does not exist\n"
+
+
 @on_both_clients
 def test_a_new_version_prefix_downloads_only_what_changed(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     same = {"config.json": b'{"layers": 2}', "tokenizer.json": os.urandom(30_000),
