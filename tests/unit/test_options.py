@@ -90,7 +90,7 @@ _SIZE_FLAGS = ("part_size", "memory_limit", "cache_max_size", "read_ahead")
     ("part_size", "9" * 40 + "P"), ("memory_limit", "9" * 40 + "P"),  # too large
     ("cache_max_size", " " * 5000 + "0"),  # would keep nothing
     ("read_ahead", "4097" + " " * 5000),  # not in pages
-])
+], ids=lambda v: v if len(v) < 50 else f"{v[:8]!r}...({len(v)} chars)")
 def test_a_size_error_echoes_at_most_40_characters_of_the_value(flag: str, value: str) -> None:
     """A 5,000-digit value (a paste gone wrong) was echoed whole in its error line."""
     with pytest.raises(ConfigError) as e:
