@@ -106,6 +106,7 @@ class CrtTransfer:
             if job.cancelled():
                 raise Stopped()
             state = _Received(job, writer, pos, pos == 0 and job.end == job.obj.size, self.cfg.etag_is_md5)
+            job.attempting(pos)  # the part pace times the attempt that delivers, not the failures and waits before
             try:
                 self._one_request(state, split)
                 return

@@ -64,7 +64,7 @@ class Limits:
 class Request:
     """One ranged GET in flight: bytes [start, end), `filled` of them on disk."""
 
-    __slots__ = ("end", "filled", "first_block", "next_block", "start", "started")
+    __slots__ = ("attempt", "end", "filled", "first_block", "next_block", "start")
 
     def __init__(self, start: int, end: int, first_block: int) -> None:
         self.start = start
@@ -72,7 +72,7 @@ class Request:
         self.filled = 0
         self.first_block = first_block
         self.next_block = first_block  # the first block not yet DONE
-        self.started = time.monotonic()
+        self.attempt = (start, time.monotonic())  # (first byte, when) of its attempt under way: what pace measures
 
 
 class Download:
@@ -353,7 +353,7 @@ class Download:
             req.next_block += 1
         if req.start + filled >= req.end:
             self.requests.discard(req)
-            self.pace.landed(req.end - req.start, time.monotonic() - req.started)
+            self.pace.landed(req.end - req.attempt[0], time.monotonic() - req.attempt[1])
         if done and self.ndone == self.nblocks:
             self.held = frozenset(done)  # this landing completed the file: held until it is verified
         if done:

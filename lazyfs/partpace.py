@@ -12,9 +12,14 @@ it after --read-timeout.  An 8 MiB part over a connection slower than about
 
 So a request is sized to land well within both: the rate the download's last
 request came at, times a quarter of the shorter of the two, in whole blocks,
-at least one and at most --part-size.  The file's first request is one block
-(download.py), and the sweep waits for its bytes before it opens up, so the
-link is measured before any part is asked for.  A fast link keeps whole parts
+at least one and at most --part-size.  That rate is its last attempt's, the
+one that delivered (crt.py says when each begins): an attempt refused
+(SlowDown, a 5xx) or broken off, and the backoff before the next, say nothing
+of the link's speed.  Timed from the first, three SlowDowns on a file's first
+block (about 3 s of backoff) sent the rest of the file a block at a time.
+The file's first request is one block (download.py), and the sweep waits for
+its bytes before it opens up, so the link is measured before any part is
+asked for.  A fast link keeps whole parts
 (8 MiB needs 1.7 MB/s per connection at the defaults); a slow one gets
 requests of one block, each handed over as boto3 hands over a block.  boto3
 hands over bytes as they come: its requests are always --part-size.

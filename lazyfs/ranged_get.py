@@ -55,6 +55,8 @@ class RangeJob:
     # Whether a piece may go to the store with O_DIRECT now (storewrite.py).
     direct: Callable[[], bool] = lambda: False
     sums: PieceSums | None = None  # the download's piece CRCs (piecesums.py)
+    # An attempt begins at this byte (the CRT's fetch says so, the first and each retry after its backoff).
+    attempting: Callable[[int], None] = lambda first_byte: None
 
     def writer(self) -> PieceWriter:
         return PieceWriter(self.fd, self.obj, self.direct, self.write_turns, self.sums)

@@ -126,7 +126,8 @@ class Runner:
                        direct=(lambda: dl.served == 0) if self.cfg.store_writes == "direct" else lambda: False,
                        sums=dl.sums, cancelled=lambda: dl.cancelled,
                        posted=lambda n: self._post(self._landed, dl, req, n),
-                       got_meta=lambda meta: self._post(self._got_meta, dl, meta))
+                       got_meta=lambda meta: self._post(self._got_meta, dl, meta),
+                       attempting=lambda first_byte: self._post(self._attempting, req, first_byte, time.monotonic()))
         try:
             with reader_request(self.hooks.quiet):
                 await trio.to_thread.run_sync(self._in_thread, functools.partial(self.fetch_range, job), handoff,
@@ -161,6 +162,11 @@ class Runner:
             return work()
         finally:
             self._post(handoff.pin.release)
+
+    def _attempting(self, req: Request, first_byte: int, at: float) -> None:
+        """A request's attempt began at `at` (a retry's, after its backoff): a failed or
+        throttled attempt, and the wait before the next, say nothing of the link's speed."""
+        req.attempt = (first_byte, at)
 
     def _got_meta(self, dl: Download, meta: ResponseMeta) -> None:
         if dl.meta is None or meta.checksum is not None:
