@@ -112,7 +112,11 @@ class CrtTransfer:
                 return
             except RemoteUnavailable as e:
                 attempt += 1
-                if attempt >= self.cfg.max_attempts or not state.transient():
+                if not state.transient():
+                    raise
+                if attempt >= self.cfg.max_attempts:
+                    if isinstance(e, _Answered):
+                        raise e.kept_failing() from None
                     raise
                 delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
                 retry_line(log, logging.INFO, (job.obj.uri, shape(str(e)), attempt), "%s; retrying bytes %d-%d "
@@ -197,9 +201,23 @@ class CrtTransfer:
             code = found.group(1).decode(errors="replace") if found else code or name
             if 400 <= status < 500 and status not in (408, 429):  # refused (a 400 for ?versionId=null): as boto3's
                 return RemoteError(f"{where}: {code}: HTTP {status}", bucket=obj.bucket, key=obj.key)
-            return RemoteUnavailable(f"{where}: object store kept failing ({code}: HTTP {status})",
-                                     bucket=obj.bucket, key=obj.key)
+            return _Answered(obj, f"{code}: HTTP {status}")
         return RemoteUnavailable(state.broke_off(name), bucket=obj.bucket, key=obj.key)
+
+
+class _Answered(RemoteUnavailable):
+    """One attempt the object store answered with an error status: said as
+    such in its retry's line, "kept failing" only once the retries are spent
+    (as botocore's, clientretries.py and remote.py)."""
+
+    def __init__(self, obj: RemoteObject, answer: str) -> None:
+        super().__init__(f"{quoted(obj.uri)}: {answer}", bucket=obj.bucket, key=obj.key)
+        self.obj = obj
+        self.answer = answer  # "SlowDown: HTTP 503"
+
+    def kept_failing(self) -> RemoteUnavailable:
+        return RemoteUnavailable(f"{quoted(self.obj.uri)}: object store kept failing ({self.answer})",
+                                 bucket=self.bucket, key=self.key)
 
 
 class _Received:
