@@ -3,7 +3,9 @@
 One dispatcher task hands out connection slots (`--max-connections`) by
 priority: bytes a reader is blocked on first, then downloads someone has open
 (fewest requests in flight first, so parallel readers share), then background
-prefetch (oldest first).  `pick` is the whole policy, a function of the
+prefetch (oldest first).  A download the cache budget does not keep sweeps
+only once a read has asked it for bytes: every open of such a file starts a
+new one, and the kernel may answer all its reads from its page cache.  `pick` is the whole policy, a function of the
 downloads' states alone; `Dispatcher` only waits for a slot and for work.
 Trio thread only.
 """
@@ -28,6 +30,8 @@ def pick(downloads: Iterable[Download]) -> tuple[Download, Request] | None:
                 key=lambda d: (len(d.requests), d.started))
     bg = sorted((dl for dl in live if dl.background and dl.readers <= 0), key=lambda d: d.started)
     for dl in fg + bg:  # 2: open files, sharing; 3: prefetch, oldest first
+        if not dl.keep and not dl.requests and dl.bytes_fetched == 0:
+            continue  # not kept (over the cache budget): no sweep until a read asks (the page cache may answer all)
         req = dl.next_request()
         if req is not None:
             return dl, req

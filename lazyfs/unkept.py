@@ -34,8 +34,9 @@ def stop_unread(runner: Runner, dl: Download) -> None:
     e.logged = True  # type: ignore[attr-defined]
     dl.error = e
     runner.store.partials.condemn(dl.partial)
-    log.info("%s: nobody reads it any more; its download stopped after %.1f of %.1f MiB "
-             "(larger than the cache budget: not kept)", quoted(dl.obj.uri), dl.bytes_fetched / 2**20,
-             dl.obj.size / 2**20, extra={"event": "unkept_stopped", "key": dl.obj.key,
-                                         "bytes": dl.bytes_fetched})
+    # Opened and closed with every read answered by the page cache: nothing to say.
+    log.log(logging.INFO if dl.bytes_fetched else logging.DEBUG,
+            "%s: nobody reads it any more; its download stopped after %.1f of %.1f MiB "
+            "(larger than the cache budget: not kept)", quoted(dl.obj.uri), dl.bytes_fetched / 2**20,
+            dl.obj.size / 2**20, extra={"event": "unkept_stopped", "key": dl.obj.key, "bytes": dl.bytes_fetched})
     runner.retire(dl)

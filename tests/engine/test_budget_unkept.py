@@ -134,3 +134,30 @@ async def test_an_open_right_after_the_stop_does_not_follow_its_own_lock(remote:
             e.handles.release(fh)  # stops the download; its lock goes back in a thread
         assert not e.fetcher._foreign
     assert "another lazyfs process" not in caplog.text
+
+
+@trio_test
+@quick
+async def test_an_open_of_a_file_larger_than_the_budget_fetches_nothing_until_a_read_asks(
+        remote: FakeRemote, stores, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every open of such a file starts a new download, and the kernel may
+    answer all its reads from its page cache (a tester's four `sha256sum`s
+    of a 39 MiB file with a 30 MiB budget sent 138 MiB, nearly all of it
+    after the first, while the page cache held the whole file).  Its sweep
+    waits for a first read now: an open and a close with no read in
+    between fetch nothing and log nothing."""
+    big, data = put(remote, "m/huge.bin", SIZE)
+    e = Engine(remote, stores(), tmp_path / "store", max_bytes=2 * UNIT, max_connections=2)
+    caplog.set_level(logging.INFO, logger="lazyfs")
+    async with e.running():
+        for _ in range(3):
+            fh = await e.handles.open(big)
+            await trio.sleep(0.2)  # (time for requests it should not send)
+            assert not remote.gets(big.key), "fetched before any read asked"
+            e.handles.release(fh)
+        assert "its download stopped" not in caplog.text
+        fh = await e.handles.open(big)  # a read asks: the sweep follows it
+        assert bytes(await e.handles.read(fh, 0, SIZE)) == data
+        e.handles.release(fh)
+        await e.settled()
+    assert e.kept() == set()
