@@ -301,8 +301,9 @@ class Runner:
             self.bytes_published += dl.obj.size
         TIMINGS.download(elapsed)
         checked = dl.verified not in ("", UNVERIFIED)
-        log.info("fetched %s: %d bytes in %.2f s (%.1f MB/s) from S3, %s", quoted(dl.obj.uri), dl.obj.size, elapsed,
-                 dl.bytes_fetched / elapsed / 1e6, f"verified by {dl.verified}" if checked else "unverified",
+        came = "from S3" if dl.bytes_fetched >= dl.obj.size else f"{dl.bytes_fetched} of them from S3, the rest resumed"
+        log.info("fetched %s: %d bytes in %.2f s (%.1f MB/s) %s, %s", quoted(dl.obj.uri), dl.obj.size, elapsed,
+                 dl.bytes_fetched / elapsed / 1e6, came, f"verified by {dl.verified}" if checked else "unverified",
                  extra={"event": "fetched", "key": dl.obj.key, "bytes": dl.obj.size,
                         "seconds": round(elapsed, 3), "mbps": round(dl.bytes_fetched / elapsed / 1e6, 1),
                         "source": "s3", "verified": dl.verified or UNVERIFIED})
