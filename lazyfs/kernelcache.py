@@ -41,8 +41,8 @@ class KernelCache:
     def forget_names(self, diff: Diff) -> int:
         """Forget the names a refresh changed, so the kernel looks them up
         again (a changed file then gets its new version's inode), and the
-        attributes of the folders holding them (their dates and link counts
-        follow their contents).  Only names whose meaning changed: a file
+        attributes of the folders holding them and of every folder above
+        whose date moved (dates and link counts follow their contents).  Only names whose meaning changed: a file
         added, removed or replaced, a folder that appeared or vanished.  Never
         the name of a folder that stays a folder: the kernel drops everything
         cached below a name it forgets, so every closed file under it would
@@ -61,8 +61,11 @@ class KernelCache:
         names.update(_split(path) for path in diff.folders)
         entries = [(ino, os.fsencode(name)) for parent, name in sorted(names)
                    if (ino := self.inodes.peek(parent)) is not None]
-        folders = sorted({ino for ino, _ in entries})
-        if entries:
+        # Their folders' attributes, and those of every folder above whose date moved (a folder is
+        # as new as its newest file anywhere below: `stat` of a grandparent showed the old date).
+        redated = (ino for path in diff.redated if (ino := self.inodes.peek(path)) is not None)
+        folders = sorted({ino for ino, _ in entries}.union(redated))
+        if entries or folders:
             self._start(functools.partial(_forget_entries, entries, folders))
         return len(entries)
 

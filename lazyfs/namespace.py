@@ -308,9 +308,13 @@ class Diff:
     # Every other folder on the way to an added or removed file is the same
     # folder before and after, and its name must stay cached (kernelcache.py).
     folders: tuple[str, ...] = ()
+    # Folders in both snapshots whose date changed: a folder is dated by the
+    # newest file anywhere below it, so a file added deep down redates every
+    # folder above it, not only the one holding it (kernelcache.py).
+    redated: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.changed or self.folders)
+        return bool(self.added or self.removed or self.changed or self.folders or self.redated)
 
 
 def diff_trees(old: Tree, new: Tree) -> Diff:
@@ -321,7 +325,10 @@ def diff_trees(old: Tree, new: Tree) -> Diff:
     removed = tuple(o for k, o in before.items() if k not in after)
     changed = tuple((before[k], o) for k, o in after.items()
                     if k in before and not before[k].same_bytes(o))
-    return Diff(added, removed, changed, _folders_changed(old, new, added + removed))
+    # A file uploaded again with the same bytes is no change, but its new Last-Modified redates its folders.
+    touched = added + removed + tuple(o for k, o in after.items() if k in before and before[k] != o)
+    return Diff(added, removed, changed, _folders_changed(old, new, added + removed),
+                _folders_redated(old, new, touched))
 
 
 def _folders_changed(old: Tree, new: Tree, moved: tuple[RemoteObject, ...]) -> tuple[str, ...]:
@@ -337,5 +344,23 @@ def _folders_changed(old: Tree, new: Tree, moved: tuple[RemoteObject, ...]) -> t
                 continue
             seen.add(path)
             if isinstance(old.find(path), DirNode) != isinstance(new.find(path), DirNode):
+                out.append(path)
+    return tuple(sorted(out))
+
+
+def _folders_redated(old: Tree, new: Tree, touched: tuple[RemoteObject, ...]) -> tuple[str, ...]:
+    """The folders above added, removed or changed files (the root too) that
+    are folders in both snapshots with different dates; each path looked at once."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for obj in touched:
+        parts = obj.key.split("/")
+        for depth in range(len(parts)):
+            path = "/".join(parts[:depth])
+            if path in seen:
+                continue
+            seen.add(path)
+            before, after = old.find(path), new.find(path)
+            if isinstance(before, DirNode) and isinstance(after, DirNode) and before.mtime_ns != after.mtime_ns:
                 out.append(path)
     return tuple(sorted(out))

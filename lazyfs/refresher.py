@@ -97,6 +97,6 @@ class Refresher:
                     listener(diff)
                 except Exception as e:
                     supervise.failed(f"listener {getattr(listener, '__qualname__', listener)}", e)
-            log.info("listing changed: %d added, %d removed, %d changed",
-                     len(diff.added), len(diff.removed), len(diff.changed))
+            log.info("listing changed: %d added, %d removed, %d changed%s", len(diff.added), len(diff.removed),
+                     len(diff.changed), "" if diff.added or diff.removed or diff.changed else " (new dates only)")
         return diff

@@ -1,19 +1,22 @@
 """End to end: what POSIX tools see of a mount, through the CLI against moto.
 Inode numbers that stay the same while the kernel forgets and looks up again
 (tar --listed-incremental, rsync -H, find's loop check rely on them); "." and
-".." in every listing, read in as many getdents calls as it takes; and
-`df -i` that does not show every inode used."""
+".." in every listing, read in as many getdents calls as it takes;
+`df -i` that does not show every inode used; and folder dates that follow a
+refresh all the way up."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
-from support.mounting import FS
+from support.mounting import FS, wait_until
 from support.pagecache import KERNEL_CACHES
 
 pytestmark = pytest.mark.fuse
@@ -138,3 +141,22 @@ def test_df_i_shows_the_store_disks_inodes_not_all_used(mount, s3, bucket, fs: F
     assert df.returncode == 0, df.stderr
     use = df.stdout.splitlines()[-1].split()[4]
     assert use != "100%" and use == fs.sh("df", "-i", str(store)).stdout.splitlines()[-1].split()[4], df.stdout
+
+
+def test_a_refresh_redates_every_folder_above_a_new_file(mount, s3, bucket, fs: FS, tmp_path: Path):
+    """A folder is as new as its newest file anywhere below.  Before: after a
+    refresh only the folder holding the new file showed the new date; `stat`
+    of its parent and grandparent kept the old one for up to five minutes (the
+    kernel's attribute cache), so two mounts showed different dates."""
+    put_many(s3, bucket, [f"{P}/a/b/c/old.py", f"{P}/a/b/c/deep/.keep"])
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", store=tmp_path / "store")
+    folders = [m.path / P / "a", m.path / P / "a/b", m.path / P / "a/b/c", m.path / P / "a/b/c/deep"]
+    before = [fs.stat(p).st_mtime for p in folders]
+    time.sleep(1.1)  # Last-Modified has whole seconds
+    s3.put_object(Bucket=bucket, Key=f"{P}/a/b/c/deep/new.py", Body=b"x")
+    new = s3.head_object(Bucket=bucket, Key=f"{P}/a/b/c/deep/new.py")["LastModified"].timestamp()
+    assert new > max(before)
+    done = m.log().count("listing changed")
+    m.process.send(signal.SIGHUP)
+    wait_until(lambda: m.log().count("listing changed") > done, what="the refresh")
+    assert [fs.stat(p).st_mtime for p in folders] == [new] * 4

@@ -131,3 +131,21 @@ async def test_a_folder_that_vanished_is_forgotten_by_name(monkeypatch: pytest.M
         assert kernel.forget_names(diff) == 1  # "x" in "m"; the kernel never looked into "m/x"
         await kernel.settle()
     assert entries == [(top, b"x")] and attrs == [(top, True)] and folder not in {i for i, _ in attrs}
+
+
+@trio_test
+async def test_a_file_added_deep_down_refreshes_the_attributes_of_every_folder_it_redates(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: only the folder holding the new file was refreshed, and `stat`
+    of its grandparent showed the old date for up to five minutes."""
+    entries, attrs = recorded_notifications(monkeypatch)
+    inodes = InodeTable()
+    kernel = KernelCache(inodes)
+    a, b, c = inodes.ino("a"), inodes.ino("a/b"), inodes.ino("a/b/c")
+    old = [RemoteObject("b", "a/b/c/f", 1, '"f"', 10)]
+    added = RemoteObject("b", "a/b/c/deep/new.py", 1, '"n"', 20)
+    with trio.fail_after(10):
+        assert kernel.forget_names(diff_trees(build_tree(old), build_tree([*old, added]))) == 1  # "deep" in c
+        await kernel.settle()
+    assert entries == [(c, b"deep")]
+    assert sorted(ino for ino, _ in attrs) == sorted([1, a, b, c]) and all(only for _, only in attrs)

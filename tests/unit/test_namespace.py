@@ -82,6 +82,19 @@ def test_diff_trees_names_the_folders_that_appeared_or_vanished() -> None:
     assert diff_trees(old, new).folders == ("p/new", "p/new/deep", "p/old", "p/old/deep", "p/x")
 
 
+def test_diff_trees_names_every_folder_above_whose_date_moved() -> None:
+    """A folder is dated by its newest file anywhere below: a file added deep
+    down redates each folder above it, the root too, and none beside."""
+    old = build_tree([obj("a/b/c/f", mtime=10), obj("a/x/g", mtime=30), obj("z/h", mtime=10)])
+    new = build_tree([obj("a/b/c/f", mtime=10), obj("a/x/g", mtime=30), obj("z/h", mtime=10),
+                      obj("a/b/c/deep/new.py", mtime=20)])
+    assert diff_trees(old, new).redated == ("a/b", "a/b/c")  # "a" and the root stay 30 (a/x/g)
+    newer = build_tree([obj("a/b/c/f", mtime=10), obj("a/x/g", mtime=30), obj("z/h", etag="2", mtime=40)])
+    assert diff_trees(old, newer).redated == ("", "z")  # a new version redates too
+    again = build_tree([obj("a/b/c/f", mtime=10), obj("a/x/g", mtime=30), obj("z/h", mtime=40)])
+    assert diff_trees(old, again).redated == ("", "z")  # and the same bytes uploaded again (no change else)
+
+
 def test_inodes_are_per_version_and_forgotten_at_zero() -> None:
     v1, v2 = obj("p/f", etag="1"), obj("p/f", etag="2")
     table = InodeTable(lambda ref: ref != v1)  # v2 replaced v1 in the listing
