@@ -67,7 +67,7 @@ def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
     if entry is not None and entry.fstype.startswith("fuse"):
         raise MountError(f"{cfg.target} is a mount ({entry.fstype}): bake into a plain folder "
                          "(unmount it first, or choose another --to)")
-    store = Store.open(str(cfg.target), mode=cfg.store_mode, create=True)
+    store = Store.open(str(cfg.target), mode=cfg.store_mode, create=True, file_mode=cfg.file_mode)
     baking, making = Baking(), lockcmd.Making()
     try:
         remote = Remote(cfg.remote)

@@ -44,6 +44,8 @@ StoreMode = Literal["private", "group", "public"]
 # (--allow-other), whatever the store's parent allows.  "group" (0750) and "public" (0755):
 # other users' processes read the store directly (a baked image mounted as another user).
 DEFAULT_STORE_MODE: StoreMode = "private"
+# --file-mode (mount, bake): files' permission bits, as S3 keeps none; read-only unless asked (filemodes.py).
+DEFAULT_FILE_MODE = 0o444
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +146,8 @@ class MountConfig:
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     store_mode: StoreMode = DEFAULT_STORE_MODE
-    # --lock: serve exactly the versions it pins (pinned.py); None: what the listing shows.
-    lock: Lock | None = None
+    file_mode: int = DEFAULT_FILE_MODE
+    lock: Lock | None = None  # --lock: serve exactly the versions it pins (pinned.py); None: what the listing shows
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
@@ -160,10 +162,9 @@ class BakeConfig:
     target: Path
     log_level: str = "info"
     store_mode: StoreMode = DEFAULT_STORE_MODE
-    # --lock: bake exactly its versions (no listing); None: what the listing shows.
-    lock: Lock | None = None
-    # --write-lock: make a lock first, bake exactly it, then write it here.
-    write_lock: Path | None = None
+    file_mode: int = DEFAULT_FILE_MODE  # only its execute bits count, where store_mode lets read (store.py)
+    lock: Lock | None = None  # --lock: bake exactly its versions (no listing); None: what the listing shows
+    write_lock: Path | None = None  # --write-lock: make a lock first, bake exactly it, then write it here
     configs: tuple[ConfigRef, ...] = ()  # recorded in a lock made here
     memory_limit: int = memlimit.DEFAULT  # buffers of the ranged GETs in flight, as a mount's (memlimit)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
@@ -331,7 +332,7 @@ def mount_config(args: Mapping[str, Any], env: Mapping[str, str]) -> MountConfig
         check_directory(store, "store", missing_ok=True)
     values = {name: args[name] for name in ("allow_other", "log_level", "read_ahead", "refresh", "cache_max_size",
                                             "memory_limit", "xattrs", "passthrough", "direct_io",
-                                            "metrics_port", "metrics_addr", "store_mode")
+                                            "metrics_port", "metrics_addr", "store_mode", "file_mode")
               if args.get(name) is not None}
     fetch = fetch_config(args, values.get("memory_limit", memlimit.DEFAULT))
     return MountConfig(mountpoint=mnt, sources=sources, store=store, prebaked=_layers(args.get("prebaked") or ()),
@@ -348,9 +349,9 @@ def bake_config(args: Mapping[str, Any], env: Mapping[str, str]) -> BakeConfig:
     to = resolve_mountpoint(args.get("to"), configs)
     if not is_fuse_mount(to):  # a mount is refused by bake itself
         check_directory(to, "--to folder", missing_ok=True)
-    memory = args.get("memory_limit") or memlimit.DEFAULT
-    return BakeConfig(sources=sources, target=to, log_level=args.get("log_level") or "info",
-                      store_mode=args.get("store_mode") or DEFAULT_STORE_MODE, lock=lock,
+    memory, file_mode = args.get("memory_limit") or memlimit.DEFAULT, args.get("file_mode") or DEFAULT_FILE_MODE
+    return BakeConfig(sources=sources, target=to, log_level=args.get("log_level") or "info", lock=lock,
+                      store_mode=args.get("store_mode") or DEFAULT_STORE_MODE, file_mode=file_mode,
                       write_lock=_output(args.get("write_lock"), "--write-lock"), configs=_config_refs(configs),
                       memory_limit=memory, remote=remote_config(args, env), fetch=fetch_config(args, memory))
 

@@ -22,6 +22,7 @@ import trio
 
 from lazyfs.catalog import Catalog
 from lazyfs.errors import LazyfsError, errno_of
+from lazyfs.filemodes import LOOK_BATCH, FileModes
 from lazyfs.handles import Handles
 from lazyfs.inodes import InodeRef, InodeTable, listed_in, ref_of
 from lazyfs.kernelcache import KernelCache
@@ -98,8 +99,9 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, catalog: Catalog, handles: Handles, space: StoreSpace,
                  stats_file: Callable[[], bytes] = lambda: b"{}\n", xattrs: bool = True,
-                 passthrough: bool = True, direct_io: bool = True) -> None:
+                 passthrough: bool = True, direct_io: bool = True, modes: FileModes | None = None) -> None:
         super().__init__()
+        self.modes = modes or FileModes()  # files' permission bits (--file-mode, copies' execute bits)
         # A pyfuse3 built by scripts/native/build-pyfuse3 asks for passthrough at INIT when this
         # attribute is set: backing files may be on one stacked filesystem (overlayfs, a container's root).
         register = getattr(pyfuse3, "passthrough_open", None) if passthrough else None
@@ -154,7 +156,7 @@ class Operations(pyfuse3.Operations):
             a.attr_timeout = a.entry_timeout = 0  # changes all the time
             mtime = time.time_ns()
         elif isinstance(ref, RemoteObject):
-            a.st_mode = stat.S_IFREG | 0o444
+            a.st_mode = stat.S_IFREG | self.modes.shown(ref)
             a.st_nlink = 1
             a.st_size = ref.size
             a.st_blocks = -(-ref.size // 512)
@@ -195,6 +197,7 @@ class Operations(pyfuse3.Operations):
             miss.st_ino = 0  # a negative entry the kernel may cache
             miss.entry_timeout = NEGATIVE_TIMEOUT
             return miss
+        await self.modes.learn((child,))
         ino = self.inodes.lookup(ref_of(child))
         return self._attrs(ino, child)
 
@@ -222,6 +225,7 @@ class Operations(pyfuse3.Operations):
             return self._attrs(inode, node if isinstance(node, DirNode) else ref)
         if ref == STATUS_DIR:
             return self._attrs(inode, DirNode(STATUS_NAME, {}, time.time_ns()))
+        await self.modes.learn((ref,), again=True)  # asked before the kernel refuses to run a file
         return self._attrs(inode, ref)
 
     # -- directories ----------------------------------------------------------------
@@ -245,7 +249,9 @@ class Operations(pyfuse3.Operations):
         for i, (name, dot) in enumerate(((b".", ino), (b"..", parent))):
             if i >= start_id and not pyfuse3.readdir_reply(token, name, self._attrs(dot, node), i + 1):
                 return
-        for i in range(max(start_id, 2) - 2, len(node.names)):
+        first = max(start_id, 2) - 2
+        await self.modes.learn(node.children[name] for name in node.names[first:first + LOOK_BATCH])
+        for i in range(first, len(node.names)):
             child = node.children[node.names[i]]
             ino = self.inodes.lookup(ref_of(child))
             if not pyfuse3.readdir_reply(token, os.fsencode(node.names[i]), self._attrs(ino, child), i + 3):
@@ -317,18 +323,12 @@ class Operations(pyfuse3.Operations):
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         st = await self.space.current()
         out = pyfuse3.StatvfsData()
-        out.f_bsize = st.f_bsize
-        out.f_frsize = st.f_frsize
-        out.f_blocks = st.f_blocks
-        out.f_bfree = st.f_bfree
-        out.f_bavail = st.f_bavail
-        # Inodes as for blocks: the store's filesystem, whose free inodes are
+        # Blocks and inodes: the store's filesystem's, whose free inodes are
         # what bounds the files lazyfs can still fetch (Mountpoint and gcsfuse,
         # which keep nothing on disk, report a huge count, all free).  Not the
         # listing's file count, all used: `df -i` showed 100% on every mount.
-        out.f_files = st.f_files
-        out.f_ffree = st.f_ffree
-        out.f_favail = st.f_favail
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(out, name, getattr(st, name))
         out.f_namemax = 255
         return out
 

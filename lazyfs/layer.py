@@ -11,6 +11,7 @@ All functions block: call them from worker threads.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -40,6 +41,12 @@ class Permissions:
 
     folder: int
     file: int
+    # Execute bits of published files (bake's and a mount's --file-mode): S3 keeps no mode, so a file is
+    # executable only when asked for, and then by whoever may read it; metadata files never are.
+    executable: int = 0
+
+    def with_exec(self, file_mode: int) -> Permissions:
+        return dataclasses.replace(self, executable=exec_bits(file_mode, self.file))
 
 
 STORE_MODES = {
@@ -47,6 +54,11 @@ STORE_MODES = {
     "group": Permissions(0o750, 0o440),  # the daemon's group may read the store
     "public": Permissions(0o755, 0o444),  # anyone who can reach the store (lazyfs before --store-mode)
 }
+
+
+def exec_bits(mode: int, readable: int) -> int:
+    """The execute bits of `mode` for whoever `readable` lets read (0o444 -> 0o111)."""
+    return mode & 0o111 & ((readable & 0o444) >> 2)
 
 
 class Layer:

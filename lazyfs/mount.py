@@ -36,6 +36,7 @@ from lazyfs.drift import DriftWatch
 from lazyfs.errors import RemoteError, RemoteUnavailable, StoreError
 from lazyfs.fetch import Fetcher
 from lazyfs.filemap import PageBudget
+from lazyfs.filemodes import FileModes
 from lazyfs.fuse_ops import Operations
 from lazyfs.handles import Handles
 from lazyfs.kernelcache import KernelCache
@@ -81,7 +82,8 @@ def open_store(cfg: MountConfig) -> Store:
             root = Layer.open(str(cfg.mountpoint), True, "store")
         else:
             root = Layer.open(str(cfg.store), True, "store", create_mode=STORE_MODES[cfg.store_mode].folder)
-        return Store.open(root.path, [str(p) for p in cfg.prebaked], root_fd=root.fd, mode=cfg.store_mode)
+        return Store.open(root.path, [str(p) for p in cfg.prebaked], root_fd=root.fd, mode=cfg.store_mode,
+                          file_mode=cfg.file_mode)
     except OSError as e:
         raise StoreError(f"cannot use store {cfg.store_path}: {e.strerror}", e.errno or errno.EIO) from None
 
@@ -222,7 +224,8 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
     drift = DriftWatch(pin, catalog.lister, cfg.sources, cfg.refresh) if pin is not None else None
     space = StoreSpace(store.fsinfo)
     view = MountView(catalog, fetcher, handles, store, space, str(cfg.mountpoint), drift)
-    ops = Operations(catalog, handles, space, view.snapshot_bytes, cfg.xattrs, cfg.passthrough, cfg.direct_io)
+    ops = Operations(catalog, handles, space, view.snapshot_bytes, cfg.xattrs, cfg.passthrough, cfg.direct_io,
+                     FileModes(cfg.file_mode, store.layers))
     fetcher.hooks.on_bad_data = ops.kernel.drop_pages
     if cfg.metrics_port is not None:
         from lazyfs.prometheus import serve_metrics  # only when asked: start-up time

@@ -7,6 +7,7 @@ tables follow these (tests/unit/test_options.py checks that none is missing).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, get_args
 
@@ -164,6 +165,27 @@ STORE_MODE = Option(
     "(0700, files 0400), group (0750, 0440) or public (0755, 0444)", choices=get_args(StoreMode),
     default=(MountConfig, "store_mode"))
 
+
+
+def _file_mode(text: str, flag: str) -> int:
+    """Octal permission bits a read-only file can have: read and execute."""
+    digits = text.strip().removeprefix("0o")
+    if not re.fullmatch("[0-7]{3,4}", digits):
+        raise ConfigError(f"{flag} {echoed(text)} is not an octal mode such as 0444 or 0555")
+    mode = int(digits, 8)
+    if mode & ~0o777 or mode & 0o222:
+        raise ConfigError(f"{flag} {echoed(text)} has bits a read-only file cannot have: use read (4) and execute "
+                          "(1) bits only, such as 0444 or 0555")
+    if not mode & 0o400:
+        raise ConfigError(f"{flag} {echoed(text)} would keep the files' owner from reading them (give 0400)")
+    return mode
+
+
+FILE_MODE = Option(
+    "--file-mode", "permission bits of the files (S3 keeps none), octal: read and execute bits only, 0555 to run "
+    "programs from the mount; a local copy that is executable keeps its execute bits", "MODE", check=_file_mode,
+    default=(MountConfig, "file_mode", lambda mode: f"{mode:04o}"))
+
 LOGGING = (
     Option("--log-level", "log verbosity on stderr (default info)", type=str.lower, choices=LOG_LEVELS),
     Option("--log-format", "text for people, json (one object per line) for log collectors (default text)",
@@ -192,6 +214,7 @@ MOUNT = (
            kind="append"),
     Option("--allow-other", "let other users read the mount", kind="flag"),
     STORE_MODE,
+    FILE_MODE,
     *TRANSFER,
     ETAG_CHECK,
     Option("--read-deadline", "longest a read waits for its bytes before failing with EIO", "SECONDS",
@@ -245,6 +268,9 @@ BAKE = (
            "it to FILE", "FILE"),
     Option("--to", f"target folder (default: {_DEFAULT_LOCATION})", "DIR"),
     STORE_MODE,
+    Option("--file-mode", "execute bits of the baked files, octal (read comes from --store-mode): 0555 to run "
+           "programs from the image, with and without a mount; read and execute bits only", "MODE", check=_file_mode,
+           default=(MountConfig, "file_mode", lambda mode: f"{mode:04o}")),
     *TRANSFER,
     MEMORY_LIMIT,
     ETAG_CHECK,

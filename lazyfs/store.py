@@ -67,12 +67,13 @@ class Store:
 
     @classmethod
     def open(cls, store_path: str, prebaked: Iterable[str] = (), root_fd: int | None = None,
-             mode: str = "private", create: bool = False) -> Store:
+             mode: str = "private", create: bool = False, file_mode: int = 0) -> Store:
         """Open (and lay out) a store; `mode` names the permissions of what it
         creates (layer.STORE_MODES), the store's own folder too with `create`.
         It owns `root_fd` from here on, and closes it, and everything else it
-        opened, if it fails."""
-        permissions = STORE_MODES[mode]
+        opened, if it fails.  Published files are executable where
+        `file_mode` (--file-mode) says so."""
+        permissions = STORE_MODES[mode].with_exec(file_mode)
         root = Layer(root_fd, store_path, True, "store") if root_fd is not None \
             else Layer.open(store_path, True, "store", permissions.folder if create else None)
         store = cls(root, (), permissions)
@@ -237,7 +238,7 @@ class Store:
         # The record first: a user.* attribute needs write permission, which
         # only CAP_DAC_OVERRIDE would grant once the file is read-only.
         self.identities.write(fd, Identity.of(obj, origin, verified))
-        os.fchmod(fd, self.permissions.file)
+        os.fchmod(fd, self.permissions.file | self.permissions.executable)
 
     def _place(self, tmp_name: str, obj: RemoteObject, keep_newer: bool = True, listed: bool = False) -> bool:
         """Rename a finished file from tmp/ to its key path and index its

@@ -67,6 +67,12 @@ def test_help_shows_the_defaults_of_the_config_classes() -> None:
     # More memory than any machine has (past 32 EiB the CRT's buffer count wrapped: an internal error).
     ("memory_limit", "1025P", "--memory-limit 1025P is too large (at most 1PiB: more memory than any machine has)"),
     ("memory_limit", "36893488147687538688", "--memory-limit 36893488147687538688 is too large (at most 1PiB"),
+    # The mount is read-only: a write bit would be a lie, setuid a risk.
+    ("file_mode", "0644", "--file-mode 0644 has bits a read-only file cannot have: use read (4) and execute (1)"),
+    ("file_mode", "1555", "--file-mode 1555 has bits a read-only file cannot have"),
+    ("file_mode", "rwx", "--file-mode rwx is not an octal mode such as 0444 or 0555"),
+    ("file_mode", "0088", "--file-mode 0088 is not an octal mode"),
+    ("file_mode", "0044", "--file-mode 0044 would keep the files' owner from reading them (give 0400)"),
 ])
 def test_bad_values_are_one_sentence_naming_the_flag(flag: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -76,6 +82,7 @@ def test_bad_values_are_one_sentence_naming_the_flag(flag: str, value: object, m
 @pytest.mark.parametrize("flag, value, expected", [
     ("part_size", "5GiB", 5 << 30), ("part_size", "64KiB", 64 << 10),
     ("read_ahead", "0", 0), ("read_ahead", "4K", 4096), ("read_ahead", "16MiB", 16 << 20),
+    ("file_mode", "0555", 0o555), ("file_mode", "444", 0o444), ("file_mode", "0o0500", 0o500),
 ])
 def test_the_bounds_themselves_are_accepted(flag: str, value: str, expected: int) -> None:
     assert options.parse_options(options.MOUNT, {flag: value})[flag] == expected
