@@ -310,6 +310,9 @@ def test_no_xattrs_turns_the_attributes_off(mount, s3, bucket, fs: FS):
     with pytest.raises(OSError) as info:
         fs.run(os.getxattr, str(m.file(f"{P}/x.bin")), "user.lazyfs.state")
     assert info.value.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
+    with pytest.raises(OSError) as info:  # what the README says programs see (lazyfs answers ENOSYS)
+        fs.run(os.listxattr, str(m.file(f"{P}/x.bin")))
+    assert info.value.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
     assert fs.read(m.file(f"{P}/x.bin")) == b"x"
 
 
