@@ -4,8 +4,10 @@ The C client (what Mountpoint and s3torchconnector build on) runs HTTP, TLS
 and its connections on its own event-loop threads; Python sees one callback
 per part received, which it writes into the sparse file.  boto3 keeps
 everything else (listings, HEADs, the configuration), and lends this client
-its credentials: one chain (profiles, SSO, IRSA, container roles,
-environment), refreshed by botocore, signed by the CRT.
+what botocore resolved: where to send a GET (the endpoint from a flag, the
+environment or the profile, with any path; the region; the CA bundle it
+trusts) and its credentials: one chain (profiles, SSO, IRSA, container
+roles, environment), refreshed by botocore, signed by the CRT.
 
 `fetch_range_crt` has the contract of ranged_get.fetch_range_blocking: it
 runs in a worker thread, writes only its own byte range, and tells the trio
@@ -15,12 +17,14 @@ thread about progress through the job's callbacks.
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
 import logging
 import random
 import re
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from lazyfs.config import FetchConfig, RemoteConfig
@@ -40,29 +44,69 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.2
 _CHECKSUMS = ("crc64nvme", "crc32c", "crc32", "sha256", "sha1")
 _GAVE_UP_ON = {"AWS_ERROR_S3_INTERNAL_ERROR": (500, "InternalError"), "AWS_ERROR_S3_SLOW_DOWN": (503, "SlowDown")}
+# A bucket name that can be a DNS label (botocore's isVirtualHostableS3Bucket).
+_HOST_LABELS = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where boto3's client sends its requests, as botocore resolved it (flags,
+    environment, the profile's endpoint_url and ca_bundle): the CRT's GETs go
+    to the same place, the same way (remote.Remote has these; its addressing
+    style is lazyfs's, which botocore puts before the profile's)."""
+
+    url: str  # with any path a gateway puts before the bucket
+    region: str
+    addressing_style: str  # "auto", "path" or "virtual"
+    verify: bool | str = True  # False: no certificate check; a path: the CA bundle to trust
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _tls_options(verify: bool | str) -> Any:
+    """The CRT's TLS, trusting what botocore trusts: the system's store, a CA
+    bundle (AWS_CA_BUNDLE, the profile's ca_bundle), or no check at all."""
+    from awscrt import io
+
+    options = io.TlsContextOptions()
+    if isinstance(verify, str):
+        options.override_default_trust_store_from_path(ca_filepath=verify)
+    elif not verify:
+        options.verify_peer = False
+    return io.ClientTlsContext(options).new_connection_options()
 
 
 class CrtTransfer:
     """One awscrt S3 client for the process's ranged GETs."""
 
-    def __init__(self, cfg: RemoteConfig, region: str, credentials: Callable[[], tuple[str, str, str | None]],
+    def __init__(self, cfg: RemoteConfig, endpoint: Endpoint, credentials: Callable[[], tuple[str, str, str | None]],
                  part_size: int, max_connections: int, buffers: int = MIN_MEMORY) -> None:
         from awscrt import auth, io, s3  # imported when chosen: start-up does not pay for it
 
         self.cfg = cfg
+        self._endpoint = endpoint
+        url = urllib.parse.urlsplit(endpoint.url)
+        self._https = url.scheme == "https"
+        self._host = url.hostname or ""
+        self._port = url.port
+        # A gateway's path (http://host/gw): botocore puts it before the bucket or key, so do we.
+        self._prefix = url.path.rstrip("/")
+        self._ip_host = _is_ip(self._host)
         self._credentials = credentials
-        endpoint = urllib.parse.urlsplit(cfg.endpoint_url or f"https://s3.{region}.amazonaws.com")
-        self._https = endpoint.scheme == "https"
-        self._host = endpoint.hostname or ""
-        self._port = endpoint.port
-        self._path_style = cfg.addressing_style == "path"
         loops = io.EventLoopGroup(num_threads=2)
         bootstrap = io.ClientBootstrap(loops, io.DefaultHostResolver(loops))
         provider = auth.AwsCredentialsProvider.new_delegate(self._crt_credentials)
-        signing = s3.create_default_s3_signing_config(region=region, credential_provider=provider)
+        signing = s3.create_default_s3_signing_config(region=endpoint.region, credential_provider=provider)
         self._client = s3.S3Client(
-            bootstrap=bootstrap, region=region, signing_config=signing,
+            bootstrap=bootstrap, region=endpoint.region, signing_config=signing,
             tls_mode=s3.S3RequestTlsMode.ENABLED if self._https else s3.S3RequestTlsMode.DISABLED,
+            tls_connection_options=_tls_options(endpoint.verify) if self._https else None,
             # One part per request: bytes arrive in order and a request is one GET.
             part_size=(part_size := max(part_size, 5 * 1024 * 1024)),
             max_active_connections_override=max_connections,
@@ -89,9 +133,18 @@ class CrtTransfer:
         port = f":{self._port}" if self._port else ""
         key = urllib.parse.quote(obj.key, safe="/~")
         query = f"?versionId={urllib.parse.quote(obj.version_id, safe='')}" if obj.version_id else ""
-        if self._path_style or ("." in obj.bucket and self._https):
-            return f"{self._host}{port}", f"/{obj.bucket}/{key}{query}"
-        return f"{obj.bucket}.{self._host}{port}", f"/{key}{query}"
+        if not self._virtual_hosted(obj.bucket):
+            return f"{self._host}{port}", f"{self._prefix}/{obj.bucket}/{key}{query}"
+        return f"{obj.bucket}.{self._host}{port}", f"{self._prefix}/{key}{query}"
+
+    def _virtual_hosted(self, bucket: str) -> bool:
+        """As botocore's endpoint rules: path-style when asked for, for an
+        endpoint given as an IP address, and for a bucket that cannot be a host
+        name (a dot, under TLS, would not match the certificate)."""
+        style = self._endpoint.addressing_style
+        if style == "path" or ("." in bucket and self._https):
+            return False
+        return style == "virtual" or (not self._ip_host and _HOST_LABELS.fullmatch(bucket) is not None)
 
     def fetch(self, job: RangeJob) -> None:
         """GET the job's bytes into the file; after a failure that may pass (a
@@ -296,6 +349,7 @@ def transfer_for(remote: Any, cfg: FetchConfig, memory_limit: int = MIN_MEMORY) 
     Half of --memory-limit (at least 256 MiB) for its buffers."""
     if cfg.transfer_client != "crt":
         return None
-    client = CrtTransfer(remote.cfg, remote.region, remote.frozen_credentials, cfg.part_size, cfg.max_connections,
+    endpoint = Endpoint(remote.endpoint, remote.region, remote.cfg.addressing_style, remote.verify)
+    client = CrtTransfer(remote.cfg, endpoint, remote.frozen_credentials, cfg.part_size, cfg.max_connections,
                          buffer_memory(memory_limit))
     return client.fetch

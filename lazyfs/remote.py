@@ -129,6 +129,7 @@ class Remote:
         ClientAttempts(cfg.max_attempts).register(self._client.meta.events)
         self.endpoint = self._client.meta.endpoint_url
         self.region: str = self._client.meta.region_name or "us-east-1"
+        self.verify: bool | str = core.get_config_variable("ca_bundle") or True  # its TLS trust (and the CRT's)
         self._core = core
 
     def frozen_credentials(self) -> tuple[str, str, str | None]:

@@ -113,7 +113,9 @@ class Mounter:
         if not is_mounted(mnt):  # mkdir's stat of a mount whose daemon hangs would hang too
             mnt.mkdir(parents=True, exist_ok=True)
         argv = list(args)
-        argv += ["--endpoint-url", endpoint or self.proxy.endpoint, "--log-level", "debug"]
+        if endpoint != "":  # "": none, the profile's or the environment's
+            argv += ["--endpoint-url", endpoint or self.proxy.endpoint]
+        argv += ["--log-level", "debug"]
         if self.transfer_client and "--transfer-client" not in argv:
             argv += ["--transfer-client", self.transfer_client]
         if store is not None:
