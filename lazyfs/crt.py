@@ -29,7 +29,15 @@ from typing import Any, Callable
 
 from lazyfs.config import FetchConfig, RemoteConfig
 from lazyfs.crtlimits import MIN_MEMORY, buffer_memory
-from lazyfs.errors import AccessDenied, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable, StoreError
+from lazyfs.errors import (
+    DENIED_CODES,
+    AccessDenied,
+    ObjectChanged,
+    ObjectNotFound,
+    RemoteError,
+    RemoteUnavailable,
+    StoreError,
+)
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta, broke_off
 from lazyfs.ranged_get import RangeJob, Stopped, naming
@@ -252,6 +260,10 @@ class CrtTransfer:
         if status >= 300:
             found = re.search(rb"<Code>([^<]{1,64})</Code>", getattr(e, "body", None) or b"")
             code = found.group(1).decode(errors="replace") if found else code or name
+            if code in DENIED_CODES:  # an expired or unknown token, a bad key: as boto3's (remote.py)
+                message = re.search(rb"<Message>([^<]{1,300})</Message>", getattr(e, "body", None) or b"")
+                said = message.group(1).decode(errors="replace") if message else code
+                return AccessDenied(f"access denied to {where} ({code}: {said})", bucket=obj.bucket, key=obj.key)
             if 400 <= status < 500 and status not in (408, 429):  # refused (a 400 for ?versionId=null): as boto3's
                 return RemoteError(f"{where}: {code}: HTTP {status}", bucket=obj.bucket, key=obj.key)
             return _Answered(obj, f"{code}: HTTP {status}")

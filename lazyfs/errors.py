@@ -64,6 +64,12 @@ class ObjectNotFound(RemoteError):
     errno = errno.ENOENT
 
 
+# The object store's refusals that mean "these credentials may not read this":
+# AccessDenied (EACCES), from either transfer client (remote.py, crt.py).
+DENIED_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+                          "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "403", "Forbidden"})
+
+
 class AccessDenied(RemoteError):
     """Credentials missing, invalid, or not allowed to read this object: the
     bucket's policy or the credentials given, not lazyfs failing, so its line

@@ -25,6 +25,7 @@ import urllib3.exceptions
 
 from lazyfs.clientretries import ClientAttempts, calling
 from lazyfs.config import RemoteConfig, Source
+from lazyfs.errors import DENIED_CODES as _DENIED  # the CRT's refusals are the same (crt.py)
 from lazyfs.errors import AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import HeadInfo, ListPage, ResponseMeta, broke_off
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 
 _OPS = {"list_objects_v2": "LIST", "get_object": "GET", "head_object": "HEAD"}
 
-_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
-           "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "403", "Forbidden"}
 _NOT_FOUND = {"NoSuchKey", "NoSuchVersion", "404", "NotFound"}
 _CHANGED = {"PreconditionFailed", "412"}
 _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",

@@ -1,11 +1,13 @@
 """End to end: the CRT client (`--transfer-client crt`) sends its GETs where
 boto3 sends its requests, as botocore resolved it (README,
 `--transfer-client`): the profile's endpoint_url, an endpoint's path, the CA
-bundle botocore trusts.  Each test runs on both clients: the same setting,
-the same outcome."""
+bundle botocore trusts; and a refusal of the credentials is EACCES from
+either client.  Each test runs on both clients: the same setting, the same
+outcome."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +16,7 @@ import pytest
 
 from support.gateway import Gateway, self_signed_cert
 from support.mounting import FS, Mounter, on_both_clients
-from support.proxy import S3Proxy
+from support.proxy import Fault, S3Proxy
 
 pytestmark = [pytest.mark.fuse, on_both_clients]
 
@@ -76,3 +78,24 @@ def test_an_https_endpoint_signed_by_a_private_ca_is_trusted_as_botocore_trusts_
         assert fs.read(m.file(key), timeout=60) == data
         assert gw.gets(key)
         m.stop()
+
+
+@pytest.mark.parametrize("code", ["ExpiredToken", "InvalidToken", "InvalidAccessKeyId"])
+def test_an_expired_or_unknown_token_is_eacces_with_one_warning(mount: Mounter, proxy: S3Proxy, s3,
+                                                                bucket: str, fs: FS, tmp_path: Path,
+                                                                transfer_client: str, code: str):
+    """S3 answers 400 ExpiredToken (or another refusal of the credentials):
+    boto3's path said EACCES and one WARNING, the CRT's EIO and an ERROR
+    (`object store kept failing (ExpiredToken: HTTP 400)`)."""
+    key, data = _upload(s3, bucket, "x.bin")
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "store")
+    fs.listdir(m.path / P)
+    proxy.add(Fault("status", key=key, status=400, code=code, times=None))
+    with pytest.raises(OSError) as info:
+        fs.read(m.file(key), timeout=60)
+    assert info.value.errno == errno.EACCES
+    said = [ln for ln in m.log().splitlines() if (" ERROR " in ln or " WARNING " in ln) and key in ln]
+    assert said and all(" WARNING " in ln and code in ln for ln in said), said
+    assert "kept failing" not in m.log()
+    proxy.clear_faults()
+    assert fs.read(m.file(key), timeout=60) == data, "the next open did not try again"
