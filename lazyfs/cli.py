@@ -133,6 +133,14 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     # botocore's debug output carries request headers; keep it out of our logs.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # botocore logs a failed credential refresh with its traceback; the read it
+    # fails says the cause in one line (EACCES), so its own line is enough.
+    logging.getLogger("botocore.credentials").addFilter(_without_traceback)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _values(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,7 +7,7 @@ everything else (listings, HEADs, the configuration), and lends this client
 what botocore resolved: where to send a GET (the endpoint from a flag, the
 environment or the profile, with any path; the region; the CA bundle it
 trusts) and its credentials: one chain (profiles, SSO, IRSA, container
-roles, environment), refreshed by botocore, signed by the CRT.
+roles, environment), refreshed by botocore (crtcreds.py), signed by the CRT.
 
 `fetch_range_crt` has the contract of ranged_get.fetch_range_blocking: it
 runs in a worker thread, writes only its own byte range, and tells the trio
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from lazyfs.config import FetchConfig, RemoteConfig
+from lazyfs.crtcreds import BotocoreCredentials, wait_for_credentials
 from lazyfs.crtlimits import MIN_MEMORY, buffer_memory
 from lazyfs.errors import (
     DENIED_CODES,
@@ -106,10 +107,10 @@ class CrtTransfer:
         # A gateway's path (http://host/gw): botocore puts it before the bucket or key, so do we.
         self._prefix = url.path.rstrip("/")
         self._ip_host = _is_ip(self._host)
-        self._credentials = credentials
+        self._creds = BotocoreCredentials(credentials, wait_for_credentials(cfg.read_timeout))
         loops = io.EventLoopGroup(num_threads=2)
         bootstrap = io.ClientBootstrap(loops, io.DefaultHostResolver(loops))
-        provider = auth.AwsCredentialsProvider.new_delegate(self._crt_credentials)
+        provider = auth.AwsCredentialsProvider.new_delegate(self._creds)
         signing = s3.create_default_s3_signing_config(region=endpoint.region, credential_provider=provider)
         self._client = s3.S3Client(
             bootstrap=bootstrap, region=endpoint.region, signing_config=signing,
@@ -128,12 +129,6 @@ class CrtTransfer:
             memory_limit=buffers)
         self._s3 = s3
         self._part_size = part_size
-
-    def _crt_credentials(self) -> Any:
-        from awscrt import auth
-
-        access, secret, token = self._credentials()
-        return auth.AwsCredentials(access, secret, token)
 
     def _target(self, obj: RemoteObject) -> tuple[str, str]:
         """(Host header, path) for `obj`, path-style or virtual-hosted; the
@@ -232,10 +227,15 @@ class CrtTransfer:
             except Exception as e:
                 if state.error is not None:
                     raise state.error from None
+                name = str(getattr(e, "name", ""))
+                if name.startswith("AWS_AUTH_"):  # signing failed for want of credentials (crtcreds.py)
+                    raise self._creds.refused(job.obj, name) from None
                 raise self._translate(e, job.obj, state) from None
             if job.cancelled():
                 raise Stopped()
             if time.monotonic() - state.active > self.cfg.read_timeout:
+                if self._creds.waiting():  # not the network: botocore has not answered
+                    raise self._creds.refused(job.obj, "waiting for credentials")
                 state.stalled = True
                 raise RemoteUnavailable(state.broke_off(f"stalled: no byte for {self.cfg.read_timeout:g} s"),
                                         bucket=job.obj.bucket, key=job.obj.key)

@@ -1,0 +1,121 @@
+"""botocore's credentials, lent to the CRT client (crt.py) through awscrt's
+credentials delegate.
+
+The delegate is called on the CRT's own threads, once per request it signs.
+Two things go wrong there that the CRT cannot say:
+
+- botocore fails to refresh (a credential_process that exits non-zero, an
+  expired SSO session): whatever the delegate raises, awscrt prints its
+  traceback ("Exception ignored in ...") and the request fails as
+  AWS_AUTH_CREDENTIALS_PROVIDER_DELEGATE_FAILURE, which names no cause.  So
+  the delegate remembers botocore's error, raises a marker that the
+  unraisable hook below keeps quiet, and crt.py turns the failure into
+  AccessDenied with the remembered cause: EACCES and one line, as boto3's.
+- botocore's refresh hangs (a credential helper that never answers): the
+  request would wait forever, then the stall watch would blame the network.
+  So botocore is asked in a thread of its own and the delegate waits for it
+  a bounded time (half of --read-timeout: it gives up before the stall
+  watch).  One refresh is in flight at a time; later requests wait for that
+  one rather than start more (botocore's refresh lock would queue them behind
+  it anyway).  A refresh that never returns keeps its thread (botocore holds
+  its refresh lock meanwhile, so no other refresh could succeed either) until
+  the helper exits.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import sys
+import threading
+from typing import Any, Callable
+
+from lazyfs.errors import AccessDenied
+from lazyfs.namespace import RemoteObject
+from lazyfs.wording import quoted
+
+Credentials = tuple[str, str, "str | None"]
+
+
+class CredentialsUnavailable(Exception):
+    """Raised by the delegate to fail a signing; its cause is remembered and said
+    by the read that failed for it, so its traceback is never printed."""
+
+
+def _quiet_unavailable(previous: Callable[[Any], object]) -> Callable[[Any], object]:
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, CredentialsUnavailable):
+            previous(unraisable)
+    hook.lazyfs_quiet = True  # type: ignore[attr-defined]
+    return hook
+
+
+class BotocoreCredentials:
+    """The delegate: botocore's credentials now, or a remembered reason why not."""
+
+    def __init__(self, fetch: Callable[[], Credentials], wait_s: float) -> None:
+        self._fetch = fetch  # remote.Remote.frozen_credentials: refreshes when due, raises when it cannot
+        self._wait_s = wait_s
+        self._lock = threading.Lock()
+        self._pending: concurrent.futures.Future[Credentials] | None = None
+        self._failure = ""  # why the last call gave no credentials ("" once one did)
+        if not getattr(sys.unraisablehook, "lazyfs_quiet", False):
+            sys.unraisablehook = _quiet_unavailable(sys.unraisablehook)
+
+    def __call__(self) -> Any:
+        from awscrt import auth
+
+        access, secret, token = self.get()
+        return auth.AwsCredentials(access, secret, token)
+
+    def get(self) -> Credentials:
+        with self._lock:
+            pending = self._pending
+            if pending is None or pending.done():
+                pending = self._pending = self._start()
+        try:
+            creds = pending.result(timeout=self._wait_s)
+        except concurrent.futures.TimeoutError:
+            raise self._failed(f"no usable AWS credentials: botocore's credential chain gave none within "
+                               f"{self._wait_s:g} s (a credential_process or SSO helper that does not answer?)"
+                               ) from None
+        except AccessDenied as e:  # none at all (remote.py says so)
+            raise self._failed(str(e)) from None
+        except Exception as e:  # botocore's: CredentialRetrievalError, an expired SSO token, ...
+            cause = " ".join(str(e).split())  # a helper's stderr ends in a newline
+            raise self._failed(f"no usable AWS credentials ({type(e).__name__}: {cause})") from None
+        self._failure = ""
+        return creds
+
+    def waiting(self) -> bool:
+        """Whether a refresh is under way (a request that shows no progress may be waiting for it)."""
+        pending = self._pending
+        return pending is not None and not pending.done()
+
+    def refused(self, obj: RemoteObject, crt_error: str) -> AccessDenied:
+        """What a request failed for want of credentials says: the remembered cause."""
+        why = self._failure or f"no usable AWS credentials ({crt_error})"
+        return AccessDenied(f"{quoted(obj.uri)}: {why}", bucket=obj.bucket, key=obj.key)
+
+    def _failed(self, why: str) -> CredentialsUnavailable:
+        self._failure = why
+        return CredentialsUnavailable(why)
+
+    def _start(self) -> concurrent.futures.Future[Credentials]:
+        future: concurrent.futures.Future[Credentials] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self._fetch())
+            except BaseException as e:  # handed to the waiting delegate
+                future.set_exception(e)
+
+        # A daemon: a helper that never answers must not keep the process from exiting.
+        threading.Thread(target=run, name="crt-credentials", daemon=True).start()
+        return future
+
+
+def wait_for_credentials(read_timeout: float) -> float:
+    """How long a signing waits for botocore: half of --read-timeout, so that it
+    gives up, naming credentials, before the stall watch blames the network."""
+    return max(1.0, read_timeout / 2)
+
