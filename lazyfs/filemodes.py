@@ -55,6 +55,8 @@ class FileModes:
     async def learn(self, nodes: Iterable[object], again: bool = False) -> None:
         """Look at the local copies of the files among `nodes` (only those not
         looked at yet, unless `again`; folders and lazyfs's own files have none)."""
+        if exec_bits(0o111, self.file_mode) == self.file_mode & 0o111:
+            return  # --file-mode lets every reader execute already (0555): a copy adds nothing
         wanted = [o for o in nodes if isinstance(o, RemoteObject) and (again or o.version not in self._copies)]
         wanted = wanted[:LOOK_BATCH]
         if not wanted or not self._layers():
