@@ -8,13 +8,9 @@ sessions are not).  Every botocore failure leaves this module as one of the
 
 from __future__ import annotations
 
-import calendar
-import email.utils
 import logging
 import os
 import time
-import urllib.parse
-import xml.etree.ElementTree as ET
 from typing import Any
 
 import botocore.config
@@ -23,6 +19,7 @@ import botocore.loaders
 import botocore.session
 import urllib3.exceptions
 
+from lazyfs import listxml
 from lazyfs.clientretries import ClientAttempts, calling
 from lazyfs.config import RemoteConfig, Source
 from lazyfs.errors import DENIED_CODES as _DENIED  # the CRT's refusals are the same (crt.py)
@@ -46,30 +43,6 @@ _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestT
 _BODY_ERRORS = (botocore.exceptions.ReadTimeoutError, botocore.exceptions.IncompleteReadError,
                 botocore.exceptions.ResponseStreamingError, urllib3.exceptions.HTTPError,
                 ConnectionError, TimeoutError)
-
-
-def _etag(raw: str) -> str:
-    return raw.strip('"')
-
-
-def _mtime_ns(value: Any) -> int:
-    """Last-Modified as integer seconds in ns.  botocore hands timestamps over
-    unparsed (see Remote.__init__): ISO 8601 in listings, an HTTP date in
-    HEAD and GET responses.  A date no parser understands (some S3-compatible
-    stores send odd ones) is 0, the epoch: it only dates the file."""
-    try:
-        if isinstance(value, str):
-            if value[:4].isdigit():  # 2026-12-01T21:33:43.000Z
-                secs = calendar.timegm((int(value[0:4]), int(value[5:7]), int(value[8:10]),
-                                        int(value[11:13]), int(value[14:16]), int(value[17:19])))
-            else:  # Tue, 01 Dec 2026 21:33:43 GMT
-                parsed = email.utils.parsedate(value)
-                secs = calendar.timegm(parsed) if parsed else 0
-            return secs * 1_000_000_000
-        return int(value.timestamp()) * 1_000_000_000
-    except (ValueError, TypeError, AttributeError, OverflowError):
-        log.debug("unparsable Last-Modified %r", value)
-        return 0
 
 
 # Keys the start-up check asks for (see Remote.probe).
@@ -123,7 +96,7 @@ class Remote:
         # boto3 and s3transfer (start-up time).
         self._client: Any = core.create_client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region,
                                                config=config)
-        self._client.meta.events.register("before-parse.s3.ListObjectsV2", _parse_listing_fast)
+        self._client.meta.events.register("before-parse.s3.ListObjectsV2", listxml.parse_listing_fast)
         # Every attempt counted, every retry logged (botocore's retries are its own).
         ClientAttempts(cfg.max_attempts).register(self._client.meta.events)
         self.endpoint = self._client.meta.endpoint_url
@@ -171,7 +144,7 @@ class Remote:
         elif start_after:
             kwargs["StartAfter"] = start_after
         resp = self._call(self._client.list_objects_v2, bucket, prefix, **kwargs)
-        objects, folders, truncated, next_token = _listing(bucket, resp)
+        objects, folders, truncated, next_token = listxml.listing(bucket, resp)
         # A store that says "truncated" without a token cannot be paged on.
         return ListPage(objects, folders, next_token if truncated and next_token else None)
 
@@ -179,7 +152,7 @@ class Remote:
         """The first `max_keys` objects under `prefix`, and whether there are more."""
         resp = self._call(self._client.list_objects_v2, bucket, prefix, Bucket=bucket, Prefix=prefix,
                           MaxKeys=max_keys)
-        objects, _, truncated, _ = _listing(bucket, resp)
+        objects, _, truncated, _ = listxml.listing(bucket, resp)
         return objects, truncated
 
     def probe(self, source: Source) -> ListPage:
@@ -187,13 +160,6 @@ class Remote:
         its first PROBE_KEYS keys, which for a model's folder is the whole
         listing (small enough a page not to hold up the start of a huge one)."""
         return self.list_page(source.bucket, source.prefix, max_keys=PROBE_KEYS)
-
-    @staticmethod
-    def _listed(bucket: str, item: dict[str, Any]) -> RemoteObject:
-        algos = item.get("ChecksumAlgorithm") or ()
-        return RemoteObject(bucket=bucket, key=item["Key"], size=int(item["Size"]),
-                            etag=_etag(item.get("ETag", "")), mtime_ns=_mtime_ns(item["LastModified"]),
-                            checksum_algorithm=algos[0] if algos else "")
 
     # -- objects -------------------------------------------------------------
 
@@ -207,7 +173,8 @@ class Remote:
             kwargs["VersionId"] = version_id
         resp = self._call(self._client.head_object, bucket, key, **kwargs)
         obj = RemoteObject(bucket=bucket, key=key, size=int(resp["ContentLength"]),
-                           etag=_etag(resp.get("ETag", "")), mtime_ns=_mtime_ns(resp["LastModified"]))
+                           etag=listxml.etag(resp.get("ETag", "")),
+                           mtime_ns=listxml.mtime_ns(resp["LastModified"]))
         sse = resp.get("ServerSideEncryption") or ""
         etag_is_md5 = self.cfg.etag_is_md5 and sse in ("", "AES256") and not resp.get("SSECustomerAlgorithm")
         return HeadInfo(obj, _checksum_of(resp), etag_is_md5, _version_id(resp))
@@ -310,58 +277,6 @@ class Remote:
         return RemoteError(f"{where}: unexpected {type(e).__name__}: {e}", bucket=bucket, key=key)
 
 
-# -- listings without botocore's generic parser ---------------------------------
-#
-# A 1000-key ListObjectsV2 page costs botocore about 45 ms of CPU to parse into
-# dicts (after the timestamp fix above); ElementTree reads the same page in
-# about 20, and listings are what a mount of a large folder waits for.  The
-# `before-parse` hook (botocore's documented extension point) reads a
-# successful page's XML itself and hands botocore a stub; errors, and anything
-# unexpected, take botocore's normal path.
-
-_STUB = (b'<?xml version="1.0" encoding="UTF-8"?>'
-         b'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"></ListBucketResult>')
-
-
-def _parse_listing_fast(response_dict: dict[str, Any], customized_response_dict: dict[str, Any] | None = None,
-                        **kwargs: Any) -> None:
-    if customized_response_dict is None or response_dict.get("status_code") != 200:
-        return
-    body = response_dict.get("body")
-    if not isinstance(body, (bytes, bytearray)) or not body:
-        return
-    try:
-        root = ET.fromstring(body)
-    except ET.ParseError:
-        return
-    ns = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
-    if root.tag != ns + "ListBucketResult":
-        return
-    decode = (root.findtext(ns + "EncodingType") or "") == "url"
-    unquote = urllib.parse.unquote_plus if decode else (lambda v: v)
-    key, size, etag, mtime, algo = (ns + "Key", ns + "Size", ns + "ETag", ns + "LastModified",
-                                    ns + "ChecksumAlgorithm")
-    contents = [(unquote(c.findtext(key) or ""), int(c.findtext(size) or 0), c.findtext(etag) or "",
-                 c.findtext(mtime) or "", c.findtext(algo) or "") for c in root.iter(ns + "Contents")]
-    prefixes = [unquote(p.findtext(ns + "Prefix") or "") for p in root.iter(ns + "CommonPrefixes")]
-    customized_response_dict["LazyfsListing"] = (
-        contents, prefixes, (root.findtext(ns + "IsTruncated") or "").lower() == "true",
-        root.findtext(ns + "NextContinuationToken"))
-    response_dict["body"] = _STUB
-
-
-def _listing(bucket: str, resp: dict[str, Any]) -> tuple[list[RemoteObject], list[str], bool, str | None]:
-    fast = resp.get("LazyfsListing")
-    if fast is not None:
-        contents, prefixes, truncated, token = fast
-        objects = [RemoteObject(bucket=bucket, key=k, size=n, etag=_etag(e), mtime_ns=_mtime_ns(m),
-                                checksum_algorithm=a) for k, n, e, m, a in contents]
-        return objects, prefixes, truncated, token
-    objects = [Remote._listed(bucket, item) for item in resp.get("Contents", ())]
-    return (objects, [p["Prefix"] for p in resp.get("CommonPrefixes", ())], bool(resp.get("IsTruncated")),
-            resp.get("NextContinuationToken"))
-
-
 def _version_id(resp: dict[str, Any]) -> str:
     """The version id of a bucket that keeps versions.  "null" (an object
     written before versioning was enabled, or while it is suspended) names no
@@ -377,7 +292,7 @@ def _checksum_of(resp: dict[str, Any]) -> tuple[str, str, str] | None:
     some stores (moto) send a composite value bare and without a type, and a
     full-object check against it would call correct bytes corrupt."""
     declared = resp.get("ChecksumType")
-    multipart = "-" in _etag(str(resp.get("ETag", "")))
+    multipart = "-" in listxml.etag(str(resp.get("ETag", "")))
     for algo in ("CRC64NVME", "CRC32C", "CRC32", "SHA256", "SHA1"):
         value = resp.get(f"Checksum{algo}")
         if value:

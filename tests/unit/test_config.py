@@ -268,7 +268,7 @@ def test_the_crt_client_is_built_with_the_buffers_the_check_assumed() -> None:
 
 
 def test_an_unparsable_last_modified_is_the_epoch_not_an_exception() -> None:
-    from lazyfs.remote import _mtime_ns
+    from lazyfs.listxml import mtime_ns as _mtime_ns
 
     assert _mtime_ns("2026-12-01T21:33:43.000Z") == 1796160823 * 10**9
     assert _mtime_ns("Tue, 01 Dec 2026 21:33:43 GMT") == 1796160823 * 10**9
