@@ -237,7 +237,7 @@ def credentials(cfg: DoctorConfig) -> list[Check]:
     try:
         found = Remote.credential_source(cfg.remote)
     except LazyfsError as e:
-        return [Check(FAIL, "credentials", str(e), "check AWS_* variables and ~/.aws files")]
+        return [Check(FAIL, "credentials", str(e), "check AWS_PROFILE, AWS_* variables and ~/.aws files")]
     if found is None:
         return [Check(FAIL, "credentials", "none found in the AWS chain (environment, profiles, "
                       "container/IRSA roles)", "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
@@ -246,8 +246,19 @@ def credentials(cfg: DoctorConfig) -> list[Check]:
     return [Check(OK, "credentials", f"from {method} (access key {key})")]
 
 
+def _client(cfg: DoctorConfig, name: str) -> Remote | Check:
+    """The client, or the line saying why `name` was not checked: no
+    client can be built without credentials (their own line says why)."""
+    try:
+        return Remote(cfg.remote)
+    except LazyfsError:
+        return Check(WARN, name, "not checked: the credentials above are unusable", "fix the credentials first")
+
+
 def endpoint(cfg: DoctorConfig) -> list[Check]:
-    remote = Remote(cfg.remote)
+    remote = _client(cfg, "endpoint")
+    if isinstance(remote, Check):
+        return [remote]
     url = urllib.parse.urlsplit(remote.endpoint)
     host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -260,7 +271,9 @@ def endpoint(cfg: DoctorConfig) -> list[Check]:
 
 
 def sources(cfg: DoctorConfig) -> list[Check]:
-    remote = Remote(cfg.remote)
+    remote = _client(cfg, "folders")
+    if isinstance(remote, Check):
+        return [remote]
     results = []
     for source in cfg.sources:
         try:

@@ -1,4 +1,5 @@
-"""The object store client: the only module that imports boto3 or botocore.
+"""The object store client: with awssession.py (its session and credentials),
+the only module that imports boto3 or botocore.
 
 Blocking by design (boto3 is): callers run these methods in worker threads.
 One client is built per process and shared (boto3 clients are thread-safe,
@@ -9,17 +10,15 @@ sessions are not).  Every botocore failure leaves this module as one of the
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
 import botocore.config
 import botocore.exceptions
-import botocore.loaders
 import botocore.session
 import urllib3.exceptions
 
-from lazyfs import listxml
+from lazyfs import awssession, listxml
 from lazyfs.clientretries import ClientAttempts, calling
 from lazyfs.config import RemoteConfig, Source
 from lazyfs.errors import DENIED_CODES as _DENIED  # the CRT's refusals are the same (crt.py)
@@ -49,29 +48,6 @@ _BODY_ERRORS = (botocore.exceptions.ReadTimeoutError, botocore.exceptions.Incomp
 PROBE_KEYS = 100
 
 
-class _S3Loader(botocore.loaders.Loader):
-    """botocore's data loader, less a start-up cost: before it loads a
-    model, botocore lists every service folder it ships (400+ folders,
-    ~1,800 stat calls: 20 ms of the ready line) to check that the name is
-    one of them.  This session loads only s3's, so it looks for that one."""
-
-    @classmethod
-    def for_session(cls, core: botocore.session.Session) -> _S3Loader:
-        # As botocore.loaders.create_loader: the session's data_path
-        # (AWS_DATA_PATH) is searched before botocore's own data.
-        data_path = core.get_config_variable("data_path")
-        return cls(extra_search_paths=[os.path.expanduser(os.path.expandvars(p))
-                                       for p in data_path.split(os.pathsep)] if data_path else None)
-
-    def list_available_services(self, type_name: str) -> list[str]:
-        try:
-            if self.list_api_versions("s3", type_name):
-                return ["s3"]
-        except botocore.exceptions.DataNotFoundError:
-            pass
-        return list(super().list_available_services(type_name))
-
-
 class Remote:
     def __init__(self, cfg: RemoteConfig) -> None:
         self.cfg = cfg
@@ -87,11 +63,7 @@ class Remote:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        core = botocore.session.get_session()
-        core.register_component("data_loader", _S3Loader.for_session(core))
-        # botocore parses every timestamp with dateutil: three quarters of the
-        # CPU a 1000-key listing costs.  We read one field and parse it ourselves.
-        core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+        core = awssession.session(cfg)
         # botocore's session and client are boto3's, without the import of
         # boto3 and s3transfer (start-up time).
         self._client: Any = core.create_client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region,
@@ -107,10 +79,13 @@ class Remote:
     def frozen_credentials(self) -> tuple[str, str, str | None]:
         """The credentials botocore's chain resolved, refreshed when they are
         about to expire (for the CRT's ranged GETs: one chain, not two)."""
-        creds = self._core.get_credentials()
-        if creds is None:
-            raise AccessDenied("no usable AWS credentials (environment, profiles, container or IRSA roles)")
-        frozen = creds.get_frozen_credentials()
+        try:
+            creds = self._core.get_credentials()
+            if creds is None:
+                raise AccessDenied("no usable AWS credentials (environment, profiles, container or IRSA roles)")
+            frozen = creds.get_frozen_credentials()
+        except (*awssession.NO_CREDENTIALS, OSError) as e:
+            raise awssession.unavailable(e) from e
         return frozen.access_key or "", frozen.secret_key or "", frozen.token
 
     @staticmethod
@@ -118,10 +93,7 @@ class Remote:
         """Where boto3's chain finds credentials ("env", "shared-credentials-file",
         "iam-role", "assume-role-with-web-identity", ...) and the access key id
         with all but its ends masked; None when there are none.  Never the secret."""
-        try:
-            creds = botocore.session.get_session().get_credentials()
-        except botocore.exceptions.BotoCoreError as e:
-            raise AccessDenied(f"credentials could not be loaded: {e}") from None
+        creds = awssession.session(cfg).get_credentials()
         if creds is None:
             return None
         key = creds.access_key or ""
@@ -266,9 +238,11 @@ class Remote:
                 return RemoteUnavailable(f"{where}: object store kept failing ({code}: {message})",
                                          bucket=bucket, key=key)
             return RemoteError(f"{where}: {code}: {message}", bucket=bucket, key=key)
-        if isinstance(e, (botocore.exceptions.NoCredentialsError,
-                          botocore.exceptions.PartialCredentialsError)):
+        if isinstance(e, botocore.exceptions.NoCredentialsError):
             return AccessDenied(f"no usable AWS credentials for {where} ({e})", bucket=bucket, key=key)
+        if isinstance(e, awssession.NO_CREDENTIALS):  # a refresh failed mid-run (a token revoked, an endpoint gone)
+            return AccessDenied(f"no usable AWS credentials for {where} ({awssession.said(e)})", bucket=bucket,
+                                key=key)
         if isinstance(e, (botocore.exceptions.EndpointConnectionError,
                           botocore.exceptions.ConnectTimeoutError)):
             return RemoteUnavailable(f"cannot reach the object store at {self.endpoint}", bucket=bucket, key=key)

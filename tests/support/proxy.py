@@ -47,6 +47,7 @@ class Request:
     query: dict[str, str]
     range: str
     if_match: str = ""  # the If-Match header, as sent
+    access_key: str = ""  # the access key id the request is signed with (its Authorization header)
     status: int = 0
     body_bytes: int = 0
     fault: str = ""
@@ -175,7 +176,8 @@ class _Handler(BaseHTTPRequestHandler):
         req = Request(method=self.command, bucket=urllib.parse.unquote(parts[0]),
                       key=urllib.parse.unquote(parts[1]) if len(parts) > 1 else "",
                       query=dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True)),
-                      range=self.headers.get("Range", ""), if_match=self.headers.get("If-Match", ""))
+                      range=self.headers.get("Range", ""), if_match=self.headers.get("If-Match", ""),
+                      access_key=_access_key(self.headers.get("Authorization", "")))
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         fault = self.state.take_fault(req)
@@ -270,6 +272,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+
+def _access_key(authorization: str) -> str:
+    """`AWS4-HMAC-SHA256 Credential=AKID/20260101/us-east-1/s3/aws4_request, ...` -> AKID."""
+    _, found, rest = authorization.partition("Credential=")
+    return rest.split("/", 1)[0] if found else ""
 
 
 def serve(upstream: str, port: int) -> None:
