@@ -79,7 +79,8 @@ class Refresher:
             diff = await (self.catalog.first_listing() if first else self.catalog.refresh())
         except RemoteError as e:
             self._failures += 1
-            self._lines.log(log, logging.ERROR, "listing failed", "listing failed: %s", e)
+            # At the error's own level: access denied is the credentials' or the policy's, a WARNING.
+            self._lines.log(log, e.log_level, "listing failed", "listing failed: %s", e)
             return None
         if self._failures and was_live:  # (otherwise the catalog says the live listing is back)
             log.info("listing succeeded again after %s", wording.count(self._failures, "failed attempt"))

@@ -322,3 +322,28 @@ async def test_a_refresh_that_keeps_failing_logs_once_then_once_a_minute_then_it
     assert await refresher.refresh_once() is not None
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == [
         "listing succeeded again after 12 failed attempts"]
+
+
+@trio_test
+async def test_a_refresh_refused_access_is_a_warning_not_an_error(
+        remote: FakeRemote, quick_retries, caplog: pytest.LogCaptureFixture) -> None:
+    """`--refresh` with a token that expired: the listing is refused.  The
+    credentials' or the bucket policy's doing, not lazyfs failing: the
+    README's Logs section says access denied is one WARNING line (it was
+    `ERROR lazyfs.refresher: listing failed: access denied ...`)."""
+    model_folder(remote)
+    catalog = Catalog(remote, [Source(BUCKET, P)])
+    refresher = Refresher(catalog, 60)
+    assert await refresher.refresh_once() is not None
+
+    def denied(call: Call) -> None:
+        raise AccessDenied(f"access denied to s3://{BUCKET}/{P} (ExpiredToken: The provided token has expired.)")
+
+    remote.on_list.append(denied)
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    assert await refresher.refresh_once() is None
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert [(r.levelname, r.name) for r in shown] == [("WARNING", "lazyfs.refresher")], \
+        [r.getMessage() for r in shown]
+    assert "listing failed: access denied" in shown[0].getMessage()
