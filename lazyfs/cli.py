@@ -123,8 +123,30 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(shown)
 
 
+_LIBRARIES = ("botocore", "boto3", "urllib3", "s3transfer", "awscrt")
+
+
+class LibraryTracebacks(logging.Filter):
+    """A library's line that carries its exception's traceback (botocore's
+    "Refreshing temporary credentials failed during mandatory refresh
+    period", every request while a credential source fails) keeps its message
+    and the exception's one line, not the traceback: what failed is lazyfs's
+    own line to tell (a WARNING or ERROR naming the file and the cause), and
+    a log must never fill with tracebacks of expected failures."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.split(".", 1)[0] in _LIBRARIES:
+            exc = record.exc_info[1]
+            if exc is not None:
+                record.msg = f"{record.getMessage()} ({type(exc).__name__}: {' '.join(str(exc).split())})"
+                record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(LibraryTracebacks())
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -133,14 +155,6 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     # botocore's debug output carries request headers; keep it out of our logs.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # botocore logs a failed credential refresh with its traceback; the read it
-    # fails says the cause in one line (EACCES), so its own line is enough.
-    logging.getLogger("botocore.credentials").addFilter(_without_traceback)
-
-
-def _without_traceback(record: logging.LogRecord) -> bool:
-    record.exc_info, record.exc_text = None, None
-    return True
 
 
 def _values(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,6 +5,7 @@ end in one line and a documented exit code, never a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -168,3 +169,83 @@ def test_misconfigured_credentials_are_one_line_and_an_exit_code(case: str, comm
     assert result.returncode == code, result.stderr
     assert lines and lines[-1].startswith("lazyfs: error: ") and named in lines[-1], result.stderr
     assert "\\n" not in lines[-1], lines[-1]
+
+
+class _ContainerEndpoint:
+    """AWS_CONTAINER_CREDENTIALS_FULL_URI: keys valid a minute (inside
+    botocore's mandatory refresh window, so every request asks again); 500
+    once the flag file exists."""
+
+    def __init__(self, flag: Path) -> None:
+        import http.server
+        import threading
+
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if flag.exists():
+                    self.send_response(500)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = json.dumps(endpoint.keys()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/creds"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def keys() -> dict[str, str]:
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 60))
+        return {"AccessKeyId": "ASIACONTAINER000001", "SecretAccessKey": "s", "Token": "t", "Expiration": expires}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("source", ["credential_process", "container endpoint"])
+def test_a_credential_source_failing_mid_run_is_eacces_and_one_warning(source: str, mount: Mounter, s3: Any,
+                                                                       bucket: str, tmp_path: Path, fs: Any) -> None:
+    """Keys that expire soon, then the source fails (a revoked token): the
+    next download's open is EACCES, with one WARNING naming the cause; no
+    traceback (botocore's own warning keeps its message) and no ERROR."""
+    s3.put_object(Bucket=bucket, Key="m/a.bin", Body=DATA)
+    s3.put_object(Bucket=bucket, Key="m/b.bin", Body=DATA[::-1])
+    flag = tmp_path / "revoked"
+    container = None
+    if source == "credential_process":
+        helper = tmp_path / "credential-helper"
+        helper.write_text(f"#!/bin/sh\n[ -f {flag} ] && {{ echo 'sts: token revoked' >&2; exit 2; }}\n"
+                          "echo '{\"Version\": 1, \"AccessKeyId\": \"ASIAPROCESS00000001\", \"SecretAccessKey\": "
+                          "\"s\", \"SessionToken\": \"t\", \"Expiration\": \"'$(date -u -d '+60 seconds' "
+                          "+%Y-%m-%dT%H:%M:%SZ)'\"}'\n")
+        helper.chmod(0o755)
+        env = _profile(tmp_path, f"credential_process = {helper}")
+    else:
+        container = _ContainerEndpoint(flag)
+        env = _no_static_keys({"AWS_CONTAINER_CREDENTIALS_FULL_URI": container.url})
+    try:
+        m = mount("--prefix", f"s3://{bucket}/m/", "--transfer-client", "boto3", "--retries", "0", env=env)
+        assert fs.read(m.file("m/a.bin")) == DATA
+        flag.touch()
+        with pytest.raises(PermissionError):
+            fs.read(m.file("m/b.bin"))
+        log = m.log()
+        assert "Traceback" not in log
+        warnings = [ln for ln in log.splitlines() if " WARNING lazyfs." in ln and "m/b.bin" in ln]
+        assert len(warnings) == 1, log[-3000:]
+        assert "credentials" in warnings[0], warnings[0]
+    finally:
+        if container is not None:
+            container.close()
