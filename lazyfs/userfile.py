@@ -62,7 +62,9 @@ def read_text(path: Path, where: str, noun: str, limit: int, error: type[ConfigE
     if len(data) > limit:  # grew since the stat, or a file whose size says nothing (/proc)
         raise error(f"{where}: more than {_size(limit)}, too big for a {noun}; is it the right file?")
     try:
-        return data.decode("utf-8")
+        # utf-8-sig: a UTF-8 byte order mark, which Windows editors write at the
+        # start of a file (Notepad, PowerShell 5's Out-File), is not part of the text.
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise error(f"{where}: not valid UTF-8 text (not a {noun}?)") from None
 

@@ -106,3 +106,38 @@ def test_a_number_of_thousands_of_digits_is_bad_json() -> None:
 def test_what_is_not_json_is_a_decode_error_as_before() -> None:
     with pytest.raises(json.JSONDecodeError):
         parse_json("{nope")
+
+
+BOM = b"\xef\xbb\xbf"  # what Windows editors (Notepad, PowerShell 5's Out-File -Encoding utf8) write first
+
+
+def test_a_model_json_saved_with_a_utf8_bom_is_read(tmp_path: Path) -> None:
+    from lazyfs.modeljson import load_model_json
+
+    path = tmp_path / "model.json"
+    path.write_bytes(BOM + json.dumps({"download_files_from": "s3://models/llm/v3",
+                                       "download_files_to": "/var/practicus/cache"}).encode())
+    model = load_model_json(path)
+    assert model.download_files_from == "s3://models/llm/v3"
+    assert model.download_files_to == "/var/practicus/cache"
+
+
+def test_a_lock_saved_with_a_utf8_bom_is_read_and_its_digest_holds(tmp_path: Path) -> None:
+    from lazyfs import lockfile
+    from lazyfs.lockfile import ConfigRef, Entry, Folder
+    from lazyfs.verify import Expectation
+
+    etag = "a" * 32
+    config = Entry("models", "llm/v3/config.json", 10, etag, "", 1_767_225_600 * 10**9, Expectation("MD5", etag))
+    lock = lockfile.make([Folder("models", "llm/v3/", (config,))], [ConfigRef("model.json", "s3://models/llm/v3")],
+                         "lazyfs test")
+    path = tmp_path / "model.lock.json"
+    path.write_bytes(BOM + lockfile.dumps(lock).encode())
+    back = lockfile.read(path)
+    assert back.digest == lock.digest and back.files == 1
+
+
+def test_a_bom_is_dropped_only_at_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(BOM + b'{"a": "\xef\xbb\xbf"}')
+    assert read_text(path, "f", "file", 100) == '{"a": "\ufeff"}'
