@@ -20,8 +20,8 @@ from typing import Callable, Sequence, TextIO
 
 from lazyfs import interrupt, wording
 from lazyfs.catalog import Catalog
-from lazyfs.config import DoctorConfig
-from lazyfs.errors import LazyfsError
+from lazyfs.config import DoctorConfig, RemoteConfig
+from lazyfs.errors import LazyfsError, again
 from lazyfs.identity import user_xattrs_work
 from lazyfs.mounttab import BrokenMount, broken_mount_holding, find_mount, probe_mount
 from lazyfs.namespace import MARKER_BODY, UNSAFE, Skipped, Tree
@@ -235,7 +235,7 @@ def identity_records(folder: Path) -> Check:
 
 def credentials(cfg: DoctorConfig) -> list[Check]:
     try:
-        found = Remote.credential_source(cfg.remote)
+        found = _remote(cfg.remote).credential_source()
     except LazyfsError as e:
         return [Check(FAIL, "credentials", str(e), "check AWS_PROFILE, AWS_* variables and ~/.aws files")]
     if found is None:
@@ -246,11 +246,29 @@ def credentials(cfg: DoctorConfig) -> list[Check]:
     return [Check(OK, "credentials", f"from {method} (access key {key})")]
 
 
+_built: dict[RemoteConfig, Remote | LazyfsError] = {}
+
+
+def _remote(cfg: RemoteConfig) -> Remote:
+    """One client for every check, built once: building it resolves the
+    credentials, which a hung source makes wait 5 s plus --read-timeout,
+    once, not once a check; a failure is kept and raised to each check."""
+    if cfg not in _built:
+        try:
+            _built[cfg] = Remote(cfg)
+        except LazyfsError as e:
+            _built[cfg] = e
+    built = _built[cfg]
+    if isinstance(built, LazyfsError):
+        raise again(built)
+    return built
+
+
 def _client(cfg: DoctorConfig, name: str) -> Remote | Check:
     """The client, or the line saying why `name` was not checked: no
     client can be built without credentials (their own line says why)."""
     try:
-        return Remote(cfg.remote)
+        return _remote(cfg.remote)
     except LazyfsError:
         return Check(WARN, name, "not checked: the credentials above are unusable", "fix the credentials first")
 

@@ -88,12 +88,14 @@ class Remote:
             raise awssession.unavailable(e) from e
         return frozen.access_key or "", frozen.secret_key or "", frozen.token
 
-    @staticmethod
-    def credential_source(cfg: RemoteConfig) -> tuple[str, str] | None:
-        """Where boto3's chain finds credentials ("env", "shared-credentials-file",
+    def credential_source(self) -> tuple[str, str] | None:
+        """Where boto3's chain found credentials ("env", "shared-credentials-file",
         "iam-role", "assume-role-with-web-identity", ...) and the access key id
         with all but its ends masked; None when there are none.  Never the secret."""
-        creds = awssession.session(cfg).get_credentials()
+        try:
+            creds = self._core.get_credentials()
+        except (*awssession.NO_CREDENTIALS, OSError) as e:  # a role's first STS call, say
+            raise awssession.unavailable(e) from e
         if creds is None:
             return None
         key = creds.access_key or ""
