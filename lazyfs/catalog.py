@@ -34,7 +34,7 @@ from lazyfs.errors import LazyfsError, ObjectNotFound, RemoteError, RemoteUnavai
 from lazyfs.lister import Lister
 from lazyfs.namespace import Diff, DirNode, Node, RemoteObject, Tree, build_tree, diff_trees, join
 from lazyfs.objectstore import ObjectStore
-from lazyfs.offline import store_knows
+from lazyfs.offline import offline_objects
 from lazyfs.quiet import Quiet, reader_request
 from lazyfs.store import Store
 from lazyfs.wording import count, quoted
@@ -393,12 +393,6 @@ class Catalog:
                 self._warned_empty.add(source)  # (a typo, or a folder filled later: the mount goes on)
                 log.warning("%s holds no objects (is the folder's name right?): it shows empty until a listing "
                             "finds some", quoted(source.uri))
-
-
-def offline_objects(store: Store, sources: Sequence[Source]) -> list[RemoteObject]:
-    """What the store knows without the object store (offline.py).  Blocking:
-    run in a thread or before the mount."""
-    return store_knows(store, sources).objects
 
 
 def _same_versions(before: list[list[RemoteObject]], after: list[list[RemoteObject]]) -> bool:

@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import stat
+import time
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 from lazyfs.identity import IdentityRecords
@@ -19,6 +21,14 @@ from lazyfs.layer import FILE_FLAGS, Layer, write_small
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
 
 _FOLDER = (RESERVED_NAME, "listings")
+
+
+@dataclass(frozen=True, slots=True)
+class SavedListing:
+    objects: list[RemoteObject]
+    # When it was saved (the local clock): a local file it does not name is
+    # a deleted object's copy, unless the object is newer than the listing.
+    saved_ns: int
 
 
 class SavedListings:
@@ -32,7 +42,8 @@ class SavedListings:
     def save(self, bucket: str, prefix: str, objects: Iterable[RemoteObject]) -> None:
         """Keep the last complete listing of a folder."""
         rows = [[o.key, o.size, o.etag, o.mtime_ns] for o in objects]
-        head = json.dumps({"v": 1, "bucket": bucket, "prefix": prefix})[:-1]
+        # (an older lazyfs reads it as before: it ignores the extra member)
+        head = json.dumps({"v": 1, "bucket": bucket, "prefix": prefix, "saved_ns": time.time_ns()})[:-1]
         dfd = self.root.open_dir(_FOLDER, create=True)
         try:
             write_small(dfd, self._name(bucket, prefix), f'{head}, "objects": [{_rows_json(rows)}]}}'.encode())
@@ -40,6 +51,11 @@ class SavedListings:
             os.close(dfd)
 
     def load(self, bucket: str, prefix: str) -> list[RemoteObject] | None:
+        saved = self.load_dated(bucket, prefix)
+        return None if saved is None else saved.objects
+
+    def load_dated(self, bucket: str, prefix: str) -> SavedListing | None:
+        """The saved listing of a folder and when it was saved (None: there is none, or it cannot be read)."""
         try:
             dfd = self.root.open_dir(_FOLDER)
         except OSError:
@@ -47,11 +63,12 @@ class SavedListings:
         try:
             fd = os.open(self._name(bucket, prefix), FILE_FLAGS, dir_fd=dfd)
             with os.fdopen(fd, "rb") as f:
+                written_ns = os.fstat(f.fileno()).st_mtime_ns  # an older lazyfs's: written once, renamed in
                 doc = json.load(f)
             if doc.get("v") != 1 or doc.get("bucket") != bucket or doc.get("prefix") != prefix:
                 return None
-            return [RemoteObject(bucket, str(k), int(size), str(etag), int(mtime))
-                    for k, size, etag, mtime in doc["objects"]]
+            return SavedListing([RemoteObject(bucket, str(k), int(size), str(etag), int(mtime))
+                                 for k, size, etag, mtime in doc["objects"]], int(doc.get("saved_ns", written_ns)))
         except (OSError, ValueError, KeyError, TypeError):
             return None
         finally:

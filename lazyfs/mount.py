@@ -188,8 +188,10 @@ def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[Re
         listed = f" (it knows {files}, none of them on disk)" if known.objects else ""
         raise MountError(f"{error}, and the store {cfg.store_path} has nothing to serve for "
                          f"{', '.join(s.uri for s in cfg.sources)}{listed}") from None
+    gone = (f"; {wording.count(known.left_out, 'file')} on disk that the saved listing no longer names (deleted "
+            "from the object store) not served") if known.left_out else ""
     log.warning("%s: starting offline with the %s the store knows, %s; the others fail with EIO until the object "
-                "store is reachable again", error, files, on_disk.said())
+                "store is reachable again%s", error, files, on_disk.said(), gone)
     return known.objects
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from lazyfs.config import Source
 from lazyfs.filestate import FileState
-from lazyfs.listings import walk_local
+from lazyfs.listings import SavedListing, walk_local
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import Store
 
@@ -40,8 +40,11 @@ class OnDisk:
 
 @dataclass(frozen=True, slots=True)
 class StoreKnows:
-    objects: list[RemoteObject]  # by key: the saved listings, and local files they do not name
+    # By key: each folder's saved listing and the local files newer than it;
+    # with no saved listing (a baked or prebaked store), every local file.
+    objects: list[RemoteObject]
     local: frozenset[str]  # keys with a file on disk, of whichever version
+    left_out: int = 0  # local files a saved listing no longer names: deleted objects' copies, not served
 
     def on_disk(self, store: Store, checks_content: bool) -> OnDisk:
         """Which of the objects have a copy on disk: what an offline mount can
@@ -64,16 +67,40 @@ class StoreKnows:
 
 
 def store_knows(store: Store, sources: Sequence[Source]) -> StoreKnows:
+    """A complete saved listing is the truth about what exists: a file on disk
+    it does not name was deleted from the object store before it was saved
+    (the store keeps the bytes) and must not come back offline, unless the
+    object is newer than the listing (a mount serving the saved listing asks
+    the object store for the names it lacks, and may have fetched one)."""
     out: dict[str, RemoteObject] = {}
     local: set[str] = set()
+    left_out: set[str] = set()
     for source in sources:
+        saved = store.listings.load_dated(source.bucket, source.prefix)
+        named = frozenset(o.key for o in saved.objects) if saved is not None else frozenset()
         for obj, _layer in walk_local(store.layers(), store.identities, source.bucket, source.prefix):
-            out.setdefault(obj.key, obj)
             local.add(obj.key)
-        saved = store.listings.load(source.bucket, source.prefix)
-        for obj in saved or ():
+            if saved is not None and obj.key not in named and not newer_than(obj, saved):
+                left_out.add(obj.key)
+            else:
+                out.setdefault(obj.key, obj)
+        for obj in saved.objects if saved is not None else ():
             out[obj.key] = obj  # the last listing is the best knowledge of versions
-    return StoreKnows(sorted(out.values(), key=lambda o: o.key), frozenset(local))
+    return StoreKnows(sorted(out.values(), key=lambda o: o.key), frozenset(local), len(left_out.difference(out)))
+
+
+def offline_objects(store: Store, sources: Sequence[Source]) -> list[RemoteObject]:
+    return store_knows(store, sources).objects
+
+
+def newer_than(obj: RemoteObject, saved: SavedListing) -> bool:
+    """Whether a local file's object came after the listing was saved, by its
+    Last-Modified (which lazyfs gives the files it fetches; an admin's copy's
+    own mtime).  That is the object store's clock against ours, and a
+    multipart upload's date is when it began: an object uploaded in the
+    seconds before the save may be taken for deleted, and not be served until
+    the object store answers (the safe side: a deleted one is never served)."""
+    return obj.mtime_ns > saved.saved_ns
 
 
 def _state(store: Store, obj: RemoteObject, checks_content: bool) -> FileState | None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from lazyfs import contentcheck, interrupt, wording
-from lazyfs.catalog import Catalog, offline_objects
+from lazyfs.catalog import Catalog
 from lazyfs.config import StatusConfig
 from lazyfs.errors import ConfigError, RemoteUnavailable, StoreError
 from lazyfs.filestate import FileState
@@ -36,6 +36,7 @@ from lazyfs.identity import SIDECAR_FOLDER
 from lazyfs.modeljson import Source, build_sources
 from lazyfs.mounttab import find_mount
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
+from lazyfs.offline import offline_objects
 from lazyfs.remote import Remote
 from lazyfs.store import Store
 

@@ -1,0 +1,100 @@
+"""End to end: what a start serves when the object store is not answering as
+usual.  An endpoint that answers, even with 5xx or SlowDown to every LIST,
+is reachable: the mount comes up (LISTING FAILED, or SAVED LISTING) and
+retries the listing; only one nothing answers is an offline start.  And an
+offline start serves what the last saved listing names, not a copy of an
+object deleted before it was saved."""
+
+from __future__ import annotations
+
+import errno
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from support.mounting import FS, lazyfs_cli, wait_until
+from support.s3server import free_port
+
+pytestmark = pytest.mark.fuse
+
+P = "models/m"
+
+
+def ready_line(m) -> str:
+    return next(line for line in m.process.stdout_lines if line.startswith("lazyfs: ready"))
+
+
+def errno_of_stat(fs: FS, path: Path) -> int:
+    try:
+        fs.stat(path)
+    except OSError as e:
+        return e.errno or 0
+    return 0
+
+
+def dead_endpoint() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens: every connection refused
+
+
+def saved_listing(store: Path) -> None:
+    wait_until(lambda: any((store / ".lazyfs" / "listings").glob("*.json")), what="the saved listing")
+
+
+@pytest.mark.log_errors("listing failed")  # (an offline mount's tries to get its listing back)
+def test_an_offline_start_does_not_bring_back_a_file_deleted_from_the_object_store(mount, s3, bucket, fs: FS,
+                                                                                  tmp_path: Path):
+    """Before: the store still held the deleted file's bytes, and an offline start listed it, served them
+    and called it cached, although the saved listing (refreshed after the delete) no longer named it."""
+    keep, gone = f"{P}/keep.txt", f"{P}/gone.txt"
+    for k in (keep, gone):
+        s3.put_object(Bucket=bucket, Key=k, Body=k.encode())
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", store=store)
+    for k in (keep, gone):
+        assert fs.read(m.file(k)) == k.encode()
+        wait_until((store / k).exists, what="publication")
+    s3.delete_object(Bucket=bucket, Key=gone)
+    m.process.send(signal.SIGHUP)
+    wait_until(lambda: "listing changed: 0 added, 1 removed" in m.log(), what="the refresh")
+    assert fs.listdir(m.path / P) == ["keep.txt"]
+    m.stop()
+    assert (store / gone).exists(), "the store keeps the bytes: the test would prove nothing"
+    down = dead_endpoint()
+    m2 = mount("--prefix", f"s3://{bucket}/{P}", endpoint=down, store=store)
+    assert ready_line(m2).startswith("lazyfs: ready OFFLINE: ")
+    assert fs.listdir(m2.path / P) == ["keep.txt"]
+    assert errno_of_stat(fs, m2.file(gone)) == errno.ENOENT
+    assert ("starting offline with the 1 file the store knows, 1 of them on disk; the others fail with EIO until "
+            "the object store is reachable again; 1 file on disk that the saved listing no longer names (deleted "
+            "from the object store) not served") in m2.log(), m2.log()
+    assert fs.read(m2.file(keep)) == keep.encode()
+    # `lazyfs status` with the object store unreachable reads the same saved listing.
+    res = lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--store", str(store), "--endpoint-url", down])
+    assert res.returncode == 0, res.stderr
+    assert "keep.txt" in res.stdout and "gone.txt" not in res.stdout, res.stdout
+
+
+@pytest.mark.log_errors("listing failed")
+def test_a_copy_newer_than_the_saved_listing_is_served_offline(mount, s3, bucket, fs: FS, tmp_path: Path):
+    """A file on disk the saved listing does not name is a deleted object's copy only if it is older than
+    the listing: an object uploaded since, whose copy an image put in a prebaked layer, is served."""
+    old, new = f"{P}/old.bin", f"{P}/new.bin"
+    s3.put_object(Bucket=bucket, Key=old, Body=b"old")
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.read(m.file(old)) == b"old"
+    wait_until((store / old).exists, what="publication")
+    saved_listing(store)
+    m.stop()
+    time.sleep(1.1)  # dates count whole seconds (S3's Last-Modified, image layers' mtimes)
+    layer = tmp_path / "layer"
+    (layer / P).mkdir(parents=True)
+    (layer / new).write_bytes(b"new")  # copied in after the listing was saved
+    m2 = mount("--prefix", f"s3://{bucket}/{P}", "--prebaked", str(layer), endpoint=dead_endpoint(),
+               store=store)
+    assert ready_line(m2).startswith("lazyfs: ready OFFLINE: ")
+    assert "starting offline with the 2 files the store knows, 2 of them on disk;" in m2.log(), m2.log()
+    assert fs.listdir(m2.path / P) == ["new.bin", "old.bin"]
+    assert fs.read(m2.file(new)) == b"new"
