@@ -91,12 +91,14 @@ class Catalog:
         self._subtrees: dict[str, Tree] = {}
         self._known: dict[str, Node] = {}
         self._probing: dict[str, trio.Event] = {}
-        # Folders whose whole listing the start-up check already has.
+        # Folders whose whole listing the start-up check already has, or how it failed.
         self._first_pages: dict[Source, list[RemoteObject]] = {}
+        self._failed_at_start: RemoteError | None = None
 
-    def listed_at_start(self, listed: dict[Source, list[RemoteObject]]) -> None:
-        """The start-up check's whole listing of these folders: the first listing uses it."""
-        self._first_pages = dict(listed)
+    def listed_at_start(self, listed: dict[Source, list[RemoteObject]], failed: RemoteError | None = None) -> None:
+        """The start-up check's whole listing of these folders: the first listing uses it.  `failed`: the
+        check was answered with errors (5xx, SlowDown), and the first listing's first attempt fails with it."""
+        self._first_pages, self._failed_at_start = dict(listed), failed
 
     @property
     def state(self) -> State:
@@ -227,6 +229,9 @@ class Catalog:
         self._saved = True
 
     async def _list_all(self) -> list[list[RemoteObject]]:
+        if self._failed_at_start is not None:  # reachable, so no offline start: the saved listing meanwhile
+            failed, self._failed_at_start = self._failed_at_start, None
+            raise failed
         results: list[list[RemoteObject]] = [[] for _ in self.sources]
         errors: list[RemoteError] = []
 

@@ -46,6 +46,14 @@ class RemoteUnavailable(RemoteError):
     errno = errno.EIO
 
 
+class RemoteFailing(RemoteUnavailable):
+    """The object store answered, with an error status (5xx, SlowDown), and
+    kept doing so through the retries.  EIO, as for an unreachable one; but it
+    is reachable, so a start that meets it is no offline start: the listing is
+    retried (a burst of throttling must not keep a fleet's mounts from
+    starting, nor hide what S3 can still serve)."""
+
+
 class ShuttingDown(RemoteUnavailable):
     """A request that met the mount stopping (SIGTERM, an unmount): EIO, as
     for any fetch that cannot finish, but expected, not a fault: logged at

@@ -33,7 +33,7 @@ from lazyfs.budget import Budget
 from lazyfs.catalog import Catalog
 from lazyfs.config import MountConfig, Source
 from lazyfs.drift import DriftWatch
-from lazyfs.errors import RemoteError, RemoteUnavailable, StoreError
+from lazyfs.errors import RemoteError, RemoteFailing, RemoteUnavailable, StoreError
 from lazyfs.fetch import Fetcher
 from lazyfs.filemap import PageBudget
 from lazyfs.filemodes import FileModes
@@ -166,16 +166,19 @@ def run(cfg: MountConfig, first: FirstListing | None = None) -> int:
     try:
         offline: list[RemoteObject] | None = None
         listed: dict[Source, list[RemoteObject]] = {}
+        failing: RemoteFailing | None = None
         try:
             # Proves each folder can be listed (a wrong bucket or credentials
             # fail here, exit 1); a folder that fits in its first page is
             # listed already, and the first listing does not ask again.
             listed = first.result()
+        except RemoteFailing as e:  # answered (5xx, SlowDown): reachable, the listing is retried
+            failing = e
         except RemoteUnavailable as e:
             offline = offline_start(store, cfg, e)
         except RemoteError as e:
             raise MountError(str(e)) from None
-        return trio.run(_serve, cfg, store, first.remote, offline, listed)
+        return trio.run(_serve, cfg, store, first.remote, offline, listed, failing)
     finally:
         store.close()
 
@@ -196,12 +199,12 @@ def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[Re
 
 
 async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[RemoteObject] | None,
-                 listed: dict[Source, list[RemoteObject]]) -> int:
+                 listed: dict[Source, list[RemoteObject]], failing: RemoteFailing | None) -> int:
     pin = Pinning(cfg.lock, remote) if cfg.lock is not None else None
     source: ObjectStore = pin.store if pin is not None else remote
     quiet = Quiet(FIRST_LISTING_QUIET_S)
     catalog = Catalog(source, cfg.sources, store, quiet=quiet)
-    catalog.listed_at_start(listed)
+    catalog.listed_at_start(listed, failing)
     fetcher = Fetcher(source, store, cfg.fetch, page_budget(cfg),
                       fetch_range=pin.transfer(remote, cfg.fetch, cfg.memory_limit) if pin is not None
                       else crt.transfer_for(remote, cfg.fetch, cfg.memory_limit), pinned=pin is not None,

@@ -18,7 +18,7 @@ import botocore.exceptions
 import botocore.session
 import urllib3.exceptions
 
-from lazyfs import awssession, listxml
+from lazyfs import awssession, errors, listxml
 from lazyfs.clientretries import ClientAttempts, calling
 from lazyfs.config import RemoteConfig, Source
 from lazyfs.errors import DENIED_CODES as _DENIED  # the CRT's refusals are the same (crt.py)
@@ -35,9 +35,8 @@ _OPS = {"list_objects_v2": "LIST", "get_object": "GET", "head_object": "HEAD"}
 
 _NOT_FOUND = {"NoSuchKey", "NoSuchVersion", "404", "NotFound"}
 _CHANGED = {"PreconditionFailed", "412"}
-_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
-                    "Throttling", "ThrottlingException", "RequestTimeTooSkewed", "500", "502",
-                    "503", "504"}
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                    "ThrottlingException", "RequestTimeTooSkewed", "500", "502", "503", "504"}
 # Errors while a response body streams in: botocore does not retry these.
 _BODY_ERRORS = (botocore.exceptions.ReadTimeoutError, botocore.exceptions.IncompleteReadError,
                 botocore.exceptions.ResponseStreamingError, urllib3.exceptions.HTTPError,
@@ -237,8 +236,8 @@ class Remote:
             if code in _NOT_FOUND or status == 404:
                 return ObjectNotFound(f"{where} no longer exists", bucket=bucket, key=key)
             if code in _TRANSIENT_CODES or status >= 500:
-                return RemoteUnavailable(f"{where}: object store kept failing ({code}: {message})",
-                                         bucket=bucket, key=key)
+                return errors.RemoteFailing(f"{where}: object store kept failing ({code}: {message})",
+                                            bucket=bucket, key=key)  # answered: reachable, failing
             return RemoteError(f"{where}: {code}: {message}", bucket=bucket, key=key)
         if isinstance(e, botocore.exceptions.NoCredentialsError):
             return AccessDenied(f"no usable AWS credentials for {where} ({e})", bucket=bucket, key=key)

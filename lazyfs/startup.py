@@ -74,8 +74,9 @@ class FirstListing:
 
     def result(self) -> dict[Source, list[RemoteObject]]:
         """Each folder that fits in its first page, listed; raises what the
-        listing raised (a wrong bucket or credentials: RemoteError; no
-        network: RemoteUnavailable), once it is over, or RemoteUnavailable
+        listing raised (a wrong bucket or credentials: RemoteError; error
+        statuses through the retries: RemoteFailing, the object store is
+        reachable; no network: RemoteUnavailable), once it is over, or RemoteUnavailable
         after `patience` seconds without an outcome.  The thread then goes on
         until botocore gives up, and what it finds is dropped: the mount's
         own listing (the refresher) asks again."""

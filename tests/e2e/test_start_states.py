@@ -15,11 +15,16 @@ from pathlib import Path
 import pytest
 
 from support.mounting import FS, lazyfs_cli, wait_until
+from support.proxy import Fault
 from support.s3server import free_port
 
 pytestmark = pytest.mark.fuse
 
 P = "models/m"
+
+
+def every_list_answered(status: int, code: str) -> Fault:
+    return Fault("status", method="GET", query={"list-type": "2"}, status=status, code=code, times=None)
 
 
 def ready_line(m) -> str:
@@ -40,6 +45,51 @@ def dead_endpoint() -> str:
 
 def saved_listing(store: Path) -> None:
     wait_until(lambda: any((store / ".lazyfs" / "listings").glob("*.json")), what="the saved listing")
+
+
+@pytest.mark.log_errors("listing failed", r"^\S+ \S+ ERROR lazyfs.fuse_ops: lookup: ")
+@pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (500, "InternalError")])
+def test_a_first_listing_answered_with_errors_mounts_and_retries(mount, proxy, s3, bucket, fs: FS,
+                                                                 tmp_path: Path, status: int, code: str):
+    """Before: exit 1 ("kept failing ..., and the store has nothing to serve") within a second, as if
+    nothing had answered: a burst of throttling at a fleet's scale-up made sidecars crash-loop."""
+    key = f"{P}/a.bin"
+    s3.put_object(Bucket=bucket, Key=key, Body=b"a" * 1000)
+    proxy.add(every_list_answered(status, code))
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", store=tmp_path / "store")
+    line = ready_line(m)
+    assert line.startswith("lazyfs: ready LISTING FAILED: ") and code in line, line
+    assert errno_of_stat(fs, m.file(key)) == errno.EIO  # asked (and failing), not assumed missing
+    proxy.clear_faults()  # the throttling ends: the listing is tried again within seconds
+    wait_until(lambda: "listed 1 object" in m.log(), timeout=30, what="the retried listing")
+    assert fs.listdir(m.path / P) == ["a.bin"]
+    assert fs.read(m.file(key)) == b"a" * 1000
+    assert m.process.proc is not None and m.process.proc.poll() is None
+
+
+@pytest.mark.log_errors("listing failed")
+def test_a_first_listing_answered_with_errors_serves_the_saved_listing_and_fetches(mount, proxy, s3, bucket,
+                                                                                 fs: FS, tmp_path: Path):
+    """Before: ready OFFLINE, and a file the saved listing names but not on disk failed with EIO at once,
+    although the object store served GETs."""
+    cached, fetched = f"{P}/cached.bin", f"{P}/fetched.bin"
+    for k in (cached, fetched):
+        s3.put_object(Bucket=bucket, Key=k, Body=k.encode() * 100)
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.read(m.file(cached)) == cached.encode() * 100
+    wait_until((store / cached).exists, what="publication")
+    saved_listing(store)
+    m.stop()
+    proxy.add(every_list_answered(500, "InternalError"))
+    m2 = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", store=store)
+    line = ready_line(m2)
+    assert line.startswith("lazyfs: ready SAVED LISTING: ") and "2 files" in line, line
+    gets = proxy.count("GET")
+    assert fs.read(m2.file(fetched)) == fetched.encode() * 100, "fetched: the object store answers GETs"
+    assert proxy.count("GET") > gets
+    proxy.clear_faults()
+    wait_until(lambda: "replaces the saved one" in m2.log(), timeout=30, what="the live listing")
 
 
 @pytest.mark.log_errors("listing failed")  # (an offline mount's tries to get its listing back)

@@ -16,7 +16,7 @@ import trio.testing
 
 from lazyfs import lister, refresher
 from lazyfs.catalog import Catalog
-from lazyfs.errors import RemoteUnavailable
+from lazyfs.errors import RemoteFailing, RemoteUnavailable
 from lazyfs.fetch import Fetcher
 from lazyfs.fuse_ops import Operations
 from lazyfs.handles import Handles
@@ -295,3 +295,27 @@ def test_the_quiet_period_counts_from_when_readers_can_come_not_from_start_up() 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert returned and returned[0] >= 0.1 - 1e-9, \
         f"a background listing went {returned[0]:.2f} s after readers could come"
+
+
+@trio_test
+async def test_a_start_up_listing_answered_with_errors_is_a_failing_first_listing(remote: FakeRemote,
+                                                                                  stores) -> None:
+    """The start-up's LIST was answered with 5xx/SlowDown through its retries (RemoteFailing): the object
+    store is reachable, so the mount is no offline one (before: OFFLINE, or exit 1 with an empty store).
+    The first listing's first attempt fails with that answer, without asking again: the saved listing is
+    served at once, with its files fetched, and the listing is retried."""
+    store = stores()
+    remote.put(BUCKET, "m/a.bin", b"a" * 1000)
+    await Catalog(remote, [SOURCE], store).refresh()  # saves the listing, as a mount does
+    lists = remote.count("LIST")
+    catalog = Catalog(remote, [SOURCE], store)
+    catalog.listed_at_start({}, RemoteFailing("s3://bkt/m/: object store kept failing (SlowDown: Reduce ...)"))
+    outage = Outage(remote)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(Refresher(catalog, 0).run)
+        await catalog.settled.wait()
+        assert catalog.state == "saved" and not catalog.offline and "SlowDown" in catalog.last.error
+        assert remote.count("LIST") == lists, "the start-up's answer was asked for again"
+        outage.on = False
+        await wait_for(lambda: catalog.live, "the live listing")
+        nursery.cancel_scope.cancel()

@@ -3,7 +3,9 @@ own process.
 
 It records every request (so tests can count GETs, LISTs and bytes) and can
 inject faults per request or per key: error statuses (500/503/SlowDown/403/
-404), a connection reset mid-body, a stalled body, a body shorter than its
+404), a connection reset before any answer (`drop`: an endpoint nothing
+answers behind, unreachable, where an error status is an answer), a
+connection reset mid-body, a stalled body, a body shorter than its
 Content-Length, corrupted bytes of the right length, a first-byte delay, a
 body sent at a set rate (a slow link), and replacing the object upstream just before forwarding (a new ETag between two
 ranged GETs).  A fault applies to the next `times` matching requests.
@@ -69,7 +71,7 @@ class Request:
 
 @dataclass
 class Fault:
-    kind: str  # status | reset | stall | short | corrupt | delay | throttle | replace
+    kind: str  # status | drop | reset | stall | short | corrupt | delay | throttle | replace
     method: str | None = "GET"
     key: str | None = None  # None: any key
     times: int | None = 1  # None: every matching request
@@ -190,6 +192,9 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(fault.seconds)
         if fault is not None and fault.kind == "status":
             self._error(req, fault.status, fault.code)
+            return
+        if fault is not None and fault.kind == "drop":
+            self._abort()
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
         status, resp_headers, data = self._upstream(self.command, self.path, body, headers)
