@@ -77,8 +77,7 @@ READY_WAIT_S = 0.5
 def open_store(cfg: MountConfig) -> Store:
     try:
         if cfg.store is None:
-            # The mountpoint's own directory, held open so it stays reachable
-            # once the mount covers it.
+            # The mountpoint's own directory, held open so it stays reachable once the mount covers it.
             root = Layer.open(str(cfg.mountpoint), True, "store")
         else:
             root = Layer.open(str(cfg.store), True, "store", create_mode=STORE_MODES[cfg.store_mode].folder)

@@ -36,7 +36,8 @@ _OPS = {"list_objects_v2": "LIST", "get_object": "GET", "head_object": "HEAD"}
 _NOT_FOUND = {"NoSuchKey", "NoSuchVersion", "404", "NotFound"}
 _CHANGED = {"PreconditionFailed", "412"}
 _TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
-                    "ThrottlingException", "RequestTimeTooSkewed", "500", "502", "503", "504"}
+                    "ThrottlingException", "RequestTimeTooSkewed", "TooManyRequests", "429", "500", "502", "503",
+                    "504"}
 # Errors while a response body streams in: botocore does not retry these.
 _BODY_ERRORS = (botocore.exceptions.ReadTimeoutError, botocore.exceptions.IncompleteReadError,
                 botocore.exceptions.ResponseStreamingError, urllib3.exceptions.HTTPError,

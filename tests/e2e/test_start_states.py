@@ -48,7 +48,7 @@ def saved_listing(store: Path) -> None:
 
 
 @pytest.mark.log_errors("listing failed", r"^\S+ \S+ ERROR lazyfs.fuse_ops: lookup: ")
-@pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (500, "InternalError")])
+@pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (500, "InternalError"), (429, "TooManyRequests")])
 def test_a_first_listing_answered_with_errors_mounts_and_retries(mount, proxy, s3, bucket, fs: FS,
                                                                  tmp_path: Path, status: int, code: str):
     """Before: exit 1 ("kept failing ..., and the store has nothing to serve") within a second, as if
