@@ -404,6 +404,8 @@ class Fetcher:
     def _retired(self, dl: Download) -> None:
         if self._downloads.get(dl.obj.version) is dl:
             del self._downloads[dl.obj.version]
+        if not dl.keep:  # never resumed, even complete: its record may be a second old, its readers still on it
+            self.store.partials.condemn(dl.partial)
 
 
 def _silent_store(seconds: float, obj: RemoteObject) -> StoreError:

@@ -161,3 +161,42 @@ async def test_an_open_of_a_file_larger_than_the_budget_fetches_nothing_until_a_
         e.handles.release(fh)
         await e.settled()
     assert e.kept() == set()
+
+
+@trio_test
+@quick
+async def test_a_complete_unkept_download_still_read_is_never_resumed_by_the_next_open(
+        remote: FakeRemote, stores, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its resume record was saved partway (it is never saved at the end), and
+    its files stay in tmp/ while a reader holds it: the next open resumed it
+    ("resuming download, 1 of 40 blocks already on disk", a tester saw), and
+    fetched again what the stale record missed into the file the first reader
+    was still reading; that reader's close then removed the second
+    download's files.  It is never resumed now: the next open starts afresh."""
+    big, data = put(remote, "m/huge.bin", SIZE)
+    gate = remote.gate(big.key, SIZE // 2)  # held at half-way until its resume record names some blocks
+    e = Engine(remote, stores(), tmp_path / "store", max_bytes=2 * UNIT, max_connections=2)
+    caplog.set_level(logging.INFO, logger="lazyfs")
+    async with e.running():
+        first = await e.handles.open(big)
+        [dl] = e.fetcher.downloads()
+        reading = trio.Event()
+
+        async def read_all() -> None:
+            assert bytes(await e.handles.read(first, 0, SIZE)) == data
+            reading.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            await wait_for(lambda: any(n.endswith(".json") for n in leftovers(tmp_path / "store")),
+                           "its resume record", timeout=10)
+            gate.release()
+        await reading.wait()
+        await dl.finished.wait()
+        second = await e.handles.open(big)  # the first handle still open
+        assert bytes(await e.handles.read(second, 0, SIZE)) == data
+        e.handles.release(first)
+        e.handles.release(second)
+        await e.settled()
+    assert "resuming download" not in caplog.text
+    assert e.kept() == set()
