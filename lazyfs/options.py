@@ -170,7 +170,7 @@ STORE_MODE = Option(
 def _file_mode(text: str, flag: str) -> int:
     """Octal permission bits a read-only file can have: read and execute."""
     digits = text.strip().removeprefix("0o")
-    if not re.fullmatch("[0-7]{3,4}", digits):
+    if not re.fullmatch("[0-7]{1,12}", digits):  # as chmod takes it: 555, 0555, 00555
         raise ConfigError(f"{flag} {echoed(text)} is not an octal mode such as 0444 or 0555")
     mode = int(digits, 8)
     if mode & ~0o777 or mode & 0o222:

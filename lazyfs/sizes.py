@@ -8,7 +8,9 @@ import re
 from lazyfs.errors import ConfigError
 
 # At most 40 digits, which any size fits: a float made infinity of 400 (an internal error).
-_SIZE_RE = re.compile(r"^\s*(\d{1,40}(?:\.\d{1,40})?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d{1,40}(?:\.\d{1,40})?)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)
+# A size all the same, with more digits than that: too large for any flag, not "not a size".
+_LONG_SIZE_RE = re.compile(r"^\s*\d+(?:\.\d+)?\s*[kmgtpe]?i?b?\s*$", re.IGNORECASE)
 
 
 # What an error line echoes of a size a user gave: a 5,000-digit value (a
@@ -24,9 +26,11 @@ def echoed(text: str) -> str:
 def parse_size(text: str, what: str) -> int:
     """"8MiB", "512k", "10G", "1048576" -> bytes (binary multiples)."""
     m = _SIZE_RE.match(text)
+    if not m and _LONG_SIZE_RE.match(text):
+        raise ConfigError(f"{what}: \"{echoed(text)}\" is too large a size (examples: 8MiB, 512K, 10G)")
     if not m:
         raise ConfigError(f"{what}: \"{echoed(text)}\" is not a size (examples: 8MiB, 512K, 10G)")
-    mult = 1024 ** " kmgtp".index((m.group(2) or " ").lower())
+    mult = 1024 ** " kmgtpe".index((m.group(2) or " ").lower())
     return int(float(m.group(1)) * mult)
 
 

@@ -55,7 +55,7 @@ def test_help_shows_the_defaults_of_the_config_classes() -> None:
     ("cache_max_size", "lots", "is not a size"),
     ("part_size", "6G", "--part-size 6G is too large (at most 5GiB: S3's largest part)"),
     ("part_size", "99999999999999999999999", "--part-size 99999999999999999999999 is too large (at most 5GiB"),
-    ("part_size", "9" * 400, "is not a size"),  # a float made it infinity: an internal error
+    ("part_size", "9" * 400, "is too large a size"),  # a float made it infinity: an internal error
     ("read_ahead", "1G", "--read-ahead 1G must be 0 (the kernel's 128KiB) or a multiple of 4KiB up to 16MiB"),
     ("read_ahead", "3000", "--read-ahead 3000 must be 0 (the kernel's 128KiB) or a multiple of 4KiB up to 16MiB"),
     ("read_ahead", "16388K", "--read-ahead 16388K must be 0"),
@@ -73,6 +73,9 @@ def test_help_shows_the_defaults_of_the_config_classes() -> None:
     ("file_mode", "rwx", "--file-mode rwx is not an octal mode such as 0444 or 0555"),
     ("file_mode", "0088", "--file-mode 0088 is not an octal mode"),
     ("file_mode", "0044", "--file-mode 0044 would keep the files' owner from reading them (give 0400)"),
+    ("file_mode", "5", "--file-mode 5 would keep the files' owner from reading them"),  # was "not an octal mode"
+    ("memory_limit", "9" * 100, "is too large a size"),  # was "is not a size"
+    ("memory_limit", "1E", "--memory-limit 1E is too large (at most 1PiB"),
 ])
 def test_bad_values_are_one_sentence_naming_the_flag(flag: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -83,6 +86,8 @@ def test_bad_values_are_one_sentence_naming_the_flag(flag: str, value: object, m
     ("part_size", "5GiB", 5 << 30), ("part_size", "64KiB", 64 << 10),
     ("read_ahead", "0", 0), ("read_ahead", "4K", 4096), ("read_ahead", "16MiB", 16 << 20),
     ("file_mode", "0555", 0o555), ("file_mode", "444", 0o444), ("file_mode", "0o0500", 0o500),
+    ("file_mode", "00555", 0o555),  # as chmod takes it
+    ("cache_max_size", "100E", 100 << 60),  # exbibytes are a size (was "not a size")
 ])
 def test_the_bounds_themselves_are_accepted(flag: str, value: str, expected: int) -> None:
     assert options.parse_options(options.MOUNT, {flag: value})[flag] == expected
