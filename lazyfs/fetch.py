@@ -180,10 +180,13 @@ class Fetcher:
     def poke(self) -> None:
         self._dispatcher.poke()
 
+    def transfer(self, obj: RemoteObject) -> Transfer | None:
+        """The download of `obj` running here, or in another process this one follows."""
+        return self.active(obj) or self._foreign.get(obj.version)
+
     async def state_of(self, obj: RemoteObject) -> LocalState:
         """What is on disk for `obj`, for operators (a download here is DOWNLOADING); never fetches."""
-        transfer: Transfer | None = self.active(obj) or self._foreign.get(obj.version)
-        if transfer is not None:
+        if (transfer := self.transfer(obj)) is not None:
             return LocalState(FileState.DOWNLOADING, "store", transfer.fetched_bytes)
         checked = self.prebaked.checked if self.prebaked is not None else None  # (--verify etag, pinned)
         with trio.move_on_after(STATE_WAIT_S):  # abandoned then: it holds no descriptor once it returns

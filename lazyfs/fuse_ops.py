@@ -31,7 +31,9 @@ from lazyfs.mounttab import fstype_of_device
 from lazyfs.namespace import DirNode, RemoteObject
 from lazyfs.passthrough import Passthrough
 from lazyfs.repeats import RepeatedLines
+from lazyfs.statesfile import StatesFile
 from lazyfs.stats import STATS
+from lazyfs.statusdir import STATS_FILE, STATUS_DIR, STATUS_NAME, StatusFolder
 from lazyfs.storespace import StoreSpace
 from lazyfs.xattrs import XATTRS, Readings
 
@@ -60,13 +62,6 @@ DIRECT_IO_FROM = 64 * 1024 * 1024
 # scripts/native; only with the kernel's yes is a handle opened so), and hands the kernel's interrupts on.
 ASKS_TO_MAP_DIRECT_HANDLES = hasattr(pyfuse3, "direct_io_allows_mmap")
 HEARS_INTERRUPTS = bool(getattr(pyfuse3, "INTERRUPTED_HOOK", False))
-
-# The mount's own status folder at the root: `cat MOUNT/.lazyfs/stats.json`.
-# Hidden from listings (so `find` and `du` never see it), found by name.
-STATUS_DIR = ("status",)
-STATS_FILE = ("status", "stats.json")
-STATUS_NAME = ".lazyfs"
-_VIRTUAL_FH = 1 << 48  # handles of virtual files live above every real one
 
 
 def _translated(fn: F) -> F:
@@ -116,7 +111,9 @@ class Operations(pyfuse3.Operations):
         self.xattrs = xattrs
         self.readings = Readings(handles.fetcher.state_of)  # getfattr -d: every attribute from one look
         self.stats_file = stats_file
-        self._virtual: dict[int, bytes] = {}
+        # .lazyfs: the counters, and every file's state for lazyfs status (none without xattrs: no states)
+        self.status = StatusFolder(self._stats_snapshot,
+                                   StatesFile(catalog, handles.fetcher).snapshot if xattrs else None)
         self.catalog = catalog
         self.handles = handles
         handles.passes_through = lambda: self.passthrough.enabled
@@ -149,10 +146,10 @@ class Operations(pyfuse3.Operations):
         a.st_uid = self.uid
         a.st_gid = self.gid
         a.st_blksize = BLKSIZE
-        if ref == STATS_FILE:
+        if isinstance(ref, tuple) and ref != STATUS_DIR:  # a file of .lazyfs
             a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
-            a.st_size = len(self.stats_file())
+            a.st_size = len(self.stats_file()) if ref == STATS_FILE else 0  # (states.json: known once opened)
             a.attr_timeout = a.entry_timeout = 0  # changes all the time
             mtime = time.time_ns()
         elif isinstance(ref, RemoteObject):
@@ -171,6 +168,10 @@ class Operations(pyfuse3.Operations):
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
         return a
 
+    async def _stats_snapshot(self) -> bytes:
+        await self.space.current()  # the snapshot reports its last answer
+        return self.stats_file()
+
     def _dir_path(self, ino: int) -> str:
         ref = self.inodes.get(ino)
         if ref is None:
@@ -181,7 +182,7 @@ class Operations(pyfuse3.Operations):
 
     async def _dir(self, ino: int) -> DirNode:
         if self.inodes.get(ino) == STATUS_DIR:
-            return DirNode(STATUS_NAME, {"stats.json": STATS_FILE}, time.time_ns())  # type: ignore[dict-item]
+            return self.status.node(time.time_ns())
         node = await self.catalog.folder(self._dir_path(ino))
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)  # removed by a refresh
@@ -204,7 +205,7 @@ class Operations(pyfuse3.Operations):
     async def _child(self, parent_inode: int, name: str) -> DirNode | RemoteObject | tuple[str, ...] | None:
         ref = self.inodes.get(parent_inode)
         if ref == STATUS_DIR:
-            return STATS_FILE if name == "stats.json" else None
+            return self.status.child(name)
         if ref == "" and name == STATUS_NAME:
             return STATUS_DIR
         return await self.catalog.lookup(self._dir_path(parent_inode), name)
@@ -270,11 +271,8 @@ class Operations(pyfuse3.Operations):
         ref = self.inodes.get(inode)
         if ref is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        if ref == STATS_FILE:
-            await self.space.current()  # the snapshot reports its last answer
-            fh = next(fh for fh in range(_VIRTUAL_FH + len(self._virtual) + 1, 1 << 63) if fh not in self._virtual)
-            self._virtual[fh] = self.stats_file()  # one consistent snapshot per open
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        if isinstance(ref, tuple) and ref != STATUS_DIR:  # one consistent snapshot per open
+            return pyfuse3.FileInfo(fh=await self.status.open(ref), direct_io=True, keep_cache=False)
         if not isinstance(ref, RemoteObject):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if not self._still_listed(ref):
@@ -298,12 +296,11 @@ class Operations(pyfuse3.Operations):
     @_translated
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         # pyfuse3 replies with any buffer: a view of the mapping saves a copy.
-        if fh >= _VIRTUAL_FH:
-            return self._virtual.get(fh, b"")[off:off + size]
-        return await self.handles.read(fh, off, size)
+        virtual = self.status.read(fh, off, size)
+        return virtual if virtual is not None else await self.handles.read(fh, off, size)
 
     async def release(self, fh: int) -> None:
-        if self._virtual.pop(fh, None) is not None:
+        if self.status.release(fh):
             return
         self.passthrough.release(fh)
         try:
