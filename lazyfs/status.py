@@ -13,8 +13,10 @@ Against a plain store folder it lists the object store (or, when that is
 unreachable, the listing the store saved) and looks at the disk, writing
 nothing (Store.open_to_read): a read-only store, or one this user may read
 but not write, is judged as a writable one.  Against a
-running lazyfs mount it asks the mount itself (the `user.lazyfs.state`
-extended attributes), since the store beneath it is out of reach.
+running lazyfs mount it asks the mount itself (every file's state in one read
+of its `.lazyfs/states.json`, statesfile.py; of a mount that has none, each
+file's `user.lazyfs.state` extended attribute), since the store beneath it is
+out of reach.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 from lazyfs import contentcheck, interrupt, wording
@@ -167,8 +170,8 @@ async def _list(remote: Remote, cfg: StatusConfig) -> list[RemoteObject]:
 
 
 def from_mount(cfg: StatusConfig) -> Answer:
-    """Ask a running mount: its stats file for the listing, then each file's
-    `user.lazyfs.state` attribute."""
+    """Ask a running mount: its stats file for the listing, then its states
+    file (or each file's `user.lazyfs.state` attribute)."""
     note = f"as served by the lazyfs mount at {cfg.store}"
     try:
         stats = json.loads((cfg.store / RESERVED_NAME / "stats.json").read_bytes())
@@ -249,6 +252,56 @@ def _listing_unknown(stats: dict[str, Any]) -> str:
 
 
 def _ask_files(cfg: StatusConfig, stats: dict[str, Any]) -> tuple[list[FileStatus], str]:
+    """Every file's state, from the mount's states.json (one read: statesfile.py); where the mount has
+    none to give (an older lazyfs, --no-xattrs, no listing yet), asked of each file in a walk."""
+    try:
+        rows = _states_file(cfg.store / RESERVED_NAME / "states.json")
+    except OSError as e:
+        return [], f"cannot read the mount's {RESERVED_NAME}/states.json ({e.strerror or e})"
+    except ValueError as e:
+        return [], f"cannot read the mount's {RESERVED_NAME}/states.json ({e})"
+    if rows is None:
+        return _walk_files(cfg, stats)
+    files, failed = [], 0
+    for source in cfg.sources:  # (as the walk saw them: each folder's files, then its folders', sorted)
+        for key, size, state, verified in sorted((r for r in rows if r[0].startswith(source.prefix)), key=_walk_order):
+            if state is None:
+                failed += 1
+                continue
+            files.append(FileStatus(key, size, FileState(state), verified or ""))
+    return files, _unasked(failed)
+
+
+def _states_file(path: Path) -> list[tuple[str, int, str | None, str | None]] | None:
+    """The rows of a mount's states.json, or None when it has none to give."""
+    try:
+        got = json.loads(path.read_bytes())
+    except OSError as e:
+        if e.errno in (errno.ENOENT, *_NO_XATTRS):
+            return None
+        raise
+    if not isinstance(got, dict) or not isinstance(got.get("files"), list):
+        raise ValueError("not what lazyfs writes there")
+    if not got.get("listed"):
+        return None
+    rows = []
+    try:
+        for key, size, state, verified in got["files"]:
+            if state is not None:
+                FileState(state)  # (ValueError: a state this lazyfs does not know)
+            rows.append((str(key), int(size), state, verified))
+    except TypeError as e:
+        raise ValueError(f"a row not as lazyfs writes it: {e}") from None
+    return rows
+
+
+def _walk_order(row: tuple[str, int, str | None, str | None]) -> tuple[tuple[str, ...], str]:
+    """os.walk's order, top-down with names sorted: a folder's files, then each of its folders' in turn."""
+    *folders, name = row[0].split("/")
+    return tuple(folders), name
+
+
+def _walk_files(cfg: StatusConfig, stats: dict[str, Any]) -> tuple[list[FileStatus], str]:
     files: list[FileStatus] = []
     failed = 0
     for source in cfg.sources:
@@ -270,8 +323,12 @@ def _ask_files(cfg: StatusConfig, stats: dict[str, Any]) -> tuple[list[FileStatu
                     failed += 1
                     continue
                 files.append(FileStatus(os.path.relpath(path, cfg.store), size, state, verified))
-    return files, (f"{wording.count(failed, 'file')} could not be asked for {'its' if failed == 1 else 'their'} state"
-                   if failed else "")
+    return files, _unasked(failed)
+
+
+def _unasked(failed: int) -> str:
+    return (f"{wording.count(failed, 'file')} could not be asked for {'its' if failed == 1 else 'their'} state"
+            if failed else "")
 
 
 def _local(store: Store, obj: RemoteObject) -> FileStatus:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -13,7 +14,18 @@ from lazyfs import lockfile
 from lazyfs.config import StatusConfig
 from lazyfs.filestate import FileState
 from lazyfs.identity import Identity
-from lazyfs.status import Answer, FileStatus, _listing_unknown, _other_lock, _pinned_note, from_lock, report
+from lazyfs.modeljson import Source
+from lazyfs.status import (
+    Answer,
+    FileStatus,
+    _ask_files,
+    _listing_unknown,
+    _no_xattrs,
+    _other_lock,
+    _pinned_note,
+    from_lock,
+    report,
+)
 from lazyfs.store import Store
 from lazyfs.verify import Expectation
 
@@ -107,3 +119,46 @@ def test_files_without_a_record_are_counted_in_the_right_number(n: int, said: st
     from lazyfs.status import _unproven
 
     assert _unproven([FileStatus(f"f{i}", 1, FileState.PREBAKED) for i in range(n)], content=False) == said
+
+
+# -- a running mount's states.json (statesfile.py) ----------------------------------------------
+
+
+def _mount_folder(tmp_path: Path, states: object) -> StatusConfig:
+    """A folder standing for a mount: its `.lazyfs/states.json` says `states`."""
+    (tmp_path / ".lazyfs").mkdir()
+    (tmp_path / ".lazyfs" / "states.json").write_text(json.dumps(states))
+    return StatusConfig(sources=(Source("bkt", "m/"),), store=tmp_path)
+
+
+def test_states_json_rows_are_shown_in_the_walk_order_and_a_file_without_a_state_is_counted(tmp_path: Path) -> None:
+    keys = ["m/b.bin", "m/a/deep/z.bin", "m/a-b/x.bin", "m/a/y.bin", "m/a.bin", "other/o.bin"]
+    rows = [[k, 5, "cached" if "a" in k else "missing", "CRC32" if "a" in k else ""] for k in keys]
+    rows.append(["m/unasked.bin", 5, None, None])  # its store look failed (EACCES, say)
+    cfg = _mount_folder(tmp_path, {"listed": True, "files": rows})
+    files, unasked = _ask_files(cfg, {})
+    for k in keys + ["m/unasked.bin"]:  # the same tree on disk: os.walk's order
+        (tmp_path / k).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / k).write_bytes(b"")
+    walked = []
+    for dirpath, dirnames, filenames in os.walk(tmp_path / "m"):
+        dirnames.sort()
+        walked += [os.path.relpath(os.path.join(dirpath, n), tmp_path) for n in sorted(filenames)]
+    assert [f.path for f in files] == [p for p in walked if p != "m/unasked.bin"]
+    assert files[0] == FileStatus("m/a.bin", 5, FileState.CACHED, "CRC32")
+    assert unasked == "1 file could not be asked for its state"
+
+
+@pytest.mark.parametrize("states", [[], {"listed": True}, {"listed": True, "files": [["m/a", 1, "gone", ""]]},
+                                    {"listed": True, "files": [["m/a", 1]]}, {"listed": True, "files": [7]}])
+def test_a_states_json_not_as_lazyfs_writes_it_is_unknown_not_ready(tmp_path: Path, states: object) -> None:
+    files, unknown = _ask_files(_mount_folder(tmp_path, states), {})
+    assert files == [] and unknown.startswith("cannot read the mount's .lazyfs/states.json ("), unknown
+
+
+def test_before_the_first_listing_the_states_json_is_passed_over_for_the_walk(tmp_path: Path) -> None:
+    cfg = _mount_folder(tmp_path, {"listed": False, "files": [["m/a.bin", 1, "cached", ""]]})
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "found.bin").write_bytes(b"x")  # no user.lazyfs.state here: "could not be asked"
+    files, unasked = _ask_files(cfg, {})  # (a store folder without user xattrs: "... --no-xattrs ...")
+    assert files == [] and unasked in ("1 file could not be asked for its state", _no_xattrs(cfg, {}))
