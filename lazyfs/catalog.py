@@ -31,8 +31,10 @@ import trio
 
 from lazyfs.config import Source
 from lazyfs.errors import LazyfsError, ObjectNotFound, RemoteError, RemoteUnavailable
+from lazyfs.inodes import InodeRef, listed_in
 from lazyfs.lister import Lister
-from lazyfs.namespace import Diff, DirNode, Node, RemoteObject, Tree, build_tree, diff_trees, join
+from lazyfs.listingswap import diff_dropping_old, drop_gradually, same_versions
+from lazyfs.namespace import Diff, DirNode, Node, RemoteObject, Tree, build_tree, join
 from lazyfs.objectstore import ObjectStore
 from lazyfs.offline import offline_objects
 from lazyfs.quiet import Quiet, reader_request
@@ -199,7 +201,7 @@ class Catalog:
             log.info("object store reachable again: live listing of %s", count(tree.objects, "object"))
         elif served and not was_live:
             log.info("listing succeeded: a live listing (%s) replaces the saved one", count(tree.objects, "object"))
-        diff = await trio.to_thread.run_sync(_diff_dropping_old, previous, old_lists, tree) if served else Diff()
+        diff = await trio.to_thread.run_sync(diff_dropping_old, previous, old_lists, tree) if served else Diff()
         if diff or not was_live or not self._saved:
             await self._save(per_source)
         return diff
@@ -208,8 +210,8 @@ class Catalog:
                          listing: list[list[list[RemoteObject]]]) -> Tree | None:
         """In a worker thread: None if the listing names the same versions as
         `before` (then the new listing is dropped here), else its tree."""
-        if before is not None and _same_versions(before, listing[0]):
-            _drop_gradually(listing.pop())
+        if before is not None and same_versions(before, listing[0]):
+            drop_gradually(listing.pop())
             return None
         return self._build([o for objects in listing[0] for o in objects])
 
@@ -269,6 +271,14 @@ class Catalog:
             if node is not None:
                 return node
         return await self._probe(path)
+
+    def presents(self, ref: InodeRef) -> bool:
+        """Is `ref` (a folder's path, a file version) served now: in the tree,
+        or, before a live listing, in what a lookup listed of its own name (a
+        name the saved listing lacks)?  Before any listing: assume so."""
+        if not self.listed.is_set() or listed_in(self.tree, ref):
+            return True
+        return not self.live and not self.offline and any(listed_in(sub, ref) for sub in self._subtrees.values())
 
     async def folder(self, path: str) -> DirNode | None:
         """A whole folder (for readdir): from the tree; before a live listing,
@@ -399,21 +409,3 @@ class Catalog:
                 log.warning("%s holds no objects (is the folder's name right?): it shows empty until a listing "
                             "finds some", quoted(source.uri))
 
-
-def _same_versions(before: list[list[RemoteObject]], after: list[list[RemoteObject]]) -> bool:
-    return all(b == a for b, a in zip(before, after, strict=True))  # RemoteObject compares every field
-
-
-def _diff_dropping_old(previous: list[Tree], old_lists: list[list[list[RemoteObject]]], new: Tree) -> Diff:
-    """diff_trees in a worker thread, which also frees the old tree and listing:
-    O(objects) too, and C code holding the GIL all along if done at once."""
-    diff = diff_trees(previous.pop(), new)  # frees the folders; the listing still holds the objects
-    _drop_gradually(old_lists.pop())
-    return diff
-
-
-def _drop_gradually(lists: list[list[RemoteObject]]) -> None:
-    """Free a listing's objects a thousand at a time: the trio thread gets the GIL between."""
-    for objects in lists:
-        while objects:
-            del objects[-1000:]

@@ -24,7 +24,7 @@ from lazyfs.catalog import Catalog
 from lazyfs.errors import LazyfsError, errno_of
 from lazyfs.filemodes import LOOK_BATCH, FileModes
 from lazyfs.handles import Handles
-from lazyfs.inodes import InodeRef, InodeTable, listed_in, ref_of
+from lazyfs.inodes import InodeRef, InodeTable, ref_of
 from lazyfs.kernelcache import KernelCache
 from lazyfs.killwatch import KillWatch
 from lazyfs.mounttab import fstype_of_device
@@ -118,7 +118,7 @@ class Operations(pyfuse3.Operations):
         self.handles = handles
         handles.passes_through = lambda: self.passthrough.enabled
         self.space = space  # the store filesystem's size, for statfs
-        self.inodes = InodeTable(self._still_listed)
+        self.inodes = InodeTable(catalog.presents)
         self._dirs: dict[int, tuple[int, DirNode]] = {}  # fh -> the folder's inode, its snapshot
         self._next_dir = 1
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -275,7 +275,7 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=await self.status.open(ref), direct_io=True, keep_cache=False)
         if not isinstance(ref, RemoteObject):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if not self._still_listed(ref):
+        if not self.catalog.presents(ref):
             # The kernel's cached name still points at an older version: ESTALE
             # makes it look the name up again and open the current one.
             raise pyfuse3.FUSEError(errno.ESTALE)
@@ -288,10 +288,6 @@ class Operations(pyfuse3.Operations):
         direct_io = ref.size >= DIRECT_IO_FROM and self.handles.reads_arriving(fh) and self._direct_io()
         STATS.opens_direct_io += direct_io
         return pyfuse3.FileInfo(fh=fh, keep_cache=self.handles.keeps_cache(fh), direct_io=direct_io)
-
-    def _still_listed(self, ref: InodeRef) -> bool:
-        """Is `ref` in the served listing (before the first one: assume so)?"""
-        return not self.catalog.listed.is_set() or listed_in(self.catalog.tree, ref)
 
     @_translated
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]

@@ -148,3 +148,27 @@ def test_a_copy_newer_than_the_saved_listing_is_served_offline(mount, s3, bucket
     assert "starting offline with the 2 files the store knows, 2 of them on disk;" in m2.log(), m2.log()
     assert fs.listdir(m2.path / P) == ["new.bin", "old.bin"]
     assert fs.read(m2.file(new)) == b"new"
+
+
+@pytest.mark.log_errors("listing failed")
+def test_a_name_the_saved_listing_lacks_is_looked_up_and_reads(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    """SAVED LISTING: a name the saved listing lacks is looked up in S3.  Before: `stat` of an object uploaded
+    since the listing was saved worked (the lookup listed it), but `open` failed with ESTALE: the open checked
+    only the saved listing, and told the kernel the name it had just looked up was stale."""
+    old, new = f"{P}/old.bin", f"{P}/new.bin"
+    s3.put_object(Bucket=bucket, Key=old, Body=b"old")
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.read(m.file(old)) == b"old"
+    saved_listing(store)
+    m.stop()
+    s3.put_object(Bucket=bucket, Key=new, Body=b"new" * 100)
+    # The folder's whole listing fails; a lookup's listing of one name (its own prefix) is answered.
+    proxy.add(Fault("status", method="GET", query={"list-type": "2", "prefix": f"{P}/"}, status=500,
+                    code="InternalError", times=None))
+    m2 = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", store=store)
+    assert ready_line(m2).startswith("lazyfs: ready SAVED LISTING: ")
+    assert fs.stat(m2.file(new)).st_size == 300
+    assert fs.read(m2.file(new)) == b"new" * 100
+    assert fs.read(m2.file(old)) == b"old"
+    assert "listed 2 objects" not in m2.log(), "the full listing succeeded: the test would prove nothing"
