@@ -99,6 +99,16 @@ class InodeTable:
         """The inode number `ref` already has, if the kernel knows it."""
         return self._ino_of.get(ident_of(ref))
 
+    def renew(self, obj: RemoteObject) -> int | None:
+        """A refresh lists `obj` for a version the table may know, with a new
+        listing entry (the same bytes uploaded again: a new Last-Modified):
+        its inode stands for the new entry from now on, so its attributes
+        show the new date.  The inode number, if the kernel knows it."""
+        ino = self._ino_of.get(ident_of(obj))
+        if ino is not None:
+            self._ref[ino] = obj
+        return ino
+
     def lookup(self, ref: InodeRef) -> int:
         """Count one kernel reference (a lookup reply or a readdirplus entry)."""
         ino = self.ino(ref)

@@ -42,7 +42,9 @@ class KernelCache:
         """Forget the names a refresh changed, so the kernel looks them up
         again (a changed file then gets its new version's inode), and the
         attributes of the folders holding them and of every folder above
-        whose date moved (dates and link counts follow their contents).  Only names whose meaning changed: a file
+        whose date moved (dates and link counts follow their contents), and
+        of every file uploaded again with the same bytes (a new date, the
+        same inode and pages).  Only names whose meaning changed: a file
         added, removed or replaced, a folder that appeared or vanished.  Never
         the name of a folder that stays a folder: the kernel drops everything
         cached below a name it forgets, so every closed file under it would
@@ -64,9 +66,12 @@ class KernelCache:
         # Their folders' attributes, and those of every folder above whose date moved (a folder is
         # as new as its newest file anywhere below: `stat` of a grandparent showed the old date).
         redated = (ino for path in diff.redated if (ino := self.inodes.peek(path)) is not None)
-        folders = sorted({ino for ino, _ in entries}.union(redated))
-        if entries or folders:
-            self._start(functools.partial(_forget_entries, entries, folders))
+        # And a file's own, when only its date moved: it keeps its inode and pages (same bytes), and the
+        # inode now stands for the new listing entry; else `stat` showed it older than its folder.
+        retouched = (ino for obj in diff.retouched if (ino := self.inodes.renew(obj)) is not None)
+        stale = sorted({ino for ino, _ in entries}.union(redated, retouched))
+        if entries or stale:
+            self._start(functools.partial(_forget_entries, entries, stale))
         return len(entries)
 
     def drop_pages(self, obj: RemoteObject) -> None:
@@ -107,7 +112,7 @@ def _split(path: str) -> tuple[str, str]:
     return parent, name
 
 
-def _forget_entries(entries: list[tuple[int, bytes]], folders: list[int]) -> None:
+def _forget_entries(entries: list[tuple[int, bytes]], stale: list[int]) -> None:
     for ino, name in entries:
         try:
             pyfuse3.invalidate_entry(ino, name)
@@ -115,13 +120,13 @@ def _forget_entries(entries: list[tuple[int, bytes]], folders: list[int]) -> Non
             pass  # not cached
         except OSError as e:
             log.debug("invalidating the name %s: %s", quoted(os.fsdecode(name)), e)
-    for ino in folders:
+    for ino in stale:
         try:
-            pyfuse3.invalidate_inode(ino, True)  # attributes only: its entries and their inodes stay
+            pyfuse3.invalidate_inode(ino, True)  # attributes only: a folder's entries, a file's pages stay
         except FileNotFoundError:
             pass  # not cached
         except OSError as e:
-            log.debug("invalidating the attributes of folder inode %d: %s", ino, e)
+            log.debug("invalidating the attributes of inode %d: %s", ino, e)
 
 
 def _drop_pages(ino: int, uri: str) -> None:

@@ -312,9 +312,14 @@ class Diff:
     # newest file anywhere below it, so a file added deep down redates every
     # folder above it, not only the one holding it (kernelcache.py).
     redated: tuple[str, ...] = ()
+    # Files whose version stayed (same ETag and size: the same inode, the
+    # same pages) but whose listing entry changed: the same bytes uploaded
+    # again have a new Last-Modified, which `stat` must show (kernelcache.py).
+    # The new entries.
+    retouched: tuple[RemoteObject, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.changed or self.folders or self.redated)
+        return bool(self.added or self.removed or self.changed or self.folders or self.redated or self.retouched)
 
 
 def diff_trees(old: Tree, new: Tree) -> Diff:
@@ -325,10 +330,11 @@ def diff_trees(old: Tree, new: Tree) -> Diff:
     removed = tuple(o for k, o in before.items() if k not in after)
     changed = tuple((before[k], o) for k, o in after.items()
                     if k in before and not before[k].same_bytes(o))
-    # A file uploaded again with the same bytes is no change, but its new Last-Modified redates its folders.
-    touched = added + removed + tuple(o for k, o in after.items() if k in before and before[k] != o)
+    # A file uploaded again with the same bytes is no change, but its new Last-Modified redates it and its folders.
+    retouched = tuple(o for k, o in after.items() if k in before and before[k] != o and before[k].same_bytes(o))
+    touched = added + removed + tuple(o for _, o in changed) + retouched
     return Diff(added, removed, changed, _folders_changed(old, new, added + removed),
-                _folders_redated(old, new, touched))
+                _folders_redated(old, new, touched), retouched)
 
 
 def _folders_changed(old: Tree, new: Tree, moved: tuple[RemoteObject, ...]) -> tuple[str, ...]:

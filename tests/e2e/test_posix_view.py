@@ -160,3 +160,25 @@ def test_a_refresh_redates_every_folder_above_a_new_file(mount, s3, bucket, fs: 
     m.process.send(signal.SIGHUP)
     wait_until(lambda: m.log().count("listing changed") > done, what="the refresh")
     assert [fs.stat(p).st_mtime for p in folders] == [new] * 4
+
+
+def test_a_same_bytes_upload_redates_the_file_itself_after_a_refresh(mount, s3, bucket, fs: FS, tmp_path: Path):
+    """Same ETag and size, a new Last-Modified.  Before: the refresh redated
+    the folders above but `stat` of the file kept the old date (older than
+    its own folder) until something listed the folder or the five-minute
+    attribute cache ran out, so two mounts showed the file different dates."""
+    key = f"{P}/app/data.txt"
+    put_many(s3, bucket, [key])
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", store=tmp_path / "store")
+    path = m.file(key)
+    assert fs.read(path) == key.encode()
+    before = fs.stat(path).st_mtime
+    time.sleep(1.1)  # Last-Modified has whole seconds
+    put_many(s3, bucket, [key])  # the same bytes again
+    new = s3.head_object(Bucket=bucket, Key=key)["LastModified"].timestamp()
+    assert new > before
+    m.process.send(signal.SIGHUP)
+    wait_until(lambda: "0 changed (new dates only)" in m.log(), what="the refresh")
+    assert fs.stat(path).st_mtime == new
+    assert fs.stat(m.path / P / "app").st_mtime == new
+    assert fs.read(path) == key.encode()

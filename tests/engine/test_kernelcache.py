@@ -4,6 +4,7 @@ and holds up the stop until it ends."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pyfuse3
@@ -149,3 +150,26 @@ async def test_a_file_added_deep_down_refreshes_the_attributes_of_every_folder_i
         await kernel.settle()
     assert entries == [(c, b"deep")]
     assert sorted(ino for ino, _ in attrs) == sorted([1, a, b, c]) and all(only for _, only in attrs)
+
+
+@trio_test
+async def test_a_file_uploaded_again_with_the_same_bytes_gets_its_new_date(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same ETag and size, a new Last-Modified: the same version, so the same
+    inode and its pages stay; but before, the kernel kept the file's cached
+    attributes and the inode still stood for the old listing entry, so `stat`
+    showed the old date (older than its folder's) until a listing of the folder."""
+    entries, attrs = recorded_notifications(monkeypatch)
+    inodes = InodeTable()
+    kernel = KernelCache(inodes)
+    folder = inodes.ino("m")
+    old = RemoteObject("b", "m/data.txt", 1, '"d"', 10)
+    again = RemoteObject("b", "m/data.txt", 1, '"d"', 20)
+    ino = inodes.lookup(old)
+    unseen = RemoteObject("b", "m/other.txt", 1, '"o"', 10)  # the kernel never looked it up: nothing to tell
+    with trio.fail_after(10):
+        diff = diff_trees(build_tree([old, unseen]), build_tree([again, dataclasses.replace(unseen, mtime_ns=30)]))
+        assert kernel.forget_names(diff) == 0  # no name changed meaning
+        await kernel.settle()
+    assert entries == []
+    assert sorted(attrs) == sorted([(1, True), (folder, True), (ino, True)])  # attributes only: pages stay
+    assert inodes.get(ino) == again and inodes.peek(again) == ino

@@ -95,6 +95,17 @@ def test_diff_trees_names_every_folder_above_whose_date_moved() -> None:
     assert diff_trees(old, again).redated == ("", "z")  # and the same bytes uploaded again (no change else)
 
 
+def test_diff_trees_names_the_files_uploaded_again_with_the_same_bytes() -> None:
+    """Same ETag and size, a new date: no change (the same inode and pages),
+    but the new entry, so the file's `stat` shows its new date."""
+    old = build_tree([obj("z/h", mtime=10), obj("z/k", mtime=10), obj("z/n", mtime=10)])
+    new = build_tree([obj("z/h", mtime=40), obj("z/k", etag="2", mtime=40), obj("z/n", mtime=10)])
+    diff = diff_trees(old, new)
+    assert diff.retouched == (obj("z/h", mtime=40),)
+    assert [n for _, n in diff.changed] == [obj("z/k", etag="2", mtime=40)]
+    assert diff and not diff_trees(old, old)
+
+
 def test_inodes_are_per_version_and_forgotten_at_zero() -> None:
     v1, v2 = obj("p/f", etag="1"), obj("p/f", etag="2")
     table = InodeTable(lambda ref: ref != v1)  # v2 replaced v1 in the listing
