@@ -27,7 +27,9 @@ from lazyfs.modeljson import (
     Source,
     build_sources,
     check_directory,
+    check_target,
     load_model_json,
+    output_file,
     resolve_mountpoint,
 )
 from lazyfs.mounttab import check_answering, is_fuse_mount, is_lazyfs_mount
@@ -352,7 +354,7 @@ def bake_config(args: Mapping[str, Any], env: Mapping[str, str]) -> BakeConfig:
     memory, file_mode = args.get("memory_limit") or memlimit.DEFAULT, args.get("file_mode") or DEFAULT_FILE_MODE
     return BakeConfig(sources=sources, target=to, log_level=args.get("log_level") or "info", lock=lock,
                       store_mode=args.get("store_mode") or DEFAULT_STORE_MODE, file_mode=file_mode,
-                      write_lock=_output(args.get("write_lock"), "--write-lock"), configs=_config_refs(configs),
+                      write_lock=output_file(args.get("write_lock"), "--write-lock"), configs=_config_refs(configs),
                       memory_limit=memory, remote=remote_config(args, env), fetch=fetch_config(args, memory))
 
 
@@ -364,13 +366,14 @@ def status_config(args: Mapping[str, Any], env: Mapping[str, str]) -> StatusConf
     sources: tuple[Source, ...] = ()  # none given, of a running mount: it names its own (status.from_mount)
     mnt = args.get("mountpoint")  # the mount running there, else its store: --store, else the folder beneath it
     given = mnt if mnt and (is_lazyfs_mount(Path(os.path.abspath(mnt))) or not args.get("store")) else args.get("store")
-    if lock is not None or args.get("config") or args.get("prefix") or \
-            not is_lazyfs_mount(path := Path(os.path.abspath(given or DEFAULT_CACHE_DIR))):
+    what, path = "mountpoint" if mnt and given == mnt else "store", Path(os.path.abspath(given or DEFAULT_CACHE_DIR))
+    if given:  # first: a path that is no folder says so, not "nothing to serve"
+        check_target(path, what)
+    if lock is not None or args.get("config") or args.get("prefix") or not is_lazyfs_mount(path):
         configs, sources = _sources(args, env, lock)
-        path = Path(os.path.abspath(given)) if given else resolve_mountpoint(None, configs)
-    what = "mountpoint" if mnt and given == mnt else "store"
-    # A running mount is asked; a hung one, of any kind, refused.
-    (check_answering if is_fuse_mount(path) else check_directory)(path, what)
+        path = path if given else resolve_mountpoint(None, configs)
+    if not given:  # the default mount, or the configs' download_files_to
+        check_target(path, what)
     return StatusConfig(sources=sources, store=path, prebaked=_layers(args.get("prebaked") or ()),
                         as_json=bool(args.get("json")), require_all=bool(args.get("require_all")), lock=lock,
                         verify_content=args.get("verify") == "content", remote=remote_config(args, env))
@@ -382,12 +385,12 @@ def lock_config(args: Mapping[str, Any], env: Mapping[str, str]) -> LockConfig:
     if given == "-":
         output = None
     elif given:
-        output = _output(given, "--output")
+        output = output_file(given, "--output")
     elif configs:
         first = configs[0].path
-        output = _output(str(first.with_name(first.name.removesuffix(".json") + ".lock.json")), "--output")
+        output = output_file(str(first.with_name(first.name.removesuffix(".json") + ".lock.json")), "--output")
     else:
-        output = _output("lazyfs.lock.json", "--output")
+        output = output_file("lazyfs.lock.json", "--output")
     return LockConfig(sources=sources, output=output, configs=_config_refs(configs), remote=remote_config(args, env))
 
 
@@ -395,17 +398,6 @@ def diff_config(args: Mapping[str, Any]) -> DiffConfig:
     old, new = read_lock(args["old"]), read_lock(args["new"])
     assert old is not None and new is not None  # required arguments
     return DiffConfig(old=old, new=new, as_json=bool(args.get("json")))
-
-
-def _output(path: str | None, flag: str) -> Path | None:
-    """A file to write: its folder must exist."""
-    if not path:
-        return None
-    out = Path(os.path.abspath(path))
-    check_directory(out.parent, f"{flag} folder")
-    if out.is_dir():
-        raise ConfigError(f"{flag} {out} is a directory; name the lock file to write")
-    return out
 
 
 def doctor_config(args: Mapping[str, Any], env: Mapping[str, str]) -> DoctorConfig:

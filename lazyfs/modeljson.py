@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from lazyfs.errors import ConfigError, UnsafeKey
-from lazyfs.mounttab import check_answering
+from lazyfs.mounttab import check_answering, is_fuse_mount
 from lazyfs.namespace import key_parts
 from lazyfs.userfile import MODEL_JSON_MAX, BadJson, parse_json, read_text
 from lazyfs.wording import one_line, quoted
@@ -186,6 +186,23 @@ def check_directory(path: Path, what: str, missing_ok: bool = False) -> None:
         raise ConfigError(f"{what} {path}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{what} {path} is not a directory")
+
+
+def check_target(path: Path, what: str) -> None:
+    """A folder a command reads, or a FUSE mount there: a running one is
+    asked (it must answer), a plain folder must be one (check_directory)."""
+    (check_answering if is_fuse_mount(path) else check_directory)(path, what)
+
+
+def output_file(path: str | None, flag: str) -> Path | None:
+    """A file to write (a lock): its folder must exist."""
+    if not path:
+        return None
+    out = Path(os.path.abspath(path))
+    check_directory(out.parent, f"{flag} folder")
+    if out.is_dir():
+        raise ConfigError(f"{flag} {out} is a directory; name the lock file to write")
+    return out
 
 
 def build_sources(configs: Sequence[ModelJson], prefixes: Sequence[str],

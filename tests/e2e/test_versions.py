@@ -385,6 +385,21 @@ def test_status_takes_the_mountpoint_as_df_does(mount, proxy, s3, bucket, fs: FS
     assert missing.stderr == f"lazyfs: error: mountpoint {tmp_path / 'nope'} does not exist\n"
 
 
+def test_status_of_a_path_that_is_no_folder_says_so_without_a_folder_to_serve(tmp_path: Path):
+    """`lazyfs status NOPE` said "nothing to serve: give --config model.json
+    or --prefix FOLDER" (exit 2), though with --prefix the same path said it
+    does not exist: the path is the mistake, whatever else is given."""
+    afile = tmp_path / "a-file"
+    afile.write_bytes(b"x")
+    for path, says in ((tmp_path / "nope", "does not exist"), (afile, "is not a directory")):
+        for extra in ([], ["--prefix", "s3://bkt/x"]):
+            res = lazyfs_cli(["status", str(path), *extra])
+            assert res.returncode == 2, res.stderr
+            assert res.stderr == f"lazyfs: error: mountpoint {path} {says}\n", res.stderr
+        res = lazyfs_cli(["status", "--store", str(path)])
+        assert (res.returncode, res.stderr) == (2, f"lazyfs: error: store {path} {says}\n")
+
+
 @on_both_clients
 def test_a_new_version_prefix_downloads_only_what_changed(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     same = {"config.json": b'{"layers": 2}', "tokenizer.json": os.urandom(30_000),
