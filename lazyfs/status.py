@@ -190,9 +190,10 @@ def from_mount(cfg: StatusConfig) -> Answer:
     if (stats.get("store_filesystem") or {}).get("user_xattrs") is False:
         note += f"; {_SIDECAR_NOTE}"
     note += _pinned_note(stats.get("pinned"))
+    asked = cfg.sources
     if not cfg.sources:  # no --config, --prefix or --lock: the folders the mount serves
         cfg = dataclasses.replace(cfg, sources=_served(stats))
-    unknown = _listing_unknown(stats) or _other_lock(cfg, stats.get("pinned"))
+    unknown = _listing_unknown(stats) or _other_lock(cfg, stats.get("pinned")) or _unserved(cfg, asked, stats)
     files, unasked = _ask_files(cfg, stats)
     if cfg.lock is not None and cfg.verify_content:
         files = _with_content(files, contentcheck.through_mount(cfg.store, list(cfg.lock.entries()),
@@ -210,6 +211,24 @@ def _served(stats: dict[str, Any]) -> tuple[Source, ...]:
         return build_sources([], [uri for uri in stats.get("sources") or () if isinstance(uri, str)], None)
     except ConfigError:
         return ()  # (a stats file that names none: nothing to walk)
+
+
+def _unserved(cfg: StatusConfig, asked: tuple[Source, ...], stats: dict[str, Any]) -> str:
+    """The folders asked about (--config, --prefix) that the mount does not
+    serve, or "": none of their files is on it, so "0 missing" proves nothing
+    (a typo in the prefix, the wrong model.json).  A folder inside a served
+    one is served if the mount has it."""
+    served = _served(stats)
+
+    def on_mount(s: Source) -> bool:
+        return any(s.bucket == t.bucket and s.prefix.startswith(t.prefix) for t in served) and \
+            (s in served or os.path.isdir(cfg.store / s.prefix))
+
+    unserved = [s.uri for s in asked if not on_mount(s)]
+    if not unserved:
+        return ""
+    return (f"the mount serves {', '.join(s.uri for s in served) or 'no folder it names'}, "
+            f"not {', '.join(unserved)}")
 
 
 def _pinned_note(pinned: Any) -> str:

@@ -400,6 +400,39 @@ def test_status_of_a_path_that_is_no_folder_says_so_without_a_folder_to_serve(tm
         assert (res.returncode, res.stderr) == (2, f"lazyfs: error: store {path} {says}\n")
 
 
+def test_status_of_folders_a_running_mount_does_not_serve_is_not_ready(mount, proxy, s3, bucket, fs: FS,
+                                                                      tmp_path: Path):
+    """Asked about a folder the mount does not serve (a typo in --prefix, the
+    wrong model.json), status found none of its files on the mount and said
+    "0 files ... (ready; as served by ...)", exit 0 with --require-all: a
+    readiness probe that passed for nothing.  Not ready now, naming what the
+    mount serves; the folders it serves (or one inside them) as before."""
+    put(s3, bucket, f"{P}/a.bin", b"a" * 1000)
+    put(s3, bucket, f"{P}/sub/b.bin", b"b" * 1000)
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "store")
+    for name in ("a.bin", "sub/b.bin"):
+        fs.read(m.file(f"{P}/{name}"))
+        wait_until(lambda n=name: fs.run(os.getxattr, str(m.file(f"{P}/{n}")), "user.lazyfs.state") == b"cached",
+                   what="publication")
+    source = ["--endpoint-url", proxy.endpoint, "--bucket", bucket, "--require-all"]
+    served = f"the mount serves s3://{bucket}/{P}/, not"
+    for prefix in ("nope", f"{P}-typo", f"{P}/nosuch"):
+        res = lazyfs_cli(["status", str(m.path), "--prefix", prefix, *source])
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert f"(not ready: {served} s3://{bucket}/{prefix}/;" in res.stdout and res.stderr == "", res.stdout
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"download_files_from": f"s3://{bucket}/typo-folder",
+                                "download_files_to": str(m.path)}))
+    res = lazyfs_cli(["status", "--config", str(typo), "--require-all", "--json", "--endpoint-url", proxy.endpoint])
+    js = json.loads(res.stdout)
+    assert res.returncode == 1 and js["ready"] is False, res.stdout
+    assert js["unknown"] == f"{served} s3://{bucket}/typo-folder/"
+    for prefix, files in ((P, 2), (f"{P}/sub", 1)):  # served: ready as before
+        res = lazyfs_cli(["status", str(m.path), "--prefix", prefix, *source])
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"{files} file" in res.stdout and f"{files} cached" in res.stdout and "(ready;" in res.stdout
+
+
 @on_both_clients
 def test_a_new_version_prefix_downloads_only_what_changed(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
     same = {"config.json": b'{"layers": 2}', "tokenizer.json": os.urandom(30_000),
