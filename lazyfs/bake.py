@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import stat
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import TextIO
@@ -23,14 +26,14 @@ import trio
 from lazyfs import crt, interrupt, lockcmd, memlimit, prefetch, storesweep, wording
 from lazyfs.catalog import Catalog
 from lazyfs.config import BakeConfig, FetchConfig
-from lazyfs.errors import Interrupted
+from lazyfs.errors import Interrupted, StoreError
 from lazyfs.fetch import Fetcher
 from lazyfs.lockfile import Lock
 from lazyfs.mounttab import MountError, find_mount
 from lazyfs.namespace import RemoteObject
 from lazyfs.pinned import Pinning
 from lazyfs.remote import Remote
-from lazyfs.store import Store
+from lazyfs.store import LocalCopy, Store
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,33 @@ class BakeResult:
     seconds: float
     # Everything the GETs brought, a failed file's discarded bytes too.
     bytes_fetched: int = 0
+    moded: int = 0  # files found on disk given the mode this bake asks for
+    file_mode: int = 0o444  # that mode (--store-mode's read bits, --file-mode's execute bits)
+
+
+class BakedModes:
+    """Gives each copy a bake finds on disk (already current, or linked from
+    identical bytes) the mode a download of this bake would have: the bake's
+    flags describe the result, so a second bake with `--file-mode 0555` makes
+    the files executable, and one without it makes them data again."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.mode = store.permissions.file | store.permissions.executable
+        self.changed = 0
+        self._lock = threading.Lock()  # give() runs in worker threads
+
+    def give(self, copy: LocalCopy) -> None:
+        """Blocking.  A copy outside the store (a layer not ours) is left."""
+        if copy.layer is not self.store.root or stat.S_IMODE(os.fstat(copy.fd).st_mode) == self.mode:
+            return
+        try:
+            os.fchmod(copy.fd, self.mode)
+        except OSError as e:
+            raise StoreError(f"the copy already in the store cannot be given mode {self.mode:04o} "
+                             f"({e.strerror}): bake as its owner") from None
+        with self._lock:
+            self.changed += 1
 
 
 @dataclass
@@ -94,10 +124,11 @@ def summary(result: BakeResult, target: object, lock: Lock | None) -> str:
     in the store (a new version folder sharing files with the old), already
     current, failed."""
     linked = f"{result.linked} linked from identical copies, " if result.linked else ""
+    moded = f" ({result.moded} given mode {result.file_mode:04o})" if result.moded else ""
     # After a failure, what the downloads cost in all (a failed file's bytes are thrown away).
     fetched = f"; {result.bytes_fetched / 2**20:.1f} MiB fetched in all" if result.failed else ""
     return (f"lazyfs bake: {wording.count(result.files, 'file')}: {result.downloaded} downloaded "
-            f"({result.bytes_downloaded / 2**20:.1f} MiB{fetched}), {linked}{result.skipped} already current, "
+            f"({result.bytes_downloaded / 2**20:.1f} MiB{fetched}), {linked}{result.skipped} already current{moded}, "
             f"{len(result.failed)} failed, in {result.seconds:.1f} s -> {target}"
             + (f" (lock {lock.short_digest})" if lock is not None else ""))
 
@@ -147,8 +178,9 @@ async def _fetch_all(fetcher: Fetcher, objects: list[RemoteObject], out: TextIO,
     listed = {obj.version for obj in objects}  # what the bake's listing (or lock) makes current
     fetcher.hooks.is_current = lambda obj: obj.version in listed
     await storesweep.sweep(fetcher.store, objects, fetcher.runner.bulk)
+    modes = BakedModes(fetcher.store)
     warmer = baking.warmer = prefetch.Prefetcher(fetcher, concurrent_files=max(8, fetcher.cfg.max_connections),
-                                                 must_keep=True)
+                                                 must_keep=True, on_local=modes.give)
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
         await nursery.start(fetcher.run)
@@ -162,7 +194,8 @@ async def _fetch_all(fetcher: Fetcher, objects: list[RemoteObject], out: TextIO,
                       skipped=progress.local_files - progress.linked_files, linked=progress.linked_files,
                       failed=progress.failed,
                       bytes_downloaded=progress.done_bytes - progress.local_bytes,
-                      bytes_fetched=fetcher.bytes_from_s3, seconds=time.monotonic() - started)
+                      bytes_fetched=fetcher.bytes_from_s3, seconds=time.monotonic() - started,
+                      moded=modes.changed, file_mode=modes.mode)
 
 
 async def _report(warmer: prefetch.Prefetcher, fetcher: Fetcher, out: TextIO) -> None:

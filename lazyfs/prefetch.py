@@ -66,12 +66,16 @@ class Progress:
 
 
 class Prefetcher:
-    def __init__(self, fetcher: Fetcher, concurrent_files: int = 32, must_keep: bool = False) -> None:
+    def __init__(self, fetcher: Fetcher, concurrent_files: int = 32, must_keep: bool = False,
+                 on_local: Callable[[LocalCopy], None] | None = None) -> None:
         self.fetcher = fetcher
         self.concurrent_files = concurrent_files
         # `lazyfs bake`: a file fetched but not kept in the store (a folder
         # in its way stays: stalefolder.py) counts as failed, not done.
         self.must_keep = must_keep
+        # `lazyfs bake`: what becomes of a copy found current (it gets the
+        # bake's file mode); blocking, run in a thread; a LazyfsError fails the file.
+        self.on_local = on_local
         self.progress = Progress()
 
     async def run(self, objects: Iterable[RemoteObject]) -> Progress:
@@ -116,6 +120,8 @@ class Prefetcher:
                 try:
                     if self.must_keep and got.state is FileState.CACHED:  # a bake's: a file a mount fetched
                         await trio.to_thread.run_sync(self._claim, got.fd)  # is baked now, never evicted
+                    if self.on_local is not None:
+                        await trio.to_thread.run_sync(self.on_local, got)
                 finally:
                     os.close(got.fd)
                 p.local_files += 1

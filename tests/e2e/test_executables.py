@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from support.mounting import FS, lazyfs_cli
+from support.mounting import FS, lazyfs_cli, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -100,6 +100,46 @@ def test_bake_with_file_mode_makes_an_image_whose_programs_run_with_and_without_
     res = lazyfs_cli(["bake", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint, "--to", str(plain),
                       "--store-mode", "public"])
     assert res.returncode == 0 and stat.S_IMODE((plain / P / "run.sh").stat().st_mode) == 0o444
+
+
+def test_a_bake_over_a_bake_gives_the_files_already_current_the_mode_it_asks_for(
+        mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    """A second bake with `--file-mode 0555` said "3 already current" and
+    left every file 0444 (exec: Permission denied): the files on disk kept
+    the first bake's mode.  The bake's flags describe the result now, both
+    ways, and a file a mount fetched that the bake records as baked too."""
+    put_app(s3, bucket)
+    image = tmp_path / "image"
+    files = [image / P / "run.sh", image / P / "bin" / "true", image / P / "data.txt"]
+
+    def bake(to: Path, *flags: str) -> str:
+        res = lazyfs_cli(["bake", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint,
+                          "--to", str(to), *flags])
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout.splitlines()[-1]
+
+    bake(image, "--store-mode", "public")
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o444}
+    again = bake(image, "--store-mode", "public", "--file-mode", "0555")
+    assert "0 downloaded" in again and "3 already current (3 given mode 0555)," in again, again
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o555}
+    assert fs.sh("timeout", "20", str(files[0]), timeout=30).stdout == "ran\n"
+    back = bake(image, "--store-mode", "public")
+    assert "3 already current (3 given mode 0444)," in back, back
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o444}
+    assert "3 already current, 0 failed" in bake(image, "--store-mode", "public")  # nothing to change
+    # A file a mount fetched (private, 0400): the bake makes it its own, with its mode.
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    fs.read(m.file(f"{P}/run.sh"))
+    wait_until(lambda: fs.run(os.getxattr, str(m.file(f"{P}/run.sh")), "user.lazyfs.state") == b"cached",
+               what="publication")
+    m.stop()
+    assert stat.S_IMODE((store / P / "run.sh").stat().st_mode) == 0o400
+    claimed = bake(store, "--store-mode", "group", "--file-mode", "0555")
+    assert "2 downloaded" in claimed and "1 already current (1 given mode 0550)," in claimed, claimed
+    assert {stat.S_IMODE((store / P / n).stat().st_mode) for n in ("run.sh", "bin/true", "data.txt")} == {0o550}
+    assert b'"origin":"bake"' in os.getxattr(store / P / "run.sh", "user.lazyfs.identity").replace(b" ", b"")
 
 
 @pytest.mark.parametrize(("mode", "says"), [("0644", "bits a read-only file cannot have"),
