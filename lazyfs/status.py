@@ -4,8 +4,8 @@ Usable as a readiness probe: with `--require-all` it exits 1 while any file is
 not on disk and current, and whenever it cannot know that every file is: a
 mount whose listing never succeeded, a mount without xattrs (--no-xattrs)
 that cannot tell file states, an unreadable stats file, folders (--config,
---prefix) the running mount does not serve.  Each says why in one line.  States (filestate.FileState): cached (a recorded
-copy of this version), prebaked (an unrecorded copy of the right size),
+--prefix) the running mount does not serve.  Each says why in one line.
+States (filestate.FileState): cached (a recorded copy of this version), prebaked (an unrecorded copy of the right size),
 downloading (a mount is fetching it), partial (an interrupted download),
 stale (only another version), missing.
 
