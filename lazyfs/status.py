@@ -5,9 +5,10 @@ not on disk and current, and whenever it cannot know that every file is: a
 mount whose listing never succeeded, a mount without xattrs (--no-xattrs)
 that cannot tell file states, an unreadable stats file, folders (--config,
 --prefix) the running mount does not serve.  Each says why in one line.
-States (filestate.FileState): cached (a recorded copy of this version), prebaked (an unrecorded copy of the right size),
-downloading (a mount is fetching it), partial (an interrupted download),
-stale (only another version), missing.
+States (filestate.FileState): cached (a recorded copy of this version),
+prebaked (an unrecorded copy of the right size), downloading (a mount is
+fetching it), partial (an interrupted download), stale (only another
+version), missing.
 
 Against a plain store folder it lists the object store (or, when that is
 unreachable, the listing the store saved) and looks at the disk, writing
