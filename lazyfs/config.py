@@ -15,11 +15,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, cast
+from typing import Any, Literal, Mapping, Sequence
 
 from lazyfs import memlimit
 from lazyfs.crtlimits import check_part_size
-from lazyfs.errors import ConfigError
+from lazyfs.errors import BadEndpoint, ConfigError
 from lazyfs.lockfile import ConfigRef, Lock, check_sources, read
 from lazyfs.modeljson import (
     DEFAULT_CACHE_DIR,
@@ -57,9 +57,9 @@ class RemoteConfig:
 
     endpoint_url: str | None = None
     region: str | None = None
-    # Path-style is what MinIO, Ceph and most S3-compatible stores need; AWS
-    # itself prefers virtual-hosted.  "auto" lets botocore decide.
-    addressing_style: AddressingStyle = "auto"
+    # --addressing-style; None: the profile's, else path with an endpoint from any source
+    # (what MinIO, Ceph and most S3-compatible stores need), else "auto" (remote.addressing).
+    addressing_style: AddressingStyle | None = None
     # botocore's own retries (standard mode: exponential backoff with jitter,
     # covers 5xx, SlowDown, throttling and connection errors before the body).
     # 5 attempts ride out the usual brief S3 hiccups in about 5 seconds.
@@ -231,7 +231,7 @@ def endpoint(flag: str | None, env: Mapping[str, str]) -> str | None:
     for value in (flag, env.get("AWS_ENDPOINT_URL_S3"), env.get("AWS_ENDPOINT_URL")):
         if value:
             if not re.match(r"^https?://[^/\s]+", value):
-                raise ConfigError(f"endpoint \"{value}\" is not an http:// or https:// URL")
+                raise BadEndpoint(f"endpoint \"{value}\" is not an http:// or https:// URL")
             return value
     return None
 
@@ -254,13 +254,12 @@ def prefetch_patterns(everything: bool, globs: Sequence[str]) -> tuple[str, ...]
 
 def remote_config(args: Mapping[str, Any], env: Mapping[str, str]) -> RemoteConfig:
     url = endpoint(args.get("endpoint_url"), env)
-    style = args.get("addressing_style") or ("path" if url else "auto")
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
     # Ranged GETs, plus the listings' parallel requests (catalog: up to 8 for
     # a refresh and 8 for lookups), plus a few for HEADs: no request ever
     # waits for, or throws away, a socket.
     pool = int(args.get("max_connections") or default_of(FetchConfig, "max_connections")) + 40
-    return RemoteConfig(endpoint_url=url, region=region, addressing_style=cast(AddressingStyle, style),
+    return RemoteConfig(endpoint_url=url, region=region, addressing_style=args.get("addressing_style"),
                         max_pool_connections=pool,
                         max_attempts=_attempts(args, default_of(RemoteConfig, "max_attempts")),
                         etag_is_md5=not args.get("no_etag_check"),

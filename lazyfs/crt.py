@@ -61,12 +61,12 @@ _HOST_LABELS = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 class Endpoint:
     """Where boto3's client sends its requests, as botocore resolved it (flags,
     environment, the profile's endpoint_url and ca_bundle): the CRT's GETs go
-    to the same place, the same way (remote.Remote has these; its addressing
-    style is lazyfs's, which botocore puts before the profile's)."""
+    to the same place, the same way (remote.Remote has these, and the
+    addressing both clients use: remote.addressing)."""
 
     url: str  # with any path a gateway puts before the bucket
     region: str
-    addressing_style: str  # "auto", "path" or "virtual"
+    addressing_style: str  # "auto", "path" or "virtual": remote.addressing's
     verify: bool | str = True  # False: no certificate check; a path: the CA bundle to trust
 
 
@@ -361,7 +361,7 @@ def transfer_for(remote: Any, cfg: FetchConfig, memory_limit: int = MIN_MEMORY) 
     Half of --memory-limit (at least 256 MiB) for its buffers."""
     if cfg.transfer_client != "crt":
         return None
-    endpoint = Endpoint(remote.endpoint, remote.region, remote.cfg.addressing_style, remote.verify)
+    endpoint = Endpoint(remote.endpoint, remote.region, remote.addressing_style, remote.verify)
     client = CrtTransfer(remote.cfg, endpoint, remote.frozen_credentials, cfg.part_size, cfg.max_connections,
                          buffer_memory(memory_limit))
     return client.fetch

@@ -21,7 +21,7 @@ from typing import Callable, Sequence, TextIO
 from lazyfs import interrupt, wording
 from lazyfs.catalog import Catalog
 from lazyfs.config import DoctorConfig, RemoteConfig
-from lazyfs.errors import LazyfsError, again
+from lazyfs.errors import BadEndpoint, LazyfsError, again
 from lazyfs.identity import user_xattrs_work
 from lazyfs.mounttab import BrokenMount, broken_mount_holding, find_mount, probe_mount
 from lazyfs.namespace import MARKER_BODY, UNSAFE, Skipped, Tree
@@ -236,6 +236,8 @@ def identity_records(folder: Path) -> Check:
 def credentials(cfg: DoctorConfig) -> list[Check]:
     try:
         found = _remote(cfg.remote).credential_source()
+    except BadEndpoint:
+        raise
     except LazyfsError as e:
         return [Check(FAIL, "credentials", str(e), "check AWS_PROFILE, AWS_* variables and ~/.aws files")]
     if found is None:
@@ -256,6 +258,8 @@ def _remote(cfg: RemoteConfig) -> Remote:
     if cfg not in _built:
         try:
             _built[cfg] = Remote(cfg)
+        except BadEndpoint:  # the profile's: exit 2 in one line, as the environment's (cli.py)
+            raise
         except LazyfsError as e:
             _built[cfg] = e
     built = _built[cfg]

@@ -25,6 +25,11 @@ class ConfigError(LazyfsError):
     errno = errno.EINVAL
 
 
+class BadEndpoint(ConfigError):
+    """An endpoint that is not an http(s) URL, from any source (a flag, the
+    environment, a profile): no command, doctor included, goes on with it."""
+
+
 class UsageError(ConfigError):
     """A problem with how lazyfs was invoked (exit code 2)."""
 

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import botocore.config
+import botocore.configprovider
 import botocore.exceptions
 import botocore.session
 import urllib3.exceptions
 
 from lazyfs import awssession, errors, listxml
 from lazyfs.clientretries import ClientAttempts, calling
-from lazyfs.config import RemoteConfig, Source
+from lazyfs.config import AddressingStyle, RemoteConfig, Source, endpoint
 from lazyfs.errors import DENIED_CODES as _DENIED  # the CRT's refusals are the same (crt.py)
 from lazyfs.errors import AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.namespace import RemoteObject
@@ -48,25 +49,52 @@ _BODY_ERRORS = (botocore.exceptions.ReadTimeoutError, botocore.exceptions.Incomp
 PROBE_KEYS = 100
 
 
+def addressing(flag: AddressingStyle | None, profile_s3: Any, endpoint_url: str | None) -> AddressingStyle:
+    """The bucket addressing both clients use: --addressing-style; else the
+    profile's own (`s3 = addressing_style = ...`); else path-style for an
+    endpoint of the user's, from whatever source (MinIO, Ceph and most
+    S3-compatible stores need it, and a host name such as localhost has no
+    bucket subdomains), else "auto" (AWS itself: virtual-hosted)."""
+    profile = profile_s3.get("addressing_style") if isinstance(profile_s3, dict) else None
+    if profile in ("auto", "path", "virtual"):
+        return flag or cast(AddressingStyle, profile)
+    return flag or ("path" if endpoint_url else "auto")
+
+
+def configured_endpoint(core: botocore.session.Session, flag_or_env: str | None) -> str | None:
+    """The endpoint botocore would use, from every source it reads (the flag,
+    AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the profile's endpoint_url or its
+    `services` section), checked as the flag's is: one a profile gives
+    without a scheme is a configuration error, not botocore's ValueError."""
+    if flag_or_env or core.get_config_variable("ignore_configured_endpoint_urls"):
+        return flag_or_env
+    found = botocore.configprovider.ConfiguredEndpointProvider(
+        full_config=core.full_config, scoped_config=core.get_scoped_config(), client_name="s3").provide()
+    return endpoint(str(found), {}) if found else None
+
+
 class Remote:
     def __init__(self, cfg: RemoteConfig) -> None:
         self.cfg = cfg
+        core = awssession.session(cfg)
+        endpoint_url = configured_endpoint(core, cfg.endpoint_url)
+        # What both clients address buckets by (crt.py's Endpoint too).
+        self.addressing_style = addressing(cfg.addressing_style, core.get_config_variable("s3"), endpoint_url)
         config = botocore.config.Config(
             # Attempts in all: a client's "max_attempts" counts retries (one more).
             retries={"mode": "standard", "total_max_attempts": cfg.max_attempts},
             connect_timeout=cfg.connect_timeout,
             read_timeout=cfg.read_timeout,
             max_pool_connections=cfg.max_pool_connections,
-            s3={"addressing_style": cfg.addressing_style},
+            s3={"addressing_style": self.addressing_style},
             # We send no request bodies, and verify whole files ourselves
             # (fetch.py); ranged responses carry no checksum to validate.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        core = awssession.session(cfg)
         # botocore's session and client are boto3's, without the import of
         # boto3 and s3transfer (start-up time).
-        self._client: Any = core.create_client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region,
+        self._client: Any = core.create_client("s3", endpoint_url=endpoint_url, region_name=cfg.region,
                                                config=config)
         self._client.meta.events.register("before-parse.s3.ListObjectsV2", listxml.parse_listing_fast)
         # Every attempt counted, every retry logged (botocore's retries are its own).

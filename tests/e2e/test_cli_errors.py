@@ -13,7 +13,7 @@ import pytest
 
 from support.mounting import lazyfs_cli
 from support.proxy import Fault
-from support.s3server import free_port
+from support.s3server import clean_env, free_port
 
 
 def one_line_error(res: subprocess.CompletedProcess[str], logged: tuple[str, ...] = ()) -> str:
@@ -177,3 +177,23 @@ def test_python_m_lazyfs_and_console_script_agree() -> None:
     assert a.returncode == b.returncode == 0
     assert a.stdout == b.stdout and "mount" in a.stdout and "umount" in a.stdout
     assert lazyfs_cli(["--version"]).stdout.startswith("lazyfs ")
+
+
+@pytest.mark.parametrize("command", ["mount", "bake", "lock", "status", "doctor"])
+def test_a_profiles_endpoint_without_a_scheme_is_a_usage_error_as_the_environments(command: str,
+                                                                                   tmp_path: Path) -> None:
+    """`endpoint_url = 127.0.0.1:PORT` in the profile: botocore's ValueError
+    ended every command as `internal error`, exit 1, where the same value in
+    AWS_ENDPOINT_URL_S3 is one line, exit 2."""
+    config = tmp_path / "aws-config"
+    config.write_text(f"[default]\nregion = us-east-1\nendpoint_url = 127.0.0.1:{free_port()}\n")
+    env = clean_env({"AWS_CONFIG_FILE": str(config)})
+    (tmp_path / "mnt").mkdir()
+    args = {"mount": ["mount", str(tmp_path / "mnt"), "--store", str(tmp_path / "store")],
+            "bake": ["bake", "--to", str(tmp_path / "baked")], "lock": ["lock", "--output", str(tmp_path / "l.json")],
+            "status": ["status", str(tmp_path)], "doctor": ["doctor", str(tmp_path / "mnt")]}[command]
+    res = lazyfs_cli([*args, "--prefix", "s3://bkt/m/"], env=env, timeout=60)
+    assert res.returncode == 2, res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("lazyfs: error: endpoint \"127.0.0.1:") and "not an http" in line, res.stderr
+    assert "Traceback" not in res.stderr and "internal error" not in res.stderr, res.stderr

@@ -99,3 +99,25 @@ def test_an_expired_or_unknown_token_is_eacces_with_one_warning(mount: Mounter, 
     assert "kept failing" not in m.log()
     proxy.clear_faults()
     assert fs.read(m.file(key), timeout=60) == data, "the next open did not try again"
+
+
+@pytest.mark.parametrize("how", ["endpoint_url", "services", "addressing_style"])
+def test_a_profiles_endpoint_by_host_name_is_addressed_path_style(mount: Mounter, proxy: S3Proxy, s3, bucket: str,
+                                                                  fs: FS, tmp_path: Path, transfer_client: str,
+                                                                  how: str):
+    """The profile's endpoint is a host name (`http://localhost:PORT`), in
+    its endpoint_url or its `services` section, or with the profile's own
+    `addressing_style = path`: lazyfs asked botocore for "auto" (the path
+    style came only with an endpoint of the flag or the environment), and
+    the CRT sent its GETs to `bucket.localhost` (EIO: AWS_IO_DNS_INVALID_NAME)."""
+    key, data = _upload(s3, bucket, "h.bin")
+    url = proxy.endpoint.replace("127.0.0.1", "localhost")
+    profile = {"endpoint_url": f"[default]\nendpoint_url = {url}\n",
+               "services": f"[default]\nservices = here\n[services here]\ns3 =\n  endpoint_url = {url}\n",
+               "addressing_style": f"[default]\nendpoint_url = {url}\ns3 =\n  addressing_style = path\n"}[how]
+    config = tmp_path / "aws-config"
+    config.write_text(profile)
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "store", endpoint="",
+              env=mount.env(AWS_CONFIG_FILE=str(config)))
+    assert fs.read(m.file(key), timeout=60) == data
+    assert proxy.count("GET", key), "the file's bytes did not come through the profile's endpoint"

@@ -11,6 +11,7 @@ import pytest
 from lazyfs import options
 from lazyfs.config import ConfigError, Source, bake_config, mount_config, parse_size, remote_config
 from lazyfs.modeljson import dedupe_sources, load_model_json, normalize_prefix, parse_source, resolve_mountpoint
+from lazyfs.remote import addressing
 
 
 def mj(tmp_path: Path, content: object, raw: bool = False) -> Path:
@@ -149,14 +150,26 @@ def _remote(endpoint: str | None, style: str | None, env: dict[str, str]):
 
 def test_remote_config_endpoint_precedence_and_path_style() -> None:
     assert _remote(None, None, {}).endpoint_url is None
-    assert _remote(None, None, {}).addressing_style == "auto"
+    assert _remote(None, None, {}).addressing_style is None  # not given: remote.addressing decides
     env = {"AWS_ENDPOINT_URL": "http://generic:1", "AWS_ENDPOINT_URL_S3": "http://s3only:2"}
     cfg = _remote(None, None, env)
-    assert cfg.endpoint_url == "http://s3only:2" and cfg.addressing_style == "path"
+    assert cfg.endpoint_url == "http://s3only:2" and addressing(cfg.addressing_style, None, cfg.endpoint_url) == "path"
     assert _remote("https://flag:3", None, env).endpoint_url == "https://flag:3"
     assert _remote("https://flag:3", "virtual", env).addressing_style == "virtual"
     with pytest.raises(ConfigError, match="not an http"):
         _remote("ftp://x", None, {})
+
+
+def test_addressing_is_the_flags_else_the_profiles_else_path_with_any_endpoint() -> None:
+    """An endpoint from the profile (not the flag or the environment) left
+    botocore "auto", over the profile's own addressing_style: the CRT then
+    addressed a bucket at `bucket.localhost`."""
+    assert addressing(None, None, None) == "auto"
+    assert addressing(None, None, "http://localhost:9000") == "path"
+    assert addressing(None, {"addressing_style": "virtual"}, "http://localhost:9000") == "virtual"
+    assert addressing(None, {"addressing_style": "path"}, None) == "path"
+    assert addressing("virtual", {"addressing_style": "path"}, "http://localhost:9000") == "virtual"
+    assert addressing("auto", None, "http://localhost:9000") == "auto"
 
 
 def test_etags_count_as_md5s_unless_told_otherwise(tmp_path: Path) -> None:
