@@ -144,6 +144,20 @@ class LibraryTracebacks(logging.Filter):
         return True
 
 
+class RefreshWarnings(logging.Filter):
+    """botocore's WARNING at each failed credential refresh ("Refreshing
+    temporary credentials failed during mandatory refresh period": 1-3 a
+    failed read) is DEBUG: the read it fails says so in lazyfs's one
+    WARNING line, with the cause; an advisory refresh that failed changes
+    nothing yet.  On the `botocore.credentials` logger, before its level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and str(record.msg).startswith("Refreshing temporary credentials"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def setup_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(LibraryTracebacks())
@@ -155,6 +169,9 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     # botocore's debug output carries request headers; keep it out of our logs.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    refreshes = logging.getLogger("botocore.credentials")
+    if not any(isinstance(f, RefreshWarnings) for f in refreshes.filters):
+        refreshes.addFilter(RefreshWarnings())
 
 
 def _values(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """botocore's credentials, lent to the CRT client (crt.py) through awscrt's
-credentials delegate.
+credentials delegate, and had within a bounded wait before a boto3 request
+whose credentials are due for a refresh (remote.Remote._refreshed_in_time:
+botocore's signing would otherwise refresh them, unbounded, in the request's
+thread).
 
 The delegate is called on the CRT's own threads, once per request it signs.
 Two things go wrong there that the CRT cannot say:

@@ -22,6 +22,7 @@ import urllib3.exceptions
 from lazyfs import awssession, errors, listxml
 from lazyfs.clientretries import ClientAttempts, calling
 from lazyfs.config import AddressingStyle, RemoteConfig, Source, endpoint
+from lazyfs.crtcreds import BotocoreCredentials, CredentialsUnavailable, wait_for_credentials
 from lazyfs.errors import DENIED_CODES as _DENIED  # the CRT's refusals are the same (crt.py)
 from lazyfs.errors import AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound, RemoteError, RemoteUnavailable
 from lazyfs.namespace import RemoteObject
@@ -103,6 +104,10 @@ class Remote:
         self.region: str = self._client.meta.region_name or "us-east-1"
         self.verify: bool | str = core.get_config_variable("ca_bundle") or True  # its TLS trust (and the CRT's)
         self._core = core
+        # Credentials due for a refresh are had through this bounded wait before a request (and the
+        # CRT's signing): botocore's signing would refresh them in the request's thread, for as long
+        # as a hung credential helper hangs, and the read would fail as a stalled network.
+        self.bounded_credentials = BotocoreCredentials(self.frozen_credentials, wait_for_credentials(cfg.read_timeout))
 
     def frozen_credentials(self) -> tuple[str, str, str | None]:
         """The credentials botocore's chain resolved, refreshed when they are
@@ -240,11 +245,26 @@ class Remote:
         started = time.monotonic()
         calling(op, bucket, key)  # its attempts and their failures are counted as they happen (clientretries.py)
         try:
+            self._refreshed_in_time(bucket, key)
             return fn(**kwargs)
         except Exception as e:  # translated exhaustively below
             raise self.translate(e, bucket, key) from e
         finally:
             TIMINGS.request(op, time.monotonic() - started)
+
+    def _refreshed_in_time(self, bucket: str, key: str) -> None:
+        """Credentials botocore would refresh at this request's signing are
+        refreshed first, waited for at most half of --read-timeout: a helper
+        that hangs is then EACCES with a line naming credentials, not a read
+        that waits out --read-deadline for a request stuck in its signing."""
+        creds = self._core.get_credentials()
+        due = getattr(creds, "refresh_needed", None)  # only refreshable (temporary) credentials are ever due
+        if due is None or not due():
+            return
+        try:
+            self.bounded_credentials.get()
+        except CredentialsUnavailable as e:
+            raise AccessDenied(f"{quoted(f's3://{bucket}/{key}')}: {e}", bucket=bucket, key=key) from None
 
     def translate(self, e: BaseException, bucket: str, key: str) -> RemoteError:
         where = quoted(f"s3://{bucket}/{key}")
