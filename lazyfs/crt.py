@@ -53,6 +53,15 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.2
 _CHECKSUMS = ("crc64nvme", "crc32c", "crc32", "sha256", "sha1")
 _GAVE_UP_ON = {"AWS_ERROR_S3_INTERNAL_ERROR": (500, "InternalError"), "AWS_ERROR_S3_SLOW_DOWN": (503, "SlowDown")}
+# The CRT's failures to reach the object store at all, in words (its names say them to
+# no operator): said as boto3 says such a failure, with the host the CRT tried.
+_UNREACHABLE = {"AWS_IO_DNS_INVALID_NAME": "DNS name not found", "AWS_IO_DNS_QUERY_FAILED": "DNS lookup failed",
+                "AWS_IO_DNS_NO_ADDRESS_FOR_HOST": "DNS name has no address",
+                "AWS_IO_SOCKET_CONNECTION_REFUSED": "connection refused",
+                "AWS_IO_SOCKET_TIMEOUT": "connection timed out", "AWS_IO_SOCKET_NO_ROUTE_TO_HOST": "no route to host",
+                "AWS_IO_SOCKET_NETWORK_DOWN": "network down",
+                "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE": "TLS negotiation failed",
+                "AWS_IO_TLS_ERROR_ALERT_RECEIVED": "TLS negotiation failed (the server refused it)"}
 # A bucket name that can be a DNS label (botocore's isVirtualHostableS3Bucket).
 _HOST_LABELS = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -267,6 +276,10 @@ class CrtTransfer:
             if 400 <= status < 500 and status not in (408, 429):  # refused (a 400 for ?versionId=null): as boto3's
                 return RemoteError(f"{where}: {code}: HTTP {status}", bucket=obj.bucket, key=obj.key)
             return _Answered(obj, f"{code}: HTTP {status}")
+        if name in _UNREACHABLE and not state.status:  # no answer: the connection itself failed
+            url = f"{'https' if self._https else 'http'}://{self._target(obj)[0]}"
+            return RemoteUnavailable(f"cannot reach the object store at {url} ({_UNREACHABLE[name]}: {name})",
+                                     bucket=obj.bucket, key=obj.key)
         return RemoteUnavailable(state.broke_off(name), bucket=obj.bucket, key=obj.key)
 
 

@@ -121,3 +121,25 @@ def test_a_profiles_endpoint_by_host_name_is_addressed_path_style(mount: Mounter
               env=mount.env(AWS_CONFIG_FILE=str(config)))
     assert fs.read(m.file(key), timeout=60) == data
     assert proxy.count("GET", key), "the file's bytes did not come through the profile's endpoint"
+
+
+@pytest.mark.log_errors('download of .* failed: ')
+def test_an_object_store_gone_is_said_with_the_host_tried_and_what_failed(mount: Mounter, proxy: S3Proxy, s3,
+                                                                          bucket: str, fs: FS, tmp_path: Path,
+                                                                          transfer_client: str):
+    """The object store stops listening after the listing: boto3 said `cannot
+    reach the object store at http://127.0.0.1:PORT`, the CRT `transfer broke
+    off before any of bytes 0-1048575 was written (AWS_IO_SOCKET_CONNECTION_REFUSED)`,
+    which names neither the host nor, in words, what failed."""
+    key, _ = _upload(s3, bucket, "gone.bin")
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--retries", "1", store=tmp_path / "store")
+    fs.listdir(m.path / P)
+    endpoint = proxy.endpoint
+    proxy.stop()
+    with pytest.raises(OSError) as info:
+        fs.read(m.file(key), timeout=60)
+    assert info.value.errno == errno.EIO
+    failed = [ln for ln in m.log().splitlines() if "download of" in ln and "failed" in ln]
+    assert failed and all(f"cannot reach the object store at {endpoint}" in ln for ln in failed), failed
+    if transfer_client == "crt":
+        assert all("(connection refused: AWS_IO_SOCKET_CONNECTION_REFUSED)" in ln for ln in failed), failed
