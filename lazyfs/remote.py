@@ -108,6 +108,9 @@ class Remote:
         # CRT's signing): botocore's signing would refresh them in the request's thread, for as long
         # as a hung credential helper hangs, and the read would fail as a stalled network.
         self.bounded_credentials = BotocoreCredentials(self.frozen_credentials, wait_for_credentials(cfg.read_timeout))
+        # The client's own credentials object (the session resolved them once, at start): only
+        # refreshable (temporary) ones are ever due.  None: static keys, or none at all.
+        self._refresh_due = getattr(core.get_credentials(), "refresh_needed", None)
 
     def frozen_credentials(self) -> tuple[str, str, str | None]:
         """The credentials botocore's chain resolved, refreshed when they are
@@ -257,9 +260,7 @@ class Remote:
         refreshed first, waited for at most half of --read-timeout: a helper
         that hangs is then EACCES with a line naming credentials, not a read
         that waits out --read-deadline for a request stuck in its signing."""
-        creds = self._core.get_credentials()
-        due = getattr(creds, "refresh_needed", None)  # only refreshable (temporary) credentials are ever due
-        if due is None or not due():
+        if self._refresh_due is None or not self._refresh_due():
             return
         try:
             self.bounded_credentials.get()
