@@ -263,10 +263,10 @@ async def test_the_dispatcher_survives_an_unexpected_exception(remote: FakeRemot
     real_pick = dispatch.pick
     calls = iter([True])
 
-    def pick_fails_once(downloads):  # type: ignore[no-untyped-def]
+    def pick_fails_once(downloads, demanded_only=False):  # type: ignore[no-untyped-def]
         if next(calls, False):
             raise RuntimeError("a bug in the scheduler")
-        return real_pick(downloads)
+        return real_pick(downloads, demanded_only)
 
     monkeypatch.setattr(dispatch, "pick", pick_fails_once)
     data = os.urandom(300 * KiB)
