@@ -59,7 +59,7 @@ class MountView:
             "bytes_listed": cat.tree.total_bytes,
             "listing": {"last_at": _iso(last.at), "ok": last.ok, "seconds": round(last.seconds, 3),
                         "objects": last.objects, "skipped_keys": last.skipped, "error": last.error,
-                        "offline": cat.offline},
+                        "offline": cat.offline, "state": cat.state},
             "cache": {"hits": STATS.opens_hit, "misses": STATS.opens_miss,
                       "passthrough_opens": STATS.opens_passthrough, "direct_io_opens": STATS.opens_direct_io,
                       "served_bytes": {k: STATS.served.get(k, 0) for k in ("cached", "prebaked", "s3")},

@@ -264,8 +264,11 @@ def _other_lock(cfg: StatusConfig, pinned: Any) -> str:
 def _listing_unknown(stats: dict[str, Any]) -> str:
     """Why the mount's tree does not name every file, or ""."""
     listing = stats.get("listing") or {}
+    if listing.get("state") == "saved":  # S3 answers, with errors: what it holds now is unknown
+        return (f"the mount serves the store's saved listing; its first listing failed "
+                f"({listing.get('error') or 'an error'}) and is being retried")
     if listing.get("ok") or stats.get("objects"):
-        return ""  # listed, or serving an earlier (or the saved) listing
+        return ""  # listed, or serving an earlier listing (or, offline, what the store knows)
     if not listing.get("last_at"):
         return "the mount's first listing has not finished"
     return f"the mount has no listing: {listing.get('error') or 'its first listing failed'}"

@@ -88,8 +88,13 @@ def test_a_first_listing_answered_with_errors_serves_the_saved_listing_and_fetch
     gets = proxy.count("GET")
     assert fs.read(m2.file(fetched)) == fetched.encode() * 100, "fetched: the object store answers GETs"
     assert proxy.count("GET") > gets
+    # Every file on disk, but what S3 holds now is unknown: not ready (it said "ready", exit 0).
+    probe = lazyfs_cli(["status", str(m2.path), "--require-all"])
+    assert probe.returncode == 1 and "the mount serves the store's saved listing" in probe.stdout, probe.stdout
     proxy.clear_faults()
     wait_until(lambda: "replaces the saved one" in m2.log(), timeout=30, what="the live listing")
+    probe = lazyfs_cli(["status", str(m2.path), "--require-all"])
+    assert probe.returncode == 0, probe.stdout
 
 
 @pytest.mark.log_errors("listing failed")  # (an offline mount's tries to get its listing back)
