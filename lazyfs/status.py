@@ -195,6 +195,8 @@ def from_mount(cfg: StatusConfig) -> Answer:
     if not cfg.sources:  # no --config, --prefix or --lock: the folders the mount serves
         cfg = dataclasses.replace(cfg, sources=_served(stats))
     unknown = _listing_unknown(stats) or _other_lock(cfg, stats.get("pinned")) or _unserved(cfg, asked, stats)
+    if buckets := {s.bucket for s in _served(stats)}:  # the mount's files are keys: none of another bucket's
+        cfg = dataclasses.replace(cfg, sources=tuple(s for s in cfg.sources if s.bucket in buckets))
     files, unasked = _ask_files(cfg, stats)
     if cfg.lock is not None and cfg.verify_content:
         files = _with_content(files, contentcheck.through_mount(cfg.store, list(cfg.lock.entries()),

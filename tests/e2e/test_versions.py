@@ -427,6 +427,10 @@ def test_status_of_folders_a_running_mount_does_not_serve_is_not_ready(mount, pr
     js = json.loads(res.stdout)
     assert res.returncode == 1 and js["ready"] is False, res.stdout
     assert js["unknown"] == f"{served} s3://{bucket}/typo-folder/"
+    # Another bucket's folder of the same name: none of the mount's files (it listed all of them as its own).
+    res = lazyfs_cli(["status", str(m.path), "--prefix", f"s3://other-bucket/{P}", *source[:2], "--json"])
+    js = json.loads(res.stdout)
+    assert js["ready"] is False and js["totals"]["files"] == 0, res.stdout
     for prefix, files in ((P, 2), (f"{P}/sub", 1)):  # served: ready as before
         res = lazyfs_cli(["status", str(m.path), "--prefix", prefix, *source])
         assert res.returncode == 0, res.stdout + res.stderr
