@@ -34,18 +34,6 @@ def put_many(s3, bucket: str, keys: list[str]) -> None:
         list(pool.map(lambda k: s3.put_object(Bucket=bucket, Key=k, Body=k.encode()), keys))
 
 
-def ready_line(m) -> str:
-    return next(line for line in m.process.stdout_lines if line.startswith("lazyfs: ready"))
-
-
-def errno_of_stat(fs: FS, path: Path) -> int:
-    try:
-        fs.stat(path)
-    except OSError as e:
-        return e.errno or 0
-    return 0
-
-
 @pytest.mark.log_errors("listing failed", r"^\S+ \S+ ERROR lazyfs.fuse_ops: (lookup|opendir): ")
 def test_a_failing_first_listing_is_retried_and_never_makes_a_file_look_missing(mount, proxy, s3, bucket,
                                                                                  fs: FS):
@@ -55,15 +43,15 @@ def test_a_failing_first_listing_is_retried_and_never_makes_a_file_look_missing(
     proxy.add(LISTS_FAIL_503)
     m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", "--retries", "0")
     # Truthful either way: the first attempt may still be retrying its requests.
-    line = ready_line(m)
+    line = m.ready_line()
     assert "LISTING FAILED" in line or "still listing" in line, line
     wait_until(lambda: "listing failed" in m.log(), what="the first listing to fail")
     for _ in range(2):  # not a cached negative entry: asked again, failing again
-        assert errno_of_stat(fs, m.file(f"{P}/a.bin")) == errno.EIO
+        assert fs.stat_errno(m.file(f"{P}/a.bin")) == errno.EIO
     assert proxy.count("LIST") > 2
     proxy.clear_faults()  # the store recovers: the listing is tried again within seconds
     # A lookup lists its own name at once; the listing follows at its next try.
-    wait_until(lambda: errno_of_stat(fs, m.file(f"{P}/a.bin")) == 0, timeout=30, what="the lookup")
+    wait_until(lambda: fs.stat_errno(m.file(f"{P}/a.bin")) == 0, timeout=30, what="the lookup")
     wait_until(lambda: "listed 102 objects" in m.log(), timeout=30, what="the retried listing")
     assert fs.listdir(m.path / P) == ["a.bin", "fill", "sub"]
     assert fs.read(m.file(f"{P}/sub/b.bin")) == f"{P}/sub/b.bin".encode()
@@ -74,11 +62,11 @@ def test_the_ready_line_says_when_the_listing_failed(mount, proxy, s3, bucket, f
     put_many(s3, bucket, [f"{P}/a.bin", *FILL])
     proxy.add(LISTS_FAIL_403)  # not retried within the listing: fails at once
     m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0")
-    line = ready_line(m)
+    line = m.ready_line()
     assert line.startswith("lazyfs: ready LISTING FAILED: ") and "retried" in line and "AccessDenied" in line
-    assert errno_of_stat(fs, m.file(f"{P}/a.bin")) == errno.EACCES  # asked, not assumed missing
+    assert fs.stat_errno(m.file(f"{P}/a.bin")) == errno.EACCES  # asked, not assumed missing
     proxy.clear_faults()
-    wait_until(lambda: errno_of_stat(fs, m.file(f"{P}/a.bin")) == 0, timeout=30, what="the retried listing")
+    wait_until(lambda: fs.stat_errno(m.file(f"{P}/a.bin")) == 0, timeout=30, what="the retried listing")
 
 
 @pytest.mark.log_errors("listing failed", r"^\S+ \S+ ERROR lazyfs.fuse_ops: lookup: ")
@@ -92,12 +80,12 @@ def test_a_failing_first_listing_serves_the_saved_listing_meanwhile(mount, proxy
     put_many(s3, bucket, [f"{P}/new.bin"])  # not in the saved listing
     proxy.add(LISTS_FAIL_403)
     m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", store=store)
-    line = ready_line(m)
+    line = m.ready_line()
     assert line.startswith("lazyfs: ready SAVED LISTING: ") and "102 files" in line, line
     assert fs.listdir(m.path / P) == ["a.bin", "fill", "sub"]
     assert fs.read(m.file(f"{P}/sub/b.bin")) == f"{P}/sub/b.bin".encode(), "fetched: S3 is reachable"
     # A name the saved listing lacks is asked for, and that fails: not "missing".
-    assert errno_of_stat(fs, m.file(f"{P}/new.bin")) == errno.EACCES
+    assert fs.stat_errno(m.file(f"{P}/new.bin")) == errno.EACCES
     proxy.clear_faults()
     wait_until(lambda: "replaces the saved one" in m.log(), timeout=30, what="the live listing")
     assert fs.listdir(m.path / P) == ["a.bin", "fill", "new.bin", "sub"]

@@ -27,18 +27,6 @@ def every_list_answered(status: int, code: str) -> Fault:
     return Fault("status", method="GET", query={"list-type": "2"}, status=status, code=code, times=None)
 
 
-def ready_line(m) -> str:
-    return next(line for line in m.process.stdout_lines if line.startswith("lazyfs: ready"))
-
-
-def errno_of_stat(fs: FS, path: Path) -> int:
-    try:
-        fs.stat(path)
-    except OSError as e:
-        return e.errno or 0
-    return 0
-
-
 def dead_endpoint() -> str:
     return f"http://127.0.0.1:{free_port()}"  # nothing listens: every connection refused
 
@@ -57,9 +45,9 @@ def test_a_first_listing_answered_with_errors_mounts_and_retries(mount, proxy, s
     s3.put_object(Bucket=bucket, Key=key, Body=b"a" * 1000)
     proxy.add(every_list_answered(status, code))
     m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", store=tmp_path / "store")
-    line = ready_line(m)
+    line = m.ready_line()
     assert line.startswith("lazyfs: ready LISTING FAILED: ") and code in line, line
-    assert errno_of_stat(fs, m.file(key)) == errno.EIO  # asked (and failing), not assumed missing
+    assert fs.stat_errno(m.file(key)) == errno.EIO  # asked (and failing), not assumed missing
     proxy.clear_faults()  # the throttling ends: the listing is tried again within seconds
     wait_until(lambda: "listed 1 object" in m.log(), timeout=30, what="the retried listing")
     assert fs.listdir(m.path / P) == ["a.bin"]
@@ -83,7 +71,7 @@ def test_a_first_listing_answered_with_errors_serves_the_saved_listing_and_fetch
     m.stop()
     proxy.add(every_list_answered(500, "InternalError"))
     m2 = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", store=store)
-    line = ready_line(m2)
+    line = m2.ready_line()
     assert line.startswith("lazyfs: ready SAVED LISTING: ") and "2 files" in line, line
     gets = proxy.count("GET")
     assert fs.read(m2.file(fetched)) == fetched.encode() * 100, "fetched: the object store answers GETs"
@@ -118,9 +106,9 @@ def test_an_offline_start_does_not_bring_back_a_file_deleted_from_the_object_sto
     assert (store / gone).exists(), "the store keeps the bytes: the test would prove nothing"
     down = dead_endpoint()
     m2 = mount("--prefix", f"s3://{bucket}/{P}", endpoint=down, store=store)
-    assert ready_line(m2).startswith("lazyfs: ready OFFLINE: ")
+    assert m2.ready_line().startswith("lazyfs: ready OFFLINE: ")
     assert fs.listdir(m2.path / P) == ["keep.txt"]
-    assert errno_of_stat(fs, m2.file(gone)) == errno.ENOENT
+    assert fs.stat_errno(m2.file(gone)) == errno.ENOENT
     assert ("starting offline with the 1 file the store knows, 1 of them on disk; the others fail with EIO until "
             "the object store is reachable again; 1 file on disk that the saved listing no longer names (deleted "
             "from the object store) not served") in m2.log(), m2.log()
@@ -149,7 +137,7 @@ def test_a_copy_newer_than_the_saved_listing_is_served_offline(mount, s3, bucket
     (layer / new).write_bytes(b"new")  # copied in after the listing was saved
     m2 = mount("--prefix", f"s3://{bucket}/{P}", "--prebaked", str(layer), endpoint=dead_endpoint(),
                store=store)
-    assert ready_line(m2).startswith("lazyfs: ready OFFLINE: ")
+    assert m2.ready_line().startswith("lazyfs: ready OFFLINE: ")
     assert "starting offline with the 2 files the store knows, 2 of them on disk;" in m2.log(), m2.log()
     assert fs.listdir(m2.path / P) == ["new.bin", "old.bin"]
     assert fs.read(m2.file(new)) == b"new"
@@ -172,7 +160,7 @@ def test_a_name_the_saved_listing_lacks_is_looked_up_and_reads(mount, proxy, s3,
     proxy.add(Fault("status", method="GET", query={"list-type": "2", "prefix": f"{P}/"}, status=500,
                     code="InternalError", times=None))
     m2 = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0", store=store)
-    assert ready_line(m2).startswith("lazyfs: ready SAVED LISTING: ")
+    assert m2.ready_line().startswith("lazyfs: ready SAVED LISTING: ")
     assert fs.stat(m2.file(new)).st_size == 300
     assert fs.read(m2.file(new)) == b"new" * 100
     assert fs.read(m2.file(old)) == b"old"

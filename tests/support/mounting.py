@@ -58,6 +58,14 @@ class FS:
     def stat(self, path: str | Path) -> os.stat_result:
         return self.run(os.stat, str(path))
 
+    def stat_errno(self, path: str | Path) -> int:
+        """The errno a `stat` of `path` fails with, 0 if it succeeds."""
+        try:
+            self.stat(path)
+        except OSError as e:
+            return e.errno or 0
+        return 0
+
     def sh(self, *argv: str, timeout: float = FS_TIMEOUT) -> subprocess.CompletedProcess[str]:
         return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
 
@@ -85,6 +93,9 @@ class Mounted:
 
     def log(self) -> str:
         return self.process.log()
+
+    def ready_line(self) -> str:
+        return next(line for line in self.process.stdout_lines if line.startswith("lazyfs: ready"))
 
     def stop(self, timeout: float = 15.0) -> int | None:
         return self.process.stop(timeout=timeout)
