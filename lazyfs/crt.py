@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from lazyfs.config import FetchConfig, RemoteConfig
-from lazyfs.crtcreds import BotocoreCredentials, wait_for_credentials
+from lazyfs.crtcreds import BotocoreCredentials
 from lazyfs.crtlimits import MIN_MEMORY, buffer_memory
 from lazyfs.errors import (
     DENIED_CODES,
@@ -103,7 +103,7 @@ def _tls_options(verify: bool | str) -> Any:
 class CrtTransfer:
     """One awscrt S3 client for the process's ranged GETs."""
 
-    def __init__(self, cfg: RemoteConfig, endpoint: Endpoint, credentials: Callable[[], tuple[str, str, str | None]],
+    def __init__(self, cfg: RemoteConfig, endpoint: Endpoint, credentials: BotocoreCredentials,
                  part_size: int, max_connections: int, buffers: int = MIN_MEMORY) -> None:
         from awscrt import auth, io, s3  # imported when chosen: start-up does not pay for it
 
@@ -116,7 +116,7 @@ class CrtTransfer:
         # A gateway's path (http://host/gw): botocore puts it before the bucket or key, so do we.
         self._prefix = url.path.rstrip("/")
         self._ip_host = _is_ip(self._host)
-        self._creds = BotocoreCredentials(credentials, wait_for_credentials(cfg.read_timeout))
+        self._creds = credentials  # the same bounded refresh as boto3's requests (remote.Remote)
         loops = io.EventLoopGroup(num_threads=2)
         bootstrap = io.ClientBootstrap(loops, io.DefaultHostResolver(loops))
         provider = auth.AwsCredentialsProvider.new_delegate(self._creds)
@@ -375,6 +375,6 @@ def transfer_for(remote: Any, cfg: FetchConfig, memory_limit: int = MIN_MEMORY) 
     if cfg.transfer_client != "crt":
         return None
     endpoint = Endpoint(remote.endpoint, remote.region, remote.addressing_style, remote.verify)
-    client = CrtTransfer(remote.cfg, endpoint, remote.frozen_credentials, cfg.part_size, cfg.max_connections,
+    client = CrtTransfer(remote.cfg, endpoint, remote.bounded_credentials, cfg.part_size, cfg.max_connections,
                          buffer_memory(memory_limit))
     return client.fetch

@@ -16,7 +16,8 @@ Two things go wrong there that the CRT cannot say:
   AccessDenied with the remembered cause: EACCES and one line, as boto3's.
 - botocore's refresh hangs (a credential helper that never answers): the
   request would wait forever, then the stall watch would blame the network.
-  So botocore is asked in a thread of its own and the delegate waits for it
+  So a refresh (keys botocore would not refresh now are handed over at
+  once) is asked in a thread of its own and the delegate waits for it
   a bounded time (half of --read-timeout: it gives up before the stall
   watch).  One refresh is in flight at a time; later requests wait for that
   one rather than start more (botocore's refresh lock would queue them behind
@@ -55,9 +56,11 @@ def _quiet_unavailable(previous: Callable[[Any], object]) -> Callable[[Any], obj
 class BotocoreCredentials:
     """The delegate: botocore's credentials now, or a remembered reason why not."""
 
-    def __init__(self, fetch: Callable[[], Credentials], wait_s: float) -> None:
+    def __init__(self, fetch: Callable[[], Credentials], wait_s: float,
+                 due: Callable[[], bool] = lambda: True) -> None:
         self._fetch = fetch  # remote.Remote.frozen_credentials: refreshes when due, raises when it cannot
         self._wait_s = wait_s
+        self._due = due  # whether botocore would refresh them now (False: static keys, or fresh ones)
         self._lock = threading.Lock()
         self._pending: concurrent.futures.Future[Credentials] | None = None
         self._failure = ""  # why the last call gave no credentials ("" once one did)
@@ -71,12 +74,10 @@ class BotocoreCredentials:
         return auth.AwsCredentials(access, secret, token)
 
     def get(self) -> Credentials:
-        with self._lock:
-            pending = self._pending
-            if pending is None or pending.done():
-                pending = self._pending = self._start()
         try:
-            creds = pending.result(timeout=self._wait_s)
+            # Keys botocore holds and would not refresh now come at once, with no thread (the CRT asks at
+            # every request it signs); a refresh, which may run a helper that hangs, in a thread of its own.
+            creds = self._fetch() if not self._due() else self._refreshed()
         except concurrent.futures.TimeoutError:
             raise self._failed(f"no usable AWS credentials: botocore's credential chain gave none within "
                                f"{self._wait_s:g} s (a credential_process or SSO helper that does not answer?)"
@@ -88,6 +89,13 @@ class BotocoreCredentials:
             raise self._failed(f"no usable AWS credentials ({type(e).__name__}: {cause})") from None
         self._failure = ""
         return creds
+
+    def _refreshed(self) -> Credentials:
+        with self._lock:
+            pending = self._pending
+            if pending is None or pending.done():
+                pending = self._pending = self._start()
+        return pending.result(timeout=self._wait_s)
 
     def waiting(self) -> bool:
         """Whether a refresh is under way (a request that shows no progress may be waiting for it)."""

@@ -107,10 +107,11 @@ class Remote:
         # Credentials due for a refresh are had through this bounded wait before a request (and the
         # CRT's signing): botocore's signing would refresh them in the request's thread, for as long
         # as a hung credential helper hangs, and the read would fail as a stalled network.
-        self.bounded_credentials = BotocoreCredentials(self.frozen_credentials, wait_for_credentials(cfg.read_timeout))
         # The client's own credentials object (the session resolved them once, at start): only
         # refreshable (temporary) ones are ever due.  None: static keys, or none at all.
         self._refresh_due = getattr(core.get_credentials(), "refresh_needed", None)
+        self.bounded_credentials = BotocoreCredentials(self.frozen_credentials, wait_for_credentials(cfg.read_timeout),
+                                                       self._refresh_due or (lambda: False))
 
     def frozen_credentials(self) -> tuple[str, str, str | None]:
         """The credentials botocore's chain resolved, refreshed when they are
