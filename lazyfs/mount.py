@@ -46,7 +46,7 @@ from lazyfs.metrics import MountView
 from lazyfs.mounttab import MountError, check_mountpoint, set_background, set_read_ahead
 from lazyfs.namespace import Diff, RemoteObject
 from lazyfs.objectstore import ObjectStore
-from lazyfs.offline import store_knows
+from lazyfs.offlinestart import offline_start
 from lazyfs.pinned import Pinning
 from lazyfs.quiet import Quiet
 from lazyfs.refresher import Refresher
@@ -180,21 +180,6 @@ def run(cfg: MountConfig, first: FirstListing | None = None) -> int:
         return trio.run(_serve, cfg, store, first.remote, offline, listed, failing)
     finally:
         store.close()
-
-
-def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[RemoteObject]:
-    """The object store is unreachable: serve what is on disk, or fail (a saved listing alone serves only EIO)."""
-    known = store_knows(store, cfg.sources)
-    files, on_disk = wording.count(len(known.objects), "file"), known.on_disk(store, cfg.fetch.verify_prebaked)
-    if not on_disk:
-        listed = f" (it knows {files}, none of them on disk)" if known.objects else ""
-        raise MountError(f"{error}, and the store {cfg.store_path} has nothing to serve for "
-                         f"{', '.join(s.uri for s in cfg.sources)}{listed}") from None
-    gone = (f"; {wording.count(known.left_out, 'file')} on disk that the saved listing no longer names (deleted "
-            "from the object store) not served") if known.left_out else ""
-    log.warning("%s: starting offline with the %s the store knows, %s; the others fail with EIO until the object "
-                "store is reachable again%s", error, files, on_disk.said(), gone)
-    return known.objects
 
 
 async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[RemoteObject] | None,
