@@ -1,8 +1,11 @@
 """The botocore session a process's client is built on: a data loader that
 skips botocore's start-up scan of its 400+ service folders, and the
 credentials resolved once, at start, within a bounded wait, with each way
-they can be missing turned into a lazyfs error a user can act on.  The only
-other module (with remote.py) that imports botocore."""
+they can be missing turned into a lazyfs error a user can act on.  A mount
+whose credentials cannot be had at start for a reason that may pass (their
+source unreachable, failing or hanging: may_pass) gets a stand-in that has
+them at a later use (LateCredentials), and starts offline.  The only other
+module (with remote.py) that imports botocore."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import os
 import signal
 import subprocess
 import threading
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import botocore.credentials
 import botocore.exceptions
@@ -20,7 +23,7 @@ import botocore.loaders
 import botocore.session
 
 from lazyfs.config import RemoteConfig
-from lazyfs.errors import AccessDenied, ConfigError
+from lazyfs.errors import AccessDenied, ConfigError, CredentialsUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,25 @@ NO_CREDENTIALS = (botocore.exceptions.NoCredentialsError, botocore.exceptions.Pa
                   botocore.exceptions.InvalidConfigError, botocore.exceptions.RefreshWithMFAUnsupportedError,
                   botocore.exceptions.TokenRetrievalError, botocore.exceptions.SSOError,
                   botocore.exceptions.UnknownCredentialError, botocore.exceptions.ConfigParseError)
+# What botocore's chain raises when it runs: its own errors, those of a client it
+# asks (STS for a role: a ClientError), a file it reads (a token file).
+CHAIN_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError)
+# Credentials that could not be had for these may be had later with nothing
+# changed: a source that did not answer, or answered with an error (a container
+# or instance endpoint; a credential_process exiting non-zero, which botocore
+# cannot tell from a broken one), STS for a role unreachable.  Anything else (a
+# key id without its secret, a malformed config, a token file missing, STS's
+# refusal, an SSO session expired, a TLS certificate refused) stays what it is
+# until someone changes the configuration.
+_PASSING = (botocore.exceptions.CredentialRetrievalError, botocore.exceptions.MetadataRetrievalError,
+            botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError, CredentialsUnreachable)
+# STS's answers that say "later" with a 4xx (the web identity's IdP unreachable from STS, throttling).
+_PASSING_CODES = {"IDPCommunicationError", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
 # A start-up wait for credentials still unanswered after this long is said so in one line.
 SAY_WAITING_AFTER_S = 1.0
+# What a mount's start found when the chain gave no credentials at all, the instance metadata service asked.
+NONE_FOUND = ("no AWS credentials: none in the environment, the profiles or a container endpoint, and the instance "
+              "metadata service (IMDS) gave none (it did not answer, or the instance has no role)")
 
 # The services a session of ours loads models of: s3, and those botocore's
 # credential providers build clients for (AssumeRole and web identity: sts;
@@ -83,13 +103,18 @@ class _QuickLoader(botocore.loaders.Loader):
             return False
 
 
-def session(cfg: RemoteConfig) -> botocore.session.Session:
+def session(cfg: RemoteConfig, late_ok: bool = False) -> botocore.session.Session:
     """A botocore session with our loader and its credentials resolved, or
     the reason there are none as a lazyfs error: a profile that does not
     exist is a configuration error (exit 2); a source that fails, is
     misconfigured or does not answer within `connect_timeout +
     read_timeout` (a hung credential_process), AccessDenied (exit 1).  No
-    credentials at all is not an error here: the first request says so."""
+    credentials at all is not an error here: the first request says so.
+    `late_ok` (a mount's start): credentials that cannot be had for a reason
+    that may pass, or none at all with the instance metadata service asked,
+    are no error either: the session holds a LateCredentials saying why."""
+    patience = cfg.connect_timeout + cfg.read_timeout
+    found: Any = None
     try:
         core = botocore.session.get_session()
         core.register_component("data_loader", _QuickLoader.for_session(core))
@@ -97,44 +122,129 @@ def session(cfg: RemoteConfig) -> botocore.session.Session:
         # CPU a 1000-key listing costs.  We read one field and parse it ourselves.
         core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
         _Helpers.watch(core)
-        _resolve_credentials(core, cfg.connect_timeout + cfg.read_timeout)
+        try:
+            found = _resolve_credentials(core, patience)
+        except (*CHAIN_ERRORS, CredentialsUnreachable) as e:
+            if not late_ok or not may_pass(e):
+                raise
+            LateCredentials.stand_in(core, patience, unreachable(e))
+            return core
     except botocore.exceptions.ProfileNotFound as e:
         raise ConfigError(f"AWS profile {e.kwargs.get('profile', '')!r} is not defined in ~/.aws/config or "
                           "~/.aws/credentials (AWS_PROFILE, AWS_CONFIG_FILE)") from None
     except (*NO_CREDENTIALS, OSError) as e:
         raise unavailable(e) from None
+    if late_ok and cfg.instance_metadata and found is None:  # (asking the session again would run the chain again)
+        LateCredentials.stand_in(core, patience, CredentialsUnreachable(NONE_FOUND))
     return core
 
 
-def _resolve_credentials(core: botocore.session.Session, patience: float) -> None:
+def _resolve_credentials(core: botocore.session.Session, patience: float) -> Any:
     """botocore's chain, run on a thread (a credential_process or an
-    endpoint may never answer): the session keeps what it finds.  A line
-    after SAY_WAITING_AFTER_S says what the start waits for; after
-    `patience`, the helper processes botocore started are killed."""
-    outcome: list[BaseException | None] = []
-    thread = threading.Thread(target=_into, args=(core.get_credentials, outcome), name="lazyfs-credentials",
-                              daemon=True)
-    thread.start()
-    thread.join(SAY_WAITING_AFTER_S)
-    if thread.is_alive():
+    endpoint may never answer): the session keeps what it finds (None: no
+    credentials at all).  A line after SAY_WAITING_AFTER_S says what the
+    start waits for."""
+    def say_waiting() -> None:
         profile = core.get_config_variable("profile")
         log.info("waiting for AWS credentials%s (at most %g s)", f" of profile {profile!r}" if profile else "",
                  patience)
+
+    return _within(core.get_credentials, patience, say_waiting)
+
+
+def _within(fn: Callable[[], Any], patience: float, say_waiting: Callable[[], None] | None = None) -> Any:
+    """`fn()` (botocore's chain) on a thread, waited for at most `patience`
+    seconds (`say_waiting()` after SAY_WAITING_AFTER_S).  After that the
+    helper processes botocore started are killed, and the thread, a daemon,
+    is abandoned: CredentialsUnreachable (a source that does not answer now
+    may answer later)."""
+    outcome: list[tuple[Any, BaseException | None]] = []
+    thread = threading.Thread(target=_into, args=(fn, outcome), name="lazyfs-credentials", daemon=True)
+    thread.start()
+    thread.join(SAY_WAITING_AFTER_S if say_waiting is not None else patience)
+    if thread.is_alive() and say_waiting is not None:
+        say_waiting()
         thread.join(max(0.0, patience - SAY_WAITING_AFTER_S))
     if not outcome:
         _Helpers.kill()
-        raise AccessDenied(f"no AWS credentials within {patience:g} s: the credential source (a "
-                           "credential_process, a container or instance endpoint) did not answer")
-    if outcome[0] is not None:
-        raise outcome[0]
+        raise CredentialsUnreachable(f"no AWS credentials within {patience:g} s: the credential source (a "
+                                     "credential_process, a container or instance endpoint) did not answer")
+    found, error = outcome[0]
+    if error is not None:
+        raise error
+    return found
 
 
-def _into(fn: Any, outcome: list[BaseException | None]) -> None:
+def _into(fn: Callable[[], Any], outcome: list[tuple[Any, BaseException | None]]) -> None:
     try:
-        fn()
-        outcome.append(None)
+        outcome.append((fn(), None))
     except BaseException as e:  # handed to the waiting thread
-        outcome.append(e)
+        outcome.append((None, e))
+
+
+class LateCredentials:
+    """The credentials of a mount whose start could not have them, for a
+    reason that may pass (`failure` says which; the mount starts offline).
+    Until the chain gives some, each use runs it again (within the start's
+    bounded wait, one at a time), and refresh_needed() says so: a request
+    asks crtcreds' bounded wait for them before it is signed.  The first
+    credentials the chain gives are the client's from then on, refreshed
+    as botocore refreshes them."""
+
+    def __init__(self, chain: Any, patience: float, failure: CredentialsUnreachable) -> None:
+        self.failure = failure
+        self._chain = chain  # botocore's CredentialResolver, as the session had it
+        self._patience = patience
+        self._had: Any = None  # botocore's credentials, once the chain gave some (one assignment)
+        self._lock = threading.Lock()  # one run of the chain at a time
+
+    @classmethod
+    def stand_in(cls, core: botocore.session.Session, patience: float, failure: CredentialsUnreachable) -> None:
+        """Make a LateCredentials what `core` resolves (and a client built on it signs with)."""
+        late = cls(core.get_component("credential_provider"), patience, failure)
+        core.register_component("credential_provider", botocore.credentials.CredentialResolver([_Late(late)]))
+
+    def refresh_needed(self) -> bool:
+        had = self._had
+        return had is None or bool(getattr(had, "refresh_needed", lambda: False)())
+
+    def get_frozen_credentials(self) -> Any:
+        return self._have().get_frozen_credentials()
+
+    def get_deferred_property(self, name: str) -> Callable[[], Any]:
+        return lambda: getattr(self._had, name, None)  # (botocore's endpoint rules: never a run of the chain)
+
+    @property
+    def method(self) -> str:
+        return str(getattr(self._had, "method", "none yet"))
+
+    @property
+    def access_key(self) -> Any:
+        return self._have().access_key
+
+    def _have(self) -> Any:
+        with self._lock:
+            if self._had is None:
+                try:
+                    found = _within(self._chain.load_credentials, self._patience)
+                except CHAIN_ERRORS as e:
+                    raise unavailable(e) from None
+                if found is None:
+                    raise CredentialsUnreachable(NONE_FOUND)
+                log.info("AWS credentials found (%s)", getattr(found, "method", "unknown"))
+                self._had = found
+            return self._had
+
+
+class _Late(botocore.credentials.CredentialProvider):
+    METHOD = "lazyfs-late"
+
+    def __init__(self, late: LateCredentials) -> None:
+        super().__init__()
+        self._late = late
+
+    def load(self) -> LateCredentials:
+        return self._late
 
 
 class _Helpers:
@@ -181,5 +291,24 @@ def said(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def may_pass(e: BaseException) -> bool:
+    """Whether credentials that could not be had for `e` may be had later with nothing changed (_PASSING)."""
+    if isinstance(e, botocore.exceptions.SSLError):  # a certificate refused: configuration
+        return False
+    if isinstance(e, botocore.exceptions.ClientError):  # STS, for a role: failing, or saying "later"
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or status == 429 or e.response.get("Error", {}).get("Code") in _PASSING_CODES
+    return isinstance(e, _PASSING)
+
+
 def unavailable(e: BaseException) -> AccessDenied:
-    return AccessDenied(f"AWS credentials unavailable: {said(e)}")
+    """Credentials that could not be had for `e`: CredentialsUnreachable if that may pass."""
+    if isinstance(e, AccessDenied):  # said already (no answer in time: CredentialsUnreachable)
+        return e
+    return unreachable(e) if may_pass(e) else AccessDenied(f"AWS credentials unavailable: {said(e)}")
+
+
+def unreachable(e: BaseException) -> CredentialsUnreachable:
+    if isinstance(e, CredentialsUnreachable):
+        return e
+    return CredentialsUnreachable(f"AWS credentials unavailable: {said(e)}")

@@ -72,6 +72,9 @@ class RemoteConfig:
     # A 32-hex-digit ETag is the MD5 of the content, as on AWS for single-part
     # plaintext and SSE-S3 objects (--no-etag-check: not on this store).
     etag_is_md5: bool = True
+    # botocore's chain asks the instance metadata service last (AWS_EC2_METADATA_DISABLED not "true"): a
+    # mount that finds no credentials at all may be on an instance whose IMDS does not answer yet.
+    instance_metadata: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +266,7 @@ def remote_config(args: Mapping[str, Any], env: Mapping[str, str]) -> RemoteConf
                         max_pool_connections=pool,
                         max_attempts=_attempts(args, default_of(RemoteConfig, "max_attempts")),
                         etag_is_md5=not args.get("no_etag_check"),
+                        instance_metadata=env.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true",
                         read_timeout=args.get("read_timeout") or default_of(RemoteConfig, "read_timeout"))
 
 

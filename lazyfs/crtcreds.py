@@ -33,7 +33,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-from lazyfs.errors import AccessDenied
+from lazyfs.errors import AccessDenied, CredentialsUnreachable
 from lazyfs.namespace import RemoteObject
 from lazyfs.wording import quoted
 
@@ -42,7 +42,13 @@ Credentials = tuple[str, str, "str | None"]
 
 class CredentialsUnavailable(Exception):
     """Raised by the delegate to fail a signing; its cause is remembered and said
-    by the read that failed for it, so its traceback is never printed."""
+    by the read that failed for it, so its traceback is never printed.
+    `may_pass`: the cause may pass (a source unreachable, failing or not
+    answering: awssession.may_pass), so the refusal is CredentialsUnreachable."""
+
+    def __init__(self, why: str, may_pass: bool = False) -> None:
+        super().__init__(why)
+        self.may_pass = may_pass
 
 
 def _quiet_unavailable(previous: Callable[[Any], object]) -> Callable[[Any], object]:
@@ -57,13 +63,16 @@ class BotocoreCredentials:
     """The delegate: botocore's credentials now, or a remembered reason why not."""
 
     def __init__(self, fetch: Callable[[], Credentials], wait_s: float,
-                 due: Callable[[], bool] = lambda: True) -> None:
+                 due: Callable[[], bool] = lambda: True,
+                 may_pass: Callable[[BaseException], bool] = lambda e: False) -> None:
         self._fetch = fetch  # remote.Remote.frozen_credentials: refreshes when due, raises when it cannot
         self._wait_s = wait_s
         self._due = due  # whether botocore would refresh them now (False: static keys, or fresh ones)
+        self._may_pass = may_pass  # whether botocore's error may pass (awssession.may_pass)
         self._lock = threading.Lock()
         self._pending: concurrent.futures.Future[Credentials] | None = None
         self._failure = ""  # why the last call gave no credentials ("" once one did)
+        self._passing = False  # ... and whether that may pass
         if not getattr(sys.unraisablehook, "lazyfs_quiet", False):
             sys.unraisablehook = _quiet_unavailable(sys.unraisablehook)
 
@@ -78,15 +87,15 @@ class BotocoreCredentials:
             # Keys botocore holds and would not refresh now come at once, with no thread (the CRT asks at
             # every request it signs); a refresh, which may run a helper that hangs, in a thread of its own.
             creds = self._fetch() if not self._due() else self._refreshed()
-        except concurrent.futures.TimeoutError:
+        except concurrent.futures.TimeoutError:  # (a source that does not answer now may later)
             raise self._failed(f"no usable AWS credentials: botocore's credential chain gave none within "
-                               f"{self._wait_s:g} s (a credential_process or SSO helper that does not answer?)"
-                               ) from None
-        except AccessDenied as e:  # none at all (remote.py says so)
-            raise self._failed(str(e)) from None
-        except Exception as e:  # botocore's: CredentialRetrievalError, an expired SSO token, ...
+                               f"{self._wait_s:g} s (a credential_process or SSO helper that does not answer?)",
+                               True) from None
+        except AccessDenied as e:  # none at all, or none yet (remote.py, awssession.py say so)
+            raise self._failed(str(e), isinstance(e, CredentialsUnreachable)) from None
+        except Exception as e:  # botocore's: CredentialRetrievalError, an expired SSO token, STS unreachable...
             cause = " ".join(str(e).split())  # a helper's stderr ends in a newline
-            raise self._failed(f"no usable AWS credentials ({type(e).__name__}: {cause})") from None
+            raise self._failed(f"no usable AWS credentials ({type(e).__name__}: {cause})", self._may_pass(e)) from None
         self._failure = ""
         return creds
 
@@ -105,11 +114,12 @@ class BotocoreCredentials:
     def refused(self, obj: RemoteObject, crt_error: str) -> AccessDenied:
         """What a request failed for want of credentials says: the remembered cause."""
         why = self._failure or f"no usable AWS credentials ({crt_error})"
-        return AccessDenied(f"{quoted(obj.uri)}: {why}", bucket=obj.bucket, key=obj.key)
+        kind = CredentialsUnreachable if self._failure and self._passing else AccessDenied
+        return kind(f"{quoted(obj.uri)}: {why}", bucket=obj.bucket, key=obj.key)
 
-    def _failed(self, why: str) -> CredentialsUnavailable:
-        self._failure = why
-        return CredentialsUnavailable(why)
+    def _failed(self, why: str, may_pass: bool) -> CredentialsUnavailable:
+        self._failure, self._passing = why, may_pass
+        return CredentialsUnavailable(why, may_pass)
 
     def _start(self) -> concurrent.futures.Future[Credentials]:
         future: concurrent.futures.Future[Credentials] = concurrent.futures.Future()

@@ -92,6 +92,15 @@ class AccessDenied(RemoteError):
     log_level = logging.WARNING
 
 
+class CredentialsUnreachable(AccessDenied):
+    """AWS credentials that could not be had for a reason that may pass: their
+    source unreachable or not answering (a container or instance endpoint, STS
+    for a role), answering with an error status, or a credential helper that
+    fails or hangs.  Mid-run, EACCES as any refusal of credentials; at a
+    mount's start, the object store is as good as unreachable, and the mount
+    starts offline as for one that cannot be reached (offlinestart.py)."""
+
+
 class ObjectChanged(RemoteError):
     """The object's ETag no longer matches the one the download pinned."""
 

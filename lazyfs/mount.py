@@ -33,7 +33,7 @@ from lazyfs.budget import Budget
 from lazyfs.catalog import Catalog
 from lazyfs.config import MountConfig, Source
 from lazyfs.drift import DriftWatch
-from lazyfs.errors import RemoteError, RemoteFailing, RemoteUnavailable, StoreError
+from lazyfs.errors import RemoteError, RemoteFailing, StoreError
 from lazyfs.fetch import Fetcher
 from lazyfs.filemap import PageBudget
 from lazyfs.filemodes import FileModes
@@ -46,7 +46,7 @@ from lazyfs.metrics import MountView
 from lazyfs.mounttab import MountError, check_mountpoint, set_background, set_read_ahead
 from lazyfs.namespace import Diff, RemoteObject
 from lazyfs.objectstore import ObjectStore
-from lazyfs.offlinestart import offline_start
+from lazyfs.offlinestart import offline_start, starts_offline
 from lazyfs.pinned import Pinning
 from lazyfs.quiet import Quiet
 from lazyfs.refresher import Refresher
@@ -163,7 +163,7 @@ def run(cfg: MountConfig, first: FirstListing | None = None) -> int:
     check_mountpoint(cfg.mountpoint)
     store = open_store(cfg)
     try:
-        offline: list[RemoteObject] | None = None
+        offline: tuple[list[RemoteObject], str] | None = None  # what an offline start serves, and why
         listed: dict[Source, list[RemoteObject]] = {}
         failing: RemoteFailing | None = None
         try:
@@ -173,16 +173,16 @@ def run(cfg: MountConfig, first: FirstListing | None = None) -> int:
             listed = first.result()
         except RemoteFailing as e:  # answered (5xx, SlowDown): reachable, the listing is retried
             failing = e
-        except RemoteUnavailable as e:
-            offline = offline_start(store, cfg, e)
-        except RemoteError as e:
-            raise MountError(str(e)) from None
+        except RemoteError as e:  # not asked (unreachable, no credentials for now): offline; refused: exit 1
+            if not starts_offline(e):
+                raise MountError(str(e)) from None
+            offline = offline_start(store, cfg, e), str(e)
         return trio.run(_serve, cfg, store, first.remote, offline, listed, failing)
     finally:
         store.close()
 
 
-async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[RemoteObject] | None,
+async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: tuple[list[RemoteObject], str] | None,
                  listed: dict[Source, list[RemoteObject]], failing: RemoteFailing | None) -> int:
     pin = Pinning(cfg.lock, remote) if cfg.lock is not None else None
     source: ObjectStore = pin.store if pin is not None else remote
@@ -198,7 +198,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: list[R
         fetcher.prebaked.listings = lambda: catalog.listings_ok
         fetcher.prebaked.offline = lambda: catalog.offline
     if offline is not None:
-        catalog.start_offline(offline, "object store unreachable at start")
+        catalog.start_offline(*offline)
     if pin is not None:
         catalog.start_pinned(pin.objects())
         fetcher.hooks.refuse = pin.refuse

@@ -1,5 +1,14 @@
-"""A mount's start without the object store: what it then serves
-(offline.py: what the store knows), or why it cannot start.
+"""A mount's start without the object store: which failures of the start-up
+listing make it start offline, and what it then serves (offline.py), or why
+it cannot start.
+
+Offline is for a start that could not ask: the object store unreachable or
+not answering, or AWS credentials that cannot be had for now (their source
+unreachable, failing or hanging: errors.CredentialsUnreachable), which is
+the same for a pod whose store could serve everything.  An answer with
+errors (RemoteFailing) is no offline start: the object store is reachable,
+and the listing is retried.  A refusal (a wrong bucket, credentials refused
+or misconfigured) ends the start (exit 1).
 
 Blocking (store_knows walks the store): run before the mount.
 """
@@ -10,7 +19,7 @@ import logging
 
 from lazyfs import wording
 from lazyfs.config import MountConfig
-from lazyfs.errors import RemoteError
+from lazyfs.errors import CredentialsUnreachable, RemoteError, RemoteFailing, RemoteUnavailable
 from lazyfs.mounttab import MountError
 from lazyfs.namespace import RemoteObject
 from lazyfs.offline import store_knows
@@ -19,8 +28,22 @@ from lazyfs.store import Store
 log = logging.getLogger(__name__)
 
 
+def starts_offline(error: RemoteError) -> bool:
+    """Whether a start-up listing that failed with `error` makes the mount start offline."""
+    if isinstance(error, RemoteFailing):  # answered (5xx, SlowDown): reachable
+        return False
+    return isinstance(error, (RemoteUnavailable, CredentialsUnreachable))
+
+
+def until(error: RemoteError) -> str:
+    """What an offline start waits for, in its line."""
+    if isinstance(error, CredentialsUnreachable):
+        return "AWS credentials can be had (asked for again at each try of the listing) and the object store answers"
+    return "the object store is reachable again"
+
+
 def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[RemoteObject]:
-    """The object store is unreachable: serve what is on disk, or fail (a saved listing alone serves only EIO)."""
+    """The object store cannot be asked: serve what is on disk, or fail (a saved listing alone serves only EIO)."""
     known = store_knows(store, cfg.sources)
     files, on_disk = wording.count(len(known.objects), "file"), known.on_disk(store, cfg.fetch.verify_prebaked)
     if not on_disk:
@@ -29,6 +52,6 @@ def offline_start(store: Store, cfg: MountConfig, error: RemoteError) -> list[Re
                          f"{', '.join(s.uri for s in cfg.sources)}{listed}") from None
     gone = (f"; {wording.count(known.left_out, 'file')} on disk that the saved listing no longer names (deleted "
             "from the object store) not served") if known.left_out else ""
-    log.warning("%s: starting offline with the %s the store knows, %s; the others fail with EIO until the object "
-                "store is reachable again%s", error, files, on_disk.said(), gone)
+    log.warning("%s: starting offline with the %s the store knows, %s; the others fail with EIO until %s%s",
+                error, files, on_disk.said(), until(error), gone)
     return known.objects

@@ -75,9 +75,11 @@ def configured_endpoint(core: botocore.session.Session, flag_or_env: str | None)
 
 
 class Remote:
-    def __init__(self, cfg: RemoteConfig) -> None:
+    def __init__(self, cfg: RemoteConfig, late_credentials: bool = False) -> None:
+        """`late_credentials` (a mount's): credentials that cannot be had now for a reason that may
+        pass are had at a later request (awssession.LateCredentials); `start_failure` says why."""
         self.cfg = cfg
-        core = awssession.session(cfg)
+        core = awssession.session(cfg, late_credentials)
         endpoint_url = configured_endpoint(core, cfg.endpoint_url)
         # What both clients address buckets by (crt.py's Endpoint too).
         self.addressing_style = addressing(cfg.addressing_style, core.get_config_variable("s3"), endpoint_url)
@@ -109,9 +111,12 @@ class Remote:
         # as a hung credential helper hangs, and the read would fail as a stalled network.
         # The client's own credentials object (the session resolved them once, at start): only
         # refreshable (temporary) ones are ever due.  None: static keys, or none at all.
-        self._refresh_due = getattr(core.get_credentials(), "refresh_needed", None)
+        creds = core.get_credentials()
+        self._refresh_due = getattr(creds, "refresh_needed", None)
         self.bounded_credentials = BotocoreCredentials(self.frozen_credentials, wait_for_credentials(cfg.read_timeout),
-                                                       self._refresh_due or (lambda: False))
+                                                       self._refresh_due or (lambda: False), awssession.may_pass)
+        # Why the credentials could not be had at start (a mount starts offline for it: startup.py), or None.
+        self.start_failure = creds.failure if isinstance(creds, awssession.LateCredentials) else None
 
     def frozen_credentials(self) -> tuple[str, str, str | None]:
         """The credentials botocore's chain resolved, refreshed when they are
@@ -266,7 +271,8 @@ class Remote:
         try:
             self.bounded_credentials.get()
         except CredentialsUnavailable as e:
-            raise AccessDenied(f"{quoted(f's3://{bucket}/{key}')}: {e}", bucket=bucket, key=key) from None
+            kind = errors.CredentialsUnreachable if e.may_pass else AccessDenied
+            raise kind(f"{quoted(f's3://{bucket}/{key}')}: {e}", bucket=bucket, key=key) from None
 
     def translate(self, e: BaseException, bucket: str, key: str) -> RemoteError:
         where = quoted(f"s3://{bucket}/{key}")
@@ -293,8 +299,8 @@ class Remote:
         if isinstance(e, botocore.exceptions.NoCredentialsError):
             return AccessDenied(f"no usable AWS credentials for {where} ({e})", bucket=bucket, key=key)
         if isinstance(e, awssession.NO_CREDENTIALS):  # a refresh failed mid-run (a token revoked, an endpoint gone)
-            return AccessDenied(f"no usable AWS credentials for {where} ({awssession.said(e)})", bucket=bucket,
-                                key=key)
+            kind = errors.CredentialsUnreachable if awssession.may_pass(e) else AccessDenied
+            return kind(f"no usable AWS credentials for {where} ({awssession.said(e)})", bucket=bucket, key=key)
         if isinstance(e, (botocore.exceptions.EndpointConnectionError,
                           botocore.exceptions.ConnectTimeoutError)):
             return RemoteUnavailable(f"cannot reach the object store at {self.endpoint}", bucket=bucket, key=key)

@@ -37,7 +37,9 @@ class FirstListing:
     def __init__(self, cfg: MountConfig) -> None:
         if cfg.metrics_port is not None:
             TIMINGS.enable()  # from the first request on (prometheus_client only when asked)
-        self.remote = Remote(cfg.remote)
+        # Credentials that cannot be had now for a reason that may pass are no error yet: the start-up
+        # listing fails for them (CredentialsUnreachable), and the mount starts offline (offlinestart.py).
+        self.remote = Remote(cfg.remote, late_credentials=True)
         self._sources = list(cfg.sources) if cfg.lock is None else []
         # How long the mount waits for the check: one request's worth, its
         # connect timeout and then --read-timeout for the answer.  botocore
@@ -62,6 +64,8 @@ class FirstListing:
         listed: dict[Source, list[RemoteObject]] = {}
         outcome: dict[Source, list[RemoteObject]] | BaseException = listed
         try:
+            if self._sources and self.remote.start_failure is not None:
+                raise self.remote.start_failure  # the start asked already, within its bounded wait: not again
             for source in self._sources:
                 page = self.remote.probe(source)
                 if page.next_token is None:
@@ -76,7 +80,8 @@ class FirstListing:
         """Each folder that fits in its first page, listed; raises what the
         listing raised (a wrong bucket or credentials: RemoteError; error
         statuses through the retries: RemoteFailing, the object store is
-        reachable; no network: RemoteUnavailable), once it is over, or RemoteUnavailable
+        reachable; no network: RemoteUnavailable; credentials that cannot be
+        had for now: CredentialsUnreachable), once it is over, or RemoteUnavailable
         after `patience` seconds without an outcome.  The thread then goes on
         until botocore gives up, and what it finds is dropped: the mount's
         own listing (the refresher) asks again."""
@@ -85,6 +90,9 @@ class FirstListing:
             log.info("waiting for the object store at %s to answer (at most %g s; then the mount starts "
                         "from what its store holds)", self.remote.endpoint, self.patience)
             self._thread.join(max(0.0, self._started + self.patience - time.monotonic()))
+        if not self._sources and self.remote.start_failure is not None:  # a pinned mount asks nothing at start
+            log.warning("%s: starting with the lock's listing; a download fails with EACCES until AWS credentials "
+                        "can be had", self.remote.start_failure)
         with self._lock:
             outcome, self._given_up = self._handed, True
         if outcome is None:

@@ -186,8 +186,8 @@ def from_mount(cfg: StatusConfig) -> Answer:
         return Answer([], note, f"cannot read the mount's {RESERVED_NAME}/stats.json ({e})")
     listing = stats.get("listing") or {}
     if listing.get("offline"):
-        note += (f"; the object store is unreachable ({listing.get('error')}), the mount serves what its store "
-                 "knows (a saved listing, if any, and the files on disk)")
+        note += (f"; offline, the object store cannot be asked ({listing.get('error')}): the mount serves what its "
+                 "store knows (a saved listing, if any, and the files on disk)")
     if (stats.get("store_filesystem") or {}).get("user_xattrs") is False:
         note += f"; {_SIDECAR_NOTE}"
     note += _pinned_note(stats.get("pinned"))
