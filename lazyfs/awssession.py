@@ -285,10 +285,11 @@ class _Helpers:
 
 
 def said(e: BaseException) -> str:
-    """An exception's text on one line, without the newline a helper's stderr ends in."""
+    """An exception's text on one line, without the newline a helper's stderr ends in, nor the colon
+    some of botocore's end in (its container endpoint's: "... retrieve container metadata:")."""
     if isinstance(e, OSError) and e.filename:
         return f"{e.strerror or type(e).__name__}: {e.filename}"
-    return " ".join(str(e).split()) or type(e).__name__
+    return " ".join(str(e).split()).rstrip(":") or type(e).__name__
 
 
 def may_pass(e: BaseException) -> bool:

@@ -198,7 +198,7 @@ class Catalog:
         self._subtrees.clear()
         self._known.clear()
         if was_offline:
-            log.info("object store reachable again: live listing of %s", count(tree.objects, "object"))
+            log.info("online again, the object store answered: live listing of %s", count(tree.objects, "object"))
         elif served and not was_live:
             log.info("listing succeeded: a live listing (%s) replaces the saved one", count(tree.objects, "object"))
         diff = await trio.to_thread.run_sync(diff_dropping_old, previous, old_lists, tree) if served else Diff()

@@ -93,7 +93,7 @@ def test_a_container_endpoint_not_up_yet_starts_offline_and_goes_live(mount: Mou
     files[changed] = os.urandom(200_001)
     s3.put_object(Bucket=bucket, Key=changed, Body=files[changed])
     endpoint.set("up")
-    wait_until(lambda: "object store reachable again" in m.log(), timeout=60, what="going live")
+    wait_until(lambda: "online again, the object store answered" in m.log(), timeout=60, what="going live")
     assert "AWS credentials found (container-role)" in m.log()
     assert fs.read(m.file(changed)) == files[changed], "the changed object was not fetched once live"
     assert proxy.requests("GET", key=changed), "no GET of the changed object"
@@ -141,7 +141,7 @@ def test_each_source_that_may_come_back_starts_offline_and_goes_live(source: str
     endpoint.set("up")
     helper.set("up")
     proxy.clear_faults()
-    wait_until(lambda: "object store reachable again" in m.log(), timeout=60, what="going live")
+    wait_until(lambda: "online again, the object store answered" in m.log(), timeout=60, what="going live")
     assert "Traceback" not in m.log()
 
 

@@ -67,7 +67,7 @@ def prebaked_then_offline(mount, proxy, s3, bucket: str, tmp_path: Path, objects
 
 def back_online(m, proxy) -> None:
     proxy.clear_faults()
-    wait_until(lambda: "object store reachable again" in m.log(), timeout=60, what="going online")
+    wait_until(lambda: "online again, the object store answered" in m.log(), timeout=60, what="going online")
 
 
 @pytest.mark.log_errors("listing failed", "has no current local copy and the object store is unreachable")

@@ -131,7 +131,7 @@ def test_offline_start_serves_what_the_store_knows(mount, proxy, s3, bucket, fs:
         fs.read(m2.file(uncached), timeout=5)  # fails at once, no hang
     assert info.value.errno == errno.EIO
     proxy.clear_faults()  # the object store is back: the next refresh restores everything
-    wait_until(lambda: "object store reachable again" in m2.log(), timeout=30, what="going online")
+    wait_until(lambda: "online again, the object store answered" in m2.log(), timeout=30, what="going online")
     assert fs.read(m2.file(uncached)) == uncached.encode() * 100
 
 
@@ -229,7 +229,7 @@ def test_an_object_store_that_never_answers_starts_offline_in_bounded_time(mount
     # The store answers again: the refresher's listing brings the mount online
     # (the start-up check's late outcome, if any, changes nothing).
     proxy.clear_faults()
-    wait_until(lambda: "object store reachable again" in m2.log(), timeout=60, what="going online")
+    wait_until(lambda: "online again, the object store answered" in m2.log(), timeout=60, what="going online")
     assert fs.read(m2.file(uncached)) == uncached.encode() * 100
 
 

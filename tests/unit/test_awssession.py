@@ -7,6 +7,7 @@ import botocore.exceptions
 import botocore.session
 import pytest
 
+from lazyfs import awssession
 from lazyfs.awssession import _QuickLoader
 
 
@@ -39,3 +40,10 @@ def test_a_session_can_build_an_sts_client() -> None:
     core = botocore.session.get_session()
     core.register_component("data_loader", _QuickLoader.for_session(core))
     assert core.create_client("sts", region_name="us-east-1").meta.service_model.service_name == "sts"
+
+
+def test_a_cause_is_said_on_one_line_without_botocore_s_trailing_colon() -> None:
+    e = botocore.exceptions.CredentialRetrievalError(
+        provider="container-role", error_msg="Received error when attempting to retrieve container metadata:\n")
+    assert awssession.said(e).endswith("container metadata")
+    assert "\n" not in awssession.said(e)
