@@ -34,6 +34,8 @@ class FileState(str, enum.Enum):
 
 # How a copy with no identity record was judged: by its size (the seed's rule).
 SIZE = "size"
+# How a copy was checked whose record an older lazyfs wrote, before records said how (Identity.verified "").
+UNRECORDED = "unknown"
 # How the content of an unrecorded copy was checked this run, if it was
 # (probe.PrebakedCheck.checked, --verify etag or a pinned mount): a copy in a
 # read-only layer cannot be stamped, so the mount remembers.  "" when it was

@@ -28,7 +28,7 @@ from typing import Iterable
 from lazyfs import storemeta
 from lazyfs.content_index import ContentIndex
 from lazyfs.errors import StoreError
-from lazyfs.filestate import REJECTED, SIZE, ContentChecks, FileState, LocalCopy, LocalState, PrebakedAccept
+from lazyfs.filestate import REJECTED, SIZE, UNRECORDED, ContentChecks, FileState, LocalCopy, LocalState, PrebakedAccept
 from lazyfs.identity import Identity, IdentityRecords
 from lazyfs.layer import FILE_FLAGS, STORE_MODES, Layer, Permissions, still_there
 from lazyfs.listings import SavedListings
@@ -175,7 +175,7 @@ class Store:
                 state = self._judge(fd, obj, layer, st)
                 if state is not None:
                     ident = self.identities.read(fd, layer, st) if state is FileState.CACHED else None
-                    verified = ident.verified if ident is not None else \
+                    verified = (ident.verified or UNRECORDED) if ident is not None else \
                         (checked(obj, layer, st) if checked is not None else "") or SIZE
                     if verified != REJECTED:  # (checked this run, and not served)
                         return LocalState(state, layer.label, obj.size, verified)

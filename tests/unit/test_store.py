@@ -77,6 +77,21 @@ def test_publish_records_identity_and_find_current(store: Store, tmp_path: Path)
     assert [p.name for p in (tmp_path / "store" / ".lazyfs" / "tmp").iterdir()] == ["publish.lock"]
 
 
+def test_a_record_an_older_lazyfs_wrote_says_its_check_is_unknown(store: Store, tmp_path: Path) -> None:
+    # Records written before they said how a copy was checked have no "verified" (nor file_mtime_ns):
+    # the copy is served, and user.lazyfs.verified says "unknown", never "" (which means still downloading).
+    data = b"from an older lazyfs"
+    o = obj("old/w.bin", data)
+    download(store, o, data)
+    path = tmp_path / "store" / "old/w.bin"
+    os.chmod(path, 0o600)
+    os.setxattr(path, IDENTITY_XATTR, Identity.of(o).encode())
+    os.chmod(path, 0o400)
+    assert b"verified" not in os.getxattr(path, IDENTITY_XATTR)
+    local = store.local_state(o)
+    assert (local.state, local.verified) == (FileState.CACHED, "unknown")
+
+
 def test_unrecorded_copy_is_judged_by_size(store: Store, tmp_path: Path) -> None:
     (tmp_path / "store" / "m").mkdir()
     (tmp_path / "store" / "m" / "w.bin").write_bytes(b"12345")
