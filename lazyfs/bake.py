@@ -97,7 +97,7 @@ def run(cfg: BakeConfig, out: TextIO = sys.stdout) -> int:
     if entry is not None and entry.fstype.startswith("fuse"):
         raise MountError(f"{cfg.target} is a mount ({entry.fstype}): bake into a plain folder "
                          "(unmount it first, or choose another --to)")
-    store = Store.open(str(cfg.target), mode=cfg.store_mode, create=True, file_mode=cfg.file_mode)
+    store = Store.open(str(cfg.target), mode=cfg.store_mode, create=True, file_mode=cfg.file_mode, follow=True)
     baking, making = Baking(), lockcmd.Making()
     try:
         remote = Remote(cfg.remote)

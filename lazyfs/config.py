@@ -45,6 +45,8 @@ StoreMode = Literal["private", "group", "public"]
 # (0700 folders): only the daemon's user, so the mount alone decides who reads the files
 # (--allow-other), whatever the store's parent allows.  "group" (0750) and "public" (0755):
 # other users' processes read the store directly (a baked image mounted as another user).
+# Not given (None): the mode the store has (storemodes.py), so what a command adds to a
+# shared store stays reachable by its readers; a new store's is this one.
 DEFAULT_STORE_MODE: StoreMode = "private"
 # --file-mode (mount, bake): files' permission bits, as S3 keeps none; read-only unless asked (filemodes.py).
 DEFAULT_FILE_MODE = 0o444
@@ -150,7 +152,7 @@ class MountConfig:
     # Prometheus /metrics (None: off).  Loopback unless widened on purpose.
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
-    store_mode: StoreMode = DEFAULT_STORE_MODE
+    store_mode: StoreMode | None = None  # None: the store's own (DEFAULT_STORE_MODE for a new one)
     file_mode: int = DEFAULT_FILE_MODE
     lock: Lock | None = None  # --lock: serve exactly the versions it pins (pinned.py); None: what the listing shows
     remote: RemoteConfig = field(default_factory=RemoteConfig)
@@ -166,7 +168,7 @@ class BakeConfig:
     sources: tuple[Source, ...]
     target: Path
     log_level: str = "info"
-    store_mode: StoreMode = DEFAULT_STORE_MODE
+    store_mode: StoreMode | None = None  # None: the store's own (DEFAULT_STORE_MODE for a new one)
     file_mode: int = DEFAULT_FILE_MODE  # only its execute bits count, where store_mode lets read (store.py)
     lock: Lock | None = None  # --lock: bake exactly its versions (no listing); None: what the listing shows
     write_lock: Path | None = None  # --write-lock: make a lock first, bake exactly it, then write it here
@@ -356,7 +358,7 @@ def bake_config(args: Mapping[str, Any], env: Mapping[str, str]) -> BakeConfig:
         check_directory(to, "--to folder", missing_ok=True)
     memory, file_mode = args.get("memory_limit") or memlimit.DEFAULT, args.get("file_mode") or DEFAULT_FILE_MODE
     return BakeConfig(sources=sources, target=to, log_level=args.get("log_level") or "info", lock=lock,
-                      store_mode=args.get("store_mode") or DEFAULT_STORE_MODE, file_mode=file_mode,
+                      store_mode=args.get("store_mode"), file_mode=file_mode,
                       write_lock=output_file(args.get("write_lock"), "--write-lock"), configs=_config_refs(configs),
                       memory_limit=memory, remote=remote_config(args, env), fetch=fetch_config(args, memory))
 

@@ -182,6 +182,14 @@ def still_there(dir_fd: int, name: str, st: os.stat_result) -> bool:
     return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
+def open_if_there(dir_fd: int, name: str) -> int | None:
+    """A read-only descriptor of `name`, None where it cannot be opened (gone)."""
+    try:
+        return os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
 def inode_at(dir_fd: int, name: str) -> int | None:
     """The inode `name` points to now, None if it is gone."""
     try:

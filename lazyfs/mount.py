@@ -28,7 +28,7 @@ from typing import AsyncIterator
 import pyfuse3
 import trio
 
-from lazyfs import checkpoint, connwatch, crt, interrupt, memlimit, prefetch, storesweep, wording
+from lazyfs import checkpoint, connwatch, crt, interrupt, memlimit, prefetch, storemodes, storesweep, wording
 from lazyfs.budget import Budget
 from lazyfs.catalog import Catalog
 from lazyfs.config import MountConfig, Source
@@ -41,7 +41,7 @@ from lazyfs.fuse_ops import Operations
 from lazyfs.handles import Handles
 from lazyfs.kernelcache import KernelCache
 from lazyfs.laststop import LastStop
-from lazyfs.layer import STORE_MODES, Layer
+from lazyfs.layer import Layer
 from lazyfs.metrics import MountView
 from lazyfs.mounttab import MountError, check_mountpoint, set_background, set_read_ahead
 from lazyfs.namespace import Diff, RemoteObject
@@ -80,7 +80,7 @@ def open_store(cfg: MountConfig) -> Store:
             # The mountpoint's own directory, held open so it stays reachable once the mount covers it.
             root = Layer.open(str(cfg.mountpoint), True, "store")
         else:
-            root = Layer.open(str(cfg.store), True, "store", create_mode=STORE_MODES[cfg.store_mode].folder)
+            root = Layer.open(str(cfg.store), True, "store", create_mode=storemodes.new_store(cfg.store_mode).folder)
         return Store.open(root.path, [str(p) for p in cfg.prebaked], root_fd=root.fd, mode=cfg.store_mode,
                           file_mode=cfg.file_mode)
     except OSError as e:

@@ -161,9 +161,9 @@ ETAG_CHECK = Option(
     "(CRC32, CRC32C, CRC64NVME, SHA) are still checked; a file with none is published unverified", kind="flag")
 
 STORE_MODE = Option(
-    "--store-mode", "who may read the store beneath the mount: the folders lazyfs creates there are private "
-    "(0700, files 0400), group (0750, 0440) or public (0755, 0444)", choices=get_args(StoreMode),
-    default=(MountConfig, "store_mode"))
+    "--store-mode", "who may read the store beneath the mount: its folders and files are private (0700, files "
+    "0400), group (0750, 0440) or public (0755, 0444); a store of another mode is changed to it (default: the "
+    "mode the store has; private for a new one)", choices=get_args(StoreMode))
 
 
 

@@ -25,12 +25,12 @@ import os
 import stat
 from typing import Iterable
 
-from lazyfs import storemeta
+from lazyfs import storemeta, storemodes
 from lazyfs.content_index import ContentIndex
 from lazyfs.errors import StoreError
 from lazyfs.filestate import REJECTED, SIZE, UNRECORDED, ContentChecks, FileState, LocalCopy, LocalState, PrebakedAccept
 from lazyfs.identity import Identity, IdentityRecords
-from lazyfs.layer import FILE_FLAGS, STORE_MODES, Layer, Permissions, still_there
+from lazyfs.layer import FILE_FLAGS, STORE_MODES, Layer, Permissions, open_if_there, still_there
 from lazyfs.listings import SavedListings
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
 from lazyfs.partials import Partial, PartialFiles
@@ -67,19 +67,23 @@ class Store:
 
     @classmethod
     def open(cls, store_path: str, prebaked: Iterable[str] = (), root_fd: int | None = None,
-             mode: str = "private", create: bool = False, file_mode: int = 0) -> Store:
-        """Open (and lay out) a store; `mode` names the permissions of what it
-        creates (layer.STORE_MODES), the store's own folder too with `create`.
+             mode: str | None = None, create: bool = False, file_mode: int = 0, follow: bool = False) -> Store:
+        """Open (and lay out) a store; `mode` (--store-mode) names the permissions
+        of what it creates (layer.STORE_MODES), the store's own folder too with
+        `create`; None: the mode the store has (storemodes.py).  A store of
+        another mode follows `mode` (with `follow`, a bake's, any store does).
         It owns `root_fd` from here on, and closes it, and everything else it
         opened, if it fails.  Published files are executable where
         `file_mode` (--file-mode) says so."""
-        permissions = STORE_MODES[mode].with_exec(file_mode)
         root = Layer(root_fd, store_path, True, "store") if root_fd is not None \
-            else Layer.open(store_path, True, "store", permissions.folder if create else None)
-        store = cls(root, (), permissions)
+            else Layer.open(store_path, True, "store", storemodes.new_store(mode).folder if create else None)
+        had = storemodes.recorded(root)
+        store = cls(root, (), STORE_MODES[storemodes.chosen(mode, had)].with_exec(file_mode))
         try:
             store.prebaked = tuple(store._open_layer(p) for p in prebaked)
             store._prepare()
+            if had is not None and storemodes.must_follow(mode, had, follow):
+                storemodes.follow(root, store.identities, store.permissions, had)
         except BaseException:
             store.close()
             raise
@@ -254,7 +258,7 @@ class Store:
                 if os.fstat(dfd).st_nlink == 0:  # the folder was removed meanwhile (stalefolder.py)
                     dfd, gone = self.root.open_dir(dirs, create=True, mode=self.permissions.folder), dfd
                     os.close(gone)
-                old = _open_file(dfd, name)
+                old = open_if_there(dfd, name)
                 replaced = None if old is None else self.identities.read(old)
                 if keep_newer and replaced is not None and replaced.mtime_ns > obj.mtime_ns \
                         and not replaced.matches(obj):
@@ -318,7 +322,7 @@ class Store:
     def _drop_tmp(self, tmp: str) -> None:
         """Remove a link or copy made in tmp/ that was not placed (and the
         sidecar of a copy)."""
-        fd = _open_file(self.partials.tmp_fd, tmp)
+        fd = open_if_there(self.partials.tmp_fd, tmp)
         try:
             self.partials.remove(tmp)
             if fd is not None:
@@ -410,10 +414,3 @@ class Store:
             return st.st_size
         finally:
             os.close(fd)
-
-
-def _open_file(dfd: int, name: str) -> int | None:
-    try:
-        return os.open(name, FILE_FLAGS, dir_fd=dfd)
-    except OSError:
-        return None

@@ -22,7 +22,7 @@ from lazyfs.layer import FILE_FLAGS, PRIVATE, Layer, Permissions, write_small
 from lazyfs.namespace import RESERVED_NAME
 
 LAYOUT_VERSION = "1"
-_LAYOUT = "layout"
+LAYOUT = "layout"
 
 # Keeps a descriptor open for as long as the store is (Store._keep).
 Keep = Callable[[int], int]
@@ -41,7 +41,7 @@ def open_to_write(root: Layer, permissions: Permissions, keep: Keep) -> tuple[in
     version = _read_layout(meta_fd)
     if version is None:
         # Readable as the store's files are: a reader of them checks it too.
-        write_small(meta_fd, _LAYOUT, (LAYOUT_VERSION + "\n").encode(), permissions.file)
+        write_small(meta_fd, LAYOUT, (LAYOUT_VERSION + "\n").encode(), permissions.file)
     else:
         _check(root, version)
     return tmp_fd, objects_fd
@@ -59,7 +59,7 @@ def open_to_read(root: Layer, keep: Keep, unreadable: dict[str, str]) -> int | N
     try:
         version = _read_layout(meta_fd)
     except OSError as e:  # (0600 before lazyfs wrote it per --store-mode): the files are judged all the same
-        unreadable[f"{RESERVED_NAME}/{_LAYOUT}"] = e.strerror or str(e)
+        unreadable[f"{RESERVED_NAME}/{LAYOUT}"] = e.strerror or str(e)
         version = None
     if version is not None:
         _check(root, version)
@@ -82,7 +82,7 @@ def open_existing(layer: Layer, parts: tuple[str, ...], unreadable: dict[str, st
 def _read_layout(meta_fd: int) -> str | None:
     """The layout version written in the store, or None where none is yet."""
     try:
-        fd = os.open(_LAYOUT, FILE_FLAGS, dir_fd=meta_fd)
+        fd = os.open(LAYOUT, FILE_FLAGS, dir_fd=meta_fd)
     except FileNotFoundError:
         return None
     with os.fdopen(fd, "rb") as f:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -89,6 +91,111 @@ def test_bake_store_modes(proxy, s3, bucket, tmp_path: Path):
         assert res.returncode == 0, res.stdout + res.stderr
         assert [mode(p) for p in (out, out / ".lazyfs", out / "models", out / P)] == [folder] * 4, store_mode
         assert mode(out / P / "w.bin") == file, store_mode
+
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+
+@pytest.fixture
+def reachable() -> Iterator[Path]:
+    """A folder other users can reach (pytest's tmp tree is 0700), for a store
+    read as user nobody, as a model server running as another user reads an
+    image's."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        _unusable("acting as another user needs root and setpriv (util-linux)")
+    top = Path(tempfile.mkdtemp(prefix="lazyfs-modes-"))
+    top.chmod(0o755)
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def nobody_reads(path: Path) -> bytes | None:
+    """The file's bytes as user nobody reads them; None where refused."""
+    res = subprocess.run([*NOBODY, "cat", str(path)], capture_output=True, timeout=20)
+    assert res.returncode == 0 or b"Permission denied" in res.stderr, res.stderr
+    return res.stdout if res.returncode == 0 else None
+
+
+def modes(store: Path, *paths: str) -> dict[str, int]:
+    return {p: mode(store / p) for p in paths}
+
+
+def test_a_bake_over_a_bake_makes_the_folders_follow_and_one_told_no_mode_keeps_the_stores(
+        proxy, s3, bucket, reachable: Path):
+    """A bake with --store-mode public over a private one made the files 0444
+    but left every folder 0700: no other user reached them.  A bake without
+    --store-mode over a public one made the files 0400 again: an image's
+    non-root model server could no longer read them."""
+    a, b, c = os.urandom(1000), os.urandom(1000), os.urandom(1000)
+    s3.put_object(Bucket=bucket, Key=f"{P}/a.bin", Body=a)
+    s3.put_object(Bucket=bucket, Key=f"{P}/sub/b.bin", Body=b)
+    store = reachable / "image"
+    folders = (".lazyfs", "models", P, f"{P}/sub")
+
+    def bake(*flags: str) -> str:
+        res = lazyfs_cli(["bake", "--prefix", f"s3://{bucket}/{P}", "--to", str(store), "--endpoint-url",
+                          proxy.endpoint, *flags])
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout + res.stderr
+
+    bake()
+    assert nobody_reads(store / P / "sub/b.bin") is None
+    said = bake("--store-mode", "public")
+    assert modes(store, ".", *folders) == dict.fromkeys((".", *folders), 0o755)
+    assert modes(store, f"{P}/a.bin", f"{P}/sub/b.bin", ".lazyfs/layout") == dict.fromkeys(
+        (f"{P}/a.bin", f"{P}/sub/b.bin", ".lazyfs/layout"), 0o444)
+    assert (nobody_reads(store / P / "a.bin"), nobody_reads(store / P / "sub/b.bin")) == (a, b)
+    assert f"store {store}: now public (it was private): 5 folders and 3 files given its modes" in said, said
+
+    s3.put_object(Bucket=bucket, Key=f"{P}/new/c.bin", Body=c)
+    said = bake()  # told no mode: the store's
+    assert "1 downloaded" in said and "given its modes" not in said, said
+    assert modes(store, f"{P}/new", f"{P}/new/c.bin", f"{P}/a.bin") == {
+        f"{P}/new": 0o755, f"{P}/new/c.bin": 0o444, f"{P}/a.bin": 0o444}
+    assert (nobody_reads(store / P / "new/c.bin"), nobody_reads(store / P / "sub/b.bin")) == (c, b)
+
+    said = bake("--store-mode", "private")
+    assert "now private (it was public)" in said, said
+    assert modes(store, *folders, f"{P}/new") == dict.fromkeys((*folders, f"{P}/new"), 0o700)
+    assert mode(store / P / "a.bin") == 0o400 and nobody_reads(store / P / "a.bin") is None
+    assert mode(store) == 0o755, "the folder a bake was given is never narrowed"
+    assert lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint, "--store",
+                       str(store), "--require-all"]).returncode == 0
+
+
+def test_a_mount_keeps_the_stores_mode_or_makes_the_store_follow_the_one_it_is_told(
+        mount, proxy, s3, bucket, fs: FS, reachable: Path):
+    """The same two cases through `lazyfs mount`: one without --store-mode
+    over a public image fetched files private (0400), unreadable by the
+    image's other users; one with --store-mode public over a private store
+    made its new files 0444 in folders that stayed 0700."""
+    a, c = os.urandom(1000), os.urandom(1000)
+    s3.put_object(Bucket=bucket, Key=f"{P}/a.bin", Body=a)
+    store = reachable / "image"
+    res = lazyfs_cli(["bake", "--prefix", f"s3://{bucket}/{P}", "--to", str(store), "--store-mode", "public",
+                      "--endpoint-url", proxy.endpoint])
+    assert res.returncode == 0, res.stdout + res.stderr
+    s3.put_object(Bucket=bucket, Key=f"{P}/new/c.bin", Body=c)
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.read(m.file(f"{P}/new/c.bin")) == c
+    wait_until((store / P / "new/c.bin").exists, what="the download published")
+    assert m.stop() == 0
+    assert modes(store, f"{P}/new", f"{P}/new/c.bin") == {f"{P}/new": 0o755, f"{P}/new/c.bin": 0o444}
+    assert nobody_reads(store / P / "new/c.bin") == c
+
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--store-mode", "private", store=store)
+    assert "now private (it was public)" in m.log()
+    assert modes(store, P, f"{P}/new", ".lazyfs") == dict.fromkeys((P, f"{P}/new", ".lazyfs"), 0o700)
+    assert nobody_reads(store / P / "a.bin") is None
+    assert fs.read(m.file(f"{P}/a.bin")) == a
+    assert m.stop() == 0
+
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--store-mode", "public", store=store)
+    assert "now public (it was private)" in m.log()
+    assert (nobody_reads(store / P / "a.bin"), nobody_reads(store / P / "new/c.bin")) == (a, c)
+    assert m.stop() == 0
 
 
 # -- identity without user xattrs --------------------------------------------------------------
