@@ -86,13 +86,21 @@ def size_within(minimum: int, maximum: int | None = None, why: str = "") -> Any:
     return parse
 
 
+# The smallest --cache-max-size: one download block (FetchConfig.block_size at most), the unit a
+# download keeps its state in.  A budget keeps only files no larger than itself (a larger one streams
+# through and is dropped, budget.py), so below this it keeps no file of a model but its smallest
+# (a config.json), every other open downloading its file again: a mistyped unit ("1" for 1 GiB), as 0 is.
+CACHE_MIN = MiB
+
+
 def _cache_max_size(text: str, flag: str) -> int:
-    """A budget that keeps something: 0 would download every file at every
-    open, and a user writing it may as well have meant "no limit"."""
+    """A budget that keeps something: under one block (0 above all) every
+    open would download its file again, and a user writing it may as well
+    have meant another unit, or "no limit"."""
     value = parse_size(text, flag)
-    if value == 0:
-        raise ConfigError(f"{flag} {echoed(text)} would keep nothing: the budget must be larger than 0 "
-                          "(leave the flag out for no budget)")
+    if value < CACHE_MIN:
+        raise ConfigError(f"{flag} {echoed(text)} would keep next to nothing: the budget must be at least "
+                          f"{flag_size(CACHE_MIN)}, one download block (leave the flag out for no budget)")
     return value
 
 
@@ -227,8 +235,8 @@ MOUNT = (
            "as the seed describes, or by content against the object's checksum or ETag (once; the result is "
            "recorded) (default size; with --lock always by content, against the lock)", choices=("size", "etag")),
     Option("--cache-max-size", "keep at most this much fetched data in the store (e.g. 50G), evicting the least "
-           "recently used files nobody has open; prebaked files are never evicted; more than 0 (default: no limit)",
-           "SIZE", check=_cache_max_size),
+           f"recently used files nobody has open; prebaked files are never evicted; at least {flag_size(CACHE_MIN)} "
+           "(default: no limit)", "SIZE", check=_cache_max_size),
     Option("--no-model-readahead", "fetch .safetensors files in file order, do not start a sharded "
            "checkpoint's next shard when one is read through, and do not fetch a model folder's small files "
            "when its config.json is opened (by default lazyfs reads the header and fetches tensors in the "

@@ -602,33 +602,34 @@ def test_verified_says_how_each_copy_was_checked(mount, s3, bucket, fs: FS, tmp_
 
 @on_both_clients
 def test_cache_budget_evicts_lru_but_not_open_or_prebaked(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    size = 400_000  # three fit in the budget (at least 1 MiB: one download block)
     names = [f"{P}/f{i}.bin" for i in range(4)]
     for k in names:
-        put(s3, bucket, k, k.encode().ljust(100_000, b"."))
+        put(s3, bucket, k, k.encode().ljust(size, b"."))
     baked = f"{P}/baked.bin"
-    put(s3, bucket, baked, b"b" * 100_000)
+    put(s3, bucket, baked, b"b" * size)
     big = f"{P}/huge.bin"
-    put(s3, bucket, big, os.urandom(400_000))
+    put(s3, bucket, big, os.urandom(4 * size))
     store = tmp_path / "store"
     (store / P).mkdir(parents=True)
-    (store / baked).write_bytes(b"b" * 100_000)
-    m = mount("--prefix", f"s3://{bucket}/{P}", "--cache-max-size", "300000", store=store)
+    (store / baked).write_bytes(b"b" * size)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--cache-max-size", str(3 * size), store=store)
     keep_open = fs.run(open, m.file(names[0]), "rb")
     try:
         for k in names[:3]:
             fs.read(m.file(k))
             wait_until(lambda k=k: (store / k).exists(), what=f"{k} published")
-        assert fs.read(m.file(names[3])) == names[3].encode().ljust(100_000, b".")
+        assert fs.read(m.file(names[3])) == names[3].encode().ljust(size, b".")
         wait_until((store / names[3]).exists, what="the fourth file published")
         present = {k: (store / k).exists() for k in names}
         assert present == {names[0]: True, names[1]: False, names[2]: True, names[3]: True}, present
         assert (store / baked).exists(), "a prebaked file was evicted"
-        assert fs.read(m.file(baked)) == b"b" * 100_000
+        assert fs.read(m.file(baked)) == b"b" * size
         # Larger than the whole budget: served, not kept.
-        assert len(fs.read(m.file(big))) == 400_000
+        assert len(fs.read(m.file(big))) == 4 * size
         wait_until(lambda: "larger than the cache budget" in m.log(), what="the warning")
         assert not (store / big).exists()
         wait_until(lambda: not list((store / ".lazyfs" / "tmp").glob("*.part")), what="the temp file to go")
-        assert fs.run(keep_open.read) == names[0].encode().ljust(100_000, b".")
+        assert fs.run(keep_open.read) == names[0].encode().ljust(size, b".")
     finally:
         keep_open.close()

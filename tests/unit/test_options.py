@@ -59,11 +59,14 @@ def test_help_shows_the_defaults_of_the_config_classes() -> None:
     ("read_ahead", "1G", "--read-ahead 1G must be 0 (the kernel's 128KiB) or a multiple of 4KiB up to 16MiB"),
     ("read_ahead", "3000", "--read-ahead 3000 must be 0 (the kernel's 128KiB) or a multiple of 4KiB up to 16MiB"),
     ("read_ahead", "16388K", "--read-ahead 16388K must be 0"),
-    # 0 kept nothing: every open downloaded its file again.
-    ("cache_max_size", "0", "--cache-max-size 0 would keep nothing: the budget must be larger than 0 (leave the "
-     "flag out for no budget)"),
-    ("cache_max_size", "0.0001K", "--cache-max-size 0.0001K would keep nothing"),
-    ("cache_max_size", "0GiB", "--cache-max-size 0GiB would keep nothing"),
+    # 0 kept nothing: every open downloaded its file again; 1 (a byte: 1 GiB meant) kept nothing either.
+    ("cache_max_size", "0", "--cache-max-size 0 would keep next to nothing: the budget must be at least 1MiB, one "
+     "download block (leave the flag out for no budget)"),
+    ("cache_max_size", "0.0001K", "--cache-max-size 0.0001K would keep next to nothing"),
+    ("cache_max_size", "0GiB", "--cache-max-size 0GiB would keep next to nothing"),
+    ("cache_max_size", "1", "--cache-max-size 1 would keep next to nothing: the budget must be at least 1MiB"),
+    ("cache_max_size", "1048575", "--cache-max-size 1048575 would keep next to nothing"),
+    ("cache_max_size", "0.99M", "--cache-max-size 0.99M would keep next to nothing"),
     # More memory than any machine has (past 32 EiB the CRT's buffer count wrapped: an internal error).
     ("memory_limit", "1025P", "--memory-limit 1025P is too large (at most 1PiB: more memory than any machine has)"),
     ("memory_limit", "36893488147687538688", "--memory-limit 36893488147687538688 is too large (at most 1PiB"),
@@ -88,6 +91,7 @@ def test_bad_values_are_one_sentence_naming_the_flag(flag: str, value: object, m
     ("file_mode", "0555", 0o555), ("file_mode", "444", 0o444), ("file_mode", "0o0500", 0o500),
     ("file_mode", "00555", 0o555),  # as chmod takes it
     ("cache_max_size", "100E", 100 << 60),  # exbibytes are a size (was "not a size")
+    ("cache_max_size", "1MiB", 1 << 20), ("cache_max_size", "1048576", 1 << 20),  # one download block
 ])
 def test_the_bounds_themselves_are_accepted(flag: str, value: str, expected: int) -> None:
     assert options.parse_options(options.MOUNT, {flag: value})[flag] == expected
@@ -111,26 +115,32 @@ def test_a_size_error_echoes_at_most_40_characters_of_the_value(flag: str, value
     assert value[:40] + "..." in said and len(said) < 200, said
 
 
-@pytest.mark.parametrize("value, expected", [("1", 1), ("1P", 1 << 50), ("1024T", 1 << 50)])
-def test_a_cache_budget_above_0_and_a_memory_limit_up_to_1pib_are_taken(value: str, expected: int) -> None:
+@pytest.mark.parametrize("value, expected", [("1M", 1 << 20), ("1P", 1 << 50), ("1024T", 1 << 50)])
+def test_a_cache_budget_from_1mib_and_a_memory_limit_up_to_1pib_are_taken(value: str, expected: int) -> None:
     """1 PiB works with both transfer clients (a mount reads through them)."""
     assert options.parse_options(options.MOUNT, {"cache_max_size": value})["cache_max_size"] == expected
     if expected >= 32 << 20:
         assert options.parse_options(options.MOUNT, {"memory_limit": value})["memory_limit"] == expected
 
 
-def test_a_cache_budget_of_0_is_a_usage_error_of_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("value", ["0", "1", "1023K"])
+def test_a_cache_budget_under_one_block_is_a_usage_error_of_one_line(value: str, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     import signal
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = main(["mount", str(tmp_path), "--prefix", "s3://bkt/p", "--cache-max-size", "0"])
+        code = main(["mount", str(tmp_path), "--prefix", "s3://bkt/p", "--cache-max-size", value])
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     err = capsys.readouterr().err
-    assert code == 2 and err == ("lazyfs: error: --cache-max-size 0 would keep nothing: the budget must be larger "
-                                 "than 0 (leave the flag out for no budget)\n")
+    assert code == 2 and err == (f"lazyfs: error: --cache-max-size {value} would keep next to nothing: the budget "
+                                 "must be at least 1MiB, one download block (leave the flag out for no budget)\n")
+
+
+def test_the_smallest_cache_budget_is_one_download_block() -> None:
+    assert FetchConfig(part_size=5 << 30).block_size == options.CACHE_MIN
 
 
 def test_values_not_given_stay_unset_so_the_config_defaults_apply() -> None:
