@@ -33,7 +33,7 @@ from lazyfs.passthrough import Passthrough
 from lazyfs.repeats import RepeatedLines
 from lazyfs.statesfile import StatesFile
 from lazyfs.stats import STATS
-from lazyfs.statusdir import STATS_FILE, STATUS_DIR, STATUS_NAME, StatusFolder
+from lazyfs.statusdir import STATUS_DIR, STATUS_NAME, StatusFolder
 from lazyfs.storespace import StoreSpace
 from lazyfs.xattrs import XATTRS, Readings
 
@@ -149,7 +149,7 @@ class Operations(pyfuse3.Operations):
         if isinstance(ref, tuple) and ref != STATUS_DIR:  # a file of .lazyfs
             a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
-            a.st_size = len(self.stats_file()) if ref == STATS_FILE else 0  # (states.json: known once opened)
+            a.st_size = self.status.size(ref)  # of the snapshot an open reads (statusdir.py)
             a.attr_timeout = a.entry_timeout = 0  # changes all the time
             mtime = time.time_ns()
         elif isinstance(ref, RemoteObject):
@@ -198,6 +198,8 @@ class Operations(pyfuse3.Operations):
             miss.st_ino = 0  # a negative entry the kernel may cache
             miss.entry_timeout = NEGATIVE_TIMEOUT
             return miss
+        if isinstance(child, tuple) and child != STATUS_DIR:
+            await self.status.take(child)  # what the open after it reads, and so its size
         await self.modes.learn((child,))
         ino = self.inodes.lookup(ref_of(child))
         return self._attrs(ino, child)
@@ -226,6 +228,8 @@ class Operations(pyfuse3.Operations):
             return self._attrs(inode, node if isinstance(node, DirNode) else ref)
         if ref == STATUS_DIR:
             return self._attrs(inode, DirNode(STATUS_NAME, {}, time.time_ns()))
+        if isinstance(ref, tuple):  # a file of .lazyfs: the size of what an open reads now (an fstat: its own)
+            await self.status.take(ref, again=False)
         await self.modes.learn((ref,), again=True)  # asked before the kernel refuses to run a file
         return self._attrs(inode, ref)
 

@@ -5,7 +5,9 @@ once, from the mount's `.lazyfs/states.json`, instead of two getxattr per file
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +106,37 @@ def test_a_mount_without_xattrs_has_no_states_file(mount, s3, bucket, fs: FS):
     assert fs.listdir(m.path / ".lazyfs") == ["stats.json"]
     res = lazyfs_cli(["status", str(m.path), "--require-all"])
     assert res.returncode == 1 and "--no-xattrs and cannot tell file states" in res.stdout, res.stdout
+
+
+def _mapped(path: str) -> bytes:
+    """The file as a reader that maps it sees it: as long as its size says."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        return mapped[:]
+
+
+def test_the_status_files_show_their_true_size_to_stat_cp_and_mmap(mount, s3, bucket, fs: FS, tmp_path: Path):
+    """states.json showed size 0: `cat` read it, but `stat` and `ls -l` said
+    0, shutil.copy (sendfile, sized by it) copied nothing and mmap refused an
+    empty file.  Its size is that of the snapshot an open reads now; a
+    reader is told the size of the very bytes it gets (stats.json's was
+    taken apart from them: a map of it could end mid-document)."""
+    for i in range(40):
+        s3.put_object(Bucket=bucket, Key=f"{P}/f{i:02d}.bin", Body=b"x" * (i + 1))
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "store")
+    states = m.path / ".lazyfs" / "states.json"
+    body = fs.read(states)
+    assert len(json.loads(body)["files"]) == 40
+    assert fs.stat(states).st_size == len(body)
+    assert fs.sh("stat", "-c", "%s", str(states)).stdout.strip() == str(len(body))
+    assert fs.sh("head", "-c", "20", str(states)).stdout == body[:20].decode()
+    fs.run(shutil.copy, str(states), str(tmp_path / "copy.json"))
+    assert (tmp_path / "copy.json").read_bytes() == body
+    assert fs.run(_mapped, str(states)) == body
+    # A file turning cached since: the next look sees it, with its new size.
+    fs.read(m.file(f"{P}/f07.bin"))
+    wait_until(lambda: fs.run(os.getxattr, str(m.file(f"{P}/f07.bin")), "user.lazyfs.state") == b"cached",
+               what="publication")
+    now = fs.run(_mapped, str(states))  # whole (a size from before would cut it or pad it with zeros)
+    assert [r[2] for r in json.loads(now)["files"] if r[0] == f"{P}/f07.bin"] == ["cached"]
+    stats = fs.run(_mapped, str(m.path / ".lazyfs" / "stats.json"))
+    assert stats.endswith(b"}\n") and json.loads(stats)["objects"] == 40

@@ -91,3 +91,42 @@ async def test_a_store_that_stops_answering_makes_the_states_file_eio_not_a_hang
                 assert info.value.errno == errno.EIO
     finally:
         stuck.set()
+
+
+async def looked_up_and_read(ops: Any) -> tuple[int, int, bytes]:
+    """states.json as `cp` or a map takes it: the size its lookup says, the
+    size the fstat after its open says, and the bytes read."""
+    attrs = await walk(ops, ".lazyfs", "states.json")
+    info = await ops.open(attrs.st_ino, os.O_RDONLY, CTX)
+    try:
+        fstat = await ops.getattr(attrs.st_ino, CTX)
+        body = b""
+        while chunk := bytes(await ops.read(info.fh, len(body), 1 << 20)):
+            body += chunk
+    finally:
+        await ops.release(info.fh)
+    return attrs.st_size, fstat.st_size, body
+
+
+@trio_test
+async def test_the_states_file_shows_the_size_of_what_its_open_reads(remote: FakeRemote, stores) -> None:
+    """It showed size 0: readers sized by stat (cp's sendfile, mmap, head -c)
+    got nothing.  A lookup takes the snapshot the open after it reads; a
+    later lookup a new one (never a stale document)."""
+    for i in range(30):
+        remote.put(BUCKET, f"m/f{i:02d}.bin", bytes([i]) * (i + 1))
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        ops = await ops_for(remote, fetcher)
+        looked, fstat, body = await looked_up_and_read(ops)
+        assert looked == fstat == len(body) and len(json.loads(body)["files"]) == 30
+        ino = (await walk(ops, "m", "f07.bin")).st_ino
+        info = await ops.open(ino, os.O_RDONLY, CTX)
+        await ops.read(info.fh, 0, 8)
+        await ops.release(info.fh)
+        obj = ops.catalog.tree.find("m/f07.bin")
+        await wait_for(lambda: fetcher.active(obj) is None, "publication")  # type: ignore[arg-type]
+        looked, fstat, now = await looked_up_and_read(ops)
+        assert looked == fstat == len(now) != len(body)
+        assert [r[2] for r in json.loads(now)["files"] if r[0] == "m/f07.bin"] == ["cached"]
+        assert remote.count("GET") == 1, "judging the files downloaded something"
