@@ -88,15 +88,16 @@ class _Walk:
     folders: int = 0
     files: int = 0
 
-    def chmod(self, fd: int, mode: int, what: str) -> None:
-        if stat.S_IMODE(os.fstat(fd).st_mode) == mode:
+    def chmod(self, fd: int, mode: int, what: str, st: os.stat_result | None = None) -> None:
+        st = st or os.fstat(fd)
+        if stat.S_IMODE(st.st_mode) == mode:
             return
         try:
             os.fchmod(fd, mode)
         except OSError as e:
             raise StoreError(f"cannot give {quoted(what)} in store {self.root.path} mode {mode:04o} "
                              f"({e.strerror}): run as the store's owner", e.errno or errno.EPERM) from None
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
+        if stat.S_ISDIR(st.st_mode):
             self.folders += 1
         else:
             self.files += 1
@@ -131,7 +132,7 @@ class _Walk:
         if not stat.S_ISREG(st.st_mode) or self.identities.read(fd, st=st) is None:
             return False
         runs = exec_bits(0o111, self.modes.file) if st.st_mode & 0o100 else 0
-        self.chmod(fd, self.modes.file | runs, path)
+        self.chmod(fd, self.modes.file | runs, path, st)
         return True
 
     def _in(self, dfd: int, name: str, flags: int, then: Callable[[int], bool]) -> bool:
