@@ -29,6 +29,7 @@ import logging
 import threading
 from typing import Any
 
+from lazyfs.exhausted import descriptor_errno, descriptors
 from lazyfs.repeats import retry_line, shape
 from lazyfs.stats import STATS
 from lazyfs.wording import quoted
@@ -73,7 +74,10 @@ class ClientAttempts:
                       event_name: str = "", **_: Any) -> None:
         """An attempt ended; botocore decides whether it is tried again (this returns None: no say)."""
         if caught_exception is not None:
-            _this_thread.cause = f"{type(caught_exception).__name__}: {caught_exception}"
+            # No socket for want of a descriptor: botocore calls it a failed connection (exhausted.py).
+            err = descriptor_errno(caught_exception)
+            _this_thread.cause = f"cannot open a connection to the object store: {descriptors(err)}" if err else \
+                f"{type(caught_exception).__name__}: {caught_exception}"
         elif response is not None and response[0].status_code >= 300:
             http, parsed = response
             error = parsed.get("Error", {}) if isinstance(parsed, dict) else {}

@@ -35,10 +35,12 @@ from lazyfs.errors import (
     AccessDenied,
     ObjectChanged,
     ObjectNotFound,
+    OutOfDescriptors,
     RemoteError,
     RemoteUnavailable,
     StoreError,
 )
+from lazyfs.exhausted import descriptors
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta, broke_off
 from lazyfs.ranged_get import RangeJob, Stopped, naming
@@ -276,6 +278,10 @@ class CrtTransfer:
             if 400 <= status < 500 and status not in (408, 429):  # refused (a 400 for ?versionId=null): as boto3's
                 return RemoteError(f"{where}: {code}: HTTP {status}", bucket=obj.bucket, key=obj.key)
             return _Answered(obj, f"{code}: HTTP {status}")
+        if name == "AWS_ERROR_MAX_FDS_EXCEEDED":  # a socket's EMFILE or ENFILE, which the CRT does not tell
+            # apart: the daemon's limit, by far the likelier (fs.file-max is huge on current kernels).
+            return OutOfDescriptors(f"{where}: cannot open a connection to the object store: {descriptors()}",
+                                    bucket=obj.bucket, key=obj.key)
         if name in _UNREACHABLE and not state.status:  # no answer: the connection itself failed
             url = f"{'https' if self._https else 'http'}://{self._target(obj)[0]}"
             return RemoteUnavailable(f"cannot reach the object store at {url} ({_UNREACHABLE[name]}: {name})",

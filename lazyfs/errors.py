@@ -59,6 +59,19 @@ class RemoteFailing(RemoteUnavailable):
     starting, nor hide what S3 can still serve)."""
 
 
+class OutOfDescriptors(RemoteUnavailable):
+    """A request that could not open a connection for want of a descriptor
+    (`EMFILE`: the daemon's limit; `ENFILE`: the system's), still so after
+    the retries.  Not the network, and said so (exhausted.py); a reader gets
+    that errno, as an open that needs a descriptor and gets none does.  Else
+    as any transfer that failed: kept for a resume, tried again at the next
+    open."""
+
+    def __init__(self, message: str, err: int = errno.EMFILE, *, bucket: str = "", key: str = "") -> None:
+        super().__init__(message, bucket=bucket, key=key)
+        self.errno = err
+
+
 class ShuttingDown(RemoteUnavailable):
     """A request that met the mount stopping (SIGTERM, an unmount): EIO, as
     for any fetch that cannot finish, but expected, not a fault: logged at

@@ -19,7 +19,7 @@ import botocore.exceptions
 import botocore.session
 import urllib3.exceptions
 
-from lazyfs import awssession, errors, listxml
+from lazyfs import awssession, errors, exhausted, listxml
 from lazyfs.clientretries import ClientAttempts, calling
 from lazyfs.config import AddressingStyle, RemoteConfig, Source, endpoint
 from lazyfs.crtcreds import BotocoreCredentials, CredentialsUnavailable, wait_for_credentials
@@ -301,6 +301,9 @@ class Remote:
         if isinstance(e, awssession.NO_CREDENTIALS):  # a refresh failed mid-run (a token revoked, an endpoint gone)
             kind = errors.CredentialsUnreachable if awssession.may_pass(e) else AccessDenied
             return kind(f"no usable AWS credentials for {where} ({awssession.said(e)})", bucket=bucket, key=key)
+        if lack := exhausted.descriptor_errno(e):  # no socket to try with: not the network (exhausted.py)
+            return errors.OutOfDescriptors(f"{where}: cannot open a connection to the object store: "
+                                           f"{exhausted.descriptors(lack)}", lack, bucket=bucket, key=key)
         if isinstance(e, (botocore.exceptions.EndpointConnectionError,
                           botocore.exceptions.ConnectTimeoutError)):
             return RemoteUnavailable(f"cannot reach the object store at {self.endpoint}", bucket=bucket, key=key)

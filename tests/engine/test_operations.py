@@ -132,6 +132,30 @@ async def test_a_failing_store_read_is_an_errno_never_an_exception(remote: FakeR
 
 
 @trio_test
+async def test_a_get_that_found_no_descriptor_is_emfile_to_its_reader(remote: FakeRemote, stores,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """As the README's failure table says of a mount out of descriptors: EMFILE,
+    and one line naming the limit (remote.translate's, test_descriptor_limit.py)."""
+    from lazyfs.errors import OutOfDescriptors
+
+    said = ('"s3://bkt/m/a.bin": cannot open a connection to the object store: too many open files: '
+            "the daemon's descriptor limit (ulimit -n / RLIMIT_NOFILE) is 64")
+    remote.put(BUCKET, "m/a.bin", b"x" * 1000)
+    remote.fail_gets["m/a.bin"] = [OutOfDescriptors(said, bucket=BUCKET, key="m/a.bin")]
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        ops = await ops_for(remote, fetcher)
+        info = await ops.open((await walk(ops, "m", "a.bin")).st_ino, os.O_RDONLY, CTX)
+        with pytest.raises(pyfuse3.FUSEError) as failed:
+            await ops.read(info.fh, 0, 1000)
+        assert failed.value.errno == errno.EMFILE
+        await ops.release(info.fh)
+        await trio.sleep(0)
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "descriptor limit (ulimit -n / RLIMIT_NOFILE) is 64" in line and "cannot reach" not in line, line
+
+
+@trio_test
 async def test_a_handle_whose_open_never_reached_the_kernel_is_released_when_the_inode_is_forgotten(
         remote: FakeRemote, stores) -> None:
     """An opener interrupted while its open was answered leaves a handle the

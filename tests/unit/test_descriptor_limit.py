@@ -1,0 +1,94 @@
+"""A GET that cannot open a socket for want of a descriptor says so (exhausted.py).
+
+Under `prlimit --nofile=64:64` a tester's daemon logged each such GET as
+`EndpointConnectionError: Could not connect to the endpoint URL: ...;
+retrying the GET`: an operator looked at the network.  botocore wraps the
+OSError (EMFILE) its connection met; the retry line and the failure name the
+daemon's descriptor limit instead, and a reader gets EMFILE, as the README's
+failure table says for an open that needs a descriptor and gets none.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+from pathlib import Path
+
+import pytest
+import urllib3.util.connection
+
+from lazyfs import crt
+from lazyfs.config import RemoteConfig
+from lazyfs.errors import RemoteUnavailable, errno_of
+from lazyfs.namespace import RemoteObject
+from lazyfs.ranged_get import RangeJob
+from lazyfs.remote import Remote
+from lazyfs.storewrite import PieceWriter, WriteTurns
+
+OBJ = RemoteObject("bkt", "m/d3/f125.bin", 10, "e" * 32, 1)
+SAID = "too many open files: the daemon's descriptor limit (ulimit -n / RLIMIT_NOFILE) is "
+
+
+@pytest.fixture
+def static_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTTESTTEST0001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+def test_a_get_with_no_descriptor_for_its_socket_names_the_limit(static_keys: None, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    def no_descriptor(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")  # socket.socket(), as under prlimit --nofile=64:64
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", no_descriptor)
+    remote = Remote(RemoteConfig(endpoint_url="http://127.0.0.1:9", region="us-east-1", max_attempts=2,
+                                 connect_timeout=1.0, read_timeout=1.0))
+    caplog.set_level(logging.INFO, logger="lazyfs")
+    with pytest.raises(RemoteUnavailable) as info:
+        remote.get_range(OBJ, 0, OBJ.size)
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    failure = str(info.value)
+    assert failure.startswith(f'"{OBJ.uri}": cannot open a connection to the object store: {SAID}{limit}'), failure
+    assert errno_of(info.value) == errno.EMFILE  # what the README's failure table says a reader gets
+    [retry] = [r.getMessage() for r in caplog.records if "retrying the GET" in r.getMessage()]
+    assert retry.startswith(f'"{OBJ.uri}": cannot open a connection to the object store: {SAID}{limit}'), retry
+    assert "EndpointConnectionError" not in retry + failure and "\n" not in retry + failure
+
+
+def test_the_system_s_limit_is_told_from_the_daemon_s() -> None:
+    from lazyfs.exhausted import descriptor_errno, descriptors
+
+    wrapped = RuntimeError("Could not connect")
+    wrapped.kwargs = {"error": OSError(errno.ENFILE, "Too many open files in system")}  # type: ignore[attr-defined]
+    assert descriptor_errno(wrapped) == errno.ENFILE
+    assert "fs.file-max" in descriptors(errno.ENFILE)
+    assert descriptor_errno(OSError(errno.ECONNREFUSED, "Connection refused")) == 0
+
+
+class MaxFds(Exception):
+    """What awscrt raises for a connection whose socket() failed with EMFILE (awscrt 0.38)."""
+
+    name = "AWS_ERROR_MAX_FDS_EXCEEDED"
+
+
+def test_the_crt_client_names_the_limit_too(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        job = RangeJob(OBJ, fd, WriteTurns(), 0, OBJ.size, 65536, attempts=3, cancelled=lambda: False,
+                       posted=lambda n: None, got_meta=lambda meta: None)
+        writer = PieceWriter(fd, OBJ, direct=lambda: False, turns=WriteTurns())
+        state = crt._Received(job, writer, 0, whole=True, etag_is_md5=True)
+        client = crt.CrtTransfer.__new__(crt.CrtTransfer)  # _translate needs nothing the client holds
+        error = client._translate(MaxFds(), OBJ, state)
+    finally:
+        os.close(fd)
+    assert str(error).startswith(f'"{OBJ.uri}": cannot open a connection to the object store: {SAID}'), str(error)
+    assert errno_of(error) == errno.EMFILE
+    assert state.transient()  # tried again, as a refused connection is (a descriptor may be free by then)
