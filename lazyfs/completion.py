@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 from lazyfs import verify
 from lazyfs.errors import AccessDenied, IntegrityError, ObjectChanged, ObjectNotFound, RemoteUnavailable, StoreError
+from lazyfs.exhausted import no_room
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
@@ -210,7 +211,7 @@ def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Part
         try:
             placed = store.publish(partial, origin, keep_newer=not current, verified=verified, listed=current)
         except OSError as e:
-            raise StoreError(f"{quoted(obj.uri)}: cannot publish into the store: {e.strerror}",
+            raise StoreError(f"{quoted(obj.uri)}: cannot publish into the store: {no_room(e, store.root.fd)}",
                              e.errno or errno.EIO) from None
     return Finished(verified, placed)
 

@@ -208,11 +208,25 @@ def store(cfg: DoctorConfig) -> list[Check]:
         return [Check(OK, "store", f"{path} will be created"), identity_records(existing)]
     st = os.statvfs(path)
     free = st.f_bavail * st.f_frsize
+    # A filesystem out of inodes fails every new file with ENOSPC, whatever the bytes free (a
+    # small ext4 made with few: mkfs.ext4 -N); one counting none (btrfs, ramfs) makes them as it goes.
+    inodes = f", {st.f_favail:,} of {st.f_files:,} inodes free" if st.f_files > 0 else ""
+    few_inodes = st.f_files > 0 and st.f_favail < FEW_INODES
     if st.f_blocks == 0:
-        return [Check(OK, "store", f"{path} writable (its filesystem states no size)"), identity_records(path)]
-    level = OK if free >= 1 << 30 else WARN
-    return [Check(level, "store", f"{path} writable, {free / 2**30:.1f} GiB free",
-                  "free some space or use a bigger volume for the store"), identity_records(path)]
+        return [Check(WARN if few_inodes else OK, "store", f"{path} writable (its filesystem states no size)"
+                      f"{inodes}", INODES_FIX), identity_records(path)]
+    few_bytes = free < 1 << 30
+    fix = "; ".join([BYTES_FIX] * few_bytes + [INODES_FIX] * few_inodes)
+    return [Check(WARN if few_bytes or few_inodes else OK, "store",
+                  f"{path} writable, {free / 2**30:.1f} GiB free{inodes}", fix), identity_records(path)]
+
+
+# Fewer free inodes than this on the store's filesystem is a warning: each file, folder, and
+# download in progress (its file, lock and resume record) takes one.
+FEW_INODES = 10_000
+BYTES_FIX = "free some space or use a bigger volume for the store"
+INODES_FIX = ("free some inodes (each file and folder takes one) or make the store's filesystem with more "
+              "(mkfs.ext4 -N or -i; xfs and btrfs make them as they go)")
 
 
 def identity_records(folder: Path) -> Check:

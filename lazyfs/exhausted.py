@@ -7,6 +7,10 @@
   cause (`e.kwargs["error"]`, urllib3's NewConnectionError, raised from the
   OSError); `descriptor_errno` finds it in the chain, `descriptors` words it
   with the limit in force.
+- Inodes.  A store whose filesystem has no free inode fails every file it
+  creates with `ENOSPC`, "No space left on device", while `df -h` shows
+  hundreds of MiB free; `no_room` says when it is the inodes (a statvfs:
+  blocking, a worker thread's), `inodes_short` words a statvfs's.
 
 Imports nothing of lazyfs, and no botocore (the chain is walked by attribute),
 so any module may use it.
@@ -15,10 +19,14 @@ so any module may use it.
 from __future__ import annotations
 
 import errno
+import os
 import resource
 
 # A descriptor refused: the process's limit reached, or the system's.
 DESCRIPTOR_ERRNOS = (errno.EMFILE, errno.ENFILE)
+# Fewer free inodes than this when a file could not be made for ENOSPC: the
+# inodes ran out, not the bytes (another process may have freed a few since).
+FEW_INODES = 64
 
 
 def descriptor_errno(e: BaseException | None) -> int:
@@ -47,3 +55,34 @@ def descriptors(err: int = errno.EMFILE) -> str:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     also = f" (its hard limit {hard})" if hard not in (soft, resource.RLIM_INFINITY) else ""
     return f"too many open files: the daemon's descriptor limit (ulimit -n / RLIMIT_NOFILE) is {soft}{also}"
+
+
+def inodes_short(st: os.statvfs_result, few: int = FEW_INODES) -> str:
+    """"no free inodes (304 in all)", or "only 12 free inodes of 304", when
+    the filesystem has fewer than `few` free; "" when it has that many, or
+    counts none (btrfs and many network filesystems make them as they go)."""
+    if st.f_files <= 0 or st.f_favail >= few:
+        return ""
+    if st.f_favail <= 0:
+        return f"no free inodes ({st.f_files:,} in all)"
+    return f"only {st.f_favail:,} free inodes of {st.f_files:,}"
+
+
+def no_room(e: OSError, fd: int) -> str:
+    """`e`'s strerror, and for an ENOSPC on the filesystem of `fd` (the
+    store's) that is out of inodes, that: "No space left on device: the
+    store's filesystem has no free inodes (304 in all; 271.0 MiB free)".
+    Blocking (statvfs): a worker thread's."""
+    said = e.strerror or str(e)
+    if e.errno != errno.ENOSPC:
+        return said
+    try:
+        st = os.statvfs(fd)
+    except OSError:
+        return said
+    short = inodes_short(st)
+    if not short:
+        return said  # the bytes ran out: the strerror says it
+    free = f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB free"
+    short = f"{short[:-1]}; {free})" if short.endswith(")") else f"{short} ({free})"
+    return f"{said}: the store's filesystem has {short}"

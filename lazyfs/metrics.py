@@ -77,8 +77,11 @@ class MountView:
             "errors": dict(STATS.errors),
             "background_errors": dict(STATS.background_errors),
             "open_files": len(self.handles),
+            # Inodes as `df -i` shows them (0 where the filesystem counts none: btrfs): a store can run
+            # out of them with bytes to spare, and every new file is then ENOSPC.
             "store_filesystem": {"size_bytes": fs.f_blocks * fs.f_frsize,
                                  "free_bytes": fs.f_bavail * fs.f_frsize,
+                                 "inodes": fs.f_files, "free_inodes": fs.f_favail,
                                  "user_xattrs": self.store.identities.supported},
             "pinned": self._pinned(),
         }

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from lazyfs import wording
+from lazyfs import exhausted, wording
 from lazyfs.errors import StoreError
 from lazyfs.layer import FILE_FLAGS, flock_held, if_inode, inode_at, remove, write_small
 from lazyfs.namespace import RemoteObject
@@ -94,7 +94,10 @@ class Partial:
         a block is never recorded before its bytes would survive a power loss).
         `done` is a snapshot: the caller's set may change while this runs."""
         os.fdatasync(self.fd)
-        write_small(self.files.tmp_fd, self.name + ".json", record_of(self.obj, self.block_size, self.ino, done))
+        try:
+            write_small(self.files.tmp_fd, self.name + ".json", record_of(self.obj, self.block_size, self.ino, done))
+        except OSError as e:  # its file is new each time: ENOSPC for want of an inode says so
+            raise OSError(e.errno, exhausted.no_room(e, self.files.tmp_fd)) from None
         # Published as this ran (renamed out of tmp/, its record removed before
         # this one was written, by a save already under way): not left behind.
         if inode_at(self.files.tmp_fd, self.name + ".part") != self.ino:
@@ -241,8 +244,9 @@ class PartialFiles:
         drops the lock when its holder dies, so a crash never blocks others."""
         try:
             return self._lock(self.name(obj) + ".lock")
-        except OSError as e:  # EMFILE near the descriptor limit, say: the file it was for, not the lock's name
-            raise StoreError(f"{wording.quoted(obj.uri)}: cannot lock the download in the store: {e.strerror}",
+        except OSError as e:  # EMFILE near the descriptor limit, ENOSPC for want of an inode: the file it was for
+            raise StoreError(f"{wording.quoted(obj.uri)}: cannot lock the download in the store: "
+                             f"{exhausted.no_room(e, self.tmp_fd)}",
                              e.errno or errno.EIO) from None
 
     def _lock(self, name: str) -> int | None:

@@ -19,6 +19,7 @@ import cachetools
 from lazyfs import verify
 from lazyfs.completion import UNVERIFIED, check, expectation, listed_expectation
 from lazyfs.errors import IntegrityError, RemoteError, RemoteUnavailable, StoreError
+from lazyfs.exhausted import no_room
 from lazyfs.filestate import REJECTED, SIZE, LocalCopy, PrebakedAccept
 from lazyfs.identity import Identity
 from lazyfs.layer import Layer
@@ -216,7 +217,8 @@ def probe_store(store: Store, obj: RemoteObject, *, may_fetch: bool, open_partia
     try:
         copy = store.materialise(obj) if may_link else None
     except (OSError, StoreError) as e:
-        log.warning("%s: could not reuse an identical local file: %s", quoted(obj.uri), e)
+        said = no_room(e, store.root.fd) if isinstance(e, OSError) and e.errno == errno.ENOSPC else str(e)
+        log.warning("%s: could not reuse an identical local file: %s", quoted(obj.uri), said)
     if copy is not None:
         return Local(copy)
     if not may_fetch:
@@ -239,7 +241,8 @@ def open_partial_file(store: Store, obj: RemoteObject, block_size: int) -> Parti
     except StoreError:
         raise
     except OSError as e:
-        raise StoreError(f"{quoted(obj.uri)}: cannot create a download file in the store: {e.strerror}",
+        raise StoreError(f"{quoted(obj.uri)}: cannot create a download file in the store: "
+                         f"{no_room(e, store.partials.tmp_fd)}",
                          e.errno or errno.EIO) from None
 
 

@@ -76,6 +76,9 @@ class MountCollector(Collector):
                      (fs.f_blocks - fs.f_bfree) * fs.f_frsize)
         yield _gauge("lazyfs_store_free_bytes", "Bytes available on the store's filesystem.",
                      fs.f_bavail * fs.f_frsize)
+        yield _gauge("lazyfs_store_inodes", "Inodes of the store's filesystem (0: it counts none).", fs.f_files)
+        yield _gauge("lazyfs_store_free_inodes", "Inodes available on the store's filesystem: at 0, every new "
+                     "file is ENOSPC, however many bytes are free.", fs.f_favail)
         if v.fetcher.budget is not None:
             yield _gauge("lazyfs_cache_budget_used_bytes", "Fetched bytes counted against --cache-max-size.",
                          v.fetcher.budget.used)
