@@ -104,7 +104,6 @@ class Download:
         # What the bytes hashed to, once hashed along (alongside.hash_along): verification ends with the last byte.
         self.digest: Hashed | None = None
         self.hashed = trio.Event()  # the hashing along is over (digest complete, or given up)
-        self.last_progress_log = self.started
         self.meta: ResponseMeta | None = None  # verification hints from a GET's headers
         self.lock_fd = -1  # the store lock that makes this process the version's one downloader
         self.state_saved_at = 0.0

@@ -36,6 +36,7 @@ from lazyfs.objectstore import ObjectStore, ResponseMeta
 from lazyfs.partials import Partial
 from lazyfs.pin import Handoff, Pin
 from lazyfs.probe import open_partial_file
+from lazyfs.progress import ProgressLines
 from lazyfs.quiet import Quiet, reader_request
 from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
 from lazyfs.repeats import RepeatedLines, shape
@@ -51,8 +52,6 @@ _VERIFY_ATTEMPTS = 2
 _HASH_WAIT_S = 30.0
 # How long readers of a replaced object wait for its new version to be known.
 _RECHECK_S = 5.0
-# Long first downloads log their progress this often.
-_PROGRESS_EVERY_S = 5.0
 # Threads for resume records and discards, and for hashing: CPU-bound, half the CPUs (2 to 8) leaves the rest to
 # the network's, and lets a multipart ETag's parts (~0.7 GB/s each) keep up with a fast NIC (alongside._hash_parts).
 _BULK_THREADS = 4
@@ -107,6 +106,7 @@ class Runner:
         self.fetch_range: Callable[[RangeJob], None] = functools.partial(fetch_range_blocking, remote)
         # Each open of a file whose GETs are refused starts a download that fails: its line once a minute.
         self.failure_lines = RepeatedLines()
+        self.progress = ProgressLines()  # `downloading ... %` lines (progress.py)
         self.bytes_from_s3 = 0  # totals for logs and stats
         self.bytes_published = 0
         # Versions whose store lock is being given back: an open of one waits
@@ -189,12 +189,7 @@ class Runner:
         if done:
             dl.partial.done.update(done)
             self._save_state_soon(dl)
-        now = time.monotonic()
-        if now - dl.last_progress_log >= _PROGRESS_EVERY_S and dl.readers > 0 and not dl.background:
-            dl.last_progress_log = now
-            rate = dl.bytes_fetched / max(now - dl.started, 1e-6)
-            log.info("downloading %s: %.0f%% (%.1f of %.1f MiB, %.1f MB/s)", quoted(dl.obj.uri),
-                     100.0 * dl.ndone / dl.nblocks, dl.fetched_bytes / 2**20, dl.obj.size / 2**20, rate / 1e6)
+        self.progress.landed(dl, time.monotonic())  # a `downloading ... %` line where it means something
 
     def _save_state_soon(self, dl: Download) -> None:
         """Record finished blocks for a resume, at most once per Download.record_every()
