@@ -8,7 +8,10 @@ answers behind, unreachable, where an error status is an answer), a
 connection reset mid-body, a stalled body, a body shorter than its
 Content-Length, corrupted bytes of the right length, a first-byte delay, a
 body sent at a set rate (a slow link), and replacing the object upstream just before forwarding (a new ETag between two
-ranged GETs).  A fault applies to the next `times` matching requests.
+ranged GETs).  It can also play a server (or a cache, a gateway in front of one) that answers something else than
+asked: request headers it ignores (`ignore`: Range, answered 200 with the whole object; If-Match, answered by
+whatever version the key holds), or another range than asked (`shift`, with its own true Content-Range).  A fault
+applies to the next `times` matching requests.
 
 It runs in a separate process because a test that reads a mount through mmap
 holds its interpreter's GIL during the page fault: a proxy thread in the same
@@ -71,7 +74,7 @@ class Request:
 
 @dataclass
 class Fault:
-    kind: str  # status | drop | reset | stall | short | corrupt | delay | throttle | replace
+    kind: str  # status | drop | reset | stall | short | corrupt | delay | throttle | replace | ignore | shift
     method: str | None = "GET"
     key: str | None = None  # None: any key
     times: int | None = 1  # None: every matching request
@@ -84,6 +87,9 @@ class Fault:
     seconds: float = 0.0
     rate: float = 0.0  # throttle: body bytes per second
     body_b64: str = ""  # replace: the object's new content
+    # Request headers not forwarded, as by a server that ignores them ("Range", "If-Match"); with any kind.
+    ignore: list[str] = field(default_factory=list)
+    shift: int = 0  # shift: the Range forwarded starts (and ends) this many bytes later than asked
     seen: int = 0
     hits: int = 0
 
@@ -197,6 +203,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._abort()
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+        if fault is not None:
+            headers = _as_misread(headers, fault)
         status, resp_headers, data = self._upstream(self.command, self.path, body, headers)
         req.status = status
         self.send_response(status)
@@ -277,6 +285,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+
+def _as_misread(headers: dict[str, str], fault: Fault) -> dict[str, str]:
+    """The request as a server that misreads it takes it: without the headers
+    it ignores, and (`shift`) for a range `fault.shift` bytes later.  moto
+    checks no signature, so the signed headers can change."""
+    ignored = {h.lower() for h in fault.ignore}
+    out = {k: v for k, v in headers.items() if k.lower() not in ignored}
+    if fault.kind == "shift":
+        for k, v in out.items():
+            if k.lower() == "range" and v.startswith("bytes="):
+                first, _, last = v[6:].partition("-")
+                out[k] = f"bytes={int(first) + fault.shift}-{int(last) + fault.shift}"
+    return out
 
 
 def _access_key(authorization: str) -> str:
