@@ -27,6 +27,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from lazyfs import answers
 from lazyfs.config import FetchConfig, RemoteConfig
 from lazyfs.crtcreds import BotocoreCredentials
 from lazyfs.crtlimits import MIN_MEMORY, buffer_memory
@@ -64,6 +65,9 @@ _UNREACHABLE = {"AWS_IO_DNS_INVALID_NAME": "DNS name not found", "AWS_IO_DNS_QUE
                 "AWS_IO_SOCKET_NETWORK_DOWN": "network down",
                 "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE": "TLS negotiation failed",
                 "AWS_IO_TLS_ERROR_ALERT_RECEIVED": "TLS negotiation failed (the server refused it)"}
+# The CRT's own refusals of an answer that ignored the Range header (a body it would not take), in words.
+_RANGE_IGNORED = {"AWS_ERROR_S3_MISSING_CONTENT_RANGE_HEADER": "an answer without Content-Range",
+                  "AWS_ERROR_DEST_COPY_TOO_SMALL": "more bytes than asked"}
 # A bucket name that can be a DNS label (botocore's isVirtualHostableS3Bucket).
 _HOST_LABELS = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -234,7 +238,8 @@ class CrtTransfer:
                 request.finished_future.result(timeout=_POLL_S)
                 break
             except concurrent.futures.TimeoutError:
-                pass
+                if state.error is not None:  # an answer refused (answers.py), a write failed: end the request
+                    raise state.error from None
             except Exception as e:
                 if state.error is not None:
                     raise state.error from None
@@ -259,13 +264,15 @@ class CrtTransfer:
     def _translate(self, e: Exception, obj: RemoteObject, state: _Received) -> RemoteError:
         status = getattr(e, "status_code", None) or state.status
         where = quoted(obj.uri)
+        name = getattr(e, "name", type(e).__name__)
+        if name in _RANGE_IGNORED:  # nothing of it was handed over; trying again would get the same
+            return answers.ignored_range(obj, state.start, state.job.end, _RANGE_IGNORED[name])
         if status == 412:
             return ObjectChanged(f"{where} changed in the object store", bucket=obj.bucket, key=obj.key)
         if status == 404:
             return ObjectNotFound(f"{where} no longer exists", bucket=obj.bucket, key=obj.key)
         if status == 403:
             return AccessDenied(f"access denied to {where}", bucket=obj.bucket, key=obj.key)
-        name = getattr(e, "name", type(e).__name__)
         # After its retries the client reports a 500 or 503 by name only.
         status, code = (status, "") if status else _GAVE_UP_ON.get(name, (0, ""))
         if status >= 300:
@@ -338,6 +345,13 @@ class _Received:
         if status_code >= 300:
             return
         h = {k.lower(): v for k, v in headers}
+        length = h.get("content-length", "")
+        try:  # the bytes asked for, of this version, or none of them is written (on_body drops them)
+            answers.check(self.job.obj, self.start, self.job.end, status_code, h.get("content-range"), h.get("etag"),
+                          int(length) if length.isdigit() else None)
+        except RemoteError as e:
+            self.error = e
+            return
         sse = h.get("x-amz-server-side-encryption", "")
         checksum = None
         if self.whole:

@@ -115,9 +115,21 @@ class CredentialsUnreachable(AccessDenied):
 
 
 class ObjectChanged(RemoteError):
-    """The object's ETag no longer matches the one the download pinned."""
+    """The object's ETag no longer matches the one the download pinned: a 412
+    to If-Match, or an answer of another ETag or size (answers.py), which
+    `detail` says in the download's line."""
 
     errno = errno.ESTALE
+
+    def __init__(self, message: str, *, bucket: str = "", key: str = "", detail: str = "") -> None:
+        super().__init__(message + detail, bucket=bucket, key=key)
+        self.detail = detail
+
+
+class WrongRange(RemoteError):
+    """A GET answered with other bytes than it asked for: the object store (or
+    a cache, a gateway in front of it) ignored the Range header, or answered
+    another range (answers.py).  EIO, and not retried: it would answer the same."""
 
 
 class PinnedVersionGone(RemoteError):

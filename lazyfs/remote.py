@@ -19,7 +19,7 @@ import botocore.exceptions
 import botocore.session
 import urllib3.exceptions
 
-from lazyfs import awssession, errors, exhausted, listxml
+from lazyfs import answers, awssession, errors, exhausted, listxml
 from lazyfs.clientretries import ClientAttempts, calling
 from lazyfs.config import AddressingStyle, RemoteConfig, Source, endpoint
 from lazyfs.crtcreds import BotocoreCredentials, CredentialsUnavailable, wait_for_credentials
@@ -227,7 +227,9 @@ class Remote:
     def get_range(self, obj: RemoteObject, start: int, end: int) -> RangeStream:
         """Stream bytes [start, end) of exactly the version `obj` names: the GET
         carries If-Match on its ETag, so a replaced object fails with
-        ObjectChanged instead of mixing two versions.  A request for the whole
+        ObjectChanged instead of mixing two versions, and its answer is
+        checked before a byte is read (answers.py: a store that ignores Range
+        or If-Match is WrongRange or ObjectChanged).  A request for the whole
         object asks for its checksum too (S3 returns none for a range), which
         spares the HEAD verification would otherwise need.  A version a lock
         pins by its id is asked for by that id (?versionId=)."""
@@ -245,7 +247,14 @@ class Remote:
         sse_ok = (resp.get("ServerSideEncryption") or "") in ("", "AES256") and not resp.get("SSECustomerAlgorithm")
         meta = ResponseMeta(etag_is_md5=self.cfg.etag_is_md5 and sse_ok,
                             checksum=_checksum_of(resp) if whole else None)
-        return RangeStream(resp["Body"], obj, start, end, meta)
+        stream = RangeStream(resp["Body"], obj, start, end, meta)
+        try:  # the bytes asked for, of this version, or none of them is read
+            answers.check(obj, start, end, resp["ResponseMetadata"]["HTTPStatusCode"], resp.get("ContentRange"),
+                          resp.get("ETag"), resp.get("ContentLength"))
+        except RemoteError:
+            stream.close()
+            raise
+        return stream
 
     # -- errors --------------------------------------------------------------
 

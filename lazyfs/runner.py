@@ -343,9 +343,9 @@ class Runner:
         if isinstance(e, Stopped):
             e = ShuttingDown(f"{quoted(dl.obj.uri)}: download stopped (lazyfs is shutting down)",
                              bucket=dl.obj.bucket, key=dl.obj.key)
-        elif isinstance(e, (ObjectChanged, ObjectNotFound)):
-            log.warning("%s: %s during the download", quoted(dl.obj.uri),
-                        "changed in the object store" if isinstance(e, ObjectChanged) else "deleted")
+        elif isinstance(e, (ObjectChanged, ObjectNotFound)):  # (with what showed it, if not a 412: answers.py)
+            how = ("changed in the object store", e.detail) if isinstance(e, ObjectChanged) else ("deleted", "")
+            log.warning("%s: %s during the download%s", quoted(dl.obj.uri), *how)
         elif isinstance(e, LazyfsError):  # the same failure of the file again: a line a minute (repeats.py)
             line = f"download of {(where := quoted(dl.obj.uri))} failed: {cause(str(e), where)}"  # the file named once
             # Fetched ahead, no reader (yet): S3 unreachable is a WARNING; a reader's open then says its own line.

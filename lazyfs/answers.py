@@ -1,0 +1,97 @@
+"""A GET's answer checked against what was asked, before a byte of it is
+written where a reader can see it (both transfer clients: remote.py, crt.py).
+
+HTTP lets a server ignore `Range` (a 200 with the whole object), and a cache
+or an S3-compatible gateway may answer another range, or ignore `If-Match`
+(s3rver does) and serve whatever version the key holds now.  Written at the
+asked offset, such bytes reach readers of a file as it arrives, and a file
+S3 offers nothing to check against (SSE-KMS, `--no-etag-check`, a multipart
+ETag of unconfirmed part sizes) would be published with them.  So a ranged
+GET must answer 206 with `Content-Range: bytes START-LAST/SIZE` exactly as
+asked, a whole-object GET 200 (or a 206 covering it all) of the object's
+length, and the response's ETag, when it sends one (S3 always does), must be
+the one the GET pinned.  A store that honours If-Match compares against the
+ETag it answers with, so this refuses nothing such a store sends.
+
+An ETag or a total size that differs is the object changed (ObjectChanged:
+ESTALE, the new version fetched whole); other bytes than asked are WrongRange
+(EIO, not retried: the store would answer the same).  Quotes and a weak `W/`
+prefix are not part of the tag: `W/` is what a proxy adds (nginx, when it
+compresses), and the tag still names the version; whether the bytes are the
+ones asked is what the range and the length say.
+
+Per request, on the hot path: one string comparison when all is well.
+"""
+
+from __future__ import annotations
+
+from lazyfs.errors import ObjectChanged, WrongRange
+from lazyfs.namespace import RemoteObject
+from lazyfs.wording import one_line, quoted
+
+NOTHING_WRITTEN = "nothing of it was written"
+
+
+def same_etag(answered: str, listed: str) -> bool:
+    """Do two ETags name the same version (quotes and a weak `W/` aside)?"""
+    return answered.removeprefix("W/").strip('"') == listed.strip('"')
+
+
+def check_etag(bucket: str, key: str, pinned: str, answered: str | None, request: str = "GET") -> None:
+    """ObjectChanged unless a `request` pinned by If-Match to ETag `pinned`
+    was answered by it (or by no ETag at all: nothing to tell)."""
+    if answered and pinned and not same_etag(answered, pinned):
+        raise changed(bucket, key, f"a {request} pinned to ETag {_tag(pinned)} was answered with ETag "
+                                   f"{_tag(answered)}: the object store (or a cache in front of it) ignored If-Match")
+
+
+def check(obj: RemoteObject, start: int, end: int, status: int, content_range: str | None, etag: str | None,
+          length: int | None) -> None:
+    """Raise unless a GET of bytes [start, end) of `obj` was answered with
+    them: `status`, its Content-Range, ETag and Content-Length (None: not
+    sent).  ObjectChanged for another version, WrongRange for other bytes."""
+    check_etag(obj.bucket, obj.key, obj.etag, etag)
+    if status == 206:
+        if content_range != f"bytes {start}-{end - 1}/{obj.size}":
+            _another_range(obj, start, end, content_range)
+    elif status != 200:
+        raise WrongRange(f"{quoted(obj.uri)}: the object store answered a request for bytes {start}-{end - 1} with "
+                         f"HTTP {status}; {NOTHING_WRITTEN}", bucket=obj.bucket, key=obj.key)
+    elif length is not None and length != obj.size:
+        raise changed(obj.bucket, obj.key, f"answered with the whole object, of {length} bytes, not {obj.size}")
+    elif start != 0 or end != obj.size:
+        raise ignored_range(obj, start, end, "HTTP 200 with the whole object")
+    if length is not None and length != end - start:
+        raise WrongRange(f"{quoted(obj.uri)}: the object store answered {length} bytes to a request for bytes "
+                         f"{start}-{end - 1} ({end - start} bytes); {NOTHING_WRITTEN}", bucket=obj.bucket, key=obj.key)
+
+
+def _another_range(obj: RemoteObject, start: int, end: int, content_range: str | None) -> None:
+    """A 206 whose Content-Range is not the one expected: the bytes asked of
+    a size unknown (`*`) pass; another size is another version; other bytes
+    are WrongRange."""
+    span, _, total = (content_range or "").removeprefix("bytes ").partition("/")
+    if total == "*" and span == f"{start}-{end - 1}":
+        return
+    if content_range and total not in ("*", str(obj.size)):
+        raise changed(obj.bucket, obj.key, f"answered with Content-Range {quoted(content_range)}, not of the "
+                                           f"listed {obj.size} bytes")
+    said = f"bytes {one_line(span)}" if content_range else "HTTP 206 without a Content-Range"
+    raise WrongRange(f"{quoted(obj.uri)}: the object store answered {said} to a request for bytes {start}-{end - 1}; "
+                     f"{NOTHING_WRITTEN}", bucket=obj.bucket, key=obj.key)
+
+
+def changed(bucket: str, key: str, why: str) -> ObjectChanged:
+    return ObjectChanged(f"{quoted(f's3://{bucket}/{key}')} changed in the object store", bucket=bucket, key=key,
+                         detail=f" ({why})")
+
+
+def ignored_range(obj: RemoteObject, start: int, end: int, how: str) -> WrongRange:
+    """The store ignored the Range header (`how`: what it sent instead)."""
+    return WrongRange(f"{quoted(obj.uri)}: the object store ignored the Range header ({how}, for bytes "
+                      f"{start}-{end - 1}); {NOTHING_WRITTEN}", bucket=obj.bucket, key=obj.key)
+
+
+def _tag(etag: str) -> str:
+    return quoted(etag.removeprefix("W/").strip('"'))
+

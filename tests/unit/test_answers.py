@@ -1,0 +1,73 @@
+"""answers.check: a GET's answer against what was asked (pure: the status and
+headers in, accepted or the error out)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from lazyfs import answers
+from lazyfs.errors import ObjectChanged, WrongRange, errno_of
+from lazyfs.namespace import RemoteObject
+
+OBJ = RemoteObject(bucket="b", key="m/w.bin", size=1000, etag="d41d8cd98f00b204e9800998ecf8427e", mtime_ns=0)
+TAG = f'"{OBJ.etag}"'
+
+
+@pytest.mark.parametrize("start, end, status, content_range, etag, length", [
+    (100, 200, 206, "bytes 100-199/1000", TAG, 100),
+    (0, 1000, 200, None, TAG, 1000),  # the whole object, asked without a Range (boto3's)
+    (0, 1000, 206, "bytes 0-999/1000", TAG, 1000),  # asked with one (the CRT's)
+    (100, 200, 206, "bytes 100-199/1000", None, None),  # no ETag, no length: nothing to tell
+    (100, 200, 206, "bytes 100-199/*", TAG, 100),  # a size the server does not know
+    (100, 200, 206, "bytes 100-199/1000", f"W/{TAG}", 100),  # weakened by a proxy: the same version
+    (100, 200, 206, "bytes 100-199/1000", OBJ.etag, 100),  # unquoted
+], ids=["range", "whole-200", "whole-206", "bare", "size-unknown", "weak-etag", "unquoted-etag"])
+def test_the_answer_asked_for_passes(start, end, status, content_range, etag, length) -> None:
+    answers.check(OBJ, start, end, status, content_range, etag, length)
+
+
+def test_a_range_answered_with_the_whole_object_is_refused_and_said_so() -> None:
+    with pytest.raises(WrongRange) as info:
+        answers.check(OBJ, 100, 200, 200, None, TAG, 1000)
+    assert errno_of(info.value) == errno.EIO
+    assert str(info.value) == ('"s3://b/m/w.bin": the object store ignored the Range header (HTTP 200 with the whole '
+                               'object, for bytes 100-199); nothing of it was written')
+
+
+@pytest.mark.parametrize("content_range, length, said", [
+    ("bytes 104-203/1000", 100, "answered bytes 104-203 to a request for bytes 100-199"),
+    ("bytes 100-149/1000", 50, "answered bytes 100-149 to a request for bytes 100-199"),
+    (None, 100, "answered HTTP 206 without a Content-Range to a request for bytes 100-199"),
+    ("bytes 100-199/1000", 120, "answered 120 bytes to a request for bytes 100-199 (100 bytes)"),
+    ("items 100-199/1000", 100, "answered bytes items 100-199 to a request"),
+], ids=["shifted", "shorter", "no-content-range", "longer-body", "another-unit"])
+def test_other_bytes_than_asked_are_refused(content_range, length, said) -> None:
+    with pytest.raises(WrongRange) as info:
+        answers.check(OBJ, 100, 200, 206, content_range, TAG, length)
+    assert said in str(info.value) and str(info.value).endswith("nothing of it was written")
+
+
+def test_an_unexpected_success_status_is_refused() -> None:
+    with pytest.raises(WrongRange, match="answered a request for bytes 0-999 with HTTP 203"):
+        answers.check(OBJ, 0, 1000, 203, None, TAG, 1000)
+
+
+@pytest.mark.parametrize("start, end, status, content_range, etag, length, detail", [
+    (100, 200, 206, "bytes 100-199/1000", '"0cc175b9c0f1b6a831c399e269772661"', 100,
+     'a GET pinned to ETag "d41d8cd98f00b204e9800998ecf8427e" was answered with ETag '
+     '"0cc175b9c0f1b6a831c399e269772661": the object store (or a cache in front of it) ignored If-Match'),
+    (100, 200, 206, "bytes 100-199/2000", TAG, 100,
+     'answered with Content-Range "bytes 100-199/2000", not of the listed 1000 bytes'),
+    (0, 1000, 200, None, TAG, 2000, "answered with the whole object, of 2000 bytes, not 1000"),
+    # another version answered in place of a range: the version is what counts
+    (100, 200, 200, None, '"0cc175b9c0f1b6a831c399e269772661"', 1000, "ignored If-Match"),
+], ids=["etag", "size-in-content-range", "size-of-whole", "etag-of-whole-for-a-range"])
+def test_another_version_is_the_object_changed(start, end, status, content_range, etag, length, detail) -> None:
+    with pytest.raises(ObjectChanged) as info:
+        answers.check(OBJ, start, end, status, content_range, etag, length)
+    assert errno_of(info.value) == errno.ESTALE
+    assert str(info.value).startswith('"s3://b/m/w.bin" changed in the object store (')
+    assert detail in info.value.detail
+
