@@ -88,8 +88,8 @@ def no_checksum_asked(obj: RemoteObject, why: Exception) -> None:
 
 def replaced(obj: RemoteObject, why: Exception) -> None:
     """The one line for a HEAD after the GETs that found the object replaced or deleted."""
-    log.info("%s: %s since its bytes were fetched; checking them by its ETag", quoted(obj.uri),
-             "replaced" if isinstance(why, ObjectChanged) else "deleted")
+    how = ("replaced", why.detail) if isinstance(why, ObjectChanged) else ("deleted", "")  # (answers.py)
+    log.info("%s: %s since its bytes were fetched%s; checking them by its ETag", quoted(obj.uri), *how)
 
 
 UNVERIFIED = "unverified"

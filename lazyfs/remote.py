@@ -181,13 +181,15 @@ class Remote:
 
     def head(self, bucket: str, key: str, etag: str | None = None, version_id: str = "") -> HeadInfo:
         """Current metadata of one object (`version_id`: of that version, "null" too), with its additional
-        checksum if any; with `etag`, only if that version is still current (ObjectChanged if not)."""
+        checksum if any; with `etag`, only if that version is still current (ObjectChanged if not: a 412, or
+        an answer for another ETag from a store that ignores If-Match)."""
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "ChecksumMode": "ENABLED"}
         if etag:
             kwargs["IfMatch"] = f'"{etag}"'
         if version_id:
             kwargs["VersionId"] = version_id
         resp = self._call(self._client.head_object, bucket, key, **kwargs)
+        answers.check_etag(bucket, key, etag or "", resp.get("ETag"), "HEAD")  # a store that ignores If-Match
         obj = RemoteObject(bucket=bucket, key=key, size=int(resp["ContentLength"]),
                            etag=listxml.etag(resp.get("ETag", "")),
                            mtime_ns=listxml.mtime_ns(resp["LastModified"]))

@@ -71,3 +71,10 @@ def test_another_version_is_the_object_changed(start, end, status, content_range
     assert str(info.value).startswith('"s3://b/m/w.bin" changed in the object store (')
     assert detail in info.value.detail
 
+
+def test_a_head_answered_for_another_etag_is_the_object_changed() -> None:
+    answers.check_etag("b", "k", OBJ.etag, TAG, "HEAD")
+    answers.check_etag("b", "k", OBJ.etag, None, "HEAD")
+    answers.check_etag("b", "k", "", TAG, "HEAD")  # nothing pinned: nothing to compare
+    with pytest.raises(ObjectChanged, match="a HEAD pinned to ETag"):
+        answers.check_etag("b", "k", OBJ.etag, '"abc"', "HEAD")
