@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 import trio
 
@@ -36,6 +36,9 @@ from lazyfs.wording import quoted
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
+# How often the owner looks at the want files of other processes' readers
+# (hear_wants), while it downloads anything.
+WANTS_POLL_S = 0.1
 # A follower waiting for bytes asks the owner for them this often (_want).
 WANT_AGAIN_S = 2.0
 
@@ -326,3 +329,39 @@ class ForeignDownload:
         if self._local is not None:
             os.close(self._local.fd)
             self._local = None
+
+
+# -- the owner's side: what followers' readers wait for ------------------------------------
+
+async def hear_wants(store: Store, downloads: Callable[[], Iterable[Download]], limiter: trio.CapacityLimiter,
+                     poke: Callable[[], None]) -> None:
+    """Demand what readers in other processes wait for (they follow our
+    downloads through the store and append to a want file): their reads
+    then jump the queue as a reader's here does, where otherwise they would
+    wait for the sweep to get there (past the read deadline, in a large file)."""
+    while True:
+        await trio.sleep(WANTS_POLL_S)
+        running = [dl for dl in downloads() if not dl.finished.is_set()]
+        if not running:
+            continue
+        heard = await trio.to_thread.run_sync(_read_wants, store, [(dl.obj, dl.wants_read) for dl in running],
+                                              limiter=limiter)
+        wanted = False
+        for dl, (offset, ranges) in zip(running, heard, strict=True):
+            dl.wants_read = offset
+            for start, end in ranges:
+                wanted = dl.want(start, end) or wanted
+        if wanted:
+            poke()
+
+
+def _read_wants(store: Store, reads: list[tuple[RemoteObject, int]]) -> list[tuple[int, list[tuple[int, int]]]]:
+    """Worker thread: each download's new wants (PartialFiles.wants); a
+    want file that cannot be read is heard as none."""
+    heard = []
+    for obj, offset in reads:
+        try:
+            heard.append(store.partials.wants(obj, offset))
+        except OSError:
+            heard.append((offset, []))
+    return heard

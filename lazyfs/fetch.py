@@ -24,7 +24,7 @@ import trio
 from lazyfs import modelaware, wording
 from lazyfs.budget import Budget
 from lazyfs.config import FetchConfig, RemoteConfig, default_of
-from lazyfs.coop import ForeignDownload
+from lazyfs.coop import ForeignDownload, hear_wants
 from lazyfs.dispatch import Dispatcher
 from lazyfs.download import Download, Limits
 from lazyfs.errors import LazyfsError, RemoteUnavailable, ShuttingDown, StoreError
@@ -66,9 +66,6 @@ _META_THREADS = 8
 STATE_WAIT_S = 5.0
 
 LocalOrTransfer = LocalCopy | Download | ForeignDownload
-# How often the want files of other processes' readers are looked at
-# (_hear_wants), while this process downloads anything.
-WANTS_POLL_S = 0.1
 
 
 class _VersionLocks:
@@ -158,7 +155,8 @@ class Fetcher:
         self._token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(forever, "wants", self._hear_wants)
+            nursery.start_soon(forever, "wants", functools.partial(
+                hear_wants, self.store, self._downloads.values, self._meta, self.poke))
             task_status.started()
             await forever("dispatcher", self._dispatcher.run)
 
@@ -203,38 +201,6 @@ class Fetcher:
             self._spawn(self._warm, obj)
         elif self.budget.first_refusal(obj):  # said once, unless it needs no room (a baked or prebaked copy)
             self._spawn(self.budget.say_no_room, obj, self.state_of)
-
-    async def _hear_wants(self) -> None:
-        """Demand what readers in other processes wait for (they follow our
-        downloads through the store, coop.py, and append to a want file):
-        their reads then jump the queue as a reader's here does, where
-        otherwise they would wait for the sweep to get there (past the read
-        deadline, in a large file)."""
-        while True:
-            await trio.sleep(WANTS_POLL_S)
-            downloads = [dl for dl in self._downloads.values() if not dl.finished.is_set()]
-            if not downloads:
-                continue
-            heard = await trio.to_thread.run_sync(self._read_wants, [(dl.obj, dl.wants_read) for dl in downloads],
-                                                  limiter=self._meta)
-            wanted = False
-            for dl, (offset, ranges) in zip(downloads, heard, strict=True):
-                dl.wants_read = offset
-                for start, end in ranges:
-                    wanted = dl.want(start, end) or wanted
-            if wanted:
-                self.poke()
-
-    def _read_wants(self, reads: list[tuple[RemoteObject, int]]) -> list[tuple[int, list[tuple[int, int]]]]:
-        """Worker thread: each download's new wants (PartialFiles.wants); a
-        want file that cannot be read is heard as none."""
-        heard = []
-        for obj, offset in reads:
-            try:
-                heard.append(self.store.partials.wants(obj, offset))
-            except OSError:
-                heard.append((offset, []))
-        return heard
 
     def warm_after(self, current: Transfer, obj: RemoteObject) -> None:
         """Start fetching `obj` once `current` has nothing left to request.

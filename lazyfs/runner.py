@@ -31,9 +31,9 @@ from lazyfs.errors import (
     ShuttingDown,
     StoreError,
 )
-from lazyfs.namespace import RemoteObject, Version
+from lazyfs.leftovers import Leftovers
+from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore, ResponseMeta
-from lazyfs.partials import Partial
 from lazyfs.pin import Handoff, Pin
 from lazyfs.probe import open_partial_file
 from lazyfs.progress import ProgressLines
@@ -109,10 +109,10 @@ class Runner:
         self.progress = ProgressLines()  # `downloading ... %` lines (progress.py)
         self.bytes_from_s3 = 0  # totals for logs and stats
         self.bytes_published = 0
-        # Versions whose store lock is being given back: an open of one waits
-        # (Fetcher.acquire), or it found the lock held, by us, and followed
-        # "another lazyfs process" (as after a download stopped, or failed).
-        self.unlocking: dict[Version, trio.Event] = {}
+        # Store locks given back, failed downloads' files (the record saved, or removed), discards.
+        self.leftovers = Leftovers(store, spawn, self.bulk, meta)
+        self.unlocking = self.leftovers.unlocking  # (versions whose lock is being given back: Fetcher.acquire)
+        self.discard_later = self.leftovers.discard_later
 
     # -- requests ---------------------------------------------------------------------
 
@@ -364,49 +364,14 @@ class Runner:
                 (isinstance(e, StoreError) and e.errno == errno.ENOSPC)
         if discard:
             self.store.partials.condemn(dl.partial)
-        self._spawn(self._cleanup_failed, dl, discard, dl.pin())
+        self.leftovers.after_failure(dl, discard)
         dl.wake()
         self.retire(dl)
 
-    async def _cleanup_failed(self, dl: Download, discard: bool, pin: Pin) -> None:
-        with pin:
-            try:
-                with trio.move_on_after(30):
-                    while dl.pins > 1:
-                        await trio.sleep(0.05)
-                if dl.pins > 1:
-                    return  # a stuck thread may still write: leave its file alone
-                if discard:
-                    await trio.to_thread.run_sync(self.store.partials.discard, dl.partial, limiter=self.bulk)
-                else:
-                    await trio.to_thread.run_sync(dl.partial.save_state, frozenset(dl.partial.done), limiter=self.bulk)
-            except OSError as e:
-                log.warning("%s: cleaning up after a failed download: %s", quoted(dl.obj.uri), e.strerror)
-
-    def discard_later(self, partial: Partial) -> None:
-        self.store.partials.condemn(partial)
-        self._spawn(self._discard, partial)
-
-    async def _discard(self, partial: Partial) -> None:
-        try:
-            await trio.to_thread.run_sync(self.store.partials.discard, partial, limiter=self.bulk)
-        except OSError as e:
-            log.warning("%s: could not remove a temporary download: %s", quoted(partial.obj.uri), e.strerror)
-
-    async def _unlock(self, obj: RemoteObject, fd: int, done: trio.Event) -> None:
-        try:
-            with trio.CancelScope(shield=True):  # at a stop too: cancelled before its thread ran, it left the lock held
-                await trio.to_thread.run_sync(self.store.partials.unlock, obj, fd, limiter=self._meta)
-        finally:
-            done.set()
-            if self.unlocking.get(obj.version) is done:  # (not a later download's of the same version)
-                del self.unlocking[obj.version]
-
     def retire(self, dl: Download) -> None:
         self._retired(dl)
-        if dl.lock_fd >= 0:  # other processes may now use (or take over) this version
-            self.unlocking[dl.obj.version] = done = trio.Event()
-            self._spawn(self._unlock, dl.obj, dl.lock_fd, done)
+        if dl.lock_fd >= 0:
+            self.leftovers.unlock(dl.obj, dl.lock_fd)
             dl.lock_fd = -1
         dl.finished.set()
         dl.progressed.set()  # its tasks waiting for blocks look again and end (alongside.py)
