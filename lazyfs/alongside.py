@@ -21,6 +21,7 @@ from lazyfs.errors import AccessDenied, ObjectChanged, ObjectNotFound, RemoteUna
 from lazyfs.objectstore import ObjectStore
 from lazyfs.partials import Partial
 from lazyfs.piecesums import PieceSums
+from lazyfs.threads import run_sync
 from lazyfs.verify import Digest, Expectation, Hashed
 from lazyfs.wording import quoted
 
@@ -42,7 +43,7 @@ async def learn_order(dl: Download, poke: Callable[[], None]) -> None:
     if dl.cancelled or dl.partial is not partial:
         return
     header = bytes(dl.fmap.read(0, total))
-    order = await trio.to_thread.run_sync(modelaware.loader_order, header, dl.obj.size, dl.block_size)
+    order = await run_sync(modelaware.loader_order, header, dl.obj.size, dl.block_size)
     if order is not None and dl.partial is partial:
         dl.follow_order(order)
         poke()
@@ -62,7 +63,7 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
                 await dl.progressed.wait()  # the first response says what to check against
             if dl.cancelled:
                 return
-            exp = await trio.to_thread.run_sync(expectation, remote, dl.obj, dl.meta, not early, limiter=requests)
+            exp = await run_sync(expectation, remote, dl.obj, dl.meta, not early, limiter=requests)
         if dl.sums.start(piecesums.algorithm_of(exp) if exp else ""):  # (and a sum of no use stops)
             assert exp is not None
             await _sum_up(dl, partial, exp, hashing)
@@ -79,7 +80,7 @@ async def hash_along(dl: Download, remote: ObjectStore, requests: trio.CapacityL
                 with dl.pin():
                     hash_more = functools.partial(hash_more_blocking, dl.fd, digest.fed, end, digest,
                                                   lambda: dl.cancelled)
-                    await trio.to_thread.run_sync(hash_more, limiter=hashing)
+                    await run_sync(hash_more, limiter=hashing)
             if digest.fed >= dl.obj.size:
                 if dl.partial is partial:
                     dl.digest = digest.result()
@@ -114,7 +115,7 @@ async def _hash_parts(dl: Download, partial: Partial, exp: Expectation, hashing:
         nonlocal running
         with dl.pin():
             part = functools.partial(verify.part_digest, dl.fd, *ranges[i], exp, lambda: dl.cancelled)
-            digests[i] = await trio.to_thread.run_sync(part, limiter=hashing)
+            digests[i] = await run_sync(part, limiter=hashing)
         running -= 1
         look.set()
 
@@ -162,7 +163,7 @@ async def _asked_at_once(dl: Download, remote: ObjectStore,
     replaced object too: GETs with If-Match fail if it was replaced before
     them, and bytes they fetched are this version's)."""
     try:
-        return True, await trio.to_thread.run_sync(expectation, remote, dl.obj, None, limiter=requests)
+        return True, await run_sync(expectation, remote, dl.obj, None, limiter=requests)
     except (RemoteUnavailable, AccessDenied, ObjectChanged, ObjectNotFound) as e:
         completion.no_checksum_asked(dl.obj, e)
         return False, None
@@ -178,7 +179,7 @@ async def _sum_up(dl: Download, partial: Partial, exp: Expectation, hashing: tri
         return
     with dl.pin():
         sum_up = functools.partial(_hashed_blocking, sums, dl.fd, exp, lambda: dl.cancelled)
-        hashed = await trio.to_thread.run_sync(sum_up, limiter=hashing)
+        hashed = await run_sync(sum_up, limiter=hashing)
     if hashed is not None and dl.partial is partial:
         dl.digest = hashed
 

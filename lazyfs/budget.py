@@ -40,10 +40,11 @@ from typing import Awaitable, Callable
 
 import trio
 
-from lazyfs.errors import LazyfsError
+from lazyfs.errors import LazyfsError, NoThread
 from lazyfs.filestate import FileState, LocalState
 from lazyfs.namespace import RemoteObject, Version
 from lazyfs.store import Store
+from lazyfs.threads import run_sync
 from lazyfs.wording import quoted, sizes
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class Budget:
 
     async def scan(self) -> None:
         """Account for fetched files left by earlier runs (oldest access first)."""
-        found = await trio.to_thread.run_sync(self.store.fetched_files)
+        found = await run_sync(self.store.fetched_files)
         # Newest first: each goes to the front, so the oldest ends up first to go.
         for key, size, _atime in sorted(found, key=lambda f: f[2], reverse=True):
             if key not in self._lru:
@@ -302,7 +303,7 @@ class Budget:
 
     async def make_room(self, nbytes: int, spare_unopened: bool = False) -> None:
         async with self._lock:
-            victims: list[str] = []
+            victims: dict[str, int] = {}
             order = list(self._lru)  # least recently used first
             if spare_unopened:
                 order.sort(key=lambda k: k in self._unopened)  # and those fetched ahead, not opened, last (stable)
@@ -311,14 +312,21 @@ class Budget:
                     break
                 if self.in_use(key):
                     continue
-                victims.append(key)
-                self.used -= self._lru.pop(key)
+                victims[key] = self._lru.pop(key)
+                self.used -= victims[key]
                 self._unopened.discard(key)
             if not victims:
                 return
             self._wake()  # a prefetch waiting for room looks again
-            freed = await trio.to_thread.run_sync(self.store.evict, victims)
+            try:
+                freed = await run_sync(self.store.evict, list(victims))
+            except NoThread:  # none evicted: counted again, first to go at the next eviction (threads.py)
+                for key in reversed(victims):
+                    self._lru[key] = victims[key]
+                    self._lru.move_to_end(key, last=False)
+                self.used += sum(victims.values())
+                raise
             self.evicted_files += len(victims)
             self.evicted_bytes += freed
             log.info("cache budget: evicted %d least recently used files (%.1f MiB): %s",
-                     len(victims), freed / 2**20, ", ".join(victims[:5]) + (" ..." if len(victims) > 5 else ""))
+                     len(victims), freed / 2**20, ", ".join(list(victims)[:5]) + (" ..." if len(victims) > 5 else ""))

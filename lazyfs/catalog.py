@@ -39,6 +39,7 @@ from lazyfs.objectstore import ObjectStore
 from lazyfs.offline import offline_objects
 from lazyfs.quiet import Quiet, reader_request
 from lazyfs.store import Store
+from lazyfs.threads import run_sync
 from lazyfs.wording import count, quoted
 
 log = logging.getLogger(__name__)
@@ -148,12 +149,12 @@ class Catalog:
         if self.store is None or self.listed.is_set():
             return
         try:
-            objects = await trio.to_thread.run_sync(offline_objects, self.store, self.sources)
+            objects = await run_sync(offline_objects, self.store, self.sources)
         except OSError as e:
             log.warning("cannot read the saved listing: %s", e)
             return
         if objects and not self.listed.is_set():
-            self._serve(await trio.to_thread.run_sync(self._build, objects), self.last.error)
+            self._serve(await run_sync(self._build, objects), self.last.error)
             log.warning("serving the saved listing (%s) until the listing succeeds", count(self.tree.objects, "file"))
 
     def _serve(self, tree: Tree, reason: str) -> None:
@@ -171,8 +172,7 @@ class Catalog:
         try:
             # In a holder: when nothing changed, the worker drops the new listing.
             listing = [await self._list_all()]
-            tree = await trio.to_thread.run_sync(self._tree_if_changed, self._lists if self.live else None,
-                                                 listing)
+            tree = await run_sync(self._tree_if_changed, self._lists if self.live else None, listing)
         except LazyfsError as e:
             self.last = RefreshInfo(at=time.time(), ok=False, seconds=time.monotonic() - started,
                                     objects=self.tree.objects, error=str(e))
@@ -201,7 +201,7 @@ class Catalog:
             log.info("online again, the object store answered: live listing of %s", count(tree.objects, "object"))
         elif served and not was_live:
             log.info("listing succeeded: a live listing (%s) replaces the saved one", count(tree.objects, "object"))
-        diff = await trio.to_thread.run_sync(diff_dropping_old, previous, old_lists, tree) if served else Diff()
+        diff = await run_sync(diff_dropping_old, previous, old_lists, tree) if served else Diff()
         if diff or not was_live or not self._saved:
             await self._save(per_source)
         return diff
@@ -224,7 +224,7 @@ class Catalog:
             return
         for source, objects in zip(self.sources, per_source, strict=False):
             try:
-                await trio.to_thread.run_sync(self.store.listings.save, source.bucket, source.prefix, objects)
+                await run_sync(self.store.listings.save, source.bucket, source.prefix, objects)
             except OSError as e:
                 log.warning("could not save the listing of %s for offline starts: %s", source, e.strerror)
                 return
@@ -361,7 +361,7 @@ class Catalog:
             with suppress(RemoteUnavailable):
                 await self._listed_or_failing()
         try:
-            info = await trio.to_thread.run_sync(self.remote.head, old.bucket, old.key)
+            info = await run_sync(self.remote.head, old.bucket, old.key)
             new: RemoteObject | None = dataclasses.replace(
                 info.obj, checksum_algorithm=info.checksum[0] if info.checksum else "")
         except ObjectNotFound:
@@ -374,7 +374,7 @@ class Catalog:
         if not isinstance(current, RemoteObject) or not current.same_bytes(old) or \
                 (new is not None and new.same_bytes(old)):
             return Diff()
-        tree = await trio.to_thread.run_sync(before.replaced, old.key, new)
+        tree = await run_sync(before.replaced, old.key, new)
         if self.tree is not before:
             return Diff()  # a listing was swapped in meanwhile: it knows better
         self.tree = tree
@@ -385,11 +385,11 @@ class Catalog:
     async def _list_subtree(self, path: str) -> Node | None:
         source = next(s for s in self.sources if (path + "/").startswith(s.prefix))
         with reader_request(self.quiet):
-            objects, truncated = await trio.to_thread.run_sync(self.remote.list_some, source.bucket, path,
-                                                               limiter=self._lookups, abandon_on_cancel=True)
+            objects, truncated = await run_sync(self.remote.list_some, source.bucket, path,
+                                                limiter=self._lookups, abandon_on_cancel=True)
         mine = [o for o in objects if not path or o.key == path or o.key.startswith(path + "/")]
         if not truncated:
-            self._subtrees[path] = await trio.to_thread.run_sync(self._build, mine)
+            self._subtrees[path] = await run_sync(self._build, mine)
             return self._subtrees[path].find(path)
         # Too big to see whole in one request: a folder for sure if keys are
         # below it; its contents come with the full listing.

@@ -23,7 +23,7 @@ from typing import Any, NoReturn, Sequence
 
 from lazyfs import __version__, interrupt, options
 from lazyfs.config import bake_config, diff_config, doctor_config, lock_config, mount_config, status_config
-from lazyfs.errors import ConfigError, Interrupted, LazyfsError, UsageError
+from lazyfs.errors import ConfigError, Interrupted, LazyfsError, UsageError, thread_limit
 from lazyfs.options import Option
 from lazyfs.wording import one_line
 
@@ -306,6 +306,10 @@ def _run(argv: Sequence[str]) -> int:
     except Exception as e:  # a bug: say so in one line, keep the traceback for debug logs
         if _reader_left(e):
             return EXIT_OUTPUT_CLOSED
+        if thread_limit(e):  # not a bug: a limit of the deployment's (README, "Threads")
+            print(f"lazyfs: error: cannot start a thread ({e}): the process is at its limit of threads or processes "
+                  "(its cgroup's pids.max, ulimit -u)", file=sys.stderr)
+            return EXIT_RUNTIME
         log.debug("internal error", exc_info=True)
         print(f"lazyfs: internal error: {type(e).__name__}: {one_line(str(e))} (rerun with --log-level debug "
               "for details)", file=sys.stderr)

@@ -24,13 +24,14 @@ from typing import Awaitable, Callable, Iterable
 import trio
 
 from lazyfs.download import Download
-from lazyfs.errors import RemoteUnavailable, ShuttingDown, again
+from lazyfs.errors import NoThread, RemoteUnavailable, ShuttingDown, again
 from lazyfs.filemap import FileMap, PageBudget
 from lazyfs.filestate import PrebakedAccept
 from lazyfs.gaveup import GaveUp
 from lazyfs.lastbytes import verify_deadline
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import LocalCopy, Store
+from lazyfs.threads import run_else, run_sync
 from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,9 @@ class ForeignDownload:
         WANTS_POLL_S and fetches them next): otherwise they come when its sweep
         gets there, which in a large file can be after our read deadline."""
         try:
-            await trio.to_thread.run_sync(self._store.partials.want, self.obj, start, end, limiter=self._io)
+            await run_sync(self._store.partials.want, self.obj, start, end, limiter=self._io)
+        except NoThread:
+            pass  # (threads.py said it) the owner's sweep still brings them, later
         except OSError as e:  # the owner's sweep still brings them, later
             log.debug("%s: could not ask the downloading process for bytes %d-%d: %s", quoted(self.obj.uri), start, end,
                       e.strerror)
@@ -232,7 +235,7 @@ class ForeignDownload:
                  quoted(self.obj.uri))
         try:
             while not self.finished.is_set() and not self._stopped:
-                seen = await trio.to_thread.run_sync(self._poll, self._part_ino, limiter=self._io)
+                seen = await run_sync(self._poll, self._part_ino, limiter=self._io)
                 if isinstance(seen, Published):
                     self._local, self._local_map = seen.copy, seen.fmap
                     self.complete = True
@@ -296,7 +299,8 @@ class ForeignDownload:
         try:
             dl = await self._take_over_with(self.obj, lock_fd, self.readers <= 0)
         except BaseException:
-            await trio.to_thread.run_sync(self._store.partials.unlock, self.obj, lock_fd)
+            with trio.CancelScope(shield=True):  # cancelled too (a stop): the lock must not stay held
+                await run_else(self._store.partials.unlock, self._store.partials.drop_lock, self.obj, lock_fd)
             raise
         for i in range(self.readers):
             dl.add_reader(served=i < self.served)
@@ -344,8 +348,10 @@ async def hear_wants(store: Store, downloads: Callable[[], Iterable[Download]], 
         running = [dl for dl in downloads() if not dl.finished.is_set()]
         if not running:
             continue
-        heard = await trio.to_thread.run_sync(_read_wants, store, [(dl.obj, dl.wants_read) for dl in running],
-                                              limiter=limiter)
+        try:
+            heard = await run_sync(_read_wants, store, [(dl.obj, dl.wants_read) for dl in running], limiter=limiter)
+        except NoThread:
+            continue  # (threads.py said it) heard at a later round
         wanted = False
         for dl, (offset, ranges) in zip(running, heard, strict=True):
             dl.wants_read = offset

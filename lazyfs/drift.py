@@ -32,6 +32,7 @@ from lazyfs.modeljson import Source
 from lazyfs.namespace import RemoteObject, key_parts
 from lazyfs.pinned import Pinning
 from lazyfs.repeats import RepeatedLines
+from lazyfs.threads import run_sync
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,9 @@ class DriftWatch:
             self.drift = Drift(started, str(e), self.drift.changed, self.drift.deleted, self.drift.added,
                                self.drift.now)
             return self.drift
-        drift = await trio.to_thread.run_sync(compare, self.pin.lock, listing, started)
+        drift = await run_sync(compare, self.pin.lock, listing, started)
         gone = [self.pin.entries[key] for key in sorted({*drift.changed, *drift.deleted})]
-        kept = await trio.to_thread.run_sync(self._kept_as_null, [e for e in gone if not e.version_id])
+        kept = await run_sync(self._kept_as_null, [e for e in gone if not e.version_id])
         self._apply(drift, kept)
         self.drift = drift
         log.info("drift check: %d changed, %d deleted, %d added in the bucket since %s; serving the lock's "

@@ -155,6 +155,22 @@ class StoreError(LazyfsError):
         self.errno = err
 
 
+class NoThread(LazyfsError):
+    """A thread could not be started: the process is at its limit of threads
+    or processes (a cgroup's pids.max, ulimit -u), for now (threads.py).
+    EAGAIN, as pthread_create says it: "Resource temporarily unavailable"
+    (but EIO to a read: errno_of); a WARNING, as a limit the deployment
+    set, not lazyfs failing."""
+
+    errno = errno.EAGAIN
+    log_level = logging.WARNING
+
+
+def thread_limit(exc: BaseException) -> bool:
+    """Is `exc` Python's failure to start a thread (pthread_create's EAGAIN)?"""
+    return isinstance(exc, NoThread) or (isinstance(exc, RuntimeError) and "can't start new thread" in str(exc))
+
+
 class Interrupted(SystemExit):
     """A command other than `mount` stopped by SIGINT or SIGTERM before it
     finished (interrupt.py).  It exits 128 + the signal's number, the
@@ -189,8 +205,8 @@ def again(exc: BaseException) -> BaseException:
     return exc.with_traceback(None)
 
 
-def errno_of(exc: BaseException) -> int:
-    """The errno a reader should see for `exc`: the one table, in one place."""
+def errno_of(exc: BaseException, reading: bool = False) -> int:
+    """The errno a reader should see for `exc` (`reading`: answering a read): the one table, in one place."""
     if isinstance(exc, LazyfsError):
         err = exc.errno
     elif isinstance(exc, OSError) and exc.errno:
@@ -199,4 +215,7 @@ def errno_of(exc: BaseException) -> int:
         return errno.EIO
     # ...but not a store that turned read-only under the mount: a reader who
     # asked for nothing but to read would be told EROFS, as if it had written.
-    return errno.EIO if err == errno.EROFS else err
+    # Nor EAGAIN to a read (NoThread): Python's `f.read()` takes it for a
+    # non-blocking file with no data yet and returns the bytes it has so far,
+    # or None: a file silently cut short.  EIO is a failure every reader sees.
+    return errno.EIO if err == errno.EROFS or (reading and err == errno.EAGAIN) else err

@@ -52,6 +52,7 @@ from lazyfs.runner import Hooks, Runner
 from lazyfs.stats import STATS
 from lazyfs.store import LocalCopy, LocalState, Store
 from lazyfs.supervise import forever, once
+from lazyfs.threads import MUST, run_else, run_sync, start_soon
 from lazyfs.transfer import Transfer
 
 log = logging.getLogger(__name__)
@@ -188,8 +189,7 @@ class Fetcher:
             return LocalState(FileState.DOWNLOADING, "store", transfer.fetched_bytes)
         checked = self.prebaked.checked if self.prebaked is not None else None  # (--verify etag, pinned)
         with trio.move_on_after(STATE_WAIT_S):  # abandoned then: it holds no descriptor once it returns
-            return await trio.to_thread.run_sync(self.store.local_state, obj, checked, limiter=self._meta,
-                                                 abandon_on_cancel=True)
+            return await run_sync(self.store.local_state, obj, checked, limiter=self._meta, abandon_on_cancel=True)
         raise _silent_store(STATE_WAIT_S, obj)
 
     def warm(self, obj: RemoteObject) -> None:
@@ -238,7 +238,7 @@ class Fetcher:
 
     async def _close_in_thread(self, fd: int) -> None:
         try:
-            await trio.to_thread.run_sync(os.close, fd, limiter=self.runner.bulk)
+            await run_sync(os.close, fd, limiter=self.runner.bulk, patience=MUST)
         except trio.Cancelled:
             # Shutdown, before a thread took it (a started one is not cancelled): close it here.
             os.close(fd)
@@ -314,7 +314,9 @@ class Fetcher:
                     return self._begin(obj, verdict.partial, verdict.lock_fd, background, keep=True)
                 return await self.start_locked(obj, verdict.lock_fd, background)
             except BaseException:
-                await trio.to_thread.run_sync(self.store.partials.unlock, obj, verdict.lock_fd, limiter=self._meta)
+                with trio.CancelScope(shield=True):  # cancelled too (a stop): the lock must not stay held
+                    await run_else(self.store.partials.unlock, self.store.partials.drop_lock, obj, verdict.lock_fd,
+                                   limiter=self._meta)
                 raise
 
     async def _probe(self, obj: RemoteObject, probe: Callable[[], Verdict]) -> Verdict:
@@ -324,13 +326,13 @@ class Fetcher:
         late = LateVerdict(self.store, obj)
         try:
             with trio.move_on_after(self.cfg.read_deadline):
-                verdict = await trio.to_thread.run_sync(late.run, probe, limiter=self._meta, abandon_on_cancel=True)
+                verdict = await run_sync(late.run, probe, limiter=self._meta, abandon_on_cancel=True)
                 late.taken()
                 return verdict
         finally:
             made = late.abandon()  # None once taken
             if made is not None:  # made as the open gave up, or was cancelled: release it off this thread
-                trio.lowlevel.start_thread_soon(functools.partial(release, self.store, obj, made), released)
+                start_soon(functools.partial(release, self.store, obj, made), released)
         raise _silent_store(self.cfg.read_deadline, obj)
 
     def _followed(self, follower: ForeignDownload) -> None:
@@ -341,8 +343,7 @@ class Fetcher:
         """Start (or resume) the download of `obj`, holding its store lock."""
         keep = await self.budget.reserve(obj, ahead=background) if self.budget is not None else True
         try:
-            partial = await trio.to_thread.run_sync(open_partial_file, self.store, obj, self.cfg.block_size,
-                                                    limiter=self._meta)
+            partial = await run_sync(open_partial_file, self.store, obj, self.cfg.block_size, limiter=self._meta)
             return self._begin(obj, partial, lock, background, keep)
         except BaseException:
             # No download holds the room (ENOSPC, shutdown): give it back, or

@@ -14,7 +14,8 @@ asks for a file's attributes (a lookup, a listing's entries) and again at
 each `getattr`: the kernel asks that before it refuses to execute a file
 whose cached mode has no execute bit, so a copy made executable since is seen.
 A look that takes longer than LOOK_WAIT_S (a store on a filesystem that stopped
-answering) is abandoned: the file shows `--file-mode` until the next look.
+answering), or finds no thread to run in (the process at its thread limit,
+threads.py), is abandoned: the file shows `--file-mode` until the next look.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from typing import Callable, Iterable, Sequence
 import trio
 
 from lazyfs.config import DEFAULT_FILE_MODE
+from lazyfs.errors import NoThread
 from lazyfs.layer import Layer, exec_bits
 from lazyfs.namespace import RemoteObject, Version
+from lazyfs.threads import run_sync
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,10 @@ class FileModes:
         if not wanted or not self._layers():
             return
         with trio.move_on_after(LOOK_WAIT_S):  # abandoned then: a stat holds no descriptor
-            found = await trio.to_thread.run_sync(self._look, wanted, limiter=self._limiter, abandon_on_cancel=True)
+            try:
+                found = await run_sync(self._look, wanted, limiter=self._limiter, abandon_on_cancel=True)
+            except NoThread:
+                return  # as a look abandoned: --file-mode until the next look (threads.py said why)
             self._copies.update(found)
 
     def _look(self, objs: list[RemoteObject]) -> dict[Version, int]:

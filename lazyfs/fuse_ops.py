@@ -73,7 +73,7 @@ def _translated(fn: F) -> F:
         except pyfuse3.FUSEError:
             raise
         except (LazyfsError, OSError) as e:
-            STATS.error(err := errno_of(e))
+            STATS.error(err := errno_of(e, reading=fn.__name__ == "read"))
             if not getattr(e, "logged", False):  # the download that failed has said why already
                 self.failure_lines.failed(log, fn.__name__, e, err)  # once a minute for one that repeats
                 e.logged = True  # type: ignore[union-attr]

@@ -25,6 +25,7 @@ import trio
 
 from lazyfs.inodes import InodeRef, InodeTable
 from lazyfs.namespace import Diff, RemoteObject
+from lazyfs.threads import start_soon
 from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class KernelCache:
             except trio.RunFinishedError:
                 pass
 
-        trio.lowlevel.start_thread_soon(notify, ended)
+        start_soon(notify, ended)  # (started later if no thread can be had now: threads.py)
 
     def _ended(self, done: trio.Event) -> None:
         self._under_way.discard(done)

@@ -39,6 +39,8 @@ from typing import Callable, Protocol
 
 import trio
 
+from lazyfs.threads import run_sync
+
 log = logging.getLogger(__name__)
 
 # How often a request whose task was interrupted but not killed is looked at again.
@@ -123,7 +125,7 @@ class KillWatch:
         if not self._requests:
             return
         tids = sorted({r.pid for r in self._requests})
-        killed = await trio.to_thread.run_sync(self._killed, tids, limiter=self._limiter, abandon_on_cancel=True)
+        killed = await run_sync(self._killed, tids, limiter=self._limiter, abandon_on_cancel=True)
         for r in self._requests:
             if r.pid in killed and not r.answered:
                 r.cancel()

@@ -41,9 +41,14 @@ class LastStop:
     def arm(self) -> None:
         """Start the timer (once; later calls change nothing)."""
         if self._timer is None:
-            self._timer = threading.Timer(self.after, self._give_up)
-            self._timer.daemon = True  # a process that ends by itself does not wait for it
-            self._timer.start()
+            timer = threading.Timer(self.after, self._give_up)
+            timer.daemon = True  # a process that ends by itself does not wait for it
+            try:
+                timer.start()
+            except RuntimeError as e:  # the process at its thread limit: the stop goes on, unguarded
+                log.warning("the stop goes on without its %g s limit: cannot start a thread (%s)", self.after, e)
+                return  # (the next call tries again)
+            self._timer = timer
 
     def _give_up(self) -> None:
         entry = find_mount(self.mountpoint)

@@ -2,7 +2,10 @@
 long that takes: its store lock (later opens here, and other processes, may
 then take the version), a failed download's files (its resume record saved
 for the next open to resume, or its files removed), a discarded download's
-files.  Each runs in a store thread (docs/concurrency.md).
+files.  Each runs in a store thread (docs/concurrency.md); with the process
+at its limit of threads (threads.py) each waits until one can be had, and a
+lock that cannot wait has its descriptor closed on the trio thread instead:
+nothing stays held, or half done, once the limit passes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from lazyfs.namespace import RemoteObject, Version
 from lazyfs.partials import Partial
 from lazyfs.pin import Pin
 from lazyfs.store import Store
+from lazyfs.threads import MUST, run_else, run_sync
 from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
@@ -50,10 +54,9 @@ class Leftovers:
                 if dl.pins > 1:
                     return  # a stuck thread may still write: leave its file alone
                 if discard:
-                    await trio.to_thread.run_sync(self.store.partials.discard, dl.partial, limiter=self._bulk)
+                    await run_sync(self.store.partials.discard, dl.partial, limiter=self._bulk, patience=MUST)
                 else:
-                    await trio.to_thread.run_sync(dl.partial.save_state, frozenset(dl.partial.done),
-                                                  limiter=self._bulk)
+                    await run_sync(dl.partial.save_state, frozenset(dl.partial.done), limiter=self._bulk, patience=MUST)
             except OSError as e:
                 log.warning("%s: cleaning up after a failed download: %s", quoted(dl.obj.uri), e.strerror)
 
@@ -63,7 +66,7 @@ class Leftovers:
 
     async def _discard(self, partial: Partial) -> None:
         try:
-            await trio.to_thread.run_sync(self.store.partials.discard, partial, limiter=self._bulk)
+            await run_sync(self.store.partials.discard, partial, limiter=self._bulk, patience=MUST)
         except OSError as e:
             log.warning("%s: could not remove a temporary download: %s", quoted(partial.obj.uri), e.strerror)
 
@@ -75,7 +78,8 @@ class Leftovers:
     async def _unlock(self, obj: RemoteObject, fd: int, done: trio.Event) -> None:
         try:
             with trio.CancelScope(shield=True):  # at a stop too: cancelled before its thread ran, it left the lock held
-                await trio.to_thread.run_sync(self.store.partials.unlock, obj, fd, limiter=self._meta)
+                # No thread to be had: its descriptor is closed here (a later open must not find the lock held).
+                await run_else(self.store.partials.unlock, self.store.partials.drop_lock, obj, fd, limiter=self._meta)
         finally:
             done.set()
             if self.unlocking.get(obj.version) is done:  # (not a later download's of the same version)

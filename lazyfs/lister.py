@@ -39,6 +39,7 @@ from lazyfs.modeljson import Source
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ListPage, ObjectStore
 from lazyfs.stats import STATS
+from lazyfs.threads import run_sync
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class Lister:
         if any(r.ignored_start_after for r in ranges) and not self.flat_only:
             self.flat_only = True
             log.warning("%s: the object store ignores StartAfter; listing each folder in one walk", source)
-        objects, splits = await trio.to_thread.run_sync(_joined, ranges)
+        objects, splits = await run_sync(_joined, ranges)
         self._splits[source] = splits
         return objects
 
@@ -228,7 +229,7 @@ class Lister:
             if self.turn is not None:
                 await self.turn()
             try:
-                return await trio.to_thread.run_sync(call, limiter=self.limiter, abandon_on_cancel=True)
+                return await run_sync(call, limiter=self.limiter, abandon_on_cancel=True)
             except RemoteUnavailable as e:
                 if attempt == PAGE_ATTEMPTS:
                     raise

@@ -31,6 +31,7 @@ from lazyfs.errors import Interrupted, LazyfsError, ObjectNotFound
 from lazyfs.lockfile import ConfigRef, Entry, Folder, Lock
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore
+from lazyfs.threads import run_sync
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,7 @@ async def make_lock(remote: ObjectStore, sources: Sequence[Source], configs: Seq
     async def one(obj: RemoteObject, cancel: trio.CancelScope) -> None:
         try:
             # Abandoned on cancel (a failed HEAD, a stop signal): it changes nothing.
-            entries.append(await trio.to_thread.run_sync(entry_of, remote, obj, making.changed,
-                                                         abandon_on_cancel=True))
+            entries.append(await run_sync(entry_of, remote, obj, making.changed, abandon_on_cancel=True))
         except LazyfsError as e:
             errors.append(e)
             cancel.cancel()  # a lock is whole or it is not written
@@ -95,7 +95,7 @@ async def make_lock(remote: ObjectStore, sources: Sequence[Source], configs: Seq
     if errors:
         raise errors[0]
     for bucket in sorted({e.bucket for e in entries if not e.version_id}):
-        making.versioning[bucket] = await trio.to_thread.run_sync(remote.versioning, bucket, abandon_on_cancel=True)
+        making.versioning[bucket] = await run_sync(remote.versioning, bucket, abandon_on_cancel=True)
     folders = [Folder(s.bucket, s.prefix, tuple(e for e in entries if e.bucket == s.bucket
                                                  and e.key.startswith(s.prefix))) for s in sources]
     return lockfile.make(folders, configs, f"lazyfs {__version__}")

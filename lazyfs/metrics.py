@@ -76,6 +76,7 @@ class MountView:
                    "bytes_written_direct": STATS.direct_bytes},
             "errors": dict(STATS.errors),
             "background_errors": dict(STATS.background_errors),
+            "thread_starts_refused": STATS.threads_refused,  # the process at its limit of threads (threads.py)
             "open_files": len(self.handles),
             # Inodes as `df -i` shows them (0 where the filesystem counts none: btrfs): a store can run
             # out of them with bytes to spare, and every new file is then ENOSPC.

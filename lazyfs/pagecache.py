@@ -22,6 +22,7 @@ import trio
 
 from lazyfs import readback
 from lazyfs.filemap import CHUNK, FileMap
+from lazyfs.threads import run_sync
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,7 @@ class Prefaulter:
                 # Our own descriptor: the owner may close its own meanwhile.
                 fd = os.dup(fmap.fd)
                 try:
-                    await trio.to_thread.run_sync(self._read_blocking, fd, mine[0] * CHUNK,
-                                                  (mine[-1] + 1) * CHUNK, limiter=threads)
+                    await run_sync(self._read_blocking, fd, mine[0] * CHUNK, (mine[-1] + 1) * CHUNK, limiter=threads)
                 finally:
                     self._close(fd)
                 fmap.mark_chunks_warm(range(mine[0], mine[-1] + 1))

@@ -276,6 +276,11 @@ class PartialFiles:
     def unlock(self, obj: RemoteObject, fd: int) -> None:
         self._unlock(self.name(obj) + ".lock", fd)
 
+    def drop_lock(self, obj: RemoteObject, fd: int) -> None:
+        """`unlock` when no thread can be had to run it (threads.run_else): only the descriptor's
+        close, which drops the flock; the name is left to the next lock of it, or the sweep."""
+        os.close(fd)
+
     def downloading(self, obj: RemoteObject) -> bool:
         """Does some process (this one included) download this version right
         now?  A look at its lock that never takes it from anyone (layer.flock_held)."""

@@ -26,6 +26,7 @@ from lazyfs.fetch import Fetcher
 from lazyfs.filestate import FileState
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import LocalCopy
+from lazyfs.threads import run_sync
 from lazyfs.transfer import Transfer
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,9 @@ class Prefetcher:
             if isinstance(got, LocalCopy):
                 try:
                     if self.must_keep and got.state is FileState.CACHED:  # a bake's: a file a mount fetched
-                        await trio.to_thread.run_sync(self._claim, got.fd)  # is baked now, never evicted
+                        await run_sync(self._claim, got.fd)  # is baked now, never evicted
                     if self.on_local is not None:
-                        await trio.to_thread.run_sync(self.on_local, got)
+                        await run_sync(self.on_local, got)
                 finally:
                     os.close(got.fd)
                 p.local_files += 1

@@ -60,6 +60,8 @@ class MountCollector(Collector):
         for task, n in sorted(STATS.background_errors.items()):
             background.add_metric([task], n)
         yield background
+        yield _counter("lazyfs_thread_starts_refused", "Threads that could not be started: the process at its "
+                       "limit of threads (its cgroup's pids.max, ulimit -u).", STATS.threads_refused)
         outcomes = CounterMetricFamily("lazyfs_downloads", "Downloads finished, by outcome.", labels=["outcome"])
         outcomes.add_metric(["ok"], STATS.downloads_ok)
         outcomes.add_metric(["failed"], STATS.downloads_failed)

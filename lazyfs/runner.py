@@ -25,6 +25,7 @@ from lazyfs.download import RECORD_FOLLOWED_S, Download, Request
 from lazyfs.errors import (
     IntegrityError,
     LazyfsError,
+    NoThread,
     ObjectChanged,
     ObjectNotFound,
     RemoteUnavailable,
@@ -42,6 +43,7 @@ from lazyfs.ranged_get import RangeJob, Stopped, fetch_range_blocking
 from lazyfs.repeats import RepeatedLines, shape
 from lazyfs.stats import STATS, TIMINGS
 from lazyfs.store import Store
+from lazyfs.threads import MUST, run_sync
 from lazyfs.wording import cause, quoted
 
 log = logging.getLogger(__name__)
@@ -130,8 +132,8 @@ class Runner:
                        attempting=lambda first_byte: self._post(self._attempting, req, first_byte, time.monotonic()))
         try:
             with reader_request(self.hooks.quiet):
-                await trio.to_thread.run_sync(self._in_thread, functools.partial(self.fetch_range, job), handoff,
-                                              limiter=self._net, abandon_on_cancel=True)
+                await run_sync(self._in_thread, functools.partial(self.fetch_range, job), handoff,
+                               limiter=self._net, abandon_on_cancel=True)
         except BaseException as e:
             handoff.task_gives_up()
             self._release_slot()
@@ -207,7 +209,7 @@ class Runner:
                 snapshot = frozenset(dl.partial.done)
                 if not dl.finished.is_set():
                     dl.state_saved_at = time.monotonic()
-                    await trio.to_thread.run_sync(dl.partial.save_state, snapshot, limiter=self.bulk)
+                    await run_sync(dl.partial.save_state, snapshot, limiter=self.bulk, patience=MUST)
             except OSError as e:
                 log.warning("%s: could not record download progress: %s", quoted(dl.obj.uri), e.strerror)
                 snapshot = frozenset(dl.partial.done)  # do not retry in a loop
@@ -232,8 +234,7 @@ class Runner:
             # Abandoned on cancel (a shutdown must not wait for a 100 GiB
             # hash): the thread keeps its pin, sees `cancelled` at its next
             # read and ends; the next start verifies again.
-            finished = await trio.to_thread.run_sync(self._in_thread, publish, handoff, limiter=self._verify,
-                                                     abandon_on_cancel=True)
+            finished = await run_sync(self._in_thread, publish, handoff, limiter=self._verify, abandon_on_cancel=True)
         except BaseException as e:
             handoff.task_gives_up()
             if not isinstance(e, Exception):
@@ -316,10 +317,9 @@ class Runner:
             return
         old = dl.partial
         try:
-            await trio.to_thread.run_sync(self.store.partials.discard, old, limiter=self.bulk)
+            await run_sync(self.store.partials.discard, old, limiter=self.bulk)
             dl.detach()
-            partial = await trio.to_thread.run_sync(open_partial_file, self.store, dl.obj, self.cfg.block_size,
-                                                    limiter=self._meta)
+            partial = await run_sync(open_partial_file, self.store, dl.obj, self.cfg.block_size, limiter=self._meta)
         except Exception as e:  # ENOSPC most often: the readers get it, the mount goes on
             self.fail(dl, e, discard=True)
             return
@@ -346,6 +346,8 @@ class Runner:
         elif isinstance(e, (ObjectChanged, ObjectNotFound)):  # (with what showed it, if not a 412: answers.py)
             how = ("changed in the object store", e.detail) if isinstance(e, ObjectChanged) else ("deleted", "")
             log.warning("%s: %s during the download%s", quoted(dl.obj.uri), *how)
+        elif isinstance(e, NoThread):
+            pass  # threads.py said it, once a minute for the whole process
         elif isinstance(e, LazyfsError):  # the same failure of the file again: a line a minute (repeats.py)
             line = f"download of {(where := quoted(dl.obj.uri))} failed: {cause(str(e), where)}"  # the file named once
             # Fetched ahead, no reader (yet): S3 unreachable is a WARNING; a reader's open then says its own line.

@@ -33,6 +33,7 @@ from lazyfs.fetch import STATE_WAIT_S, Fetcher
 from lazyfs.filestate import ContentChecks, FileState
 from lazyfs.namespace import RemoteObject, Tree
 from lazyfs.store import Store
+from lazyfs.threads import run_sync
 
 # Files judged per thread hop: a few milliseconds of the trio thread's work
 # each (building their rows), and few enough that a slow store is noticed
@@ -55,7 +56,7 @@ class StatesFile:
 
     async def snapshot(self) -> bytes:
         listed, tree = self._catalog.listed.is_set(), self._catalog.tree
-        objs = await trio.to_thread.run_sync(_files, tree)  # (O(files), no store I/O: trio's own threads)
+        objs = await run_sync(_files, tree)  # (O(files), no store I/O: trio's own threads)
         rows: list[Row] = []
         for start in range(0, len(objs), CHUNK):
             rows += await self._judge(objs[start:start + CHUNK])
@@ -64,7 +65,7 @@ class StatesFile:
             log.warning("states.json: the state of %s could not be read from the store (%s: %s%s)",
                         wording.count(len(unread), "file"), wording.quoted(unread[0][0]), unread[0][1],
                         ", ..." if len(unread) > 1 else "")
-        return await trio.to_thread.run_sync(_encoded, listed, rows)
+        return await run_sync(_encoded, listed, rows)
 
     async def _judge(self, objs: Sequence[RemoteObject]) -> list[Row]:
         transfers = [self._fetcher.transfer(obj) for obj in objs]  # (trio-side: read here, before the hop)
@@ -74,8 +75,8 @@ class StatesFile:
         judged: list[Row] = []
         if quiet:
             with trio.move_on_after(STATE_WAIT_S) as waited:  # abandoned then: it holds no descriptor once it returns
-                judged = await trio.to_thread.run_sync(_judged, self._fetcher.store, quiet, checked,
-                                                       limiter=self._thread, abandon_on_cancel=True)
+                judged = await run_sync(_judged, self._fetcher.store, quiet, checked,
+                                        limiter=self._thread, abandon_on_cancel=True)
             if waited.cancelled_caught:
                 raise _silent_store(len(quiet))
         found = iter(judged)

@@ -82,6 +82,7 @@ class Stats:
     downloads_failed: int = 0
     linked_files: int = 0  # new paths made from identical local files
     background_errors: Counter[str] = field(default_factory=Counter)  # task -> unexpected failures (supervise.py)
+    threads_refused: int = 0  # thread starts that failed: the process at its limit of threads (threads.py)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def bump(self, counter: str, key: str | None = None, n: int = 1) -> None:

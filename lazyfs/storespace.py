@@ -7,7 +7,9 @@ the trio thread that would stall every request of the mount, and a `df` in a
 monitoring loop would take the mount down with its server.  So the question
 is asked by one thread at a time (the trio side sends it to a worker and waits
 at most WAIT_S; the metrics thread asks itself), and whoever finds it asked
-already, or tires of waiting, reports the last answer.
+already, or tires of waiting, or finds no thread to ask in (the process at
+its thread limit, threads.py), reports the last answer: the stats file,
+answered from memory, never fails for want of a thread.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import time
 from typing import Callable
 
 import trio
+
+from lazyfs.errors import NoThread
+from lazyfs.threads import run_sync
 
 log = logging.getLogger(__name__)
 
@@ -63,5 +68,8 @@ class StoreSpace:
         if time.monotonic() - self._asked_at < FRESH_S or self._asking.locked():
             return self.last
         with trio.move_on_after(WAIT_S):
-            await trio.to_thread.run_sync(self.ask_blocking, abandon_on_cancel=True)
+            try:
+                await run_sync(self.ask_blocking, abandon_on_cancel=True, patience=0)
+            except NoThread:  # the process at its thread limit (threads.py said it): the last answer
+                pass
         return self.last

@@ -18,6 +18,7 @@ import trio
 from lazyfs.catalog import Catalog
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import Store
+from lazyfs.threads import run_sync
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ async def sweep(store: Store, listing: list[RemoteObject], limiter: trio.Capacit
     no resumable download either: the budget would never keep what it resumes."""
     keep = listing if kept is None else [o for o in listing if kept(o)]
     try:
-        freed = await trio.to_thread.run_sync(store.sweep, keep, limiter=limiter)
+        freed = await run_sync(store.sweep, keep, limiter=limiter)
     except OSError as e:
         log.warning("could not sweep the store's leftovers: %s", e.strerror)
         return

@@ -6,7 +6,9 @@ task in it ends the main loop and leaves a dead mount.  Every background task
 budget, the signal watcher) therefore runs under one of these wrappers: an
 unexpected exception is logged with its traceback, counted in
 `lazyfs_background_errors_total{task}`, and the task goes on (after a backoff,
-for the long-running ones).  Cancellation passes through untouched.
+for the long-running ones).  A task that found no thread to start (the
+process at its thread limit, threads.py) is counted the same, without a
+line of its own: threads.py says that once a minute.  Cancellation passes through untouched.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Awaitable, Callable
 
 import trio
 
+from lazyfs.errors import NoThread
 from lazyfs.stats import STATS
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,9 @@ def failed(task: str, exc: BaseException) -> None:
     while isinstance(inner, tuple) and len(inner) == 1 and isinstance(inner[0], BaseException):
         cause = inner[0]
         inner = getattr(cause, "exceptions", None)
+    if isinstance(cause, NoThread):  # the thread limit: threads.py said it, once a minute, and it passes
+        log.debug("background task %s found no thread; the mount goes on", task)
+        return
     log.error("background task %s failed unexpectedly (%s: %s); the mount goes on", task,
               type(cause).__name__, cause, exc_info=exc)
 

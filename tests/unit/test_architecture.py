@@ -5,6 +5,7 @@ stay behind their one or two modules."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "lazyfs"
@@ -90,3 +91,11 @@ def test_the_first_listing_starts_before_the_fuse_machinery_is_imported() -> Non
             seen.add(m)
             todo += [d for d in graph[m] if d in graph]
     assert not {d for m in seen for d in graph[m]} & {"trio", "pyfuse3"}, sorted(seen)
+
+
+def test_every_hop_to_a_thread_goes_through_threads_py() -> None:
+    """A thread that cannot be started (the process at its limit of threads)
+    is met in one place, threads.py: a module calling trio's thread functions
+    itself would get RuntimeError, unprepared (a traceback, a lock kept)."""
+    called = re.compile(r"to_thread\.run_sync|start_thread_soon")
+    assert [p.name for p in PKG.glob("*.py") if p.name != "threads.py" and called.search(p.read_text())] == []

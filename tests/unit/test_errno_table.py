@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 
-from lazyfs.errors import AccessDenied, StoreError, errno_of
+from lazyfs.errors import AccessDenied, NoThread, StoreError, errno_of
 
 
 def test_local_failures_keep_their_errno() -> None:
@@ -24,3 +24,10 @@ def test_a_store_turned_read_only_is_an_io_error_to_a_reader() -> None:
 def test_anything_else_is_an_io_error() -> None:
     assert errno_of(RuntimeError("bug")) == errno.EIO
     assert errno_of(OSError("no errno")) == errno.EIO
+
+
+def test_no_thread_is_eagain_but_to_a_read_an_io_error() -> None:
+    # Python's f.read() takes EAGAIN for a non-blocking file with no data yet:
+    # it returns what it read so far (or None), and the file looks cut short.
+    assert errno_of(NoThread("cannot start a thread")) == errno.EAGAIN
+    assert errno_of(NoThread("cannot start a thread"), reading=True) == errno.EIO
