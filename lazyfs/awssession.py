@@ -52,7 +52,8 @@ _PASSING_CODES = {"IDPCommunicationError", "Throttling", "ThrottlingException", 
 SAY_WAITING_AFTER_S = 1.0
 # What a mount's start found when the chain gave no credentials at all, the instance metadata service asked.
 NONE_FOUND = ("no AWS credentials: none in the environment, the profiles or a container endpoint, and the instance "
-              "metadata service (IMDS) gave none (it did not answer, or the instance has no role)")
+              "metadata service (IMDS) gave none (it did not answer, answered with an error, or the instance has "
+              "no role)")
 
 # The services a session of ours loads models of: s3, and those botocore's
 # credential providers build clients for (AssumeRole and web identity: sts;

@@ -300,8 +300,9 @@ class Fetcher:
                 if self.closing:
                     raise ShuttingDown(f"{wording.quoted(obj.uri)}: lazyfs is shutting down", bucket=obj.bucket,
                                        key=obj.key)
-                raise RemoteUnavailable(f"{wording.quoted(obj.uri)} has no current local copy and the object "
-                                        "store is unreachable", bucket=obj.bucket, key=obj.key)
+                # (offline: S3 unreachable, or no AWS credentials to ask it with; the start's line says which)
+                raise RemoteUnavailable(f"{wording.quoted(obj.uri)} has no current local copy and the mount is "
+                                        "offline: the object store cannot be asked", bucket=obj.bucket, key=obj.key)
             if isinstance(verdict, Foreign):
                 follower = ForeignDownload(obj, self.store, self.pages, self._meta, self.cfg.read_deadline,
                                            self.start_locked, self._followed, self._bad_data, self.prebaked)

@@ -70,7 +70,7 @@ def back_online(m, proxy) -> None:
     wait_until(lambda: "online again, the object store answered" in m.log(), timeout=60, what="going online")
 
 
-@pytest.mark.log_errors("listing failed", "has no current local copy and the object store is unreachable")
+@pytest.mark.log_errors("listing failed", "has no current local copy and the mount is offline")
 def test_offline_a_wrong_prebaked_copy_is_checked_against_the_saved_etag(mount, proxy, s3, bucket, fs: FS,
                                                                          tmp_path: Path):
     tok, cfg = f"{P}/tokenizer.json", f"{P}/config.json"

@@ -100,7 +100,7 @@ def test_an_open_handle_keeps_reading_its_version(mount, s3, bucket, fs: FS):
         f.close()
 
 
-@pytest.mark.log_errors('has no current local copy and the object store is unreachable')
+@pytest.mark.log_errors('has no current local copy and the mount is offline')
 @pytest.mark.parametrize("verify", ["size", "etag"])
 def test_offline_start_serves_what_the_store_knows(mount, proxy, s3, bucket, fs: FS, tmp_path: Path, verify: str):
     """Its line counts what opens will serve: under --verify etag an admin's copy (no record) is hashed when
@@ -203,7 +203,7 @@ def test_an_object_store_that_never_answers_fails_the_start_in_bounded_time(prox
     assert took < NO_ANSWER_BOUND_S, f"exit 1 after {took:.1f} s"
 
 
-@pytest.mark.log_errors("listing failed", 'has no current local copy and the object store is unreachable')
+@pytest.mark.log_errors("listing failed", 'has no current local copy and the mount is offline')
 def test_an_object_store_that_never_answers_starts_offline_in_bounded_time(mount, proxy, s3, bucket, fs: FS,
                                                                              tmp_path: Path):
     cached, uncached = f"{P}/cached.bin", f"{P}/uncached.bin"
