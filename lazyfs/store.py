@@ -70,20 +70,23 @@ class Store:
              mode: str | None = None, create: bool = False, file_mode: int = 0, follow: bool = False) -> Store:
         """Open (and lay out) a store; `mode` (--store-mode) names the permissions
         of what it creates (layer.STORE_MODES), the store's own folder too with
-        `create`; None: the mode the store has (storemodes.py).  A store of
-        another mode follows `mode` (with `follow`, a bake's, any store does).
+        `create`; None: the mode the store has.  A store of another mode, or
+        one that records none, follows `mode` first (with `follow`, any does).
         It owns `root_fd` from here on, and closes it, and everything else it
         opened, if it fails.  Published files are executable where
         `file_mode` (--file-mode) says so."""
         root = Layer(root_fd, store_path, True, "store") if root_fd is not None \
             else Layer.open(store_path, True, "store", storemodes.new_store(mode).folder if create else None)
-        had = storemodes.recorded(root)
-        store = cls(root, (), STORE_MODES[storemodes.chosen(mode, had)].with_exec(file_mode))
+        try:
+            how = storemodes.plan(root, mode, follow)
+        except BaseException:
+            root.close()
+            raise
+        store = cls(root, (), STORE_MODES[how.mode].with_exec(file_mode))
         try:
             store.prebaked = tuple(store._open_layer(p) for p in prebaked)
             store._prepare()
-            if had is not None and storemodes.must_follow(mode, had, follow):
-                storemodes.follow(root, store.identities, store.permissions, had)
+            storemodes.follow(root, store.identities, store.permissions, how)
         except BaseException:
             store.close()
             raise

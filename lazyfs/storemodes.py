@@ -4,48 +4,54 @@ the mode of `.lazyfs/layout`, which lazyfs writes with its files' mode
 
 A `mount` or `bake` told no `--store-mode` keeps the mode the store has (a new
 store is private), so what it adds is reachable by whoever may read the rest.
-One told another mode than the store's makes the store follow it (`follow`),
-so that no folder it made before keeps the files it makes now from the
-readers the new mode names (a bake follows its mode, or the store's, even
-where the store says it has it: what an older lazyfs or a hand left mixed is
-set right).  The record is changed last: a conversion cut short is done again.
+One told another mode than the store's makes the store follow it (the walk is
+storewalk.py's), so that no folder it made before keeps the files it makes
+now from the readers the new mode names (a bake follows its mode, or the
+store's, even where the store says it has it: what an older lazyfs or a hand
+left mixed is set right).
 
-What follows: every folder below the store's own folder that holds a file
-lazyfs published there (an identity record), or nothing at all, and those
-files (their read bits; an executable copy stays executable by whoever may
-read it); `.lazyfs` with its sidecar records; the layout.  A folder holding
-only files lazyfs did not put there (an admin's) keeps its mode, as do
-`.lazyfs/tmp`, `objects` and `listings` (0700 whatever the mode).  The
-store's own folder (`--to`, `--store`, a mountpoint) is only ever opened
-further, never narrowed: it may be a folder of the user's.
+A layout of any other mode records none: lazyfs before the layout followed
+--store-mode wrote it 0600, whatever the store's mode.  Such a store's mode
+is what it lets read now (`reach_found`): the widest reach of what lazyfs put
+there (storewalk.Look), so it is never narrowed on a guess.  It follows that
+mode (its own folder aside: that is not opened further on a guess) and
+records it.
+
+The record is changed last: a conversion cut short is done again.
 
 All functions block: call them before the mount, or from worker threads.
 """
 
 from __future__ import annotations
 
-import errno
-import functools
 import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Callable
 
 from lazyfs.config import DEFAULT_STORE_MODE
-from lazyfs.errors import StoreError
-from lazyfs.identity import SIDECAR_FOLDER, IdentityRecords
-from lazyfs.layer import DIR_FLAGS, FILE_FLAGS, STORE_MODES, Layer, Permissions, exec_bits
+from lazyfs.identity import IdentityRecords
+from lazyfs.layer import STORE_MODES, Layer, Permissions
 from lazyfs.namespace import RESERVED_NAME
 from lazyfs.storemeta import LAYOUT
+from lazyfs.storewalk import RANKS, Look, Walk
 from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
+# The layout's modes that record a store's mode: the three lazyfs writes (its files').
+RECORDS = {STORE_MODES[name].file: name for name in RANKS}
+
 
 def mode_of(bits: int) -> str:
-    """The --store-mode whose files have these read bits (the layout's)."""
+    """The --store-mode whose files have these read bits."""
     return "public" if bits & 0o004 else "group" if bits & 0o040 else "private"
+
+
+def recorded_as(bits: int) -> str | None:
+    """The mode a layout of these permission bits records; None for any other
+    (0600: an older lazyfs's, whatever the store's mode; one set by hand)."""
+    return RECORDS.get(stat.S_IMODE(bits))
 
 
 def chosen(asked: str | None, recorded: str | None) -> str:
@@ -60,130 +66,106 @@ def new_store(asked: str | None) -> Permissions:
 
 
 def must_follow(asked: str | None, recorded: str, always: bool = False) -> bool:
-    """Must a store laid out before (a new one is made with its mode) follow
-    the mode chosen?  One of another mode, when told; any, `always` (a bake)."""
+    """Must a store that records its mode (a new one is made with its mode)
+    follow the mode chosen?  One of another mode, when told; any, `always` (a bake)."""
     return always or asked not in (None, recorded)
 
 
-def recorded(root: Layer) -> str | None:
-    """The mode the store was last given, None where lazyfs has not laid it
-    out (or cannot look: opening it for writing then says why)."""
+@dataclass(frozen=True)
+class Found:
+    """What a store says of its mode before it is opened."""
+
+    layout: int | None = None  # the layout's permission bits; None: no layout (lazyfs has not laid it out)
+
+    @property
+    def recorded(self) -> str | None:
+        return None if self.layout is None else recorded_as(self.layout)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The mode a command gives a store, and whether the store must follow it now."""
+
+    mode: str
+    walk: bool
+    found: Found
+    seen: tuple[str, str] | None = None  # a store that records no mode: the mode found, and what showed it
+
+    def said(self, folders: int, files: int) -> str | None:
+        """What changed, for the one INFO line (None: nothing)."""
+        was, mode = self.found.recorded, self.mode
+        if was == mode and not folders + files:
+            return None
+        why = [f"it was {was}" if was else f"{RESERVED_NAME}/{LAYOUT} was {self.found.layout or 0:04o}, which "
+               "records no mode" + (": an older lazyfs wrote it so" if self.found.layout == 0o600 else "")]
+        if self.seen is not None:
+            reach, where = self.seen
+            why.append(f"found {reach}: " + (f"{quoted(where)} was open to {_WHOM[reach]}" if where else
+                                             "nothing lazyfs put there was open to other users"))
+        if self.seen is not None:
+            head = f"{mode}, recorded now"
+        else:
+            head = mode if mode == was else f"now {mode}"
+        return f"{head} ({'; '.join(why)}): {folders} folders and {files} files given its modes"
+
+
+_WHOM = {"public": "anyone", "group": "its group"}
+
+
+def decide(asked: str | None, found: Found, always: bool = False, seen: tuple[str, str] | None = None) -> Plan:
+    """The mode a command told `asked` (a bake: `always`) gives a store that
+    says `found` (`seen`: the mode it was found to have, where it records none)."""
+    if found.layout is None:  # a new store: made with the mode, nothing to follow
+        return Plan(chosen(asked, None), False, found)
+    mode = asked or found.recorded or (seen[0] if seen else DEFAULT_STORE_MODE)
+    walk = found.recorded is None or must_follow(asked, found.recorded, always)
+    return Plan(mode, walk, found, None if asked else seen)
+
+
+def plan(root: Layer, asked: str | None, always: bool = False) -> Plan:
+    """What `decide` says of the store at `root`, after looking at it."""
+    found = look(root)
+    seen = None
+    if found.layout is not None and not asked and found.recorded is None:
+        seen = reach_found(root)
+    return decide(asked, found, always, seen)
+
+
+def look(root: Layer) -> Found:
+    """The layout's mode; Found() where lazyfs has not laid the store out (or
+    cannot look: opening it for writing then says why)."""
     try:
         meta = root.open_dir([RESERVED_NAME])
     except OSError:
-        return None
+        return Found()
     try:
-        return mode_of(os.stat(LAYOUT, dir_fd=meta, follow_symlinks=False).st_mode)
+        return Found(stat.S_IMODE(os.stat(LAYOUT, dir_fd=meta, follow_symlinks=False).st_mode))
     except OSError:
-        return None
+        return Found()
     finally:
         os.close(meta)
 
 
-@dataclass
-class _Walk:
-    root: Layer
-    identities: IdentityRecords
-    modes: Permissions
-    folders: int = 0
-    files: int = 0
-
-    def chmod(self, fd: int, mode: int, what: str, st: os.stat_result | None = None) -> None:
-        st = st or os.fstat(fd)
-        if stat.S_IMODE(st.st_mode) == mode:
-            return
-        try:
-            os.fchmod(fd, mode)
-        except OSError as e:
-            raise StoreError(f"cannot give {quoted(what)} in store {self.root.path} mode {mode:04o} "
-                             f"({e.strerror}): run as the store's owner", e.errno or errno.EPERM) from None
-        if stat.S_ISDIR(st.st_mode):
-            self.folders += 1
-        else:
-            self.files += 1
-
-    def folder(self, dfd: int, path: str) -> bool:
-        """Make what lazyfs put in the folder follow the mode; True where the
-        folder itself followed it."""
-        own = foreign = followed = kept = False
-        with os.scandir(dfd) as entries:
-            names = [(e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False)) for e in entries]
-        for name, is_dir, is_file in names:
-            if not path and name == RESERVED_NAME:
-                continue
-            inner = f"{path}{name}"
-            if is_dir:
-                if self._in(dfd, name, DIR_FLAGS, functools.partial(self.folder, path=inner + "/")):
-                    followed = True
-                else:
-                    kept = True
-            elif is_file and self._in(dfd, name, FILE_FLAGS, functools.partial(self.file, path=inner)):
-                own = True
-            else:
-                foreign = True  # a file of someone else's, a symlink, a socket: not lazyfs's
-        follows = own or followed or not (foreign or kept)
-        if follows and path:
-            self.chmod(dfd, self.modes.folder, path.rstrip("/"))
-        return follows
-
-    def file(self, fd: int, path: str) -> bool:
-        """Give a file lazyfs published the mode's read bits; False for any other file."""
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or self.identities.read(fd, st=st) is None:
-            return False
-        runs = exec_bits(0o111, self.modes.file) if st.st_mode & 0o100 else 0
-        self.chmod(fd, self.modes.file | runs, path, st)
-        return True
-
-    def _in(self, dfd: int, name: str, flags: int, then: Callable[[int], bool]) -> bool:
-        """`then` of the descriptor of `name`; False where it cannot be opened
-        (gone meanwhile, or not ours to open: left as it is)."""
-        try:
-            fd = os.open(name, flags, dir_fd=dfd)
-        except OSError:
-            return False
-        try:
-            return then(fd)
-        finally:
-            os.close(fd)
-
-    def _give(self, mode: int, what: str) -> Callable[[int], bool]:
-        def give(fd: int) -> bool:
-            self.chmod(fd, mode, what)
-            return True
-        return give
-
-    def metadata(self) -> None:
-        """`.lazyfs`, its sidecar records, and last the layout: the record."""
-        meta = self.root.open_dir([RESERVED_NAME])
-        try:
-            self.chmod(meta, self.modes.folder, RESERVED_NAME)
-            try:
-                sidecars = self.root.open_dir(SIDECAR_FOLDER)
-            except FileNotFoundError:
-                sidecars = None
-            if sidecars is not None:
-                try:
-                    self.chmod(sidecars, self.modes.folder, "/".join(SIDECAR_FOLDER))
-                    for name in os.listdir(sidecars):
-                        record = self._give(self.modes.file, "/".join((*SIDECAR_FOLDER, name)))
-                        self._in(sidecars, name, FILE_FLAGS, record)
-                finally:
-                    os.close(sidecars)
-            self._in(meta, LAYOUT, FILE_FLAGS, self._give(self.modes.file, f"{RESERVED_NAME}/{LAYOUT}"))
-        finally:
-            os.close(meta)
+def reach_found(root: Layer) -> tuple[str, str]:
+    """The mode a store that records none has: who may reach what lazyfs put
+    there (storewalk.Look), and the first thing that showed it."""
+    identities = IdentityRecords(root)
+    try:
+        identities.open_to_read((), {})
+        seen = Look(root, identities, STORE_MODES[DEFAULT_STORE_MODE])
+        seen.run()
+    finally:
+        identities.close()
+    return RANKS[seen.widest], seen.where
 
 
-def follow(root: Layer, identities: IdentityRecords, modes: Permissions, was: str) -> None:
-    """Make the store follow `modes` (what `follow` in the module's note
-    says), after it had mode `was`: one line says what changed."""
-    walk = _Walk(root, identities, modes)
-    opened = stat.S_IMODE(os.fstat(root.fd).st_mode) | modes.folder
-    walk.chmod(root.fd, opened, ".")
-    walk.folder(root.fd, "")
-    walk.metadata()
-    now = mode_of(modes.file)
-    if walk.folders or walk.files or now != was:
-        log.info("store %s: %s (it was %s): %d folders and %d files given its modes", root.path,
-                 now if now == was else f"now {now}", was, walk.folders, walk.files)
+def follow(root: Layer, identities: IdentityRecords, modes: Permissions, how: Plan) -> None:
+    """Make the store follow `modes` where `how` says it must (the module's
+    note): one line says what changed."""
+    if not how.walk:
+        return
+    walk = Walk(root, identities, modes)
+    walk.run(open_root=how.seen is None)
+    line = how.said(walk.folders, walk.files)
+    if line:
+        log.info("store %s: %s", root.path, line)

@@ -198,6 +198,46 @@ def test_a_mount_keeps_the_stores_mode_or_makes_the_store_follow_the_one_it_is_t
     assert m.stop() == 0
 
 
+def test_a_public_image_an_older_lazyfs_baked_stays_public(mount, proxy, s3, bucket, fs: FS, reachable: Path):
+    """lazyfs before its layout followed --store-mode wrote .lazyfs/layout
+    0600 whatever the mode, and 0600 was read as "private": a mount told no
+    mode fetched files 0400 into an older public image (Permission denied to
+    its non-root model server, whose `status --require-all` then said "not
+    ready"), and a bake told none made the whole image private, saying
+    "private (it was private)"."""
+    a, c = os.urandom(1000), os.urandom(1000)
+    s3.put_object(Bucket=bucket, Key=f"{P}/a.bin", Body=a)
+    store = reachable / "image"
+
+    def bake(*flags: str) -> str:
+        res = lazyfs_cli(["bake", "--prefix", f"s3://{bucket}/{P}", "--to", str(store), "--endpoint-url",
+                          proxy.endpoint, *flags])
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout + res.stderr
+
+    bake("--store-mode", "public")
+    (store / ".lazyfs/layout").chmod(0o600)  # as an older lazyfs left it
+    s3.put_object(Bucket=bucket, Key=f"{P}/new/c.bin", Body=c)
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert fs.read(m.file(f"{P}/new/c.bin")) == c
+    wait_until((store / P / "new/c.bin").exists, what="the download published")
+    assert m.stop() == 0
+    assert modes(store, f"{P}/new", f"{P}/new/c.bin", ".lazyfs/layout") == {
+        f"{P}/new": 0o755, f"{P}/new/c.bin": 0o444, ".lazyfs/layout": 0o444}
+    assert nobody_reads(store / P / "new/c.bin") == c
+    res = lazyfs_cli(["status", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint, "--store",
+                      str(store), "--require-all"], wrapper=NOBODY, cwd=reachable)  # the image's other user
+    assert res.returncode == 0 and "2 cached" in res.stdout and "layout" not in res.stdout, res.stdout + res.stderr
+    assert (f"store {store}: public, recorded now (.lazyfs/layout was 0600, which records no mode: an older lazyfs "
+            f'wrote it so; found public: "{P}/a.bin" was open to anyone)') in m.log()
+
+    (store / ".lazyfs/layout").chmod(0o600)
+    said = bake()
+    assert "public, recorded now" in said and "private" not in said, said
+    assert modes(store, P, f"{P}/new", ".lazyfs") == dict.fromkeys((P, f"{P}/new", ".lazyfs"), 0o755)
+    assert (nobody_reads(store / P / "a.bin"), nobody_reads(store / P / "new/c.bin")) == (a, c)
+
+
 # -- identity without user xattrs --------------------------------------------------------------
 
 def test_without_user_xattrs_a_retrained_checkpoint_of_the_same_size_is_fetched(

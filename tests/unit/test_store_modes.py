@@ -20,6 +20,7 @@ import pytest
 
 from lazyfs import storemodes
 from lazyfs.errors import StoreError
+from lazyfs.layer import STORE_MODES
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import Store
 from support.storefiles import publish
@@ -51,8 +52,17 @@ def put(root: Path, mode: str | None, *keys: str, **kw: Any) -> str:
 
 @pytest.mark.parametrize("bits, name", [(0o400, "private"), (0o600, "private"), (0o440, "group"),
                                         (0o444, "public"), (0o404, "public")])
-def test_the_mode_a_store_records_is_who_may_read_its_layout(bits: int, name: str) -> None:
+def test_the_mode_whose_files_have_these_bits_is_who_may_read_them(bits: int, name: str) -> None:
     assert storemodes.mode_of(bits) == name
+
+
+@pytest.mark.parametrize("bits, name", [(0o400, "private"), (0o440, "group"), (0o444, "public"), (0o100400, "private"),
+                                        (0o600, None), (0o644, None), (0o640, None), (0o000, None), (0o404, None)])
+def test_only_a_layout_mode_lazyfs_writes_records_the_stores_mode(bits: int, name: str | None) -> None:
+    """0600 is what every lazyfs before the layout followed --store-mode
+    wrote, whatever the store's mode: it was read as "private", and a public
+    store made by one became private at the next mount or bake."""
+    assert storemodes.recorded_as(bits) == name
 
 
 def test_the_mode_chosen_is_the_one_asked_else_the_stores_else_private() -> None:
@@ -156,3 +166,112 @@ def test_a_file_that_cannot_be_given_the_mode_is_one_error(tmp_path: Path, monke
     assert str(info.value) == (f'cannot give "m/a.bin" in store {root} mode 0444 (Operation not permitted): '
                                "run as the store's owner")
     assert mode(root / ".lazyfs/layout") == 0o400, "the record is changed last: the next open tries again"
+
+
+# -- a store whose layout records no mode (an older lazyfs's) ---------------------------------------------
+
+def older(root: Path, mode: str, *keys: str) -> None:
+    """A store as lazyfs before the layout followed --store-mode left it: its
+    folders and files of `mode`, its layout 0600."""
+    put(root, mode, *keys)
+    (root / ".lazyfs/layout").chmod(0o600)
+
+
+def test_a_public_store_an_older_lazyfs_made_stays_public(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its layout, 0600, was read as "private": a mount told no mode fetched
+    files 0400 into it, and a bake made the whole store private, saying
+    "private (it was private)"."""
+    root = tmp_path / "s"
+    older(root, "public", "m/a.bin", "m/sub/b.bin")
+    with caplog.at_level("INFO", "lazyfs.storemodes"):
+        assert put(root, None, "m/new/c.bin") == "public"
+    assert modes_of(root, "m", "m/sub", "m/new", ".lazyfs") == {0o755}
+    assert modes_of(root, "m/a.bin", "m/sub/b.bin", "m/new/c.bin", ".lazyfs/layout") == {0o444}
+    assert caplog.messages == [f'store {root}: public, recorded now (.lazyfs/layout was 0600, which records no '
+                               'mode: an older lazyfs wrote it so; found public: "m/a.bin" was open to anyone): '
+                               "0 folders and 1 files given its modes"]
+    (root / ".lazyfs/layout").chmod(0o600)
+    assert put(root, None, follow=True) == "public", "a bake told no mode made it private"
+    assert modes_of(root, "m/a.bin", "m/new/c.bin") == {0o444} and modes_of(root, "m", "m/new") == {0o755}
+
+
+def modes_of(root: Path, *paths: str) -> set[int]:
+    return {mode(root / p) for p in paths}
+
+
+@pytest.mark.parametrize("first", ["private", "group"])
+def test_a_store_an_older_lazyfs_made_keeps_the_mode_it_had(tmp_path: Path, first: str) -> None:
+    root = tmp_path / "s"
+    older(root, first, "m/a.bin")
+    assert put(root, None, "m/b.bin") == first
+    file = STORE_MODES[first].file
+    assert modes_of(root, "m/a.bin", "m/b.bin", ".lazyfs/layout") == {file}
+
+
+def test_a_store_that_records_no_mode_is_never_narrowed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Mixed, as older lazyfs left a store given two modes (existing folders
+    kept theirs): the widest that anyone could reach of what lazyfs put there
+    is its mode.  A file 0444 in a folder 0700 was no one else's to read."""
+    root = tmp_path / "s"
+    older(root, "private", "m/a.bin", "m/sub/b.bin", "x/c.bin")
+    (root / "m/sub/b.bin").chmod(0o444)  # in m/, 0700: out of others' reach
+    (root / "x").chmod(0o750)
+    (root / "x/c.bin").chmod(0o440)  # its group's to read
+    with caplog.at_level("INFO", "lazyfs.storemodes"):
+        assert put(root, None) == "group"
+    assert 'found group: "x/c.bin" was open to its group' in caplog.text
+    assert modes_of(root, "m", "m/sub", "x", ".lazyfs") == {0o750}
+    (root / ".lazyfs/layout").chmod(0o600)
+    (root / "m/sub").chmod(0o711)  # others may enter it, and m/ too: they may read b.bin (by its name)
+    (root / "m").chmod(0o755)
+    (root / "m/sub/b.bin").chmod(0o444)
+    assert put(root, None) == "public"
+    older(tmp_path / "empty", "public")  # nothing published yet: `.lazyfs` says who may reach it
+    assert put(tmp_path / "empty", None) == "public"
+
+
+def test_a_store_that_records_no_mode_follows_one_it_is_told(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "s"
+    older(root, "public", "m/a.bin")
+    with caplog.at_level("INFO", "lazyfs.storemodes"):
+        assert put(root, "private") == "private"
+    assert modes_of(root, "m/a.bin", ".lazyfs/layout") == {0o400} and mode(root / "m") == 0o700
+    assert caplog.messages == [f"store {root}: now private (.lazyfs/layout was 0600, which records no mode: an older "
+                               "lazyfs wrote it so): 2 folders and 2 files given its modes"]
+
+
+@pytest.mark.parametrize("asked, found, always, mode, walk", [
+    (None, {}, False, "private", False),  # a new store
+    ("public", {}, True, "public", False),
+    (None, {"layout": 0o444}, False, "public", False),
+    (None, {"layout": 0o444}, True, "public", True),  # a bake sets a mixed store right
+    ("group", {"layout": 0o444}, False, "group", True),
+    (None, {"layout": 0o600}, False, "group", True),  # records none: the mode found (group, below)
+    ("private", {"layout": 0o600}, False, "private", True),
+])
+def test_what_a_store_is_given_and_whether_it_is_walked(asked: str | None, found: dict[str, Any], always: bool,
+                                                        mode: str, walk: bool) -> None:
+    plan = storemodes.decide(asked, storemodes.Found(**found), always, ("group", "m/a.bin"))
+    assert (plan.mode, plan.walk) == (mode, walk)
+
+
+@pytest.mark.parametrize("found, mode, seen, line", [
+    ({"layout": 0o400}, "public", None, "now public (it was private)"),
+    ({"layout": 0o444}, "public", None, "public (it was public)"),  # a bake set a mixed store right
+    ({"layout": 0o600}, "public", ("public", "m/a.bin"), 'public, recorded now (.lazyfs/layout was 0600, which '
+     'records no mode: an older lazyfs wrote it so; found public: "m/a.bin" was open to anyone)'),
+    ({"layout": 0o644}, "group", ("group", "m"), '.lazyfs/layout was 0644, which records no mode; found group: "m" '
+     "was open to its group)"),
+    ({"layout": 0o600}, "private", ("private", ""), "found private: nothing lazyfs put there was open to other users"),
+    ({"layout": 0o600}, "private", None, "now private (.lazyfs/layout was 0600, which records no mode: an older "
+     "lazyfs wrote it so)"),
+])
+def test_the_line_says_what_was_found_and_what_changed(found: dict[str, Any], mode: str, seen: tuple[str, str] | None,
+                                                       line: str) -> None:
+    said = storemodes.Plan(mode, True, storemodes.Found(**found), seen).said(1, 2)
+    assert said is not None and line in said and said.endswith("): 1 folders and 2 files given its modes"), said
+
+
+def test_a_store_whole_in_the_mode_it_records_says_nothing() -> None:
+    assert storemodes.Plan("public", True, storemodes.Found(0o444)).said(0, 0) is None
