@@ -70,8 +70,8 @@ class Store:
              mode: str | None = None, create: bool = False, file_mode: int = 0, follow: bool = False) -> Store:
         """Open (and lay out) a store; `mode` (--store-mode) names the permissions
         of what it creates (layer.STORE_MODES), the store's own folder too with
-        `create`; None: the mode the store has.  A store of another mode, or
-        one that records none, follows `mode` first (with `follow`, any does).
+        `create`; None: the mode the store has.  A store of another mode, one
+        that records none, or one a change cut short left mixed, follows it first.
         It owns `root_fd` from here on, and closes it, and everything else it
         opened, if it fails.  Published files are executable where
         `file_mode` (--file-mode) says so."""

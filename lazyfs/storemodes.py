@@ -17,21 +17,28 @@ there (storewalk.Look), so it is never narrowed on a guess.  It follows that
 mode (its own folder aside: that is not opened further on a guess) and
 records it.
 
-The record is changed last: a conversion cut short is done again.
+A change is marked under way before anything is changed: `.lazyfs/mode-change`
+names the mode it gives; the record (the layout) is changed last, and the
+mark removed after it.  An open that finds the mark makes the store follow
+the mode it names (or the one it is told: that wins), so a change cut short
+(a file that could not be changed, a kill) is finished by the next mount or
+bake, whatever its flags.
 
 All functions block: call them before the mount, or from worker threads.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
 from dataclasses import dataclass
 
 from lazyfs.config import DEFAULT_STORE_MODE
+from lazyfs.errors import StoreError
 from lazyfs.identity import IdentityRecords
-from lazyfs.layer import STORE_MODES, Layer, Permissions
+from lazyfs.layer import FILE_FLAGS, STORE_MODES, Layer, Permissions, remove, write_small
 from lazyfs.namespace import RESERVED_NAME
 from lazyfs.storemeta import LAYOUT
 from lazyfs.storewalk import RANKS, Look, Walk
@@ -39,6 +46,8 @@ from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
+# .lazyfs/mode-change: the mode a change under way gives the store (its only line).
+UNDER_WAY = "mode-change"
 # The layout's modes that record a store's mode: the three lazyfs writes (its files').
 RECORDS = {STORE_MODES[name].file: name for name in RANKS}
 
@@ -76,10 +85,16 @@ class Found:
     """What a store says of its mode before it is opened."""
 
     layout: int | None = None  # the layout's permission bits; None: no layout (lazyfs has not laid it out)
+    under_way: str | None = None  # the mark of a change cut short: the mode it names ("" unreadable); None: none
 
     @property
     def recorded(self) -> str | None:
         return None if self.layout is None else recorded_as(self.layout)
+
+    @property
+    def marked(self) -> str | None:
+        """The mode a change cut short was giving the store, where its mark names one."""
+        return self.under_way if self.under_way in RANKS else None
 
 
 @dataclass(frozen=True)
@@ -93,8 +108,8 @@ class Plan:
 
     def said(self, folders: int, files: int) -> str | None:
         """What changed, for the one INFO line (None: nothing)."""
-        was, mode = self.found.recorded, self.mode
-        if was == mode and not folders + files:
+        was, named, mode = self.found.recorded, self.found.marked, self.mode
+        if was == mode and self.found.under_way is None and not folders + files:
             return None
         why = [f"it was {was}" if was else f"{RESERVED_NAME}/{LAYOUT} was {self.found.layout or 0:04o}, which "
                "records no mode" + (": an older lazyfs wrote it so" if self.found.layout == 0o600 else "")]
@@ -102,10 +117,16 @@ class Plan:
             reach, where = self.seen
             why.append(f"found {reach}: " + (f"{quoted(where)} was open to {_WHOM[reach]}" if where else
                                              "nothing lazyfs put there was open to other users"))
+        if self.found.under_way is not None:
+            why.append(f"a change to {named} was cut short: "
+                       f"{'finished' if named == mode else 'undone' if mode == was else 'replaced by this one'} now"
+                       if named else "a change of mode was cut short: made whole now")
         if self.seen is not None:
             head = f"{mode}, recorded now"
+        elif mode != was:
+            head = f"now {mode}"
         else:
-            head = mode if mode == was else f"now {mode}"
+            head = f"{mode} again" if named not in (None, mode) else mode
         return f"{head} ({'; '.join(why)}): {folders} folders and {files} files given its modes"
 
 
@@ -117,33 +138,50 @@ def decide(asked: str | None, found: Found, always: bool = False, seen: tuple[st
     says `found` (`seen`: the mode it was found to have, where it records none)."""
     if found.layout is None:  # a new store: made with the mode, nothing to follow
         return Plan(chosen(asked, None), False, found)
-    mode = asked or found.recorded or (seen[0] if seen else DEFAULT_STORE_MODE)
-    walk = found.recorded is None or must_follow(asked, found.recorded, always)
-    return Plan(mode, walk, found, None if asked else seen)
+    mode = asked or found.marked or found.recorded or (seen[0] if seen else DEFAULT_STORE_MODE)
+    walk = found.under_way is not None or found.recorded is None or must_follow(asked, found.recorded, always)
+    return Plan(mode, walk, found, None if asked or found.marked else seen)
 
 
 def plan(root: Layer, asked: str | None, always: bool = False) -> Plan:
     """What `decide` says of the store at `root`, after looking at it."""
     found = look(root)
     seen = None
-    if found.layout is not None and not asked and found.recorded is None:
+    if found.layout is not None and not asked and not found.marked and found.recorded is None:
         seen = reach_found(root)
     return decide(asked, found, always, seen)
 
 
 def look(root: Layer) -> Found:
-    """The layout's mode; Found() where lazyfs has not laid the store out (or
-    cannot look: opening it for writing then says why)."""
+    """The layout's mode and the mark of a change under way; Found() where
+    lazyfs has not laid the store out (or cannot look: opening it for
+    writing then says why)."""
     try:
         meta = root.open_dir([RESERVED_NAME])
     except OSError:
         return Found()
     try:
-        return Found(stat.S_IMODE(os.stat(LAYOUT, dir_fd=meta, follow_symlinks=False).st_mode))
+        layout = stat.S_IMODE(os.stat(LAYOUT, dir_fd=meta, follow_symlinks=False).st_mode)
     except OSError:
-        return Found()
+        layout = None
+    try:
+        return Found(layout, _mark(meta))
     finally:
         os.close(meta)
+
+
+def _mark(meta: int) -> str | None:
+    try:
+        fd = os.open(UNDER_WAY, FILE_FLAGS, dir_fd=meta)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ""  # there, but naming no mode we may read: the store is walked all the same
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return f.read(64).decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def reach_found(root: Layer) -> tuple[str, str]:
@@ -161,11 +199,23 @@ def reach_found(root: Layer) -> tuple[str, str]:
 
 def follow(root: Layer, identities: IdentityRecords, modes: Permissions, how: Plan) -> None:
     """Make the store follow `modes` where `how` says it must (the module's
-    note): one line says what changed."""
+    note): marked under way first, the mark removed last; one line says
+    what changed."""
     if not how.walk:
         return
-    walk = Walk(root, identities, modes)
-    walk.run(open_root=how.seen is None)
+    meta = root.open_dir([RESERVED_NAME])
+    try:
+        try:
+            write_small(meta, UNDER_WAY, f"{how.mode}\n".encode())
+            os.fsync(meta)
+        except OSError as e:
+            raise StoreError(f"cannot give store {root.path} mode {how.mode}: cannot mark the change under way "
+                             f"in {RESERVED_NAME}/{UNDER_WAY} ({e.strerror})", e.errno or errno.EIO) from None
+        walk = Walk(root, identities, modes)
+        walk.run(open_root=how.seen is None)
+        remove(meta, UNDER_WAY)
+    finally:
+        os.close(meta)
     line = how.said(walk.folders, walk.files)
     if line:
         log.info("store %s: %s", root.path, line)

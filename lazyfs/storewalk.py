@@ -49,6 +49,27 @@ def reach(st: os.stat_result) -> int:
     return PUBLIC if bits & 0o007 else GROUP if bits & 0o070 else PRIVATE
 
 
+def cannot_give(store: str, what: str, mode: int, e: OSError, st: os.stat_result) -> str:
+    """The one line for a mode the store's `what` could not be given, with
+    advice from the cause: a file of another owner is this user's to leave
+    alone; one its owner (or root) may not change has an attribute that
+    forbids it (chattr +i or +a)."""
+    said = f"cannot give {quoted(what)} in store {store} mode {mode:04o} ({e.strerror})"
+    if e.errno == errno.EROFS:
+        return f"{said}: the store's filesystem is mounted read-only (serve a read-only store as --prebaked)"
+    if e.errno != errno.EPERM:
+        return said
+    uid, path = os.geteuid(), quoted(os.path.normpath(os.path.join(store, what)))
+    if uid not in (0, st.st_uid):
+        return f"{said}: it belongs to uid {st.st_uid}, not to this user (uid {uid}): run as the store's owner"
+    if uid == st.st_uid:
+        return (f"{said}: not even its owner may change it, so it is immutable or append-only: lsattr {path} "
+                "shows which (chattr -i or -a, as root, lifts it)")
+    return (f"{said}: not even root may change it: it is immutable or append-only (lsattr {path} shows which; "
+            f"chattr -i or -a lifts it), or the filesystem does not grant root its rights (NFS root_squash: run "
+            f"as its owner, uid {st.st_uid})")
+
+
 @dataclass
 class Walk:
     """Gives what follows the mode its bits (`modes`); counts what it changed."""
@@ -76,8 +97,7 @@ class Walk:
         try:
             os.fchmod(fd, mode)
         except OSError as e:
-            raise StoreError(f"cannot give {quoted(what)} in store {self.root.path} mode {mode:04o} ({e.strerror}): "
-                             "run as the store's owner", e.errno or errno.EPERM) from None
+            raise StoreError(cannot_give(self.root.path, what, mode, e, st), e.errno or errno.EPERM) from None
         if stat.S_ISDIR(st.st_mode):
             self.folders += 1
         else:

@@ -21,6 +21,7 @@ from typing import Iterator
 import pytest
 
 from support.mounting import FS, is_mounted, lazyfs_cli, wait_until
+from support.mountproc import MountFailed
 from support.pagecache import KERNEL_CACHES, drop_from_page_cache
 from support.proxy import Fault
 from support.s3server import free_port, s3_client
@@ -236,6 +237,44 @@ def test_a_public_image_an_older_lazyfs_baked_stays_public(mount, proxy, s3, buc
     assert "public, recorded now" in said and "private" not in said, said
     assert modes(store, P, f"{P}/new", ".lazyfs") == dict.fromkeys((P, f"{P}/new", ".lazyfs"), 0o755)
     assert (nobody_reads(store / P / "a.bin"), nobody_reads(store / P / "new/c.bin")) == (a, c)
+
+
+def test_a_change_of_mode_cut_short_is_finished_by_the_next_mount(mount, proxy, s3, bucket, fs: FS, tmp_path: Path):
+    """An immutable file rightly stopped a mount told --store-mode private of
+    a public store, but the change was left half made (files 0400 and 0444,
+    folders 0755, the record public) and the next mount, told no mode,
+    walked nothing; the error line told root, the file's owner, to run as
+    the store's owner."""
+    a, b = os.urandom(1000), os.urandom(1000)
+    s3.put_object(Bucket=bucket, Key=f"{P}/a.bin", Body=a)
+    s3.put_object(Bucket=bucket, Key=f"{P}/sub/b.bin", Body=b)
+    store = tmp_path / "image"
+    res = lazyfs_cli(["bake", "--prefix", f"s3://{bucket}/{P}", "--to", str(store), "--store-mode", "public",
+                      "--endpoint-url", proxy.endpoint])
+    assert res.returncode == 0, res.stdout + res.stderr
+    stuck = store / P / "sub/b.bin"
+    res = subprocess.run(["chattr", "+i", str(stuck)], capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:  # not root, no chattr, or a filesystem without the attribute (tmpfs)
+        pytest.skip(f"chattr +i is refused here: {res.stderr.strip() or res.returncode}")
+    try:
+        with pytest.raises(MountFailed) as stopped:
+            mount("--prefix", f"s3://{bucket}/{P}", "--store-mode", "private", store=store)
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], capture_output=True, timeout=30)
+    assert mode(stuck) == 0o444 and mode(store / ".lazyfs/layout") == 0o444
+
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    assert modes(store, f"{P}/a.bin", f"{P}/sub/b.bin", ".lazyfs/layout") == dict.fromkeys(
+        (f"{P}/a.bin", f"{P}/sub/b.bin", ".lazyfs/layout"), 0o400)
+    assert modes(store, "models", P, f"{P}/sub", ".lazyfs") == dict.fromkeys(("models", P, f"{P}/sub", ".lazyfs"),
+                                                                            0o700)
+    assert f"store {store}: now private (it was public; a change to private was cut short: finished now)" in m.log()
+    assert fs.read(m.file(f"{P}/sub/b.bin")) == b
+    assert m.stop() == 0
+    assert str(stopped.value).startswith("lazyfs exited with 1")
+    assert (f'lazyfs: error: cannot give "{P}/sub/b.bin" in store {store} mode 0400 (Operation not permitted): '
+            f'not even its owner may change it, so it is immutable or append-only: lsattr "{stuck}" shows which '
+            "(chattr -i or -a, as root, lifts it)") in str(stopped.value)
 
 
 # -- identity without user xattrs --------------------------------------------------------------

@@ -150,22 +150,59 @@ def test_a_bake_makes_a_store_of_its_own_mode_whole_again(tmp_path: Path) -> Non
     assert mode(root / "m/sub") == 0o755
 
 
-def test_a_file_that_cannot_be_given_the_mode_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = tmp_path / "s"
-    put(root, "private", "m/a.bin")
-    real = os.fchmod
+def refuse_fchmod(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    """fchmod of `path` fails with EPERM, as for a file of another owner, or an immutable one."""
+    real, ino = os.fchmod, path.stat().st_ino
 
     def refused(fd: int, bits: int) -> None:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
+        if os.fstat(fd).st_ino == ino:
             raise PermissionError(errno.EPERM, "Operation not permitted")
         real(fd, bits)
 
     monkeypatch.setattr(os, "fchmod", refused)
+
+
+def test_a_file_that_cannot_be_given_the_mode_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "s"
+    put(root, "private", "m/a.bin")
+    refuse_fchmod(monkeypatch, root / "m/a.bin")
+    owner = (root / "m/a.bin").stat().st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1000)  # neither its owner nor root
     with pytest.raises(StoreError) as info:
         put(root, "public")
     assert str(info.value) == (f'cannot give "m/a.bin" in store {root} mode 0444 (Operation not permitted): '
+                               f"it belongs to uid {owner}, not to this user (uid {owner + 1000}): "
                                "run as the store's owner")
-    assert mode(root / ".lazyfs/layout") == 0o400, "the record is changed last: the next open tries again"
+    assert mode(root / ".lazyfs/layout") == 0o400, "the record is changed last"
+    assert (root / ".lazyfs/mode-change").read_text() == "public\n", "the change is marked as under way"
+
+
+def stat_of(uid: int) -> os.stat_result:
+    return os.stat_result((stat.S_IFREG | 0o444, 1, 1, 1, uid, 0, 0, 0, 0, 0))
+
+
+def test_a_mode_refused_is_explained_from_its_cause(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EPERM said "run as the store's owner" also to the owner, and to root,
+    refused by an immutable file (chattr +i): no change of user helps there."""
+    from lazyfs.storewalk import cannot_give
+
+    eperm, said = PermissionError(errno.EPERM, "Operation not permitted"), \
+        'cannot give "m/b.txt" in store /s mode 0400 (Operation not permitted): '
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert cannot_give("/s", "m/b.txt", 0o400, eperm, stat_of(1000)) == said + (
+        'not even its owner may change it, so it is immutable or append-only: lsattr "/s/m/b.txt" shows which '
+        "(chattr -i or -a, as root, lifts it)")
+    assert cannot_give("/s", "m/b.txt", 0o400, eperm, stat_of(1001)).endswith(
+        "it belongs to uid 1001, not to this user (uid 1000): run as the store's owner")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert cannot_give("/s", "m/b.txt", 0o400, eperm, stat_of(0)).startswith(said + "not even its owner")
+    assert cannot_give("/s", "m/b.txt", 0o400, eperm, stat_of(1001)) == said + (
+        'not even root may change it: it is immutable or append-only (lsattr "/s/m/b.txt" shows which; chattr -i '
+        "or -a lifts it), or the filesystem does not grant root its rights (NFS root_squash: run as its owner, "
+        "uid 1001)")
+    erofs = OSError(errno.EROFS, "Read-only file system")
+    assert cannot_give("/s", ".", 0o755, erofs, stat_of(0)).endswith(
+        "(Read-only file system): the store's filesystem is mounted read-only (serve a read-only store as --prebaked)")
 
 
 # -- a store whose layout records no mode (an older lazyfs's) ---------------------------------------------
@@ -241,12 +278,59 @@ def test_a_store_that_records_no_mode_follows_one_it_is_told(tmp_path: Path,
                                "lazyfs wrote it so): 2 folders and 2 files given its modes"]
 
 
+# -- a change cut short --------------------------------------------------------------------------------
+
+def cut_short(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A public store whose change to private stopped at m/b.bin (an immutable file)."""
+    put(root, "public", "m/a.bin", "m/b.bin", "m/sub/c.bin")
+    with monkeypatch.context() as patch:
+        refuse_fchmod(patch, root / "m/b.bin")
+        with pytest.raises(StoreError):
+            put(root, "private")
+
+
+def test_a_change_cut_short_is_finished_by_the_next_open_told_no_mode(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """It left the store mixed (files 0400 and 0444, folders 0755) with its
+    record saying public: the next mount told no mode walked nothing."""
+    root = tmp_path / "s"
+    cut_short(root, monkeypatch)
+    assert mode(root / "m/b.bin") == 0o444 and mode(root / ".lazyfs/layout") == 0o444
+    with caplog.at_level("INFO", "lazyfs.storemodes"):
+        assert put(root, None) == "private"
+    assert modes_of(root, "m/a.bin", "m/b.bin", "m/sub/c.bin", ".lazyfs/layout") == {0o400}
+    assert modes_of(root, "m", "m/sub", ".lazyfs") == {0o700}
+    assert not (root / ".lazyfs/mode-change").exists()
+    assert caplog.messages[-1].startswith(f"store {root}: now private (it was public; a change to private was cut "
+                                          "short: finished now): ")
+    caplog.clear()
+    with caplog.at_level("INFO", "lazyfs.storemodes"):
+        assert put(root, None) == "private"
+    assert caplog.messages == [], "a store whole in its mode is not walked"
+
+
+def test_a_change_cut_short_gives_way_to_a_mode_given_now(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "s"
+    cut_short(root, monkeypatch)
+    with caplog.at_level("INFO", "lazyfs.storemodes"):
+        assert put(root, "public") == "public"
+    assert modes_of(root, "m/a.bin", "m/b.bin", "m/sub/c.bin", ".lazyfs/layout") == {0o444}
+    assert not (root / ".lazyfs/mode-change").exists()
+    assert caplog.messages[-1].startswith(f"store {root}: public again (it was public; a change to private was cut "
+                                          "short: undone now): ")
+
+
 @pytest.mark.parametrize("asked, found, always, mode, walk", [
     (None, {}, False, "private", False),  # a new store
     ("public", {}, True, "public", False),
     (None, {"layout": 0o444}, False, "public", False),
     (None, {"layout": 0o444}, True, "public", True),  # a bake sets a mixed store right
     ("group", {"layout": 0o444}, False, "group", True),
+    (None, {"layout": 0o444, "under_way": "private"}, False, "private", True),  # a change cut short: finished
+    ("public", {"layout": 0o444, "under_way": "private"}, False, "public", True),  # ... or undone, when told
+    (None, {"layout": 0o444, "under_way": "bogus"}, False, "public", True),
     (None, {"layout": 0o600}, False, "group", True),  # records none: the mode found (group, below)
     ("private", {"layout": 0o600}, False, "private", True),
 ])
@@ -266,6 +350,14 @@ def test_what_a_store_is_given_and_whether_it_is_walked(asked: str | None, found
     ({"layout": 0o600}, "private", ("private", ""), "found private: nothing lazyfs put there was open to other users"),
     ({"layout": 0o600}, "private", None, "now private (.lazyfs/layout was 0600, which records no mode: an older "
      "lazyfs wrote it so)"),
+    ({"layout": 0o444, "under_way": "private"}, "private", None,
+     "now private (it was public; a change to private was cut short: finished now)"),
+    ({"layout": 0o444, "under_way": "private"}, "public", None,
+     "public again (it was public; a change to private was cut short: undone now)"),
+    ({"layout": 0o444, "under_way": "private"}, "group", None,
+     "now group (it was public; a change to private was cut short: replaced by this one now)"),
+    ({"layout": 0o444, "under_way": ""}, "public", None, "public (it was public; a change of mode was cut short: "
+     "made whole now)"),
 ])
 def test_the_line_says_what_was_found_and_what_changed(found: dict[str, Any], mode: str, seen: tuple[str, str] | None,
                                                        line: str) -> None:
@@ -275,3 +367,4 @@ def test_the_line_says_what_was_found_and_what_changed(found: dict[str, Any], mo
 
 def test_a_store_whole_in_the_mode_it_records_says_nothing() -> None:
     assert storemodes.Plan("public", True, storemodes.Found(0o444)).said(0, 0) is None
+    assert storemodes.Plan("public", True, storemodes.Found(0o444, "public")).said(0, 0) is not None
