@@ -87,6 +87,10 @@ class Fault:
     seconds: float = 0.0
     rate: float = 0.0  # throttle: body bytes per second
     body_b64: str = ""  # replace: the object's new content
+    # replace: leave the object as it is and answer as if it had been replaced: the new content is put under
+    # proxy-scratch/<key> and the request answered from there (a HEAD then says another version, while GETs
+    # already asked, or still to come, meet the listed one: no race with them).
+    elsewhere: bool = False
     # Request headers not forwarded, as by a server that ignores them ("Range", "If-Match"); with any kind.
     ignore: list[str] = field(default_factory=list)
     shift: int = 0  # shift: the Range forwarded starts (and ends) this many bytes later than asked
@@ -192,8 +196,13 @@ class _Handler(BaseHTTPRequestHandler):
         req.fault = fault.kind if fault else ""
         with self.state.lock:
             self.state.requests.append(req)
+        path = self.path
         if fault is not None and fault.kind == "replace":
-            self._replace(req.bucket, req.key, base64.b64decode(fault.body_b64))
+            target = f"proxy-scratch/{req.key}" if fault.elsewhere else req.key
+            self._replace(req.bucket, target, base64.b64decode(fault.body_b64))
+            if fault.elsewhere:
+                path = urllib.parse.urlunsplit(split._replace(
+                    path=f"/{urllib.parse.quote(req.bucket)}/{urllib.parse.quote(target)}"))
         if fault is not None and fault.kind == "delay":
             time.sleep(fault.seconds)
         if fault is not None and fault.kind == "status":
@@ -205,7 +214,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
         if fault is not None:
             headers = _as_misread(headers, fault)
-        status, resp_headers, data = self._upstream(self.command, self.path, body, headers)
+        status, resp_headers, data = self._upstream(self.command, path, body, headers)
         req.status = status
         self.send_response(status)
         for name, value in resp_headers:
