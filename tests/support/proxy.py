@@ -11,7 +11,9 @@ body sent at a set rate (a slow link), and replacing the object upstream just be
 ranged GETs).  It can also play a server (or a cache, a gateway in front of one) that answers something else than
 asked: request headers it ignores (`ignore`: Range, answered 200 with the whole object; If-Match, answered by
 whatever version the key holds), or another range than asked (`shift`, with its own true Content-Range).  A fault
-applies to the next `times` matching requests.
+applies to the next `times` matching requests.  Apart from the faults, a link rate (`S3Proxy.link`) caps the bytes
+per second of all response bodies together: a slow link every connection shares, as a `tc tbf` on a real one (a
+`throttle` fault paces each request on its own).
 
 It runs in a separate process because a test that reads a mount through mmap
 holds its interpreter's GIL during the page fault: a proxy thread in the same
@@ -125,6 +127,7 @@ class _State:
         self.requests: list[Request] = []
         self.faults: list[Fault] = []
         self.lock = threading.Lock()
+        self.link = _Link()
 
     def take_fault(self, req: Request) -> Fault | None:
         with self.lock:
@@ -132,6 +135,34 @@ class _State:
                 if f.take(req):
                     return f
         return None
+
+
+class _Link:
+    """One link every response body shares, at `rate` bytes per second (0: unlimited).
+
+    Each piece a connection sends takes its turn on the link: a sender reserves
+    the next free slot and waits for it, so N connections sending at once get
+    about rate / N each (round robin, one piece per turn)."""
+
+    def __init__(self) -> None:
+        self.rate = 0.0
+        self._free_at = 0.0  # time.monotonic() when the link is next free
+        self._lock = threading.Lock()
+
+    def set(self, rate: float) -> None:
+        with self._lock:
+            self.rate = rate
+            self._free_at = 0.0
+
+    def wait_turn(self, nbytes: int) -> None:
+        with self._lock:
+            if self.rate <= 0:
+                return
+            now = time.monotonic()
+            start = max(now, self._free_at)
+            self._free_at = start + nbytes / self.rate
+        if start > now:
+            time.sleep(start - now)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -170,6 +201,10 @@ class _Handler(BaseHTTPRequestHandler):
             elif what == "clear":
                 st.faults.clear()
                 st.requests.clear()
+                st.link.set(0.0)
+                out = {"ok": True}
+            elif what == "link" and self.command == "POST":
+                st.link.set(float(body["rate"]))
                 out = {"ok": True}
             else:
                 out = {"error": what}
@@ -260,6 +295,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             while sent < limit:
                 piece = data[sent:min(limit, sent + _PIECE)]
+                self.state.link.wait_turn(len(piece))
                 self.wfile.write(piece)
                 sent += len(piece)
                 if kind == "throttle":
@@ -393,6 +429,10 @@ class S3Proxy:
 
     def add(self, fault: Fault) -> None:
         self._call("faults", asdict(fault))
+
+    def link(self, rate: float) -> None:
+        """Cap all response bodies together at `rate` bytes per second (0: no cap)."""
+        self._call("link", {"rate": rate})
 
     def faults(self) -> list[Fault]:
         return [Fault(**f) for f in self._call("faults")]
