@@ -197,7 +197,10 @@ class CrtTransfer:
                 time.sleep(delay)
                 pos = state.reached
                 # The client shows no byte of a part until all of it is in (partpace.py): after a
-                # stall, the rest comes block by block, each seen as it lands, on the link grown slow.
+                # stall, the rest comes block by block, each seen as it lands, on the link grown slow,
+                # and the sweep's next requests are sized for it.
+                if state.stalled:
+                    job.stalled(job.block_size if split else job.end - state.start, self.cfg.read_timeout)
                 split = split or state.stalled
 
     def _one_request(self, state: _Received, split: bool = False) -> None:

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import trio
 
 from lazyfs.download import Download, Request
+from lazyfs.partpace import Wire
 
 
 def pick(downloads: Iterable[Download], demanded_only: bool = False) -> tuple[Download, Request] | None:
@@ -57,12 +58,14 @@ class Dispatcher:
         self._start = start  # must pin the download before it returns
         self._work = trio.Event()
         self.closing = False
+        self.wire = Wire()  # the requests started and not yet released (partpace.py learns the link's rate from it)
 
     def poke(self) -> None:
         self._work.set()
 
     def release(self) -> None:
         """A request finished (or failed): its slot is free."""
+        self.wire.ended()
         self._slots.release()
         self.poke()
 
@@ -80,4 +83,5 @@ class Dispatcher:
             except BaseException:
                 self._slots.release()  # no request took this slot
                 raise
+            self.wire.started()
             self._start(*picked)

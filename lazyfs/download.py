@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
 import trio
@@ -29,7 +28,7 @@ from lazyfs.lastbytes import verify_deadline
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta
 from lazyfs.partials import Partial
-from lazyfs.partpace import PartPace
+from lazyfs.partpace import Attempt, Limits, PartPace, Wire
 from lazyfs.piecesums import PieceSums
 from lazyfs.pin import Pin
 from lazyfs.storewrite import WriteTurns
@@ -49,37 +48,25 @@ RECORD_FOLLOWED_S = 0.2
 FOLLOWED_S = 3.0
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """How one download may use the network."""
-
-    part_blocks: int  # blocks per request of the sequential sweep
-    max_requests: int  # requests in flight once the first bytes arrived
-    read_deadline: float  # longest a reader waits for its bytes (EIO after)
-    # The CRT hands over a request's bytes only once whole: a reader's requests are then 1 block.
-    whole_parts: bool = False
-    unseen_s: float = 0.0  # with it, the shorter of --read-deadline and --read-timeout (partpace.py)
-
-
 class Request:
     """One ranged GET in flight: bytes [start, end), `filled` of them on disk."""
 
     __slots__ = ("attempt", "end", "filled", "first_block", "next_block", "start")
 
-    def __init__(self, start: int, end: int, first_block: int) -> None:
+    def __init__(self, start: int, end: int, first_block: int, attempt: Attempt) -> None:
         self.start = start
         self.end = end
         self.filled = 0
         self.first_block = first_block
         self.next_block = first_block  # the first block not yet DONE
-        self.attempt = (start, time.monotonic())  # (first byte, when) of its attempt under way: what pace measures
+        self.attempt = attempt  # when its attempt under way began: what the pace measures (partpace.py)
 
 
 class Download:
     def __init__(self, obj: RemoteObject, partial: Partial, limits: Limits, pages: PageBudget, *,
                  background: bool, keep: bool = True, on_work: Callable[[], None] = lambda: None,
                  on_closed: Callable[[Partial], None] = lambda p: None,
-                 close_fd: Callable[[int], None] = os.close) -> None:
+                 close_fd: Callable[[int], None] = os.close, wire: Wire | None = None) -> None:
         self.obj = obj
         self.limits = limits
         self.pages = pages
@@ -113,7 +100,8 @@ class Download:
         self._fd_closed = False
         self.generation = 1  # attempts at the file; bytes of an earlier one failed (lastbytes.py)
         self.waiters: list[tuple[int, int, trio.Event]] = []  # readers, also across a start-over
-        self.pace = PartPace(limits.part_blocks, partial.block_size, limits.unseen_s)  # blocks per sweep request
+        # Blocks per sweep request: it learns the link's rate (`wire`: the process's requests, every download's).
+        self.pace = PartPace(limits, partial.block_size, wire or Wire(), lambda: self.obj.size - self.done_bytes)
         self.attach(partial)
 
     def attach(self, partial: Partial) -> None:
@@ -321,7 +309,7 @@ class Download:
         last = first
         while last < self.nblocks and last - first < max_blocks and self.state[last] == PENDING:
             last += 1
-        req = Request(first * self.block_size, self.block_end(last - 1), first)
+        req = Request(start := first * self.block_size, self.block_end(last - 1), first, self.pace.stamp(start))
         for i in range(first, last):
             self.state[i] = ACTIVE
             self.owner[i] = req
@@ -352,7 +340,7 @@ class Download:
             req.next_block += 1
         if req.start + filled >= req.end:
             self.requests.discard(req)
-            self.pace.landed(req.end - req.attempt[0], time.monotonic() - req.attempt[1])
+            self.pace.landed(req)
         if done and self.ndone == self.nblocks:
             self.held = frozenset(done)  # this landing completed the file: held until it is verified
         if done:

@@ -26,7 +26,7 @@ from lazyfs.budget import Budget
 from lazyfs.config import FetchConfig, RemoteConfig, default_of
 from lazyfs.coop import ForeignDownload, hear_wants
 from lazyfs.dispatch import Dispatcher
-from lazyfs.download import Download, Limits
+from lazyfs.download import Download
 from lazyfs.errors import LazyfsError, RemoteUnavailable, ShuttingDown, StoreError
 from lazyfs.filemap import PageBudget
 from lazyfs.filestate import FileState
@@ -34,6 +34,7 @@ from lazyfs.namespace import RemoteObject, Version
 from lazyfs.objectstore import ObjectStore
 from lazyfs.pagecache import Prefaulter
 from lazyfs.partials import Partial
+from lazyfs.partpace import Limits
 from lazyfs.probe import (
     Fetch,
     Foreign,
@@ -358,7 +359,8 @@ class Fetcher:
             partial.close()
             raise ShuttingDown(f"{wording.quoted(obj.uri)}: lazyfs is shutting down", bucket=obj.bucket, key=obj.key)
         dl = Download(obj, partial, self._limits, self.pages, background=background, keep=keep,
-                      on_work=self.poke, on_closed=self.runner.discard_later, close_fd=self.close_fd)
+                      on_work=self.poke, on_closed=self.runner.discard_later, close_fd=self.close_fd,
+                      wire=self._dispatcher.wire)
         dl.lock_fd = lock
         dl.wants_order = self.cfg.model_readahead and modelaware.is_safetensors(obj.key)
         self._downloads[obj.version] = dl

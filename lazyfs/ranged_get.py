@@ -57,6 +57,8 @@ class RangeJob:
     sums: PieceSums | None = None  # the download's piece CRCs (piecesums.py)
     # An attempt begins at this byte (the CRT's fetch says so, the first and each retry after its backoff).
     attempting: Callable[[int], None] = lambda first_byte: None
+    # The CRT's fetch cancelled an attempt as stalled: its last n bytes did not come within s seconds.
+    stalled: Callable[[int, float], None] = lambda n, s: None
 
     def writer(self) -> PieceWriter:
         return PieceWriter(self.fd, self.obj, self.direct, self.write_turns, self.sums)

@@ -129,7 +129,9 @@ class Runner:
                        sums=dl.sums, cancelled=lambda: dl.cancelled,
                        posted=lambda n: self._post(self._landed, dl, req, n),
                        got_meta=lambda meta: self._post(self._got_meta, dl, meta),
-                       attempting=lambda first_byte: self._post(self._attempting, req, first_byte, time.monotonic()))
+                       # The pace times the attempt that delivers, not the failures and waits before (partpace.py).
+                       attempting=lambda first_byte: self._post(dl.pace.attempting, req, first_byte, time.monotonic()),
+                       stalled=lambda n, s: self._post(dl.pace.stalled, req, n, s))
         try:
             with reader_request(self.hooks.quiet):
                 await run_sync(self._in_thread, functools.partial(self.fetch_range, job), handoff,
@@ -164,11 +166,6 @@ class Runner:
             return work()
         finally:
             self._post(handoff.pin.release)
-
-    def _attempting(self, req: Request, first_byte: int, at: float) -> None:
-        """A request's attempt began at `at` (a retry's, after its backoff): a failed or
-        throttled attempt, and the wait before the next, say nothing of the link's speed."""
-        req.attempt = (first_byte, at)
 
     def _got_meta(self, dl: Download, meta: ResponseMeta) -> None:
         if dl.meta is None or meta.checksum is not None:

@@ -85,7 +85,8 @@ def test_where_requests_arrive_whole_the_sweep_takes_what_lands_within_the_deadl
                     unseen_s=3 if whole_parts else 0)
     dl = Download(obj, store.partials.open(obj, BLOCK), limits, PageBudget(), background=False)
     clock = [100.0]
-    monkeypatch.setattr("lazyfs.download.time", SimpleNamespace(monotonic=lambda: clock[0]))
+    for module in ("lazyfs.download", "lazyfs.partpace"):  # (the pace times the requests)
+        monkeypatch.setattr(f"{module}.time", SimpleNamespace(monotonic=lambda: clock[0]))
     first = dl.next_request()
     assert first is not None
     clock[0] += 1.0  # the first block took a third of the deadline
