@@ -10,12 +10,14 @@ sessions are not).  Every botocore failure leaves this module as one of the
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, cast
 
 import botocore.config
 import botocore.configprovider
 import botocore.exceptions
+import botocore.retries.quota
 import botocore.session
 import urllib3.exceptions
 
@@ -48,6 +50,42 @@ _BODY_ERRORS = (botocore.exceptions.ReadTimeoutError, botocore.exceptions.Incomp
 
 # Keys the start-up check asks for (see Remote.probe).
 PROBE_KEYS = 100
+
+
+class _NeverSpent(botocore.retries.quota.RetryQuota):
+    """botocore's retry quota, never spent: --retries N is N retries of each
+    request (README), however many fail at once.
+
+    In standard mode a client's requests share one quota of 500: a retry
+    after no response costs 14, a throttled one 5, and only successes give
+    some back; a request that finds it spent is not retried at all.  16
+    parallel GETs spent it within seconds of an outage (a tester's
+    `--retries 10` ended at `attempt 4 of 11`, as `--retries 4`), and right
+    after one a failure was not retried.  Retries are bounded without it:
+    N per request, botocore's backoff between them, at most
+    --max-connections GETs (and the lister's few LISTs) at a time."""
+
+    def acquire(self, capacity_amount: int) -> bool:
+        return True
+
+
+# No setting leaves the quota out: botocore makes it as it registers a new
+# client's retries (botocore.retries.standard.register_retry_handler calls
+# quota.RetryQuota()), so the class is swapped while our client is made,
+# one client at a time.  tests/unit/test_retry_quota.py fails if a botocore
+# upgrade makes it another way.
+_QUOTA_SWAP = threading.Lock()
+
+
+def _client(core: botocore.session.Session, **kwargs: Any) -> Any:
+    """An S3 client of `core` whose requests each get all their retries (_NeverSpent)."""
+    quota = botocore.retries.quota
+    with _QUOTA_SWAP:
+        stock, quota.RetryQuota = quota.RetryQuota, _NeverSpent  # type: ignore[misc]
+        try:
+            return core.create_client("s3", **kwargs)
+        finally:
+            quota.RetryQuota = stock  # type: ignore[misc]
 
 
 def addressing(flag: AddressingStyle | None, profile_s3: Any, endpoint_url: str | None) -> AddressingStyle:
@@ -97,8 +135,7 @@ class Remote:
         )
         # botocore's session and client are boto3's, without the import of
         # boto3 and s3transfer (start-up time).
-        self._client: Any = core.create_client("s3", endpoint_url=endpoint_url, region_name=cfg.region,
-                                               config=config)
+        self._client = _client(core, endpoint_url=endpoint_url, region_name=cfg.region, config=config)
         self._client.meta.events.register("before-parse.s3.ListObjectsV2", listxml.parse_listing_fast)
         # Every attempt counted, every retry logged (botocore's retries are its own).
         ClientAttempts(cfg.max_attempts).register(self._client.meta.events)
