@@ -18,7 +18,8 @@ were on the wire beside it, on average: `Wire`).  A request of the sweep is
 then a share of what the link brings in within `unseen_s`, split among the
 --max-connections requests that will run side by side (whole parts when
 all the rest of the file comes within it anyway), in whole blocks, at least
-one and at most --part-size.  Sizing them from a lone request's rate, as
+one and at most --part-size; from the file's first block, which ran alone,
+within half the time (_ALONE_SHARE).  Sizing them from a lone request's rate, as
 if each would have the link to itself, sent 16 parts of 8 MiB over a
 16 Mbit/s link: each took a minute, readers inside them got `EIO`, and
 their stalls wasted a third of the bytes.  A request cancelled as stalled
@@ -159,8 +160,10 @@ class PartPace:
         first, at, _ = req.attempt
         beside = self.wire.beside(req.attempt, now)
         rate = (req.end - first) / max(now - at, 1e-3)  # this request's
-        self._link = rate * beside if self._link is None else min(rate * beside, max(rate, self._link * _MOST_RISE))
-        self._alone = beside < 2
+        link = rate * beside
+        if self._link is not None:  # at least what this one got; what those beside it add, at most twofold
+            link = min(link, max(rate, self._link * _MOST_RISE))
+        self._learnt(link, beside)
 
     def stalled(self, req: Timed, nbytes: int, seconds: float) -> None:
         """No byte of `req`'s last `nbytes` came within `seconds` (crt.py cancels it as stalled):
@@ -168,4 +171,9 @@ class PartPace:
         beside = self.wire.beside(req.attempt, time.monotonic())
         bound = nbytes / seconds * beside
         if self._link is None or bound < self._link:
-            self._link, self._alone = bound, beside < 2
+            self._learnt(bound, beside)
+
+    def _learnt(self, link: float, beside: float) -> None:
+        self._link = link
+        # Measured alone, and to be spread over several (with --max-connections 1 it is not: a quarter, as ever).
+        self._alone = beside < 2 and self._sharing > 1

@@ -113,6 +113,19 @@ def test_a_stall_shrinks_the_requests_at_once(monkeypatch: pytest.MonkeyPatch) -
     assert link.pace.blocks == 1
 
 
+def test_with_one_connection_a_lone_request_is_not_spread_over_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its rate is the one the next request gets: a quarter of the time, as
+    with any measured rate (not the half a worst case earns)."""
+    limits = Limits(part_blocks=PART_BLOCKS, max_requests=1, read_deadline=60, whole_parts=True, unseen_s=UNSEEN_S)
+    now = [100.0]
+    monkeypatch.setattr("lazyfs.partpace.time", SimpleNamespace(monotonic=lambda: now[0]))
+    pace = PartPace(limits, MiB, Wire(), lambda: 1024 * MiB)
+    req = Req(0, MiB, pace.stamp(0))
+    now[0] += MiB / 1e6  # 1 MB/s: 5 MB in a quarter of 20 s, 10 in half
+    pace.landed(req)
+    assert pace.blocks == 4
+
+
 def test_boto3_requests_are_always_whole_parts(monkeypatch: pytest.MonkeyPatch) -> None:
     """boto3 hands bytes over as they come: nothing to pace."""
     limits = Limits(part_blocks=PART_BLOCKS, max_requests=CONNECTIONS, read_deadline=60)
