@@ -14,13 +14,13 @@ import base64
 import errno
 import os
 import random
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from support.filesystems import mounted_tmpfs
 from support.mounting import FS
 from support.proxy import Fault
 
@@ -36,18 +36,8 @@ FAST = ("--retries", "2", "--read-timeout", "2", "--read-deadline", "20", "--ref
 
 @pytest.fixture
 def small_disk(tmp_path: Path):
-    path = tmp_path / "store"
-    path.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(path)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot mount a tmpfs for the chaos test: {res.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs: {res.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "store", "size=24m,mode=0700", "the chaos test") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def open_files(pid: int) -> int:

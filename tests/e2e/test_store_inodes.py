@@ -11,13 +11,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 from test_observability import scrape
 
+from support.filesystems import mounted_tmpfs
 from support.mounting import FS, lazyfs_cli, wait_until
 from support.s3server import free_port
 
@@ -31,18 +31,8 @@ INODES = 40
 def few_inodes(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of 2 GiB (a limit, not memory taken) but INODES inodes
     (mounting one needs CAP_SYS_ADMIN, as FUSE does)."""
-    path = tmp_path / "few-inodes"
-    path.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=2g,nr_inodes={INODES},mode=0755", "tmpfs",
-                          str(path)], capture_output=True, text=True, timeout=30)
-    if res.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"this test must run in CI, but a tmpfs cannot be mounted here ({res.stderr.strip()})")
-        pytest.skip(f"a tmpfs cannot be mounted here ({res.stderr.strip() or res.returncode})")
-    try:
+    with mounted_tmpfs(tmp_path / "few-inodes", f"size=2g,nr_inodes={INODES},mode=0755", "this test") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
 
 @pytest.mark.log_errors("No space left on device: the store's filesystem has no free inodes")
