@@ -74,9 +74,7 @@ class Prefaulter:
         """`chunks` less those the page cache holds already (a file read since
         it was written, or by another process): asking costs a system call
         of a few microseconds, where reading them in costs a thread's round
-        trip.  A chunk counts as cached when its first and last pages are
-        (one-byte reads with RWF_NOWAIT, which fail rather than wait for the
-        disk)."""
+        trip (residency.py: a count that reads nothing in)."""
         if not self._nowait:
             return chunks
         for i in chunks:

@@ -15,9 +15,8 @@ by a CRC, which is never read back.
 What the page cache holds (pieces written buffered because a reader reads the
 file as it fills, `--store-writes buffered`, a file read since) is read from
 it: a copy from cached pages costs less than a disk read.  Asked per
-chunk, as pagecache.py asks: a one-byte read of its first and last pages
-with RWF_NOWAIT, which fails rather than wait for the disk (through a
-descriptor with read-ahead off: _twins says why).
+chunk, as pagecache.py asks (residency.py; where that falls back to reads
+with RWF_NOWAIT, through a descriptor with read-ahead off: _twins says why).
 
 Where O_DIRECT is refused (tmpfs before 6.6, some network filesystems) or the
 kernel cannot say what is cached, everything goes through the page cache.
@@ -35,6 +34,7 @@ import os
 import threading
 from typing import Any, Callable, Iterator
 
+from lazyfs import residency
 from lazyfs.errors import IntegrityError
 from lazyfs.stats import STATS
 
@@ -89,16 +89,9 @@ def _read_direct(direct_fd: int, buf: memoryview, pos: int, want: int) -> int:
 
 
 def in_page_cache(fd: int, start: int, end: int) -> bool | None:
-    """Whether the pages of bytes [start, end) are cached, judged by the
-    first and last (None: the kernel or filesystem cannot say)."""
-    probe = bytearray(1)
-    try:
-        return bool(os.preadv(fd, [probe], start, os.RWF_NOWAIT)) and \
-            bool(os.preadv(fd, [probe], end - 1, os.RWF_NOWAIT))
-    except BlockingIOError:
-        return False
-    except (OSError, AttributeError):  # (RWF_NOWAIT: Linux 4.14 and up)
-        return None
+    """Whether the pages of bytes [start, end) are cached (None: the kernel
+    or filesystem cannot say)."""
+    return residency.cached(fd, start, end)
 
 
 @contextlib.contextmanager
