@@ -45,9 +45,14 @@ def cached(fd: int, start: int, end: int) -> bool | None:
     if end <= start:
         return True
     counted = _cachestat(fd, start, end)
-    if counted is not None:
-        return counted >= -(-end // _PAGE) - start // _PAGE
-    return _nowait_probe(fd, start, end)
+    if counted is None:
+        return _nowait_probe(fd, start, end)
+    if counted < -(-end // _PAGE) - start // _PAGE:
+        return False
+    # Every page is there, but a page the kernel is still reading in counts
+    # too: its first and last pages must read without waiting (being there,
+    # they start no disk read when asked).
+    return _nowait_probe(fd, start, end) is not False
 
 
 def _cachestat(fd: int, start: int, end: int) -> int | None:
