@@ -86,6 +86,7 @@ class Catalog:
         self._attempted = trio.Event()  # replaced after every listing attempt
         self._saved = False  # a listing has been saved for offline starts
         self._lists: list[list[RemoteObject]] | None = None  # the live tree's listing, by source
+        self._patched = False  # the tree is not `_lists` as listed: an object's HEAD changed it since (patch)
         self._warned: set[str] = set()  # skipped keys said once
         self._warned_empty: set[Source] = set()  # folders with no object at a live listing, said once
         self.warn_empty = True  # (doctor says it in its own line instead)
@@ -172,7 +173,8 @@ class Catalog:
         try:
             # In a holder: when nothing changed, the worker drops the new listing.
             listing = [await self._list_all()]
-            tree = await run_sync(self._tree_if_changed, self._lists if self.live else None, listing)
+            before = self._lists if self.live and not self._patched else None  # (patched: the listing decides)
+            tree = await run_sync(self._tree_if_changed, before, listing)
         except LazyfsError as e:
             self.last = RefreshInfo(at=time.time(), ok=False, seconds=time.monotonic() - started,
                                     objects=self.tree.objects, error=str(e))
@@ -193,7 +195,7 @@ class Catalog:
         served = self.listed.is_set()
         previous, self.tree = [self.tree], tree
         old_lists, self._lists = [self._lists or []], per_source
-        was_live, was_offline, self.live, self.offline = self.live, self.offline, True, False
+        was_live, was_offline, self.live, self.offline, self._patched = self.live, self.offline, True, False, False
         self.listed.set()
         self._subtrees.clear()
         self._known.clear()
@@ -375,12 +377,19 @@ class Catalog:
                 (new is not None and new.same_bytes(old)):
             return Diff()
         tree = await run_sync(before.replaced, old.key, new)
-        if self.tree is not before:
+        if not self.patch(before, tree):
             return Diff()  # a listing was swapped in meanwhile: it knows better
-        self.tree = tree
         log.info("%s: %s", quoted(old.uri), "deleted in the object store" if new is None else
                  f"new version in the object store (ETag {new.etag}, {new.size} bytes)")
         return Diff(changed=((old, new),)) if new is not None else Diff(removed=(old,))
+
+    def patch(self, before: Tree, tree: Tree) -> bool:
+        """Serve `tree` (`before` with an object as its HEAD said) unless another was served meanwhile.  The
+        next listing then applies even if it names the last one's versions: a name a 404 took comes back."""
+        if self.tree is not before:
+            return False
+        self.tree, self._patched = tree, True
+        return True
 
     async def _list_subtree(self, path: str) -> Node | None:
         source = next(s for s in self.sources if (path + "/").startswith(s.prefix))

@@ -107,6 +107,9 @@ class FakeRemote:
         self.versioned: set[str] = set()  # buckets that keep versions
         self.versioning_status: dict[str, str] = {}  # bucket -> "Enabled" or "Suspended", once turned on
         self.history: dict[tuple[str, str], list[Stored]] = {}  # every version kept, oldest first
+        # Keys listed as usual whose GETs and HEADs answer 404 (ObjectNotFound), as SeaweedFS's for a
+        # while after a link flap, or a replica that lags behind the listing.
+        self.not_found: set[str] = set()
 
     # -- the test's side -----------------------------------------------------------
 
@@ -315,7 +318,7 @@ class FakeRemote:
 
     def _current(self, bucket: str, key: str, etag: str | None) -> Stored:
         with self._lock:
-            stored = self.objects.get((bucket, key))
+            stored = None if key in self.not_found else self.objects.get((bucket, key))
         if stored is None:
             raise ObjectNotFound(f"s3://{bucket}/{key} no longer exists", bucket=bucket, key=key)
         if etag and stored.etag != etag:
@@ -325,7 +328,8 @@ class FakeRemote:
     def _version(self, obj: RemoteObject) -> Stored:
         """The version `obj.version_id` names, as S3 answers ?versionId= (with If-Match on its ETag)."""
         with self._lock:
-            found = [s for s in self.history.get((obj.bucket, obj.key), []) if s.version_id == obj.version_id]
+            found = [s for s in self.history.get((obj.bucket, obj.key), []) if s.version_id == obj.version_id
+                     and obj.key not in self.not_found]
         if not any(b == obj.bucket for b, _ in self.history):  # never kept versions
             raise RemoteError(f"{obj.uri}: InvalidArgument: Invalid version id specified", bucket=obj.bucket,
                               key=obj.key)
