@@ -24,13 +24,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from contextlib import suppress
 from typing import Literal, Sequence
 
 import trio
 
 from lazyfs.config import Source
-from lazyfs.errors import LazyfsError, ObjectNotFound, RemoteError, RemoteUnavailable
+from lazyfs.errors import LazyfsError, RemoteError, RemoteUnavailable
 from lazyfs.inodes import InodeRef, listed_in
 from lazyfs.lister import Lister
 from lazyfs.listingswap import diff_dropping_old, drop_gradually, same_versions
@@ -301,13 +300,13 @@ class Catalog:
         sub = self._covering(path)
         if sub is not None:
             return sub.find(path)
-        return (await self._listed_or_failing()).find(path)
+        return (await self.listed_or_failing()).find(path)
 
     async def _listing_turn(self) -> None:
         if self.quiet is not None and not self.live:
             await self.quiet.turn()
 
-    async def _listed_or_failing(self) -> Tree:
+    async def listed_or_failing(self) -> Tree:
         """The tree once a listing is in (hurried: someone waits); while the first listing
         is failing, an error the kernel does not cache, instead of an empty answer."""
         if self.quiet is not None and not self.listed.is_set():
@@ -351,41 +350,11 @@ class Catalog:
             del self._probing[path]
             done.set()
 
-    async def recheck(self, old: RemoteObject) -> Diff:
-        """A download found `old` replaced or deleted in the object store: ask
-        the store about that one object (a HEAD) and swap what it says into
-        the snapshot now, so the next open reads the new version, without
-        waiting for the next listing.  Nothing changes if a listing got
-        there first or the store cannot be asked."""
-        if not self.listed.is_set():
-            # The first listing will replace this snapshot with its start-up
-            # page from before the change: hurry it in, then correct it.
-            with suppress(RemoteUnavailable):
-                await self._listed_or_failing()
-        try:
-            info = await run_sync(self.remote.head, old.bucket, old.key)
-            new: RemoteObject | None = dataclasses.replace(
-                info.obj, checksum_algorithm=info.checksum[0] if info.checksum else "")
-        except ObjectNotFound:
-            new = None
-        except RemoteError as e:
-            log.warning("%s: could not check its new version (%s); the next listing will", quoted(old.uri), e)
-            return Diff()
-        before = self.tree
-        current = before.find(old.key)
-        if not isinstance(current, RemoteObject) or not current.same_bytes(old) or \
-                (new is not None and new.same_bytes(old)):
-            return Diff()
-        tree = await run_sync(before.replaced, old.key, new)
-        if not self.patch(before, tree):
-            return Diff()  # a listing was swapped in meanwhile: it knows better
-        log.info("%s: %s", quoted(old.uri), "deleted in the object store" if new is None else
-                 f"new version in the object store (ETag {new.etag}, {new.size} bytes)")
-        return Diff(changed=((old, new),)) if new is not None else Diff(removed=(old,))
-
     def patch(self, before: Tree, tree: Tree) -> bool:
-        """Serve `tree` (`before` with an object as its HEAD said) unless another was served meanwhile.  The
-        next listing then applies even if it names the last one's versions: a name a 404 took comes back."""
+        """Serve `tree`, `before` with one object as its HEAD said (recheck.py), unless another tree was
+        served meanwhile.  The next listing is then applied even if it names the versions of the last one:
+        a name a 404 took comes back with it (a store whose listing names an object it does not find for
+        a while)."""
         if self.tree is not before:
             return False
         self.tree, self._patched = tree, True
@@ -405,7 +374,7 @@ class Catalog:
         if any(o.key.startswith(path + "/") for o in mine):
             self._known[path] = DirNode(path, {}, time.time_ns())
             return self._known[path]
-        return (await self._listed_or_failing()).find(path)
+        return (await self.listed_or_failing()).find(path)
 
     def _warn_skipped(self, tree: Tree, per_source: Sequence[list[RemoteObject]] = ()) -> None:
         for s in tree.skipped:

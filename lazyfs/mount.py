@@ -49,6 +49,7 @@ from lazyfs.objectstore import ObjectStore
 from lazyfs.offlinestart import offline_start, starts_offline
 from lazyfs.pinned import Pinning
 from lazyfs.quiet import Quiet
+from lazyfs.recheck import Rechecks
 from lazyfs.refresher import Refresher
 from lazyfs.remote import Remote
 from lazyfs.startup import FirstListing
@@ -227,19 +228,9 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: tuple[
     last_stop = LastStop(cfg.mountpoint, after=3 * SHUTDOWN_GRACE_S)
     warmer = Warmer(catalog, cfg, fetcher)
     refresher = drift or Refresher(catalog, cfg.refresh, [ops.kernel.forget_names, warmer.on_change])
-
-    async def object_changed(obj: RemoteObject) -> None:
-        """An object replaced or deleted in S3 during its download: learn its
-        new version now and tell the kernel, so the next open fetches it (a
-        full listing only if the object store could not say)."""
-        diff = await catalog.recheck(obj)
-        if not diff:
-            refresher.request()
-            return
-        ops.kernel.forget_names(diff)
-        warmer.on_change(diff)
-
-    fetcher.hooks.on_changed = object_changed
+    # An object replaced or deleted in S3 during its download: its HEAD, and a name a 404 took asked about again.
+    rechecks = Rechecks(catalog, cfg.refresh, [ops.kernel.forget_names, warmer.on_change], refresher.request)
+    fetcher.hooks.on_changed = rechecks.object_changed
     async with AsyncExitStack() as stack:
         signals = stack.enter_context(interrupt.mount_signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         try:
@@ -253,6 +244,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: tuple[
             await nursery.start(fetcher.run)
             # Every background task is supervised: it may fail, the mount goes on.
             nursery.start_soon(forever, "refresher", refresher.run)
+            nursery.start_soon(forever, "rechecks", rechecks.run)
             nursery.start_soon(forever, "prefetch", warmer.run)
             nursery.start_soon(forever, "killed readers", ops.kills.run)
             nursery.start_soon(forever, "signals", functools.partial(

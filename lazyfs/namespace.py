@@ -174,9 +174,11 @@ class Tree:
         return node
 
     def replaced(self, key: str, new: RemoteObject | None) -> Tree:
-        """This snapshot with the file at `key` replaced by `new` (or removed),
-        sharing every folder off the path to it; itself if there is no such
-        file.  O(path depth x folder size): build it in a worker thread."""
+        """This snapshot with the file at `key` replaced by `new`, removed
+        (None), or added into its folder (a name a 404 took, found again),
+        sharing every folder off the path to it; itself if its folder is not
+        there, or a folder stands at `key`, or there is nothing to remove.
+        O(path depth x folder size): build it in a worker thread."""
         parts = key.split("/")
         chain = [self.root]
         for part in parts[:-1]:
@@ -185,7 +187,7 @@ class Tree:
                 return self
             chain.append(child)
         old = chain[-1].children.get(parts[-1])
-        if not isinstance(old, RemoteObject):
+        if isinstance(old, DirNode) or (old is None and new is None):
             return self
         folder = chain[-1]
         children = dict(folder.children)
@@ -194,14 +196,14 @@ class Tree:
             node = DirNode(folder.path, children, folder.mtime_ns)
         else:
             children[parts[-1]] = new
-            node = DirNode(folder.path, children, folder.mtime_ns, folder.names)
+            node = DirNode(folder.path, children, folder.mtime_ns, folder.names if old is not None else None)
         for depth in range(len(chain) - 2, -1, -1):
             parent = chain[depth]
             siblings = dict(parent.children)
             siblings[parts[depth]] = node
             node = DirNode(parent.path, siblings, parent.mtime_ns, parent.names)
-        size = new.size if new is not None else 0
-        return Tree(node, self.objects - (new is None), self.total_bytes - old.size + size, self.skipped)
+        objects = self.objects - (new is None) + (old is None)
+        return Tree(node, objects, self.total_bytes - (old.size if old else 0) + (new.size if new else 0), self.skipped)
 
     def files(self) -> Iterator[RemoteObject]:
         stack = [self.root]

@@ -341,7 +341,7 @@ class Runner:
             e = ShuttingDown(f"{quoted(dl.obj.uri)}: download stopped (lazyfs is shutting down)",
                              bucket=dl.obj.bucket, key=dl.obj.key)
         elif isinstance(e, (ObjectChanged, ObjectNotFound)):  # (with what showed it, if not a 412: answers.py)
-            how = ("changed in the object store", e.detail) if isinstance(e, ObjectChanged) else ("deleted", "")
+            how = ("changed in the object store", e.detail) if isinstance(e, ObjectChanged) else ("not found (404)", "")
             log.warning("%s: %s during the download%s", quoted(dl.obj.uri), *how)
         elif isinstance(e, NoThread):
             pass  # threads.py said it, once a minute for the whole process

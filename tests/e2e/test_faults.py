@@ -168,7 +168,7 @@ def test_an_object_gone_since_the_listing_gives_enoent_and_is_dropped(fmount, pr
     with pytest.raises(FileNotFoundError):
         fs.read(m.file(key))
     wait_until(lambda: "w.bin" not in fs.listdir(m.path / P), what="the entry to be dropped")
-    assert "deleted during the download" in m.log()
+    assert "not found (404) during the download" in m.log()
 
 
 @pytest.mark.log_errors('cannot write it to the store', 'needs .* MiB but the store')

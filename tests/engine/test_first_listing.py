@@ -24,6 +24,7 @@ from lazyfs.inodes import ROOT_INODE
 from lazyfs.modeljson import Source
 from lazyfs.namespace import Diff
 from lazyfs.quiet import Quiet
+from lazyfs.recheck import Rechecks
 from lazyfs.refresher import Refresher
 from lazyfs.storespace import StoreSpace
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
@@ -257,7 +258,7 @@ async def test_a_refresh_after_the_first_listing_does_not_wait_for_quiet(remote:
 
 @trio_test
 async def test_an_object_replaced_before_the_first_listing_is_in_is_corrected_in_it(remote: FakeRemote) -> None:
-    """A download finds its object replaced (catalog.recheck) while the first
+    """A download finds its object replaced (Rechecks.recheck) while the first
     listing, built from the start-up page read before the change, is not in
     yet: the recheck waits for it and corrects it, or the listing would put
     the old version back and the next open would read it again (ESTALE)."""
@@ -268,7 +269,7 @@ async def test_an_object_replaced_before_the_first_listing_is_in_is_corrected_in
     got: list[Diff] = []
 
     async def recheck() -> None:
-        got.append(await catalog.recheck(old))
+        got.append(await Rechecks(catalog, 60.0).recheck(old))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(recheck)

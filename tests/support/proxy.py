@@ -11,9 +11,9 @@ body sent at a set rate (a slow link), and replacing the object upstream just be
 ranged GETs).  It can also play a server (or a cache, a gateway in front of one) that answers something else than
 asked: request headers it ignores (`ignore`: Range, answered 200 with the whole object; If-Match, answered by
 whatever version the key holds), or another range than asked (`shift`, with its own true Content-Range).  A fault
-applies to the next `times` matching requests.  Apart from the faults, a link rate (`S3Proxy.link`) caps the bytes
-per second of all response bodies together: a slow link every connection shares, as a `tc tbf` on a real one (a
-`throttle` fault paces each request on its own).
+applies to the next `times` matching requests, and with `lasts` only for that many seconds (a 404 for a while).
+Apart from the faults, a link rate (`S3Proxy.link`) caps the bytes per second of all response bodies together: a
+slow link every connection shares, as a `tc tbf` on a real one (a `throttle` fault paces each request on its own).
 
 It runs in a separate process because a test that reads a mount through mmap
 holds its interpreter's GIL during the page fault: a proxy thread in the same
@@ -96,6 +96,10 @@ class Fault:
     # Request headers not forwarded, as by a server that ignores them ("Range", "If-Match"); with any kind.
     ignore: list[str] = field(default_factory=list)
     shift: int = 0  # shift: the Range forwarded starts (and ends) this many bytes later than asked
+    # Only for this many seconds from when the proxy got the fault (0: until spent or cleared): a store that
+    # answers 404 for a while for an object its listing names (SeaweedFS after a link flap), an outage.
+    lasts: float = 0.0
+    added: float = 0.0  # (set by the proxy: time.monotonic() when it got the fault)
     seen: int = 0
     hits: int = 0
 
@@ -111,6 +115,8 @@ class Fault:
         if self.query is not None and any(req.query.get(k) != v for k, v in self.query.items()):
             return False
         if self.times is not None and self.hits >= self.times:
+            return False
+        if self.lasts and time.monotonic() - self.added > self.lasts:
             return False
         self.seen += 1
         if self.seen <= self.skip:
@@ -191,7 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
             if what == "requests":
                 out: Any = [asdict(r) | {"kind": r.kind} for r in st.requests]
             elif what == "faults" and self.command == "POST":
-                st.faults.append(Fault(**body))
+                st.faults.append(Fault(**body | {"added": time.monotonic()}))
                 out = {"ok": True}
             elif what == "faults":
                 out = [asdict(f) for f in st.faults]
