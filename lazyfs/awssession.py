@@ -24,6 +24,7 @@ import botocore.session
 
 from lazyfs.config import RemoteConfig
 from lazyfs.errors import AccessDenied, ConfigError, CredentialsUnreachable
+from lazyfs.redact import said
 
 log = logging.getLogger(__name__)
 
@@ -283,14 +284,6 @@ class _Helpers:
                         os.killpg(child.pid, signal.SIGKILL)
                     except OSError:  # gone meanwhile
                         pass
-
-
-def said(e: BaseException) -> str:
-    """An exception's text on one line, without the newline a helper's stderr ends in, nor the colon
-    some of botocore's end in (its container endpoint's: "... retrieve container metadata:")."""
-    if isinstance(e, OSError) and e.filename:
-        return f"{e.strerror or type(e).__name__}: {e.filename}"
-    return " ".join(str(e).split()).rstrip(":") or type(e).__name__
 
 
 def may_pass(e: BaseException) -> bool:

@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Any, NoReturn, Sequence
 
-from lazyfs import __version__, interrupt, options
+from lazyfs import __version__, interrupt, options, redact
 from lazyfs.config import bake_config, diff_config, doctor_config, lock_config, mount_config, status_config
 from lazyfs.errors import ConfigError, Interrupted, LazyfsError, UsageError, thread_limit
 from lazyfs.options import Option
@@ -138,7 +138,7 @@ class LibraryTracebacks(logging.Filter):
         if record.exc_info and record.name.split(".", 1)[0] in _LIBRARIES:
             exc = record.exc_info[1]
             if exc is not None:
-                record.msg = f"{record.getMessage()} ({type(exc).__name__}: {' '.join(str(exc).split())})"
+                record.msg = f"{record.getMessage()} ({type(exc).__name__}: {redact.said(exc)})"  # (a helper's stderr)
                 record.args = None
             record.exc_info = record.exc_text = None
         return True

@@ -33,6 +33,7 @@ import sys
 import threading
 from typing import Any, Callable
 
+from lazyfs import redact
 from lazyfs.errors import AccessDenied, CredentialsUnreachable
 from lazyfs.namespace import RemoteObject
 from lazyfs.wording import quoted
@@ -94,8 +95,8 @@ class BotocoreCredentials:
         except AccessDenied as e:  # none at all, or none yet (remote.py, awssession.py say so)
             raise self._failed(str(e), isinstance(e, CredentialsUnreachable)) from None
         except Exception as e:  # botocore's: CredentialRetrievalError, an expired SSO token, STS unreachable...
-            cause = " ".join(str(e).split())  # a helper's stderr ends in a newline
-            raise self._failed(f"no usable AWS credentials ({type(e).__name__}: {cause})", self._may_pass(e)) from None
+            raise self._failed(f"no usable AWS credentials ({type(e).__name__}: {redact.said(e)})",
+                               self._may_pass(e)) from None
         self._failure = ""
         return creds
 

@@ -21,7 +21,7 @@ import botocore.retries.quota
 import botocore.session
 import urllib3.exceptions
 
-from lazyfs import answers, awssession, errors, exhausted, listxml
+from lazyfs import answers, awssession, errors, exhausted, listxml, redact
 from lazyfs.clientretries import ClientAttempts, calling
 from lazyfs.config import AddressingStyle, RemoteConfig, Source, endpoint
 from lazyfs.crtcreds import BotocoreCredentials, CredentialsUnavailable, wait_for_credentials
@@ -345,10 +345,10 @@ class Remote:
                                             bucket=bucket, key=key)  # answered: reachable, failing
             return RemoteError(f"{where}: {code}: {message}", bucket=bucket, key=key)
         if isinstance(e, botocore.exceptions.NoCredentialsError):
-            return AccessDenied(f"no usable AWS credentials for {where} ({e})", bucket=bucket, key=key)
+            return AccessDenied(f"no usable AWS credentials for {where} ({redact.said(e)})", bucket=bucket, key=key)
         if isinstance(e, awssession.NO_CREDENTIALS):  # a refresh failed mid-run (a token revoked, an endpoint gone)
             kind = errors.CredentialsUnreachable if awssession.may_pass(e) else AccessDenied
-            return kind(f"no usable AWS credentials for {where} ({awssession.said(e)})", bucket=bucket, key=key)
+            return kind(f"no usable AWS credentials for {where} ({redact.said(e)})", bucket=bucket, key=key)
         if lack := exhausted.descriptor_errno(e):  # no socket to try with: not the network (exhausted.py)
             return errors.OutOfDescriptors(f"{where}: cannot open a connection to the object store: "
                                            f"{exhausted.descriptors(lack)}", lack, bucket=bucket, key=key)
