@@ -317,8 +317,12 @@ class Diff:
     # Files whose version stayed (same ETag and size: the same inode, the
     # same pages) but whose listing entry changed: the same bytes uploaded
     # again have a new Last-Modified, which `stat` must show (kernelcache.py).
-    # The new entries.
+    # The new entries.  Also those that differ only in what a saved listing
+    # does not keep (the checksum algorithm): going live from it, the inodes
+    # that stood for the saved entries stand for the live ones.
     retouched: tuple[RemoteObject, ...] = ()
+    # How many of `retouched` have a new date: what a user sees changed.
+    new_dates: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.added or self.removed or self.changed or self.folders or self.redated or self.retouched)
@@ -335,8 +339,9 @@ def diff_trees(old: Tree, new: Tree) -> Diff:
     # A file uploaded again with the same bytes is no change, but its new Last-Modified redates it and its folders.
     retouched = tuple(o for k, o in after.items() if k in before and before[k] != o and before[k].same_bytes(o))
     touched = added + removed + tuple(o for _, o in changed) + retouched
+    new_dates = sum(1 for o in retouched if before[o.key].mtime_ns != o.mtime_ns)
     return Diff(added, removed, changed, _folders_changed(old, new, added + removed),
-                _folders_redated(old, new, touched), retouched)
+                _folders_redated(old, new, touched), retouched, new_dates)
 
 
 def _folders_changed(old: Tree, new: Tree, moved: tuple[RemoteObject, ...]) -> tuple[str, ...]:

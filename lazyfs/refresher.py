@@ -98,6 +98,9 @@ class Refresher:
                     listener(diff)
                 except Exception as e:
                     supervise.failed(f"listener {getattr(listener, '__qualname__', listener)}", e)
-            log.info("listing changed: %d added, %d removed, %d changed%s", len(diff.added), len(diff.removed),
-                     len(diff.changed), "" if diff.added or diff.removed or diff.changed else " (new dates only)")
+            # Nothing a user sees changed (entries going live from a saved listing, which keeps no checksum
+            # algorithm): no line, as for a refresh that finds nothing.
+            if diff.added or diff.removed or diff.changed or diff.new_dates:
+                log.info("listing changed: %d added, %d removed, %d changed%s", len(diff.added), len(diff.removed),
+                         len(diff.changed), "" if diff.added or diff.removed or diff.changed else " (new dates only)")
         return diff
