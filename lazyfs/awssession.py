@@ -56,6 +56,13 @@ NONE_FOUND = ("no AWS credentials: none in the environment, the profiles or a co
               "metadata service (IMDS) gave none (it did not answer, answered with an error, or the instance has "
               "no role)")
 
+# botocore's credential sources (its providers' METHOD), in words: what a wait for credentials waits for.
+SOURCES = {"custom-process": "the profile's credential_process", "container-role": "the container credentials "
+           "endpoint", "iam-role": "the instance metadata service (IMDS)", "assume-role": "STS, for the profile's "
+           "role", "assume-role-with-web-identity": "STS, for the web identity's role", "sso": "AWS SSO",
+           "login": "the profile's console login"}
+ANY_SOURCE = "the credential source (a credential_process, a container or instance endpoint)"
+
 # The services a session of ours loads models of: s3, and those botocore's
 # credential providers build clients for (AssumeRole and web identity: sts;
 # SSO profiles: sso and sso-oidc).
@@ -124,12 +131,13 @@ def session(cfg: RemoteConfig, late_ok: bool = False) -> botocore.session.Sessio
         # CPU a 1000-key listing costs.  We read one field and parse it ourselves.
         core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
         _Helpers.watch(core)
+        asking = _Asking(core)
         try:
-            found = _resolve_credentials(core, patience)
+            found = _resolve_credentials(core, patience, asking)
         except (*CHAIN_ERRORS, CredentialsUnreachable) as e:
             if not late_ok or not may_pass(e):
                 raise
-            LateCredentials.stand_in(core, patience, unreachable(e))
+            LateCredentials.stand_in(core, patience, unreachable(e), asking)
             return core
     except botocore.exceptions.ProfileNotFound as e:
         raise ConfigError(f"AWS profile {e.kwargs.get('profile', '')!r} is not defined in ~/.aws/config or "
@@ -137,11 +145,45 @@ def session(cfg: RemoteConfig, late_ok: bool = False) -> botocore.session.Sessio
     except (*NO_CREDENTIALS, OSError) as e:
         raise unavailable(e) from None
     if late_ok and cfg.instance_metadata and found is None:  # (asking the session again would run the chain again)
-        LateCredentials.stand_in(core, patience, CredentialsUnreachable(NONE_FOUND))
+        LateCredentials.stand_in(core, patience, CredentialsUnreachable(NONE_FOUND), asking)
     return core
 
 
-def _resolve_credentials(core: botocore.session.Session, patience: float) -> Any:
+def source_of(creds: Any) -> str:
+    """The source `creds` come from, or are being asked of, in words ("": unknown)."""
+    if isinstance(creds, LateCredentials):
+        return creds.source()
+    return SOURCES.get(str(getattr(creds, "method", "")), "")
+
+
+class _Asking:
+    """Which source of botocore's chain is asked now (its provider's METHOD):
+    each provider's load() is wrapped to say so, so that a wait that gives up
+    names what it waited for."""
+
+    def __init__(self, core: botocore.session.Session | None) -> None:
+        self.method = ""  # the last provider asked (one assignment: read from the waiting thread)
+        for provider in getattr(core.get_component("credential_provider"), "providers", ()) if core else ():
+            provider.load = self._saying(provider)
+
+    @classmethod
+    def none(cls) -> _Asking:
+        """One that knows nothing of what is asked."""
+        return cls(None)
+
+    def _saying(self, provider: Any) -> Callable[..., Any]:
+        load = provider.load
+
+        def asked(*args: Any, **kwargs: Any) -> Any:
+            self.method = str(getattr(provider, "METHOD", "") or "")
+            return load(*args, **kwargs)
+        return asked
+
+    def source(self) -> str:
+        return SOURCES.get(self.method, ANY_SOURCE)
+
+
+def _resolve_credentials(core: botocore.session.Session, patience: float, asking: _Asking) -> Any:
     """botocore's chain, run on a thread (a credential_process or an
     endpoint may never answer): the session keeps what it finds (None: no
     credentials at all).  A line after SAY_WAITING_AFTER_S says what the
@@ -151,15 +193,16 @@ def _resolve_credentials(core: botocore.session.Session, patience: float) -> Any
         log.info("waiting for AWS credentials%s (at most %g s)", f" of profile {profile!r}" if profile else "",
                  patience)
 
-    return _within(core.get_credentials, patience, say_waiting)
+    return _within(core.get_credentials, patience, asking, say_waiting)
 
 
-def _within(fn: Callable[[], Any], patience: float, say_waiting: Callable[[], None] | None = None) -> Any:
+def _within(fn: Callable[[], Any], patience: float, asking: _Asking,
+            say_waiting: Callable[[], None] | None = None) -> Any:
     """`fn()` (botocore's chain) on a thread, waited for at most `patience`
     seconds (`say_waiting()` after SAY_WAITING_AFTER_S).  After that the
     helper processes botocore started are killed, and the thread, a daemon,
-    is abandoned: CredentialsUnreachable (a source that does not answer now
-    may answer later)."""
+    is abandoned: CredentialsUnreachable naming the source asked (a source
+    that does not answer now may answer later)."""
     outcome: list[tuple[Any, BaseException | None]] = []
     thread = threading.Thread(target=_into, args=(fn, outcome), name="lazyfs-credentials", daemon=True)
     thread.start()
@@ -169,8 +212,7 @@ def _within(fn: Callable[[], Any], patience: float, say_waiting: Callable[[], No
         thread.join(max(0.0, patience - SAY_WAITING_AFTER_S))
     if not outcome:
         _Helpers.kill()
-        raise CredentialsUnreachable(f"no AWS credentials within {patience:g} s: the credential source (a "
-                                     "credential_process, a container or instance endpoint) did not answer")
+        raise CredentialsUnreachable(f"no AWS credentials within {patience:g} s: {asking.source()} did not answer")
     found, error = outcome[0]
     if error is not None:
         raise error
@@ -193,17 +235,20 @@ class LateCredentials:
     credentials the chain gives are the client's from then on, refreshed
     as botocore refreshes them."""
 
-    def __init__(self, chain: Any, patience: float, failure: CredentialsUnreachable) -> None:
+    def __init__(self, chain: Any, patience: float, failure: CredentialsUnreachable,
+                 asking: _Asking | None = None) -> None:
         self.failure = failure
         self._chain = chain  # botocore's CredentialResolver, as the session had it
         self._patience = patience
+        self._asking = asking
         self._had: Any = None  # botocore's credentials, once the chain gave some (one assignment)
         self._lock = threading.Lock()  # one run of the chain at a time
 
     @classmethod
-    def stand_in(cls, core: botocore.session.Session, patience: float, failure: CredentialsUnreachable) -> None:
+    def stand_in(cls, core: botocore.session.Session, patience: float, failure: CredentialsUnreachable,
+                 asking: _Asking) -> None:
         """Make a LateCredentials what `core` resolves (and a client built on it signs with)."""
-        late = cls(core.get_component("credential_provider"), patience, failure)
+        late = cls(core.get_component("credential_provider"), patience, failure, asking)
         core.register_component("credential_provider", botocore.credentials.CredentialResolver([_Late(late)]))
 
     def refresh_needed(self) -> bool:
@@ -220,6 +265,13 @@ class LateCredentials:
     def method(self) -> str:
         return str(getattr(self._had, "method", "none yet"))
 
+    def source(self) -> str:
+        """Where the credentials come from, or the source of the chain asked for them now, in words."""
+        had = self._had
+        if had is not None:
+            return SOURCES.get(str(getattr(had, "method", "")), "")
+        return self._asking.source() if self._asking is not None else ANY_SOURCE
+
     @property
     def access_key(self) -> Any:
         return self._have().access_key
@@ -228,7 +280,7 @@ class LateCredentials:
         with self._lock:
             if self._had is None:
                 try:
-                    found = _within(self._chain.load_credentials, self._patience)
+                    found = _within(self._chain.load_credentials, self._patience, self._asking or _Asking.none())
                 except CHAIN_ERRORS as e:
                     raise unavailable(e) from None
                 if found is None:

@@ -65,15 +65,20 @@ class BotocoreCredentials:
 
     def __init__(self, fetch: Callable[[], Credentials], wait_s: float,
                  due: Callable[[], bool] = lambda: True,
-                 may_pass: Callable[[BaseException], bool] = lambda e: False) -> None:
+                 may_pass: Callable[[BaseException], bool] = lambda e: False,
+                 source: Callable[[], str] = lambda: "", answered: str = "") -> None:
         self._fetch = fetch  # remote.Remote.frozen_credentials: refreshes when due, raises when it cannot
         self._wait_s = wait_s
         self._due = due  # whether botocore would refresh them now (False: static keys, or fresh ones)
         self._may_pass = may_pass  # whether botocore's error may pass (awssession.may_pass)
+        self._source = source  # the source they come from or are asked of, in words (awssession.source_of)
         self._lock = threading.Lock()
         self._pending: concurrent.futures.Future[Credentials] | None = None
         self._failure = ""  # why the last call gave no credentials ("" once one did)
         self._passing = False  # ... and whether that may pass
+        # Why botocore's last answer gave none ("" once one did): a mount's start's (`answered`), or a
+        # refresh's, also one the wait gave up on.  What a wait that gives up says: the cause, not the wait.
+        self._answered = answered
         if not getattr(sys.unraisablehook, "lazyfs_quiet", False):
             sys.unraisablehook = _quiet_unavailable(sys.unraisablehook)
 
@@ -89,16 +94,25 @@ class BotocoreCredentials:
             # every request it signs); a refresh, which may run a helper that hangs, in a thread of its own.
             creds = self._fetch() if not self._due() else self._refreshed()
         except concurrent.futures.TimeoutError:  # (a source that does not answer now may later)
-            raise self._failed(f"no usable AWS credentials: botocore's credential chain gave none within "
-                               f"{self._wait_s:g} s (a credential_process or SSO helper that does not answer?)",
-                               True) from None
-        except AccessDenied as e:  # none at all, or none yet (remote.py, awssession.py say so)
-            raise self._failed(str(e), isinstance(e, CredentialsUnreachable)) from None
-        except Exception as e:  # botocore's: CredentialRetrievalError, an expired SSO token, STS unreachable...
-            raise self._failed(f"no usable AWS credentials ({type(e).__name__}: {redact.said(e)})",
-                               self._may_pass(e)) from None
-        self._failure = ""
+            raise self._failed(self._unanswered(), True) from None
+        except Exception as e:  # none at all or none yet (AccessDenied); botocore's: an expired SSO token...
+            raise self._failed(*self._why(e)) from None
+        self._failure = self._answered = ""
         return creds
+
+    def _why(self, e: Exception) -> tuple[str, bool]:
+        """What botocore's `e` says, and whether it may pass."""
+        if isinstance(e, AccessDenied):  # remote.py, awssession.py said it
+            return str(e), isinstance(e, CredentialsUnreachable)
+        return f"no usable AWS credentials ({type(e).__name__}: {redact.said(e)})", self._may_pass(e)
+
+    def _unanswered(self) -> str:
+        """A wait that gave up: botocore's last answer if it gave one (a source asked again that answers
+        slower than the wait, as a container endpoint retrying, is still that), else the source asked."""
+        if self._answered:
+            return f"{self._answered} (asked again: no answer within {self._wait_s:g} s)"
+        return (f"no usable AWS credentials: botocore's credential chain gave none within {self._wait_s:g} s "
+                f"({self._source() or 'a credential_process or SSO helper'} does not answer?)")
 
     def _refreshed(self) -> Credentials:
         with self._lock:
@@ -127,9 +141,14 @@ class BotocoreCredentials:
 
         def run() -> None:
             try:
-                future.set_result(self._fetch())
-            except BaseException as e:  # handed to the waiting delegate
+                creds = self._fetch()
+            except BaseException as e:  # handed to the waiting delegate, if it still waits
+                if isinstance(e, Exception):
+                    self._answered = self._why(e)[0]
                 future.set_exception(e)
+            else:
+                self._answered = ""
+                future.set_result(creds)
 
         # A daemon: a helper that never answers must not keep the process from exiting.
         threading.Thread(target=run, name="crt-credentials", daemon=True).start()

@@ -150,10 +150,11 @@ class Remote:
         # refreshable (temporary) ones are ever due.  None: static keys, or none at all.
         creds = core.get_credentials()
         self._refresh_due = getattr(creds, "refresh_needed", None)
-        self.bounded_credentials = BotocoreCredentials(self.frozen_credentials, wait_for_credentials(cfg.read_timeout),
-                                                       self._refresh_due or (lambda: False), awssession.may_pass)
         # Why the credentials could not be had at start (a mount starts offline for it: startup.py), or None.
         self.start_failure = creds.failure if isinstance(creds, awssession.LateCredentials) else None
+        self.bounded_credentials = BotocoreCredentials(
+            self.frozen_credentials, wait_for_credentials(cfg.read_timeout), self._refresh_due or (lambda: False),
+            awssession.may_pass, lambda: awssession.source_of(creds), str(self.start_failure or ""))
 
     def frozen_credentials(self) -> tuple[str, str, str | None]:
         """The credentials botocore's chain resolved, refreshed when they are

@@ -28,10 +28,13 @@ def _keys() -> dict[str, str]:
 
 class CredentialEndpoint:
     """`mode`: "down" (nothing listens: connections refused), "500" (every
-    request answered 500), "hang" (connections accepted, never answered) or
-    "up" (keys).  Its port stays the same through every mode."""
+    request answered 500), "slow 500" (answered 500 after SLOW_S, within
+    botocore's timeout of a request to it: its retries take longer), "hang"
+    (connections accepted, never answered) or "up" (keys).  Its port stays
+    the same through every mode."""
 
     ROLE = "lazyfs-node"
+    SLOW_S = 1.5  # botocore's container endpoint requests time out after 2 s
 
     def __init__(self, mode: str = "down") -> None:
         self.port = free_port()
@@ -44,7 +47,7 @@ class CredentialEndpoint:
         self.set(mode)
 
     def set(self, mode: str) -> None:
-        assert mode in ("down", "500", "hang", "up"), mode
+        assert mode in ("down", "500", "slow 500", "hang", "up"), mode
         self.mode = mode
         if mode == "down":
             self._stop()
@@ -72,6 +75,8 @@ class CredentialEndpoint:
                 if endpoint.mode == "hang":
                     endpoint._closed.wait(120)
                     return
+                if endpoint.mode == "slow 500":
+                    endpoint._closed.wait(endpoint.SLOW_S)
                 if endpoint.mode != "up":
                     self._answer(500, b"")
                     return
