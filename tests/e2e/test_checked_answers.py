@@ -105,7 +105,11 @@ def test_a_replaced_object_served_despite_if_match_is_never_mixed_in(umount, pro
     proxy.add(Fault("replace", key=KEY, min_offset=MiB, times=1, ignore=["If-Match"],
                     body_b64=base64.b64encode(new).decode()))
     proxy.add(Fault("ignore", key=KEY, times=None, ignore=["If-Match"]))  # every GET, as s3rver does
-    m = umount("--refresh", "0")
+    # The proxy overwrites the object before it forwards that GET, which on a loaded machine took
+    # longer than a 2 s --read-timeout: the GET was given up as stalled and sent again, and when the
+    # overwrite landed after the second one was answered, every byte was the old version's, the
+    # reader rightly got them all, and the overwrite came after the download.
+    m = umount("--refresh", "0", "--read-timeout", "30", "--read-deadline", "60")
     read, err = fs.run(read_while_arriving, m.file(KEY), data, timeout=60)
     assert any(r["fault"] == "replace" for r in proxy.requests("GET", KEY)), "the fault never fired"
     assert err == errno.ESTALE and 0 < read < SIZE, (read, err)
