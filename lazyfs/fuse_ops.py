@@ -28,7 +28,7 @@ from lazyfs.inodes import InodeRef, InodeTable, ref_of
 from lazyfs.kernelcache import KernelCache
 from lazyfs.killwatch import KillWatch
 from lazyfs.mounttab import fstype_of_device
-from lazyfs.namespace import DirNode, RemoteObject
+from lazyfs.namespace import NAME_MAX, DirNode, RemoteObject
 from lazyfs.passthrough import Passthrough
 from lazyfs.repeats import RepeatedLines
 from lazyfs.statesfile import StatesFile
@@ -192,6 +192,8 @@ class Operations(pyfuse3.Operations):
 
     @_translated
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if len(name) > NAME_MAX:  # (the kernel leaves it to the filesystem, as statfs's f_namemax says)
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         child = await self._child(parent_inode, os.fsdecode(name))
         if child is None:
             miss = pyfuse3.EntryAttributes()
@@ -270,7 +272,7 @@ class Operations(pyfuse3.Operations):
 
     @_translated
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):  # (O_APPEND alone asks no write: it reads)
             raise pyfuse3.FUSEError(errno.EROFS)
         ref = self.inodes.get(inode)
         if ref is None:
@@ -326,7 +328,7 @@ class Operations(pyfuse3.Operations):
         # listing's file count, all used: `df -i` showed 100% on every mount.
         for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
             setattr(out, name, getattr(st, name))
-        out.f_namemax = 255
+        out.f_namemax = NAME_MAX
         return out
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:

@@ -270,6 +270,17 @@ def test_mutations_fail_with_erofs(mount, bucket, model, fs: FS):
         assert info.value.errno == errno.EROFS, f"{what}: {info.value}"
     st = fs.run(os.statvfs, str(m.path))
     assert st.f_blocks > 0 and st.f_namemax == 255
+    # What a read-only filesystem allows or refuses as a local one does: an append
+    # that asks no write access reads; a name longer than f_namemax is too long.
+    fd = fs.run(os.open, str(f), os.O_RDONLY | os.O_APPEND)
+    try:
+        assert fs.run(os.pread, fd, 64, 0) == model[f"{PREFIX}/config.json"][:64]
+    finally:
+        os.close(fd)
+    for call in (os.stat, lambda p: os.open(p, os.O_RDONLY)):
+        with pytest.raises(OSError) as info:
+            fs.run(call, str(d / ("x" * 256)))
+        assert info.value.errno == errno.ENAMETOOLONG, info.value
     df = fs.sh("df", str(m.path))
     assert df.returncode == 0 and "lazyfs" in df.stdout
 
