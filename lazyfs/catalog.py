@@ -30,6 +30,7 @@ import trio
 
 from lazyfs.config import Source
 from lazyfs.errors import LazyfsError, RemoteError, RemoteUnavailable
+from lazyfs.exhausted import strerror
 from lazyfs.inodes import InodeRef, listed_in
 from lazyfs.lister import Lister
 from lazyfs.listingswap import diff_dropping_old, drop_gradually, same_versions
@@ -227,7 +228,7 @@ class Catalog:
             try:
                 await run_sync(self.store.listings.save, source.bucket, source.prefix, objects)
             except OSError as e:
-                log.warning("could not save the listing of %s for offline starts: %s", source, e.strerror)
+                log.warning("could not save the listing of %s for offline starts: %s", source, strerror(e))
                 return
         self._saved = True
 

@@ -6,7 +6,9 @@
   endpoint URL`, which sends an operator to the network.  botocore wraps the
   cause (`e.kwargs["error"]`, urllib3's NewConnectionError, raised from the
   OSError); `descriptor_errno` finds it in the chain, `descriptors` words it
-  with the limit in force.
+  with the limit in force.  The store's own opens (a download's lock, its
+  sparse file and resume record, a copy's descriptor) said the bare strerror,
+  "Too many open files": `strerror` words an OSError of theirs the same way.
 - Inodes.  A store whose filesystem has no free inode fails every file it
   creates with `ENOSPC`, "No space left on device", while `df -h` shows
   hundreds of MiB free; `no_room` says when it is the inodes (a statvfs:
@@ -57,6 +59,15 @@ def descriptors(err: int = errno.EMFILE) -> str:
     return f"too many open files: the daemon's descriptor limit (ulimit -n / RLIMIT_NOFILE) is {soft}{also}"
 
 
+def strerror(e: OSError) -> str:
+    """`e.strerror`, for a line that names the file and what could not be
+    done with it; for a descriptor refused, what ran out and the limit in
+    force (`descriptors`).  Not blocking."""
+    if e.errno in DESCRIPTOR_ERRNOS:
+        return descriptors(e.errno)
+    return e.strerror or str(e)
+
+
 def inodes_short(st: os.statvfs_result, few: int = FEW_INODES) -> str:
     """"no free inodes (304 in all)", or "only 12 free inodes of 304", when
     the filesystem has fewer than `few` free; "" when it has that many, or
@@ -69,11 +80,12 @@ def inodes_short(st: os.statvfs_result, few: int = FEW_INODES) -> str:
 
 
 def no_room(e: OSError, fd: int) -> str:
-    """`e`'s strerror, and for an ENOSPC on the filesystem of `fd` (the
-    store's) that is out of inodes, that: "No space left on device: the
-    store's filesystem has no free inodes (304 in all; 271.0 MiB free)".
-    Blocking (statvfs): a worker thread's."""
-    said = e.strerror or str(e)
+    """`e`'s strerror (`strerror`: a descriptor refused names the limit), and
+    for an ENOSPC on the filesystem of `fd` (the store's) that is out of
+    inodes, that: "No space left on device: the store's filesystem has no
+    free inodes (304 in all; 271.0 MiB free)".  Blocking (statvfs, for an
+    ENOSPC): a worker thread's."""
+    said = strerror(e)
     if e.errno != errno.ENOSPC:
         return said
     try:

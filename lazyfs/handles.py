@@ -20,6 +20,7 @@ import trio
 
 from lazyfs.download import Download
 from lazyfs.errors import LazyfsError, RemoteUnavailable, StoreError, again
+from lazyfs.exhausted import strerror
 from lazyfs.fetch import Fetcher, LocalOrTransfer
 from lazyfs.filemap import FileMap
 from lazyfs.lastbytes import REFUSED, ServedBadBytes, refuse_stale_generation, verify_deadline
@@ -108,7 +109,7 @@ class Handles:
             if budget is not None:
                 budget.unuse(obj.key)
             if isinstance(e, OSError):  # a descriptor or mapping refused (EMFILE near the limit): one line naming it
-                raise StoreError(f"{quoted(obj.uri)}: cannot open it from the store: {e.strerror}",
+                raise StoreError(f"{quoted(obj.uri)}: cannot open it from the store: {strerror(e)}",
                                  e.errno or errno.EIO) from None
             raise
 

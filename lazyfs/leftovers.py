@@ -16,6 +16,7 @@ from typing import Callable
 import trio
 
 from lazyfs.download import Download
+from lazyfs.exhausted import strerror
 from lazyfs.namespace import RemoteObject, Version
 from lazyfs.partials import Partial
 from lazyfs.pin import Pin
@@ -58,7 +59,7 @@ class Leftovers:
                 else:
                     await run_sync(dl.partial.save_state, frozenset(dl.partial.done), limiter=self._bulk, patience=MUST)
             except OSError as e:
-                log.warning("%s: cleaning up after a failed download: %s", quoted(dl.obj.uri), e.strerror)
+                log.warning("%s: cleaning up after a failed download: %s", quoted(dl.obj.uri), strerror(e))
 
     def discard_later(self, partial: Partial) -> None:
         self.store.partials.condemn(partial)
@@ -68,7 +69,7 @@ class Leftovers:
         try:
             await run_sync(self.store.partials.discard, partial, limiter=self._bulk, patience=MUST)
         except OSError as e:
-            log.warning("%s: could not remove a temporary download: %s", quoted(partial.obj.uri), e.strerror)
+            log.warning("%s: could not remove a temporary download: %s", quoted(partial.obj.uri), strerror(e))
 
     def unlock(self, obj: RemoteObject, fd: int) -> None:
         """Give the store lock of `obj`'s download back (other processes may now use, or take over, it)."""

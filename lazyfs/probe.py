@@ -19,7 +19,7 @@ import cachetools
 from lazyfs import verify
 from lazyfs.completion import UNVERIFIED, check, expectation, listed_expectation
 from lazyfs.errors import IntegrityError, RemoteError, RemoteUnavailable, StoreError
-from lazyfs.exhausted import no_room
+from lazyfs.exhausted import DESCRIPTOR_ERRNOS, no_room
 from lazyfs.filestate import REJECTED, SIZE, LocalCopy, PrebakedAccept
 from lazyfs.identity import Identity
 from lazyfs.layer import Layer
@@ -217,7 +217,8 @@ def probe_store(store: Store, obj: RemoteObject, *, may_fetch: bool, open_partia
     try:
         copy = store.materialise(obj) if may_link else None
     except (OSError, StoreError) as e:
-        said = no_room(e, store.root.fd) if isinstance(e, OSError) and e.errno == errno.ENOSPC else str(e)
+        ran_out = isinstance(e, OSError) and e.errno in (errno.ENOSPC, *DESCRIPTOR_ERRNOS)  # room, a descriptor
+        said = no_room(e, store.root.fd) if isinstance(e, OSError) and ran_out else str(e)
         log.warning("%s: could not reuse an identical local file: %s", quoted(obj.uri), said)
     if copy is not None:
         return Local(copy)

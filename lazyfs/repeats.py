@@ -44,6 +44,8 @@ from typing import Callable, Hashable
 
 import cachetools
 
+from lazyfs.exhausted import DESCRIPTOR_ERRNOS, strerror
+
 # One failure's line is shown at most once per this many seconds.
 LINE_EVERY_S = 60.0
 # Failures kept apart at once; the least recently seen is forgotten beyond
@@ -101,9 +103,13 @@ class RepeatedLines:
 
     def failed(self, logger: logging.Logger, op: str, e: BaseException, err: int) -> bool:
         """The one line of a request `op` failing with `e` (errno `err`), at
-        the exception's level (LazyfsError.log_level), as `log` allows."""
-        return self.log(logger, getattr(e, "log_level", logging.ERROR), (op, err, shape(str(e))),
-                        "%s: %s (errno %s)", op, e, errno.errorcode.get(err, err))
+        the exception's level (LazyfsError.log_level), as `log` allows.  A
+        bare OSError for want of a descriptor names the limit (exhausted.py)."""
+        said = str(e)
+        if isinstance(e, OSError) and e.errno in DESCRIPTOR_ERRNOS:
+            said = f"{e.filename}: {strerror(e)}" if e.filename is not None else strerror(e)
+        return self.log(logger, getattr(e, "log_level", logging.ERROR), (op, err, shape(said)),
+                        "%s: %s (errno %s)", op, said, errno.errorcode.get(err, err))
 
 
 _RETRY_LINES = RepeatedLines()

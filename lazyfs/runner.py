@@ -32,6 +32,7 @@ from lazyfs.errors import (
     ShuttingDown,
     StoreError,
 )
+from lazyfs.exhausted import strerror
 from lazyfs.leftovers import Leftovers
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ObjectStore, ResponseMeta
@@ -208,7 +209,7 @@ class Runner:
                     dl.state_saved_at = time.monotonic()
                     await run_sync(dl.partial.save_state, snapshot, limiter=self.bulk, patience=MUST)
             except OSError as e:
-                log.warning("%s: could not record download progress: %s", quoted(dl.obj.uri), e.strerror)
+                log.warning("%s: could not record download progress: %s", quoted(dl.obj.uri), strerror(e))
                 snapshot = frozenset(dl.partial.done)  # do not retry in a loop
             finally:
                 dl.saving = False
@@ -336,7 +337,7 @@ class Runner:
         if isinstance(e, OSError) and not isinstance(e, LazyfsError):
             # A local write failed (ENOSPC most often): say which file and where.
             e = StoreError(f"{quoted(dl.obj.uri)}: cannot write it to the store {self.store.root.path}: "
-                           f"{e.strerror}", e.errno or errno.EIO)
+                           f"{strerror(e)}", e.errno or errno.EIO)
         if isinstance(e, Stopped):
             e = ShuttingDown(f"{quoted(dl.obj.uri)}: download stopped (lazyfs is shutting down)",
                              bucket=dl.obj.bucket, key=dl.obj.key)

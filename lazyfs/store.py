@@ -25,7 +25,7 @@ import os
 import stat
 from typing import Iterable
 
-from lazyfs import storemeta, storemodes
+from lazyfs import exhausted, storemeta, storemodes
 from lazyfs.content_index import ContentIndex
 from lazyfs.errors import StoreError
 from lazyfs.filestate import REJECTED, SIZE, UNRECORDED, ContentChecks, FileState, LocalCopy, LocalState, PrebakedAccept
@@ -396,7 +396,7 @@ class Store:
             try:
                 freed += self._evict_one(dfd, name)
             except OSError as e:
-                log.warning("could not evict %s from the store: %s", quoted(key), e.strerror)
+                log.warning("could not evict %s from the store: %s", quoted(key), exhausted.strerror(e))
             finally:
                 os.close(dfd)
         return freed

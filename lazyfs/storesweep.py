@@ -16,6 +16,7 @@ from collections.abc import Callable
 import trio
 
 from lazyfs.catalog import Catalog
+from lazyfs.exhausted import strerror
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import Store
 from lazyfs.threads import run_sync
@@ -34,7 +35,7 @@ async def sweep(store: Store, listing: list[RemoteObject], limiter: trio.Capacit
     try:
         freed = await run_sync(store.sweep, keep, limiter=limiter)
     except OSError as e:
-        log.warning("could not sweep the store's leftovers: %s", e.strerror)
+        log.warning("could not sweep the store's leftovers: %s", strerror(e))
         return
     if freed:
         log.info("store sweep: freed %.1f MiB of leftovers (old versions' downloads, unlinked copies, "

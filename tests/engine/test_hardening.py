@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import threading
 from pathlib import Path
 
@@ -906,7 +907,7 @@ async def test_an_open_refused_a_descriptor_names_the_file_in_one_store_error(re
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Near the descriptor limit, mapping a cached file (mmap takes a
     descriptor of its own) failed with a bare EMFILE: the open's log line
-    named no file.  It is a store error naming the object, errno kept."""
+    named no file.  It is a store error naming the object and the limit, errno kept."""
     data = os.urandom(2 * BLOCK)
     obj = remote.put(BUCKET, "many/f1.bin", data)
     fetcher = Fetcher(remote, stores(), fetch_config())
@@ -924,7 +925,9 @@ async def test_an_open_refused_a_descriptor_names_the_file_in_one_store_error(re
         with pytest.raises(StoreError) as info:
             await handles.open(obj)
         assert info.value.errno == errno.EMFILE
-        assert str(info.value) == f'"s3://{BUCKET}/many/f1.bin": cannot open it from the store: Too many open files'
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert str(info.value).startswith(f'"s3://{BUCKET}/many/f1.bin": cannot open it from the store: too many open '
+                                          f"files: the daemon's descriptor limit (ulimit -n / RLIMIT_NOFILE) is {soft}")
 
 
 @trio_test

@@ -92,3 +92,27 @@ def test_the_crt_client_names_the_limit_too(tmp_path: Path) -> None:
     assert str(error).startswith(f'"{OBJ.uri}": cannot open a connection to the object store: {SAID}'), str(error)
     assert errno_of(error) == errno.EMFILE
     assert state.transient()  # tried again, as a refused connection is (a descriptor may be free by then)
+
+
+def test_a_store_side_os_error_for_want_of_a_descriptor_names_the_limit() -> None:
+    """The store's opens (a download's lock, sparse file, resume record, a
+    copy's descriptor) logged the bare strerror, "Too many open files": whose
+    files, and what limit?  They name it as a GET's does."""
+    from lazyfs.exhausted import strerror
+
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert strerror(OSError(errno.EMFILE, "Too many open files")).startswith(f"{SAID}{limit}")
+    assert "fs.file-max" in strerror(OSError(errno.ENFILE, "Too many open files in system"))
+    assert strerror(OSError(errno.EACCES, "Permission denied", "x")) == "Permission denied"  # others as they were
+
+
+def test_a_request_failing_with_a_bare_emfile_names_the_limit_in_its_line(caplog: pytest.LogCaptureFixture) -> None:
+    from lazyfs.repeats import RepeatedLines
+
+    caplog.set_level(logging.INFO, logger="test.descriptors")
+    lines = RepeatedLines()
+    lines.failed(logging.getLogger("test.descriptors"), "read", OSError(errno.EMFILE, "Too many open files"),
+                 errno.EMFILE)
+    [line] = [r.getMessage() for r in caplog.records]
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert line.startswith(f"read: {SAID}{limit}") and line.endswith("(errno EMFILE)"), line

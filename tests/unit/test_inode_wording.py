@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,10 @@ def test_enospc_for_want_of_an_inode_says_so(monkeypatch: pytest.MonkeyPatch) ->
                                           "(304 in all; 271.0 MiB free)")
     monkeypatch.setattr(exhausted.os, "statvfs", lambda fd: statvfs(bavail=0, favail=200))
     assert exhausted.no_room(full, 3) == "No space left on device"  # the bytes ran out: said as it was
-    assert exhausted.no_room(OSError(errno.EMFILE, "Too many open files"), 3) == "Too many open files"
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    said = exhausted.no_room(OSError(errno.EMFILE, "Too many open files"), 3)  # whose limit, and what it is
+    assert said.startswith(f"too many open files: the daemon's descriptor limit (ulimit -n / RLIMIT_NOFILE) is {soft}")
+    assert exhausted.no_room(OSError(errno.EACCES, "Permission denied"), 3) == "Permission denied"
 
 
 def store_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, st: os.statvfs_result) -> str:
