@@ -24,6 +24,7 @@ from typing import Any, NoReturn, Sequence
 from lazyfs import __version__, interrupt, options, redact
 from lazyfs.config import bake_config, diff_config, doctor_config, lock_config, mount_config, status_config
 from lazyfs.errors import ConfigError, Interrupted, LazyfsError, UsageError, thread_limit
+from lazyfs.exhausted import DESCRIPTOR_ERRNOS, remedy
 from lazyfs.options import Option
 from lazyfs.wording import one_line
 
@@ -301,7 +302,8 @@ def _run(argv: Sequence[str]) -> int:
         print(f"lazyfs: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except LazyfsError as e:
-        print(f"lazyfs: error: {one_line(str(e))}", file=sys.stderr)
+        lack = e.errno if e.errno in DESCRIPTOR_ERRNOS else 0  # (its line names the limit: what to do, too)
+        print(f"lazyfs: error: {one_line(str(e))}" + (f"; {remedy(lack)}" if lack else ""), file=sys.stderr)
         return EXIT_RUNTIME
     except Exception as e:  # a bug: say so in one line, keep the traceback for debug logs
         if _reader_left(e):

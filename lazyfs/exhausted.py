@@ -9,6 +9,8 @@
   with the limit in force.  The store's own opens (a download's lock, its
   sparse file and resume record, a copy's descriptor) said the bare strerror,
   "Too many open files": `strerror` words an OSError of theirs the same way.
+  A command that cannot go on for want of one (a mount's first listing)
+  ends with that and `remedy`.
 - Inodes.  A store whose filesystem has no free inode fails every file it
   creates with `ENOSPC`, "No space left on device", while `df -h` shows
   hundreds of MiB free; `no_room` says when it is the inodes (a statvfs:
@@ -57,6 +59,13 @@ def descriptors(err: int = errno.EMFILE) -> str:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     also = f" (its hard limit {hard})" if hard not in (soft, resource.RLIM_INFINITY) else ""
     return f"too many open files: the daemon's descriptor limit (ulimit -n / RLIMIT_NOFILE) is {soft}{also}"
+
+
+def remedy(err: int = errno.EMFILE) -> str:
+    """What to do about it, for a command's last line."""
+    if err == errno.ENFILE:
+        return "other processes hold the system's descriptors: close some, or raise fs.file-max"
+    return "raise it (ulimit -n before lazyfs starts, or the container's nofile limit)"
 
 
 def strerror(e: OSError) -> str:

@@ -46,7 +46,7 @@ from lazyfs.metrics import MountView
 from lazyfs.mounttab import MountError, check_mountpoint, set_background, set_read_ahead
 from lazyfs.namespace import Diff, RemoteObject
 from lazyfs.objectstore import ObjectStore
-from lazyfs.offlinestart import offline_start, starts_offline
+from lazyfs.offlinestart import offline_start, start_failure, starts_offline
 from lazyfs.pinned import Pinning
 from lazyfs.quiet import Quiet
 from lazyfs.recheck import Rechecks
@@ -176,7 +176,7 @@ def run(cfg: MountConfig, first: FirstListing | None = None) -> int:
             failing = e
         except RemoteError as e:  # not asked (unreachable, no credentials for now): offline; refused: exit 1
             if not starts_offline(e):
-                raise MountError(str(e)) from None
+                raise start_failure(e) from None
             offline = offline_start(store, cfg, e), str(e)
         return trio.run(_serve, cfg, store, first.remote, offline, listed, failing)
     finally:

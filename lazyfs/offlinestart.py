@@ -10,16 +10,35 @@ errors (RemoteFailing) is no offline start: the object store is reachable,
 and the listing is retried.  A refusal (a wrong bucket, credentials refused
 or misconfigured) ends the start (exit 1).
 
+A listing that could not open a connection for want of a descriptor is no
+unreachable object store either.  EMFILE, the daemon's own limit, ends the
+start (exit 1, naming the limit): the daemon holds only its own few
+descriptors then, and no reader can hold any (nothing is mounted yet), so
+none will be freed; the listing's socket is one of the first it opens, so
+the store's files could not be opened either (a store full of files was
+called one with "nothing to serve").  ENFILE, the system's table full, is
+other processes' doing and may pass: an offline start, until descriptors can
+be had again.
+
 Blocking (store_knows walks the store): run before the mount.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from lazyfs import wording
 from lazyfs.config import MountConfig
-from lazyfs.errors import CredentialsUnreachable, RemoteError, RemoteFailing, RemoteUnavailable
+from lazyfs.errors import (
+    CredentialsUnreachable,
+    LazyfsError,
+    OutOfDescriptors,
+    RemoteError,
+    RemoteFailing,
+    RemoteUnavailable,
+)
+from lazyfs.exhausted import descriptors
 from lazyfs.mounttab import MountError
 from lazyfs.namespace import RemoteObject
 from lazyfs.offline import store_knows
@@ -32,13 +51,26 @@ def starts_offline(error: RemoteError) -> bool:
     """Whether a start-up listing that failed with `error` makes the mount start offline."""
     if isinstance(error, RemoteFailing):  # answered (5xx, SlowDown): reachable
         return False
+    if isinstance(error, OutOfDescriptors) and error.errno == errno.EMFILE:  # the daemon's own limit: stays
+        return False
     return isinstance(error, (RemoteUnavailable, CredentialsUnreachable))
+
+
+def start_failure(error: RemoteError) -> LazyfsError:
+    """The start's one line (exit 1) for a listing that failed and starts no offline mount."""
+    if isinstance(error, OutOfDescriptors):  # (cli adds what to do about it)
+        where = wording.quoted(f"s3://{error.bucket}/{error.key}")
+        return OutOfDescriptors(f"cannot list {where}: {descriptors(error.errno)}", error.errno,
+                                bucket=error.bucket, key=error.key)
+    return MountError(str(error))
 
 
 def until(error: RemoteError) -> str:
     """What an offline start waits for, in its line."""
     if isinstance(error, CredentialsUnreachable):
         return "AWS credentials can be had (asked for again at each try of the listing) and the object store answers"
+    if isinstance(error, OutOfDescriptors):
+        return "the system has descriptors to spare again (the listing is tried every 10 s)"
     return "the object store is reachable again"
 
 

@@ -1,15 +1,21 @@
 """End to end: a mount that runs out of file descriptors (README, the failure
-table; exhausted.py).  Its limit is lowered at run time with `prlimit --pid`,
-after it has served files (its FUSE session, its connections and a few
-copies exist), and then many different files are opened at once and held:
-the store-side opens (a download's lock and sparse file, a copy's descriptor,
-a resume record) meet EMFILE.  A reader gets EMFILE; each line names the
-limit (`ulimit -n`), never a bare "Too many open files" that leaves an
-operator guessing whose files those are; and once the limit is raised again
-every file reads right.
+table and exit codes; exhausted.py, offlinestart.py).
 
-Only the soft limit is lowered and raised: raising a hard limit takes
-CAP_SYS_RESOURCE, which a container's root may lack.
+- At run time: its limit is lowered with `prlimit --pid` after it has served
+  files (its FUSE session, its connections and a few copies exist), and then
+  many different files are opened at once and held: the store-side opens (a
+  download's lock and sparse file, a copy's descriptor, a resume record)
+  meet EMFILE.  A reader gets EMFILE; each line names the limit (`ulimit
+  -n`), never a bare "Too many open files" that leaves an operator guessing
+  whose files those are; and once the limit is raised again every file
+  reads right.
+- At start: a first listing that met it was taken for an unreachable object
+  store: an offline start, or "the store has nothing to serve" for a store
+  full of files.  It ends the start (exit 1) in one line naming the limit
+  and what to do.
+
+Only the soft limit is lowered and raised at run time: raising a hard limit
+takes CAP_SYS_RESOURCE, which a container's root may lack.
 """
 
 from __future__ import annotations
@@ -22,12 +28,16 @@ from pathlib import Path
 
 import pytest
 
-from support.mounting import FS, wait_until
+from support.mounting import FS, Mounter, wait_until
+from support.mountproc import MountFailed
+from support.proxy import Fault
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
 
 P = "models/m"
 NAMED = r"the daemon's descriptor limit \(ulimit -n / RLIMIT_NOFILE\) is \d+"
+SAID = "too many open files: the daemon's descriptor limit (ulimit -n / RLIMIT_NOFILE) is "
+FIX = "raise it (ulimit -n before lazyfs starts, or the container's nofile limit)"
 
 
 def soft_limit(pid: int) -> int:
@@ -99,3 +109,57 @@ def test_store_side_descriptors_refused_name_the_limit_and_every_file_reads_once
     store_side = [line for line in log.splitlines() if " the store" in line and "too many open files" in line]
     assert store_side, "no store-side open met the limit: the test proves nothing"
     assert all(f"(ulimit -n / RLIMIT_NOFILE) is {lowered}" in line for line in store_side), store_side[:5]
+
+
+def put_files(s3, bucket: str, n: int = 3) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
+    files = {f"{P}/f{i}.bin": os.urandom(5000 + i) for i in range(n)}
+    for key, data in files.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    return files
+
+
+def fill_store(mount: Mounter, fs: FS, bucket: str, store: Path, files: dict[str, bytes]) -> None:
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    for key, data in files.items():
+        assert fs.read(m.file(key)) == data
+    wait_until(lambda: all((store / key).exists() for key in files), what="the copies published")
+    assert m.stop() == 0
+
+
+def error_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith("lazyfs: ")]
+
+
+@pytest.mark.parametrize("store_holds", ["its files", "nothing"])
+def test_a_first_listing_refused_a_descriptor_ends_the_start_naming_the_limit(
+        mount: Mounter, proxy, s3, bucket, fs: FS, tmp_path: Path, store_holds: str):
+    """The start-up listing's request is held (the proxy answers after 30 s);
+    while the start waits for it, the daemon's limit is lowered to the
+    number of that request's socket.  The request times out, its socket is
+    closed, and the retry's socket gets no number below the limit: EMFILE.
+    Before, that was an unreachable object store: with a store full of files,
+    `... is 3, and the store ... has nothing to serve` (its files could not
+    be opened either), with room for them an offline start."""
+    files = put_files(s3, bucket)
+    store = tmp_path / "store"
+    if store_holds == "its files":
+        fill_store(mount, fs, bucket, store, files)
+    proxy.add(Fault("delay", method="GET", seconds=30, times=1))
+    before = len(mount.started)
+    starting = fs.start(lambda: mount("--prefix", f"s3://{bucket}/{P}", "--read-timeout", "8", "--retries", "1",
+                                      store=store))
+    process = wait_until(lambda: len(mount.started) > before and mount.started[-1].process.proc is not None
+                         and mount.started[-1].process, what="the mount to start")
+    wait_until(lambda: "waiting for the object store" in process.log(), timeout=30, what="the start to wait")
+    pid = process.pid
+    sockets = [fd for fd in map(int, os.listdir(f"/proc/{pid}/fd"))
+               if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")]
+    assert len(sockets) == 1, f"the listing's socket, and only it, is open: {sockets}"
+    set_soft_limit(pid, sockets[0])
+    with pytest.raises(MountFailed):
+        starting.result(timeout=60)
+    assert process.proc is not None and process.proc.returncode == 1
+    [line] = error_lines(process.log())
+    assert line.startswith(f'lazyfs: error: cannot list "s3://{bucket}/{P}/": {SAID}{sockets[0]}'), line
+    assert line.endswith(f"; {FIX}"), line
+    assert "OFFLINE" not in "".join(process.stdout_lines) and "Traceback" not in process.log()

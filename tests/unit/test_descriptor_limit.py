@@ -116,3 +116,25 @@ def test_a_request_failing_with_a_bare_emfile_names_the_limit_in_its_line(caplog
     [line] = [r.getMessage() for r in caplog.records]
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     assert line.startswith(f"read: {SAID}{limit}") and line.endswith("(errno EMFILE)"), line
+
+
+def test_a_first_listing_out_of_the_daemons_descriptors_ends_the_start_naming_the_limit() -> None:
+    """EMFILE on the start-up listing was taken for an unreachable object
+    store: an offline start, or "the store has nothing to serve" (its files
+    could not be opened either).  The daemon's own limit does not pass: the
+    start ends, the line naming the folder and the limit (cli adds what to
+    do).  The system's table full (ENFILE) may pass: an offline start."""
+    from lazyfs.errors import OutOfDescriptors
+    from lazyfs.offlinestart import start_failure, starts_offline, until
+
+    own = OutOfDescriptors('"s3://bkt/m/": cannot open a connection to the object store: ...', errno.EMFILE,
+                           bucket="bkt", key="m/")
+    system = OutOfDescriptors('"s3://bkt/m/": cannot open a connection to the object store: ...', errno.ENFILE,
+                              bucket="bkt", key="m/")
+    assert not starts_offline(own)
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    failure = start_failure(own)
+    assert str(failure).startswith(f'cannot list "s3://bkt/m/": {SAID}{limit}'), str(failure)
+    assert errno_of(failure) == errno.EMFILE
+    assert starts_offline(system)
+    assert "descriptors to spare" in until(system) and "reachable" not in until(system)
