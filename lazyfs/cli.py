@@ -24,7 +24,7 @@ from typing import Any, NoReturn, Sequence
 from lazyfs import __version__, interrupt, options, redact
 from lazyfs.config import bake_config, diff_config, doctor_config, lock_config, mount_config, status_config
 from lazyfs.errors import ConfigError, Interrupted, LazyfsError, UsageError, thread_limit
-from lazyfs.exhausted import DESCRIPTOR_ERRNOS, remedy
+from lazyfs.exhausted import DESCRIPTOR_ERRNOS, descriptor_errno, descriptors, remedy
 from lazyfs.options import Option
 from lazyfs.wording import one_line
 
@@ -311,6 +311,9 @@ def _run(argv: Sequence[str]) -> int:
         if thread_limit(e):  # not a bug: a limit of the deployment's (README, "Threads")
             print(f"lazyfs: error: cannot start a thread ({e}): the process is at its limit of threads or processes "
                   "(its cgroup's pids.max, ulimit -u)", file=sys.stderr)
+            return EXIT_RUNTIME
+        if lack := descriptor_errno(e):  # not a bug either: the limit, said as a store's or a listing's line says it
+            print(f"lazyfs: error: cannot {command or 'start'}: {descriptors(lack)}; {remedy(lack)}", file=sys.stderr)
             return EXIT_RUNTIME
         log.debug("internal error", exc_info=True)
         print(f"lazyfs: internal error: {type(e).__name__}: {one_line(str(e))} (rerun with --log-level debug "

@@ -31,6 +31,7 @@ from typing import Callable
 import trio
 
 from lazyfs import wording
+from lazyfs.exhausted import strerror
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class ConnectionWatch:
                 return cls(fd)
             why = f"no single {FUSE_DEVICE} descriptor"
         except OSError as e:
-            why = e.strerror or str(e)
+            why = strerror(e)
         log.warning("cannot watch the kernel connection (%s): after `umount --force`, requests in flight "
                     "end only at their deadline", why)
         return None

@@ -41,7 +41,7 @@ from lazyfs.errors import (
     RemoteUnavailable,
     StoreError,
 )
-from lazyfs.exhausted import descriptors
+from lazyfs.exhausted import descriptors, short_of_descriptors
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import ResponseMeta, broke_off
 from lazyfs.ranged_get import RangeJob, Stopped, naming
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 # How often a waiting worker looks at its request (cancel, stall).
 _POLL_S = 0.2
+# Descriptors the client takes as it is made (19 with awscrt 0.38: its event loops' and the S3 client's own), with room.
+CRT_DESCRIPTORS = 24
 _CHECKSUMS = ("crc64nvme", "crc32c", "crc32", "sha256", "sha1")
 _GAVE_UP_ON = {"AWS_ERROR_S3_INTERNAL_ERROR": (500, "InternalError"), "AWS_ERROR_S3_SLOW_DOWN": (503, "SlowDown")}
 # The CRT's failures to reach the object store at all, in words (its names say them to
@@ -398,6 +400,10 @@ def transfer_for(remote: Any, cfg: FetchConfig, memory_limit: int = MIN_MEMORY) 
     if cfg.transfer_client != "crt":
         return None
     endpoint = Endpoint(remote.endpoint, remote.region, remote.addressing_style, remote.verify)
+    # Its event loops and the S3 client's own take ~20 descriptors; short of them awscrt fails with "46
+    # (AWS_ERROR_SYS_CALL_FAILURE)", which says neither which call nor why, or aborts the process (SIGABRT).
+    if lack := short_of_descriptors(CRT_DESCRIPTORS):
+        raise OutOfDescriptors(f"cannot start the CRT transfer client: {descriptors(lack)}", lack)
     client = CrtTransfer(remote.cfg, endpoint, remote.bounded_credentials, cfg.part_size, cfg.max_connections,
                          buffer_memory(memory_limit))
     return client.fetch

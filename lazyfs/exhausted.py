@@ -9,8 +9,8 @@
   with the limit in force.  The store's own opens (a download's lock, its
   sparse file and resume record, a copy's descriptor) said the bare strerror,
   "Too many open files": `strerror` words an OSError of theirs the same way.
-  A command that cannot go on for want of one (a mount's first listing)
-  ends with that and `remedy`.
+  A command that cannot go on for want of one (a mount's start: its store,
+  its first listing, its FUSE session) ends with that and `remedy`.
 - Inodes.  A store whose filesystem has no free inode fails every file it
   creates with `ENOSPC`, "No space left on device", while `df -h` shows
   hundreds of MiB free; `no_room` says when it is the inodes (a statvfs:
@@ -31,12 +31,15 @@ DESCRIPTOR_ERRNOS = (errno.EMFILE, errno.ENFILE)
 # Fewer free inodes than this when a file could not be made for ENOSPC: the
 # inodes ran out, not the bytes (another process may have freed a few since).
 FEW_INODES = 64
+# Fewer descriptors left under the limit than this when a call failed
+# without saying why: what it needed (a few at once) is taken to be why.
+FEW_DESCRIPTORS = 16
 
 
 def descriptor_errno(e: BaseException | None) -> int:
     """EMFILE or ENFILE when `e`, or an exception it was raised from or wraps
-    (botocore's `kwargs["error"]`, urllib3's `reason`), is an OSError for want
-    of a descriptor; else 0."""
+    (botocore's `kwargs["error"]`, urllib3's `reason`, a group's exceptions:
+    a trio nursery's), is an OSError for want of a descriptor; else 0."""
     seen: set[int] = set()
     todo = [e]
     while todo:
@@ -48,7 +51,7 @@ def descriptor_errno(e: BaseException | None) -> int:
             return int(x.errno)
         kwargs = getattr(x, "kwargs", None)
         wrapped = [kwargs.get("error")] if isinstance(kwargs, dict) else []
-        todo += [x.__cause__, x.__context__, getattr(x, "reason", None), *wrapped]
+        todo += [x.__cause__, x.__context__, getattr(x, "reason", None), *wrapped, *getattr(x, "exceptions", ())]
     return 0
 
 
@@ -66,6 +69,23 @@ def remedy(err: int = errno.EMFILE) -> str:
     if err == errno.ENFILE:
         return "other processes hold the system's descriptors: close some, or raise fs.file-max"
     return "raise it (ulimit -n before lazyfs starts, or the container's nofile limit)"
+
+
+def short_of_descriptors(spare: int = FEW_DESCRIPTORS) -> int:
+    """EMFILE if this process has fewer than `spare` descriptors left under
+    its limit, ENFILE if the system refuses it one now, else 0: why a call
+    that does not say may have failed (libfuse's mount; the CRT's event
+    loops, which take several and give back those they had).  The open
+    descriptors are counted in /proc/self/fd."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        in_use = len(os.listdir("/proc/self/fd")) - 1  # (not the listing's own)
+        if soft != resource.RLIM_INFINITY and in_use + spare > soft:
+            return errno.EMFILE
+        os.close(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as e:
+        return e.errno if e.errno in DESCRIPTOR_ERRNOS else 0
+    return 0
 
 
 def strerror(e: OSError) -> str:

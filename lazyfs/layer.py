@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from lazyfs.errors import StoreError
+from lazyfs.exhausted import strerror
 from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class Layer:
                 _make_root(path, create_mode)
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
-            raise StoreError(f"cannot open {label} {path}: {e.strerror}", e.errno or errno.EIO) from None
+            raise StoreError(f"cannot open {label} {path}: {strerror(e)}", e.errno or errno.EIO) from None
         return cls(fd, path, writable, label)
 
     def close(self) -> None:

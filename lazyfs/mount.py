@@ -28,7 +28,7 @@ from typing import AsyncIterator
 import pyfuse3
 import trio
 
-from lazyfs import checkpoint, connwatch, crt, interrupt, memlimit, prefetch, storemodes, storesweep, wording
+from lazyfs import checkpoint, connwatch, crt, exhausted, interrupt, memlimit, prefetch, storemodes, storesweep, wording
 from lazyfs.budget import Budget
 from lazyfs.catalog import Catalog
 from lazyfs.config import MountConfig, Source
@@ -85,7 +85,7 @@ def open_store(cfg: MountConfig) -> Store:
         return Store.open(root.path, [str(p) for p in cfg.prebaked], root_fd=root.fd, mode=cfg.store_mode,
                           file_mode=cfg.file_mode)
     except OSError as e:
-        raise StoreError(f"cannot use store {cfg.store_path}: {e.strerror}", e.errno or errno.EIO) from None
+        raise StoreError(f"cannot use store {cfg.store_path}: {exhausted.strerror(e)}", e.errno or errno.EIO) from None
 
 
 def mount_options(cfg: MountConfig) -> set[str]:
@@ -236,6 +236,8 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: tuple[
         try:
             pyfuse3.init(ops, str(cfg.mountpoint), mount_options(cfg))
         except RuntimeError as e:
+            if lack := exhausted.short_of_descriptors():  # (libfuse says no more than "fuse_session_mount failed")
+                raise MountError(f"cannot mount at {cfg.mountpoint}: {exhausted.descriptors(lack)}", lack) from None
             raise MountError(f"cannot mount at {cfg.mountpoint}: {e} (is /dev/fuse available, and "
                              "are you root or is fusermount3 installed?)") from None
         stack.callback(pyfuse3.close, unmount=True)  # once per process: pyfuse3.init() opened its one session

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 class MountError(LazyfsError):
     """The mount could not be set up (exit code 1)."""
 
+    def __init__(self, message: str, err: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = err
+
 
 @dataclass(frozen=True)
 class MountEntry:

@@ -18,6 +18,7 @@ import os
 from typing import Callable
 
 from lazyfs.errors import StoreError
+from lazyfs.exhausted import DESCRIPTOR_ERRNOS, strerror
 from lazyfs.layer import FILE_FLAGS, PRIVATE, Layer, Permissions, write_small
 from lazyfs.namespace import RESERVED_NAME
 
@@ -37,6 +38,8 @@ def open_to_write(root: Layer, permissions: Permissions, keep: Keep) -> tuple[in
         tmp_fd = keep(root.open_dir([RESERVED_NAME, "tmp"], create=True, mode=PRIVATE))
         objects_fd = keep(root.open_dir([RESERVED_NAME, "objects"], create=True, mode=PRIVATE))
     except OSError as e:
+        if e.errno in DESCRIPTOR_ERRNOS:  # it may well be writable: not said so
+            raise StoreError(f"cannot open store {root.path}: {strerror(e)}", e.errno) from None
         raise StoreError(f"store {root.path} is not writable: {e.strerror}", e.errno or errno.EIO) from None
     version = _read_layout(meta_fd)
     if version is None:

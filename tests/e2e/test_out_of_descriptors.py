@@ -9,10 +9,12 @@ table and exit codes; exhausted.py, offlinestart.py).
   -n`), never a bare "Too many open files" that leaves an operator guessing
   whose files those are; and once the limit is raised again every file
   reads right.
-- At start: a first listing that met it was taken for an unreachable object
-  store: an offline start, or "the store has nothing to serve" for a store
-  full of files.  It ends the start (exit 1) in one line naming the limit
-  and what to do.
+- At start: a limit too low to start with ends the start (exit 1) in one
+  line naming it and what to do, wherever it is met (the store, the first
+  listing, trio, the FUSE session); it said `internal error`, `store ... is
+  not writable`, or sent the user to /dev/fuse and fusermount3.  A first
+  listing that met it was taken for an unreachable object store: an offline
+  start, or "the store has nothing to serve" for a store full of files.
 
 Only the soft limit is lowered and raised at run time: raising a hard limit
 takes CAP_SYS_RESOURCE, which a container's root may lack.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from support.mounting import FS, Mounter, wait_until
+from support.mounting import FS, Mounter, on_both_clients, wait_until
 from support.mountproc import MountFailed
 from support.proxy import Fault
 
@@ -163,3 +165,40 @@ def test_a_first_listing_refused_a_descriptor_ends_the_start_naming_the_limit(
     assert line.startswith(f'lazyfs: error: cannot list "s3://{bucket}/{P}/": {SAID}{sockets[0]}'), line
     assert line.endswith(f"; {FIX}"), line
     assert "OFFLINE" not in "".join(process.stdout_lines) and "Traceback" not in process.log()
+
+
+@pytest.mark.long
+@on_both_clients  # the CRT's client takes ~20 descriptors as it is made: short of them, awscrt aborted the process
+@pytest.mark.log_errors(NAMED)
+def test_a_limit_too_low_to_start_with_ends_the_start_in_one_line_naming_it(
+        mount: Mounter, s3, bucket, fs: FS, tmp_path: Path):
+    """A sweep of hard limits from one the store cannot be opened with up to
+    the first the mount starts with (and two more): each start either is
+    ready or exits 1 with one line naming the limit and the fix, whichever
+    step met it (the store, trio, the page-cache reader, the CRT client, the
+    FUSE session)."""
+    files = put_files(s3, bucket)
+    store = tmp_path / "store"
+    fill_store(mount, fs, bucket, store, files)
+    outcomes: dict[int, str] = {}
+    for n in range(6, 48):
+        if list(outcomes.values())[-3:] == ["ready"] * 3:
+            break
+        try:
+            m = mount("--prefix", f"s3://{bucket}/{P}", store=store, wrapper=["prlimit", f"--nofile={n}:{n}", "--"])
+        except MountFailed:
+            process = mount.started[-1].process
+            assert process.proc is not None and process.proc.returncode == 1, (n, process.log())
+            lines = error_lines(process.log())
+            assert len(lines) == 1 and lines[0].startswith("lazyfs: error: "), (n, process.log())
+            assert f"{SAID}{n}" in lines[0] and lines[0].endswith(f"; {FIX}"), (n, lines[0])
+            outcomes[n] = lines[0]
+            continue
+        outcomes[n] = "ready"
+        assert m.stop() == 0
+        ours = [line for line in m.log().splitlines() if not line.startswith("fuse: ")]  # (libfuse's own)
+        bare = [line for line in ours if "Too many open files" in line]
+        assert bare == [], (n, bare)
+    said = "\n".join(f"{n}: {outcome}" for n, outcome in outcomes.items())
+    assert "ready" in outcomes.values() and set(outcomes.values()) != {"ready"}, said
+    assert all("Traceback" not in m.log() for m in mount.started)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 from typing import Iterator
 
 import pytest
@@ -89,6 +90,8 @@ def test_no_watch_is_one_warning_line_and_the_mount_goes_on(monkeypatch: pytest.
 
     monkeypatch.setattr(connwatch, "fuse_descriptor", refused)
     assert ConnectionWatch.of_session() is None
-    assert [r.getMessage() for r in caplog.records] == [
-        "cannot watch the kernel connection (Too many open files): after `umount --force`, requests in flight "
-        "end only at their deadline"]
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # whose limit ran out, and what it is
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("cannot watch the kernel connection (too many open files: the daemon's descriptor limit "
+                           f"(ulimit -n / RLIMIT_NOFILE) is {limit}")
+    assert line.endswith("): after `umount --force`, requests in flight end only at their deadline"), line

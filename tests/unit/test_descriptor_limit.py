@@ -15,8 +15,10 @@ import logging
 import os
 import resource
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 import urllib3.util.connection
 
 from lazyfs import crt
@@ -138,3 +140,40 @@ def test_a_first_listing_out_of_the_daemons_descriptors_ends_the_start_naming_th
     assert errno_of(failure) == errno.EMFILE
     assert starts_offline(system)
     assert "descriptors to spare" in until(system) and "reachable" not in until(system)
+
+
+def in_a_nursery(e: BaseException) -> BaseException:
+    """`e` as a trio nursery raises it: in an exception group."""
+    async def fail() -> None:
+        raise e
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fail)
+
+    try:
+        trio.run(main)
+    except BaseException as raised:
+        return raised
+    raise AssertionError("no exception")
+
+
+@pytest.mark.parametrize("wrap", [lambda e: e, in_a_nursery], ids=["bare", "in a nursery's group"])
+def test_a_command_out_of_descriptors_says_the_limit_and_the_fix_in_one_line(
+        wrap: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A mount's start that ran out of descriptors where nothing named them
+    (trio's wake-up socket pair, /dev/null for the page-cache reads) ended
+    with `lazyfs: internal error: OSError: [Errno 24] Too many open files
+    (rerun with --log-level debug for details)`, and the traceback at debug."""
+    from lazyfs import cli
+
+    def out_of_descriptors(args: object) -> int:
+        raise wrap(OSError(errno.EMFILE, "Too many open files", "/dev/null"))
+
+    monkeypatch.setitem(cli._HANDLERS, "doctor", out_of_descriptors)
+    monkeypatch.setattr(cli, "setup_logging", lambda *args: None)  # (its handler would outlive capsys's stderr)
+    assert cli._run(["doctor"]) == 1
+    err = capsys.readouterr().err
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert err.startswith(f"lazyfs: error: cannot doctor: {SAID}{limit}"), err
+    assert "raise it (ulimit -n" in err and err.count("\n") == 1 and "internal error" not in err, err
