@@ -10,6 +10,7 @@ module (with remote.py) that imports botocore."""
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import signal
@@ -34,10 +35,14 @@ NO_CREDENTIALS = (botocore.exceptions.NoCredentialsError, botocore.exceptions.Pa
                   botocore.exceptions.CredentialRetrievalError, botocore.exceptions.MetadataRetrievalError,
                   botocore.exceptions.InvalidConfigError, botocore.exceptions.RefreshWithMFAUnsupportedError,
                   botocore.exceptions.TokenRetrievalError, botocore.exceptions.SSOError,
-                  botocore.exceptions.UnknownCredentialError, botocore.exceptions.ConfigParseError)
+                  botocore.exceptions.UnknownCredentialError, botocore.exceptions.ConfigParseError,
+                  UnicodeDecodeError, json.JSONDecodeError)  # (GARBLED, below)
 # What botocore's chain raises when it runs: its own errors, those of a client it
 # asks (STS for a role: a ClientError), a file it reads (a token file).
-CHAIN_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError)
+# A credential_process whose words botocore cannot read: stderr not UTF-8 (botocore decodes it for
+# its error, and raises this instead), stdout not JSON.  A helper failing, as one exiting non-zero.
+GARBLED = (UnicodeDecodeError, json.JSONDecodeError)
+CHAIN_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError, *GARBLED)
 # Credentials that could not be had for these may be had later with nothing
 # changed: a source that did not answer, or answered with an error (a container
 # or instance endpoint; a credential_process exiting non-zero, which botocore
@@ -46,7 +51,7 @@ CHAIN_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientErr
 # refusal, an SSO session expired, a TLS certificate refused) stays what it is
 # until someone changes the configuration.
 _PASSING = (botocore.exceptions.CredentialRetrievalError, botocore.exceptions.MetadataRetrievalError,
-            botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError, CredentialsUnreachable)
+            botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError, CredentialsUnreachable, *GARBLED)
 # STS's answers that say "later" with a 4xx (the web identity's IdP unreachable from STS, throttling).
 _PASSING_CODES = {"IDPCommunicationError", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
 # A start-up wait for credentials still unanswered after this long is said so in one line.

@@ -41,10 +41,11 @@ def descriptor_errno(e: BaseException | None) -> int:
     (botocore's `kwargs["error"]`, urllib3's `reason`, a group's exceptions:
     a trio nursery's), is an OSError for want of a descriptor; else 0."""
     seen: set[int] = set()
-    todo = [e]
+    todo: list[object] = [e]
     while todo:
         x = todo.pop()
-        if x is None or id(x) in seen or len(seen) > 32:
+        # (Only exceptions: `reason` is a string on UnicodeDecodeError and ssl.SSLError.)
+        if not isinstance(x, BaseException) or id(x) in seen or len(seen) > 32:
             continue
         seen.add(id(x))
         if isinstance(x, OSError) and x.errno in DESCRIPTOR_ERRNOS:

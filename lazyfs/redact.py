@@ -10,7 +10,7 @@ What is masked (`masked`): AWS access key ids (their first four characters
 kept: `AKIA****`), JWTs, runs of 40 or more base64 characters that look
 random (a secret access key is 40, a session token hundreds), and the value
 after a key naming a secret, token or password (`"SecretAccessKey": "..."`,
-`aws_session_token=...`).  Words, paths, bucket names, hex digests and the
+`aws_session_token=...`), a URL's password.  Words, paths, bucket names, hex digests and the
 source's reason ("token expired") are kept.  What the source said is capped
 at HELPER_CHARS characters.  Pure: no I/O, no lazyfs import.
 """
@@ -39,6 +39,8 @@ _QUOTED = re.compile(rf"""(?i)(["']?{_NAME}["']?\s*[:=]\s*)("[^"]*"|'[^']*')""")
 _UNQUOTED = re.compile(rf"""(?i)(["']?({_NAME})["']?\s*([:=])\s*)([^\s,;&"'(){{}}\[\]<>]+)""")
 _SEPARATORS = re.compile(r"[/_-]+")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s,;\"']+")
+# A URL's password (`https://user:password@host`).
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@")
 
 
 def said(e: BaseException) -> str:
@@ -62,6 +64,7 @@ def masked(text: str) -> str:
     text = _QUOTED.sub(lambda m: f"{m[1]}{m[2][0]}<redacted>{m[2][0]}", text)
     text = _UNQUOTED.sub(_unquoted, text)
     text = _BEARER.sub(lambda m: f"{m[1]}<redacted>", text)
+    text = _URL_PASSWORD.sub(lambda m: f"{m[1]}<redacted>@", text)
     text = _JWT.sub(_redacted, text)
     text = _KEY_ID.sub(lambda m: f"{m[1]}****", text)
     return _RUN.sub(lambda m: _redacted(m) if _random(m[0]) else m[0], text)

@@ -125,3 +125,37 @@ def test_a_leaky_helper_leaks_nothing_from_a_start_that_fails_or_doctor(fuse_ok:
     assert len(said) == 1 and REASON in said[0], doctor.stdout + doctor.stderr
     no_secret_in("lazyfs doctor", doctor.stdout + doctor.stderr)
     assert os.path.isdir(tmp_path / "mnt")
+
+
+# A helper whose words botocore cannot read: stderr that is not UTF-8 (on its failure), or
+# stdout that is not JSON (on its success).  Before, a traceback (the first) or an internal error.
+_GARBLED = {
+    "stderr-not-utf8": "#!/bin/sh\nprintf 'helper failed: \\377\\376\\200\\n' >&2\nexit 1\n",
+    "stdout-not-json": "#!/bin/sh\necho 'this is not JSON'\nexit 0\n",
+}
+
+
+@pytest.mark.log_errors(*TRIES)
+@pytest.mark.parametrize("kind", sorted(_GARBLED))
+def test_a_helper_whose_output_botocore_cannot_read_is_a_credential_source_failing(
+        mount: Mounter, bucket: str, tmp_path: Path, fs: FS, kind: str) -> None:
+    script = tmp_path / "helper.sh"
+    script.write_text(_GARBLED[kind])
+    script.chmod(0o755)
+    config = tmp_path / "aws-config"
+    config.write_text(f"[default]\ncredential_process = {script}\n")
+    env = mount.env(AWS_CONFIG_FILE=str(config))
+    del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    (tmp_path / "mnt").mkdir()
+    failed = lazyfs_cli(["mount", str(tmp_path / "mnt"), "--prefix", f"s3://{bucket}/{P}",
+                         "--store", str(tmp_path / "empty"), "--endpoint-url", mount.proxy.endpoint,
+                         "--read-timeout", "2"], env=env, timeout=60)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "Traceback" not in failed.stderr and "internal error" not in failed.stderr, failed.stderr
+    [last] = failed.stderr.strip().splitlines()[-1:]
+    assert last.startswith("lazyfs: error: AWS credentials unavailable: "), failed.stderr
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--prebaked", str(layer_with_a_file(tmp_path)),
+              "--read-timeout", "2", store=tmp_path / "store", env=env, timeout=60)
+    assert m.ready_line().startswith("lazyfs: ready OFFLINE: "), m.ready_line()
+    assert fs.read(m.file(f"{P}/a.bin")) == b"a" * 1000
+    assert "Traceback" not in m.log()

@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import resource
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import pytest
 import trio
 import urllib3.util.connection
 
-from lazyfs import crt
+from lazyfs import crt, exhausted
 from lazyfs.config import RemoteConfig
 from lazyfs.errors import RemoteUnavailable, errno_of
 from lazyfs.namespace import RemoteObject
@@ -177,3 +178,16 @@ def test_a_command_out_of_descriptors_says_the_limit_and_the_fix_in_one_line(
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     assert err.startswith(f"lazyfs: error: cannot doctor: {SAID}{limit}"), err
     assert "raise it (ulimit -n" in err and err.count("\n") == 1 and "internal error" not in err, err
+
+
+def test_an_error_whose_reason_is_a_string_is_no_descriptor_error_and_no_crash() -> None:
+    # UnicodeDecodeError and ssl.SSLError carry `reason` as a string: followed as an
+    # exception, it ended every command in an AttributeError (a credential_process
+    # with non-UTF-8 stderr, a TLS certificate refused).
+    decode = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+    tls = ssl.SSLError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    tls.reason = "CERTIFICATE_VERIFY_FAILED"
+    wrapped = RuntimeError("wrapped")
+    wrapped.__cause__ = tls
+    assert exhausted.descriptor_errno(decode) == 0
+    assert exhausted.descriptor_errno(wrapped) == 0

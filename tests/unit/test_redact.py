@@ -52,6 +52,8 @@ def hides_all(text: str) -> None:
     ("password: hunter2, client_secret: s3cr3t", "password: <redacted>, client_secret: <redacted>"),
     ("SessionToken: abc", "SessionToken: <redacted>"),
     ("Authorization: Bearer abc.def.ghi", "Authorization: Bearer <redacted>"),
+    ("url https://user:urlpassw0rd@sso.example.com/x", "url https://user:<redacted>@sso.example.com/x"),
+    ("proxy http://me:p%40ss@10.0.0.1:3128 refused", "proxy http://me:<redacted>@10.0.0.1:3128 refused"),
 ])
 def test_secret_shapes_are_masked(text: str, expected: str) -> None:
     assert masked(text) == expected
