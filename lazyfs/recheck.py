@@ -124,9 +124,11 @@ class Rechecks:
         full listing only if the object store could not say).  A name that
         went is asked about again (the schedule above)."""
         diff = await self.recheck(old)
-        if not diff:
+        if diff is None:
             self.relist()
             return
+        if not diff:
+            return  # nothing to change: another re-check or a listing got there first, or the same version
         self._tell(diff)
         if diff.removed:
             again = self.schedule.dropped(old, trio.current_time(), self.catalog.listings_ok)
@@ -134,11 +136,12 @@ class Rechecks:
                      f"asked again in {self.schedule.first:g} s" if again else "the next listing decides")
             self._woken.set()
 
-    async def recheck(self, old: RemoteObject) -> Diff:
+    async def recheck(self, old: RemoteObject) -> Diff | None:
         """Ask the store about `old` (a HEAD) and swap what it says into the
         snapshot now, so the next open reads the new version, without
-        waiting for the next listing.  Nothing changes if a listing got
-        there first or the store cannot be asked."""
+        waiting for the next listing.  Nothing changes (an empty Diff) if a
+        listing or another re-check got there first; None if the store could
+        not be asked."""
         catalog = self.catalog
         if not catalog.listed.is_set():
             # The first listing will replace this snapshot with its start-up
@@ -151,15 +154,20 @@ class Rechecks:
             new = None
         except RemoteError as e:
             log.warning("%s: could not check its new version (%s); the next listing will", quoted(old.uri), e)
-            return Diff()
-        before = catalog.tree
-        current = before.find(old.key)
-        if not isinstance(current, RemoteObject) or not current.same_bytes(old) or \
-                (new is not None and new.same_bytes(old)):
-            return Diff()
-        tree = await run_sync(before.replaced, old.key, new)
-        if not catalog.patch(before, tree):
-            return Diff()  # a listing was swapped in meanwhile: it knows better
+            return None
+        listings = catalog.listings_ok
+        while True:
+            before = catalog.tree
+            current = before.find(old.key)
+            if not isinstance(current, RemoteObject) or not current.same_bytes(old) or \
+                    (new is not None and new.same_bytes(old)):
+                return Diff()
+            tree = await run_sync(before.replaced, old.key, new)
+            if catalog.patch(before, tree):
+                break
+            if catalog.listings_ok != listings:
+                return Diff()  # a listing was swapped in meanwhile: it knows better
+            # (else another re-check patched the tree meanwhile: patch the one it left)
         if new is None:
             return Diff(removed=(old,))  # (object_changed says it)
         log.info("%s: new version in the object store (ETag %s, %d bytes)", quoted(old.uri), new.etag, new.size)

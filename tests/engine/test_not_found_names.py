@@ -190,3 +190,30 @@ async def test_a_deleted_object_stays_gone_after_the_next_listing(remote: FakeRe
     assert (await Rechecks(catalog, 60.0).recheck(gone)).removed == (gone,)
     diff = await catalog.refresh()
     assert catalog.tree.find(gone.key) is None and not diff.added and not diff.removed
+
+
+@trio_test
+async def test_many_names_a_404_took_at_once_all_go_and_all_come_back_without_a_listing(remote: FakeRemote) -> None:
+    """Before: re-checks patching the tree at once found it patched by another
+    meanwhile, took that for a listing swapped in, asked for a full listing
+    (which named every object again, so their names came back while the store
+    still answered 404) and dropped their re-checks; a second 404 of a name
+    already gone asked for one too."""
+    objs = [remote.put(BUCKET, f"m/f{i:03d}.bin", b"x" * 100) for i in range(30)]
+    catalog = Catalog(remote, [SOURCE])
+    await catalog.refresh()
+    relists: list[int] = []
+    rechecks = Rechecks(catalog, 3600.0, relist=lambda: relists.append(1))
+    remote.not_found.update(o.key for o in objs)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rechecks.run)
+        async with trio.open_nursery() as opens:
+            for o in objs + objs:  # each twice: two GETs of one file that both met the 404
+                opens.start_soon(rechecks.object_changed, o)
+        assert not relists, f"{len(relists)} full listings asked for"
+        assert all(catalog.tree.find(o.key) is None for o in objs), "a name a 404 took is still there"
+        assert set(rechecks.schedule.missing) == {o.key for o in objs}, "re-checks dropped"
+        remote.not_found.clear()
+        await wait_for(lambda: all(catalog.tree.find(o.key) == o for o in objs), "every name back")
+        assert not relists
+        nursery.cancel_scope.cancel()
