@@ -65,6 +65,8 @@ def read_into(fd: int, start: int, end: int, h: Any, cancelled: Callable[[], boo
             got = -1
             if direct_fd >= 0 and in_page_cache(probe_fd, pos, pos + want) is False:
                 got = _read_direct(direct_fd, buf, pos - skip, skip + want)
+                if got < 0:
+                    direct_fd = -1  # refused: the rest of this file goes through the page cache too
             if got >= 0:
                 view = buf[skip:max(skip, got)]
             else:

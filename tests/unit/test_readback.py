@@ -126,6 +126,9 @@ def test_a_filesystem_that_opens_for_direct_reads_but_refuses_them_is_read_throu
         return real(rfd, buffers, offset, *flags)
 
     monkeypatch.setattr(readback.os, "preadv", refusing)
+    # No read-ahead: the chunks after the refused one are not cached by its buffered read
+    # (with it, they were, now and then, and the next was not asked about: flaky under load).
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
     assert md5_of(fd, 0, SIZE) == hashlib.md5(data).hexdigest()
     assert md5_of(fd, 0, SIZE) == hashlib.md5(data).hexdigest()
     if takes_direct_reads(path):
