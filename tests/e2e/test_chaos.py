@@ -60,7 +60,7 @@ def threads(pid: int) -> int:
 
 # A read that waits longer than --read-deadline gets EIO (an allowed errno
 # here), from its own download or from one it follows in the other mount.
-@pytest.mark.log_errors("download of .* failed", "needs .* MiB but the store", "cannot write it to the store",
+@pytest.mark.log_errors("download of .* failed", "needs .* but the store", "cannot write it to the store",
                         "No space left", "has no current local copy", "could not record download progress",
                         "listing failed", "could not save the listing", "no data for bytes .* within",
                         "another lazyfs process is downloading it and bytes .* did not arrive within")
