@@ -55,8 +55,8 @@ def read_into(fd: int, start: int, end: int, h: Any, cancelled: Callable[[], boo
     [start, end) of the file (counted: the bytes verification cost a pass
     over the file).  IntegrityError when the file ends before `end`."""
     STATS.bump("verify_read_bytes", n=end - start)
-    with _buffer() as buf, _twins(fd) as (direct_fd, probe_fd):
-        pos = start
+    with _buffer() as buf, _twins(fd) as (twin_fd, probe_fd):
+        direct_fd, pos = twin_fd, start
         while pos < end:
             if cancelled():
                 raise InterruptedError("verification cancelled")
