@@ -21,7 +21,7 @@ import botocore.retries.quota
 import botocore.session
 import urllib3.exceptions
 
-from lazyfs import answers, awssession, errors, exhausted, listxml, redact
+from lazyfs import answers, awssession, errors, exhausted, listxml, objectheaders, redact
 from lazyfs.clientretries import ClientAttempts, calling
 from lazyfs.config import AddressingStyle, RemoteConfig, Source, endpoint
 from lazyfs.crtcreds import BotocoreCredentials, CredentialsUnavailable, wait_for_credentials
@@ -228,12 +228,10 @@ class Remote:
             kwargs["VersionId"] = version_id
         resp = self._call(self._client.head_object, bucket, key, **kwargs)
         answers.check_etag(bucket, key, etag or "", resp.get("ETag"), "HEAD")  # a store that ignores If-Match
-        obj = RemoteObject(bucket=bucket, key=key, size=int(resp["ContentLength"]),
-                           etag=listxml.etag(resp.get("ETag", "")),
-                           mtime_ns=listxml.mtime_ns(resp["LastModified"]))
+        obj = objectheaders.head_object(bucket, key, resp)  # a proxy's page is no object's HEAD: RemoteError
         sse = resp.get("ServerSideEncryption") or ""
         etag_is_md5 = self.cfg.etag_is_md5 and sse in ("", "AES256") and not resp.get("SSECustomerAlgorithm")
-        return HeadInfo(obj, _checksum_of(resp), etag_is_md5, _version_id(resp))
+        return HeadInfo(obj, objectheaders.checksum_of(resp), etag_is_md5, objectheaders.version_id(resp))
 
     def part(self, obj: RemoteObject, number: int) -> Part | None:
         """What the store says of part `number` of a multipart object: its size,
@@ -286,7 +284,7 @@ class Remote:
         resp = self._call(self._client.get_object, obj.bucket, obj.key, **kwargs)
         sse_ok = (resp.get("ServerSideEncryption") or "") in ("", "AES256") and not resp.get("SSECustomerAlgorithm")
         meta = ResponseMeta(etag_is_md5=self.cfg.etag_is_md5 and sse_ok,
-                            checksum=_checksum_of(resp) if whole else None)
+                            checksum=objectheaders.checksum_of(resp) if whole else None)
         stream = RangeStream(resp["Body"], obj, start, end, meta)
         try:  # the bytes asked for, of this version, or none of them is read
             answers.check(obj, start, end, resp["ResponseMetadata"]["HTTPStatusCode"], resp.get("ContentRange"),
@@ -359,33 +357,6 @@ class Remote:
         if isinstance(e, (_BODY_ERRORS, botocore.exceptions.BotoCoreError)):
             return RemoteUnavailable(f"{where}: {type(e).__name__}: {e}", bucket=bucket, key=key)
         return RemoteError(f"{where}: unexpected {type(e).__name__}: {e}", bucket=bucket, key=key)
-
-
-def _version_id(resp: dict[str, Any]) -> str:
-    """The version id of a bucket that keeps versions.  "null" (an object
-    written before versioning was enabled, or while it is suspended) names no
-    version that stays: the next such write replaces it."""
-    vid = str(resp.get("VersionId") or "")
-    return "" if vid == "null" else vid
-
-
-def _checksum_of(resp: dict[str, Any]) -> tuple[str, str, str] | None:
-    """(algorithm, value, kind) of the object's additional checksum, if any.
-    A multipart object's checksum is full-object only when the store says so
-    (x-amz-checksum-type): S3 writes composite ones as "<b64>-<parts>", but
-    some stores (moto) send a composite value bare and without a type, and a
-    full-object check against it would call correct bytes corrupt."""
-    declared = resp.get("ChecksumType")
-    multipart = "-" in listxml.etag(str(resp.get("ETag", "")))
-    for algo in ("CRC64NVME", "CRC32C", "CRC32", "SHA256", "SHA1"):
-        value = resp.get(f"Checksum{algo}")
-        if value:
-            if "-" in value:
-                kind = "COMPOSITE"
-            else:
-                kind = declared or ("COMPOSITE" if multipart else "FULL_OBJECT")
-            return (algo, value, kind)
-    return None
 
 
 class RangeStream:

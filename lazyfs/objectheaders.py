@@ -1,0 +1,59 @@
+"""An object's HEAD and GET answers as botocore hands them over (remote.py),
+read into what lazyfs keeps of them: the object, its additional checksum,
+its version id.  Imports no botocore: pure, tested in milliseconds.
+
+A HEAD answered by something else than the store (a proxy's error page as a
+`200 text/html`) lacks an object's headers: without an ETag or a
+Content-Length it describes no object (a RemoteError in words, not a
+KeyError); without a Last-Modified alone it is dated the epoch, as a listing
+whose date cannot be parsed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lazyfs import listxml
+from lazyfs.errors import RemoteError
+from lazyfs.namespace import RemoteObject
+from lazyfs.wording import one_line, quoted
+
+
+def head_object(bucket: str, key: str, resp: dict[str, Any]) -> RemoteObject:
+    """The object a HEAD's answer describes; RemoteError if it names none."""
+    length, tag = resp.get("ContentLength"), resp.get("ETag")
+    if length is None or not tag:
+        lacks = " and ".join(h for h, v in (("an ETag", tag), ("a Content-Length", length is not None)) if not v)
+        kind = resp.get("ContentType")
+        came = f"HTTP {resp.get('ResponseMetadata', {}).get('HTTPStatusCode', '?')}" + (
+            f", Content-Type {one_line(str(kind))}" if kind else "")
+        raise RemoteError(f"{quoted(f's3://{bucket}/{key}')}: the object store (or a proxy) answered a HEAD with "
+                          f"{came}, without {lacks}: not an object's", bucket=bucket, key=key)
+    return RemoteObject(bucket=bucket, key=key, size=int(length), etag=listxml.etag(str(tag)),
+                        mtime_ns=listxml.mtime_ns(resp.get("LastModified")))
+
+
+def version_id(resp: dict[str, Any]) -> str:
+    """The version id of a bucket that keeps versions.  "null" (an object
+    written before versioning was enabled, or while it is suspended) names no
+    version that stays: the next such write replaces it."""
+    vid = str(resp.get("VersionId") or "")
+    return "" if vid == "null" else vid
+
+
+def checksum_of(resp: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(algorithm, value, kind) of the object's additional checksum, if any.
+    A multipart object's checksum is full-object only when the store says so
+    (x-amz-checksum-type): S3 writes composite ones as "<b64>-<parts>", but
+    some stores (moto) send a composite value bare and without a type, and a
+    full-object check against it would call correct bytes corrupt."""
+    declared = resp.get("ChecksumType")
+    multipart = "-" in listxml.etag(str(resp.get("ETag", "")))
+    for algo in ("CRC64NVME", "CRC32C", "CRC32", "SHA256", "SHA1"):
+        value = resp.get(f"Checksum{algo}")
+        if value:
+            if "-" in value:
+                kind = "COMPOSITE"
+            else:
+                kind = declared or ("COMPOSITE" if multipart else "FULL_OBJECT")
+            return (algo, value, kind)
+    return None

@@ -1,0 +1,36 @@
+"""objectheaders.head_object: a HEAD's answer read into the object it
+describes, or refused in words when it describes none (a proxy's page)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lazyfs import objectheaders
+from lazyfs.errors import RemoteError
+
+OK = {"ContentLength": 1700, "ETag": '"0cc175b9c0f1b6a831c399e269772661"',
+      "LastModified": "Tue, 01 Dec 2026 21:33:43 GMT", "ResponseMetadata": {"HTTPStatusCode": 200}}
+
+
+def test_an_objects_head_is_read() -> None:
+    obj = objectheaders.head_object("b", "m/w.bin", OK)
+    assert (obj.size, obj.etag, obj.mtime_ns) == (1700, "0cc175b9c0f1b6a831c399e269772661", 1796160823 * 10**9)
+
+
+def test_a_head_without_last_modified_is_dated_the_epoch() -> None:
+    obj = objectheaders.head_object("b", "m/w.bin", {k: v for k, v in OK.items() if k != "LastModified"})
+    assert (obj.size, obj.mtime_ns) == (1700, 0)
+
+
+@pytest.mark.parametrize("drop, lacks", [
+    (("ETag", "LastModified"), "without an ETag: not an object's"),
+    (("ContentLength",), "without a Content-Length: not an object's"),
+    (("ETag", "ContentLength"), "without an ETag and a Content-Length"),
+], ids=["no-etag", "no-length", "neither"])
+def test_a_head_that_names_no_object_is_a_remote_error_in_words(drop, lacks) -> None:
+    resp = {k: v for k, v in OK.items() if k not in drop} | {"ContentType": "text/html"}
+    with pytest.raises(RemoteError) as info:
+        objectheaders.head_object("b", "m/w.bin", resp)
+    assert str(info.value).startswith('"s3://b/m/w.bin": the object store (or a proxy) answered a HEAD with '
+                                      "HTTP 200, Content-Type text/html, without ")
+    assert lacks in str(info.value)
