@@ -13,9 +13,13 @@ length, and the response's ETag, when it sends one (S3 always does), must be
 the one the GET pinned.  A store that honours If-Match compares against the
 ETag it answers with, so this refuses nothing such a store sends.
 
-An ETag or a total size that differs is the object changed (ObjectChanged:
-ESTALE, the new version fetched whole); other bytes than asked are WrongRange
-(EIO, not retried: the store would answer the same).  Quotes and a weak `W/`
+An ETag or a Content-Range total size that differs is the object changed
+(ObjectChanged: ESTALE, the new version fetched whole); other bytes than asked
+are WrongRange (EIO, not retried: the store would answer the same).  A 200 of
+another length with the listed ETag or none is other bytes, not another
+version: a proxy's error page (`text/html`, no ETag), a body it re-encoded
+(`Content-Encoding: gzip`).  An object stored with a Content-Encoding is
+served with it at its listed length, its stored bytes: that passes.  Quotes and a weak `W/`
 prefix are not part of the tag: `W/` is what a proxy adds (nginx, when it
 compresses), and the tag still names the version; whether the bytes are the
 ones asked is what the range and the length say.
@@ -46,10 +50,11 @@ def check_etag(bucket: str, key: str, pinned: str, answered: str | None, request
 
 
 def check(obj: RemoteObject, start: int, end: int, status: int, content_range: str | None, etag: str | None,
-          length: int | None) -> None:
+          length: int | None, content_type: str | None = None, encoding: str | None = None) -> None:
     """Raise unless a GET of bytes [start, end) of `obj` was answered with
     them: `status`, its Content-Range, ETag and Content-Length (None: not
-    sent).  ObjectChanged for another version, WrongRange for other bytes."""
+    sent), with its Content-Type and Content-Encoding to say what came.
+    ObjectChanged for another version, WrongRange for other bytes."""
     check_etag(obj.bucket, obj.key, obj.etag, etag)
     if status == 206:
         if content_range != f"bytes {start}-{end - 1}/{obj.size}":
@@ -57,8 +62,8 @@ def check(obj: RemoteObject, start: int, end: int, status: int, content_range: s
     elif status != 200:
         raise WrongRange(f"{quoted(obj.uri)}: the object store answered a request for bytes {start}-{end - 1} with "
                          f"HTTP {status}; {NOTHING_WRITTEN}", bucket=obj.bucket, key=obj.key)
-    elif length is not None and length != obj.size:
-        raise changed(obj.bucket, obj.key, f"answered with the whole object, of {length} bytes, not {obj.size}")
+    elif length is not None and length != obj.size:  # the listed ETag or none: not evidence of another version
+        raise _other_body(obj, length, etag, content_type, encoding)
     elif start != 0 or end != obj.size:
         raise ignored_range(obj, start, end, "HTTP 200 with the whole object")
     if length is not None and length != end - start:
@@ -79,6 +84,20 @@ def _another_range(obj: RemoteObject, start: int, end: int, content_range: str |
     said = f"bytes {one_line(span)}" if content_range else "HTTP 206 without a Content-Range"
     raise WrongRange(f"{quoted(obj.uri)}: the object store answered {said} to a request for bytes {start}-{end - 1}; "
                      f"{NOTHING_WRITTEN}", bucket=obj.bucket, key=obj.key)
+
+
+def _other_body(obj: RemoteObject, length: int, etag: str | None, content_type: str | None,
+                encoding: str | None) -> WrongRange:
+    """A 200 of another length than the object's, with its ETag or none: a
+    proxy's error page, a body it re-encoded; not another version."""
+    if encoding and encoding.strip().lower() != "identity":
+        said = f"{length} bytes with Content-Encoding: {one_line(encoding)} for an object of {obj.size} bytes"
+    else:
+        kind = f", Content-Type {one_line(content_type)}" if content_type else ""
+        tag = f", ETag {_tag(etag)}" if etag else ", no ETag"
+        said = f"HTTP 200, {length} bytes{kind}{tag}, for the object of {obj.size} bytes"
+    return WrongRange(f"{quoted(obj.uri)}: the object store (or a proxy) answered {said}; {NOTHING_WRITTEN}",
+                      bucket=obj.bucket, key=obj.key)
 
 
 def changed(bucket: str, key: str, why: str) -> ObjectChanged:

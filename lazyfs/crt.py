@@ -353,7 +353,7 @@ class _Received:
         length = h.get("content-length", "")
         try:  # the bytes asked for, of this version, or none of them is written (on_body drops them)
             answers.check(self.job.obj, self.start, self.job.end, status_code, h.get("content-range"), h.get("etag"),
-                          int(length) if length.isdigit() else None)
+                          int(length) if length.isdigit() else None, h.get("content-type"), h.get("content-encoding"))
         except RemoteError as e:
             self.error = e
             return

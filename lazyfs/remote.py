@@ -288,7 +288,8 @@ class Remote:
         stream = RangeStream(resp["Body"], obj, start, end, meta)
         try:  # the bytes asked for, of this version, or none of them is read
             answers.check(obj, start, end, resp["ResponseMetadata"]["HTTPStatusCode"], resp.get("ContentRange"),
-                          resp.get("ETag"), resp.get("ContentLength"))
+                          resp.get("ETag"), resp.get("ContentLength"), resp.get("ContentType"),
+                          resp.get("ContentEncoding"))
         except RemoteError:
             stream.close()
             raise

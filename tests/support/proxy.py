@@ -76,7 +76,7 @@ class Request:
 
 @dataclass
 class Fault:
-    kind: str  # status | drop | reset | stall | short | corrupt | delay | throttle | replace | ignore | shift
+    kind: str  # status | drop | reset | stall | short | corrupt | delay | throttle | replace | ignore | shift | answer
     method: str | None = "GET"
     key: str | None = None  # None: any key
     times: int | None = 1  # None: every matching request
@@ -96,6 +96,9 @@ class Fault:
     # Request headers not forwarded, as by a server that ignores them ("Range", "If-Match"); with any kind.
     ignore: list[str] = field(default_factory=list)
     shift: int = 0  # shift: the Range forwarded starts (and ends) this many bytes later than asked
+    # answer: not forwarded; answered with `status`, these headers and body_b64 as the body (a proxy's error page,
+    # a body it re-encoded).  Content-Length is the body's unless given (a HEAD's: the length it claims).
+    headers: dict[str, str] = field(default_factory=dict)
     # Only for this many seconds from when the proxy got the fault (0: until spent or cleared): a store that
     # answers 404 for a while for an object its listing names (SeaweedFS after a link flap), an outage.
     lasts: float = 0.0
@@ -249,6 +252,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.kind == "status":
             self._error(req, fault.status, fault.code)
             return
+        if fault is not None and fault.kind == "answer":
+            self._answer(req, fault)
+            return
         if fault is not None and fault.kind == "drop":
             self._abort()
             return
@@ -325,6 +331,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
         except OSError:
             pass
+
+    def _answer(self, req: Request, fault: Fault) -> None:
+        req.status = fault.status
+        body = base64.b64decode(fault.body_b64)
+        self.send_response(fault.status)
+        for name, value in fault.headers.items():
+            self.send_header(name, value)
+        if not any(k.lower() == "content-length" for k in fault.headers):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+            req.body_bytes = len(body)
 
     def _error(self, req: Request, status: int, code: str) -> None:
         req.status = status

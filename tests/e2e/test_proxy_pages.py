@@ -1,0 +1,99 @@
+"""End to end: a proxy in front of the store answers in its own words: an
+error page as `200 text/html` (no ETag, no Last-Modified), or the object's
+body re-encoded (`Content-Encoding: gzip`, with the listed ETag).  Neither is
+another version of the object: a reader gets EIO and one line saying what
+came, never ESTALE and "changed in the object store", on both transfer
+clients; a HEAD so answered is refused in words, never a traceback.  An
+object stored with Content-Encoding: gzip is served as its stored bytes."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import gzip
+import os
+from pathlib import Path
+
+import pytest
+
+from support.mounting import FS, lazyfs_cli, on_both_clients, wait_until
+from support.proxy import Fault
+from support.s3server import s3_client
+
+pytestmark = [pytest.mark.fuse]
+
+P = "models/m"
+KEY = f"{P}/w.bin"
+PAGE = b"<html><body><h1>Proxy error</h1>Service unavailable</body></html>"
+
+
+def read(path: Path) -> bytes | int:
+    """The file's bytes, or the errno its read failed with."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        return e.errno or -1
+
+
+def failed_lines(log: str) -> list[str]:
+    return [ln for ln in log.splitlines() if "download of" in ln and "failed" in ln]
+
+
+@on_both_clients
+@pytest.mark.log_errors("download of .* failed: .*the object store")
+@pytest.mark.parametrize("headers, body, said", [
+    ({"Content-Type": "text/html"}, PAGE, "HTTP 200, 65 bytes, Content-Type text/html, no ETag"),
+    ({"Content-Type": "application/octet-stream", "Content-Encoding": "gzip"}, None,
+     "answered {zipped} bytes with Content-Encoding: gzip for an object of 1700 bytes"),
+], ids=["error-page", "re-encoded"])
+def test_a_proxys_own_answer_to_a_get_is_eio_saying_what_came(mount, proxy, moto, bucket, fs: FS, tmp_path: Path,
+                                                               transfer_client: str, headers, body, said):
+    data = os.urandom(850) * 2  # 1700 bytes that compress
+    s3_client(moto.endpoint, checksums=False).put_object(Bucket=bucket, Key=KEY, Body=data)
+    etag = s3_client(moto.endpoint).head_object(Bucket=bucket, Key=KEY)["ETag"]
+    if body is None:  # the listed ETag, weakened as nginx does when it compresses
+        body, headers = gzip.compress(data), headers | {"ETag": f"W/{etag}"}
+    proxy.add(Fault("answer", key=KEY, times=None, status=200, headers=headers,
+                    body_b64=base64.b64encode(body).decode()))
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--no-etag-check", "--retries", "1", store=tmp_path / "store")
+    assert fs.run(read, m.file(KEY), timeout=60) == errno.EIO
+    assert any(r["fault"] == "answer" for r in proxy.requests("GET", KEY)), "the fault never fired"
+    lines = failed_lines(m.log())
+    assert lines and all("changed in the object store" not in ln for ln in lines), lines
+    assert "changed in the object store" not in m.log()
+    assert "Traceback" not in m.log()
+    if transfer_client == "boto3":  # (the CRT asks with a Range and may refuse the answer itself: EIO too)
+        assert any(said.format(zipped=len(body)) in ln and "nothing of it was written" in ln for ln in lines), lines
+    proxy.clear_faults()
+    assert fs.run(read, m.file(KEY), timeout=60) == data
+    wait_until((m.store / KEY).exists, what="publication")
+    assert (m.store / KEY).read_bytes() == data
+
+
+@on_both_clients
+def test_an_object_stored_with_content_encoding_gzip_reads_as_its_stored_bytes(mount, moto, bucket, fs: FS,
+                                                                                tmp_path: Path):
+    """S3 serves it with `Content-Encoding: gzip` at its listed length: those
+    bytes are the object's, written as they are, never decoded."""
+    stored = gzip.compress(os.urandom(3000) * 3)
+    s3_client(moto.endpoint).put_object(Bucket=bucket, Key=KEY, Body=stored, ContentEncoding="gzip",
+                                        ContentType="application/octet-stream")
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "store")
+    assert fs.run(read, m.file(KEY), timeout=60) == stored
+    wait_until((m.store / KEY).exists, what="publication")
+    assert (m.store / KEY).read_bytes() == stored
+
+
+def test_a_head_answered_with_a_proxys_page_is_one_line_not_a_traceback(proxy, moto, bucket, tmp_path: Path):
+    """`lazyfs lock` HEADs each object: answered 200 text/html with no ETag
+    and no Last-Modified, it names no object."""
+    s3_client(moto.endpoint).put_object(Bucket=bucket, Key=KEY, Body=b"x" * 1700)
+    proxy.add(Fault("answer", method="HEAD", key=KEY, times=None, status=200,
+                    headers={"Content-Type": "text/html", "Content-Length": str(len(PAGE))}))
+    res = lazyfs_cli(["lock", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint,
+                      "-o", str(tmp_path / "m.lock")], timeout=60)
+    assert any(r["fault"] == "answer" for r in proxy.requests("HEAD", KEY)), "the fault never fired"
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr and "KeyError" not in res.stderr, res.stderr
+    assert ("the object store (or a proxy) answered a HEAD with HTTP 200, Content-Type text/html, without an ETag: "
+            "not an object's") in res.stderr, res.stderr
