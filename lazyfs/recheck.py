@@ -11,7 +11,9 @@ time, for as long as `--refresh` (NO_REFRESH_S with `--refresh 0`):
 
 - found: served again at once (the kernel is told), with the ETag and size it
   had the same version, with others a new version like any changed object (a
-  new inode, its own bytes: nothing of the old one is served for it);
+  new inode, its own bytes: nothing of the old one is served for it); the
+  listed ETag with another size is an answer that contradicts itself, not a
+  version: the listed one is kept;
 - still 404 when the time is up: the next listing decides (it brings the name
   back if it names the object: Catalog.patch);
 - a listing that succeeds meanwhile ends the re-checks: it knows.
@@ -215,8 +217,18 @@ class Rechecks:
         return self.catalog.listings_ok != m.listings or self.catalog.tree.find(m.old.key) is not None
 
     async def _head(self, old: RemoteObject) -> RemoteObject:
+        """What a HEAD says of `old` now.  Its ETag with another size is no
+        version (an ETag names its bytes, and so their number): an answer
+        that contradicts itself (a proxy's, a gateway's) keeps the listed
+        version, with one line; the next listing decides."""
         info = await run_sync(self.catalog.remote.head, old.bucket, old.key, limiter=self._heads)
-        return dataclasses.replace(info.obj, checksum_algorithm=info.checksum[0] if info.checksum else "")
+        new = dataclasses.replace(info.obj, checksum_algorithm=info.checksum[0] if info.checksum else "")
+        if old.etag and new.etag == old.etag and new.size != old.size:
+            log.warning("%s: the object store answered a HEAD with the listed ETag %s but %d bytes, not the listed %d:"
+                        " an answer that contradicts itself; keeping the listed version", quoted(old.uri), old.etag,
+                        new.size, old.size)
+            return old
+        return new
 
     def _tell(self, diff: Diff) -> None:
         for listener in self.listeners:  # each on its own: one that fails keeps nothing from the others

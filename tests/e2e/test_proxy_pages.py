@@ -97,3 +97,31 @@ def test_a_head_answered_with_a_proxys_page_is_one_line_not_a_traceback(proxy, m
     assert "Traceback" not in res.stderr and "KeyError" not in res.stderr, res.stderr
     assert ("the object store (or a proxy) answered a HEAD with HTTP 200, Content-Type text/html, without an ETag: "
             "not an object's") in res.stderr, res.stderr
+
+
+@pytest.mark.log_errors("download of .* failed|changed in the object store|contradicts itself")
+def test_a_head_with_the_listed_etag_and_another_size_is_not_a_new_version(mount, proxy, moto, bucket, fs: FS,
+                                                                           tmp_path: Path):
+    """GETs answered 412 (as after a replace), and the HEAD lazyfs then sends
+    answers the listed ETag with 1000 bytes more: an answer that contradicts
+    itself.  The listed version stays (its size shown, its bytes read once
+    the store answers right again), with one line saying so."""
+    data = os.urandom(1700)
+    s3_client(moto.endpoint).put_object(Bucket=bucket, Key=KEY, Body=data)
+    etag = s3_client(moto.endpoint).head_object(Bucket=bucket, Key=KEY)["ETag"]
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "300", store=tmp_path / "store")
+    assert fs.run(os.stat, m.file(KEY)).st_size == 1700
+    proxy.add(Fault("status", key=KEY, times=None, status=412, code="PreconditionFailed"))
+    proxy.add(Fault("answer", method="HEAD", key=KEY, times=None, status=200,
+                    headers={"ETag": etag, "Content-Length": "2700", "Last-Modified": "Tue, 01 Dec 2026 10:00:00 GMT",
+                             "Content-Type": "application/octet-stream"}))
+    assert fs.run(read, m.file(KEY), timeout=60) == errno.ESTALE  # (the store said the version is gone)
+    wait_until(lambda: any(r["fault"] == "answer" for r in proxy.requests("HEAD", KEY)), what="the HEAD")
+    wait_until(lambda: "contradicts itself" in m.log() or "new version in the object store" in m.log(),
+               what="the HEAD's answer taken")
+    assert fs.run(os.stat, m.file(KEY)).st_size == 1700
+    assert "new version in the object store" not in m.log()
+    [line] = [ln for ln in m.log().splitlines() if "contradicts itself" in ln][:1]
+    assert "the listed ETag" in line and "but 2700 bytes, not the listed 1700" in line, line
+    proxy.clear_faults()
+    assert fs.run(read, m.file(KEY), timeout=60) == data
