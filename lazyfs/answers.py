@@ -100,6 +100,14 @@ def _other_body(obj: RemoteObject, length: int, etag: str | None, content_type: 
                       bucket=obj.bucket, key=obj.key)
 
 
+def reencoded(obj: RemoteObject, start: int, end: int, received: int, encoding: str) -> WrongRange:
+    """A part of bytes [start, end) came as `received` bytes of `encoding`
+    (the CRT reports the length asked, not the one sent: crt.py)."""
+    return WrongRange(f"{quoted(obj.uri)}: the object store (or a proxy) answered {received} bytes with "
+                      f"Content-Encoding: {one_line(encoding)} for bytes {start}-{end - 1} ({end - start} bytes) of an "
+                      f"object of {obj.size} bytes; {NOTHING_WRITTEN}", bucket=obj.bucket, key=obj.key)
+
+
 def changed(bucket: str, key: str, why: str) -> ObjectChanged:
     return ObjectChanged(f"{quoted(f's3://{bucket}/{key}')} changed in the object store", bucket=bucket, key=key,
                          detail=f" ({why})")

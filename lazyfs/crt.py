@@ -332,6 +332,7 @@ class _Received:
         self.error: BaseException | None = None
         self.part_size = 0  # the client's parts of this request: one GET each
         self.parts = 0  # parts that arrived (each is handed over whole, from its first byte)
+        self.encoding = ""  # a Content-Encoding: the client says a part's length, not what came (on_body)
         self._lock = threading.Lock()
 
     def transient(self) -> bool:
@@ -350,6 +351,7 @@ class _Received:
         if status_code >= 300:
             return
         h = {k.lower(): v for k, v in headers}
+        self.encoding = h.get("content-encoding", "").strip()
         length = h.get("content-length", "")
         try:  # the bytes asked for, of this version, or none of them is written (on_body drops them)
             answers.check(self.job.obj, self.start, self.job.end, status_code, h.get("content-range"), h.get("etag"),
@@ -381,6 +383,11 @@ class _Received:
         if self.error is not None:
             return
         job = self.job
+        if self.encoding.lower() not in ("", "identity") and self.part_size and \
+                len(chunk) < min(self.part_size, job.end - offset):  # a part re-encoded (its headers said its length)
+            self.error = answers.reencoded(job.obj, offset, min(offset + self.part_size, job.end), len(chunk),
+                                           self.encoding)
+            return
         try:
             self._writer.write(chunk, offset)
         except WriterClosed:

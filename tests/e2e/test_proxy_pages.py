@@ -70,15 +70,39 @@ def test_a_proxys_own_answer_to_a_get_is_eio_saying_what_came(mount, proxy, moto
     assert (m.store / KEY).read_bytes() == data
 
 
+@pytest.mark.parametrize("transfer_client", ["crt"], indirect=True)
+@pytest.mark.log_errors("download of .* failed: .*the object store")
+def test_a_range_re_encoded_is_refused_though_the_crt_reports_the_length_asked(mount, proxy, moto, bucket, fs: FS,
+                                                                               tmp_path: Path):
+    """A 206 of the range asked, its Content-Range right, the body gzipped:
+    the CRT reports the part's length as asked (1700), not the 52 bytes
+    sent, and handed them over as the file's first bytes (then asked again
+    from byte 52, four times).  Refused at the part, not retried."""
+    data = os.urandom(850) * 2
+    s3_client(moto.endpoint, checksums=False).put_object(Bucket=bucket, Key=KEY, Body=data)
+    etag = s3_client(moto.endpoint).head_object(Bucket=bucket, Key=KEY)["ETag"]
+    body = gzip.compress(data)
+    proxy.add(Fault("answer", key=KEY, times=None, status=206, body_b64=base64.b64encode(body).decode(),
+                    headers={"ETag": etag, "Content-Range": "bytes 0-1699/1700", "Content-Encoding": "gzip"}))
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--no-etag-check", store=tmp_path / "store")
+    assert fs.run(read, m.file(KEY), timeout=60) == errno.EIO
+    [line] = failed_lines(m.log())
+    assert (f"answered {len(body)} bytes with Content-Encoding: gzip for bytes 0-1699 (1700 bytes)" in line
+            and "nothing of it was written" in line), line
+    assert sum(r["fault"] == "answer" for r in proxy.requests("GET", KEY)) == 1, "not asked again"
+    proxy.clear_faults()
+    assert fs.run(read, m.file(KEY), timeout=60) == data
+
+
 @on_both_clients
 def test_an_object_stored_with_content_encoding_gzip_reads_as_its_stored_bytes(mount, moto, bucket, fs: FS,
                                                                                 tmp_path: Path):
     """S3 serves it with `Content-Encoding: gzip` at its listed length: those
     bytes are the object's, written as they are, never decoded."""
-    stored = gzip.compress(os.urandom(3000) * 3)
+    stored = gzip.compress(os.urandom(100_000) * 3)  # several parts of 64 KiB (the CRT's parts)
     s3_client(moto.endpoint).put_object(Bucket=bucket, Key=KEY, Body=stored, ContentEncoding="gzip",
                                         ContentType="application/octet-stream")
-    m = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "store")
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "64KiB", store=tmp_path / "store")
     assert fs.run(read, m.file(KEY), timeout=60) == stored
     wait_until((m.store / KEY).exists, what="publication")
     assert (m.store / KEY).read_bytes() == stored
