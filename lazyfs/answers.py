@@ -66,6 +66,8 @@ def check(obj: RemoteObject, start: int, end: int, status: int, content_range: s
         raise _other_body(obj, length, etag, content_type, encoding)
     elif start != 0 or end != obj.size:
         raise ignored_range(obj, start, end, "HTTP 200 with the whole object")
+    if length is not None and length != end - start and encoding and encoding.strip().lower() != "identity":
+        raise reencoded(obj, start, end, length, encoding)
     if length is not None and length != end - start:
         raise WrongRange(f"{quoted(obj.uri)}: the object store answered {length} bytes to a request for bytes "
                          f"{start}-{end - 1} ({end - start} bytes); {NOTHING_WRITTEN}", bucket=obj.bucket, key=obj.key)

@@ -104,3 +104,11 @@ def test_a_head_answered_for_another_etag_is_the_object_changed() -> None:
     answers.check_etag("b", "k", "", TAG, "HEAD")  # nothing pinned: nothing to compare
     with pytest.raises(ObjectChanged, match="a HEAD pinned to ETag"):
         answers.check_etag("b", "k", OBJ.etag, '"abc"', "HEAD")
+
+
+def test_a_range_re_encoded_is_refused_naming_the_encoding() -> None:
+    with pytest.raises(WrongRange) as info:
+        answers.check(OBJ, 100, 200, 206, "bytes 100-199/1000", TAG, 52, None, "gzip")
+    assert errno_of(info.value) == errno.EIO
+    assert ("the object store (or a proxy) answered 52 bytes with Content-Encoding: gzip for bytes 100-199 "
+            "(100 bytes) of an object of 1000 bytes; nothing of it was written") in str(info.value)
