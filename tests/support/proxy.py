@@ -29,6 +29,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -76,7 +77,8 @@ class Request:
 
 @dataclass
 class Fault:
-    kind: str  # status | drop | reset | stall | short | corrupt | delay | throttle | replace | ignore | shift | answer
+    # status | drop | reset | stall | short | corrupt | delay | throttle | replace | ignore | shift | answer | listbody
+    kind: str
     method: str | None = "GET"
     key: str | None = None  # None: any key
     times: int | None = 1  # None: every matching request
@@ -102,6 +104,12 @@ class Fault:
     # Only for this many seconds from when the proxy got the fault (0: until spent or cleared): a store that
     # answers 404 for a while for an object its listing names (SeaweedFS after a link flap), an outage.
     lasts: float = 0.0
+    # listbody: the answer's body rewritten (a store or proxy answering LIST wrongly): every match of the
+    # regular expression `pattern` replaced by `repl` (re.sub), or without a pattern the whole body replaced by
+    # body_b64; Content-Type set to `content_type` when given.  Match LISTs with query={"list-type": "2"}.
+    pattern: str = ""
+    repl: str = ""
+    content_type: str = ""
     added: float = 0.0  # (set by the proxy: time.monotonic() when it got the fault)
     seen: int = 0
     hits: int = 0
@@ -262,6 +270,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None:
             headers = _as_misread(headers, fault)
         status, resp_headers, data = self._upstream(self.command, path, body, headers)
+        if fault is not None and fault.kind == "listbody":
+            resp_headers, data = _rewritten(resp_headers, data, fault)
         req.status = status
         self.send_response(status)
         for name, value in resp_headers:
@@ -355,6 +365,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+
+def _rewritten(headers: list[tuple[str, str]], data: bytes, fault: Fault) -> tuple[list[tuple[str, str]], bytes]:
+    data = (re.sub(fault.pattern.encode(), fault.repl.encode(), data) if fault.pattern
+            else base64.b64decode(fault.body_b64))
+    kept = [(k, v) for k, v in headers if k.lower() != "content-length"
+            and not (fault.content_type and k.lower() == "content-type")]
+    extra = [("Content-Type", fault.content_type)] if fault.content_type else []
+    return [*kept, *extra, ("Content-Length", str(len(data)))], data
 
 
 def _as_misread(headers: dict[str, str], fault: Fault) -> dict[str, str]:
