@@ -59,6 +59,13 @@ class RemoteFailing(RemoteUnavailable):
     starting, nor hide what S3 can still serve)."""
 
 
+class BadListing(RemoteFailing):
+    """The object store answered a LIST with something that is no listing, or
+    no listing that can be followed (listanswers.py): an HTML page with 200,
+    a Size that is no number, "truncated" with no token, a token it gave
+    before.  Answered, so reachable: a failed listing as a 5xx-ing one is."""
+
+
 class OutOfDescriptors(RemoteUnavailable):
     """A request that could not open a connection for want of a descriptor
     (`EMFILE`: the daemon's limit; `ENFILE`: the system's), still so after

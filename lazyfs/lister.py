@@ -34,6 +34,7 @@ from typing import Awaitable, Callable, Sequence
 
 import trio
 
+from lazyfs import listanswers
 from lazyfs.errors import RemoteError, RemoteUnavailable
 from lazyfs.modeljson import Source
 from lazyfs.namespace import RemoteObject
@@ -73,6 +74,7 @@ class KeyRange:
     upto: str | None = None
     objects: list[RemoteObject] = field(default_factory=list)
     token: str | None = None
+    tokens: set[str] = field(default_factory=set)  # given in this walk (a store that repeats one loops)
     pages: int = 0
     done: bool = False
     ignored_start_after: bool = False
@@ -172,8 +174,14 @@ class Lister:
         return objects
 
     async def _walk(self, source: Source, r: KeyRange) -> None:
+        last = ""  # the last key the store listed in this walk
         while not r.done:
             page = await self.request(source.bucket, source.prefix, start_after=r.after, token=r.token)
+            listanswers.looping(source.bucket, source.prefix, page.next_token, r.tokens, last,
+                                page.objects[-1].key if page.objects else None)
+            if page.next_token is not None:
+                r.tokens.add(page.next_token)
+            last = page.objects[-1].key if page.objects else last
             r.take(page)
 
     async def _split_when_long(self, source: Source, ranges: list[KeyRange]) -> None:

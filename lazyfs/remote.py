@@ -17,11 +17,12 @@ from typing import Any, cast
 import botocore.config
 import botocore.configprovider
 import botocore.exceptions
+import botocore.handlers
 import botocore.retries.quota
 import botocore.session
 import urllib3.exceptions
 
-from lazyfs import answers, awssession, errors, exhausted, listxml, objectheaders, redact
+from lazyfs import answers, awssession, errors, exhausted, listanswers, listxml, objectheaders, redact
 from lazyfs.clientretries import ClientAttempts, calling
 from lazyfs.config import AddressingStyle, RemoteConfig, Source, endpoint
 from lazyfs.crtcreds import BotocoreCredentials, CredentialsUnavailable, wait_for_credentials
@@ -136,7 +137,7 @@ class Remote:
         # botocore's session and client are boto3's, without the import of
         # boto3 and s3transfer (start-up time).
         self._client = _client(core, endpoint_url=endpoint_url, region_name=cfg.region, config=config)
-        self._client.meta.events.register("before-parse.s3.ListObjectsV2", listxml.parse_listing_fast)
+        listxml.register(self._client.meta.events, botocore.handlers._handle_200_error)  # type: ignore[attr-defined]
         # Every attempt counted, every retry logged (botocore's retries are its own).
         ClientAttempts(cfg.max_attempts).register(self._client.meta.events)
         self.endpoint = self._client.meta.endpoint_url
@@ -198,15 +199,15 @@ class Remote:
         elif start_after:
             kwargs["StartAfter"] = start_after
         resp = self._call(self._client.list_objects_v2, bucket, prefix, **kwargs)
-        objects, folders, truncated, next_token = listxml.listing(bucket, resp)
-        # A store that says "truncated" without a token cannot be paged on.
-        return ListPage(objects, folders, next_token if truncated and next_token else None)
+        objects, folders, truncated, next_token = listxml.listing(bucket, prefix, resp)
+        # A store that says "truncated" without a token cannot be paged on: a failed listing.
+        return ListPage(objects, folders, listanswers.next_token(bucket, prefix, truncated, next_token))
 
     def list_some(self, bucket: str, prefix: str, max_keys: int = 1000) -> tuple[list[RemoteObject], bool]:
         """The first `max_keys` objects under `prefix`, and whether there are more."""
         resp = self._call(self._client.list_objects_v2, bucket, prefix, Bucket=bucket, Prefix=prefix,
                           MaxKeys=max_keys)
-        objects, _, truncated, _ = listxml.listing(bucket, resp)
+        objects, _, truncated, _ = listxml.listing(bucket, prefix, resp)
         return objects, truncated
 
     def probe(self, source: Source) -> ListPage:
