@@ -138,6 +138,8 @@ Node = DirNode | RemoteObject
 # of a folder marker (MARKER_BODY: nothing is wrong with the key, its folder
 # is shown).
 UNSAFE, MARKER_BODY = "unsafe", "marker body"
+# The largest size a listing may give a file (S3's largest object is far below).
+MAX_SIZE = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +251,9 @@ def build_tree(objects: Iterable[RemoteObject], folders: Iterable[str] = (),
             subdir(folder.strip("/").split("/"))
     for obj in objects:
         key = obj.key
+        if not 0 <= obj.size <= MAX_SIZE:  # no file has it (st_size is a signed 64-bit number)
+            skipped.append(Skipped(key, f"its listed size {obj.size} is not possible"))
+            continue
         is_marker = key.endswith("/")
         try:
             parts = key_parts(key[:-1] if is_marker else key)

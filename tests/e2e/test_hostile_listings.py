@@ -2,8 +2,9 @@
 a failed listing, with one line naming the cause, never a shorter listing:
 at start the mount comes up as for any failed first listing (LISTING FAILED,
 or SAVED LISTING serving what the store holds), at a refresh the last
-listing is kept, and such an answer is never saved.   (The answers are moto's,
-rewritten by the fault proxy.)"""
+listing is kept, and such an answer is never saved.  An entry with a size no
+file can have is skipped with a warning.  (The answers are moto's, rewritten
+by the fault proxy.)"""
 
 from __future__ import annotations
 
@@ -176,3 +177,15 @@ def test_malformed_xml_is_said_to_be_so_not_a_500(mount, proxy, s3, bucket, fs: 
     line = m.ready_line()
     assert line.startswith("lazyfs: ready LISTING FAILED: "), line
     assert "HTTP 200 with a body that is not S3's XML" in line and "500" not in line, line
+
+
+@pytest.mark.parametrize("size", ["9223372036854775808", "-5"])
+def test_a_size_no_file_can_have_is_skipped_with_a_warning(mount, proxy, s3, bucket, fs: FS, size: str):
+    """Before: OverflowError tracebacks in readdir and lookup, `ls` EIO for the folder; -5: EIO, no line."""
+    keys = put(s3, bucket, "a.bin", "big.bin")
+    proxy.add(rewrite(r"(?s)(<Key>models/m/big\.bin</Key>.*?<Size>)\d+", rf"\g<1>{size}"))
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "0")
+    assert fs.listdir(m.path / P) == ["a.bin"]
+    assert fs.stat_errno(m.file(keys[1])) == errno.ENOENT
+    assert fs.read(m.file(keys[0])) == keys[0].encode()
+    assert f'skipping object "{keys[1]}": its listed size {size} is not possible' in m.log(), m.log()

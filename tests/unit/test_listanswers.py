@@ -13,7 +13,7 @@ from lazyfs import listxml
 from lazyfs.errors import BadListing, RemoteFailing
 from lazyfs.lister import Lister
 from lazyfs.modeljson import Source
-from lazyfs.namespace import RemoteObject
+from lazyfs.namespace import RemoteObject, build_tree
 from lazyfs.objectstore import ListPage
 
 NS = "http://s3.amazonaws.com/doc/2006-03-01/"
@@ -112,6 +112,14 @@ def test_a_listing_that_goes_round_fails(same_token: bool) -> None:
     with pytest.raises(BadListing, match="the listing would never end"):
         trio.run(main)
     assert store.calls < 10
+
+
+@pytest.mark.parametrize("size", [-5, 2**63, 2**64 + 7])
+def test_a_size_no_file_can_have_is_skipped(size: int) -> None:
+    """Before: OverflowError in readdir and lookup, `ls` EIO for the whole folder; -5 EIO with no line."""
+    tree = build_tree([RemoteObject("b", "p/ok", 2**63 - 1, "e", 0), RemoteObject("b", "p/x", size, "e", 0)])
+    assert tree.find("p/x") is None and tree.find("p/ok") is not None
+    assert [(s.key, s.reason) for s in tree.skipped] == [("p/x", f"its listed size {size} is not possible")]
 
 
 def test_a_listing_is_read_before_botocore_calls_a_200_a_500() -> None:
