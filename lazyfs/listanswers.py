@@ -39,7 +39,9 @@ def not_xml(headers: Mapping[str, Any], body: bytes) -> str:
 def not_listing(headers: Mapping[str, Any], root: str) -> str:
     """Why a 200 answer of XML that is no ListBucketResult naming its bucket is no listing."""
     kind = headers.get("content-type") or headers.get("Content-Type") or "none"
-    return f"was not a listing: HTTP 200, Content-Type {kind}, <{root}> without the bucket's Name"
+    what = (f"<{root}>, no ListBucketResult" if root != "ListBucketResult"
+            else "a ListBucketResult without the bucket's Name")
+    return f"was not a listing: HTTP 200, Content-Type {kind}, {what}"
 
 
 BAD_SIZE = "could not be read: a Size that is not a number"

@@ -46,11 +46,12 @@ def test_a_real_page_lists() -> None:
 
 
 @pytest.mark.parametrize(("body", "content_type", "said"), [
-    (b"<html><body>Welcome to nginx!</body></html>", "text/html", "HTTP 200, Content-Type text/html, <html>"),
+    (b"<html><body>Welcome to nginx!</body></html>", "text/html",
+     "HTTP 200, Content-Type text/html, <html>, no ListBucketResult"),
     (b"", "text/plain", "HTTP 200 with an empty body, Content-Type text/plain"),
     (b"<!DOCTYPE html><html><body>login<br></body></html>", "text/html",
      "HTTP 200 with a body that is not S3's XML, Content-Type text/html"),
-    (page_xml(name=""), "application/xml", "without the bucket's Name"),
+    (page_xml(name=""), "application/xml", "a ListBucketResult without the bucket's Name"),
     (page_xml(entry("p/a", "5"))[:-40], "application/xml", "a body that is not S3's XML"),
 ])
 def test_a_200_that_is_no_listing_fails_the_listing(body: bytes, content_type: str, said: str) -> None:
