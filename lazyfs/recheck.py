@@ -131,7 +131,7 @@ class Rechecks:
             return
         if not diff:
             return  # nothing to change: another re-check or a listing got there first, or the same version
-        self._tell(diff)
+        supervise.tell(self.listeners, diff)
         if diff.removed:
             again = self.schedule.dropped(old, trio.current_time(), self.catalog.listings_ok)
             log.info("%s: not found in the object store: deleted, or not found for a while (%s)", quoted(old.uri),
@@ -209,7 +209,7 @@ class Rechecks:
                 log.info("%s: found again in the object store%s, %.0f s after a 404: served again", quoted(obj.uri),
                          "" if obj is m.old else f", a new version (ETag {obj.etag}, {obj.size} bytes)",
                          trio.current_time() - m.since)
-                self._tell(Diff(added=(obj,)))
+                supervise.tell(self.listeners, Diff(added=(obj,)))
                 return
 
     def _settled(self, m: Missing) -> bool:
@@ -229,10 +229,3 @@ class Rechecks:
                         new.size, old.size)
             return old
         return new
-
-    def _tell(self, diff: Diff) -> None:
-        for listener in self.listeners:  # each on its own: one that fails keeps nothing from the others
-            try:
-                listener(diff)
-            except Exception as e:
-                supervise.failed(f"listener {getattr(listener, '__qualname__', listener)}", e)

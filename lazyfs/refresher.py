@@ -91,13 +91,7 @@ class Refresher:
         if diff:
             # Listeners first: the kernel's entries are being invalidated by
             # the time the line is read (tests wait for it before reopening).
-            for listener in self.listeners:
-                # Each on its own: one that fails must not keep the change
-                # from the others (the kernel's entries, the read-ahead).
-                try:
-                    listener(diff)
-                except Exception as e:
-                    supervise.failed(f"listener {getattr(listener, '__qualname__', listener)}", e)
+            supervise.tell(self.listeners, diff)
             # Nothing a user sees changed (entries going live from a saved listing, which keeps no checksum
             # algorithm): no line, as for a refresh that finds nothing.
             if diff.added or diff.removed or diff.changed or diff.new_dates:

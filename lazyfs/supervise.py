@@ -14,7 +14,7 @@ line of its own: threads.py says that once a minute.  Cancellation passes throug
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable, TypeVar
 
 import trio
 
@@ -23,8 +23,21 @@ from lazyfs.stats import STATS
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
+
+
+def tell(listeners: Iterable[Callable[[T], object]], change: T) -> None:
+    """Call each listener with `change`, each on its own: one that fails (one
+    line, counted) keeps the change from none of the others (the kernel's
+    entries, the read-ahead)."""
+    for listener in listeners:
+        try:
+            listener(change)
+        except Exception as e:
+            failed(f"listener {getattr(listener, '__qualname__', listener)}", e)
 
 
 def failed(task: str, exc: BaseException) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from support import credsource
 from support.credsource import CredentialEndpoint, CredentialHelper
-from support.mounting import FS, Mounted, Mounter, lazyfs_cli, on_both_clients, wait_until
+from support.mounting import FS, Mounted, Mounter, lazyfs_cli, on_both_clients, read_unless_refused, wait_until
 from support.proxy import Fault, S3Proxy
 from support.s3server import MotoServer
 
@@ -166,14 +166,9 @@ def test_a_pinned_mount_starts_as_always_and_downloads_once_credentials_can_be_h
     said = [ln for ln in m.log().splitlines() if " WARNING lazyfs." in ln and "a.bin" in ln]
     assert said and "credentials" in said[0], m.log()[-3000:]
     endpoint.set("up")
-    wait_until(lambda: _reads(fs, m.file(f"{P}/a.bin")) == data, timeout=60, what="a read once credentials came")
+    wait_until(lambda: read_unless_refused(fs, m.file(f"{P}/a.bin")) == data, timeout=60,
+               what="a read once credentials came")
 
-
-def _reads(fs: FS, path: Path) -> bytes | None:
-    try:
-        return fs.read(path, timeout=60)
-    except PermissionError:
-        return None
 
 
 MISCONFIGURED = {

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import pytest
 
 from support.credsource import CredentialEndpoint
-from support.mounting import FS, Mounter, lazyfs_cli, on_both_clients, wait_until
+from support.mounting import FS, Mounter, lazyfs_cli, on_both_clients, read_unless_refused, wait_until
 
 pytestmark = pytest.mark.fuse
 P = "models/m"
@@ -49,11 +49,6 @@ def test_a_slow_failing_container_endpoint_is_named_as_the_cause_not_the_wait(
     assert "Received non 200 response 500 from container metadata" in said[0], said[0]
     assert "gave none within" not in said[0] and "credential_process" not in said[0], said[0]
     endpoint.set("up")
-    wait_until(lambda: _reads(fs, m.file(f"{P}/a.bin")) == data, timeout=60, what="a read once credentials came")
+    wait_until(lambda: read_unless_refused(fs, m.file(f"{P}/a.bin")) == data, timeout=60,
+               what="a read once credentials came")
 
-
-def _reads(fs: FS, path: Path) -> bytes | None:
-    try:
-        return fs.read(path, timeout=60)
-    except PermissionError:
-        return None

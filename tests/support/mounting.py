@@ -171,6 +171,14 @@ def lazyfs_cli(args: Sequence[str], env: dict[str, str] | None = None, timeout: 
                           timeout=timeout, env=env or clean_env(), cwd=cwd)
 
 
+def read_unless_refused(fs: FS, path: Path) -> bytes | None:
+    """The file's bytes, or None while reading it is refused (EACCES: no usable credentials yet)."""
+    try:
+        return fs.read(path, timeout=60)
+    except PermissionError:
+        return None
+
+
 def wait_until(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
     """Poll `cond` until it returns something true (e.g. a download is published)."""
     deadline = time.monotonic() + timeout
