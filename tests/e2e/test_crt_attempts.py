@@ -36,11 +36,21 @@ def test_a_throttled_first_block_leaves_the_rest_of_the_file_in_whole_parts(moun
     backoff included (about 3 s for 1 MiB), took the link for a slow one and
     sent the next ones a block at a time: a 64 MiB file took 23 to 33 GETs,
     not 9 (+ the 3 refused).  A throttled attempt says nothing of the link's
-    speed."""
+    speed.
+
+    The limits keep the two apart whatever the machine's load: a request
+    may stay unseen 30 s (half of 60, measured alone), shared by 2, so a
+    first block landing within about 1.8 s of its delivering attempt is
+    followed by whole parts, while timed from the first attempt (3 s and
+    more of backoff) it is followed by parts of 4 blocks.  At the defaults
+    (20 s, 16 requests) the block had to land in 80 ms, and a loaded machine
+    (load 13) slowed it enough to shrink the parts: 21 GETs without the bug.
+    """
     key = f"{P}/big.bin"
     data = os.urandom(64 * BLOCK)
     s3.put_object(Bucket=bucket, Key=key, Body=data)
-    m = mount("--prefix", f"s3://{bucket}/{P}", store=tmp_path / "store")
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--read-timeout", "60", "--read-deadline", "60",
+              "--max-connections", "2", store=tmp_path / "store")
     fs.listdir(m.path / P)
     proxy.add(Fault("status", key=key, status=503, code="SlowDown", times=3))
     assert fs.read(m.file(key), timeout=120) == data
@@ -48,6 +58,7 @@ def test_a_throttled_first_block_leaves_the_rest_of_the_file_in_whole_parts(moun
     refused = [r["range"] for r in gets if r["status"] == 503]
     assert refused == [f"bytes=0-{BLOCK - 1}"] * 3, "the faults did not hit the first block"
     delivered = [r["range"] for r in gets if r["status"] == 206]
+    assert f"bytes={BLOCK}-{BLOCK + PART - 1}" in delivered, f"no whole part after the first block: {delivered}"
     unthrottled = 1 + math.ceil((len(data) - BLOCK) / PART)  # the first block, then whole parts
     # (a little room: a loaded machine may slow a part down enough to shrink the next)
     assert len(delivered) <= unthrottled + 2, f"{len(delivered)} GETs where {unthrottled} do: {delivered}"
