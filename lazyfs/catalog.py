@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import trio
 
@@ -81,6 +81,8 @@ class Catalog:
         self.offline = False  # started from the store: the object store was unreachable
         self.listings_ok = 0  # listings that succeeded (read by store threads: probe.PrebakedCheck)
         self.last = RefreshInfo()
+        # Names a 404 took that are being asked about again (recheck.Rechecks sets it): missing for now.
+        self.asked_again: Callable[[], list[RemoteObject]] = list
         self.lister = Lister(remote, trio.CapacityLimiter(LIST_CONNECTIONS), turn=self._listing_turn)
         self._lookups = trio.CapacityLimiter(LOOKUP_CONNECTIONS)
         self._attempted = trio.Event()  # replaced after every listing attempt

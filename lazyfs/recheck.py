@@ -18,6 +18,10 @@ time, for as long as `--refresh` (NO_REFRESH_S with `--refresh 0`):
   back if it names the object: Catalog.patch);
 - a listing that succeeds meanwhile ends the re-checks: it knows.
 
+While it is asked about, the name counts as missing in `.lazyfs/states.json`
+(`asked_again`, through Catalog.asked_again): `lazyfs status` shows it, and
+`--require-all` is not ready, as for any file not on disk.
+
 Nothing is asked in steady state: a re-check follows a 404, and one name costs
 at most log2(--refresh / 2) of them (4 with the default 60 s) per 404.
 
@@ -119,6 +123,7 @@ class Rechecks:
         self.relist = relist
         self._heads = trio.CapacityLimiter(HEADS)
         self._woken = trio.Event()
+        catalog.asked_again = self.asked_again  # (states.json: `lazyfs status` counts them missing)
 
     async def object_changed(self, old: RemoteObject) -> None:
         """An object replaced or deleted in S3 during its download: learn its
@@ -211,6 +216,11 @@ class Rechecks:
                          trio.current_time() - m.since)
                 supervise.tell(self.listeners, Diff(added=(obj,)))
                 return
+
+    def asked_again(self) -> list[RemoteObject]:
+        """The names a 404 took that are still being asked about (neither found
+        nor settled by a listing): missing for now, not gone for good."""
+        return [m.old for m in self.schedule.missing.values() if not self._settled(m)]
 
     def _settled(self, m: Missing) -> bool:
         """A listing succeeded since the name went, or something is at its path again."""

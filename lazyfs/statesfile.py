@@ -14,7 +14,9 @@ look is (EIO: a store that does not answer).
 
 Its content, one JSON object: `{"listed": bool, "files": [[key, size, state,
 verified], ...]}`, in no particular order; a file whose state could not be
-read has state `null`.  `listed` is false before the mount's first listing
+read has state `null`.  A name a 404 took that is being asked about again
+(recheck.py) is a row too, `missing`: gone from the tree for now, not for
+good, so a readiness probe must not call the mount ready.  `listed` is false before the mount's first listing
 (its tree then names only what lookups found).
 """
 
@@ -57,7 +59,8 @@ class StatesFile:
     async def snapshot(self) -> bytes:
         listed, tree = self._catalog.listed.is_set(), self._catalog.tree
         objs = await run_sync(_files, tree)  # (O(files), no store I/O: trio's own threads)
-        rows: list[Row] = []
+        rows: list[Row] = [(obj.key, obj.size, FileState.MISSING.value, "")  # (not in the tree: a 404 took them)
+                           for obj in self._catalog.asked_again() if tree.find(obj.key) is None]
         for start in range(0, len(objs), CHUNK):
             rows += await self._judge(objs[start:start + CHUNK])
         unread = [(key, why) for key, _, state, why in rows if state is None]

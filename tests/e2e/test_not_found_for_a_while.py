@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support.mounting import FS, on_both_clients, wait_until
+from support.mounting import FS, lazyfs_cli, on_both_clients, wait_until
 from support.proxy import Fault
 
 pytestmark = [pytest.mark.fuse, on_both_clients]
@@ -56,3 +56,26 @@ def test_an_object_not_found_for_a_while_comes_back_and_a_deleted_one_stays_gone
     assert fs.read(m.file(OTHER)) == b"{}"
     assert proxy.count("HEAD", OTHER) == 0 and proxy.count("HEAD", FLAKY) == heads, "no HEAD but after a 404"
     assert "Traceback" not in m.log()
+
+
+def test_a_name_asked_about_again_is_missing_for_status_require_all(mount, proxy, s3, bucket, fs: FS,
+                                                                    tmp_path: Path):
+    """Before: while a name a 404 took was asked about again, `lazyfs status
+    --require-all` did not know of it (it is out of the tree), called the mount
+    ready with every other file on disk, and a readiness probe let traffic in
+    to a model missing a shard."""
+    flaky = os.urandom(300_000)
+    for key, body in ((FLAKY, flaky), (OTHER, b"{}")):
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--refresh", "3600", "--retries", "0", store=tmp_path / "store")
+    assert fs.read(m.file(OTHER)) == b"{}"
+    proxy.add(Fault("status", method=None, key=FLAKY, status=404, code="NoSuchKey", times=None, lasts=600))
+    with pytest.raises(FileNotFoundError):
+        fs.read(m.file(FLAKY))
+    assert fs.listdir(m.path / P) == ["config.json"]
+    status = lazyfs_cli(["status", "--require-all", str(m.path)])
+    assert status.returncode == 1, status.stdout + status.stderr
+    rows = [ln.split() for ln in status.stdout.splitlines()]
+    assert ["missing", f"{len(flaky):,}", FLAKY] in rows, status.stdout
+    assert ["cached", "2", OTHER] in rows, status.stdout
+    assert "1 missing" in status.stdout and "not ready" in status.stdout, status.stdout
