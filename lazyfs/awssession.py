@@ -10,6 +10,7 @@ module (with remote.py) that imports botocore."""
 from __future__ import annotations
 
 import atexit
+import datetime
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import botocore.credentials
 import botocore.exceptions
 import botocore.loaders
 import botocore.session
+import botocore.utils
 
 from lazyfs.config import RemoteConfig
 from lazyfs.errors import AccessDenied, ConfigError, CredentialsUnreachable
@@ -198,7 +200,46 @@ def _resolve_credentials(core: botocore.session.Session, patience: float, asking
         log.info("waiting for AWS credentials%s (at most %g s)", f" of profile {profile!r}" if profile else "",
                  patience)
 
-    return _within(core.get_credentials, patience, asking, say_waiting)
+    return _within(lambda: _unexpired(core.get_credentials()), patience, asking, say_waiting)
+
+
+def _unexpired(found: Any) -> Any:
+    """`found` (botocore's credentials, or None), whose source's answer of
+    keys that expired already is a CredentialRetrievalError: a source failing,
+    said and handled as any other (botocore's own check after a refresh
+    raises a bare RuntimeError, "the refreshed credentials are still
+    expired").  Keys that expired already at start are refreshed now, so a
+    start says it as a source that fails would; a deferred source (a role:
+    no keys until first used) is asked at its first use, as before."""
+    fetch = getattr(found, "_refresh_using", None)  # botocore's seam: the refresh its constructor was given
+    if not callable(fetch) or getattr(fetch, "unexpired", False):
+        return found
+    source = str(getattr(found, "method", "") or "the credential source")
+
+    def fetched() -> Any:
+        metadata = fetch()
+        expiry = metadata.get("expiry_time") if isinstance(metadata, dict) else None
+        if expiry is not None and _passed(expiry):
+            raise botocore.exceptions.CredentialRetrievalError(
+                provider=source, error_msg=f"the credentials it gave expired at {expiry} (its clock or its key "
+                "rotation is wrong?)")
+        return metadata
+
+    fetched.unexpired = True  # type: ignore[attr-defined]
+    found._refresh_using = fetched
+    if getattr(found, "_expiry_time", None) is not None and found.refresh_needed(0):  # (never a deferred one)
+        found.get_frozen_credentials()
+    return found
+
+
+def _passed(expiry: Any) -> bool:
+    try:
+        when = expiry if isinstance(expiry, datetime.datetime) else botocore.utils.parse_timestamp(expiry)
+    except (ValueError, TypeError, OverflowError):  # botocore's own check decides
+        return False
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return bool(when <= datetime.datetime.now(datetime.timezone.utc))
 
 
 def _within(fn: Callable[[], Any], patience: float, asking: _Asking,
@@ -285,7 +326,8 @@ class LateCredentials:
         with self._lock:
             if self._had is None:
                 try:
-                    found = _within(self._chain.load_credentials, self._patience, self._asking or _Asking.none())
+                    found = _within(lambda: _unexpired(self._chain.load_credentials()), self._patience,
+                                    self._asking or _Asking.none())
                 except CHAIN_ERRORS as e:
                     raise unavailable(e) from None
                 if found is None:

@@ -21,8 +21,8 @@ from support.s3server import free_port
 KEY = "ASIACREDSOURCE000001"
 
 
-def _keys() -> dict[str, str]:
-    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+def _keys(valid_s: float = 3600) -> dict[str, str]:
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + valid_s))
     return {"Code": "Success", "AccessKeyId": KEY, "SecretAccessKey": "s", "Token": "t", "Expiration": expires}
 
 
@@ -30,7 +30,8 @@ class CredentialEndpoint:
     """`mode`: "down" (nothing listens: connections refused), "500" (every
     request answered 500), "slow 500" (answered 500 after SLOW_S, within
     botocore's timeout of a request to it: its retries take longer), "hang"
-    (connections accepted, never answered) or "up" (keys).  Its port stays
+    (connections accepted, never answered), "expired" (keys that expired an
+    hour ago: an endpoint whose clock or rotation is broken) or "up" (keys).  Its port stays
     the same through every mode."""
 
     ROLE = "lazyfs-node"
@@ -47,7 +48,7 @@ class CredentialEndpoint:
         self.set(mode)
 
     def set(self, mode: str) -> None:
-        assert mode in ("down", "500", "slow 500", "hang", "up"), mode
+        assert mode in ("down", "500", "slow 500", "hang", "expired", "up"), mode
         self.mode = mode
         if mode == "down":
             self._stop()
@@ -77,7 +78,7 @@ class CredentialEndpoint:
                     return
                 if endpoint.mode == "slow 500":
                     endpoint._closed.wait(endpoint.SLOW_S)
-                if endpoint.mode != "up":
+                if endpoint.mode not in ("up", "expired"):
                     self._answer(500, b"")
                     return
                 if body is None:
@@ -85,7 +86,7 @@ class CredentialEndpoint:
                     if path.endswith("/security-credentials"):
                         body = endpoint.ROLE.encode()
                     else:  # the container endpoint, or the instance role's keys
-                        body = json.dumps(_keys()).encode()
+                        body = json.dumps(_keys(-3600 if endpoint.mode == "expired" else 3600)).encode()
                 self._answer(200, body)
 
             def _answer(self, status: int, body: bytes) -> None:
