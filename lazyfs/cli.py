@@ -96,7 +96,20 @@ def _add(p: argparse.ArgumentParser, opt: Option) -> None:
         p.add_argument(*names, action="append" if opt.kind == "append" else "store", **kw)
 
 
-class JsonFormatter(logging.Formatter):
+class MaskedFormatter(logging.Formatter):
+    """Tracebacks (`--log-level debug`'s internal error, an unexpected error's
+    log line) masked as credential errors are (redact.masked_lines): an
+    exception's message, or one chained to it, may carry what a credential
+    source said (a helper's stderr, with the keys it echoed)."""
+
+    def formatException(self, ei: Any) -> str:
+        return redact.masked_lines(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return redact.masked_lines(super().formatStack(stack_info))
+
+
+class JsonFormatter(MaskedFormatter):
     """One JSON object per line: time, level, logger, message, and the
     structured fields some lines carry (key, bytes, seconds, mbps, source)."""
 
@@ -113,7 +126,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-class OneLineFormatter(logging.Formatter):
+class OneLineFormatter(MaskedFormatter):
     """Each message on one line, whatever it holds.  Keys and paths are quoted
     where lazyfs logs them (wording.quoted); this catches what else a message
     carries (a library's exception text).  A traceback stays as Python prints it."""
@@ -139,7 +152,7 @@ class LibraryTracebacks(logging.Filter):
         if record.exc_info and record.name.split(".", 1)[0] in _LIBRARIES:
             exc = record.exc_info[1]
             if exc is not None:
-                record.msg = f"{record.getMessage()} ({type(exc).__name__}: {redact.said(exc)})"  # (a helper's stderr)
+                record.msg = f"{redact.masked(record.getMessage())} ({type(exc).__name__}: {redact.said(exc)})"
                 record.args = None
             record.exc_info = record.exc_text = None
         return True
@@ -316,8 +329,8 @@ def _run(argv: Sequence[str]) -> int:
             print(f"lazyfs: error: cannot {command or 'start'}: {descriptors(lack)}; {remedy(lack)}", file=sys.stderr)
             return EXIT_RUNTIME
         log.debug("internal error", exc_info=True)
-        print(f"lazyfs: internal error: {type(e).__name__}: {one_line(str(e))} (rerun with --log-level debug "
-              "for details)", file=sys.stderr)
+        print(f"lazyfs: internal error: {type(e).__name__}: {redact.masked(one_line(str(e)))} (rerun with "
+              "--log-level debug for details)", file=sys.stderr)
         return EXIT_RUNTIME
 
 

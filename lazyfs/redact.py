@@ -4,13 +4,20 @@ carry what their source said: a failing `credential_process`'s whole
 stderr, a container endpoint's answer.  Helpers that echo the keys they were
 given, or dump the JSON they would have printed, are common; lazyfs never
 logs credentials, so every such error it prints or records (its log lines,
-exit-1 lines, `status`, stats, `doctor`) is said through `said` here.
+exit-1 lines, `status`, stats, `doctor`) is said through `said` here, and
+every traceback a log line carries, in either log format, through
+`masked_lines` (cli.MaskedFormatter).
 
 What is masked (`masked`): AWS access key ids (their first four characters
 kept: `AKIA****`), JWTs, runs of 40 or more base64 characters that look
 random (a secret access key is 40, a session token hundreds), and the value
 after a key naming a secret, token or password (`"SecretAccessKey": "..."`,
-`aws_session_token=...`), a URL's password.  Words, paths, bucket names, hex digests and the
+`aws_session_token=...`), a URL's password.  After such a key and only a
+space (`password hunter2`, `token x1y2`), or a bare `token:`, the next word is
+masked when it is shaped as a value, not a word: three characters or more,
+with a digit or a character other than a letter, `-` or `'`, and not a path
+(`/`, `~`, `.` first) or a URL (`token expired`, `password for user`, `secret
+key`, `token: Token for ...` are prose, kept).  Words, paths, bucket names, hex digests and the
 source's reason ("token expired") are kept.  What the source said is capped
 at HELPER_CHARS characters.  Pure: no I/O, no lazyfs import.
 """
@@ -37,6 +44,9 @@ _QUOTED = re.compile(rf"""(?i)(["']?{_NAME}["']?\s*[:=]\s*)("[^"]*"|'[^']*')""")
 # key=value, key: value (unquoted, up to a space or punctuation).  A bare "token: ..." is prose
 # ("Error loading SSO Token: Token for ... does not exist"), kept.
 _UNQUOTED = re.compile(rf"""(?i)(["']?({_NAME})["']?\s*([:=])\s*)([^\s,;&"'(){{}}\[\]<>]+)""")
+# A key naming a secret, then only a space (or a bare "token:"): the next word, if shaped as a value.
+_SPACED = re.compile(rf"""(?i)({_NAME}[ \t]+)([^\s,;&"'(){{}}\[\]<>]+)""")
+_WORD = re.compile(r"[A-Za-z'-]*")
 _SEPARATORS = re.compile(r"[/_-]+")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s,;\"']+")
 # A URL's password (`https://user:password@host`).
@@ -67,7 +77,14 @@ def masked(text: str) -> str:
     text = _URL_PASSWORD.sub(lambda m: f"{m[1]}<redacted>@", text)
     text = _JWT.sub(_redacted, text)
     text = _KEY_ID.sub(lambda m: f"{m[1]}****", text)
-    return _RUN.sub(lambda m: _redacted(m) if _random(m[0]) else m[0], text)
+    text = _RUN.sub(lambda m: _redacted(m) if _random(m[0]) else m[0], text)
+    return _SPACED.sub(lambda m: _value(m[1], m[2]), text)
+
+
+def masked_lines(text: str) -> str:
+    """`text` of many lines (a traceback: its exceptions' messages carry what a
+    credential source said, chained from botocore's), each line masked."""
+    return "\n".join(masked(line) for line in text.split("\n"))
 
 
 def capped(text: str, limit: int) -> str:
@@ -84,9 +101,18 @@ def one_line(text: str) -> str:
 
 
 def _unquoted(m: re.Match[str]) -> str:
-    if m[3] == ":" and m[2].lower() == "token":
-        return m[0]
+    if m[3] == ":" and m[2].lower() == "token":  # prose, unless what follows is shaped as a value
+        return _value(m[1], m[4])
     return f"{m[1]}<redacted>"
+
+
+def _value(before: str, word: str) -> str:
+    """`before` and `word`, the word masked if it is shaped as a value (the module's docstring)."""
+    core = word.rstrip(".:!?")
+    if len(core) < 3 or core.startswith(("/", "~", ".")) or "://" in core or "****" in core or \
+            _WORD.fullmatch(core):
+        return before + word
+    return f"{before}<redacted>{word[len(core):]}"
 
 
 def _redacted(m: re.Match[str]) -> str:

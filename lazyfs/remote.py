@@ -165,8 +165,8 @@ class Remote:
             if creds is None:
                 raise AccessDenied("no usable AWS credentials (environment, profiles, container or IRSA roles)")
             frozen = creds.get_frozen_credentials()
-        except (*awssession.NO_CREDENTIALS, OSError) as e:
-            raise awssession.unavailable(e) from e
+        except (*awssession.NO_CREDENTIALS, OSError) as e:  # (said masked: botocore's text is not chained)
+            raise awssession.unavailable(e) from None
         return frozen.access_key or "", frozen.secret_key or "", frozen.token
 
     def credential_source(self) -> tuple[str, str] | None:
@@ -176,7 +176,7 @@ class Remote:
         try:
             creds = self._core.get_credentials()
         except (*awssession.NO_CREDENTIALS, OSError) as e:  # a role's first STS call, say
-            raise awssession.unavailable(e) from e
+            raise awssession.unavailable(e) from None
         if creds is None:
             return None
         key = creds.access_key or ""
@@ -305,8 +305,8 @@ class Remote:
         try:
             self._refreshed_in_time(bucket, key)
             return fn(**kwargs)
-        except Exception as e:  # translated exhaustively below
-            raise self.translate(e, bucket, key) from e
+        except Exception as e:  # translated exhaustively below; a credential error's text, masked, not chained
+            raise self.translate(e, bucket, key) from (None if isinstance(e, awssession.NO_CREDENTIALS) else e)
         finally:
             TIMINGS.request(op, time.monotonic() - started)
 

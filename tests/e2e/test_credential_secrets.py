@@ -4,8 +4,8 @@ keys they were given (or dump the JSON they would have printed) are common;
 before, lazyfs copied that text into its WARNING line, the exit-1 line,
 `lazyfs status`, the mount's stats and `doctor`.  Now every credential error
 lazyfs says is masked (redact.py) and its helper's part capped, so none of
-the secrets shows anywhere, while the helper's reason ("token expired")
-still does."""
+the secrets shows anywhere, in either log format (a traceback's text too),
+while the helper's reason ("token expired") still does."""
 
 from __future__ import annotations
 
@@ -25,11 +25,14 @@ KEY_ID = "AKIAZ7FAKEKEYLEAK0QX"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCY9LEAKEDKEY"
 TOKEN = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJsYXp5ZnMtbGVhayIsImV4cCI6MTcwMDAwMDAwMH0."
          "S1gnatur3LeakedByAHelperX9kQ2mZ7pL")
-SECRETS = (KEY_ID, SECRET, TOKEN)
+# Short ones, after a plain space and after `password=` (each within the part of its stderr lazyfs keeps).
+PASSWORD, PASSWORD2 = "hunter2x9", "pa55word"
+SECRETS = (KEY_ID, SECRET, TOKEN, PASSWORD, PASSWORD2)
 REASON = "token expired, run aws sso login"
 # A helper's usual ways of saying too much: prose, key=value, and its JSON.
 _HELPER = f"""#!/bin/sh
 echo "credential helper: {REASON}" >&2
+echo "vault login: password {PASSWORD} refused, password={PASSWORD2}" >&2
 echo "failed for key {KEY_ID} secret {SECRET}" >&2
 echo "aws_secret_access_key={SECRET} aws_session_token={TOKEN}" >&2
 echo '{{"Version": 1, "AccessKeyId": "{KEY_ID}", "SecretAccessKey": "{SECRET}", "SessionToken": "{TOKEN}"}}' >&2
@@ -78,11 +81,13 @@ def layer_with_a_file(tmp_path: Path) -> Path:
 
 
 @pytest.mark.log_errors(*TRIES)
+@pytest.mark.parametrize("log_format", ["text", "json"])
 def test_a_leaky_helper_leaks_nothing_from_an_offline_start(mount: Mounter, leaky_env: dict[str, str],
-                                                            bucket: str, tmp_path: Path, fs: FS) -> None:
+                                                            bucket: str, tmp_path: Path, fs: FS,
+                                                            log_format: str) -> None:
     store = tmp_path / "store"
     m = mount("--prefix", f"s3://{bucket}/{P}", "--prebaked", str(layer_with_a_file(tmp_path)),
-              "--read-timeout", "2", store=store, env=leaky_env, timeout=60)
+              "--read-timeout", "2", "--log-format", log_format, store=store, env=leaky_env, timeout=60)
     assert m.ready_line().startswith("lazyfs: ready OFFLINE: "), m.ready_line()
     said = [ln for ln in m.log().splitlines() if "starting offline" in ln]
     assert len(said) == 1 and REASON in said[0] and "AKIA****" in said[0], said
@@ -104,23 +109,30 @@ def test_a_leaky_helper_leaks_nothing_from_an_offline_start(mount: Mounter, leak
         assert len(line) < 1500, f"a line of {len(line)} characters: {line[:300]}..."
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 def test_a_leaky_helper_leaks_nothing_from_a_start_that_fails_or_doctor(fuse_ok: None, leaky_env: dict[str, str],
                                                                         proxy: S3Proxy, bucket: str,
-                                                                        tmp_path: Path) -> None:
+                                                                        tmp_path: Path, log_format: str) -> None:
     (tmp_path / "mnt").mkdir()
     store = tmp_path / "store"
+    logs = ["--log-level", "debug", "--log-format", log_format]
     result = lazyfs_cli(["mount", str(tmp_path / "mnt"), "--prefix", f"s3://{bucket}/{P}", "--store", str(store),
-                         "--endpoint-url", proxy.endpoint, "--read-timeout", "2", "--log-level", "debug"],
-                        env=leaky_env, timeout=60)
+                         "--endpoint-url", proxy.endpoint, "--read-timeout", "2", *logs], env=leaky_env, timeout=60)
     assert result.returncode == 1, result.stdout + result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("lazyfs: error: ") and REASON in last, result.stderr
     no_secret_in("a failed mount's output", result.stdout + result.stderr)
+    for command in (["status", str(tmp_path / "mnt")], ["bake", "--to", str(tmp_path / "baked")],
+                    ["lock", "--output", str(tmp_path / "lock.json")]):
+        other = lazyfs_cli([*command, "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint, *logs],
+                           env=leaky_env, timeout=60)
+        assert other.returncode == 1 and REASON in other.stderr, other.stdout + other.stderr
+        no_secret_in(f"lazyfs {command[0]}", other.stdout + other.stderr)
     if store.exists():
         for path, text in files_under(store).items():
             no_secret_in(path, text)
     doctor = lazyfs_cli(["doctor", "--prefix", f"s3://{bucket}/{P}", "--store", str(tmp_path / "store2"),
-                         "--endpoint-url", proxy.endpoint, str(tmp_path / "mnt")], env=leaky_env, timeout=60)
+                         "--endpoint-url", proxy.endpoint, str(tmp_path / "mnt"), *logs], env=leaky_env, timeout=60)
     said = [ln for ln in doctor.stdout.splitlines() if ln.startswith("FAIL  credentials")]
     assert len(said) == 1 and REASON in said[0], doctor.stdout + doctor.stderr
     no_secret_in("lazyfs doctor", doctor.stdout + doctor.stderr)

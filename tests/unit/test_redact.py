@@ -14,7 +14,7 @@ import botocore.exceptions
 import pytest
 
 from lazyfs import awssession, redact
-from lazyfs.cli import LibraryTracebacks, OneLineFormatter
+from lazyfs.cli import JsonFormatter, LibraryTracebacks, OneLineFormatter
 from lazyfs.crtcreds import BotocoreCredentials, CredentialsUnavailable
 from lazyfs.redact import HELPER_CHARS, masked, said
 
@@ -54,6 +54,13 @@ def hides_all(text: str) -> None:
     ("Authorization: Bearer abc.def.ghi", "Authorization: Bearer <redacted>"),
     ("url https://user:urlpassw0rd@sso.example.com/x", "url https://user:<redacted>@sso.example.com/x"),
     ("proxy http://me:p%40ss@10.0.0.1:3128 refused", "proxy http://me:<redacted>@10.0.0.1:3128 refused"),
+    # After a key naming a secret and only a space (or a bare "token:"): a word shaped as a value.
+    ("vault: password hunter2 refused", "vault: password <redacted> refused"),
+    ("token x1y2.", "token <redacted>."),
+    ("secret: abc", "secret: <redacted>"),
+    ("token: x1y2", "token: <redacted>"),
+    ("client_secret s3cr3t!, retry", "client_secret <redacted>!, retry"),  # (sentence punctuation kept)
+    ("PASSWORD P@ss", "PASSWORD <redacted>"),
 ])
 def test_secret_shapes_are_masked(text: str, expected: str) -> None:
     assert masked(text) == expected
@@ -77,6 +84,12 @@ def test_secret_shapes_are_masked(text: str, expected: str) -> None:
     "Received error when attempting to retrieve container metadata: Connection refused http://169.254.170.2/v2",
     "Error when retrieving credentials from custom-process: exit status 1",
     "",
+    "password for user admin expired; wrong password",
+    "secret key missing, token is invalid",
+    "token /var/run/secrets/eks.amazonaws.com/serviceaccount/token not found",
+    "token http://169.254.170.2/v2/credentials refused",
+    "token 42 of the chain",
+    "Password-less login isn't set up: the token's session ended",
 ])
 def test_words_paths_and_names_are_left_alone(text: str) -> None:
     assert masked(text) == text
@@ -153,3 +166,48 @@ def test_a_library_s_logged_exception_is_masked() -> None:
         logger.removeHandler(handler)
     hides_all(out.getvalue())
     assert "expired AKIA****" in out.getvalue()
+
+
+def _logged_traceback(formatter: logging.Formatter) -> str:
+    """A line carrying the traceback of one of our errors raised from botocore's (a helper's stderr
+    in it), as a debug log or an unexpected error's line carries it."""
+    record = None
+    try:
+        try:
+            raise botocore.exceptions.CredentialRetrievalError(
+                provider="custom-process", error_msg=f"key {KEY_ID} secret {SECRET} password hunter2x9 jwt {JWT}")
+        except botocore.exceptions.CredentialRetrievalError as e:
+            raise RuntimeError(f"unexpected: {redact.said(e)}") from e
+    except RuntimeError:
+        import sys
+
+        record = logging.LogRecord("lazyfs.x", logging.ERROR, __file__, 1, "internal error", None, sys.exc_info())
+    return formatter.format(record)
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter(), OneLineFormatter("%(levelname)s %(name)s: %(message)s")],
+                         ids=["json", "text"])
+def test_a_traceback_in_either_log_format_is_masked_chained_causes_too(formatter: logging.Formatter) -> None:
+    text = _logged_traceback(formatter)
+    hides_all(text)
+    assert "hunter2x9" not in text
+    assert "CredentialRetrievalError" in text and "Traceback" in text  # (still the traceback it was)
+    if isinstance(formatter, JsonFormatter):
+        tb = json.loads(text)["traceback"]
+        assert "AKIA****" in tb and "password <redacted>" in tb, tb
+
+
+def test_a_credential_error_of_a_request_is_not_chained_to_botocore_s_unmasked_one() -> None:
+    from lazyfs.remote import Remote
+
+    remote = object.__new__(Remote)
+    remote._refresh_due = None
+    remote.endpoint = "http://s3.test"
+
+    def head_object(**kwargs: Any) -> Any:
+        raise botocore.exceptions.CredentialRetrievalError(provider="custom-process", error_msg=f"no {SECRET}")
+
+    with pytest.raises(awssession.AccessDenied) as info:
+        remote._call(head_object, "b", "k")
+    assert info.value.__cause__ is None and info.value.__suppress_context__, "botocore's text rides along"
+    hides_all(str(info.value))
