@@ -34,6 +34,7 @@ from lazyfs.catalog import Catalog
 from lazyfs.config import MountConfig, Source
 from lazyfs.drift import DriftWatch
 from lazyfs.errors import RemoteError, RemoteFailing, StoreError
+from lazyfs.fdneeds import fit_descriptors
 from lazyfs.fetch import Fetcher
 from lazyfs.filemap import PageBudget
 from lazyfs.filemodes import FileModes
@@ -185,6 +186,7 @@ def run(cfg: MountConfig, first: FirstListing | None = None) -> int:
 
 async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: tuple[list[RemoteObject], str] | None,
                  listed: dict[Source, list[RemoteObject]], failing: RemoteFailing | None) -> int:
+    cfg = fit_descriptors(cfg, crt.CRT_DESCRIPTORS if cfg.fetch.transfer_client == "crt" else 0)  # (trio's are open)
     pin = Pinning(cfg.lock, remote) if cfg.lock is not None else None
     source: ObjectStore = pin.store if pin is not None else remote
     quiet = Quiet(FIRST_LISTING_QUIET_S)

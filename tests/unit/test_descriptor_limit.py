@@ -191,3 +191,38 @@ def test_an_error_whose_reason_is_a_string_is_no_descriptor_error_and_no_crash()
     wrapped.__cause__ = tls
     assert exhausted.descriptor_errno(decode) == 0
     assert exhausted.descriptor_errno(wrapped) == 0
+
+
+def test_a_mount_is_refused_below_what_one_reader_needs_and_gets_fewer_gets_above_it(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A limit just above what the start takes made a mount that said ready
+    and failed every open with EMFILE (fdneeds.py): below what one reader
+    with one GET needs the start ends naming both; above it, the GETs in
+    flight are what the rest allows."""
+    from lazyfs import fdneeds
+    from lazyfs.config import FetchConfig, MountConfig, Source
+    from lazyfs.mounttab import MountError
+
+    cfg = MountConfig(mountpoint=tmp_path, sources=(Source("b", "m/"),), fetch=FetchConfig(max_connections=16))
+    monkeypatch.setattr(fdneeds, "in_use", lambda: 13)
+    least = fdneeds.needed(13 + 24)
+    assert least == 13 + 24 + fdneeds.FUSE_SESSION + fdneeds.ONE_OPEN + fdneeds.PER_GET
+
+    def limit(soft: int) -> None:
+        monkeypatch.setattr(fdneeds.resource, "getrlimit", lambda which: (soft, soft))
+
+    limit(least - 1)
+    with pytest.raises(MountError) as info:
+        fdneeds.fit_descriptors(cfg, client=24)
+    assert errno_of(info.value) == errno.EMFILE  # cli adds the remedy
+    said = str(info.value)
+    assert said.startswith(f"cannot mount at {tmp_path}: {SAID}{least - 1}; a mount needs at least {least} "
+                           "to serve a reader (37 in use or taken as it starts"), said
+    caplog.set_level(logging.INFO, logger="lazyfs")
+    limit(least)
+    assert fdneeds.fit_descriptors(cfg, client=24).fetch.max_connections == 1
+    limit(least + 2 * fdneeds.PER_GET + 1)
+    assert fdneeds.fit_descriptors(cfg, client=24).fetch.max_connections == 3
+    assert "allows 3 parallel GETs" in caplog.text
+    limit(4096)
+    assert fdneeds.fit_descriptors(cfg, client=24) is cfg  # plenty: as asked
