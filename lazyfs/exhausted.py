@@ -56,13 +56,14 @@ def descriptor_errno(e: BaseException | None) -> int:
     return 0
 
 
-def descriptors(err: int = errno.EMFILE) -> str:
-    """What ran out, for a log line: the daemon's own limit, or the system's."""
+def descriptors(err: int = errno.EMFILE, whose: str = "the daemon's") -> str:
+    """What ran out, for a log line: the daemon's own limit (`whose`: a
+    command's, said as "this command's"), or the system's."""
     if err == errno.ENFILE:
         return "too many open files in the system: the kernel's limit (fs.file-max) is reached"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     also = f" (its hard limit {hard})" if hard not in (soft, resource.RLIM_INFINITY) else ""
-    return f"too many open files: the daemon's descriptor limit (ulimit -n / RLIMIT_NOFILE) is {soft}{also}"
+    return f"too many open files: {whose} descriptor limit (ulimit -n / RLIMIT_NOFILE) is {soft}{also}"
 
 
 def remedy(err: int = errno.EMFILE) -> str:

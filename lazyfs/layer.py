@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from lazyfs.errors import StoreError
-from lazyfs.exhausted import strerror
+from lazyfs.exhausted import DESCRIPTOR_ERRNOS, strerror
 from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
@@ -115,18 +115,24 @@ class Layer:
             os.close(fd)
             raise
 
-    def open_file(self, path: str) -> int | None:
+    def open_file(self, path: str, strict: bool = False) -> int | None:
         """A read-only descriptor of the regular file at `path`, or None when there
-        is none (missing, a directory, a symlink, a device or FIFO)."""
+        is none (missing, a directory, a symlink, a device or FIFO).  `strict`,
+        for a report of what is on disk (status, a file's state): a descriptor
+        refused (EMFILE, ENFILE) says nothing of the file, and is raised."""
         *dirs, name = path.split("/")
         try:
             dfd = self.open_dir(dirs)
         except OSError as e:
+            if strict and e.errno in DESCRIPTOR_ERRNOS:
+                raise
             self._unreadable(path, e)
             return None
         try:
             fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
         except OSError as e:
+            if strict and e.errno in DESCRIPTOR_ERRNOS:
+                raise
             if e.errno == errno.ELOOP:
                 log.warning("%s: ignoring symlink at %s", self.label, quoted(path))
             self._unreadable(path, e)

@@ -14,9 +14,11 @@ look is (EIO: a store that does not answer).
 
 Its content, one JSON object: `{"listed": bool, "files": [[key, size, state,
 verified], ...]}`, in no particular order; a file whose state could not be
-read has state `null`.  A name a 404 took that is being asked about again
-(recheck.py) is a row too, `missing`: gone from the tree for now, not for
-good, so a readiness probe must not call the mount ready.  `listed` is false before the mount's first listing
+read has state `null`, and why in place of `verified` (a descriptor refused
+names the daemon's limit: `lazyfs status` says it, never `missing`).  A name
+a 404 took that is being asked about again (recheck.py) is a row too,
+`missing`: gone from the tree for now, not for good, so a readiness probe
+must not call the mount ready.  `listed` is false before the mount's first listing
 (its tree then names only what lookups found).
 """
 
@@ -31,6 +33,7 @@ import trio
 from lazyfs import wording
 from lazyfs.catalog import Catalog
 from lazyfs.errors import StoreError
+from lazyfs.exhausted import strerror
 from lazyfs.fetch import STATE_WAIT_S, Fetcher
 from lazyfs.filestate import ContentChecks, FileState
 from lazyfs.namespace import RemoteObject, Tree
@@ -100,15 +103,14 @@ def _judged(store: Store, objs: Sequence[RemoteObject], checked: ContentChecks |
         try:
             local = store.local_state(obj, checked)
         except OSError as e:
-            rows.append((obj.key, obj.size, None, e.strerror or str(e)))  # (why: logged, not shown)
+            rows.append((obj.key, obj.size, None, strerror(e)))  # (why: logged, and told to status)
             continue
         rows.append((obj.key, obj.size, local.state.value, local.verified))
     return rows
 
 
 def _encoded(listed: bool, rows: list[Row]) -> bytes:
-    shown = [row if row[2] is not None else (row[0], row[1], None, None) for row in rows]
-    return json.dumps({"listed": listed, "files": shown}, separators=(",", ":")).encode() + b"\n"
+    return json.dumps({"listed": listed, "files": rows}, separators=(",", ":")).encode() + b"\n"
 
 
 def _silent_store(files: int) -> StoreError:

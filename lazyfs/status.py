@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from lazyfs import contentcheck, interrupt, wording
+from lazyfs import contentcheck, interrupt, storelook, wording
 from lazyfs.catalog import Catalog
 from lazyfs.config import StatusConfig
 from lazyfs.errors import ConfigError, RemoteUnavailable, StoreError
@@ -92,14 +92,15 @@ def from_lock(cfg: StatusConfig) -> Answer:
     store = Store.open_to_read(str(cfg.store), [str(p) for p in cfg.prebaked])
     try:
         entries = list(lock.entries())
-        files = [_local(store, e.obj()) for e in entries]
+        files, unchecked = _local_files(store, [e.obj() for e in entries])
         if cfg.verify_content:
             files = _with_content(files, contentcheck.against_lock(store, entries, _on_disk(files)))
     finally:
         store.close()
     how = "by content" if cfg.verify_content else "by identity record"
     note = f"store {cfg.store} against lock {lock.path} ({lock.short_digest}), {how}" + _out_of_sight(store)
-    return Answer(files, note, _records_unread(store) or _unproven(files, cfg.verify_content), lock.short_digest)
+    return Answer(files, note, _records_unread(store) or unchecked or _unproven(files, cfg.verify_content),
+                  lock.short_digest)
 
 
 def _out_of_sight(store: Store) -> str:
@@ -158,8 +159,8 @@ def from_store(cfg: StatusConfig) -> Answer:
                 unknown = "the object store is unreachable and the store knows no files"
         if not store.identities.supported:
             note += f"; {_SIDECAR_NOTE}"
-        files = [_local(store, obj) for obj in objects]
-        return Answer(files, note + _out_of_sight(store), unknown or _records_unread(store))
+        files, unchecked = _local_files(store, objects)
+        return Answer(files, note + _out_of_sight(store), unknown or _records_unread(store) or unchecked)
     finally:
         store.close()
 
@@ -287,14 +288,14 @@ def _ask_files(cfg: StatusConfig, stats: dict[str, Any]) -> tuple[list[FileStatu
         return [], f"cannot read the mount's {RESERVED_NAME}/states.json ({e})"
     if rows is None:
         return _walk_files(cfg, stats)
-    files, failed = [], 0
+    files, failed, why = [], 0, ""
     for source in cfg.sources:  # (as the walk saw them: each folder's files, then its folders', sorted)
         for key, size, state, verified in sorted((r for r in rows if r[0].startswith(source.prefix)), key=_walk_order):
-            if state is None:
-                failed += 1
+            if state is None:  # (`verified`: why, from a lazyfs that says it: the daemon's descriptor limit, say)
+                failed, why = failed + 1, why or str(verified or "")
                 continue
             files.append(FileStatus(key, size, FileState(state), verified or ""))
-    return files, _unasked(failed)
+    return files, _unasked(failed) + (f" ({why})" if failed and why else "")
 
 
 def _states_file(path: Path) -> list[tuple[str, int, str | None, str | None]] | None:
@@ -356,9 +357,10 @@ def _unasked(failed: int) -> str:
             if failed else "")
 
 
-def _local(store: Store, obj: RemoteObject) -> FileStatus:
-    local = store.local_state(obj)
-    return FileStatus(obj.key, obj.size, local.state, local.verified if local.state.ready else "")
+def _local_files(store: Store, objs: list[RemoteObject]) -> tuple[list[FileStatus], str]:
+    """The files' states, and why any could not be checked (storelook.py: not `missing`)."""
+    looked, unchecked = storelook.look(store, objs)
+    return [FileStatus(o.key, o.size, s.state, s.verified if s.state.ready else "") for o, s in looked], unchecked
 
 
 def _xattr(path: str, name: str) -> str:

@@ -171,10 +171,10 @@ class Store:
         return None
 
     def local_state(self, obj: RemoteObject, checked: ContentChecks | None = None) -> LocalState:
-        """What is on disk for `obj`, without fetching anything."""
+        """What is on disk for `obj`, without fetching anything (OSError: a descriptor refused)."""
         stale = None
         for layer in self.layers():
-            fd = layer.open_file(obj.key)
+            fd = layer.open_file(obj.key, strict=True)  # (not "missing" for want of a descriptor)
             if fd is None:
                 continue
             try:

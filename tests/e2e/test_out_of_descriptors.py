@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from support.mounting import FS, Mounter, on_both_clients, wait_until
+from support.mounting import FS, Mounter, lazyfs_cli, on_both_clients, wait_until
 from support.mountproc import MountFailed
 from support.proxy import Fault
 
@@ -258,3 +258,35 @@ def test_a_mount_that_says_ready_serves_a_reader_or_it_does_not_start(
     needs = [NEEDS.search(line) for line in outcomes.values()]
     assert any(needs), "no start was refused for want of a reader's descriptors: the test proves nothing\n" + said
     assert all("Traceback" not in m.log() for m in mount.started)
+
+
+@pytest.mark.log_errors(NAMED)
+def test_status_of_a_mount_out_of_descriptors_says_it_could_not_ask_never_missing(
+        mount: Mounter, s3, bucket, fs: FS, tmp_path: Path):
+    """`lazyfs status` of a mount at its descriptor limit: the mount's look
+    at each copy (states.json) could not open it, and status called every
+    cached file `missing`.  Now those files are left out and the summary
+    says they could not be asked, naming the mount's limit: not ready (exit 1
+    with --require-all); once the limit is raised, every file is cached."""
+    files = put_files(s3, bucket, 4)
+    store = tmp_path / "store"
+    m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+    for key, data in files.items():
+        assert fs.read(m.file(key)) == data
+    wait_until(lambda: all((store / key).exists() for key in files), what="the copies published")
+    pid = m.process.pid
+    before = soft_limit(pid)
+    held = set(map(int, os.listdir(f"/proc/{pid}/fd")))
+    at = min(set(range(len(held) + 1)) - held)  # the lowest free number: no new descriptor (none is below it)
+    set_soft_limit(pid, at)
+    try:
+        res = fs.run(lambda: lazyfs_cli(["status", str(m.path), "--require-all"]), timeout=60)
+    finally:
+        set_soft_limit(pid, before)
+    rows, summary = res.stdout.splitlines()[1:-1], res.stdout.splitlines()[-1]
+    assert not [row for row in rows if row.startswith("missing")], res.stdout
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "could not be asked for their state (too many open files: the daemon's descriptor limit (ulimit -n / " \
+        f"RLIMIT_NOFILE) is {at} " in summary, summary  # (then its hard limit)
+    res = fs.run(lambda: lazyfs_cli(["status", str(m.path), "--require-all"]), timeout=60)
+    assert res.returncode == 0 and "4 cached" in res.stdout.splitlines()[-1], res.stdout

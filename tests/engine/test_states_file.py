@@ -61,7 +61,7 @@ async def test_the_states_file_answers_what_each_files_attributes_answer(
         got = await read_states(ops)
         assert got["listed"] is True and len(got["files"]) == N
         rows = {key: (size, state, verified) for key, size, state, verified in got["files"]}
-        assert rows.pop("m/d1/f0004.bin") == (5, None, None), "a file the store refused: a row without a state"
+        assert rows.pop("m/d1/f0004.bin") == (5, None, "Permission denied"), "refused: no state, and why"
         [line] = [r.getMessage() for r in caplog.records if r.name == "lazyfs.statesfile"]
         assert line == 'states.json: the state of 1 file could not be read from the store ("m/d1/f0004.bin": ' \
                        'Permission denied)'

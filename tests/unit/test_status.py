@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,52 @@ def test_before_the_first_listing_the_states_json_is_passed_over_for_the_walk(tm
     (tmp_path / "m" / "found.bin").write_bytes(b"x")  # no user.lazyfs.state here: "could not be asked"
     files, unasked = _ask_files(cfg, {})  # (a store folder without user xattrs: "... --no-xattrs ...")
     assert files == [] and unasked in ("1 file could not be asked for its state", _no_xattrs(cfg, {}))
+
+
+# -- a descriptor refused while looking: never `missing` ---------------------------------------------
+
+
+@pytest.fixture
+def no_descriptor_for_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every open of a store's file (not its folders) refused, as at a low `ulimit -n`."""
+    real = os.open
+
+    def refused(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        if str(path).endswith(".bin") and kwargs.get("dir_fd") is not None:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refused)
+
+
+SAID = "too many open files: this command's descriptor limit (ulimit -n / RLIMIT_NOFILE) is "
+
+
+def test_a_copy_that_could_not_be_opened_for_want_of_a_descriptor_is_unchecked_not_missing(
+        tmp_path: Path, no_descriptor_for_files: None) -> None:
+    lock, root = _locked_store(tmp_path)
+    answer = from_lock(StatusConfig(sources=lock.sources, store=root, lock=lock))
+    assert answer.files == [] and not answer.ready  # none said missing: none could be looked at
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert answer.unknown.startswith(f"3 files could not be checked: {SAID}{limit}; raise it (ulimit -n"), \
+        answer.unknown
+
+
+def test_a_mount_s_state_look_refused_a_descriptor_is_a_row_without_a_state_naming_the_limit(
+        tmp_path: Path, no_descriptor_for_files: None) -> None:
+    from lazyfs.statesfile import _encoded, _judged
+
+    lock, root = _locked_store(tmp_path)
+    store = Store.open_to_read(str(root), [])
+    try:
+        rows = _judged(store, [e.obj() for e in lock.entries()], None)
+    finally:
+        store.close()
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    daemons = f"too many open files: the daemon's descriptor limit (ulimit -n / RLIMIT_NOFILE) is {limit}"
+    assert [(state, why) for _, _, state, why in rows] == [(None, daemons)] * 3  # was: "missing"
+    states = json.loads(_encoded(True, rows))
+    (tmp_path / "mnt" / ".lazyfs").mkdir(parents=True)
+    (tmp_path / "mnt" / ".lazyfs" / "states.json").write_text(json.dumps(states))
+    files, unasked = _ask_files(StatusConfig(sources=lock.sources, store=tmp_path / "mnt"), {})
+    assert files == [] and unasked == f"3 files could not be asked for their state ({daemons})", unasked
