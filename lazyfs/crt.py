@@ -21,33 +21,24 @@ import ipaddress
 import logging
 import random
 import re
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lazyfs import answers
+from lazyfs import crtanswer
 from lazyfs.config import FetchConfig, RemoteConfig
+from lazyfs.crtanswer import Answered
+from lazyfs.crtanswer import Received as _Received
 from lazyfs.crtcreds import BotocoreCredentials
 from lazyfs.crtlimits import MIN_MEMORY, buffer_memory
-from lazyfs.errors import (
-    DENIED_CODES,
-    AccessDenied,
-    ObjectChanged,
-    ObjectNotFound,
-    OutOfDescriptors,
-    RemoteError,
-    RemoteUnavailable,
-    StoreError,
-)
+from lazyfs.errors import OutOfDescriptors, RemoteError, RemoteUnavailable
 from lazyfs.exhausted import descriptors, short_of_descriptors
 from lazyfs.namespace import RemoteObject
-from lazyfs.objectstore import ResponseMeta, broke_off
 from lazyfs.ranged_get import RangeJob, Stopped, naming
 from lazyfs.repeats import retry_line, shape
 from lazyfs.stats import STATS
-from lazyfs.storewrite import PieceWriter, WriterClosed
+from lazyfs.storewrite import PieceWriter
 from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
@@ -56,20 +47,6 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.2
 # Descriptors the client takes as it is made (19 with awscrt 0.38: its event loops' and the S3 client's own), with room.
 CRT_DESCRIPTORS = 24
-_CHECKSUMS = ("crc64nvme", "crc32c", "crc32", "sha256", "sha1")
-_GAVE_UP_ON = {"AWS_ERROR_S3_INTERNAL_ERROR": (500, "InternalError"), "AWS_ERROR_S3_SLOW_DOWN": (503, "SlowDown")}
-# The CRT's failures to reach the object store at all, in words (its names say them to
-# no operator): said as boto3 says such a failure, with the host the CRT tried.
-_UNREACHABLE = {"AWS_IO_DNS_INVALID_NAME": "DNS name not found", "AWS_IO_DNS_QUERY_FAILED": "DNS lookup failed",
-                "AWS_IO_DNS_NO_ADDRESS_FOR_HOST": "DNS name has no address",
-                "AWS_IO_SOCKET_CONNECTION_REFUSED": "connection refused",
-                "AWS_IO_SOCKET_TIMEOUT": "connection timed out", "AWS_IO_SOCKET_NO_ROUTE_TO_HOST": "no route to host",
-                "AWS_IO_SOCKET_NETWORK_DOWN": "network down",
-                "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE": "TLS negotiation failed",
-                "AWS_IO_TLS_ERROR_ALERT_RECEIVED": "TLS negotiation failed (the server refused it)"}
-# The CRT's own refusals of an answer that ignored the Range header (a body it would not take), in words.
-_RANGE_IGNORED = {"AWS_ERROR_S3_MISSING_CONTENT_RANGE_HEADER": "an answer without Content-Range",
-                  "AWS_ERROR_DEST_COPY_TOO_SMALL": "more bytes than asked"}
 # A bucket name that can be a DNS label (botocore's isVirtualHostableS3Bucket).
 _HOST_LABELS = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -178,17 +155,21 @@ class CrtTransfer:
         while pos < job.end:
             if job.cancelled():
                 raise Stopped()
-            state = _Received(job, writer, pos, pos == 0 and job.end == job.obj.size, self.cfg.etag_is_md5)
+            # After a stall, the rest is asked for a block per request: each seen as it lands, and each
+            # answer checked (the client shows the headers of a request's first part only: crtanswer.py).
+            end = min(job.end, (pos // job.block_size + 1) * job.block_size) if split else job.end
+            state = _Received(job, writer, pos, pos == 0 and end == job.obj.size, self.cfg.etag_is_md5, end)
             job.attempting(pos)  # the part pace times the attempt that delivers, not the failures and waits before
             try:
-                self._one_request(state, split)
-                return
+                self._one_request(state)
+                pos = end
+                continue
             except RemoteUnavailable as e:
                 attempt += 1
                 if not state.transient():
                     raise
                 if attempt >= self.cfg.max_attempts:
-                    if isinstance(e, _Answered):
+                    if isinstance(e, Answered):
                         raise e.kept_failing() from None
                     raise
                 delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
@@ -205,22 +186,25 @@ class CrtTransfer:
                     job.stalled(job.block_size if split else job.end - state.start, self.cfg.read_timeout)
                 split = split or state.stalled
 
-    def _one_request(self, state: _Received, split: bool = False) -> None:
-        """One GET of [state.reached, job.end): one part, or (`split`) parts of one block each."""
+    def _get(self, state: _Received) -> Any:
+        """The GET of [state.reached, state.end), pinned to the listed version."""
         from awscrt import http
 
-        job, start, whole = state.job, state.reached, state.whole
+        job = state.job
         host, path = self._target(job.obj)
-        headers = [("Host", host), ("Range", f"bytes={start}-{job.end - 1}")]
+        headers = [("Host", host), ("Range", f"bytes={state.reached}-{state.end - 1}")]
         if job.obj.etag:
             headers.append(("If-Match", f'"{job.obj.etag}"'))
-        if whole:
+        if state.whole:
             headers.append(("x-amz-checksum-mode", "ENABLED"))
-        state.part_size = job.block_size if split else self._part_size
+        return http.HttpRequest("GET", path, http.HttpHeaders(headers))
+
+    def _one_request(self, state: _Received) -> None:
+        """One GET of [state.reached, state.end), one part: its answer is checked (crtanswer.py)."""
+        state.part_size = self._part_size
         STATS.bump("s3_requests", "GET")  # its first part; the client sends a GET per part (below)
         request = self._client.make_request(
-            type=self._s3.S3RequestType.GET_OBJECT, request=http.HttpRequest("GET", path, http.HttpHeaders(headers)),
-            part_size=job.block_size if split else None,
+            type=self._s3.S3RequestType.GET_OBJECT, request=self._get(state),
             on_headers=state.on_headers, on_body=state.on_body, on_progress=state.on_progress)
         ended = False
         try:
@@ -233,7 +217,7 @@ class CrtTransfer:
             raise
         finally:
             # The parts that arrived, and the one that failed: what the metrics can see of a
-            # split request (parts in flight beside a failed one are not).
+            # request of several parts (parts in flight beside a failed one are not).
             STATS.bump("s3_requests", "GET", max(0, state.parts + (0 if ended else 1) - 1))
 
     def _wait(self, request: Any, state: _Received) -> None:
@@ -262,144 +246,12 @@ class CrtTransfer:
                                         bucket=job.obj.bucket, key=job.obj.key)
         if state.error is not None:
             raise state.error
-        if state.reached < job.end:
-            raise RemoteUnavailable(f"{quoted(job.obj.uri)}: response ended {job.end - state.reached} bytes early",
+        if state.reached < state.end:
+            raise RemoteUnavailable(f"{quoted(job.obj.uri)}: response ended {state.end - state.reached} bytes early",
                                     bucket=job.obj.bucket, key=job.obj.key)
 
     def _translate(self, e: Exception, obj: RemoteObject, state: _Received) -> RemoteError:
-        status = getattr(e, "status_code", None) or state.status
-        where = quoted(obj.uri)
-        name = getattr(e, "name", type(e).__name__)
-        if name in _RANGE_IGNORED:  # nothing of it was handed over; trying again would get the same
-            return answers.ignored_range(obj, state.start, state.job.end, _RANGE_IGNORED[name])
-        if status == 412:
-            return ObjectChanged(f"{where} changed in the object store", bucket=obj.bucket, key=obj.key)
-        if status == 404:
-            return ObjectNotFound(f"{where} no longer exists", bucket=obj.bucket, key=obj.key)
-        if status == 403:
-            return AccessDenied(f"access denied to {where}", bucket=obj.bucket, key=obj.key)
-        # After its retries the client reports a 500 or 503 by name only.
-        status, code = (status, "") if status else _GAVE_UP_ON.get(name, (0, ""))
-        if status >= 300:
-            found = re.search(rb"<Code>([^<]{1,64})</Code>", getattr(e, "body", None) or b"")
-            code = found.group(1).decode(errors="replace") if found else code or name
-            if code in DENIED_CODES:  # an expired or unknown token, a bad key: as boto3's (remote.py)
-                message = re.search(rb"<Message>([^<]{1,300})</Message>", getattr(e, "body", None) or b"")
-                said = message.group(1).decode(errors="replace") if message else code
-                return AccessDenied(f"access denied to {where} ({code}: {said})", bucket=obj.bucket, key=obj.key)
-            if 400 <= status < 500 and status not in (408, 429):  # refused (a 400 for ?versionId=null): as boto3's
-                return RemoteError(f"{where}: {code}: HTTP {status}", bucket=obj.bucket, key=obj.key)
-            return _Answered(obj, f"{code}: HTTP {status}")
-        if name == "AWS_ERROR_MAX_FDS_EXCEEDED":  # a socket's EMFILE or ENFILE, which the CRT does not tell
-            # apart: the daemon's limit, by far the likelier (fs.file-max is huge on current kernels).
-            return OutOfDescriptors(f"{where}: cannot open a connection to the object store: {descriptors()}",
-                                    bucket=obj.bucket, key=obj.key)
-        if name in _UNREACHABLE and not state.status:  # no answer: the connection itself failed
-            url = f"{'https' if self._https else 'http'}://{self._target(obj)[0]}"
-            return RemoteUnavailable(f"cannot reach the object store at {url} ({_UNREACHABLE[name]}: {name})",
-                                     bucket=obj.bucket, key=obj.key)
-        return RemoteUnavailable(state.broke_off(name), bucket=obj.bucket, key=obj.key)
-
-
-class _Answered(RemoteUnavailable):
-    """One attempt the object store answered with an error status: said as
-    such in its retry's line, "kept failing" only once the retries are spent
-    (as botocore's, clientretries.py and remote.py)."""
-
-    def __init__(self, obj: RemoteObject, answer: str) -> None:
-        super().__init__(f"{quoted(obj.uri)}: {answer}", bucket=obj.bucket, key=obj.key)
-        self.obj = obj
-        self.answer = answer  # "SlowDown: HTTP 503"
-
-    def kept_failing(self) -> RemoteUnavailable:
-        return RemoteUnavailable(f"{quoted(self.obj.uri)}: object store kept failing ({self.answer})",
-                                 bucket=self.bucket, key=self.key)
-
-
-class _Received:
-    """One request's progress, written from the CRT's threads."""
-
-    def __init__(self, job: RangeJob, writer: PieceWriter, start: int, whole: bool, etag_is_md5: bool) -> None:
-        self.job = job
-        self._writer = writer
-        self.etag_is_md5 = etag_is_md5  # the store's ETags can be MD5s at all (--no-etag-check: no)
-        self.start = start  # this request's first byte
-        self.reached = start  # bytes [job.start, reached) are in the file
-        self.whole = whole
-        self.status = 0
-        self.stalled = False  # cancelled here for want of bytes (the client never retried it)
-        self.active = time.monotonic()
-        self.error: BaseException | None = None
-        self.part_size = 0  # the client's parts of this request: one GET each
-        self.parts = 0  # parts that arrived (each is handed over whole, from its first byte)
-        self.encoding = ""  # a Content-Encoding: the client says a part's length, not what came (on_body)
-        self._lock = threading.Lock()
-
-    def transient(self) -> bool:
-        """Whether trying the request again may help: no answer (a refused or
-        reset connection), a stall, a body cut short, a 5xx or throttling;
-        not another 4xx, which says the same again."""
-        return self.stalled or self.status in (0, 200, 206, 429) or self.status >= 500
-
-    def broke_off(self, why: str) -> str:
-        # The client hands over a part only once all of it has arrived.
-        return broke_off(self.job.obj, self.start, self.job.end, self.reached - self.start, why)
-
-    def on_headers(self, status_code: int, headers: list[tuple[str, str]], **kwargs: Any) -> None:
-        self.status = status_code
-        self.active = time.monotonic()
-        if status_code >= 300:
-            return
-        h = {k.lower(): v for k, v in headers}
-        self.encoding = h.get("content-encoding", "").strip()
-        length = h.get("content-length", "")
-        try:  # the bytes asked for, of this version, or none of them is written (on_body drops them)
-            answers.check(self.job.obj, self.start, self.job.end, status_code, h.get("content-range"), h.get("etag"),
-                          int(length) if length.isdigit() else None, h.get("content-type"), h.get("content-encoding"))
-        except RemoteError as e:
-            self.error = e
-            return
-        sse = h.get("x-amz-server-side-encryption", "")
-        checksum = None
-        if self.whole:
-            for algo in _CHECKSUMS:
-                value = h.get(f"x-amz-checksum-{algo}")
-                if value:
-                    kind = h.get("x-amz-checksum-type") or ("COMPOSITE" if "-" in value or
-                                                            "-" in h.get("etag", "") else "FULL_OBJECT")
-                    checksum = (algo.upper(), value, kind)
-                    break
-        ok = self.etag_is_md5 and sse in ("", "AES256") and not h.get("x-amz-server-side-encryption-customer-algorithm")
-        self.job.got_meta(ResponseMeta(etag_is_md5=ok, checksum=checksum))
-
-    def on_progress(self, progress: int, **kwargs: Any) -> None:
-        self.active = time.monotonic()
-
-    def on_body(self, chunk: bytes, offset: int, **kwargs: Any) -> None:
-        self.active = time.monotonic()
-        if self.part_size and (offset - self.start) % self.part_size == 0:
-            with self._lock:
-                self.parts += 1
-        if self.error is not None:
-            return
-        job = self.job
-        if self.encoding.lower() not in ("", "identity") and self.part_size and \
-                len(chunk) < min(self.part_size, job.end - offset):  # a part re-encoded (its headers said its length)
-            self.error = answers.reencoded(job.obj, offset, min(offset + self.part_size, job.end), len(chunk),
-                                           self.encoding)
-            return
-        try:
-            self._writer.write(chunk, offset)
-        except WriterClosed:
-            return
-        except StoreError as e:
-            self.error = e
-            return
-        with self._lock:
-            if offset <= self.reached:
-                self.reached = max(self.reached, offset + len(chunk))
-                job.posted(self.reached - job.start)
-
+        return crtanswer.translate(e, obj, state, lambda: f"{'https' if self._https else 'http'}://{self._target(obj)[0]}")
 
 def transfer_for(remote: Any, cfg: FetchConfig, memory_limit: int = MIN_MEMORY) -> Callable[[RangeJob], None] | None:
     """The CRT's fetch for `remote` (a remote.Remote) when --transfer-client crt; None for boto3.
