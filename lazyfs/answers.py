@@ -24,13 +24,17 @@ prefix are not part of the tag: `W/` is what a proxy adds (nginx, when it
 compresses), and the tag still names the version; whether the bytes are the
 ones asked is what the range and the length say.
 
+A Content-Length or a Content-Range size no file can have (negative, not a
+number, past 2^63-1: st_size is a signed 64-bit number) is no answer about
+any version: WrongRange, saying the value (`possible_length`).
+
 Per request, on the hot path: one string comparison when all is well.
 """
 
 from __future__ import annotations
 
 from lazyfs.errors import ObjectChanged, WrongRange
-from lazyfs.namespace import RemoteObject
+from lazyfs.namespace import MAX_SIZE, RemoteObject
 from lazyfs.wording import one_line, quoted
 
 NOTHING_WRITTEN = "nothing of it was written"
@@ -49,13 +53,34 @@ def check_etag(bucket: str, key: str, pinned: str, answered: str | None, request
                                    f"{_tag(answered)}: the object store (or a cache in front of it) ignored If-Match")
 
 
+def possible_length(sent: str | int | None) -> int | str | None:
+    """A Content-Length as sent (its text, or botocore's int of it): the
+    length, or when no file can have it (negative, not a number, past
+    2^63-1) what was sent, as text; None when none was."""
+    if sent is None or isinstance(sent, int):
+        return sent if sent is None or 0 <= sent <= MAX_SIZE else str(sent)
+    text = sent.strip()
+    return int(text) if text.isascii() and text.isdigit() and int(text) <= MAX_SIZE else sent
+
+
+def impossible(obj: RemoteObject, start: int, end: int, what: str) -> WrongRange:
+    """A GET of bytes [start, end) answered with a header `what` no file can have."""
+    return WrongRange(f"{quoted(obj.uri)}: the object store (or a proxy) answered a request for bytes "
+                      f"{start}-{end - 1} with {what}, a size no file can have; {NOTHING_WRITTEN}",
+                      bucket=obj.bucket, key=obj.key)
+
+
 def check(obj: RemoteObject, start: int, end: int, status: int, content_range: str | None, etag: str | None,
-          length: int | None, content_type: str | None = None, encoding: str | None = None) -> None:
+          length: int | str | None, content_type: str | None = None, encoding: str | None = None) -> None:
     """Raise unless a GET of bytes [start, end) of `obj` was answered with
     them: `status`, its Content-Range, ETag and Content-Length (None: not
-    sent), with its Content-Type and Content-Encoding to say what came.
-    ObjectChanged for another version, WrongRange for other bytes."""
+    sent; its text: see possible_length), with its Content-Type and
+    Content-Encoding to say what came.  ObjectChanged for another version,
+    WrongRange for other bytes."""
     check_etag(obj.bucket, obj.key, obj.etag, etag)
+    length = possible_length(length)
+    if isinstance(length, str):
+        raise impossible(obj, start, end, f"Content-Length {quoted(length)}")
     if status == 206:
         if content_range != f"bytes {start}-{end - 1}/{obj.size}":
             _another_range(obj, start, end, content_range)
@@ -80,6 +105,8 @@ def _another_range(obj: RemoteObject, start: int, end: int, content_range: str |
     span, _, total = (content_range or "").removeprefix("bytes ").partition("/")
     if total == "*" and span == f"{start}-{end - 1}":
         return
+    if content_range and total != "*" and isinstance(possible_length(total), str):
+        raise impossible(obj, start, end, f"Content-Range {quoted(content_range)}")
     if content_range and total not in ("*", str(obj.size)):
         raise changed(obj.bucket, obj.key, f"answered with Content-Range {quoted(content_range)}, not of the "
                                            f"listed {obj.size} bytes")
@@ -123,4 +150,3 @@ def ignored_range(obj: RemoteObject, start: int, end: int, how: str) -> WrongRan
 
 def _tag(etag: str) -> str:
     return quoted(etag.removeprefix("W/").strip('"'))
-

@@ -23,6 +23,7 @@ from lazyfs.errors import (
     RemoteError,
     RemoteUnavailable,
     StoreError,
+    WrongRange,
 )
 from lazyfs.exhausted import descriptors
 from lazyfs.namespace import RemoteObject
@@ -45,6 +46,11 @@ _UNREACHABLE = {"AWS_IO_DNS_INVALID_NAME": "DNS name not found", "AWS_IO_DNS_QUE
 # The CRT's own refusals of an answer that ignored the Range header (a body it would not take), in words.
 _RANGE_IGNORED = {"AWS_ERROR_S3_MISSING_CONTENT_RANGE_HEADER": "an answer without Content-Range",
                   "AWS_ERROR_DEST_COPY_TOO_SMALL": "more bytes than asked"}
+# Answers the client cannot read at all (a header no parser takes: a Content-Length "-5" or "abc", a size in
+# Content-Range past 2^64), in words; such headers from boto3 are said as they came (answers.py).
+_UNREADABLE = {"AWS_ERROR_S3_INVALID_CONTENT_RANGE_HEADER": "a Content-Range the CRT client cannot read",
+               "AWS_ERROR_HTTP_PROTOCOL_ERROR": "an answer that is not valid HTTP (a malformed header, such as a "
+                                                "Content-Length that is no length)"}
 
 
 def translate(e: Exception, obj: RemoteObject, state: Received, url: Callable[[], str]) -> RemoteError:
@@ -54,6 +60,12 @@ def translate(e: Exception, obj: RemoteObject, state: Received, url: Callable[[]
     name = getattr(e, "name", type(e).__name__)
     if name in _RANGE_IGNORED:  # nothing of it was handed over; trying again would get the same
         return answers.ignored_range(obj, state.start, state.end, _RANGE_IGNORED[name])
+    if name == "AWS_ERROR_S3_INVALID_CONTENT_RANGE_HEADER":  # the same again: not retried
+        return WrongRange(f"{where}: the object store (or a proxy) answered a request for bytes {state.start}-"
+                          f"{state.end - 1} with {_UNREADABLE[name]} ({name}); {answers.NOTHING_WRITTEN}",
+                          bucket=obj.bucket, key=obj.key)
+    if name in _UNREADABLE:  # retried: a connection's bytes garbled may pass
+        return RemoteUnavailable(state.broke_off(f"{_UNREADABLE[name]}: {name}"), bucket=obj.bucket, key=obj.key)
     if status == 412:
         return ObjectChanged(f"{where} changed in the object store", bucket=obj.bucket, key=obj.key)
     if status == 404:
@@ -135,10 +147,9 @@ class Received:
             return
         h = {k.lower(): v for k, v in headers}
         self.encoding = h.get("content-encoding", "").strip()
-        length = h.get("content-length", "")
         try:  # the bytes asked for, of this version, or none of them is written (on_body drops them)
             answers.check(self.job.obj, self.start, self.end, status_code, h.get("content-range"), h.get("etag"),
-                          int(length) if length.isdigit() else None, h.get("content-type"), h.get("content-encoding"))
+                          h.get("content-length"), h.get("content-type"), h.get("content-encoding"))
         except RemoteError as e:
             self.error = e
             return

@@ -6,21 +6,46 @@ A HEAD answered by something else than the store (a proxy's error page as a
 `200 text/html`) lacks an object's headers: without an ETag or a
 Content-Length it describes no object (a RemoteError in words, not a
 KeyError); without a Last-Modified alone it is dated the epoch, as a listing
-whose date cannot be parsed."""
+whose date cannot be parsed.  A Content-Length no file can have (negative,
+not a number, past 2^63-1) is refused in words too (answers.possible_length),
+never a size a file would be shown with, nor botocore's ValueError."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from lazyfs import listxml
+from lazyfs import answers, listxml
 from lazyfs.errors import RemoteError
 from lazyfs.namespace import RemoteObject
 from lazyfs.wording import one_line, quoted
 
+# A HEAD's or a GET's Content-Length as sent, when botocore could not read it as a number (keep_sent_length).
+SENT_LENGTH = "LazyfsContentLength"
+
+
+def keep_sent_length(operation_model: Any, response_dict: dict[str, Any],
+                     customized_response_dict: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """botocore's before-parse hook (remote.py): a HEAD's or a GET's
+    Content-Length that is no integer ("abc") is taken out of the headers
+    botocore parses (its ValueError, "invalid literal for int()", would be the
+    line) and kept as sent, under SENT_LENGTH, to be refused in words."""
+    headers = response_dict.get("headers")
+    if operation_model.name not in ("HeadObject", "GetObject") or customized_response_dict is None or not headers:
+        return
+    sent = headers.get("content-length")
+    if sent is not None and not re.fullmatch(r"\s*-?[0-9]+\s*", sent, re.ASCII):
+        del headers["content-length"]
+        customized_response_dict[SENT_LENGTH] = sent
+
 
 def head_object(bucket: str, key: str, resp: dict[str, Any]) -> RemoteObject:
     """The object a HEAD's answer describes; RemoteError if it names none."""
-    length, tag = resp.get("ContentLength"), resp.get("ETag")
+    length, tag = answers.possible_length(resp.get(SENT_LENGTH, resp.get("ContentLength"))), resp.get("ETag")
+    if isinstance(length, str):
+        raise RemoteError(f"{quoted(f's3://{bucket}/{key}')}: the object store (or a proxy) answered a HEAD with "
+                          f"Content-Length {quoted(length)}, a size no file can have: not an object's",
+                          bucket=bucket, key=key)
     if length is None or not tag:
         lacks = " and ".join(h for h, v in (("an ETag", tag), ("a Content-Length", length is not None)) if not v)
         kind = resp.get("ContentType")

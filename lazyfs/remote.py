@@ -138,6 +138,7 @@ class Remote:
         # boto3 and s3transfer (start-up time).
         self._client = _client(core, endpoint_url=endpoint_url, region_name=cfg.region, config=config)
         listxml.register(self._client.meta.events, botocore.handlers._handle_200_error)  # type: ignore[attr-defined]
+        self._client.meta.events.register_first("before-parse.s3.*", objectheaders.keep_sent_length)
         # Every attempt counted, every retry logged (botocore's retries are its own).
         ClientAttempts(cfg.max_attempts).register(self._client.meta.events)
         self.endpoint = self._client.meta.endpoint_url
@@ -289,8 +290,8 @@ class Remote:
         stream = RangeStream(resp["Body"], obj, start, end, meta)
         try:  # the bytes asked for, of this version, or none of them is read
             answers.check(obj, start, end, resp["ResponseMetadata"]["HTTPStatusCode"], resp.get("ContentRange"),
-                          resp.get("ETag"), resp.get("ContentLength"), resp.get("ContentType"),
-                          resp.get("ContentEncoding"))
+                          resp.get("ETag"), resp.get(objectheaders.SENT_LENGTH, resp.get("ContentLength")),
+                          resp.get("ContentType"), resp.get("ContentEncoding"))
         except RemoteError:
             stream.close()
             raise

@@ -149,3 +149,55 @@ def test_a_head_with_the_listed_etag_and_another_size_is_not_a_new_version(mount
     assert "the listed ETag" in line and "but 2700 bytes, not the listed 1700" in line, line
     proxy.clear_faults()
     assert fs.run(read, m.file(KEY), timeout=60) == data
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "99999999999999999999"], ids=["negative", "not-a-number", "huge"])
+def test_a_head_with_a_length_no_file_can_have_is_one_line_not_a_lock(proxy, moto, bucket, tmp_path: Path,
+                                                                       length: str):
+    """The object's own ETag, a Content-Length no file has: `lazyfs lock`
+    wrote a lock of a -1 byte (or 10^20 byte) file, or said botocore's
+    "unexpected ValueError: invalid literal for int()"."""
+    s3_client(moto.endpoint).put_object(Bucket=bucket, Key=KEY, Body=b"x" * 1700)
+    etag = s3_client(moto.endpoint).head_object(Bucket=bucket, Key=KEY)["ETag"]
+    proxy.add(Fault("answer", method="HEAD", key=KEY, times=None, status=200,
+                    headers={"ETag": etag, "Content-Length": length, "Last-Modified": "Tue, 01 Dec 2026 10:00:00 GMT"}))
+    res = lazyfs_cli(["lock", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint,
+                      "-o", str(tmp_path / "m.lock")], timeout=60)
+    assert any(r["fault"] == "answer" for r in proxy.requests("HEAD", KEY)), "the fault never fired"
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr and "ValueError" not in res.stderr, res.stderr
+    assert (f'answered a HEAD with Content-Length "{length}", a size no file can have: not an object\'s'
+            in res.stderr), res.stderr
+    assert not (tmp_path / "m.lock").exists()
+
+
+@on_both_clients
+@pytest.mark.log_errors("download of .* failed: .*(a size no file can have|cannot read|not valid HTTP)")
+@pytest.mark.parametrize("status, headers", [
+    (200, {"Content-Length": "-5"}),
+    (200, {"Content-Length": "abc"}),
+    (206, {"Content-Range": "bytes 0-1699/99999999999999999999"}),
+], ids=["negative", "not-a-number", "range-huge"])
+def test_a_get_answered_with_a_length_no_file_can_have_is_eio_saying_it(mount, proxy, moto, bucket, fs: FS,
+                                                                       tmp_path: Path, transfer_client: str,
+                                                                       status: int, headers):
+    """The object's bytes and ETag, a length header no file has: EIO and
+    the value said, never ESTALE ("changed": a new size taken from it)."""
+    data = os.urandom(1700)
+    s3_client(moto.endpoint, checksums=False).put_object(Bucket=bucket, Key=KEY, Body=data)
+    etag = s3_client(moto.endpoint).head_object(Bucket=bucket, Key=KEY)["ETag"]
+    proxy.add(Fault("answer", key=KEY, times=None, status=status, headers={"ETag": etag} | headers,
+                    body_b64=base64.b64encode(data).decode()))
+    m = mount("--prefix", f"s3://{bucket}/{P}", "--no-etag-check", "--retries", "1", store=tmp_path / "store")
+    assert fs.run(read, m.file(KEY), timeout=60) == errno.EIO
+    assert any(r["fault"] == "answer" for r in proxy.requests("GET", KEY)), "the fault never fired"
+    name, value = next(iter(headers.items()))
+    lines = failed_lines(m.log())
+    if transfer_client == "boto3":
+        said = f'with {name} "{value}", a size no file can have'
+    else:  # the CRT refuses such headers itself and shows none of them: its reason in words
+        said = "Content-Range the CRT client cannot read" if name == "Content-Range" else "not valid HTTP"
+    assert any(said in ln for ln in lines), lines
+    assert "changed in the object store" not in m.log() and "Traceback" not in m.log()
+    proxy.clear_faults()
+    assert fs.run(read, m.file(KEY), timeout=60) == data

@@ -112,3 +112,31 @@ def test_a_range_re_encoded_is_refused_naming_the_encoding() -> None:
     assert errno_of(info.value) == errno.EIO
     assert ("the object store (or a proxy) answered 52 bytes with Content-Encoding: gzip for bytes 100-199 "
             "(100 bytes) of an object of 1000 bytes; nothing of it was written") in str(info.value)
+
+
+@pytest.mark.parametrize("status, content_range, length, said", [
+    (200, None, "-5", 'Content-Length "-5"'),
+    (200, None, -5, 'Content-Length "-5"'),  # as botocore parses it
+    (200, None, "abc", 'Content-Length "abc"'),
+    (206, "bytes 100-199/1000", str(2**63), f'Content-Length "{2**63}"'),
+    (206, "bytes 100-199/1000", 2**63, f'Content-Length "{2**63}"'),
+    (206, f"bytes 100-199/{2**64}", 100, f'Content-Range "bytes 100-199/{2**64}"'),
+    (206, "bytes 100-199/-3", 100, 'Content-Range "bytes 100-199/-3"'),
+    (206, "bytes 100-199/1e3", 100, 'Content-Range "bytes 100-199/1e3"'),
+], ids=["negative", "negative-int", "not-a-number", "past-2^63-1", "past-2^63-1-int", "range-past-2^63-1",
+        "range-negative", "range-not-a-number"])
+def test_a_length_no_file_can_have_is_refused_saying_it(status, content_range, length, said) -> None:
+    """Not another version (no ESTALE, no new size taken from it): other bytes, EIO, the value said."""
+    start, end = (0, 1000) if status == 200 else (100, 200)
+    with pytest.raises(WrongRange) as info:
+        answers.check(OBJ, start, end, status, content_range, TAG, length)
+    assert errno_of(info.value) == errno.EIO
+    assert f"answered a request for bytes {start}-{end - 1} with {said}, a size no file can have" in str(info.value)
+
+
+@pytest.mark.parametrize("sent, length", [
+    (None, None), ("1700", 1700), (" 1700 ", 1700), (0, 0), (2**63 - 1, 2**63 - 1), (str(2**63 - 1), 2**63 - 1),
+    ("-1", "-1"), (-1, "-1"), ("", ""), ("١٢", "١٢"), (2**63, str(2**63)),
+])
+def test_possible_length(sent, length) -> None:
+    assert answers.possible_length(sent) == length

@@ -34,3 +34,36 @@ def test_a_head_that_names_no_object_is_a_remote_error_in_words(drop, lacks) -> 
     assert str(info.value).startswith('"s3://b/m/w.bin": the object store (or a proxy) answered a HEAD with '
                                       "HTTP 200, Content-Type text/html, without ")
     assert lacks in str(info.value)
+
+
+@pytest.mark.parametrize("length, said", [
+    (-1, '"-1"'), (2**63, f'"{2**63}"'), (99999999999999999999, '"99999999999999999999"'),
+], ids=["negative", "2^63", "huge"])
+def test_a_head_with_a_length_no_file_can_have_is_a_remote_error_in_words(length, said) -> None:
+    """Never a size a file is shown with (stat's OverflowError, a lock of -1 bytes)."""
+    with pytest.raises(RemoteError) as info:
+        objectheaders.head_object("b", "m/w.bin", OK | {"ContentLength": length})
+    assert (f'"s3://b/m/w.bin": the object store (or a proxy) answered a HEAD with Content-Length {said}, '
+            "a size no file can have: not an object's") == str(info.value)
+
+
+class _Op:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+@pytest.mark.parametrize("op, sent, kept", [
+    ("HeadObject", "abc", "abc"), ("GetObject", "1.5", "1.5"), ("HeadObject", "", ""),
+    ("HeadObject", "1700", None), ("HeadObject", "-1", None),  # integers: botocore reads them (head_object refuses)
+    ("ListObjectsV2", "abc", None),
+])
+def test_a_length_botocore_cannot_read_is_kept_as_sent(op, sent, kept) -> None:
+    """botocore's parser would raise ValueError ("invalid literal for int()") for it."""
+    headers = {"content-length": sent, "etag": "x"}
+    custom: dict[str, str] = {}
+    objectheaders.keep_sent_length(_Op(op), {"headers": headers}, custom)
+    assert custom.get(objectheaders.SENT_LENGTH) == kept
+    assert ("content-length" in headers) == (kept is None)
+    if kept is not None:
+        with pytest.raises(RemoteError, match=f'answered a HEAD with Content-Length "{kept}", a size no file'):
+            objectheaders.head_object("b", "m/w.bin", {k: v for k, v in OK.items() if k != "ContentLength"} | custom)
