@@ -28,12 +28,21 @@ A Content-Length or a Content-Range size no file can have (negative, not a
 number, past 2^63-1: st_size is a signed 64-bit number) is no answer about
 any version: WrongRange, saying the value (`possible_length`).
 
+An answer that redirects (301, 302, 307, 308: a moved or wrong-region bucket,
+a proxy pointing elsewhere) is never followed: requests, signed with the
+user's credentials, go only to the endpoint configured (botocore's own
+wrong-region retry for AWS, which it resolves itself, aside).  It fails
+naming the status and where it pointed (`redirected`), without a query
+string, which in a presigned URL holds credentials.
+
 Per request, on the hot path: one string comparison when all is well.
 """
 
 from __future__ import annotations
 
-from lazyfs.errors import ObjectChanged, WrongRange
+import urllib.parse
+
+from lazyfs.errors import ObjectChanged, RemoteError, WrongRange
 from lazyfs.namespace import MAX_SIZE, RemoteObject
 from lazyfs.wording import one_line, quoted
 
@@ -150,3 +159,35 @@ def ignored_range(obj: RemoteObject, start: int, end: int, how: str) -> WrongRan
 
 def _tag(etag: str) -> str:
     return quoted(etag.removeprefix("W/").strip('"'))
+
+
+
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+def redirected(bucket: str, key: str, request: str, status: int, code: str, location: str | None,
+               region: str | None = None) -> RemoteError:
+    """A `request` answered with a redirect (`status`, S3's error `code` if
+    any), to `location` (its Location header, or S3's <Endpoint>), the
+    bucket's `region` if the store said it (x-amz-bucket-region): not
+    followed, said with where it pointed."""
+    where = f" to {quoted(_no_secrets(location))}" if location else " (no Location)"
+    said = f"HTTP {status}" + (f" {one_line(code)}" if code and code != str(status) else "")
+    also = f", the bucket's region {quoted(region)}" if region else ""
+    return RemoteError(f"{quoted(f's3://{bucket}/{key}')}: the object store answered a {request} with {said}, a "
+                       f"redirect{where}{also}; not followed (requests go only to the endpoint configured: "
+                       "set --endpoint-url or the region to where the bucket is)", bucket=bucket, key=key)
+
+
+def _no_secrets(location: str) -> str:
+    """`location` without user:password@, query (a presigned URL's signature and credential) or fragment."""
+    try:
+        url = urllib.parse.urlsplit(location.strip())
+        host = url.hostname or ""
+        port = f":{url.port}" if url.port else ""
+    except ValueError:  # no URL: said up to any query
+        return location.split("?", 1)[0].split("#", 1)[0]
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    netloc = host + port
+    return urllib.parse.urlunsplit((url.scheme, netloc, url.path, "", ""))

@@ -77,6 +77,12 @@ def translate(e: Exception, obj: RemoteObject, state: Received, url: Callable[[]
     if status >= 300:
         found = re.search(rb"<Code>([^<]{1,64})</Code>", getattr(e, "body", None) or b"")
         code = found.group(1).decode(errors="replace") if found else code or name
+        if status in answers.REDIRECTS:  # never followed (answers.py): where it pointed, said
+            h = {k.lower(): v for k, v in getattr(e, "headers", None) or []}
+            endpoint = re.search(rb"<Endpoint>([^<]{1,300})</Endpoint>", getattr(e, "body", None) or b"")
+            location = h.get("location") or (endpoint.group(1).decode(errors="replace") if endpoint else None)
+            return answers.redirected(obj.bucket, obj.key, "GET", status, code if found else "", location,
+                                      h.get("x-amz-bucket-region"))
         if code in DENIED_CODES:  # an expired or unknown token, a bad key: as boto3's (remote.py)
             message = re.search(rb"<Message>([^<]{1,300})</Message>", getattr(e, "body", None) or b"")
             said = message.group(1).decode(errors="replace") if message else code

@@ -36,7 +36,8 @@ from lazyfs.wording import quoted
 
 log = logging.getLogger(__name__)
 
-_OPS = {"list_objects_v2": "LIST", "get_object": "GET", "head_object": "HEAD"}
+_OPS = {"list_objects_v2": "LIST", "get_object": "GET", "head_object": "HEAD", "ListObjectsV2": "LIST",
+        "GetObject": "GET", "HeadObject": "HEAD"}
 
 _NOT_FOUND = {"NoSuchKey", "NoSuchVersion", "404", "NotFound"}
 _CHANGED = {"PreconditionFailed", "412"}
@@ -333,6 +334,11 @@ class Remote:
             code = str(err.get("Code", ""))
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             message = err.get("Message") or code
+            if status in answers.REDIRECTS:  # never followed (answers.py); botocore's region retry, if any, done
+                headers = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                to, region = headers.get("location") or err.get("Endpoint"), headers.get("x-amz-bucket-region")
+                return answers.redirected(bucket, key, _OPS.get(e.operation_name, e.operation_name), status, code,
+                                          str(to) if to else None, str(region) if region else None)
             if code == "NoSuchBucket":
                 return BucketNotFound(f"bucket {bucket} does not exist at {self.endpoint}",
                                       bucket=bucket, key=key)

@@ -140,3 +140,24 @@ def test_a_length_no_file_can_have_is_refused_saying_it(status, content_range, l
 ])
 def test_possible_length(sent, length) -> None:
     assert answers.possible_length(sent) == length
+
+
+@pytest.mark.parametrize("location, said", [
+    ("https://user:pw@elsewhere:9000/b/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab#f",
+     'a redirect to "https://elsewhere:9000/b/k"'),
+    ("http://[::1]:9000/b/k?x=1", 'a redirect to "http://[::1]:9000/b/k"'),
+    ("b.s3.eu-west-1.amazonaws.com", 'a redirect to "b.s3.eu-west-1.amazonaws.com"'),
+    ("http://h:99999/k?sig=1", 'a redirect to "http://h:99999/k"'),  # a port no URL has: up to the query
+    (None, "a redirect (no Location)"),
+], ids=["credentials", "ipv6", "endpoint", "bad-port", "none"])
+def test_a_redirect_says_where_it_pointed_without_credentials(location, said) -> None:
+    e = answers.redirected("b", "m/w.bin", "GET", 307, "", location)
+    assert errno_of(e) == errno.EIO
+    assert f'"s3://b/m/w.bin": the object store answered a GET with HTTP 307, {said}; not followed' in str(e)
+    assert "AKIA" not in str(e) and "pw" not in str(e) and "sig" not in str(e)
+
+
+def test_a_redirect_names_s3s_code_and_the_buckets_region() -> None:
+    e = answers.redirected("b", "m/", "LIST", 301, "PermanentRedirect", "b.s3.eu-west-1.amazonaws.com", "eu-west-1")
+    assert ('answered a LIST with HTTP 301 PermanentRedirect, a redirect to "b.s3.eu-west-1.amazonaws.com", '
+            'the bucket\'s region "eu-west-1"; not followed') in str(e)
