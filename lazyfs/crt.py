@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import random
 import re
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -251,7 +252,32 @@ class CrtTransfer:
                                     bucket=job.obj.bucket, key=job.obj.key)
 
     def _translate(self, e: Exception, obj: RemoteObject, state: _Received) -> RemoteError:
+        if getattr(e, "name", "") in crtanswer.UNSHOWN and (seen := self._look_again(state)) is not None:
+            return seen
         return crtanswer.translate(e, obj, state, lambda: f"{'https' if self._https else 'http'}://{self._target(obj)[0]}")
+
+    def _look_again(self, state: _Received) -> RemoteError | None:
+        """The client refused an answer without showing it (no headers: crtanswer.UNSHOWN).  The same GET
+        once more as a request it passes through as it comes (DEFAULT), cancelled at its headers (no byte
+        of it taken), which are checked as any answer's: the line says what came, as boto3's does.  None
+        if it shows nothing wrong (or nothing within --read-timeout): the client's own words then."""
+        seen: list[tuple[int, list[tuple[str, str]]]] = []
+        arrived = threading.Event()
+
+        def on_headers(status_code: int, headers: list[tuple[str, str]], **kwargs: Any) -> None:
+            seen.append((status_code, headers))
+            arrived.set()
+
+        STATS.bump("s3_requests", "GET")
+        request = self._client.make_request(type=self._s3.S3RequestType.DEFAULT, operation_name="GetObject",
+                                            request=self._get(state), on_headers=on_headers,
+                                            on_body=lambda **kwargs: None, on_done=lambda **kwargs: arrived.set())
+        try:
+            arrived.wait(self.cfg.read_timeout)
+        finally:
+            request.cancel()
+        return crtanswer.refusal(state, *seen[0]) if seen else None
+
 
 def transfer_for(remote: Any, cfg: FetchConfig, memory_limit: int = MIN_MEMORY) -> Callable[[RangeJob], None] | None:
     """The CRT's fetch for `remote` (a remote.Remote) when --transfer-client crt; None for boto3.

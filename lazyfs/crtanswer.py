@@ -46,11 +46,26 @@ _UNREACHABLE = {"AWS_IO_DNS_INVALID_NAME": "DNS name not found", "AWS_IO_DNS_QUE
 # The CRT's own refusals of an answer that ignored the Range header (a body it would not take), in words.
 _RANGE_IGNORED = {"AWS_ERROR_S3_MISSING_CONTENT_RANGE_HEADER": "an answer without Content-Range",
                   "AWS_ERROR_DEST_COPY_TOO_SMALL": "more bytes than asked"}
+# The client's refusals of an answer it does not show (its headers never reach on_headers): crt.py asks
+# again to see them (its _look_again, checked by `refusal`), else these words.
+UNSHOWN = frozenset(_RANGE_IGNORED)
 # Answers the client cannot read at all (a header no parser takes: a Content-Length "-5" or "abc", a size in
 # Content-Range past 2^64), in words; such headers from boto3 are said as they came (answers.py).
 _UNREADABLE = {"AWS_ERROR_S3_INVALID_CONTENT_RANGE_HEADER": "a Content-Range the CRT client cannot read",
                "AWS_ERROR_HTTP_PROTOCOL_ERROR": "an answer that is not valid HTTP (a malformed header, such as a "
                                                 "Content-Length that is no length)"}
+
+
+def refusal(state: Received, status: int, headers: list[tuple[str, str]]) -> RemoteError | None:
+    """What is wrong with an answer (`status`, `headers`) to the request `state` made, in answers.py's
+    words, or None."""
+    h = {k.lower(): v for k, v in headers}
+    try:
+        answers.check(state.job.obj, state.start, state.end, status, h.get("content-range"), h.get("etag"),
+                      h.get("content-length"), h.get("content-type"), h.get("content-encoding"))
+    except RemoteError as e:
+        return e
+    return None
 
 
 def translate(e: Exception, obj: RemoteObject, state: Received, url: Callable[[], str]) -> RemoteError:
@@ -153,11 +168,9 @@ class Received:
             return
         h = {k.lower(): v for k, v in headers}
         self.encoding = h.get("content-encoding", "").strip()
-        try:  # the bytes asked for, of this version, or none of them is written (on_body drops them)
-            answers.check(self.job.obj, self.start, self.end, status_code, h.get("content-range"), h.get("etag"),
-                          h.get("content-length"), h.get("content-type"), h.get("content-encoding"))
-        except RemoteError as e:
-            self.error = e
+        # the bytes asked for, of this version, or none of them is written (on_body drops them)
+        self.error = refusal(self, status_code, headers)
+        if self.error is not None:
             return
         sse = h.get("x-amz-server-side-encryption", "")
         checksum = None
