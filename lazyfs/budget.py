@@ -319,14 +319,16 @@ class Budget:
                 return
             self._wake()  # a prefetch waiting for room looks again
             try:
-                freed = await run_sync(self.store.evict, list(victims))
+                evicted = await run_sync(self.store.evict_counted, list(victims))
             except NoThread:  # none evicted: counted again, first to go at the next eviction (threads.py)
                 for key in reversed(victims):
                     self._lru[key] = victims[key]
                     self._lru.move_to_end(key, last=False)
                 self.used += sum(victims.values())
                 raise
-            self.evicted_files += len(victims)
-            self.evicted_bytes += freed
-            log.info("cache budget: evicted %d least recently used files (%.1f MiB): %s",
-                     len(victims), freed / 2**20, ", ".join(list(victims)[:5]) + (" ..." if len(victims) > 5 else ""))
+            # A file already gone (removed by hand) is forgotten, its room free, but was not evicted.
+            self.evicted_files += evicted.files
+            self.evicted_bytes += evicted.bytes
+            if evicted.files:
+                log.info("cache budget: evicted %d least recently used files (%.1f MiB): %s", evicted.files,
+                         evicted.bytes / 2**20, ", ".join(evicted.keys[:5]) + (" ..." if evicted.files > 5 else ""))

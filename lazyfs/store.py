@@ -22,17 +22,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import stat
 from typing import Iterable
 
-from lazyfs import exhausted, storemeta, storemodes
+from lazyfs import storeevict, storemeta, storemodes
 from lazyfs.content_index import ContentIndex
 from lazyfs.errors import StoreError
 from lazyfs.filestate import REJECTED, SIZE, UNRECORDED, ContentChecks, FileState, LocalCopy, LocalState, PrebakedAccept
 from lazyfs.identity import Identity, IdentityRecords
-from lazyfs.layer import FILE_FLAGS, STORE_MODES, Layer, Permissions, open_if_there, still_there
+from lazyfs.layer import STORE_MODES, Layer, Permissions, open_if_there, still_there
 from lazyfs.listings import SavedListings
-from lazyfs.namespace import RESERVED_NAME, RemoteObject
+from lazyfs.namespace import RemoteObject
 from lazyfs.partials import Partial, PartialFiles
 from lazyfs.stalefolder import StaleFolders
 from lazyfs.storemeta import LAYOUT_VERSION
@@ -363,57 +362,13 @@ class Store:
     # -- cache budget ---------------------------------------------------------------
 
     def fetched_files(self) -> list[tuple[str, int, int]]:
-        """(key, size, atime) of every file lazyfs fetched (origin "fetch"): the
-        only ones the cache budget may evict.  Walks the store."""
-        out = []
-        for dirpath, _dirs, files, dfd in os.fwalk(".", dir_fd=self.root.fd):
-            rel = os.path.normpath(dirpath)
-            if rel.split("/", 1)[0] == RESERVED_NAME:
-                continue
-            for name in files:
-                try:
-                    fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
-                except OSError:
-                    continue
-                try:
-                    ident = self.identities.read(fd)
-                    st = os.fstat(fd)
-                    if ident is not None and ident.origin == "fetch" and stat.S_ISREG(st.st_mode):
-                        out.append((name if rel == "." else f"{rel}/{name}", st.st_size, st.st_atime_ns))
-                finally:
-                    os.close(fd)
-        return out
+        """(key, size, atime) of every file lazyfs fetched: what the budget may evict (storeevict.py)."""
+        return storeevict.fetched_files(self.root, self.identities)
 
     def evict(self, keys: Iterable[str]) -> int:
         """Remove fetched files (never anything else) from the store; bytes freed."""
-        freed = 0
-        for key in keys:
-            *dirs, name = key.split("/")
-            try:
-                dfd = self.root.open_dir(dirs)
-            except OSError:
-                continue
-            try:
-                freed += self._evict_one(dfd, name)
-            except OSError as e:
-                log.warning("could not evict %s from the store: %s", quoted(key), exhausted.strerror(e))
-            finally:
-                os.close(dfd)
-        return freed
+        return self.evict_counted(keys).bytes
 
-    def _evict_one(self, dfd: int, name: str) -> int:
-        """Unlink `name` if it is a file lazyfs fetched: the very file whose
-        record was read (a publish may have renamed a newer one over it)."""
-        fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
-        try:
-            with self.partials.publish_lock():
-                st = os.fstat(fd)
-                ident = self.identities.read(fd, st=st)
-                if ident is None or ident.origin != "fetch" or not still_there(dfd, name, st):
-                    return 0
-                os.unlink(name, dir_fd=dfd)
-                self.index.drop_if_unused(ident.etag, ident.size)
-            self.identities.forget(fd)
-            return st.st_size
-        finally:
-            os.close(fd)
+    def evict_counted(self, keys: Iterable[str]) -> storeevict.Evicted:
+        """As `evict`: the files removed too (one already gone is not counted)."""
+        return storeevict.evict(storeevict.Evictor(self.root, self.identities, self.partials, self.index), keys)

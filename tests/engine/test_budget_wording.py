@@ -100,3 +100,25 @@ async def test_a_next_shard_complete_as_a_prebaked_copy_needs_no_room(
         assert await e.read_whole(nxt, nxt_data)
         e.handles.release(fh)
     assert remote.gets(nxt.key) == [] and remote.gets(other.key) == []
+
+
+@trio_test
+async def test_a_file_removed_by_hand_is_neither_a_warning_nor_counted_as_evicted(
+        caplog: pytest.LogCaptureFixture, remote: FakeRemote, stores, tmp_path: Path) -> None:
+    """An operator removed a fetched file from the store; the next eviction
+    logged `could not evict "h/a.bin" from the store: No such file or
+    directory` (a WARNING) and then `evicted 1 least recently used files
+    (0.0 MiB)`: one it did not evict."""
+    (a, a_data), (b, b_data), (c, c_data) = (put(remote, f"h/{k}.bin", UNIT) for k in "abc")
+    e = Engine(remote, stores(), tmp_path / "store", max_bytes=2 * UNIT)
+    async with e.running():
+        await e.cached(a, a_data)
+        await e.cached(b, b_data)
+        (tmp_path / "store/h/a.bin").unlink()
+        with caplog.at_level(logging.DEBUG, logger="lazyfs"):
+            await e.cached(c, c_data)  # a.bin, least recently used, goes first
+            await wait_for(lambda: e.budget.used == 2 * UNIT, "the budget to forget a.bin")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert e.budget.evicted_files == 0 and e.budget.evicted_bytes == 0
+    assert not [m for m in caplog.messages if "evicted" in m and "least recently used" in m], caplog.text
+    assert e.kept() == {"h/b.bin", "h/c.bin"}
