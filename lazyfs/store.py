@@ -19,6 +19,7 @@ call them from worker threads.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -86,8 +87,12 @@ class Store:
             store.prebaked = tuple(store._open_layer(p) for p in prebaked)
             store._prepare()
             storemodes.follow(root, store.identities, store.permissions, how)
-        except BaseException:
+        except BaseException as e:
             store.close()
+            if getattr(e, "errno", None) == errno.EROFS:  # whichever write found it first: one line, with the remedy
+                raise StoreError(f"cannot use store {store_path}: its filesystem is mounted read-only (serve a "
+                                 f"read-only store's files with --prebaked {store_path}, beside a writable --store)",
+                                 errno.EROFS) from None
             raise
         return store
 

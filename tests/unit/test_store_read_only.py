@@ -145,3 +145,25 @@ def test_what_this_user_may_not_read_is_said_and_records_out_of_reach_are_never_
     assert "this user cannot read .lazyfs/identities (Permission denied), .lazyfs/tmp (Permission denied)" \
         in answer.note
 
+
+
+@pytest.mark.parametrize("where", ["lazyfs.storemeta.write_small", "lazyfs.identity.user_xattrs_work"])
+def test_a_store_on_a_read_only_filesystem_is_refused_with_the_remedy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      where: str) -> None:
+    """It said `cannot use store .../ro: Read-only file system` (the probe of
+    xattrs, when the store had its .lazyfs) or `store ... is not writable`: the
+    README's remedy, serving such a store with --prebaked, goes in the line."""
+    root = tmp_path / "ro"
+    root.mkdir()
+
+    def read_only(*_args: Any, **_kw: Any) -> Any:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(where, read_only)
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(StoreError) as e:
+        Store.open(str(root), mode="public", create=True)
+    assert str(e.value) == (f"cannot use store {root}: its filesystem is mounted read-only (serve a read-only "
+                            f"store's files with --prebaked {root}, beside a writable --store)")
+    assert e.value.errno == errno.EROFS
+    assert set(os.listdir("/proc/self/fd")) <= fds
