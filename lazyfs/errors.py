@@ -215,7 +215,9 @@ def again(exc: BaseException) -> BaseException:
 def errno_of(exc: BaseException, reading: bool = False) -> int:
     """The errno a reader should see for `exc` (`reading`: answering a read): the one table, in one place."""
     if isinstance(exc, LazyfsError):
-        err = exc.errno
+        # A store's file or folder missing is never the reader's file missing (which a loader
+        # takes for an optional file absent): EIO, as for any store failure.
+        err = errno.EIO if isinstance(exc, StoreError) and exc.errno == errno.ENOENT else exc.errno
     elif isinstance(exc, OSError) and exc.errno:
         err = exc.errno  # local I/O failures keep their meaning (ENOSPC stays ENOSPC)...
     else:

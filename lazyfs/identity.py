@@ -35,7 +35,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, TypeGuard
+from typing import Any, Callable, Iterable, TypeGuard
 
 from lazyfs.layer import FILE_FLAGS, STORE_MODES, Layer, Permissions, remove, write_small
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
@@ -244,6 +244,15 @@ class IdentityRecords:
         for sidecars in self._sidecars.values():
             os.close(sidecars.fd)
         self._sidecars.clear()
+
+    def reopen(self, keep: Callable[[int], int]) -> None:
+        """The store's sidecar folder was removed under the mount (storeheal.py):
+        the next record made opens it again.  Its descriptor goes to `keep`,
+        closed with the store (a thread may be using it)."""
+        with self._lock:
+            sidecars = self._sidecars.get(self.root)
+            if sidecars is not None and os.fstat(sidecars.fd).st_nlink == 0:
+                keep(self._sidecars.pop(self.root).fd)
 
     def _open_sidecars(self, create: bool = True, unreadable: dict[str, str] | None = None) -> Sidecars | None:
         with self._lock:  # store threads may find out at once

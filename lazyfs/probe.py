@@ -214,6 +214,11 @@ def probe_store(store: Store, obj: RemoteObject, *, may_fetch: bool, open_partia
     copy = store.find_current(obj, check_prebaked)  # a rejected copy is passed over for a later layer's
     if copy is not None:
         return Local(copy)
+    if may_fetch or may_link:
+        try:
+            store.healer.check()  # its folders removed under the mount: made again (storeheal.py)
+        except StoreError as e:
+            raise StoreError(f"{quoted(obj.uri)}: {e}", e.errno) from None
     try:
         copy = store.materialise(obj) if may_link else None
     except (OSError, StoreError) as e:

@@ -30,11 +30,12 @@ from lazyfs.content_index import ContentIndex
 from lazyfs.errors import StoreError
 from lazyfs.filestate import REJECTED, SIZE, UNRECORDED, ContentChecks, FileState, LocalCopy, LocalState, PrebakedAccept
 from lazyfs.identity import Identity, IdentityRecords
-from lazyfs.layer import STORE_MODES, Layer, Permissions, open_if_there, still_there
+from lazyfs.layer import STORE_MODES, Layer, Permissions, inode_at, open_if_there, still_there
 from lazyfs.listings import SavedListings
 from lazyfs.namespace import RemoteObject
 from lazyfs.partials import Partial, PartialFiles
 from lazyfs.stalefolder import StaleFolders
+from lazyfs.storeheal import Healer
 from lazyfs.storemeta import LAYOUT_VERSION
 from lazyfs.wording import quoted
 
@@ -64,6 +65,7 @@ class Store:
         self._partials_seen: PartialFiles | None = None
         self.index: ContentIndex
         self.stale_folders: StaleFolders
+        self.healer: Healer  # its folders removed under a mount, made again (storeheal.py)
 
     @classmethod
     def open(cls, store_path: str, prebaked: Iterable[str] = (), root_fd: int | None = None,
@@ -102,11 +104,13 @@ class Store:
         return layer
 
     def _prepare(self) -> None:
-        tmp_fd, objects_fd = storemeta.open_to_write(self.root, self.permissions, self._keep)
+        meta_fd, tmp_fd, objects_fd = storemeta.open_to_write(self.root, self.permissions, self._keep)
         self.partials = self._partials_seen = PartialFiles(tmp_fd, self.root.path)
         self.index = ContentIndex(objects_fd)
         self.stale_folders = StaleFolders(self.identities, self.index)
         self.identities.open(tmp_fd, self.prebaked)
+        self.healer = Healer(self.root, self.permissions, self._keep, meta_fd, self.partials, self.index,
+                             self.identities)
 
     @classmethod
     def open_to_read(cls, store_path: str, prebaked: Iterable[str] = ()) -> Store:
@@ -231,9 +235,22 @@ class Store:
         obj, fd = partial.obj, partial.fd
         if os.fstat(fd).st_size != obj.size:
             raise StoreError(f"{quoted(obj.uri)}: download has the wrong size, not published")
+        try:
+            self.healer.check()
+        except StoreError as e:  # the store's folder gone: its readers have the file open
+            log.warning("%s: served to the readers that have it open, not kept: %s", quoted(obj.uri), e)
+            self.partials.discard(partial)
+            return False
         self._seal(fd, obj, origin, verified)
         try:
             placed = self._place(partial.name + ".part", obj, keep_newer, listed)
+        except FileNotFoundError:
+            if inode_at(self.partials.tmp_fd, partial.name + ".part") == partial.ino:
+                raise
+            # Its folder was removed under the mount (storeheal.py): its readers have it open.
+            log.warning("%s: its download file was removed from the store before it was complete: served to the "
+                        "readers that have it open, not kept", quoted(obj.uri))
+            placed = False
         except BaseException:
             self.identities.forget(fd, only_if_unlinked=False)  # not published: a retry records it again
             raise
@@ -376,4 +393,8 @@ class Store:
 
     def evict_counted(self, keys: Iterable[str]) -> storeevict.Evicted:
         """As `evict`: the files removed too (one already gone is not counted)."""
+        try:
+            self.healer.check()  # (its publish lock is in tmp/)
+        except StoreError:
+            pass  # the store's folder gone, and its files with it: nothing to evict
         return storeevict.evict(storeevict.Evictor(self.root, self.identities, self.partials, self.index), keys)

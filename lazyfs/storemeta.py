@@ -29,9 +29,9 @@ LAYOUT = "layout"
 Keep = Callable[[int], int]
 
 
-def open_to_write(root: Layer, permissions: Permissions, keep: Keep) -> tuple[int, int]:
-    """The descriptors of `tmp/` and `objects/`, made where missing, after
-    checking (or writing) the layout version."""
+def open_to_write(root: Layer, permissions: Permissions, keep: Keep) -> tuple[int, int, int]:
+    """The descriptors of `.lazyfs`, `tmp/` and `objects/`, made where missing,
+    after checking (or writing) the layout version."""
     try:
         meta_fd = keep(root.open_dir([RESERVED_NAME], create=True, mode=permissions.folder))
         # Downloads in progress and the index are private to the daemon.
@@ -47,7 +47,7 @@ def open_to_write(root: Layer, permissions: Permissions, keep: Keep) -> tuple[in
         write_small(meta_fd, LAYOUT, (LAYOUT_VERSION + "\n").encode(), permissions.file)
     else:
         _check(root, version)
-    return tmp_fd, objects_fd
+    return meta_fd, tmp_fd, objects_fd
 
 
 def open_to_read(root: Layer, keep: Keep, unreadable: dict[str, str]) -> int | None:

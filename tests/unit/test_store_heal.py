@@ -1,0 +1,125 @@
+"""Unit tests (storeheal.py): the store's folders removed under a running
+mount (`rm -rf STORE/.lazyfs/tmp`, `.lazyfs`, `STORE/*`, `STORE`) are made
+again at the next download, or the store moves to a folder made again at
+its path; with nothing there, a download fails with EIO and a line saying the
+store's folder was removed.  Before, every download failed with ENOENT
+("cannot lock the download in the store") until a restart."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lazyfs.errors import StoreError, errno_of
+from lazyfs.namespace import RemoteObject
+from lazyfs.probe import Fetch, Local, probe_store
+from lazyfs.store import Store
+
+
+def obj(key: str, data: bytes) -> RemoteObject:
+    return RemoteObject("bkt", key, len(data), hashlib.md5(data).hexdigest(), 1_700_000_000 * 10**9)
+
+
+def fetch(store: Store, o: RemoteObject, data: bytes) -> bool:
+    """What a download does in the store: probe (lock, sparse file), write, publish, unlock."""
+    verdict = probe_store(store, o, may_fetch=True, open_partial=True, block_size=4, check_prebaked=None,
+                          may_link=True)
+    if isinstance(verdict, Local):  # linked from the same bytes under another path
+        os.close(verdict.copy.fd)
+        return True
+    assert isinstance(verdict, Fetch) and verdict.partial is not None
+    try:
+        os.pwrite(verdict.partial.fd, data, 0)
+        return store.publish(verdict.partial)
+    finally:
+        verdict.partial.close()
+        store.partials.unlock(o, verdict.lock_fd)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def opened(root: Path):
+    root.mkdir()
+    s = Store.open(str(root))
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("removed", [".lazyfs/tmp", ".lazyfs/objects", ".lazyfs", "*"])
+def test_a_download_after_the_stores_folders_were_removed_makes_them_again(opened: Store, root: Path,
+                                                                          removed: str) -> None:
+    a, b = b"a" * 10, b"b" * 12
+    assert fetch(opened, obj("m/a.bin", a), a)
+    for path in root.glob(removed):
+        shutil.rmtree(path)
+    assert fetch(opened, obj("m/b.bin", b), b)
+    assert (root / "m/b.bin").read_bytes() == b
+    assert (root / ".lazyfs/layout").read_text() == "1\n"
+    assert fetch(opened, obj("n/a.bin", a), a), "linked from the content index, or fetched"
+    assert (root / "n/a.bin").read_bytes() == a
+
+
+def test_the_store_removed_with_nothing_at_its_path_is_eio_saying_so(opened: Store, root: Path) -> None:
+    a = b"a" * 10
+    shutil.rmtree(root)
+    with pytest.raises(StoreError) as e:
+        fetch(opened, obj("m/a.bin", a), a)
+    assert errno_of(e.value) == errno.EIO
+    assert str(e.value) == (f'"s3://bkt/m/a.bin": the store\'s folder {root} was removed under the mount (nothing '
+                            f"is there now): files not on disk cannot be fetched until the folder is there again")
+
+
+def test_the_store_made_again_at_its_path_is_used(opened: Store, root: Path) -> None:
+    a = b"a" * 10
+    shutil.rmtree(root)
+    root.mkdir()
+    assert fetch(opened, obj("m/a.bin", a), a)
+    assert (root / "m/a.bin").read_bytes() == a
+    assert opened.find_current(obj("m/a.bin", a)) is not None
+
+
+def test_a_download_whose_file_was_removed_is_served_not_kept(opened: Store, root: Path) -> None:
+    """Its readers have the file open (the download's descriptor): publish keeps nothing, raises nothing."""
+    a = b"a" * 10
+    o = obj("m/a.bin", a)
+    verdict = probe_store(opened, o, may_fetch=True, open_partial=True, block_size=4, check_prebaked=None,
+                          may_link=True)
+    assert isinstance(verdict, Fetch) and verdict.partial is not None
+    try:
+        os.pwrite(verdict.partial.fd, a, 0)
+        shutil.rmtree(root / ".lazyfs/tmp")
+        assert opened.publish(verdict.partial) is False
+        assert os.pread(verdict.partial.fd, 10, 0) == a
+    finally:
+        verdict.partial.close()
+        opened.partials.unlock(o, verdict.lock_fd)
+    assert not (root / "m/a.bin").exists()
+    assert fetch(opened, o, a)
+
+
+def test_a_store_error_of_a_missing_store_file_is_never_enoent_to_a_reader() -> None:
+    """A loader takes ENOENT for "this optional file is absent"."""
+    assert errno_of(StoreError("cannot lock the download in the store: No such file or directory",
+                               errno.ENOENT)) == errno.EIO
+
+
+def test_an_eviction_after_tmp_was_removed_evicts(opened: Store, root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its publish lock is in tmp/: `could not evict ...: No such file or directory`, before."""
+    a = b"a" * 10
+    assert fetch(opened, obj("m/a.bin", a), a)
+    shutil.rmtree(root / ".lazyfs/tmp")
+    assert opened.evict(["m/a.bin"]) == 10
+    assert not (root / "m/a.bin").exists()
+    shutil.rmtree(root)
+    assert opened.evict(["m/a.bin"]) == 0
+    assert not [r for r in caplog.records if r.name == "lazyfs.storeevict"], caplog.text
+
