@@ -205,6 +205,13 @@ def inode_at(dir_fd: int, name: str) -> int | None:
         return None
 
 
+def remove_if_same(dir_fd: int, name: str, fd: int) -> None:
+    """Unlink `name` if it still names the open file `fd`: a folder made
+    again since (storeheal.py) may hold another's file under that name."""
+    if inode_at(dir_fd, name) == os.fstat(fd).st_ino:
+        remove(dir_fd, name)
+
+
 def if_inode(fd: int, ino: int) -> int | None:
     """`fd` if it is the file `ino` names (closed, and None, if the name holds
     another file by now)."""

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator
 
 from lazyfs import exhausted, wording
 from lazyfs.errors import StoreError
-from lazyfs.layer import FILE_FLAGS, flock_held, if_inode, inode_at, remove, write_small
+from lazyfs.layer import FILE_FLAGS, flock_held, if_inode, inode_at, remove, remove_if_same, write_small
 from lazyfs.namespace import RemoteObject
 from lazyfs.resume import RECORD_MAX, Record, nblocks, parse_record, record_of
 from lazyfs.storewrite import preallocate
@@ -288,7 +288,7 @@ class PartialFiles:
 
     def _unlock(self, name: str, fd: int) -> None:
         try:
-            remove(self.tmp_fd, name)  # while still held
+            remove_if_same(self.tmp_fd, name, fd)  # while still held (tmp/ made again since: another's)
         finally:
             os.close(fd)
 

@@ -123,3 +123,17 @@ def test_an_eviction_after_tmp_was_removed_evicts(opened: Store, root: Path, cap
     assert opened.evict(["m/a.bin"]) == 0
     assert not [r for r in caplog.records if r.name == "lazyfs.storeevict"], caplog.text
 
+
+def test_a_lock_taken_before_tmp_was_removed_never_unlinks_the_next_ones(opened: Store, root: Path) -> None:
+    """Its unlock removed the name in tmp/ made again: another download's lock
+    of the same version, which a third could then take beside it."""
+    o = obj("m/a.bin", b"a" * 10)
+    old = opened.partials.lock(o)
+    assert old is not None
+    shutil.rmtree(root / ".lazyfs/tmp")
+    opened.healer.check()
+    new = opened.partials.lock(o)
+    assert new is not None
+    opened.partials.unlock(o, old)
+    assert opened.partials.lock(o) is None, "the new download's lock was unlinked under it"
+    opened.partials.unlock(o, new)
