@@ -28,7 +28,7 @@ from lazyfs.errors import NoThread, RemoteUnavailable, ShuttingDown, again
 from lazyfs.filemap import FileMap, PageBudget
 from lazyfs.filestate import PrebakedAccept
 from lazyfs.gaveup import GaveUp
-from lazyfs.lastbytes import verify_deadline
+from lazyfs.lastbytes import sealed, verify_deadline
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import LocalCopy, Store
 from lazyfs.threads import run_else, run_sync
@@ -52,6 +52,12 @@ TakeOver = Callable[[RemoteObject, int, bool], Awaitable[Download]]
 class Published:
     copy: LocalCopy
     fmap: FileMap
+
+
+@dataclass(slots=True)
+class Sealed:
+    """The file we mapped is verified and was published (and maybe evicted
+    since: its bytes stay readable while we hold it): serve on from it."""
 
 
 @dataclass(slots=True)
@@ -235,9 +241,12 @@ class ForeignDownload:
                  quoted(self.obj.uri))
         try:
             while not self.finished.is_set() and not self._stopped:
-                seen = await run_sync(self._poll, self._part_ino, limiter=self._io)
+                seen = await run_sync(self._poll, self._part_ino, self._part_fd, limiter=self._io)
                 if isinstance(seen, Published):
                     self._local, self._local_map = seen.copy, seen.fmap
+                    self.complete = True
+                    break
+                if isinstance(seen, Sealed):  # the file we mapped, verified: served until the last reader leaves
                     self.complete = True
                     break
                 if isinstance(seen, Unowned):  # we hold the lock now
@@ -257,7 +266,8 @@ class ForeignDownload:
     def _follow(self, seen: Running) -> None:
         """Trust only a record of the file we have mapped.  When the owner
         discarded its file (bad bytes, a full disk) and started another, drop
-        the old mapping and the pages the kernel cached from it."""
+        the old mapping and the pages the kernel cached from it.  (One it
+        published is never taken for that: _poll sees it sealed first.)"""
         if self._part_map is not None and seen.ino != self._part_ino:
             log.info("%s: the other process started its download over; following the new file", quoted(self.obj.uri))
             self._attempt += 1
@@ -275,16 +285,22 @@ class ForeignDownload:
         else:
             self._done = frozenset()
 
-    def _poll(self, mapped_ino: int) -> Published | Unowned | Running:
+    def _poll(self, mapped_ino: int, mapped_fd: int) -> Published | Sealed | Unowned | Running:
         """Worker thread: what the store says now.  Opens what the trio side
-        may adopt; changes nothing of this object (docs/concurrency.md)."""
+        may adopt; changes nothing of this object (docs/concurrency.md).
+        The file we mapped (`mapped_fd`) is looked at whenever the owner's
+        file is no longer it: published, then evicted by the owner's budget
+        and even downloaded afresh within one poll, it is still the verified
+        file, never a dead owner's or one started over after bad bytes."""
         copy = self._store.find_current(self.obj, self._accept)
         if copy is not None:
             return Published(copy, FileMap(copy.fd, self.obj.size, self._pages))
         lock = self._store.partials.lock(self.obj)
         if lock is not None:
-            return Unowned(lock)
+            return self._unowned(lock, mapped_fd)
         progress = self._store.partials.foreign_progress(self.obj)
+        if (progress is None or progress.ino != mapped_ino) and mapped_fd >= 0 and sealed(mapped_fd, self.obj):
+            return Sealed()
         if progress is None:
             return Running(-1, frozenset(), 1)
         running = Running(progress.ino, progress.blocks, progress.block_size)
@@ -293,6 +309,24 @@ class ForeignDownload:
             if fd is not None:
                 running.fd, running.fmap = fd, FileMap(fd, self.obj.size, self._pages)
         return running
+
+    def _unowned(self, lock_fd: int, mapped_fd: int) -> Published | Sealed | Unowned:
+        """Worker thread, holding the lock nobody held: the owner died, or it
+        published (its last look above came just before) and gave the lock
+        back.  Decided under the lock, which no owner can take meanwhile."""
+        try:
+            if mapped_fd >= 0 and sealed(mapped_fd, self.obj):
+                seen: Published | Sealed | None = Sealed()
+            else:
+                copy = self._store.find_current(self.obj, self._accept)
+                seen = None if copy is None else Published(copy, FileMap(copy.fd, self.obj.size, self._pages))
+        except BaseException:
+            self._store.partials.unlock(self.obj, lock_fd)
+            raise
+        if seen is None:
+            return Unowned(lock_fd)
+        self._store.partials.unlock(self.obj, lock_fd)
+        return seen
 
     async def _take_over(self, lock_fd: int) -> None:
         log.info("%s: the process downloading it is gone; continuing its download here", quoted(self.obj.uri))

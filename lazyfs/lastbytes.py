@@ -19,11 +19,17 @@ an error unless every byte it read was verified:
 
 A follower of another process's download (coop.py) does not know which
 blocks completed the file: it holds them all once the owner's record names
-every block, until the file is published.  Trio-side state, like the
-downloads it belongs to (docs/concurrency.md).
+every block, until the file is published.  What tells it the file it mapped
+passed the check is the file itself, sealed (`sealed`): published, then
+evicted by the owner's budget, or followed by a fresh download, it is still
+verified, not a file started over.  Trio-side state, like the downloads it
+belongs to (docs/concurrency.md), but for `sealed` (a worker thread's look).
 """
 
 from __future__ import annotations
+
+import os
+import stat
 
 from lazyfs.errors import IntegrityError
 from lazyfs.namespace import RemoteObject
@@ -57,3 +63,15 @@ def refuse_stale_generation(obj: RemoteObject, served: int, served_generation: i
                            "(the download started over); open the file again")
         e.logged = served_generation == REFUSED  # type: ignore[attr-defined]  # one line per open file
         raise e
+
+
+def sealed(fd: int, obj: RemoteObject) -> bool:
+    """Worker thread: did the owner seal its download file `fd` (store.Store._seal,
+    once its bytes passed verification, before the rename into place): made
+    read-only and dated with the object's Last-Modified (or that cut to the
+    second, as identity.Identity.describes allows)?  A sparse file being
+    written is 0600 and dated by its writes.  The inode says it, so it still
+    does once an eviction unlinked the name."""
+    st = os.fstat(fd)
+    m = obj.mtime_ns
+    return not st.st_mode & stat.S_IWUSR and st.st_size == obj.size and st.st_mtime_ns in (m, m - m % 10**9)
