@@ -62,9 +62,12 @@ class Sealed:
 
 @dataclass(slots=True)
 class Unowned:
-    """The owner is gone: we took its lock."""
+    """The owner is gone: we took its lock.  `left`: its resume record, the
+    bytes to continue from (none: it died before one, or it published and
+    the file was evicted since)."""
 
     lock_fd: int
+    left: bool
 
 
 @dataclass(slots=True)
@@ -250,7 +253,7 @@ class ForeignDownload:
                     self.complete = True
                     break
                 if isinstance(seen, Unowned):  # we hold the lock now
-                    await self._take_over(seen.lock_fd)
+                    await self._take_over(seen.lock_fd, seen.left)
                     break
                 self._follow(seen)
                 self._wake()
@@ -316,20 +319,23 @@ class ForeignDownload:
         back.  Decided under the lock, which no owner can take meanwhile."""
         try:
             if mapped_fd >= 0 and sealed(mapped_fd, self.obj):
-                seen: Published | Sealed | None = Sealed()
+                seen: Published | Sealed | Unowned = Sealed()
+            elif (copy := self._store.find_current(self.obj, self._accept)) is not None:
+                seen = Published(copy, FileMap(copy.fd, self.obj.size, self._pages))
             else:
-                copy = self._store.find_current(self.obj, self._accept)
-                seen = None if copy is None else Published(copy, FileMap(copy.fd, self.obj.size, self._pages))
+                return Unowned(lock_fd, self._store.partials.foreign_progress(self.obj) is not None)
         except BaseException:
             self._store.partials.unlock(self.obj, lock_fd)
             raise
-        if seen is None:
-            return Unowned(lock_fd)
         self._store.partials.unlock(self.obj, lock_fd)
         return seen
 
-    async def _take_over(self, lock_fd: int) -> None:
-        log.info("%s: the process downloading it is gone; continuing its download here", quoted(self.obj.uri))
+    async def _take_over(self, lock_fd: int, left: bool) -> None:
+        if left:
+            log.info("%s: the process downloading it is gone; continuing its download here", quoted(self.obj.uri))
+        else:
+            log.info("%s: the other process's download of it is over and left nothing to continue (that process "
+                     "ended, or published the file and then evicted it); downloading it here", quoted(self.obj.uri))
         try:
             dl = await self._take_over_with(self.obj, lock_fd, self.readers <= 0)
         except BaseException:

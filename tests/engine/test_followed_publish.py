@@ -122,3 +122,33 @@ async def test_a_follower_keeps_serving_a_file_published_then_evicted(
     assert remote.count("GET") == 0, "the follower downloaded again what it had, verified"
     said = [r.getMessage() for r in caplog.records]
     assert not [line for line in said if any(s in line for s in NOT_THESE)], said
+
+
+@trio_test
+async def test_a_follower_with_nothing_to_continue_says_so(remote: FakeRemote, stores,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A follower that never saw a record (the owner's download was over
+    within its first poll), finding the lock free and the file evicted,
+    downloads it: it does not claim the owner died, or that it continues."""
+    caplog.set_level(logging.INFO, logger="lazyfs")
+    data = os.urandom(4 * BLOCK)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    owner = stores()
+    lock = owner.partials.lock(obj)
+    assert lock is not None
+    follower = Fetcher(remote, stores(), fetch_config())
+    async with running(follower):
+        handles = Handles(follower)
+        fh = await handles.open(obj)
+        assert isinstance(handles._open[fh].download, ForeignDownload)
+        part = owner.partials.open(obj, BLOCK)  # the whole download, between two polls
+        os.pwrite(part.fd, data, 0)
+        assert owner.publish(part, verified="crc32")
+        owner.partials.unlock(obj, lock)
+        assert owner.evict([obj.key]) == len(data)
+        part.close()
+        assert bytes(await handles.read(fh, 0, len(data))) == data
+        handles.release(fh)
+    said = [r.getMessage() for r in caplog.records]
+    assert [line for line in said if "left nothing to continue" in line], said
+    assert not [line for line in said if "is gone" in line or "continuing its download" in line], said
