@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from support.mounting import FS, wait_until
+from support.mounting import FS, on_both_clients, wait_until
 from support.proxy import Fault
 
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.fuse, on_both_clients]
 
 P = "models/m"
 MiB = 1024 * 1024
@@ -27,6 +27,11 @@ NOT_THESE = ("started its download over", "is gone", "failed verification", "con
 
 def parts(store: Path) -> list[str]:
     return [n for n in os.listdir(store / ".lazyfs" / "tmp") if n.endswith(".part")]
+
+
+def read_head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(MiB)
 
 
 def read_rest(fd: int, start: int, size: int) -> bytes:
@@ -51,17 +56,18 @@ def test_a_follower_reads_on_from_a_file_its_owner_published_and_evicted(mount, 
             "--cache-max-size", "10MiB")
     m1, m2 = mount(*args, store=store), mount(*args, store=store)
 
-    whole = fs.start(lambda: m1.file(x).read_bytes())  # mount 1 downloads x
+    # Mount 1 downloads x (its reader gone early: it is kept, and evicted as soon as it is published).
+    assert fs.run(read_head, m1.file(x), timeout=30) == data[:MiB]
     wait_until(lambda: parts(store), what="mount 1's download of x")
     fd = fs.run(os.open, str(m2.file(x)), os.O_RDONLY)  # mount 2 follows it
     try:
         assert fs.run(os.pread, fd, MiB, 0, timeout=30) == data[:MiB]
         assert "being downloaded by another lazyfs process" in m2.log()
-        # Mount 1 holds y open: once x is published and its reader gone, the budget evicts x at once.
+        # Mount 1 holds y open: once x is published, its budget evicts x at once.
         y_fd = fs.run(os.open, str(m1.file(y)), os.O_RDONLY)
         try:
             assert fs.run(read_rest, y_fd, 0, len(other), timeout=30) == other
-            assert whole.result(timeout=60) == data
+            wait_until(lambda: f'fetched "s3://{bucket}/{x}"' in m1.log(), timeout=30, what="mount 1 to publish x")
             wait_until(lambda: "evicted" in m1.log() and not (store / x).exists(), timeout=10,
                        what="mount 1's budget to evict x")
             again = fs.start(lambda: m1.file(x).read_bytes())  # and a reader there opens x again
