@@ -9,8 +9,11 @@ land, and from the published file once it is done.  The bytes a reader here
 waits for are asked for (a want file beside the download), and the owner
 fetches them next, as for a reader of its own.  If the owner dies or gives
 up, its lock is released by the kernel and the next poll here takes the
-download over, resuming from the blocks on disk.  Files are only ever written by the lock's holder, so nothing
-is written twice or torn.
+download over, resuming from the blocks on disk (decided under that lock: an
+owner that published, its lock given back and the file evicted by its budget
+at once, is no dead owner).  A file the owner published is served on from the
+file mapped here, evicted or not (lastbytes.sealed).  Files are only ever
+written by the lock's holder, so nothing is written twice or torn.
 """
 
 from __future__ import annotations
