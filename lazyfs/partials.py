@@ -32,12 +32,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from lazyfs import exhausted, wording
+from lazyfs import exhausted, storeroom, wording
 from lazyfs.errors import StoreError
 from lazyfs.layer import FILE_FLAGS, flock_held, if_inode, inode_at, remove, remove_if_same, write_small
 from lazyfs.namespace import RemoteObject
 from lazyfs.resume import RECORD_MAX, Record, nblocks, parse_record, record_of
-from lazyfs.storewrite import preallocate
 
 # sweep(): what a download of a version nobody wants left behind goes after
 # this long untouched.  An hour: longer than any pause of a live download
@@ -133,12 +132,12 @@ class PartialFiles:
                 return self._partial(obj, fd, block_size, set(record.blocks()))
         remove(self.tmp_fd, name + ".json")
         remove(self.tmp_fd, name + ".part")
-        free = self._check_space(obj)
+        free = storeroom.check(self.tmp_fd, obj, self.store_path)
         fd = self._create(name + ".part", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.ftruncate(fd, obj.size)
             if free is not None:  # it fits: a filesystem may fill itself before it says it cannot
-                preallocate(fd, obj.size)
+                storeroom.take(self.tmp_fd, fd, obj, self.store_path)
         except BaseException:
             os.close(fd)
             remove(self.tmp_fd, name + ".part")
@@ -204,19 +203,6 @@ class PartialFiles:
             remove(self.tmp_fd, partial.name + ".part")
             remove(self.tmp_fd, partial.name + ".json")
             remove(self.tmp_fd, partial.name + ".want")
-
-    def _check_space(self, obj: RemoteObject) -> int | None:
-        """Refuse a download that cannot fit, before fetching a byte of it;
-        the bytes free, where the filesystem says."""
-        st = os.statvfs(self.tmp_fd)
-        free = st.f_bavail * st.f_frsize
-        if st.f_blocks == 0:
-            return None  # a filesystem that states no size (ramfs, some network ones): nothing to judge by
-        if obj.size > free:
-            needs, has = wording.sizes(obj.size, free)
-            raise StoreError(f"{wording.quoted(obj.uri)}: needs {needs} but the store {self.store_path} has {has} free",
-                             errno.ENOSPC)
-        return free
 
     def _create(self, name: str, flags: int) -> int:
         # 0600: a download in progress is nobody else's business, and a

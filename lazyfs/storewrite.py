@@ -46,6 +46,10 @@ for the GIL before it can let go.  Both halves are needed: side by side
 into a sparse file the kernel spins (f8aeb56), and preallocation under one
 lock per file gained nothing measurable; together they took 2-19% off the
 cold model loads (docs/bench-after.md, "Download files preallocated").
+Every download file is preallocated, small ones too (one request writes
+them, so nothing to keep apart): their room is then taken before a byte is
+fetched, and downloads admitted together cannot overrun the store
+(storeroom.py).
 
 Runs in worker threads (the boto3 requests' threads, awscrt's callback
 threads); each thread has its own aligned buffer.
@@ -80,8 +84,6 @@ _BUFFER_STEP = 256 * 1024
 # written buffered instead, and so is the rest of the request.
 _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
 
-# Files below this are written by one request: no writers to keep apart.
-_PREALLOCATE_FROM = 8 * 1024 * 1024
 # Writers of the same bytes take turns by stripe (a lock per stripe, hashed).
 _STRIPE = 1024 * 1024
 _STRIPES = 64
@@ -101,18 +103,21 @@ class WriterClosed(Exception):
 
 def preallocate(fd: int, size: int) -> bool:
     """Allocate the blocks of a new download file of `size` bytes up front
-    (fallocate(2), reading as zeros), so its direct writes need not take turns
-    (module docstring); the file stays sparse where that is refused.  Never
-    glibc's posix_fallocate, which writes a byte per block where the
-    filesystem cannot allocate."""
+    (fallocate(2), reading as zeros): its room is taken before a byte is
+    fetched (storeroom.py), and its direct writes need not take turns
+    (module docstring).  The file stays sparse where the filesystem refuses
+    (EOPNOTSUPP); where it has no room, ENOSPC is raised and the file is
+    left empty (whatever blocks it took given back).  Never glibc's
+    posix_fallocate, which writes a byte per block where the filesystem
+    cannot allocate."""
     fallocate = _fallocate()
-    if size < _PREALLOCATE_FROM or fallocate is None:
+    if size <= 0 or fallocate is None:
         return False
     if fallocate(fd, 0, 0, size) == 0:
         return True
-    if ctypes.get_errno() == errno.ENOSPC:  # give back what it took: the space check allowed a sparse file
+    if (err := ctypes.get_errno()) == errno.ENOSPC:
         os.ftruncate(fd, 0)
-        os.ftruncate(fd, size)
+        raise OSError(err, os.strerror(err))
     return False
 
 

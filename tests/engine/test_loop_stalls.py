@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import trio
 
+from lazyfs import storeroom
 from lazyfs.catalog import Catalog
 from lazyfs.download import DONE, Download
 from lazyfs.fetch import Fetcher
@@ -38,7 +39,6 @@ from lazyfs.metrics import MountView
 from lazyfs.modeljson import Source
 from lazyfs.namespace import RemoteObject
 from lazyfs.pagecache import READ_AHEAD_CHUNKS
-from lazyfs.partials import PartialFiles
 from lazyfs.ranged_get import RangeJob, Stopped
 from lazyfs.storespace import StoreSpace
 from support.enginekit import BUCKET, fetch_config, running, trio_test, wait_for
@@ -155,7 +155,7 @@ async def test_a_resumed_100_gib_download_and_its_progress_cost_no_scan_over_its
     (Partial.done_map), and the progress is a counter plus the requests in
     flight."""
     # The sparse file never holds a byte: the disk need not have 100 GiB free.
-    monkeypatch.setattr(PartialFiles, "_check_space", lambda self, obj: None)
+    monkeypatch.setattr(storeroom, "check", lambda tmp_fd, obj, store_path: None)
     remote.put(BUCKET, "m/huge.bin", b"")
     remote.objects[(BUCKET, "m/huge.bin")].data = Hollow(100 * GiB)  # type: ignore[assignment]
     release = threading.Event()

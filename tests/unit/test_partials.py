@@ -3,6 +3,7 @@ any size, in both formats; the sweep of what unwanted versions left behind."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 
-from lazyfs import partials, storesweep
+from lazyfs import partials, storeroom, storesweep, storewrite
 from lazyfs.errors import StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.store import Store
@@ -35,7 +36,7 @@ def tmp_names(tmp_path: Path) -> set[str]:
 def test_a_download_above_2_tib_resumes_from_its_record(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     # 2.1 million 1 MiB blocks: as a list of numbers the record passed the
     # 16 MiB read limit and the whole download started again.
-    monkeypatch.setattr(partials.PartialFiles, "_check_space", lambda self, o: None)
+    monkeypatch.setattr(storeroom, "check", lambda tmp_fd, o, store_path: None)
     o = obj("huge/w.bin", (2 << 40) + (100 << 30))  # a sparse file: no space used
     p = store.partials.open(o, MiB)
     n = p.nblocks
@@ -256,19 +257,39 @@ def test_wants_of_followers_are_read_whole_lines_at_a_time_and_go_with_the_downl
     assert not path.exists()
 
 
-def test_a_big_download_file_gets_its_blocks_at_the_start_and_a_small_one_stays_sparse(store: Store) -> None:
-    """Its blocks allocated, a big download's direct writes need not take
-    turns (storewrite.py); a small one has one writer and stays sparse."""
+def test_every_download_file_gets_its_blocks_at_the_start(store: Store) -> None:
+    """Its blocks allocated, a download's room is taken before a byte is
+    fetched (storeroom.py), and its direct writes need not take turns
+    (storewrite.py).  A small one too: sparse, its room was counted free by
+    every download admitted beside it, and all ran out part-way together."""
     big, small = store.partials.open(obj("m/big.bin", 16 * MiB), MiB), store.partials.open(obj("m/s.bin", MiB), MiB)
     try:
         if not can_allocate(Path(store.partials.store_path)):
             pytest.skip("the test folder's filesystem cannot allocate blocks up front")
         assert big.preallocated and os.fstat(big.fd).st_blocks * 512 >= 16 * MiB
         assert os.pread(big.fd, MiB, 8 * MiB) == bytes(MiB)
-        assert not small.preallocated and os.fstat(small.fd).st_blocks == 0
+        assert small.preallocated and os.fstat(small.fd).st_blocks * 512 >= MiB
     finally:
         big.close()
         small.close()
+
+
+def test_a_download_whose_room_others_took_since_the_check_is_refused_before_a_byte(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The free space was there when checked, but the downloads admitted
+    beside it took it (fallocate: ENOSPC): refused with the check's line,
+    no file left behind, not failed part-way later."""
+
+    def full(fd: int, mode: int, offset: int, length: int) -> int:
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(storewrite, "_fallocate", lambda: full)
+    with pytest.raises(StoreError) as info:
+        store.partials.open(obj("m/four.bin", 4 * MiB), MiB)
+    assert info.value.errno == errno.ENOSPC
+    assert "needs 4.0 MiB" in str(info.value) and "free" in str(info.value)
+    assert tmp_names(tmp_path) == set()
 
 
 def test_a_download_whose_space_the_store_cannot_state_stays_sparse(store: Store,

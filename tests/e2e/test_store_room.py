@@ -1,0 +1,48 @@
+"""End to end: a store that fills, opened by many readers at once.  The files
+that fit are served whole; the ones that do not are refused before a byte
+of them is fetched, not failed part-way by the ones admitted beside them."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from support.filesystems import mounted_tmpfs
+from support.mounting import FS, on_both_clients
+
+pytestmark = [pytest.mark.fuse, on_both_clients]
+
+P = "models/room"
+MiB = 1024 * 1024
+
+
+@pytest.mark.log_errors("needs .* but the store")
+def test_parallel_opens_on_a_nearly_full_store_fail_only_before_a_byte_is_fetched(mount, proxy, s3, bucket, fs: FS,
+                                                                                  tmp_path: Path):
+    """Six files of 4 MiB (below the size whose download file used to get
+    its blocks up front) opened together on a 12 MiB store: each download
+    admitted counted the same free space, and all but two failed part-way
+    with ENOSPC ("cannot write it to the store") after fetching bytes."""
+    files = {f"{P}/f{i}.bin": os.urandom(4 * MiB) for i in range(6)}
+    for key, data in files.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    with mounted_tmpfs(tmp_path / "store", "size=12m,mode=0700", "this test") as store:
+        m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "1MiB", store=store)
+        try:
+            reads = {key: fs.start(lambda key=key: Path(m.file(key)).read_bytes()) for key in files}
+            outcomes: dict[str, object] = {}
+            for key, r in reads.items():
+                try:
+                    outcomes[key] = r.result(timeout=60) == files[key]
+                except OSError as e:
+                    outcomes[key] = errno.errorcode.get(e.errno or 0, e.errno)
+            served = [key for key, o in outcomes.items() if o is True]
+            assert len(served) >= 2, outcomes  # two fit in 12 MiB
+            for key, o in outcomes.items():
+                assert o is True or (o == "ENOSPC" and proxy.count("GET", key) == 0), (key, outcomes)
+            assert "cannot write it to the store" not in m.log()
+        finally:
+            m.stop()
