@@ -46,3 +46,32 @@ def test_parallel_opens_on_a_nearly_full_store_fail_only_before_a_byte_is_fetche
             assert "cannot write it to the store" not in m.log()
         finally:
             m.stop()
+
+
+@pytest.mark.log_errors("needs .* but the store")
+def test_two_mounts_on_one_nearly_full_store_count_each_others_downloads(mount, proxy, s3, bucket, fs: FS,
+                                                                        tmp_path: Path):
+    """Another process's downloads take their room in the filesystem too
+    (their blocks allocated up front): two mounts of one store, three opens
+    each, and still only what fits is fetched."""
+    files = {f"{P}/g{i}.bin": os.urandom(4 * MiB) for i in range(6)}
+    for key, data in files.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    with mounted_tmpfs(tmp_path / "store", "size=12m,mode=0700", "this test") as store:
+        mounts = [mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "1MiB", store=store) for _ in range(2)]
+        try:
+            reads = {key: fs.start(lambda key=key, m=mounts[i % 2]: Path(m.file(key)).read_bytes())
+                     for i, key in enumerate(files)}
+            outcomes: dict[str, object] = {}
+            for key, r in reads.items():
+                try:
+                    outcomes[key] = r.result(timeout=60) == files[key]
+                except OSError as e:
+                    outcomes[key] = errno.errorcode.get(e.errno or 0, e.errno)
+            assert sum(o is True for o in outcomes.values()) >= 2, outcomes
+            for key, o in outcomes.items():
+                assert o is True or (o == "ENOSPC" and proxy.count("GET", key) == 0), (key, outcomes)
+            assert not any("cannot write it to the store" in m.log() for m in mounts)
+        finally:
+            for m in mounts:
+                m.stop()
