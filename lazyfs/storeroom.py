@@ -10,8 +10,8 @@ room for them by then refuses it with the same line as the check before.
 The room taken counts in `statvfs` at once, for the next check of this
 process and of any other one on the same store (another mount, a bake).
 
-Where the filesystem does not allocate up front (fallocate refused: some
-network filesystems, older ZFS) the file stays sparse and only the check
+Where the filesystem does not allocate up front (fallocate refused, as by
+some network filesystems) the file stays sparse and only the check
 before stands: downloads started together may still run out part-way there.
 Where it states no size (ramfs: f_blocks 0) nothing is judged or taken.
 
