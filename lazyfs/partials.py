@@ -132,16 +132,17 @@ class PartialFiles:
                 return self._partial(obj, fd, block_size, set(record.blocks()))
         remove(self.tmp_fd, name + ".json")
         remove(self.tmp_fd, name + ".part")
-        free = storeroom.check(self.tmp_fd, obj, self.store_path)
-        fd = self._create(name + ".part", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.ftruncate(fd, obj.size)
-            if free is not None:  # it fits: a filesystem may fill itself before it says it cannot
-                storeroom.take(self.tmp_fd, fd, obj, self.store_path)
-        except BaseException:
-            os.close(fd)
-            remove(self.tmp_fd, name + ".part")
-            raise
+        with storeroom.admitting():
+            free = storeroom.check(self.tmp_fd, obj, self.store_path)
+            fd = self._create(name + ".part", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, obj.size)
+                if free is not None:  # it fits: a filesystem may fill itself before it says it cannot
+                    storeroom.take(self.tmp_fd, fd, obj, self.store_path)
+            except BaseException:
+                os.close(fd)
+                remove(self.tmp_fd, name + ".part")
+                raise
         return self._partial(obj, fd, block_size, set())
 
     def _partial(self, obj: RemoteObject, fd: int, block_size: int, done: set[int]) -> Partial:

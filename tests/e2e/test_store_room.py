@@ -75,3 +75,42 @@ def test_two_mounts_on_one_nearly_full_store_count_each_others_downloads(mount, 
         finally:
             for m in mounts:
                 m.stop()
+
+
+@pytest.mark.log_errors("needs .* but the store")
+def test_files_opened_together_on_a_tmpfs_store_are_served_as_far_as_they_fit(mount, proxy, s3, bucket, fs: FS,
+                                                                             tmp_path: Path):
+    """tmpfs takes a fallocate's pages one at a time and gives them all back
+    when it runs out: four files of 24 MiB opened at once on a 60 MiB store
+    allocated side by side, and the ones refused took down the one that
+    would have fitted beside the first (one served, not two; "needs 24 MiB
+    but the store has 36 MiB free")."""
+    files = {f"{P}/h{i}.bin": os.urandom(24 * MiB) for i in range(4)}
+    for key, data in files.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    with mounted_tmpfs(tmp_path / "store", "size=60m,mode=0700", "this test") as store:
+        m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
+        try:
+            fs.listdir(m.path / P)
+            st = os.statvfs(store)
+            fits = st.f_bavail * st.f_frsize // (24 * MiB)
+            assert fits == 2, fits
+            reads = {key: fs.start(lambda key=key: Path(m.file(key)).read_bytes()) for key in files}
+            outcomes: dict[str, object] = {}
+            for key, r in reads.items():
+                try:
+                    outcomes[key] = r.result(timeout=90) == files[key]
+                except OSError as e:
+                    outcomes[key] = errno.errorcode.get(e.errno or 0, e.errno)
+            assert sorted(map(str, outcomes.values())) == ["ENOSPC", "ENOSPC", "True", "True"], outcomes
+            for key, o in outcomes.items():
+                assert o is True or proxy.count("GET", key) == 0, (key, outcomes)
+            refused = [ln for ln in m.log().splitlines() if "needs 24.0 MiB but the store" in ln]
+            assert len(refused) == 2 and all(_free_said(ln) < 24 * MiB for ln in refused), refused
+        finally:
+            m.stop()
+
+
+def _free_said(line: str) -> float:
+    """The free space a refusal line names ("... has 12.0 MiB free ..."), in bytes."""
+    return float(line.split(" has ", 1)[1].split(" MiB", 1)[0]) * MiB
