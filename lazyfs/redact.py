@@ -24,6 +24,7 @@ at HELPER_CHARS characters.  Pure: no I/O, no lazyfs import.
 
 from __future__ import annotations
 
+import json
 import re
 
 # What a credential source said (a helper's stderr, an endpoint's answer), at most, once masked.
@@ -60,6 +61,11 @@ def said(e: BaseException) -> str:
     capped at HELPER_CHARS characters, the whole at MESSAGE_CHARS."""
     if isinstance(e, OSError) and e.filename:
         return masked(f"{e.strerror or type(e).__name__}: {e.filename}")
+    # Words botocore could not read (awssession.GARBLED): which, besides the decoder's own.
+    if isinstance(e, json.JSONDecodeError):
+        return f"a credential source's answer is not JSON (a credential_process prints its keys as JSON): {e}"
+    if isinstance(e, UnicodeDecodeError):
+        return f"a credential source's output is not UTF-8 text ({e})"
     text = one_line(str(e)).rstrip(":") or type(e).__name__
     kwargs = getattr(e, "kwargs", None)
     source = one_line(str(kwargs.get("error_msg") or "")).rstrip(":") if isinstance(kwargs, dict) else ""

@@ -145,6 +145,10 @@ _GARBLED = {
     "stderr-not-utf8": "#!/bin/sh\nprintf 'helper failed: \\377\\376\\200\\n' >&2\nexit 1\n",
     "stdout-not-json": "#!/bin/sh\necho 'this is not JSON'\nexit 0\n",
 }
+# What the line says of each: which source, and what was wrong with its words (not only "Expecting value").
+_GARBLED_SAID = {"stderr-not-utf8": "a credential source's output is not UTF-8 text",
+                 "stdout-not-json": "a credential source's answer is not JSON (a credential_process prints its keys "
+                                    "as JSON)"}
 
 
 @pytest.mark.log_errors(*TRIES)
@@ -166,6 +170,7 @@ def test_a_helper_whose_output_botocore_cannot_read_is_a_credential_source_faili
     assert "Traceback" not in failed.stderr and "internal error" not in failed.stderr, failed.stderr
     [last] = failed.stderr.strip().splitlines()[-1:]
     assert last.startswith("lazyfs: error: AWS credentials unavailable: "), failed.stderr
+    assert _GARBLED_SAID[kind] in last, last
     m = mount("--prefix", f"s3://{bucket}/{P}", "--prebaked", str(layer_with_a_file(tmp_path)),
               "--read-timeout", "2", store=tmp_path / "store", env=env, timeout=60)
     assert m.ready_line().startswith("lazyfs: ready OFFLINE: "), m.ready_line()
