@@ -64,7 +64,8 @@ class OpenFile:
     dev: int = 0  # the local copy's filesystem (LocalCopy.dev)
     generation: int = 0  # the download's attempt whose bytes it was served (lastbytes.py)
     # The kernel may hold pages of a copy served before and refused since
-    # (probe.PrebakedCheck.withdrawn): this open must not keep them.
+    # (probe.PrebakedCheck.withdrawn), or of bytes that failed verification
+    # (Handles.bytes_were_bad): this open must not keep them.
     pages_stale: bool = False
 
 
@@ -91,6 +92,8 @@ class Handles:
         self._walked: cachetools.LRUCache[Version, bool] = cachetools.LRUCache(maxsize=10_000)
         # Each file's failed reads in a row, across its handles (repeats.py).
         self._failing = FailureLoops()
+        # Versions whose downloaded bytes failed verification since an open of a whole copy (bytes_were_bad).
+        self._bad_bytes: set[Version] = set()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -144,7 +147,8 @@ class Handles:
             got.add_reader()
             of = OpenFile(obj, ino, -1, None, got, "s3")
             STATS.opens_miss += 1
-        of.pages_stale = self.fetcher.prebaked is not None and self.fetcher.prebaked.withdrawn(obj)
+        of.pages_stale = (self.fetcher.prebaked is not None and self.fetcher.prebaked.withdrawn(obj)) \
+            or self._pages_of_bad_bytes(obj, whole=isinstance(got, LocalCopy))
         fh = self._next
         self._next += 1
         self._open[fh] = of
@@ -254,6 +258,23 @@ class Handles:
         except LazyfsError:
             return following
         return None if state.state.ready else following
+
+    def bytes_were_bad(self, obj: RemoteObject) -> None:
+        """Bytes of `obj` failed verification (the download starts over): the
+        kernel may have cached pages of them for its inode, which stands for
+        the version whatever its bytes.  The kernel is told to drop them
+        (kernelcache.drop_pages), but on a thread of its own, not waited for:
+        an open meanwhile that kept the cache read the bad bytes again (a
+        pinned mount's unapproved ones, once in 20 runs).  So every open of it
+        drops them itself (keep_cache off), until one opens a whole copy."""
+        self._bad_bytes.add(obj.version)
+
+    def _pages_of_bad_bytes(self, obj: RemoteObject, whole: bool) -> bool:
+        if obj.version not in self._bad_bytes:
+            return False
+        if whole:  # this open drops whatever pages are left; the copy's are its own from then on
+            self._bad_bytes.discard(obj.version)
+        return True
 
     def reads_arriving(self, fh: int) -> bool:
         """Does handle `fh` read its file through a download, as the bytes arrive?"""

@@ -149,6 +149,12 @@ def apply_memory_limit(cfg: MountConfig) -> MountConfig:
     return cfg
 
 
+def _bad_bytes(handles: Handles, kernel: KernelCache, obj: RemoteObject) -> None:
+    """Bytes of `obj` failed verification: the pages the kernel cached of them go, now and at the next opens."""
+    handles.bytes_were_bad(obj)
+    kernel.drop_pages(obj)
+
+
 def page_budget(cfg: MountConfig) -> PageBudget:
     """A quarter of --memory-limit for mapped pages of files being read."""
     return PageBudget(total=cfg.memory_limit // 4)
@@ -218,7 +224,7 @@ async def _serve(cfg: MountConfig, store: Store, remote: Remote, offline: tuple[
     view = MountView(catalog, fetcher, handles, store, space, str(cfg.mountpoint), drift)
     ops = Operations(catalog, handles, space, view.snapshot_bytes, cfg.xattrs, cfg.passthrough, cfg.direct_io,
                      FileModes(cfg.file_mode, store.layers))
-    fetcher.hooks.on_bad_data = ops.kernel.drop_pages
+    fetcher.hooks.on_bad_data = functools.partial(_bad_bytes, handles, ops.kernel)
     if cfg.metrics_port is not None:
         from lazyfs.prometheus import serve_metrics  # only when asked: start-up time
         try:
