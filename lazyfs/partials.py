@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -115,6 +116,8 @@ class PartialFiles:
         # Added on the trio thread, read and removed in worker threads: single
         # set operations, atomic under the GIL.
         self._condemned: set[tuple[str, int]] = set()
+        # Held while a new download file is checked, made and given its blocks (storeroom.py).
+        self._admitting = threading.Lock()
 
     @staticmethod
     def name(obj: RemoteObject) -> str:
@@ -132,7 +135,7 @@ class PartialFiles:
                 return self._partial(obj, fd, block_size, set(record.blocks()))
         remove(self.tmp_fd, name + ".json")
         remove(self.tmp_fd, name + ".part")
-        with storeroom.admitting():
+        with self._admitting:  # one at a time in this store (storeroom.py)
             free = storeroom.check(self.tmp_fd, obj, self.store_path)
             fd = self._create(name + ".part", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:

@@ -14,11 +14,11 @@ fallocate is not atomic everywhere: tmpfs takes its pages one at a time and
 gives them all back when it runs out, so two files allocated at once could
 both be refused where one fitted (four opens of 40 MiB on a 100 MiB tmpfs:
 one served, not two), and a check meanwhile reads a free figure that holds
-for no moment ("needs 40 MiB but the store has 60 MiB free").  So this
-process admits one download at a time (`admitting`: the check and the
-allocation together), and a refusal that the free space does not bear out
-(another process allocating, or giving back, at the same moment) is asked
-again, a few times, before it stands.
+for no moment ("needs 40 MiB but the store has 60 MiB free"). So this
+process admits one download at a time into a store (the check and the
+allocation together, under PartialFiles' lock), and a refusal that the free
+space does not bear out (another process allocating, or giving back, at the
+same moment) is asked again, a few times, before it stands.
 
 Where the filesystem does not allocate up front (fallocate refused, as by
 some network filesystems) the file stays sparse and only the check
@@ -30,31 +30,19 @@ Blocking: called from the store thread that opens a download's file.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import threading
 import time
-from typing import Iterator
 
 from lazyfs import wording
 from lazyfs.errors import StoreError
 from lazyfs.namespace import RemoteObject
 from lazyfs.storewrite import preallocate
 
-# One admission at a time in this process: the check and the allocation.
-_ADMITTING = threading.Lock()
 # A refusal the free space does not bear out is asked again this many times, this long apart: the
 # figure of a filesystem another process allocates on (or gives back to) at the same moment.
 _ASKS = 5
 _APART_S = 0.05
-
-
-@contextlib.contextmanager
-def admitting() -> Iterator[None]:
-    """Hold while a new download file is checked (`check`), made and given its blocks (`take`)."""
-    with _ADMITTING:
-        yield
 
 
 def check(tmp_fd: int, obj: RemoteObject, store_path: str) -> int | None:
