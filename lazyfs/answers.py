@@ -161,7 +161,6 @@ def _tag(etag: str) -> str:
     return quoted(etag.removeprefix("W/").strip('"'))
 
 
-
 REDIRECTS = (301, 302, 303, 307, 308)
 
 

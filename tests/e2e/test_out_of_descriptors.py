@@ -168,6 +168,16 @@ def test_a_first_listing_refused_a_descriptor_ends_the_start_naming_the_limit(
     assert "OFFLINE" not in "".join(process.stdout_lines) and "Traceback" not in process.log()
 
 
+def refusal(mount: Mounter, n: int) -> str:
+    """The one line the last start, under a descriptor limit of `n`, ended with (exit 1)."""
+    process = mount.started[-1].process
+    assert process.proc is not None and process.proc.returncode == 1, (n, process.log())
+    lines = error_lines(process.log())
+    assert len(lines) == 1 and lines[0].startswith("lazyfs: error: "), (n, process.log())
+    assert f"{SAID}{n}" in lines[0] and lines[0].endswith(f"; {FIX}"), (n, lines[0])
+    return lines[0]
+
+
 @pytest.mark.long
 @on_both_clients  # the CRT's client takes ~20 descriptors as it is made: short of them, awscrt aborted the process
 @pytest.mark.log_errors(NAMED)
@@ -189,12 +199,7 @@ def test_a_limit_too_low_to_start_with_ends_the_start_in_one_line_naming_it(
         try:
             m = mount("--prefix", f"s3://{bucket}/{P}", store=store, wrapper=["prlimit", f"--nofile={n}:{n}", "--"])
         except MountFailed:
-            process = mount.started[-1].process
-            assert process.proc is not None and process.proc.returncode == 1, (n, process.log())
-            lines = error_lines(process.log())
-            assert len(lines) == 1 and lines[0].startswith("lazyfs: error: "), (n, process.log())
-            assert f"{SAID}{n}" in lines[0] and lines[0].endswith(f"; {FIX}"), (n, lines[0])
-            outcomes[n] = lines[0]
+            outcomes[n] = refusal(mount, n)
             continue
         outcomes[n] = "ready"
         assert m.stop() == 0
@@ -240,11 +245,7 @@ def test_a_mount_that_says_ready_serves_a_reader_or_it_does_not_start(
         try:
             m = mount("--prefix", f"s3://{bucket}/{P}", store=store, wrapper=["prlimit", f"--nofile={n}:{n}", "--"])
         except MountFailed:
-            process = mount.started[-1].process
-            assert process.proc is not None and process.proc.returncode == 1, (n, process.log())
-            lines = error_lines(process.log())
-            assert len(lines) == 1 and f"{SAID}{n}" in lines[0] and lines[0].endswith(f"; {FIX}"), (n, lines)
-            outcomes[n] = lines[0]
+            outcomes[n] = refusal(mount, n)
             continue
         got = {key: read_errno(fs, m.file(key)) for key in [*small, *large]}
         got["again"] = read_errno(fs, m.file(next(iter(small))))  # its copy in the store

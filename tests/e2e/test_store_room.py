@@ -5,8 +5,10 @@ of them is fetched, not failed part-way by the ones admitted beside them."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -17,6 +19,20 @@ pytestmark = [pytest.mark.fuse, on_both_clients]
 
 P = "models/room"
 MiB = 1024 * 1024
+
+
+def read_together(fs: FS, files: dict[str, bytes], path: Callable[[int, str], Path],
+                  timeout: float) -> dict[str, object]:
+    """Read every file at once (the i-th at `path(i, key)`): per key, whether
+    its bytes were right, or the errno's name its read failed with."""
+    reads = {key: fs.start(functools.partial(Path.read_bytes, Path(path(i, key)))) for i, key in enumerate(files)}
+    outcomes: dict[str, object] = {}
+    for key, r in reads.items():
+        try:
+            outcomes[key] = r.result(timeout=timeout) == files[key]
+        except OSError as e:
+            outcomes[key] = errno.errorcode.get(e.errno or 0, e.errno)
+    return outcomes
 
 
 @pytest.mark.log_errors("needs .* but the store")
@@ -32,13 +48,7 @@ def test_parallel_opens_on_a_nearly_full_store_fail_only_before_a_byte_is_fetche
     with mounted_tmpfs(tmp_path / "store", "size=12m,mode=0700", "this test") as store:
         m = mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "1MiB", store=store)
         try:
-            reads = {key: fs.start(lambda key=key: Path(m.file(key)).read_bytes()) for key in files}
-            outcomes: dict[str, object] = {}
-            for key, r in reads.items():
-                try:
-                    outcomes[key] = r.result(timeout=60) == files[key]
-                except OSError as e:
-                    outcomes[key] = errno.errorcode.get(e.errno or 0, e.errno)
+            outcomes = read_together(fs, files, lambda i, key: m.file(key), timeout=60)
             served = [key for key, o in outcomes.items() if o is True]
             assert len(served) >= 2, outcomes  # two fit in 12 MiB
             for key, o in outcomes.items():
@@ -60,14 +70,7 @@ def test_two_mounts_on_one_nearly_full_store_count_each_others_downloads(mount, 
     with mounted_tmpfs(tmp_path / "store", "size=12m,mode=0700", "this test") as store:
         mounts = [mount("--prefix", f"s3://{bucket}/{P}", "--part-size", "1MiB", store=store) for _ in range(2)]
         try:
-            reads = {key: fs.start(lambda key=key, m=mounts[i % 2]: Path(m.file(key)).read_bytes())
-                     for i, key in enumerate(files)}
-            outcomes: dict[str, object] = {}
-            for key, r in reads.items():
-                try:
-                    outcomes[key] = r.result(timeout=60) == files[key]
-                except OSError as e:
-                    outcomes[key] = errno.errorcode.get(e.errno or 0, e.errno)
+            outcomes = read_together(fs, files, lambda i, key: mounts[i % 2].file(key), timeout=60)
             assert sum(o is True for o in outcomes.values()) >= 2, outcomes
             for key, o in outcomes.items():
                 assert o is True or (o == "ENOSPC" and proxy.count("GET", key) == 0), (key, outcomes)
@@ -95,13 +98,7 @@ def test_files_opened_together_on_a_tmpfs_store_are_served_as_far_as_they_fit(mo
             st = os.statvfs(store)
             fits = st.f_bavail * st.f_frsize // (24 * MiB)
             assert fits == 2, fits
-            reads = {key: fs.start(lambda key=key: Path(m.file(key)).read_bytes()) for key in files}
-            outcomes: dict[str, object] = {}
-            for key, r in reads.items():
-                try:
-                    outcomes[key] = r.result(timeout=90) == files[key]
-                except OSError as e:
-                    outcomes[key] = errno.errorcode.get(e.errno or 0, e.errno)
+            outcomes = read_together(fs, files, lambda i, key: m.file(key), timeout=90)
             assert sorted(map(str, outcomes.values())) == ["ENOSPC", "ENOSPC", "True", "True"], outcomes
             for key, o in outcomes.items():
                 assert o is True or proxy.count("GET", key) == 0, (key, outcomes)
