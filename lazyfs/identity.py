@@ -37,7 +37,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeGuard
 
-from lazyfs.layer import FILE_FLAGS, STORE_MODES, Layer, Permissions, remove, write_small
+from lazyfs.layer import FILE_FLAGS, STORE_MODES, Layer, Permissions, remove, removed, write_small
 from lazyfs.namespace import RESERVED_NAME, RemoteObject
 from lazyfs.wording import quoted
 
@@ -251,7 +251,7 @@ class IdentityRecords:
         closed with the store (a thread may be using it)."""
         with self._lock:
             sidecars = self._sidecars.get(self.root)
-            if sidecars is not None and os.fstat(sidecars.fd).st_nlink == 0:
+            if sidecars is not None and removed(sidecars.fd):
                 keep(self._sidecars.pop(self.root).fd)
 
     def _open_sidecars(self, create: bool = True, unreadable: dict[str, str] | None = None) -> Sidecars | None:

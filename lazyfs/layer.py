@@ -205,6 +205,11 @@ def inode_at(dir_fd: int, name: str) -> int | None:
         return None
 
 
+def removed(fd: int) -> bool:
+    """Was the folder (or file) `fd` names removed: has it no name left?"""
+    return os.fstat(fd).st_nlink == 0
+
+
 def remove_if_same(dir_fd: int, name: str, fd: int) -> None:
     """Unlink `name` if it still names the open file `fd`: a folder made
     again since (storeheal.py) may hold another's file under that name."""

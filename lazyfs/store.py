@@ -30,7 +30,7 @@ from lazyfs.content_index import ContentIndex
 from lazyfs.errors import StoreError
 from lazyfs.filestate import REJECTED, SIZE, UNRECORDED, ContentChecks, FileState, LocalCopy, LocalState, PrebakedAccept
 from lazyfs.identity import Identity, IdentityRecords
-from lazyfs.layer import STORE_MODES, Layer, Permissions, inode_at, open_if_there, still_there
+from lazyfs.layer import STORE_MODES, Layer, Permissions, inode_at, open_if_there, removed, still_there
 from lazyfs.listings import SavedListings
 from lazyfs.namespace import RemoteObject
 from lazyfs.partials import Partial, PartialFiles
@@ -279,7 +279,7 @@ class Store:
         old = None
         try:
             with self.partials.publish_lock():
-                if os.fstat(dfd).st_nlink == 0:  # the folder was removed meanwhile (stalefolder.py)
+                if removed(dfd):  # the folder was removed meanwhile (stalefolder.py)
                     dfd, gone = self.root.open_dir(dirs, create=True, mode=self.permissions.folder), dfd
                     os.close(gone)
                 old = open_if_there(dfd, name)

@@ -43,17 +43,12 @@ from lazyfs import storemeta
 from lazyfs.content_index import ContentIndex
 from lazyfs.errors import StoreError
 from lazyfs.identity import IdentityRecords
-from lazyfs.layer import Layer, Permissions
+from lazyfs.layer import Layer, Permissions, removed
 from lazyfs.namespace import RESERVED_NAME
 from lazyfs.partials import PartialFiles
 from lazyfs.storemeta import Keep
 
 log = logging.getLogger(__name__)
-
-
-def removed(fd: int) -> bool:
-    """Was the folder `fd` names removed (it has no name left)?"""
-    return os.fstat(fd).st_nlink == 0
 
 
 class Healer:
