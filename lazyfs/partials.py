@@ -132,6 +132,12 @@ class PartialFiles:
         if record is not None and record.block_size == block_size and (name, record.ino) not in self._condemned:
             fd = self._reopen(name + ".part", record.ino)
             if fd is not None:
+                try:
+                    with self._admitting:  # its blocks still missing taken, or refused: its files kept
+                        storeroom.resume(self.tmp_fd, fd, obj, self.store_path, block_size, record.runs)
+                except BaseException:
+                    os.close(fd)
+                    raise
                 return self._partial(obj, fd, block_size, set(record.blocks()))
         remove(self.tmp_fd, name + ".json")
         remove(self.tmp_fd, name + ".part")

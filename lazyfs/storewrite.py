@@ -64,7 +64,7 @@ import logging
 import mmap
 import os
 import threading
-from typing import Callable
+from typing import Callable, Sequence
 
 from lazyfs.errors import StoreError
 from lazyfs.namespace import RemoteObject
@@ -87,6 +87,8 @@ _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
 # Writers of the same bytes take turns by stripe (a lock per stripe, hashed).
 _STRIPE = 1024 * 1024
 _STRIPES = 64
+# fallocate(2)'s modes that give a range's blocks back (linux/falloc.h).
+_KEEP_SIZE, _PUNCH_HOLE = 0x01, 0x02
 
 _buffers = threading.local()
 # Said once per process at INFO, the first time direct writes are refused:
@@ -101,22 +103,27 @@ class WriterClosed(Exception):
     name another file by now."""
 
 
-def preallocate(fd: int, size: int) -> bool:
-    """Allocate the blocks of a new download file of `size` bytes up front
-    (fallocate(2), reading as zeros): its room is taken before a byte is
-    fetched (storeroom.py), and its direct writes need not take turns
-    (module docstring).  The file stays sparse where the filesystem refuses
-    (EOPNOTSUPP); where it has no room, ENOSPC is raised and the file is
-    left empty (whatever blocks it took given back).  Never glibc's
-    posix_fallocate, which writes a byte per block where the filesystem
-    cannot allocate."""
+def preallocate(fd: int, size: int, gaps: Sequence[tuple[int, int]] | None = None) -> bool:
+    """Allocate the blocks of a download file of `size` bytes up front
+    (fallocate(2), reading as zeros where nothing was written; the bytes
+    already there kept): its room is taken before a byte is fetched
+    (storeroom.py), and its direct writes need not take turns (module
+    docstring).  The file stays sparse where the filesystem refuses
+    (EOPNOTSUPP); where it has no room, ENOSPC is raised and whatever blocks
+    it took given back: a new file left empty, a resumed one's `gaps` (the
+    byte ranges (offset, length) it has not got) punched out again, its
+    bytes kept.  Never glibc's posix_fallocate, which writes a byte per
+    block where the filesystem cannot allocate."""
     fallocate = _fallocate()
     if size <= 0 or fallocate is None:
         return False
     if fallocate(fd, 0, 0, size) == 0:
         return True
     if (err := ctypes.get_errno()) == errno.ENOSPC:
-        os.ftruncate(fd, 0)
+        if gaps is None:
+            os.ftruncate(fd, 0)
+        for offset, length in gaps or ():
+            fallocate(fd, _PUNCH_HOLE | _KEEP_SIZE, offset, length)  # a hole is never refused for want of room
         raise OSError(err, os.strerror(err))
     return False
 

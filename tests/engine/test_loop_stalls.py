@@ -155,7 +155,7 @@ async def test_a_resumed_100_gib_download_and_its_progress_cost_no_scan_over_its
     (Partial.done_map), and the progress is a counter plus the requests in
     flight."""
     # The sparse file never holds a byte: the disk need not have 100 GiB free.
-    monkeypatch.setattr(storeroom, "check", lambda tmp_fd, obj, store_path: None)
+    monkeypatch.setattr(storeroom, "check", lambda tmp_fd, obj, store_path, need=None: None)
     remote.put(BUCKET, "m/huge.bin", b"")
     remote.objects[(BUCKET, "m/huge.bin")].data = Hollow(100 * GiB)  # type: ignore[assignment]
     release = threading.Event()

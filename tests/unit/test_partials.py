@@ -36,7 +36,7 @@ def tmp_names(tmp_path: Path) -> set[str]:
 def test_a_download_above_2_tib_resumes_from_its_record(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     # 2.1 million 1 MiB blocks: as a list of numbers the record passed the
     # 16 MiB read limit and the whole download started again.
-    monkeypatch.setattr(storeroom, "check", lambda tmp_fd, o, store_path: None)
+    monkeypatch.setattr(storeroom, "check", lambda tmp_fd, o, store_path, need=None: None)
     o = obj("huge/w.bin", (2 << 40) + (100 << 30))  # a sparse file: no space used
     p = store.partials.open(o, MiB)
     n = p.nblocks
@@ -349,3 +349,102 @@ def test_a_lock_refused_near_the_descriptor_limit_names_the_file_not_the_lock(st
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     assert str(info.value).startswith('"s3://bkt/m/many/f1.txt": cannot lock the download in the store: too many open '
                                       f"files: the daemon's descriptor limit (ulimit -n / RLIMIT_NOFILE) is {soft}")
+
+
+def left_sparse(store: Store, o: RemoteObject) -> str:
+    """What an earlier run left of a download of `o` (1 MiB blocks): its first
+    block on disk and recorded, the rest a hole (a run on a filesystem, or of
+    a lazyfs, that did not allocate up front).  Its name in tmp/."""
+    if not can_allocate(Path(store.partials.store_path)):
+        pytest.skip("the test folder's filesystem cannot allocate blocks up front")
+    p = store.partials.open(o, MiB)
+    os.pwrite(p.fd, b"x" * MiB, 0)
+    p.save_state({0})
+    fallocate = storewrite._fallocate()
+    assert fallocate is not None and fallocate(p.fd, 0x03, MiB, o.size - MiB) == 0  # PUNCH_HOLE | KEEP_SIZE
+    assert os.fstat(p.fd).st_blocks * 512 < o.size
+    p.close()
+    return p.name
+
+
+def test_a_resumed_download_gets_the_blocks_it_has_not_got_at_the_start(store: Store) -> None:
+    """A fresh download's file gets all its blocks up front, so what does not
+    fit is refused before a byte; a resumed one stayed sparse and ran out
+    part-way.  Its missing blocks are taken now, its bytes kept."""
+    o = obj("m/resumed.bin", 4 * MiB)
+    left_sparse(store, o)
+    again = store.partials.open(o, MiB)
+    try:
+        assert again.done == {0}
+        assert again.preallocated and os.fstat(again.fd).st_blocks * 512 >= o.size
+        assert os.pread(again.fd, MiB, 0) == b"x" * MiB and os.pread(again.fd, MiB, 2 * MiB) == bytes(MiB)
+    finally:
+        again.close()
+
+
+def test_a_resumed_download_that_cannot_fit_is_refused_before_a_byte_its_bytes_kept(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 MiB still to come, 2 MiB free: the same line as a fresh download's
+    refusal, for what it still needs; its file and record stay for a later try."""
+    o = obj("m/resumed.bin", 4 * MiB)
+    name = left_sparse(store, o)
+    real = os.statvfs
+
+    def two_mib_free(fd: int) -> Any:
+        st = real(fd)
+        return os.statvfs_result((4096, 4096, st.f_blocks, st.f_bfree, 2 * MiB // 4096, *st[5:]))
+
+    monkeypatch.setattr(os, "statvfs", two_mib_free)
+    with pytest.raises(StoreError) as refused:
+        store.partials.open(o, MiB)
+    assert refused.value.errno == errno.ENOSPC
+    assert str(refused.value).startswith('"s3://bkt/m/resumed.bin": needs 3.0 MiB but the store ')
+    assert str(refused.value).endswith(" has 2.0 MiB free")
+    assert tmp_names(tmp_path) == {f"{name}.part", f"{name}.json"}
+    assert store.partials.resumable_bytes(o) == MiB
+    assert (tmp_path / "store" / ".lazyfs" / "tmp" / f"{name}.part").read_bytes()[:MiB] == b"x" * MiB
+
+
+def test_a_resumed_download_whose_room_others_took_is_refused_its_bytes_kept(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check passed but fallocate found no room (downloads admitted
+    beside it): refused, and the blocks it took given back without the
+    fresh file's truncation, which would have lost the bytes already there."""
+    o = obj("m/resumed.bin", 4 * MiB)
+    name = left_sparse(store, o)
+    real = storewrite._fallocate()
+    assert real is not None
+
+    def full(fd: int, mode: int, offset: int, length: int) -> int:
+        if mode == 0:
+            real(fd, 0, MiB, MiB)  # takes some of the room (the second block) before it runs out
+            ctypes.set_errno(errno.ENOSPC)
+            return -1
+        return real(fd, mode, offset, length)
+
+    monkeypatch.setattr(storewrite, "_fallocate", lambda: full)
+    monkeypatch.setattr(storeroom, "_APART_S", 0.0)
+    with pytest.raises(StoreError) as refused:
+        store.partials.open(o, MiB)
+    assert refused.value.errno == errno.ENOSPC and "needs 3.0 MiB" in str(refused.value)
+    part = tmp_path / "store" / ".lazyfs" / "tmp" / f"{name}.part"
+    assert part.stat().st_size == o.size and part.read_bytes()[:MiB] == b"x" * MiB
+    assert part.stat().st_blocks * 512 < 2 * MiB  # what it took is given back: only the first block held
+    assert store.partials.resumable_bytes(o) == MiB
+
+
+def test_a_resumed_download_holding_all_its_blocks_needs_no_more_room(store: Store,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    o = obj("m/whole.bin", 4 * MiB)
+    if not can_allocate(Path(store.partials.store_path)):
+        pytest.skip("the test folder's filesystem cannot allocate blocks up front")
+    p = store.partials.open(o, MiB)
+    p.save_state({0})
+    p.close()
+    real = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda fd: os.statvfs_result((*real(fd)[:4], 0, *real(fd)[5:])))  # 0 free
+    again = store.partials.open(o, MiB)
+    try:
+        assert again.done == {0}
+    finally:
+        again.close()
