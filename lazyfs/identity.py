@@ -254,6 +254,32 @@ class IdentityRecords:
             if sidecars is not None and removed(sidecars.fd):
                 keep(self._sidecars.pop(self.root).fd)
 
+    def moved(self, probe_dir_fd: int, keep: Callable[[int], int]) -> None:
+        """The store moved to the folder made again at its path (storeheal.py),
+        maybe on another filesystem: asked again, as at `open` (with a probe
+        file in `probe_dir_fd`), whether it keeps user xattrs, and the sidecar
+        folder there opened (one a store made on it holds).  The old folder's
+        sidecars go to `keep`, closed with the store (a thread may be using
+        them).  Never raises: where it cannot ask, `write` finds out (a
+        sidecar where an xattr is refused)."""
+        with self._lock:
+            old = self._sidecars.pop(self.root, None)
+        if old is not None:
+            keep(old.fd)
+        try:
+            if not user_xattrs_work(probe_dir_fd):
+                self._use_sidecars()
+                return
+            if not self.supported:
+                log.info("store %s (the folder made again at its path) keeps user extended attributes: identity "
+                         "records are kept in them again", self.store_path)
+            self.supported = True
+            self._open_sidecars(create=False)  # records too big for an xattr, or of a store made there before
+        except OSError as e:
+            log.warning("store %s: cannot tell whether the folder made again at its path keeps user extended "
+                        "attributes (%s): the next identity record written tells", self.store_path, e)
+            self.supported = True
+
     def _open_sidecars(self, create: bool = True, unreadable: dict[str, str] | None = None) -> Sidecars | None:
         with self._lock:  # store threads may find out at once
             if self.root not in self._sidecars:

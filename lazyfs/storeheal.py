@@ -14,7 +14,8 @@ as stalefolder.py and Store._place tell a removed model folder).  Then:
 
 - the store's own folder removed: if its path names a folder again (the
   operator made it again, or a new volume is mounted there), the store moves
-  to it; if nothing is there, StoreError (EIO) says the store's folder was
+  to it, and whether its filesystem keeps user xattrs (identity.py) is asked
+  again, as at start; if nothing is there, StoreError (EIO) says the store's folder was
   removed, and files not on disk cannot be fetched until it is there again
   (files on disk elsewhere, prebaked layers, and handles already open go on
   serving);
@@ -79,7 +80,8 @@ class Healer:
 
     def _heal(self) -> None:
         path = self.root.path
-        if removed(self.root.fd):
+        moved = removed(self.root.fd)
+        if moved:
             self._move_root()
             what = f"the store's folder {path}"
         elif removed(self.meta_fd):
@@ -92,7 +94,10 @@ class Healer:
             raise StoreError(f"{what} was removed under the mount, and the store cannot be made whole again: {e}",
                              errno.EIO) from None
         self.meta_fd, self.partials.tmp_fd, self.index.fd = meta_fd, tmp_fd, objects_fd
-        self.identities.reopen(self.keep)
+        if moved:  # maybe another filesystem: whether it keeps xattrs asked again, as at start
+            self.identities.moved(tmp_fd, self.keep)
+        else:
+            self.identities.reopen(self.keep)
         log.warning("store: %s was removed under the mount; %s", what, "using the folder there now (files not in "
                     "it are fetched again when opened)" if what.startswith("the store's") else "made again")
 

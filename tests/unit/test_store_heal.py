@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from lazyfs.errors import StoreError, errno_of
+from lazyfs.filestate import FileState
 from lazyfs.namespace import RemoteObject
 from lazyfs.probe import Fetch, Local, probe_store
 from lazyfs.store import Store
+from support.filesystems import mounted
 
 
 def obj(key: str, data: bytes) -> RemoteObject:
@@ -85,6 +87,31 @@ def test_the_store_made_again_at_its_path_is_used(opened: Store, root: Path) -> 
     assert fetch(opened, obj("m/a.bin", a), a)
     assert (root / "m/a.bin").read_bytes() == a
     assert opened.find_current(obj("m/a.bin", a)) is not None
+
+
+def test_the_store_moved_to_a_filesystem_without_xattrs_keeps_its_records_beside_its_files(
+        opened: Store, root: Path) -> None:
+    """The store's folder removed, and a volume mounted at its path whose
+    filesystem refuses user xattrs (ramfs here; tmpfs before 6.6, many NFS
+    exports): whether records go in xattrs was asked at start only, so the
+    store said it kept them (stats, metrics) and read the records of the
+    files a store made there holds nowhere but in xattrs: every such file
+    judged an unknown copy.  Asked again on the move, as at start."""
+    a, b = b"a" * 10, b"b" * 12
+    assert fetch(opened, obj("m/a.bin", a), a) and opened.identities.supported
+    shutil.rmtree(root)
+    with mounted(root, "ramfs", "mode=0755", "this test"):
+        there = Store.open(str(root))  # a store made on the volume before (a bake): its records are sidecars
+        try:
+            assert fetch(there, obj("m/b.bin", b), b) and not there.identities.supported
+        finally:
+            there.close()
+        opened.healer.check()
+        assert opened.identities.supported is False, "the new folder's filesystem refuses user xattrs"
+        assert opened.local_state(obj("m/b.bin", b)).state is FileState.CACHED, "the store made there: its record read"
+        assert fetch(opened, obj("m/a.bin", a), a)
+        assert opened.local_state(obj("m/a.bin", a)).state is FileState.CACHED
+        assert len(list((root / ".lazyfs/identities").iterdir())) == 2
 
 
 def test_a_download_whose_file_was_removed_is_served_not_kept(opened: Store, root: Path) -> None:
