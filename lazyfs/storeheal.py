@@ -13,10 +13,12 @@ a publish (Store.publish): one fstat per held folder (st_nlink == 0: removed,
 as stalefolder.py and Store._place tell a removed model folder).  Then:
 
 - the store's own folder removed: if its path names a folder again (the
-  operator made it again, or a new volume is mounted there), the store moves
-  to it, and whether its filesystem keeps user xattrs (identity.py) is asked
-  again, as at start; if nothing is there, StoreError (EIO) says the store's folder was
-  removed, and files not on disk cannot be fetched until it is there again
+  operator made it again, or a new volume is mounted there, or a symlink
+  to a folder: followed, as at start), the store moves to it (not onto a
+  read-only filesystem, which start refuses too: EIO saying so), and
+  whether its filesystem keeps user xattrs (identity.py) is asked again,
+  as at start; if nothing is there, StoreError (EIO) says the store's folder
+  was removed, and files not on disk cannot be fetched until it is there again
   (files on disk elsewhere, prebaked layers, and handles already open go on
   serving);
 - `.lazyfs`, `tmp/` or `objects/` removed (or the store moved): they are
@@ -98,17 +100,38 @@ class Healer:
             self.identities.moved(tmp_fd, self.keep)
         else:
             self.identities.reopen(self.keep)
-        log.warning("store: %s was removed under the mount; %s", what, "using the folder there now (files not in "
-                    "it are fetched again when opened)" if what.startswith("the store's") else "made again")
+        log.warning("store: %s was removed under the mount; %s", what, f"using the folder there now{leads_to(path)} "
+                    "(files not in it are fetched again when opened)" if moved else "made again")
 
     def _move_root(self) -> None:
-        """To the folder the store's path names now, if it names one."""
+        """To the folder the store's path names now, if it names one: through a
+        symlink at the path too, as at start (`mount.open_store`: a symlinked
+        store path is a common deployment); never onto a read-only filesystem,
+        which start refuses as well (EROFS): the mount's own, through a symlink
+        into it, would have its reads of the store ask the mount itself."""
         path = self.root.path
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             now = "nothing is there now" if e.errno == errno.ENOENT else f"{e.strerror or e}, now"
-            raise StoreError(f"the store's folder {path} was removed under the mount ({now}): files not on disk "
-                             f"cannot be fetched until the folder is there again", errno.EIO) from None
+            raise StoreError(f"the store's folder {path} was removed under the mount ({now}{leads_to(path)}): files "
+                             f"not on disk cannot be fetched until the folder is there again", errno.EIO) from None
+        if read_only(fd):
+            os.close(fd)
+            raise StoreError(f"the store's folder {path} was removed under the mount, and the folder there now"
+                             f"{leads_to(path)} is on a read-only filesystem: files not on disk cannot be fetched "
+                             f"until a writable folder is there again", errno.EIO)
         self.keep(self.root.fd)  # (closed with the store: a thread may be using it)
         self.root.fd = fd
+
+
+def read_only(fd: int) -> bool:
+    try:
+        return bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False  # (the store's folders made there say what is wrong)
+
+
+def leads_to(path: str) -> str:
+    """Where a symlink at the store's path leads, for its lines; "" for none."""
+    return f" (a symlink to {os.path.realpath(path)})" if os.path.islink(path) else ""

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,48 @@ def test_the_store_moved_to_a_filesystem_without_xattrs_keeps_its_records_beside
         assert fetch(opened, obj("m/a.bin", a), a)
         assert opened.local_state(obj("m/a.bin", a)).state is FileState.CACHED
         assert len(list((root / ".lazyfs/identities").iterdir())) == 2
+
+
+def test_the_store_replaced_by_a_symlink_follows_it_as_at_start_and_says_where(
+        opened: Store, root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A symlink at the store's path is followed at start (`/var/cache ->
+    /mnt/disk/cache`, a common deployment), and so by the healer: an operator
+    moving the store to a bigger disk (`mv`, `ln -s`) gets what a restart
+    would give.  Its line says where the path leads now."""
+    a = b"a" * 10
+    shutil.rmtree(root)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    root.symlink_to(disk)
+    assert fetch(opened, obj("m/a.bin", a), a)
+    assert (disk / "m/a.bin").read_bytes() == a
+    assert f"store: the store's folder {root} was removed under the mount; using the folder there now (a symlink " \
+           f"to {disk}) (files not in it are fetched again when opened)" in caplog.text
+
+
+def test_the_store_replaced_by_a_symlink_to_a_read_only_folder_is_not_used(
+        opened: Store, root: Path, tmp_path: Path) -> None:
+    """Start refuses a store on a read-only filesystem (EROFS); the healer
+    moved to one and read its files: a copy there was judged (and would be
+    served) as the store's, and a symlink into the mount itself had the
+    store's reads ask the mount.  Refused, with a line saying why."""
+    a = b"a" * 10
+    with mounted(tmp_path / "ro", "tmpfs", "size=4m,mode=0755", "this test") as ro:
+        (ro / "m").mkdir()
+        (ro / "m/a.bin").write_bytes(a)
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True, capture_output=True, timeout=30)
+        shutil.rmtree(root)
+        root.symlink_to(ro)
+        with pytest.raises(StoreError) as e:
+            fetch(opened, obj("m/a.bin", a), a)
+        assert errno_of(e.value) == errno.EIO
+        assert str(e.value) == (f'"s3://bkt/m/a.bin": the store\'s folder {root} was removed under the mount, and the '
+                                f"folder there now (a symlink to {ro}) is on a read-only filesystem: files not on disk "
+                                f"cannot be fetched until a writable folder is there again")
+        assert opened.local_state(obj("m/a.bin", a)).state is not FileState.PREBAKED
+    root.unlink()
+    root.mkdir()
+    assert fetch(opened, obj("m/a.bin", a), a), "a writable folder there again: used"
 
 
 def test_a_download_whose_file_was_removed_is_served_not_kept(opened: Store, root: Path) -> None:
