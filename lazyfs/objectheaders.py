@@ -8,7 +8,13 @@ Content-Length it describes no object (a RemoteError in words, not a
 KeyError); without a Last-Modified alone it is dated the epoch, as a listing
 whose date cannot be parsed.  A Content-Length no file can have (negative,
 not a number, past 2^63-1) is refused in words too (answers.possible_length),
-never a size a file would be shown with, nor botocore's ValueError."""
+never a size a file would be shown with, nor botocore's ValueError.
+
+The HEAD of one part of a multipart object (verification's part sizes) is
+checked the same way, and against the object: a length no file can have, one
+past the object's, or a Content-Range that is not a part of it (another
+total size, another span than its Content-Length) is WrongRange in words,
+never a part size that fails the bytes' check as if they were corrupt."""
 
 from __future__ import annotations
 
@@ -16,8 +22,9 @@ import re
 from typing import Any
 
 from lazyfs import answers, listxml
-from lazyfs.errors import RemoteError
+from lazyfs.errors import RemoteError, WrongRange
 from lazyfs.namespace import RemoteObject
+from lazyfs.verify import Part
 from lazyfs.wording import one_line, quoted
 
 # A HEAD's or a GET's Content-Length as sent, when botocore could not read it as a number (keep_sent_length).
@@ -82,3 +89,30 @@ def checksum_of(resp: dict[str, Any]) -> tuple[str, str, str] | None:
                 kind = declared or ("COMPOSITE" if multipart else "FULL_OBJECT")
             return (algo, value, kind)
     return None
+
+
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+)", re.ASCII)
+
+
+def part_of(obj: RemoteObject, number: int, resp: dict[str, Any]) -> Part:
+    """Part `number` of `obj` as a HEAD's answer (partNumber=) tells it: its
+    size (0: not said) and how many parts the object has (0: not said, a
+    store that ignores partNumber).  WrongRange when the answer is of no
+    part of this object."""
+    sent = resp.get(SENT_LENGTH, resp.get("ContentLength"))
+    length, count = answers.possible_length(sent), int(resp.get("PartsCount") or 0)
+    said = f"{quoted(obj.uri)}: the object store (or a proxy) answered a HEAD of part {number} with"
+    if isinstance(length, str):
+        raise WrongRange(f"{said} Content-Length {quoted(length)}, a size no file can have: not a part's",
+                         bucket=obj.bucket, key=obj.key)
+    if length is not None and length > obj.size:
+        raise WrongRange(f"{said} Content-Length {length}, more than the object's {obj.size} bytes: not a part of it",
+                         bucket=obj.bucket, key=obj.key)
+    if (sent_range := resp.get("ContentRange")) is not None:
+        m = _CONTENT_RANGE.fullmatch(str(sent_range).strip())
+        span = int(m.group(2)) - int(m.group(1)) + 1 if m else None
+        if m is None or int(m.group(3)) != obj.size or (length is not None and span != length):
+            raise WrongRange(f"{said} Content-Range {quoted(one_line(str(sent_range)))} and Content-Length "
+                             f"{'none' if length is None else length}: not a part of the object of {obj.size} bytes",
+                             bucket=obj.bucket, key=obj.key)
+    return Part(length or 0, count)

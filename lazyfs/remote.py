@@ -241,7 +241,8 @@ class Remote:
         and how many parts it reports (0: it did not say, as Ceph RGW and s3rver,
         which ignore partNumber).  No If-Match: some stores compare it with the
         part's own ETag; the caller checks the object's version separately.
-        An unreachable store raises (RemoteUnavailable): it is not one that cannot say."""
+        An unreachable store raises (RemoteUnavailable): it is not one that cannot say; an
+        answer of no part of it, WrongRange (objectheaders.part_of)."""
         kwargs: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key, "PartNumber": number}
         if obj.version_id:
             kwargs["VersionId"] = obj.version_id
@@ -252,7 +253,7 @@ class Remote:
                 raise
             log.debug("%s: part %d unknown: %s", quoted(obj.uri), number, e)
             return None
-        return Part(int(resp.get("ContentLength", 0)), int(resp.get("PartsCount") or 0))
+        return objectheaders.part_of(obj, number, resp)
 
     def versioning(self, bucket: str) -> str | None:
         """GetBucketVersioning: "" when versioning was never turned on (S3

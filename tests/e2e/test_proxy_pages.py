@@ -202,3 +202,32 @@ def test_a_get_answered_with_a_length_no_file_can_have_is_eio_saying_it(mount, p
     assert "changed in the object store" not in m.log() and "Traceback" not in m.log()
     proxy.clear_faults()
     assert fs.run(read, m.file(KEY), timeout=60) == data
+
+
+def test_a_parts_head_answered_with_another_size_than_its_range_is_one_line_naming_it(proxy, moto, bucket,
+                                                                                      tmp_path: Path):
+    """`lazyfs lock` asks each part's size of a multipart object (a HEAD with
+    partNumber).  A proxy's answer whose Content-Length is not the span of its
+    own Content-Range was taken as the part's size: the lock then said its
+    part sizes were unknown (or, assumed from it, a later check blamed the
+    bytes).  Refused, with a line naming what came."""
+    s3 = s3_client(moto.endpoint)
+    upload = s3.create_multipart_upload(Bucket=bucket, Key=KEY)["UploadId"]
+    part = 5 * 1024 * 1024  # moto's least part size
+    done = [{"ETag": s3.upload_part(Bucket=bucket, Key=KEY, UploadId=upload, PartNumber=n,
+                                    Body=os.urandom(part))["ETag"], "PartNumber": n} for n in (1, 2)]
+    s3.complete_multipart_upload(Bucket=bucket, Key=KEY, UploadId=upload, MultipartUpload={"Parts": done})
+    head = s3.head_object(Bucket=bucket, Key=KEY)
+    proxy.add(Fault("answer", method="HEAD", key=KEY, times=None, status=206, query={"partNumber": "1"},
+                    headers={"ETag": head["ETag"], "Content-Length": "5000000",
+                             "Content-Range": f"bytes 0-{part - 1}/{2 * part}", "x-amz-mp-parts-count": "2",
+                             "Last-Modified": "Tue, 01 Dec 2026 10:00:00 GMT",
+                             "Content-Type": "application/octet-stream"}))
+    res = lazyfs_cli(["lock", "--prefix", f"s3://{bucket}/{P}", "--endpoint-url", proxy.endpoint,
+                      "-o", str(tmp_path / "m.lock")], timeout=60)
+    assert any(r["fault"] == "answer" for r in proxy.requests("HEAD", KEY)), "the fault never fired"
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert (f'"s3://{bucket}/{KEY}": the object store (or a proxy) answered a HEAD of part 1 with Content-Range '
+            f'"bytes 0-{part - 1}/{2 * part}" and Content-Length 5000000: not a part of the object of {2 * part} '
+            "bytes") in res.stderr, res.stderr

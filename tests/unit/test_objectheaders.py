@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from lazyfs import objectheaders
-from lazyfs.errors import RemoteError
+from lazyfs.errors import RemoteError, WrongRange
+from lazyfs.namespace import RemoteObject
+from lazyfs.verify import Part
 
 OK = {"ContentLength": 1700, "ETag": '"0cc175b9c0f1b6a831c399e269772661"',
       "LastModified": "Tue, 01 Dec 2026 21:33:43 GMT", "ResponseMetadata": {"HTTPStatusCode": 200}}
@@ -67,3 +69,29 @@ def test_a_length_botocore_cannot_read_is_kept_as_sent(op, sent, kept) -> None:
     if kept is not None:
         with pytest.raises(RemoteError, match=f'answered a HEAD with Content-Length "{kept}", a size no file'):
             objectheaders.head_object("b", "m/w.bin", {k: v for k, v in OK.items() if k != "ContentLength"} | custom)
+
+
+MP = RemoteObject("b", "m/w.bin", 12, "0cc175b9c0f1b6a831c399e269772661-2", 0)
+
+
+@pytest.mark.parametrize("resp, part", [
+    ({"ContentLength": 8, "ContentRange": "bytes 0-7/12", "PartsCount": 2}, Part(8, 2)),
+    ({"ContentLength": 12}, Part(12, 0)),  # a store that ignores partNumber: the whole object, no count
+    ({}, Part(0, 0)),
+], ids=["s3", "ignored", "nothing"])
+def test_a_parts_head_is_read(resp, part) -> None:
+    assert objectheaders.part_of(MP, 1, resp) == part
+
+
+@pytest.mark.parametrize("resp, said", [
+    ({objectheaders.SENT_LENGTH: "abc"}, 'Content-Length "abc", a size no file can have: not a part\'s'),
+    ({"ContentLength": 13}, "Content-Length 13, more than the object's 12 bytes: not a part of it"),
+    ({"ContentLength": 5, "ContentRange": "bytes 0-7/12"},
+     'Content-Range "bytes 0-7/12" and Content-Length 5: not a part of the object of 12 bytes'),
+    ({"ContentLength": 8, "ContentRange": "bytes 0-7/99"},
+     'Content-Range "bytes 0-7/99" and Content-Length 8: not a part of the object of 12 bytes'),
+], ids=["not-a-number", "past-the-object", "not-its-range", "another-object"])
+def test_a_parts_head_of_no_part_of_the_object_is_wrong_range_in_words(resp, said) -> None:
+    with pytest.raises(WrongRange) as info:
+        objectheaders.part_of(MP, 1, resp)
+    assert str(info.value) == f'"s3://b/m/w.bin": the object store (or a proxy) answered a HEAD of part 1 with {said}'
