@@ -24,7 +24,7 @@ from typing import Any, NoReturn, Sequence
 from lazyfs import __version__, interrupt, options, redact
 from lazyfs.config import bake_config, diff_config, doctor_config, lock_config, mount_config, status_config
 from lazyfs.errors import ConfigError, Interrupted, LazyfsError, UsageError, thread_limit
-from lazyfs.exhausted import DESCRIPTOR_ERRNOS, descriptor_errno, descriptors, remedy
+from lazyfs.exhausted import DESCRIPTOR_ERRNOS, descriptor_errno, descriptors, not_a_daemon, remedy
 from lazyfs.options import Option
 from lazyfs.wording import one_line
 
@@ -302,6 +302,7 @@ def _run(argv: Sequence[str]) -> int:
         command = args.command
         if command != "mount":
             gc.enable()
+            not_a_daemon()  # a descriptor refused is this process's limit, not a daemon's
         setup_logging(args.log_level or "info", args.log_format or "text")
         code = int(_HANDLERS[command](args))
         sys.stdout.flush()  # here, not at exit: a reader gone is told apart below

@@ -34,6 +34,9 @@ FEW_INODES = 64
 # Fewer descriptors left under the limit than this when a call failed
 # without saying why: what it needed (a few at once) is taken to be why.
 FEW_DESCRIPTORS = 16
+# Whose limit `descriptors` names: a mount's process is the daemon (its lines' word for it), set once by
+# the command line (cli.py) for the other commands.
+_whose = ["the daemon's"]
 
 
 def descriptor_errno(e: BaseException | None) -> int:
@@ -56,9 +59,16 @@ def descriptor_errno(e: BaseException | None) -> int:
     return 0
 
 
-def descriptors(err: int = errno.EMFILE, whose: str = "the daemon's") -> str:
-    """What ran out, for a log line: the daemon's own limit (`whose`: a
-    command's, said as "this command's"), or the system's."""
+def not_a_daemon() -> None:
+    """This process is a command that is not a mount (bake, lock, status,
+    doctor...): its lines name "this process's" limit, not the daemon's."""
+    _whose[0] = "this process's"
+
+
+def descriptors(err: int = errno.EMFILE, whose: str | None = None) -> str:
+    """What ran out, for a log line: this process's own limit (the daemon's,
+    in a mount: `not_a_daemon`; or `whose`), or the system's."""
+    whose = whose or _whose[0]
     if err == errno.ENFILE:
         return "too many open files in the system: the kernel's limit (fs.file-max) is reached"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -34,9 +34,9 @@ def look(store: Store, objs: Iterable[RemoteObject]) -> tuple[list[tuple[RemoteO
 
 
 def unchecked(refused: int, err: int) -> str:
-    """"2 files could not be checked: too many open files: this command's
+    """"2 files could not be checked: too many open files: this process's
     descriptor limit ... is 12; raise it (...)", or "" when none was refused."""
     if not refused:
         return ""
-    limit = descriptors(err, whose="this command's")
+    limit = descriptors(err, whose="this process's")  # (only a command looks: status)
     return f"{wording.count(refused, 'file')} could not be checked: {limit}; {remedy(err)}"

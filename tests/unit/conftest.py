@@ -7,6 +7,7 @@ from typing import Iterator
 
 import pytest
 
+from lazyfs import exhausted
 from lazyfs.store import Store
 
 
@@ -17,3 +18,10 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s = Store.open(str(tmp_path / "store"))
     yield s
     s.close()
+
+
+@pytest.fixture(autouse=True)
+def whose_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command run in this process (cli._run) says "this process's" limit
+    from then on (exhausted.not_a_daemon): put back for the next test."""
+    monkeypatch.setattr(exhausted, "_whose", list(exhausted._whose))

@@ -176,7 +176,7 @@ def test_a_command_out_of_descriptors_says_the_limit_and_the_fix_in_one_line(
     assert cli._run(["doctor"]) == 1
     err = capsys.readouterr().err
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    assert err.startswith(f"lazyfs: error: cannot doctor: {SAID}{limit}"), err
+    assert err.startswith(f"lazyfs: error: cannot doctor: {SAID.replace('the daemon', 'this process')}{limit}"), err
     assert "raise it (ulimit -n" in err and err.count("\n") == 1 and "internal error" not in err, err
 
 
@@ -226,3 +226,26 @@ def test_a_mount_is_refused_below_what_one_reader_needs_and_gets_fewer_gets_abov
     assert "allows 3 parallel GETs" in caplog.text
     limit(4096)
     assert fdneeds.fit_descriptors(cfg, client=24) is cfg  # plenty: as asked
+
+
+@pytest.mark.parametrize("argv, whose", [
+    (["status"], "this process's"), (["doctor"], "this process's"), (["lock"], "this process's"),
+    (["bake"], "this process's"), (["mount", "/mnt/x"], "the daemon's"),
+], ids=["status", "doctor", "lock", "bake", "mount"])
+def test_a_command_out_of_descriptors_names_its_own_limit_not_a_daemons(
+        argv: list[str], whose: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The last line of a command that ran out of descriptors where nothing
+    said so (the fallback) named "the daemon's descriptor limit" for every
+    command, though only a mount has a daemon."""
+    from lazyfs import cli
+
+
+    def out_of_descriptors(args: object) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setitem(cli._HANDLERS, argv[0], out_of_descriptors)
+    monkeypatch.setattr(cli, "setup_logging", lambda *a: None)
+    assert cli._run(argv) == 1
+    line = capsys.readouterr().err
+    assert line.startswith(f"lazyfs: error: cannot {argv[0]}: too many open files: {whose} descriptor limit "
+                           "(ulimit -n / RLIMIT_NOFILE) is "), line

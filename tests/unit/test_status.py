@@ -182,7 +182,7 @@ def no_descriptor_for_files(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "open", refused)
 
 
-SAID = "too many open files: this command's descriptor limit (ulimit -n / RLIMIT_NOFILE) is "
+SAID = "too many open files: this process's descriptor limit (ulimit -n / RLIMIT_NOFILE) is "
 
 
 def test_a_copy_that_could_not_be_opened_for_want_of_a_descriptor_is_unchecked_not_missing(
