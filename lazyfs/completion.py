@@ -188,6 +188,7 @@ def hash_more_blocking(fd: int, start: int, end: int, digest: verify.Digest, can
 class Finished:
     verified: str  # how the bytes were checked (check()), or UNVERIFIED
     placed: bool  # in the store now (False: not kept, or a newer version was there first)
+    not_kept: str = ""  # why it was not, for its line
 
 
 def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Partial, meta: ResponseMeta | None,
@@ -207,13 +208,13 @@ def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Part
         # what it was checked by like any other file.
         verified = check(remote, partial.fd, obj, exp, cancelled, hashed)
         if not keep:
-            return Finished(verified, placed=False)
+            return Finished(verified, placed=False, not_kept="larger than the cache budget")
         try:
             placed = store.publish(partial, origin, keep_newer=not current, verified=verified, listed=current)
         except OSError as e:
             raise StoreError(f"{quoted(obj.uri)}: cannot publish into the store: {no_room(e, store.root.fd)}",
                              e.errno or errno.EIO) from None
-    return Finished(verified, placed)
+    return Finished(verified, placed, "" if placed else partial.not_kept)
 
 
 @contextlib.contextmanager

@@ -68,6 +68,7 @@ class Partial:
         self.fd = fd
         self.block_size = block_size
         self.done = done  # blocks durably on disk, as last recorded or resumed
+        self.not_kept = ""  # why a publish kept nothing (Store.publish), for the download's line
         self.name = files.name(obj)
         st = os.fstat(fd)
         self.ino = st.st_ino

@@ -249,7 +249,7 @@ class Runner:
             dl.keep = False
             if self.hooks.budget is not None:
                 self.hooks.budget.released(dl.obj)  # its room was reserved for a file not kept
-        self._published(dl)
+        self._published(dl, finished.not_kept)
 
     async def _finish_failed(self, dl: Download, e: Exception) -> None:
         if isinstance(e, (ObjectChanged, ObjectNotFound)):
@@ -285,7 +285,7 @@ class Runner:
             finally:
                 dl.changing.set()
 
-    def _published(self, dl: Download) -> None:
+    def _published(self, dl: Download, not_kept: str = "") -> None:
         dl.complete = True
         if self.hooks.budget is not None and dl.keep:
             self._spawn(self.hooks.budget.published, dl.obj, dl.background)  # (no reader opened it)
@@ -296,9 +296,11 @@ class Runner:
         TIMINGS.download(elapsed)
         checked = dl.verified not in ("", UNVERIFIED)
         came = "from S3" if dl.bytes_fetched >= dl.obj.size else f"{dl.bytes_fetched} of them from S3, the rest resumed"
+        how = (f"verified by {dl.verified}" if checked else "unverified") + ("" if dl.keep else (
+            f"; not kept ({not_kept or 'the store did not take it'}): served to its readers only"))
         log.info("fetched %s: %d bytes in %.2f s (%.1f MB/s) %s, %s", quoted(dl.obj.uri), dl.obj.size, elapsed,
-                 dl.bytes_fetched / elapsed / 1e6, came, f"verified by {dl.verified}" if checked else "unverified",
-                 extra={"event": "fetched", "key": dl.obj.key, "bytes": dl.obj.size,
+                 dl.bytes_fetched / elapsed / 1e6, came, how,
+                 extra={"event": "fetched", "key": dl.obj.key, "bytes": dl.obj.size, "kept": dl.keep,
                         "seconds": round(elapsed, 3), "mbps": round(dl.bytes_fetched / elapsed / 1e6, 1),
                         "source": "s3", "verified": dl.verified or UNVERIFIED})
         self.retire(dl)

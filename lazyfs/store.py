@@ -239,6 +239,7 @@ class Store:
             self.healer.check()
         except StoreError as e:  # the store's folder gone: its readers have the file open
             log.warning("%s: served to the readers that have it open, not kept: %s", quoted(obj.uri), e)
+            partial.not_kept = "the store's folder was removed under the mount"
             self.partials.discard(partial)
             return False
         self._seal(fd, obj, origin, verified)
@@ -250,11 +251,12 @@ class Store:
             # Its folder was removed under the mount (storeheal.py): its readers have it open.
             log.warning("%s: its download file was removed from the store before it was complete: served to the "
                         "readers that have it open, not kept", quoted(obj.uri))
-            placed = False
+            partial.not_kept, placed = "its download file was removed from the store before it was complete", False
         except BaseException:
             self.identities.forget(fd, only_if_unlinked=False)  # not published: a retry records it again
             raise
         if not placed:
+            partial.not_kept = partial.not_kept or "a newer version, or a folder, holds its path in the store"
             self.partials.discard(partial)
             self.identities.forget(fd)
         self.partials.forget_record(partial)

@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
@@ -331,3 +332,39 @@ async def test_readers_of_a_replaced_object_fail_only_once_the_mount_has_learned
             told.set()
         handles.release(fh)
     assert order == ["told", "ESTALE", "ESTALE"]
+
+
+FILE_GONE = "its download file was removed from the store before it was complete"
+
+
+@pytest.mark.parametrize("removed, made_again, why", [
+    (".lazyfs/tmp", False, FILE_GONE), (".", True, FILE_GONE),
+    (".", False, "the store's folder was removed under the mount"),
+], ids=["download-file", "store-made-again", "store-gone"])
+@trio_test
+async def test_a_download_whose_file_was_removed_meanwhile_says_in_its_line_it_was_not_kept(
+        remote: FakeRemote, stores, tmp_path: Path, caplog: pytest.LogCaptureFixture, removed: str,
+        made_again: bool, why: str) -> None:
+    """Its file removed as it ran (the store cleaned by hand): the readers
+    that have it open are served and nothing is kept, but its last line,
+    "fetched ... verified by MD5", read as if the copy were in the store."""
+    caplog.set_level(logging.INFO, logger="lazyfs")
+    data = os.urandom(2 * MiB)
+    obj = remote.put(BUCKET, "m/w.bin", data)
+    gate = remote.gate("m/w.bin", MiB)
+    fetcher = Fetcher(remote, stores(), fetch_config(max_connections=2))
+    async with running(fetcher):
+        handles = Handles(fetcher)
+        fh = await handles.open(obj)
+        assert bytes(await handles.read(fh, 0, MiB)) == data[:MiB]
+        store = tmp_path / "store"
+        await trio.to_thread.run_sync(shutil.rmtree, store / removed)
+        if made_again:
+            store.mkdir()
+        gate.release()
+        assert bytes(await handles.read(fh, MiB, MiB)) == data[MiB:]
+        handles.release(fh)
+        await wait_for(lambda: any(r.getMessage().startswith("fetched") for r in caplog.records), "its line")
+    assert not (tmp_path / "store" / "m/w.bin").exists()
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fetched")]
+    assert line.endswith(f"verified by MD5; not kept ({why}): served to its readers only"), line
