@@ -27,9 +27,13 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels --find-links /wheels --constrai
  && cd /wheels && sha256sum *.whl > /wheels.sha256
 
 FROM python:3.11-slim-bookworm AS runtime
+# user_allow_other: the commands below pass --allow-other (a model server in
+# another container, or under another uid, reads the mount), which a lazyfs
+# run with --user needs this for; as root it needs nothing.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends fuse3 libfuse3-3 attr \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* \
+ && echo user_allow_other >> /etc/fuse.conf
 # The wheels are bind-mounted from the build stage, not copied: no layer keeps
 # them.  Their checksums are copied first (and kept, a record of what was
 # installed): buildah's cache does not look into a bind mount, so without this
@@ -40,7 +44,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
  && mkdir -p /var/practicus/cache /opt/lazyfs/store
 ENV PYTHONUNBUFFERED=1
 ENTRYPOINT ["lazyfs", "mount"]
-CMD ["--config", "/app/model.json"]
+CMD ["--config", "/app/model.json", "--allow-other"]
 
 # Production: the same image with the model's files baked into the store
 # folder /opt/lazyfs/store, pinned by a lock file (see README, "Pinned
@@ -70,4 +74,4 @@ RUN --mount=type=secret,id=aws,target=/root/.aws/credentials,required=true \
     [ -n "$AWS_REGION" ] || unset AWS_REGION; \
     [ -n "$AWS_ENDPOINT_URL" ] || unset AWS_ENDPOINT_URL; \
     lazyfs bake --lock /app/model.lock.json --to /opt/lazyfs/store
-CMD ["--lock", "/app/model.lock.json", "--store", "/opt/lazyfs/store"]
+CMD ["--lock", "/app/model.lock.json", "--store", "/opt/lazyfs/store", "--allow-other"]

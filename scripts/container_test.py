@@ -63,6 +63,9 @@ BUCKET = "models"
 FOLDER = "download/files/from/my-model/v1"
 MOUNT = "/var/practicus/cache"
 MIN_CAPS = ["--device", "/dev/fuse", "--cap-add", "SYS_ADMIN"]
+# The README's probe for a pinned pod: it asks the mount (no --store), so a
+# mount that stopped answering is not ready.
+PINNED_PROBE = ["lazyfs", "status", "--lock", "/app/model.lock.json", "--require-all"]
 
 
 class Failed(AssertionError):
@@ -208,11 +211,11 @@ class Run:
             return self.podman.logs(name).count("lazyfs: ready") >= times
         wait_for(ready, timeout, f"{name} to print its ready line")
 
-    def read_in_second_container(self, tag: str) -> None:
+    def read_in_second_container(self, tag: str, user: str = "0:0") -> None:
         """sha256 of every file through the shared folder, from another container."""
         name = f"{NAME}-reader-{tag}"
         self.podman.containers.add(name)
-        res = self.podman("run", "--rm", "--name", name, "--network", "none",
+        res = self.podman("run", "--rm", "--name", name, "--network", "none", "--user", user,
                           "-v", f"{self.shared}:/var/practicus:rslave", BASE_IMAGE,
                           "sha256sum", *self.model.digests(), timeout=90)
         self.podman.containers.discard(name)
@@ -361,12 +364,12 @@ class Run:
         self.proxy.clear()
         name = f"{NAME}-production"
         self.podman.run_detached(name, "--network", "host", *MIN_CAPS,
-                                 "-v", f"{self.shared}:/var/practicus:rshared", *self.s3_env(),
-                                 PRODUCTION, "--lock", "/app/model.lock.json", "--store", "/opt/lazyfs/store",
-                                 "--allow-other")
+                                 "-v", f"{self.shared}:/var/practicus:rshared", *self.s3_env(), PRODUCTION)
         self.wait_ready(name)
         check("ready PINNED" in self.podman.logs(name), "the production image did not start pinned")
         self.read_in_second_container("production")
+        # A model server that is not root reads it too (the command's --allow-other).
+        self.read_in_second_container("production-uid-1000", user="1000:1000")
         # The baked files sit in an image layer (overlayfs), the container has
         # only CAP_SYS_ADMIN: the kernel still reads them itself (passthrough).
         cache = json.loads(self.podman("exec", name, "cat", f"{MOUNT}/.lazyfs/stats.json").stdout)["cache"]
@@ -374,8 +377,7 @@ class Run:
         if kernel_passes_through():
             check(cache["passthrough_opens"] >= len(self.model.files),
                   f"the production image's reads did not pass through: {cache}")
-        self.wait_probe(name, ready=True, timeout=10, command=[
-            "lazyfs", "status", "--lock", "/app/model.lock.json", "--store", "/opt/lazyfs/store", "--require-all"])
+        self.wait_probe(name, ready=True, timeout=10, command=PINNED_PROBE)
         counts = {k: self.proxy.count(k) for k in ("LIST", "HEAD", "GET")}
         check(counts == {"LIST": 0, "HEAD": 0, "GET": 0}, f"the pinned production image sent requests: {counts}")
         self.results["production_requests"] = counts
@@ -433,6 +435,9 @@ class Run:
         check(block, "no ```yaml pod spec in the README's Kubernetes section")
         pod = yaml.safe_load(block.group(1))  # type: ignore[union-attr]
         check(pod.get("kind") == "Pod", "the README's spec is not a Pod")
+        dynamic = re.search(r"^\s*# args: (\[.*?\])\s+# dynamic mode$", block.group(1), re.M)  # type: ignore[union-attr]
+        check(dynamic, "no commented `# args: [...]  # dynamic mode` line in the README's pod spec")
+        pod["x-dynamic-args"] = json.loads(dynamic.group(1))  # type: ignore[union-attr]
         return pod
 
     def pod_for(self, mode: str) -> dict[str, Any]:
@@ -442,6 +447,7 @@ class Run:
         ConfigMap lines uncommented, and the practicus volume on a shared host
         folder (a podman emptyDir is not a shared mount: see the README)."""
         pod = copy.deepcopy(self.readme_pod())
+        dynamic_args = pod.pop("x-dynamic-args")
         spec = pod["spec"]
         spec["hostNetwork"] = True
         spec["restartPolicy"] = "Never"
@@ -463,7 +469,9 @@ class Run:
             lazy["securityContext"] = {"capabilities": {"add": ["SYS_ADMIN"]}}
             lazy["volumeMounts"].append({"name": "fuse", "mountPath": "/dev/fuse"})
             spec["volumes"].append({"name": "fuse", "hostPath": {"path": "/dev/fuse", "type": "CharDevice"}})
-        if mode == "dynamic":
+        if mode == "dynamic":  # prebaked: as written, no args (the image's own, pinned command)
+            check("args" not in lazy, "the README's pod spec gives the prebaked mode args of its own")
+            lazy["args"] = dynamic_args
             lazy["volumeMounts"].append({"name": "model-json", "mountPath": "/app"})
             spec["volumes"].append({"name": "model-json", "configMap": {"name": "my-model-json"}})
         return pod
@@ -494,7 +502,17 @@ class Run:
             self.wait_probe(lazy, ready=True, timeout=60, command=probe)
             gets = self.gets()
             if mode == "prebaked":
-                check(gets == 0, f"the prebaked pod downloaded: {gets} GETs")
+                counts = {k: self.proxy.count(k) for k in ("LIST", "HEAD", "GET")}
+                check(counts == {"LIST": 0, "HEAD": 0, "GET": 0}, f"the prebaked pod sent requests: {counts}")
+                check("ready PINNED" in self.podman.logs(lazy), "the prebaked pod did not start pinned")
+                self.wait_probe(lazy, ready=True, timeout=10, command=PINNED_PROBE)
+                # The probe asks the mount: a daemon that stopped answering is not ready.
+                self.podman("kill", "--signal", "STOP", lazy)
+                try:
+                    self.wait_probe(lazy, ready=False, timeout=60, command=probe)
+                finally:
+                    self.podman("kill", "--signal", "CONT", lazy)
+                self.wait_probe(lazy, ready=True, timeout=60, command=probe)
             else:
                 check(gets > 0, "the dynamic pod downloaded nothing")
             self.podman("pod", "stop", "-t", "30", POD, timeout=90)
