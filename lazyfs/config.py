@@ -62,9 +62,9 @@ class RemoteConfig:
     # --addressing-style; None: the profile's, else path with an endpoint from any source
     # (what MinIO, Ceph and most S3-compatible stores need), else "auto" (remote.addressing).
     addressing_style: AddressingStyle | None = None
-    # botocore's own retries (standard mode: exponential backoff with jitter,
-    # covers 5xx, SlowDown, throttling and connection errors before the body).
-    # 5 attempts ride out the usual brief S3 hiccups in about 5 seconds.
+    # botocore's own retries (standard mode, covering 5xx, SlowDown, throttling
+    # and connection errors before the body), waiting as backoff.py says:
+    # 5 attempts ride out the usual brief S3 hiccups, 3 to 9 s in all.
     max_attempts: int = 5
     connect_timeout: float = 5.0
     # A body that delivers no byte for this long is a stalled connection.

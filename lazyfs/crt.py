@@ -19,7 +19,6 @@ from __future__ import annotations
 import concurrent.futures
 import ipaddress
 import logging
-import random
 import re
 import threading
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from lazyfs import crtanswer
+from lazyfs.backoff import retry_delay
 from lazyfs.config import FetchConfig, RemoteConfig
 from lazyfs.crtanswer import Answered
 from lazyfs.crtanswer import Received as _Received
@@ -173,7 +173,7 @@ class CrtTransfer:
                     if isinstance(e, Answered):
                         raise e.kept_failing() from None
                     raise
-                delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
+                delay = retry_delay(attempt)
                 retry_line(log, logging.INFO, (job.obj.uri, shape(str(e)), attempt), "%s; retrying bytes %d-%d "
                            "in %.1f s (attempt %d of %d)", naming(job.obj, e), state.reached, job.end - 1, delay,
                            attempt + 1, self.cfg.max_attempts)

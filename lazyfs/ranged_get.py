@@ -9,11 +9,11 @@ download state itself (docs/concurrency.md).
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+from lazyfs.backoff import retry_delay
 from lazyfs.errors import RemoteUnavailable
 from lazyfs.namespace import RemoteObject
 from lazyfs.objectstore import Body, ObjectStore, ResponseMeta
@@ -102,7 +102,7 @@ def _fetch(remote: ObjectStore, job: RangeJob, writer: PieceWriter) -> None:
             attempt += 1
             if attempt >= job.attempts:
                 raise
-            delay = min(8.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.5)
+            delay = retry_delay(attempt)
             retry_line(log, logging.INFO, (job.obj.uri, shape(str(e)), attempt), "%s; retrying bytes %d-%d in "
                        "%.1f s (attempt %d of %d)", naming(job.obj, e), pos, end - 1, delay, attempt + 1, job.attempts)
             STATS.bump("retries")

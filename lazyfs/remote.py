@@ -19,10 +19,12 @@ import botocore.configprovider
 import botocore.exceptions
 import botocore.handlers
 import botocore.retries.quota
+import botocore.retries.standard
 import botocore.session
 import urllib3.exceptions
 
 from lazyfs import answers, awssession, errors, exhausted, listanswers, listxml, objectheaders, redact
+from lazyfs.backoff import retry_delay
 from lazyfs.clientretries import ClientAttempts, calling
 from lazyfs.config import AddressingStyle, RemoteConfig, Source, endpoint
 from lazyfs.crtcreds import BotocoreCredentials, CredentialsUnavailable, wait_for_credentials
@@ -71,23 +73,40 @@ class _NeverSpent(botocore.retries.quota.RetryQuota):
         return True
 
 
-# No setting leaves the quota out: botocore makes it as it registers a new
-# client's retries (botocore.retries.standard.register_retry_handler calls
-# quota.RetryQuota()), so the class is swapped while our client is made,
-# one client at a time.  tests/unit/test_retry_quota.py fails if a botocore
-# upgrade makes it another way.
+class _OurBackoff(botocore.retries.standard.ExponentialBackoff):
+    """backoff.py's schedule for a GET's retries (botocore's waits 50 ms, doubling, for any error but
+    throttling: a 1.5 s burst of 500s failed the read); a store's `x-amz-retry-after` still counts.  A
+    LIST's and a HEAD's keep botocore's: the first listing's refused connections make an offline start
+    in about a second, and a listing that keeps failing is retried by the lister itself (lister.py)."""
+
+    def delay_amount(self, context: Any) -> float:
+        if getattr(context.operation_model, "name", "GetObject") != "GetObject":
+            return float(super().delay_amount(context))
+        delay = retry_delay(context.attempt_number)
+        after = self._get_retry_after_delay(context) if hasattr(self, "_get_retry_after_delay") else None
+        return delay if after is None else max(delay, min(after, delay + 5))
+
+
+# No setting leaves the quota out or sets the backoff: botocore makes both as
+# it registers a new client's retries (botocore.retries.standard.
+# register_retry_handler calls quota.RetryQuota() and ExponentialBackoff()),
+# so the classes are swapped while our client is made, one client at a time.
+# tests/unit/test_retry_quota.py fails if a botocore upgrade makes them
+# another way.
 _QUOTA_SWAP = threading.Lock()
 
 
 def _client(core: botocore.session.Session, **kwargs: Any) -> Any:
-    """An S3 client of `core` whose requests each get all their retries (_NeverSpent)."""
-    quota = botocore.retries.quota
+    """An S3 client of `core` whose requests each get all their retries (_NeverSpent), our backoff between them."""
+    quota, standard = botocore.retries.quota, botocore.retries.standard
     with _QUOTA_SWAP:
         stock, quota.RetryQuota = quota.RetryQuota, _NeverSpent  # type: ignore[misc]
+        stock_backoff, standard.ExponentialBackoff = standard.ExponentialBackoff, _OurBackoff  # type: ignore[misc]
         try:
             return core.create_client("s3", **kwargs)
         finally:
             quota.RetryQuota = stock  # type: ignore[misc]
+            standard.ExponentialBackoff = stock_backoff  # type: ignore[misc]
 
 
 def addressing(flag: AddressingStyle | None, profile_s3: Any, endpoint_url: str | None) -> AddressingStyle:
