@@ -7,6 +7,7 @@ tables follow these (tests/unit/test_options.py checks that none is missing).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, get_args
@@ -70,6 +71,20 @@ def parse_options(options: Sequence[Option], raw: Mapping[str, Any]) -> dict[str
 def _refresh(value: float, flag: str) -> float:
     if not value >= 0:  # negative, or NaN
         raise ConfigError(f"{flag} {value:g} must be 0 (never) or a number of seconds")
+    return value
+
+
+_HOST_NAME = re.compile(r"(?i)(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z]([a-z0-9-]{0,61}[a-z0-9])?\.?")
+
+
+def _address(value: str, flag: str) -> str:
+    """An IP address or a host name to listen on; `999.1.1.1` or `a b` is a usage error (exit 2),
+    not a failure to serve found once the mount has started (exit 1)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(value):
+            raise ConfigError(f"{flag} {value!r} is neither an IP address nor a host name") from None
     return value
 
 
@@ -259,7 +274,7 @@ MOUNT = (
     MEMORY_LIMIT,
     Option("--metrics-port", "serve Prometheus metrics at http://ADDR:PORT/metrics (default: off)", "PORT",
            type=int, check=in_range(1, 65535)),
-    Option("--metrics-addr", "address for --metrics-port (0.0.0.0 to widen)", "ADDR",
+    Option("--metrics-addr", "address for --metrics-port (0.0.0.0 to widen)", "ADDR", check=_address,
            default=(MountConfig, "metrics_addr")),
     Option("--refresh", "list the folders again this often to pick up new versions (0: only on SIGHUP)",
            "SECONDS", type=float, check=_refresh, default=(MountConfig, "refresh")),

@@ -52,6 +52,9 @@ def test_help_shows_the_defaults_of_the_config_classes() -> None:
     ("refresh", -0.5, "--refresh -0.5 must be 0 (never) or a number of seconds"),
     ("memory_limit", "16MiB", "--memory-limit 16MiB is too small (at least 32MiB)"),
     ("metrics_port", 70000, "--metrics-port 70000 must be between 1 and 65535"),
+    # Not an address: a usage error before the mount starts (was exit 1, "Name or service not known").
+    ("metrics_addr", "999.1.1.1", "--metrics-addr '999.1.1.1' is neither an IP address nor a host name"),
+    ("metrics_addr", "a b", "--metrics-addr 'a b' is neither an IP address nor a host name"),
     ("cache_max_size", "lots", "is not a size"),
     ("part_size", "6G", "--part-size 6G is too large (at most 5GiB: S3's largest part)"),
     ("part_size", "99999999999999999999999", "--part-size 99999999999999999999999 is too large (at most 5GiB"),
@@ -92,6 +95,8 @@ def test_bad_values_are_one_sentence_naming_the_flag(flag: str, value: object, m
     ("file_mode", "00555", 0o555),  # as chmod takes it
     ("cache_max_size", "100E", 100 << 60),  # exbibytes are a size (was "not a size")
     ("cache_max_size", "1MiB", 1 << 20), ("cache_max_size", "1048576", 1 << 20),  # one download block
+    ("metrics_addr", "0.0.0.0", "0.0.0.0"), ("metrics_addr", "::", "::"), ("metrics_addr", "localhost", "localhost"),
+    ("metrics_addr", "metrics.svc.cluster.local", "metrics.svc.cluster.local"),
 ])
 def test_the_bounds_themselves_are_accepted(flag: str, value: str, expected: int) -> None:
     assert options.parse_options(options.MOUNT, {flag: value})[flag] == expected
