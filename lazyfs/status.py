@@ -404,7 +404,7 @@ def report(answer: Answer, as_json: bool, out: TextIO) -> None:
     width = max([len(f"{f.size:,}") for f in files] + [4])
     print(f"{'STATE':<11} {'SIZE':>{width}}  PATH", file=out)
     for f in files:
-        print(f"{f.state.value:<11} {f.size:>{width},}  {f.path}", file=out)
+        print(f"{f.state.value:<11} {f.size:>{width},}  {wording.one_line(f.path)}", file=out)  # a row per file
     summary = ", ".join(f"{n} {state}" for state, n in counts.items())
     unverified = sum(1 for f in files if f.verified == "unverified")
     if unverified:

@@ -52,6 +52,21 @@ def test_the_summary_counts_in_words(n: int, said: str) -> None:
     assert out.getvalue().splitlines()[-1].startswith(said), out.getvalue()
 
 
+def test_a_row_per_file_whatever_its_name_holds() -> None:
+    """A key with a line separator (U+2028, which str.splitlines splits at),
+    a newline or a terminal escape stays on its row, escaped as the log
+    escapes it; --json keeps the name as it is."""
+    names = ["m/line\u2028sep.bin", "m/new\nline.bin", "m/esc\x1b[2J.bin", "m/plain.bin"]
+    out = io.StringIO()
+    report(Answer([FileStatus(n, 1, FileState.CACHED) for n in names], "n"), False, out)
+    rows = out.getvalue().splitlines()[1:-1]
+    assert [row.split(None, 2)[2] for row in rows] == [
+        "m/line\\u2028sep.bin", "m/new\\nline.bin", "m/esc\\x1b[2J.bin", "m/plain.bin"], rows
+    out = io.StringIO()
+    report(Answer([FileStatus(n, 1, FileState.CACHED) for n in names], "n"), True, out)
+    assert [f["path"] for f in json.loads(out.getvalue())["files"]] == names
+
+
 def test_nothing_unknown_and_every_file_on_disk_is_ready() -> None:
     cached = [FileStatus("a", 1, FileState.CACHED), FileStatus("b", 1, FileState.PREBAKED)]
     assert Answer(cached, "n").ready
