@@ -23,7 +23,7 @@ from lazyfs.catalog import Catalog
 from lazyfs.config import DoctorConfig, RemoteConfig
 from lazyfs.errors import BadEndpoint, LazyfsError, again
 from lazyfs.identity import user_xattrs_work
-from lazyfs.mounttab import BrokenMount, broken_mount_holding, find_mount, probe_mount
+from lazyfs.mounttab import BrokenMount, broken_mount_holding, find_mount, on_mount, probe_mount
 from lazyfs.namespace import MARKER_BODY, UNSAFE, Skipped, Tree
 from lazyfs.passthrough import kernel_at_least, kernel_passes_through
 from lazyfs.remote import Remote
@@ -182,7 +182,7 @@ def _on_broken_mount(name: str, path: Path) -> Check | None:
     if broken is None:
         return None
     also = "" if broken.dead else " (if its daemon is gone or hung)"
-    return Check(FAIL, name, f"{path} is on {broken.entry.mountpoint}, {broken.what}", broken.fix + also)
+    return Check(FAIL, name, f"{path} {on_mount(path, broken.entry.mountpoint)} {broken.what}", broken.fix + also)
 
 
 def store(cfg: DoctorConfig) -> list[Check]:

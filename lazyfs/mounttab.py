@@ -237,10 +237,15 @@ def check_answering(path: str | Path, what: str) -> None:
     broken = broken_mount_holding(path)
     if broken is None:
         return
-    mnt = broken.entry.mountpoint
+    where = on_mount(path, broken.entry.mountpoint)
     if broken.dead:
-        raise MountError(f"{what} {path} is on {mnt}, {broken.what}; run: {broken.fix}")
-    raise MountError(f"{what} {path} is on {mnt}, {broken.what}; if its daemon is gone or hung, run: {broken.fix}")
+        raise MountError(f"{what} {path} {where} {broken.what}; run: {broken.fix}")
+    raise MountError(f"{what} {path} {where} {broken.what}; if its daemon is gone or hung, run: {broken.fix}")
+
+
+def on_mount(path: str | Path, mountpoint: str) -> str:
+    """"is on MNT,", or "is" for the mountpoint itself ("/mnt is a stale mount", not "/mnt is on /mnt, a ...")."""
+    return "is" if os.path.normpath(str(path)) == os.path.normpath(mountpoint) else f"is on {mountpoint},"
 
 
 def check_mountpoint(path: Path) -> None:

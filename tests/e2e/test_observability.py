@@ -299,7 +299,8 @@ def test_status_and_other_commands_refuse_a_path_on_a_stale_mount(mount, bucket,
         assert res.stdout == "", (what, res.stdout)
         [line] = res.stderr.strip().splitlines()
         assert line.startswith("lazyfs: error: "), (what, line)
-        assert f"is on {m.path}, a stale mount (its daemon died); run: {fix}" in line, (what, line)
+        where = f"{m.path} is" if what.startswith("status") and "inside" not in what else f"is on {m.path},"
+        assert f"{where} a stale mount (its daemon died); run: {fix}" in line, (what, line)
     res = doctor([str(tmp_path / "other"), "--store", str(m.path / "store"), *source])
     assert res.returncode == 1 and f"a stale mount (its daemon died) -> fix: {fix}" in res.stdout, res.stdout
 
