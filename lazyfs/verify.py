@@ -8,7 +8,8 @@ In order of preference:
      checksums>-<parts>": what boto3 and the AWS CLI send by default, CRC32),
      or else a multipart ETag ("<md5 of part md5s>-<parts>"), each recomputed
      part by part (a CRC costs a fraction of an MD5) from part sizes the store
-     confirmed: it must report the same number of parts as the ETag (HEAD
+     confirmed (a single part is the whole object: nothing to ask): it must
+     report the same number of parts as the ETag (HEAD
      ?partNumber=1 answers x-amz-mp-parts-count); every part but the last is
      taken to have part 1's size (what every common uploader does), and when
      that does not match, each part's size is asked for; a store that cannot
@@ -163,6 +164,10 @@ def choose(etag: str, checksum: tuple[str, str, str] | None, etag_is_md5: bool, 
 
 def _parts(algorithm: str, value: str, count: int, size: int, part: PartLookup,
            guess: bool) -> Expectation | None:
+    if count == 1:
+        # One part is the whole object: its size is known without asking (a
+        # store that ignores partNumber cannot tell it, and need not).
+        return Expectation(algorithm, value, (size,))
     sizes = assumed_part_sizes(size, count, part)
     if sizes is not None:
         # One or two parts are fully determined by part 1 and the size.

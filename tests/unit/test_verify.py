@@ -133,3 +133,21 @@ def test_a_store_that_cannot_say_its_parts_is_checked_against_a_common_uploaders
     assert verify.guessed_part_sizes(8 * MiB, 1) is None  # one part is not a multipart upload
     big = 200_000 * MiB  # boto3 doubles 8 MiB until there are at most 10,000 parts: 32 MiB
     assert verify.guessed_part_sizes(big, 6250) == (32 * MiB,) * 6250
+
+
+def test_a_one_part_upload_is_checked_by_its_etag_without_asking_for_its_part() -> None:
+    """ETag "...-1": the one part is the whole object, so its size is known
+    where the store cannot say it (Ceph RGW), for a download and a lock alike."""
+    asked: list[int] = []
+
+    def cannot_say(n: int) -> verify.Part:
+        asked.append(n)
+        return verify.Part(3000, 0)
+
+    for guess in (True, False):
+        chosen = verify.choose("0" * 32 + "-1", None, True, 3000, cannot_say, guess=guess)
+        assert chosen is not None and chosen.algorithm == "MD5-multipart"
+        assert chosen.part_sizes == (3000,) and chosen.exact
+    composite = verify.choose("0" * 32 + "-1", ("CRC32", "AAAAAA==-1", "COMPOSITE"), True, 3000, cannot_say)
+    assert composite is not None and composite.algorithm == "CRC32-composite" and composite.part_sizes == (3000,)
+    assert not asked
