@@ -95,15 +95,31 @@ def replaced(obj: RemoteObject, why: Exception) -> None:
 UNVERIFIED = "unverified"
 
 
+class Unconfirmed(IntegrityError):
+    """Downloaded bytes that a multipart ETag (or composite checksum) cut at
+    assumed part sizes does not match, from a store that cannot say its part
+    sizes: bad bytes, or an uploader's uncommon part sizes.  `hashed` is what
+    they hash to at those sizes, for a second download to be compared with
+    (check's `earlier`; the runner downloads again)."""
+
+    def __init__(self, message: str, hashed: verify.Hashed) -> None:
+        super().__init__(message)
+        self.hashed = hashed
+
+
 def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectation | None,
-          cancelled: Callable[[], bool], hashed: verify.Hashed | None = None) -> str:
+          cancelled: Callable[[], bool], hashed: verify.Hashed | None = None,
+          earlier: verify.Hashed | None = None, again: bool = False) -> str:
     """Check the file against `exp`: how it was verified ("CRC32", "MD5",
     "MD5-multipart"...), or UNVERIFIED.  IntegrityError only on evidence:
     a multipart ETag computed from assumed part sizes that does not match
-    is recomputed from each part's reported size first (or the file is
-    unverified when the store cannot say), the object is confirmed
-    unchanged, and bytes that fail a checksum the store computed are
-    checked against its MD5 ETag before they are called corrupt."""
+    is recomputed from each part's reported size first, the object is
+    confirmed unchanged, and bytes that fail a checksum the store computed
+    are checked against its MD5 ETag before they are called corrupt.  When
+    the store cannot say its part sizes: a local copy (not `again`) is
+    unverified; a download (`again`) is Unconfirmed the first time, and the
+    second (`earlier`: what the first hashed to) unverified if its bytes are
+    the first's, IntegrityError if not."""
     if exp is None:
         log.info("%s: the object store offers nothing to check it against beyond its size; unverified", quoted(obj.uri))
         return UNVERIFIED
@@ -111,7 +127,7 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
         return exp.algorithm  # hashed as the file filled (alongside.hash_along)
     # A running digest or pieces' sums that do not match decide nothing: the file is hashed from the disk.
     try:
-        verified = _hashed_against(remote, fd, obj, exp, cancelled)
+        verified, got = _hashed_against(remote, fd, obj, exp, cancelled)
     except IntegrityError:
         info = remote.head(obj.bucket, obj.key, etag=obj.etag)  # ObjectChanged if it was replaced meanwhile
         by_etag = _second_opinion(remote, fd, obj, exp, info.etag_is_md5, cancelled)
@@ -119,31 +135,48 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
             return by_etag
         raise
     if verified == UNVERIFIED:
-        # Said for a download and for a local copy alike: each caller says what it does with it.
-        log.warning("%s: its multipart %s does not match the part sizes assumed, and the size of each part "
-                    "cannot be learnt (the object store cannot say it, or a lock with no version id to ask "
-                    "by does not name it); its content is unverified", quoted(obj.uri),
-                    "ETag" if exp.algorithm == "MD5-multipart" else "checksum")
+        return _unconfirmed(obj, verify.Hashed(exp, obj.size, got), earlier, again)
     return verified
 
 
+_UNSAID = ("its multipart {what} does not match the part sizes assumed, and the size of each part cannot be "
+           "learnt (the object store cannot say it, or a lock with no version id to ask by does not name it)")
+
+
+def _unconfirmed(obj: RemoteObject, now: verify.Hashed, earlier: verify.Hashed | None, again: bool) -> str:
+    """UNVERIFIED, or the error, for bytes that a multipart ETag or composite
+    checksum cut at assumed part sizes does not match (check)."""
+    unsaid = _UNSAID.format(what="ETag" if now.exp.algorithm == "MD5-multipart" else "checksum")
+    if not again:  # a local copy: its caller says what it does with it
+        log.warning("%s: %s; its content is unverified", quoted(obj.uri), unsaid)
+        return UNVERIFIED
+    if earlier is None:
+        raise Unconfirmed(f"{quoted(obj.uri)}: {unsaid}: bad bytes, or an uploader's uncommon part sizes", now)
+    if earlier != now:
+        raise IntegrityError(f"{quoted(obj.uri)}: {unsaid}, and two downloads of it differed ({now.exp.algorithm} at "
+                             f"the part sizes assumed: {earlier.value}, then {now.value}): bad bytes")
+    log.warning("%s: %s; two downloads of it gave the same bytes (an uploader's uncommon part sizes), so its "
+                "content is unverified", quoted(obj.uri), unsaid)
+    return UNVERIFIED
+
+
 def _hashed_against(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectation,
-                    cancelled: Callable[[], bool]) -> str:
-    """exp.algorithm when the file's bytes match `exp`; part sizes that were
-    assumed and do not match are replaced by the ones the store tells, or
-    give UNVERIFIED when it cannot say.  IntegrityError otherwise."""
-    try:
-        verify.check(fd, obj.size, exp, quoted(obj.uri), cancelled)
-        return exp.algorithm
-    except IntegrityError:
-        if exp.per_part and not exp.exact:
-            sizes = verify.exact_part_sizes(obj.size, len(exp.part_sizes), lambda n: remote.part(obj, n))
-            if sizes is None:
-                return UNVERIFIED
-            if sizes != exp.part_sizes:
-                told = dataclasses.replace(exp, part_sizes=sizes, exact=True)
-                return _hashed_against(remote, fd, obj, told, cancelled)
-        raise
+                    cancelled: Callable[[], bool]) -> tuple[str, str]:
+    """(exp.algorithm, the digest) when the file's bytes match `exp`; part
+    sizes that were assumed and do not match are replaced by the ones the
+    store tells, or give (UNVERIFIED, what the bytes hash to at the sizes
+    assumed) when it cannot say.  IntegrityError otherwise."""
+    got = verify.compute(fd, obj.size, exp, cancelled)
+    if got == exp.value:
+        return exp.algorithm, got
+    if exp.per_part and not exp.exact:
+        sizes = verify.exact_part_sizes(obj.size, len(exp.part_sizes), lambda n: remote.part(obj, n))
+        if sizes is None:
+            return UNVERIFIED, got
+        if sizes != exp.part_sizes:
+            told = dataclasses.replace(exp, part_sizes=sizes, exact=True)
+            return _hashed_against(remote, fd, obj, told, cancelled)
+    raise verify.mismatch(exp, got, quoted(obj.uri))
 
 
 def _second_opinion(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectation,
@@ -162,7 +195,7 @@ def _second_opinion(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify
     if etag_exp is None:
         return ""
     try:
-        verified = _hashed_against(remote, fd, obj, etag_exp, cancelled)
+        verified, _ = _hashed_against(remote, fd, obj, etag_exp, cancelled)
     except IntegrityError:
         return ""
     if verified == UNVERIFIED:
@@ -193,10 +226,13 @@ class Finished:
 
 def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Partial, meta: ResponseMeta | None,
                                 *, keep: bool, origin: str, cancelled: Callable[[], bool],
-                                hashed: verify.Hashed | None = None, current: bool = False) -> Finished:
-    """IntegrityError when the bytes are wrong, StoreError when they cannot be
-    published.  `current`: the listing shows this very version now, so it is
-    placed even over a file with a later Last-Modified (a rollback)."""
+                                hashed: verify.Hashed | None = None, current: bool = False,
+                                earlier: verify.Hashed | None = None) -> Finished:
+    """IntegrityError when the bytes are wrong (Unconfirmed: download it
+    again, and pass what this one hashed to as `earlier`), StoreError when
+    they cannot be published.  `current`: the listing shows this very version
+    now, so it is placed even over a file with a later Last-Modified (a
+    rollback)."""
     obj = partial.obj
     with lower_priority():
         # What the file hashed to along the download was made for what S3
@@ -206,7 +242,7 @@ def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Part
         # An empty file too: its bytes (none) against the ETag (the MD5 of
         # nothing) or checksum, as the HEAD already made tells, so it says
         # what it was checked by like any other file.
-        verified = check(remote, partial.fd, obj, exp, cancelled, hashed)
+        verified = check(remote, partial.fd, obj, exp, cancelled, hashed, earlier, again=True)
         if not keep:
             return Finished(verified, placed=False, not_kept="larger than the cache budget")
         try:

@@ -408,7 +408,8 @@ def report(answer: Answer, as_json: bool, out: TextIO) -> None:
     summary = ", ".join(f"{n} {state}" for state, n in counts.items())
     unverified = sum(1 for f in files if f.verified == "unverified")
     if unverified:
-        summary += f" ({unverified} unverified: the object store offered nothing to check them against)"
+        summary += (f" ({unverified} unverified: only their size was checked, not their content: the object store "
+                    f"offered nothing lazyfs can check it against, or a multipart ETag of part sizes it cannot say)")
     checked = sum(1 for f in files if f.content == "no checksum")
     if checked:
         summary += f" ({checked} with no checksum in the lock: judged by identity record)"

@@ -18,7 +18,8 @@ In order of preference:
      parts (COMMON_PART_SIZES; never in a lock);
   4. nothing but the size, when none of those applies (SSE-KMS and SSE-C
      ETags are not MD5s; a multipart upload of another part size on a store
-     that cannot say its parts).  Such a file is published *unverified*,
+     that cannot say its parts: a download of one is made twice and the two
+     compared first, completion.check).  Such a file is published *unverified*,
      never called corrupt without evidence.
 
 Blocking: reads the whole file.  Run in a worker thread.
@@ -318,5 +319,10 @@ def check(fd: int, size: int, exp: Expectation, uri: str,  # (as a log line show
           cancelled: Callable[[], bool] = lambda: False) -> None:
     got = compute(fd, size, exp, cancelled)
     if got != exp.value:
-        raise IntegrityError(f"{uri}: downloaded bytes do not match the object's "
-                             f"{exp.algorithm} (expected {exp.value}, got {got})")
+        raise mismatch(exp, got, uri)
+
+
+def mismatch(exp: Expectation, got: str, uri: str) -> IntegrityError:
+    """The error for bytes that hash to `got`, not to `exp`."""
+    return IntegrityError(f"{uri}: downloaded bytes do not match the object's "
+                          f"{exp.algorithm} (expected {exp.value}, got {got})")

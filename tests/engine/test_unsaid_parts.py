@@ -71,3 +71,69 @@ def test_a_prebaked_one_part_copy_is_checked_by_its_etag(tmp_path: Path) -> None
         assert store.local_state(right, check.checked).verified == "MD5-multipart"
     finally:
         store.close()
+
+
+def gets_bytes(remote: FakeRemote, key: str) -> int:
+    return sum(g.end - g.start for g in remote.gets(key))
+
+
+@trio_test
+async def test_bytes_no_assumed_part_size_confirms_are_downloaded_again_and_refused_if_they_differ(
+        remote: FakeRemote, stores, tmp_path: Path, caplog) -> None:
+    """An upload in boto3's 8 MiB parts, its bytes corrupted in transit (each
+    download differently): no part size the store could confirm, so before,
+    it was published "unverified"; now it is downloaded again, and the two
+    differ: bad bytes, never published."""
+    data = os.urandom(19 * MiB)
+    obj = remote.put(BUCKET, "m/flip.bin", data, parts=(8 * MiB, 8 * MiB, 3 * MiB), says_parts=False)
+    firsts: list[int] = []
+
+    def flip(call) -> None:  # type: ignore[no-untyped-def]
+        if call.key == obj.key and call.start == 0:
+            firsts.append(1)
+            remote.corrupt(BUCKET, obj.key, at=len(firsts))  # the first GET's byte 1, the next's byte 2 too
+    remote.on_get.append(flip)
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        dl = await fetch_whole(fetcher, obj)
+        assert isinstance(dl.error, IntegrityError) and not dl.complete, dl.verified
+    assert "two downloads of it differed" in str(dl.error)
+    assert "downloading it again to compare" in caplog.text
+    assert not (tmp_path / "store" / "m/flip.bin").exists()
+    assert gets_bytes(remote, obj.key) == 2 * len(data)
+
+
+@trio_test
+async def test_bytes_corrupted_once_verify_by_the_second_download(remote: FakeRemote, stores, tmp_path: Path) -> None:
+    data = os.urandom(19 * MiB)
+    obj = remote.put(BUCKET, "m/once.bin", data, parts=(8 * MiB, 8 * MiB, 3 * MiB), says_parts=False)
+    remote.corrupt(BUCKET, obj.key, at=9 * MiB)
+    seen: list[int] = []
+
+    def mend(call) -> None:  # type: ignore[no-untyped-def]
+        if call.key == obj.key and call.start == 0:
+            seen.append(1)
+            if len(seen) == 2:
+                remote.corrupt(BUCKET, obj.key, at=9 * MiB)  # flipped back: the second download's bytes are right
+    remote.on_get.append(mend)
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        dl = await fetch_whole(fetcher, obj)
+        assert dl.complete and dl.verified == "MD5-multipart", dl.error
+    assert (tmp_path / "store" / "m/once.bin").read_bytes() == data
+
+
+@trio_test
+async def test_uncommon_part_sizes_are_published_unverified_after_two_downloads_agree(
+        remote: FakeRemote, stores, tmp_path: Path, caplog) -> None:
+    """The cost of telling an uploader's uncommon part sizes from bad bytes
+    where the store cannot say its parts: the object is downloaded twice."""
+    data = os.urandom(13 * MiB)
+    obj = remote.put(BUCKET, "m/other.bin", data, parts=(6 * MiB, 6 * MiB, MiB), says_parts=False)
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    async with running(fetcher):
+        dl = await fetch_whole(fetcher, obj)
+        assert dl.complete and dl.verified == "unverified", dl.error
+    assert (tmp_path / "store" / "m/other.bin").read_bytes() == data
+    assert gets_bytes(remote, obj.key) == 2 * len(data)
+    assert "two downloads of it gave the same bytes" in caplog.text
