@@ -148,7 +148,7 @@ def _unconfirmed(obj: RemoteObject, now: verify.Hashed, earlier: verify.Hashed |
     checksum cut at assumed part sizes does not match (check)."""
     unsaid = _UNSAID.format(what="ETag" if now.exp.algorithm == "MD5-multipart" else "checksum")
     if not again:  # a local copy: its caller says what it does with it
-        log.warning("%s: %s; its content is unverified", quoted(obj.uri), unsaid)
+        log.warning("%s: %s", quoted(obj.uri), unsaid)
         return UNVERIFIED
     if earlier is None:
         raise Unconfirmed(f"{quoted(obj.uri)}: {unsaid}: bad bytes, or an uploader's uncommon part sizes", now)

@@ -80,7 +80,10 @@ class PrebakedCheck:
     whose content cannot be checked (the lock names no checksum) is not
     served: only its size would vouch for it, and a pinned mount serves
     nothing but the locked bytes.  Unpinned, such a copy is used, as the
-    seed's rule says.
+    seed's rule says, but for one a multipart ETag at the part sizes assumed
+    does not match where the store cannot say its part sizes: bad bytes or
+    uncommon part sizes, which a download can tell apart (completion.check)
+    and a copy cannot, so the object is downloaded instead.
 
     When the object store cannot be reached (an offline start), the copy is
     checked against what the listing says (completion.listed_expectation):
@@ -153,8 +156,14 @@ class PrebakedCheck:
             return _Judged("")
         except RemoteError as e:
             return self._without_store(obj, copy, e, listings)
-        if verified == UNVERIFIED and exp is not None:  # completion.check said why
+        if verified == UNVERIFIED and exp is not None and self.pinned:
             return _Judged(self._by_size(obj, copy, "its part sizes are not known"))
+        if verified == UNVERIFIED and exp is not None:
+            # Bad bytes or an uploader's uncommon part sizes: only a download can tell (completion.check).
+            log.warning("%s: the local copy in the %s cannot be shown to match the object: its part sizes are "
+                        "not known; not serving it (the object is downloaded instead)", quoted(obj.uri),
+                        copy.layer.label)
+            return _Judged("")
         if verified == UNVERIFIED:
             what = "the lock names no checksum" if self.pinned else "S3 offers nothing"
             return _Judged(self._by_size(obj, copy, f"{what} to check the local copy against"))

@@ -137,3 +137,33 @@ async def test_uncommon_part_sizes_are_published_unverified_after_two_downloads_
     assert (tmp_path / "store" / "m/other.bin").read_bytes() == data
     assert gets_bytes(remote, obj.key) == 2 * len(data)
     assert "two downloads of it gave the same bytes" in caplog.text
+
+
+def test_a_prebaked_copy_no_assumed_part_size_confirms_is_not_served(tmp_path: Path, caplog) -> None:
+    """--verify etag: a copy of a boto3 upload with a flipped byte, where the
+    store cannot say its part sizes, was served by its size ("its part sizes
+    are not known; using it as its size matches"); now it is not, nor one of
+    uncommon part sizes (a download can tell those from bad bytes, a copy
+    cannot): the object is downloaded instead."""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "layer" / "m").mkdir(parents=True)
+    remote = FakeRemote()
+    data = os.urandom(17 * MiB)
+    boto3 = remote.put(BUCKET, "m/boto3.bin", data, parts=(8 * MiB, 8 * MiB, MiB), says_parts=False)
+    other = remote.put(BUCKET, "m/other.bin", data[::-1], parts=(6 * MiB, 6 * MiB, 5 * MiB), says_parts=False)
+    (tmp_path / "layer" / "m" / "boto3.bin").write_bytes(data[:5] + bytes([data[5] ^ 1]) + data[6:])
+    (tmp_path / "layer" / "m" / "other.bin").write_bytes(data[::-1])
+    store = Store.open(str(tmp_path / "s"), [str(tmp_path / "layer")])
+    try:
+        check = PrebakedCheck(remote, store)
+        for obj in (boto3, other):
+            copy = store.find_current(obj)
+            assert copy is not None
+            try:
+                assert check(obj, copy) is False, obj.key
+            finally:
+                os.close(copy.fd)
+    finally:
+        store.close()
+    assert "not serving it (the object is downloaded instead)" in caplog.text
+    assert "using it as its size matches" not in caplog.text
