@@ -100,7 +100,13 @@ class MaskedFormatter(logging.Formatter):
     """Tracebacks (`--log-level debug`'s internal error, an unexpected error's
     log line) masked as credential errors are (redact.masked_lines): an
     exception's message, or one chained to it, may carry what a credential
-    source said (a helper's stderr, with the keys it echoed)."""
+    source said (a helper's stderr, with the keys it echoed).  Every message,
+    lazyfs's and a library's alike, with any URL's password masked
+    (redact.urls): an endpoint may carry one, and botocore's words quote it."""
+
+    @staticmethod
+    def message(record: logging.LogRecord) -> str:
+        return redact.urls(record.getMessage())
 
     def formatException(self, ei: Any) -> str:
         return redact.masked_lines(super().formatException(ei))
@@ -117,10 +123,10 @@ class JsonFormatter(MaskedFormatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
-               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+               "level": record.levelname.lower(), "logger": record.name, "message": self.message(record)}
         for name in self.FIELDS:
             if hasattr(record, name):
-                out[name] = getattr(record, name)
+                out[name] = redact.urls_in(getattr(record, name))
         if record.exc_info:
             out["traceback"] = self.formatException(record.exc_info)
         return json.dumps(out)
@@ -133,7 +139,7 @@ class OneLineFormatter(MaskedFormatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         shown = logging.makeLogRecord(record.__dict__)
-        shown.message = one_line(record.message)
+        shown.message = one_line(redact.urls(record.message))
         return super().formatMessage(shown)
 
 
@@ -309,30 +315,36 @@ def _run(argv: Sequence[str]) -> int:
         return code
     except Interrupted as e:
         interrupt.ignore_stops()  # a second signal while this one is told changes nothing
-        print(f"lazyfs: {command + ' ' if command else ''}interrupted by {e.signal_name}"
-              + (f"; {e.unfinished}" if e.unfinished else ""), file=sys.stderr)
+        _say(f"lazyfs: {command + ' ' if command else ''}interrupted by {e.signal_name}"
+             + (f"; {e.unfinished}" if e.unfinished else ""))
         return e.exit_code
     except ConfigError as e:
-        print(f"lazyfs: error: {one_line(str(e))}", file=sys.stderr)
+        _say(f"lazyfs: error: {one_line(str(e))}")
         return EXIT_USAGE
     except LazyfsError as e:
         lack = e.errno if e.errno in DESCRIPTOR_ERRNOS else 0  # (its line names the limit: what to do, too)
-        print(f"lazyfs: error: {one_line(str(e))}" + (f"; {remedy(lack)}" if lack else ""), file=sys.stderr)
+        _say(f"lazyfs: error: {one_line(str(e))}" + (f"; {remedy(lack)}" if lack else ""))
         return EXIT_RUNTIME
     except Exception as e:  # a bug: say so in one line, keep the traceback for debug logs
         if _reader_left(e):
             return EXIT_OUTPUT_CLOSED
         if thread_limit(e):  # not a bug: a limit of the deployment's (README, "Threads")
-            print(f"lazyfs: error: cannot start a thread ({e}): the process is at its limit of threads or processes "
-                  "(its cgroup's pids.max, ulimit -u)", file=sys.stderr)
+            _say(f"lazyfs: error: cannot start a thread ({e}): the process is at its limit of threads or processes "
+                 "(its cgroup's pids.max, ulimit -u)")
             return EXIT_RUNTIME
         if lack := descriptor_errno(e):  # not a bug either: the limit, said as a store's or a listing's line says it
-            print(f"lazyfs: error: cannot {command or 'start'}: {descriptors(lack)}; {remedy(lack)}", file=sys.stderr)
+            _say(f"lazyfs: error: cannot {command or 'start'}: {descriptors(lack)}; {remedy(lack)}")
             return EXIT_RUNTIME
         log.debug("internal error", exc_info=True)
-        print(f"lazyfs: internal error: {type(e).__name__}: {redact.masked(one_line(str(e)))} (rerun with "
-              "--log-level debug for details)", file=sys.stderr)
+        _say(f"lazyfs: internal error: {type(e).__name__}: {redact.masked(one_line(str(e)))} (rerun with "
+             "--log-level debug for details)")
         return EXIT_RUNTIME
+
+
+def _say(line: str) -> None:
+    """The exit line, on stderr; any URL's password masked (redact.urls): whatever an error quotes (an
+    endpoint, botocore's words) leaves the process only so."""
+    print(redact.urls(line), file=sys.stderr)
 
 
 def _reader_left(e: Exception) -> bool:

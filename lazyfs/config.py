@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from lazyfs import memlimit
+from lazyfs import memlimit, redact
 from lazyfs.crtlimits import check_part_size
 from lazyfs.errors import BadEndpoint, ConfigError
 from lazyfs.lockfile import ConfigRef, Lock, check_sources, read
@@ -57,7 +57,7 @@ class RemoteConfig:
     """How to reach the object store.  Credentials are never held here: boto3's
     standard chain (environment, profiles, container and IRSA roles) finds them."""
 
-    endpoint_url: str | None = None
+    endpoint_url: str | None = field(default=None, repr=False)  # as given: its password shown by redact.url only
     region: str | None = None
     # --addressing-style; None: the profile's, else path with an endpoint from any source
     # (what MinIO, Ceph and most S3-compatible stores need), else "auto" (remote.addressing).
@@ -236,7 +236,7 @@ def endpoint(flag: str | None, env: Mapping[str, str]) -> str | None:
     for value in (flag, env.get("AWS_ENDPOINT_URL_S3"), env.get("AWS_ENDPOINT_URL")):
         if value:
             if not re.match(r"^https?://[^/\s]+", value):
-                raise BadEndpoint(f"endpoint \"{value}\" is not an http:// or https:// URL")
+                raise BadEndpoint(f"endpoint \"{redact.url(value)}\" is not an http:// or https:// URL")
             return value
     return None
 

@@ -284,7 +284,7 @@ def transfer_for(remote: Any, cfg: FetchConfig, memory_limit: int = MIN_MEMORY) 
     Half of --memory-limit (at least 256 MiB) for its buffers."""
     if cfg.transfer_client != "crt":
         return None
-    endpoint = Endpoint(remote.endpoint, remote.region, remote.addressing_style, remote.verify)
+    endpoint = Endpoint(remote.endpoint_url, remote.region, remote.addressing_style, remote.verify)
     # Its event loops and the S3 client's own take ~20 descriptors; short of them awscrt fails with "46
     # (AWS_ERROR_SYS_CALL_FAILURE)", which says neither which call nor why, or aborts the process (SIGABRT).
     if lack := short_of_descriptors(CRT_DESCRIPTORS):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-from lazyfs import interrupt, wording
+from lazyfs import interrupt, redact, wording
 from lazyfs.catalog import Catalog
 from lazyfs.config import DoctorConfig, RemoteConfig
 from lazyfs.errors import BadEndpoint, LazyfsError, again
@@ -40,9 +40,11 @@ class Check:
 
     def line(self) -> str:
         """One line, whatever a detail holds (an exception's text can carry a
-        name from a listing); names lazyfs puts in are quoted (wording.quoted)."""
+        name from a listing); names lazyfs puts in are quoted (wording.quoted);
+        a URL's password masked (redact.urls), whatever put it there."""
         text = f"{self.status:<4}  {self.name}: {self.detail}"
-        return wording.one_line(text + (f" -> fix: {self.fix}" if self.fix and self.status != OK else ""))
+        fix = f" -> fix: {self.fix}" if self.fix and self.status != OK else ""
+        return redact.urls(wording.one_line(text + fix))
 
 
 def run(cfg: DoctorConfig, out: TextIO = sys.stdout) -> int:
@@ -295,7 +297,7 @@ def endpoint(cfg: DoctorConfig) -> list[Check]:
     remote = _client(cfg, "endpoint")
     if isinstance(remote, Check):
         return [remote]
-    url = urllib.parse.urlsplit(remote.endpoint)
+    url = urllib.parse.urlsplit(remote.endpoint_url)  # (remote.endpoint: as shown, its password masked)
     host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((host, port), timeout=5):

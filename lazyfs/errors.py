@@ -11,6 +11,8 @@ import errno
 import logging
 import signal
 
+from lazyfs import redact
+
 
 class LazyfsError(Exception):
     """Base class: something lazyfs itself understands and can explain."""
@@ -40,7 +42,7 @@ class RemoteError(LazyfsError):
     errno = errno.EIO
 
     def __init__(self, message: str, *, bucket: str = "", key: str = "") -> None:
-        super().__init__(message)
+        super().__init__(redact.urls(message))  # (botocore's words quote a request's URL, the endpoint's password too)
         self.bucket = bucket
         self.key = key
 

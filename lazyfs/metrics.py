@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any
 
-from lazyfs import __version__
+from lazyfs import __version__, redact
 from lazyfs.catalog import Catalog
 from lazyfs.drift import DriftWatch
 from lazyfs.fetch import Fetcher
@@ -100,7 +100,8 @@ class MountView:
                                    "added": list(drift.added[:100])}}}
 
     def snapshot_bytes(self) -> bytes:
-        return (json.dumps(self.snapshot(), indent=2) + "\n").encode()
+        # Any URL's password masked (redact.urls): an error's words may quote the endpoint's.
+        return (json.dumps(redact.urls_in(self.snapshot()), indent=2) + "\n").encode()
 
 
 def _iso(ts: float) -> str | None:

@@ -81,7 +81,7 @@ class ObjectStore(Protocol):
     """Blocking, thread-safe: call from worker threads.  Failures are
     lazyfs.errors.RemoteError subclasses."""
 
-    endpoint: str
+    endpoint: str  # as lazyfs shows it: its password masked (redact.url)
 
     def list_page(self, bucket: str, prefix: str, *, delimiter: bool = False, start_after: str = "",
                   token: str | None = None, max_keys: int = 1000) -> ListPage:

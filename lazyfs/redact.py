@@ -12,7 +12,7 @@ What is masked (`masked`): AWS access key ids (their first four characters
 kept: `AKIA****`), JWTs, runs of 40 or more base64 characters that look
 random (a secret access key is 40, a session token hundreds), and the value
 after a key naming a secret, token or password (`"SecretAccessKey": "..."`,
-`aws_session_token=...`), a URL's password.  After such a key and only a
+`aws_session_token=...`), a URL's password (`url`, `urls`).  After such a key and only a
 space (`password hunter2`, `token x1y2`), or a bare `token:`, the next word is
 masked when it is shaped as a value, not a word: three characters or more,
 with a digit or a character other than a letter, `-` or `'`, and not a path
@@ -20,12 +20,22 @@ with a digit or a character other than a letter, `-` or `'`, and not a path
 key`, `token: Token for ...` are prose, kept).  Words, paths, bucket names, hex digests and the
 source's reason ("token expired") are kept.  What the source said is capped
 at HELPER_CHARS characters.  Pure: no I/O, no lazyfs import.
+
+A URL's password is masked in more than credential errors: an endpoint
+(`--endpoint-url`, AWS_ENDPOINT_URL, a profile's endpoint_url) may carry one
+(`http://user:password@host`), and botocore's own messages quote the URL of
+the request.  The endpoint lazyfs shows is `url`'s form of it (remote.Remote
+keeps both); `urls` is the last line of defence where words leave the
+process: every log message in either format (cli's formatters), the exit
+line, `doctor`, `status` and its JSON, the stats file, an object store
+error's message (errors.RemoteError).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 # What a credential source said (a helper's stderr, an endpoint's answer), at most, once masked.
 HELPER_CHARS = 200
@@ -50,8 +60,12 @@ _SPACED = re.compile(rf"""(?i)({_NAME}[ \t]+)([^\s,;&"'(){{}}\[\]<>]+)""")
 _WORD = re.compile(r"[A-Za-z'-]*")
 _SEPARATORS = re.compile(r"[/_-]+")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s,;\"']+")
-# A URL's password (`https://user:password@host`).
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@")
+# A URL's password (`https://user:password@host`), up to the last "@" before a space or a quote (one with
+# a "/" or an unescaped "@" too: where Python's and botocore's parsers split), but not a port and a path
+# (`http://host:9000/key@v2`).  An endpoint's, with or without a scheme (a value that is no URL is quoted
+# in its error line).
+_URL_PASSWORD = re.compile(r"""(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)(?!\d+/)[^\s"'<>]*@""")
+_ENDPOINT_PASSWORD = re.compile(r"""(?i)^((?:[a-z][a-z0-9+.-]*://|(?!\S*://))[^/\s:@]*:)(?!\d+/)\S*@""")
 
 
 def said(e: BaseException) -> str:
@@ -85,6 +99,27 @@ def masked(text: str) -> str:
     text = _KEY_ID.sub(lambda m: f"{m[1]}****", text)
     text = _RUN.sub(lambda m: _redacted(m) if _random(m[0]) else m[0], text)
     return _SPACED.sub(lambda m: _value(m[1], m[2]), text)
+
+
+def url(endpoint: str) -> str:
+    """An endpoint as lazyfs shows it: its password masked (`http://user:<redacted>@host:9000`), the rest kept."""
+    return _ENDPOINT_PASSWORD.sub(lambda m: f"{m[1]}<redacted>@", endpoint)
+
+
+def urls(text: str) -> str:
+    """`text` with every URL's password masked (and nothing else: a line's words, keys and paths are kept)."""
+    return _URL_PASSWORD.sub(lambda m: f"{m[1]}<redacted>@", text) if "://" in text else text
+
+
+def urls_in(value: Any) -> Any:
+    """`value` (JSON-shaped: a stats file, status's answer) with `urls` applied to every string in it."""
+    if isinstance(value, str):
+        return urls(value)
+    if isinstance(value, dict):
+        return {k: urls_in(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [urls_in(v) for v in value]
+    return value
 
 
 def masked_lines(text: str) -> str:

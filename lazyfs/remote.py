@@ -161,7 +161,9 @@ class Remote:
         self._client.meta.events.register_first("before-parse.s3.*", objectheaders.keep_sent_length)
         # Every attempt counted, every retry logged (botocore's retries are its own).
         ClientAttempts(cfg.max_attempts).register(self._client.meta.events)
-        self.endpoint = self._client.meta.endpoint_url
+        # Where requests go (the CRT's too), and how lazyfs shows it in every line: its password masked.
+        self.endpoint_url: str = self._client.meta.endpoint_url
+        self.endpoint = redact.url(self.endpoint_url)
         self.region: str = self._client.meta.region_name or "us-east-1"
         self.verify: bool | str = core.get_config_variable("ca_bundle") or True  # its TLS trust (and the CRT's)
         self._core = core

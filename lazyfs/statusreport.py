@@ -1,5 +1,7 @@
 """`lazyfs status`'s answer and how it is said: a row per file, then one
-summary line (or, with --json, one JSON document).  Pure: no I/O but `out`."""
+summary line (or, with --json, one JSON document).  What it says leaves the
+process with any URL's password masked (redact.urls): a note quotes the
+object store's error, which may name the endpoint.  Pure: no I/O but `out`."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import TextIO
 
-from lazyfs import wording
+from lazyfs import redact, wording
 from lazyfs.filestate import FileState
 
 
@@ -44,8 +46,8 @@ def report(answer: Answer, as_json: bool, out: TextIO) -> None:
         rows = [{"path": f.path, "size": f.size, "state": f.state.value, "verified": f.verified or None,
                  "content": f.content or None} for f in files]
         json.dump({"files": rows, "totals": {"files": len(files), "bytes": total, **counts}, "ready": ready,
-                   "unknown": answer.unknown or None, "lock": answer.lock or None,
-                   "pinned": answer.pinned or None, "source": answer.note},
+                   "unknown": redact.urls(answer.unknown) or None, "lock": answer.lock or None,
+                   "pinned": answer.pinned or None, "source": redact.urls(answer.note)},
                   out, indent=2)
         out.write("\n")
         return
@@ -64,5 +66,5 @@ def report(answer: Answer, as_json: bool, out: TextIO) -> None:
     verdict = "ready" if ready else f"not ready: {answer.unknown}" if answer.unknown else "not ready"
     if ready and answer.lock:
         verdict = f"ready: matches lock {answer.lock}"
-    print(f"{wording.count(len(files), 'file')}, {total / 2**20:.1f} MiB: {summary} ({verdict}; {answer.note})",
-          file=out)
+    print(redact.urls(f"{wording.count(len(files), 'file')}, {total / 2**20:.1f} MiB: {summary} ({verdict}; "
+                      f"{answer.note})"), file=out)
