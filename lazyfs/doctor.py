@@ -23,7 +23,7 @@ from lazyfs.catalog import Catalog
 from lazyfs.config import DoctorConfig, RemoteConfig
 from lazyfs.errors import BadEndpoint, LazyfsError, again
 from lazyfs.identity import user_xattrs_work
-from lazyfs.mounttab import BrokenMount, broken_mount_holding, find_mount, on_mount, probe_mount
+from lazyfs.mounttab import BrokenMount, broken_mount_holding, find_mount, has_cap_sys_admin, on_mount, probe_mount
 from lazyfs.namespace import MARKER_BODY, UNSAFE, Skipped, Tree
 from lazyfs.passthrough import kernel_at_least, kernel_passes_through
 from lazyfs.remote import Remote
@@ -83,7 +83,7 @@ def passthrough(cfg: DoctorConfig) -> list[Check]:
     missing = [reason for ok, reason in (
         (kernel_passes_through(release), f"Linux {release} is older than 6.9"),
         (pyfuse3.endswith("+passthrough"), f"pyfuse3 {pyfuse3} cannot ask for it"),
-        (_has_cap_sys_admin(), "no CAP_SYS_ADMIN")) if not ok]
+        (has_cap_sys_admin(), "no CAP_SYS_ADMIN")) if not ok]
     if missing:
         return [Check(WARN, "passthrough", "; ".join(missing) + ": lazyfs serves every read itself (a restart "
                       "reads at FUSE speed, not the disk's)", "Linux 6.9+, CAP_SYS_ADMIN, and the pyfuse3 "
@@ -118,15 +118,6 @@ def killed_readers(cfg: DoctorConfig) -> list[Check]:
                       "while it waits for a download stays unkillable until its read is answered (up to "
                       "--read-deadline)", "the pyfuse3 scripts/native/build-pyfuse3 builds")]
     return [Check(OK, "killed readers", "a reader killed while it waits for a download dies at once")]
-
-
-def _has_cap_sys_admin() -> bool:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            effective = next(line for line in f if line.startswith("CapEff:")).split()[1]
-    except (OSError, StopIteration, IndexError):
-        return os.geteuid() == 0
-    return bool(int(effective, 16) & (1 << 21))  # CAP_SYS_ADMIN
 
 
 def fusermount(cfg: DoctorConfig) -> list[Check]:

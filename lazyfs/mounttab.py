@@ -8,6 +8,7 @@ import ctypes
 import errno
 import logging
 import os
+import pwd
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -91,7 +92,15 @@ UNMOUNT_TIMEOUT_S = 30.0
 
 
 def unmount(path: str | Path, lazy: bool = False) -> None:
-    """Unmount a FUSE mount with fusermount3 (falling back to umount as root)."""
+    """Unmount a FUSE mount with fusermount3 (falling back to umount as root).
+    A user with no name (a uid /etc/passwd does not list: an arbitrary-UID
+    container) is one fusermount3 refuses to act for ("could not determine
+    username"): with CAP_SYS_ADMIN, which such a container's mount needed,
+    the kernel is asked directly (umount2(2), as fusermount3 asks it as
+    root); without it the line says so, and what does work."""
+    if not _named():
+        _unmount_unnamed(path, lazy)
+        return
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(path)]
     try:
         try:
@@ -106,12 +115,48 @@ def unmount(path: str | Path, lazy: bool = False) -> None:
         msg = (res.stderr or res.stdout).strip().splitlines()
         line = msg[-1] if msg else f"unmounting {path} failed"
         if not lazy and "busy" in line.lower():  # fusermount3 and umount say "Device or resource busy"
-            line += ("; files on it are open: close them, or detach it now and let them finish: "
-                     f"lazyfs umount --lazy {path}")
+            line += _busy(path)
         raise MountError(line)
 
 
-_MNT_FORCE, _MNT_DETACH = 1, 2
+def _busy(path: str | Path) -> str:
+    return f"; files on it are open: close them, or detach it now and let them finish: lazyfs umount --lazy {path}"
+
+
+def _named() -> bool:
+    """Has this process's user a name (a passwd entry, as fusermount3 looks it up)?"""
+    try:
+        pwd.getpwuid(os.getuid())
+    except KeyError:
+        return False
+    return True
+
+
+def _unmount_unnamed(path: str | Path, lazy: bool) -> None:
+    uid = os.getuid()
+    if not has_cap_sys_admin():
+        raise MountError(f"cannot unmount {path}: this user (uid {uid}) has no name (no entry in /etc/passwd), and "
+                         "fusermount3 unmounts only for a named user; run lazyfs umount with CAP_SYS_ADMIN (as the "
+                         f"mount itself had it), give uid {uid} a passwd entry, or stop the mount's daemon with "
+                         "SIGTERM (it unmounts and exits 0)", errno.EPERM)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(os.path.abspath(path)), _UMOUNT_NOFOLLOW | (_MNT_DETACH if lazy else 0)) != 0:
+        err = ctypes.get_errno()
+        raise MountError(f"cannot unmount {path}: {os.strerror(err)}" + (_busy(path) if err == errno.EBUSY else ""),
+                         err)
+
+
+def has_cap_sys_admin() -> bool:
+    """Has this process CAP_SYS_ADMIN (in its effective set)?"""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            effective = next(line for line in f if line.startswith("CapEff:")).split()[1]
+    except (OSError, StopIteration, IndexError):
+        return os.geteuid() == 0
+    return bool(int(effective, 16) & (1 << 21))  # CAP_SYS_ADMIN
+
+
+_MNT_FORCE, _MNT_DETACH, _UMOUNT_NOFOLLOW = 1, 2, 8
 
 
 def abort_and_detach(path: str | Path) -> None:

@@ -145,7 +145,7 @@ def test_doctor_says_whether_the_kernel_will_read_copies_itself(monkeypatch: pyt
                                                                 says: str) -> None:
     monkeypatch.setattr(doctor.os, "uname", lambda: os.uname_result(("Linux", "h", release, "#1", "x86_64")))
     monkeypatch.setattr(doctor.importlib.metadata, "version", lambda name: pyfuse3)
-    monkeypatch.setattr(doctor, "_has_cap_sys_admin", lambda: cap)
+    monkeypatch.setattr(doctor, "has_cap_sys_admin", lambda: cap)
     [check] = doctor.passthrough(None)  # type: ignore[arg-type]
     assert check.status == status and says in check.detail, check.line()
 
