@@ -161,9 +161,8 @@ class Remote:
         self._client.meta.events.register_first("before-parse.s3.*", objectheaders.keep_sent_length)
         # Every attempt counted, every retry logged (botocore's retries are its own).
         ClientAttempts(cfg.max_attempts).register(self._client.meta.events)
-        # Where requests go (the CRT's too), and how lazyfs shows it in every line: its password masked.
-        self.endpoint_url: str = self._client.meta.endpoint_url
-        self.endpoint = redact.url(self.endpoint_url)
+        self.endpoint_url: str = self._client.meta.endpoint_url  # where requests go (the CRT's too)
+        self.endpoint = redact.url(self.endpoint_url)  # how every line shows it: its password masked
         self.region: str = self._client.meta.region_name or "us-east-1"
         self.verify: bool | str = core.get_config_variable("ca_bundle") or True  # its TLS trust (and the CRT's)
         self._core = core
