@@ -14,7 +14,9 @@ the one the GET pinned.  A store that honours If-Match compares against the
 ETag it answers with, so this refuses nothing such a store sends.
 
 An ETag or a Content-Range total size that differs is the object changed
-(ObjectChanged: ESTALE, the new version fetched whole); other bytes than asked
+(ObjectChanged: ESTALE, the new version fetched whole), and so is a 416 (Range
+Not Satisfiable) for bytes inside the size the object is known by: it is
+shorter now (`unsatisfiable`), the same evidence; other bytes than asked
 are WrongRange (EIO, not retried: the store would answer the same).  A 200 of
 another length with the listed ETag or none is other bytes, not another
 version: a proxy's error page (`text/html`, no ETag), a body it re-encoded
@@ -149,6 +151,17 @@ def reencoded(obj: RemoteObject, start: int, end: int, received: int, encoding: 
 def changed(bucket: str, key: str, why: str) -> ObjectChanged:
     return ObjectChanged(f"{quoted(f's3://{bucket}/{key}')} changed in the object store", bucket=bucket, key=key,
                          detail=f" ({why})")
+
+
+def unsatisfiable(obj: RemoteObject, start: int, end: int, status: int, code: str = "") -> ObjectChanged | None:
+    """A GET of bytes [start, end) of `obj` refused with `status` (S3's error
+    `code`): for a 416 (InvalidRange) of a range inside the size `obj` is
+    known by (listed, or pinned by a lock), the object changed; else None."""
+    if (status != 416 and code != "InvalidRange") or not 0 <= start < end <= obj.size:
+        return None
+    said = "HTTP 416" + (f" {one_line(code)}" if code and code != "416" else "")
+    return changed(obj.bucket, obj.key, f"a GET of bytes {start}-{end - 1} was answered with {said}, Range Not "
+                                        f"Satisfiable: the object is shorter now than the listed {obj.size} bytes")
 
 
 def ignored_range(obj: RemoteObject, start: int, end: int, how: str) -> WrongRange:

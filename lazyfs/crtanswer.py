@@ -81,6 +81,8 @@ def translate(e: Exception, obj: RemoteObject, state: Received, url: Callable[[]
                           bucket=obj.bucket, key=obj.key)
     if name in _UNREADABLE:  # retried: a connection's bytes garbled may pass
         return RemoteUnavailable(state.broke_off(f"{_UNREADABLE[name]}: {name}"), bucket=obj.bucket, key=obj.key)
+    if (shorter := answers.unsatisfiable(obj, state.start, state.end, status)) is not None:
+        return shorter  # a 416 for bytes inside its size: another version, as a 412
     if status == 412:
         return ObjectChanged(f"{where} changed in the object store", bucket=obj.bucket, key=obj.key)
     if status == 404:

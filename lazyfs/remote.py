@@ -305,7 +305,13 @@ class Remote:
             kwargs["Range"] = f"bytes={start}-{end - 1}"
         if obj.etag:
             kwargs["IfMatch"] = f'"{obj.etag}"'
-        resp = self._call(self._client.get_object, obj.bucket, obj.key, **kwargs)
+        try:
+            resp = self._call(self._client.get_object, obj.bucket, obj.key, **kwargs)
+        except RemoteError as e:  # a 416 for bytes inside its size: it is shorter now, another version
+            cause = e.__cause__
+            err = cause.response if isinstance(cause, botocore.exceptions.ClientError) else {}
+            raise answers.unsatisfiable(obj, start, end, err.get("ResponseMetadata", {}).get("HTTPStatusCode", 0),
+                                        str(err.get("Error", {}).get("Code", ""))) or e from cause
         sse_ok = (resp.get("ServerSideEncryption") or "") in ("", "AES256") and not resp.get("SSECustomerAlgorithm")
         meta = ResponseMeta(etag_is_md5=self.cfg.etag_is_md5 and sse_ok,
                             checksum=objectheaders.checksum_of(resp) if whole else None)

@@ -161,3 +161,17 @@ def test_a_redirect_names_s3s_code_and_the_buckets_region() -> None:
     e = answers.redirected("b", "m/", "LIST", 301, "PermanentRedirect", "b.s3.eu-west-1.amazonaws.com", "eu-west-1")
     assert ('answered a LIST with HTTP 301 PermanentRedirect, a redirect to "b.s3.eu-west-1.amazonaws.com", '
             'the bucket\'s region "eu-west-1"; not followed') in str(e)
+
+
+@pytest.mark.parametrize("status, code", [(416, "InvalidRange"), (416, ""), (0, "InvalidRange")],
+                         ids=["boto3", "crt", "code-only"])
+def test_a_416_for_bytes_inside_the_listed_size_is_another_version(status, code) -> None:
+    e = answers.unsatisfiable(OBJ, 600, 700, status, code)
+    assert isinstance(e, ObjectChanged) and errno_of(e) == errno.ESTALE
+    assert "bytes 600-699" in e.detail and "HTTP 416" in e.detail and "shorter now than the listed 1000" in e.detail
+
+
+@pytest.mark.parametrize("status, start, end", [(412, 600, 700), (500, 600, 700), (416, 600, 1001), (416, 5, 5)],
+                         ids=["412", "500", "past-the-size", "empty"])
+def test_other_refusals_or_ranges_not_inside_the_size_are_not_a_416s_evidence(status, start, end) -> None:
+    assert answers.unsatisfiable(OBJ, start, end, status) is None
