@@ -10,7 +10,6 @@ sessions are not).  Every botocore failure leaves this module as one of the
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any, cast
 
@@ -23,8 +22,7 @@ import botocore.retries.standard
 import botocore.session
 import urllib3.exceptions
 
-from lazyfs import answers, awssession, errors, exhausted, listanswers, listxml, objectheaders, redact
-from lazyfs.backoff import retry_delay
+from lazyfs import answers, awssession, botoretries, errors, exhausted, listanswers, listxml, objectheaders, redact
 from lazyfs.clientretries import ClientAttempts, calling
 from lazyfs.config import AddressingStyle, RemoteConfig, Source, endpoint
 from lazyfs.crtcreds import BotocoreCredentials, CredentialsUnavailable, wait_for_credentials
@@ -54,59 +52,6 @@ _BODY_ERRORS = (botocore.exceptions.ReadTimeoutError, botocore.exceptions.Incomp
 
 # Keys the start-up check asks for (see Remote.probe).
 PROBE_KEYS = 100
-
-
-class _NeverSpent(botocore.retries.quota.RetryQuota):
-    """botocore's retry quota, never spent: --retries N is N retries of each
-    request (README), however many fail at once.
-
-    In standard mode a client's requests share one quota of 500: a retry
-    after no response costs 14, a throttled one 5, and only successes give
-    some back; a request that finds it spent is not retried at all.  16
-    parallel GETs spent it within seconds of an outage (a tester's
-    `--retries 10` ended at `attempt 4 of 11`, as `--retries 4`), and right
-    after one a failure was not retried.  Retries are bounded without it:
-    N per request, botocore's backoff between them, at most
-    --max-connections GETs (and the lister's few LISTs) at a time."""
-
-    def acquire(self, capacity_amount: int) -> bool:
-        return True
-
-
-class _OurBackoff(botocore.retries.standard.ExponentialBackoff):
-    """backoff.py's schedule for a GET's retries (botocore's waits 50 ms, doubling, for any error but
-    throttling: a 1.5 s burst of 500s failed the read); a store's `x-amz-retry-after` still counts.  A
-    LIST's and a HEAD's keep botocore's: the first listing's refused connections make an offline start
-    in about a second, and a listing that keeps failing is retried by the lister itself (lister.py)."""
-
-    def delay_amount(self, context: Any) -> float:
-        if getattr(context.operation_model, "name", "GetObject") != "GetObject":
-            return float(super().delay_amount(context))
-        delay = retry_delay(context.attempt_number)
-        after = self._get_retry_after_delay(context) if hasattr(self, "_get_retry_after_delay") else None
-        return delay if after is None else max(delay, min(after, delay + 5))
-
-
-# No setting leaves the quota out or sets the backoff: botocore makes both as
-# it registers a new client's retries (botocore.retries.standard.
-# register_retry_handler calls quota.RetryQuota() and ExponentialBackoff()),
-# so the classes are swapped while our client is made, one client at a time.
-# tests/unit/test_retry_quota.py fails if a botocore upgrade makes them
-# another way.
-_QUOTA_SWAP = threading.Lock()
-
-
-def _client(core: botocore.session.Session, **kwargs: Any) -> Any:
-    """An S3 client of `core` whose requests each get all their retries (_NeverSpent), our backoff between them."""
-    quota, standard = botocore.retries.quota, botocore.retries.standard
-    with _QUOTA_SWAP:
-        stock, quota.RetryQuota = quota.RetryQuota, _NeverSpent  # type: ignore[misc]
-        stock_backoff, standard.ExponentialBackoff = standard.ExponentialBackoff, _OurBackoff  # type: ignore[misc]
-        try:
-            return core.create_client("s3", **kwargs)
-        finally:
-            quota.RetryQuota = stock  # type: ignore[misc]
-            standard.ExponentialBackoff = stock_backoff  # type: ignore[misc]
 
 
 def addressing(flag: AddressingStyle | None, profile_s3: Any, endpoint_url: str | None) -> AddressingStyle:
@@ -156,7 +101,7 @@ class Remote:
         )
         # botocore's session and client are boto3's, without the import of
         # boto3 and s3transfer (start-up time).
-        self._client = _client(core, endpoint_url=endpoint_url, region_name=cfg.region, config=config)
+        self._client = botoretries.client(core, endpoint_url=endpoint_url, region_name=cfg.region, config=config)
         listxml.register(self._client.meta.events, botocore.handlers._handle_200_error)  # type: ignore[attr-defined]
         self._client.meta.events.register_first("before-parse.s3.*", objectheaders.keep_sent_length)
         # Every attempt counted, every retry logged (botocore's retries are its own).

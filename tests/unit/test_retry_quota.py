@@ -1,4 +1,4 @@
-"""`--retries N` is N retries of every request, however many fail (remote.py):
+"""`--retries N` is N retries of every request, however many fail (botoretries.py):
 botocore's standard mode would stop retrying any request once the client's
 shared retry quota is spent (500, 14 a retry after no response).  Through
 the real client, against a port nothing listens on: if a botocore upgrade
