@@ -61,8 +61,9 @@ class LastStop:
                 abort_and_detach(self.mountpoint)
         except MountError as e:
             log.warning("%s", e)
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for flush in [h.flush for h in logging.getLogger().handlers] + [sys.stdout.flush, sys.stderr.flush]:
+            try:
+                flush()
+            except (OSError, ValueError):  # a stream closed or broken (the log pipe gone): exit all the same
+                pass
         os._exit(0)

@@ -3,6 +3,8 @@ detaches the mount only while the mount at the path is still its own."""
 
 from __future__ import annotations
 
+import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,27 @@ def test_our_mount_is_detached_then_the_process_exits_zero(monkeypatch: pytest.M
 @pytest.mark.parametrize("now", ["0:77", None], ids=["the next start's mount", "nothing mounted"])
 def test_a_mount_that_is_not_ours_is_left_alone(monkeypatch: pytest.MonkeyPatch, now: str | None) -> None:
     assert given_up(monkeypatch, "0:51", now) == [("exit", 0)]
+
+
+@pytest.mark.parametrize("broken", ["a closed log stream", "a broken pipe"])
+def test_the_process_exits_whatever_its_log_streams_do(monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
+    """The flushes before os._exit must not keep the process from exiting:
+    a stream closed, or a pipe whose reader is gone (the container's log
+    collector), raised in the timer's thread and the process never exited."""
+    stream = io.StringIO()
+    if broken == "a closed log stream":
+        stream.close()
+    else:
+        def broken_pipe() -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+        stream.flush = broken_pipe  # type: ignore[method-assign]
+    handler = logging.StreamHandler(stream)
+    handler.handleError = lambda record: None  # type: ignore[method-assign]  (the log line itself: logging's business)
+    logging.getLogger().addHandler(handler)
+    try:
+        assert given_up(monkeypatch, "0:51", "0:51") == [("detach", MNT), ("exit", 0)]
+    finally:
+        logging.getLogger().removeHandler(handler)
 
 
 def test_arming_twice_starts_one_timer(monkeypatch: pytest.MonkeyPatch) -> None:
