@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from support.mounting import FS, on_both_clients
+from support.storefiles import rm_rf
 
 pytestmark = [pytest.mark.fuse, on_both_clients]
 
@@ -26,16 +26,6 @@ def read_errno(fs: FS, path: Path) -> int:
     except OSError as e:
         return e.errno or 0
     return 0
-
-
-def rm_rf(path: Path) -> None:
-    """As `rm -rf`: a file the mount removes meanwhile (a finished
-    download's lock and record in tmp/) is not an error."""
-    def gone_already(_fn: object, _path: str, exc_info: tuple[type, BaseException, object]) -> None:
-        if not isinstance(exc_info[1], FileNotFoundError):
-            raise exc_info[1]
-
-    shutil.rmtree(path, onerror=gone_already)
 
 
 @pytest.fixture
@@ -66,7 +56,7 @@ def test_the_store_removed_is_eio_saying_so_until_it_is_there_again(mount, bucke
     m = mount("--prefix", f"s3://{bucket}/{P}", store=store)
     with fs.run(open, m.file(f"{P}/a.bin"), "rb") as held:
         assert fs.read(m.file(f"{P}/a.bin")) == files[f"{P}/a.bin"]
-        shutil.rmtree(store)
+        rm_rf(store)
         assert read_errno(fs, m.file(f"{P}/b.bin")) == errno.EIO, "never ENOENT for a listed file"
         assert "b.bin" in fs.listdir(m.path / P)
         assert f"the store's folder {store} was removed under the mount (nothing is there now)" in m.log()

@@ -1,9 +1,12 @@
-"""The store unit tests' common steps: a download's bytes published into a
-store as a finished download would be, and what the store holds as current."""
+"""The store tests' common steps: a download's bytes published into a store
+as a finished download would be, what the store holds as current, and the
+store's folders removed by hand as an operator would."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 from lazyfs.filestate import FileState
 from lazyfs.namespace import RemoteObject
@@ -29,3 +32,13 @@ def current_state(store: Store, o: RemoteObject) -> FileState | None:
         return None
     os.close(copy.fd)
     return copy.state
+
+
+def rm_rf(path: Path) -> None:
+    """As `rm -rf`: a file lazyfs removes or renames meanwhile (a finished
+    download's lock, a resume record's temporary file) is not an error."""
+    def gone_already(_fn: object, _path: str, exc_info: tuple[type, BaseException, object]) -> None:
+        if not isinstance(exc_info[1], FileNotFoundError):
+            raise exc_info[1]
+
+    shutil.rmtree(path, onerror=gone_already)
