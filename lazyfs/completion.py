@@ -95,21 +95,8 @@ def replaced(obj: RemoteObject, why: Exception) -> None:
 UNVERIFIED = "unverified"
 
 
-class Unconfirmed(IntegrityError):
-    """Downloaded bytes that a multipart ETag (or composite checksum) cut at
-    assumed part sizes does not match, from a store that cannot say its part
-    sizes: bad bytes, or an uploader's uncommon part sizes.  `hashed` is what
-    they hash to at those sizes, for a second download to be compared with
-    (check's `earlier`; the runner downloads again)."""
-
-    def __init__(self, message: str, hashed: verify.Hashed) -> None:
-        super().__init__(message)
-        self.hashed = hashed
-
-
 def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectation | None,
-          cancelled: Callable[[], bool], hashed: verify.Hashed | None = None,
-          earlier: verify.Hashed | None = None, again: bool = False) -> str:
+          cancelled: Callable[[], bool], hashed: verify.Hashed | None = None, again: bool = False) -> str:
     """Check the file against `exp`: how it was verified ("CRC32", "MD5",
     "MD5-multipart"...), or UNVERIFIED.  IntegrityError only on evidence:
     a multipart ETag computed from assumed part sizes that does not match
@@ -117,9 +104,9 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
     confirmed unchanged, and bytes that fail a checksum the store computed
     are checked against its MD5 ETag before they are called corrupt.  When
     the store cannot say its part sizes: a local copy (not `again`) is
-    unverified; a download (`again`) is Unconfirmed the first time, and the
-    second (`earlier`: what the first hashed to) unverified if its bytes are
-    the first's, IntegrityError if not."""
+    unverified; a download (`again`) is fetched once more and hashed
+    (second_look): unverified if those bytes hash as its own do,
+    IntegrityError if not."""
     if exp is None:
         log.info("%s: the object store offers nothing to check it against beyond its size; unverified", quoted(obj.uri))
         return UNVERIFIED
@@ -135,7 +122,7 @@ def check(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectati
             return by_etag
         raise
     if verified == UNVERIFIED:
-        return _unconfirmed(obj, verify.Hashed(exp, obj.size, got), earlier, again)
+        return _unconfirmed(remote, obj, exp, got, cancelled, again)
     return verified
 
 
@@ -143,21 +130,53 @@ _UNSAID = ("its multipart {what} does not match the part sizes assumed, and the 
            "learnt (the object store cannot say it, or a lock with no version id to ask by does not name it)")
 
 
-def _unconfirmed(obj: RemoteObject, now: verify.Hashed, earlier: verify.Hashed | None, again: bool) -> str:
+def _unconfirmed(remote: ObjectStore, obj: RemoteObject, exp: verify.Expectation, got: str,
+                 cancelled: Callable[[], bool], again: bool) -> str:
     """UNVERIFIED, or the error, for bytes that a multipart ETag or composite
-    checksum cut at assumed part sizes does not match (check)."""
-    unsaid = _UNSAID.format(what="ETag" if now.exp.algorithm == "MD5-multipart" else "checksum")
+    checksum cut at assumed part sizes does not match (check): bad bytes, or
+    an uploader's uncommon part sizes, which the store cannot tell apart.  A
+    download's are told apart by a second look (bytes that changed on the way
+    do not change the same way twice); its readers wait for it, as for any
+    verification (their last bytes are held, lastbytes.py), and are never
+    failed for bytes that were right."""
+    unsaid = _UNSAID.format(what="ETag" if exp.algorithm == "MD5-multipart" else "checksum")
     if not again:  # a local copy: its caller says what it does with it
         log.warning("%s: %s", quoted(obj.uri), unsaid)
         return UNVERIFIED
-    if earlier is None:
-        raise Unconfirmed(f"{quoted(obj.uri)}: {unsaid}: bad bytes, or an uploader's uncommon part sizes", now)
-    if earlier != now:
-        raise IntegrityError(f"{quoted(obj.uri)}: {unsaid}, and two downloads of it differed ({now.exp.algorithm} at "
-                             f"the part sizes assumed: {earlier.value}, then {now.value}): bad bytes")
-    log.warning("%s: %s; two downloads of it gave the same bytes (an uploader's uncommon part sizes), so its "
-                "content is unverified", quoted(obj.uri), unsaid)
+    log.info("%s: %s: fetching it once more to compare (bad bytes, or an uploader's uncommon part sizes)",
+             quoted(obj.uri), unsaid)
+    second = second_look(remote, obj, exp, cancelled)
+    if second != got:
+        raise IntegrityError(f"{quoted(obj.uri)}: {unsaid}, and the bytes fetched once more differ ({exp.algorithm} "
+                             f"at the part sizes assumed: {got}, then {second}): bad bytes")
+    log.warning("%s: %s; fetched once more, the same bytes (an uploader's uncommon part sizes), so its content is "
+                "unverified", quoted(obj.uri), unsaid)
     return UNVERIFIED
+
+
+_LOOK_SPAN = 64 << 20  # bytes per GET of the second look
+_LOOK_READ = 1 << 20
+
+
+def second_look(remote: ObjectStore, obj: RemoteObject, exp: verify.Expectation, cancelled: Callable[[], bool]) -> str:
+    """What the object's bytes, fetched once more (pinned to its version as
+    every GET is, streamed, kept nowhere), hash to in `exp`'s form."""
+    digest = verify.Digest(exp)
+    for start in range(0, obj.size, _LOOK_SPAN):
+        end = min(obj.size, start + _LOOK_SPAN)
+        body = remote.get_range(obj, start, end)
+        try:
+            while digest.fed < end:
+                if cancelled():
+                    raise InterruptedError("verification cancelled")
+                data = body.read(min(_LOOK_READ, end - digest.fed))
+                if not data:
+                    raise RemoteUnavailable(f"{quoted(obj.uri)}: the object store's answer ended at {digest.fed} "
+                                            f"bytes of {end}", bucket=obj.bucket, key=obj.key)
+                digest.update(data)
+        finally:
+            body.close()
+    return digest.value()
 
 
 def _hashed_against(remote: ObjectStore, fd: int, obj: RemoteObject, exp: verify.Expectation,
@@ -226,10 +245,8 @@ class Finished:
 
 def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Partial, meta: ResponseMeta | None,
                                 *, keep: bool, origin: str, cancelled: Callable[[], bool],
-                                hashed: verify.Hashed | None = None, current: bool = False,
-                                earlier: verify.Hashed | None = None) -> Finished:
-    """IntegrityError when the bytes are wrong (Unconfirmed: download it
-    again, and pass what this one hashed to as `earlier`), StoreError when
+                                hashed: verify.Hashed | None = None, current: bool = False) -> Finished:
+    """IntegrityError when the bytes are wrong, StoreError when
     they cannot be published.  `current`: the listing shows this very version
     now, so it is placed even over a file with a later Last-Modified (a
     rollback)."""
@@ -242,7 +259,7 @@ def verify_and_publish_blocking(remote: ObjectStore, store: Store, partial: Part
         # An empty file too: its bytes (none) against the ETag (the MD5 of
         # nothing) or checksum, as the HEAD already made tells, so it says
         # what it was checked by like any other file.
-        verified = check(remote, partial.fd, obj, exp, cancelled, hashed, earlier, again=True)
+        verified = check(remote, partial.fd, obj, exp, cancelled, hashed, again=True)
         if not keep:
             return Finished(verified, placed=False, not_kept="larger than the cache budget")
         try:

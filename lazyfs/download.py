@@ -90,7 +90,6 @@ class Download:
         self.verified = ""  # how the published bytes were checked (completion.check), or "unverified"
         # What the bytes hashed to, once hashed along (alongside.hash_along): verification ends with the last byte.
         self.digest: Hashed | None = None
-        self.earlier: Hashed | None = None  # what a first download hashed to that its ETag could not confirm
         self.hashed = trio.Event()  # the hashing along is over (digest complete, or given up)
         self.meta: ResponseMeta | None = None  # verification hints from a GET's headers
         self.lock_fd = -1  # the store lock that makes this process the version's one downloader

@@ -19,7 +19,7 @@ import trio
 
 from lazyfs import alongside
 from lazyfs.budget import Budget
-from lazyfs.completion import UNVERIFIED, Unconfirmed, verify_and_publish_blocking
+from lazyfs.completion import UNVERIFIED, verify_and_publish_blocking
 from lazyfs.config import FetchConfig
 from lazyfs.download import RECORD_FOLLOWED_S, Download, Request
 from lazyfs.errors import (
@@ -226,7 +226,7 @@ class Runner:
             await dl.hashed.wait()  # the last piece of the digest, if it is being kept
         publish = functools.partial(verify_and_publish_blocking, self.remote, self.store, dl.partial, dl.meta,
                                     keep=dl.keep, origin=self.origin, cancelled=lambda: dl.cancelled,
-                                    hashed=dl.digest, current=self.hooks.is_current(dl.obj), earlier=dl.earlier)
+                                    hashed=dl.digest, current=self.hooks.is_current(dl.obj))
         handoff = Handoff(dl.pin())
         try:
             # Abandoned on cancel (a shutdown must not wait for a 100 GiB
@@ -259,9 +259,7 @@ class Runner:
             dl.disown()  # before the kernel's pages go: no bad byte is served after the drop
             self.hooks.on_bad_data(dl.obj)
             if dl.verify_attempts < _VERIFY_ATTEMPTS and not dl.cancelled:
-                if isinstance(e, Unconfirmed):  # (never twice: check compares with `earlier` then)
-                    dl.earlier = e.hashed
-                log.warning("%s; downloading it again%s", e, " to compare" if isinstance(e, Unconfirmed) else "")
+                log.warning("%s; downloading it again", e)
                 await self._restart(dl)
                 return
             self.fail(dl, e, discard=True)

@@ -7,12 +7,14 @@ nothing to check it against"), corrupted or not."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from lazyfs.download import Download
 from lazyfs.errors import IntegrityError
 from lazyfs.fetch import Fetcher
+from lazyfs.handles import Handles
 from lazyfs.namespace import RemoteObject
 from lazyfs.probe import PrebakedCheck
 from lazyfs.store import Store
@@ -81,9 +83,11 @@ def gets_bytes(remote: FakeRemote, key: str) -> int:
 async def test_bytes_no_assumed_part_size_confirms_are_downloaded_again_and_refused_if_they_differ(
         remote: FakeRemote, stores, tmp_path: Path, caplog) -> None:
     """An upload in boto3's 8 MiB parts, its bytes corrupted in transit (each
-    download differently): no part size the store could confirm, so before,
-    it was published "unverified"; now it is downloaded again, and the two
-    differ: bad bytes, never published."""
+    GET from the start differently): no part size the store could confirm, so
+    before, it was published "unverified"; now it is fetched once more and
+    hashed, the two differ: bad bytes, never published (each of the runner's
+    two attempts a download and a second look)."""
+    caplog.set_level(logging.INFO, logger="lazyfs")
     data = os.urandom(19 * MiB)
     obj = remote.put(BUCKET, "m/flip.bin", data, parts=(8 * MiB, 8 * MiB, 3 * MiB), says_parts=False)
     firsts: list[int] = []
@@ -97,10 +101,10 @@ async def test_bytes_no_assumed_part_size_confirms_are_downloaded_again_and_refu
     async with running(fetcher):
         dl = await fetch_whole(fetcher, obj)
         assert isinstance(dl.error, IntegrityError) and not dl.complete, dl.verified
-    assert "two downloads of it differed" in str(dl.error)
-    assert "downloading it again to compare" in caplog.text
+    assert "the bytes fetched once more differ" in str(dl.error)
+    assert "fetching it once more to compare" in caplog.text
     assert not (tmp_path / "store" / "m/flip.bin").exists()
-    assert gets_bytes(remote, obj.key) == 2 * len(data)
+    assert gets_bytes(remote, obj.key) == 2 * 2 * len(data)
 
 
 @trio_test
@@ -127,7 +131,8 @@ async def test_bytes_corrupted_once_verify_by_the_second_download(remote: FakeRe
 async def test_uncommon_part_sizes_are_published_unverified_after_two_downloads_agree(
         remote: FakeRemote, stores, tmp_path: Path, caplog) -> None:
     """The cost of telling an uploader's uncommon part sizes from bad bytes
-    where the store cannot say its parts: the object is downloaded twice."""
+    where the store cannot say its parts: the object is fetched twice (the
+    second time streamed and hashed, kept nowhere)."""
     data = os.urandom(13 * MiB)
     obj = remote.put(BUCKET, "m/other.bin", data, parts=(6 * MiB, 6 * MiB, MiB), says_parts=False)
     fetcher = Fetcher(remote, stores(), fetch_config())
@@ -136,7 +141,7 @@ async def test_uncommon_part_sizes_are_published_unverified_after_two_downloads_
         assert dl.complete and dl.verified == "unverified", dl.error
     assert (tmp_path / "store" / "m/other.bin").read_bytes() == data
     assert gets_bytes(remote, obj.key) == 2 * len(data)
-    assert "two downloads of it gave the same bytes" in caplog.text
+    assert "fetched once more, the same bytes" in caplog.text
 
 
 def test_a_prebaked_copy_no_assumed_part_size_confirms_is_not_served(tmp_path: Path, caplog) -> None:
@@ -167,3 +172,29 @@ def test_a_prebaked_copy_no_assumed_part_size_confirms_is_not_served(tmp_path: P
         store.close()
     assert "not serving it (the object is downloaded instead)" in caplog.text
     assert "using it as its size matches" not in caplog.text
+
+
+@trio_test
+async def test_a_reader_of_a_file_its_second_look_confirms_is_never_failed(remote: FakeRemote, stores,
+                                                                           tmp_path: Path) -> None:
+    """Uncommon part sizes on a store that cannot say them: a reader holding
+    the file open through its first download reads every byte, and nothing
+    fails it; the second look happens while its last bytes are held.  (The
+    first try downloaded the file again into a new file, and the reader got
+    EIO: "bytes this open file read earlier failed verification".)"""
+    data = os.urandom(13 * MiB)
+    obj = remote.put(BUCKET, "m/held.bin", data, parts=(6 * MiB, 6 * MiB, MiB), says_parts=False)
+    fetcher = Fetcher(remote, stores(), fetch_config())
+    handles = Handles(fetcher)
+    async with running(fetcher):
+        fh = await handles.open(obj)
+        got = bytearray()
+        while len(got) < len(data):
+            got += await handles.read(fh, len(got), 4 * MiB)
+        handles.release(fh)
+        assert bytes(got) == data
+        [dl] = [d for d in fetcher.downloads() if isinstance(d, Download)] or [None]
+        if dl is not None:
+            await dl.finished.wait()
+    assert (tmp_path / "store" / "m/held.bin").read_bytes() == data
+    assert gets_bytes(remote, obj.key) == 2 * len(data)
