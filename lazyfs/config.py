@@ -235,9 +235,10 @@ def endpoint(flag: str | None, env: Mapping[str, str]) -> str | None:
     """The endpoint the user chose, by the precedence boto3 documents."""
     for value in (flag, env.get("AWS_ENDPOINT_URL_S3"), env.get("AWS_ENDPOINT_URL")):
         if value:
-            if not re.match(r"^https?://[^/\s]+", value):
+            scheme = re.match(r"(?i)^(https?)://[^/\s]+", value)  # (a scheme is case-insensitive: HTTP:// too)
+            if not scheme:
                 raise BadEndpoint(f"endpoint \"{redact.url(value)}\" is not an http:// or https:// URL")
-            return value
+            return scheme[1].lower() + value[len(scheme[1]):]
     return None
 
 

@@ -158,6 +158,9 @@ def test_remote_config_endpoint_precedence_and_path_style() -> None:
     assert _remote("https://flag:3", "virtual", env).addressing_style == "virtual"
     with pytest.raises(ConfigError, match="not an http"):
         _remote("ftp://x", None, {})
+    # A URL's scheme is case-insensitive (RFC 3986): HTTP:// was refused as "not an http:// URL".
+    assert _remote("HTTP://user:pw@Host:9000/gw", None, {}).endpoint_url == "http://user:pw@Host:9000/gw"
+    assert _remote(None, None, {"AWS_ENDPOINT_URL": "Https://h"}).endpoint_url == "https://h"
 
 
 def test_addressing_is_the_flags_else_the_profiles_else_path_with_any_endpoint() -> None:
