@@ -50,6 +50,7 @@ class BakeResult:
     # Everything the GETs brought, a failed file's discarded bytes too.
     bytes_fetched: int = 0
     moded: int = 0  # files found on disk given the mode this bake asks for
+    unverified: int = 0  # of those downloaded, how many only their size could be checked for (the store's log says why)
     file_mode: int = 0o444  # that mode (--store-mode's read bits, --file-mode's execute bits)
 
 
@@ -127,8 +128,11 @@ def summary(result: BakeResult, target: object, lock: Lock | None) -> str:
     moded = f" ({result.moded} given mode {result.file_mode:04o})" if result.moded else ""
     # After a failure, what the downloads cost in all (a failed file's bytes are thrown away).
     fetched = f"; {result.bytes_fetched / 2**20:.1f} MiB fetched in all" if result.failed else ""
+    # Their content checked against nothing (SSE-KMS, no checksum, part sizes the store cannot say): said, not failed.
+    unverified = f"; {result.unverified} unverified: size checked, not content" if result.unverified else ""
     return (f"lazyfs bake: {wording.count(result.files, 'file')}: {result.downloaded} downloaded "
-            f"({result.bytes_downloaded / 2**20:.1f} MiB{fetched}), {linked}{result.skipped} already current{moded}, "
+            f"({result.bytes_downloaded / 2**20:.1f} MiB{fetched}{unverified}), {linked}{result.skipped} already "
+            f"current{moded}, "
             f"{len(result.failed)} failed, in {result.seconds:.1f} s -> {target}"
             + (f" (lock {lock.short_digest})" if lock is not None else ""))
 
@@ -193,7 +197,7 @@ async def _fetch_all(fetcher: Fetcher, objects: list[RemoteObject], out: TextIO,
     return BakeResult(files=len(objects), downloaded=progress.done_files - progress.local_files,
                       skipped=progress.local_files - progress.linked_files, linked=progress.linked_files,
                       failed=progress.failed,
-                      bytes_downloaded=progress.done_bytes - progress.local_bytes,
+                      bytes_downloaded=progress.done_bytes - progress.local_bytes, unverified=progress.unverified_files,
                       bytes_fetched=fetcher.bytes_from_s3, seconds=time.monotonic() - started,
                       moded=modes.changed, file_mode=modes.mode)
 

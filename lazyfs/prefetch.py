@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Sequence
 import trio
 
 from lazyfs import wording
+from lazyfs.completion import UNVERIFIED
 from lazyfs.config import Source
 from lazyfs.download import Download
 from lazyfs.errors import LazyfsError, StoreError, again
@@ -62,6 +63,7 @@ class Progress:
     linked_files: int = 0  # of the local ones, linked just now from the same bytes under another path
     skipped_files: int = 0  # larger than the cache budget
     crowded_files: int = 0  # not fetched: the budget is full of files fetched ahead and not opened yet
+    unverified_files: int = 0  # downloaded, their content checked against nothing (completion.UNVERIFIED)
     failed: list[tuple[str, str]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -132,6 +134,7 @@ class Prefetcher:
                 await self._wait(got)
                 if self.must_keep and isinstance(got, Download) and got.complete and not got.keep:
                     raise StoreError(f"{wording.quoted(obj.uri)}: not kept in the store (its log says why)")
+                p.unverified_files += int(isinstance(got, Download) and got.verified == UNVERIFIED)
             p.done_files += 1
             p.done_bytes += obj.size
         except LazyfsError as e:
