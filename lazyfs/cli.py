@@ -242,12 +242,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
-    from lazyfs.mounttab import MountError, abort_and_detach, find_mount, unmount
+    from lazyfs.mounttab import MountError, abort_and_detach, mount_at, unmount
 
     path = os.path.abspath(args.mountpoint)
-    entry = find_mount(path)
+    entry = mount_at(path)  # through a symlink to the mountpoint too
     if entry is None:
         raise MountError(f"{path} is not mounted")
+    path = entry.mountpoint
     if not entry.fstype.startswith("fuse"):
         raise MountError(f"{path} is a {entry.fstype} mount, not lazyfs")
     if args.force:

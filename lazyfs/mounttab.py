@@ -57,6 +57,17 @@ def find_mount(path: str | Path) -> MountEntry | None:
     return found[-1] if found else None
 
 
+def mount_at(path: str | Path) -> MountEntry | None:
+    """The mount at `path`, or where the symlinks on the way lead (`lazyfs
+    umount LINK`), following none inside a FUSE mount (that could hang)."""
+    target = os.path.abspath(path)
+    found = find_mount(target)
+    if found is None:
+        real = _resolved_outside(target, [e.mountpoint for e in _mounts() if e.fstype.startswith("fuse")])
+        found = find_mount(real) if real != target else None
+    return found
+
+
 def is_lazyfs_mount(path: str | Path) -> bool:
     """Is a lazyfs mount's mountpoint exactly `path` (a look at the mount table, not at the path)?"""
     entry = find_mount(path)

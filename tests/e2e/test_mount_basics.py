@@ -378,6 +378,18 @@ def test_lazyfs_umount_from_another_shell(mount, bucket, model, fs: FS):
     assert again.returncode == 1 and "not mounted" in again.stderr
 
 
+def test_lazyfs_umount_of_a_symlink_to_the_mountpoint(mount, bucket, model, fs: FS, tmp_path: Path):
+    """As umount(8) and fusermount3 take it: the mount the link leads to (was
+    `LINK is not mounted`, exit 1)."""
+    m = mount("--prefix", f"s3://{bucket}/{PREFIX}")
+    link = tmp_path / "cache-link"
+    link.symlink_to(m.path)
+    res = lazyfs_cli(["umount", str(link)])
+    assert res.returncode == 0 and res.stdout.strip() == f"lazyfs: unmounted {m.path}", (res.stdout, res.stderr)
+    assert m.process.proc.wait(15) == 0
+    assert not is_mounted(m.path)
+
+
 @pytest.mark.log_errors('object store kept failing')
 def test_failed_download_gives_eio_and_a_later_open_retries(mount, proxy, bucket, s3, fs: FS):
     from support.proxy import Fault
