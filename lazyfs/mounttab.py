@@ -182,7 +182,8 @@ def abort_and_detach(path: str | Path) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.umount2(os.fsencode(os.path.abspath(path)), _MNT_FORCE | _MNT_DETACH) != 0:
         err = ctypes.get_errno()
-        raise MountError(f"could not force the unmount of {path}: {os.strerror(err)}")
+        needs = " (it needs root or CAP_SYS_ADMIN, as mounting does)" if err == errno.EPERM else ""
+        raise MountError(f"could not force the unmount of {path}: {os.strerror(err)}{needs}")
 
 
 PROBE_TIMEOUT_S = 5.0

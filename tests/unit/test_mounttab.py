@@ -173,3 +173,20 @@ def test_symlinks_elsewhere_loops_and_missing_paths_probe_nothing(monkeypatch: p
                  tmp_path / "hungry", tmp_path / "ok" / ".." / "hung-not"):
         mounttab.check_answering(path, "store")
     assert probed == []
+
+
+def test_a_forced_unmount_refused_for_want_of_privilege_says_what_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lazyfs umount --force` as a user without CAP_SYS_ADMIN: 'Operation not
+    permitted' alone named no fix (a tester's)."""
+    import ctypes
+
+    class Libc:
+        @staticmethod
+        def umount2(path: bytes, flags: int) -> int:
+            ctypes.set_errno(errno.EPERM)
+            return -1
+
+    monkeypatch.setattr(mounttab.ctypes, "CDLL", lambda *a, **kw: Libc())
+    with pytest.raises(MountError, match=r"^could not force the unmount of /mnt/x: Operation not permitted "
+                                         r"\(it needs root or CAP_SYS_ADMIN, as mounting does\)$"):
+        mounttab.abort_and_detach("/mnt/x")
