@@ -34,17 +34,6 @@ OBJ = RemoteObject("bkt", "m/d3/f125.bin", 10, "e" * 32, 1)
 SAID = "too many open files: the daemon's descriptor limit (ulimit -n / RLIMIT_NOFILE) is "
 
 
-@pytest.fixture
-def static_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTTESTTEST0001")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-
-
 def test_a_get_with_no_descriptor_for_its_socket_names_the_limit(static_keys: None, monkeypatch: pytest.MonkeyPatch,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     def no_descriptor(*args: object, **kwargs: object) -> None:

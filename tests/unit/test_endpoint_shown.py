@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -54,14 +53,7 @@ def test_a_line_keeps_everything_but_a_urls_password() -> None:
     assert redact.urls(line) == line.replace(PW, "<redacted>")
 
 
-def test_the_endpoint_is_shown_masked_and_requests_go_where_it_says(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTTESTTEST0001")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+def test_the_endpoint_is_shown_masked_and_requests_go_where_it_says(static_keys: None) -> None:
     cfg = RemoteConfig(endpoint_url=URL, region="us-east-1")
     remote = Remote(cfg)
     assert remote.endpoint == SHOWN and remote.endpoint_url == URL  # (the CRT's and doctor's connection: as given)
